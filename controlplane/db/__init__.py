@@ -1,0 +1,1 @@
+"""SQL storage: typed models, engine set-up and the unit of work."""

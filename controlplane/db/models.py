@@ -1,0 +1,200 @@
+"""SQLAlchemy 2.0 models. The schema is created only by the Alembic migrations
+in migrations/; tests check that the two agree."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSONType}
+
+
+class OperatorTokenRow(Base):
+    __tablename__ = "operator_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime | None]
+    revoked_at: Mapped[dt.datetime | None]
+    last_used_at: Mapped[dt.datetime | None]
+
+
+class EnrollmentTokenRow(Base):
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    policy: Mapped[str] = mapped_column(String(16))
+    labels: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    max_uses: Mapped[int] = mapped_column(Integer, default=0)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
+    revoked_at: Mapped[dt.datetime | None]
+    created_by: Mapped[str] = mapped_column(String(200))
+
+
+class DeviceClassRow(Base):
+    __tablename__ = "device_classes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    max_model_size_mb: Mapped[float | None] = mapped_column(Float)
+    latency_budget_p95_ms: Mapped[float | None] = mapped_column(Float)
+    max_memory_mb: Mapped[float | None] = mapped_column(Float)
+    runtime: Mapped[str] = mapped_column(String(16))
+    quantization: Mapped[str] = mapped_column(String(8))
+    accelerator: Mapped[str] = mapped_column(String(32), default="")
+    min_accuracy_retention: Mapped[float | None] = mapped_column(Float)
+    match_rules: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class DeviceRow(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hardware_id: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    runtime: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    class_id: Mapped[str | None] = mapped_column(
+        ForeignKey("device_classes.id", ondelete="SET NULL"), index=True
+    )
+    class_pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    credential_hash: Mapped[str] = mapped_column(String(64))
+    enrollment_token_id: Mapped[str | None] = mapped_column(
+        ForeignKey("enrollment_tokens.id", ondelete="SET NULL")
+    )
+    enrolled_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[dt.datetime | None]
+    # Bumped whenever anything in the device's desired state changes; agents
+    # apply only newer revisions.
+    desired_revision: Mapped[int] = mapped_column(BigInteger, default=1)
+    applied_revision: Mapped[int] = mapped_column(BigInteger, default=0)
+    update_status: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class BlobRow(Base):
+    """A content-addressed file in the blob store, by sha256."""
+
+    __tablename__ = "blobs"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    media_type: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersionRow(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    version: Mapped[str] = mapped_column(String(64))
+    # Sort key for semver ordering (zero-padded major.minor.patch + prerelease).
+    version_sort: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    model_digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
+    outputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
+    opset: Mapped[int] = mapped_column(Integer)
+    producer: Mapped[str] = mapped_column(String(200), default="")
+    sample_data_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"))
+    sample_count: Mapped[int] = mapped_column(Integer, default=0)
+    sample_has_labels: Mapped[bool] = mapped_column(Boolean, default=False)
+    labels_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"))
+    labels_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200))
+
+
+class AuditRow(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100), index=True)
+    target: Mapped[str] = mapped_column(String(200), index=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

@@ -1,0 +1,42 @@
+"""Domain errors. Services raise these; the API layer maps each to a gRPC status
+in one place (controlplane.api.rpc), so services never know about gRPC."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base class: a message a person can act on, and a short title for UIs."""
+
+    title = "Error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(DomainError):
+    title = "Invalid input"
+
+
+class NotFound(DomainError):
+    title = "Not found"
+
+
+class AlreadyExists(DomainError):
+    title = "Already exists"
+
+
+class FailedPrecondition(DomainError):
+    title = "Not allowed now"
+
+
+class Unauthenticated(DomainError):
+    title = "Not signed in"
+
+
+class PermissionDenied(DomainError):
+    title = "Permission denied"
+
+
+class ResourceExhausted(DomainError):
+    title = "Too large"

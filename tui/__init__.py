@@ -1,0 +1,1 @@
+"""EdgeFleet operator TUI (see issue 6)."""

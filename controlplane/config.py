@@ -1,0 +1,35 @@
+"""Control-plane settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `edgefleet server` can be told."""
+
+    data_dir: Path
+    # SQLAlchemy URL; None means the embedded SQLite file in data_dir.
+    db_url: str | None = None
+    listen: str = "127.0.0.1:7443"
+    # host:port for the Prometheus endpoint; None disables it.
+    metrics_listen: str | None = None
+    # Use this admin token instead of generating one into data_dir/admin-token.
+    admin_token: str | None = None
+    max_upload_mb: float = 512.0
+    heartbeat_interval_s: int = 15
+    telemetry_interval_s: int = 30
+    # A device not heard from for this long is shown offline.
+    offline_after_s: float = 60.0
+    # Written with the bound port once the server listens (useful with :0).
+    port_file: Path | None = None
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin-token"

@@ -1,0 +1,218 @@
+"""Device-class match rules: parsing operator text and evaluating rules against
+a device's facts. Pure logic: no gRPC, no SQL."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from controlplane.errors import InvalidArgument
+
+
+class Op(StrEnum):
+    EQ = "=="
+    NE = "!="
+    LT = "<"
+    LE = "<="
+    GT = ">"
+    GE = ">="
+    IN = "in"
+    NOT_IN = "not in"
+    EXISTS = "exists"
+    GLOB = "glob"
+
+
+SCALAR_FIELDS = {
+    "os",
+    "os_release",
+    "arch",
+    "cpu_model",
+    "cpu_cores",
+    "memory_mb",
+    "disk_total_mb",
+    "board_model",
+    "hostname",
+    "runtime.onnxruntime",
+    "runtime.litert",
+    "runtime.tensorrt",
+}
+LIST_FIELDS = {"accelerator", "runtime.providers"}
+NUMERIC_OPS = {Op.LT, Op.LE, Op.GT, Op.GE}
+
+
+@dataclass(frozen=True)
+class Rule:
+    field: str
+    op: Op
+    values: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if self.op is Op.EXISTS:
+            return f"{self.field} exists"
+        if self.op in (Op.IN, Op.NOT_IN):
+            return f"{self.field} {self.op.value} {','.join(self.values)}"
+        return f"{self.field} {self.op.value} {self.values[0]}"
+
+
+_RULE_RE = re.compile(
+    r"^\s*(?P<field>[A-Za-z_][\w.\-/]*)\s*"
+    r"(?P<op>==|!=|<=|>=|<|>|=|\bnot\s+in\b|\bin\b|\bexists\b|\bglob\b)\s*(?P<value>.*?)\s*$"
+)
+
+
+def validate_field(field: str) -> None:
+    """Raise InvalidArgument for a field no device fact has."""
+    if field in SCALAR_FIELDS or field in LIST_FIELDS:
+        return
+    if field.startswith("label.") and len(field) > len("label."):
+        return
+    known = ", ".join(sorted(SCALAR_FIELDS | LIST_FIELDS | {"label.<key>"}))
+    raise InvalidArgument(f"unknown match field {field!r}; known fields: {known}")
+
+
+def make_rule(field: str, op: Op, values: Sequence[str]) -> Rule:
+    """Build a rule, checking the field and that the values fit the operator."""
+    validate_field(field)
+    vals = tuple(v.strip() for v in values)
+    if op is Op.EXISTS:
+        if vals:
+            raise InvalidArgument(f"rule on {field!r}: 'exists' takes no value")
+    elif op in (Op.IN, Op.NOT_IN):
+        if not vals or any(not v for v in vals):
+            raise InvalidArgument(f"rule on {field!r}: '{op.value}' needs a list like a,b,c")
+    else:
+        if len(vals) != 1 or not vals[0]:
+            raise InvalidArgument(f"rule on {field!r}: '{op.value}' needs exactly one value")
+        if op in NUMERIC_OPS and _number(vals[0]) is None:
+            raise InvalidArgument(
+                f"rule on {field!r}: '{op.value}' compares numbers, got {vals[0]!r}"
+            )
+    return Rule(field, op, vals)
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse operator text such as `arch == aarch64`, `memory_mb < 4096`,
+    `label.tier in canary,beta`, `accelerator exists`."""
+    m = _RULE_RE.match(text)
+    if not m:
+        raise InvalidArgument(
+            f"cannot parse match rule {text!r}; write FIELD OP VALUE, e.g. 'arch == aarch64', "
+            "'memory_mb < 4096', 'label.tier in canary,beta', 'accelerator exists'"
+        )
+    op_text = re.sub(r"\s+", " ", m["op"])
+    op = Op.EQ if op_text == "=" else Op(op_text)
+    value = m["value"]
+    if op in (Op.IN, Op.NOT_IN):
+        values: list[str] = [v for v in value.split(",")]
+    elif op is Op.EXISTS:
+        values = [value] if value else []
+    else:
+        values = [value]
+    return make_rule(m["field"], op, values)
+
+
+def device_facts(
+    hardware: Mapping[str, Any], runtime: Mapping[str, Any], labels: Mapping[str, str]
+) -> dict[str, Any]:
+    """Flatten a device's hardware profile, runtime fingerprint and labels into
+    the fields rules refer to. Missing facts are absent, not empty."""
+    facts: dict[str, Any] = {}
+    for key in ("os", "os_release", "arch", "cpu_model", "board_model", "hostname"):
+        if hardware.get(key):
+            facts[key] = str(hardware[key])
+    for key in ("cpu_cores", "memory_mb", "disk_total_mb"):
+        if hardware.get(key) is not None:
+            facts[key] = hardware[key]
+    kinds = [a.get("kind", "") for a in hardware.get("accelerators", []) if a.get("kind")]
+    if kinds:
+        facts["accelerator"] = kinds
+    for fact, key in (
+        ("runtime.onnxruntime", "onnxruntime_version"),
+        ("runtime.litert", "litert_version"),
+        ("runtime.tensorrt", "tensorrt_version"),
+    ):
+        if runtime.get(key):
+            facts[fact] = runtime[key]
+    if runtime.get("onnxruntime_providers"):
+        facts["runtime.providers"] = list(runtime["onnxruntime_providers"])
+    for key, value in labels.items():
+        facts[f"label.{key}"] = value
+    return facts
+
+
+def _number(text: Any) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _scalar_matches(actual: Any, op: Op, values: tuple[str, ...]) -> bool:
+    if op in NUMERIC_OPS:
+        a, b = _number(actual), _number(values[0])
+        if a is None or b is None:
+            return False
+        return {Op.LT: a < b, Op.LE: a <= b, Op.GT: a > b, Op.GE: a >= b}[op]
+    text = str(actual)
+    if op is Op.EQ:
+        a, b = _number(text), _number(values[0])
+        return text == values[0] or (a is not None and b is not None and a == b)
+    if op is Op.NE:
+        return not _scalar_matches(actual, Op.EQ, values)
+    if op is Op.IN:
+        return any(_scalar_matches(actual, Op.EQ, (v,)) for v in values)
+    if op is Op.NOT_IN:
+        return not _scalar_matches(actual, Op.IN, values)
+    if op is Op.GLOB:
+        return fnmatch.fnmatchcase(text, values[0])
+    return False
+
+
+def rule_matches(rule: Rule, facts: Mapping[str, Any]) -> bool:
+    """A missing fact matches only negative rules (!=, not in)."""
+    if rule.field not in facts:
+        return rule.op in (Op.NE, Op.NOT_IN)
+    if rule.op is Op.EXISTS:
+        return True
+    actual = facts[rule.field]
+    if isinstance(actual, list):
+        # List facts (accelerator kinds, providers): positive ops match if any
+        # element does; negative ops only if no element matches the positive.
+        if rule.op is Op.NE:
+            return not any(_scalar_matches(a, Op.EQ, rule.values) for a in actual)
+        if rule.op is Op.NOT_IN:
+            return not any(_scalar_matches(a, Op.IN, rule.values) for a in actual)
+        return any(_scalar_matches(a, rule.op, rule.values) for a in actual)
+    return _scalar_matches(actual, rule.op, rule.values)
+
+
+@dataclass(frozen=True)
+class ClassCandidate:
+    """What classification needs to know about a class."""
+
+    id: str
+    name: str
+    priority: int
+    rules: tuple[Rule, ...]
+
+
+def classify(facts: Mapping[str, Any], classes: Iterable[ClassCandidate]) -> ClassCandidate | None:
+    """The highest-priority class whose rules all match (ties: by name).
+    A class with no rules matches nothing: it is for pinning only."""
+    ordered = sorted(classes, key=lambda c: (-c.priority, c.name))
+    for cls in ordered:
+        if cls.rules and all(rule_matches(r, facts) for r in cls.rules):
+            return cls
+    return None
+
+
+def rules_to_json(rules: Iterable[Rule]) -> list[dict[str, Any]]:
+    return [{"field": r.field, "op": r.op.value, "values": list(r.values)} for r in rules]
+
+
+def rules_from_json(data: Iterable[Mapping[str, Any]]) -> tuple[Rule, ...]:
+    return tuple(Rule(d["field"], Op(d["op"]), tuple(d.get("values", ()))) for d in data)

@@ -40,7 +40,8 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.session.rollback()
+        # close() rolls back anything uncommitted without expiring the rows
+        # already loaded, so callers can read them after the block.
         self.session.close()
 
     def commit(self) -> None:

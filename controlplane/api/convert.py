@@ -1,0 +1,295 @@
+"""Conversions between protobuf messages and domain values. Nothing else."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import operator_pb2 as o
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane.db.models import AuditRow, EnrollmentTokenRow, ModelVersionRow
+from controlplane.domain import rules
+from controlplane.errors import InvalidArgument
+from controlplane.services.classes import ClassView, Constraints
+from controlplane.services.devices import DeviceView
+from controlplane.services.registry import ModelSummary
+
+DEVICE_STATES = {
+    "pending": c.DEVICE_STATE_PENDING,
+    "accepted": c.DEVICE_STATE_ACCEPTED,
+    "rejected": c.DEVICE_STATE_REJECTED,
+    "decommissioned": c.DEVICE_STATE_DECOMMISSIONED,
+}
+DEVICE_STATE_NAMES = {v: k for k, v in DEVICE_STATES.items()}
+RUNTIMES = {
+    "onnxruntime": c.RUNTIME_ONNXRUNTIME,
+    "tflite": c.RUNTIME_TFLITE,
+    "tensorrt": c.RUNTIME_TENSORRT,
+}
+RUNTIME_NAMES = {v: k for k, v in RUNTIMES.items()}
+QUANTIZATIONS = {
+    "fp32": c.QUANTIZATION_FP32,
+    "fp16": c.QUANTIZATION_FP16,
+    "int8": c.QUANTIZATION_INT8,
+    "auto": c.QUANTIZATION_AUTO,
+}
+QUANTIZATION_NAMES = {v: k for k, v in QUANTIZATIONS.items()}
+POLICIES = {"auto-accept": o.ENROLLMENT_POLICY_AUTO_ACCEPT, "pending": o.ENROLLMENT_POLICY_PENDING}
+POLICY_NAMES = {v: k for k, v in POLICIES.items()}
+MATCH_OPS = {
+    rules.Op.EQ: c.MATCH_OP_EQ,
+    rules.Op.NE: c.MATCH_OP_NE,
+    rules.Op.LT: c.MATCH_OP_LT,
+    rules.Op.LE: c.MATCH_OP_LE,
+    rules.Op.GT: c.MATCH_OP_GT,
+    rules.Op.GE: c.MATCH_OP_GE,
+    rules.Op.IN: c.MATCH_OP_IN,
+    rules.Op.NOT_IN: c.MATCH_OP_NOT_IN,
+    rules.Op.EXISTS: c.MATCH_OP_EXISTS,
+    rules.Op.GLOB: c.MATCH_OP_GLOB,
+}
+MATCH_OP_NAMES = {v: k for k, v in MATCH_OPS.items()}
+PART_NAMES = {
+    o.MODEL_PART_MODEL: "model",
+    o.MODEL_PART_SAMPLE_DATA: "sample_data",
+    o.MODEL_PART_LABELS: "labels",
+}
+
+
+def ts(value: dt.datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def from_ts(stamp: Timestamp) -> dt.datetime:
+    return stamp.ToDatetime(tzinfo=dt.UTC)
+
+
+# ---------------------------------------------------------------- device facts
+
+_HW_SCALARS = (
+    "os",
+    "os_release",
+    "arch",
+    "cpu_model",
+    "cpu_cores",
+    "memory_mb",
+    "disk_total_mb",
+    "disk_free_mb",
+    "hostname",
+    "board_model",
+)
+_ACC_FIELDS = ("kind", "name", "memory_mb", "driver_version", "compute_capability")
+_RT_FIELDS = (
+    "python_version",
+    "agent_version",
+    "onnxruntime_version",
+    "litert_version",
+    "litert_package",
+    "tensorrt_version",
+)
+
+
+def hardware_to_dict(msg: c.HardwareProfile) -> dict[str, Any]:
+    out: dict[str, Any] = {k: getattr(msg, k) for k in _HW_SCALARS}
+    out["accelerators"] = [{k: getattr(a, k) for k in _ACC_FIELDS} for a in msg.accelerators]
+    return out
+
+
+def hardware_to_pb(data: dict[str, Any]) -> c.HardwareProfile:
+    msg = c.HardwareProfile(**{k: data[k] for k in _HW_SCALARS if k in data})
+    for acc in data.get("accelerators", []):
+        msg.accelerators.add(**{k: acc[k] for k in _ACC_FIELDS if k in acc})
+    return msg
+
+
+def runtime_to_dict(msg: c.RuntimeFingerprint) -> dict[str, Any]:
+    out: dict[str, Any] = {k: getattr(msg, k) for k in _RT_FIELDS}
+    out["onnxruntime_providers"] = list(msg.onnxruntime_providers)
+    return out
+
+
+def runtime_to_pb(data: dict[str, Any]) -> c.RuntimeFingerprint:
+    msg = c.RuntimeFingerprint(**{k: data[k] for k in _RT_FIELDS if k in data})
+    msg.onnxruntime_providers.extend(data.get("onnxruntime_providers", []))
+    return msg
+
+
+def update_status_to_dict(msg: c.UpdateStatus) -> dict[str, Any]:
+    return {
+        "state": msg.state,
+        "model_name": msg.model_name,
+        "model_version": msg.model_version,
+        "artifact_digest": msg.artifact_digest,
+        "bytes_done": msg.bytes_done,
+        "bytes_total": msg.bytes_total,
+        "reason": msg.reason,
+    }
+
+
+def device_to_pb(view: DeviceView) -> c.Device:
+    row = view.row
+    update = row.update_status or {}
+    return c.Device(
+        id=row.id,
+        hardware_id=row.hardware_id,
+        name=row.name,
+        state=DEVICE_STATES.get(row.state, c.DEVICE_STATE_UNSPECIFIED),
+        labels=row.labels,
+        hardware=hardware_to_pb(row.hardware),
+        runtime=runtime_to_pb(row.runtime),
+        class_id=row.class_id or "",
+        class_name=view.class_name,
+        class_pinned=row.class_pinned,
+        online=view.online,
+        last_seen_at=ts(row.last_seen_at),
+        enrolled_at=ts(row.enrolled_at),
+        desired_revision=row.desired_revision,
+        applied_revision=row.applied_revision,
+        update=c.UpdateStatus(**update) if update else None,
+    )
+
+
+# ---------------------------------------------------------------- classes
+
+
+def rule_from_pb(msg: c.MatchRule) -> rules.Rule:
+    if msg.op not in MATCH_OP_NAMES:
+        raise InvalidArgument(f"match rule on {msg.field!r} has no operator")
+    return rules.make_rule(msg.field, MATCH_OP_NAMES[msg.op], list(msg.values))
+
+
+def rule_to_pb(rule: rules.Rule) -> c.MatchRule:
+    return c.MatchRule(field=rule.field, op=MATCH_OPS[rule.op], values=list(rule.values))
+
+
+def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
+    """The constraint fields present in a message (for partial updates)."""
+    changes: dict[str, Any] = {}
+    for name in (
+        "max_model_size_mb",
+        "latency_budget_p95_ms",
+        "max_memory_mb",
+        "min_accuracy_retention",
+    ):
+        if msg.HasField(name):
+            changes[name] = getattr(msg, name)
+    if msg.runtime != c.RUNTIME_UNSPECIFIED:
+        changes["runtime"] = RUNTIME_NAMES[msg.runtime]
+    if msg.quantization != c.QUANTIZATION_UNSPECIFIED:
+        changes["quantization"] = QUANTIZATION_NAMES[msg.quantization]
+    if msg.accelerator:
+        changes["accelerator"] = msg.accelerator
+    return changes
+
+
+def constraints_from_pb(msg: c.ConstraintProfile) -> Constraints:
+    changes = constraint_changes(msg)
+    if "runtime" not in changes:
+        raise InvalidArgument("a device class needs a runtime: onnxruntime, tflite or tensorrt")
+    changes.setdefault("quantization", "auto")
+    return Constraints(**changes)
+
+
+def class_to_pb(view: ClassView) -> c.DeviceClass:
+    row = view.row
+    return c.DeviceClass(
+        id=row.id,
+        name=row.name,
+        description=row.description,
+        priority=row.priority,
+        constraints=c.ConstraintProfile(
+            max_model_size_mb=row.max_model_size_mb,
+            latency_budget_p95_ms=row.latency_budget_p95_ms,
+            max_memory_mb=row.max_memory_mb,
+            runtime=RUNTIMES[row.runtime],
+            quantization=QUANTIZATIONS[row.quantization],
+            accelerator=row.accelerator,
+            min_accuracy_retention=row.min_accuracy_retention,
+        ),
+        match_rules=[rule_to_pb(r) for r in rules.rules_from_json(row.match_rules)],
+        device_count=view.device_count,
+        created_at=ts(row.created_at),
+        updated_at=ts(row.updated_at),
+    )
+
+
+# ---------------------------------------------------------------- tokens, models, audit
+
+
+def enrollment_token_to_pb(row: EnrollmentTokenRow) -> o.EnrollmentToken:
+    return o.EnrollmentToken(
+        id=row.id,
+        name=row.name,
+        policy=POLICIES.get(row.policy, o.ENROLLMENT_POLICY_UNSPECIFIED),
+        labels=row.labels,
+        max_uses=row.max_uses,
+        uses=row.uses,
+        created_at=ts(row.created_at),
+        expires_at=ts(row.expires_at),
+        revoked_at=ts(row.revoked_at),
+        created_by=row.created_by,
+    )
+
+
+def _tensor(spec: dict[str, Any]) -> c.TensorSpec:
+    return c.TensorSpec(
+        name=spec["name"], dtype=spec["dtype"], shape=spec["shape"], dim_names=spec["dim_names"]
+    )
+
+
+def model_version_to_pb(row: ModelVersionRow, model_name: str) -> c.ModelVersion:
+    return c.ModelVersion(
+        model_name=model_name,
+        version=row.version,
+        description=row.description,
+        sha256=row.model_digest,
+        size_bytes=row.size_bytes,
+        inputs=[_tensor(t) for t in row.inputs],
+        outputs=[_tensor(t) for t in row.outputs],
+        opset=row.opset,
+        producer=row.producer,
+        sample_data=(
+            c.SampleDataInfo(
+                sha256=row.sample_data_digest,
+                num_samples=row.sample_count,
+                has_labels=row.sample_has_labels,
+            )
+            if row.sample_data_digest
+            else None
+        ),
+        labels=(
+            c.LabelsInfo(sha256=row.labels_digest, count=row.labels_count)
+            if row.labels_digest
+            else None
+        ),
+        created_at=ts(row.created_at),
+        created_by=row.created_by,
+    )
+
+
+def model_to_pb(summary: ModelSummary) -> c.Model:
+    return c.Model(
+        name=summary.row.name,
+        description=summary.row.description,
+        latest_version=summary.latest_version,
+        version_count=summary.version_count,
+        created_at=ts(summary.row.created_at),
+    )
+
+
+def audit_to_pb(row: AuditRow) -> o.AuditEntry:
+    return o.AuditEntry(
+        id=row.id,
+        at=ts(row.at),
+        actor=row.actor,
+        action=row.action,
+        target=row.target,
+        details=json.dumps(row.details, sort_keys=True) if row.details else "",
+    )

@@ -1,0 +1,154 @@
+"""DeviceService: a thin adapter from gRPC to the enrollment and device services."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from edgefleet.v1 import device_pb2, device_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane.api import convert
+from controlplane.api.rpc import Handlers, rpc, unimplemented
+from controlplane.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from controlplane.services.auth import DevicePrincipal
+from controlplane.services.devices import DECOMMISSIONED, REJECTED, DesiredView, DeviceService
+from controlplane.services.enrollment import EnrollmentService
+from controlplane.services.hub import DeviceSession, SyncHub
+
+
+class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
+    def __init__(
+        self,
+        *,
+        enrollment: EnrollmentService,
+        devices: DeviceService,
+        hub: SyncHub,
+        agent_config: device_pb2.AgentConfig,
+        **base: Any,
+    ) -> None:
+        super().__init__(**base)
+        self._enrollment = enrollment
+        self._devices = devices
+        self._hub = hub
+        self._agent_config = agent_config
+
+    @rpc("none")
+    async def Enroll(
+        self, request: device_pb2.EnrollRequest, context: Any, _: None
+    ) -> device_pb2.EnrollResponse:
+        result = await self.run(
+            self._enrollment.enroll,
+            token=request.enrollment_token,
+            hardware_id=request.hardware_id,
+            name=request.name,
+            labels=dict(request.labels),
+            hardware=convert.hardware_to_dict(request.hardware),
+            runtime=convert.runtime_to_dict(request.runtime),
+        )
+        return device_pb2.EnrollResponse(
+            device_id=result.device_id,
+            device_credential=result.credential,
+            state=convert.DEVICE_STATES[result.state],
+        )
+
+    def _desired_pb(self, view: DesiredView) -> device_pb2.ControlMessage:
+        return device_pb2.ControlMessage(
+            desired=device_pb2.DesiredState(
+                revision=view.revision,
+                device_state=convert.DEVICE_STATES.get(view.device_state, 0),
+                class_name=view.class_name,
+                labels=view.labels,
+                config=self._agent_config,
+            )
+        )
+
+    @rpc("device")
+    async def Sync(
+        self,
+        requests: AsyncIterator[device_pb2.AgentMessage],
+        context: Any,
+        device: DevicePrincipal,
+    ) -> None:
+        try:
+            first = await anext(aiter(requests))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "hello":
+            raise InvalidArgument("the first message on a sync stream must be Hello")
+        await self._record_hello(device.device_id, first.hello)
+        session = self._hub.connect(device.device_id)
+        write_lock = asyncio.Lock()
+        reader: asyncio.Task[None] | None = None
+        sent_revision = 0
+        try:
+            while True:
+                view = await self.run(self._devices.desired_state, device.device_id)
+                if view.revision > sent_revision:
+                    async with write_lock:
+                        await context.write(self._desired_pb(view))
+                    sent_revision = view.revision
+                if view.device_state in (REJECTED, DECOMMISSIONED):
+                    raise PermissionDenied(f"device {device.device_id} is {view.device_state}")
+                if reader is None:
+                    # Only after the first DesiredState: it is always the first reply.
+                    reader = asyncio.create_task(self._read(requests, context, session, write_lock))
+                    reader.add_done_callback(lambda _: session.wake.set())
+                await session.wake.wait()
+                session.wake.clear()
+                if reader.done():
+                    reader.result()  # re-raise what ended the read side
+                    return
+                if session.closed_reason:
+                    raise FailedPrecondition(session.closed_reason)
+        finally:
+            if reader is not None:
+                reader.cancel()
+            self._hub.disconnect(session)
+
+    async def _read(
+        self,
+        requests: AsyncIterator[device_pb2.AgentMessage],
+        context: Any,
+        session: DeviceSession,
+        write_lock: asyncio.Lock,
+    ) -> None:
+        # The hot path: keep per-heartbeat work to a dict update and one write.
+        async for message in requests:
+            self._hub.seen(session)
+            kind = message.WhichOneof("kind")
+            if kind == "heartbeat":
+                ack = device_pb2.HeartbeatAck(seq=message.heartbeat.seq, server_time=Timestamp())
+                ack.server_time.GetCurrentTime()
+                async with write_lock:
+                    await context.write(device_pb2.ControlMessage(heartbeat_ack=ack))
+            elif kind == "status":
+                await self.run(
+                    self._devices.record_status,
+                    session.device_id,
+                    message.status.applied_revision,
+                    convert.update_status_to_dict(message.status.update)
+                    if message.status.HasField("update")
+                    else {},
+                )
+            elif kind == "hello":
+                await self._record_hello(session.device_id, message.hello)
+
+    async def _record_hello(self, device_id: str, hello: device_pb2.Hello) -> None:
+        await self.run(
+            self._devices.record_hello,
+            device_id,
+            convert.hardware_to_dict(hello.hardware),
+            convert.runtime_to_dict(hello.runtime),
+        )
+        if hello.applied_revision:
+            await self.run(
+                self._devices.record_status,
+                device_id,
+                hello.applied_revision,
+                convert.update_status_to_dict(hello.update) if hello.HasField("update") else {},
+            )
+
+    DownloadArtifact = unimplemented("device", "DownloadArtifact", 3)
+    UploadTelemetry = unimplemented("device", "UploadTelemetry", 4)

@@ -1,0 +1,281 @@
+"""OperatorService: a thin adapter from gRPC to the services."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+
+from controlplane.api import convert
+from controlplane.api.rpc import Handlers, rpc, unimplemented
+from controlplane.errors import InvalidArgument
+from controlplane.services import audit
+from controlplane.services.auth import OperatorPrincipal
+from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate
+from controlplane.services.devices import DeviceService
+from controlplane.services.enrollment import EnrollmentService
+from controlplane.services.registry import PartDecl, PushHeader, RegistryService
+
+Op = OperatorPrincipal
+
+
+class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
+    def __init__(
+        self,
+        *,
+        enrollment: EnrollmentService,
+        devices: DeviceService,
+        classes: ClassService,
+        registry: RegistryService,
+        **base: Any,
+    ) -> None:
+        super().__init__(**base)
+        self._enrollment = enrollment
+        self._devices = devices
+        self._classes = classes
+        self._registry = registry
+
+    # ------------------------------------------------------------ enrollment tokens
+
+    @rpc("operator")
+    async def CreateEnrollmentToken(
+        self, request: operator_pb2.CreateEnrollmentTokenRequest, context: Any, who: Op
+    ) -> operator_pb2.CreateEnrollmentTokenResponse:
+        policy = convert.POLICY_NAMES.get(request.policy, "auto-accept")
+        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
+        if ttl is not None and ttl <= dt.timedelta(0):
+            raise InvalidArgument("token lifetime must be positive")
+        row, secret = await self.run(
+            self._enrollment.create_token,
+            who.actor,
+            name=request.name,
+            policy=policy,
+            labels=dict(request.labels),
+            max_uses=request.max_uses,
+            ttl=ttl,
+        )
+        return operator_pb2.CreateEnrollmentTokenResponse(
+            token=convert.enrollment_token_to_pb(row), secret=secret
+        )
+
+    @rpc("operator")
+    async def ListEnrollmentTokens(
+        self, request: operator_pb2.ListEnrollmentTokensRequest, context: Any, who: Op
+    ) -> operator_pb2.ListEnrollmentTokensResponse:
+        rows = await self.run(self._enrollment.list_tokens, include_revoked=request.include_revoked)
+        return operator_pb2.ListEnrollmentTokensResponse(
+            tokens=[convert.enrollment_token_to_pb(r) for r in rows]
+        )
+
+    @rpc("operator")
+    async def RevokeEnrollmentToken(
+        self, request: operator_pb2.RevokeEnrollmentTokenRequest, context: Any, who: Op
+    ) -> operator_pb2.EnrollmentToken:
+        row = await self.run(self._enrollment.revoke_token, who.actor, request.id)
+        return convert.enrollment_token_to_pb(row)
+
+    CreateOperatorToken = unimplemented("operator", "CreateOperatorToken", 7)
+    ListOperatorTokens = unimplemented("operator", "ListOperatorTokens", 7)
+    RevokeOperatorToken = unimplemented("operator", "RevokeOperatorToken", 7)
+
+    # ------------------------------------------------------------ devices
+
+    @rpc("operator")
+    async def ListDevices(
+        self, request: operator_pb2.ListDevicesRequest, context: Any, who: Op
+    ) -> operator_pb2.ListDevicesResponse:
+        views = await self.run(
+            self._devices.list,
+            state=convert.DEVICE_STATE_NAMES.get(request.state, ""),
+            class_name=request.class_name,
+            labels=dict(request.labels),
+            unclassified=request.unclassified,
+            include_decommissioned=request.include_decommissioned,
+        )
+        return operator_pb2.ListDevicesResponse(devices=[convert.device_to_pb(v) for v in views])
+
+    @rpc("operator")
+    async def GetDevice(
+        self, request: operator_pb2.GetDeviceRequest, context: Any, who: Op
+    ) -> common_pb2.Device:
+        return convert.device_to_pb(await self.run(self._devices.get, request.id))
+
+    @rpc("operator")
+    async def AcceptDevice(
+        self, request: operator_pb2.AcceptDeviceRequest, context: Any, who: Op
+    ) -> common_pb2.Device:
+        return convert.device_to_pb(await self.run(self._devices.accept, who.actor, request.id))
+
+    @rpc("operator")
+    async def RejectDevice(
+        self, request: operator_pb2.RejectDeviceRequest, context: Any, who: Op
+    ) -> common_pb2.Device:
+        view = await self.run(self._devices.reject, who.actor, request.id, request.reason)
+        return convert.device_to_pb(view)
+
+    @rpc("operator")
+    async def UpdateDeviceLabels(
+        self, request: operator_pb2.UpdateDeviceLabelsRequest, context: Any, who: Op
+    ) -> common_pb2.Device:
+        view = await self.run(
+            self._devices.update_labels, who.actor, request.id, dict(request.set), request.remove
+        )
+        return convert.device_to_pb(view)
+
+    @rpc("operator")
+    async def SetDeviceClass(
+        self, request: operator_pb2.SetDeviceClassRequest, context: Any, who: Op
+    ) -> common_pb2.Device:
+        view = await self.run(self._devices.set_class, who.actor, request.id, request.class_name)
+        return convert.device_to_pb(view)
+
+    # ------------------------------------------------------------ classes
+
+    @rpc("operator")
+    async def CreateDeviceClass(
+        self, request: operator_pb2.CreateDeviceClassRequest, context: Any, who: Op
+    ) -> common_pb2.DeviceClass:
+        spec = ClassSpec(
+            name=request.name,
+            description=request.description,
+            priority=request.priority,
+            constraints=convert.constraints_from_pb(request.constraints),
+            rules=tuple(convert.rule_from_pb(r) for r in request.match_rules),
+        )
+        return convert.class_to_pb(await self.run(self._classes.create, who.actor, spec))
+
+    @rpc("operator")
+    async def ListDeviceClasses(
+        self, request: operator_pb2.ListDeviceClassesRequest, context: Any, who: Op
+    ) -> operator_pb2.ListDeviceClassesResponse:
+        views = await self.run(self._classes.list)
+        return operator_pb2.ListDeviceClassesResponse(
+            classes=[convert.class_to_pb(v) for v in views]
+        )
+
+    @rpc("operator")
+    async def GetDeviceClass(
+        self, request: operator_pb2.GetDeviceClassRequest, context: Any, who: Op
+    ) -> common_pb2.DeviceClass:
+        return convert.class_to_pb(await self.run(self._classes.get, request.name))
+
+    @rpc("operator")
+    async def UpdateDeviceClass(
+        self, request: operator_pb2.UpdateDeviceClassRequest, context: Any, who: Op
+    ) -> common_pb2.DeviceClass:
+        change = ClassUpdate(
+            description=request.description if request.HasField("description") else None,
+            priority=request.priority if request.HasField("priority") else None,
+            constraints=convert.constraint_changes(request.constraints),
+            rules=(
+                tuple(convert.rule_from_pb(r) for r in request.match_rules)
+                if request.replace_match_rules
+                else None
+            ),
+        )
+        view = await self.run(self._classes.update, who.actor, request.name, change)
+        return convert.class_to_pb(view)
+
+    @rpc("operator")
+    async def DeleteDeviceClass(
+        self, request: operator_pb2.DeleteDeviceClassRequest, context: Any, who: Op
+    ) -> operator_pb2.DeleteDeviceClassResponse:
+        count = await self.run(self._classes.delete, who.actor, request.name)
+        return operator_pb2.DeleteDeviceClassResponse(reclassified=count)
+
+    # ------------------------------------------------------------ models
+
+    @rpc("operator")
+    async def PushModel(
+        self,
+        requests: AsyncIterator[operator_pb2.PushModelRequest],
+        context: Any,
+        who: Op,
+    ) -> common_pb2.ModelVersion:
+        stream = aiter(requests)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise InvalidArgument("empty push: send a PushModelHeader first") from None
+        if first.WhichOneof("kind") != "header":
+            raise InvalidArgument("the first PushModel message must be the header")
+        h = first.header
+        header = PushHeader(
+            model_name=h.model_name,
+            version=h.version,
+            description=h.description,
+            parts=tuple(
+                PartDecl(convert.PART_NAMES.get(p.part, str(p.part)), p.size_bytes, p.sha256)
+                for p in h.parts
+            ),
+        )
+        upload = await self.run(self._registry.begin, header)
+        try:
+            async for message in stream:
+                if message.WhichOneof("kind") != "chunk":
+                    raise InvalidArgument("only chunks may follow the header")
+                part = convert.PART_NAMES.get(message.chunk.part, str(message.chunk.part))
+                upload.write(part, message.chunk.data)
+            row = await self.run(self._registry.commit, who.actor, upload)
+        finally:
+            await asyncio.shield(self.run(upload.close))
+        return convert.model_version_to_pb(row, header.model_name)
+
+    @rpc("operator")
+    async def ListModels(
+        self, request: operator_pb2.ListModelsRequest, context: Any, who: Op
+    ) -> operator_pb2.ListModelsResponse:
+        models = await self.run(self._registry.list_models)
+        return operator_pb2.ListModelsResponse(models=[convert.model_to_pb(m) for m in models])
+
+    @rpc("operator")
+    async def GetModel(
+        self, request: operator_pb2.GetModelRequest, context: Any, who: Op
+    ) -> operator_pb2.GetModelResponse:
+        summary, versions = await self.run(self._registry.get_model, request.name)
+        return operator_pb2.GetModelResponse(
+            model=convert.model_to_pb(summary),
+            versions=[convert.model_version_to_pb(v, request.name) for v in versions],
+        )
+
+    @rpc("operator")
+    async def GetModelVersion(
+        self, request: operator_pb2.GetModelVersionRequest, context: Any, who: Op
+    ) -> common_pb2.ModelVersion:
+        row = await self.run(self._registry.get_version, request.model_name, request.version)
+        return convert.model_version_to_pb(row, request.model_name)
+
+    # ------------------------------------------------------------ audit
+
+    @rpc("operator")
+    async def ListAuditLog(
+        self, request: operator_pb2.ListAuditLogRequest, context: Any, who: Op
+    ) -> operator_pb2.ListAuditLogResponse:
+        rows = await self.run(
+            audit.list_entries,
+            self.db,
+            before_id=request.before_id,
+            limit=request.limit,
+            action=request.action,
+            target=request.target,
+        )
+        return operator_pb2.ListAuditLogResponse(entries=[convert.audit_to_pb(r) for r in rows])
+
+    # ------------------------------------------------------------ later issues
+
+    RunBuild = unimplemented("operator", "RunBuild", 3)
+    ListBuilds = unimplemented("operator", "ListBuilds", 3)
+    GetBuild = unimplemented("operator", "GetBuild", 3)
+    CreateRollout = unimplemented("operator", "CreateRollout", 5)
+    ListRollouts = unimplemented("operator", "ListRollouts", 5)
+    GetRollout = unimplemented("operator", "GetRollout", 5)
+    StartRollout = unimplemented("operator", "StartRollout", 5)
+    PauseRollout = unimplemented("operator", "PauseRollout", 5)
+    ResumeRollout = unimplemented("operator", "ResumeRollout", 5)
+    ApproveRolloutStage = unimplemented("operator", "ApproveRolloutStage", 5)
+    AbortRollout = unimplemented("operator", "AbortRollout", 5)
+    QueryTelemetry = unimplemented("operator", "QueryTelemetry", 4)
+    WatchFleet = unimplemented("operator", "WatchFleet", 6)

@@ -1,0 +1,182 @@
+"""The one place where RPCs are authenticated, timed, and where domain errors
+become gRPC status codes. Servicers never call context.abort themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, ParamSpec, TypeVar
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from controlplane.db.uow import Database
+from controlplane.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from controlplane.services import auth
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Unimplemented(DomainError):
+    title = "Not implemented yet"
+
+
+STATUS_OF[Unimplemented] = grpc.StatusCode.UNIMPLEMENTED
+
+
+class RpcMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter(
+            "edgefleet_rpc_total", "RPCs handled", ["method", "code"], registry=registry
+        )
+        self.latency = Histogram(
+            "edgefleet_rpc_seconds",
+            "RPC handling time (streams: until the stream ends)",
+            ["method"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
+        )
+
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.calls.labels(method, code.name).inc()
+        self.latency.labels(method).observe(seconds)
+
+
+class Handlers:
+    """Base of the servicers: what the rpc decorator needs."""
+
+    def __init__(self, db: Database, executor: ThreadPoolExecutor, metrics: RpcMetrics) -> None:
+        self.db = db
+        self._executor = executor
+        self.metrics = metrics
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run blocking service code (SQL, file I/O) off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def authenticate(self, kind: str, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if kind == "none":
+            return None
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        check = auth.authenticate_operator if kind == "operator" else auth.authenticate_device
+        return await self.run(check, self.db, authorization)
+
+
+Auth = Literal["none", "operator", "device"]
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, DomainError):
+        code = STATUS_OF.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT)
+        await context.abort(code, exc.message)
+    log.exception("unexpected error in RPC")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the control-plane log")
+    raise AssertionError("unreachable")
+
+
+def rpc(auth_kind: Auth) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a servicer method `(self, request, context, principal)`:
+    authenticate, time, and map errors. Works for unary and streaming
+    handlers (async generators too)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        method = fn.__name__
+
+        def code_of(exc: BaseException | None, context: Any) -> grpc.StatusCode:
+            if exc is None:
+                return grpc.StatusCode.OK
+            if isinstance(exc, DomainError):
+                return STATUS_OF.get(type(exc), grpc.StatusCode.UNKNOWN)
+            if isinstance(exc, asyncio.CancelledError):
+                return grpc.StatusCode.CANCELLED
+            code = context.code()
+            return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
+
+        if inspect.isasyncgenfunction(fn):
+
+            @functools.wraps(fn)
+            async def stream_wrapper(self: Handlers, request: Any, context: Any) -> Any:
+                started, error = time.perf_counter(), None
+                try:
+                    principal = await self.authenticate(auth_kind, context)
+                    async for item in fn(self, request, context, principal):
+                        yield item
+                except Exception as exc:
+                    error = exc
+                    if isinstance(exc, DomainError) or not _is_abort(exc):
+                        await _fail(context, exc)
+                    raise
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    self.metrics.observe(
+                        method, code_of(error, context), time.perf_counter() - started
+                    )
+
+            return stream_wrapper
+
+        @functools.wraps(fn)
+        async def wrapper(self: Handlers, request: Any, context: Any) -> Any:
+            started, error = time.perf_counter(), None
+            try:
+                principal = await self.authenticate(auth_kind, context)
+                return await fn(self, request, context, principal)
+            except Exception as exc:
+                error = exc
+                if isinstance(exc, DomainError) or not _is_abort(exc):
+                    await _fail(context, exc)
+                raise
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self.metrics.observe(method, code_of(error, context), time.perf_counter() - started)
+
+        return wrapper
+
+    return decorate
+
+
+def _is_abort(exc: BaseException) -> bool:
+    """grpc.aio raises AbortError from context.abort; let it through."""
+    return type(exc).__name__ == "AbortError"
+
+
+def unimplemented(auth_kind: Auth, name: str, issue: int) -> Callable[..., Any]:
+    """An RPC that a later issue builds: authenticated like the rest, then
+    UNIMPLEMENTED."""
+
+    async def body(self: Any, request: Any, context: Any, principal: Any) -> Any:
+        raise Unimplemented(f"{name} is not implemented yet (planned in issue {issue})")
+
+    body.__name__ = name
+    return rpc(auth_kind)(body)

@@ -1,0 +1,222 @@
+"""Assembles the control plane: database, services, gRPC servicers, health,
+reflection and metrics. `create_server` is what tests use; `run` is what
+`edgefleet server` calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from controlplane.api.device_servicer import DeviceServicer
+from controlplane.api.operator_servicer import OperatorServicer
+from controlplane.api.rpc import RpcMetrics
+from controlplane.config import ServerConfig
+from controlplane.db.engine import make_engine, sqlite_url, upgrade
+from controlplane.db.uow import Database
+from controlplane.services.auth import ensure_bootstrap_admin
+from controlplane.services.blobs import BlobStore
+from controlplane.services.classes import ClassService
+from controlplane.services.devices import DEVICE_STATES, DeviceService
+from controlplane.services.enrollment import EnrollmentService
+from controlplane.services.events import EventBus
+from controlplane.services.hub import SyncHub
+from controlplane.services.registry import RegistryService
+
+log = logging.getLogger(__name__)
+
+# The sync stream's hot path is short; enough threads for SQL to overlap I/O
+# without letting thousands of enrollments pile onto SQLite's single writer.
+DB_THREADS = 8
+PRESENCE_FLUSH_S = 5.0
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+class _DeviceStateCollector(Collector):
+    """devices by state, read from SQL at scrape time (correct across replicas)."""
+
+    def __init__(self, devices: DeviceService, hub: SyncHub) -> None:
+        self._devices = devices
+        self._hub = hub
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("edgefleet_devices", "Devices by state", labels=["state"])
+        counts = self._devices.count_by_state()
+        for state in DEVICE_STATES:
+            family.add_metric([state], counts.get(state, 0))
+        yield family
+        yield GaugeMetricFamily(
+            "edgefleet_sync_streams",
+            "Agents holding a sync stream to this replica",
+            value=self._hub.connected_count(),
+        )
+
+
+@dataclass
+class ControlPlane:
+    """A running control plane. Stop it with `await cp.stop()`."""
+
+    config: ServerConfig
+    server: grpc.aio.Server
+    port: int
+    db: Database
+    hub: SyncHub
+    admin_token: str | None
+    registry: CollectorRegistry
+    _executor: ThreadPoolExecutor
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _metrics_server: Any = None
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float = 2.0) -> None:
+        self.hub.close_all("control plane shutting down")
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(grace)
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self._executor.shutdown(wait=True)
+        self.db.dispose()
+
+
+async def create_server(config: ServerConfig) -> ControlPlane:
+    """Migrate the database, build the services and start serving."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.db_url or sqlite_url(config.data_dir), pool_size=DB_THREADS)
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="db")
+    # Replicas may start together; Alembic's version table serializes them on
+    # PostgreSQL, SQLite has one writer anyway.
+    await loop.run_in_executor(executor, upgrade, engine)
+    db = Database(engine)
+    admin_token = await loop.run_in_executor(
+        executor, ensure_bootstrap_admin, db, config.data_dir, config.admin_token
+    )
+
+    events = EventBus(loop)
+    hub = SyncHub()
+    events.subscribe(hub.on_event)
+    devices = DeviceService(db, events, hub, config.offline_after_s)
+    enrollment = EnrollmentService(db, events)
+    classes = ClassService(db, events)
+    registry = RegistryService(
+        db, BlobStore(config.blob_dir), events, int(config.max_upload_mb * 1024 * 1024)
+    )
+    metrics_registry = CollectorRegistry()
+    metrics = RpcMetrics(metrics_registry)
+    metrics_registry.register(_DeviceStateCollector(devices, hub))
+    base: dict[str, Any] = {"db": db, "executor": executor, "metrics": metrics}
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Agents sit behind NATs that drop idle flows; allow their pings.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    agent_config = device_pb2.AgentConfig(
+        heartbeat_interval_s=config.heartbeat_interval_s,
+        telemetry_interval_s=config.telemetry_interval_s,
+    )
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(
+        DeviceServicer(
+            enrollment=enrollment, devices=devices, hub=hub, agent_config=agent_config, **base
+        ),
+        server,
+    )
+    operator_pb2_grpc.add_OperatorServiceServicer_to_server(
+        OperatorServicer(
+            enrollment=enrollment, devices=devices, classes=classes, registry=registry, **base
+        ),
+        server,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (
+        device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
+        operator_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    for name in ("", *services[:2]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    cp = ControlPlane(config, server, port, db, hub, admin_token, metrics_registry, executor)
+    cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor)))
+    if config.metrics_listen:
+        host, _, mport = config.metrics_listen.rpartition(":")
+        cp._metrics_server, _thread = start_http_server(
+            int(mport), host or "127.0.0.1", registry=metrics_registry
+        )
+    log.warning(
+        "control plane listening on %s (PLAINTEXT: no TLS; for local development only)",
+        cp.address,
+    )
+    if config.port_file:
+        tmp = config.port_file.with_suffix(".tmp")
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, config.port_file)
+    return cp
+
+
+async def _flush_presence(
+    hub: SyncHub, devices: DeviceService, executor: ThreadPoolExecutor
+) -> None:
+    """Write last-seen times in batches: a heartbeat must not cost a SQL write."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(PRESENCE_FLUSH_S)
+        seen = hub.take_seen()
+        try:
+            await loop.run_in_executor(executor, devices.touch, seen)
+        except Exception:
+            log.exception("could not record last-seen times; will retry")
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    cp = await create_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.warning("shutting down")
+    await cp.stop()
+
+
+def run(config: ServerConfig) -> None:
+    """Entry point for `edgefleet server`."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(config))

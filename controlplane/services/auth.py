@@ -1,0 +1,145 @@
+"""Who is calling: operator tokens and device credentials."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from controlplane.db.models import DeviceRow, OperatorTokenRow, utcnow
+from controlplane.db.uow import Database
+from controlplane.domain import secrets
+from controlplane.domain.secrets import SecretKind
+from controlplane.errors import PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_TOKEN_ID = "bootstrap"
+ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class OperatorPrincipal:
+    token_id: str
+    name: str
+    role: str
+
+    @property
+    def actor(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class DevicePrincipal:
+    device_id: str
+    state: str
+
+    @property
+    def actor(self) -> str:
+        return f"device:{self.device_id}"
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthenticated("missing credentials: send 'authorization: Bearer <token>'")
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthenticated("malformed authorization header: expected 'Bearer <token>'")
+    return value.strip()
+
+
+def authenticate_operator(db: Database, authorization: str | None) -> OperatorPrincipal:
+    """The operator behind a bearer token. A device credential here is
+    PERMISSION_DENIED (it is a valid identity, just not an operator)."""
+    token = _bearer(authorization)
+    if secrets.parse_id(SecretKind.DEVICE, token) is not None:
+        authenticate_device(db, authorization)  # UNAUTHENTICATED if not even valid
+        raise PermissionDenied("a device credential cannot call operator RPCs")
+    token_id = secrets.parse_id(SecretKind.OPERATOR, token) or BOOTSTRAP_TOKEN_ID
+    with db.unit_of_work(readonly=True) as uow:
+        row = uow.session.get(OperatorTokenRow, token_id)
+    if row is None or not secrets.matches(token, row.secret_hash):
+        raise Unauthenticated("invalid operator token")
+    now = utcnow()
+    if row.revoked_at is not None:
+        raise Unauthenticated(f"operator token {row.name!r} was revoked")
+    if row.expires_at is not None and row.expires_at <= now:
+        raise Unauthenticated(
+            f"operator token {row.name!r} expired at {row.expires_at:%Y-%m-%d %H:%M} UTC"
+        )
+    return OperatorPrincipal(token_id=row.id, name=row.name, role=row.role)
+
+
+def authenticate_device(db: Database, authorization: str | None) -> DevicePrincipal:
+    """The device behind a credential. Operator tokens are PERMISSION_DENIED
+    here; rejected or decommissioned devices too."""
+    token = _bearer(authorization)
+    device_id = secrets.parse_id(SecretKind.DEVICE, token)
+    if device_id is None:
+        if secrets.parse_id(SecretKind.OPERATOR, token) is not None:
+            raise PermissionDenied("an operator token cannot call device RPCs")
+        raise Unauthenticated("invalid device credential")
+    with db.unit_of_work(readonly=True) as uow:
+        row = uow.session.get(DeviceRow, device_id)
+    if row is None or not secrets.matches(token, row.credential_hash):
+        raise Unauthenticated("invalid device credential; enroll again")
+    if row.state in ("rejected", "decommissioned"):
+        reason = f": {row.state_reason}" if row.state_reason else ""
+        raise PermissionDenied(f"device {row.id} is {row.state}{reason}")
+    return DevicePrincipal(device_id=row.id, state=row.state)
+
+
+def ensure_bootstrap_admin(db: Database, data_dir: Path, configured: str | None) -> str | None:
+    """Make sure an admin can get in on first start. With a configured token,
+    (re)store its hash. Otherwise, when no operator token exists, create one
+    and write it to data_dir/admin-token with mode 0600. Returns the path's
+    token when one was written or configured."""
+    if configured:
+        with db.unit_of_work() as uow:
+            row = uow.session.get(OperatorTokenRow, BOOTSTRAP_TOKEN_ID)
+            if row is None:
+                uow.session.add(
+                    OperatorTokenRow(
+                        id=BOOTSTRAP_TOKEN_ID,
+                        name="bootstrap-admin",
+                        secret_hash=secrets.hash_secret(configured),
+                        role=ADMIN,
+                    )
+                )
+            else:
+                row.secret_hash = secrets.hash_secret(configured)
+                row.revoked_at = None
+            # Another replica may have stored it first.
+            with contextlib.suppress(IntegrityError):
+                uow.commit()
+        return configured
+    with db.unit_of_work() as uow:
+        if uow.session.scalar(select(OperatorTokenRow.id).limit(1)) is not None:
+            return None
+        token_id = secrets.new_id()
+        token = secrets.issue(SecretKind.OPERATOR, token_id)
+        uow.session.add(
+            OperatorTokenRow(
+                id=token_id, name="admin", secret_hash=secrets.hash_secret(token), role=ADMIN
+            )
+        )
+        try:
+            uow.commit()
+        except IntegrityError:
+            return None
+    path = data_dir / "admin-token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    log.warning("created the bootstrap admin token in %s (mode 0600)", path)
+    return token
+
+
+def expires_in(ttl: dt.timedelta | None) -> dt.datetime | None:
+    return None if ttl is None else utcnow() + ttl

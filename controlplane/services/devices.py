@@ -1,0 +1,293 @@
+"""Device inventory: listing, operator actions, classification, and what each
+device's desired state is."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from controlplane.db.models import DeviceClassRow, DeviceRow, utcnow
+from controlplane.db.uow import Database
+from controlplane.domain import rules
+from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
+from controlplane.services import audit
+from controlplane.services.events import FleetEvent
+
+PENDING, ACCEPTED, REJECTED, DECOMMISSIONED = "pending", "accepted", "rejected", "decommissioned"
+DEVICE_STATES = (PENDING, ACCEPTED, REJECTED, DECOMMISSIONED)
+
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+MAX_LABEL_VALUE = 256
+MAX_LABELS = 64
+
+
+class EventSink(Protocol):
+    def publish(self, event: FleetEvent) -> None: ...
+
+
+class Presence(Protocol):
+    """Which devices hold a sync stream to this replica right now."""
+
+    def is_connected(self, device_id: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    row: DeviceRow
+    class_name: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class DesiredView:
+    revision: int
+    device_state: str
+    class_name: str
+    labels: dict[str, str]
+
+
+def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Raise InvalidArgument for keys or values a selector could not express."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"too many labels ({len(labels)}); at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not _LABEL_KEY.match(key):
+            raise InvalidArgument(
+                f"label key {key!r} is invalid: use letters, digits and . _ / - "
+                "(1-63 characters, starting with a letter or digit)"
+            )
+        if len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            raise InvalidArgument(
+                f"label {key!r} value must be printable and at most {MAX_LABEL_VALUE} characters"
+            )
+    return dict(labels)
+
+
+def class_candidates(session: Session) -> list[rules.ClassCandidate]:
+    rows = session.scalars(select(DeviceClassRow))
+    return [
+        rules.ClassCandidate(r.id, r.name, r.priority, rules.rules_from_json(r.match_rules))
+        for r in rows
+    ]
+
+
+def classify_row(row: DeviceRow, candidates: Sequence[rules.ClassCandidate]) -> bool:
+    """Place an unpinned device in its class by rules; True if it moved (and
+    its desired revision was bumped)."""
+    if row.class_pinned:
+        return False
+    facts = rules.device_facts(row.hardware, row.runtime, row.labels)
+    chosen = rules.classify(facts, candidates)
+    new_id = chosen.id if chosen else None
+    if new_id == row.class_id:
+        return False
+    row.class_id = new_id
+    row.desired_revision += 1
+    return True
+
+
+def reclassify_all(session: Session) -> list[str]:
+    """Re-run classification for every unpinned device; ids of those that moved."""
+    candidates = class_candidates(session)
+    moved = []
+    for row in session.scalars(select(DeviceRow).where(DeviceRow.class_pinned.is_(False))):
+        if classify_row(row, candidates):
+            moved.append(row.id)
+    return moved
+
+
+class DeviceService:
+    def __init__(
+        self, db: Database, events: EventSink, presence: Presence, offline_after_s: float
+    ) -> None:
+        self._db = db
+        self._events = events
+        self._presence = presence
+        self._offline_after = dt.timedelta(seconds=offline_after_s)
+
+    # ------------------------------------------------------------ queries
+
+    def _view(self, session: Session, row: DeviceRow, names: Mapping[str, str]) -> DeviceView:
+        online = self._presence.is_connected(row.id) or (
+            row.last_seen_at is not None and utcnow() - row.last_seen_at < self._offline_after
+        )
+        return DeviceView(row=row, class_name=names.get(row.class_id or "", ""), online=online)
+
+    @staticmethod
+    def _class_names(session: Session) -> dict[str, str]:
+        return {k: v for k, v in session.execute(select(DeviceClassRow.id, DeviceClassRow.name))}
+
+    def list(
+        self,
+        *,
+        state: str = "",
+        class_name: str = "",
+        labels: Mapping[str, str] | None = None,
+        unclassified: bool = False,
+        include_decommissioned: bool = False,
+    ) -> list[DeviceView]:
+        with self._db.unit_of_work(readonly=True) as uow:
+            names = self._class_names(uow.session)
+            stmt = select(DeviceRow).order_by(DeviceRow.name, DeviceRow.id)
+            if state:
+                stmt = stmt.where(DeviceRow.state == state)
+            elif not include_decommissioned:
+                stmt = stmt.where(DeviceRow.state != DECOMMISSIONED)
+            if class_name:
+                by_name = {v: k for k, v in names.items()}
+                if class_name not in by_name:
+                    raise NotFound(f"no device class named {class_name!r}")
+                stmt = stmt.where(DeviceRow.class_id == by_name[class_name])
+            if unclassified:
+                stmt = stmt.where(DeviceRow.class_id.is_(None))
+            wanted = dict(labels or {})
+            return [
+                self._view(uow.session, row, names)
+                for row in uow.session.scalars(stmt)
+                if all(row.labels.get(k) == v for k, v in wanted.items())
+            ]
+
+    def get(self, device_id: str) -> DeviceView:
+        with self._db.unit_of_work(readonly=True) as uow:
+            row = self._require(uow.session, device_id)
+            return self._view(uow.session, row, self._class_names(uow.session))
+
+    def desired_state(self, device_id: str) -> DesiredView:
+        with self._db.unit_of_work(readonly=True) as uow:
+            row = self._require(uow.session, device_id)
+            class_name = ""
+            if row.class_id:
+                cls = uow.session.get(DeviceClassRow, row.class_id)
+                class_name = cls.name if cls else ""
+            return DesiredView(row.desired_revision, row.state, class_name, dict(row.labels))
+
+    @staticmethod
+    def _require(session: Session, device_id: str) -> DeviceRow:
+        if not device_id:
+            raise InvalidArgument("device id is required")
+        row = session.get(DeviceRow, device_id)
+        if row is None:
+            raise NotFound(f"no device with id {device_id!r}")
+        return row
+
+    # ------------------------------------------------------------ operator actions
+
+    def _apply(
+        self,
+        actor: str,
+        action: str,
+        device_id: str,
+        change: Any,
+        details: dict[str, Any],
+    ) -> DeviceView:
+        with self._db.unit_of_work() as uow:
+            row = self._require(uow.session, device_id)
+            change(uow.session, row)
+            row.desired_revision += 1
+            audit.record(uow, actor, action, f"device:{row.id}", **details)
+            uow.commit()
+            view = self._view(uow.session, row, self._class_names(uow.session))
+        self._events.publish(
+            FleetEvent("device.updated", (device_id,), desired_changed=True, subject=action)
+        )
+        return view
+
+    def accept(self, actor: str, device_id: str) -> DeviceView:
+        def change(_: Session, row: DeviceRow) -> None:
+            if row.state == DECOMMISSIONED:
+                raise FailedPrecondition(f"device {row.id} is decommissioned; enroll it again")
+            row.state = ACCEPTED
+            row.state_reason = ""
+
+        return self._apply(actor, "device.accept", device_id, change, {})
+
+    def reject(self, actor: str, device_id: str, reason: str) -> DeviceView:
+        def change(_: Session, row: DeviceRow) -> None:
+            row.state = REJECTED
+            row.state_reason = reason
+
+        return self._apply(actor, "device.reject", device_id, change, {"reason": reason})
+
+    def update_labels(
+        self, actor: str, device_id: str, set_: Mapping[str, str], remove: Iterable[str]
+    ) -> DeviceView:
+        set_ = validate_labels(set_)
+        remove = list(remove)
+
+        def change(session: Session, row: DeviceRow) -> None:
+            labels = {k: v for k, v in row.labels.items() if k not in remove}
+            labels.update(set_)
+            row.labels = validate_labels(labels)
+            classify_row(row, class_candidates(session))
+
+        return self._apply(
+            actor, "device.label", device_id, change, {"set": dict(set_), "remove": remove}
+        )
+
+    def set_class(self, actor: str, device_id: str, class_name: str) -> DeviceView:
+        def change(session: Session, row: DeviceRow) -> None:
+            if not class_name:
+                row.class_pinned = False
+                classify_row(row, class_candidates(session))
+                return
+            cls = session.scalar(select(DeviceClassRow).where(DeviceClassRow.name == class_name))
+            if cls is None:
+                raise NotFound(f"no device class named {class_name!r}")
+            row.class_id = cls.id
+            row.class_pinned = True
+
+        action = "device.pin" if class_name else "device.unpin"
+        return self._apply(actor, action, device_id, change, {"class": class_name})
+
+    # ------------------------------------------------------------ agent reports
+
+    def record_hello(
+        self, device_id: str, hardware: dict[str, Any], runtime: dict[str, Any]
+    ) -> bool:
+        """Store the profile an agent reports on connect; reclassify if it
+        changed. True if the desired state changed."""
+        with self._db.unit_of_work() as uow:
+            row = self._require(uow.session, device_id)
+            if row.hardware == hardware and row.runtime == runtime:
+                return False
+            row.hardware = hardware
+            row.runtime = runtime
+            moved = classify_row(row, class_candidates(uow.session))
+            uow.commit()
+        self._events.publish(FleetEvent("device.updated", (device_id,), desired_changed=moved))
+        return moved
+
+    def record_status(
+        self, device_id: str, applied_revision: int, update_status: dict[str, Any]
+    ) -> None:
+        with self._db.unit_of_work() as uow:
+            row = self._require(uow.session, device_id)
+            row.applied_revision = applied_revision
+            if update_status:
+                row.update_status = update_status
+            uow.commit()
+        self._events.publish(FleetEvent("device.updated", (device_id,)))
+
+    def touch(self, seen: Mapping[str, dt.datetime]) -> None:
+        """Record when devices were last heard from, in one batch."""
+        if not seen:
+            return
+        with self._db.unit_of_work() as uow:
+            uow.session.execute(
+                update(DeviceRow),
+                [{"id": device_id, "last_seen_at": at} for device_id, at in seen.items()],
+            )
+            uow.commit()
+
+    def count_by_state(self) -> dict[str, int]:
+        with self._db.unit_of_work(readonly=True) as uow:
+            rows = uow.session.execute(
+                select(DeviceRow.state, func.count()).group_by(DeviceRow.state)
+            ).tuples()
+            return {state: int(n) for state, n in rows}

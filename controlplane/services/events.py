@@ -1,0 +1,64 @@
+"""Fleet events: what services announce after they commit, for the sync hub
+(push desired state) and live UIs (WatchFleet). Services run in worker
+threads; subscribers live on the event loop, so publishing is thread-safe."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FleetEvent:
+    # "device.enrolled", "device.updated", "class.updated", "model.pushed", ...
+    kind: str
+    device_ids: tuple[str, ...] = ()
+    # Devices whose desired state changed and must be pushed.
+    desired_changed: bool = False
+    subject: str = ""
+    message: str = ""
+
+
+Subscriber = Callable[[FleetEvent], None]
+
+
+@dataclass
+class EventBus:
+    """Delivers events to subscribers on the owning event loop."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+    _subscribers: list[Subscriber] = field(default_factory=list)
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        self._subscribers.append(fn)
+        return lambda: self._subscribers.remove(fn)
+
+    def publish(self, event: FleetEvent) -> None:
+        """Callable from any thread."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._deliver(event)
+        else:
+            loop.call_soon_threadsafe(self._deliver, event)
+
+    def publish_all(self, events: Iterable[FleetEvent]) -> None:
+        for event in events:
+            self.publish(event)
+
+    def _deliver(self, event: FleetEvent) -> None:
+        for fn in list(self._subscribers):
+            fn(event)
+
+
+class NullEvents:
+    """An event sink that drops everything (for services used without a server)."""
+
+    def publish(self, event: FleetEvent) -> None:
+        pass

@@ -1,0 +1,295 @@
+"""The model registry: receive a pushed model version, check it, store it
+content-addressed, record it. A push either lands whole or leaves nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from controlplane.db.models import BlobRow, ModelRow, ModelVersionRow
+from controlplane.db.uow import Database
+from controlplane.domain import onnx_inspect, secrets, semver
+from controlplane.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from controlplane.services import audit
+from controlplane.services.blobs import BlobStore
+from controlplane.services.devices import EventSink
+from controlplane.services.events import FleetEvent
+
+MODEL, SAMPLE_DATA, LABELS = "model", "sample_data", "labels"
+PARTS = (MODEL, SAMPLE_DATA, LABELS)
+MEDIA_TYPES = {
+    MODEL: "application/onnx",
+    SAMPLE_DATA: "application/x-npz",
+    LABELS: "text/plain; charset=utf-8",
+}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class PartDecl:
+    part: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PushHeader:
+    model_name: str
+    version: str
+    description: str
+    parts: tuple[PartDecl, ...]
+
+
+@dataclass
+class _Spooled:
+    decl: PartDecl
+    path: Path
+    fh: IO[bytes]
+    hasher: Any = field(default_factory=hashlib.sha256)
+    received: int = 0
+
+
+class Upload:
+    """Spools one push's parts to temp files, checking sizes and digests as
+    bytes arrive. Always call close() (it removes whatever is left)."""
+
+    def __init__(self, tmp_root: Path, header: PushHeader, max_bytes: int) -> None:
+        self.header = header
+        self._dir = Path(tempfile.mkdtemp(prefix="upload-", dir=tmp_root))
+        self._parts: dict[str, _Spooled] = {}
+        for decl in header.parts:
+            path = self._dir / decl.part
+            self._parts[decl.part] = _Spooled(decl, path, open(path, "wb"))  # noqa: SIM115
+        total = sum(d.size for d in header.parts)
+        if total > max_bytes:
+            raise ResourceExhausted(
+                f"upload of {total / 1e6:.1f} MB exceeds the server's limit of "
+                f"{max_bytes / 1e6:.1f} MB (server option --max-upload-mb)"
+            )
+
+    def write(self, part: str, data: bytes) -> None:
+        spooled = self._parts.get(part)
+        if spooled is None:
+            raise InvalidArgument(f"chunk for part {part!r} that the header did not declare")
+        spooled.received += len(data)
+        if spooled.received > spooled.decl.size:
+            raise InvalidArgument(
+                f"part {part!r} is larger than the {spooled.decl.size} bytes the header declared"
+            )
+        spooled.hasher.update(data)
+        spooled.fh.write(data)
+
+    def finish(self) -> dict[str, Path]:
+        """Check every part arrived whole; returns the spooled files."""
+        for part, spooled in self._parts.items():
+            spooled.fh.close()
+            if spooled.received != spooled.decl.size:
+                raise InvalidArgument(
+                    f"upload truncated: part {part!r} got {spooled.received} of "
+                    f"{spooled.decl.size} declared bytes; nothing was stored"
+                )
+            if spooled.hasher.hexdigest() != spooled.decl.sha256:
+                raise InvalidArgument(
+                    f"part {part!r} does not match its declared sha256; the upload was corrupted"
+                )
+        return {part: s.path for part, s in self._parts.items()}
+
+    def close(self) -> None:
+        for spooled in self._parts.values():
+            spooled.fh.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    row: ModelRow
+    latest_version: str
+    version_count: int
+
+
+class RegistryService:
+    def __init__(
+        self, db: Database, blobs: BlobStore, events: EventSink, max_upload_bytes: int
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._events = events
+        self.max_upload_bytes = max_upload_bytes
+
+    # ------------------------------------------------------------ push
+
+    def begin(self, header: PushHeader) -> Upload:
+        """Check the header before any bytes are accepted, so a duplicate or
+        oversized push fails fast."""
+        if not _NAME.match(header.model_name):
+            raise InvalidArgument(
+                f"model name {header.model_name!r} is invalid: lowercase letters, digits, "
+                "'.', '_' and '-', at most 100 characters"
+            )
+        semver.validate(header.version)
+        seen: set[str] = set()
+        for decl in header.parts:
+            if decl.part not in PARTS:
+                raise InvalidArgument(f"unknown part {decl.part!r}")
+            if decl.part in seen:
+                raise InvalidArgument(f"part {decl.part!r} declared twice")
+            if not _SHA.match(decl.sha256):
+                raise InvalidArgument(f"part {decl.part!r}: sha256 must be 64 lowercase hex digits")
+            if decl.size <= 0:
+                raise InvalidArgument(f"part {decl.part!r} is empty")
+            seen.add(decl.part)
+        if MODEL not in seen:
+            raise InvalidArgument("the push declares no model part")
+        self._check_new(header.model_name, header.version)
+        return Upload(self._blobs.tmp, header, self.max_upload_bytes)
+
+    def _check_new(self, name: str, version: str) -> None:
+        with self._db.unit_of_work(readonly=True) as uow:
+            if self._find_version(uow.session, name, version) is not None:
+                raise AlreadyExists(
+                    f"{name}@{version} already exists; versions are immutable, push a new version"
+                )
+
+    def commit(self, actor: str, upload: Upload) -> ModelVersionRow:
+        """Validate the spooled files and publish them. On any failure nothing
+        new stays behind: no rows, no blobs."""
+        files = upload.finish()
+        header = upload.header
+        info = onnx_inspect.inspect_model(files[MODEL])
+        sample = None
+        if SAMPLE_DATA in files:
+            sample = onnx_inspect.inspect_sample_data(files[SAMPLE_DATA], info)
+        labels_count = onnx_inspect.count_labels(files[LABELS]) if LABELS in files else 0
+        digests = {d.part: d.sha256 for d in header.parts}
+        created: list[str] = []
+        try:
+            for part, path in files.items():
+                if self._blobs.put(path, digests[part]):
+                    created.append(digests[part])
+            with self._db.unit_of_work() as uow:
+                session = uow.session
+                for part, digest in digests.items():
+                    if session.get(BlobRow, digest) is None:
+                        session.add(
+                            BlobRow(
+                                digest=digest,
+                                size_bytes=next(d.size for d in header.parts if d.part == part),
+                                media_type=MEDIA_TYPES[part],
+                            )
+                        )
+                model = session.scalar(select(ModelRow).where(ModelRow.name == header.model_name))
+                if model is None:
+                    model = ModelRow(
+                        id=secrets.new_id(), name=header.model_name, description=header.description
+                    )
+                    session.add(model)
+                    session.flush()
+                row = ModelVersionRow(
+                    id=secrets.new_id(),
+                    model_id=model.id,
+                    version=header.version,
+                    version_sort=semver.sort_key(header.version),
+                    description=header.description,
+                    model_digest=digests[MODEL],
+                    size_bytes=next(d.size for d in header.parts if d.part == MODEL),
+                    inputs=[t.to_json() for t in info.inputs],
+                    outputs=[t.to_json() for t in info.outputs],
+                    opset=info.opset,
+                    producer=info.producer,
+                    sample_data_digest=digests.get(SAMPLE_DATA),
+                    sample_count=sample.num_samples if sample else 0,
+                    sample_has_labels=sample.has_labels if sample else False,
+                    labels_digest=digests.get(LABELS),
+                    labels_count=labels_count,
+                    created_by=actor,
+                )
+                session.add(row)
+                audit.record(
+                    uow,
+                    actor,
+                    "model.push",
+                    f"model:{header.model_name}@{header.version}",
+                    sha256=digests[MODEL],
+                )
+                session.flush()
+                uow.commit()
+        except IntegrityError as exc:
+            self._discard(created)
+            raise AlreadyExists(
+                f"{header.model_name}@{header.version} already exists (pushed concurrently)"
+            ) from exc
+        except BaseException:
+            self._discard(created)
+            raise
+        self._events.publish(
+            FleetEvent("model.pushed", subject=f"{header.model_name}@{header.version}")
+        )
+        return row
+
+    def _discard(self, digests: list[str]) -> None:
+        """Remove blobs this push created that no row refers to."""
+        for digest in digests:
+            with self._db.unit_of_work(readonly=True) as uow:
+                if uow.session.get(BlobRow, digest) is None:
+                    self._blobs.delete(digest)
+
+    # ------------------------------------------------------------ queries
+
+    @staticmethod
+    def _find_version(session: Session, name: str, version: str) -> ModelVersionRow | None:
+        return session.scalar(
+            select(ModelVersionRow)
+            .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+            .where(ModelRow.name == name, ModelVersionRow.version == version)
+        )
+
+    def list_models(self) -> list[ModelSummary]:
+        with self._db.unit_of_work(readonly=True) as uow:
+            models = list(uow.session.scalars(select(ModelRow).order_by(ModelRow.name)))
+            return [self._summary(uow.session, m) for m in models]
+
+    def _summary(self, session: Session, model: ModelRow) -> ModelSummary:
+        count = session.scalar(select(func.count()).where(ModelVersionRow.model_id == model.id))
+        latest = session.scalar(
+            select(ModelVersionRow.version)
+            .where(ModelVersionRow.model_id == model.id)
+            .order_by(ModelVersionRow.version_sort.desc())
+            .limit(1)
+        )
+        return ModelSummary(model, latest or "", int(count or 0))
+
+    def get_model(self, name: str) -> tuple[ModelSummary, list[ModelVersionRow]]:
+        with self._db.unit_of_work(readonly=True) as uow:
+            model = uow.session.scalar(select(ModelRow).where(ModelRow.name == name))
+            if model is None:
+                raise NotFound(f"no model named {name!r}")
+            versions = list(
+                uow.session.scalars(
+                    select(ModelVersionRow)
+                    .where(ModelVersionRow.model_id == model.id)
+                    .order_by(ModelVersionRow.version_sort.desc())
+                )
+            )
+            return self._summary(uow.session, model), versions
+
+    def get_version(self, name: str, version: str) -> ModelVersionRow:
+        with self._db.unit_of_work(readonly=True) as uow:
+            row = self._find_version(uow.session, name, version)
+            if row is None:
+                raise NotFound(f"no model version {name}@{version}")
+            return row
+
+    def model_name_of(self, row: ModelVersionRow) -> str:
+        with self._db.unit_of_work(readonly=True) as uow:
+            model = uow.session.get(ModelRow, row.model_id)
+            return model.name if model else ""

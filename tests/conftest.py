@@ -1,0 +1,86 @@
+"""Shared fixtures: real servers, real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from controlplane.config import ServerConfig
+from controlplane.server import ControlPlane as InProcessControlPlane
+from controlplane.server import create_server
+from tests.harness import ADMIN_TOKEN, ControlPlane
+
+PG_ADMIN_DSN = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_available() -> bool:
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    if not _pg_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI but not reachable at {PG_ADMIN_DSN}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_DSN}")
+    return PG_ADMIN_DSN
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
+    name = f"edgefleet_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = pg_server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(pg_server, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Both backends: an SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'edgefleet.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[InProcessControlPlane]:
+    """An in-process control plane on SQLite, loopback port 0."""
+    cp = await create_server(
+        ServerConfig(
+            data_dir=tmp_path / "cp",
+            listen="127.0.0.1:0",
+            admin_token=ADMIN_TOKEN,
+            heartbeat_interval_s=2,
+            max_upload_mb=4,
+        )
+    )
+    try:
+        yield cp
+    finally:
+        await cp.stop(grace=0.5)
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    """`edgefleet server` as a subprocess on SQLite (for restart/kill tests)."""
+    cp = ControlPlane(tmp_path / "cp")
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.close()

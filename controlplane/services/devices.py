@@ -289,5 +289,5 @@ class DeviceService:
         with self._db.unit_of_work(readonly=True) as uow:
             rows = uow.session.execute(
                 select(DeviceRow.state, func.count()).group_by(DeviceRow.state)
-            ).tuples()
+            )
             return {state: int(n) for state, n in rows}

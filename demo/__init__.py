@@ -1,0 +1,1 @@
+"""The demo fleet and the small real models it (and the tests) use."""

@@ -1,0 +1,181 @@
+"""Pure domain logic: match rules, classification, semver, secrets, ONNX checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from controlplane.domain import onnx_inspect, rules, secrets, semver
+from controlplane.domain.rules import ClassCandidate, Op, parse_rule
+from controlplane.errors import InvalidArgument
+
+PI = {"os": "Linux", "arch": "aarch64", "memory_mb": 3900, "board_model": "Raspberry Pi 4 Model B"}
+JETSON = {"arch": "aarch64", "memory_mb": 7600, "accelerators": [{"kind": "jetson"}]}
+GATEWAY = {"arch": "x86_64", "memory_mb": 16000}
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "op", "values"),
+    [
+        ("arch == aarch64", "arch", Op.EQ, ("aarch64",)),
+        ("arch=x86_64", "arch", Op.EQ, ("x86_64",)),
+        ("memory_mb < 4096", "memory_mb", Op.LT, ("4096",)),
+        ("memory_mb>=4096", "memory_mb", Op.GE, ("4096",)),
+        ("label.tier in canary, beta", "label.tier", Op.IN, ("canary", "beta")),
+        ("label.tier not in prod", "label.tier", Op.NOT_IN, ("prod",)),
+        ("accelerator exists", "accelerator", Op.EXISTS, ()),
+        ("board_model glob Raspberry Pi*", "board_model", Op.GLOB, ("Raspberry Pi*",)),
+    ],
+)
+def test_parse_rule(text: str, field: str, op: Op, values: tuple[str, ...]) -> None:
+    rule = parse_rule(text)
+    assert (rule.field, rule.op, rule.values) == (field, op, values)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour == red", "unknown match field"),
+        ("memory_mb < lots", "compares numbers"),
+        ("arch ==", "exactly one value"),
+        ("just words", "cannot parse"),
+        ("label. == x", "unknown match field"),
+    ],
+)
+def test_parse_rule_rejects_with_a_reason(text: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        parse_rule(text)
+
+
+def _facts(hw: dict[str, object], labels: dict[str, str] | None = None) -> dict[str, object]:
+    return rules.device_facts(hw, {"onnxruntime_version": "1.20"}, labels or {})
+
+
+def test_rules_match_hardware_and_labels() -> None:
+    pi = _facts(PI, {"tier": "canary"})
+    assert rules.rule_matches(parse_rule("memory_mb < 4096"), pi)
+    assert not rules.rule_matches(parse_rule("memory_mb < 2048"), pi)
+    assert rules.rule_matches(parse_rule("label.tier == canary"), pi)
+    assert rules.rule_matches(parse_rule("board_model glob Raspberry*"), pi)
+    assert rules.rule_matches(parse_rule("runtime.onnxruntime exists"), pi)
+    # A missing fact satisfies only negative rules.
+    assert not rules.rule_matches(parse_rule("accelerator exists"), pi)
+    assert rules.rule_matches(parse_rule("accelerator != jetson"), pi)
+    assert not rules.rule_matches(parse_rule("label.zone == eu"), pi)
+    jetson = _facts(JETSON)
+    assert rules.rule_matches(parse_rule("accelerator == jetson"), jetson)
+    assert not rules.rule_matches(parse_rule("accelerator not in jetson,nvidia-gpu"), jetson)
+
+
+def test_classify_picks_highest_priority_match() -> None:
+    classes = [
+        ClassCandidate("1", "arm-small", 0, (parse_rule("arch == aarch64"),)),
+        ClassCandidate(
+            "2", "jetson", 10, (parse_rule("arch == aarch64"), parse_rule("accelerator exists"))
+        ),
+        ClassCandidate("3", "pinned-only", 100, ()),
+    ]
+    assert rules.classify(_facts(JETSON), classes).name == "jetson"  # type: ignore[union-attr]
+    assert rules.classify(_facts(PI), classes).name == "arm-small"  # type: ignore[union-attr]
+    assert rules.classify(_facts(GATEWAY), classes) is None
+
+
+def test_rules_round_trip_json() -> None:
+    original = (parse_rule("arch == aarch64"), parse_rule("label.t in a,b"))
+    assert rules.rules_from_json(rules.rules_to_json(original)) == original
+
+
+@pytest.mark.parametrize("good", ["1.0.0", "0.1.2", "10.20.30-rc.1+build.5", "1.0.0-alpha"])
+def test_semver_accepts(good: str) -> None:
+    semver.validate(good)
+
+
+@pytest.mark.parametrize("bad", ["1.0", "v1.0.0", "01.0.0", "1.0.0-", "latest", ""])
+def test_semver_rejects(bad: str) -> None:
+    with pytest.raises(InvalidArgument, match="semantic version"):
+        semver.validate(bad)
+
+
+def test_semver_sort_key_orders_like_semver() -> None:
+    ordered = ["0.9.0", "1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-beta.2", "1.0.0-beta.11",
+               "1.0.0-rc.1", "1.0.0", "1.2.0", "1.10.0", "2.0.0"]  # fmt: skip
+    assert sorted(ordered, key=semver.sort_key) == ordered
+
+
+def test_secrets_parse_and_match() -> None:
+    token = secrets.issue(secrets.SecretKind.DEVICE, "abc123")
+    assert secrets.parse_id(secrets.SecretKind.DEVICE, token) == "abc123"
+    assert secrets.parse_id(secrets.SecretKind.OPERATOR, token) is None
+    stored = secrets.hash_secret(token)
+    assert secrets.matches(token, stored)
+    assert not secrets.matches(token + "x", stored)
+    assert token not in stored
+
+
+def _write_model(path: Path, dims: list[int | str]) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_inspect_model_reads_spec(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    _write_model(path, ["batch", 3, 4])
+    info = onnx_inspect.inspect_model(path)
+    assert info.opset == 17
+    (x,) = info.inputs
+    assert (x.name, x.dtype, x.shape, x.dim_names) == (
+        "x",
+        "float32",
+        (-1, 3, 4),
+        ("batch", "", ""),
+    )
+
+
+def test_inspect_model_rejects_garbage_and_broken_graphs(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf at all \x00\xff")
+    with pytest.raises(InvalidArgument, match="not a valid ONNX model"):
+        onnx_inspect.inspect_model(garbage)
+    broken = tmp_path / "broken.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["nope"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), broken)
+    with pytest.raises(InvalidArgument, match="not a valid ONNX model"):
+        onnx_inspect.inspect_model(broken)
+
+
+def test_sample_data_must_fit_the_model(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    _write_model(path, ["batch", 3])
+    info = onnx_inspect.inspect_model(path)
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((5, 3), np.float32), labels=np.arange(5))
+    assert onnx_inspect.inspect_sample_data(good, info) == onnx_inspect.SampleInfo(5, True)
+    cases = {
+        "wrong_shape": ({"x": np.zeros((5, 4), np.float32)}, "axis 1: 4 != 3"),
+        "wrong_dtype": ({"x": np.zeros((5, 3), np.float64)}, "float64"),
+        "missing": ({"y": np.zeros((5, 3), np.float32)}, "lacks arrays"),
+        "labels": ({"x": np.zeros((5, 3), np.float32), "labels": np.arange(4)}, "5 entries"),
+    }
+    for name, (arrays, message) in cases.items():
+        bad = tmp_path / f"{name}.npz"
+        np.savez(bad, **arrays)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match=message):
+            onnx_inspect.inspect_sample_data(bad, info)
+    not_npz = tmp_path / "x.npz"
+    not_npz.write_text("hello")
+    with pytest.raises(InvalidArgument, match="not a readable .npz"):
+        onnx_inspect.inspect_sample_data(not_npz, info)

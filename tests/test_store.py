@@ -1,0 +1,264 @@
+"""The SQL store on both backends: migrations, schema agreement, and the
+services' transactional behaviour against a real database."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import func, inspect, select, text
+
+from controlplane.db.engine import alembic_config, current_revision, make_engine, upgrade
+from controlplane.db.models import AuditRow, Base, DeviceRow, EnrollmentTokenRow
+from controlplane.db.uow import Database
+from controlplane.domain.rules import parse_rule
+from controlplane.errors import (
+    AlreadyExists,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate, Constraints
+from controlplane.services.devices import DeviceService
+from controlplane.services.enrollment import EnrollmentService
+from controlplane.services.events import FleetEvent
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[FleetEvent] = []
+
+    def publish(self, event: FleetEvent) -> None:
+        self.events.append(event)
+
+
+class NoPresence:
+    def is_connected(self, device_id: str) -> bool:
+        return False
+
+
+@pytest.fixture
+def db(db_url: str) -> Database:
+    engine = make_engine(db_url)
+    upgrade(engine)
+    database = Database(engine)
+    yield database  # type: ignore[misc]
+    database.dispose()
+
+
+def test_every_migration_runs_on_an_empty_database_and_matches_the_models(db_url: str) -> None:
+    engine = make_engine(db_url)
+    assert current_revision(engine) is None
+    upgrade(engine)
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert current_revision(engine) == head
+    with engine.connect() as conn:
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
+    assert diff == []
+    tables = set(inspect(engine).get_table_names())
+    assert {t.name for t in Base.metadata.sorted_tables} <= tables
+    upgrade(engine)  # idempotent: the server runs it on every start
+    # Downgrade to nothing and back: the migration is reversible.
+    from alembic import command
+
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    upgrade(engine)
+    engine.dispose()
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
+
+
+def _services(db: Database) -> tuple[EnrollmentService, DeviceService, ClassService, Recorder]:
+    events = Recorder()
+    return (
+        EnrollmentService(db, events),
+        DeviceService(db, events, NoPresence(), offline_after_s=60),
+        ClassService(db, events),
+        events,
+    )
+
+
+def _enroll(svc: EnrollmentService, token: str, hw_id: str, **hw: object) -> str:
+    return svc.enroll(
+        token=token, hardware_id=hw_id, name="", labels={}, hardware=dict(hw), runtime={}
+    ).device_id
+
+
+def test_enrollment_is_idempotent_per_hardware_id(db: Database) -> None:
+    enrollment, devices, _, _ = _services(db)
+    _, token = enrollment.create_token(
+        "op", name="t", policy="auto-accept", labels={"site": "lab"}, max_uses=0, ttl=None
+    )
+    first = enrollment.enroll(
+        token=token, hardware_id="hw-1", name="pi-1", labels={"site": "x", "zone": "a"},
+        hardware={"arch": "aarch64"}, runtime={},
+    )  # fmt: skip
+    second = enrollment.enroll(
+        token=token, hardware_id="hw-1", name="pi-1", labels={}, hardware={}, runtime={}
+    )
+    assert second.device_id == first.device_id and second.reenrolled
+    assert second.credential != first.credential
+    view = devices.get(first.device_id)
+    assert view.row.labels == {"site": "lab", "zone": "a"}  # the token's labels win
+    assert view.row.state == "accepted"
+    with db.unit_of_work(readonly=True) as uow:
+        assert uow.session.scalar(select(func.count()).select_from(DeviceRow)) == 1
+        # Only a hash of the credential is stored.
+        row = uow.session.get(DeviceRow, first.device_id)
+        assert row is not None and second.credential not in row.credential_hash
+        tok = uow.session.scalars(select(EnrollmentTokenRow)).one()
+        assert tok.uses == 1  # re-enrolling does not use the token up
+
+
+def test_token_limits_expiry_and_revocation(db: Database) -> None:
+    enrollment, _, _, _ = _services(db)
+    row, token = enrollment.create_token(
+        "op", name="once", policy="pending", labels={}, max_uses=1, ttl=None
+    )
+    _enroll(enrollment, token, "a")
+    with pytest.raises(ResourceExhausted, match="used 1 times"):
+        _enroll(enrollment, token, "b")
+    _, short = enrollment.create_token(
+        "op", name="short", policy="pending", labels={}, max_uses=0, ttl=dt.timedelta(seconds=1)
+    )
+    with db.unit_of_work() as uow:
+        tok = uow.session.scalars(
+            select(EnrollmentTokenRow).where(EnrollmentTokenRow.name == "short")
+        ).one()
+        tok.expires_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        uow.commit()
+    with pytest.raises(Unauthenticated, match="expired"):
+        _enroll(enrollment, short, "c")
+    enrollment.revoke_token("op", row.id)
+    with pytest.raises(Unauthenticated, match="revoked"):
+        _enroll(enrollment, token, "a")
+    with pytest.raises(Unauthenticated, match="invalid enrollment token"):
+        _enroll(enrollment, token[:-2] + "xx", "a")
+
+
+def test_concurrent_enrollments_never_exceed_max_uses(db: Database) -> None:
+    enrollment, _, _, _ = _services(db)
+    _, token = enrollment.create_token(
+        "op", name="five", policy="auto-accept", labels={}, max_uses=5, ttl=None
+    )
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        try:
+            _enroll(enrollment, token, f"hw-{i}")
+            result = "ok"
+        except ResourceExhausted:
+            result = "exhausted"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 5 and outcomes.count("exhausted") == 7
+    with db.unit_of_work(readonly=True) as uow:
+        assert uow.session.scalar(select(func.count()).select_from(DeviceRow)) == 5
+
+
+def test_classes_classify_on_enroll_and_reclassify_on_change(db: Database) -> None:
+    enrollment, devices, classes, events = _services(db)
+    _, token = enrollment.create_token(
+        "op", name="t", policy="auto-accept", labels={}, max_uses=0, ttl=None
+    )
+    pi = _enroll(enrollment, token, "pi", arch="aarch64", memory_mb=3900)
+    gw = _enroll(enrollment, token, "gw", arch="x86_64", memory_mb=16000)
+    assert devices.get(pi).class_name == "" and devices.list(unclassified=True)
+    classes.create(
+        "op",
+        ClassSpec(
+            name="arm-small",
+            constraints=Constraints(runtime="tflite", max_model_size_mb=8),
+            rules=(parse_rule("arch == aarch64"), parse_rule("memory_mb < 4096")),
+        ),
+    )
+    assert devices.get(pi).class_name == "arm-small"
+    assert devices.get(gw).class_name == ""
+    assert any(e.desired_changed and pi in e.device_ids for e in events.events)
+    # A rule change moves devices out again.
+    classes.update("op", "arm-small", ClassUpdate(rules=(parse_rule("memory_mb < 2048"),)))
+    assert devices.get(pi).class_name == ""
+    # Pinning overrides rules; unpinning hands the device back to them.
+    classes.update("op", "arm-small", ClassUpdate(rules=(parse_rule("arch == aarch64"),)))
+    devices.set_class("op", gw, "arm-small")
+    classes.update("op", "arm-small", ClassUpdate(priority=3))
+    assert devices.get(gw).class_name == "arm-small" and devices.get(gw).row.class_pinned
+    devices.set_class("op", gw, "")
+    assert devices.get(gw).class_name == ""
+    assert [v.device_count for v in classes.list()] == [1]
+    with pytest.raises(AlreadyExists):
+        classes.create("op", ClassSpec(name="arm-small", constraints=Constraints(runtime="tflite")))
+    assert classes.delete("op", "arm-small") == 1
+    assert devices.get(pi).class_name == ""
+    with pytest.raises(NotFound):
+        classes.get("arm-small")
+
+
+def test_rejected_device_cannot_enroll_again_and_failed_changes_leave_nothing(
+    db: Database,
+) -> None:
+    enrollment, devices, _, _ = _services(db)
+    _, token = enrollment.create_token(
+        "op", name="t", policy="pending", labels={}, max_uses=0, ttl=None
+    )
+    device_id = _enroll(enrollment, token, "hw")
+    assert devices.get(device_id).row.state == "pending"
+    devices.reject("op", device_id, "unknown hardware")
+    with pytest.raises(PermissionDenied, match="rejected"):
+        _enroll(enrollment, token, "hw")
+    before = devices.get(device_id).row.desired_revision
+    with pytest.raises(NotFound):
+        devices.set_class("op", device_id, "no-such-class")
+    after = devices.get(device_id).row
+    assert after.desired_revision == before and not after.class_pinned
+    with db.unit_of_work(readonly=True) as uow:
+        actions = list(uow.session.scalars(select(AuditRow.action).order_by(AuditRow.id)))
+    assert actions == ["token.create", "device.enroll", "device.reject"]
+
+
+def test_last_seen_batch_update(db: Database) -> None:
+    enrollment, devices, _, _ = _services(db)
+    _, token = enrollment.create_token(
+        "op", name="t", policy="auto-accept", labels={}, max_uses=0, ttl=None
+    )
+    ids = [_enroll(enrollment, token, f"hw-{i}") for i in range(3)]
+    at = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    devices.touch({ids[0]: at, ids[2]: at})
+    assert devices.get(ids[0]).row.last_seen_at == at
+    assert devices.get(ids[1]).row.last_seen_at != at
+    assert devices.count_by_state() == {"accepted": 3}
+
+
+def test_pg_fixture_is_a_fresh_database(pg_url: str) -> None:
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        assert (
+            conn.execute(text("select count(*) from pg_tables where schemaname='public'")).scalar()
+            == 0
+        )
+    engine.dispose()

@@ -177,5 +177,5 @@ def test_sample_data_must_fit_the_model(tmp_path: Path) -> None:
             onnx_inspect.inspect_sample_data(bad, info)
     not_npz = tmp_path / "x.npz"
     not_npz.write_text("hello")
-    with pytest.raises(InvalidArgument, match="not a readable .npz"):
+    with pytest.raises(InvalidArgument, match=r"not a readable \.npz"):
         onnx_inspect.inspect_sample_data(not_npz, info)

@@ -64,18 +64,18 @@ class Upload:
     bytes arrive. Always call close() (it removes whatever is left)."""
 
     def __init__(self, tmp_root: Path, header: PushHeader, max_bytes: int) -> None:
-        self.header = header
-        self._dir = Path(tempfile.mkdtemp(prefix="upload-", dir=tmp_root))
-        self._parts: dict[str, _Spooled] = {}
-        for decl in header.parts:
-            path = self._dir / decl.part
-            self._parts[decl.part] = _Spooled(decl, path, open(path, "wb"))  # noqa: SIM115
         total = sum(d.size for d in header.parts)
         if total > max_bytes:
             raise ResourceExhausted(
                 f"upload of {total / 1e6:.1f} MB exceeds the server's limit of "
                 f"{max_bytes / 1e6:.1f} MB (server option --max-upload-mb)"
             )
+        self.header = header
+        self._dir = Path(tempfile.mkdtemp(prefix="upload-", dir=tmp_root))
+        self._parts: dict[str, _Spooled] = {}
+        for decl in header.parts:
+            path = self._dir / decl.part
+            self._parts[decl.part] = _Spooled(decl, path, open(path, "wb"))  # noqa: SIM115
 
     def write(self, part: str, data: bytes) -> None:
         spooled = self._parts.get(part)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from edgefleet.v1 import operator_pb2_grpc
 
 DEFAULT_SERVER = "127.0.0.1:7443"

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
@@ -36,6 +35,7 @@ from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.events import EventBus
 from controlplane.services.hub import SyncHub
 from controlplane.services.registry import RegistryService
+from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from edgefleet.v1 import common_pb2 as c
-from edgefleet.v1 import device_pb2 as d
-from edgefleet.v1 import device_pb2_grpc as dg
-from edgefleet.v1 import operator_pb2 as o
-from edgefleet.v1 import operator_pb2_grpc as og
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -32,6 +27,11 @@ from controlplane.client import bearer_metadata
 from controlplane.config import ServerConfig
 from controlplane.server import ControlPlane, create_server
 from demo.models import BuiltModel, build_digits_classifier
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import device_pb2 as d
+from edgefleet.v1 import device_pb2_grpc as dg
+from edgefleet.v1 import operator_pb2 as o
+from edgefleet.v1 import operator_pb2_grpc as og
 from tests.harness import ADMIN_TOKEN
 
 ADMIN = bearer_metadata(ADMIN_TOKEN)

@@ -6,8 +6,6 @@ import datetime as dt
 import json
 from typing import Any
 
-from edgefleet.v1 import common_pb2 as c
-from edgefleet.v1 import operator_pb2 as o
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.db.models import AuditRow, EnrollmentTokenRow, ModelVersionRow
@@ -16,6 +14,8 @@ from controlplane.errors import InvalidArgument
 from controlplane.services.classes import ClassView, Constraints
 from controlplane.services.devices import DeviceView
 from controlplane.services.registry import ModelSummary
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import operator_pb2 as o
 
 DEVICE_STATES = {
     "pending": c.DEVICE_STATE_PENDING,

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from edgefleet.v1 import device_pb2, device_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api import convert
@@ -16,6 +15,7 @@ from controlplane.services.auth import DevicePrincipal
 from controlplane.services.devices import DECOMMISSIONED, REJECTED, DesiredView, DeviceService
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.hub import DeviceSession, SyncHub
+from edgefleet.v1 import device_pb2, device_pb2_grpc
 
 
 class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):

@@ -7,8 +7,6 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
-from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
-
 from controlplane.api import convert
 from controlplane.api.rpc import Handlers, rpc, unimplemented
 from controlplane.errors import InvalidArgument
@@ -18,6 +16,7 @@ from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate
 from controlplane.services.devices import DeviceService
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.registry import PartDecl, PushHeader, RegistryService
+from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 Op = OperatorPrincipal
 

@@ -8,8 +8,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
+
+# An arbitrary constant shared by every replica ("edgefleet" in ASCII).
+_MIGRATION_LOCK = 0x6564676566_6C656574 % (2**63)
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -66,6 +69,11 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to `revision`. Safe to run on every start."""
     cfg = alembic_config()
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together would race to create the same tables;
+            # the transaction-scoped lock makes the later ones wait, then find
+            # nothing left to do.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
 

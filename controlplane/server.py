@@ -154,7 +154,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         ),
         server,
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (
         device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,

@@ -57,7 +57,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         return device_pb2.ControlMessage(
             desired=device_pb2.DesiredState(
                 revision=view.revision,
-                device_state=convert.DEVICE_STATES.get(view.device_state, 0),
+                device_state=convert.DEVICE_STATES[view.device_state],
                 class_name=view.class_name,
                 labels=view.labels,
                 config=self._agent_config,

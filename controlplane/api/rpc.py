@@ -124,7 +124,8 @@ def rpc(auth_kind: Auth) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
             @functools.wraps(fn)
             async def stream_wrapper(self: Handlers, request: Any, context: Any) -> Any:
-                started, error = time.perf_counter(), None
+                started = time.perf_counter()
+                error: BaseException | None = None
                 try:
                     principal = await self.authenticate(auth_kind, context)
                     async for item in fn(self, request, context, principal):
@@ -146,7 +147,8 @@ def rpc(auth_kind: Auth) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
         @functools.wraps(fn)
         async def wrapper(self: Handlers, request: Any, context: Any) -> Any:
-            started, error = time.perf_counter(), None
+            started = time.perf_counter()
+            error: BaseException | None = None
             try:
                 principal = await self.authenticate(auth_kind, context)
                 return await fn(self, request, context, principal)

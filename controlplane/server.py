@@ -35,6 +35,7 @@ from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.events import EventBus
 from controlplane.services.hub import SyncHub
 from controlplane.services.registry import RegistryService
+from controlplane.services.replicas import PgEventBridge, libpq_dsn
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class ControlPlane:
     _executor: ThreadPoolExecutor
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: Any = None
+    _bridge: PgEventBridge | None = None
 
     @property
     def address(self) -> str:
@@ -96,6 +98,8 @@ class ControlPlane:
                 await task
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        if self._bridge is not None:
+            self._bridge.stop()
         self._executor.shutdown(wait=True)
         self.db.dispose()
 
@@ -117,6 +121,12 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     events = EventBus(loop)
     hub = SyncHub()
     events.subscribe(hub.on_event)
+    bridge = None
+    if engine.dialect.name == "postgresql":
+        bridge = PgEventBridge(
+            libpq_dsn(engine.url.render_as_string(hide_password=False)), events, executor
+        )
+        await bridge.start()
     devices = DeviceService(db, events, hub, config.offline_after_s)
     enrollment = EnrollmentService(db, events)
     classes = ClassService(db, events)
@@ -171,6 +181,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     cp = ControlPlane(config, server, port, db, hub, admin_token, metrics_registry, executor)
+    cp._bridge = bridge
     cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor)))
     if config.metrics_listen:
         host, _, mport = config.metrics_listen.rpartition(":")

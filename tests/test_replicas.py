@@ -59,3 +59,53 @@ async def test_two_replicas_start_together_and_share_the_fleet(pg_url: str, tmp_
             assert got.state == c.DEVICE_STATE_ACCEPTED
     finally:
         await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_a_change_on_one_replica_reaches_an_agent_on_another(
+    pg_url: str, tmp_path: Path
+) -> None:
+    configs = [
+        ServerConfig(
+            data_dir=tmp_path / f"r{i}",
+            db_url=pg_url,
+            listen="127.0.0.1:0",
+            admin_token=ADMIN_TOKEN,
+        )
+        for i in range(2)
+    ]
+    a = await create_server(configs[0])
+    b = await create_server(configs[1])
+    try:
+        async with (
+            grpc.aio.insecure_channel(a.address) as ch_a,
+            grpc.aio.insecure_channel(b.address) as ch_b,
+        ):
+            op_a = og.OperatorServiceStub(ch_a)
+            token = await op_a.CreateEnrollmentToken(
+                o.CreateEnrollmentTokenRequest(name="t"), metadata=ADMIN
+            )
+            enrolled = await dg.DeviceServiceStub(ch_b).Enroll(
+                d.EnrollRequest(enrollment_token=token.secret, hardware_id="hw-x")
+            )
+            outbox: asyncio.Queue[d.AgentMessage | None] = asyncio.Queue()
+            outbox.put_nowait(d.AgentMessage(hello=d.Hello()))
+
+            async def requests():  # type: ignore[no-untyped-def]
+                while (m := await outbox.get()) is not None:
+                    yield m
+
+            call = dg.DeviceServiceStub(ch_b).Sync(
+                requests(), metadata=bearer_metadata(enrolled.device_credential)
+            )
+            stream = call.__aiter__()
+            first = await asyncio.wait_for(stream.__anext__(), 10)
+            await op_a.UpdateDeviceLabels(
+                o.UpdateDeviceLabelsRequest(id=enrolled.device_id, set={"via": "replica-a"}),
+                metadata=ADMIN,
+            )
+            pushed = await asyncio.wait_for(stream.__anext__(), 5)
+            assert pushed.desired.revision > first.desired.revision
+            assert pushed.desired.labels["via"] == "replica-a"
+            call.cancel()
+    finally:
+        await asyncio.gather(a.stop(), b.stop())

@@ -18,6 +18,8 @@ class FleetEvent:
     desired_changed: bool = False
     subject: str = ""
     message: str = ""
+    # Set on events received from another replica, so they are not sent back.
+    remote: bool = False
 
 
 Subscriber = Callable[[FleetEvent], None]

@@ -40,3 +40,9 @@ class PermissionDenied(DomainError):
 
 class ResourceExhausted(DomainError):
     title = "Too large"
+
+
+class Unavailable(DomainError):
+    """Temporary: the caller should retry (e.g. the server is shutting down)."""
+
+    title = "Try again"

@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api import convert
 from controlplane.api.rpc import Handlers, rpc, unimplemented
-from controlplane.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from controlplane.errors import InvalidArgument, PermissionDenied
 from controlplane.services.auth import DevicePrincipal
 from controlplane.services.devices import DECOMMISSIONED, REJECTED, DesiredView, DeviceService
 from controlplane.services.enrollment import EnrollmentService
@@ -101,7 +101,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                     reader.result()  # re-raise what ended the read side
                     return
                 if session.closed_reason:
-                    raise FailedPrecondition(session.closed_reason)
+                    raise session.closed_error(session.closed_reason)
         finally:
             if reader is not None:
                 reader.cancel()

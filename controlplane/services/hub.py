@@ -8,6 +8,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from controlplane.db.models import utcnow
+from controlplane.errors import DomainError, FailedPrecondition, Unavailable
 from controlplane.services.events import FleetEvent
 
 
@@ -18,8 +19,9 @@ class DeviceSession:
     device_id: str
     # Set when the desired state may have changed; the stream re-reads it.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set when the stream must end (device rejected, or a newer stream).
+    # Set when the stream must end: why, and the error that ends it.
     closed_reason: str = ""
+    closed_error: type[DomainError] = FailedPrecondition
     last_seen: dt.datetime = field(default_factory=utcnow)
 
 
@@ -81,12 +83,16 @@ class SyncHub:
         if session is not None:
             self._close(session, reason)
 
-    def _close(self, session: DeviceSession, reason: str) -> None:
+    def _close(
+        self, session: DeviceSession, reason: str, error: type[DomainError] = FailedPrecondition
+    ) -> None:
         session.closed_reason = reason
+        session.closed_error = error
         session.wake.set()
         if self._sessions.get(session.device_id) is session:
             del self._sessions[session.device_id]
 
     def close_all(self, reason: str) -> None:
+        """End every stream with UNAVAILABLE so agents reconnect promptly."""
         for session in list(self._sessions.values()):
-            self._close(session, reason)
+            self._close(session, reason, Unavailable)

@@ -1,0 +1,501 @@
+"""The agent's main loop: enroll once, then keep the Sync stream to the control
+plane up, apply newer desired states and report them.
+
+The loop has two steps, ENROLL and SYNC. A step never picks its successor:
+it ends in a gRPC status (or a clean end of stream), and the pure `decide`
+maps (step, status) to the next step and how long to wait first. `Backoff`
+computes the waits. Both are unit-tested without a network.
+
+Everything the agent learns is persisted before it acts on it: the identity
+before the first Sync, a desired state before it is reported as applied."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import grpc
+import grpc.aio
+import psutil
+
+from agent import identity as store
+from agent.config import AgentConfig
+from agent.errors import AgentError, NotProvisioned, StateError
+from agent.hardware import detect_hardware, detect_runtime
+from agent.identity import Identity
+from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
+
+log = logging.getLogger("edgefleet.agent")
+
+ENROLL_TIMEOUT_S = 20.0
+# How long shutdown may take after SIGTERM before the process exits anyway.
+STOP_GRACE_S = 2.0
+_MIB = 1024 * 1024
+
+
+def channel_options(config: AgentConfig) -> list[tuple[str, int]]:
+    """gRPC channel options for the agent's connection."""
+    return [
+        # Keepalive finds a dead connection (a NAT that forgot us, a pulled
+        # cable) in about a minute instead of the TCP retransmit timeout. It
+        # stays well above the heartbeat interval so the server's ping-abuse
+        # policy never fires: every heartbeat ack resets its ping strikes.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # A fresh channel is made per attempt, but within one attempt gRPC's
+        # own reconnect backoff must not outgrow ours.
+        ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
+    ]
+
+
+# ---------------------------------------------------------------- backoff
+
+
+class Backoff:
+    """Exponential backoff with full jitter: the n-th delay is uniform in
+    [0, min(maximum, initial * 2**n)), so a fleet that lost its control plane
+    at the same moment does not come back at the same moment."""
+
+    # 2**64 times any sane initial delay is past any sane maximum; capping the
+    # exponent keeps the arithmetic finite however long an outage lasts.
+    _MAX_EXPONENT = 64
+
+    def __init__(
+        self, initial_s: float, maximum_s: float, rng: Callable[[], float] = random.random
+    ) -> None:
+        if initial_s <= 0 or maximum_s < initial_s:
+            raise ValueError("need 0 < initial_s <= maximum_s")
+        self.initial_s = initial_s
+        self.maximum_s = maximum_s
+        self._rng = rng
+        self._attempt = 0
+
+    @property
+    def attempt(self) -> int:
+        """Delays handed out since the last reset."""
+        return self._attempt
+
+    def ceiling(self) -> float:
+        """The upper bound of the next delay."""
+        exponent = min(self._attempt, self._MAX_EXPONENT)
+        return min(self.maximum_s, self.initial_s * 2.0**exponent)
+
+    def next_delay(self) -> float:
+        """The next delay in seconds; each call doubles the ceiling up to the max."""
+        delay = self._rng() * self.ceiling()
+        self._attempt += 1
+        return delay
+
+    def at_max(self) -> float:
+        """A delay near the maximum, for failures that retrying soon cannot fix:
+        uniform in [maximum/2, maximum]. Jittered because such failures hit
+        many devices at once (an operator rejects a batch); the half floor
+        keeps it from degenerating into a quick retry. The following backoff
+        delays start from the maximum too."""
+        self._attempt = self._MAX_EXPONENT
+        return self.maximum_s * (0.5 + 0.5 * self._rng())
+
+    def reset(self) -> None:
+        """Start again from the initial delay (after a connection that worked)."""
+        self._attempt = 0
+
+
+# ---------------------------------------------------------------- decisions
+
+
+class Step(StrEnum):
+    """What the loop does next: exchange the token for an identity, or hold
+    the Sync stream open."""
+
+    ENROLL = "enroll"
+    SYNC = "sync"
+
+
+class Delay(StrEnum):
+    """How long to wait before the next step."""
+
+    # Next delay of the exponential backoff: the problem is likely transient.
+    BACKOFF = "backoff"
+    # About the maximum delay: retrying soon cannot help, but an operator might
+    # fix it (accept the device, issue a new token), so keep trying slowly.
+    MAX = "max"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a step ended: which step next, after which delay."""
+
+    next_step: Step
+    delay: Delay
+    reason: str
+
+
+# Failures of the connection or the server rather than of this device.
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+def decide(step: Step, code: grpc.StatusCode | None, *, can_enroll: bool) -> Decision:
+    """The transition table. `code` is the status the step ended with; None
+    means the control plane ended the Sync stream cleanly. `can_enroll` says
+    whether an enrollment token is configured."""
+    if code is None:
+        return Decision(Step.SYNC, Delay.BACKOFF, "control plane closed the stream")
+    if code in RETRYABLE_CODES:
+        return Decision(step, Delay.BACKOFF, "control plane unreachable or unavailable")
+    if step is Step.SYNC and code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
+        if can_enroll:
+            # Enrolling is idempotent per hardware id: the same device id
+            # comes back with a fresh credential. Backing off (not retrying at
+            # once) bounds a loop of enroll/refuse if the server keeps refusing.
+            return Decision(Step.ENROLL, Delay.BACKOFF, "credential refused; re-enrolling")
+        return Decision(
+            Step.SYNC, Delay.MAX, "credential refused and no enrollment token is configured"
+        )
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return Decision(step, Delay.MAX, "device refused by the control plane")
+    if step is Step.ENROLL:
+        return Decision(Step.ENROLL, Delay.MAX, "enrollment refused")
+    return Decision(step, Delay.MAX, "request refused by the control plane")
+
+
+def describe_desired(desired: device_pb2.DesiredState) -> str:
+    """The one log line written when a desired state is applied."""
+    state = common_pb2.DeviceState.Name(desired.device_state).removeprefix("DEVICE_STATE_")
+    labels = ",".join(f"{key}={value}" for key, value in sorted(desired.labels.items()))
+    return (
+        f"desired state revision {desired.revision}: state={state.lower()} "
+        f"class={desired.class_name or '-'} labels={labels or '-'}"
+    )
+
+
+# ---------------------------------------------------------------- the agent
+
+
+class Agent:
+    """One device's connection to the control plane. `run` loops until
+    cancelled, and raises AgentError only for fatal problems."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        rng: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.config = config
+        self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng)
+        self._sleep = sleep
+        self._identity: Identity | None = None
+        self._hardware_id = ""
+        self._hardware = common_pb2.HardwareProfile()
+        self._runtime = common_pb2.RuntimeFingerprint()
+        self._applied_revision = 0
+        self._heartbeat_interval_s = config.heartbeat_interval_s
+        self._interval_changed = asyncio.Event()
+        self._heartbeat_seq = 0
+        self._received_in_session = False
+
+    @property
+    def can_enroll(self) -> bool:
+        """Whether an enrollment token is configured."""
+        return bool(self.config.enrollment_token)
+
+    # ------------------------------------------------------------ boot
+
+    def boot(self) -> Step:
+        """Load persisted state and detect the machine; the first step to run.
+        Raises StateError or NotProvisioned when the agent cannot start."""
+        state_dir = self.config.state_dir
+        store.ensure_state_dir(state_dir)
+        self._hardware_id = store.resolve_hardware_id(self.config.hardware_id, state_dir)
+        self._hardware = detect_hardware(state_dir, self.config.hardware)
+        self._runtime = detect_runtime()
+        log.info(
+            "hardware id %s: %s %s, %d cores, %d MiB, accelerators: %s",
+            self._hardware_id,
+            self._hardware.os_release,
+            self._hardware.arch,
+            self._hardware.cpu_cores,
+            self._hardware.memory_mb,
+            ", ".join(a.name or a.kind for a in self._hardware.accelerators) or "none",
+        )
+
+        self._identity = self._load_identity()
+        try:
+            desired = store.load_desired(state_dir)
+        except StateError as exc:
+            # Harmless to lose: the control plane resends its current state.
+            log.warning("ignoring the stored desired state: %s", exc.message)
+            desired = None
+        if desired is not None:
+            self._applied_revision = desired.revision
+            self._adopt_config(desired.config)
+
+        if self._identity is not None:
+            log.info("device %s (server %s)", self._identity.device_id, self._identity.server)
+            return Step.SYNC
+        if not self.can_enroll:
+            raise NotProvisioned(
+                f"no identity in {state_dir / store.IDENTITY_FILE} and no enrollment token "
+                "configured; set enrollment_token in the config file or "
+                "EDGEFLEET_AGENT_ENROLLMENT_TOKEN"
+            )
+        return Step.ENROLL
+
+    def _load_identity(self) -> Identity | None:
+        try:
+            identity = store.load_identity(self.config.state_dir)
+        except StateError as exc:
+            if not self.can_enroll:
+                raise
+            log.warning("%s; enrolling again", exc.message)
+            return None
+        if identity is None or not self.can_enroll:
+            return identity
+        # A credential belongs to one server and one hardware id; with a token
+        # at hand, enrolling again is better than presenting it elsewhere.
+        if identity.server != self.config.server:
+            log.info(
+                "server changed from %s to %s; enrolling again", identity.server, self.config.server
+            )
+            return None
+        if identity.hardware_id != self._hardware_id:
+            log.info(
+                "hardware id changed from %s to %s; enrolling again",
+                identity.hardware_id,
+                self._hardware_id,
+            )
+            return None
+        return identity
+
+    # ------------------------------------------------------------ loop
+
+    async def run(self) -> None:
+        """Boot, then enroll/sync forever. Returns only by cancellation."""
+        step = self.boot()
+        while True:
+            channel = grpc.aio.insecure_channel(
+                self.config.server, options=channel_options(self.config)
+            )
+            try:
+                error = await self._run_step(step, channel)
+            finally:
+                await channel.close(grace=None)
+            if step is Step.ENROLL and error is None:
+                step = Step.SYNC
+                continue
+            code = error.code() if error is not None else None
+            decision = decide(step, code, can_enroll=self.can_enroll)
+            if step is Step.SYNC and self._received_in_session:
+                self._backoff.reset()
+            if decision.delay is Delay.MAX:
+                delay = self._backoff.at_max()
+            else:
+                delay = self._backoff.next_delay()
+            outcome = (
+                f"{error.code().name}: {error.details()}" if error is not None else "stream ended"
+            )
+            log.log(
+                logging.WARNING if decision.delay is Delay.MAX else logging.INFO,
+                "%s: %s (%s); %s in %.1f s",
+                step.value,
+                decision.reason,
+                outcome,
+                "retrying" if decision.next_step is step else decision.next_step.value,
+                delay,
+            )
+            await self._sleep(delay)
+            step = decision.next_step
+
+    async def _run_step(self, step: Step, channel: grpc.aio.Channel) -> grpc.aio.AioRpcError | None:
+        """Run one step; the error it failed with, None when an enroll
+        succeeded or the server closed the Sync stream cleanly."""
+        try:
+            if step is Step.ENROLL:
+                await self._enroll(channel)
+            else:
+                await self._sync(channel)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        return None
+
+    # ------------------------------------------------------------ enroll
+
+    async def _enroll(self, channel: grpc.aio.Channel) -> None:
+        assert self.config.enrollment_token  # boot() and decide() guarantee it
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        response = await stub.Enroll(
+            device_pb2.EnrollRequest(
+                enrollment_token=self.config.enrollment_token,
+                hardware_id=self._hardware_id,
+                name=self.config.name or self._hardware.hostname,
+                labels=dict(self.config.labels),
+                hardware=self._hardware,
+                runtime=self._runtime,
+            ),
+            timeout=ENROLL_TIMEOUT_S,
+        )
+        previous = self._identity
+        identity = Identity(
+            device_id=response.device_id,
+            device_credential=response.device_credential,
+            server=self.config.server,
+            hardware_id=self._hardware_id,
+        )
+        if previous is None or previous.device_id != identity.device_id:
+            # Revisions count per device: a new device id starts from 0.
+            store.forget_desired(self.config.state_dir)
+            self._applied_revision = 0
+        # Persist before use: a crash after Sync but before saving would leave
+        # the device enrolled with a credential nobody knows.
+        store.save_identity(self.config.state_dir, identity)
+        self._identity = identity
+        log.info(
+            "enrolled as device %s (state %s)",
+            identity.device_id,
+            common_pb2.DeviceState.Name(response.state).removeprefix("DEVICE_STATE_").lower(),
+        )
+
+    # ------------------------------------------------------------ sync
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        assert self._identity is not None
+        return (("authorization", f"Bearer {self._identity.device_credential}"),)
+
+    def _hello(self) -> device_pb2.AgentMessage:
+        hardware = common_pb2.HardwareProfile()
+        hardware.CopyFrom(self._hardware)
+        # Free disk space changes while the agent runs; the rest does not.
+        with contextlib.suppress(OSError):
+            usage = psutil.disk_usage(str(self.config.state_dir))
+            hardware.disk_free_mb = usage.free // _MIB
+        return device_pb2.AgentMessage(
+            hello=device_pb2.Hello(
+                hardware=hardware,
+                runtime=self._runtime,
+                applied_revision=self._applied_revision,
+            )
+        )
+
+    async def _sync(self, channel: grpc.aio.Channel) -> None:
+        """One Sync stream, until the server ends it (returns) or it fails
+        (raises AioRpcError)."""
+        self._received_in_session = False
+        # One queue feeds the request stream, so the heartbeat task and the
+        # status reports never write to the call concurrently.
+        outbox: asyncio.Queue[device_pb2.AgentMessage] = asyncio.Queue()
+        outbox.put_nowait(self._hello())
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        call = stub.Sync(_drain(outbox), metadata=self._metadata())
+        heartbeats = asyncio.create_task(self._send_heartbeats(outbox))
+        try:
+            async for message in call:
+                if not self._received_in_session:
+                    log.info("connected to %s", self.config.server)
+                    self._received_in_session = True
+                kind = message.WhichOneof("kind")
+                if kind == "desired":
+                    report = self._apply(message.desired)
+                    if report is not None:
+                        outbox.put_nowait(report)
+                elif kind == "heartbeat_ack":
+                    log.debug("heartbeat %d acknowledged", message.heartbeat_ack.seq)
+        finally:
+            heartbeats.cancel()
+            call.cancel()
+            await asyncio.wait({heartbeats})
+
+    async def _send_heartbeats(self, outbox: asyncio.Queue[device_pb2.AgentMessage]) -> None:
+        while True:
+            self._interval_changed.clear()
+            try:
+                await asyncio.wait_for(
+                    self._interval_changed.wait(), timeout=self._heartbeat_interval_s
+                )
+                continue  # the interval changed: wait again with the new one
+            except TimeoutError:
+                pass
+            self._heartbeat_seq += 1
+            heartbeat = device_pb2.Heartbeat(seq=self._heartbeat_seq)
+            heartbeat.sent_at.GetCurrentTime()
+            outbox.put_nowait(device_pb2.AgentMessage(heartbeat=heartbeat))
+
+    def _adopt_config(self, config: device_pb2.AgentConfig) -> None:
+        interval = float(config.heartbeat_interval_s)
+        if interval and interval != self._heartbeat_interval_s:
+            log.info("heartbeat interval %g s", interval)
+            self._heartbeat_interval_s = interval
+            self._interval_changed.set()
+
+    def _apply(self, desired: device_pb2.DesiredState) -> device_pb2.AgentMessage | None:
+        """Apply a pushed desired state; the StatusReport to send, or None when
+        it is not newer than what was applied already."""
+        # The config is current even when the revision is not new (the first
+        # message after a reconnect repeats the applied revision).
+        self._adopt_config(desired.config)
+        if desired.revision <= self._applied_revision:
+            log.debug("desired state revision %d already applied", desired.revision)
+            return None
+        store.save_desired(self.config.state_dir, desired)
+        self._applied_revision = desired.revision
+        log.info(describe_desired(desired))
+        return device_pb2.AgentMessage(
+            status=device_pb2.StatusReport(applied_revision=desired.revision)
+        )
+
+
+async def _drain(
+    outbox: asyncio.Queue[device_pb2.AgentMessage],
+) -> AsyncIterator[device_pb2.AgentMessage]:
+    while True:
+        yield await outbox.get()
+
+
+# ---------------------------------------------------------------- process
+
+
+async def serve(config: AgentConfig) -> int:
+    """Run an Agent until SIGTERM or SIGINT; the process exit status. Fatal
+    agent errors are logged and give 1."""
+    agent_task = asyncio.create_task(Agent(config).run(), name="agent")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    stop_task = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        await asyncio.wait({agent_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.info("stopping")
+            # Cancelling closes the channel (and with it the stream) in the
+            # step's finally; a wedged close must not hold the exit up.
+            agent_task.cancel()
+            await asyncio.wait({agent_task}, timeout=STOP_GRACE_S)
+            return 0
+        try:
+            agent_task.result()
+        except AgentError as exc:
+            log.error("%s: %s", exc.title, exc.message)
+            return 1
+        log.error("agent loop ended unexpectedly")
+        return 1
+    finally:
+        stop_task.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

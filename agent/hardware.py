@@ -1,0 +1,347 @@
+"""Detecting what the agent runs on: the HardwareProfile and the
+RuntimeFingerprint sent with Enroll and Hello.
+
+The parsers are pure functions over text so they are tested on fixture files;
+`detect_hardware` only gathers the text (from paths in a HostPaths, which
+tests point elsewhere) and applies the config's overrides last."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from agent.config import HardwareOverrides
+from edgefleet.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+_MIB = 1024 * 1024
+NVIDIA_SMI_QUERY = (
+    "--query-gpu=name,memory.total,driver_version,compute_cap",
+    "--format=csv,noheader,nounits",
+)
+NVIDIA_SMI_TIMEOUT_S = 5.0
+
+_ARCH_ALIASES = {
+    "amd64": "x86_64",
+    "x64": "x86_64",
+    "x86-64": "x86_64",
+    "arm64": "aarch64",
+    "armv8": "aarch64",
+    "armv8l": "aarch64",
+}
+
+# Compute capability of Jetson integrated GPUs by module family, most specific
+# first ("Orin Nano" is an Orin, not a Nano). Without CUDA installed nothing
+# else on the device reports it.
+_JETSON_COMPUTE_CAPABILITY = (
+    ("thor", "11.0"),
+    ("orin", "8.7"),
+    ("xavier", "7.2"),
+    ("tx2", "6.2"),
+    ("nano", "5.3"),
+    ("tx1", "5.3"),
+)
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    """Where host facts are read from; tests point these at fixture files."""
+
+    cpuinfo: Path = Path("/proc/cpuinfo")
+    os_release: Path = Path("/etc/os-release")
+    device_tree_model: Path = Path("/proc/device-tree/model")
+    nv_tegra_release: Path = Path("/etc/nv_tegra_release")
+
+
+# A command runner: argv -> stdout, or None when it cannot run or fails.
+CommandRunner = Callable[[Sequence[str]], str | None]
+
+
+# ---------------------------------------------------------------- pure parsers
+
+
+def normalise_arch(machine: str) -> str:
+    """Map platform spellings onto one name per architecture (amd64 -> x86_64,
+    arm64 -> aarch64); unknown names pass through lower-cased."""
+    name = machine.strip().lower()
+    return _ARCH_ALIASES.get(name, name)
+
+
+def parse_cpuinfo_model(text: str) -> str:
+    """The CPU model from /proc/cpuinfo text: "model name" (x86 and some ARM),
+    else "Hardware" (older ARM kernels), else "Model" (Raspberry Pi); "" when
+    none is present."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip().lower()
+        if sep and value.strip() and key not in found:
+            found[key] = value.strip()
+    for key in ("model name", "hardware", "model"):
+        if key in found:
+            return found[key]
+    return ""
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    """The KEY=value pairs of an os-release(5) file, quotes removed."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def parse_device_tree_model(raw: bytes) -> str:
+    """The board name from /proc/device-tree/model (NUL-terminated)."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace").strip()
+
+
+def _int_or_zero(text: str) -> int:
+    try:
+        return int(float(text))
+    except ValueError:
+        # nvidia-smi prints "[N/A]" or "[Not Supported]" for unknown values.
+        return 0
+
+
+def parse_nvidia_smi(text: str) -> list[common_pb2.Accelerator]:
+    """Accelerators from `nvidia-smi --query-gpu=name,memory.total,
+    driver_version,compute_cap --format=csv,noheader,nounits` output."""
+    accelerators = []
+    for line in text.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) < 4 or not parts[0]:
+            continue
+        name, memory, driver, capability = parts[:4]
+        accelerators.append(
+            common_pb2.Accelerator(
+                kind="nvidia-gpu",
+                name=name,
+                memory_mb=_int_or_zero(memory),
+                driver_version="" if driver.startswith("[") else driver,
+                compute_capability="" if capability.startswith("[") else capability,
+            )
+        )
+    return accelerators
+
+
+def parse_l4t_release(text: str) -> str:
+    """The L4T release ("R35.4.1") from /etc/nv_tegra_release; "" if unknown.
+    The file reads like "# R35 (release), REVISION: 4.1, GCID: ..."."""
+    match = re.search(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
+    return f"R{match.group(1)}.{match.group(2)}" if match else ""
+
+
+def jetson_accelerator(
+    board_model: str, tegra_release: str | None, memory_mb: int
+) -> common_pb2.Accelerator | None:
+    """The Jetson's integrated GPU, when either /etc/nv_tegra_release exists
+    (`tegra_release` is its text) or the board model names a Jetson. It
+    shares system memory, so its memory is the machine's."""
+    if tegra_release is None and "jetson" not in board_model.lower():
+        return None
+    lowered = board_model.lower()
+    capability = next((cc for family, cc in _JETSON_COMPUTE_CAPABILITY if family in lowered), "")
+    return common_pb2.Accelerator(
+        kind="jetson",
+        name=board_model or "NVIDIA Jetson",
+        memory_mb=memory_mb,
+        driver_version=parse_l4t_release(tegra_release or ""),
+        compute_capability=capability,
+    )
+
+
+def apply_overrides(
+    profile: common_pb2.HardwareProfile, overrides: HardwareOverrides
+) -> common_pb2.HardwareProfile:
+    """A copy of `profile` with every fact set in `overrides` replaced."""
+    result = common_pb2.HardwareProfile()
+    result.CopyFrom(profile)
+    if overrides.os is not None:
+        result.os = overrides.os
+    if overrides.os_release is not None:
+        result.os_release = overrides.os_release
+    if overrides.arch is not None:
+        result.arch = normalise_arch(overrides.arch)
+    if overrides.cpu_model is not None:
+        result.cpu_model = overrides.cpu_model
+    if overrides.cpu_cores is not None:
+        result.cpu_cores = overrides.cpu_cores
+    if overrides.memory_mb is not None:
+        result.memory_mb = overrides.memory_mb
+    if overrides.board_model is not None:
+        result.board_model = overrides.board_model
+    if overrides.accelerators is not None:
+        del result.accelerators[:]
+        result.accelerators.extend(
+            common_pb2.Accelerator(
+                kind=item.kind,
+                name=item.name,
+                memory_mb=item.memory_mb,
+                driver_version=item.driver_version,
+                compute_capability=item.compute_capability,
+            )
+            for item in overrides.accelerators
+        )
+    return result
+
+
+# ---------------------------------------------------------------- gathering
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def run_command(argv: Sequence[str]) -> str | None:
+    """Run a probe command; its stdout, or None if it is missing, fails or
+    takes longer than NVIDIA_SMI_TIMEOUT_S. Probes are best effort: a broken
+    driver must not stop the agent from enrolling."""
+    executable = shutil.which(argv[0])
+    if executable is None:
+        return None
+    try:
+        completed = subprocess.run(
+            [executable, *argv[1:]],
+            capture_output=True,
+            text=True,
+            timeout=NVIDIA_SMI_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("%s failed: %s", argv[0], exc)
+        return None
+    if completed.returncode != 0:
+        log.debug("%s exited %d: %s", argv[0], completed.returncode, completed.stderr.strip())
+        return None
+    return completed.stdout
+
+
+def detect_hardware(
+    state_dir: Path,
+    overrides: HardwareOverrides | None = None,
+    paths: HostPaths | None = None,
+    run: CommandRunner = run_command,
+) -> common_pb2.HardwareProfile:
+    """Detect this machine's HardwareProfile, then apply `overrides`. Disk
+    figures are those of the filesystem holding `state_dir`, where models
+    will be stored."""
+    paths = paths or HostPaths()
+    os_release = parse_os_release(_read_text(paths.os_release) or "")
+    system = platform.system()
+    memory_mb = psutil.virtual_memory().total // _MIB
+    try:
+        disk = psutil.disk_usage(str(state_dir))
+        disk_total_mb, disk_free_mb = disk.total // _MIB, disk.free // _MIB
+    except OSError:
+        disk_total_mb = disk_free_mb = 0
+    try:
+        board_model = parse_device_tree_model(paths.device_tree_model.read_bytes())
+    except OSError:
+        board_model = ""
+
+    profile = common_pb2.HardwareProfile(
+        os=system.lower(),
+        os_release=os_release.get("PRETTY_NAME") or f"{system} {platform.release()}".strip(),
+        arch=normalise_arch(platform.machine()),
+        cpu_model=parse_cpuinfo_model(_read_text(paths.cpuinfo) or "") or platform.processor(),
+        cpu_cores=os.cpu_count() or 1,
+        memory_mb=memory_mb,
+        disk_total_mb=disk_total_mb,
+        disk_free_mb=disk_free_mb,
+        hostname=socket.gethostname(),
+        board_model=board_model,
+    )
+    jetson = jetson_accelerator(board_model, _read_text(paths.nv_tegra_release), memory_mb)
+    if jetson is not None:
+        # The integrated GPU is the Jetson itself; nvidia-smi (where JetPack
+        # ships it) would report the same GPU again.
+        profile.accelerators.append(jetson)
+    else:
+        smi = run(("nvidia-smi", *NVIDIA_SMI_QUERY))
+        if smi:
+            profile.accelerators.extend(parse_nvidia_smi(smi))
+    return apply_overrides(profile, overrides) if overrides else profile
+
+
+def _distribution_version(*names: str) -> str:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def _module_present(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def agent_version() -> str:
+    """The installed edgefleet distribution's version, "" when not installed."""
+    return _distribution_version("edgefleet")
+
+
+def detect_runtime() -> common_pb2.RuntimeFingerprint:
+    """Which inference runtimes this Python can use. Every probe is best
+    effort: a runtime that fails to import counts as absent."""
+    fingerprint = common_pb2.RuntimeFingerprint(
+        python_version=platform.python_version(),
+        agent_version=agent_version(),
+    )
+    if _module_present("onnxruntime"):
+        try:
+            onnxruntime = importlib.import_module("onnxruntime")
+            fingerprint.onnxruntime_version = str(onnxruntime.__version__)
+            fingerprint.onnxruntime_providers.extend(onnxruntime.get_available_providers())
+        except Exception as exc:  # a broken native library must not stop the agent
+            log.warning("onnxruntime is installed but cannot be imported: %s", exc)
+    # LiteRT is the successor of tflite-runtime; report whichever is installed,
+    # preferring LiteRT. Versions come from package metadata so the (large)
+    # interpreters are not imported just to be counted.
+    for module, package in (
+        ("ai_edge_litert", "ai-edge-litert"),
+        ("tflite_runtime", "tflite-runtime"),
+    ):
+        if _module_present(module):
+            version = _distribution_version(package)
+            if version:
+                fingerprint.litert_version = version
+                fingerprint.litert_package = package
+                break
+    if _module_present("tensorrt"):
+        version = _distribution_version("tensorrt", "tensorrt-cu12", "tensorrt-cu11")
+        if not version:
+            try:
+                version = str(importlib.import_module("tensorrt").__version__)
+            except Exception as exc:  # same reasoning as onnxruntime above
+                log.warning("tensorrt is installed but cannot be imported: %s", exc)
+        fingerprint.tensorrt_version = version
+    return fingerprint

@@ -1,0 +1,219 @@
+"""What the agent persists in its state directory, always written atomically:
+
+- identity.json: device id, credential, the server it belongs to, hardware id;
+- desired.json: the last applied DesiredState (its revision, labels, class,
+  device state, config), in protobuf's JSON mapping;
+- hardware-id: a generated id, only on machines without a machine id.
+
+Files are written to a temp file in the same directory, fsynced, renamed over
+the old one and the directory fsynced, so a power cut leaves either the old
+or the new file, never a torn one. All are mode 0600: identity.json holds a
+secret and the others say what the device is."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from agent.errors import StateError
+from edgefleet.v1 import device_pb2
+
+IDENTITY_FILE = "identity.json"
+DESIRED_FILE = "desired.json"
+HARDWARE_ID_FILE = "hardware-id"
+MACHINE_ID_PATHS = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+# Mixed into the machine id before hashing: machine-id(5) asks applications not
+# to expose the raw id, and a per-application hash still stays stable.
+_APP_KEY = b"edgefleet-agent/hardware-id/v1:"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this device is to the control plane at `server`."""
+
+    device_id: str
+    device_credential: str
+    server: str
+    hardware_id: str
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that readers (and a reboot) see either the
+    old content or the new, never a mix. Leaves no temp file behind."""
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    # The rename is only durable once the directory entry is on disk.
+    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        raise StateError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The parsed object in `path`; None when the file does not exist. Raises
+    StateError when it exists but is unreadable or not a JSON object."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise StateError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise StateError(f"{path}: expected a JSON object")
+    return document
+
+
+def ensure_state_dir(state_dir: Path) -> None:
+    """Create the state directory (0700) if needed; StateError if impossible."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"{state_dir}: cannot create state directory: {exc.strerror}") from exc
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        raise StateError(f"{state_dir}: state directory is not writable")
+
+
+# ---------------------------------------------------------------- identity
+
+
+def save_identity(state_dir: Path, identity: Identity) -> None:
+    """Persist `identity` atomically to state_dir/identity.json (mode 0600)."""
+    _write_json(state_dir / IDENTITY_FILE, asdict(identity))
+
+
+def load_identity(state_dir: Path) -> Identity | None:
+    """The stored identity, or None when the agent has not enrolled yet.
+    Raises StateError when the file exists but is damaged."""
+    path = state_dir / IDENTITY_FILE
+    document = _read_json(path)
+    if document is None:
+        return None
+    try:
+        values = {key: document[key] for key in Identity.__dataclass_fields__}
+    except KeyError as exc:
+        raise StateError(f"{path}: missing key {exc.args[0]!r}") from None
+    if not all(isinstance(value, str) and value for value in values.values()):
+        raise StateError(f"{path}: every value must be a non-empty string")
+    return Identity(**values)
+
+
+# ---------------------------------------------------------------- desired state
+
+
+def desired_to_document(desired: device_pb2.DesiredState) -> dict[str, Any]:
+    """DesiredState in protobuf's JSON mapping with proto field names and every
+    field present, except that the revision is a JSON number (the mapping
+    writes uint64 as a string; parsing accepts either)."""
+    document = json_format.MessageToDict(
+        desired,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
+    document["revision"] = desired.revision
+    return document
+
+
+def save_desired(state_dir: Path, desired: device_pb2.DesiredState) -> None:
+    """Persist the applied desired state atomically to state_dir/desired.json."""
+    _write_json(state_dir / DESIRED_FILE, desired_to_document(desired))
+
+
+def load_desired(state_dir: Path) -> device_pb2.DesiredState | None:
+    """The last applied desired state, or None when none was applied yet.
+    Raises StateError when the file exists but is damaged."""
+    path = state_dir / DESIRED_FILE
+    document = _read_json(path)
+    if document is None:
+        return None
+    desired = device_pb2.DesiredState()
+    try:
+        # Unknown fields: a newer agent may have written fields this one lacks.
+        json_format.ParseDict(document, desired, ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise StateError(f"{path}: not a desired state: {exc}") from exc
+    return desired
+
+
+def forget_desired(state_dir: Path) -> None:
+    """Remove desired.json: revisions belong to one device id, so a different
+    device id starts again from revision 0."""
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / DESIRED_FILE).unlink()
+
+
+# ---------------------------------------------------------------- hardware id
+
+
+def hardware_id_from_machine_id(machine_id: str) -> str:
+    """A stable, application-specific id derived from the machine id."""
+    digest = hashlib.sha256(_APP_KEY + machine_id.strip().encode()).hexdigest()
+    return f"mid-{digest[:32]}"
+
+
+def resolve_hardware_id(
+    configured: str | None,
+    state_dir: Path,
+    machine_id_paths: tuple[Path, ...] = MACHINE_ID_PATHS,
+) -> str:
+    """The hardware id to enroll with: the configured one; else derived from the
+    first non-empty machine-id file; else a random id generated once and kept
+    in state_dir/hardware-id, so it survives restarts (but not a wiped state
+    directory, which is the best a machine without a machine id allows)."""
+    if configured:
+        return configured
+    for path in machine_id_paths:
+        try:
+            machine_id = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        # systemd writes "uninitialized" before first boot completes.
+        if machine_id and machine_id != "uninitialized":
+            return hardware_id_from_machine_id(machine_id)
+    stored_path = state_dir / HARDWARE_ID_FILE
+    try:
+        stored = stored_path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        stored = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StateError(f"{stored_path}: cannot read: {exc}") from exc
+    if stored:
+        return stored
+    generated = f"gen-{uuid.uuid4().hex}"
+    try:
+        atomic_write(stored_path, (generated + "\n").encode())
+    except OSError as exc:
+        raise StateError(f"{stored_path}: cannot write: {exc.strerror or exc}") from exc
+    return generated

@@ -20,7 +20,7 @@ class BuiltModel:
     accuracy: float
 
 
-def _mlp_graph(weights: list[np.ndarray], biases: list[np.ndarray], opset: int) -> onnx.ModelProto:
+def mlp_graph(weights: list[np.ndarray], biases: list[np.ndarray], opset: int) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     current = "input"
@@ -68,7 +68,7 @@ def build_digits_classifier(out_dir: Path, *, hidden: int = 32, seed: int = 0) -
     clf.fit(x_train, y_train)
     accuracy = float(clf.score(x_test, y_test))
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = _mlp_graph(list(clf.coefs_), list(clf.intercepts_), opset=17)
+    model = mlp_graph(list(clf.coefs_), list(clf.intercepts_), opset=17)
     paths = BuiltModel(
         model=out_dir / "model.onnx",
         sample_data=out_dir / "samples.npz",

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from controlplane.client import bearer_metadata
+from controlplane.client import bearer_metadata, operator_stub
 from controlplane.config import ServerConfig
 from controlplane.server import ControlPlane, create_server
 from demo.models import BuiltModel, build_digits_classifier
@@ -384,6 +384,7 @@ async def test_push_a_real_model_with_sample_data_and_labels(
     ]
     assert [(t.name, list(t.shape)) for t in version.outputs] == [("probabilities", [-1, 10])]
     assert version.sample_data.num_samples == 200 and version.sample_data.has_labels
+    assert version.sample_data.size_bytes == digits.sample_data.stat().st_size
     assert version.labels.count == 10 and version.opset == 17
     await op.PushModel(_push_requests("digits", "1.1.0-rc.1", parts), metadata=ADMIN)
     got = await op.GetModel(o.GetModelRequest(name="digits"), metadata=ADMIN)
@@ -422,8 +423,15 @@ async def test_bad_pushes_get_clear_errors_and_store_nothing(
          grpc.StatusCode.INVALID_ARGUMENT, "axis 1: 63 != 64"),
         ("no header", _only_chunks(), grpc.StatusCode.INVALID_ARGUMENT, "header"),
     ]  # fmt: skip
+    # Sent with the blocking stack, as the CLI does: grpc.aio clients can see
+    # INTERNAL instead of the server's status when the server rejects a
+    # client stream early (grpc/grpc#36066).
+    sync_op = operator_stub(server.address, ADMIN_TOKEN)
     for name, requests, code, text in cases:
-        got_code, details = await _code(op.PushModel(requests, metadata=ADMIN))
+        messages = [m async for m in requests]
+        with pytest.raises(grpc.RpcError) as info:
+            await asyncio.to_thread(sync_op.PushModel, iter(messages), timeout=30)
+        got_code, details = info.value.code(), info.value.details() or ""
         assert (got_code, text in details) == (code, True), f"{name}: {got_code} {details}"
         await _assert_nothing_stored(op, server, models=1, blobs=2)
     assert not list((server.config.blob_dir / "tmp").iterdir())

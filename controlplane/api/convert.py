@@ -14,6 +14,7 @@ from controlplane.errors import InvalidArgument
 from controlplane.services.classes import ClassView, Constraints
 from controlplane.services.devices import DeviceView
 from controlplane.services.registry import ModelSummary
+from controlplane.wire import rule_to_pb
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 
@@ -39,19 +40,6 @@ QUANTIZATIONS = {
 QUANTIZATION_NAMES = {v: k for k, v in QUANTIZATIONS.items()}
 POLICIES = {"auto-accept": o.ENROLLMENT_POLICY_AUTO_ACCEPT, "pending": o.ENROLLMENT_POLICY_PENDING}
 POLICY_NAMES = {v: k for k, v in POLICIES.items()}
-MATCH_OPS = {
-    rules.Op.EQ: c.MATCH_OP_EQ,
-    rules.Op.NE: c.MATCH_OP_NE,
-    rules.Op.LT: c.MATCH_OP_LT,
-    rules.Op.LE: c.MATCH_OP_LE,
-    rules.Op.GT: c.MATCH_OP_GT,
-    rules.Op.GE: c.MATCH_OP_GE,
-    rules.Op.IN: c.MATCH_OP_IN,
-    rules.Op.NOT_IN: c.MATCH_OP_NOT_IN,
-    rules.Op.EXISTS: c.MATCH_OP_EXISTS,
-    rules.Op.GLOB: c.MATCH_OP_GLOB,
-}
-MATCH_OP_NAMES = {v: k for k, v in MATCH_OPS.items()}
 PART_NAMES = {
     o.MODEL_PART_MODEL: "model",
     o.MODEL_PART_SAMPLE_DATA: "sample_data",
@@ -159,16 +147,6 @@ def device_to_pb(view: DeviceView) -> c.Device:
 # ---------------------------------------------------------------- classes
 
 
-def rule_from_pb(msg: c.MatchRule) -> rules.Rule:
-    if msg.op not in MATCH_OP_NAMES:
-        raise InvalidArgument(f"match rule on {msg.field!r} has no operator")
-    return rules.make_rule(msg.field, MATCH_OP_NAMES[msg.op], list(msg.values))
-
-
-def rule_to_pb(rule: rules.Rule) -> c.MatchRule:
-    return c.MatchRule(field=rule.field, op=MATCH_OPS[rule.op], values=list(rule.values))
-
-
 def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
     """The constraint fields present in a message (for partial updates)."""
     changes: dict[str, Any] = {}
@@ -258,6 +236,7 @@ def model_version_to_pb(row: ModelVersionRow, model_name: str) -> c.ModelVersion
         sample_data=(
             c.SampleDataInfo(
                 sha256=row.sample_data_digest,
+                size_bytes=row.sample_size_bytes,
                 num_samples=row.sample_count,
                 has_labels=row.sample_has_labels,
             )

@@ -16,6 +16,7 @@ from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate
 from controlplane.services.devices import DeviceService
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.registry import PartDecl, PushHeader, RegistryService
+from controlplane.wire import rule_from_pb
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 Op = OperatorPrincipal
@@ -142,7 +143,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             description=request.description,
             priority=request.priority,
             constraints=convert.constraints_from_pb(request.constraints),
-            rules=tuple(convert.rule_from_pb(r) for r in request.match_rules),
+            rules=tuple(rule_from_pb(r) for r in request.match_rules),
         )
         return convert.class_to_pb(await self.run(self._classes.create, who.actor, spec))
 
@@ -170,7 +171,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             priority=request.priority if request.HasField("priority") else None,
             constraints=convert.constraint_changes(request.constraints),
             rules=(
-                tuple(convert.rule_from_pb(r) for r in request.match_rules)
+                tuple(rule_from_pb(r) for r in request.match_rules)
                 if request.replace_match_rules
                 else None
             ),

@@ -181,6 +181,7 @@ class ModelVersionRow(Base):
     opset: Mapped[int] = mapped_column(Integer)
     producer: Mapped[str] = mapped_column(String(200), default="")
     sample_data_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"))
+    sample_size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     sample_count: Mapped[int] = mapped_column(Integer, default=0)
     sample_has_labels: Mapped[bool] = mapped_column(Boolean, default=False)
     labels_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"))

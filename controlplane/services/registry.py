@@ -171,6 +171,7 @@ class RegistryService:
             sample = onnx_inspect.inspect_sample_data(files[SAMPLE_DATA], info)
         labels_count = onnx_inspect.count_labels(files[LABELS]) if LABELS in files else 0
         digests = {d.part: d.sha256 for d in header.parts}
+        sizes = {d.part: d.size for d in header.parts}
         created: list[str] = []
         try:
             for part, path in files.items():
@@ -183,7 +184,7 @@ class RegistryService:
                         session.add(
                             BlobRow(
                                 digest=digest,
-                                size_bytes=next(d.size for d in header.parts if d.part == part),
+                                size_bytes=sizes[part],
                                 media_type=MEDIA_TYPES[part],
                             )
                         )
@@ -201,12 +202,13 @@ class RegistryService:
                     version_sort=semver.sort_key(header.version),
                     description=header.description,
                     model_digest=digests[MODEL],
-                    size_bytes=next(d.size for d in header.parts if d.part == MODEL),
+                    size_bytes=sizes[MODEL],
                     inputs=[t.to_json() for t in info.inputs],
                     outputs=[t.to_json() for t in info.outputs],
                     opset=info.opset,
                     producer=info.producer,
                     sample_data_digest=digests.get(SAMPLE_DATA),
+                    sample_size_bytes=sizes.get(SAMPLE_DATA, 0),
                     sample_count=sample.num_samples if sample else 0,
                     sample_has_labels=sample.has_labels if sample else False,
                     labels_digest=digests.get(LABELS),

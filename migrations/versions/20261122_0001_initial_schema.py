@@ -186,6 +186,7 @@ def upgrade() -> None:
         sa.Column("opset", sa.Integer(), nullable=False),
         sa.Column("producer", sa.String(length=200), nullable=False),
         sa.Column("sample_data_digest", sa.String(length=64), nullable=True),
+        sa.Column("sample_size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("sample_count", sa.Integer(), nullable=False),
         sa.Column("sample_has_labels", sa.Boolean(), nullable=False),
         sa.Column("labels_digest", sa.String(length=64), nullable=True),

@@ -1,0 +1,160 @@
+"""The operator CLI, `edgefleet`.
+
+Every command is a thin adapter: parse options (controlplane.cli.convert),
+build the request, call OperatorService, render the answer (controlplane.cli.render,
+or JSON with --json). Server and database code is imported only inside the
+`server` and `db upgrade` commands, so the client side stays light."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import click
+
+from controlplane.cli.base import CliError, Env, F, RootGroup
+from controlplane.cli.classes import classes
+from controlplane.cli.devices import devices
+from controlplane.cli.models import models
+from controlplane.cli.tokens import tokens
+from controlplane.client import DEFAULT_SERVER
+from controlplane.config import ServerConfig
+
+
+def _config_default(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(ServerConfig) if f.name == name)
+
+
+def _data_dir_option(f: F) -> F:
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="EDGEFLEET_DATA_DIR",
+        default=Path("edgefleet-data"),
+        show_default=True,
+        help="Directory for the database, blobs and admin token [env EDGEFLEET_DATA_DIR].",
+    )(f)
+
+
+def _db_option(f: F) -> F:
+    return click.option(
+        "--db", "db_url", help="SQLAlchemy database URL (default: SQLite file in the data dir)."
+    )(f)
+
+
+# ------------------------------------------------------------------ root
+
+
+@click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--server",
+    envvar="EDGEFLEET_SERVER",
+    default=DEFAULT_SERVER,
+    show_default=True,
+    help="Control plane address, host:port [env EDGEFLEET_SERVER].",
+)
+@click.option("--token", envvar="EDGEFLEET_TOKEN", help="Operator API token [env EDGEFLEET_TOKEN].")
+@click.version_option(package_name="edgefleet")
+@click.pass_context
+def cli(ctx: click.Context, server: str, token: str | None) -> None:
+    """EdgeFleet: manage ML models on a fleet of edge devices."""
+    ctx.obj = Env(server=server, token=token)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="edgefleet")
+
+
+# ------------------------------------------------------------------ server & db
+
+
+@cli.command()
+@_data_dir_option
+@_db_option
+@click.option(
+    "--listen", default=_config_default("listen"), show_default=True, help="gRPC address."
+)
+@click.option("--metrics-listen", help="host:port for the Prometheus endpoint (default: off).")
+@click.option(
+    "--admin-token",
+    envvar="EDGEFLEET_ADMIN_TOKEN",
+    help="Admin API token to use instead of generating one [env EDGEFLEET_ADMIN_TOKEN].",
+)
+@click.option(
+    "--max-upload-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_config_default("max_upload_mb"),
+    show_default=True,
+    help="Largest model upload accepted.",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.IntRange(min=1),
+    default=_config_default("heartbeat_interval_s"),
+    show_default=True,
+    help="Seconds between agent heartbeats.",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bound port here once listening (useful with port 0).",
+)
+def server(
+    data_dir: Path,
+    db_url: str | None,
+    listen: str,
+    metrics_listen: str | None,
+    admin_token: str | None,
+    max_upload_mb: float,
+    heartbeat_interval: int,
+    port_file: Path | None,
+) -> None:
+    """Run the control plane until SIGTERM or Ctrl-C."""
+    from controlplane.server import run
+
+    run(
+        ServerConfig(
+            data_dir=data_dir,
+            db_url=db_url,
+            listen=listen,
+            metrics_listen=metrics_listen,
+            admin_token=admin_token,
+            max_upload_mb=max_upload_mb,
+            heartbeat_interval_s=heartbeat_interval,
+            port_file=port_file,
+        )
+    )
+
+
+@cli.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+@_data_dir_option
+@_db_option
+def db_upgrade(data_dir: Path, db_url: str | None) -> None:
+    """Bring the database schema to the newest revision."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from controlplane.db.engine import current_revision, make_engine, sqlite_url, upgrade
+
+    if db_url is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        db_url = sqlite_url(data_dir)
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+        revision = current_revision(engine)
+    except SQLAlchemyError as err:
+        raise CliError(f"database: {getattr(err, 'orig', None) or err}") from None
+    finally:
+        engine.dispose()
+    click.echo(f"database at revision {revision}")
+
+
+for group in (tokens, devices, classes, models):
+    cli.add_command(group)

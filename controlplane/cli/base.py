@@ -1,0 +1,154 @@
+"""Plumbing shared by the `edgefleet` command modules: the connection
+settings object, option helpers, output and error reporting."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NoReturn, TypeVar
+
+import click
+import grpc
+from google.protobuf.message import Message
+from rich.console import Console, RenderableType
+
+from controlplane.cli.convert import (
+    enum_choices,
+    enum_value,
+    parse_label,
+    resolve_prefix,
+    to_json_dict,
+)
+from controlplane.client import operator_stub
+from edgefleet.v1 import operator_pb2_grpc
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+class CliError(click.ClickException):
+    """A failure to report as `error: <message>` on stderr, exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def rpc_error_message(err: grpc.RpcError) -> str:
+    """`NOT_FOUND: device 'x' not found` from a failed call."""
+    if isinstance(err, grpc.Call):
+        return f"{err.code().name}: {err.details() or ''}".rstrip(": ")
+    return str(err)
+
+
+class RootGroup(click.Group):
+    """Turns RPC and file errors from any command into CliError: a one-line
+    message, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except grpc.RpcError as err:
+            raise CliError(rpc_error_message(err)) from None
+        except OSError as err:
+            where = f": {err.filename}" if err.filename else ""
+            raise CliError(f"{err.strerror or err}{where}") from None
+
+
+@dataclass
+class Env:
+    """Connection settings; the stub (and its channel) is made on first use."""
+
+    server: str
+    token: str | None
+    _stub: operator_pb2_grpc.OperatorServiceStub | None = field(default=None, repr=False)
+
+    @property
+    def stub(self) -> operator_pb2_grpc.OperatorServiceStub:
+        if self._stub is None:
+            self._stub = operator_stub(self.server, self.token)
+        return self._stub
+
+
+pass_env = click.make_pass_decorator(Env)
+
+
+def parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """An option callback running a pure parser over the value (or each value
+    of a multiple option); its ValueError becomes a usage error."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            if isinstance(value, tuple):
+                return tuple(parse(v) for v in value)
+            return None if value is None else parse(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err), ctx, param) from None
+
+    return callback
+
+
+def enum_option(*decls: str, wrapper: Any, **kwargs: Any) -> Callable[[F], F]:
+    """An option choosing among an enum's CLI names (`auto-accept`); the
+    command receives the enum value."""
+    return click.option(
+        *decls,
+        type=click.Choice(list(enum_choices(wrapper)), case_sensitive=False),
+        callback=parsed(lambda text: enum_value(wrapper, text)),
+        **kwargs,
+    )
+
+
+def label_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--label",
+        "labels",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=parsed(parse_label),
+        help=help_text,
+    )
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def emit(
+    as_json: bool, data: Message | Sequence[Message], human: Callable[[], RenderableType]
+) -> None:
+    """Print `data` as JSON (a list for sequences), or the human rendering."""
+    if as_json:
+        obj = to_json_dict(data) if isinstance(data, Message) else [to_json_dict(m) for m in data]
+        click.echo(json.dumps(obj, indent=2))
+    else:
+        Console().print(human(), markup=False, highlight=False)
+
+
+def usage_error(message: str) -> NoReturn:
+    raise click.UsageError(message)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def call_by_id(
+    text: str, call: Callable[[str], T], list_ids: Callable[[], Iterable[str]], what: str
+) -> T:
+    """`call(text)`; when the server answers NOT_FOUND and `text` is the unique
+    prefix of a listed id (tables show short ids), `call(full_id)` instead."""
+    try:
+        return call(text)
+    except grpc.RpcError as err:
+        if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        try:
+            full = resolve_prefix(text, list_ids(), what)
+        except ValueError as ambiguous:
+            raise CliError(str(ambiguous)) from None
+        if full == text:
+            raise
+        return call(full)

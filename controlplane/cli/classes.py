@@ -1,0 +1,162 @@
+"""`edgefleet classes`: device classes, their match rules and constraints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from controlplane.cli import render as render
+from controlplane.cli.base import (
+    Env,
+    F,
+    emit,
+    enum_option,
+    json_option,
+    parsed,
+    pass_env,
+    usage_error,
+)
+from controlplane.cli.convert import constraint_profile, parse_match
+from edgefleet.v1 import common_pb2, operator_pb2
+
+
+@click.group()
+def classes() -> None:
+    """Device classes: match rules and build constraints."""
+
+
+def _class_options(*, create: bool) -> Callable[[F], F]:
+    """Options shared by `classes create` and `classes update`."""
+    positive = click.FloatRange(min=0, min_open=True)
+    options = [
+        enum_option(
+            "--runtime",
+            wrapper=common_pb2.Runtime,
+            required=create,
+            help="Inference runtime the class targets.",
+        ),
+        click.option("--max-size-mb", type=positive, help="Largest artifact allowed."),
+        click.option("--latency-budget-ms", type=positive, help="p95 latency budget."),
+        click.option("--max-memory-mb", type=positive, help="Peak inference memory allowed."),
+        enum_option(
+            "--quantization",
+            wrapper=common_pb2.Quantization,
+            default="auto" if create else None,
+            show_default=create,
+            help="Preferred precision; auto picks the best candidate that passes.",
+        ),
+        click.option("--accelerator", help="Accelerator kind devices must have, e.g. jetson."),
+        click.option(
+            "--min-accuracy-retention",
+            type=click.FloatRange(min=0, max=1, min_open=True),
+            help="Fraction of the fp32 accuracy an artifact must keep, e.g. 0.98.",
+        ),
+        click.option("--priority", type=int, help="Higher wins when several classes match."),
+        click.option("--description", help="Free text."),
+        click.option(
+            "--match",
+            "rules",
+            metavar="RULE",
+            callback=parsed(parse_match),
+            multiple=True,
+            help="Match rule, e.g. 'arch == aarch64', 'memory_mb < 4096'"
+            + (" (replaces all rules)." if not create else "; repeat for AND."),
+        ),
+    ]
+
+    def apply(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
+@classes.command("create")
+@click.argument("name")
+@_class_options(create=True)
+@json_option
+@pass_env
+def classes_create(
+    env: Env,
+    /,
+    name: str,
+    rules: Sequence[common_pb2.MatchRule],
+    priority: int | None,
+    description: str | None,
+    as_json: bool,
+    **constraints: Any,
+) -> None:
+    """Create a device class."""
+    created = env.stub.CreateDeviceClass(
+        operator_pb2.CreateDeviceClassRequest(
+            name=name,
+            description=description or "",
+            priority=priority or 0,
+            constraints=constraint_profile(**constraints),
+            match_rules=rules,
+        )
+    )
+    emit(as_json, created, lambda: render.class_detail(created))
+
+
+@classes.command("ls")
+@json_option
+@pass_env
+def classes_ls(env: Env, as_json: bool) -> None:
+    """List device classes."""
+    resp = env.stub.ListDeviceClasses(operator_pb2.ListDeviceClassesRequest())
+    emit(as_json, resp.classes, lambda: render.classes_table(resp.classes))
+
+
+@classes.command("show")
+@click.argument("name")
+@json_option
+@pass_env
+def classes_show(env: Env, name: str, as_json: bool) -> None:
+    """Show a class's constraints, match rules and device count."""
+    found = env.stub.GetDeviceClass(operator_pb2.GetDeviceClassRequest(name=name))
+    emit(as_json, found, lambda: render.class_detail(found))
+
+
+@classes.command("update")
+@click.argument("name")
+@_class_options(create=False)
+@click.option("--clear-rules", is_flag=True, help="Remove every match rule (pinning only).")
+@json_option
+@pass_env
+def classes_update(
+    env: Env,
+    /,
+    name: str,
+    rules: Sequence[common_pb2.MatchRule],
+    clear_rules: bool,
+    priority: int | None,
+    description: str | None,
+    as_json: bool,
+    **constraints: Any,
+) -> None:
+    """Change a class; options not given keep their stored values."""
+    if rules and clear_rules:
+        usage_error("--match and --clear-rules exclude each other")
+    request = operator_pb2.UpdateDeviceClassRequest(
+        name=name,
+        description=description,
+        priority=priority,
+        constraints=constraint_profile(**constraints),
+        match_rules=rules,
+        replace_match_rules=bool(rules) or clear_rules,
+    )
+    updated = env.stub.UpdateDeviceClass(request)
+    emit(as_json, updated, lambda: render.class_detail(updated))
+
+
+@classes.command("delete")
+@click.argument("name")
+@pass_env
+def classes_delete(env: Env, name: str) -> None:
+    """Delete a class; its devices are reclassified by the remaining rules."""
+    resp = env.stub.DeleteDeviceClass(operator_pb2.DeleteDeviceClassRequest(name=name))
+    click.echo(f"deleted class {name}; {resp.reclassified} device(s) reclassified")

@@ -1,0 +1,169 @@
+"""`edgefleet devices`: the device inventory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import click
+
+from controlplane.cli import render as render
+from controlplane.cli.base import (
+    Env,
+    call_by_id,
+    emit,
+    enum_option,
+    json_option,
+    label_option,
+    now,
+    parsed,
+    pass_env,
+    usage_error,
+)
+from controlplane.cli.convert import parse_label
+from edgefleet.v1 import common_pb2, operator_pb2
+
+
+@click.group()
+def devices() -> None:
+    """The device inventory."""
+
+
+def _on_device(env: Env, text: str, call: Callable[[str], common_pb2.Device]) -> common_pb2.Device:
+    """`call(device_id)`, accepting the short ids `devices ls` shows."""
+
+    def list_ids() -> list[str]:
+        listed = env.stub.ListDevices(operator_pb2.ListDevicesRequest(include_decommissioned=True))
+        return [d.id for d in listed.devices]
+
+    return call_by_id(text, call, list_ids, "device")
+
+
+def _device_done(as_json: bool, verb: str, device: common_pb2.Device, suffix: str = "") -> None:
+    emit(as_json, device, lambda: f"{verb} device {device.name} ({device.id}){suffix}")
+
+
+@devices.command("ls")
+@enum_option("--state", wrapper=common_pb2.DeviceState, help="Only devices in this state.")
+@click.option("--class", "class_name", help="Only devices in this class.")
+@label_option("Only devices with this label; repeatable.")
+@click.option("--unclassified", is_flag=True, help="Only devices that match no class.")
+@click.option("--all", "include_decommissioned", is_flag=True, help="Include decommissioned.")
+@json_option
+@pass_env
+def devices_ls(
+    env: Env,
+    state: common_pb2.DeviceState.ValueType | None,
+    class_name: str | None,
+    labels: Sequence[tuple[str, str]],
+    unclassified: bool,
+    include_decommissioned: bool,
+    as_json: bool,
+) -> None:
+    """List devices."""
+    if class_name and unclassified:
+        usage_error("--class and --unclassified exclude each other")
+    resp = env.stub.ListDevices(
+        operator_pb2.ListDevicesRequest(
+            state=state or common_pb2.DEVICE_STATE_UNSPECIFIED,
+            class_name=class_name or "",
+            labels=dict(labels),
+            unclassified=unclassified,
+            include_decommissioned=include_decommissioned
+            or state == common_pb2.DEVICE_STATE_DECOMMISSIONED,
+        )
+    )
+    emit(as_json, resp.devices, lambda: render.devices_table(resp.devices, now()))
+
+
+@devices.command("show")
+@click.argument("device_id", metavar="ID")
+@json_option
+@pass_env
+def devices_show(env: Env, device_id: str, as_json: bool) -> None:
+    """Show a device's hardware, runtime, class and update state."""
+    device = _on_device(
+        env, device_id, lambda i: env.stub.GetDevice(operator_pb2.GetDeviceRequest(id=i))
+    )
+    emit(as_json, device, lambda: render.device_detail(device, now()))
+
+
+@devices.command("accept")
+@click.argument("device_id", metavar="ID")
+@json_option
+@pass_env
+def devices_accept(env: Env, device_id: str, as_json: bool) -> None:
+    """Accept a pending device so it can receive work."""
+    device = _on_device(
+        env, device_id, lambda i: env.stub.AcceptDevice(operator_pb2.AcceptDeviceRequest(id=i))
+    )
+    _device_done(as_json, "accepted", device)
+
+
+@devices.command("reject")
+@click.argument("device_id", metavar="ID")
+@click.option("--reason", default="", help="Why, for the audit log.")
+@json_option
+@pass_env
+def devices_reject(env: Env, device_id: str, reason: str, as_json: bool) -> None:
+    """Reject a device; its RPCs are denied from then on."""
+    device = _on_device(
+        env,
+        device_id,
+        lambda i: env.stub.RejectDevice(operator_pb2.RejectDeviceRequest(id=i, reason=reason)),
+    )
+    _device_done(as_json, "rejected", device)
+
+
+@devices.command("label")
+@click.argument("device_id", metavar="ID")
+@click.argument("labels", metavar="[KEY=VALUE]...", nargs=-1, callback=parsed(parse_label))
+@click.option("--remove", multiple=True, metavar="KEY", help="Label key to remove.")
+@json_option
+@pass_env
+def devices_label(
+    env: Env,
+    device_id: str,
+    labels: Sequence[tuple[str, str]],
+    remove: Sequence[str],
+    as_json: bool,
+) -> None:
+    """Set labels (KEY=VALUE) on a device and remove others (--remove KEY)."""
+    if not labels and not remove:
+        usage_error("give KEY=VALUE labels to set or --remove KEY")
+    device = _on_device(
+        env,
+        device_id,
+        lambda i: env.stub.UpdateDeviceLabels(
+            operator_pb2.UpdateDeviceLabelsRequest(id=i, set=dict(labels), remove=remove)
+        ),
+    )
+    _device_done(as_json, "labelled", device)
+
+
+@devices.command("pin")
+@click.argument("device_id", metavar="ID")
+@click.argument("class_name", metavar="CLASS")
+@json_option
+@pass_env
+def devices_pin(env: Env, device_id: str, class_name: str, as_json: bool) -> None:
+    """Pin a device to a class; match rules no longer move it."""
+    device = _on_device(
+        env,
+        device_id,
+        lambda i: env.stub.SetDeviceClass(
+            operator_pb2.SetDeviceClassRequest(id=i, class_name=class_name)
+        ),
+    )
+    _device_done(as_json, "pinned", device, f" to {class_name}")
+
+
+@devices.command("unpin")
+@click.argument("device_id", metavar="ID")
+@json_option
+@pass_env
+def devices_unpin(env: Env, device_id: str, as_json: bool) -> None:
+    """Unpin a device; match rules classify it again."""
+    device = _on_device(
+        env, device_id, lambda i: env.stub.SetDeviceClass(operator_pb2.SetDeviceClassRequest(id=i))
+    )
+    _device_done(as_json, "unpinned", device)

@@ -1,0 +1,96 @@
+"""`edgefleet models`: the model registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from controlplane.cli import render as render
+from controlplane.cli.base import Env, emit, json_option, pass_env
+from controlplane.cli.push import describe_part, push_requests
+from edgefleet.v1 import operator_pb2
+
+
+@click.group()
+def models() -> None:
+    """The model registry."""
+
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@models.command("push")
+@click.argument("name")
+@click.argument("version")
+@click.argument("model_file", metavar="MODEL.onnx", type=_FILE)
+@click.option("--sample-data", type=_FILE, help=".npz with one array per input (+ 'labels').")
+@click.option("--labels", type=_FILE, help="Text file, one class label per line.")
+@click.option("--description", default="", help="Free text.")
+@json_option
+@pass_env
+def models_push(
+    env: Env,
+    name: str,
+    version: str,
+    model_file: Path,
+    sample_data: Path | None,
+    labels: Path | None,
+    description: str,
+    as_json: bool,
+) -> None:
+    """Upload a new version of an ONNX model (versions are immutable)."""
+    parts = [describe_part(operator_pb2.MODEL_PART_MODEL, model_file)]
+    if sample_data is not None:
+        parts.append(describe_part(operator_pb2.MODEL_PART_SAMPLE_DATA, sample_data))
+    if labels is not None:
+        parts.append(describe_part(operator_pb2.MODEL_PART_LABELS, labels))
+    header = operator_pb2.PushModelHeader(model_name=name, version=version, description=description)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    with progress:
+        task = progress.add_task(f"push {name} {version}", total=sum(p.size_bytes for p in parts))
+        requests = push_requests(header, parts, on_chunk=lambda n: progress.advance(task, n))
+        pushed = env.stub.PushModel(requests)
+    emit(as_json, pushed, lambda: render.model_version_detail(pushed))
+
+
+@models.command("ls")
+@json_option
+@pass_env
+def models_ls(env: Env, as_json: bool) -> None:
+    """List models."""
+    resp = env.stub.ListModels(operator_pb2.ListModelsRequest())
+    emit(as_json, resp.models, lambda: render.models_table(resp.models))
+
+
+@models.command("show")
+@click.argument("name")
+@click.argument("version", required=False)
+@json_option
+@pass_env
+def models_show(env: Env, name: str, version: str | None, as_json: bool) -> None:
+    """Show a model and its versions, or one version's inputs and outputs."""
+    if version is None:
+        resp = env.stub.GetModel(operator_pb2.GetModelRequest(name=name))
+        emit(as_json, resp, lambda: render.model_detail(resp))
+        return
+    found = env.stub.GetModelVersion(
+        operator_pb2.GetModelVersionRequest(model_name=name, version=version)
+    )
+    emit(as_json, found, lambda: render.model_version_detail(found))

@@ -1,0 +1,98 @@
+"""`edgefleet tokens`: enrollment tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import click
+
+from controlplane.cli import render as render
+from controlplane.cli.base import (
+    Env,
+    call_by_id,
+    emit,
+    enum_option,
+    json_option,
+    label_option,
+    now,
+    parsed,
+    pass_env,
+)
+from controlplane.cli.convert import parse_duration
+from edgefleet.v1 import operator_pb2
+
+
+@click.group()
+def tokens() -> None:
+    """Enrollment tokens that devices use to join the fleet."""
+
+
+@tokens.command("create")
+@click.option("--name", required=True, help="What the token is for.")
+@enum_option(
+    "--policy",
+    wrapper=operator_pb2.EnrollmentPolicy,
+    help="auto-accept: devices get work at once; pending: an operator accepts each "
+    "(server default: auto-accept).",
+)
+@label_option("Label for enrolled devices; repeatable.")
+@click.option("--max-uses", type=click.IntRange(min=0), default=0, help="0: unlimited.")
+@click.option(
+    "--ttl",
+    callback=parsed(parse_duration),
+    help="Lifetime, e.g. 30m, 24h, 7d (server default: 24h).",
+)
+@json_option
+@pass_env
+def tokens_create(
+    env: Env,
+    name: str,
+    policy: operator_pb2.EnrollmentPolicy.ValueType | None,
+    labels: Sequence[tuple[str, str]],
+    max_uses: int,
+    ttl: timedelta | None,
+    as_json: bool,
+) -> None:
+    """Create an enrollment token; its secret is printed once."""
+    request = operator_pb2.CreateEnrollmentTokenRequest(
+        name=name,
+        policy=policy or operator_pb2.ENROLLMENT_POLICY_UNSPECIFIED,
+        labels=dict(labels),
+        max_uses=max_uses,
+    )
+    if ttl is not None:
+        request.ttl.FromTimedelta(ttl)
+    resp = env.stub.CreateEnrollmentToken(request)
+    emit(as_json, resp, lambda: render.token_created(resp))
+
+
+@tokens.command("ls")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
+@json_option
+@pass_env
+def tokens_ls(env: Env, include_revoked: bool, as_json: bool) -> None:
+    """List enrollment tokens."""
+    resp = env.stub.ListEnrollmentTokens(
+        operator_pb2.ListEnrollmentTokensRequest(include_revoked=include_revoked)
+    )
+    emit(as_json, resp.tokens, lambda: render.tokens_table(resp.tokens, now()))
+
+
+@tokens.command("revoke")
+@click.argument("token_id", metavar="ID")
+@pass_env
+def tokens_revoke(env: Env, token_id: str) -> None:
+    """Revoke an enrollment token (ID or a unique prefix of it)."""
+
+    def list_ids() -> list[str]:
+        request = operator_pb2.ListEnrollmentTokensRequest(include_revoked=True)
+        return [t.id for t in env.stub.ListEnrollmentTokens(request).tokens]
+
+    token = call_by_id(
+        token_id,
+        lambda i: env.stub.RevokeEnrollmentToken(operator_pb2.RevokeEnrollmentTokenRequest(id=i)),
+        list_ids,
+        "token",
+    )
+    click.echo(f"revoked token {token.name} ({token.id})")

@@ -64,7 +64,7 @@ def build_digits_classifier(out_dir: Path, *, hidden: int = 32, seed: int = 0) -
     x_train, x_test, y_train, y_test = train_test_split(
         x, digits.target, test_size=0.25, random_state=seed, stratify=digits.target
     )
-    clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed)
+    clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=1000, random_state=seed)
     clf.fit(x_train, y_train)
     accuracy = float(clf.score(x_test, y_test))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -98,8 +98,8 @@ def format_constraints(c: common_pb2.ConstraintProfile) -> str:
 
 
 # Columns whose cells may wrap onto several lines; the rest stay on one line
-# (ids must stay whole to be typed back).
-_WRAPPING = {"NAME", "LABELS", "CLASS", "CONSTRAINTS", "RULES", "DESCRIPTION", "INPUTS", "OUTPUTS"}
+# (ids must stay whole to be typed back, and names read badly when split).
+_WRAPPING = {"LABELS", "CONSTRAINTS", "RULES", "DESCRIPTION", "INPUTS", "OUTPUTS"}
 
 
 def _table(*headers: str) -> Table:
@@ -107,7 +107,12 @@ def _table(*headers: str) -> Table:
     table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold")
     for header in headers:
         wraps = header in _WRAPPING
-        table.add_column(header, no_wrap=not wraps, overflow="fold" if wraps else "ellipsis")
+        table.add_column(
+            header,
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+            min_width=12 if wraps else None,
+        )
     return table
 
 
@@ -185,9 +190,9 @@ def _class_cell(d: common_pb2.Device) -> str:
 
 
 def devices_table(devices: Sequence[common_pb2.Device], now: datetime) -> Table:
-    table = _table(
-        "ID", "NAME", "STATE", "CLASS", "LABELS", "ONLINE", "LAST SEEN", "ARCH", "MEMORY"
-    )
+    # Hardware (arch, memory) is in `devices show` and --json: at 80 columns
+    # there is no room for it beside the labels, which matter more here.
+    table = _table("ID", "NAME", "STATE", "CLASS", "LABELS", "ONLINE", "LAST SEEN")
     for d in devices:
         _add_row(
             table,
@@ -198,8 +203,6 @@ def devices_table(devices: Sequence[common_pb2.Device], now: datetime) -> Table:
             format_labels(d.labels) or NONE,
             Text("yes", style="green") if d.online else Text("no", style="dim"),
             format_ago(d.last_seen_at, now),
-            d.hardware.arch or NONE,
-            format_mb(d.hardware.memory_mb),
         )
     return table
 

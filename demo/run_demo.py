@@ -1,0 +1,280 @@
+"""The demo fleet: a control plane on embedded SQLite in a temp dir, five real
+agents with different device profiles, device classes that place them, an
+operator accepting a pending device, and a real model pushed to the registry.
+Every operator step goes through the real `edgefleet` CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.rule import Rule
+
+from demo.models import build_digits_classifier
+
+BIN = Path(sys.executable).parent
+console = Console()
+
+
+@dataclass(frozen=True)
+class DemoDevice:
+    name: str
+    labels: dict[str, str]
+    hardware: dict[str, Any] = field(default_factory=dict)
+    pending: bool = False
+
+
+DEVICES = [
+    DemoDevice(
+        "pi-kitchen",
+        {"tier": "canary"},
+        {"arch": "aarch64", "cpu_model": "Cortex-A72", "cpu_cores": 4, "memory_mb": 3884,
+         "board_model": "Raspberry Pi 4 Model B Rev 1.4", "accelerators": []},
+    ),
+    DemoDevice(
+        "pi-hallway",
+        {"tier": "stable"},
+        {"arch": "aarch64", "cpu_model": "Cortex-A76", "cpu_cores": 4, "memory_mb": 3950,
+         "board_model": "Raspberry Pi 5 Model B Rev 1.0", "accelerators": []},
+    ),
+    DemoDevice(
+        "jetson-dock",
+        {"tier": "stable"},
+        {"arch": "aarch64", "cpu_model": "ARMv8 Processor rev 1 (v8l)", "cpu_cores": 6,
+         "memory_mb": 7620, "board_model": "NVIDIA Jetson Orin Nano Developer Kit",
+         "accelerators": [{"kind": "jetson", "name": "Orin (nvgpu)", "memory_mb": 7620}]},
+    ),
+    # This machine as it is: nothing overridden.
+    DemoDevice("gateway-1", {"tier": "stable"}),
+    DemoDevice(
+        "field-unit-7",
+        {"tier": "stable"},
+        {"arch": "armv7l", "cpu_model": "ARMv7 Processor rev 4 (v7l)", "cpu_cores": 4,
+         "memory_mb": 922, "board_model": "Raspberry Pi 3 Model B Plus Rev 1.3",
+         "accelerators": []},
+        pending=True,
+    ),
+]  # fmt: skip
+
+CLASSES = [
+    ["pi-class", "--runtime", "tflite", "--quantization", "int8", "--max-size-mb", "4",
+     "--latency-budget-ms", "30", "--max-memory-mb", "256", "--min-accuracy-retention", "0.98",
+     "--description", "Raspberry Pi 4/5 class boards",
+     "--match", "arch == aarch64", "--match", "memory_mb < 4096"],
+    ["jetson", "--runtime", "tensorrt", "--accelerator", "jetson", "--quantization", "fp16",
+     "--latency-budget-ms", "5", "--max-memory-mb", "2048", "--priority", "10",
+     "--description", "NVIDIA Jetson modules", "--match", "accelerator == jetson"],
+    ["x86-gateway", "--runtime", "onnxruntime", "--quantization", "auto",
+     "--latency-budget-ms", "10", "--max-memory-mb", "1024",
+     "--description", "x86 gateways", "--match", "arch == x86_64"],
+]  # fmt: skip
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def agent_config(device: DemoDevice, server: str, token: str, state_dir: Path) -> str:
+    """A TOML agent config (see agent/packaging/agent.example.toml)."""
+    lines = [
+        f"server = {_toml(server)}",
+        f"enrollment_token = {_toml(token)}",
+        f"state_dir = {_toml(state_dir)}",
+        f"name = {_toml(device.name)}",
+        f"hardware_id = {_toml('demo-' + device.name)}",
+        "backoff_max_s = 5",
+        "[labels]",
+        *(f"{k} = {_toml(v)}" for k, v in device.labels.items()),
+    ]
+    if device.hardware:
+        lines.append("[hardware]")
+        hw = dict(device.hardware)
+        accelerators = hw.pop("accelerators", None)
+        lines += [f"{k} = {_toml(v)}" for k, v in hw.items()]
+        if accelerators == []:
+            lines.append("accelerators = []")
+        for acc in accelerators or []:
+            lines.append("[[hardware.accelerators]]")
+            lines += [f"{k} = {_toml(v)}" for k, v in acc.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Demo:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.server: subprocess.Popen[bytes] | None = None
+        self.agents: list[subprocess.Popen[bytes]] = []
+        self.env = dict(os.environ)
+
+    def step(self, title: str) -> None:
+        console.print(Rule(f"[bold]{title}"))
+
+    def cli(self, *args: str, capture: bool = False) -> str:
+        """Run `edgefleet ARGS`, echoing the command like a terminal session."""
+        shown = " ".join(a if " " not in a else repr(a) for a in args)
+        console.print(f"[dim]$[/] [bold cyan]edgefleet {shown}[/]")
+        result = subprocess.run(
+            [str(BIN / "edgefleet"), *args],
+            env=self.env,
+            stdout=subprocess.PIPE if capture else None,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"demo step failed: edgefleet {shown}")
+        return result.stdout or ""
+
+    def start_server(self) -> None:
+        self.step("Start a control plane (embedded SQLite)")
+        port_file = self.data_dir / "port"
+        log = open(self.data_dir / "server.log", "wb")  # noqa: SIM115 - the child owns it
+        self.server = subprocess.Popen(
+            [str(BIN / "edgefleet"), "server", "--data-dir", str(self.data_dir / "cp"),
+             "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+             "--heartbeat-interval", "5"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_for(port_file.exists, "the control plane to listen", self.server)
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        token = (self.data_dir / "cp" / "admin-token").read_text().strip()
+        self.env.update(EDGEFLEET_SERVER=address, EDGEFLEET_TOKEN=token)
+        console.print(f"control plane on [bold]{address}[/], data in {self.data_dir / 'cp'}")
+        console.print("bootstrap admin token written to cp/admin-token (mode 0600)")
+
+    def create_classes(self) -> None:
+        self.step("Device classes: constraint profiles and match rules")
+        for args in CLASSES:
+            self.cli("classes", "create", *args, capture=True)
+        self.cli("classes", "ls")
+
+    def start_agents(self) -> None:
+        self.step("Enrollment tokens, then five agents boot and register")
+        auto = json.loads(
+            self.cli("tokens", "create", "--name", "demo-fleet", "--label", "site=demo",
+                     "--max-uses", "10", "--json", capture=True)
+        )["secret"]  # fmt: skip
+        pending = json.loads(
+            self.cli("tokens", "create", "--name", "field-units", "--policy", "pending",
+                     "--json", capture=True)
+        )["secret"]  # fmt: skip
+        for device in DEVICES:
+            home = self.data_dir / "agents" / device.name
+            home.mkdir(parents=True, exist_ok=True)
+            config = home / "agent.toml"
+            token = pending if device.pending else auto
+            config.write_text(
+                agent_config(device, self.env["EDGEFLEET_SERVER"], token, home / "state")
+            )
+            log = open(home / "agent.log", "wb")  # noqa: SIM115 - the child owns it
+            self.agents.append(
+                subprocess.Popen(
+                    [str(BIN / "edgefleet-agent"), "--config", str(config)],
+                    stdout=log, stderr=subprocess.STDOUT,
+                )
+            )  # fmt: skip
+        console.print(f"started {len(self.agents)} edgefleet-agent processes")
+        wait_for(lambda: len(self.devices()) == len(DEVICES), "every agent to register")
+        wait_for(lambda: all(d.get("online") for d in self.devices()), "every agent to connect")
+        self.cli("devices", "ls")
+
+    def devices(self) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [str(BIN / "edgefleet"), "devices", "ls", "--json"],
+            env=self.env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return list(json.loads(out))
+
+    def accept_pending(self) -> None:
+        self.step("An operator accepts the pending device")
+        pending = [d for d in self.devices() if d["state"] == "DEVICE_STATE_PENDING"]
+        for device in pending:
+            self.cli("devices", "accept", device["id"])
+        self.cli("devices", "ls", "--unclassified")
+        jetson = next(d for d in self.devices() if d["name"] == "jetson-dock")
+        self.cli("devices", "show", jetson["id"])
+
+    def push_model(self) -> None:
+        self.step("Push a real model: an MLP trained on scikit-learn's digits")
+        built = build_digits_classifier(self.data_dir / "model")
+        console.print(f"trained; held-out accuracy {built.accuracy:.1%}")
+        self.cli("models", "push", "digits", "1.0.0", str(built.model),
+                 "--sample-data", str(built.sample_data), "--labels", str(built.labels),
+                 "--description", "8x8 digits classifier")  # fmt: skip
+        self.cli("models", "ls")
+
+    def stop(self) -> None:
+        for proc in [*self.agents, self.server]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.agents, self.server]:
+            if proc is not None:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def wait_for(
+    predicate: Callable[[], Any], what: str, proc: subprocess.Popen[bytes] | None = None,
+    timeout: float = 60.0,
+) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"gave up waiting for {what}: the process exited")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"gave up waiting for {what} after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: temp)")
+    parser.add_argument(
+        "--keep-running", action="store_true", help="leave the fleet running until Ctrl-C"
+    )
+    args = parser.parse_args(argv)
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    demo = Demo(data_dir)
+    try:
+        demo.start_server()
+        demo.create_classes()
+        demo.start_agents()
+        demo.accept_pending()
+        demo.push_model()
+        demo.step("Done")
+        console.print(
+            "Agents registered on boot, were placed in classes by rules, the pending one was "
+            "accepted, and a model version is in the registry."
+        )
+        if args.keep_running:
+            console.print(
+                f"Fleet running. In another shell:\n  export EDGEFLEET_SERVER="
+                f"{demo.env['EDGEFLEET_SERVER']} EDGEFLEET_TOKEN={demo.env['EDGEFLEET_TOKEN']}\n"
+                "  edgefleet devices ls\nCtrl-C stops it."
+            )
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        demo.stop()
+        if args.data_dir is None and not args.keep_running:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -633,3 +633,17 @@ async def test_bootstrap_admin_token_is_written_once_with_mode_0600(tmp_path: Pa
         assert path.read_text().strip() == token
     finally:
         await cp.stop()
+
+
+async def test_uploads_cut_off_by_a_crash_are_removed_on_start(tmp_path: Path) -> None:
+    leftover = tmp_path / "crash" / "blobs" / "tmp" / "upload-abc"
+    leftover.mkdir(parents=True)
+    (leftover / "model").write_bytes(b"half a model")
+    cp = await create_server(
+        ServerConfig(data_dir=tmp_path / "crash", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN)
+    )
+    try:
+        assert not leftover.exists()
+        assert (tmp_path / "crash" / "blobs" / "tmp").is_dir()
+    finally:
+        await cp.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -12,8 +13,12 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 class BlobStore:
     def __init__(self, root: Path) -> None:
+        """Open the store. Each control-plane process has its own data dir, so
+        whatever is left in tmp/ was an upload cut off by a crash: removed."""
         self.root = root
         self.tmp = root / "tmp"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:

@@ -4,11 +4,12 @@ become gRPC status codes. Servicers never call context.abort themselves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -104,6 +105,36 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> 
     raise AssertionError("unreachable")
 
 
+def _code_of(exc: BaseException | None, context: Any) -> grpc.StatusCode:
+    if exc is None:
+        return grpc.StatusCode.OK
+    if isinstance(exc, DomainError):
+        return STATUS_OF.get(type(exc), grpc.StatusCode.UNKNOWN)
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
+
+
+@contextlib.asynccontextmanager
+async def _guarded(handlers: Handlers, method: str, context: Any) -> AsyncIterator[None]:
+    """Time the RPC and turn what it raises into its status."""
+    started = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:
+        error = exc
+        if isinstance(exc, DomainError) or not _is_abort(exc):
+            await _fail(context, exc)
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        handlers.metrics.observe(method, _code_of(error, context), time.perf_counter() - started)
+
+
 def rpc(auth_kind: Auth) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a servicer method `(self, request, context, principal)`:
     authenticate, time, and map errors. Works for unary and streaming
@@ -112,58 +143,22 @@ def rpc(auth_kind: Auth) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         method = fn.__name__
 
-        def code_of(exc: BaseException | None, context: Any) -> grpc.StatusCode:
-            if exc is None:
-                return grpc.StatusCode.OK
-            if isinstance(exc, DomainError):
-                return STATUS_OF.get(type(exc), grpc.StatusCode.UNKNOWN)
-            if isinstance(exc, asyncio.CancelledError):
-                return grpc.StatusCode.CANCELLED
-            code = context.code()
-            return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
-
         if inspect.isasyncgenfunction(fn):
 
             @functools.wraps(fn)
             async def stream_wrapper(self: Handlers, request: Any, context: Any) -> Any:
-                started = time.perf_counter()
-                error: BaseException | None = None
-                try:
+                async with _guarded(self, method, context):
                     principal = await self.authenticate(auth_kind, context)
                     async for item in fn(self, request, context, principal):
                         yield item
-                except Exception as exc:
-                    error = exc
-                    if isinstance(exc, DomainError) or not _is_abort(exc):
-                        await _fail(context, exc)
-                    raise
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self.metrics.observe(
-                        method, code_of(error, context), time.perf_counter() - started
-                    )
 
             return stream_wrapper
 
         @functools.wraps(fn)
         async def wrapper(self: Handlers, request: Any, context: Any) -> Any:
-            started = time.perf_counter()
-            error: BaseException | None = None
-            try:
+            async with _guarded(self, method, context):
                 principal = await self.authenticate(auth_kind, context)
                 return await fn(self, request, context, principal)
-            except Exception as exc:
-                error = exc
-                if isinstance(exc, DomainError) or not _is_abort(exc):
-                    await _fail(context, exc)
-                raise
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self.metrics.observe(method, code_of(error, context), time.perf_counter() - started)
 
         return wrapper
 

@@ -19,6 +19,7 @@ from controlplane.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from controlplane.services import audit
 from controlplane.services.devices import (
@@ -138,7 +139,9 @@ class EnrollmentService:
                 return self._enroll_once(token, hardware_id, name, labels, hardware, runtime)
             except IntegrityError:
                 continue
-        raise InvalidArgument(f"could not enroll hardware id {hardware_id!r}; try again")
+        raise Unavailable(
+            f"could not enroll hardware id {hardware_id!r} (concurrent enrollments); retry"
+        )
 
     def _check_token(self, row: EnrollmentTokenRow | None, token: str) -> EnrollmentTokenRow:
         if row is None or not secrets.matches(token, row.secret_hash):

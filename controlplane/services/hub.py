@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 
 from controlplane.db.models import utcnow
@@ -22,7 +23,8 @@ class DeviceSession:
     # Set when the stream must end: why, and the error that ends it.
     closed_reason: str = ""
     closed_error: type[DomainError] = FailedPrecondition
-    last_seen: dt.datetime = field(default_factory=utcnow)
+    # Epoch seconds: a float is cheaper than a datetime on the per-message path.
+    last_seen: float = field(default_factory=time.time)
 
 
 class SyncHub:
@@ -46,11 +48,11 @@ class SyncHub:
         if self._sessions.get(session.device_id) is session:
             del self._sessions[session.device_id]
             self._dirty.add(session.device_id)
-            session.last_seen = utcnow()
+            session.last_seen = time.time()
 
     def seen(self, session: DeviceSession) -> None:
         """Hot path: called for every message from the device."""
-        session.last_seen = utcnow()
+        session.last_seen = time.time()
         self._dirty.add(session.device_id)
 
     def is_connected(self, device_id: str) -> bool:
@@ -62,9 +64,12 @@ class SyncHub:
     def take_seen(self) -> dict[str, dt.datetime]:
         """Last-seen times changed since the previous call (for a batched write)."""
         seen: dict[str, dt.datetime] = {}
+        now = utcnow()
         for device_id in self._dirty:
             session = self._sessions.get(device_id)
-            seen[device_id] = session.last_seen if session else utcnow()
+            seen[device_id] = (
+                dt.datetime.fromtimestamp(session.last_seen, dt.UTC) if session else now
+            )
         self._dirty.clear()
         return seen
 

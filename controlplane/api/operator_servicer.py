@@ -269,6 +269,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     RunBuild = unimplemented("operator", "RunBuild", 3)
     ListBuilds = unimplemented("operator", "ListBuilds", 3)
     GetBuild = unimplemented("operator", "GetBuild", 3)
+    ListArtifacts = unimplemented("operator", "ListArtifacts", 3)
+    GetArtifact = unimplemented("operator", "GetArtifact", 3)
     CreateRollout = unimplemented("operator", "CreateRollout", 5)
     ListRollouts = unimplemented("operator", "ListRollouts", 5)
     GetRollout = unimplemented("operator", "GetRollout", 5)

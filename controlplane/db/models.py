@@ -14,11 +14,13 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -111,6 +113,9 @@ class DeviceClassRow(Base):
     quantization: Mapped[str] = mapped_column(String(8))
     accelerator: Mapped[str] = mapped_column(String(32), default="")
     min_accuracy_retention: Mapped[float | None] = mapped_column(Float)
+    threads: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    speed_factor: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    microcontroller: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     match_rules: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -199,3 +204,79 @@ class AuditRow(Base):
     action: Mapped[str] = mapped_column(String(100), index=True)
     target: Mapped[str] = mapped_column(String(200), index=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class BlobChunkRow(Base):
+    """Blob bytes in SQL, so every control-plane replica can serve every blob.
+    Written in the same transaction as the rows that refer to the blob."""
+
+    __tablename__ = "blob_chunks"
+
+    digest: Mapped[str] = mapped_column(
+        ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class SigningKeyRow(Base):
+    """The control plane's ed25519 manifest-signing keys. Stored in SQL so all
+    replicas sign with the same key: database access implies key access."""
+
+    __tablename__ = "signing_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    private_key: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    retired_at: Mapped[dt.datetime | None]
+
+
+class BuildRow(Base):
+    __tablename__ = "builds"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    class_id: Mapped[str | None] = mapped_column(
+        ForeignKey("device_classes.id", ondelete="SET NULL"), index=True
+    )
+    # Kept when the class is deleted; the build's target profile as built.
+    class_name: Mapped[str] = mapped_column(String(100))
+    target: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # queued | running | succeeded | failed
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    log: Mapped[str] = mapped_column(Text, default="")
+    candidates: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    artifact_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"))
+    error: Mapped[str] = mapped_column(Text, default="")
+    # sha256 of model bytes + target profile + toolchain versions.
+    dedup_key: Mapped[str] = mapped_column(String(64), index=True)
+    reused_from: Mapped[str | None] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Which replica runs it, until when; an expired lease means the runner died.
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+
+
+class ArtifactRow(Base):
+    __tablename__ = "artifacts"
+
+    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), primary_key=True)
+    media_type: Mapped[str] = mapped_column(String(100))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # The serialized ArtifactManifest exactly as signed, and its signature.
+    manifest: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    key_id: Mapped[str] = mapped_column(ForeignKey("signing_keys.id"))
+    build_id: Mapped[str] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    class_name: Mapped[str] = mapped_column(String(100), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -274,6 +274,9 @@ class ConstraintProfile(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     ACCELERATOR_FIELD_NUMBER: _builtins.int
     MIN_ACCURACY_RETENTION_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
+    SPEED_FACTOR_FIELD_NUMBER: _builtins.int
+    MICROCONTROLLER_FIELD_NUMBER: _builtins.int
     max_model_size_mb: _builtins.float
     latency_budget_p95_ms: _builtins.float
     max_memory_mb: _builtins.float
@@ -283,6 +286,16 @@ class ConstraintProfile(_message.Message):
     """Accelerator kind a device must have ("nvidia-gpu", "jetson"); empty: none."""
     min_accuracy_retention: _builtins.float
     """Fraction (0..1] of the fp32 model's accuracy an artifact must keep."""
+    threads: _builtins.int
+    """Inference threads on the devices; builds measure latency with this many.
+    Absent: 1.
+    """
+    speed_factor: _builtins.float
+    """Device latency = build-host latency x speed_factor. Absent: 1 (until
+    calibrated from device telemetry).
+    """
+    microcontroller: _builtins.bool
+    """Microcontroller class: also emit the int8 model as a C array for TFLite Micro."""
     def __init__(
         self,
         *,
@@ -293,10 +306,13 @@ class ConstraintProfile(_message.Message):
         quantization: Global___Quantization.ValueType = ...,
         accelerator: _builtins.str = ...,
         min_accuracy_retention: _builtins.float | None = ...,
+        threads: _builtins.int | None = ...,
+        speed_factor: _builtins.float | None = ...,
+        microcontroller: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_min_accuracy_retention", b"_min_accuracy_retention", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "min_accuracy_retention", b"min_accuracy_retention"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "min_accuracy_retention", b"min_accuracy_retention", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_min_accuracy_retention", b"_min_accuracy_retention", "accelerator", b"accelerator", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "accelerator", b"accelerator", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__latency_budget_p95_ms: _TypeAlias = _typing.Literal["latency_budget_p95_ms"]  # noqa: Y015
     _WhichOneofArgType__latency_budget_p95_ms: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms"]  # noqa: Y015
@@ -306,6 +322,10 @@ class ConstraintProfile(_message.Message):
     _WhichOneofArgType__max_model_size_mb: _TypeAlias = _typing.Literal["_max_model_size_mb", b"_max_model_size_mb"]  # noqa: Y015
     _WhichOneofReturnType__min_accuracy_retention: _TypeAlias = _typing.Literal["min_accuracy_retention"]  # noqa: Y015
     _WhichOneofArgType__min_accuracy_retention: _TypeAlias = _typing.Literal["_min_accuracy_retention", b"_min_accuracy_retention"]  # noqa: Y015
+    _WhichOneofReturnType__speed_factor: _TypeAlias = _typing.Literal["speed_factor"]  # noqa: Y015
+    _WhichOneofArgType__speed_factor: _TypeAlias = _typing.Literal["_speed_factor", b"_speed_factor"]  # noqa: Y015
+    _WhichOneofReturnType__threads: _TypeAlias = _typing.Literal["threads"]  # noqa: Y015
+    _WhichOneofArgType__threads: _TypeAlias = _typing.Literal["_threads", b"_threads"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_budget_p95_ms) -> _WhichOneofReturnType__latency_budget_p95_ms | None: ...
     @_typing.overload
@@ -314,6 +334,10 @@ class ConstraintProfile(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_model_size_mb) -> _WhichOneofReturnType__max_model_size_mb | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_accuracy_retention) -> _WhichOneofReturnType__min_accuracy_retention | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__speed_factor) -> _WhichOneofReturnType__speed_factor | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__threads) -> _WhichOneofReturnType__threads | None: ...
 
 Global___ConstraintProfile: _TypeAlias = ConstraintProfile  # noqa: Y015
 
@@ -715,3 +739,288 @@ class Model(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class TensorData(_message.Message):
+    """A tensor's values, row-major, little-endian."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    dtype: _builtins.str
+    data: _builtins.bytes
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorData: _TypeAlias = TensorData  # noqa: Y015
+
+@_typing.final
+class GoldenSample(_message.Message):
+    """Inputs and the outputs the artifact must reproduce (within the manifest's
+    tolerances) when a device validates it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUTS_FIELD_NUMBER: _builtins.int
+    EXPECTED_OUTPUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorData]: ...
+    @_builtins.property
+    def expected_outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorData]: ...
+    def __init__(
+        self,
+        *,
+        inputs: _abc.Iterable[Global___TensorData] | None = ...,
+        expected_outputs: _abc.Iterable[Global___TensorData] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_outputs", b"expected_outputs", "inputs", b"inputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoldenSample: _TypeAlias = GoldenSample  # noqa: Y015
+
+@_typing.final
+class TensorRTBuildSpec(_message.Message):
+    """How a device builds a TensorRT engine from the artifact's ONNX."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ShapeRange(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        INPUT_FIELD_NUMBER: _builtins.int
+        MIN_FIELD_NUMBER: _builtins.int
+        OPT_FIELD_NUMBER: _builtins.int
+        MAX_FIELD_NUMBER: _builtins.int
+        input: _builtins.str
+        @_builtins.property
+        def min(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+        @_builtins.property
+        def opt(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+        @_builtins.property
+        def max(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+        def __init__(
+            self,
+            *,
+            input: _builtins.str = ...,
+            min: _abc.Iterable[_builtins.int] | None = ...,
+            opt: _abc.Iterable[_builtins.int] | None = ...,
+            max: _abc.Iterable[_builtins.int] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "max", b"max", "min", b"min", "opt", b"opt"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PRECISION_FIELD_NUMBER: _builtins.int
+    WORKSPACE_MB_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    precision: _builtins.str
+    """"fp16" or "int8" (QDQ in the ONNX)."""
+    workspace_mb: _builtins.int
+    @_builtins.property
+    def profile(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorRTBuildSpec.ShapeRange]: ...
+    def __init__(
+        self,
+        *,
+        precision: _builtins.str = ...,
+        workspace_mb: _builtins.int = ...,
+        profile: _abc.Iterable[Global___TensorRTBuildSpec.ShapeRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["precision", b"precision", "profile", b"profile", "workspace_mb", b"workspace_mb"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorRTBuildSpec: _TypeAlias = TensorRTBuildSpec  # noqa: Y015
+
+@_typing.final
+class ArtifactManifest(_message.Message):
+    """What an artifact is. Serialized and signed by the control plane (ed25519);
+    agents verify it against the keys they pinned at enrollment.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MinRuntimeVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FORMAT_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CLASS_NAME_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    GOLDEN_FIELD_NUMBER: _builtins.int
+    ATOL_FIELD_NUMBER: _builtins.int
+    RTOL_FIELD_NUMBER: _builtins.int
+    MIN_AGREEMENT_FIELD_NUMBER: _builtins.int
+    MIN_RUNTIME_VERSIONS_FIELD_NUMBER: _builtins.int
+    TENSORRT_FIELD_NUMBER: _builtins.int
+    BUILD_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    COMPANION_SHA256_FIELD_NUMBER: _builtins.int
+    format_version: _builtins.int
+    model_name: _builtins.str
+    model_version: _builtins.str
+    class_name: _builtins.str
+    runtime: Global___Runtime.ValueType
+    precision: Global___Quantization.ValueType
+    candidate: _builtins.str
+    """Ladder rung the artifact came from, e.g. "int8-static-qdq"."""
+    sha256: _builtins.str
+    size_bytes: _builtins.int
+    media_type: _builtins.str
+    """"application/onnx", "application/vnd.tflite", "text/x-c"."""
+    atol: _builtins.float
+    rtol: _builtins.float
+    min_agreement: _builtins.float
+    """Minimum argmax agreement with the golden outputs, 0..1."""
+    build_id: _builtins.str
+    companion_sha256: _builtins.str
+    """Digest of a companion artifact (the TFLite Micro C source), if any."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    @_builtins.property
+    def golden(self) -> _containers.RepeatedCompositeFieldContainer[Global___GoldenSample]: ...
+    @_builtins.property
+    def min_runtime_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Runtime name -> minimum version, e.g. {"onnxruntime": "1.17"}."""
+
+    @_builtins.property
+    def tensorrt(self) -> Global___TensorRTBuildSpec: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        format_version: _builtins.int = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        class_name: _builtins.str = ...,
+        runtime: Global___Runtime.ValueType = ...,
+        precision: Global___Quantization.ValueType = ...,
+        candidate: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        media_type: _builtins.str = ...,
+        inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
+        outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
+        golden: _abc.Iterable[Global___GoldenSample] | None = ...,
+        atol: _builtins.float = ...,
+        rtol: _builtins.float = ...,
+        min_agreement: _builtins.float = ...,
+        min_runtime_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tensorrt: Global___TensorRTBuildSpec | None = ...,
+        build_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        companion_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "tensorrt", b"tensorrt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "build_id", b"build_id", "candidate", b"candidate", "class_name", b"class_name", "companion_sha256", b"companion_sha256", "created_at", b"created_at", "format_version", b"format_version", "golden", b"golden", "inputs", b"inputs", "media_type", b"media_type", "min_agreement", b"min_agreement", "min_runtime_versions", b"min_runtime_versions", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "precision", b"precision", "rtol", b"rtol", "runtime", b"runtime", "sha256", b"sha256", "size_bytes", b"size_bytes", "tensorrt", b"tensorrt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactManifest: _TypeAlias = ArtifactManifest  # noqa: Y015
+
+@_typing.final
+class SignedManifest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    manifest: _builtins.bytes
+    """A serialized ArtifactManifest, exactly the bytes that were signed."""
+    signature: _builtins.bytes
+    key_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        manifest: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "manifest", b"manifest", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedManifest: _TypeAlias = SignedManifest  # noqa: Y015
+
+@_typing.final
+class SigningKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    public_key: _builtins.bytes
+    """Raw 32-byte ed25519 public key."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key_id", b"key_id", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SigningKey: _TypeAlias = SigningKey  # noqa: Y015

@@ -26,7 +26,7 @@ from edgefleet.v1 import common_pb2 as edgefleet_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/device.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x02\n\rEnrollRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x13\n\x0bhardware_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.edgefleet.v1.EnrollRequest.LabelsEntry\x12/\n\x08hardware\x18\x05 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x31\n\x07runtime\x18\x06 \x01(\x0b\x32 .edgefleet.v1.RuntimeFingerprint\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"h\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x64\x65vice_credential\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.edgefleet.v1.DeviceState\"\x98\x01\n\x0c\x41gentMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.edgefleet.v1.HelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.HeartbeatH\x00\x12,\n\x06status\x18\x03 \x01(\x0b\x32\x1a.edgefleet.v1.StatusReportH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x05Hello\x12/\n\x08hardware\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x31\n\x07runtime\x18\x02 \x01(\x0b\x32 .edgefleet.v1.RuntimeFingerprint\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x04\x12*\n\x06update\x18\x04 \x01(\x0b\x32\x1a.edgefleet.v1.UpdateStatus\"E\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x0cStatusReport\x12\x18\n\x10\x61pplied_revision\x18\x01 \x01(\x04\x12*\n\x06update\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.UpdateStatus\"|\n\x0e\x43ontrolMessage\x12-\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x1a.edgefleet.v1.DesiredStateH\x00\x12\x33\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.HeartbeatAckH\x00\x42\x06\n\x04kind\"L\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x02\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12/\n\x0c\x64\x65vice_state\x18\x02 \x01(\x0e\x32\x19.edgefleet.v1.DeviceState\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.edgefleet.v1.DesiredState.LabelsEntry\x12)\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x19.edgefleet.v1.AgentConfig\x12,\n\nassignment\x18\x06 \x01(\x0b\x32\x18.edgefleet.v1.Assignment\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0b\x41gentConfig\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\r\x12\x1c\n\x14telemetry_interval_s\x18\x02 \x01(\r\"\xf3\x01\n\nAssignment\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x15\n\rartifact_size\x18\x05 \x01(\x04\x12&\n\x07runtime\x18\x06 \x01(\x0e\x32\x15.edgefleet.v1.Runtime\x12\x10\n\x08manifest\x18\x07 \x01(\x0c\x12\x1a\n\x12manifest_signature\x18\x08 \x01(\x0c\x12\x10\n\x08sequence\x18\t \x01(\x04\x12\x0e\n\x06shadow\x18\n \x01(\x08\"M\n\x17\x44ownloadArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\x8d\x02\n\x0fTelemetrySample\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rrequest_count\x18\x05 \x01(\x04\x12\x13\n\x0b\x65rror_count\x18\x06 \x01(\x04\x12\x16\n\x0elatency_p50_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x11\n\tmemory_mb\x18\n \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x0b \x01(\x01\"H\n\x16UploadTelemetryRequest\x12.\n\x07samples\x18\x01 \x03(\x0b\x32\x1d.edgefleet.v1.TelemetrySample\",\n\x17UploadTelemetryResponse\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x32\xd4\x02\n\rDeviceService\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12\x44\n\x04Sync\x12\x1a.edgefleet.v1.AgentMessage\x1a\x1c.edgefleet.v1.ControlMessage(\x01\x30\x01\x12X\n\x10\x44ownloadArtifact\x12%.edgefleet.v1.DownloadArtifactRequest\x1a\x1b.edgefleet.v1.ArtifactChunk0\x01\x12^\n\x0fUploadTelemetry\x12$.edgefleet.v1.UploadTelemetryRequest\x1a%.edgefleet.v1.UploadTelemetryResponseB`\n\x0fio.edgefleet.v1B\x0b\x44\x65viceProtoP\x01Z>github.com/edgefleet/edgefleet/gen/go/edgefleet/v1;edgefleetv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/device.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x02\n\rEnrollRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x13\n\x0bhardware_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.edgefleet.v1.EnrollRequest.LabelsEntry\x12/\n\x08hardware\x18\x05 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x31\n\x07runtime\x18\x06 \x01(\x0b\x32 .edgefleet.v1.RuntimeFingerprint\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x64\x65vice_credential\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.edgefleet.v1.DeviceState\x12.\n\x0csigning_keys\x18\x04 \x03(\x0b\x32\x18.edgefleet.v1.SigningKey\"\x98\x01\n\x0c\x41gentMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.edgefleet.v1.HelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.HeartbeatH\x00\x12,\n\x06status\x18\x03 \x01(\x0b\x32\x1a.edgefleet.v1.StatusReportH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x05Hello\x12/\n\x08hardware\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x31\n\x07runtime\x18\x02 \x01(\x0b\x32 .edgefleet.v1.RuntimeFingerprint\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x04\x12*\n\x06update\x18\x04 \x01(\x0b\x32\x1a.edgefleet.v1.UpdateStatus\"E\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x0cStatusReport\x12\x18\n\x10\x61pplied_revision\x18\x01 \x01(\x04\x12*\n\x06update\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.UpdateStatus\"|\n\x0e\x43ontrolMessage\x12-\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x1a.edgefleet.v1.DesiredStateH\x00\x12\x33\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.HeartbeatAckH\x00\x42\x06\n\x04kind\"L\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x02\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12/\n\x0c\x64\x65vice_state\x18\x02 \x01(\x0e\x32\x19.edgefleet.v1.DeviceState\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.edgefleet.v1.DesiredState.LabelsEntry\x12)\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x19.edgefleet.v1.AgentConfig\x12,\n\nassignment\x18\x06 \x01(\x0b\x32\x18.edgefleet.v1.Assignment\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0b\x41gentConfig\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\r\x12\x1c\n\x14telemetry_interval_s\x18\x02 \x01(\r\"\xf3\x01\n\nAssignment\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x15\n\rartifact_size\x18\x05 \x01(\x04\x12&\n\x07runtime\x18\x06 \x01(\x0e\x32\x15.edgefleet.v1.Runtime\x12\x10\n\x08manifest\x18\x07 \x01(\x0c\x12\x1a\n\x12manifest_signature\x18\x08 \x01(\x0c\x12\x10\n\x08sequence\x18\t \x01(\x04\x12\x0e\n\x06shadow\x18\n \x01(\x08\"M\n\x17\x44ownloadArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\x8d\x02\n\x0fTelemetrySample\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rrequest_count\x18\x05 \x01(\x04\x12\x13\n\x0b\x65rror_count\x18\x06 \x01(\x04\x12\x16\n\x0elatency_p50_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x11\n\tmemory_mb\x18\n \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x0b \x01(\x01\"H\n\x16UploadTelemetryRequest\x12.\n\x07samples\x18\x01 \x03(\x0b\x32\x1d.edgefleet.v1.TelemetrySample\",\n\x17UploadTelemetryResponse\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x32\xd4\x02\n\rDeviceService\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12\x44\n\x04Sync\x12\x1a.edgefleet.v1.AgentMessage\x1a\x1c.edgefleet.v1.ControlMessage(\x01\x30\x01\x12X\n\x10\x44ownloadArtifact\x12%.edgefleet.v1.DownloadArtifactRequest\x1a\x1b.edgefleet.v1.ArtifactChunk0\x01\x12^\n\x0fUploadTelemetry\x12$.edgefleet.v1.UploadTelemetryRequest\x1a%.edgefleet.v1.UploadTelemetryResponseB`\n\x0fio.edgefleet.v1B\x0b\x44\x65viceProtoP\x01Z>github.com/edgefleet/edgefleet/gen/go/edgefleet/v1;edgefleetv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,38 +42,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST']._serialized_end=384
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_start=339
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_end=384
-  _globals['_ENROLLRESPONSE']._serialized_start=386
-  _globals['_ENROLLRESPONSE']._serialized_end=490
-  _globals['_AGENTMESSAGE']._serialized_start=493
-  _globals['_AGENTMESSAGE']._serialized_end=645
-  _globals['_HELLO']._serialized_start=648
-  _globals['_HELLO']._serialized_end=825
-  _globals['_HEARTBEAT']._serialized_start=827
-  _globals['_HEARTBEAT']._serialized_end=896
-  _globals['_STATUSREPORT']._serialized_start=898
-  _globals['_STATUSREPORT']._serialized_end=982
-  _globals['_CONTROLMESSAGE']._serialized_start=984
-  _globals['_CONTROLMESSAGE']._serialized_end=1108
-  _globals['_HEARTBEATACK']._serialized_start=1110
-  _globals['_HEARTBEATACK']._serialized_end=1186
-  _globals['_DESIREDSTATE']._serialized_start=1189
-  _globals['_DESIREDSTATE']._serialized_end=1482
+  _globals['_ENROLLRESPONSE']._serialized_start=387
+  _globals['_ENROLLRESPONSE']._serialized_end=539
+  _globals['_AGENTMESSAGE']._serialized_start=542
+  _globals['_AGENTMESSAGE']._serialized_end=694
+  _globals['_HELLO']._serialized_start=697
+  _globals['_HELLO']._serialized_end=874
+  _globals['_HEARTBEAT']._serialized_start=876
+  _globals['_HEARTBEAT']._serialized_end=945
+  _globals['_STATUSREPORT']._serialized_start=947
+  _globals['_STATUSREPORT']._serialized_end=1031
+  _globals['_CONTROLMESSAGE']._serialized_start=1033
+  _globals['_CONTROLMESSAGE']._serialized_end=1157
+  _globals['_HEARTBEATACK']._serialized_start=1159
+  _globals['_HEARTBEATACK']._serialized_end=1235
+  _globals['_DESIREDSTATE']._serialized_start=1238
+  _globals['_DESIREDSTATE']._serialized_end=1531
   _globals['_DESIREDSTATE_LABELSENTRY']._serialized_start=339
   _globals['_DESIREDSTATE_LABELSENTRY']._serialized_end=384
-  _globals['_AGENTCONFIG']._serialized_start=1484
-  _globals['_AGENTCONFIG']._serialized_end=1557
-  _globals['_ASSIGNMENT']._serialized_start=1560
-  _globals['_ASSIGNMENT']._serialized_end=1803
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1805
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1882
-  _globals['_ARTIFACTCHUNK']._serialized_start=1884
-  _globals['_ARTIFACTCHUNK']._serialized_end=1949
-  _globals['_TELEMETRYSAMPLE']._serialized_start=1952
-  _globals['_TELEMETRYSAMPLE']._serialized_end=2221
-  _globals['_UPLOADTELEMETRYREQUEST']._serialized_start=2223
-  _globals['_UPLOADTELEMETRYREQUEST']._serialized_end=2295
-  _globals['_UPLOADTELEMETRYRESPONSE']._serialized_start=2297
-  _globals['_UPLOADTELEMETRYRESPONSE']._serialized_end=2341
-  _globals['_DEVICESERVICE']._serialized_start=2344
-  _globals['_DEVICESERVICE']._serialized_end=2684
+  _globals['_AGENTCONFIG']._serialized_start=1533
+  _globals['_AGENTCONFIG']._serialized_end=1606
+  _globals['_ASSIGNMENT']._serialized_start=1609
+  _globals['_ASSIGNMENT']._serialized_end=1852
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1854
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1931
+  _globals['_ARTIFACTCHUNK']._serialized_start=1933
+  _globals['_ARTIFACTCHUNK']._serialized_end=1998
+  _globals['_TELEMETRYSAMPLE']._serialized_start=2001
+  _globals['_TELEMETRYSAMPLE']._serialized_end=2270
+  _globals['_UPLOADTELEMETRYREQUEST']._serialized_start=2272
+  _globals['_UPLOADTELEMETRYREQUEST']._serialized_end=2344
+  _globals['_UPLOADTELEMETRYRESPONSE']._serialized_start=2346
+  _globals['_UPLOADTELEMETRYRESPONSE']._serialized_end=2390
+  _globals['_DEVICESERVICE']._serialized_start=2393
+  _globals['_DEVICESERVICE']._serialized_end=2733
 # @@protoc_insertion_point(module_scope)

@@ -91,20 +91,26 @@ class EnrollResponse(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     DEVICE_CREDENTIAL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    SIGNING_KEYS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     device_credential: _builtins.str
     """Secret shown once; the control plane stores only its hash."""
     state: _common_pb2.DeviceState.ValueType
+    @_builtins.property
+    def signing_keys(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SigningKey]:
+        """The control plane's manifest-signing keys; the agent pins them."""
+
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         device_credential: _builtins.str = ...,
         state: _common_pb2.DeviceState.ValueType = ...,
+        signing_keys: _abc.Iterable[_common_pb2.SigningKey] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_credential", b"device_credential", "device_id", b"device_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_credential", b"device_credential", "device_id", b"device_id", "signing_keys", b"signing_keys", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

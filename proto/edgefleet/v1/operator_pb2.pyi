@@ -1196,6 +1196,9 @@ class BuildCandidate(_message.Message):
     REASONS_FIELD_NUMBER: _builtins.int
     CHOSEN_FIELD_NUMBER: _builtins.int
     ARTIFACT_DIGEST_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"fp32-opt", "fp16", "int8-dynamic", "int8-static-qdq", "tflite-int8", ..."""
     quantization: _common_pb2.Quantization.ValueType
@@ -1210,6 +1213,10 @@ class BuildCandidate(_message.Message):
     passed: _builtins.bool
     chosen: _builtins.bool
     artifact_digest: _builtins.str
+    latency_p50_ms: _builtins.float
+    runtime: _common_pb2.Runtime.ValueType
+    error: _builtins.str
+    """Set when the candidate could not be built or run at all."""
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Each constraint missed, and by how much."""
@@ -1229,10 +1236,13 @@ class BuildCandidate(_message.Message):
         reasons: _abc.Iterable[_builtins.str] | None = ...,
         chosen: _builtins.bool = ...,
         artifact_digest: _builtins.str = ...,
+        latency_p50_ms: _builtins.float = ...,
+        runtime: _common_pb2.Runtime.ValueType = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "accuracy", b"accuracy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "accuracy", b"accuracy", "agreement", b"agreement", "artifact_digest", b"artifact_digest", "chosen", b"chosen", "latency_p95_ms", b"latency_p95_ms", "max_abs_diff", b"max_abs_diff", "name", b"name", "passed", b"passed", "peak_memory_mb", b"peak_memory_mb", "quantization", b"quantization", "reasons", b"reasons", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "accuracy", b"accuracy", "agreement", b"agreement", "artifact_digest", b"artifact_digest", "chosen", b"chosen", "error", b"error", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "max_abs_diff", b"max_abs_diff", "name", b"name", "passed", b"passed", "peak_memory_mb", b"peak_memory_mb", "quantization", b"quantization", "reasons", b"reasons", "runtime", b"runtime", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__accuracy: _TypeAlias = _typing.Literal["accuracy"]  # noqa: Y015
     _WhichOneofArgType__accuracy: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy"]  # noqa: Y015
@@ -1258,6 +1268,9 @@ class Build(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    DEDUP_KEY_FIELD_NUMBER: _builtins.int
+    REUSED_FROM_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -1270,6 +1283,12 @@ class Build(_message.Message):
     artifact_size: _builtins.int
     error: _builtins.str
     log: _builtins.str
+    dedup_key: _builtins.str
+    """Same model bytes, class profile and toolchain as an earlier build."""
+    reused_from: _builtins.str
+    """This build reused the result of the build with this id."""
+    duration_s: _builtins.float
+    """Seconds the build took (0 for a reused result)."""
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___BuildCandidate]: ...
     @_builtins.property
@@ -1295,10 +1314,13 @@ class Build(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        dedup_key: _builtins.str = ...,
+        reused_from: _builtins.str = ...,
+        duration_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "candidates", b"candidates", "class_name", b"class_name", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "log", b"log", "model_name", b"model_name", "model_version", b"model_version", "progress", b"progress", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "candidates", b"candidates", "class_name", b"class_name", "created_at", b"created_at", "dedup_key", b"dedup_key", "duration_s", b"duration_s", "error", b"error", "finished_at", b"finished_at", "id", b"id", "log", b"log", "model_name", b"model_name", "model_version", b"model_version", "progress", b"progress", "reused_from", b"reused_from", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1420,6 +1442,110 @@ class GetBuildRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBuildRequest: _TypeAlias = GetBuildRequest  # noqa: Y015
+
+@_typing.final
+class Artifact(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    SIGNED_MANIFEST_FIELD_NUMBER: _builtins.int
+    BUILD_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    size_bytes: _builtins.int
+    media_type: _builtins.str
+    build_id: _builtins.str
+    @_builtins.property
+    def manifest(self) -> _common_pb2.ArtifactManifest: ...
+    @_builtins.property
+    def signed_manifest(self) -> _common_pb2.SignedManifest: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        media_type: _builtins.str = ...,
+        manifest: _common_pb2.ArtifactManifest | None = ...,
+        signed_manifest: _common_pb2.SignedManifest | None = ...,
+        build_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "manifest", b"manifest", "signed_manifest", b"signed_manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "created_at", b"created_at", "digest", b"digest", "manifest", b"manifest", "media_type", b"media_type", "signed_manifest", b"signed_manifest", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Artifact: _TypeAlias = Artifact  # noqa: Y015
+
+@_typing.final
+class ListArtifactsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CLASS_NAME_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    model_version: _builtins.str
+    class_name: _builtins.str
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        class_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_name", b"class_name", "model_name", b"model_name", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListArtifactsRequest: _TypeAlias = ListArtifactsRequest  # noqa: Y015
+
+@_typing.final
+class ListArtifactsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]: ...
+    def __init__(
+        self,
+        *,
+        artifacts: _abc.Iterable[Global___Artifact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListArtifactsResponse: _TypeAlias = ListArtifactsResponse  # noqa: Y015
+
+@_typing.final
+class GetArtifactRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetArtifactRequest: _TypeAlias = GetArtifactRequest  # noqa: Y015
 
 @_typing.final
 class HealthGates(_message.Message):

@@ -155,6 +155,16 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.GetBuildRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.Build.FromString,
                 _registered_method=True)
+        self.ListArtifacts = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/ListArtifacts',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListArtifactsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListArtifactsResponse.FromString,
+                _registered_method=True)
+        self.GetArtifact = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/GetArtifact',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.Artifact.FromString,
+                _registered_method=True)
         self.CreateRollout = channel.unary_unary(
                 '/edgefleet.v1.OperatorService/CreateRollout',
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.CreateRolloutRequest.SerializeToString,
@@ -367,6 +377,19 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListArtifacts(self, request, context):
+        """Artifacts: what builds published.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetArtifact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateRollout(self, request, context):
         """Rollouts.
         """
@@ -558,6 +581,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.GetBuild,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.GetBuildRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.Build.SerializeToString,
+            ),
+            'ListArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListArtifacts,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListArtifactsRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListArtifactsResponse.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.GetArtifactRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.Artifact.SerializeToString,
             ),
             'CreateRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRollout,
@@ -1263,6 +1296,60 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/GetBuild',
             edgefleet_dot_v1_dot_operator__pb2.GetBuildRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.Build.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/ListArtifacts',
+            edgefleet_dot_v1_dot_operator__pb2.ListArtifactsRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ListArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/GetArtifact',
+            edgefleet_dot_v1_dot_operator__pb2.GetArtifactRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.Artifact.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,9 @@ class OperatorServiceStub:
     """Builds: one per (model version, device class)."""
     ListBuilds: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListBuildsRequest, _operator_pb2.ListBuildsResponse]
     GetBuild: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetBuildRequest, _operator_pb2.Build]
+    ListArtifacts: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListArtifactsRequest, _operator_pb2.ListArtifactsResponse]
+    """Artifacts: what builds published."""
+    GetArtifact: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetArtifactRequest, _operator_pb2.Artifact]
     CreateRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.CreateRolloutRequest, _operator_pb2.CreateRolloutResponse]
     """Rollouts."""
     ListRollouts: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListRolloutsRequest, _operator_pb2.ListRolloutsResponse]
@@ -119,6 +122,9 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     """Builds: one per (model version, device class)."""
     ListBuilds: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListBuildsRequest, _operator_pb2.ListBuildsResponse]  # type: ignore[assignment]
     GetBuild: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetBuildRequest, _operator_pb2.Build]  # type: ignore[assignment]
+    ListArtifacts: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListArtifactsRequest, _operator_pb2.ListArtifactsResponse]  # type: ignore[assignment]
+    """Artifacts: what builds published."""
+    GetArtifact: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetArtifactRequest, _operator_pb2.Artifact]  # type: ignore[assignment]
     CreateRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.CreateRolloutRequest, _operator_pb2.CreateRolloutResponse]  # type: ignore[assignment]
     """Rollouts."""
     ListRollouts: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListRolloutsRequest, _operator_pb2.ListRolloutsResponse]  # type: ignore[assignment]
@@ -311,6 +317,21 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.GetBuildRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.Build, _abc.Awaitable[_operator_pb2.Build]]: ...
+
+    @_abc_1.abstractmethod
+    def ListArtifacts(
+        self,
+        request: _operator_pb2.ListArtifactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ListArtifactsResponse, _abc.Awaitable[_operator_pb2.ListArtifactsResponse]]:
+        """Artifacts: what builds published."""
+
+    @_abc_1.abstractmethod
+    def GetArtifact(
+        self,
+        request: _operator_pb2.GetArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Artifact, _abc.Awaitable[_operator_pb2.Artifact]]: ...
 
     @_abc_1.abstractmethod
     def CreateRollout(

@@ -22,9 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from sqlalchemy import func, select
 
 from controlplane.client import bearer_metadata, operator_stub
 from controlplane.config import ServerConfig
+from controlplane.db.models import BlobRow
 from controlplane.server import ControlPlane, create_server
 from demo.models import BuiltModel, build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
@@ -361,8 +363,9 @@ async def _push_requests(
             )
 
 
-def _stored_files(server: ControlPlane) -> list[Path]:
-    return [p for p in server.config.blob_dir.rglob("*") if p.is_file()]
+def _stored_blobs(server: ControlPlane) -> int:
+    with server.db.unit_of_work(readonly=True) as uow:
+        return int(uow.session.scalar(select(func.count()).select_from(BlobRow)) or 0)
 
 
 async def _assert_nothing_stored(
@@ -370,7 +373,7 @@ async def _assert_nothing_stored(
 ) -> None:
     listed = await op.ListModels(o.ListModelsRequest(), metadata=ADMIN)
     assert sum(m.version_count for m in listed.models) == models
-    assert len(_stored_files(server)) == blobs
+    assert _stored_blobs(server) == blobs
 
 
 async def test_push_a_real_model_with_sample_data_and_labels(
@@ -391,7 +394,7 @@ async def test_push_a_real_model_with_sample_data_and_labels(
     assert [v.version for v in got.versions] == ["1.1.0-rc.1", "1.0.0"]
     assert got.model.latest_version == "1.1.0-rc.1"
     # Identical bytes are stored once (content-addressed).
-    assert len(_stored_files(server)) == 3
+    assert _stored_blobs(server) == 3
 
 
 async def test_bad_pushes_get_clear_errors_and_store_nothing(

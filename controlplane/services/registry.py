@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controlplane.db.models import BlobRow, ModelRow, ModelVersionRow
+from controlplane.db.models import ModelRow, ModelVersionRow
 from controlplane.db.uow import Database
 from controlplane.domain import onnx_inspect, secrets, semver
 from controlplane.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
@@ -172,22 +172,11 @@ class RegistryService:
         labels_count = onnx_inspect.count_labels(files[LABELS]) if LABELS in files else 0
         digests = {d.part: d.sha256 for d in header.parts}
         sizes = {d.part: d.size for d in header.parts}
-        created: list[str] = []
         try:
-            for part, path in files.items():
-                if self._blobs.put(path, digests[part]):
-                    created.append(digests[part])
             with self._db.unit_of_work() as uow:
                 session = uow.session
-                for part, digest in digests.items():
-                    if session.get(BlobRow, digest) is None:
-                        session.add(
-                            BlobRow(
-                                digest=digest,
-                                size_bytes=sizes[part],
-                                media_type=MEDIA_TYPES[part],
-                            )
-                        )
+                for part, path in files.items():
+                    self._blobs.add(session, path, digests[part], MEDIA_TYPES[part])
                 model = session.scalar(select(ModelRow).where(ModelRow.name == header.model_name))
                 if model is None:
                     model = ModelRow(
@@ -226,24 +215,13 @@ class RegistryService:
                 session.flush()
                 uow.commit()
         except IntegrityError as exc:
-            self._discard(created)
             raise AlreadyExists(
                 f"{header.model_name}@{header.version} already exists (pushed concurrently)"
             ) from exc
-        except BaseException:
-            self._discard(created)
-            raise
         self._events.publish(
             FleetEvent("model.pushed", subject=f"{header.model_name}@{header.version}")
         )
         return row
-
-    def _discard(self, digests: list[str]) -> None:
-        """Remove blobs this push created that no row refers to."""
-        for digest in digests:
-            with self._db.unit_of_work(readonly=True) as uow:
-                if uow.session.get(BlobRow, digest) is None:
-                    self._blobs.delete(digest)
 
     # ------------------------------------------------------------ queries
 
@@ -290,8 +268,3 @@ class RegistryService:
             if row is None:
                 raise NotFound(f"no model version {name}@{version}")
             return row
-
-    def model_name_of(self, row: ModelVersionRow) -> str:
-        with self._db.unit_of_work(readonly=True) as uow:
-            model = uow.session.get(ModelRow, row.model_id)
-            return model.name if model else ""

@@ -25,10 +25,20 @@ class ServerConfig:
     offline_after_s: float = 60.0
     # Written with the bound port once the server listens (useful with :0).
     port_file: Path | None = None
+    # Build worker processes on this replica (0: run no builds here).
+    build_workers: int = 1
+    # A build whose runner has not renewed its lease for this long is re-run.
+    build_lease_s: float = 30.0
+    # Where toolchains (the TFLite converter's venv) live; None: the default.
+    toolchains_dir: Path | None = None
 
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def build_dir(self) -> Path:
+        return self.data_dir / "builds"
 
     @property
     def admin_token_file(self) -> Path:

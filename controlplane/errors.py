@@ -46,3 +46,7 @@ class Unavailable(DomainError):
     """Temporary: the caller should retry (e.g. the server is shutting down)."""
 
     title = "Try again"
+
+
+class OutOfRange(DomainError):
+    title = "Out of range"

@@ -27,13 +27,17 @@ from controlplane.api.rpc import RpcMetrics
 from controlplane.config import ServerConfig
 from controlplane.db.engine import make_engine, sqlite_url, upgrade
 from controlplane.db.uow import Database
+from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import ensure_bootstrap_admin
 from controlplane.services.blobs import BlobStore
+from controlplane.services.build_runner import BuildRunner
+from controlplane.services.builds import BuildService
 from controlplane.services.classes import ClassService
 from controlplane.services.devices import DEVICE_STATES, DeviceService
 from controlplane.services.enrollment import EnrollmentService
-from controlplane.services.events import EventBus
+from controlplane.services.events import EventBus, FleetEvent
 from controlplane.services.hub import SyncHub
+from controlplane.services.keys import ensure_signing_key
 from controlplane.services.registry import RegistryService
 from controlplane.services.replicas import PgEventBridge, libpq_dsn
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
@@ -82,6 +86,7 @@ class ControlPlane:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: Any = None
     _bridge: PgEventBridge | None = None
+    _runner: BuildRunner | None = None
 
     @property
     def address(self) -> str:
@@ -90,6 +95,8 @@ class ControlPlane:
 
     async def stop(self, grace: float = 2.0) -> None:
         self.hub.close_all("control plane shutting down")
+        if self._runner is not None:
+            await self._runner.stop()
         for task in self._tasks:
             task.cancel()
         await self.server.stop(grace)
@@ -117,6 +124,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     admin_token = await loop.run_in_executor(
         executor, ensure_bootstrap_admin, db, config.data_dir, config.admin_token
     )
+    await loop.run_in_executor(executor, ensure_signing_key, db)
 
     events = EventBus(loop)
     hub = SyncHub()
@@ -130,9 +138,11 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     devices = DeviceService(db, events, hub, config.offline_after_s)
     enrollment = EnrollmentService(db, events)
     classes = ClassService(db, events)
-    registry = RegistryService(
-        db, BlobStore(config.blob_dir), events, int(config.max_upload_mb * 1024 * 1024)
-    )
+    blobs = BlobStore(config.blob_dir)
+    registry = RegistryService(db, blobs, events, int(config.max_upload_mb * 1024 * 1024))
+    builds = BuildService(db, blobs, events, toolchains_dir=config.toolchains_dir)
+    artifacts = ArtifactService(db, blobs)
+    events.subscribe(_build_triggers(builds, executor))
     metrics_registry = CollectorRegistry()
     metrics = RpcMetrics(metrics_registry)
     metrics_registry.register(_DeviceStateCollector(devices, hub))
@@ -154,13 +164,24 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(
         DeviceServicer(
-            enrollment=enrollment, devices=devices, hub=hub, agent_config=agent_config, **base
+            enrollment=enrollment,
+            devices=devices,
+            artifacts=artifacts,
+            hub=hub,
+            agent_config=agent_config,
+            **base,
         ),
         server,
     )
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(
         OperatorServicer(
-            enrollment=enrollment, devices=devices, classes=classes, registry=registry, **base
+            enrollment=enrollment,
+            devices=devices,
+            classes=classes,
+            registry=registry,
+            builds=builds,
+            artifacts=artifacts,
+            **base,
         ),
         server,
     )
@@ -183,6 +204,12 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     cp = ControlPlane(config, server, port, db, hub, admin_token, metrics_registry, executor)
     cp._bridge = bridge
     cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor)))
+    if config.build_workers > 0:
+        cp._runner = BuildRunner(
+            builds, executor, config.build_dir, workers=config.build_workers,
+            lease_s=config.build_lease_s,
+        )  # fmt: skip
+        cp._tasks.append(asyncio.create_task(cp._runner.run()))
     if config.metrics_listen:
         host, _, mport = config.metrics_listen.rpartition(":")
         cp._metrics_server, _thread = start_http_server(
@@ -197,6 +224,30 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         tmp.write_text(f"{port}\n")
         os.replace(tmp, config.port_file)
     return cp
+
+
+def _build_triggers(builds: BuildService, executor: ThreadPoolExecutor) -> Any:
+    """Queue builds when a model version is pushed or a class changes."""
+
+    def on_event(event: FleetEvent) -> None:
+        if event.remote:
+            return  # the replica that made the change queued them
+        loop = asyncio.get_running_loop()
+        if event.kind == "model.pushed":
+            name, _, version = event.subject.partition("@")
+            future = loop.run_in_executor(executor, builds.request_for_version, name, version)
+        elif event.kind == "class.updated":
+            future = loop.run_in_executor(executor, builds.request_for_class, event.subject)
+        else:
+            return
+        future.add_done_callback(_log_failure)
+
+    return on_event
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not queue builds", exc_info=future.exception())
 
 
 async def _flush_presence(

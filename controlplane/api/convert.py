@@ -8,9 +8,16 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.db.models import AuditRow, EnrollmentTokenRow, ModelVersionRow
+from controlplane.db.models import (
+    ArtifactRow,
+    AuditRow,
+    EnrollmentTokenRow,
+    ModelVersionRow,
+    SigningKeyRow,
+)
 from controlplane.domain import rules
 from controlplane.errors import InvalidArgument
+from controlplane.services.builds import BuildView
 from controlplane.services.classes import ClassView, Constraints
 from controlplane.services.devices import DeviceView
 from controlplane.services.registry import ModelSummary
@@ -272,3 +279,76 @@ def audit_to_pb(row: AuditRow) -> o.AuditEntry:
         target=row.target,
         details=json.dumps(row.details, sort_keys=True) if row.details else "",
     )
+
+
+# ---------------------------------------------------------------- builds, artifacts
+
+BUILD_STATES = {
+    "queued": o.BUILD_STATE_QUEUED,
+    "running": o.BUILD_STATE_RUNNING,
+    "succeeded": o.BUILD_STATE_SUCCEEDED,
+    "failed": o.BUILD_STATE_FAILED,
+}
+BUILD_STATE_NAMES = {v: k for k, v in BUILD_STATES.items()}
+
+
+def _candidate_to_pb(data: dict[str, Any]) -> o.BuildCandidate:
+    return o.BuildCandidate(
+        name=data["name"],
+        quantization=QUANTIZATIONS.get(data.get("precision", ""), c.QUANTIZATION_UNSPECIFIED),
+        size_bytes=int(data.get("size_bytes") or 0),
+        latency_p50_ms=data.get("latency_p50_ms") or 0.0,
+        latency_p95_ms=data.get("latency_p95_ms") or 0.0,
+        peak_memory_mb=data.get("peak_memory_mb") or 0.0,
+        agreement=data.get("agreement") or 0.0,
+        accuracy=data.get("accuracy"),
+        max_abs_diff=data.get("max_abs_diff") or 0.0,
+        passed=bool(data.get("passed")),
+        reasons=list(data.get("reasons") or []),
+        chosen=bool(data.get("chosen")),
+        runtime=RUNTIMES.get(data.get("runtime", ""), c.RUNTIME_UNSPECIFIED),
+        error=data.get("error") or "",
+    )
+
+
+def build_to_pb(view: BuildView) -> o.Build:
+    row = view.row
+    duration = 0.0
+    if row.started_at and row.finished_at and not row.reused_from:
+        duration = (row.finished_at - row.started_at).total_seconds()
+    return o.Build(
+        id=row.id,
+        model_name=view.model_name,
+        model_version=view.model_version,
+        class_name=row.class_name,
+        state=BUILD_STATES[row.state],
+        progress=row.progress,
+        candidates=[_candidate_to_pb(c_) for c_ in row.candidates],
+        artifact_digest=row.artifact_digest or "",
+        error=row.error,
+        log=row.log,
+        created_at=ts(row.created_at),
+        started_at=ts(row.started_at),
+        finished_at=ts(row.finished_at),
+        dedup_key=row.dedup_key,
+        reused_from=row.reused_from or "",
+        duration_s=duration,
+    )
+
+
+def artifact_to_pb(row: ArtifactRow) -> o.Artifact:
+    return o.Artifact(
+        digest=row.digest,
+        size_bytes=row.size_bytes,
+        media_type=row.media_type,
+        manifest=c.ArtifactManifest.FromString(row.manifest),
+        signed_manifest=c.SignedManifest(
+            manifest=row.manifest, signature=row.signature, key_id=row.key_id
+        ),
+        build_id=row.build_id,
+        created_at=ts(row.created_at),
+    )
+
+
+def signing_key_to_pb(row: SigningKeyRow) -> c.SigningKey:
+    return c.SigningKey(key_id=row.id, public_key=row.public_key, created_at=ts(row.created_at))

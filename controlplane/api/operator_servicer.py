@@ -11,7 +11,9 @@ from controlplane.api import convert
 from controlplane.api.rpc import Handlers, rpc, unimplemented
 from controlplane.errors import InvalidArgument
 from controlplane.services import audit
+from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import OperatorPrincipal
+from controlplane.services.builds import BuildService
 from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate
 from controlplane.services.devices import DeviceService
 from controlplane.services.enrollment import EnrollmentService
@@ -30,6 +32,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         devices: DeviceService,
         classes: ClassService,
         registry: RegistryService,
+        builds: BuildService,
+        artifacts: ArtifactService,
         **base: Any,
     ) -> None:
         super().__init__(**base)
@@ -37,6 +41,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         self._devices = devices
         self._classes = classes
         self._registry = registry
+        self._builds = builds
+        self._artifacts = artifacts
 
     # ------------------------------------------------------------ enrollment tokens
 
@@ -248,6 +254,61 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         row = await self.run(self._registry.get_version, request.model_name, request.version)
         return convert.model_version_to_pb(row, request.model_name)
 
+    # ------------------------------------------------------------ builds, artifacts
+
+    @rpc("operator")
+    async def RunBuild(
+        self, request: operator_pb2.RunBuildRequest, context: Any, who: Op
+    ) -> operator_pb2.RunBuildResponse:
+        views = await self.run(
+            self._builds.request,
+            who.actor,
+            request.model_name,
+            request.model_version,
+            request.class_name,
+            request.force,
+        )
+        return operator_pb2.RunBuildResponse(builds=[convert.build_to_pb(v) for v in views])
+
+    @rpc("operator")
+    async def ListBuilds(
+        self, request: operator_pb2.ListBuildsRequest, context: Any, who: Op
+    ) -> operator_pb2.ListBuildsResponse:
+        views = await self.run(
+            self._builds.find,
+            model_name=request.model_name,
+            version=request.model_version,
+            class_name=request.class_name,
+            state=convert.BUILD_STATE_NAMES.get(request.state, ""),
+        )
+        return operator_pb2.ListBuildsResponse(builds=[convert.build_to_pb(v) for v in views])
+
+    @rpc("operator")
+    async def GetBuild(
+        self, request: operator_pb2.GetBuildRequest, context: Any, who: Op
+    ) -> operator_pb2.Build:
+        return convert.build_to_pb(await self.run(self._builds.get, request.id))
+
+    @rpc("operator")
+    async def ListArtifacts(
+        self, request: operator_pb2.ListArtifactsRequest, context: Any, who: Op
+    ) -> operator_pb2.ListArtifactsResponse:
+        rows = await self.run(
+            self._artifacts.find,
+            model_name=request.model_name,
+            version=request.model_version,
+            class_name=request.class_name,
+        )
+        return operator_pb2.ListArtifactsResponse(
+            artifacts=[convert.artifact_to_pb(r) for r in rows]
+        )
+
+    @rpc("operator")
+    async def GetArtifact(
+        self, request: operator_pb2.GetArtifactRequest, context: Any, who: Op
+    ) -> operator_pb2.Artifact:
+        return convert.artifact_to_pb(await self.run(self._artifacts.get, request.digest))
+
     # ------------------------------------------------------------ audit
 
     @rpc("operator")
@@ -266,11 +327,6 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
 
     # ------------------------------------------------------------ later issues
 
-    RunBuild = unimplemented("operator", "RunBuild", 3)
-    ListBuilds = unimplemented("operator", "ListBuilds", 3)
-    GetBuild = unimplemented("operator", "GetBuild", 3)
-    ListArtifacts = unimplemented("operator", "ListArtifacts", 3)
-    GetArtifact = unimplemented("operator", "GetArtifact", 3)
     CreateRollout = unimplemented("operator", "CreateRollout", 5)
     ListRollouts = unimplemented("operator", "ListRollouts", 5)
     GetRollout = unimplemented("operator", "GetRollout", 5)

@@ -23,6 +23,7 @@ from controlplane.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
@@ -41,6 +42,7 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 P = ParamSpec("P")

@@ -270,6 +270,8 @@ class ArtifactRow(Base):
     digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), primary_key=True)
     media_type: Mapped[str] = mapped_column(String(100))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # A file shipped beside the artifact (the TFLite Micro C source).
+    companion_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"), index=True)
     # The serialized ArtifactManifest exactly as signed, and its signature.
     manifest: Mapped[bytes] = mapped_column(LargeBinary)
     signature: Mapped[bytes] = mapped_column(LargeBinary)

@@ -100,6 +100,7 @@ def upgrade() -> None:
         sa.Column("digest", sa.String(length=64), nullable=False),
         sa.Column("media_type", sa.String(length=100), nullable=False),
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),
+        sa.Column("companion_digest", sa.String(length=64), nullable=True),
         sa.Column("manifest", sa.LargeBinary(), nullable=False),
         sa.Column("signature", sa.LargeBinary(), nullable=False),
         sa.Column("key_id", sa.String(length=32), nullable=False),
@@ -107,6 +108,11 @@ def upgrade() -> None:
         sa.Column("model_version_id", sa.String(length=32), nullable=False),
         sa.Column("class_name", sa.String(length=100), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["companion_digest"],
+            ["blobs.digest"],
+            name=op.f("fk_artifacts_companion_digest_blobs"),
+        ),
         sa.ForeignKeyConstraint(
             ["build_id"],
             ["builds.id"],
@@ -128,6 +134,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("digest", name=op.f("pk_artifacts")),
     )
     with op.batch_alter_table("artifacts", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_artifacts_companion_digest"), ["companion_digest"], unique=False
+        )
         batch_op.create_index(batch_op.f("ix_artifacts_build_id"), ["build_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_artifacts_class_name"), ["class_name"], unique=False)
         batch_op.create_index(
@@ -154,6 +163,7 @@ def downgrade() -> None:
         batch_op.drop_column("threads")
 
     with op.batch_alter_table("artifacts", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_artifacts_companion_digest"))
         batch_op.drop_index(batch_op.f("ix_artifacts_model_version_id"))
         batch_op.drop_index(batch_op.f("ix_artifacts_class_name"))
         batch_op.drop_index(batch_op.f("ix_artifacts_build_id"))

@@ -1,0 +1,77 @@
+"""Published artifacts: listing them for operators, and deciding which a
+device may download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from controlplane.db.models import ArtifactRow, BuildRow, DeviceRow, ModelRow, ModelVersionRow
+from controlplane.db.uow import Database
+from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from controlplane.services.blobs import BlobStore, valid_digest
+from controlplane.services.builds import SUCCEEDED
+from controlplane.services.devices import ACCEPTED
+
+
+class ArtifactService:
+    def __init__(self, db: Database, blobs: BlobStore) -> None:
+        self._db = db
+        self._blobs = blobs
+
+    def find(
+        self, *, model_name: str = "", version: str = "", class_name: str = ""
+    ) -> list[ArtifactRow]:
+        stmt = select(ArtifactRow).order_by(ArtifactRow.created_at.desc())
+        if model_name:
+            stmt = stmt.join(ModelVersionRow, ModelVersionRow.id == ArtifactRow.model_version_id)
+            stmt = stmt.join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+            stmt = stmt.where(ModelRow.name == model_name)
+            if version:
+                stmt = stmt.where(ModelVersionRow.version == version)
+        if class_name:
+            stmt = stmt.where(ArtifactRow.class_name == class_name)
+        with self._db.unit_of_work(readonly=True) as uow:
+            return list(uow.session.scalars(stmt))
+
+    def get(self, digest: str) -> ArtifactRow:
+        with self._db.unit_of_work(readonly=True) as uow:
+            row = uow.session.get(ArtifactRow, digest) if valid_digest(digest) else None
+            if row is None:
+                raise NotFound(f"no artifact with digest {digest!r}")
+            return row
+
+    def open_for_device(self, device_id: str, digest: str) -> tuple[Path, int]:
+        """The local file and size of a blob the device may download: the
+        artifact (or its companion) of a successful build for the device's
+        class. Rollouts (issue 5) add explicit assignments."""
+        if not valid_digest(digest):
+            raise InvalidArgument("digest must be 64 lowercase hex characters (sha256)")
+        with self._db.unit_of_work(readonly=True) as uow:
+            device = uow.session.get_one(DeviceRow, device_id)
+            if device.state != ACCEPTED:
+                raise FailedPrecondition(
+                    f"device {device_id} is {device.state}; only accepted devices receive work"
+                )
+            artifact = digest
+            if uow.session.get(ArtifactRow, digest) is None:
+                owner = uow.session.scalar(
+                    select(ArtifactRow.digest).where(ArtifactRow.companion_digest == digest)
+                )
+                if owner is None:
+                    raise NotFound(f"no artifact with digest {digest}")
+                artifact = owner
+            allowed = uow.session.scalar(
+                select(BuildRow.id)
+                .where(BuildRow.artifact_digest == artifact, BuildRow.state == SUCCEEDED)
+                .where(BuildRow.class_id == device.class_id)
+                .limit(1)
+            )
+            if device.class_id is None or allowed is None:
+                raise PermissionDenied(
+                    f"artifact {digest[:12]} is not built for this device's class; a device may "
+                    "download only artifacts assigned to it or being validated for it"
+                )
+        path = self._blobs.local_path(self._db, digest)
+        return path, path.stat().st_size

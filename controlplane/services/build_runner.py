@@ -1,0 +1,134 @@
+"""Runs build jobs in worker processes, so model conversion and measurement
+never block the gRPC event loop. Each replica runs one; jobs are shared
+through SQL (claim with a lease, renew while running, publish or drop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import shutil
+import uuid
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from controlplane.build.worker import read_progress, run_job
+from controlplane.errors import DomainError
+from controlplane.services.builds import BuildService, ClaimedJob
+
+log = logging.getLogger(__name__)
+
+POLL_S = 2.0
+
+
+class BuildRunner:
+    def __init__(
+        self,
+        builds: BuildService,
+        db_executor: Executor,
+        workdir: Path,
+        *,
+        workers: int,
+        lease_s: float,
+    ) -> None:
+        self._builds = builds
+        self._db = db_executor
+        self._workdir = workdir
+        self._workers = max(1, workers)
+        self._lease_s = lease_s
+        self.owner = f"{uuid.uuid4().hex[:12]}"
+        self._wake = asyncio.Event()
+        self._pool = self._new_pool()
+        self._tasks: set[asyncio.Task[None]] = set()
+        builds.on_queued = self.wake_threadsafe
+        self._loop = asyncio.get_running_loop()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: the parent holds gRPC and database threads that a
+        # forked child must not inherit.
+        return ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def wake_threadsafe(self) -> None:
+        """Start claiming now (callable from service threads)."""
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _db_call(self, fn: Any, *args: Any) -> Any:
+        return await self._loop.run_in_executor(self._db, fn, *args)
+
+    async def run(self) -> None:
+        """Claim and run jobs until cancelled."""
+        slots = asyncio.Semaphore(self._workers)
+        while True:
+            await slots.acquire()
+            try:
+                job = await self._db_call(self._builds.claim, self.owner, self._lease_s)
+            except Exception:
+                log.exception("could not claim a build job; retrying")
+                job = None
+            if job is None:
+                slots.release()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), POLL_S)
+                continue
+            task = asyncio.create_task(self._run(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _: slots.release())
+
+    async def _run(self, job: ClaimedJob) -> None:
+        workdir = self._workdir / f"{job.build_id}-{job.attempt}"
+        log.info("build %s: attempt %d started", job.build_id, job.attempt)
+        try:
+            model, samples = await self._db_call(self._builds.local_inputs, job)
+            future = self._loop.run_in_executor(
+                self._pool, run_job, str(model), str(samples) if samples else None,
+                job.target, str(workdir),
+            )  # fmt: skip
+            ours = True
+            while not future.done():
+                await asyncio.wait({future}, timeout=max(0.5, self._lease_s / 4))
+                progress, lines = read_progress(workdir)
+                ours = await self._db_call(
+                    self._builds.renew, job.build_id, self.owner, self._lease_s,
+                    min(progress, 0.99), "\n".join(lines),
+                )  # fmt: skip
+                if not ours:
+                    log.warning("build %s: lease lost; its result will be dropped", job.build_id)
+            text = "\n".join(read_progress(workdir)[1])
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                # The worker died (killed, out of memory): the job stays
+                # RUNNING with our lease, which expires, and is claimed
+                # again (up to the attempt limit).
+                log.error("build %s: worker process died; will retry", job.build_id)
+                self._pool = self._new_pool()
+                return
+            except DomainError as exc:
+                await self._db_call(self._builds.fail, job, self.owner, exc.message, text)
+                return
+            except Exception as exc:
+                log.exception("build %s failed", job.build_id)
+                await self._db_call(
+                    self._builds.fail, job, self.owner, f"{type(exc).__name__}: {exc}", text
+                )
+                return
+            if ours:
+                text = "\n".join([*result.get("log", [])]) or text
+                await self._db_call(self._builds.finish, job, self.owner, result, text)
+                log.info("build %s: finished", job.build_id)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def stop(self) -> None:
+        """Stop claiming; kill running workers. Their jobs' leases expire and
+        another runner (or this one after a restart) runs them again."""
+        for task in list(self._tasks):
+            task.cancel()
+        for process in list(getattr(self._pool, "_processes", {}).values()):
+            process.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,544 @@
+"""Build jobs: one per (model version, device class), persisted in SQL, claimed
+with a lease so that exactly one replica runs each, re-run when the runner
+died, deduplicated by what determines the result, and published together with
+their signed artifact in one transaction."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import importlib.metadata
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from controlplane.build.types import BuildTarget
+from controlplane.db.models import (
+    ArtifactRow,
+    BuildRow,
+    DeviceClassRow,
+    ModelRow,
+    ModelVersionRow,
+    utcnow,
+)
+from controlplane.db.uow import Database
+from controlplane.domain import secrets, signing
+from controlplane.errors import InvalidArgument, NotFound
+from controlplane.services import audit
+from controlplane.services.blobs import BlobStore, sha256_file
+from controlplane.services.devices import EventSink
+from controlplane.services.events import FleetEvent
+from controlplane.services.keys import active_key
+from edgefleet.v1 import common_pb2 as c
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+BUILD_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+MAX_ATTEMPTS = 3
+# Bump when the ladder or the verdict changes what a build produces, so old
+# results are not reused for new logic.
+LADDER_VERSION = "1"
+MANIFEST_FORMAT = 1
+RUNTIME_ENUM = {"onnxruntime": c.RUNTIME_ONNXRUNTIME, "tflite": c.RUNTIME_TFLITE,
+                "tensorrt": c.RUNTIME_TENSORRT}  # fmt: skip
+PRECISION_ENUM = {"fp32": c.QUANTIZATION_FP32, "fp16": c.QUANTIZATION_FP16,
+                  "int8": c.QUANTIZATION_INT8}  # fmt: skip
+
+
+def target_of(cls: DeviceClassRow) -> BuildTarget:
+    return BuildTarget(
+        class_name=cls.name,
+        runtime=cls.runtime,
+        quantization=cls.quantization,
+        max_model_size_mb=cls.max_model_size_mb,
+        latency_budget_p95_ms=cls.latency_budget_p95_ms,
+        max_memory_mb=cls.max_memory_mb,
+        min_accuracy_retention=cls.min_accuracy_retention,
+        accelerator=cls.accelerator,
+        threads=cls.threads,
+        speed_factor=cls.speed_factor,
+        microcontroller=cls.microcontroller,
+    )
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def toolchain_versions(runtime: str, toolchains_dir: Path | None) -> dict[str, str]:
+    """The tool versions a build's result depends on (part of the dedup key)."""
+    versions = {p: _version(p) for p in ("onnx", "onnxruntime", "onnxconverter-common")}
+    if runtime == "tflite":
+        versions["ai-edge-litert"] = _version("ai-edge-litert")
+        try:
+            from controlplane.build.toolchain import find_tflite
+
+            found = find_tflite(toolchains_dir) if toolchains_dir else find_tflite()
+            versions.update(
+                {f"toolchain:{k}": v for k, v in (found.versions if found else {}).items()}
+            )
+        except ImportError:
+            pass
+    return versions
+
+
+def dedup_key(model: ModelVersionRow, target: BuildTarget, versions: dict[str, str]) -> str:
+    """Same model bytes, sample data, class profile and tools: same result.
+    The class name is left out: two classes with one profile share a build."""
+    profile = {k: v for k, v in dataclasses.asdict(target).items() if k != "class_name"}
+    payload = {
+        "model": model.model_digest,
+        "samples": model.sample_data_digest,
+        "profile": profile,
+        "tools": versions,
+        "ladder": LADDER_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    build_id: str
+    attempt: int
+    model_digest: str
+    sample_digest: str | None
+    target: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BuildView:
+    row: BuildRow
+    model_name: str
+    model_version: str
+
+
+class BuildService:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        events: EventSink,
+        *,
+        toolchains_dir: Path | None = None,
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._events = events
+        self._toolchains_dir = toolchains_dir
+        # Set by the runner so new jobs start without waiting for its poll.
+        self.on_queued: Callable[[], None] = lambda: None
+
+    # ------------------------------------------------------------ requests
+
+    def request(
+        self, actor: str, model_name: str, version: str, class_name: str = "", force: bool = False
+    ) -> list[BuildView]:
+        """Builds of one model version for one class, or for every class."""
+        with self._db.unit_of_work() as uow:
+            mv = self._version(uow.session, model_name, version)
+            if class_name:
+                cls = uow.session.scalar(
+                    select(DeviceClassRow).where(DeviceClassRow.name == class_name)
+                )
+                if cls is None:
+                    raise NotFound(f"no device class named {class_name!r}")
+                classes = [cls]
+            else:
+                classes = list(uow.session.scalars(select(DeviceClassRow)))
+                if not classes:
+                    raise InvalidArgument("there are no device classes to build for; create one")
+            rows = [self._request_one(uow.session, mv, cls, force) for cls in classes]
+            audit.record(
+                uow, actor, "build.run", f"model:{model_name}@{version}",
+                classes=[cls.name for cls in classes], force=force,
+            )  # fmt: skip
+            uow.commit()
+            views = [BuildView(r, model_name, version) for r in rows]
+        self._announce(views)
+        return views
+
+    def request_for_version(self, model_name: str, version: str) -> None:
+        """After a push: build the new version for every class."""
+        with self._db.unit_of_work() as uow:
+            try:
+                mv = self._version(uow.session, model_name, version)
+            except NotFound:
+                return
+            for cls in uow.session.scalars(select(DeviceClassRow)):
+                self._request_one(uow.session, mv, cls, force=False)
+            uow.commit()
+        self.on_queued()
+
+    def request_for_class(self, class_name: str) -> None:
+        """After a class was created or changed: build the newest version of
+        every model for it (dedup makes an unchanged profile free)."""
+        with self._db.unit_of_work() as uow:
+            cls = uow.session.scalar(
+                select(DeviceClassRow).where(DeviceClassRow.name == class_name)
+            )
+            if cls is None:
+                return
+            for model in uow.session.scalars(select(ModelRow)):
+                mv = uow.session.scalar(
+                    select(ModelVersionRow)
+                    .where(ModelVersionRow.model_id == model.id)
+                    .order_by(ModelVersionRow.version_sort.desc())
+                    .limit(1)
+                )
+                if mv is not None:
+                    self._request_one(uow.session, mv, cls, force=False)
+            uow.commit()
+        self.on_queued()
+
+    def _request_one(
+        self, session: Session, mv: ModelVersionRow, cls: DeviceClassRow, force: bool
+    ) -> BuildRow:
+        target = target_of(cls)
+        key = dedup_key(mv, target, toolchain_versions(target.runtime, self._toolchains_dir))
+        same = list(
+            session.scalars(
+                select(BuildRow)
+                .where(BuildRow.dedup_key == key)
+                .order_by(BuildRow.created_at.desc())
+            )
+        )
+        mine = next((b for b in same if b.class_id == cls.id), None)
+        if mine is not None and (not force or mine.state in (QUEUED, RUNNING)):
+            return mine  # this class already has (or is getting) this result
+        pending = next((b for b in same if b.state in (QUEUED, RUNNING)), None)
+        if pending is not None and not force:
+            return pending
+        row = BuildRow(
+            id=secrets.new_id(),
+            model_version_id=mv.id,
+            class_id=cls.id,
+            class_name=cls.name,
+            target=dataclasses.asdict(target),
+            state=QUEUED,
+            progress=0.0,
+            log="",
+            candidates=[],
+            error="",
+            dedup_key=key,
+            attempts=0,
+        )
+        done = next((b for b in same if b.state in (SUCCEEDED, FAILED)), None)
+        if done is not None and not force:
+            # Same inputs, same tools (another class with the same profile):
+            # the same result, without rebuilding. The artifact is shared;
+            # its manifest names the class it was first built for.
+            row.state = done.state
+            row.progress = 1.0
+            row.candidates = done.candidates
+            row.artifact_digest = done.artifact_digest
+            row.error = done.error
+            row.log = f"reused the result of build {done.id} (identical inputs and tools)"
+            row.reused_from = done.reused_from or done.id
+            row.started_at = row.finished_at = utcnow()
+        session.add(row)
+        session.flush()
+        return row
+
+    # ------------------------------------------------------------ queries
+
+    @staticmethod
+    def _version(session: Session, model_name: str, version: str) -> ModelVersionRow:
+        mv = session.scalar(
+            select(ModelVersionRow)
+            .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+            .where(ModelRow.name == model_name, ModelVersionRow.version == version)
+        )
+        if mv is None:
+            raise NotFound(f"no model version {model_name}@{version}")
+        return mv
+
+    def _views(self, session: Session, rows: Iterable[BuildRow]) -> list[BuildView]:
+        names: dict[str, tuple[str, str]] = {}
+        out = []
+        for row in rows:
+            if row.model_version_id not in names:
+                mv = session.get(ModelVersionRow, row.model_version_id)
+                model = session.get(ModelRow, mv.model_id) if mv else None
+                names[row.model_version_id] = (
+                    model.name if model else "",
+                    mv.version if mv else "",
+                )
+            out.append(BuildView(row, *names[row.model_version_id]))
+        return out
+
+    def find(
+        self, *, model_name: str = "", version: str = "", class_name: str = "", state: str = ""
+    ) -> list[BuildView]:
+        with self._db.unit_of_work(readonly=True) as uow:
+            stmt = select(BuildRow).order_by(BuildRow.created_at.desc()).limit(500)
+            if model_name:
+                stmt = stmt.join(ModelVersionRow, ModelVersionRow.id == BuildRow.model_version_id)
+                stmt = stmt.join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+                stmt = stmt.where(ModelRow.name == model_name)
+                if version:
+                    stmt = stmt.where(ModelVersionRow.version == version)
+            if class_name:
+                stmt = stmt.where(BuildRow.class_name == class_name)
+            if state:
+                stmt = stmt.where(BuildRow.state == state)
+            return self._views(uow.session, uow.session.scalars(stmt))
+
+    def get(self, build_id: str) -> BuildView:
+        with self._db.unit_of_work(readonly=True) as uow:
+            row = uow.session.get(BuildRow, build_id) if build_id else None
+            if row is None:
+                raise NotFound(f"no build with id {build_id!r}")
+            return self._views(uow.session, [row])[0]
+
+    # ------------------------------------------------------------ running
+
+    def claim(self, owner: str, lease_s: float) -> ClaimedJob | None:
+        """Take the oldest queued job, or one whose runner's lease expired
+        (it crashed or its replica was killed). Exactly one replica wins."""
+        now = utcnow()
+        with self._db.unit_of_work() as uow:
+            stmt = (
+                select(BuildRow)
+                .where(
+                    or_(
+                        BuildRow.state == QUEUED,
+                        (BuildRow.state == RUNNING) & (BuildRow.lease_expires_at < now),
+                    )
+                )
+                .order_by(BuildRow.created_at)
+                .limit(1)
+            )
+            if self._db.engine.dialect.name == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=True)
+            row = uow.session.scalar(stmt)
+            if row is None:
+                return None
+            if row.attempts >= MAX_ATTEMPTS:
+                row.state = FAILED
+                row.error = (
+                    f"gave up after {row.attempts} attempts: the build was interrupted each "
+                    "time (worker crash or control-plane restart); see the log"
+                )
+                row.finished_at = now
+                row.lease_owner = None
+                uow.commit()
+                return None
+            row.state = RUNNING
+            row.attempts += 1
+            row.lease_owner = owner
+            row.lease_expires_at = now + dt.timedelta(seconds=lease_s)
+            row.started_at = now
+            row.progress = 0.0
+            mv = uow.session.get_one(ModelVersionRow, row.model_version_id)
+            job = ClaimedJob(
+                row.id, row.attempts, mv.model_digest, mv.sample_data_digest, dict(row.target)
+            )
+            uow.commit()
+        return job
+
+    def renew(self, build_id: str, owner: str, lease_s: float, progress: float, log: str) -> bool:
+        """Extend the lease and record progress; False if the job is no
+        longer ours (then the runner must drop its result)."""
+        with self._db.unit_of_work() as uow:
+            result = uow.session.execute(
+                update(BuildRow)
+                .where(
+                    BuildRow.id == build_id,
+                    BuildRow.lease_owner == owner,
+                    BuildRow.state == RUNNING,
+                )
+                .values(
+                    lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s),
+                    progress=progress,
+                    log=log,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            uow.commit()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def local_inputs(self, job: ClaimedJob) -> tuple[Path, Path | None]:
+        model = self._blobs.local_path(self._db, job.model_digest)
+        samples = self._blobs.local_path(self._db, job.sample_digest) if job.sample_digest else None
+        return model, samples
+
+    def finish(self, job: ClaimedJob, owner: str, result: dict[str, Any], log: str) -> bool:
+        """Publish a finished job: its candidates, and when one was chosen the
+        artifact (and companion) blobs with a signed manifest, all in one
+        transaction. False if the lease was lost (nothing is written)."""
+        chosen = result.get("chosen")
+        with self._db.unit_of_work() as uow:
+            row = uow.session.get(BuildRow, job.build_id)
+            if row is None or row.lease_owner != owner or row.state != RUNNING:
+                return False
+            row.candidates = [_public_candidate(c) for c in result["candidates"]]
+            row.log = log
+            row.progress = 1.0
+            row.finished_at = utcnow()
+            row.lease_owner = None
+            if chosen is None:
+                row.state = FAILED
+                row.error = "no candidate meets the class's constraints: " + "; ".join(
+                    f"{c['name']}: {', '.join(c['reasons']) or c['error'] or 'failed'}"
+                    for c in result["candidates"]
+                )
+            else:
+                row.state = SUCCEEDED
+                row.error = ""
+                row.artifact_digest = self._publish(uow.session, row, result, chosen)
+            uow.commit()
+            view = self._views(uow.session, [row])[0]
+        self._announce([view])
+        return True
+
+    def fail(self, job: ClaimedJob, owner: str, error: str, log: str) -> None:
+        """A job whose worker raised: failed with the reason (not retried —
+        the same inputs would fail the same way)."""
+        with self._db.unit_of_work() as uow:
+            row = uow.session.get(BuildRow, job.build_id)
+            if row is None or row.lease_owner != owner:
+                return
+            row.state = FAILED
+            row.error = error
+            row.log = log
+            row.finished_at = utcnow()
+            row.lease_owner = None
+            uow.commit()
+            view = self._views(uow.session, [row])[0]
+        self._announce([view])
+
+    def _publish(
+        self, session: Session, row: BuildRow, result: dict[str, Any], chosen: dict[str, Any]
+    ) -> str:
+        path = Path(chosen["path"])
+        digest = sha256_file(path)
+        self._blobs.add(session, path, digest, chosen["media_type"])
+        companion_digest = ""
+        if chosen.get("companion"):
+            companion = Path(chosen["companion"])
+            companion_digest = sha256_file(companion)
+            self._blobs.add(session, companion, companion_digest, "text/x-c")
+        if session.get(ArtifactRow, digest) is not None:
+            return digest  # identical bytes already published with a manifest
+        mv = session.get_one(ModelVersionRow, row.model_version_id)
+        model = session.get_one(ModelRow, mv.model_id)
+        manifest = _manifest(row, model.name, mv, chosen, digest, path.stat().st_size,
+                             companion_digest, result)  # fmt: skip
+        data = manifest.SerializeToString(deterministic=True)
+        key = active_key(session)
+        session.add(
+            ArtifactRow(
+                digest=digest,
+                media_type=chosen["media_type"],
+                size_bytes=path.stat().st_size,
+                companion_digest=companion_digest or None,
+                manifest=data,
+                signature=signing.sign(key.private_key, data),
+                key_id=key.key_id,
+                build_id=row.id,
+                model_version_id=mv.id,
+                class_name=row.class_name,
+            )
+        )
+        return digest
+
+    def _announce(self, views: list[BuildView]) -> None:
+        for view in views:
+            self._events.publish(FleetEvent("build.updated", subject=view.row.id))
+        if any(v.row.state == QUEUED for v in views):
+            self.on_queued()
+
+
+def _public_candidate(candidate: dict[str, Any]) -> dict[str, Any]:
+    """What the build report keeps (worker-local paths are dropped)."""
+    return {k: v for k, v in candidate.items() if k not in ("path", "companion")}
+
+
+def _tensor_spec(spec: dict[str, Any]) -> c.TensorSpec:
+    return c.TensorSpec(name=spec["name"], dtype=spec["dtype"], shape=spec["shape"],
+                        dim_names=spec["dim_names"])  # fmt: skip
+
+
+def _tensor_data(name: str, array: np.ndarray) -> c.TensorData:
+    array = np.ascontiguousarray(array)
+    return c.TensorData(
+        name=name,
+        dtype=array.dtype.name,
+        shape=list(array.shape),
+        data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(),
+    )
+
+
+def _golden(path: str | None) -> list[c.GoldenSample]:
+    if not path:
+        return []
+    samples: dict[int, c.GoldenSample] = {}
+    with np.load(path, allow_pickle=False) as archive:
+        for key in sorted(archive.files):
+            kind, name = key.split("/", 1)
+            index = int(kind[3:] if kind.startswith("out") else kind[2:])
+            sample = samples.setdefault(index, c.GoldenSample())
+            target = sample.expected_outputs if kind.startswith("out") else sample.inputs
+            target.append(_tensor_data(name, archive[key]))
+    return [samples[i] for i in sorted(samples)]
+
+
+def _manifest(
+    row: BuildRow,
+    model_name: str,
+    mv: ModelVersionRow,
+    chosen: dict[str, Any],
+    digest: str,
+    size: int,
+    companion_digest: str,
+    result: dict[str, Any],
+) -> c.ArtifactManifest:
+    created = Timestamp()
+    created.FromDatetime(utcnow())
+    manifest = c.ArtifactManifest(
+        format_version=MANIFEST_FORMAT,
+        model_name=model_name,
+        model_version=mv.version,
+        class_name=row.class_name,
+        runtime=RUNTIME_ENUM[chosen["runtime"]],
+        precision=PRECISION_ENUM.get(chosen["precision"], c.QUANTIZATION_UNSPECIFIED),
+        candidate=chosen["name"],
+        sha256=digest,
+        size_bytes=size,
+        media_type=chosen["media_type"],
+        inputs=[_tensor_spec(s) for s in mv.inputs],
+        outputs=[_tensor_spec(s) for s in mv.outputs],
+        golden=_golden(result.get("golden")),
+        atol=result.get("atol", 0.0),
+        rtol=result.get("rtol", 0.0),
+        min_agreement=result.get("min_agreement", 0.0),
+        min_runtime_versions=chosen.get("min_runtime_versions") or {},
+        build_id=row.id,
+        created_at=created,
+        companion_sha256=companion_digest,
+    )
+    spec = chosen.get("tensorrt_spec")
+    if spec:
+        manifest.tensorrt.CopyFrom(
+            c.TensorRTBuildSpec(
+                precision=spec.get("precision", ""),
+                workspace_mb=int(spec.get("workspace_mb", 0)),
+                profile=[
+                    c.TensorRTBuildSpec.ShapeRange(
+                        input=p["input"], min=p["min"], opt=p["opt"], max=p["max"]
+                    )
+                    for p in spec.get("profile", [])
+                ],
+            )
+        )
+    return manifest

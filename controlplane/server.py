@@ -85,6 +85,7 @@ class ControlPlane:
     _executor: ThreadPoolExecutor
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: Any = None
+    builds: BuildService | None = None
     _bridge: PgEventBridge | None = None
     _runner: BuildRunner | None = None
 
@@ -203,6 +204,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
 
     cp = ControlPlane(config, server, port, db, hub, admin_token, metrics_registry, executor)
     cp._bridge = bridge
+    cp.builds = builds
     cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor)))
     if config.build_workers > 0:
         cp._runner = BuildRunner(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from controlplane.build.types import BuildTarget
 from controlplane.db.models import (
@@ -215,9 +215,6 @@ class BuildService:
         mine = next((b for b in same if b.class_id == cls.id), None)
         if mine is not None and (not force or mine.state in (QUEUED, RUNNING)):
             return mine  # this class already has (or is getting) this result
-        pending = next((b for b in same if b.state in (QUEUED, RUNNING)), None)
-        if pending is not None and not force:
-            return pending
         row = BuildRow(
             id=secrets.new_id(),
             model_version_id=mv.id,
@@ -307,11 +304,20 @@ class BuildService:
         (it crashed or its replica was killed). Exactly one replica wins."""
         now = utcnow()
         with self._db.unit_of_work() as uow:
+            twin = aliased(BuildRow)
+            # A job whose twin (same dedup key, another class) is being built
+            # waits: the twin's result completes it when it finishes.
+            twin_running = (
+                select(twin.id)
+                .where(twin.dedup_key == BuildRow.dedup_key, twin.id != BuildRow.id)
+                .where(twin.state == RUNNING, twin.lease_expires_at >= now)
+                .exists()
+            )
             stmt = (
                 select(BuildRow)
                 .where(
                     or_(
-                        BuildRow.state == QUEUED,
+                        (BuildRow.state == QUEUED) & ~twin_running,
                         (BuildRow.state == RUNNING) & (BuildRow.lease_expires_at < now),
                     )
                 )
@@ -396,10 +402,35 @@ class BuildService:
                 row.state = SUCCEEDED
                 row.error = ""
                 row.artifact_digest = self._publish(uow.session, row, result, chosen)
+            twins = self._complete_twins(uow.session, row)
             uow.commit()
-            view = self._views(uow.session, [row])[0]
-        self._announce([view])
+            views = self._views(uow.session, [row, *twins])
+        self._announce(views)
         return True
+
+    @staticmethod
+    def _complete_twins(session: Session, row: BuildRow) -> list[BuildRow]:
+        """Queued builds with the same dedup key (other classes, same
+        profile) take this result instead of building it again."""
+        twins = list(
+            session.scalars(
+                select(BuildRow).where(
+                    BuildRow.dedup_key == row.dedup_key,
+                    BuildRow.state == QUEUED,
+                    BuildRow.id != row.id,
+                )
+            )
+        )
+        for twin in twins:
+            twin.state = row.state
+            twin.progress = 1.0
+            twin.candidates = row.candidates
+            twin.artifact_digest = row.artifact_digest
+            twin.error = row.error
+            twin.log = f"reused the result of build {row.id} (identical inputs and tools)"
+            twin.reused_from = row.id
+            twin.started_at = twin.finished_at = utcnow()
+        return twins
 
     def fail(self, job: ClaimedJob, owner: str, error: str, log: str) -> None:
         """A job whose worker raised: failed with the reason (not retried —

@@ -13,7 +13,9 @@ from typing import Any
 
 import click
 
+from controlplane.cli.artifacts import artifacts
 from controlplane.cli.base import CliError, Env, F, RootGroup
+from controlplane.cli.builds import builds
 from controlplane.cli.classes import classes
 from controlplane.cli.devices import devices
 from controlplane.cli.models import models
@@ -101,6 +103,26 @@ def main() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the bound port here once listening (useful with port 0).",
 )
+@click.option(
+    "--build-workers",
+    type=click.IntRange(min=0),
+    default=_config_default("build_workers"),
+    show_default=True,
+    help="Build worker processes on this replica (0: run no builds here).",
+)
+@click.option(
+    "--build-lease",
+    type=click.FloatRange(min=1),
+    default=_config_default("build_lease_s"),
+    show_default=True,
+    help="Seconds without a heartbeat after which a build is run again elsewhere.",
+)
+@click.option(
+    "--toolchains-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="EDGEFLEET_TOOLCHAINS_DIR",
+    help="Where converter toolchains live [env EDGEFLEET_TOOLCHAINS_DIR].",
+)
 def server(
     data_dir: Path,
     db_url: str | None,
@@ -110,6 +132,9 @@ def server(
     max_upload_mb: float,
     heartbeat_interval: int,
     port_file: Path | None,
+    build_workers: int,
+    build_lease: float,
+    toolchains_dir: Path | None,
 ) -> None:
     """Run the control plane until SIGTERM or Ctrl-C."""
     from controlplane.server import run
@@ -124,6 +149,9 @@ def server(
             max_upload_mb=max_upload_mb,
             heartbeat_interval_s=heartbeat_interval,
             port_file=port_file,
+            build_workers=build_workers,
+            build_lease_s=build_lease,
+            toolchains_dir=toolchains_dir,
         )
     )
 
@@ -156,5 +184,5 @@ def db_upgrade(data_dir: Path, db_url: str | None) -> None:
     click.echo(f"database at revision {revision}")
 
 
-for group in (tokens, devices, classes, models):
+for group in (tokens, devices, classes, models, builds, artifacts):
     cli.add_command(group)

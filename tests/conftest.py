@@ -67,6 +67,7 @@ async def server(tmp_path: Path) -> AsyncIterator[InProcessControlPlane]:
             admin_token=ADMIN_TOKEN,
             heartbeat_interval_s=2,
             max_upload_mb=4,
+            build_workers=0,
         )
     )
     try:

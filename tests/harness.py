@@ -61,6 +61,8 @@ class ControlPlane:
             "--port-file", str(port_file),
             "--admin-token", self.admin_token,
             "--heartbeat-interval", "2",
+            # Builds spawn worker processes; tests about builds ask for them.
+            *([] if "--build-workers" in self.extra else ["--build-workers", "0"]),
             *self.extra,
         ]  # fmt: skip
         if self.db_url:

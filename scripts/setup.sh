@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs, idempotent: a virtual environment with
-# EdgeFleet and its dev/demo extras, PostgreSQL running (for the tests), and
-# the stock protoc (for the contract's other-language check).
+# EdgeFleet and its dev/demo extras, the TFLite converter toolchain,
+# PostgreSQL running (for the tests), and the stock protoc (for the
+# contract's other-language check).
 # Source it: it leaves .venv activated.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +19,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q -e ".[dev,demo]"
   touch "$stamp"
 fi
+
+# The TFLite converter (onnx2tf + TensorFlow) in its own virtual environment:
+# it pins TensorFlow and an old protobuf. Idempotent; ~90 s the first time.
+edgefleet toolchain install tflite
 
 if [ "${EDGEFLEET_SETUP_SYSTEM:-1}" = 1 ] && [ "$(id -u)" = 0 ]; then
   if ! command -v protoc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then

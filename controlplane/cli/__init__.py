@@ -20,6 +20,7 @@ from controlplane.cli.classes import classes
 from controlplane.cli.devices import devices
 from controlplane.cli.models import models
 from controlplane.cli.tokens import tokens
+from controlplane.cli.toolchain import toolchain
 from controlplane.client import DEFAULT_SERVER
 from controlplane.config import ServerConfig
 
@@ -184,5 +185,5 @@ def db_upgrade(data_dir: Path, db_url: str | None) -> None:
     click.echo(f"database at revision {revision}")
 
 
-for group in (tokens, devices, classes, models, builds, artifacts):
+for group in (tokens, devices, classes, models, builds, artifacts, toolchain):
     cli.add_command(group)

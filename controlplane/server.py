@@ -209,7 +209,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     if config.build_workers > 0:
         cp._runner = BuildRunner(
             builds, executor, config.build_dir, workers=config.build_workers,
-            lease_s=config.build_lease_s,
+            lease_s=config.build_lease_s, toolchains_dir=config.toolchains_dir,
         )  # fmt: skip
         cp._tasks.append(asyncio.create_task(cp._runner.run()))
     if config.metrics_listen:

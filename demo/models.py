@@ -79,3 +79,101 @@ def build_digits_classifier(out_dir: Path, *, hidden: int = 32, seed: int = 0) -
     np.savez(paths.sample_data, input=x_test[:200], labels=y_test[:200].astype(np.int64))
     paths.labels.write_text("".join(f"digit-{i}\n" for i in range(10)))
     return paths
+
+
+# -- a small CNN ----------------------------------------------------------------------------------
+
+CNN_FILTERS = 16
+
+
+def _conv3x3_relu_pool(images: np.ndarray, kernels: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """What the CNN graph computes before its head, in numpy (to fit the
+    head on): 3x3 convolution with padding 1, ReLU, 2x2 max pooling.
+    images (N, 1, 8, 8) -> features (N, filters, 4, 4)."""
+    n, _, h, w = images.shape
+    padded = np.pad(images[:, 0], ((0, 0), (1, 1), (1, 1)))
+    # im2col: (N, 8, 8, 9) windows against (filters, 9) kernels.
+    windows = np.stack(
+        [padded[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], axis=-1
+    )
+    conv = np.einsum("nhwk,fk->nfhw", windows, kernels.reshape(len(kernels), 9))
+    conv = np.maximum(conv + bias[None, :, None, None], 0.0)
+    pooled: np.ndarray = conv.reshape(n, len(kernels), h // 2, 2, w // 2, 2).max(axis=(3, 5))
+    return pooled
+
+
+def cnn_graph(
+    kernels: np.ndarray, conv_bias: np.ndarray, head_w: np.ndarray, head_b: np.ndarray, opset: int
+) -> onnx.ModelProto:
+    """Conv(3x3, pad 1) -> Relu -> MaxPool(2x2) -> Flatten -> Gemm -> Softmax
+    over 1x8x8 images."""
+    inits = [
+        numpy_helper.from_array(kernels.astype(np.float32), "conv_w"),
+        numpy_helper.from_array(conv_bias.astype(np.float32), "conv_b"),
+        numpy_helper.from_array(head_w.astype(np.float32), "head_w"),  # (classes, features)
+        numpy_helper.from_array(head_b.astype(np.float32), "head_b"),
+    ]
+    nodes = [
+        helper.make_node(
+            "Conv", ["image", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3], pads=[1] * 4
+        ),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("MaxPool", ["relu"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["pool"], ["features"], axis=1),
+        helper.make_node("Gemm", ["features", "head_w", "head_b"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgefleet-demo"
+    )
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_small_cnn(out_dir: Path, *, seed: int = 0) -> BuiltModel:
+    """A small real CNN on the digits data as 1x8x8 images; writes
+    model.onnx, samples.npz (input `image`, `labels`) and labels.txt.
+
+    The convolution's filters are random but fixed (seeded); the linear head
+    on their pooled ReLU features is a logistic regression fitted with
+    scikit-learn, so the accuracy is real (about 0.95-0.97 on the held-out
+    split) without a deep-learning framework."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target
+    )
+    rng = np.random.default_rng(seed)
+    kernels = rng.normal(0.0, 1.0, (CNN_FILTERS, 1, 3, 3)).astype(np.float32)
+    conv_bias = rng.normal(0.0, 0.1, CNN_FILTERS).astype(np.float32)
+
+    def features(x: np.ndarray) -> np.ndarray:
+        return _conv3x3_relu_pool(x, kernels, conv_bias).reshape(len(x), -1)
+
+    head = LogisticRegression(max_iter=2000, C=1.0)
+    head.fit(features(x_train), y_train)
+    accuracy = float(head.score(features(x_test), y_test))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = cnn_graph(kernels, conv_bias, head.coef_, head.intercept_, opset=17)
+    paths = BuiltModel(
+        model=out_dir / "model.onnx",
+        sample_data=out_dir / "samples.npz",
+        labels=out_dir / "labels.txt",
+        accuracy=accuracy,
+    )
+    onnx.save(model, paths.model)
+    np.savez(paths.sample_data, image=x_test[:200], labels=y_test[:200].astype(np.int64))
+    paths.labels.write_text("".join(f"digit-{i}\n" for i in range(10)))
+    return paths

@@ -11,7 +11,9 @@ The TensorRT ladder reuses `convert_fp16` and `quantize_static_qdq`."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,9 +45,10 @@ INT8_DYNAMIC, INT8_STATIC_QDQ = "int8-dynamic", "int8-static-qdq"
 # Per-channel weight scales live in DequantizeLinear's `axis` attribute,
 # which only exists from opset 13 on.
 PER_CHANNEL_MIN_OPSET = 13
-# MinMax calibration only needs the activation ranges; past a hundred or so
-# samples they barely move, while calibration time grows linearly.
-CALIBRATION_LIMIT = 128
+# Calibration keeps every sample's intermediate activations in memory to
+# build its histograms; past a few dozen representative samples the ranges
+# barely move, while time and memory grow linearly.
+CALIBRATION_LIMIT = 64
 
 # The oldest ONNX Runtime release implementing each ai.onnx opset and each
 # ONNX IR version (ORT's docs/Versioning.md matrix; where a release is in
@@ -86,8 +89,7 @@ def convert_fp16(src: Path, dst: Path, *, log: Log | None = None) -> Path:
     """Optimize, then convert weights and activations to float16 while
     keeping float32 inputs and outputs (so callers and sample data stay
     unchanged). Optimizing first matters: converting a real OCR detector's
-    raw graph broke its outputs, while folding BatchNorm into Conv before
-    the conversion kept them."""
+    raw graph broke its outputs; converting the optimized graph did not."""
     from onnxconverter_common import float16  # type: ignore[import-untyped]
 
     with tempfile.TemporaryDirectory(prefix="fp16-") as tmp:
@@ -96,11 +98,12 @@ def convert_fp16(src: Path, dst: Path, *, log: Log | None = None) -> Path:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         converted = float16.convert_float_to_float16(model, keep_io_types=True)
-    if log is not None:
-        # The converter warns when it clamps weights outside float16's range:
-        # worth a line in the build log, since that is what would hurt accuracy.
-        for message in sorted({str(w.message).splitlines()[0] for w in caught}):
-            log(f"fp16: {message}")
+    if log is not None and caught:
+        # The converter warns once per weight value it clamps to float16's
+        # range (tiny values flushed to 1e-7, huge ones capped): one summary
+        # line, since a flood of them is what would explain lost accuracy.
+        first = str(caught[0].message).splitlines()[0]
+        log(f"fp16: {len(caught)} converter warnings, e.g. {first}")
     onnx.save(converted, str(dst))
     return dst
 
@@ -116,13 +119,39 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_static_qdq(src: Path, dst: Path, samples: Samples, *, log: Log | None = None) -> Path:
+def quantize_static_qdq(
+    src: Path,
+    dst: Path,
+    samples: Samples,
+    *,
+    log: Log | None = None,
+    activation_type: QuantType = QuantType.QUInt8,
+    reduce_range: bool = True,
+    symmetric_activations: bool = False,
+    quantize_bias: bool = True,
+    calibrate_method: CalibrationMethod = CalibrationMethod.Percentile,
+) -> Path:
     """Static int8 in QDQ format (QuantizeLinear/DequantizeLinear pairs
-    around float ops), calibrated with MinMax ranges over `samples`:
-    per-channel int8 weights, uint8 activations (the U8S8 combination ORT's
-    x86 kernels are fastest with). QDQ rather than QOperator because every
-    consumer understands it: ORT fuses the pairs into integer kernels at load
-    time, and TensorRT builds its int8 engine from the same file.
+    around float ops) with per-channel int8 weights, calibrated over
+    `samples`. QDQ rather than QOperator because every consumer understands
+    it: ORT fuses the pairs into integer kernels at load time, and TensorRT
+    builds its int8 engine from the same file.
+
+    The defaults suit ONNX Runtime on CPUs:
+    - uint8 activations with int8 weights (U8S8), the combination ORT's x86
+      and Arm integer kernels are fastest with;
+    - `reduce_range` (7-bit weights): x86 CPUs with AVX2 or AVX-512 but no
+      VNNI saturate U8S8 products. On the AVX2 build host it raised argmax
+      agreement with fp32 from 0.73 to 0.88 on the PP-OCR direction
+      classifier, and from 0.995 to 1.0 on the digits models; the bit it
+      costs elsewhere is far smaller than what saturation loses;
+    - Percentile calibration (99.999th percentile of |activation|), which
+      ignores the rare outliers MinMax stretches the int8 range for: 0.96
+      vs 0.88 agreement on the same classifier.
+    TensorRT wants signed, symmetric activations, full-range weights and
+    float biases (its ONNX parser rejects int32 bias tensors):
+    activation_type=QuantType.QInt8, symmetric_activations=True,
+    reduce_range=False, quantize_bias=False.
 
     Raises InvalidArgument when the samples cannot calibrate this model."""
     model_info = inspect_model(src)
@@ -145,16 +174,24 @@ def quantize_static_qdq(src: Path, dst: Path, samples: Samples, *, log: Log | No
                 )
             prepared = Path(tmp) / "prepared-opset13.onnx"
             onnx.save(model, str(prepared))
-        quantize_static(
-            prepared,
-            dst,
-            _SamplesReader(samples.head(CALIBRATION_LIMIT)),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        # The calibrator print()s its progress; a build worker's stdout is
+        # not the place for it.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                prepared,
+                dst,
+                _SamplesReader(samples.head(CALIBRATION_LIMIT)),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=reduce_range,
+                activation_type=activation_type,
+                weight_type=QuantType.QInt8,
+                calibrate_method=calibrate_method,
+                extra_options={
+                    "ActivationSymmetric": symmetric_activations,
+                    "QuantizeBias": quantize_bias,
+                },
+            )
     return dst
 
 

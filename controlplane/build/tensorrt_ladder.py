@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnxruntime.quantization import QuantType
 
 from agent.runtimes import TENSORRT
 from controlplane.build.ort_ladder import convert_fp16, quantize_static_qdq
@@ -134,7 +135,9 @@ def tensorrt_qdq_problems(path: Path) -> list[str]:
     would. TensorRT supports only symmetric int8 quantization: every zero
     point must be an int8 zero (its ONNX parser fails with "TRT only supports
     symmetric quantization - zeroPt must be all zeros" otherwise, and uint8
-    activations would be read with the wrong range). Empty when fine."""
+    activations would be read with the wrong range), and it rejects
+    DequantizeLinear on int32 quantized biases ("only activation types
+    allowed as input to this layer"). Empty when fine."""
     model = onnx.load(str(path), load_external_data=False)
     initializers = {init.name: init for init in model.graph.initializer}
     problems: Counter[str] = Counter()
@@ -153,7 +156,9 @@ def tensorrt_qdq_problems(path: Path) -> list[str]:
             problems["a zero point that is not a constant"] += 1
             continue
         zero_point = numpy_helper.to_array(init)
-        if zero_point.dtype != np.int8:
+        if zero_point.dtype == np.int32:
+            problems["int32 zero points (quantized biases; TensorRT takes float biases)"] += 1
+        elif zero_point.dtype != np.int8:
             problems[f"{zero_point.dtype.name} zero points"] += 1
         elif np.any(zero_point != 0):
             problems["non-zero (asymmetric) zero points"] += 1
@@ -166,25 +171,42 @@ def build_candidates(
     """Build the TensorRT rungs `target` asks for into `workdir`. A rung that
     cannot be built comes back with `path=None` and the reason in `error`,
     so the verdict can say why it is missing."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / TENSORRT
+    out.mkdir(parents=True, exist_ok=True)
     inputs = inspect_model(model).inputs
     workspace_mb = workspace_mb_for(target)
+    rungs = rungs_for(target.quantization)
+    log(f"tensorrt ladder for class {target.class_name!r}: {', '.join(r[0] for r in rungs)}")
     candidates: list[Candidate] = []
-    for name, precision in rungs_for(target.quantization):
-        destination = workdir / f"{name}.onnx"
+    for name, precision in rungs:
+        destination = out / f"{name}.onnx"
         try:
             spec = engine_build_spec(inputs, samples, precision, workspace_mb)
             if precision == "fp16":
-                convert_fp16(model, destination)
+                convert_fp16(model, destination, log=log)
             else:
-                quantize_static_qdq(model, destination, samples)
+                # TensorRT takes only signed, symmetric int8 activations, and
+                # its int8 kernels have no saturation problem to reduce range for.
+                quantize_static_qdq(
+                    model,
+                    destination,
+                    samples,
+                    log=log,
+                    activation_type=QuantType.QInt8,
+                    symmetric_activations=True,
+                    reduce_range=False,
+                    quantize_bias=False,
+                )
+                # A model TensorRT's parser rejects would fail on every
+                # device of the class; refuse it here, where it is cheap.
                 problems = tensorrt_qdq_problems(destination)
                 if problems:
-                    raise ValueError(
-                        "the quantized model is not one TensorRT accepts: " + "; ".join(problems)
-                    )
+                    rejected = "; ".join(problems)
+                    raise ValueError(f"the quantized model has Q/DQ TensorRT rejects: {rejected}")
+            onnx.checker.check_model(str(destination))
         except Exception as exc:  # converters and quantizers raise many unrelated types
-            reason = str(exc) or type(exc).__name__
+            text = str(exc).strip()
+            reason = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
             log(f"{name}: not built: {reason}")
             candidates.append(Candidate(name, TENSORRT, precision, None, error=reason))
             continue

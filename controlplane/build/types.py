@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class BuildTarget:
@@ -76,3 +78,13 @@ class BuildOutcome:
     chosen: Evaluated | None
     reference_accuracy: float | None
     log: list[str] = field(default_factory=list)
+    # For the manifest: a few sample inputs and the chosen artifact's outputs
+    # on them, as (inputs, outputs) pairs keyed by the ONNX model's input and
+    # output names, each array a batch of one. Empty when nothing was chosen.
+    golden: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = field(default_factory=list)
+    # How closely a device must reproduce the golden outputs: per element,
+    # |device - golden| <= atol + rtol * |golden|; and the share of golden
+    # samples whose argmax (last axis of the first output) must match.
+    atol: float = 0.0
+    rtol: float = 0.0
+    min_agreement: float = 0.0

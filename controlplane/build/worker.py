@@ -64,10 +64,18 @@ def candidate_json(item: Evaluated) -> dict[str, Any]:
 
 
 def run_job(
-    model_path: str, sample_path: str | None, target: dict[str, Any], workdir: str
+    model_path: str,
+    sample_path: str | None,
+    target: dict[str, Any],
+    workdir: str,
+    toolchains_dir: str | None = None,
 ) -> dict[str, Any]:
     """Build, measure and judge every candidate for one class."""
     from controlplane.build.pipeline import run_build
+
+    if toolchains_dir:
+        # This is a worker process of its own: the ladders read it from here.
+        os.environ["EDGEFLEET_TOOLCHAINS_DIR"] = toolchains_dir
 
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)

@@ -33,12 +33,14 @@ class BuildRunner:
         *,
         workers: int,
         lease_s: float,
+        toolchains_dir: Path | None = None,
     ) -> None:
         self._builds = builds
         self._db = db_executor
         self._workdir = workdir
         self._workers = max(1, workers)
         self._lease_s = lease_s
+        self._toolchains_dir = str(toolchains_dir) if toolchains_dir else None
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
         self._pool = self._new_pool()
@@ -86,7 +88,7 @@ class BuildRunner:
             model, samples = await self._db_call(self._builds.local_inputs, job)
             future = self._loop.run_in_executor(
                 self._pool, run_job, str(model), str(samples) if samples else None,
-                job.target, str(workdir),
+                job.target, str(workdir), self._toolchains_dir,
             )  # fmt: skip
             ours = True
             while not future.done():

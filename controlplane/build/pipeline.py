@@ -1,0 +1,244 @@
+"""One build: a pushed model and a device class's constraints in, every
+candidate measured and judged out, with the chosen artifact's golden
+samples and tolerances for its manifest.
+
+inspect -> samples -> fp32 reference outputs -> the runtime's ladder ->
+measure each candidate -> verdict -> golden samples."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from agent.runtimes import TensorInfo as RuntimeTensorInfo
+from controlplane.build.measure import (
+    DEFAULT_RUNS,
+    accuracy,
+    measure_with_outputs,
+    reference_outputs,
+)
+from controlplane.build.samples import Samples, load_samples
+from controlplane.build.types import BuildOutcome, BuildTarget, Candidate, Evaluated, Measurement
+from controlplane.build.verdict import PRECISIONS, evaluate, retention
+from controlplane.domain.onnx_inspect import ModelInfo, TensorInfo, inspect_model
+from controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
+
+Progress = Callable[[float, str], None]
+Ladder = Callable[[Path, Samples, Path, BuildTarget, Callable[[str], None]], list[Candidate]]
+
+# The module holding each runtime's `build_candidates` (same signature as
+# controlplane.build.ort_ladder.build_candidates), imported only when a
+# build needs it: the TFLite and TensorRT toolchains are heavy and optional.
+LADDERS = {
+    "onnxruntime": "controlplane.build.ort_ladder",
+    "tflite": "controlplane.build.tflite_ladder",
+    "tensorrt": "controlplane.build.tensorrt_ladder",
+}
+
+# Golden samples travel inside the signed manifest, so they are few and small.
+GOLDEN_MAX = 8
+GOLDEN_MAX_BYTES = 1024 * 1024
+# Device results are checked against the host's with the artifact's own
+# deviation from fp32 times this headroom, but never tighter than the floor
+# for its precision (kernels differ between CPUs even for the same file).
+TOLERANCE_HEADROOM = 2.0
+ATOL_FLOOR = {"fp32": 1e-4, "fp16": 1e-3, "int8": 1e-2}
+RTOL = {"fp32": 1e-3, "fp16": 1e-2, "int8": 5e-2}
+
+
+def run_build(
+    model_path: Path,
+    sample_path: Path | None,
+    target: BuildTarget,
+    workdir: Path,
+    progress: Progress,
+    *,
+    runs: int = DEFAULT_RUNS,
+) -> BuildOutcome:
+    """Build, measure and judge every candidate of `target.runtime`'s ladder
+    for `model_path`. Progress goes from 0 to 1 with a short message per
+    step; the same messages and the per-candidate details go to the log.
+
+    Raises InvalidArgument when the model is not valid ONNX or does not run
+    in ONNX Runtime (its fp32 outputs are the reference every candidate is
+    judged against), and FailedPrecondition when the runtime's ladder cannot
+    be loaded on this build host. A candidate that fails to build or run is
+    not an error: it is judged failed, with the reason."""
+    started = time.monotonic()
+    lines: list[str] = []
+
+    def log(message: str) -> None:
+        lines.append(f"[{time.monotonic() - started:7.2f}s] {message}")
+
+    def step(fraction: float, message: str) -> None:
+        log(message)
+        progress(fraction, message)
+
+    step(0.0, "inspecting the model")
+    info = inspect_model(model_path)
+    samples = load_samples(sample_path, info.inputs)
+    log(
+        f"model: opset {info.opset}, {info.producer or 'unknown producer'}; {len(samples)} "
+        f"{'generated' if samples.generated else 'pushed'} samples"
+        f"{', with labels' if samples.labels is not None else ''}"
+    )
+    ladder = _ladder(target.runtime)
+
+    step(0.05, "running the fp32 model for reference outputs")
+    try:
+        reference = reference_outputs(model_path, samples, target.threads)
+    except DomainError:
+        raise
+    except Exception as exc:  # ORT raises its own untyped errors
+        raise InvalidArgument(
+            f"the model does not run in ONNX Runtime on its sample inputs: {exc}"
+        ) from exc
+    reference_accuracy = accuracy(reference[0], samples.labels)
+    if reference_accuracy is not None:
+        log(f"fp32 reference accuracy on the sample labels: {reference_accuracy:.4f}")
+
+    step(0.1, f"building the {target.runtime} candidates")
+    workdir.mkdir(parents=True, exist_ok=True)
+    candidates = ladder(model_path, samples, workdir, target, log)
+
+    onnx_inputs = _runtime_specs(info.inputs)
+    onnx_outputs = _runtime_specs(info.outputs)
+    measured: list[tuple[Candidate, Measurement]] = []
+    outputs: dict[str, list[np.ndarray]] = {}
+    for index, candidate in enumerate(candidates):
+        step(0.4 + 0.5 * index / max(1, len(candidates)), f"measuring {candidate.name}")
+        measurement, candidate_outputs = measure_with_outputs(
+            candidate,
+            samples,
+            reference,
+            threads=target.threads,
+            onnx_inputs=onnx_inputs,
+            onnx_outputs=onnx_outputs,
+            runs=runs,
+        )
+        measured.append((candidate, measurement))
+        if candidate_outputs is not None:
+            outputs[candidate.name] = candidate_outputs
+        log(f"{candidate.name}: {describe(measurement)}")
+
+    step(0.9, "judging the candidates")
+    fp32_p95 = min(
+        (m.latency_p95_ms for c, m in measured if c.precision == "fp32" and not m.error),
+        default=math.inf,
+    )
+    if math.isinf(fp32_p95):
+        log("no fp32 candidate ran: latency is not compared with fp32 when choosing")
+    evaluated = evaluate(measured, target, reference_accuracy, fp32_p95)
+    for e in evaluated:
+        verdict = "passes" if e.passed else "fails: " + "; ".join(e.reasons)
+        log(f"{e.candidate.name}: {verdict}")
+    chosen = next((e for e in evaluated if e.chosen), None)
+    outcome = BuildOutcome(evaluated, chosen, reference_accuracy, log=lines)
+    if chosen is None:
+        step(1.0, f"no candidate meets the constraints of class {target.class_name!r}")
+        return outcome
+    if target.quantization in PRECISIONS and chosen.candidate.precision != target.quantization:
+        log(
+            f"no {target.quantization} candidate passes; chose {chosen.candidate.name} "
+            "by the auto rule instead"
+        )
+    _add_golden(outcome, chosen, samples, outputs[chosen.candidate.name], info)
+    kept, basis = retention(chosen.measurement, reference_accuracy)
+    log(
+        f"golden: {len(outcome.golden)} samples, atol {outcome.atol:.3g}, rtol {outcome.rtol:.3g}, "
+        f"min agreement {outcome.min_agreement:.3f}; chosen keeps {basis} {kept:.4f} of fp32"
+    )
+    step(1.0, f"chose {chosen.candidate.name}")
+    return outcome
+
+
+def describe(m: Measurement) -> str:
+    """One log line of a measurement."""
+    if m.error:
+        return f"error: {m.error}"
+    quality = f"agreement {m.agreement:.4f}"
+    if m.accuracy is not None:
+        quality += f", accuracy {m.accuracy:.4f}"
+    return (
+        f"{m.size_bytes:,} bytes, p50 {m.latency_p50_ms:.3f} ms, p95 {m.latency_p95_ms:.3f} ms, "
+        f"peak +{m.peak_memory_mb:.1f} MiB, {quality}, max|diff| {m.max_abs_diff:.3g}"
+    )
+
+
+def _ladder(runtime: str) -> Ladder:
+    module_name = LADDERS.get(runtime)
+    if module_name is None:
+        raise InvalidArgument(
+            f"no build ladder for runtime {runtime!r}; expected one of {sorted(LADDERS)}"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FailedPrecondition(
+            f"the {runtime} build ladder cannot be loaded on this build host ({exc}); "
+            f"install its toolchain or build for another runtime"
+        ) from exc
+    ladder: Ladder = module.build_candidates
+    return ladder
+
+
+def _runtime_specs(specs: Sequence[TensorInfo]) -> list[RuntimeTensorInfo]:
+    return [RuntimeTensorInfo(t.name, t.dtype, t.shape) for t in specs]
+
+
+def _add_golden(
+    outcome: BuildOutcome,
+    chosen: Evaluated,
+    samples: Samples,
+    outputs: list[np.ndarray],
+    info: ModelInfo,
+) -> None:
+    """Fill the outcome's golden samples and tolerances from the chosen
+    candidate's outputs on the build host."""
+    precision = chosen.candidate.precision
+    m = chosen.measurement
+    outcome.atol = max(ATOL_FLOOR.get(precision, 1e-2), TOLERANCE_HEADROOM * m.max_abs_diff)
+    outcome.rtol = RTOL.get(precision, 5e-2)
+    output_names = [t.name for t in info.outputs]
+    indices = golden_indices(outputs[0], outcome.atol, samples, outputs)
+    outcome.golden = [
+        (samples.one(i), {name: out[i] for name, out in zip(output_names, outputs, strict=True)})
+        for i in indices
+    ]
+    # Near ties were left out of the golden set, so a device running the
+    # same artifact should reproduce every argmax; with enough samples one
+    # flip is tolerated rather than failing a device on a single borderline
+    # case.
+    count = len(outcome.golden)
+    outcome.min_agreement = 1.0 if count < 4 else (count - 1) / count
+
+
+def golden_indices(
+    first_output: np.ndarray, atol: float, samples: Samples, outputs: list[np.ndarray]
+) -> list[int]:
+    """Which samples become golden: at most GOLDEN_MAX whose inputs and
+    outputs fit GOLDEN_MAX_BYTES (at least one), in sample order, preferring
+    those whose top two scores differ by more than 2 x atol, whose argmax a
+    correct device therefore cannot flip within tolerance."""
+    count = len(first_output)
+    clear: list[int] = []
+    if first_output.ndim >= 2 and first_output.shape[-1] >= 2:
+        top2 = np.sort(first_output.reshape(count, -1, first_output.shape[-1]), axis=-1)[..., -2:]
+        margins = (top2[..., 1] - top2[..., 0]).min(axis=1)
+        clear = [i for i in range(count) if margins[i] > 2 * atol]
+    clear_set = set(clear)
+    order = clear + [i for i in range(count) if i not in clear_set]
+    chosen: list[int] = []
+    used = 0
+    for i in order[:GOLDEN_MAX]:
+        size = sum(a[i].nbytes for a in samples.arrays.values()) + sum(o[i].nbytes for o in outputs)
+        if chosen and used + size > GOLDEN_MAX_BYTES:
+            break
+        chosen.append(i)
+        used += size
+    return sorted(chosen)

@@ -1,0 +1,122 @@
+"""The verdict: which measured candidates meet a device class's constraints,
+why each other one does not (with numbers and margins), and the one to ship.
+Pure functions over measurements; no files, no runtimes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from controlplane.build.types import BuildTarget, Candidate, Evaluated, Measurement
+
+MIB = 1024 * 1024
+# Latency differences under 5% are within run-to-run noise on a build host:
+# a quantized candidate that close to fp32 does not count as slower.
+NOISE_MARGIN = 1.05
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def retention(measurement: Measurement, reference_accuracy: float | None) -> tuple[float, str]:
+    """How much of the fp32 model's quality the candidate keeps, and how it
+    was judged: accuracy / reference accuracy when there are labels (and a
+    reference accuracy above zero), otherwise argmax agreement with fp32."""
+    if measurement.accuracy is not None and reference_accuracy:
+        return measurement.accuracy / reference_accuracy, "accuracy"
+    return measurement.agreement, "agreement"
+
+
+def check(
+    candidate: Candidate,
+    measurement: Measurement,
+    target: BuildTarget,
+    reference_accuracy: float | None,
+) -> list[str]:
+    """Every constraint the candidate misses, each with the measured value,
+    the limit and the margin; empty when it meets them all."""
+    if candidate.error or candidate.path is None:
+        return [f"not built: {candidate.error or 'no artifact'}"]
+    if measurement.error:
+        return [f"could not run: {measurement.error}"]
+    reasons: list[str] = []
+    size_mb = measurement.size_bytes / MIB
+    if target.max_model_size_mb is not None and size_mb > target.max_model_size_mb:
+        reasons.append(
+            f"size {size_mb:.2f} MiB > max {target.max_model_size_mb:.2f} MiB"
+            f" ({_over(size_mb, target.max_model_size_mb)})"
+        )
+    if target.latency_budget_p95_ms is not None:
+        device_p95 = measurement.latency_p95_ms * target.speed_factor
+        budget = target.latency_budget_p95_ms
+        if device_p95 > budget:
+            scaled = (
+                f" x speed factor {target.speed_factor:g} = {device_p95:.2f} ms"
+                if target.speed_factor != 1.0
+                else ""
+            )
+            reasons.append(
+                f"latency p95 {measurement.latency_p95_ms:.2f} ms{scaled} > budget "
+                f"{budget:.2f} ms ({_over(device_p95, budget)})"
+            )
+    if target.max_memory_mb is not None and measurement.peak_memory_mb > target.max_memory_mb:
+        reasons.append(
+            f"peak memory {measurement.peak_memory_mb:.1f} MiB > max {target.max_memory_mb:.1f} MiB"
+            f" ({_over(measurement.peak_memory_mb, target.max_memory_mb)})"
+        )
+    if target.min_accuracy_retention is not None:
+        kept, basis = retention(measurement, reference_accuracy)
+        if kept < target.min_accuracy_retention:
+            detail = (
+                f"accuracy {measurement.accuracy:.4f} vs fp32 {reference_accuracy:.4f}: retention"
+                if basis == "accuracy"
+                else "argmax agreement with fp32"
+            )
+            reasons.append(
+                f"{detail} {kept:.4f} < min {target.min_accuracy_retention:.4f}"
+                f" ({_over(kept, target.min_accuracy_retention)})"
+            )
+    return reasons
+
+
+def evaluate(
+    built: Sequence[tuple[Candidate, Measurement]],
+    target: BuildTarget,
+    reference_accuracy: float | None,
+    fp32_latency_p95: float,
+) -> list[Evaluated]:
+    """Judge every candidate against `target` and mark at most one chosen.
+
+    The choice follows the class's quantization preference: fp32, fp16 or
+    int8 take the passing candidate of that precision (ranked as below when
+    there are several); with none passing, or with `auto`, every passing
+    candidate is ranked: the smallest of those not slower than fp32 (p95 at
+    most `fp32_latency_p95` x NOISE_MARGIN; pass inf when unknown), ties by
+    latency. When every passing candidate is slower than fp32, the fastest."""
+    evaluated = []
+    for candidate, measurement in built:
+        reasons = check(candidate, measurement, target, reference_accuracy)
+        evaluated.append(Evaluated(candidate, measurement, passed=not reasons, reasons=reasons))
+    passing = [e for e in evaluated if e.passed]
+    preferred = [e for e in passing if e.candidate.precision == target.quantization]
+    pick = _rank(preferred or passing, fp32_latency_p95)
+    if pick is not None:
+        pick.chosen = True
+    return evaluated
+
+
+def _rank(pool: Sequence[Evaluated], fp32_latency_p95: float) -> Evaluated | None:
+    if not pool:
+        return None
+    limit = fp32_latency_p95 * NOISE_MARGIN
+    not_slower = [e for e in pool if e.measurement.latency_p95_ms <= limit]
+    if not_slower:
+        return min(
+            not_slower, key=lambda e: (e.measurement.size_bytes, e.measurement.latency_p95_ms)
+        )
+    return min(pool, key=lambda e: (e.measurement.latency_p95_ms, e.measurement.size_bytes))
+
+
+def _over(value: float, limit: float) -> str:
+    """The margin by which `value` misses `limit`, as a signed percentage."""
+    if limit == 0:
+        return "limit is 0"
+    percent = (value - limit) / limit * 100
+    return f"{percent:+.1f}%" if abs(percent) < 10 else f"{percent:+.0f}%"

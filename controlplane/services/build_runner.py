@@ -38,6 +38,9 @@ class BuildRunner:
         self._builds = builds
         self._db = db_executor
         self._workdir = workdir
+        # Workspaces left by a killed process: their jobs run again anyway.
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         self._workers = max(1, workers)
         self._lease_s = lease_s
         self._toolchains_dir = str(toolchains_dir) if toolchains_dir else None

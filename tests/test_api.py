@@ -650,3 +650,36 @@ async def test_uploads_cut_off_by_a_crash_are_removed_on_start(tmp_path: Path) -
         assert (tmp_path / "crash" / "blobs" / "tmp").is_dir()
     finally:
         await cp.stop()
+
+
+async def test_class_build_fields_round_trip_and_are_validated(op: og.OperatorServiceStub) -> None:
+    created = await op.CreateDeviceClass(
+        o.CreateDeviceClassRequest(
+            name="mcu",
+            constraints=c.ConstraintProfile(
+                runtime=c.RUNTIME_TFLITE, threads=2, speed_factor=12.5, microcontroller=True
+            ),
+        ),
+        metadata=ADMIN,
+    )
+    got = created.constraints
+    assert (got.threads, got.speed_factor, got.microcontroller) == (2, 12.5, True)
+    updated = await op.UpdateDeviceClass(
+        o.UpdateDeviceClassRequest(
+            name="mcu", constraints=c.ConstraintProfile(microcontroller=False, threads=4)
+        ),
+        metadata=ADMIN,
+    )
+    got = updated.constraints
+    assert (got.threads, got.speed_factor, got.microcontroller) == (4, 12.5, False)
+    for bad in (
+        c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME, microcontroller=True),
+        c.ConstraintProfile(runtime=c.RUNTIME_TFLITE, threads=0),
+        c.ConstraintProfile(runtime=c.RUNTIME_TFLITE, speed_factor=0),
+    ):
+        code, details = await _code(
+            op.CreateDeviceClass(
+                o.CreateDeviceClassRequest(name="bad", constraints=bad), metadata=ADMIN
+            )
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details

@@ -53,6 +53,21 @@ def _class_options(*, create: bool) -> Callable[[F], F]:
             type=click.FloatRange(min=0, max=1, min_open=True),
             help="Fraction of the fp32 accuracy an artifact must keep, e.g. 0.98.",
         ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            help="Inference threads on the devices (1 if never set); builds measure with as many.",
+        ),
+        click.option(
+            "--speed-factor",
+            type=positive,
+            help="Device latency / build-host latency, e.g. 3.5 for a slow board (1 if never set).",
+        ),
+        click.option(
+            "--microcontroller/--no-microcontroller",
+            default=None,
+            help="Also emit the int8 model as C source for TensorFlow Lite Micro.",
+        ),
         click.option("--priority", type=int, help="Higher wins when several classes match."),
         click.option("--description", help="Free text."),
         click.option(

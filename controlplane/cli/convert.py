@@ -2,9 +2,9 @@
 
 Pure functions with no I/O: durations ("24h"), labels ("k=v"), enum names
 ("auto-accept" <-> ENROLLMENT_POLICY_AUTO_ACCEPT), match rules
-("arch == aarch64" <-> MatchRule) and the JSON form of messages. Each raises
-ValueError with a message a person can act on; the CLI turns it into a usage
-error."""
+("arch == aarch64" <-> MatchRule), model references ("name@1.0.0") and the
+JSON form of messages. Each raises ValueError with a message a person can act
+on; the CLI turns it into a usage error."""
 
 from __future__ import annotations
 
@@ -143,9 +143,15 @@ def constraint_profile(
     max_memory_mb: float | None = None,
     accelerator: str | None = None,
     min_accuracy_retention: float | None = None,
+    threads: int | None = None,
+    speed_factor: float | None = None,
+    microcontroller: bool | None = None,
 ) -> common_pb2.ConstraintProfile | None:
     """The constraints given as options (None: not given); None when no
     option was given, so an update leaves the stored profile alone."""
+    # Set only when given: were the field ever to gain presence, an unset
+    # flag must not read as "turn it off".
+    flags = {} if microcontroller is None else {"microcontroller": microcontroller}
     profile = common_pb2.ConstraintProfile(
         runtime=runtime or common_pb2.RUNTIME_UNSPECIFIED,
         quantization=quantization or common_pb2.QUANTIZATION_UNSPECIFIED,
@@ -154,8 +160,22 @@ def constraint_profile(
         latency_budget_p95_ms=latency_budget_ms,
         max_memory_mb=max_memory_mb,
         min_accuracy_retention=min_accuracy_retention,
+        threads=threads,
+        speed_factor=speed_factor,
+        **flags,
     )
     return profile if profile.ListFields() else None
+
+
+# ------------------------------------------------------------------ model references
+
+
+def parse_model_ref(text: str) -> tuple[str, str]:
+    """`classifier@1.2.0` -> ("classifier", "1.2.0"). Both parts required."""
+    name, sep, version = text.strip().partition("@")
+    if not sep or not name.strip() or not version.strip():
+        raise ValueError(f"{text!r} must look like MODEL@VERSION, e.g. classifier@1.2.0")
+    return name.strip(), version.strip()
 
 
 # ------------------------------------------------------------------ json

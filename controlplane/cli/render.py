@@ -6,10 +6,11 @@ returns a rich Table or text; the CLI prints them."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -94,12 +95,18 @@ def format_constraints(c: common_pb2.ConstraintProfile) -> str:
         parts.append(f"accuracy>={c.min_accuracy_retention:g}")
     if c.accelerator:
         parts.append(f"accel={c.accelerator}")
+    if c.HasField("threads"):
+        parts.append(f"threads={c.threads}")
+    if c.HasField("speed_factor"):
+        parts.append(f"speed x{c.speed_factor:g}")
+    if c.microcontroller:
+        parts.append("microcontroller")
     return ", ".join(parts)
 
 
 # Columns whose cells may wrap onto several lines; the rest stay on one line
 # (ids must stay whole to be typed back, and names read badly when split).
-_WRAPPING = {"LABELS", "CONSTRAINTS", "RULES", "DESCRIPTION", "INPUTS", "OUTPUTS"}
+_WRAPPING = {"LABELS", "CONSTRAINTS", "RULES", "DESCRIPTION", "INPUTS", "OUTPUTS", "REASONS"}
 
 
 def _table(*headers: str) -> Table:
@@ -295,6 +302,12 @@ def class_detail(c: common_pb2.DeviceClass) -> RenderableType:
             else NONE,
         ),
         ("accelerator", k.accelerator or NONE),
+        ("threads", str(k.threads) if k.HasField("threads") else "1 (default)"),
+        (
+            "speed factor",
+            f"{k.speed_factor:g}" if k.HasField("speed_factor") else "1 (default)",
+        ),
+        ("microcontroller", "yes (also emits C source)" if k.microcontroller else "no"),
         (
             "match rules",
             "\n".join(format_rule(r) for r in c.match_rules)
@@ -378,3 +391,297 @@ def model_detail(resp: operator_pb2.GetModelResponse) -> RenderableType:
         ]
     )
     return Group(head, versions_table(resp.versions))
+
+
+# ------------------------------------------------------------------ builds
+
+LOG_TAIL_LINES = 15
+
+_STATE_STYLES = {
+    operator_pb2.BUILD_STATE_QUEUED: "dim",
+    operator_pb2.BUILD_STATE_RUNNING: "yellow",
+    operator_pb2.BUILD_STATE_SUCCEEDED: "green",
+    operator_pb2.BUILD_STATE_FAILED: "red",
+}
+
+
+def short_digest(digest: str) -> str:
+    """The first 12 hex digits, as tables show digests; `-` when empty."""
+    return digest[:12] or NONE
+
+
+def model_ref(name: str, version: str) -> str:
+    """`classifier@1.2.0`, as `builds run` takes it."""
+    return f"{name}@{version}"
+
+
+def build_state(b: operator_pb2.Build) -> Text:
+    return Text(enum_name(operator_pb2.BuildState, b.state), style=_STATE_STYLES.get(b.state, ""))
+
+
+def format_progress(fraction: float) -> str:
+    return f"{max(0.0, min(fraction, 1.0)) * 100:.0f}%"
+
+
+def format_seconds(seconds: float) -> str:
+    """`4.2s` under a minute, else `3m12s`; `-` for zero."""
+    if seconds <= 0:
+        return NONE
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    return format_duration(timedelta(seconds=seconds))
+
+
+def chosen_candidate(b: operator_pb2.Build) -> str:
+    """The name of the candidate the build shipped; `-` when none."""
+    return next((c.name for c in b.candidates if c.chosen), NONE)
+
+
+def builds_table(builds: Sequence[operator_pb2.Build], now: datetime) -> Table:
+    table = _table(
+        "ID", "MODEL@VERSION", "CLASS", "STATE", "PROGRESS", "CHOSEN", "ARTIFACT", "CREATED",
+        "REUSED",
+    )  # fmt: skip
+    for b in builds:
+        _add_row(
+            table,
+            short_id(b.id),
+            model_ref(b.model_name, b.model_version),
+            b.class_name,
+            build_state(b),
+            format_progress(b.progress),
+            chosen_candidate(b),
+            short_digest(b.artifact_digest),
+            format_ago(b.created_at, now),
+            short_id(b.reused_from) or NONE,
+        )
+    return table
+
+
+def candidate_verdict(c: operator_pb2.BuildCandidate) -> Text:
+    """`chosen` (shipped), `pass` (met every constraint) or `fail`."""
+    if c.chosen:
+        return Text("chosen", style="bold green")
+    if c.passed:
+        return Text("pass", style="green")
+    return Text("fail", style="red")
+
+
+def candidate_reasons(c: operator_pb2.BuildCandidate) -> list[str]:
+    """Each constraint missed; the build or run error first when no reason
+    already carries it."""
+    reasons = list(c.reasons)
+    if c.error and not any(c.error in r for r in reasons):
+        reasons.insert(0, c.error)
+    return reasons
+
+
+# Two-line headers keep the table near 90 columns: the numbers are narrower
+# than their names.
+_CANDIDATE_NUMBERS = (
+    "SIZE", "P50\nMS", "P95\nMS", "MEM\nMB", "AGREE\n%", "ACC\n%", "MAX\n|DIFF|",
+)  # fmt: skip
+# Narrower than this, the REASONS column moves under the table: a reason
+# ("latency p95 21.30 ms > budget 15.00 ms (+42.0%)") squeezed into a few
+# characters reads worse than one on its own line.
+_REASONS_MIN_WIDTH = 40
+
+
+def format_ms(ms: float) -> str:
+    """`21.30`; three decimals under 0.1 ms, where two would read as zero."""
+    return f"{ms:.2f}" if ms >= 0.1 else f"{ms:.3f}"
+
+
+def _candidate_cells(c: operator_pb2.BuildCandidate) -> list[Text]:
+    measured = not c.error
+    cells = [
+        c.name,
+        enum_name(common_pb2.Runtime, c.runtime),
+        enum_name(common_pb2.Quantization, c.quantization),
+        format_bytes(c.size_bytes) if c.size_bytes else NONE,
+        format_ms(c.latency_p50_ms) if measured else NONE,
+        format_ms(c.latency_p95_ms) if measured else NONE,
+        f"{c.peak_memory_mb:.1f}" if measured else NONE,
+        f"{c.agreement * 100:.1f}" if measured else NONE,
+        f"{c.accuracy * 100:.1f}" if measured and c.HasField("accuracy") else NONE,
+        f"{c.max_abs_diff:.3g}" if measured else NONE,
+    ]
+    return [*(Text(cell) for cell in cells), candidate_verdict(c)]
+
+
+def _candidates_table(
+    candidates: Sequence[operator_pb2.BuildCandidate], *, reasons: bool, runtime: bool
+) -> Table:
+    headers = ("CANDIDATE", "RUNTIME", "PRECISION", *_CANDIDATE_NUMBERS, "VERDICT")
+    rows = [_candidate_cells(c) for c in candidates]
+    keep = [i for i in range(len(headers)) if runtime or i not in (1, 2)]
+    table = _table(*(headers[i] for i in keep), *(("REASONS",) if reasons else ()))
+    for column, i in zip(table.columns, keep, strict=False):
+        if i >= 3:  # numbers and verdicts are never cut
+            column.justify = "right" if i < len(headers) - 1 else "left"
+            column.min_width = max((row[i].cell_len for row in rows), default=1)
+    for c, row in zip(candidates, rows, strict=True):
+        cells = [row[i] for i in keep]
+        if reasons:
+            cells.append(Text("\n".join(candidate_reasons(c)) or NONE))
+        _add_row(table, *cells)
+    return table
+
+
+class CandidatesTable:
+    """A build's optimization ladder: what each rung measured, its verdict
+    and why it failed. Fitted to the console: the reasons are a wrapped last
+    column where there is room, else listed under the table; narrower still,
+    the runtime and precision columns go (candidate names carry both)."""
+
+    def __init__(self, candidates: Sequence[operator_pb2.BuildCandidate]) -> None:
+        self.candidates = list(candidates)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = _candidates_table(self.candidates, reasons=False, runtime=True)
+        # Measured as if unbounded: a measurement is capped at the console width.
+        width = Measurement.get(console, options.update_width(10_000), table).maximum
+        if width + 1 + _REASONS_MIN_WIDTH <= options.max_width:
+            yield _candidates_table(self.candidates, reasons=True, runtime=True)
+            return
+        if width > options.max_width:
+            table = _candidates_table(self.candidates, reasons=False, runtime=False)
+        yield table
+        listed = [(c.name, "\n".join(candidate_reasons(c))) for c in self.candidates]
+        rows = [(name, reasons) for name, reasons in listed if reasons]
+        if rows:
+            yield Text()
+            yield Text("reasons:", style="bold")
+            yield _grid(rows)
+
+
+def candidates_table(candidates: Sequence[operator_pb2.BuildCandidate]) -> RenderableType:
+    return CandidatesTable(candidates)
+
+
+def log_tail(log: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(log.rstrip("\n").splitlines()[-lines:])
+
+
+def _duration_cell(b: operator_pb2.Build) -> str:
+    if b.reused_from:
+        return "- (reused)"
+    return format_seconds(b.duration_s)
+
+
+def build_detail(b: operator_pb2.Build, now: datetime) -> RenderableType:
+    rows: list[tuple[str, RenderableType]] = [
+        ("id", b.id),
+        ("model", model_ref(b.model_name, b.model_version)),
+        ("class", b.class_name),
+        ("state", build_state(b)),
+        ("progress", format_progress(b.progress)),
+        ("created", f"{format_ago(b.created_at, now)} ({format_time(b.created_at)})"),
+        ("duration", _duration_cell(b)),
+        ("chosen", chosen_candidate(b)),
+        ("artifact", b.artifact_digest or NONE),
+        ("dedup key", b.dedup_key or NONE),
+        ("reused from", b.reused_from or NONE),
+        ("error", Text(b.error, style="red") if b.error else NONE),
+    ]
+    parts: list[RenderableType] = [_grid(rows), Text()]
+    if b.candidates:
+        parts.append(candidates_table(b.candidates))
+    else:
+        parts.append(Text("no candidates measured yet", style="dim"))
+    tail = log_tail(b.log)
+    if tail:
+        parts += [Text(), Text(f"log (last {LOG_TAIL_LINES} lines):", style="bold"), Text(tail)]
+    return Group(*parts)
+
+
+def build_report(builds: Sequence[operator_pb2.Build]) -> RenderableType:
+    """What `builds run --wait` prints at the end: per build, one headline
+    (state, chosen candidate, artifact) and its candidate table."""
+    parts: list[RenderableType] = []
+    for b in builds:
+        head = Text.assemble(
+            (f"{model_ref(b.model_name, b.model_version)} for class {b.class_name}: ", "bold"),
+            build_state(b),
+            f" (build {short_id(b.id)})",
+        )
+        if b.state == operator_pb2.BUILD_STATE_SUCCEEDED:
+            head.append(
+                f"\nshipping {chosen_candidate(b)} as {short_digest(b.artifact_digest)}"
+                + (f", reused from build {short_id(b.reused_from)}" if b.reused_from else "")
+            )
+        if b.error:
+            head.append(f"\n{b.error}", style="red")
+        parts += [head, candidates_table(b.candidates) if b.candidates else Text(), Text()]
+    return Group(*parts[:-1])
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+def _tensors_cell(specs: Iterable[common_pb2.TensorSpec]) -> str:
+    return "\n".join(f"{t.name}{format_shape(t)} {t.dtype}".strip() for t in specs) or NONE
+
+
+def artifacts_table(artifacts: Sequence[operator_pb2.Artifact], now: datetime) -> Table:
+    table = _table(
+        "DIGEST", "MODEL@VERSION", "CLASS", "RUNTIME", "PRECISION", "CANDIDATE", "SIZE", "KEY ID",
+        "CREATED",
+    )  # fmt: skip
+    for a in artifacts:
+        m = a.manifest
+        _add_row(
+            table,
+            short_digest(a.digest),
+            model_ref(m.model_name, m.model_version),
+            m.class_name,
+            enum_name(common_pb2.Runtime, m.runtime),
+            enum_name(common_pb2.Quantization, m.precision),
+            m.candidate or NONE,
+            format_bytes(a.size_bytes),
+            short_id(a.signed_manifest.key_id) or NONE,
+            format_ago(a.created_at, now),
+        )
+    return table
+
+
+def format_tensorrt(spec: common_pb2.TensorRTBuildSpec) -> str:
+    """`fp16, workspace 1024 MiB` and a line per input's shape range."""
+    head = spec.precision or "?"
+    if spec.workspace_mb:
+        head += f", workspace {spec.workspace_mb} MiB"
+    ranges = [
+        f"{r.input}: min {list(r.min)} opt {list(r.opt)} max {list(r.max)}" for r in spec.profile
+    ]
+    return "\n".join([head, *ranges])
+
+
+def artifact_detail(a: operator_pb2.Artifact) -> RenderableType:
+    m = a.manifest
+    runtimes = ", ".join(f"{k}>={v}" for k, v in sorted(m.min_runtime_versions.items()))
+    rows: list[tuple[str, RenderableType]] = [
+        ("digest", a.digest),
+        ("model", m.model_name),
+        ("version", m.model_version),
+        ("class", m.class_name),
+        ("runtime", enum_name(common_pb2.Runtime, m.runtime)),
+        ("precision", enum_name(common_pb2.Quantization, m.precision)),
+        ("candidate", m.candidate or NONE),
+        ("sha256", m.sha256 or NONE),
+        ("size", format_bytes(m.size_bytes or a.size_bytes)),
+        ("media type", m.media_type or a.media_type or NONE),
+        ("inputs", _tensors_cell(m.inputs)),
+        ("outputs", _tensors_cell(m.outputs)),
+        ("golden samples", str(len(m.golden))),
+        ("atol", f"{m.atol:g}"),
+        ("rtol", f"{m.rtol:g}"),
+        ("min agreement", f"{m.min_agreement * 100:g}%"),
+        ("min runtimes", runtimes or NONE),
+        ("tensorrt", format_tensorrt(m.tensorrt) if m.HasField("tensorrt") else NONE),
+        ("companion", m.companion_sha256 or NONE),
+        ("build", m.build_id or a.build_id or NONE),
+        ("signed by", f"key {a.signed_manifest.key_id}" if a.signed_manifest.key_id else NONE),
+        ("manifest format", str(m.format_version)),
+        ("created", format_time(a.created_at)),
+    ]
+    return _grid(rows)

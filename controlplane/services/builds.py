@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, aliased
 from controlplane.build.types import BuildTarget
 from controlplane.db.models import (
     ArtifactRow,
+    BlobRow,
     BuildRow,
     DeviceClassRow,
     ModelRow,
@@ -120,6 +121,7 @@ class BuildView:
     row: BuildRow
     model_name: str
     model_version: str
+    artifact_size: int = 0
 
 
 class BuildService:
@@ -270,7 +272,8 @@ class BuildService:
                     model.name if model else "",
                     mv.version if mv else "",
                 )
-            out.append(BuildView(row, *names[row.model_version_id]))
+            blob = session.get(BlobRow, row.artifact_digest) if row.artifact_digest else None
+            out.append(BuildView(row, *names[row.model_version_id], blob.size_bytes if blob else 0))
         return out
 
     def find(

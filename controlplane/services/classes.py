@@ -31,6 +31,9 @@ class Constraints:
     max_memory_mb: float | None = None
     accelerator: str = ""
     min_accuracy_retention: float | None = None
+    threads: int = 1
+    speed_factor: float = 1.0
+    microcontroller: bool = False
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -48,6 +51,12 @@ class Constraints:
             raise InvalidArgument(
                 "minimum accuracy retention is a fraction in (0, 1], e.g. 0.98 for 98%"
             )
+        if self.threads < 1:
+            raise InvalidArgument(f"threads must be at least 1, got {self.threads}")
+        if not self.speed_factor > 0:
+            raise InvalidArgument(f"speed factor must be positive, got {self.speed_factor}")
+        if self.microcontroller and self.runtime != "tflite":
+            raise InvalidArgument("microcontroller classes need the tflite runtime (TFLite Micro)")
         if self.runtime == "tensorrt" and self.accelerator not in ("", "nvidia-gpu", "jetson"):
             raise InvalidArgument("tensorrt classes need an nvidia-gpu or jetson accelerator")
 
@@ -86,6 +95,9 @@ def _constraints_of(row: DeviceClassRow) -> Constraints:
         max_memory_mb=row.max_memory_mb,
         accelerator=row.accelerator,
         min_accuracy_retention=row.min_accuracy_retention,
+        threads=row.threads,
+        speed_factor=row.speed_factor,
+        microcontroller=row.microcontroller,
     )
 
 
@@ -100,6 +112,9 @@ def _store(row: DeviceClassRow, spec: ClassSpec) -> None:
     row.max_memory_mb = c.max_memory_mb
     row.accelerator = c.accelerator
     row.min_accuracy_retention = c.min_accuracy_retention
+    row.threads = c.threads
+    row.speed_factor = c.speed_factor
+    row.microcontroller = c.microcontroller
     row.match_rules = rules.rules_to_json(spec.rules)
     row.updated_at = utcnow()
 

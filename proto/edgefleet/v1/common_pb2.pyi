@@ -308,11 +308,11 @@ class ConstraintProfile(_message.Message):
         min_accuracy_retention: _builtins.float | None = ...,
         threads: _builtins.int | None = ...,
         speed_factor: _builtins.float | None = ...,
-        microcontroller: _builtins.bool = ...,
+        microcontroller: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "min_accuracy_retention", b"min_accuracy_retention", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "accelerator", b"accelerator", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "accelerator", b"accelerator", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__latency_budget_p95_ms: _TypeAlias = _typing.Literal["latency_budget_p95_ms"]  # noqa: Y015
     _WhichOneofArgType__latency_budget_p95_ms: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms"]  # noqa: Y015
@@ -320,6 +320,8 @@ class ConstraintProfile(_message.Message):
     _WhichOneofArgType__max_memory_mb: _TypeAlias = _typing.Literal["_max_memory_mb", b"_max_memory_mb"]  # noqa: Y015
     _WhichOneofReturnType__max_model_size_mb: _TypeAlias = _typing.Literal["max_model_size_mb"]  # noqa: Y015
     _WhichOneofArgType__max_model_size_mb: _TypeAlias = _typing.Literal["_max_model_size_mb", b"_max_model_size_mb"]  # noqa: Y015
+    _WhichOneofReturnType__microcontroller: _TypeAlias = _typing.Literal["microcontroller"]  # noqa: Y015
+    _WhichOneofArgType__microcontroller: _TypeAlias = _typing.Literal["_microcontroller", b"_microcontroller"]  # noqa: Y015
     _WhichOneofReturnType__min_accuracy_retention: _TypeAlias = _typing.Literal["min_accuracy_retention"]  # noqa: Y015
     _WhichOneofArgType__min_accuracy_retention: _TypeAlias = _typing.Literal["_min_accuracy_retention", b"_min_accuracy_retention"]  # noqa: Y015
     _WhichOneofReturnType__speed_factor: _TypeAlias = _typing.Literal["speed_factor"]  # noqa: Y015
@@ -332,6 +334,8 @@ class ConstraintProfile(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_memory_mb) -> _WhichOneofReturnType__max_memory_mb | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_model_size_mb) -> _WhichOneofReturnType__max_model_size_mb | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__microcontroller) -> _WhichOneofReturnType__microcontroller | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_accuracy_retention) -> _WhichOneofReturnType__min_accuracy_retention | None: ...
     @_typing.overload

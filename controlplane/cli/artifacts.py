@@ -1,0 +1,52 @@
+"""`edgefleet artifacts`: the signed artifacts builds published."""
+
+from __future__ import annotations
+
+import click
+
+from controlplane.cli import render as render
+from controlplane.cli.base import Env, call_by_id, emit, json_option, now, pass_env
+from edgefleet.v1 import operator_pb2
+
+
+@click.group()
+def artifacts() -> None:
+    """Signed artifacts published by builds."""
+
+
+@artifacts.command("ls")
+@click.option("--model", "model_name", help="Only artifacts of this model.")
+@click.option("--version", help="Only artifacts of this model version.")
+@click.option("--class", "class_name", help="Only artifacts for this device class.")
+@json_option
+@pass_env
+def artifacts_ls(
+    env: Env, model_name: str | None, version: str | None, class_name: str | None, as_json: bool
+) -> None:
+    """List artifacts."""
+    resp = env.stub.ListArtifacts(
+        operator_pb2.ListArtifactsRequest(
+            model_name=model_name or "", model_version=version or "", class_name=class_name or ""
+        )
+    )
+    emit(as_json, resp.artifacts, lambda: render.artifacts_table(resp.artifacts, now()))
+
+
+@artifacts.command("show")
+@click.argument("digest", metavar="DIGEST")
+@json_option
+@pass_env
+def artifacts_show(env: Env, digest: str, as_json: bool) -> None:
+    """Show an artifact's signed manifest (a digest prefix is enough)."""
+
+    def list_digests() -> list[str]:
+        listed = env.stub.ListArtifacts(operator_pb2.ListArtifactsRequest())
+        return [a.digest for a in listed.artifacts]
+
+    found = call_by_id(
+        digest.strip().lower().removeprefix("sha256:"),
+        lambda d: env.stub.GetArtifact(operator_pb2.GetArtifactRequest(digest=d)),
+        list_digests,
+        "artifact",
+    )
+    emit(as_json, found, lambda: render.artifact_detail(found))

@@ -162,6 +162,9 @@ def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
         "latency_budget_p95_ms",
         "max_memory_mb",
         "min_accuracy_retention",
+        "threads",
+        "speed_factor",
+        "microcontroller",
     ):
         if msg.HasField(name):
             changes[name] = getattr(msg, name)

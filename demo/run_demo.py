@@ -79,6 +79,10 @@ CLASSES = [
     ["x86-gateway", "--runtime", "onnxruntime", "--quantization", "auto",
      "--latency-budget-ms", "10", "--max-memory-mb", "1024",
      "--description", "x86 gateways", "--match", "arch == x86_64"],
+    # No rules (nothing is placed in it): a microcontroller profile whose 2 KB
+    # flash budget no candidate can meet, to show a failed build's report.
+    ["tiny-mcu", "--runtime", "tflite", "--quantization", "int8", "--microcontroller",
+     "--max-size-mb", "0.002", "--description", "Cortex-M class with 2 KB for the model"],
 ]  # fmt: skip
 
 
@@ -125,7 +129,7 @@ class Demo:
     def step(self, title: str) -> None:
         console.print(Rule(f"[bold]{title}"))
 
-    def cli(self, *args: str, capture: bool = False) -> str:
+    def cli(self, *args: str, capture: bool = False, check: bool = True) -> str:
         """Run `edgefleet ARGS`, echoing the command like a terminal session."""
         shown = " ".join(a if " " not in a else repr(a) for a in args)
         console.print(f"[dim]$[/] [bold cyan]edgefleet {shown}[/]")
@@ -135,7 +139,7 @@ class Demo:
             stdout=subprocess.PIPE if capture else None,
             text=True,
         )
-        if result.returncode != 0:
+        if result.returncode != 0 and check:
             raise SystemExit(f"demo step failed: edgefleet {shown}")
         return result.stdout or ""
 
@@ -217,6 +221,17 @@ class Demo:
                  "--description", "8x8 digits classifier")  # fmt: skip
         self.cli("models", "ls")
 
+    def show_builds(self) -> None:
+        self.step("Builds: each class gets its best measured artifact, or says why not")
+        # The push queued one build per class; `builds run` finds them (no
+        # rebuild: same inputs, same result) and waits. It exits 1 because
+        # the tiny-mcu build must fail.
+        self.cli("builds", "run", "digits@1.0.0", check=False)
+        builds = json.loads(self.cli("builds", "ls", "--json", capture=True))
+        pi = next(b for b in builds if b["class_name"] == "pi-class")
+        self.cli("builds", "show", pi["id"])
+        self.cli("artifacts", "ls")
+
     def stop(self) -> None:
         for proc in [*self.agents, self.server]:
             if proc is not None and proc.poll() is None:
@@ -258,10 +273,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         demo.start_agents()
         demo.accept_pending()
         demo.push_model()
+        demo.show_builds()
         demo.step("Done")
         console.print(
             "Agents registered on boot, were placed in classes by rules, the pending one was "
-            "accepted, and a model version is in the registry."
+            "accepted, a model version was pushed, and every class got a measured, signed "
+            "artifact (or a report of what each candidate missed)."
         )
         if args.keep_running:
             console.print(

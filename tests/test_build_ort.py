@@ -153,7 +153,7 @@ def test_a_size_limit_forces_int8(ladder: Ladder) -> None:
     verdict = ladder.verdict(max_model_size_mb=(smallest_int8 + smallest_float) / 2 / MIB)
     for name in ("fp32-opt", "fp16"):
         passed, reasons, _ = verdict[name]
-        assert not passed and reasons[0].startswith("size ") and "MiB > max" in reasons[0]
+        assert not passed and reasons[0].startswith("size ") and "iB > max" in reasons[0]
     (chosen,) = [name for name, (_, _, c) in verdict.items() if c]
     assert chosen.startswith("int8-")
 

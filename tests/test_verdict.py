@@ -273,3 +273,25 @@ def test_only_passing_candidates_are_chosen() -> None:
         ladder, target(quantization="int8", min_accuracy_retention=0.99), 0.98, FP32_P95
     )
     assert [e.chosen for e in evaluated] == [True, False]
+
+
+def test_tiny_sizes_are_written_in_kib() -> None:
+    target = BuildTarget("mcu", "tflite", max_model_size_mb=0.002)
+    candidate = Candidate("tflite-int8", "tflite", "int8", Path("m.tflite"))
+    reasons = evaluate([(candidate, Measurement(size_bytes=5456))], target, None, 1.0)[0].reasons
+    assert reasons == ["size 5.3 KiB > max 2.0 KiB (+160%)"]
+
+
+def test_proxy_measurements_skip_device_budgets_but_not_size_or_fidelity() -> None:
+    target = BuildTarget(
+        "jetson", "tensorrt", latency_budget_p95_ms=0.001, max_memory_mb=0.001,
+        max_model_size_mb=1.0, min_accuracy_retention=0.99,
+    )  # fmt: skip
+    candidate = Candidate("trt-fp16", "tensorrt", "fp16", Path("m.onnx"))
+    fine = Measurement(size_bytes=1000, latency_p95_ms=5.0, peak_memory_mb=50.0, agreement=1.0,
+                       latency_is_proxy=True)  # fmt: skip
+    (judged,) = evaluate([(candidate, fine)], target, None, 1.0)
+    assert judged.passed and judged.chosen
+    lossy = Measurement(size_bytes=1000, latency_p95_ms=5.0, agreement=0.5, latency_is_proxy=True)
+    (judged,) = evaluate([(candidate, lossy)], target, None, 1.0)
+    assert not judged.passed and "argmax agreement" in judged.reasons[0]

@@ -53,6 +53,19 @@ def reference_outputs(model: Path, samples: Samples, threads: int = 1) -> list[n
     return stacked
 
 
+def measurement_runtime(runtime: str) -> tuple[str, bool]:
+    """The runtime to measure a candidate with, and whether it is a stand-in.
+    TensorRT artifacts are ONNX files: where TensorRT is absent (no GPU on the
+    build host) onnxruntime runs them, which checks the quantized graph's
+    fidelity but says nothing about GPU latency or memory."""
+    if runtime == "tensorrt":
+        from agent.runtimes.tensorrt import tensorrt_version
+
+        if tensorrt_version() is None:
+            return "onnxruntime", True
+    return runtime, False
+
+
 def measure(
     candidate: Candidate,
     samples: Samples,
@@ -108,11 +121,12 @@ def measure_with_outputs(
     if candidate.path is None:
         return Measurement(size_bytes=0, error=candidate.error or "not built"), None
     size = candidate.path.stat().st_size
+    runtime, proxy = measurement_runtime(candidate.runtime)
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         directory = Path(tmp)
         request = {
             "path": str(candidate.path),
-            "runtime": candidate.runtime,
+            "runtime": runtime,
             "threads": threads,
             "runs": max(1, runs),
             "warmup": WARMUP_RUNS,
@@ -140,6 +154,7 @@ def measure_with_outputs(
         max_abs_diff=max_abs_diff(outputs, reference_outputs),
         agreement=agreement(outputs[0], reference_first),
         accuracy=accuracy(outputs[0], samples.labels),
+        latency_is_proxy=proxy,
     )
     return measurement, outputs
 

@@ -58,6 +58,10 @@ class Measurement:
     # Accuracy against the sample labels, when there are labels.
     accuracy: float | None = None
     error: str = ""  # set when the candidate could not be run
+    # Latency and memory came from a stand-in runtime (TensorRT candidates run
+    # in onnxruntime on a build host without TensorRT): they show fidelity,
+    # not device speed, so budgets are checked on the device instead.
+    latency_is_proxy: bool = False
 
 
 @dataclass

@@ -40,9 +40,13 @@ def check(
     size_mb = measurement.size_bytes / MIB
     if target.max_model_size_mb is not None and size_mb > target.max_model_size_mb:
         reasons.append(
-            f"size {size_mb:.2f} MiB > max {target.max_model_size_mb:.2f} MiB"
+            f"size {_size(size_mb)} > max {_size(target.max_model_size_mb)}"
             f" ({_over(size_mb, target.max_model_size_mb)})"
         )
+    if measurement.latency_is_proxy:
+        # A stand-in runtime's speed and memory say nothing about the device's
+        # accelerator: those budgets are checked when the device validates.
+        return reasons + _retention_reasons(measurement, target, reference_accuracy)
     if target.latency_budget_p95_ms is not None:
         device_p95 = measurement.latency_p95_ms * target.speed_factor
         budget = target.latency_budget_p95_ms
@@ -61,19 +65,31 @@ def check(
             f"peak memory {measurement.peak_memory_mb:.1f} MiB > max {target.max_memory_mb:.1f} MiB"
             f" ({_over(measurement.peak_memory_mb, target.max_memory_mb)})"
         )
-    if target.min_accuracy_retention is not None:
-        kept, basis = retention(measurement, reference_accuracy)
-        if kept < target.min_accuracy_retention:
-            detail = (
-                f"accuracy {measurement.accuracy:.4f} vs fp32 {reference_accuracy:.4f}: retention"
-                if basis == "accuracy"
-                else "argmax agreement with fp32"
-            )
-            reasons.append(
-                f"{detail} {kept:.4f} < min {target.min_accuracy_retention:.4f}"
-                f" ({_over(kept, target.min_accuracy_retention)})"
-            )
-    return reasons
+    return reasons + _retention_reasons(measurement, target, reference_accuracy)
+
+
+def _retention_reasons(
+    measurement: Measurement, target: BuildTarget, reference_accuracy: float | None
+) -> list[str]:
+    if target.min_accuracy_retention is None:
+        return []
+    kept, basis = retention(measurement, reference_accuracy)
+    if kept >= target.min_accuracy_retention:
+        return []
+    detail = (
+        f"accuracy {measurement.accuracy:.4f} vs fp32 {reference_accuracy:.4f}: retention"
+        if basis == "accuracy"
+        else "argmax agreement with fp32"
+    )
+    return [
+        f"{detail} {kept:.4f} < min {target.min_accuracy_retention:.4f}"
+        f" ({_over(kept, target.min_accuracy_retention)})"
+    ]
+
+
+def _size(mib: float) -> str:
+    """Sizes readable at any scale: a 2 KiB budget must not print as 0.00 MiB."""
+    return f"{mib * 1024:.1f} KiB" if mib < 0.1 else f"{mib:.2f} MiB"
 
 
 def evaluate(

@@ -285,3 +285,41 @@ async def test_download_resumes_from_any_offset_and_checks_permissions(
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await channel.close()
+
+
+async def test_identical_bytes_for_two_runtimes_get_a_manifest_each(
+    cp: ControlPlane, digits: BuiltModel
+) -> None:
+    op, channel = await _setup(cp, digits)
+    builds = _builds(cp)
+    try:
+        await op.CreateDeviceClass(
+            o.CreateDeviceClassRequest(
+                name="gpu", constraints=c.ConstraintProfile(runtime=c.RUNTIME_TENSORRT)
+            ),
+            metadata=ADMIN,
+        )
+        await op.RunBuild(
+            o.RunBuildRequest(model_name="digits", model_version="1.0.0", class_name="gpu"),
+            metadata=ADMIN,
+        )
+        for _ in range(3):  # arm, (its twin is skipped while it runs), gpu
+            job = await asyncio.to_thread(builds.claim, "r", 60)
+            if job is None:
+                break
+            result = _fake_result(digits.model)
+            if job.target["runtime"] == "tensorrt":
+                chosen = {**result["chosen"], "name": "trt-fp16", "runtime": "tensorrt",
+                          "precision": "fp16", "tensorrt_spec": {"precision": "fp16",
+                          "workspace_mb": 256, "profile": []}}  # fmt: skip
+                result = {**result, "candidates": [chosen], "chosen": chosen}
+            assert await asyncio.to_thread(builds.finish, job, "r", result, "")
+        listed = await op.ListArtifacts(o.ListArtifactsRequest(), metadata=ADMIN)
+        by_class = {a.manifest.class_name: a for a in listed.artifacts}
+        assert set(by_class) == {"arm", "gpu"}
+        assert by_class["arm"].digest == by_class["gpu"].digest
+        assert by_class["arm"].manifest.runtime == c.RUNTIME_ONNXRUNTIME
+        assert by_class["gpu"].manifest.runtime == c.RUNTIME_TENSORRT
+        assert by_class["gpu"].manifest.tensorrt.precision == "fp16"
+    finally:
+        await channel.close()

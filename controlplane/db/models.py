@@ -267,7 +267,11 @@ class BuildRow(Base):
 class ArtifactRow(Base):
     __tablename__ = "artifacts"
 
-    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), primary_key=True)
+    # One row per build: identical bytes can ship to classes with different
+    # runtimes (an fp16 ONNX for onnxruntime and for TensorRT), and each
+    # needs its own signed manifest.
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), index=True)
     media_type: Mapped[str] = mapped_column(String(100))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     # A file shipped beside the artifact (the TFLite Micro C source).
@@ -276,7 +280,7 @@ class ArtifactRow(Base):
     manifest: Mapped[bytes] = mapped_column(LargeBinary)
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     key_id: Mapped[str] = mapped_column(ForeignKey("signing_keys.id"))
-    build_id: Mapped[str] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    build_id: Mapped[str] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), unique=True)
     model_version_id: Mapped[str] = mapped_column(
         ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
     )

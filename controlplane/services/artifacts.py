@@ -36,8 +36,17 @@ class ArtifactService:
             return list(uow.session.scalars(stmt))
 
     def get(self, digest: str) -> ArtifactRow:
+        """The newest artifact with these bytes (several classes may ship
+        the same bytes, each with its own manifest)."""
         with self._db.unit_of_work(readonly=True) as uow:
-            row = uow.session.get(ArtifactRow, digest) if valid_digest(digest) else None
+            row = None
+            if valid_digest(digest):
+                row = uow.session.scalar(
+                    select(ArtifactRow)
+                    .where(ArtifactRow.digest == digest)
+                    .order_by(ArtifactRow.created_at.desc())
+                    .limit(1)
+                )
             if row is None:
                 raise NotFound(f"no artifact with digest {digest!r}")
             return row
@@ -55,9 +64,14 @@ class ArtifactService:
                     f"device {device_id} is {device.state}; only accepted devices receive work"
                 )
             artifact = digest
-            if uow.session.get(ArtifactRow, digest) is None:
+            known = uow.session.scalar(
+                select(ArtifactRow.id).where(ArtifactRow.digest == digest).limit(1)
+            )
+            if known is None:
                 owner = uow.session.scalar(
-                    select(ArtifactRow.digest).where(ArtifactRow.companion_digest == digest)
+                    select(ArtifactRow.digest)
+                    .where(ArtifactRow.companion_digest == digest)
+                    .limit(1)
                 )
                 if owner is None:
                     raise NotFound(f"no artifact with digest {digest}")

@@ -462,8 +462,6 @@ class BuildService:
             companion = Path(chosen["companion"])
             companion_digest = sha256_file(companion)
             self._blobs.add(session, companion, companion_digest, "text/x-c")
-        if session.get(ArtifactRow, digest) is not None:
-            return digest  # identical bytes already published with a manifest
         mv = session.get_one(ModelVersionRow, row.model_version_id)
         model = session.get_one(ModelRow, mv.model_id)
         manifest = _manifest(row, model.name, mv, chosen, digest, path.stat().st_size,
@@ -472,6 +470,7 @@ class BuildService:
         key = active_key(session)
         session.add(
             ArtifactRow(
+                id=secrets.new_id(),
                 digest=digest,
                 media_type=chosen["media_type"],
                 size_bytes=path.stat().st_size,

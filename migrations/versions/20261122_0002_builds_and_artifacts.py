@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-22 03:46:09.488626
+Create Date: 2026-11-22 04:10:36.047146
 """
 
 from collections.abc import Sequence
@@ -97,6 +97,7 @@ def upgrade() -> None:
 
     op.create_table(
         "artifacts",
+        sa.Column("id", sa.String(length=32), nullable=False),
         sa.Column("digest", sa.String(length=64), nullable=False),
         sa.Column("media_type", sa.String(length=100), nullable=False),
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),
@@ -109,15 +110,13 @@ def upgrade() -> None:
         sa.Column("class_name", sa.String(length=100), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
-            ["companion_digest"],
-            ["blobs.digest"],
-            name=op.f("fk_artifacts_companion_digest_blobs"),
-        ),
-        sa.ForeignKeyConstraint(
             ["build_id"],
             ["builds.id"],
             name=op.f("fk_artifacts_build_id_builds"),
             ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["companion_digest"], ["blobs.digest"], name=op.f("fk_artifacts_companion_digest_blobs")
         ),
         sa.ForeignKeyConstraint(
             ["digest"], ["blobs.digest"], name=op.f("fk_artifacts_digest_blobs")
@@ -131,25 +130,26 @@ def upgrade() -> None:
             name=op.f("fk_artifacts_model_version_id_model_versions"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("digest", name=op.f("pk_artifacts")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_artifacts")),
+        sa.UniqueConstraint("build_id", name=op.f("uq_artifacts_build_id")),
     )
     with op.batch_alter_table("artifacts", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_artifacts_class_name"), ["class_name"], unique=False)
         batch_op.create_index(
             batch_op.f("ix_artifacts_companion_digest"), ["companion_digest"], unique=False
         )
-        batch_op.create_index(batch_op.f("ix_artifacts_build_id"), ["build_id"], unique=False)
-        batch_op.create_index(batch_op.f("ix_artifacts_class_name"), ["class_name"], unique=False)
+        batch_op.create_index(batch_op.f("ix_artifacts_digest"), ["digest"], unique=False)
         batch_op.create_index(
             batch_op.f("ix_artifacts_model_version_id"), ["model_version_id"], unique=False
         )
 
     with op.batch_alter_table("device_classes", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("threads", sa.Integer(), nullable=False, server_default="1"))
+        batch_op.add_column(sa.Column("threads", sa.Integer(), server_default="1", nullable=False))
         batch_op.add_column(
-            sa.Column("speed_factor", sa.Float(), nullable=False, server_default="1.0")
+            sa.Column("speed_factor", sa.Float(), server_default="1.0", nullable=False)
         )
         batch_op.add_column(
-            sa.Column("microcontroller", sa.Boolean(), nullable=False, server_default=sa.false())
+            sa.Column("microcontroller", sa.Boolean(), server_default=sa.false(), nullable=False)
         )
 
     # ### end Alembic commands ###
@@ -163,10 +163,10 @@ def downgrade() -> None:
         batch_op.drop_column("threads")
 
     with op.batch_alter_table("artifacts", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_artifacts_companion_digest"))
         batch_op.drop_index(batch_op.f("ix_artifacts_model_version_id"))
+        batch_op.drop_index(batch_op.f("ix_artifacts_digest"))
+        batch_op.drop_index(batch_op.f("ix_artifacts_companion_digest"))
         batch_op.drop_index(batch_op.f("ix_artifacts_class_name"))
-        batch_op.drop_index(batch_op.f("ix_artifacts_build_id"))
 
     op.drop_table("artifacts")
     with op.batch_alter_table("builds", schema=None) as batch_op:

@@ -362,6 +362,11 @@ class Agent:
             # Revisions count per device: a new device id starts from 0.
             store.forget_desired(self.config.state_dir)
             self._applied_revision = 0
+        # Pin the keys that sign artifact manifests before anything else can
+        # arrive from this control plane (trust on first enrollment).
+        store.save_trusted_keys(
+            self.config.state_dir, {k.key_id: k.public_key for k in response.signing_keys}
+        )
         # Persist before use: a crash after Sync but before saving would leave
         # the device enrolled with a credential nobody knows.
         store.save_identity(self.config.state_dir, identity)

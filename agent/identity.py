@@ -29,6 +29,7 @@ from edgefleet.v1 import device_pb2
 
 IDENTITY_FILE = "identity.json"
 DESIRED_FILE = "desired.json"
+TRUSTED_KEYS_FILE = "trusted-keys.json"
 HARDWARE_ID_FILE = "hardware-id"
 MACHINE_ID_PATHS = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 # Mixed into the machine id before hashing: machine-id(5) asks applications not
@@ -128,6 +129,34 @@ def load_identity(state_dir: Path) -> Identity | None:
     if not all(isinstance(value, str) and value for value in values.values()):
         raise StateError(f"{path}: every value must be a non-empty string")
     return Identity(**values)
+
+
+# ---------------------------------------------------------------- pinned signing keys
+
+
+def signing_key_id(public_key: bytes) -> str:
+    """The id the control plane derives from an ed25519 public key."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def save_trusted_keys(state_dir: Path, keys: dict[str, bytes]) -> None:
+    """Pin the control plane's manifest-signing keys (key id -> raw ed25519
+    public key). Refuses a key whose id does not match its bytes."""
+    for key_id, public_key in keys.items():
+        if len(public_key) != 32 or signing_key_id(public_key) != key_id:
+            raise StateError(f"signing key {key_id!r} does not match its public key; not pinned")
+    document = {key_id: public_key.hex() for key_id, public_key in sorted(keys.items())}
+    _write_json(state_dir / TRUSTED_KEYS_FILE, document)
+
+
+def load_trusted_keys(state_dir: Path) -> dict[str, bytes]:
+    """The pinned keys; empty before the first enrollment."""
+    path = state_dir / TRUSTED_KEYS_FILE
+    document = _read_json(path) or {}
+    try:
+        return {str(k): bytes.fromhex(str(v)) for k, v in document.items()}
+    except ValueError as exc:
+        raise StateError(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------- desired state

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from edgefleet.v1 import common_pb2, operator_pb2
+from agent.identity import load_trusted_keys
+from edgefleet.v1 import common_pb2, device_pb2, operator_pb2
 from tests.agent_harness import AgentProcess, wait_for
 from tests.harness import ControlPlane
 
@@ -129,6 +130,16 @@ def test_agents_register_on_boot_with_profile_and_runtime(
     assert [(a.kind, a.name) for a in jetson_device.hardware.accelerators] == [
         ("jetson", "Orin Nano")
     ]
+    # The manifest-signing key was pinned at enrollment, and it is the one
+    # the control plane hands out.
+    token = control_plane.operator().CreateEnrollmentToken(
+        operator_pb2.CreateEnrollmentTokenRequest(name="probe")
+    )
+    probe = control_plane.device_stub().Enroll(
+        device_pb2.EnrollRequest(enrollment_token=token.secret, hardware_id="probe")
+    )
+    pinned = load_trusted_keys(pi.state_dir)
+    assert pinned == {k.key_id: k.public_key for k in probe.signing_keys} and pinned
 
     # Both open a Sync stream and apply the first desired state.
     for agent, device_id in ((pi, pi_id), (jetson, jetson_id)):

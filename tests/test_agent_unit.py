@@ -611,3 +611,19 @@ def test_agent_imports_no_server_or_ui_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_trusted_keys_round_trip_and_refuse_mismatched_ids(tmp_path: Path) -> None:
+    import hashlib
+
+    from agent.errors import StateError
+    from agent.identity import load_trusted_keys, save_trusted_keys
+
+    assert load_trusted_keys(tmp_path) == {}
+    public = bytes(range(32))
+    key_id = hashlib.sha256(public).hexdigest()[:16]
+    save_trusted_keys(tmp_path, {key_id: public})
+    assert load_trusted_keys(tmp_path) == {key_id: public}
+    with pytest.raises(StateError, match="does not match"):
+        save_trusted_keys(tmp_path, {"0123456789abcdef": public})
+    assert load_trusted_keys(tmp_path) == {key_id: public}  # unchanged

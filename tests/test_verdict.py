@@ -278,8 +278,28 @@ def test_only_passing_candidates_are_chosen() -> None:
 def test_tiny_sizes_are_written_in_kib() -> None:
     target = BuildTarget("mcu", "tflite", max_model_size_mb=0.002)
     candidate = Candidate("tflite-int8", "tflite", "int8", Path("m.tflite"))
-    reasons = evaluate([(candidate, Measurement(size_bytes=5456))], target, None, 1.0)[0].reasons
+    measured = Measurement(size_bytes=5456, agreement=1.0)
+    reasons = evaluate([(candidate, measured)], target, None, 1.0)[0].reasons
     assert reasons == ["size 5.3 KiB > max 2.0 KiB (+160%)"]
+
+
+def test_a_class_without_a_floor_still_rejects_low_fidelity() -> None:
+    target = BuildTarget("jetson", "tensorrt")  # no min_accuracy_retention
+    small = Candidate("trt-int8-qdq", "tensorrt", "int8", Path("a.onnx"))
+    large = Candidate("trt-fp16", "tensorrt", "fp16", Path("b.onnx"))
+    judged = evaluate(
+        [(small, Measurement(size_bytes=100, agreement=0.656)),
+         (large, Measurement(size_bytes=200, agreement=0.969))],
+        target, None, math.inf,
+    )  # fmt: skip
+    assert [e.passed for e in judged] == [False, True]
+    assert judged[1].chosen
+    assert judged[0].reasons == ["argmax agreement with fp32 0.6560 < default min 0.9500 (-31%)"]
+    # An explicit, lower floor is the operator's call.
+    loose = BuildTarget("jetson", "tensorrt", min_accuracy_retention=0.6)
+    assert evaluate([(small, Measurement(size_bytes=100, agreement=0.656))], loose, None, math.inf)[
+        0
+    ].passed
 
 
 def test_proxy_measurements_skip_device_budgets_but_not_size_or_fidelity() -> None:

@@ -177,3 +177,49 @@ def build_small_cnn(out_dir: Path, *, seed: int = 0) -> BuiltModel:
     np.savez(paths.sample_data, image=x_test[:200], labels=y_test[:200].astype(np.int64))
     paths.labels.write_text("".join(f"digit-{i}\n" for i in range(10)))
     return paths
+
+
+def render_text_lines(
+    count: int, *, seed: int = 0, height: int = 48, width: int = 192
+) -> np.ndarray:
+    """Text-like line images, preprocessed as PP-OCR's classifier expects
+    ((x / 255 - 0.5) / 0.5, NCHW): dark glyph strokes of varying size,
+    spacing and line length on a light, slightly graded and noisy background."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((count, 3, height, width), dtype=np.float32)
+    for n in range(count):
+        page = np.full((height, width), rng.uniform(170, 250), dtype=np.float32)
+        page += np.linspace(0, rng.uniform(-20, 20), width, dtype=np.float32)[None, :]
+        ink = rng.uniform(0, 80)
+        cell_w, cell_h = int(rng.integers(16, 28)), int(rng.integers(26, 38))
+        top = int(rng.integers(2, height - cell_h - 1))
+        x = int(rng.integers(0, 6))
+        for _ in range(int(rng.integers(3, width // cell_w + 1))):
+            if x + cell_w > width:
+                break
+            for _ in range(int(rng.integers(2, 5))):
+                t = int(rng.integers(2, 4))
+                kind = int(rng.integers(0, 3))
+                if kind == 0:  # horizontal stroke
+                    y = top + int(rng.integers(0, cell_h - t))
+                    x0 = x + int(rng.integers(0, cell_w // 2))
+                    x1 = min(x0 + int(rng.integers(cell_w // 3, cell_w)), x + cell_w)
+                    page[y : y + t, x0:x1] = ink
+                elif kind == 1:  # vertical stroke
+                    xx = x + int(rng.integers(0, cell_w - t))
+                    y0 = top + int(rng.integers(0, cell_h // 2))
+                    y1 = min(y0 + int(rng.integers(cell_h // 3, cell_h)), top + cell_h)
+                    page[y0:y1, xx : xx + t] = ink
+                else:  # diagonal stroke
+                    length = int(rng.integers(cell_h // 2, cell_h))
+                    x0 = x + int(rng.integers(0, cell_w // 2))
+                    y0 = top + int(rng.integers(0, cell_h // 3))
+                    for k in range(length):
+                        yy, xx = y0 + k, x0 + k * cell_w // (2 * length)
+                        if yy < height - t and xx < width - t:
+                            page[yy : yy + t, xx : xx + t] = ink
+            x += cell_w + int(rng.integers(1, 5))
+        page = np.clip(page + rng.normal(0, 4, page.shape), 0, 255)
+        rgb = page[None] * rng.uniform(0.9, 1.0, (3, 1, 1))
+        images[n] = (rgb / 255.0 - 0.5) / 0.5
+    return images

@@ -420,7 +420,7 @@ class DownloadArtifactRequest(_message.Message):
     """sha256 hex digest of the artifact."""
     offset: _builtins.int
     chunk_size: _builtins.int
-    """Requested chunk size; the server clamps it to [64 KiB, 1 MiB]."""
+    """Requested chunk size; the server clamps it to [64 KiB, 1 MiB]; 0: 1 MiB."""
     def __init__(
         self,
         *,

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from controlplane.build.toolchain import find_tflite
 from controlplane.build.types import BuildTarget
 from controlplane.db.models import (
     ArtifactRow,
@@ -77,19 +78,14 @@ def _version(package: str) -> str:
 
 
 def toolchain_versions(runtime: str, toolchains_dir: Path | None) -> dict[str, str]:
-    """The tool versions a build's result depends on (part of the dedup key)."""
+    """The tool versions a build's result depends on (part of the dedup key).
+    A missing TFLite toolchain gives a different key than an installed one,
+    so installing it lets a failed build run again instead of being reused."""
     versions = {p: _version(p) for p in ("onnx", "onnxruntime", "onnxconverter-common")}
     if runtime == "tflite":
         versions["ai-edge-litert"] = _version("ai-edge-litert")
-        try:
-            from controlplane.build.toolchain import find_tflite
-
-            found = find_tflite(toolchains_dir) if toolchains_dir else find_tflite()
-            versions.update(
-                {f"toolchain:{k}": v for k, v in (found.versions if found else {}).items()}
-            )
-        except ImportError:
-            pass
+        found = find_tflite(toolchains_dir)
+        versions["toolchain"] = found.key if found else "missing"
     return versions
 
 

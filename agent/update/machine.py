@@ -1,0 +1,288 @@
+"""UpdateMachine: runs the handler of the persisted state, turns its outcome
+into an Event, looks the successor up in TRANSITIONS and persists it.
+
+Persistence: before a handler runs, its attempt (per-state and loop counters)
+is saved; after it, the next state is saved before anything of that state
+happens. So the record on disk always names the state whose side effects may
+be under way, and a restart re-enters that state:
+
+- Idle, Verifying, Validating, RollingBack, Failed: run again (they are
+  idempotent: checks, rollback to the recorded previous artifact, cleanup).
+- Downloading: resume from the bytes in the .part file (download.py).
+- Activating: ROLL BACK. A restart loses the warmed model and the standby, and
+  whether the switch happened is unknown, so the rule is mender's: a restart
+  before commit rolls back to the previous artifact, and reports
+  "agent restarted during activation".
+- Committed: run commit() again (idempotent); the new model stays active.
+
+Errors: every port error is classified (ports.py). A retryable one keeps the
+state, backs off (base * 2^(attempt-1), capped; the sleep is a port) and
+counts an attempt; at `max_attempts` it becomes fatal. The loop guard counts
+handler runs of one update, restarts included: past `max_loops` the next
+handler is not run and a fatal "loop guard" failure is raised instead, so an
+update that never settles ends in Failed. A state entered more than
+`max_attempts` times (a crash loop: the process dies inside its handler) fails
+the same way without running the handler again. Failed always
+settles to Idle (its cleanup and report never fail).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError, StateError
+
+from .download import DEFAULT_MARGIN, Hasher, ResumableDownload, artifact_path, remove_download
+from .ports import Ports, UpdateError
+from .states import TRANSITIONS, Event, EventKind, State
+from .store import Assignment, UpdateRecord, UpdateStore
+
+RESTARTED_IN_ACTIVATION = "agent restarted during activation"
+_ABORTABLE = frozenset({State.DOWNLOADING, State.VERIFYING, State.VALIDATING})
+
+
+class UpdateInProgress(AgentError):
+    """An assignment arrived while another update is still running."""
+
+    title = "Update in progress"
+
+
+def classify(exc: Exception) -> Event:
+    """The failure event for an exception raised by a port."""
+    if isinstance(exc, UpdateError):
+        return Event.failure(exc.message, fatal=exc.fatal)
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return Event.failure(f"{type(exc).__name__}: {exc}", fatal=False)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return Event.failure("disk full", fatal=True)
+    return Event.failure(f"{type(exc).__name__}: {exc}", fatal=True)
+
+
+class UpdateMachine:
+    def __init__(
+        self,
+        store: UpdateStore,
+        ports: Ports,
+        *,
+        max_attempts: int = 5,
+        max_loops: int = 50,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+        hash_factory: Callable[[], Hasher] = hashlib.sha256,
+        disk_usage: Callable[[Path], Any] = shutil.disk_usage,
+        disk_margin: int = DEFAULT_MARGIN,
+    ) -> None:
+        self.store = store
+        self.ports = ports
+        self.max_attempts = max_attempts
+        self.max_loops = max_loops
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self._hash_factory = hash_factory
+        self._disk_usage = disk_usage
+        self._disk_margin = disk_margin
+        self.record = store.load()
+        # Loaded in Activating: this process did not do (all of) the switch.
+        self._restarted_in_activation = self.record.state is State.ACTIVATING
+        self._download: ResumableDownload | None = None
+
+    @property
+    def state(self) -> State:
+        return self.record.state
+
+    # ------------------------------------------------------------ commands
+
+    def assign(self, assignment: Assignment) -> None:
+        """Start installing `assignment` (persisted, not yet acted on)."""
+        if self.record.pending:
+            raise UpdateInProgress("an update is still running; abort it and let it settle first")
+        self.record = UpdateRecord(assignment=assignment, history=[State.IDLE.value])
+        self._download = None
+        self.store.save(self.record)
+
+    def abort(self, reason: str) -> None:
+        """Give up the running update. Honoured before activation (Downloading,
+        Verifying, Validating); once activation started the update finishes."""
+        if not self.record.pending:
+            return
+        if self.record.state is State.IDLE:
+            self.record.outcome, self.record.reason = "aborted", reason
+        else:
+            self.record.abort_reason = reason
+        self.store.save(self.record)
+
+    # ------------------------------------------------------------ stepping
+
+    def step(self) -> State:
+        """Run the current state's handler once; persist and return the next
+        state. Port errors become events; StateError (the record cannot be
+        persisted) propagates."""
+        record = self.record
+        state = record.state
+        if state is State.IDLE:
+            event = self._idle(record)
+        else:
+            record.attempts[state.value] = record.attempts.get(state.value, 0) + 1
+            record.loops += 1
+            self.store.save(record)  # the attempt is on disk before its work
+            event = self._guarded(state, record)
+        if event.kind is EventKind.RETRYABLE and (
+            record.attempts.get(state.value, 0) >= self.max_attempts
+        ):
+            event = Event.failure(
+                f"{event.reason} (gave up after {self.max_attempts} attempts)", fatal=True
+            )
+        successor = TRANSITIONS.get((state, event.kind))
+        if successor is None:
+            raise RuntimeError(f"no transition from {state} on {event.kind}")
+        if state is State.IDLE and event.kind is EventKind.NOTHING_TO_DO:
+            return state
+        if event.kind in (EventKind.FATAL, EventKind.ABORTED):
+            record.reason = (
+                event.reason if record.reason is None else (f"{record.reason}; {event.reason}")
+            )
+        if event.kind is EventKind.RETRYABLE:
+            attempt = record.attempts.get(state.value, 1)
+            self._report(state, event.reason)
+            self.ports.sleep(min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+            return state
+        if successor is State.IDLE:
+            record.outcome = "committed" if state is State.COMMITTED else "failed"
+        record.state = successor
+        record.history.append(successor.value)
+        self.store.save(record)  # the next state is on disk before its work
+        self._report(successor, record.reason if successor in _FAILING else None)
+        return successor
+
+    def run_until_settled(self) -> UpdateRecord:
+        """Step until the machine is Idle with nothing pending."""
+        while self.record.pending or self.record.state is not State.IDLE:
+            self.step()
+        return self.record
+
+    # ------------------------------------------------------------ handlers
+
+    def _guarded(self, state: State, record: UpdateRecord) -> Event:
+        if state is not State.FAILED and record.loops > self.max_loops:
+            return Event.failure(f"loop guard: {self.max_loops} steps without settling", fatal=True)
+        if state is not State.FAILED and record.attempts[state.value] > self.max_attempts:
+            # Only a crash loop gets here: retryable failures stop at the limit.
+            return Event.failure(
+                f"{state} did not complete in {self.max_attempts} attempts", fatal=True
+            )
+        if state is State.ACTIVATING and self._restarted_in_activation:
+            self._restarted_in_activation = False
+            return Event.failure(RESTARTED_IN_ACTIVATION, fatal=True)
+        if state in _ABORTABLE and record.abort_reason is not None:
+            return Event.aborted(f"aborted: {record.abort_reason}")
+        handler = self._handlers[state]
+        try:
+            return handler(self, record)
+        except StateError:
+            raise
+        except Exception as exc:
+            event = classify(exc)
+            if state is State.ROLLING_BACK and event.reason is not None:
+                event = Event(event.kind, f"rollback failed: {event.reason}")
+            return event
+
+    def _idle(self, record: UpdateRecord) -> Event:
+        if not record.pending:
+            return Event.nothing_to_do()
+        record.previous = self.ports.activator.active()
+        return Event.success()
+
+    def _assignment(self, record: UpdateRecord) -> Assignment:
+        if record.assignment is None:  # pending implies an assignment
+            raise StateError(f"{self.store.path}: {record.state} without an assignment")
+        return record.assignment
+
+    def _artifact(self, record: UpdateRecord) -> Path:
+        return artifact_path(self.store.state_dir, self._assignment(record).artifact_digest)
+
+    def _downloading(self, record: UpdateRecord) -> Event:
+        assignment = self._assignment(record)
+        download = self._download
+        if download is None or download.digest != assignment.artifact_digest:
+            download = self._download = ResumableDownload(
+                self.store.state_dir,
+                assignment.artifact_digest,
+                assignment.artifact_size,
+                hash_factory=self._hash_factory,
+                disk_usage=self._disk_usage,
+                margin=self._disk_margin,
+            )
+
+        def progress(done: int) -> None:
+            record.bytes_downloaded = done
+            self._report(State.DOWNLOADING, None)
+
+        try:
+            download.run(self.ports.downloader, progress)
+        finally:
+            record.bytes_downloaded = download.bytes_done
+        return Event.success()
+
+    def _verifying(self, record: UpdateRecord) -> Event:
+        assignment = self._assignment(record)
+        self.ports.verifier.verify(
+            self._artifact(record),
+            digest=assignment.artifact_digest,
+            manifest=assignment.manifest,
+            signature=assignment.manifest_signature,
+        )
+        return Event.success()
+
+    def _validating(self, record: UpdateRecord) -> Event:
+        self.ports.validator.validate(self._artifact(record), self._assignment(record).manifest)
+        return Event.success()
+
+    def _activating(self, record: UpdateRecord) -> Event:
+        self.ports.activator.activate(self._artifact(record), self._assignment(record).manifest)
+        return Event.success()
+
+    def _committed(self, record: UpdateRecord) -> Event:
+        self.ports.activator.commit()
+        return Event.success()
+
+    def _rolling_back(self, record: UpdateRecord) -> Event:
+        self.ports.activator.rollback(record.previous)
+        return Event.success()
+
+    def _failed(self, record: UpdateRecord) -> Event:
+        # Never fails: keep the artifact file only if it may still be in use
+        # (a rollback that did not bring the previous artifact back).
+        digest = self._assignment(record).artifact_digest
+        try:
+            in_use = self.ports.activator.active() != record.previous
+        except Exception:
+            in_use = True
+        with contextlib.suppress(OSError):
+            remove_download(self.store.state_dir, digest, keep_final=in_use)
+        self._download = None
+        return Event.success()
+
+    def _report(self, state: State, reason: str | None) -> None:
+        total = self.record.assignment.artifact_size if self.record.assignment else 0
+        # Reporting is best effort; the real reporter buffers.
+        with contextlib.suppress(Exception):
+            self.ports.reporter.report(state, self.record.bytes_downloaded, total, reason)
+
+    _handlers: dict[State, Callable[[UpdateMachine, UpdateRecord], Event]] = {
+        State.DOWNLOADING: _downloading,
+        State.VERIFYING: _verifying,
+        State.VALIDATING: _validating,
+        State.ACTIVATING: _activating,
+        State.COMMITTED: _committed,
+        State.ROLLING_BACK: _rolling_back,
+        State.FAILED: _failed,
+    }
+
+
+_FAILING = frozenset({State.ROLLING_BACK, State.FAILED})

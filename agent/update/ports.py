@@ -1,0 +1,96 @@
+"""The ports the update machine drives, and the errors they raise.
+
+The machine never speaks gRPC or loads a runtime; the daemon passes objects
+implementing these Protocols (tests pass fakes). Every port error is
+classified: FatalUpdateError (no retry) or RetryableUpdateError (back off and
+try the same state again). ConnectionError and TimeoutError count as
+retryable; any other exception from a port is treated as fatal.
+
+Contracts the real implementations must keep:
+- Downloader.fetch starts at `offset` and yields Chunks in order; each chunk
+  says where it starts and the artifact's total size (like ArtifactChunk). A
+  source may ignore the offset and start at 0; download.py copes.
+- Activator.activate loads and warms the new model, switches to it (in-flight
+  requests finish on the old one) and keeps the old one as a warm standby; it
+  persists which artifact is active atomically, so after a restart the daemon
+  serves what active() says. rollback(previous) makes `previous` active again
+  (None: no model) and must be idempotent; commit() drops the standby and must
+  be idempotent too.
+- Reporter.report must not raise (it buffers when the control plane is away);
+  the machine ignores errors from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from agent.errors import AgentError
+
+from .states import State
+
+
+class UpdateError(AgentError):
+    """A step of an update failed; `fatal` says whether retrying can help."""
+
+    title = "Update failed"
+    fatal = True
+
+
+class FatalUpdateError(UpdateError):
+    title = "Update failed"
+    fatal = True
+
+
+class RetryableUpdateError(UpdateError):
+    title = "Update step will be retried"
+    fatal = False
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offset: int
+    data: bytes
+    total_size: int
+
+
+class Downloader(Protocol):
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]: ...
+
+
+class Verifier(Protocol):
+    def verify(self, path: Path, *, digest: str, manifest: bytes, signature: bytes) -> None: ...
+
+
+class Validator(Protocol):
+    def validate(self, path: Path, manifest: bytes) -> None: ...
+
+
+class Activator(Protocol):
+    def active(self) -> str | None: ...
+
+    def activate(self, path: Path, manifest: bytes) -> None: ...
+
+    def rollback(self, previous: str | None) -> None: ...
+
+    def commit(self) -> None: ...
+
+
+class Reporter(Protocol):
+    def report(
+        self, state: State, bytes_done: int, bytes_total: int, reason: str | None
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Ports:
+    downloader: Downloader
+    verifier: Verifier
+    validator: Validator
+    activator: Activator
+    reporter: Reporter
+    # Injected so tests neither wait nor depend on the host's free space.
+    sleep: Callable[[float], None] = time.sleep

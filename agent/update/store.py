@@ -1,0 +1,121 @@
+"""The persisted update record: state_dir/update.json, written atomically
+(agent.identity.atomic_write) by the machine before each state's side
+effects, and loaded on restart. Bytes (manifest, signature) are hex."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import StateError
+from agent.identity import atomic_write
+
+from .states import State
+
+UPDATE_FILE = "update.json"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The artifact to install, as the control plane assigned it."""
+
+    model_name: str
+    model_version: str
+    artifact_digest: str  # sha256 hex of the artifact
+    artifact_size: int
+    manifest: bytes  # serialized ArtifactManifest, exactly the signed bytes
+    manifest_signature: bytes
+    rollout_id: str = ""
+    sequence: int = 0
+
+
+@dataclass
+class UpdateRecord:
+    state: State = State.IDLE
+    assignment: Assignment | None = None
+    bytes_downloaded: int = 0
+    # State name -> handler runs in this update (restarts included).
+    attempts: dict[str, int] = field(default_factory=dict)
+    # Handler runs in this update over all states: the loop guard's counter.
+    loops: int = 0
+    # The artifact that was active before this update (Activator.active()).
+    previous: str | None = None
+    # Why the update failed (set by the first fatal failure, kept to the end).
+    reason: str | None = None
+    # "committed" or "failed" once the update settled; None while it runs.
+    outcome: str | None = None
+    # Set by UpdateMachine.abort(); honoured before activation.
+    abort_reason: str | None = None
+    # The states this update went through, in order.
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def pending(self) -> bool:
+        """An assignment waits to be (or is being) installed."""
+        return self.assignment is not None and self.outcome is None
+
+
+def _encode(record: UpdateRecord) -> bytes:
+    document = asdict(record)
+    document["state"] = record.state.value
+    if record.assignment is not None:
+        document["assignment"]["manifest"] = record.assignment.manifest.hex()
+        document["assignment"]["manifest_signature"] = record.assignment.manifest_signature.hex()
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _decode(path: Path, document: Any) -> UpdateRecord:
+    try:
+        if not isinstance(document, dict):
+            raise TypeError("expected a JSON object")
+        raw = document.get("assignment")
+        assignment = None
+        if raw is not None:
+            raw = dict(raw)
+            raw["manifest"] = bytes.fromhex(raw["manifest"])
+            raw["manifest_signature"] = bytes.fromhex(raw["manifest_signature"])
+            assignment = Assignment(**raw)
+        return UpdateRecord(
+            state=State(document["state"]),
+            assignment=assignment,
+            bytes_downloaded=int(document.get("bytes_downloaded", 0)),
+            attempts={str(k): int(v) for k, v in document.get("attempts", {}).items()},
+            loops=int(document.get("loops", 0)),
+            previous=document.get("previous"),
+            reason=document.get("reason"),
+            outcome=document.get("outcome"),
+            abort_reason=document.get("abort_reason"),
+            history=[str(s) for s in document.get("history", [])],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"{path}: not an update record: {exc}") from exc
+
+
+class UpdateStore:
+    """Loads and saves the update record in `state_dir`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / UPDATE_FILE
+
+    def load(self) -> UpdateRecord:
+        """The stored record; a fresh Idle one when none was written yet."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return UpdateRecord()
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+        try:
+            document = json.loads(text)
+        except ValueError as exc:
+            raise StateError(f"{self.path}: not valid JSON: {exc}") from exc
+        return _decode(self.path, document)
+
+    def save(self, record: UpdateRecord) -> None:
+        try:
+            atomic_write(self.path, _encode(record))
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc

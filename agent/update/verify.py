@@ -1,0 +1,84 @@
+"""The Verifying step: the manifest is signed by a pinned control-plane key,
+was built for this device's class, and names the artifact that was
+downloaded; the file has the manifest's size.
+
+The signature is checked first, so nothing unsigned is parsed. The file's
+sha256 was already checked while downloading (download.py renames the file
+into place only when it matched, hashing each byte once); `rehash=True` reads
+the file again for a belt-and-braces check."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf.message import DecodeError
+
+from agent.identity import load_trusted_keys
+from edgefleet.v1 import common_pb2
+
+from .ports import FatalUpdateError
+
+OTHER_CLASS = "manifest for another device class"
+
+
+def signature_valid(public_key: bytes, data: bytes, signature: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+class ManifestVerifier:
+    """Implements the Verifier port."""
+
+    def __init__(
+        self, *, trusted_keys: Mapping[str, bytes], class_name: str, rehash: bool = False
+    ) -> None:
+        self.trusted_keys = dict(trusted_keys)
+        self.class_name = class_name
+        self.rehash = rehash
+
+    @classmethod
+    def from_state_dir(cls, state_dir: Path, class_name: str) -> ManifestVerifier:
+        return cls(trusted_keys=load_trusted_keys(state_dir), class_name=class_name)
+
+    def verify(self, path: Path, *, digest: str, manifest: bytes, signature: bytes) -> None:
+        if not self.trusted_keys:
+            raise FatalUpdateError("no pinned signing keys: cannot verify the manifest")
+        if not any(signature_valid(key, manifest, signature) for key in self.trusted_keys.values()):
+            raise FatalUpdateError("manifest signature does not match any pinned signing key")
+        parsed = common_pb2.ArtifactManifest()
+        try:
+            parsed.ParseFromString(manifest)
+        except DecodeError as exc:
+            raise FatalUpdateError(f"signed manifest does not parse: {exc}") from exc
+        if parsed.class_name != self.class_name:
+            raise FatalUpdateError(
+                f"{OTHER_CLASS}: built for {parsed.class_name!r}, this device is "
+                f"{self.class_name!r}"
+            )
+        if parsed.sha256 != digest:
+            raise FatalUpdateError(
+                f"manifest names artifact {parsed.sha256[:12]}, the assignment {digest[:12]}"
+            )
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FatalUpdateError(f"artifact {digest[:12]} is missing from disk") from None
+        if size != parsed.size_bytes:
+            raise FatalUpdateError(
+                f"artifact truncated or padded: {size} bytes on disk, manifest says "
+                f"{parsed.size_bytes}"
+            )
+        if self.rehash:
+            hasher = hashlib.sha256()
+            with path.open("rb") as handle:
+                while block := handle.read(1024 * 1024):
+                    hasher.update(block)
+            if hasher.hexdigest() != digest:
+                raise FatalUpdateError("sha256 mismatch: the artifact on disk is corrupted")

@@ -1,0 +1,808 @@
+"""The agent's update state machine (agent/update), driven through fake ports.
+
+The machine, the store, the download and the manifest verifier are real; the
+ports (source of bytes, validator, activator, reporter, sleep) are fakes that
+record what happened and raise injected faults."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.errors import StateError
+from agent.identity import save_trusted_keys, signing_key_id
+from agent.update.download import ResumableDownload, artifact_path, part_path
+from agent.update.machine import RESTARTED_IN_ACTIVATION, UpdateInProgress, UpdateMachine
+from agent.update.ports import (
+    Chunk,
+    FatalUpdateError,
+    Ports,
+    RetryableUpdateError,
+)
+from agent.update.states import TRANSITIONS, EventKind, State
+from agent.update.store import Assignment, UpdateRecord, UpdateStore
+from agent.update.verify import OTHER_CLASS, ManifestVerifier
+from edgefleet.v1 import common_pb2
+
+CLASS = "jetson-orin"
+OLD = "old-artifact"
+DATA = bytes(range(256)) * 40  # 10240 bytes
+CHUNK = 1000
+
+# Short names keep the expected chains readable.
+IL, D, V, VA, A, C, R, F = (
+    State.IDLE,
+    State.DOWNLOADING,
+    State.VERIFYING,
+    State.VALIDATING,
+    State.ACTIVATING,
+    State.COMMITTED,
+    State.ROLLING_BACK,
+    State.FAILED,
+)
+HAPPY = [IL, D, V, VA, A, C, IL]
+
+
+class Crash(BaseException):
+    """The process dies here (kill -9): nothing after it runs."""
+
+
+# ---------------------------------------------------------------- keys and artifacts
+
+
+def _raw_public(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+SIGNER = Ed25519PrivateKey.generate()
+STRANGER = Ed25519PrivateKey.generate()
+TRUSTED = {signing_key_id(_raw_public(SIGNER)): _raw_public(SIGNER)}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_assignment(
+    data: bytes = DATA,
+    *,
+    class_name: str = CLASS,
+    signer: Ed25519PrivateKey = SIGNER,
+    size_bytes: int | None = None,
+) -> Assignment:
+    manifest = common_pb2.ArtifactManifest(
+        model_name="digits",
+        model_version="2",
+        class_name=class_name,
+        sha256=sha(data),
+        size_bytes=len(data) if size_bytes is None else size_bytes,
+    ).SerializeToString()
+    return Assignment(
+        model_name="digits",
+        model_version="2",
+        artifact_digest=sha(data),
+        artifact_size=len(data),
+        manifest=manifest,
+        manifest_signature=signer.sign(manifest),
+    )
+
+
+# ---------------------------------------------------------------- fake ports
+
+
+@dataclass
+class Faults:
+    """Per state, exceptions to raise on the next handler calls (in order)."""
+
+    queued: dict[State, list[BaseException]] = field(default_factory=dict)
+    forever: dict[State, BaseException] = field(default_factory=dict)
+
+    def check(self, state: State) -> None:
+        if state in self.forever:
+            raise self.forever[state]
+        pending = self.queued.get(state)
+        if pending:
+            raise pending.pop(0)
+
+
+class FakeDownloader:
+    """Serves `data` from the requested offset. `cuts`: one stop position per
+    call (None: serve to the end); `ignore_offset`: always start at 0;
+    `corrupt_at`: flip that byte; `bad_offset`: claim a wrong chunk offset."""
+
+    def __init__(
+        self,
+        data: bytes = DATA,
+        *,
+        faults: Faults | None = None,
+        cuts: list[int | None] | None = None,
+        ignore_offset: bool = False,
+        corrupt_at: int | None = None,
+        bad_offset: bool = False,
+        total_size: int | None = None,
+    ) -> None:
+        self.data = data
+        self.faults = faults or Faults()
+        self.cuts = list(cuts or [])
+        self.ignore_offset = ignore_offset
+        self.corrupt_at = corrupt_at
+        self.bad_offset = bad_offset
+        self.total_size = len(data) if total_size is None else total_size
+        self.offsets: list[int] = []
+        self.bytes_served = 0
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        self.offsets.append(offset)
+        self.faults.check(D)
+        cut = self.cuts.pop(0) if self.cuts else None
+        position = 0 if self.ignore_offset else offset
+        end = len(self.data) if cut is None else cut
+        while position < end:
+            data = bytearray(self.data[position : min(end, position + CHUNK)])
+            if self.corrupt_at is not None and position <= self.corrupt_at < position + len(data):
+                data[self.corrupt_at - position] ^= 0xFF
+            claimed = position + 1 if self.bad_offset else position
+            self.bytes_served += len(data)
+            yield Chunk(offset=claimed, data=bytes(data), total_size=self.total_size)
+            position += len(data)
+
+
+class FaultyVerifier:
+    """The real ManifestVerifier behind an injected-fault check."""
+
+    def __init__(self, faults: Faults, inner: ManifestVerifier) -> None:
+        self.faults, self.inner = faults, inner
+
+    def verify(self, path: Path, *, digest: str, manifest: bytes, signature: bytes) -> None:
+        self.faults.check(V)
+        self.inner.verify(path, digest=digest, manifest=manifest, signature=signature)
+
+
+class FakeValidator:
+    def __init__(self, faults: Faults) -> None:
+        self.faults = faults
+        self.validated: list[str] = []
+
+    def validate(self, path: Path, manifest: bytes) -> None:
+        self.faults.check(VA)
+        self.validated.append(path.name)
+
+
+class FakeActivator:
+    """Which artifact serves. `active` survives a restart (the real one
+    persists its pointer); the warm standby does not. A fault in Activating
+    strikes after the switch (the worst moment)."""
+
+    def __init__(self, faults: Faults, active: str | None = OLD) -> None:
+        self.faults = faults
+        self.current = active
+        self.standby: str | None = None
+        self.paths: list[Path] = []
+
+    def active(self) -> str | None:
+        return self.current
+
+    def activate(self, path: Path, manifest: bytes) -> None:
+        assert not path.name.endswith(".part") and path.read_bytes()
+        self.paths.append(path)
+        self.standby, self.current = self.current, path.name
+        self.faults.check(A)
+
+    def rollback(self, previous: str | None) -> None:
+        self.faults.check(R)
+        self.current, self.standby = previous, None
+
+    def commit(self) -> None:
+        self.faults.check(C)
+        self.standby = None
+
+    def restart(self) -> None:
+        self.standby = None
+
+
+class FakeReporter:
+    def __init__(self, faults: Faults) -> None:
+        self.faults = faults
+        self.reports: list[tuple[State, int, int, str | None]] = []
+        # State -> raise Crash when that state is first reported (just persisted).
+        self.crash_on_enter: set[State] = set()
+
+    def report(self, state: State, bytes_done: int, bytes_total: int, reason: str | None) -> None:
+        self.reports.append((state, bytes_done, bytes_total, reason))
+        if state in self.crash_on_enter:
+            self.crash_on_enter.discard(state)
+            raise Crash(f"killed after entering {state}")
+
+    def transitions(self) -> list[State]:
+        """Reported states without repeats (progress, retries)."""
+        states: list[State] = []
+        for state, _, _, _ in self.reports:
+            if not states or states[-1] is not state:
+                states.append(state)
+        return states
+
+
+class CountingHasher:
+    def __init__(self, counter: list[int]) -> None:
+        self.inner = hashlib.sha256()
+        self.counter = counter
+
+    def update(self, data: bytes, /) -> None:
+        self.counter[0] += len(data)
+        self.inner.update(data)
+
+    def hexdigest(self) -> str:
+        return self.inner.hexdigest()
+
+
+@dataclass
+class Free:
+    free: int
+
+
+class Rig:
+    """A state directory, fake ports and a machine over them."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        downloader: FakeDownloader | None = None,
+        class_name: str = CLASS,
+        max_attempts: int = 3,
+        max_loops: int = 50,
+        free: int = 10**12,
+    ) -> None:
+        self.state_dir = tmp_path / "state"
+        self.state_dir.mkdir(exist_ok=True)
+        self.faults = Faults()
+        self.downloader = downloader or FakeDownloader()
+        self.downloader.faults = self.faults
+        self.activator = FakeActivator(self.faults)
+        self.validator = FakeValidator(self.faults)
+        self.reporter = FakeReporter(self.faults)
+        self.verifier = FaultyVerifier(
+            self.faults, ManifestVerifier(trusted_keys=TRUSTED, class_name=class_name)
+        )
+        self.sleeps: list[float] = []
+        self.crash_on_sleep = False
+        self.hashed = [0]
+        self.free = free
+        self.max_attempts, self.max_loops = max_attempts, max_loops
+        self.machine = self.new_machine()
+
+    def new_machine(self) -> UpdateMachine:
+        """A machine as a freshly started agent builds it: from the store."""
+        ports = Ports(
+            downloader=self.downloader,
+            verifier=self.verifier,
+            validator=self.validator,
+            activator=self.activator,
+            reporter=self.reporter,
+            sleep=self._sleep,
+        )
+        return UpdateMachine(
+            UpdateStore(self.state_dir),
+            ports,
+            max_attempts=self.max_attempts,
+            max_loops=self.max_loops,
+            hash_factory=lambda: CountingHasher(self.hashed),
+            disk_usage=lambda _path: Free(self.free),
+            disk_margin=100,
+        )
+
+    def _sleep(self, seconds: float) -> None:
+        if self.crash_on_sleep:
+            self.crash_on_sleep = False
+            raise Crash("killed while backing off")
+        self.sleeps.append(seconds)
+
+    def restart(self) -> UpdateMachine:
+        self.activator.restart()
+        self.machine = self.new_machine()
+        return self.machine
+
+    def settle_through_crashes(self, limit: int = 20) -> UpdateRecord:
+        for _ in range(limit):
+            try:
+                return self.machine.run_until_settled()
+            except Crash:
+                self.restart()
+        raise AssertionError("did not settle")
+
+    def assert_consistent(self, record: UpdateRecord, assignment: Assignment) -> None:
+        """Old or new model, matching the outcome; no partial file in use."""
+        if record.outcome == "committed":
+            assert self.activator.current == assignment.artifact_digest
+            assert artifact_path(self.state_dir, assignment.artifact_digest).read_bytes() == DATA
+        else:
+            assert record.outcome == "failed"
+            assert self.activator.current == OLD
+            assert not artifact_path(self.state_dir, assignment.artifact_digest).exists()
+        assert not part_path(self.state_dir, assignment.artifact_digest).exists()
+        assert all(not p.name.endswith(".part") for p in self.activator.paths)
+        assert self.activator.standby is None
+        # What it reported last is what it did.
+        last = [s for s in self.reporter.transitions() if s is not IL][-1]
+        assert last is (C if record.outcome == "committed" else F)
+
+
+# ---------------------------------------------------------------- the table
+
+
+def test_table_covers_every_state_and_only_known_events() -> None:
+    sources = {state for state, _ in TRANSITIONS}
+    assert sources == set(State)
+    for state in State:
+        if state not in (IL, F):
+            assert (state, EventKind.SUCCESS) in TRANSITIONS
+            assert (state, EventKind.FATAL) in TRANSITIONS
+            assert TRANSITIONS[(state, EventKind.RETRYABLE)] is state
+    # After the download, every fatal failure rolls back.
+    for state in (V, VA, A, C):
+        assert TRANSITIONS[(state, EventKind.FATAL)] is R
+    assert TRANSITIONS[(D, EventKind.FATAL)] is F
+    assert TRANSITIONS[(R, EventKind.SUCCESS)] is F
+    assert TRANSITIONS[(R, EventKind.FATAL)] is F
+
+
+# ---------------------------------------------------------------- state chains
+
+
+def fatal(reason: str) -> FatalUpdateError:
+    return FatalUpdateError(reason)
+
+
+def retry(reason: str) -> RetryableUpdateError:
+    return RetryableUpdateError(reason)
+
+
+ROLLED_BACK = [R, F, IL]
+CHAINS: list[tuple[str, dict[State, list[BaseException]], list[State], str, str | None, int]] = [
+    # id, faults, expected chain, outcome, reason (substring), backoff sleeps
+    ("happy", {}, HAPPY, "committed", None, 0),
+    (
+        "download-fatal",
+        {D: [fatal("no such artifact")]},
+        [IL, D, F, IL],
+        "failed",
+        "no such artifact",
+        0,
+    ),
+    ("download-retry", {D: [retry("unavailable")]}, HAPPY, "committed", None, 1),
+    ("download-connection-error", {D: [ConnectionError("reset")]}, HAPPY, "committed", None, 1),
+    (
+        "verify-fatal",
+        {V: [fatal("bad signature")]},
+        [IL, D, V, *ROLLED_BACK],
+        "failed",
+        "bad signature",
+        0,
+    ),
+    ("verify-retry", {V: [retry("busy")]}, HAPPY, "committed", None, 1),
+    (
+        "validate-fatal",
+        {VA: [fatal("golden outputs differ")]},
+        [IL, D, V, VA, *ROLLED_BACK],
+        "failed",
+        "golden outputs differ",
+        0,
+    ),
+    (
+        "validate-unexpected",
+        {VA: [ValueError("boom")]},
+        [IL, D, V, VA, *ROLLED_BACK],
+        "failed",
+        "ValueError: boom",
+        0,
+    ),
+    ("validate-retry-twice", {VA: [retry("busy"), retry("busy")]}, HAPPY, "committed", None, 2),
+    (
+        "validate-retry-exhausted",
+        {VA: [retry("busy")] * 3},
+        [IL, D, V, VA, *ROLLED_BACK],
+        "failed",
+        "busy (gave up after 3 attempts)",
+        2,
+    ),
+    (
+        "activate-fatal",
+        {A: [fatal("warm-up failed")]},
+        [IL, D, V, VA, A, *ROLLED_BACK],
+        "failed",
+        "warm-up failed",
+        0,
+    ),
+    ("activate-retry", {A: [retry("busy")]}, HAPPY, "committed", None, 1),
+    (
+        "commit-fatal",
+        {C: [fatal("cannot drop standby")]},
+        [IL, D, V, VA, A, C, *ROLLED_BACK],
+        "failed",
+        "cannot drop standby",
+        0,
+    ),
+    ("commit-retry", {C: [retry("busy")]}, HAPPY, "committed", None, 1),
+    (
+        "rollback-retry",
+        {VA: [fatal("too slow")], R: [retry("busy")]},
+        [IL, D, V, VA, *ROLLED_BACK],
+        "failed",
+        "too slow",
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("faults", "chain", "outcome", "reason", "sleeps"),
+    [case[1:] for case in CHAINS],
+    ids=[case[0] for case in CHAINS],
+)
+def test_state_chain(
+    tmp_path: Path,
+    faults: dict[State, list[BaseException]],
+    chain: list[State],
+    outcome: str,
+    reason: str | None,
+    sleeps: int,
+) -> None:
+    rig = Rig(tmp_path)
+    rig.faults.queued = {state: list(errors) for state, errors in faults.items()}
+    assignment = make_assignment()
+    rig.machine.assign(assignment)
+    record = rig.machine.run_until_settled()
+
+    assert record.history == [s.value for s in chain]
+    assert rig.reporter.transitions() == chain[1:]
+    assert record.outcome == outcome
+    if reason is None:
+        assert record.reason is None
+    else:
+        assert record.reason is not None and reason in record.reason
+        assert rig.reporter.reports[-2] == (F, record.bytes_downloaded, len(DATA), record.reason)
+    assert len(rig.sleeps) == sleeps
+    rig.assert_consistent(record, assignment)
+    # The record on disk says the same.
+    assert UpdateStore(rig.state_dir).load() == record
+
+
+def test_rollback_that_fails_is_reported_and_keeps_the_file(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.faults.queued = {A: [fatal("warm-up failed")], R: [fatal("old model gone")]}
+    assignment = make_assignment()
+    rig.machine.assign(assignment)
+    record = rig.machine.run_until_settled()
+    assert record.history == [s.value for s in [IL, D, V, VA, A, R, F, IL]]
+    assert record.reason == "warm-up failed; rollback failed: old model gone"
+    # The new artifact may still serve, so its file stays.
+    assert rig.activator.current == assignment.artifact_digest
+    assert artifact_path(rig.state_dir, assignment.artifact_digest).exists()
+
+
+def test_backoff_doubles_and_is_capped(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, max_attempts=10)
+    rig.machine.backoff_cap = 5.0
+    rig.faults.queued = {VA: [retry("busy")] * 5}
+    rig.machine.assign(make_assignment())
+    assert rig.machine.run_until_settled().outcome == "committed"
+    assert rig.sleeps == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_loop_guard_turns_endless_retries_into_failure(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, max_attempts=100, max_loops=6)
+    rig.faults.forever = {D: retry("unavailable")}
+    assignment = make_assignment()
+    rig.machine.assign(assignment)
+    record = rig.machine.run_until_settled()
+    assert record.history == [s.value for s in [IL, D, F, IL]]
+    assert record.reason == "loop guard: 6 steps without settling"
+    assert len(rig.sleeps) == 6
+    rig.assert_consistent(record, assignment)
+
+
+def test_assign_while_running_is_refused_and_abort_fails_before_activation(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    rig.machine.assign(make_assignment())
+    assert rig.machine.step() is D
+    with pytest.raises(UpdateInProgress):
+        rig.machine.assign(make_assignment())
+    rig.machine.abort("superseded by version 3")
+    record = rig.machine.run_until_settled()
+    assert record.history == [s.value for s in [IL, D, F, IL]]
+    assert record.reason == "aborted: superseded by version 3"
+    assert rig.activator.current == OLD
+    assert rig.downloader.offsets == []
+
+
+# ---------------------------------------------------------------- restarts
+
+
+RESTART_POINTS = [(state, when) for state in (D, V, VA, A, C) for when in ("entered", "during")]
+
+
+@pytest.mark.parametrize(
+    ("state", "when"), RESTART_POINTS, ids=[f"{s}-{w}" for s, w in RESTART_POINTS]
+)
+def test_restart_in_each_state_ends_consistent(tmp_path: Path, state: State, when: str) -> None:
+    rig = Rig(tmp_path)
+    if when == "entered":
+        rig.reporter.crash_on_enter.add(state)
+    else:
+        rig.faults.queued = {state: [Crash(f"killed during {state}")]}
+    assignment = make_assignment()
+    rig.machine.assign(assignment)
+    with pytest.raises(Crash):
+        rig.machine.run_until_settled()
+    assert UpdateStore(rig.state_dir).load().state is state
+
+    record = rig.restart().run_until_settled()
+    rig.assert_consistent(record, assignment)
+    if state is A:
+        # The documented rule: a restart in Activating rolls back.
+        assert record.outcome == "failed"
+        assert record.reason == RESTARTED_IN_ACTIVATION
+        assert record.history[-4:] == [A.value, R.value, F.value, IL.value]
+    else:
+        assert record.outcome == "committed"
+        assert record.history == [s.value for s in HAPPY]
+
+
+@pytest.mark.parametrize("state", [R, F])
+def test_restart_while_failing_still_ends_on_the_old_model(tmp_path: Path, state: State) -> None:
+    rig = Rig(tmp_path)
+    rig.faults.queued = {VA: [fatal("too slow")]}
+    rig.reporter.crash_on_enter.add(state)
+    assignment = make_assignment()
+    rig.machine.assign(assignment)
+    with pytest.raises(Crash):
+        rig.machine.run_until_settled()
+    record = rig.restart().run_until_settled()
+    assert record.reason == "too slow"
+    rig.assert_consistent(record, assignment)
+
+
+def test_crash_loop_in_one_state_ends_in_failure(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, max_attempts=3)
+    rig.faults.forever = {VA: Crash("killed during validation")}
+    assignment = make_assignment()
+    rig.machine.assign(assignment)
+    record = rig.settle_through_crashes()
+    assert record.outcome == "failed"
+    assert record.reason == "validating did not complete in 3 attempts"
+    assert record.attempts[VA.value] == 4
+    rig.assert_consistent(record, assignment)
+
+
+def test_restart_during_download_resumes_from_the_bytes_on_disk(tmp_path: Path) -> None:
+    downloader = FakeDownloader(cuts=[3500])
+    rig = Rig(tmp_path, downloader=downloader)
+    # Kill the agent the moment the first fetch is cut: the retry never runs.
+    rig.crash_on_sleep = True
+    assignment = make_assignment()
+    rig.machine.assign(assignment)
+    with pytest.raises(Crash):
+        rig.machine.run_until_settled()
+    assert part_path(rig.state_dir, assignment.artifact_digest).stat().st_size == 3500
+    record = rig.restart().run_until_settled()
+    assert record.outcome == "committed"
+    assert downloader.offsets == [0, 3500]
+    assert downloader.bytes_served == len(DATA)  # nothing fetched twice
+    # The prefix was hashed once more after the restart, from disk; no more.
+    assert rig.hashed[0] == len(DATA) + 3500
+    rig.assert_consistent(record, assignment)
+
+
+# ---------------------------------------------------------------- downloads
+
+
+def _download(tmp_path: Path, **kwargs: Any) -> tuple[ResumableDownload, list[int]]:
+    counter = [0]
+    free = kwargs.get("free", 10**12)
+    download = ResumableDownload(
+        tmp_path,
+        sha(DATA),
+        len(DATA),
+        hash_factory=lambda: CountingHasher(counter),
+        disk_usage=lambda _p: Free(free),
+        margin=100,
+    )
+    return download, counter
+
+
+@pytest.mark.parametrize("cuts", [[1], [1000, 5000, 5001, 9999], [CHUNK * 3], [10239]], ids=str)
+def test_download_resumes_and_hashes_every_byte_once(tmp_path: Path, cuts: list[int]) -> None:
+    downloader = FakeDownloader(cuts=list(cuts))
+    download, hashed = _download(tmp_path)
+    for _ in cuts:
+        with pytest.raises(RetryableUpdateError, match="download interrupted"):
+            download.run(downloader)
+    path = download.run(downloader)
+    assert path.read_bytes() == DATA
+    assert downloader.offsets == [0, *cuts]
+    assert downloader.bytes_served == len(DATA)
+    assert hashed[0] == len(DATA)
+    assert not part_path(tmp_path, sha(DATA)).exists()
+
+
+def test_download_refuses_a_chunk_at_the_wrong_offset(tmp_path: Path) -> None:
+    download, _ = _download(tmp_path)
+    with pytest.raises(RetryableUpdateError, match="chunk at offset 1 refused: expected offset 0"):
+        download.run(FakeDownloader(bad_offset=True))
+    assert download.run(FakeDownloader()).read_bytes() == DATA
+
+
+def test_download_restarts_from_zero_when_the_source_ignores_the_offset(tmp_path: Path) -> None:
+    download, _ = _download(tmp_path)
+    with pytest.raises(RetryableUpdateError):
+        download.run(FakeDownloader(cuts=[4000]))
+    ignoring = FakeDownloader(ignore_offset=True)
+    assert download.run(ignoring).read_bytes() == DATA
+    assert ignoring.offsets == [4000]
+    assert ignoring.bytes_served == len(DATA)
+
+
+def test_download_checks_free_space_first(tmp_path: Path) -> None:
+    download, _ = _download(tmp_path, free=len(DATA))  # no room for the margin
+    downloader = FakeDownloader()
+    with pytest.raises(FatalUpdateError, match="disk full"):
+        download.run(downloader)
+    assert downloader.offsets == []
+
+
+def test_download_rejects_a_corrupted_chunk(tmp_path: Path) -> None:
+    download, _ = _download(tmp_path)
+    with pytest.raises(FatalUpdateError, match="sha256 mismatch"):
+        download.run(FakeDownloader(corrupt_at=4321))
+    assert not part_path(tmp_path, sha(DATA)).exists()
+    assert not artifact_path(tmp_path, sha(DATA)).exists()
+
+
+@pytest.mark.parametrize(
+    ("downloader", "message"),
+    [
+        (FakeDownloader(data=DATA + b"x", total_size=len(DATA)), "more than the assigned"),
+        (FakeDownloader(total_size=len(DATA) * 2), "the source says the artifact has"),
+    ],
+    ids=["too-long", "other-size"],
+)
+def test_download_refuses_the_wrong_size(
+    tmp_path: Path, downloader: FakeDownloader, message: str
+) -> None:
+    download, _ = _download(tmp_path)
+    with pytest.raises(FatalUpdateError, match=message):
+        download.run(downloader)
+
+
+# ---------------------------------------------------------------- rejections
+
+
+def _truncate_after_download(rig: Rig, assignment: Assignment) -> None:
+    original = rig.verifier.verify
+
+    def verify(path: Path, **kwargs: Any) -> None:
+        with path.open("r+b") as handle:
+            handle.truncate(len(DATA) - 10)
+        original(path, **kwargs)
+
+    rig.verifier.verify = verify  # type: ignore[method-assign]
+
+
+REJECTIONS = [
+    (
+        "corrupted-chunk",
+        {"downloader": FakeDownloader(corrupt_at=777)},
+        {},
+        "sha256 mismatch",
+        [IL, D, F, IL],
+    ),
+    (
+        "truncated-stream",
+        {"downloader": FakeDownloader(cuts=[5000, 5000, 5000])},
+        {},
+        "download interrupted at 5000 of 10240 bytes (gave up after 3 attempts)",
+        [IL, D, F, IL],
+    ),
+    (
+        "truncated-file",
+        {},
+        {},
+        "artifact truncated or padded: 10230 bytes on disk",
+        [IL, D, V, R, F, IL],
+    ),
+    (
+        "wrong-signature",
+        {},
+        {"signer": STRANGER},
+        "manifest signature does not match any pinned signing key",
+        [IL, D, V, R, F, IL],
+    ),
+    ("other-class", {}, {"class_name": "raspberry-pi-5"}, OTHER_CLASS, [IL, D, V, R, F, IL]),
+]
+
+
+@pytest.mark.parametrize(
+    ("rig_args", "assignment_args", "reason", "chain"),
+    [case[1:] for case in REJECTIONS],
+    ids=[case[0] for case in REJECTIONS],
+)
+def test_bad_artifacts_are_rejected_and_the_old_model_keeps_serving(
+    tmp_path: Path,
+    rig_args: dict[str, Any],
+    assignment_args: dict[str, Any],
+    reason: str,
+    chain: list[State],
+) -> None:
+    rig = Rig(tmp_path, **rig_args)
+    assignment = make_assignment(**assignment_args)
+    if reason.startswith("artifact truncated"):
+        _truncate_after_download(rig, assignment)
+    rig.machine.assign(assignment)
+    record = rig.machine.run_until_settled()
+    assert record.history == [s.value for s in chain]
+    assert record.reason is not None and reason in record.reason
+    failed = [r for r in rig.reporter.reports if r[0] is F]
+    assert failed and reason in (failed[-1][3] or "")
+    assert rig.activator.current == OLD
+    assert rig.activator.paths == []
+    assert rig.validator.validated == []
+    rig.assert_consistent(record, assignment)
+
+
+def test_verifier_uses_the_pinned_keys_in_the_state_dir(tmp_path: Path) -> None:
+    save_trusted_keys(tmp_path, TRUSTED)
+    assignment = make_assignment()
+    path = tmp_path / "artifact"
+    path.write_bytes(DATA)
+    verifier = ManifestVerifier.from_state_dir(tmp_path, CLASS)
+    verifier.verify(
+        path,
+        digest=assignment.artifact_digest,
+        manifest=assignment.manifest,
+        signature=assignment.manifest_signature,
+    )
+    rehashing = ManifestVerifier(trusted_keys=TRUSTED, class_name=CLASS, rehash=True)
+    path.write_bytes(DATA[:-1] + b"\x00")
+    with pytest.raises(FatalUpdateError, match="corrupted"):
+        rehashing.verify(
+            path,
+            digest=assignment.artifact_digest,
+            manifest=assignment.manifest,
+            signature=assignment.manifest_signature,
+        )
+    with pytest.raises(FatalUpdateError, match="no pinned signing keys"):
+        ManifestVerifier(trusted_keys={}, class_name=CLASS).verify(
+            path, digest="", manifest=b"", signature=b""
+        )
+
+
+# ---------------------------------------------------------------- the store
+
+
+def test_store_round_trips_and_refuses_garbage(tmp_path: Path) -> None:
+    store = UpdateStore(tmp_path)
+    assert store.load() == UpdateRecord()
+    record = UpdateRecord(
+        state=A,
+        assignment=make_assignment(),
+        bytes_downloaded=10,
+        attempts={"downloading": 2},
+        loops=4,
+        previous=OLD,
+        history=["idle", "downloading"],
+    )
+    store.save(record)
+    assert store.load() == record
+    assert (tmp_path / "update.json").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "update.json").write_text('{"state": "sideways"}')
+    with pytest.raises(StateError, match="not an update record"):
+        store.load()

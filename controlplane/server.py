@@ -40,6 +40,7 @@ from controlplane.services.hub import SyncHub
 from controlplane.services.keys import ensure_signing_key
 from controlplane.services.registry import RegistryService
 from controlplane.services.replicas import PgEventBridge, libpq_dsn
+from controlplane.services.telemetry import TelemetryService
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     registry = RegistryService(db, blobs, events, int(config.max_upload_mb * 1024 * 1024))
     builds = BuildService(db, blobs, events, toolchains_dir=config.toolchains_dir)
     artifacts = ArtifactService(db, blobs)
+    telemetry = TelemetryService(db)
     events.subscribe(_build_triggers(builds, executor))
     metrics_registry = CollectorRegistry()
     metrics = RpcMetrics(metrics_registry)
@@ -169,6 +171,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             devices=devices,
             artifacts=artifacts,
             hub=hub,
+            telemetry=telemetry,
             agent_config=agent_config,
             **base,
         ),
@@ -182,6 +185,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             registry=registry,
             builds=builds,
             artifacts=artifacts,
+            telemetry=telemetry,
             **base,
         ),
         server,

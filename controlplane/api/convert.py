@@ -21,8 +21,10 @@ from controlplane.services.builds import BuildView
 from controlplane.services.classes import ClassView, Constraints
 from controlplane.services.devices import DeviceView
 from controlplane.services.registry import ModelSummary
+from controlplane.services.telemetry import Sample, Series
 from controlplane.wire import rule_to_pb
 from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
 
 DEVICE_STATES = {
@@ -359,3 +361,84 @@ def artifact_to_pb(row: ArtifactRow) -> o.Artifact:
 
 def signing_key_to_pb(row: SigningKeyRow) -> c.SigningKey:
     return c.SigningKey(key_id=row.id, public_key=row.public_key, created_at=ts(row.created_at))
+
+
+# ---------------------------------------------------------------- telemetry
+
+TELEMETRY_METRICS = {
+    o.TELEMETRY_METRIC_LATENCY_P95_MS: "latency_p95_ms",
+    o.TELEMETRY_METRIC_ERROR_RATE: "error_rate",
+    o.TELEMETRY_METRIC_MEMORY_MB: "memory_mb",
+    o.TELEMETRY_METRIC_REQUEST_RATE: "request_rate",
+    o.TELEMETRY_METRIC_CPU_PERCENT: "cpu_percent",
+    o.TELEMETRY_METRIC_REQUEST_COUNT: "request_count",
+    o.TELEMETRY_METRIC_ERROR_COUNT: "error_count",
+    o.TELEMETRY_METRIC_TIMEOUT_RATE: "timeout_rate",
+    o.TELEMETRY_METRIC_LATENCY_P50_MS: "latency_p50_ms",
+    o.TELEMETRY_METRIC_LATENCY_P99_MS: "latency_p99_ms",
+    o.TELEMETRY_METRIC_LATENCY_MAX_MS: "latency_max_ms",
+    o.TELEMETRY_METRIC_DROPPED_SAMPLES: "dropped_samples",
+}
+TELEMETRY_METRIC_NAMES = {v: k for k, v in TELEMETRY_METRICS.items()}
+TELEMETRY_GROUPS = {
+    o.TELEMETRY_GROUP_BY_UNSPECIFIED: "",
+    o.TELEMETRY_GROUP_BY_MODEL_VERSION: "model_version",
+    o.TELEMETRY_GROUP_BY_CLASS: "class",
+    o.TELEMETRY_GROUP_BY_DEVICE: "device",
+}
+TELEMETRY_GROUP_NAMES = {v: k for k, v in TELEMETRY_GROUPS.items()}
+
+
+def sample_from_pb(msg: d.TelemetrySample) -> Sample:
+    try:
+        at = from_ts(msg.at)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"sample seq={msg.seq}: invalid time: {exc}") from None
+    return Sample(
+        seq=msg.seq,
+        at=at,
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        request_count=msg.request_count,
+        error_count=msg.error_count,
+        timeout_count=msg.timeout_count,
+        dropped_samples=msg.dropped_samples,
+        latency_p50_ms=msg.latency_p50_ms,
+        latency_p95_ms=msg.latency_p95_ms,
+        latency_p99_ms=msg.latency_p99_ms,
+        latency_max_ms=msg.latency_max_ms,
+        memory_mb=msg.memory_mb,
+        cpu_percent=msg.cpu_percent,
+    )
+
+
+def telemetry_query_from_pb(msg: o.QueryTelemetryRequest) -> dict[str, Any]:
+    """Keyword arguments for TelemetryService.query."""
+    if msg.metric not in TELEMETRY_METRICS:
+        raise InvalidArgument("metric is required")
+    if msg.group_by not in TELEMETRY_GROUPS:
+        raise InvalidArgument(f"unknown group_by {msg.group_by}")
+    try:
+        start = from_ts(msg.start) if msg.HasField("start") else None
+        end = from_ts(msg.end) if msg.HasField("end") else None
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"invalid time: {exc}") from None
+    return {
+        "metric": TELEMETRY_METRICS[msg.metric],
+        "group_by": TELEMETRY_GROUPS[msg.group_by],
+        "start": start,
+        "end": end,
+        "step": msg.step.ToTimedelta() if msg.HasField("step") else None,
+        "device_id": msg.device_id,
+        "class_name": msg.class_name,
+        "model_name": msg.model_name,
+        "model_version": msg.model_version,
+        "labels": dict(msg.labels),
+    }
+
+
+def series_to_pb(series: Series) -> o.TelemetrySeries:
+    return o.TelemetrySeries(
+        group=series.group,
+        points=[o.TelemetryPoint(at=ts(p.at), value=p.value) for p in series.points],
+    )

@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api import convert
-from controlplane.api.rpc import Handlers, rpc, unimplemented
+from controlplane.api.rpc import Handlers, rpc
 from controlplane.errors import InvalidArgument, OutOfRange, PermissionDenied
 from controlplane.services import keys
 from controlplane.services.artifacts import ArtifactService
@@ -17,6 +17,7 @@ from controlplane.services.auth import DevicePrincipal
 from controlplane.services.devices import DECOMMISSIONED, REJECTED, DesiredView, DeviceService
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.hub import DeviceSession, SyncHub
+from controlplane.services.telemetry import TelemetryService
 from edgefleet.v1 import device_pb2, device_pb2_grpc
 
 # 1 MiB by default: 256 KiB chunks cost 20-40 % more CPU per GiB on both ends
@@ -32,6 +33,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         devices: DeviceService,
         artifacts: ArtifactService,
         hub: SyncHub,
+        telemetry: TelemetryService,
         agent_config: device_pb2.AgentConfig,
         **base: Any,
     ) -> None:
@@ -40,6 +42,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         self._devices = devices
         self._artifacts = artifacts
         self._hub = hub
+        self._telemetry = telemetry
         self._agent_config = agent_config
 
     @rpc("none")
@@ -185,4 +188,11 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                 yield device_pb2.ArtifactChunk(offset=offset, data=data, total_size=size)
                 offset += len(data)
 
-    UploadTelemetry = unimplemented("device", "UploadTelemetry", 4)
+    @rpc("device")
+    async def UploadTelemetry(
+        self, request: device_pb2.UploadTelemetryRequest, context: Any, device: DevicePrincipal
+    ) -> device_pb2.UploadTelemetryResponse:
+        samples = [convert.sample_from_pb(s) for s in request.samples]
+        # Always the authenticated device: a request cannot name another.
+        acked = await self.run(self._telemetry.ingest, device.device_id, samples)
+        return device_pb2.UploadTelemetryResponse(acked_seq=acked)

@@ -18,6 +18,7 @@ from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate
 from controlplane.services.devices import DeviceService
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.registry import PartDecl, PushHeader, RegistryService
+from controlplane.services.telemetry import TelemetryService
 from controlplane.wire import rule_from_pb
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
@@ -34,6 +35,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         registry: RegistryService,
         builds: BuildService,
         artifacts: ArtifactService,
+        telemetry: TelemetryService,
         **base: Any,
     ) -> None:
         super().__init__(**base)
@@ -43,6 +45,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         self._registry = registry
         self._builds = builds
         self._artifacts = artifacts
+        self._telemetry = telemetry
 
     # ------------------------------------------------------------ enrollment tokens
 
@@ -309,6 +312,16 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.Artifact:
         return convert.artifact_to_pb(await self.run(self._artifacts.get, request.digest))
 
+    # ------------------------------------------------------------ telemetry
+
+    @rpc("operator")
+    async def QueryTelemetry(
+        self, request: operator_pb2.QueryTelemetryRequest, context: Any, who: Op
+    ) -> operator_pb2.QueryTelemetryResponse:
+        query = convert.telemetry_query_from_pb(request)
+        series = await self.run(self._telemetry.query, **query)
+        return operator_pb2.QueryTelemetryResponse(series=[convert.series_to_pb(s) for s in series])
+
     # ------------------------------------------------------------ audit
 
     @rpc("operator")
@@ -335,5 +348,4 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     ResumeRollout = unimplemented("operator", "ResumeRollout", 5)
     ApproveRolloutStage = unimplemented("operator", "ApproveRolloutStage", 5)
     AbortRollout = unimplemented("operator", "AbortRollout", 5)
-    QueryTelemetry = unimplemented("operator", "QueryTelemetry", 4)
     WatchFleet = unimplemented("operator", "WatchFleet", 6)

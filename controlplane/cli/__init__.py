@@ -19,6 +19,7 @@ from controlplane.cli.builds import builds
 from controlplane.cli.classes import classes
 from controlplane.cli.devices import devices
 from controlplane.cli.models import models
+from controlplane.cli.telemetry import telemetry
 from controlplane.cli.tokens import tokens
 from controlplane.cli.toolchain import toolchain
 from controlplane.client import DEFAULT_SERVER
@@ -185,5 +186,5 @@ def db_upgrade(data_dir: Path, db_url: str | None) -> None:
     click.echo(f"database at revision {revision}")
 
 
-for group in (tokens, devices, classes, models, builds, artifacts, toolchain):
+for group in (tokens, devices, classes, models, builds, artifacts, telemetry, toolchain):
     cli.add_command(group)

@@ -685,3 +685,29 @@ def artifact_detail(a: operator_pb2.Artifact) -> RenderableType:
         ("created", format_time(a.created_at)),
     ]
     return _grid(rows)
+
+
+# ------------------------------------------------------------------ telemetry
+
+_RATIO_METRICS = {
+    operator_pb2.TELEMETRY_METRIC_ERROR_RATE,
+    operator_pb2.TELEMETRY_METRIC_TIMEOUT_RATE,
+}
+
+
+def format_metric(metric: int, value: float) -> str:
+    """Rates of errors as percentages, everything else with 4 significant digits."""
+    if metric in _RATIO_METRICS:
+        return f"{value * 100:.2f}%"
+    return f"{value:.4g}"
+
+
+def telemetry_table(series: Sequence[operator_pb2.TelemetrySeries], metric: int) -> RenderableType:
+    """One row per bucket of each series; a note when nothing matched."""
+    if not series:
+        return Text("no telemetry in this range")
+    table = _table("GROUP", "TIME", enum_name(operator_pb2.TelemetryMetric, metric).upper())
+    for s in series:
+        for point in s.points:
+            _add_row(table, s.group, format_time(point.at), format_metric(metric, point.value))
+    return table

@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -286,3 +287,38 @@ class ArtifactRow(Base):
     )
     class_name: Mapped[str] = mapped_column(String(100), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class TelemetryRow(Base):
+    """One agent telemetry sample: one interval of one model version on one
+    device. Deduplicated on (device_id, seq): agents resend what was not acked.
+    `at_ms` is integer epoch milliseconds (UTC) so that time bucketing is the
+    same integer arithmetic on SQLite and PostgreSQL, and the index is compact."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq"),
+        Index("ix_telemetry_at_ms", "at_ms"),
+        Index("ix_telemetry_device_id_at_ms", "device_id", "at_ms"),
+        Index("ix_telemetry_model_at_ms", "model_name", "model_version", "at_ms"),
+        Index("ix_telemetry_class_name_at_ms", "class_name", "at_ms"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+    model_name: Mapped[str] = mapped_column(String(100))
+    model_version: Mapped[str] = mapped_column(String(64))
+    # The device's class when the sample arrived (classes change; history does not).
+    class_name: Mapped[str] = mapped_column(String(100))
+    request_count: Mapped[int] = mapped_column(BigInteger)
+    error_count: Mapped[int] = mapped_column(BigInteger)
+    timeout_count: Mapped[int] = mapped_column(BigInteger)
+    dropped_samples: Mapped[int] = mapped_column(BigInteger)
+    latency_p50_ms: Mapped[float] = mapped_column(Float)
+    latency_p95_ms: Mapped[float] = mapped_column(Float)
+    latency_p99_ms: Mapped[float] = mapped_column(Float)
+    latency_max_ms: Mapped[float] = mapped_column(Float)
+    memory_mb: Mapped[float] = mapped_column(Float)
+    cpu_percent: Mapped[float] = mapped_column(Float)

@@ -476,6 +476,9 @@ class TelemetrySample(_message.Message):
     LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
     MEMORY_MB_FIELD_NUMBER: _builtins.int
     CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_COUNT_FIELD_NUMBER: _builtins.int
+    LATENCY_MAX_MS_FIELD_NUMBER: _builtins.int
+    DROPPED_SAMPLES_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per-device monotonically increasing sequence number."""
     model_name: _builtins.str
@@ -487,6 +490,13 @@ class TelemetrySample(_message.Message):
     latency_p99_ms: _builtins.float
     memory_mb: _builtins.float
     cpu_percent: _builtins.float
+    timeout_count: _builtins.int
+    """Requests that hit their deadline; a subset of error_count."""
+    latency_max_ms: _builtins.float
+    dropped_samples: _builtins.int
+    """Samples the agent dropped from its full on-disk buffer since the previous
+    sample it kept (0 when none were lost).
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -503,10 +513,13 @@ class TelemetrySample(_message.Message):
         latency_p99_ms: _builtins.float = ...,
         memory_mb: _builtins.float = ...,
         cpu_percent: _builtins.float = ...,
+        timeout_count: _builtins.int = ...,
+        latency_max_ms: _builtins.float = ...,
+        dropped_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "cpu_percent", b"cpu_percent", "error_count", b"error_count", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_name", b"model_name", "model_version", b"model_version", "request_count", b"request_count", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "cpu_percent", b"cpu_percent", "dropped_samples", b"dropped_samples", "error_count", b"error_count", "latency_max_ms", b"latency_max_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_name", b"model_name", "model_version", b"model_version", "request_count", b"request_count", "seq", b"seq", "timeout_count", b"timeout_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,7 +531,11 @@ class UploadTelemetryRequest(_message.Message):
 
     SAMPLES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___TelemetrySample]: ...
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___TelemetrySample]:
+        """At most 500 samples per call; seq > 0. Redelivered samples (same seq)
+        are stored once, so an agent may resend anything not yet acked.
+        """
+
     def __init__(
         self,
         *,

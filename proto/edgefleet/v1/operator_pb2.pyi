@@ -202,9 +202,25 @@ class _TelemetryMetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Telem
     TELEMETRY_METRIC_MEMORY_MB: _TelemetryMetric.ValueType  # 3
     TELEMETRY_METRIC_REQUEST_RATE: _TelemetryMetric.ValueType  # 4
     TELEMETRY_METRIC_CPU_PERCENT: _TelemetryMetric.ValueType  # 5
+    TELEMETRY_METRIC_REQUEST_COUNT: _TelemetryMetric.ValueType  # 6
+    TELEMETRY_METRIC_ERROR_COUNT: _TelemetryMetric.ValueType  # 7
+    TELEMETRY_METRIC_TIMEOUT_RATE: _TelemetryMetric.ValueType  # 8
+    TELEMETRY_METRIC_LATENCY_P50_MS: _TelemetryMetric.ValueType  # 9
+    TELEMETRY_METRIC_LATENCY_P99_MS: _TelemetryMetric.ValueType  # 10
+    TELEMETRY_METRIC_LATENCY_MAX_MS: _TelemetryMetric.ValueType  # 11
+    TELEMETRY_METRIC_DROPPED_SAMPLES: _TelemetryMetric.ValueType  # 12
 
 class TelemetryMetric(_TelemetryMetric, metaclass=_TelemetryMetricEnumTypeWrapper):
-    """---------------------------------------------------------------- telemetry"""
+    """---------------------------------------------------------------- telemetry
+
+    How each metric aggregates the samples in one bucket (of `step`):
+    latency percentiles and max: the MAX of the samples' values (a conservative
+    bound: the worst device-interval in the bucket; percentiles cannot be merged
+    exactly from per-interval percentiles); error and timeout rates:
+    sum(errors or timeouts) / sum(requests), no point where no requests;
+    request rate: sum(requests) / step seconds; request, error and dropped
+    counts: sums; memory: MAX; cpu: the mean of the samples.
+    """
 
 TELEMETRY_METRIC_UNSPECIFIED: TelemetryMetric.ValueType  # 0
 TELEMETRY_METRIC_LATENCY_P95_MS: TelemetryMetric.ValueType  # 1
@@ -212,6 +228,13 @@ TELEMETRY_METRIC_ERROR_RATE: TelemetryMetric.ValueType  # 2
 TELEMETRY_METRIC_MEMORY_MB: TelemetryMetric.ValueType  # 3
 TELEMETRY_METRIC_REQUEST_RATE: TelemetryMetric.ValueType  # 4
 TELEMETRY_METRIC_CPU_PERCENT: TelemetryMetric.ValueType  # 5
+TELEMETRY_METRIC_REQUEST_COUNT: TelemetryMetric.ValueType  # 6
+TELEMETRY_METRIC_ERROR_COUNT: TelemetryMetric.ValueType  # 7
+TELEMETRY_METRIC_TIMEOUT_RATE: TelemetryMetric.ValueType  # 8
+TELEMETRY_METRIC_LATENCY_P50_MS: TelemetryMetric.ValueType  # 9
+TELEMETRY_METRIC_LATENCY_P99_MS: TelemetryMetric.ValueType  # 10
+TELEMETRY_METRIC_LATENCY_MAX_MS: TelemetryMetric.ValueType  # 11
+TELEMETRY_METRIC_DROPPED_SAMPLES: TelemetryMetric.ValueType  # 12
 Global___TelemetryMetric: _TypeAlias = TelemetryMetric  # noqa: Y015
 
 class _TelemetryGroupBy:
@@ -2109,6 +2132,26 @@ Global___AbortRolloutRequest: _TypeAlias = AbortRolloutRequest  # noqa: Y015
 class QueryTelemetryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     METRIC_FIELD_NUMBER: _builtins.int
     GROUP_BY_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
@@ -2118,6 +2161,7 @@ class QueryTelemetryRequest(_message.Message):
     CLASS_NAME_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     metric: Global___TelemetryMetric.ValueType
     group_by: Global___TelemetryGroupBy.ValueType
     device_id: _builtins.str
@@ -2131,6 +2175,10 @@ class QueryTelemetryRequest(_message.Message):
     def end(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def step(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Devices carrying all of these labels now."""
+
     def __init__(
         self,
         *,
@@ -2143,10 +2191,11 @@ class QueryTelemetryRequest(_message.Message):
         class_name: _builtins.str = ...,
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_name", b"class_name", "device_id", b"device_id", "end", b"end", "group_by", b"group_by", "metric", b"metric", "model_name", b"model_name", "model_version", b"model_version", "start", b"start", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_name", b"class_name", "device_id", b"device_id", "end", b"end", "group_by", b"group_by", "labels", b"labels", "metric", b"metric", "model_name", b"model_name", "model_version", b"model_version", "start", b"start", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,11 +38,12 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> BuiltModel:
 
 
 @pytest.fixture
-async def cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+async def cp(tmp_path: Path, db_url: str) -> AsyncIterator[ControlPlane]:
+    """On SQLite and on PostgreSQL (claims use FOR UPDATE SKIP LOCKED there)."""
     server = await create_server(
         ServerConfig(
             data_dir=tmp_path / "cp", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN,
-            build_workers=0,
+            build_workers=0, db_url=db_url,
         )
     )  # fmt: skip
     try:

@@ -1,0 +1,242 @@
+"""Per-interval request statistics and resource figures for telemetry.
+
+The inference server calls `RequestStats.record` once per request; every
+interval the telemetry loop calls `snapshot_and_reset`, which returns one
+`IntervalSample` per (model, version) that saw requests in the interval (or a
+single device-level sample, with no model, when none did, so the resource
+figures still flow).
+
+Latency goes into a fixed histogram per (model, version): log-spaced bucket
+bounds from 50 µs to 60 s, each bound `GROWTH` times the previous one, plus an
+underflow and an overflow bucket. A percentile is the nearest-rank value
+(the ceil(q * n)-th smallest latency) estimated as the geometric middle of the
+bucket that holds it, clamped to the exact minimum and maximum seen. Within
+50 µs .. 60 s the estimate is off by at most a factor of sqrt(GROWTH), that is
+a relative error of at most `PERCENTILE_ERROR` (~4.9 %). Below 50 µs the
+estimate is the minimum seen (off by less than 50 µs); above 60 s it is the
+maximum seen (an overestimate). The maximum and the 100th percentile are exact. Latency is
+recorded for every outcome (a timeout shows up as tail latency), recording is
+O(log buckets) under one lock, and the memory per model version is fixed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import datetime as dt
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import psutil
+
+Outcome = Literal["ok", "error", "timeout"]
+OUTCOMES: tuple[Outcome, ...] = ("ok", "error", "timeout")
+
+MIN_LATENCY_S = 50e-6
+MAX_LATENCY_S = 60.0
+GROWTH = 1.1
+PERCENTILE_ERROR = math.sqrt(GROWTH) - 1.0
+
+# BOUNDS[i] is the upper (exclusive) bound of bucket i; bucket 0 is the
+# underflow [0, MIN_LATENCY_S) and bucket len(BOUNDS) the overflow.
+_N = math.ceil(math.log(MAX_LATENCY_S / MIN_LATENCY_S) / math.log(GROWTH))
+BOUNDS: tuple[float, ...] = tuple(MIN_LATENCY_S * GROWTH**i for i in range(_N + 1))
+_MIB = 1024 * 1024
+
+
+class LatencyHistogram:
+    """Fixed log-spaced latency histogram (seconds). Not thread-safe by itself."""
+
+    __slots__ = ("counts", "max_s", "min_s", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BOUNDS) + 1)
+        self.total = 0
+        self.min_s = math.inf
+        self.max_s = 0.0
+
+    def add(self, latency_s: float) -> None:
+        # A NaN or infinite latency (a broken clock) counts at the top of the
+        # range instead of poisoning min and max.
+        latency_s = max(0.0, latency_s) if math.isfinite(latency_s) else MAX_LATENCY_S
+        self.counts[bisect.bisect_right(BOUNDS, latency_s)] += 1
+        self.total += 1
+        self.min_s = min(self.min_s, latency_s)
+        self.max_s = max(self.max_s, latency_s)
+
+    def percentile(self, q: float) -> float:
+        """The q-quantile (0 < q <= 1) in seconds; 0.0 when empty."""
+        if self.total == 0:
+            return 0.0
+        rank = max(1, math.ceil(q * self.total))
+        if rank >= self.total:
+            return self.max_s
+        index, seen = 0, self.counts[0]
+        while seen < rank:
+            index += 1
+            seen += self.counts[index]
+        if index == 0:
+            estimate = self.min_s
+        elif index == len(BOUNDS):
+            estimate = self.max_s
+        else:
+            estimate = math.sqrt(BOUNDS[index - 1] * BOUNDS[index])
+        return min(max(estimate, self.min_s), self.max_s)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Process and system figures at one moment. None: not exposed here."""
+
+    memory_mb: float = 0.0  # process RSS
+    cpu_percent: float = 0.0  # process, since the previous probe (100 = one core)
+    system_memory_used_percent: float = 0.0
+    system_memory_available_mb: float = 0.0
+    temperature_c: float | None = None  # hottest sensor reading
+    battery_percent: float | None = None
+    power_plugged: bool | None = None
+
+
+class ResourceProbe:
+    """Reads `Resources` with psutil. Sensors the platform lacks read as None."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self._process.cpu_percent(interval=None)  # primes the CPU counter
+
+    def __call__(self) -> Resources:
+        vm = psutil.virtual_memory()
+        battery = _battery()
+        return Resources(
+            memory_mb=self._process.memory_info().rss / _MIB,
+            cpu_percent=self._process.cpu_percent(interval=None),
+            system_memory_used_percent=float(vm.percent),
+            system_memory_available_mb=vm.available / _MIB,
+            temperature_c=_hottest(),
+            battery_percent=None if battery is None else float(battery.percent),
+            power_plugged=None if battery is None else battery.power_plugged,
+        )
+
+
+def _hottest() -> float | None:
+    read = getattr(psutil, "sensors_temperatures", None)
+    if read is None:
+        return None
+    try:
+        sensors = read()
+    except (OSError, RuntimeError):
+        return None
+    values = [
+        entry.current
+        for entries in sensors.values()
+        for entry in entries
+        if entry.current is not None and math.isfinite(entry.current)
+    ]
+    return max(values) if values else None
+
+
+def _battery() -> psutil._common.sbattery | None:
+    read = getattr(psutil, "sensors_battery", None)
+    if read is None:
+        return None
+    with contextlib.suppress(OSError, RuntimeError):
+        return read()
+    return None
+
+
+@dataclass(frozen=True)
+class IntervalSample:
+    """One interval of one model version (or of the device, model ""). The
+    fields named like TelemetrySample's go on the wire; the system memory,
+    temperature and battery fields are local (Prometheus) until the proto
+    carries them."""
+
+    at: dt.datetime
+    model_name: str = ""
+    model_version: str = ""
+    request_count: int = 0
+    error_count: int = 0
+    timeout_count: int = 0
+    latency_p50_ms: float = 0.0
+    latency_p95_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    latency_max_ms: float = 0.0
+    memory_mb: float = 0.0
+    cpu_percent: float = 0.0
+    system_memory_used_percent: float = 0.0
+    system_memory_available_mb: float = 0.0
+    temperature_c: float | None = None
+    battery_percent: float | None = None
+    power_plugged: bool | None = None
+
+
+@dataclass
+class _Window:
+    histogram: LatencyHistogram = field(default_factory=LatencyHistogram)
+    errors: int = 0
+    timeouts: int = 0
+
+
+class RequestStats:
+    """Thread-safe per-(model, version) recorder for one interval at a time."""
+
+    def __init__(self, probe: Callable[[], Resources] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._probe = probe if probe is not None else ResourceProbe()
+
+    def record(self, model: str, version: str, latency_s: float, outcome: str) -> None:
+        """Count one finished request. outcome: "ok", "error" or "timeout"
+        (a timeout is also an error)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, not {outcome!r}")
+        with self._lock:
+            window = self._windows.get((model, version))
+            if window is None:
+                window = self._windows[(model, version)] = _Window()
+            window.histogram.add(latency_s)
+            if outcome != "ok":
+                window.errors += 1
+                if outcome == "timeout":
+                    window.timeouts += 1
+
+    def snapshot_and_reset(self, now: dt.datetime) -> list[IntervalSample]:
+        """The interval ending `now`, one sample per model version (sorted), and
+        start a new interval."""
+        with self._lock:
+            windows, self._windows = self._windows, {}
+        res = self._probe()
+        device = IntervalSample(
+            at=now,
+            memory_mb=res.memory_mb,
+            cpu_percent=res.cpu_percent,
+            system_memory_used_percent=res.system_memory_used_percent,
+            system_memory_available_mb=res.system_memory_available_mb,
+            temperature_c=res.temperature_c,
+            battery_percent=res.battery_percent,
+            power_plugged=res.power_plugged,
+        )
+        if not windows:
+            return [device]
+        samples = []
+        for (model, version), window in sorted(windows.items()):
+            hist = window.histogram
+            samples.append(
+                dataclasses.replace(
+                    device,
+                    model_name=model,
+                    model_version=version,
+                    request_count=hist.total,
+                    error_count=window.errors,
+                    timeout_count=window.timeouts,
+                    latency_p50_ms=hist.percentile(0.50) * 1000,
+                    latency_p95_ms=hist.percentile(0.95) * 1000,
+                    latency_p99_ms=hist.percentile(0.99) * 1000,
+                    latency_max_ms=hist.max_s * 1000,
+                )
+            )
+        return samples

@@ -1,0 +1,238 @@
+"""The telemetry loop: every interval, snapshot the request statistics into the
+on-disk buffer, then upload what is pending to the control plane.
+
+Uploads go in seq order, in batches of at most `MAX_BATCH`, with the device
+credential. Whatever the control plane acks (the highest seq it holds) is
+trimmed from the buffer. UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED and
+any other failure leave the samples buffered for the next interval, except
+INVALID_ARGUMENT: a batch is refused whole for one bad sample (say, a broken
+device clock), so the batch is resent one sample at a time and the samples
+still refused are discarded and counted as dropped, instead of blocking the
+buffer forever.
+
+The same figures are served on a local Prometheus endpoint (`TelemetryMetrics`,
+its own CollectorRegistry; `serve_metrics` binds loopback by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from agent.telemetry import IntervalSample, RequestStats
+from agent.telemetry_buffer import Pending, TelemetryBuffer
+from edgefleet.v1 import device_pb2, device_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 500  # the control plane's limit per UploadTelemetry call
+DEFAULT_INTERVAL_S = 10.0
+RPC_TIMEOUT_S = 15.0
+
+
+def to_proto(pending: Pending) -> device_pb2.TelemetrySample:
+    """The wire form: only the fields TelemetrySample has."""
+    s = pending.sample
+    at = Timestamp()
+    at.FromDatetime(s.at)
+    return device_pb2.TelemetrySample(
+        seq=pending.seq,
+        at=at,
+        model_name=s.model_name,
+        model_version=s.model_version,
+        request_count=s.request_count,
+        error_count=s.error_count,
+        timeout_count=s.timeout_count,
+        latency_p50_ms=s.latency_p50_ms,
+        latency_p95_ms=s.latency_p95_ms,
+        latency_p99_ms=s.latency_p99_ms,
+        latency_max_ms=s.latency_max_ms,
+        memory_mb=s.memory_mb,
+        cpu_percent=s.cpu_percent,
+        dropped_samples=pending.dropped_samples,
+    )
+
+
+@dataclass
+class FlushResult:
+    uploaded: int = 0  # samples sent and acked
+    discarded: int = 0  # refused by the control plane (INVALID_ARGUMENT)
+    acked_seq: int = 0
+    error: grpc.StatusCode | None = None  # why pending samples stayed buffered
+
+
+# ---------------------------------------------------------------- Prometheus
+
+
+class TelemetryMetrics:
+    """The last interval's figures as Prometheus gauges, in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, mv = self.registry, ["model", "version"]
+        p = "edgefleet_agent_"
+        self.requests = Gauge(
+            p + "interval_requests", "Requests in the last interval", mv, registry=r
+        )
+        self.errors = Gauge(p + "interval_errors", "Errors in the last interval", mv, registry=r)
+        self.timeouts = Gauge(
+            p + "interval_timeouts", "Timeouts (also errors) in the last interval", mv, registry=r
+        )
+        self.latency = Gauge(
+            p + "interval_latency_ms", "Latency in the last interval", [*mv, "quantile"], registry=r
+        )
+        self.rss = Gauge(p + "process_rss_mb", "Agent resident memory", registry=r)
+        self.cpu = Gauge(p + "process_cpu_percent", "Agent CPU (100 = one core)", registry=r)
+        self.sys_mem = Gauge(p + "system_memory_used_percent", "System memory used", registry=r)
+        self.sys_avail = Gauge(p + "system_memory_available_mb", "System memory free", registry=r)
+        self.temperature = Gauge(p + "temperature_celsius", "Hottest sensor", registry=r)
+        self.battery = Gauge(p + "battery_percent", "Battery charge", registry=r)
+        self.buffered = Gauge(p + "telemetry_buffered_samples", "Samples not yet acked", registry=r)
+        self.dropped = Gauge(
+            p + "telemetry_dropped_samples", "Samples ever dropped from the buffer", registry=r
+        )
+
+    def observe(self, samples: Sequence[IntervalSample]) -> None:
+        for gauge in (self.requests, self.errors, self.timeouts, self.latency):
+            gauge.clear()
+        for s in samples:
+            if s.model_name or s.model_version:
+                labels = (s.model_name, s.model_version)
+                self.requests.labels(*labels).set(s.request_count)
+                self.errors.labels(*labels).set(s.error_count)
+                self.timeouts.labels(*labels).set(s.timeout_count)
+                for quantile, value in (
+                    ("0.5", s.latency_p50_ms),
+                    ("0.95", s.latency_p95_ms),
+                    ("0.99", s.latency_p99_ms),
+                    ("1", s.latency_max_ms),
+                ):
+                    self.latency.labels(*labels, quantile).set(value)
+        if samples:
+            s = samples[-1]
+            self.rss.set(s.memory_mb)
+            self.cpu.set(s.cpu_percent)
+            self.sys_mem.set(s.system_memory_used_percent)
+            self.sys_avail.set(s.system_memory_available_mb)
+            if s.temperature_c is not None:
+                self.temperature.set(s.temperature_c)
+            if s.battery_percent is not None:
+                self.battery.set(s.battery_percent)
+
+    def observe_buffer(self, buffer: TelemetryBuffer) -> None:
+        self.buffered.set(len(buffer))
+        self.dropped.set(buffer.dropped_total)
+
+
+def serve_metrics(metrics: TelemetryMetrics, port: int, addr: str = "127.0.0.1") -> None:
+    """Serve /metrics on a daemon thread (port 0 is not reported back)."""
+    start_http_server(port, addr=addr, registry=metrics.registry)
+
+
+# ---------------------------------------------------------------- uploader
+
+
+class TelemetryUploader:
+    def __init__(
+        self,
+        *,
+        stats: RequestStats,
+        buffer: TelemetryBuffer,
+        target: str,
+        credential: str | Callable[[], str],
+        interval_s: float = DEFAULT_INTERVAL_S,
+        batch_size: int = MAX_BATCH,
+        rpc_timeout_s: float = RPC_TIMEOUT_S,
+        metrics: TelemetryMetrics | None = None,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        channel_options: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}")
+        self.stats, self.buffer, self.metrics = stats, buffer, metrics
+        self._credential = credential
+        self._interval_s, self._batch_size, self._timeout = interval_s, batch_size, rpc_timeout_s
+        self._clock = clock
+        self._channel = grpc.aio.insecure_channel(target, options=list(channel_options))
+        self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    async def run(self) -> None:
+        """Upload the backlog at once (a full buffer would otherwise evict
+        samples the control plane may hold), then tick every interval until
+        cancelled (a last snapshot is not taken)."""
+        await self.flush()
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self.tick()
+
+    async def tick(self) -> FlushResult:
+        """Close the interval: snapshot into the buffer, then upload."""
+        samples = self.stats.snapshot_and_reset(self._clock())
+        await asyncio.to_thread(self.buffer.append, samples)
+        if self.metrics is not None:
+            self.metrics.observe(samples)
+        result = await self.flush()
+        if self.metrics is not None:
+            self.metrics.observe_buffer(self.buffer)
+        return result
+
+    async def flush(self) -> FlushResult:
+        """Upload everything pending, batch by batch, until done or a failure."""
+        result = FlushResult()
+        while batch := await asyncio.to_thread(self.buffer.pending, self._batch_size):
+            try:
+                acked = await self._upload(batch)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    log.info("telemetry upload failed (%s); kept buffered", exc.code().name)
+                    result.error = exc.code()
+                    return result
+                if not await self._upload_one_by_one(batch, result):
+                    return result
+                continue
+            result.acked_seq = acked
+            result.uploaded += len(batch)
+            if acked < batch[-1].seq:
+                # The control plane stored the batch (no error) yet acks less:
+                # stop rather than resend it in a loop.
+                log.warning("telemetry acked seq %d below sent seq %d", acked, batch[-1].seq)
+                return result
+        return result
+
+    async def _upload(self, batch: Sequence[Pending]) -> int:
+        credential = self._credential if isinstance(self._credential, str) else self._credential()
+        response = await self._stub.UploadTelemetry(
+            device_pb2.UploadTelemetryRequest(samples=[to_proto(p) for p in batch]),
+            metadata=(("authorization", f"Bearer {credential}"),),
+            timeout=self._timeout,
+        )
+        acked = int(response.acked_seq)
+        await asyncio.to_thread(self.buffer.ack, acked)
+        return acked
+
+    async def _upload_one_by_one(self, batch: Sequence[Pending], result: FlushResult) -> bool:
+        """Send a refused batch one sample at a time, discarding those refused;
+        False when another failure stops the flush."""
+        for pending in batch:
+            try:
+                result.acked_seq = await self._upload([pending])
+                result.uploaded += 1
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    result.error = exc.code()
+                    return False
+                log.warning("telemetry sample seq=%d refused: %s", pending.seq, exc.details())
+                await asyncio.to_thread(self.buffer.discard, pending.seq)
+                result.discarded += 1
+        return True

@@ -1,0 +1,290 @@
+"""Telemetry ingest benchmark: UploadTelemetry through the control plane against
+a raw bulk insert into the same database, in the same run.
+
+For each backend (SQLite file; PostgreSQL when --pg is reachable) it starts an
+in-process control plane on that database, enrolls --devices devices, and
+then, alternating rounds so drift hits both alike:
+
+* control plane: every device uploads its share of --rows samples in batches
+  of --batch (the agent's 500) over gRPC, devices concurrently, each batch one
+  call (validation, auth, dedup insert, acked_seq query, commit);
+* raw: the same number of rows inserted straight into the `telemetry` table,
+  one transaction per --batch rows (the same unit of durability): SQLite
+  `executemany` through the sqlite3 module, PostgreSQL `COPY` through psycopg.
+
+The client runs in the same process (and event loop) as the server, so the
+control-plane figure also pays for building and sending the requests.
+
+    python bench/bench_telemetry.py --rows 50000 --append-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import sqlite3
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import psycopg
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane.client import bearer_metadata
+from controlplane.config import ServerConfig
+from controlplane.server import create_server
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import device_pb2 as d
+from edgefleet.v1 import device_pb2_grpc as dg
+from edgefleet.v1 import operator_pb2 as o
+from edgefleet.v1 import operator_pb2_grpc as og
+
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
+COLUMNS = (
+    "device_id", "seq", "at_ms", "model_name", "model_version", "class_name", "request_count",
+    "error_count", "timeout_count", "dropped_samples", "latency_p50_ms", "latency_p95_ms",
+    "latency_p99_ms", "latency_max_ms", "memory_mb", "cpu_percent",
+)  # fmt: skip
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def _sample(seq: int, at: dt.datetime) -> d.TelemetrySample:
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    return d.TelemetrySample(
+        seq=seq, at=stamp, model_name="digits", model_version="1.0.0", request_count=100,
+        error_count=2, timeout_count=1, latency_p50_ms=1.5, latency_p95_ms=4.0,
+        latency_p99_ms=7.5, latency_max_ms=12.0, memory_mb=42.0, cpu_percent=3.5,
+    )  # fmt: skip
+
+
+def _row(device_id: str, seq: int, at_ms: int) -> tuple[Any, ...]:
+    return (device_id, seq, at_ms, "digits", "1.0.0", "", 100, 2, 1, 0, 1.5, 4.0, 7.5, 12.0,
+            42.0, 3.5)  # fmt: skip
+
+
+async def _enroll(channel: grpc.aio.Channel, n: int) -> list[tuple[str, str]]:
+    op, dev = og.OperatorServiceStub(channel), dg.DeviceServiceStub(channel)
+    devices = []
+    for i in range(n):
+        token = await op.CreateEnrollmentToken(
+            o.CreateEnrollmentTokenRequest(
+                name=f"bench-{i}", policy=o.ENROLLMENT_POLICY_AUTO_ACCEPT
+            ),
+            metadata=bearer_metadata(ADMIN_TOKEN),
+        )
+        resp = await dev.Enroll(
+            d.EnrollRequest(
+                enrollment_token=token.secret,
+                hardware_id=f"bench-hw-{uuid.uuid4().hex[:8]}",
+                hardware=c.HardwareProfile(arch="aarch64", memory_mb=2048, cpu_cores=4),
+            )
+        )
+        devices.append((resp.device_id, resp.device_credential))
+    return devices
+
+
+class Seqs:
+    def __init__(self) -> None:
+        self.next = 1
+
+    def take(self, n: int) -> int:
+        start, self.next = self.next, self.next + n
+        return start
+
+
+async def _control_plane_round(
+    channel: grpc.aio.Channel, devices: list[tuple[str, str]], rows: int, batch: int, seqs: Seqs
+) -> float:
+    stub = dg.DeviceServiceStub(channel)
+    now = dt.datetime.now(dt.UTC)
+    per_device = rows // len(devices)
+    start_seq = seqs.take(per_device)
+    requests = [
+        d.UploadTelemetryRequest(
+            samples=[
+                _sample(s, now) for s in range(first, min(first + batch, start_seq + per_device))
+            ]
+        )
+        for first in range(start_seq, start_seq + per_device, batch)
+    ]
+
+    async def upload(credential: str) -> None:
+        for request in requests:
+            await stub.UploadTelemetry(request, metadata=bearer_metadata(credential))
+
+    began = time.perf_counter()
+    await asyncio.gather(*(upload(cred) for _, cred in devices))
+    return per_device * len(devices) / (time.perf_counter() - began)
+
+
+def _raw_round(
+    insert: Callable[[list[tuple[Any, ...]]], None],
+    devices: list[tuple[str, str]],
+    rows: int,
+    batch: int,
+    seqs: Seqs,
+) -> float:
+    at_ms = int(time.time() * 1000)
+    per_device = rows // len(devices)
+    start_seq = seqs.take(per_device)
+    batches = [
+        [_row(dev, s, at_ms) for s in range(first, min(first + batch, start_seq + per_device))]
+        for dev, _ in devices
+        for first in range(start_seq, start_seq + per_device, batch)
+    ]
+    began = time.perf_counter()
+    for chunk in batches:
+        insert(chunk)
+    return per_device * len(devices) / (time.perf_counter() - began)
+
+
+def _sqlite_inserter(
+    path: Path,
+) -> tuple[Callable[[list[tuple[Any, ...]]], None], Callable[[], None]]:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    sql = f"INSERT INTO telemetry ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+    def insert(rows: list[tuple[Any, ...]]) -> None:
+        conn.execute("BEGIN")
+        conn.executemany(sql, rows)
+        conn.execute("COMMIT")
+
+    return insert, conn.close
+
+
+def _pg_inserter(dsn: str) -> tuple[Callable[[list[tuple[Any, ...]]], None], Callable[[], None]]:
+    conn = psycopg.connect(dsn)
+
+    def insert(rows: list[tuple[Any, ...]]) -> None:
+        with (
+            conn.cursor() as cur,
+            cur.copy(f"COPY telemetry ({', '.join(COLUMNS)}) FROM STDIN") as cp,
+        ):
+            for row in rows:
+                cp.write_row(row)
+        conn.commit()
+
+    return insert, conn.close
+
+
+async def run_backend(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    pg_db = None
+    if name == "sqlite":
+        path = workdir / "bench.db"
+        db_url = f"sqlite:///{path}"
+    else:
+        pg_db = f"edgefleet_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(args.pg, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{pg_db}"')
+        raw_dsn = f"{args.pg.rsplit('/', 1)[0]}/{pg_db}"
+        db_url = raw_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    cp = await create_server(
+        ServerConfig(
+            data_dir=workdir / name,
+            listen="127.0.0.1:0",
+            admin_token=ADMIN_TOKEN,
+            build_workers=0,
+            db_url=db_url,
+        )
+    )
+    insert, close = _sqlite_inserter(path) if name == "sqlite" else _pg_inserter(raw_dsn)
+    cp_rates, raw_rates, seqs = [], [], Seqs()
+    try:
+        async with grpc.aio.insecure_channel(cp.address) as channel:
+            devices = await _enroll(channel, args.devices)
+            per_round = args.rows // args.rounds
+            await _control_plane_round(
+                channel, devices, args.batch * len(devices), args.batch, seqs
+            )
+            for i in range(args.rounds):
+                order = ("cp", "raw") if i % 2 == 0 else ("raw", "cp")
+                for which in order:
+                    if which == "cp":
+                        cp_rates.append(
+                            await _control_plane_round(
+                                channel, devices, per_round, args.batch, seqs
+                            )
+                        )
+                    else:
+                        raw_rates.append(
+                            await asyncio.to_thread(
+                                _raw_round, insert, devices, per_round, args.batch, seqs
+                            )
+                        )
+    finally:
+        close()
+        await cp.stop(grace=0.5)
+        if pg_db is not None:
+            with psycopg.connect(args.pg, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)')
+    cp_rate = args.rows / sum(per_round / r for r in cp_rates) if cp_rates else 0.0
+    raw_rate = args.rows / sum(per_round / r for r in raw_rates) if raw_rates else 0.0
+    return {"backend": name, "cp": cp_rate, "raw": raw_rate, "ratio": cp_rate / raw_rate}
+
+
+def _pg_reachable(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def _report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        "",
+        f"## Telemetry ingest ({dt.date.today().isoformat()}, bench/bench_telemetry.py)",
+        "",
+        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{args.rows} rows per side, batches of {args.batch}, {args.devices} devices "
+        f"uploading concurrently, {args.rounds} alternating rounds; raw = one transaction "
+        "per batch (SQLite executemany, PostgreSQL COPY) into the same table and database. "
+        "The gRPC client runs in the control plane's process. Goal: control plane >= 50 % of raw.",
+        "",
+        "| backend | control plane rows/s | raw bulk rows/s | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['backend']} | {r['cp']:,.0f} | {r['raw']:,.0f} | {100 * r['ratio']:.0f} % |"
+        )
+    met = all(r["ratio"] >= 0.5 for r in results)
+    lines += ["", f"Goal (>= 50 %) {'met' if met else 'NOT met'} in this run."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=40_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--pg",
+        default=os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    parser.add_argument("--append-docs", action="store_true")
+    args = parser.parse_args()
+    backends = ["sqlite"] + (["postgresql"] if _pg_reachable(args.pg) else [])
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in backends:
+            results.append(asyncio.run(run_backend(name, args, Path(tmp))))
+    report = _report(results, args)
+    print(report)
+    if args.append_docs:
+        with DOCS.open("a", encoding="utf-8") as docs:
+            docs.write(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -70,6 +70,11 @@ class AgentConfig:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     hardware: HardwareOverrides = field(default_factory=HardwareOverrides)
+    # Threads running inference for the on-device API (runtimes block).
+    inference_workers: int = 2
+    # Loopback host:port to serve the inference API on besides the unix
+    # socket (state_dir/inference.sock); None: the socket only.
+    inference_listen: str | None = None
 
 
 # ---------------------------------------------------------------- converters
@@ -131,6 +136,16 @@ def _positive_int(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail(where, "a positive integer", value)
     return value
+
+
+def _loopback(value: object, where: str) -> str | None:
+    text = _optional_string(value, where)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or host not in ("127.0.0.1", "[::1]", "localhost") or not port.isdigit():
+        raise _fail(where, "a loopback host:port (e.g. 127.0.0.1:7450) or empty", value)
+    return text
 
 
 def _labels(value: object, where: str) -> dict[str, str]:
@@ -218,6 +233,13 @@ def _env_labels(text: str, where: str) -> dict[str, str]:
     return labels
 
 
+def _env_int(text: str, where: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _fail(where, "a positive integer", text) from None
+
+
 def _env_number(text: str, where: str) -> float:
     try:
         return float(text)
@@ -238,6 +260,8 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "backoff_initial_s": (_positive_seconds, _env_number),
     "backoff_max_s": (_positive_seconds, _env_number),
     "hardware": (_hardware, None),
+    "inference_workers": (_positive_int, _env_int),
+    "inference_listen": (_loopback, lambda text, where: text),
 }
 
 

@@ -75,6 +75,8 @@ class AgentConfig:
     # Loopback host:port to serve the inference API on besides the unix
     # socket (state_dir/inference.sock); None: the socket only.
     inference_listen: str | None = None
+    # Seconds per telemetry interval (one sample per model version each).
+    telemetry_interval_s: float = 10.0
 
 
 # ---------------------------------------------------------------- converters
@@ -262,6 +264,7 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "hardware": (_hardware, None),
     "inference_workers": (_positive_int, _env_int),
     "inference_listen": (_loopback, lambda text, where: text),
+    "telemetry_interval_s": (_positive_seconds, _env_number),
 }
 
 

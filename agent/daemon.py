@@ -29,6 +29,11 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, NotProvisioned, StateError
 from agent.hardware import detect_hardware, detect_runtime
 from agent.identity import Identity
+from agent.inference_server import start_inference_server
+from agent.serving import ModelHost
+from agent.telemetry import RequestStats
+from agent.telemetry_buffer import TelemetryBuffer
+from agent.telemetry_uploader import TelemetryUploader
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger("edgefleet.agent")
@@ -36,6 +41,8 @@ log = logging.getLogger("edgefleet.agent")
 ENROLL_TIMEOUT_S = 20.0
 # How long shutdown may take after SIGTERM before the process exits anyway.
 STOP_GRACE_S = 2.0
+# In-flight inference calls get this long to finish when the agent stops.
+STOP_SERVING_GRACE_S = 0.5
 _MIB = 1024 * 1024
 
 
@@ -202,6 +209,10 @@ class Agent:
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng)
         self._sleep = sleep
         self._identity: Identity | None = None
+        # The models this device serves; created by run().
+        self.models: ModelHost | None = None
+        # Set once there is a credential to upload telemetry with.
+        self._has_identity = asyncio.Event()
         self._hardware_id = ""
         self._hardware = common_pb2.HardwareProfile()
         self._runtime = common_pb2.RuntimeFingerprint()
@@ -237,6 +248,8 @@ class Agent:
         )
 
         self._identity = self._load_identity()
+        if self._identity is not None:
+            self._has_identity.set()
         try:
             desired = store.load_desired(state_dir)
         except StateError as exc:
@@ -287,8 +300,49 @@ class Agent:
     # ------------------------------------------------------------ loop
 
     async def run(self) -> None:
-        """Boot, then enroll/sync forever. Returns only by cancellation."""
+        """Boot; serve the on-device inference API and upload telemetry
+        while enrolling and syncing forever. Returns only by cancellation."""
         step = self.boot()
+        stats = RequestStats()
+        self.models = ModelHost(workers=self.config.inference_workers, recorder=stats)
+        inference = await start_inference_server(
+            self.models, self.config.state_dir, listen=self.config.inference_listen
+        )
+        log.info("inference API on %s", inference.unix_target)
+        telemetry = asyncio.create_task(self._upload_telemetry(stats), name="telemetry")
+        try:
+            await self._sync_forever(step)
+        finally:
+            telemetry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await telemetry
+            await inference.stop(grace=STOP_SERVING_GRACE_S)
+
+    async def _upload_telemetry(self, stats: RequestStats) -> None:
+        """Upload telemetry once the device has a credential to send it with;
+        until then (and while offline) samples wait in the disk buffer."""
+        await self._has_identity.wait()
+        buffer = TelemetryBuffer(self.config.state_dir)
+        uploader = TelemetryUploader(
+            stats=stats,
+            buffer=buffer,
+            target=self.config.server,
+            credential=self._current_credential,
+            interval_s=self.config.telemetry_interval_s,
+            channel_options=channel_options(self.config),
+        )
+        try:
+            await uploader.run()
+        finally:
+            await uploader.close()
+            buffer.close()
+
+    def _current_credential(self) -> str:
+        # Read at every upload: a re-enrollment replaces the credential.
+        assert self._identity is not None
+        return self._identity.device_credential
+
+    async def _sync_forever(self, step: Step) -> None:
         while True:
             channel = grpc.aio.insecure_channel(
                 self.config.server, options=channel_options(self.config)
@@ -371,6 +425,7 @@ class Agent:
         # the device enrolled with a credential nobody knows.
         store.save_identity(self.config.state_dir, identity)
         self._identity = identity
+        self._has_identity.set()
         log.info(
             "enrolled as device %s (state %s)",
             identity.device_id,

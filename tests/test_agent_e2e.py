@@ -260,3 +260,37 @@ def test_rejected_device_keeps_running_and_backs_off(
     agent.wait_for(lambda: "refused by the control plane" in agent.log())
     assert agent.running
     assert agent.stop() == 0
+
+
+def test_agent_serves_the_inference_api_and_uploads_telemetry(
+    control_plane: ControlPlane, agents: AgentFactory
+) -> None:
+    import grpc
+
+    from edgefleet.v1 import inference_pb2, inference_pb2_grpc
+
+    agent = agents(name="edge-1", telemetry_interval_s=0.5)
+    device_id = enrolled_id(agent)
+    socket = agent.state_dir / "inference.sock"
+    wait_for(socket.exists)
+    # No model has been activated yet: the API answers, with NOT_FOUND.
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        try:
+            stub.GetModelMetadata(inference_pb2.GetModelMetadataRequest(model_name="digits"))
+            raise AssertionError("metadata for a model that was never activated")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+    # Device-level telemetry (memory, CPU) arrives at the control plane.
+    op = control_plane.operator()
+
+    def memory_points() -> int:
+        resp = op.QueryTelemetry(
+            operator_pb2.QueryTelemetryRequest(
+                metric=operator_pb2.TELEMETRY_METRIC_MEMORY_MB, device_id=device_id
+            )
+        )
+        return sum(len(series.points) for series in resp.series)
+
+    assert wait_for(memory_points, timeout=30)
+    assert agent.stop() == 0

@@ -19,13 +19,13 @@ import pytest
 from agent.runtimes import TensorInfo, open_runner
 from controlplane.client import bearer_metadata
 from controlplane.domain import signing
-from demo.models import build_digits_classifier
+from demo.models import build_digits_classifier, render_text_lines
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
 from tests.harness import ControlPlane
 from tests.test_api import _parts
-from tests.test_build_ort import ppocr_cls, render_text_lines  # noqa: F401 - fixture
+from tests.test_build_ort import ppocr_cls  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(900)
 TERMINAL = (o.BUILD_STATE_SUCCEEDED, o.BUILD_STATE_FAILED)

@@ -19,7 +19,7 @@ import pytest
 from agent.runtimes import RuntimeUnavailable, open_runner
 from agent.runtimes.onnxruntime import OnnxRuntimeRunner
 from controlplane.build import ort_ladder
-from controlplane.build.measure import accuracy, measure, reference_outputs
+from controlplane.build.measure import accuracy, measure_with_outputs, reference_outputs
 from controlplane.build.pipeline import run_build
 from controlplane.build.samples import Samples, load_samples
 from controlplane.build.types import BuildTarget, Candidate, Measurement
@@ -70,7 +70,10 @@ def run_ladder(model: BuiltModel, workdir: Path) -> Ladder:
     log: list[str] = []
     target = BuildTarget("test", "onnxruntime")
     candidates = ort_ladder.build_candidates(model.model, samples, workdir, target, log.append)
-    built = {c.name: (c, measure(c, samples, reference, threads=1, runs=RUNS)) for c in candidates}
+    built = {
+        c.name: (c, measure_with_outputs(c, samples, reference, threads=1, runs=RUNS)[0])
+        for c in candidates
+    }
     return Ladder(model, samples, built, accuracy(reference[0], samples.labels), log)
 
 
@@ -238,7 +241,7 @@ def test_a_failed_rung_does_not_stop_the_ladder(mlp: Ladder, tmp_path: Path) -> 
     assert any(line.startswith("int8-static-qdq: not built") for line in log)
     # Measuring the failed rung reports its error instead of raising.
     reference = reference_outputs(mlp.model.model, mlp.samples)
-    measurement = measure(failed, mlp.samples, reference, threads=1, runs=RUNS)
+    measurement = measure_with_outputs(failed, mlp.samples, reference, threads=1, runs=RUNS)[0]
     assert measurement.error == failed.error
 
 
@@ -247,7 +250,7 @@ def test_a_candidate_that_cannot_load_is_a_measurement_error(mlp: Ladder, tmp_pa
     broken.write_bytes(b"not an onnx model")
     reference = reference_outputs(mlp.model.model, mlp.samples)
     candidate = Candidate("broken", "onnxruntime", "fp32", broken)
-    measurement = measure(candidate, mlp.samples, reference, threads=1, runs=RUNS)
+    measurement = measure_with_outputs(candidate, mlp.samples, reference, threads=1, runs=RUNS)[0]
     assert measurement.error and measurement.size_bytes == len(b"not an onnx model")
 
 

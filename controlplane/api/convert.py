@@ -379,14 +379,12 @@ TELEMETRY_METRICS = {
     o.TELEMETRY_METRIC_LATENCY_MAX_MS: "latency_max_ms",
     o.TELEMETRY_METRIC_DROPPED_SAMPLES: "dropped_samples",
 }
-TELEMETRY_METRIC_NAMES = {v: k for k, v in TELEMETRY_METRICS.items()}
 TELEMETRY_GROUPS = {
     o.TELEMETRY_GROUP_BY_UNSPECIFIED: "",
     o.TELEMETRY_GROUP_BY_MODEL_VERSION: "model_version",
     o.TELEMETRY_GROUP_BY_CLASS: "class",
     o.TELEMETRY_GROUP_BY_DEVICE: "device",
 }
-TELEMETRY_GROUP_NAMES = {v: k for k, v in TELEMETRY_GROUPS.items()}
 
 
 def sample_from_pb(msg: d.TelemetrySample) -> Sample:

@@ -66,29 +66,6 @@ def measurement_runtime(runtime: str) -> tuple[str, bool]:
     return runtime, False
 
 
-def measure(
-    candidate: Candidate,
-    samples: Samples,
-    reference_outputs: Sequence[np.ndarray],
-    *,
-    threads: int,
-    onnx_inputs: Sequence[TensorInfo] | None = None,
-    onnx_outputs: Sequence[TensorInfo] | None = None,
-    runs: int = DEFAULT_RUNS,
-) -> Measurement:
-    """Measure one candidate; see `measure_with_outputs`."""
-    measurement, _ = measure_with_outputs(
-        candidate,
-        samples,
-        reference_outputs,
-        threads=threads,
-        onnx_inputs=onnx_inputs,
-        onnx_outputs=onnx_outputs,
-        runs=runs,
-    )
-    return measurement
-
-
 def measure_with_outputs(
     candidate: Candidate,
     samples: Samples,

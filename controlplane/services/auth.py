@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import os
 from dataclasses import dataclass
@@ -139,7 +138,3 @@ def ensure_bootstrap_admin(db: Database, data_dir: Path, configured: str | None)
         fh.write(token + "\n")
     log.warning("created the bootstrap admin token in %s (mode 0600)", path)
     return token
-
-
-def expires_in(ttl: dt.timedelta | None) -> dt.datetime | None:
-    return None if ttl is None else utcnow() + ttl

@@ -57,10 +57,3 @@ class EventBus:
     def _deliver(self, event: FleetEvent) -> None:
         for fn in list(self._subscribers):
             fn(event)
-
-
-class NullEvents:
-    """An event sink that drops everything (for services used without a server)."""
-
-    def publish(self, event: FleetEvent) -> None:
-        pass

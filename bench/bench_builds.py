@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +51,12 @@ import psutil
 from google.protobuf import timestamp_pb2
 
 from controlplane.client import CHANNEL_OPTIONS, bearer_metadata
-from demo.models import render_text_lines
+from demo.models import RAPIDOCR_WHEEL, ModelUnavailable, fetch_ppocr_cls, render_text_lines
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc
 
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # a throwaway server's token
-RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
-CLS_MODEL = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
 MODEL_NAME = "ppocr-cls"
 MODEL_VERSION = "2.0.0"
 CHUNK = 1 << 20
@@ -137,18 +134,10 @@ def device_classes(latency_budget_ms: float, min_retention: float | None) -> lis
 
 def fetch_model(root: Path) -> Path:
     """PP-OCR's mobile direction classifier from the rapidocr-onnxruntime wheel."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", RAPIDOCR, "-d", str(root)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wheels = list(root.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise SystemExit(f"could not download {RAPIDOCR}: {proc.stderr.strip()[-500:]}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        wheel.extract(CLS_MODEL, root)
-    return root / CLS_MODEL
+    try:
+        return fetch_ppocr_cls(root)
+    except ModelUnavailable as exc:
+        raise SystemExit(str(exc)) from None
 
 
 @dataclass
@@ -565,7 +554,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--out", type=Path, help="write the JSON results (with every build's log) here")
     add("--workers", type=int, default=1, help="the server's --build-workers")
-    add("--model", type=Path, help=f"the ONNX model (default: the classifier in {RAPIDOCR})")
+    add("--model", type=Path, help=f"the ONNX model (default: the classifier in {RAPIDOCR_WHEEL})")
     add("--samples", type=int, default=32, help="rendered text-line samples pushed with it")
     add("--latency-budget-ms", type=float, default=20.0, help="the gateway class's p95 budget")
     add("--min-retention", type=float,
@@ -592,7 +581,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.model:
             model = args.model
         else:
-            _say(f"downloading {RAPIDOCR} (pip download --no-deps)")
+            _say(f"downloading {RAPIDOCR_WHEEL} (pip download --no-deps)")
             (tmp / "wheel").mkdir()
             model = fetch_model(tmp / "wheel")
         samples = tmp / "samples.npz"

@@ -223,3 +223,35 @@ def render_text_lines(
         rgb = page[None] * rng.uniform(0.9, 1.0, (3, 1, 1))
         images[n] = (rgb / 255.0 - 0.5) / 0.5
     return images
+
+
+# PP-OCR's mobile text-direction classifier (MobileNetV3, opset 11), a real
+# pretrained CNN that ships inside a PyPI wheel.
+RAPIDOCR_WHEEL = "rapidocr-onnxruntime==1.4.4"
+PPOCR_CLS_MODEL = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
+
+
+class ModelUnavailable(RuntimeError):
+    """The wheel carrying a real model could not be fetched."""
+
+
+def fetch_ppocr_cls(root: Path) -> Path:
+    """Download the rapidocr-onnxruntime wheel (from the package index, never
+    a model hub) into `root` and extract the classifier from it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", RAPIDOCR_WHEEL,
+         "-d", str(root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    wheels = list(root.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelUnavailable(f"could not download {RAPIDOCR_WHEEL}: {proc.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extract(PPOCR_CLS_MODEL, root)
+    return root / PPOCR_CLS_MODEL

@@ -6,9 +6,6 @@ measured; the verdict is checked as constraints tighten."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +25,15 @@ from controlplane.domain.onnx_inspect import inspect_model
 from controlplane.errors import InvalidArgument
 from demo.models import (
     BuiltModel,
+    ModelUnavailable,
     build_digits_classifier,
     build_small_cnn,
+    fetch_ppocr_cls,
     render_text_lines,
 )
 
 RUNS = 20  # latency runs per candidate: enough for sane numbers, quick on 2 cores
 RUNGS = ["fp32-opt", "fp16", "int8-dynamic", "int8-static-qdq"]
-RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
-CLS_MODEL = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
 
 
 @dataclass
@@ -350,22 +347,12 @@ def test_pipeline_rejects_an_unknown_runtime(mlp: Ladder, tmp_path: Path) -> Non
 def ppocr_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """PP-OCR's mobile text-direction classifier (MobileNetV3, opset 11),
     from the rapidocr-onnxruntime wheel on PyPI."""
-    root = tmp_path_factory.mktemp("rapidocr")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", RAPIDOCR, "-d", str(root)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wheels = list(root.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        reason = f"could not download {RAPIDOCR}: {proc.stderr.strip()[-300:]}"
+    try:
+        return fetch_ppocr_cls(tmp_path_factory.mktemp("rapidocr"))
+    except ModelUnavailable as exc:
         if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        wheel.extract(CLS_MODEL, root)
-    return root / CLS_MODEL
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 def test_pipeline_on_a_real_pretrained_cnn(ppocr_cls: Path, tmp_path: Path) -> None:

@@ -7,12 +7,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from controlplane.db.models import ArtifactRow, BuildRow, DeviceRow, ModelRow, ModelVersionRow
+from controlplane.db.models import ArtifactRow, BuildRow, DeviceRow
 from controlplane.db.uow import Database
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from controlplane.services.blobs import BlobStore, valid_digest
 from controlplane.services.builds import SUCCEEDED
 from controlplane.services.devices import ACCEPTED
+from controlplane.services.registry import filter_by_model
 
 
 class ArtifactService:
@@ -24,12 +25,7 @@ class ArtifactService:
         self, *, model_name: str = "", version: str = "", class_name: str = ""
     ) -> list[ArtifactRow]:
         stmt = select(ArtifactRow).order_by(ArtifactRow.created_at.desc())
-        if model_name:
-            stmt = stmt.join(ModelVersionRow, ModelVersionRow.id == ArtifactRow.model_version_id)
-            stmt = stmt.join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
-            stmt = stmt.where(ModelRow.name == model_name)
-            if version:
-                stmt = stmt.where(ModelVersionRow.version == version)
+        stmt = filter_by_model(stmt, ArtifactRow.model_version_id, model_name, version)
         if class_name:
             stmt = stmt.where(ArtifactRow.class_name == class_name)
         with self._db.unit_of_work(readonly=True) as uow:

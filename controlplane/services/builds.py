@@ -39,6 +39,7 @@ from controlplane.services.blobs import BlobStore, sha256_file
 from controlplane.services.devices import EventSink
 from controlplane.services.events import FleetEvent
 from controlplane.services.keys import active_key
+from controlplane.services.registry import filter_by_model, require_version
 from edgefleet.v1 import common_pb2 as c
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
@@ -143,7 +144,7 @@ class BuildService:
     ) -> list[BuildView]:
         """Builds of one model version for one class, or for every class."""
         with self._db.unit_of_work() as uow:
-            mv = self._version(uow.session, model_name, version)
+            mv = require_version(uow.session, model_name, version)
             if class_name:
                 cls = uow.session.scalar(
                     select(DeviceClassRow).where(DeviceClassRow.name == class_name)
@@ -169,7 +170,7 @@ class BuildService:
         """After a push: build the new version for every class."""
         with self._db.unit_of_work() as uow:
             try:
-                mv = self._version(uow.session, model_name, version)
+                mv = require_version(uow.session, model_name, version)
             except NotFound:
                 return
             for cls in uow.session.scalars(select(DeviceClassRow)):
@@ -246,17 +247,6 @@ class BuildService:
 
     # ------------------------------------------------------------ queries
 
-    @staticmethod
-    def _version(session: Session, model_name: str, version: str) -> ModelVersionRow:
-        mv = session.scalar(
-            select(ModelVersionRow)
-            .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
-            .where(ModelRow.name == model_name, ModelVersionRow.version == version)
-        )
-        if mv is None:
-            raise NotFound(f"no model version {model_name}@{version}")
-        return mv
-
     def _views(self, session: Session, rows: Iterable[BuildRow]) -> list[BuildView]:
         names: dict[str, tuple[str, str]] = {}
         out = []
@@ -277,12 +267,7 @@ class BuildService:
     ) -> list[BuildView]:
         with self._db.unit_of_work(readonly=True) as uow:
             stmt = select(BuildRow).order_by(BuildRow.created_at.desc()).limit(500)
-            if model_name:
-                stmt = stmt.join(ModelVersionRow, ModelVersionRow.id == BuildRow.model_version_id)
-                stmt = stmt.join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
-                stmt = stmt.where(ModelRow.name == model_name)
-                if version:
-                    stmt = stmt.where(ModelVersionRow.version == version)
+            stmt = filter_by_model(stmt, BuildRow.model_version_id, model_name, version)
             if class_name:
                 stmt = stmt.where(BuildRow.class_name == class_name)
             if state:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -110,6 +110,35 @@ class Upload:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+def find_version(session: Session, name: str, version: str) -> ModelVersionRow | None:
+    """The row of `name@version`, if pushed."""
+    return session.scalar(
+        select(ModelVersionRow)
+        .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+        .where(ModelRow.name == name, ModelVersionRow.version == version)
+    )
+
+
+def require_version(session: Session, name: str, version: str) -> ModelVersionRow:
+    row = find_version(session, name, version)
+    if row is None:
+        raise NotFound(f"no model version {name}@{version}")
+    return row
+
+
+def filter_by_model(
+    stmt: Select[Any], version_id: Any, model_name: str, version: str
+) -> Select[Any]:
+    """Narrow a query over rows that point at a model version (`version_id`
+    is their model_version_id column) to a model, and optionally a version."""
+    if not model_name:
+        return stmt
+    stmt = stmt.join(ModelVersionRow, ModelVersionRow.id == version_id)
+    stmt = stmt.join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+    stmt = stmt.where(ModelRow.name == model_name)
+    return stmt.where(ModelVersionRow.version == version) if version else stmt
+
+
 @dataclass(frozen=True)
 class ModelSummary:
     row: ModelRow
@@ -155,7 +184,7 @@ class RegistryService:
 
     def _check_new(self, name: str, version: str) -> None:
         with self._db.unit_of_work(readonly=True) as uow:
-            if self._find_version(uow.session, name, version) is not None:
+            if find_version(uow.session, name, version) is not None:
                 raise AlreadyExists(
                     f"{name}@{version} already exists; versions are immutable, push a new version"
                 )
@@ -225,14 +254,6 @@ class RegistryService:
 
     # ------------------------------------------------------------ queries
 
-    @staticmethod
-    def _find_version(session: Session, name: str, version: str) -> ModelVersionRow | None:
-        return session.scalar(
-            select(ModelVersionRow)
-            .join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
-            .where(ModelRow.name == name, ModelVersionRow.version == version)
-        )
-
     def list_models(self) -> list[ModelSummary]:
         with self._db.unit_of_work(readonly=True) as uow:
             models = list(uow.session.scalars(select(ModelRow).order_by(ModelRow.name)))
@@ -264,7 +285,4 @@ class RegistryService:
 
     def get_version(self, name: str, version: str) -> ModelVersionRow:
         with self._db.unit_of_work(readonly=True) as uow:
-            row = self._find_version(uow.session, name, version)
-            if row is None:
-                raise NotFound(f"no model version {name}@{version}")
-            return row
+            return require_version(uow.session, name, version)

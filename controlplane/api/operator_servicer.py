@@ -340,6 +340,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
 
     # ------------------------------------------------------------ later issues
 
+    AssignModel = unimplemented("operator", "AssignModel", 4)
+    ListDeployments = unimplemented("operator", "ListDeployments", 4)
     CreateRollout = unimplemented("operator", "CreateRollout", 5)
     ListRollouts = unimplemented("operator", "ListRollouts", 5)
     GetRollout = unimplemented("operator", "GetRollout", 5)

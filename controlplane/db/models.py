@@ -148,6 +148,8 @@ class DeviceRow(Base):
     applied_revision: Mapped[int] = mapped_column(BigInteger, default=0)
     update_status: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     state_reason: Mapped[str] = mapped_column(Text, default="")
+    # The last assignment sequence handed out; assignments count up from 1.
+    assignment_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class BlobRow(Base):
@@ -322,3 +324,45 @@ class TelemetryRow(Base):
     latency_max_ms: Mapped[float] = mapped_column(Float)
     memory_mb: Mapped[float] = mapped_column(Float)
     cpu_percent: Mapped[float] = mapped_column(Float)
+
+
+class DeviceAssignmentRow(Base):
+    """The model artifact a device should run now: at most one per device.
+    Replaced (never edited) by a new assignment with the next sequence."""
+
+    __tablename__ = "device_assignments"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Monotonic per device (devices.assignment_seq); agents refuse older ones.
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    artifact_id: Mapped[str] = mapped_column(ForeignKey("artifacts.id", ondelete="CASCADE"))
+    model_version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    # Set when a rollout made the assignment (issue 5).
+    rollout_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    assigned_by: Mapped[str] = mapped_column(String(200))
+    assigned_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class DeploymentEventRow(Base):
+    """One update state a device's agent reported for an assignment: the
+    per-device deployment history."""
+
+    __tablename__ = "deployment_events"
+    __table_args__ = (Index("ix_deployment_events_device_id_id", "device_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    rollout_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    model_name: Mapped[str] = mapped_column(String(100))
+    model_version: Mapped[str] = mapped_column(String(64))
+    artifact_digest: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)

@@ -534,6 +534,10 @@ class UpdateStatus(_message.Message):
     BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    ACTIVE_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ACTIVE_ARTIFACT_DIGEST_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """Agent state machine state: "idle", "downloading", "verifying", ..."""
     model_name: _builtins.str
@@ -543,6 +547,12 @@ class UpdateStatus(_message.Message):
     bytes_total: _builtins.int
     reason: _builtins.str
     """Human-readable reason for failures and rollbacks."""
+    sequence: _builtins.int
+    """The assignment this status is about (Assignment.sequence, rollout_id)."""
+    rollout_id: _builtins.str
+    active_model_version: _builtins.str
+    """What the device serves right now, whatever the update's state."""
+    active_artifact_digest: _builtins.str
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -556,10 +566,14 @@ class UpdateStatus(_message.Message):
         bytes_total: _builtins.int = ...,
         reason: _builtins.str = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        sequence: _builtins.int = ...,
+        rollout_id: _builtins.str = ...,
+        active_model_version: _builtins.str = ...,
+        active_artifact_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_artifact_digest", b"active_artifact_digest", "active_model_version", b"active_model_version", "artifact_digest", b"artifact_digest", "bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "rollout_id", b"rollout_id", "sequence", b"sequence", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -910,6 +924,9 @@ class ArtifactManifest(_message.Message):
     BUILD_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     COMPANION_SHA256_FIELD_NUMBER: _builtins.int
+    LATENCY_BUDGET_P95_MS_FIELD_NUMBER: _builtins.int
+    MAX_MEMORY_MB_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
@@ -929,6 +946,13 @@ class ArtifactManifest(_message.Message):
     build_id: _builtins.str
     companion_sha256: _builtins.str
     """Digest of a companion artifact (the TFLite Micro C source), if any."""
+    latency_budget_p95_ms: _builtins.float
+    """The class's constraints the artifact was built for, checked again on the
+    device before activation (0: no limit).
+    """
+    max_memory_mb: _builtins.float
+    threads: _builtins.int
+    """Threads the class runs inference with."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -967,10 +991,13 @@ class ArtifactManifest(_message.Message):
         build_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         companion_sha256: _builtins.str = ...,
+        latency_budget_p95_ms: _builtins.float = ...,
+        max_memory_mb: _builtins.float = ...,
+        threads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "tensorrt", b"tensorrt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "build_id", b"build_id", "candidate", b"candidate", "class_name", b"class_name", "companion_sha256", b"companion_sha256", "created_at", b"created_at", "format_version", b"format_version", "golden", b"golden", "inputs", b"inputs", "media_type", b"media_type", "min_agreement", b"min_agreement", "min_runtime_versions", b"min_runtime_versions", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "precision", b"precision", "rtol", b"rtol", "runtime", b"runtime", "sha256", b"sha256", "size_bytes", b"size_bytes", "tensorrt", b"tensorrt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "build_id", b"build_id", "candidate", b"candidate", "class_name", b"class_name", "companion_sha256", b"companion_sha256", "created_at", b"created_at", "format_version", b"format_version", "golden", b"golden", "inputs", b"inputs", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "media_type", b"media_type", "min_agreement", b"min_agreement", "min_runtime_versions", b"min_runtime_versions", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "precision", b"precision", "rtol", b"rtol", "runtime", b"runtime", "sha256", b"sha256", "size_bytes", b"size_bytes", "tensorrt", b"tensorrt", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

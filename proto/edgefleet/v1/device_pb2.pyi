@@ -479,6 +479,11 @@ class TelemetrySample(_message.Message):
     TIMEOUT_COUNT_FIELD_NUMBER: _builtins.int
     LATENCY_MAX_MS_FIELD_NUMBER: _builtins.int
     DROPPED_SAMPLES_FIELD_NUMBER: _builtins.int
+    SYSTEM_MEMORY_PERCENT_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_C_FIELD_NUMBER: _builtins.int
+    BATTERY_PERCENT_FIELD_NUMBER: _builtins.int
+    POWER_MODE_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per-device monotonically increasing sequence number."""
     model_name: _builtins.str
@@ -497,6 +502,16 @@ class TelemetrySample(_message.Message):
     """Samples the agent dropped from its full on-disk buffer since the previous
     sample it kept (0 when none were lost).
     """
+    system_memory_percent: _builtins.float
+    """System-wide memory in use, percent."""
+    temperature_c: _builtins.float
+    """Hottest temperature sensor and battery charge, where the platform has them."""
+    battery_percent: _builtins.float
+    power_mode: _builtins.str
+    """The power/thermal policy's mode in the interval ("normal", "limited"),
+    and the inference concurrency it allowed (0: unlimited).
+    """
+    concurrency_limit: _builtins.int
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -516,12 +531,24 @@ class TelemetrySample(_message.Message):
         timeout_count: _builtins.int = ...,
         latency_max_ms: _builtins.float = ...,
         dropped_samples: _builtins.int = ...,
+        system_memory_percent: _builtins.float = ...,
+        temperature_c: _builtins.float | None = ...,
+        battery_percent: _builtins.float | None = ...,
+        power_mode: _builtins.str = ...,
+        concurrency_limit: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "temperature_c", b"temperature_c"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "cpu_percent", b"cpu_percent", "dropped_samples", b"dropped_samples", "error_count", b"error_count", "latency_max_ms", b"latency_max_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_name", b"model_name", "model_version", b"model_version", "request_count", b"request_count", "seq", b"seq", "timeout_count", b"timeout_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "concurrency_limit", b"concurrency_limit", "cpu_percent", b"cpu_percent", "dropped_samples", b"dropped_samples", "error_count", b"error_count", "latency_max_ms", b"latency_max_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_name", b"model_name", "model_version", b"model_version", "power_mode", b"power_mode", "request_count", b"request_count", "seq", b"seq", "system_memory_percent", b"system_memory_percent", "temperature_c", b"temperature_c", "timeout_count", b"timeout_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__battery_percent: _TypeAlias = _typing.Literal["battery_percent"]  # noqa: Y015
+    _WhichOneofArgType__battery_percent: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent"]  # noqa: Y015
+    _WhichOneofReturnType__temperature_c: _TypeAlias = _typing.Literal["temperature_c"]  # noqa: Y015
+    _WhichOneofArgType__temperature_c: _TypeAlias = _typing.Literal["_temperature_c", b"_temperature_c"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__battery_percent) -> _WhichOneofReturnType__battery_percent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature_c) -> _WhichOneofReturnType__temperature_c | None: ...
 
 Global___TelemetrySample: _TypeAlias = TelemetrySample  # noqa: Y015
 

@@ -209,6 +209,11 @@ class _TelemetryMetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Telem
     TELEMETRY_METRIC_LATENCY_P99_MS: _TelemetryMetric.ValueType  # 10
     TELEMETRY_METRIC_LATENCY_MAX_MS: _TelemetryMetric.ValueType  # 11
     TELEMETRY_METRIC_DROPPED_SAMPLES: _TelemetryMetric.ValueType  # 12
+    TELEMETRY_METRIC_SYSTEM_MEMORY_PERCENT: _TelemetryMetric.ValueType  # 13
+    """MAX over the samples."""
+    TELEMETRY_METRIC_TEMPERATURE_C: _TelemetryMetric.ValueType  # 14
+    TELEMETRY_METRIC_BATTERY_PERCENT: _TelemetryMetric.ValueType  # 15
+    """MIN over the samples."""
 
 class TelemetryMetric(_TelemetryMetric, metaclass=_TelemetryMetricEnumTypeWrapper):
     """---------------------------------------------------------------- telemetry
@@ -235,6 +240,11 @@ TELEMETRY_METRIC_LATENCY_P50_MS: TelemetryMetric.ValueType  # 9
 TELEMETRY_METRIC_LATENCY_P99_MS: TelemetryMetric.ValueType  # 10
 TELEMETRY_METRIC_LATENCY_MAX_MS: TelemetryMetric.ValueType  # 11
 TELEMETRY_METRIC_DROPPED_SAMPLES: TelemetryMetric.ValueType  # 12
+TELEMETRY_METRIC_SYSTEM_MEMORY_PERCENT: TelemetryMetric.ValueType  # 13
+"""MAX over the samples."""
+TELEMETRY_METRIC_TEMPERATURE_C: TelemetryMetric.ValueType  # 14
+TELEMETRY_METRIC_BATTERY_PERCENT: TelemetryMetric.ValueType  # 15
+"""MIN over the samples."""
 Global___TelemetryMetric: _TypeAlias = TelemetryMetric  # noqa: Y015
 
 class _TelemetryGroupBy:
@@ -821,6 +831,218 @@ class SetDeviceClassRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetDeviceClassRequest: _TypeAlias = SetDeviceClassRequest  # noqa: Y015
+
+@_typing.final
+class AssignModelRequest(_message.Message):
+    """---------------------------------------------------------------- deployments"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    model_version: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Accepted devices to assign to; each must be in a class with a successful
+        build of the version, or nothing is assigned (FAILED_PRECONDITION lists
+        the devices and why).
+        """
+
+    def __init__(
+        self,
+        *,
+        device_ids: _abc.Iterable[_builtins.str] | None = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignModelRequest: _TypeAlias = AssignModelRequest  # noqa: Y015
+
+@_typing.final
+class DeviceAssignment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CLASS_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ARTIFACT_DIGEST_FIELD_NUMBER: _builtins.int
+    ARTIFACT_SIZE_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    ASSIGNED_AT_FIELD_NUMBER: _builtins.int
+    ASSIGNED_BY_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    class_name: _builtins.str
+    model_name: _builtins.str
+    model_version: _builtins.str
+    artifact_digest: _builtins.str
+    artifact_size: _builtins.int
+    sequence: _builtins.int
+    rollout_id: _builtins.str
+    assigned_by: _builtins.str
+    @_builtins.property
+    def assigned_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        class_name: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        artifact_digest: _builtins.str = ...,
+        artifact_size: _builtins.int = ...,
+        sequence: _builtins.int = ...,
+        rollout_id: _builtins.str = ...,
+        assigned_at: _timestamp_pb2.Timestamp | None = ...,
+        assigned_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned_at", b"assigned_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "assigned_at", b"assigned_at", "assigned_by", b"assigned_by", "class_name", b"class_name", "device_id", b"device_id", "model_name", b"model_name", "model_version", b"model_version", "rollout_id", b"rollout_id", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceAssignment: _TypeAlias = DeviceAssignment  # noqa: Y015
+
+@_typing.final
+class AssignModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceAssignment]: ...
+    def __init__(
+        self,
+        *,
+        assignments: _abc.Iterable[Global___DeviceAssignment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignModelResponse: _TypeAlias = AssignModelResponse  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """Optional filters."""
+    model_name: _builtins.str
+    model_version: _builtins.str
+    limit: _builtins.int
+    """Newest first; 0: 100."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "limit", b"limit", "model_name", b"model_name", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsRequest: _TypeAlias = ListDeploymentsRequest  # noqa: Y015
+
+@_typing.final
+class DeploymentEvent(_message.Message):
+    """One state an agent's update went through, as it reported it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ARTIFACT_DIGEST_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    sequence: _builtins.int
+    model_name: _builtins.str
+    model_version: _builtins.str
+    artifact_digest: _builtins.str
+    state: _builtins.str
+    """Agent update state: "downloading", "verifying", ..., "committed", "failed"."""
+    reason: _builtins.str
+    bytes_done: _builtins.int
+    bytes_total: _builtins.int
+    rollout_id: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        artifact_digest: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        bytes_done: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        rollout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "at", b"at", "bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "device_id", b"device_id", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "rollout_id", b"rollout_id", "sequence", b"sequence", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentEvent: _TypeAlias = DeploymentEvent  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeploymentEvent]: ...
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceAssignment]:
+        """The devices' current assignments (for the devices the filter matched)."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___DeploymentEvent] | None = ...,
+        assignments: _abc.Iterable[Global___DeviceAssignment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsResponse: _TypeAlias = ListDeploymentsResponse  # noqa: Y015
 
 @_typing.final
 class CreateDeviceClassRequest(_message.Message):

@@ -95,6 +95,16 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.SetDeviceClassRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_common__pb2.Device.FromString,
                 _registered_method=True)
+        self.AssignModel = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/AssignModel',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.AssignModelRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.AssignModelResponse.FromString,
+                _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/ListDeployments',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
         self.CreateDeviceClass = channel.unary_unary(
                 '/edgefleet.v1.OperatorService/CreateDeviceClass',
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.CreateDeviceClassRequest.SerializeToString,
@@ -297,6 +307,21 @@ class OperatorServiceServicer:
     def SetDeviceClass(self, request, context):
         """Pins a device to a class, or unpins it (empty class) so rules apply again.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AssignModel(self, request, context):
+        """Deployments: assign a model version to devices directly (each gets its
+        class's artifact), and the per-device history of what their agents did.
+        Rollouts drive the same assignments in stages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeployments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -521,6 +546,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.SetDeviceClass,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.SetDeviceClassRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_common__pb2.Device.SerializeToString,
+            ),
+            'AssignModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignModel,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.AssignModelRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.AssignModelResponse.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListDeploymentsResponse.SerializeToString,
             ),
             'CreateDeviceClass': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateDeviceClass,
@@ -972,6 +1007,60 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/SetDeviceClass',
             edgefleet_dot_v1_dot_operator__pb2.SetDeviceClassRequest.SerializeToString,
             edgefleet_dot_v1_dot_common__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/AssignModel',
+            edgefleet_dot_v1_dot_operator__pb2.AssignModelRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.AssignModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/ListDeployments',
+            edgefleet_dot_v1_dot_operator__pb2.ListDeploymentsRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ListDeploymentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

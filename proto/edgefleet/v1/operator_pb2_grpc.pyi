@@ -51,6 +51,12 @@ class OperatorServiceStub:
     UpdateDeviceLabels: _grpc.UnaryUnaryMultiCallable[_operator_pb2.UpdateDeviceLabelsRequest, _common_pb2.Device]
     SetDeviceClass: _grpc.UnaryUnaryMultiCallable[_operator_pb2.SetDeviceClassRequest, _common_pb2.Device]
     """Pins a device to a class, or unpins it (empty class) so rules apply again."""
+    AssignModel: _grpc.UnaryUnaryMultiCallable[_operator_pb2.AssignModelRequest, _operator_pb2.AssignModelResponse]
+    """Deployments: assign a model version to devices directly (each gets its
+    class's artifact), and the per-device history of what their agents did.
+    Rollouts drive the same assignments in stages.
+    """
+    ListDeployments: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListDeploymentsRequest, _operator_pb2.ListDeploymentsResponse]
     CreateDeviceClass: _grpc.UnaryUnaryMultiCallable[_operator_pb2.CreateDeviceClassRequest, _common_pb2.DeviceClass]
     """Device classes."""
     ListDeviceClasses: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListDeviceClassesRequest, _operator_pb2.ListDeviceClassesResponse]
@@ -105,6 +111,12 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     UpdateDeviceLabels: _aio.UnaryUnaryMultiCallable[_operator_pb2.UpdateDeviceLabelsRequest, _common_pb2.Device]  # type: ignore[assignment]
     SetDeviceClass: _aio.UnaryUnaryMultiCallable[_operator_pb2.SetDeviceClassRequest, _common_pb2.Device]  # type: ignore[assignment]
     """Pins a device to a class, or unpins it (empty class) so rules apply again."""
+    AssignModel: _aio.UnaryUnaryMultiCallable[_operator_pb2.AssignModelRequest, _operator_pb2.AssignModelResponse]  # type: ignore[assignment]
+    """Deployments: assign a model version to devices directly (each gets its
+    class's artifact), and the per-device history of what their agents did.
+    Rollouts drive the same assignments in stages.
+    """
+    ListDeployments: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListDeploymentsRequest, _operator_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
     CreateDeviceClass: _aio.UnaryUnaryMultiCallable[_operator_pb2.CreateDeviceClassRequest, _common_pb2.DeviceClass]  # type: ignore[assignment]
     """Device classes."""
     ListDeviceClasses: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListDeviceClassesRequest, _operator_pb2.ListDeviceClassesResponse]  # type: ignore[assignment]
@@ -228,6 +240,24 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.Device, _abc.Awaitable[_common_pb2.Device]]:
         """Pins a device to a class, or unpins it (empty class) so rules apply again."""
+
+    @_abc_1.abstractmethod
+    def AssignModel(
+        self,
+        request: _operator_pb2.AssignModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.AssignModelResponse, _abc.Awaitable[_operator_pb2.AssignModelResponse]]:
+        """Deployments: assign a model version to devices directly (each gets its
+        class's artifact), and the per-device history of what their agents did.
+        Rollouts drive the same assignments in stages.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeployments(
+        self,
+        request: _operator_pb2.ListDeploymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ListDeploymentsResponse, _abc.Awaitable[_operator_pb2.ListDeploymentsResponse]]: ...
 
     @_abc_1.abstractmethod
     def CreateDeviceClass(

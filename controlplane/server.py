@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from controlplane.services.blobs import BlobStore
 from controlplane.services.build_runner import BuildRunner
 from controlplane.services.builds import BuildService
 from controlplane.services.classes import ClassService
+from controlplane.services.deployments import DeploymentService
 from controlplane.services.devices import DEVICE_STATES, DeviceService
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.events import EventBus, FleetEvent
@@ -144,7 +146,10 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     registry = RegistryService(db, blobs, events, int(config.max_upload_mb * 1024 * 1024))
     builds = BuildService(db, blobs, events, toolchains_dir=config.toolchains_dir)
     artifacts = ArtifactService(db, blobs)
-    telemetry = TelemetryService(db)
+    telemetry = TelemetryService(
+        db, retention=dt.timedelta(seconds=config.telemetry_retention_s)
+    )
+    deployments = DeploymentService(db, events)
     events.subscribe(_build_triggers(builds, executor))
     metrics_registry = CollectorRegistry()
     metrics = RpcMetrics(metrics_registry)
@@ -172,6 +177,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             artifacts=artifacts,
             hub=hub,
             telemetry=telemetry,
+            deployments=deployments,
             agent_config=agent_config,
             **base,
         ),
@@ -186,6 +192,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             builds=builds,
             artifacts=artifacts,
             telemetry=telemetry,
+            deployments=deployments,
             **base,
         ),
         server,
@@ -210,6 +217,11 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     cp._bridge = bridge
     cp.builds = builds
     cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor)))
+    cp._tasks.append(
+        asyncio.create_task(
+            _roll_up_telemetry(telemetry, executor, config.telemetry_rollup_every_s)
+        )
+    )
     if config.build_workers > 0:
         cp._runner = BuildRunner(
             builds, executor, config.build_dir, workers=config.build_workers,
@@ -268,6 +280,23 @@ async def _flush_presence(
             await loop.run_in_executor(executor, devices.touch, seen)
         except Exception:
             log.exception("could not record last-seen times; will retry")
+
+
+async def _roll_up_telemetry(
+    telemetry: TelemetryService, executor: ThreadPoolExecutor, every_s: float
+) -> None:
+    """Roll raw telemetry past its retention up into hourly rows, now and then
+    every `every_s`. Every replica runs it; see TelemetryService.roll_up for
+    why that is safe."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            moved = await loop.run_in_executor(executor, telemetry.roll_up)
+            if moved:
+                log.info("rolled %d raw telemetry rows up into hourly rollups", moved)
+        except Exception:
+            log.exception("could not roll telemetry up; will retry")
+        await asyncio.sleep(every_s)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -148,7 +148,12 @@ async def test_builds_are_queued_deduplicated_and_published_signed(
         artifacts = await op.ListArtifacts(
             o.ListArtifactsRequest(model_name="digits"), metadata=ADMIN
         )
-        (artifact,) = artifacts.artifacts
+        # One per class: the twin shares the bytes, with a manifest of its own.
+        by_class = {a.manifest.class_name: a for a in artifacts.artifacts}
+        assert sorted(by_class) == ["arm", "arm-twin"]
+        assert by_class["arm-twin"].manifest.build_id == twin.id
+        artifact = by_class["arm"]
+        assert by_class["arm-twin"].digest == artifact.digest
         assert artifact.digest == hashlib.sha256(digits.model.read_bytes()).hexdigest()
         manifest = artifact.manifest
         assert (manifest.model_name, manifest.model_version, manifest.candidate) == (
@@ -199,7 +204,8 @@ async def test_an_expired_lease_is_run_again_and_the_old_runner_cannot_publish(
             builds.finish, second, "live-runner", _fake_result(digits.model), ""
         )
         listed = await op.ListArtifacts(o.ListArtifactsRequest(), metadata=ADMIN)
-        assert len(listed.artifacts) == 1  # published once
+        # Published once: one artifact for the class, one for its twin.
+        assert sorted(a.manifest.class_name for a in listed.artifacts) == ["arm", "arm-twin"]
     finally:
         await channel.close()
 
@@ -317,7 +323,7 @@ async def test_identical_bytes_for_two_runtimes_get_a_manifest_each(
             assert await asyncio.to_thread(builds.finish, job, "r", result, "")
         listed = await op.ListArtifacts(o.ListArtifactsRequest(), metadata=ADMIN)
         by_class = {a.manifest.class_name: a for a in listed.artifacts}
-        assert set(by_class) == {"arm", "gpu"}
+        assert set(by_class) == {"arm", "arm-twin", "gpu"}
         assert by_class["arm"].digest == by_class["gpu"].digest
         assert by_class["arm"].manifest.runtime == c.RUNTIME_ONNXRUNTIME
         assert by_class["gpu"].manifest.runtime == c.RUNTIME_TENSORRT

@@ -14,7 +14,14 @@ from controlplane.errors import InvalidArgument, OutOfRange, PermissionDenied
 from controlplane.services import keys
 from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import DevicePrincipal
-from controlplane.services.devices import DECOMMISSIONED, REJECTED, DesiredView, DeviceService
+from controlplane.services.deployments import AssignmentView, DeploymentService
+from controlplane.services.devices import (
+    ACCEPTED,
+    DECOMMISSIONED,
+    REJECTED,
+    DesiredView,
+    DeviceService,
+)
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.hub import DeviceSession, SyncHub
 from controlplane.services.telemetry import TelemetryService
@@ -34,6 +41,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         artifacts: ArtifactService,
         hub: SyncHub,
         telemetry: TelemetryService,
+        deployments: DeploymentService,
         agent_config: device_pb2.AgentConfig,
         **base: Any,
     ) -> None:
@@ -43,6 +51,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         self._artifacts = artifacts
         self._hub = hub
         self._telemetry = telemetry
+        self._deployments = deployments
         self._agent_config = agent_config
 
     @rpc("none")
@@ -66,16 +75,20 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             signing_keys=[convert.signing_key_to_pb(k) for k in signing_keys],
         )
 
-    def _desired_pb(self, view: DesiredView) -> device_pb2.ControlMessage:
-        return device_pb2.ControlMessage(
-            desired=device_pb2.DesiredState(
-                revision=view.revision,
-                device_state=convert.DEVICE_STATES[view.device_state],
-                class_name=view.class_name,
-                labels=view.labels,
-                config=self._agent_config,
-            )
+    def _desired_pb(
+        self, view: DesiredView, assignment: AssignmentView | None
+    ) -> device_pb2.ControlMessage:
+        desired = device_pb2.DesiredState(
+            revision=view.revision,
+            device_state=convert.DEVICE_STATES[view.device_state],
+            class_name=view.class_name,
+            labels=view.labels,
+            config=self._agent_config,
         )
+        # Pending, rejected and decommissioned devices get no work.
+        if assignment is not None and view.device_state == ACCEPTED:
+            desired.assignment.CopyFrom(convert.assignment_to_pb(assignment))
+        return device_pb2.ControlMessage(desired=desired)
 
     @rpc("device")
     async def Sync(
@@ -99,8 +112,9 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             while True:
                 view = await self.run(self._devices.desired_state, device.device_id)
                 if view.revision > sent_revision:
+                    assignment = await self.run(self._deployments.current, device.device_id)
                     async with write_lock:
-                        await context.write(self._desired_pb(view))
+                        await context.write(self._desired_pb(view, assignment))
                     sent_revision = view.revision
                 if view.device_state in (REJECTED, DECOMMISSIONED):
                     raise PermissionDenied(f"device {device.device_id} is {view.device_state}")
@@ -138,7 +152,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                     await context.write(device_pb2.ControlMessage(heartbeat_ack=ack))
             elif kind == "status":
                 await self.run(
-                    self._devices.record_status,
+                    self._deployments.record_status,
                     session.device_id,
                     message.status.applied_revision,
                     convert.update_status_to_dict(message.status.update)
@@ -157,7 +171,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         )
         if hello.applied_revision:
             await self.run(
-                self._devices.record_status,
+                self._deployments.record_status,
                 device_id,
                 hello.applied_revision,
                 convert.update_status_to_dict(hello.update) if hello.HasField("update") else {},

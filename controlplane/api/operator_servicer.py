@@ -15,6 +15,7 @@ from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import OperatorPrincipal
 from controlplane.services.builds import BuildService
 from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate
+from controlplane.services.deployments import DeploymentService
 from controlplane.services.devices import DeviceService
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.registry import PartDecl, PushHeader, RegistryService
@@ -36,6 +37,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         builds: BuildService,
         artifacts: ArtifactService,
         telemetry: TelemetryService,
+        deployments: DeploymentService,
         **base: Any,
     ) -> None:
         super().__init__(**base)
@@ -46,6 +48,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         self._builds = builds
         self._artifacts = artifacts
         self._telemetry = telemetry
+        self._deployments = deployments
 
     # ------------------------------------------------------------ enrollment tokens
 
@@ -140,6 +143,40 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     ) -> common_pb2.Device:
         view = await self.run(self._devices.set_class, who.actor, request.id, request.class_name)
         return convert.device_to_pb(view)
+
+    # ------------------------------------------------------------ deployments
+
+    @rpc("operator")
+    async def AssignModel(
+        self, request: operator_pb2.AssignModelRequest, context: Any, who: Op
+    ) -> operator_pb2.AssignModelResponse:
+        views = await self.run(
+            self._deployments.assign,
+            who.actor,
+            list(request.device_ids),
+            request.model_name,
+            request.model_version,
+            reason=request.reason,
+        )
+        return operator_pb2.AssignModelResponse(
+            assignments=[convert.device_assignment_to_pb(v) for v in views]
+        )
+
+    @rpc("operator")
+    async def ListDeployments(
+        self, request: operator_pb2.ListDeploymentsRequest, context: Any, who: Op
+    ) -> operator_pb2.ListDeploymentsResponse:
+        history = await self.run(
+            self._deployments.history,
+            device_id=request.device_id,
+            model_name=request.model_name,
+            version=request.model_version,
+            limit=request.limit,
+        )
+        return operator_pb2.ListDeploymentsResponse(
+            events=[convert.deployment_event_to_pb(e) for e in history.events],
+            assignments=[convert.device_assignment_to_pb(a) for a in history.assignments],
+        )
 
     # ------------------------------------------------------------ classes
 
@@ -340,8 +377,6 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
 
     # ------------------------------------------------------------ later issues
 
-    AssignModel = unimplemented("operator", "AssignModel", 4)
-    ListDeployments = unimplemented("operator", "ListDeployments", 4)
     CreateRollout = unimplemented("operator", "CreateRollout", 5)
     ListRollouts = unimplemented("operator", "ListRollouts", 5)
     GetRollout = unimplemented("operator", "GetRollout", 5)

@@ -231,8 +231,8 @@ class BuildService:
         done = next((b for b in same if b.state in (SUCCEEDED, FAILED)), None)
         if done is not None and not force:
             # Same inputs, same tools (another class with the same profile):
-            # the same result, without rebuilding. The artifact is shared;
-            # its manifest names the class it was first built for.
+            # the same result, without rebuilding. The artifact bytes are
+            # shared; each class gets its own signed manifest (_sign_twin).
             row.state = done.state
             row.progress = 1.0
             row.candidates = done.candidates
@@ -243,6 +243,8 @@ class BuildService:
             row.started_at = row.finished_at = utcnow()
         session.add(row)
         session.flush()
+        if row.state == SUCCEEDED:
+            _sign_twin(session, row)
         return row
 
     # ------------------------------------------------------------ queries
@@ -414,6 +416,8 @@ class BuildService:
             twin.log = f"reused the result of build {row.id} (identical inputs and tools)"
             twin.reused_from = row.id
             twin.started_at = twin.finished_at = utcnow()
+            if twin.state == SUCCEEDED:
+                _sign_twin(session, twin)
         return twins
 
     def fail(self, job: ClaimedJob, owner: str, error: str, log: str) -> None:
@@ -447,21 +451,14 @@ class BuildService:
         model = session.get_one(ModelRow, mv.model_id)
         manifest = _manifest(row, model.name, mv, chosen, digest, path.stat().st_size,
                              companion_digest, result)  # fmt: skip
-        data = manifest.SerializeToString(deterministic=True)
-        key = active_key(session)
         session.add(
-            ArtifactRow(
-                id=secrets.new_id(),
-                digest=digest,
+            _signed_artifact(
+                session,
+                manifest,
+                row,
                 media_type=chosen["media_type"],
-                size_bytes=path.stat().st_size,
                 companion_digest=companion_digest or None,
-                manifest=data,
-                signature=signing.sign(key.private_key, data),
-                key_id=key.key_id,
-                build_id=row.id,
                 model_version_id=mv.id,
-                class_name=row.class_name,
             )
         )
         return digest
@@ -507,6 +504,56 @@ def _golden(path: str | None) -> list[c.GoldenSample]:
     return [samples[i] for i in sorted(samples)]
 
 
+def _sign_twin(session: Session, twin: BuildRow) -> None:
+    """Publish the reused artifact for the twin's class: the source build's
+    manifest with this class and build, signed again. Agents check that a
+    manifest names their class, so twins cannot share the source's."""
+    source = session.scalar(select(ArtifactRow).where(ArtifactRow.build_id == twin.reused_from))
+    if source is None:
+        raise RuntimeError(f"build {twin.reused_from} succeeded without an artifact")
+    manifest = c.ArtifactManifest()
+    manifest.ParseFromString(source.manifest)
+    manifest.class_name = twin.class_name
+    manifest.build_id = twin.id
+    session.add(
+        _signed_artifact(
+            session,
+            manifest,
+            twin,
+            media_type=source.media_type,
+            companion_digest=source.companion_digest,
+            model_version_id=source.model_version_id,
+        )
+    )
+
+
+def _signed_artifact(
+    session: Session,
+    manifest: c.ArtifactManifest,
+    build: BuildRow,
+    *,
+    media_type: str,
+    companion_digest: str | None,
+    model_version_id: str,
+) -> ArtifactRow:
+    """The artifact row of `build`, with `manifest` signed by the active key."""
+    data = manifest.SerializeToString(deterministic=True)
+    key = active_key(session)
+    return ArtifactRow(
+        id=secrets.new_id(),
+        digest=manifest.sha256,
+        media_type=media_type,
+        size_bytes=manifest.size_bytes,
+        companion_digest=companion_digest,
+        manifest=data,
+        signature=signing.sign(key.private_key, data),
+        key_id=key.key_id,
+        build_id=build.id,
+        model_version_id=model_version_id,
+        class_name=build.class_name,
+    )
+
+
 def _manifest(
     row: BuildRow,
     model_name: str,
@@ -540,6 +587,9 @@ def _manifest(
         build_id=row.id,
         created_at=created,
         companion_sha256=companion_digest,
+        latency_budget_p95_ms=row.target.get("latency_budget_p95_ms") or 0.0,
+        max_memory_mb=row.target.get("max_memory_mb") or 0.0,
+        threads=int(row.target.get("threads") or 1),
     )
     spec = chosen.get("tensorrt_spec")
     if spec:

@@ -263,17 +263,6 @@ class DeviceService:
         self._events.publish(FleetEvent("device.updated", (device_id,), desired_changed=moved))
         return moved
 
-    def record_status(
-        self, device_id: str, applied_revision: int, update_status: dict[str, Any]
-    ) -> None:
-        with self._db.unit_of_work() as uow:
-            row = self._require(uow.session, device_id)
-            row.applied_revision = applied_revision
-            if update_status:
-                row.update_status = update_status
-            uow.commit()
-        self._events.publish(FleetEvent("device.updated", (device_id,)))
-
     def touch(self, seen: Mapping[str, dt.datetime]) -> None:
         """Record when devices were last heard from, in one batch."""
         if not seen:

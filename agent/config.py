@@ -77,6 +77,9 @@ class AgentConfig:
     inference_listen: str | None = None
     # Seconds per telemetry interval (one sample per model version each).
     telemetry_interval_s: float = 10.0
+    # Bytes per artifact download chunk; 0: the control plane's default
+    # (1 MiB). Smaller chunks lose less to an interrupted link.
+    download_chunk_size: int = 0
 
 
 # ---------------------------------------------------------------- converters
@@ -265,6 +268,7 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "inference_workers": (_positive_int, _env_int),
     "inference_listen": (_loopback, lambda text, where: text),
     "telemetry_interval_s": (_positive_seconds, _env_number),
+    "download_chunk_size": (_non_negative_int, _env_int),
 }
 
 

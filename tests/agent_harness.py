@@ -130,24 +130,26 @@ class AgentProcess:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(to_toml(self.config))
 
-    def start(self, *args: str) -> AgentProcess:
-        """Write the config and start the agent; returns self."""
+    def start(self, *args: str, env: Mapping[str, str] | None = None) -> AgentProcess:
+        """Write the config and start the agent (with `env` added to its
+        environment); returns self."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.write_config()
-        env = {
+        child_env = {
             key: value
             for key, value in os.environ.items()
             # The test's environment must not override the file, and gRPC
             # honours proxy variables, which would send loopback traffic away.
             if not key.startswith("EDGEFLEET_AGENT_") and "proxy" not in key.lower()
         }
+        child_env.update(env or {})
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         try:
             self.proc = subprocess.Popen(
                 [str(AGENT_EXECUTABLE), "--config", str(self.config_path), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=child_env,
             )
         finally:
             log.close()

@@ -10,7 +10,7 @@ the file again for a belt-and-braces check."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -82,3 +82,17 @@ class ManifestVerifier:
                     hasher.update(block)
             if hasher.hexdigest() != digest:
                 raise FatalUpdateError("sha256 mismatch: the artifact on disk is corrupted")
+
+
+class DeviceVerifier:
+    """Implements the Verifier port with what holds at verification time:
+    the keys pinned at the latest enrollment and the device's current class
+    (a device reclassified after the assignment must refuse its artifact)."""
+
+    def __init__(self, state_dir: Path, class_name: Callable[[], str]) -> None:
+        self.state_dir = state_dir
+        self.class_name = class_name
+
+    def verify(self, path: Path, *, digest: str, manifest: bytes, signature: bytes) -> None:
+        verifier = ManifestVerifier.from_state_dir(self.state_dir, self.class_name())
+        verifier.verify(path, digest=digest, manifest=manifest, signature=signature)

@@ -1,0 +1,264 @@
+"""The Activator port over the ModelHost, and the record of what is active.
+
+<state_dir>/active.json names the active artifact and, until the update
+commits, the standby (the one it replaced). It is written atomically *after*
+the host switched, so it only ever names artifacts that loaded and warmed on
+this device; at boot, `restore()` loads what it names, and the daemon serves
+that. The artifact files stay in <state_dir>/downloads/<digest> (only
+complete, hash-checked files ever get that name) until a commit drops the
+standby.
+
+Crash cases, with the machine's rule that a restart in Activating rolls back:
+- killed before the switch: active.json names the old model; the rollback
+  finds it active and only makes sure it is loaded.
+- killed after the switch, before active.json was written: same as above.
+- killed after active.json was written: the new model is restored at boot,
+  then the rollback loads the standby from disk and makes it active again.
+Either way the device ends on the old model and says so."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import StateError
+from agent.identity import atomic_write
+from agent.runtimes import ONNXRUNTIME, TENSORRT, TFLITE, TensorInfo
+from agent.serving import ModelHost, ModelSpec, ServingError, decode_tensor
+from edgefleet.v1 import common_pb2
+
+from .download import DOWNLOADS_DIR, artifact_path
+from .ports import FatalUpdateError
+
+log = logging.getLogger(__name__)
+
+ACTIVE_FILE = "active.json"
+RUNTIME_NAMES = {
+    common_pb2.RUNTIME_ONNXRUNTIME: ONNXRUNTIME,
+    common_pb2.RUNTIME_TFLITE: TFLITE,
+    common_pb2.RUNTIME_TENSORRT: TENSORRT,
+}
+
+
+@dataclass(frozen=True)
+class Installed:
+    """An artifact on this device that the host can load."""
+
+    model_name: str
+    model_version: str
+    digest: str
+    manifest_hex: str
+
+    @property
+    def manifest(self) -> common_pb2.ArtifactManifest:
+        parsed = common_pb2.ArtifactManifest()
+        parsed.ParseFromString(bytes.fromhex(self.manifest_hex))
+        return parsed
+
+
+@dataclass(frozen=True)
+class ActiveRecord:
+    active: Installed | None = None
+    # The artifact `active` replaced, kept until the update commits.
+    standby: Installed | None = None
+
+
+def parse_manifest(manifest: bytes) -> common_pb2.ArtifactManifest:
+    parsed = common_pb2.ArtifactManifest()
+    parsed.ParseFromString(manifest)
+    return parsed
+
+
+def model_spec(manifest: common_pb2.ArtifactManifest) -> ModelSpec:
+    """The source model's inputs and outputs, as the manifest lists them."""
+
+    def infos(specs: Any) -> tuple[TensorInfo, ...]:
+        return tuple(TensorInfo(s.name, s.dtype, tuple(int(d) for d in s.shape)) for s in specs)
+
+    return ModelSpec(infos(manifest.inputs), infos(manifest.outputs))
+
+
+def golden_inputs(manifest: common_pb2.ArtifactManifest) -> dict[str, np.ndarray] | None:
+    """The first golden sample's inputs (to warm a model with real data)."""
+    if not manifest.golden:
+        return None
+    return {
+        t.name: decode_tensor(t.name, t.dtype, list(t.shape), t.data)
+        for t in manifest.golden[0].inputs
+    }
+
+
+class ActiveStore:
+    """Reads and writes <state_dir>/active.json."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / ACTIVE_FILE
+
+    def load(self) -> ActiveRecord:
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return ActiveRecord()
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{self.path}: cannot read: {exc}") from exc
+        try:
+            return ActiveRecord(
+                active=Installed(**document["active"]) if document.get("active") else None,
+                standby=Installed(**document["standby"]) if document.get("standby") else None,
+            )
+        except (KeyError, TypeError) as exc:
+            raise StateError(f"{self.path}: not an active-model record: {exc}") from exc
+
+    def save(self, record: ActiveRecord) -> None:
+        document = {
+            "active": asdict(record.active) if record.active else None,
+            "standby": asdict(record.standby) if record.standby else None,
+        }
+        try:
+            atomic_write(self.path, (json.dumps(document, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+
+
+class HostActivator:
+    """Implements the Activator port: switches the ModelHost between
+    installed artifacts and records what is active."""
+
+    def __init__(self, host: ModelHost, state_dir: Path) -> None:
+        self.host = host
+        self.state_dir = state_dir
+        self.store = ActiveStore(state_dir)
+
+    # ------------------------------------------------------------ boot
+
+    def restore(self) -> Installed | None:
+        """Load what active.json names (at boot); the standby if the active
+        artifact no longer loads. Returns what is served."""
+        record = self.store.load()
+        for candidate in (record.active, record.standby):
+            if candidate is None:
+                continue
+            try:
+                self._load(candidate)
+            except FatalUpdateError as exc:
+                log.error("cannot restore %s %s: %s", candidate.model_name,
+                          candidate.model_version, exc.message)  # fmt: skip
+                continue
+            self.host.commit(candidate.model_name)
+            if candidate is not record.active:
+                self.store.save(ActiveRecord(active=candidate))
+            return candidate
+        return None
+
+    # ------------------------------------------------------------ the port
+
+    def current(self) -> Installed | None:
+        """What is active now (from the record)."""
+        return self.store.load().active
+
+    def active(self) -> str | None:
+        current = self.current()
+        return current.digest if current else None
+
+    def activate(self, path: Path, manifest: bytes) -> None:
+        parsed = parse_manifest(manifest)
+        new = Installed(parsed.model_name, parsed.model_version, parsed.sha256, manifest.hex())
+        record = self.store.load()
+        # A retried activation must keep the committed artifact as standby.
+        standby = record.standby if record.active and record.active.digest == new.digest else None
+        standby = standby or record.active
+        self._load(new, path)
+        self.store.save(ActiveRecord(active=new, standby=standby))
+
+    def rollback(self, previous: str | None) -> None:
+        record = self.store.load()
+        active, standby = record.active, record.standby
+        if previous is None:
+            if active is not None:
+                # Nothing was active before: serve nothing (apps get
+                # FAILED_PRECONDITION, not a model that failed).
+                self.host.remove(active.model_name)
+                self.host.declare(active.model_name)
+            self.store.save(ActiveRecord())
+            return
+        if active is not None and active.digest == previous:
+            if not self._serving(active):
+                self._load(active)
+                self.host.commit(active.model_name)
+            self.store.save(ActiveRecord(active=active))
+            return
+        if standby is None or standby.digest != previous:
+            raise FatalUpdateError(
+                f"cannot roll back: the previous artifact {previous[:12]} is no longer on record"
+            )
+        restored = self.host.standby(standby.model_name) if active else None
+        if (
+            active is not None
+            and active.model_name == standby.model_name
+            and restored is not None
+            and restored.digest == standby.digest
+        ):
+            self.host.rollback(active.model_name)  # the warm standby: no load
+        else:
+            self._load(standby)
+            self.host.commit(standby.model_name)
+            if active is not None and active.model_name != standby.model_name:
+                self.host.remove(active.model_name)
+        self.store.save(ActiveRecord(active=standby))
+
+    def commit(self) -> None:
+        record = self.store.load()
+        if record.active is None:
+            return
+        self.host.commit(record.active.model_name)
+        dropped = record.standby
+        if dropped is not None and dropped.model_name != record.active.model_name:
+            self.host.remove(dropped.model_name)
+        self.store.save(ActiveRecord(active=record.active))
+        self._remove_unused(keep=record.active.digest)
+
+    # ------------------------------------------------------------ helpers
+
+    def _serving(self, installed: Installed) -> bool:
+        try:
+            return self.host.active(installed.model_name).digest == installed.digest
+        except ServingError:
+            return False
+
+    def _load(self, installed: Installed, path: Path | None = None) -> None:
+        manifest = installed.manifest
+        runtime = RUNTIME_NAMES.get(manifest.runtime)
+        if runtime is None:
+            raise FatalUpdateError(f"unknown runtime in the manifest ({manifest.runtime})")
+        path = path or artifact_path(self.state_dir, installed.digest)
+        if not path.exists():
+            raise FatalUpdateError(f"artifact {installed.digest[:12]} missing from {path.parent}")
+        try:
+            self.host.activate(
+                installed.model_name,
+                installed.model_version,
+                installed.digest,
+                path,
+                runtime,
+                model_spec(manifest),
+                golden_inputs=golden_inputs(manifest),
+            )
+        except ServingError as exc:
+            raise FatalUpdateError(exc.message) from exc
+
+    def _remove_unused(self, keep: str) -> None:
+        """Delete downloaded artifacts other than `keep` (committed: nothing
+        can roll back to them any more); partial downloads are left alone."""
+        downloads = self.state_dir / DOWNLOADS_DIR
+        if not downloads.is_dir():
+            return
+        for path in downloads.iterdir():
+            if path.name != keep and "." not in path.name:
+                with contextlib.suppress(OSError):
+                    path.unlink()

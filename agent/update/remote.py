@@ -1,0 +1,148 @@
+"""The ports that talk to the control plane: the artifact Downloader over
+DeviceService.DownloadArtifact, and the Reporter that turns the machine's
+progress into UpdateStatus messages for the sync stream.
+
+Both run on the update machine's thread, not the event loop: the download
+uses the blocking gRPC stack, and the reporter hands messages to the loop
+through a thread-safe callback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
+
+from .ports import Chunk, FatalUpdateError
+from .states import State
+from .store import UpdateRecord
+
+# Codes that say the request can never succeed as made; anything else
+# (unavailable, deadline, a server restart) is worth retrying.
+_FATAL_CODES = {
+    grpc.StatusCode.NOT_FOUND: "the control plane has no such artifact",
+    grpc.StatusCode.PERMISSION_DENIED: "the control plane refused the download",
+    grpc.StatusCode.INVALID_ARGUMENT: "the control plane rejected the download request",
+}
+# A stalled stream must end. Downloads resume, so a long one cut by this
+# deadline continues from where it stopped.
+CALL_TIMEOUT_S = 600.0
+
+
+class GrpcDownloader:
+    """Implements the Downloader port with DeviceService.DownloadArtifact."""
+
+    def __init__(
+        self,
+        target: str,
+        credential: Callable[[], str],
+        *,
+        chunk_size: int = 0,
+        channel_options: list[tuple[str, int]] | None = None,
+        call_timeout_s: float = CALL_TIMEOUT_S,
+    ) -> None:
+        self._call_timeout_s = call_timeout_s
+        self._target = target
+        self._credential = credential
+        self._chunk_size = chunk_size
+        self._options = channel_options or []
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        metadata = (("authorization", f"Bearer {self._credential()}"),)
+        with grpc.insecure_channel(self._target, options=self._options) as channel:
+            stub = device_pb2_grpc.DeviceServiceStub(channel)
+            request = device_pb2.DownloadArtifactRequest(
+                digest=digest, offset=offset, chunk_size=self._chunk_size
+            )
+            stream = stub.DownloadArtifact(request, metadata=metadata, timeout=self._call_timeout_s)
+            try:
+                for message in stream:
+                    yield Chunk(message.offset, message.data, message.total_size)
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+                details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                if code in _FATAL_CODES:
+                    raise FatalUpdateError(f"{_FATAL_CODES[code]}: {details}") from None
+                raise ConnectionError(f"download failed ({code.name}): {details}") from None
+            finally:
+                stream.cancel()  # type: ignore[no-untyped-call]
+
+
+class StatusReporter:
+    """Implements the Reporter port: builds UpdateStatus messages and passes
+    them to `publish` (thread-safe; the daemon puts them on the sync stream).
+
+    Download progress is throttled to one report per `progress_interval_s`
+    (and the last byte); state changes are always reported. Back in Idle, an
+    update that settled is reported by its outcome ("committed" or "failed",
+    with the reason), so the device's status says how the last update ended.
+    The latest status is kept for the Hello of the next sync stream."""
+
+    def __init__(
+        self,
+        publish: Callable[[common_pb2.UpdateStatus], None],
+        record: Callable[[], UpdateRecord],
+        active: Callable[[], tuple[str, str]],
+        *,
+        progress_interval_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._publish = publish
+        self._record = record
+        self._active = active
+        self._interval = progress_interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_state: State | None = None
+        self._last_progress = 0.0
+
+    def report(self, state: State, bytes_done: int, bytes_total: int, reason: str | None) -> None:
+        now = self._clock()
+        with self._lock:
+            if (
+                state is self._last_state
+                and state is State.DOWNLOADING
+                and bytes_done < bytes_total
+                and now - self._last_progress < self._interval
+            ):
+                return
+            self._last_state, self._last_progress = state, now
+        self._publish(self.status(state, bytes_done, bytes_total, reason))
+
+    def current(self) -> common_pb2.UpdateStatus:
+        """The status as of now (for a Hello)."""
+        record = self._record()
+        total = record.assignment.artifact_size if record.assignment else 0
+        reason = record.reason if record.state in (State.ROLLING_BACK, State.FAILED) else None
+        return self.status(record.state, record.bytes_downloaded, total, reason)
+
+    def status(
+        self, state: State, bytes_done: int, bytes_total: int, reason: str | None
+    ) -> common_pb2.UpdateStatus:
+        """An UpdateStatus for the current assignment and active model."""
+        record = self._record()
+        name = state.value
+        if state is State.IDLE and record.outcome is not None:
+            name = State.COMMITTED.value if record.outcome == "committed" else State.FAILED.value
+            reason = record.reason
+        version, digest = self._active()
+        status = common_pb2.UpdateStatus(
+            state=name,
+            bytes_done=bytes_done,
+            bytes_total=bytes_total,
+            reason=reason or "",
+            active_model_version=version,
+            active_artifact_digest=digest,
+        )
+        assignment = record.assignment
+        if assignment is not None:
+            status.model_name = assignment.model_name
+            status.model_version = assignment.model_version
+            status.artifact_digest = assignment.artifact_digest
+            status.sequence = assignment.sequence
+            status.rollout_id = assignment.rollout_id
+        status.updated_at.GetCurrentTime()
+        return status

@@ -1,0 +1,105 @@
+"""Reconciling the device with its assignment: the update machine's thread.
+
+The daemon hands over the newest assignment from each desired state
+(`submit`); the thread compares it with what the machine last took on and
+plans the next step:
+
+- a newer assignment while the machine is idle: take it on (assign);
+- a newer assignment while an update runs: abort that update (honoured
+  before activation; after it, the update finishes) and take the new one
+  once the machine settled;
+- otherwise, while an update runs (also one resumed after a restart): step.
+
+The machine blocks (downloads, validation in a child process, loading a
+model), so it runs here and never on the event loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from agent.errors import StateError
+
+from .machine import UpdateMachine
+from .states import State
+from .store import Assignment
+
+log = logging.getLogger(__name__)
+
+# After the update record could not be written (disk trouble), wait this long.
+STATE_ERROR_PAUSE_S = 10.0
+
+
+class UpdateRunner:
+    """Runs `machine` on a daemon thread until `stop()`."""
+
+    def __init__(self, machine: UpdateMachine) -> None:
+        self.machine = machine
+        self._wanted: Assignment | None = None
+        self._changed = threading.Condition()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="update", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Ask the thread to stop after its current step; wait `timeout`.
+        A step that blocks longer (a download) is abandoned with the process:
+        the record on disk lets the next start resume it."""
+        self._stopped.set()
+        with self._changed:
+            self._changed.notify_all()
+        self._thread.join(timeout)
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout` unless stopped (the machine's backoff sleeps
+        through this, so stopping cuts it short)."""
+        self._stopped.wait(timeout)
+
+    def submit(self, assignment: Assignment) -> None:
+        """The newest assignment from the control plane (older ones are ignored)."""
+        with self._changed:
+            if self._wanted is None or assignment.sequence > self._wanted.sequence:
+                self._wanted = assignment
+                self._changed.notify_all()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                if not self._plan_and_act():
+                    with self._changed:
+                        self._changed.wait(timeout=1.0)
+            except StateError as exc:
+                log.error("update: %s; retrying in %.0f s", exc.message, STATE_ERROR_PAUSE_S)
+                self._stopped.wait(STATE_ERROR_PAUSE_S)
+            except Exception:
+                # A bug must not kill the thread that installs fixes for it.
+                log.exception("update machine step failed")
+                self._stopped.wait(STATE_ERROR_PAUSE_S)
+
+    def _plan_and_act(self) -> bool:
+        """One step of reconciliation; False when there is nothing to do."""
+        machine = self.machine
+        record = machine.record
+        with self._changed:
+            wanted = self._wanted
+        taken = record.assignment.sequence if record.assignment else 0
+        busy = record.pending or machine.state is not State.IDLE
+        if wanted is not None and wanted.sequence > taken:
+            if not busy:
+                log.info(
+                    "assignment %d: %s %s (%s)",
+                    wanted.sequence,
+                    wanted.model_name,
+                    wanted.model_version,
+                    wanted.artifact_digest[:12],
+                )
+                machine.assign(wanted)
+                return True
+            if record.abort_reason is None:
+                machine.abort(f"superseded by assignment {wanted.sequence}")
+        if busy:
+            machine.step()
+            return True
+        return False

@@ -313,15 +313,20 @@ def test_size_formatting() -> None:
 def test_devices_table() -> None:
     offline = sample_device(id=OTHER_ID, name="jetson-1", online=False, class_pinned=False)
     offline.ClearField("labels")
-    text = text_of(render.devices_table([sample_device(), offline], NOW))
-    header = "ID NAME STATE CLASS LABELS ONLINE LAST SEEN"
+    offline.update.CopyFrom(
+        common_pb2.UpdateStatus(state="failed", model_version="2.0", active_model_version="1.0")
+    )
+    updating = sample_device(id="c3" * 8, name="gw")
+    updating.update.CopyFrom(
+        common_pb2.UpdateStatus(state="validating", model_version="2.0", active_model_version="1.0")
+    )
+    text = text_of(render.devices_table([sample_device(), offline, updating], NOW))
+    header = "ID NAME STATE CLASS SERVING LABELS ONLINE LAST SEEN"
     assert header in " ".join(text.split())
     rows = [" ".join(line.split()) for line in text.splitlines()]
-    assert (
-        "a1b2c3d4 pi-kitchen accepted pi4 (pinned) site=lab,tier=canary yes 5m ago"
-        in rows
-    )
-    assert "a1b2ffff jetson-1 accepted pi4 - no 5m ago" in rows
+    assert "a1b2c3d4 pi-kitchen accepted pi4 (pinned) - site=lab,tier=canary yes 5m ago" in rows
+    assert "a1b2ffff jetson-1 accepted pi4 1.0 (2.0 failed) - no 5m ago" in rows
+    assert any("1.0 (-> 2.0 validating)" in row for row in rows)
 
 
 def test_names_are_text_not_markup() -> None:

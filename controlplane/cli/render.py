@@ -196,10 +196,21 @@ def _class_cell(d: common_pb2.Device) -> str:
     return f"{d.class_name} (pinned)" if d.class_pinned else d.class_name
 
 
+def _serving_cell(d: common_pb2.Device) -> Text:
+    """The version the device serves, and where its update stands if one runs."""
+    up = d.update
+    serving = up.active_model_version or NONE
+    if up.state in ("", "idle", "committed") or up.model_version == up.active_model_version:
+        return Text(serving)
+    if up.state == "failed":
+        return Text(f"{serving} ({up.model_version} failed)", style="red")
+    return Text(f"{serving} (-> {up.model_version} {up.state})", style="yellow")
+
+
 def devices_table(devices: Sequence[common_pb2.Device], now: datetime) -> Table:
     # Hardware (arch, memory) is in `devices show` and --json: at 80 columns
     # there is no room for it beside the labels, which matter more here.
-    table = _table("ID", "NAME", "STATE", "CLASS", "LABELS", "ONLINE", "LAST SEEN")
+    table = _table("ID", "NAME", "STATE", "CLASS", "SERVING", "LABELS", "ONLINE", "LAST SEEN")
     for d in devices:
         _add_row(
             table,
@@ -207,6 +218,7 @@ def devices_table(devices: Sequence[common_pb2.Device], now: datetime) -> Table:
             d.name,
             enum_name(common_pb2.DeviceState, d.state),
             _class_cell(d),
+            _serving_cell(d),
             format_labels(d.labels) or NONE,
             Text("yes", style="green") if d.online else Text("no", style="dim"),
             format_ago(d.last_seen_at, now),

@@ -7,13 +7,18 @@ maps (step, status) to the next step and how long to wait first. `Backoff`
 computes the waits. Both are unit-tested without a network.
 
 Everything the agent learns is persisted before it acts on it: the identity
-before the first Sync, a desired state before it is reported as applied."""
+before the first Sync, a desired state before it is reported as applied.
+
+A desired state's assignment goes to the update machine (agent/update/),
+which runs on its own thread; its status reports come back here and go out
+on the Sync stream."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +39,16 @@ from agent.serving import ModelHost
 from agent.telemetry import RequestStats
 from agent.telemetry_buffer import TelemetryBuffer
 from agent.telemetry_uploader import TelemetryUploader
+from agent.update.activation import HostActivator
+from agent.update.faults import FAULT_ENV, with_pause
+from agent.update.machine import UpdateMachine
+from agent.update.ports import Ports
+from agent.update.remote import GrpcDownloader, StatusReporter
+from agent.update.runner import UpdateRunner
+from agent.update.states import State
+from agent.update.store import Assignment, UpdateRecord, UpdateStore
+from agent.update.validate import ManifestValidator
+from agent.update.verify import DeviceVerifier
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger("edgefleet.agent")
@@ -191,6 +206,20 @@ def describe_desired(desired: device_pb2.DesiredState) -> str:
     )
 
 
+def assignment_from_pb(pb: device_pb2.Assignment) -> Assignment:
+    """The update machine's view of an assignment."""
+    return Assignment(
+        model_name=pb.model_name,
+        model_version=pb.model_version,
+        artifact_digest=pb.artifact_digest,
+        artifact_size=pb.artifact_size,
+        manifest=pb.manifest,
+        manifest_signature=pb.manifest_signature,
+        rollout_id=pb.rollout_id,
+        sequence=pb.sequence,
+    )
+
+
 # ---------------------------------------------------------------- the agent
 
 
@@ -221,6 +250,12 @@ class Agent:
         self._interval_changed = asyncio.Event()
         self._heartbeat_seq = 0
         self._received_in_session = False
+        self._class_name = ""
+        self._boot_desired: device_pb2.DesiredState | None = None
+        # Set while a Sync stream is up: where status reports go.
+        self._outbox: asyncio.Queue[device_pb2.AgentMessage] | None = None
+        self._updates: UpdateRunner | None = None
+        self._reporter: StatusReporter | None = None
 
     @property
     def can_enroll(self) -> bool:
@@ -258,7 +293,9 @@ class Agent:
             desired = None
         if desired is not None:
             self._applied_revision = desired.revision
+            self._class_name = desired.class_name
             self._adopt_config(desired.config)
+        self._boot_desired = desired
 
         if self._identity is not None:
             log.info("device %s (server %s)", self._identity.device_id, self._identity.server)
@@ -305,10 +342,17 @@ class Agent:
         step = self.boot()
         stats = RequestStats()
         self.models = ModelHost(workers=self.config.inference_workers, recorder=stats)
+        activator = HostActivator(self.models, self.config.state_dir)
+        served = await asyncio.to_thread(activator.restore)
+        if served is not None:
+            log.info("serving %s %s", served.model_name, served.model_version)
         inference = await start_inference_server(
             self.models, self.config.state_dir, listen=self.config.inference_listen
         )
         log.info("inference API on %s", inference.unix_target)
+        self._updates = self._start_updates(activator)
+        if self._boot_desired is not None and self._boot_desired.HasField("assignment"):
+            self._updates.submit(assignment_from_pb(self._boot_desired.assignment))
         telemetry = asyncio.create_task(self._upload_telemetry(stats), name="telemetry")
         try:
             await self._sync_forever(step)
@@ -316,7 +360,62 @@ class Agent:
             telemetry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await telemetry
+            await asyncio.to_thread(self._updates.stop)
             await inference.stop(grace=STOP_SERVING_GRACE_S)
+
+    def _start_updates(self, activator: HostActivator) -> UpdateRunner:
+        """The update machine with its real ports, resuming whatever update
+        the record on disk says was under way, on its own thread."""
+        loop = asyncio.get_running_loop()
+        state_dir = self.config.state_dir
+
+        def active() -> tuple[str, str]:
+            current = activator.current()
+            return (current.model_version, current.digest) if current else ("", "")
+
+        def publish(status: common_pb2.UpdateStatus) -> None:
+            loop.call_soon_threadsafe(self._send_status, status)
+
+        machine: UpdateMachine | None = None
+
+        def record() -> UpdateRecord:
+            assert machine is not None
+            return machine.record
+
+        self._reporter = StatusReporter(publish, record, active)
+        ports = Ports(
+            downloader=GrpcDownloader(
+                self.config.server,
+                self._current_credential,
+                chunk_size=self.config.download_chunk_size,
+                channel_options=channel_options(self.config),
+            ),
+            verifier=DeviceVerifier(state_dir, lambda: self._class_name),
+            validator=ManifestValidator(fingerprint=self._runtime),
+            activator=activator,
+            reporter=self._reporter,
+            sleep=lambda seconds: runner.wait(seconds),
+        )
+        fault = os.environ.get(FAULT_ENV)
+        if fault:
+            log.warning("%s=%s: update fault injection is ON (tests only)", FAULT_ENV, fault)
+            ports = with_pause(ports, State(fault), state_dir)
+        machine = UpdateMachine(UpdateStore(state_dir), ports)
+        runner = UpdateRunner(machine)
+        runner.start()
+        return runner
+
+    def _send_status(self, status: common_pb2.UpdateStatus) -> None:
+        # On the event loop. With no stream up, the next Hello carries the
+        # latest status instead.
+        if self._outbox is not None:
+            self._outbox.put_nowait(
+                device_pb2.AgentMessage(
+                    status=device_pb2.StatusReport(
+                        applied_revision=self._applied_revision, update=status
+                    )
+                )
+            )
 
     async def _upload_telemetry(self, stats: RequestStats) -> None:
         """Upload telemetry once the device has a credential to send it with;
@@ -445,13 +544,14 @@ class Agent:
         with contextlib.suppress(OSError):
             usage = psutil.disk_usage(str(self.config.state_dir))
             hardware.disk_free_mb = usage.free // _MIB
-        return device_pb2.AgentMessage(
-            hello=device_pb2.Hello(
-                hardware=hardware,
-                runtime=self._runtime,
-                applied_revision=self._applied_revision,
-            )
+        hello = device_pb2.Hello(
+            hardware=hardware,
+            runtime=self._runtime,
+            applied_revision=self._applied_revision,
         )
+        if self._reporter is not None:
+            hello.update.CopyFrom(self._reporter.current())
+        return device_pb2.AgentMessage(hello=hello)
 
     async def _sync(self, channel: grpc.aio.Channel) -> None:
         """One Sync stream, until the server ends it (returns) or it fails
@@ -464,6 +564,7 @@ class Agent:
         stub = device_pb2_grpc.DeviceServiceStub(channel)
         call = stub.Sync(_drain(outbox), metadata=self._metadata())
         heartbeats = asyncio.create_task(self._send_heartbeats(outbox))
+        self._outbox = outbox
         try:
             async for message in call:
                 if not self._received_in_session:
@@ -477,6 +578,7 @@ class Agent:
                 elif kind == "heartbeat_ack":
                     log.debug("heartbeat %d acknowledged", message.heartbeat_ack.seq)
         finally:
+            self._outbox = None
             heartbeats.cancel()
             call.cancel()
             await asyncio.wait({heartbeats})
@@ -514,7 +616,10 @@ class Agent:
             return None
         store.save_desired(self.config.state_dir, desired)
         self._applied_revision = desired.revision
+        self._class_name = desired.class_name
         log.info(describe_desired(desired))
+        if desired.HasField("assignment") and self._updates is not None:
+            self._updates.submit(assignment_from_pb(desired.assignment))
         return device_pb2.AgentMessage(
             status=device_pb2.StatusReport(applied_revision=desired.revision)
         )

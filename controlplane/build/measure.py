@@ -1,34 +1,31 @@
 """Measuring candidates on the build host: size, fidelity to the fp32
 model, latency and memory. Every candidate runs in a fresh child process
-(controlplane.build.measure_worker) through the same runtime adapters the
-agent serves with, so a crash, a leak or a runtime's arena in one
-candidate cannot touch the build or the next candidate's numbers."""
+(agent.runtimes.measure, the same code a device validates an artifact with)
+through the same runtime adapters the agent serves with, so a crash, a leak
+or a runtime's arena in one candidate cannot touch the build or the next
+candidate's numbers."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from agent.runtimes import TensorInfo
+from agent.runtimes.measure import (
+    MeasureFailed,
+    agreement,
+    max_abs_diff,
+    measure_in_child,
+    predictions,
+)
 from controlplane.build.samples import Samples
 from controlplane.build.types import Candidate, Measurement
 from controlplane.errors import InvalidArgument
 
 DEFAULT_RUNS = 200
-# Runs before timing starts: first runs pay for lazy allocation, kernel
-# selection and cold caches, which a serving device pays once.
-WARMUP_RUNS = 5
 CHILD_TIMEOUT_S = 900.0
-# A last axis of one element has no argmax; such outputs agree when they are
-# this close, relative to the reference's spread.
-SCALAR_AGREEMENT_RTOL = 0.01
 
 
 def reference_outputs(model: Path, samples: Samples, threads: int = 1) -> list[np.ndarray]:
@@ -99,70 +96,35 @@ def measure_with_outputs(
         return Measurement(size_bytes=0, error=candidate.error or "not built"), None
     size = candidate.path.stat().st_size
     runtime, proxy = measurement_runtime(candidate.runtime)
-    with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
-        directory = Path(tmp)
-        request = {
-            "path": str(candidate.path),
-            "runtime": runtime,
-            "threads": threads,
-            "runs": max(1, runs),
-            "warmup": WARMUP_RUNS,
-            "onnx_inputs": _specs(onnx_inputs),
-            "onnx_outputs": _specs(onnx_outputs),
-        }
-        (directory / "request.json").write_text(json.dumps(request))
-        np.savez(directory / "inputs.npz", **samples.arrays)  # type: ignore[arg-type]
-        error = _run_child(directory)
-        if error:
-            return Measurement(size_bytes=size, error=error), None
-        result = json.loads((directory / "result.json").read_text())
-        with np.load(directory / "outputs.npz", allow_pickle=False) as archive:
-            outputs = [archive[f"out_{k}"] for k in range(len(archive.files))]
+    try:
+        measured = measure_in_child(
+            candidate.path,
+            runtime,
+            # One sample a batch of one: what a device serves.
+            {name: array[:, None] for name, array in samples.arrays.items()},
+            threads=threads,
+            runs=runs,
+            timeout_s=CHILD_TIMEOUT_S,
+            onnx_inputs=onnx_inputs,
+            onnx_outputs=onnx_outputs,
+        )
+    except MeasureFailed as exc:
+        return Measurement(size_bytes=size, error=exc.message), None
+    outputs = measured.outputs
     mismatch = _shape_mismatch(outputs, reference_outputs)
     if mismatch:
         return Measurement(size_bytes=size, error=mismatch), outputs
-    latencies = np.asarray(result["latencies_ms"], dtype=np.float64)
-    reference_first = reference_outputs[0]
     measurement = Measurement(
         size_bytes=size,
-        latency_p50_ms=float(np.percentile(latencies, 50)),
-        latency_p95_ms=float(np.percentile(latencies, 95)),
-        peak_memory_mb=max(0.0, float(result["peak_rss_mb"]) - float(result["baseline_rss_mb"])),
+        latency_p50_ms=measured.latency_percentile(50),
+        latency_p95_ms=measured.latency_percentile(95),
+        peak_memory_mb=measured.added_memory_mb,
         max_abs_diff=max_abs_diff(outputs, reference_outputs),
-        agreement=agreement(outputs[0], reference_first),
+        agreement=agreement(outputs[0], reference_outputs[0]),
         accuracy=accuracy(outputs[0], samples.labels),
         latency_is_proxy=proxy,
     )
     return measurement, outputs
-
-
-def max_abs_diff(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    """The largest absolute difference over every element of every output."""
-    diffs = [
-        float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
-        for a, b in zip(outputs, reference, strict=True)
-    ]
-    return max(diffs, default=0.0)
-
-
-def predictions(output: np.ndarray) -> np.ndarray:
-    """Argmax over the last axis (the class axis of a classifier's scores)."""
-    return np.asarray(np.argmax(output, axis=-1))
-
-
-def agreement(output: np.ndarray, reference: np.ndarray) -> float:
-    """Fraction of argmax positions (over the last axis) where `output`
-    picks what `reference` picks: for a classifier, the share of samples
-    whose top class is unchanged. A last axis of one element has no argmax;
-    there, the share of values within SCALAR_AGREEMENT_RTOL of the
-    reference's range."""
-    if output.size == 0:
-        return 1.0
-    if output.shape[-1] == 1:
-        spread = float(np.ptp(reference)) or 1.0
-        close = np.abs(output.astype(np.float64) - reference) <= SCALAR_AGREEMENT_RTOL * spread
-        return float(np.mean(close))
-    return float(np.mean(predictions(output) == predictions(reference)))
 
 
 def accuracy(output: np.ndarray, labels: np.ndarray | None) -> float | None:
@@ -175,39 +137,6 @@ def accuracy(output: np.ndarray, labels: np.ndarray | None) -> float | None:
     if predicted.size != labels.size:
         return None
     return float(np.mean(predicted.reshape(labels.shape) == labels))
-
-
-def _run_child(directory: Path) -> str:
-    """Run the worker on `directory`; the error text, or "" on success."""
-    env = dict(os.environ)
-    # The child must not inherit a parent's thread-count overrides for BLAS
-    # or OpenMP: the runtime's own thread setting is what is measured.
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env.pop(name, None)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "controlplane.build.measure_worker", str(directory)],
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return f"measurement did not finish within {CHILD_TIMEOUT_S:.0f} s"
-    result = directory / "result.json"
-    if not result.exists():
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        tail = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
-        return f"measurement process died ({how}){': ' + tail[0] if tail else ''}"
-    error = json.loads(result.read_text()).get("error", "")
-    return str(error)
-
-
-def _specs(specs: Sequence[TensorInfo] | None) -> list[dict[str, object]] | None:
-    if specs is None:
-        return None
-    return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in specs]
 
 
 def _shape_mismatch(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> str:

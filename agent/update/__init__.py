@@ -1,5 +1,6 @@
 """The agent's update state machine: a pure core with ports.
 
+The core:
 - states.py: the states, the events handlers return, and the one transition
   table that picks every successor;
 - store.py: the update record, persisted atomically before each state's work;
@@ -7,8 +8,17 @@
   in the table and persists the next state;
 - ports.py: what the real agent provides (downloader, verifier, validator,
   activator, reporter) and the errors they raise (fatal or retryable);
-- download.py: the resumable, hash-once download into the state directory;
-- verify.py: the manifest checks (signature against pinned keys, device class,
-  digest and size).
+- download.py: the resumable, hash-once download into the state directory.
 
-Nothing here speaks gRPC or loads a runtime; the daemon wires real ports in."""
+The ports the daemon wires in:
+- remote.py: the gRPC downloader and the status reporter;
+- verify.py: the manifest checks (signature against pinned keys, device class,
+  digest and size);
+- validate.py: golden outputs, latency and memory budgets, measured on the
+  device in a child process;
+- activation.py: switching the ModelHost, active.json, restore at boot;
+- runner.py: the thread that reconciles the assignment with the machine;
+- faults.py: the crash-test pause (EDGEFLEET_AGENT_FAULT_PAUSE).
+
+The machine itself never speaks gRPC or loads a runtime. See
+docs/agent-updates.md."""

@@ -17,6 +17,11 @@ estimate is the minimum seen (off by less than 50 µs); above 60 s it is the
 maximum seen (an overestimate). The maximum and the 100th percentile are exact. Latency is
 recorded for every outcome (a timeout shows up as tail latency), recording is
 O(log buckets) under one lock, and the memory per model version is fixed.
+
+Each sample also carries the resource figures (process RSS and CPU, system
+memory, the hottest temperature sensor and the battery where the platform
+has them) and, when the daemon passes a `power_status` callable, the
+power/thermal policy's mode and concurrency limit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import bisect
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -46,6 +52,14 @@ PERCENTILE_ERROR = math.sqrt(GROWTH) - 1.0
 _N = math.ceil(math.log(MAX_LATENCY_S / MIN_LATENCY_S) / math.log(GROWTH))
 BOUNDS: tuple[float, ...] = tuple(MIN_LATENCY_S * GROWTH**i for i in range(_N + 1))
 _MIB = 1024 * 1024
+
+# What a power/thermal policy reports: (mode, inference concurrency limit,
+# 0 meaning unlimited), e.g. ("normal", 0) or ("limited", 2).
+PowerStatus = Callable[[], tuple[str, int]]
+NORMAL_POWER = ("normal", 0)
+UNKNOWN_POWER = ("unknown", 0)
+
+log = logging.getLogger(__name__)
 
 
 class LatencyHistogram:
@@ -150,10 +164,10 @@ def _battery() -> psutil._common.sbattery | None:
 
 @dataclass(frozen=True)
 class IntervalSample:
-    """One interval of one model version (or of the device, model ""). The
-    fields named like TelemetrySample's go on the wire; the system memory,
-    temperature and battery fields are local (Prometheus) until the proto
-    carries them."""
+    """One interval of one model version (or of the device, model ""). All
+    but system_memory_available_mb and power_plugged go on the wire
+    (TelemetrySample); those two are local (Prometheus). temperature_c and
+    battery_percent are None where the platform has no such sensor."""
 
     at: dt.datetime
     model_name: str = ""
@@ -172,6 +186,10 @@ class IntervalSample:
     temperature_c: float | None = None
     battery_percent: float | None = None
     power_plugged: bool | None = None
+    # The power/thermal policy during the interval: its mode and the inference
+    # concurrency it allowed (0: unlimited).
+    power_mode: str = NORMAL_POWER[0]
+    concurrency_limit: int = NORMAL_POWER[1]
 
 
 @dataclass
@@ -182,12 +200,38 @@ class _Window:
 
 
 class RequestStats:
-    """Thread-safe per-(model, version) recorder for one interval at a time."""
+    """Thread-safe per-(model, version) recorder for one interval at a time.
 
-    def __init__(self, probe: Callable[[], Resources] | None = None) -> None:
+    `probe` reads the resource figures (default: psutil). `power_status`, when
+    given, is the power/thermal policy's state, called once per interval:
+    (mode, concurrency limit), e.g. ("limited", 2); without one every sample
+    says ("normal", 0), unlimited. It may also be set later, as the
+    attribute, for a policy built after the stats (it needs the model host,
+    which needs the stats)."""
+
+    def __init__(
+        self,
+        probe: Callable[[], Resources] | None = None,
+        *,
+        power_status: PowerStatus | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._windows: dict[tuple[str, str], _Window] = {}
         self._probe = probe if probe is not None else ResourceProbe()
+        self.power_status = power_status
+
+    def _power(self) -> tuple[str, int]:
+        if self.power_status is None:
+            return NORMAL_POWER
+        try:
+            mode, limit = self.power_status()
+        except Exception:
+            # A broken policy must not stop telemetry; the interval says so.
+            log.exception("the power/thermal policy failed to report its state")
+            return UNKNOWN_POWER
+        # Within what the control plane accepts, so one odd report cannot get
+        # a whole batch refused.
+        return str(mode)[:32], min(max(0, int(limit)), 2**31 - 1)
 
     def record(self, model: str, version: str, latency_s: float, outcome: str) -> None:
         """Count one finished request. outcome: "ok", "error" or "timeout"
@@ -210,6 +254,7 @@ class RequestStats:
         with self._lock:
             windows, self._windows = self._windows, {}
         res = self._probe()
+        power_mode, concurrency_limit = self._power()
         device = IntervalSample(
             at=now,
             memory_mb=res.memory_mb,
@@ -219,6 +264,8 @@ class RequestStats:
             temperature_c=res.temperature_c,
             battery_percent=res.battery_percent,
             power_plugged=res.power_plugged,
+            power_mode=power_mode,
+            concurrency_limit=concurrency_limit,
         )
         if not windows:
             return [device]

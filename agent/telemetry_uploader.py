@@ -39,11 +39,12 @@ RPC_TIMEOUT_S = 15.0
 
 
 def to_proto(pending: Pending) -> device_pb2.TelemetrySample:
-    """The wire form: only the fields TelemetrySample has."""
+    """The wire form: only the fields TelemetrySample has. A sensor the
+    device lacks (None) stays unset, which the control plane stores as NULL."""
     s = pending.sample
     at = Timestamp()
     at.FromDatetime(s.at)
-    return device_pb2.TelemetrySample(
+    sample = device_pb2.TelemetrySample(
         seq=pending.seq,
         at=at,
         model_name=s.model_name,
@@ -58,7 +59,15 @@ def to_proto(pending: Pending) -> device_pb2.TelemetrySample:
         memory_mb=s.memory_mb,
         cpu_percent=s.cpu_percent,
         dropped_samples=pending.dropped_samples,
+        system_memory_percent=s.system_memory_used_percent,
+        power_mode=s.power_mode,
+        concurrency_limit=s.concurrency_limit,
     )
+    if s.temperature_c is not None:
+        sample.temperature_c = s.temperature_c
+    if s.battery_percent is not None:
+        sample.battery_percent = s.battery_percent
+    return sample
 
 
 @dataclass
@@ -95,6 +104,13 @@ class TelemetryMetrics:
         self.sys_avail = Gauge(p + "system_memory_available_mb", "System memory free", registry=r)
         self.temperature = Gauge(p + "temperature_celsius", "Hottest sensor", registry=r)
         self.battery = Gauge(p + "battery_percent", "Battery charge", registry=r)
+        self.concurrency = Gauge(
+            p + "concurrency_limit", "Inference concurrency allowed (0: unlimited)", registry=r
+        )
+        self.power_mode = Gauge(
+            p + "power_mode", "The power/thermal policy's mode (1 for the current one)", ["mode"],
+            registry=r,
+        )  # fmt: skip
         self.buffered = Gauge(p + "telemetry_buffered_samples", "Samples not yet acked", registry=r)
         self.dropped = Gauge(
             p + "telemetry_dropped_samples", "Samples ever dropped from the buffer", registry=r
@@ -126,6 +142,9 @@ class TelemetryMetrics:
                 self.temperature.set(s.temperature_c)
             if s.battery_percent is not None:
                 self.battery.set(s.battery_percent)
+            self.concurrency.set(s.concurrency_limit)
+            self.power_mode.clear()
+            self.power_mode.labels(s.power_mode).set(1)
 
     def observe_buffer(self, buffer: TelemetryBuffer) -> None:
         self.buffered.set(len(buffer))

@@ -31,6 +31,10 @@ class ServerConfig:
     build_lease_s: float = 30.0
     # Where toolchains (the TFLite converter's venv) live; None: the default.
     toolchains_dir: Path | None = None
+    # Raw telemetry is kept this long (at least an hour), then rolled up into
+    # hourly rollups; the roll-up job runs this often on every replica.
+    telemetry_retention_s: float = 7 * 24 * 3600.0
+    telemetry_rollup_every_s: float = 600.0
 
     @property
     def blob_dir(self) -> Path:

@@ -146,9 +146,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     registry = RegistryService(db, blobs, events, int(config.max_upload_mb * 1024 * 1024))
     builds = BuildService(db, blobs, events, toolchains_dir=config.toolchains_dir)
     artifacts = ArtifactService(db, blobs)
-    telemetry = TelemetryService(
-        db, retention=dt.timedelta(seconds=config.telemetry_retention_s)
-    )
+    telemetry = TelemetryService(db, retention=dt.timedelta(seconds=config.telemetry_retention_s))
     deployments = DeploymentService(db, events)
     events.subscribe(_build_triggers(builds, executor))
     metrics_registry = CollectorRegistry()

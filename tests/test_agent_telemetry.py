@@ -7,6 +7,7 @@ import datetime as dt
 import math
 import random
 import socket
+import sqlite3
 import threading
 import urllib.request
 from collections.abc import AsyncIterator
@@ -20,11 +21,13 @@ from prometheus_client import generate_latest
 
 from agent.telemetry import (
     PERCENTILE_ERROR,
+    IntervalSample,
     LatencyHistogram,
+    PowerStatus,
     RequestStats,
     Resources,
 )
-from agent.telemetry_buffer import TelemetryBuffer
+from agent.telemetry_buffer import Pending, TelemetryBuffer
 from agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics, to_proto
 from controlplane.client import bearer_metadata
 from controlplane.server import ControlPlane
@@ -36,7 +39,9 @@ from edgefleet.v1 import operator_pb2_grpc as og
 from tests.harness import ADMIN_TOKEN
 
 ADMIN = bearer_metadata(ADMIN_TOKEN)
-RES = Resources(memory_mb=40.0, cpu_percent=3.0, system_memory_used_percent=50.0)
+RES = Resources(
+    memory_mb=40.0, cpu_percent=3.0, system_memory_used_percent=50.0, temperature_c=61.5
+)
 
 
 def _stats() -> RequestStats:
@@ -116,7 +121,93 @@ def test_real_resource_probe_reads_this_process() -> None:
     assert sample.cpu_percent >= 0 and 0 < sample.system_memory_used_percent <= 100
 
 
+def _failing_policy() -> tuple[str, int]:
+    raise RuntimeError("sensor bus gone")
+
+
+@pytest.mark.parametrize(
+    ("power_status", "expected"),
+    [
+        (None, ("normal", 0)),
+        (lambda: ("limited", 2), ("limited", 2)),
+        (lambda: ("normal", 0), ("normal", 0)),
+        (_failing_policy, ("unknown", 0)),  # logged; telemetry goes on
+        # Clipped to what the control plane accepts.
+        (lambda: ("x" * 40, 2**40), ("x" * 32, 2**31 - 1)),
+    ],
+    ids=["no-policy", "limited", "normal", "policy-fails", "out-of-range"],
+)
+def test_samples_carry_the_power_policy_state(
+    power_status: PowerStatus | None, expected: tuple[str, int]
+) -> None:
+    now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
+    given = RequestStats(probe=lambda: RES, power_status=power_status)
+    set_later = RequestStats(probe=lambda: RES)  # the policy is built after the stats
+    set_later.power_status = power_status
+    for stats in (given, set_later):
+        stats.record("digits", "1.0.0", 0.002, "ok")
+        for sample in (*stats.snapshot_and_reset(now), *stats.snapshot_and_reset(now)):
+            assert (sample.power_mode, sample.concurrency_limit) == expected
+
+
+def test_the_wire_form_carries_every_field_and_leaves_missing_sensors_unset() -> None:
+    now = dt.datetime(2026, 11, 22, 12, tzinfo=dt.UTC)
+    full = IntervalSample(
+        at=now, model_name="digits", model_version="1.0.0", request_count=10, error_count=2,
+        timeout_count=1, latency_p50_ms=1.0, latency_p95_ms=2.0, latency_p99_ms=3.0,
+        latency_max_ms=4.0, memory_mb=40.0, cpu_percent=5.0, system_memory_used_percent=55.0,
+        system_memory_available_mb=900.0, temperature_c=61.5, battery_percent=0.0,
+        power_plugged=False, power_mode="limited", concurrency_limit=2,
+    )  # fmt: skip
+    msg = to_proto(Pending(seq=7, dropped_samples=3, sample=full))
+    assert msg.at.ToDatetime(tzinfo=dt.UTC) == now
+    assert (msg.seq, msg.dropped_samples, msg.model_name, msg.model_version) == (
+        7, 3, "digits", "1.0.0",
+    )  # fmt: skip
+    assert (msg.request_count, msg.error_count, msg.timeout_count) == (10, 2, 1)
+    assert (msg.latency_p50_ms, msg.latency_p95_ms, msg.latency_p99_ms, msg.latency_max_ms) == (
+        1.0, 2.0, 3.0, 4.0,
+    )  # fmt: skip
+    assert (msg.memory_mb, msg.cpu_percent, msg.system_memory_percent) == (40.0, 5.0, 55.0)
+    # An empty battery is a reading, sent as 0.0; only a missing sensor is unset.
+    assert msg.HasField("temperature_c") and msg.temperature_c == 61.5
+    assert msg.HasField("battery_percent") and msg.battery_percent == 0.0
+    assert (msg.power_mode, msg.concurrency_limit) == ("limited", 2)
+    bare = to_proto(Pending(seq=8, dropped_samples=0, sample=IntervalSample(at=now)))
+    assert not bare.HasField("temperature_c") and not bare.HasField("battery_percent")
+    assert (bare.power_mode, bare.concurrency_limit) == ("normal", 0)
+
+
 # ---------------------------------------------------------------- buffer
+
+
+def test_buffer_round_trips_every_field_and_reads_rows_from_before_them(
+    tmp_path: Path,
+) -> None:
+    now = dt.datetime(2026, 11, 22, 12, tzinfo=dt.UTC)
+    sample = IntervalSample(
+        at=now, model_name="digits", model_version="1.0.0", request_count=10,
+        system_memory_used_percent=55.0, system_memory_available_mb=900.0,
+        temperature_c=61.5, battery_percent=33.0, power_plugged=True, power_mode="limited",
+        concurrency_limit=2,
+    )  # fmt: skip
+    buffer = TelemetryBuffer(tmp_path)
+    buffer.append([sample, IntervalSample(at=now)])
+    buffer.close()
+    # A row written by an agent that predates the power and sensor fields.
+    with sqlite3.connect(tmp_path / "telemetry.db") as old:
+        old.execute(
+            "INSERT INTO samples (seq, dropped, body) VALUES (3, 0, ?)",
+            ('{"at":"2026-11-22T12:00:00+00:00","model_name":"digits","request_count":4}',),
+        )
+    buffer = TelemetryBuffer(tmp_path)
+    got = [p.sample for p in buffer.pending(10)]
+    buffer.close()
+    assert got[:2] == [sample, IntervalSample(at=now)]
+    assert got[2] == IntervalSample(at=now, model_name="digits", request_count=4)
+    assert (got[2].power_mode, got[2].concurrency_limit, got[2].temperature_c) == (
+        "normal", 0, None,
+    )  # fmt: skip
 
 
 def _fill(buffer: TelemetryBuffer, stats: RequestStats, start: dt.datetime, n: int) -> None:
@@ -267,6 +358,12 @@ async def test_agent_offline_then_back_delivers_exactly_once_and_reports_drops(
     assert drops == {device.device_id: 3.0}
     errors = await _sum(channel, o.TELEMETRY_METRIC_ERROR_COUNT, start)
     assert errors == {device.device_id: 2.0 * 5 + 1}
+    # The resource figures came along: one bucket, so the sum is the value.
+    temperature = await _sum(channel, o.TELEMETRY_METRIC_TEMPERATURE_C, start)
+    assert temperature == {device.device_id: 61.5}
+    memory = await _sum(channel, o.TELEMETRY_METRIC_SYSTEM_MEMORY_PERCENT, start)
+    assert memory == {device.device_id: 50.0}
+    assert await _sum(channel, o.TELEMETRY_METRIC_BATTERY_PERCENT, start) == {}  # no battery
 
     # Nothing pending: a later flush sends nothing, and the server still acks 9.
     assert (await TelemetryUploader(
@@ -310,4 +407,7 @@ def test_metrics_are_served_on_a_local_prometheus_endpoint() -> None:
         body = resp.read().decode()
     assert 'edgefleet_agent_interval_timeouts{model="digits",version="1.0.0"} 1.0' in body
     assert "edgefleet_agent_process_rss_mb 40.0" in body
+    assert "edgefleet_agent_temperature_celsius 61.5" in body
+    assert 'edgefleet_agent_power_mode{mode="normal"} 1.0' in body
+    assert "edgefleet_agent_concurrency_limit 0.0" in body
     assert "python_gc" not in body  # its own registry, not the process-global one

@@ -8,15 +8,17 @@ or JSON with --json). Server and database code is imported only inside the
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
 from controlplane.cli.artifacts import artifacts
-from controlplane.cli.base import CliError, Env, F, RootGroup
+from controlplane.cli.base import CliError, Env, F, RootGroup, parsed
 from controlplane.cli.builds import builds
 from controlplane.cli.classes import classes
+from controlplane.cli.convert import parse_duration
 from controlplane.cli.devices import devices
 from controlplane.cli.models import models
 from controlplane.cli.telemetry import telemetry
@@ -125,6 +127,13 @@ def main() -> None:
     envvar="EDGEFLEET_TOOLCHAINS_DIR",
     help="Where converter toolchains live [env EDGEFLEET_TOOLCHAINS_DIR].",
 )
+@click.option(
+    "--telemetry-retention",
+    default="7d",
+    show_default=True,
+    callback=parsed(parse_duration),
+    help="How long raw telemetry is kept before it is rolled up into hourly rows (>= 1h).",
+)
 def server(
     data_dir: Path,
     db_url: str | None,
@@ -137,9 +146,13 @@ def server(
     build_workers: int,
     build_lease: float,
     toolchains_dir: Path | None,
+    telemetry_retention: timedelta,
 ) -> None:
     """Run the control plane until SIGTERM or Ctrl-C."""
     from controlplane.server import run
+
+    if telemetry_retention < timedelta(hours=1):
+        raise click.BadParameter("must be at least 1h", param_hint="--telemetry-retention")
 
     run(
         ServerConfig(
@@ -154,6 +167,7 @@ def server(
             build_workers=build_workers,
             build_lease_s=build_lease,
             toolchains_dir=toolchains_dir,
+            telemetry_retention_s=telemetry_retention.total_seconds(),
         )
     )
 

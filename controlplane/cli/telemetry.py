@@ -25,7 +25,7 @@ from edgefleet.v1 import operator_pb2
 
 @click.group()
 def telemetry() -> None:
-    """Agent telemetry: latency, errors, load and memory per model version."""
+    """Agent telemetry: latency, errors, load, memory, temperature and battery."""
 
 
 @telemetry.command("query")
@@ -70,11 +70,14 @@ def telemetry_query(
 ) -> None:
     """Query METRIC bucketed over time: latency-p50-ms, latency-p95-ms,
     latency-p99-ms, latency-max-ms, error-rate, timeout-rate, request-rate,
-    request-count, error-count, memory-mb, cpu-percent or dropped-samples.
+    request-count, error-count, memory-mb, cpu-percent, dropped-samples,
+    system-memory-percent, temperature-c or battery-percent.
 
     Latency percentiles are the worst device-interval in each bucket; rates
-    are sums over sums (errors / requests); memory is the maximum, cpu the
-    mean. Buckets without samples are left out."""
+    are sums over sums (errors / requests); memory, system memory and
+    temperature are the maximum, battery the minimum, cpu the mean. Buckets
+    without samples are left out. Telemetry older than the server's
+    retention is kept as hourly rollups: there, points are per hour."""
     end = now()
     request = operator_pb2.QueryTelemetryRequest(
         metric=metric,

@@ -293,7 +293,8 @@ class ArtifactRow(Base):
 
 class TelemetryRow(Base):
     """One agent telemetry sample: one interval of one model version on one
-    device. Deduplicated on (device_id, seq): agents resend what was not acked.
+    device. Unique on (device_id, seq): agents resend what was not acked
+    (services/telemetry.py skips seqs at or below the device's highest).
     `at_ms` is integer epoch milliseconds (UTC) so that time bucketing is the
     same integer arithmetic on SQLite and PostgreSQL, and the index is compact."""
 
@@ -324,6 +325,13 @@ class TelemetryRow(Base):
     latency_max_ms: Mapped[float] = mapped_column(Float)
     memory_mb: Mapped[float] = mapped_column(Float)
     cpu_percent: Mapped[float] = mapped_column(Float)
+    # System-wide figures and the power/thermal policy's state (migration
+    # 0005); server defaults fill the rows stored before.
+    system_memory_percent: Mapped[float] = mapped_column(Float, server_default="0")
+    temperature_c: Mapped[float | None] = mapped_column(Float)
+    battery_percent: Mapped[float | None] = mapped_column(Float)
+    power_mode: Mapped[str] = mapped_column(String(32), server_default="")
+    concurrency_limit: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class DeviceAssignmentRow(Base):
@@ -366,3 +374,66 @@ class DeploymentEventRow(Base):
     bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
     at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class TelemetryRollupRow(Base):
+    """Telemetry older than the raw retention: one row per hour, device, model
+    version and class. The rollup job moves raw rows here (aggregate, then
+    delete, in one transaction), so each sample counts in exactly one table.
+
+    Sums are exact. Percentiles cannot be merged exactly: latency_pXX_ms is the
+    request-weighted mean of the samples' percentiles (an estimate of the
+    hour's percentile), and max_latency_pXX_ms the largest sample percentile,
+    which is what queries aggregate (the same MAX as over raw rows, so a query
+    gives the same answer before and after a roll-up). latency_max_ms is the
+    max of the maxima (exact)."""
+
+    __tablename__ = "telemetry_rollups"
+    __table_args__ = (
+        Index("ix_telemetry_rollups_hour_ms", "hour_ms"),
+        Index("ix_telemetry_rollups_model_hour_ms", "model_name", "model_version", "hour_ms"),
+        Index("ix_telemetry_rollups_class_name_hour_ms", "class_name", "hour_ms"),
+    )
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Start of the hour, integer epoch milliseconds (UTC), like telemetry.at_ms.
+    hour_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    class_name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    sample_count: Mapped[int] = mapped_column(BigInteger)
+    request_count: Mapped[int] = mapped_column(BigInteger)
+    error_count: Mapped[int] = mapped_column(BigInteger)
+    timeout_count: Mapped[int] = mapped_column(BigInteger)
+    dropped_samples: Mapped[int] = mapped_column(BigInteger)
+    latency_p50_ms: Mapped[float] = mapped_column(Float)
+    latency_p95_ms: Mapped[float] = mapped_column(Float)
+    latency_p99_ms: Mapped[float] = mapped_column(Float)
+    max_latency_p50_ms: Mapped[float] = mapped_column(Float)
+    max_latency_p95_ms: Mapped[float] = mapped_column(Float)
+    max_latency_p99_ms: Mapped[float] = mapped_column(Float)
+    latency_max_ms: Mapped[float] = mapped_column(Float)
+    memory_mb: Mapped[float] = mapped_column(Float)  # max
+    cpu_percent: Mapped[float] = mapped_column(Float)  # mean over the samples
+    system_memory_percent: Mapped[float] = mapped_column(Float)  # max
+    temperature_c: Mapped[float | None] = mapped_column(Float)  # max
+    battery_percent: Mapped[float | None] = mapped_column(Float)  # min
+    # Samples taken while the power/thermal policy limited inference, and the
+    # tightest concurrency limit it set (None: never limited).
+    limited_samples: Mapped[int] = mapped_column(BigInteger)
+    min_concurrency_limit: Mapped[int | None] = mapped_column(Integer)
+
+
+class TelemetryWatermarkRow(Base):
+    """Per device, the highest telemetry seq rolled up (its raw row deleted):
+    raw rows alone no longer show it, yet the agent must still be acked past
+    it and a late resend of it must not be stored twice."""
+
+    __tablename__ = "telemetry_watermarks"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    max_seq: Mapped[int] = mapped_column(BigInteger)

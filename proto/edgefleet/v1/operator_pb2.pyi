@@ -225,6 +225,12 @@ class TelemetryMetric(_TelemetryMetric, metaclass=_TelemetryMetricEnumTypeWrappe
     sum(errors or timeouts) / sum(requests), no point where no requests;
     request rate: sum(requests) / step seconds; request, error and dropped
     counts: sums; memory: MAX; cpu: the mean of the samples.
+    Samples older than the raw retention (the server's --telemetry-retention,
+    7 days by default) live on as hourly rollups per device, model version and
+    class. These keep the sums, maxima, minima and counts that every metric
+    needs, so each metric means the same there; but an hour's samples count at
+    the start of their hour, so over rolled-up time a bucket shorter than an
+    hour gets at most one point per hour.
     """
 
 TELEMETRY_METRIC_UNSPECIFIED: TelemetryMetric.ValueType  # 0

@@ -8,6 +8,7 @@ import click
 
 from controlplane.cli import render as render
 from controlplane.cli.base import (
+    CliError,
     Env,
     call_by_id,
     emit,
@@ -19,7 +20,7 @@ from controlplane.cli.base import (
     pass_env,
     usage_error,
 )
-from controlplane.cli.convert import parse_label
+from controlplane.cli.convert import parse_label, parse_model_ref, resolve_prefix
 from edgefleet.v1 import common_pb2, operator_pb2
 
 
@@ -167,3 +168,58 @@ def devices_unpin(env: Env, device_id: str, as_json: bool) -> None:
         env, device_id, lambda i: env.stub.SetDeviceClass(operator_pb2.SetDeviceClassRequest(id=i))
     )
     _device_done(as_json, "unpinned", device)
+
+
+@devices.command("assign")
+@click.argument("ref", metavar="MODEL@VERSION", callback=parsed(parse_model_ref))
+@click.argument("device_ids", metavar="ID...", nargs=-1, required=True)
+@click.option("--reason", default="", help="Why, for the audit log.")
+@json_option
+@pass_env
+def devices_assign(
+    env: Env, ref: tuple[str, str], device_ids: Sequence[str], reason: str, as_json: bool
+) -> None:
+    """Install MODEL@VERSION on devices now, each its class's artifact.
+
+    All or nothing: if one device cannot take it (no successful build for its
+    class, not accepted), nothing is assigned and every such device is named.
+    Watch progress with `edgefleet devices ls` and `edgefleet devices history ID`."""
+    listed = env.stub.ListDevices(operator_pb2.ListDevicesRequest(include_decommissioned=True))
+    known = [d.id for d in listed.devices]
+    try:
+        ids = [i if i in known else resolve_prefix(i, known, "device") for i in device_ids]
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    response = env.stub.AssignModel(
+        operator_pb2.AssignModelRequest(
+            device_ids=ids, model_name=ref[0], model_version=ref[1], reason=reason
+        )
+    )
+    emit(
+        as_json,
+        list(response.assignments),
+        lambda: render.assignments_table(response.assignments, now()),
+    )
+
+
+@devices.command("history")
+@click.argument("device_id", metavar="ID")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@json_option
+@pass_env
+def devices_history(env: Env, device_id: str, limit: int, as_json: bool) -> None:
+    """A device's deployment history: every update state its agent reported."""
+
+    def list_ids() -> list[str]:
+        listed = env.stub.ListDevices(operator_pb2.ListDevicesRequest(include_decommissioned=True))
+        return [d.id for d in listed.devices]
+
+    response = call_by_id(
+        device_id,
+        lambda i: env.stub.ListDeployments(
+            operator_pb2.ListDeploymentsRequest(device_id=i, limit=limit)
+        ),
+        list_ids,
+        "device",
+    )
+    emit(as_json, response, lambda: render.deployment_history(response, now()))

@@ -683,3 +683,38 @@ def test_models_push_server_error(fake: tuple[FakeOperator, str], tmp_path: Path
     assert result.exit_code == 1
     assert result.stderr.endswith("error: ALREADY_EXISTS: model m version 9.9.9 exists\n")
     assert "Traceback" not in result.output
+
+
+def test_deployment_history_and_serving_detail() -> None:
+    assignment = operator_pb2.DeviceAssignment(
+        device_id="a1b2c3d4" * 2, class_name="pi4", model_name="digits", model_version="2.0",
+        artifact_digest="ab" * 32, artifact_size=2048, sequence=3, assigned_at=ts(NOW),
+    )  # fmt: skip
+    failed = operator_pb2.DeploymentEvent(
+        device_id="a1b2c3d4" * 2, sequence=3, model_name="digits", model_version="2.0",
+        state="failed", reason="p95 latency 9 ms exceeds the class budget of 5 ms",
+        at=ts(NOW - timedelta(seconds=30)),
+    )  # fmt: skip
+    downloading = operator_pb2.DeploymentEvent(
+        device_id="a1b2c3d4" * 2, sequence=3, model_name="digits", model_version="2.0",
+        state="downloading", bytes_done=1024, bytes_total=2048, at=ts(NOW - timedelta(minutes=1)),
+    )  # fmt: skip
+    text = text_of(
+        render.deployment_history(
+            operator_pb2.ListDeploymentsResponse(
+                events=[failed, downloading], assignments=[assignment]
+            ),
+            NOW,
+        )
+    )
+    rows = [" ".join(line.split()) for line in text.splitlines()]
+    assert "a1b2c3d4 pi4 digits@2.0 abababababab 2.0 KiB 3 just now" in rows
+    assert any(r.startswith("30s ago a1b2c3d4 3 digits@2.0 failed") for r in rows)
+    assert any("downloading 1.0 KiB/2.0 KiB" in r for r in rows)
+    device = sample_device()
+    device.update.CopyFrom(
+        common_pb2.UpdateStatus(active_model_version="1.0", active_artifact_digest="cd" * 32)
+    )
+    assert "serving 1.0 (cdcdcdcdcdcd)" in " ".join(
+        text_of(render.device_detail(device, NOW)).split()
+    )

@@ -260,6 +260,13 @@ def device_detail(d: common_pb2.Device, now: datetime) -> RenderableType:
         ("tensorrt", rt.tensorrt_version or NONE),
         ("revision", f"desired {d.desired_revision}, applied {d.applied_revision}"),
     ]
+    if up.active_model_version or up.active_artifact_digest:
+        rows.append(
+            (
+                "serving",
+                f"{up.active_model_version or '?'} ({short_digest(up.active_artifact_digest)})",
+            )
+        )
     if up.state:
         model = f"{up.model_name} {up.model_version}".strip()
         progress = f" {format_bytes(up.bytes_done)}/{format_bytes(up.bytes_total)}"
@@ -272,6 +279,44 @@ def device_detail(d: common_pb2.Device, now: datetime) -> RenderableType:
             )
         )
     return _grid(rows)
+
+
+def assignments_table(
+    assignments: Sequence[operator_pb2.DeviceAssignment], now: datetime
+) -> Table:
+    table = _table("DEVICE", "CLASS", "MODEL@VERSION", "ARTIFACT", "SIZE", "SEQ", "ASSIGNED")
+    for a in assignments:
+        _add_row(
+            table,
+            short_id(a.device_id),
+            a.class_name,
+            model_ref(a.model_name, a.model_version),
+            short_digest(a.artifact_digest),
+            format_bytes(a.artifact_size),
+            str(a.sequence),
+            format_ago(a.assigned_at, now),
+        )
+    return table
+
+
+_DEPLOYMENT_STYLES = {"committed": "green", "failed": "red", "rolling_back": "yellow"}
+
+
+def deployment_history(resp: operator_pb2.ListDeploymentsResponse, now: datetime) -> Group:
+    """Current assignments, then the reported states, newest first."""
+    events = _table("WHEN", "DEVICE", "SEQ", "MODEL@VERSION", "STATE", "BYTES", "REASON")
+    for e in resp.events:
+        _add_row(
+            events,
+            format_ago(e.at, now),
+            short_id(e.device_id),
+            str(e.sequence),
+            model_ref(e.model_name, e.model_version),
+            Text(e.state, style=_DEPLOYMENT_STYLES.get(e.state, "")),
+            f"{format_bytes(e.bytes_done)}/{format_bytes(e.bytes_total)}" if e.bytes_total else "",
+            e.reason or "",
+        )
+    return Group(assignments_table(resp.assignments, now), events)
 
 
 # ------------------------------------------------------------------ classes

@@ -77,6 +77,20 @@ class AgentConfig:
     inference_listen: str | None = None
     # Seconds per telemetry interval (one sample per model version each).
     telemetry_interval_s: float = 10.0
+    # The power/thermal policy (agent/power.py, docs/power.md): seconds
+    # between sensor reads; battery levels (percent, only while on battery)
+    # and hottest-sensor temperatures (Celsius) that start the limited and
+    # critical modes; how much better a reading must get to leave a mode;
+    # the inference concurrency each mode allows (0: no limit).
+    power_interval_s: float = 5.0
+    power_battery_limited_percent: float = 30.0
+    power_battery_critical_percent: float = 15.0
+    power_temperature_limited_c: float = 70.0
+    power_temperature_critical_c: float = 80.0
+    power_battery_hysteresis_percent: float = 5.0
+    power_temperature_hysteresis_c: float = 5.0
+    power_limited_concurrency: int = 2
+    power_critical_concurrency: int = 1
     # Bytes per artifact download chunk; 0: the control plane's default
     # (1 MiB). Smaller chunks lose less to an interrupted link.
     download_chunk_size: int = 0
@@ -141,6 +155,33 @@ def _positive_int(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail(where, "a positive integer", value)
     return value
+
+
+def _number(value: object, where: str, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(where, expected, value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise _fail(where, expected, value)
+    return number
+
+
+def _percent(value: object, where: str) -> float:
+    number = _number(value, where, "a percentage from 0 to 100")
+    if not 0 <= number <= 100:
+        raise _fail(where, "a percentage from 0 to 100", value)
+    return number
+
+
+def _celsius(value: object, where: str) -> float:
+    return _number(value, where, "a temperature in degrees Celsius")
+
+
+def _margin(value: object, where: str) -> float:
+    number = _number(value, where, "a non-negative number")
+    if number < 0:
+        raise _fail(where, "a non-negative number", value)
+    return number
 
 
 def _loopback(value: object, where: str) -> str | None:
@@ -252,6 +293,20 @@ def _env_number(text: str, where: str) -> float:
         raise _fail(where, "a positive number of seconds", text) from None
 
 
+def _env_float(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise _fail(where, "a number", text) from None
+
+
+def _env_count(text: str, where: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _fail(where, "a non-negative integer", text) from None
+
+
 # key -> (converter for typed values, parser from environment text or None
 # when the key cannot be set from the environment)
 _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], object] | None]] = {
@@ -269,6 +324,15 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "inference_listen": (_loopback, lambda text, where: text),
     "telemetry_interval_s": (_positive_seconds, _env_number),
     "download_chunk_size": (_non_negative_int, _env_int),
+    "power_interval_s": (_positive_seconds, _env_number),
+    "power_battery_limited_percent": (_percent, _env_float),
+    "power_battery_critical_percent": (_percent, _env_float),
+    "power_temperature_limited_c": (_celsius, _env_float),
+    "power_temperature_critical_c": (_celsius, _env_float),
+    "power_battery_hysteresis_percent": (_margin, _env_float),
+    "power_temperature_hysteresis_c": (_margin, _env_float),
+    "power_limited_concurrency": (_non_negative_int, _env_count),
+    "power_critical_concurrency": (_non_negative_int, _env_count),
 }
 
 
@@ -329,7 +393,24 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             f"{origin}: key backoff_max_s ({config.backoff_max_s:g}) must not be less than "
             f"backoff_initial_s ({config.backoff_initial_s:g})"
         )
+    _check_power(config, str(path) if path is not None else "configuration")
     return config
+
+
+def _check_power(config: AgentConfig, origin: str) -> None:
+    # Critical is the worse mode: a lower battery, a higher temperature.
+    if config.power_battery_critical_percent > config.power_battery_limited_percent:
+        raise ConfigError(
+            f"{origin}: key power_battery_critical_percent "
+            f"({config.power_battery_critical_percent:g}) must not be more than "
+            f"power_battery_limited_percent ({config.power_battery_limited_percent:g})"
+        )
+    if config.power_temperature_critical_c < config.power_temperature_limited_c:
+        raise ConfigError(
+            f"{origin}: key power_temperature_critical_c "
+            f"({config.power_temperature_critical_c:g}) must not be less than "
+            f"power_temperature_limited_c ({config.power_temperature_limited_c:g})"
+        )
 
 
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path | None:

@@ -35,6 +35,7 @@ from agent.errors import AgentError, NotProvisioned, StateError
 from agent.hardware import detect_hardware, detect_runtime
 from agent.identity import Identity
 from agent.inference_server import start_inference_server
+from agent.power import PowerPolicy, PowerThresholds
 from agent.serving import ModelHost
 from agent.telemetry import RequestStats
 from agent.telemetry_buffer import TelemetryBuffer
@@ -342,6 +343,12 @@ class Agent:
         step = self.boot()
         stats = RequestStats()
         self.models = ModelHost(workers=self.config.inference_workers, recorder=stats)
+        power = PowerPolicy(
+            self.models,
+            PowerThresholds.from_config(self.config),
+            interval_s=self.config.power_interval_s,
+        )
+        stats.power_status = power.status
         activator = HostActivator(self.models, self.config.state_dir)
         served = await asyncio.to_thread(activator.restore)
         if served is not None:
@@ -349,7 +356,9 @@ class Agent:
         inference = await start_inference_server(
             self.models, self.config.state_dir, listen=self.config.inference_listen
         )
-        log.info("inference API on %s", inference.unix_target)
+        log.info("inference API on %s (fast path %s)", inference.unix_target,
+                 inference.fast_socket_path)  # fmt: skip
+        power_task = asyncio.create_task(power.run(), name="power")
         self._updates = self._start_updates(activator)
         if self._boot_desired is not None and self._boot_desired.HasField("assignment"):
             self._updates.submit(assignment_from_pb(self._boot_desired.assignment))
@@ -357,9 +366,10 @@ class Agent:
         try:
             await self._sync_forever(step)
         finally:
-            telemetry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await telemetry
+            for task in (telemetry, power_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await asyncio.to_thread(self._updates.stop)
             await inference.stop(grace=STOP_SERVING_GRACE_S)
 

@@ -12,9 +12,27 @@ when its last request lets go of it.
 else zeros) *before* it is swapped in, so the first request never pays the
 load, and a model that cannot run never becomes active.
 
-Runtimes block, so inference runs in a thread pool; ONNX Runtime sessions
-are thread-safe, LiteRT interpreters and TensorRT contexts are not, so runs
-on one of those are serialized per loaded model (never across models).
+Requests are validated against what the loaded artifact really accepts: the
+manifest's spec, with any dimension the runner fixes filled in (a TFLite
+artifact converted with a batch of 1 refuses a batch of 8 as InvalidInput,
+naming the accepted shape, instead of failing inside the runtime).
+
+Two entry points run a request, with the same validation, deadline,
+concurrency limit and telemetry: `predict_sync` runs the model inline on the
+caller's thread (the inference servers call it from their own threads: for
+small models the hop to another thread costs more than the model), and
+`predict`, a coroutine that runs it in the host's thread pool. ONNX Runtime
+sessions are thread-safe, LiteRT interpreters and TensorRT contexts are not,
+so runs on one of those are serialized per loaded model (never across models).
+
+At most `workers` requests run inference at once, whatever thread they come
+from; `set_concurrency_limit` lowers that at run time (the power policy does,
+on a hot or flat device). A request waits for a free slot, and its deadline
+runs while it waits.
+
+numpy is imported where it is used, not at import time: the agent imports
+this module at startup, and an idle agent with no model should not carry
+numpy's ~12 MB (the runtimes import it when a model loads).
 
 This module knows nothing of gRPC: errors are ServingError subclasses, and
 agent/inference_server.py maps them to status codes in one place."""
@@ -22,20 +40,24 @@ agent/inference_server.py maps them to status codes in one place."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import AgentError
 from agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +143,9 @@ class LoadedModel:
     path: Path
     runner: Runner
     spec: ModelSpec
+    # The inputs requests are checked against: spec.inputs with the
+    # dimensions the runner fixes filled in (see accepted_inputs).
+    accepts: tuple[TensorInfo, ...]
     # Serializes runs on runtimes whose sessions are not thread-safe.
     run_lock: AbstractContextManager[object] = field(compare=False, repr=False)
 
@@ -147,37 +172,76 @@ class _Slot:
 # ---------------------------------------------------------------- tensors
 
 
+@functools.lru_cache(maxsize=64)
+def _wire_dtype(name: str) -> np.dtype[Any] | None:
+    """The little-endian numpy dtype a wire dtype name stands for; None
+    when the name is not a plain numeric numpy name. Cached: parsing a dtype
+    costs more than decoding a small tensor."""
+    import numpy as np
+
+    try:
+        parsed = np.dtype(name)
+    except TypeError:
+        return None
+    if parsed.hasobject or parsed.kind in "OUSV" or str(parsed) != name:
+        return None
+    return parsed.newbyteorder("<")
+
+
+@functools.lru_cache(maxsize=64)
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """`dtype.name`, cached: numpy builds that string anew on every access
+    (about 1.5 us, as much as the rest of validating a small request)."""
+    return dtype.name
+
+
 def decode_tensor(name: str, dtype: str, shape: Sequence[int], data: bytes) -> np.ndarray:
     """A row-major little-endian tensor as a numpy array (no copy); raises
     InvalidInput naming the tensor when dtype, shape and size disagree."""
-    try:
-        parsed = np.dtype(dtype)
-    except TypeError:
-        raise InvalidInput(f"input {name!r}: unknown dtype {dtype!r}") from None
-    if parsed.hasobject or parsed.kind in "OUSV" or str(parsed) != dtype:
+    import numpy as np
+
+    parsed = _wire_dtype(dtype)
+    if parsed is None:
+        try:
+            np.dtype(dtype)
+        except TypeError:
+            raise InvalidInput(f"input {name!r}: unknown dtype {dtype!r}") from None
         raise InvalidInput(
             f"input {name!r}: unsupported dtype {dtype!r} (use a numpy name, e.g. float32)"
         )
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input {name!r}: negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    expected = count * parsed.itemsize
+    dims = tuple(shape)
+    if any(d < 0 for d in dims):
+        raise InvalidInput(f"input {name!r}: negative dimension in shape {list(dims)}")
+    expected = math.prod(dims) * parsed.itemsize
     if len(data) != expected:
         raise InvalidInput(
-            f"input {name!r}: {len(data)} bytes of data, but {dtype} {list(shape)} needs {expected}"
+            f"input {name!r}: {len(data)} bytes of data, but {dtype} {list(dims)} needs {expected}"
         )
-    return np.frombuffer(data, dtype=parsed.newbyteorder("<")).reshape(tuple(shape))
+    return np.frombuffer(data, dtype=parsed).reshape(dims)
 
 
 def encode_tensor(array: np.ndarray) -> tuple[str, list[int], bytes]:
     """(dtype name, shape, little-endian bytes) of an array."""
-    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    return array.dtype.name, list(array.shape), little.tobytes()
+    import numpy as np
+
+    order = array.dtype.byteorder
+    big = order == ">" or (order == "=" and sys.byteorder == "big")
+    if big or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return dtype_name(array.dtype), list(array.shape), array.tobytes()
 
 
-def check_inputs(spec: Sequence[TensorInfo], inputs: Mapping[str, np.ndarray]) -> None:
+def check_inputs(
+    spec: Sequence[TensorInfo],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    declared: Sequence[TensorInfo] | None = None,
+) -> None:
     """Raise InvalidInput, naming the tensor, unless `inputs` has exactly
-    the spec's tensors with its dtypes and shapes (-1 dimensions free)."""
+    the spec's tensors with its dtypes and shapes (-1 dimensions free).
+    `declared` is the model's own spec when `spec` is stricter (the
+    artifact fixes a dimension the model leaves free): the message then
+    says so, since the caller read the model's spec, not the artifact's."""
     names = {t.name for t in spec}
     unknown = sorted(set(inputs) - names)
     if unknown:
@@ -185,11 +249,12 @@ def check_inputs(spec: Sequence[TensorInfo], inputs: Mapping[str, np.ndarray]) -
             f"input {unknown[0]!r} is not an input of the model "
             f"(inputs: {', '.join(sorted(names))})"
         )
+    loose = {t.name: t.shape for t in declared} if declared is not None else {}
     for tensor in spec:
         array = inputs.get(tensor.name)
         if array is None:
             raise InvalidInput(f"input {tensor.name!r} is missing")
-        if array.dtype.name != tensor.dtype:
+        if dtype_name(array.dtype) != tensor.dtype:
             raise InvalidInput(
                 f"input {tensor.name!r}: dtype {array.dtype.name}, the model takes {tensor.dtype}"
             )
@@ -197,18 +262,90 @@ def check_inputs(spec: Sequence[TensorInfo], inputs: Mapping[str, np.ndarray]) -
             want < 0 or got == want for got, want in zip(array.shape, tensor.shape, strict=True)
         )
         if not fits:
+            model_shape = loose.get(tensor.name, tensor.shape)
+            if model_shape != tensor.shape:
+                raise InvalidInput(
+                    f"input {tensor.name!r}: shape {list(array.shape)}, the artifact on this "
+                    f"device takes {list(tensor.shape)} (-1: any size; the model's spec "
+                    f"allows {list(model_shape)}, but this artifact fixes the rest)"
+                )
             raise InvalidInput(
                 f"input {tensor.name!r}: shape {list(array.shape)}, the model takes "
                 f"{list(tensor.shape)} (-1: any size)"
             )
 
 
+def accepted_inputs(
+    declared: Sequence[TensorInfo], actual: Sequence[TensorInfo]
+) -> tuple[TensorInfo, ...]:
+    """`declared` (the manifest's inputs) with every dimension it leaves free
+    (-1) that the runner's input of the same name and rank fixes set to the
+    runner's size. Where the two disagree otherwise, `declared` stands: the
+    runner would refuse such a request itself."""
+    by_name = {t.name: t for t in actual}
+    accepted = []
+    for tensor in declared:
+        real = by_name.get(tensor.name)
+        if real is None or len(real.shape) != len(tensor.shape):
+            accepted.append(tensor)
+            continue
+        shape = tuple(
+            have if want < 0 and have >= 0 else want
+            for want, have in zip(tensor.shape, real.shape, strict=True)
+        )
+        accepted.append(replace(tensor, shape=shape))
+    return tuple(accepted)
+
+
 def warm_inputs(spec: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
     """Zeros of each input's shape, dynamic dimensions taken as 1."""
+    import numpy as np
+
     return {
         t.name: np.zeros(tuple(d if d >= 0 else 1 for d in t.shape), dtype=np.dtype(t.dtype))
         for t in spec
     }
+
+
+# ---------------------------------------------------------------- slots
+
+
+class _Slots:
+    """Counts requests running inference and makes new ones wait while
+    `limit` of them are running. A condition variable, not a semaphore,
+    because the limit changes at run time: lowering it lets the runs in
+    progress finish and holds new ones until fewer than the new limit run."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._limit = limit
+        self._running = 0
+
+    def set_limit(self, limit: int) -> None:
+        with self._cond:
+            self._limit = limit
+            # A higher limit may free several waiters at once.
+            self._cond.notify_all()
+
+    def acquire(self, deadline: float | None, clock: Callable[[], float]) -> bool:
+        """Take a slot; False when `deadline` (on `clock`) passed first."""
+        with self._cond:
+            while self._running >= self._limit:
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    return False
+                # Lock waits refuse timeouts past TIMEOUT_MAX (~292 years).
+                self._cond.wait(min(remaining, threading.TIMEOUT_MAX))
+            self._running += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify()
 
 
 # ---------------------------------------------------------------- the host
@@ -218,9 +355,9 @@ class ModelHost:
     """Per model name: the active version and a warm standby.
 
     Model changes (`declare`, `activate`, `rollback`, `commit`) are blocking
-    calls meant for the update machine's thread; `predict` is a coroutine for
-    the inference server's event loop. A short lock guards slot changes only;
-    inference never holds it."""
+    calls meant for the update machine's thread; `predict_sync` is for the
+    inference servers' threads and `predict` for an event loop. A short lock
+    guards slot changes only; inference never holds it."""
 
     def __init__(
         self,
@@ -231,13 +368,18 @@ class ModelHost:
         open_model: RunnerFactory = open_runner,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="infer")
+        self._workers = max(1, workers)
+        # Threads start on first use: a host that only serves predict_sync
+        # never starts one.
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="infer")
         self._threads = threads
         self._recorder = recorder
         self._open = open_model
         self._clock = clock
-        self._slots: dict[str, _Slot] = {}
+        self._models: dict[str, _Slot] = {}
         self._lock = threading.Lock()
+        self._concurrency_limit = 0
+        self._slots = _Slots(self._workers)
 
     # ------------------------------------------------------------ changes
 
@@ -245,7 +387,7 @@ class ModelHost:
         """Make `name` known with nothing active yet: until a version is
         activated, requests for it fail with NoActiveModel, not ModelNotFound."""
         with self._lock:
-            self._slots.setdefault(name, _Slot())
+            self._models.setdefault(name, _Slot())
 
     def activate(
         self,
@@ -278,17 +420,18 @@ class ModelHost:
             ) from exc
         if spec is None:
             spec = ModelSpec(tuple(runner.inputs), tuple(runner.outputs))
+        accepts = accepted_inputs(spec.inputs, runner.inputs)
         lock: AbstractContextManager[object] = (
             nullcontext() if runtime == ONNXRUNTIME else threading.Lock()
         )
-        model = LoadedModel(name, version, digest, runtime, path, runner, spec, lock)
-        warm = dict(golden_inputs) if golden_inputs is not None else warm_inputs(spec.inputs)
+        model = LoadedModel(name, version, digest, runtime, path, runner, spec, accepts, lock)
+        warm = dict(golden_inputs) if golden_inputs is not None else warm_inputs(accepts)
         try:
             model.run(warm)
         except Exception as exc:
             raise ActivationFailed(f"{name} {version}: warm-up run failed: {exc}") from exc
         with self._lock:
-            slot = self._slots.setdefault(name, _Slot())
+            slot = self._models.setdefault(name, _Slot())
             # Activating twice before a commit keeps the committed version
             # as the standby: that is what a rollback must go back to.
             if not slot.pending:
@@ -303,7 +446,7 @@ class ModelHost:
         Returns what is active now. Idempotent: with no uncommitted
         activation it changes nothing."""
         with self._lock:
-            slot = self._slots.get(name)
+            slot = self._models.get(name)
             if slot is None:
                 return None
             if slot.pending:
@@ -315,20 +458,41 @@ class ModelHost:
     def commit(self, name: str) -> None:
         """Drop the standby of `name`; idempotent."""
         with self._lock:
-            slot = self._slots.get(name)
+            slot = self._models.get(name)
             if slot is not None:
                 slot.standby, slot.pending = None, False
 
     def remove(self, name: str) -> None:
         """Forget `name`: further requests fail with ModelNotFound."""
         with self._lock:
-            self._slots.pop(name, None)
+            self._models.pop(name, None)
+
+    # ------------------------------------------------------------ concurrency
+
+    @property
+    def workers(self) -> int:
+        """The most requests that ever run inference at once."""
+        return self._workers
+
+    @property
+    def concurrency_limit(self) -> int:
+        """The limit set by `set_concurrency_limit`; 0: none (`workers` still caps)."""
+        return self._concurrency_limit
+
+    def set_concurrency_limit(self, limit: int) -> None:
+        """Let at most `limit` requests run inference at once (0: no limit
+        beyond `workers`). Runs in progress finish; new requests wait for a
+        slot, within their deadline."""
+        if limit < 0:
+            raise ValueError(f"concurrency limit must be >= 0, not {limit}")
+        self._concurrency_limit = limit
+        self._slots.set_limit(min(limit, self._workers) if limit else self._workers)
 
     # ------------------------------------------------------------ queries
 
     def active(self, name: str) -> LoadedModel:
         """The active version of `name`; ModelNotFound or NoActiveModel."""
-        slot = self._slots.get(name)
+        slot = self._models.get(name)
         if slot is None:
             raise ModelNotFound(f"no model named {name!r} on this device")
         model = slot.active
@@ -337,42 +501,88 @@ class ModelHost:
         return model
 
     def standby(self, name: str) -> LoadedModel | None:
-        slot = self._slots.get(name)
+        """The version a rollback of `name` would go back to, if any."""
+        slot = self._models.get(name)
         return slot.standby if slot else None
 
     def names(self) -> list[str]:
-        return sorted(self._slots)
+        """The model names this host knows, sorted."""
+        return sorted(self._models)
 
     # ------------------------------------------------------------ inference
+
+    def predict_sync(
+        self, name: str, inputs: Mapping[str, np.ndarray], *, timeout_s: float | None = None
+    ) -> Prediction:
+        """Run the active version of `name` on `inputs` on this thread,
+        within `timeout_s` (None: no deadline). A run cannot be interrupted:
+        one that finishes after the deadline is DeadlineExceeded all the
+        same. A swap during the call does not affect it."""
+        model = self.active(name)  # read once: this request stays on it
+        started = self._clock()
+        deadline = None if timeout_s is None else started + timeout_s
+        outcome = ERROR
+        try:
+            check_inputs(model.accepts, inputs, declared=model.spec.inputs)
+            outputs = self._run(model, inputs, deadline)
+            if deadline is not None and self._clock() > deadline:
+                raise DeadlineExceeded(
+                    f"{name} {model.version} did not finish within {timeout_s:.3f} s"
+                )
+            outcome = OK
+            return Prediction(model, outputs)
+        except DeadlineExceeded:
+            outcome = TIMEOUT
+            raise
+        finally:
+            self._record(model, self._clock() - started, outcome)
 
     async def predict(
         self, name: str, inputs: Mapping[str, np.ndarray], *, timeout_s: float | None = None
     ) -> Prediction:
-        """Run the active version of `name` on `inputs` within `timeout_s`
-        (None: no deadline). A swap during the call does not affect it."""
+        """Run the active version of `name` on `inputs` in the host's thread
+        pool within `timeout_s` (None: no deadline); past the deadline the
+        caller gets DeadlineExceeded at once while the run, if it started,
+        finishes in the pool. A swap during the call does not affect it."""
         model = self.active(name)  # read once: this request stays on it
         started = self._clock()
+        deadline = None if timeout_s is None else started + timeout_s
         outcome = ERROR
         try:
-            check_inputs(model.spec.inputs, inputs)
-            if timeout_s is not None and timeout_s <= 0:
-                outcome = TIMEOUT
-                raise DeadlineExceeded(f"deadline passed before {name} {model.version} ran")
+            check_inputs(model.accepts, inputs, declared=model.spec.inputs)
             loop = asyncio.get_running_loop()
-            job = loop.run_in_executor(self._pool, model.run, inputs)
+            job = loop.run_in_executor(self._pool, self._run, model, inputs, deadline)
             try:
                 outputs = await asyncio.wait_for(job, timeout_s)
             except TimeoutError:
-                outcome = TIMEOUT
                 raise DeadlineExceeded(
                     f"{name} {model.version} did not finish within {timeout_s:.3f} s"
                 ) from None
-            except Exception as exc:
-                raise InferenceFailed(f"{name} {model.version}: {exc}") from exc
             outcome = OK
             return Prediction(model, outputs)
+        except DeadlineExceeded:
+            outcome = TIMEOUT
+            raise
         finally:
             self._record(model, self._clock() - started, outcome)
+
+    def _run(
+        self, model: LoadedModel, inputs: Mapping[str, np.ndarray], deadline: float | None
+    ) -> list[np.ndarray]:
+        """Take an inference slot (waiting at most until `deadline`), run."""
+        if deadline is not None and self._clock() >= deadline:
+            raise DeadlineExceeded(f"deadline passed before {model.name} {model.version} ran")
+        if not self._slots.acquire(deadline, self._clock):
+            raise DeadlineExceeded(
+                f"deadline passed while {model.name} {model.version} waited for an inference "
+                f"slot (concurrency limit {self._concurrency_limit or self._workers})"
+            )
+        try:
+            return model.run(inputs)
+        except Exception as exc:
+            raise InferenceFailed(f"{model.name} {model.version}: {exc}") from exc
+        finally:
+            self._slots.release()
 
     def _record(self, model: LoadedModel, latency_s: float, outcome: str) -> None:
         if self._recorder is None:

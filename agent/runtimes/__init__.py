@@ -3,16 +3,18 @@ the control plane's build host measures candidates with the very same
 adapters, so a build measures what a device will run.
 
 Each runtime module is imported lazily: a device without LiteRT or TensorRT
-must still import this package."""
+must still import this package, and an agent with no model loaded should not
+pay for numpy or a runtime (about 12 MB and 20-35 MB of RSS)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 ONNXRUNTIME, TFLITE, TENSORRT = "onnxruntime", "tflite", "tensorrt"
 

@@ -12,6 +12,12 @@ The runner bridges three differences:
   TFLite's tensor order is not the ONNX order;
 - int8 I/O: full-integer models take and give int8; float inputs are
   quantized with each tensor's own scale and zero point, outputs dequantized.
+
+`inputs` reports what the interpreter really accepts, in ONNX terms: the
+ONNX names, dtypes and layout, with the dimensions the artifact fixes filled
+in. onnx2tf converts with static shapes (a batch of 1 unless told
+otherwise), so a model whose ONNX batch is dynamic takes exactly one row as
+TFLite; the ModelHost validates requests against these shapes.
 """
 
 from __future__ import annotations
@@ -251,15 +257,23 @@ class LiteRtRunner:
         names = _signature_names(self._interpreter)
         tfl_inputs = _tensors(self._interpreter.get_input_details(), names)
         tfl_outputs = _tensors(self._interpreter.get_output_details(), names)
-        self._inputs = tuple(onnx_inputs) if onnx_inputs else tuple(_info(t) for t in tfl_inputs)
+        # The ONNX model's inputs: names to match and layouts to bridge.
+        self._onnx_inputs = (
+            tuple(onnx_inputs) if onnx_inputs else tuple(_info(t) for t in tfl_inputs)
+        )
         self._outputs = (
             tuple(onnx_outputs) if onnx_outputs else tuple(_info(t) for t in tfl_outputs)
         )
-        self._in = [tfl_inputs[i] for i in match_tensors(self._inputs, tfl_inputs)]
+        self._in = [tfl_inputs[i] for i in match_tensors(self._onnx_inputs, tfl_inputs)]
         self._out = [tfl_outputs[i] for i in match_tensors(self._outputs, tfl_outputs)]
         self._in_perm = [
-            layout_perm(spec.shape, t.shape) for spec, t in zip(self._inputs, self._in, strict=True)
+            layout_perm(spec.shape, t.shape)
+            for spec, t in zip(self._onnx_inputs, self._in, strict=True)
         ]
+        self._inputs = tuple(
+            accepted_shape(spec, t.shape, perm)
+            for spec, t, perm in zip(self._onnx_inputs, self._in, self._in_perm, strict=True)
+        )
         self._out_perm = [
             layout_perm(spec.shape, t.shape)
             for spec, t in zip(self._outputs, self._out, strict=True)
@@ -272,6 +286,9 @@ class LiteRtRunner:
 
     @property
     def inputs(self) -> Sequence[TensorInfo]:
+        """The inputs in ONNX terms, with the shapes the artifact accepts:
+        a dimension the ONNX model leaves free (-1) but the TFLite tensor
+        fixes (onnx2tf's static batch of 1) has the fixed size."""
         return self._inputs
 
     @property
@@ -284,12 +301,12 @@ class LiteRtRunner:
         return any(t.quantized for t in self._in)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        missing = [spec.name for spec in self._inputs if spec.name not in inputs]
+        missing = [spec.name for spec in self._onnx_inputs if spec.name not in inputs]
         if missing:
             raise ValueError(
-                f"missing inputs {missing}; the model takes {[s.name for s in self._inputs]}"
+                f"missing inputs {missing}; the model takes {[s.name for s in self._onnx_inputs]}"
             )
-        for spec, tensor, perm in zip(self._inputs, self._in, self._in_perm, strict=True):
+        for spec, tensor, perm in zip(self._onnx_inputs, self._in, self._in_perm, strict=True):
             array = np.asarray(inputs[spec.name])
             if perm is not None:
                 array = array.transpose(perm)
@@ -317,6 +334,23 @@ class LiteRtRunner:
             self._interpreter.allocate_tensors()
             self._shapes[tensor.index] = array.shape
         self._interpreter.set_tensor(tensor.index, array)
+
+
+def accepted_shape(
+    onnx: TensorInfo, tflite_shape: Sequence[int], perm: tuple[int, ...] | None
+) -> TensorInfo:
+    """`onnx` with each dimension it leaves free (-1) set to the TFLite
+    tensor's size for it, where that is fixed. `perm` is the tensor's
+    layout_perm: the TFLite tensor's axis i is the ONNX axis perm[i]."""
+    in_onnx_layout = list(tflite_shape)
+    if perm is not None:
+        for axis, onnx_axis in enumerate(perm):
+            in_onnx_layout[onnx_axis] = tflite_shape[axis]
+    shape = tuple(
+        fixed if want < 0 and fixed >= 0 else want
+        for want, fixed in zip(onnx.shape, in_onnx_layout, strict=True)
+    )
+    return TensorInfo(onnx.name, onnx.dtype, shape)
 
 
 def _info(tensor: TfliteTensor) -> TensorInfo:

@@ -1,0 +1,227 @@
+"""Adaptive inference: a power/thermal policy that caps inference
+concurrency on a device running hot or low on battery.
+
+Three parts, so the logic is testable without a battery or a heat gun:
+- `Sensors`, the port: one `read()` giving battery charge, whether mains
+  power is plugged in, and the hottest temperature, each None where the
+  platform has no such sensor. `PsutilSensors` reads them with psutil.
+- `decide`, pure: (current mode, readings, thresholds) -> the next mode,
+  "normal", "limited" or "critical". Entering a mode happens at its
+  threshold; leaving it needs the reading to get better by the hysteresis
+  margin, so a reading hovering at a threshold does not flap.
+- `PowerPolicy`: reads, decides and applies the mode's concurrency limit to
+  the ModelHost (normal: no limit; requests wait for a slot, within their
+  deadline), and tells telemetry `status()` = (mode, limit).
+
+Where no sensor exists (most gateways, VMs, CI) every reading is None and the
+mode stays "normal": the policy does nothing. See docs/power.md."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import psutil
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+
+log = logging.getLogger(__name__)
+
+NORMAL, LIMITED, CRITICAL = "normal", "limited", "critical"
+MODES = (NORMAL, LIMITED, CRITICAL)  # in order of severity
+
+
+@dataclass(frozen=True)
+class Readings:
+    """One look at the sensors; None: the platform has no such sensor."""
+
+    battery_percent: float | None = None
+    # None: unknown, taken as running on battery.
+    power_plugged: bool | None = None
+    # The hottest of all temperature sensors, in degrees Celsius.
+    temperature_c: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        """No battery and no temperature reading: nothing to act on."""
+        return self.battery_percent is None and self.temperature_c is None
+
+
+class Sensors(Protocol):
+    """Where readings come from."""
+
+    def read(self) -> Readings: ...
+
+
+class PsutilSensors:
+    """Battery and temperatures from psutil (Linux sysfs: power_supply and
+    hwmon/thermal zones). A sensor that is missing or fails to read is None."""
+
+    def read(self) -> Readings:
+        """The current readings."""
+        battery = None
+        with contextlib.suppress(OSError, RuntimeError, AttributeError):
+            battery = psutil.sensors_battery()
+        return Readings(
+            battery_percent=None if battery is None else float(battery.percent),
+            power_plugged=None if battery is None else battery.power_plugged,
+            temperature_c=_hottest(),
+        )
+
+
+def _hottest() -> float | None:
+    try:
+        sensors = psutil.sensors_temperatures()
+    except (OSError, RuntimeError, AttributeError):
+        return None
+    values = [
+        float(entry.current)
+        for entries in sensors.values()
+        for entry in entries
+        if entry.current is not None and math.isfinite(entry.current)
+    ]
+    return max(values) if values else None
+
+
+@dataclass(frozen=True)
+class PowerThresholds:
+    """When each mode starts and ends, and what it allows. Battery levels
+    count only while running on battery (not plugged in, or unknown)."""
+
+    battery_limited_percent: float = 30.0
+    battery_critical_percent: float = 15.0
+    temperature_limited_c: float = 70.0
+    temperature_critical_c: float = 80.0
+    # Leaving a mode needs the reading this much better than its threshold.
+    battery_hysteresis_percent: float = 5.0
+    temperature_hysteresis_c: float = 5.0
+    # Inference concurrency allowed in each mode (0: no limit).
+    limited_concurrency: int = 2
+    critical_concurrency: int = 1
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> PowerThresholds:
+        """The thresholds from the agent config's power_* keys."""
+        return cls(
+            battery_limited_percent=config.power_battery_limited_percent,
+            battery_critical_percent=config.power_battery_critical_percent,
+            temperature_limited_c=config.power_temperature_limited_c,
+            temperature_critical_c=config.power_temperature_critical_c,
+            battery_hysteresis_percent=config.power_battery_hysteresis_percent,
+            temperature_hysteresis_c=config.power_temperature_hysteresis_c,
+            limited_concurrency=config.power_limited_concurrency,
+            critical_concurrency=config.power_critical_concurrency,
+        )
+
+    def concurrency(self, mode: str) -> int:
+        """The concurrency limit of `mode` (0: none)."""
+        if mode == CRITICAL:
+            return self.critical_concurrency
+        if mode == LIMITED:
+            return self.limited_concurrency
+        return 0
+
+
+def decide(current: str, readings: Readings, thresholds: PowerThresholds) -> str:
+    """The mode for `readings` when the mode is `current` now. A mode is
+    entered when the battery is at or below its level or the temperature at
+    or above its level; a mode already in force stays until both are better
+    than its levels by the hysteresis margin. Missing readings never count."""
+    t = thresholds
+    on_battery = readings.battery_percent is not None and readings.power_plugged is not True
+
+    def pressed(battery_level: float, temperature_level: float, staying: bool) -> bool:
+        if staying:
+            battery_level += t.battery_hysteresis_percent
+            temperature_level -= t.temperature_hysteresis_c
+        low = (
+            on_battery
+            and readings.battery_percent is not None
+            and readings.battery_percent <= battery_level
+        )
+        hot = readings.temperature_c is not None and readings.temperature_c >= temperature_level
+        return low or hot
+
+    severity = MODES.index(current) if current in MODES else 0
+    if pressed(t.battery_critical_percent, t.temperature_critical_c, severity >= 2):
+        return CRITICAL
+    if pressed(t.battery_limited_percent, t.temperature_limited_c, severity >= 1):
+        return LIMITED
+    return NORMAL
+
+
+class ConcurrencyControl(Protocol):
+    """What the policy acts on: ModelHost."""
+
+    def set_concurrency_limit(self, limit: int) -> None: ...
+
+
+class PowerPolicy:
+    """Reads the sensors every `interval_s`, and applies the mode's
+    concurrency limit to `host` when the mode changes."""
+
+    def __init__(
+        self,
+        host: ConcurrencyControl,
+        thresholds: PowerThresholds | None = None,
+        *,
+        sensors: Sensors | None = None,
+        interval_s: float = 5.0,
+    ) -> None:
+        self._host = host
+        self._thresholds = thresholds or PowerThresholds()
+        self._sensors: Sensors = sensors if sensors is not None else PsutilSensors()
+        self._interval_s = interval_s
+        # One tuple, replaced whole: status() may be read from any thread.
+        self._status: tuple[str, int] = (NORMAL, 0)
+        self._told_no_sensors = False
+
+    def status(self) -> tuple[str, int]:
+        """(mode, inference concurrency limit; 0: none), for telemetry."""
+        return self._status
+
+    def step(self) -> str:
+        """Read the sensors once, switch mode if the readings call for it,
+        and return the mode. A sensor read that raises keeps the mode."""
+        mode = self._status[0]
+        try:
+            readings = self._sensors.read()
+        except Exception:
+            log.exception("power sensors could not be read; keeping mode %s", mode)
+            return mode
+        if readings.empty and not self._told_no_sensors:
+            self._told_no_sensors = True
+            log.info("no battery or temperature sensor: the power policy stays %s", NORMAL)
+        new = decide(mode, readings, self._thresholds)
+        if new != mode:
+            limit = self._thresholds.concurrency(new)
+            self._host.set_concurrency_limit(limit)
+            self._status = (new, limit)
+            log.log(
+                logging.INFO if new == NORMAL else logging.WARNING,
+                "power mode %s -> %s (battery %s%%, plugged %s, hottest %s C): "
+                "inference concurrency %s",
+                mode,
+                new,
+                _show(readings.battery_percent),
+                readings.power_plugged,
+                _show(readings.temperature_c),
+                limit or "unlimited",
+            )
+        return new
+
+    async def run(self) -> None:
+        """Step every interval until cancelled (sensor reads run in a
+        thread: sysfs reads can be slow on small boards)."""
+        while True:
+            await asyncio.to_thread(self.step)
+            await asyncio.sleep(self._interval_s)
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"

@@ -1,0 +1,433 @@
+"""The power/thermal policy (agent/power.py) on fake sensor readings, its
+config keys, and the ModelHost concurrency limit it applies, on a real ONNX
+model (overlap measured by a runner wrapper that records entries and exits,
+never by timing)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.config import load_config
+from agent.errors import ConfigError
+from agent.power import (
+    CRITICAL,
+    LIMITED,
+    NORMAL,
+    PowerPolicy,
+    PowerThresholds,
+    PsutilSensors,
+    Readings,
+    decide,
+)
+from agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
+from agent.serving import DeadlineExceeded, ModelHost
+
+T = PowerThresholds()  # battery 30/15 %, temperature 70/80 C, margins 5 and 5
+
+
+def battery(percent: float, plugged: bool | None = False) -> Readings:
+    return Readings(battery_percent=percent, power_plugged=plugged)
+
+
+def hot(celsius: float) -> Readings:
+    return Readings(temperature_c=celsius)
+
+
+# ------------------------------------------------------------------ the pure policy
+
+
+@pytest.mark.parametrize(
+    ("current", "readings", "expected"),
+    [
+        # No sensors, or sensors far from any threshold: normal.
+        (NORMAL, Readings(), NORMAL),
+        (LIMITED, Readings(), NORMAL),
+        (CRITICAL, Readings(), NORMAL),
+        (NORMAL, battery(80), NORMAL),
+        (NORMAL, hot(45), NORMAL),
+        # Entering happens at the threshold itself.
+        (NORMAL, battery(30.0), LIMITED),
+        (NORMAL, battery(30.1), NORMAL),
+        (NORMAL, battery(15), CRITICAL),
+        (NORMAL, hot(70), LIMITED),
+        (NORMAL, hot(69.9), NORMAL),
+        (NORMAL, hot(80), CRITICAL),
+        (LIMITED, battery(15), CRITICAL),
+        # A low battery does not count while plugged in; unknown counts.
+        (NORMAL, battery(5, plugged=True), NORMAL),
+        (NORMAL, battery(5, plugged=None), CRITICAL),
+        (CRITICAL, battery(5, plugged=True), NORMAL),
+        # The worse of the two readings decides.
+        (NORMAL, Readings(battery_percent=90, power_plugged=False, temperature_c=82), CRITICAL),
+        (NORMAL, Readings(battery_percent=12, power_plugged=False, temperature_c=40), CRITICAL),
+        (NORMAL, Readings(battery_percent=25, power_plugged=False, temperature_c=40), LIMITED),
+        # Hysteresis: leaving needs the margin (5 % / 5 C) past the threshold.
+        (LIMITED, battery(34), LIMITED),
+        (LIMITED, battery(35), LIMITED),
+        (LIMITED, battery(35.1), NORMAL),
+        (LIMITED, hot(66), LIMITED),
+        (LIMITED, hot(65), LIMITED),
+        (LIMITED, hot(64.9), NORMAL),
+        (CRITICAL, battery(19), CRITICAL),
+        (CRITICAL, battery(21), LIMITED),
+        (CRITICAL, battery(40), NORMAL),
+        (CRITICAL, hot(76), CRITICAL),
+        (CRITICAL, hot(74), LIMITED),
+        (CRITICAL, hot(60), NORMAL),
+        # An unknown current mode is taken as normal.
+        ("unheard-of", battery(25), LIMITED),
+    ],
+)
+def test_decide(current: str, readings: Readings, expected: str) -> None:
+    assert decide(current, readings, T) == expected
+
+
+def run_policy(readings: Sequence[Readings], start: str = NORMAL) -> list[str]:
+    mode, modes = start, []
+    for reading in readings:
+        mode = decide(mode, reading, T)
+        modes.append(mode)
+    return modes
+
+
+def test_hysteresis_keeps_a_hovering_reading_from_flapping() -> None:
+    hovering = [battery(p) for p in (31, 30, 31, 29, 31, 32, 30, 34, 33)]
+    assert run_policy(hovering) == [NORMAL] + [LIMITED] * 8
+    temps = [hot(c) for c in (69, 70, 69, 71, 68, 66, 79, 81, 79, 77, 76, 74, 66, 64)]
+    assert run_policy(temps) == [
+        NORMAL, LIMITED, LIMITED, LIMITED, LIMITED, LIMITED, LIMITED,
+        CRITICAL, CRITICAL, CRITICAL, CRITICAL, LIMITED, LIMITED, NORMAL,
+    ]  # fmt: skip
+
+
+def test_a_discharge_and_recharge_cycle() -> None:
+    levels = [60, 40, 30, 20, 15, 10, 18, 20, 21, 30, 35, 36]
+    modes = run_policy([battery(p) for p in levels])
+    assert modes == [
+        NORMAL, NORMAL, LIMITED, LIMITED, CRITICAL, CRITICAL,
+        CRITICAL, CRITICAL, LIMITED, LIMITED, LIMITED, NORMAL,
+    ]  # fmt: skip
+    # Plugging in ends battery pressure at once, whatever the charge.
+    assert run_policy([battery(10), battery(10, plugged=True)]) == [CRITICAL, NORMAL]
+
+
+def test_concurrency_per_mode() -> None:
+    assert [T.concurrency(m) for m in (NORMAL, LIMITED, CRITICAL)] == [0, 2, 1]
+
+
+# ------------------------------------------------------------------ the policy object
+
+
+class FakeSensors:
+    def __init__(self, readings: Sequence[Readings | Exception]) -> None:
+        self._readings: Iterator[Readings | Exception] = iter(readings)
+
+    def read(self) -> Readings:
+        reading = next(self._readings)
+        if isinstance(reading, Exception):
+            raise reading
+        return reading
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.limits: list[int] = []
+
+    def set_concurrency_limit(self, limit: int) -> None:
+        self.limits.append(limit)
+
+
+def test_policy_applies_limits_only_on_mode_changes() -> None:
+    host = FakeHost()
+    readings: list[Readings | Exception] = [
+        battery(50),
+        battery(28),
+        battery(27),
+        hot(85),
+        OSError("i2c bus"),
+        hot(76),
+        Readings(),
+    ]
+    policy = PowerPolicy(host, T, sensors=FakeSensors(readings))
+    assert policy.status() == (NORMAL, 0)
+    statuses = []
+    for _ in readings:
+        policy.step()
+        statuses.append(policy.status())
+    assert statuses == [
+        (NORMAL, 0), (LIMITED, 2), (LIMITED, 2), (CRITICAL, 1),
+        (CRITICAL, 1),  # a failed read keeps the mode
+        (CRITICAL, 1), (NORMAL, 0),  # sensors gone: nothing to act on
+    ]  # fmt: skip
+    assert host.limits == [2, 1, 0]
+
+
+async def test_without_sensors_the_loop_stays_normal_and_does_nothing() -> None:
+    host = FakeHost()
+    policy = PowerPolicy(host, T, sensors=FakeSensors([Readings()] * 100), interval_s=0.01)
+    task = asyncio.create_task(policy.run())
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert policy.status() == (NORMAL, 0) and host.limits == []
+
+
+def test_psutil_sensors_read_what_this_machine_has() -> None:
+    # No assertion on values (machines differ); a reading is a number or None.
+    reading = PsutilSensors().read()
+    for value in (reading.battery_percent, reading.temperature_c):
+        assert value is None or isinstance(value, float)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_power_settings_from_file_and_environment(tmp_path: Path) -> None:
+    defaults = load_config(None, environ={})
+    assert PowerThresholds.from_config(defaults) == PowerThresholds()
+    assert defaults.power_interval_s == 5.0
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        "power_battery_limited_percent = 40\npower_temperature_critical_c = 90\n"
+        "power_limited_concurrency = 0\n"
+    )
+    config = load_config(
+        path,
+        environ={
+            "EDGEFLEET_AGENT_POWER_TEMPERATURE_LIMITED_C": "65.5",
+            "EDGEFLEET_AGENT_POWER_CRITICAL_CONCURRENCY": "3",
+        },
+    )
+    thresholds = PowerThresholds.from_config(config)
+    assert (
+        thresholds.battery_limited_percent,
+        thresholds.temperature_limited_c,
+        thresholds.temperature_critical_c,
+        thresholds.limited_concurrency,
+        thresholds.critical_concurrency,
+    ) == (40, 65.5, 90, 0, 3)
+
+
+@pytest.mark.parametrize(
+    ("environ", "needle"),
+    [
+        ({"EDGEFLEET_AGENT_POWER_BATTERY_LIMITED_PERCENT": "120"}, "percentage from 0 to 100"),
+        ({"EDGEFLEET_AGENT_POWER_BATTERY_LIMITED_PERCENT": "low"}, "expected a number"),
+        ({"EDGEFLEET_AGENT_POWER_TEMPERATURE_LIMITED_C": "nan"}, "temperature in degrees"),
+        ({"EDGEFLEET_AGENT_POWER_LIMITED_CONCURRENCY": "-1"}, "non-negative integer"),
+        ({"EDGEFLEET_AGENT_POWER_TEMPERATURE_HYSTERESIS_C": "-2"}, "non-negative number"),
+        ({"EDGEFLEET_AGENT_POWER_INTERVAL_S": "0"}, "positive number of seconds"),
+        ({"EDGEFLEET_AGENT_POWER_BATTERY_CRITICAL_PERCENT": "50"}, "must not be more than"),
+        ({"EDGEFLEET_AGENT_POWER_TEMPERATURE_CRITICAL_C": "60"}, "must not be less than"),
+    ],
+)
+def test_bad_power_settings_name_the_variable(environ: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, environ=environ)
+
+
+# ------------------------------------------------------------------ the host's limit
+
+
+def add_model(path: Path) -> Path:
+    """y = x + 1 over a [batch, 4] float input."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.array([1.0], dtype=np.float32), "c")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+class Tracking:
+    """Wraps a real runner: records each run's entry and exit in one ordered
+    log and the most runs ever inside at once. `gate`, when set, holds each
+    run inside until it is set (a run that is inside can be waited for)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+        self._lock = threading.Lock()
+        self.inside = 0
+        self.most_inside = 0
+        self.log: list[str] = []
+        self.entered = threading.Semaphore(0)
+        self.gate: threading.Event | None = None
+        self.barrier: threading.Barrier | None = None
+
+    @property
+    def inputs(self) -> Sequence[TensorInfo]:
+        return self._runner.inputs
+
+    @property
+    def outputs(self) -> Sequence[TensorInfo]:
+        return self._runner.outputs
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self.log.append("enter")
+        self.entered.release()
+        try:
+            if self.barrier is not None:
+                self.barrier.wait()
+            if self.gate is not None:
+                self.gate.wait(10)
+            return self._runner.run(inputs)
+        finally:
+            with self._lock:
+                self.inside -= 1
+                self.log.append("exit")
+
+
+class Recorded:
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    def record(self, model: str, version: str, latency_s: float, outcome: str) -> None:
+        self.outcomes.append(outcome)
+
+
+@pytest.fixture
+def tracked(tmp_path: Path) -> Iterator[tuple[ModelHost, Tracking, Recorded]]:
+    wrappers: list[Tracking] = []
+
+    def open_tracked(*args: Any, **kwargs: Any) -> Runner:
+        wrappers.append(Tracking(open_runner(*args, **kwargs)))
+        return wrappers[-1]
+
+    recorded = Recorded()
+    host = ModelHost(workers=4, recorder=recorded, open_model=open_tracked)
+    host.activate("m", "1", "sha", add_model(tmp_path / "m.onnx"), ONNXRUNTIME)
+    tracking = wrappers[0]
+    tracking.log.clear()  # the warm-up run
+    tracking.most_inside = 0
+    while tracking.entered.acquire(blocking=False):
+        pass
+    recorded.outcomes.clear()
+    try:
+        yield host, tracking, recorded
+    finally:
+        if tracking.gate is not None:
+            tracking.gate.set()
+        host.close()
+
+
+X = {"x": np.ones((2, 4), np.float32)}
+
+
+def test_unlimited_runs_overlap(tracked: tuple[ModelHost, Tracking, Recorded]) -> None:
+    # The control: without a limit, two requests are inside the model at
+    # once (each waits at a barrier for the other, so this cannot pass by luck).
+    host, tracking, _ = tracked
+    tracking.barrier = threading.Barrier(2, timeout=10)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(host.predict_sync("m", X))) for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 2 and tracking.most_inside == 2
+
+
+def test_limit_one_never_overlaps(tracked: tuple[ModelHost, Tracking, Recorded]) -> None:
+    host, tracking, recorded = tracked
+    host.set_concurrency_limit(1)
+    assert host.concurrency_limit == 1
+    tracking.gate = threading.Event()
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            result = host.predict_sync("m", X, timeout_s=10)
+            np.testing.assert_array_equal(result.outputs[0], X["x"] + 1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    # One request is inside the model; the others wait for the slot.
+    assert tracking.entered.acquire(timeout=10)
+    assert not tracking.entered.acquire(timeout=0.2)
+    tracking.gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    assert tracking.most_inside == 1
+    assert tracking.log == ["enter", "exit"] * 6
+    assert recorded.outcomes == ["ok"] * 6
+
+
+async def test_limit_applies_to_the_coroutine_too(
+    tracked: tuple[ModelHost, Tracking, Recorded],
+) -> None:
+    host, tracking, _ = tracked
+    host.set_concurrency_limit(1)
+    results = await asyncio.gather(*(host.predict("m", X, timeout_s=10) for _ in range(8)))
+    assert len(results) == 8
+    assert tracking.most_inside == 1 and tracking.log == ["enter", "exit"] * 8
+
+
+def test_deadline_runs_while_waiting_for_a_slot(
+    tracked: tuple[ModelHost, Tracking, Recorded],
+) -> None:
+    host, tracking, recorded = tracked
+    host.set_concurrency_limit(1)
+    tracking.gate = threading.Event()
+    holder = threading.Thread(target=host.predict_sync, args=("m", X))
+    holder.start()
+    assert tracking.entered.acquire(timeout=10)  # the slot is taken
+    with pytest.raises(DeadlineExceeded, match="waited for an inference slot"):
+        host.predict_sync("m", X, timeout_s=0.05)
+    tracking.gate.set()
+    holder.join(10)
+    assert tracking.log == ["enter", "exit"]  # the late request never ran
+    assert sorted(recorded.outcomes) == ["ok", "timeout"]
+
+
+def test_raising_the_limit_lets_waiting_requests_in(
+    tracked: tuple[ModelHost, Tracking, Recorded],
+) -> None:
+    host, tracking, _ = tracked
+    host.set_concurrency_limit(1)
+    tracking.gate = threading.Event()
+    threads = [threading.Thread(target=host.predict_sync, args=("m", X)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    assert tracking.entered.acquire(timeout=10)
+    assert not tracking.entered.acquire(timeout=0.2)  # two wait
+    host.set_concurrency_limit(0)  # no limit: up to workers (4) at once
+    assert tracking.entered.acquire(timeout=10) and tracking.entered.acquire(timeout=10)
+    assert tracking.inside == 3
+    tracking.gate.set()
+    for thread in threads:
+        thread.join(10)
+    with pytest.raises(ValueError):
+        host.set_concurrency_limit(-1)
+
+
+def test_policy_drives_a_real_host(tracked: tuple[ModelHost, Tracking, Recorded]) -> None:
+    host, _, _ = tracked
+    policy = PowerPolicy(host, T, sensors=FakeSensors([hot(85), hot(50)]))
+    policy.step()
+    assert policy.status() == (CRITICAL, 1) and host.concurrency_limit == 1
+    policy.step()
+    assert policy.status() == (NORMAL, 0) and host.concurrency_limit == 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.rule import Rule
 
@@ -103,6 +104,8 @@ def agent_config(device: DemoDevice, server: str, token: str, state_dir: Path) -
         f"name = {_toml(device.name)}",
         f"hardware_id = {_toml('demo-' + device.name)}",
         "backoff_max_s = 5",
+        # Short intervals so the demo shows telemetry within seconds.
+        "telemetry_interval_s = 2",
         "[labels]",
         *(f"{k} = {_toml(v)}" for k, v in device.labels.items()),
     ]
@@ -129,10 +132,12 @@ class Demo:
     def step(self, title: str) -> None:
         console.print(Rule(f"[bold]{title}"))
 
-    def cli(self, *args: str, capture: bool = False, check: bool = True) -> str:
-        """Run `edgefleet ARGS`, echoing the command like a terminal session."""
+    def cli(self, *args: str, capture: bool = False, check: bool = True, echo: bool = True) -> str:
+        """Run `edgefleet ARGS`, echoing the command like a terminal session
+        (polls pass echo=False)."""
         shown = " ".join(a if " " not in a else repr(a) for a in args)
-        console.print(f"[dim]$[/] [bold cyan]edgefleet {shown}[/]")
+        if echo:
+            console.print(f"[dim]$[/] [bold cyan]edgefleet {shown}[/]")
         result = subprocess.run(
             [str(BIN / "edgefleet"), *args],
             env=self.env,
@@ -232,6 +237,57 @@ class Demo:
         self.cli("builds", "show", pi["id"])
         self.cli("artifacts", "ls")
 
+    def deploy(self) -> None:
+        self.step("Deploy: every classified device installs its class's artifact")
+        devices = self.devices()
+        targets = [d for d in devices if d.get("class_name")]
+        self.cli("devices", "assign", "digits@1.0.0", *(d["id"] for d in targets),
+                 "--reason", "first install")  # fmt: skip
+
+        def settled() -> bool:
+            placed = [d for d in self.devices() if d.get("class_name")]
+            return all(d.get("update", {}).get("state") in ("committed", "failed") for d in placed)
+
+        wait_for(settled, "every device to install or reject the model", timeout=120)
+        self.cli("devices", "ls")
+        # No TensorRT on this machine: the Jetson's agent refuses the artifact
+        # when it validates it, and says why.
+        jetson = next(d for d in devices if d["name"] == "jetson-dock")
+        self.cli("devices", "history", jetson["id"])
+
+    def serve(self) -> None:
+        self.step("Apps on a device call the on-device inference API")
+        from sklearn.datasets import load_digits
+
+        from agent.inference_client import InferenceClient
+
+        digits = load_digits()
+        x = (digits.data[-8:] / 16.0).astype(np.float32)
+        for name in ("gateway-1", "pi-kitchen"):
+            socket = self.data_dir / "agents" / name / "state" / "inference-fast.sock"
+            predicted, version = [], ""
+            with InferenceClient(socket) as client:
+                # One image per call: the Pi's TFLite artifact has a fixed batch of 1.
+                for row in x:
+                    reply = client.predict("digits", {"input": row[None, :]}, timeout_s=5)
+                    scores = next(iter(reply.outputs.values()))
+                    predicted.append(int(scores.argmax()))
+                    version = reply.model_version
+            console.print(
+                f"{name} (digits {version}): predicted {predicted}, "
+                f"true {[int(t) for t in digits.target[-8:]]}"
+            )
+        self.step("Telemetry: requests and p95 latency per device, as agents report them")
+
+        def reported() -> bool:
+            out = self.cli("telemetry", "query", "request-count", "--model", "digits", "--json",
+                           capture=True, echo=False)  # fmt: skip
+            return any(series.get("points") for series in json.loads(out))
+
+        wait_for(reported, "telemetry to arrive")
+        self.cli("telemetry", "query", "latency-p95-ms", "--by", "device", "--model", "digits",
+                 "--since", "5m", "--step", "1m")  # fmt: skip
+
     def stop(self) -> None:
         for proc in [*self.agents, self.server]:
             if proc is not None and proc.poll() is None:
@@ -274,11 +330,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         demo.accept_pending()
         demo.push_model()
         demo.show_builds()
+        demo.deploy()
+        demo.serve()
         demo.step("Done")
         console.print(
             "Agents registered on boot, were placed in classes by rules, the pending one was "
-            "accepted, a model version was pushed, and every class got a measured, signed "
-            "artifact (or a report of what each candidate missed)."
+            "accepted, a model version was pushed, every class got a measured, signed "
+            "artifact (or a report of what each candidate missed), the devices installed "
+            "theirs (the Jetson refused its TensorRT artifact: no TensorRT here), served "
+            "real inference to apps, and reported telemetry."
         )
         if args.keep_running:
             console.print(

@@ -709,7 +709,7 @@ def test_deployment_history_and_serving_detail() -> None:
     )
     rows = [" ".join(line.split()) for line in text.splitlines()]
     assert "a1b2c3d4 pi4 digits@2.0 abababababab 2.0 KiB 3 just now" in rows
-    assert any(r.startswith("30s ago a1b2c3d4 3 digits@2.0 failed") for r in rows)
+    assert any(r.startswith("30s ago 3 digits@2.0 failed p95 latency") for r in rows)
     assert any("downloading 1.0 KiB/2.0 KiB" in r for r in rows)
     device = sample_device()
     device.update.CopyFrom(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,17 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert any(name in line and cls in line for line in out.splitlines()), (name, out)
     assert "accepted device field-unit-7" in out
     assert "input   input          float32  [batch, 64]" in out
+    # Deployed: the gateway and the Pis serve the model to apps; the Jetson's
+    # agent refused its TensorRT artifact (no TensorRT here) and said why.
+    assert any("jetson-dock" in line and "(1.0.0 failed)" in line for line in out.splitlines())
+    assert "runtime tensorrt not available on this device" in out
+    for name in ("gateway-1", "pi-kitchen"):
+        line = next(line for line in out.splitlines() if line.startswith(f"{name} (digits 1.0.0)"))
+        shown = line.split("predicted ")[1].split(", true ")
+        predicted, true = (json.loads(part) for part in shown)
+        # A real classifier (98 % held-out accuracy) on 8 held-out images.
+        assert sum(p == t for p, t in zip(predicted, true, strict=True)) >= 6, line
+    assert "LATENCY-P95-MS" in out
     # Every process was stopped cleanly.
     logs = (tmp_path / "demo" / "server.log").read_text()
     assert "shutting down" in logs

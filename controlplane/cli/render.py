@@ -106,7 +106,16 @@ def format_constraints(c: common_pb2.ConstraintProfile) -> str:
 
 # Columns whose cells may wrap onto several lines; the rest stay on one line
 # (ids must stay whole to be typed back, and names read badly when split).
-_WRAPPING = {"LABELS", "CONSTRAINTS", "RULES", "DESCRIPTION", "INPUTS", "OUTPUTS", "REASONS"}
+_WRAPPING = {
+    "LABELS",
+    "CONSTRAINTS",
+    "RULES",
+    "DESCRIPTION",
+    "INPUTS",
+    "OUTPUTS",
+    "REASONS",
+    "REASON",
+}
 
 
 def _table(*headers: str) -> Table:
@@ -281,9 +290,7 @@ def device_detail(d: common_pb2.Device, now: datetime) -> RenderableType:
     return _grid(rows)
 
 
-def assignments_table(
-    assignments: Sequence[operator_pb2.DeviceAssignment], now: datetime
-) -> Table:
+def assignments_table(assignments: Sequence[operator_pb2.DeviceAssignment], now: datetime) -> Table:
     table = _table("DEVICE", "CLASS", "MODEL@VERSION", "ARTIFACT", "SIZE", "SEQ", "ASSIGNED")
     for a in assignments:
         _add_row(
@@ -303,13 +310,12 @@ _DEPLOYMENT_STYLES = {"committed": "green", "failed": "red", "rolling_back": "ye
 
 
 def deployment_history(resp: operator_pb2.ListDeploymentsResponse, now: datetime) -> Group:
-    """Current assignments, then the reported states, newest first."""
-    events = _table("WHEN", "DEVICE", "SEQ", "MODEL@VERSION", "STATE", "BYTES", "REASON")
+    """A device's assignment, then the states it reported, newest first."""
+    events = _table("WHEN", "SEQ", "MODEL@VERSION", "STATE", "BYTES", "REASON")
     for e in resp.events:
         _add_row(
             events,
             format_ago(e.at, now),
-            short_id(e.device_id),
             str(e.sequence),
             model_ref(e.model_name, e.model_version),
             Text(e.state, style=_DEPLOYMENT_STYLES.get(e.state, "")),

@@ -94,6 +94,9 @@ class AgentConfig:
     # Bytes per artifact download chunk; 0: the control plane's default
     # (1 MiB). Smaller chunks lose less to an interrupted link.
     download_chunk_size: int = 0
+    # ONNX Runtime execution providers for serving, comma-separated; "auto":
+    # TensorRT and CUDA where installed, then CPU; "cpu": CPU only.
+    onnxruntime_providers: str = "auto"
 
 
 # ---------------------------------------------------------------- converters
@@ -324,6 +327,7 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "inference_listen": (_loopback, lambda text, where: text),
     "telemetry_interval_s": (_positive_seconds, _env_number),
     "download_chunk_size": (_non_negative_int, _env_int),
+    "onnxruntime_providers": (_nonempty_string, lambda text, where: text),
     "power_interval_s": (_positive_seconds, _env_number),
     "power_battery_limited_percent": (_percent, _env_float),
     "power_battery_critical_percent": (_percent, _env_float),

@@ -207,6 +207,17 @@ def describe_desired(desired: device_pb2.DesiredState) -> str:
     )
 
 
+def onnxruntime_providers(setting: str) -> list[str] | None:
+    """The providers list for the config's `onnxruntime_providers` text
+    ("auto", "cpu", or execution provider names separated by commas)."""
+    names = [part.strip() for part in setting.split(",") if part.strip()]
+    if not names or names == ["cpu"]:
+        return None
+    # Not imported from agent.runtimes.onnxruntime: that loads onnxruntime,
+    # which an idle agent must not pay for.
+    return ["CPUExecutionProvider" if n.lower() == "cpu" else n for n in names]
+
+
 def assignment_from_pb(pb: device_pb2.Assignment) -> Assignment:
     """The update machine's view of an assignment."""
     return Assignment(
@@ -342,7 +353,11 @@ class Agent:
         while enrolling and syncing forever. Returns only by cancellation."""
         step = self.boot()
         stats = RequestStats()
-        self.models = ModelHost(workers=self.config.inference_workers, recorder=stats)
+        self.models = ModelHost(
+            workers=self.config.inference_workers,
+            recorder=stats,
+            providers=onnxruntime_providers(self.config.onnxruntime_providers),
+        )
         power = PowerPolicy(
             self.models,
             PowerThresholds.from_config(self.config),

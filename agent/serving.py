@@ -367,8 +367,11 @@ class ModelHost:
         recorder: Recorder | None = None,
         open_model: RunnerFactory = open_runner,
         clock: Callable[[], float] = time.perf_counter,
+        providers: Sequence[str] | None = None,
     ) -> None:
         self._workers = max(1, workers)
+        # ONNX Runtime execution providers for every model loaded here.
+        self._providers = list(providers) if providers else None
         # Threads start on first use: a host that only serves predict_sync
         # never starts one.
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="infer")
@@ -399,9 +402,11 @@ class ModelHost:
         manifest_specs: ModelSpec | None = None,
         *,
         golden_inputs: Mapping[str, np.ndarray] | None = None,
+        threads: int | None = None,
     ) -> LoadedModel:
         """Load `path` in `runtime`, warm it, then make it the active version
-        of `name`; the committed version it replaces becomes the standby
+        of `name` (with `threads` intra-op threads, default the host's); the
+        committed version it replaces becomes the standby
         (a version activated but never committed is dropped instead). Raises
         ActivationFailed, leaving the slot as it was, when the artifact does
         not load or its warm-up run fails."""
@@ -410,9 +415,10 @@ class ModelHost:
             runner = self._open(
                 path,
                 runtime,
-                threads=self._threads,
+                threads=threads or self._threads,
                 onnx_inputs=spec.inputs if spec else None,
                 onnx_outputs=spec.outputs if spec else None,
+                providers=self._providers,
             )
         except Exception as exc:
             raise ActivationFailed(

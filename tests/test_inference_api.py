@@ -697,3 +697,19 @@ async def test_atomic_swap_under_load_on_the_fast_path(served: Served, tmp_path:
     after = [v for v, later in seen if later]
     assert after and set(after) == {"2.0.0"}
     assert len(seen) > 100
+
+
+def test_serving_uses_the_accelerated_execution_providers_installed(digits: BuiltModel) -> None:
+    from agent.daemon import onnxruntime_providers
+    from agent.runtimes.onnxruntime import ACCELERATED, CPU, OnnxRuntimeRunner
+
+    assert onnxruntime_providers("auto") == ["auto"]
+    assert onnxruntime_providers("cpu") is None
+    assert onnxruntime_providers(" CUDAExecutionProvider , cpu") == ["CUDAExecutionProvider", CPU]
+    installed = [p for p in ACCELERATED if p in ort.get_available_providers()]
+    host = ModelHost(providers=["auto"])
+    model = host.activate("digits", "1", "d", digits.model, ONNXRUNTIME)
+    runner = model.runner
+    assert isinstance(runner, OnnxRuntimeRunner)
+    # On this CPU-only machine: CPU; with onnxruntime-gpu on a Jetson: TensorRT/CUDA first.
+    assert runner.providers == [*installed, CPU]

@@ -53,13 +53,16 @@ def open_runner(
     threads: int = 1,
     onnx_inputs: Sequence[TensorInfo] | None = None,
     onnx_outputs: Sequence[TensorInfo] | None = None,
+    providers: Sequence[str] | None = None,
 ) -> Runner:
     """Load `path` in `runtime`. `onnx_inputs`/`onnx_outputs` describe the
-    source ONNX model, for runtimes whose artifacts changed layout or names."""
+    source ONNX model, for runtimes whose artifacts changed layout or names.
+    `providers` are ONNX Runtime's execution providers (None: CPU only;
+    ["auto"]: the accelerated ones installed, then CPU)."""
     if runtime == ONNXRUNTIME:
         from agent.runtimes.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(path, threads=threads)
+        return OnnxRuntimeRunner(path, threads=threads, providers=providers)
     if runtime == TFLITE:
         from agent.runtimes.litert import LiteRtRunner
 

@@ -17,6 +17,9 @@ import onnxruntime as ort
 from agent.runtimes import RuntimeUnavailable, TensorInfo
 
 CPU = "CPUExecutionProvider"
+AUTO = "auto"
+# Preferred first: TensorRT builds fused engines, CUDA runs plain kernels.
+ACCELERATED = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 # ORT reports element types as "tensor(float)"; the protocol speaks numpy names.
 _ORT_TYPES = {
@@ -47,11 +50,15 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
     installation has, in order, then the CPU provider as the fallback for
     nodes they do not take. Nothing requested means CPU only, which keeps
     measurements deterministic (ORT would otherwise pick a GPU provider
-    whenever one is installed). Raises RuntimeUnavailable when a requested
-    accelerator provider is missing, rather than silently measuring on CPU."""
+    whenever one is installed). ["auto"] means the accelerated providers this
+    installation has (TensorRT, then CUDA), as a device serving a model
+    wants. Raises RuntimeUnavailable when a requested accelerator provider
+    is missing, rather than silently measuring on CPU."""
     if not requested:
         return [CPU]
     available = set(ort.get_available_providers())
+    if list(requested) == [AUTO]:
+        return [*[p for p in ACCELERATED if p in available], CPU]
     missing = [p for p in requested if p not in available]
     if missing:
         raise RuntimeUnavailable(

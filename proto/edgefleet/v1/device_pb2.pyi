@@ -484,6 +484,11 @@ class TelemetrySample(_message.Message):
     BATTERY_PERCENT_FIELD_NUMBER: _builtins.int
     POWER_MODE_FIELD_NUMBER: _builtins.int
     CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSION_FIELD_NUMBER: _builtins.int
+    SHADOW_REQUESTS_FIELD_NUMBER: _builtins.int
+    SHADOW_AGREEMENT_FIELD_NUMBER: _builtins.int
+    SHADOW_MAX_DIFF_FIELD_NUMBER: _builtins.int
+    SHADOW_LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per-device monotonically increasing sequence number."""
     model_name: _builtins.str
@@ -512,6 +517,16 @@ class TelemetrySample(_message.Message):
     and the inference concurrency it allowed (0: unlimited).
     """
     concurrency_limit: _builtins.int
+    shadow_version: _builtins.str
+    """Shadow stage (Assignment.shadow): the candidate version loaded beside
+    the active model, and how it compared on the mirrored requests of this
+    interval: argmax agreement with the active model's answers (0..1), the
+    largest |difference| of their outputs, and its own p95 latency.
+    """
+    shadow_requests: _builtins.int
+    shadow_agreement: _builtins.float
+    shadow_max_diff: _builtins.float
+    shadow_latency_p95_ms: _builtins.float
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -536,10 +551,15 @@ class TelemetrySample(_message.Message):
         battery_percent: _builtins.float | None = ...,
         power_mode: _builtins.str = ...,
         concurrency_limit: _builtins.int = ...,
+        shadow_version: _builtins.str = ...,
+        shadow_requests: _builtins.int = ...,
+        shadow_agreement: _builtins.float = ...,
+        shadow_max_diff: _builtins.float = ...,
+        shadow_latency_p95_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "temperature_c", b"temperature_c"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "concurrency_limit", b"concurrency_limit", "cpu_percent", b"cpu_percent", "dropped_samples", b"dropped_samples", "error_count", b"error_count", "latency_max_ms", b"latency_max_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_name", b"model_name", "model_version", b"model_version", "power_mode", b"power_mode", "request_count", b"request_count", "seq", b"seq", "system_memory_percent", b"system_memory_percent", "temperature_c", b"temperature_c", "timeout_count", b"timeout_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "concurrency_limit", b"concurrency_limit", "cpu_percent", b"cpu_percent", "dropped_samples", b"dropped_samples", "error_count", b"error_count", "latency_max_ms", b"latency_max_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_name", b"model_name", "model_version", b"model_version", "power_mode", b"power_mode", "request_count", b"request_count", "seq", b"seq", "shadow_agreement", b"shadow_agreement", "shadow_latency_p95_ms", b"shadow_latency_p95_ms", "shadow_max_diff", b"shadow_max_diff", "shadow_requests", b"shadow_requests", "shadow_version", b"shadow_version", "system_memory_percent", b"system_memory_percent", "temperature_c", b"temperature_c", "timeout_count", b"timeout_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__battery_percent: _TypeAlias = _typing.Literal["battery_percent"]  # noqa: Y015
     _WhichOneofArgType__battery_percent: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent"]  # noqa: Y015

@@ -3,13 +3,23 @@ RuntimeFingerprint sent with Enroll and Hello.
 
 The parsers are pure functions over text so they are tested on fixture files;
 `detect_hardware` only gathers the text (from paths in a HostPaths, which
-tests point elsewhere) and applies the config's overrides last."""
+tests point elsewhere) and applies the config's overrides last.
+
+`detect_runtime` keeps the agent's own process small: importing a runtime
+maps its native library for the life of the process (onnxruntime: ~20 MB of
+RSS), and reading package metadata loads importlib.metadata with its email,
+zipfile and csv modules (~1.5 MB); an agent with no model loaded should pay
+for neither. So the detection (`detect_runtime_here`) runs in a short-lived
+child process of this Python, with this process's sys.path, and only the
+fingerprint comes back (`probe_runtime`). When the child gives no answer,
+the fingerprint is read from package metadata in this process, importing no
+runtime."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import platform
@@ -17,11 +27,13 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from google.protobuf.message import DecodeError
 
 from agent.config import HardwareOverrides
 from edgefleet.v1 import common_pb2
@@ -34,6 +46,28 @@ NVIDIA_SMI_QUERY = (
     "--format=csv,noheader,nounits",
 )
 NVIDIA_SMI_TIMEOUT_S = 5.0
+# The runtime probe imports onnxruntime: well under a second on a PC,
+# several on a small board reading from an SD card; past this it is given up.
+RUNTIME_PROBE_TIMEOUT_S = 30.0
+# Every onnxruntime build has the CPU provider, so it is all the metadata
+# fallback claims: under-reporting only keeps the device out of classes that
+# need an accelerator.
+ONNXRUNTIME_CPU_PROVIDER = "CPUExecutionProvider"
+# The distributions that install the `onnxruntime` module, for the fallback.
+ONNXRUNTIME_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-openvino",
+    "onnxruntime-directml",
+    "onnxruntime-qnn",
+)
+# What the probe child runs (argv[1]: the parent's sys.path as JSON, so it
+# finds the runtimes the agent itself would load); it prints the serialized
+# RuntimeFingerprint as one hex line.
+_RUNTIME_PROBE = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from agent.hardware import _runtime_probe_child; _runtime_probe_child()"
+)
 
 _ARCH_ALIASES = {
     "amd64": "x86_64",
@@ -69,6 +103,16 @@ class HostPaths:
 
 # A command runner: argv -> stdout, or None when it cannot run or fails.
 CommandRunner = Callable[[Sequence[str]], str | None]
+
+
+class RuntimeProbeFailed(Exception):
+    """The runtime probe child gave no fingerprint: it could not start, did
+    not finish in time, died (a runtime's native library can crash on
+    import) or printed something else."""
+
+
+# Detects the runtime fingerprint elsewhere; raises RuntimeProbeFailed.
+RuntimeProbe = Callable[[], common_pb2.RuntimeFingerprint]
 
 
 # ---------------------------------------------------------------- pure parsers
@@ -144,6 +188,21 @@ def parse_nvidia_smi(text: str) -> list[common_pb2.Accelerator]:
             )
         )
     return accelerators
+
+
+def parse_runtime_probe(text: str) -> common_pb2.RuntimeFingerprint | None:
+    """The fingerprint from the probe child's stdout: its last line, the
+    serialized RuntimeFingerprint in hex (a runtime may print its own lines
+    before it). None when that line is not one."""
+    lines = text.strip().splitlines()
+    if not lines:
+        return None
+    try:
+        fingerprint = common_pb2.RuntimeFingerprint.FromString(bytes.fromhex(lines[-1]))
+    except (ValueError, DecodeError):
+        return None
+    # Every fingerprint names its Python; an empty parse is not an answer.
+    return fingerprint if fingerprint.python_version else None
 
 
 def parse_l4t_release(text: str) -> str:
@@ -289,6 +348,10 @@ def detect_hardware(
 
 
 def _distribution_version(*names: str) -> str:
+    # Imported here: importlib.metadata (with email, zipfile, csv) costs the
+    # process ~1 MB of RSS, which only the probe child should pay.
+    import importlib.metadata
+
     for name in names:
         try:
             return importlib.metadata.version(name)
@@ -309,20 +372,29 @@ def agent_version() -> str:
     return _distribution_version("edgefleet")
 
 
-def detect_runtime() -> common_pb2.RuntimeFingerprint:
-    """Which inference runtimes this Python can use. Every probe is best
-    effort: a runtime that fails to import counts as absent."""
+def detect_runtime_here(*, import_runtimes: bool = True) -> common_pb2.RuntimeFingerprint:
+    """Which inference runtimes this Python can use, detected in this
+    process. Every probe is best effort: a runtime that fails to import
+    counts as absent. With `import_runtimes` False no runtime is imported:
+    onnxruntime's version comes from package metadata and only its CPU
+    provider is reported (the fallback of `detect_runtime`)."""
     fingerprint = common_pb2.RuntimeFingerprint(
         python_version=platform.python_version(),
         agent_version=agent_version(),
     )
     if _module_present("onnxruntime"):
-        try:
-            onnxruntime = importlib.import_module("onnxruntime")
-            fingerprint.onnxruntime_version = str(onnxruntime.__version__)
-            fingerprint.onnxruntime_providers.extend(onnxruntime.get_available_providers())
-        except Exception as exc:  # a broken native library must not stop the agent
-            log.warning("onnxruntime is installed but cannot be imported: %s", exc)
+        if import_runtimes:
+            try:
+                onnxruntime = importlib.import_module("onnxruntime")
+                fingerprint.onnxruntime_version = str(onnxruntime.__version__)
+                fingerprint.onnxruntime_providers.extend(onnxruntime.get_available_providers())
+            except Exception as exc:  # a broken native library must not stop the agent
+                log.warning("onnxruntime is installed but cannot be imported: %s", exc)
+        else:
+            version = _distribution_version(*ONNXRUNTIME_DISTRIBUTIONS)
+            if version:
+                fingerprint.onnxruntime_version = version
+                fingerprint.onnxruntime_providers.append(ONNXRUNTIME_CPU_PROVIDER)
     # LiteRT is the successor of tflite-runtime; report whichever is installed,
     # preferring LiteRT. Versions come from package metadata so the (large)
     # interpreters are not imported just to be counted.
@@ -338,10 +410,73 @@ def detect_runtime() -> common_pb2.RuntimeFingerprint:
                 break
     if _module_present("tensorrt"):
         version = _distribution_version("tensorrt", "tensorrt-cu12", "tensorrt-cu11")
-        if not version:
+        # Some JetPack installs carry no package metadata for TensorRT; only
+        # the library itself can tell its version then.
+        if not version and import_runtimes:
             try:
                 version = str(importlib.import_module("tensorrt").__version__)
-            except Exception as exc:  # same reasoning as onnxruntime above
+            except Exception as exc:  # a broken native library must not stop the agent
                 log.warning("tensorrt is installed but cannot be imported: %s", exc)
         fingerprint.tensorrt_version = version
     return fingerprint
+
+
+def _runtime_probe_child() -> None:
+    """The probe child's work (see _RUNTIME_PROBE): detect, print one hex line."""
+    print(detect_runtime_here().SerializeToString().hex(), flush=True)
+
+
+def _exit_description(returncode: int) -> str:
+    return f"signal {-returncode}" if returncode < 0 else f"exit {returncode}"
+
+
+def probe_runtime(timeout_s: float = RUNTIME_PROBE_TIMEOUT_S) -> common_pb2.RuntimeFingerprint:
+    """`detect_runtime_here` run in a child process of this Python with this
+    process's sys.path, so whatever it imports stays out of this process.
+    What the child logs (a runtime that cannot be imported) is logged here.
+    Raises RuntimeProbeFailed."""
+    if not sys.executable:
+        raise RuntimeProbeFailed("no Python executable to run it with")
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-c", _RUNTIME_PROBE, json.dumps(sys.path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeProbeFailed(f"no answer within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise RuntimeProbeFailed(f"cannot start {sys.executable}: {exc.strerror or exc}") from exc
+    messages = completed.stderr.strip().splitlines()
+    if completed.returncode != 0:
+        raise RuntimeProbeFailed(
+            f"the probe process died ({_exit_description(completed.returncode)})"
+            + (f": {messages[-1]}" if messages else "")
+        )
+    fingerprint = parse_runtime_probe(completed.stdout)
+    if fingerprint is None:
+        raise RuntimeProbeFailed(
+            f"unexpected output from the probe process: {completed.stdout.strip()[-200:]!r}"
+        )
+    for message in messages:
+        log.warning("runtime probe: %s", message)
+    return fingerprint
+
+
+def detect_runtime(probe: RuntimeProbe = probe_runtime) -> common_pb2.RuntimeFingerprint:
+    """Which inference runtimes this Python can use: `detect_runtime_here`
+    in a child process (`probe`), so that no runtime or package metadata is
+    loaded into the agent's process. When the child gives no answer, the
+    fingerprint comes from package metadata in this process instead, with no
+    runtime imported."""
+    try:
+        return probe()
+    except RuntimeProbeFailed as exc:
+        log.warning(
+            "cannot detect the inference runtimes in a child process (%s); reporting them "
+            "from package metadata (onnxruntime with its CPU provider only)",
+            exc,
+        )
+        return detect_runtime_here(import_runtimes=False)

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.config import default_config_path, env_var, load_config
 from agent.daemon import serve
@@ -17,6 +18,26 @@ from agent.errors import ConfigError
 from agent.hardware import agent_version
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, with the version looked up only when asked for: reading
+    package metadata imports importlib.metadata, which the running agent
+    would keep for nothing (~1 MB of RSS; docs/benchmarks.md)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show program's version number and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(agent_version() or "unknown")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s"
     )
-    parser.add_argument("--version", action="version", version=agent_version() or "unknown")
+    parser.add_argument("--version", action=_VersionAction)
     return parser
 
 

@@ -36,11 +36,15 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from agent.runtimes import RuntimeUnavailable, TensorInfo, open_runner
+
+if TYPE_CHECKING:
+    # The agent imports this module at boot (through agent.update.validate);
+    # numpy (~12 MB of RSS) is imported by the functions that use it, so an
+    # idle agent never loads it. The child imports it before its baseline.
+    import numpy as np
 
 # Runs before timing starts: first runs pay for lazy allocation, kernel
 # selection and cold caches, which a serving device pays once.
@@ -107,6 +111,8 @@ class Measured:
         """The q-th percentile of the timed runs (0.0 without any)."""
         if not self.latencies_ms:
             return 0.0
+        import numpy as np
+
         return float(np.percentile(np.asarray(self.latencies_ms, dtype=np.float64), q))
 
 
@@ -145,6 +151,8 @@ def measure_in_child(
     Raises MeasureFailed; a child that dies or outlives `timeout_s` is
     CRASHED or TIMED_OUT. `command` replaces the child's command line (the
     directory is appended): by default this module run by this Python."""
+    import numpy as np
+
     with tempfile.TemporaryDirectory(prefix="measure-") as tmp:
         directory = Path(tmp)
         request = {
@@ -220,6 +228,8 @@ def _specs_json(specs: Sequence[TensorInfo] | None) -> list[dict[str, object]] |
 
 def max_abs_diff(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
     """The largest absolute difference over every element of every output."""
+    import numpy as np
+
     diffs = [
         float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
         for a, b in zip(outputs, reference, strict=True)
@@ -229,6 +239,8 @@ def max_abs_diff(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray])
 
 def predictions(output: np.ndarray) -> np.ndarray:
     """Argmax over the last axis (the class axis of a classifier's scores)."""
+    import numpy as np
+
     return np.asarray(np.argmax(output, axis=-1))
 
 
@@ -238,6 +250,8 @@ def agreement(output: np.ndarray, reference: np.ndarray) -> float:
     whose top class is unchanged. A last axis of one element has no argmax;
     there, the share of values within SCALAR_AGREEMENT_RTOL of the
     reference's range."""
+    import numpy as np
+
     if output.size == 0:
         return 1.0
     if output.shape[-1] == 1:
@@ -301,6 +315,8 @@ def _last_line(exc: BaseException) -> str:
 
 
 def _zeros(spec: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
+    import numpy as np
+
     return {
         t.name: np.zeros(tuple(d if d >= 0 else 1 for d in t.shape), dtype=np.dtype(t.dtype))
         for t in spec
@@ -310,6 +326,10 @@ def _zeros(spec: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
 def run(directory: Path) -> dict[str, Any]:
     """Measure the request in `directory` in this process; the result
     document (outputs.npz is written beside it). Raises MeasureFailed."""
+    # Before the memory baseline, like the runtime adapter below: numpy is
+    # every model's cost on the device, not this model's.
+    import numpy as np
+
     request = json.loads((directory / "request.json").read_text())
     with np.load(directory / "inputs.npz", allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}

@@ -23,9 +23,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import StateError
 from agent.identity import atomic_write
@@ -35,6 +33,11 @@ from edgefleet.v1 import common_pb2
 
 from .download import DOWNLOADS_DIR, artifact_path
 from .ports import FatalUpdateError
+
+if TYPE_CHECKING:
+    # Annotations only: an idle agent (no model) should not pay numpy's
+    # ~12 MB of RSS; decode_tensor imports it when a tensor is decoded.
+    import numpy as np
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 from google.protobuf.message import DecodeError
 
 from agent.hardware import detect_runtime
@@ -50,6 +50,11 @@ from edgefleet.v1 import common_pb2
 
 from .activation import RUNTIME_NAMES, model_spec
 from .ports import FatalUpdateError, RetryableUpdateError
+
+if TYPE_CHECKING:
+    # The agent imports this module at boot; numpy (~12 MB of RSS) is imported
+    # by the functions below, which run only when an update is validated.
+    import numpy as np
 
 # Timed runs for the p95: enough for a stable tail on a small model, few
 # enough that a slow model on a small board still validates in seconds.
@@ -297,6 +302,8 @@ def numeric_release(version: str) -> tuple[int, ...]:
 def _decode_golden(manifest: common_pb2.ArtifactManifest) -> _Golden:
     """The golden samples' inputs stacked for the child, and their expected
     outputs; FatalUpdateError for a malformed sample."""
+    import numpy as np
+
     per_sample: list[dict[str, np.ndarray]] = []
     expected: list[dict[str, np.ndarray]] = []
     for i, sample in enumerate(manifest.golden):
@@ -331,6 +338,8 @@ def _check_tolerance(
 ) -> tuple[float, str]:
     """(max |got - expected| over every golden output, the failure reason
     or "" when every element is within atol + rtol * |expected|)."""
+    import numpy as np
+
     index = {name: k for k, name in enumerate(measured.output_names)}
     atol, rtol = manifest.atol, manifest.rtol
     overall = 0.0
@@ -387,6 +396,8 @@ def _agreement(
 ) -> tuple[float, str] | None:
     """(argmax agreement on the first model output the golden samples
     cover, its name), as the build measured the artifact's fidelity."""
+    import numpy as np
+
     order = [t.name for t in manifest.outputs] or measured.output_names
     name = next((n for n in order if n in golden.expected[0]), None)
     if name is None or name not in measured.output_names:

@@ -13,8 +13,6 @@ import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from agent.identity import load_trusted_keys
@@ -26,6 +24,12 @@ OTHER_CLASS = "manifest for another device class"
 
 
 def signature_valid(public_key: bytes, data: bytes, signature: bytes) -> bool:
+    # Imported here, not at the top: cryptography's native library costs an
+    # idle agent ~6.6 MB of RSS, and a signature is only checked when an
+    # update arrives.
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
     except (InvalidSignature, ValueError):

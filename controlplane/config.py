@@ -23,6 +23,8 @@ class ServerConfig:
     telemetry_interval_s: int = 30
     # A device not heard from for this long is shown offline.
     offline_after_s: float = 60.0
+    # How often the rollout orchestrator reconciles (seconds).
+    rollout_tick_s: float = 0.5
     # Written with the bound port once the server listens (useful with :0).
     port_file: Path | None = None
     # Build worker processes on this replica (0: run no builds here).

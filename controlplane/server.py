@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from controlplane.api.rpc import RpcMetrics
 from controlplane.config import ServerConfig
 from controlplane.db.engine import make_engine, sqlite_url, upgrade
 from controlplane.db.uow import Database
+from controlplane.domain import secrets
 from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import ensure_bootstrap_admin
 from controlplane.services.blobs import BlobStore
@@ -40,8 +42,10 @@ from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.events import EventBus, FleetEvent
 from controlplane.services.hub import SyncHub
 from controlplane.services.keys import ensure_signing_key
+from controlplane.services.orchestrator import Orchestrator
 from controlplane.services.registry import RegistryService
 from controlplane.services.replicas import PgEventBridge, libpq_dsn
+from controlplane.services.rollouts import RolloutService
 from controlplane.services.telemetry import TelemetryService
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -91,6 +95,7 @@ class ControlPlane:
     builds: BuildService | None = None
     _bridge: PgEventBridge | None = None
     _runner: BuildRunner | None = None
+    orchestrator: Orchestrator | None = None
 
     @property
     def address(self) -> str:
@@ -107,6 +112,12 @@ class ControlPlane:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.orchestrator is not None:
+            # Hand our rollouts to another replica now, not when the lease expires.
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.orchestrator.release
+                )
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         if self._bridge is not None:
@@ -148,6 +159,11 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     artifacts = ArtifactService(db, blobs)
     telemetry = TelemetryService(db, retention=dt.timedelta(seconds=config.telemetry_retention_s))
     deployments = DeploymentService(db, events)
+    rollouts = RolloutService(db, events, offline_after_s=config.offline_after_s)
+    orchestrator = Orchestrator(
+        db, events, owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.new_id()[:8]}",
+        offline_after_s=config.offline_after_s, tick_s=config.rollout_tick_s,
+    )  # fmt: skip
     events.subscribe(_build_triggers(builds, executor))
     metrics_registry = CollectorRegistry()
     metrics = RpcMetrics(metrics_registry)
@@ -191,6 +207,8 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             artifacts=artifacts,
             telemetry=telemetry,
             deployments=deployments,
+            rollouts=rollouts,
+            events=events,
             **base,
         ),
         server,
@@ -215,6 +233,8 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     cp._bridge = bridge
     cp.builds = builds
     cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor)))
+    cp.orchestrator = orchestrator
+    cp._tasks.append(asyncio.create_task(orchestrator.run(executor)))
     cp._tasks.append(
         asyncio.create_task(
             _roll_up_telemetry(telemetry, executor, config.telemetry_rollup_every_s)

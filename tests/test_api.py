@@ -174,8 +174,10 @@ async def test_operator_token_shaped_secret_on_device_rpc_is_permission_denied(
 async def test_rpcs_of_later_issues_are_unimplemented_after_auth(
     op: og.OperatorServiceStub,
 ) -> None:
-    code, details = await _code(op.CreateRollout(o.CreateRolloutRequest(), metadata=ADMIN))
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "issue 5" in details
+    code, details = await _code(
+        op.CreateOperatorToken(o.CreateOperatorTokenRequest(), metadata=ADMIN)
+    )
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "issue 7" in details
 
 
 async def test_enroll_with_a_bad_token_is_unauthenticated(dev: dg.DeviceServiceStub) -> None:

@@ -726,7 +726,8 @@ async def test_every_sample_field_is_stored_and_the_new_metrics_are_queryable(
         timeout_count=1, dropped_samples=4, latency_p50_ms=1.5, latency_p95_ms=2.5,
         latency_p99_ms=3.5, latency_max_ms=4.5, memory_mb=42.0, cpu_percent=12.5,
         system_memory_percent=55.5, temperature_c=61.25, battery_percent=33.0,
-        power_mode="limited", concurrency_limit=2,
+        power_mode="limited", concurrency_limit=2, shadow_version="1.1.0", shadow_requests=7,
+        shadow_agreement=0.75, shadow_max_diff=0.125, shadow_latency_p95_ms=3.25,
     )  # fmt: skip
     bare = _pb_sample(2, at + dt.timedelta(seconds=5), system_memory_percent=70.0)
     resp = await dev.UploadTelemetry(
@@ -743,7 +744,9 @@ async def test_every_sample_field_is_stored_and_the_new_metrics_are_queryable(
         "latency_p50_ms": 1.5, "latency_p95_ms": 2.5, "latency_p99_ms": 3.5,
         "latency_max_ms": 4.5, "memory_mb": 42.0, "cpu_percent": 12.5,
         "system_memory_percent": 55.5, "temperature_c": 61.25, "battery_percent": 33.0,
-        "power_mode": "limited", "concurrency_limit": 2,
+        "power_mode": "limited", "concurrency_limit": 2, "shadow_version": "1.1.0",
+        "shadow_requests": 7, "shadow_agreement": 0.75, "shadow_max_diff": 0.125,
+        "shadow_latency_p95_ms": 3.25,
     }  # fmt: skip
     # No sensor: NULL, not 0 (a 0 % battery is a real reading).
     assert (stored[1]["temperature_c"], stored[1]["battery_percent"]) == (None, None)

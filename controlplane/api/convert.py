@@ -6,6 +6,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.db.models import (
@@ -17,12 +18,15 @@ from controlplane.db.models import (
     SigningKeyRow,
 )
 from controlplane.domain import rules
+from controlplane.domain.rollout_spec import PacingSpec, RolloutSpec, StageSpec
+from controlplane.domain.rollouts import Gates
 from controlplane.errors import InvalidArgument
 from controlplane.services.builds import BuildView
 from controlplane.services.classes import ClassView, Constraints
 from controlplane.services.deployments import AssignmentView
 from controlplane.services.devices import DeviceView
 from controlplane.services.registry import ModelSummary
+from controlplane.services.rollouts import Plan, RolloutView
 from controlplane.services.telemetry import Sample, Series
 from controlplane.wire import rule_to_pb
 from edgefleet.v1 import common_pb2 as c
@@ -151,6 +155,7 @@ def assignment_to_pb(view: AssignmentView) -> d.Assignment:
         manifest=view.manifest,
         manifest_signature=view.manifest_signature,
         sequence=view.sequence,
+        shadow=view.shadow,
     )
 
 
@@ -473,6 +478,11 @@ def sample_from_pb(msg: d.TelemetrySample) -> Sample:
         msg.battery_percent if msg.HasField("battery_percent") else None,
         msg.power_mode,
         msg.concurrency_limit,
+        msg.shadow_version,
+        msg.shadow_requests,
+        msg.shadow_agreement,
+        msg.shadow_max_diff,
+        msg.shadow_latency_p95_ms,
     )
 
 
@@ -506,3 +516,218 @@ def series_to_pb(series: Series) -> o.TelemetrySeries:
         group=series.group,
         points=[o.TelemetryPoint(at=ts(p.at), value=p.value) for p in series.points],
     )
+
+
+# ---------------------------------------------------------------- rollouts
+
+ROLLOUT_STATES = {
+    "draft": o.ROLLOUT_STATE_DRAFT,
+    "scheduled": o.ROLLOUT_STATE_SCHEDULED,
+    "running": o.ROLLOUT_STATE_RUNNING,
+    "waiting_approval": o.ROLLOUT_STATE_WAITING_APPROVAL,
+    "paused": o.ROLLOUT_STATE_PAUSED,
+    "succeeded": o.ROLLOUT_STATE_SUCCEEDED,
+    "aborted": o.ROLLOUT_STATE_ABORTED,
+}
+ROLLOUT_STATE_NAMES = {v: k for k, v in ROLLOUT_STATES.items()}
+ROLLOUT_DEVICE_STATES = {
+    "waiting": o.ROLLOUT_DEVICE_STATE_WAITING,
+    "notified": o.ROLLOUT_DEVICE_STATE_NOTIFIED,
+    "in_progress": o.ROLLOUT_DEVICE_STATE_IN_PROGRESS,
+    "committed": o.ROLLOUT_DEVICE_STATE_COMMITTED,
+    "failed": o.ROLLOUT_DEVICE_STATE_FAILED,
+    "rejected": o.ROLLOUT_DEVICE_STATE_REJECTED,
+    "timed_out": o.ROLLOUT_DEVICE_STATE_TIMED_OUT,
+    # The reason says "reverting to <version>".
+    "reverting": o.ROLLOUT_DEVICE_STATE_IN_PROGRESS,
+    "reverted": o.ROLLOUT_DEVICE_STATE_REVERTED,
+}
+FAILURE_ACTIONS = {
+    o.FAILURE_ACTION_UNSPECIFIED: "pause",
+    o.FAILURE_ACTION_PAUSE: "pause",
+    o.FAILURE_ACTION_ABORT_REVERT: "abort_revert",
+}
+
+
+def _seconds(duration: Any) -> float:
+    return float(duration.ToTimedelta().total_seconds())
+
+
+def _duration(seconds: float) -> Duration:
+    out = Duration()
+    out.FromTimedelta(dt.timedelta(seconds=seconds))
+    return out
+
+
+def rollout_spec_from_pb(msg: o.RolloutSpec) -> RolloutSpec:
+    """The domain spec. Unset proto fields take the defaults an operator
+    expects: success threshold 100 %, errors counted from the first
+    finished device, on failure pause."""
+    stages = []
+    for s in msg.stages:
+        size = s.WhichOneof("size")
+        g = s.gates
+        stages.append(
+            StageSpec(
+                name=s.name,
+                percent=s.percent if size == "percent" else None,
+                count=s.count if size == "count" else None,
+                stratified=s.stratified,
+                shadow=s.shadow,
+                min_agreement=s.min_agreement if s.HasField("min_agreement") else None,
+                success_threshold_percent=s.success_threshold_percent or 100.0,
+                error_threshold_percent=s.error_threshold_percent,
+                min_finished_for_error_threshold=s.min_finished_for_error_threshold or 1,
+                bake_time_s=_seconds(s.bake_time),
+                gates=Gates(
+                    latency_budget_factor=(
+                        g.latency_budget_factor if g.HasField("latency_budget_factor") else None
+                    ),
+                    max_error_rate=g.max_error_rate if g.HasField("max_error_rate") else None,
+                    memory_limit_factor=(
+                        g.memory_limit_factor if g.HasField("memory_limit_factor") else None
+                    ),
+                    max_silence_s=_seconds(g.max_silence) if g.HasField("max_silence") else None,
+                ),
+                require_approval=s.require_approval,
+                on_failure=FAILURE_ACTIONS.get(s.on_failure, "pause"),
+            )
+        )
+    p = msg.pacing
+    return RolloutSpec(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        class_names=tuple(msg.class_names),
+        label_selector=dict(msg.label_selector),
+        stages=tuple(stages),
+        pacing=PacingSpec(
+            max_per_minute=p.max_per_minute,
+            ramp_base_per_minute=p.ramp_base_per_minute,
+            ramp_factor=p.ramp_factor or 1.0,
+            device_timeout_s=_seconds(p.device_timeout),
+            device_retries=p.device_retries,
+        ),
+        dynamic=msg.dynamic,
+        start_at=msg.start_at.ToDatetime(dt.UTC) if msg.HasField("start_at") else None,
+    )
+
+
+def rollout_spec_to_pb(spec: RolloutSpec) -> o.RolloutSpec:
+    out = o.RolloutSpec(
+        model_name=spec.model_name,
+        model_version=spec.model_version,
+        class_names=list(spec.class_names),
+        label_selector=spec.label_selector,
+        dynamic=spec.dynamic,
+        pacing=o.Pacing(
+            max_per_minute=spec.pacing.max_per_minute,
+            ramp_base_per_minute=spec.pacing.ramp_base_per_minute,
+            ramp_factor=spec.pacing.ramp_factor,
+            device_timeout=_duration(spec.pacing.device_timeout_s),
+            device_retries=spec.pacing.device_retries,
+        ),
+    )
+    if spec.start_at is not None:
+        out.start_at.FromDatetime(spec.start_at)
+    for s in spec.stages:
+        stage = out.stages.add(
+            name=s.name,
+            stratified=s.stratified,
+            shadow=s.shadow,
+            success_threshold_percent=s.success_threshold_percent,
+            error_threshold_percent=s.error_threshold_percent,
+            min_finished_for_error_threshold=s.min_finished_for_error_threshold,
+            bake_time=_duration(s.bake_time_s),
+            require_approval=s.require_approval,
+            on_failure=(
+                o.FAILURE_ACTION_ABORT_REVERT
+                if s.on_failure == "abort_revert"
+                else o.FAILURE_ACTION_PAUSE
+            ),
+        )
+        if s.percent is not None:
+            stage.percent = s.percent
+        if s.count is not None:
+            stage.count = s.count
+        if s.min_agreement is not None:
+            stage.min_agreement = s.min_agreement
+        gates = s.gates
+        if gates.latency_budget_factor is not None:
+            stage.gates.latency_budget_factor = gates.latency_budget_factor
+        if gates.max_error_rate is not None:
+            stage.gates.max_error_rate = gates.max_error_rate
+        if gates.memory_limit_factor is not None:
+            stage.gates.memory_limit_factor = gates.memory_limit_factor
+        if gates.max_silence_s is not None:
+            stage.gates.max_silence.CopyFrom(_duration(gates.max_silence_s))
+    return out
+
+
+def _stage_status(view: RolloutView, index: int) -> o.StageStatus:
+    row = view.row
+    state = row.stages[index] if index < len(row.stages) else {}
+    members = [d for d in view.devices if d.stage == index]
+    if row.state == "succeeded" or index < row.current_stage:
+        phase = "passed"
+    elif index > row.current_stage:
+        phase = "pending"
+    elif row.state == "running":
+        phase = "baking" if state.get("bake_started_at") else "running"
+    else:
+        phase = row.state
+    return o.StageStatus(
+        index=index,
+        name=view.spec.stages[index].name,
+        total=len(members),
+        committed=sum(d.state == "committed" for d in members),
+        failed=sum(d.state in ("failed", "rejected", "timed_out") for d in members),
+        in_progress=sum(d.state in ("waiting", "notified", "in_progress") for d in members),
+        gates=[
+            o.GateValue(name=str(n), value=float(v), limit=float(lim), passing=bool(ok))
+            for n, v, lim, ok in state.get("gates", [])
+        ],
+        state=phase,
+    )
+
+
+def rollout_to_pb(view: RolloutView, *, with_devices: bool = True) -> o.Rollout:
+    row = view.row
+    out = o.Rollout(
+        id=row.id,
+        spec=rollout_spec_to_pb(view.spec),
+        state=ROLLOUT_STATES.get(row.state, o.ROLLOUT_STATE_UNSPECIFIED),
+        current_stage=row.current_stage,
+        stages=[_stage_status(view, i) for i in range(len(view.spec.stages))],
+        reason=row.reason,
+        created_at=ts(row.created_at),
+        created_by=row.created_by,
+    )
+    if with_devices:
+        out.devices.extend(
+            o.RolloutDevice(
+                device_id=d.device_id,
+                device_name=view.names.get(d.device_id, ""),
+                class_name=d.class_name,
+                stage=d.stage,
+                state=ROLLOUT_DEVICE_STATES.get(d.state, o.ROLLOUT_DEVICE_STATE_UNSPECIFIED),
+                reason=d.reason,
+                attempts=d.attempts,
+            )
+            for d in view.devices
+        )
+    return out
+
+
+def planned_to_pb(plan: Plan) -> tuple[list[o.RolloutDevice], list[o.ExcludedDevice]]:
+    planned = [
+        o.RolloutDevice(
+            device_id=p.device_id, device_name=p.name, class_name=p.class_name, stage=p.stage,
+            state=o.ROLLOUT_DEVICE_STATE_WAITING,
+        )
+        for p in plan.devices
+    ]  # fmt: skip
+    excluded = [
+        o.ExcludedDevice(device_id=e.device_id, device_name=e.name, reason=e.reason)
+        for e in plan.excluded
+    ]
+    return planned, excluded

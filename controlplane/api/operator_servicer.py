@@ -9,7 +9,7 @@ from typing import Any
 
 from controlplane.api import convert
 from controlplane.api.rpc import Handlers, rpc, unimplemented
-from controlplane.errors import InvalidArgument
+from controlplane.errors import InvalidArgument, NotFound
 from controlplane.services import audit
 from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import OperatorPrincipal
@@ -18,7 +18,9 @@ from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate
 from controlplane.services.deployments import DeploymentService
 from controlplane.services.devices import DeviceService
 from controlplane.services.enrollment import EnrollmentService
+from controlplane.services.events import EventBus, FleetEvent
 from controlplane.services.registry import PartDecl, PushHeader, RegistryService
+from controlplane.services.rollouts import RolloutService
 from controlplane.services.telemetry import TelemetryService
 from controlplane.wire import rule_from_pb
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
@@ -38,6 +40,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         artifacts: ArtifactService,
         telemetry: TelemetryService,
         deployments: DeploymentService,
+        rollouts: RolloutService,
+        events: EventBus,
         **base: Any,
     ) -> None:
         super().__init__(**base)
@@ -49,6 +53,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         self._artifacts = artifacts
         self._telemetry = telemetry
         self._deployments = deployments
+        self._rollouts = rollouts
+        self._events = events
 
     # ------------------------------------------------------------ enrollment tokens
 
@@ -375,14 +381,177 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         )
         return operator_pb2.ListAuditLogResponse(entries=[convert.audit_to_pb(r) for r in rows])
 
-    # ------------------------------------------------------------ later issues
+    # ------------------------------------------------------------ watch
 
-    CreateRollout = unimplemented("operator", "CreateRollout", 5)
-    ListRollouts = unimplemented("operator", "ListRollouts", 5)
-    GetRollout = unimplemented("operator", "GetRollout", 5)
-    StartRollout = unimplemented("operator", "StartRollout", 5)
-    PauseRollout = unimplemented("operator", "PauseRollout", 5)
-    ResumeRollout = unimplemented("operator", "ResumeRollout", 5)
-    ApproveRolloutStage = unimplemented("operator", "ApproveRolloutStage", 5)
-    AbortRollout = unimplemented("operator", "AbortRollout", 5)
-    WatchFleet = unimplemented("operator", "WatchFleet", 6)
+    @rpc("operator")
+    async def WatchFleet(
+        self, request: operator_pb2.WatchFleetRequest, context: Any, who: Op
+    ) -> AsyncIterator[operator_pb2.FleetEvent]:
+        """Fleet events as they happen (of `request.kinds`, or all), until the
+        client goes away. Drop-alerts are sent whatever the kinds."""
+        mailbox = _Mailbox(frozenset(request.kinds), WATCH_QUEUE_SIZE)
+        unsubscribe = self._events.subscribe(mailbox.offer)
+        try:
+            # Headers now, not with the first event: a client that awaits
+            # them knows the watch is live and misses nothing after.
+            await context.send_initial_metadata(())
+            while True:
+                at, event, dropped = await mailbox.take()
+                if dropped:
+                    yield _fleet_event(at, FleetEvent("alert", message=_dropped_text(dropped)))
+                out = _fleet_event(at, event)
+                if event.kind == "rollout.updated" and event.subject:
+                    try:
+                        view = await self.run(self._rollouts.get, event.subject)
+                    except NotFound:
+                        pass  # gone since: the id in `message` is all there is
+                    else:
+                        out.rollout.CopyFrom(convert.rollout_to_pb(view, with_devices=False))
+                yield out
+        finally:
+            unsubscribe()
+
+    # ------------------------------------------------------------ rollouts
+
+    @rpc("operator")
+    async def CreateRollout(
+        self, request: operator_pb2.CreateRolloutRequest, context: Any, who: Op
+    ) -> operator_pb2.CreateRolloutResponse:
+        spec = convert.rollout_spec_from_pb(request.spec)
+        view, plan = await self.run(
+            self._rollouts.create, who.actor, spec, dry_run=request.dry_run, start=request.start
+        )
+        planned, excluded = convert.planned_to_pb(plan)
+        response = operator_pb2.CreateRolloutResponse(planned=planned, excluded=excluded)
+        if view is not None:
+            response.rollout.CopyFrom(convert.rollout_to_pb(view))
+            response.rollout.excluded.extend(excluded)
+        return response
+
+    @rpc("operator")
+    async def ListRollouts(
+        self, request: operator_pb2.ListRolloutsRequest, context: Any, who: Op
+    ) -> operator_pb2.ListRolloutsResponse:
+        state = convert.ROLLOUT_STATE_NAMES.get(request.state, "")
+        views = await self.run(self._rollouts.list_rollouts, state)
+        return operator_pb2.ListRolloutsResponse(
+            rollouts=[convert.rollout_to_pb(v, with_devices=False) for v in views]
+        )
+
+    @rpc("operator")
+    async def GetRollout(
+        self, request: operator_pb2.GetRolloutRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        return convert.rollout_to_pb(await self.run(self._rollouts.get, request.id))
+
+    @rpc("operator")
+    async def StartRollout(
+        self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        view = await self.run(self._rollouts.start, who.actor, request.id)
+        return convert.rollout_to_pb(view)
+
+    @rpc("operator")
+    async def PauseRollout(
+        self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        view = await self.run(self._rollouts.pause, who.actor, request.id, request.reason)
+        return convert.rollout_to_pb(view)
+
+    @rpc("operator")
+    async def ResumeRollout(
+        self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        view = await self.run(self._rollouts.resume, who.actor, request.id, request.reason)
+        return convert.rollout_to_pb(view)
+
+    @rpc("operator")
+    async def ApproveRolloutStage(
+        self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        view = await self.run(self._rollouts.approve, who.actor, request.id)
+        return convert.rollout_to_pb(view)
+
+    @rpc("operator")
+    async def AbortRollout(
+        self, request: operator_pb2.AbortRolloutRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        view = await self.run(
+            self._rollouts.abort, who.actor, request.id, revert=request.revert,
+            reason=request.reason,
+        )  # fmt: skip
+        return convert.rollout_to_pb(view)
+
+
+# ---------------------------------------------------------------- watch helpers
+
+# Events a watcher may fall behind by before the oldest are dropped: a slow
+# client must never hold up the bus, which also drives the sync hub.
+WATCH_QUEUE_SIZE = 1024
+# device.assigned can name thousands of devices; the text names this many.
+WATCH_DEVICE_IDS = 20
+
+
+class _Mailbox:
+    """One watcher's bounded queue, filled on the event loop by the bus. When
+    full, the oldest event goes and is counted; the count is handed out with
+    the next event taken, so the watcher learns what it missed. A rollout
+    already waiting in the queue is not queued again: the watcher reads its
+    current state when it gets there, so one read covers both."""
+
+    def __init__(self, kinds: frozenset[str], size: int) -> None:
+        self._kinds = kinds
+        self._queue: asyncio.Queue[tuple[dt.datetime, FleetEvent]] = asyncio.Queue(size)
+        self._dropped = 0
+        self._rollouts: set[str] = set()
+
+    def offer(self, event: FleetEvent) -> None:
+        if self._kinds and event.kind not in self._kinds:
+            return
+        rollout = event.subject if event.kind == "rollout.updated" else ""
+        if rollout and rollout in self._rollouts:
+            return
+        if self._queue.full():
+            _, oldest = self._queue.get_nowait()
+            self._forget(oldest)
+            self._dropped += 1
+        if rollout:
+            self._rollouts.add(rollout)
+        self._queue.put_nowait((dt.datetime.now(dt.UTC), event))
+
+    async def take(self) -> tuple[dt.datetime, FleetEvent, int]:
+        """The next event, when it was published, and how many were dropped
+        before it."""
+        at, event = await self._queue.get()
+        self._forget(event)
+        dropped, self._dropped = self._dropped, 0
+        return at, event, dropped
+
+    def _forget(self, event: FleetEvent) -> None:
+        if event.kind == "rollout.updated":
+            self._rollouts.discard(event.subject)
+
+
+def _dropped_text(dropped: int) -> str:
+    return (
+        f"this watch fell behind and missed {dropped} event(s); "
+        "re-read the state you show (the oldest were dropped)"
+    )
+
+
+def _event_text(event: FleetEvent) -> str:
+    """`subject: message (devices a, b)`: what the bus event says, in words."""
+    text = ": ".join(part for part in (event.subject, event.message) if part)
+    ids = event.device_ids
+    if ids:
+        shown = ", ".join(ids[:WATCH_DEVICE_IDS])
+        more = f" and {len(ids) - WATCH_DEVICE_IDS} more" if len(ids) > WATCH_DEVICE_IDS else ""
+        devices = f"device {shown}" if len(ids) == 1 else f"devices {shown}{more}"
+        text = f"{text} ({devices})" if text else devices
+    return text
+
+
+def _fleet_event(at: dt.datetime, event: FleetEvent) -> operator_pb2.FleetEvent:
+    out = operator_pb2.FleetEvent(kind=event.kind, message=_event_text(event))
+    out.at.FromDatetime(at)
+    return out

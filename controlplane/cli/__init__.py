@@ -21,6 +21,8 @@ from controlplane.cli.classes import classes
 from controlplane.cli.convert import parse_duration
 from controlplane.cli.devices import devices
 from controlplane.cli.models import models
+from controlplane.cli.rollouts import rollouts
+from controlplane.cli.simulate import simulate
 from controlplane.cli.telemetry import telemetry
 from controlplane.cli.tokens import tokens
 from controlplane.cli.toolchain import toolchain
@@ -200,5 +202,7 @@ def db_upgrade(data_dir: Path, db_url: str | None) -> None:
     click.echo(f"database at revision {revision}")
 
 
-for group in (tokens, devices, classes, models, builds, artifacts, telemetry, toolchain):
+for group in (tokens, devices, classes, models, builds, artifacts, rollouts, telemetry,
+              toolchain):  # fmt: skip
     cli.add_command(group)
+cli.add_command(simulate)

@@ -774,3 +774,348 @@ def telemetry_table(series: Sequence[operator_pb2.TelemetrySeries], metric: int)
         for point in s.points:
             _add_row(table, s.group, format_time(point.at), format_metric(metric, point.value))
     return table
+
+
+# ------------------------------------------------------------------ rollouts
+
+_ROLLOUT_STYLES = {
+    operator_pb2.ROLLOUT_STATE_DRAFT: "dim",
+    operator_pb2.ROLLOUT_STATE_SCHEDULED: "cyan",
+    operator_pb2.ROLLOUT_STATE_RUNNING: "yellow",
+    operator_pb2.ROLLOUT_STATE_WAITING_APPROVAL: "bold cyan",
+    operator_pb2.ROLLOUT_STATE_PAUSED: "magenta",
+    operator_pb2.ROLLOUT_STATE_SUCCEEDED: "green",
+    operator_pb2.ROLLOUT_STATE_ABORTED: "red",
+}
+_ROLLOUT_DEVICE_STYLES = {
+    operator_pb2.ROLLOUT_DEVICE_STATE_WAITING: "dim",
+    operator_pb2.ROLLOUT_DEVICE_STATE_NOTIFIED: "yellow",
+    operator_pb2.ROLLOUT_DEVICE_STATE_IN_PROGRESS: "yellow",
+    operator_pb2.ROLLOUT_DEVICE_STATE_COMMITTED: "green",
+    operator_pb2.ROLLOUT_DEVICE_STATE_FAILED: "red",
+    operator_pb2.ROLLOUT_DEVICE_STATE_ROLLED_BACK: "red",
+    operator_pb2.ROLLOUT_DEVICE_STATE_REJECTED: "red",
+    operator_pb2.ROLLOUT_DEVICE_STATE_TIMED_OUT: "red",
+    operator_pb2.ROLLOUT_DEVICE_STATE_REVERTED: "magenta",
+}
+# Devices listed first when a listing is cut short (`rollouts watch`): the
+# ones an operator acts on, then the ones still moving.
+_DEVICE_ORDER = {
+    operator_pb2.ROLLOUT_DEVICE_STATE_FAILED: 0,
+    operator_pb2.ROLLOUT_DEVICE_STATE_ROLLED_BACK: 0,
+    operator_pb2.ROLLOUT_DEVICE_STATE_REJECTED: 0,
+    operator_pb2.ROLLOUT_DEVICE_STATE_TIMED_OUT: 0,
+    operator_pb2.ROLLOUT_DEVICE_STATE_IN_PROGRESS: 1,
+    operator_pb2.ROLLOUT_DEVICE_STATE_NOTIFIED: 1,
+    operator_pb2.ROLLOUT_DEVICE_STATE_REVERTED: 2,
+}
+_STAGE_PHASE_STYLES = {
+    "passed": "green", "running": "yellow", "baking": "yellow", "pending": "dim",
+    "paused": "magenta", "waiting_approval": "bold cyan", "aborted": "red",
+}  # fmt: skip
+# Gate units: how `GateValue.value` and `.limit` read (see domain.rollouts.Gates).
+_GATE_UNITS = {"latency_p95": "ms", "memory": "MB"}
+_INF = float("inf")
+BAR_WIDTH = 12
+# Rollouts whose current stage is worth pointing at.
+_MOVING = frozenset(
+    {
+        operator_pb2.ROLLOUT_STATE_RUNNING,
+        operator_pb2.ROLLOUT_STATE_WAITING_APPROVAL,
+        operator_pb2.ROLLOUT_STATE_PAUSED,
+    }
+)
+
+
+def rollout_state(r: operator_pb2.Rollout) -> Text:
+    name = enum_name(operator_pb2.RolloutState, r.state)
+    return Text(name, style=_ROLLOUT_STYLES.get(r.state, ""))
+
+
+def rollout_device_state(d: operator_pb2.RolloutDevice) -> Text:
+    name = enum_name(operator_pb2.RolloutDeviceState, d.state)
+    return Text(name, style=_ROLLOUT_DEVICE_STYLES.get(d.state, ""))
+
+
+def format_stage_size(s: operator_pb2.StageSpec) -> str:
+    """`10%`, `5`, `shadow:5`: the head of the `--stage` syntax."""
+    size = f"{s.percent:g}%" if s.WhichOneof("size") == "percent" else str(s.count)
+    return f"shadow:{size}" if s.shadow else size
+
+
+def stage_options(s: operator_pb2.StageSpec) -> list[str]:
+    """A stage's options in the `--stage` syntax, defaults left out (the
+    server's: success 100 %, no failure tolerated, pause on failure)."""
+    out = [f"name={s.name}"] if s.name else []
+    if s.stratified:
+        out.append("stratified")
+    if s.success_threshold_percent and s.success_threshold_percent != 100:
+        out.append(f"success={s.success_threshold_percent:g}")
+    if s.error_threshold_percent or s.min_finished_for_error_threshold > 1:
+        errors = f"errors={s.error_threshold_percent:g}"
+        minimum = s.min_finished_for_error_threshold
+        out.append(f"{errors}/{minimum}" if minimum > 1 else errors)
+    if s.bake_time.ToTimedelta():
+        out.append(f"bake={format_duration(s.bake_time.ToTimedelta())}")
+    g = s.gates
+    if g.HasField("latency_budget_factor"):
+        out.append(f"latency={g.latency_budget_factor:g}")
+    if g.HasField("max_error_rate"):
+        out.append(f"error-rate={g.max_error_rate:g}")
+    if g.HasField("memory_limit_factor"):
+        out.append(f"memory={g.memory_limit_factor:g}")
+    if g.HasField("max_silence"):
+        out.append(f"silence={format_duration(g.max_silence.ToTimedelta())}")
+    if s.HasField("min_agreement"):
+        out.append(f"agreement={s.min_agreement:g}")
+    if s.require_approval:
+        out.append("approve")
+    if s.on_failure == operator_pb2.FAILURE_ACTION_ABORT_REVERT:
+        out.append("on-failure=abort")
+    return out
+
+
+def format_stage(s: operator_pb2.StageSpec) -> str:
+    """The stage in the syntax `edgefleet rollouts create --stage` reads
+    (controlplane.cli.rollouts.parse_stage), so a shown rollout can be typed
+    again: `10%,stratified,errors=20/3,bake=5m,approve`."""
+    return ",".join([format_stage_size(s), *stage_options(s)])
+
+
+def stage_title(index: int, name: str) -> str:
+    """`stage 2 (canary)`; stages count from 1 for people."""
+    return f"stage {index + 1}" + (f" ({name})" if name else "")
+
+
+def format_cohort(spec: operator_pb2.RolloutSpec) -> str:
+    """`classes pi, gw; labels site=a` (+ `; dynamic`)."""
+    parts = []
+    if spec.class_names:
+        parts.append(f"class{'es' if len(spec.class_names) > 1 else ''} "
+                     + ", ".join(spec.class_names))  # fmt: skip
+    if spec.label_selector:
+        parts.append(f"labels {format_labels(spec.label_selector)}")
+    if spec.dynamic:
+        parts.append("dynamic (devices that start matching join)")
+    return "; ".join(parts) or NONE
+
+
+def format_pacing(p: operator_pb2.Pacing) -> str:
+    """`<= 60/min, ramp from 10/min, x2 each minute, device timeout 10m, 2 retries`."""
+    parts = []
+    if p.max_per_minute:
+        parts.append(f"<= {p.max_per_minute}/min")
+    if p.ramp_base_per_minute:
+        parts.append(f"ramp from {p.ramp_base_per_minute}/min, x{p.ramp_factor or 1:g} each minute")
+    if p.device_timeout.ToTimedelta():
+        parts.append(f"device timeout {format_duration(p.device_timeout.ToTimedelta())}")
+    if p.device_retries:
+        parts.append(f"{p.device_retries} retr{'y' if p.device_retries == 1 else 'ies'}")
+    return ", ".join(parts) or "unlimited, no device timeout, no retries"
+
+
+def format_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    """`██████░░░░░░ 3/6`: a text progress bar (stable under snapshot tests)."""
+    filled = round(width * done / total) if total else 0
+    return "█" * filled + "░" * (width - filled) + f" {done}/{total}"
+
+
+def _gate_number(name: str, value: float) -> str:
+    if value == _INF:
+        return "never" if name == "silence" else "∞"
+    if name == "error_rate" or "agreement" in name:
+        return f"{value * 100:.2f}%"
+    if name == "silence":
+        return format_seconds(value) if value > 0 else "0s"
+    unit = _GATE_UNITS.get(name)
+    return f"{value:.2f} {unit}" if unit else f"{value:.4g}"
+
+
+def format_gate(g: operator_pb2.GateValue) -> Text:
+    """`latency_p95 12.00 ms <= 30.00 ms ok` or `... > ... FAIL` (red): the
+    stage's worst device against its limit; `latency_p95 no data yet` where
+    no device has reported (the server sends 0 against 0 then; for the error
+    rate 0 against 0 is also a real reading, so it shows as numbers)."""
+    if g.value == 0 and g.limit == 0 and g.name != "error_rate":
+        return Text(f"{g.name} no data yet", style="dim")
+    # Agreement is the one gate where more is better.
+    relations = (">=", "<") if "agreement" in g.name else ("<=", ">")
+    relation = relations[0] if g.passing else relations[1]
+    text = Text(
+        f"{g.name} {_gate_number(g.name, g.value)} {relation} {_gate_number(g.name, g.limit)} "
+    )
+    text.append("ok" if g.passing else "FAIL", style="green" if g.passing else "bold red")
+    return text
+
+
+def _stage_counts(s: operator_pb2.StageStatus) -> str:
+    parts = [format_bar(s.committed, s.total)]
+    if s.failed:
+        parts.append(f"{s.failed} failed")
+    if s.in_progress:
+        parts.append(f"{s.in_progress} pending")
+    return ", ".join(parts)
+
+
+def stages_table(r: operator_pb2.Rollout) -> Table:
+    """Per stage: its spec, where it stands, committed of total, and each
+    gate's value against its limit."""
+    table = _table("#", "NAME", "SIZE", "STATE", "PROGRESS", "GATES", "RULES")
+    specs = list(r.spec.stages)
+    statuses = {s.index: s for s in r.stages}
+    for index, spec in enumerate(specs):
+        status = statuses.get(index, operator_pb2.StageStatus(index=index))
+        marker = "▶" if index == r.current_stage and r.state in _MOVING else " "
+        gates = Text("\n").join(format_gate(g) for g in status.gates) if status.gates else NONE
+        _add_row(
+            table,
+            f"{marker}{index + 1}",
+            spec.name or NONE,
+            format_stage_size(spec),
+            Text(status.state or NONE, style=_STAGE_PHASE_STYLES.get(status.state, "")),
+            _stage_counts(status),
+            gates,
+            # The name has its own column.
+            ",".join(o for o in stage_options(spec) if not o.startswith("name=")) or NONE,
+        )
+    return table
+
+
+def rollout_devices_table(devices: Sequence[operator_pb2.RolloutDevice]) -> Table:
+    table = _table("NAME", "ID", "CLASS", "STAGE", "STATE", "TRIES", "REASON")
+    for d in devices:
+        _add_row(
+            table,
+            d.device_name or NONE,
+            short_id(d.device_id),
+            d.class_name or NONE,
+            str(d.stage + 1),
+            rollout_device_state(d),
+            str(d.attempts),
+            d.reason or NONE,
+        )
+    return table
+
+
+def excluded_table(excluded: Sequence[operator_pb2.ExcludedDevice]) -> Table:
+    table = _table("NAME", "ID", "REASON")
+    for e in excluded:
+        _add_row(table, e.device_name or NONE, short_id(e.device_id), e.reason)
+    return table
+
+
+def _current_stage(r: operator_pb2.Rollout) -> str:
+    total = len(r.spec.stages)
+    if not total:
+        return NONE
+    index = min(r.current_stage, total - 1)
+    name = r.spec.stages[index].name
+    return f"{index + 1}/{total}" + (f" {name}" if name else "")
+
+
+def rollouts_table(rollouts: Sequence[operator_pb2.Rollout], now: datetime) -> Table:
+    table = _table(
+        "ID", "MODEL@VERSION", "STATE", "STAGE", "COMMITTED", "FAILED", "CREATED", "REASON"
+    )
+    for r in rollouts:
+        committed = sum(s.committed for s in r.stages)
+        total = sum(s.total for s in r.stages)
+        _add_row(
+            table,
+            short_id(r.id),
+            model_ref(r.spec.model_name, r.spec.model_version),
+            rollout_state(r),
+            _current_stage(r),
+            format_bar(committed, total, width=8),
+            str(sum(s.failed for s in r.stages)),
+            format_ago(r.created_at, now),
+            r.reason or NONE,
+        )
+    return table
+
+
+def _devices_cut(
+    devices: Sequence[operator_pb2.RolloutDevice], limit: int | None
+) -> tuple[list[operator_pb2.RolloutDevice], int]:
+    """At most `limit` devices, failures and moving ones first; and how many
+    were left out."""
+    if limit is None or len(devices) <= limit:
+        return list(devices), 0
+    ranked = sorted(devices, key=lambda d: (_DEVICE_ORDER.get(d.state, 3), d.stage))
+    return ranked[:limit], len(devices) - limit
+
+
+def rollout_detail(
+    r: operator_pb2.Rollout, now: datetime, *, max_devices: int | None = None
+) -> RenderableType:
+    """`rollouts show`: the spec in brief, the state and why, each stage's
+    progress and gates, and the devices with their state and reason (at most
+    `max_devices`, the failed and moving ones first)."""
+    spec = r.spec
+    reason_style = "red" if r.state == operator_pb2.ROLLOUT_STATE_ABORTED else ""
+    rows: list[tuple[str, RenderableType]] = [
+        ("id", r.id),
+        ("model", model_ref(spec.model_name, spec.model_version)),
+        ("cohort", format_cohort(spec)),
+        ("state", rollout_state(r)),
+        ("stage", _current_stage(r)),
+        ("reason", Text(r.reason, style=reason_style) if r.reason else NONE),
+        ("pacing", format_pacing(spec.pacing)),
+        ("created", f"{format_ago(r.created_at, now)} by {r.created_by or '?'}"),
+    ]
+    if spec.HasField("start_at"):
+        start = f"{format_time(spec.start_at)} ({format_ago(spec.start_at, now)})"
+        rows.insert(5, ("start at", start))
+    parts: list[RenderableType] = [_grid(rows), Text(), stages_table(r)]
+    if r.devices:
+        shown, left_out = _devices_cut(r.devices, max_devices)
+        parts += [Text(), Text(f"devices ({len(r.devices)}):", style="bold")]
+        parts.append(rollout_devices_table(shown))
+        if left_out:
+            parts.append(Text(f"... and {left_out} more (edgefleet rollouts show)", style="dim"))
+    if r.excluded:
+        parts += [Text(), Text(f"excluded ({len(r.excluded)}):", style="bold")]
+        parts.append(excluded_table(r.excluded))
+    return Group(*parts)
+
+
+def rollout_plan(
+    spec: operator_pb2.RolloutSpec,
+    planned: Sequence[operator_pb2.RolloutDevice],
+    excluded: Sequence[operator_pb2.ExcludedDevice],
+) -> RenderableType:
+    """The dry run: per stage, the devices that land there (name, class);
+    then the excluded devices and why. Nothing was created."""
+    parts: list[RenderableType] = []
+    for index, stage in enumerate(spec.stages):
+        members = [d for d in planned if d.stage == index]
+        head = Text(f"{stage_title(index, stage.name)}: ", style="bold")
+        head.append(f"{format_stage(stage)} -> {len(members)} device(s)")
+        parts.append(head)
+        if members:
+            table = _table("NAME", "ID", "CLASS")
+            for d in members:
+                _add_row(table, d.device_name or NONE, short_id(d.device_id), d.class_name or NONE)
+            parts.append(table)
+        parts.append(Text())
+    if excluded:
+        parts += [Text(f"excluded ({len(excluded)}):", style="bold"), excluded_table(excluded)]
+        parts.append(Text())
+    parts.append(
+        Text(
+            f"dry run: {len(planned)} device(s) in {len(spec.stages)} stage(s), "
+            f"{len(excluded)} excluded; nothing was created",
+            style="dim",
+        )
+    )
+    return Group(*parts)
+
+
+def rollout_action(verb: str, r: operator_pb2.Rollout) -> Text:
+    """`paused rollout 1a2b3c4d (digits@2.0.0): now paused` and the reason."""
+    text = Text(f"{verb} rollout {short_id(r.id)} "
+                f"({model_ref(r.spec.model_name, r.spec.model_version)}): now ")  # fmt: skip
+    text.append_text(rollout_state(r))
+    if r.reason:
+        text.append(f"\n{r.reason}")
+    return text

@@ -332,6 +332,11 @@ class TelemetryRow(Base):
     battery_percent: Mapped[float | None] = mapped_column(Float)
     power_mode: Mapped[str] = mapped_column(String(32), server_default="")
     concurrency_limit: Mapped[int] = mapped_column(Integer, server_default="0")
+    shadow_version: Mapped[str] = mapped_column(String(64), server_default="")
+    shadow_requests: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    shadow_agreement: Mapped[float] = mapped_column(Float, server_default="0")
+    shadow_max_diff: Mapped[float] = mapped_column(Float, server_default="0")
+    shadow_latency_p95_ms: Mapped[float] = mapped_column(Float, server_default="0")
 
 
 class DeviceAssignmentRow(Base):
@@ -351,6 +356,8 @@ class DeviceAssignmentRow(Base):
     )
     # Set when a rollout made the assignment (issue 5).
     rollout_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    # Load beside the active model and compare; do not activate.
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     assigned_by: Mapped[str] = mapped_column(String(200))
     assigned_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
@@ -437,3 +444,65 @@ class TelemetryWatermarkRow(Base):
         ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
     )
     max_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class RolloutRow(Base):
+    """A staged rollout of one model version to a cohort. The orchestrator
+    drives it from this row alone (no in-memory state), so any replica can
+    take over: it holds a lease while it does."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    # The RolloutSpec, as plain JSON (rollouts.py reads and writes it).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # draft | scheduled | running | waiting_approval | paused | succeeded | aborted
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    current_stage: Mapped[int] = mapped_column(Integer, default=0)
+    # Per stage: started_at, bake_started_at, finished_at, acknowledged counts,
+    # verdict and reason.
+    stages: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    # Set by abort: "revert" (every device that took the version goes back) or "keep".
+    abort_mode: Mapped[str] = mapped_column(String(10), default="")
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    start_at: Mapped[dt.datetime | None]
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    # When notifying started (pacing counts from here).
+    notify_started_at: Mapped[dt.datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[dt.datetime | None]
+
+
+class RolloutDeviceRow(Base):
+    """One device's part in a rollout."""
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (Index("ix_rollout_devices_device_id_state", "device_id", "state"),)
+
+    rollout_id: Mapped[str] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    class_name: Mapped[str] = mapped_column(String(100))
+    stage: Mapped[int] = mapped_column(Integer)
+    # waiting | notified | in_progress | committed | failed | rolled_back |
+    # rejected | timed_out | reverting | reverted
+    state: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The assignment sequence this rollout gave the device (0: none yet).
+    sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+    notified_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    # Not before this time (a retry's backoff).
+    next_attempt_at: Mapped[dt.datetime | None]
+    # What the device was assigned before, to revert to (None: nothing).
+    previous_model_version_id: Mapped[str | None] = mapped_column(String(32))

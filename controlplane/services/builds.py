@@ -211,7 +211,11 @@ class BuildService:
                 .order_by(BuildRow.created_at.desc())
             )
         )
-        mine = next((b for b in same if b.class_id == cls.id), None)
+        # The same bytes may be pushed as another version: that version still
+        # needs its own build row (reusing the result), so match the version too.
+        mine = next(
+            (b for b in same if b.class_id == cls.id and b.model_version_id == mv.id), None
+        )
         if mine is not None and (not force or mine.state in (QUEUED, RUNNING)):
             return mine  # this class already has (or is getting) this result
         row = BuildRow(
@@ -505,16 +509,18 @@ def _golden(path: str | None) -> list[c.GoldenSample]:
 
 
 def _sign_twin(session: Session, twin: BuildRow) -> None:
-    """Publish the reused artifact for the twin's class: the source build's
-    manifest with this class and build, signed again. Agents check that a
+    """Publish the reused artifact for the twin's class (or version): the
+    source build's manifest with this class, version and build, signed again. Agents check that a
     manifest names their class, so twins cannot share the source's."""
     source = session.scalar(select(ArtifactRow).where(ArtifactRow.build_id == twin.reused_from))
     if source is None:
         raise RuntimeError(f"build {twin.reused_from} succeeded without an artifact")
     manifest = c.ArtifactManifest()
     manifest.ParseFromString(source.manifest)
+    mv = session.get_one(ModelVersionRow, twin.model_version_id)
     manifest.class_name = twin.class_name
     manifest.build_id = twin.id
+    manifest.model_version = mv.version
     session.add(
         _signed_artifact(
             session,
@@ -522,7 +528,7 @@ def _sign_twin(session: Session, twin: BuildRow) -> None:
             twin,
             media_type=source.media_type,
             companion_digest=source.companion_digest,
-            model_version_id=source.model_version_id,
+            model_version_id=twin.model_version_id,
         )
     )
 

@@ -62,6 +62,7 @@ class AssignmentView:
     rollout_id: str
     assigned_by: str
     assigned_at: dt.datetime
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,36 @@ def artifact_for(session: Session, device: DeviceRow, mv: ModelVersionRow) -> Ar
     return artifact
 
 
+def assign_device(
+    session: Session,
+    device: DeviceRow,
+    mv: ModelVersionRow,
+    artifact: ArtifactRow,
+    *,
+    actor: str,
+    rollout_id: str | None = None,
+    shadow: bool = False,
+) -> DeviceAssignmentRow:
+    """Make `artifact` the device's assignment in the caller's transaction:
+    the next sequence, a new desired-state revision. The caller publishes
+    the desired-state change after its commit."""
+    device.assignment_seq += 1
+    device.desired_revision += 1
+    row = session.get(DeviceAssignmentRow, device.id)
+    if row is None:
+        row = DeviceAssignmentRow(device_id=device.id)
+        session.add(row)
+    row.sequence = device.assignment_seq
+    row.artifact_id = artifact.id
+    row.model_version_id = mv.id
+    row.rollout_id = rollout_id
+    row.shadow = shadow
+    row.assigned_by = actor
+    row.assigned_at = dt.datetime.now(dt.UTC)
+    session.flush()
+    return row
+
+
 def _view(session: Session, row: DeviceAssignmentRow) -> AssignmentView:
     artifact = session.get_one(ArtifactRow, row.artifact_id)
     mv = session.get_one(ModelVersionRow, row.model_version_id)
@@ -113,6 +144,7 @@ def _view(session: Session, row: DeviceAssignmentRow) -> AssignmentView:
         rollout_id=row.rollout_id or "",
         assigned_by=row.assigned_by,
         assigned_at=row.assigned_at,
+        shadow=row.shadow,
     )
 
 
@@ -195,20 +227,10 @@ class DeploymentService:
                 )
             views = []
             for device_id in ids:
-                device = devices[device_id]
-                device.assignment_seq += 1
-                device.desired_revision += 1
-                row = session.get(DeviceAssignmentRow, device_id)
-                if row is None:
-                    row = DeviceAssignmentRow(device_id=device_id)
-                    session.add(row)
-                row.sequence = device.assignment_seq
-                row.artifact_id = chosen[device_id].id
-                row.model_version_id = mv.id
-                row.rollout_id = rollout_id
-                row.assigned_by = actor
-                row.assigned_at = dt.datetime.now(dt.UTC)
-                session.flush()
+                row = assign_device(
+                    session, devices[device_id], mv, chosen[device_id], actor=actor,
+                    rollout_id=rollout_id,
+                )  # fmt: skip
                 views.append(_view(session, row))
                 audit.record(
                     uow,

@@ -142,6 +142,12 @@ class Sample(NamedTuple):
     battery_percent: float | None = None
     power_mode: str = ""
     concurrency_limit: int = 0
+    # A shadow stage's candidate and how it compared with the active model.
+    shadow_version: str = ""
+    shadow_requests: int = 0
+    shadow_agreement: float = 0.0
+    shadow_max_diff: float = 0.0
+    shadow_latency_p95_ms: float = 0.0
 
     @property
     def at(self) -> dt.datetime:

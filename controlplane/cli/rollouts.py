@@ -1,0 +1,505 @@
+"""`edgefleet rollouts`: ship a model version to a cohort of devices in
+stages, gated on measured health, and steer it (pause, resume, approve,
+abort).
+
+A stage is written as one compact string (`--stage`, see STAGE_HELP and
+`parse_stage`); `render.format_stage` writes the same syntax back."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import click
+from google.protobuf.duration_pb2 import Duration
+from rich.console import Console, RenderableType
+from rich.live import Live
+
+from controlplane.cli import render as render
+from controlplane.cli.base import (
+    Env,
+    call_by_id,
+    emit,
+    enum_option,
+    json_option,
+    label_option,
+    now,
+    parsed,
+    pass_env,
+    usage_error,
+)
+from controlplane.cli.convert import parse_duration, parse_model_ref, to_json_dict
+from edgefleet.v1 import operator_pb2
+
+# Seconds between GetRollout polls while `rollouts watch` follows one.
+POLL_INTERVAL_S = 1.0
+# Devices `rollouts watch` lists (failed and moving ones first): the rest of
+# the screen is for the stages.
+WATCH_MAX_DEVICES = 20
+
+STAGE_HELP = """\
+\b
+Stages (--stage SIZE[,OPTION]..., repeatable, in order):
+  SIZE                 a percent of the whole cohort (10%) or a device count
+                       (5); prefix shadow: for a shadow stage (the candidate
+                       runs beside the active model on mirrored requests).
+                       The last stage takes every device left.
+  name=TEXT            a name to show
+  stratified           every class of the cohort is represented
+  success=PCT          committed devices needed to pass (default 100)
+  errors=PCT[/MIN]     fail when more than PCT% of finished devices failed,
+                       once MIN have finished (default 0/1: any failure)
+  bake=DURATION        wait this long after success before going on
+  latency=FACTOR       gate: p95 latency <= class budget x FACTOR
+  error-rate=RATE      gate: errors / requests <= RATE (0.05 or 5%)
+  memory=FACTOR        gate: memory <= class limit x FACTOR
+  silence=DURATION     gate: a device silent this long has failed
+  agreement=RATIO      shadow stages (required): argmax agreement >= RATIO
+  approve              wait for `rollouts approve` before the next stage
+  on-failure=ACTION    pause (default) or abort (aborts and reverts)
+
+\b
+Examples:
+  --stage "shadow:5,agreement=0.95"
+  --stage "10%,stratified,errors=20/3,bake=5m,latency=1.5,silence=2m,approve"
+  --stage "100%,error-rate=0.05,on-failure=abort"
+"""
+
+ABORT_HELP = """Abort a rollout; no device is notified from then on.
+
+By default the abort reverts: every device that took the new version (or is
+taking it) is put back on the version it had before the rollout, and devices
+not yet notified are left alone. With --keep, devices keep whatever they have
+now."""
+
+# Rollouts that will not change any more on their own.
+_ENDED = frozenset({operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_STATE_ABORTED})
+_FLAGS = frozenset({"stratified", "approve"})
+_FAILURE_ACTIONS = {
+    "pause": operator_pb2.FAILURE_ACTION_PAUSE,
+    "abort": operator_pb2.FAILURE_ACTION_ABORT_REVERT,
+}
+
+
+# ------------------------------------------------------------------ parsing (pure)
+
+
+def _number(key: str, text: str, *, low: float, high: float, low_open: bool = False) -> float:
+    """A finite number within [low, high] (or (low, high]); ValueError naming
+    the option otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{key}={text!r}: not a number") from None
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or value > high:
+        bound = "(" if low_open else "["
+        raise ValueError(f"{key}={text}: must be within {bound}{low:g}, {high:g}]")
+    return value
+
+
+def _ratio(key: str, text: str) -> float:
+    """0..1, written as a fraction (0.95) or a percent (95%)."""
+    if text.endswith("%"):
+        return _number(key, text[:-1], low=0, high=100) / 100
+    return _number(key, text, low=0, high=1)
+
+
+def _percent(key: str, text: str, *, low_open: bool = False) -> float:
+    """0..100, with or without a trailing %."""
+    return _number(key, text.removesuffix("%"), low=0, high=100, low_open=low_open)
+
+
+def _factor(key: str, text: str) -> float:
+    return _number(key, text, low=0, high=math.inf, low_open=True)
+
+
+def _duration(key: str, text: str) -> Duration:
+    try:
+        delta = parse_duration(text)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+    out = Duration()
+    out.FromTimedelta(delta)
+    return out
+
+
+def _set_size(stage: operator_pb2.StageSpec, text: str) -> None:
+    if text.endswith("%"):
+        stage.percent = _percent("size", text, low_open=True)
+        return
+    if text.isdigit() and int(text) >= 1:
+        stage.count = int(text)
+        return
+    raise ValueError(
+        f"stage size {text!r} must be a percent of the cohort (10%) or a device count (5)"
+    )
+
+
+def _set_errors(stage: operator_pb2.StageSpec, text: str) -> None:
+    percent, sep, minimum = text.partition("/")
+    stage.error_threshold_percent = _percent("errors", percent)
+    if sep:
+        if not minimum.isdigit() or int(minimum) < 1:
+            raise ValueError(f"errors={text}: the minimum after / must be a count of at least 1")
+        stage.min_finished_for_error_threshold = int(minimum)
+
+
+def _set_on_failure(stage: operator_pb2.StageSpec, text: str) -> None:
+    if text.lower() not in _FAILURE_ACTIONS:
+        raise ValueError(f"on-failure={text}: write on-failure=pause or on-failure=abort")
+    stage.on_failure = _FAILURE_ACTIONS[text.lower()]
+
+
+def _set_name(stage: operator_pb2.StageSpec, text: str) -> None:
+    if not text:
+        raise ValueError("name= needs a name")
+    stage.name = text
+
+
+_SETTERS: dict[str, Callable[[operator_pb2.StageSpec, str], None]] = {
+    "name": _set_name,
+    "success": lambda s, v: setattr(
+        s, "success_threshold_percent", _percent("success", v, low_open=True)
+    ),
+    "errors": _set_errors,
+    "bake": lambda s, v: s.bake_time.CopyFrom(_duration("bake", v)),
+    "latency": lambda s, v: setattr(s.gates, "latency_budget_factor", _factor("latency", v)),
+    "error-rate": lambda s, v: setattr(s.gates, "max_error_rate", _ratio("error-rate", v)),
+    "memory": lambda s, v: setattr(s.gates, "memory_limit_factor", _factor("memory", v)),
+    "silence": lambda s, v: s.gates.max_silence.CopyFrom(_duration("silence", v)),
+    "agreement": lambda s, v: setattr(s, "min_agreement", _ratio("agreement", v)),
+    "on-failure": _set_on_failure,
+}
+_KNOWN = ", ".join(sorted([*_SETTERS, *_FLAGS]))
+
+
+def parse_stage(text: str) -> operator_pb2.StageSpec:
+    """`10%,stratified,errors=20/3,bake=5m` -> StageSpec (syntax in
+    STAGE_HELP). Options left out stay unset, so the server's defaults apply:
+    success 100 %, no failure tolerated, pause on failure. Raises ValueError
+    saying what to change."""
+    head, *options = [part.strip() for part in text.split(",")]
+    if not head:
+        raise ValueError("empty stage; write e.g. --stage 10% or --stage 5,approve")
+    stage = operator_pb2.StageSpec()
+    if head.lower().startswith("shadow:"):
+        stage.shadow = True
+        head = head[len("shadow:") :].strip()
+    _set_size(stage, head)
+    seen: set[str] = set()
+    for option in options:
+        key, sep, value = (p.strip() for p in option.partition("="))
+        key = key.lower()
+        if not key:
+            raise ValueError(f"stage {text!r} has an empty option (two commas?)")
+        if key in seen:
+            raise ValueError(f"stage {text!r} gives {key} twice")
+        seen.add(key)
+        if key in _FLAGS:
+            if sep:
+                raise ValueError(f"{key} takes no value; write just {key}")
+            setattr(stage, "require_approval" if key == "approve" else key, True)
+        elif key in _SETTERS:
+            if not sep or not value:
+                raise ValueError(f"{key} needs a value: {key}=...")
+            _SETTERS[key](stage, value)
+        else:
+            raise ValueError(f"unknown stage option {key!r}; known: {_KNOWN}")
+    if stage.shadow and not stage.HasField("min_agreement"):
+        raise ValueError(f"shadow stage {text!r} needs agreement=RATIO (e.g. agreement=0.95)")
+    if not stage.shadow and stage.HasField("min_agreement"):
+        raise ValueError("agreement= applies to shadow stages only (shadow:SIZE,...)")
+    return stage
+
+
+def parse_ramp(text: str) -> tuple[int, float]:
+    """`10:2` -> (10 devices in the first minute, x2 every minute after)."""
+    base, sep, factor = text.strip().partition(":")
+    if not sep or not base.strip().isdigit() or int(base) < 1:
+        raise ValueError(f"{text!r} must look like BASE:FACTOR, e.g. 10:2 (BASE >= 1)")
+    value = _number("factor", factor.strip(), low=1, high=math.inf)
+    return int(base), value
+
+
+def parse_start_at(text: str) -> datetime:
+    """An ISO 8601 time (`2026-11-23T02:00Z`, `2026-11-23 03:00+01:00`);
+    without an offset it is UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO 8601 time; write e.g. 2026-11-23T02:00Z"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def rollout_ended(r: operator_pb2.Rollout) -> bool:
+    """Nothing more will happen: succeeded, or aborted with no device still
+    going back to its previous version."""
+    if r.state not in _ENDED:
+        return False
+    return not any(
+        d.state == operator_pb2.ROLLOUT_DEVICE_STATE_IN_PROGRESS and d.reason.startswith("revert")
+        for d in r.devices
+    )
+
+
+# ------------------------------------------------------------------ commands
+
+
+@click.group()
+def rollouts() -> None:
+    """Staged rollouts of a model version, gated on device health."""
+
+
+def _on_rollout(
+    env: Env, text: str, call: Callable[[str], operator_pb2.Rollout]
+) -> operator_pb2.Rollout:
+    """`call(rollout_id)`, accepting the short ids `rollouts ls` shows."""
+
+    def list_ids() -> list[str]:
+        listed = env.stub.ListRollouts(operator_pb2.ListRolloutsRequest())
+        return [r.id for r in listed.rollouts]
+
+    return call_by_id(text, call, list_ids, "rollout")
+
+
+def _get(env: Env, rollout_id: str) -> operator_pb2.Rollout:
+    return env.stub.GetRollout(operator_pb2.GetRolloutRequest(id=rollout_id))
+
+
+def _pacing(
+    max_per_minute: int, ramp: tuple[int, float] | None, timeout: timedelta | None, retries: int
+) -> operator_pb2.Pacing:
+    pacing = operator_pb2.Pacing(max_per_minute=max_per_minute, device_retries=retries)
+    if ramp is not None:
+        pacing.ramp_base_per_minute, pacing.ramp_factor = ramp
+    if timeout is not None:
+        pacing.device_timeout.FromTimedelta(timeout)
+    return pacing
+
+
+@rollouts.command("create", epilog=STAGE_HELP)
+@click.argument("ref", metavar="MODEL@VERSION", callback=parsed(parse_model_ref))
+@click.option(
+    "--class",
+    "class_names",
+    multiple=True,
+    metavar="NAME",
+    help="Devices of this class; repeatable.",
+)
+@label_option("Devices carrying this label; repeatable (with --class: both must hold).")
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    required=True,
+    metavar="SPEC",
+    callback=parsed(parse_stage),
+    help="A stage: SIZE[,OPTION]...; repeatable, in order (syntax below).",
+)
+@click.option("--dynamic", is_flag=True, help="Devices that start matching later join too.")
+@click.option("--start", is_flag=True, help="Start now (default: stay a draft until `start`).")
+@click.option(
+    "--start-at",
+    metavar="ISO-TIME",
+    callback=parsed(parse_start_at),
+    help="Start at this time, e.g. 2026-11-23T02:00Z (UTC unless an offset is given).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Only show which devices land in each stage, and which are excluded and why.",
+)
+@click.option(
+    "--max-per-minute",
+    metavar="N",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Notify at most N devices a minute (0: no limit).",
+)
+@click.option(
+    "--ramp",
+    metavar="BASE:FACTOR",
+    callback=parsed(parse_ramp),
+    help="Exponential ramp: BASE devices the first minute, x FACTOR each minute.",
+)
+@click.option(
+    "--device-timeout",
+    metavar="DURATION",
+    callback=parsed(parse_duration),
+    help="A device not done this long after being notified timed out (a failure).",
+)
+@click.option(
+    "--retries",
+    metavar="N",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Retries (with backoff) before a device counts as failed.",
+)
+@json_option
+@pass_env
+def rollouts_create(
+    env: Env,
+    ref: tuple[str, str],
+    class_names: Sequence[str],
+    labels: Sequence[tuple[str, str]],
+    stages: Sequence[operator_pb2.StageSpec],
+    dynamic: bool,
+    start: bool,
+    start_at: datetime | None,
+    dry_run: bool,
+    max_per_minute: int,
+    ramp: tuple[int, float] | None,
+    device_timeout: timedelta | None,
+    retries: int,
+    as_json: bool,
+) -> None:
+    """Create a rollout of MODEL@VERSION to devices of --class and/or --label.
+
+    Each device gets its class's artifact of the version; devices that cannot
+    take part (no passing artifact, offline, pending, in another active
+    rollout) are excluded with the reason. A draft until started (--start,
+    --start-at or `rollouts start`)."""
+    if not class_names and not labels:
+        usage_error("name the cohort with --class and/or --label")
+    if dry_run and (start or start_at):
+        usage_error("--dry-run only plans; leave out --start and --start-at")
+    spec = operator_pb2.RolloutSpec(
+        model_name=ref[0],
+        model_version=ref[1],
+        class_names=class_names,
+        label_selector=dict(labels),
+        stages=stages,
+        pacing=_pacing(max_per_minute, ramp, device_timeout, retries),
+        dynamic=dynamic,
+    )
+    if start_at is not None:
+        spec.start_at.FromDatetime(start_at)
+    resp = env.stub.CreateRollout(
+        operator_pb2.CreateRolloutRequest(
+            spec=spec, dry_run=dry_run, start=start or start_at is not None
+        )
+    )
+    if dry_run:
+        emit(as_json, resp, lambda: render.rollout_plan(spec, resp.planned, resp.excluded))
+    else:
+        emit(as_json, resp.rollout, lambda: render.rollout_detail(resp.rollout, now()))
+
+
+@rollouts.command("ls")
+@enum_option("--state", wrapper=operator_pb2.RolloutState, help="Only rollouts in this state.")
+@json_option
+@pass_env
+def rollouts_ls(env: Env, state: operator_pb2.RolloutState.ValueType | None, as_json: bool) -> None:
+    """List rollouts, newest first."""
+    resp = env.stub.ListRollouts(
+        operator_pb2.ListRolloutsRequest(state=state or operator_pb2.ROLLOUT_STATE_UNSPECIFIED)
+    )
+    emit(as_json, resp.rollouts, lambda: render.rollouts_table(resp.rollouts, now()))
+
+
+@rollouts.command("show")
+@click.argument("rollout_id", metavar="ID")
+@json_option
+@pass_env
+def rollouts_show(env: Env, rollout_id: str, as_json: bool) -> None:
+    """Show a rollout: its spec, state and reason, each stage's progress and
+    gates against their limits, and every device with its state and reason."""
+    found = _on_rollout(env, rollout_id, lambda i: _get(env, i))
+    emit(as_json, found, lambda: render.rollout_detail(found, now()))
+
+
+def _action(
+    name: str,
+    verb: str,
+    rpc: Callable[[Env, operator_pb2.RolloutActionRequest], operator_pb2.Rollout],
+    doc: str,
+) -> None:
+    """Register `rollouts NAME ID [--reason]`: one RolloutActionRequest RPC."""
+
+    @rollouts.command(name, help=doc)
+    @click.argument("rollout_id", metavar="ID")
+    @click.option("--reason", default="", help="Why, for the audit log.")
+    @json_option
+    @pass_env
+    def command(env: Env, rollout_id: str, reason: str, as_json: bool) -> None:
+        done = _on_rollout(
+            env,
+            rollout_id,
+            lambda i: rpc(env, operator_pb2.RolloutActionRequest(id=i, reason=reason)),
+        )
+        emit(as_json, done, lambda: render.rollout_action(verb, done))
+
+
+_action("start", "started", lambda env, req: env.stub.StartRollout(req),
+        "Start a draft rollout now (or at its start time).")  # fmt: skip
+_action("pause", "paused", lambda env, req: env.stub.PauseRollout(req),
+        "Pause a rollout: no device is notified until `resume`.")  # fmt: skip
+_action("resume", "resumed", lambda env, req: env.stub.ResumeRollout(req),
+        "Resume a paused rollout. The current stage's failures so far are "
+        "acknowledged: only new failures can trip its error threshold again.")  # fmt: skip
+_action("approve", "approved", lambda env, req: env.stub.ApproveRolloutStage(req),
+        "Approve the next stage of a rollout waiting for approval.")  # fmt: skip
+
+
+@rollouts.command("abort", help=ABORT_HELP)
+@click.argument("rollout_id", metavar="ID")
+@click.option("--keep", is_flag=True, help="Devices keep what they have now (no revert).")
+@click.option("--reason", default="", help="Why, for the audit log.")
+@json_option
+@pass_env
+def rollouts_abort(env: Env, rollout_id: str, keep: bool, reason: str, as_json: bool) -> None:
+    done = _on_rollout(
+        env,
+        rollout_id,
+        lambda i: env.stub.AbortRollout(
+            operator_pb2.AbortRolloutRequest(id=i, reason=reason, revert=not keep)
+        ),
+    )
+    emit(as_json, done, lambda: render.rollout_action("aborted", done))
+
+
+@rollouts.command("watch")
+@click.argument("rollout_id", metavar="ID")
+@json_option
+@pass_env
+def rollouts_watch(env: Env, rollout_id: str, as_json: bool) -> None:
+    """Follow a rollout live until it ends (a redraw every second); Ctrl-C
+    stops watching, the rollout goes on. With --json: one JSON line per change."""
+    current = _on_rollout(env, rollout_id, lambda i: _get(env, i))
+    try:
+        if as_json:
+            _watch_json(env, current)
+        else:
+            _watch_live(env, current)
+    except KeyboardInterrupt:
+        pass  # the usual way to stop watching: not an error
+
+
+def _watch_json(env: Env, current: operator_pb2.Rollout) -> None:
+    last = ""
+    while True:
+        line = json.dumps(to_json_dict(current), separators=(",", ":"))
+        if line != last:
+            click.echo(line)
+            last = line
+        if rollout_ended(current):
+            return
+        time.sleep(POLL_INTERVAL_S)
+        current = _get(env, current.id)
+
+
+def _watch_live(env: Env, current: operator_pb2.Rollout) -> None:
+    def view(r: operator_pb2.Rollout) -> RenderableType:
+        return render.rollout_detail(r, now(), max_devices=WATCH_MAX_DEVICES)
+
+    with Live(view(current), console=Console(), auto_refresh=False) as live:
+        while not rollout_ended(current):
+            time.sleep(POLL_INTERVAL_S)
+            current = _get(env, current.id)
+            live.update(view(current), refresh=True)

@@ -1,0 +1,593 @@
+"""The rollout orchestrator: a reconcile loop over persisted state.
+
+Every tick (default 0.5 s) each replica looks at the rollouts that need work
+and, for each, tries to take (or renew) its lease: one conditional UPDATE
+that succeeds only when the lease is free, expired or already ours. Only the
+lease holder drives a rollout, so with several replicas on PostgreSQL exactly
+one drives each rollout at a time, and another takes over when the holder
+stops renewing (it died). A driving step is one transaction that reads the
+rollout and its devices, decides, and writes the decisions together with the
+assignments they imply: a replica killed mid-step leaves nothing half done,
+and a step repeated after a crash finds its work already recorded (a device
+is notified once: its row says `notified` in the same commit as its
+assignment).
+
+One step, in order:
+1. scheduled rollouts whose start time came begin;
+2. device states follow what the agents reported for the rollout's
+   assignment sequence; devices past their timeout, and failed ones, are
+   retried with backoff while retries remain, else count as timed out/failed;
+3. an aborted rollout with "revert" assigns every device that took the new
+   version its previous one, and finishes once they all report back;
+4. dynamic rollouts admit devices that started matching;
+5. waiting devices of the current (and earlier) stages are notified, as
+   many as the pacing allows;
+6. the current stage is judged: thresholds (domain/rollouts.judge_stage) and
+   health gates over the new version's telemetry from the stage's devices
+   (silence counts as failure); failure pauses or aborts and reverts, success
+   bakes for the stage's bake time, then waits for approval or moves on.
+Every transition is written to the audit log (actor "orchestrator") and
+published as a "rollout.updated" event."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from controlplane.db.models import (
+    DeviceAssignmentRow,
+    DeviceClassRow,
+    DeviceRow,
+    ModelVersionRow,
+    RolloutDeviceRow,
+    RolloutRow,
+    TelemetryRow,
+    utcnow,
+)
+from controlplane.db.uow import Database, UnitOfWork
+from controlplane.domain.rollout_spec import ABORT_REVERT, RolloutSpec, StageSpec
+from controlplane.domain.rollouts import (
+    Acknowledged,
+    ClassLimits,
+    DeviceHealth,
+    StageCounts,
+    Verdict,
+    describe,
+    device_timed_out,
+    evaluate_gates,
+    judge_stage,
+    late_stage,
+    notify_allowance,
+    retry_delay_s,
+    should_retry,
+)
+from controlplane.services import audit
+from controlplane.services.deployments import artifact_for, assign_device
+from controlplane.services.devices import EventSink
+from controlplane.services.events import FleetEvent
+from controlplane.services.rollouts import (
+    ABORTED,
+    ACTIVE,
+    COMMITTED,
+    FAILED,
+    FAILED_STATES,
+    IN_PROGRESS,
+    KEEP,
+    NOTIFIED,
+    PAUSED,
+    REJECTED,
+    REVERT,
+    REVERTED,
+    REVERTING,
+    RUNNING,
+    SCHEDULED,
+    SUCCEEDED,
+    TIMED_OUT,
+    WAITING,
+    WAITING_APPROVAL,
+    abort,
+    active_rollout_of,
+    advance_stage,
+    cohort_exclusion,
+    matching_devices,
+)
+
+log = logging.getLogger(__name__)
+
+ACTOR = "orchestrator"
+# Agent update states that mean "still working on it".
+_WORKING = {"downloading", "verifying", "validating", "activating", "rolling_back"}
+
+
+@dataclass
+class Step:
+    """What one step changed: devices whose desired state must be pushed,
+    and whether the rollout changed at all."""
+
+    pushed: list[str] = field(default_factory=list)
+    changed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.isoformat()
+
+
+def _parse(value: object) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        db: Database,
+        events: EventSink,
+        *,
+        owner: str,
+        offline_after_s: float,
+        lease_s: float = 10.0,
+        tick_s: float = 0.5,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self._db = db
+        self._events = events
+        self.owner = owner
+        self._offline_after = dt.timedelta(seconds=offline_after_s)
+        self._lease = dt.timedelta(seconds=lease_s)
+        self.tick_s = tick_s
+        self._clock = clock
+
+    async def run(self, executor: Executor) -> None:
+        """Tick until cancelled; a failing tick is logged, not fatal."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(executor, self.tick)
+            except Exception:
+                log.exception("rollout orchestrator tick failed")
+            await asyncio.sleep(self.tick_s)
+
+    def tick(self) -> int:
+        """Drive every rollout that needs work and whose lease we get; how
+        many were driven."""
+        with self._db.unit_of_work(readonly=True) as uow:
+            ids = list(uow.session.scalars(
+                select(RolloutRow.id).where(or_(
+                    RolloutRow.state.in_(ACTIVE),
+                    (RolloutRow.state == ABORTED) & RolloutRow.finished_at.is_(None),
+                )).order_by(RolloutRow.created_at)
+            ))  # fmt: skip
+        driven = 0
+        for rollout_id in ids:
+            if self._take_lease(rollout_id):
+                self.drive(rollout_id)
+                driven += 1
+        return driven
+
+    def _take_lease(self, rollout_id: str) -> bool:
+        now = self._clock()
+        with self._db.unit_of_work() as uow:
+            result = uow.session.execute(
+                update(RolloutRow)
+                .where(
+                    RolloutRow.id == rollout_id,
+                    or_(
+                        RolloutRow.lease_owner.is_(None),
+                        RolloutRow.lease_owner == self.owner,
+                        RolloutRow.lease_expires_at < now,
+                    ),
+                )
+                .values(lease_owner=self.owner, lease_expires_at=now + self._lease)
+                .execution_options(synchronize_session=False)
+            )
+            uow.commit()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def release(self) -> None:
+        """Give up our leases (a clean shutdown), so another replica takes
+        over at once instead of after the lease expires."""
+        with self._db.unit_of_work() as uow:
+            uow.session.execute(
+                update(RolloutRow)
+                .where(RolloutRow.lease_owner == self.owner)
+                .values(lease_owner=None, lease_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            uow.commit()
+
+    # ------------------------------------------------------------ one step
+
+    def drive(self, rollout_id: str) -> Step:
+        """One reconcile step of one rollout, in one transaction."""
+        now = self._clock()
+        with self._db.unit_of_work() as uow:
+            session = uow.session
+            row = session.scalar(
+                select(RolloutRow).where(RolloutRow.id == rollout_id).with_for_update()
+            )
+            if row is None or row.lease_owner != self.owner:
+                return Step()
+            step = Step()
+            _Driver(self, uow, row, now, step).run()
+            uow.commit()
+        if step.pushed:
+            self._events.publish(
+                FleetEvent("device.assigned", tuple(step.pushed), desired_changed=True)
+            )
+        if step.changed:
+            self._events.publish(FleetEvent("rollout.updated", subject=rollout_id))
+        return step
+
+
+class _Driver:
+    """The decisions of one step (see the module docstring)."""
+
+    def __init__(
+        self, orchestrator: Orchestrator, uow: UnitOfWork, row: RolloutRow, now: dt.datetime,
+        step: Step,
+    ) -> None:  # fmt: skip
+        self.o = orchestrator
+        self.uow = uow
+        self.session: Session = uow.session
+        self.row = row
+        self.now = now
+        self.step = step
+        self.spec = RolloutSpec.from_dict(row.spec)
+        self.mv = self.session.get_one(ModelVersionRow, row.model_version_id)
+        self.devices = list(self.session.scalars(
+            select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == row.id)
+        ))  # fmt: skip
+
+    def record(self, action: str, **details: object) -> None:
+        audit.record(self.uow, ACTOR, action, f"rollout:{self.row.id}", **details)
+        self.step.changed = True
+
+    def run(self) -> None:
+        row = self.row
+        if row.state == SCHEDULED and (row.start_at is None or row.start_at <= self.now):
+            row.state = RUNNING
+            row.started_at = self.now
+            self.stage_state(0)["started_at"] = _iso(self.now)
+            self.save_stages()
+            self.record("rollout.begin")
+        self.follow_devices()
+        if row.state == ABORTED:
+            self.revert()
+            return
+        if row.state != RUNNING:
+            return
+        if self.spec.dynamic:
+            self.admit_late_devices()
+        self.notify()
+        self.judge()
+
+    # ------------------------------------------------------------ stage state
+
+    def stage_state(self, index: int) -> dict[str, object]:
+        if not hasattr(self, "_stages"):
+            self._stages = [dict(s) for s in self.row.stages]
+        return self._stages[index]
+
+    def save_stages(self) -> None:
+        if hasattr(self, "_stages"):
+            self.row.stages = [dict(s) for s in self._stages]
+
+    # ------------------------------------------------------------ devices
+
+    def follow_devices(self) -> None:
+        """Device states from the agents' reports; timeouts and retries."""
+        pacing = self.spec.pacing
+        ids = [d.device_id for d in self.devices if d.state in (NOTIFIED, IN_PROGRESS, REVERTING)]
+        statuses = {
+            device_id: status or {}
+            for device_id, status in self.session.execute(
+                select(DeviceRow.id, DeviceRow.update_status).where(DeviceRow.id.in_(ids))
+            )
+        } if ids else {}  # fmt: skip
+        for d in self.devices:
+            if d.state not in (NOTIFIED, IN_PROGRESS, REVERTING):
+                continue
+            status = statuses.get(d.device_id, {})
+            reported = status.get("state", "") if status.get("sequence") == d.sequence else ""
+            before = d.state
+            if d.state == REVERTING:
+                if reported == "committed":
+                    self.finish(d, REVERTED, "back on the previous version")
+                elif reported == "failed":
+                    self.finish(d, REVERTED, f"revert failed: {status.get('reason', '')}")
+                continue
+            if reported in ("committed", "shadowing"):
+                self.finish(d, COMMITTED, "")
+            elif reported == "failed":
+                self.fail(d, FAILED, status.get("reason") or "the update failed")
+            elif reported in _WORKING and d.state == NOTIFIED:
+                d.state = IN_PROGRESS
+            notified = d.notified_at.timestamp() if d.notified_at else self.now.timestamp()
+            if d.state in (NOTIFIED, IN_PROGRESS) and device_timed_out(
+                notified, self.now.timestamp(), pacing.device_timeout_s or None
+            ):
+                self.fail(d, TIMED_OUT, f"no result within {pacing.device_timeout_s:g} s")
+            if d.state != before:
+                self.step.changed = True
+
+    def finish(self, d: RolloutDeviceRow, state: str, reason: str) -> None:
+        d.state, d.reason, d.finished_at = state, reason, self.now
+
+    def fail(self, d: RolloutDeviceRow, state: str, reason: str) -> None:
+        """A failure, or a retry (with backoff) while retries remain."""
+        retries = self.spec.pacing.device_retries
+        if should_retry(d.attempts, retries):
+            d.state = WAITING
+            d.reason = f"attempt {d.attempts} {state.replace('_', ' ')}: {reason}; retrying"
+            # Backoff in units of the device timeout (a device that needs
+            # minutes is not retried every 30 s), else 30 s.
+            base = min(30.0, self.spec.pacing.device_timeout_s or 30.0)
+            delay = retry_delay_s(d.attempts, base_s=base)
+            d.next_attempt_at = self.now + dt.timedelta(seconds=delay)
+        else:
+            self.finish(d, state, reason)
+
+    def notify(self) -> None:
+        """Assign the version to waiting devices of the stages reached, as
+        many as the pacing allows now."""
+        row = self.row
+        if row.notify_started_at is None:
+            row.notify_started_at = self.now
+        notified = sum(d.attempts for d in self.devices)
+        elapsed = (self.now - row.notify_started_at).total_seconds()
+        allowance = notify_allowance(self.spec.pacing.pacing, elapsed, notified)
+        ready = [
+            d for d in self.devices
+            if d.state == WAITING and d.stage <= row.current_stage
+            and (d.next_attempt_at is None or d.next_attempt_at <= self.now)
+        ]  # fmt: skip
+        ready.sort(key=lambda d: (d.stage, d.device_id))
+        for d in ready[: max(0, allowance)]:
+            device = self.session.get_one(DeviceRow, d.device_id)
+            found = artifact_for(self.session, device, self.mv)
+            if isinstance(found, str):
+                self.finish(d, REJECTED, found)
+                continue
+            shadow = self.spec.stages[d.stage].shadow
+            assignment = assign_device(
+                self.session, device, self.mv, found, actor=f"rollout:{row.id}",
+                rollout_id=row.id, shadow=shadow,
+            )  # fmt: skip
+            d.state, d.sequence, d.notified_at = NOTIFIED, assignment.sequence, self.now
+            d.attempts += 1
+            d.next_attempt_at = None
+            self.step.pushed.append(d.device_id)
+            self.step.changed = True
+
+    def admit_late_devices(self) -> None:
+        """Dynamic rollouts: devices that match now and can take part join
+        the current stage."""
+        candidates, classes = matching_devices(self.session, self.spec)
+        known = {d.device_id for d in self.devices}
+        fresh = [c for c in candidates if c.id not in known]
+        if not fresh:
+            return
+        busy = active_rollout_of(self.session, (c.id for c in fresh))
+        offline_before = self.now - self.o._offline_after
+        reasons: dict[str | None, str | None] = {}
+        stage = late_stage(self.row.current_stage, None, len(self.spec.stages))
+        for device in fresh:
+            if device.id in busy or cohort_exclusion(
+                self.session, device, self.mv, offline_before=offline_before,
+                artifact_reasons=reasons,
+            ):  # fmt: skip
+                continue
+            previous = self.session.scalar(
+                select(DeviceAssignmentRow.model_version_id).where(
+                    DeviceAssignmentRow.device_id == device.id
+                )
+            )
+            late = RolloutDeviceRow(
+                rollout_id=self.row.id, device_id=device.id,
+                class_name=classes.get(device.class_id or "", ""), stage=stage, state=WAITING,
+                reason="joined while the rollout ran", attempts=0, sequence=0,
+                previous_model_version_id=previous,
+            )  # fmt: skip
+            self.session.add(late)
+            self.devices.append(late)
+            self.record("rollout.admit", device=device.id, stage=stage)
+
+    # ------------------------------------------------------------ judging
+
+    def judge(self) -> None:
+        row, index = self.row, self.row.current_stage
+        stage = self.spec.stages[index]
+        members = [d for d in self.devices if d.stage == index]
+        health, silent = self.health(stage, members)
+        gates = evaluate_gates(health, stage.gates, self.class_limits())
+        agreement = self.shadow_agreement(stage, members) if stage.shadow else None
+        counts = StageCounts(
+            total=len(members),
+            committed=sum(d.state == COMMITTED and d.device_id not in silent for d in members),
+            failed=sum(d.state in FAILED_STATES or d.device_id in silent for d in members),
+            in_progress=sum(d.state in (WAITING, NOTIFIED, IN_PROGRESS) for d in members),
+        )
+        state = self.stage_state(index)
+        ack = Acknowledged(int(state.get("ack_failed", 0) or 0),  # type: ignore[call-overload]
+                           int(state.get("ack_finished", 0) or 0))  # type: ignore[call-overload]  # fmt: skip
+        outcome = judge_stage(counts, stage.rule, ack)
+        state["counts"] = [counts.total, counts.committed, counts.failed, counts.in_progress]
+        state["gates"] = [[g.name, g.value, g.limit, g.passing] for g in gates]
+        failing = [g for g in gates if not g.passing]
+        if agreement is not None:
+            state["agreement"] = agreement
+        problem = ""
+        if outcome.verdict is Verdict.FAILED:
+            problem = outcome.reason
+        elif failing and counts.committed:
+            problem = "health gate failed: " + "; ".join(describe(g) for g in failing)
+        elif (
+            agreement is not None and stage.min_agreement is not None
+            and agreement[1] > 0 and agreement[0] < stage.min_agreement
+            and outcome.verdict is Verdict.SUCCEEDED
+        ):  # fmt: skip
+            problem = (
+                f"shadow agreement {agreement[0]:.3f} over {agreement[1]} mirrored requests "
+                f"is below the stage's minimum {stage.min_agreement:g}"
+            )
+        if problem:
+            state.pop("bake_started_at", None)
+            self.save_stages()
+            self.on_failure(stage, f"stage {index + 1} ({stage.name or index + 1}): {problem}")
+            return
+        if outcome.verdict is not Verdict.SUCCEEDED:
+            self.save_stages()
+            return
+        if stage.shadow and (agreement is None or agreement[1] == 0):
+            self.save_stages()
+            return  # no mirrored requests yet: nothing to judge agreement on
+        baking = _parse(state.get("bake_started_at"))
+        if baking is None:
+            state["bake_started_at"] = _iso(self.now)
+            self.save_stages()
+            self.record("rollout.stage_passed", stage=index, reason=outcome.reason)
+            baking = self.now
+        if (self.now - baking).total_seconds() < stage.bake_time_s:
+            self.save_stages()
+            return
+        self.save_stages()
+        if index == len(self.spec.stages) - 1:
+            row.state = SUCCEEDED
+            row.finished_at = self.now
+            row.reason = f"all {len(self.spec.stages)} stages passed"
+            self.record("rollout.succeeded")
+        elif stage.require_approval:
+            row.state = WAITING_APPROVAL
+            row.reason = f"stage {index + 1} passed; waiting for an operator's approval"
+            self.record("rollout.waiting_approval", stage=index)
+        else:
+            advance_stage(row, self.now)
+            if stage.shadow:
+                self.promote_shadow(index)
+            self.record("rollout.stage", stage=row.current_stage)
+
+    def promote_shadow(self, index: int) -> None:
+        """After a shadow stage its devices take the version for real, with
+        the next stage."""
+        for d in self.devices:
+            if d.stage == index:
+                d.stage, d.state, d.reason, d.attempts = index + 1, WAITING, "shadow passed", 0
+
+    def on_failure(self, stage: StageSpec, reason: str) -> None:
+        row = self.row
+        if stage.on_failure == ABORT_REVERT:
+            abort(row, REVERT, reason)
+            self.record("rollout.abort", reason=reason, revert=True)
+        else:
+            row.state = PAUSED
+            row.reason = reason
+            self.record("rollout.pause", reason=reason)
+
+    def class_limits(self) -> dict[str, ClassLimits]:
+        return {
+            c.name: ClassLimits(c.latency_budget_p95_ms, c.max_memory_mb)
+            for c in self.session.scalars(select(DeviceClassRow))
+        }
+
+    def health(
+        self, stage: StageSpec, members: Sequence[RolloutDeviceRow]
+    ) -> tuple[list[DeviceHealth], set[str]]:
+        """Per committed device: the new version's telemetry since it
+        committed; and the devices silent for longer than the stage allows."""
+        committed = [d for d in members if d.state == COMMITTED and d.finished_at]
+        if not committed or stage.shadow:
+            return [], set()
+        since = min(d.finished_at for d in committed if d.finished_at).timestamp() * 1000
+        t = TelemetryRow
+        rows = self.session.execute(
+            select(
+                t.device_id, func.max(t.latency_p95_ms), func.sum(t.error_count),
+                func.sum(t.request_count), func.max(t.memory_mb), func.max(t.at_ms),
+            ).where(
+                t.device_id.in_([d.device_id for d in committed]), t.at_ms >= int(since),
+                t.model_name == self.spec.model_name, t.model_version == self.spec.model_version,
+            ).group_by(t.device_id)
+        )  # fmt: skip
+        stats = {r[0]: r for r in rows}
+        health, silent = [], set()
+        max_silence = stage.gates.max_silence_s
+        for d in committed:
+            r = stats.get(d.device_id)
+            last = (r[5] / 1000) if r and r[5] else None
+            age = self.now.timestamp() - last if last else None
+            if age is None and d.finished_at:
+                age_since_commit = (self.now - d.finished_at).total_seconds()
+                age = age_since_commit if max_silence and age_since_commit > max_silence else 0.0
+            requests = int(r[3] or 0) if r else 0
+            health.append(DeviceHealth(
+                d.device_id, d.class_name,
+                latency_p95_ms=float(r[1]) if r and requests else None,
+                error_rate=(int(r[2] or 0) / requests) if r and requests else None,
+                memory_mb=float(r[4]) if r else None,
+                last_report_age_s=age,
+            ))  # fmt: skip
+            if max_silence and age is not None and age > max_silence:
+                silent.add(d.device_id)
+        return health, silent
+
+    def shadow_agreement(
+        self, stage: StageSpec, members: Sequence[RolloutDeviceRow]
+    ) -> tuple[float, int] | None:
+        """(request-weighted argmax agreement, mirrored requests) of the
+        candidate on the stage's devices."""
+        ids = [d.device_id for d in members if d.state == COMMITTED]
+        if not ids:
+            return None
+        t = TelemetryRow
+        requests, weighted = self.session.execute(
+            select(
+                func.sum(t.shadow_requests), func.sum(t.shadow_agreement * t.shadow_requests)
+            ).where(t.device_id.in_(ids), t.shadow_version == self.spec.model_version)
+        ).one()
+        requests = int(requests or 0)
+        return ((float(weighted or 0) / requests) if requests else 0.0, requests)
+
+    # ------------------------------------------------------------ revert
+
+    def revert(self) -> None:
+        """Aborted with revert: every device that took (or may be taking)
+        the version gets its previous one; the rollout finishes when none is
+        still reverting."""
+        row = self.row
+        if row.abort_mode == KEEP:
+            row.finished_at = row.finished_at or self.now
+            return
+        for d in self.devices:
+            if d.state in (COMMITTED, NOTIFIED, IN_PROGRESS):
+                if d.previous_model_version_id is None:
+                    d.state, d.reason = REVERTED, "nothing to revert to: no previous version"
+                    self.step.changed = True
+                    continue
+                device = self.session.get_one(DeviceRow, d.device_id)
+                previous = self.session.get_one(ModelVersionRow, d.previous_model_version_id)
+                found = artifact_for(self.session, device, previous)
+                if isinstance(found, str):
+                    d.state, d.reason = REVERTED, f"cannot revert: {found}"
+                    self.step.changed = True
+                    continue
+                assignment = assign_device(
+                    self.session, device, previous, found, actor=f"rollout:{row.id}",
+                    rollout_id=row.id,
+                )  # fmt: skip
+                d.state, d.sequence, d.notified_at = REVERTING, assignment.sequence, self.now
+                d.reason = f"reverting to {previous.version}"
+                self.step.pushed.append(d.device_id)
+                self.step.changed = True
+            elif d.state == WAITING:
+                d.state, d.reason = REVERTED, "never notified"
+                self.step.changed = True
+        if not any(d.state == REVERTING for d in self.devices):
+            row.finished_at = self.now
+            self.record("rollout.reverted")

@@ -1,0 +1,444 @@
+"""Rollouts, the operator's side: planning (the dry run), creating, and the
+actions (start, pause, resume, approve, abort). The orchestrator
+(orchestrator.py) drives running rollouts from the rows these write.
+
+A rollout's cohort is the accepted devices in its classes and/or carrying its
+labels. A device is excluded, with the reason, when it is pending or rejected,
+matches no class, its class has no successful build of the version, it is
+offline, or it is already in another active rollout. At most one active
+rollout per device: creating one that would take a device from another fails
+with the list of devices."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controlplane.db.models import (
+    DeviceAssignmentRow,
+    DeviceClassRow,
+    DeviceRow,
+    ModelVersionRow,
+    RolloutDeviceRow,
+    RolloutRow,
+    utcnow,
+)
+from controlplane.db.uow import Database, UnitOfWork
+from controlplane.domain import secrets
+from controlplane.domain.rollout_spec import RolloutSpec, SpecError
+from controlplane.domain.rollouts import CohortDevice, plan_stages
+from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
+from controlplane.services import audit
+from controlplane.services.deployments import artifact_for
+from controlplane.services.devices import ACCEPTED, EventSink
+from controlplane.services.events import FleetEvent
+from controlplane.services.registry import require_version
+
+DRAFT, SCHEDULED, RUNNING = "draft", "scheduled", "running"
+WAITING_APPROVAL, PAUSED = "waiting_approval", "paused"
+SUCCEEDED, ABORTED = "succeeded", "aborted"
+ROLLOUT_STATES = (DRAFT, SCHEDULED, RUNNING, WAITING_APPROVAL, PAUSED, SUCCEEDED, ABORTED)
+# Rollouts that hold their devices (a draft does not: it only plans).
+ACTIVE = (SCHEDULED, RUNNING, WAITING_APPROVAL, PAUSED)
+
+# Device states in a rollout.
+WAITING, NOTIFIED, IN_PROGRESS, COMMITTED = "waiting", "notified", "in_progress", "committed"
+FAILED, REJECTED, TIMED_OUT = "failed", "rejected", "timed_out"
+REVERTING, REVERTED = "reverting", "reverted"
+DEVICE_STATES = (
+    WAITING, NOTIFIED, IN_PROGRESS, COMMITTED, FAILED, REJECTED, TIMED_OUT, REVERTING, REVERTED,
+)  # fmt: skip
+FAILED_STATES = (FAILED, REJECTED, TIMED_OUT)
+FINISHED_STATES = (COMMITTED, *FAILED_STATES)
+REVERT, KEEP = "revert", "keep"
+
+
+@dataclass(frozen=True)
+class PlannedDevice:
+    device_id: str
+    name: str
+    class_name: str
+    stage: int
+    # The model version the device was assigned before (to revert to).
+    previous_model_version_id: str | None
+
+
+@dataclass(frozen=True)
+class Excluded:
+    device_id: str
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    devices: list[PlannedDevice]
+    excluded: list[Excluded]
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    row: RolloutRow
+    spec: RolloutSpec
+    devices: list[RolloutDeviceRow]
+    names: dict[str, str]
+
+
+def active_rollout_of(session: Session, device_ids: Iterable[str]) -> dict[str, str]:
+    """device id -> the active rollout holding it."""
+    ids = list(device_ids)
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(RolloutDeviceRow.device_id, RolloutRow.id)
+        .join(RolloutRow, RolloutRow.id == RolloutDeviceRow.rollout_id)
+        .where(RolloutRow.state.in_(ACTIVE), RolloutDeviceRow.device_id.in_(ids))
+    )
+    return {device_id: rollout_id for device_id, rollout_id in rows}
+
+
+def cohort_exclusion(
+    session: Session,
+    device: DeviceRow,
+    mv: ModelVersionRow,
+    *,
+    offline_before: dt.datetime,
+    artifact_reasons: dict[str | None, str | None],
+) -> str | None:
+    """Why `device` cannot take part (None: it can). `artifact_reasons`
+    caches the build check per class."""
+    if device.state != ACCEPTED:
+        return f"device is {device.state}"
+    if device.class_id is None:
+        return "device matches no device class"
+    if device.class_id not in artifact_reasons:
+        found = artifact_for(session, device, mv)
+        artifact_reasons[device.class_id] = found if isinstance(found, str) else None
+    if artifact_reasons[device.class_id] is not None:
+        return artifact_reasons[device.class_id]
+    if device.last_seen_at is None or device.last_seen_at < offline_before:
+        return "device is offline"
+    return None
+
+
+def matching_devices(session: Session, spec: RolloutSpec) -> tuple[list[DeviceRow], dict[str, str]]:
+    """Devices in the spec's classes (if any) carrying its labels (if any),
+    and class id -> name."""
+    classes = {c.id: c.name for c in session.scalars(select(DeviceClassRow))}
+    stmt = select(DeviceRow).where(DeviceRow.state != "decommissioned")
+    if spec.class_names:
+        known = {name: cid for cid, name in classes.items()}
+        missing = [n for n in spec.class_names if n not in known]
+        if missing:
+            raise NotFound(f"no device class named {', '.join(repr(n) for n in missing)}")
+        stmt = stmt.where(DeviceRow.class_id.in_([known[n] for n in spec.class_names]))
+    selector = spec.label_selector
+    rows = [
+        d
+        for d in session.scalars(stmt.order_by(DeviceRow.id))
+        if all(d.labels.get(k) == v for k, v in selector.items())
+    ]
+    return rows, classes
+
+
+class RolloutService:
+    def __init__(self, db: Database, events: EventSink, *, offline_after_s: float) -> None:
+        self._db = db
+        self._events = events
+        self._offline_after = dt.timedelta(seconds=offline_after_s)
+
+    # ------------------------------------------------------------ planning
+
+    def _plan(
+        self, session: Session, spec: RolloutSpec, mv: ModelVersionRow, exclude_rollout: str = ""
+    ) -> Plan:
+        devices, classes = matching_devices(session, spec)
+        busy = active_rollout_of(session, (d.id for d in devices))
+        offline_before = utcnow() - self._offline_after
+        reasons: dict[str | None, str | None] = {}
+        members: list[DeviceRow] = []
+        excluded: list[Excluded] = []
+        for device in devices:
+            reason = cohort_exclusion(
+                session, device, mv, offline_before=offline_before, artifact_reasons=reasons
+            )
+            other = busy.get(device.id)
+            if reason is None and other and other != exclude_rollout:
+                reason = f"already in active rollout {other}"
+            if reason is None:
+                members.append(device)
+            else:
+                excluded.append(Excluded(device.id, device.name, reason))
+        cohort = [CohortDevice(d.id, classes.get(d.class_id or "", "")) for d in members]
+        stages = plan_stages(cohort, [s.size for s in spec.stages])
+        by_id = {d.id: d for d in members}
+        previous = {
+            row.device_id: row.model_version_id
+            for row in session.scalars(
+                select(DeviceAssignmentRow).where(DeviceAssignmentRow.device_id.in_(list(by_id)))
+            )
+        }
+        planned = [
+            PlannedDevice(
+                device_id,
+                by_id[device_id].name,
+                classes.get(by_id[device_id].class_id or "", ""),
+                index,
+                previous.get(device_id),
+            )
+            for index, stage in enumerate(stages)
+            for device_id in stage
+        ]
+        return Plan(planned, excluded)
+
+    @staticmethod
+    def _spec(spec: RolloutSpec) -> RolloutSpec:
+        try:
+            spec.validate()
+        except SpecError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return spec
+
+    # ------------------------------------------------------------ create
+
+    def create(
+        self, actor: str, spec: RolloutSpec, *, dry_run: bool = False, start: bool = False
+    ) -> tuple[RolloutView | None, Plan]:
+        """Plan the rollout; unless `dry_run`, store it (a draft, or started
+        when `start`). Fails if a cohort device is in another active rollout."""
+        self._spec(spec)
+        with self._db.unit_of_work() as uow:
+            session = uow.session
+            mv = require_version(session, spec.model_name, spec.model_version)
+            plan = self._plan(session, spec, mv)
+            if dry_run:
+                return None, plan
+            busy = [e for e in plan.excluded if e.reason.startswith("already in active rollout")]
+            if busy and start:
+                self._conflict(busy)
+            if not plan.devices:
+                raise FailedPrecondition(
+                    "no device can take part: "
+                    + ("; ".join(f"{e.name}: {e.reason}" for e in plan.excluded) or "none match")
+                )
+            row = RolloutRow(
+                id=secrets.new_id(),
+                model_version_id=mv.id,
+                spec=spec.to_dict(),
+                state=DRAFT,
+                current_stage=0,
+                stages=[{} for _ in spec.stages],
+                reason="",
+                abort_mode="",
+                created_by=actor,
+                start_at=spec.start_at,
+            )
+            session.add(row)
+            session.flush()
+            for planned in plan.devices:
+                session.add(
+                    RolloutDeviceRow(
+                        rollout_id=row.id,
+                        device_id=planned.device_id,
+                        class_name=planned.class_name,
+                        stage=planned.stage,
+                        state=WAITING,
+                        reason="",
+                        attempts=0,
+                        sequence=0,
+                        previous_model_version_id=planned.previous_model_version_id,
+                    )
+                )
+            audit.record(
+                uow, actor, "rollout.create", f"rollout:{row.id}",
+                model=f"{spec.model_name}@{spec.model_version}", devices=len(plan.devices),
+                excluded=len(plan.excluded),
+            )  # fmt: skip
+            if start:
+                self._start(uow, row, actor)
+            uow.commit()
+            view = self._view(session, row)
+        self._announce(view.row.id, "created")
+        return view, plan
+
+    @staticmethod
+    def _conflict(busy: Sequence[Excluded]) -> None:
+        raise FailedPrecondition(
+            f"{len(busy)} device(s) are already in another active rollout (at most one per "
+            "device): " + "; ".join(f"{e.name} ({e.device_id}): {e.reason}" for e in busy)
+        )
+
+    def _start(self, uow: UnitOfWork, row: RolloutRow, actor: str) -> None:
+        session = uow.session
+        ids = list(session.scalars(
+            select(RolloutDeviceRow.device_id).where(RolloutDeviceRow.rollout_id == row.id)
+        ))  # fmt: skip
+        busy = {d: r for d, r in active_rollout_of(session, ids).items() if r != row.id}
+        if busy:
+            names = {i: n for i, n in session.execute(select(DeviceRow.id, DeviceRow.name).where(
+                DeviceRow.id.in_(list(busy))))}  # fmt: skip
+            self._conflict(
+                [
+                    Excluded(d, names.get(d, d), f"already in active rollout {r}")
+                    for d, r in busy.items()
+                ]
+            )
+        now = utcnow()
+        if row.start_at is not None and row.start_at > now:
+            row.state = SCHEDULED
+        else:
+            row.state = RUNNING
+            row.started_at = now
+            stages = [dict(s) for s in row.stages]
+            stages[0]["started_at"] = now.isoformat()
+            row.stages = stages
+        audit.record(uow, actor, "rollout.start", f"rollout:{row.id}", state=row.state)
+
+    # ------------------------------------------------------------ actions
+
+    def _act(
+        self, actor: str, rollout_id: str, action: str, change: Any, **details: Any
+    ) -> RolloutView:
+        with self._db.unit_of_work() as uow:
+            row = self._require(uow.session, rollout_id, for_update=True)
+            change(uow, row)
+            audit.record(uow, actor, f"rollout.{action}", f"rollout:{row.id}", state=row.state,
+                         **details)  # fmt: skip
+            uow.commit()
+            view = self._view(uow.session, row)
+        self._announce(rollout_id, action)
+        return view
+
+    def start(self, actor: str, rollout_id: str) -> RolloutView:
+        def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            if row.state != DRAFT:
+                raise FailedPrecondition(f"rollout {row.id} is {row.state}; only a draft starts")
+            self._start(uow, row, actor)
+
+        return self._act(actor, rollout_id, "started", change)
+
+    def pause(self, actor: str, rollout_id: str, reason: str) -> RolloutView:
+        def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            if row.state not in (SCHEDULED, RUNNING, WAITING_APPROVAL):
+                raise FailedPrecondition(f"rollout {row.id} is {row.state}; it cannot pause")
+            row.state = PAUSED
+            row.reason = f"paused by {actor}" + (f": {reason}" if reason else "")
+
+        return self._act(actor, rollout_id, "pause", change, reason=reason)
+
+    def resume(self, actor: str, rollout_id: str, reason: str) -> RolloutView:
+        """Back to running; the current stage's failures so far are
+        acknowledged, so only new ones can trip its error threshold again."""
+
+        def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            if row.state != PAUSED:
+                raise FailedPrecondition(
+                    f"rollout {row.id} is {row.state}; only a paused one resumes"
+                )
+            devices = self._devices(uow.session, row.id)
+            current = [d for d in devices if d.stage == row.current_stage]
+            stages = [dict(s) for s in row.stages]
+            stages[row.current_stage]["ack_failed"] = sum(d.state in FAILED_STATES for d in current)
+            stages[row.current_stage]["ack_finished"] = sum(
+                d.state in FINISHED_STATES for d in current
+            )
+            stages[row.current_stage].pop("bake_started_at", None)
+            row.stages = stages
+            row.state = RUNNING if row.started_at else SCHEDULED
+            row.reason = ""
+
+        return self._act(actor, rollout_id, "resume", change, reason=reason)
+
+    def approve(self, actor: str, rollout_id: str) -> RolloutView:
+        def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            if row.state != WAITING_APPROVAL:
+                raise FailedPrecondition(
+                    f"rollout {row.id} is {row.state}; nothing is waiting for approval"
+                )
+            advance_stage(row, utcnow())
+            row.state = RUNNING
+            row.reason = ""
+
+        return self._act(actor, rollout_id, "approve", change)
+
+    def abort(self, actor: str, rollout_id: str, *, revert: bool, reason: str) -> RolloutView:
+        def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            if row.state in (SUCCEEDED, ABORTED):
+                raise FailedPrecondition(f"rollout {row.id} already {row.state}")
+            abort(row, REVERT if revert else KEEP, f"aborted by {actor}" + (
+                f": {reason}" if reason else ""))  # fmt: skip
+
+        return self._act(actor, rollout_id, "abort", change, revert=revert, reason=reason)
+
+    # ------------------------------------------------------------ queries
+
+    def get(self, rollout_id: str) -> RolloutView:
+        with self._db.unit_of_work(readonly=True) as uow:
+            return self._view(uow.session, self._require(uow.session, rollout_id))
+
+    def list_rollouts(self, state: str = "") -> list[RolloutView]:
+        if state and state not in ROLLOUT_STATES:
+            raise InvalidArgument(f"unknown rollout state {state!r}")
+        stmt = select(RolloutRow).order_by(RolloutRow.created_at.desc())
+        if state:
+            stmt = stmt.where(RolloutRow.state == state)
+        with self._db.unit_of_work(readonly=True) as uow:
+            return [self._view(uow.session, r) for r in uow.session.scalars(stmt)]
+
+    @staticmethod
+    def _require(session: Session, rollout_id: str, *, for_update: bool = False) -> RolloutRow:
+        if not rollout_id:
+            raise InvalidArgument("rollout id is required")
+        stmt = select(RolloutRow).where(RolloutRow.id == rollout_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        row = session.scalar(stmt)
+        if row is None:
+            raise NotFound(f"no rollout with id {rollout_id!r}")
+        return row
+
+    @staticmethod
+    def _devices(session: Session, rollout_id: str) -> list[RolloutDeviceRow]:
+        return list(session.scalars(
+            select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == rollout_id)
+            .order_by(RolloutDeviceRow.stage, RolloutDeviceRow.device_id)
+        ))  # fmt: skip
+
+    def _view(self, session: Session, row: RolloutRow) -> RolloutView:
+        devices = self._devices(session, row.id)
+        # Not dict(result): a Result has keys(), so dict() would index it.
+        names = {device_id: name for device_id, name in session.execute(
+            select(DeviceRow.id, DeviceRow.name).where(
+                DeviceRow.id.in_([d.device_id for d in devices]))
+        )}  # fmt: skip
+        return RolloutView(row, RolloutSpec.from_dict(row.spec), devices, names)
+
+    def _announce(self, rollout_id: str, what: str) -> None:
+        self._events.publish(FleetEvent("rollout.updated", subject=rollout_id, message=what))
+
+
+# ---------------------------------------------------------------- transitions
+
+
+def advance_stage(row: RolloutRow, now: dt.datetime) -> None:
+    """Finish the current stage and start the next one."""
+    stages = [dict(s) for s in row.stages]
+    stages[row.current_stage]["finished_at"] = now.isoformat()
+    row.current_stage += 1
+    stages[row.current_stage]["started_at"] = now.isoformat()
+    row.stages = stages
+
+
+def abort(row: RolloutRow, mode: str, reason: str) -> None:
+    """Abort; with "revert" the orchestrator then puts every device that took
+    the version back on its previous one, and finishes the rollout."""
+    row.state = ABORTED
+    row.abort_mode = mode
+    row.reason = reason
+    if mode == KEEP:
+        row.finished_at = utcnow()

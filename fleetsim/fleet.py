@@ -1,0 +1,261 @@
+"""A simulated fleet: N SimAgents in one asyncio process against a real
+control plane, sharing a few gRPC channels.
+
+    async with Fleet("127.0.0.1:7443", token, profile, 1000, prefix="lab") as fleet:
+        ...                                   # start() waited for every stream
+        await fleet.wait_until(lambda f: f.counts()[("committed", "2.0.0")] == 1000)
+        print(fleet.summary().to_dict())
+
+Each channel is one TCP connection with its own HTTP/2 state; about 500
+streams share one (`agents_per_channel`), which keeps this process's cost
+per agent low without making any one connection a bottleneck. Enroll calls
+and Sync connects in flight are bounded (`connect_concurrency`), so a fleet
+starting, or reconnecting after a control-plane restart, queues here rather
+than at the server's database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from edgefleet.v1 import device_pb2_grpc
+
+from .agent import FleetContext, SimAgent
+from .profiles import FleetProfile, default_profile
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    # A local subchannel pool gives each channel its own TCP connection;
+    # otherwise channels with identical arguments share one inside grpc.
+    ("grpc.use_local_subchannel_pool", 1),
+    # Above the heartbeat interval, so the server's ping policy never trips.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # After a control-plane restart, a channel must come back within the
+    # agents' own backoff rather than grpc's default of up to two minutes.
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+]
+
+
+class FleetError(Exception):
+    """The fleet cannot do what was asked (e.g. the token is refused)."""
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """Where the fleet stands, counted over its agents."""
+
+    agents: int
+    elapsed_s: float
+    # Connection state -> agents (online, connecting, backoff, silent, ...).
+    connection: dict[str, int]
+    # Model version -> update state -> agents; "" is no assignment yet.
+    updates: dict[str, dict[str, int]]
+    # Version served -> agents; "" is no model.
+    active: dict[str, int]
+    # Class the control plane placed the device in -> agents; "" unclassified.
+    classes: dict[str, int]
+    # FleetStats: RPCs made and errors seen.
+    stats: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+class Fleet:
+    """N simulated agents. `start()`, then read `agents`, `counts()`,
+    `summary()`; `stop()` ends every stream and closes the channels."""
+
+    def __init__(
+        self,
+        server: str,
+        token: str,
+        profile: FleetProfile | None = None,
+        n: int = 1,
+        prefix: str = "sim",
+        *,
+        download: bool = False,
+        seed: int | str | None = None,
+        agents_per_channel: int = 500,
+        connect_concurrency: int = 100,
+        heartbeat_interval_s: float | None = None,
+        telemetry_interval_s: float | None = None,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        rpc_timeout_s: float = 30.0,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        if n < 0 or agents_per_channel < 1 or connect_concurrency < 1:
+            raise ValueError("need n >= 0, agents_per_channel >= 1, connect_concurrency >= 1")
+        self.server = server
+        self.prefix = prefix
+        self.profile = profile or default_profile()
+        self.agents_per_channel = agents_per_channel
+        self.ctx = FleetContext(
+            profile=self.profile,
+            token=token,
+            connect_slots=asyncio.Semaphore(connect_concurrency),
+            rng=random.Random(seed),
+            download=download,
+            heartbeat_interval_s=heartbeat_interval_s,
+            telemetry_interval_s=telemetry_interval_s,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+            rpc_timeout_s=rpc_timeout_s,
+            # Lets an operator select the simulated devices (and only them).
+            labels={"fleetsim": prefix, **(labels or {})},
+        )
+        self.agents = [
+            SimAgent(i, prefix, cls, self.ctx) for i, cls in enumerate(self.profile.allocate(n))
+        ]
+        self._channels: list[grpc.aio.Channel] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, *, wait: bool = True, timeout_s: float | None = None) -> None:
+        """Open the channels and start every agent; with `wait`, return once
+        every agent holds its Sync stream (see wait_connected)."""
+        if self._tasks:
+            raise FleetError("the fleet is already started")
+        self._started = time.monotonic()
+        n_channels = max(1, math.ceil(len(self.agents) / self.agents_per_channel))
+        self._channels = [
+            grpc.aio.insecure_channel(self.server, options=CHANNEL_OPTIONS)
+            for _ in range(n_channels)
+        ]
+        stubs = [device_pb2_grpc.DeviceServiceStub(c) for c in self._channels]
+        for agent in self.agents:
+            agent.stub = stubs[agent.index // self.agents_per_channel]
+        self._tasks = [
+            asyncio.create_task(agent.run(), name=f"sim-agent-{agent.index}")
+            for agent in self.agents
+        ]
+        if wait:
+            try:
+                await self.wait_connected(timeout_s)
+            except BaseException:
+                await self.stop()
+                raise
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Until every agent has had its first DesiredState on a Sync stream.
+        Raises FleetError when every agent still waiting was refused (a bad
+        token, say), TimeoutError after `timeout_s` seconds."""
+
+        def connected(fleet: Fleet) -> bool:
+            error = fleet.refused()
+            if error:
+                raise FleetError(error)
+            return all(a.connects for a in fleet.agents)
+
+        await self.wait_until(connected, timeout_s, what="every agent connected")
+
+    async def wait_until(
+        self,
+        predicate: Callable[[Fleet], bool],
+        timeout_s: float | None = None,
+        *,
+        interval: float = 0.05,
+        what: str = "",
+    ) -> None:
+        """Poll `predicate(fleet)` until it is true; TimeoutError after
+        `timeout_s` seconds, with the fleet's counts in the message."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not predicate(self):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{what or 'condition'} not met within {timeout_s:g} s: "
+                    f"connections {dict(self.connections())}, updates {dict(self.counts())}"
+                )
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        """End every agent (cancelling its streams) and close the channels.
+        Idempotent."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        channels, self._channels = self._channels, []
+        for channel in channels:
+            await channel.close(grace=None)
+
+    async def __aenter__(self) -> Fleet:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
+
+    def refused(self) -> str:
+        """Why the fleet gets nowhere: set when every agent that never
+        connected was refused (a wrong or exhausted token, a rejected
+        device), "" otherwise. Refused agents keep retrying slowly."""
+        waiting = [a for a in self.agents if not a.connects]
+        refused = [a for a in waiting if a.connection == "refused"]
+        if waiting and len(refused) == len(waiting):
+            return f"{len(refused)} agent(s) refused: {refused[0].last_error}"
+        return ""
+
+    def agent(self, device_id: str) -> SimAgent:
+        """The agent simulating device `device_id` (KeyError if none)."""
+        for agent in self.agents:
+            if agent.device_id == device_id:
+                return agent
+        raise KeyError(device_id)
+
+    def counts(self) -> Counter[tuple[str, str]]:
+        """(update state, model version) -> agents. An agent with no
+        assignment counts as ("idle", "")."""
+        return Counter((a.update_state, a.update_version) for a in self.agents)
+
+    def active_versions(self) -> Counter[str]:
+        """Version served -> agents ("" for none)."""
+        return Counter(a.active_version for a in self.agents)
+
+    def connections(self) -> Counter[str]:
+        """Connection state -> agents."""
+        return Counter(a.connection for a in self.agents)
+
+    def summary(self) -> FleetSummary:
+        """Everything counted, for the CLI and for benchmark reports."""
+        updates: dict[str, dict[str, int]] = {}
+        for (state, version), count in sorted(self.counts().items()):
+            updates.setdefault(version, {})[state] = count
+        stats = asdict(self.ctx.stats)
+        stats["errors"] = dict(sorted(self.ctx.stats.errors.items()))
+        return FleetSummary(
+            agents=len(self.agents),
+            elapsed_s=time.monotonic() - self._started if self._started else 0.0,
+            connection=dict(sorted(self.connections().items())),
+            updates=updates,
+            active=dict(sorted(self.active_versions().items())),
+            classes=dict(sorted(Counter(a.class_name for a in self.agents).items())),
+            stats=stats,
+        )

@@ -1,0 +1,338 @@
+"""Rollouts through a real control plane (in process, SQLite and PostgreSQL)
+with simulated agents (fleetsim) speaking the real device protocol: stages,
+thresholds, health gates, shadow agreement, abort with revert, pause/resume,
+approval, late joiners, conflicts, timeouts and retries. Builds are hand-made
+results over a real file (as in test_builds_service.py), so the test is about
+orchestration, not the ladder."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from controlplane.config import ServerConfig
+from controlplane.server import ControlPlane, create_server
+from demo.models import BuiltModel, build_digits_classifier
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import operator_pb2 as o
+from edgefleet.v1 import operator_pb2_grpc as og
+from fleetsim import Fleet, parse_profile
+from tests.harness import ADMIN_TOKEN
+from tests.test_api import _parts, _push_requests
+from tests.test_builds_service import ADMIN, _builds, _fake_result
+
+pytestmark = pytest.mark.timeout(300)
+
+MODEL = "digits"
+PI, GW = "pi", "gw"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> BuiltModel:
+    return build_digits_classifier(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture
+async def cp(tmp_path: Path, db_url: str) -> AsyncIterator[ControlPlane]:
+    server = await create_server(
+        ServerConfig(
+            data_dir=tmp_path / "cp", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN,
+            build_workers=0, db_url=db_url, heartbeat_interval_s=1, telemetry_interval_s=1,
+            rollout_tick_s=0.2,
+        )
+    )  # fmt: skip
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0.5)
+
+
+def _profile(**versions: dict[str, Any]) -> Any:
+    """Two kinds of device; per-version behaviour overrides for both."""
+    return parse_profile(
+        {
+            "heartbeat_interval_s": 1,
+            "telemetry_interval_s": 0.5,
+            "versions": versions,
+            "classes": [
+                {"name": PI, "weight": 1, "hardware": {"arch": "aarch64"},
+                 "install_s": [0.05, 0.2], "latency_p95_ms": 10, "error_rate": 0.0},
+                {"name": GW, "weight": 1, "hardware": {"arch": "x86_64"},
+                 "install_s": [0.05, 0.2], "latency_p95_ms": 10, "error_rate": 0.0},
+            ],
+        }
+    )  # fmt: skip
+
+
+@dataclass
+class World:
+    cp: ControlPlane
+    op: og.OperatorServiceStub
+    channel: grpc.aio.Channel
+    token: str
+
+    async def rollout(self, *stages: o.StageSpec, **spec: Any) -> o.Rollout:
+        request = o.CreateRolloutRequest(
+            spec=o.RolloutSpec(model_name=MODEL, model_version=spec.pop("version", "2.0.0"),
+                               class_names=spec.pop("classes", [PI, GW]), stages=stages, **spec),
+            start=True,
+        )  # fmt: skip
+        return (await self.op.CreateRollout(request, metadata=ADMIN)).rollout
+
+    async def get(self, rollout_id: str) -> o.Rollout:
+        return await self.op.GetRollout(o.GetRolloutRequest(id=rollout_id), metadata=ADMIN)
+
+    async def wait(
+        self, rollout_id: str, done: Callable[[o.Rollout], bool], within_s: float = 60
+    ) -> o.Rollout:
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
+            rollout = await self.get(rollout_id)
+            if done(rollout):
+                return rollout
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"rollout did not get there: {rollout}")
+            await asyncio.sleep(0.1)
+
+    async def assign_all(self, fleet: Fleet, version: str) -> None:
+        ids = [a.device_id for a in fleet.agents]
+        await self.op.AssignModel(
+            o.AssignModelRequest(device_ids=ids, model_name=MODEL, model_version=version),
+            metadata=ADMIN,
+        )
+        await fleet.wait_until(
+            lambda f: all(a.active_version == version for a in f.agents), 30,
+            what=f"every agent on {version}",
+        )  # fmt: skip
+
+
+def _stage(size: float | int, **kw: Any) -> o.StageSpec:
+    stage = o.StageSpec(**kw)
+    if isinstance(size, float):
+        stage.percent = size
+    else:
+        stage.count = size
+    return stage
+
+
+def _seconds(s: float) -> Duration:
+    d = Duration()
+    d.FromMilliseconds(int(s * 1000))
+    return d
+
+
+@pytest.fixture
+async def world(cp: ControlPlane, digits: BuiltModel) -> AsyncIterator[World]:
+    channel = grpc.aio.insecure_channel(cp.address)
+    op = og.OperatorServiceStub(channel)
+    for name, arch, budget in ((PI, "aarch64", 30.0), (GW, "x86_64", 30.0)):
+        await op.CreateDeviceClass(
+            o.CreateDeviceClassRequest(
+                name=name,
+                constraints=c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME,
+                                                latency_budget_p95_ms=budget),
+                match_rules=[c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[arch])],
+            ),
+            metadata=ADMIN,
+        )  # fmt: skip
+    parts = _parts(model=digits.model, sample_data=digits.sample_data)
+    for version in ("1.0.0", "2.0.0", "3.0.0"):
+        await op.PushModel(_push_requests(MODEL, version, parts), metadata=ADMIN)
+    builds = _builds(cp)
+    # One real job: the versions share their bytes and the classes their
+    # profile, so the other five reuse its result.
+    for _ in range(400):
+        job = await asyncio.to_thread(builds.claim, "test", 60)
+        if job is not None:
+            await asyncio.to_thread(builds.finish, job, "test", _fake_result(digits.model), "")
+            continue
+        listed = (await op.ListBuilds(o.ListBuildsRequest(), metadata=ADMIN)).builds
+        if len(listed) == 6 and all(b.state == o.BUILD_STATE_SUCCEEDED for b in listed):
+            break
+        await asyncio.sleep(0.05)
+    token = (await op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="sim"),
+                                            metadata=ADMIN)).secret  # fmt: skip
+    try:
+        yield World(cp, op, channel, token)
+    finally:
+        await channel.close()
+
+
+def _fleet(world: World, n: int, profile: Any, prefix: str = "sim") -> Fleet:
+    return Fleet(world.cp.address, world.token, profile, n=n, prefix=prefix, seed=1,
+                 heartbeat_interval_s=1, telemetry_interval_s=0.5)  # fmt: skip
+
+
+def _states(rollout: o.Rollout) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in rollout.devices:
+        name = o.RolloutDeviceState.Name(d.state).removeprefix("ROLLOUT_DEVICE_STATE_").lower()
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_a_staged_rollout_completes_stage_by_stage(world: World) -> None:
+    async with _fleet(world, 6, _profile()) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        rollout = await world.rollout(
+            _stage(1, name="canary", stratified=True), _stage(50.0), _stage(100.0)
+        )
+        # Stratified: the 1-device canary stage holds one device of each class.
+        first = [d for d in rollout.devices if d.stage == 0]
+        assert sorted(d.class_name for d in first) == [GW, PI]
+        done = await world.wait(rollout.id, lambda r: r.state == o.ROLLOUT_STATE_SUCCEEDED)
+        assert _states(done) == {"committed": 6}
+        assert all(a.active_version == "2.0.0" for a in fleet.agents)
+        assert [s.state for s in done.stages] == ["passed"] * 3
+    audit = await world.op.ListAuditLog(o.ListAuditLogRequest(), metadata=ADMIN)
+    actions = [e.action for e in audit.entries if e.target == f"rollout:{rollout.id}"]
+    assert "rollout.succeeded" in actions and actions.count("rollout.stage") == 2
+
+
+async def test_failures_trip_the_error_threshold_and_abort_reverts_every_device(
+    world: World,
+) -> None:
+    # 3.0.0 fails validation on every gateway.
+    profile = parse_profile({
+        "heartbeat_interval_s": 1, "telemetry_interval_s": 0.5,
+        "classes": [
+            {"name": PI, "hardware": {"arch": "aarch64"}, "install_s": [0.05, 0.2]},
+            {"name": GW, "hardware": {"arch": "x86_64"}, "install_s": [0.05, 0.2],
+             "versions": {"3.0.0": {"fail_rate": 1.0, "fail_state": "validating"}}},
+        ],
+    })  # fmt: skip
+    async with _fleet(world, 6, profile) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        rollout = await world.rollout(
+            _stage(100.0, error_threshold_percent=20, min_finished_for_error_threshold=2,
+                   on_failure=o.FAILURE_ACTION_ABORT_REVERT),
+            version="3.0.0",
+        )  # fmt: skip
+        done = await world.wait(rollout.id, lambda r: r.state == o.ROLLOUT_STATE_ABORTED and all(
+            d.state not in (o.ROLLOUT_DEVICE_STATE_IN_PROGRESS, o.ROLLOUT_DEVICE_STATE_NOTIFIED)
+            for d in r.devices))  # fmt: skip
+        assert "failed" in done.reason and "%" in done.reason, done.reason
+        failed = [d for d in done.devices if d.state == o.ROLLOUT_DEVICE_STATE_FAILED]
+        assert failed and all(d.class_name == GW and "golden" in d.reason for d in failed)
+        await fleet.wait_until(lambda f: all(a.active_version == "1.0.0" for a in f.agents), 30,
+                               what="every device back on 1.0.0")  # fmt: skip
+
+
+async def test_a_health_gate_pauses_and_resume_acknowledges(world: World) -> None:
+    profile = _profile(**{"2.0.0": {"latency_p95_ms": 90}})  # over the 30 ms budget
+    async with _fleet(world, 4, profile) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        rollout = await world.rollout(
+            _stage(2, bake_time=_seconds(3), gates=o.HealthGates(latency_budget_factor=1.0)),
+            _stage(100.0),
+        )
+        paused = await world.wait(rollout.id, lambda r: r.state == o.ROLLOUT_STATE_PAUSED)
+        assert "latency" in paused.reason and "health gate" in paused.reason, paused.reason
+        (gate,) = [g for g in paused.stages[0].gates if g.name.startswith("latency")]
+        assert not gate.passing and gate.value > gate.limit
+        # Stage 2 devices were never notified.
+        assert all(
+            d.state == o.ROLLOUT_DEVICE_STATE_WAITING for d in paused.devices if d.stage == 1
+        )
+        resumed = await world.op.ResumeRollout(o.RolloutActionRequest(id=rollout.id),
+                                               metadata=ADMIN)  # fmt: skip
+        assert resumed.state == o.ROLLOUT_STATE_RUNNING
+        await world.op.AbortRollout(o.AbortRolloutRequest(id=rollout.id, revert=False),
+                                    metadata=ADMIN)  # fmt: skip
+        kept = await world.get(rollout.id)
+        assert kept.state == o.ROLLOUT_STATE_ABORTED and "aborted by" in kept.reason
+
+
+async def test_dry_run_conflicts_and_approval(world: World) -> None:
+    async with _fleet(world, 4, _profile()) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        plan = await world.op.CreateRollout(
+            o.CreateRolloutRequest(
+                spec=o.RolloutSpec(model_name=MODEL, model_version="2.0.0", class_names=[PI],
+                                   stages=[_stage(1), _stage(100.0)]),
+                dry_run=True,
+            ),
+            metadata=ADMIN,
+        )  # fmt: skip
+        assert not plan.HasField("rollout")
+        assert sorted(d.stage for d in plan.planned) == [0, 1]
+        assert {d.class_name for d in plan.planned} == {PI}
+        rollout = await world.rollout(_stage(1, require_approval=True), _stage(100.0), classes=[PI])
+        waiting = await world.wait(
+            rollout.id, lambda r: r.state == o.ROLLOUT_STATE_WAITING_APPROVAL
+        )
+        assert "approval" in waiting.reason
+        # The same devices cannot join a second active rollout.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await world.rollout(_stage(100.0), classes=[PI], version="3.0.0")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "already in another active rollout" in (err.value.details() or "")
+        await world.op.ApproveRolloutStage(o.RolloutActionRequest(id=rollout.id), metadata=ADMIN)
+        done = await world.wait(rollout.id, lambda r: r.state == o.ROLLOUT_STATE_SUCCEEDED)
+        assert _states(done) == {"committed": 2}
+
+
+async def test_shadow_agreement_gates_promotion(world: World) -> None:
+    profile = _profile(**{"2.0.0": {"agreement": 0.99}, "3.0.0": {"agreement": 0.5}})
+    async with _fleet(world, 4, profile) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        low = await world.rollout(
+            _stage(2, shadow=True, min_agreement=0.9), _stage(100.0), version="3.0.0"
+        )
+        paused = await world.wait(low.id, lambda r: r.state == o.ROLLOUT_STATE_PAUSED)
+        assert "shadow agreement" in paused.reason, paused.reason
+        # Nothing was activated anywhere.
+        assert all(a.active_version == "1.0.0" for a in fleet.agents)
+        await world.op.AbortRollout(o.AbortRolloutRequest(id=low.id, revert=True), metadata=ADMIN)
+        await world.wait(low.id, lambda r: r.state == o.ROLLOUT_STATE_ABORTED)
+        high = await world.rollout(
+            _stage(2, shadow=True, min_agreement=0.9), _stage(100.0), version="2.0.0"
+        )
+        done = await world.wait(
+            high.id, lambda r: r.state == o.ROLLOUT_STATE_SUCCEEDED, within_s=90
+        )
+        assert _states(done) == {"committed": 4}
+        assert all(a.active_version == "2.0.0" for a in fleet.agents)
+
+
+async def test_late_devices_join_a_dynamic_rollout(world: World) -> None:
+    async with _fleet(world, 2, _profile(), prefix="early") as early:
+        await world.assign_all(early, "1.0.0")
+        # The first stage bakes for a while: the rollout is running when the
+        # late devices appear.
+        rollout = await world.rollout(_stage(1, bake_time=_seconds(4)), _stage(100.0), dynamic=True)
+        async with _fleet(world, 2, _profile(), prefix="late") as late:
+            done = await world.wait(rollout.id, lambda r: r.state == o.ROLLOUT_STATE_SUCCEEDED)
+            late_ids = {a.device_id for a in late.agents}
+            joined = [d for d in done.devices if d.device_id in late_ids]
+            assert len(joined) == 2 and all("joined" in d.reason or d.reason == "" for d in joined)
+            assert _states(done) == {"committed": 4}
+            assert all(a.active_version == "2.0.0" for a in [*early.agents, *late.agents])
+
+
+async def test_devices_past_their_timeout_are_retried_then_timed_out(world: World) -> None:
+    profile = _profile(**{"2.0.0": {"install_s": [30, 30]}})  # never within the timeout
+    async with _fleet(world, 2, profile) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        rollout = await world.rollout(
+            _stage(100.0, error_threshold_percent=100),
+            pacing=o.Pacing(device_timeout=_seconds(1), device_retries=1),
+        )
+        done = await world.wait(
+            rollout.id,
+            lambda r: all(d.state == o.ROLLOUT_DEVICE_STATE_TIMED_OUT for d in r.devices),
+            within_s=60,
+        )
+        assert all(d.attempts == 2 for d in done.devices), done.devices
+        assert all("no result within 1 s" in d.reason for d in done.devices)
+        assert done.state in (o.ROLLOUT_STATE_PAUSED, o.ROLLOUT_STATE_ABORTED)

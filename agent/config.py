@@ -77,6 +77,9 @@ class AgentConfig:
     inference_listen: str | None = None
     # Seconds per telemetry interval (one sample per model version each).
     telemetry_interval_s: float = 10.0
+    # Loopback host:port serving the last interval's figures for Prometheus
+    # (/metrics); None: off (it costs ~2 MB of RSS: prometheus_client).
+    metrics_listen: str | None = None
     # The power/thermal policy (agent/power.py, docs/power.md): seconds
     # between sensor reads; battery levels (percent, only while on battery)
     # and hottest-sensor temperatures (Celsius) that start the limited and
@@ -97,6 +100,9 @@ class AgentConfig:
     # ONNX Runtime execution providers for serving, comma-separated; "auto":
     # TensorRT and CUDA where installed, then CPU; "cpu": CPU only.
     onnxruntime_providers: str = "auto"
+    # Shadow stages: at most this many requests a second are mirrored to a
+    # shadow model (every request while under it); 0 turns mirroring off.
+    shadow_max_per_s: float = 20.0
 
 
 # ---------------------------------------------------------------- converters
@@ -326,6 +332,7 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "inference_workers": (_positive_int, _env_int),
     "inference_listen": (_loopback, lambda text, where: text),
     "telemetry_interval_s": (_positive_seconds, _env_number),
+    "metrics_listen": (_loopback, lambda text, where: text),
     "download_chunk_size": (_non_negative_int, _env_int),
     "onnxruntime_providers": (_nonempty_string, lambda text, where: text),
     "power_interval_s": (_positive_seconds, _env_number),
@@ -337,6 +344,7 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "power_temperature_hysteresis_c": (_margin, _env_float),
     "power_limited_concurrency": (_non_negative_int, _env_count),
     "power_critical_concurrency": (_non_negative_int, _env_count),
+    "shadow_max_per_s": (_margin, _env_float),
 }
 
 

@@ -39,7 +39,7 @@ from agent.power import PowerPolicy, PowerThresholds
 from agent.serving import ModelHost
 from agent.telemetry import RequestStats
 from agent.telemetry_buffer import TelemetryBuffer
-from agent.telemetry_uploader import TelemetryUploader
+from agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics
 from agent.update.activation import HostActivator
 from agent.update.faults import FAULT_ENV, with_pause
 from agent.update.machine import UpdateMachine
@@ -229,6 +229,7 @@ def assignment_from_pb(pb: device_pb2.Assignment) -> Assignment:
         manifest_signature=pb.manifest_signature,
         rollout_id=pb.rollout_id,
         sequence=pb.sequence,
+        shadow=pb.shadow,
     )
 
 
@@ -357,6 +358,7 @@ class Agent:
             workers=self.config.inference_workers,
             recorder=stats,
             providers=onnxruntime_providers(self.config.onnxruntime_providers),
+            shadow_max_per_s=self.config.shadow_max_per_s,
         )
         power = PowerPolicy(
             self.models,
@@ -447,12 +449,19 @@ class Agent:
         until then (and while offline) samples wait in the disk buffer."""
         await self._has_identity.wait()
         buffer = TelemetryBuffer(self.config.state_dir)
+        metrics = None
+        if self.config.metrics_listen:
+            host, _, port = self.config.metrics_listen.rpartition(":")
+            metrics = TelemetryMetrics()
+            serve_metrics(metrics, int(port), host.strip("[]") or "127.0.0.1")
+            log.info("telemetry for Prometheus on http://%s/metrics", self.config.metrics_listen)
         uploader = TelemetryUploader(
             stats=stats,
             buffer=buffer,
             target=self.config.server,
             credential=self._current_credential,
             interval_s=self.config.telemetry_interval_s,
+            metrics=metrics,
             channel_options=channel_options(self.config),
         )
         try:

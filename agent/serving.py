@@ -1,5 +1,6 @@
 """The models this device serves, by name: the one active version of each,
-and the previous one kept warm as a standby until the update commits.
+the previous one kept warm as a standby until the update commits, and a
+shadow (a rollout's candidate, mirrored but never answering).
 
 Swaps are atomic without a lock held during inference. Each name has a slot
 holding an immutable `LoadedModel`; a request reads the slot once and runs
@@ -34,15 +35,29 @@ numpy is imported where it is used, not at import time: the agent imports
 this module at startup, and an idle agent with no model should not carry
 numpy's ~12 MB (the runtimes import it when a model loads).
 
+Shadow mirroring (a rollout's shadow stage, docs/agent-updates.md): a name
+may have a shadow version loaded beside its active one. A request the active
+version answered successfully (either entry point) is handed, with that
+answer, to one background thread that runs the shadow on the same inputs
+and compares (`compare_outputs`); the recorder's optional `record_shadow`
+gets the figures. At most `shadow_max_per_s` requests a second are mirrored
+(a token bucket; 0 turns mirroring off), the hand-over is a bounded queue
+that drops when full, and the shadow run takes no inference slot: mirroring
+never makes an app wait, and a shadow that fails or hangs cannot fail an
+app's request. A device short of CPU sees the shadow compete for it, which
+is why the rate is capped.
+
 This module knows nothing of gRPC: errors are ServingError subclasses, and
 agent/inference_server.py maps them to status codes in one place."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
+import queue
 import sys
 import threading
 import time
@@ -120,6 +135,23 @@ class Recorder(Protocol):
     def record(self, model: str, version: str, latency_s: float, outcome: str) -> None: ...
 
 
+class ShadowRecorder(Protocol):
+    """What a Recorder may also have (it is looked up, not required, so
+    recorders written before shadows existed keep working): told about
+    every mirrored request, on the shadow thread. Must not raise."""
+
+    def record_shadow(
+        self,
+        model: str,
+        active_version: str,
+        shadow_version: str,
+        agreed_rows: int,
+        total_rows: int,
+        max_diff: float,
+        latency_s: float,
+    ) -> None: ...
+
+
 RunnerFactory = Callable[..., Runner]
 
 
@@ -167,6 +199,27 @@ class _Slot:
     standby: LoadedModel | None = None
     # An activation not yet committed or rolled back.
     pending: bool = False
+    # The candidate requests are mirrored to (never answers an app).
+    shadow: LoadedModel | None = None
+
+
+@dataclass(frozen=True)
+class ShadowComparison:
+    """How a shadow's answer to one request compared with the active one's."""
+
+    agreed_rows: int
+    total_rows: int
+    # Largest |active - shadow| over every output; INCOMPARABLE when the
+    # outputs' shapes differ or a difference is not finite (NaN, inf).
+    max_diff: float
+
+
+@dataclass(frozen=True)
+class _ShadowJob:
+    active: LoadedModel
+    shadow: LoadedModel
+    inputs: Mapping[str, np.ndarray]
+    expected: list[np.ndarray]
 
 
 # ---------------------------------------------------------------- tensors
@@ -307,6 +360,107 @@ def warm_inputs(spec: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
     }
 
 
+# ---------------------------------------------------------------- shadow comparison
+
+# A finite stand-in for "cannot be compared": telemetry must stay finite.
+INCOMPARABLE = sys.float_info.max
+# Rows of outputs that are not class scores agree when every value is this
+# close (numpy.isclose) or, for integer and boolean outputs, equal.
+SHADOW_RTOL = 1e-3
+SHADOW_ATOL = 1e-5
+# Mirrored requests waiting for the shadow thread; more are dropped.
+SHADOW_QUEUE = 8
+DEFAULT_SHADOW_MAX_PER_S = 20.0
+
+
+def compare_outputs(
+    active: Sequence[np.ndarray], shadow: Sequence[np.ndarray]
+) -> ShadowComparison | None:
+    """Compare a shadow's outputs with the active model's on one request.
+
+    Rows are the first dimension of the first output (a 0-d output is one
+    row); None when it has none (an empty batch: nothing to compare).
+
+    - Class scores: a float first output of shape (rows, classes), classes
+      > 1: a row agrees when both models pick the same class (argmax).
+    - Any other first output (labels, regression values, maps): each row
+      flattened; it agrees when every value is equal (integer, bool) or
+      within SHADOW_RTOL/SHADOW_ATOL (float).
+    - A first output of another shape, or a missing one: no row agrees.
+
+    max_diff is the largest |active - shadow| over all outputs, in float64;
+    INCOMPARABLE when any output's shape differs (or is missing) or a
+    difference is NaN or infinite."""
+    import numpy as np
+
+    first: np.ndarray = np.asarray(active[0]) if active else np.zeros((0,))
+    rows = int(first.shape[0]) if first.ndim else 1
+    if rows == 0:
+        return None
+    max_diff = 0.0
+    for index, expected in enumerate(active):
+        if index >= len(shadow) or np.shape(shadow[index]) != np.shape(expected):
+            max_diff = INCOMPARABLE
+            continue
+        if np.size(expected) == 0:
+            continue
+        diff = np.abs(
+            np.asarray(expected, dtype=np.float64) - np.asarray(shadow[index], dtype=np.float64)
+        )
+        top = float(np.max(diff))
+        max_diff = max(max_diff, top if math.isfinite(top) else INCOMPARABLE)
+    if not shadow or np.shape(shadow[0]) != first.shape:
+        return ShadowComparison(0, rows, max_diff)
+    other = np.asarray(shadow[0])
+    if first.ndim == 2 and first.shape[1] > 1 and first.dtype.kind == "f":
+        agreed = int(np.count_nonzero(first.argmax(axis=1) == other.argmax(axis=1)))
+    else:
+        mine, theirs = first.reshape(rows, -1), other.reshape(rows, -1)
+        if first.dtype.kind == "f" or other.dtype.kind == "f":
+            same = np.isclose(mine, theirs, rtol=SHADOW_RTOL, atol=SHADOW_ATOL)
+        else:
+            same = mine == theirs
+        agreed = int(np.count_nonzero(same.all(axis=1)))
+    return ShadowComparison(agreed, rows, max_diff)
+
+
+def _owned(arrays: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> Any:
+    """`arrays` safe to keep after the request returned: writable arrays are
+    copied (a caller may reuse its buffers), read-only ones (decoded from a
+    request's immutable bytes) are kept as they are."""
+    if isinstance(arrays, Mapping):
+        return {k: v.copy() if v.flags.writeable else v for k, v in arrays.items()}
+    return [v.copy() if v.flags.writeable else v for v in arrays]
+
+
+class _RateLimit:
+    """A token bucket: at most `per_s` takes a second on average, bursts of
+    up to max(1, per_s). per_s <= 0: never."""
+
+    def __init__(self, per_s: float, clock: Callable[[], float]) -> None:
+        self.per_s = per_s
+        self._capacity = max(1.0, per_s)
+        self._tokens = self._capacity
+        self._clock = clock
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        if self.per_s <= 0:
+            return False
+        with self._lock:
+            now = self._clock()
+            if self._last is not None:
+                self._tokens = min(
+                    self._capacity, self._tokens + max(0.0, now - self._last) * self.per_s
+                )
+            self._last = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+
 # ---------------------------------------------------------------- slots
 
 
@@ -352,12 +506,14 @@ class _Slots:
 
 
 class ModelHost:
-    """Per model name: the active version and a warm standby.
+    """Per model name: the active version, a warm standby and a shadow.
 
-    Model changes (`declare`, `activate`, `rollback`, `commit`) are blocking
-    calls meant for the update machine's thread; `predict_sync` is for the
-    inference servers' threads and `predict` for an event loop. A short lock
-    guards slot changes only; inference never holds it."""
+    Model changes (`declare`, `activate`, `rollback`, `commit`,
+    `load_shadow`, `drop_shadow`) are blocking calls meant for the update
+    machine's thread; `predict_sync` is for the inference servers' threads
+    and `predict` for an event loop. A short lock guards slot changes only;
+    inference never holds it. `shadow_max_per_s` caps the requests mirrored
+    to shadows (0: none; see the module docstring)."""
 
     def __init__(
         self,
@@ -368,6 +524,7 @@ class ModelHost:
         open_model: RunnerFactory = open_runner,
         clock: Callable[[], float] = time.perf_counter,
         providers: Sequence[str] | None = None,
+        shadow_max_per_s: float = DEFAULT_SHADOW_MAX_PER_S,
     ) -> None:
         self._workers = max(1, workers)
         # ONNX Runtime execution providers for every model loaded here.
@@ -383,6 +540,14 @@ class ModelHost:
         self._lock = threading.Lock()
         self._concurrency_limit = 0
         self._slots = _Slots(self._workers)
+        self._shadow_rate = _RateLimit(shadow_max_per_s, clock)
+        self._shadow_jobs: queue.Queue[_ShadowJob | None] = queue.Queue(SHADOW_QUEUE)
+        # Started with the first mirrored request: a host never given a
+        # shadow never runs the thread.
+        self._shadow_thread: threading.Thread | None = None
+        self._shadow_closed = False
+        self._shadow_dropped = 0
+        self._shadow_failing: LoadedModel | None = None  # logged already
 
     # ------------------------------------------------------------ changes
 
@@ -410,6 +575,64 @@ class ModelHost:
         (a version activated but never committed is dropped instead). Raises
         ActivationFailed, leaving the slot as it was, when the artifact does
         not load or its warm-up run fails."""
+        model = self._load(name, version, digest, path, runtime, manifest_specs,
+                           golden_inputs, threads)  # fmt: skip
+        with self._lock:
+            slot = self._models.setdefault(name, _Slot())
+            # Activating twice before a commit keeps the committed version
+            # as the standby: that is what a rollback must go back to.
+            if not slot.pending:
+                slot.standby = slot.active
+            slot.active, slot.pending = model, True
+        log.info("model %s %s (%s) active", name, version, runtime)
+        return model
+
+    def load_shadow(
+        self,
+        name: str,
+        version: str,
+        digest: str,
+        path: Path,
+        runtime: str,
+        manifest_specs: ModelSpec | None = None,
+        *,
+        golden_inputs: Mapping[str, np.ndarray] | None = None,
+        threads: int | None = None,
+    ) -> LoadedModel:
+        """Load and warm `path` like `activate`, as the shadow of `name`:
+        requests the active version answers are mirrored to it (module
+        docstring), nothing else changes. Replaces any shadow `name` had.
+        Raises ActivationFailed, leaving the slot as it was."""
+        model = self._load(name, version, digest, path, runtime, manifest_specs,
+                           golden_inputs, threads)  # fmt: skip
+        with self._lock:
+            self._models.setdefault(name, _Slot()).shadow = model
+        log.info("model %s %s (%s) loaded as a shadow", name, version, runtime)
+        return model
+
+    def drop_shadow(self, name: str) -> None:
+        """Stop mirroring `name` and let its shadow go; idempotent. Requests
+        already handed to the shadow thread still run."""
+        with self._lock:
+            slot = self._models.get(name)
+            dropped = slot.shadow if slot is not None else None
+            if slot is not None:
+                slot.shadow = None
+        if dropped is not None:
+            log.info("shadow %s %s dropped", name, dropped.version)
+
+    def _load(
+        self,
+        name: str,
+        version: str,
+        digest: str,
+        path: Path,
+        runtime: str,
+        manifest_specs: ModelSpec | None,
+        golden_inputs: Mapping[str, np.ndarray] | None,
+        threads: int | None,
+    ) -> LoadedModel:
+        """Open `path` and warm it; ActivationFailed when either fails."""
         spec = manifest_specs
         try:
             runner = self._open(
@@ -436,14 +659,6 @@ class ModelHost:
             model.run(warm)
         except Exception as exc:
             raise ActivationFailed(f"{name} {version}: warm-up run failed: {exc}") from exc
-        with self._lock:
-            slot = self._models.setdefault(name, _Slot())
-            # Activating twice before a commit keeps the committed version
-            # as the standby: that is what a rollback must go back to.
-            if not slot.pending:
-                slot.standby = slot.active
-            slot.active, slot.pending = model, True
-        log.info("model %s %s (%s) active", name, version, runtime)
         return model
 
     def rollback(self, name: str) -> LoadedModel | None:
@@ -511,6 +726,16 @@ class ModelHost:
         slot = self._models.get(name)
         return slot.standby if slot else None
 
+    def shadow(self, name: str) -> LoadedModel | None:
+        """The shadow version of `name` requests are mirrored to, if any."""
+        slot = self._models.get(name)
+        return slot.shadow if slot else None
+
+    @property
+    def shadow_dropped(self) -> int:
+        """Mirrored requests dropped because the shadow thread was behind."""
+        return self._shadow_dropped
+
     def names(self) -> list[str]:
         """The model names this host knows, sorted."""
         return sorted(self._models)
@@ -536,6 +761,7 @@ class ModelHost:
                     f"{name} {model.version} did not finish within {timeout_s:.3f} s"
                 )
             outcome = OK
+            self._mirror(model, inputs, outputs)
             return Prediction(model, outputs)
         except DeadlineExceeded:
             outcome = TIMEOUT
@@ -565,6 +791,7 @@ class ModelHost:
                     f"{name} {model.version} did not finish within {timeout_s:.3f} s"
                 ) from None
             outcome = OK
+            self._mirror(model, inputs, outputs)
             return Prediction(model, outputs)
         except DeadlineExceeded:
             outcome = TIMEOUT
@@ -598,6 +825,91 @@ class ModelHost:
         except Exception:
             log.exception("telemetry recorder failed")
 
+    # ------------------------------------------------------------ shadows
+
+    def _mirror(
+        self, model: LoadedModel, inputs: Mapping[str, np.ndarray], outputs: list[np.ndarray]
+    ) -> None:
+        """Hand a request the active version answered to the shadow thread,
+        if `model`'s name has a shadow and the rate allows. Never raises and
+        never blocks: this runs on the app's request path."""
+        slot = self._models.get(model.name)
+        shadow = slot.shadow if slot is not None else None
+        if shadow is None or self._shadow_closed or not self._shadow_rate.take():
+            return
+        try:
+            job = _ShadowJob(model, shadow, _owned(inputs), _owned(outputs))
+            self._shadow_jobs.put_nowait(job)
+        except queue.Full:
+            self._shadow_dropped += 1
+            return
+        except Exception:
+            log.exception("cannot mirror a request to the shadow of %s", model.name)
+            return
+        if self._shadow_thread is None:
+            with self._lock:
+                if self._shadow_thread is None and not self._shadow_closed:
+                    self._shadow_thread = threading.Thread(
+                        target=self._shadow_loop, name="shadow", daemon=True
+                    )
+                    self._shadow_thread.start()
+
+    def _shadow_loop(self) -> None:
+        while (job := self._shadow_jobs.get()) is not None:
+            try:
+                self._run_shadow(job)
+            except Exception:
+                # A bug here must not end mirroring for the rest of the stage.
+                log.exception("shadow comparison failed")
+
+    def _run_shadow(self, job: _ShadowJob) -> None:
+        started = self._clock()
+        try:
+            outputs = job.shadow.run(job.inputs)
+        except Exception as exc:
+            latency_s = self._clock() - started
+            if self._shadow_failing is not job.shadow:  # once per shadow, not per request
+                self._shadow_failing = job.shadow
+                log.warning("shadow %s %s failed on a mirrored request: %s",
+                            job.shadow.name, job.shadow.version, exc)  # fmt: skip
+            # A shadow that cannot answer agrees with nothing: it counts,
+            # as every row disagreeing, rather than vanishing from the figures.
+            empty = compare_outputs(job.expected, [])
+            if empty is None:
+                return
+            comparison = ShadowComparison(0, empty.total_rows, 0.0)
+        else:
+            latency_s = self._clock() - started
+            found = compare_outputs(job.expected, outputs)
+            if found is None:
+                return
+            comparison = found
+        record = getattr(self._recorder, "record_shadow", None)
+        if record is None:
+            return
+        try:
+            record(job.active.name, job.active.version, job.shadow.version,
+                   comparison.agreed_rows, comparison.total_rows, comparison.max_diff,
+                   latency_s)  # fmt: skip
+        except Exception:
+            log.exception("telemetry recorder failed on a shadow comparison")
+
     def close(self) -> None:
-        """Stop the thread pool (waiting for runs in progress)."""
+        """Stop the thread pool (waiting for runs in progress) and the
+        shadow thread (mirrored requests not yet run are dropped)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._shadow_closed = True
+            thread = self._shadow_thread
+        if thread is None:
+            return
+        while True:
+            try:
+                self._shadow_jobs.get_nowait()
+            except queue.Empty:
+                break
+        # The queue was just emptied and nothing is added after closing, so
+        # the stop marker fits.
+        with contextlib.suppress(queue.Full):
+            self._shadow_jobs.put_nowait(None)
+        thread.join(timeout=5.0)

@@ -18,6 +18,15 @@ maximum seen (an overestimate). The maximum and the 100th percentile are exact. 
 recorded for every outcome (a timeout shows up as tail latency), recording is
 O(log buckets) under one lock, and the memory per model version is fixed.
 
+Shadow stages: `record_shadow` (called by the ModelHost's shadow thread for
+each mirrored request) accumulates, per (model, active version), the
+shadow's version, the mirrored requests, agreed and total rows, the largest
+output difference and the shadow's own latency histogram; the sample of
+that (model, version) carries them (shadow_agreement = agreed rows / total
+rows). A shadow result can land in an interval in which its model version
+served no request (the comparison runs after the request returned), so
+such an interval still gets a sample for it, with no requests.
+
 Each sample also carries the resource figures (process RSS and CPU, system
 memory, the hottest temperature sensor and the battery where the platform
 has them) and, when the daemon passes a `power_status` callable, the
@@ -32,6 +41,7 @@ import dataclasses
 import datetime as dt
 import logging
 import math
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,6 +200,15 @@ class IntervalSample:
     # concurrency it allowed (0: unlimited).
     power_mode: str = NORMAL_POWER[0]
     concurrency_limit: int = NORMAL_POWER[1]
+    # The shadow this model version's requests were mirrored to in the
+    # interval ("" and zeros when none): mirrored requests, the share of
+    # their rows where it agreed with this version, the largest |output
+    # difference|, and its own p95 latency.
+    shadow_version: str = ""
+    shadow_requests: int = 0
+    shadow_agreement: float = 0.0
+    shadow_max_diff: float = 0.0
+    shadow_latency_p95_ms: float = 0.0
 
 
 @dataclass
@@ -197,6 +216,15 @@ class _Window:
     histogram: LatencyHistogram = field(default_factory=LatencyHistogram)
     errors: int = 0
     timeouts: int = 0
+
+
+@dataclass
+class _ShadowWindow:
+    version: str
+    histogram: LatencyHistogram = field(default_factory=LatencyHistogram)
+    agreed_rows: int = 0
+    total_rows: int = 0
+    max_diff: float = 0.0
 
 
 class RequestStats:
@@ -217,6 +245,7 @@ class RequestStats:
     ) -> None:
         self._lock = threading.Lock()
         self._windows: dict[tuple[str, str], _Window] = {}
+        self._shadows: dict[tuple[str, str], _ShadowWindow] = {}
         self._probe = probe if probe is not None else ResourceProbe()
         self.power_status = power_status
 
@@ -248,11 +277,40 @@ class RequestStats:
                 if outcome == "timeout":
                     window.timeouts += 1
 
+    def record_shadow(
+        self,
+        model: str,
+        active_version: str,
+        shadow_version: str,
+        agreed_rows: int,
+        total_rows: int,
+        max_diff: float,
+        latency_s: float,
+    ) -> None:
+        """Count one request mirrored from `active_version` of `model` to
+        `shadow_version`: how many of its rows agreed, the largest output
+        difference, the shadow's latency. A new shadow version restarts the
+        interval's shadow figures (they describe one candidate)."""
+        if not 0 <= agreed_rows <= total_rows:
+            raise ValueError(f"agreed_rows {agreed_rows} not within 0..{total_rows}")
+        # Telemetry must stay finite and non-negative (the control plane
+        # refuses anything else); a NaN difference is as bad as it gets.
+        diff = max_diff if math.isfinite(max_diff) else sys.float_info.max
+        with self._lock:
+            window = self._shadows.get((model, active_version))
+            if window is None or window.version != shadow_version:
+                window = self._shadows[(model, active_version)] = _ShadowWindow(shadow_version)
+            window.histogram.add(latency_s)
+            window.agreed_rows += agreed_rows
+            window.total_rows += total_rows
+            window.max_diff = max(window.max_diff, max(0.0, diff))
+
     def snapshot_and_reset(self, now: dt.datetime) -> list[IntervalSample]:
         """The interval ending `now`, one sample per model version (sorted), and
         start a new interval."""
         with self._lock:
             windows, self._windows = self._windows, {}
+            shadows, self._shadows = self._shadows, {}
         res = self._probe()
         power_mode, concurrency_limit = self._power()
         device = IntervalSample(
@@ -267,16 +325,16 @@ class RequestStats:
             power_mode=power_mode,
             concurrency_limit=concurrency_limit,
         )
-        if not windows:
+        if not windows and not shadows:
             return [device]
         samples = []
-        for (model, version), window in sorted(windows.items()):
-            hist = window.histogram
-            samples.append(
-                dataclasses.replace(
-                    device,
-                    model_name=model,
-                    model_version=version,
+        for key in sorted(windows.keys() | shadows.keys()):
+            sample = dataclasses.replace(device, model_name=key[0], model_version=key[1])
+            window = windows.get(key)
+            if window is not None:
+                hist = window.histogram
+                sample = dataclasses.replace(
+                    sample,
                     request_count=hist.total,
                     error_count=window.errors,
                     timeout_count=window.timeouts,
@@ -285,5 +343,19 @@ class RequestStats:
                     latency_p99_ms=hist.percentile(0.99) * 1000,
                     latency_max_ms=hist.max_s * 1000,
                 )
-            )
+            shadow = shadows.get(key)
+            if shadow is not None:
+                sample = dataclasses.replace(
+                    sample,
+                    shadow_version=shadow.version,
+                    shadow_requests=shadow.histogram.total,
+                    # No rows compared (cannot happen: the host skips empty
+                    # batches) would be no evidence either way: 0.
+                    shadow_agreement=(
+                        shadow.agreed_rows / shadow.total_rows if shadow.total_rows else 0.0
+                    ),
+                    shadow_max_diff=shadow.max_diff,
+                    shadow_latency_p95_ms=shadow.histogram.percentile(0.95) * 1000,
+                )
+            samples.append(sample)
         return samples

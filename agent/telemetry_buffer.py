@@ -62,9 +62,19 @@ class Pending:
     sample: IntervalSample
 
 
+_SHADOW_FIELDS = tuple(
+    f.name for f in dataclasses.fields(IntervalSample) if f.name.startswith("shadow_")
+)
+
+
 def _encode(sample: IntervalSample) -> str:
     body: dict[str, Any] = dataclasses.asdict(sample)
     body["at"] = sample.at.isoformat()
+    if not sample.shadow_version:
+        # Only shadow stages have these; leaving them out keeps every other
+        # row its old size (_decode fills in the defaults).
+        for name in _SHADOW_FIELDS:
+            del body[name]
     return json.dumps(body, separators=(",", ":"))
 
 

@@ -67,6 +67,11 @@ def to_proto(pending: Pending) -> device_pb2.TelemetrySample:
         system_memory_percent=s.system_memory_used_percent,
         power_mode=s.power_mode,
         concurrency_limit=s.concurrency_limit,
+        shadow_version=s.shadow_version,
+        shadow_requests=s.shadow_requests,
+        shadow_agreement=s.shadow_agreement,
+        shadow_max_diff=s.shadow_max_diff,
+        shadow_latency_p95_ms=s.shadow_latency_p95_ms,
     )
     if s.temperature_c is not None:
         sample.temperature_c = s.temperature_c

@@ -19,8 +19,12 @@ from its class's profile instead of measured:
   shadowing), numbered per device.
 
 It keeps no files and uses one task for its connection and one for its timers
-(two more while it installs), so one process holds thousands. Agents share
-gRPC channels: the Fleet hands each one a stub.
+(one more while it installs), so one process holds thousands. Agents share
+gRPC channels: the Fleet hands each one a stub. With no files, a re-run with
+the same prefix enrolls as the same devices (same hardware ids, so the same
+device ids) but with nothing installed: it installs their current
+assignment again, and numbers its telemetry past what the control plane
+already holds.
 """
 
 from __future__ import annotations
@@ -303,6 +307,7 @@ class SimAgent:
 
     @property
     def update_sequence(self) -> int:
+        """The sequence of the assignment taken on (0 when none)."""
         return self._assignment.sequence if self._assignment is not None else 0
 
     def states(self, sequence: int | None = None) -> list[str]:
@@ -319,25 +324,31 @@ class SimAgent:
 
     @property
     def online(self) -> bool:
+        """Holding a Sync stream that got its DesiredState."""
         return self.connection == "online"
 
     @property
     def silent(self) -> bool:
+        """Gone dark after committing (silent_after_commit)."""
         return self._silent_until > time.monotonic()
 
     def heartbeat_interval(self) -> float:
+        """Seconds between heartbeats: the fleet's fixed interval, else the
+        control plane's, else the profile's."""
         ctx = self.ctx
         return (
             ctx.heartbeat_interval_s or self.server_heartbeat_s or ctx.profile.heartbeat_interval_s
         )
 
     def telemetry_interval(self) -> float:
+        """Seconds between telemetry uploads, chosen like heartbeat_interval."""
         ctx = self.ctx
         return (
             ctx.telemetry_interval_s or self.server_telemetry_s or ctx.profile.telemetry_interval_s
         )
 
     def behaviour(self, version: str) -> Behaviour:
+        """How this device fares with model `version` (from the profile)."""
         return self.ctx.profile.behaviour(self.profile_class.name, version)
 
     # ------------------------------------------------------------ main loop
@@ -371,6 +382,12 @@ class SimAgent:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 self.last_error = f"{step}: no answer within {ctx.rpc_timeout_s:g} s"
                 ctx.stats.errors[f"{step} DEADLINE_EXCEEDED"] += 1
+            except Exception as exc:
+                # A bug must not silently take the agent out of the fleet:
+                # count it (the summary shows it) and retry like a failure.
+                code = grpc.StatusCode.UNKNOWN
+                self.last_error = f"{step}: {type(exc).__name__}: {exc}"
+                ctx.stats.errors[f"{step} {type(exc).__name__}"] += 1
             if self.silent:
                 await self._stay_silent()
                 continue
@@ -462,7 +479,10 @@ class SimAgent:
             # Only the connect is bounded: a reconnect storm of thousands of
             # streams queues here instead of at the server's database.
             async with ctx.connect_slots, asyncio.timeout(ctx.rpc_timeout_s):
-                await call.write(self._hello())
+                # A call the server already ended (a refused credential)
+                # refuses writes; reading it raises its status.
+                with contextlib.suppress(asyncio.InvalidStateError):
+                    await call.write(self._hello())
                 first: Any = await call.read()
             if first is EOF:
                 return
@@ -535,17 +555,20 @@ class SimAgent:
         while True:
             await asyncio.sleep(max(0.0, min(next_heartbeat, next_telemetry) - loop.time()))
             now = loop.time()
-            if now >= next_heartbeat:
-                next_heartbeat = now + self.heartbeat_interval()
-                if self._call is not None and not self.silent:
-                    await self._heartbeat()
-            if now >= next_telemetry:
-                interval = self.telemetry_interval()
-                next_telemetry += interval
-                if next_telemetry <= now:  # the interval shrank or an upload was slow
-                    next_telemetry = now + interval
-                if self.credential and not self.silent:
-                    await self._upload_telemetry(interval)
+            try:
+                if now >= next_heartbeat:
+                    next_heartbeat = now + self.heartbeat_interval()
+                    if self._call is not None and not self.silent:
+                        await self._heartbeat()
+                if now >= next_telemetry:
+                    interval = self.telemetry_interval()
+                    next_telemetry += interval
+                    if next_telemetry <= now:  # the interval shrank or an upload was slow
+                        next_telemetry = now + interval
+                    if self.credential and not self.silent:
+                        await self._upload_telemetry(interval)
+            except Exception as exc:  # counted; the timers must go on
+                self.ctx.stats.errors[f"timers {type(exc).__name__}"] += 1
 
     async def _heartbeat(self) -> None:
         self.heartbeat_seq += 1
@@ -632,7 +655,10 @@ class SimAgent:
             self._wake.clear()
             # A new assignment replaces whatever ran beside the active model.
             self.shadow_version = ""
-            await self._install(assignment)
+            try:
+                await self._install(assignment)
+            except Exception as exc:  # counted; the next assignment may work
+                self.ctx.stats.errors[f"update {type(exc).__name__}"] += 1
 
     async def _pause(self, seconds: float, *, abortable: bool = True) -> bool:
         """Wait `seconds`; True when a newer assignment arrived meanwhile

@@ -12,6 +12,12 @@ per agent low without making any one connection a bottleneck. Enroll calls
 and Sync connects in flight are bounded (`connect_concurrency`), so a fleet
 starting, or reconnecting after a control-plane restart, queues here rather
 than at the server's database.
+
+An agent costs this process about 35 KB; at 10,000 agents the control
+plane, not the simulator, is the bottleneck. A process that holds thousands
+of agents should call gc.freeze() once they are connected (the CLI does):
+otherwise a full collection over them stalls the event loop (0.7 s at
+10,000 agents).
 """
 
 from __future__ import annotations

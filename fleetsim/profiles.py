@@ -2,7 +2,9 @@
 each kind behaves with each model version.
 
 A profile is JSON (``edgefleet simulate --profile FILE``) or a dict; with
-none, `DEFAULT_PROFILE` is used. The whole format::
+none, the built-in `default_profile()` is used (`edgefleet simulate
+--print-profile` prints it). The whole format (the # comments explain, they
+are not JSON)::
 
     {
       "heartbeat_interval_s": 15,     # until the control plane's config says otherwise

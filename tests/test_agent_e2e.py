@@ -4,6 +4,8 @@ persist. Timeouts are generous and nothing asserts on timing."""
 
 from __future__ import annotations
 
+import socket as socket_module
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -269,7 +271,12 @@ def test_agent_serves_the_inference_api_and_uploads_telemetry(
 
     from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
-    agent = agents(name="edge-1", telemetry_interval_s=0.5)
+    with socket_module.socket() as probe:  # a free loopback port for /metrics
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    agent = agents(
+        name="edge-1", telemetry_interval_s=0.5, metrics_listen=f"127.0.0.1:{metrics_port}"
+    )
     device_id = enrolled_id(agent)
     socket = agent.state_dir / "inference.sock"
     wait_for(socket.exists)
@@ -293,4 +300,15 @@ def test_agent_serves_the_inference_api_and_uploads_telemetry(
         return sum(len(series.points) for series in resp.series)
 
     assert wait_for(memory_points, timeout=30)
+    # The same figures on the agent's local Prometheus endpoint.
+
+    def scraped() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page:
+                text = page.read().decode()
+        except OSError:
+            return None
+        return text if "edgefleet_agent_process_rss_mb " in text else None
+
+    assert "edgefleet_agent_" in wait_for(scraped, timeout=30)
     assert agent.stop() == 0

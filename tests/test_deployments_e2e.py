@@ -11,9 +11,12 @@ reports to the control plane matches what it serves."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +54,16 @@ class Fleet:
     count: int = 0
 
     def agent(self, class_name: str = CPU, **config: Any) -> AgentProcess:
-        """A new agent process (not started) pinned to `class_name` once enrolled."""
+        """A new agent process (not started) that lands in `class_name`
+        (its "tier" label), with `labels` added."""
         self.count += 1
+        labels = {"tier": class_name, **config.pop("labels", {})}
         return AgentProcess(
             self.root / f"agent-{self.count}",
             self.cp.address,
             self.token,
-            labels={"tier": class_name},
-            telemetry_interval_s=60,
-            **config,
+            labels=labels,
+            **{"telemetry_interval_s": 60, **config},
         )
 
 
@@ -83,15 +87,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     cp.start()
     try:
         op = cp.operator()
-        _class(op, CPU)
-        _class(op, TWIN)  # the same profile: the same bytes, its own manifest
+        # A generous budget the real devices meet (rollout gates scale it).
+        _class(op, CPU, latency_budget_p95_ms=50)
+        _class(op, TWIN, latency_budget_p95_ms=50)  # same profile: same bytes, own manifest
         # Claims its devices are 1000x faster than the build host, so builds
         # pass a budget no real device here can meet.
         _class(op, FAST, latency_budget_p95_ms=0.005, speed_factor=0.001)
         # Each push queues a build per class.
         for seed, version in enumerate(VERSIONS):
-            # hidden=256: a ~70 KB artifact, so a download takes several chunks.
-            built = build_digits_classifier(root / f"model-{version}", hidden=256, seed=seed)
+            # hidden=1024: even the int8 artifact is > 64 KiB, so a download
+            # takes several chunks whichever candidate the build picks.
+            built = build_digits_classifier(root / f"model-{version}", hidden=1024, seed=seed)
             _push(op, MODEL, version, _parts(model=built.model, sample_data=built.sample_data))
         builds = _wait_builds(op, 3 * len(VERSIONS), timeout=400)
         failed = [(b.class_name, b.error) for b in builds if b.state != o.BUILD_STATE_SUCCEEDED]
@@ -392,3 +398,138 @@ def test_kill_9_inside_each_state_ends_on_one_complete_version(
         assert "restarted during activation" in status.reason
     assert _assert_consistent(agent, status) == (ends_on, fleet.digests[ends_on])
     assert not list((agent.state_dir / "downloads").glob("*.part"))
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def test_a_rollout_on_real_agents_trips_a_health_gate_and_reverts_every_device(
+    fleet: Fleet, agents: list[AgentProcess]
+) -> None:
+    # Its own label: agents of earlier tests may still count as online.
+    installed = [
+        _install(fleet, agents, "1.0.0", telemetry_interval_s=1, labels={"run": "gate"})
+        for _ in range(2)
+    ]
+    spec = o.RolloutSpec(model_name=MODEL, model_version="2.0.0", class_names=[CPU],
+                         label_selector={"tier": CPU, "run": "gate"})  # fmt: skip
+    stage = spec.stages.add(name="all", percent=100.0, on_failure=o.FAILURE_ACTION_ABORT_REVERT)
+    stage.bake_time.FromSeconds(60)
+    # 50 ms x 1e-5: real inference here cannot meet it, so the gate trips on
+    # the telemetry the devices report while they serve.
+    stage.gates.latency_budget_factor = 1e-5
+    rollout = fleet.op.CreateRollout(o.CreateRolloutRequest(spec=spec, start=True)).rollout
+    assert sorted(d.device_id for d in rollout.devices) == sorted(d for _, d in installed)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            for agent, _ in installed:
+                with contextlib.suppress(Exception):
+                    _served(agent)
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    try:
+
+        def reverted() -> o.Rollout | None:
+            r = fleet.op.GetRollout(o.GetRolloutRequest(id=rollout.id))
+            finished = all(d.state == o.ROLLOUT_DEVICE_STATE_REVERTED for d in r.devices)
+            return r if r.state == o.ROLLOUT_STATE_ABORTED and finished else None
+
+        done = wait_for(reverted, timeout=120)
+    finally:
+        stop.set()
+        worker.join()
+    assert "health gate" in done.reason and "latency" in done.reason, done.reason
+    assert all("reverting to 1.0.0" in d.reason or "previous" in d.reason for d in done.devices)
+    for agent, device_id in installed:
+
+        def back_on_v1(device_id: str = device_id) -> c.UpdateStatus | None:
+            u = fleet.op.GetDevice(o.GetDeviceRequest(id=device_id)).update
+            return u if u.active_model_version == "1.0.0" and u.state == "committed" else None
+
+        status = wait_for(back_on_v1)
+        assert _assert_consistent(agent, status) == ("1.0.0", fleet.digests["1.0.0"])
+
+
+def test_a_shadow_stage_on_a_real_agent_mirrors_traffic_then_promotes(
+    fleet: Fleet, agents: list[AgentProcess]
+) -> None:
+    agent, device_id = _install(
+        fleet, agents, "1.0.0", telemetry_interval_s=1, labels={"run": "shadow"}
+    )
+    spec = o.RolloutSpec(model_name=MODEL, model_version="2.0.0", class_names=[CPU],
+                         label_selector={"tier": CPU, "run": "shadow"})  # fmt: skip
+    spec.stages.add(name="shadow", count=1, shadow=True, min_agreement=0.5)
+    spec.stages.add(name="all", percent=100.0)
+    rollout = fleet.op.CreateRollout(o.CreateRolloutRequest(spec=spec, start=True)).rollout
+    assert [d.device_id for d in rollout.devices] == [device_id]
+    # Real digits (the held-out split): the two versions, trained with other
+    # seeds, agree on most of them, so the stage's 0.5 minimum is met.
+    digits = np.load(fleet.root / "model-1.0.0" / "samples.npz")["input"].astype(np.float32)
+    # (what the control plane says the update is, then the version that answered)
+    seen: list[tuple[str, str, str, str]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        target = f"unix:{agent.state_dir / 'inference.sock'}"
+        with grpc.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for index in range(10**6):
+                if stop.is_set():
+                    return
+                with contextlib.suppress(grpc.RpcError):
+                    u = fleet.op.GetDevice(o.GetDeviceRequest(id=device_id)).update
+                    x = np.ascontiguousarray(digits[(8 * index) % 192 :][:8])
+                    reply = stub.Predict(
+                        inference_pb2.PredictRequest(model_name=MODEL, inputs=[c.TensorData(
+                            name="input", dtype="float32", shape=[8, 64], data=x.tobytes(),
+                        )]),
+                        timeout=10,
+                    )  # fmt: skip
+                    seen.append((u.model_version, u.state, u.active_model_version,
+                                 reply.model_version))  # fmt: skip
+                time.sleep(0.05)
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    try:
+
+        def succeeded() -> o.Rollout | None:
+            r = fleet.op.GetRollout(o.GetRolloutRequest(id=rollout.id))
+            assert r.state not in (o.ROLLOUT_STATE_PAUSED, o.ROLLOUT_STATE_ABORTED), r.reason
+            return r if r.state == o.ROLLOUT_STATE_SUCCEEDED else None
+
+        done = wait_for(succeeded, timeout=180)
+        # Serving 2.0.0 now, and what it reports.
+        status = wait_for(
+            lambda: u if (u := fleet.op.GetDevice(o.GetDeviceRequest(id=device_id)).update)
+            .active_model_version == "2.0.0" and u.state == "committed" else None
+        )  # fmt: skip
+        assert _assert_consistent(agent, status) == ("2.0.0", fleet.digests["2.0.0"])
+    finally:
+        stop.set()
+        worker.join()
+    assert [d.state for d in done.devices] == [o.ROLLOUT_DEVICE_STATE_COMMITTED]
+    # While the shadow stage held (2.0.0 loaded as the shadow and reported
+    # settled, 1.0.0 active), apps got 1.0.0's answers.
+    shadowing = [s for s in seen if s[:3] == ("2.0.0", "committed", "1.0.0")]
+    assert shadowing and {s[3] for s in shadowing} == {"1.0.0"}, seen
+    # Once 2.0.0 answered, 1.0.0 never did again.
+    answered = [s[3] for s in seen]
+    assert "2.0.0" in answered
+    assert "1.0.0" not in answered[answered.index("2.0.0") :]
+    # What the agent measured reached the control plane: mirrored requests
+    # and agreement of the candidate, on samples of the version it served.
+    with sqlite3.connect(fleet.cp.data_dir / "edgefleet.db") as db:
+        rows = db.execute(
+            "SELECT model_version, shadow_requests, shadow_agreement, shadow_latency_p95_ms "
+            "FROM telemetry WHERE device_id = ? AND shadow_version = '2.0.0'",
+            (device_id,),
+        ).fetchall()
+    assert rows and {r[0] for r in rows} == {"1.0.0"}, rows
+    mirrored = sum(r[1] for r in rows)
+    assert mirrored > 0 and all(r[3] > 0 for r in rows)
+    assert sum(r[1] * r[2] for r in rows) / mirrored >= 0.5

@@ -452,7 +452,7 @@ async def _query(
     return {s.group: s for s in response.series}
 
 
-async def test_agents_reconnect_and_silent_devices_go_dark_after_committing(
+async def test_agents_reconnect_download_and_silent_devices_go_dark_after_committing(
     server: ControlPlane, setup: Setup
 ) -> None:
     profile = parse_profile(
@@ -469,7 +469,7 @@ async def test_agents_reconnect_and_silent_devices_go_dark_after_committing(
             ]
         }
     )
-    fleet = Fleet(server.address, setup.token, profile, 6, prefix="t2",
+    fleet = Fleet(server.address, setup.token, profile, 6, prefix="t2", download=True,
                   telemetry_interval_s=0.2, backoff_initial_s=0.1)  # fmt: skip
     async with fleet:
         # The control plane ends every stream: all come back.
@@ -488,6 +488,10 @@ async def test_agents_reconnect_and_silent_devices_go_dark_after_committing(
         )
         silent = [a for a in fleet.agents if a.connection == "silent"]
         assert {a.profile_class.name for a in silent} == {"gw"}
+        # Each really downloaded its artifact (and checked its digest).
+        stats = fleet.ctx.stats
+        assert stats.downloads == 6
+        assert stats.download_bytes == sum(a.status.bytes_total for a in fleet.agents) > 0
         # The committed report went out before the device went dark.
         await _wait_devices(setup.op, "t2", Counter(
             {("pi", "committed", "1.0.0"): 4, ("gw", "committed", "1.0.0"): 2}))  # fmt: skip

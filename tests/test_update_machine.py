@@ -176,14 +176,16 @@ class FakeValidator:
 
 
 class FakeActivator:
-    """Which artifact serves. `active` survives a restart (the real one
-    persists its pointer); the warm standby does not. A fault in Activating
-    strikes after the switch (the worst moment)."""
+    """Which artifact serves, and which is loaded as a shadow. `active` and
+    the shadow survive a restart (the real one persists both); the warm
+    standby does not. A fault in Activating strikes after the switch (the
+    worst moment). An activation or a rollback drops the shadow."""
 
     def __init__(self, faults: Faults, active: str | None = OLD) -> None:
         self.faults = faults
         self.current = active
         self.standby: str | None = None
+        self.shadowed: str | None = None
         self.paths: list[Path] = []
 
     def active(self) -> str | None:
@@ -192,12 +194,18 @@ class FakeActivator:
     def activate(self, path: Path, manifest: bytes) -> None:
         assert not path.name.endswith(".part") and path.read_bytes()
         self.paths.append(path)
-        self.standby, self.current = self.current, path.name
+        self.standby, self.current, self.shadowed = self.current, path.name, None
+        self.faults.check(A)
+
+    def shadow(self, path: Path, manifest: bytes) -> None:
+        assert not path.name.endswith(".part") and path.read_bytes()
+        self.paths.append(path)
+        self.shadowed = path.name
         self.faults.check(A)
 
     def rollback(self, previous: str | None) -> None:
         self.faults.check(R)
-        self.current, self.standby = previous, None
+        self.current, self.standby, self.shadowed = previous, None, None
 
     def commit(self) -> None:
         self.faults.check(C)

@@ -14,7 +14,13 @@ Crash cases, with the machine's rule that a restart in Activating rolls back:
 - killed after the switch, before active.json was written: same as above.
 - killed after active.json was written: the new model is restored at boot,
   then the rollback loads the standby from disk and makes it active again.
-Either way the device ends on the old model and says so."""
+Either way the device ends on the old model and says so.
+
+A shadow (a rollout's shadow stage, Activator.shadow) is recorded as the
+"shadow" entry, written after it loaded and warmed, and restored at boot
+beside the active model. A commit keeps it and its file; a rollback or the
+next activation drops it (and the next commit deletes its file unless it
+became the active one)."""
 
 from __future__ import annotations
 
@@ -70,6 +76,8 @@ class ActiveRecord:
     active: Installed | None = None
     # The artifact `active` replaced, kept until the update commits.
     standby: Installed | None = None
+    # Loaded beside `active`, mirrored to, never answering (a shadow stage).
+    shadow: Installed | None = None
 
 
 def parse_manifest(manifest: bytes) -> common_pb2.ArtifactManifest:
@@ -114,6 +122,7 @@ class ActiveStore:
             return ActiveRecord(
                 active=Installed(**document["active"]) if document.get("active") else None,
                 standby=Installed(**document["standby"]) if document.get("standby") else None,
+                shadow=Installed(**document["shadow"]) if document.get("shadow") else None,
             )
         except (KeyError, TypeError) as exc:
             raise StateError(f"{self.path}: not an active-model record: {exc}") from exc
@@ -123,6 +132,8 @@ class ActiveStore:
             "active": asdict(record.active) if record.active else None,
             "standby": asdict(record.standby) if record.standby else None,
         }
+        if record.shadow is not None:  # absent otherwise: the file stays as it was
+            document["shadow"] = asdict(record.shadow)
         try:
             atomic_write(self.path, (json.dumps(document, indent=2) + "\n").encode())
         except OSError as exc:
@@ -142,8 +153,10 @@ class HostActivator:
 
     def restore(self) -> Installed | None:
         """Load what active.json names (at boot); the standby if the active
-        artifact no longer loads. Returns what is served."""
+        artifact no longer loads; and the shadow, if any. Returns what is
+        served."""
         record = self.store.load()
+        served = None
         for candidate in (record.active, record.standby):
             if candidate is None:
                 continue
@@ -155,9 +168,19 @@ class HostActivator:
                 continue
             self.host.commit(candidate.model_name)
             if candidate is not record.active:
-                self.store.save(ActiveRecord(active=candidate))
-            return candidate
-        return None
+                self.store.save(ActiveRecord(active=candidate, shadow=record.shadow))
+            served = candidate
+            break
+        if record.shadow is not None:
+            try:
+                self._load(record.shadow, shadow=True)
+            except FatalUpdateError as exc:
+                # Serving comes first: a shadow that no longer loads is
+                # forgotten (its stage sees no mirrored requests from here).
+                log.error("cannot restore the shadow %s %s: %s", record.shadow.model_name,
+                          record.shadow.model_version, exc.message)  # fmt: skip
+                self.store.save(ActiveRecord(active=served))
+        return served
 
     # ------------------------------------------------------------ the port
 
@@ -176,12 +199,27 @@ class HostActivator:
         # A retried activation must keep the committed artifact as standby.
         standby = record.standby if record.active and record.active.digest == new.digest else None
         standby = standby or record.active
+        # An activation ends any shadow stage; dropped first so a small
+        # device never holds active, standby, shadow and the new model at once.
+        self._drop_shadow(record)
         self._load(new, path)
         self.store.save(ActiveRecord(active=new, standby=standby))
+
+    def shadow(self, path: Path, manifest: bytes) -> None:
+        parsed = parse_manifest(manifest)
+        new = Installed(parsed.model_name, parsed.model_version, parsed.sha256, manifest.hex())
+        record = self.store.load()
+        self._load(new, path, shadow=True)
+        if record.shadow is not None and record.shadow.model_name != new.model_name:
+            self.host.drop_shadow(record.shadow.model_name)  # one shadow at a time
+        self.store.save(ActiveRecord(active=record.active, standby=record.standby, shadow=new))
 
     def rollback(self, previous: str | None) -> None:
         record = self.store.load()
         active, standby = record.active, record.standby
+        # Whatever failed, a shadow goes with it (every record saved below
+        # leaves it out).
+        self._drop_shadow(record)
         if previous is None:
             if active is not None:
                 # Nothing was active before: serve nothing (apps get
@@ -223,8 +261,13 @@ class HostActivator:
         dropped = record.standby
         if dropped is not None and dropped.model_name != record.active.model_name:
             self.host.remove(dropped.model_name)
-        self.store.save(ActiveRecord(active=record.active))
-        self._remove_unused(keep=record.active.digest)
+        # A shadow stays loaded and on disk: committing a shadow update is
+        # what makes it the shadow for the rest of its stage.
+        self.store.save(ActiveRecord(active=record.active, shadow=record.shadow))
+        keep = {record.active.digest}
+        if record.shadow is not None:
+            keep.add(record.shadow.digest)
+        self._remove_unused(keep)
 
     # ------------------------------------------------------------ helpers
 
@@ -234,7 +277,15 @@ class HostActivator:
         except ServingError:
             return False
 
-    def _load(self, installed: Installed, path: Path | None = None) -> None:
+    def _drop_shadow(self, record: ActiveRecord) -> None:
+        if record.shadow is not None:
+            self.host.drop_shadow(record.shadow.model_name)
+
+    def _load(
+        self, installed: Installed, path: Path | None = None, *, shadow: bool = False
+    ) -> None:
+        """Load and warm `installed` as the active version of its model
+        (the slot's pending activation) or, with `shadow`, as its shadow."""
         manifest = installed.manifest
         runtime = RUNTIME_NAMES.get(manifest.runtime)
         if runtime is None:
@@ -242,8 +293,9 @@ class HostActivator:
         path = path or artifact_path(self.state_dir, installed.digest)
         if not path.exists():
             raise FatalUpdateError(f"artifact {installed.digest[:12]} missing from {path.parent}")
+        load = self.host.load_shadow if shadow else self.host.activate
         try:
-            self.host.activate(
+            load(
                 installed.model_name,
                 installed.model_version,
                 installed.digest,
@@ -255,13 +307,13 @@ class HostActivator:
         except ServingError as exc:
             raise FatalUpdateError(exc.message) from exc
 
-    def _remove_unused(self, keep: str) -> None:
-        """Delete downloaded artifacts other than `keep` (committed: nothing
-        can roll back to them any more); partial downloads are left alone."""
+    def _remove_unused(self, keep: set[str]) -> None:
+        """Delete downloaded artifacts not in `keep` (committed: nothing can
+        roll back to them any more); partial downloads are left alone."""
         downloads = self.state_dir / DOWNLOADS_DIR
         if not downloads.is_dir():
             return
         for path in downloads.iterdir():
-            if path.name != keep and "." not in path.name:
+            if path.name not in keep and "." not in path.name:
                 with contextlib.suppress(OSError):
                     path.unlink()

@@ -6,8 +6,9 @@ kill -9 the agent at a known point and check what it does on restart.
 Where each state pauses is the most damaging point inside it:
 - downloading: after the first chunk was written (a partial file on disk);
 - verifying, validating, rolling_back, committed: before the port's work;
-- activating: after the new model was switched in and recorded as active,
-  before the machine moved on (the switch happened, the commit did not).
+- activating: after the new model was switched in and recorded as active
+  (or loaded and recorded as the shadow), before the machine moved on (the
+  switch happened, the commit did not).
 
 Never set in production; the agent logs loudly when it is."""
 
@@ -85,6 +86,11 @@ def with_pause(ports: Ports, state: State, state_dir: Path) -> Ports:
 
             def activate(self, path: Path, manifest: bytes) -> None:
                 inner.activate(path, manifest)
+                if state is State.ACTIVATING:
+                    pause()
+
+            def shadow(self, path: Path, manifest: bytes) -> None:
+                inner.shadow(path, manifest)
                 if state is State.ACTIVATING:
                     pause()
 

@@ -24,6 +24,14 @@ update that never settles ends in Failed. A state entered more than
 `max_attempts` times (a crash loop: the process dies inside its handler) fails
 the same way without running the handler again. Failed always
 settles to Idle (its cleanup and report never fail).
+
+Shadow assignments (Assignment.shadow, a rollout's shadow stage) run through
+the same states: only Activating branches, loading the candidate as the
+shadow of its model name (Activator.shadow) instead of activating it, so the
+active model, `previous` and what apps get never change. Committed keeps the
+shadow loaded (commit() only drops a standby); RollingBack drops it, and so
+does the next activation (a later normal assignment of the same artifact
+finds the file already downloaded).
 """
 
 from __future__ import annotations
@@ -244,7 +252,14 @@ class UpdateMachine:
         return Event.success()
 
     def _activating(self, record: UpdateRecord) -> Event:
-        self.ports.activator.activate(self._artifact(record), self._assignment(record).manifest)
+        assignment = self._assignment(record)
+        # One state for both kinds: a shadow is loaded beside the active model
+        # instead of replacing it; everything around it (commit, rollback on a
+        # failure or a restart) is the same.
+        if assignment.shadow:
+            self.ports.activator.shadow(self._artifact(record), assignment.manifest)
+        else:
+            self.ports.activator.activate(self._artifact(record), assignment.manifest)
         return Event.success()
 
     def _committed(self, record: UpdateRecord) -> Event:
@@ -260,7 +275,10 @@ class UpdateMachine:
         # (a rollback that did not bring the previous artifact back).
         digest = self._assignment(record).artifact_digest
         try:
-            in_use = self.ports.activator.active() != record.previous
+            active = self.ports.activator.active()
+            # The failed artifact may also be the active one (an assignment,
+            # e.g. a shadow, of the version already served): keep its file.
+            in_use = active != record.previous or active == digest
         except Exception:
             in_use = True
         with contextlib.suppress(OSError):

@@ -16,6 +16,11 @@ Contracts the real implementations must keep:
   serves what active() says. rollback(previous) makes `previous` active again
   (None: no model) and must be idempotent; commit() drops the standby and must
   be idempotent too.
+- Activator.shadow loads and warms the artifact as the shadow of its model
+  name (requests are mirrored to it; the active model and what apps get do
+  not change) and persists that, so a restart loads it again. commit() keeps
+  the shadow (and its file); rollback(previous) and a later activate() drop
+  it. Only one shadow is kept: a new one replaces the last.
 - Reporter.report must not raise (it buffers when the control plane is away);
   the machine ignores errors from it.
 """
@@ -73,6 +78,8 @@ class Activator(Protocol):
     def active(self) -> str | None: ...
 
     def activate(self, path: Path, manifest: bytes) -> None: ...
+
+    def shadow(self, path: Path, manifest: bytes) -> None: ...
 
     def rollback(self, previous: str | None) -> None: ...
 

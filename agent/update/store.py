@@ -29,6 +29,9 @@ class Assignment:
     manifest_signature: bytes
     rollout_id: str = ""
     sequence: int = 0
+    # A shadow stage: load the artifact beside the active model and mirror
+    # requests to it, but never make it active (docs/agent-updates.md).
+    shadow: bool = False
 
 
 @dataclass
@@ -76,6 +79,8 @@ def _decode(path: Path, document: Any) -> UpdateRecord:
             raw = dict(raw)
             raw["manifest"] = bytes.fromhex(raw["manifest"])
             raw["manifest_signature"] = bytes.fromhex(raw["manifest_signature"])
+            # Records written before shadow assignments existed lack the key.
+            raw["shadow"] = bool(raw.get("shadow", False))
             assignment = Assignment(**raw)
         return UpdateRecord(
             state=State(document["state"]),

@@ -1,7 +1,7 @@
 """A small client for the agent's framed fast path, for Python apps on the
 device: one connection, calls one at a time, blocking.
 
-    with InferenceClient("/var/lib/edgefleet-agent/inference-fast.sock") as client:
+    with InferenceClient("/var/lib/edgefleet-agent/predict.sock") as client:
         result = client.predict("digits", {"input": x}, timeout_s=0.05)
         probabilities = result.outputs["probabilities"]
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from edgefleet.v1 import common_pb2, inference_pb2
 
-DEFAULT_SOCKET = Path("/var/lib/edgefleet-agent/inference-fast.sock")
+DEFAULT_SOCKET = Path("/var/lib/edgefleet-agent/predict.sock")
 _HEADER = struct.Struct("<I")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 

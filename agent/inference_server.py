@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
+from agent.errors import StateError
 from agent.runtimes import TensorInfo
 from agent.serving import (
     DeadlineExceeded,
@@ -56,7 +57,7 @@ from edgefleet.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "inference.sock"
-FAST_SOCKET_NAME = "inference-fast.sock"
+FAST_SOCKET_NAME = "predict.sock"
 SOCKET_MODE = 0o660
 # Camera frames and batches are bigger than gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -367,8 +368,17 @@ class InferenceServer:
         self.socket_path.unlink(missing_ok=True)
 
 
+# sockaddr_un.sun_path holds 108 bytes on Linux, the terminating NUL included.
+MAX_SOCKET_PATH = 107
+
+
 def _fresh_socket_path(state_dir: Path, name: str) -> Path:
     socket_path = state_dir.absolute() / name
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise StateError(
+            f"{socket_path}: too long for a unix socket ({len(os.fsencode(socket_path))} "
+            f"bytes, at most {MAX_SOCKET_PATH}); use a shorter state_dir"
+        )
     # A socket left by a killed agent would make the bind fail.
     socket_path.unlink(missing_ok=True)
     return socket_path
@@ -380,7 +390,7 @@ async def start_inference_server(
     """Serve `host` over gRPC on `<state_dir>/inference.sock` and, when
     `listen` is given ("127.0.0.1:0" picks a port), on that loopback
     address; and, unless `fast_path` is False, the framed fast path on
-    `<state_dir>/inference-fast.sock`. gRPC runs requests on `host.workers`
+    `<state_dir>/predict.sock`. gRPC runs requests on `host.workers`
     threads; the fast path on one thread per connection (the host caps how
     many run inference at once either way)."""
     socket_path = _fresh_socket_path(state_dir, SOCKET_NAME)

@@ -265,7 +265,7 @@ def main() -> None:
         host = ModelHost(workers=2, recorder=RequestStats())
         host.activate(MODEL, "1.0.0", "bench", built.model, ONNXRUNTIME)
         bare = OnnxRuntimeRunner(built.model, threads=1)
-        fast = InferenceClient(state / "agent" / "inference-fast.sock")
+        fast = InferenceClient(state / "agent" / "predict.sock")
         echo = EchoClient(state / "reference" / "echo.sock")
         channels = {
             name: grpc.insecure_channel(f"unix:{path}")

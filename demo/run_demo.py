@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from rich.rule import Rule
 from demo.models import build_digits_classifier
 
 BIN = Path(sys.executable).parent
+FINAL_ROLLOUT_STATES = ("ROLLOUT_STATE_SUCCEEDED", "ROLLOUT_STATE_ABORTED", "ROLLOUT_STATE_PAUSED")
 console = Console()
 
 
@@ -264,7 +266,7 @@ class Demo:
         digits = load_digits()
         x = (digits.data[-8:] / 16.0).astype(np.float32)
         for name in ("gateway-1", "pi-kitchen"):
-            socket = self.data_dir / "agents" / name / "state" / "inference-fast.sock"
+            socket = self.data_dir / "agents" / name / "state" / "predict.sock"
             predicted, version = [], ""
             with InferenceClient(socket) as client:
                 # One image per call: the Pi's TFLite artifact has a fixed batch of 1.
@@ -287,6 +289,61 @@ class Demo:
         wait_for(reported, "telemetry to arrive")
         self.cli("telemetry", "query", "latency-p95-ms", "--by", "device", "--model", "digits",
                  "--since", "5m", "--step", "1m")  # fmt: skip
+
+    def rollout(self) -> None:
+        self.step("A staged rollout of 1.1.0: health gates decide, a failing class goes back")
+        built = build_digits_classifier(self.data_dir / "model-1.1", seed=1)
+        self.cli("models", "push", "digits", "1.1.0", str(built.model),
+                 "--sample-data", str(built.sample_data), "--labels", str(built.labels),
+                 capture=True)  # fmt: skip
+        # Waits for the builds; exits 1 because tiny-mcu's must fail.
+        self.cli("builds", "run", "digits@1.1.0", check=False, capture=True)
+        # The memory gate allows 20 % of each class's limit: 51 MB on the Pis
+        # (256 MB), less than a real agent with a model loaded uses, and 205 MB
+        # on the gateway (1024 MB), more than it uses. So the Pis fail the
+        # gate and are dropped and put back on 1.0.0, the gateway carries on.
+        spec = ["digits@1.1.0", "--class", "pi-class", "--class", "x86-gateway",
+                "--stage", "2,stratified,bake=8s,memory=0.2,on-failure=abort",
+                "--stage", "100%"]  # fmt: skip
+        self.cli("rollouts", "create", *spec, "--dry-run")
+        created = json.loads(self.cli("rollouts", "create", *spec, "--start", "--json",
+                                      capture=True))  # fmt: skip
+        rollout_id = created["id"]
+        stop = threading.Event()
+        traffic = threading.Thread(target=self._traffic, args=(stop,), daemon=True)
+        traffic.start()
+        try:
+
+            def ended() -> bool:
+                out = self.cli("rollouts", "show", rollout_id, "--json", capture=True, echo=False)
+                shown = json.loads(out)
+                devices = shown.get("devices", [])
+                settling = any(d.get("state") == "ROLLOUT_DEVICE_STATE_IN_PROGRESS"
+                               for d in devices)  # fmt: skip
+                return shown.get("state") in FINAL_ROLLOUT_STATES and not settling
+
+            wait_for(ended, "the rollout to finish", timeout=180)
+        finally:
+            stop.set()
+            traffic.join()
+        self.cli("rollouts", "show", rollout_id)
+        self.cli("devices", "ls")
+
+    def _traffic(self, stop: threading.Event) -> None:
+        """Apps calling the model while the rollout runs: the health gates
+        judge the new version on this traffic's telemetry."""
+        from agent.inference_client import InferenceClient
+
+        x = np.zeros((1, 64), dtype=np.float32)
+        sockets = [self.data_dir / "agents" / name / "state" / "predict.sock"
+                   for name in ("gateway-1", "pi-kitchen", "pi-hallway")]  # fmt: skip
+        while not stop.wait(0.1):
+            for path in sockets:
+                try:
+                    with InferenceClient(path) as client:
+                        client.predict("digits", {"input": x}, timeout_s=1)
+                except Exception:  # a model being swapped, an agent restarting
+                    continue
 
     def stop(self) -> None:
         for proc in [*self.agents, self.server]:
@@ -332,13 +389,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         demo.show_builds()
         demo.deploy()
         demo.serve()
+        demo.rollout()
         demo.step("Done")
         console.print(
             "Agents registered on boot, were placed in classes by rules, the pending one was "
             "accepted, a model version was pushed, every class got a measured, signed "
             "artifact (or a report of what each candidate missed), the devices installed "
             "theirs (the Jetson refused its TensorRT artifact: no TensorRT here), served "
-            "real inference to apps, and reported telemetry."
+            "real inference to apps, and reported telemetry; a staged rollout of 1.1.0 "
+            "dropped the class that failed its health gate (back on 1.0.0) and completed "
+            "on the other."
         )
         if args.keep_running:
             console.print(

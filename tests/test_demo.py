@@ -34,6 +34,12 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         # A real classifier (98 % held-out accuracy) on 8 held-out images.
         assert sum(p == t for p, t in zip(predicted, true, strict=True)) >= 6, line
     assert "LATENCY-P95-MS" in out
+    # The staged rollout of 1.1.0: the Pis fail the memory gate and go back to
+    # 1.0.0, the gateway completes.
+    assert "dropped and reverted: pi-class" in out
+    ls = out.rsplit("$ edgefleet devices ls", 1)[1].splitlines()
+    assert any("gateway-1" in line and " 1.1.0 " in line for line in ls), ls
+    assert any("pi-kitchen" in line and " 1.0.0 " in line for line in ls), ls
     # Every process was stopped cleanly.
     logs = (tmp_path / "demo" / "server.log").read_text()
     assert "shutting down" in logs

@@ -713,3 +713,12 @@ def test_serving_uses_the_accelerated_execution_providers_installed(digits: Buil
     assert isinstance(runner, OnnxRuntimeRunner)
     # On this CPU-only machine: CPU; with onnxruntime-gpu on a Jetson: TensorRT/CUDA first.
     assert runner.providers == [*installed, CPU]
+
+
+async def test_a_state_dir_too_long_for_a_unix_socket_is_a_clear_error(tmp_path: Path) -> None:
+    from agent.errors import StateError
+
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    with pytest.raises(StateError, match="too long for a unix socket"):
+        await start_inference_server(ModelHost(), deep)

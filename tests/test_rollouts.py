@@ -336,3 +336,35 @@ async def test_devices_past_their_timeout_are_retried_then_timed_out(world: Worl
         assert all(d.attempts == 2 for d in done.devices), done.devices
         assert all("no result within 1 s" in d.reason for d in done.devices)
         assert done.state in (o.ROLLOUT_STATE_PAUSED, o.ROLLOUT_STATE_ABORTED)
+
+
+async def test_a_class_failing_a_gate_is_dropped_and_reverted_while_the_others_complete(
+    world: World,
+) -> None:
+    profile = parse_profile({
+        "heartbeat_interval_s": 1, "telemetry_interval_s": 0.5,
+        "classes": [
+            {"name": PI, "hardware": {"arch": "aarch64"}, "install_s": [0.05, 0.2],
+             "latency_p95_ms": 10, "error_rate": 0.0},
+            # Over the class's 30 ms budget with this version only.
+            {"name": GW, "hardware": {"arch": "x86_64"}, "install_s": [0.05, 0.2],
+             "latency_p95_ms": 10, "error_rate": 0.0,
+             "versions": {"2.0.0": {"latency_p95_ms": 90}}},
+        ],
+    })  # fmt: skip
+    async with _fleet(world, 6, profile) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        rollout = await world.rollout(
+            _stage(100.0, bake_time=_seconds(3), on_failure=o.FAILURE_ACTION_ABORT_REVERT,
+                   gates=o.HealthGates(latency_budget_factor=1.0)),
+        )  # fmt: skip
+        done = await world.wait(rollout.id, lambda r: r.state == o.ROLLOUT_STATE_SUCCEEDED)
+        assert "dropped and reverted: gw" in done.reason, done.reason
+        by_class = {(d.class_name, d.state) for d in done.devices}
+        assert by_class == {(PI, o.ROLLOUT_DEVICE_STATE_COMMITTED),
+                            (GW, o.ROLLOUT_DEVICE_STATE_REVERTED)}  # fmt: skip
+        assert all("latency" in d.reason for d in done.devices if d.class_name == GW)
+        await fleet.wait_until(
+            lambda f: all(a.active_version == ("2.0.0" if a.profile_class.name == PI else "1.0.0")
+                          for a in f.agents), 30, what="pi on 2.0.0, gw back on 1.0.0",
+        )  # fmt: skip

@@ -57,6 +57,7 @@ from controlplane.domain.rollouts import (
     Acknowledged,
     ClassLimits,
     DeviceHealth,
+    GateResult,
     StageCounts,
     Verdict,
     describe,
@@ -299,7 +300,8 @@ class _Driver:
             before = d.state
             if d.state == REVERTING:
                 if reported == "committed":
-                    self.finish(d, REVERTED, "back on the previous version")
+                    # Keep why it was reverted ("class X dropped: ...").
+                    self.finish(d, REVERTED, d.reason.replace("reverting to", "reverted to"))
                 elif reported == "failed":
                     self.finish(d, REVERTED, f"revert failed: {status.get('reason', '')}")
                 continue
@@ -404,7 +406,10 @@ class _Driver:
     def judge(self) -> None:
         row, index = self.row, self.row.current_stage
         stage = self.spec.stages[index]
-        members = [d for d in self.devices if d.stage == index]
+        # Devices of dropped classes (reverting/reverted) no longer count.
+        members = [
+            d for d in self.devices if d.stage == index and d.state not in (REVERTING, REVERTED)
+        ]
         health, silent = self.health(stage, members)
         gates = evaluate_gates(health, stage.gates, self.class_limits())
         agreement = self.shadow_agreement(stage, members) if stage.shadow else None
@@ -428,6 +433,9 @@ class _Driver:
             problem = outcome.reason
         elif failing and counts.committed:
             problem = "health gate failed: " + "; ".join(describe(g) for g in failing)
+            if self.isolate(stage, failing, problem):
+                self.save_stages()
+                return
         elif (
             agreement is not None and stage.min_agreement is not None
             and agreement[1] > 0 and agreement[0] < stage.min_agreement
@@ -462,6 +470,9 @@ class _Driver:
             row.state = SUCCEEDED
             row.finished_at = self.now
             row.reason = f"all {len(self.spec.stages)} stages passed"
+            dropped = sorted({d.class_name for d in self.devices if "dropped:" in d.reason})
+            if dropped:
+                row.reason += f" for the other classes; dropped and reverted: {', '.join(dropped)}"
             self.record("rollout.succeeded")
         elif stage.require_approval:
             row.state = WAITING_APPROVAL
@@ -472,6 +483,21 @@ class _Driver:
             if stage.shadow:
                 self.promote_shadow(index)
             self.record("rollout.stage", stage=row.current_stage)
+
+    def isolate(self, stage: StageSpec, failing: Sequence[GateResult], problem: str) -> bool:
+        """With on_failure abort-and-revert, a gate that fails only on some
+        classes' devices drops those classes (reverting their devices) and
+        lets the others continue; True if it did. One class's bad artifact
+        should not hold back the classes whose artifacts are fine."""
+        if stage.on_failure != ABORT_REVERT:
+            return False
+        class_of = {d.device_id: d.class_name for d in self.devices}
+        bad = {class_of[i] for g in failing for i in g.failing_devices if i in class_of}
+        remaining = {d.class_name for d in self.devices if d.state not in (REVERTING, REVERTED)}
+        if not bad or bad >= remaining:
+            return False  # every class fails: abort the whole rollout
+        self.drop_classes(bad, problem)
+        return True
 
     def promote_shadow(self, index: int) -> None:
         """After a shadow stage its devices take the version for real, with
@@ -556,6 +582,42 @@ class _Driver:
 
     # ------------------------------------------------------------ revert
 
+    def revert_device(self, d: RolloutDeviceRow, why: str) -> None:
+        """Assign the device its previous version (REVERTING until it reports
+        back); with none to go back to, it is marked reverted with the reason."""
+        prefix = f"{why}; " if why else ""
+        self.step.changed = True
+        if d.previous_model_version_id is None:
+            d.state, d.reason = REVERTED, f"{prefix}nothing to revert to: no previous version"
+            return
+        device = self.session.get_one(DeviceRow, d.device_id)
+        previous = self.session.get_one(ModelVersionRow, d.previous_model_version_id)
+        found = artifact_for(self.session, device, previous)
+        if isinstance(found, str):
+            d.state, d.reason = REVERTED, f"{prefix}cannot revert: {found}"
+            return
+        assignment = assign_device(
+            self.session, device, previous, found, actor=f"rollout:{self.row.id}",
+            rollout_id=self.row.id,
+        )  # fmt: skip
+        d.state, d.sequence, d.notified_at = REVERTING, assignment.sequence, self.now
+        d.reason = f"{prefix}reverting to {previous.version}"
+        self.step.pushed.append(d.device_id)
+
+    def drop_classes(self, classes: set[str], reason: str) -> None:
+        """Take classes out of the rollout: their devices that took the
+        version go back to their previous one, the rest are never notified;
+        the other classes carry on."""
+        for d in self.devices:
+            if d.class_name not in classes:
+                continue
+            why = f"class {d.class_name} dropped: {reason}"
+            if d.state in (COMMITTED, NOTIFIED, IN_PROGRESS):
+                self.revert_device(d, why)
+            elif d.state == WAITING:
+                d.state, d.reason = REVERTED, f"{why}; never notified"
+        self.record("rollout.class_dropped", classes=sorted(classes), reason=reason)
+
     def revert(self) -> None:
         """Aborted with revert: every device that took (or may be taking)
         the version gets its previous one; the rollout finishes when none is
@@ -566,25 +628,7 @@ class _Driver:
             return
         for d in self.devices:
             if d.state in (COMMITTED, NOTIFIED, IN_PROGRESS):
-                if d.previous_model_version_id is None:
-                    d.state, d.reason = REVERTED, "nothing to revert to: no previous version"
-                    self.step.changed = True
-                    continue
-                device = self.session.get_one(DeviceRow, d.device_id)
-                previous = self.session.get_one(ModelVersionRow, d.previous_model_version_id)
-                found = artifact_for(self.session, device, previous)
-                if isinstance(found, str):
-                    d.state, d.reason = REVERTED, f"cannot revert: {found}"
-                    self.step.changed = True
-                    continue
-                assignment = assign_device(
-                    self.session, device, previous, found, actor=f"rollout:{row.id}",
-                    rollout_id=row.id,
-                )  # fmt: skip
-                d.state, d.sequence, d.notified_at = REVERTING, assignment.sequence, self.now
-                d.reason = f"reverting to {previous.version}"
-                self.step.pushed.append(d.device_id)
-                self.step.changed = True
+                self.revert_device(d, "")
             elif d.state == WAITING:
                 d.state, d.reason = REVERTED, "never notified"
                 self.step.changed = True

@@ -9,7 +9,7 @@ two ways:
    deadline of a Predict is the gRPC deadline of the call; a call that runs
    past it fails with DEADLINE_EXCEEDED.
 
-2. The framed fast path on the unix socket <state_dir>/inference-fast.sock
+2. The framed fast path on the unix socket <state_dir>/predict.sock
    (mode 0660, like the gRPC socket): the same requests and answers with
    no HTTP/2 underneath, for apps whose models run in microseconds, where
    a gRPC call costs many times the model. Same models, same validation,

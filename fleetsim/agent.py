@@ -219,6 +219,7 @@ class SimAgent:
         "active_digest",
         "active_model",
         "active_version",
+        "assignment_seen_at",
         "class_name",
         "connection",
         "connects",
@@ -285,6 +286,9 @@ class SimAgent:
         self.update_reason = ""
         self.update_history: list[tuple[int, str, str]] = []
         self.status = common_pb2.UpdateStatus(state="idle")
+        # time.monotonic() when the newest assignment arrived (0.0: none yet),
+        # so a benchmark can time notification from the device's side.
+        self.assignment_seen_at = 0.0
         self._assignment: device_pb2.Assignment | None = None
         self._wanted: device_pb2.Assignment | None = None
         self._taken_seq = 0
@@ -535,6 +539,7 @@ class SimAgent:
             assignment = desired.assignment
             wanted = self._wanted
             if assignment.sequence > (wanted.sequence if wanted is not None else 0):
+                self.assignment_seen_at = time.monotonic()
                 self._want(assignment)
         return newer
 

@@ -1,0 +1,905 @@
+"""Rollout benchmark: N simulated devices (fleetsim) through a staged rollout
+against one real control plane, with a bulk AssignModel of the same fleet as
+the baseline.
+
+Starts `edgefleet server` (embedded SQLite in a temp dir, or `--db URL`, e.g.
+PostgreSQL) with one build worker, so the digits MLP (demo.models) really
+builds, and a 30 s heartbeat. Creates two device classes (ONNX Runtime,
+matched on arch: aarch64 and x86_64, the fleetsim profile's two kinds of
+device), pushes 1.0.0 and 2.0.0 of the model (seeds 0 and 1) and waits for the
+four builds. Then, in this process:
+
+1. the fleet: `--agents` SimAgents enroll and open their Sync streams
+   (progress printed); heartbeats and telemetry every 30 s, so the fleet's
+   own chatter stays small next to the rollout's work; `--idle-s` seconds
+   with nothing happening measure that chatter's cost on the control plane;
+2. **the baseline**: 1.0.0 assigned to every device with AssignModel, 1,000
+   devices per call (the server's limit), calls back to back; until every
+   device committed. Its notification rate (devices/min, timed on the
+   devices: first to last device that saw its assignment) is the raw bulk
+   assignment rate of the same server in the same run;
+3. **the rollout** of 2.0.0 over both classes: stages reaching 1 %, 10 %,
+   50 % and 100 % of the cohort (`--stages`, cumulative; each stage holds
+   the difference), each baking `--bake-s` seconds, no pacing limit, default
+   thresholds (every device of a stage committed, no failure). Created as a
+   draft (the planning timed on its own), then started; until it succeeded.
+
+Figures:
+
+- notification rate: devices notified per minute, timed on the devices
+  (each SimAgent stamps time.monotonic() when a newer assignment arrives),
+  per stage over its notification window (first to last device notified)
+  and overall (all devices over the sum of the windows); also counted from
+  each stage's start (the orchestrator's "rollout.stage" audit entry), which
+  adds the time the orchestrator took to begin notifying. Goal >= 10,000/min,
+  printed as a ratio to the baseline and to AWS IoT Jobs' 1,000/min cap;
+- orchestration overhead beyond bake times: the rollout's wall time (start
+  to the "rollout.succeeded" audit entry) minus the stages' bake times minus
+  each stage's slowest simulated install (the profile's install_s upper
+  bound among the stage's classes). Goal <= 60 s. Each stage's time is split
+  into: start -> first device notified, first -> last notified, last
+  notified -> every device committed (device side, polled every 0.2 s),
+  committed -> the orchestrator passing the stage, and its bake;
+- CPU (cores: process CPU seconds / wall seconds, from psutil cpu_times over
+  the phase) and peak RSS of the control plane (its process tree; RSS of the
+  main process beside it) and of this benchmark process (the fleet).
+
+    python bench/bench_rollout.py --agents 2000           # a first try
+    python bench/bench_rollout.py                         # 10,000 devices
+    python bench/bench_rollout.py --db postgresql+psycopg://user@host/db --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import gc
+import hashlib
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import psutil
+
+from controlplane.client import operator_stub
+from edgefleet.v1 import common_pb2, operator_pb2
+from fleetsim import Fleet, FleetError, FleetProfile, SimAgent, parse_profile
+from fleetsim.profiles import DEFAULT_PROFILE_DATA
+
+T = TypeVar("T")
+BIN = Path(sys.executable).parent
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # a throwaway server's token
+MODEL = "digits"
+GOAL_PER_MIN = 10_000
+AWS_IOT_JOBS_PER_MIN = 1_000
+GOAL_OVERHEAD_S = 60.0
+# AssignModel takes at most this many devices per call (MAX_DEVICES_PER_CALL).
+ASSIGN_BATCH = 1_000
+# Device class -> the arch its match rule selects.
+CLASSES = {"arm64-onnx": "aarch64", "x86-onnx": "x86_64"}
+# The default profile's Raspberry Pis and x86 gateways (3:2): one kind of
+# device per class above, each with its own install time.
+PROFILE_CLASSES = ("pi", "gateway")
+POLL_S = 0.2
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float) -> T:
+    """Poll `check` until it returns something; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def clean_env() -> dict[str, str]:
+    # gRPC honours proxy variables, which would send loopback traffic away.
+    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+def _read_port(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def start_control_plane(
+    data: Path, db: str | None, heartbeat_s: int
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`edgefleet server` with one build worker; (process, address)."""
+    data.mkdir(parents=True)
+    port_file = data / "port"
+    command = [
+        str(BIN / "edgefleet"), "server", "--data-dir", str(data), "--listen", "127.0.0.1:0",
+        "--port-file", str(port_file), "--admin-token", ADMIN_TOKEN, "--build-workers", "1",
+        "--heartbeat-interval", str(heartbeat_s),
+    ]  # fmt: skip
+    if db:
+        command += ["--db", db]
+    with (data / "server.log").open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    port = wait_for("the control plane to listen", lambda: _read_port(port_file), 120)
+    return proc, f"127.0.0.1:{port}"
+
+
+def log_tail(data: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join((data / "server.log").read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _healthy(op: Any) -> bool:
+    try:
+        op.ListDevices(operator_pb2.ListDevicesRequest(), timeout=2)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def push_model(op: Any, version: str, model: Path, sample_data: Path) -> None:
+    """PushModel: the header, then each part in 1 MiB chunks."""
+    parts = {
+        operator_pb2.MODEL_PART_MODEL: model.read_bytes(),
+        operator_pb2.MODEL_PART_SAMPLE_DATA: sample_data.read_bytes(),
+    }
+    header = operator_pb2.PushModelHeader(
+        model_name=MODEL,
+        version=version,
+        parts=[
+            operator_pb2.PartDeclaration(
+                part=part, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+            )
+            for part, data in parts.items()
+        ],
+    )
+
+    def requests() -> Iterator[operator_pb2.PushModelRequest]:
+        yield operator_pb2.PushModelRequest(header=header)
+        for part, data in parts.items():
+            for start in range(0, len(data), 1 << 20):
+                chunk = operator_pb2.PushModelChunk(part=part, data=data[start : start + (1 << 20)])
+                yield operator_pb2.PushModelRequest(chunk=chunk)
+
+    op.PushModel(requests())
+
+
+def setup(op: Any, root: Path) -> str:
+    """Classes, both versions pushed and built; an enrollment token."""
+    from demo.models import build_digits_classifier
+
+    for name, arch in CLASSES.items():
+        op.CreateDeviceClass(
+            operator_pb2.CreateDeviceClassRequest(
+                name=name,
+                constraints=common_pb2.ConstraintProfile(runtime=common_pb2.RUNTIME_ONNXRUNTIME),
+                match_rules=[
+                    common_pb2.MatchRule(field="arch", op=common_pb2.MATCH_OP_EQ, values=[arch])
+                ],
+            )
+        )
+    for seed, version in enumerate(("1.0.0", "2.0.0")):
+        built = build_digits_classifier(root / version, seed=seed)
+        push_model(op, version, built.model, built.sample_data)
+    expected = len(CLASSES) * 2
+    terminal = {operator_pb2.BUILD_STATE_SUCCEEDED, operator_pb2.BUILD_STATE_FAILED}
+
+    def finished() -> list[Any] | None:
+        builds = list(op.ListBuilds(operator_pb2.ListBuildsRequest()).builds)
+        done = len(builds) >= expected and all(b.state in terminal for b in builds)
+        return builds if done else None
+
+    builds = wait_for("the builds", finished, 900)
+    failed = [b for b in builds if b.state != operator_pb2.BUILD_STATE_SUCCEEDED]
+    if failed:
+        raise SystemExit(f"{len(failed)} build(s) failed: {failed[0].error}")
+    request = operator_pb2.CreateEnrollmentTokenRequest(name="bench-rollout")
+    return str(op.CreateEnrollmentToken(request).secret)
+
+
+def make_profile(heartbeat_s: float, telemetry_s: float) -> FleetProfile:
+    classes = [c for c in DEFAULT_PROFILE_DATA["classes"] if c["name"] in PROFILE_CLASSES]
+    return parse_profile(
+        {"heartbeat_interval_s": heartbeat_s, "telemetry_interval_s": telemetry_s,
+         "classes": classes}
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ resources
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(pid: int, tree: bool) -> float:
+    """User + system CPU seconds of `pid` (and its descendants with `tree`)."""
+    total = 0.0
+    for process in _tree(pid) if tree else _tree(pid)[:1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def rss_bytes(pid: int, tree: bool) -> float:
+    total = 0.0
+    for process in _tree(pid) if tree else _tree(pid)[:1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return total
+
+
+class PeakRss:
+    """Peak RSS of the control plane (tree and main process) and of this
+    process, sampled every 0.5 s on a thread (the event loop is busy)."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.peaks: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(0.5)
+
+    def sample(self) -> None:
+        now = {
+            "server_tree": rss_bytes(self.server_pid, tree=True),
+            "server_main": rss_bytes(self.server_pid, tree=False),
+            "bench": rss_bytes(os.getpid(), tree=False),
+        }
+        for key, value in now.items():
+            self.peaks[key] = max(self.peaks[key], int(value))
+
+    def reset(self) -> None:
+        self.peaks.clear()
+        self.sample()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclass
+class Window:
+    """CPU used by the control plane and by this process over one phase."""
+
+    server_pid: int
+    wall0: float = field(default_factory=time.monotonic)
+    server0: float = 0.0
+    bench0: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.server0 = cpu_seconds(self.server_pid, tree=True)
+        # Not the tree: the control plane is this process's child.
+        self.bench0 = cpu_seconds(os.getpid(), tree=False)
+
+    def close(self, end: float | None = None) -> dict[str, float]:
+        wall = (end if end is not None else time.monotonic()) - self.wall0
+        server = cpu_seconds(self.server_pid, tree=True) - self.server0
+        bench = cpu_seconds(os.getpid(), tree=False) - self.bench0
+        return {
+            "wall_s": wall,
+            "server_cpu_s": server,
+            "server_cores": server / wall if wall > 0 else 0.0,
+            "bench_cpu_s": bench,
+            "bench_cores": bench / wall if wall > 0 else 0.0,
+        }
+
+
+class Probe:
+    """Once a second, a trivial operator call that reads the database
+    (ListAuditLog, limit 1), timed: device RPCs, the orchestrator's ticks and
+    operator calls all queue for the same database threads, so this shows how
+    long anything waits there in each phase."""
+
+    def __init__(self, op: Any) -> None:
+        self.op = op
+        self.samples: list[tuple[float, float]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        request = operator_pb2.ListAuditLogRequest(limit=1, action="bench.probe")
+        while True:
+            t = time.monotonic()
+            with contextlib.suppress(grpc.RpcError):  # a timeout is a sample too
+                await asyncio.to_thread(self.op.ListAuditLog, request, timeout=120)
+            self.samples.append((t, time.monotonic() - t))
+            await asyncio.sleep(1.0)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def summary(self, t0: float, t1: float) -> dict[str, float]:
+        values = sorted(v for t, v in self.samples if t0 <= t <= t1)
+        if not values:
+            return {"n": 0}
+        return {
+            "n": len(values),
+            "median_s": values[len(values) // 2],
+            "p90_s": values[min(len(values) - 1, math.ceil(len(values) * 0.9) - 1)],
+            "max_s": values[-1],
+        }
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def per_minute(count: int, seconds: float) -> float | None:
+    """Devices per minute; None when the window is too short to mean a rate."""
+    return count * 60.0 / seconds if seconds >= 1e-3 else None
+
+
+def _rate(value: float | None) -> str:
+    return "instant" if value is None else f"{value:,.0f}/min"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def committed(agent: SimAgent, version: str) -> bool:
+    return agent.update_version == version and agent.update_state == "committed"
+
+
+def failed_agents(agents: Sequence[SimAgent], version: str) -> list[SimAgent]:
+    return [a for a in agents if a.update_version == version and a.update_state == "failed"]
+
+
+class Progress:
+    """Prints a line every few seconds while a phase runs (the fleet's
+    connections or updates), so a long run shows it is moving."""
+
+    def __init__(self, fleet: Fleet, every_s: float = 5.0) -> None:
+        self.fleet = fleet
+        self.every_s = every_s
+        self.t0 = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, what: str, line: Callable[[Fleet], str]) -> None:
+        self.stop()
+        self.t0 = time.monotonic()
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.every_s)
+                print(f"  [{time.monotonic() - self.t0:6.1f} s] {what}: {line(self.fleet)}",
+                      flush=True)  # fmt: skip
+
+        self._task = asyncio.create_task(loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
+def update_line(version: str) -> Callable[[Fleet], str]:
+    def line(fleet: Fleet) -> str:
+        counts = Counter(a.update_state for a in fleet.agents if a.update_version == version)
+        seen = sum(a.update_version == version for a in fleet.agents)
+        states = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        return f"{version} notified {seen}/{len(fleet.agents)} ({states})"
+
+    return line
+
+
+async def enroll(fleet: Fleet, timeout_s: float, progress: Progress) -> float:
+    """Start the fleet, printing progress; seconds until every agent held
+    its Sync stream."""
+    t0 = time.monotonic()
+    progress.start("enrolled/connected", lambda f: (
+        f"{sum(bool(a.device_id) for a in f.agents)} enrolled, "
+        f"{sum(a.connects > 0 for a in f.agents)} connected of {len(f.agents)}"
+    ))  # fmt: skip
+    await fleet.start(wait=False)
+    try:
+        await fleet.wait_connected(timeout_s)
+    finally:
+        progress.stop()
+    return time.monotonic() - t0
+
+
+async def baseline(
+    op: Any,
+    fleet: Fleet,
+    server_pid: int,
+    rss: PeakRss,
+    timeout_s: float,
+    progress: Progress,
+    probe: Probe,
+) -> dict[str, Any]:
+    """1.0.0 to every device with AssignModel, ASSIGN_BATCH per call, back to
+    back; until all committed."""
+    agents = fleet.agents
+    ids = [a.device_id for a in agents]
+    rss.reset()
+    window = Window(server_pid)
+    t0 = window.wall0
+    progress.start("baseline", update_line("1.0.0"))
+    call_s: list[float] = []
+    for start in range(0, len(ids), ASSIGN_BATCH):
+        request = operator_pb2.AssignModelRequest(
+            device_ids=ids[start : start + ASSIGN_BATCH], model_name=MODEL,
+            model_version="1.0.0", reason="bench baseline",
+        )  # fmt: skip
+        c0 = time.monotonic()
+        await asyncio.to_thread(op.AssignModel, request)
+        call_s.append(time.monotonic() - c0)
+    calls_done = time.monotonic()
+    deadline = time.monotonic() + timeout_s
+    while not all(committed(a, "1.0.0") for a in agents):
+        failed = failed_agents(agents, "1.0.0")
+        if failed:
+            raise SystemExit(f"{len(failed)} device(s) failed 1.0.0: {failed[0].update_reason}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"baseline: not every device committed within {timeout_s:g} s")
+        await asyncio.sleep(POLL_S)
+    done = time.monotonic()
+    progress.stop()
+    resources = window.close(done)
+    seen = sorted(a.assignment_seen_at for a in agents)
+    first, last = seen[0], seen[-1]
+    return {
+        "devices": len(agents),
+        "calls": len(call_s),
+        "call_s": call_s,
+        "calls_s": calls_done - t0,
+        "first_notified_s": first - t0,
+        "last_notified_s": last - t0,
+        "all_committed_s": done - t0,
+        "rate_window_per_min": per_minute(len(agents), last - first),
+        "rate_from_call_per_min": per_minute(len(agents), last - t0),
+        "queue_probe": probe.summary(t0, done),
+        "resources": resources,
+        "rss_peak": dict(rss.peaks),
+    }
+
+
+def _audit(op: Any, rollout_id: str) -> list[Any]:
+    listed = op.ListAuditLog(
+        operator_pb2.ListAuditLogRequest(target=f"rollout:{rollout_id}", limit=1000), timeout=30
+    )
+    return sorted(listed.entries, key=lambda e: e.id)
+
+
+async def rollout(
+    op: Any,
+    fleet: Fleet,
+    profile: FleetProfile,
+    server_pid: int,
+    rss: PeakRss,
+    args: argparse.Namespace,
+    progress: Progress,
+    probe: Probe,
+) -> dict[str, Any]:
+    """2.0.0 through the staged rollout; every figure of the report."""
+    agents = fleet.agents
+    by_id = {a.device_id: a for a in agents}
+    reach = args.stages
+    spec = operator_pb2.RolloutSpec(
+        model_name=MODEL, model_version="2.0.0", class_names=list(CLASSES)
+    )
+    for i, percent in enumerate(reach):
+        stage = spec.stages.add(name=f"{percent:g}%")
+        # Stage sizes are shares of the cohort; `--stages` gives how far each
+        # stage reaches, so each stage holds the difference.
+        stage.percent = percent - (reach[i - 1] if i else 0.0)
+        stage.bake_time.FromMilliseconds(round(args.bake_s * 1000))
+    c0 = time.monotonic()
+    created = await asyncio.to_thread(
+        op.CreateRollout, operator_pb2.CreateRolloutRequest(spec=spec), timeout=300
+    )
+    create_s = time.monotonic() - c0
+    rollout_id = created.rollout.id
+    if created.excluded:
+        reasons = Counter(e.reason for e in created.excluded)
+        print(f"  excluded {len(created.excluded)} device(s): {dict(reasons)}", flush=True)
+    stages: list[list[SimAgent]] = [[] for _ in reach]
+    for planned in created.planned:
+        stages[planned.stage].append(by_id[planned.device_id])
+    print(f"  created rollout {rollout_id} in {create_s:.2f} s; stage sizes "
+          f"{[len(s) for s in stages]}", flush=True)  # fmt: skip
+    members = [a for s in stages for a in s]
+
+    # Offsets map the server's wall-clock audit times onto this process's
+    # monotonic clock (same machine, same clock source).
+    mono_minus_wall = time.monotonic() - time.time()
+    rss.reset()
+    window = Window(server_pid)
+    t0 = window.wall0
+    progress.start("rollout", update_line("2.0.0"))
+    await asyncio.to_thread(op.StartRollout, operator_pb2.RolloutActionRequest(id=rollout_id))
+
+    start_call_s = time.monotonic() - t0
+
+    all_committed: list[float | None] = [None] * len(stages)
+
+    async def watch_commits() -> None:
+        # Its own task: the audit poll below waits on the control plane,
+        # which must not delay these device-side stamps.
+        while True:
+            now = time.monotonic()
+            for i, stage_agents in enumerate(stages):
+                if all_committed[i] is None and all(committed(a, "2.0.0") for a in stage_agents):
+                    all_committed[i] = now
+            failed = failed_agents(members, "2.0.0")
+            if failed:
+                raise SystemExit(f"{len(failed)} device(s) failed 2.0.0: {failed[0].update_reason}")
+            await asyncio.sleep(POLL_S)
+
+    entries: dict[int, Any] = {}
+
+    async def watch_audit() -> str:
+        while True:
+            outcome = ""
+            for entry in await asyncio.to_thread(_audit, op, rollout_id):
+                if entry.id in entries:
+                    continue
+                entries[entry.id] = entry
+                since = entry.at.ToDatetime(dt.UTC).timestamp() + mono_minus_wall - t0
+                print(f"  [{since:6.1f} s] {entry.action} {entry.details}", flush=True)
+                if entry.action in ("rollout.succeeded", "rollout.pause", "rollout.abort"):
+                    outcome = entry.action
+            if outcome:
+                return outcome
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch_commits())
+    try:
+        audit = asyncio.create_task(watch_audit())
+        finished, _ = await asyncio.wait(
+            {watcher, audit}, timeout=args.timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if watcher in finished:
+            watcher.result()  # raises what stopped it
+        if audit not in finished:
+            audit.cancel()
+            raise SystemExit(f"the rollout did not finish within {args.timeout_s:g} s")
+        outcome = audit.result()
+    finally:
+        watcher.cancel()
+    seen_end = time.monotonic()
+    progress.stop()
+    if outcome != "rollout.succeeded":
+        raise SystemExit(f"the rollout ended with {outcome}")
+
+    def at(entry: Any) -> float:
+        return float(entry.at.ToDatetime(dt.UTC).timestamp() + mono_minus_wall)
+
+    def details(entry: Any) -> dict[str, Any]:
+        try:
+            value = json.loads(entry.details or "{}")
+        except json.JSONDecodeError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    log = sorted(entries.values(), key=lambda e: e.id)
+    end = next(at(e) for e in log if e.action == "rollout.succeeded")
+    resources = window.close(seen_end)
+    started = [t0] + [0.0] * (len(stages) - 1)
+    passed = [0.0] * len(stages)
+    for e in log:
+        index = details(e).get("stage")
+        if e.action == "rollout.stage" and isinstance(index, int) and index < len(stages):
+            started[index] = at(e)
+        elif e.action == "rollout.stage_passed" and isinstance(index, int):
+            passed[index] = at(e)
+    stage_rows: list[dict[str, Any]] = []
+    for i, stage_agents in enumerate(stages):
+        seen = sorted(a.assignment_seen_at for a in stage_agents)
+        first, last = seen[0], seen[-1]
+        install_hi = max(
+            profile.behaviour(a.profile_class.name, "2.0.0").install_s[1] for a in stage_agents
+        )
+        stage_end = started[i + 1] if i + 1 < len(stages) else end
+        committed_at = all_committed[i] or seen_end
+        stage_rows.append({
+            "stage": i + 1,
+            "reach_percent": reach[i],
+            "devices": len(stage_agents),
+            "start_to_first_notified_s": first - started[i],
+            "notify_window_s": last - first,
+            "last_notified_to_all_committed_s": committed_at - last,
+            "all_committed_to_passed_s": passed[i] - committed_at,
+            "passed_to_next_s": stage_end - passed[i],
+            "stage_s": stage_end - started[i],
+            "install_upper_s": install_hi,
+            "bake_s": args.bake_s,
+            "rate_window_per_min": per_minute(len(stage_agents), last - first),
+            "rate_from_start_per_min": per_minute(len(stage_agents), last - started[i]),
+        })  # fmt: skip
+    wall = end - t0
+    bakes = args.bake_s * len(stages)
+    installs = sum(r["install_upper_s"] for r in stage_rows)
+    windows = sum(r["notify_window_s"] for r in stage_rows)
+    from_start = sum(r["start_to_first_notified_s"] + r["notify_window_s"] for r in stage_rows)
+    return {
+        "rollout_id": rollout_id,
+        "devices": len(members),
+        "excluded": len(created.excluded),
+        "create_s": create_s,
+        "start_call_s": start_call_s,
+        "wall_s": wall,
+        "observed_s": seen_end - t0,
+        "bake_total_s": bakes,
+        "install_upper_total_s": installs,
+        "overhead_s": wall - bakes - installs,
+        "rate_window_per_min": per_minute(len(members), windows),
+        "rate_from_start_per_min": per_minute(len(members), from_start),
+        "stages": stage_rows,
+        "queue_probe": probe.summary(t0, seen_end),
+        "audit": [[round(at(e) - t0, 3), e.action, details(e)] for e in log],
+        "resources": resources,
+        "rss_peak": dict(rss.peaks),
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def report(results: dict[str, Any]) -> None:
+    base, roll, idle = results["baseline"], results["rollout"], results["idle"]
+    mb = 1e6
+    print("\n## Results\n")
+    print(f"{results['machine']}")
+    print(f"devices {results['agents']}, enrolled and connected in {results['enroll_s']:.1f} s; "
+          f"stages reaching {', '.join(f'{p:g} %' for p in results['stages'])}, "
+          f"bake {results['bake_s']:g} s each, no pacing limit\n")  # fmt: skip
+    print(
+        f"baseline (AssignModel, {base['calls']} calls of <= {ASSIGN_BATCH}): calls took "
+        f"{base['calls_s']:.1f} s (per call {min(base['call_s']):.2f}-{max(base['call_s']):.2f} "
+        f"s); devices notified from {base['first_notified_s']:.2f} to "
+        f"{base['last_notified_s']:.2f} s; all committed at {base['all_committed_s']:.1f} s"
+    )
+    print(
+        f"  baseline notification rate: {_rate(base['rate_window_per_min'])} (first to last "
+        f"notified), {_rate(base['rate_from_call_per_min'])} from the first call\n"
+    )
+    print("| stage | reach | devices | start -> 1st notified s | notify window s | "
+          "-> all committed s | -> passed s | bake+tick s | stage s | install hi s | "
+          "rate (window) | rate (from start) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in roll["stages"]:
+        print(
+            f"| {r['stage']} | {r['reach_percent']:g} % | {r['devices']:,} | "
+            f"{r['start_to_first_notified_s']:.2f} | {r['notify_window_s']:.2f} | "
+            f"{r['last_notified_to_all_committed_s']:.2f} | "
+            f"{r['all_committed_to_passed_s']:.2f} | {r['passed_to_next_s']:.2f} | "
+            f"{r['stage_s']:.2f} | {r['install_upper_s']:g} | "
+            f"{_rate(r['rate_window_per_min'])} | {_rate(r['rate_from_start_per_min'])} |"
+        )
+    rate = roll["rate_window_per_min"] or math.inf
+    rate_start = roll["rate_from_start_per_min"] or math.inf
+    base_rate = base["rate_window_per_min"] or math.inf
+    print(
+        f"\ncreate (plan {roll['devices']:,} devices, {roll['excluded']} excluded): "
+        f"{roll['create_s']:.2f} s; StartRollout call {roll['start_call_s']:.2f} s"
+    )
+    print(
+        f"notification rate, overall: {_rate(roll['rate_window_per_min'])} over the stages' "
+        f"windows; {_rate(roll['rate_from_start_per_min'])} counted from each stage's start"
+    )
+    print(
+        f"  vs baseline {rate / base_rate:.2f}x (from start {rate_start / base_rate:.2f}x); "
+        f"vs AWS IoT Jobs' {AWS_IOT_JOBS_PER_MIN:,}/min cap {rate / AWS_IOT_JOBS_PER_MIN:.1f}x "
+        f"(from start {rate_start / AWS_IOT_JOBS_PER_MIN:.1f}x)"
+    )
+    print(
+        f"  goal >= {GOAL_PER_MIN:,}/min: {_met(rate >= GOAL_PER_MIN)} "
+        f"(from stage start: {_met(rate_start >= GOAL_PER_MIN)})"
+    )
+    print(
+        f"rollout wall time {roll['wall_s']:.1f} s = bakes {roll['bake_total_s']:g} s + slowest "
+        f"installs {roll['install_upper_total_s']:g} s + overhead {roll['overhead_s']:.1f} s"
+    )
+    print(
+        f"  overhead goal <= {GOAL_OVERHEAD_S:g} s: {_met(roll['overhead_s'] <= GOAL_OVERHEAD_S)}"
+    )
+    print(
+        "\n| phase | wall s | control plane cores | control plane peak RSS (main) MB | "
+        "bench cores | bench peak RSS MB | DB queue probe median / max s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, phase in (("idle (fleet connected)", idle), ("baseline", base), ("rollout", roll)):
+        res, peaks = phase["resources"], phase["rss_peak"]
+        print(
+            f"| {name} | {res['wall_s']:.1f} | {res['server_cores']:.2f} | "
+            f"{peaks['server_tree'] / mb:.0f} ({peaks['server_main'] / mb:.0f}) | "
+            f"{res['bench_cores']:.2f} | {peaks['bench'] / mb:.0f} | {_probe(phase)} |"
+        )
+    stats = results["fleet"]["stats"]
+    print(
+        f"\nfleet: {stats['telemetry_uploads']:,} telemetry uploads, "
+        f"{stats['telemetry_failures']:,} failed; {stats['status_reports']:,} status reports; "
+        f"errors {stats['errors'] or 'none'}"
+    )
+
+
+def _probe(phase: dict[str, Any]) -> str:
+    q = phase.get("queue_probe", {})
+    return f"{q['median_s']:.2f} / {q['max_s']:.2f}" if q.get("n") else "-"
+
+
+# ------------------------------------------------------------------ main
+
+
+async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    data = root / "cp"
+    server, address = start_control_plane(data, args.db, args.server_heartbeat_s)
+    rss = PeakRss(server.pid)
+    rss.start()
+    fleet: Fleet | None = None
+    results: dict[str, Any] = {
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"grpcio {grpc.__version__}, db {'SQLite' if not args.db else args.db.split(':')[0]}"
+        ),
+        "date": dt.date.today().isoformat(),
+        "agents": args.agents,
+        "stages": args.stages,
+        "bake_s": args.bake_s,
+        "heartbeat_s": args.heartbeat_s,
+        "telemetry_s": args.telemetry_s,
+    }
+    try:
+        op = operator_stub(address, ADMIN_TOKEN)
+        wait_for("the control plane", lambda: _healthy(op), 60)
+        t0 = time.monotonic()
+        token = setup(op, root)
+        print(f"classes, 2 versions pushed and built in {time.monotonic() - t0:.1f} s", flush=True)
+        profile = make_profile(args.heartbeat_s, args.telemetry_s)
+        fleet = Fleet(
+            address, token, profile, n=args.agents, prefix=f"ro{uuid.uuid4().hex[:6]}",
+            seed=args.seed, heartbeat_interval_s=args.heartbeat_s,
+            telemetry_interval_s=args.telemetry_s,
+        )  # fmt: skip
+        progress = Progress(fleet)
+        probe = Probe(op)
+        print(f"starting {args.agents:,} simulated agents", flush=True)
+        results["enroll_s"] = await enroll(fleet, args.timeout_s, progress)
+        # Thousands of long-lived agents: without this a full collection over
+        # them stalls the event loop (see fleetsim.fleet), skewing the stamps.
+        gc.collect()
+        gc.freeze()
+        print(f"all connected in {results['enroll_s']:.1f} s; {args.idle_s:g} s idle", flush=True)
+        probe.start()
+        rss.reset()
+        idle = Window(server.pid)
+        await asyncio.sleep(args.idle_s)
+        results["idle"] = {
+            "resources": idle.close(),
+            "rss_peak": dict(rss.peaks),
+            "queue_probe": probe.summary(idle.wall0, time.monotonic()),
+        }
+        print("baseline: AssignModel 1.0.0 to every device", flush=True)
+        results["baseline"] = await baseline(
+            op, fleet, server.pid, rss, args.timeout_s, progress, probe
+        )
+        print(f"  all committed {results['baseline']['all_committed_s']:.1f} s after the first "
+              f"call", flush=True)  # fmt: skip
+        # Let the devices' last status reports and the presence flush settle,
+        # so the rollout starts from a quiet control plane.
+        await asyncio.sleep(args.settle_s)
+        print("rollout: 2.0.0", flush=True)
+        results["rollout"] = await rollout(
+            op, fleet, profile, server.pid, rss, args, progress, probe
+        )
+        probe.stop()
+        results["fleet"] = fleet.summary().to_dict()
+        return results
+    except BaseException:
+        print(f"--- control plane log (tail) ---\n{log_tail(data)}", file=sys.stderr)
+        raise
+    finally:
+        rss.stop()
+        if fleet is not None:
+            await fleet.stop()
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        if args.keep:
+            shutil.copytree(data, args.keep, dirs_exist_ok=True)
+            print(f"control plane data kept in {args.keep}", file=sys.stderr)
+
+
+def _stages(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if not values or values[-1] != 100 or any(b <= a for a, b in itertools.pairwise(values)):
+        raise argparse.ArgumentTypeError("increasing percentages ending with 100, e.g. 1,10,50,100")
+    if values[0] <= 0:
+        raise argparse.ArgumentTypeError("percentages must be positive")
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--agents", type=int, default=10_000)
+    parser.add_argument("--db", help="SQLAlchemy URL for the control plane (default: SQLite)")
+    parser.add_argument(
+        "--stages",
+        type=_stages,
+        default=[1.0, 10.0, 50.0, 100.0],
+        help="cumulative %% of the cohort each stage reaches (default 1,10,50,100)",
+    )
+    parser.add_argument("--bake-s", type=float, default=5.0, help="bake time of every stage")
+    parser.add_argument(
+        "--heartbeat-s", type=float, default=30.0, help="the simulated agents' heartbeat interval"
+    )
+    parser.add_argument(
+        "--telemetry-s", type=float, default=30.0, help="the simulated agents' telemetry interval"
+    )
+    parser.add_argument(
+        "--server-heartbeat-s",
+        type=int,
+        default=30,
+        help="the control plane's --heartbeat-interval",
+    )
+    parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=10.0,
+        help="seconds measured with the fleet connected and idle",
+    )
+    parser.add_argument(
+        "--settle-s", type=float, default=5.0, help="pause between the baseline and the rollout"
+    )
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="limit for each phase")
+    parser.add_argument("--seed", default="bench-rollout", help="the fleet's random seed")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--keep", type=Path, help="copy the control plane's data dir here")
+    args = parser.parse_args()
+    if args.agents < 10:
+        parser.error("--agents must be at least 10")
+    with tempfile.TemporaryDirectory(prefix="edgefleet-rollout-") as tmp:
+        try:
+            results = asyncio.run(run(args, Path(tmp)))
+        except FleetError as exc:
+            raise SystemExit(f"the fleet could not connect: {exc}") from None
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -114,7 +114,6 @@ class Step:
 
     pushed: list[str] = field(default_factory=list)
     changed: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 def _iso(value: dt.datetime) -> str:
@@ -241,6 +240,7 @@ class _Driver:
         self.now = now
         self.step = step
         self.spec = RolloutSpec.from_dict(row.spec)
+        self._stages = [dict(s) for s in row.stages]
         self.mv = self.session.get_one(ModelVersionRow, row.model_version_id)
         self.devices = list(self.session.scalars(
             select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == row.id)
@@ -272,13 +272,12 @@ class _Driver:
     # ------------------------------------------------------------ stage state
 
     def stage_state(self, index: int) -> dict[str, object]:
-        if not hasattr(self, "_stages"):
-            self._stages = [dict(s) for s in self.row.stages]
+        """The persisted per-stage dict (a copy: JSON columns change only on
+        assignment); save_stages() writes the copies back."""
         return self._stages[index]
 
     def save_stages(self) -> None:
-        if hasattr(self, "_stages"):
-            self.row.stages = [dict(s) for s in self._stages]
+        self.row.stages = [dict(s) for s in self._stages]
 
     # ------------------------------------------------------------ devices
 

@@ -1,0 +1,125 @@
+"""The operators' terminal UI: an App over a FleetApi. `make_app` builds it
+(tests give it a real client on a test control plane, or a fake for
+snapshots); `edgefleet tui` runs it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.signal import Signal
+
+from tui.client import ClientError, FleetApi
+from tui.data import FleetEvent
+from tui.screens.audit import AuditScreen
+from tui.screens.base import NAV
+from tui.screens.classes import ClassesScreen
+from tui.screens.devices import DevicesScreen
+from tui.screens.help import HelpScreen
+from tui.screens.models import ModelsScreen
+from tui.screens.overview import OverviewScreen
+from tui.screens.rollouts import RolloutsScreen
+from tui.screens.telemetry import TelemetryScreen
+
+Clock = Callable[[], datetime]
+# Reconnect backoff of the watch stream (seconds): first, and most.
+WATCH_RETRY_S = (0.5, 30.0)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class EdgeFleetApp(App[None]):
+    """Screens are modes (1-7); detail views are pushed on top of them."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "EdgeFleet"
+    MODES = {
+        "overview": OverviewScreen,
+        "devices": DevicesScreen,
+        "classes": ClassesScreen,
+        "models": ModelsScreen,
+        "rollouts": RolloutsScreen,
+        "telemetry": TelemetryScreen,
+        "audit": AuditScreen,
+    }
+    BINDINGS = [
+        *(Binding(key, f"switch_mode('{mode}')", title, show=False) for key, mode, title in NAV),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, client: FleetApi, *, clock: Clock = _utc_now, watch: bool = True) -> None:
+        super().__init__()
+        self.client = client
+        self._clock = clock
+        self._watch = watch
+        self.fleet_events: Signal[FleetEvent] = Signal(self, "fleet-events")
+        # What the watch stream delivered, for tests and the headless demo.
+        self.events_seen = 0
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def on_mount(self) -> None:
+        self.sub_title = self.client.target
+        self.switch_mode("overview")
+        if self._watch:
+            self.watch_fleet()
+
+    async def on_unmount(self) -> None:
+        await self.client.close()
+
+    @work(exclusive=True, group="watch", exit_on_error=False)
+    async def watch_fleet(self) -> None:
+        """Publish every fleet event to the screens; reconnect with backoff
+        when the stream breaks (each reconnect starts with a resync)."""
+        delay = WATCH_RETRY_S[0]
+        while True:
+            try:
+                async for event in self.client.watch():
+                    delay = WATCH_RETRY_S[0]
+                    self.events_seen += 1
+                    self.fleet_events.publish(event)
+            except ClientError as err:
+                message = f"{err.message}; reconnecting in {delay:.0f}s"
+                self.notify(message, title="Live updates lost", severity="warning", markup=False)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WATCH_RETRY_S[1])
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for key, mode, title in NAV:
+            yield SystemCommand(f"Go to {title}", f"Show the {title.lower()} screen (key {key})",
+                                lambda m=mode: self.switch_mode(m))  # fmt: skip
+        yield SystemCommand("New rollout", "Open the rollout wizard", self._new_rollout)
+        yield SystemCommand("Push a model", "Upload a model version from files", self._push)
+        yield SystemCommand("Help", "Every key, by screen", self.action_help)
+
+    def _new_rollout(self) -> None:
+        from tui.screens.wizard import WizardScreen
+
+        self.switch_mode("rollouts")
+        self.push_screen(WizardScreen())
+
+    def _push(self) -> None:
+        from tui.screens.push import PushScreen
+
+        self.switch_mode("models")
+        self.push_screen(PushScreen())
+
+
+def make_app(client: FleetApi, *, clock: Clock = _utc_now, watch: bool = True) -> EdgeFleetApp:
+    """The TUI over `client`; `clock` fixes "now" (snapshots), `watch=False`
+    leaves the live stream off."""
+    return EdgeFleetApp(client, clock=clock, watch=watch)

@@ -1,0 +1,641 @@
+"""The TUI's headless client: OperatorService over grpc.aio, answers as the
+plain dataclasses of tui.data, failures as ClientError.
+
+Never imports textual (tests check it), nor the control plane's database or
+services: it is a client like the CLI, and shares the CLI's connection
+helpers (controlplane.client), parsers (controlplane.cli.convert, the stage
+syntax of controlplane.cli.rollouts) and upload code (controlplane.cli.push).
+The UI depends on the FleetApi protocol, so snapshot tests can hand it a
+fake with fixed data."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane.cli.convert import (
+    constraint_profile,
+    enum_value,
+    format_rule,
+    parse_duration,
+    parse_label,
+    parse_match,
+    parse_model_ref,
+)
+from controlplane.cli.push import describe_part, push_requests
+from controlplane.cli.render import format_cohort, format_pacing, format_shape, format_stage
+from controlplane.cli.rollouts import parse_ramp, parse_stage
+from controlplane.client import CHANNEL_OPTIONS, bearer_metadata, operator_channel
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import operator_pb2 as o
+from edgefleet.v1 import operator_pb2_grpc
+from tui import data as d
+
+T = TypeVar("T")
+
+# The metrics the telemetry explorer offers, by the names it shows.
+METRICS: dict[str, o.TelemetryMetric.ValueType] = {
+    "p95 latency (ms)": o.TELEMETRY_METRIC_LATENCY_P95_MS,
+    "error rate": o.TELEMETRY_METRIC_ERROR_RATE,
+    "memory (MB)": o.TELEMETRY_METRIC_MEMORY_MB,
+    "request rate (/s)": o.TELEMETRY_METRIC_REQUEST_RATE,
+}
+GROUP_BY: dict[str, o.TelemetryGroupBy.ValueType] = {
+    "version": o.TELEMETRY_GROUP_BY_MODEL_VERSION,
+    "class": o.TELEMETRY_GROUP_BY_CLASS,
+    "device": o.TELEMETRY_GROUP_BY_DEVICE,
+}
+RUNTIMES = ("onnxruntime", "tflite", "tensorrt")
+QUANTIZATIONS = ("auto", "fp32", "fp16", "int8")
+
+
+class ClientError(Exception):
+    """A failure to show an operator: `title` heads the notification,
+    `message` says what happened (the server's own words where it spoke)."""
+
+    def __init__(self, message: str, title: str = "Error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.title = title
+
+
+class InputError(ClientError):
+    """What the operator typed does not parse; nothing was sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "Invalid input")
+
+
+class ServerError(ClientError):
+    """The control plane answered with an error status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message or code.name, code.name)
+        self.code = code
+
+
+def _server_error(err: grpc.RpcError) -> ServerError:
+    if isinstance(err, grpc.Call):
+        code, details = err.code(), err.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"control plane unreachable ({details})" if details else details
+        return ServerError(code, details)
+    return ServerError(grpc.StatusCode.UNKNOWN, str(err))
+
+
+def _parse(fn: Callable[[str], T], text: str, what: str) -> T:
+    try:
+        return fn(text)
+    except ValueError as err:
+        raise InputError(f"{what}: {err}") from None
+
+
+class FleetApi(Protocol):
+    """What the UI asks of the control plane. Every method is a coroutine
+    except `watch`, an async iterator; each raises ClientError."""
+
+    @property
+    def target(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+    async def list_devices(self) -> list[d.Device]: ...
+    async def get_device(self, device_id: str) -> d.Device: ...
+    async def accept_device(self, device_id: str) -> d.Device: ...
+    async def reject_device(self, device_id: str, reason: str = "") -> d.Device: ...
+    async def edit_labels(self, device_id: str, text: str) -> d.Device: ...
+    async def pin_device(self, device_id: str, class_name: str) -> d.Device: ...
+    async def device_history(self, device_id: str) -> list[d.DeploymentEvent]: ...
+
+    async def list_classes(self) -> list[d.DeviceClass]: ...
+    async def save_class(self, draft: d.ClassDraft, *, create: bool) -> d.DeviceClass: ...
+
+    async def list_models(self) -> list[d.Model]: ...
+    async def list_versions(self) -> list[d.ModelVersion]: ...
+    async def push_model(
+        self,
+        name: str,
+        version: str,
+        model: Path,
+        *,
+        sample_data: Path | None = None,
+        labels: Path | None = None,
+        description: str = "",
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> d.ModelVersion: ...
+    async def list_builds(self, model_name: str = "", version: str = "") -> list[d.Build]: ...
+    async def run_build(
+        self, model_name: str, version: str, class_name: str = "", force: bool = True
+    ) -> list[d.Build]: ...
+
+    async def list_rollouts(self) -> list[d.Rollout]: ...
+    async def get_rollout(self, rollout_id: str) -> d.Rollout: ...
+    async def plan_rollout(self, draft: d.RolloutDraft) -> d.RolloutPlan: ...
+    async def start_rollout(self, draft: d.RolloutDraft) -> d.Rollout: ...
+    async def rollout_action(self, rollout_id: str, action: str, reason: str = "") -> d.Rollout: ...
+    async def abort_rollout(
+        self, rollout_id: str, *, revert: bool, reason: str = ""
+    ) -> d.Rollout: ...
+
+    async def query_telemetry(
+        self,
+        metric: str,
+        group_by: str,
+        since: timedelta,
+        *,
+        device_id: str = "",
+        class_name: str = "",
+        model_name: str = "",
+    ) -> list[d.Series]: ...
+
+    async def audit_log(self, *, limit: int = 200, before_id: int = 0) -> list[d.AuditEntry]: ...
+
+    def watch(self) -> AsyncIterator[d.FleetEvent]: ...
+
+
+class FleetClient:
+    """FleetApi over a grpc.aio channel, made on first use so that it belongs
+    to the event loop the app runs on."""
+
+    def __init__(self, server: str, token: str | None) -> None:
+        self._server = server
+        self._token = token
+        self._metadata = bearer_metadata(token) if token else ()
+        self._channel: grpc.aio.Channel | None = None
+        # Typed Any: the generated stubs describe the blocking stack only.
+        self._stub_: Any = None
+
+    @property
+    def target(self) -> str:
+        return self._server
+
+    @property
+    def _stub(self) -> Any:
+        if self._stub_ is None:
+            self._channel = grpc.aio.insecure_channel(self._server, options=CHANNEL_OPTIONS)
+            self._stub_ = operator_pb2_grpc.OperatorServiceStub(self._channel)
+        return self._stub_
+
+    async def close(self) -> None:
+        """Close the channel (any open watch ends)."""
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+            self._stub_ = None
+
+    async def _call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self._stub, method)(request, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _server_error(err) from None
+
+    # ------------------------------------------------------------ devices
+
+    async def list_devices(self) -> list[d.Device]:
+        """Every device but decommissioned ones."""
+        resp = await self._call("ListDevices", o.ListDevicesRequest())
+        return [device_from_pb(m) for m in resp.devices]
+
+    async def get_device(self, device_id: str) -> d.Device:
+        return device_from_pb(await self._call("GetDevice", o.GetDeviceRequest(id=device_id)))
+
+    async def accept_device(self, device_id: str) -> d.Device:
+        """Let a pending device receive work."""
+        m = await self._call("AcceptDevice", o.AcceptDeviceRequest(id=device_id))
+        return device_from_pb(m)
+
+    async def reject_device(self, device_id: str, reason: str = "") -> d.Device:
+        """Refuse a device (it cannot enroll again)."""
+        m = await self._call("RejectDevice", o.RejectDeviceRequest(id=device_id, reason=reason))
+        return device_from_pb(m)
+
+    async def edit_labels(self, device_id: str, text: str) -> d.Device:
+        """`tier=canary, site=a, -old`: set the k=v labels, remove the -k ones."""
+        set_, remove = parse_label_edit(text)
+        request = o.UpdateDeviceLabelsRequest(id=device_id, set=set_, remove=remove)
+        return device_from_pb(await self._call("UpdateDeviceLabels", request))
+
+    async def pin_device(self, device_id: str, class_name: str) -> d.Device:
+        """Pin to `class_name`; an empty name unpins (rules apply again)."""
+        request = o.SetDeviceClassRequest(id=device_id, class_name=class_name)
+        return device_from_pb(await self._call("SetDeviceClass", request))
+
+    async def device_history(self, device_id: str) -> list[d.DeploymentEvent]:
+        """The device's update states, newest first."""
+        resp = await self._call("ListDeployments", o.ListDeploymentsRequest(device_id=device_id))
+        return [
+            d.DeploymentEvent(
+                sequence=e.sequence, model_name=e.model_name, model_version=e.model_version,
+                state=e.state, reason=e.reason, at=_when(e.at), rollout_id=e.rollout_id,
+            )
+            for e in resp.events
+        ]  # fmt: skip
+
+    # ------------------------------------------------------------ classes
+
+    async def list_classes(self) -> list[d.DeviceClass]:
+        resp = await self._call("ListDeviceClasses", o.ListDeviceClassesRequest())
+        return [class_from_pb(m) for m in resp.classes]
+
+    async def save_class(self, draft: d.ClassDraft, *, create: bool) -> d.DeviceClass:
+        """Create the class, or replace the stored fields of an existing one
+        with every field of the draft (its rules included)."""
+        name, profile, rules, priority = class_request_parts(draft)
+        if create:
+            created = o.CreateDeviceClassRequest(
+                name=name, description=draft.description, priority=priority,
+                constraints=profile, match_rules=rules,
+            )  # fmt: skip
+            return class_from_pb(await self._call("CreateDeviceClass", created))
+        updated = o.UpdateDeviceClassRequest(
+            name=name, description=draft.description, priority=priority, constraints=profile,
+            match_rules=rules, replace_match_rules=True,
+        )  # fmt: skip
+        return class_from_pb(await self._call("UpdateDeviceClass", updated))
+
+    # ------------------------------------------------------------ models and builds
+
+    async def list_models(self) -> list[d.Model]:
+        resp = await self._call("ListModels", o.ListModelsRequest())
+        return [
+            d.Model(m.name, m.description, m.latest_version, m.version_count) for m in resp.models
+        ]
+
+    async def list_versions(self) -> list[d.ModelVersion]:
+        """Every version of every model, newest first within a model."""
+        out: list[d.ModelVersion] = []
+        for model in await self.list_models():
+            resp = await self._call("GetModel", o.GetModelRequest(name=model.name))
+            out.extend(version_from_pb(v) for v in resp.versions)
+        return out
+
+    async def push_model(
+        self,
+        name: str,
+        version: str,
+        model: Path,
+        *,
+        sample_data: Path | None = None,
+        labels: Path | None = None,
+        description: str = "",
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> d.ModelVersion:
+        """Upload a model version; `on_progress(sent, total)` runs on this
+        event loop as chunks go out. The upload runs on the blocking stack in
+        a thread: grpc.aio can misreport a client stream the server rejects
+        early (grpc/grpc#36066), the blocking stack reports the real status."""
+        files = [(o.MODEL_PART_MODEL, model), (o.MODEL_PART_SAMPLE_DATA, sample_data),
+                 (o.MODEL_PART_LABELS, labels)]  # fmt: skip
+        loop = asyncio.get_running_loop()
+        try:
+            parts = await asyncio.to_thread(
+                lambda: [describe_part(part, p) for part, p in files if p is not None]
+            )
+        except OSError as err:
+            raise InputError(f"{err.strerror or err}: {err.filename}") from None
+        total = sum(p.size_bytes for p in parts)
+        sent = 0
+
+        def chunk(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if on_progress is not None:
+                loop.call_soon_threadsafe(on_progress, sent, total)
+
+        header = o.PushModelHeader(model_name=name, version=version, description=description)
+
+        def upload() -> c.ModelVersion:
+            with operator_channel(self._server, self._token) as channel:
+                stub = operator_pb2_grpc.OperatorServiceStub(channel)
+                requests = push_requests(header, parts, on_chunk=chunk)
+                result: c.ModelVersion = stub.PushModel(requests)
+                return result
+
+        try:
+            pushed = await asyncio.to_thread(upload)
+        except grpc.RpcError as err:
+            raise _server_error(err) from None
+        return version_from_pb(pushed)
+
+    async def list_builds(self, model_name: str = "", version: str = "") -> list[d.Build]:
+        request = o.ListBuildsRequest(model_name=model_name, model_version=version)
+        resp = await self._call("ListBuilds", request)
+        return [build_from_pb(b) for b in resp.builds]
+
+    async def run_build(
+        self, model_name: str, version: str, class_name: str = "", force: bool = True
+    ) -> list[d.Build]:
+        """Queue the build(s) again; `force` rebuilds even an identical one."""
+        request = o.RunBuildRequest(
+            model_name=model_name, model_version=version, class_name=class_name, force=force
+        )
+        resp = await self._call("RunBuild", request)
+        return [build_from_pb(b) for b in resp.builds]
+
+    # ------------------------------------------------------------ rollouts
+
+    async def list_rollouts(self) -> list[d.Rollout]:
+        resp = await self._call("ListRollouts", o.ListRolloutsRequest())
+        return [rollout_from_pb(r) for r in resp.rollouts]
+
+    async def get_rollout(self, rollout_id: str) -> d.Rollout:
+        return rollout_from_pb(await self._call("GetRollout", o.GetRolloutRequest(id=rollout_id)))
+
+    async def plan_rollout(self, draft: d.RolloutDraft) -> d.RolloutPlan:
+        """The server's dry run of the draft: nothing is created."""
+        spec = rollout_spec(draft)
+        resp = await self._call("CreateRollout", o.CreateRolloutRequest(spec=spec, dry_run=True))
+        return d.RolloutPlan(
+            stages=tuple(format_stage(s) for s in spec.stages),
+            planned=tuple(_rollout_device(m) for m in resp.planned),
+            excluded=tuple(_excluded(m) for m in resp.excluded),
+        )
+
+    async def start_rollout(self, draft: d.RolloutDraft) -> d.Rollout:
+        """Create the rollout and start it now."""
+        request = o.CreateRolloutRequest(spec=rollout_spec(draft), start=True)
+        return rollout_from_pb((await self._call("CreateRollout", request)).rollout)
+
+    async def rollout_action(self, rollout_id: str, action: str, reason: str = "") -> d.Rollout:
+        """`start`, `pause`, `resume` or `approve` (the next stage)."""
+        methods = {"start": "StartRollout", "pause": "PauseRollout",
+                   "resume": "ResumeRollout", "approve": "ApproveRolloutStage"}  # fmt: skip
+        request = o.RolloutActionRequest(id=rollout_id, reason=reason)
+        return rollout_from_pb(await self._call(methods[action], request))
+
+    async def abort_rollout(self, rollout_id: str, *, revert: bool, reason: str = "") -> d.Rollout:
+        """Stop notifying devices; `revert` puts back every device that took
+        the version."""
+        request = o.AbortRolloutRequest(id=rollout_id, reason=reason, revert=revert)
+        return rollout_from_pb(await self._call("AbortRollout", request))
+
+    # ------------------------------------------------------------ telemetry, audit
+
+    async def query_telemetry(
+        self,
+        metric: str,
+        group_by: str,
+        since: timedelta,
+        *,
+        device_id: str = "",
+        class_name: str = "",
+        model_name: str = "",
+    ) -> list[d.Series]:
+        """`metric` (a METRICS name) over the last `since`, one series per
+        GROUP_BY value, in about 60 buckets."""
+        end = datetime.now(UTC)
+        step = timedelta(seconds=max(10, int(since.total_seconds() / 60)))
+        request = o.QueryTelemetryRequest(
+            metric=METRICS[metric], group_by=GROUP_BY[group_by], device_id=device_id,
+            class_name=class_name, model_name=model_name,
+        )  # fmt: skip
+        request.start.FromDatetime(end - since)
+        request.end.FromDatetime(end)
+        request.step.FromTimedelta(step)
+        resp = await self._call("QueryTelemetry", request)
+        return [
+            d.Series(s.group, tuple((p.at.ToDatetime(tzinfo=UTC), p.value) for p in s.points))
+            for s in resp.series
+        ]
+
+    async def audit_log(self, *, limit: int = 200, before_id: int = 0) -> list[d.AuditEntry]:
+        """Newest first."""
+        resp = await self._call(
+            "ListAuditLog", o.ListAuditLogRequest(limit=limit, before_id=before_id)
+        )
+        return [
+            d.AuditEntry(e.id, _when(e.at), e.actor, e.action, e.target, e.details)
+            for e in resp.entries
+        ]
+
+    # ------------------------------------------------------------ watch
+
+    async def watch(self) -> AsyncIterator[d.FleetEvent]:
+        """Fleet events until the channel closes; the first event, `resync`,
+        comes once the server has the watch live (nothing after it is missed),
+        so a UI that reloads on it starts from a consistent state."""
+        call = self._stub.WatchFleet(o.WatchFleetRequest(), metadata=self._metadata)
+        try:
+            await call.initial_metadata()
+            yield d.FleetEvent("resync", "watch connected")
+            async for event in call:
+                rollout = rollout_from_pb(event.rollout, has_devices=False) if (
+                    event.WhichOneof("subject") == "rollout") else None  # fmt: skip
+                yield d.FleetEvent(event.kind, event.message, _when(event.at), rollout)
+        except grpc.RpcError as err:
+            raise _server_error(err) from None
+        finally:
+            call.cancel()
+
+
+# ------------------------------------------------------------ parsing (pure)
+
+
+def parse_label_edit(text: str) -> tuple[dict[str, str], list[str]]:
+    """`tier=canary, -old` -> ({"tier": "canary"}, ["old"])."""
+    set_: dict[str, str] = {}
+    remove: list[str] = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        if item.startswith("-"):
+            remove.append(item[1:].strip())
+        else:
+            key, value = _parse(parse_label, item, "labels")
+            set_[key] = value
+    if not set_ and not remove:
+        raise InputError("labels: write key=value to set and -key to remove, comma-separated")
+    return set_, remove
+
+
+def _number(text: str, what: str, cast: Callable[[str], T]) -> T | None:
+    if not text.strip():
+        return None
+    try:
+        return cast(text.strip())
+    except ValueError:
+        raise InputError(f"{what}: {text!r} is not a number") from None
+
+
+def class_request_parts(
+    draft: d.ClassDraft,
+) -> tuple[str, c.ConstraintProfile, list[c.MatchRule], int]:
+    """The draft as (name, constraints, rules, priority); InputError for
+    anything that does not parse. Ranges are the server's to check."""
+    if not draft.name.strip():
+        raise InputError("name: a class needs a name")
+    priority = _number(draft.priority, "priority", int) or 0
+    profile = constraint_profile(
+        runtime=_parse(lambda t: enum_value(c.Runtime, t), draft.runtime, "runtime")
+        if draft.runtime else None,
+        quantization=_parse(lambda t: enum_value(c.Quantization, t), draft.quantization,
+                            "quantization") if draft.quantization else None,
+        max_size_mb=_number(draft.max_size_mb, "max size", float),
+        latency_budget_ms=_number(draft.latency_budget_ms, "latency budget", float),
+        max_memory_mb=_number(draft.max_memory_mb, "max memory", float),
+        accelerator=draft.accelerator.strip() or None,
+        min_accuracy_retention=_number(draft.min_accuracy_retention, "accuracy retention", float),
+        threads=_number(draft.threads, "threads", int),
+        speed_factor=_number(draft.speed_factor, "speed factor", float),
+        microcontroller=draft.microcontroller or None,
+    )  # fmt: skip
+    rules = [_parse(parse_match, r, "rule") for r in draft.rules if r.strip()]
+    return draft.name.strip(), profile or c.ConstraintProfile(), rules, priority
+
+
+def rollout_spec(draft: d.RolloutDraft) -> o.RolloutSpec:
+    """The wizard's draft as a RolloutSpec (InputError saying what to fix)."""
+    name, version = _parse(parse_model_ref, draft.model_ref, "version")
+    if not draft.classes and not draft.labels:
+        raise InputError("cohort: name at least one class or label")
+    if not draft.stages:
+        raise InputError("stages: give at least one stage, e.g. 100%")
+    labels = dict(_parse(parse_label, t, "labels") for t in draft.labels)
+    stages = [_parse(parse_stage, t, f"stage {i + 1}") for i, t in enumerate(draft.stages)]
+    pacing = o.Pacing(
+        max_per_minute=_number(draft.max_per_minute, "max per minute", int) or 0,
+        device_retries=_number(draft.retries, "retries", int) or 0,
+    )
+    if draft.ramp.strip():
+        pacing.ramp_base_per_minute, pacing.ramp_factor = _parse(parse_ramp, draft.ramp, "ramp")
+    if draft.device_timeout.strip():
+        pacing.device_timeout.FromTimedelta(
+            _parse(parse_duration, draft.device_timeout, "device timeout")
+        )
+    return o.RolloutSpec(
+        model_name=name, model_version=version, class_names=list(draft.classes),
+        label_selector=labels, stages=stages, pacing=pacing, dynamic=draft.dynamic,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------ protobuf -> data
+
+
+def _when(ts: Timestamp) -> datetime | None:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _enum(wrapper: Any, value: int) -> str:
+    """ROLLOUT_STATE_WAITING_APPROVAL -> `waiting-approval`."""
+    name: str = wrapper.Name(value)
+    prefix = wrapper.Name(0).removesuffix("UNSPECIFIED")
+    return "" if value == 0 else name.removeprefix(prefix).lower().replace("_", "-")
+
+
+def device_from_pb(m: c.Device) -> d.Device:
+    hw, rt, up = m.hardware, m.runtime, m.update
+    return d.Device(
+        id=m.id, name=m.name, state=_enum(c.DeviceState, m.state), online=m.online,
+        class_name=m.class_name, class_pinned=m.class_pinned, labels=dict(m.labels),
+        hardware=d.Hardware(
+            os=hw.os, os_release=hw.os_release, arch=hw.arch, cpu_model=hw.cpu_model,
+            cpu_cores=hw.cpu_cores, memory_mb=hw.memory_mb, disk_total_mb=hw.disk_total_mb,
+            disk_free_mb=hw.disk_free_mb, board_model=hw.board_model, hostname=hw.hostname,
+            accelerators=tuple(d.Accelerator(a.kind, a.name, a.memory_mb)
+                               for a in hw.accelerators),
+        ),
+        runtime=d.RuntimeInfo(
+            python_version=rt.python_version, agent_version=rt.agent_version,
+            onnxruntime_version=rt.onnxruntime_version,
+            onnxruntime_providers=tuple(rt.onnxruntime_providers),
+            litert_version=rt.litert_version, litert_package=rt.litert_package,
+            tensorrt_version=rt.tensorrt_version,
+        ),
+        update=d.UpdateInfo(
+            state=up.state, model_name=up.model_name, model_version=up.model_version,
+            reason=up.reason, bytes_done=up.bytes_done, bytes_total=up.bytes_total,
+            rollout_id=up.rollout_id, active_version=up.active_model_version,
+        ),
+        last_seen_at=_when(m.last_seen_at), enrolled_at=_when(m.enrolled_at),
+    )  # fmt: skip
+
+
+def class_from_pb(m: c.DeviceClass) -> d.DeviceClass:
+    k = m.constraints
+
+    def opt(name: Any) -> Any:
+        return getattr(k, name) if k.HasField(name) else None
+
+    return d.DeviceClass(
+        name=m.name, description=m.description, priority=m.priority,
+        runtime=_enum(c.Runtime, k.runtime), quantization=_enum(c.Quantization, k.quantization),
+        max_model_size_mb=opt("max_model_size_mb"),
+        latency_budget_p95_ms=opt("latency_budget_p95_ms"), max_memory_mb=opt("max_memory_mb"),
+        min_accuracy_retention=opt("min_accuracy_retention"), accelerator=k.accelerator,
+        threads=opt("threads"), speed_factor=opt("speed_factor"),
+        microcontroller=bool(opt("microcontroller")),
+        rules=tuple(format_rule(r) for r in m.match_rules), device_count=m.device_count,
+    )  # fmt: skip
+
+
+def version_from_pb(m: c.ModelVersion) -> d.ModelVersion:
+    return d.ModelVersion(
+        model_name=m.model_name, version=m.version, description=m.description, sha256=m.sha256,
+        size_bytes=m.size_bytes,
+        inputs=tuple(f"{t.name} {t.dtype} {format_shape(t)}" for t in m.inputs),
+        outputs=tuple(f"{t.name} {t.dtype} {format_shape(t)}" for t in m.outputs),
+        opset=m.opset, producer=m.producer, samples=m.sample_data.num_samples,
+        has_labels=m.sample_data.has_labels, created_at=_when(m.created_at),
+        created_by=m.created_by,
+    )  # fmt: skip
+
+
+def build_from_pb(m: o.Build) -> d.Build:
+    return d.Build(
+        id=m.id, model_name=m.model_name, model_version=m.model_version,
+        class_name=m.class_name, state=_enum(o.BuildState, m.state), progress=m.progress,
+        candidates=tuple(
+            d.Candidate(
+                name=k.name, quantization=_enum(c.Quantization, k.quantization),
+                size_bytes=k.size_bytes, latency_p95_ms=k.latency_p95_ms,
+                agreement=k.agreement, accuracy=k.accuracy if k.HasField("accuracy") else None,
+                passed=k.passed, chosen=k.chosen, reasons=tuple(k.reasons), error=k.error,
+                peak_memory_mb=k.peak_memory_mb,
+            )
+            for k in m.candidates
+        ),
+        artifact_digest=m.artifact_digest, artifact_size=m.artifact_size, error=m.error,
+        duration_s=m.duration_s, reused_from=m.reused_from,
+    )  # fmt: skip
+
+
+def _rollout_device(m: o.RolloutDevice) -> d.RolloutDevice:
+    return d.RolloutDevice(
+        device_id=m.device_id, device_name=m.device_name, class_name=m.class_name,
+        stage=m.stage, state=_enum(o.RolloutDeviceState, m.state), reason=m.reason,
+        attempts=m.attempts,
+    )  # fmt: skip
+
+
+def _excluded(m: o.ExcludedDevice) -> d.ExcludedDevice:
+    return d.ExcludedDevice(m.device_id, m.device_name, m.reason)
+
+
+def rollout_from_pb(m: o.Rollout, *, has_devices: bool = True) -> d.Rollout:
+    specs: Sequence[o.StageSpec] = m.spec.stages
+    return d.Rollout(
+        id=m.id, model_name=m.spec.model_name, model_version=m.spec.model_version,
+        state=_enum(o.RolloutState, m.state), current_stage=m.current_stage,
+        stages=tuple(
+            d.StageStatus(
+                index=s.index, name=s.name, total=s.total, committed=s.committed,
+                failed=s.failed, in_progress=s.in_progress, state=s.state,
+                gates=tuple(d.Gate(g.name, g.value, g.limit, g.passing) for g in s.gates),
+                shadow=s.index < len(specs) and specs[s.index].shadow,
+                spec=format_stage(specs[s.index]) if s.index < len(specs) else "",
+            )
+            for s in m.stages
+        ),
+        devices=tuple(_rollout_device(x) for x in m.devices),
+        excluded=tuple(_excluded(x) for x in m.excluded), reason=m.reason,
+        cohort=format_cohort(m.spec), pacing=format_pacing(m.spec.pacing),
+        created_at=_when(m.created_at), created_by=m.created_by, has_devices=has_devices,
+    )  # fmt: skip

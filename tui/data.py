@@ -1,0 +1,349 @@
+"""What the TUI shows, as plain frozen dataclasses.
+
+The headless client (tui.client) turns protobuf messages into these; screens
+only ever see these, and a fake client for snapshot tests builds them by
+hand. No textual, no grpc, no protobuf here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    kind: str
+    name: str
+    memory_mb: int = 0
+
+
+@dataclass(frozen=True)
+class Hardware:
+    os: str = ""
+    os_release: str = ""
+    arch: str = ""
+    cpu_model: str = ""
+    cpu_cores: int = 0
+    memory_mb: int = 0
+    disk_total_mb: int = 0
+    disk_free_mb: int = 0
+    board_model: str = ""
+    hostname: str = ""
+    accelerators: tuple[Accelerator, ...] = ()
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    python_version: str = ""
+    agent_version: str = ""
+    onnxruntime_version: str = ""
+    onnxruntime_providers: tuple[str, ...] = ()
+    litert_version: str = ""
+    litert_package: str = ""
+    tensorrt_version: str = ""
+
+
+@dataclass(frozen=True)
+class UpdateInfo:
+    """Where the agent's update machine is for its current assignment."""
+
+    state: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    reason: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rollout_id: str = ""
+    # What the device serves now, whatever the update's state.
+    active_version: str = ""
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    name: str
+    # "pending", "accepted", "rejected", "decommissioned".
+    state: str
+    online: bool = False
+    class_name: str = ""
+    class_pinned: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+    hardware: Hardware = field(default_factory=Hardware)
+    runtime: RuntimeInfo = field(default_factory=RuntimeInfo)
+    update: UpdateInfo = field(default_factory=UpdateInfo)
+    last_seen_at: datetime | None = None
+    enrolled_at: datetime | None = None
+
+    @property
+    def active_version(self) -> str:
+        return self.update.active_version
+
+    @property
+    def failed(self) -> bool:
+        """The last update failed (the device may still serve an older version)."""
+        return self.update.state == "failed"
+
+
+@dataclass(frozen=True)
+class DeploymentEvent:
+    """One state a device's update went through, as its agent reported it."""
+
+    sequence: int
+    model_name: str
+    model_version: str
+    state: str
+    reason: str
+    at: datetime | None
+    rollout_id: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    name: str
+    description: str = ""
+    priority: int = 0
+    # Constraint fields; None: not enforced.
+    runtime: str = ""
+    quantization: str = ""
+    max_model_size_mb: float | None = None
+    latency_budget_p95_ms: float | None = None
+    max_memory_mb: float | None = None
+    min_accuracy_retention: float | None = None
+    accelerator: str = ""
+    threads: int | None = None
+    speed_factor: float | None = None
+    microcontroller: bool = False
+    # Rules written as the CLI reads them ("arch == aarch64").
+    rules: tuple[str, ...] = ()
+    device_count: int = 0
+
+
+@dataclass(frozen=True)
+class ClassDraft:
+    """A class as an operator typed it in the form: text fields, parsed and
+    checked by the client (and then by the server)."""
+
+    name: str
+    description: str = ""
+    priority: str = "0"
+    runtime: str = ""
+    quantization: str = ""
+    max_size_mb: str = ""
+    latency_budget_ms: str = ""
+    max_memory_mb: str = ""
+    min_accuracy_retention: str = ""
+    accelerator: str = ""
+    threads: str = ""
+    speed_factor: str = ""
+    microcontroller: bool = False
+    # One rule per entry ("memory_mb < 4096").
+    rules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    description: str = ""
+    latest_version: str = ""
+    version_count: int = 0
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    model_name: str
+    version: str
+    description: str = ""
+    sha256: str = ""
+    size_bytes: int = 0
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    opset: int = 0
+    producer: str = ""
+    samples: int = 0
+    has_labels: bool = False
+    created_at: datetime | None = None
+    created_by: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model_name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One measured rung of a build's ladder."""
+
+    name: str
+    quantization: str
+    size_bytes: int
+    latency_p95_ms: float
+    agreement: float
+    accuracy: float | None
+    passed: bool
+    chosen: bool
+    reasons: tuple[str, ...] = ()
+    error: str = ""
+    peak_memory_mb: float = 0.0
+
+
+@dataclass(frozen=True)
+class Build:
+    id: str
+    model_name: str
+    model_version: str
+    class_name: str
+    # "queued", "running", "succeeded", "failed".
+    state: str
+    progress: float = 0.0
+    candidates: tuple[Candidate, ...] = ()
+    artifact_digest: str = ""
+    artifact_size: int = 0
+    error: str = ""
+    duration_s: float = 0.0
+    reused_from: str = ""
+
+    @property
+    def chosen(self) -> str:
+        return next((c.name for c in self.candidates if c.chosen), "")
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    value: float
+    limit: float
+    passing: bool
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    index: int
+    name: str
+    total: int
+    committed: int
+    failed: int
+    in_progress: int
+    state: str
+    gates: tuple[Gate, ...] = ()
+    shadow: bool = False
+    # The stage as written (`10%,stratified,bake=30s`).
+    spec: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutDevice:
+    device_id: str
+    device_name: str
+    class_name: str
+    stage: int
+    # "waiting", "notified", "in-progress", "committed", "failed", ...
+    state: str
+    reason: str = ""
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class ExcludedDevice:
+    device_id: str
+    device_name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rollout:
+    id: str
+    model_name: str
+    model_version: str
+    # "draft", "scheduled", "running", "waiting-approval", "paused",
+    # "succeeded", "aborted".
+    state: str
+    current_stage: int = 0
+    stages: tuple[StageStatus, ...] = ()
+    devices: tuple[RolloutDevice, ...] = ()
+    excluded: tuple[ExcludedDevice, ...] = ()
+    reason: str = ""
+    cohort: str = ""
+    pacing: str = ""
+    created_at: datetime | None = None
+    created_by: str = ""
+    # False when only stages were sent (watch events carry no devices).
+    has_devices: bool = True
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model_name}@{self.model_version}"
+
+    @property
+    def active(self) -> bool:
+        return self.state not in ("succeeded", "aborted")
+
+    @property
+    def settled(self) -> bool:
+        """Ended, with no device still going back to its previous version."""
+        return not self.active and not any(
+            d.state == "in-progress" and d.reason.startswith("revert") for d in self.devices
+        )
+
+
+@dataclass(frozen=True)
+class RolloutDraft:
+    """A rollout as typed in the wizard; the client parses it (stage syntax
+    as `edgefleet rollouts create --stage`)."""
+
+    model_ref: str
+    classes: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ()
+    max_per_minute: str = ""
+    ramp: str = ""
+    device_timeout: str = ""
+    retries: str = ""
+    dynamic: bool = False
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """A dry run: the devices each stage would take, and those left out."""
+
+    stages: tuple[str, ...]
+    planned: tuple[RolloutDevice, ...]
+    excluded: tuple[ExcludedDevice, ...]
+
+    def stage_devices(self, index: int) -> tuple[RolloutDevice, ...]:
+        return tuple(d for d in self.planned if d.stage == index)
+
+
+@dataclass(frozen=True)
+class Series:
+    group: str
+    points: tuple[tuple[datetime, float], ...]
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: datetime | None
+    actor: str
+    action: str
+    target: str
+    details: str
+
+
+@dataclass(frozen=True)
+class FleetEvent:
+    """One event of the WatchFleet stream."""
+
+    kind: str
+    message: str = ""
+    at: datetime | None = None
+    rollout: Rollout | None = None
+
+    @property
+    def topic(self) -> str:
+        """`device`, `rollout`, `build`, ... (`resync` after a reconnect)."""
+        return self.kind.split(".", 1)[0]
+
+
+# Topics every screen must reload on: the watch reconnected or fell behind.
+RESYNC_TOPICS = frozenset({"resync", "alert"})

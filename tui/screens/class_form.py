@@ -1,0 +1,115 @@
+"""Create or edit a device class. Fields are text as in the CLI; what does
+not parse, and what the server refuses, is shown under the form."""
+
+from __future__ import annotations
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, Input, Label, Static
+
+from tui.app_types import fleet_client
+from tui.client import ClientError
+from tui.data import ClassDraft, DeviceClass
+
+# (field id, label, placeholder)
+FIELDS = (
+    ("name", "name", "pi-class"),
+    ("description", "description", ""),
+    ("priority", "priority", "0 (higher wins)"),
+    ("runtime", "runtime", "onnxruntime | tflite | tensorrt"),
+    ("quantization", "quantization", "auto | fp32 | fp16 | int8"),
+    ("max_size_mb", "max size MB", ""),
+    ("latency_budget_ms", "p95 budget ms", ""),
+    ("max_memory_mb", "max memory MB", ""),
+    ("min_accuracy_retention", "accuracy kept", "0.95"),
+    ("accelerator", "accelerator", "jetson | nvidia-gpu"),
+    ("threads", "threads", "1"),
+    ("speed_factor", "speed factor", "1"),
+    ("rules", "match rules", "arch == aarch64; memory_mb < 4096"),
+)
+
+
+def _num(value: float | int | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def draft_values(c: DeviceClass) -> dict[str, str]:
+    return {
+        "name": c.name, "description": c.description, "priority": str(c.priority),
+        "runtime": c.runtime, "quantization": c.quantization,
+        "max_size_mb": _num(c.max_model_size_mb),
+        "latency_budget_ms": _num(c.latency_budget_p95_ms),
+        "max_memory_mb": _num(c.max_memory_mb),
+        "min_accuracy_retention": _num(c.min_accuracy_retention), "accelerator": c.accelerator,
+        "threads": _num(c.threads), "speed_factor": _num(c.speed_factor),
+        "rules": "; ".join(c.rules),
+    }  # fmt: skip
+
+
+class ClassFormScreen(ModalScreen[DeviceClass | None]):
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+
+    def __init__(self, existing: DeviceClass | None) -> None:
+        super().__init__(classes="dialog-screen")
+        self.existing = existing
+
+    def compose(self) -> ComposeResult:
+        values = draft_values(self.existing) if self.existing else {}
+        title = f"Edit class {self.existing.name}" if self.existing else "New device class"
+        with Vertical(classes="dialog wide"):
+            yield Label(title, classes="question", markup=False)
+            with VerticalScroll(id="form"):
+                for key, label, placeholder in FIELDS:
+                    with Horizontal(classes="field"):
+                        yield Label(label, classes="field-label")
+                        yield Input(
+                            values.get(key, ""),
+                            placeholder=placeholder,
+                            id=key,
+                            disabled=key == "name" and self.existing is not None,
+                        )
+                yield Checkbox("microcontroller (also a TFLite Micro C array)",
+                               self.existing.microcontroller if self.existing else False,
+                               id="microcontroller")  # fmt: skip
+            yield Static(id="errors", classes="errors")
+            with Horizontal(classes="buttons"):
+                yield Button("Save [ctrl+s]", id="save", variant="primary")
+                yield Button("Cancel [esc]", id="cancel")
+
+    def draft(self) -> ClassDraft:
+        v = {key: self.query_one(f"#{key}", Input).value for key, _, _ in FIELDS}
+        rules = tuple(r.strip() for r in v.pop("rules").split(";") if r.strip())
+        return ClassDraft(**v, rules=rules,
+                          microcontroller=self.query_one(Checkbox).value)  # fmt: skip
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.dismiss(None)
+
+    def on_input_submitted(self) -> None:
+        self.action_save()
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def action_save(self) -> None:
+        self.save(self.draft())
+
+    @work(exclusive=True, group="class-form", exit_on_error=False)
+    async def save(self, draft: ClassDraft) -> None:
+        errors = self.query_one("#errors", Static)
+        errors.update("saving...")
+        try:
+            saved = await fleet_client(self).save_class(draft, create=self.existing is None)
+        except ClientError as err:
+            # Shown in the form (it stays open to fix) and as a notification.
+            errors.update(f"{err.title}: {err.message}")
+            self.app.notify(err.message, title=err.title, severity="error", markup=False)
+            return
+        self.app.notify(f"saved class {saved.name} ({saved.device_count} devices match)")
+        self.dismiss(saved)

@@ -1,0 +1,147 @@
+"""One device: hardware, runtimes, active and standby model, labels,
+deployment history with reasons, and its telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from rich.table import Table
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import DataTable, Static
+
+from tui.data import DeploymentEvent, Device, FleetEvent
+from tui.screens import actions
+from tui.screens.base import FleetScreen, reporting
+from tui.summary import device_status, format_ago, format_bytes, format_labels, format_time
+from tui.widgets import SeriesPlot
+
+PLOT_RANGE = timedelta(hours=1)
+
+
+def _grid(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value or "-")
+    return table
+
+
+def standby_version(device: Device, history: list[DeploymentEvent]) -> str:
+    """The version kept to fall back on: the newest one committed before the
+    active one (history is newest first)."""
+    active = device.active_version
+    return next((e.model_version for e in history
+                 if e.state == "committed" and e.model_version != active), "")  # fmt: skip
+
+
+class DeviceDetailScreen(FleetScreen):
+    TOPICS = frozenset({"device", "deployment"})
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("a", "accept", "Accept"),
+        Binding("x", "reject", "Reject"),
+        Binding("l", "labels", "Labels"),
+        Binding("p", "pin", "Pin"),
+        Binding("r", "refresh", "Refresh"),
+    ]
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__()
+        self.device_id = device_id
+        self.device: Device | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="title", classes="title")
+        with VerticalScroll(id="body"):
+            with Horizontal(id="facts"):
+                yield Static(id="hardware", classes="panel")
+                yield Static(id="runtime", classes="panel")
+            yield Static(id="model", classes="panel")
+            yield Static("Deployment history", classes="section")
+            yield DataTable(id="history", cursor_type="row")
+            yield SeriesPlot(id="plot")
+        yield from self.compose_footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#history", DataTable).add_columns("at", "seq", "version", "state",
+                                                         "reason")  # fmt: skip
+        super().on_mount()
+
+    def reload(self) -> None:
+        self.load()
+
+    def handle_event(self, event: FleetEvent) -> None:
+        pass
+
+    @work(exclusive=True, group="device", exit_on_error=False)
+    async def load(self) -> None:
+        with reporting(self):
+            device, history, series = await asyncio.gather(
+                self.client.get_device(self.device_id),
+                self.client.device_history(self.device_id),
+                self.client.query_telemetry("p95 latency (ms)", "version", PLOT_RANGE,
+                                            device_id=self.device_id),
+            )  # fmt: skip
+            self.device = device
+            self.show(device, history)
+            self.query_one(SeriesPlot).show(series, self.now(), "p95 latency (ms), last hour")
+
+    def show(self, d: Device, history: list[DeploymentEvent]) -> None:
+        now = self.now()
+        pinned = " (pinned)" if d.class_pinned else ""
+        self.query_one("#title", Static).update(
+            f"{d.name}  {d.id[:8]}  {device_status(d)}  class {d.class_name or '-'}{pinned}  "
+            f"last seen {format_ago(d.last_seen_at, now)}"
+        )
+        hw, rt = d.hardware, d.runtime
+        accel = ", ".join(f"{a.kind} {a.name}" for a in hw.accelerators)
+        self.query_one("#hardware", Static).update(_grid("Hardware", [
+            ("board", hw.board_model), ("os", f"{hw.os} {hw.os_release}".strip()),
+            ("arch", hw.arch), ("cpu", f"{hw.cpu_model} x{hw.cpu_cores}"),
+            ("memory", f"{hw.memory_mb} MB"), ("disk", f"{hw.disk_free_mb}/{hw.disk_total_mb} MB"),
+            ("accel", accel),
+        ]))  # fmt: skip
+        self.query_one("#runtime", Static).update(_grid("Runtimes", [
+            ("agent", rt.agent_version), ("python", rt.python_version),
+            ("onnxruntime", rt.onnxruntime_version),
+            ("providers", ", ".join(rt.onnxruntime_providers)),
+            ("litert", f"{rt.litert_package} {rt.litert_version}".strip()),
+            ("tensorrt", rt.tensorrt_version), ("labels", format_labels(d.labels.items())),
+        ]))  # fmt: skip
+        up = d.update
+        progress = ""
+        if up.bytes_total and up.state == "downloading":
+            progress = f" {format_bytes(up.bytes_done)}/{format_bytes(up.bytes_total)}"
+        self.query_one("#model", Static).update(_grid("Model", [
+            ("active", f"{up.model_name} {d.active_version}" if d.active_version else ""),
+            ("standby", standby_version(d, history)),
+            ("update", f"{up.model_name} {up.model_version}: {up.state}{progress}"
+             if up.state else ""),
+            ("reason", up.reason),
+        ]))  # fmt: skip
+        table = self.query_one("#history", DataTable)
+        table.clear()
+        for e in history:
+            table.add_row(format_time(e.at), str(e.sequence), f"{e.model_name} {e.model_version}",
+                          e.state, e.reason or "-")  # fmt: skip
+
+    def action_accept(self) -> None:
+        if self.device is not None:
+            actions.accept(self, self.device)
+
+    def action_reject(self) -> None:
+        if self.device is not None:
+            actions.reject(self, self.device)
+
+    def action_labels(self) -> None:
+        if self.device is not None:
+            actions.edit_labels(self, self.device)
+
+    def action_pin(self) -> None:
+        if self.device is not None:
+            actions.pin(self, self.device)

@@ -1,0 +1,181 @@
+"""The rollout wizard: version, cohort, stages with thresholds and gates,
+an optional shadow stage, pacing. A dry run on the server shows, per stage,
+the devices that land there and the excluded ones with the reasons; only a
+draft that has been dry-run as it stands can be started."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.suggester import SuggestFromList
+from textual.widgets import Button, Checkbox, Input, Label, Static
+
+from tui.client import ClientError
+from tui.data import RolloutDraft, RolloutPlan
+from tui.screens.base import FleetScreen, reporting
+from tui.summary import compose_stages
+
+# (field id, label, default, placeholder)
+FIELDS = (
+    ("version", "version", "", "model@version"),
+    ("classes", "classes", "", "pi-class, x86-gateway"),
+    ("labels", "labels", "", "tier=canary (all must hold)"),
+    ("shadow", "shadow stage", "", "2,agreement=0.95 (optional)"),
+    ("stages", "stages", "1,stratified; 100%", "10%,bake=5m; 50%; 100%"),
+    ("thresholds", "thresholds", "", "success=100,errors=20/3 (every stage)"),
+    ("gates", "gates", "", "latency=1.5,error-rate=5%,memory=1.2,silence=2m"),
+    ("max_per_minute", "max per min", "", "0: no limit"),
+    ("ramp", "ramp", "", "BASE:FACTOR, e.g. 10:2"),
+    ("device_timeout", "device timeout", "", "10m"),
+    ("retries", "retries", "", "0"),
+)
+CHECKS = (
+    ("abort", "abort and revert on failure (default: pause)"),
+    ("approve", "wait for approval between stages"),
+    ("dynamic", "dynamic: devices that start matching join"),
+)
+
+
+def plan_table(plan: RolloutPlan) -> Table:
+    table = Table(title="Dry run", title_justify="left", box=None, padding=(0, 1), expand=True)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("devices", overflow="fold", ratio=1)
+    for i, spec in enumerate(plan.stages):
+        names = [f"{d.device_name} ({d.class_name})" for d in plan.stage_devices(i)]
+        table.add_row(f"{i + 1} {spec}"[:30], ", ".join(names) or "none")
+    for e in plan.excluded:
+        table.add_row("excluded", f"{e.device_name}: {e.reason}", style="yellow")
+    return table
+
+
+class WizardScreen(FleetScreen):
+    TOPICS = frozenset({"model", "build"})
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Cancel"),
+        Binding("ctrl+d", "dry_run", "Dry run"),
+        Binding("ctrl+s", "start", "Start"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._planned: RolloutDraft | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("New rollout: fill in, dry run (ctrl+d), then start (ctrl+s)",
+                     classes="title")  # fmt: skip
+        with VerticalScroll(id="body"):
+            for key, label, default, placeholder in FIELDS:
+                with Horizontal(classes="field"):
+                    yield Label(label, classes="field-label")
+                    yield Input(default, placeholder=placeholder, id=key)
+            for key, label in CHECKS:
+                yield Checkbox(label, id=key)
+            yield Static(id="errors", classes="errors")
+            yield Static(id="plan", classes="panel")
+            with Horizontal(classes="buttons"):
+                yield Button("Dry run [ctrl+d]", id="dry-run", variant="primary")
+                yield Button("Start [ctrl+s]", id="start", variant="success", disabled=True)
+        yield from self.compose_footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#version", Input).focus()
+        super().on_mount()
+
+    def reload(self) -> None:
+        self.load_suggestions()
+
+    @work(exclusive=True, group="wizard", exit_on_error=False)
+    async def load_suggestions(self) -> None:
+        with reporting(self):
+            versions, classes = await self.client.list_versions(), await self.client.list_classes()
+            refs = [v.ref for v in versions]
+            version = self.query_one("#version", Input)
+            version.suggester = SuggestFromList(refs, case_sensitive=False)
+            if not version.value and refs:
+                version.value = refs[0]
+            self.query_one("#classes", Input).suggester = SuggestFromList(
+                [c.name for c in classes], case_sensitive=False
+            )
+
+    def draft(self) -> RolloutDraft:
+        v = {key: self.query_one(f"#{key}", Input).value.strip() for key, *_ in FIELDS}
+        checks = {key: self.query_one(f"#{key}", Checkbox).value for key, _ in CHECKS}
+        stages = compose_stages(
+            shadow=v["shadow"], stages=v["stages"], thresholds=v["thresholds"], gates=v["gates"],
+            on_failure="abort" if checks["abort"] else "pause", approve=checks["approve"],
+        )  # fmt: skip
+
+        def items(text: str) -> tuple[str, ...]:
+            return tuple(p.strip() for p in text.split(",") if p.strip())
+
+        return RolloutDraft(
+            model_ref=v["version"], classes=items(v["classes"]), labels=items(v["labels"]),
+            stages=stages, max_per_minute=v["max_per_minute"], ramp=v["ramp"],
+            device_timeout=v["device_timeout"], retries=v["retries"], dynamic=checks["dynamic"],
+        )  # fmt: skip
+
+    def _changed(self) -> None:
+        if self._planned is not None and self.draft() != self._planned:
+            self._planned = None
+            self.query_one("#start", Button).disabled = True
+
+    def on_input_changed(self) -> None:
+        self._changed()
+
+    def on_checkbox_changed(self) -> None:
+        self._changed()
+
+    def on_input_submitted(self) -> None:
+        self.action_dry_run()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "start":
+            self.action_start()
+        else:
+            self.action_dry_run()
+
+    def action_dry_run(self) -> None:
+        self.dry_run(self.draft())
+
+    def action_start(self) -> None:
+        draft = self.draft()
+        if draft != self._planned:
+            self.app.notify("dry run this draft first (ctrl+d)", severity="warning")
+            return
+        self.start(draft)
+
+    def _error(self, err: ClientError) -> None:
+        self.query_one("#errors", Static).update(f"{err.title}: {err.message}")
+        self.app.notify(err.message, title=err.title, severity="error", markup=False)
+
+    @work(exclusive=True, group="wizard-plan", exit_on_error=False)
+    async def dry_run(self, draft: RolloutDraft) -> None:
+        try:
+            plan = await self.client.plan_rollout(draft)
+        except ClientError as err:
+            self._error(err)
+            return
+        self.query_one("#errors", Static).update(
+            f"{len(plan.planned)} devices in {len(plan.stages)} stages, "
+            f"{len(plan.excluded)} excluded; ctrl+s starts it"
+        )
+        self.query_one("#plan", Static).update(plan_table(plan))
+        self._planned = draft
+        self.query_one("#start", Button).disabled = False
+        self.query_one("#plan", Static).scroll_visible()
+
+    @work(exclusive=True, group="wizard-start", exit_on_error=False)
+    async def start(self, draft: RolloutDraft) -> None:
+        try:
+            rollout = await self.client.start_rollout(draft)
+        except ClientError as err:
+            self._error(err)
+            return
+        from tui.screens.monitor import MonitorScreen
+
+        self.app.notify(f"rollout {rollout.id[:8]} of {rollout.ref} started")
+        self.app.pop_screen()
+        self.app.push_screen(MonitorScreen(rollout.id))

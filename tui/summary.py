@@ -1,0 +1,173 @@
+"""Pure figures over tui.data for the screens: fleet counts, alerts,
+formatting. No textual here, so they are tested without an app."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from controlplane.cli.convert import format_duration
+from tui.data import Device, Gate, Rollout
+
+NONE = "-"
+# An accepted device not heard from for this long is "silent" (an alert).
+SILENT_AFTER = timedelta(minutes=2)
+
+
+@dataclass(frozen=True)
+class Alert:
+    # "failed deployment", "gate", "silent", "rollout".
+    kind: str
+    subject: str
+    text: str
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    by_state: tuple[tuple[str, int], ...]
+    by_class: tuple[tuple[str, int], ...]
+    by_version: tuple[tuple[str, int], ...]
+    alerts: tuple[Alert, ...]
+    active_rollouts: tuple[Rollout, ...]
+
+
+def device_status(device: Device) -> str:
+    """online, offline, pending, failed (the last update), rejected."""
+    if device.state in ("pending", "rejected", "decommissioned"):
+        return device.state
+    if device.failed:
+        return "failed"
+    return "online" if device.online else "offline"
+
+
+def _sorted(counter: Counter[str]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def summarize(
+    devices: Sequence[Device], rollouts: Sequence[Rollout], now: datetime
+) -> FleetSummary:
+    """The overview's figures: devices by status, class and serving version;
+    the active rollouts; alerts for failed deployments, failing gates,
+    paused rollouts and silent devices."""
+    states: Counter[str] = Counter({s: 0 for s in ("online", "offline", "pending", "failed")})
+    states.update(device_status(dev) for dev in devices)
+    classes = Counter(dev.class_name or "(unclassified)" for dev in devices)
+    versions = Counter(dev.active_version or "(none)" for dev in devices if dev.state == "accepted")
+    alerts: list[Alert] = []
+    for dev in devices:
+        if dev.failed:
+            what = f"{dev.update.model_name} {dev.update.model_version}".strip()
+            alerts.append(Alert("failed deployment", dev.name, f"{what}: {dev.update.reason}"))
+    active = tuple(r for r in rollouts if r.active)
+    for r in active:
+        for stage in r.stages:
+            for gate in stage.gates:
+                if not gate.passing:
+                    alerts.append(Alert("gate", f"{r.ref} stage {stage.index + 1}",
+                                        format_gate(gate)))  # fmt: skip
+        if r.state == "paused" and r.reason:
+            alerts.append(Alert("rollout", f"{r.ref} {r.id[:8]}", r.reason))
+    for dev in devices:
+        seen = dev.last_seen_at
+        if dev.state == "accepted" and not dev.online and seen and now - seen > SILENT_AFTER:
+            alerts.append(Alert("silent", dev.name, f"last seen {format_ago(seen, now)}"))
+    return FleetSummary(_sorted(states), _sorted(classes), _sorted(versions), tuple(alerts), active)
+
+
+def format_ago(when: datetime | None, now: datetime) -> str:
+    """`5m ago`, `just now`; `-` when unknown."""
+    if when is None:
+        return NONE
+    delta = now - when
+    if abs(delta.total_seconds()) < 1:
+        return "just now"
+    if delta.total_seconds() > 0:
+        return f"{format_duration(delta)} ago"
+    return f"in {format_duration(-delta)}"
+
+
+def format_time(when: datetime | None) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%S") if when else NONE
+
+
+def format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def format_labels(labels: Iterable[tuple[str, str]]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels))
+
+
+def format_bar(done: int, total: int, width: int = 12) -> str:
+    """`██████░░░░░░ 3/6`: a text bar, stable in snapshots."""
+    filled = round(width * done / total) if total else 0
+    return "█" * filled + "░" * (width - filled) + f" {done}/{total}"
+
+
+def rollout_progress(r: Rollout) -> tuple[int, int]:
+    """(committed, total) over every stage."""
+    return sum(s.committed for s in r.stages), sum(s.total for s in r.stages)
+
+
+def _gate_number(name: str, value: float) -> str:
+    if value == float("inf"):
+        return "never" if name == "silence" else "∞"
+    if "rate" in name or "agreement" in name:
+        return f"{value * 100:.2f}%"
+    if name == "silence":
+        return f"{value:.0f}s"
+    if "latency" in name:
+        return f"{value:.2f} ms"
+    if "memory" in name:
+        return f"{value:.1f} MB"
+    return f"{value:.4g}"
+
+
+def format_gate(g: Gate) -> str:
+    """`latency_p95 12.00 ms <= 30.00 ms ok` or `... > ... FAIL`."""
+    if g.value == 0 and g.limit == 0 and g.name != "error_rate":
+        return f"{g.name} no data yet"
+    relations = (">=", "<") if "agreement" in g.name else ("<=", ">")
+    relation = relations[0] if g.passing else relations[1]
+    verdict = "ok" if g.passing else "FAIL"
+    return f"{g.name} {_gate_number(g.name, g.value)} {relation} {_gate_number(g.name, g.limit)} " \
+           f"{verdict}"  # fmt: skip
+
+
+def compose_stages(
+    *,
+    shadow: str = "",
+    stages: str = "",
+    thresholds: str = "",
+    gates: str = "",
+    on_failure: str = "pause",
+    approve: bool = False,
+) -> tuple[str, ...]:
+    """The wizard's fields as `--stage` strings: an optional shadow stage
+    (`2,agreement=0.95`), then the `;`-separated stages, each given the
+    thresholds and gates (`errors=20/3`, `latency=1.5,silence=2m`) it does
+    not set itself, `on-failure=abort` when asked, and `approve` on every
+    stage but the last when approval is wanted between stages."""
+    extra = [p.strip() for p in f"{thresholds},{gates}".split(",") if p.strip()]
+    heads = [s.strip() for s in stages.split(";") if s.strip()]
+    out: list[str] = []
+    if shadow.strip():
+        out.append(f"shadow:{shadow.strip().removeprefix('shadow:')}")
+    for i, stage in enumerate(heads):
+        options = [p.strip() for p in stage.split(",")]
+        keys = {p.split("=", 1)[0].lower() for p in options[1:]}
+        options += [p for p in extra if p.split("=", 1)[0].lower() not in keys]
+        if on_failure == "abort" and "on-failure" not in keys:
+            options.append("on-failure=abort")
+        if approve and i < len(heads) - 1 and "approve" not in keys:
+            options.append("approve")
+        out.append(",".join(options))
+    return tuple(out)

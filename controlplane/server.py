@@ -46,6 +46,7 @@ from controlplane.services.orchestrator import Orchestrator
 from controlplane.services.registry import RegistryService
 from controlplane.services.replicas import PgEventBridge, libpq_dsn
 from controlplane.services.rollouts import RolloutService
+from controlplane.services.status_buffer import StatusBuffer
 from controlplane.services.telemetry import TelemetryService
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 # The sync stream's hot path is short; enough threads for SQL to overlap I/O
 # without letting thousands of enrollments pile onto SQLite's single writer.
 DB_THREADS = 8
+BACKGROUND_THREADS = 2
 PRESENCE_FLUSH_S = 5.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -96,6 +98,8 @@ class ControlPlane:
     _bridge: PgEventBridge | None = None
     _runner: BuildRunner | None = None
     orchestrator: Orchestrator | None = None
+    _background: ThreadPoolExecutor | None = None
+    _statuses: StatusBuffer | None = None
 
     @property
     def address(self) -> str:
@@ -112,6 +116,10 @@ class ControlPlane:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._statuses is not None and self._background is not None:
+            # What the agents reported last is what the next replica acts on.
+            with contextlib.suppress(Exception):
+                await self._statuses.flush(self._background)
         if self.orchestrator is not None:
             # Hand our rollouts to another replica now, not when the lease expires.
             with contextlib.suppress(Exception):
@@ -123,15 +131,22 @@ class ControlPlane:
         if self._bridge is not None:
             self._bridge.stop()
         self._executor.shutdown(wait=True)
+        if self._background is not None:
+            self._background.shutdown(wait=True)
         self.db.dispose()
 
 
 async def create_server(config: ServerConfig) -> ControlPlane:
     """Migrate the database, build the services and start serving."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(config.db_url or sqlite_url(config.data_dir), pool_size=DB_THREADS)
+    engine = make_engine(
+        config.db_url or sqlite_url(config.data_dir), pool_size=DB_THREADS + BACKGROUND_THREADS
+    )
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="db")
+    # The orchestrator and the status writer get threads of their own: queued
+    # behind thousands of device RPCs, a rollout's ticks waited tens of seconds.
+    background = ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="db-bg")
     # Replicas may start together; Alembic's version table serializes them on
     # PostgreSQL, SQLite has one writer anyway.
     await loop.run_in_executor(executor, upgrade, engine)
@@ -159,6 +174,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     artifacts = ArtifactService(db, blobs)
     telemetry = TelemetryService(db, retention=dt.timedelta(seconds=config.telemetry_retention_s))
     deployments = DeploymentService(db, events)
+    statuses = StatusBuffer(deployments)
     rollouts = RolloutService(db, events, offline_after_s=config.offline_after_s)
     orchestrator = Orchestrator(
         db, events, owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.new_id()[:8]}",
@@ -192,6 +208,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             hub=hub,
             telemetry=telemetry,
             deployments=deployments,
+            statuses=statuses,
             agent_config=agent_config,
             **base,
         ),
@@ -230,11 +247,14 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     cp = ControlPlane(config, server, port, db, hub, admin_token, metrics_registry, executor)
+    cp._background = background
+    cp._statuses = statuses
+    cp._tasks.append(asyncio.create_task(statuses.run(background)))
     cp._bridge = bridge
     cp.builds = builds
     cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor)))
     cp.orchestrator = orchestrator
-    cp._tasks.append(asyncio.create_task(orchestrator.run(executor)))
+    cp._tasks.append(asyncio.create_task(orchestrator.run(background)))
     cp._tasks.append(
         asyncio.create_task(
             _roll_up_telemetry(telemetry, executor, config.telemetry_rollup_every_s)

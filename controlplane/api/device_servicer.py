@@ -24,6 +24,7 @@ from controlplane.services.devices import (
 )
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.hub import DeviceSession, SyncHub
+from controlplane.services.status_buffer import StatusBuffer
 from controlplane.services.telemetry import TelemetryService
 from edgefleet.v1 import device_pb2, device_pb2_grpc
 
@@ -42,6 +43,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         hub: SyncHub,
         telemetry: TelemetryService,
         deployments: DeploymentService,
+        statuses: StatusBuffer,
         agent_config: device_pb2.AgentConfig,
         **base: Any,
     ) -> None:
@@ -52,6 +54,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         self._hub = hub
         self._telemetry = telemetry
         self._deployments = deployments
+        self._statuses = statuses
         self._agent_config = agent_config
 
     @rpc("none")
@@ -90,6 +93,17 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             desired.assignment.CopyFrom(convert.assignment_to_pb(assignment))
         return device_pb2.ControlMessage(desired=desired)
 
+    def _desired(
+        self, device_id: str, sent_revision: int
+    ) -> tuple[DesiredView, bool, AssignmentView | None]:
+        """The device's desired state, whether it is newer than what the
+        stream sent, and then its assignment. One executor hop for both: a
+        rollout wakes thousands of streams at once."""
+        view = self._devices.desired_state(device_id)
+        if view.revision <= sent_revision:
+            return view, False, None
+        return view, True, self._deployments.current(device_id)
+
     @rpc("device")
     async def Sync(
         self,
@@ -110,9 +124,10 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         sent_revision = 0
         try:
             while True:
-                view = await self.run(self._devices.desired_state, device.device_id)
-                if view.revision > sent_revision:
-                    assignment = await self.run(self._deployments.current, device.device_id)
+                view, fresh, assignment = await self.run(
+                    self._desired, device.device_id, sent_revision
+                )
+                if fresh:
                     async with write_lock:
                         await context.write(self._desired_pb(view, assignment))
                     sent_revision = view.revision
@@ -151,8 +166,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                 async with write_lock:
                     await context.write(device_pb2.ControlMessage(heartbeat_ack=ack))
             elif kind == "status":
-                await self.run(
-                    self._deployments.record_status,
+                self._statuses.offer(
                     session.device_id,
                     message.status.applied_revision,
                     convert.update_status_to_dict(message.status.update)
@@ -170,8 +184,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             convert.runtime_to_dict(hello.runtime),
         )
         if hello.applied_revision:
-            await self.run(
-                self._deployments.record_status,
+            self._statuses.offer(
                 device_id,
                 hello.applied_revision,
                 convert.update_status_to_dict(hello.update) if hello.HasField("update") else {},

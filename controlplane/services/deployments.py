@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from controlplane.db.models import (
@@ -31,6 +31,7 @@ from controlplane.db.models import (
     DeviceRow,
     ModelRow,
     ModelVersionRow,
+    utcnow,
 )
 from controlplane.db.uow import Database
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -42,6 +43,9 @@ from controlplane.services.registry import filter_by_model, require_version
 
 MAX_DEVICES_PER_CALL = 1000
 DEFAULT_HISTORY_LIMIT = 100
+# Ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits.
+_IN_CHUNK = 1000
+_PUBLISHED_CACHE = 256
 MAX_HISTORY_LIMIT = 10_000
 
 
@@ -73,15 +77,32 @@ class History:
 
 def artifact_for(session: Session, device: DeviceRow, mv: ModelVersionRow) -> ArtifactRow | str:
     """The artifact `device` would run for `mv`, or why there is none."""
-    if device.state != ACCEPTED:
-        return f"device is {device.state}; only accepted devices take models"
-    if device.class_id is None:
+    return _artifact(session, device.state, device.class_id, mv.id, {})
+
+
+def _artifact(
+    session: Session,
+    state: str,
+    class_id: str | None,
+    model_version_id: str,
+    cache: dict[tuple[str, str], ArtifactRow | str],
+) -> ArtifactRow | str:
+    if state != ACCEPTED:
+        return f"device is {state}; only accepted devices take models"
+    if class_id is None:
         return "device matches no device class"
+    key = (class_id, model_version_id)
+    if key not in cache:
+        cache[key] = _class_artifact(session, class_id, model_version_id)
+    return cache[key]
+
+
+def _class_artifact(session: Session, class_id: str, model_version_id: str) -> ArtifactRow | str:
     build = session.scalar(
         select(BuildRow)
         .where(
-            BuildRow.model_version_id == mv.id,
-            BuildRow.class_id == device.class_id,
+            BuildRow.model_version_id == model_version_id,
+            BuildRow.class_id == class_id,
             BuildRow.state == SUCCEEDED,
         )
         .order_by(BuildRow.finished_at.desc())
@@ -95,95 +116,177 @@ def artifact_for(session: Session, device: DeviceRow, mv: ModelVersionRow) -> Ar
     return artifact
 
 
-def assign_device(
+def assign_devices(
     session: Session,
-    device: DeviceRow,
     mv: ModelVersionRow,
-    artifact: ArtifactRow,
+    device_ids: Sequence[str],
     *,
     actor: str,
     rollout_id: str | None = None,
     shadow: bool = False,
-) -> DeviceAssignmentRow:
-    """Make `artifact` the device's assignment in the caller's transaction:
-    the next sequence, a new desired-state revision. The caller publishes
-    the desired-state change after its commit."""
-    device.assignment_seq += 1
-    device.desired_revision += 1
-    row = session.get(DeviceAssignmentRow, device.id)
-    if row is None:
-        row = DeviceAssignmentRow(device_id=device.id)
-        session.add(row)
-    row.sequence = device.assignment_seq
-    row.artifact_id = artifact.id
-    row.model_version_id = mv.id
-    row.rollout_id = rollout_id
-    row.shadow = shadow
-    row.assigned_by = actor
-    row.assigned_at = dt.datetime.now(dt.UTC)
-    session.flush()
-    return row
+    artifacts: dict[tuple[str, str], ArtifactRow | str] | None = None,
+) -> dict[str, tuple[int, ArtifactRow] | str]:
+    """Make each device's class artifact of `mv` its assignment, in the
+    caller's transaction: the next sequence and a new desired-state revision
+    per device. Per device: (sequence, artifact), or why it cannot take `mv`
+    (nothing written for it). Set-based, so assigning thousands of devices
+    costs a few statements per chunk rather than several per device; the
+    device rows are locked first (FOR UPDATE on PostgreSQL) so concurrent
+    assignments cannot hand out one sequence twice. `artifacts` caches the
+    per-class lookups across calls. The caller publishes the desired-state
+    changes after its commit."""
+    cache = {} if artifacts is None else artifacts
+    result: dict[str, tuple[int, ArtifactRow] | str] = {}
+    now = dt.datetime.now(dt.UTC)
+    ids = list(dict.fromkeys(device_ids))
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        rows = session.execute(
+            select(
+                DeviceRow.id, DeviceRow.state, DeviceRow.class_id, DeviceRow.assignment_seq,
+                DeviceRow.desired_revision,
+            ).where(DeviceRow.id.in_(chunk)).with_for_update()
+        ).all()  # fmt: skip
+        counters: list[dict[str, Any]] = []
+        values: dict[str, dict[str, Any]] = {}
+        for device_id, state, class_id, seq, revision in rows:
+            found = _artifact(session, state, class_id, mv.id, cache)
+            if isinstance(found, str):
+                result[device_id] = found
+                continue
+            result[device_id] = (seq + 1, found)
+            counters.append(
+                {"id": device_id, "assignment_seq": seq + 1, "desired_revision": revision + 1}
+            )
+            values[device_id] = {
+                "device_id": device_id, "sequence": seq + 1, "artifact_id": found.id,
+                "model_version_id": mv.id, "rollout_id": rollout_id, "shadow": shadow,
+                "assigned_by": actor, "assigned_at": now,
+            }  # fmt: skip
+        if not counters:
+            continue
+        session.execute(update(DeviceRow), counters)
+        existing = set(session.scalars(
+            select(DeviceAssignmentRow.device_id).where(
+                DeviceAssignmentRow.device_id.in_(list(values))
+            )
+        ))  # fmt: skip
+        replaced = [v for k, v in values.items() if k in existing]
+        added = [v for k, v in values.items() if k not in existing]
+        if replaced:
+            session.execute(update(DeviceAssignmentRow), replaced)
+        if added:
+            session.execute(insert(DeviceAssignmentRow), added)
+    return result
 
 
-def _view(session: Session, row: DeviceAssignmentRow) -> AssignmentView:
-    artifact = session.get_one(ArtifactRow, row.artifact_id)
-    mv = session.get_one(ModelVersionRow, row.model_version_id)
+def _published(session: Session, artifact_id: str, model_version_id: str) -> dict[str, Any]:
+    """The parts of an assignment fixed once its artifact is published."""
+    artifact = session.get_one(ArtifactRow, artifact_id)
+    mv = session.get_one(ModelVersionRow, model_version_id)
     model = session.get_one(ModelRow, mv.model_id)
     build = session.get_one(BuildRow, artifact.build_id)
+    return {
+        "class_name": artifact.class_name,
+        "model_name": model.name,
+        "model_version": mv.version,
+        "artifact_digest": artifact.digest,
+        "artifact_size": artifact.size_bytes,
+        "runtime": str(build.target.get("runtime", "")),
+        "manifest": artifact.manifest,
+        "manifest_signature": artifact.signature,
+    }
+
+
+def _view(
+    session: Session,
+    row: DeviceAssignmentRow,
+    published: dict[tuple[str, str], dict[str, Any]] | None = None,
+) -> AssignmentView:
+    key = (row.artifact_id, row.model_version_id)
+    fixed = published.get(key) if published is not None else None
+    if fixed is None:
+        fixed = _published(session, *key)
+        if published is not None:
+            if len(published) >= _PUBLISHED_CACHE:
+                published.clear()
+            published[key] = fixed
     return AssignmentView(
         device_id=row.device_id,
-        class_name=artifact.class_name,
-        model_name=model.name,
-        model_version=mv.version,
-        artifact_digest=artifact.digest,
-        artifact_size=artifact.size_bytes,
-        runtime=str(build.target.get("runtime", "")),
-        manifest=artifact.manifest,
-        manifest_signature=artifact.signature,
         sequence=row.sequence,
         rollout_id=row.rollout_id or "",
         assigned_by=row.assigned_by,
         assigned_at=row.assigned_at,
         shadow=row.shadow,
+        **fixed,
     )
 
 
-def current_assignment(session: Session, device_id: str) -> AssignmentView | None:
+def current_assignment(
+    session: Session,
+    device_id: str,
+    published: dict[tuple[str, str], dict[str, Any]] | None = None,
+) -> AssignmentView | None:
     """The device's assignment, for its desired state."""
     row = session.get(DeviceAssignmentRow, device_id)
-    return _view(session, row) if row is not None else None
+    return _view(session, row, published) if row is not None else None
 
 
-def record_report(session: Session, device: DeviceRow, status: dict[str, Any]) -> bool:
-    """Add a history event when the reported (sequence, state) differs from
-    the last one recorded for the device. True if one was added."""
+@dataclass
+class StatusReport:
+    """What one agent reported since its last write: the revision it applied
+    and its update statuses in arrival order (consecutive reports of the same
+    (sequence, state), such as download progress, collapsed to the latest)."""
+
+    applied_revision: int
+    statuses: list[dict[str, Any]]
+
+    def add(self, applied_revision: int, status: dict[str, Any]) -> None:
+        """Fold a later report in."""
+        self.applied_revision = applied_revision
+        if not status:
+            return
+        if self.statuses and _same_step(self.statuses[-1], status):
+            self.statuses[-1] = status
+        else:
+            self.statuses.append(status)
+
+
+def _same_step(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return bool(a.get("sequence") == b.get("sequence") and a.get("state") == b.get("state"))
+
+
+def history_event(
+    device_id: str, previous: dict[str, Any], status: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The history row (as insert values) for `status` when its (sequence,
+    state) differs from `previous`'s; None when it adds nothing."""
     state = status.get("state", "")
-    if not state or not status.get("sequence"):
-        return False
-    previous = device.update_status or {}
-    if previous.get("sequence") == status["sequence"] and previous.get("state") == state:
-        return False
-    session.add(
-        DeploymentEventRow(
-            device_id=device.id,
-            sequence=int(status["sequence"]),
-            rollout_id=status.get("rollout_id") or None,
-            model_name=status.get("model_name", ""),
-            model_version=status.get("model_version", ""),
-            artifact_digest=status.get("artifact_digest", ""),
-            state=state,
-            reason=status.get("reason", ""),
-            bytes_done=int(status.get("bytes_done", 0)),
-            bytes_total=int(status.get("bytes_total", 0)),
-        )
-    )
-    return True
+    if not state or not status.get("sequence") or _same_step(previous, status):
+        return None
+    return {
+        "device_id": device_id,
+        "sequence": int(status["sequence"]),
+        "rollout_id": status.get("rollout_id") or None,
+        "model_name": status.get("model_name", ""),
+        "model_version": status.get("model_version", ""),
+        "artifact_digest": status.get("artifact_digest", ""),
+        "state": state,
+        "reason": status.get("reason", ""),
+        "bytes_done": int(status.get("bytes_done", 0)),
+        "bytes_total": int(status.get("bytes_total", 0)),
+        "at": utcnow(),
+    }
 
 
 class DeploymentService:
     def __init__(self, db: Database, events: EventSink) -> None:
         self._db = db
         self._events = events
+        # Artifact and version details by (artifact, version): immutable once
+        # published, and the same for every device a rollout pushes to, so a
+        # push to 10,000 devices reads them once instead of 10,000 times.
+        self._published: dict[tuple[str, str], dict[str, Any]] = {}
 
     def assign(
         self,
@@ -212,25 +315,30 @@ class DeploymentService:
             missing = [i for i in ids if i not in devices]
             if missing:
                 raise NotFound(f"no device with id {', '.join(repr(i) for i in missing)}")
-            chosen: dict[str, ArtifactRow] = {}
-            refused: list[str] = []
-            for device_id in ids:
-                found = artifact_for(session, devices[device_id], mv)
-                if isinstance(found, str):
-                    refused.append(f"{device_id}: {found}")
-                else:
-                    chosen[device_id] = found
+            cache: dict[tuple[str, str], ArtifactRow | str] = {}
+            refused = [
+                f"{device_id}: {found}"
+                for device_id in ids
+                if isinstance(found := _artifact(
+                    session, devices[device_id].state, devices[device_id].class_id, mv.id, cache
+                ), str)
+            ]  # fmt: skip
             if refused:
                 raise FailedPrecondition(
                     f"cannot assign {model_name}@{version} to {len(refused)} of {len(ids)} "
                     f"device(s); nothing was assigned: " + "; ".join(refused)
                 )
+            session.expunge_all()  # the bulk writes below bypass loaded objects
+            assigned = assign_devices(
+                session, mv, ids, actor=actor, rollout_id=rollout_id, artifacts=cache
+            )
             views = []
             for device_id in ids:
-                row = assign_device(
-                    session, devices[device_id], mv, chosen[device_id], actor=actor,
-                    rollout_id=rollout_id,
-                )  # fmt: skip
+                done = assigned[device_id]
+                if isinstance(done, str):  # changed since the check: all or nothing
+                    raise FailedPrecondition(f"cannot assign to {device_id}: {done}")
+                sequence, artifact = done
+                row = session.get_one(DeviceAssignmentRow, device_id)
                 views.append(_view(session, row))
                 audit.record(
                     uow,
@@ -238,8 +346,8 @@ class DeploymentService:
                     "device.assign",
                     f"device:{device_id}",
                     model=f"{model_name}@{version}",
-                    artifact=chosen[device_id].digest,
-                    sequence=row.sequence,
+                    artifact=artifact.digest,
+                    sequence=sequence,
                     reason=reason,
                 )
             uow.commit()
@@ -251,25 +359,71 @@ class DeploymentService:
     def current(self, device_id: str) -> AssignmentView | None:
         """The device's assignment (None: nothing assigned)."""
         with self._db.unit_of_work(readonly=True) as uow:
-            return current_assignment(uow.session, device_id)
+            return current_assignment(uow.session, device_id, self._published)
 
     def record_status(
         self, device_id: str, applied_revision: int, update_status: dict[str, Any]
     ) -> None:
-        """Store what an agent reported: the revision it applied and where
-        its update is; a new (sequence, state) is added to the history."""
+        """Store one agent report now (see record_statuses)."""
+        status = [update_status] if update_status else []
+        self.record_statuses({device_id: StatusReport(applied_revision, status)})
+
+    def record_statuses(self, reports: dict[str, StatusReport]) -> None:
+        """Store what agents reported, many devices in one transaction: the
+        revision each applied and where its update is; every new (sequence,
+        state) is added to its history. Reports of unknown devices are
+        dropped (a device is never deleted while its agent still talks)."""
+        if not reports:
+            return
+        changed: list[str] = []
+        touched: list[str] = []
         with self._db.unit_of_work() as uow:
-            row = uow.session.get(DeviceRow, device_id)
-            if row is None:
-                raise NotFound(f"no device with id {device_id!r}")
-            row.applied_revision = applied_revision
-            changed = False
-            if update_status:
-                changed = record_report(uow.session, row, update_status)
-                row.update_status = update_status
+            session = uow.session
+            ids = list(reports)
+            previous: dict[str, dict[str, Any]] = {}
+            for start in range(0, len(ids), _IN_CHUNK):
+                previous.update(
+                    (device_id, status or {})
+                    for device_id, status in session.execute(
+                        select(DeviceRow.id, DeviceRow.update_status).where(
+                            DeviceRow.id.in_(ids[start : start + _IN_CHUNK])
+                        )
+                    )
+                )
+            revisions: list[dict[str, Any]] = []
+            statuses: list[dict[str, Any]] = []
+            events: list[dict[str, Any]] = []
+            for device_id, report in reports.items():
+                if device_id not in previous:
+                    continue
+                last = previous[device_id]
+                added = False
+                for status in report.statuses:
+                    event = history_event(device_id, last, status)
+                    if event is not None:
+                        events.append(event)
+                        added = True
+                    last = status
+                (changed if added else touched).append(device_id)
+                if report.statuses:
+                    statuses.append({
+                        "id": device_id, "applied_revision": report.applied_revision,
+                        "update_status": last,
+                    })  # fmt: skip
+                else:
+                    revisions.append({"id": device_id, "applied_revision": report.applied_revision})
+            # ORM bulk UPDATE by primary key: one executemany per key set,
+            # no device row loaded.
+            for params in (statuses, revisions):
+                if params:
+                    session.execute(update(DeviceRow), params)
+            if events:
+                session.execute(insert(DeploymentEventRow), events)
             uow.commit()
-        kind = "deployment.updated" if changed else "device.updated"
-        self._events.publish(FleetEvent(kind, (device_id,), subject=update_status.get("state", "")))
+        if changed:
+            self._events.publish(FleetEvent("deployment.updated", tuple(changed)))
+        if touched:
+            self._events.publish(FleetEvent("device.updated", tuple(touched)))
 
     def history(
         self,

@@ -25,6 +25,7 @@ from controlplane.cli.rollouts import rollouts
 from controlplane.cli.simulate import simulate
 from controlplane.cli.telemetry import telemetry
 from controlplane.cli.tokens import tokens
+from controlplane.cli.tui import tui
 from controlplane.cli.toolchain import toolchain
 from controlplane.client import DEFAULT_SERVER
 from controlplane.config import ServerConfig
@@ -206,3 +207,4 @@ for group in (tokens, devices, classes, models, builds, artifacts, rollouts, tel
               toolchain):  # fmt: skip
     cli.add_command(group)
 cli.add_command(simulate)
+cli.add_command(tui)

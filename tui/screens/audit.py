@@ -8,7 +8,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Input, Static
 
 from tui.data import AuditEntry
-from tui.screens.base import FleetScreen, reporting
+from tui.screens.base import FleetScreen, keep_cursor, reporting
 from tui.summary import format_time
 
 PAGE = 200
@@ -19,6 +19,7 @@ class AuditScreen(FleetScreen):
     NAV_MODE = "audit"
     BINDINGS = [
         Binding("slash", "filter", "Filter"),
+        Binding("escape", "leave_filter", "Leave filter", show=False),
         Binding("o", "older", "Older"),
         Binding("r", "refresh", "Refresh", show=False),
     ]
@@ -66,6 +67,7 @@ class AuditScreen(FleetScreen):
             if all(w in text for w in words):
                 table.add_row(format_time(e.at), e.actor, e.action, e.target, e.details or "-")
                 shown += 1
+        keep_cursor(table, None)
         status = f"{shown} of {len(self._entries)} entries (o: older)"
         self.query_one("#status", Static).update(status)
 
@@ -73,6 +75,9 @@ class AuditScreen(FleetScreen):
         self.render_table()
 
     def on_input_submitted(self) -> None:
+        self.query_one(DataTable).focus()
+
+    def action_leave_filter(self) -> None:
         self.query_one(DataTable).focus()
 
     def action_filter(self) -> None:

@@ -59,7 +59,12 @@ class NavBar(Static):
 
 
 def keep_cursor(table: DataTable[object], key: str | None) -> None:
-    """After a refill, put the cursor back on the row it was on."""
+    """After a refill, put the cursor back on the row it was on (and redraw
+    the cells at their new widths)."""
+    # DataTable measures new rows when idle but keeps cells it rendered
+    # before that at the old column widths (textual 8.2); a style update
+    # drops those renders.
+    table.call_after_refresh(table.notify_style_update)
     if key is None:
         return
     # The row may be gone: the cursor stays where the refill left it.

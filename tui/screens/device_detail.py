@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Static
 
 from tui.data import DeploymentEvent, Device, FleetEvent
 from tui.screens import actions
-from tui.screens.base import FleetScreen, reporting
+from tui.screens.base import FleetScreen, keep_cursor, reporting
 from tui.summary import device_status, format_ago, format_bytes, format_labels, format_time
 from tui.widgets import SeriesPlot
 
@@ -129,6 +129,7 @@ class DeviceDetailScreen(FleetScreen):
         for e in history:
             table.add_row(format_time(e.at), str(e.sequence), f"{e.model_name} {e.model_version}",
                           e.state, e.reason or "-")  # fmt: skip
+        keep_cursor(table, None)
 
     def action_accept(self) -> None:
         if self.device is not None:

@@ -47,6 +47,7 @@ class DevicesScreen(FleetScreen):
     NAV_MODE = "devices"
     BINDINGS = [
         Binding("slash", "filter", "Filter"),
+        Binding("escape", "leave_filter", "Leave filter", show=False),
         Binding("s", "sort", "Sort"),
         Binding("a", "accept", "Accept"),
         Binding("x", "reject", "Reject"),
@@ -126,6 +127,9 @@ class DevicesScreen(FleetScreen):
             from tui.screens.device_detail import DeviceDetailScreen
 
             self.app.push_screen(DeviceDetailScreen(str(event.row_key.value)))
+
+    def action_leave_filter(self) -> None:
+        self.query_one(DataTable).focus()
 
     def action_filter(self) -> None:
         self.query_one("#filter", Input).focus()

@@ -21,7 +21,7 @@ Everywhere   1-7 switch screen   ? help   ctrl+p command palette   q quit
 4 Models     u push a model (with progress)   b re-run the selected build
              arrows move between versions and builds; candidates follow
 5 Rollouts   n new rollout wizard   Enter live monitor
-   wizard    fill in, ctrl+d dry run (per stage devices, exclusions), ctrl+s start
+   wizard    fill in, ctrl+r dry run (per stage devices, exclusions), ctrl+s start
    monitor   p pause   u resume   a approve   x abort (revert or keep)
 6 Telemetry  m metric   g group by   t time range   / model filter
 7 Audit      / filter   o older entries

@@ -119,6 +119,7 @@ class ModelsScreen(FleetScreen):
             reasons = c.error or "; ".join(c.reasons) or "-"
             table.add_row(f"{c.name}", format_bytes(c.size_bytes), f"{c.latency_p95_ms:.3f}",
                           quality(c), verdict(c), reasons)  # fmt: skip
+        keep_cursor(table, None)
 
     @work(exclusive=True, group="builds", exit_on_error=False)
     async def refresh_builds(self) -> None:

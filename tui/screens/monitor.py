@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, ProgressBar, Static
 
 from tui.data import FleetEvent, Rollout, RolloutDevice
-from tui.screens.base import FleetScreen, reporting
+from tui.screens.base import FleetScreen, keep_cursor, reporting
 from tui.screens.modals import AbortScreen, ConfirmScreen
 from tui.summary import format_gate
 
@@ -101,6 +101,7 @@ class MonitorScreen(FleetScreen):
         table.clear()
         for d in sorted(devices, key=device_order):
             table.add_row(d.device_name, d.class_name, str(d.stage + 1), d.state, d.reason or "-")
+        keep_cursor(table, None)
 
     def show_stages(self, r: Rollout) -> None:
         box = self.query_one("#stages", Vertical)

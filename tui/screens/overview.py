@@ -12,7 +12,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Static
 
-from tui.screens.base import FleetScreen, cursor_key, reporting
+from tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
 from tui.summary import FleetSummary, format_bar, rollout_progress, summarize
 
 
@@ -69,15 +69,18 @@ class OverviewScreen(FleetScreen):
         self.query_one("#by-class", Static).update(_counts("By class", s.by_class))
         self.query_one("#by-version", Static).update(_counts("Serving", s.by_version))
         rollouts = self.query_one("#rollouts", DataTable)
+        key = cursor_key(rollouts)
         rollouts.clear()
         for r in s.active_rollouts:
             done, total = rollout_progress(r)
             stage = f"{r.current_stage + 1}/{len(r.stages)}" if r.stages else "-"
             rollouts.add_row(r.id[:8], r.ref, r.state, format_bar(done, total), stage, key=r.id)
+        keep_cursor(rollouts, key)
         alerts = self.query_one("#alerts", DataTable)
         alerts.clear()
         for a in s.alerts:
             alerts.add_row(a.kind, a.subject, a.text)
+        keep_cursor(alerts, None)
 
     def action_open(self) -> None:
         key = cursor_key(self.query_one("#rollouts", DataTable))

@@ -25,12 +25,15 @@ class TelemetryScreen(FleetScreen):
     # (a deployment) is when the groups change.
     TOPICS = frozenset({"deployment"})
     NAV_MODE = "telemetry"
+    # Nothing focused at first, so the digit keys switch screens.
+    AUTO_FOCUS = ""
     BINDINGS = [
         Binding("m", "cycle('metric')", "Metric"),
         Binding("g", "cycle('group')", "Group by"),
         Binding("t", "cycle('range')", "Range"),
         Binding("slash", "filter", "Filter"),
         Binding("r", "refresh", "Refresh"),
+        Binding("escape", "blur", "Leave filter", show=False),
     ]
 
     def __init__(self) -> None:
@@ -59,7 +62,11 @@ class TelemetryScreen(FleetScreen):
         self.query_one(Input).focus()
 
     def on_input_submitted(self) -> None:
+        self.set_focus(None)
         self.reload()
+
+    def action_blur(self) -> None:
+        self.set_focus(None)
 
     @work(exclusive=True, group="telemetry", exit_on_error=False)
     async def load(self) -> None:

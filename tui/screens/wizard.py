@@ -55,7 +55,7 @@ class WizardScreen(FleetScreen):
     TOPICS = frozenset({"model", "build"})
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Cancel"),
-        Binding("ctrl+d", "dry_run", "Dry run"),
+        Binding("ctrl+r", "dry_run", "Dry run"),
         Binding("ctrl+s", "start", "Start"),
     ]
 
@@ -64,7 +64,7 @@ class WizardScreen(FleetScreen):
         self._planned: RolloutDraft | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static("New rollout: fill in, dry run (ctrl+d), then start (ctrl+s)",
+        yield Static("New rollout: fill in, dry run (ctrl+r), then start (ctrl+s)",
                      classes="title")  # fmt: skip
         with VerticalScroll(id="body"):
             for key, label, default, placeholder in FIELDS:
@@ -76,7 +76,7 @@ class WizardScreen(FleetScreen):
             yield Static(id="errors", classes="errors")
             yield Static(id="plan", classes="panel")
             with Horizontal(classes="buttons"):
-                yield Button("Dry run [ctrl+d]", id="dry-run", variant="primary")
+                yield Button("Dry run [ctrl+r]", id="dry-run", variant="primary")
                 yield Button("Start [ctrl+s]", id="start", variant="success", disabled=True)
         yield from self.compose_footer()
 
@@ -143,7 +143,7 @@ class WizardScreen(FleetScreen):
     def action_start(self) -> None:
         draft = self.draft()
         if draft != self._planned:
-            self.app.notify("dry run this draft first (ctrl+d)", severity="warning")
+            self.app.notify("dry run this draft first (ctrl+r)", severity="warning")
             return
         self.start(draft)
 

@@ -1,0 +1,22 @@
+"""`edgefleet tui`: the operators' terminal UI (the tui package), on the
+same --server/--token (EDGEFLEET_SERVER/EDGEFLEET_TOKEN) as every command.
+Textual is imported only when the command runs, so the rest of the CLI
+stays light."""
+
+from __future__ import annotations
+
+import click
+
+from controlplane.cli.base import Env, pass_env
+
+
+@click.command("tui")
+@pass_env
+def tui(env: Env) -> None:
+    """Open the terminal UI: fleet overview, devices, classes, models and
+    builds, rollouts (wizard and live monitor), telemetry and the audit log.
+    Press ? in it for every key."""
+    from tui.app import make_app
+    from tui.client import FleetClient
+
+    make_app(FleetClient(env.server, env.token)).run()

@@ -1,0 +1,271 @@
+"""A FleetApi with fixed data and a fixed clock, for the TUI's snapshot
+tests: the client is the UI's port, so faking it tests the screens alone.
+Writes are recorded and answered from the same data."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from tui import data as d
+from tui.client import InputError, ServerError, rollout_spec
+
+NOW = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
+
+
+def ago(**kw: float) -> datetime:
+    return NOW - timedelta(**kw)
+
+
+PI_HW = d.Hardware(os="Linux", os_release="6.6.31", arch="aarch64", cpu_model="Cortex-A72",
+                   cpu_cores=4, memory_mb=3884, disk_total_mb=30000, disk_free_mb=21000,
+                   board_model="Raspberry Pi 4 Model B Rev 1.4", hostname="pi-kitchen")  # fmt: skip
+RT = d.RuntimeInfo(python_version="3.11.9", agent_version="0.1.0", onnxruntime_version="1.20.1",
+                   onnxruntime_providers=("CPUExecutionProvider",), litert_version="1.2.0",
+                   litert_package="ai-edge-litert")  # fmt: skip
+
+
+def _device(i: int, name: str, cls: str, **kw: object) -> d.Device:
+    base = d.Device(
+        id=f"{i:08x}-0000-4000-8000-000000000000", name=name, state="accepted", online=True,
+        class_name=cls, labels={"site": "demo", "tier": "stable"}, hardware=PI_HW, runtime=RT,
+        update=d.UpdateInfo(state="committed", model_name="digits", model_version="1.0.0",
+                            active_version="1.0.0"),
+        last_seen_at=ago(seconds=4), enrolled_at=ago(hours=3),
+    )  # fmt: skip
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+DEVICES = [
+    _device(1, "pi-kitchen", "pi-class", labels={"site": "demo", "tier": "canary"}),
+    _device(2, "pi-hallway", "pi-class"),
+    _device(3, "jetson-dock", "jetson", update=d.UpdateInfo(
+        state="failed", model_name="digits", model_version="1.0.0",
+        reason="runtime tensorrt not available on this device")),
+    _device(4, "gateway-1", "x86-gateway",
+            hardware=replace(PI_HW, arch="x86_64", board_model="", cpu_model="Xeon", cpu_cores=2)),
+    _device(5, "field-unit-7", "", state="pending", update=d.UpdateInfo(), online=True),
+    _device(6, "pi-garage", "pi-class", online=False, last_seen_at=ago(minutes=42)),
+]  # fmt: skip
+
+CLASSES = [
+    d.DeviceClass("jetson", "NVIDIA Jetson modules", 10, "tensorrt", "fp16",
+                  latency_budget_p95_ms=5, max_memory_mb=2048, accelerator="jetson",
+                  rules=("accelerator == jetson",), device_count=1),
+    d.DeviceClass("pi-class", "Raspberry Pi 4/5 class boards", 0, "tflite", "int8",
+                  max_model_size_mb=4, latency_budget_p95_ms=30, max_memory_mb=256,
+                  min_accuracy_retention=0.98,
+                  rules=("arch == aarch64", "memory_mb < 4096"), device_count=3),
+    d.DeviceClass("x86-gateway", "x86 gateways", 0, "onnxruntime", "auto",
+                  latency_budget_p95_ms=10, max_memory_mb=1024, rules=("arch == x86_64",),
+                  device_count=1),
+]  # fmt: skip
+
+VERSIONS = [
+    d.ModelVersion("digits", "1.1.0", "retrained", "ab" * 32, 10_912, ("input float32 [batch, 64]",),
+                   ("scores float32 [batch, 10]",), 17, "sklearn", 64, True, ago(minutes=20),
+                   "bootstrap-admin"),
+    d.ModelVersion("digits", "1.0.0", "8x8 digits classifier", "cd" * 32, 10_880,
+                   ("input float32 [batch, 64]",), ("scores float32 [batch, 10]",), 17, "sklearn",
+                   64, True, ago(hours=2), "bootstrap-admin"),
+]  # fmt: skip
+
+
+def _candidates() -> tuple[d.Candidate, ...]:
+    return (
+        d.Candidate("fp32-opt", "fp32", 10_600, 0.031, 1.0, 0.97, True, False),
+        d.Candidate("fp16", "fp16", 5_700, 0.044, 1.0, 0.97, True, False),
+        d.Candidate("int8-dynamic", "int8", 3_900, 0.029, 0.99, 0.96, True, True),
+        d.Candidate("int8-static-qdq", "int8", 4_100, 0.052, 0.94, 0.91, False, False,
+                    ("agreement 94.0% < 95.0% (-1.0 pt)",)),
+    )  # fmt: skip
+
+
+BUILDS = [
+    d.Build("b0000001", "digits", "1.1.0", "x86-gateway", "succeeded", 1.0, _candidates(),
+            "sha256:" + "e" * 64, 3_900, duration_s=6.2),
+    d.Build("b0000002", "digits", "1.1.0", "tiny-mcu", "failed", 1.0,
+            (d.Candidate("tflite-int8", "int8", 3_200, 0.02, 0.99, 0.97, False, False,
+                         ("size 0.003 MB > max 0.002 MB (+56%)",)),),
+            error="no candidate meets the class's constraints", duration_s=9.8),
+    d.Build("b0000003", "digits", "1.1.0", "pi-class", "running", 0.4),
+]  # fmt: skip
+
+ROLLOUT = d.Rollout(
+    id="r0000001-aaaa-4bbb-8ccc-000000000000", model_name="digits", model_version="1.1.0",
+    state="running", current_stage=1,
+    stages=(
+        d.StageStatus(0, "canary", 2, 2, 0, 0, "passed",
+                      (d.Gate("memory", 48.0, 51.2, True),), spec="2,stratified,bake=8s"),
+        d.StageStatus(1, "", 3, 1, 1, 1, "running",
+                      (d.Gate("latency_p95", 42.0, 30.0, False),
+                       d.Gate("error_rate", 0.01, 0.05, True)), spec="100%,latency=1"),
+    ),
+    devices=(
+        d.RolloutDevice("1", "pi-kitchen", "pi-class", 0, "committed"),
+        d.RolloutDevice("4", "gateway-1", "x86-gateway", 0, "committed"),
+        d.RolloutDevice("2", "pi-hallway", "pi-class", 1, "failed",
+                        "golden outputs out of tolerance: max |diff| 0.31 > atol 0.001"),
+        d.RolloutDevice("6", "pi-garage", "pi-class", 1, "in-progress"),
+        d.RolloutDevice("7", "pi-attic", "pi-class", 1, "committed"),
+    ),
+    excluded=(d.ExcludedDevice("3", "jetson-dock", "no successful build for class jetson"),),
+    reason="stage 2 running", cohort="classes pi-class, x86-gateway",
+    pacing="unlimited, no device timeout, no retries", created_at=ago(minutes=5),
+    created_by="bootstrap-admin",
+)  # fmt: skip
+DONE = replace(ROLLOUT, id="r0000000-aaaa-4bbb-8ccc-000000000000", model_version="1.0.0",
+               state="succeeded", reason="every stage passed", created_at=ago(hours=1))  # fmt: skip
+
+AUDIT = [
+    d.AuditEntry(5, ago(minutes=5), "bootstrap-admin", "rollout.create", f"rollout:{ROLLOUT.id}",
+                 "digits@1.1.0"),
+    d.AuditEntry(4, ago(minutes=20), "bootstrap-admin", "model.push", "model:digits@1.1.0", ""),
+    d.AuditEntry(3, ago(hours=2), "bootstrap-admin", "device.accept", "device:field-unit-7", ""),
+    d.AuditEntry(2, ago(hours=3), "system", "device.enroll", "device:pi-kitchen", "token demo"),
+    d.AuditEntry(1, ago(hours=3), "bootstrap-admin", "class.create", "class:pi-class", ""),
+]  # fmt: skip
+
+
+def _series(group: str, base: float) -> d.Series:
+    return d.Series(group, tuple((ago(minutes=60 - i), base + (i % 7) * base / 10)
+                                 for i in range(0, 60, 2)))  # fmt: skip
+
+
+class FakeFleet:
+    """FleetApi over the lists above; `calls` records what the UI asked."""
+
+    def __init__(self) -> None:
+        self.devices = list(DEVICES)
+        self.calls: list[tuple[str, object]] = []
+        self.events: asyncio.Queue[d.FleetEvent] = asyncio.Queue()
+
+    @property
+    def target(self) -> str:
+        return "fake:7443"
+
+    async def close(self) -> None:
+        pass
+
+    def _find(self, device_id: str) -> d.Device:
+        for dev in self.devices:
+            if dev.id == device_id:
+                return dev
+        raise ServerError(__import__("grpc").StatusCode.NOT_FOUND, f"no device {device_id!r}")
+
+    def _change(self, device_id: str, fn: Callable[[d.Device], d.Device]) -> d.Device:
+        new = fn(self._find(device_id))
+        self.devices = [new if x.id == device_id else x for x in self.devices]
+        return new
+
+    async def list_devices(self) -> list[d.Device]:
+        return list(self.devices)
+
+    async def get_device(self, device_id: str) -> d.Device:
+        return self._find(device_id)
+
+    async def accept_device(self, device_id: str) -> d.Device:
+        self.calls.append(("accept", device_id))
+        return self._change(device_id, lambda x: replace(x, state="accepted"))
+
+    async def reject_device(self, device_id: str, reason: str = "") -> d.Device:
+        self.calls.append(("reject", device_id))
+        return self._change(device_id, lambda x: replace(x, state="rejected"))
+
+    async def edit_labels(self, device_id: str, text: str) -> d.Device:
+        self.calls.append(("labels", text))
+        return self._find(device_id)
+
+    async def pin_device(self, device_id: str, class_name: str) -> d.Device:
+        self.calls.append(("pin", class_name))
+        return self._change(device_id, lambda x: replace(x, class_name=class_name,
+                                                         class_pinned=bool(class_name)))
+
+    async def device_history(self, device_id: str) -> list[d.DeploymentEvent]:
+        return [
+            d.DeploymentEvent(2, "digits", "1.1.0", "failed", "validation: golden outputs out of "
+                              "tolerance", ago(minutes=3), ROLLOUT.id),
+            d.DeploymentEvent(2, "digits", "1.1.0", "downloading", "", ago(minutes=4), ROLLOUT.id),
+            d.DeploymentEvent(1, "digits", "1.0.0", "committed", "", ago(hours=2)),
+            d.DeploymentEvent(1, "digits", "1.0.0", "downloading", "", ago(hours=2, seconds=9)),
+        ]  # fmt: skip
+
+    async def list_classes(self) -> list[d.DeviceClass]:
+        return list(CLASSES)
+
+    async def save_class(self, draft: d.ClassDraft, *, create: bool) -> d.DeviceClass:
+        self.calls.append(("save_class", draft))
+        if draft.latency_budget_ms.startswith("-"):
+            raise ServerError(__import__("grpc").StatusCode.INVALID_ARGUMENT,
+                              "latency_budget_p95_ms must be > 0")  # fmt: skip
+        return d.DeviceClass(draft.name)
+
+    async def list_models(self) -> list[d.Model]:
+        return [d.Model("digits", "", "1.1.0", 2)]
+
+    async def list_versions(self) -> list[d.ModelVersion]:
+        return list(VERSIONS)
+
+    async def push_model(self, name: str, version: str, model: Path, *,
+                         sample_data: Path | None = None, labels: Path | None = None,
+                         description: str = "",
+                         on_progress: Callable[[int, int], None] | None = None,
+                         ) -> d.ModelVersion:  # fmt: skip
+        self.calls.append(("push", (name, version)))
+        return d.ModelVersion(name, version)
+
+    async def list_builds(self, model_name: str = "", version: str = "") -> list[d.Build]:
+        return [b for b in BUILDS if not version or b.model_version == version]
+
+    async def run_build(self, model_name: str, version: str, class_name: str = "",
+                        force: bool = True) -> list[d.Build]:  # fmt: skip
+        self.calls.append(("run_build", class_name))
+        return []
+
+    async def list_rollouts(self) -> list[d.Rollout]:
+        return [ROLLOUT, DONE]
+
+    async def get_rollout(self, rollout_id: str) -> d.Rollout:
+        return next(r for r in (ROLLOUT, DONE) if r.id == rollout_id)
+
+    async def plan_rollout(self, draft: d.RolloutDraft) -> d.RolloutPlan:
+        try:
+            rollout_spec(draft)  # the real parser: the same messages as with a server
+        except InputError:
+            raise
+        return d.RolloutPlan(
+            stages=draft.stages,
+            planned=(d.RolloutDevice("1", "pi-kitchen", "pi-class", 0, "waiting"),
+                     d.RolloutDevice("4", "gateway-1", "x86-gateway", 0, "waiting"),
+                     d.RolloutDevice("2", "pi-hallway", "pi-class", 1, "waiting")),
+            excluded=(d.ExcludedDevice("3", "jetson-dock", "no successful build for its class"),
+                      d.ExcludedDevice("5", "field-unit-7", "pending")),
+        )  # fmt: skip
+
+    async def start_rollout(self, draft: d.RolloutDraft) -> d.Rollout:
+        self.calls.append(("start", draft))
+        return ROLLOUT
+
+    async def rollout_action(self, rollout_id: str, action: str, reason: str = "") -> d.Rollout:
+        self.calls.append((action, rollout_id))
+        return ROLLOUT
+
+    async def abort_rollout(self, rollout_id: str, *, revert: bool,
+                            reason: str = "") -> d.Rollout:  # fmt: skip
+        self.calls.append(("abort", revert))
+        return replace(ROLLOUT, state="aborted")
+
+    async def query_telemetry(self, metric: str, group_by: str, since: timedelta, *,
+                              device_id: str = "", class_name: str = "",
+                              model_name: str = "") -> list[d.Series]:  # fmt: skip
+        return [_series("1.0.0", 12.0), _series("1.1.0", 20.0)]
+
+    async def audit_log(self, *, limit: int = 200, before_id: int = 0) -> list[d.AuditEntry]:
+        return [e for e in AUDIT if not before_id or e.id < before_id][:limit]
+
+    async def watch(self) -> AsyncIterator[d.FleetEvent]:
+        while True:
+            yield await self.events.get()

@@ -31,7 +31,7 @@ from controlplane.db.engine import make_engine, sqlite_url, upgrade
 from controlplane.db.uow import Database
 from controlplane.domain import secrets
 from controlplane.services.artifacts import ArtifactService
-from controlplane.services.auth import ensure_bootstrap_admin
+from controlplane.services.auth import DeviceCredentials, ensure_bootstrap_admin
 from controlplane.services.blobs import BlobStore
 from controlplane.services.build_runner import BuildRunner
 from controlplane.services.builds import BuildService
@@ -184,7 +184,11 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     metrics_registry = CollectorRegistry()
     metrics = RpcMetrics(metrics_registry)
     metrics_registry.register(_DeviceStateCollector(devices, hub))
-    base: dict[str, Any] = {"db": db, "executor": executor, "metrics": metrics}
+    credentials = DeviceCredentials(db)
+    events.subscribe(credentials.on_event)
+    base: dict[str, Any] = {
+        "db": db, "executor": executor, "metrics": metrics, "credentials": credentials,
+    }  # fmt: skip
 
     server = grpc.aio.server(
         options=[

@@ -200,7 +200,9 @@ async def test_a_device_cannot_act_as_another(
     # Each credential sees only its own desired state.
     desired_b = await _first_desired(dev, b.device_credential)
     assert desired_b.labels["who"] == "b"
-    # A re-enrollment rotates the credential: the old one stops working.
+    # A re-enrollment rotates the credential: the old one stops working,
+    # also right after it was used (and verified) successfully.
+    assert (await _first_desired(dev, a.device_credential)).labels["who"] == "a"
     again = await _enroll(dev, token, "hw-a")
     assert again.device_id == a.device_id
     code, _ = await _code(_first_desired(dev, a.device_credential))

@@ -77,10 +77,14 @@ class RpcMetrics:
 class Handlers:
     """Base of the servicers: what the rpc decorator needs."""
 
-    def __init__(self, db: Database, executor: ThreadPoolExecutor, metrics: RpcMetrics) -> None:
+    def __init__(
+        self, db: Database, executor: ThreadPoolExecutor, metrics: RpcMetrics,
+        credentials: auth.DeviceCredentials | None = None,
+    ) -> None:  # fmt: skip
         self.db = db
         self._executor = executor
         self.metrics = metrics
+        self._credentials = credentials
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking service code (SQL, file I/O) off the event loop."""
@@ -91,8 +95,14 @@ class Handlers:
         if kind == "none":
             return None
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
-        check = auth.authenticate_operator if kind == "operator" else auth.authenticate_device
-        return await self.run(check, self.db, authorization)
+        if kind == "operator":
+            return await self.run(auth.authenticate_operator, self.db, authorization)
+        if self._credentials is None:
+            return await self.run(auth.authenticate_device, self.db, authorization)
+        hit = self._credentials.cached(authorization)
+        if hit is not None:
+            return hit
+        return await self.run(self._credentials.authenticate, authorization)
 
 
 Auth = Literal["none", "operator", "device"]

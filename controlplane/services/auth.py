@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from controlplane.db.uow import Database
 from controlplane.domain import secrets
 from controlplane.domain.secrets import SecretKind
 from controlplane.errors import PermissionDenied, Unauthenticated
+from controlplane.services.events import FleetEvent
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,61 @@ def authenticate_device(db: Database, authorization: str | None) -> DevicePrinci
         reason = f": {row.state_reason}" if row.state_reason else ""
         raise PermissionDenied(f"device {row.id} is {row.state}{reason}")
     return DevicePrincipal(device_id=row.id, state=row.state)
+
+
+class DeviceCredentials:
+    """Device credentials verified in the last `ttl_s`, so a device's RPCs
+    after its first skip the database: 10,000 devices uploading telemetry
+    every 30 s made the credential lookup a large share of the control
+    plane's idle work. An entry is dropped as soon as this replica hears
+    the device changed (accepted, rejected, decommissioned, re-enrolled:
+    all publish a desired-state change, from any replica over the event
+    bridge), and expires after `ttl_s` whatever happens, which bounds how
+    long a missed event could keep a refused device in."""
+
+    # Events that can change who a device is or whether it may call.
+    _INVALIDATING = frozenset({"device.updated", "device.enrolled"})
+
+    def __init__(
+        self, db: Database, *, ttl_s: float = 10.0, max_entries: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self._db = db
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._clock = clock
+        self._hits: dict[str, tuple[DevicePrincipal, float]] = {}
+        self._by_device: dict[str, str] = {}
+
+    def cached(self, authorization: str | None) -> DevicePrincipal | None:
+        """The principal for a credential verified recently (loop-safe, no I/O)."""
+        hit = self._hits.get(authorization or "")
+        if hit is None or hit[1] <= self._clock():
+            return None
+        return hit[0]
+
+    def authenticate(self, authorization: str | None) -> DevicePrincipal:
+        """authenticate_device, remembering a success (blocking: a worker thread)."""
+        principal = authenticate_device(self._db, authorization)
+        if len(self._hits) >= self._max:
+            self._hits.clear()
+            self._by_device.clear()
+        assert authorization is not None  # authenticate_device refused None
+        stale = self._by_device.get(principal.device_id)
+        if stale is not None and stale != authorization:
+            self._hits.pop(stale, None)
+        self._hits[authorization] = (principal, self._clock() + self._ttl)
+        self._by_device[principal.device_id] = authorization
+        return principal
+
+    def on_event(self, event: FleetEvent) -> None:
+        """EventBus subscriber: forget devices that changed."""
+        if event.kind not in self._INVALIDATING or not event.desired_changed:
+            return
+        for device_id in event.device_ids:
+            stale = self._by_device.pop(device_id, None)
+            if stale is not None:
+                self._hits.pop(stale, None)
 
 
 def ensure_bootstrap_admin(db: Database, data_dir: Path, configured: str | None) -> str | None:

@@ -65,9 +65,9 @@ CLASSES = [
 ]  # fmt: skip
 
 VERSIONS = [
-    d.ModelVersion("digits", "1.1.0", "retrained", "ab" * 32, 10_912, ("input float32 [batch, 64]",),
-                   ("scores float32 [batch, 10]",), 17, "sklearn", 64, True, ago(minutes=20),
-                   "bootstrap-admin"),
+    d.ModelVersion("digits", "1.1.0", "retrained", "ab" * 32, 10_912,
+                   ("input float32 [batch, 64]",), ("scores float32 [batch, 10]",), 17, "sklearn",
+                   64, True, ago(minutes=20), "bootstrap-admin"),
     d.ModelVersion("digits", "1.0.0", "8x8 digits classifier", "cd" * 32, 10_880,
                    ("input float32 [batch, 64]",), ("scores float32 [batch, 10]",), 17, "sklearn",
                    64, True, ago(hours=2), "bootstrap-admin"),

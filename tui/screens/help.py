@@ -11,20 +11,21 @@ from textual.widgets import Static
 HELP = """\
 EdgeFleet TUI: keys
 
-Everywhere   1-7 switch screen   ? help   ctrl+p command palette   q quit
-             Enter open          Esc back / cancel   Tab next field   r refresh
+Everywhere  1-7 screens  ? help  ctrl+p palette  q quit  r refresh
+            Enter open  Esc back/cancel  Tab next field
 
-1 Overview   devices by status, class, version; active rollouts; alerts
-2 Devices    / filter (words, label k=v)   s sort (click a header too)
-             a accept   x reject   l labels (k=v, -k)   p pin to a class
-3 Classes    n new   e / Enter edit   (ctrl+s saves, the server's message shows)
-4 Models     u push a model (with progress)   b re-run the selected build
-             arrows move between versions and builds; candidates follow
-5 Rollouts   n new rollout wizard   Enter live monitor
-   wizard    fill in, ctrl+r dry run (per stage devices, exclusions), ctrl+s start
-   monitor   p pause   u resume   a approve   x abort (revert or keep)
-6 Telemetry  m metric   g group by   t time range   / model filter
-7 Audit      / filter   o older entries
+1 Overview  status, classes, versions; active rollouts; alerts
+2 Devices   / filter (words, label k=v)  s sort (or click a header)
+            a accept  x reject  l labels (k=v, -k)  p pin to a class
+3 Classes   n new  e/Enter edit  ctrl+s save (errors shown in form)
+4 Models    u push a model (progress)  b re-run the selected build
+            arrows/Tab: versions -> builds -> candidates
+5 Rollouts  n wizard  Enter live monitor
+  wizard    ctrl+r dry run (devices per stage, exclusions)
+            ctrl+s start (only what was dry-run)
+  monitor   p pause  u resume  a approve  x abort (revert/keep)
+6 Telemetry m metric  g group by  t time range  / model filter
+7 Audit     / filter  o older entries
 
 Everything updates live from the control plane's watch stream.
 """

@@ -62,6 +62,8 @@ class WizardScreen(FleetScreen):
     def __init__(self) -> None:
         super().__init__()
         self._planned: RolloutDraft | None = None
+        # The last dry run's answer.
+        self.plan: RolloutPlan | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("New rollout: fill in, dry run (ctrl+r), then start (ctrl+s)",
@@ -163,7 +165,7 @@ class WizardScreen(FleetScreen):
             f"{len(plan.excluded)} excluded; ctrl+s starts it"
         )
         self.query_one("#plan", Static).update(plan_table(plan))
-        self._planned = draft
+        self._planned, self.plan = draft, plan
         self.query_one("#start", Button).disabled = False
         self.query_one("#plan", Static).scroll_visible()
 

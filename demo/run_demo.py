@@ -1,7 +1,9 @@
 """The demo fleet: a control plane on embedded SQLite in a temp dir, five real
 agents with different device profiles, device classes that place them, an
 operator accepting a pending device, and a real model pushed to the registry.
-Every operator step goes through the real `edgefleet` CLI."""
+Every operator step goes through the real `edgefleet` CLI; at the end the
+terminal UI opens on the fleet (`--tui-headless` tours it without a terminal,
+`--no-tui` or EDGEFLEET_DEMO_TUI=off skips it)."""
 
 from __future__ import annotations
 
@@ -345,6 +347,29 @@ class Demo:
                 except Exception:  # a model being swapped, an agent restarting
                     continue
 
+    def tui(self, mode: str) -> None:
+        """Open the TUI on the demo fleet: the real one on a terminal, a
+        headless tour of every screen with `headless`, nothing with `off`
+        (or when not on a terminal, so a piped run does not hang)."""
+        from tui.client import FleetClient
+
+        client = FleetClient(self.env["EDGEFLEET_SERVER"], self.env["EDGEFLEET_TOKEN"])
+        if mode == "headless":
+            from tui.tour import run_tour
+
+            self.step("The operators' TUI (headless: a pilot visits every screen)")
+            for line in run_tour(client):
+                console.print(line, markup=False, highlight=False)
+            return
+        if mode == "off" or not (sys.stdin.isatty() and sys.stdout.isatty()):
+            console.print("TUI: not a terminal, skipped (--tui-headless tours it without one; "
+                          "`edgefleet tui` opens it)")  # fmt: skip
+            return
+        from tui.app import make_app
+
+        self.step("The operators' TUI: q quits (the demo then stops the fleet)")
+        make_app(client).run()
+
     def stop(self) -> None:
         for proc in [*self.agents, self.server]:
             if proc is not None and proc.poll() is None:
@@ -376,6 +401,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--keep-running", action="store_true", help="leave the fleet running until Ctrl-C"
     )
+    tui = parser.add_mutually_exclusive_group()
+    tui.add_argument(
+        "--tui-headless", action="store_const", const="headless", dest="tui",
+        help="tour the TUI's screens without a terminal and print what they show (CI)",
+    )  # fmt: skip
+    tui.add_argument("--no-tui", action="store_const", const="off", dest="tui",
+                     help="do not open the TUI at the end")  # fmt: skip
+    parser.set_defaults(tui=os.environ.get("EDGEFLEET_DEMO_TUI", "on"))
     args = parser.parse_args(argv)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -390,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         demo.deploy()
         demo.serve()
         demo.rollout()
+        demo.tui(args.tui)
         demo.step("Done")
         console.print(
             "Agents registered on boot, were placed in classes by rules, the pending one was "

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "demo.run_demo", "--data-dir", str(tmp_path / "demo")],
+        [sys.executable, "-m", "demo.run_demo", "--data-dir", str(tmp_path / "demo"),
+         "--tui-headless"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "120"},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -40,6 +41,16 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     ls = out.rsplit("$ edgefleet devices ls", 1)[1].splitlines()
     assert any("gateway-1" in line and " 1.1.0 " in line for line in ls), ls
     assert any("pi-kitchen" in line and " 1.0.0 " in line for line in ls), ls
+    # The TUI, headless: a pilot visited every screen over the demo fleet.
+    tour = out.split("The operators' TUI", 1)[1]
+    for screen in ("[Overview]", "[Devices]", "[DeviceDetail]", "[Classes]", "[Models]",
+                   "[Rollouts]", "[Monitor]", "[Telemetry]", "[Audit]"):  # fmt: skip
+        assert screen in tour, (screen, tour[-3000:])
+    devices = tour.split("[Devices]", 1)[1].split("[DeviceDetail]", 1)[0]
+    assert "gateway-1" in devices and "pi-kitchen" in devices, devices
+    monitor = tour.split("[Monitor]", 1)[1]
+    assert "digits@1.1.0" in monitor and "dropped" in monitor, monitor[:2000]
+    assert "Traceback" not in out
     # Every process was stopped cleanly.
     logs = (tmp_path / "demo" / "server.log").read_text()
     assert "shutting down" in logs

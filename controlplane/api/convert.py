@@ -666,7 +666,7 @@ def rollout_spec_to_pb(spec: RolloutSpec) -> o.RolloutSpec:
 def _stage_status(view: RolloutView, index: int) -> o.StageStatus:
     row = view.row
     state = row.stages[index] if index < len(row.stages) else {}
-    members = [d for d in view.devices if d.stage == index]
+    counts = view.stage_counts(index)
     if row.state == "succeeded" or index < row.current_stage:
         phase = "passed"
     elif index > row.current_stage:
@@ -678,10 +678,10 @@ def _stage_status(view: RolloutView, index: int) -> o.StageStatus:
     return o.StageStatus(
         index=index,
         name=view.spec.stages[index].name,
-        total=len(members),
-        committed=sum(d.state == "committed" for d in members),
-        failed=sum(d.state in ("failed", "rejected", "timed_out") for d in members),
-        in_progress=sum(d.state in ("waiting", "notified", "in_progress") for d in members),
+        total=sum(counts.values()),
+        committed=counts.get("committed", 0),
+        failed=sum(counts.get(s, 0) for s in ("failed", "rejected", "timed_out")),
+        in_progress=sum(counts.get(s, 0) for s in ("waiting", "notified", "in_progress")),
         gates=[
             o.GateValue(name=str(n), value=float(v), limit=float(lim), passing=bool(ok))
             for n, v, lim, ok in state.get("gates", [])

@@ -402,7 +402,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
                 out = _fleet_event(at, event)
                 if event.kind == "rollout.updated" and event.subject:
                     try:
-                        view = await self.run(self._rollouts.get, event.subject)
+                        view = await self.run(self._rollouts.summary, event.subject)
                     except NotFound:
                         pass  # gone since: the id in `message` is all there is
                     else:

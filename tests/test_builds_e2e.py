@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 
 from agent.runtimes import TensorInfo, open_runner
@@ -171,7 +172,13 @@ def test_a_control_plane_killed_mid_build_finishes_it_once_after_restart(
             time.sleep(0.1)
         else:
             raise AssertionError("the build never started")
+        assert cp.proc is not None
+        workers = psutil.Process(cp.proc.pid).children(recursive=True)
+        assert workers  # the build runs in a worker process
         cp.kill()  # SIGKILL: no chance to clean up or hand the job back
+        # Its workers notice the parent is gone and exit: no orphans.
+        _gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"orphaned build workers: {alive}"
         cp.start()
         op = cp.operator()
         (done,) = _wait_builds(op, 1, 300)

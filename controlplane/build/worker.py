@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,22 @@ import numpy as np
 from controlplane.build.types import BuildTarget, Evaluated
 
 PROGRESS_FILE = "progress.json"
+# How often a worker checks that the control plane that started it still runs.
+PARENT_POLL_S = 1.0
 GOLDEN_FILE = "golden.npz"
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Pool initializer: end this worker when its control plane is gone. A
+    SIGKILLed control plane cannot stop its pool, and orphaned workers would
+    otherwise idle (or finish a build nobody can publish) forever."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class _Progress:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import shutil
 import uuid
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -15,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from controlplane.build.worker import read_progress, run_job
+from controlplane.build.worker import exit_with_parent, read_progress, run_job
 from controlplane.errors import DomainError
 from controlplane.services.builds import BuildService, ClaimedJob
 
@@ -54,7 +55,10 @@ class BuildRunner:
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the parent holds gRPC and database threads that a
         # forked child must not inherit.
-        return ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(
+            self._workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=exit_with_parent, initargs=(os.getpid(),),
+        )  # fmt: skip
 
     def wake_threadsafe(self) -> None:
         """Start claiming now (callable from service threads)."""

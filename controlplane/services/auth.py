@@ -100,18 +100,20 @@ def authenticate_device(db: Database, authorization: str | None) -> DevicePrinci
 class DeviceCredentials:
     """Device credentials verified in the last `ttl_s`, so a device's RPCs
     after its first skip the database: 10,000 devices uploading telemetry
-    every 30 s made the credential lookup a large share of the control
-    plane's idle work. An entry is dropped as soon as this replica hears
-    the device changed (accepted, rejected, decommissioned, re-enrolled:
-    all publish a desired-state change, from any replica over the event
-    bridge), and expires after `ttl_s` whatever happens, which bounds how
-    long a missed event could keep a refused device in."""
+    every 30 s made the credential lookup the largest single cost of the
+    control plane's idle work. The TTL must outlast the upload interval to
+    help at all. An entry is dropped as soon as this replica hears the
+    device changed (accepted, rejected, decommissioned, re-enrolled: all
+    publish a desired-state change, from any replica over the event
+    bridge); the TTL bounds how long a missed event (a replica cut off from
+    the bridge) could let a refused device keep uploading telemetry. Its
+    sync stream, the only way to get work, is ended on rejection anyway."""
 
     # Events that can change who a device is or whether it may call.
     _INVALIDATING = frozenset({"device.updated", "device.enrolled"})
 
     def __init__(
-        self, db: Database, *, ttl_s: float = 10.0, max_entries: int = 200_000,
+        self, db: Database, *, ttl_s: float = 300.0, max_entries: int = 200_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
         self._db = db

@@ -277,6 +277,19 @@ async def test_dry_run_conflicts_and_approval(world: World) -> None:
             await world.rollout(_stage(100.0), classes=[PI], version="3.0.0")
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "already in another active rollout" in (err.value.details() or "")
+        # As a draft it may be created: the busy devices are excluded, and
+        # the rollout remembers which and why.
+        draft = await world.op.CreateRollout(
+            o.CreateRolloutRequest(spec=o.RolloutSpec(
+                model_name=MODEL, model_version="2.0.0", class_names=[PI, GW],
+                stages=[_stage(100.0)],
+            )),
+            metadata=ADMIN,
+        )  # fmt: skip
+        shown = await world.op.GetRollout(o.GetRolloutRequest(id=draft.rollout.id), metadata=ADMIN)
+        assert {e.device_id for e in shown.excluded} == {d.device_id for d in rollout.devices}
+        assert all(f"already in active rollout {rollout.id}" in e.reason for e in shown.excluded)
+        assert {d.class_name for d in shown.devices} == {GW}
         await world.op.ApproveRolloutStage(o.RolloutActionRequest(id=rollout.id), metadata=ADMIN)
         done = await world.wait(rollout.id, lambda r: r.state == o.ROLLOUT_STATE_SUCCEEDED)
         assert _states(done) == {"committed": 2}

@@ -715,6 +715,10 @@ def rollout_to_pb(view: RolloutView, *, with_devices: bool = True) -> o.Rollout:
             )
             for d in view.devices
         )
+        out.excluded.extend(
+            o.ExcludedDevice(device_id=e["device_id"], device_name=e["name"], reason=e["reason"])
+            for e in row.excluded
+        )
     return out
 
 

@@ -465,6 +465,12 @@ class RolloutRow(Base):
     # Per stage: started_at, bake_started_at, finished_at, acknowledged counts,
     # verdict and reason.
     stages: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    # The cohort's devices left out when the rollout was planned, and why:
+    # [{"device_id", "name", "reason"}], kept so `rollouts show` can answer
+    # "why is my device not in it?" later.
+    excluded: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSONType, default=list, server_default="[]"
+    )
     reason: Mapped[str] = mapped_column(Text, default="")
     # Set by abort: "revert" (every device that took the version goes back) or "keep".
     abort_mode: Mapped[str] = mapped_column(String(10), default="")

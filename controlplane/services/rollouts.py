@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from controlplane.db.models import (
@@ -250,23 +250,23 @@ class RolloutService:
                 abort_mode="",
                 created_by=actor,
                 start_at=spec.start_at,
+                excluded=[
+                    {"device_id": e.device_id, "name": e.name, "reason": e.reason}
+                    for e in plan.excluded
+                ],
             )
             session.add(row)
             session.flush()
-            for planned in plan.devices:
-                session.add(
-                    RolloutDeviceRow(
-                        rollout_id=row.id,
-                        device_id=planned.device_id,
-                        class_name=planned.class_name,
-                        stage=planned.stage,
-                        state=WAITING,
-                        reason="",
-                        attempts=0,
-                        sequence=0,
-                        previous_model_version_id=planned.previous_model_version_id,
-                    )
-                )
+            if plan.devices:
+                session.execute(insert(RolloutDeviceRow), [
+                    {
+                        "rollout_id": row.id, "device_id": p.device_id,
+                        "class_name": p.class_name, "stage": p.stage, "state": WAITING,
+                        "reason": "", "attempts": 0, "sequence": 0,
+                        "previous_model_version_id": p.previous_model_version_id,
+                    }
+                    for p in plan.devices
+                ])  # fmt: skip
             audit.record(
                 uow, actor, "rollout.create", f"rollout:{row.id}",
                 model=f"{spec.model_name}@{spec.model_version}", devices=len(plan.devices),

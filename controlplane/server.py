@@ -39,7 +39,7 @@ from controlplane.services.classes import ClassService
 from controlplane.services.deployments import DeploymentService
 from controlplane.services.devices import DEVICE_STATES, DeviceService
 from controlplane.services.enrollment import EnrollmentService
-from controlplane.services.events import EventBus, FleetEvent
+from controlplane.services.events import EventBus, FleetEvent, Pulse
 from controlplane.services.hub import SyncHub
 from controlplane.services.keys import ensure_signing_key
 from controlplane.services.orchestrator import Orchestrator
@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 DB_THREADS = 8
 BACKGROUND_THREADS = 2
 PRESENCE_FLUSH_S = 5.0
+# Live views hear about new telemetry at most this often.
+TELEMETRY_EVENT_S = 5.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
@@ -175,6 +177,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     telemetry = TelemetryService(db, retention=dt.timedelta(seconds=config.telemetry_retention_s))
     deployments = DeploymentService(db, events)
     statuses = StatusBuffer(deployments)
+    telemetry_pulse = Pulse()
     rollouts = RolloutService(db, events, offline_after_s=config.offline_after_s)
     orchestrator = Orchestrator(
         db, events, owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.new_id()[:8]}",
@@ -213,6 +216,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             telemetry=telemetry,
             deployments=deployments,
             statuses=statuses,
+            telemetry_pulse=telemetry_pulse,
             agent_config=agent_config,
             **base,
         ),
@@ -256,7 +260,8 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     cp._tasks.append(asyncio.create_task(statuses.run(background)))
     cp._bridge = bridge
     cp.builds = builds
-    cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor)))
+    cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor, events)))
+    cp._tasks.append(asyncio.create_task(_announce_telemetry(telemetry_pulse, events)))
     cp.orchestrator = orchestrator
     cp._tasks.append(asyncio.create_task(orchestrator.run(background)))
     cp._tasks.append(
@@ -311,9 +316,11 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
 
 
 async def _flush_presence(
-    hub: SyncHub, devices: DeviceService, executor: ThreadPoolExecutor
+    hub: SyncHub, devices: DeviceService, executor: ThreadPoolExecutor, events: EventBus
 ) -> None:
-    """Write last-seen times in batches: a heartbeat must not cost a SQL write."""
+    """Write last-seen times in batches: a heartbeat must not cost a SQL write.
+    Devices that came online or went offline are announced once per flush
+    ("device.presence"), for live views."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(PRESENCE_FLUSH_S)
@@ -322,6 +329,21 @@ async def _flush_presence(
             await loop.run_in_executor(executor, devices.touch, seen)
         except Exception:
             log.exception("could not record last-seen times; will retry")
+        changed = hub.take_presence()
+        if changed:
+            events.publish(FleetEvent(
+                "device.presence", tuple(changed),
+                message=f"{len(changed)} device(s) came online or went offline",
+            ))  # fmt: skip
+
+
+async def _announce_telemetry(pulse: Pulse, events: EventBus) -> None:
+    """Tell live views that telemetry arrived, at most every TELEMETRY_EVENT_S."""
+    while True:
+        await asyncio.sleep(TELEMETRY_EVENT_S)
+        samples = pulse.take()
+        if samples:
+            events.publish(FleetEvent("telemetry.updated", message=f"{samples} new sample(s)"))
 
 
 async def _roll_up_telemetry(

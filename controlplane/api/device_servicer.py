@@ -23,6 +23,7 @@ from controlplane.services.devices import (
     DeviceService,
 )
 from controlplane.services.enrollment import EnrollmentService
+from controlplane.services.events import Pulse
 from controlplane.services.hub import DeviceSession, SyncHub
 from controlplane.services.status_buffer import StatusBuffer
 from controlplane.services.telemetry import TelemetryService
@@ -44,6 +45,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         telemetry: TelemetryService,
         deployments: DeploymentService,
         statuses: StatusBuffer,
+        telemetry_pulse: Pulse,
         agent_config: device_pb2.AgentConfig,
         **base: Any,
     ) -> None:
@@ -55,6 +57,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         self._telemetry = telemetry
         self._deployments = deployments
         self._statuses = statuses
+        self._telemetry_pulse = telemetry_pulse
         self._agent_config = agent_config
 
     @rpc("none")
@@ -222,4 +225,5 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         samples = [convert.sample_from_pb(s) for s in request.samples]
         # Always the authenticated device: a request cannot name another.
         acked = await self.run(self._telemetry.ingest, device.device_id, samples)
+        self._telemetry_pulse.add(len(samples))
         return device_pb2.UploadTelemetryResponse(acked_seq=acked)

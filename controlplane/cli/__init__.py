@@ -25,8 +25,8 @@ from controlplane.cli.rollouts import rollouts
 from controlplane.cli.simulate import simulate
 from controlplane.cli.telemetry import telemetry
 from controlplane.cli.tokens import tokens
-from controlplane.cli.tui import tui
 from controlplane.cli.toolchain import toolchain
+from controlplane.cli.tui import tui
 from controlplane.client import DEFAULT_SERVER
 from controlplane.config import ServerConfig
 

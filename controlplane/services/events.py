@@ -57,3 +57,20 @@ class EventBus:
     def _deliver(self, event: FleetEvent) -> None:
         for fn in list(self._subscribers):
             fn(event)
+
+
+@dataclass
+class Pulse:
+    """Counts something frequent (telemetry samples) between announcements,
+    so live views hear "there is new data" every few seconds instead of an
+    event per upload. Lives on the event loop."""
+
+    count: int = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def take(self) -> int:
+        """The count since the previous take."""
+        n, self.count = self.count, 0
+        return n

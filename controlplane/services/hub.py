@@ -34,6 +34,8 @@ class SyncHub:
     def __init__(self) -> None:
         self._sessions: dict[str, DeviceSession] = {}
         self._dirty: set[str] = set()
+        # Devices that connected or disconnected since take_presence().
+        self._presence: set[str] = set()
 
     def connect(self, device_id: str) -> DeviceSession:
         old = self._sessions.get(device_id)
@@ -42,12 +44,14 @@ class SyncHub:
         session = DeviceSession(device_id)
         self._sessions[device_id] = session
         self._dirty.add(device_id)
+        self._presence.add(device_id)
         return session
 
     def disconnect(self, session: DeviceSession) -> None:
         if self._sessions.get(session.device_id) is session:
             del self._sessions[session.device_id]
             self._dirty.add(session.device_id)
+            self._presence.add(session.device_id)
             session.last_seen = time.time()
 
     def seen(self, session: DeviceSession) -> None:
@@ -72,6 +76,11 @@ class SyncHub:
             )
         self._dirty.clear()
         return seen
+
+    def take_presence(self) -> list[str]:
+        """Devices that came online or went offline here since the previous call."""
+        changed, self._presence = sorted(self._presence), set()
+        return changed
 
     def on_event(self, event: FleetEvent) -> None:
         """EventBus subscriber: wake the streams of devices whose desired

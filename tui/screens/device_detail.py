@@ -40,7 +40,7 @@ def standby_version(device: Device, history: list[DeploymentEvent]) -> str:
 
 
 class DeviceDetailScreen(FleetScreen):
-    TOPICS = frozenset({"device", "deployment"})
+    TOPICS = frozenset({"device", "deployment", "telemetry"})
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("a", "accept", "Accept"),

@@ -23,7 +23,7 @@ RANGES = (
 class TelemetryScreen(FleetScreen):
     # Telemetry itself is not on the watch stream: a new version or device
     # (a deployment) is when the groups change.
-    TOPICS = frozenset({"deployment"})
+    TOPICS = frozenset({"deployment", "telemetry"})
     NAV_MODE = "telemetry"
     # Nothing focused at first, so the digit keys switch screens.
     AUTO_FOCUS = ""

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 # without letting thousands of enrollments pile onto SQLite's single writer.
 DB_THREADS = 8
 BACKGROUND_THREADS = 2
+OPERATOR_THREADS = 4
 PRESENCE_FLUSH_S = 5.0
 # Live views hear about new telemetry at most this often.
 TELEMETRY_EVENT_S = 5.0
@@ -101,6 +102,7 @@ class ControlPlane:
     _runner: BuildRunner | None = None
     orchestrator: Orchestrator | None = None
     _background: ThreadPoolExecutor | None = None
+    _operator_executor: ThreadPoolExecutor | None = None
     _statuses: StatusBuffer | None = None
 
     @property
@@ -133,8 +135,9 @@ class ControlPlane:
         if self._bridge is not None:
             self._bridge.stop()
         self._executor.shutdown(wait=True)
-        if self._background is not None:
-            self._background.shutdown(wait=True)
+        for pool in (self._background, self._operator_executor):
+            if pool is not None:
+                pool.shutdown(wait=True)
         self.db.dispose()
 
 
@@ -142,13 +145,16 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     """Migrate the database, build the services and start serving."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(
-        config.db_url or sqlite_url(config.data_dir), pool_size=DB_THREADS + BACKGROUND_THREADS
+        config.db_url or sqlite_url(config.data_dir),
+        pool_size=DB_THREADS + BACKGROUND_THREADS + OPERATOR_THREADS,
     )
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="db")
     # The orchestrator and the status writer get threads of their own: queued
     # behind thousands of device RPCs, a rollout's ticks waited tens of seconds.
     background = ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="db-bg")
+    # Operators too: a CLI or TUI call must not wait behind 10,000 devices.
+    operator_executor = ThreadPoolExecutor(OPERATOR_THREADS, thread_name_prefix="db-op")
     # Replicas may start together; Alembic's version table serializes them on
     # PostgreSQL, SQLite has one writer anyway.
     await loop.run_in_executor(executor, upgrade, engine)
@@ -234,7 +240,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             deployments=deployments,
             rollouts=rollouts,
             events=events,
-            **base,
+            **(base | {"executor": operator_executor}),
         ),
         server,
     )
@@ -256,6 +262,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
 
     cp = ControlPlane(config, server, port, db, hub, admin_token, metrics_registry, executor)
     cp._background = background
+    cp._operator_executor = operator_executor
     cp._statuses = statuses
     cp._tasks.append(asyncio.create_task(statuses.run(background)))
     cp._bridge = bridge

@@ -22,6 +22,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import func, insert, select, text, update
 
+from controlplane.api import device_servicer
 from controlplane.cli import cli
 from controlplane.client import bearer_metadata
 from controlplane.config import ServerConfig
@@ -614,6 +615,27 @@ def _pb_sample(seq: int, at: dt.datetime, **kw: Any) -> d.TelemetrySample:
         "error_count": 1, "latency_p50_ms": 1.0, "latency_p95_ms": 2.0, "latency_p99_ms": 3.0,
     }  # fmt: skip
     return d.TelemetrySample(seq=seq, at=stamp, **(fields | kw))
+
+
+async def test_a_busy_control_plane_sheds_uploads_with_resource_exhausted_and_loses_nothing(
+    channel: grpc.aio.Channel, server: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = dg.DeviceServiceStub(channel)
+    a = await _enroll(channel, "hw-busy")
+    as_a = bearer_metadata(a.device_credential)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    batch = [_pb_sample(i, now - dt.timedelta(seconds=10 - i)) for i in (1, 2)]
+    # As if 16 uploads already held or waited for the database threads.
+    monkeypatch.setattr(device_servicer, "MAX_TELEMETRY_IN_FLIGHT", 0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await dev.UploadTelemetry(d.UploadTelemetryRequest(samples=batch), metadata=as_a)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "send them with the next upload" in (err.value.details() or "")
+    monkeypatch.setattr(device_servicer, "MAX_TELEMETRY_IN_FLIGHT", 16)
+    # The device resends them with its next sample: all three are stored.
+    batch.append(_pb_sample(3, now))
+    resp = await dev.UploadTelemetry(d.UploadTelemetryRequest(samples=batch), metadata=as_a)
+    assert resp.acked_seq == 3
 
 
 async def test_upload_is_deduplicated_per_authenticated_device_and_queryable(

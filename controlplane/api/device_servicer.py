@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api import convert
 from controlplane.api.rpc import Handlers, rpc
-from controlplane.errors import InvalidArgument, OutOfRange, PermissionDenied
+from controlplane.errors import InvalidArgument, OutOfRange, PermissionDenied, ResourceExhausted
 from controlplane.services import keys
 from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import DevicePrincipal
@@ -32,6 +32,9 @@ from edgefleet.v1 import device_pb2, device_pb2_grpc
 # 1 MiB by default: 256 KiB chunks cost 20-40 % more CPU per GiB on both ends
 # (bench/bench_download.py); the message limit leaves room up to 4 MiB.
 MIN_CHUNK, DEFAULT_CHUNK, MAX_CHUNK = 64 * 1024, 1024 * 1024, 1024 * 1024
+# Telemetry uploads admitted at once (twice the database threads); more are
+# refused with RESOURCE_EXHAUSTED at once, before they cost anything.
+MAX_TELEMETRY_IN_FLIGHT = 16
 
 
 class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
@@ -58,6 +61,8 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         self._deployments = deployments
         self._statuses = statuses
         self._telemetry_pulse = telemetry_pulse
+        # Uploads waiting for or holding a database thread (event loop only).
+        self._telemetry_in_flight = 0
         self._agent_config = agent_config
 
     @rpc("none")
@@ -222,8 +227,21 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
     async def UploadTelemetry(
         self, request: device_pb2.UploadTelemetryRequest, context: Any, device: DevicePrincipal
     ) -> device_pb2.UploadTelemetryResponse:
+        if self._telemetry_in_flight >= MAX_TELEMETRY_IN_FLIGHT:
+            # Shed telemetry first when the database threads are backed up:
+            # waiting would only time out (and be resent) while status
+            # reports and syncs queue behind it. Agents keep the samples
+            # buffered and send them with their next upload.
+            raise ResourceExhausted(
+                "the control plane is busy; keep the samples buffered and send them "
+                "with the next upload"
+            )
         samples = [convert.sample_from_pb(s) for s in request.samples]
-        # Always the authenticated device: a request cannot name another.
-        acked = await self.run(self._telemetry.ingest, device.device_id, samples)
+        self._telemetry_in_flight += 1
+        try:
+            # Always the authenticated device: a request cannot name another.
+            acked = await self.run(self._telemetry.ingest, device.device_id, samples)
+        finally:
+            self._telemetry_in_flight -= 1
         self._telemetry_pulse.add(len(samples))
         return device_pb2.UploadTelemetryResponse(acked_seq=acked)

@@ -625,13 +625,13 @@ async def test_a_busy_control_plane_sheds_uploads_with_resource_exhausted_and_lo
     as_a = bearer_metadata(a.device_credential)
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     batch = [_pb_sample(i, now - dt.timedelta(seconds=10 - i)) for i in (1, 2)]
-    # As if 16 uploads already held or waited for the database threads.
+    # As if the limit of uploads already held or waited for database threads.
     monkeypatch.setattr(device_servicer, "MAX_TELEMETRY_IN_FLIGHT", 0)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await dev.UploadTelemetry(d.UploadTelemetryRequest(samples=batch), metadata=as_a)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "send them with the next upload" in (err.value.details() or "")
-    monkeypatch.setattr(device_servicer, "MAX_TELEMETRY_IN_FLIGHT", 16)
+    monkeypatch.undo()
     # The device resends them with its next sample: all three are stored.
     batch.append(_pb_sample(3, now))
     resp = await dev.UploadTelemetry(d.UploadTelemetryRequest(samples=batch), metadata=as_a)

@@ -5,6 +5,8 @@ draft that has been dry-run as it stands can be started."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from rich.table import Table
 from textual import work
 from textual.app import ComposeResult
@@ -39,15 +41,35 @@ CHECKS = (
 )
 
 
+# Device names shown per stage (and per exclusion reason); a cohort of
+# thousands is summarised by class and reason instead.
+SHOWN_NAMES = 6
+
+
+def _names(names: list[str]) -> str:
+    more = len(names) - SHOWN_NAMES
+    return ", ".join(names[:SHOWN_NAMES]) + (f" and {more} more" if more > 0 else "")
+
+
 def plan_table(plan: RolloutPlan) -> Table:
+    """Per stage: how many devices of each class, and the first names; then
+    the excluded devices grouped by reason."""
     table = Table(title="Dry run", title_justify="left", box=None, padding=(0, 1), expand=True)
     table.add_column("stage", no_wrap=True)
     table.add_column("devices", overflow="fold", ratio=1)
     for i, spec in enumerate(plan.stages):
-        names = [f"{d.device_name} ({d.class_name})" for d in plan.stage_devices(i)]
-        table.add_row(f"{i + 1} {spec}"[:30], ", ".join(names) or "none")
+        devices = plan.stage_devices(i)
+        per_class = Counter(d.class_name for d in devices)
+        counts = ", ".join(f"{n} {name}" for name, n in sorted(per_class.items()))
+        names = _names([d.device_name for d in devices])
+        table.add_row(f"{i + 1} {spec}"[:30], f"{counts}: {names}" if devices else "none")
+    by_reason: dict[str, list[str]] = {}
     for e in plan.excluded:
-        table.add_row("excluded", f"{e.device_name}: {e.reason}", style="yellow")
+        by_reason.setdefault(e.reason, []).append(e.device_name)
+    for reason, left_out in sorted(by_reason.items()):
+        table.add_row(
+            f"excluded ({len(left_out)})", f"{reason}: {_names(left_out)}", style="yellow"
+        )
     return table
 
 

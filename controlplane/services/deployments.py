@@ -339,7 +339,7 @@ class DeploymentService:
                     raise FailedPrecondition(f"cannot assign to {device_id}: {done}")
                 sequence, artifact = done
                 row = session.get_one(DeviceAssignmentRow, device_id)
-                views.append(_view(session, row))
+                views.append(_view(session, row, self._published))
                 audit.record(
                     uow,
                     actor,
@@ -457,5 +457,5 @@ class DeploymentService:
             current = filter_by_model(
                 current, DeviceAssignmentRow.model_version_id, model_name, version
             )
-            assignments = [_view(session, row) for row in session.scalars(current)]
+            assignments = [_view(session, row, self._published) for row in session.scalars(current)]
             return History(events, assignments)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from types import TracebackType
 
 from sqlalchemy import Engine
@@ -15,25 +16,30 @@ class TicketLock:
     under a steady stream of short writes (10,000 devices' telemetry) a
     longer transaction, such as an operator's assignment of 1,000 devices
     or an orchestrator step, lost that race for tens of seconds. Queueing
-    this process's writers here first hands the write lock over in order
-    and without polling."""
+    this process's writers here first hands the write lock over in order,
+    without polling, waking exactly the next writer."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next = 0
-        self._serving = 0
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: deque[threading.Lock] = deque()
 
     def acquire(self) -> None:
-        with self._cond:
-            ticket = self._next
-            self._next += 1
-            while ticket != self._serving:
-                self._cond.wait()
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        turn.acquire()  # released by release(): the lock is now ours
 
     def release(self) -> None:
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()  # handed over, still held
+            else:
+                self._held = False
 
 
 class Database:

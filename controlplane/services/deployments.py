@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from controlplane.db.bulk import insert_rows, update_rows
 from controlplane.db.models import (
     ArtifactRow,
     BuildRow,
@@ -145,7 +146,12 @@ def assign_devices(
             select(
                 DeviceRow.id, DeviceRow.state, DeviceRow.class_id, DeviceRow.assignment_seq,
                 DeviceRow.desired_revision,
-            ).where(DeviceRow.id.in_(chunk)).with_for_update()
+            )
+            .where(DeviceRow.id.in_(chunk))
+            # In id order: two assignments locking the same devices in
+            # different orders would deadlock on PostgreSQL.
+            .order_by(DeviceRow.id)
+            .with_for_update()
         ).all()  # fmt: skip
         counters: list[dict[str, Any]] = []
         values: dict[str, dict[str, Any]] = {}
@@ -165,7 +171,7 @@ def assign_devices(
             }  # fmt: skip
         if not counters:
             continue
-        session.execute(update(DeviceRow), counters)
+        update_rows(session, DeviceRow, counters)
         existing = set(session.scalars(
             select(DeviceAssignmentRow.device_id).where(
                 DeviceAssignmentRow.device_id.in_(list(values))
@@ -174,9 +180,9 @@ def assign_devices(
         replaced = [v for k, v in values.items() if k in existing]
         added = [v for k, v in values.items() if k not in existing]
         if replaced:
-            session.execute(update(DeviceAssignmentRow), replaced)
+            update_rows(session, DeviceAssignmentRow, replaced)
         if added:
-            session.execute(insert(DeviceAssignmentRow), added)
+            insert_rows(session, DeviceAssignmentRow, added)
     return result
 
 
@@ -416,9 +422,9 @@ class DeploymentService:
             # no device row loaded.
             for params in (statuses, revisions):
                 if params:
-                    session.execute(update(DeviceRow), params)
+                    update_rows(session, DeviceRow, params)
             if events:
-                session.execute(insert(DeploymentEventRow), events)
+                insert_rows(session, DeploymentEventRow, events)
             uow.commit()
         if changed:
             self._events.publish(FleetEvent("deployment.updated", tuple(changed)))

@@ -38,9 +38,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from controlplane.db.bulk import insert_rows, update_rows
 from controlplane.db.models import (
     ArtifactRow,
     DeviceAssignmentRow,
@@ -305,9 +306,9 @@ class _Driver:
             params = dict(zip(_MEMBER_FIELDS, values, strict=True), rollout_id=self.row.id)
             (added if loaded is None else changed).append(params)
         if changed:
-            self.session.execute(update(RolloutDeviceRow), changed)
+            update_rows(self.session, RolloutDeviceRow, changed)
         if added:
-            self.session.execute(insert(RolloutDeviceRow), added)
+            insert_rows(self.session, RolloutDeviceRow, added)
 
     def record(self, action: str, **details: object) -> None:
         audit.record(self.uow, ACTOR, action, f"rollout:{self.row.id}", **details)

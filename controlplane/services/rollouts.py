@@ -16,9 +16,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from controlplane.db.bulk import insert_rows
 from controlplane.db.models import (
     DeviceAssignmentRow,
     DeviceClassRow,
@@ -258,7 +259,7 @@ class RolloutService:
             session.add(row)
             session.flush()
             if plan.devices:
-                session.execute(insert(RolloutDeviceRow), [
+                insert_rows(session, RolloutDeviceRow, [
                     {
                         "rollout_id": row.id, "device_id": p.device_id,
                         "class_name": p.class_name, "stage": p.stage, "state": WAITING,

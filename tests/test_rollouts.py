@@ -8,6 +8,7 @@ orchestration, not the ladder."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from controlplane.config import ServerConfig
 from controlplane.server import ControlPlane, create_server
+from controlplane.services.events import EventBus
+from controlplane.services.orchestrator import Orchestrator
 from demo.models import BuiltModel, build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
@@ -381,3 +384,38 @@ async def test_a_class_failing_a_gate_is_dropped_and_reverted_while_the_others_c
             lambda f: all(a.active_version == ("2.0.0" if a.profile_class.name == PI else "1.0.0")
                           for a in f.agents), 30, what="pi on 2.0.0, gw back on 1.0.0",
         )  # fmt: skip
+
+
+async def test_a_replica_reuses_its_copy_of_the_members_only_while_its_lease_is_unbroken(
+    world: World,
+) -> None:
+    """Only the lease holder writes a rollout's members, so a replica may keep
+    them between its steps, but not once another replica held the lease."""
+    async with _fleet(world, 2, _profile()) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        draft = await world.op.CreateRollout(
+            o.CreateRolloutRequest(spec=o.RolloutSpec(
+                model_name=MODEL, model_version="2.0.0", class_names=[PI, GW],
+                stages=[_stage(100.0)],
+            )),
+            metadata=ADMIN,
+        )  # fmt: skip
+        rollout_id = draft.rollout.id  # a draft: the server's own orchestrator leaves it
+        now = [dt.datetime(2026, 12, 1, tzinfo=dt.UTC)]
+
+        def replica(owner: str) -> Orchestrator:
+            return Orchestrator(world.cp.db, EventBus(), owner=owner, offline_after_s=60,
+                                lease_s=10, clock=lambda: now[0])  # fmt: skip
+
+        a, b = replica("replica-a"), replica("replica-b")
+        assert await asyncio.to_thread(a._take_lease, rollout_id)
+        a._members[rollout_id] = []  # what a step would leave
+        now[0] += dt.timedelta(seconds=5)
+        assert not await asyncio.to_thread(b._take_lease, rollout_id)  # a still holds it
+        assert await asyncio.to_thread(a._take_lease, rollout_id)  # renewed: copy kept
+        assert rollout_id in a._members
+        now[0] += dt.timedelta(seconds=11)  # a's lease lapsed; b takes over
+        assert await asyncio.to_thread(b._take_lease, rollout_id)
+        now[0] += dt.timedelta(seconds=11)  # and b's lapses too; a takes it back
+        assert await asyncio.to_thread(a._take_lease, rollout_id)
+        assert rollout_id not in a._members  # b may have written them: reload

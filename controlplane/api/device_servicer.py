@@ -107,12 +107,10 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         self, device_id: str, sent_revision: int
     ) -> tuple[DesiredView, bool, AssignmentView | None]:
         """The device's desired state, whether it is newer than what the
-        stream sent, and then its assignment. One executor hop for both: a
+        stream sent, and its assignment: one executor hop and one query, as a
         rollout wakes thousands of streams at once."""
-        view = self._devices.desired_state(device_id)
-        if view.revision <= sent_revision:
-            return view, False, None
-        return view, True, self._deployments.current(device_id)
+        view, assignment = self._deployments.desired(device_id)
+        return view, view.revision > sent_revision, assignment
 
     @rpc("device")
     async def Sync(

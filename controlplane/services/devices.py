@@ -158,15 +158,6 @@ class DeviceService:
             row = self._require(uow.session, device_id)
             return self._view(uow.session, row, self._class_names(uow.session))
 
-    def desired_state(self, device_id: str) -> DesiredView:
-        with self._db.unit_of_work(readonly=True) as uow:
-            row = self._require(uow.session, device_id)
-            class_name = ""
-            if row.class_id:
-                cls = uow.session.get(DeviceClassRow, row.class_id)
-                class_name = cls.name if cls else ""
-            return DesiredView(row.desired_revision, row.state, class_name, dict(row.labels))
-
     @staticmethod
     def _require(session: Session, device_id: str) -> DeviceRow:
         if not device_id:

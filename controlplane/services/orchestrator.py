@@ -37,6 +37,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
@@ -181,6 +182,13 @@ class Orchestrator:
         self._lease = dt.timedelta(seconds=lease_s)
         self.tick_s = tick_s
         self._clock = clock
+        # What this replica knows of the rollouts it drives: the members as
+        # its last committed step left them, and the lease expiry it last
+        # wrote. Only the lease holder writes members, so while the lease
+        # never left us (an unbroken chain of renewals, see _take_lease) the
+        # copy is exact and a step need not reload 10,000 rows.
+        self._members: dict[str, list[Member]] = {}
+        self._lease_marks: dict[str, dt.datetime] = {}
 
     async def run(self, executor: Executor) -> None:
         """Tick until cancelled; a failing tick is logged, not fatal."""
@@ -211,22 +219,42 @@ class Orchestrator:
         return more
 
     def _take_lease(self, rollout_id: str) -> bool:
+        """Take or renew the rollout's lease. A renewal of the very lease we
+        wrote last keeps our copy of its members; anything else (first
+        take, a takeover after another replica held it) drops the copy."""
         now = self._clock()
+        expires = now + self._lease
+        mark = self._lease_marks.pop(rollout_id, None)
+        taken = False
         with self._db.unit_of_work() as uow:
-            result = uow.session.execute(
-                update(RolloutRow)
-                .where(
-                    RolloutRow.id == rollout_id,
-                    or_(
+            renewed = mark is not None and self._lease_update(
+                uow.session, expires,
+                (RolloutRow.id == rollout_id) & (RolloutRow.lease_owner == self.owner)
+                & (RolloutRow.lease_expires_at == mark),
+            )  # fmt: skip
+            if not renewed:
+                self._members.pop(rollout_id, None)
+                taken = self._lease_update(
+                    uow.session, expires,
+                    (RolloutRow.id == rollout_id) & or_(
                         RolloutRow.lease_owner.is_(None),
                         RolloutRow.lease_owner == self.owner,
                         RolloutRow.lease_expires_at < now,
                     ),
-                )
-                .values(lease_owner=self.owner, lease_expires_at=now + self._lease)
-                .execution_options(synchronize_session=False)
-            )
+                )  # fmt: skip
             uow.commit()
+        if renewed or taken:
+            self._lease_marks[rollout_id] = expires
+            return True
+        return False
+
+    def _lease_update(self, session: Session, expires: dt.datetime, where: Any) -> bool:
+        result = session.execute(
+            update(RolloutRow)
+            .where(where)
+            .values(lease_owner=self.owner, lease_expires_at=expires)
+            .execution_options(synchronize_session=False)
+        )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def release(self) -> None:
@@ -252,12 +280,17 @@ class Orchestrator:
                 select(RolloutRow).where(RolloutRow.id == rollout_id).with_for_update()
             )
             if row is None or row.lease_owner != self.owner:
+                self._members.pop(rollout_id, None)
                 return Step()
             step = Step()
-            driver = _Driver(self, uow, row, now, step)
+            # The step changes the copy in place: if it fails, forget it.
+            known = self._members.pop(rollout_id, None)
+            driver = _Driver(self, uow, row, now, step, known)
             driver.run()
             driver.save_members()
             uow.commit()
+            if row.finished_at is None:
+                self._members[rollout_id] = driver.devices
         if step.pushed:
             self._events.publish(
                 FleetEvent("device.assigned", tuple(step.pushed), desired_changed=True)
@@ -272,7 +305,7 @@ class _Driver:
 
     def __init__(
         self, orchestrator: Orchestrator, uow: UnitOfWork, row: RolloutRow, now: dt.datetime,
-        step: Step,
+        step: Step, members: list[Member] | None = None,
     ) -> None:  # fmt: skip
         self.o = orchestrator
         self.uow = uow
@@ -283,13 +316,15 @@ class _Driver:
         self.spec = RolloutSpec.from_dict(row.spec)
         self._stages = [dict(s) for s in row.stages]
         self.mv = self.session.get_one(ModelVersionRow, row.model_version_id)
-        columns = [getattr(RolloutDeviceRow, name) for name in _MEMBER_FIELDS]
-        self.devices = [
-            Member(*r)
-            for r in self.session.execute(
-                select(*columns).where(RolloutDeviceRow.rollout_id == row.id)
-            )
-        ]
+        if members is None:
+            columns = [getattr(RolloutDeviceRow, name) for name in _MEMBER_FIELDS]
+            members = [
+                Member(*r)
+                for r in self.session.execute(
+                    select(*columns).where(RolloutDeviceRow.rollout_id == row.id)
+                )
+            ]
+        self.devices = members
         self._loaded = {d.device_id: d.values() for d in self.devices}
         # Per-class artifact lookups, shared by every assignment of the step.
         self._artifacts: dict[tuple[str, str], ArtifactRow | str] = {}

@@ -10,7 +10,9 @@ rollout and its devices, decides, and writes the decisions together with the
 assignments they imply: a replica killed mid-step leaves nothing half done,
 and a step repeated after a crash finds its work already recorded (a device
 is notified once: its row says `notified` in the same commit as its
-assignment).
+assignment). While a replica's lease is unbroken it keeps its copy of the
+devices' rows between steps instead of reading them again (only the lease
+holder writes them).
 
 One step, in order:
 1. scheduled rollouts whose start time came begin;
@@ -21,7 +23,8 @@ One step, in order:
    version its previous one, and finishes once they all report back;
 4. dynamic rollouts admit devices that started matching;
 5. waiting devices of the current (and earlier) stages are notified, as
-   many as the pacing allows;
+   many as the pacing allows, at most NOTIFY_CHUNK per step (the next
+   step follows at once);
 6. the current stage is judged: thresholds (domain/rollouts.judge_stage) and
    health gates over the new version's telemetry from the stage's devices
    (silence counts as failure); failure pauses or aborts and reverts, success

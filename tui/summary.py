@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from controlplane.cli.convert import format_duration
+from controlplane.cli.convert import format_ago
 from tui.data import Device, Gate, Rollout
 
 NONE = "-"
@@ -75,18 +75,6 @@ def summarize(
         if dev.state == "accepted" and not dev.online and seen and now - seen > SILENT_AFTER:
             alerts.append(Alert("silent", dev.name, f"last seen {format_ago(seen, now)}"))
     return FleetSummary(_sorted(states), _sorted(classes), _sorted(versions), tuple(alerts), active)
-
-
-def format_ago(when: datetime | None, now: datetime) -> str:
-    """`5m ago`, `just now`; `-` when unknown."""
-    if when is None:
-        return NONE
-    delta = now - when
-    if abs(delta.total_seconds()) < 1:
-        return "just now"
-    if delta.total_seconds() > 0:
-        return f"{format_duration(delta)} ago"
-    return f"in {format_duration(-delta)}"
 
 
 def format_time(when: datetime | None) -> str:

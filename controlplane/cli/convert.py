@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import json_format
@@ -58,6 +58,18 @@ def format_duration(delta: timedelta) -> str:
 
 
 # ------------------------------------------------------------------ labels
+
+
+def format_ago(when: datetime | None, now: datetime) -> str:
+    """`5m ago`, `in 23h59m`, `just now`; `-` when unknown."""
+    if when is None:
+        return "-"
+    delta = now - when
+    if abs(delta.total_seconds()) < 1:
+        return "just now"
+    if delta.total_seconds() > 0:
+        return f"{format_duration(delta)} ago"
+    return f"in {format_duration(-delta)}"
 
 
 def parse_label(text: str) -> tuple[str, str]:

@@ -14,6 +14,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from controlplane.cli import convert
 from controlplane.cli.convert import enum_name, format_duration, format_labels, format_rule
 from edgefleet.v1 import common_pb2, operator_pb2
 
@@ -42,15 +43,7 @@ def format_time(ts: Timestamp) -> str:
 
 def format_ago(ts: Timestamp, now: datetime) -> str:
     """`5m ago`, `in 23h59m`, `just now`; `-` when unset."""
-    when = _when(ts)
-    if when is None:
-        return NONE
-    delta = now - when
-    if abs(delta.total_seconds()) < 1:
-        return "just now"
-    if delta.total_seconds() > 0:
-        return f"{format_duration(delta)} ago"
-    return f"in {format_duration(-delta)}"
+    return convert.format_ago(_when(ts), now)
 
 
 def format_mb(mb: float) -> str:

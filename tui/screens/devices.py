@@ -11,10 +11,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Input, Static
 
+from controlplane.cli.convert import format_ago
 from tui.data import Device
 from tui.screens import actions
 from tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
-from tui.summary import device_status, format_ago, format_labels
+from tui.summary import device_status, format_labels
 
 # (column title, sort key) in the order `s` cycles through them.
 COLUMNS: tuple[tuple[str, Callable[[Device], Any]], ...] = (

@@ -99,6 +99,24 @@ def _fake_result(artifact: Path) -> dict[str, Any]:
             "min_agreement": 0.99}  # fmt: skip
 
 
+async def finish_builds_by_hand(
+    cp: ControlPlane, op: og.OperatorServiceStub, artifact: Path, count: int
+) -> None:
+    """Answer every queued build job with a hand-made result over `artifact`
+    until `count` builds succeeded (for tests about what comes after builds)."""
+    builds = _builds(cp)
+    for _ in range(400):
+        job = await asyncio.to_thread(builds.claim, "test", 60)
+        if job is not None:
+            await asyncio.to_thread(builds.finish, job, "test", _fake_result(artifact), "")
+            continue
+        listed = (await op.ListBuilds(o.ListBuildsRequest(), metadata=ADMIN)).builds
+        if len(listed) == count and all(b.state == o.BUILD_STATE_SUCCEEDED for b in listed):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} builds did not succeed")
+
+
 async def test_builds_are_queued_deduplicated_and_published_signed(
     cp: ControlPlane, digits: BuiltModel, tmp_path: Path
 ) -> None:

@@ -29,7 +29,7 @@ from edgefleet.v1 import operator_pb2_grpc as og
 from fleetsim import Fleet, parse_profile
 from tests.harness import ADMIN_TOKEN
 from tests.test_api import _parts, _push_requests
-from tests.test_builds_service import ADMIN, _builds, _fake_result
+from tests.test_builds_service import ADMIN, finish_builds_by_hand
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -148,18 +148,9 @@ async def world(cp: ControlPlane, digits: BuiltModel) -> AsyncIterator[World]:
     parts = _parts(model=digits.model, sample_data=digits.sample_data)
     for version in ("1.0.0", "2.0.0", "3.0.0"):
         await op.PushModel(_push_requests(MODEL, version, parts), metadata=ADMIN)
-    builds = _builds(cp)
     # One real job: the versions share their bytes and the classes their
     # profile, so the other five reuse its result.
-    for _ in range(400):
-        job = await asyncio.to_thread(builds.claim, "test", 60)
-        if job is not None:
-            await asyncio.to_thread(builds.finish, job, "test", _fake_result(digits.model), "")
-            continue
-        listed = (await op.ListBuilds(o.ListBuildsRequest(), metadata=ADMIN)).builds
-        if len(listed) == 6 and all(b.state == o.BUILD_STATE_SUCCEEDED for b in listed):
-            break
-        await asyncio.sleep(0.05)
+    await finish_builds_by_hand(cp, op, digits.model, 6)
     token = (await op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="sim"),
                                             metadata=ADMIN)).secret  # fmt: skip
     try:

@@ -26,7 +26,7 @@ from edgefleet.v1 import operator_pb2_grpc as og
 from fleetsim import Fleet, parse_profile
 from tests.harness import ADMIN_TOKEN
 from tests.test_api import _parts, _push_requests
-from tests.test_builds_service import _fake_result
+from tests.test_builds_service import finish_builds_by_hand
 from tui.app import EdgeFleetApp, make_app
 from tui.client import FleetClient
 from tui.screens.devices import DevicesScreen
@@ -215,18 +215,7 @@ async def _versions(cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltM
     parts = _parts(model=digits.model, sample_data=digits.sample_data)
     for version in ("1.0.0", "2.0.0"):
         await op.PushModel(_push_requests("digits", version, parts), metadata=ADMIN)
-    builds = cp.builds
-    assert builds is not None
-    for _ in range(400):
-        job = await asyncio.to_thread(builds.claim, "test", 60)
-        if job is not None:
-            await asyncio.to_thread(builds.finish, job, "test", _fake_result(digits.model), "")
-            continue
-        listed = (await op.ListBuilds(o.ListBuildsRequest(), metadata=ADMIN)).builds
-        if len(listed) == 4 and all(b.state == o.BUILD_STATE_SUCCEEDED for b in listed):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("builds did not finish")
+    await finish_builds_by_hand(cp, op, digits.model, 4)
 
 
 async def _on_version(op: og.OperatorServiceStub, fleet: Fleet, version: str) -> None:

@@ -42,6 +42,7 @@ from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.events import EventBus, FleetEvent, Pulse
 from controlplane.services.hub import SyncHub
 from controlplane.services.keys import ensure_signing_key
+from controlplane.services.operator_tokens import OperatorTokenService
 from controlplane.services.orchestrator import Orchestrator
 from controlplane.services.registry import RegistryService
 from controlplane.services.replicas import PgEventBridge, libpq_dsn
@@ -239,6 +240,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             telemetry=telemetry,
             deployments=deployments,
             rollouts=rollouts,
+            operator_tokens=OperatorTokenService(db),
             events=events,
             **(base | {"executor": operator_executor}),
         ),

@@ -171,15 +171,6 @@ async def test_operator_token_shaped_secret_on_device_rpc_is_permission_denied(
     assert code == grpc.StatusCode.PERMISSION_DENIED and "operator token" in details
 
 
-async def test_rpcs_of_later_issues_are_unimplemented_after_auth(
-    op: og.OperatorServiceStub,
-) -> None:
-    code, details = await _code(
-        op.CreateOperatorToken(o.CreateOperatorTokenRequest(), metadata=ADMIN)
-    )
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "issue 7" in details
-
-
 async def test_enroll_with_a_bad_token_is_unauthenticated(dev: dg.DeviceServiceStub) -> None:
     code, details = await _code(_enroll(dev, "efe_0000.nope", "hw"))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "enrollment token" in details

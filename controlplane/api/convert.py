@@ -25,6 +25,7 @@ from controlplane.services.builds import BuildView
 from controlplane.services.classes import ClassView, Constraints
 from controlplane.services.deployments import AssignmentView
 from controlplane.services.devices import DeviceView
+from controlplane.services.operator_tokens import OperatorTokenView
 from controlplane.services.registry import ModelSummary
 from controlplane.services.rollouts import Plan, RolloutView
 from controlplane.services.telemetry import Sample, Series
@@ -275,6 +276,26 @@ def class_to_pb(view: ClassView) -> c.DeviceClass:
 
 
 # ---------------------------------------------------------------- tokens, models, audit
+
+
+OPERATOR_ROLES = {
+    "viewer": o.OPERATOR_ROLE_VIEWER,
+    "operator": o.OPERATOR_ROLE_OPERATOR,
+    "admin": o.OPERATOR_ROLE_ADMIN,
+}
+OPERATOR_ROLE_NAMES = {v: k for k, v in OPERATOR_ROLES.items()}
+
+
+def operator_token_to_pb(view: OperatorTokenView) -> o.OperatorToken:
+    return o.OperatorToken(
+        id=view.id,
+        name=view.name,
+        role=OPERATOR_ROLES.get(view.role, o.OPERATOR_ROLE_UNSPECIFIED),
+        created_at=ts(view.created_at),
+        expires_at=ts(view.expires_at),
+        revoked_at=ts(view.revoked_at),
+        last_used_at=ts(view.last_used_at),
+    )
 
 
 def enrollment_token_to_pb(row: EnrollmentTokenRow) -> o.EnrollmentToken:

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from controlplane.api import convert
-from controlplane.api.rpc import Handlers, rpc, unimplemented
+from controlplane.api.rpc import Handlers, rpc
+from controlplane.domain.roles import ADMIN, VIEWER
 from controlplane.errors import InvalidArgument, NotFound
 from controlplane.services import audit
 from controlplane.services.artifacts import ArtifactService
@@ -19,6 +20,7 @@ from controlplane.services.deployments import DeploymentService
 from controlplane.services.devices import DeviceService
 from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.events import EventBus, FleetEvent
+from controlplane.services.operator_tokens import OperatorTokenService
 from controlplane.services.registry import PartDecl, PushHeader, RegistryService
 from controlplane.services.rollouts import RolloutService
 from controlplane.services.telemetry import TelemetryService
@@ -41,6 +43,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         telemetry: TelemetryService,
         deployments: DeploymentService,
         rollouts: RolloutService,
+        operator_tokens: OperatorTokenService,
         events: EventBus,
         **base: Any,
     ) -> None:
@@ -54,6 +57,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         self._telemetry = telemetry
         self._deployments = deployments
         self._rollouts = rollouts
+        self._operator_tokens = operator_tokens
         self._events = events
 
     # ------------------------------------------------------------ enrollment tokens
@@ -79,7 +83,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             token=convert.enrollment_token_to_pb(row), secret=secret
         )
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def ListEnrollmentTokens(
         self, request: operator_pb2.ListEnrollmentTokensRequest, context: Any, who: Op
     ) -> operator_pb2.ListEnrollmentTokensResponse:
@@ -95,13 +99,40 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         row = await self.run(self._enrollment.revoke_token, who.actor, request.id)
         return convert.enrollment_token_to_pb(row)
 
-    CreateOperatorToken = unimplemented("operator", "CreateOperatorToken", 7)
-    ListOperatorTokens = unimplemented("operator", "ListOperatorTokens", 7)
-    RevokeOperatorToken = unimplemented("operator", "RevokeOperatorToken", 7)
+    @rpc("operator", role=ADMIN)
+    async def CreateOperatorToken(
+        self, request: operator_pb2.CreateOperatorTokenRequest, context: Any, who: Op
+    ) -> operator_pb2.CreateOperatorTokenResponse:
+        role = convert.OPERATOR_ROLE_NAMES.get(request.role)
+        if role is None:
+            raise InvalidArgument("name the token's role: viewer, operator or admin")
+        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
+        view, secret = await self.run(
+            self._operator_tokens.create, who.actor, name=request.name, role=role, ttl=ttl
+        )
+        return operator_pb2.CreateOperatorTokenResponse(
+            token=convert.operator_token_to_pb(view), secret=secret
+        )
+
+    @rpc("operator", role=ADMIN)
+    async def ListOperatorTokens(
+        self, request: operator_pb2.ListOperatorTokensRequest, context: Any, who: Op
+    ) -> operator_pb2.ListOperatorTokensResponse:
+        views = await self.run(self._operator_tokens.list_tokens)
+        return operator_pb2.ListOperatorTokensResponse(
+            tokens=[convert.operator_token_to_pb(v) for v in views]
+        )
+
+    @rpc("operator", role=ADMIN)
+    async def RevokeOperatorToken(
+        self, request: operator_pb2.RevokeOperatorTokenRequest, context: Any, who: Op
+    ) -> operator_pb2.OperatorToken:
+        view = await self.run(self._operator_tokens.revoke, who.actor, request.id)
+        return convert.operator_token_to_pb(view)
 
     # ------------------------------------------------------------ devices
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def ListDevices(
         self, request: operator_pb2.ListDevicesRequest, context: Any, who: Op
     ) -> operator_pb2.ListDevicesResponse:
@@ -115,7 +146,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         )
         return operator_pb2.ListDevicesResponse(devices=[convert.device_to_pb(v) for v in views])
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def GetDevice(
         self, request: operator_pb2.GetDeviceRequest, context: Any, who: Op
     ) -> common_pb2.Device:
@@ -168,7 +199,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             assignments=[convert.device_assignment_to_pb(v) for v in views]
         )
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def ListDeployments(
         self, request: operator_pb2.ListDeploymentsRequest, context: Any, who: Op
     ) -> operator_pb2.ListDeploymentsResponse:
@@ -199,7 +230,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         )
         return convert.class_to_pb(await self.run(self._classes.create, who.actor, spec))
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def ListDeviceClasses(
         self, request: operator_pb2.ListDeviceClassesRequest, context: Any, who: Op
     ) -> operator_pb2.ListDeviceClassesResponse:
@@ -208,7 +239,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             classes=[convert.class_to_pb(v) for v in views]
         )
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def GetDeviceClass(
         self, request: operator_pb2.GetDeviceClassRequest, context: Any, who: Op
     ) -> common_pb2.DeviceClass:
@@ -276,14 +307,14 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             await asyncio.shield(self.run(upload.close))
         return convert.model_version_to_pb(row, header.model_name)
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def ListModels(
         self, request: operator_pb2.ListModelsRequest, context: Any, who: Op
     ) -> operator_pb2.ListModelsResponse:
         models = await self.run(self._registry.list_models)
         return operator_pb2.ListModelsResponse(models=[convert.model_to_pb(m) for m in models])
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def GetModel(
         self, request: operator_pb2.GetModelRequest, context: Any, who: Op
     ) -> operator_pb2.GetModelResponse:
@@ -293,7 +324,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             versions=[convert.model_version_to_pb(v, request.name) for v in versions],
         )
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def GetModelVersion(
         self, request: operator_pb2.GetModelVersionRequest, context: Any, who: Op
     ) -> common_pb2.ModelVersion:
@@ -316,7 +347,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         )
         return operator_pb2.RunBuildResponse(builds=[convert.build_to_pb(v) for v in views])
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def ListBuilds(
         self, request: operator_pb2.ListBuildsRequest, context: Any, who: Op
     ) -> operator_pb2.ListBuildsResponse:
@@ -329,13 +360,13 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         )
         return operator_pb2.ListBuildsResponse(builds=[convert.build_to_pb(v) for v in views])
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def GetBuild(
         self, request: operator_pb2.GetBuildRequest, context: Any, who: Op
     ) -> operator_pb2.Build:
         return convert.build_to_pb(await self.run(self._builds.get, request.id))
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def ListArtifacts(
         self, request: operator_pb2.ListArtifactsRequest, context: Any, who: Op
     ) -> operator_pb2.ListArtifactsResponse:
@@ -349,7 +380,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             artifacts=[convert.artifact_to_pb(r) for r in rows]
         )
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def GetArtifact(
         self, request: operator_pb2.GetArtifactRequest, context: Any, who: Op
     ) -> operator_pb2.Artifact:
@@ -357,7 +388,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
 
     # ------------------------------------------------------------ telemetry
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def QueryTelemetry(
         self, request: operator_pb2.QueryTelemetryRequest, context: Any, who: Op
     ) -> operator_pb2.QueryTelemetryResponse:
@@ -367,7 +398,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
 
     # ------------------------------------------------------------ audit
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def ListAuditLog(
         self, request: operator_pb2.ListAuditLogRequest, context: Any, who: Op
     ) -> operator_pb2.ListAuditLogResponse:
@@ -383,7 +414,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
 
     # ------------------------------------------------------------ watch
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def WatchFleet(
         self, request: operator_pb2.WatchFleetRequest, context: Any, who: Op
     ) -> AsyncIterator[operator_pb2.FleetEvent]:
@@ -428,7 +459,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             response.rollout.excluded.extend(excluded)
         return response
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def ListRollouts(
         self, request: operator_pb2.ListRolloutsRequest, context: Any, who: Op
     ) -> operator_pb2.ListRolloutsResponse:
@@ -438,7 +469,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             rollouts=[convert.rollout_to_pb(v, with_devices=False) for v in views]
         )
 
-    @rpc("operator")
+    @rpc("operator", role=VIEWER)
     async def GetRollout(
         self, request: operator_pb2.GetRolloutRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:

@@ -17,6 +17,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from controlplane.db.uow import Database
+from controlplane.domain import roles
 from controlplane.errors import (
     AlreadyExists,
     DomainError,
@@ -47,13 +48,6 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class Unimplemented(DomainError):
-    title = "Not implemented yet"
-
-
-STATUS_OF[Unimplemented] = grpc.StatusCode.UNIMPLEMENTED
 
 
 class RpcMetrics:
@@ -147,20 +141,32 @@ async def _guarded(handlers: Handlers, method: str, context: Any) -> AsyncIterat
         handlers.metrics.observe(method, _code_of(error, context), time.perf_counter() - started)
 
 
-def rpc(auth_kind: Auth) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def rpc(
+    auth_kind: Auth, role: str = roles.OPERATOR
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a servicer method `(self, request, context, principal)`:
-    authenticate, time, and map errors. Works for unary and streaming
-    handlers (async generators too)."""
+    authenticate (operator RPCs: and check the token's role allows `role`),
+    time, and map errors. Works for unary and streaming handlers (async
+    generators too)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         method = fn.__name__
+
+        async def authorized(self: Handlers, context: Any) -> Any:
+            principal = await self.authenticate(auth_kind, context)
+            if auth_kind == "operator" and not roles.allows(principal.role, role):
+                raise PermissionDenied(
+                    f"{method} needs the {role} role; operator token {principal.name!r} "
+                    f"has {principal.role}"
+                )
+            return principal
 
         if inspect.isasyncgenfunction(fn):
 
             @functools.wraps(fn)
             async def stream_wrapper(self: Handlers, request: Any, context: Any) -> Any:
                 async with _guarded(self, method, context):
-                    principal = await self.authenticate(auth_kind, context)
+                    principal = await authorized(self, context)
                     async for item in fn(self, request, context, principal):
                         yield item
 
@@ -169,7 +175,7 @@ def rpc(auth_kind: Auth) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         @functools.wraps(fn)
         async def wrapper(self: Handlers, request: Any, context: Any) -> Any:
             async with _guarded(self, method, context):
-                principal = await self.authenticate(auth_kind, context)
+                principal = await authorized(self, context)
                 return await fn(self, request, context, principal)
 
         return wrapper
@@ -180,14 +186,3 @@ def rpc(auth_kind: Auth) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 def _is_abort(exc: BaseException) -> bool:
     """grpc.aio raises AbortError from context.abort; let it through."""
     return type(exc).__name__ == "AbortError"
-
-
-def unimplemented(auth_kind: Auth, name: str, issue: int) -> Callable[..., Any]:
-    """An RPC that a later issue builds: authenticated like the rest, then
-    UNIMPLEMENTED."""
-
-    async def body(self: Any, request: Any, context: Any, principal: Any) -> Any:
-        raise Unimplemented(f"{name} is not implemented yet (planned in issue {issue})")
-
-    body.__name__ = name
-    return rpc(auth_kind)(body)

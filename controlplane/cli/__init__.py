@@ -24,7 +24,7 @@ from controlplane.cli.models import models
 from controlplane.cli.rollouts import rollouts
 from controlplane.cli.simulate import simulate
 from controlplane.cli.telemetry import telemetry
-from controlplane.cli.tokens import tokens
+from controlplane.cli.tokens import operator_tokens, tokens
 from controlplane.cli.toolchain import toolchain
 from controlplane.cli.tui import tui
 from controlplane.client import DEFAULT_SERVER
@@ -203,8 +203,8 @@ def db_upgrade(data_dir: Path, db_url: str | None) -> None:
     click.echo(f"database at revision {revision}")
 
 
-for group in (tokens, devices, classes, models, builds, artifacts, rollouts, telemetry,
-              toolchain):  # fmt: skip
+for group in (tokens, operator_tokens, devices, classes, models, builds, artifacts, rollouts,
+              telemetry, toolchain):  # fmt: skip
     cli.add_command(group)
 cli.add_command(simulate)
 cli.add_command(tui)

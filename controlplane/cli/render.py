@@ -189,6 +189,34 @@ def token_created(resp: operator_pb2.CreateEnrollmentTokenResponse) -> Renderabl
     return Group(details, Text(), secret)
 
 
+def operator_tokens_table(tokens: Sequence[operator_pb2.OperatorToken], now: datetime) -> Table:
+    table = _table("ID", "NAME", "ROLE", "CREATED", "EXPIRES", "STATUS")
+    for t in tokens:
+        expires = _when(t.expires_at)
+        status = (
+            "revoked" if _when(t.revoked_at)
+            else "expired" if expires and expires <= now
+            else "active"
+        )  # fmt: skip
+        _add_row(
+            table, short_id(t.id), t.name, enum_name(operator_pb2.OperatorRole, t.role),
+            format_ago(t.created_at, now), format_ago(t.expires_at, now), status,
+        )  # fmt: skip
+    return table
+
+
+def operator_token_created(resp: operator_pb2.CreateOperatorTokenResponse) -> RenderableType:
+    t = resp.token
+    details = _grid([
+        ("id", t.id), ("name", t.name), ("role", enum_name(operator_pb2.OperatorRole, t.role)),
+        ("expires", format_time(t.expires_at)),
+    ])  # fmt: skip
+    secret = Text.assemble(
+        ("Operator token (shown once, store it now):\n", "bold yellow"), (resp.secret, "bold")
+    )
+    return Group(details, Text(), secret)
+
+
 # ------------------------------------------------------------------ devices
 
 

@@ -1,4 +1,5 @@
-"""`edgefleet tokens`: enrollment tokens."""
+"""`edgefleet tokens`: enrollment tokens; `edgefleet operator-tokens`: who may
+use the operator API, with which role."""
 
 from __future__ import annotations
 
@@ -96,3 +97,57 @@ def tokens_revoke(env: Env, token_id: str) -> None:
         "token",
     )
     click.echo(f"revoked token {token.name} ({token.id})")
+
+
+@click.group("operator-tokens")
+def operator_tokens() -> None:
+    """Operator tokens: viewer (reads), operator (changes the fleet), admin
+    (also manages these tokens)."""
+
+
+@operator_tokens.command("create")
+@click.option("--name", required=True, help="Who or what uses the token.")
+@enum_option("--role", wrapper=operator_pb2.OperatorRole, required=True, help="What it may do.")
+@click.option(
+    "--ttl", callback=parsed(parse_duration), help="Lifetime, e.g. 12h, 90d (default: none)."
+)
+@json_option
+@pass_env
+def operator_tokens_create(
+    env: Env, name: str, role: operator_pb2.OperatorRole.ValueType, ttl: timedelta | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Create an operator token; its secret is printed once."""
+    request = operator_pb2.CreateOperatorTokenRequest(name=name, role=role)
+    if ttl is not None:
+        request.ttl.FromTimedelta(ttl)
+    resp = env.stub.CreateOperatorToken(request)
+    emit(as_json, resp, lambda: render.operator_token_created(resp))
+
+
+@operator_tokens.command("ls")
+@json_option
+@pass_env
+def operator_tokens_ls(env: Env, as_json: bool) -> None:
+    """List operator tokens, revoked and expired ones too."""
+    resp = env.stub.ListOperatorTokens(operator_pb2.ListOperatorTokensRequest())
+    emit(as_json, resp.tokens, lambda: render.operator_tokens_table(resp.tokens, now()))
+
+
+@operator_tokens.command("revoke")
+@click.argument("token_id", metavar="ID")
+@pass_env
+def operator_tokens_revoke(env: Env, token_id: str) -> None:
+    """Revoke an operator token at once (ID or a unique prefix of it)."""
+
+    def list_ids() -> list[str]:
+        request = operator_pb2.ListOperatorTokensRequest()
+        return [t.id for t in env.stub.ListOperatorTokens(request).tokens]
+
+    token = call_by_id(
+        token_id,
+        lambda i: env.stub.RevokeOperatorToken(operator_pb2.RevokeOperatorTokenRequest(id=i)),
+        list_ids,
+        "operator token",
+    )
+    click.echo(f"revoked operator token {token.name} ({token.id})")

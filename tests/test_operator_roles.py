@@ -111,6 +111,7 @@ async def test_tokens_are_listed_revoked_and_expire_and_every_change_is_audited(
     by_name = {t.name: t for t in listed}
     assert by_name["on-call"].role == o.OPERATOR_ROLE_OPERATOR
     assert not by_name["on-call"].HasField("revoked_at")
+    assert by_name["on-call"].HasField("last_used_at")  # it was just used
 
     revoked = await op.RevokeOperatorToken(
         o.RevokeOperatorTokenRequest(id=by_name["on-call"].id), metadata=ADMIN

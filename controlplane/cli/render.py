@@ -190,7 +190,7 @@ def token_created(resp: operator_pb2.CreateEnrollmentTokenResponse) -> Renderabl
 
 
 def operator_tokens_table(tokens: Sequence[operator_pb2.OperatorToken], now: datetime) -> Table:
-    table = _table("ID", "NAME", "ROLE", "CREATED", "EXPIRES", "STATUS")
+    table = _table("ID", "NAME", "ROLE", "CREATED", "LAST USED", "EXPIRES", "STATUS")
     for t in tokens:
         expires = _when(t.expires_at)
         status = (
@@ -200,7 +200,8 @@ def operator_tokens_table(tokens: Sequence[operator_pb2.OperatorToken], now: dat
         )  # fmt: skip
         _add_row(
             table, short_id(t.id), t.name, enum_name(operator_pb2.OperatorRole, t.role),
-            format_ago(t.created_at, now), format_ago(t.expires_at, now), status,
+            format_ago(t.created_at, now), format_ago(t.last_used_at, now),
+            format_ago(t.expires_at, now), status,
         )  # fmt: skip
     return table
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from controlplane.db.models import DeviceRow, OperatorTokenRow, utcnow
@@ -23,6 +24,8 @@ from controlplane.services.events import FleetEvent
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_TOKEN_ID = "bootstrap"
+# How stale an operator token's last-used time may get before it is written.
+LAST_USED_EVERY = dt.timedelta(minutes=1)
 ADMIN = "admin"
 
 
@@ -75,6 +78,15 @@ def authenticate_operator(db: Database, authorization: str | None) -> OperatorPr
         raise Unauthenticated(
             f"operator token {row.name!r} expired at {row.expires_at:%Y-%m-%d %H:%M} UTC"
         )
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_EVERY:
+        # At most one write per token per interval: `operator-tokens ls`
+        # shows which tokens are still in use.
+        with db.unit_of_work() as uow:
+            uow.session.execute(
+                update(OperatorTokenRow).where(OperatorTokenRow.id == row.id)
+                .values(last_used_at=now)
+            )  # fmt: skip
+            uow.commit()
     return OperatorPrincipal(token_id=row.id, name=row.name, role=row.role)
 
 

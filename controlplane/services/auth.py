@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -134,6 +135,9 @@ class DeviceCredentials:
         self._clock = clock
         self._hits: dict[str, tuple[DevicePrincipal, float]] = {}
         self._by_device: dict[str, str] = {}
+        # When each device last changed: a lookup that started before a
+        # change may have read the old row, so its answer is not kept.
+        self._changed: dict[str, float] = {}
 
     def cached(self, authorization: str | None) -> DevicePrincipal | None:
         """The principal for a credential verified recently (loop-safe, no I/O)."""
@@ -144,10 +148,14 @@ class DeviceCredentials:
 
     def authenticate(self, authorization: str | None) -> DevicePrincipal:
         """authenticate_device, remembering a success (blocking: a worker thread)."""
+        started = self._clock()
         principal = authenticate_device(self._db, authorization)
+        if self._changed.get(principal.device_id, -math.inf) >= started:
+            return principal  # changed while we read it: answer, but do not keep
         if len(self._hits) >= self._max:
             self._hits.clear()
             self._by_device.clear()
+            self._changed.clear()
         assert authorization is not None  # authenticate_device refused None
         stale = self._by_device.get(principal.device_id)
         if stale is not None and stale != authorization:
@@ -160,7 +168,9 @@ class DeviceCredentials:
         """EventBus subscriber: forget devices that changed."""
         if event.kind not in self._INVALIDATING or not event.desired_changed:
             return
+        now = self._clock()
         for device_id in event.device_ids:
+            self._changed[device_id] = now
             stale = self._by_device.pop(device_id, None)
             if stale is not None:
                 self._hits.pop(stale, None)

@@ -7,6 +7,7 @@ wizard and watch it complete live; abort one and see the devices revert."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -256,13 +257,23 @@ def _title(monitor: MonitorScreen) -> str:
     return str(monitor.query_one("#title", Static).render())
 
 
-async def test_create_a_rollout_in_the_wizard_and_watch_it_complete(
+@contextlib.asynccontextmanager
+async def _fleet_on_1_0_0(
     cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltModel
-) -> None:
+) -> AsyncIterator[Fleet]:
+    """Four simulated devices over two classes, all serving digits 1.0.0,
+    with 2.0.0 built for the rollout."""
     await _versions(cp, op, digits)
     async with Fleet(cp.address, await _token(op), _profile(), n=4, prefix="sim", seed=1,
                      heartbeat_interval_s=1, telemetry_interval_s=0.5) as fleet:  # fmt: skip
         await _on_version(op, fleet, "1.0.0")
+        yield fleet
+
+
+async def test_create_a_rollout_in_the_wizard_and_watch_it_complete(
+    cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltModel
+) -> None:
+    async with _fleet_on_1_0_0(cp, op, digits) as fleet:
         app = _app(cp)
         async with app.run_test(size=SIZE) as pilot:
             monitor = await _wizard(pilot, app, "1,stratified; 100%")
@@ -285,10 +296,7 @@ async def test_create_a_rollout_in_the_wizard_and_watch_it_complete(
 async def test_abort_a_rollout_and_see_devices_revert(
     cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltModel
 ) -> None:
-    await _versions(cp, op, digits)
-    async with Fleet(cp.address, await _token(op), _profile(), n=4, prefix="sim", seed=1,
-                     heartbeat_interval_s=1, telemetry_interval_s=0.5) as fleet:  # fmt: skip
-        await _on_version(op, fleet, "1.0.0")
+    async with _fleet_on_1_0_0(cp, op, digits) as fleet:
         app = _app(cp)
         async with app.run_test(size=SIZE) as pilot:
             # The first stage bakes for long: the rollout waits there.

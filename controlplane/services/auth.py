@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from controlplane.db.models import DeviceRow, OperatorTokenRow, utcnow
 from controlplane.db.uow import Database
 from controlplane.domain import secrets
+from controlplane.domain.roles import ADMIN
 from controlplane.domain.secrets import SecretKind
 from controlplane.errors import PermissionDenied, Unauthenticated
 from controlplane.services.events import FleetEvent
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_TOKEN_ID = "bootstrap"
 # How stale an operator token's last-used time may get before it is written.
 LAST_USED_EVERY = dt.timedelta(minutes=1)
-ADMIN = "admin"
 
 
 @dataclass(frozen=True)

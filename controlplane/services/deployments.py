@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -127,6 +127,7 @@ def assign_devices(
     rollout_id: str | None = None,
     shadow: bool = False,
     artifacts: dict[tuple[str, str], ArtifactRow | str] | None = None,
+    at: dt.datetime | None = None,
 ) -> dict[str, tuple[int, ArtifactRow] | str]:
     """Make each device's class artifact of `mv` its assignment, in the
     caller's transaction: the next sequence and a new desired-state revision
@@ -135,11 +136,12 @@ def assign_devices(
     costs a few statements per chunk rather than several per device; the
     device rows are locked first (FOR UPDATE on PostgreSQL) so concurrent
     assignments cannot hand out one sequence twice. `artifacts` caches the
-    per-class lookups across calls. The caller publishes the desired-state
-    changes after its commit."""
+    per-class lookups across calls; `at` is the assignment time (default
+    now). Unknown devices are absent from the result. The caller publishes
+    the desired-state changes after its commit."""
     cache = {} if artifacts is None else artifacts
     result: dict[str, tuple[int, ArtifactRow] | str] = {}
-    now = dt.datetime.now(dt.UTC)
+    now = at or dt.datetime.now(dt.UTC)
     ids = list(dict.fromkeys(device_ids))
     for start in range(0, len(ids), _IN_CHUNK):
         chunk = ids[start : start + _IN_CHUNK]
@@ -205,19 +207,24 @@ def _published(session: Session, artifact_id: str, model_version_id: str) -> dic
     }
 
 
-def _view(
-    session: Session,
-    row: DeviceAssignmentRow,
-    published: dict[tuple[str, str], dict[str, Any]] | None = None,
-) -> AssignmentView:
-    key = (row.artifact_id, row.model_version_id)
-    fixed = published.get(key) if published is not None else None
+Published = dict[tuple[str, str], dict[str, Any]]
+
+
+def _fixed(
+    session: Session, artifact_id: str, model_version_id: str, cache: Published
+) -> dict[str, Any]:
+    """_published, remembered in `cache` (bounded)."""
+    key = (artifact_id, model_version_id)
+    fixed = cache.get(key)
     if fixed is None:
         fixed = _published(session, *key)
-        if published is not None:
-            if len(published) >= _PUBLISHED_CACHE:
-                published.clear()
-            published[key] = fixed
+        if len(cache) >= _PUBLISHED_CACHE:
+            cache.clear()
+        cache[key] = fixed
+    return fixed
+
+
+def _view(session: Session, row: DeviceAssignmentRow, cache: Published) -> AssignmentView:
     return AssignmentView(
         device_id=row.device_id,
         sequence=row.sequence,
@@ -225,18 +232,8 @@ def _view(
         assigned_by=row.assigned_by,
         assigned_at=row.assigned_at,
         shadow=row.shadow,
-        **fixed,
+        **_fixed(session, row.artifact_id, row.model_version_id, cache),
     )
-
-
-def current_assignment(
-    session: Session,
-    device_id: str,
-    published: dict[tuple[str, str], dict[str, Any]] | None = None,
-) -> AssignmentView | None:
-    """The device's assignment, for its desired state."""
-    row = session.get(DeviceAssignmentRow, device_id)
-    return _view(session, row, published) if row is not None else None
 
 
 @dataclass
@@ -257,6 +254,12 @@ class StatusReport:
             self.statuses[-1] = status
         else:
             self.statuses.append(status)
+
+    def extend(self, later: StatusReport) -> None:
+        """Fold in everything a later StatusReport of the device holds."""
+        for status in later.statuses:
+            self.add(later.applied_revision, status)
+        self.applied_revision = later.applied_revision
 
 
 def _same_step(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -317,36 +320,27 @@ class DeploymentService:
         with self._db.unit_of_work() as uow:
             session = uow.session
             mv = require_version(session, model_name, version)
-            rows = session.scalars(select(DeviceRow).where(DeviceRow.id.in_(ids)))
-            devices = {d.id: d for d in rows}
-            missing = [i for i in ids if i not in devices]
+            now = dt.datetime.now(dt.UTC)
+            # Written first, checked after: a refusal raises, and the unit of
+            # work rolls every write of the call back (all or nothing).
+            assigned = assign_devices(session, mv, ids, actor=actor, rollout_id=rollout_id, at=now)
+            missing = [i for i in ids if i not in assigned]
             if missing:
                 raise NotFound(f"no device with id {', '.join(repr(i) for i in missing)}")
-            cache: dict[tuple[str, str], ArtifactRow | str] = {}
-            refused = [
-                f"{device_id}: {found}"
-                for device_id in ids
-                if isinstance(found := _artifact(
-                    session, devices[device_id].state, devices[device_id].class_id, mv.id, cache
-                ), str)
-            ]  # fmt: skip
+            refused = [f"{i}: {done}" for i in ids if isinstance(done := assigned[i], str)]
             if refused:
                 raise FailedPrecondition(
                     f"cannot assign {model_name}@{version} to {len(refused)} of {len(ids)} "
                     f"device(s); nothing was assigned: " + "; ".join(refused)
                 )
-            session.expunge_all()  # the bulk writes below bypass loaded objects
-            assigned = assign_devices(
-                session, mv, ids, actor=actor, rollout_id=rollout_id, artifacts=cache
-            )
             views = []
             for device_id in ids:
-                done = assigned[device_id]
-                if isinstance(done, str):  # changed since the check: all or nothing
-                    raise FailedPrecondition(f"cannot assign to {device_id}: {done}")
-                sequence, artifact = done
-                row = session.get_one(DeviceAssignmentRow, device_id)
-                views.append(_view(session, row, self._published))
+                sequence, artifact = cast(tuple[int, ArtifactRow], assigned[device_id])
+                views.append(AssignmentView(
+                    device_id=device_id, sequence=sequence, rollout_id=rollout_id or "",
+                    assigned_by=actor, assigned_at=now,
+                    **_fixed(session, artifact.id, mv.id, self._published),
+                ))  # fmt: skip
                 audit.record(
                     uow,
                     actor,
@@ -387,30 +381,12 @@ class DeploymentService:
             view = DesiredView(row[0], row[1], row[3] or "", dict(row[2] or {}))
             if row[4] is None:
                 return view, None
-            key = (row[6], row[7])
-            fixed = self._published.get(key)
-            if fixed is None:
-                fixed = _published(uow.session, *key)
-                if len(self._published) >= _PUBLISHED_CACHE:
-                    self._published.clear()
-                self._published[key] = fixed
+            fixed = _fixed(uow.session, row[6], row[7], self._published)
         assignment = AssignmentView(
             device_id=device_id, sequence=row[5], rollout_id=row[8] or "", shadow=bool(row[9]),
             assigned_by=row[10], assigned_at=row[11], **fixed,
         )  # fmt: skip
         return view, assignment
-
-    def current(self, device_id: str) -> AssignmentView | None:
-        """The device's assignment (None: nothing assigned)."""
-        with self._db.unit_of_work(readonly=True) as uow:
-            return current_assignment(uow.session, device_id, self._published)
-
-    def record_status(
-        self, device_id: str, applied_revision: int, update_status: dict[str, Any]
-    ) -> None:
-        """Store one agent report now (see record_statuses)."""
-        status = [update_status] if update_status else []
-        self.record_statuses({device_id: StatusReport(applied_revision, status)})
 
     def record_statuses(self, reports: dict[str, StatusReport]) -> None:
         """Store what agents reported, many devices in one transaction: the

@@ -70,13 +70,10 @@ class StatusBuffer:
             await loop.run_in_executor(executor, self._deployments.record_statuses, batch)
         except Exception:
             for device_id, later in self._pending.items():
-                earlier = batch.get(device_id)
-                if earlier is None:
-                    batch[device_id] = later
+                if device_id in batch:
+                    batch[device_id].extend(later)
                 else:
-                    for status in later.statuses:
-                        earlier.add(later.applied_revision, status)
-                    earlier.applied_revision = later.applied_revision
+                    batch[device_id] = later
             self._pending = batch
             raise
 

@@ -89,6 +89,13 @@ class World:
         )  # fmt: skip
         return (await self.op.CreateRollout(request, metadata=ADMIN)).rollout
 
+    async def draft(self) -> o.Rollout:
+        """2.0.0 to every class in one stage, created but not started."""
+        request = o.CreateRolloutRequest(spec=o.RolloutSpec(
+            model_name=MODEL, model_version="2.0.0", class_names=[PI, GW], stages=[_stage(100.0)],
+        ))  # fmt: skip
+        return (await self.op.CreateRollout(request, metadata=ADMIN)).rollout
+
     async def get(self, rollout_id: str) -> o.Rollout:
         return await self.op.GetRollout(o.GetRolloutRequest(id=rollout_id), metadata=ADMIN)
 
@@ -273,14 +280,8 @@ async def test_dry_run_conflicts_and_approval(world: World) -> None:
         assert "already in another active rollout" in (err.value.details() or "")
         # As a draft it may be created: the busy devices are excluded, and
         # the rollout remembers which and why.
-        draft = await world.op.CreateRollout(
-            o.CreateRolloutRequest(spec=o.RolloutSpec(
-                model_name=MODEL, model_version="2.0.0", class_names=[PI, GW],
-                stages=[_stage(100.0)],
-            )),
-            metadata=ADMIN,
-        )  # fmt: skip
-        shown = await world.op.GetRollout(o.GetRolloutRequest(id=draft.rollout.id), metadata=ADMIN)
+        draft = await world.draft()
+        shown = await world.get(draft.id)
         assert {e.device_id for e in shown.excluded} == {d.device_id for d in rollout.devices}
         assert all(f"already in active rollout {rollout.id}" in e.reason for e in shown.excluded)
         assert {d.class_name for d in shown.devices} == {GW}
@@ -384,14 +385,8 @@ async def test_a_replica_reuses_its_copy_of_the_members_only_while_its_lease_is_
     them between its steps, but not once another replica held the lease."""
     async with _fleet(world, 2, _profile()) as fleet:
         await world.assign_all(fleet, "1.0.0")
-        draft = await world.op.CreateRollout(
-            o.CreateRolloutRequest(spec=o.RolloutSpec(
-                model_name=MODEL, model_version="2.0.0", class_names=[PI, GW],
-                stages=[_stage(100.0)],
-            )),
-            metadata=ADMIN,
-        )  # fmt: skip
-        rollout_id = draft.rollout.id  # a draft: the server's own orchestrator leaves it
+        draft = await world.draft()
+        rollout_id = draft.id  # a draft: the server's own orchestrator leaves it
         now = [dt.datetime(2026, 12, 1, tzinfo=dt.UTC)]
 
         def replica(owner: str) -> Orchestrator:

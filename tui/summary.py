@@ -81,15 +81,6 @@ def format_time(when: datetime | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S") if when else NONE
 
 
-def format_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
-
-
 def format_labels(labels: Iterable[tuple[str, str]]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels))
 

@@ -60,6 +60,16 @@ def format_duration(delta: timedelta) -> str:
 # ------------------------------------------------------------------ labels
 
 
+def format_bytes(n: int) -> str:
+    """`812 B`, `1.5 KiB`, `12.0 MiB`, `1.2 GiB`."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 def format_ago(when: datetime | None, now: datetime) -> str:
     """`5m ago`, `in 23h59m`, `just now`; `-` when unknown."""
     if when is None:

@@ -15,7 +15,13 @@ from rich.table import Table
 from rich.text import Text
 
 from controlplane.cli import convert
-from controlplane.cli.convert import enum_name, format_duration, format_labels, format_rule
+from controlplane.cli.convert import (
+    enum_name,
+    format_bytes,
+    format_duration,
+    format_labels,
+    format_rule,
+)
 from edgefleet.v1 import common_pb2, operator_pb2
 
 NONE = "-"
@@ -51,16 +57,6 @@ def format_mb(mb: float) -> str:
     if mb <= 0:
         return NONE
     return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
-
-
-def format_bytes(n: int) -> str:
-    """`812 B`, `1.5 KiB`, `12.0 MiB`, `1.2 GiB`."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
 
 
 def format_shape(spec: common_pb2.TensorSpec) -> str:

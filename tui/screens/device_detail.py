@@ -13,11 +13,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from controlplane.cli.convert import format_ago
+from controlplane.cli.convert import format_ago, format_bytes
 from tui.data import DeploymentEvent, Device, FleetEvent
 from tui.screens import actions
 from tui.screens.base import FleetScreen, keep_cursor, reporting
-from tui.summary import device_status, format_bytes, format_labels, format_time
+from tui.summary import device_status, format_labels, format_time
 from tui.widgets import SeriesPlot
 
 PLOT_RANGE = timedelta(hours=1)

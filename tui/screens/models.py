@@ -9,9 +9,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
+from controlplane.cli.convert import format_bytes
 from tui.data import Build, Candidate, ModelVersion
 from tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
-from tui.summary import format_bytes, format_time
+from tui.summary import format_time
 
 
 def verdict(c: Candidate) -> str:

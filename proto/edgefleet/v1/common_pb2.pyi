@@ -1030,27 +1030,151 @@ class SignedManifest(_message.Message):
 Global___SignedManifest: _TypeAlias = SignedManifest  # noqa: Y015
 
 @_typing.final
+class AssignmentStatement(_message.Message):
+    """What the control plane signs for each assignment (Assignment.statement).
+    The agent keeps the highest sequence it verified and refuses any
+    statement at or below it (replay), and a downgrade without rollback.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_VERSION_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ARTIFACT_SHA256_FIELD_NUMBER: _builtins.int
+    MANIFEST_SHA256_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    format_version: _builtins.int
+    device_id: _builtins.str
+    sequence: _builtins.int
+    model_name: _builtins.str
+    model_version: _builtins.str
+    artifact_sha256: _builtins.str
+    manifest_sha256: _builtins.str
+    """sha256 (hex) of the signed manifest bytes the assignment carries, so a
+    statement cannot be paired with another artifact's manifest.
+    """
+    shadow: _builtins.bool
+    rollback: _builtins.bool
+    key_id: _builtins.str
+    """The signing key's id."""
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        format_version: _builtins.int = ...,
+        device_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        artifact_sha256: _builtins.str = ...,
+        manifest_sha256: _builtins.str = ...,
+        shadow: _builtins.bool = ...,
+        rollback: _builtins.bool = ...,
+        key_id: _builtins.str = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_sha256", b"artifact_sha256", "device_id", b"device_id", "format_version", b"format_version", "issued_at", b"issued_at", "key_id", b"key_id", "manifest_sha256", b"manifest_sha256", "model_name", b"model_name", "model_version", b"model_version", "rollback", b"rollback", "sequence", b"sequence", "shadow", b"shadow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignmentStatement: _TypeAlias = AssignmentStatement  # noqa: Y015
+
+@_typing.final
+class KeyRotation(_message.Message):
+    """A signing-key rotation: the serialized KeyRotationStatement, signed by the
+    key being replaced (previous_key_id).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    statement: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        statement: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature", "statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRotation: _TypeAlias = KeyRotation  # noqa: Y015
+
+@_typing.final
+class KeyRotationStatement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_VERSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    ROTATED_AT_FIELD_NUMBER: _builtins.int
+    format_version: _builtins.int
+    previous_key_id: _builtins.str
+    key_id: _builtins.str
+    public_key: _builtins.bytes
+    """Raw 32-byte ed25519 public key of the new key."""
+    @_builtins.property
+    def rotated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        format_version: _builtins.int = ...,
+        previous_key_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        rotated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rotated_at", b"rotated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format_version", b"format_version", "key_id", b"key_id", "previous_key_id", b"previous_key_id", "public_key", b"public_key", "rotated_at", b"rotated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRotationStatement: _TypeAlias = KeyRotationStatement  # noqa: Y015
+
+@_typing.final
 class SigningKey(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    RETIRED_AT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     public_key: _builtins.bytes
     """Raw 32-byte ed25519 public key."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def retired_at(self) -> _timestamp_pb2.Timestamp:
+        """When the key was replaced by a rotation; unset for the current key."""
+
     def __init__(
         self,
         *,
         key_id: _builtins.str = ...,
         public_key: _builtins.bytes = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        retired_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "retired_at", b"retired_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key_id", b"key_id", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key_id", b"key_id", "public_key", b"public_key", "retired_at", b"retired_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,7 +3,10 @@
 isort:skip_file
 The service agents on devices talk to. Every RPC except Enroll
 authenticates with the device credential in the "authorization" metadata
-("Bearer <credential>").
+("Bearer <credential>"). When the control plane serves TLS, every RPC except
+Enroll also needs the device's client certificate (mutual TLS), issued at
+enrollment from the device's own CSR and bound to its device id: a
+credential presented with another device's certificate is refused.
 """
 
 from collections import abc as _abc
@@ -53,11 +56,18 @@ class EnrollRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     HARDWARE_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
+    CSR_FIELD_NUMBER: _builtins.int
     enrollment_token: _builtins.str
     hardware_id: _builtins.str
     """Stable across reinstalls: machine-id, serial number, or a TPM-backed id."""
     name: _builtins.str
     """Human-friendly name; defaults to the hostname."""
+    csr: _builtins.bytes
+    """PEM-encoded PKCS#10 certificate signing request for a key pair made on
+    the device (the private key never leaves it). Required when the control
+    plane serves TLS. Its subject is ignored: the certificate names the
+    device id the control plane assigns.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels from the agent's config; the token's labels take precedence."""
@@ -75,10 +85,11 @@ class EnrollRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         hardware: _common_pb2.HardwareProfile | None = ...,
         runtime: _common_pb2.RuntimeFingerprint | None = ...,
+        csr: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hardware", b"hardware", "runtime", b"runtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token", "hardware", b"hardware", "hardware_id", b"hardware_id", "labels", b"labels", "name", b"name", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "enrollment_token", b"enrollment_token", "hardware", b"hardware", "hardware_id", b"hardware_id", "labels", b"labels", "name", b"name", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -92,6 +103,7 @@ class EnrollResponse(_message.Message):
     DEVICE_CREDENTIAL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     SIGNING_KEYS_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     device_credential: _builtins.str
     """Secret shown once; the control plane stores only its hash."""
@@ -100,6 +112,10 @@ class EnrollResponse(_message.Message):
     def signing_keys(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SigningKey]:
         """The control plane's manifest-signing keys; the agent pins them."""
 
+    @_builtins.property
+    def certificate(self) -> Global___DeviceCertificate:
+        """The client certificate issued for the CSR (absent in plain-text mode)."""
+
     def __init__(
         self,
         *,
@@ -107,14 +123,86 @@ class EnrollResponse(_message.Message):
         device_credential: _builtins.str = ...,
         state: _common_pb2.DeviceState.ValueType = ...,
         signing_keys: _abc.Iterable[_common_pb2.SigningKey] | None = ...,
+        certificate: Global___DeviceCertificate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_credential", b"device_credential", "device_id", b"device_id", "signing_keys", b"signing_keys", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "device_credential", b"device_credential", "device_id", b"device_id", "signing_keys", b"signing_keys", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollResponse: _TypeAlias = EnrollResponse  # noqa: Y015
+
+@_typing.final
+class DeviceCertificate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.bytes
+    """PEM X.509 certificate for the device's key; its subject common name and
+    its URI SAN (edgefleet:device:<id>) name the device id.
+    """
+    ca_certificate_pem: _builtins.bytes
+    """The control plane's CA certificate (PEM): the agent verifies the server
+    against it from now on.
+    """
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.bytes = ...,
+        ca_certificate_pem: _builtins.bytes = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "not_after", b"not_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceCertificate: _TypeAlias = DeviceCertificate  # noqa: Y015
+
+@_typing.final
+class RenewCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_FIELD_NUMBER: _builtins.int
+    csr: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        csr: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateRequest: _TypeAlias = RenewCertificateRequest  # noqa: Y015
+
+@_typing.final
+class RenewCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificate(self) -> Global___DeviceCertificate: ...
+    def __init__(
+        self,
+        *,
+        certificate: Global___DeviceCertificate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCertificateResponse: _TypeAlias = RenewCertificateResponse  # noqa: Y015
 
 @_typing.final
 class AgentMessage(_message.Message):
@@ -307,6 +395,7 @@ class DesiredState(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
+    KEY_ROTATIONS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     device_state: _common_pb2.DeviceState.ValueType
     class_name: _builtins.str
@@ -318,6 +407,13 @@ class DesiredState(_message.Message):
     def assignment(self) -> Global___Assignment:
         """Absent when nothing is assigned (and always for pending devices)."""
 
+    @_builtins.property
+    def key_rotations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.KeyRotation]:
+        """Every signing-key rotation so far, oldest first. Each is signed by the
+        key it replaces, so an agent that trusts any key in the chain can walk
+        to the current one, however many rotations it missed.
+        """
+
     def __init__(
         self,
         *,
@@ -327,10 +423,11 @@ class DesiredState(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         config: Global___AgentConfig | None = ...,
         assignment: Global___Assignment | None = ...,
+        key_rotations: _abc.Iterable[_common_pb2.KeyRotation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "class_name", b"class_name", "config", b"config", "device_state", b"device_state", "labels", b"labels", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "class_name", b"class_name", "config", b"config", "device_state", b"device_state", "key_rotations", b"key_rotations", "labels", b"labels", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -374,6 +471,9 @@ class Assignment(_message.Message):
     MANIFEST_SIGNATURE_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    STATEMENT_SIGNATURE_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -387,6 +487,18 @@ class Assignment(_message.Message):
     """Monotonic per device; agents refuse older assignments."""
     shadow: _builtins.bool
     """Load beside the active model and mirror traffic; do not activate."""
+    statement: _builtins.bytes
+    """A serialized AssignmentStatement binding this assignment (device id,
+    sequence, artifact, manifest, shadow, rollback) and its signature by
+    the control plane's current signing key. Agents act only on what the
+    statement says.
+    """
+    statement_signature: _builtins.bytes
+    rollback: _builtins.bool
+    """Going back to an older version than the device committed (a rollout's
+    revert, an operator assigning an older version); also in the statement.
+    Agents refuse a downgrade without it.
+    """
     def __init__(
         self,
         *,
@@ -400,10 +512,13 @@ class Assignment(_message.Message):
         manifest_signature: _builtins.bytes = ...,
         sequence: _builtins.int = ...,
         shadow: _builtins.bool = ...,
+        statement: _builtins.bytes = ...,
+        statement_signature: _builtins.bytes = ...,
+        rollback: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "manifest", b"manifest", "manifest_signature", b"manifest_signature", "model_name", b"model_name", "model_version", b"model_version", "rollout_id", b"rollout_id", "runtime", b"runtime", "sequence", b"sequence", "shadow", b"shadow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "manifest", b"manifest", "manifest_signature", b"manifest_signature", "model_name", b"model_name", "model_version", b"model_version", "rollback", b"rollback", "rollout_id", b"rollout_id", "runtime", b"runtime", "sequence", b"sequence", "shadow", b"shadow", "statement", b"statement", "statement_signature", b"statement_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

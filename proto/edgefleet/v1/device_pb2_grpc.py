@@ -54,6 +54,11 @@ class DeviceServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_device__pb2.UploadTelemetryRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_device__pb2.UploadTelemetryResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/edgefleet.v1.DeviceService/RenewCertificate',
+                request_serializer=edgefleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -93,6 +98,16 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """Issues a new client certificate for the calling device from a fresh CSR
+        (a new key pair made on the device). Agents renew before the current
+        certificate expires and then open a new channel with the new one; the old
+        certificate stays valid until it expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +130,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.UploadTelemetry,
                     request_deserializer=edgefleet_dot_v1_dot_device__pb2.UploadTelemetryRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_device__pb2.UploadTelemetryResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=edgefleet_dot_v1_dot_device__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_device__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +245,33 @@ class DeviceService:
             '/edgefleet.v1.DeviceService/UploadTelemetry',
             edgefleet_dot_v1_dot_device__pb2.UploadTelemetryRequest.SerializeToString,
             edgefleet_dot_v1_dot_device__pb2.UploadTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.DeviceService/RenewCertificate',
+            edgefleet_dot_v1_dot_device__pb2.RenewCertificateRequest.SerializeToString,
+            edgefleet_dot_v1_dot_device__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,10 @@
 isort:skip_file
 The service agents on devices talk to. Every RPC except Enroll
 authenticates with the device credential in the "authorization" metadata
-("Bearer <credential>").
+("Bearer <credential>"). When the control plane serves TLS, every RPC except
+Enroll also needs the device's client certificate (mutual TLS), issued at
+enrollment from the device's own CSR and bound to its device id: a
+credential presented with another device's certificate is refused.
 """
 
 from collections import abc as _abc
@@ -52,6 +55,12 @@ class DeviceServiceStub:
     """Uploads a batch of telemetry samples. Samples carry a per-device sequence
     number so redelivered batches are stored once.
     """
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_device_pb2.RenewCertificateRequest, _device_pb2.RenewCertificateResponse]
+    """Issues a new client certificate for the calling device from a fresh CSR
+    (a new key pair made on the device). Agents renew before the current
+    certificate expires and then open a new channel with the new one; the old
+    certificate stays valid until it expires.
+    """
 
 @_typing.type_check_only
 class DeviceServiceAsyncStub(DeviceServiceStub):
@@ -73,6 +82,12 @@ class DeviceServiceAsyncStub(DeviceServiceStub):
     UploadTelemetry: _aio.UnaryUnaryMultiCallable[_device_pb2.UploadTelemetryRequest, _device_pb2.UploadTelemetryResponse]  # type: ignore[assignment]
     """Uploads a batch of telemetry samples. Samples carry a per-device sequence
     number so redelivered batches are stored once.
+    """
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_device_pb2.RenewCertificateRequest, _device_pb2.RenewCertificateResponse]  # type: ignore[assignment]
+    """Issues a new client certificate for the calling device from a fresh CSR
+    (a new key pair made on the device). Agents renew before the current
+    certificate expires and then open a new channel with the new one; the old
+    certificate stays valid until it expires.
     """
 
 class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -116,6 +131,18 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_device_pb2.UploadTelemetryResponse, _abc.Awaitable[_device_pb2.UploadTelemetryResponse]]:
         """Uploads a batch of telemetry samples. Samples carry a per-device sequence
         number so redelivered batches are stored once.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _device_pb2.RenewCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_device_pb2.RenewCertificateResponse, _abc.Awaitable[_device_pb2.RenewCertificateResponse]]:
+        """Issues a new client certificate for the calling device from a fresh CSR
+        (a new key pair made on the device). Agents renew before the current
+        certificate expires and then open a new channel with the new one; the old
+        certificate stays valid until it expires.
         """
 
 def add_DeviceServiceServicer_to_server(servicer: DeviceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

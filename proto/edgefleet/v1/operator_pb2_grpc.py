@@ -225,6 +225,16 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListAuditLogRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListAuditLogResponse.FromString,
                 _registered_method=True)
+        self.ListSigningKeys = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/ListSigningKeys',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
+                _registered_method=True)
+        self.RotateSigningKey = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/RotateSigningKey',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RotateSigningKeyRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.RotateSigningKeyResponse.FromString,
+                _registered_method=True)
         self.WatchFleet = channel.unary_stream(
                 '/edgefleet.v1.OperatorService/WatchFleet',
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.WatchFleetRequest.SerializeToString,
@@ -477,6 +487,21 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSigningKeys(self, request, context):
+        """Manifest-signing keys (admin): the current and retired keys, and a
+        rotation to a new key, signed by the old one; every artifact's manifest
+        is signed again with the new key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSigningKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchFleet(self, request, context):
         """A stream of fleet events for live UIs; never ends on its own.
         """
@@ -676,6 +701,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ListAuditLog,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListAuditLogRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListAuditLogResponse.SerializeToString,
+            ),
+            'ListSigningKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSigningKeys,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.SerializeToString,
+            ),
+            'RotateSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSigningKey,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RotateSigningKeyRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.RotateSigningKeyResponse.SerializeToString,
             ),
             'WatchFleet': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchFleet,
@@ -1709,6 +1744,60 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/ListAuditLog',
             edgefleet_dot_v1_dot_operator__pb2.ListAuditLogRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.ListAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSigningKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/ListSigningKeys',
+            edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/RotateSigningKey',
+            edgefleet_dot_v1_dot_operator__pb2.RotateSigningKeyRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.RotateSigningKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,12 @@ class OperatorServiceStub:
     QueryTelemetry: _grpc.UnaryUnaryMultiCallable[_operator_pb2.QueryTelemetryRequest, _operator_pb2.QueryTelemetryResponse]
     """Telemetry and audit."""
     ListAuditLog: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListAuditLogRequest, _operator_pb2.ListAuditLogResponse]
+    ListSigningKeys: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListSigningKeysRequest, _operator_pb2.ListSigningKeysResponse]
+    """Manifest-signing keys (admin): the current and retired keys, and a
+    rotation to a new key, signed by the old one; every artifact's manifest
+    is signed again with the new key.
+    """
+    RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RotateSigningKeyRequest, _operator_pb2.RotateSigningKeyResponse]
     WatchFleet: _grpc.UnaryStreamMultiCallable[_operator_pb2.WatchFleetRequest, _operator_pb2.FleetEvent]
     """A stream of fleet events for live UIs; never ends on its own."""
 
@@ -149,6 +155,12 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     QueryTelemetry: _aio.UnaryUnaryMultiCallable[_operator_pb2.QueryTelemetryRequest, _operator_pb2.QueryTelemetryResponse]  # type: ignore[assignment]
     """Telemetry and audit."""
     ListAuditLog: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListAuditLogRequest, _operator_pb2.ListAuditLogResponse]  # type: ignore[assignment]
+    ListSigningKeys: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListSigningKeysRequest, _operator_pb2.ListSigningKeysResponse]  # type: ignore[assignment]
+    """Manifest-signing keys (admin): the current and retired keys, and a
+    rotation to a new key, signed by the old one; every artifact's manifest
+    is signed again with the new key.
+    """
+    RotateSigningKey: _aio.UnaryUnaryMultiCallable[_operator_pb2.RotateSigningKeyRequest, _operator_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
     WatchFleet: _aio.UnaryStreamMultiCallable[_operator_pb2.WatchFleetRequest, _operator_pb2.FleetEvent]  # type: ignore[assignment]
     """A stream of fleet events for live UIs; never ends on its own."""
 
@@ -434,6 +446,24 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.ListAuditLogRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.ListAuditLogResponse, _abc.Awaitable[_operator_pb2.ListAuditLogResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListSigningKeys(
+        self,
+        request: _operator_pb2.ListSigningKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ListSigningKeysResponse, _abc.Awaitable[_operator_pb2.ListSigningKeysResponse]]:
+        """Manifest-signing keys (admin): the current and retired keys, and a
+        rotation to a new key, signed by the old one; every artifact's manifest
+        is signed again with the new key.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateSigningKey(
+        self,
+        request: _operator_pb2.RotateSigningKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.RotateSigningKeyResponse, _abc.Awaitable[_operator_pb2.RotateSigningKeyResponse]]: ...
 
     @_abc_1.abstractmethod
     def WatchFleet(

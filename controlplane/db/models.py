@@ -150,6 +150,13 @@ class DeviceRow(Base):
     state_reason: Mapped[str] = mapped_column(Text, default="")
     # The last assignment sequence handed out; assignments count up from 1.
     assignment_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The client certificate issued at enrollment or the last renewal, and
+    # the one before it (still valid while the agent switches channels). A
+    # certificate with any other serial is refused even if it has not expired:
+    # re-enrolling revokes every earlier certificate of the device.
+    cert_serial: Mapped[str | None] = mapped_column(String(40))
+    cert_previous_serial: Mapped[str | None] = mapped_column(String(40))
+    cert_not_after: Mapped[dt.datetime | None]
 
 
 class BlobRow(Base):
@@ -220,6 +227,19 @@ class BlobChunkRow(Base):
     )
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class CertificateAuthorityRow(Base):
+    """The CA that issues device client certificates and the replicas' server
+    certificates. In SQL, like the signing keys, so every replica is the same
+    authority."""
+
+    __tablename__ = "certificate_authorities"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    certificate_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    private_key_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class SigningKeyRow(Base):

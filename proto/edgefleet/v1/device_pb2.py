@@ -26,7 +26,7 @@ from edgefleet.v1 import common_pb2 as edgefleet_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/device.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x02\n\rEnrollRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x13\n\x0bhardware_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.edgefleet.v1.EnrollRequest.LabelsEntry\x12/\n\x08hardware\x18\x05 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x31\n\x07runtime\x18\x06 \x01(\x0b\x32 .edgefleet.v1.RuntimeFingerprint\x12\x0b\n\x03\x63sr\x18\x07 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x64\x65vice_credential\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.edgefleet.v1.DeviceState\x12.\n\x0csigning_keys\x18\x04 \x03(\x0b\x32\x18.edgefleet.v1.SigningKey\x12\x34\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0b\x32\x1f.edgefleet.v1.DeviceCertificate\"w\n\x11\x44\x65viceCertificate\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x17RenewCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"P\n\x18RenewCertificateResponse\x12\x34\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x1f.edgefleet.v1.DeviceCertificate\"\x98\x01\n\x0c\x41gentMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.edgefleet.v1.HelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.HeartbeatH\x00\x12,\n\x06status\x18\x03 \x01(\x0b\x32\x1a.edgefleet.v1.StatusReportH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x05Hello\x12/\n\x08hardware\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x31\n\x07runtime\x18\x02 \x01(\x0b\x32 .edgefleet.v1.RuntimeFingerprint\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x04\x12*\n\x06update\x18\x04 \x01(\x0b\x32\x1a.edgefleet.v1.UpdateStatus\"E\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x0cStatusReport\x12\x18\n\x10\x61pplied_revision\x18\x01 \x01(\x04\x12*\n\x06update\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.UpdateStatus\"|\n\x0e\x43ontrolMessage\x12-\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x1a.edgefleet.v1.DesiredStateH\x00\x12\x33\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.HeartbeatAckH\x00\x42\x06\n\x04kind\"L\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd7\x02\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12/\n\x0c\x64\x65vice_state\x18\x02 \x01(\x0e\x32\x19.edgefleet.v1.DeviceState\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.edgefleet.v1.DesiredState.LabelsEntry\x12)\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x19.edgefleet.v1.AgentConfig\x12,\n\nassignment\x18\x06 \x01(\x0b\x32\x18.edgefleet.v1.Assignment\x12\x30\n\rkey_rotations\x18\x07 \x03(\x0b\x32\x19.edgefleet.v1.KeyRotation\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0b\x41gentConfig\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\r\x12\x1c\n\x14telemetry_interval_s\x18\x02 \x01(\r\"\xb5\x02\n\nAssignment\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x15\n\rartifact_size\x18\x05 \x01(\x04\x12&\n\x07runtime\x18\x06 \x01(\x0e\x32\x15.edgefleet.v1.Runtime\x12\x10\n\x08manifest\x18\x07 \x01(\x0c\x12\x1a\n\x12manifest_signature\x18\x08 \x01(\x0c\x12\x10\n\x08sequence\x18\t \x01(\x04\x12\x0e\n\x06shadow\x18\n \x01(\x08\x12\x11\n\tstatement\x18\x0b \x01(\x0c\x12\x1b\n\x13statement_signature\x18\x0c \x01(\x0c\x12\x10\n\x08rollback\x18\r \x01(\x08\"M\n\x17\x44ownloadArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\x86\x05\n\x0fTelemetrySample\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rrequest_count\x18\x05 \x01(\x04\x12\x13\n\x0b\x65rror_count\x18\x06 \x01(\x04\x12\x16\n\x0elatency_p50_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x11\n\tmemory_mb\x18\n \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x0b \x01(\x01\x12\x15\n\rtimeout_count\x18\x0c \x01(\x04\x12\x16\n\x0elatency_max_ms\x18\r \x01(\x01\x12\x17\n\x0f\x64ropped_samples\x18\x0e \x01(\x04\x12\x1d\n\x15system_memory_percent\x18\x0f \x01(\x01\x12\x1a\n\rtemperature_c\x18\x10 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0f\x62\x61ttery_percent\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\npower_mode\x18\x12 \x01(\t\x12\x19\n\x11\x63oncurrency_limit\x18\x13 \x01(\r\x12\x16\n\x0eshadow_version\x18\x14 \x01(\t\x12\x17\n\x0fshadow_requests\x18\x15 \x01(\x04\x12\x18\n\x10shadow_agreement\x18\x16 \x01(\x01\x12\x17\n\x0fshadow_max_diff\x18\x17 \x01(\x01\x12\x1d\n\x15shadow_latency_p95_ms\x18\x18 \x01(\x01\x42\x10\n\x0e_temperature_cB\x12\n\x10_battery_percent\"H\n\x16UploadTelemetryRequest\x12.\n\x07samples\x18\x01 \x03(\x0b\x32\x1d.edgefleet.v1.TelemetrySample\",\n\x17UploadTelemetryResponse\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x32\xb7\x03\n\rDeviceService\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12\x44\n\x04Sync\x12\x1a.edgefleet.v1.AgentMessage\x1a\x1c.edgefleet.v1.ControlMessage(\x01\x30\x01\x12X\n\x10\x44ownloadArtifact\x12%.edgefleet.v1.DownloadArtifactRequest\x1a\x1b.edgefleet.v1.ArtifactChunk0\x01\x12^\n\x0fUploadTelemetry\x12$.edgefleet.v1.UploadTelemetryRequest\x1a%.edgefleet.v1.UploadTelemetryResponse\x12\x61\n\x10RenewCertificate\x12%.edgefleet.v1.RenewCertificateRequest\x1a&.edgefleet.v1.RenewCertificateResponseB`\n\x0fio.edgefleet.v1B\x0b\x44\x65viceProtoP\x01Z>github.com/edgefleet/edgefleet/gen/go/edgefleet/v1;edgefleetv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/device.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x02\n\rEnrollRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x13\n\x0bhardware_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\'.edgefleet.v1.EnrollRequest.LabelsEntry\x12/\n\x08hardware\x18\x05 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x31\n\x07runtime\x18\x06 \x01(\x0b\x32 .edgefleet.v1.RuntimeFingerprint\x12\x0b\n\x03\x63sr\x18\x07 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x64\x65vice_credential\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.edgefleet.v1.DeviceState\x12.\n\x0csigning_keys\x18\x04 \x03(\x0b\x32\x18.edgefleet.v1.SigningKey\x12\x34\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0b\x32\x1f.edgefleet.v1.DeviceCertificate\"\x90\x01\n\x11\x44\x65viceCertificate\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x64\x65vice_endpoint\x18\x04 \x01(\t\"&\n\x17RenewCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"P\n\x18RenewCertificateResponse\x12\x34\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x1f.edgefleet.v1.DeviceCertificate\"\x98\x01\n\x0c\x41gentMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.edgefleet.v1.HelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.HeartbeatH\x00\x12,\n\x06status\x18\x03 \x01(\x0b\x32\x1a.edgefleet.v1.StatusReportH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x05Hello\x12/\n\x08hardware\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x31\n\x07runtime\x18\x02 \x01(\x0b\x32 .edgefleet.v1.RuntimeFingerprint\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x04\x12*\n\x06update\x18\x04 \x01(\x0b\x32\x1a.edgefleet.v1.UpdateStatus\"E\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x0cStatusReport\x12\x18\n\x10\x61pplied_revision\x18\x01 \x01(\x04\x12*\n\x06update\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.UpdateStatus\"|\n\x0e\x43ontrolMessage\x12-\n\x07\x64\x65sired\x18\x01 \x01(\x0b\x32\x1a.edgefleet.v1.DesiredStateH\x00\x12\x33\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.HeartbeatAckH\x00\x42\x06\n\x04kind\"L\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd7\x02\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12/\n\x0c\x64\x65vice_state\x18\x02 \x01(\x0e\x32\x19.edgefleet.v1.DeviceState\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.edgefleet.v1.DesiredState.LabelsEntry\x12)\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x19.edgefleet.v1.AgentConfig\x12,\n\nassignment\x18\x06 \x01(\x0b\x32\x18.edgefleet.v1.Assignment\x12\x30\n\rkey_rotations\x18\x07 \x03(\x0b\x32\x19.edgefleet.v1.KeyRotation\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0b\x41gentConfig\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\r\x12\x1c\n\x14telemetry_interval_s\x18\x02 \x01(\r\"\xb5\x02\n\nAssignment\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x04 \x01(\t\x12\x15\n\rartifact_size\x18\x05 \x01(\x04\x12&\n\x07runtime\x18\x06 \x01(\x0e\x32\x15.edgefleet.v1.Runtime\x12\x10\n\x08manifest\x18\x07 \x01(\x0c\x12\x1a\n\x12manifest_signature\x18\x08 \x01(\x0c\x12\x10\n\x08sequence\x18\t \x01(\x04\x12\x0e\n\x06shadow\x18\n \x01(\x08\x12\x11\n\tstatement\x18\x0b \x01(\x0c\x12\x1b\n\x13statement_signature\x18\x0c \x01(\x0c\x12\x10\n\x08rollback\x18\r \x01(\x08\"M\n\x17\x44ownloadArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\x86\x05\n\x0fTelemetrySample\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x15\n\rrequest_count\x18\x05 \x01(\x04\x12\x13\n\x0b\x65rror_count\x18\x06 \x01(\x04\x12\x16\n\x0elatency_p50_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x11\n\tmemory_mb\x18\n \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x0b \x01(\x01\x12\x15\n\rtimeout_count\x18\x0c \x01(\x04\x12\x16\n\x0elatency_max_ms\x18\r \x01(\x01\x12\x17\n\x0f\x64ropped_samples\x18\x0e \x01(\x04\x12\x1d\n\x15system_memory_percent\x18\x0f \x01(\x01\x12\x1a\n\rtemperature_c\x18\x10 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0f\x62\x61ttery_percent\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\npower_mode\x18\x12 \x01(\t\x12\x19\n\x11\x63oncurrency_limit\x18\x13 \x01(\r\x12\x16\n\x0eshadow_version\x18\x14 \x01(\t\x12\x17\n\x0fshadow_requests\x18\x15 \x01(\x04\x12\x18\n\x10shadow_agreement\x18\x16 \x01(\x01\x12\x17\n\x0fshadow_max_diff\x18\x17 \x01(\x01\x12\x1d\n\x15shadow_latency_p95_ms\x18\x18 \x01(\x01\x42\x10\n\x0e_temperature_cB\x12\n\x10_battery_percent\"H\n\x16UploadTelemetryRequest\x12.\n\x07samples\x18\x01 \x03(\x0b\x32\x1d.edgefleet.v1.TelemetrySample\",\n\x17UploadTelemetryResponse\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x32\xb7\x03\n\rDeviceService\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12\x44\n\x04Sync\x12\x1a.edgefleet.v1.AgentMessage\x1a\x1c.edgefleet.v1.ControlMessage(\x01\x30\x01\x12X\n\x10\x44ownloadArtifact\x12%.edgefleet.v1.DownloadArtifactRequest\x1a\x1b.edgefleet.v1.ArtifactChunk0\x01\x12^\n\x0fUploadTelemetry\x12$.edgefleet.v1.UploadTelemetryRequest\x1a%.edgefleet.v1.UploadTelemetryResponse\x12\x61\n\x10RenewCertificate\x12%.edgefleet.v1.RenewCertificateRequest\x1a&.edgefleet.v1.RenewCertificateResponseB`\n\x0fio.edgefleet.v1B\x0b\x44\x65viceProtoP\x01Z>github.com/edgefleet/edgefleet/gen/go/edgefleet/v1;edgefleetv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,42 +44,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_end=397
   _globals['_ENROLLRESPONSE']._serialized_start=400
   _globals['_ENROLLRESPONSE']._serialized_end=606
-  _globals['_DEVICECERTIFICATE']._serialized_start=608
-  _globals['_DEVICECERTIFICATE']._serialized_end=727
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=729
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=767
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=769
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=849
-  _globals['_AGENTMESSAGE']._serialized_start=852
-  _globals['_AGENTMESSAGE']._serialized_end=1004
-  _globals['_HELLO']._serialized_start=1007
-  _globals['_HELLO']._serialized_end=1184
-  _globals['_HEARTBEAT']._serialized_start=1186
-  _globals['_HEARTBEAT']._serialized_end=1255
-  _globals['_STATUSREPORT']._serialized_start=1257
-  _globals['_STATUSREPORT']._serialized_end=1341
-  _globals['_CONTROLMESSAGE']._serialized_start=1343
-  _globals['_CONTROLMESSAGE']._serialized_end=1467
-  _globals['_HEARTBEATACK']._serialized_start=1469
-  _globals['_HEARTBEATACK']._serialized_end=1545
-  _globals['_DESIREDSTATE']._serialized_start=1548
-  _globals['_DESIREDSTATE']._serialized_end=1891
+  _globals['_DEVICECERTIFICATE']._serialized_start=609
+  _globals['_DEVICECERTIFICATE']._serialized_end=753
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=755
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=793
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=795
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=875
+  _globals['_AGENTMESSAGE']._serialized_start=878
+  _globals['_AGENTMESSAGE']._serialized_end=1030
+  _globals['_HELLO']._serialized_start=1033
+  _globals['_HELLO']._serialized_end=1210
+  _globals['_HEARTBEAT']._serialized_start=1212
+  _globals['_HEARTBEAT']._serialized_end=1281
+  _globals['_STATUSREPORT']._serialized_start=1283
+  _globals['_STATUSREPORT']._serialized_end=1367
+  _globals['_CONTROLMESSAGE']._serialized_start=1369
+  _globals['_CONTROLMESSAGE']._serialized_end=1493
+  _globals['_HEARTBEATACK']._serialized_start=1495
+  _globals['_HEARTBEATACK']._serialized_end=1571
+  _globals['_DESIREDSTATE']._serialized_start=1574
+  _globals['_DESIREDSTATE']._serialized_end=1917
   _globals['_DESIREDSTATE_LABELSENTRY']._serialized_start=352
   _globals['_DESIREDSTATE_LABELSENTRY']._serialized_end=397
-  _globals['_AGENTCONFIG']._serialized_start=1893
-  _globals['_AGENTCONFIG']._serialized_end=1966
-  _globals['_ASSIGNMENT']._serialized_start=1969
-  _globals['_ASSIGNMENT']._serialized_end=2278
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=2280
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=2357
-  _globals['_ARTIFACTCHUNK']._serialized_start=2359
-  _globals['_ARTIFACTCHUNK']._serialized_end=2424
-  _globals['_TELEMETRYSAMPLE']._serialized_start=2427
-  _globals['_TELEMETRYSAMPLE']._serialized_end=3073
-  _globals['_UPLOADTELEMETRYREQUEST']._serialized_start=3075
-  _globals['_UPLOADTELEMETRYREQUEST']._serialized_end=3147
-  _globals['_UPLOADTELEMETRYRESPONSE']._serialized_start=3149
-  _globals['_UPLOADTELEMETRYRESPONSE']._serialized_end=3193
-  _globals['_DEVICESERVICE']._serialized_start=3196
-  _globals['_DEVICESERVICE']._serialized_end=3635
+  _globals['_AGENTCONFIG']._serialized_start=1919
+  _globals['_AGENTCONFIG']._serialized_end=1992
+  _globals['_ASSIGNMENT']._serialized_start=1995
+  _globals['_ASSIGNMENT']._serialized_end=2304
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=2306
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=2383
+  _globals['_ARTIFACTCHUNK']._serialized_start=2385
+  _globals['_ARTIFACTCHUNK']._serialized_end=2450
+  _globals['_TELEMETRYSAMPLE']._serialized_start=2453
+  _globals['_TELEMETRYSAMPLE']._serialized_end=3099
+  _globals['_UPLOADTELEMETRYREQUEST']._serialized_start=3101
+  _globals['_UPLOADTELEMETRYREQUEST']._serialized_end=3173
+  _globals['_UPLOADTELEMETRYRESPONSE']._serialized_start=3175
+  _globals['_UPLOADTELEMETRYRESPONSE']._serialized_end=3219
+  _globals['_DEVICESERVICE']._serialized_start=3222
+  _globals['_DEVICESERVICE']._serialized_end=3661
 # @@protoc_insertion_point(module_scope)

@@ -140,6 +140,7 @@ class DeviceCertificate(_message.Message):
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
+    DEVICE_ENDPOINT_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.bytes
     """PEM X.509 certificate for the device's key; its subject common name and
     its URI SAN (edgefleet:device:<id>) name the device id.
@@ -147,6 +148,11 @@ class DeviceCertificate(_message.Message):
     ca_certificate_pem: _builtins.bytes
     """The control plane's CA certificate (PEM): the agent verifies the server
     against it from now on.
+    """
+    device_endpoint: _builtins.str
+    """Where device RPCs go with this certificate (host:port, the control
+    plane's mutual-TLS port). An empty or wildcard host means: the host the
+    agent enrolled with.
     """
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...
@@ -156,10 +162,11 @@ class DeviceCertificate(_message.Message):
         certificate_pem: _builtins.bytes = ...,
         ca_certificate_pem: _builtins.bytes = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
+        device_endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "not_after", b"not_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "device_endpoint", b"device_endpoint", "not_after", b"not_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

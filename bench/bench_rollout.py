@@ -51,10 +51,10 @@ Figures:
   ticks and operator calls share the control plane's database threads, so
   this shows how long anything waited for them in each phase.
 
-    python bench/bench_rollout.py --agents 2000           # a first try
-    python bench/bench_rollout.py                         # 10,000 devices
-    python bench/bench_rollout.py --telemetry-s 300       # a quieter fleet
-    python bench/bench_rollout.py --db postgresql+psycopg://user@host/db --json out.json
+    python -m bench.bench_rollout --agents 2000           # a first try
+    python -m bench.bench_rollout                         # 10,000 devices
+    python -m bench.bench_rollout --telemetry-s 300       # a quieter fleet
+    python -m bench.bench_rollout --db postgresql+psycopg://user@host/db --json out.json
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import gc
-import hashlib
 import itertools
 import json
 import math
@@ -78,191 +77,40 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-import psutil
 
+from bench.common import (
+    ADMIN_TOKEN,
+    ASSIGN_BATCH,
+    CLASSES,
+    MODEL,
+    Progress,
+    cpu_seconds,
+    enroll,
+    healthy,
+    log_tail,
+    make_profile,
+    rss_bytes,
+    setup,
+    start_control_plane,
+    wait_for,
+)
 from controlplane.client import operator_stub
-from edgefleet.v1 import common_pb2, operator_pb2
-from fleetsim import Fleet, FleetError, FleetProfile, SimAgent, parse_profile
-from fleetsim.profiles import DEFAULT_PROFILE_DATA
+from edgefleet.v1 import operator_pb2
+from fleetsim import Fleet, FleetError, FleetProfile, SimAgent
 
-T = TypeVar("T")
-BIN = Path(sys.executable).parent
-ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # a throwaway server's token
-MODEL = "digits"
 GOAL_PER_MIN = 10_000
 AWS_IOT_JOBS_PER_MIN = 1_000
 GOAL_OVERHEAD_S = 60.0
-# AssignModel takes at most this many devices per call (MAX_DEVICES_PER_CALL).
-ASSIGN_BATCH = 1_000
-# Device class -> the arch its match rule selects.
-CLASSES = {"arm64-onnx": "aarch64", "x86-onnx": "x86_64"}
-# The default profile's Raspberry Pis and x86 gateways (3:2): one kind of
-# device per class above, each with its own install time.
-PROFILE_CLASSES = ("pi", "gateway")
 POLL_S = 0.2
 
 
-# ------------------------------------------------------------------ helpers
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout: float) -> T:
-    """Poll `check` until it returns something; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-def clean_env() -> dict[str, str]:
-    # gRPC honours proxy variables, which would send loopback traffic away.
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-
-
-def _read_port(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip()) or None
-    except (OSError, ValueError):
-        return None
-
-
-def start_control_plane(
-    data: Path, db: str | None, heartbeat_s: int
-) -> tuple[subprocess.Popen[bytes], str]:
-    """`edgefleet server` with one build worker; (process, address)."""
-    data.mkdir(parents=True)
-    port_file = data / "port"
-    command = [
-        str(BIN / "edgefleet"), "server", "--data-dir", str(data), "--listen", "127.0.0.1:0",
-        "--port-file", str(port_file), "--admin-token", ADMIN_TOKEN, "--build-workers", "1",
-        "--heartbeat-interval", str(heartbeat_s),
-    ]  # fmt: skip
-    if db:
-        command += ["--db", db]
-    with (data / "server.log").open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
-    port = wait_for("the control plane to listen", lambda: _read_port(port_file), 120)
-    return proc, f"127.0.0.1:{port}"
-
-
-def log_tail(data: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join((data / "server.log").read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _healthy(op: Any) -> bool:
-    try:
-        op.ListDevices(operator_pb2.ListDevicesRequest(), timeout=2)
-    except grpc.RpcError:
-        return False
-    return True
-
-
-def push_model(op: Any, version: str, model: Path, sample_data: Path) -> None:
-    """PushModel: the header, then each part in 1 MiB chunks."""
-    parts = {
-        operator_pb2.MODEL_PART_MODEL: model.read_bytes(),
-        operator_pb2.MODEL_PART_SAMPLE_DATA: sample_data.read_bytes(),
-    }
-    header = operator_pb2.PushModelHeader(
-        model_name=MODEL,
-        version=version,
-        parts=[
-            operator_pb2.PartDeclaration(
-                part=part, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
-            )
-            for part, data in parts.items()
-        ],
-    )
-
-    def requests() -> Iterator[operator_pb2.PushModelRequest]:
-        yield operator_pb2.PushModelRequest(header=header)
-        for part, data in parts.items():
-            for start in range(0, len(data), 1 << 20):
-                chunk = operator_pb2.PushModelChunk(part=part, data=data[start : start + (1 << 20)])
-                yield operator_pb2.PushModelRequest(chunk=chunk)
-
-    op.PushModel(requests())
-
-
-def setup(op: Any, root: Path) -> str:
-    """Classes, both versions pushed and built; an enrollment token."""
-    from demo.models import build_digits_classifier
-
-    for name, arch in CLASSES.items():
-        op.CreateDeviceClass(
-            operator_pb2.CreateDeviceClassRequest(
-                name=name,
-                constraints=common_pb2.ConstraintProfile(runtime=common_pb2.RUNTIME_ONNXRUNTIME),
-                match_rules=[
-                    common_pb2.MatchRule(field="arch", op=common_pb2.MATCH_OP_EQ, values=[arch])
-                ],
-            )
-        )
-    for seed, version in enumerate(("1.0.0", "2.0.0")):
-        built = build_digits_classifier(root / version, seed=seed)
-        push_model(op, version, built.model, built.sample_data)
-    expected = len(CLASSES) * 2
-    terminal = {operator_pb2.BUILD_STATE_SUCCEEDED, operator_pb2.BUILD_STATE_FAILED}
-
-    def finished() -> list[Any] | None:
-        builds = list(op.ListBuilds(operator_pb2.ListBuildsRequest()).builds)
-        done = len(builds) >= expected and all(b.state in terminal for b in builds)
-        return builds if done else None
-
-    builds = wait_for("the builds", finished, 900)
-    failed = [b for b in builds if b.state != operator_pb2.BUILD_STATE_SUCCEEDED]
-    if failed:
-        raise SystemExit(f"{len(failed)} build(s) failed: {failed[0].error}")
-    request = operator_pb2.CreateEnrollmentTokenRequest(name="bench-rollout")
-    return str(op.CreateEnrollmentToken(request).secret)
-
-
-def make_profile(heartbeat_s: float, telemetry_s: float) -> FleetProfile:
-    classes = [c for c in DEFAULT_PROFILE_DATA["classes"] if c["name"] in PROFILE_CLASSES]
-    return parse_profile(
-        {"heartbeat_interval_s": heartbeat_s, "telemetry_interval_s": telemetry_s,
-         "classes": classes}
-    )  # fmt: skip
-
-
 # ------------------------------------------------------------------ resources
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def cpu_seconds(pid: int, tree: bool) -> float:
-    """User + system CPU seconds of `pid` (and its descendants with `tree`)."""
-    total = 0.0
-    for process in _tree(pid) if tree else _tree(pid)[:1]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = process.cpu_times()
-            total += times.user + times.system
-    return total
-
-
-def rss_bytes(pid: int, tree: bool) -> float:
-    total = 0.0
-    for process in _tree(pid) if tree else _tree(pid)[:1]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += process.memory_info().rss
-    return total
 
 
 class PeakRss:
@@ -391,34 +239,6 @@ def failed_agents(agents: Sequence[SimAgent], version: str) -> list[SimAgent]:
     return [a for a in agents if a.update_version == version and a.update_state == "failed"]
 
 
-class Progress:
-    """Prints a line every few seconds while a phase runs (the fleet's
-    connections or updates), so a long run shows it is moving."""
-
-    def __init__(self, fleet: Fleet, every_s: float = 5.0) -> None:
-        self.fleet = fleet
-        self.every_s = every_s
-        self.t0 = time.monotonic()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self, what: str, line: Callable[[Fleet], str]) -> None:
-        self.stop()
-        self.t0 = time.monotonic()
-
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(self.every_s)
-                print(f"  [{time.monotonic() - self.t0:6.1f} s] {what}: {line(self.fleet)}",
-                      flush=True)  # fmt: skip
-
-        self._task = asyncio.create_task(loop())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-
 def update_line(version: str) -> Callable[[Fleet], str]:
     def line(fleet: Fleet) -> str:
         counts = Counter(a.update_state for a in fleet.agents if a.update_version == version)
@@ -427,22 +247,6 @@ def update_line(version: str) -> Callable[[Fleet], str]:
         return f"{version} notified {seen}/{len(fleet.agents)} ({states})"
 
     return line
-
-
-async def enroll(fleet: Fleet, timeout_s: float, progress: Progress) -> float:
-    """Start the fleet, printing progress; seconds until every agent held
-    its Sync stream."""
-    t0 = time.monotonic()
-    progress.start("enrolled/connected", lambda f: (
-        f"{sum(bool(a.device_id) for a in f.agents)} enrolled, "
-        f"{sum(a.connects > 0 for a in f.agents)} connected of {len(f.agents)}"
-    ))  # fmt: skip
-    await fleet.start(wait=False)
-    try:
-        await fleet.wait_connected(timeout_s)
-    finally:
-        progress.stop()
-    return time.monotonic() - t0
 
 
 async def baseline(
@@ -789,7 +593,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     }
     try:
         op = operator_stub(address, ADMIN_TOKEN)
-        wait_for("the control plane", lambda: _healthy(op), 60)
+        wait_for("the control plane", lambda: healthy(op), 60)
         t0 = time.monotonic()
         token = setup(op, root)
         print(f"classes, 2 versions pushed and built in {time.monotonic() - t0:.1f} s", flush=True)

@@ -36,6 +36,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,11 @@ class FleetStats:
     telemetry_uploads: int = 0
     telemetry_samples: int = 0
     telemetry_failures: int = 0
+    # Samples made, and of those given up: pushed out of the buffer by its
+    # bound (MAX_PENDING_SAMPLES) or refused whole (INVALID_ARGUMENT).
+    telemetry_produced: int = 0
+    telemetry_dropped: int = 0
+    telemetry_refused: int = 0
     downloads: int = 0
     download_bytes: int = 0
     # "<rpc> <CODE>" -> count, e.g. "Sync UNAVAILABLE".
@@ -120,6 +126,12 @@ class FleetContext:
     rpc_timeout_s: float = 30.0
     labels: dict[str, str] = field(default_factory=dict)
     stats: FleetStats = field(default_factory=FleetStats)
+    # False: make no new samples, only resend those held (a benchmark's drain).
+    produce_telemetry: bool = True
+    # Called with each HeartbeatAck's round trip (seconds, from the decision
+    # to send) and with each DesiredState as it arrives: benchmarks time them.
+    on_heartbeat_ack: Callable[[SimAgent, float], None] | None = None
+    on_desired: Callable[[SimAgent, device_pb2.DesiredState], None] | None = None
 
 
 def _jitter(rng: random.Random, value: float, jitter: float) -> float:
@@ -207,6 +219,7 @@ class SimAgent:
         "_assignment",
         "_attempt",
         "_call",
+        "_heartbeat_sent_at",
         "_md",
         "_pending",
         "_silent_until",
@@ -239,6 +252,8 @@ class SimAgent:
         "shadow_version",
         "status",
         "stub",
+        "telemetry_dropped",
+        "telemetry_produced",
         "telemetry_seq",
         "update_history",
         "update_reason",
@@ -274,6 +289,9 @@ class SimAgent:
         self.server_telemetry_s = 0.0
         self.heartbeat_seq = 0
         self.telemetry_seq = 0
+        # Samples this agent made, and of those given up (see FleetStats).
+        self.telemetry_produced = 0
+        self.telemetry_dropped = 0
         # What the device serves.
         self.active_model = ""
         self.active_version = ""
@@ -299,6 +317,7 @@ class SimAgent:
         self._write_lock: asyncio.Lock | None = None
         self._md: tuple[tuple[str, str], ...] = ()
         self._pending: list[device_pb2.TelemetrySample] = []
+        self._heartbeat_sent_at = 0.0  # of heartbeat_seq; 0.0: acked or none
         self._silent_until = 0.0
         self._attempt = 0
 
@@ -325,6 +344,11 @@ class SimAgent:
             if seq == sequence and (not states or states[-1] != state):
                 states.append(state)
         return states
+
+    @property
+    def pending_samples(self) -> int:
+        """Telemetry samples held for the next upload (not acked yet)."""
+        return len(self._pending)
 
     @property
     def online(self) -> bool:
@@ -502,8 +526,14 @@ class SimAgent:
                 self._timer_task = asyncio.create_task(self._timers(), name=f"timers-{self.index}")
             message = first
             while message is not EOF:
-                if message.WhichOneof("kind") == "desired" and self.apply_desired(message.desired):
-                    await self._send_status(applied_only=True)
+                kind = message.WhichOneof("kind")
+                if kind == "desired":
+                    if ctx.on_desired is not None:
+                        ctx.on_desired(self, message.desired)
+                    if self.apply_desired(message.desired):
+                        await self._send_status(applied_only=True)
+                elif kind == "heartbeat_ack":
+                    self._acked(message.heartbeat_ack.seq)
                 message = await call.read()
         finally:
             self._call = None
@@ -577,10 +607,21 @@ class SimAgent:
 
     async def _heartbeat(self) -> None:
         self.heartbeat_seq += 1
+        self._heartbeat_sent_at = time.monotonic()
         heartbeat = device_pb2.Heartbeat(seq=self.heartbeat_seq)
         heartbeat.sent_at.GetCurrentTime()
         if await self._write(device_pb2.AgentMessage(heartbeat=heartbeat)):
             self.ctx.stats.heartbeats += 1
+
+    def _acked(self, seq: int) -> None:
+        # Only the latest heartbeat is timed: an ack of an older one (sent on
+        # a stream that has since been replaced) says nothing about this one.
+        if seq != self.heartbeat_seq or not self._heartbeat_sent_at:
+            return
+        rtt = time.monotonic() - self._heartbeat_sent_at
+        self._heartbeat_sent_at = 0.0
+        if self.ctx.on_heartbeat_ack is not None:
+            self.ctx.on_heartbeat_ack(self, rtt)
 
     # ------------------------------------------------------------ telemetry
 
@@ -606,8 +647,17 @@ class SimAgent:
         assert self.stub is not None
         stats = self.ctx.stats
         pending = self._pending
-        pending.append(self.next_sample(interval_s))
-        del pending[:-MAX_PENDING_SAMPLES]
+        if self.ctx.produce_telemetry:
+            pending.append(self.next_sample(interval_s))
+            self.telemetry_produced += 1
+            stats.telemetry_produced += 1
+        if len(pending) > MAX_PENDING_SAMPLES:
+            dropped = len(pending) - MAX_PENDING_SAMPLES
+            del pending[:dropped]
+            self.telemetry_dropped += dropped
+            stats.telemetry_dropped += dropped
+        if not pending:
+            return
         try:
             response = await self._upload(pending)
             if response.acked_seq > pending[-1].seq:
@@ -623,7 +673,10 @@ class SimAgent:
             stats.telemetry_failures += 1
             stats.errors[f"UploadTelemetry {exc.code().name}"] += 1
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                pending.clear()  # refused whole; resending cannot help
+                # Refused whole; resending cannot help.
+                self.telemetry_dropped += len(pending)
+                stats.telemetry_refused += len(pending)
+                pending.clear()
             return
         stats.telemetry_uploads += 1
         stats.telemetry_samples += len(pending)

@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from edgefleet.v1 import device_pb2_grpc
+from edgefleet.v1 import device_pb2, device_pb2_grpc
 
 from .agent import FleetContext, SimAgent
 from .profiles import FleetProfile, default_profile
@@ -102,6 +102,8 @@ class Fleet:
         backoff_max_s: float = 30.0,
         rpc_timeout_s: float = 30.0,
         labels: dict[str, str] | None = None,
+        on_heartbeat_ack: Callable[[SimAgent, float], None] | None = None,
+        on_desired: Callable[[SimAgent, device_pb2.DesiredState], None] | None = None,
     ) -> None:
         if n < 0 or agents_per_channel < 1 or connect_concurrency < 1:
             raise ValueError("need n >= 0, agents_per_channel >= 1, connect_concurrency >= 1")
@@ -122,6 +124,8 @@ class Fleet:
             rpc_timeout_s=rpc_timeout_s,
             # Lets an operator select the simulated devices (and only them).
             labels={"fleetsim": prefix, **(labels or {})},
+            on_heartbeat_ack=on_heartbeat_ack,
+            on_desired=on_desired,
         )
         self.agents = [
             SimAgent(i, prefix, cls, self.ctx) for i, cls in enumerate(self.profile.allocate(n))
@@ -200,6 +204,15 @@ class Fleet:
         channels, self._channels = self._channels, []
         for channel in channels:
             await channel.close(grace=None)
+
+    def drain_telemetry(self) -> None:
+        """From now on the agents make no new telemetry samples but keep
+        uploading, at their interval, those they hold (until acked)."""
+        self.ctx.produce_telemetry = False
+
+    def pending_samples(self) -> int:
+        """Telemetry samples the agents hold, not acked yet."""
+        return sum(a.pending_samples for a in self.agents)
 
     async def __aenter__(self) -> Fleet:
         await self.start()

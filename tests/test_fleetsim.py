@@ -595,3 +595,51 @@ def test_fleetsim_is_a_client_and_imports_no_control_plane_or_agent_code() -> No
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+async def test_agents_time_heartbeat_acks_and_account_for_every_sample_they_made() -> None:
+    """Against the bare echo server (acks heartbeats, refuses every upload
+    with UNIMPLEMENTED): round trips reach the hook, refused samples are kept
+    up to the buffer bound and the ones pushed out are counted, and a drained
+    fleet makes no new samples but keeps resending."""
+    from bench.echo_server import EchoDeviceService
+    from fleetsim.agent import MAX_PENDING_SAMPLES
+
+    echo = grpc.aio.server()
+    dg.add_DeviceServiceServicer_to_server(EchoDeviceService(), echo)
+    port = echo.add_insecure_port("127.0.0.1:0")
+    await echo.start()
+    rtts: list[tuple[int, float]] = []
+    desired: list[int] = []
+    fleet = Fleet(
+        f"127.0.0.1:{port}", "token", parse_profile({"classes": [{"name": "pi"}]}), 3,
+        prefix="hooks", heartbeat_interval_s=0.05, telemetry_interval_s=0.01,
+        on_heartbeat_ack=lambda agent, rtt: rtts.append((agent.index, rtt)),
+        on_desired=lambda agent, _: desired.append(agent.index),
+    )  # fmt: skip
+    try:
+        await fleet.start(timeout_s=30)
+        assert sorted(desired) == [0, 1, 2]  # each stream's first DesiredState
+        await fleet.wait_until(
+            lambda f: (
+                all(a.telemetry_dropped > 0 for a in f.agents) and {i for i, _ in rtts} == {0, 1, 2}
+            ),
+            30,
+        )
+        assert all(rtt > 0 for _, rtt in rtts)
+        stats = fleet.ctx.stats
+        for agent in fleet.agents:
+            assert agent.pending_samples == MAX_PENDING_SAMPLES
+            assert agent.telemetry_produced == agent.telemetry_dropped + agent.pending_samples
+        assert stats.telemetry_produced == sum(a.telemetry_produced for a in fleet.agents)
+        assert stats.telemetry_dropped == sum(a.telemetry_dropped for a in fleet.agents)
+        assert stats.telemetry_refused == 0 and stats.telemetry_samples == 0
+
+        fleet.drain_telemetry()
+        produced, failures = stats.telemetry_produced, stats.telemetry_failures
+        await fleet.wait_until(lambda f: f.ctx.stats.telemetry_failures >= failures + 9, 30)
+        assert stats.telemetry_produced == produced
+        assert fleet.pending_samples() == 3 * MAX_PENDING_SAMPLES  # still held, still resent
+    finally:
+        await fleet.stop()
+        await echo.stop(None)

@@ -245,6 +245,11 @@ class BareDownloads(device_pb2_grpc.DeviceServiceServicer):
     ) -> device_pb2.UploadTelemetryResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "bare download server")
 
+    async def RenewCertificate(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> device_pb2.RenewCertificateResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "bare download server")
+
     async def DownloadArtifact(
         self, request: device_pb2.DownloadArtifactRequest, context: Any
     ) -> AsyncIterator[device_pb2.ArtifactChunk]:

@@ -74,6 +74,11 @@ class EchoDeviceService(device_pb2_grpc.DeviceServiceServicer):
     ) -> device_pb2.UploadTelemetryResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "echo server")
 
+    async def RenewCertificate(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> device_pb2.RenewCertificateResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "echo server")
+
 
 def _write_port_file(path: Path, port: int) -> None:
     """Write atomically so a reader never sees a partial number."""

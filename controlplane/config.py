@@ -37,6 +37,20 @@ class ServerConfig:
     # hourly rollups; the roll-up job runs this often on every replica.
     telemetry_retention_s: float = 7 * 24 * 3600.0
     telemetry_rollup_every_s: float = 600.0
+    # Serve TLS: operators and enrollment on `listen` (server-authenticated),
+    # device RPCs on `device_listen` with mutual TLS. False is plain text, for
+    # local development only.
+    tls: bool = False
+    # host:port of the mutual-TLS device port; None: listen's host, port + 1
+    # (port 0 when listen's is 0).
+    device_listen: str | None = None
+    # Extra host names / addresses the server certificate must name (how
+    # agents and operators reach this replica, e.g. a load balancer's name).
+    tls_names: tuple[str, ...] = ()
+    # The device port agents are told to use, when it differs from what they
+    # can reach at device_listen (behind a load balancer or NAT).
+    device_advertise: str | None = None
+    device_cert_lifetime_s: float = 30 * 24 * 3600.0
 
     @property
     def blob_dir(self) -> Path:
@@ -49,3 +63,15 @@ class ServerConfig:
     @property
     def admin_token_file(self) -> Path:
         return self.data_dir / "admin-token"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate agents and operators trust (written with TLS)."""
+        return self.data_dir / "ca.pem"
+
+    def device_listen_address(self) -> str:
+        """Where the mutual-TLS device port listens."""
+        if self.device_listen:
+            return self.device_listen
+        host, _, port = self.listen.rpartition(":")
+        return f"{host}:{int(port) + 1 if int(port) else 0}"

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,16 +26,17 @@ from prometheus_client.registry import Collector
 
 from controlplane.api.device_servicer import DeviceServicer
 from controlplane.api.operator_servicer import OperatorServicer
-from controlplane.api.rpc import RpcMetrics
+from controlplane.api.rpc import PeerCertificates, RpcMetrics
 from controlplane.config import ServerConfig
 from controlplane.db.engine import make_engine, sqlite_url, upgrade
 from controlplane.db.uow import Database
-from controlplane.domain import secrets
+from controlplane.domain import pki, secrets
 from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import DeviceCredentials, ensure_bootstrap_admin
 from controlplane.services.blobs import BlobStore
 from controlplane.services.build_runner import BuildRunner
 from controlplane.services.builds import BuildService
+from controlplane.services.certificates import CertificateService, ensure_authority, server_names
 from controlplane.services.classes import ClassService
 from controlplane.services.deployments import DeploymentService
 from controlplane.services.devices import DEVICE_STATES, DeviceService
@@ -106,10 +108,18 @@ class ControlPlane:
     _operator_executor: ThreadPoolExecutor | None = None
     _statuses: StatusBuffer | None = None
 
+    # The mutual-TLS device port; 0 in plain-text mode.
+    device_port: int = 0
+
     @property
     def address(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    @property
+    def device_address(self) -> str:
+        host = self.config.device_listen_address().rsplit(":", 1)[0]
+        return f"{host}:{self.device_port}"
 
     async def stop(self, grace: float = 2.0) -> None:
         self.hub.close_all("control plane shutting down")
@@ -164,6 +174,9 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         executor, ensure_bootstrap_admin, db, config.data_dir, config.admin_token
     )
     await loop.run_in_executor(executor, ensure_signing_key, db)
+    authority = (
+        await loop.run_in_executor(executor, ensure_authority, db) if config.tls else None
+    )
 
     events = EventBus(loop)
     hub = SyncHub()
@@ -175,7 +188,13 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         )
         await bridge.start()
     devices = DeviceService(db, events, hub, config.offline_after_s)
-    enrollment = EnrollmentService(db, events)
+    certificates = (
+        CertificateService(
+            db, events, authority, dt.timedelta(seconds=config.device_cert_lifetime_s)
+        )
+        if authority is not None else None
+    )  # fmt: skip
+    enrollment = EnrollmentService(db, events, certificates)
     classes = ClassService(db, events)
     blobs = BlobStore(config.blob_dir)
     registry = RegistryService(db, blobs, events, int(config.max_upload_mb * 1024 * 1024))
@@ -198,6 +217,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     events.subscribe(credentials.on_event)
     base: dict[str, Any] = {
         "db": db, "executor": executor, "metrics": metrics, "credentials": credentials,
+        "peer_certificates": PeerCertificates() if config.tls else None,
     }  # fmt: skip
 
     server = grpc.aio.server(
@@ -225,6 +245,8 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             statuses=statuses,
             telemetry_pulse=telemetry_pulse,
             agent_config=agent_config,
+            certificates=certificates,
+            device_endpoint=config.device_advertise or config.device_listen_address(),
             **base,
         ),
         server,
@@ -255,7 +277,11 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(config.listen)
+    device_port = 0
+    if authority is None:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port, device_port = _add_tls_ports(server, config, authority)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
@@ -263,6 +289,7 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     cp = ControlPlane(config, server, port, db, hub, admin_token, metrics_registry, executor)
+    cp.device_port = device_port
     cp._background = background
     cp._operator_executor = operator_executor
     cp._statuses = statuses
@@ -289,15 +316,59 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         cp._metrics_server, _thread = start_http_server(
             int(mport), host or "127.0.0.1", registry=metrics_registry
         )
-    log.warning(
-        "control plane listening on %s (PLAINTEXT: no TLS; for local development only)",
-        cp.address,
-    )
+    if authority is None:
+        log.warning(PLAINTEXT_BANNER, cp.address)
+    else:
+        log.info(
+            "control plane listening on %s (TLS: operators, enrollment) and %s (mutual TLS: "
+            "devices); agents and operators trust %s",
+            cp.address, cp.device_address, config.ca_file,
+        )  # fmt: skip
     if config.port_file:
-        tmp = config.port_file.with_suffix(".tmp")
-        tmp.write_text(f"{port}\n")
-        os.replace(tmp, config.port_file)
+        _write_atomically(config.port_file, f"{port}\n")
+        if device_port:
+            _write_atomically(config.port_file.with_name("device-port"), f"{device_port}\n")
     return cp
+
+
+PLAINTEXT_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!!  PLAIN TEXT: control plane on %s without TLS. Credentials, tokens and\n"
+    "!!  models cross the network unencrypted and devices are not authenticated\n"
+    "!!  by certificate. For local development and the demo only; serve a real\n"
+    "!!  fleet with TLS (the default of `edgefleet server`).\n" + "!" * 78
+)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _add_tls_ports(
+    server: grpc.aio.Server, config: ServerConfig, authority: pki.Authority
+) -> tuple[int, int]:
+    """Listen with TLS on `listen` (no client certificate: operators with
+    tokens, devices enrolling) and with mutual TLS on the device port.
+    gRPC's Python server either requires a client certificate or never asks
+    for one, hence two ports. Returns both bound ports."""
+    host = config.listen.rpartition(":")[0]
+    issued, key_pem = pki.issue_server_certificate(
+        authority, server_names(config.tls_names, host), dt.datetime.now(dt.UTC)
+    )
+    _write_atomically(config.ca_file, authority.certificate_pem.decode())
+    pair = [(key_pem, issued.certificate_pem)]
+    port = server.add_secure_port(config.listen, grpc.ssl_server_credentials(pair))
+    device_port = server.add_secure_port(
+        config.device_listen_address(),
+        grpc.ssl_server_credentials(
+            pair, root_certificates=authority.certificate_pem, require_client_auth=True
+        ),
+    )
+    if device_port == 0:
+        raise OSError(f"cannot listen on {config.device_listen_address()}")
+    return port, device_port
 
 
 def _build_triggers(builds: BuildService, executor: ThreadPoolExecutor) -> Any:

@@ -10,10 +10,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api import convert
 from controlplane.api.rpc import Handlers, rpc
-from controlplane.errors import InvalidArgument, OutOfRange, PermissionDenied, ResourceExhausted
+from controlplane.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from controlplane.services import keys
 from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import DevicePrincipal
+from controlplane.services.certificates import CertificateService, DeviceCertificate
 from controlplane.services.deployments import AssignmentView, DeploymentService
 from controlplane.services.devices import (
     ACCEPTED,
@@ -52,9 +59,14 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         statuses: StatusBuffer,
         telemetry_pulse: Pulse,
         agent_config: device_pb2.AgentConfig,
+        certificates: CertificateService | None = None,
+        device_endpoint: str = "",
         **base: Any,
     ) -> None:
         super().__init__(**base)
+        self._certificates = certificates
+        # Where agents with a certificate send device RPCs (host:port).
+        self._device_endpoint = device_endpoint
         self._enrollment = enrollment
         self._devices = devices
         self._artifacts = artifacts
@@ -79,14 +91,38 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             labels=dict(request.labels),
             hardware=convert.hardware_to_dict(request.hardware),
             runtime=convert.runtime_to_dict(request.runtime),
+            csr=request.csr,
         )
         signing_keys = await self.run(keys.public_keys, self.db)
-        return device_pb2.EnrollResponse(
+        response = device_pb2.EnrollResponse(
             device_id=result.device_id,
             device_credential=result.credential,
             state=convert.DEVICE_STATES[result.state],
             signing_keys=[convert.signing_key_to_pb(k) for k in signing_keys],
         )
+        if result.certificate is not None:
+            response.certificate.CopyFrom(self._certificate_pb(result.certificate))
+        return response
+
+    def _certificate_pb(self, issued: DeviceCertificate) -> device_pb2.DeviceCertificate:
+        pb = device_pb2.DeviceCertificate(
+            certificate_pem=issued.certificate_pem,
+            ca_certificate_pem=issued.ca_certificate_pem,
+            device_endpoint=self._device_endpoint,
+        )
+        pb.not_after.FromDatetime(issued.not_after)
+        return pb
+
+    @rpc("device")
+    async def RenewCertificate(
+        self, request: device_pb2.RenewCertificateRequest, context: Any, device: DevicePrincipal
+    ) -> device_pb2.RenewCertificateResponse:
+        if self._certificates is None:
+            raise FailedPrecondition(
+                "this control plane serves plain text and issues no certificates"
+            )
+        issued = await self.run(self._certificates.renew, device.device_id, request.csr)
+        return device_pb2.RenewCertificateResponse(certificate=self._certificate_pb(issued))
 
     def _desired_pb(
         self, view: DesiredView, assignment: AssignmentView | None

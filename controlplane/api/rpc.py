@@ -17,7 +17,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from controlplane.db.uow import Database
-from controlplane.domain import roles
+from controlplane.domain import pki, roles
 from controlplane.errors import (
     AlreadyExists,
     DomainError,
@@ -74,11 +74,15 @@ class Handlers:
     def __init__(
         self, db: Database, executor: ThreadPoolExecutor, metrics: RpcMetrics,
         credentials: auth.DeviceCredentials | None = None,
+        peer_certificates: PeerCertificates | None = None,
     ) -> None:  # fmt: skip
         self.db = db
         self._executor = executor
         self.metrics = metrics
         self._credentials = credentials
+        # Set when the control plane serves mutual TLS: device RPCs then need
+        # the device's own client certificate as well as its credential.
+        self._peer_certificates = peer_certificates
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking service code (SQL, file I/O) off the event loop."""
@@ -91,12 +95,61 @@ class Handlers:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         if kind == "operator":
             return await self.run(auth.authenticate_operator, self.db, authorization)
+        device: auth.DevicePrincipal
         if self._credentials is None:
-            return await self.run(auth.authenticate_device, self.db, authorization)
-        hit = self._credentials.cached(authorization)
-        if hit is not None:
-            return hit
-        return await self.run(self._credentials.authenticate, authorization)
+            device = await self.run(auth.authenticate_device, self.db, authorization)
+        else:
+            cached = self._credentials.cached(authorization)
+            device = cached or await self.run(self._credentials.authenticate, authorization)
+        if self._peer_certificates is not None:
+            self._peer_certificates.check(device, context)
+        return device
+
+
+class PeerCertificates:
+    """Binds a device's credential to its client certificate. TLS has
+    already verified the certificate chains to our CA and has not expired;
+    this checks it names the device the credential belongs to and is one
+    the device may still use (re-enrolling revokes earlier ones). Parsed
+    certificates are remembered by their bytes: a long-lived stream's
+    certificate is parsed once, not on every telemetry upload."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self._parsed: dict[bytes, pki.DeviceCertificateInfo] = {}
+        self._max = max_entries
+
+    def _info(self, pem: bytes) -> pki.DeviceCertificateInfo:
+        info = self._parsed.get(pem)
+        if info is None:
+            try:
+                info = pki.device_certificate_info(pem)
+            except pki.CertificateError as exc:
+                raise Unauthenticated(f"client certificate refused: {exc}") from None
+            if len(self._parsed) >= self._max:
+                self._parsed.clear()
+            self._parsed[pem] = info
+        return info
+
+    def check(self, device: auth.DevicePrincipal, context: Any) -> None:
+        """Raise unless the caller's TLS client certificate is `device`'s."""
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or ()
+        if not pems:
+            raise Unauthenticated(
+                "device RPCs need the device's client certificate: connect to the "
+                "control plane's device port with mutual TLS (the certificate is issued "
+                "at enrollment)"
+            )
+        info = self._info(pems[0])
+        if info.device_id != device.device_id:
+            raise PermissionDenied(
+                f"the client certificate is device {info.device_id}'s, the credential "
+                f"device {device.device_id}'s"
+            )
+        if info.serial not in device.cert_serials:
+            raise Unauthenticated(
+                f"client certificate {info.serial} of device {device.device_id} was "
+                "replaced (the device enrolled again); use the current one"
+            )
 
 
 Auth = Literal["none", "operator", "device"]

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEVICE_URI_PREFIX = "edgefleet:device:"
@@ -70,6 +71,13 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+_CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+    encipher_only=False, decipher_only=False,
+)  # fmt: skip
+
+
 def new_authority(common_name: str, now: dt.datetime) -> Authority:
     """A new self-signed CA (EC P-256) that may sign end-entity certificates only."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -83,14 +91,7 @@ def new_authority(common_name: str, now: dt.datetime) -> Authority:
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
+        .add_extension(_CA_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -106,7 +107,7 @@ def _load(authority: Authority) -> tuple[x509.Certificate, ec.EllipticCurvePriva
 
 def _leaf(
     authority: Authority,
-    public_key: x509.CertificateIssuerPublicKeyTypes,
+    public_key: CertificatePublicKeyTypes,
     common_name: str,
     sans: list[x509.GeneralName],
     usage: x509.ObjectIdentifier,
@@ -204,4 +205,5 @@ def device_certificate_info(certificate_pem: bytes) -> DeviceCertificateInfo:
             if u.startswith(DEVICE_URI_PREFIX)]  # fmt: skip
     if len(uris) != 1:
         raise CertificateError("the certificate does not name exactly one device")
-    return DeviceCertificateInfo(uris[0].removeprefix(DEVICE_URI_PREFIX), _serial_hex(cert.serial_number))
+    device_id = uris[0].removeprefix(DEVICE_URI_PREFIX)
+    return DeviceCertificateInfo(device_id, _serial_hex(cert.serial_number))

@@ -45,6 +45,9 @@ class OperatorPrincipal:
 class DevicePrincipal:
     device_id: str
     state: str
+    # Serials of the client certificates the device may present (the current
+    # one and the one it renewed from); empty before it has any.
+    cert_serials: tuple[str, ...] = ()
 
     @property
     def actor(self) -> str:
@@ -107,7 +110,8 @@ def authenticate_device(db: Database, authorization: str | None) -> DevicePrinci
     if row.state in ("rejected", "decommissioned"):
         reason = f": {row.state_reason}" if row.state_reason else ""
         raise PermissionDenied(f"device {row.id} is {row.state}{reason}")
-    return DevicePrincipal(device_id=row.id, state=row.state)
+    serials = tuple(s for s in (row.cert_serial, row.cert_previous_serial) if s)
+    return DevicePrincipal(device_id=row.id, state=row.state, cert_serials=serials)
 
 
 class DeviceCredentials:
@@ -122,8 +126,10 @@ class DeviceCredentials:
     the bridge) could let a refused device keep uploading telemetry. Its
     sync stream, the only way to get work, is ended on rejection anyway."""
 
-    # Events that can change who a device is or whether it may call.
+    # Events that can change who a device is or whether it may call: those
+    # that change its desired state, and a renewed certificate.
     _INVALIDATING = frozenset({"device.updated", "device.enrolled"})
+    _ALWAYS_INVALIDATING = frozenset({"device.certified"})
 
     def __init__(
         self, db: Database, *, ttl_s: float = 300.0, max_entries: int = 200_000,
@@ -166,7 +172,9 @@ class DeviceCredentials:
 
     def on_event(self, event: FleetEvent) -> None:
         """EventBus subscriber: forget devices that changed."""
-        if event.kind not in self._INVALIDATING or not event.desired_changed:
+        if event.kind not in self._ALWAYS_INVALIDATING and (
+            event.kind not in self._INVALIDATING or not event.desired_changed
+        ):
             return
         now = self._clock()
         for device_id in event.device_ids:

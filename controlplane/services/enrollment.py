@@ -22,6 +22,7 @@ from controlplane.errors import (
     Unavailable,
 )
 from controlplane.services import audit
+from controlplane.services.certificates import CertificateService, DeviceCertificate
 from controlplane.services.devices import (
     ACCEPTED,
     PENDING,
@@ -45,12 +46,18 @@ class Enrolled:
     credential: str
     state: str
     reenrolled: bool
+    certificate: DeviceCertificate | None = None
 
 
 class EnrollmentService:
-    def __init__(self, db: Database, events: EventSink) -> None:
+    def __init__(
+        self, db: Database, events: EventSink, certificates: CertificateService | None = None
+    ) -> None:
         self._db = db
         self._events = events
+        # Set when the control plane serves TLS: every enrollment then needs
+        # a CSR and gets a client certificate.
+        self._certificates = certificates
 
     # ------------------------------------------------------------ tokens
 
@@ -123,20 +130,29 @@ class EnrollmentService:
         labels: dict[str, str],
         hardware: dict[str, Any],
         runtime: dict[str, Any],
+        csr: bytes = b"",
     ) -> Enrolled:
         """Exchange a token for a device identity. Enrolling the same hardware
         id again returns the same device with a new credential (the old one
-        stops working) and does not use up the token."""
+        stops working, and so do its earlier certificates) and does not use up
+        the token. With TLS, `csr` is required and a certificate is issued."""
         hardware_id = hardware_id.strip()
         if not hardware_id or len(hardware_id) > 200:
             raise InvalidArgument("hardware_id is required (at most 200 characters)")
+        if self._certificates is not None and not csr:
+            raise InvalidArgument(
+                "this control plane serves mutual TLS: enroll with a certificate signing "
+                "request (csr) for a key made on the device"
+            )
         labels = validate_labels(labels)
         name = (name.strip() or str(hardware.get("hostname") or "") or hardware_id)[:200]
         # Two agents with the same hardware id racing: the loser's insert hits
         # the unique constraint and retries as a re-enrollment.
         for _ in range(2):
             try:
-                return self._enroll_once(token, hardware_id, name, labels, hardware, runtime)
+                return self._enroll_once(
+                    token, hardware_id, name, labels, hardware, runtime, csr
+                )
             except IntegrityError:
                 continue
         raise Unavailable(
@@ -163,6 +179,7 @@ class EnrollmentService:
         labels: dict[str, str],
         hardware: dict[str, Any],
         runtime: dict[str, Any],
+        csr: bytes,
     ) -> Enrolled:
         token_id = secrets.parse_id(SecretKind.ENROLLMENT, token)
         if token_id is None:
@@ -216,6 +233,12 @@ class EnrollmentService:
                 session.add(device)
             credential = secrets.issue(SecretKind.DEVICE, device.id)
             device.credential_hash = secrets.hash_secret(credential)
+            # A bad CSR raises here and rolls everything back, the token's
+            # use included.
+            certificate = (
+                self._certificates.issue_for(device, csr, keep_previous=False)
+                if self._certificates is not None else None
+            )  # fmt: skip
             device.hardware = hardware
             device.runtime = runtime
             device.last_seen_at = utcnow()
@@ -232,7 +255,7 @@ class EnrollmentService:
             )
             session.flush()
             uow.commit()
-            result = Enrolled(device.id, credential, device.state, reenrolled)
+            result = Enrolled(device.id, credential, device.state, reenrolled, certificate)
         self._events.publish(
             FleetEvent("device.enrolled", (result.device_id,), desired_changed=True)
         )

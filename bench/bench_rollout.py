@@ -70,7 +70,6 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -98,6 +97,7 @@ from bench.common import (
     rss_bytes,
     setup,
     start_control_plane,
+    stop_process,
     wait_for,
 )
 from controlplane.client import operator_stub
@@ -644,12 +644,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         rss.stop()
         if fleet is not None:
             await fleet.stop()
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_process(server)
         if args.keep:
             shutil.copytree(data, args.keep, dirs_exist_ok=True)
             print(f"control plane data kept in {args.keep}", file=sys.stderr)

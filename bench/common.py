@@ -84,6 +84,29 @@ def start_control_plane(
     return proc, f"127.0.0.1:{port}"
 
 
+def start_echo_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """bench/echo_server.py, the bare grpc.aio baseline; (process, address)."""
+    workdir.mkdir(parents=True)
+    port_file = workdir / "port"
+    command = [sys.executable, str(ECHO_SERVER), "--listen", "127.0.0.1:0",
+               "--port-file", str(port_file)]  # fmt: skip
+    with (workdir / "server.log").open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    port = wait_for("the echo server to listen", lambda: _read_port(port_file), 60)
+    return proc, f"127.0.0.1:{port}"
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM, and SIGKILL only if it has not exited within `grace_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def log_tail(data: Path, lines: int = 40) -> str:
     try:
         return "\n".join((data / "server.log").read_text(errors="replace").splitlines()[-lines:])

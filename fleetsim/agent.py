@@ -100,6 +100,8 @@ class FleetStats:
     telemetry_produced: int = 0
     telemetry_dropped: int = 0
     telemetry_refused: int = 0
+    # Samples sent again after an upload that failed (each time counts).
+    telemetry_resends: int = 0
     downloads: int = 0
     download_bytes: int = 0
     # "<rpc> <CODE>" -> count, e.g. "Sync UNAVAILABLE".
@@ -647,7 +649,8 @@ class SimAgent:
         assert self.stub is not None
         stats = self.ctx.stats
         pending = self._pending
-        if self.ctx.produce_telemetry:
+        made = self.ctx.produce_telemetry
+        if made:
             pending.append(self.next_sample(interval_s))
             self.telemetry_produced += 1
             stats.telemetry_produced += 1
@@ -658,6 +661,8 @@ class SimAgent:
             stats.telemetry_dropped += dropped
         if not pending:
             return
+        # All but the new sample were in an upload that failed.
+        stats.telemetry_resends += len(pending) - made
         try:
             response = await self._upload(pending)
             if response.acked_seq > pending[-1].seq:

@@ -634,6 +634,7 @@ async def test_agents_time_heartbeat_acks_and_account_for_every_sample_they_made
         assert stats.telemetry_produced == sum(a.telemetry_produced for a in fleet.agents)
         assert stats.telemetry_dropped == sum(a.telemetry_dropped for a in fleet.agents)
         assert stats.telemetry_refused == 0 and stats.telemetry_samples == 0
+        assert stats.telemetry_resends > 0  # what a failed upload held went again
 
         fleet.drain_telemetry()
         produced, failures = stats.telemetry_produced, stats.telemetry_failures

@@ -58,6 +58,10 @@ class AgentConfig:
     """Everything the agent can be told."""
 
     server: str = DEFAULT_SERVER
+    # The control plane's CA certificate (its data dir's ca.pem), provisioned
+    # with the enrollment token: TLS, and mutual TLS once enrolled. None:
+    # plain text (development only), until the agent holds a certificate.
+    ca_cert: Path | None = None
     enrollment_token: str | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     # Name shown to operators; None means the hostname.
@@ -134,6 +138,11 @@ def _optional_string(value: object, where: str) -> str | None:
     # override undoes a value from the file.
     text = _string(value, where).strip()
     return text or None
+
+
+def _optional_path(value: object, where: str) -> Path | None:
+    text = _optional_string(value, where)
+    return Path(text) if text else None
 
 
 def _server(value: object, where: str) -> str:
@@ -320,6 +329,7 @@ def _env_count(text: str, where: str) -> int:
 # when the key cannot be set from the environment)
 _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], object] | None]] = {
     "server": (_server, lambda text, where: text),
+    "ca_cert": (_optional_path, lambda text, where: text),
     "enrollment_token": (_optional_string, lambda text, where: text),
     "state_dir": (_nonempty_string, lambda text, where: text),
     "name": (_optional_string, lambda text, where: text),

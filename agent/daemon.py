@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -40,6 +41,7 @@ from agent.serving import ModelHost
 from agent.telemetry import RequestStats
 from agent.telemetry_buffer import TelemetryBuffer
 from agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics
+from agent.transport import RENEW_RETRY_S, Transport, from_response, new_key_and_csr
 from agent.update.activation import HostActivator
 from agent.update.faults import FAULT_ENV, with_pause
 from agent.update.machine import UpdateMachine
@@ -269,6 +271,11 @@ class Agent:
         self._outbox: asyncio.Queue[device_pb2.AgentMessage] | None = None
         self._updates: UpdateRunner | None = None
         self._reporter: StatusReporter | None = None
+        # Made by boot(): plain text or TLS, and the device's certificate.
+        self._transport: Transport | None = None
+        # Set when a renewed certificate must replace the live connections.
+        self._reconnect = asyncio.Event()
+        self._telemetry: TelemetryUploader | None = None
 
     @property
     def can_enroll(self) -> bool:
@@ -295,6 +302,9 @@ class Agent:
             ", ".join(a.name or a.kind for a in self._hardware.accelerators) or "none",
         )
 
+        self._transport = Transport(
+            self.config.server, self.config.ca_cert, state_dir, channel_options(self.config)
+        )
         self._identity = self._load_identity()
         if self._identity is not None:
             self._has_identity.set()
@@ -380,10 +390,11 @@ class Agent:
         if self._boot_desired is not None and self._boot_desired.HasField("assignment"):
             self._updates.submit(assignment_from_pb(self._boot_desired.assignment))
         telemetry = asyncio.create_task(self._upload_telemetry(stats), name="telemetry")
+        renewal = asyncio.create_task(self._renew_certificates(), name="certificates")
         try:
             await self._sync_forever(step)
         finally:
-            for task in (telemetry, power_task):
+            for task in (telemetry, power_task, renewal):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -412,10 +423,9 @@ class Agent:
         self._reporter = StatusReporter(publish, record, active)
         ports = Ports(
             downloader=GrpcDownloader(
-                self.config.server,
+                self._transport_().blocking_device_channel,
                 self._current_credential,
                 chunk_size=self.config.download_chunk_size,
-                channel_options=channel_options(self.config),
             ),
             verifier=DeviceVerifier(state_dir, lambda: self._class_name),
             validator=ManifestValidator(fingerprint=self._runtime),
@@ -462,11 +472,13 @@ class Agent:
             credential=self._current_credential,
             interval_s=self.config.telemetry_interval_s,
             metrics=metrics,
-            channel_options=channel_options(self.config),
+            channel=self._transport_().device_channel,
         )
+        self._telemetry = uploader
         try:
             await uploader.run()
         finally:
+            self._telemetry = None
             await uploader.close()
             buffer.close()
 
@@ -475,17 +487,32 @@ class Agent:
         assert self._identity is not None
         return self._identity.device_credential
 
+    def _transport_(self) -> Transport:
+        assert self._transport is not None, "boot() makes the transport"
+        return self._transport
+
     async def _sync_forever(self, step: Step) -> None:
+        transport = self._transport_()
         while True:
-            channel = grpc.aio.insecure_channel(
-                self.config.server, options=channel_options(self.config)
-            )
+            device = transport.device
+            expired = device is not None and time.time() >= device.not_after
+            if step is Step.SYNC and expired and self.can_enroll:
+                log.warning("the device certificate expired while offline; enrolling again")
+                step = Step.ENROLL
+            if step is Step.ENROLL:
+                channel = transport.enroll_channel()
+            else:
+                channel = transport.device_channel()
+            self._reconnect.clear()
             try:
                 error = await self._run_step(step, channel)
             finally:
                 await channel.close(grace=None)
             if step is Step.ENROLL and error is None:
                 step = Step.SYNC
+                continue
+            if self._reconnect.is_set():
+                log.info("reconnecting with the renewed certificate")
                 continue
             code = error.code() if error is not None else None
             decision = decide(step, code, can_enroll=self.can_enroll)
@@ -517,27 +544,93 @@ class Agent:
             if step is Step.ENROLL:
                 await self._enroll(channel)
             else:
-                await self._sync(channel)
+                await self._sync_until_renewed(channel)
         except grpc.aio.AioRpcError as exc:
             return exc
         return None
+
+    async def _sync_until_renewed(self, channel: grpc.aio.Channel) -> None:
+        """The Sync stream, ended early (cleanly) by a certificate renewal:
+        the stream must move to a channel with the new certificate."""
+        sync = asyncio.ensure_future(self._sync(channel))
+        renewed = asyncio.ensure_future(self._reconnect.wait())
+        try:
+            await asyncio.wait({sync, renewed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            renewed.cancel()
+            if not sync.done():
+                sync.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await sync
+        if sync.done() and not sync.cancelled():
+            sync.result()
+
+    async def _renew_certificates(self) -> None:
+        """Renew the device certificate at two thirds of its life, over the
+        current one, then move every connection to the new one. A failed
+        renewal is retried; an expired certificate leads to re-enrollment
+        (see _sync_forever)."""
+        transport = self._transport_()
+        while True:
+            device = transport.device
+            if device is None or self._identity is None:
+                await asyncio.sleep(1.0)  # not enrolled with TLS (yet)
+                continue
+            await asyncio.sleep(max(0.0, device.renew_at() - time.time()))
+            if transport.device is not device:
+                continue  # re-enrolled meanwhile: a new certificate already
+            try:
+                await self._renew_once(transport)
+            except (grpc.aio.AioRpcError, StateError) as exc:
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
+                log.warning("certificate renewal failed (%s); retrying in %.0f s",
+                            detail, RENEW_RETRY_S)  # fmt: skip
+                if time.time() >= device.not_after:
+                    # Too late to renew: reconnecting enrolls again (with a
+                    # token) or keeps saying why it cannot.
+                    self._reconnect.set()
+                await asyncio.sleep(RENEW_RETRY_S)
+
+    async def _renew_once(self, transport: Transport) -> None:
+        assert self._identity is not None
+        key_pem, csr = new_key_and_csr(self._identity.device_id)
+        channel = transport.device_channel()
+        try:
+            response = await device_pb2_grpc.DeviceServiceStub(channel).RenewCertificate(
+                device_pb2.RenewCertificateRequest(csr=csr),
+                metadata=self._metadata(),
+                timeout=ENROLL_TIMEOUT_S,
+            )
+        finally:
+            await channel.close(grace=None)
+        renewed = from_response(key_pem, response.certificate, transport.device_target)
+        transport.adopt(renewed)
+        log.info("device certificate renewed; valid until %s",
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(renewed.not_after)))  # fmt: skip
+        self._reconnect.set()
+        if self._telemetry is not None:
+            await self._telemetry.reconnect()
 
     # ------------------------------------------------------------ enroll
 
     async def _enroll(self, channel: grpc.aio.Channel) -> None:
         assert self.config.enrollment_token  # boot() and decide() guarantee it
+        transport = self._transport_()
         stub = device_pb2_grpc.DeviceServiceStub(channel)
-        response = await stub.Enroll(
-            device_pb2.EnrollRequest(
-                enrollment_token=self.config.enrollment_token,
-                hardware_id=self._hardware_id,
-                name=self.config.name or self._hardware.hostname,
-                labels=dict(self.config.labels),
-                hardware=self._hardware,
-                runtime=self._runtime,
-            ),
-            timeout=ENROLL_TIMEOUT_S,
+        name = self.config.name or self._hardware.hostname
+        request = device_pb2.EnrollRequest(
+            enrollment_token=self.config.enrollment_token,
+            hardware_id=self._hardware_id,
+            name=name,
+            labels=dict(self.config.labels),
+            hardware=self._hardware,
+            runtime=self._runtime,
         )
+        key_pem = b""
+        if transport.tls:
+            # A new key per enrollment; it never leaves this device.
+            key_pem, request.csr = new_key_and_csr(name or self._hardware_id)
+        response = await stub.Enroll(request, timeout=ENROLL_TIMEOUT_S)
         previous = self._identity
         identity = Identity(
             device_id=response.device_id,
@@ -554,6 +647,8 @@ class Agent:
         store.save_trusted_keys(
             self.config.state_dir, {k.key_id: k.public_key for k in response.signing_keys}
         )
+        if transport.tls:
+            transport.adopt(from_response(key_pem, response.certificate, self.config.server))
         # Persist before use: a crash after Sync but before saving would leave
         # the device enrolled with a credential nobody knows.
         store.save_identity(self.config.state_dir, identity)

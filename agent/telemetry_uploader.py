@@ -187,15 +187,26 @@ class TelemetryUploader:
         metrics: TelemetryMetrics | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         channel_options: Sequence[tuple[str, int]] = (),
+        channel: Callable[[], grpc.aio.Channel] | None = None,
     ) -> None:
+        """`channel` makes the channel to upload on (the agent's transport:
+        TLS with its certificate); without it, plain text to `target`."""
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}")
         self.stats, self.buffer, self.metrics = stats, buffer, metrics
         self._credential = credential
         self._interval_s, self._batch_size, self._timeout = interval_s, batch_size, rpc_timeout_s
         self._clock = clock
-        self._channel = grpc.aio.insecure_channel(target, options=list(channel_options))
+        options = list(channel_options)
+        self._connect = channel or (lambda: grpc.aio.insecure_channel(target, options=options))
+        self._channel = self._connect()
         self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
+
+    async def reconnect(self) -> None:
+        """Upload on a new channel from now on (a renewed certificate)."""
+        old, self._channel = self._channel, self._connect()
+        self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
+        await old.close(grace=None)
 
     async def close(self) -> None:
         await self._channel.close(grace=None)

@@ -3,6 +3,7 @@ Imports no server code (no database, no servicers)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,8 +29,9 @@ class _AddMetadata(
     grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
-    """Adds the bearer token to every call on a plain-text channel (call
-    credentials require TLS, which issue 7 brings)."""
+    """Adds the bearer token to every call. An interceptor rather than call
+    credentials: those refuse plain-text channels, and the token must travel
+    the same way on both."""
 
     def __init__(self, token: str) -> None:
         self._metadata = bearer_metadata(token)
@@ -51,14 +53,39 @@ class _AddMetadata(
         return continuation(self._details(details), requests)
 
 
-def operator_channel(server: str, token: str | None) -> grpc.Channel:
-    """A blocking channel to the control plane that sends `token` on every call."""
-    channel = grpc.insecure_channel(server, options=CHANNEL_OPTIONS)
+def tls_credentials(ca_cert: Path | None) -> grpc.ChannelCredentials | None:
+    """Channel credentials that trust the control plane's CA (its data
+    directory's ca.pem); None for plain text (no CA given). OSError when the
+    file cannot be read (the CLI prints it as one line)."""
+    if ca_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=ca_cert.read_bytes())
+
+
+def operator_channel(server: str, token: str | None, ca_cert: Path | None = None) -> grpc.Channel:
+    """A blocking channel to the control plane that sends `token` on every
+    call: TLS trusting `ca_cert`, or plain text without one."""
+    credentials = tls_credentials(ca_cert)
+    if credentials is None:
+        channel = grpc.insecure_channel(server, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.secure_channel(server, credentials, options=CHANNEL_OPTIONS)
     if token:
         channel = grpc.intercept_channel(channel, _AddMetadata(token))
     return channel
 
 
-def operator_stub(server: str, token: str | None) -> operator_pb2_grpc.OperatorServiceStub:
+def operator_aio_channel(server: str, ca_cert: Path | None = None) -> grpc.aio.Channel:
+    """An asyncio channel (TLS trusting `ca_cert`, or plain text); callers
+    pass the token per call."""
+    credentials = tls_credentials(ca_cert)
+    if credentials is None:
+        return grpc.aio.insecure_channel(server, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(server, credentials, options=CHANNEL_OPTIONS)
+
+
+def operator_stub(
+    server: str, token: str | None, ca_cert: Path | None = None
+) -> operator_pb2_grpc.OperatorServiceStub:
     """An OperatorService stub on a new channel (see operator_channel)."""
-    return operator_pb2_grpc.OperatorServiceStub(operator_channel(server, token))
+    return operator_pb2_grpc.OperatorServiceStub(operator_channel(server, token, ca_cert))

@@ -234,23 +234,20 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         heartbeat_interval_s=config.heartbeat_interval_s,
         telemetry_interval_s=config.telemetry_interval_s,
     )
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(
-        DeviceServicer(
-            enrollment=enrollment,
-            devices=devices,
-            artifacts=artifacts,
-            hub=hub,
-            telemetry=telemetry,
-            deployments=deployments,
-            statuses=statuses,
-            telemetry_pulse=telemetry_pulse,
-            agent_config=agent_config,
-            certificates=certificates,
-            device_endpoint=config.device_advertise or config.device_listen_address(),
-            **base,
-        ),
-        server,
+    device_servicer = DeviceServicer(
+        enrollment=enrollment,
+        devices=devices,
+        artifacts=artifacts,
+        hub=hub,
+        telemetry=telemetry,
+        deployments=deployments,
+        statuses=statuses,
+        telemetry_pulse=telemetry_pulse,
+        agent_config=agent_config,
+        certificates=certificates,
+        **base,
     )
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(device_servicer, server)
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(
         OperatorServicer(
             enrollment=enrollment,
@@ -290,6 +287,8 @@ async def create_server(config: ServerConfig) -> ControlPlane:
 
     cp = ControlPlane(config, server, port, db, hub, admin_token, metrics_registry, executor)
     cp.device_port = device_port
+    if device_port:
+        device_servicer.device_endpoint = config.device_advertise or cp.device_address
     cp._background = background
     cp._operator_executor = operator_executor
     cp._statuses = statuses
@@ -325,9 +324,10 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             cp.address, cp.device_address, config.ca_file,
         )  # fmt: skip
     if config.port_file:
-        _write_atomically(config.port_file, f"{port}\n")
+        # The device port first: whoever waits for the port file finds both.
         if device_port:
             _write_atomically(config.port_file.with_name("device-port"), f"{device_port}\n")
+        _write_atomically(config.port_file, f"{port}\n")
     return cp
 
 

@@ -37,11 +37,16 @@ class ControlPlane:
     """`edgefleet server` in a subprocess, on a loopback port picked by the OS.
     Restarts reuse the port so agents can reconnect to the same address."""
 
-    def __init__(self, data_dir: Path, db_url: str | None = None, *extra: str) -> None:
+    def __init__(
+        self, data_dir: Path, db_url: str | None = None, *extra: str, tls: bool = False
+    ) -> None:
         self.data_dir = data_dir
         self.db_url = db_url
         self.extra = list(extra)
+        # --tls: TLS on `address`, mutual TLS for devices on `device_address`.
+        self.tls = tls
         self.port = 0
+        self.device_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.admin_token = ADMIN_TOKEN
         self.log_path = data_dir / "server.log"
@@ -50,10 +55,27 @@ class ControlPlane:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def device_address(self) -> str:
+        return f"127.0.0.1:{self.device_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate the server writes with --tls."""
+        return self.data_dir / "ca.pem"
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the main port: TLS trusting our CA, or plain text."""
+        if not self.tls:
+            return grpc.insecure_channel(self.address)
+        credentials = grpc.ssl_channel_credentials(self.ca_file.read_bytes())
+        return grpc.secure_channel(self.address, credentials)
+
     def start(self, timeout: float = 60.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         port_file = self.data_dir / "port"
         port_file.unlink(missing_ok=True)
+        (self.data_dir / "device-port").unlink(missing_ok=True)
         cmd = [
             str(Path(sys.executable).parent / "edgefleet"), "server",
             "--data-dir", str(self.data_dir),
@@ -61,6 +83,7 @@ class ControlPlane:
             "--port-file", str(port_file),
             "--admin-token", self.admin_token,
             "--heartbeat-interval", "2",
+            *(["--tls", "--device-listen", f"127.0.0.1:{self.device_port}"] if self.tls else []),
             # Builds spawn worker processes; tests about builds ask for them.
             *([] if "--build-workers" in self.extra else ["--build-workers", "0"]),
             *self.extra,
@@ -77,7 +100,9 @@ class ControlPlane:
                 raise RuntimeError(f"server did not start:\n{self.log()}")
             time.sleep(0.05)
         self.port = int(port_file.read_text())
-        with grpc.insecure_channel(self.address) as channel:
+        if self.tls:
+            self.device_port = int((self.data_dir / "device-port").read_text())
+        with self.channel() as channel:
             health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
@@ -105,10 +130,11 @@ class ControlPlane:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def operator(self, token: str | None = None) -> operator_pb2_grpc.OperatorServiceStub:
-        return operator_stub(self.address, token or self.admin_token)
+        ca = self.ca_file if self.tls else None
+        return operator_stub(self.address, token or self.admin_token, ca)
 
     def device_stub(self) -> device_pb2_grpc.DeviceServiceStub:
-        return device_pb2_grpc.DeviceServiceStub(grpc.insecure_channel(self.address))
+        return device_pb2_grpc.DeviceServiceStub(self.channel())
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -31,7 +31,7 @@ from controlplane.cli.convert import (
 from controlplane.cli.push import describe_part, push_requests
 from controlplane.cli.render import format_cohort, format_pacing, format_shape, format_stage
 from controlplane.cli.rollouts import parse_ramp, parse_stage
-from controlplane.client import CHANNEL_OPTIONS, bearer_metadata, operator_channel
+from controlplane.client import bearer_metadata, operator_aio_channel, operator_channel
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc
@@ -163,9 +163,10 @@ class FleetClient:
     """FleetApi over a grpc.aio channel, made on first use so that it belongs
     to the event loop the app runs on."""
 
-    def __init__(self, server: str, token: str | None) -> None:
+    def __init__(self, server: str, token: str | None, ca_cert: Path | None = None) -> None:
         self._server = server
         self._token = token
+        self._ca_cert = ca_cert
         self._metadata = bearer_metadata(token) if token else ()
         self._channel: grpc.aio.Channel | None = None
         # Typed Any: the generated stubs describe the blocking stack only.
@@ -178,7 +179,7 @@ class FleetClient:
     @property
     def _stub(self) -> Any:
         if self._stub_ is None:
-            self._channel = grpc.aio.insecure_channel(self._server, options=CHANNEL_OPTIONS)
+            self._channel = operator_aio_channel(self._server, self._ca_cert)
             self._stub_ = operator_pb2_grpc.OperatorServiceStub(self._channel)
         return self._stub_
 
@@ -311,7 +312,7 @@ class FleetClient:
         header = o.PushModelHeader(model_name=name, version=version, description=description)
 
         def upload() -> c.ModelVersion:
-            with operator_channel(self._server, self._token) as channel:
+            with operator_channel(self._server, self._token, self._ca_cert) as channel:
                 stub = operator_pb2_grpc.OperatorServiceStub(channel)
                 requests = push_requests(header, parts, on_chunk=chunk)
                 result: c.ModelVersion = stub.PushModel(requests)

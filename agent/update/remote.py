@@ -37,22 +37,22 @@ class GrpcDownloader:
 
     def __init__(
         self,
-        target: str,
+        channel: Callable[[], grpc.Channel],
         credential: Callable[[], str],
         *,
         chunk_size: int = 0,
-        channel_options: list[tuple[str, int]] | None = None,
         call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
+        """`channel` makes a new channel per download attempt (so a renewed
+        certificate is used from the next attempt on)."""
         self._call_timeout_s = call_timeout_s
-        self._target = target
+        self._channel = channel
         self._credential = credential
         self._chunk_size = chunk_size
-        self._options = channel_options or []
 
     def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
         metadata = (("authorization", f"Bearer {self._credential()}"),)
-        with grpc.insecure_channel(self._target, options=self._options) as channel:
+        with self._channel() as channel:
             stub = device_pb2_grpc.DeviceServiceStub(channel)
             request = device_pb2.DownloadArtifactRequest(
                 digest=digest, offset=offset, chunk_size=self._chunk_size

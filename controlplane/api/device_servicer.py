@@ -60,13 +60,13 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         telemetry_pulse: Pulse,
         agent_config: device_pb2.AgentConfig,
         certificates: CertificateService | None = None,
-        device_endpoint: str = "",
         **base: Any,
     ) -> None:
         super().__init__(**base)
         self._certificates = certificates
-        # Where agents with a certificate send device RPCs (host:port).
-        self._device_endpoint = device_endpoint
+        # Where agents with a certificate send device RPCs (host:port); set
+        # once the mutual-TLS port is bound.
+        self.device_endpoint = ""
         self._enrollment = enrollment
         self._devices = devices
         self._artifacts = artifacts
@@ -108,7 +108,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         pb = device_pb2.DeviceCertificate(
             certificate_pem=issued.certificate_pem,
             ca_certificate_pem=issued.ca_certificate_pem,
-            device_endpoint=self._device_endpoint,
+            device_endpoint=self.device_endpoint,
         )
         pb.not_after.FromDatetime(issued.not_after)
         return pb
@@ -133,6 +133,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             class_name=view.class_name,
             labels=view.labels,
             config=self._agent_config,
+            key_rotations=convert.key_rotations_to_pb(view.key_rotations),
         )
         # Pending, rejected and decommissioned devices get no work.
         if assignment is not None and view.device_state == ACCEPTED:

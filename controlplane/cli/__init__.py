@@ -64,11 +64,18 @@ def _db_option(f: F) -> F:
     help="Control plane address, host:port [env EDGEFLEET_SERVER].",
 )
 @click.option("--token", envvar="EDGEFLEET_TOKEN", help="Operator API token [env EDGEFLEET_TOKEN].")
+@click.option(
+    "--ca-cert",
+    envvar="EDGEFLEET_CA_CERT",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The control plane's CA certificate (its data dir's ca.pem): connect with TLS. "
+    "Without it: plain text [env EDGEFLEET_CA_CERT].",
+)
 @click.version_option(package_name="edgefleet")
 @click.pass_context
-def cli(ctx: click.Context, server: str, token: str | None) -> None:
+def cli(ctx: click.Context, server: str, token: str | None, ca_cert: Path | None) -> None:
     """EdgeFleet: manage ML models on a fleet of edge devices."""
-    ctx.obj = Env(server=server, token=token)
+    ctx.obj = Env(server=server, token=token, ca_cert=ca_cert)
 
 
 def main() -> None:
@@ -137,6 +144,35 @@ def main() -> None:
     callback=parsed(parse_duration),
     help="How long raw telemetry is kept before it is rolled up into hourly rows (>= 1h).",
 )
+@click.option(
+    "--tls/--insecure",
+    default=False,
+    show_default=True,
+    help="--tls: TLS for operators and enrollment on --listen, mutual TLS for devices on "
+    "--device-listen, certificates from the fleet's CA (written to DATA_DIR/ca.pem). "
+    "--insecure: plain text, for local development only.",
+)
+@click.option(
+    "--device-listen",
+    help="Address of the mutual-TLS device port [default: --listen's host, port + 1].",
+)
+@click.option(
+    "--device-advertise",
+    help="The device port as agents reach it (host:port), if not --device-listen.",
+)
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    help="Another host name or address the server certificate must name (repeatable).",
+)
+@click.option(
+    "--device-cert-lifetime",
+    default="30d",
+    show_default=True,
+    callback=parsed(parse_duration),
+    help="Lifetime of device client certificates; agents renew at two thirds of it.",
+)
 def server(
     data_dir: Path,
     db_url: str | None,
@@ -150,12 +186,19 @@ def server(
     build_lease: float,
     toolchains_dir: Path | None,
     telemetry_retention: timedelta,
+    tls: bool,
+    device_listen: str | None,
+    device_advertise: str | None,
+    tls_names: tuple[str, ...],
+    device_cert_lifetime: timedelta,
 ) -> None:
     """Run the control plane until SIGTERM or Ctrl-C."""
     from controlplane.server import run
 
     if telemetry_retention < timedelta(hours=1):
         raise click.BadParameter("must be at least 1h", param_hint="--telemetry-retention")
+    if device_cert_lifetime < timedelta(seconds=10):
+        raise click.BadParameter("must be at least 10s", param_hint="--device-cert-lifetime")
 
     run(
         ServerConfig(
@@ -171,6 +214,11 @@ def server(
             build_lease_s=build_lease,
             toolchains_dir=toolchains_dir,
             telemetry_retention_s=telemetry_retention.total_seconds(),
+            tls=tls,
+            device_listen=device_listen,
+            device_advertise=device_advertise,
+            tls_names=tls_names,
+            device_cert_lifetime_s=device_cert_lifetime.total_seconds(),
         )
     )
 

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -64,12 +65,14 @@ class Env:
 
     server: str
     token: str | None
+    # The control plane's CA certificate: TLS. None: plain text.
+    ca_cert: Path | None = None
     _stub: operator_pb2_grpc.OperatorServiceStub | None = field(default=None, repr=False)
 
     @property
     def stub(self) -> operator_pb2_grpc.OperatorServiceStub:
         if self._stub is None:
-            self._stub = operator_stub(self.server, self.token)
+            self._stub = operator_stub(self.server, self.token, self.ca_cert)
         return self._stub
 
 

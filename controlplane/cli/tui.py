@@ -19,4 +19,4 @@ def tui(env: Env) -> None:
     from tui.app import make_app
     from tui.client import FleetClient
 
-    make_app(FleetClient(env.server, env.token)).run()
+    make_app(FleetClient(env.server, env.token, env.ca_cert)).run()

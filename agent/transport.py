@@ -1,0 +1,239 @@
+"""How the agent reaches the control plane: plain text (development only) or
+TLS, with mutual TLS for device RPCs once enrolled.
+
+With TLS the agent trusts the CA certificate it was provisioned with
+(`ca_cert` in its config) to enroll on the control plane's main port,
+sending a CSR for a key it made itself; the private key never leaves the
+device. The control plane answers with a client certificate, its CA
+certificate and the device port, and every later RPC goes there with the
+certificate. The agent renews at two thirds of the certificate's life,
+over the current certificate, and then opens new channels.
+
+Files in the state directory (all written atomically, mode 0600):
+- tls/device-key.pem, tls/device-cert.pem, tls/ca.pem;
+- tls/certificate.json: not_before/not_after (Unix seconds) and the device
+  endpoint.
+
+An agent that holds a certificate never falls back to plain text, whatever
+its config says later."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from agent.errors import StateError
+from agent.identity import atomic_write
+from edgefleet.v1 import device_pb2
+
+log = logging.getLogger(__name__)
+
+TLS_DIR = "tls"
+KEY_FILE, CERT_FILE, CA_FILE, META_FILE = (
+    "device-key.pem", "device-cert.pem", "ca.pem", "certificate.json",
+)  # fmt: skip
+RENEW_AT_FRACTION = 2 / 3
+# A failed renewal is tried again this often (well inside the last third of
+# even a short-lived certificate).
+RENEW_RETRY_S = 30.0
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+@dataclass(frozen=True)
+class DeviceTls:
+    """The device's key and certificate, and where to use them."""
+
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+    endpoint: str
+    not_before: float
+    not_after: float
+
+    def renew_at(self) -> float:
+        """Unix time at which to renew."""
+        return self.not_before + (self.not_after - self.not_before) * RENEW_AT_FRACTION
+
+
+def new_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
+    """A new EC P-256 private key (PEM) and a CSR for it. The CSR's subject is
+    informational: the control plane names the device id itself."""
+    # Imported here: cryptography's native library costs an idle agent ~6.6 MB
+    # of RSS and is needed only at enrollment and renewal.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64] or "device")])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def resolve_endpoint(advertised: str, enrolled_with: str) -> str:
+    """The device endpoint: what the control plane advertised, with a
+    wildcard or missing host replaced by the host the agent enrolled with."""
+    if not advertised:
+        return enrolled_with
+    host, _, port = advertised.rpartition(":")
+    if host in _WILDCARD_HOSTS:
+        return f"{enrolled_with.rpartition(':')[0]}:{port}"
+    return advertised
+
+
+def save_device_tls(state_dir: Path, tls: DeviceTls) -> None:
+    """Persist the key, certificate and CA atomically (key first: a crash
+    in between leaves the old certificate with a key it does not match, which
+    the control plane refuses, and the agent enrolls or renews again)."""
+    directory = state_dir / TLS_DIR
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        atomic_write(directory / KEY_FILE, tls.key_pem)
+        atomic_write(directory / CERT_FILE, tls.cert_pem)
+        atomic_write(directory / CA_FILE, tls.ca_pem)
+        meta = {"endpoint": tls.endpoint, "not_before": tls.not_before, "not_after": tls.not_after}
+        atomic_write(directory / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    except OSError as exc:
+        raise StateError(f"{directory}: cannot write: {exc.strerror or exc}") from exc
+
+
+def load_device_tls(state_dir: Path) -> DeviceTls | None:
+    """The stored key and certificate; None before TLS enrollment."""
+    directory = state_dir / TLS_DIR
+    if not (directory / META_FILE).exists():
+        return None
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+        return DeviceTls(
+            key_pem=(directory / KEY_FILE).read_bytes(),
+            cert_pem=(directory / CERT_FILE).read_bytes(),
+            ca_pem=(directory / CA_FILE).read_bytes(),
+            endpoint=str(meta["endpoint"]),
+            not_before=float(meta["not_before"]),
+            not_after=float(meta["not_after"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{directory}: damaged TLS state ({exc}); enroll again") from exc
+
+
+def forget_device_tls(state_dir: Path) -> None:
+    """Remove the TLS state (a different device id starts afresh)."""
+    directory = state_dir / TLS_DIR
+    for name in (META_FILE, CERT_FILE, KEY_FILE, CA_FILE):
+        (directory / name).unlink(missing_ok=True)
+
+
+def from_response(
+    key_pem: bytes, certificate: device_pb2.DeviceCertificate, enrolled_with: str
+) -> DeviceTls:
+    """DeviceTls from the control plane's answer to a CSR made with `key_pem`."""
+    if not certificate.certificate_pem or not certificate.ca_certificate_pem:
+        raise StateError("the control plane answered without a certificate")
+    now = time.time()
+    return DeviceTls(
+        key_pem=key_pem,
+        cert_pem=certificate.certificate_pem,
+        ca_pem=certificate.ca_certificate_pem,
+        endpoint=resolve_endpoint(certificate.device_endpoint, enrolled_with),
+        # Our clock, not the certificate's back-dated start: renewal timing
+        # is about how long we have had it.
+        not_before=now,
+        not_after=max(now, certificate.not_after.ToSeconds() or now),
+    )
+
+
+class Transport:
+    """Makes the agent's channels. `generation` counts certificate changes,
+    so long-lived users know to make a new channel."""
+
+    def __init__(
+        self, server: str, ca_cert: Path | None, state_dir: Path,
+        options: list[tuple[str, int]],
+    ) -> None:  # fmt: skip
+        self.server = server
+        self._bootstrap_ca = ca_cert
+        self._state_dir = state_dir
+        self._options = options
+        self.device: DeviceTls | None = load_device_tls(state_dir)
+        self.generation = 0
+        if self.device is None and ca_cert is None:
+            log.warning(
+                "PLAIN TEXT to the control plane at %s: no ca_cert configured, so credentials "
+                "and models travel unencrypted and the server is not authenticated. For "
+                "local development only.",
+                server,
+            )
+
+    @property
+    def tls(self) -> bool:
+        """Whether the agent talks TLS (a CA configured, or a certificate held)."""
+        return self.device is not None or self._bootstrap_ca is not None
+
+    def _server_trust(self) -> bytes:
+        if self.device is not None:
+            return self.device.ca_pem
+        assert self._bootstrap_ca is not None
+        try:
+            return self._bootstrap_ca.read_bytes()
+        except OSError as exc:
+            raise StateError(
+                f"{self._bootstrap_ca}: cannot read the control plane's CA certificate: "
+                f"{exc.strerror or exc}"
+            ) from exc
+
+    def enroll_channel(self) -> grpc.aio.Channel:
+        """A channel to the main port: server-authenticated TLS, or plain text."""
+        if not self.tls:
+            return grpc.aio.insecure_channel(self.server, options=self._options)
+        credentials = grpc.ssl_channel_credentials(root_certificates=self._server_trust())
+        return grpc.aio.secure_channel(self.server, credentials, options=self._options)
+
+    def _device_credentials(self) -> grpc.ChannelCredentials:
+        assert self.device is not None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.device.ca_pem,
+            private_key=self.device.key_pem,
+            certificate_chain=self.device.cert_pem,
+        )
+
+    @property
+    def device_target(self) -> str:
+        return self.device.endpoint if self.device is not None else self.server
+
+    def device_channel(self) -> grpc.aio.Channel:
+        """A channel for device RPCs: mutual TLS with the device's
+        certificate, or plain text. Before TLS enrollment: the main port
+        (whose answer, UNAUTHENTICATED, sends the agent to enroll)."""
+        if self.device is None:
+            return self.enroll_channel()
+        return grpc.aio.secure_channel(
+            self.device.endpoint, self._device_credentials(), options=self._options
+        )
+
+    def blocking_device_channel(self) -> grpc.Channel:
+        """device_channel for threads (the artifact downloader)."""
+        if self.device is None:
+            if not self.tls:
+                return grpc.insecure_channel(self.server, options=self._options)
+            credentials = grpc.ssl_channel_credentials(root_certificates=self._server_trust())
+            return grpc.secure_channel(self.server, credentials, options=self._options)
+        return grpc.secure_channel(
+            self.device.endpoint, self._device_credentials(), options=self._options
+        )
+
+    def adopt(self, device: DeviceTls) -> None:
+        """Persist and switch to a new key and certificate."""
+        save_device_tls(self._state_dir, device)
+        self.device = device
+        self.generation += 1

@@ -171,6 +171,12 @@ class Latencies:
         self.at = array("d")
         self.values = array("d")
 
+    def reset(self, t0: float) -> None:
+        """Start again, stamps counted from `t0` (what came before is dropped)."""
+        self.t0 = t0
+        self.at = array("d")
+        self.values = array("d")
+
     def add(self, value: float) -> None:
         self.at.append(time.monotonic() - self.t0)
         self.values.append(value)
@@ -303,6 +309,7 @@ class Operators:
         self.rollouts: Counter[str] = Counter()
         self.watch_events: Counter[str] = Counter()
         self.push_missed = 0
+        self.timeline: list[tuple[float, str]] = []
         # device id -> (label value, when UpdateDeviceLabels was sent)
         self._waiting: dict[str, tuple[str, float]] = {}
         self._labels = 0
@@ -322,6 +329,9 @@ class Operators:
             return None
         self.calls[name] += 1
         self.call_s[name].append(time.monotonic() - started)
+        if name not in self.cfg.query_every_s and name not in ("GetRollout", "UpdateDeviceLabels"):
+            # The rollouts' steps, to line up with the latencies.
+            self.timeline.append((round(started - self.pushes.t0, 2), name))
         return response
 
     # -------------------------------------------------------------- pushes
@@ -513,6 +523,7 @@ class Operators:
             },
             "rollouts": dict(sorted(self.rollouts.items())),
             "watch_events": dict(sorted(self.watch_events.items())),
+            "timeline": self.timeline,
             "label_updates": self._labels,
             "push_missed": self.push_missed,
         }  # fmt: skip
@@ -620,7 +631,7 @@ async def soak(
     versions built (see the module docstring); every figure as a dict."""
     run_id = uuid.uuid4().hex[:6]
     t_setup = time.monotonic()
-    # The soak's clock starts later; stamps taken before it fall before 0.
+    # Reset when the soak's clock starts: setup's figures are not counted.
     heartbeats = Latencies(t_setup)
     echo = Latencies(t_setup)
     pushes = Latencies(t_setup)
@@ -663,7 +674,7 @@ async def soak(
         duration = cfg.minutes * 60.0
         t0 = time.monotonic()
         for series in (heartbeats, echo, pushes):
-            series.t0 = t0
+            series.reset(t0)
         sampler = Sampler(server_pid, cfg.sample_every_s, fleet, t0)
         sampler.start()
         operators.start()
@@ -695,7 +706,10 @@ async def soak(
         await fleet.stop()
         await echo_fleet.stop()
 
-        minutes = max(1, math.ceil(soak_end / 60.0 - 1e-9))
+        minutes = max(1, math.ceil(cfg.minutes - 1e-9))
+        for row in sampler.rows:  # to line the resources up with the latencies
+            window = heartbeats.window(row["t_s"] - cfg.sample_every_s, row["t_s"])
+            row["sync_p99_ms"] = latency_summary(window)["p99_ms"]
         hb = latency_summary(heartbeats.window(0, soak_end))
         ec = latency_summary(echo.window(0, soak_end))
         stored = await asyncio.to_thread(stored_seqs, db_url)

@@ -22,7 +22,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -48,8 +48,8 @@ from agent.update.machine import UpdateMachine
 from agent.update.ports import Ports
 from agent.update.remote import GrpcDownloader, StatusReporter
 from agent.update.runner import UpdateRunner
-from agent.update.states import State
 from agent.update.store import Assignment, UpdateRecord, UpdateStore
+from agent.update.trust import TrustStore
 from agent.update.validate import ManifestValidator
 from agent.update.verify import DeviceVerifier
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
@@ -220,8 +220,11 @@ def onnxruntime_providers(setting: str) -> list[str] | None:
     return ["CPUExecutionProvider" if n.lower() == "cpu" else n for n in names]
 
 
-def assignment_from_pb(pb: device_pb2.Assignment) -> Assignment:
-    """The update machine's view of an assignment."""
+def assignment_from_pb(
+    pb: device_pb2.Assignment, key_rotations: Iterable[common_pb2.KeyRotation] = ()
+) -> Assignment:
+    """The update machine's view of an assignment, with the key rotations of
+    the desired state it came in (Verifying walks them)."""
     return Assignment(
         model_name=pb.model_name,
         model_version=pb.model_version,
@@ -232,7 +235,16 @@ def assignment_from_pb(pb: device_pb2.Assignment) -> Assignment:
         rollout_id=pb.rollout_id,
         sequence=pb.sequence,
         shadow=pb.shadow,
+        statement=pb.statement,
+        statement_signature=pb.statement_signature,
+        rollback=pb.rollback,
+        key_rotations=tuple((r.statement, r.signature) for r in key_rotations),
     )
+
+
+def assignment_from_desired(desired: device_pb2.DesiredState) -> Assignment:
+    """The assignment of a desired state that has one."""
+    return assignment_from_pb(desired.assignment, desired.key_rotations)
 
 
 # ---------------------------------------------------------------- the agent
@@ -388,7 +400,7 @@ class Agent:
         power_task = asyncio.create_task(power.run(), name="power")
         self._updates = self._start_updates(activator)
         if self._boot_desired is not None and self._boot_desired.HasField("assignment"):
-            self._updates.submit(assignment_from_pb(self._boot_desired.assignment))
+            self._updates.submit(assignment_from_desired(self._boot_desired))
         telemetry = asyncio.create_task(self._upload_telemetry(stats), name="telemetry")
         renewal = asyncio.create_task(self._renew_certificates(), name="certificates")
         try:
@@ -432,11 +444,12 @@ class Agent:
             activator=activator,
             reporter=self._reporter,
             sleep=lambda seconds: runner.wait(seconds),
+            trust=TrustStore(state_dir),
         )
         fault = os.environ.get(FAULT_ENV)
         if fault:
             log.warning("%s=%s: update fault injection is ON (tests only)", FAULT_ENV, fault)
-            ports = with_pause(ports, State(fault), state_dir)
+            ports = with_pause(ports, fault, state_dir)
         machine = UpdateMachine(UpdateStore(state_dir), ports)
         runner = UpdateRunner(machine)
         runner.start()
@@ -748,7 +761,7 @@ class Agent:
         self._class_name = desired.class_name
         log.info(describe_desired(desired))
         if desired.HasField("assignment") and self._updates is not None:
-            self._updates.submit(assignment_from_pb(desired.assignment))
+            self._updates.submit(assignment_from_desired(desired))
         return device_pb2.AgentMessage(
             status=device_pb2.StatusReport(applied_revision=desired.revision)
         )

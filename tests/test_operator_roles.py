@@ -30,9 +30,11 @@ VIEWER_RPCS = {
     "ListEnrollmentTokens", "ListDevices", "GetDevice", "ListDeployments", "ListDeviceClasses",
     "GetDeviceClass", "ListModels", "GetModel", "GetModelVersion", "ListBuilds", "GetBuild",
     "ListArtifacts", "GetArtifact", "QueryTelemetry", "ListAuditLog", "WatchFleet",
-    "ListRollouts", "GetRollout",
+    "ListRollouts", "GetRollout", "ListSigningKeys",
 }  # fmt: skip
-ADMIN_RPCS = {"CreateOperatorToken", "ListOperatorTokens", "RevokeOperatorToken"}
+ADMIN_RPCS = {
+    "CreateOperatorToken", "ListOperatorTokens", "RevokeOperatorToken", "RotateSigningKey",
+}  # fmt: skip
 
 
 @pytest.fixture

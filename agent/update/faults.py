@@ -8,7 +8,9 @@ Where each state pauses is the most damaging point inside it:
 - verifying, validating, rolling_back, committed: before the port's work;
 - activating: after the new model was switched in and recorded as active
   (or loaded and recorded as the shadow), before the machine moved on (the
-  switch happened, the commit did not).
+  switch happened, the commit did not);
+- verified (not a state): inside Verifying, after every check passed and
+  before the trusted state is written (trust.json must still be the old one).
 
 Never set in production; the agent logs loudly when it is."""
 
@@ -17,32 +19,54 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from agent.identity import atomic_write
 
-from .ports import Activator, Chunk, Downloader, Ports, Validator, Verifier
+from .ports import Activator, Chunk, Downloader, Ports, Trust, Validator, Verifier
 from .states import State
+from .store import Assignment
+from .trust import TrustState
 
 FAULT_ENV = "EDGEFLEET_AGENT_FAULT_PAUSE"
 MARKER_FILE = "fault-paused"
+VERIFIED = "verified"
 
 log = logging.getLogger(__name__)
 
 
-def pause_forever(state_dir: Path, state: State) -> None:
+def pause_forever(state_dir: Path, point: str) -> None:
     """Record where the machine stopped, then block this thread for good."""
-    log.warning("fault injection: pausing in %s", state.value)
-    atomic_write(state_dir / MARKER_FILE, state.value.encode())
+    log.warning("fault injection: pausing in %s", point)
+    atomic_write(state_dir / MARKER_FILE, point.encode())
     threading.Event().wait()
 
 
-def with_pause(ports: Ports, state: State, state_dir: Path) -> Ports:
-    """`ports` with a pause inside `state`'s work."""
+def with_pause(ports: Ports, point: str, state_dir: Path) -> Ports:
+    """`ports` with a pause at `point` (a state's name, or VERIFIED)."""
 
     def pause() -> None:
-        pause_forever(state_dir, state)
+        pause_forever(state_dir, point)
+
+    if point == VERIFIED:
+        if ports.trust is None:
+            raise ValueError(f"{VERIFIED}: the ports have no trust store to pause in")
+        inner_trust: Trust = ports.trust
+
+        class _Trust:
+            def check(self, assignment: Assignment) -> TrustState:
+                return inner_trust.check(assignment)
+
+            def accept(self, verified: TrustState) -> None:
+                pause()
+                inner_trust.accept(verified)
+
+            def committed(self, assignment: Assignment) -> None:
+                inner_trust.committed(assignment)
+
+        return dataclasses.replace(ports, trust=_Trust())
+    state = State(point)
 
     downloader: Downloader = ports.downloader
     verifier: Verifier = ports.verifier
@@ -63,9 +87,23 @@ def with_pause(ports: Ports, state: State, state_dir: Path) -> Ports:
         inner_verifier = ports.verifier
 
         class _Verifier:
-            def verify(self, path: Path, *, digest: str, manifest: bytes, signature: bytes) -> None:
+            def verify(
+                self,
+                path: Path,
+                *,
+                digest: str,
+                manifest: bytes,
+                signature: bytes,
+                trusted_keys: Mapping[str, bytes] | None = None,
+            ) -> None:
                 pause()
-                inner_verifier.verify(path, digest=digest, manifest=manifest, signature=signature)
+                inner_verifier.verify(
+                    path,
+                    digest=digest,
+                    manifest=manifest,
+                    signature=signature,
+                    **({} if trusted_keys is None else {"trusted_keys": trusted_keys}),
+                )
 
         verifier = _Verifier()
     elif state is State.VALIDATING:

@@ -239,12 +239,20 @@ class UpdateMachine:
 
     def _verifying(self, record: UpdateRecord) -> Event:
         assignment = self._assignment(record)
+        trust = self.ports.trust
+        # The signed statement first (replay, downgrade, key rotations); the
+        # trusted state it implies is persisted only after the manifest
+        # checks passed as well, never before.
+        verified = trust.check(assignment) if trust is not None else None
         self.ports.verifier.verify(
             self._artifact(record),
             digest=assignment.artifact_digest,
             manifest=assignment.manifest,
             signature=assignment.manifest_signature,
+            **({} if verified is None else {"trusted_keys": verified.keys}),
         )
+        if trust is not None and verified is not None:
+            trust.accept(verified)
         return Event.success()
 
     def _validating(self, record: UpdateRecord) -> Event:
@@ -264,6 +272,10 @@ class UpdateMachine:
 
     def _committed(self, record: UpdateRecord) -> Event:
         self.ports.activator.commit()
+        if self.ports.trust is not None:
+            # After commit(): a restart re-runs this state, so the record
+            # of the committed version is never ahead of the device.
+            self.ports.trust.committed(self._assignment(record))
         return Event.success()
 
     def _rolling_back(self, record: UpdateRecord) -> Event:

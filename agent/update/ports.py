@@ -21,6 +21,9 @@ Contracts the real implementations must keep:
   not change) and persists that, so a restart loads it again. commit() keeps
   the shadow (and its file); rollback(previous) and a later activate() drop
   it. Only one shadow is kept: a new one replaces the last.
+- Trust.check verifies an assignment's signed statement against the trusted
+  state and persists nothing; accept() persists what check() returned, once
+  the manifest checks passed too; committed() records a committed version.
 - Reporter.report must not raise (it buffers when the control plane is away);
   the machine ignores errors from it.
 """
@@ -28,14 +31,18 @@ Contracts the real implementations must keep:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import AgentError
 
 from .states import State
+
+if TYPE_CHECKING:
+    from .store import Assignment
+    from .trust import TrustState
 
 
 class UpdateError(AgentError):
@@ -67,7 +74,25 @@ class Downloader(Protocol):
 
 
 class Verifier(Protocol):
-    def verify(self, path: Path, *, digest: str, manifest: bytes, signature: bytes) -> None: ...
+    def verify(
+        self,
+        path: Path,
+        *,
+        digest: str,
+        manifest: bytes,
+        signature: bytes,
+        trusted_keys: Mapping[str, bytes] | None = None,
+    ) -> None: ...
+
+
+class Trust(Protocol):
+    """The signed-statement checks and the trusted state (trust.py)."""
+
+    def check(self, assignment: Assignment) -> TrustState: ...
+
+    def accept(self, verified: TrustState) -> None: ...
+
+    def committed(self, assignment: Assignment) -> None: ...
 
 
 class Validator(Protocol):
@@ -101,3 +126,6 @@ class Ports:
     reporter: Reporter
     # Injected so tests neither wait nor depend on the host's free space.
     sleep: Callable[[float], None] = time.sleep
+    # The agent always has one; None only in tests of the other states
+    # (assignments then go unchecked beyond their manifest).
+    trust: Trust | None = None

@@ -4,11 +4,18 @@ The daemon hands over the newest assignment from each desired state
 (`submit`); the thread compares it with what the machine last took on and
 plans the next step:
 
-- a newer assignment while the machine is idle: take it on (assign);
+- another assignment (another sequence) while the machine is idle: take it
+  on (assign). An older sequence is taken on too, so that Verifying refuses
+  it against the trusted state and reports why (a replay); deciding here
+  from the update record would trust what was never verified (a refused
+  assignment with a huge sequence would block every later one);
 - a newer assignment while an update runs: abort that update (honoured
   before activation; after it, the update finishes) and take the new one
-  once the machine settled;
+  once the machine settled; an older one waits until it settled;
 - otherwise, while an update runs (also one resumed after a restart): step.
+
+The same sequence is the same assignment (a statement signed again after a
+key rotation, for one): nothing to do.
 
 The machine blocks (downloads, validation in a child process, loading a
 model), so it runs here and never on the event loop."""
@@ -58,9 +65,10 @@ class UpdateRunner:
         self._stopped.wait(timeout)
 
     def submit(self, assignment: Assignment) -> None:
-        """The newest assignment from the control plane (older ones are ignored)."""
+        """The assignment of the newest desired state (the same sequence
+        again is ignored)."""
         with self._changed:
-            if self._wanted is None or assignment.sequence > self._wanted.sequence:
+            if self._wanted is None or assignment.sequence != self._wanted.sequence:
                 self._wanted = assignment
                 self._changed.notify_all()
 
@@ -86,7 +94,7 @@ class UpdateRunner:
             wanted = self._wanted
         taken = record.assignment.sequence if record.assignment else 0
         busy = record.pending or machine.state is not State.IDLE
-        if wanted is not None and wanted.sequence > taken:
+        if wanted is not None and wanted.sequence != taken:
             if not busy:
                 log.info(
                     "assignment %d: %s %s (%s)",
@@ -97,7 +105,7 @@ class UpdateRunner:
                 )
                 machine.assign(wanted)
                 return True
-            if record.abort_reason is None:
+            if wanted.sequence > taken and record.abort_reason is None:
                 machine.abort(f"superseded by assignment {wanted.sequence}")
         if busy:
             machine.step()

@@ -1,6 +1,7 @@
 """The persisted update record: state_dir/update.json, written atomically
 (agent.identity.atomic_write) by the machine before each state's side
-effects, and loaded on restart. Bytes (manifest, signature) are hex."""
+effects, and loaded on restart. Bytes (manifest, statement, signatures,
+rotations) are hex."""
 
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ class Assignment:
     # A shadow stage: load the artifact beside the active model and mirror
     # requests to it, but never make it active (docs/agent-updates.md).
     shadow: bool = False
+    # The signed AssignmentStatement and its signature (agent/update/trust.py).
+    statement: bytes = b""
+    statement_signature: bytes = b""
+    # The control plane's signed permission to go back to an older version.
+    rollback: bool = False
+    # The desired state's key rotations, oldest first: (statement, signature).
+    key_rotations: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass
@@ -60,12 +68,17 @@ class UpdateRecord:
         return self.assignment is not None and self.outcome is None
 
 
+_BYTES = ("manifest", "manifest_signature", "statement", "statement_signature")
+
+
 def _encode(record: UpdateRecord) -> bytes:
     document = asdict(record)
     document["state"] = record.state.value
     if record.assignment is not None:
-        document["assignment"]["manifest"] = record.assignment.manifest.hex()
-        document["assignment"]["manifest_signature"] = record.assignment.manifest_signature.hex()
+        written = document["assignment"]
+        for name in _BYTES:
+            written[name] = getattr(record.assignment, name).hex()
+        written["key_rotations"] = [[a.hex(), b.hex()] for a, b in record.assignment.key_rotations]
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -77,10 +90,14 @@ def _decode(path: Path, document: Any) -> UpdateRecord:
         assignment = None
         if raw is not None:
             raw = dict(raw)
-            raw["manifest"] = bytes.fromhex(raw["manifest"])
-            raw["manifest_signature"] = bytes.fromhex(raw["manifest_signature"])
-            # Records written before shadow assignments existed lack the key.
+            # Records written before shadows and statements existed lack those.
+            for name in _BYTES:
+                raw[name] = bytes.fromhex(raw.get(name, ""))
             raw["shadow"] = bool(raw.get("shadow", False))
+            raw["rollback"] = bool(raw.get("rollback", False))
+            raw["key_rotations"] = tuple(
+                (bytes.fromhex(a), bytes.fromhex(b)) for a, b in raw.get("key_rotations", [])
+            )
             assignment = Assignment(**raw)
         return UpdateRecord(
             state=State(document["state"]),

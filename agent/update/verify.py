@@ -1,4 +1,5 @@
-"""The Verifying step: the manifest is signed by a pinned control-plane key,
+"""The Verifying step's manifest checks (the signed statement is checked first,
+by trust.py): the manifest is signed by a trusted control-plane key,
 was built for this device's class, and names the artifact that was
 downloaded; the file has the manifest's size.
 
@@ -51,10 +52,19 @@ class ManifestVerifier:
     def from_state_dir(cls, state_dir: Path, class_name: str) -> ManifestVerifier:
         return cls(trusted_keys=load_trusted_keys(state_dir), class_name=class_name)
 
-    def verify(self, path: Path, *, digest: str, manifest: bytes, signature: bytes) -> None:
-        if not self.trusted_keys:
+    def verify(
+        self,
+        path: Path,
+        *,
+        digest: str,
+        manifest: bytes,
+        signature: bytes,
+        trusted_keys: Mapping[str, bytes] | None = None,
+    ) -> None:
+        keys = self.trusted_keys if trusted_keys is None else trusted_keys
+        if not keys:
             raise FatalUpdateError("no pinned signing keys: cannot verify the manifest")
-        if not any(signature_valid(key, manifest, signature) for key in self.trusted_keys.values()):
+        if not any(signature_valid(key, manifest, signature) for key in keys.values()):
             raise FatalUpdateError("manifest signature does not match any pinned signing key")
         parsed = common_pb2.ArtifactManifest()
         try:
@@ -90,13 +100,25 @@ class ManifestVerifier:
 
 class DeviceVerifier:
     """Implements the Verifier port with what holds at verification time:
-    the keys pinned at the latest enrollment and the device's current class
-    (a device reclassified after the assignment must refuse its artifact)."""
+    the trusted keys the machine passes (after the statement's key rotations;
+    without them, the keys pinned at the latest enrollment) and the device's
+    current class (a device reclassified after the assignment must refuse its
+    artifact)."""
 
     def __init__(self, state_dir: Path, class_name: Callable[[], str]) -> None:
         self.state_dir = state_dir
         self.class_name = class_name
 
-    def verify(self, path: Path, *, digest: str, manifest: bytes, signature: bytes) -> None:
+    def verify(
+        self,
+        path: Path,
+        *,
+        digest: str,
+        manifest: bytes,
+        signature: bytes,
+        trusted_keys: Mapping[str, bytes] | None = None,
+    ) -> None:
         verifier = ManifestVerifier.from_state_dir(self.state_dir, self.class_name())
-        verifier.verify(path, digest=digest, manifest=manifest, signature=signature)
+        verifier.verify(
+            path, digest=digest, manifest=manifest, signature=signature, trusted_keys=trusted_keys
+        )

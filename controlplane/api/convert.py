@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -157,6 +158,9 @@ def assignment_to_pb(view: AssignmentView) -> d.Assignment:
         manifest_signature=view.manifest_signature,
         sequence=view.sequence,
         shadow=view.shadow,
+        statement=view.statement,
+        statement_signature=view.statement_signature,
+        rollback=view.rollback,
     )
 
 
@@ -442,7 +446,16 @@ def artifact_to_pb(row: ArtifactRow) -> o.Artifact:
 
 
 def signing_key_to_pb(row: SigningKeyRow) -> c.SigningKey:
-    return c.SigningKey(key_id=row.id, public_key=row.public_key, created_at=ts(row.created_at))
+    return c.SigningKey(
+        key_id=row.id,
+        public_key=row.public_key,
+        created_at=ts(row.created_at),
+        retired_at=ts(row.retired_at),
+    )
+
+
+def key_rotations_to_pb(chain: Iterable[tuple[bytes, bytes]]) -> list[c.KeyRotation]:
+    return [c.KeyRotation(statement=stmt, signature=sig) for stmt, sig in chain]
 
 
 # ---------------------------------------------------------------- telemetry

@@ -11,7 +11,7 @@ from controlplane.api import convert
 from controlplane.api.rpc import Handlers, rpc
 from controlplane.domain.roles import ADMIN, VIEWER
 from controlplane.errors import InvalidArgument, NotFound
-from controlplane.services import audit
+from controlplane.services import audit, keys
 from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import OperatorPrincipal
 from controlplane.services.builds import BuildService
@@ -512,6 +512,26 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             reason=request.reason,
         )  # fmt: skip
         return convert.rollout_to_pb(view)
+
+    @rpc("operator", role=VIEWER)
+    async def ListSigningKeys(
+        self, request: operator_pb2.ListSigningKeysRequest, context: Any, who: Op
+    ) -> operator_pb2.ListSigningKeysResponse:
+        rows = await self.run(keys.all_keys, self.db)
+        return operator_pb2.ListSigningKeysResponse(
+            keys=[convert.signing_key_to_pb(r) for r in rows]
+        )
+
+    @rpc("operator", role=ADMIN)
+    async def RotateSigningKey(
+        self, request: operator_pb2.RotateSigningKeyRequest, context: Any, who: Op
+    ) -> operator_pb2.RotateSigningKeyResponse:
+        done = await self.run(keys.rotate, self.db, self._events, who.actor, reason=request.reason)
+        return operator_pb2.RotateSigningKeyResponse(
+            previous_key=convert.signing_key_to_pb(done.previous),
+            new_key=convert.signing_key_to_pb(done.new),
+            artifacts_resigned=done.artifacts_resigned,
+        )
 
 
 # ---------------------------------------------------------------- watch helpers

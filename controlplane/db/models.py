@@ -255,6 +255,23 @@ class SigningKeyRow(Base):
     retired_at: Mapped[dt.datetime | None]
 
 
+class SigningKeyRotationRow(Base):
+    """One signing-key rotation: the serialized KeyRotationStatement naming the
+    new key, signed by the key it replaces. Agents walk the chain (oldest
+    first) from whatever key they trust to the current one."""
+
+    __tablename__ = "signing_key_rotations"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    previous_key_id: Mapped[str] = mapped_column(ForeignKey("signing_keys.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("signing_keys.id"), index=True)
+    statement: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    rotated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    rotated_by: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
 class BuildRow(Base):
     __tablename__ = "builds"
 
@@ -380,6 +397,18 @@ class DeviceAssignmentRow(Base):
     shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     assigned_by: Mapped[str] = mapped_column(String(200))
     assigned_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # The signed AssignmentStatement agents act on (services/statements.py),
+    # stored so every replica pushes the same bytes; signed again with the
+    # new key on a rotation. Empty for assignments made before 0009.
+    statement: Mapped[bytes] = mapped_column(LargeBinary, default=b"", server_default="")
+    statement_signature: Mapped[bytes] = mapped_column(
+        LargeBinary, default=b"", server_default=""
+    )
+    # Going back to an older version than the device had (also in the statement).
+    rollback: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The key that signed the statement: part of the push path's cache keys,
+    # so a rotation on another replica cannot leave a stale signature cached.
+    key_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class DeploymentEventRow(Base):

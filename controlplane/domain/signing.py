@@ -31,6 +31,17 @@ def sign(private_key: bytes, data: bytes) -> bytes:
     return Ed25519PrivateKey.from_private_bytes(private_key).sign(data)
 
 
+class Signer:
+    """Signs many messages with one key: loading the private key once, not
+    per signature, when an assignment signs a statement per device."""
+
+    def __init__(self, private_key: bytes) -> None:
+        self._key = Ed25519PrivateKey.from_private_bytes(private_key)
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+
 def verify(public_key: bytes, data: bytes, signature: bytes) -> bool:
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)

@@ -8,6 +8,13 @@ older than what it has seen. Assigning is all-or-nothing: if one device
 cannot take the version, nothing is assigned and the error lists every
 device that cannot, with the reason.
 
+Every assignment carries an AssignmentStatement signed with the current
+signing key (services/statements.py), made here when the assignment is
+written and stored with it, so all replicas push the same bytes and the
+push path signs nothing. Its `rollback` flag is the control plane's
+explicit permission to go back to an older version (agents refuse a
+downgrade without it); see `assign_devices`.
+
 History: agents report their update state (agent/update/states.py) on the
 sync stream; every change of (sequence, state) becomes a DeploymentEventRow.
 Download progress updates the device's current status only, so the history
@@ -36,8 +43,9 @@ from controlplane.db.models import (
     utcnow,
 )
 from controlplane.db.uow import Database
+from controlplane.domain import semver, signing
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
-from controlplane.services import audit
+from controlplane.services import audit, keys, statements
 from controlplane.services.builds import SUCCEEDED
 from controlplane.services.devices import ACCEPTED, DesiredView, EventSink
 from controlplane.services.events import FleetEvent
@@ -69,6 +77,11 @@ class AssignmentView:
     assigned_by: str
     assigned_at: dt.datetime
     shadow: bool = False
+    statement: bytes = b""
+    statement_signature: bytes = b""
+    rollback: bool = False
+    # The key that signed the manifest (manifest_signature).
+    manifest_key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,7 @@ def assign_devices(
     actor: str,
     rollout_id: str | None = None,
     shadow: bool = False,
+    rollback: bool = False,
     artifacts: dict[tuple[str, str], ArtifactRow | str] | None = None,
     at: dt.datetime | None = None,
 ) -> dict[str, tuple[int, ArtifactRow] | str]:
@@ -138,8 +152,25 @@ def assign_devices(
     assignments cannot hand out one sequence twice. `artifacts` caches the
     per-class lookups across calls; `at` is the assignment time (default
     now). Unknown devices are absent from the result. The caller publishes
-    the desired-state changes after its commit."""
+    the desired-state changes after its commit.
+
+    Each assignment gets its signed statement. Its rollback flag is set when
+    `rollback` says so (a rollout sending devices back: revert, abort with
+    revert, a dropped class) and otherwise per device when `mv` is older
+    (semver) than the version of the same model in the device's current
+    assignment or in the last update of that model it reported committed:
+    an operator assigning an older version, or a rollout of one. Erring
+    towards the flag is safe (it permits, never forces); missing it makes
+    the agent refuse the downgrade.
+
+    The active key is read after the device rows are locked: a rotation
+    locks them all first (keys.rotate), so an assignment either commits
+    before it (and is signed again by it) or reads the new key."""
     cache = {} if artifacts is None else artifacts
+    model_name = session.get_one(ModelRow, mv.model_id).name
+    target = semver.sort_key(mv.version)
+    signer: tuple[str, signing.Signer] | None = None
+    manifest_digests: dict[str, str] = {}
     result: dict[str, tuple[int, ArtifactRow] | str] = {}
     now = at or dt.datetime.now(dt.UTC)
     ids = list(dict.fromkeys(device_ids))
@@ -156,6 +187,9 @@ def assign_devices(
             .order_by(DeviceRow.id)
             .with_for_update()
         ).all()  # fmt: skip
+        if signer is None and rows:
+            key = keys.active_key(session)
+            signer = (key.key_id, signing.Signer(key.private_key))
         counters: list[dict[str, Any]] = []
         values: dict[str, dict[str, Any]] = {}
         for device_id, state, class_id, seq, revision in rows:
@@ -174,12 +208,28 @@ def assign_devices(
             }  # fmt: skip
         if not counters:
             continue
+        assert signer is not None
         update_rows(session, DeviceRow, counters)
-        existing = set(session.scalars(
-            select(DeviceAssignmentRow.device_id).where(
-                DeviceAssignmentRow.device_id.in_(list(values))
-            )
-        ))  # fmt: skip
+        existing, newer = _current_versions(session, list(values), mv.model_id, model_name)
+        key_id, sign = signer
+        for device_id, row in values.items():
+            artifact = cast(tuple[int, ArtifactRow], result[device_id])[1]
+            digest = manifest_digests.get(artifact.id)
+            if digest is None:
+                digest = manifest_digests[artifact.id] = statements.manifest_sha256(
+                    artifact.manifest
+                )
+            back = rollback or any(semver.sort_key(v) > target for v in newer.get(device_id, ()))
+            statement = statements.assignment_statement(
+                device_id=device_id, sequence=row["sequence"], model_name=model_name,
+                model_version=mv.version, artifact_sha256=artifact.digest,
+                manifest_digest=digest, shadow=shadow, rollback=back, key_id=key_id,
+                issued_at=now,
+            )  # fmt: skip
+            row.update(
+                statement=statement, statement_signature=sign.sign(statement), rollback=back,
+                key_id=key_id,
+            )  # fmt: skip
         replaced = [v for k, v in values.items() if k in existing]
         added = [v for k, v in values.items() if k not in existing]
         if replaced:
@@ -187,6 +237,37 @@ def assign_devices(
         if added:
             insert_rows(session, DeviceAssignmentRow, added)
     return result
+
+
+def _current_versions(
+    session: Session, device_ids: list[str], model_id: str, model_name: str
+) -> tuple[set[str], dict[str, list[str]]]:
+    """The devices that have an assignment; and per device the versions of
+    the model a new assignment must not go below without the rollback flag:
+    its current assignment's (if of this model) and the one it last reported
+    committed."""
+    existing: set[str] = set()
+    versions: dict[str, list[str]] = {}
+    current = session.execute(
+        select(DeviceAssignmentRow.device_id, ModelVersionRow.model_id, ModelVersionRow.version)
+        .join(ModelVersionRow, ModelVersionRow.id == DeviceAssignmentRow.model_version_id)
+        .where(DeviceAssignmentRow.device_id.in_(device_ids))
+    )
+    for device_id, current_model, version in current:
+        existing.add(device_id)
+        if current_model == model_id:
+            versions.setdefault(device_id, []).append(version)
+    e = DeploymentEventRow
+    committed: dict[str, str] = {}
+    for device_id, version in session.execute(
+        select(e.device_id, e.model_version)
+        .where(e.device_id.in_(device_ids), e.model_name == model_name, e.state == "committed")
+        .order_by(e.id)
+    ):
+        committed[device_id] = version
+    for device_id, version in committed.items():
+        versions.setdefault(device_id, []).append(version)
+    return existing, versions
 
 
 def _published(session: Session, artifact_id: str, model_version_id: str) -> dict[str, Any]:
@@ -204,20 +285,32 @@ def _published(session: Session, artifact_id: str, model_version_id: str) -> dic
         "runtime": str(build.target.get("runtime", "")),
         "manifest": artifact.manifest,
         "manifest_signature": artifact.signature,
+        "manifest_key_id": artifact.key_id,
     }
 
 
-Published = dict[tuple[str, str], dict[str, Any]]
+Published = dict[tuple[str, str, str], dict[str, Any]]
 
 
 def _fixed(
-    session: Session, artifact_id: str, model_version_id: str, cache: Published
+    session: Session,
+    artifact_id: str,
+    model_version_id: str,
+    key_id: str | None,
+    cache: Published,
 ) -> dict[str, Any]:
-    """_published, remembered in `cache` (bounded)."""
-    key = (artifact_id, model_version_id)
+    """_published, remembered in `cache` (bounded). Keyed by the key that
+    signed the assignment's statement too: a rotation (on any replica) signs
+    statements and manifests again in one transaction, so a row naming the
+    new key never meets a manifest signature cached from before it. A read
+    that straddled a rotation (the manifest signed by another key than the
+    statement) is answered but not kept."""
+    key = (artifact_id, model_version_id, key_id or "")
     fixed = cache.get(key)
     if fixed is None:
-        fixed = _published(session, *key)
+        fixed = _published(session, artifact_id, model_version_id)
+        if key_id is not None and fixed["manifest_key_id"] != key_id:
+            return fixed
         if len(cache) >= _PUBLISHED_CACHE:
             cache.clear()
         cache[key] = fixed
@@ -232,7 +325,10 @@ def _view(session: Session, row: DeviceAssignmentRow, cache: Published) -> Assig
         assigned_by=row.assigned_by,
         assigned_at=row.assigned_at,
         shadow=row.shadow,
-        **_fixed(session, row.artifact_id, row.model_version_id, cache),
+        statement=row.statement,
+        statement_signature=row.statement_signature,
+        rollback=row.rollback,
+        **_fixed(session, row.artifact_id, row.model_version_id, row.key_id, cache),
     )
 
 
@@ -296,7 +392,12 @@ class DeploymentService:
         # Artifact and version details by (artifact, version): immutable once
         # published, and the same for every device a rollout pushes to, so a
         # push to 10,000 devices reads them once instead of 10,000 times.
-        self._published: dict[tuple[str, str], dict[str, Any]] = {}
+        self._published: Published = {}
+        # The signing-key rotations agents get with every desired state, and
+        # the key they lead to. Reloaded when an assignment names another
+        # key: a rotation signs every stored statement again, so that is how
+        # any replica notices one without being told.
+        self._chain: tuple[str, tuple[tuple[bytes, bytes], ...]] | None = None
 
     def assign(
         self,
@@ -339,7 +440,7 @@ class DeploymentService:
                 views.append(AssignmentView(
                     device_id=device_id, sequence=sequence, rollout_id=rollout_id or "",
                     assigned_by=actor, assigned_at=now,
-                    **_fixed(session, artifact.id, mv.id, self._published),
+                    **_fixed(session, artifact.id, mv.id, None, self._published),
                 ))  # fmt: skip
                 audit.record(
                     uow,
@@ -370,7 +471,8 @@ class DeploymentService:
                 select(
                     d.desired_revision, d.state, d.labels, DeviceClassRow.name, a.device_id,
                     a.sequence, a.artifact_id, a.model_version_id, a.rollout_id, a.shadow,
-                    a.assigned_by, a.assigned_at,
+                    a.assigned_by, a.assigned_at, a.statement, a.statement_signature,
+                    a.rollback, a.key_id,
                 )
                 .outerjoin(DeviceClassRow, DeviceClassRow.id == d.class_id)
                 .outerjoin(a, a.device_id == d.id)
@@ -378,15 +480,27 @@ class DeploymentService:
             ).first()  # fmt: skip
             if row is None:
                 raise NotFound(f"no device with id {device_id!r}")
-            view = DesiredView(row[0], row[1], row[3] or "", dict(row[2] or {}))
+            chain = self._key_rotations(uow.session, row[15])
+            view = DesiredView(row[0], row[1], row[3] or "", dict(row[2] or {}), chain)
             if row[4] is None:
                 return view, None
-            fixed = _fixed(uow.session, row[6], row[7], self._published)
+            fixed = _fixed(uow.session, row[6], row[7], row[15], self._published)
         assignment = AssignmentView(
             device_id=device_id, sequence=row[5], rollout_id=row[8] or "", shadow=bool(row[9]),
-            assigned_by=row[10], assigned_at=row[11], **fixed,
+            assigned_by=row[10], assigned_at=row[11], statement=row[12],
+            statement_signature=row[13], rollback=bool(row[14]), **fixed,
         )  # fmt: skip
         return view, assignment
+
+    def _key_rotations(
+        self, session: Session, key_id: str | None
+    ) -> tuple[tuple[bytes, bytes], ...]:
+        """The rotation chain, read again only when it is unknown or an
+        assignment is signed by a key it does not lead to."""
+        chain = self._chain
+        if chain is None or (key_id is not None and key_id != chain[0]):
+            chain = self._chain = (keys.active_key(session).key_id, keys.rotation_chain(session))
+        return chain[1]
 
     def record_statuses(self, reports: dict[str, StatusReport]) -> None:
         """Store what agents reported, many devices in one transaction: the

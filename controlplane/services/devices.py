@@ -50,6 +50,8 @@ class DesiredView:
     device_state: str
     class_name: str
     labels: dict[str, str]
+    # Every signing-key rotation, oldest first: (statement, signature).
+    key_rotations: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:

@@ -1,15 +1,42 @@
-"""The control plane's manifest-signing keys, shared by every replica."""
+"""The control plane's manifest-signing keys, shared by every replica, and
+their rotation.
+
+A rotation (`rotate`) makes a new key, signs a KeyRotationStatement naming
+it with each key it replaces, retires those, and signs every artifact
+manifest and every stored assignment statement again with the new key, all
+in one transaction: from its commit on, nothing pushed is signed by a
+retired key. Replicas need no message about it: the push path's caches are
+keyed by the key that signed the assignment (services/deployments.py)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controlplane.db.models import SigningKeyRow
+from controlplane.db.bulk import update_rows
+from controlplane.db.models import (
+    ArtifactRow,
+    DeviceAssignmentRow,
+    DeviceRow,
+    SigningKeyRotationRow,
+    SigningKeyRow,
+)
 from controlplane.db.uow import Database
 from controlplane.domain import signing
+from controlplane.errors import InvalidArgument
+from controlplane.services import audit, statements
+from controlplane.services.events import FleetEvent
+
+
+class EventSink(Protocol):
+    def publish(self, event: FleetEvent) -> None: ...
+
+
+MAX_REASON = 500
 
 
 @dataclass(frozen=True)
@@ -60,3 +87,99 @@ def public_keys(db: Database) -> list[SigningKeyRow]:
                 .order_by(SigningKeyRow.created_at, SigningKeyRow.id)
             )
         )
+
+
+def all_keys(db: Database) -> list[SigningKeyRow]:
+    """Every key, current and retired, oldest first."""
+    with db.unit_of_work(readonly=True) as uow:
+        return list(
+            uow.session.scalars(
+                select(SigningKeyRow).order_by(SigningKeyRow.created_at, SigningKeyRow.id)
+            )
+        )
+
+
+def rotation_chain(session: Session) -> tuple[tuple[bytes, bytes], ...]:
+    """Every rotation, oldest first, as (statement, signature)."""
+    r = SigningKeyRotationRow
+    return tuple(
+        (statement, signature)
+        for statement, signature in session.execute(select(r.statement, r.signature).order_by(r.id))
+    )
+
+
+@dataclass(frozen=True)
+class Rotation:
+    previous: SigningKeyRow
+    new: SigningKeyRow
+    artifacts_resigned: int
+    assignments_resigned: int
+
+
+def rotate(db: Database, events: EventSink, actor: str, *, reason: str = "") -> Rotation:
+    """Replace the signing key (see the module docstring); audited. Every
+    device row is locked first, in id order as assignments lock them, so an
+    assignment in flight either commits before the rotation (whose re-signing
+    then covers it) or waits and signs with the new key."""
+    if len(reason) > MAX_REASON:
+        raise InvalidArgument(f"reason: at most {MAX_REASON} characters")
+    now = dt.datetime.now(dt.UTC)
+    with db.unit_of_work() as uow:
+        session = uow.session
+        session.execute(select(DeviceRow.id).order_by(DeviceRow.id).with_for_update()).all()
+        retiring = list(
+            session.scalars(
+                select(SigningKeyRow)
+                .where(SigningKeyRow.retired_at.is_(None))
+                .order_by(SigningKeyRow.created_at, SigningKeyRow.id)
+                .with_for_update()
+            )
+        )
+        if not retiring:
+            raise RuntimeError("no signing key; the server creates one on start")
+        kid, private, public = signing.generate()
+        new = SigningKeyRow(id=kid, public_key=public, private_key=private, created_at=now)
+        session.add(new)
+        session.flush()
+        # One statement per key replaced: replicas started together may each
+        # have made a key, and agents that pinned any of them must find a way.
+        for old in retiring:
+            statement = statements.rotation_statement(
+                previous_key_id=old.id, key_id=kid, public_key=public, rotated_at=now
+            )
+            session.add(SigningKeyRotationRow(
+                previous_key_id=old.id, key_id=kid, statement=statement,
+                signature=signing.sign(old.private_key, statement), rotated_at=now,
+                rotated_by=actor, reason=reason,
+            ))  # fmt: skip
+            old.retired_at = now
+        signer = signing.Signer(private)
+        artifacts = [
+            {"id": artifact_id, "signature": signer.sign(manifest), "key_id": kid}
+            for artifact_id, manifest in session.execute(
+                select(ArtifactRow.id, ArtifactRow.manifest).order_by(ArtifactRow.id)
+            )
+        ]
+        update_rows(session, ArtifactRow, artifacts)
+        assignments: list[dict[str, Any]] = []
+        for device_id, statement in session.execute(
+            select(DeviceAssignmentRow.device_id, DeviceAssignmentRow.statement)
+            .where(DeviceAssignmentRow.statement != b"")
+            .order_by(DeviceAssignmentRow.device_id)
+        ):
+            again = statements.with_key(statement, kid)
+            assignments.append({
+                "device_id": device_id, "statement": again,
+                "statement_signature": signer.sign(again), "key_id": kid,
+            })  # fmt: skip
+        update_rows(session, DeviceAssignmentRow, assignments)
+        previous = retiring[0]
+        audit.record(
+            uow, actor, "signing_key.rotate", f"signing_key:{kid}",
+            previous=[k.id for k in retiring], reason=reason,
+            artifacts_resigned=len(artifacts), assignments_resigned=len(assignments),
+        )  # fmt: skip
+        uow.commit()
+        result = Rotation(previous, new, len(artifacts), len(assignments))
+    events.publish(FleetEvent("signing_key.rotated", subject=kid))
+    return result

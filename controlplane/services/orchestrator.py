@@ -703,9 +703,11 @@ class _Driver:
                 by_version.setdefault(d.previous_model_version_id, []).append((d, prefix))
         for version_id, group in by_version.items():
             previous = self.session.get_one(ModelVersionRow, version_id)
+            # A revert is a rollback by definition, whatever the versions
+            # compare like: the agents must take it.
             assigned = assign_devices(
                 self.session, previous, [d.device_id for d, _ in group],
-                actor=f"rollout:{self.row.id}", rollout_id=self.row.id,
+                actor=f"rollout:{self.row.id}", rollout_id=self.row.id, rollback=True,
                 artifacts=self._artifacts,
             )  # fmt: skip
             for d, prefix in group:

@@ -1,0 +1,195 @@
+"""The agent's statement checks (agent/update/trust.py), pure: statements and
+rotations are made by the control plane's own code (services/statements.py,
+domain/signing.py), so both ends agree on the bytes. Plus the trust file's
+rules (one device id, new pins on re-enrollment) and the Verifying step
+persisting only after every check passed."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.identity import Identity, save_identity, save_trusted_keys
+from agent.update.ports import FatalUpdateError
+from agent.update.store import Assignment
+from agent.update.trust import (
+    DOWNGRADE,
+    REPLAYED,
+    UNTRUSTED,
+    TrustState,
+    TrustStore,
+    verify_statement,
+    version_key,
+    walk_rotations,
+    with_commit,
+)
+from controlplane.domain import signing
+from controlplane.services import statements
+
+NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+DEVICE = "dev-1"
+MANIFEST = b"manifest bytes"
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    key_id: str
+    private: bytes
+    public: bytes
+
+
+def _key() -> Key:
+    return Key(*signing.generate())
+
+
+def _assignment(
+    key: Key, sequence: int, version: str = "1.0.0", *, rollback: bool = False,
+    shadow: bool = False, device: str = DEVICE, rotations: tuple[tuple[bytes, bytes], ...] = (),
+) -> Assignment:  # fmt: skip
+    statement = statements.assignment_statement(
+        device_id=device, sequence=sequence, model_name="digits", model_version=version,
+        artifact_sha256="ab" * 32, manifest_digest=hashlib.sha256(MANIFEST).hexdigest(),
+        shadow=shadow, rollback=rollback, key_id=key.key_id, issued_at=NOW,
+    )  # fmt: skip
+    return Assignment(
+        model_name="digits", model_version=version, artifact_digest="ab" * 32, artifact_size=1,
+        manifest=MANIFEST, manifest_signature=b"", sequence=sequence, shadow=shadow,
+        statement=statement, statement_signature=signing.sign(key.private, statement),
+        rollback=rollback, key_rotations=rotations,
+    )  # fmt: skip
+
+
+def _rotation(old: Key, new: Key, *, signer: Key | None = None) -> tuple[bytes, bytes]:
+    statement = statements.rotation_statement(
+        previous_key_id=old.key_id, key_id=new.key_id, public_key=new.public, rotated_at=NOW
+    )
+    return statement, signing.sign((signer or old).private, statement)
+
+
+def _state(*keys: Key, **kw: object) -> TrustState:
+    return TrustState(device_id=DEVICE, keys={k.key_id: k.public for k in keys}, **kw)  # type: ignore[arg-type]
+
+
+def _refused(state: TrustState, assignment: Assignment) -> str:
+    with pytest.raises(FatalUpdateError) as err:
+        verify_statement(state, assignment)
+    return err.value.message
+
+
+def test_a_statement_is_accepted_once_and_raises_the_sequence() -> None:
+    k1 = _key()
+    first = _assignment(k1, 3)
+    after = verify_statement(_state(k1), first)
+    assert after.sequence == 3
+    assert after.statement_sha256 == hashlib.sha256(first.statement).hexdigest()
+    # The same statement again (a restart re-runs Verifying) is fine...
+    assert verify_statement(after, first) == after
+    # ...another one at or below the sequence is a replay.
+    assert REPLAYED in _refused(after, _assignment(k1, 3, "2.0.0"))
+    assert REPLAYED in _refused(after, _assignment(k1, 2))
+    assert verify_statement(after, _assignment(k1, 4)).sequence == 4
+
+
+def test_what_the_assignment_says_must_be_what_was_signed() -> None:
+    k1, other = _key(), _key()
+    state = _state(k1)
+    good = _assignment(k1, 1)
+    assert UNTRUSTED in _refused(state, _assignment(other, 1))
+    assert "unsigned" in _refused(state, dataclasses.replace(good, statement=b""))
+    flipped = bytearray(good.statement)
+    flipped[-1] ^= 1
+    assert UNTRUSTED in _refused(state, dataclasses.replace(good, statement=bytes(flipped)))
+    assert "for device 'dev-2'" in _refused(state, _assignment(k1, 1, device="dev-2"))
+    # Every field outside the signature must agree with the statement.
+    for change, what in (
+        ({"sequence": 2}, "sequence"),
+        ({"model_version": "9.0.0"}, "model version"),
+        ({"artifact_digest": "cd" * 32}, "artifact"),
+        ({"manifest": b"another manifest"}, "manifest"),
+        ({"shadow": True}, "shadow"),
+        ({"rollback": True}, "rollback"),
+    ):
+        reason = _refused(state, dataclasses.replace(good, **change))  # type: ignore[arg-type]
+        assert f"does not match its signed statement: {what}" in reason
+
+
+def test_a_downgrade_needs_the_rollback_flag_and_shadows_are_exempt() -> None:
+    k1 = _key()
+    state = with_commit(_state(k1, sequence=1), _assignment(k1, 1, "2.0.0"))
+    assert state.committed == {"digits": "2.0.0"}
+    assert DOWNGRADE in _refused(state, _assignment(k1, 2, "1.9.9"))
+    assert DOWNGRADE in _refused(state, _assignment(k1, 2, "2.0.0-rc.1"))
+    assert verify_statement(state, _assignment(k1, 2, "1.0.0", rollback=True)).sequence == 2
+    assert verify_statement(state, _assignment(k1, 2, "1.0.0", shadow=True)).sequence == 2
+    assert verify_statement(state, _assignment(k1, 2, "2.0.0")).sequence == 2
+    # A shadow's commit does not move the committed version.
+    assert with_commit(state, _assignment(k1, 2, "3.0.0", shadow=True)) == state
+
+
+def test_versions_order_by_semver_precedence() -> None:
+    ordered = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta.2",
+               "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0", "1.0.1", "1.10.0", "2.0.0"]  # fmt: skip
+    assert sorted(ordered, key=version_key) == ordered
+    assert version_key("1.0.0+build.5") == version_key("1.0.0")
+    with pytest.raises(FatalUpdateError):
+        version_key("one")
+
+
+def test_rotations_are_walked_from_any_trusted_key_and_replace_it() -> None:
+    k1, k2, k3 = _key(), _key(), _key()
+    chain = (_rotation(k1, k2), _rotation(k2, k3))
+    assert walk_rotations({k1.key_id: k1.public}, chain) == {k3.key_id: k3.public}
+    # Already past the first link: it is skipped.
+    assert walk_rotations({k2.key_id: k2.public}, chain) == {k3.key_id: k3.public}
+    assert walk_rotations({k3.key_id: k3.public}, chain) == {k3.key_id: k3.public}
+    # A statement by k3 verifies through the chain; the old key no longer does.
+    after = verify_statement(_state(k1), _assignment(k3, 1, rotations=chain))
+    assert set(after.keys) == {k3.key_id}
+    assert UNTRUSTED in _refused(after, _assignment(k1, 2))
+
+
+def test_a_rotation_not_signed_by_the_key_it_replaces_is_refused() -> None:
+    k1, k2, evil = _key(), _key(), _key()
+    forged = _rotation(k1, evil, signer=evil)
+    with pytest.raises(FatalUpdateError, match="forged"):
+        walk_rotations({k1.key_id: k1.public}, (forged,))
+    reason = _refused(_state(k1), _assignment(evil, 1, rotations=(_rotation(k1, k2), forged)))
+    assert "forged" in reason or UNTRUSTED in reason
+    # A link claiming a key id that is not its public key's.
+    statement = statements.rotation_statement(
+        previous_key_id=k1.key_id, key_id=k2.key_id, public_key=evil.public, rotated_at=NOW
+    )
+    with pytest.raises(FatalUpdateError, match="key id does not match"):
+        walk_rotations({k1.key_id: k1.public}, ((statement, signing.sign(k1.private, statement)),))
+
+
+def _enrolled(state_dir: Path, device_id: str, *keys: Key) -> TrustStore:
+    save_identity(state_dir, Identity(device_id, "efd_x.y", "127.0.0.1:1", "hw"))
+    save_trusted_keys(state_dir, {k.key_id: k.public for k in keys})
+    return TrustStore(state_dir)
+
+
+def test_the_trust_file_belongs_to_one_device_and_adopts_new_pins(tmp_path: Path) -> None:
+    k1, k2 = _key(), _key()
+    store = _enrolled(tmp_path, DEVICE, k1)
+    assert store.load() == TrustState(DEVICE, {k1.key_id: k1.public}, (k1.key_id,))
+    verified = store.check(_assignment(k1, 5))
+    assert not store.path.exists()  # check() persists nothing
+    store.accept(verified)
+    store.committed(_assignment(k1, 5))
+    assert (store.load().sequence, dict(store.load().committed)) == (5, {"digits": "1.0.0"})
+    # Re-enrolled as the same device with a new pin: new keys, same history.
+    save_trusted_keys(tmp_path, {k2.key_id: k2.public})
+    assert (set(store.load().keys), store.load().sequence) == ({k2.key_id}, 5)
+    # Another device id: sequences start again.
+    save_identity(tmp_path, Identity("dev-2", "efd_x.y", "127.0.0.1:1", "hw"))
+    assert (store.load().device_id, store.load().sequence, store.load().committed) == (
+        "dev-2", 0, {},
+    )  # fmt: skip
+    document = json.loads(store.path.read_text())
+    assert document["sequence"] == 5 and document["device_id"] == DEVICE

@@ -591,6 +591,23 @@ def test_crash_loop_in_one_state_ends_in_failure(tmp_path: Path) -> None:
     rig.assert_consistent(record, assignment)
 
 
+def test_a_download_cut_more_often_than_max_attempts_finishes_while_it_progresses(
+    tmp_path: Path,
+) -> None:
+    # Five cuts, each further on, against three attempts: a flaky link.
+    downloader = FakeDownloader(cuts=[1000, 2000, 3000, 4000, 5000])
+    rig = Rig(tmp_path, downloader=downloader, max_attempts=3)
+    assignment = make_assignment()
+    rig.machine.assign(assignment)
+    record = rig.machine.run_until_settled()
+    assert record.outcome == "committed", record.reason
+    assert downloader.offsets == [0, 1000, 2000, 3000, 4000, 5000]
+    assert downloader.bytes_served == len(DATA)
+    # Each retry after progress backs off as a first one.
+    assert rig.sleeps == [1.0] * 5
+    rig.assert_consistent(record, assignment)
+
+
 def test_restart_during_download_resumes_from_the_bytes_on_disk(tmp_path: Path) -> None:
     downloader = FakeDownloader(cuts=[3500])
     rig = Rig(tmp_path, downloader=downloader)
@@ -665,6 +682,20 @@ def test_download_checks_free_space_first(tmp_path: Path) -> None:
     with pytest.raises(FatalUpdateError, match="disk full"):
         download.run(downloader)
     assert downloader.offsets == []
+
+
+def test_a_disk_that_fills_during_the_download_fails_it_and_frees_the_partial_file(
+    tmp_path: Path,
+) -> None:
+    download, _ = _download(tmp_path)  # the free-space check passes
+    part = part_path(tmp_path, sha(DATA))
+    part.parent.mkdir(parents=True)
+    # Every write to /dev/full fails with ENOSPC, as on a disk that filled up.
+    part.symlink_to("/dev/full")
+    with pytest.raises(FatalUpdateError, match="disk full while downloading"):
+        download.run(FakeDownloader())
+    assert not part.exists() and not part.is_symlink()
+    assert download.run(FakeDownloader()).read_bytes() == DATA  # room again
 
 
 def test_download_rejects_a_corrupted_chunk(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ are hashed; if a write fails half-way, the file is cut back to what was hashed.
 The file is renamed to <state_dir>/downloads/<digest> only after its sha256
 matched, so the final path exists only for a complete, correct artifact.
 Before fetching, free space must cover the remaining bytes plus a margin, or
-the download fails with a fatal "disk full"."""
+the download fails with a fatal "disk full"; if the disk fills up anyway
+(something else wrote to it), the partial file is deleted as it fails."""
 
 from __future__ import annotations
 
@@ -104,6 +105,10 @@ class ResumableDownload:
             raise  # the source's trouble, retryable (machine.classify)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
+                # The update fails anyway; the space the partial file held
+                # lets the agent record that on the same full disk.
+                self.part.unlink(missing_ok=True)
+                self._hasher, self._hashed = None, 0
                 raise FatalUpdateError(f"disk full while downloading {self.digest[:12]}") from exc
             raise FatalUpdateError(f"{self.part}: {exc.strerror or exc}") from exc
 

@@ -17,13 +17,16 @@ be under way, and a restart re-enters that state:
 
 Errors: every port error is classified (ports.py). A retryable one keeps the
 state, backs off (base * 2^(attempt-1), capped; the sleep is a port) and
-counts an attempt; at `max_attempts` it becomes fatal. The loop guard counts
+counts an attempt; at `max_attempts` it becomes fatal. An interrupted download
+that got further than the attempt before starts the count again: a link that
+drops every few megabytes must not fail a large download after `max_attempts`
+cuts, while one that makes no progress still fails. The loop guard counts
 handler runs of one update, restarts included: past `max_loops` the next
 handler is not run and a fatal "loop guard" failure is raised instead, so an
 update that never settles ends in Failed. A state entered more than
 `max_attempts` times (a crash loop: the process dies inside its handler) fails
-the same way without running the handler again. Failed always
-settles to Idle (its cleanup and report never fail).
+the same way without running the handler again. Failed always settles to Idle
+(its cleanup and report never fail).
 
 Shadow assignments (Assignment.shadow, a rollout's shadow stage) run through
 the same states: only Activating branches, loading the candidate as the
@@ -231,10 +234,13 @@ class UpdateMachine:
             record.bytes_downloaded = done
             self._report(State.DOWNLOADING, None)
 
+        before = record.bytes_downloaded
         try:
             download.run(self.ports.downloader, progress)
         finally:
             record.bytes_downloaded = download.bytes_done
+            if download.bytes_done > before:
+                record.attempts[State.DOWNLOADING.value] = 1  # progress: see the docstring
         return Event.success()
 
     def _verifying(self, record: UpdateRecord) -> Event:

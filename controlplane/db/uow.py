@@ -1,13 +1,29 @@
-"""The unit of work: owns a session, commits only when told, rolls back on exit."""
+"""The unit of work: owns a session, commits only when told, rolls back on exit.
+
+A database that cannot be reached or is restarting (SQLAlchemy's
+OperationalError: connection refused or lost, "the database system is
+starting up", also a lock timeout or a serialization failure) leaves the
+block as the domain's Unavailable, so callers retry (gRPC UNAVAILABLE)
+instead of seeing an internal error. Nothing was committed, or the commit
+itself failed, in which case whether it landed is unknown to the caller, as
+with any lost reply. The pool checks connections before use
+(pool_pre_ping), so once the database is back the next unit of work gets a
+live connection."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from types import TracebackType
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from controlplane.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 
 class TicketLock:
@@ -88,6 +104,9 @@ class UnitOfWork:
         finally:
             if self._writers is not None:
                 self._writers.release()
+        if isinstance(exc, OperationalError):
+            log.warning("database unavailable: %s", str(exc.orig).splitlines()[0])
+            raise Unavailable("the database is unavailable; try again") from exc
 
     def commit(self) -> None:
         self.session.commit()

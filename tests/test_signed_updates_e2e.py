@@ -50,6 +50,7 @@ from tests.harness import ControlPlane
 from tests.test_api import _parts
 from tests.test_builds_e2e import _push
 from tests.test_builds_service import _fake_result
+from tests.test_cli_e2e import edgefleet, edgefleet_json
 from tests.test_deployments_e2e import _served, _settled
 
 pytestmark = pytest.mark.timeout(300)
@@ -443,3 +444,20 @@ def test_a_kill_between_verification_and_persisting_keeps_the_old_trusted_state(
     assert _served(agent) == ("3.0.0", w.digests["3.0.0"])
     after = _trust(agent)
     assert after["sequence"] == sequence and after["committed"] == {MODEL: "3.0.0"}
+
+
+def test_signing_keys_ls_and_rotate_from_the_cli(w: World) -> None:
+    before = edgefleet_json(w.cp, "signing-keys", "ls")
+    current = [k["key_id"] for k in before if not k.get("retired_at")]
+    assert len(current) == 1
+    rotated = edgefleet(w.cp, "signing-keys", "rotate", "--yes", "--reason", "from the cli")
+    assert current[0] in rotated.stdout
+    after = edgefleet_json(w.cp, "signing-keys", "ls")
+    assert [k["key_id"] for k in after][: len(before)] == [k["key_id"] for k in before]
+    (new,) = [k for k in after if not k.get("retired_at")]
+    assert new["key_id"] not in {k["key_id"] for k in before}
+    table = edgefleet(w.cp, "signing-keys", "ls").stdout
+    assert "current" in table and "retired" in table
+    # Asking first, unless --yes.
+    refused = edgefleet(w.cp, "signing-keys", "rotate", check=False)
+    assert refused.returncode != 0 and len(edgefleet_json(w.cp, "signing-keys", "ls")) == len(after)

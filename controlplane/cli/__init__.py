@@ -22,6 +22,7 @@ from controlplane.cli.convert import parse_duration
 from controlplane.cli.devices import devices
 from controlplane.cli.models import models
 from controlplane.cli.rollouts import rollouts
+from controlplane.cli.signing_keys import signing_keys
 from controlplane.cli.simulate import simulate
 from controlplane.cli.telemetry import telemetry
 from controlplane.cli.tokens import operator_tokens, tokens
@@ -251,8 +252,8 @@ def db_upgrade(data_dir: Path, db_url: str | None) -> None:
     click.echo(f"database at revision {revision}")
 
 
-for group in (tokens, operator_tokens, devices, classes, models, builds, artifacts, rollouts,
-              telemetry, toolchain):  # fmt: skip
+for group in (tokens, operator_tokens, signing_keys, devices, classes, models, builds, artifacts,
+              rollouts, telemetry, toolchain):  # fmt: skip
     cli.add_command(group)
 cli.add_command(simulate)
 cli.add_command(tui)

@@ -214,6 +214,24 @@ def operator_token_created(resp: operator_pb2.CreateOperatorTokenResponse) -> Re
     return Group(details, Text(), secret)
 
 
+def signing_keys_table(keys: Sequence[common_pb2.SigningKey], now: datetime) -> Table:
+    table = _table("KEY ID", "CREATED", "RETIRED", "STATUS")
+    for k in keys:
+        retired = _when(k.retired_at)
+        _add_row(
+            table, k.key_id, format_ago(k.created_at, now), format_ago(k.retired_at, now),
+            "retired" if retired else "current",
+        )  # fmt: skip
+    return table
+
+
+def signing_key_rotated(resp: operator_pb2.RotateSigningKeyResponse) -> RenderableType:
+    return _grid([
+        ("new key", resp.new_key.key_id), ("replaces", resp.previous_key.key_id),
+        ("artifacts signed again", str(resp.artifacts_resigned)),
+    ])  # fmt: skip
+
+
 # ------------------------------------------------------------------ devices
 
 

@@ -12,6 +12,7 @@ reports to the control plane matches what it serves."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import platform
 import sqlite3
@@ -27,6 +28,8 @@ import numpy as np
 import pytest
 
 from agent.update.faults import FAULT_ENV, MARKER_FILE
+from controlplane.domain import signing
+from controlplane.services import statements
 from demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
@@ -340,6 +343,7 @@ def test_a_manifest_for_another_class_is_rejected(fleet: Fleet, agents: list[Age
             "WHERE device_id = ?", twin_artifact, device_id)  # fmt: skip
     _tamper(fleet, "UPDATE devices SET assignment_seq = assignment_seq + 1, "
             "desired_revision = desired_revision + 1 WHERE id = ?", device_id)  # fmt: skip
+    _sign_statement(fleet, device_id)
     # The database was changed behind the control plane's back: the agent
     # gets the new desired state when it next connects.
     assert agent.stop() == 0
@@ -347,6 +351,30 @@ def test_a_manifest_for_another_class_is_rejected(fleet: Fleet, agents: list[Age
     status = _settled(fleet, device_id, 2)
     assert status.state == "failed" and "another device class" in status.reason, status
     assert _assert_consistent(agent, status) == ("1.0.0", fleet.digests["1.0.0"])
+
+
+def _sign_statement(fleet: Fleet, device_id: str) -> None:
+    """Sign the device's assignment row as it now is, with the control
+    plane's key: it got the artifact wrong, not the signature, so the agent's
+    manifest checks (not its statement checks) are what must refuse it."""
+    with sqlite3.connect(fleet.cp.data_dir / "edgefleet.db") as db:
+        sequence, digest, manifest, version = db.execute(
+            "SELECT a.sequence, f.digest, f.manifest, v.version FROM device_assignments a "
+            "JOIN artifacts f ON f.id = a.artifact_id "
+            "JOIN model_versions v ON v.id = a.model_version_id WHERE a.device_id = ?",
+            (device_id,),
+        ).fetchone()
+        key_id, private = db.execute(
+            "SELECT id, private_key FROM signing_keys WHERE retired_at IS NULL"
+        ).fetchone()
+    statement = statements.assignment_statement(
+        device_id=device_id, sequence=sequence, model_name=MODEL, model_version=version,
+        artifact_sha256=digest, manifest_digest=statements.manifest_sha256(manifest),
+        shadow=False, rollback=False, key_id=key_id, issued_at=dt.datetime.now(dt.UTC),
+    )  # fmt: skip
+    _tamper(fleet, "UPDATE device_assignments SET statement = ?, statement_signature = ?, "
+            "key_id = ? WHERE device_id = ?", statement, signing.sign(private, statement), key_id,
+            device_id)  # fmt: skip
 
 
 def test_a_model_over_the_latency_budget_on_the_device_is_rolled_back(

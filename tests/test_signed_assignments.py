@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 
 import grpc
 import pytest
+from sqlalchemy import select
 
 from controlplane.client import bearer_metadata
+from controlplane.db.models import DeviceAssignmentRow, ModelVersionRow
 from controlplane.domain import signing
 from controlplane.server import ControlPlane
-from controlplane.services.deployments import DeploymentService
+from controlplane.services import keys
+from controlplane.services.deployments import DeploymentService, assign_devices
 from demo.models import BuiltModel
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
@@ -149,5 +153,49 @@ async def test_statements_bind_assignments_rollback_marks_downgrades_and_rotatio
         assert entry.target == f"signing_key:{k2.key_id}" and "drill" in entry.details
         stream.call.cancel()
         fresh.call.cancel()
+    finally:
+        await channel.close()
+
+
+async def test_an_assignment_racing_a_rotation_ends_signed_by_the_new_key(
+    cp: ControlPlane,  # noqa: F811
+    digits: BuiltModel,  # noqa: F811
+) -> None:
+    op, channel = await _setup(cp, digits)
+    try:
+        await _publish_all(cp, digits)
+        ids = [(await _enroll(channel, op, f"hw-{i}", "aarch64")).device_id for i in range(3)]
+        db = cp.db
+        locked, release = threading.Event(), threading.Event()
+
+        def assign() -> None:
+            # Holds the device rows (and on SQLite the write lock) while the
+            # rotation starts; whichever way they interleave, the stored
+            # statements must end up signed by the key that is current.
+            with db.unit_of_work() as uow:
+                mv = uow.session.scalars(select(ModelVersionRow)).one()
+                assign_devices(uow.session, mv, ids, actor="test")
+                locked.set()
+                release.wait(10)
+                uow.commit()
+
+        assigner = threading.Thread(target=assign)
+        assigner.start()
+        assert await asyncio.to_thread(locked.wait, 10)
+        rotation = asyncio.create_task(
+            asyncio.to_thread(keys.rotate, db, _NoEvents(), "test", reason="race")
+        )
+        await asyncio.sleep(0.2)
+        release.set()
+        await asyncio.to_thread(assigner.join)
+        done = await rotation
+        with db.unit_of_work(readonly=True) as uow:
+            rows = uow.session.execute(
+                select(DeviceAssignmentRow.statement, DeviceAssignmentRow.statement_signature)
+            ).all()
+        assert len(rows) == 3
+        for statement, signature in rows:
+            assert signing.verify(done.new.public_key, statement, signature)
+            assert c.AssignmentStatement.FromString(statement).key_id == done.new.id
     finally:
         await channel.close()

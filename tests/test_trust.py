@@ -10,13 +10,16 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.identity import Identity, save_identity, save_trusted_keys
-from agent.update.ports import FatalUpdateError
-from agent.update.store import Assignment
+from agent.update.machine import UpdateMachine
+from agent.update.ports import Chunk, FatalUpdateError, Ports
+from agent.update.states import State
+from agent.update.store import Assignment, UpdateStore
 from agent.update.trust import (
     DOWNGRADE,
     REPLAYED,
@@ -28,8 +31,10 @@ from agent.update.trust import (
     walk_rotations,
     with_commit,
 )
+from agent.update.verify import DeviceVerifier
 from controlplane.domain import signing
 from controlplane.services import statements
+from edgefleet.v1 import common_pb2
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 DEVICE = "dev-1"
@@ -193,3 +198,89 @@ def test_the_trust_file_belongs_to_one_device_and_adopts_new_pins(tmp_path: Path
     )  # fmt: skip
     document = json.loads(store.path.read_text())
     assert document["sequence"] == 5 and document["device_id"] == DEVICE
+
+
+# ---------------------------------------------------------------- in the machine
+
+
+class _Downloader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        yield Chunk(offset=offset, data=self.data[offset:], total_size=len(self.data))
+
+
+class _Validator:
+    def validate(self, path: Path, manifest: bytes) -> None:
+        pass
+
+
+class _Activator:
+    def __init__(self) -> None:
+        self.current: str | None = None
+
+    def active(self) -> str | None:
+        return self.current
+
+    def activate(self, path: Path, manifest: bytes) -> None:
+        self.current = path.name
+
+    def shadow(self, path: Path, manifest: bytes) -> None:
+        pass
+
+    def rollback(self, previous: str | None) -> None:
+        self.current = previous
+
+    def commit(self) -> None:
+        pass
+
+
+class _Reporter:
+    def report(self, state: State, bytes_done: int, bytes_total: int, reason: str | None) -> None:
+        pass
+
+
+def _signed_update(key: Key, sequence: int, data: bytes, *, manifest_key: Key) -> Assignment:
+    digest = hashlib.sha256(data).hexdigest()
+    manifest = common_pb2.ArtifactManifest(
+        class_name="cpu", sha256=digest, size_bytes=len(data)
+    ).SerializeToString()
+    statement = statements.assignment_statement(
+        device_id=DEVICE, sequence=sequence, model_name="digits", model_version="1.0.0",
+        artifact_sha256=digest, manifest_digest=statements.manifest_sha256(manifest),
+        shadow=False, rollback=False, key_id=key.key_id, issued_at=NOW,
+    )  # fmt: skip
+    return Assignment(
+        model_name="digits", model_version="1.0.0", artifact_digest=digest,
+        artifact_size=len(data), manifest=manifest,
+        manifest_signature=signing.sign(manifest_key.private, manifest), sequence=sequence,
+        statement=statement, statement_signature=signing.sign(key.private, statement),
+    )  # fmt: skip
+
+
+def test_the_machine_writes_the_trusted_state_only_after_every_check_passed(
+    tmp_path: Path,
+) -> None:
+    k1, other = _key(), _key()
+    trust = _enrolled(tmp_path, DEVICE, k1)
+    data = b"model bytes" * 100
+    ports = Ports(
+        downloader=_Downloader(data), verifier=DeviceVerifier(tmp_path, lambda: "cpu"),
+        validator=_Validator(), activator=_Activator(), reporter=_Reporter(),
+        sleep=lambda s: None, trust=trust,
+    )  # fmt: skip
+    machine = UpdateMachine(UpdateStore(tmp_path), ports)
+    # The statement verifies; the manifest is signed by a key nobody trusts.
+    machine.assign(_signed_update(k1, 1, data, manifest_key=other))
+    record = machine.run_until_settled()
+    assert record.outcome == "failed" and "manifest signature" in (record.reason or "")
+    assert "verifying" in record.history and not trust.path.exists()
+    machine.assign(_signed_update(k1, 2, data, manifest_key=k1))
+    assert machine.run_until_settled().outcome == "committed"
+    assert (trust.load().sequence, dict(trust.load().committed)) == (2, {"digits": "1.0.0"})
+    # Sequence 1 again (a replay, now genuinely signed throughout): refused.
+    machine.assign(_signed_update(k1, 1, data, manifest_key=k1))
+    record = machine.run_until_settled()
+    assert record.outcome == "failed" and REPLAYED in (record.reason or "")
+    assert trust.load().sequence == 2

@@ -76,6 +76,24 @@ def from_ts(stamp: Timestamp) -> dt.datetime:
     return stamp.ToDatetime(tzinfo=dt.UTC)
 
 
+def datetime_from_pb(stamp: Timestamp, what: str) -> dt.datetime:
+    """A request's Timestamp as a UTC datetime, INVALID_ARGUMENT if it is
+    outside what a datetime holds (protobuf lets a client send any int64)."""
+    try:
+        return from_ts(stamp)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"{what} is not a valid time: {exc}") from None
+
+
+def timedelta_from_pb(duration: Duration, what: str) -> dt.timedelta:
+    """A request's Duration as a timedelta, INVALID_ARGUMENT if it is outside
+    what a timedelta holds (an int64 of seconds is not)."""
+    try:
+        return duration.ToTimedelta()
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"{what} is not a valid duration: {exc}") from None
+
+
 # ---------------------------------------------------------------- device facts
 
 _HW_SCALARS = (
@@ -222,6 +240,14 @@ def device_to_pb(view: DeviceView) -> c.Device:
 # ---------------------------------------------------------------- classes
 
 
+def _known(names: dict[Any, str], number: int, what: str) -> str:
+    """An enum value's name; INVALID_ARGUMENT for a number this server does
+    not know (proto3 enums are open: any int32 arrives)."""
+    if number not in names:
+        raise InvalidArgument(f"unknown {what} {number}: one of {', '.join(names.values())}")
+    return names[number]
+
+
 def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
     """The constraint fields present in a message (for partial updates)."""
     changes: dict[str, Any] = {}
@@ -237,9 +263,9 @@ def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
         if msg.HasField(name):
             changes[name] = getattr(msg, name)
     if msg.runtime != c.RUNTIME_UNSPECIFIED:
-        changes["runtime"] = RUNTIME_NAMES[msg.runtime]
+        changes["runtime"] = _known(RUNTIME_NAMES, msg.runtime, "runtime")
     if msg.quantization != c.QUANTIZATION_UNSPECIFIED:
-        changes["quantization"] = QUANTIZATION_NAMES[msg.quantization]
+        changes["quantization"] = _known(QUANTIZATION_NAMES, msg.quantization, "quantization")
     if msg.accelerator:
         changes["accelerator"] = msg.accelerator
     return changes
@@ -526,17 +552,14 @@ def telemetry_query_from_pb(msg: o.QueryTelemetryRequest) -> dict[str, Any]:
         raise InvalidArgument("metric is required")
     if msg.group_by not in TELEMETRY_GROUPS:
         raise InvalidArgument(f"unknown group_by {msg.group_by}")
-    try:
-        start = from_ts(msg.start) if msg.HasField("start") else None
-        end = from_ts(msg.end) if msg.HasField("end") else None
-    except (ValueError, OverflowError) as exc:
-        raise InvalidArgument(f"invalid time: {exc}") from None
+    start = datetime_from_pb(msg.start, "start") if msg.HasField("start") else None
+    end = datetime_from_pb(msg.end, "end") if msg.HasField("end") else None
     return {
         "metric": TELEMETRY_METRICS[msg.metric],
         "group_by": TELEMETRY_GROUPS[msg.group_by],
         "start": start,
         "end": end,
-        "step": msg.step.ToTimedelta() if msg.HasField("step") else None,
+        "step": timedelta_from_pb(msg.step, "step") if msg.HasField("step") else None,
         "device_id": msg.device_id,
         "class_name": msg.class_name,
         "model_name": msg.model_name,
@@ -583,8 +606,8 @@ FAILURE_ACTIONS = {
 }
 
 
-def _seconds(duration: Any) -> float:
-    return float(duration.ToTimedelta().total_seconds())
+def _seconds(duration: Duration, what: str) -> float:
+    return float(timedelta_from_pb(duration, what).total_seconds())
 
 
 def _duration(seconds: float) -> Duration:
@@ -612,7 +635,7 @@ def rollout_spec_from_pb(msg: o.RolloutSpec) -> RolloutSpec:
                 success_threshold_percent=s.success_threshold_percent or 100.0,
                 error_threshold_percent=s.error_threshold_percent,
                 min_finished_for_error_threshold=s.min_finished_for_error_threshold or 1,
-                bake_time_s=_seconds(s.bake_time),
+                bake_time_s=_seconds(s.bake_time, "bake_time"),
                 gates=Gates(
                     latency_budget_factor=(
                         g.latency_budget_factor if g.HasField("latency_budget_factor") else None
@@ -621,7 +644,11 @@ def rollout_spec_from_pb(msg: o.RolloutSpec) -> RolloutSpec:
                     memory_limit_factor=(
                         g.memory_limit_factor if g.HasField("memory_limit_factor") else None
                     ),
-                    max_silence_s=_seconds(g.max_silence) if g.HasField("max_silence") else None,
+                    max_silence_s=(
+                        _seconds(g.max_silence, "max_silence")
+                        if g.HasField("max_silence")
+                        else None
+                    ),
                 ),
                 require_approval=s.require_approval,
                 on_failure=FAILURE_ACTIONS.get(s.on_failure, "pause"),
@@ -638,11 +665,11 @@ def rollout_spec_from_pb(msg: o.RolloutSpec) -> RolloutSpec:
             max_per_minute=p.max_per_minute,
             ramp_base_per_minute=p.ramp_base_per_minute,
             ramp_factor=p.ramp_factor or 1.0,
-            device_timeout_s=_seconds(p.device_timeout),
+            device_timeout_s=_seconds(p.device_timeout, "device_timeout"),
             device_retries=p.device_retries,
         ),
         dynamic=msg.dynamic,
-        start_at=msg.start_at.ToDatetime(dt.UTC) if msg.HasField("start_at") else None,
+        start_at=datetime_from_pb(msg.start_at, "start_at") if msg.HasField("start_at") else None,
     )
 
 

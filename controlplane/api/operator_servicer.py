@@ -67,7 +67,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         self, request: operator_pb2.CreateEnrollmentTokenRequest, context: Any, who: Op
     ) -> operator_pb2.CreateEnrollmentTokenResponse:
         policy = convert.POLICY_NAMES.get(request.policy, "auto-accept")
-        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
+        ttl = convert.timedelta_from_pb(request.ttl, "ttl") if request.HasField("ttl") else None
         if ttl is not None and ttl <= dt.timedelta(0):
             raise InvalidArgument("token lifetime must be positive")
         row, secret = await self.run(
@@ -106,7 +106,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         role = convert.OPERATOR_ROLE_NAMES.get(request.role)
         if role is None:
             raise InvalidArgument("name the token's role: viewer, operator or admin")
-        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
+        ttl = convert.timedelta_from_pb(request.ttl, "ttl") if request.HasField("ttl") else None
         view, secret = await self.run(
             self._operator_tokens.create, who.actor, name=request.name, role=role, ttl=ttl
         )

@@ -15,13 +15,18 @@ def record(uow: UnitOfWork, actor: str, action: str, target: str, **details: Any
     uow.session.add(AuditRow(actor=actor, action=action, target=target, details=details))
 
 
+MAX_ID = 2**63 - 1
+
+
 def list_entries(
     db: Database, *, before_id: int = 0, limit: int = 100, action: str = "", target: str = ""
 ) -> list[AuditRow]:
     """Newest first."""
     limit = max(1, min(limit or 100, 1000))
     stmt = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
-    if before_id:
+    # Ids are signed 64-bit; the wire's before_id is uint64. One past every
+    # id means no bound (as a bound, the database refuses it).
+    if 0 < before_id <= MAX_ID:
         stmt = stmt.where(AuditRow.id < before_id)
     if action:
         stmt = stmt.where(AuditRow.action == action)

@@ -21,6 +21,7 @@ import logging
 from concurrent.futures import Executor
 from typing import Any
 
+from controlplane.errors import InvalidArgument
 from controlplane.services.deployments import DeploymentService, StatusReport
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ FLUSH_S = 0.2
 # A batch larger than this is written at once rather than at the next tick,
 # so one transaction stays short (SQLite holds its write lock throughout).
 MAX_BATCH = 2000
+# The columns these numbers land in are signed 64-bit; the wire's are uint64.
+_MAX_INT = 2**63 - 1
+_NUMBERS = ("sequence", "bytes_done", "bytes_total")
 
 
 class StatusBuffer:
@@ -45,7 +49,13 @@ class StatusBuffer:
         self._full = asyncio.Event()
 
     def offer(self, device_id: str, applied_revision: int, status: dict[str, Any]) -> None:
-        """Queue one report (never blocks)."""
+        """Queue one report (never blocks). A number no column holds is
+        refused here: queued, it would fail every later batch write, and so
+        every other device's reports with it."""
+        for name, value in (("applied_revision", applied_revision),
+                            *((n, status.get(n, 0)) for n in _NUMBERS)):  # fmt: skip
+            if not 0 <= value <= _MAX_INT:
+                raise InvalidArgument(f"status report: {name} must be between 0 and {_MAX_INT}")
         report = self._pending.get(device_id)
         if report is None:
             self._pending[device_id] = StatusReport(applied_revision, [status] if status else [])

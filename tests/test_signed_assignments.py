@@ -10,6 +10,7 @@ signing key)."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import threading
 
@@ -18,11 +19,14 @@ import pytest
 from sqlalchemy import select
 
 from controlplane.client import bearer_metadata
-from controlplane.db.models import DeviceAssignmentRow, ModelVersionRow
+from controlplane.db.engine import make_engine, upgrade
+from controlplane.db.models import DeviceAssignmentRow, ModelVersionRow, SigningKeyRow
+from controlplane.db.uow import Database
 from controlplane.domain import signing
 from controlplane.server import ControlPlane
 from controlplane.services import keys
 from controlplane.services.deployments import DeploymentService, assign_devices
+from controlplane.services.keys import ensure_signing_key
 from demo.models import BuiltModel
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
@@ -199,3 +203,43 @@ async def test_an_assignment_racing_a_rotation_ends_signed_by_the_new_key(
             assert c.AssignmentStatement.FromString(statement).key_id == done.new.id
     finally:
         await channel.close()
+
+
+def test_a_signer_waiting_on_a_rotation_gets_the_new_key(db_url: str) -> None:
+    """keys.signing_key (what builds and assignments sign with) against a
+    rotation in flight: it waits (PostgreSQL: FOR SHARE behind the
+    rotation's FOR UPDATE; SQLite: the one writer) and then signs with the
+    new key, not with the one that was retired meanwhile."""
+    engine = make_engine(db_url)
+    upgrade(engine)
+    db = Database(engine)
+    old = ensure_signing_key(db)
+    holding, got = threading.Event(), []
+
+    def rotation_in_flight() -> None:
+        with db.unit_of_work() as uow:
+            row = uow.session.scalars(select(SigningKeyRow).with_for_update()).one()
+            holding.set()
+            threading.Event().wait(0.3)  # the signer blocks meanwhile
+            kid, private, public = signing.generate()
+            uow.session.add(SigningKeyRow(id=kid, public_key=public, private_key=private))
+            row.retired_at = dt.datetime.now(dt.UTC)
+            uow.commit()
+
+    rotator = threading.Thread(target=rotation_in_flight)
+    rotator.start()
+    assert holding.wait(10)
+
+    def sign() -> None:
+        with db.unit_of_work() as uow:
+            got.append(keys.signing_key(uow.session).key_id)
+
+    signer = threading.Thread(target=sign)
+    signer.start()
+    rotator.join()
+    signer.join()
+    listed = keys.all_keys(db)
+    (current,) = [k.id for k in listed if k.retired_at is None]
+    (retired,) = [k.id for k in listed if k.retired_at is not None]
+    assert retired == old.key_id and got == [current]
+    db.dispose()

@@ -38,7 +38,7 @@ from controlplane.services import audit
 from controlplane.services.blobs import BlobStore, sha256_file
 from controlplane.services.devices import EventSink
 from controlplane.services.events import FleetEvent
-from controlplane.services.keys import active_key
+from controlplane.services.keys import signing_key
 from controlplane.services.registry import filter_by_model, require_version
 from edgefleet.v1 import common_pb2 as c
 
@@ -544,7 +544,7 @@ def _signed_artifact(
 ) -> ArtifactRow:
     """The artifact row of `build`, with `manifest` signed by the active key."""
     data = manifest.SerializeToString(deterministic=True)
-    key = active_key(session)
+    key = signing_key(session)
     return ArtifactRow(
         id=secrets.new_id(),
         digest=manifest.sha256,

@@ -188,7 +188,7 @@ def assign_devices(
             .with_for_update()
         ).all()  # fmt: skip
         if signer is None and rows:
-            key = keys.active_key(session)
+            key = keys.signing_key(session)
             signer = (key.key_id, signing.Signer(key.private_key))
         counters: list[dict[str, Any]] = []
         values: dict[str, dict[str, Any]] = {}

@@ -77,6 +77,25 @@ def active_key(session: Session) -> SigningKey:
     return SigningKey(row.id, row.public_key, row.private_key)
 
 
+def signing_key(session: Session) -> SigningKey:
+    """The active key, held (FOR SHARE on PostgreSQL) until the caller's
+    transaction ends, for writers that sign with it: a rotation waits for
+    them, so what they sign is signed again with the new key, or they wait
+    for it and sign with the new key. Locking a row a rotation just retired
+    finds none in the statement's snapshot: asked again, the new key."""
+    for _ in range(2):
+        row = session.scalar(
+            select(SigningKeyRow)
+            .where(SigningKeyRow.retired_at.is_(None))
+            .order_by(SigningKeyRow.created_at, SigningKeyRow.id)
+            .limit(1)
+            .with_for_update(read=True)
+        )
+        if row is not None:
+            return SigningKey(row.id, row.public_key, row.private_key)
+    raise RuntimeError("no signing key; the server creates one on start")
+
+
 def public_keys(db: Database) -> list[SigningKeyRow]:
     """Keys agents should trust (not retired), oldest first."""
     with db.unit_of_work(readonly=True) as uow:

@@ -18,6 +18,7 @@ import pytest
 from agent.identity import Identity, save_identity, save_trusted_keys
 from agent.update.machine import UpdateMachine
 from agent.update.ports import Chunk, FatalUpdateError, Ports
+from agent.update.runner import UpdateRunner
 from agent.update.states import State
 from agent.update.store import Assignment, UpdateStore
 from agent.update.trust import (
@@ -284,3 +285,43 @@ def test_the_machine_writes_the_trusted_state_only_after_every_check_passed(
     record = machine.run_until_settled()
     assert record.outcome == "failed" and REPLAYED in (record.reason or "")
     assert trust.load().sequence == 2
+
+
+def test_the_runner_hands_older_sequences_to_verification_and_ignores_the_same_one(
+    tmp_path: Path,
+) -> None:
+    k1 = _key()
+    _enrolled(tmp_path, DEVICE, k1)
+    data = b"model bytes" * 100
+    ports = Ports(
+        downloader=_Downloader(data), verifier=DeviceVerifier(tmp_path, lambda: "cpu"),
+        validator=_Validator(), activator=_Activator(), reporter=_Reporter(),
+        sleep=lambda s: None, trust=TrustStore(tmp_path),
+    )  # fmt: skip
+    runner = UpdateRunner(UpdateMachine(UpdateStore(tmp_path), ports))
+
+    def settle(assignment: Assignment) -> int:
+        runner.submit(assignment)
+        steps = 0
+        while runner._plan_and_act():
+            steps += 1
+        return steps
+
+    assert settle(_signed_update(k1, 2, data, manifest_key=k1)) > 0
+    assert runner.machine.record.outcome == "committed"
+    # Sequence 2 signed again (a rotation does that): the same assignment.
+    k2 = _key()
+    first = runner.machine.record.assignment
+    assert first is not None
+    statement = statements.with_key(first.statement, k2.key_id)
+    again = dataclasses.replace(
+        first, statement=statement, statement_signature=signing.sign(k2.private, statement)
+    )
+    assert settle(again) == 0 and runner.machine.record.assignment == first
+    # An older one is not dropped unseen: Verifying refuses it, and says why.
+    assert settle(_signed_update(k1, 1, data, manifest_key=k1)) > 0
+    record = runner.machine.record
+    assert (record.outcome, record.assignment.sequence) == ("failed", 1)  # type: ignore[union-attr]
+    assert REPLAYED in (record.reason or "")
+    assert settle(_signed_update(k1, 3, data, manifest_key=k1)) > 0
+    assert runner.machine.record.outcome == "committed"

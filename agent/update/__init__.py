@@ -12,8 +12,10 @@ The core:
 
 The ports the daemon wires in:
 - remote.py: the gRPC downloader and the status reporter;
-- verify.py: the manifest checks (signature against pinned keys, device class,
-  digest and size);
+- trust.py: the signed assignment statement (replay, downgrade, key
+  rotations) and the trusted state, written only after verification;
+- verify.py: the manifest checks (signature against the trusted keys, device
+  class, digest and size);
 - validate.py: golden outputs, latency and memory budgets, measured on the
   device in a child process;
 - activation.py: switching the ModelHost, active.json, restore at boot;

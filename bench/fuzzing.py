@@ -78,6 +78,8 @@ STREAM_IDLE_S = 0.1
 # Nothing the fuzzer sends should take this long; longer is reported as a hang.
 CALL_DEADLINE_S = 20.0
 HEALTH_EVERY = 25
+# Every this many batches, what the set-up made is made again.
+REPLENISH_EVERY = 40
 # After a call that makes the server queue work for later (a push or a class
 # change queues builds; a device's status reports are written in batches),
 # writes to those tables within this window are that work's, not a failure's.
@@ -188,6 +190,14 @@ class Pools:
         ]
     )
     names: list[str] = dataclasses.field(default_factory=lambda: ["fuzz", "pi", "gw", "line-3"])
+    # Versions no push has used yet (until one does), and those with the
+    # versions that exist: what a plausible version field holds.
+    new_versions: tuple[str, ...] = ("2.0.0", "2.0.1-rc.1", "3.1.4", "10.0.0")
+    version_candidates: list[str] = dataclasses.field(default_factory=list)
+
+    def set_versions(self, existing: Iterable[str]) -> None:
+        self.versions[:] = sorted(set(existing))
+        self.version_candidates[:] = [*self.versions, *self.new_versions]
 
     def ids(self) -> list[str]:
         return [
@@ -211,7 +221,7 @@ class Pools:
         if field == "model_name":
             return self.model_names
         if field in ("version", "model_version", "latest_version", "shadow_version"):
-            return self.versions
+            return self.version_candidates
         if "digest" in field or field == "sha256":
             return self.digests
         if field == "rollout_id":
@@ -409,7 +419,7 @@ class Generator:
 
     def mutated(self, seeds: Sequence[Message]) -> st.SearchStrategy[Message]:
         """A copy of one of `seeds` with one or two fields anywhere in it
-        replaced by a wild value (or cleared)."""
+        replaced by a wild value (or a plausible one, or cleared)."""
 
         @st.composite
         def mutate(draw: st.DrawFn) -> Message:
@@ -421,10 +431,14 @@ class Generator:
                 if not sites:
                     break  # a message with no fields: nothing to mutate
                 node, f = sites[draw(st.integers(0, len(sites) - 1))]
-                if draw(st.integers(0, 9)) == 0:
+                how = draw(st.integers(0, 9))
+                if how == 0:
                     node.ClearField(f.name)
                 else:
-                    _assign(node, f, draw(self.field(node.DESCRIPTOR, f, wild=True)))
+                    # Mostly wild; now and then another real value (a new
+                    # version for a real push, another device's id).
+                    wild = how > 3
+                    _assign(node, f, draw(self.field(node.DESCRIPTOR, f, wild=wild)))
             return msg
 
         return mutate()
@@ -1002,6 +1016,9 @@ class Fuzzer:
         self._excused_until: dict[str, float] = {}
         self._own_ids: set[str] = set()
         self._batches = 0
+        self._device_rpcs = {
+            r.name for r in self.rpcs if r.service.endswith("DeviceService") and r.name != "Enroll"
+        }
         self._device_serial = 0
         self._enroll_secret = ""
         self.report = Report()
@@ -1366,7 +1383,7 @@ class Fuzzer:
             )
             self.pools.class_names[:] = col("SELECT name FROM device_classes LIMIT 40")
             self.pools.model_names[:] = col("SELECT name FROM models LIMIT 20")
-            self.pools.versions[:] = sorted(set(col("SELECT version FROM model_versions LIMIT 40")))
+            self.pools.set_versions(col("SELECT version FROM model_versions LIMIT 40"))
             self.pools.digests[:] = sorted(
                 set(col("SELECT digest FROM artifacts LIMIT 20"))
                 | set(col("SELECT digest FROM blobs LIMIT 20"))
@@ -1383,6 +1400,16 @@ class Fuzzer:
             ]
             self.pools.audit_actions[:] = sorted(set(col("SELECT action FROM audit_log LIMIT 200")))
             conn.rollback()
+
+    def _replenish(self) -> None:
+        """Make again what the set-up made (what fuzzing deleted comes back,
+        what exists answers ALREADY_EXISTS): the set-up's own calls, as
+        admin, not counted as fuzzing."""
+        for name, streams in list(self.seeds.items()):
+            for messages in list(streams):
+                who = self.principals["device"] if name in self._device_rpcs else None
+                with contextlib.suppress(grpc.RpcError):
+                    self.call(name, messages, who=who, seed=False)
 
     def _reenroll_device(self) -> None:
         """A fresh accepted device for the device principal: fuzzing may
@@ -1501,11 +1528,13 @@ class Fuzzer:
                 )
             )
             raise AssertionError(str(self.report.failures[-1]))
-        self.refresh()
         self._batches += 1
+        if self._batches % REPLENISH_EVERY == 0:
+            self._replenish()
         if self._batches % 4 == 0:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 self._reenroll_device()
+        self.refresh()
 
     def execute(self, case: Case) -> None:
         """One call, then the properties."""

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             baseline_n = args.baseline_calls or args.calls
             baseline_s = fuzzer.health_calls(baseline_n)
+            fuzzer.progress = lambda r: print(
+                f"... {r.calls} calls, {len(r.failures)} failures", file=sys.stderr, flush=True
+            )
             report = fuzzer.run(args.calls, args.seed)
         finally:
             fuzzer.close()

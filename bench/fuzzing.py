@@ -1016,6 +1016,8 @@ class Fuzzer:
         self._excused_until: dict[str, float] = {}
         self._own_ids: set[str] = set()
         self._batches = 0
+        # Called every 10,000 calls or so (the benchmark prints how far it is).
+        self.progress: Callable[[Report], None] | None = None
         self._device_rpcs = {
             r.name for r in self.rpcs if r.service.endswith("DeviceService") and r.name != "Enroll"
         }
@@ -1529,6 +1531,8 @@ class Fuzzer:
             )
             raise AssertionError(str(self.report.failures[-1]))
         self._batches += 1
+        if self.progress is not None and self._batches % 400 == 0:
+            self.progress(self.report)
         if self._batches % REPLENISH_EVERY == 0:
             self._replenish()
         if self._batches % 4 == 0:

@@ -978,6 +978,17 @@ async def _aiter(messages: Sequence[Message]) -> AsyncIterator[Message]:
         yield m
 
 
+LOST = "STATUS_LOST"
+
+
+def _status(code: grpc.StatusCode, details: str | None) -> grpc.StatusCode | str:
+    """The call's status; STATUS_LOST where the client never got the
+    server's (its trailer was past the client's metadata limit)."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "metadata size exceeds" in (details or ""):
+        return LOST
+    return code
+
+
 async def _read_stream(call: Any) -> grpc.StatusCode | str:
     """Read a server stream to its end; one still open and silent after
     STREAM_IDLE_S is cancelled and reported as STREAM_OPEN."""
@@ -988,7 +999,7 @@ async def _read_stream(call: Any) -> grpc.StatusCode | str:
             call.cancel()
             return "STREAM_OPEN"
         except grpc.aio.AioRpcError as err:
-            return err.code()
+            return _status(err.code(), err.details())
         if msg is grpc.aio.EOF:  # type: ignore[attr-defined]
             return await call.code()  # type: ignore[no-any-return]
 
@@ -1104,7 +1115,7 @@ class Fuzzer:
                 case.messages[0], metadata=metadata, timeout=CALL_DEADLINE_S
             )
         except grpc.aio.AioRpcError as err:
-            return err.code()
+            return _status(err.code(), err.details())
         return grpc.StatusCode.OK
 
     def _invoke_streaming(self, case: Case) -> grpc.StatusCode | str:
@@ -1126,7 +1137,7 @@ class Fuzzer:
                     iter(case.messages), metadata=metadata, timeout=CALL_DEADLINE_S
                 )
         except grpc.RpcError as err:
-            return err.code()
+            return _status(err.code(), err.details())
         return grpc.StatusCode.OK
 
     def healthy(self) -> bool:
@@ -1565,7 +1576,7 @@ class Fuzzer:
             if group.after(name, case.who, code):
                 self._excused_until[group.name] = ended + EXCUSE_S
         request = _short(case.messages)
-        if code in FORBIDDEN:
+        if code in FORBIDDEN or code == LOST:
             self.report.failures.append(Failure(name, case.who, "status", label, request))
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             self.report.failures.append(

@@ -255,3 +255,28 @@ async def test_an_audit_bound_past_every_id_lists_everything(channel: grpc.aio.C
     for before_id in (UINT64_MAX, 2**63):
         got = await op.ListAuditLog(o.ListAuditLogRequest(before_id=before_id), metadata=ADMIN)
         assert [e.id for e in got.entries] == [e.id for e in every.entries] != []
+
+
+async def test_an_enrollment_policy_this_server_does_not_know_is_refused(
+    channel: grpc.aio.Channel,
+) -> None:
+    """It was taken for auto-accept, the most permissive policy."""
+    op = og.OperatorServiceStub(channel)
+    request = o.CreateEnrollmentTokenRequest(name="t", policy=999)
+    assert await _code(op.CreateEnrollmentToken(request, metadata=ADMIN)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    unset = await op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="t"), metadata=ADMIN)
+    assert unset.token.policy == o.ENROLLMENT_POLICY_AUTO_ACCEPT
+
+
+async def test_an_error_naming_a_long_input_still_reaches_the_client_with_its_status(
+    channel: grpc.aio.Channel,
+) -> None:
+    """The details echoed a 100,000-character id into the trailer, past the
+    client's metadata limit: the client saw RESOURCE_EXHAUSTED."""
+    op = og.OperatorServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await op.GetArtifact(o.GetArtifactRequest(digest="a" * 100_000), metadata=ADMIN)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (info.value.details() or "").endswith("(100026 characters)")

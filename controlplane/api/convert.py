@@ -240,7 +240,7 @@ def device_to_pb(view: DeviceView) -> c.Device:
 # ---------------------------------------------------------------- classes
 
 
-def _known(names: dict[Any, str], number: int, what: str) -> str:
+def enum_name(names: dict[Any, str], number: int, what: str) -> str:
     """An enum value's name; INVALID_ARGUMENT for a number this server does
     not know (proto3 enums are open: any int32 arrives)."""
     if number not in names:
@@ -263,9 +263,9 @@ def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
         if msg.HasField(name):
             changes[name] = getattr(msg, name)
     if msg.runtime != c.RUNTIME_UNSPECIFIED:
-        changes["runtime"] = _known(RUNTIME_NAMES, msg.runtime, "runtime")
+        changes["runtime"] = enum_name(RUNTIME_NAMES, msg.runtime, "runtime")
     if msg.quantization != c.QUANTIZATION_UNSPECIFIED:
-        changes["quantization"] = _known(QUANTIZATION_NAMES, msg.quantization, "quantization")
+        changes["quantization"] = enum_name(QUANTIZATION_NAMES, msg.quantization, "quantization")
     if msg.accelerator:
         changes["accelerator"] = msg.accelerator
     return changes

@@ -66,7 +66,13 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def CreateEnrollmentToken(
         self, request: operator_pb2.CreateEnrollmentTokenRequest, context: Any, who: Op
     ) -> operator_pb2.CreateEnrollmentTokenResponse:
-        policy = convert.POLICY_NAMES.get(request.policy, "auto-accept")
+        # Unset means the default; a policy this server does not know must not
+        # fall back to the most permissive one.
+        policy = (
+            "auto-accept"
+            if request.policy == operator_pb2.ENROLLMENT_POLICY_UNSPECIFIED
+            else convert.enum_name(convert.POLICY_NAMES, request.policy, "policy")
+        )
         ttl = convert.timedelta_from_pb(request.ttl, "ttl") if request.HasField("ttl") else None
         if ttl is not None and ttl <= dt.timedelta(0):
             raise InvalidArgument("token lifetime must be positive")

@@ -155,10 +155,21 @@ class PeerCertificates:
 Auth = Literal["none", "operator", "device"]
 
 
+# Status details travel in a trailer: one that echoes a long input past the
+# client's metadata limit reaches it as RESOURCE_EXHAUSTED, not its status.
+MAX_DETAILS = 1024
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_DETAILS:
+        return message
+    return f"{message[:MAX_DETAILS]}... ({len(message)} characters)"
+
+
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, DomainError):
         code = STATUS_OF.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT)
-        await context.abort(code, exc.message)
+        await context.abort(code, _clip(exc.message))
     log.exception("unexpected error in RPC")
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the control-plane log")
     raise AssertionError("unreachable")

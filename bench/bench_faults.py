@@ -61,13 +61,13 @@ def _spread(values: list[float]) -> str:
             f"min {min(values):.2f} s")  # fmt: skip
 
 
-def run_kill(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+async def run_kill(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     print(f"\n[kill] {args.devices} devices, {args.kills} SIGKILLs, {args.stages} stages "
           f"x {args.bake_s:g} s bake", flush=True)  # fmt: skip
-    report = asyncio.run(fs.kill_control_plane_during_rollout(
+    report = await fs.kill_control_plane_during_rollout(
         root / "kill", devices=args.devices, kills=args.kills, seed=args.seed, stages=args.stages,
         bake_s=args.bake_s, baseline=True, say=_say,
-    ))  # fmt: skip
+    )  # fmt: skip
     print(f"  baseline rollout: {report.baseline_s:.1f} s; with {len(report.recover_s)} kills: "
           f"{report.rollout_s:.1f} s; ratio {report.ratio:.2f}")  # fmt: skip
     print(f"  SIGKILL -> answering: {_spread(report.recover_s)}")
@@ -77,16 +77,16 @@ def run_kill(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return {**asdict(report), "ratio": report.ratio}
 
 
-def run_pg(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+async def run_pg(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     reason = unavailable_reason()
     if reason:
         print(f"\n[pg] skipped: {reason}")
         return {"skipped": reason}
     print(f"\n[pg] {args.pg_devices} devices; restarts fast, immediate, stop "
           f"{args.outage_s:g} s", flush=True)  # fmt: skip
-    report = asyncio.run(fs.restart_postgres_under_load(
+    report = await fs.restart_postgres_under_load(
         root / "pg", devices=args.pg_devices, outage_s=args.outage_s, say=_say,
-    ))  # fmt: skip
+    )  # fmt: skip
     print(f"  writes: {report.writes} made, {report.writes_ok} accepted, {report.ok_found} "
           f"found afterwards; failed: {report.failures}")  # fmt: skip
     print(f"  telemetry rows stored after the last restart: {report.telemetry_after}")
@@ -94,7 +94,7 @@ def run_pg(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return asdict(report)
 
 
-def run_net(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def _net(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     hidden = int(args.artifact_mb * HIDDEN_PER_MIB)
     print(f"\n[net] a {args.artifact_mb:g} MiB artifact, every connection cut after "
           f"{args.cut_kb} KiB", flush=True)  # fmt: skip
@@ -116,7 +116,7 @@ def run_net(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return {**asdict(report), "carried_ratio": ratio}
 
 
-def run_disk(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def _disk(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     reason = fs.tmpfs_unavailable(root / "probe")
     if reason:
         print(f"\n[disk] skipped: {reason}")
@@ -132,7 +132,26 @@ def run_disk(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return asdict(report)
 
 
+async def run_net(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    return await asyncio.to_thread(_net, args, root)
+
+
+async def run_disk(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    return await asyncio.to_thread(_disk, args, root)
+
+
 SCENARIOS = {"kill": run_kill, "pg": run_pg, "net": run_net, "disk": run_disk}
+
+
+async def run_all(args: argparse.Namespace, chosen: list[str], root: Path) -> dict[str, Any]:
+    """Every chosen scenario, in one event loop (grpc.aio binds to the first)."""
+    results: dict[str, Any] = {}
+    for name in chosen:
+        started = time.monotonic()
+        result = await SCENARIOS[name](args, root)
+        result["wall_s"] = time.monotonic() - started
+        results[name] = result
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,14 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_faults on {platform.machine()}, {os.cpu_count()} cores, "
           f"{dt.date.today().isoformat()}; {' '.join(sys.argv[1:]) or 'defaults'}")  # fmt: skip
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-    failed = False
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
-        for name in chosen:
-            started = time.monotonic()
-            result = SCENARIOS[name](args, Path(tmp))
-            result["wall_s"] = time.monotonic() - started
-            results[name] = result
-            failed = failed or bool(result.get("problems"))
+        results.update(asyncio.run(run_all(args, chosen, Path(tmp))))
+    failed = any(r.get("problems") for r in results.values() if isinstance(r, dict))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 1 if failed else 0

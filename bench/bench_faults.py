@@ -89,7 +89,7 @@ async def run_pg(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     )  # fmt: skip
     print(f"  writes: {report.writes} made, {report.writes_ok} accepted, {report.ok_found} "
           f"found afterwards; failed: {report.failures}")  # fmt: skip
-    print(f"  telemetry rows stored after the last restart: {report.telemetry_after}")
+    print(f"  telemetry rows stored in the 3 s after the restarts: {report.telemetry_after}")
     print(f"  problems: {report.problems or 'none'}")
     return asdict(report)
 

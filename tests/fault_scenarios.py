@@ -496,8 +496,10 @@ async def restart_postgres_under_load(
         pid = cp.proc.pid  # type: ignore[union-attr]
         op = cp.operator()
         create_classes(op, FLEET_CLASSES)
+        # Fixed 1 s intervals (the control plane's config would slow them).
         fleet = Fleet(cp.address, enrollment_token(op, "load"), _profile(1, 1), n=devices,
-                      prefix="pg", seed=1, backoff_initial_s=0.2, backoff_max_s=1.0)  # fmt: skip
+                      prefix="pg", seed=1, backoff_initial_s=0.2, backoff_max_s=1.0,
+                      heartbeat_interval_s=1, telemetry_interval_s=1)  # fmt: skip
         await fleet.start(timeout_s=120)
         log = WriteLog()
         ids = [a.device_id for a in fleet.agents]

@@ -1423,6 +1423,9 @@ class Fuzzer:
                 who = self.principals["device"] if name in self._device_rpcs else None
                 with contextlib.suppress(grpc.RpcError):
                     self.call(name, messages, who=who, seed=False)
+        # What it set going (status reports, builds) lands later.
+        for group in GROUPS:
+            self._excused_until[group.name] = time.monotonic() + EXCUSE_S
 
     def _reenroll_device(self) -> None:
         """A fresh accepted device for the device principal: fuzzing may

@@ -280,3 +280,32 @@ async def test_an_error_naming_a_long_input_still_reaches_the_client_with_its_st
         await op.GetArtifact(o.GetArtifactRequest(digest="a" * 100_000), metadata=ADMIN)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert (info.value.details() or "").endswith("(100026 characters)")
+    # Past ASCII each byte travels as three: 1,024 characters were too many.
+    request = o.GetModelVersionRequest(model_name="\U0009c428" * 4096, version="1.0.0")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await op.GetModelVersion(request, metadata=ADMIN)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_shadow_count_no_column_holds_is_invalid_argument(
+    channel: grpc.aio.Channel,
+) -> None:
+    """shadow_requests was not range-checked: INTERNAL (SQLite overflow)."""
+    op, dev = og.OperatorServiceStub(channel), dg.DeviceServiceStub(channel)
+    token = (
+        await op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="t"), metadata=ADMIN)
+    ).secret
+    device = await dev.Enroll(d.EnrollRequest(enrollment_token=token, hardware_id="hw"))
+    credential = bearer_metadata(device.device_credential)
+    for field, value in (
+        ("shadow_requests", UINT64_MAX - 1),
+        ("shadow_agreement", float("nan")),
+        ("shadow_version", "v" * 65),
+    ):
+        sample = d.TelemetrySample(seq=1, model_name="m", model_version="1.0.0")
+        sample.at.GetCurrentTime()
+        setattr(sample, field, value)
+        code = await _code(
+            dev.UploadTelemetry(d.UploadTelemetryRequest(samples=[sample]), metadata=credential)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, field

@@ -155,15 +155,18 @@ class PeerCertificates:
 Auth = Literal["none", "operator", "device"]
 
 
-# Status details travel in a trailer: one that echoes a long input past the
-# client's metadata limit reaches it as RESOURCE_EXHAUSTED, not its status.
+# Status details travel in a trailer, percent-encoded past ASCII: one that
+# echoes a long input past the client's metadata limit (16 KiB) reaches it as
+# RESOURCE_EXHAUSTED, not as its status. Bytes of UTF-8, so at most 3 KiB.
 MAX_DETAILS = 1024
 
 
 def _clip(message: str) -> str:
-    if len(message) <= MAX_DETAILS:
+    data = message.encode()
+    if len(data) <= MAX_DETAILS:
         return message
-    return f"{message[:MAX_DETAILS]}... ({len(message)} characters)"
+    kept = data[:MAX_DETAILS].decode(errors="ignore")
+    return f"{kept}... ({len(message)} characters)"
 
 
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> grpc.StatusCode:

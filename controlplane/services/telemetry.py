@@ -210,6 +210,9 @@ _GAUGES = (
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms", "memory_mb",
     "cpu_percent", "system_memory_percent",
 )  # fmt: skip
+# What ingest checks the range of: the rolled-up columns and the shadow's.
+_CHECKED_COUNTS = (*_COUNTS, "shadow_requests")
+_CHECKED_GAUGES = (*_GAUGES, "shadow_agreement", "shadow_max_diff", "shadow_latency_p95_ms")
 
 
 def epoch_ms(at: dt.datetime) -> int:
@@ -240,14 +243,16 @@ def validate_sample(sample: Sample, now_ms: int) -> None:
         )
     if len(sample.model_name) > 100 or len(sample.model_version) > 64:
         raise InvalidArgument(f"{where}: model name or version too long")
-    for name in _COUNTS:
+    if len(sample.shadow_version) > 64:
+        raise InvalidArgument(f"{where}: shadow_version is longer than 64 characters")
+    for name in _CHECKED_COUNTS:
         if not 0 <= getattr(sample, name) <= _MAX_INT:
             raise InvalidArgument(f"{where}: {name} must be between 0 and {_MAX_INT}")
     if sample.error_count > sample.request_count:
         raise InvalidArgument(f"{where}: error_count exceeds request_count")
     if sample.timeout_count > sample.error_count:
         raise InvalidArgument(f"{where}: timeout_count exceeds error_count (timeouts are errors)")
-    for name in _GAUGES:
+    for name in _CHECKED_GAUGES:
         value = getattr(sample, name)
         if not (math.isfinite(value) and value >= 0):
             raise InvalidArgument(f"{where}: {name} must be a finite, non-negative number")
@@ -286,12 +291,13 @@ def validate_batch(samples: Sequence[Sample], now_ms: int) -> None:
         and _bounded(columns["at_ms"], now_ms - _MAX_AGE_MS, now_ms + _MAX_SKEW_MS)
         and max(map(len, columns["model_name"])) <= 100
         and max(map(len, columns["model_version"])) <= 64
-        and all(_bounded(columns[name], 0, _MAX_INT) for name in _COUNTS)
+        and max(map(len, columns["shadow_version"])) <= 64
+        and all(_bounded(columns[name], 0, _MAX_INT) for name in _CHECKED_COUNTS)
         and all(map(le, columns["error_count"], columns["request_count"]))
         and all(map(le, columns["timeout_count"], columns["error_count"]))
         # A finite sum means no NaN or infinity (checked first: min() and
         # max() are meaningless with a NaN among the values).
-        and all(math.isfinite(sum(columns[n])) and min(columns[n]) >= 0 for n in _GAUGES)
+        and all(math.isfinite(sum(columns[n])) and min(columns[n]) >= 0 for n in _CHECKED_GAUGES)
         and max(columns["system_memory_percent"]) <= 100
         and all(map(le, p50, p95))
         and all(map(le, p95, p99))

@@ -304,11 +304,11 @@ def _tamper(fleet: Fleet, sql: str, *params: Any) -> None:
         assert db.execute(sql, params).rowcount >= 1
 
 
-def test_a_wrong_signature_is_rejected_and_reported(
-    fleet: Fleet, agents: list[AgentProcess]
-) -> None:
-    agent, device_id = _install(fleet, agents, "1.0.0")
-    digest = fleet.digests["4.0.0"]
+@contextlib.contextmanager
+def _forged_signature(fleet: Fleet, version: str) -> Iterator[None]:
+    """The "cpu" class's artifact of `version` carries a wrong manifest
+    signature for the block."""
+    digest = fleet.digests[version]
     with sqlite3.connect(fleet.cp.data_dir / "edgefleet.db") as db:
         (signature,) = db.execute(
             "SELECT signature FROM artifacts WHERE digest = ? AND class_name = ?", (digest, CPU)
@@ -317,11 +317,19 @@ def test_a_wrong_signature_is_rejected_and_reported(
     _tamper(fleet, "UPDATE artifacts SET signature = ? WHERE digest = ? AND class_name = ?",
             forged, digest, CPU)  # fmt: skip
     try:
-        sequence = _assign(fleet, device_id, "4.0.0")
-        status = _settled(fleet, device_id, sequence)
+        yield
     finally:
         _tamper(fleet, "UPDATE artifacts SET signature = ? WHERE digest = ? AND class_name = ?",
                 signature, digest, CPU)  # fmt: skip
+
+
+def test_a_wrong_signature_is_rejected_and_reported(
+    fleet: Fleet, agents: list[AgentProcess]
+) -> None:
+    agent, device_id = _install(fleet, agents, "1.0.0")
+    with _forged_signature(fleet, "4.0.0"):
+        sequence = _assign(fleet, device_id, "4.0.0")
+        status = _settled(fleet, device_id, sequence)
     assert status.state == "failed" and "signature" in status.reason, status
     assert _history(fleet, device_id, sequence) == [
         "downloading", "verifying", "rolling_back", "failed",
@@ -426,6 +434,30 @@ def test_kill_9_inside_each_state_ends_on_one_complete_version(
         assert "restarted during activation" in status.reason
     assert _assert_consistent(agent, status) == (ends_on, fleet.digests[ends_on])
     assert not list((agent.state_dir / "downloads").glob("*.part"))
+
+
+def test_kill_9_while_rolling_back_ends_on_the_old_version(
+    fleet: Fleet, agents: list[AgentProcess]
+) -> None:
+    agent, device_id = _install(fleet, agents, "1.0.0")
+    assert agent.stop() == 0
+    agent.start(env={FAULT_ENV: "rolling_back"})
+    marker = agent.state_dir / MARKER_FILE
+    with _forged_signature(fleet, "4.0.0"):  # Verifying fails: roll back
+        sequence = _assign(fleet, device_id, "4.0.0")
+        assert wait_for(lambda: marker.exists() and marker.read_text(), timeout=60) == (
+            "rolling_back"
+        )
+        agent.kill()
+        marker.unlink()
+        agent.start()
+        status = _settled(fleet, device_id, sequence)
+    assert status.state == "failed" and "signature" in status.reason, status
+    assert _history(fleet, device_id, sequence)[-2:] == ["rolling_back", "failed"]
+    assert _assert_consistent(agent, status) == ("1.0.0", fleet.digests["1.0.0"])
+    assert sorted(p.name for p in (agent.state_dir / "downloads").iterdir()) == [
+        fleet.digests["1.0.0"]
+    ]
 
 
 # ---------------------------------------------------------------- rollouts

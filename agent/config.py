@@ -62,6 +62,9 @@ class AgentConfig:
     # with the enrollment token: TLS, and mutual TLS once enrolled. None:
     # plain text (development only), until the agent holds a certificate.
     ca_cert: Path | None = None
+    # Plain text to a control plane without TLS: local development and the
+    # demo only. Without ca_cert or this, the agent refuses to start.
+    insecure: bool = False
     enrollment_token: str | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     # Name shown to operators; None means the hostname.
@@ -138,6 +141,19 @@ def _optional_string(value: object, where: str) -> str | None:
     # override undoes a value from the file.
     text = _string(value, where).strip()
     return text or None
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(where, "true or false", value)
+    return value
+
+
+def _env_bool(text: str, where: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ("1", "0", "true", "false", "yes", "no"):
+        raise ConfigError(f"{where}: expected true or false, got {text!r}")
+    return lowered in ("1", "true", "yes")
 
 
 def _optional_path(value: object, where: str) -> Path | None:
@@ -330,6 +346,7 @@ def _env_count(text: str, where: str) -> int:
 _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], object] | None]] = {
     "server": (_server, lambda text, where: text),
     "ca_cert": (_optional_path, lambda text, where: text),
+    "insecure": (_bool, _env_bool),
     "enrollment_token": (_optional_string, lambda text, where: text),
     "state_dir": (_nonempty_string, lambda text, where: text),
     "name": (_optional_string, lambda text, where: text),

@@ -315,7 +315,8 @@ class Agent:
         )
 
         self._transport = Transport(
-            self.config.server, self.config.ca_cert, state_dir, channel_options(self.config)
+            self.config.server, self.config.ca_cert, state_dir, channel_options(self.config),
+            insecure=self.config.insecure,
         )
         self._identity = self._load_identity()
         if self._identity is not None:

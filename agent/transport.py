@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from agent.errors import StateError
+from agent.errors import ConfigError, StateError
 from agent.identity import atomic_write
 from edgefleet.v1 import device_pb2
 
@@ -159,8 +159,12 @@ class Transport:
 
     def __init__(
         self, server: str, ca_cert: Path | None, state_dir: Path,
-        options: list[tuple[str, int]],
+        options: list[tuple[str, int]], *, insecure: bool = False,
     ) -> None:  # fmt: skip
+        """Raises ConfigError when neither TLS (a CA certificate, or a device
+        certificate from an earlier enrollment) nor plain text (`insecure`)
+        was chosen: silently talking plain text would hand the credential to
+        anyone in the middle."""
         self.server = server
         self._bootstrap_ca = ca_cert
         self._state_dir = state_dir
@@ -168,10 +172,16 @@ class Transport:
         self.device: DeviceTls | None = load_device_tls(state_dir)
         self.generation = 0
         if self.device is None and ca_cert is None:
+            if not insecure:
+                raise ConfigError(
+                    "no ca_cert configured: set ca_cert to the control plane's CA certificate "
+                    "(ca.pem in its data directory) for TLS, or insecure = true to talk plain "
+                    "text to a development control plane"
+                )
             log.warning(
-                "PLAIN TEXT to the control plane at %s: no ca_cert configured, so credentials "
-                "and models travel unencrypted and the server is not authenticated. For "
-                "local development only.",
+                "PLAIN TEXT to the control plane at %s (insecure = true): credentials and "
+                "models travel unencrypted and the server is not authenticated. For local "
+                "development only.",
                 server,
             )
 

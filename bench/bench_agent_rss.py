@@ -78,7 +78,7 @@ def start_control_plane(root: Path, build_workers: int) -> tuple[subprocess.Pope
     port_file = data / "port"
     with (data / "server.log").open("wb") as log:
         proc = subprocess.Popen(
-            [str(BIN / "edgefleet"), "server", "--data-dir", str(data),
+            [str(BIN / "edgefleet"), "server", "--insecure", "--data-dir", str(data),
              "--listen", "127.0.0.1:0", "--port-file", str(port_file),
              "--admin-token", ADMIN_TOKEN, "--build-workers", str(build_workers)],
             stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
@@ -101,7 +101,8 @@ def start_agent(root: Path, server: str, token: str) -> tuple[subprocess.Popen[b
     state.mkdir(parents=True)
     config = directory / "agent.toml"
     config.write_text(
-        f'server = "{server}"\nenrollment_token = "{token}"\nstate_dir = "{state}"\n'
+        f'server = "{server}"\ninsecure = true\nenrollment_token = "{token}"\n'
+        f'state_dir = "{state}"\n'
         f'hardware_id = "bench-{uuid.uuid4().hex}"\nname = "rss-bench"\n'
         '[labels]\ntier = "rss-bench"\n'
     )

@@ -199,6 +199,8 @@ def start_server(workdir: Path, args: argparse.Namespace) -> Server:
     command = [
         *(shlex.split(args.edgefleet_cmd) if args.edgefleet_cmd else [_edgefleet_bin()]),
         "server",
+        # Plain text, as the baselines it is compared with.
+        "--insecure",
         "--data-dir", str(workdir / "data"),
         "--listen", "127.0.0.1:0",
         "--port-file", str(port_file),

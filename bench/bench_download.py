@@ -401,6 +401,8 @@ async def start_control_plane(data_dir: Path, workdir: Path, args: argparse.Name
     command = [
         *(shlex.split(args.edgefleet_cmd) if args.edgefleet_cmd else [_edgefleet_bin()]),
         "server",
+        # Plain text, as the baselines it is compared with.
+        "--insecure",
         "--data-dir", str(data_dir),
         "--listen", "127.0.0.1:0",
         "--port-file", str(port_file),

@@ -366,6 +366,8 @@ def server_command(kind: str, workdir: Path, args: argparse.Namespace) -> list[s
     command = [
         *(shlex.split(args.edgefleet_cmd) if args.edgefleet_cmd else [_edgefleet_bin()]),
         "server",
+        # Plain text, as the baselines it is compared with.
+        "--insecure",
         "--data-dir", str(workdir / "data"),
         "--listen", "127.0.0.1:0",
         "--port-file", port_file,

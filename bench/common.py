@@ -72,7 +72,8 @@ def start_control_plane(
     data.mkdir(parents=True)
     port_file = data / "port"
     command = [
-        str(BIN / "edgefleet"), "server", "--data-dir", str(data), "--listen", "127.0.0.1:0",
+        str(BIN / "edgefleet"), "server", "--insecure", "--data-dir", str(data),
+        "--listen", "127.0.0.1:0",
         "--port-file", str(port_file), "--admin-token", ADMIN_TOKEN, "--build-workers", "1",
         "--heartbeat-interval", str(heartbeat_s),
     ]  # fmt: skip

@@ -39,7 +39,8 @@ class ServerConfig:
     telemetry_rollup_every_s: float = 600.0
     # Serve TLS: operators and enrollment on `listen` (server-authenticated),
     # device RPCs on `device_listen` with mutual TLS. False is plain text, for
-    # local development only.
+    # local development only: `edgefleet server` defaults to TLS, the library
+    # to plain text for in-process tests and benchmarks.
     tls: bool = False
     # host:port of the mutual-TLS device port; None: listen's host, port + 1
     # (port 0 when listen's is 0).

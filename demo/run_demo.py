@@ -103,6 +103,8 @@ def agent_config(device: DemoDevice, server: str, token: str, state_dir: Path) -
     """A TOML agent config (see agent/packaging/agent.example.toml)."""
     lines = [
         f"server = {_toml(server)}",
+        # The demo's control plane serves plain text (edgefleet server --insecure).
+        "insecure = true",
         f"enrollment_token = {_toml(token)}",
         f"state_dir = {_toml(state_dir)}",
         f"name = {_toml(device.name)}",
@@ -157,9 +159,10 @@ class Demo:
         port_file = self.data_dir / "port"
         log = open(self.data_dir / "server.log", "wb")  # noqa: SIM115 - the child owns it
         self.server = subprocess.Popen(
-            [str(BIN / "edgefleet"), "server", "--data-dir", str(self.data_dir / "cp"),
-             "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-             "--heartbeat-interval", "5"],
+            # Plain text: the demo's agents and simulated devices run on this machine.
+            [str(BIN / "edgefleet"), "server", "--insecure",
+             "--data-dir", str(self.data_dir / "cp"), "--listen", "127.0.0.1:0",
+             "--port-file", str(port_file), "--heartbeat-interval", "5"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_for(port_file.exists, "the control plane to listen", self.server)

@@ -120,6 +120,9 @@ class AgentProcess:
             "labels": dict(labels or {}),
             "hardware": dict(hardware or {}),
         }
+        # Plain text unless the test gives the control plane's CA certificate.
+        if "ca_cert" not in config:
+            self.config["insecure"] = True
         self.config.update(config)
         self.proc: subprocess.Popen[bytes] | None = None
 

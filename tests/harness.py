@@ -83,7 +83,8 @@ class ControlPlane:
             "--port-file", str(port_file),
             "--admin-token", self.admin_token,
             "--heartbeat-interval", "2",
-            *(["--tls", "--device-listen", f"127.0.0.1:{self.device_port}"] if self.tls else []),
+            *(["--tls", "--device-listen", f"127.0.0.1:{self.device_port}"] if self.tls
+              else ["--insecure"]),
             # Builds spawn worker processes; tests about builds ask for them.
             *([] if "--build-workers" in self.extra else ["--build-workers", "0"]),
             *self.extra,

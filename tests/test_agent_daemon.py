@@ -144,6 +144,7 @@ def make_config(tmp_path: Path, port: int, **overrides: Any) -> AgentConfig:
         "backoff_initial_s": 0.05,
         "backoff_max_s": 0.5,
         "hardware": HardwareOverrides(arch="aarch64", memory_mb=2048),
+        "insecure": True,
     }
     values.update(overrides)
     return AgentConfig(**values)

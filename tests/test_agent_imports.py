@@ -53,7 +53,7 @@ agent.main._parser().parse_args([])
 from agent.config import AgentConfig
 from agent.daemon import Agent
 
-agent = Agent(AgentConfig(enrollment_token="t", state_dir=Path(sys.argv[1])))
+agent = Agent(AgentConfig(enrollment_token="t", state_dir=Path(sys.argv[1]), insecure=True))
 agent.boot()
 print(json.dumps([m for m in json.loads(sys.argv[2]) if m in sys.modules]))
 print(json.dumps(list(agent._runtime.onnxruntime_providers)))

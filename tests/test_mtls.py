@@ -282,3 +282,29 @@ def test_plain_text_mode_says_so_loudly(control_plane: ControlPlane, tmp_path: P
         agent.wait_for(lambda: "PLAIN TEXT" in agent.log(), timeout=30)
     finally:
         agent.close()
+
+
+def test_an_agent_without_a_ca_or_insecure_refuses_to_start(tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path / "agent", "127.0.0.1:1", "token", insecure=None)
+    agent.start()
+    try:
+        assert agent.proc is not None and agent.proc.wait(60) != 0
+        assert "no ca_cert configured" in agent.log()
+    finally:
+        agent.close()
+
+
+def test_edgefleet_server_serves_tls_unless_told_insecure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import controlplane.server
+    from controlplane.cli import cli
+    from controlplane.config import ServerConfig
+
+    seen: list[ServerConfig] = []
+    # Only the command line is under test here; the server itself is above.
+    monkeypatch.setattr(controlplane.server, "run", seen.append)
+    for args, tls in (([], True), (["--insecure"], False), (["--tls"], True)):
+        result = CliRunner().invoke(cli, ["server", "--data-dir", "/tmp/unused", *args])
+        assert result.exit_code == 0, result.output
+        assert seen.pop().tls is tls

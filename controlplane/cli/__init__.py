@@ -147,7 +147,7 @@ def main() -> None:
 )
 @click.option(
     "--tls/--insecure",
-    default=False,
+    default=True,
     show_default=True,
     help="--tls: TLS for operators and enrollment on --listen, mutual TLS for devices on "
     "--device-listen, certificates from the fleet's CA (written to DATA_DIR/ca.pem). "

@@ -290,7 +290,8 @@ async def test_an_error_naming_a_long_input_still_reaches_the_client_with_its_st
 async def test_a_shadow_count_no_column_holds_is_invalid_argument(
     channel: grpc.aio.Channel,
 ) -> None:
-    """shadow_requests was not range-checked: INTERNAL (SQLite overflow)."""
+    """shadow_requests was not range-checked (INTERNAL: SQLite overflow),
+    nor were the shadow's gauges and version."""
     op, dev = og.OperatorServiceStub(channel), dg.DeviceServiceStub(channel)
     token = (
         await op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="t"), metadata=ADMIN)
@@ -301,10 +302,16 @@ async def test_a_shadow_count_no_column_holds_is_invalid_argument(
         ("shadow_requests", UINT64_MAX - 1),
         ("shadow_agreement", float("nan")),
         ("shadow_version", "v" * 65),
+        # A time no datetime holds: the error message about it was INTERNAL.
+        ("at", -490499988649201408),
+        ("at", 2**63 - 1),
     ):
         sample = d.TelemetrySample(seq=1, model_name="m", model_version="1.0.0")
         sample.at.GetCurrentTime()
-        setattr(sample, field, value)
+        if field == "at":
+            sample.at.seconds = value
+        else:
+            setattr(sample, field, value)
         code = await _code(
             dev.UploadTelemetry(d.UploadTelemetryRequest(samples=[sample]), metadata=credential)
         )

@@ -223,7 +223,12 @@ def epoch_ms(at: dt.datetime) -> int:
 
 
 def _iso(ms: int) -> str:
-    return (_EPOCH + ms * _MS).isoformat()
+    """A time for a message; one no datetime holds (a device's clock, or a
+    client, can send any int64 of seconds) as its milliseconds."""
+    try:
+        return (_EPOCH + ms * _MS).isoformat()
+    except OverflowError:
+        return f"{ms} ms since the epoch"
 
 
 def _finite_in(value: float | None, low: float, high: float) -> bool:

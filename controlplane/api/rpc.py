@@ -95,12 +95,14 @@ class Handlers:
         authorization = dict(context.invocation_metadata() or ()).get("authorization")
         if kind == "operator":
             return await self.run(auth.authenticate_operator, self.db, authorization)
-        device: auth.DevicePrincipal
-        if self._credentials is None:
+        credentials = self._credentials
+        if credentials is None:
             device = await self.run(auth.authenticate_device, self.db, authorization)
         else:
-            cached = self._credentials.cached(authorization)
-            device = cached or await self.run(self._credentials.authenticate, authorization)
+            hit = credentials.cached(authorization)
+            device = hit if hit is not None else await self.run(
+                credentials.authenticate, authorization
+            )
         if self._peer_certificates is not None:
             self._peer_certificates.check(device, context)
         return device

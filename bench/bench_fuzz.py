@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"database snapshots: {report.snapshots}; health checks: {report.health_checks}")
     print("calls by principal: " + ", ".join(f"{w} {n}" for w, n in by_principal.most_common()))
+    for who, _ in by_principal.most_common():
+        got = Counter({code: n for (w, code), n in report.by_who.items() if w == who})
+        print(f"  {who:9} " + ", ".join(f"{code} {n}" for code, n in got.most_common()))
     codes: Counter[str] = Counter()
     for (_, code), n in report.codes.items():
         codes[code] += n
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "ratio": fuzz_rate / health_rate,
             "codes": {f"{rpc} {code}": n for (rpc, code), n in sorted(report.codes.items())},
+            "by_principal": {f"{w} {code}": n for (w, code), n in sorted(report.by_who.items())},
             "failures": [str(f) for f in report.failures],
             "invariants": report.invariants,
         }

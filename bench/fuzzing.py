@@ -951,6 +951,8 @@ class Report:
     codes: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
     call_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     principals: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
+    # (principal kind, status code): what each credential got.
+    by_who: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
     failures: list[Failure] = dataclasses.field(default_factory=list)
     invariants: list[str] = dataclasses.field(default_factory=list)
     health_checks: int = 0
@@ -1178,6 +1180,10 @@ class Fuzzer:
         self._open()
         admin = self._admin()
         self.principals = {"none": (), "admin": admin}
+        # The fuzzer's own tokens are never in the pools: revoked, every
+        # later call as that principal would stop at authentication.
+        existing = self.call("ListOperatorTokens", o.ListOperatorTokensRequest(), seed=False)
+        self._own_ids.update(t.id for t in existing.tokens)
         for i, garbage in enumerate(GARBAGE_CREDENTIALS):
             self.principals[f"garbage-{i}"] = (("authorization", garbage),)
         for role, number in (
@@ -1191,7 +1197,7 @@ class Fuzzer:
             )
             self.principals[role] = (("authorization", f"Bearer {resp.secret}"),)
             self._own_ids.add(resp.token.id)
-        # Tokens the fuzzer may revoke (its own are never in the pools).
+        # Tokens the fuzzer may revoke.
         for i in range(2):
             resp = self.call(
                 "CreateOperatorToken",
@@ -1575,6 +1581,8 @@ class Fuzzer:
         self.report.messages += len(case.messages)
         self.report.codes[(name, label)] += 1
         self.report.principals[(name, case.who)] += 1
+        kind = "garbage" if case.who.startswith("garbage") else case.who
+        self.report.by_who[(kind, label)] += 1
         for group in GROUPS:
             if group.after(name, case.who, code):
                 self._excused_until[group.name] = ended + EXCUSE_S

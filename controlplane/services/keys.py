@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from controlplane.db.bulk import update_rows
@@ -29,12 +29,8 @@ from controlplane.db.uow import Database
 from controlplane.domain import signing
 from controlplane.errors import InvalidArgument
 from controlplane.services import audit, statements
+from controlplane.services.devices import EventSink
 from controlplane.services.events import FleetEvent
-
-
-class EventSink(Protocol):
-    def publish(self, event: FleetEvent) -> None: ...
-
 
 MAX_REASON = 500
 
@@ -46,15 +42,19 @@ class SigningKey:
     private_key: bytes
 
 
-def _active(session: Session) -> SigningKeyRow | None:
-    # Replicas that start together may each create a key; all of them then
-    # sign with the oldest, so the choice is the same everywhere.
-    return session.scalar(
+def _current() -> Select[SigningKeyRow]:
+    """The keys not retired, oldest first. Replicas that start together may
+    each create a key; all of them then sign with the oldest, so the choice
+    is the same everywhere."""
+    return (
         select(SigningKeyRow)
         .where(SigningKeyRow.retired_at.is_(None))
         .order_by(SigningKeyRow.created_at, SigningKeyRow.id)
-        .limit(1)
     )
+
+
+def _active(session: Session) -> SigningKeyRow | None:
+    return session.scalar(_current().limit(1))
 
 
 def ensure_signing_key(db: Database) -> SigningKey:
@@ -84,13 +84,7 @@ def signing_key(session: Session) -> SigningKey:
     for it and sign with the new key. Locking a row a rotation just retired
     finds none in the statement's snapshot: asked again, the new key."""
     for _ in range(2):
-        row = session.scalar(
-            select(SigningKeyRow)
-            .where(SigningKeyRow.retired_at.is_(None))
-            .order_by(SigningKeyRow.created_at, SigningKeyRow.id)
-            .limit(1)
-            .with_for_update(read=True)
-        )
+        row = session.scalar(_current().limit(1).with_for_update(read=True))
         if row is not None:
             return SigningKey(row.id, row.public_key, row.private_key)
     raise RuntimeError("no signing key; the server creates one on start")
@@ -99,13 +93,7 @@ def signing_key(session: Session) -> SigningKey:
 def public_keys(db: Database) -> list[SigningKeyRow]:
     """Keys agents should trust (not retired), oldest first."""
     with db.unit_of_work(readonly=True) as uow:
-        return list(
-            uow.session.scalars(
-                select(SigningKeyRow)
-                .where(SigningKeyRow.retired_at.is_(None))
-                .order_by(SigningKeyRow.created_at, SigningKeyRow.id)
-            )
-        )
+        return list(uow.session.scalars(_current()))
 
 
 def all_keys(db: Database) -> list[SigningKeyRow]:
@@ -146,14 +134,7 @@ def rotate(db: Database, events: EventSink, actor: str, *, reason: str = "") -> 
     with db.unit_of_work() as uow:
         session = uow.session
         session.execute(select(DeviceRow.id).order_by(DeviceRow.id).with_for_update()).all()
-        retiring = list(
-            session.scalars(
-                select(SigningKeyRow)
-                .where(SigningKeyRow.retired_at.is_(None))
-                .order_by(SigningKeyRow.created_at, SigningKeyRow.id)
-                .with_for_update()
-            )
-        )
+        retiring = list(session.scalars(_current().with_for_update()))
         if not retiring:
             raise RuntimeError("no signing key; the server creates one on start")
         kid, private, public = signing.generate()

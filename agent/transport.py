@@ -154,8 +154,8 @@ def from_response(
 
 
 class Transport:
-    """Makes the agent's channels. `generation` counts certificate changes,
-    so long-lived users know to make a new channel."""
+    """Makes the agent's channels, from the device's certificate once it
+    has one."""
 
     def __init__(
         self, server: str, ca_cert: Path | None, state_dir: Path,
@@ -170,7 +170,6 @@ class Transport:
         self._state_dir = state_dir
         self._options = options
         self.device: DeviceTls | None = load_device_tls(state_dir)
-        self.generation = 0
         if self.device is None and ca_cert is None:
             if not insecure:
                 raise ConfigError(
@@ -202,48 +201,50 @@ class Transport:
                 f"{exc.strerror or exc}"
             ) from exc
 
-    def enroll_channel(self) -> grpc.aio.Channel:
-        """A channel to the main port: server-authenticated TLS, or plain text."""
+    def _main_port(self) -> tuple[str, grpc.ChannelCredentials | None]:
+        """The main port: server-authenticated TLS, or plain text (None)."""
         if not self.tls:
-            return grpc.aio.insecure_channel(self.server, options=self._options)
-        credentials = grpc.ssl_channel_credentials(root_certificates=self._server_trust())
-        return grpc.aio.secure_channel(self.server, credentials, options=self._options)
+            return self.server, None
+        return self.server, grpc.ssl_channel_credentials(root_certificates=self._server_trust())
 
-    def _device_credentials(self) -> grpc.ChannelCredentials:
-        assert self.device is not None
-        return grpc.ssl_channel_credentials(
+    def _device_port(self) -> tuple[str, grpc.ChannelCredentials | None]:
+        """Where device RPCs go: the device port with mutual TLS. Before TLS
+        enrollment, the main port (whose answer, UNAUTHENTICATED, sends the
+        agent to enroll)."""
+        if self.device is None:
+            return self._main_port()
+        return self.device.endpoint, grpc.ssl_channel_credentials(
             root_certificates=self.device.ca_pem,
             private_key=self.device.key_pem,
             certificate_chain=self.device.cert_pem,
         )
 
+    def _aio(self, target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=self._options)
+        return grpc.aio.secure_channel(target, credentials, options=self._options)
+
     @property
     def device_target(self) -> str:
-        return self.device.endpoint if self.device is not None else self.server
+        return self._device_port()[0]
+
+    def enroll_channel(self) -> grpc.aio.Channel:
+        """A channel to the main port."""
+        return self._aio(*self._main_port())
 
     def device_channel(self) -> grpc.aio.Channel:
-        """A channel for device RPCs: mutual TLS with the device's
-        certificate, or plain text. Before TLS enrollment: the main port
-        (whose answer, UNAUTHENTICATED, sends the agent to enroll)."""
-        if self.device is None:
-            return self.enroll_channel()
-        return grpc.aio.secure_channel(
-            self.device.endpoint, self._device_credentials(), options=self._options
-        )
+        """A channel for device RPCs (see _device_port)."""
+        return self._aio(*self._device_port())
 
     def blocking_device_channel(self) -> grpc.Channel:
         """device_channel for threads (the artifact downloader)."""
-        if self.device is None:
-            if not self.tls:
-                return grpc.insecure_channel(self.server, options=self._options)
-            credentials = grpc.ssl_channel_credentials(root_certificates=self._server_trust())
-            return grpc.secure_channel(self.server, credentials, options=self._options)
-        return grpc.secure_channel(
-            self.device.endpoint, self._device_credentials(), options=self._options
-        )
+        target, credentials = self._device_port()
+        if credentials is None:
+            return grpc.insecure_channel(target, options=self._options)
+        return grpc.secure_channel(target, credentials, options=self._options)
 
     def adopt(self, device: DeviceTls) -> None:
-        """Persist and switch to a new key and certificate."""
+        """Persist and switch to a new key and certificate (channels made
+        from now on use it)."""
         save_device_tls(self._state_dir, device)
         self.device = device
-        self.generation += 1

@@ -13,6 +13,7 @@ from controlplane.api.rpc import Handlers, rpc
 from controlplane.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     OutOfRange,
     PermissionDenied,
     ResourceExhausted,
@@ -20,8 +21,9 @@ from controlplane.errors import (
 from controlplane.services import keys
 from controlplane.services.artifacts import ArtifactService
 from controlplane.services.auth import DevicePrincipal
+from controlplane.services.batching import Coalescer
 from controlplane.services.certificates import CertificateService, DeviceCertificate
-from controlplane.services.deployments import AssignmentView, DeploymentService
+from controlplane.services.deployments import AssignmentView, DeploymentService, Desired
 from controlplane.services.devices import (
     ACCEPTED,
     DECOMMISSIONED,
@@ -78,6 +80,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         # Uploads waiting for or holding a database thread (event loop only).
         self._telemetry_in_flight = 0
         self._agent_config = agent_config
+        self._desired = Coalescer(self._desired_many)
 
     @rpc("none")
     async def Enroll(
@@ -140,14 +143,8 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             desired.assignment.CopyFrom(convert.assignment_to_pb(assignment))
         return device_pb2.ControlMessage(desired=desired)
 
-    def _desired(
-        self, device_id: str, sent_revision: int
-    ) -> tuple[DesiredView, bool, AssignmentView | None]:
-        """The device's desired state, whether it is newer than what the
-        stream sent, and its assignment: one executor hop and one query, as a
-        rollout wakes thousands of streams at once."""
-        view, assignment = self._deployments.desired(device_id)
-        return view, view.revision > sent_revision, assignment
+    async def _desired_many(self, device_ids: list[str]) -> dict[str, Desired]:
+        return await self.run(self._deployments.desired_many, device_ids)
 
     @rpc("device")
     async def Sync(
@@ -169,10 +166,11 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         sent_revision = 0
         try:
             while True:
-                view, fresh, assignment = await self.run(
-                    self._desired, device.device_id, sent_revision
-                )
-                if fresh:
+                desired = await self._desired.get(device.device_id)
+                if desired is None:
+                    raise NotFound(f"no device with id {device.device_id!r}")
+                view, assignment = desired
+                if view.revision > sent_revision:
                     async with write_lock:
                         await context.write(self._desired_pb(view, assignment))
                     sent_revision = view.revision

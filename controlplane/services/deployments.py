@@ -84,6 +84,10 @@ class AssignmentView:
     manifest_key_id: str = ""
 
 
+# What a sync stream sends a device: its desired state and its assignment.
+Desired = tuple[DesiredView, AssignmentView | None]
+
+
 @dataclass(frozen=True)
 class History:
     events: list[DeploymentEventRow]
@@ -458,39 +462,53 @@ class DeploymentService:
         )
         return views
 
-    def desired(self, device_id: str) -> tuple[DesiredView, AssignmentView | None]:
+    def desired(self, device_id: str) -> Desired:
         """What a device's sync stream sends: its desired state and its
-        assignment, read with one query of the columns needed (a rollout
-        pushes to thousands of streams at once; loading each device row
-        whole, with its JSON columns, was most of the cost)."""
+        assignment (None if it has none)."""
         if not device_id:
             raise InvalidArgument("device id is required")
+        found = self.desired_many([device_id]).get(device_id)
+        if found is None:
+            raise NotFound(f"no device with id {device_id!r}")
+        return found
+
+    def desired_many(self, device_ids: Sequence[str]) -> dict[str, Desired]:
+        """desired() of many devices in one read: a rollout stage wakes
+        thousands of sync streams in the same instant, and a query per
+        stream cost more than the rows (bench/bench_soak.py). One query of
+        the columns needed per _IN_CHUNK ids; loading each device row whole,
+        with its JSON columns, was most of the cost. Unknown ids are left out."""
         d, a = DeviceRow, DeviceAssignmentRow
+        found: dict[str, Desired] = {}
+        ids = list(dict.fromkeys(device_ids))
         with self._db.unit_of_work(readonly=True) as uow:
-            row = uow.session.execute(
-                select(
-                    d.desired_revision, d.state, d.labels, DeviceClassRow.name, a.device_id,
-                    a.sequence, a.artifact_id, a.model_version_id, a.rollout_id, a.shadow,
-                    a.assigned_by, a.assigned_at, a.statement, a.statement_signature,
-                    a.rollback, a.key_id,
-                )
-                .outerjoin(DeviceClassRow, DeviceClassRow.id == d.class_id)
-                .outerjoin(a, a.device_id == d.id)
-                .where(d.id == device_id)
-            ).first()  # fmt: skip
-            if row is None:
-                raise NotFound(f"no device with id {device_id!r}")
-            chain = self._key_rotations(uow.session, row[15])
-            view = DesiredView(row[0], row[1], row[3] or "", dict(row[2] or {}), chain)
-            if row[4] is None:
-                return view, None
-            fixed = _fixed(uow.session, row[6], row[7], row[15], self._published)
-        assignment = AssignmentView(
-            device_id=device_id, sequence=row[5], rollout_id=row[8] or "", shadow=bool(row[9]),
-            assigned_by=row[10], assigned_at=row[11], statement=row[12],
-            statement_signature=row[13], rollback=bool(row[14]), **fixed,
-        )  # fmt: skip
-        return view, assignment
+            session = uow.session
+            for start in range(0, len(ids), _IN_CHUNK):
+                rows = session.execute(
+                    select(
+                        d.id, d.desired_revision, d.state, d.labels, DeviceClassRow.name,
+                        a.device_id, a.sequence, a.artifact_id, a.model_version_id,
+                        a.rollout_id, a.shadow, a.assigned_by, a.assigned_at, a.statement,
+                        a.statement_signature, a.rollback, a.key_id,
+                    )
+                    .outerjoin(DeviceClassRow, DeviceClassRow.id == d.class_id)
+                    .outerjoin(a, a.device_id == d.id)
+                    .where(d.id.in_(ids[start : start + _IN_CHUNK]))
+                )  # fmt: skip
+                for row in rows:
+                    chain = self._key_rotations(session, row[16])
+                    view = DesiredView(row[1], row[2], row[4] or "", dict(row[3] or {}), chain)
+                    if row[5] is None:
+                        found[row[0]] = (view, None)
+                        continue
+                    fixed = _fixed(session, row[7], row[8], row[16], self._published)
+                    found[row[0]] = (view, AssignmentView(
+                        device_id=row[0], sequence=row[6], rollout_id=row[9] or "",
+                        shadow=bool(row[10]), assigned_by=row[11], assigned_at=row[12],
+                        statement=row[13], statement_signature=row[14],
+                        rollback=bool(row[15]), **fixed,
+                    ))  # fmt: skip
+        return found
 
     def _key_rotations(
         self, session: Session, key_id: str | None

@@ -405,3 +405,23 @@ async def test_a_replica_reuses_its_copy_of_the_members_only_while_its_lease_is_
         now[0] += dt.timedelta(seconds=11)  # and b's lapses too; a takes it back
         assert await asyncio.to_thread(a._take_lease, rollout_id)
         assert rollout_id not in a._members  # b may have written them: reload
+
+
+async def test_the_orchestrator_forgets_rollouts_that_need_no_more_work(world: World) -> None:
+    """What the orchestrator keeps per rollout (its copy of the members, its
+    lease mark) goes once the rollout is finished, also when an operator
+    finished it: otherwise it grows with every rollout the server runs."""
+    orchestrator = world.cp.orchestrator
+    assert orchestrator is not None
+    async with _fleet(world, 2, _profile()) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        rollout = await world.rollout(_stage(1, require_approval=True), _stage(100.0))
+        await world.wait(rollout.id, lambda r: r.state == o.ROLLOUT_STATE_WAITING_APPROVAL)
+        assert rollout.id in orchestrator._members and rollout.id in orchestrator._lease_marks
+        # Without revert the abort finishes it at once: no step drives it again.
+        await world.op.AbortRollout(o.AbortRolloutRequest(id=rollout.id, revert=False),
+                                    metadata=ADMIN)  # fmt: skip
+        deadline = asyncio.get_running_loop().time() + 10
+        while rollout.id in orchestrator._members or rollout.id in orchestrator._lease_marks:
+            assert asyncio.get_running_loop().time() < deadline, "kept after the abort"
+            await asyncio.sleep(0.1)

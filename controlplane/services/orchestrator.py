@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,11 +215,24 @@ class Orchestrator:
                     (RolloutRow.state == ABORTED) & RolloutRow.finished_at.is_(None),
                 )).order_by(RolloutRow.created_at)
             ))  # fmt: skip
+        self._forget_all_but(ids)
         more = False
         for rollout_id in ids:
             if self._take_lease(rollout_id):
                 more = self.drive(rollout_id).more or more
         return more
+
+    def _forget_all_but(self, ids: Iterable[str]) -> None:
+        """Drop the copies and lease marks of rollouts that need no more
+        work. drive() drops the members of a rollout it finishes, but one
+        an operator finishes (aborted without revert) is never driven
+        again, and no step drops a lease mark: kept, both would grow with
+        every rollout the server ever ran (the members of a 10,000-device
+        rollout are several MB)."""
+        live = set(ids)
+        for kept in (self._members, self._lease_marks):
+            for rollout_id in kept.keys() - live:
+                del kept[rollout_id]
 
     def _take_lease(self, rollout_id: str) -> bool:
         """Take or renew the rollout's lease. A renewal of the very lease we

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,14 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from sqlalchemy import event, update
 
 from controlplane.config import ServerConfig
+from controlplane.db.models import RolloutDeviceRow, RolloutRow, utcnow
 from controlplane.server import ControlPlane, create_server
 from controlplane.services.events import EventBus
-from controlplane.services.orchestrator import Orchestrator
+from controlplane.services.orchestrator import Orchestrator, Step, _Driver
+from controlplane.services.rollouts import COMMITTED, NOTIFIED
 from demo.models import BuiltModel, build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
@@ -425,3 +429,50 @@ async def test_the_orchestrator_forgets_rollouts_that_need_no_more_work(world: W
         while rollout.id in orchestrator._members or rollout.id in orchestrator._lease_marks:
             assert asyncio.get_running_loop().time() < deadline, "kept after the abort"
             await asyncio.sleep(0.1)
+
+
+async def test_a_step_reads_its_devices_with_the_same_statements_whatever_their_number(
+    world: World,
+) -> None:
+    """SQLite keeps every statement text it prepared (128 per connection, at
+    about 200 bytes per parameter): a step whose queries name its devices
+    in IN (?, ?, ...) left a new one nearly every tick, and RSS grew."""
+    async with _fleet(world, 4, _profile()) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        draft = await world.draft()  # not started: the server's orchestrator leaves it
+    orchestrator = Orchestrator(world.cp.db, EventBus(), owner="test", offline_after_s=60)
+
+    def statements(in_flight: int) -> list[str]:
+        """What follow_devices and health run with `in_flight` of the
+        members notified and as many committed (rolled back after)."""
+        me, seen = threading.get_ident(), []
+
+        def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            if threading.get_ident() == me:
+                seen.append(statement)
+
+        with world.cp.db.unit_of_work() as uow:
+            row = uow.session.get_one(RolloutRow, draft.id)
+            driver = _Driver(orchestrator, uow, row, utcnow(), Step())
+            chosen = driver.devices[:in_flight]
+            uow.session.execute(
+                update(RolloutDeviceRow)
+                .where(RolloutDeviceRow.rollout_id == draft.id,
+                       RolloutDeviceRow.device_id.in_([d.device_id for d in chosen]))
+                .values(state=NOTIFIED)
+            )  # fmt: skip
+            for d in chosen:
+                d.state = NOTIFIED
+            event.listen(world.cp.db.engine, "before_cursor_execute", record)
+            try:
+                driver.follow_devices()
+                for d in chosen:
+                    d.state, d.finished_at = COMMITTED, utcnow()
+                driver.health(driver.spec.stages[0], driver.devices)
+            finally:
+                event.remove(world.cp.db.engine, "before_cursor_execute", record)
+        return seen
+
+    one = await asyncio.to_thread(statements, 1)
+    every = await asyncio.to_thread(statements, len(draft.devices))
+    assert len(one) == 2 and one == every

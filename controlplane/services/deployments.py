@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controlplane.db.bulk import insert_rows, update_rows
+from controlplane.db.in_list import padded
 from controlplane.db.models import (
     ArtifactRow,
     BuildRow,
@@ -185,7 +186,7 @@ def assign_devices(
                 DeviceRow.id, DeviceRow.state, DeviceRow.class_id, DeviceRow.assignment_seq,
                 DeviceRow.desired_revision,
             )
-            .where(DeviceRow.id.in_(chunk))
+            .where(DeviceRow.id.in_(padded(chunk)))
             # In id order: two assignments locking the same devices in
             # different orders would deadlock on PostgreSQL.
             .order_by(DeviceRow.id)
@@ -255,7 +256,7 @@ def _current_versions(
     current = session.execute(
         select(DeviceAssignmentRow.device_id, ModelVersionRow.model_id, ModelVersionRow.version)
         .join(ModelVersionRow, ModelVersionRow.id == DeviceAssignmentRow.model_version_id)
-        .where(DeviceAssignmentRow.device_id.in_(device_ids))
+        .where(DeviceAssignmentRow.device_id.in_(padded(device_ids)))
     )
     for device_id, current_model, version in current:
         existing.add(device_id)
@@ -265,7 +266,11 @@ def _current_versions(
     committed: dict[str, str] = {}
     for device_id, version in session.execute(
         select(e.device_id, e.model_version)
-        .where(e.device_id.in_(device_ids), e.model_name == model_name, e.state == "committed")
+        .where(
+            e.device_id.in_(padded(device_ids)),
+            e.model_name == model_name,
+            e.state == "committed",
+        )
         .order_by(e.id)
     ):
         committed[device_id] = version
@@ -493,7 +498,7 @@ class DeploymentService:
                     )
                     .outerjoin(DeviceClassRow, DeviceClassRow.id == d.class_id)
                     .outerjoin(a, a.device_id == d.id)
-                    .where(d.id.in_(ids[start : start + _IN_CHUNK]))
+                    .where(d.id.in_(padded(ids[start : start + _IN_CHUNK])))
                 )  # fmt: skip
                 for row in rows:
                     chain = self._key_rotations(session, row[16])
@@ -538,7 +543,7 @@ class DeploymentService:
                     (device_id, status or {})
                     for device_id, status in session.execute(
                         select(DeviceRow.id, DeviceRow.update_status).where(
-                            DeviceRow.id.in_(ids[start : start + _IN_CHUNK])
+                            DeviceRow.id.in_(padded(ids[start : start + _IN_CHUNK]))
                         )
                     )
                 )

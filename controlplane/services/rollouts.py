@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controlplane.db.bulk import insert_rows
+from controlplane.db.in_list import padded
 from controlplane.db.models import (
     DeviceAssignmentRow,
     DeviceClassRow,
@@ -111,7 +112,7 @@ def active_rollout_of(session: Session, device_ids: Iterable[str]) -> dict[str, 
     rows = session.execute(
         select(RolloutDeviceRow.device_id, RolloutRow.id)
         .join(RolloutRow, RolloutRow.id == RolloutDeviceRow.rollout_id)
-        .where(RolloutRow.state.in_(ACTIVE), RolloutDeviceRow.device_id.in_(ids))
+        .where(RolloutRow.state.in_(ACTIVE), RolloutDeviceRow.device_id.in_(padded(ids)))
     )
     return {device_id: rollout_id for device_id, rollout_id in rows}
 
@@ -194,7 +195,9 @@ class RolloutService:
         previous = {
             row.device_id: row.model_version_id
             for row in session.scalars(
-                select(DeviceAssignmentRow).where(DeviceAssignmentRow.device_id.in_(list(by_id)))
+                select(DeviceAssignmentRow).where(
+                    DeviceAssignmentRow.device_id.in_(padded(list(by_id)))
+                )
             )
         }
         planned = [
@@ -295,7 +298,7 @@ class RolloutService:
         busy = {d: r for d, r in active_rollout_of(session, ids).items() if r != row.id}
         if busy:
             names = {i: n for i, n in session.execute(select(DeviceRow.id, DeviceRow.name).where(
-                DeviceRow.id.in_(list(busy))))}  # fmt: skip
+                DeviceRow.id.in_(padded(list(busy)))))}  # fmt: skip
             self._conflict(
                 [
                     Excluded(d, names.get(d, d), f"already in active rollout {r}")
@@ -444,7 +447,7 @@ class RolloutService:
         # Not dict(result): a Result has keys(), so dict() would index it.
         names = {device_id: name for device_id, name in session.execute(
             select(DeviceRow.id, DeviceRow.name).where(
-                DeviceRow.id.in_([d.device_id for d in devices]))
+                DeviceRow.id.in_(padded([d.device_id for d in devices])))
         )}  # fmt: skip
         return RolloutView(row, RolloutSpec.from_dict(row.spec), devices, names)
 

@@ -74,6 +74,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from controlplane.db.in_list import padded
 from controlplane.db.models import (
     DeviceRow,
     TelemetryRollupRow,
@@ -658,7 +659,7 @@ def _source(
             if wanted:
                 stmt = stmt.where(getattr(table, name) == wanted)
         if device_ids is not None:
-            stmt = stmt.where(table.device_id.in_(device_ids))
+            stmt = stmt.where(table.device_id.in_(padded(device_ids)))
         return stmt
 
     shared = (

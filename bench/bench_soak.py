@@ -21,7 +21,8 @@ really build. Then, in this process:
      resumed `--pause-s` later, approved after stage 1; every
      `--revert-every`-th rollout is aborted with revert once stage 2 has a
      committed device (the fleet then stays on its version), the rollout
-     polled with GetRollout every 2 s;
+     polled every 2 s with GetRollout(summary_only) and read whole (every
+     device row) every 30 s;
    - a label change on a random device every `--label-every-s`
      (UpdateDeviceLabels), timed until that device's stream delivers the
      DesiredState carrying it (the push latency);
@@ -116,6 +117,8 @@ VERSIONS = ("1.0.0", "2.0.0")
 QUERY_EVERY_S = {"GetDevice": 2.0, "ListAuditLog": 5.0, "QueryTelemetry": 10.0,
                  "ListDevices": 30.0}  # fmt: skip
 ROLLOUT_POLL_S = 2.0
+# A poller's whole read of the rollout (every member row), between summaries.
+FULL_ROLLOUT_EVERY_S = 30.0
 RPC_TIMEOUT_S = 60.0
 TERMINAL = (operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_STATE_ABORTED)
 
@@ -189,6 +192,15 @@ class Latencies:
 
     def per_minute(self, minutes: int) -> list[dict[str, float]]:
         return [latency_summary(self.window(60.0 * m, 60.0 * (m + 1))) for m in range(minutes)]
+
+    def series(self, step_s: float, end_s: float) -> list[list[float]]:
+        """[start s, count, p50 ms, p99 ms, max ms] per `step_s` window: to
+        line slow moments up with the operators' timeline."""
+        rows = []
+        for i in range(math.ceil(end_s / step_s)):
+            s = latency_summary(self.window(i * step_s, (i + 1) * step_s))
+            rows.append([i * step_s, s["count"], s["p50_ms"], s["p99_ms"], s["max_ms"]])
+        return rows
 
 
 def slope_per_min(points: Sequence[tuple[float, float]]) -> float:
@@ -317,18 +329,19 @@ class Operators:
         self.classes: list[str] = []
         self.version = VERSIONS[0]
 
-    async def call(self, name: str, request: Any) -> Any:
-        """Call `name` with `request`; the response, or None on an error."""
+    async def call(self, name: str, request: Any, label: str = "") -> Any:
+        """Call `name` with `request`; the response, or None on an error.
+        Counted and timed as `label` (default: `name`)."""
         started = time.monotonic()
         try:
             response = await getattr(self.stub, name)(
                 request, metadata=self.md, timeout=RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
-            self.errors[f"{name} {exc.code().name}"] += 1
+            self.errors[f"{label or name} {exc.code().name}"] += 1
             return None
-        self.calls[name] += 1
-        self.call_s[name].append(time.monotonic() - started)
+        self.calls[label or name] += 1
+        self.call_s[label or name].append(time.monotonic() - started)
         if name not in self.cfg.query_every_s and name not in ("GetRollout", "UpdateDeviceLabels"):
             # The rollouts' steps, to line up with the latencies.
             self.timeline.append((round(started - self.pushes.t0, 2), name))
@@ -413,11 +426,19 @@ class Operators:
 
     async def _poll(self, rollout_id: str, done: Callable[[Any], bool], deadline: float) -> Any:
         """GetRollout every ROLLOUT_POLL_S until `done(rollout)`, a terminal
-        state or `deadline` (monotonic); the last rollout read."""
-        request = operator_pb2.GetRolloutRequest(id=rollout_id)
+        state or `deadline` (monotonic); the last rollout read. A summary
+        (counts, no rows) but every FULL_ROLLOUT_EVERY_S: what a watching
+        operator's screen needs."""
+        summary = operator_pb2.GetRolloutRequest(id=rollout_id, summary_only=True)
+        whole = operator_pb2.GetRolloutRequest(id=rollout_id)
         rollout: Any = None
+        last_whole = -math.inf
         while True:
-            got = await self.call("GetRollout", request)
+            if time.monotonic() - last_whole >= FULL_ROLLOUT_EVERY_S:
+                last_whole = time.monotonic()
+                got = await self.call("GetRollout", whole, "GetRollout (whole)")
+            else:
+                got = await self.call("GetRollout", summary)
             rollout = got if got is not None else rollout
             if rollout is not None and (done(rollout) or rollout.state in TERMINAL):
                 return rollout
@@ -732,6 +753,7 @@ async def soak(
             "sync": {
                 "overall": hb,
                 "per_minute": heartbeats.per_minute(minutes),
+                "per_5s": heartbeats.series(5.0, soak_end),
                 "goal_p99_ms": GOAL_P99_MS,
                 "met": hb["p99_ms"] < GOAL_P99_MS,
             },

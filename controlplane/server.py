@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from controlplane import gc_policy
 from controlplane.api.device_servicer import DeviceServicer
 from controlplane.api.operator_servicer import OperatorServicer
 from controlplane.api.rpc import PeerCertificates, RpcMetrics
@@ -446,6 +447,7 @@ async def _roll_up_telemetry(
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
     cp = await create_server(config)
+    gc_policy.tune_for_serving()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -199,6 +199,12 @@ async def test_a_staged_rollout_completes_stage_by_stage(world: World) -> None:
         assert _states(done) == {"committed": 6}
         assert all(a.active_version == "2.0.0" for a in fleet.agents)
         assert [s.state for s in done.stages] == ["passed"] * 3
+        summary = await world.op.GetRollout(
+            o.GetRolloutRequest(id=rollout.id, summary_only=True), metadata=ADMIN
+        )
+        # The same rollout and counts, without the rows.
+        assert not summary.devices and summary.state == done.state
+        assert list(summary.stages) == list(done.stages)
     audit = await world.op.ListAuditLog(o.ListAuditLogRequest(), metadata=ADMIN)
     actions = [e.action for e in audit.entries if e.target == f"rollout:{rollout.id}"]
     assert "rollout.succeeded" in actions and actions.count("rollout.stage") == 2

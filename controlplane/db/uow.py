@@ -101,11 +101,19 @@ class UnitOfWork:
         # already loaded, so callers can read them after the block.
         try:
             self.session.close()
+        except OperationalError as closing:
+            # The connection died after the work was done (PostgreSQL going
+            # down between the last query and this rollback): what was read
+            # or committed stands, and the pool has dropped the connection.
+            # Raising would turn a finished call into INTERNAL (the fault
+            # suite caught one).
+            if exc is None:
+                log.warning("closing a session on a lost connection: %s", _first_line(closing))
         finally:
             if self._writers is not None:
                 self._writers.release()
         if isinstance(exc, OperationalError):
-            log.warning("database unavailable: %s", str(exc.orig).splitlines()[0])
+            log.warning("database unavailable: %s", _first_line(exc))
             raise Unavailable("the database is unavailable; try again") from exc
 
     def commit(self) -> None:
@@ -113,3 +121,7 @@ class UnitOfWork:
 
     def flush(self) -> None:
         self.session.flush()
+
+
+def _first_line(exc: OperationalError) -> str:
+    return (str(exc.orig).splitlines() or [""])[0]

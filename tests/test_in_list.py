@@ -10,7 +10,7 @@ from controlplane.db.in_list import STEP, padded
 
 @pytest.mark.parametrize(
     ("n", "size"), [(0, 0), (1, 1), (2, 2), (3, 4), (500, 512), (1024, 1024), (1025, 2048),
-                    (2049, 3072), (20_000, 20_480)],
+                    (2049, 3072), (20_000, 20_480), (32_000, 32_766), (40_000, 40_000)],
 )  # fmt: skip
 def test_in_lists_are_padded_to_few_lengths(n: int, size: int) -> None:
     ids = [f"d{i}" for i in range(n)]

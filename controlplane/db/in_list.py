@@ -23,6 +23,9 @@ T = TypeVar("T")
 
 # Above this many ids lists grow by steps of it.
 STEP = 1024
+# SQLite's default limit of parameters per statement: padding never takes a
+# list that fits past it.
+MAX_PARAMETERS = 32_766
 
 
 def padded(values: Sequence[T]) -> list[T]:
@@ -32,4 +35,5 @@ def padded(values: Sequence[T]) -> list[T]:
     if n <= 1:
         return list(values)
     size = 1 << (n - 1).bit_length() if n <= STEP else -(-n // STEP) * STEP
+    size = max(n, min(size, MAX_PARAMETERS))
     return [*values, *itertools.repeat(values[-1], size - n)]

@@ -467,18 +467,9 @@ class DeploymentService:
         )
         return views
 
-    def desired(self, device_id: str) -> Desired:
-        """What a device's sync stream sends: its desired state and its
-        assignment (None if it has none)."""
-        if not device_id:
-            raise InvalidArgument("device id is required")
-        found = self.desired_many([device_id]).get(device_id)
-        if found is None:
-            raise NotFound(f"no device with id {device_id!r}")
-        return found
-
     def desired_many(self, device_ids: Sequence[str]) -> dict[str, Desired]:
-        """desired() of many devices in one read: a rollout stage wakes
+        """What each device's sync stream sends (its desired state and its
+        assignment, None if it has none), many devices in one read: a rollout stage wakes
         thousands of sync streams in the same instant, and a query per
         stream cost more than the rows (bench/bench_soak.py). One query of
         the columns needed per _IN_CHUNK ids; loading each device row whole,

@@ -25,7 +25,7 @@ from controlplane.db.uow import Database
 from controlplane.domain import signing
 from controlplane.server import ControlPlane
 from controlplane.services import keys
-from controlplane.services.deployments import DeploymentService, assign_devices
+from controlplane.services.deployments import DeploymentService, Desired, assign_devices
 from controlplane.services.keys import ensure_signing_key
 from demo.models import BuiltModel
 from edgefleet.v1 import common_pb2 as c
@@ -46,6 +46,10 @@ async def _publish_all(cp: ControlPlane, digits: BuiltModel) -> None:  # noqa: F
     builds = _builds(cp)
     while (job := await asyncio.to_thread(builds.claim, "runner", 60)) is not None:
         assert await asyncio.to_thread(builds.finish, job, "runner", _fake_result(digits.model), "")
+
+
+async def _replica_desired(replica: DeploymentService, device_id: str) -> Desired:
+    return (await asyncio.to_thread(replica.desired_many, [device_id]))[device_id]
 
 
 def _statement(a: d.Assignment) -> c.AssignmentStatement:
@@ -103,7 +107,7 @@ async def test_statements_bind_assignments_rollback_marks_downgrades_and_rotatio
 
         # Another replica, its push caches warm, before the rotation.
         replica = DeploymentService(cp.db, _NoEvents())
-        before, current = await asyncio.to_thread(replica.desired, arm.device_id)
+        before, current = await _replica_desired(replica, arm.device_id)
         assert current is not None and not before.key_rotations
 
         viewer = await op.CreateOperatorToken(
@@ -129,7 +133,7 @@ async def test_statements_bind_assignments_rollback_marks_downgrades_and_rotatio
         ]  # fmt: skip
 
         # The replica was told nothing: what it pushes now is signed by k2.
-        view, after = await asyncio.to_thread(replica.desired, arm.device_id)
+        view, after = await _replica_desired(replica, arm.device_id)
         assert after is not None and after.sequence == current.sequence
         assert signing.verify(k2.public_key, after.statement, after.statement_signature)
         assert c.AssignmentStatement.FromString(after.statement).key_id == k2.key_id

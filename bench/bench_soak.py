@@ -28,7 +28,7 @@ really build. Then, in this process:
      DesiredState carrying it (the push latency);
    - GetDevice of a random device, ListAuditLog (limit 50), QueryTelemetry
      (request counts by model version, last 10 minutes, 1-minute steps),
-     ListDevices (the whole fleet) at their own intervals (QUERY_EVERY_S);
+     ListDevices (the whole fleet, page by page) at their own intervals (QUERY_EVERY_S);
    - `--watchers` WatchFleet streams, counting the events they receive;
 3. the drain: the agents make no new telemetry but keep resending what they
    hold, at their interval, until every sample is acked (or `--drain-s`);
@@ -408,8 +408,28 @@ class Operators:
 
     async def query_loop(self, name: str, every_s: float) -> None:
         while True:
-            await self.call(name, self._query(name))
+            if name == "ListDevices":
+                await self._list_fleet()
+            else:
+                await self.call(name, self._query(name))
             await asyncio.sleep(every_s)
+
+    async def _list_fleet(self) -> None:
+        """The whole fleet, page by page (each page a timed call), as the
+        TUI's device screen reads it; a walk that misses or repeats a device
+        counts as an error."""
+        request = self._query("ListDevices")
+        seen: list[str] = []
+        while True:
+            page = await self.call("ListDevices", request)
+            if page is None:
+                return
+            seen += (device.id for device in page.devices)
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+        if sorted(seen) != sorted(agent.device_id for agent in self.fleet.agents):
+            self.errors["ListDevices walk incomplete"] += 1
 
     async def watch_loop(self) -> None:
         while True:

@@ -39,6 +39,9 @@ from tui import data as d
 
 T = TypeVar("T")
 
+# Devices per ListDevices page: the most the control plane sends in one.
+DEVICE_PAGE_SIZE = 1000
+
 # The metrics the telemetry explorer offers, by the names it shows.
 METRICS: dict[str, o.TelemetryMetric.ValueType] = {
     "p95 latency (ms)": o.TELEMETRY_METRIC_LATENCY_P95_MS,
@@ -199,9 +202,15 @@ class FleetClient:
     # ------------------------------------------------------------ devices
 
     async def list_devices(self) -> list[d.Device]:
-        """Every device but decommissioned ones."""
-        resp = await self._call("ListDevices", o.ListDevicesRequest())
-        return [device_from_pb(m) for m in resp.devices]
+        """Every device but decommissioned ones (every page of them)."""
+        request = o.ListDevicesRequest(page_size=DEVICE_PAGE_SIZE)
+        devices: list[d.Device] = []
+        while True:
+            resp = await self._call("ListDevices", request)
+            devices += (device_from_pb(m) for m in resp.devices)
+            if not resp.next_page_token:
+                return devices
+            request.page_token = resp.next_page_token
 
     async def get_device(self, device_id: str) -> d.Device:
         return device_from_pb(await self._call("GetDevice", o.GetDeviceRequest(id=device_id)))

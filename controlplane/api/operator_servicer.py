@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
-from controlplane.api import convert
+from controlplane.api import convert, paging
 from controlplane.api.rpc import Handlers, rpc
 from controlplane.domain.roles import ADMIN, VIEWER
 from controlplane.errors import InvalidArgument, NotFound
@@ -142,16 +142,21 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def ListDevices(
         self, request: operator_pb2.ListDevicesRequest, context: Any, who: Op
     ) -> operator_pb2.ListDevicesResponse:
+        after = paging.decode(request, parts=2)
+
         def listed() -> operator_pb2.ListDevicesResponse:
-            views = self._devices.list(
+            page = self._devices.list(
                 state=convert.DEVICE_STATE_NAMES.get(request.state, ""),
                 class_name=request.class_name,
                 labels=dict(request.labels),
                 unclassified=request.unclassified,
                 include_decommissioned=request.include_decommissioned,
+                page_size=paging.page_size(request.page_size),
+                after=None if after is None else (after[0], after[1]),
             )
             return operator_pb2.ListDevicesResponse(
-                devices=[convert.device_to_pb(v) for v in views]
+                devices=[convert.device_to_pb(v) for v in page.devices],
+                next_page_token=paging.encode(request, page.next_after),
             )
 
         # Converted in the thread as well: a whole fleet's conversion held the

@@ -29,14 +29,35 @@ def devices() -> None:
     """The device inventory."""
 
 
+# Devices per ListDevices page: the most the control plane sends in one.
+DEVICE_PAGE_SIZE = 1000
+
+
+def list_devices(env: Env, request: operator_pb2.ListDevicesRequest) -> list[common_pb2.Device]:
+    """Every device `request` matches, page after page."""
+    request.page_size = DEVICE_PAGE_SIZE
+    listed: list[common_pb2.Device] = []
+    while True:
+        resp = env.stub.ListDevices(request)
+        listed += resp.devices
+        if not resp.next_page_token:
+            return listed
+        request.page_token = resp.next_page_token
+
+
+def _all_ids(env: Env) -> list[str]:
+    """Every device's id, decommissioned ones too: what short ids resolve
+    against."""
+    return [
+        d.id
+        for d in list_devices(env, operator_pb2.ListDevicesRequest(include_decommissioned=True))
+    ]
+
+
 def _on_device(env: Env, text: str, call: Callable[[str], common_pb2.Device]) -> common_pb2.Device:
     """`call(device_id)`, accepting the short ids `devices ls` shows."""
 
-    def list_ids() -> list[str]:
-        listed = env.stub.ListDevices(operator_pb2.ListDevicesRequest(include_decommissioned=True))
-        return [d.id for d in listed.devices]
-
-    return call_by_id(text, call, list_ids, "device")
+    return call_by_id(text, call, lambda: _all_ids(env), "device")
 
 
 def _device_done(as_json: bool, verb: str, device: common_pb2.Device, suffix: str = "") -> None:
@@ -63,7 +84,8 @@ def devices_ls(
     """List devices."""
     if class_name and unclassified:
         usage_error("--class and --unclassified exclude each other")
-    resp = env.stub.ListDevices(
+    listed = list_devices(
+        env,
         operator_pb2.ListDevicesRequest(
             state=state or common_pb2.DEVICE_STATE_UNSPECIFIED,
             class_name=class_name or "",
@@ -71,9 +93,9 @@ def devices_ls(
             unclassified=unclassified,
             include_decommissioned=include_decommissioned
             or state == common_pb2.DEVICE_STATE_DECOMMISSIONED,
-        )
+        ),
     )
-    emit(as_json, resp.devices, lambda: render.devices_table(resp.devices, now()))
+    emit(as_json, listed, lambda: render.devices_table(listed, now()))
 
 
 @devices.command("show")
@@ -184,8 +206,7 @@ def devices_assign(
     All or nothing: if one device cannot take it (no successful build for its
     class, not accepted), nothing is assigned and every such device is named.
     Watch progress with `edgefleet devices ls` and `edgefleet devices history ID`."""
-    listed = env.stub.ListDevices(operator_pb2.ListDevicesRequest(include_decommissioned=True))
-    known = [d.id for d in listed.devices]
+    known = _all_ids(env)
     try:
         ids = [i if i in known else resolve_prefix(i, known, "device") for i in device_ids]
     except ValueError as exc:
@@ -210,16 +231,12 @@ def devices_assign(
 def devices_history(env: Env, device_id: str, limit: int, as_json: bool) -> None:
     """A device's deployment history: every update state its agent reported."""
 
-    def list_ids() -> list[str]:
-        listed = env.stub.ListDevices(operator_pb2.ListDevicesRequest(include_decommissioned=True))
-        return [d.id for d in listed.devices]
-
     response = call_by_id(
         device_id,
         lambda i: env.stub.ListDeployments(
             operator_pb2.ListDeploymentsRequest(device_id=i, limit=limit)
         ),
-        list_ids,
+        lambda: _all_ids(env),
         "device",
     )
     emit(as_json, response, lambda: render.deployment_history(response, now()))

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from controlplane.db.models import DeviceClassRow, DeviceRow, utcnow
@@ -25,6 +25,8 @@ DEVICE_STATES = (PENDING, ACCEPTED, REJECTED, DECOMMISSIONED)
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 MAX_LABEL_VALUE = 256
 MAX_LABELS = 64
+# Rows read per query while a label filter fills a page.
+_LIST_BATCH = 500
 
 
 class EventSink(Protocol):
@@ -42,6 +44,17 @@ class DeviceView:
     row: DeviceRow
     class_name: str
     online: bool
+
+
+# Where a page of ListDevices ends: the last device's (name, id).
+DeviceCursor = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class DevicePage:
+    devices: list[DeviceView]
+    # Set when more devices match: the cursor for the next page.
+    next_after: DeviceCursor | None
 
 
 @dataclass(frozen=True)
@@ -133,9 +146,17 @@ class DeviceService:
         labels: Mapping[str, str] | None = None,
         unclassified: bool = False,
         include_decommissioned: bool = False,
-    ) -> list[DeviceView]:
+        page_size: int | None = None,
+        after: DeviceCursor | None = None,
+    ) -> DevicePage:
+        """The devices that match every filter, by name then id: all of them,
+        or `page_size` after the cursor `after` (keyset paging, so a page is
+        one index range however deep into the fleet it is)."""
+        if page_size is not None and page_size < 1:
+            raise InvalidArgument(f"page size must be at least 1, not {page_size}")
         with self._db.unit_of_work(readonly=True) as uow:
-            names = self._class_names(uow.session)
+            session = uow.session
+            names = self._class_names(session)
             stmt = select(DeviceRow).order_by(DeviceRow.name, DeviceRow.id)
             if state:
                 stmt = stmt.where(DeviceRow.state == state)
@@ -149,11 +170,29 @@ class DeviceService:
             if unclassified:
                 stmt = stmt.where(DeviceRow.class_id.is_(None))
             wanted = dict(labels or {})
-            return [
-                self._view(uow.session, row, names)
-                for row in uow.session.scalars(stmt)
-                if all(row.labels.get(k) == v for k, v in wanted.items())
-            ]
+            matched: list[DeviceRow] = []
+            # Labels are matched here, not in SQL, so a page's rows are read
+            # in batches until it is full; one more match tells whether
+            # there is a next page.
+            limit = None if page_size is None else page_size + 1
+            cursor = after
+            while limit is None or len(matched) < limit:
+                batch_stmt = stmt
+                if cursor is not None:
+                    batch_stmt = batch_stmt.where(tuple_(DeviceRow.name, DeviceRow.id) > cursor)
+                if limit is not None:
+                    batch_stmt = batch_stmt.limit(max(limit, _LIST_BATCH))
+                rows = list(session.scalars(batch_stmt))
+                matched += (r for r in rows if all(r.labels.get(k) == v for k, v in wanted.items()))
+                if limit is None or len(rows) < max(limit, _LIST_BATCH):
+                    break
+                cursor = (rows[-1].name, rows[-1].id)
+            more = limit is not None and len(matched) >= limit
+            page = matched[:page_size] if page_size is not None else matched
+            return DevicePage(
+                devices=[self._view(session, row, names) for row in page],
+                next_after=(page[-1].name, page[-1].id) if more else None,
+            )
 
     def get(self, device_id: str) -> DeviceView:
         with self._db.unit_of_work(readonly=True) as uow:

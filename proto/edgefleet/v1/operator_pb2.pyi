@@ -657,12 +657,24 @@ class ListDevicesRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     UNCLASSIFIED_FIELD_NUMBER: _builtins.int
     INCLUDE_DECOMMISSIONED_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     state: _common_pb2.DeviceState.ValueType
     """Filters; all optional and combined with AND."""
     class_name: _builtins.str
     unclassified: _builtins.bool
     """Only devices that match no class."""
     include_decommissioned: _builtins.bool
+    page_size: _builtins.int
+    """Devices per response, ordered by name then id: 0 means 500, more than
+    1,000 is taken as 1,000. A whole 10,000-device fleet in one response is
+    megabytes (past gRPC's default 4 MiB receive limit) and holds the server
+    for a second; page through it instead.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous response, sent with the same filters;
+    empty for the first page.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """"key=value" pairs every listed device must carry."""
@@ -675,10 +687,12 @@ class ListDevicesRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         unclassified: _builtins.bool = ...,
         include_decommissioned: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_name", b"class_name", "include_decommissioned", b"include_decommissioned", "labels", b"labels", "state", b"state", "unclassified", b"unclassified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_name", b"class_name", "include_decommissioned", b"include_decommissioned", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "unclassified", b"unclassified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,16 +703,22 @@ class ListDevicesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Set while more devices match: pass it as page_token for the next page.
+    Empty on the last page.
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Device]: ...
     def __init__(
         self,
         *,
         devices: _abc.Iterable[_common_pb2.Device] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

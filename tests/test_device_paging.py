@@ -127,6 +127,7 @@ async def test_tokens_are_bound_to_their_filters_and_bad_ones_refused(
             "not base64!",
             base64.urlsafe_b64encode(b'{"c": 5, "f": "x"}').decode(),
             base64.urlsafe_b64encode(b'{"c": ["only-one"], "f": "x"}').decode(),
+            base64.urlsafe_b64encode(b"[" * 100_000).decode(),
         ]
         for token in forged:
             code, details = await _code(

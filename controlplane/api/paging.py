@@ -16,6 +16,7 @@ from controlplane.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 1000
+_MAX_TOKEN = 1024
 
 
 def page_size(requested: int) -> int:
@@ -50,6 +51,10 @@ def decode(request: Message, parts: int) -> tuple[str, ...] | None:
         return None
     rpc = type(request).__name__.removesuffix("Request")
     try:
+        if len(token) > _MAX_TOKEN:
+            # Ours are short; a long one could be nested deep enough for
+            # json to overflow the stack.
+            raise ValueError("too long")
         body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         cursor, fingerprint = body["c"], body["f"]
         if not (

@@ -285,11 +285,13 @@ def test_rollout_detail_shows_stages_gates_devices_and_reasons() -> None:
         "silence never > 2m FAIL",
         "stratified,latency=1.5,error-rate=0.05,approve",
         "2 - 100% pending ░░░░░░░░░░░░ 0/4, 4 pending - errors=20/3",
-        "devices (2):",
+        # Two of the six (the stage totals) were sent: GetRolloutRequest.device_limit.
+        "devices (6):",
         "pi-1 dddddd",
         "pi 1 committed 1",
         "gw-1 ddddddd",
         "gw 1 failed 3 verify failed: bad signature",
+        "... and 4 more (edgefleet rollouts show)",
         "excluded (1):",
         "pi-9 dddddddc device is offline",
     ):

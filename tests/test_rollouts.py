@@ -235,6 +235,16 @@ async def test_failures_trip_the_error_threshold_and_abort_reverts_every_device(
         assert "failed" in done.reason and "%" in done.reason, done.reason
         failed = [d for d in done.devices if d.state == o.ROLLOUT_DEVICE_STATE_FAILED]
         assert failed and all(d.class_name == GW and "golden" in d.reason for d in failed)
+        # A live view's read: the failed devices first, then one more; the
+        # stage counts still of all six.
+        limited = await world.op.GetRollout(
+            o.GetRolloutRequest(id=rollout.id, device_limit=len(failed) + 1), metadata=ADMIN
+        )
+        assert len(limited.devices) == len(failed) + 1 < len(done.devices)
+        *first, last = limited.devices
+        assert {d.device_id for d in first} == {d.device_id for d in failed}
+        assert last.state != o.ROLLOUT_DEVICE_STATE_FAILED and last.device_name
+        assert list(limited.stages) == list(done.stages)
         await fleet.wait_until(lambda f: all(a.active_version == "1.0.0" for a in f.agents), 30,
                                what="every device back on 1.0.0")  # fmt: skip
 

@@ -228,8 +228,9 @@ class FakeFleet:
     async def list_rollouts(self) -> list[d.Rollout]:
         return [ROLLOUT, DONE]
 
-    async def get_rollout(self, rollout_id: str) -> d.Rollout:
-        return next(r for r in (ROLLOUT, DONE) if r.id == rollout_id)
+    async def get_rollout(self, rollout_id: str, device_limit: int = 0) -> d.Rollout:
+        r = next(r for r in (ROLLOUT, DONE) if r.id == rollout_id)
+        return replace(r, devices=r.devices[:device_limit]) if device_limit else r
 
     async def plan_rollout(self, draft: d.RolloutDraft) -> d.RolloutPlan:
         try:

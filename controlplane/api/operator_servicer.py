@@ -497,7 +497,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
 
         def whole() -> operator_pb2.Rollout:
             # Converted in the thread, as ListDevices: one row per device.
-            return convert.rollout_to_pb(self._rollouts.get(request.id))
+            limit = request.device_limit or None
+            return convert.rollout_to_pb(self._rollouts.get(request.id, device_limit=limit))
 
         return await self.run(whole)
 

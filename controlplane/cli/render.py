@@ -1072,13 +1072,12 @@ def rollouts_table(rollouts: Sequence[operator_pb2.Rollout], now: datetime) -> T
 
 def _devices_cut(
     devices: Sequence[operator_pb2.RolloutDevice], limit: int | None
-) -> tuple[list[operator_pb2.RolloutDevice], int]:
-    """At most `limit` devices, failures and moving ones first; and how many
-    were left out."""
+) -> list[operator_pb2.RolloutDevice]:
+    """At most `limit` devices, failures and moving ones first."""
     if limit is None or len(devices) <= limit:
-        return list(devices), 0
+        return list(devices)
     ranked = sorted(devices, key=lambda d: (_DEVICE_ORDER.get(d.state, 3), d.stage))
-    return ranked[:limit], len(devices) - limit
+    return ranked[:limit]
 
 
 def rollout_detail(
@@ -1104,8 +1103,12 @@ def rollout_detail(
         rows.insert(5, ("start at", start))
     parts: list[RenderableType] = [_grid(rows), Text(), stages_table(r)]
     if r.devices:
-        shown, left_out = _devices_cut(r.devices, max_devices)
-        parts += [Text(), Text(f"devices ({len(r.devices)}):", style="bold")]
+        shown = _devices_cut(r.devices, max_devices)
+        # The server may have sent only some (GetRolloutRequest.device_limit);
+        # the stage totals count them all.
+        total = max(len(r.devices), sum(s.total for s in r.stages))
+        left_out = total - len(shown)
+        parts += [Text(), Text(f"devices ({total}):", style="bold")]
         parts.append(rollout_devices_table(shown))
         if left_out:
             parts.append(Text(f"... and {left_out} more (edgefleet rollouts show)", style="dim"))

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from controlplane.db.bulk import insert_rows
@@ -394,9 +394,28 @@ class RolloutService:
 
     # ------------------------------------------------------------ queries
 
-    def get(self, rollout_id: str) -> RolloutView:
+    def get(self, rollout_id: str, *, device_limit: int | None = None) -> RolloutView:
+        """The rollout and its devices: every one, or the `device_limit` that
+        most need a look (failed, then moving, then the rest; by stage and
+        id), with the stage counts still of every device."""
         with self._db.unit_of_work(readonly=True) as uow:
-            return self._view(uow.session, self._require(uow.session, rollout_id))
+            session = uow.session
+            row = self._require(session, rollout_id)
+            if device_limit is None:
+                return self._view(session, row)
+            r = RolloutDeviceRow
+            attention = case(
+                (r.state.in_(FAILED_STATES), 0),
+                (r.state.in_((NOTIFIED, IN_PROGRESS, REVERTING)), 1),
+                else_=2,
+            )
+            devices = list(session.scalars(
+                select(r).where(r.rollout_id == rollout_id)
+                .order_by(attention, r.stage, r.device_id).limit(device_limit)
+            ))  # fmt: skip
+            counts = self._counts(session, rollout_id)
+            return RolloutView(row, RolloutSpec.from_dict(row.spec), devices,
+                               self._names(session, devices), counts)  # fmt: skip
 
     def summary(self, rollout_id: str) -> RolloutView:
         """The rollout with per-stage device counts but no device rows: what
@@ -404,15 +423,19 @@ class RolloutService:
         with self._db.unit_of_work(readonly=True) as uow:
             session = uow.session
             row = self._require(session, rollout_id)
-            counts = {
-                (stage, state): n
-                for stage, state, n in session.execute(
-                    select(RolloutDeviceRow.stage, RolloutDeviceRow.state, func.count())
-                    .where(RolloutDeviceRow.rollout_id == rollout_id)
-                    .group_by(RolloutDeviceRow.stage, RolloutDeviceRow.state)
-                )
-            }  # fmt: skip
+            counts = self._counts(session, rollout_id)
             return RolloutView(row, RolloutSpec.from_dict(row.spec), [], {}, counts)
+
+    @staticmethod
+    def _counts(session: Session, rollout_id: str) -> dict[tuple[int, str], int]:
+        return {
+            (stage, state): n
+            for stage, state, n in session.execute(
+                select(RolloutDeviceRow.stage, RolloutDeviceRow.state, func.count())
+                .where(RolloutDeviceRow.rollout_id == rollout_id)
+                .group_by(RolloutDeviceRow.stage, RolloutDeviceRow.state)
+            )
+        }  # fmt: skip
 
     def list_rollouts(self, state: str = "") -> list[RolloutView]:
         if state and state not in ROLLOUT_STATES:
@@ -444,12 +467,16 @@ class RolloutService:
 
     def _view(self, session: Session, row: RolloutRow) -> RolloutView:
         devices = self._devices(session, row.id)
+        return RolloutView(row, RolloutSpec.from_dict(row.spec), devices,
+                           self._names(session, devices))  # fmt: skip
+
+    @staticmethod
+    def _names(session: Session, devices: Sequence[RolloutDeviceRow]) -> dict[str, str]:
         # Not dict(result): a Result has keys(), so dict() would index it.
-        names = {device_id: name for device_id, name in session.execute(
+        return {device_id: name for device_id, name in session.execute(
             select(DeviceRow.id, DeviceRow.name).where(
                 DeviceRow.id.in_(padded([d.device_id for d in devices])))
         )}  # fmt: skip
-        return RolloutView(row, RolloutSpec.from_dict(row.spec), devices, names)
 
     def _announce(self, rollout_id: str, what: str) -> None:
         self._events.publish(FleetEvent("rollout.updated", subject=rollout_id, message=what))

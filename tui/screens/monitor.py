@@ -15,6 +15,9 @@ from tui.screens.base import FleetScreen, keep_cursor, reporting
 from tui.screens.modals import AbortScreen, ConfirmScreen
 from tui.summary import format_gate
 
+# Devices the table shows, those that need a look first: a 10,000-device
+# rollout read whole on every reload held the control plane and this screen.
+MAX_DEVICES = 200
 # Devices that need a look come first.
 _ORDER = {"failed": 0, "timed-out": 1, "rolled-back": 2, "rejected": 3, "in-progress": 4,
           "notified": 5, "reverted": 6, "waiting": 7, "committed": 8}  # fmt: skip
@@ -78,7 +81,7 @@ class MonitorScreen(FleetScreen):
     @work(exclusive=True, group="monitor", exit_on_error=False)
     async def load(self) -> None:
         with reporting(self):
-            self.show(await self.client.get_rollout(self.rollout_id))
+            self.show(await self.client.get_rollout(self.rollout_id, MAX_DEVICES))
 
     def show(self, r: Rollout) -> None:
         if r.has_devices or self.rollout is None:
@@ -90,8 +93,11 @@ class MonitorScreen(FleetScreen):
         self.query_one("#title", Static).update(
             f"rollout {r.id[:8]}  {r.ref}  {r.state.upper()}  {stage_now}"
         )
+        total = sum(s.total for s in r.stages)
+        shown = f"\ndevices: the {len(devices)} of {total} that most need a look" if (
+            len(devices) < total) else ""  # fmt: skip
         self.query_one("#reason", Static).update(
-            f"{r.reason or '-'}\ncohort: {r.cohort}   pacing: {r.pacing}"
+            f"{r.reason or '-'}\ncohort: {r.cohort}   pacing: {r.pacing}{shown}"
         )
         self.show_stages(r)
         gates = [f"stage {s.index + 1}: {format_gate(g)}" for s in r.stages for g in s.gates]

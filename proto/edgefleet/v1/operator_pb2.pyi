@@ -2315,21 +2315,29 @@ class GetRolloutRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     SUMMARY_ONLY_FIELD_NUMBER: _builtins.int
+    DEVICE_LIMIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     summary_only: _builtins.bool
     """Only the rollout and its per-stage counts, no device rows (devices and
     excluded stay empty): what a poller needs. A 10,000-device rollout's
     rows cost the control plane a few hundred milliseconds per call.
     """
+    device_limit: _builtins.int
+    """At most this many devices: those that need a look first (failed,
+    rejected or timed out; then notified or in progress; then the rest),
+    each by stage then device id. The stage counts are of every device.
+    0: every device. What a live view shows; ignored with summary_only.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         summary_only: _builtins.bool = ...,
+        device_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "summary_only", b"summary_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_limit", b"device_limit", "id", b"id", "summary_only", b"summary_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

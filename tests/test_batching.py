@@ -1,5 +1,5 @@
-"""Coalescer: many coroutines' reads answered by one fetch (pure logic; the
-fetch is a fake port that records what it was asked)."""
+"""Batcher and Coalescer: many coroutines' writes or reads answered by one
+call (pure logic; the call is a fake port that records what it was asked)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from controlplane.services.batching import Coalescer
+from controlplane.services.batching import Batcher, Coalescer
 
 
 class Store:
@@ -105,3 +105,61 @@ async def test_a_caller_that_gives_up_leaves_the_others_answered() -> None:
 def test_max_batch_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         Coalescer(Store({}).fetch, max_batch=0)
+
+
+# ---------------------------------------------------------------- Batcher
+
+
+async def test_a_burst_of_submissions_is_one_run_in_order_with_errors_per_item() -> None:
+    runs: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int | Exception]:
+        runs.append(items)
+        return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
+
+    batcher = Batcher(run, max_batch=4)
+    got = await asyncio.gather(*(batcher.submit(i) for i in range(6)), return_exceptions=True)
+    assert runs == [[0, 1, 2, 3], [4, 5]]
+    assert [r if isinstance(r, int) else str(r) for r in got] == [
+        0, "odd 1", 20, "odd 3", 40, "odd 5",
+    ]  # fmt: skip
+
+
+async def test_a_run_that_answers_the_wrong_number_of_items_fails_its_batch() -> None:
+    async def run(items: list[int]) -> list[int | Exception]:
+        return items[1:]
+
+    batcher = Batcher(run)
+    got = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and "2 got 1" in str(r) for r in got), got
+
+
+async def test_a_submission_during_a_run_waits_for_the_next_and_shutdown_cancels_it() -> None:
+    gate = asyncio.Event()
+    runs: list[list[str]] = []
+
+    async def run(items: list[str]) -> list[str | Exception]:
+        runs.append(items)
+        await gate.wait()
+        return items
+
+    batcher = Batcher(run)
+    first = asyncio.create_task(batcher.submit("a"))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    second = asyncio.create_task(batcher.submit("b"))
+    await asyncio.sleep(0)
+    assert runs == [["a"]]
+    gate.set()
+    assert (await first, await second) == ("a", "b")
+    assert runs == [["a"], ["b"]]
+    # The loop shutting down (the drainer cancelled) cancels who is waiting.
+    gate.clear()
+    third = asyncio.create_task(batcher.submit("c"))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    drainer = batcher._drainer
+    assert drainer is not None
+    drainer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await third

@@ -136,6 +136,32 @@ def test_redelivered_samples_are_stored_once_and_acked(
     assert _stored(db) == 6
 
 
+def test_a_group_commit_answers_each_upload_and_refuses_only_the_bad_ones(
+    telemetry: TelemetryService, db: Database
+) -> None:
+    telemetry.ingest("dev-c", [_sample(1), _sample(2)])
+    results = telemetry.ingest_many([
+        ("dev-a", [_sample(1), _sample(2)]),
+        ("dev-b", [_sample(1), _sample(2)._replace(request_count=-1)]),  # a bad sample
+        ("no-such-device", [_sample(1)]),
+        ("dev-b", [_sample(i + 1) for i in range(MAX_BATCH + 1)]),  # too many
+        # dev-a again in the same commit, overlapping the first: stored once,
+        # and both uploads are told the device's mark once this commits.
+        ("dev-a", [_sample(2), _sample(3)]),
+        ("dev-c", [_sample(2), _sample(3)]),  # one redelivery, one new
+        ("dev-b", []),
+    ])  # fmt: skip
+    assert [r if isinstance(r, int) else type(r).__name__ for r in results] == [
+        3, "InvalidArgument", "NotFound", "ResourceExhausted", 3, 3, 0,
+    ]  # fmt: skip
+    assert "sample seq=2" in str(results[1]) and "no-such-device" in str(results[2])
+    assert (_stored(db, "dev-a"), _stored(db, "dev-b"), _stored(db, "dev-c")) == (3, 0, 3)
+    assert telemetry.ingest_many([]) == []
+    # Only refused uploads: nothing to store, nothing opened.
+    (alone,) = telemetry.ingest_many([("dev-b", [_sample(0)])])
+    assert isinstance(alone, InvalidArgument) and _stored(db) == 6
+
+
 def test_samples_record_the_class_at_ingest_time(telemetry: TelemetryService, db: Database) -> None:
     telemetry.ingest("dev-a", [_sample(1)])
     with db.unit_of_work() as uow:

@@ -83,7 +83,7 @@ from controlplane.db.models import (
     utcnow,
 )
 from controlplane.db.uow import Database
-from controlplane.errors import InvalidArgument, NotFound, ResourceExhausted
+from controlplane.errors import DomainError, InvalidArgument, NotFound, ResourceExhausted
 
 # Bounds one upload's transaction and message size (500 samples ~ 60 KB).
 MAX_BATCH = 500
@@ -155,6 +155,9 @@ class Sample(NamedTuple):
         """The sample's time, an aware UTC datetime."""
         return _EPOCH + self.at_ms * _MS
 
+
+# One device's upload: its id and its samples.
+Upload = tuple[str, Sequence[Sample]]
 
 INSERT_COLUMNS = ("device_id", "class_name", *Sample._fields)
 # Text, not a Core select(): building and caching the select with its two
@@ -379,33 +382,76 @@ class TelemetryService:
     def ingest(self, device_id: str, samples: Sequence[Sample]) -> int:
         """Store a batch once per (device, seq); the highest seq now stored for
         the device (0: none). An empty batch just reports it."""
-        if len(samples) > MAX_BATCH:
-            raise ResourceExhausted(
-                f"{len(samples)} samples in one upload; send at most {MAX_BATCH} per call"
-            )
-        validate_batch(samples, epoch_ms(self._clock()))
-        try:
-            return self._store(device_id, samples, copy=self._postgres)
-        except psycopg.errors.UniqueViolation:
-            # Only COPY raises for a duplicate: another upload of this device
-            # stored some of these seqs after our read. Redo, skipping them.
-            log.info("telemetry upload of %s raced another; redone with ON CONFLICT", device_id)
-            return self._store(device_id, samples, copy=False)
+        (result,) = self.ingest_many([(device_id, samples)])
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    def _store(self, device_id: str, samples: Sequence[Sample], *, copy: bool) -> int:
+    def ingest_many(self, uploads: Sequence[Upload]) -> list[int | DomainError]:
+        """Several devices' uploads in one transaction (a group commit): per
+        upload, what ingest() returns, or the error that refused it alone
+        (a bad sample, too many, an unknown device). A database error fails
+        them all."""
+        now_ms = epoch_ms(self._clock())
+        results: list[int | DomainError] = []
+        valid: list[tuple[int, str, Sequence[Sample]]] = []
+        for index, (device_id, samples) in enumerate(uploads):
+            try:
+                if len(samples) > MAX_BATCH:
+                    raise ResourceExhausted(
+                        f"{len(samples)} samples in one upload; send at most {MAX_BATCH} per call"
+                    )
+                validate_batch(samples, now_ms)
+            except DomainError as refused:
+                results.append(refused)
+                continue
+            results.append(0)
+            valid.append((index, device_id, samples))
+        if not valid:
+            return results
+        try:
+            acked = self._store(valid, copy=self._postgres)
+        except psycopg.errors.UniqueViolation:
+            # Only COPY raises for a duplicate: another upload of a device
+            # stored some of these seqs after our read. Redo, skipping them.
+            log.info("a telemetry group commit raced another upload; redone with ON CONFLICT")
+            acked = self._store(valid, copy=False)
+        for index, result in acked.items():
+            results[index] = result
+        return results
+
+    def _store(
+        self, uploads: Sequence[tuple[int, str, Sequence[Sample]]], *, copy: bool
+    ) -> dict[int, int | DomainError]:
+        refused: dict[int, DomainError] = {}
+        rows: dict[tuple[str, int], tuple[Any, ...]] = {}
+        # device id -> (class name, the highest seq stored once this commits)
+        marks: dict[str, tuple[str, int]] = {}
         with self._db.unit_of_work() as uow:
             conn = uow.session.connection()
-            class_name, mark = self._device_mark(conn, device_id)
-            head = (device_id, class_name)
-            rows = [head + s for s in samples if s.seq > mark]
-            if len({row[2] for row in rows}) < len(rows):
-                # A seq twice in one batch: keep its first sample, as ON
-                # CONFLICT DO NOTHING would (reversed, so the first one wins).
-                rows = list({row[2]: row for row in reversed(rows)}.values())
+            for index, device_id, samples in uploads:
+                if device_id not in marks:
+                    try:
+                        marks[device_id] = self._device_mark(conn, device_id)
+                    except NotFound as unknown:
+                        refused[index] = unknown
+                        continue
+                class_name, mark = marks[device_id]
+                fresh = [s for s in samples if s.seq > mark]
+                for s in fresh:
+                    # A seq twice (in one upload, or two uploads of one
+                    # device in this commit): the first sample is kept, as
+                    # ON CONFLICT DO NOTHING would.
+                    rows.setdefault((device_id, s.seq), (device_id, class_name, *s))
+                if fresh:
+                    marks[device_id] = class_name, max(mark, max(s.seq for s in fresh))
             if rows:
-                self._insert(conn, rows, copy=copy)
+                self._insert(conn, list(rows.values()), copy=copy)
             uow.commit()
-        return max(mark, max((row[2] for row in rows), default=0))
+        return {
+            index: refused[index] if index in refused else marks[device_id][1]
+            for index, device_id, _ in uploads
+        }
 
     def _insert(self, conn: Connection, rows: list[tuple[Any, ...]], *, copy: bool) -> None:
         if copy:

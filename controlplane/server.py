@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from controlplane import gc_policy
+from controlplane import gc_policy, malloc_policy
 from controlplane.api.device_servicer import DeviceServicer
 from controlplane.api.operator_servicer import OperatorServicer
 from controlplane.api.rpc import PeerCertificates, RpcMetrics
@@ -448,12 +448,14 @@ async def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
     cp = await create_server(config)
     gc_policy.tune_for_serving()
+    trimming = asyncio.create_task(malloc_policy.trim_periodically())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.warning("shutting down")
+    trimming.cancel()
     await cp.stop()
 
 

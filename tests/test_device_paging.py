@@ -18,6 +18,7 @@ from controlplane.api import paging
 from controlplane.cli.base import Env
 from controlplane.config import ServerConfig
 from controlplane.server import ControlPlane, create_server
+from controlplane.services import devices as device_service
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -93,9 +94,13 @@ async def test_pages_hold_every_device_once_in_order(
     )
 
 
+@pytest.mark.parametrize("scan", [2, 500])
 async def test_label_filter_fills_pages_and_the_page_size_may_change(
-    fleet: tuple[ControlPlane, list[str]],
+    fleet: tuple[ControlPlane, list[str]], scan: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Rows read per query while the filter fills a page: 2 makes every page
+    # take several reads.
+    monkeypatch.setattr(device_service, "_LIST_BATCH", scan)
     cp, ordered = fleet
     async with grpc.aio.insecure_channel(cp.address) as channel:
         op = og.OperatorServiceStub(channel)

@@ -205,6 +205,16 @@ async def test_a_staged_rollout_completes_stage_by_stage(world: World) -> None:
         # The same rollout and counts, without the rows.
         assert not summary.devices and summary.state == done.state
         assert list(summary.stages) == list(done.stages)
+        # ListRollouts: the same counts, by state too.
+        for state in (o.ROLLOUT_STATE_UNSPECIFIED, o.ROLLOUT_STATE_SUCCEEDED):
+            listed = await world.op.ListRollouts(o.ListRolloutsRequest(state=state),
+                                                 metadata=ADMIN)  # fmt: skip
+            (mine,) = [r for r in listed.rollouts if r.id == rollout.id]
+            assert list(mine.stages) == list(done.stages) and not mine.devices
+        running = await world.op.ListRollouts(
+            o.ListRolloutsRequest(state=o.ROLLOUT_STATE_RUNNING), metadata=ADMIN
+        )
+        assert rollout.id not in {r.id for r in running.rollouts}
     audit = await world.op.ListAuditLog(o.ListAuditLogRequest(), metadata=ADMIN)
     actions = [e.action for e in audit.entries if e.target == f"rollout:{rollout.id}"]
     assert "rollout.succeeded" in actions and actions.count("rollout.stage") == 2

@@ -175,16 +175,17 @@ class DeviceService:
             # in batches until it is full; one more match tells whether
             # there is a next page.
             limit = None if page_size is None else page_size + 1
+            batch = None if limit is None else max(limit, _LIST_BATCH) if wanted else limit
             cursor = after
             while limit is None or len(matched) < limit:
                 batch_stmt = stmt
                 if cursor is not None:
                     batch_stmt = batch_stmt.where(tuple_(DeviceRow.name, DeviceRow.id) > cursor)
-                if limit is not None:
-                    batch_stmt = batch_stmt.limit(max(limit, _LIST_BATCH))
+                if batch is not None:
+                    batch_stmt = batch_stmt.limit(batch)
                 rows = list(session.scalars(batch_stmt))
                 matched += (r for r in rows if all(r.labels.get(k) == v for k, v in wanted.items()))
-                if limit is None or len(rows) < max(limit, _LIST_BATCH):
+                if batch is None or len(rows) < batch:
                     break
                 cursor = (rows[-1].name, rows[-1].id)
             more = limit is not None and len(matched) >= limit

@@ -464,4 +464,5 @@ def run(config: ServerConfig) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    malloc_policy.limit_arenas()
     asyncio.run(serve(config))

@@ -48,3 +48,14 @@ async def test_the_periodic_trim_runs_until_cancelled(monkeypatch: pytest.Monkey
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_the_arena_cap_is_set_unless_the_environment_sets_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    # Capping this test process's arenas is harmless: new threads share them.
+    assert malloc_policy.limit_arenas(8)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert not malloc_policy.limit_arenas(8)

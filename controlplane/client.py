@@ -3,12 +3,13 @@ Imports no server code (no database, no servicers)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from edgefleet.v1 import operator_pb2_grpc
+from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 DEFAULT_SERVER = "127.0.0.1:7443"
 # Generous message limit so model uploads can use 1 MiB chunks with headroom.
@@ -89,3 +90,36 @@ def operator_stub(
 ) -> operator_pb2_grpc.OperatorServiceStub:
     """An OperatorService stub on a new channel (see operator_channel)."""
     return operator_pb2_grpc.OperatorServiceStub(operator_channel(server, token, ca_cert))
+
+
+# Devices per ListDevices page: the most the control plane sends in one.
+DEVICE_PAGE_SIZE = 1000
+
+
+def list_devices(
+    stub: operator_pb2_grpc.OperatorServiceStub, request: operator_pb2.ListDevicesRequest
+) -> list[common_pb2.Device]:
+    """Every device `request` matches, page after page."""
+    request.page_size = DEVICE_PAGE_SIZE
+    listed: list[common_pb2.Device] = []
+    while True:
+        page = stub.ListDevices(request)
+        listed += page.devices
+        if not page.next_page_token:
+            return listed
+        request.page_token = page.next_page_token
+
+
+async def list_devices_async(
+    call: Callable[[operator_pb2.ListDevicesRequest], Awaitable[operator_pb2.ListDevicesResponse]],
+    request: operator_pb2.ListDevicesRequest,
+) -> list[common_pb2.Device]:
+    """list_devices over an asyncio stack: `call` is the ListDevices RPC."""
+    request.page_size = DEVICE_PAGE_SIZE
+    listed: list[common_pb2.Device] = []
+    while True:
+        page = await call(request)
+        listed += page.devices
+        if not page.next_page_token:
+            return listed
+        request.page_token = page.next_page_token

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from controlplane import client
 from controlplane.api import paging
 from controlplane.cli.base import Env
 from controlplane.config import ServerConfig
@@ -29,8 +29,6 @@ from tests.test_api import ADMIN, _code, _token
 from tui import client as tui_client
 
 FLEET = 23
-# The module, not the click group of that name that controlplane.cli exports.
-cli_devices = importlib.import_module("controlplane.cli.devices")
 
 
 @pytest.fixture
@@ -153,13 +151,12 @@ async def test_the_cli_and_the_tui_read_every_page(
 ) -> None:
     cp, ordered = fleet
     # Pages of 4, so 23 devices take six of them.
-    monkeypatch.setattr(cli_devices, "DEVICE_PAGE_SIZE", 4)
-    monkeypatch.setattr(tui_client, "DEVICE_PAGE_SIZE", 4)
+    monkeypatch.setattr(client, "DEVICE_PAGE_SIZE", 4)
     env = Env(server=cp.address, token=ADMIN_TOKEN)
-    listed = await asyncio.to_thread(cli_devices.list_devices, env, o.ListDevicesRequest())
+    listed = await asyncio.to_thread(client.list_devices, env.stub, o.ListDevicesRequest())
     assert [x.id for x in listed] == ordered
-    client = tui_client.FleetClient(cp.address, ADMIN_TOKEN)
+    tui = tui_client.FleetClient(cp.address, ADMIN_TOKEN)
     try:
-        assert [x.id for x in await client.list_devices()] == ordered
+        assert [x.id for x in await tui.list_devices()] == ordered
     finally:
-        await client.close()
+        await tui.close()

@@ -31,16 +31,18 @@ from controlplane.cli.convert import (
 from controlplane.cli.push import describe_part, push_requests
 from controlplane.cli.render import format_cohort, format_pacing, format_shape, format_stage
 from controlplane.cli.rollouts import parse_ramp, parse_stage
-from controlplane.client import bearer_metadata, operator_aio_channel, operator_channel
+from controlplane.client import (
+    bearer_metadata,
+    list_devices_async,
+    operator_aio_channel,
+    operator_channel,
+)
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc
 from tui import data as d
 
 T = TypeVar("T")
-
-# Devices per ListDevices page: the most the control plane sends in one.
-DEVICE_PAGE_SIZE = 1000
 
 # The metrics the telemetry explorer offers, by the names it shows.
 METRICS: dict[str, o.TelemetryMetric.ValueType] = {
@@ -203,14 +205,10 @@ class FleetClient:
 
     async def list_devices(self) -> list[d.Device]:
         """Every device but decommissioned ones (every page of them)."""
-        request = o.ListDevicesRequest(page_size=DEVICE_PAGE_SIZE)
-        devices: list[d.Device] = []
-        while True:
-            resp = await self._call("ListDevices", request)
-            devices += (device_from_pb(m) for m in resp.devices)
-            if not resp.next_page_token:
-                return devices
-            request.page_token = resp.next_page_token
+        listed = await list_devices_async(
+            lambda r: self._call("ListDevices", r), o.ListDevicesRequest()
+        )
+        return [device_from_pb(m) for m in listed]
 
     async def get_device(self, device_id: str) -> d.Device:
         return device_from_pb(await self._call("GetDevice", o.GetDeviceRequest(id=device_id)))

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import click
 
+from controlplane import client
 from controlplane.cli import render as render
 from controlplane.cli.base import (
     CliError,
@@ -29,28 +30,14 @@ def devices() -> None:
     """The device inventory."""
 
 
-# Devices per ListDevices page: the most the control plane sends in one.
-DEVICE_PAGE_SIZE = 1000
-
-
-def list_devices(env: Env, request: operator_pb2.ListDevicesRequest) -> list[common_pb2.Device]:
-    """Every device `request` matches, page after page."""
-    request.page_size = DEVICE_PAGE_SIZE
-    listed: list[common_pb2.Device] = []
-    while True:
-        resp = env.stub.ListDevices(request)
-        listed += resp.devices
-        if not resp.next_page_token:
-            return listed
-        request.page_token = resp.next_page_token
-
-
 def _all_ids(env: Env) -> list[str]:
     """Every device's id, decommissioned ones too: what short ids resolve
     against."""
     return [
         d.id
-        for d in list_devices(env, operator_pb2.ListDevicesRequest(include_decommissioned=True))
+        for d in client.list_devices(
+            env.stub, operator_pb2.ListDevicesRequest(include_decommissioned=True)
+        )
     ]
 
 
@@ -84,8 +71,8 @@ def devices_ls(
     """List devices."""
     if class_name and unclassified:
         usage_error("--class and --unclassified exclude each other")
-    listed = list_devices(
-        env,
+    listed = client.list_devices(
+        env.stub,
         operator_pb2.ListDevicesRequest(
             state=state or common_pb2.DEVICE_STATE_UNSPECIFIED,
             class_name=class_name or "",

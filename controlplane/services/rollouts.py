@@ -12,11 +12,12 @@ with the list of devices."""
 from __future__ import annotations
 
 import datetime as dt
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session
 
 from controlplane.db.bulk import insert_rows
@@ -413,9 +414,9 @@ class RolloutService:
                 select(r).where(r.rollout_id == rollout_id)
                 .order_by(attention, r.stage, r.device_id).limit(device_limit)
             ))  # fmt: skip
-            counts = self._counts(session, rollout_id)
             return RolloutView(row, RolloutSpec.from_dict(row.spec), devices,
-                               self._names(session, devices), counts)  # fmt: skip
+                               self._names(session, devices),
+                               self._counts(session, rollout_id)[rollout_id])  # fmt: skip
 
     def summary(self, rollout_id: str) -> RolloutView:
         """The rollout with per-stage device counts but no device rows: what
@@ -423,19 +424,25 @@ class RolloutService:
         with self._db.unit_of_work(readonly=True) as uow:
             session = uow.session
             row = self._require(session, rollout_id)
-            counts = self._counts(session, rollout_id)
+            counts = self._counts(session, rollout_id)[rollout_id]
             return RolloutView(row, RolloutSpec.from_dict(row.spec), [], {}, counts)
 
     @staticmethod
-    def _counts(session: Session, rollout_id: str) -> dict[tuple[int, str], int]:
-        return {
-            (stage, state): n
-            for stage, state, n in session.execute(
-                select(RolloutDeviceRow.stage, RolloutDeviceRow.state, func.count())
-                .where(RolloutDeviceRow.rollout_id == rollout_id)
-                .group_by(RolloutDeviceRow.stage, RolloutDeviceRow.state)
-            )
-        }  # fmt: skip
+    def _counts(
+        session: Session, rollouts: str | Select[Any]
+    ) -> defaultdict[str, dict[tuple[int, str], int]]:
+        """Members per (stage, state) of one rollout (an id) or of those a
+        query of ids selects, counted in SQL; by rollout id."""
+        r = RolloutDeviceRow
+        where = r.rollout_id == rollouts if isinstance(rollouts, str) else r.rollout_id.in_(
+            rollouts)  # fmt: skip
+        counts: defaultdict[str, dict[tuple[int, str], int]] = defaultdict(dict)
+        for rollout_id, stage, state, n in session.execute(
+            select(r.rollout_id, r.stage, r.state, func.count())
+            .where(where).group_by(r.rollout_id, r.stage, r.state)
+        ):  # fmt: skip
+            counts[rollout_id][(stage, state)] = n
+        return counts
 
     def list_rollouts(self, state: str = "") -> list[RolloutView]:
         """Every rollout (in `state`), newest first, as summaries: stage
@@ -443,23 +450,11 @@ class RolloutService:
         10,000 devices each read every member of every one)."""
         if state and state not in ROLLOUT_STATES:
             raise InvalidArgument(f"unknown rollout state {state!r}")
-        stmt = select(RolloutRow).order_by(RolloutRow.created_at.desc())
-        if state:
-            stmt = stmt.where(RolloutRow.state == state)
-        r = RolloutDeviceRow
+        in_state = [RolloutRow.state == state] if state else []
+        stmt = select(RolloutRow).where(*in_state).order_by(RolloutRow.created_at.desc())
         with self._db.unit_of_work(readonly=True) as uow:
             rows = list(uow.session.scalars(stmt))
-            counts: dict[str, dict[tuple[int, str], int]] = {row.id: {} for row in rows}
-            by_state = select(r.rollout_id, r.stage, r.state, func.count()).group_by(
-                r.rollout_id, r.stage, r.state
-            )
-            if state:
-                by_state = by_state.join(RolloutRow, RolloutRow.id == r.rollout_id).where(
-                    RolloutRow.state == state
-                )
-            for rollout_id, stage, device_state, n in uow.session.execute(by_state):
-                if rollout_id in counts:
-                    counts[rollout_id][(stage, device_state)] = n
+            counts = self._counts(uow.session, select(RolloutRow.id).where(*in_state))
             return [
                 RolloutView(row, RolloutSpec.from_dict(row.spec), [], {}, counts[row.id])
                 for row in rows

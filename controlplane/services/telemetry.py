@@ -393,7 +393,7 @@ class TelemetryService:
         (a bad sample, too many, an unknown device). A database error fails
         them all."""
         now_ms = epoch_ms(self._clock())
-        results: list[int | DomainError] = []
+        refused: dict[int, DomainError] = {}
         valid: list[tuple[int, str, Sequence[Sample]]] = []
         for index, (device_id, samples) in enumerate(uploads):
             try:
@@ -402,23 +402,20 @@ class TelemetryService:
                         f"{len(samples)} samples in one upload; send at most {MAX_BATCH} per call"
                     )
                 validate_batch(samples, now_ms)
-            except DomainError as refused:
-                results.append(refused)
-                continue
-            results.append(0)
-            valid.append((index, device_id, samples))
-        if not valid:
-            return results
-        try:
-            acked = self._store(valid, copy=self._postgres)
-        except psycopg.errors.UniqueViolation:
-            # Only COPY raises for a duplicate: another upload of a device
-            # stored some of these seqs after our read. Redo, skipping them.
-            log.info("a telemetry group commit raced another upload; redone with ON CONFLICT")
-            acked = self._store(valid, copy=False)
-        for index, result in acked.items():
-            results[index] = result
-        return results
+            except DomainError as error:
+                refused[index] = error
+            else:
+                valid.append((index, device_id, samples))
+        acked: dict[int, int | DomainError] = {}
+        if valid:
+            try:
+                acked = self._store(valid, copy=self._postgres)
+            except psycopg.errors.UniqueViolation:
+                # Only COPY raises for a duplicate: another upload of a device
+                # stored some of these seqs after our read. Redo, skipping them.
+                log.info("a telemetry group commit raced another upload; redone with ON CONFLICT")
+                acked = self._store(valid, copy=False)
+        return [refused[i] if i in refused else acked[i] for i in range(len(uploads))]
 
     def _store(
         self, uploads: Sequence[tuple[int, str, Sequence[Sample]]], *, copy: bool

@@ -93,13 +93,17 @@ from bench.common import (
     ADMIN_TOKEN,
     ASSIGN_BATCH,
     MODEL,
+    HistogramScrape,
     Progress,
     cpu_seconds,
     enroll,
+    free_port,
     healthy,
+    histogram_summary,
     log_tail,
     make_profile,
     rss_bytes,
+    scrape_histograms,
     setup,
     start_control_plane,
     start_echo_server,
@@ -122,6 +126,12 @@ ROLLOUT_POLL_S = 2.0
 FULL_ROLLOUT_EVERY_S = 30.0
 RPC_TIMEOUT_S = 60.0
 TERMINAL = (operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_STATE_ABORTED)
+# What the control plane measures of itself (controlplane/loop_lag.py, the
+# orchestrator's ticks), read from its /metrics at the soak's start and end.
+SERVER_HISTOGRAMS = {
+    "loop_lag": "edgefleet_event_loop_lag_seconds",
+    "rollout_tick": "edgefleet_rollout_tick_seconds",
+}
 
 
 @dataclass
@@ -667,10 +677,13 @@ async def soak(
     db_url: str,
     server_pid: int,
     profile: FleetProfile,
+    metrics_url: str | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The soak against a control plane that has the classes and both
-    versions built (see the module docstring); every figure as a dict."""
+    versions built (see the module docstring); every figure as a dict.
+    With `metrics_url` (its Prometheus endpoint) also what the control
+    plane measured of itself over the soak."""
     run_id = uuid.uuid4().hex[:6]
     t_setup = time.monotonic()
     # Reset when the soak's clock starts: setup's figures are not counted.
@@ -721,6 +734,7 @@ async def soak(
             series.reset(t0)
         sampler = Sampler(server_pid, cfg.sample_every_s, fleet, t0)
         sampler.start()
+        scraped = await _scrape(metrics_url)
         operators.start()
         stats = fleet.ctx.stats
         progress.start("soak", lambda f: (
@@ -734,6 +748,9 @@ async def soak(
             f"every {cfg.telemetry_s:g} s, operators at work")  # fmt: skip
         await asyncio.sleep(duration)
         soak_end = time.monotonic() - t0
+        ended = await _scrape(metrics_url)
+        own = {name: histogram_summary(scraped[m], ended[m])
+               for name, m in SERVER_HISTOGRAMS.items() if m in scraped and m in ended}  # fmt: skip
         await operators.stop()
         produced_at_end = stats.telemetry_produced
 
@@ -800,6 +817,7 @@ async def soak(
             "telemetry": accounting,
             "fleet": fleet.summary().to_dict(),
             "echo_fleet_errors": dict(echo_fleet.ctx.stats.errors),
+            "server_metrics": own,
         })  # fmt: skip
         return results
     finally:
@@ -812,6 +830,12 @@ async def soak(
         gc.set_threshold(*thresholds)
 
 
+async def _scrape(url: str | None) -> dict[str, HistogramScrape]:
+    if url is None:
+        return {}
+    return await asyncio.to_thread(scrape_histograms, url, tuple(SERVER_HISTOGRAMS.values()))
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -821,6 +845,10 @@ def _mean(values: Sequence[float]) -> float:
 
 def _ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}"
+
+
+def _le_ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:g}"
 
 
 def report(results: dict[str, Any]) -> None:
@@ -858,6 +886,17 @@ def report(results: dict[str, Any]) -> None:
         f"p99 {_ms(e['p99_ms'])} / max {_ms(e['max_ms'])} ms over {e['count']:,.0f}; "
         f"CP/echo p50 {ratio['p50_ms']:.2f}x, p99 {ratio['p99_ms']:.2f}x"
     )
+    own = results.get("server_metrics") or {}
+    if "loop_lag" in own:
+        lag = own["loop_lag"]
+        print(f"  the control plane's event loop, late by (bucket bounds): p50 <= "
+              f"{_le_ms(lag['p50_le_s'])}, p99 <= {_le_ms(lag['p99_le_s'])}, p99.9 <= "
+              f"{_le_ms(lag['p999_le_s'])} ms over {lag['count']:,.0f} probes")  # fmt: skip
+    if "rollout_tick" in own:
+        tick = own["rollout_tick"]
+        print(f"  rollout orchestrator: {tick['count']:,.0f} ticks, p50 <= "
+              f"{_le_ms(tick['p50_le_s'])} / p99 <= {_le_ms(tick['p99_le_s'])} ms, busy "
+              f"{100 * tick['sum_s'] / results['soak_s']:.0f} % of the soak")  # fmt: skip
     po = push["overall"]
     print(f"push (label change -> DesiredState on the device): p50 {_ms(po['p50_ms'])} / "
           f"p99 {_ms(po['p99_ms'])} / max {_ms(po['max_ms'])} ms over {po['count']:.0f}, "
@@ -892,7 +931,10 @@ def report(results: dict[str, Any]) -> None:
 
 async def run(args: argparse.Namespace, cfg: SoakConfig, root: Path) -> dict[str, Any]:
     data = root / "cp"
-    server, address = start_control_plane(data, args.db, max(1, round(cfg.heartbeat_s)))
+    metrics_port = free_port()
+    server, address = start_control_plane(
+        data, args.db, max(1, round(cfg.heartbeat_s)), metrics_port=metrics_port
+    )
     echo_proc, echo_address = start_echo_server(root / "echo")
     try:
         op = operator_stub(address, ADMIN_TOKEN)
@@ -906,6 +948,7 @@ async def run(args: argparse.Namespace, cfg: SoakConfig, root: Path) -> dict[str
             cfg, address=address, token=token, admin_token=ADMIN_TOKEN,
             echo_address=echo_address, db_url=db_url, server_pid=server.pid,
             profile=make_profile(cfg.heartbeat_s, cfg.telemetry_s),
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             say=lambda line: print(line, flush=True),
         )  # fmt: skip
         results["build_s"] = build_s

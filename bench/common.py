@@ -12,16 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet.v1 import common_pb2, operator_pb2
 from fleetsim import Fleet, FleetProfile, parse_profile
@@ -65,10 +70,18 @@ def _read_port(path: Path) -> int | None:
         return None
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for the metrics endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def start_control_plane(
-    data: Path, db: str | None, heartbeat_s: int
+    data: Path, db: str | None, heartbeat_s: int, metrics_port: int | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`edgefleet server` with one build worker; (process, address)."""
+    """`edgefleet server` with one build worker (and its Prometheus endpoint
+    on `metrics_port`); (process, address)."""
     data.mkdir(parents=True)
     port_file = data / "port"
     command = [
@@ -79,6 +92,8 @@ def start_control_plane(
     ]  # fmt: skip
     if db:
         command += ["--db", db]
+    if metrics_port:
+        command += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
     with (data / "server.log").open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
     port = wait_for("the control plane to listen", lambda: _read_port(port_file), 120)
@@ -263,3 +278,46 @@ async def enroll(fleet: Fleet, timeout_s: float, progress: Progress) -> float:
     finally:
         progress.stop()
     return time.monotonic() - t0
+
+
+# --------------------------------------------------------------- /metrics
+
+
+@dataclass(frozen=True)
+class HistogramScrape:
+    """One unlabelled histogram as scraped: cumulative count per upper
+    bound, and the sum of what was observed."""
+
+    buckets: dict[float, float]
+    total: float
+
+
+def scrape_histograms(url: str, names: tuple[str, ...]) -> dict[str, HistogramScrape]:
+    """The named histograms at `url` (a Prometheus text endpoint)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    found: dict[str, HistogramScrape] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in names:
+            found[family.name] = HistogramScrape(
+                buckets={float(s.labels["le"]): s.value
+                         for s in family.samples if s.name.endswith("_bucket")},
+                total=sum(s.value for s in family.samples if s.name.endswith("_sum")),
+            )  # fmt: skip
+    return found
+
+
+def histogram_summary(before: HistogramScrape, after: HistogramScrape) -> dict[str, float]:
+    """What was observed between two scrapes: the count, the sum and, for
+    p50, p99 and p99.9, the upper bound of the bucket the quantile falls in
+    (a histogram knows no finer; inf: above the largest bound)."""
+    bounds = sorted(after.buckets)
+    counts = [after.buckets[b] - before.buckets.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    summary: dict[str, float] = {"count": total, "sum_s": after.total - before.total}
+    for label, q in (("p50_le_s", 0.50), ("p99_le_s", 0.99), ("p999_le_s", 0.999)):
+        summary[label] = next(
+            (b for b, c in zip(bounds, counts, strict=True) if total and c >= q * total),
+            math.nan,
+        )
+    return summary

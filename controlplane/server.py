@@ -20,11 +20,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from controlplane import gc_policy, malloc_policy
+from controlplane import gc_policy, loop_lag, malloc_policy
 from controlplane.api.device_servicer import DeviceServicer
 from controlplane.api.operator_servicer import OperatorServicer
 from controlplane.api.rpc import PeerCertificates, RpcMetrics
@@ -206,13 +206,14 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     statuses = StatusBuffer(deployments)
     telemetry_pulse = Pulse()
     rollouts = RolloutService(db, events, offline_after_s=config.offline_after_s)
-    orchestrator = Orchestrator(
-        db, events, owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.new_id()[:8]}",
-        offline_after_s=config.offline_after_s, tick_s=config.rollout_tick_s,
-    )  # fmt: skip
     events.subscribe(_build_triggers(builds, executor))
     metrics_registry = CollectorRegistry()
     metrics = RpcMetrics(metrics_registry)
+    orchestrator = Orchestrator(
+        db, events, owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.new_id()[:8]}",
+        offline_after_s=config.offline_after_s, tick_s=config.rollout_tick_s,
+        on_tick=_tick_histogram(metrics_registry).observe,
+    )  # fmt: skip
     metrics_registry.register(_DeviceStateCollector(devices, hub))
     credentials = DeviceCredentials(db)
     events.subscribe(credentials.on_event)
@@ -300,6 +301,8 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     cp._tasks.append(asyncio.create_task(_announce_telemetry(telemetry_pulse, events)))
     cp.orchestrator = orchestrator
     cp._tasks.append(asyncio.create_task(orchestrator.run(background)))
+    lag = loop_lag.lag_histogram(metrics_registry)
+    cp._tasks.append(asyncio.create_task(loop_lag.probe(lag.observe)))
     cp._tasks.append(
         asyncio.create_task(
             _roll_up_telemetry(telemetry, executor, config.telemetry_rollup_every_s)
@@ -370,6 +373,15 @@ def _add_tls_ports(
     if device_port == 0:
         raise OSError(f"cannot listen on {config.device_listen_address()}")
     return port, device_port
+
+
+def _tick_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "edgefleet_rollout_tick_seconds",
+        "Wall time of one orchestrator tick (every rollout that needs work, one step each)",
+        registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    )
 
 
 def _build_triggers(builds: BuildService, executor: ThreadPoolExecutor) -> Any:

@@ -9,6 +9,7 @@ import hashlib
 import os
 import socket
 import stat
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from sqlalchemy import func, select
 
+from bench.common import histogram_summary, scrape_histograms
 from controlplane.client import bearer_metadata, operator_stub
 from controlplane.config import ServerConfig
 from controlplane.db.models import BlobRow
@@ -580,6 +582,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LOOP_AND_TICK = ("edgefleet_event_loop_lag_seconds", "edgefleet_rollout_tick_seconds")
+
+
 async def test_prometheus_metrics(tmp_path: Path) -> None:
     port = _free_port()
     cp = await create_server(
@@ -599,9 +604,22 @@ async def test_prometheus_metrics(tmp_path: Path) -> None:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
                 return str(r.read().decode())
 
+        url, names = f"http://127.0.0.1:{port}/metrics", tuple(LOOP_AND_TICK)
+        before = await asyncio.to_thread(scrape_histograms, url, names)
+        time.sleep(0.3)  # noqa: ASYNC251 - the point: block the loop, as a stall would
+        for _ in range(100):  # until the probe woke and a tick ended
+            await asyncio.sleep(0.1)
+            after = await asyncio.to_thread(scrape_histograms, url, names)
+            if all(histogram_summary(before[n], after[n])["count"] for n in names):
+                break
         body = await asyncio.to_thread(scrape)
     finally:
         await cp.stop()
+    lag = histogram_summary(before[LOOP_AND_TICK[0]], after[LOOP_AND_TICK[0]])
+    # One wake-up came at least 0.25 s late: the blocked stretch is seen.
+    late = after[LOOP_AND_TICK[0]].buckets[0.2] - before[LOOP_AND_TICK[0]].buckets[0.2]
+    assert lag["count"] - late >= 1 and lag["sum_s"] >= 0.25, lag
+    assert histogram_summary(before[LOOP_AND_TICK[1]], after[LOOP_AND_TICK[1]])["count"] >= 1
     assert 'edgefleet_rpc_total{code="OK",method="Enroll"} 1.0' in body
     assert 'edgefleet_rpc_total{code="NOT_FOUND",method="GetDevice"} 1.0' in body
     assert 'edgefleet_rpc_seconds_count{method="CreateEnrollmentToken"} 1.0' in body

@@ -437,6 +437,48 @@ async def test_a_replica_reuses_its_copy_of_the_members_only_while_its_lease_is_
         assert rollout_id not in a._members  # b may have written them: reload
 
 
+async def test_a_lease_is_renewed_once_half_of_it_is_used_up(world: World) -> None:
+    """Renewing every tick was a write transaction per rollout per tick;
+    with half the lease left the holder drives on without one, and nobody
+    else can take the lease meanwhile."""
+    async with _fleet(world, 2, _profile()) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        draft = await world.draft()  # not started: the server's orchestrator leaves it
+    now = [dt.datetime(2026, 12, 1, tzinfo=dt.UTC)]
+
+    def replica(owner: str) -> Orchestrator:
+        return Orchestrator(world.cp.db, EventBus(), owner=owner, offline_after_s=60,
+                            lease_s=10, clock=lambda: now[0])  # fmt: skip
+
+    def expiry() -> dt.datetime:
+        with world.cp.db.unit_of_work(readonly=True) as uow:
+            row = uow.session.get_one(RolloutRow, draft.id)
+            value = row.lease_expires_at
+        assert value is not None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+    a, b = replica("replica-a"), replica("replica-b")
+    t0 = now[0]
+    assert await asyncio.to_thread(a._take_lease, draft.id)
+    assert await asyncio.to_thread(expiry) == t0 + dt.timedelta(seconds=10)
+    now[0] = t0 + dt.timedelta(seconds=4)
+    assert await asyncio.to_thread(a._take_lease, draft.id)
+    assert await asyncio.to_thread(expiry) == t0 + dt.timedelta(seconds=10)  # not written
+    now[0] = t0 + dt.timedelta(seconds=6)
+    assert await asyncio.to_thread(a._take_lease, draft.id)
+    assert await asyncio.to_thread(expiry) == t0 + dt.timedelta(seconds=16)  # renewed
+    now[0] = t0 + dt.timedelta(seconds=12)
+    assert not await asyncio.to_thread(b._take_lease, draft.id)
+
+
+def test_ticks_are_spaced_so_they_take_at_most_a_quarter_of_the_time() -> None:
+    o_ = Orchestrator(None, EventBus(), owner="x", offline_after_s=60, tick_s=0.5)  # type: ignore[arg-type]
+    assert o_.pause_after(0.01, more=False) == 0.5  # a short tick: the usual interval
+    assert o_.pause_after(0.01, more=True) == pytest.approx(0.03)  # more to do: soon
+    assert o_.pause_after(0.4, more=False) == pytest.approx(1.2)  # a long one: 3x its time
+    assert o_.pause_after(0.4, more=True) == pytest.approx(1.2)
+
+
 async def test_the_orchestrator_forgets_rollouts_that_need_no_more_work(world: World) -> None:
     """What the orchestrator keeps per rollout (its copy of the members, its
     lease mark) goes once the rollout is finished, also when an operator

@@ -21,7 +21,7 @@ PROBE_EVERY_S = 0.05
 # Fine at the low end, where a healthy loop lives; the top buckets catch the
 # stalls that make agents' round trips slow.
 BUCKETS_S = (
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
 )  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """The rollout orchestrator: a reconcile loop over persisted state.
 
 Every tick (default 0.5 s; after a long tick longer, so that ticks take at
-most a quarter of the time) each replica looks at the rollouts that need
+most a quarter of the time outside notify bursts) each replica looks at the rollouts that need
 work and, for each, tries to take its lease (or renew it, once half of it is
 used up): one conditional UPDATE that succeeds only when the lease is free,
 expired or already ours. Only the
@@ -225,15 +225,18 @@ class Orchestrator:
             await asyncio.sleep(self.pause_after(busy, more))
 
     def pause_after(self, busy_s: float, more: bool) -> float:
-        """How long to wait after a tick that took `busy_s`: tick_s (none
-        when a step has more to do at once), and at least long enough that
-        ticks take no more than MAX_BUSY_SHARE of the time. A 10,000-device
+        """How long to wait after a tick that took `busy_s`. None when a
+        step has more to do at once: a stage's next notify chunk (spacing
+        those out would slow the notification rate that bench_rollout holds
+        to 10,000/min). Else tick_s, and at least long enough that ticks
+        take no more than MAX_BUSY_SHARE of the time: a 10,000-device
         rollout's step reads and compares every member inside a write
-        transaction; back to back, steps took 41 % of a soak's wall time,
-        holding SQLite's writer and the interpreter the device streams need,
-        to notice reports a fraction of a second sooner than every second."""
-        floor = 0.0 if more else self.tick_s
-        return max(floor, busy_s * (1.0 - MAX_BUSY_SHARE) / MAX_BUSY_SHARE)
+        transaction, and back to back its steps took 41 % of a soak's wall
+        time, holding SQLite's writer and the interpreter the device
+        streams need, only to notice reports a fraction of a second sooner."""
+        if more:
+            return 0.0
+        return max(self.tick_s, busy_s * (1.0 - MAX_BUSY_SHARE) / MAX_BUSY_SHARE)
 
     def tick(self) -> bool:
         """Drive every rollout that needs work and whose lease we get; True

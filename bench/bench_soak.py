@@ -127,10 +127,13 @@ FULL_ROLLOUT_EVERY_S = 30.0
 RPC_TIMEOUT_S = 60.0
 TERMINAL = (operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_STATE_ABORTED)
 # What the control plane measures of itself (controlplane/loop_lag.py, the
-# orchestrator's ticks), read from its /metrics at the soak's start and end.
+# orchestrator's ticks, gc_policy's pauses), read from its /metrics at the
+# soak's start and end.
 SERVER_HISTOGRAMS = {
     "loop_lag": "edgefleet_event_loop_lag_seconds",
     "rollout_tick": "edgefleet_rollout_tick_seconds",
+    "gc_full": 'edgefleet_gc_pause_seconds{generation="2"}',
+    "gc_young": 'edgefleet_gc_pause_seconds{generation="0"}',
 }
 
 
@@ -897,6 +900,12 @@ def report(results: dict[str, Any]) -> None:
         print(f"  rollout orchestrator: {tick['count']:,.0f} ticks, p50 <= "
               f"{_le_ms(tick['p50_le_s'])} / p99 <= {_le_ms(tick['p99_le_s'])} ms, busy "
               f"{100 * tick['sum_s'] / results['soak_s']:.0f} % of the soak")  # fmt: skip
+    for key, name in (("gc_full", "full"), ("gc_young", "young")):
+        if key in own:
+            g = own[key]
+            print(f"  {name} garbage collections: {g['count']:,.0f}, p50 <= "
+                  f"{_le_ms(g['p50_le_s'])} / p99 <= {_le_ms(g['p99_le_s'])} ms, "
+                  f"{g['sum_s']:.1f} s in all")  # fmt: skip
     po = push["overall"]
     print(f"push (label change -> DesiredState on the device): p50 {_ms(po['p50_ms'])} / "
           f"p99 {_ms(po['p99_ms'])} / max {_ms(po['max_ms'])} ms over {po['count']:.0f}, "

@@ -293,18 +293,27 @@ class HistogramScrape:
 
 
 def scrape_histograms(url: str, names: tuple[str, ...]) -> dict[str, HistogramScrape]:
-    """The named histograms at `url` (a Prometheus text endpoint)."""
+    """The named histograms at `url` (a Prometheus text endpoint). A
+    labelled one is named with its labels, as in the exposition:
+    'edgefleet_gc_pause_seconds{generation="2"}'."""
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
-    found: dict[str, HistogramScrape] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name in names:
-            found[family.name] = HistogramScrape(
-                buckets={float(s.labels["le"]): s.value
-                         for s in family.samples if s.name.endswith("_bucket")},
-                total=sum(s.value for s in family.samples if s.name.endswith("_sum")),
+        for sample in family.samples:
+            labels = {k: v for k, v in sample.labels.items() if k != "le"}
+            name = family.name + (
+                "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+                if labels else ""
             )  # fmt: skip
-    return found
+            if name not in names:
+                continue
+            if sample.name.endswith("_bucket"):
+                buckets.setdefault(name, {})[float(sample.labels["le"])] = sample.value
+            elif sample.name.endswith("_sum"):
+                totals[name] = sample.value
+    return {n: HistogramScrape(b, totals.get(n, 0.0)) for n, b in buckets.items()}
 
 
 def histogram_summary(before: HistogramScrape, after: HistogramScrape) -> dict[str, float]:

@@ -460,6 +460,7 @@ async def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
     cp = await create_server(config)
     gc_policy.tune_for_serving()
+    gc_policy.observe_pauses(gc_policy.pause_histogram(cp.registry))
     trimming = asyncio.create_task(malloc_policy.trim_periodically())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from controlplane import gc_policy
 
@@ -31,3 +32,27 @@ def test_tuning_freezes_the_heap_and_raises_the_thresholds() -> None:
     cycle.append(cycle)
     del cycle
     assert gc.collect() >= 1
+
+
+def test_collection_pauses_are_timed_by_generation() -> None:
+    registry = CollectorRegistry()
+    stop = gc_policy.observe_pauses(gc_policy.pause_histogram(registry))
+    try:
+        gc.collect()  # a full collection
+        gc.collect(0)  # a young one
+    finally:
+        stop()
+
+    def count(generation: str) -> float:
+        value = registry.get_sample_value(
+            "edgefleet_gc_pause_seconds_count", {"generation": generation}
+        )
+        return value or 0.0
+
+    # Collections the interpreter ran on its own meanwhile may add to these.
+    assert count("2") >= 1 and count("0") >= 1
+    full = registry.get_sample_value("edgefleet_gc_pause_seconds_sum", {"generation": "2"})
+    assert full is not None and full > 0
+    before = count("2")
+    gc.collect()
+    assert count("2") == before  # stop() took the callback out

@@ -733,6 +733,9 @@ async def soak(
 
         duration = cfg.minutes * 60.0
         t0 = time.monotonic()
+        # Every t_s of the figures counts from here: this lines them up with
+        # the control plane's log and audit entries.
+        results["soak_started_at"] = dt.datetime.now(dt.UTC).isoformat()
         for series in (heartbeats, echo, pushes):
             series.reset(t0)
         sampler = Sampler(server_pid, cfg.sample_every_s, fleet, t0)

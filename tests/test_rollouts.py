@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,15 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from sqlalchemy import event, update
+from sqlalchemy import event, select, update
 
 from controlplane.config import ServerConfig
 from controlplane.db.models import RolloutDeviceRow, RolloutRow, utcnow
 from controlplane.server import ControlPlane, create_server
+from controlplane.services import orchestrator as orchestrator_module
 from controlplane.services.events import EventBus
-from controlplane.services.orchestrator import Orchestrator, Step, _Driver
-from controlplane.services.rollouts import COMMITTED, NOTIFIED
+from controlplane.services.orchestrator import Member, Orchestrator, Step, _Driver, revert_order
+from controlplane.services.rollouts import COMMITTED, IN_PROGRESS, NOTIFIED
 from demo.models import BuiltModel, build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
@@ -257,6 +259,48 @@ async def test_failures_trip_the_error_threshold_and_abort_reverts_every_device(
         assert list(limited.stages) == list(done.stages)
         await fleet.wait_until(lambda f: all(a.active_version == "1.0.0" for a in f.agents), 30,
                                what="every device back on 1.0.0")  # fmt: skip
+
+
+async def test_a_revert_goes_out_in_chunks_those_running_the_version_first(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like notifications: one step assigning thousands of reverts held
+    SQLite's writer for seconds and woke every device at once."""
+    monkeypatch.setattr(orchestrator_module, "NOTIFY_CHUNK", 2)
+    async with _fleet(world, 5, _profile()) as fleet:
+        await world.assign_all(fleet, "1.0.0")
+        # Notified in chunks of 2 as well; then all baking on 2.0.0.
+        rollout = await world.rollout(_stage(100.0, bake_time=_seconds(600)))
+        await world.wait(rollout.id, lambda r: all(
+            d.state == o.ROLLOUT_DEVICE_STATE_COMMITTED for d in r.devices))  # fmt: skip
+        await world.op.AbortRollout(o.AbortRolloutRequest(id=rollout.id, revert=True),
+                                    metadata=ADMIN)  # fmt: skip
+        done = await world.wait(rollout.id, lambda r: all(
+            d.state == o.ROLLOUT_DEVICE_STATE_REVERTED for d in r.devices))  # fmt: skip
+        assert done.state == o.ROLLOUT_STATE_ABORTED and len(done.devices) == 5
+        await fleet.wait_until(lambda f: all(a.active_version == "1.0.0" for a in f.agents), 30,
+                               what="every device back on 1.0.0")  # fmt: skip
+
+    def revert_steps() -> list[int]:
+        # A member's notified_at is its last assignment's step: the revert.
+        with world.cp.db.unit_of_work(readonly=True) as uow:
+            stamps = list(uow.session.scalars(
+                select(RolloutDeviceRow.notified_at)
+                .where(RolloutDeviceRow.rollout_id == rollout.id)
+            ))  # fmt: skip
+        return sorted(Counter(stamps).values())
+
+    assert await asyncio.to_thread(revert_steps) == [1, 2, 2]
+
+
+def test_a_revert_chunk_takes_the_devices_running_the_version_first() -> None:
+    members = [
+        Member(device_id=f"d{i}", class_name="c", stage=0, state=state, reason="", attempts=1,
+               sequence=1, notified_at=None, finished_at=None, next_attempt_at=None,
+               previous_model_version_id=None)
+        for i, state in enumerate((IN_PROGRESS, COMMITTED, NOTIFIED, COMMITTED))
+    ]  # fmt: skip
+    assert [d.device_id for d in sorted(members, key=revert_order)] == ["d1", "d3", "d0", "d2"]
 
 
 async def test_a_health_gate_pauses_and_resume_acknowledges(world: World) -> None:

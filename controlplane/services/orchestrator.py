@@ -22,7 +22,9 @@ One step, in order:
    assignment sequence; devices past their timeout, and failed ones, are
    retried with backoff while retries remain, else count as timed out/failed;
 3. an aborted rollout with "revert" assigns every device that took the new
-   version its previous one, and finishes once they all report back;
+   version its previous one (at most NOTIFY_CHUNK per step, those running
+   it first; the next step follows at once), and finishes once they all
+   report back;
 4. dynamic rollouts admit devices that started matching;
 5. waiting devices of the current (and earlier) stages are notified, as
    many as the pacing allows, at most NOTIFY_CHUNK per step (the next
@@ -169,6 +171,12 @@ class Member:
         # values twice, and for 10,000 members the getattr loop was 9 ms a
         # pass, this 2.8 ms.
         return _member_values(self)
+
+
+def revert_order(d: Member) -> tuple[bool, int, str]:
+    """The order a revert takes devices in: those running the version
+    first, then those still installing it; by stage and id within."""
+    return (d.state != COMMITTED, d.stage, d.device_id)
 
 
 def _iso(value: dt.datetime) -> str:
@@ -821,11 +829,17 @@ class _Driver:
         reverting = []
         for d in self.devices:
             if d.state in (COMMITTED, NOTIFIED, IN_PROGRESS):
-                reverting.append((d, ""))
+                reverting.append(d)
             elif d.state == WAITING:
                 d.state, d.reason = REVERTED, "never notified"
                 self.step.changed = True
-        self.revert_devices(reverting)
-        if not any(d.state == REVERTING for d in self.devices):
+        # In chunks, like notifications, the devices running the version
+        # first: a revert of 5,500 devices in one step held SQLite's writer
+        # for seconds and woke them all in the same instant. The next chunk
+        # follows at once.
+        reverting.sort(key=revert_order)
+        self.revert_devices([(d, "") for d in reverting[:NOTIFY_CHUNK]])
+        self.step.more = len(reverting) > NOTIFY_CHUNK
+        if not self.step.more and not any(d.state == REVERTING for d in self.devices):
             row.finished_at = self.now
             self.record("rollout.reverted")

@@ -20,7 +20,8 @@ really build. Then, in this process:
      as a draft and started, paused once the first device committed and
      resumed `--pause-s` later, approved after stage 1; every
      `--revert-every`-th rollout is aborted with revert once stage 2 has a
-     committed device (the fleet then stays on its version), the rollout
+     committed device (the fleet then stays on its version; the next rollout
+     waits until the revert is done), the rollout
      polled every 2 s with GetRollout(summary_only) and read whole (every
      device row) every 30 s;
    - a label change on a random device every `--label-every-s`
@@ -310,6 +311,12 @@ def rss_stability(
 # ------------------------------------------------------------------ operators
 
 
+def _finished(rollout: Any) -> bool:
+    """Terminal and done: an aborted rollout still reverting is not, and
+    holds its devices until it is (the next rollout would be refused)."""
+    return rollout.state in TERMINAL and rollout.HasField("finished_at")
+
+
 def _waiting_approval(rollout: Any) -> bool:
     return bool(rollout.state == operator_pb2.ROLLOUT_STATE_WAITING_APPROVAL)
 
@@ -474,7 +481,7 @@ class Operators:
             else:
                 got = await self.call("GetRollout", summary)
             rollout = got if got is not None else rollout
-            if rollout is not None and (done(rollout) or rollout.state in TERMINAL):
+            if rollout is not None and (done(rollout) or _finished(rollout)):
                 return rollout
             if time.monotonic() >= deadline:
                 return rollout if rollout is not None else operator_pb2.Rollout()

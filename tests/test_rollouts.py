@@ -261,13 +261,17 @@ async def test_failures_trip_the_error_threshold_and_abort_reverts_every_device(
                                what="every device back on 1.0.0")  # fmt: skip
 
 
-async def test_a_revert_goes_out_in_chunks_those_running_the_version_first(
+async def test_a_revert_goes_out_in_chunks_and_holds_its_devices_until_it_is_done(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Like notifications: one step assigning thousands of reverts held
-    SQLite's writer for seconds and woke every device at once."""
+    SQLite's writer for seconds and woke every device at once. Until the
+    revert is done no other rollout may take its devices: it would assign
+    them over the revert, which would then wait for their report forever."""
     monkeypatch.setattr(orchestrator_module, "NOTIFY_CHUNK", 2)
-    async with _fleet(world, 5, _profile()) as fleet:
+    # Installing 1.0.0 takes seconds: the revert is still under way when
+    # the next rollout is tried.
+    async with _fleet(world, 5, _profile(**{"1.0.0": {"install_s": [2.5, 3.0]}})) as fleet:
         await world.assign_all(fleet, "1.0.0")
         # Notified in chunks of 2 as well; then all baking on 2.0.0.
         rollout = await world.rollout(_stage(100.0, bake_time=_seconds(600)))
@@ -275,9 +279,17 @@ async def test_a_revert_goes_out_in_chunks_those_running_the_version_first(
             d.state == o.ROLLOUT_DEVICE_STATE_COMMITTED for d in r.devices))  # fmt: skip
         await world.op.AbortRollout(o.AbortRolloutRequest(id=rollout.id, revert=True),
                                     metadata=ADMIN)  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await world.rollout(_stage(100.0), version="3.0.0")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "still reverting" in (err.value.details() or ""), err.value.details()
         done = await world.wait(rollout.id, lambda r: all(
             d.state == o.ROLLOUT_DEVICE_STATE_REVERTED for d in r.devices))  # fmt: skip
         assert done.state == o.ROLLOUT_STATE_ABORTED and len(done.devices) == 5
+        assert done.HasField("finished_at")
+        # Once it is done the devices are free again.
+        draft = await world.draft()
+        assert not (await world.get(draft.id)).excluded
         await fleet.wait_until(lambda f: all(a.active_version == "1.0.0" for a in f.agents), 30,
                                what="every device back on 1.0.0")  # fmt: skip
 
@@ -376,7 +388,9 @@ async def test_shadow_agreement_gates_promotion(world: World) -> None:
         # Nothing was activated anywhere.
         assert all(a.active_version == "1.0.0" for a in fleet.agents)
         await world.op.AbortRollout(o.AbortRolloutRequest(id=low.id, revert=True), metadata=ADMIN)
-        await world.wait(low.id, lambda r: r.state == o.ROLLOUT_STATE_ABORTED)
+        # Its devices are free once the revert is done.
+        await world.wait(low.id, lambda r: r.state == o.ROLLOUT_STATE_ABORTED
+                         and r.HasField("finished_at"))  # fmt: skip
         high = await world.rollout(
             _stage(2, shadow=True, min_agreement=0.9), _stage(100.0), version="2.0.0"
         )

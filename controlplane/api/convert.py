@@ -762,6 +762,8 @@ def rollout_to_pb(view: RolloutView, *, with_devices: bool = True) -> o.Rollout:
         reason=row.reason,
         created_at=ts(row.created_at),
         created_by=row.created_by,
+        started_at=ts(row.started_at),
+        finished_at=ts(row.finished_at),
     )
     if with_devices:
         out.devices.extend(

@@ -5,9 +5,10 @@ actions (start, pause, resume, approve, abort). The orchestrator
 A rollout's cohort is the accepted devices in its classes and/or carrying its
 labels. A device is excluded, with the reason, when it is pending or rejected,
 matches no class, its class has no successful build of the version, it is
-offline, or it is already in another active rollout. At most one active
-rollout per device: creating one that would take a device from another fails
-with the list of devices."""
+offline, or it is already in another active rollout (an aborted one holds
+the devices it is still reverting). At most one active rollout per device:
+creating one that would take a device from another fails with the list of
+devices."""
 
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ DEVICE_STATES = (
 FAILED_STATES = (FAILED, REJECTED, TIMED_OUT)
 FINISHED_STATES = (COMMITTED, *FAILED_STATES)
 REVERT, KEEP = "revert", "keep"
+# Members an aborted rollout with revert has yet to put back.
+_UNREVERTED = (WAITING, NOTIFIED, IN_PROGRESS, COMMITTED, REVERTING)
 
 
 @dataclass(frozen=True)
@@ -106,15 +109,24 @@ class RolloutView:
 
 
 def active_rollout_of(session: Session, device_ids: Iterable[str]) -> dict[str, str]:
-    """device id -> the active rollout holding it."""
+    """device id -> the active rollout holding it. An aborted rollout that
+    is still reverting holds the devices it has yet to put back: a rollout
+    that took one meanwhile would assign it over its revert, and the
+    aborted rollout would wait for that revert's report forever."""
     ids = list(device_ids)
     if not ids:
         return {}
     rows = session.execute(
         select(RolloutDeviceRow.device_id, RolloutRow.id)
         .join(RolloutRow, RolloutRow.id == RolloutDeviceRow.rollout_id)
-        .where(RolloutRow.state.in_(ACTIVE), RolloutDeviceRow.device_id.in_(padded(ids)))
-    )
+        .where(
+            RolloutDeviceRow.device_id.in_(padded(ids)),
+            RolloutRow.state.in_(ACTIVE) | (
+                (RolloutRow.state == ABORTED) & RolloutRow.finished_at.is_(None)
+                & (RolloutRow.abort_mode == REVERT) & RolloutDeviceRow.state.in_(_UNREVERTED)
+            ),
+        )
+    )  # fmt: skip
     return {device_id: rollout_id for device_id, rollout_id in rows}
 
 
@@ -288,7 +300,8 @@ class RolloutService:
     def _conflict(busy: Sequence[Excluded]) -> None:
         raise FailedPrecondition(
             f"{len(busy)} device(s) are already in another active rollout (at most one per "
-            "device): " + "; ".join(f"{e.name} ({e.device_id}): {e.reason}" for e in busy)
+            "device; an aborted rollout holds the devices it is still reverting): "
+            + "; ".join(f"{e.name} ({e.device_id}): {e.reason}" for e in busy)
         )
 
     def _start(self, uow: UnitOfWork, row: RolloutRow, actor: str) -> None:

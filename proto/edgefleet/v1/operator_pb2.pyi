@@ -2175,6 +2175,8 @@ class Rollout(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___RolloutState.ValueType
     current_stage: _builtins.int
@@ -2190,6 +2192,17 @@ class Rollout(_message.Message):
     def excluded(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExcludedDevice]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset until it started."""
+
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset until it needs no more work. An aborted rollout with revert
+        finishes once every device it reverts has reported back; until then
+        it holds those devices (no other rollout may take them).
+        """
+
     def __init__(
         self,
         *,
@@ -2203,10 +2216,12 @@ class Rollout(_message.Message):
         reason: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "current_stage", b"current_stage", "devices", b"devices", "excluded", b"excluded", "id", b"id", "reason", b"reason", "spec", b"spec", "stages", b"stages", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "current_stage", b"current_stage", "devices", b"devices", "excluded", b"excluded", "finished_at", b"finished_at", "id", b"id", "reason", b"reason", "spec", b"spec", "stages", b"stages", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -285,8 +285,8 @@ async def enroll(fleet: Fleet, timeout_s: float, progress: Progress) -> float:
 
 @dataclass(frozen=True)
 class HistogramScrape:
-    """One unlabelled histogram as scraped: cumulative count per upper
-    bound, and the sum of what was observed."""
+    """One histogram (of one label set) as scraped: cumulative count per
+    upper bound, and the sum of what was observed."""
 
     buckets: dict[float, float]
     total: float

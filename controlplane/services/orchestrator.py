@@ -1,10 +1,10 @@
 """The rollout orchestrator: a reconcile loop over persisted state.
 
 Every tick (default 0.5 s; after a long tick longer, so that ticks take at
-most a quarter of the time outside notify bursts) each replica looks at the rollouts that need
-work and, for each, tries to take its lease (or renew it, once half of it is
-used up): one conditional UPDATE that succeeds only when the lease is free,
-expired or already ours. Only the
+most a quarter of the time outside notify bursts) each replica looks at the
+rollouts that need work and, for each, tries to take its lease (or renew it,
+once half of it is used up): one conditional UPDATE that succeeds only when
+the lease is free, expired or already ours. Only the
 lease holder drives a rollout, so with several replicas on PostgreSQL exactly
 one drives each rollout at a time, and another takes over when the holder
 stops renewing (it died). A driving step is one transaction that reads the
@@ -233,10 +233,10 @@ class Orchestrator:
             await asyncio.sleep(self.pause_after(busy, more))
 
     def pause_after(self, busy_s: float, more: bool) -> float:
-        """How long to wait after a tick that took `busy_s`. None when a
-        step has more to do at once: a stage's next notify chunk (spacing
-        those out would slow the notification rate that bench_rollout holds
-        to 10,000/min). Else tick_s, and at least long enough that ticks
+        """How long to wait after a tick that took `busy_s`. Not at all
+        when a step has more to do at once, a next chunk of notifications
+        or reverts (spacing those out would slow the notification rate that
+        bench_rollout holds to 10,000/min). Else tick_s, and at least long enough that ticks
         take no more than MAX_BUSY_SHARE of the time: a 10,000-device
         rollout's step reads and compares every member inside a write
         transaction, and back to back its steps took 41 % of a soak's wall

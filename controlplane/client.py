@@ -102,12 +102,9 @@ def list_devices(
     """Every device `request` matches, page after page."""
     request.page_size = DEVICE_PAGE_SIZE
     listed: list[common_pb2.Device] = []
-    while True:
-        page = stub.ListDevices(request)
-        listed += page.devices
-        if not page.next_page_token:
-            return listed
-        request.page_token = page.next_page_token
+    while _took_page(listed, request, stub.ListDevices(request)):
+        pass
+    return listed
 
 
 async def list_devices_async(
@@ -117,9 +114,18 @@ async def list_devices_async(
     """list_devices over an asyncio stack: `call` is the ListDevices RPC."""
     request.page_size = DEVICE_PAGE_SIZE
     listed: list[common_pb2.Device] = []
-    while True:
-        page = await call(request)
-        listed += page.devices
-        if not page.next_page_token:
-            return listed
-        request.page_token = page.next_page_token
+    while _took_page(listed, request, await call(request)):
+        pass
+    return listed
+
+
+def _took_page(
+    listed: list[common_pb2.Device],
+    request: operator_pb2.ListDevicesRequest,
+    page: operator_pb2.ListDevicesResponse,
+) -> bool:
+    """Add `page` to `listed`; True if another follows, `request` now
+    asking for it."""
+    listed += page.devices
+    request.page_token = page.next_page_token
+    return bool(page.next_page_token)

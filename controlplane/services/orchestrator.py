@@ -198,7 +198,7 @@ class Orchestrator:
         lease_s: float = 10.0,
         tick_s: float = 0.5,
         clock: Callable[[], dt.datetime] = utcnow,
-        on_tick: Callable[[float], None] | None = None,
+        on_tick: Callable[[float], None] = lambda _busy_s: None,
     ) -> None:
         self._db = db
         self._events = events
@@ -228,20 +228,20 @@ class Orchestrator:
             except Exception:
                 log.exception("rollout orchestrator tick failed")
             busy = loop.time() - started
-            if self._on_tick is not None:
-                self._on_tick(busy)
+            self._on_tick(busy)
             await asyncio.sleep(self.pause_after(busy, more))
 
     def pause_after(self, busy_s: float, more: bool) -> float:
         """How long to wait after a tick that took `busy_s`. Not at all
         when a step has more to do at once, a next chunk of notifications
         or reverts (spacing those out would slow the notification rate that
-        bench_rollout holds to 10,000/min). Else tick_s, and at least long enough that ticks
-        take no more than MAX_BUSY_SHARE of the time: a 10,000-device
-        rollout's step reads and compares every member inside a write
-        transaction, and back to back its steps took 41 % of a soak's wall
-        time, holding SQLite's writer and the interpreter the device
-        streams need, only to notice reports a fraction of a second sooner."""
+        bench_rollout holds to 10,000/min). Else tick_s, and at least long
+        enough that ticks take no more than MAX_BUSY_SHARE of the time: a
+        10,000-device rollout's step reads and compares every member inside
+        a write transaction, and back to back its steps took 41 % of a
+        soak's wall time, holding SQLite's writer and the interpreter the
+        device streams need, only to notice reports a fraction of a second
+        sooner."""
         if more:
             return 0.0
         return max(self.tick_s, busy_s * (1.0 - MAX_BUSY_SHARE) / MAX_BUSY_SHARE)

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import contextlib
 import datetime as dt
 import gc
@@ -78,7 +77,6 @@ import tempfile
 import threading
 import time
 import uuid
-from array import array
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -111,6 +109,8 @@ from bench.common import (
     stop_process,
     wait_for,
 )
+from bench.latencies import Latencies, latency_summary
+from bench.soak_probe import Probe, TelemetryTally
 from controlplane import gc_policy
 from controlplane.client import CHANNEL_OPTIONS, bearer_metadata, operator_stub
 from edgefleet.v1 import device_pb2, operator_pb2, operator_pb2_grpc
@@ -135,6 +135,7 @@ SERVER_HISTOGRAMS = {
     "rollout_tick": "edgefleet_rollout_tick_seconds",
     "gc_full": 'edgefleet_gc_pause_seconds{generation="2"}',
     "gc_young": 'edgefleet_gc_pause_seconds{generation="0"}',
+    "gc_middle": 'edgefleet_gc_pause_seconds{generation="1"}',
 }
 
 
@@ -147,6 +148,13 @@ class SoakConfig:
     heartbeat_s: float = 15.0
     telemetry_s: float = 30.0
     echo_agents: int = 500
+    # Of `agents`, how many run in the probe process (bench/soak_probe.py),
+    # with how many echo agents beside them.
+    probe_agents: int = 200
+    probe_echo_agents: int = 100
+    # How much lower than the control plane and the probe this process runs
+    # (os nice steps): it stands in for devices with CPUs of their own.
+    generator_nice: int = 10
     bake_s: float = 10.0
     pause_s: float = 5.0
     revert_every: int = 3
@@ -163,59 +171,6 @@ class SoakConfig:
 
 
 # ------------------------------------------------------------------ statistics
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of sorted values; NaN for none."""
-    if not ordered:
-        return math.nan
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
-
-
-def latency_summary(values: Sequence[float]) -> dict[str, float]:
-    """count, p50/p95/p99/max in milliseconds of latencies in seconds."""
-    ordered = sorted(values)
-    out = {f"p{q}_ms": percentile(ordered, q) * 1000 for q in (50, 95, 99)}
-    out["max_ms"] = ordered[-1] * 1000 if ordered else math.nan
-    return {"count": float(len(ordered)), **out}
-
-
-class Latencies:
-    """Latencies (seconds) stamped with when they were taken, kept in two
-    flat arrays: millions of samples cost 16 bytes each."""
-
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
-        self.at = array("d")
-        self.values = array("d")
-
-    def reset(self, t0: float) -> None:
-        """Start again, stamps counted from `t0` (what came before is dropped)."""
-        self.t0 = t0
-        self.at = array("d")
-        self.values = array("d")
-
-    def add(self, value: float) -> None:
-        self.at.append(time.monotonic() - self.t0)
-        self.values.append(value)
-
-    def window(self, start: float, end: float) -> list[float]:
-        """The values taken in [start, end) seconds after t0 (stamps are
-        appended in order, give or take a callback's delay)."""
-        lo, hi = bisect.bisect_left(self.at, start), bisect.bisect_left(self.at, end)
-        return list(self.values[lo:hi])
-
-    def per_minute(self, minutes: int) -> list[dict[str, float]]:
-        return [latency_summary(self.window(60.0 * m, 60.0 * (m + 1))) for m in range(minutes)]
-
-    def series(self, step_s: float, end_s: float) -> list[list[float]]:
-        """[start s, count, p50 ms, p99 ms, max ms] per `step_s` window: to
-        line slow moments up with the operators' timeline."""
-        rows = []
-        for i in range(math.ceil(end_s / step_s)):
-            s = latency_summary(self.window(i * step_s, (i + 1) * step_s))
-            rows.append([i * step_s, s["count"], s["p50_ms"], s["p99_ms"], s["max_ms"]])
-        return rows
 
 
 def slope_per_min(points: Sequence[tuple[float, float]]) -> float:
@@ -609,7 +564,7 @@ def stored_seqs(db_url: str) -> dict[str, list[int]]:
 
 
 def telemetry_accounting(
-    agents: Sequence[SimAgent], stored: dict[str, list[int]]
+    agents: Sequence[SimAgent | TelemetryTally], stored: dict[str, list[int]]
 ) -> dict[str, Any]:
     """Every sample each agent made against what the database holds for its
     device: distinct seqs within what it made, contiguous unless it dropped
@@ -655,14 +610,19 @@ def telemetry_accounting(
 
 
 async def assign_all(
-    address: str, token: str, fleet: Fleet, version: str, timeout_s: float
+    address: str,
+    token: str,
+    fleet: Fleet,
+    version: str,
+    timeout_s: float,
+    probe: Probe | None = None,
 ) -> float:
-    """AssignModel `version` to every device, ASSIGN_BATCH per call; seconds
-    until every device committed it."""
+    """AssignModel `version` to every device (the probe's too), ASSIGN_BATCH
+    per call; seconds until every device committed it."""
     t0 = time.monotonic()
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub: Any = operator_pb2_grpc.OperatorServiceStub(channel)
-        ids = [a.device_id for a in fleet.agents]
+        ids = [a.device_id for a in fleet.agents] + (probe.device_ids if probe else [])
         for start in range(0, len(ids), ASSIGN_BATCH):
             request = operator_pb2.AssignModelRequest(
                 device_ids=ids[start : start + ASSIGN_BATCH], model_name=MODEL,
@@ -674,7 +634,20 @@ async def assign_all(
         return all(a.active_version == version and a.update_state == "committed" for a in f.agents)
 
     await fleet.wait_until(done, timeout_s, interval=0.5, what=f"every device on {version}")
+    if probe is not None:
+        await probe.wait_version(version, timeout_s)
     return time.monotonic() - t0
+
+
+def lower_priority(by: int) -> None:
+    """Every thread of this process (and those it starts later) `by` nice
+    steps below where it is: Linux keeps a nice value per thread."""
+    if by <= 0:
+        return
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):
+            now = os.getpriority(os.PRIO_PROCESS, int(tid))
+            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, now + by))
 
 
 async def soak(
@@ -702,7 +675,8 @@ async def soak(
     pushes = Latencies(t_setup)
     rng = random.Random(cfg.seed)
     fleet = Fleet(
-        address, token, profile, n=cfg.agents, prefix=f"soak{run_id}", seed=cfg.seed,
+        address, token, profile, n=cfg.agents - cfg.probe_agents, prefix=f"soak{run_id}",
+        seed=cfg.seed,
         heartbeat_interval_s=cfg.heartbeat_s, telemetry_interval_s=cfg.telemetry_s,
         on_heartbeat_ack=lambda _, rtt: heartbeats.add(rtt),
     )  # fmt: skip
@@ -715,6 +689,8 @@ async def soak(
         on_heartbeat_ack=lambda _, rtt: echo.add(rtt),
     )  # fmt: skip
     sampler: Sampler | None = None
+    probe: Probe | None = None
+    workdir = tempfile.TemporaryDirectory(prefix="edgefleet-soak-probe-")
     thresholds = gc.get_threshold()  # restored after: the smoke test runs in pytest
     results: dict[str, Any] = {"config": asdict(cfg)}
     try:
@@ -722,8 +698,22 @@ async def soak(
         say(f"starting {cfg.agents:,} simulated agents and {cfg.echo_agents:,} echo agents")
         enroll_s = await enroll(fleet, cfg.setup_timeout_s, progress)
         await echo_fleet.start(timeout_s=cfg.setup_timeout_s)
+        if cfg.probe_agents or cfg.probe_echo_agents:
+            probe = await Probe.start(
+                address=address, token=token, echo_address=echo_address,
+                profile=profile.to_dict(), agents=cfg.probe_agents,
+                echo_agents=cfg.probe_echo_agents, prefix=f"probe{run_id}",
+                heartbeat_s=cfg.heartbeat_s, telemetry_s=cfg.telemetry_s,
+                workdir=Path(workdir.name), timeout_s=cfg.setup_timeout_s, drain_s=cfg.drain_s,
+            )  # fmt: skip
+        # Below the control plane and the probe (which started at this
+        # process's priority): the generator stands in for devices that
+        # have CPUs of their own and take none of the control plane's.
+        lower_priority(cfg.generator_nice)
         say(f"  connected in {enroll_s:.1f} s; AssignModel {VERSIONS[0]} to every device")
-        assign_s = await assign_all(address, admin_token, fleet, VERSIONS[0], cfg.setup_timeout_s)
+        assign_s = await assign_all(
+            address, admin_token, fleet, VERSIONS[0], cfg.setup_timeout_s, probe
+        )
         say(f"  every device committed {VERSIONS[0]} {assign_s:.1f} s after the first call")
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             listed = await operator_pb2_grpc.OperatorServiceStub(channel).ListDeviceClasses(
@@ -745,6 +735,8 @@ async def soak(
         results["soak_started_at"] = dt.datetime.now(dt.UTC).isoformat()
         for series in (heartbeats, echo, pushes):
             series.reset(t0)
+        if probe is not None:
+            await probe.start_clock(t0)
         sampler = Sampler(server_pid, cfg.sample_every_s, fleet, t0)
         sampler.start()
         scraped = await _scrape(metrics_url)
@@ -761,6 +753,8 @@ async def soak(
             f"every {cfg.telemetry_s:g} s, operators at work")  # fmt: skip
         await asyncio.sleep(duration)
         soak_end = time.monotonic() - t0
+        # The probe drains its devices' telemetry while this process does.
+        probed = asyncio.create_task(probe.finish(cfg.drain_s + 60)) if probe else None
         ended = await _scrape(metrics_url)
         own = {name: histogram_summary(scraped[m], ended[m])
                for name, m in SERVER_HISTOGRAMS.items() if m in scraped and m in ended}  # fmt: skip
@@ -786,8 +780,10 @@ async def soak(
             row["sync_p99_ms"] = latency_summary(window)["p99_ms"]
         hb = latency_summary(heartbeats.window(0, soak_end))
         ec = latency_summary(echo.window(0, soak_end))
+        probe_results = await probed if probed is not None else None
         stored = await asyncio.to_thread(stored_seqs, db_url)
-        accounting = telemetry_accounting(fleet.agents, stored)
+        tallies = [TelemetryTally(**t) for t in probe_results["tallies"]] if probe_results else []
+        accounting = telemetry_accounting([*fleet.agents, *tallies], stored)
         accounting.update({
             "produced_during_soak": produced_at_end,
             "drain_s": drain_s,
@@ -832,10 +828,15 @@ async def soak(
             "echo_fleet_errors": dict(echo_fleet.ctx.stats.errors),
             "server_metrics": own,
         })  # fmt: skip
+        if probe_results is not None:
+            results["probe"] = probe_summary(probe_results, t0, soak_end, minutes)
         return results
     finally:
         if sampler is not None:
             sampler.stop()
+        if probe is not None:
+            await probe.close()
+        workdir.cleanup()
         await operators.stop()
         await fleet.stop()
         await echo_fleet.stop()
@@ -847,6 +848,29 @@ async def _scrape(url: str | None) -> dict[str, HistogramScrape]:
     if url is None:
         return {}
     return await asyncio.to_thread(scrape_histograms, url, tuple(SERVER_HISTOGRAMS.values()))
+
+
+def probe_summary(
+    probed: dict[str, Any], t0: float, soak_end: float, minutes: int
+) -> dict[str, Any]:
+    """The probe's round trips (bench/soak_probe.py) as the soak's own are
+    summed up, and the goal judged on them."""
+    sync, echo = Latencies(t0), Latencies(t0)
+    sync.extend(*probed["sync"])
+    echo.extend(*probed["echo"])
+    hb = latency_summary(sync.window(0, soak_end))
+    ec = latency_summary(echo.window(0, soak_end))
+    return {
+        "devices": len(probed["tallies"]),
+        "sync": {"overall": hb, "per_minute": sync.per_minute(minutes),
+                 "goal_p99_ms": GOAL_P99_MS, "met": hb["p99_ms"] < GOAL_P99_MS},
+        "echo": {"overall": ec, "per_minute": echo.per_minute(minutes)},
+        "ratio_cp_echo": {q: hb[q] / ec[q] if ec[q] else math.nan
+                          for q in ("p50_ms", "p95_ms", "p99_ms")},
+        "uploads": probed["uploads"],
+        "upload_failures": probed["upload_failures"],
+        "errors": probed["errors"],
+    }  # fmt: skip
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -899,6 +923,18 @@ def report(results: dict[str, Any]) -> None:
         f"p99 {_ms(e['p99_ms'])} / max {_ms(e['max_ms'])} ms over {e['count']:,.0f}; "
         f"CP/echo p50 {ratio['p50_ms']:.2f}x, p99 {ratio['p99_ms']:.2f}x"
     )
+    if "probe" in results:
+        pr = results["probe"]
+        o, e, ratio = pr["sync"]["overall"], pr["echo"]["overall"], pr["ratio_cp_echo"]
+        print(
+            f"sync round trip, the probe's {pr['devices']} devices (a process of their own, "
+            f"bench/soak_probe.py): p50 {_ms(o['p50_ms'])} / p95 {_ms(o['p95_ms'])} / "
+            f"p99 {_ms(o['p99_ms'])} / max {_ms(o['max_ms'])} ms over {o['count']:,.0f}; "
+            f"goal p99 < {GOAL_P99_MS:g} ms: {'met' if pr['sync']['met'] else 'NOT met'}"
+        )
+        print(f"  the probe's echo agents: p50 {_ms(e['p50_ms'])} / p99 {_ms(e['p99_ms'])} / "
+              f"max {_ms(e['max_ms'])} ms over {e['count']:,.0f}; CP/echo p99 "
+              f"{ratio['p99_ms']:.2f}x")  # fmt: skip
     own = results.get("server_metrics") or {}
     if "loop_lag" in own:
         lag = own["loop_lag"]
@@ -910,7 +946,8 @@ def report(results: dict[str, Any]) -> None:
         print(f"  rollout orchestrator: {tick['count']:,.0f} ticks, p50 <= "
               f"{_le_ms(tick['p50_le_s'])} / p99 <= {_le_ms(tick['p99_le_s'])} ms, busy "
               f"{100 * tick['sum_s'] / results['soak_s']:.0f} % of the soak")  # fmt: skip
-    for key, name in (("gc_full", "full"), ("gc_young", "young")):
+    for key, name in (("gc_full", "full"), ("gc_middle", "generation-1"),
+                      ("gc_young", "young")):  # fmt: skip
         if key in own:
             g = own[key]
             print(f"  {name} garbage collections: {g['count']:,.0f}, p50 <= "
@@ -1003,6 +1040,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     add("--heartbeat-s", type=float, default=d.heartbeat_s, help="the agents' heartbeat interval")
     add("--telemetry-s", type=float, default=d.telemetry_s, help="the agents' telemetry interval")
     add("--echo-agents", type=int, default=d.echo_agents, help="agents on the echo baseline")
+    add("--probe-agents", type=int, default=d.probe_agents,
+        help="of --agents, how many run in the probe process (0: no probe)")  # fmt: skip
+    add("--probe-echo-agents", type=int, default=d.probe_echo_agents,
+        help="echo agents in the probe process")  # fmt: skip
+    add("--generator-nice", type=int, default=d.generator_nice,
+        help="nice steps this process runs below the control plane and the probe")  # fmt: skip
     add("--bake-s", type=float, default=d.bake_s, help="bake time of every rollout stage")
     add("--pause-s", type=float, default=d.pause_s, help="how long each rollout stays paused")
     add("--revert-every", type=int, default=d.revert_every,
@@ -1018,9 +1061,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.agents < 10 or args.minutes <= 0:
         parser.error("--agents must be at least 10 and --minutes positive")
+    if not 0 <= args.probe_agents < args.agents:
+        parser.error("--probe-agents must be at least 0 and fewer than --agents")
     cfg = SoakConfig(
         agents=args.agents, minutes=args.minutes, heartbeat_s=args.heartbeat_s,
-        telemetry_s=args.telemetry_s, echo_agents=args.echo_agents, bake_s=args.bake_s,
+        telemetry_s=args.telemetry_s, echo_agents=args.echo_agents,
+        probe_agents=args.probe_agents, probe_echo_agents=args.probe_echo_agents,
+        generator_nice=args.generator_nice, bake_s=args.bake_s,
         pause_s=args.pause_s, revert_every=args.revert_every, label_every_s=args.label_every_s,
         watchers=args.watchers, push_timeout_s=args.push_timeout_s, warmup_s=args.warmup_s,
         drain_s=args.drain_s, seed=args.seed,

@@ -19,19 +19,38 @@ into the oldest generation waits for the next full collection."""
 from __future__ import annotations
 
 import gc
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram
 
 THRESHOLDS = (50_000, 20, 20)
+# Overrides THRESHOLDS: three integers, e.g. "10000,20,20".
+THRESHOLDS_ENV = "EDGEFLEET_GC_THRESHOLDS"
 
 
-def tune_for_serving() -> None:
-    """Freeze the start-up heap and set THRESHOLDS (call once, when serving)."""
+def thresholds(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
+    """THRESHOLDS, or what THRESHOLDS_ENV says; ValueError naming the
+    variable if it is not three positive integers."""
+    raw = environ.get(THRESHOLDS_ENV, "").strip()
+    if not raw:
+        return THRESHOLDS
+    try:
+        values = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError(f"{THRESHOLDS_ENV}={raw!r}: give three positive integers, e.g. "
+                         f"{','.join(map(str, THRESHOLDS))}")  # fmt: skip
+    return values[0], values[1], values[2]
+
+
+def tune_for_serving(limits: tuple[int, int, int] = THRESHOLDS) -> None:
+    """Freeze the start-up heap and set `limits` (call once, when serving)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*THRESHOLDS)
+    gc.set_threshold(*limits)
 
 
 def pause_histogram(registry: CollectorRegistry) -> Histogram:

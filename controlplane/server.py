@@ -458,8 +458,9 @@ async def _roll_up_telemetry(
 
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    gc_limits = gc_policy.thresholds()  # a bad override fails before serving
     cp = await create_server(config)
-    gc_policy.tune_for_serving()
+    gc_policy.tune_for_serving(gc_limits)
     gc_policy.observe_pauses(gc_policy.pause_histogram(cp.registry))
     trimming = asyncio.create_task(malloc_policy.trim_periodically())
     stop = asyncio.Event()

@@ -56,3 +56,17 @@ def test_collection_pauses_are_timed_by_generation() -> None:
     before = count("2")
     gc.collect()
     assert count("2") == before  # stop() took the callback out
+
+
+def test_the_thresholds_can_be_overridden_and_a_bad_override_is_named() -> None:
+    assert gc_policy.thresholds({}) == gc_policy.THRESHOLDS
+    assert gc_policy.thresholds({gc_policy.THRESHOLDS_ENV: " 10000,5,30 "}) == (10_000, 5, 30)
+    for bad in ("10000,20", "a,b,c", "0,20,20", "1,2,3,4"):
+        with pytest.raises(ValueError, match=gc_policy.THRESHOLDS_ENV):
+            gc_policy.thresholds({gc_policy.THRESHOLDS_ENV: bad})
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_tuning_sets_the_thresholds_it_is_given() -> None:
+    gc_policy.tune_for_serving((10_000, 5, 30))
+    assert gc.get_threshold() == (10_000, 5, 30)

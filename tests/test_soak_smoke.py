@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -91,3 +93,25 @@ async def test_a_small_soak_accounts_for_every_sample_and_runs_every_part(
     # The summary and the JSON file are made from these.
     report({**results, "build_s": 0.0})
     assert json.loads(json_dumps(results))["telemetry"]["produced"] == telemetry["produced"]
+
+
+def test_the_load_generator_lowers_every_thread_of_its_own() -> None:
+    # In a child: the priority would stay lowered for the rest of the suite.
+    code = (
+        "import os, threading, time\n"
+        "from bench.bench_soak import lower_priority\n"
+        "ev = threading.Event()\n"
+        "t = threading.Thread(target=ev.wait); t.start()\n"
+        "before = os.getpriority(os.PRIO_PROCESS, 0)\n"
+        "lower_priority(3)\n"
+        "tids = [int(x) for x in os.listdir('/proc/self/task')]\n"
+        "print(before, *[os.getpriority(os.PRIO_PROCESS, x) for x in tids])\n"
+        "ev.set()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout.split()  # fmt: skip
+    before, *threads = (int(v) for v in out)
+    assert len(threads) >= 2  # the main thread and the one it started
+    assert threads == [min(19, before + 3)] * len(threads)

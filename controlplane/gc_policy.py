@@ -14,27 +14,14 @@ heartbeat waited behind it, and that alone put the sync p99 near 300 ms
   every few seconds and a full one runs about every half hour.
 
 Reference cycles are still collected, later: cyclic garbage that survives
-into the oldest generation waits for the next full collection.
-
-What still triggers young collections is the orchestrator: a step of a
-10,000-member rollout holds a few hundred thousand objects for its second
-or two, so the young generation fills while they live, and every
-collection walks them (at 10,000 devices, about one 50,000-object walk per
-tick, 100-250 ms each with every thread stopped). They die by reference
-counting when the step ends; nothing is gained by walking them.
-`collection_paused` keeps the collector off while a tick runs. Steady
-device traffic alone (1,000 heartbeats and 500 uploads a second) made no
-young collection in 15 s, and about 34 objects of cyclic garbage a second,
-which wait for the collection after the tick."""
+into the oldest generation waits for the next full collection."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -64,32 +51,6 @@ def tune_for_serving(limits: tuple[int, int, int] = THRESHOLDS) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*limits)
-
-
-_paused_lock = threading.Lock()
-_paused_depth = 0
-_enabled_before = False
-
-
-@contextlib.contextmanager
-def collection_paused() -> Iterator[None]:
-    """No cyclic collection while the body runs, in any thread (the
-    collector is the process's). Nests and overlaps across threads; the
-    collector's state before the outermost entry is restored after the
-    last exit. Reference counting frees what dies meanwhile as usual."""
-    global _paused_depth, _enabled_before
-    with _paused_lock:
-        if _paused_depth == 0:
-            _enabled_before = gc.isenabled()
-            gc.disable()
-        _paused_depth += 1
-    try:
-        yield
-    finally:
-        with _paused_lock:
-            _paused_depth -= 1
-            if _paused_depth == 0 and _enabled_before:
-                gc.enable()
 
 
 def pause_histogram(registry: CollectorRegistry) -> Histogram:

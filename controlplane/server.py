@@ -213,7 +213,6 @@ async def create_server(config: ServerConfig) -> ControlPlane:
         db, events, owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.new_id()[:8]}",
         offline_after_s=config.offline_after_s, tick_s=config.rollout_tick_s,
         on_tick=_tick_histogram(metrics_registry).observe,
-        tick_context=gc_policy.collection_paused,
     )  # fmt: skip
     metrics_registry.register(_DeviceStateCollector(devices, hub))
     credentials = DeviceCredentials(db)

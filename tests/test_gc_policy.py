@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -71,58 +70,3 @@ def test_the_thresholds_can_be_overridden_and_a_bad_override_is_named() -> None:
 def test_tuning_sets_the_thresholds_it_is_given() -> None:
     gc_policy.tune_for_serving((10_000, 5, 30))
     assert gc.get_threshold() == (10_000, 5, 30)
-
-
-def test_collection_is_paused_while_any_holder_runs_and_restored_after() -> None:
-    assert gc.isenabled()
-    threads_in = threading.Barrier(3)
-    leave = threading.Event()
-
-    def hold() -> None:
-        with gc_policy.collection_paused():
-            threads_in.wait()
-            leave.wait(10)
-
-    holders = [threading.Thread(target=hold) for _ in range(2)]
-    for t in holders:
-        t.start()
-    threads_in.wait()
-    with gc_policy.collection_paused():  # nested with the others
-        assert not gc.isenabled()
-    assert not gc.isenabled()  # the two threads still hold it
-    leave.set()
-    for t in holders:
-        t.join()
-    assert gc.isenabled()
-    # A collector that was off before stays off.
-    gc.disable()
-    try:
-        with gc_policy.collection_paused():
-            pass
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-
-
-def test_no_young_collection_while_paused() -> None:
-    collections: list[int] = []
-
-    def count(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            collections.append(info["generation"])
-
-    with gc_policy.collection_paused():
-        gc.callbacks.append(count)
-        try:
-            # Many times the youngest generation's threshold, all alive.
-            held = [[i] for i in range(20 * gc.get_threshold()[0])]
-        finally:
-            gc.callbacks.remove(count)
-    assert len(held) > gc.get_threshold()[0] and collections == []
-    # The same without the pause does collect.
-    gc.callbacks.append(count)
-    try:
-        held = [[i] for i in range(20 * gc.get_threshold()[0])]
-    finally:
-        gc.callbacks.remove(count)
-    assert collections

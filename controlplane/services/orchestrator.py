@@ -39,12 +39,10 @@ published as a "rollout.updated" event."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar
@@ -201,7 +199,6 @@ class Orchestrator:
         tick_s: float = 0.5,
         clock: Callable[[], dt.datetime] = utcnow,
         on_tick: Callable[[float], None] = lambda _busy_s: None,
-        tick_context: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     ) -> None:
         self._db = db
         self._events = events
@@ -212,9 +209,6 @@ class Orchestrator:
         self._clock = clock
         # Told each tick's wall time (the server exports it as a metric).
         self._on_tick = on_tick
-        # Entered around each tick (the server pauses the cyclic collector:
-        # a step's objects would fill the young generation, see gc_policy).
-        self._tick_context = tick_context
         # What this replica knows of the rollouts it drives: the members as
         # its last committed step left them, and the lease expiry it last
         # wrote. Only the lease holder writes members, so while the lease
@@ -230,16 +224,12 @@ class Orchestrator:
             more = False
             started = loop.time()
             try:
-                more = await loop.run_in_executor(executor, self._tick_within_context)
+                more = await loop.run_in_executor(executor, self.tick)
             except Exception:
                 log.exception("rollout orchestrator tick failed")
             busy = loop.time() - started
             self._on_tick(busy)
             await asyncio.sleep(self.pause_after(busy, more))
-
-    def _tick_within_context(self) -> bool:
-        with self._tick_context():
-            return self.tick()
 
     def pause_after(self, busy_s: float, more: bool) -> float:
         """How long to wait after a tick that took `busy_s`. Not at all

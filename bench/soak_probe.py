@@ -44,6 +44,9 @@ from fleetsim import Fleet, parse_profile
 
 PREFIX = "probe: "
 REPO = Path(__file__).resolve().parents[1]
+# The longest message line (the ready line lists every device id); past
+# asyncio's default of 64 KiB a read fails and the child is never reaped.
+LINE_LIMIT = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ async def run(args: argparse.Namespace) -> None:
             elif command == "stop":
                 ended = time.monotonic() - heartbeats.t0
                 break
+            else:
+                raise ValueError(f"the soak's probe got an unknown command {line!r}")
         fleet.drain_telemetry()
         with contextlib.suppress(TimeoutError):
             await fleet.wait_until(lambda f: f.pending_samples() == 0, args.drain_s, interval=0.5)
@@ -164,7 +169,7 @@ class Probe:
             "--timeout-s", str(timeout_s), "--drain-s", str(drain_s),
             "--out", str(workdir / "probe-results.json"),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            cwd=REPO,
+            cwd=REPO, limit=LINE_LIMIT,
         )  # fmt: skip
         probe = cls(process, [])
         try:

@@ -103,6 +103,7 @@ from bench.common import (
     Progress,
     cpu_seconds,
     enroll,
+    every_device_on,
     free_port,
     healthy,
     histogram_summary,
@@ -637,10 +638,10 @@ async def assign_all(
             )  # fmt: skip
             await stub.AssignModel(request, metadata=bearer_metadata(token), timeout=300)
 
-    def done(f: Fleet) -> bool:
-        return all(a.active_version == version and a.update_state == "committed" for a in f.agents)
-
-    await fleet.wait_until(done, timeout_s, interval=0.5, what=f"every device on {version}")
+    await fleet.wait_until(
+        lambda f: every_device_on(f, version), timeout_s, interval=0.5,
+        what=f"every device on {version}",
+    )  # fmt: skip
     if probe is not None:
         await probe.wait_version(version, timeout_s)
     return time.monotonic() - t0
@@ -785,8 +786,9 @@ async def soak(
         for row in sampler.rows:  # to line the resources up with the latencies
             window = heartbeats.window(row["t_s"] - cfg.sample_every_s, row["t_s"])
             row["sync_p99_ms"] = latency_summary(window)["p99_ms"]
-        hb = latency_summary(heartbeats.window(0, soak_end))
-        ec = latency_summary(echo.window(0, soak_end))
+        trips = round_trips(heartbeats, echo, soak_end, minutes)
+        # Short windows, to line slow moments up with the operators' timeline.
+        trips["sync"]["per_5s"] = heartbeats.series(5.0, soak_end)
         probe_results = await probed if probed is not None else None
         stored = await asyncio.to_thread(stored_seqs, db_url)
         tallies = [TelemetryTally(**t) for t in probe_results["tallies"]] if probe_results else []
@@ -806,16 +808,7 @@ async def soak(
         })  # fmt: skip
         results.update({
             "soak_s": soak_end,
-            "sync": {
-                "overall": hb,
-                "per_minute": heartbeats.per_minute(minutes),
-                "per_5s": heartbeats.series(5.0, soak_end),
-                "goal_p99_ms": GOAL_P99_MS,
-                "met": hb["p99_ms"] < GOAL_P99_MS,
-            },
-            "echo": {"overall": ec, "per_minute": echo.per_minute(minutes)},
-            "ratio_cp_echo": {q: hb[q] / ec[q] if ec[q] else math.nan
-                              for q in ("p50_ms", "p95_ms", "p99_ms")},
+            **trips,
             "push": {
                 "overall": latency_summary(pushes.window(0, math.inf)),
                 "per_minute": pushes.per_minute(minutes),
@@ -857,23 +850,33 @@ async def _scrape(url: str | None) -> dict[str, HistogramScrape]:
     return await asyncio.to_thread(scrape_histograms, url, tuple(SERVER_HISTOGRAMS.values()))
 
 
-def probe_summary(
-    probed: dict[str, Any], t0: float, soak_end: float, minutes: int
+def round_trips(
+    sync: Latencies, echo: Latencies, soak_end: float, minutes: int
 ) -> dict[str, Any]:
-    """The probe's round trips (bench/soak_probe.py) as the soak's own are
-    summed up, and the goal judged on them."""
-    sync, echo = Latencies(t0), Latencies(t0)
-    sync.extend(*probed["sync"])
-    echo.extend(*probed["echo"])
+    """Sync round trips and the echo baseline taken beside them, over the
+    soak: overall and per minute, their ratio, and the goal."""
     hb = latency_summary(sync.window(0, soak_end))
     ec = latency_summary(echo.window(0, soak_end))
     return {
-        "devices": len(probed["tallies"]),
         "sync": {"overall": hb, "per_minute": sync.per_minute(minutes),
                  "goal_p99_ms": GOAL_P99_MS, "met": hb["p99_ms"] < GOAL_P99_MS},
         "echo": {"overall": ec, "per_minute": echo.per_minute(minutes)},
         "ratio_cp_echo": {q: hb[q] / ec[q] if ec[q] else math.nan
                           for q in ("p50_ms", "p95_ms", "p99_ms")},
+    }  # fmt: skip
+
+
+def probe_summary(
+    probed: dict[str, Any], t0: float, soak_end: float, minutes: int
+) -> dict[str, Any]:
+    """The probe's results (bench/soak_probe.py): its round trips summed up
+    as the soak's own are; the goal is judged on them."""
+    sync, echo = Latencies(t0), Latencies(t0)
+    sync.extend(*probed["sync"])
+    echo.extend(*probed["echo"])
+    return {
+        "devices": len(probed["tallies"]),
+        **round_trips(sync, echo, soak_end, minutes),
         "uploads": probed["uploads"],
         "upload_failures": probed["upload_failures"],
         "errors": probed["errors"],

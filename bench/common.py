@@ -264,6 +264,11 @@ class Progress:
             self._task = None
 
 
+def every_device_on(fleet: Fleet, version: str) -> bool:
+    """Every agent of `fleet` runs `version`, committed."""
+    return all(a.active_version == version and a.update_state == "committed" for a in fleet.agents)
+
+
 async def enroll(fleet: Fleet, timeout_s: float, progress: Progress) -> float:
     """Start the fleet, printing progress; seconds until every agent held
     its Sync stream."""

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import every_device_on
 from bench.latencies import Latencies
 from fleetsim import Fleet, parse_profile
 
@@ -228,10 +229,10 @@ class Probe:
 
 
 async def _wait_version(fleet: Fleet, version: str, timeout_s: float) -> None:
-    def done(f: Fleet) -> bool:
-        return all(a.active_version == version and a.update_state == "committed" for a in f.agents)
-
-    await fleet.wait_until(done, timeout_s, interval=0.5, what=f"every probe device on {version}")
+    await fleet.wait_until(
+        lambda f: every_device_on(f, version), timeout_s, interval=0.5,
+        what=f"every probe device on {version}",
+    )  # fmt: skip
 
 
 def _tally(agent: Any) -> TelemetryTally:

@@ -109,6 +109,7 @@ from controlplane.services.rollouts import (
     advance_stage,
     cohort_exclusion,
     matching_devices,
+    unfinished_abort,
 )
 
 log = logging.getLogger(__name__)
@@ -251,10 +252,9 @@ class Orchestrator:
         if one has more to do right away."""
         with self._db.unit_of_work(readonly=True) as uow:
             ids = list(uow.session.scalars(
-                select(RolloutRow.id).where(or_(
-                    RolloutRow.state.in_(ACTIVE),
-                    (RolloutRow.state == ABORTED) & RolloutRow.finished_at.is_(None),
-                )).order_by(RolloutRow.created_at)
+                select(RolloutRow.id)
+                .where(RolloutRow.state.in_(ACTIVE) | unfinished_abort())
+                .order_by(RolloutRow.created_at)
             ))  # fmt: skip
         self._forget_all_but(ids)
         more = False

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, case, func, select
+from sqlalchemy import ColumnElement, Select, case, func, select
 from sqlalchemy.orm import Session
 
 from controlplane.db.bulk import insert_rows
@@ -62,6 +62,12 @@ FINISHED_STATES = (COMMITTED, *FAILED_STATES)
 REVERT, KEEP = "revert", "keep"
 # Members an aborted rollout with revert has yet to put back.
 _UNREVERTED = (WAITING, NOTIFIED, IN_PROGRESS, COMMITTED, REVERTING)
+
+
+def unfinished_abort() -> ColumnElement[bool]:
+    """SQL: the rollout is aborted but not finished (still reverting): it
+    needs the orchestrator, and holds the devices it has yet to put back."""
+    return (RolloutRow.state == ABORTED) & RolloutRow.finished_at.is_(None)
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,8 @@ def active_rollout_of(session: Session, device_ids: Iterable[str]) -> dict[str, 
         .where(
             RolloutDeviceRow.device_id.in_(padded(ids)),
             RolloutRow.state.in_(ACTIVE) | (
-                (RolloutRow.state == ABORTED) & RolloutRow.finished_at.is_(None)
-                & (RolloutRow.abort_mode == REVERT) & RolloutDeviceRow.state.in_(_UNREVERTED)
+                unfinished_abort() & (RolloutRow.abort_mode == REVERT)
+                & RolloutDeviceRow.state.in_(_UNREVERTED)
             ),
         )
     )  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ParamSpec
 
 from controlplane.api import convert, paging
 from controlplane.api.rpc import Handlers, rpc
@@ -22,12 +22,13 @@ from controlplane.services.enrollment import EnrollmentService
 from controlplane.services.events import EventBus, FleetEvent
 from controlplane.services.operator_tokens import OperatorTokenService
 from controlplane.services.registry import PartDecl, PushHeader, RegistryService
-from controlplane.services.rollouts import RolloutService
+from controlplane.services.rollouts import RolloutService, RolloutView
 from controlplane.services.telemetry import TelemetryService
 from controlplane.wire import rule_from_pb
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 Op = OperatorPrincipal
+P = ParamSpec("P")
 
 
 class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
@@ -467,15 +468,21 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         self, request: operator_pb2.CreateRolloutRequest, context: Any, who: Op
     ) -> operator_pb2.CreateRolloutResponse:
         spec = convert.rollout_spec_from_pb(request.spec)
-        view, plan = await self.run(
-            self._rollouts.create, who.actor, spec, dry_run=request.dry_run, start=request.start
-        )
-        planned, excluded = convert.planned_to_pb(plan)
-        response = operator_pb2.CreateRolloutResponse(planned=planned, excluded=excluded)
-        if view is not None:
-            response.rollout.CopyFrom(convert.rollout_to_pb(view))
-            response.rollout.excluded.extend(excluded)
-        return response
+
+        def create() -> operator_pb2.CreateRolloutResponse:
+            # Converted in the thread: the plan and the rollout name every
+            # device (see _rollout_pb).
+            view, plan = self._rollouts.create(
+                who.actor, spec, dry_run=request.dry_run, start=request.start
+            )
+            planned, excluded = convert.planned_to_pb(plan)
+            response = operator_pb2.CreateRolloutResponse(planned=planned, excluded=excluded)
+            if view is not None:
+                response.rollout.CopyFrom(convert.rollout_to_pb(view))
+                response.rollout.excluded.extend(excluded)
+            return response
+
+        return await self.run(create)
 
     @rpc("operator", role=VIEWER)
     async def ListRollouts(
@@ -495,50 +502,55 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             view = await self.run(self._rollouts.summary, request.id)
             return convert.rollout_to_pb(view, with_devices=False)
 
-        def whole() -> operator_pb2.Rollout:
-            # Converted in the thread, as ListDevices: one row per device.
-            limit = request.device_limit or None
-            return convert.rollout_to_pb(self._rollouts.get(request.id, device_limit=limit))
+        return await self._rollout_pb(
+            self._rollouts.get, request.id, device_limit=request.device_limit or None
+        )
 
-        return await self.run(whole)
+    async def _rollout_pb(
+        self, fn: Callable[P, RolloutView], *args: P.args, **kwargs: P.kwargs
+    ) -> operator_pb2.Rollout:
+        """fn's rollout, converted in the worker thread too. A rollout names
+        every device (10,000 at fleet scale): converted on the event loop,
+        each operator action stopped every device stream for 0.1-0.2 s
+        (bench/bench_soak.py, docs/benchmarks.md)."""
+        return await self.run(lambda: convert.rollout_to_pb(fn(*args, **kwargs)))
 
     @rpc("operator")
     async def StartRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
-        view = await self.run(self._rollouts.start, who.actor, request.id)
-        return convert.rollout_to_pb(view)
+        return await self._rollout_pb(self._rollouts.start, who.actor, request.id)
 
     @rpc("operator")
     async def PauseRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
-        view = await self.run(self._rollouts.pause, who.actor, request.id, request.reason)
-        return convert.rollout_to_pb(view)
+        return await self._rollout_pb(
+            self._rollouts.pause, who.actor, request.id, request.reason
+        )
 
     @rpc("operator")
     async def ResumeRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
-        view = await self.run(self._rollouts.resume, who.actor, request.id, request.reason)
-        return convert.rollout_to_pb(view)
+        return await self._rollout_pb(
+            self._rollouts.resume, who.actor, request.id, request.reason
+        )
 
     @rpc("operator")
     async def ApproveRolloutStage(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
-        view = await self.run(self._rollouts.approve, who.actor, request.id)
-        return convert.rollout_to_pb(view)
+        return await self._rollout_pb(self._rollouts.approve, who.actor, request.id)
 
     @rpc("operator")
     async def AbortRollout(
         self, request: operator_pb2.AbortRolloutRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
-        view = await self.run(
+        return await self._rollout_pb(
             self._rollouts.abort, who.actor, request.id, revert=request.revert,
             reason=request.reason,
         )  # fmt: skip
-        return convert.rollout_to_pb(view)
 
     @rpc("operator", role=VIEWER)
     async def ListSigningKeys(

@@ -22,6 +22,9 @@ R = TypeVar("R")
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+# Callers a batch wakes per event-loop iteration (see Batcher).
+ANSWER_SLICE = 50
+
 
 class Batcher(Generic[T, R]):
     """`await submit(item)` from many coroutines; one `run(items)` answers
@@ -35,18 +38,25 @@ class Batcher(Generic[T, R]):
     committed change sees that change. `run` returns one result per item, in
     the items' order; an Exception among them is raised to that item's
     caller alone. If `run` itself raises, every caller of that batch gets
-    the error."""
+    the error.
+
+    A batch is answered `answer_slice` callers per loop iteration. Answered
+    at once, all of them would resume in the same iteration, and a
+    heartbeat arriving meanwhile would wait behind every one of them (500
+    sync streams writing their DesiredState, or 500 upload replies)."""
 
     def __init__(
         self,
         run: Callable[[list[T]], Awaitable[Sequence[R | Exception]]],
         *,
         max_batch: int = 500,
+        answer_slice: int = ANSWER_SLICE,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+        if max_batch < 1 or answer_slice < 1:
+            raise ValueError("max_batch and answer_slice must be at least 1")
         self._run = run
         self._max_batch = max_batch
+        self._answer_slice = answer_slice
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
@@ -67,14 +77,19 @@ class Batcher(Generic[T, R]):
             while self._waiting:
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
+                results: Sequence[R | Exception]
                 try:
                     results = await self._run([item for item, _ in batch])
                     if len(results) != len(batch):
                         raise RuntimeError(f"a batch of {len(batch)} got {len(results)} results")
                 except Exception as exc:
-                    _answer(batch, [exc] * len(batch))
-                else:
-                    _answer(batch, results)
+                    results = [exc] * len(batch)
+                step = self._answer_slice
+                for start in range(0, len(batch), step):
+                    if start:
+                        await asyncio.sleep(0)  # let the last slice's callers run first
+                    _answer(batch[start : start + step], results[start : start + step])
+                batch = []
         except asyncio.CancelledError:
             # The loop is shutting down: nobody is left to answer them.
             for _, future in batch + self._waiting:

@@ -18,8 +18,8 @@ heartbeat waited behind it, and that alone put the sync p99 near 300 ms
   its messages (a dozen grpc.aio objects that live up to a heartbeat
   interval, then die by reference count). Every 20 young collections
   (about a minute there) the middle one walked them again, for
-  250-500 ms. Every 100 it runs about every 4 minutes, and a full
-  collection (every 20 middle ones) about every 80.
+  250-500 ms. Every 100 it runs every 4-5 minutes, and a full
+  collection (every 20 middle ones) about every 90.
 
 Reference cycles are still collected, later: cyclic garbage that survives
 into the oldest generation waits for the next full collection."""

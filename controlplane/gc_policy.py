@@ -19,7 +19,7 @@ heartbeat waited behind it, and that alone put the sync p99 near 300 ms
   interval, then die by reference count). Every 20 young collections
   (about a minute there) the middle one walked them again, for
   250-500 ms. Every 100 it runs every 4-5 minutes, and a full
-  collection (every 20 middle ones) about every 90.
+  collection (every 20 middle ones) about every 90 minutes.
 
 Reference cycles are still collected, later: cyclic garbage that survives
 into the oldest generation waits for the next full collection."""

@@ -89,7 +89,6 @@ class Batcher(Generic[T, R]):
                     if start:
                         await asyncio.sleep(0)  # let the last slice's callers run first
                     _answer(batch[start : start + step], results[start : start + step])
-                batch = []
         except asyncio.CancelledError:
             # The loop is shutting down: nobody is left to answer them.
             for _, future in batch + self._waiting:

@@ -41,6 +41,12 @@ control plane's priority, while this process, once everything has
 started, lowers itself `--generator-nice` steps (10): it stands in for
 devices with CPUs of their own.
 
+With `--workers N` (> 1) the control plane is `edgefleet server --workers N`:
+a supervisor and N worker processes serving the same port. Its own
+figures are then scraped from every worker and added up, and its "main
+process" RSS is the sum of the workers' (the tree holds the supervisor and
+the build workers too).
+
 Figures:
 
 - sync latency: every heartbeat's round trip on its Sync stream (the agent
@@ -54,6 +60,8 @@ Figures:
 - control plane resources every 10 s (psutil): RSS of the main process and
   of its tree (the build worker), CPU cores; "stable": first- vs last-minute
   mean RSS and the least-squares slope in MB/min after `--warmup-s`;
+- what the control plane measures of itself (its /metrics at the soak's
+  start and end): event-loop lag, rollout orchestrator ticks, GC pauses;
 - telemetry: per device, the seqs stored must be distinct, within what the
   agent made, contiguous unless the agent dropped some at its buffer bound
   (fleetsim keeps 30 samples), and stored + dropped == produced. Upload
@@ -109,6 +117,7 @@ from bench.common import (
     histogram_summary,
     log_tail,
     make_profile,
+    merge_histograms,
     rss_bytes,
     scrape_histograms,
     setup,
@@ -116,6 +125,7 @@ from bench.common import (
     start_echo_server,
     stop_process,
     wait_for,
+    worker_pids,
 )
 from bench.latencies import Latencies, latency_summary
 from bench.soak_probe import Probe, TelemetryTally
@@ -176,6 +186,8 @@ class SoakConfig:
     rollout_timeout_s: float = 600.0
     setup_timeout_s: float = 900.0
     seed: str = "bench-soak"
+    # The control plane's worker processes (`edgefleet server --workers`).
+    workers: int = 1
 
 
 # ------------------------------------------------------------------ statistics
@@ -199,11 +211,15 @@ def slope_per_min(points: Sequence[tuple[float, float]]) -> float:
 
 class Sampler:
     """Every `every_s` seconds, on a thread (the event loop is busy): the
-    control plane's RSS (main process and tree) and CPU cores since the
-    previous sample, this process's likewise, and the fleet's counters."""
+    control plane's RSS (main process, or with `workers` > 1 the workers'
+    sum, and tree) and CPU cores since the previous sample, this process's
+    likewise, and the fleet's counters."""
 
-    def __init__(self, server_pid: int, every_s: float, fleet: Fleet, t0: float) -> None:
+    def __init__(
+        self, server_pid: int, every_s: float, fleet: Fleet, t0: float, workers: int = 1
+    ) -> None:
         self.server_pid = server_pid
+        self.workers = workers
         self.every_s = every_s
         self.fleet = fleet
         self.t0 = t0
@@ -224,13 +240,21 @@ class Sampler:
             return cpu_seconds(self.server_pid, tree=self.server_pid != os.getpid())
         return cpu_seconds(os.getpid(), tree=False)
 
+    def _main_rss(self) -> dict[str, float]:
+        if self.workers == 1:
+            return {"server_rss_mb": rss_bytes(self.server_pid, tree=False) / 1e6}
+        # The supervisor only watches its workers: they are the control plane.
+        pids = worker_pids(self.server_pid)
+        return {"server_rss_mb": sum(rss_bytes(p, tree=False) for p in pids) / 1e6,
+                "server_workers": len(pids)}  # fmt: skip
+
     def sample(self) -> None:
         now, server_cpu, bench_cpu = time.monotonic(), self._cpu(True), self._cpu(False)
         wall = max(1e-9, now - self._last[0])
         stats = self.fleet.ctx.stats
         self.rows.append({
             "t_s": now - self.t0,
-            "server_rss_mb": rss_bytes(self.server_pid, tree=False) / 1e6,
+            **self._main_rss(),
             "server_tree_rss_mb": rss_bytes(self.server_pid, tree=True) / 1e6,
             "server_cores": (server_cpu - self._last[1]) / wall,
             "bench_rss_mb": rss_bytes(os.getpid(), tree=False) / 1e6,
@@ -255,7 +279,7 @@ def rss_stability(
     rows: Sequence[dict[str, float]], warmup_s: float, end_s: float
 ) -> dict[str, Any]:
     """First- vs last-minute mean RSS and the slope after warm-up, for the
-    control plane's main process and its tree."""
+    control plane's main process (or its workers' sum) and its tree."""
     out: dict[str, Any] = {}
     for key in ("server_rss_mb", "server_tree_rss_mb"):
         first = [r[key] for r in rows if r["t_s"] <= 60.0]
@@ -668,13 +692,14 @@ async def soak(
     db_url: str,
     server_pid: int,
     profile: FleetProfile,
-    metrics_url: str | None = None,
+    metrics_urls: Sequence[str] = (),
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The soak against a control plane that has the classes and both
     versions built (see the module docstring); every figure as a dict.
-    With `metrics_url` (its Prometheus endpoint) also what the control
-    plane measured of itself over the soak."""
+    With `metrics_urls` (its Prometheus endpoints, one per worker) also
+    what the control plane measured of itself over the soak, summed over
+    the workers."""
     run_id = uuid.uuid4().hex[:6]
     t_setup = time.monotonic()
     # Reset when the soak's clock starts: setup's figures are not counted.
@@ -700,7 +725,7 @@ async def soak(
     probe: Probe | None = None
     workdir = tempfile.TemporaryDirectory(prefix="edgefleet-soak-probe-")
     thresholds = gc.get_threshold()  # restored after: the smoke test runs in pytest
-    results: dict[str, Any] = {"config": asdict(cfg)}
+    results: dict[str, Any] = {"config": asdict(cfg), "workers": cfg.workers}
     try:
         progress = Progress(fleet)
         say(f"starting {cfg.agents:,} simulated agents and {cfg.echo_agents:,} echo agents")
@@ -745,9 +770,9 @@ async def soak(
             series.reset(t0)
         if probe is not None:
             await probe.start_clock(t0)
-        sampler = Sampler(server_pid, cfg.sample_every_s, fleet, t0)
+        sampler = Sampler(server_pid, cfg.sample_every_s, fleet, t0, cfg.workers)
         sampler.start()
-        scraped = await _scrape(metrics_url)
+        scraped = await _scrape(metrics_urls)
         operators.start()
         stats = fleet.ctx.stats
         progress.start("soak", lambda f: (
@@ -763,7 +788,7 @@ async def soak(
         soak_end = time.monotonic() - t0
         # The probe drains its devices' telemetry while this process does.
         probed = asyncio.create_task(probe.finish(cfg.drain_s + 60)) if probe else None
-        ended = await _scrape(metrics_url)
+        ended = await _scrape(metrics_urls)
         own = {name: histogram_summary(scraped[m], ended[m])
                for name, m in SERVER_HISTOGRAMS.items() if m in scraped and m in ended}  # fmt: skip
         await operators.stop()
@@ -815,6 +840,8 @@ async def soak(
                 "missed": operators.push_missed,
             },
             "resources": {
+                "server_rss_mb_of": ("the main process" if cfg.workers == 1
+                                     else f"the sum of the {cfg.workers} worker processes"),
                 "samples": sampler.rows,
                 "rss": rss_stability(sampler.rows, cfg.warmup_s, soak_end),
                 "server_cores_mean": _mean([r["server_cores"] for r in sampler.rows
@@ -844,15 +871,13 @@ async def soak(
         gc.set_threshold(*thresholds)
 
 
-async def _scrape(url: str | None) -> dict[str, HistogramScrape]:
-    if url is None:
-        return {}
-    return await asyncio.to_thread(scrape_histograms, url, tuple(SERVER_HISTOGRAMS.values()))
+async def _scrape(urls: Sequence[str]) -> dict[str, HistogramScrape]:
+    names = tuple(SERVER_HISTOGRAMS.values())
+    scrapes = await asyncio.gather(*(asyncio.to_thread(scrape_histograms, u, names) for u in urls))
+    return merge_histograms(scrapes)
 
 
-def round_trips(
-    sync: Latencies, echo: Latencies, soak_end: float, minutes: int
-) -> dict[str, Any]:
+def round_trips(sync: Latencies, echo: Latencies, soak_end: float, minutes: int) -> dict[str, Any]:
     """Sync round trips and the echo baseline taken beside them, over the
     soak: overall and per minute, their ratio, and the goal."""
     hb = latency_summary(sync.window(0, soak_end))
@@ -908,7 +933,13 @@ def report(results: dict[str, Any]) -> None:
     print(f"{cfg['agents']:,} devices (+{cfg['echo_agents']} echo agents) for "
           f"{results['soak_s'] / 60:.1f} min; heartbeats every {cfg['heartbeat_s']:g} s, "
           f"telemetry every {cfg['telemetry_s']:g} s; setup {results['setup']['total_s']:.0f} s "
-          f"(+ builds {results.get('build_s', 0):.0f} s)\n")  # fmt: skip
+          f"(+ builds {results.get('build_s', 0):.0f} s)")  # fmt: skip
+    workers = results.get("workers", 1)
+    if workers == 1:
+        print("control plane: one process\n")
+    else:
+        print(f"control plane: {workers} worker processes (--workers {workers}); its own figures "
+              f"below are over all of them, its RSS (main) is theirs summed\n")  # fmt: skip
     print("| minute | heartbeats | sync p50 ms | p95 | p99 | max | echo p99 ms | pushes | "
           "push p99 ms | CP RSS MB | CP cores |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -968,7 +999,8 @@ def report(results: dict[str, Any]) -> None:
     print(f"push (label change -> DesiredState on the device): p50 {_ms(po['p50_ms'])} / "
           f"p99 {_ms(po['p99_ms'])} / max {_ms(po['max_ms'])} ms over {po['count']:.0f}, "
           f"missed {push['missed']}")  # fmt: skip
-    for key, name in (("server_rss_mb", "main process"), ("server_tree_rss_mb", "with workers")):
+    main = "main process" if workers == 1 else f"{workers} workers summed"
+    for key, name in (("server_rss_mb", main), ("server_tree_rss_mb", "tree, with build workers")):
         r = res["rss"][key]
         print(f"control plane RSS ({name}): first minute {_ms(r['first_minute_mb'])} MB, last "
               f"minute {_ms(r['last_minute_mb'])} MB, max {_ms(r['max_mb'])} MB, slope after "
@@ -998,9 +1030,9 @@ def report(results: dict[str, Any]) -> None:
 
 async def run(args: argparse.Namespace, cfg: SoakConfig, root: Path) -> dict[str, Any]:
     data = root / "cp"
-    metrics_port = free_port()
+    metrics_port = free_port(cfg.workers)
     server, address = start_control_plane(
-        data, args.db, max(1, round(cfg.heartbeat_s)), metrics_port=metrics_port
+        data, args.db, max(1, round(cfg.heartbeat_s)), metrics_port, cfg.workers
     )
     echo_proc, echo_address = start_echo_server(root / "echo")
     try:
@@ -1015,7 +1047,8 @@ async def run(args: argparse.Namespace, cfg: SoakConfig, root: Path) -> dict[str
             cfg, address=address, token=token, admin_token=ADMIN_TOKEN,
             echo_address=echo_address, db_url=db_url, server_pid=server.pid,
             profile=make_profile(cfg.heartbeat_s, cfg.telemetry_s),
-            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            metrics_urls=[f"http://127.0.0.1:{metrics_port + i}/metrics"
+                          for i in range(cfg.workers)],
             say=lambda line: print(line, flush=True),
         )  # fmt: skip
         results["build_s"] = build_s
@@ -1067,6 +1100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     add("--warmup-s", type=float, default=d.warmup_s, help="left out of the RSS slope")
     add("--drain-s", type=float, default=d.drain_s, help="longest drain of held telemetry")
     add("--seed", default=d.seed)
+    add("--workers", type=int, default=d.workers,
+        help="the control plane's worker processes (edgefleet server --workers)")  # fmt: skip
     add("--json", type=Path, default=Path("soak-results.json"), help="write every figure here")
     add("--keep", type=Path, help="copy the control plane's data dir here")
     args = parser.parse_args(argv)
@@ -1074,6 +1109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--agents must be at least 10 and --minutes positive")
     if not 0 <= args.probe_agents < args.agents:
         parser.error("--probe-agents must be at least 0 and fewer than --agents")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     cfg = SoakConfig(
         agents=args.agents, minutes=args.minutes, heartbeat_s=args.heartbeat_s,
         telemetry_s=args.telemetry_s, echo_agents=args.echo_agents,
@@ -1081,7 +1118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         generator_nice=args.generator_nice, bake_s=args.bake_s,
         pause_s=args.pause_s, revert_every=args.revert_every, label_every_s=args.label_every_s,
         watchers=args.watchers, push_timeout_s=args.push_timeout_s, warmup_s=args.warmup_s,
-        drain_s=args.drain_s, seed=args.seed,
+        drain_s=args.drain_s, seed=args.seed, workers=args.workers,
     )  # fmt: skip
     started = dt.datetime.now(dt.UTC)
     with tempfile.TemporaryDirectory(prefix="edgefleet-soak-") as tmp:

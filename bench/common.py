@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,18 +70,37 @@ def _read_port(path: Path) -> int | None:
         return None
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (for the metrics endpoint)."""
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(count: int = 1) -> int:
+    """A loopback port nothing listens on now (for the metrics endpoint);
+    with `count`, the first of that many free in a row (one per worker)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + count <= 65536 and all(map(_bindable, range(port + 1, port + count))):
+            return port
 
 
 def start_control_plane(
-    data: Path, db: str | None, heartbeat_s: int, metrics_port: int | None = None
+    data: Path,
+    db: str | None,
+    heartbeat_s: int,
+    metrics_port: int | None = None,
+    workers: int = 1,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`edgefleet server` with one build worker (and its Prometheus endpoint
-    on `metrics_port`); (process, address)."""
+    on `metrics_port`); (process, address). With `workers` > 1 the process
+    is a supervisor of that many workers (the build worker is a worker's
+    child), worker i serving its metrics on `metrics_port` + i."""
     data.mkdir(parents=True)
     port_file = data / "port"
     command = [
@@ -94,6 +113,8 @@ def start_control_plane(
         command += ["--db", db]
     if metrics_port:
         command += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    if workers > 1:  # a single process needs no flag (and servers before --workers know none)
+        command += ["--workers", str(workers)]
     with (data / "server.log").open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
     port = wait_for("the control plane to listen", lambda: _read_port(port_file), 120)
@@ -228,6 +249,26 @@ def cpu_seconds(pid: int, tree: bool) -> float:
     return total
 
 
+# multiprocessing's own helpers: children of a process that uses it, but no
+# control-plane worker.
+_MP_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The control-plane workers of `edgefleet server --workers N`: its
+    supervisor's direct children (their build workers are theirs, not its)."""
+    try:
+        children = psutil.Process(supervisor).children()
+    except psutil.NoSuchProcess:
+        return []
+    pids = []
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if not any(h in " ".join(child.cmdline()) for h in _MP_HELPERS):
+                pids.append(child.pid)
+    return pids
+
+
 def rss_bytes(pid: int, tree: bool) -> float:
     total = 0.0
     for process in _tree(pid) if tree else _tree(pid)[:1]:
@@ -319,6 +360,19 @@ def scrape_histograms(url: str, names: tuple[str, ...]) -> dict[str, HistogramSc
             elif sample.name.endswith("_sum"):
                 totals[name] = sample.value
     return {n: HistogramScrape(b, totals.get(n, 0.0)) for n, b in buckets.items()}
+
+
+def merge_histograms(scrapes: Sequence[dict[str, HistogramScrape]]) -> dict[str, HistogramScrape]:
+    """The same histograms scraped from several processes (the workers) as
+    one: per bound the counts add up, and so do the sums."""
+    merged: dict[str, HistogramScrape] = {}
+    for scrape in scrapes:
+        for name, h in scrape.items():
+            into = merged.get(name, HistogramScrape({}, 0.0))
+            buckets = {b: into.buckets.get(b, 0.0) + h.buckets.get(b, 0.0)
+                       for b in into.buckets.keys() | h.buckets.keys()}  # fmt: skip
+            merged[name] = HistogramScrape(buckets, into.total + h.total)
+    return merged
 
 
 def histogram_summary(before: HistogramScrape, after: HistogramScrape) -> dict[str, float]:

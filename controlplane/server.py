@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +48,7 @@ from controlplane.services.keys import ensure_signing_key
 from controlplane.services.operator_tokens import OperatorTokenService
 from controlplane.services.orchestrator import Orchestrator
 from controlplane.services.registry import RegistryService
-from controlplane.services.replicas import PgEventBridge, libpq_dsn
+from controlplane.services.replicas import LocalEventBridge, PgEventBridge, libpq_dsn
 from controlplane.services.rollouts import RolloutService
 from controlplane.services.status_buffer import StatusBuffer
 from controlplane.services.telemetry import TelemetryService
@@ -102,7 +102,7 @@ class ControlPlane:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: Any = None
     builds: BuildService | None = None
-    _bridge: PgEventBridge | None = None
+    _bridge: PgEventBridge | LocalEventBridge | None = None
     _runner: BuildRunner | None = None
     orchestrator: Orchestrator | None = None
     _background: ThreadPoolExecutor | None = None
@@ -153,13 +153,51 @@ class ControlPlane:
         self.db.dispose()
 
 
-async def create_server(config: ServerConfig) -> ControlPlane:
-    """Migrate the database, build the services and start serving."""
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Which of `edgefleet server --workers N`'s processes this one is. The
+    workers share the listening ports (SO_REUSEPORT: the kernel spreads
+    connections over them) and, on SQLite, hear each other's events over
+    replicas.LocalEventBridge."""
+
+    index: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """What every replica needs before it serves; made once, on first start."""
+
+    admin_token: str | None
+    authority: pki.Authority | None
+
+
+def prepare(db: Database, config: ServerConfig) -> FleetState:
+    """Migrate the schema and make the bootstrap admin token, the signing
+    key and (with TLS) the CA if they do not exist yet. Idempotent; the
+    supervisor of several workers runs it before it starts them, so that
+    they find it all made instead of racing to make it."""
+    upgrade(db.engine)
+    admin_token = ensure_bootstrap_admin(db, config.data_dir, config.admin_token)
+    ensure_signing_key(db)
+    return FleetState(admin_token, ensure_authority(db) if config.tls else None)
+
+
+def open_database(config: ServerConfig) -> Database:
+    """The configured database (the data dir's SQLite file by default)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(
-        config.db_url or sqlite_url(config.data_dir),
-        pool_size=DB_THREADS + BACKGROUND_THREADS + OPERATOR_THREADS,
+    return Database(
+        make_engine(
+            config.db_url or sqlite_url(config.data_dir),
+            pool_size=DB_THREADS + BACKGROUND_THREADS + OPERATOR_THREADS,
+        )
     )
+
+
+async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) -> ControlPlane:
+    """Migrate the database, build the services and start serving."""
+    db = open_database(config)
+    engine = db.engine
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="db")
     # The orchestrator and the status writer get threads of their own: queued
@@ -169,24 +207,20 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     operator_executor = ThreadPoolExecutor(OPERATOR_THREADS, thread_name_prefix="db-op")
     # Replicas may start together; Alembic's version table serializes them on
     # PostgreSQL, SQLite has one writer anyway.
-    await loop.run_in_executor(executor, upgrade, engine)
-    db = Database(engine)
-    admin_token = await loop.run_in_executor(
-        executor, ensure_bootstrap_admin, db, config.data_dir, config.admin_token
-    )
-    await loop.run_in_executor(executor, ensure_signing_key, db)
-    authority = (
-        await loop.run_in_executor(executor, ensure_authority, db) if config.tls else None
-    )
+    state = await loop.run_in_executor(executor, prepare, db, config)
+    admin_token, authority = state.admin_token, state.authority
 
     events = EventBus(loop)
     hub = SyncHub()
     events.subscribe(hub.on_event)
-    bridge = None
+    bridge: PgEventBridge | LocalEventBridge | None = None
     if engine.dialect.name == "postgresql":
         bridge = PgEventBridge(
             libpq_dsn(engine.url.render_as_string(hide_password=False)), events, executor
         )
+    elif slot is not None and slot.workers > 1:
+        bridge = LocalEventBridge(config.data_dir, slot.index, slot.workers, events, executor)
+    if bridge is not None:
         await bridge.start()
     devices = DeviceService(db, events, hub, config.offline_after_s)
     certificates = (
@@ -229,7 +263,9 @@ async def create_server(config: ServerConfig) -> ControlPlane:
             # Agents sit behind NATs that drop idle flows; allow their pings.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.so_reuseport", 0),
+            # Only the workers of one server share a port; anything else
+            # already on it is an error, not a peer.
+            ("grpc.so_reuseport", int(slot is not None and slot.workers > 1)),
         ]
     )
     agent_config = device_pb2.AgentConfig(
@@ -330,8 +366,8 @@ async def create_server(config: ServerConfig) -> ControlPlane:
     if config.port_file:
         # The device port first: whoever waits for the port file finds both.
         if device_port:
-            _write_atomically(config.port_file.with_name("device-port"), f"{device_port}\n")
-        _write_atomically(config.port_file, f"{port}\n")
+            write_atomically(config.port_file.with_name("device-port"), f"{device_port}\n")
+        write_atomically(config.port_file, f"{port}\n")
     return cp
 
 
@@ -344,8 +380,10 @@ PLAINTEXT_BANNER = (
 )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`: a reader sees the old file or the new one."""
+    # Workers starting together write the same files; each its own temporary.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -361,7 +399,7 @@ def _add_tls_ports(
     issued, key_pem = pki.issue_server_certificate(
         authority, server_names(config.tls_names, host), dt.datetime.now(dt.UTC)
     )
-    _write_atomically(config.ca_file, authority.certificate_pem.decode())
+    write_atomically(config.ca_file, authority.certificate_pem.decode())
     pair = [(key_pem, issued.certificate_pem)]
     port = server.add_secure_port(config.listen, grpc.ssl_server_credentials(pair))
     device_port = server.add_secure_port(
@@ -456,16 +494,24 @@ async def _roll_up_telemetry(
         await asyncio.sleep(every_s)
 
 
-async def serve(config: ServerConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+async def serve(
+    config: ServerConfig,
+    slot: WorkerSlot | None = None,
+    on_ready: Callable[[ControlPlane], None] | None = None,
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Serve until one of `signals`, then stop gracefully. `on_ready` is
+    called once the server listens."""
     gc_limits = gc_policy.thresholds()  # a bad override fails before serving
-    cp = await create_server(config)
+    cp = await create_server(config, slot)
+    if on_ready is not None:
+        on_ready(cp)
     gc_policy.tune_for_serving(gc_limits)
     gc_policy.observe_pauses(gc_policy.pause_histogram(cp.registry))
     trimming = asyncio.create_task(malloc_policy.trim_periodically())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.warning("shutting down")
@@ -473,10 +519,16 @@ async def serve(config: ServerConfig) -> None:
     await cp.stop()
 
 
-def run(config: ServerConfig) -> None:
-    """Entry point for `edgefleet server`."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def run(config: ServerConfig, workers: int = 1) -> None:
+    """Entry point for `edgefleet server`: this process serves, or with
+    `workers` > 1 it supervises that many worker processes that do."""
+    if workers > 1:
+        from controlplane.workers import supervise
+
+        raise SystemExit(supervise(config, workers))
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     malloc_policy.limit_arenas()
     asyncio.run(serve(config))
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

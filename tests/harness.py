@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controlplane.client import operator_stub
-from edgefleet.v1 import device_pb2_grpc, operator_pb2_grpc
+from controlplane.client import bearer_metadata, operator_stub
+from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2_grpc
 
 T = TypeVar("T")
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
@@ -148,3 +149,19 @@ def env_without_proxy() -> dict[str, str]:
     for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
         env.pop(key, None)
     return env
+
+
+def open_sync(
+    channel: grpc.aio.Channel, credential: str
+) -> tuple[grpc.aio.StreamStreamCall, AsyncIterator[device_pb2.ControlMessage]]:
+    """A device's Sync stream from a test: says hello and sends nothing
+    more; returns the call (to cancel) and the control messages."""
+
+    async def requests() -> AsyncIterator[device_pb2.AgentMessage]:
+        yield device_pb2.AgentMessage(hello=device_pb2.Hello())
+        await asyncio.Event().wait()  # held open until the call is cancelled
+
+    call = device_pb2_grpc.DeviceServiceStub(channel).Sync(
+        requests(), metadata=bearer_metadata(credential)
+    )
+    return call, call.__aiter__()

@@ -303,7 +303,7 @@ def test_edgefleet_server_serves_tls_unless_told_insecure(monkeypatch: pytest.Mo
 
     seen: list[ServerConfig] = []
     # Only the command line is under test here; the server itself is above.
-    monkeypatch.setattr(controlplane.server, "run", seen.append)
+    monkeypatch.setattr(controlplane.server, "run", lambda config, workers=1: seen.append(config))
     for args, tls in (([], True), (["--insecure"], False), (["--tls"], True)):
         result = CliRunner().invoke(cli, ["server", "--data-dir", "/tmp/unused", *args])
         assert result.exit_code == 0, result.output

@@ -15,7 +15,7 @@ from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
-from tests.harness import ADMIN_TOKEN
+from tests.harness import ADMIN_TOKEN, open_sync
 
 ADMIN = bearer_metadata(ADMIN_TOKEN)
 
@@ -87,17 +87,7 @@ async def test_a_change_on_one_replica_reaches_an_agent_on_another(
             enrolled = await dg.DeviceServiceStub(ch_b).Enroll(
                 d.EnrollRequest(enrollment_token=token.secret, hardware_id="hw-x")
             )
-            outbox: asyncio.Queue[d.AgentMessage | None] = asyncio.Queue()
-            outbox.put_nowait(d.AgentMessage(hello=d.Hello()))
-
-            async def requests():  # type: ignore[no-untyped-def]
-                while (m := await outbox.get()) is not None:
-                    yield m
-
-            call = dg.DeviceServiceStub(ch_b).Sync(
-                requests(), metadata=bearer_metadata(enrolled.device_credential)
-            )
-            stream = call.__aiter__()
+            call, stream = open_sync(ch_b, enrolled.device_credential)
             first = await asyncio.wait_for(stream.__anext__(), 10)
             await op_a.UpdateDeviceLabels(
                 o.UpdateDeviceLabelsRequest(id=enrolled.device_id, set={"via": "replica-a"}),

@@ -126,6 +126,14 @@ def main() -> None:
     help="Build worker processes on this replica (0: run no builds here).",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes serving this control plane, sharing its ports (Linux). More than one "
+    "divides the device streams' work over CPU cores; builds run on the first.",
+)
+@click.option(
     "--build-lease",
     type=click.FloatRange(min=1),
     default=_config_default("build_lease_s"),
@@ -184,6 +192,7 @@ def server(
     heartbeat_interval: int,
     port_file: Path | None,
     build_workers: int,
+    workers: int,
     build_lease: float,
     toolchains_dir: Path | None,
     telemetry_retention: timedelta,
@@ -220,7 +229,8 @@ def server(
             device_advertise=device_advertise,
             tls_names=tls_names,
             device_cert_lifetime_s=device_cert_lifetime.total_seconds(),
-        )
+        ),
+        workers=workers,
     )
 
 

@@ -12,9 +12,11 @@ live connection."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 from collections import deque
+from pathlib import Path
 from types import TracebackType
 
 from sqlalchemy import Engine
@@ -58,6 +60,43 @@ class TicketLock:
                 self._held = False
 
 
+class SqliteWriters:
+    """SQLite's one writer at a time, handed over without polling: in order
+    among this process's threads (TicketLock), and through a lock file
+    beside the database among processes (the workers of `edgefleet server
+    --workers N`), where a blocked writer sleeps in the kernel and wakes as
+    soon as the holder lets go, instead of in SQLite's busy handler."""
+
+    def __init__(self, database_file: Path | None) -> None:
+        self._turns = TicketLock()
+        # In-memory databases belong to one process and need no file.
+        self._file = (
+            open(f"{database_file}-writers.lock", "a+b")  # noqa: SIM115 - lives with the engine
+            if database_file is not None
+            else None
+        )
+
+    def acquire(self) -> None:
+        self._turns.acquire()
+        if self._file is not None:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX)
+            except BaseException:
+                self._turns.release()
+                raise
+
+    def release(self) -> None:
+        try:
+            if self._file is not None:
+                fcntl.flock(self._file, fcntl.LOCK_UN)
+        finally:
+            self._turns.release()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 class Database:
     """Session factories for one engine: read-only and read-write units of work."""
 
@@ -67,7 +106,12 @@ class Database:
         writer = engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write = sessionmaker(bind=writer, expire_on_commit=False)
         # PostgreSQL has row locks and many writers; SQLite one writer.
-        self._writers = TicketLock() if engine.dialect.name == "sqlite" else None
+        self._writers = None
+        if engine.dialect.name == "sqlite":
+            path = engine.url.database
+            self._writers = SqliteWriters(
+                Path(path) if path and path != ":memory:" and not path.startswith("file:") else None
+            )
 
     def unit_of_work(self, *, readonly: bool = False) -> UnitOfWork:
         if readonly:
@@ -76,13 +120,15 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._writers is not None:
+            self._writers.close()
 
 
 class UnitOfWork:
     """`with db.unit_of_work() as uow: ...; uow.commit()`. Anything not
     committed is rolled back when the block exits, exception or not."""
 
-    def __init__(self, session: Session, writers: TicketLock | None = None) -> None:
+    def __init__(self, session: Session, writers: SqliteWriters | None = None) -> None:
         self.session = session
         self._writers = writers
 

@@ -1,17 +1,25 @@
-"""Fan events out to the other control-plane replicas over PostgreSQL
-LISTEN/NOTIFY, so a change committed on one replica reaches agents connected
-to another within the push budget. SQLite deployments are one process and
-need none of this."""
+"""Fan events out to the other control-plane replicas, so a change committed
+on one replica reaches agents connected to another within the push budget.
+
+Replicas on PostgreSQL (on any hosts) use LISTEN/NOTIFY. The workers of one
+`edgefleet server --workers N` on the embedded SQLite file have no such
+channel; they send the same payloads to each other as datagrams on Linux
+abstract-namespace Unix sockets, named after the data directory and the
+worker's index, so nothing is left on disk when a worker dies. One SQLite
+process needs neither."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Executor
+from hashlib import sha256
+from pathlib import Path
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -34,6 +42,7 @@ def libpq_dsn(sqlalchemy_url: str) -> str:
 
 
 def _payloads(event: FleetEvent, origin: str) -> Iterator[str]:
+    """The event as JSON messages of at most IDS_PER_NOTIFY device ids each."""
     ids = list(event.device_ids) or [""]
     for start in range(0, len(ids), IDS_PER_NOTIFY):
         chunk = [i for i in ids[start : start + IDS_PER_NOTIFY] if i]
@@ -47,6 +56,23 @@ def _payloads(event: FleetEvent, origin: str) -> Iterator[str]:
             },
             separators=(",", ":"),
         )
+
+
+def _decode(payload: str | bytes, own_origin: str) -> FleetEvent | None:
+    """The event another replica sent; None for our own or a garbled one."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("origin") == own_origin:
+        return None
+    return FleetEvent(
+        kind=str(data.get("kind", "")),
+        device_ids=tuple(data.get("ids", ())),
+        desired_changed=bool(data.get("desired")),
+        subject=str(data.get("subject", "")),
+        remote=True,
+    )
 
 
 class PgEventBridge:
@@ -115,18 +141,87 @@ class PgEventBridge:
                 backoff = min(backoff * 2, 10.0)
 
     def _receive(self, payload: str) -> None:
-        try:
-            data = json.loads(payload)
-        except ValueError:
+        event = _decode(payload, self.replica_id)
+        if event is not None:
+            self._bus.publish(event)
+
+
+# A datagram this size holds IDS_PER_NOTIFY ids several times over.
+_MAX_DATAGRAM = 64 * 1024
+# A worker that does not read for this long (stopped in a debugger, or
+# swapping) loses the event rather than stall the sender's thread pool.
+_SEND_TIMEOUT_S = 2.0
+
+
+def worker_address(data_dir: Path, index: int) -> bytes:
+    """The abstract socket name of worker `index` of the server on `data_dir`.
+    Two servers on different data directories never hear each other."""
+    group = sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    return f"\0edgefleet-{group}-{index}".encode()
+
+
+class LocalEventBridge:
+    """Publishes this worker's events to its sibling workers and re-publishes
+    theirs on the local bus. A sibling that is not running (restarting) is
+    skipped; it reads the desired state of its agents when they reconnect,
+    as after any restart."""
+
+    def __init__(
+        self, data_dir: Path, index: int, workers: int, bus: EventBus, executor: Executor
+    ) -> None:
+        self._bus = bus
+        self._executor = executor
+        self.replica_id = uuid.uuid4().hex
+        self._peers = [worker_address(data_dir, i) for i in range(workers) if i != index]
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(worker_address(data_dir, index))
+        self._sock.settimeout(0.5)
+        self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sender.settimeout(_SEND_TIMEOUT_S)
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="worker-events", daemon=True)
+
+    async def start(self) -> None:
+        """Subscribe to the local bus; the socket is bound already, so no
+        event sent to this worker from now on is missed."""
+        self._bus.subscribe(self._forward)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+        with self._send_lock:
+            self._sender.close()
+
+    def _forward(self, event: FleetEvent) -> None:
+        if event.remote or not self._peers:
             return
-        if data.get("origin") == self.replica_id:
-            return
-        self._bus.publish(
-            FleetEvent(
-                kind=str(data.get("kind", "")),
-                device_ids=tuple(data.get("ids", ())),
-                desired_changed=bool(data.get("desired")),
-                subject=str(data.get("subject", "")),
-                remote=True,
-            )
-        )
+        asyncio.get_running_loop().run_in_executor(self._executor, self._send, event)
+
+    def _send(self, event: FleetEvent) -> None:
+        with self._send_lock:
+            for payload in _payloads(event, self.replica_id):
+                data = payload.encode()
+                for peer in self._peers:
+                    try:
+                        self._sender.sendto(data, peer)
+                    except (ConnectionRefusedError, FileNotFoundError):
+                        pass  # that worker is restarting; see the class docstring
+                    except OSError:
+                        log.warning("could not tell a worker of %s", event.kind, exc_info=True)
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(_MAX_DATAGRAM)
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            event = _decode(data, self.replica_id)
+            if event is not None:
+                self._bus.publish(event)

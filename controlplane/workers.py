@@ -1,0 +1,258 @@
+"""`edgefleet server --workers N`: one control plane served by N processes.
+
+One event loop holds every device's sync stream, and at 10,000 devices its
+bursts and the garbage collector's pauses are what a heartbeat waits
+behind (docs/benchmarks.md, "Soak"). Workers divide both: each is a whole
+replica, serving the same ports with SO_REUSEPORT, so the kernel spreads
+connections over them. They share the database as replicas always do
+(leases, idempotent writes), hear each other's events over PostgreSQL or,
+on the embedded SQLite file, over replicas.LocalEventBridge, and queue for
+SQLite's writer through uow.SqliteWriters.
+
+This process, the supervisor, prepares what the workers would otherwise
+race to create (schema, admin token, signing key, CA), reserves ports given
+as 0, starts the workers, writes the port file once all of them listen,
+restarts one that dies, and stops them all on SIGTERM or SIGINT. It serves
+nothing itself. Linux only: SO_REUSEPORT spreads connections only there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from controlplane.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+# A worker that served this long before it died is restarted at once;
+# one that keeps dying waits longer each time, up to MAX_BACKOFF_S.
+HEALTHY_AFTER_S = 60.0
+MAX_BACKOFF_S = 30.0
+# How long a worker may take to start (migrations ran in the supervisor).
+START_TIMEOUT_S = 120.0
+# How long workers get to stop gracefully before they are killed.
+STOP_TIMEOUT_S = 30.0
+
+
+def supervise(config: ServerConfig, workers: int) -> int:
+    """Run `workers` worker processes until SIGTERM or SIGINT; the exit
+    status: 0 after a clean stop, 1 if the workers could not start."""
+    logging.basicConfig(level=logging.INFO, format=_log_format("supervisor"))
+    if not sys.platform.startswith("linux"):
+        log.error("--workers > 1 needs Linux (SO_REUSEPORT); run one worker here")
+        return 1
+    from controlplane.server import open_database, prepare
+
+    db = open_database(config)
+    try:
+        prepare(db, config)
+    finally:
+        db.dispose()
+    reserved, worker_config = _reserve_ports(config)
+    context = multiprocessing.get_context("spawn")  # gRPC does not survive fork
+    pool = _Pool(context, worker_config, workers)
+    stopping = False
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        if not pool.start_all(lambda: stopping):
+            return 1
+        log.info(
+            "%d workers serving %s (pids %s)",
+            workers, worker_config.listen, ", ".join(str(p.pid) for p in pool.processes),
+        )  # fmt: skip
+        _write_port_files(config, worker_config)
+        while not stopping:
+            pool.restart_dead()
+        return 0
+    finally:
+        pool.stop_all()
+        for sock in reserved:
+            sock.close()
+
+
+class _Pool:
+    """The worker processes, by index, and when each may be restarted."""
+
+    def __init__(
+        self, context: multiprocessing.context.SpawnContext, config: ServerConfig, size: int
+    ) -> None:
+        self._context = context
+        self._config = config
+        self._size = size
+        self._procs: list[BaseProcess | None] = [None] * size
+        self._started_at = [0.0] * size
+        self._backoff = [1.0] * size
+        self._due: dict[int, float] = {}
+
+    @property
+    def processes(self) -> list[BaseProcess]:
+        return [p for p in self._procs if p is not None]
+
+    def start_all(self, stopping: Callable[[], bool]) -> bool:
+        """Start every worker and wait until each listens. False, with the
+        workers stopped, if one could not start (port taken, bad settings):
+        its own log line says why."""
+        ready = [self._start(i) for i in range(self._size)]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        waiting = dict(enumerate(ready))
+        while waiting and time.monotonic() < deadline:
+            if stopping():
+                return False
+            for i, conn in list(waiting.items()):
+                proc = self._procs[i]
+                if conn.poll(0.1):
+                    conn.recv()
+                    conn.close()
+                    del waiting[i]
+                elif proc is not None and not proc.is_alive():
+                    log.error("worker %d exited with status %s while starting", i, proc.exitcode)
+                    return False
+        if waiting:
+            log.error("workers %s did not start within %.0f s", sorted(waiting), START_TIMEOUT_S)
+            return False
+        return True
+
+    def restart_dead(self) -> None:
+        """Wait a little for a worker to die; restart any that did, when due."""
+        sentinels = [p.sentinel for p in self.processes]
+        multiprocessing.connection.wait(sentinels, timeout=0.5)
+        now = time.monotonic()
+        for i, proc in enumerate(self._procs):
+            if proc is not None and not proc.is_alive():
+                ran = now - self._started_at[i]
+                if ran >= HEALTHY_AFTER_S:
+                    self._backoff[i] = 1.0
+                log.error(
+                    "worker %d (pid %s) exited with status %s after %.0f s; restarting in %.0f s",
+                    i, proc.pid, proc.exitcode, ran, self._backoff[i],
+                )  # fmt: skip
+                self._due[i] = now + self._backoff[i]
+                self._backoff[i] = min(self._backoff[i] * 2, MAX_BACKOFF_S)
+                self._procs[i] = None
+        for i, due in list(self._due.items()):
+            if now >= due:
+                del self._due[i]
+                self._start(i).close()  # nobody waits for a restarted one
+
+    def stop_all(self) -> None:
+        """SIGTERM every worker, then SIGKILL what is left after STOP_TIMEOUT_S."""
+        for proc in self.processes:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in self.processes:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.error("worker pid %s did not stop within %.0f s; killing it", proc.pid,
+                          STOP_TIMEOUT_S)  # fmt: skip
+                proc.kill()
+                proc.join()
+
+    def _start(self, index: int) -> multiprocessing.connection.Connection:
+        receive, send = self._context.Pipe(duplex=False)
+        proc = self._context.Process(
+            target=_worker_main,
+            args=(_worker_config(self._config, index), index, self._size, send),
+            name=f"edgefleet-worker-{index}",
+        )
+        proc.start()
+        send.close()
+        self._procs[index] = proc
+        self._started_at[index] = time.monotonic()
+        return receive
+
+
+def _worker_config(config: ServerConfig, index: int) -> ServerConfig:
+    """Worker `index`'s settings: builds on worker 0 only (its runner takes
+    every replica's jobs from the database), metrics on the metrics port +
+    index, and no port file (the supervisor writes it)."""
+    metrics = config.metrics_listen
+    if metrics:
+        host, _, port = metrics.rpartition(":")
+        metrics = f"{host}:{int(port) + index}" if int(port) else metrics
+    return dataclasses.replace(
+        config,
+        metrics_listen=metrics,
+        build_workers=config.build_workers if index == 0 else 0,
+        port_file=None,
+    )
+
+
+def _worker_main(
+    config: ServerConfig, index: int, workers: int, ready: multiprocessing.connection.Connection
+) -> None:
+    """A worker process: serve until SIGTERM, telling the supervisor when it listens."""
+    import asyncio
+
+    from controlplane import malloc_policy
+    from controlplane.server import WorkerSlot, serve
+
+    logging.basicConfig(level=logging.INFO, format=_log_format(f"worker {index}"))
+    # Ctrl-C reaches the whole process group; the supervisor stops us in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    malloc_policy.limit_arenas()
+
+    def announce(_cp: object) -> None:
+        ready.send(True)
+        ready.close()
+
+    slot = WorkerSlot(index, workers)
+    asyncio.run(serve(config, slot, on_ready=announce, signals=(signal.SIGTERM,)))
+
+
+def _log_format(who: str) -> str:
+    return f"%(asctime)s %(levelname)s [{who}] %(name)s: %(message)s"
+
+
+def _reserve_ports(config: ServerConfig) -> tuple[list[socket.socket], ServerConfig]:
+    """Give every port the workers must share a number. A port given as 0
+    is bound here with SO_REUSEPORT and kept, not listened on, so nothing
+    else takes it while the workers bind it too. Returns the sockets to
+    close at the end and the settings with the ports filled in."""
+    reserved: list[socket.socket] = []
+
+    def fixed(address: str) -> str:
+        host, _, port = address.rpartition(":")
+        if int(port):
+            return address
+        family, kind, proto, _name, sockaddr = socket.getaddrinfo(
+            host.strip("[]") or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+        reserved.append(sock)
+        return f"{host}:{sock.getsockname()[1]}"
+
+    listen = fixed(config.listen)
+    device_listen = fixed(config.device_listen_address()) if config.tls else config.device_listen
+    return reserved, dataclasses.replace(config, listen=listen, device_listen=device_listen)
+
+
+def _write_port_files(config: ServerConfig, workers: ServerConfig) -> None:
+    """As one server writes them (server.create_server): device port first."""
+    from controlplane.server import write_atomically
+
+    if config.port_file is None:
+        return
+    if config.tls:
+        device_port = workers.device_listen_address().rpartition(":")[2]
+        write_atomically(config.port_file.with_name("device-port"), f"{device_port}\n")
+    write_atomically(config.port_file, f"{workers.listen.rpartition(':')[2]}\n")

@@ -1,0 +1,197 @@
+"""`edgefleet server --workers N` on the embedded SQLite file: the workers
+hear each other's events (a change made through one reaches an agent on
+another), queue for SQLite's writer across processes, and the supervisor
+starts them on one port, restarts one that dies and stops them all."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from sqlalchemy import text
+
+from controlplane.client import bearer_metadata
+from controlplane.config import ServerConfig
+from controlplane.db.engine import make_engine, sqlite_url
+from controlplane.db.uow import Database
+from controlplane.server import WorkerSlot, create_server
+from edgefleet.v1 import device_pb2 as d
+from edgefleet.v1 import device_pb2_grpc as dg
+from edgefleet.v1 import operator_pb2 as o
+from edgefleet.v1 import operator_pb2_grpc as og
+from tests.agent_harness import AgentProcess
+from tests.harness import ADMIN_TOKEN, ControlPlane, open_sync, wait_for
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers need Linux"),
+]
+
+ADMIN = bearer_metadata(ADMIN_TOKEN)
+
+
+@pytest.fixture
+async def workers(tmp_path: Path) -> AsyncIterator[tuple[grpc.aio.Channel, grpc.aio.Channel]]:
+    """Channels to two workers of one server on one SQLite file, in this
+    process, each on its own port so the test decides which one a call
+    reaches."""
+    config = ServerConfig(data_dir=tmp_path / "cp", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN)
+    first = await create_server(config, WorkerSlot(0, 2))
+    second = await create_server(config, WorkerSlot(1, 2))
+    try:
+        async with (
+            grpc.aio.insecure_channel(first.address) as ch_a,
+            grpc.aio.insecure_channel(second.address) as ch_b,
+        ):
+            yield ch_a, ch_b
+    finally:
+        await asyncio.gather(first.stop(), second.stop())
+
+
+async def _token(channel: grpc.aio.Channel) -> str:
+    created = await og.OperatorServiceStub(channel).CreateEnrollmentToken(
+        o.CreateEnrollmentTokenRequest(name="t"), metadata=ADMIN
+    )
+    return str(created.secret)
+
+
+async def test_a_change_made_on_one_worker_reaches_an_agent_on_the_other(
+    workers: tuple[grpc.aio.Channel, grpc.aio.Channel],
+) -> None:
+    ch_a, ch_b = workers
+    enrolled = await dg.DeviceServiceStub(ch_b).Enroll(
+        d.EnrollRequest(enrollment_token=await _token(ch_a), hardware_id="hw-x")
+    )
+    call, stream = open_sync(ch_b, enrolled.device_credential)
+    first = await asyncio.wait_for(stream.__anext__(), 10)
+    for value in ("one", "two"):
+        await og.OperatorServiceStub(ch_a).UpdateDeviceLabels(
+            o.UpdateDeviceLabelsRequest(id=enrolled.device_id, set={"via": value}),
+            metadata=ADMIN,
+        )
+        pushed = await asyncio.wait_for(stream.__anext__(), 5)
+        assert pushed.desired.revision > first.desired.revision
+        assert pushed.desired.labels["via"] == value
+    call.cancel()
+
+
+async def test_workers_write_to_the_sqlite_file_together(
+    workers: tuple[grpc.aio.Channel, grpc.aio.Channel],
+) -> None:
+    token = await _token(workers[0])
+    stubs = [dg.DeviceServiceStub(ch) for ch in workers]
+    enrolled = await asyncio.gather(*(
+        stubs[i % 2].Enroll(d.EnrollRequest(enrollment_token=token, hardware_id=f"hw-{i}"))
+        for i in range(40)
+    ))  # fmt: skip
+    listed = await og.OperatorServiceStub(workers[1]).ListDevices(
+        o.ListDevicesRequest(page_size=100), metadata=ADMIN
+    )
+    assert sorted(x.id for x in listed.devices) == sorted(e.device_id for e in enrolled)
+
+
+def test_a_writer_in_another_process_holds_this_ones_back(tmp_path: Path) -> None:
+    db = Database(make_engine(sqlite_url(tmp_path)))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import fcntl, sys\n"
+            f"f = open({str(tmp_path / 'edgefleet.db')!r} + '-writers.lock', 'a+b')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.readline()\n"
+        )],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        wrote = threading.Event()
+
+        def write() -> None:
+            with db.unit_of_work() as uow:
+                uow.session.execute(text("CREATE TABLE t (x INTEGER)"))
+                uow.commit()
+            wrote.set()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert not wrote.wait(1.0), "wrote while another process held the writers' lock"
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert wrote.wait(10), "the writer did not get the lock once it was let go"
+        writer.join()
+    finally:
+        holder.kill()
+        holder.wait()
+        db.dispose()
+    # And this process's lock is let go after the write: another process gets it.
+    with open(tmp_path / "edgefleet.db-writers.lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _workers_of(supervisor: int) -> list[psutil.Process]:
+    """The supervisor's live worker processes (not multiprocessing's
+    resource tracker, nor a dead worker not yet reaped)."""
+    found = []
+    for child in psutil.Process(supervisor).children():
+        try:
+            if any("spawn_main" in part for part in child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_edgefleet_server_serves_with_two_workers_restarts_one_and_stops(
+    tmp_path: Path,
+) -> None:
+    cp = ControlPlane(tmp_path / "cp", None, "--workers", "2", tls=True)
+    agents: list[AgentProcess] = []
+    try:
+        cp.start()
+        assert cp.proc is not None
+        first = wait_for(lambda: len(w := _workers_of(cp.proc.pid)) == 2 and w, 30)
+        op = cp.operator()
+        token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="w")).secret
+        agents = [
+            AgentProcess(tmp_path / f"agent-{i}", cp.address, token, ca_cert=str(cp.ca_file))
+            for i in range(3)
+        ]
+        for agent in agents:
+            agent.start()
+        ids = [str(agent.wait_for(agent.identity, timeout=60)["device_id"]) for agent in agents]
+
+        def labelled(value: str) -> None:
+            for device_id in ids:
+                op.UpdateDeviceLabels(o.UpdateDeviceLabelsRequest(id=device_id, set={"v": value}))
+            for agent in agents:
+                agent.wait_for(
+                    lambda a=agent: (a.desired() or {}).get("labels", {}).get("v") == value,
+                    timeout=60,
+                )
+
+        labelled("before")
+        os.kill(first[1].pid, signal.SIGKILL)
+        again = wait_for(
+            lambda: len(w := _workers_of(cp.proc.pid)) == 2 and first[1] not in w and w, 60
+        )
+        assert first[0] in again
+        assert "worker 1" in cp.log() and "restarting" in cp.log()
+        # Agents that were on the killed worker reconnect; every one still hears.
+        labelled("after")
+        assert cp.stop(60) == 0
+        assert not any(w.is_running() for w in again)
+    finally:
+        for agent in agents:
+            agent.close()
+        cp.close()

@@ -153,7 +153,10 @@ def env_without_proxy() -> dict[str, str]:
 
 def open_sync(
     channel: grpc.aio.Channel, credential: str
-) -> tuple[grpc.aio.StreamStreamCall, AsyncIterator[device_pb2.ControlMessage]]:
+) -> tuple[
+    grpc.aio.StreamStreamCall[device_pb2.AgentMessage, device_pb2.ControlMessage],
+    AsyncIterator[device_pb2.ControlMessage],
+]:
     """A device's Sync stream from a test: says hello and sends nothing
     more; returns the call (to cancel) and the control messages."""
 

@@ -18,6 +18,8 @@ nothing itself. Linux only: SO_REUSEPORT spreads connections only there.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -30,6 +32,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
 
 from controlplane.config import ServerConfig
 
@@ -43,6 +46,8 @@ MAX_BACKOFF_S = 30.0
 START_TIMEOUT_S = 120.0
 # How long workers get to stop gracefully before they are killed.
 STOP_TIMEOUT_S = 30.0
+# linux/prctl.h
+_PR_SET_PDEATHSIG = 1
 
 
 def supervise(config: ServerConfig, workers: int) -> int:
@@ -59,7 +64,11 @@ def supervise(config: ServerConfig, workers: int) -> int:
         prepare(db, config)
     finally:
         db.dispose()
-    reserved, worker_config = _reserve_ports(config)
+    try:
+        reserved, worker_config = _reserve_ports(config)
+    except PortTaken as exc:
+        log.error("%s", exc)
+        return 1
     context = multiprocessing.get_context("spawn")  # gRPC does not survive fork
     pool = _Pool(context, worker_config, workers)
     stopping = False
@@ -72,14 +81,14 @@ def supervise(config: ServerConfig, workers: int) -> int:
         signal.signal(sig, on_signal)
     try:
         if not pool.start_all(lambda: stopping):
-            return 1
+            return 0 if stopping else 1
         log.info(
             "%d workers serving %s (pids %s)",
             workers, worker_config.listen, ", ".join(str(p.pid) for p in pool.processes),
         )  # fmt: skip
         _write_port_files(config, worker_config)
         while not stopping:
-            pool.restart_dead()
+            pool.watch()
         return 0
     finally:
         pool.stop_all()
@@ -88,7 +97,8 @@ def supervise(config: ServerConfig, workers: int) -> int:
 
 
 class _Pool:
-    """The worker processes, by index, and when each may be restarted."""
+    """The worker processes by index, the ready pipes of those still
+    starting, and when a dead one may be restarted."""
 
     def __init__(
         self, context: multiprocessing.context.SpawnContext, config: ServerConfig, size: int
@@ -97,6 +107,7 @@ class _Pool:
         self._config = config
         self._size = size
         self._procs: list[BaseProcess | None] = [None] * size
+        self._starting: dict[int, multiprocessing.connection.Connection] = {}
         self._started_at = [0.0] * size
         self._backoff = [1.0] * size
         self._due: dict[int, float] = {}
@@ -106,33 +117,30 @@ class _Pool:
         return [p for p in self._procs if p is not None]
 
     def start_all(self, stopping: Callable[[], bool]) -> bool:
-        """Start every worker and wait until each listens. False, with the
-        workers stopped, if one could not start (port taken, bad settings):
-        its own log line says why."""
-        ready = [self._start(i) for i in range(self._size)]
+        """Start every worker and wait until each listens. False if one
+        exited first (port taken, bad settings: its own log says why) or
+        did not start in time; the caller stops the others."""
+        for i in range(self._size):
+            self._start(i)
         deadline = time.monotonic() + START_TIMEOUT_S
-        waiting = dict(enumerate(ready))
-        while waiting and time.monotonic() < deadline:
-            if stopping():
-                return False
-            for i, conn in list(waiting.items()):
-                proc = self._procs[i]
-                if conn.poll(0.1):
-                    conn.recv()
-                    conn.close()
-                    del waiting[i]
-                elif proc is not None and not proc.is_alive():
+        while self._starting and not stopping():
+            self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            self._take_ready()
+            for i, proc in enumerate(self._procs):
+                if i in self._starting and proc is not None and not proc.is_alive():
                     log.error("worker %d exited with status %s while starting", i, proc.exitcode)
                     return False
-        if waiting:
-            log.error("workers %s did not start within %.0f s", sorted(waiting), START_TIMEOUT_S)
-            return False
+            if self._starting and time.monotonic() >= deadline:
+                log.error("workers %s did not start within %.0f s", sorted(self._starting),
+                          START_TIMEOUT_S)  # fmt: skip
+                return False
         return True
 
-    def restart_dead(self) -> None:
-        """Wait a little for a worker to die; restart any that did, when due."""
-        sentinels = [p.sentinel for p in self.processes]
-        multiprocessing.connection.wait(sentinels, timeout=0.5)
+    def watch(self) -> None:
+        """Wait up to half a second for news; restart a dead worker when due."""
+        self._wait(0.5)
+        for i in self._take_ready():
+            log.info("worker %d (pid %s) is serving again", i, self._pid(i))
         now = time.monotonic()
         for i, proc in enumerate(self._procs):
             if proc is not None and not proc.is_alive():
@@ -146,10 +154,12 @@ class _Pool:
                 self._due[i] = now + self._backoff[i]
                 self._backoff[i] = min(self._backoff[i] * 2, MAX_BACKOFF_S)
                 self._procs[i] = None
+                if (pipe := self._starting.pop(i, None)) is not None:
+                    pipe.close()
         for i, due in list(self._due.items()):
             if now >= due:
                 del self._due[i]
-                self._start(i).close()  # nobody waits for a restarted one
+                self._start(i)
 
     def stop_all(self) -> None:
         """SIGTERM every worker, then SIGKILL what is left after STOP_TIMEOUT_S."""
@@ -165,18 +175,41 @@ class _Pool:
                 proc.kill()
                 proc.join()
 
-    def _start(self, index: int) -> multiprocessing.connection.Connection:
+    def _start(self, index: int) -> None:
         receive, send = self._context.Pipe(duplex=False)
         proc = self._context.Process(
             target=_worker_main,
-            args=(_worker_config(self._config, index), index, self._size, send),
+            args=(_worker_config(self._config, index), index, self._size, os.getpid(), send),
             name=f"edgefleet-worker-{index}",
         )
         proc.start()
-        send.close()
+        send.close()  # the worker holds the other copy: EOF when it dies
         self._procs[index] = proc
+        self._starting[index] = receive
         self._started_at[index] = time.monotonic()
-        return receive
+
+    def _wait(self, timeout: float) -> None:
+        handles: list[Any] = [p.sentinel for p in self.processes]
+        multiprocessing.connection.wait([*handles, *self._starting.values()], timeout)
+
+    def _take_ready(self) -> list[int]:
+        """The workers that said they listen since the last call."""
+        ready = []
+        for i, pipe in list(self._starting.items()):
+            if not pipe.poll():
+                continue
+            try:
+                pipe.recv()
+                ready.append(i)
+            except EOFError:
+                continue  # it died before it listened; its exit is seen next
+            del self._starting[i]
+            pipe.close()
+        return ready
+
+    def _pid(self, index: int) -> int | None:
+        proc = self._procs[index]
+        return proc.pid if proc is not None else None
 
 
 def _worker_config(config: ServerConfig, index: int) -> ServerConfig:
@@ -196,7 +229,11 @@ def _worker_config(config: ServerConfig, index: int) -> ServerConfig:
 
 
 def _worker_main(
-    config: ServerConfig, index: int, workers: int, ready: multiprocessing.connection.Connection
+    config: ServerConfig,
+    index: int,
+    workers: int,
+    supervisor: int,
+    ready: multiprocessing.connection.Connection,
 ) -> None:
     """A worker process: serve until SIGTERM, telling the supervisor when it listens."""
     import asyncio
@@ -207,42 +244,77 @@ def _worker_main(
     logging.basicConfig(level=logging.INFO, format=_log_format(f"worker {index}"))
     # Ctrl-C reaches the whole process group; the supervisor stops us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop_with_parent(supervisor)
     malloc_policy.limit_arenas()
 
     def announce(_cp: object) -> None:
-        ready.send(True)
+        with contextlib.suppress(OSError):  # the supervisor is gone: PDEATHSIG follows
+            ready.send(True)
         ready.close()
 
     slot = WorkerSlot(index, workers)
     asyncio.run(serve(config, slot, on_ready=announce, signals=(signal.SIGTERM,)))
 
 
+def _stop_with_parent(supervisor: int) -> None:
+    """SIGTERM this worker when the supervisor dies (killed, not stopped):
+    an orphaned worker would go on serving the port with nobody to restart
+    or stop it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        log.warning("cannot ask to be stopped with the supervisor (errno %d)", ctypes.get_errno())
+    if os.getppid() != supervisor:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _log_format(who: str) -> str:
     return f"%(asctime)s %(levelname)s [{who}] %(name)s: %(message)s"
 
 
+class PortTaken(OSError):
+    """A port the workers were to share is served by something else."""
+
+
 def _reserve_ports(config: ServerConfig) -> tuple[list[socket.socket], ServerConfig]:
-    """Give every port the workers must share a number. A port given as 0
-    is bound here with SO_REUSEPORT and kept, not listened on, so nothing
-    else takes it while the workers bind it too. Returns the sockets to
-    close at the end and the settings with the ports filled in."""
+    """Hold every port the workers share: bound here with SO_REUSEPORT and
+    kept, never listened on, so a port given as 0 gets a number nothing
+    else takes while the workers bind it too. Each is first bound without
+    SO_REUSEPORT, which fails if anything listens there already: another
+    server with SO_REUSEPORT would otherwise silently get half of the
+    connections. Returns the sockets to close at the end and the settings
+    with the ports filled in."""
     reserved: list[socket.socket] = []
 
-    def fixed(address: str) -> str:
-        host, _, port = address.rpartition(":")
-        if int(port):
-            return address
-        family, kind, proto, _name, sockaddr = socket.getaddrinfo(
-            host.strip("[]") or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    def bind(sockaddr: tuple[Any, ...], family: int, *, shared: bool) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        # As gRPC binds: past connections in TIME_WAIT do not block the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
+        return sock
+
+    def hold(address: str) -> str:
+        host, _, port = address.rpartition(":")
+        family, _kind, _proto, _name, sockaddr = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        if int(port):
+            try:
+                bind(sockaddr, family, shared=False).close()
+            except OSError as exc:
+                raise PortTaken(f"cannot listen on {address}: {exc.strerror}") from exc
+        sock = bind(sockaddr, family, shared=True)
         reserved.append(sock)
         return f"{host}:{sock.getsockname()[1]}"
 
-    listen = fixed(config.listen)
-    device_listen = fixed(config.device_listen_address()) if config.tls else config.device_listen
+    try:
+        listen = hold(config.listen)
+        device_listen = hold(config.device_listen_address()) if config.tls else None
+    except BaseException:
+        for sock in reserved:
+            sock.close()
+        raise
     return reserved, dataclasses.replace(config, listen=listen, device_listen=device_listen)
 
 

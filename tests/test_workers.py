@@ -9,6 +9,7 @@ import asyncio
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -186,12 +187,45 @@ def test_edgefleet_server_serves_with_two_workers_restarts_one_and_stops(
             lambda: len(w := _workers_of(cp.proc.pid)) == 2 and first[1] not in w and w, 60
         )
         assert first[0] in again
-        assert "worker 1" in cp.log() and "restarting" in cp.log()
+        assert "restarting" in cp.log()
+        restarted = next(w for w in again if w != first[0])
+        wait_for(lambda: f"worker 1 (pid {restarted.pid}) is serving again" in cp.log(), 60)
         # Agents that were on the killed worker reconnect; every one still hears.
         labelled("after")
+        assert restarted.is_running() and restarted in _workers_of(cp.proc.pid)
         assert cp.stop(60) == 0
         assert not any(w.is_running() for w in again)
     finally:
         for agent in agents:
             agent.close()
         cp.close()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path / "cp", None, "--workers", "2")
+    try:
+        cp.start()
+        assert cp.proc is not None
+        workers = wait_for(lambda: len(w := _workers_of(cp.proc.pid)) == 2 and w, 30)
+        cp.kill()
+        # Orphans would go on serving the port with nobody to stop them.
+        psutil.wait_procs(workers, timeout=30)
+        assert not any(w.is_running() for w in workers)
+    finally:
+        cp.close()
+
+
+def test_a_port_already_served_is_refused_before_any_worker_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        edgefleet = str(Path(sys.executable).parent / "edgefleet")
+        done = subprocess.run(
+            [edgefleet, "server", "--insecure", "--workers", "2",
+             "--data-dir", str(tmp_path / "cp"), "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "worker 0" not in done.stderr

@@ -119,6 +119,7 @@ from bench.common import (
     make_profile,
     merge_histograms,
     rss_bytes,
+    scrape_gauge,
     scrape_histograms,
     setup,
     start_control_plane,
@@ -789,6 +790,10 @@ async def soak(
         # The probe drains its devices' telemetry while this process does.
         probed = asyncio.create_task(probe.finish(cfg.drain_s + 60)) if probe else None
         ended = await _scrape(metrics_urls)
+        # How the kernel spread the streams' connections over the workers.
+        streams = await asyncio.gather(*(
+            asyncio.to_thread(scrape_gauge, u, "edgefleet_sync_streams") for u in metrics_urls
+        ))  # fmt: skip
         own = {name: histogram_summary(scraped[m], ended[m])
                for name, m in SERVER_HISTOGRAMS.items() if m in scraped and m in ended}  # fmt: skip
         await operators.stop()
@@ -854,6 +859,7 @@ async def soak(
             "fleet": fleet.summary().to_dict(),
             "echo_fleet_errors": dict(echo_fleet.ctx.stats.errors),
             "server_metrics": own,
+            "server_sync_streams": streams,
         })  # fmt: skip
         if probe_results is not None:
             results["probe"] = probe_summary(probe_results, t0, soak_end, minutes)
@@ -978,6 +984,11 @@ def report(results: dict[str, Any]) -> None:
               f"max {_ms(e['max_ms'])} ms over {e['count']:,.0f}; CP/echo p99 "
               f"{ratio['p99_ms']:.2f}x")  # fmt: skip
     own = results.get("server_metrics") or {}
+    if len(results.get("server_sync_streams") or ()) > 1:
+        print(
+            "  sync streams per worker at the end: "
+            + " / ".join(f"{n:,.0f}" for n in results["server_sync_streams"] if n is not None)
+        )
     if "loop_lag" in own:
         lag = own["loop_lag"]
         print(f"  the control plane's event loop, late by (bucket bounds): p50 <= "

@@ -362,6 +362,17 @@ def scrape_histograms(url: str, names: tuple[str, ...]) -> dict[str, HistogramSc
     return {n: HistogramScrape(b, totals.get(n, 0.0)) for n, b in buckets.items()}
 
 
+def scrape_gauge(url: str, name: str) -> float | None:
+    """An unlabelled gauge's value at `url` (a Prometheus text endpoint)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return None
+
+
 def merge_histograms(scrapes: Sequence[dict[str, HistogramScrape]]) -> dict[str, HistogramScrape]:
     """The same histograms scraped from several processes (the workers) as
     one: per bound the counts add up, and so do the sums."""

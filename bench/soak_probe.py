@@ -44,6 +44,12 @@ from bench.latencies import Latencies
 from fleetsim import Fleet, parse_profile
 
 PREFIX = "probe: "
+# Real devices each hold a connection of their own, and with `edgefleet
+# server --workers N` the kernel spreads connections, not streams, over
+# the workers: the probe's devices share a connection in tens, so that
+# they sample every worker (fleetsim's default, 500, would put them all on
+# one). The echo agents are connected the same way, to stay its baseline.
+AGENTS_PER_CHANNEL = 10
 REPO = Path(__file__).resolve().parents[1]
 # The longest message line (the ready line lists every device id); past
 # asyncio's default of 64 KiB a read fails and the child is never reaped.
@@ -86,11 +92,13 @@ async def run(args: argparse.Namespace) -> None:
         args.address, args.token, profile, n=args.agents, prefix=args.prefix, seed=args.seed,
         heartbeat_interval_s=args.heartbeat_s, telemetry_interval_s=args.telemetry_s,
         on_heartbeat_ack=lambda _, rtt: heartbeats.add(rtt),
+        agents_per_channel=AGENTS_PER_CHANNEL,
     )  # fmt: skip
     echo_fleet = Fleet(
         args.echo_address, "echo", profile, n=args.echo_agents, prefix=f"{args.prefix}echo",
         seed=args.seed, heartbeat_interval_s=args.heartbeat_s, telemetry_interval_s=1e9,
         on_heartbeat_ack=lambda _, rtt: echo.add(rtt),
+        agents_per_channel=AGENTS_PER_CHANNEL,
     )  # fmt: skip
     try:
         await fleet.start(timeout_s=args.timeout_s)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -507,6 +508,7 @@ async def test_rollouts_cli_end_to_end(fleet: Fleet) -> None:
     short = rollout_id[:8]
     out = squash(await fleet.ok("rollouts", "show", short))
     assert f"id {rollout_id}" in out and "state running" in out
+    assert re.search(r"started (just now|\d+s ago) finished -", out), out
     assert "▶1 canary 1" in out
     # Why the others are not in it is kept with the rollout.
     assert "excluded (2):" in out and "device is pending" in out
@@ -536,6 +538,8 @@ async def test_rollouts_cli_end_to_end(fleet: Fleet) -> None:
     assert out.startswith(f"aborted rollout {short} (digits@1.0.0): now aborted aborted by")
     out = squash(await fleet.ok("rollouts", "show", short))
     assert "state aborted" in out and "reason aborted by bootstrap-admin: enough" in out
+    # Aborted --keep needs no more work: finished now, a few seconds after its start.
+    assert re.search(r"finished (just now|\d+s ago), after \d+s", out), out
 
     # An ended rollout: watch draws it once and returns.
     lines = (await fleet.ok("rollouts", "watch", short, "--json")).splitlines()

@@ -1097,6 +1097,8 @@ def rollout_detail(
         ("reason", Text(r.reason, style=reason_style) if r.reason else NONE),
         ("pacing", format_pacing(spec.pacing)),
         ("created", f"{format_ago(r.created_at, now)} by {r.created_by or '?'}"),
+        ("started", format_ago(r.started_at, now)),
+        ("finished", _finished(r, now)),
     ]
     if spec.HasField("start_at"):
         start = f"{format_time(spec.start_at)} ({format_ago(spec.start_at, now)})"
@@ -1116,6 +1118,16 @@ def rollout_detail(
         parts += [Text(), Text(f"excluded ({len(r.excluded)}):", style="bold")]
         parts.append(excluded_table(r.excluded))
     return Group(*parts)
+
+
+def _finished(r: operator_pb2.Rollout, now: datetime) -> str:
+    """`3m ago, after 12m40s`: when the rollout needed no more work, and how
+    long it ran from its start; `-` while it still does."""
+    finished, started = _when(r.finished_at), _when(r.started_at)
+    if finished is None:
+        return NONE
+    ago = convert.format_ago(finished, now)
+    return f"{ago}, after {format_duration(finished - started)}" if started else ago
 
 
 def rollout_plan(

@@ -523,12 +523,11 @@ def run(config: ServerConfig, workers: int = 1) -> None:
     """Entry point for `edgefleet server`: this process serves, or with
     `workers` > 1 it supervises that many worker processes that do."""
     if workers > 1:
-        from controlplane.workers import supervise
+        from controlplane.workers import supervise  # it imports this module
 
         raise SystemExit(supervise(config, workers))
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     malloc_policy.limit_arenas()
     asyncio.run(serve(config))
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -18,6 +18,7 @@ nothing itself. Linux only: SO_REUSEPORT spreads connections only there.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import dataclasses
@@ -34,7 +35,9 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
+from controlplane import malloc_policy
 from controlplane.config import ServerConfig
+from controlplane.server import WorkerSlot, open_database, prepare, serve, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,6 @@ def supervise(config: ServerConfig, workers: int) -> int:
     if not sys.platform.startswith("linux"):
         log.error("--workers > 1 needs Linux (SO_REUSEPORT); run one worker here")
         return 1
-    from controlplane.server import open_database, prepare
-
     db = open_database(config)
     try:
         prepare(db, config)
@@ -236,11 +237,6 @@ def _worker_main(
     ready: multiprocessing.connection.Connection,
 ) -> None:
     """A worker process: serve until SIGTERM, telling the supervisor when it listens."""
-    import asyncio
-
-    from controlplane import malloc_policy
-    from controlplane.server import WorkerSlot, serve
-
     logging.basicConfig(level=logging.INFO, format=_log_format(f"worker {index}"))
     # Ctrl-C reaches the whole process group; the supervisor stops us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -320,8 +316,6 @@ def _reserve_ports(config: ServerConfig) -> tuple[list[socket.socket], ServerCon
 
 def _write_port_files(config: ServerConfig, workers: ServerConfig) -> None:
     """As one server writes them (server.create_server): device port first."""
-    from controlplane.server import write_atomically
-
     if config.port_file is None:
         return
     if config.tls:

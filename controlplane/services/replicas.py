@@ -163,8 +163,8 @@ def worker_address(data_dir: Path, index: int) -> bytes:
 class LocalEventBridge:
     """Publishes this worker's events to its sibling workers and re-publishes
     theirs on the local bus. A sibling that is not running (restarting) is
-    skipped; it reads the desired state of its agents when they reconnect,
-    as after any restart."""
+    skipped: its agents reconnect, to any worker, and read their desired
+    state then, as after any restart."""
 
     def __init__(
         self, data_dir: Path, index: int, workers: int, bus: EventBus, executor: Executor
@@ -202,6 +202,8 @@ class LocalEventBridge:
 
     def _send(self, event: FleetEvent) -> None:
         with self._send_lock:
+            if self._stop.is_set():
+                return  # queued before stop(); the socket is closed
             for payload in _payloads(event, self.replica_id):
                 data = payload.encode()
                 for peer in self._peers:

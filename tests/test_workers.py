@@ -1,7 +1,9 @@
-"""`edgefleet server --workers N` on the embedded SQLite file: the workers
+"""`edgefleet server --workers N`. On the embedded SQLite file the workers
 hear each other's events (a change made through one reaches an agent on
-another), queue for SQLite's writer across processes, and the supervisor
-starts them on one port, restarts one that dies and stops them all."""
+another) and queue for SQLite's writer across processes. The supervisor
+starts them on one port, refuses a port already served, restarts one that
+dies and stops them all, and they stop with it. On PostgreSQL they serve
+one fleet too."""
 
 from __future__ import annotations
 
@@ -231,3 +233,24 @@ def test_a_port_already_served_is_refused_before_any_worker_starts(tmp_path: Pat
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "worker 0" not in done.stderr
+
+
+def test_workers_on_postgresql_serve_one_fleet(pg_url: str, tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path / "cp", pg_url, "--workers", "2")
+    try:
+        cp.start()
+        assert cp.proc is not None
+        wait_for(lambda: len(_workers_of(cp.proc.pid)) == 2, 30)
+        token = cp.operator().CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="pg"))
+        # A channel each: the kernel spreads connections over both workers.
+        enrolled = []
+        for i in range(6):
+            with cp.channel() as channel:
+                enrolled.append(dg.DeviceServiceStub(channel).Enroll(
+                    d.EnrollRequest(enrollment_token=token.secret, hardware_id=f"pg-{i}")
+                ).device_id)  # fmt: skip
+        listed = cp.operator().ListDevices(o.ListDevicesRequest(page_size=100))
+        assert sorted(x.id for x in listed.devices) == sorted(enrolled)
+        assert cp.stop(60) == 0
+    finally:
+        cp.close()

@@ -19,13 +19,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import psutil
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet.v1 import common_pb2, operator_pb2
@@ -338,15 +339,19 @@ class HistogramScrape:
     total: float
 
 
+def _metric_families(url: str) -> Iterable[Metric]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return text_string_to_metric_families(text)
+
+
 def scrape_histograms(url: str, names: tuple[str, ...]) -> dict[str, HistogramScrape]:
     """The named histograms at `url` (a Prometheus text endpoint). A
     labelled one is named with its labels, as in the exposition:
     'edgefleet_gc_pause_seconds{generation="2"}'."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
     buckets: dict[str, dict[float, float]] = {}
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in _metric_families(url):
         for sample in family.samples:
             labels = {k: v for k, v in sample.labels.items() if k != "le"}
             name = family.name + (
@@ -364,9 +369,7 @@ def scrape_histograms(url: str, names: tuple[str, ...]) -> dict[str, HistogramSc
 
 def scrape_gauge(url: str, name: str) -> float | None:
     """An unlabelled gauge's value at `url` (a Prometheus text endpoint)."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
+    for family in _metric_families(url):
         for sample in family.samples:
             if sample.name == name and not sample.labels:
                 return float(sample.value)

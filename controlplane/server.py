@@ -364,11 +364,17 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
             cp.address, cp.device_address, config.ca_file,
         )  # fmt: skip
     if config.port_file:
-        # The device port first: whoever waits for the port file finds both.
-        if device_port:
-            write_atomically(config.port_file.with_name("device-port"), f"{device_port}\n")
-        write_atomically(config.port_file, f"{port}\n")
+        write_port_files(config.port_file, port, device_port)
     return cp
+
+
+def write_port_files(port_file: Path, port: int, device_port: int) -> None:
+    """The bound ports, for whoever started the server with port 0; the
+    device port (0: none, plain text) first, so that whoever waits for the
+    port file finds both."""
+    if device_port:
+        write_atomically(port_file.with_name("device-port"), f"{device_port}\n")
+    write_atomically(port_file, f"{port}\n")
 
 
 PLAINTEXT_BANNER = (

@@ -37,7 +37,7 @@ from typing import Any
 
 from controlplane import malloc_policy
 from controlplane.config import ServerConfig
-from controlplane.server import WorkerSlot, open_database, prepare, serve, write_atomically
+from controlplane.server import WorkerSlot, open_database, prepare, serve, write_port_files
 
 log = logging.getLogger(__name__)
 
@@ -315,10 +315,11 @@ def _reserve_ports(config: ServerConfig) -> tuple[list[socket.socket], ServerCon
 
 
 def _write_port_files(config: ServerConfig, workers: ServerConfig) -> None:
-    """As one server writes them (server.create_server): device port first."""
-    if config.port_file is None:
-        return
-    if config.tls:
-        device_port = workers.device_listen_address().rpartition(":")[2]
-        write_atomically(config.port_file.with_name("device-port"), f"{device_port}\n")
-    write_atomically(config.port_file, f"{workers.listen.rpartition(':')[2]}\n")
+    """As one server writes them, with the ports the workers share."""
+    if config.port_file is not None:
+        device_port = workers.device_listen_address() if config.tls else ":0"
+        write_port_files(config.port_file, _port_of(workers.listen), _port_of(device_port))
+
+
+def _port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
-from typing import Any, ParamSpec
+from typing import Any
 
 from controlplane.api import convert, paging
-from controlplane.api.rpc import Handlers, rpc
+from controlplane.api.rpc import Handlers, P, rpc
 from controlplane.domain.roles import ADMIN, VIEWER
 from controlplane.errors import InvalidArgument, NotFound
 from controlplane.services import audit, keys
@@ -28,7 +28,6 @@ from controlplane.wire import rule_from_pb
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 Op = OperatorPrincipal
-P = ParamSpec("P")
 
 
 class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):

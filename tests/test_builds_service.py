@@ -348,3 +348,52 @@ async def test_identical_bytes_for_two_runtimes_get_a_manifest_each(
         assert by_class["gpu"].manifest.tensorrt.precision == "fp16"
     finally:
         await channel.close()
+
+
+async def test_identical_bytes_under_two_names_get_manifests_naming_each(
+    cp: ControlPlane, digits: BuiltModel
+) -> None:
+    """Issue 18, finding 2: the same ONNX bytes pushed under a second model
+    name and version reuse the first build, and the reused artifact's signed
+    manifest names the second model and version, not the first's."""
+    op, channel = await _setup(cp, digits)
+    try:
+        parts = _parts(model=digits.model, sample_data=digits.sample_data)
+        await op.PushModel(_push_requests("copycat", "7.1.0", parts), metadata=ADMIN)
+        await finish_builds_by_hand(cp, op, digits.model, count=4)
+        token = await op.CreateEnrollmentToken(
+            o.CreateEnrollmentTokenRequest(name="t"), metadata=ADMIN
+        )
+        enrolled = await dg.DeviceServiceStub(channel).Enroll(
+            d.EnrollRequest(enrollment_token=token.secret, hardware_id="hw-twins")
+        )
+        keys = {k.key_id: k.public_key for k in enrolled.signing_keys}
+        builds = {
+            b.id: b for b in (await op.ListBuilds(o.ListBuildsRequest(), metadata=ADMIN)).builds
+        }
+        seen = set()
+        for name, version in (("digits", "1.0.0"), ("copycat", "7.1.0")):
+            listed = await op.ListArtifacts(
+                o.ListArtifactsRequest(model_name=name), metadata=ADMIN
+            )
+            assert sorted(a.manifest.class_name for a in listed.artifacts) == ["arm", "arm-twin"]
+            for artifact in listed.artifacts:
+                signed = artifact.signed_manifest
+                assert signing.verify(keys[signed.key_id], signed.manifest, signed.signature)
+                manifest = c.ArtifactManifest.FromString(signed.manifest)
+                assert manifest == artifact.manifest
+                build = builds[manifest.build_id]
+                assert (manifest.model_name, manifest.model_version) == (name, version)
+                assert (build.model_name, build.model_version) == (name, version)
+                assert manifest.class_name == build.class_name == artifact.manifest.class_name
+                assert manifest.sha256 == artifact.digest == build.artifact_digest
+                assert manifest.sha256 == hashlib.sha256(digits.model.read_bytes()).hexdigest()
+                assert manifest.size_bytes == digits.model.stat().st_size
+                assert [t.name for t in manifest.inputs] == ["input"]
+                assert manifest.max_memory_mb == 0 and manifest.threads == 1
+                seen.add(manifest.build_id)
+        # Four builds, each published under a manifest of its own.
+        assert len(seen) == 4
+        assert sum(1 for b in builds.values() if b.reused_from) == 3
+    finally:
+        await channel.close()

@@ -509,18 +509,27 @@ def _golden(path: str | None) -> list[c.GoldenSample]:
 
 
 def _sign_twin(session: Session, twin: BuildRow) -> None:
-    """Publish the reused artifact for the twin's class (or version): the
-    source build's manifest with this class, version and build, signed again. Agents check that a
-    manifest names their class, so twins cannot share the source's."""
+    """Publish the reused artifact for the twin's class, model or version: the
+    source build's manifest with the twin's model name, version, class, build
+    and budgets, signed again. Agents check that a manifest names their class
+    and the model they were assigned, so twins cannot share the source's."""
     source = session.scalar(select(ArtifactRow).where(ArtifactRow.build_id == twin.reused_from))
     if source is None:
         raise RuntimeError(f"build {twin.reused_from} succeeded without an artifact")
     manifest = c.ArtifactManifest()
     manifest.ParseFromString(source.manifest)
     mv = session.get_one(ModelVersionRow, twin.model_version_id)
+    # Every field that names what the manifest is for is the twin's own: the
+    # source may be another model's version with the same bytes, and a device
+    # serves (and reports) a model under the name its manifest gives.
+    manifest.model_name = session.get_one(ModelRow, mv.model_id).name
+    manifest.model_version = mv.version
     manifest.class_name = twin.class_name
     manifest.build_id = twin.id
-    manifest.model_version = mv.version
+    manifest.created_at.FromDatetime(utcnow())
+    manifest.latency_budget_p95_ms = twin.target.get("latency_budget_p95_ms") or 0.0
+    manifest.max_memory_mb = twin.target.get("max_memory_mb") or 0.0
+    manifest.threads = int(twin.target.get("threads") or 1)
     session.add(
         _signed_artifact(
             session,

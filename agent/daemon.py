@@ -41,7 +41,13 @@ from agent.serving import ModelHost
 from agent.telemetry import RequestStats
 from agent.telemetry_buffer import TelemetryBuffer
 from agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics
-from agent.transport import RENEW_RETRY_S, Transport, from_response, new_key_and_csr
+from agent.transport import (
+    RENEW_RETRY_S,
+    Transport,
+    from_response,
+    new_key_and_csr,
+    sign_reenrollment,
+)
 from agent.update.activation import HostActivator
 from agent.update.faults import FAULT_ENV, with_pause
 from agent.update.machine import UpdateMachine
@@ -644,8 +650,19 @@ class Agent:
         if transport.tls:
             # A new key per enrollment; it never leaves this device.
             key_pem, request.csr = new_key_and_csr(name or self._hardware_id)
-        response = await stub.Enroll(request, timeout=ENROLL_TIMEOUT_S)
         previous = self._identity
+        if previous is not None:
+            # Enrolling this hardware id again (an expired certificate, a
+            # refused credential): prove we are the device it belongs to, with
+            # what only this device holds.
+            request.proof.device_id = previous.device_id
+            request.proof.device_credential = previous.device_credential
+            if transport.device is not None and request.csr:
+                request.proof.certificate_pem = transport.device.cert_pem
+                request.proof.signature = sign_reenrollment(
+                    transport.device.key_pem, previous.device_id, request.csr
+                )
+        response = await stub.Enroll(request, timeout=ENROLL_TIMEOUT_S)
         identity = Identity(
             device_id=response.device_id,
             device_credential=response.device_credential,

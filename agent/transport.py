@@ -81,6 +81,25 @@ def new_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
     return key_pem, csr.public_bytes(serialization.Encoding.PEM)
 
 
+REENROLL_CONTEXT = b"edgefleet-reenroll-v1\n"
+
+
+def sign_reenrollment(key_pem: bytes, device_id: str, csr_pem: bytes) -> bytes:
+    """The device's proof, with the key of its current certificate, that it
+    asks for the new certificate in `csr_pem` (the control plane verifies it
+    as controlplane/domain/pki.reenrollment_message describes)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    message = REENROLL_CONTEXT + device_id.encode() + b"\n" + csr_pem
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+    raise StateError("the device key is neither EC nor RSA")
+
+
 def resolve_endpoint(advertised: str, enrolled_with: str) -> str:
     """The device endpoint: what the control plane advertised, with a
     wildcard or missing host replaced by the host the agent enrolled with."""

@@ -21,8 +21,9 @@ from its class's profile instead of measured:
 It keeps no files and uses one task for its connection and one for its timers
 (one more while it installs), so one process holds thousands. Agents share
 gRPC channels: the Fleet hands each one a stub. With no files, a re-run with
-the same prefix enrolls as the same devices (same hardware ids, so the same
-device ids) but with nothing installed: it installs their current
+the same prefix and the first run's `identities` enrolls as the same devices
+(same hardware ids, proven with their credentials, so the same device ids)
+but with nothing installed: it installs their current
 assignment again, and numbers its telemetry past what the control plane
 already holds.
 """
@@ -134,6 +135,11 @@ class FleetContext:
     # to send) and with each DesiredState as it arrives: benchmarks time them.
     on_heartbeat_ack: Callable[[SimAgent, float], None] | None = None
     on_desired: Callable[[SimAgent, device_pb2.DesiredState], None] | None = None
+    # hardware id -> (device id, credential) of every enrollment: what a
+    # re-enrollment of the same hardware id proves itself with (the control
+    # plane refuses one without). Share one between runs with the same
+    # prefix to re-run as the same devices.
+    identities: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def _jitter(rng: random.Random, value: float, jitter: float) -> float:
@@ -434,8 +440,9 @@ class SimAgent:
             grpc.StatusCode.UNAUTHENTICATED,
             grpc.StatusCode.NOT_FOUND,
         ):
-            # Enrolling again returns the same device with a fresh credential
-            # (another process may have enrolled this hardware id meanwhile).
+            # Enrolling again, with the refused credential as proof, returns
+            # the same device with a fresh one if it was decommissioned (and
+            # is refused if another process enrolled this hardware id).
             self.credential = ""
             self.connection = "backoff"
         else:
@@ -474,6 +481,9 @@ class SimAgent:
             hardware=hardware,
             runtime=cls.runtime,
         )
+        known = ctx.identities.get(self.hardware_id)
+        if known is not None:
+            request.proof.device_id, request.proof.device_credential = known
         self.connection = "enrolling"
         async with ctx.connect_slots:
             response = await self.stub.Enroll(request, timeout=ctx.rpc_timeout_s)
@@ -482,6 +492,7 @@ class SimAgent:
             self.revision = 0
         self.device_id = response.device_id
         self.credential = response.device_credential
+        ctx.identities[self.hardware_id] = (self.device_id, self.credential)
         self.device_state = response.state
         self._md = (("authorization", f"Bearer {self.credential}"),)
         ctx.stats.enrollments += 1

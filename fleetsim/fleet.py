@@ -104,6 +104,7 @@ class Fleet:
         labels: dict[str, str] | None = None,
         on_heartbeat_ack: Callable[[SimAgent, float], None] | None = None,
         on_desired: Callable[[SimAgent, device_pb2.DesiredState], None] | None = None,
+        identities: dict[str, tuple[str, str]] | None = None,
     ) -> None:
         if n < 0 or agents_per_channel < 1 or connect_concurrency < 1:
             raise ValueError("need n >= 0, agents_per_channel >= 1, connect_concurrency >= 1")
@@ -126,6 +127,7 @@ class Fleet:
             labels={"fleetsim": prefix, **(labels or {})},
             on_heartbeat_ack=on_heartbeat_ack,
             on_desired=on_desired,
+            identities={} if identities is None else identities,
         )
         self.agents = [
             SimAgent(i, prefix, cls, self.ctx) for i, cls in enumerate(self.profile.allocate(n))

@@ -71,8 +71,10 @@ async def _token(op: og.OperatorServiceStub, policy: int = o.ENROLLMENT_POLICY_A
 
 
 async def _enroll(
-    dev: dg.DeviceServiceStub, token: str, hw_id: str, **labels: str
+    dev: dg.DeviceServiceStub, token: str, hw_id: str, *,
+    proof: d.EnrollResponse | None = None, **labels: str,
 ) -> d.EnrollResponse:
+    """Enroll `hw_id`; again, with `proof`: the earlier answer's identity."""
     return await dev.Enroll(  # type: ignore[no-any-return]
         d.EnrollRequest(
             enrollment_token=token,
@@ -80,8 +82,11 @@ async def _enroll(
             labels=labels,
             hardware=c.HardwareProfile(arch="aarch64", memory_mb=2048, cpu_cores=4),
             runtime=c.RuntimeFingerprint(onnxruntime_version="1.20.0"),
+            proof=d.ReenrollmentProof(
+                device_id=proof.device_id, device_credential=proof.device_credential
+            ) if proof is not None else None,
         )
-    )
+    )  # fmt: skip
 
 
 async def _code(awaitable: Any) -> tuple[grpc.StatusCode, str]:
@@ -196,7 +201,7 @@ async def test_a_device_cannot_act_as_another(
     # A re-enrollment rotates the credential: the old one stops working,
     # also right after it was used (and verified) successfully.
     assert (await _first_desired(dev, a.device_credential)).labels["who"] == "a"
-    again = await _enroll(dev, token, "hw-a")
+    again = await _enroll(dev, token, "hw-a", proof=a)
     assert again.device_id == a.device_id
     code, _ = await _sync_refusal(dev, a.device_credential)
     assert code == grpc.StatusCode.UNAUTHENTICATED

@@ -511,15 +511,19 @@ async def test_a_refused_token_fails_start_and_a_rerun_is_the_same_devices(
     with pytest.raises(FleetError, match="3 agent\\(s\\) refused: Enroll UNAUTHENTICATED"):
         await Fleet(server.address, "wrong-token", profile, 3, prefix="t3").start(timeout_s=20)
 
+    identities: dict[str, tuple[str, str]] = {}
     async with Fleet(server.address, setup.token, profile, 3, prefix="t3",
-                     telemetry_interval_s=0.1) as first:  # fmt: skip
+                     telemetry_interval_s=0.1, identities=identities) as first:  # fmt: skip
         ids = [a.device_id for a in first.agents]
         await first.wait_until(lambda f: all(a.telemetry_seq >= 3 for a in f.agents), 20)
     stored = [await _telemetry_mark(setup, a) for a in first.agents]
     # A second run with the same prefix: the same devices, and telemetry
     # numbered past what the first run stored (none dropped as redelivered).
+    # Without the first run's credentials it could not prove to be them.
+    with pytest.raises(FleetError, match="3 agent\\(s\\) refused: Enroll PERMISSION_DENIED"):
+        await Fleet(server.address, setup.token, profile, 3, prefix="t3").start(timeout_s=20)
     async with Fleet(server.address, setup.token, profile, 3, prefix="t3",
-                     telemetry_interval_s=0.1) as second:  # fmt: skip
+                     telemetry_interval_s=0.1, identities=identities) as second:  # fmt: skip
         assert [a.device_id for a in second.agents] == ids
         await second.wait_until(lambda f: all(a.telemetry_seq >= 3 for a in f.agents), 20)
         await asyncio.sleep(0.5)

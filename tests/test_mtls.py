@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, text
 
-from agent.transport import new_key_and_csr
+from agent.transport import new_key_and_csr, sign_reenrollment
 from controlplane.db.engine import sqlite_url
 from edgefleet.v1 import device_pb2, device_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o
@@ -51,12 +51,23 @@ def _token(cp: ControlPlane, max_uses: int = 0) -> str:
 class Device:
     """A device speaking the protocol from the test: its own key and CSR."""
 
-    def __init__(self, cp: ControlPlane, hardware_id: str, token: str) -> None:
+    def __init__(
+        self, cp: ControlPlane, hardware_id: str, token: str, *, previous: Device | None = None
+    ) -> None:
+        """Enroll `hardware_id`; with `previous`, again as that device,
+        proving it with its credential and the key of its certificate."""
         self.cp = cp
         self.key_pem, csr = new_key_and_csr(hardware_id)
-        enrolled = cp.device_stub().Enroll(
-            device_pb2.EnrollRequest(enrollment_token=token, hardware_id=hardware_id, csr=csr)
+        request = device_pb2.EnrollRequest(
+            enrollment_token=token, hardware_id=hardware_id, csr=csr
         )
+        if previous is not None:
+            request.proof.CopyFrom(device_pb2.ReenrollmentProof(
+                device_id=previous.device_id, device_credential=previous.credential,
+                certificate_pem=previous.cert_pem,
+                signature=sign_reenrollment(previous.key_pem, previous.device_id, csr),
+            ))  # fmt: skip
+        enrolled = cp.device_stub().Enroll(request)
         self.device_id = enrolled.device_id
         self.credential = enrolled.device_credential
         self.cert_pem = enrolled.certificate.certificate_pem
@@ -156,7 +167,7 @@ def test_a_certificate_from_another_ca_fails_the_handshake(cp: ControlPlane) -> 
 def test_enrolling_again_revokes_the_earlier_certificate(cp: ControlPlane) -> None:
     token = _token(cp)
     first = Device(cp, "hw-again", token)
-    second = Device(cp, "hw-again", token)
+    second = Device(cp, "hw-again", token, previous=first)
     assert second.device_id == first.device_id
     # The old certificate with the new credential: TLS accepts it (same CA,
     # not expired), the control plane does not.

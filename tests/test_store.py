@@ -24,9 +24,10 @@ from controlplane.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from controlplane.services import audit
 from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate, Constraints
 from controlplane.services.devices import DeviceService
-from controlplane.services.enrollment import EnrollmentService
+from controlplane.services.enrollment import EnrollmentService, ReenrollmentProof
 from controlplane.services.events import FleetEvent
 
 
@@ -102,30 +103,89 @@ def _enroll(svc: EnrollmentService, token: str, hw_id: str, **hw: object) -> str
     ).device_id
 
 
-def test_enrollment_is_idempotent_per_hardware_id(db: Database) -> None:
+@pytest.mark.parametrize("policy", ["auto-accept", "pending"])
+def test_reenrollment_needs_proof_for_every_token_policy(db: Database, policy: str) -> None:
+    """The re-enrollment rule (docs/security.md), for a token of each policy:
+    without proof nothing changes and the attempt is audited; with the
+    device's credential the same device comes back in its state, with its
+    operator's labels, and the token's use is counted; once decommissioned,
+    the hardware id enrolls afresh as the token's policy says."""
     enrollment, devices, _, _ = _services(db)
-    _, token = enrollment.create_token(
-        "op", name="t", policy="auto-accept", labels={"site": "lab"}, max_uses=0, ttl=None
+    _, first_token = enrollment.create_token(
+        "op", name="t", policy="pending", labels={"site": "lab"}, max_uses=1, ttl=None
     )
     first = enrollment.enroll(
-        token=token, hardware_id="hw-1", name="pi-1", labels={"site": "x", "zone": "a"},
+        token=first_token, hardware_id="hw-1", name="pi-1", labels={"site": "x", "zone": "a"},
         hardware={"arch": "aarch64"}, runtime={},
     )  # fmt: skip
-    second = enrollment.enroll(
-        token=token, hardware_id="hw-1", name="pi-1", labels={}, hardware={}, runtime={}
+    assert first.state == "pending" and not first.reenrolled
+    devices.accept("op", first.device_id)
+    devices.update_labels("op", first.device_id, {"zone": "ops-set"}, [])
+    _, token = enrollment.create_token(
+        "op", name="other", policy=policy, labels={"zone": "token", "team": "t"}, max_uses=2,
+        ttl=None,
+    )  # fmt: skip
+
+    def snapshot() -> tuple[object, ...]:
+        with db.unit_of_work(readonly=True) as uow:
+            row = uow.session.get(DeviceRow, first.device_id)
+            tok = uow.session.scalars(
+                select(EnrollmentTokenRow).where(EnrollmentTokenRow.name == "other")
+            ).one()
+            assert row is not None
+            return (row.state, row.credential_hash, dict(row.labels), row.desired_revision,
+                    tok.uses)  # fmt: skip
+
+    before = snapshot()
+    for proof in (
+        None,  # what an attacker who knows the hardware id has
+        ReenrollmentProof(device_id=first.device_id),
+        ReenrollmentProof(device_id=first.device_id, credential="dev_x.y"),
+        ReenrollmentProof(device_id="another", credential=first.credential),
+    ):
+        with pytest.raises(PermissionDenied, match="already enrolled as device"):
+            enrollment.enroll(
+                token=token, hardware_id="hw-1", name="", labels={"zone": "evil"},
+                hardware={}, runtime={}, proof=proof,
+            )  # fmt: skip
+        assert snapshot() == before
+    refused = audit.list_entries(db, action="device.reenroll.refused")
+    assert len(refused) == 4 and all(e.target == f"device:{first.device_id}" for e in refused)
+
+    again = enrollment.enroll(
+        token=token, hardware_id="hw-1", name="", labels={"zone": "agent"}, hardware={},
+        runtime={}, proof=ReenrollmentProof(first.device_id, first.credential),
+    )  # fmt: skip
+    assert again.device_id == first.device_id and again.reenrolled
+    assert again.credential != first.credential and again.state == "accepted"
+    state, credential_hash, labels, _, uses = snapshot()
+    assert state == "accepted"
+    # The operator's labels win over the token's and the agent's; the token's
+    # label that the device did not have is added.
+    assert labels == {"site": "lab", "zone": "ops-set", "team": "t"}
+    assert first.credential not in credential_hash and uses == 1
+    # Its old credential is no longer proof.
+    with pytest.raises(PermissionDenied, match="not the device's current one"):
+        enrollment.enroll(
+            token=token, hardware_id="hw-1", name="", labels={}, hardware={}, runtime={},
+            proof=ReenrollmentProof(first.device_id, first.credential),
+        )  # fmt: skip
+
+    devices.decommission("op", first.device_id, "new disk")
+    fresh = enrollment.enroll(
+        token=token, hardware_id="hw-1", name="", labels={}, hardware={}, runtime={}
     )
-    assert second.device_id == first.device_id and second.reenrolled
-    assert second.credential != first.credential
-    view = devices.get(first.device_id)
-    assert view.row.labels == {"site": "lab", "zone": "a"}  # the token's labels win
-    assert view.row.state == "accepted"
+    assert fresh.device_id == first.device_id and not fresh.reenrolled
+    assert fresh.state == ("accepted" if policy == "auto-accept" else "pending")
+    assert snapshot()[-1] == 2
+    # Every enrollment uses the token: a third is over its limit of two.
+    with pytest.raises(ResourceExhausted, match="used 2 times"):
+        enrollment.enroll(
+            token=token, hardware_id="hw-1", name="", labels={}, hardware={}, runtime={},
+            proof=ReenrollmentProof(fresh.device_id, fresh.credential),
+        )  # fmt: skip
     with db.unit_of_work(readonly=True) as uow:
         assert uow.session.scalar(select(func.count()).select_from(DeviceRow)) == 1
-        # Only a hash of the credential is stored.
-        row = uow.session.get(DeviceRow, first.device_id)
-        assert row is not None and second.credential not in row.credential_hash
-        tok = uow.session.scalars(select(EnrollmentTokenRow)).one()
-        assert tok.uses == 1  # re-enrolling does not use the token up
 
 
 def test_token_limits_expiry_and_revocation(db: Database) -> None:

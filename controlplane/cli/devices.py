@@ -124,6 +124,24 @@ def devices_reject(env: Env, device_id: str, reason: str, as_json: bool) -> None
     _device_done(as_json, "rejected", device)
 
 
+@devices.command("decommission")
+@click.argument("device_id", metavar="ID")
+@click.option("--reason", default="", help="Why, for the audit log.")
+@json_option
+@pass_env
+def devices_decommission(env: Env, device_id: str, reason: str, as_json: bool) -> None:
+    """Retire a device: its credential and certificates stop working, and its
+    hardware id may enroll afresh (what a device that lost its identity needs)."""
+    device = _on_device(
+        env,
+        device_id,
+        lambda i: env.stub.DecommissionDevice(
+            operator_pb2.DecommissionDeviceRequest(id=i, reason=reason)
+        ),
+    )
+    _device_done(as_json, "decommissioned", device)
+
+
 @devices.command("label")
 @click.argument("device_id", metavar="ID")
 @click.argument("labels", metavar="[KEY=VALUE]...", nargs=-1, callback=parsed(parse_label))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -207,3 +207,48 @@ def device_certificate_info(certificate_pem: bytes) -> DeviceCertificateInfo:
         raise CertificateError("the certificate does not name exactly one device")
     device_id = uris[0].removeprefix(DEVICE_URI_PREFIX)
     return DeviceCertificateInfo(device_id, _serial_hex(cert.serial_number))
+
+
+REENROLL_CONTEXT = b"edgefleet-reenroll-v1\n"
+MAX_PROOF_CERTIFICATE_BYTES = 16 * 1024
+
+
+def reenrollment_message(device_id: str, csr_pem: bytes) -> bytes:
+    """What a re-enrolling device signs with the key of its certificate: the
+    context string keeps the signature from meaning anything else, and the
+    new CSR ties it to this one enrollment (agent/transport.py signs it)."""
+    return REENROLL_CONTEXT + device_id.encode() + b"\n" + csr_pem
+
+
+def verify_possession(
+    authority: Authority, certificate_pem: bytes, signature: bytes, message: bytes
+) -> DeviceCertificateInfo:
+    """The device a (possibly expired) certificate names, once the
+    certificate is shown to be this CA's and `signature` over `message` to be
+    made with its key. Expiry is not checked: a device offline past its
+    certificate's life proves itself with it; the caller checks the serial
+    against the device's current ones. Raises CertificateError."""
+    if not certificate_pem or not signature:
+        raise CertificateError("the device's certificate and a signature by its key are required")
+    if len(certificate_pem) > MAX_PROOF_CERTIFICATE_BYTES or len(signature) > 1024:
+        raise CertificateError("the proof's certificate or signature is too large")
+    ca, _ = _load(authority)
+    try:
+        cert = x509.load_pem_x509_certificate(certificate_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
+        raise CertificateError(
+            f"the certificate was not issued by this control plane: {exc}"
+        ) from None
+    info = device_certificate_info(certificate_pem)
+    key = cert.public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            raise CertificateError("the certificate's key is neither EC nor RSA")
+    except InvalidSignature:
+        raise CertificateError("the signature was not made with the certificate's key") from None
+    return info

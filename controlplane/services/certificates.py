@@ -103,6 +103,26 @@ class CertificateService:
         device.cert_not_after = issued.not_after
         return DeviceCertificate(issued.certificate_pem, self.ca_certificate_pem, issued.not_after)
 
+    def possession_refusal(
+        self, device: DeviceRow, certificate_pem: bytes, signature: bytes, csr_pem: bytes
+    ) -> str | None:
+        """Why a re-enrollment of `device` does not prove its key, or None:
+        `certificate_pem` must be this CA's, name the device and be its
+        current or previous certificate (expired or not), and `signature`
+        must be its key's over the new CSR (pki.reenrollment_message)."""
+        if device.cert_serial is None:
+            return None  # enrolled without TLS: it has no key to prove
+        message = pki.reenrollment_message(device.id, csr_pem)
+        try:
+            info = pki.verify_possession(self._authority, certificate_pem, signature, message)
+        except pki.CertificateError as exc:
+            return f"the proof of the device's key does not hold: {exc}"
+        if info.device_id != device.id:
+            return f"the proof's certificate is device {info.device_id}'s"
+        if info.serial not in (device.cert_serial, device.cert_previous_serial):
+            return f"the proof's certificate {info.serial} is not the device's current one"
+        return None
+
     def renew(self, device_id: str, csr_pem: bytes) -> DeviceCertificate:
         """A new certificate for an enrolled device, from a CSR over a new key."""
         with self._db.unit_of_work() as uow:

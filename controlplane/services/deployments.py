@@ -23,6 +23,7 @@ stays a list of states, not of chunks."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -485,7 +486,7 @@ class DeploymentService:
                         d.id, d.desired_revision, d.state, d.labels, DeviceClassRow.name,
                         a.device_id, a.sequence, a.artifact_id, a.model_version_id,
                         a.rollout_id, a.shadow, a.assigned_by, a.assigned_at, a.statement,
-                        a.statement_signature, a.rollback, a.key_id,
+                        a.statement_signature, a.rollback, a.key_id, d.credential_hash,
                     )
                     .outerjoin(DeviceClassRow, DeviceClassRow.id == d.class_id)
                     .outerjoin(a, a.device_id == d.id)
@@ -493,7 +494,10 @@ class DeploymentService:
                 )  # fmt: skip
                 for row in rows:
                     chain = self._key_rotations(session, row[16])
-                    view = DesiredView(row[1], row[2], row[4] or "", dict(row[3] or {}), chain)
+                    view = DesiredView(
+                        row[1], row[2], row[4] or "", dict(row[3] or {}), chain,
+                        credential_epoch=_epoch(row[17]),
+                    )  # fmt: skip
                     if row[5] is None:
                         found[row[0]] = (view, None)
                         continue
@@ -607,3 +611,9 @@ class DeploymentService:
             )
             assignments = [_view(session, row, self._published) for row in session.scalars(current)]
             return History(events, assignments)
+
+
+def _epoch(credential_hash: str | None) -> str:
+    """A short name for the device's current credential that says nothing
+    about the credential's hash itself."""
+    return hashlib.sha256((credential_hash or "").encode()).hexdigest()[:16]

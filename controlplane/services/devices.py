@@ -65,6 +65,9 @@ class DesiredView:
     labels: dict[str, str]
     # Every signing-key rotation, oldest first: (statement, signature).
     key_rotations: tuple[tuple[bytes, bytes], ...] = ()
+    # Changes when the device enrolls again (a digest of its credential's
+    # hash): a sync stream opened before ends itself (api/device_servicer).
+    credential_epoch: str = ""
 
 
 def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -246,6 +249,23 @@ class DeviceService:
             row.state_reason = reason
 
         return self._apply(actor, "device.reject", device_id, change, {"reason": reason})
+
+    def decommission(self, actor: str, device_id: str, reason: str) -> DeviceView:
+        """Retire a device: every RPC of its credential and certificates is
+        refused from now on, and its hardware id may enroll afresh without
+        proof (a device that lost its identity, or a board reused)."""
+
+        def change(_: Session, row: DeviceRow) -> None:
+            if row.state == REJECTED:
+                raise FailedPrecondition(
+                    f"device {row.id} was rejected; a rejected device stays rejected"
+                )
+            row.state = DECOMMISSIONED
+            row.state_reason = reason
+            row.credential_hash = ""
+            row.cert_serial = row.cert_previous_serial = None
+
+        return self._apply(actor, "device.decommission", device_id, change, {"reason": reason})
 
     def update_labels(
         self, actor: str, device_id: str, set_: Mapping[str, str], remove: Iterable[str]

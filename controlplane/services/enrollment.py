@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from controlplane.db.models import DeviceRow, EnrollmentTokenRow, utcnow
 from controlplane.db.uow import Database
@@ -38,6 +39,16 @@ AUTO_ACCEPT, REQUIRE_APPROVAL = "auto-accept", "pending"
 POLICIES = (AUTO_ACCEPT, REQUIRE_APPROVAL)
 DEFAULT_TTL = dt.timedelta(hours=24)
 MAX_TTL = dt.timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class ReenrollmentProof:
+    """What a device re-enrolling its hardware id shows (EnrollRequest.proof)."""
+
+    device_id: str = ""
+    credential: str = ""
+    certificate_pem: bytes = b""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -131,11 +142,18 @@ class EnrollmentService:
         hardware: dict[str, Any],
         runtime: dict[str, Any],
         csr: bytes = b"",
+        proof: ReenrollmentProof | None = None,
     ) -> Enrolled:
-        """Exchange a token for a device identity. Enrolling the same hardware
-        id again returns the same device with a new credential (the old one
-        stops working, and so do its earlier certificates) and does not use up
-        the token. With TLS, `csr` is required and a certificate is issued."""
+        """Exchange a token for a device identity (docs/security.md,
+        "Re-enrollment"). Every enrollment needs a valid token and uses it
+        once. A new hardware id becomes a device in the state the token's
+        policy says. A hardware id that is already a device gets that device
+        back, with a new credential (the old one and every earlier
+        certificate stop working, its sync stream is ended), only with
+        `proof` that the caller is that device; without it the enrollment is
+        refused and audited, and nothing changes. A decommissioned device
+        enrolls afresh. With TLS, `csr` is required and a certificate is
+        issued."""
         hardware_id = hardware_id.strip()
         if not hardware_id or len(hardware_id) > 200:
             raise InvalidArgument("hardware_id is required (at most 200 characters)")
@@ -146,12 +164,14 @@ class EnrollmentService:
             )
         labels = validate_labels(labels)
         name = (name.strip() or str(hardware.get("hostname") or "") or hardware_id)[:200]
+        proof = proof or ReenrollmentProof()
         # Two agents with the same hardware id racing: the loser's insert hits
-        # the unique constraint and retries as a re-enrollment.
+        # the unique constraint and retries as a re-enrollment (which then
+        # needs the winner's proof, so a cloned disk image cannot share it).
         for _ in range(2):
             try:
                 return self._enroll_once(
-                    token, hardware_id, name, labels, hardware, runtime, csr
+                    token, hardware_id, name, labels, hardware, runtime, csr, proof
                 )
             except IntegrityError:
                 continue
@@ -171,6 +191,63 @@ class EnrollmentService:
             )
         return row
 
+    def _proof_refusal(self, device: DeviceRow, proof: ReenrollmentProof, csr: bytes) -> str | None:
+        """Why `proof` does not show the caller is `device`, or None."""
+        if not proof.device_id and not proof.credential:
+            return "no proof that the caller is that device was given"
+        if proof.device_id != device.id:
+            return f"the proof names device {proof.device_id!r}"
+        if not device.credential_hash or not secrets.matches(
+            proof.credential, device.credential_hash
+        ):
+            return "the proof's credential is not the device's current one"
+        if self._certificates is None:
+            return None
+        return self._certificates.possession_refusal(
+            device, proof.certificate_pem, proof.signature, csr
+        )
+
+    def _use(self, session: Session, tok: EnrollmentTokenRow) -> None:
+        """Count one use of the token, refused past its limit (atomically, so
+        concurrent enrollments cannot overrun it)."""
+        used = session.execute(
+            update(EnrollmentTokenRow)
+            .where(EnrollmentTokenRow.id == tok.id)
+            .where(
+                or_(
+                    EnrollmentTokenRow.max_uses == 0,
+                    EnrollmentTokenRow.uses < EnrollmentTokenRow.max_uses,
+                )
+            )
+            .values(uses=EnrollmentTokenRow.uses + 1)
+            .execution_options(synchronize_session=False)
+        )
+        if used.rowcount == 0:  # type: ignore[attr-defined]
+            raise ResourceExhausted(
+                f"enrollment token {tok.name!r} has been used {tok.max_uses} times, "
+                "its limit; create a new token"
+            )
+
+    def _refuse(
+        self, tok_id: str, tok_name: str, device_id: str, hardware_id: str, reason: str
+    ) -> PermissionDenied:
+        """Audit a refused re-enrollment (in its own transaction: the
+        enrollment's was rolled back) and the error to raise."""
+        with self._db.unit_of_work() as uow:
+            audit.record(
+                uow, f"token:{tok_id}", "device.reenroll.refused", f"device:{device_id}",
+                token=tok_name, hardware_id=hardware_id, reason=reason,
+            )  # fmt: skip
+            uow.commit()
+        return PermissionDenied(
+            f"hardware id {hardware_id!r} is already enrolled as device {device_id}, and "
+            f"{reason}: enrolling it again needs the device's current credential"
+            + (" and certificate key" if self._certificates is not None else "")
+            + ". If the device lost its identity (a new disk, a wiped state directory), an "
+            f"operator decommissions device {device_id} first "
+            f"(edgefleet devices decommission {device_id}); it then enrolls afresh"
+        )
+
     def _enroll_once(
         self,
         token: str,
@@ -180,82 +257,83 @@ class EnrollmentService:
         hardware: dict[str, Any],
         runtime: dict[str, Any],
         csr: bytes,
+        proof: ReenrollmentProof,
     ) -> Enrolled:
         token_id = secrets.parse_id(SecretKind.ENROLLMENT, token)
         if token_id is None:
             raise Unauthenticated("invalid enrollment token")
+        refused: tuple[str, str, str, str] | None = None
         with self._db.unit_of_work() as uow:
             session = uow.session
             tok = self._check_token(session.get(EnrollmentTokenRow, token_id), token)
             device = session.scalar(select(DeviceRow).where(DeviceRow.hardware_id == hardware_id))
-            reenrolled = device is not None
-            if device is not None:
-                if device.state == REJECTED:
-                    raise PermissionDenied(
-                        f"device {device.id} (hardware id {hardware_id!r}) was rejected by an "
-                        "operator and cannot enroll again"
-                    )
-                if device.state not in (ACCEPTED, PENDING):  # decommissioned: a fresh start
-                    device.state = ACCEPTED if tok.policy == AUTO_ACCEPT else PENDING
-                # Operator edits win over what the agent's config says.
-                device.labels = {**labels, **device.labels, **tok.labels}
-            else:
-                used = session.execute(
-                    update(EnrollmentTokenRow)
-                    .where(EnrollmentTokenRow.id == tok.id)
-                    .where(
-                        or_(
-                            EnrollmentTokenRow.max_uses == 0,
-                            EnrollmentTokenRow.uses < EnrollmentTokenRow.max_uses,
-                        )
-                    )
-                    .values(uses=EnrollmentTokenRow.uses + 1)
-                    .execution_options(synchronize_session=False)
+            if device is not None and device.state == REJECTED:
+                raise PermissionDenied(
+                    f"device {device.id} (hardware id {hardware_id!r}) was rejected by an "
+                    "operator and cannot enroll again"
                 )
-                if used.rowcount == 0:  # type: ignore[attr-defined]
-                    raise ResourceExhausted(
-                        f"enrollment token {tok.name!r} has been used {tok.max_uses} times, "
-                        "its limit; create a new token"
-                    )
-                device = DeviceRow(
-                    id=secrets.new_id(),
-                    hardware_id=hardware_id,
-                    name=name,
-                    state=ACCEPTED if tok.policy == AUTO_ACCEPT else PENDING,
-                    labels={**labels, **tok.labels},
-                    enrollment_token_id=tok.id,
-                    class_pinned=False,
-                    desired_revision=1,
-                    applied_revision=0,
-                    update_status={},
-                    state_reason="",
-                )
-                session.add(device)
-            credential = secrets.issue(SecretKind.DEVICE, device.id)
-            device.credential_hash = secrets.hash_secret(credential)
-            # A bad CSR raises here and rolls everything back, the token's
-            # use included.
-            certificate = (
-                self._certificates.issue_for(device, csr, keep_previous=False)
-                if self._certificates is not None else None
+            reenrolled = device is not None and device.state in (ACCEPTED, PENDING)
+            reason = (
+                self._proof_refusal(device, proof, csr)
+                if device is not None and reenrolled else None
             )  # fmt: skip
-            device.hardware = hardware
-            device.runtime = runtime
-            device.last_seen_at = utcnow()
-            classify_row(device, class_candidates(session))
-            device.desired_revision += 1
-            action = "device.reenroll" if reenrolled else "device.enroll"
-            audit.record(
-                uow,
-                f"device:{device.id}",
-                action,
-                f"device:{device.id}",
-                token=tok.name,
-                hardware_id=hardware_id,
-            )
-            session.flush()
-            uow.commit()
-            result = Enrolled(device.id, credential, device.state, reenrolled, certificate)
+            if device is not None and reason is not None:
+                refused = (tok.id, tok.name, device.id, reason)
+            else:
+                self._use(session, tok)
+                admitted = ACCEPTED if tok.policy == AUTO_ACCEPT else PENDING
+                if device is None:
+                    device = DeviceRow(
+                        id=secrets.new_id(),
+                        hardware_id=hardware_id,
+                        name=name,
+                        state=admitted,
+                        labels={**labels, **tok.labels},
+                        enrollment_token_id=tok.id,
+                        class_pinned=False,
+                        desired_revision=1,
+                        applied_revision=0,
+                        update_status={},
+                        state_reason="",
+                    )
+                    session.add(device)
+                else:
+                    if not reenrolled:  # decommissioned: a fresh start, by the token
+                        device.state = admitted
+                        device.enrollment_token_id = tok.id
+                    # The device's labels are what operators set (over what
+                    # enrollment gave it): they win over the token's and the
+                    # agent's config.
+                    device.labels = {**labels, **tok.labels, **device.labels}
+                credential = secrets.issue(SecretKind.DEVICE, device.id)
+                device.credential_hash = secrets.hash_secret(credential)
+                # A bad CSR raises here and rolls everything back, the token's
+                # use included.
+                certificate = (
+                    self._certificates.issue_for(device, csr, keep_previous=False)
+                    if self._certificates is not None else None
+                )  # fmt: skip
+                device.hardware = hardware
+                device.runtime = runtime
+                device.last_seen_at = utcnow()
+                classify_row(device, class_candidates(session))
+                device.desired_revision += 1
+                action = "device.reenroll" if reenrolled else "device.enroll"
+                audit.record(
+                    uow,
+                    f"device:{device.id}",
+                    action,
+                    f"device:{device.id}",
+                    token=tok.name,
+                    hardware_id=hardware_id,
+                )
+                session.flush()
+                uow.commit()
+                result = Enrolled(device.id, credential, device.state, reenrolled, certificate)
+        if refused is not None:
+            raise self._refuse(refused[0], refused[1], refused[2], hardware_id, refused[3])
+        # desired_changed wakes the device's sync stream, which ends itself
+        # when the credential it was opened with is no longer the device's.
         self._events.publish(
             FleetEvent("device.enrolled", (result.device_id,), desired_changed=True)
         )

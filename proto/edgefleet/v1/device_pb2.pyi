@@ -57,6 +57,7 @@ class EnrollRequest(_message.Message):
     HARDWARE_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     CSR_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
     enrollment_token: _builtins.str
     hardware_id: _builtins.str
     """Stable across reinstalls: machine-id, serial number, or a TPM-backed id."""
@@ -70,12 +71,20 @@ class EnrollRequest(_message.Message):
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Labels from the agent's config; the token's labels take precedence."""
+        """Labels from the agent's config; the token's labels take precedence over
+        them, and an existing device's labels (what an operator set) over both.
+        """
 
     @_builtins.property
     def hardware(self) -> _common_pb2.HardwareProfile: ...
     @_builtins.property
     def runtime(self) -> _common_pb2.RuntimeFingerprint: ...
+    @_builtins.property
+    def proof(self) -> Global___ReenrollmentProof:
+        """Only when this hardware id is already enrolled (docs/security.md,
+        "Re-enrollment").
+        """
+
     def __init__(
         self,
         *,
@@ -86,14 +95,54 @@ class EnrollRequest(_message.Message):
         hardware: _common_pb2.HardwareProfile | None = ...,
         runtime: _common_pb2.RuntimeFingerprint | None = ...,
         csr: _builtins.bytes = ...,
+        proof: Global___ReenrollmentProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hardware", b"hardware", "runtime", b"runtime"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hardware", b"hardware", "proof", b"proof", "runtime", b"runtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "enrollment_token", b"enrollment_token", "hardware", b"hardware", "hardware_id", b"hardware_id", "labels", b"labels", "name", b"name", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "enrollment_token", b"enrollment_token", "hardware", b"hardware", "hardware_id", b"hardware_id", "labels", b"labels", "name", b"name", "proof", b"proof", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollRequest: _TypeAlias = EnrollRequest  # noqa: Y015
+
+@_typing.final
+class ReenrollmentProof(_message.Message):
+    """Proof that the caller of a re-enrollment is the device it claims to be:
+    what only that device holds. A token alone, or a hardware id (visible to
+    every operator), never gets an existing device.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_CREDENTIAL_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    device_credential: _builtins.str
+    """Its current device credential (the one the last enrollment returned)."""
+    certificate_pem: _builtins.bytes
+    """With TLS: its current or previous client certificate (PEM; it may have
+    expired), and a signature by that certificate's key over
+    "edgefleet-reenroll-v1\\n" + device_id + "\\n" + the new csr bytes
+    (ECDSA with SHA-256, or RSA PKCS#1 v1.5 with SHA-256).
+    """
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        device_credential: _builtins.str = ...,
+        certificate_pem: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "device_credential", b"device_credential", "device_id", b"device_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReenrollmentProof: _TypeAlias = ReenrollmentProof  # noqa: Y015
 
 @_typing.final
 class EnrollResponse(_message.Message):

@@ -66,8 +66,12 @@ class DeviceServiceServicer:
 
     def Enroll(self, request, context):
         """Exchanges an enrollment token and a stable hardware id for a device id
-        and a per-device credential. Idempotent per hardware id: enrolling again
-        returns the same device (with a fresh credential).
+        and a per-device credential. Every enrollment needs a valid token and
+        uses it once (its policy and use limit apply). Enrolling a hardware id
+        that is already a device returns that device (with a fresh credential)
+        only with `proof` that the caller is that device; without it the
+        enrollment is refused (PERMISSION_DENIED) unless an operator
+        decommissioned the device, which makes it a fresh enrollment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

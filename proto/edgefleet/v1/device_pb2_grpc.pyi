@@ -39,8 +39,12 @@ class DeviceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> DeviceServiceAsyncStub: ...
     Enroll: _grpc.UnaryUnaryMultiCallable[_device_pb2.EnrollRequest, _device_pb2.EnrollResponse]
     """Exchanges an enrollment token and a stable hardware id for a device id
-    and a per-device credential. Idempotent per hardware id: enrolling again
-    returns the same device (with a fresh credential).
+    and a per-device credential. Every enrollment needs a valid token and
+    uses it once (its policy and use limit apply). Enrolling a hardware id
+    that is already a device returns that device (with a fresh credential)
+    only with `proof` that the caller is that device; without it the
+    enrollment is refused (PERMISSION_DENIED) unless an operator
+    decommissioned the device, which makes it a fresh enrollment.
     """
     Sync: _grpc.StreamStreamMultiCallable[_device_pb2.AgentMessage, _device_pb2.ControlMessage]
     """The long-lived channel: the agent reports, the control plane pushes its
@@ -67,8 +71,12 @@ class DeviceServiceAsyncStub(DeviceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Enroll: _aio.UnaryUnaryMultiCallable[_device_pb2.EnrollRequest, _device_pb2.EnrollResponse]  # type: ignore[assignment]
     """Exchanges an enrollment token and a stable hardware id for a device id
-    and a per-device credential. Idempotent per hardware id: enrolling again
-    returns the same device (with a fresh credential).
+    and a per-device credential. Every enrollment needs a valid token and
+    uses it once (its policy and use limit apply). Enrolling a hardware id
+    that is already a device returns that device (with a fresh credential)
+    only with `proof` that the caller is that device; without it the
+    enrollment is refused (PERMISSION_DENIED) unless an operator
+    decommissioned the device, which makes it a fresh enrollment.
     """
     Sync: _aio.StreamStreamMultiCallable[_device_pb2.AgentMessage, _device_pb2.ControlMessage]  # type: ignore[assignment]
     """The long-lived channel: the agent reports, the control plane pushes its
@@ -98,8 +106,12 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_device_pb2.EnrollResponse, _abc.Awaitable[_device_pb2.EnrollResponse]]:
         """Exchanges an enrollment token and a stable hardware id for a device id
-        and a per-device credential. Idempotent per hardware id: enrolling again
-        returns the same device (with a fresh credential).
+        and a per-device credential. Every enrollment needs a valid token and
+        uses it once (its policy and use limit apply). Enrolling a hardware id
+        that is already a device returns that device (with a fresh credential)
+        only with `proof` that the caller is that device; without it the
+        enrollment is refused (PERMISSION_DENIED) unless an operator
+        decommissioned the device, which makes it a fresh enrollment.
         """
 
     @_abc_1.abstractmethod

@@ -785,6 +785,28 @@ class RejectDeviceRequest(_message.Message):
 Global___RejectDeviceRequest: _TypeAlias = RejectDeviceRequest  # noqa: Y015
 
 @_typing.final
+class DecommissionDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecommissionDeviceRequest: _TypeAlias = DecommissionDeviceRequest  # noqa: Y015
+
+@_typing.final
 class UpdateDeviceLabelsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

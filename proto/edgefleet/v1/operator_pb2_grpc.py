@@ -85,6 +85,11 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.RejectDeviceRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_common__pb2.Device.FromString,
                 _registered_method=True)
+        self.DecommissionDevice = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/DecommissionDevice',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.DecommissionDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_common__pb2.Device.FromString,
+                _registered_method=True)
         self.UpdateDeviceLabels = channel.unary_unary(
                 '/edgefleet.v1.OperatorService/UpdateDeviceLabels',
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.UpdateDeviceLabelsRequest.SerializeToString,
@@ -304,6 +309,15 @@ class OperatorServiceServicer:
 
     def RejectDevice(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecommissionDevice(self, request, context):
+        """Retires a device: its credential and certificates stop working and its
+        hardware id may enroll afresh (with a token, whose policy applies), as
+        a device that lost its identity (a new disk) must.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -560,6 +574,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
             'RejectDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.RejectDevice,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RejectDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_common__pb2.Device.SerializeToString,
+            ),
+            'DecommissionDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecommissionDevice,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.DecommissionDeviceRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_common__pb2.Device.SerializeToString,
             ),
             'UpdateDeviceLabels': grpc.unary_unary_rpc_method_handler(
@@ -987,6 +1006,33 @@ class OperatorService:
             target,
             '/edgefleet.v1.OperatorService/RejectDevice',
             edgefleet_dot_v1_dot_operator__pb2.RejectDeviceRequest.SerializeToString,
+            edgefleet_dot_v1_dot_common__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecommissionDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/DecommissionDevice',
+            edgefleet_dot_v1_dot_operator__pb2.DecommissionDeviceRequest.SerializeToString,
             edgefleet_dot_v1_dot_common__pb2.Device.FromString,
             options,
             channel_credentials,

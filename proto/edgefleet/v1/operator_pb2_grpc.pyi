@@ -48,6 +48,11 @@ class OperatorServiceStub:
     GetDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _common_pb2.Device]
     AcceptDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.AcceptDeviceRequest, _common_pb2.Device]
     RejectDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RejectDeviceRequest, _common_pb2.Device]
+    DecommissionDevice: _grpc.UnaryUnaryMultiCallable[_operator_pb2.DecommissionDeviceRequest, _common_pb2.Device]
+    """Retires a device: its credential and certificates stop working and its
+    hardware id may enroll afresh (with a token, whose policy applies), as
+    a device that lost its identity (a new disk) must.
+    """
     UpdateDeviceLabels: _grpc.UnaryUnaryMultiCallable[_operator_pb2.UpdateDeviceLabelsRequest, _common_pb2.Device]
     SetDeviceClass: _grpc.UnaryUnaryMultiCallable[_operator_pb2.SetDeviceClassRequest, _common_pb2.Device]
     """Pins a device to a class, or unpins it (empty class) so rules apply again."""
@@ -114,6 +119,11 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     GetDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetDeviceRequest, _common_pb2.Device]  # type: ignore[assignment]
     AcceptDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.AcceptDeviceRequest, _common_pb2.Device]  # type: ignore[assignment]
     RejectDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.RejectDeviceRequest, _common_pb2.Device]  # type: ignore[assignment]
+    DecommissionDevice: _aio.UnaryUnaryMultiCallable[_operator_pb2.DecommissionDeviceRequest, _common_pb2.Device]  # type: ignore[assignment]
+    """Retires a device: its credential and certificates stop working and its
+    hardware id may enroll afresh (with a token, whose policy applies), as
+    a device that lost its identity (a new disk) must.
+    """
     UpdateDeviceLabels: _aio.UnaryUnaryMultiCallable[_operator_pb2.UpdateDeviceLabelsRequest, _common_pb2.Device]  # type: ignore[assignment]
     SetDeviceClass: _aio.UnaryUnaryMultiCallable[_operator_pb2.SetDeviceClassRequest, _common_pb2.Device]  # type: ignore[assignment]
     """Pins a device to a class, or unpins it (empty class) so rules apply again."""
@@ -237,6 +247,17 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.RejectDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.Device, _abc.Awaitable[_common_pb2.Device]]: ...
+
+    @_abc_1.abstractmethod
+    def DecommissionDevice(
+        self,
+        request: _operator_pb2.DecommissionDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.Device, _abc.Awaitable[_common_pb2.Device]]:
+        """Retires a device: its credential and certificates stop working and its
+        hardware id may enroll afresh (with a token, whose policy applies), as
+        a device that lost its identity (a new disk) must.
+        """
 
     @_abc_1.abstractmethod
     def UpdateDeviceLabels(

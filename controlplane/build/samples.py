@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from controlplane.domain import sample_archive
 from controlplane.domain.onnx_inspect import TensorInfo
+from controlplane.errors import InvalidArgument
 
 GENERATED_SAMPLES = 32
 # A dynamic dimension other than the batch gets this size in generated inputs.
@@ -41,13 +43,17 @@ class Samples:
 
 
 def load_samples(path: Path | None, inputs: Sequence[TensorInfo], *, seed: int = 0) -> Samples:
-    """Sample data from an .npz (already validated at push time against the
-    model's inputs), or generated inputs when there is none."""
+    """Sample data from an .npz, or a plain .npy for a model with one input
+    (validated at push time against the model's inputs, and read again here
+    through sample_archive's limits: the stored blob is still client data),
+    or generated inputs when there is none."""
     if path is not None:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {t.name: np.ascontiguousarray(archive[t.name]) for t in inputs}
-            labels = archive["labels"] if "labels" in archive.files else None
-        return Samples(arrays, labels, generated=False)
+        stored = sample_archive.by_input_name(sample_archive.load(path), [t.name for t in inputs])
+        missing = sorted(t.name for t in inputs if t.name not in stored)
+        if missing:
+            raise InvalidArgument(f"sample data lacks arrays for model inputs {missing}")
+        arrays = {t.name: np.ascontiguousarray(stored[t.name]) for t in inputs}
+        return Samples(arrays, stored.get("labels"), generated=False)
     return generate_samples(inputs, seed=seed)
 
 

@@ -18,6 +18,7 @@ from rich.progress import (
 from controlplane.cli import render as render
 from controlplane.cli.base import Env, emit, json_option, pass_env
 from controlplane.cli.push import describe_part, push_requests
+from controlplane.domain.sample_archive import MAX_SAMPLE_ARRAY_BYTES, MAX_SAMPLE_TOTAL_BYTES, MiB
 from edgefleet.v1 import operator_pb2
 
 
@@ -33,7 +34,14 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.argument("name")
 @click.argument("version")
 @click.argument("model_file", metavar="MODEL.onnx", type=_FILE)
-@click.option("--sample-data", type=_FILE, help=".npz with one array per input (+ 'labels').")
+@click.option(
+    "--sample-data",
+    type=_FILE,
+    help=".npz with one array per input (+ 'labels'), or a plain .npy for a model with "
+    "exactly one input (its samples, no labels). Numeric/bool arrays only; at most "
+    f"{MAX_SAMPLE_ARRAY_BYTES // MiB} MiB per array and {MAX_SAMPLE_TOTAL_BYTES // MiB} MiB "
+    "in all, uncompressed.",
+)
 @click.option("--labels", type=_FILE, help="Text file, one class label per line.")
 @click.option("--description", default="", help="Free text.")
 @json_option

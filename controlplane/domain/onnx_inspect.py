@@ -3,7 +3,7 @@ and whether sample data and labels fit it. Pure functions over files."""
 
 from __future__ import annotations
 
-import zipfile
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from controlplane.domain import sample_archive
 from controlplane.errors import InvalidArgument
 
 
@@ -43,6 +44,8 @@ class ModelInfo:
 class SampleInfo:
     num_samples: int
     has_labels: bool
+    # A plain .npy (the only input's samples) rather than an .npz.
+    is_npy: bool = False
 
 
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
@@ -62,6 +65,17 @@ def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(value.name, dtype, tuple(shape), tuple(names))
 
 
+def _without_paths(message: str, path: Path) -> str:
+    """onnx names the file it read ("Unable to parse proto from file:
+    /data/blobs/tmp/upload-…/model") and resolves external data beside it:
+    the client learns what is wrong, not where the server keeps uploads."""
+    for shown in {path, path.resolve()}:
+        message = message.replace(str(shown), "the uploaded model")
+        message = message.replace(f"{shown.parent}{os.sep}", "")
+        message = message.replace(str(shown.parent), "the upload")
+    return message
+
+
 def inspect_model(path: Path) -> ModelInfo:
     """Check the model with onnx.checker and read its spec. Raises
     InvalidArgument with the checker's message when the file is not valid ONNX."""
@@ -70,7 +84,8 @@ def inspect_model(path: Path) -> ModelInfo:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises several unrelated types
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidArgument(f"not a valid ONNX model: {first_line}") from exc
+        reason = _without_paths(first_line, path)
+        raise InvalidArgument(f"not a valid ONNX model: {reason}") from exc
     initializers = {init.name for init in model.graph.initializer}
     inputs = tuple(_tensor_info(v) for v in model.graph.input if v.name not in initializers)
     outputs = tuple(_tensor_info(v) for v in model.graph.output)
@@ -84,21 +99,19 @@ def inspect_model(path: Path) -> ModelInfo:
 def inspect_sample_data(path: Path, model: ModelInfo) -> SampleInfo:
     """Check an .npz holds one array per model input, shaped like that input
     with a leading sample axis matching the model's batch dim, plus optional
-    `labels` with one entry per sample."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InvalidArgument(f"sample data is not a readable .npz file: {exc}") from exc
-    with archive:
-        arrays = {name: archive[name] for name in archive.files}
+    `labels` with one entry per sample; or that a plain .npy fits a model's
+    only input. Checks the arrays' headers first, then streams their data
+    through with bounded memory (sample_archive); no array is loaded."""
+    headers_in_file = sample_archive.read_headers(path)
+    headers = sample_archive.by_input_name(headers_in_file, [t.name for t in model.inputs])
     expected = {t.name for t in model.inputs}
-    missing = sorted(expected - arrays.keys())
+    missing = sorted(expected - headers.keys())
     if missing:
         raise InvalidArgument(
             f"sample data lacks arrays for model inputs {missing}; "
-            f"it has {sorted(arrays)} (name each array after a model input)"
+            f"it has {sorted(headers)} (name each array after a model input)"
         )
-    extra = sorted(arrays.keys() - expected - {"labels"})
+    extra = sorted(headers.keys() - expected - {"labels"})
     if extra:
         raise InvalidArgument(
             f"sample data has arrays {extra} that are not model inputs "
@@ -106,35 +119,39 @@ def inspect_sample_data(path: Path, model: ModelInfo) -> SampleInfo:
         )
     counts: set[int] = set()
     for spec in model.inputs:
-        array = arrays[spec.name]
-        if array.ndim != len(spec.shape):
+        header = headers[spec.name]
+        if len(header.shape) != len(spec.shape):
             raise InvalidArgument(
-                f"sample data {spec.name!r} has shape {list(array.shape)} but the model "
+                f"sample data {spec.name!r} has shape {list(header.shape)} but the model "
                 f"input is {list(spec.shape)} (rank {len(spec.shape)})"
             )
-        for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+        for axis, (got, want) in enumerate(zip(header.shape, spec.shape, strict=True)):
             if want != -1 and got != want and not (axis == 0 and want == 1):
                 raise InvalidArgument(
-                    f"sample data {spec.name!r} has shape {list(array.shape)}; the model "
+                    f"sample data {spec.name!r} has shape {list(header.shape)}; the model "
                     f"input is {list(spec.shape)} (axis {axis}: {got} != {want})"
                 )
-        if array.dtype.name != spec.dtype:
+        if header.dtype.name != spec.dtype:
             raise InvalidArgument(
-                f"sample data {spec.name!r} is {array.dtype.name}; the model input is {spec.dtype}"
+                f"sample data {spec.name!r} is {header.dtype.name}; the model input is {spec.dtype}"
             )
-        counts.add(int(array.shape[0]) if array.ndim else 1)
+        counts.add(int(header.shape[0]) if header.shape else 1)
     if len(counts) != 1:
         raise InvalidArgument(f"sample data inputs disagree on the sample count: {sorted(counts)}")
     (count,) = counts
     if count == 0:
         raise InvalidArgument("sample data holds no samples")
-    labels = arrays.get("labels")
-    if labels is not None and (labels.ndim < 1 or labels.shape[0] != count):
+    labels = headers.get("labels")
+    if labels is not None and (not labels.shape or labels.shape[0] != count):
         raise InvalidArgument(
             f"sample data 'labels' has shape {list(labels.shape)}; expected {count} entries, "
             "one per sample"
         )
-    return SampleInfo(num_samples=count, has_labels=labels is not None)
+    # Only now read the data: a truncated or corrupted member is refused at
+    # push time, not when a build loads it.
+    sample_archive.verify(path)
+    is_npy = set(headers_in_file) == {sample_archive.SINGLE_ARRAY}
+    return SampleInfo(num_samples=count, has_labels=labels is not None, is_npy=is_npy)
 
 
 def count_labels(path: Path) -> int:

@@ -498,6 +498,8 @@ def _golden(path: str | None) -> list[c.GoldenSample]:
     if not path:
         return []
     samples: dict[int, c.GoldenSample] = {}
+    # Not client data: the build worker wrote this file from samples that
+    # already passed sample_archive's limits (at most GOLDEN_MAX of them).
     with np.load(path, allow_pickle=False) as archive:
         for key in sorted(archive.files):
             kind, name = key.split("/", 1)

@@ -31,6 +31,8 @@ MEDIA_TYPES = {
     SAMPLE_DATA: "application/x-npz",
     LABELS: "text/plain; charset=utf-8",
 }
+# Sample data pushed as a plain .npy (a model with one input) is stored as such.
+NPY_MEDIA_TYPE = "application/x-npy"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
@@ -205,7 +207,9 @@ class RegistryService:
             with self._db.unit_of_work() as uow:
                 session = uow.session
                 for part, path in files.items():
-                    self._blobs.add(session, path, digests[part], MEDIA_TYPES[part])
+                    npy = part == SAMPLE_DATA and sample is not None and sample.is_npy
+                    media_type = NPY_MEDIA_TYPE if npy else MEDIA_TYPES[part]
+                    self._blobs.add(session, path, digests[part], media_type)
                 model = session.scalar(select(ModelRow).where(ModelRow.name == header.model_name))
                 if model is None:
                     model = ModelRow(

@@ -1,0 +1,388 @@
+"""Reading pushed sample data without trusting it: an `.npz` (a zip of `.npy`
+members, as np.savez / np.savez_compressed write it) or a plain `.npy`.
+
+np.load trusts a file's headers: it allocates whatever shape a member
+declares and inflates whatever a member holds, so a 3 MB archive declaring
+GiBs grew the control plane by 3.2 GB. Here every header is read first
+(numpy's own `numpy.lib.format` readers, over a bounded prefix of each
+member) and checked against the limits below before any array data is
+decompressed; the data is then read in bounded chunks, up to exactly the
+size the header declares, with zipfile checking each member's CRC at its
+end. Every malformed input is an InvalidArgument saying what is wrong.
+
+Pure functions over files: no gRPC, no SQL."""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from controlplane.errors import InvalidArgument
+
+MiB = 1024 * 1024
+
+# Largest array one sample file may hold, decompressed (its header's shape x
+# itemsize). 256 MiB is ~330 ImageNet-sized float32 samples: plenty to
+# calibrate and judge a build, small enough for a build worker to hold.
+MAX_SAMPLE_ARRAY_BYTES = 256 * MiB
+# Largest total of all arrays in one sample file, decompressed: what a build
+# worker holds in memory for the file.
+MAX_SAMPLE_TOTAL_BYTES = 512 * MiB
+# Most arrays (zip members) one .npz may hold: one per model input plus
+# `labels`.
+MAX_SAMPLE_ARRAYS = 64
+# Largest zip central directory accepted. zipfile builds a ZipInfo (~0.5 KB)
+# for every directory entry before anything can count them, so a directory of
+# millions of empty members would cost GBs; 64 members need a few KB.
+MAX_ZIP_DIRECTORY_BYTES = 64 * 1024
+# Most dimensions an array may declare (numpy 1.x's own limit).
+MAX_SAMPLE_ARRAY_DIMS = 32
+# Longest .npy header read (numpy's own default for `max_header_size`).
+MAX_NPY_HEADER_CHARS = 10_000
+# Data is decompressed and copied in chunks of this size, never whole.
+READ_CHUNK_BYTES = MiB
+
+# Array kinds accepted: bool, signed and unsigned integers, floats, complex.
+# Object arrays need pickle; structured, void, string and datetime arrays are
+# no model input's type.
+ACCEPTED_DTYPE_KINDS = "biufc"
+# Members are stored or deflated, as np.savez / np.savez_compressed write
+# them. zipfile inflates a bzip2 or LZMA member a whole compressed block at a
+# time, so one small block could still expand to GBs before a cap is checked.
+ACCEPTED_COMPRESSION = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+# The key a plain .npy's single array is returned under; an .npz member
+# cannot have an empty array name (that is refused).
+SINGLE_ARRAY = ""
+
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+# End of central directory record (PKWARE APPNOTE 4.3.16): signature, disk
+# numbers, entry counts, directory size and offset, comment length.
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_MAX_ZIP_COMMENT = 0xFFFF
+_NPY_PREFIX_BYTES = npy_format.MAGIC_LEN + 4 + MAX_NPY_HEADER_CHARS
+_ENCRYPTED_FLAG = 0x1
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    """What one array's .npy header declares, checked against the limits."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    fortran_order: bool
+    nbytes: int
+    # Bytes of the .npy header (magic included) before the array data.
+    header_bytes: int
+
+
+@dataclass(frozen=True)
+class _Member:
+    """Where one array lives: a zip member's info, or None for a plain .npy."""
+
+    info: zipfile.ZipInfo | None
+    header: ArrayHeader
+
+
+def read_headers(path: Path) -> dict[str, ArrayHeader]:
+    """Every array's header, checked against the limits, reading no array
+    data. A plain .npy's array is under SINGLE_ARRAY. Does not prove the data
+    is intact: `verify` does."""
+    return {name: m.header for name, m in _members(path).items()}
+
+
+def verify(path: Path) -> dict[str, ArrayHeader]:
+    """read_headers, then stream every array's data through (bounded memory,
+    nothing kept) so that a truncated or corrupted member is refused now,
+    not when a build loads it."""
+    members = _members(path)
+    _read_data(path, members, lambda _name, _chunk: None)
+    return {name: m.header for name, m in members.items()}
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    """Every array, in native byte order. Headers are checked against the
+    limits before anything is allocated; a plain .npy's array is under
+    SINGLE_ARRAY."""
+    members = _members(path)
+    buffers = {name: np.empty(m.header.nbytes, np.uint8) for name, m in members.items()}
+    filled = dict.fromkeys(members, 0)
+
+    def copy(name: str, chunk: bytes) -> None:
+        start = filled[name]
+        buffers[name][start : start + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        filled[name] = start + len(chunk)
+
+    _read_data(path, members, copy)
+    arrays: dict[str, np.ndarray] = {}
+    for name, member in members.items():
+        h = member.header
+        flat = buffers.pop(name).view(h.dtype)
+        array = (
+            flat.reshape(h.shape[::-1]).transpose() if h.fortran_order else flat.reshape(h.shape)
+        )
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        arrays[name] = array
+    return arrays
+
+
+def by_input_name(arrays: Mapping[str, T], input_names: Sequence[str]) -> dict[str, T]:
+    """Arrays keyed by model input: an .npz's as they are; a plain .npy's
+    single array as the samples of the model's only input."""
+    if set(arrays) != {SINGLE_ARRAY}:
+        return dict(arrays)
+    if len(input_names) != 1:
+        raise InvalidArgument(
+            f"sample data is a plain .npy (one array) but the model has {len(input_names)} "
+            f"inputs {sorted(input_names)}; push an .npz with one array named after each input"
+        )
+    return {input_names[0]: arrays[SINGLE_ARRAY]}
+
+
+# ---------------------------------------------------------------- internals
+
+
+def _members(path: Path) -> dict[str, _Member]:
+    with path.open("rb") as f:
+        start = f.read(len(npy_format.MAGIC_PREFIX))
+    if start == npy_format.MAGIC_PREFIX:
+        return {SINGLE_ARRAY: _npy_member(path)}
+    if start[:4] in _ZIP_SIGNATURES:
+        return _npz_members(path)
+    raise InvalidArgument(
+        "sample data is not a readable .npz or .npy file: it starts with neither the zip "
+        "nor the .npy signature (write it with np.savez or np.save)"
+    )
+
+
+def _npy_member(path: Path) -> _Member:
+    with path.open("rb") as f:
+        header = _parse_header("array (.npy)", f.read(_NPY_PREFIX_BYTES), SINGLE_ARRAY)
+    _check_total([header])
+    _check_member_size("array (.npy)", header, path.stat().st_size)
+    return _Member(None, header)
+
+
+def _npz_members(path: Path) -> dict[str, _Member]:
+    _check_zip_directory(path)
+    members: dict[str, _Member] = {}
+    with _open_zip(path) as archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_SAMPLE_ARRAYS:
+            raise InvalidArgument(
+                f"sample data holds {len(infos)} arrays; at most {MAX_SAMPLE_ARRAYS} are "
+                "accepted (MAX_SAMPLE_ARRAYS: one per model input, plus 'labels')"
+            )
+        for info in infos:
+            name = _array_name(info)
+            label = f"array {name!r}"
+            if name in members:
+                raise InvalidArgument(f"sample data has two members named {info.filename!r}")
+            _check_member_info(label, info)
+            with _reading(label), archive.open(info) as member:
+                prefix = member.read(_NPY_PREFIX_BYTES)
+            header = _parse_header(label, prefix, name)
+            _check_member_size(label, header, info.file_size)
+            members[name] = _Member(info, header)
+    _check_total([m.header for m in members.values()])
+    return members
+
+
+def _check_zip_directory(path: Path) -> None:
+    """Refuse an oversized central directory before zipfile parses it (see
+    MAX_ZIP_DIRECTORY_BYTES). zipfile's reader of the end record is private,
+    so this reads the fixed record itself, finding it as zipfile does: at
+    the very end, or before a trailing comment."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        f.seek(max(0, size - _EOCD.size - _MAX_ZIP_COMMENT))
+        tail = f.read()
+    at = tail.rfind(_EOCD_SIGNATURE)
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise InvalidArgument(
+            "sample data is not a valid .npz archive: no zip end-of-directory record "
+            "(the file is truncated or not a zip)"
+        )
+    directory_bytes = _EOCD.unpack_from(tail, at)[5]
+    if directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise InvalidArgument(
+            f"sample data's zip directory is {directory_bytes} bytes; at most "
+            f"{MAX_ZIP_DIRECTORY_BYTES} are accepted (MAX_ZIP_DIRECTORY_BYTES: a sample "
+            f"archive holds at most {MAX_SAMPLE_ARRAYS} arrays)"
+        )
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        raise InvalidArgument(f"sample data is not a valid .npz archive: {exc}") from exc
+
+
+def _array_name(info: zipfile.ZipInfo) -> str:
+    # np.load names an array after its member without the .npy suffix; any
+    # other member it would hand back as raw bytes, which no build can use.
+    if info.is_dir() or not info.filename.endswith(".npy") or info.filename == ".npy":
+        raise InvalidArgument(
+            f"sample data member {info.filename!r} is not an array: every member of the "
+            ".npz must be NAME.npy (write it with np.savez)"
+        )
+    return info.filename[: -len(".npy")]
+
+
+def _check_member_info(label: str, info: zipfile.ZipInfo) -> None:
+    if info.flag_bits & _ENCRYPTED_FLAG:
+        raise InvalidArgument(f"sample data {label} is encrypted")
+    if info.compress_type not in ACCEPTED_COMPRESSION:
+        raise InvalidArgument(
+            f"sample data {label} uses zip compression method {info.compress_type}; only "
+            "stored or deflate are accepted (as np.savez / np.savez_compressed write)"
+        )
+    # The member's declared size bounds what zipfile will ever inflate from
+    # it; refuse it before reading even the header.
+    most = MAX_SAMPLE_ARRAY_BYTES + _NPY_PREFIX_BYTES
+    if info.file_size > most:
+        raise InvalidArgument(
+            f"sample data {label} declares {_size(info.file_size)} uncompressed, over the "
+            f"limit of {_size(MAX_SAMPLE_ARRAY_BYTES)} per array (MAX_SAMPLE_ARRAY_BYTES)"
+        )
+
+
+def _parse_header(label: str, prefix: bytes, name: str) -> ArrayHeader:
+    """An ArrayHeader from the first bytes of an .npy stream, with numpy's
+    own readers; refuses what the limits and accepted dtypes do not allow."""
+    stream = io.BytesIO(prefix)
+    try:
+        version = npy_format.read_magic(stream)
+        read: Callable[..., tuple[tuple[int, ...], bool, np.dtype[Any]]]
+        if version == (1, 0):
+            read = npy_format.read_array_header_1_0
+        elif version == (2, 0):
+            read = npy_format.read_array_header_2_0
+        else:
+            raise ValueError(
+                f".npy format version {version[0]}.{version[1]} is not accepted (only 1.0 and "
+                "2.0; 3.0 is for structured arrays)"
+            )
+        shape, fortran_order, dtype = read(stream, max_header_size=MAX_NPY_HEADER_CHARS)
+    except (ValueError, TypeError, EOFError, struct.error) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidArgument(
+            f"sample data {label} has no valid .npy header: {first_line}"
+        ) from exc
+    if dtype.kind not in ACCEPTED_DTYPE_KINDS or dtype.names is not None or dtype.subdtype:
+        raise InvalidArgument(
+            f"sample data {label} has dtype {dtype.str!r} ({dtype}); only bool, integer, float "
+            "and complex arrays are accepted (no object, structured, void, string or datetime)"
+        )
+    if len(shape) > MAX_SAMPLE_ARRAY_DIMS or any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"sample data {label} declares an impossible shape {list(shape)} (dimensions must "
+            f"be non-negative, at most {MAX_SAMPLE_ARRAY_DIMS} of them)"
+        )
+    # Python ints: an absurd shape cannot overflow into a small number.
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_SAMPLE_ARRAY_BYTES:
+        raise InvalidArgument(
+            f"sample data {label} declares shape {list(shape)} of {dtype} = {_size(nbytes)}, "
+            f"over the limit of {_size(MAX_SAMPLE_ARRAY_BYTES)} per array "
+            "(MAX_SAMPLE_ARRAY_BYTES)"
+        )
+    return ArrayHeader(name, tuple(shape), dtype, fortran_order, nbytes, stream.tell())
+
+
+def _check_member_size(label: str, header: ArrayHeader, size: int) -> None:
+    expected = header.header_bytes + header.nbytes
+    if size < expected:
+        raise InvalidArgument(
+            f"sample data {label} is truncated: its header declares shape "
+            f"{list(header.shape)} of {header.dtype} ({header.nbytes} bytes) but it holds "
+            f"{max(0, size - header.header_bytes)} bytes of data"
+        )
+    if size > expected:
+        raise InvalidArgument(
+            f"sample data {label} has {size - expected} bytes after the "
+            f"{header.nbytes} bytes of data its header declares"
+        )
+
+
+def _check_total(headers: Sequence[ArrayHeader]) -> None:
+    total = sum(h.nbytes for h in headers)
+    if total > MAX_SAMPLE_TOTAL_BYTES:
+        raise InvalidArgument(
+            f"sample data arrays declare {_size(total)} in total, over the limit of "
+            f"{_size(MAX_SAMPLE_TOTAL_BYTES)} per sample file (MAX_SAMPLE_TOTAL_BYTES)"
+        )
+
+
+def _read_data(
+    path: Path, members: Mapping[str, _Member], sink: Callable[[str, bytes], None]
+) -> None:
+    """Hand each array's data bytes to `sink` in chunks of at most
+    READ_CHUNK_BYTES: exactly the declared size, never more."""
+    if SINGLE_ARRAY in members and members[SINGLE_ARRAY].info is None:
+        header = members[SINGLE_ARRAY].header
+        with path.open("rb") as f:
+            f.seek(header.header_bytes)
+            _stream("array (.npy)", f, SINGLE_ARRAY, header.nbytes, sink)
+        return
+    with _open_zip(path) as archive:
+        for name, member in members.items():
+            assert member.info is not None
+            label = f"array {name!r}"
+            with _reading(label), archive.open(member.info) as f:
+                f.read(member.header.header_bytes)
+                _stream(label, f, name, member.header.nbytes, sink)
+                # At the member's declared end zipfile checks its CRC; the
+                # sizes were matched above, so this read returns nothing.
+                f.read(1)
+
+
+def _stream(
+    label: str, f: IO[bytes], name: str, nbytes: int, sink: Callable[[str, bytes], None]
+) -> None:
+    left = nbytes
+    while left > 0:
+        chunk = f.read(min(left, READ_CHUNK_BYTES))
+        if not chunk:
+            raise InvalidArgument(
+                f"sample data {label} is truncated: {nbytes - left} of the {nbytes} bytes its "
+                "header declares are there"
+            )
+        sink(name, chunk)
+        left -= len(chunk)
+
+
+@contextmanager
+def _reading(label: str) -> Iterator[None]:
+    """Map what zipfile and zlib raise on a damaged member to InvalidArgument."""
+    try:
+        yield
+    except EOFError as exc:
+        raise InvalidArgument(f"sample data {label} is truncated: {exc}") from exc
+    except (zipfile.BadZipFile, zlib.error, OSError, RuntimeError) as exc:
+        raise InvalidArgument(f"sample data {label} is corrupted: {exc}") from exc
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 2**70:  # no float formatting of an absurd product
+        return "more than 1 ZiB"
+    for unit, scale in (("GiB", 1024**3), ("MiB", MiB), ("KiB", 1024)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f}".removesuffix(".0") + f" {unit}"
+    return f"{nbytes} bytes"

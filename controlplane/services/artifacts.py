@@ -3,14 +3,12 @@ device may download."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlalchemy import select
 
 from controlplane.db.models import ArtifactRow, BuildRow, DeviceRow
 from controlplane.db.uow import Database
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from controlplane.services.blobs import BlobStore, valid_digest
+from controlplane.services.blobs import BlobFile, BlobStore, valid_digest
 from controlplane.services.builds import SUCCEEDED
 from controlplane.services.devices import ACCEPTED
 from controlplane.services.registry import filter_by_model
@@ -47,10 +45,11 @@ class ArtifactService:
                 raise NotFound(f"no artifact with digest {digest!r}")
             return row
 
-    def open_for_device(self, device_id: str, digest: str) -> tuple[Path, int]:
-        """The local file and size of a blob the device may download: the
-        artifact (or its companion) of a successful build for the device's
-        class. Rollouts (issue 5) add explicit assignments."""
+    def open_for_device(self, device_id: str, digest: str) -> BlobFile:
+        """A blob the device may download, open and verified against its
+        digest (BlobStore.open): the artifact (or its companion) of a
+        successful build for the device's class. Rollouts (issue 5) add
+        explicit assignments. The caller closes it."""
         if not valid_digest(digest):
             raise InvalidArgument("digest must be 64 lowercase hex characters (sha256)")
         with self._db.unit_of_work(readonly=True) as uow:
@@ -83,5 +82,4 @@ class ArtifactService:
                     f"artifact {digest[:12]} is not built for this device's class; a device may "
                     "download only artifacts assigned to it or being validated for it"
                 )
-        path = self._blobs.local_path(self._db, digest)
-        return path, path.stat().st_size
+        return self._blobs.open(self._db, digest)

@@ -37,7 +37,14 @@ from typing import Any
 
 from controlplane import malloc_policy
 from controlplane.config import ServerConfig
-from controlplane.server import WorkerSlot, open_database, prepare, serve, write_port_files
+from controlplane.server import (
+    WorkerSlot,
+    open_database,
+    prepare,
+    prepare_process,
+    serve,
+    write_port_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,7 @@ def supervise(config: ServerConfig, workers: int) -> int:
     if not sys.platform.startswith("linux"):
         log.error("--workers > 1 needs Linux (SO_REUSEPORT); run one worker here")
         return 1
+    prepare_process(config)  # the workers inherit its umask and open-file limit
     db = open_database(config)
     try:
         prepare(db, config)

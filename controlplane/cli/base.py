@@ -22,7 +22,7 @@ from controlplane.cli.convert import (
     resolve_prefix,
     to_json_dict,
 )
-from controlplane.client import operator_stub
+from controlplane.client import operator_stub, probe_tls
 from edgefleet.v1 import operator_pb2_grpc
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -45,6 +45,38 @@ def rpc_error_message(err: grpc.RpcError) -> str:
     return str(err)
 
 
+def transport_hint(err: grpc.RpcError, env: Env) -> str | None:
+    """For a call that found the control plane UNAVAILABLE, what to do when
+    the reason is that this client and the server disagree about TLS (gRPC
+    says "Socket closed" or quotes OpenSSL); None for every other failure."""
+    if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    found = probe_tls(env.server, env.ca_cert)
+    if env.ca_cert is None and found.serves_tls:
+        return (
+            f"the control plane at {env.server} serves TLS and this connection was plain "
+            "text: pass its CA certificate (ca.pem in the server's data directory) with "
+            "--ca-cert or EDGEFLEET_CA_CERT"
+        )
+    if env.ca_cert is not None and found.serves_tls is False:
+        return (
+            f"the control plane at {env.server} does not speak TLS (started with --insecure?) "
+            f"and this connection used TLS, trusting {env.ca_cert} (--ca-cert or "
+            "EDGEFLEET_CA_CERT): leave that out to connect in plain text"
+        )
+    if env.ca_cert is not None and found.untrusted:
+        fix = (
+            "connect by a name or address its certificate names (the server's --tls-name)"
+            if "hostname" in found.untrusted.lower()
+            else "pass the ca.pem from that server's data directory with --ca-cert"
+        )
+        return (
+            f"the control plane at {env.server} has a certificate that {env.ca_cert} does not "
+            f"verify ({found.untrusted}): {fix}"
+        )
+    return None
+
+
 class RootGroup(click.Group):
     """Turns RPC and file errors from any command into CliError: a one-line
     message, never a traceback."""
@@ -53,7 +85,9 @@ class RootGroup(click.Group):
         try:
             return super().invoke(ctx)
         except grpc.RpcError as err:
-            raise CliError(rpc_error_message(err)) from None
+            env = ctx.find_object(Env)
+            hint = transport_hint(err, env) if env is not None else None
+            raise CliError(hint or rpc_error_message(err)) from None
         except OSError as err:
             where = f": {err.filename}" if err.filename else ""
             raise CliError(f"{err.strerror or err}{where}") from None

@@ -22,15 +22,29 @@ def sqlite_url(data_dir: Path) -> str:
 
 def make_engine(url: str | URL, *, pool_size: int = 10) -> Engine:
     """Create an engine. SQLite gets WAL, foreign keys, a busy timeout and
-    explicit BEGIN so write transactions can take the write lock up front."""
+    explicit BEGIN so write transactions can take the write lock up front.
+
+    Statements' parameters stay out of error messages (hide_parameters):
+    SQLAlchemy would otherwise print them with every failed statement, and
+    the server logs unexpected errors whole, so a failing insert of a device
+    or a token put its credential hash in the log."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(
-            parsed, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size
+            parsed,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=pool_size,
+            hide_parameters=True,
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        hide_parameters=True,
+    )
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -8,6 +8,11 @@ computes the waits. Both are unit-tested without a network.
 
 Everything the agent learns is persisted before it acts on it: the identity
 before the first Sync, a desired state before it is reported as applied.
+Except on a full disk (agent/disk.py): then a desired state is applied from
+memory and written again with backoff until it lands (the control plane
+resends its current state on every connect, so losing it to a restart is
+harmless), the device keeps serving, and it tells the control plane: a Hello
+with the free space and "disk full: ..." as the update status's reason.
 
 A desired state's assignment goes to the update machine (agent/update/),
 which runs on its own thread; its status reports come back here and go out
@@ -32,13 +37,15 @@ import psutil
 
 from agent import identity as store
 from agent.config import AgentConfig
-from agent.errors import AgentError, NotProvisioned, StateError
+from agent.disk import DiskCondition, RetriedWrite, is_disk_full, retry_delay
+from agent.errors import AgentError, DiskFull, NotProvisioned, StateError
 from agent.hardware import detect_hardware, detect_runtime
 from agent.identity import Identity
 from agent.inference_server import start_inference_server
 from agent.power import PowerPolicy, PowerThresholds
 from agent.serving import ModelHost
 from agent.telemetry import RequestStats
+from agent.telemetry_buffer import WHAT as TELEMETRY_BUFFER
 from agent.telemetry_buffer import TelemetryBuffer
 from agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics
 from agent.transport import (
@@ -294,6 +301,13 @@ class Agent:
         # Set when a renewed certificate must replace the live connections.
         self._reconnect = asyncio.Event()
         self._telemetry: TelemetryUploader | None = None
+        # Which state writes wait for room on a full disk (agent/disk.py).
+        self._disk = DiskCondition()
+        self._desired_writes: RetriedWrite[device_pb2.DesiredState] = RetriedWrite(
+            "desired.json",
+            lambda desired: store.save_desired(self.config.state_dir, desired),
+            self._disk,
+        )
 
     @property
     def can_enroll(self) -> bool:
@@ -405,6 +419,15 @@ class Agent:
         log.info("inference API on %s (fast path %s)", inference.unix_target,
                  inference.fast_socket_path)  # fmt: skip
         power_task = asyncio.create_task(power.run(), name="power")
+        loop = asyncio.get_running_loop()
+
+        def disk_changed() -> None:  # on whichever thread reported
+            # The update thread may outlive the loop by a step at shutdown.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._disk_changed)
+
+        self._disk.subscribe(disk_changed)
+        desired_writes = asyncio.create_task(self._desired_writes.run(), name="desired-writes")
         self._updates = self._start_updates(activator)
         if self._boot_desired is not None and self._boot_desired.HasField("assignment"):
             self._updates.submit(assignment_from_desired(self._boot_desired))
@@ -413,7 +436,7 @@ class Agent:
         try:
             await self._sync_forever(step)
         finally:
-            for task in (telemetry, power_task, renewal):
+            for task in (telemetry, power_task, renewal, desired_writes):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -439,7 +462,9 @@ class Agent:
             assert machine is not None
             return machine.record
 
-        self._reporter = StatusReporter(publish, record, active)
+        self._reporter = StatusReporter(
+            publish, record, active, condition=lambda: self._disk.reason
+        )
         ports = Ports(
             downloader=GrpcDownloader(
                 self._transport_().blocking_device_channel,
@@ -457,10 +482,18 @@ class Agent:
         if fault:
             log.warning("%s=%s: update fault injection is ON (tests only)", FAULT_ENV, fault)
             ports = with_pause(ports, fault, state_dir)
-        machine = UpdateMachine(UpdateStore(state_dir), ports)
+        machine = UpdateMachine(UpdateStore(state_dir), ports, disk=self._disk)
         runner = UpdateRunner(machine)
         runner.start()
         return runner
+
+    def _disk_changed(self) -> None:
+        # On the event loop: a state write started or stopped waiting for
+        # room. A Hello tells the control plane both ways at once: its
+        # hardware profile has the free space, its update status the reason.
+        # With no stream up, the next stream's Hello says the same.
+        if self._outbox is not None:
+            self._outbox.put_nowait(self._hello())
 
     def _send_status(self, status: common_pb2.UpdateStatus) -> None:
         # On the event loop. With no stream up, the next Hello carries the
@@ -478,13 +511,16 @@ class Agent:
         """Upload telemetry once the device has a credential to send it with;
         until then (and while offline) samples wait in the disk buffer."""
         await self._has_identity.wait()
-        buffer = TelemetryBuffer(self.config.state_dir)
+        buffer = await self._open_telemetry_buffer()
         metrics = None
         if self.config.metrics_listen:
             host, _, port = self.config.metrics_listen.rpartition(":")
             metrics = TelemetryMetrics()
             serve_metrics(metrics, int(port), host.strip("[]") or "127.0.0.1")
             log.info("telemetry for Prometheus on http://%s/metrics", self.config.metrics_listen)
+            gauge = metrics
+            gauge.observe_disk(bool(self._disk.waiting()))
+            self._disk.subscribe(lambda: gauge.observe_disk(bool(self._disk.waiting())))
         uploader = TelemetryUploader(
             stats=stats,
             buffer=buffer,
@@ -501,6 +537,21 @@ class Agent:
             self._telemetry = None
             await uploader.close()
             buffer.close()
+
+    async def _open_telemetry_buffer(self) -> TelemetryBuffer:
+        """The on-disk buffer; on a full disk (it could not even be opened)
+        tried again with backoff, while samples wait in RequestStats."""
+        attempt = 0
+        while True:
+            try:
+                buffer = TelemetryBuffer(self.config.state_dir, disk=self._disk)
+            except DiskFull as exc:
+                self._disk.failed(TELEMETRY_BUFFER, exc.message)
+                await asyncio.sleep(retry_delay(attempt))
+                attempt += 1
+                continue
+            self._disk.recovered(TELEMETRY_BUFFER)
+            return buffer
 
     def _current_credential(self) -> str:
         # Read at every upload: a re-enrollment replaces the credential.
@@ -524,11 +575,24 @@ class Agent:
             else:
                 channel = transport.device_channel()
             self._reconnect.clear()
+            disk_full: str | None = None
             try:
                 error = await self._run_step(step, channel)
+            except StateError as exc:
+                if step is not Step.ENROLL or not is_disk_full(exc):
+                    raise
+                disk_full = exc.message
             finally:
                 await channel.close(grace=None)
+            if disk_full is not None:
+                # The identity could not be written, so nothing of this
+                # enrollment is used; enrolling again is idempotent (the same
+                # device id, a fresh credential).
+                self._disk.failed("the enrollment", disk_full)
+                await self._sleep(self._backoff.next_delay())
+                continue
             if step is Step.ENROLL and error is None:
+                self._disk.recovered("the enrollment")
                 step = Step.SYNC
                 continue
             if self._reconnect.is_set():
@@ -601,10 +665,14 @@ class Agent:
                 continue  # re-enrolled meanwhile: a new certificate already
             try:
                 await self._renew_once(transport)
+                self._disk.recovered("the device certificate")
             except (grpc.aio.AioRpcError, StateError) as exc:
                 detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
-                log.warning("certificate renewal failed (%s); retrying in %.0f s",
-                            detail, RENEW_RETRY_S)  # fmt: skip
+                if isinstance(exc, StateError) and is_disk_full(exc):
+                    self._disk.failed("the device certificate", exc.message)  # logged once
+                else:
+                    log.warning("certificate renewal failed (%s); retrying in %.0f s",
+                                detail, RENEW_RETRY_S)  # fmt: skip
                 if time.time() >= device.not_after:
                     # Too late to renew: reconnecting enrolls again (with a
                     # token) or keeps saying why it cannot.
@@ -774,7 +842,9 @@ class Agent:
         if desired.revision <= self._applied_revision:
             log.debug("desired state revision %d already applied", desired.revision)
             return None
-        store.save_desired(self.config.state_dir, desired)
+        # Written now, or (disk full) kept and written again until it lands:
+        # applied from memory meanwhile (module docstring).
+        self._desired_writes.submit(desired)
         self._applied_revision = desired.revision
         self._class_name = desired.class_name
         log.info(describe_desired(desired))

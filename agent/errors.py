@@ -24,9 +24,19 @@ class ConfigError(AgentError):
 
 class StateError(AgentError):
     """The state directory cannot be read or written. Fatal: nothing the agent
-    does is safe if it cannot persist what it did."""
+    does is safe if it cannot persist what it did. Except DiskFull, below."""
 
     title = "State directory error"
+
+
+class DiskFull(StateError):
+    """A write to the state directory failed because its file system is full
+    (ENOSPC), over quota (EDQUOT) or read-only (EROFS). Not fatal, unlike
+    other StateErrors: the agent keeps what it learned in memory, keeps
+    serving the active model and writes again, with backoff, until the write
+    lands (agent/disk.py)."""
+
+    title = "Disk full"
 
 
 class NotProvisioned(AgentError):

@@ -8,7 +8,8 @@
 Files are written to a temp file in the same directory, fsynced, renamed over
 the old one and the directory fsynced, so a power cut leaves either the old
 or the new file, never a torn one. All are mode 0600: identity.json holds a
-secret and the others say what the device is."""
+secret and the others say what the device is. A write that fails for lack
+of room raises DiskFull (agent/disk.py), which the agent survives."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from agent.disk import write_error
 from agent.errors import StateError
 from edgefleet.v1 import device_pb2
 
@@ -76,7 +78,8 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
     try:
         atomic_write(path, data)
     except OSError as exc:
-        raise StateError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+        # DiskFull (the agent carries on and writes again) or StateError.
+        raise write_error(path, exc) from exc
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -244,5 +247,5 @@ def resolve_hardware_id(
     try:
         atomic_write(stored_path, (generated + "\n").encode())
     except OSError as exc:
-        raise StateError(f"{stored_path}: cannot write: {exc.strerror or exc}") from exc
+        raise write_error(stored_path, exc) from exc
     return generated

@@ -10,6 +10,13 @@ device clock), so the batch is resent one sample at a time and the samples
 still refused are discarded and counted as dropped, instead of blocking the
 buffer forever.
 
+RESOURCE_EXHAUSTED with a `retry-after-ms` trailer is the control plane's
+per-device rate limit: the batch stays buffered and no upload is tried until
+that delay (plus up to 10 % jitter, never less) has passed; the run loop
+wakes then rather than at the next interval, so a backlog drains at the
+rate the control plane allows, costing one refusal per delay. Intervals go
+on meanwhile and their samples wait in the buffer.
+
 The same figures can be served on a local Prometheus endpoint
 (`TelemetryMetrics`, its own CollectorRegistry; `serve_metrics` binds loopback
 by default). prometheus_client is imported only when a TelemetryMetrics is
@@ -21,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import grpc.aio
@@ -41,6 +50,27 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 500  # the control plane's limit per UploadTelemetry call
 DEFAULT_INTERVAL_S = 10.0
 RPC_TIMEOUT_S = 15.0
+# The control plane's trailer naming how long to wait (whole milliseconds)
+# before a refused upload would pass (controlplane/api/rpc.py).
+RETRY_AFTER_MS = "retry-after-ms"
+# A delay beyond this is taken as this: a broken or hostile answer must not
+# silence a device's telemetry for days (the buffer would overflow anyway).
+MAX_RETRY_AFTER_S = 3600.0
+RETRY_JITTER = 0.1
+
+
+def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The delay a refusal asks for, in seconds; None when it names none."""
+    # grpc.aio gives (key, value) pairs; grpc-stubs types them as the sync API's.
+    trailers = cast("Iterable[tuple[str, str | bytes]]", exc.trailing_metadata() or ())
+    for key, value in trailers:
+        if key == RETRY_AFTER_MS:
+            try:
+                ms = int(value)
+            except (TypeError, ValueError):
+                return None
+            return min(max(ms, 0) / 1000, MAX_RETRY_AFTER_S)
+    return None
 
 
 def to_proto(pending: Pending) -> device_pb2.TelemetrySample:
@@ -86,6 +116,7 @@ class FlushResult:
     discarded: int = 0  # refused by the control plane (INVALID_ARGUMENT)
     acked_seq: int = 0
     error: grpc.StatusCode | None = None  # why pending samples stayed buffered
+    retry_after_s: float | None = None  # the control plane's rate limit asked to wait
 
 
 # ---------------------------------------------------------------- Prometheus
@@ -127,6 +158,11 @@ class TelemetryMetrics:
         self.dropped = Gauge(
             p + "telemetry_dropped_samples", "Samples ever dropped from the buffer", registry=r
         )
+        self.disk_full = Gauge(
+            p + "state_disk_full",
+            "1 while a write to the state directory waits for room (disk full)",
+            registry=r,
+        )
 
     def observe(self, samples: Sequence[IntervalSample]) -> None:
         for gauge in (self.requests, self.errors, self.timeouts, self.latency):
@@ -162,6 +198,10 @@ class TelemetryMetrics:
         self.buffered.set(len(buffer))
         self.dropped.set(buffer.dropped_total)
 
+    def observe_disk(self, waiting: bool) -> None:
+        """Whether a state write waits for room (agent/disk.py)."""
+        self.disk_full.set(1 if waiting else 0)
+
 
 def serve_metrics(metrics: TelemetryMetrics, port: int, addr: str = "127.0.0.1") -> None:
     """Serve /metrics on a daemon thread (port 0 is not reported back)."""
@@ -188,15 +228,20 @@ class TelemetryUploader:
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         channel_options: Sequence[tuple[str, int]] = (),
         channel: Callable[[], grpc.aio.Channel] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """`channel` makes the channel to upload on (the agent's transport:
-        TLS with its certificate); without it, plain text to `target`."""
+        TLS with its certificate); without it, plain text to `target`.
+        `monotonic` times the control plane's retry delays."""
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}")
         self.stats, self.buffer, self.metrics = stats, buffer, metrics
         self._credential = credential
         self._interval_s, self._batch_size, self._timeout = interval_s, batch_size, rpc_timeout_s
         self._clock = clock
+        self._monotonic = monotonic
+        # No upload before this monotonic time (a rate-limit refusal).
+        self._retry_at: float | None = None
         options = list(channel_options)
         self._connect = channel or (lambda: grpc.aio.insecure_channel(target, options=options))
         self._channel = self._connect()
@@ -216,9 +261,17 @@ class TelemetryUploader:
         samples the control plane may hold), then tick every interval until
         cancelled (a last snapshot is not taken)."""
         await self.flush()
+        next_tick = self._monotonic() + self._interval_s
         while True:
-            await asyncio.sleep(self._interval_s)
-            await self.tick()
+            # Wake for the next interval, or earlier when a refused upload's
+            # delay ends first: then only flush.
+            wake = next_tick if self._retry_at is None else min(next_tick, self._retry_at)
+            await asyncio.sleep(max(0.0, wake - self._monotonic()))
+            if self._monotonic() >= next_tick:
+                next_tick = self._monotonic() + self._interval_s
+                await self.tick()
+            else:
+                await self.flush()
 
     async def tick(self) -> FlushResult:
         """Close the interval: snapshot into the buffer, then upload."""
@@ -232,15 +285,21 @@ class TelemetryUploader:
         return result
 
     async def flush(self) -> FlushResult:
-        """Upload everything pending, batch by batch, until done or a failure."""
+        """Upload everything pending, batch by batch, until done or a failure.
+        While a rate-limit delay runs, upload nothing."""
         result = FlushResult()
+        if self._retry_at is not None:
+            left = self._retry_at - self._monotonic()
+            if left > 0:
+                result.error, result.retry_after_s = grpc.StatusCode.RESOURCE_EXHAUSTED, left
+                return result
+            self._retry_at = None
         while batch := await asyncio.to_thread(self.buffer.pending, self._batch_size):
             try:
                 acked = await self._upload(batch)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                    log.info("telemetry upload failed (%s); kept buffered", exc.code().name)
-                    result.error = exc.code()
+                    self._refused(exc, result)
                     return result
                 if not await self._upload_one_by_one(batch, result):
                     return result
@@ -274,9 +333,27 @@ class TelemetryUploader:
                 result.uploaded += 1
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                    result.error = exc.code()
+                    self._refused(exc, result)
                     return False
                 log.warning("telemetry sample seq=%d refused: %s", pending.seq, exc.details())
                 await asyncio.to_thread(self.buffer.discard, pending.seq)
                 result.discarded += 1
         return True
+
+    def _refused(self, exc: grpc.aio.AioRpcError, result: FlushResult) -> None:
+        """An upload failed for a reason resending may fix: keep the samples;
+        when the control plane named a delay, send nothing before it ends."""
+        result.error = exc.code()
+        delay = retry_after_s(exc) if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+        if delay is None:
+            log.info("telemetry upload failed (%s); kept buffered", exc.code().name)
+            return
+        # Jitter only ever adds: devices refused together do not come back
+        # together, and none comes back before it was told to.
+        delay *= 1 + RETRY_JITTER * random.random()
+        self._retry_at = self._monotonic() + delay
+        result.retry_after_s = delay
+        log.info(
+            "telemetry rate-limited by the control plane; kept buffered, next upload in %.1f s",
+            delay,
+        )

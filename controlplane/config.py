@@ -37,6 +37,11 @@ class ServerConfig:
     # hourly rollups; the roll-up job runs this often on every replica.
     telemetry_retention_s: float = 7 * 24 * 3600.0
     telemetry_rollup_every_s: float = 600.0
+    # Per-device telemetry limit: samples a second, and how many at once (at
+    # least one full upload, 500). Per process. Why these: services/ratelimit.py
+    # (not imported here: the CLI reads these defaults and must stay light).
+    telemetry_rate_per_s: float = 5.0
+    telemetry_burst: int = 2000
     # Serve TLS: operators and enrollment on `listen` (server-authenticated),
     # device RPCs on `device_listen` with mutual TLS. False is plain text, for
     # local development only: `edgefleet server` defaults to TLS, the library

@@ -41,6 +41,12 @@ class PermissionDenied(DomainError):
 class ResourceExhausted(DomainError):
     title = "Too large"
 
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        # Set when the same request will pass after this many seconds (a rate
+        # limit); the client is told in the `retry-after-ms` trailer.
+        self.retry_after_s = retry_after_s
+
 
 class Unavailable(DomainError):
     """Temporary: the caller should retry (e.g. the server is shutting down)."""

@@ -23,8 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy.engine import make_url
 
-from controlplane import gc_policy, loop_lag, malloc_policy
+from controlplane import file_modes, gc_policy, loop_lag, malloc_policy, open_files
 from controlplane.api.device_servicer import DeviceServicer
 from controlplane.api.operator_servicer import OperatorServicer
 from controlplane.api.rpc import PeerCertificates, RpcMetrics
@@ -47,6 +48,7 @@ from controlplane.services.hub import SyncHub
 from controlplane.services.keys import ensure_signing_key
 from controlplane.services.operator_tokens import OperatorTokenService
 from controlplane.services.orchestrator import Orchestrator
+from controlplane.services.ratelimit import TelemetryRateLimit
 from controlplane.services.registry import RegistryService
 from controlplane.services.replicas import LocalEventBridge, PgEventBridge, libpq_dsn
 from controlplane.services.rollouts import RolloutService
@@ -65,6 +67,20 @@ PRESENCE_FLUSH_S = 5.0
 # Live views hear about new telemetry at most this often.
 TELEMETRY_EVENT_S = 5.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# How long a connection may take to finish its TLS handshake and HTTP/2
+# preface (gRPC's default: 120 s). Until then nobody has shown a credential,
+# yet each connection holds a file descriptor: 1,100 that sent nothing, or
+# half a ClientHello, held the 1,024 of a default limit for two minutes.
+# A handshake is two round trips; 10 s leaves room for a slow cellular link.
+HANDSHAKE_TIMEOUT_MS = 10_000
+# A connection without a call for this long is closed (GOAWAY; a client
+# reconnects when it next calls). Agents hold their Sync stream (a call) and
+# upload telemetry every 30 s; an idle CLI or TUI channel reconnects.
+MAX_CONNECTION_IDLE_MS = 120_000
+CONNECTION_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
+]
 
 
 class _DeviceStateCollector(Collector):
@@ -266,6 +282,7 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
             # Only the workers of one server share a port; anything else
             # already on it is an error, not a peer.
             ("grpc.so_reuseport", int(slot is not None and slot.workers > 1)),
+            *CONNECTION_OPTIONS,
         ]
     )
     agent_config = device_pb2.AgentConfig(
@@ -283,6 +300,7 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
         telemetry_pulse=telemetry_pulse,
         agent_config=agent_config,
         certificates=certificates,
+        telemetry_rate=TelemetryRateLimit(config.telemetry_rate_per_s, config.telemetry_burst),
         **base,
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(device_servicer, server)
@@ -535,5 +553,25 @@ def run(config: ServerConfig, workers: int = 1) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    prepare_process(config)
     malloc_policy.limit_arenas()
     asyncio.run(serve(config))
+
+
+def prepare_process(config: ServerConfig) -> None:
+    """What `edgefleet server` does to its own process before it opens
+    anything: files private to its user (the keys live in the database),
+    the data dir 0700, and as many open files as it may have. Worker
+    processes inherit all three."""
+    file_modes.restrict_new_files()
+    file_modes.secure_data_dir(config.data_dir, _sqlite_file(config))
+    open_files.raise_open_file_limit()
+
+
+def _sqlite_file(config: ServerConfig) -> Path | None:
+    """The SQLite database file, wherever --db puts it; None on PostgreSQL."""
+    url = make_url(config.db_url or sqlite_url(config.data_dir))
+    path = url.database or ""
+    if url.get_backend_name() != "sqlite" or path in ("", ":memory:") or path.startswith("file:"):
+        return None  # PostgreSQL, or an in-memory database
+    return Path(path)

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import StateError
+from agent.disk import write_error
+from agent.errors import DiskFull, StateError
 from agent.identity import atomic_write
 from agent.runtimes import ONNXRUNTIME, TENSORRT, TFLITE, TensorInfo
 from agent.serving import ModelHost, ModelSpec, ServingError, decode_tensor
@@ -134,10 +135,16 @@ class ActiveStore:
         }
         if record.shadow is not None:  # absent otherwise: the file stays as it was
             document["shadow"] = asdict(record.shadow)
+        data = (json.dumps(document, indent=2) + "\n").encode()
+        with contextlib.suppress(OSError):
+            if self.path.read_bytes() == data:
+                # Already says so (a rollback to what is on record, a retried
+                # step): no write, so none to fail on a full disk.
+                return
         try:
-            atomic_write(self.path, (json.dumps(document, indent=2) + "\n").encode())
+            atomic_write(self.path, data)
         except OSError as exc:
-            raise StateError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+            raise write_error(self.path, exc) from exc
 
 
 class HostActivator:
@@ -168,7 +175,7 @@ class HostActivator:
                 continue
             self.host.commit(candidate.model_name)
             if candidate is not record.active:
-                self.store.save(ActiveRecord(active=candidate, shadow=record.shadow))
+                self._save_at_boot(ActiveRecord(active=candidate, shadow=record.shadow))
             served = candidate
             break
         if record.shadow is not None:
@@ -179,8 +186,16 @@ class HostActivator:
                 # forgotten (its stage sees no mirrored requests from here).
                 log.error("cannot restore the shadow %s %s: %s", record.shadow.model_name,
                           record.shadow.model_version, exc.message)  # fmt: skip
-                self.store.save(ActiveRecord(active=served))
+                self._save_at_boot(ActiveRecord(active=served))
         return served
+
+    def _save_at_boot(self, record: ActiveRecord) -> None:
+        """Record what restore() serves, unless the disk is full: serving
+        comes first, and the next start makes the same choice again."""
+        try:
+            self.store.save(record)
+        except DiskFull as exc:
+            log.warning("%s; serving anyway", exc.message)
 
     # ------------------------------------------------------------ the port
 

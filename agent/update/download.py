@@ -17,18 +17,23 @@ are hashed; if a write fails half-way, the file is cut back to what was hashed.
 The file is renamed to <state_dir>/downloads/<digest> only after its sha256
 matched, so the final path exists only for a complete, correct artifact.
 Before fetching, free space must cover the remaining bytes plus a margin, or
-the download fails with a fatal "disk full"; if the disk fills up anyway
-(something else wrote to it), the partial file is deleted as it fails."""
+the attempt fails with a retryable "disk full while downloading ..." (the
+machine backs off and tries again, up to its attempt limit: space may free
+meanwhile); if the disk fills up anyway (something else wrote to it, or it
+hit a quota or went read-only), the partial file is deleted as the attempt
+fails the same way, so a full disk never keeps a half-written file."""
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+
+from agent.disk import disk_full_label
 
 from .ports import Downloader, FatalUpdateError, RetryableUpdateError
 
@@ -88,8 +93,8 @@ class ResumableDownload:
 
     def run(self, downloader: Downloader, on_progress: Callable[[int], None] | None = None) -> Path:
         """Fetch the rest of the artifact and return its final path. Raises
-        RetryableUpdateError (interrupted, chunk refused) or FatalUpdateError
-        (disk full, wrong size, sha256 mismatch)."""
+        RetryableUpdateError (interrupted, chunk refused, disk full) or
+        FatalUpdateError (wrong size, sha256 mismatch)."""
         if self.final.exists():
             # Renamed into place only after its sha256 matched.
             self._hashed = self.size
@@ -104,12 +109,18 @@ class ResumableDownload:
         except (ConnectionError, TimeoutError):
             raise  # the source's trouble, retryable (machine.classify)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                # The update fails anyway; the space the partial file held
-                # lets the agent record that on the same full disk.
-                self.part.unlink(missing_ok=True)
+            label = disk_full_label(exc)
+            if label is not None:
+                # The space the partial file held lets the agent record the
+                # failure on the same full disk, and no half-written file
+                # stays behind; a later attempt starts again from zero.
+                with contextlib.suppress(OSError):
+                    self.part.unlink(missing_ok=True)
                 self._hasher, self._hashed = None, 0
-                raise FatalUpdateError(f"disk full while downloading {self.digest[:12]}") from exc
+                raise RetryableUpdateError(
+                    f"{label} while downloading {self.digest[:12]} "
+                    f"({exc.strerror or exc}); the partial file was deleted"
+                ) from exc
             raise FatalUpdateError(f"{self.part}: {exc.strerror or exc}") from exc
 
     def _reset(self) -> None:
@@ -140,9 +151,9 @@ class ResumableDownload:
     def _check_space(self, remaining: int) -> None:
         free = int(self._disk_usage(self.part.parent).free)
         if free < remaining + self._margin:
-            raise FatalUpdateError(
-                f"disk full: {remaining} bytes still to download (plus a {self._margin}-byte "
-                f"margin) but only {free} bytes free"
+            raise RetryableUpdateError(
+                f"disk full while downloading {self.digest[:12]}: {remaining} bytes still to "
+                f"download (plus a {self._margin}-byte margin) but only {free} bytes free"
             )
 
     def _fetch(

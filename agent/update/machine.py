@@ -28,6 +28,17 @@ update that never settles ends in Failed. A state entered more than
 the same way without running the handler again. Failed always settles to Idle
 (its cleanup and report never fail).
 
+A full disk (agent/disk.py): the artifact's own bytes are a retryable failure
+(download.py), counted like any other. The small state files (update.json,
+active.json, trust.json) are different: when one cannot be written (DiskFull)
+the step did not fail, it could not be recorded, so the machine waits in the
+same state (Event WAITING) with capped exponential backoff, without counting
+an attempt or a loop, reports "disk full: ..." as the status's reason (once
+per state and reason) and carries on once the write lands. A record that
+could not be saved is held in memory and saved before any handler runs
+again, so the record on disk still always names the state whose side
+effects may be under way. Meanwhile the device serves what it served.
+
 Shadow assignments (Assignment.shadow, a rollout's shadow stage) run through
 the same states: only Activating branches, loading the candidate as the
 shadow of its model name (Activator.shadow) instead of activating it, so the
@@ -40,14 +51,14 @@ finds the file already downloaded).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentError, StateError
+from agent.disk import RETRY_MAX_S, DiskCondition, disk_full_label
+from agent.errors import AgentError, DiskFull, StateError
 
 from .download import DEFAULT_MARGIN, Hasher, ResumableDownload, artifact_path, remove_download
 from .ports import Ports, UpdateError
@@ -66,12 +77,17 @@ class UpdateInProgress(AgentError):
 
 def classify(exc: Exception) -> Event:
     """The failure event for an exception raised by a port."""
+    if isinstance(exc, DiskFull):
+        return Event.waiting(exc.message)
     if isinstance(exc, UpdateError):
         return Event.failure(exc.message, fatal=exc.fatal)
     if isinstance(exc, ConnectionError | TimeoutError):
         return Event.failure(f"{type(exc).__name__}: {exc}", fatal=False)
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return Event.failure("disk full", fatal=True)
+    label = disk_full_label(exc)
+    if label is not None:
+        # Staging bytes (a port's scratch files) on a full disk: space may
+        # free, so retried, up to the attempt limit.
+        return Event.failure(f"{label}: {exc}", fatal=False)
     return Event.failure(f"{type(exc).__name__}: {exc}", fatal=True)
 
 
@@ -88,6 +104,8 @@ class UpdateMachine:
         hash_factory: Callable[[], Hasher] = hashlib.sha256,
         disk_usage: Callable[[Path], Any] = shutil.disk_usage,
         disk_margin: int = DEFAULT_MARGIN,
+        disk: DiskCondition | None = None,
+        disk_wait_cap: float = RETRY_MAX_S,
     ) -> None:
         self.store = store
         self.ports = ports
@@ -95,13 +113,32 @@ class UpdateMachine:
         self.max_loops = max_loops
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.disk_wait_cap = disk_wait_cap
         self._hash_factory = hash_factory
         self._disk_usage = disk_usage
         self._disk_margin = disk_margin
+        # Shared with the rest of the agent: it logs and reports the wait.
+        self.disk = disk if disk is not None else DiskCondition()
         self.record = store.load()
         # Loaded in Activating: this process did not do (all of) the switch.
         self._restarted_in_activation = self.record.state is State.ACTIVATING
         self._download: ResumableDownload | None = None
+        # The record in memory is ahead of the one on disk (a full disk).
+        self._unsaved = False
+        # Consecutive waits for room, and what the last one reported.
+        self._waits = 0
+        self._waited: tuple[State, str] | None = None
+
+    @property
+    def waiting(self) -> str | None:
+        """Why the machine waits for room on the disk; None when it does not."""
+        return self._waited[1] if self._waited is not None else None
+
+    @property
+    def unsaved(self) -> bool:
+        """The record in memory is not on disk yet (a full disk): stepping
+        must go on until it is, even with nothing pending."""
+        return self._unsaved
 
     @property
     def state(self) -> State:
@@ -115,7 +152,8 @@ class UpdateMachine:
             raise UpdateInProgress("an update is still running; abort it and let it settle first")
         self.record = UpdateRecord(assignment=assignment, history=[State.IDLE.value])
         self._download = None
-        self.store.save(self.record)
+        # On a full disk it waits in memory: step() saves it before any work.
+        self._persist()
 
     def abort(self, reason: str) -> None:
         """Give up the running update. Honoured before activation (Downloading,
@@ -126,22 +164,32 @@ class UpdateMachine:
             self.record.outcome, self.record.reason = "aborted", reason
         else:
             self.record.abort_reason = reason
-        self.store.save(self.record)
+        self._persist()
 
     # ------------------------------------------------------------ stepping
 
     def step(self) -> State:
         """Run the current state's handler once; persist and return the next
-        state. Port errors become events; StateError (the record cannot be
-        persisted) propagates."""
+        state. Port errors become events; a record that cannot be saved for
+        lack of room makes the machine wait (module docstring); any other
+        StateError (the record cannot be persisted) propagates."""
         record = self.record
         state = record.state
+        if self._unsaved:
+            why = self._persist()
+            if why is not None:
+                return self._wait(state, why)
+            # On disk at last: say where the update stands.
+            self._report(state, record.reason if state in _FAILING else None)
         if state is State.IDLE:
             event = self._idle(record)
         else:
             record.attempts[state.value] = record.attempts.get(state.value, 0) + 1
             record.loops += 1
-            self.store.save(record)  # the attempt is on disk before its work
+            why = self._persist()  # the attempt is on disk before its work
+            if why is not None:
+                self._uncount(state)
+                return self._wait(state, why)
             event = self._guarded(state, record)
         if event.kind is EventKind.RETRYABLE and (
             record.attempts.get(state.value, 0) >= self.max_attempts
@@ -152,6 +200,11 @@ class UpdateMachine:
         successor = TRANSITIONS.get((state, event.kind))
         if successor is None:
             raise RuntimeError(f"no transition from {state} on {event.kind}")
+        if event.kind is EventKind.WAITING:
+            # Not an attempt: the step could not be recorded, it did not fail.
+            self._uncount(state)
+            return self._wait(state, event.reason or "disk full")
+        self._no_longer_waiting()
         if state is State.IDLE and event.kind is EventKind.NOTHING_TO_DO:
             return state
         if event.kind in (EventKind.FATAL, EventKind.ABORTED):
@@ -167,13 +220,53 @@ class UpdateMachine:
             record.outcome = "committed" if state is State.COMMITTED else "failed"
         record.state = successor
         record.history.append(successor.value)
-        self.store.save(record)  # the next state is on disk before its work
+        why = self._persist()  # the next state is on disk before its work
+        if why is not None:
+            # Its work waits until it is (step() saves first).
+            return self._wait(successor, why)
         self._report(successor, record.reason if successor in _FAILING else None)
         return successor
 
+    # ------------------------------------------------------------ a full disk
+
+    def _persist(self) -> str | None:
+        """Save the record; None once it is on disk, else why it is not
+        (DiskFull: it stays in memory, marked unsaved). Any other StateError
+        propagates."""
+        try:
+            self.store.save(self.record)
+        except DiskFull as exc:
+            self._unsaved = True
+            return exc.message
+        self._unsaved = False
+        return None
+
+    def _uncount(self, state: State) -> None:
+        """Take back the attempt and loop counted for a step that waited."""
+        if state is not State.IDLE:
+            record = self.record
+            record.attempts[state.value] = max(0, record.attempts.get(state.value, 1) - 1)
+            record.loops = max(0, record.loops - 1)
+
+    def _wait(self, state: State, reason: str) -> State:
+        """Back off until there may be room; report the wait when it is new."""
+        self.disk.failed("the update's state", reason)  # logged once
+        if self._waited != (state, reason):
+            self._waited = (state, reason)
+            self._report(state, reason)
+        delay = min(self.disk_wait_cap, self.backoff_base * 2.0 ** min(self._waits, 32))
+        self._waits += 1
+        self.ports.sleep(delay)
+        return state
+
+    def _no_longer_waiting(self) -> None:
+        if self._waited is not None:
+            self._waited, self._waits = None, 0
+            self.disk.recovered("the update's state")
+
     def run_until_settled(self) -> UpdateRecord:
-        """Step until the machine is Idle with nothing pending."""
-        while self.record.pending or self.record.state is not State.IDLE:
+        """Step until the machine is Idle with nothing pending (and saved)."""
+        while self.record.pending or self.record.state is not State.IDLE or self._unsaved:
             self.step()
         return self.record
 
@@ -195,6 +288,8 @@ class UpdateMachine:
         handler = self._handlers[state]
         try:
             return handler(self, record)
+        except DiskFull as exc:
+            return classify(exc)  # waits: a state file could not be written
         except StateError:
             raise
         except Exception as exc:

@@ -4,7 +4,10 @@ The machine never speaks gRPC or loads a runtime; the daemon passes objects
 implementing these Protocols (tests pass fakes). Every port error is
 classified: FatalUpdateError (no retry) or RetryableUpdateError (back off and
 try the same state again). ConnectionError and TimeoutError count as
-retryable; any other exception from a port is treated as fatal.
+retryable, and so does an OSError that says the disk is full; DiskFull (a
+port's state file, e.g. active.json, could not be written) makes the machine
+wait and run the step again (machine.py); any other exception from a port is
+treated as fatal.
 
 Contracts the real implementations must keep:
 - Downloader.fetch starts at `offset` and yields Chunks in order; each chunk

@@ -79,7 +79,11 @@ class StatusReporter:
     (and the last byte); state changes are always reported. Back in Idle, an
     update that settled is reported by its outcome ("committed" or "failed",
     with the reason), so the device's status says how the last update ended.
-    The latest status is kept for the Hello of the next sync stream."""
+    The latest status is kept for the Hello of the next sync stream.
+
+    `condition` says why the device cannot write its state directory ("disk
+    full: ...", agent/disk.py), or None; a status with no reason of its own
+    carries it, so the operator sees the condition whatever the update does."""
 
     def __init__(
         self,
@@ -89,10 +93,12 @@ class StatusReporter:
         *,
         progress_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        condition: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._publish = publish
         self._record = record
         self._active = active
+        self._condition = condition
         self._interval = progress_interval_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -133,7 +139,7 @@ class StatusReporter:
             state=name,
             bytes_done=bytes_done,
             bytes_total=bytes_total,
-            reason=reason or "",
+            reason=reason or self._condition() or "",
             active_model_version=version,
             active_artifact_digest=digest,
         )

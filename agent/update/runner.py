@@ -33,7 +33,8 @@ from .store import Assignment
 
 log = logging.getLogger(__name__)
 
-# After the update record could not be written (disk trouble), wait this long.
+# After the update record could not be read or written for a reason other
+# than a full disk (the machine waits for room itself), wait this long.
 STATE_ERROR_PAUSE_S = 10.0
 
 
@@ -93,7 +94,8 @@ class UpdateRunner:
         with self._changed:
             wanted = self._wanted
         taken = record.assignment.sequence if record.assignment else 0
-        busy = record.pending or machine.state is not State.IDLE
+        # An unsaved record (a full disk) keeps stepping until it is written.
+        busy = record.pending or machine.state is not State.IDLE or machine.unsaved
         if wanted is not None and wanted.sequence != taken:
             if not busy:
                 log.info(

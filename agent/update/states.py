@@ -6,7 +6,9 @@ table is a programming error (the machine raises), so every state lists every
 event it can produce.
 
 Retryable failures stay in the same state (the machine backs off and counts
-attempts; past the limit it turns them into fatal ones). Fatal failures before
+attempts; past the limit it turns them into fatal ones). So does waiting for
+room to write a state file (a full disk): the machine backs off without
+counting an attempt, since the step did not fail, it could not be recorded. Fatal failures before
 the artifact is downloaded go to Failed (nothing on the device changed); fatal
 failures after it go to RollingBack, which makes the previous model active
 again and then goes to Failed. Committed and Failed report and return to Idle.
@@ -35,6 +37,9 @@ class EventKind(StrEnum):
     FATAL = "fatal"  # Failure(fatal, reason)
     NOTHING_TO_DO = "nothing_to_do"
     ABORTED = "aborted"
+    # A state file could not be written (the disk is full): try the same
+    # state again once there is room; not a failure, no attempt counted.
+    WAITING = "waiting"
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,10 @@ class Event:
     def aborted(cls, reason: str) -> Event:
         return cls(EventKind.ABORTED, reason)
 
+    @classmethod
+    def waiting(cls, reason: str) -> Event:
+        return cls(EventKind.WAITING, reason)
+
 
 S, E = State, EventKind
 
@@ -68,28 +77,34 @@ TRANSITIONS: dict[tuple[State, EventKind], State] = {
     # Nothing on the device has changed yet: fatal or aborted -> Failed.
     (S.DOWNLOADING, E.SUCCESS): S.VERIFYING,
     (S.DOWNLOADING, E.RETRYABLE): S.DOWNLOADING,
+    (S.DOWNLOADING, E.WAITING): S.DOWNLOADING,
     (S.DOWNLOADING, E.FATAL): S.FAILED,
     (S.DOWNLOADING, E.ABORTED): S.FAILED,
     # After the download every fatal failure goes through RollingBack, so the
     # previous model is active (again) whatever happened before.
     (S.VERIFYING, E.SUCCESS): S.VALIDATING,
     (S.VERIFYING, E.RETRYABLE): S.VERIFYING,
+    (S.VERIFYING, E.WAITING): S.VERIFYING,
     (S.VERIFYING, E.FATAL): S.ROLLING_BACK,
     (S.VERIFYING, E.ABORTED): S.ROLLING_BACK,
     (S.VALIDATING, E.SUCCESS): S.ACTIVATING,
     (S.VALIDATING, E.RETRYABLE): S.VALIDATING,
+    (S.VALIDATING, E.WAITING): S.VALIDATING,
     (S.VALIDATING, E.FATAL): S.ROLLING_BACK,
     (S.VALIDATING, E.ABORTED): S.ROLLING_BACK,
     (S.ACTIVATING, E.SUCCESS): S.COMMITTED,
     (S.ACTIVATING, E.RETRYABLE): S.ACTIVATING,
+    (S.ACTIVATING, E.WAITING): S.ACTIVATING,
     (S.ACTIVATING, E.FATAL): S.ROLLING_BACK,
     # Committed: drop the standby. Until that succeeded the standby is still
     # loaded, so a fatal commit error can still roll back.
     (S.COMMITTED, E.SUCCESS): S.IDLE,
     (S.COMMITTED, E.RETRYABLE): S.COMMITTED,
+    (S.COMMITTED, E.WAITING): S.COMMITTED,
     (S.COMMITTED, E.FATAL): S.ROLLING_BACK,
     (S.ROLLING_BACK, E.SUCCESS): S.FAILED,
     (S.ROLLING_BACK, E.RETRYABLE): S.ROLLING_BACK,
+    (S.ROLLING_BACK, E.WAITING): S.ROLLING_BACK,
     (S.ROLLING_BACK, E.FATAL): S.FAILED,
     # Failed: clean up and report; always back to Idle.
     (S.FAILED, E.SUCCESS): S.IDLE,

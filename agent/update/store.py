@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.disk import write_error
 from agent.errors import StateError
 from agent.identity import atomic_write
 
@@ -140,4 +141,4 @@ class UpdateStore:
         try:
             atomic_write(self.path, _encode(record))
         except OSError as exc:
-            raise StateError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+            raise write_error(self.path, exc) from exc

@@ -40,6 +40,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from agent.disk import write_error
 from agent.errors import StateError
 from agent.identity import atomic_write, load_identity, load_trusted_keys, signing_key_id
 from edgefleet.v1 import common_pb2
@@ -270,7 +271,7 @@ class TrustStore:
         try:
             atomic_write(self.path, data)
         except OSError as exc:
-            raise StateError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+            raise write_error(self.path, exc) from exc
 
     # The Trust port.
 

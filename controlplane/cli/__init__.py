@@ -154,6 +154,21 @@ def main() -> None:
     help="How long raw telemetry is kept before it is rolled up into hourly rows (>= 1h).",
 )
 @click.option(
+    "--telemetry-rate",
+    type=click.FloatRange(min=0, min_open=True, max=1e9),
+    default=_config_default("telemetry_rate_per_s"),
+    show_default=True,
+    help="Telemetry samples a second one device may store on average (per server process); "
+    "more is refused with RESOURCE_EXHAUSTED and a retry delay.",
+)
+@click.option(
+    "--telemetry-burst",
+    type=click.IntRange(min=500),
+    default=_config_default("telemetry_burst"),
+    show_default=True,
+    help="Telemetry samples one device may store at once (at least one full upload, 500).",
+)
+@click.option(
     "--tls/--insecure",
     default=True,
     show_default=True,
@@ -196,6 +211,8 @@ def server(
     build_lease: float,
     toolchains_dir: Path | None,
     telemetry_retention: timedelta,
+    telemetry_rate: float,
+    telemetry_burst: int,
     tls: bool,
     device_listen: str | None,
     device_advertise: str | None,
@@ -224,6 +241,8 @@ def server(
             build_lease_s=build_lease,
             toolchains_dir=toolchains_dir,
             telemetry_retention_s=telemetry_retention.total_seconds(),
+            telemetry_rate_per_s=telemetry_rate,
+            telemetry_burst=telemetry_burst,
             tls=tls,
             device_listen=device_listen,
             device_advertise=device_advertise,

@@ -69,7 +69,7 @@ def _statements(n: int, sign: Callable[[bytes], bytes] | None) -> None:
         statement = assignment_statement(
             device_id=f"dev{i:08d}", sequence=i + 1, model_name="digits", model_version="2.0.0",
             artifact_sha256="ab" * 32, manifest_digest=digest, shadow=False, rollback=False,
-            key_id="0123456789abcdef", issued_at=NOW,
+            key_id="0123456789abcdef", issued_at=NOW, rollout_id="", artifact_size=1,
         )  # fmt: skip
         if sign is not None:
             sign(statement)

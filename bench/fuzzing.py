@@ -5,7 +5,18 @@ the protobuf descriptors, sent with every kind of credential to a real
 * no call ends INTERNAL, UNKNOWN, UNIMPLEMENTED or DATA_LOSS, and none hangs
   past its deadline;
 * the server process stays alive and its health check serves;
-* no partial writes: a call that fails leaves the database as it was.
+* no partial writes: a call that fails leaves the database as it was;
+* bounded memory: no single call grows the server's resident memory by
+  RSS_GROWTH_LIMIT or more (its peak during the call, where Linux lets the
+  fuzzer reset the high-water mark; what is left after it elsewhere);
+* after the hostile writes, every list RPC still answers within the
+  server's message limit (`list_sizes`, checked at the end of a run;
+  `flood` makes such writes in bulk, each free-text field as long as the
+  server takes).
+
+With `tls=True` the server runs `--tls`: operator RPCs and Enroll go to the
+main port trusting its CA, device RPCs to the mutual-TLS device port with
+the certificate of the device principal, issued by enrolling it with a CSR.
 
 Nothing here lists RPCs or fields by hand: every method of every service in
 device.proto and operator.proto is fuzzed, so RPCs and fields added later are
@@ -20,7 +31,7 @@ first validation.
 tests/test_fuzz.py runs a small derandomized run in CI; bench/bench_fuzz.py
 the 100,000-message one (docs/reliability.md, "Fuzzing").
 
-    python -m bench.fuzzing serve --data-dir D --port-file P --admin-token T
+    python -m bench.fuzzing serve --data-dir D --port-file P --admin-token T [--tls]
 runs the server the fuzzer talks to (what `edgefleet server` runs, with the
 background jobs that write on their own schedule slowed to once an hour, so a
 write seen during a failing call is that call's)."""
@@ -35,6 +46,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import re
 import signal
 import sqlite3
 import subprocess
@@ -48,6 +60,7 @@ from typing import Any
 import grpc
 import numpy as np
 import onnx
+import psutil
 from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
@@ -58,8 +71,10 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from agent.transport import new_key_and_csr
 from controlplane.db.models import Base
 from controlplane.domain.roles import ADMIN
+from controlplane.server import MAX_MESSAGE_BYTES
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
@@ -78,6 +93,16 @@ STREAM_IDLE_S = 0.1
 # Nothing the fuzzer sends should take this long; longer is reported as a hang.
 CALL_DEADLINE_S = 20.0
 HEALTH_EVERY = 25
+# No single call may grow the server's resident memory by this much (50 MB).
+RSS_GROWTH_LIMIT = 50 * 10**6
+# Free-text strings of this many characters in Fuzzer.flood's writes: 32 of
+# them make a list of 8 MiB, the server's message limit.
+FLOOD_STRING = 256 * 1024
+# RPCs that read: not flooded.
+_READS = ("List", "Get", "Query", "Watch", "Download")
+# Refusals the server audits on purpose (the audit row is the point of
+# them): the one write a failing call may make.
+AUDITED_REFUSALS = frozenset({"device.reenroll.refused"})
 # Every this many batches, what the set-up made is made again.
 REPLENISH_EVERY = 40
 # After a call that makes the server queue work for later (a push or a class
@@ -657,6 +682,23 @@ class DbProbe:
         # Deleted rows (a roll-up) show in the count, kept beside the hash.
         return f"{digest}:{count}"
 
+    def appended_up_to(self, table: str) -> int:
+        """The highest id of append-only `table` the last snapshot hashed."""
+        return max(
+            (last for key, (last, _) in self._appended.items() if key.startswith(f"{table}/")),
+            default=0,
+        )
+
+    def audit_actions_after(self, last_id: int) -> list[str]:
+        """The actions of audit entries past `last_id`."""
+        with self.engine.connect() as conn:
+            return [
+                str(action)
+                for action in conn.scalars(
+                    text("SELECT action FROM audit_log WHERE id > :i ORDER BY id"), {"i": last_id}
+                )
+            ]
+
     def invariants(self) -> list[str]:
         """What must hold of the data whatever was called: foreign keys,
         models with versions, blobs whole, rollouts with stages, ..."""
@@ -787,19 +829,34 @@ def diff(before: Snapshot, after: Snapshot) -> list[tuple[str, str]]:
 
 
 class FuzzServer:
-    """`python -m bench.fuzzing serve` as a subprocess on a loopback port."""
+    """`python -m bench.fuzzing serve` as a subprocess on a loopback port
+    (with `tls`: TLS there, and mutual TLS on a second port for devices)."""
 
-    def __init__(self, data_dir: Path, admin_token: str, db_url: str | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, admin_token: str, db_url: str | None = None, *, tls: bool = False
+    ) -> None:
         self.data_dir = data_dir
         self.admin_token = admin_token
         self.db_url = db_url or f"sqlite:///{(data_dir / 'edgefleet.db').resolve()}"
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.device_port = 0
         self.log_path = data_dir / "server.log"
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def device_address(self) -> str:
+        """The mutual-TLS device port (with tls)."""
+        return f"127.0.0.1:{self.device_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate the server writes with tls."""
+        return self.data_dir / "ca.pem"
 
     def start(self, timeout: float = 60.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -818,6 +875,7 @@ class FuzzServer:
             self.admin_token,
             "--db",
             self.db_url,
+            *(["--tls"] if self.tls else []),
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         root = Path(__file__).resolve().parent.parent
@@ -830,6 +888,14 @@ class FuzzServer:
                 raise RuntimeError(f"fuzz server did not start:\n{self.log()}")
             time.sleep(0.05)
         self.port = int(port_file.read_text())
+        if self.tls:
+            # Written before the main port's file.
+            self.device_port = int(port_file.with_name("device-port").read_text())
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -861,6 +927,7 @@ def serve_main(argv: Sequence[str]) -> None:
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--admin-token", required=True)
     parser.add_argument("--db", required=True)
+    parser.add_argument("--tls", action="store_true", help="TLS, mutual TLS for devices")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -878,6 +945,8 @@ def serve_main(argv: Sequence[str]) -> None:
                 build_workers=0,
                 rollout_tick_s=3600.0,
                 telemetry_rollup_every_s=3600.0,
+                # The device port on another free port (device-port file).
+                tls=args.tls,
             )
         )
     )
@@ -957,6 +1026,14 @@ class Report:
     invariants: list[str] = dataclasses.field(default_factory=list)
     health_checks: int = 0
     snapshots: int = 0
+    # The largest growth of the server's resident memory one call caused, per RPC.
+    rss_growth: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Whether that was the peak during the call (else: what was left after it).
+    rss_peaks: bool = False
+    # List RPCs after the hostile writes: the largest answer (bytes), and
+    # those over the message limit (or that could not be sent at all).
+    list_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    oversized: list[str] = dataclasses.field(default_factory=list)
 
     def table(self) -> str:
         """Counts per status code per RPC, one line per RPC."""
@@ -1006,6 +1083,107 @@ async def _read_stream(call: Any) -> grpc.StatusCode | str:
             return await call.code()  # type: ignore[no-any-return]
 
 
+# ---------------------------------------------------------------- the server's memory
+
+
+class ServerMemory:
+    """The server process's resident memory (psutil) and, on Linux, its peak
+    during a call: /proc/PID/clear_refs resets the high-water mark (VmHWM)
+    to the current RSS before the call, so a call that allocates and frees
+    again is still seen. Where that is not allowed, what is left after the
+    call is all there is to go by."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self._clear_refs = Path(f"/proc/{pid}/clear_refs")
+        self._status = Path(f"/proc/{pid}/status")
+        self.peaks = self._reset_peak()
+
+    def _reset_peak(self) -> bool:
+        try:
+            self._clear_refs.write_text("5")  # 5: reset the peak RSS (Linux >= 4.0)
+        except OSError:
+            return False
+        return self._peak() is not None
+
+    def _peak(self) -> int | None:
+        try:
+            for line in self._status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # in kB
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def before_call(self) -> int:
+        """The RSS now, with the peak reset to it."""
+        rss = int(self.process.memory_info().rss)
+        if self.peaks:
+            self._reset_peak()
+        return rss
+
+    def growth(self, before: int) -> int:
+        """How far the RSS rose above `before` (the peak since before_call)."""
+        peak = self._peak() if self.peaks else None
+        return (peak if peak is not None else int(self.process.memory_info().rss)) - before
+
+
+@dataclasses.dataclass
+class _Channels:
+    """An aio channel (unary and server-streaming calls) and a blocking one
+    (client streams) to one port with one set of credentials."""
+
+    aio: grpc.aio.Channel
+    sync: grpc.Channel
+
+
+# Large list answers must reach the fuzzer whole, to be measured.
+_CLIENT_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+def _bearer(metadata: Sequence[tuple[str, str]]) -> str:
+    return next((v for k, v in metadata if k == "authorization"), "")
+
+
+# "<field path> is N characters long; at most M": what the server's
+# INVALID_ARGUMENT says of a string over its limit (the path as in
+# "samples[0].power_mode").
+_LIMIT = re.compile(r"(?P<path>[\w.\[\]]+) is [\d,]+ characters long; at most (?P<limit>[\d,]+)")
+_PATH_PART = re.compile(r"(\w+)(?:\[(\d+)\])?")
+# A request has this many free-text fields at most that may each be over a limit.
+_FIT_TRIES = 32
+
+
+def _int(text_: str) -> int:
+    return int(text_.replace(",", ""))
+
+
+def _truncate(messages: Sequence[Message], path: str, limit: int) -> bool:
+    """Cut the string at `path` in whichever of `messages` holds one longer
+    than `limit` down to it; whether one did."""
+    for message in messages:
+        node: Any = message
+        parts = path.split(".")
+        for depth, part in enumerate(parts):
+            match = _PATH_PART.fullmatch(part)
+            if match is None or match[1] not in node.DESCRIPTOR.fields_by_name:
+                break
+            value = getattr(node, match[1])
+            if match[2] is not None:
+                if int(match[2]) >= len(value):
+                    break
+                value = value[int(match[2])]
+            if depth == len(parts) - 1:
+                if isinstance(value, str) and len(value) > limit and match[2] is None:
+                    setattr(node, match[1], value[:limit])
+                    return True
+                break
+            if not isinstance(value, Message):
+                break
+            node = value
+    return False
+
+
 # ---------------------------------------------------------------- the fuzzer
 
 
@@ -1023,7 +1201,12 @@ class Fuzzer:
         self.seeds: dict[str, list[list[Message]]] = {}
         self.probe = DbProbe(server.db_url)
         self._loop = asyncio.new_event_loop()
-        self._channel: grpc.aio.Channel | None = None
+        self._main: _Channels | None = None
+        # With TLS: the mutual-TLS channels of each device the fuzzer holds
+        # a key and certificate of, by its "Bearer <credential>".
+        self._device_tls: dict[str, tuple[bytes, bytes]] = {}
+        self._device_channels: dict[str, _Channels] = {}
+        self.memory = ServerMemory(server.pid)
         self._snap: Snapshot | None = None
         self._snap_version: int | None = None
         self._excused_until: dict[str, float] = {}
@@ -1041,27 +1224,89 @@ class Fuzzer:
     # -- plumbing
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._loop.run_until_complete(self._channel.close(None))
-            self._sync_channel.close()
+        for channels in [*self._device_channels.values(), *filter(None, [self._main])]:
+            self._close_channels(channels)
+        self._device_channels.clear()
+        self._main = None
         self._loop.close()
         self.probe.close()
 
     @property
     def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
+        """The main port (aio)."""
+        return self._main_channels().aio
+
+    def _main_channels(self) -> _Channels:
+        if self._main is None:
             raise RuntimeError("the fuzzer's channel is closed")
-        return self._channel
+        return self._main
+
+    def _make_channels(self, target: str, credentials: grpc.ChannelCredentials | None) -> _Channels:
+        def aio() -> grpc.aio.Channel:
+            if credentials is None:
+                return grpc.aio.insecure_channel(target, options=_CLIENT_OPTIONS)
+            return grpc.aio.secure_channel(target, credentials, options=_CLIENT_OPTIONS)
+
+        async def make() -> grpc.aio.Channel:
+            return aio()
+
+        # An aio channel belongs to the loop it is made on: the fuzzer's own.
+        made = aio() if self._loop.is_running() else self._loop.run_until_complete(make())
+        if credentials is None:
+            return _Channels(made, grpc.insecure_channel(target, options=_CLIENT_OPTIONS))
+        return _Channels(made, grpc.secure_channel(target, credentials, options=_CLIENT_OPTIONS))
+
+    def _close_channels(self, channels: _Channels) -> None:
+        """Close both (between calls: never from inside the fuzzer's loop)."""
+        channels.sync.close()
+        self._loop.run_until_complete(channels.aio.close(None))
 
     def _open(self) -> None:
-        async def make() -> grpc.aio.Channel:
-            return grpc.aio.insecure_channel(
-                self.server.address,
-                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
-            )
+        credentials = None
+        if self.server.tls:
+            credentials = grpc.ssl_channel_credentials(self.server.ca_file.read_bytes())
+        self._main = self._make_channels(self.server.address, credentials)
 
-        self._channel = self._loop.run_until_complete(make())
-        self._sync_channel = grpc.insecure_channel(self.server.address)
+    def _channels(self, rpc: str, metadata: Sequence[tuple[str, str]]) -> _Channels:
+        """Where a call goes: with TLS, a device RPC (Enroll aside) goes to
+        the device port with the certificate of the device whose credential
+        it carries, or, for any other credential, the device principal's;
+        everything else (and everything in plain text) to the main port."""
+        if not self.server.tls or rpc not in self._device_rpcs:
+            return self._main_channels()
+        credential = _bearer(metadata)
+        if credential not in self._device_tls:
+            credential = _bearer(self.principals["device"])
+        channels = self._device_channels.get(credential)
+        if channels is None:
+            key_pem, cert_pem = self._device_tls[credential]
+            channels = self._make_channels(
+                self.server.device_address,
+                grpc.ssl_channel_credentials(self.server.ca_file.read_bytes(), key_pem, cert_pem),
+            )
+            self._device_channels[credential] = channels
+        return channels
+
+    def _enroll_request(self, **fields: Any) -> tuple[d.EnrollRequest, bytes]:
+        """An EnrollRequest, with a CSR for a new key under TLS; the key."""
+        request = d.EnrollRequest(**fields)
+        key_pem = b""
+        if self.server.tls:
+            key_pem, request.csr = new_key_and_csr(request.hardware_id)
+        return request, key_pem
+
+    def _hold(self, enrolled: d.EnrollResponse, key_pem: bytes) -> str:
+        """Keep an enrolled device's key and certificate; its bearer metadata value."""
+        credential = f"Bearer {enrolled.device_credential}"
+        if self.server.tls:
+            self._device_tls[credential] = (key_pem, enrolled.certificate.certificate_pem)
+        return credential
+
+    def _forget(self, credential: str) -> None:
+        self._device_tls.pop(credential, None)
+        channels = self._device_channels.pop(credential, None)
+        if channels is not None:
+            self._close_channels(channels)
 
     def _admin(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.server.admin_token}"),)
@@ -1080,8 +1325,9 @@ class Fuzzer:
             self.seeds.setdefault(name, []).append(msgs)
         metadata = self._admin() if who is None else who
         m = rpc.method
+        channels = self._channels(name, metadata)
         if m.client_streaming:
-            sync = self._sync_channel
+            sync = channels.sync
             if m.server_streaming:
                 return list(
                     sync.stream_stream(rpc.path, **rpc.codec)(
@@ -1094,11 +1340,11 @@ class Fuzzer:
 
         async def go() -> Any:
             if m.server_streaming:
-                stream = self.channel.unary_stream(rpc.path, **rpc.codec)(
+                stream = channels.aio.unary_stream(rpc.path, **rpc.codec)(
                     msgs[0], metadata=metadata, timeout=CALL_DEADLINE_S
                 )
                 return [r async for r in stream]
-            return await self.channel.unary_unary(rpc.path, **rpc.codec)(
+            return await channels.aio.unary_unary(rpc.path, **rpc.codec)(
                 msgs[0], metadata=metadata, timeout=CALL_DEADLINE_S
             )
 
@@ -1107,13 +1353,14 @@ class Fuzzer:
     async def _invoke(self, case: Case) -> grpc.StatusCode | str:
         rpc, m, kw = case.rpc, case.rpc.method, case.rpc.codec
         metadata = self.principals[case.who]
+        channel = self._channels(rpc.name, metadata).aio
         try:
             if m.server_streaming:
-                call = self.channel.unary_stream(rpc.path, **kw)(
+                call = channel.unary_stream(rpc.path, **kw)(
                     case.messages[0], metadata=metadata, timeout=CALL_DEADLINE_S
                 )
                 return await _read_stream(call)
-            await self.channel.unary_unary(rpc.path, **kw)(
+            await channel.unary_unary(rpc.path, **kw)(
                 case.messages[0], metadata=metadata, timeout=CALL_DEADLINE_S
             )
         except grpc.aio.AioRpcError as err:
@@ -1126,16 +1373,17 @@ class Fuzzer:
         early status, hiding that status (grpc/grpc#36066)."""
         rpc, m, kw = case.rpc, case.rpc.method, case.rpc.codec
         metadata = self.principals[case.who]
+        channel = self._channels(rpc.name, metadata).sync
         try:
             if m.server_streaming:
                 # The server ends Sync when the client half-closes (the
                 # iterator runs out); a stream it keeps open is a hang.
-                for _ in self._sync_channel.stream_stream(rpc.path, **kw)(
+                for _ in channel.stream_stream(rpc.path, **kw)(
                     iter(case.messages), metadata=metadata, timeout=CALL_DEADLINE_S
                 ):
                     pass
             else:
-                self._sync_channel.stream_unary(rpc.path, **kw)(
+                channel.stream_unary(rpc.path, **kw)(
                     iter(case.messages), metadata=metadata, timeout=CALL_DEADLINE_S
                 )
         except grpc.RpcError as err:
@@ -1243,6 +1491,7 @@ class Fuzzer:
         )
         self.pools.enrollment_secrets[:] = [secrets["auto"], secrets["pending"], spare.secret]
         devices: dict[str, d.EnrollResponse] = {}
+        credentials: dict[str, str] = {}
         for hw, arch, policy in (
             ("pi-1", "aarch64", "auto"),
             ("pi-2", "aarch64", "auto"),
@@ -1250,17 +1499,16 @@ class Fuzzer:
             ("new-1", "armv7l", "pending"),
             ("bad-1", "x86_64", "pending"),
         ):
-            devices[hw] = self.call(
-                "Enroll",
-                d.EnrollRequest(
-                    enrollment_token=secrets[policy],
-                    hardware_id=hw,
-                    name=hw,
-                    labels={"env": "test"},
-                    hardware=c.HardwareProfile(arch=arch, memory_mb=2048, cpu_cores=4, os="linux"),
-                    runtime=c.RuntimeFingerprint(onnxruntime_version="1.20.0", agent_version="0.1"),
-                ),
+            request, key_pem = self._enroll_request(
+                enrollment_token=secrets[policy],
+                hardware_id=hw,
+                name=hw,
+                labels={"env": "test"},
+                hardware=c.HardwareProfile(arch=arch, memory_mb=2048, cpu_cores=4, os="linux"),
+                runtime=c.RuntimeFingerprint(onnxruntime_version="1.20.0", agent_version="0.1"),
             )
+            devices[hw] = self.call("Enroll", request)
+            credentials[hw] = self._hold(devices[hw], key_pem)
         self.call(
             "RejectDevice", o.RejectDeviceRequest(id=devices["bad-1"].device_id, reason="fuzz")
         )
@@ -1297,9 +1545,7 @@ class Fuzzer:
                 device_ids=[gw], model_name="digits", model_version="1.0.0", reason="fuzz"
             ),
         )
-        self.principals["device"] = (
-            ("authorization", f"Bearer {devices['pi-1'].device_credential}"),
-        )
+        self.principals["device"] = (("authorization", credentials["pi-1"]),)
         now = int(time.time())
         sample = d.TelemetrySample(
             seq=1,
@@ -1344,7 +1590,7 @@ class Fuzzer:
             )
         )
         self.call("Sync", [hello, beat, status], who=self.principals["device"])
-        gw_credential = (("authorization", f"Bearer {devices['gw-1'].device_credential}"),)
+        gw_credential = (("authorization", credentials["gw-1"]),)
         listed = self.call("ListArtifacts", o.ListArtifactsRequest(), seed=False)
         for art in listed.artifacts:
             self.pools.digests.append(art.digest)
@@ -1386,7 +1632,23 @@ class Fuzzer:
             o.RunBuildRequest(model_name="digits", model_version="1.1.0", class_name="gw"),
         )
         self.call("SetDeviceClass", o.SetDeviceClassRequest(id=pi, class_name="pi"))
+        if self.server.tls:
+            self._renew_device()
+        for hw, credential in credentials.items():
+            if hw != "pi-1":
+                self._forget(credential)  # only the device principal's channel stays open
         self.refresh()
+
+    def _renew_device(self) -> None:
+        """Renew the device principal's certificate (a seed for fuzzing
+        RenewCertificate past its checks), and use the new one."""
+        credential = _bearer(self.principals["device"])
+        key_pem, csr = new_key_and_csr("fuzz-renewal")
+        renewed = self.call(
+            "RenewCertificate", d.RenewCertificateRequest(csr=csr), who=self.principals["device"]
+        )
+        self._forget(credential)
+        self._device_tls[credential] = (key_pem, renewed.certificate.certificate_pem)
 
     def refresh(self) -> None:
         """Refill the pools from the database (what exists now), and make
@@ -1437,17 +1699,14 @@ class Fuzzer:
         """A fresh accepted device for the device principal: fuzzing may
         have rejected, re-enrolled or decommissioned the last one."""
         self._device_serial += 1
-        resp = self.call(
-            "Enroll",
-            d.EnrollRequest(
-                enrollment_token=self._enroll_secret,
-                hardware_id=f"fuzz-agent-{self._device_serial}",
-                hardware=c.HardwareProfile(arch="aarch64"),
-            ),
-            who=(),
-            seed=False,
+        request, key_pem = self._enroll_request(
+            enrollment_token=self._enroll_secret,
+            hardware_id=f"fuzz-agent-{self._device_serial}",
+            hardware=c.HardwareProfile(arch="aarch64"),
         )
-        self.principals["device"] = (("authorization", f"Bearer {resp.device_credential}"),)
+        resp = self.call("Enroll", request, who=(), seed=False)
+        self._forget(_bearer(self.principals["device"]))
+        self.principals["device"] = (("authorization", self._hold(resp, key_pem)),)
 
     # -- fuzzing
 
@@ -1508,7 +1767,136 @@ class Fuzzer:
         self._between_batches()
         self.report.seconds += time.perf_counter() - started
         self.report.invariants = self.probe.invariants()
+        self.report.oversized = self.list_sizes()
         return self.report
+
+    def _memory_bound(self, rpc: str, who: str, rss: int, outcome: str, request: str) -> None:
+        """Record how far the server's RSS rose during a call that started at
+        `rss` (ServerMemory.before_call); a failure at RSS_GROWTH_LIMIT."""
+        growth = self.memory.growth(rss)
+        self.report.rss_growth[rpc] = max(self.report.rss_growth.get(rpc, 0), growth)
+        self.report.rss_peaks = self.memory.peaks
+        if growth >= RSS_GROWTH_LIMIT:
+            self.report.failures.append(
+                Failure(
+                    rpc,
+                    who,
+                    "bounded memory",
+                    f"the server's RSS grew by {growth / 10**6:.0f} MB during one call "
+                    f"(ended {outcome}); the bound is {RSS_GROWTH_LIMIT / 10**6:.0f} MB",
+                    request,
+                )
+            )
+
+    def flood(self, copies: int, size: int = FLOOD_STRING) -> Counter[tuple[str, str]]:
+        """Hostile writes in bulk, for the list invariant: `copies` copies of
+        each of the set-up's writes with every free-text string in it (a
+        field no pool of real values holds: names shown to people, host
+        names, descriptions, reasons; set in the set-up's call or not) as
+        long as the server takes, from `size` characters down to the limit
+        its INVALID_ARGUMENT names; and the name, hardware id or version of
+        what a Create, Push or Enroll makes suffixed, so that each copy
+        makes a new one. Status codes per RPC."""
+        codes: Counter[tuple[str, str]] = Counter()
+        for name, streams in list(self.seeds.items()):
+            if name.startswith(_READS):
+                continue
+            makes = name.startswith(("Create", "Push", "Enroll"))
+            who = self.principals["device"] if name in self._device_rpcs else None
+            for j, messages in enumerate(streams):
+                if [self._hostile(m, size, "") for m in messages] == messages:
+                    continue  # nothing to make long (ids and bytes only)
+                limits: dict[str, int] = {}  # field path -> the limit the server named
+                for i in range(copies):
+                    unique = f"flood-{j}-{i}" if makes else ""
+                    for _ in range(_FIT_TRIES):
+                        hostile = [self._hostile(m, size, unique) for m in messages]
+                        for path, limit in limits.items():
+                            _truncate(hostile, path, limit)
+                        rss = self.memory.before_call()
+                        try:
+                            self.call(name, hostile, who=who, seed=False)
+                        except grpc.RpcError as err:
+                            self._memory_bound(name, "flood", rss, err.code().name, _short(hostile))
+                            named = _LIMIT.search(err.details() or "")
+                            if (
+                                err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                                and named is not None
+                                and _truncate(hostile, named["path"], _int(named["limit"]))
+                            ):
+                                limits[named["path"]] = _int(named["limit"])
+                                continue  # down to the limit it named; again
+                            codes[(name, err.code().name)] += 1
+                        else:
+                            self._memory_bound(name, "flood", rss, "OK", _short(hostile))
+                            codes[(name, "OK")] += 1
+                        break
+        for group in GROUPS:  # what the writes queued lands later
+            self._excused_until[group.name] = time.monotonic() + EXCUSE_S
+        return codes
+
+    def _hostile(self, message: Message, size: int, unique: str) -> Message:
+        """A copy of `message` with every free-text string `size` long, and
+        with `unique`, the name, hardware id or version it keys suffixed
+        (a version as a semver pre-release)."""
+        out = type(message)()
+        out.CopyFrom(message)
+        for node, f in list(_sites(out)):
+            if f.type != FieldDescriptor.TYPE_STRING or f.is_repeated:
+                continue
+            pool = self.pools.pool_for(node.DESCRIPTOR.name, f.name)
+            value = getattr(node, f.name)
+            if pool is self.pools.names or not pool:
+                long = (value or f.name)[:1] * size
+                # A name shown to people may still have to be unique: the
+                # copy's mark goes first, where cutting to a limit keeps it.
+                setattr(node, f.name, f"{unique}-{long}" if unique and f.name == "name" else long)
+            elif unique and value and f.name in ("name", "hardware_id"):
+                setattr(node, f.name, f"{value}-{unique}")
+            elif unique and value and f.name == "version":
+                setattr(node, f.name, f"{value}-{unique.replace('-', '.')}")
+        return out
+
+    def list_sizes(self, limit: int = MAX_MESSAGE_BYTES) -> list[str]:
+        """Every list RPC, as admin, with an empty request and with each of
+        the set-up's: the largest answer of each in report.list_bytes; what
+        is wrong (an answer over `limit`, the server's message limit, or
+        one it could not send) in the list returned."""
+        wrong: list[str] = []
+        lists = [
+            r
+            for r in self.rpcs
+            if r.name.startswith("List")
+            and not r.method.client_streaming
+            and not r.method.server_streaming
+        ]
+
+        async def size(rpc: Rpc, request: Message) -> int | grpc.aio.AioRpcError:
+            try:
+                response = await self.channel.unary_unary(rpc.path, **rpc.codec)(
+                    request, metadata=self._admin(), timeout=CALL_DEADLINE_S
+                )
+            except grpc.aio.AioRpcError as err:
+                return err
+            return int(response.ByteSize())
+
+        for rpc in lists:
+            requests = [rpc.request(), *(s[0] for s in self.seeds.get(rpc.name, []))]
+            for request in requests:
+                rss = self.memory.before_call()
+                got = self._loop.run_until_complete(size(rpc, request))
+                outcome = "OK" if isinstance(got, int) else got.code().name
+                self._memory_bound(rpc.name, "admin", rss, outcome, _short([request]))
+                if isinstance(got, int):
+                    self.report.list_bytes[rpc.name] = max(
+                        self.report.list_bytes.get(rpc.name, 0), got
+                    )
+                    if got > limit:
+                        wrong.append(f"{rpc.name}: {got} bytes, over the {limit}-byte limit")
+                elif got.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # Over the server's send limit: nobody can list these at all.
+                    wrong.append(f"{rpc.name}: not sent: {got.details()}")
+        return wrong
 
     def _examples(
         self, strategy: st.SearchStrategy[list[Case]], examples: int, seed: int, target: int
@@ -1569,6 +1957,7 @@ class Fuzzer:
             self._snap_version = before_version
             self.report.snapshots += 1
         before = self._snap
+        rss = self.memory.before_call()
         sent = time.monotonic()
         if case.rpc.method.client_streaming:
             code = self._invoke_streaming(case)
@@ -1587,6 +1976,7 @@ class Fuzzer:
             if group.after(name, case.who, code):
                 self._excused_until[group.name] = ended + EXCUSE_S
         request = _short(case.messages)
+        self._memory_bound(name, case.who, rss, label, request)
         if code in FORBIDDEN or code == LOST:
             self.report.failures.append(Failure(name, case.who, "status", label, request))
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -1600,6 +1990,7 @@ class Fuzzer:
         after_version = self.probe.version()
         if after_version is not None and after_version == before_version:
             return  # nothing committed since `before`
+        audited_up_to = self.probe.appended_up_to("audit_log")
         after = self.probe.snapshot()
         self.report.snapshots += 1
         self._snap, self._snap_version = after, after_version
@@ -1609,6 +2000,10 @@ class Fuzzer:
             for table, group in diff(before, after)
             if not (group and self._excused_until.get(group, 0.0) > now)
         ]
+        if ("audit_log", "") in changed and set(
+            self.probe.audit_actions_after(audited_up_to)
+        ) <= AUDITED_REFUSALS:
+            changed.remove(("audit_log", ""))  # the refusal's own audit entry, on purpose
         if changed:
             self.report.failures.append(
                 Failure(
@@ -1712,9 +2107,11 @@ def _fake_result(artifact: Path) -> dict[str, Any]:
     }
 
 
-def start(work_dir: Path, admin_token: str, db_url: str | None = None) -> Fuzzer:
-    """A server on a fresh data dir and a fuzzer set up against it."""
-    server = FuzzServer(work_dir / "cp", admin_token, db_url)
+def start(
+    work_dir: Path, admin_token: str, db_url: str | None = None, *, tls: bool = False
+) -> Fuzzer:
+    """A server on a fresh data dir (`--tls` with tls) and a fuzzer set up against it."""
+    server = FuzzServer(work_dir / "cp", admin_token, db_url, tls=tls)
     server.start()
     fuzzer = Fuzzer(server, work_dir / "fuzzer")
     try:

@@ -366,8 +366,9 @@ def _sign_statement(fleet: Fleet, device_id: str) -> None:
     plane's key: it got the artifact wrong, not the signature, so the agent's
     manifest checks (not its statement checks) are what must refuse it."""
     with sqlite3.connect(fleet.cp.data_dir / "edgefleet.db") as db:
-        sequence, digest, manifest, version = db.execute(
-            "SELECT a.sequence, f.digest, f.manifest, v.version FROM device_assignments a "
+        sequence, digest, manifest, version, size, rollout = db.execute(
+            "SELECT a.sequence, f.digest, f.manifest, v.version, f.size_bytes, a.rollout_id "
+            "FROM device_assignments a "
             "JOIN artifacts f ON f.id = a.artifact_id "
             "JOIN model_versions v ON v.id = a.model_version_id WHERE a.device_id = ?",
             (device_id,),
@@ -379,6 +380,7 @@ def _sign_statement(fleet: Fleet, device_id: str) -> None:
         device_id=device_id, sequence=sequence, model_name=MODEL, model_version=version,
         artifact_sha256=digest, manifest_digest=statements.manifest_sha256(manifest),
         shadow=False, rollback=False, key_id=key_id, issued_at=dt.datetime.now(dt.UTC),
+        rollout_id=rollout or "", artifact_size=size,
     )  # fmt: skip
     _tamper(fleet, "UPDATE device_assignments SET statement = ?, statement_signature = ?, "
             "key_id = ? WHERE device_id = ?", statement, signing.sign(private, statement), key_id,

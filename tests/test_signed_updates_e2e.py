@@ -351,6 +351,7 @@ def test_a_downgrade_needs_the_signed_rollback_flag(w: World) -> None:
         device_id=device_id, sequence=50, model_name=MODEL, model_version="1.0.0",
         artifact_sha256=a.artifact_digest, manifest_digest=hashlib.sha256(a.manifest).hexdigest(),
         shadow=False, rollback=False, key_id=kid, issued_at=dt.datetime.now(dt.UTC),
+        rollout_id=a.rollout_id, artifact_size=a.artifact_size,
     )  # fmt: skip
     a.statement_signature = signing.sign(private, a.statement)
     reason = w.refused(agent, device_id, forged)

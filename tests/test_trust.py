@@ -60,7 +60,8 @@ def _assignment(
     statement = statements.assignment_statement(
         device_id=device, sequence=sequence, model_name="digits", model_version=version,
         artifact_sha256="ab" * 32, manifest_digest=hashlib.sha256(MANIFEST).hexdigest(),
-        shadow=shadow, rollback=rollback, key_id=key.key_id, issued_at=NOW,
+        shadow=shadow, rollback=rollback, key_id=key.key_id, issued_at=NOW, rollout_id="",
+        artifact_size=1,
     )  # fmt: skip
     return Assignment(
         model_name="digits", model_version=version, artifact_digest="ab" * 32, artifact_size=1,
@@ -119,6 +120,8 @@ def test_what_the_assignment_says_must_be_what_was_signed() -> None:
         ({"manifest": b"another manifest"}, "manifest"),
         ({"shadow": True}, "shadow"),
         ({"rollback": True}, "rollback"),
+        ({"rollout_id": "made-up"}, "rollout id"),
+        ({"artifact_size": 2**40}, "artifact size"),
     ):
         reason = _refused(state, dataclasses.replace(good, **change))  # type: ignore[arg-type]
         assert f"does not match its signed statement: {what}" in reason
@@ -250,7 +253,8 @@ def _signed_update(key: Key, sequence: int, data: bytes, *, manifest_key: Key) -
     statement = statements.assignment_statement(
         device_id=DEVICE, sequence=sequence, model_name="digits", model_version="1.0.0",
         artifact_sha256=digest, manifest_digest=statements.manifest_sha256(manifest),
-        shadow=False, rollback=False, key_id=key.key_id, issued_at=NOW,
+        shadow=False, rollback=False, key_id=key.key_id, issued_at=NOW, rollout_id="",
+        artifact_size=len(data),
     )  # fmt: skip
     return Assignment(
         model_name="digits", model_version="1.0.0", artifact_digest=digest,

@@ -50,7 +50,10 @@ from .store import Assignment
 from .verify import signature_valid
 
 TRUST_FILE = "trust.json"
+# Rotation statements are format 1; assignment statements 1 or 2 (format 2
+# also signs the rollout id and the artifact's size).
 STATEMENT_FORMAT = 1
+ASSIGNMENT_FORMATS = (1, 2)
 
 REPLAYED = "replayed assignment"
 DOWNGRADE = "downgrade without a signed rollback instruction"
@@ -143,7 +146,7 @@ def verify_statement(state: TrustState, assignment: Assignment) -> TrustState:
     if signer is None:
         raise FatalUpdateError(f"assignment statement is {UNTRUSTED}")
     statement = common_pb2.AssignmentStatement.FromString(assignment.statement)
-    if statement.format_version != STATEMENT_FORMAT or statement.key_id != signer:
+    if statement.format_version not in ASSIGNMENT_FORMATS or statement.key_id != signer:
         raise FatalUpdateError(
             f"assignment statement (format {statement.format_version}) names key "
             f"{statement.key_id!r}, signed by {signer}"
@@ -165,6 +168,9 @@ def verify_statement(state: TrustState, assignment: Assignment) -> TrustState:
         "shadow": (statement.shadow, assignment.shadow),
         "rollback": (statement.rollback, assignment.rollback),
     }
+    if statement.format_version >= 2:
+        said["rollout id"] = (statement.rollout_id, assignment.rollout_id)
+        said["artifact size"] = (statement.artifact_size, assignment.artifact_size)
     for what, (signed, given) in said.items():
         if signed != given:
             raise FatalUpdateError(

@@ -230,7 +230,8 @@ def assign_devices(
                 device_id=device_id, sequence=row["sequence"], model_name=model_name,
                 model_version=mv.version, artifact_sha256=artifact.digest,
                 manifest_digest=digest, shadow=shadow, rollback=back, key_id=key_id,
-                issued_at=now,
+                issued_at=now, rollout_id=row["rollout_id"] or "",
+                artifact_size=artifact.size_bytes,
             )  # fmt: skip
             row.update(
                 statement=statement, statement_signature=sign.sign(statement), rollback=back,

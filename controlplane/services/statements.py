@@ -3,7 +3,8 @@ KeyRotationStatement), serialized deterministically: the stored bytes are
 exactly the signed bytes, so every replica pushes the same ones.
 
 An assignment statement binds one device's assignment (device id, sequence,
-artifact, the manifest's bytes, shadow, rollback) to the signing key; the
+artifact and its size, the manifest's bytes, shadow, rollback, rollout) to
+the signing key; the
 agent acts only on what it says (agent/update/trust.py). A rotation statement
 names the new key and is signed by the key it replaces."""
 
@@ -16,7 +17,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.v1 import common_pb2 as c
 
-FORMAT_VERSION = 1
+# Assignment statements name the rollout and the artifact's size since
+# format 2 (agents accept 1 and 2: a format-1 statement stored before says
+# nothing of them, and the agent then takes neither from the assignment's
+# unsigned fields as signed). Rotation statements are still format 1.
+ASSIGNMENT_FORMAT = 2
+ROTATION_FORMAT = 1
 
 
 def manifest_sha256(manifest: bytes) -> str:
@@ -42,10 +48,14 @@ def assignment_statement(
     rollback: bool,
     key_id: str,
     issued_at: dt.datetime,
+    rollout_id: str,
+    artifact_size: int,
 ) -> bytes:
     """The serialized AssignmentStatement (what gets signed and stored)."""
     return c.AssignmentStatement(
-        format_version=FORMAT_VERSION,
+        format_version=ASSIGNMENT_FORMAT,
+        rollout_id=rollout_id,
+        artifact_size=artifact_size,
         device_id=device_id,
         sequence=sequence,
         model_name=model_name,
@@ -72,7 +82,7 @@ def rotation_statement(
 ) -> bytes:
     """The serialized KeyRotationStatement (signed by `previous_key_id`)."""
     return c.KeyRotationStatement(
-        format_version=FORMAT_VERSION,
+        format_version=ROTATION_FORMAT,
         previous_key_id=previous_key_id,
         key_id=key_id,
         public_key=public_key,

@@ -1049,6 +1049,8 @@ class AssignmentStatement(_message.Message):
     ROLLBACK_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     ISSUED_AT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    ARTIFACT_SIZE_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     device_id: _builtins.str
     sequence: _builtins.int
@@ -1063,6 +1065,12 @@ class AssignmentStatement(_message.Message):
     rollback: _builtins.bool
     key_id: _builtins.str
     """The signing key's id."""
+    rollout_id: _builtins.str
+    """Format 2 and later: the rollout the assignment belongs to ("" for an
+    operator's own) and the artifact's size in bytes, so that no field of
+    the Assignment outside the statement is taken on trust.
+    """
+    artifact_size: _builtins.int
     @_builtins.property
     def issued_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1079,10 +1087,12 @@ class AssignmentStatement(_message.Message):
         rollback: _builtins.bool = ...,
         key_id: _builtins.str = ...,
         issued_at: _timestamp_pb2.Timestamp | None = ...,
+        rollout_id: _builtins.str = ...,
+        artifact_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_sha256", b"artifact_sha256", "device_id", b"device_id", "format_version", b"format_version", "issued_at", b"issued_at", "key_id", b"key_id", "manifest_sha256", b"manifest_sha256", "model_name", b"model_name", "model_version", b"model_version", "rollback", b"rollback", "sequence", b"sequence", "shadow", b"shadow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_sha256", b"artifact_sha256", "artifact_size", b"artifact_size", "device_id", b"device_id", "format_version", b"format_version", "issued_at", b"issued_at", "key_id", b"key_id", "manifest_sha256", b"manifest_sha256", "model_name", b"model_name", "model_version", b"model_version", "rollback", b"rollback", "rollout_id", b"rollout_id", "sequence", b"sequence", "shadow", b"shadow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -248,7 +248,8 @@ class _Reporter:
 def _signed_update(key: Key, sequence: int, data: bytes, *, manifest_key: Key) -> Assignment:
     digest = hashlib.sha256(data).hexdigest()
     manifest = common_pb2.ArtifactManifest(
-        class_name="cpu", sha256=digest, size_bytes=len(data)
+        model_name="digits", model_version="1.0.0", class_name="cpu", sha256=digest,
+        size_bytes=len(data),
     ).SerializeToString()
     statement = statements.assignment_statement(
         device_id=DEVICE, sequence=sequence, model_name="digits", model_version="1.0.0",

@@ -76,9 +76,10 @@ def make_assignment(
     class_name: str = CLASS,
     signer: Ed25519PrivateKey = SIGNER,
     size_bytes: int | None = None,
+    manifest_model: str = "digits",
 ) -> Assignment:
     manifest = common_pb2.ArtifactManifest(
-        model_name="digits",
+        model_name=manifest_model,
         model_version="2",
         class_name=class_name,
         sha256=sha(data),
@@ -767,6 +768,15 @@ REJECTIONS = [
         [IL, D, V, R, F, IL],
     ),
     ("other-class", {}, {"class_name": "raspberry-pi-5"}, OTHER_CLASS, [IL, D, V, R, F, IL]),
+    # A signed manifest published for another model (issue 18: a reused
+    # build's manifest named the first model pushed with the same bytes).
+    (
+        "other-model",
+        {},
+        {"manifest_model": "text-detector"},
+        "manifest is for text-detector@2, the assignment for digits@2",
+        [IL, D, V, R, F, IL],
+    ),
 ]
 
 

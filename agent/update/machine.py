@@ -64,6 +64,7 @@ from .download import DEFAULT_MARGIN, Hasher, ResumableDownload, artifact_path, 
 from .ports import Ports, UpdateError
 from .states import TRANSITIONS, Event, EventKind, State
 from .store import Assignment, UpdateRecord, UpdateStore
+from .verify import check_names_assigned
 
 RESTARTED_IN_ACTIVATION = "agent restarted during activation"
 _ABORTABLE = frozenset({State.DOWNLOADING, State.VERIFYING, State.VALIDATING})
@@ -351,6 +352,9 @@ class UpdateMachine:
             manifest=assignment.manifest,
             signature=assignment.manifest_signature,
             **({} if verified is None else {"trusted_keys": verified.keys}),
+        )
+        check_names_assigned(
+            assignment.manifest, assignment.model_name, assignment.model_version
         )
         if trust is not None and verified is not None:
             trust.accept(verified)

@@ -38,6 +38,21 @@ def signature_valid(public_key: bytes, data: bytes, signature: bytes) -> bool:
     return True
 
 
+def check_names_assigned(manifest: bytes, model_name: str, model_version: str) -> None:
+    """Refuse a (verified) manifest published for another model or version
+    than the assignment's: the device serves and reports the model under the
+    name its manifest gives, so both must be what the operator assigned."""
+    try:
+        parsed = common_pb2.ArtifactManifest.FromString(manifest)
+    except DecodeError as exc:
+        raise FatalUpdateError(f"signed manifest does not parse: {exc}") from exc
+    if (parsed.model_name, parsed.model_version) != (model_name, model_version):
+        raise FatalUpdateError(
+            f"manifest is for {parsed.model_name}@{parsed.model_version}, the assignment "
+            f"for {model_name}@{model_version}"
+        )
+
+
 class ManifestVerifier:
     """Implements the Verifier port."""
 

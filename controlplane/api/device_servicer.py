@@ -8,7 +8,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.api import convert
+from controlplane.api import convert, limits
 from controlplane.api.rpc import Handlers, rpc
 from controlplane.errors import (
     DomainError,
@@ -18,6 +18,7 @@ from controlplane.errors import (
     OutOfRange,
     PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
 )
 from controlplane.services import keys
 from controlplane.services.artifacts import ArtifactService
@@ -32,9 +33,10 @@ from controlplane.services.devices import (
     DesiredView,
     DeviceService,
 )
-from controlplane.services.enrollment import EnrollmentService
+from controlplane.services.enrollment import EnrollmentService, ReenrollmentProof
 from controlplane.services.events import Pulse
 from controlplane.services.hub import DeviceSession, SyncHub
+from controlplane.services.ratelimit import TelemetryRateLimit
 from controlplane.services.status_buffer import StatusBuffer
 from controlplane.services.telemetry import TelemetryService, Upload
 from edgefleet.v1 import device_pb2, device_pb2_grpc
@@ -69,6 +71,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         telemetry_pulse: Pulse,
         agent_config: device_pb2.AgentConfig,
         certificates: CertificateService | None = None,
+        telemetry_rate: TelemetryRateLimit | None = None,
         **base: Any,
     ) -> None:
         super().__init__(**base)
@@ -86,6 +89,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         self._telemetry_pulse = telemetry_pulse
         # Uploads waiting for or holding a database thread (event loop only).
         self._telemetry_in_flight = 0
+        self._telemetry_rate = telemetry_rate or TelemetryRateLimit()
         self._agent_config = agent_config
         self._desired = Coalescer(self._desired_many)
         self._uploads = Batcher(self._ingest_many, max_batch=TELEMETRY_BATCH)
@@ -103,6 +107,12 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             hardware=convert.hardware_to_dict(request.hardware),
             runtime=convert.runtime_to_dict(request.runtime),
             csr=request.csr,
+            proof=ReenrollmentProof(
+                device_id=request.proof.device_id,
+                credential=request.proof.device_credential,
+                certificate_pem=request.proof.certificate_pem,
+                signature=request.proof.signature,
+            ),
         )
         signing_keys = await self.run(keys.public_keys, self.db)
         response = device_pb2.EnrollResponse(
@@ -170,17 +180,28 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             return
         if first.WhichOneof("kind") != "hello":
             raise InvalidArgument("the first message on a sync stream must be Hello")
+        limits.check(first)
         await self._record_hello(device.device_id, first.hello)
         session = self._hub.connect(device.device_id)
         write_lock = asyncio.Lock()
         reader: asyncio.Task[None] | None = None
         sent_revision = 0
+        epoch = ""
         try:
             while True:
                 desired = await self._desired.get(device.device_id)
                 if desired is None:
                     raise NotFound(f"no device with id {device.device_id!r}")
                 view, assignment = desired
+                epoch = epoch or view.credential_epoch
+                if view.credential_epoch != epoch:
+                    # The device enrolled again since this stream opened: the
+                    # credential it was opened with is dead, and whoever holds
+                    # it gets nothing more.
+                    raise Unauthenticated(
+                        f"device {device.device_id} enrolled again; this stream's credential "
+                        "was replaced"
+                    )
                 if view.revision > sent_revision:
                     async with write_lock:
                         await context.write(self._desired_pb(view, assignment))
@@ -214,6 +235,10 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         async for message in requests:
             self._hub.seen(session)
             kind = message.WhichOneof("kind")
+            if kind != "heartbeat":
+                # A status's strings are written in batches with other
+                # devices' (status_buffer): one bad value must stop here.
+                limits.check(message)
             if kind == "heartbeat":
                 ack = device_pb2.HeartbeatAck(seq=message.heartbeat.seq, server_time=Timestamp())
                 ack.server_time.GetCurrentTime()
@@ -248,24 +273,22 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
     async def DownloadArtifact(
         self, request: device_pb2.DownloadArtifactRequest, context: Any, device: DevicePrincipal
     ) -> AsyncIterator[device_pb2.ArtifactChunk]:
-        path, size = await self.run(
+        # Verified against its digest (and healed from SQL) before it is served.
+        with await self.run(
             self._artifacts.open_for_device, device.device_id, request.digest
-        )
-        if request.offset > size:
-            raise OutOfRange(
-                f"offset {request.offset} is past the end of the {size}-byte artifact; "
-                "restart the download from 0"
-            )
-        chunk = min(max(request.chunk_size or DEFAULT_CHUNK, MIN_CHUNK), MAX_CHUNK)
-        offset = request.offset
-        # Page-cache reads of at most 1 MiB are short enough for the loop;
-        # an executor hop per chunk would cost more than the read.
-        with open(path, "rb") as fh:  # noqa: ASYNC230
-            fh.seek(offset)
+        ) as blob:
+            size = blob.size
+            if request.offset > size:
+                raise OutOfRange(
+                    f"offset {request.offset} is past the end of the {size}-byte artifact; "
+                    "restart the download from 0"
+                )
+            chunk = min(max(request.chunk_size or DEFAULT_CHUNK, MIN_CHUNK), MAX_CHUNK)
+            offset = request.offset
+            # Page-cache reads of at most 1 MiB are short enough for the loop;
+            # an executor hop per chunk would cost more than the read.
             while offset < size:
-                data = fh.read(chunk)
-                if not data:
-                    break
+                data = blob.read(offset, chunk)  # Unavailable if the file changed
                 yield device_pb2.ArtifactChunk(offset=offset, data=data, total_size=size)
                 offset += len(data)
 
@@ -282,7 +305,13 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                 "the control plane is busy; keep the samples buffered and send them "
                 "with the next upload"
             )
+        # Per device, before anything is converted or stored: a flooding
+        # credential is refused whole with the delay to wait (ratelimit.py).
+        self._telemetry_rate.charge(device.device_id, len(request.samples))
         samples = [convert.sample_from_pb(s) for s in request.samples]
+        # Before the upload joins a group commit: a value no column holds
+        # would fail every upload committed with it (api/limits.py).
+        limits.check_rows(samples, "TelemetrySample", "samples")
         self._telemetry_in_flight += 1
         try:
             # Always the authenticated device: a request cannot name another.

@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from controlplane.api import convert, paging
+from controlplane.api import convert, limits, paging
 from controlplane.api.rpc import Handlers, P, rpc
 from controlplane.domain.roles import ADMIN, VIEWER
 from controlplane.errors import InvalidArgument, NotFound
@@ -154,10 +154,15 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
                 page_size=paging.page_size(request.page_size),
                 after=None if after is None else (after[0], after[1]),
             )
-            return operator_pb2.ListDevicesResponse(
+            response = operator_pb2.ListDevicesResponse(
                 devices=[convert.device_to_pb(v) for v in page.devices],
                 next_page_token=paging.encode(request, page.next_after),
             )
+            # Devices that would take the page past the message size go to
+            # the next page.
+            cursors = [(v.row.name, v.row.id) for v in page.devices]
+            paging.fit_page(request, response, "devices", cursors)
+            return response
 
         # Converted in the thread as well: a whole fleet's conversion held the
         # event loop, and every sync stream's heartbeat, for a tenth of a
@@ -181,6 +186,13 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         self, request: operator_pb2.RejectDeviceRequest, context: Any, who: Op
     ) -> common_pb2.Device:
         view = await self.run(self._devices.reject, who.actor, request.id, request.reason)
+        return convert.device_to_pb(view)
+
+    @rpc("operator")
+    async def DecommissionDevice(
+        self, request: operator_pb2.DecommissionDeviceRequest, context: Any, who: Op
+    ) -> common_pb2.Device:
+        view = await self.run(self._devices.decommission, who.actor, request.id, request.reason)
         return convert.device_to_pb(view)
 
     @rpc("operator")
@@ -303,6 +315,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             raise InvalidArgument("empty push: send a PushModelHeader first") from None
         if first.WhichOneof("kind") != "header":
             raise InvalidArgument("the first PushModel message must be the header")
+        limits.check(first)  # a stream's messages are ours to check (rpc.py)
         h = first.header
         header = PushHeader(
             model_name=h.model_name,

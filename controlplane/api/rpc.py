@@ -8,14 +8,17 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from controlplane.api import limits, paging
 from controlplane.db.uow import Database
 from controlplane.domain import pki, roles
 from controlplane.errors import (
@@ -161,6 +164,9 @@ Auth = Literal["none", "operator", "device"]
 # echoes a long input past the client's metadata limit (16 KiB) reaches it as
 # RESOURCE_EXHAUSTED, not as its status. Bytes of UTF-8, so at most 3 KiB.
 MAX_DETAILS = 1024
+# Trailing metadata key of a refusal that will pass later (a rate limit):
+# whole milliseconds to wait, in decimal.
+RETRY_AFTER_MS = "retry-after-ms"
 
 
 def _clip(message: str) -> str:
@@ -174,6 +180,12 @@ def _clip(message: str) -> str:
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, DomainError):
         code = STATUS_OF.get(type(exc), grpc.StatusCode.INVALID_ARGUMENT)
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:
+            # A plain trailer, not google.rpc.RetryInfo in grpc-status-details-bin:
+            # reading it needs no googleapis-common-protos on the devices.
+            retry = ((RETRY_AFTER_MS, str(math.ceil(retry_after_s * 1000))),)
+            await context.abort(code, _clip(exc.message), retry)
         await context.abort(code, _clip(exc.message))
     log.exception("unexpected error in RPC")
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the control-plane log")
@@ -215,19 +227,25 @@ def rpc(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a servicer method `(self, request, context, principal)`:
     authenticate (operator RPCs: and check the token's role allows `role`),
-    time, and map errors. Works for unary and streaming handlers (async
-    generators too)."""
+    check a request message against the field limits (api/limits.py; a
+    stream's messages are the handler's to check), keep a unary response
+    within the response size (paging.fit), time, and map errors. Works for
+    unary and streaming handlers (async generators too)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         method = fn.__name__
 
-        async def authorized(self: Handlers, context: Any) -> Any:
+        async def authorized(self: Handlers, request: Any, context: Any) -> Any:
             principal = await self.authenticate(auth_kind, context)
             if auth_kind == "operator" and not roles.allows(principal.role, role):
                 raise PermissionDenied(
                     f"{method} needs the {role} role; operator token {principal.name!r} "
                     f"has {principal.role}"
                 )
+            # After authentication, so a stranger learns nothing from it;
+            # before the service, so nothing unstorable reaches the database.
+            if isinstance(request, Message):
+                limits.check(request)
             return principal
 
         if inspect.isasyncgenfunction(fn):
@@ -235,7 +253,7 @@ def rpc(
             @functools.wraps(fn)
             async def stream_wrapper(self: Handlers, request: Any, context: Any) -> Any:
                 async with _guarded(self, method, context):
-                    principal = await authorized(self, context)
+                    principal = await authorized(self, request, context)
                     async for item in fn(self, request, context, principal):
                         yield item
 
@@ -244,12 +262,28 @@ def rpc(
         @functools.wraps(fn)
         async def wrapper(self: Handlers, request: Any, context: Any) -> Any:
             async with _guarded(self, method, context):
-                principal = await authorized(self, context)
-                return await fn(self, request, context, principal)
+                principal = await authorized(self, request, context)
+                response = await fn(self, request, context, principal)
+                if isinstance(response, Message):
+                    _fit(method, response, context)
+                return response
 
         return wrapper
 
     return decorate
+
+
+def _fit(method: str, response: Message, context: Any) -> None:
+    """Keep `response` within what a client can receive (paging.fit). Rows
+    it leaves out are counted in the `edgefleet-omitted-items` trailer (the
+    lists without a page token have nowhere else to say so) and logged."""
+    dropped = paging.fit(response)
+    if dropped:
+        log.warning(
+            "%s: %d item(s) left out to keep the response within %d bytes",
+            method, dropped, paging.MAX_RESPONSE_BYTES,
+        )  # fmt: skip
+        context.set_trailing_metadata((("edgefleet-omitted-items", str(dropped)),))
 
 
 def _is_abort(exc: BaseException) -> bool:

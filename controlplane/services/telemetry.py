@@ -56,6 +56,7 @@ from operator import le
 from typing import Any, NamedTuple
 
 import psycopg
+import sqlalchemy.exc
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -115,6 +116,11 @@ UNLIMITED_MODES = ("", "normal")
 GROUP_BY = ("", "model_version", "class", "device")
 
 log = logging.getLogger(__name__)
+
+# What the database raises for a value it cannot store (a NUL in text on
+# PostgreSQL, a string past its column, a number past its type); sqlite3
+# raises OverflowError for an int past 64 bits.
+_UNSTORABLE = (psycopg.DataError, sqlalchemy.exc.DataError, OverflowError)
 
 
 class Sample(NamedTuple):
@@ -409,13 +415,46 @@ class TelemetryService:
         acked: dict[int, int | DomainError] = {}
         if valid:
             try:
-                acked = self._store(valid, copy=self._postgres)
-            except psycopg.errors.UniqueViolation:
-                # Only COPY raises for a duplicate: another upload of a device
-                # stored some of these seqs after our read. Redo, skipping them.
-                log.info("a telemetry group commit raced another upload; redone with ON CONFLICT")
-                acked = self._store(valid, copy=False)
+                acked = self._store_group(valid)
+            except _UNSTORABLE:
+                # The checks above and the API's field limits (api/limits.py)
+                # should leave nothing the database refuses; if one gets
+                # through, it must fail its own upload, not every upload of
+                # the group commit (on PostgreSQL a NUL in one sample did).
+                log.warning(
+                    "the database refused a value in a group commit of %d telemetry uploads; "
+                    "storing them one by one", len(valid),
+                )  # fmt: skip
+                acked = self._store_each(valid)
         return [refused[i] if i in refused else acked[i] for i in range(len(uploads))]
+
+    def _store_group(
+        self, uploads: Sequence[tuple[int, str, Sequence[Sample]]]
+    ) -> dict[int, int | DomainError]:
+        try:
+            return self._store(uploads, copy=self._postgres)
+        except psycopg.errors.UniqueViolation:
+            # Only COPY raises for a duplicate: another upload of a device
+            # stored some of these seqs after our read. Redo, skipping them.
+            log.info("a telemetry group commit raced another upload; redone with ON CONFLICT")
+            return self._store(uploads, copy=False)
+
+    def _store_each(
+        self, uploads: Sequence[tuple[int, str, Sequence[Sample]]]
+    ) -> dict[int, int | DomainError]:
+        """Each upload in a transaction of its own; one the database refuses
+        is InvalidArgument, alone."""
+        acked: dict[int, int | DomainError] = {}
+        for upload in uploads:
+            try:
+                acked.update(self._store([upload], copy=False))
+            except _UNSTORABLE as exc:
+                reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+                acked[upload[0]] = InvalidArgument(
+                    f"the database cannot store a value of this upload ({reason}); "
+                    "check the samples' text fields"
+                )
+        return acked
 
     def _store(
         self, uploads: Sequence[tuple[int, str, Sequence[Sample]]], *, copy: bool

@@ -1,0 +1,530 @@
+"""The size limits of everything a client sends, in one table, and the one
+check that applies them to a request before any service sees it.
+
+Why at the boundary: a string no column holds (longer than its VARCHAR, or
+with a NUL, which neither PostgreSQL's text nor its JSONB can store) reached
+the database and came back as INTERNAL, and on PostgreSQL only; a device's
+8 MB hostname was stored, and then every ListDevices page that held it was
+past the message limit, for every operator. Every string field of every
+request now has a length in characters, and every repeated or map field a
+count, refused with INVALID_ARGUMENT naming the field's path and the limit
+before anything is read or written; so both databases see the same values.
+
+Characters: single-line fields (names, ids, versions, hardware facts, label
+keys and values) refuse every control character (C0, DEL and C1: U+0000-U+001F,
+U+007F-U+009F), which no name needs and which a terminal would interpret
+when `edgefleet devices ls` prints it. Free text (descriptions, reasons)
+also takes tab, newline and carriage return. Identifiers (ids, digests,
+secrets, page tokens) must be ASCII, so their limit in bytes is their limit
+in characters; any other string is at most four bytes a character (UTF-8).
+
+A field without an entry gets DEFAULT: 256 characters of one line, 100
+items, its bytes unlimited (bytes fields are bounded by the transport's
+8 MiB message limit).
+
+Where it runs: the rpc decorator (api/rpc.py) checks every unary request
+after authentication; the streaming handlers check their messages (Sync's
+Hello and status reports, PushModel's header); a telemetry upload's samples
+are checked as rows once converted (CHECKED_AS_ROWS), before the upload
+joins a group commit. `clip` cuts a message down to the same limits; list
+responses use it on a row stored before the limits that would not fit in a
+response on its own (api/paging.py)."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
+
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from controlplane.domain.pki import MAX_CSR_BYTES
+from controlplane.errors import DomainError, InvalidArgument, ResourceExhausted
+
+# Imported for their descriptors: the table names fields of these messages.
+from edgefleet.v1 import common_pb2, device_pb2, operator_pb2  # noqa: F401
+
+_PACKAGE = "edgefleet.v1."
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What one field may hold. `chars`: a string's length in characters
+    (each item's, for a repeated string; each value's, for a map). `count`:
+    items of a repeated field, entries of a map. `key_chars`: a map's keys.
+    `bytes`: a bytes field's length (None: the transport's limit)."""
+
+    chars: int = 256
+    count: int = 100
+    key_chars: int = 63
+    bytes: int | None = None
+    # Free text: tab, newline and carriage return are allowed.
+    multiline: bool = False
+    # Identifiers: ASCII only, so `chars` is also their size in bytes.
+    ascii: bool = False
+    # The error a field over its limit raises; RESOURCE_EXHAUSTED where the
+    # caller should split the request rather than fix it.
+    error: type[DomainError] = InvalidArgument
+    # Appended to the error of a string over its length, or of too many
+    # items: what to do instead.
+    hint: str = ""
+    count_hint: str = ""
+
+
+DEFAULT = Limit()
+
+# Shared shapes (the column each is stored in, where there is one).
+ID = Limit(chars=32, ascii=True)  # String(32) ids: devices, tokens, builds, rollouts
+DIGEST = Limit(chars=64, ascii=True)  # sha256 hex, String(64)
+MODEL_NAME = Limit(chars=100)  # String(100)
+VERSION = Limit(chars=64)  # String(64)
+CLASS_NAME = Limit(chars=100)  # String(100); the service allows 63 of [a-z0-9-]
+TOKEN_NAME = Limit(chars=200)  # String(200), also the audit actor
+FACT = Limit(chars=256)  # a hardware or runtime fact (JSON)
+RUNTIME_VERSION = Limit(chars=64)
+REASON = Limit(chars=1024, multiline=True)  # an operator's why, kept in the audit log
+DESCRIPTION = Limit(chars=4096, multiline=True)  # Text
+# Labels: as devices.validate_labels checks them (keys also by pattern).
+LABELS = Limit(count=64, key_chars=63, chars=256)
+# Page tokens are ours: base64 of a cursor made of values within these limits.
+PAGE_TOKEN = Limit(
+    chars=4096, ascii=True, hint="; it is not one a response gave: start again without it"
+)
+
+# "Message.field" -> its limit. Every request field of DeviceService and
+# OperatorService that holds a string or repeats is here, so the documented
+# limit of each is this line (a field missing falls back to DEFAULT; a test
+# checks that every name here is a field).
+LIMITS: dict[str, Limit] = {
+    # ---- device-reported facts (Enroll, Sync's Hello)
+    "EnrollRequest.enrollment_token": Limit(chars=256, ascii=True),
+    "EnrollRequest.hardware_id": Limit(chars=200),  # String(200), unique
+    # An agent without a configured name sends its hostname (253); the
+    # enrollment keeps the first 200 characters, as it always did.
+    "EnrollRequest.name": Limit(chars=253),
+    "EnrollRequest.labels": LABELS,
+    "EnrollRequest.csr": Limit(bytes=MAX_CSR_BYTES),
+    "ReenrollmentProof.device_id": ID,
+    "ReenrollmentProof.device_credential": Limit(chars=256, ascii=True),
+    "ReenrollmentProof.certificate_pem": Limit(bytes=16 * 1024),
+    "ReenrollmentProof.signature": Limit(bytes=2048),  # RSA-8192's is 1,024
+    "HardwareProfile.os": FACT,
+    "HardwareProfile.os_release": FACT,
+    "HardwareProfile.arch": Limit(chars=64),
+    "HardwareProfile.cpu_model": FACT,
+    "HardwareProfile.accelerators": Limit(count=16),
+    # RFC 1035: a host name is at most 253 characters.
+    "HardwareProfile.hostname": Limit(chars=253),
+    "HardwareProfile.board_model": FACT,
+    "Accelerator.kind": Limit(chars=64),
+    "Accelerator.name": FACT,
+    "Accelerator.driver_version": RUNTIME_VERSION,
+    "Accelerator.compute_capability": Limit(chars=32),
+    "RuntimeFingerprint.python_version": RUNTIME_VERSION,
+    "RuntimeFingerprint.agent_version": RUNTIME_VERSION,
+    "RuntimeFingerprint.onnxruntime_version": RUNTIME_VERSION,
+    "RuntimeFingerprint.onnxruntime_providers": Limit(count=32, chars=64),
+    "RuntimeFingerprint.litert_version": RUNTIME_VERSION,
+    "RuntimeFingerprint.litert_package": Limit(chars=64),
+    "RuntimeFingerprint.tensorrt_version": RUNTIME_VERSION,
+    # ---- an agent's update status (Hello, StatusReport): deployment_events
+    "UpdateStatus.state": Limit(chars=32),  # String(32)
+    "UpdateStatus.model_name": MODEL_NAME,
+    "UpdateStatus.model_version": VERSION,
+    "UpdateStatus.artifact_digest": DIGEST,
+    # Why an update failed, in the agent's words (Text; reasons are joined
+    # across retries). Generous: an agent's report over it is refused, and
+    # its sync stream with it, every time it connects until the update moves.
+    "UpdateStatus.reason": Limit(chars=16_384, multiline=True),
+    "UpdateStatus.rollout_id": ID,
+    "UpdateStatus.active_model_version": VERSION,
+    "UpdateStatus.active_artifact_digest": DIGEST,
+    # ---- other device RPCs
+    "DownloadArtifactRequest.digest": DIGEST,
+    "RenewCertificateRequest.csr": Limit(bytes=MAX_CSR_BYTES),
+    # As telemetry.MAX_BATCH; over it the agent splits the upload.
+    "UploadTelemetryRequest.samples": Limit(
+        count=500, error=ResourceExhausted, count_hint="; split the upload"
+    ),
+    "TelemetrySample.model_name": MODEL_NAME,
+    "TelemetrySample.model_version": VERSION,
+    "TelemetrySample.power_mode": Limit(chars=32),  # String(32)
+    "TelemetrySample.shadow_version": VERSION,
+    # ---- tokens
+    "CreateEnrollmentTokenRequest.name": TOKEN_NAME,
+    "CreateEnrollmentTokenRequest.labels": LABELS,
+    "RevokeEnrollmentTokenRequest.id": ID,
+    "CreateOperatorTokenRequest.name": TOKEN_NAME,
+    "RevokeOperatorTokenRequest.id": ID,
+    # ---- devices
+    "ListDevicesRequest.class_name": CLASS_NAME,
+    "ListDevicesRequest.labels": LABELS,
+    "ListDevicesRequest.page_token": PAGE_TOKEN,
+    "GetDeviceRequest.id": ID,
+    "AcceptDeviceRequest.id": ID,
+    "RejectDeviceRequest.id": ID,
+    "RejectDeviceRequest.reason": REASON,
+    "DecommissionDeviceRequest.id": ID,
+    "DecommissionDeviceRequest.reason": REASON,
+    "UpdateDeviceLabelsRequest.id": ID,
+    "UpdateDeviceLabelsRequest.set": LABELS,
+    "UpdateDeviceLabelsRequest.remove": Limit(count=64, chars=63),
+    "SetDeviceClassRequest.id": ID,
+    "SetDeviceClassRequest.class_name": CLASS_NAME,
+    # ---- deployments
+    "AssignModelRequest.device_ids": Limit(
+        count=10_000, chars=32, ascii=True, count_hint="; assign in several calls, or use a rollout"
+    ),
+    "AssignModelRequest.model_name": MODEL_NAME,
+    "AssignModelRequest.model_version": VERSION,
+    "AssignModelRequest.reason": REASON,
+    "ListDeploymentsRequest.device_id": ID,
+    "ListDeploymentsRequest.model_name": MODEL_NAME,
+    "ListDeploymentsRequest.model_version": VERSION,
+    # ---- classes
+    "CreateDeviceClassRequest.name": CLASS_NAME,
+    "CreateDeviceClassRequest.description": DESCRIPTION,
+    "CreateDeviceClassRequest.match_rules": Limit(count=16),
+    "UpdateDeviceClassRequest.name": CLASS_NAME,
+    "UpdateDeviceClassRequest.description": DESCRIPTION,
+    "UpdateDeviceClassRequest.match_rules": Limit(count=16),
+    "GetDeviceClassRequest.name": CLASS_NAME,
+    "DeleteDeviceClassRequest.name": CLASS_NAME,
+    "ConstraintProfile.accelerator": Limit(chars=32),  # String(32)
+    # "label.<key>" is the longest field a rule names.
+    "MatchRule.field": Limit(chars=128),
+    # An IN list of board models or versions; 16 rules of 32 values keep a
+    # class's rules (evaluated for every device) within about 64 KB.
+    "MatchRule.values": Limit(count=32, chars=128),
+    # ---- models, builds, artifacts
+    "PushModelHeader.model_name": MODEL_NAME,
+    "PushModelHeader.version": VERSION,
+    "PushModelHeader.description": DESCRIPTION,
+    "PushModelHeader.parts": Limit(count=8),
+    "PartDeclaration.sha256": DIGEST,
+    "GetModelRequest.name": MODEL_NAME,
+    "GetModelVersionRequest.model_name": MODEL_NAME,
+    "GetModelVersionRequest.version": VERSION,
+    "RunBuildRequest.model_name": MODEL_NAME,
+    "RunBuildRequest.model_version": VERSION,
+    "RunBuildRequest.class_name": CLASS_NAME,
+    "ListBuildsRequest.model_name": MODEL_NAME,
+    "ListBuildsRequest.model_version": VERSION,
+    "ListBuildsRequest.class_name": CLASS_NAME,
+    "GetBuildRequest.id": ID,
+    "ListArtifactsRequest.model_name": MODEL_NAME,
+    "ListArtifactsRequest.model_version": VERSION,
+    "ListArtifactsRequest.class_name": CLASS_NAME,
+    "GetArtifactRequest.digest": DIGEST,
+    # ---- rollouts
+    "RolloutSpec.model_name": MODEL_NAME,
+    "RolloutSpec.model_version": VERSION,
+    "RolloutSpec.class_names": Limit(count=256, chars=100),
+    "RolloutSpec.label_selector": LABELS,
+    "RolloutSpec.stages": Limit(count=32),
+    "StageSpec.name": Limit(chars=64),
+    "GetRolloutRequest.id": ID,
+    "RolloutActionRequest.id": ID,
+    "RolloutActionRequest.reason": REASON,
+    "AbortRolloutRequest.id": ID,
+    "AbortRolloutRequest.reason": REASON,
+    # ---- telemetry, audit, keys, watch
+    "QueryTelemetryRequest.device_id": ID,
+    "QueryTelemetryRequest.class_name": CLASS_NAME,
+    "QueryTelemetryRequest.model_name": MODEL_NAME,
+    "QueryTelemetryRequest.model_version": VERSION,
+    "QueryTelemetryRequest.labels": LABELS,
+    "ListAuditLogRequest.action": Limit(chars=100),  # String(100)
+    "ListAuditLogRequest.target": Limit(chars=200),  # String(200)
+    "RotateSigningKeyRequest.reason": REASON,
+    "WatchFleetRequest.kinds": Limit(count=64, chars=64),
+}
+
+# Messages whose fields `check` leaves to `check_rows`: the servicer
+# converts every field of them anyway (a telemetry upload's 500 samples),
+# and reading their strings out of protobuf a second time cost about half
+# as much as the whole conversion. Their limits are the table's all the same.
+CHECKED_AS_ROWS = frozenset({_PACKAGE + "TelemetrySample"})
+
+# Control characters a field refuses (see the module docstring).
+_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f]")
+_FREE_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+class _Plan:
+    """What `check` reads of one message type, worked out once per type from
+    its descriptor: only the fields that can break a limit, so a Timestamp or
+    a message of numbers costs nothing."""
+
+    def __init__(self) -> None:
+        self.strings: list[tuple[str, Limit]] = []
+        self.repeated_strings: list[tuple[str, Limit]] = []
+        self.string_maps: list[tuple[str, Limit]] = []
+        self.bytes: list[tuple[str, Limit]] = []
+        # Counted only: repeated numbers, maps to numbers or messages.
+        self.counted: list[tuple[str, Limit]] = []
+        self.messages: list[tuple[str, _Plan]] = []
+        self.repeated_messages: list[tuple[str, Limit, _Plan]] = []
+        self._deeper: _Plan | None = None
+
+    def __bool__(self) -> bool:
+        return any(
+            (self.strings, self.repeated_strings, self.string_maps, self.bytes, self.counted,
+             self.messages, self.repeated_messages)
+        )  # fmt: skip
+
+    def deeper(self) -> _Plan:
+        """This plan without its singular strings: what is left to check
+        item by item once a repeated field's strings were checked as columns."""
+        if self._deeper is None:
+            self._deeper = _Plan()
+            self._deeper.__dict__.update(self.__dict__, strings=[], _deeper=None)
+        return self._deeper
+
+
+_PLANS: dict[str, _Plan] = {}
+
+
+def _limit_of(message: Any, field: Any) -> Limit:
+    if message.full_name.startswith(_PACKAGE):
+        return LIMITS.get(f"{message.full_name.removeprefix(_PACKAGE)}.{field.name}", DEFAULT)
+    return DEFAULT
+
+
+def _plan(descriptor: Any) -> _Plan:
+    plan = _PLANS.get(descriptor.full_name)
+    if plan is not None:
+        return plan
+    plan = _PLANS[descriptor.full_name] = _Plan()  # before recursing: types may nest
+    for field in descriptor.fields:
+        limit = _limit_of(descriptor, field)
+        repeated = field.is_repeated
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            entry = field.message_type
+            if entry.GetOptions().map_entry:
+                value = entry.fields_by_name["value"]
+                if value.type == FieldDescriptor.TYPE_STRING:
+                    plan.string_maps.append((field.name, limit))
+                else:
+                    plan.counted.append((field.name, limit))
+                continue
+            if entry.full_name in CHECKED_AS_ROWS:
+                plan.counted.append((field.name, limit))
+                continue
+            nested = _plan(entry)
+            if repeated:
+                plan.repeated_messages.append((field.name, limit, nested))
+            elif nested:
+                plan.messages.append((field.name, nested))
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            (plan.repeated_strings if repeated else plan.strings).append((field.name, limit))
+        elif field.type == FieldDescriptor.TYPE_BYTES:
+            if repeated:
+                plan.counted.append((field.name, limit))
+            elif limit.bytes is not None:
+                plan.bytes.append((field.name, limit))
+        elif repeated:
+            plan.counted.append((field.name, limit))
+    return plan
+
+
+def _path(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def _too_many(path: str, count: int, limit: Limit) -> DomainError:
+    return limit.error(f"{path} has {count:,} items; at most {limit.count:,}{limit.count_hint}")
+
+
+def _bad_text(path: str, value: str, limit: Limit, chars: int) -> DomainError | None:
+    """What is wrong with one string (None: nothing). Never echoes the value:
+    a long one would not fit in the status's trailer."""
+    if len(value) > chars:
+        return limit.error(
+            f"{path} is {len(value):,} characters long; at most {chars:,}{limit.hint}"
+        )
+    bad = (_FREE_TEXT if limit.multiline else _ONE_LINE).search(value)
+    if bad is not None:
+        allowed = (
+            "of the control characters only tab, newline and carriage return are allowed"
+            if limit.multiline
+            else "it must be one line of printable text"
+        )
+        return InvalidArgument(
+            f"{path} holds the control character U+{ord(bad.group()):04X} at position "
+            f"{bad.start()}; {allowed}"
+        )
+    if limit.ascii and not value.isascii():
+        return InvalidArgument(f"{path} is an identifier: ASCII characters only")
+    return None
+
+
+def _check_texts(
+    values: Sequence[str], limit: Limit, chars: int, path: str, keys: Sequence[str] = ()
+) -> None:
+    """Check many strings with loops in C (a telemetry upload has 500
+    samples); only a column that fails is looked at one by one, for the
+    path of the first bad value: `path` with its index (or its key's repr,
+    given `keys`) for the {}."""
+    if not values:
+        return
+    joined = "".join(values)
+    if (
+        max(map(len, values)) <= chars
+        and (_FREE_TEXT if limit.multiline else _ONE_LINE).search(joined) is None
+        and (not limit.ascii or joined.isascii())
+    ):
+        return
+    for index, value in enumerate(values):
+        where = path.format(repr(keys[index]) if keys else index)
+        error = _bad_text(where, value, limit, chars)
+        if error is not None:
+            raise error
+
+
+def _check(message: Message, plan: _Plan, path: str) -> None:
+    for name, limit in plan.strings:
+        error = _bad_text(_path(path, name), getattr(message, name), limit, limit.chars)
+        if error is not None:
+            raise error
+    for name, limit in plan.bytes:
+        size = len(getattr(message, name))
+        assert limit.bytes is not None
+        if size > limit.bytes:
+            raise limit.error(
+                f"{_path(path, name)} is {size:,} bytes; at most {limit.bytes:,}{limit.hint}"
+            )
+    for name, limit in plan.repeated_strings:
+        items = getattr(message, name)
+        where = _path(path, name)
+        if len(items) > limit.count:
+            raise _too_many(where, len(items), limit)
+        _check_texts(items, limit, limit.chars, where + "[{}]")
+    for name, limit in plan.string_maps:
+        entries = getattr(message, name)
+        where = _path(path, name)
+        if len(entries) > limit.count:
+            raise _too_many(where, len(entries), limit)
+        keys = list(entries)
+        # A key's limit is key_chars, with the value's rules for characters;
+        # a bad key is named by its position (it may be too long to show).
+        _check_texts(keys, limit, limit.key_chars, where + ": the key at index {}")
+        _check_texts([entries[k] for k in keys], limit, limit.chars, where + "[{}]", keys)
+    for name, limit in plan.counted:
+        count = len(getattr(message, name))
+        if count > limit.count:
+            raise _too_many(_path(path, name), count, limit)
+    for name, nested in plan.messages:
+        if message.HasField(name):
+            _check(getattr(message, name), nested, _path(path, name))
+    for name, limit, nested in plan.repeated_messages:
+        items = getattr(message, name)
+        where = _path(path, name)
+        if len(items) > limit.count:
+            raise _too_many(where, len(items), limit)
+        if not items or not nested:
+            continue
+        # Column by column for the items' own strings (the hot case:
+        # telemetry samples), item by item for anything deeper.
+        for field, field_limit in nested.strings:
+            column = [getattr(item, field) for item in items]
+            _check_texts(column, field_limit, field_limit.chars, where + "[{}]." + field)
+        deeper = nested.deeper()
+        if deeper:
+            for index, item in enumerate(items):
+                _check(item, deeper, f"{where}[{index}]")
+
+
+@functools.cache
+def _row_limits(message: str, fields: tuple[str, ...]) -> tuple[tuple[int, str, Limit], ...]:
+    """(column index, field name, limit) of `message`'s limited fields."""
+    return tuple(
+        (fields.index(name), name, limit)
+        for key, limit in LIMITS.items()
+        for owner, _, name in [key.rpartition(".")]
+        if owner == message and name in fields
+    )
+
+
+def check_rows(rows: Sequence[tuple[Any, ...]], message: str, path: str) -> None:
+    """`check` for the string fields of many `message`s (a CHECKED_AS_ROWS
+    type, e.g. "TelemetrySample") converted to named tuples with the same
+    field names, column by column; `path` names the repeated field they
+    came in."""
+    if not rows:
+        return
+    fields: tuple[str, ...] = getattr(rows[0], "_fields")  # noqa: B009 - a NamedTuple's
+    for index, name, limit in _row_limits(message, fields):
+        column = list(map(itemgetter(index), rows))
+        if isinstance(column[0], str):
+            _check_texts(column, limit, limit.chars, f"{path}[{{}}].{name}")
+
+
+def check(message: Message) -> None:
+    """Raise the field's error (InvalidArgument, unless its limit says
+    otherwise) for the first field of `message`, at any depth, that breaks
+    its limit; the error names the field's path and the limit."""
+    plan = _plan(message.DESCRIPTOR)
+    if plan:
+        _check(message, plan, "")
+
+
+def clip(message: Message) -> None:
+    """Cut `message` down to the limits in place: strings to their length,
+    repeated fields and maps to their count. For output only (a row stored
+    before these limits, too large to send), so characters are left alone."""
+    descriptor: Any = message.DESCRIPTOR
+    field: Any
+    for field in descriptor.fields:
+        limit = _limit_of(descriptor, field)
+        name = field.name
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                entries = getattr(message, name)
+                for key in list(entries)[limit.count :]:
+                    del entries[key]
+                if field.message_type.fields_by_name["value"].type == FieldDescriptor.TYPE_STRING:
+                    for key in list(entries):
+                        if len(entries[key]) > limit.chars:
+                            entries[key] = entries[key][: limit.chars]
+                continue
+            if field.is_repeated:
+                items = getattr(message, name)
+                del items[limit.count :]
+                for item in items:
+                    clip(item)
+            elif message.HasField(name):
+                clip(getattr(message, name))
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            if field.is_repeated:
+                items = getattr(message, name)
+                del items[limit.count :]
+                for index, value in enumerate(items):
+                    if len(value) > limit.chars:
+                        items[index] = value[: limit.chars]
+            elif len(getattr(message, name)) > limit.chars:
+                setattr(message, name, getattr(message, name)[: limit.chars])
+        elif field.is_repeated:
+            del getattr(message, name)[limit.count :]
+
+
+def unknown_keys() -> list[str]:
+    """Keys of LIMITS that name no field of ours (a typo would leave that
+    field on DEFAULT, silently; tests/test_sec_limits.py asserts none)."""
+    pool = descriptor_pool.Default()
+    unknown = []
+    for key in LIMITS:
+        message_name, _, field = key.rpartition(".")
+        try:
+            message = pool.FindMessageTypeByName(_PACKAGE + message_name)
+        except KeyError:
+            unknown.append(key)
+            continue
+        if field not in message.fields_by_name:
+            unknown.append(key)
+    return unknown

@@ -664,3 +664,26 @@ def test_fit_drops_the_last_rows_and_cuts_a_row_too_large_alone() -> None:
 
     small = o.ListModelsResponse(models=[c.Model(name="m")])
     assert paging.fit(small, budget) == 0 and len(small.models) == 1
+
+
+def test_the_agents_update_reasons_always_pass_the_limits() -> None:
+    """A reason the agent joins from exception texts over retries may be long
+    and hold anything; what it reports must never get its own Sync refused."""
+    from agent.update.remote import reportable
+    from controlplane.api import limits as api_limits
+    from controlplane.errors import InvalidArgument
+    from edgefleet.v1 import device_pb2
+
+    raw = ("download failed: \x00\x1b[31mboom\x07\n" * 5000) + "the latest failure"
+
+    def status(reason: str) -> device_pb2.AgentMessage:
+        return device_pb2.AgentMessage(
+            status=device_pb2.StatusReport(update=c.UpdateStatus(state="failed", reason=reason))
+        )
+
+    with pytest.raises(InvalidArgument, match="reason"):
+        api_limits.check(status(raw))
+    cleaned = reportable(raw)
+    api_limits.check(status(cleaned))
+    assert cleaned.endswith("the latest failure") and cleaned.startswith("download failed")
+    assert reportable("plain reason\nsecond line") == "plain reason\nsecond line"

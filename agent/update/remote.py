@@ -8,6 +8,7 @@ through a thread-safe callback."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,24 @@ _FATAL_CODES = {
 # A stalled stream must end. Downloads resume, so a long one cut by this
 # deadline continues from where it stopped.
 CALL_TIMEOUT_S = 600.0
+
+
+# The control plane refuses a status whose reason is longer than 16,384
+# characters or holds control characters other than tab and line breaks
+# (controlplane/api/limits.py): a reason made of exception texts joined over
+# retries must never get the device's own Sync stream refused.
+MAX_REASON_CHARS = 16_000
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def reportable(reason: str) -> str:
+    """`reason` as the control plane accepts it: control characters replaced,
+    and cut (keeping its start and its end, where the latest failure is)."""
+    reason = _CONTROL.sub("\ufffd", reason)
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    half = MAX_REASON_CHARS // 2 - 20
+    return f"{reason[:half]} … ({len(reason) - 2 * half} characters cut) … {reason[-half:]}"
 
 
 class GrpcDownloader:
@@ -139,7 +158,7 @@ class StatusReporter:
             state=name,
             bytes_done=bytes_done,
             bytes_total=bytes_total,
-            reason=reason or self._condition() or "",
+            reason=reportable(reason or self._condition() or ""),
             active_model_version=version,
             active_artifact_digest=digest,
         )

@@ -3,8 +3,10 @@ Imports no server code (no database, no servicers)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,28 @@ def tls_credentials(ca_cert: Path | None) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=ca_cert.read_bytes())
 
 
+OMITTED_TRAILER = "edgefleet-omitted-items"
+
+
+class _WarnOmitted(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Says on stderr when a listing came back shortened: the control plane
+    keeps every answer within a client's receive limit and counts the rows it
+    left out in a trailer (api/rpc.py), which a stub's plain call drops."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        with contextlib.suppress(grpc.RpcError):  # the caller sees the error itself
+            omitted = dict(outcome.trailing_metadata() or ()).get(OMITTED_TRAILER)
+            if omitted:
+                method = str(details.method).rsplit("/", 1)[-1]
+                print(
+                    f"warning: {method} left out {omitted} item(s) to keep the answer within "
+                    "the message size limit; narrow the listing with its filters",
+                    file=sys.stderr,
+                )
+        return outcome
+
+
 def operator_channel(server: str, token: str | None, ca_cert: Path | None = None) -> grpc.Channel:
     """A blocking channel to the control plane that sends `token` on every
     call: TLS trusting `ca_cert`, or plain text without one."""
@@ -74,6 +98,7 @@ def operator_channel(server: str, token: str | None, ca_cert: Path | None = None
         channel = grpc.insecure_channel(server, options=CHANNEL_OPTIONS)
     else:
         channel = grpc.secure_channel(server, credentials, options=CHANNEL_OPTIONS)
+    channel = grpc.intercept_channel(channel, _WarnOmitted())
     if token:
         channel = grpc.intercept_channel(channel, _AddMetadata(token))
     return channel

@@ -502,6 +502,14 @@ def test_every_list_response_stays_under_the_message_limit_after_hostile_writes(
     classes, call = op.ListDeviceClasses.with_call(o.ListDeviceClassesRequest(), metadata=ADMIN)
     assert 1 <= len(classes.classes) < CLASSES
     assert len(classes.classes) + _omitted(call) == CLASSES
+    # The operator's command says so.
+    env = env_without_proxy()
+    env.update(EDGEFLEET_SERVER=cp.address, EDGEFLEET_TOKEN=cp.admin_token)
+    shown = subprocess.run(
+        [EDGEFLEET, "classes", "ls"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"ListDeviceClasses left out {_omitted(call)} item(s)" in shown.stderr
 
     # The audit log pages backwards by id (what the TUI does): every entry.
     engine = make_engine(db_url)

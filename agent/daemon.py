@@ -753,6 +753,10 @@ class Agent:
         store.save_identity(self.config.state_dir, identity)
         self._identity = identity
         self._has_identity.set()
+        if transport.tls and self._telemetry is not None:
+            # Its channel presents the certificate this enrollment revoked
+            # (or one that expired): upload over one with the new certificate.
+            await self._telemetry.reconnect()
         log.info(
             "enrolled as device %s (state %s)",
             identity.device_id,

@@ -6,9 +6,12 @@ re-enrollment, refusal of rejected devices, and the loud plain-text mode."""
 from __future__ import annotations
 
 import json
+import signal
+import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -319,3 +322,41 @@ def test_edgefleet_server_serves_tls_unless_told_insecure(monkeypatch: pytest.Mo
         result = CliRunner().invoke(cli, ["server", "--data-dir", "/tmp/unused", *args])
         assert result.exit_code == 0, result.output
         assert seen.pop().tls is tls
+
+
+def test_a_real_agent_whose_certificate_expired_offline_reenrolls_and_keeps_uploading(
+    cp: ControlPlane, tmp_path: Path
+) -> None:
+    """Offline past its certificate's life (frozen here), the agent enrolls
+    again with its proof, and its telemetry goes on over a channel with the
+    new certificate (it kept the revoked one until the fix, and every upload
+    failed until the next renewal)."""
+    agent = AgentProcess(
+        tmp_path / "agent", cp.address, _token(cp), ca_cert=str(cp.ca_file),
+        telemetry_interval_s=1,
+    )  # fmt: skip
+    agent.start()
+    try:
+        device_id = agent.wait_for(agent.identity, timeout=60)["device_id"]
+        db = cp.data_dir / "edgefleet.db"
+
+        def stored() -> int:
+            with sqlite3.connect(db) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM telemetry WHERE device_id = ?", (device_id,)
+                ).fetchone()
+            return int(row[0])
+
+        agent.wait_for(lambda: stored() > 0, timeout=60)
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGSTOP)  # offline: no renewal, no heartbeat
+        time.sleep(17)  # past the 15 s certificate
+        agent.proc.send_signal(signal.SIGCONT)
+        agent.wait_for(lambda: agent.log().count("enrolled as device") >= 2, timeout=60)
+        assert agent.identity()["device_id"] == device_id  # type: ignore[index]
+        after = stored()
+        agent.wait_for(lambda: stored() >= after + 3, timeout=60)
+        tail = agent.log().split("enrolled as device")[-1]
+        assert "telemetry upload failed" not in tail, tail
+    finally:
+        agent.close()

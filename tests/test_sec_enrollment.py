@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -135,11 +136,17 @@ def test_a_token_and_a_hardware_id_cannot_take_over_a_device(
             signature=sign_reenrollment(victim.key_pem, victim.device_id, b"another csr"),
         ),
     }  # fmt: skip
+    reasons = set()
     for what, proof in attempts.items():
         code, details = _attempt(cp, token, "hw-victim", proof, csr)
         assert code == grpc.StatusCode.PERMISSION_DENIED, (what, details)
         assert f"already enrolled as device {victim.device_id}" in details, what
         assert "decommission" in details  # what the operator does for a wiped device
+        reasons.add(details)
+    # The same refusal again and again (a loop with a dead token) is audited
+    # once a minute, not each time.
+    for _ in range(10):
+        _attempt(cp, token, "hw-victim", None, csr)
 
     # The victim: same identity, state, labels, certificate and credential.
     after = op.GetDevice(o.GetDeviceRequest(id=victim.device_id))
@@ -152,7 +159,7 @@ def test_a_token_and_a_hardware_id_cannot_take_over_a_device(
     if not use_up:
         Device(cp, "hw-new", token)
     audit = op.ListAuditLog(o.ListAuditLogRequest(action="device.reenroll.refused"))
-    assert len(audit.entries) == len(attempts)
+    assert len(audit.entries) == len(reasons)
     assert {e.target for e in audit.entries} == {f"device:{victim.device_id}"}
 
 
@@ -218,6 +225,12 @@ def test_a_decommissioned_device_enrolls_afresh_by_its_tokens_policy(cp: Control
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.PERMISSION_DENIED,
     )
+    # Its own agent, still holding the retired identity, gets nothing back.
+    with pytest.raises(grpc.RpcError) as retired:
+        Device(cp, "hw-wiped", pending, previous=lost)
+    assert retired.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "decommissioned by an operator" in retired.value.details()
+    # A reinstalled board, with no identity left, enrolls afresh.
     fresh = Device(cp, "hw-wiped", pending)
     assert fresh.device_id == lost.device_id
     shown = op.GetDevice(o.GetDeviceRequest(id=lost.device_id))
@@ -225,3 +238,26 @@ def test_a_decommissioned_device_enrolls_afresh_by_its_tokens_policy(cp: Control
     # The single-use token is now used.
     code, details = _attempt(cp, pending, "hw-other", None, csr)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+
+
+def test_concurrent_reenrollments_with_one_proof_give_one_identity(cp: ControlPlane) -> None:
+    """Two enrollments of one device at once with the same genuine proof (a
+    race, or a replay racing the device): exactly one gets an identity, and
+    it is the one that works (PostgreSQL took both before the row lock)."""
+    device = Device(cp, "hw-race", _token(cp, "installer", "auto-accept"))
+    token = _token(cp, "again", "auto-accept")
+
+    def enroll_again() -> Device | grpc.StatusCode:
+        try:
+            return Device(cp, "hw-race", token, previous=device)
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(lambda _: enroll_again(), range(4)))
+        won = [o for o in outcomes if isinstance(o, Device)]
+        assert len(won) == 1, outcomes
+        assert all(o == grpc.StatusCode.PERMISSION_DENIED for o in outcomes if o not in won)
+        assert won[0].upload(won[0].stub()).acked_seq == 0
+        device = won[0]

@@ -130,8 +130,9 @@ def devices_reject(env: Env, device_id: str, reason: str, as_json: bool) -> None
 @json_option
 @pass_env
 def devices_decommission(env: Env, device_id: str, reason: str, as_json: bool) -> None:
-    """Retire a device: its credential and certificates stop working, and its
-    hardware id may enroll afresh (what a device that lost its identity needs)."""
+    """Retire a device: its credential and certificates stop working and its
+    agent is refused; a reinstalled board with its hardware id may enroll
+    afresh (what a device that lost its identity needs)."""
     device = _on_device(
         env,
         device_id,

@@ -235,11 +235,12 @@ def verify_possession(
     ca, _ = _load(authority)
     try:
         cert = x509.load_pem_x509_certificate(certificate_pem)
+    except ValueError:
+        raise CertificateError("the certificate is not a PEM X.509 certificate") from None
+    try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
-        raise CertificateError(
-            f"the certificate was not issued by this control plane: {exc}"
-        ) from None
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        raise CertificateError("the certificate was not issued by this control plane") from None
     info = device_certificate_info(certificate_pem)
     key = cert.public_key()
     try:

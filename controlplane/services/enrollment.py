@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from controlplane.services import audit
 from controlplane.services.certificates import CertificateService, DeviceCertificate
 from controlplane.services.devices import (
     ACCEPTED,
+    DECOMMISSIONED,
     PENDING,
     REJECTED,
     EventSink,
@@ -38,6 +41,11 @@ from controlplane.services.events import FleetEvent
 AUTO_ACCEPT, REQUIRE_APPROVAL = "auto-accept", "pending"
 POLICIES = (AUTO_ACCEPT, REQUIRE_APPROVAL)
 DEFAULT_TTL = dt.timedelta(hours=24)
+# A refused re-enrollment is audited once per token, device and reason in
+# this many seconds (per process): one that repeats (an agent retrying, or
+# someone replaying a dead token in a loop) must not fill the audit log.
+REFUSAL_AUDIT_EVERY_S = 60.0
+_MAX_REMEMBERED_REFUSALS = 10_000
 MAX_TTL = dt.timedelta(days=365)
 
 
@@ -69,6 +77,8 @@ class EnrollmentService:
         # Set when the control plane serves TLS: every enrollment then needs
         # a CSR and gets a client certificate.
         self._certificates = certificates
+        # (token id, device id, reason) -> when that refusal was last audited.
+        self._refusals_audited: dict[tuple[str, str, str], float] = {}
 
     # ------------------------------------------------------------ tokens
 
@@ -224,21 +234,27 @@ class EnrollmentService:
         )
         if used.rowcount == 0:  # type: ignore[attr-defined]
             raise ResourceExhausted(
-                f"enrollment token {tok.name!r} has been used {tok.max_uses} times, "
-                "its limit; create a new token"
+                f"enrollment token {tok.name!r} is used up (its limit is {tok.max_uses} "
+                f"enrollment{'s' if tok.max_uses != 1 else ''}); create a new token"
             )
 
     def _refuse(
         self, tok_id: str, tok_name: str, device_id: str, hardware_id: str, reason: str
     ) -> PermissionDenied:
         """Audit a refused re-enrollment (in its own transaction: the
-        enrollment's was rolled back) and the error to raise."""
-        with self._db.unit_of_work() as uow:
-            audit.record(
-                uow, f"token:{tok_id}", "device.reenroll.refused", f"device:{device_id}",
-                token=tok_name, hardware_id=hardware_id, reason=reason,
-            )  # fmt: skip
-            uow.commit()
+        enrollment's was rolled back; once a minute for the same token,
+        device and reason) and the error to raise."""
+        key, now = (tok_id, device_id, reason), time.monotonic()
+        if now - self._refusals_audited.get(key, -math.inf) >= REFUSAL_AUDIT_EVERY_S:
+            if len(self._refusals_audited) >= _MAX_REMEMBERED_REFUSALS:
+                self._refusals_audited.clear()
+            self._refusals_audited[key] = now
+            with self._db.unit_of_work() as uow:
+                audit.record(
+                    uow, f"token:{tok_id}", "device.reenroll.refused", f"device:{device_id}",
+                    token=tok_name, hardware_id=hardware_id, reason=reason,
+                )  # fmt: skip
+                uow.commit()
         return PermissionDenied(
             f"hardware id {hardware_id!r} is already enrolled as device {device_id}, and "
             f"{reason}: enrolling it again needs the device's current credential"
@@ -266,13 +282,26 @@ class EnrollmentService:
         with self._db.unit_of_work() as uow:
             session = uow.session
             tok = self._check_token(session.get(EnrollmentTokenRow, token_id), token)
-            device = session.scalar(select(DeviceRow).where(DeviceRow.hardware_id == hardware_id))
+            # Locked (PostgreSQL): two enrollments of one hardware id at once
+            # take turns, and the second sees the first's new credential.
+            device = session.scalar(
+                select(DeviceRow).where(DeviceRow.hardware_id == hardware_id).with_for_update()
+            )
             if device is not None and device.state == REJECTED:
                 raise PermissionDenied(
                     f"device {device.id} (hardware id {hardware_id!r}) was rejected by an "
                     "operator and cannot enroll again"
                 )
             reenrolled = device is not None and device.state in (ACCEPTED, PENDING)
+            if device is not None and device.state == DECOMMISSIONED and proof.device_id:
+                # Its own agent, still holding the retired identity: retired
+                # means it gets no service. A reinstalled board (no identity
+                # left) enrolls afresh below.
+                raise PermissionDenied(
+                    f"device {device.id} was decommissioned by an operator: its identity is "
+                    "retired. To enroll this hardware again as a new installation, remove the "
+                    "agent's state directory"
+                )
             reason = (
                 self._proof_refusal(device, proof, csr)
                 if device is not None and reenrolled else None
@@ -297,14 +326,15 @@ class EnrollmentService:
                         state_reason="",
                     )
                     session.add(device)
-                else:
-                    if not reenrolled:  # decommissioned: a fresh start, by the token
-                        device.state = admitted
-                        device.enrollment_token_id = tok.id
-                    # The device's labels are what operators set (over what
-                    # enrollment gave it): they win over the token's and the
-                    # agent's config.
+                elif not reenrolled:
+                    # Decommissioned, and a reinstalled board: a fresh start by
+                    # the token; the labels operators set win over the
+                    # token's and the agent's config.
+                    device.state = admitted
+                    device.enrollment_token_id = tok.id
                     device.labels = {**labels, **tok.labels, **device.labels}
+                # The same device proven again keeps its labels exactly as
+                # operators left them (a label they removed stays removed).
                 credential = secrets.issue(SecretKind.DEVICE, device.id)
                 device.credential_hash = secrets.hash_secret(credential)
                 # A bad CSR raises here and rolls everything back, the token's

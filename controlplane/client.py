@@ -4,6 +4,7 @@ Imports no server code (no database, no servicers)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import ssl
 import sys
@@ -62,10 +63,19 @@ class _AddMetadata(
 def tls_credentials(ca_cert: Path | None) -> grpc.ChannelCredentials | None:
     """Channel credentials that trust the control plane's CA (its data
     directory's ca.pem); None for plain text (no CA given). OSError when the
-    file cannot be read (the CLI prints it as one line)."""
+    file cannot be read or holds no PEM certificate (the CLI prints it as one
+    line; gRPC would fail every call with "Failed to create security
+    handshaker")."""
     if ca_cert is None:
         return None
-    return grpc.ssl_channel_credentials(root_certificates=ca_cert.read_bytes())
+    pem = ca_cert.read_bytes()
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise OSError(
+            errno.EINVAL,
+            "not a PEM certificate: pass the ca.pem from the control plane's data directory",
+            str(ca_cert),
+        )
+    return grpc.ssl_channel_credentials(root_certificates=pem)
 
 
 OMITTED_TRAILER = "edgefleet-omitted-items"

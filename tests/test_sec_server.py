@@ -302,6 +302,19 @@ def test_cli_with_another_fleets_ca_says_the_certificate_does_not_verify(
     assert "ca.pem" in result.stderr
 
 
+def test_cli_with_a_ca_file_that_is_no_certificate_says_so(
+    tls_cp: ControlPlane, tmp_path: Path
+) -> None:
+    not_a_cert = tmp_path / "token.txt"
+    not_a_cert.write_text("efo_0123.secret\n")
+    result = edgefleet("devices", "ls", server=tls_cp.address, token=tls_cp.admin_token,
+                       ca_cert=not_a_cert)  # fmt: skip
+    assert result.returncode == 1
+    assert f"not a PEM certificate: pass the ca.pem from the control plane's data directory: " \
+        f"{not_a_cert}" in result.stderr
+    assert "handshaker" not in result.stderr
+
+
 def test_cli_at_nothing_keeps_the_connection_error(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))

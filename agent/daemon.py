@@ -54,6 +54,7 @@ from agent.transport import (
     from_response,
     new_key_and_csr,
     sign_reenrollment,
+    transport_hint,
 )
 from agent.update.activation import HostActivator
 from agent.update.faults import FAULT_ENV, with_pause
@@ -609,6 +610,9 @@ class Agent:
             outcome = (
                 f"{error.code().name}: {error.details()}" if error is not None else "stream ended"
             )
+            hint = transport_hint(outcome, self._transport_().tls)
+            if hint:
+                outcome = f"{outcome}; {hint}"
             log.log(
                 logging.WARNING if decision.delay is Delay.MAX else logging.INFO,
                 "%s: %s (%s); %s in %.1f s",

@@ -100,6 +100,28 @@ def sign_reenrollment(key_pem: bytes, device_id: str, csr_pem: bytes) -> bytes:
     raise StateError("the device key is neither EC nor RSA")
 
 
+def transport_hint(details: str, tls: bool) -> str:
+    """What to change in the agent's config when a connection failed the way
+    a TLS mismatch fails ("" when `details` does not look like one): gRPC
+    reports each as UNAVAILABLE, as if the control plane were down."""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return (
+            "the control plane's certificate does not verify against ca_cert: set ca_cert to "
+            "the ca.pem in the control plane's data directory"
+        )
+    if "WRONG_VERSION_NUMBER" in details:
+        return (
+            "the control plane does not speak TLS (started with --insecure?): for a "
+            "development control plane remove ca_cert and set insecure = true"
+        )
+    if not tls and "Socket closed" in details:
+        return (
+            "the control plane may serve TLS and this agent talks plain text: set ca_cert to "
+            "the ca.pem in the control plane's data directory"
+        )
+    return ""
+
+
 def resolve_endpoint(advertised: str, enrolled_with: str) -> str:
     """The device endpoint: what the control plane advertised, with a
     wildcard or missing host replaced by the host the agent enrolled with."""

@@ -627,3 +627,17 @@ def test_trusted_keys_round_trip_and_refuse_mismatched_ids(tmp_path: Path) -> No
     with pytest.raises(StateError, match="does not match"):
         save_trusted_keys(tmp_path, {"0123456789abcdef": public})
     assert load_trusted_keys(tmp_path) == {key_id: public}  # unchanged
+
+
+def test_tls_mismatches_get_a_config_hint() -> None:
+    from agent.transport import transport_hint
+
+    assert "set ca_cert to the ca.pem" in transport_hint(
+        "UNAVAILABLE: Ssl handshake failed: CERTIFICATE_VERIFY_FAILED", tls=True
+    )
+    assert "insecure = true" in transport_hint(
+        "UNAVAILABLE: Ssl handshake failed: WRONG_VERSION_NUMBER", tls=True
+    )
+    assert "may serve TLS" in transport_hint("UNAVAILABLE: Socket closed", tls=False)
+    assert transport_hint("UNAVAILABLE: Socket closed", tls=True) == ""
+    assert transport_hint("UNAVAILABLE: failed to connect: Connection refused", tls=True) == ""

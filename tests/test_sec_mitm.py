@@ -216,6 +216,7 @@ def test_a_tls_terminating_attacker_with_its_own_ca_gets_no_enrollment(net: Netw
         agent = net.agent("fooled").start()
         _refused_to_enroll(net, agent)
         assert "CERTIFICATE_VERIFY_FAILED" in agent.log()
+        assert "does not verify against ca_cert: set ca_cert to the ca.pem" in agent.log()
         assert attacker.count() == 1 and net.main.stats.connections >= 3
     _enrolls_and_syncs(net, agent)
 
@@ -251,6 +252,7 @@ def test_a_plain_text_relay_gets_nothing_from_an_agent_that_expects_tls(net: Net
         _refused_to_enroll(net, agent)
         # Its TLS handshake met HTTP/2 in plain text, and it stopped there.
         assert "WRONG_VERSION_NUMBER" in agent.log()
+        assert "does not speak TLS (started with --insecure?)" in agent.log()
         assert downgrade.count() == 1
     _enrolls_and_syncs(net, agent)
 

@@ -53,6 +53,13 @@ def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
     return out.getvalue()
 
 
+def _raw_npy_header(text: bytes) -> bytes:
+    """An .npy 1.0 header holding `text` as it is, padded as numpy pads."""
+    pad = (64 - (10 + len(text) + 1) % 64) % 64
+    body = text + b" " * pad + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body
+
+
 def _npz(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression) as archive:
@@ -170,6 +177,13 @@ HOSTILE: dict[str, tuple[bytes, str | tuple[str, ...]]] = {
     "truncated .npy": (
         _save(np.ones((8, 64), np.float32))[:-100],
         "sample data array (.npy) is truncated",
+    ),
+    # numpy tokenizes the header dict with Python's tokenizer: an unclosed
+    # bracket raised TokenError, which was INTERNAL.
+    "header numpy cannot tokenize": (
+        _npz({"input.npy": _raw_npy_header(b"{'descr': '<f4', 'fortran_order': False, "
+                                           b"'shape': (16, 4, }") + bytes(256)}),
+        "array 'input' has no valid .npy header",
     ),
     "neither zip nor .npy": (
         b"input,0,1,2\n" * 64,

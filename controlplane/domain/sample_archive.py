@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -280,7 +281,10 @@ def _parse_header(label: str, prefix: bytes, name: str) -> ArrayHeader:
                 "2.0; 3.0 is for structured arrays)"
             )
         shape, fortran_order, dtype = read(stream, max_header_size=MAX_NPY_HEADER_CHARS)
-    except (ValueError, TypeError, EOFError, struct.error) as exc:
+    except (ValueError, TypeError, EOFError, struct.error, SyntaxError, tokenize.TokenError) as exc:
+        # numpy parses the header dict with Python's tokenizer (and its
+        # literal_eval): a header it cannot tokenize raises TokenError or
+        # SyntaxError, not ValueError.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidArgument(
             f"sample data {label} has no valid .npy header: {first_line}"

@@ -209,6 +209,10 @@ CASES: list[Case] = [
     ("names", "NUL", lambda x: x["op"].CreateEnrollmentToken(
         o.CreateEnrollmentTokenRequest(name="line\x003"), metadata=ADMIN),
      ("name", "U+0000")),
+    # "Trojan Source": a name that a terminal shows in another order.
+    ("names", "bidi override", lambda x: x["op"].CreateEnrollmentToken(
+        o.CreateEnrollmentTokenRequest(name="a\u202eb"), metadata=ADMIN),
+     ("name", "U+202E")),
     ("names", "too long", lambda x: x["op"].CreateOperatorToken(
         o.CreateOperatorTokenRequest(name="o" * 201, role=o.OPERATOR_ROLE_VIEWER), metadata=ADMIN),
      ("name is 201", "at most 200")),

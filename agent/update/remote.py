@@ -38,7 +38,7 @@ CALL_TIMEOUT_S = 600.0
 # (controlplane/api/limits.py): a reason made of exception texts joined over
 # retries must never get the device's own Sync stream refused.
 MAX_REASON_CHARS = 16_000
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def reportable(reason: str) -> str:

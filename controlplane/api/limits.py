@@ -13,7 +13,9 @@ before anything is read or written; so both databases see the same values.
 Characters: single-line fields (names, ids, versions, hardware facts, label
 keys and values) refuse every control character (C0, DEL and C1: U+0000-U+001F,
 U+007F-U+009F), which no name needs and which a terminal would interpret
-when `edgefleet devices ls` prints it. Free text (descriptions, reasons)
+when `edgefleet devices ls` prints it, nor the bidirectional formatting
+characters (U+200E/F, U+202A-U+202E, U+2066-U+2069) that would show a
+terminal another order than the text has. Free text (descriptions, reasons)
 also takes tab, newline and carriage return. Identifiers (ids, digests,
 secrets, page tokens) must be ASCII, so their limit in bytes is their limit
 in characters; any other string is at most four bytes a character (UTF-8).
@@ -251,9 +253,13 @@ LIMITS: dict[str, Limit] = {
 # as much as the whole conversion. Their limits are the table's all the same.
 CHECKED_AS_ROWS = frozenset({_PACKAGE + "TelemetrySample"})
 
-# Control characters a field refuses (see the module docstring).
-_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f]")
-_FREE_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Control characters a field refuses (see the module docstring), and the
+# bidirectional formatting characters (LRM/RLM, the embeddings, overrides
+# and isolates): "Trojan Source" text that shows an operator's terminal
+# another order than the bytes have (a‮b).
+_BIDI = "\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_ONE_LINE = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
+_FREE_TEXT = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}]")
 
 
 class _Plan:

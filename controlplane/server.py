@@ -332,11 +332,9 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
     reflection.enable_server_reflection(services, server)
     device_port = 0
     if authority is None:
-        port = server.add_insecure_port(config.listen)
+        port = _bind(server.add_insecure_port, config.listen)
     else:
         port, device_port = _add_tls_ports(server, config, authority)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
     await server.start()
     for name in ("", *services[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -425,16 +423,32 @@ def _add_tls_ports(
     )
     write_atomically(config.ca_file, authority.certificate_pem.decode())
     pair = [(key_pem, issued.certificate_pem)]
-    port = server.add_secure_port(config.listen, grpc.ssl_server_credentials(pair))
-    device_port = server.add_secure_port(
-        config.device_listen_address(),
-        grpc.ssl_server_credentials(
-            pair, root_certificates=authority.certificate_pem, require_client_auth=True
-        ),
+    port = _bind(
+        lambda address: server.add_secure_port(address, grpc.ssl_server_credentials(pair)),
+        config.listen,
     )
-    if device_port == 0:
-        raise OSError(f"cannot listen on {config.device_listen_address()}")
+    device_port = _bind(
+        lambda address: server.add_secure_port(address, grpc.ssl_server_credentials(
+            pair, root_certificates=authority.certificate_pem, require_client_auth=True
+        )),
+        config.device_listen_address(),
+    )  # fmt: skip
     return port, device_port
+
+
+def _bind(add_port: Callable[[str], int], address: str) -> int:
+    """The port `add_port` bound `address` to; OSError naming the address
+    when it cannot (grpcio returns 0 or, since 1.60, raises RuntimeError:
+    either reached the operator as a traceback)."""
+    try:
+        port = add_port(address)
+    except RuntimeError as exc:
+        raise OSError(
+            f"cannot listen on {address} (in use, or not an address here): {exc}"
+        ) from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (in use, or not an address here)")
+    return port
 
 
 def _tick_histogram(registry: CollectorRegistry) -> Histogram:

@@ -392,3 +392,18 @@ def test_failing_sql_statement_leaves_no_hash_in_the_log(db_url: str, tmp_path: 
         assert names == ["after"]  # the failed one left no row
     finally:
         cp.close()
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            [EDGEFLEET, "server", "--insecure", "--data-dir", str(tmp_path / "cp"),
+             "--listen", address, "--admin-token", "t" * 40],
+            capture_output=True, text=True, timeout=120, env=env_without_proxy(),
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"error: cannot listen on {address} (in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -94,7 +94,8 @@ class _WarnOmitted(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
                 method = str(details.method).rsplit("/", 1)[-1]
                 print(
                     f"warning: {method} left out {omitted} item(s) to keep the answer within "
-                    "the message size limit; narrow the listing with its filters",
+                    "the message size limit (this listing does not page yet; the command's "
+                    "filters, where it has any, narrow it)",
                     file=sys.stderr,
                 )
         return outcome

@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.disk import DiskCondition, disk_full_label
+from agent.disk import DiskCondition, disk_full_label, write_error
 from agent.errors import DiskFull, StateError
 from agent.telemetry import IntervalSample
 
@@ -132,10 +133,16 @@ class TelemetryBuffer:
         # Rows of seq <= acked the last transaction deleted.
         self._deleted = 0
         try:
+            # Private like every other state file (SQLite gives its -wal and
+            # -shm the database file's mode).
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(self.path, 0o600)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
         except sqlite3.Error as exc:
             label = disk_full_label(exc)
             if label is not None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import random
 import socket
 import sqlite3
+import stat
 import threading
 import urllib.request
 from collections.abc import AsyncIterator
@@ -411,3 +413,19 @@ def test_metrics_are_served_on_a_local_prometheus_endpoint() -> None:
     assert 'edgefleet_agent_power_mode{mode="normal"} 1.0' in body
     assert "edgefleet_agent_concurrency_limit 0.0" in body
     assert "python_gc" not in body  # its own registry, not the process-global one
+
+
+def test_the_buffer_files_are_private(tmp_path: Path) -> None:
+    """Like every other state file, whatever the umask (the database and
+    the -wal and -shm files SQLite makes with its mode)."""
+    old = os.umask(0o022)
+    try:
+        buffer = TelemetryBuffer(tmp_path)
+        buffer.close()
+    finally:
+        os.umask(old)
+    made = [p for p in tmp_path.iterdir() if p.name.startswith("telemetry")]
+    assert made
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in made} == {
+        p.name: 0o600 for p in made
+    }

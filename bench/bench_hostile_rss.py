@@ -84,14 +84,14 @@ def _push(name: str, model: bytes, samples: bytes) -> Iterator[o.PushModelReques
 
 def _sync(channel: grpc.Channel, credential: str, hostname: str) -> None:
     """One Sync stream: a Hello, the first answer (or the refusal)."""
-    call = dg.DeviceServiceStub(channel).Sync(
-        iter([d.AgentMessage(hello=d.Hello(hardware=c.HardwareProfile(hostname=hostname)))]),
-        metadata=bearer_metadata(credential), timeout=30,
-    )  # fmt: skip
+    hello = d.AgentMessage(hello=d.Hello(hardware=c.HardwareProfile(hostname=hostname)))
+    replies: Any = dg.DeviceServiceStub(channel).Sync(
+        iter([hello]), metadata=bearer_metadata(credential), timeout=30
+    )
     try:
-        next(call)
+        next(replies)
     finally:
-        call.cancel()
+        replies.cancel()
 
 
 def run(work: Path, bomb_rows: int) -> dict[str, Any]:
@@ -120,7 +120,8 @@ def run(work: Path, bomb_rows: int) -> dict[str, Any]:
                 call()
                 code = "OK"
             except grpc.RpcError as exc:
-                code = f"{exc.code().name}: {exc.details()[:120]}"  # type: ignore[attr-defined]
+                failed: Any = exc  # a grpc.Call as well
+                code = f"{failed.code().name}: {(failed.details() or '')[:120]}"
             return memory.growth(before) / MIB, code
 
         def enroll(hostname: str) -> Callable[[], object]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from agent.runtimes import TensorInfo
 from agent.runtimes.measure import (
+    SCALAR_AGREEMENT_RTOL,
     MeasureFailed,
     agreement,
     max_abs_diff,
@@ -28,25 +29,44 @@ DEFAULT_RUNS = 200
 CHILD_TIMEOUT_S = 900.0
 
 
-def reference_outputs(model: Path, samples: Samples, threads: int = 1) -> list[np.ndarray]:
+def reference_outputs(
+    model: Path, samples: Samples, threads: int = 1, *, max_bytes: int | None = None
+) -> list[np.ndarray]:
     """The original model's outputs on every sample, run with ORT on CPU one
-    sample at a time (a batch of one, as devices serve). One array per model
-    output, stacked over samples: shape (samples, *batch-of-one output shape).
-    Raises InvalidArgument when an output's shape varies between samples."""
+    sample at a time (a batch of one, as devices serve, and as every
+    candidate is measured: a batched run could pick other kernels and differ
+    from it in the last bits). One array per model output, stacked over
+    samples: shape (samples, *batch-of-one output shape), allocated once
+    from the first sample's outputs and filled in place, so nothing per
+    sample is kept.
+
+    With `max_bytes`, only the first samples whose outputs fit in it (at
+    least one) are run: the arrays are then shorter than `samples`, and the
+    caller uses that many. Raises InvalidArgument when an output's shape
+    varies between samples."""
     from agent.runtimes.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(model, threads=threads)
-    per_sample = [runner.run(feed) for feed in samples.each()]
-    stacked = []
-    for k, spec in enumerate(runner.outputs):
-        shapes = {outs[k].shape for outs in per_sample}
-        if len(shapes) > 1:
-            raise InvalidArgument(
-                f"model output {spec.name!r} changes shape between samples ({sorted(shapes)}); "
-                "builds compare candidates sample by sample and need each output's shape "
-                "to follow from the input shape alone"
-            )
-        stacked.append(np.stack([outs[k] for outs in per_sample]))
+    count = len(samples)
+    stacked: list[np.ndarray] = []
+    for index in range(count):
+        outputs = runner.run(samples.one(index))
+        if index == 0:
+            per_sample = sum(out.nbytes for out in outputs)
+            if max_bytes is not None and per_sample > 0:
+                count = max(1, min(count, max_bytes // per_sample))
+            stacked = [np.empty((count, *out.shape), out.dtype) for out in outputs]
+        for spec, out, into in zip(runner.outputs, outputs, stacked, strict=True):
+            if out.shape != into.shape[1:]:
+                raise InvalidArgument(
+                    f"model output {spec.name!r} changes shape between samples "
+                    f"({list(into.shape[1:])} on sample 0, {list(out.shape)} on sample {index}); "
+                    "builds compare candidates sample by sample and need each output's shape "
+                    "to follow from the input shape alone"
+                )
+            into[index] = out
+        if index + 1 == count:
+            break
     return stacked
 
 
@@ -119,8 +139,8 @@ def measure_with_outputs(
         latency_p50_ms=measured.latency_percentile(50),
         latency_p95_ms=measured.latency_percentile(95),
         peak_memory_mb=measured.added_memory_mb,
-        max_abs_diff=max_abs_diff(outputs, reference_outputs),
-        agreement=agreement(outputs[0], reference_outputs[0]),
+        max_abs_diff=_max_abs_diff(outputs, reference_outputs),
+        agreement=_agreement(outputs[0], reference_outputs[0]),
         accuracy=accuracy(outputs[0], samples.labels),
         latency_is_proxy=proxy,
     )
@@ -149,3 +169,42 @@ def _shape_mismatch(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarra
                 f"{list(b.shape[1:])}"
             )
     return ""
+
+
+# Fidelity is computed over this many bytes of outputs at a time: comparing
+# whole arrays makes float64 copies several times their size.
+FIDELITY_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def _slices(output: np.ndarray) -> list[slice]:
+    """Consecutive slices of the samples of about FIDELITY_CHUNK_BYTES each."""
+    step = max(1, FIDELITY_CHUNK_BYTES // max(1, output[:1].nbytes))
+    return [slice(start, start + step) for start in range(0, len(output), step)]
+
+
+def _max_abs_diff(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """agent.runtimes.measure.max_abs_diff, over bounded slices of the samples."""
+    worst = 0.0
+    for a, b in zip(outputs, reference, strict=True):
+        for part in _slices(a):
+            worst = max(worst, max_abs_diff([a[part]], [b[part]]))
+    return worst
+
+
+def _agreement(output: np.ndarray, reference: np.ndarray) -> float:
+    """agent.runtimes.measure.agreement (the same rule), counted over
+    bounded slices of the samples."""
+    if output.size == 0 or output.ndim == 0:
+        return agreement(output, reference)
+    agreeing = 0
+    if output.shape[-1] == 1:
+        # No argmax: values within SCALAR_AGREEMENT_RTOL of the whole
+        # reference's spread (max - min, which copies nothing).
+        spread = float(np.ptp(reference)) or 1.0
+        for part in _slices(output):
+            diff = np.abs(output[part].astype(np.float64) - reference[part])
+            agreeing += int(np.count_nonzero(diff <= SCALAR_AGREEMENT_RTOL * spread))
+        return agreeing / int(output.size)
+    for part in _slices(output):
+        agreeing += int(np.count_nonzero(predictions(output[part]) == predictions(reference[part])))
+    return agreeing / (int(output.size) // int(output.shape[-1]))

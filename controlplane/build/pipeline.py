@@ -22,8 +22,8 @@ from controlplane.build.measure import (
     measure_with_outputs,
     reference_outputs,
 )
-from controlplane.build.samples import Samples, load_samples
-from controlplane.build.types import BuildOutcome, BuildTarget, Candidate, Evaluated, Measurement
+from controlplane.build.samples import MAX_BUILD_OUTPUT_BYTES, MiB, Samples, load_samples
+from controlplane.build.types import BuildOutcome, BuildTarget, Candidate, Measurement
 from controlplane.build.verdict import PRECISIONS, evaluate, retention
 from controlplane.domain.onnx_inspect import ModelInfo, TensorInfo, inspect_model
 from controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
@@ -83,21 +83,30 @@ def run_build(
     info = inspect_model(model_path)
     samples = load_samples(sample_path, info.inputs)
     log(
-        f"model: opset {info.opset}, {info.producer or 'unknown producer'}; {len(samples)} "
-        f"{'generated' if samples.generated else 'pushed'} samples"
-        f"{', with labels' if samples.labels is not None else ''}"
+        f"model: opset {info.opset}, {info.producer or 'unknown producer'}; "
+        f"{samples.describe()}{', with labels' if samples.labels is not None else ''}"
     )
     ladder = _ladder(target.runtime)
 
     step(0.05, "running the fp32 model for reference outputs")
     try:
-        reference = reference_outputs(model_path, samples, target.threads)
+        reference = reference_outputs(
+            model_path, samples, target.threads, max_bytes=MAX_BUILD_OUTPUT_BYTES
+        )
     except DomainError:
         raise
     except Exception as exc:  # ORT raises its own untyped errors
         raise InvalidArgument(
             f"the model does not run in ONNX Runtime on its sample inputs: {exc}"
         ) from exc
+    if len(reference[0]) < len(samples):
+        per_sample = sum(out[:1].nbytes for out in reference)
+        log(
+            f"the model's outputs are {per_sample:,} bytes per sample: using the first "
+            f"{len(reference[0]):,} of the {len(samples):,} samples, whose outputs fit "
+            f"MAX_BUILD_OUTPUT_BYTES={MAX_BUILD_OUTPUT_BYTES // MiB} MiB"
+        )
+        samples = samples.head(len(reference[0]))
     reference_accuracy = accuracy(reference[0], samples.labels)
     if reference_accuracy is not None:
         log(f"fp32 reference accuracy on the sample labels: {reference_accuracy:.4f}")
@@ -109,7 +118,9 @@ def run_build(
     onnx_inputs = _runtime_specs(info.inputs)
     onnx_outputs = _runtime_specs(info.outputs)
     measured: list[tuple[Candidate, Measurement]] = []
-    outputs: dict[str, list[np.ndarray]] = {}
+    # Each candidate's golden samples, taken as soon as it is measured: its
+    # outputs on every sample are dropped before the next one runs.
+    goldens: dict[str, Golden] = {}
     for index, candidate in enumerate(candidates):
         step(0.4 + 0.5 * index / max(1, len(candidates)), f"measuring {candidate.name}")
         measurement, candidate_outputs = measure_with_outputs(
@@ -122,8 +133,11 @@ def run_build(
             runs=runs,
         )
         measured.append((candidate, measurement))
-        if candidate_outputs is not None:
-            outputs[candidate.name] = candidate_outputs
+        if candidate_outputs is not None and not measurement.error:
+            goldens[candidate.name] = golden_samples(
+                candidate.precision, measurement, samples, candidate_outputs, info
+            )
+        del candidate_outputs
         log(f"{candidate.name}: {describe(measurement)}")
 
     step(0.9, "judging the candidates")
@@ -147,7 +161,9 @@ def run_build(
             f"no {target.quantization} candidate passes; chose {chosen.candidate.name} "
             "by the auto rule instead"
         )
-    _add_golden(outcome, chosen, samples, outputs[chosen.candidate.name], info)
+    outcome.golden, outcome.atol, outcome.rtol, outcome.min_agreement = goldens[
+        chosen.candidate.name
+    ]
     kept, basis = retention(chosen.measurement, reference_accuracy)
     log(
         f"golden: {len(outcome.golden)} samples, atol {outcome.atol:.3g}, rtol {outcome.rtol:.3g}, "
@@ -191,31 +207,39 @@ def _runtime_specs(specs: Sequence[TensorInfo]) -> list[RuntimeTensorInfo]:
     return [RuntimeTensorInfo(t.name, t.dtype, t.shape) for t in specs]
 
 
-def _add_golden(
-    outcome: BuildOutcome,
-    chosen: Evaluated,
+# A candidate's golden samples: (inputs, outputs) pairs, atol, rtol and
+# min_agreement, as BuildOutcome holds them.
+Golden = tuple[list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], float, float, float]
+
+
+def golden_samples(
+    precision: str,
+    m: Measurement,
     samples: Samples,
     outputs: list[np.ndarray],
     info: ModelInfo,
-) -> None:
-    """Fill the outcome's golden samples and tolerances from the chosen
-    candidate's outputs on the build host."""
-    precision = chosen.candidate.precision
-    m = chosen.measurement
-    outcome.atol = max(ATOL_FLOOR.get(precision, 1e-2), TOLERANCE_HEADROOM * m.max_abs_diff)
-    outcome.rtol = RTOL.get(precision, 5e-2)
+) -> Golden:
+    """A candidate's golden samples and tolerances, from its outputs on the
+    build host, should it be chosen. Copies: nothing here keeps `outputs`
+    (every sample's) alive."""
+    atol = max(ATOL_FLOOR.get(precision, 1e-2), TOLERANCE_HEADROOM * m.max_abs_diff)
+    rtol = RTOL.get(precision, 5e-2)
     output_names = [t.name for t in info.outputs]
-    indices = golden_indices(outputs[0], outcome.atol, samples, outputs)
-    outcome.golden = [
-        (samples.one(i), {name: out[i] for name, out in zip(output_names, outputs, strict=True)})
+    indices = golden_indices(outputs[0], atol, samples, outputs)
+    golden = [
+        (
+            {name: array.copy() for name, array in samples.one(i).items()},
+            {name: out[i].copy() for name, out in zip(output_names, outputs, strict=True)},
+        )
         for i in indices
     ]
     # Near ties were left out of the golden set, so a device running the
     # same artifact should reproduce every argmax; with enough samples one
     # flip is tolerated rather than failing a device on a single borderline
     # case.
-    count = len(outcome.golden)
-    outcome.min_agreement = 1.0 if count < 4 else (count - 1) / count
+    count = len(golden)
+    min_agreement = 1.0 if count < 4 else (count - 1) / count
+    return golden, atol, rtol, min_agreement
 
 
 def golden_indices(

@@ -76,8 +76,15 @@ def build_candidates(
     toolchain = require_tflite(toolchains_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     info = inspect_model(model)
+    # onnx2tf sees only the samples it calibrates with (its self-check
+    # images come from the first of them): converting a copy of every sample
+    # to float32 and to TF's layout would cost memory for nothing.
     inputs = [
-        ConvertInput(spec.name, _static_shape(spec, samples), samples.arrays[spec.name])
+        ConvertInput(
+            spec.name,
+            _static_shape(spec, samples),
+            samples.arrays[spec.name][:CALIBRATION_SAMPLES],
+        )
         for spec in info.inputs
     ]
     not_float = [

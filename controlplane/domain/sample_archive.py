@@ -8,7 +8,9 @@ GiBs grew the control plane by 3.2 GB. Here every header is read first
 member) and checked against the limits below before any array data is
 decompressed; the data is then read in bounded chunks, up to exactly the
 size the header declares, with zipfile checking each member's CRC at its
-end. Every malformed input is an InvalidArgument saying what is wrong.
+end. A build reads only the rows it uses (`load(path, rows=N)`), keeping
+those rows' bytes as the data streams past. Every malformed input is an
+InvalidArgument saying what is wrong.
 
 Pure functions over files: no gRPC, no SQL."""
 
@@ -115,31 +117,40 @@ def verify(path: Path) -> dict[str, ArrayHeader]:
     return {name: m.header for name, m in members.items()}
 
 
-def load(path: Path) -> dict[str, np.ndarray]:
+def load(path: Path, *, rows: int | None = None) -> dict[str, np.ndarray]:
     """Every array, in native byte order. Headers are checked against the
     limits before anything is allocated; a plain .npy's array is under
-    SINGLE_ARRAY."""
+    SINGLE_ARRAY.
+
+    With `rows`, an array with more than `rows` entries along its first (the
+    sample) axis is read as only `picked_rows(count, rows)` of them: the
+    data streams past in READ_CHUNK_BYTES chunks and only the picked rows'
+    bytes are kept, so memory is those rows, not the array. Reading stops
+    after the last picked row, so the CRC of a member read in part is not
+    checked (the push verified it; `verify` checks a whole file)."""
+    if rows is not None and rows < 1:
+        raise ValueError(f"rows must be at least 1, not {rows}")
     members = _members(path)
-    buffers = {name: np.empty(m.header.nbytes, np.uint8) for name, m in members.items()}
-    filled = dict.fromkeys(members, 0)
+    readers = {name: _RowReader(m.header, rows) for name, m in members.items()}
+    _read_data(
+        path,
+        members,
+        lambda name, chunk: readers[name].take(chunk),
+        {name: r.end for name, r in readers.items()},
+    )
+    return {name: readers.pop(name).array() for name in members}
 
-    def copy(name: str, chunk: bytes) -> None:
-        start = filled[name]
-        buffers[name][start : start + len(chunk)] = np.frombuffer(chunk, np.uint8)
-        filled[name] = start + len(chunk)
 
-    _read_data(path, members, copy)
-    arrays: dict[str, np.ndarray] = {}
-    for name, member in members.items():
-        h = member.header
-        flat = buffers.pop(name).view(h.dtype)
-        array = (
-            flat.reshape(h.shape[::-1]).transpose() if h.fortran_order else flat.reshape(h.shape)
-        )
-        if not array.dtype.isnative:
-            array = array.astype(array.dtype.newbyteorder("="))
-        arrays[name] = array
-    return arrays
+def picked_rows(count: int, rows: int) -> np.ndarray:
+    """Which of `count` samples a reader keeping at most `rows` of them
+    takes: all when they fit, otherwise `rows` evenly spaced ones, the first
+    included (row k * count // rows for k < rows). Evenly spaced rather than
+    the first few, so that samples pushed sorted (by class, by time) are
+    still represented. Deterministic: every build of the same file uses the
+    same rows."""
+    if count <= rows:
+        return np.arange(count, dtype=np.int64)
+    return np.arange(rows, dtype=np.int64) * count // rows
 
 
 def by_input_name(arrays: Mapping[str, T], input_names: Sequence[str]) -> dict[str, T]:
@@ -334,38 +345,147 @@ def _check_total(headers: Sequence[ArrayHeader]) -> None:
         )
 
 
+class _RowReader:
+    """One array's data as it streams past: all of it, or only the rows
+    `picked_rows` picks along its first axis."""
+
+    def __init__(self, header: ArrayHeader, rows: int | None) -> None:
+        self._header = header
+        count = header.shape[0] if header.shape else 0
+        self._picked: np.ndarray | None = None
+        self._shape = header.shape
+        # Source bytes seen so far, and where reading may stop.
+        self._seen = 0
+        self.end = header.nbytes
+        if rows is not None and count > rows:
+            picked = picked_rows(count, rows)
+            self._picked = picked
+            self._shape = (len(picked), *header.shape[1:])
+            item = header.dtype.itemsize
+            self._row_bytes = header.nbytes // count
+            if self._row_bytes == 0:
+                self.end = 0  # rows of no bytes: nothing to read
+            elif header.fortran_order:
+                # Element (row, col) lies at flat index row + count * col:
+                # the last picked row of the last column ends the data read.
+                columns = self._row_bytes // item
+                self.end = (int(picked[-1]) + count * (columns - 1) + 1) * item
+                self._pending = b""
+            else:
+                # C order: each row is one contiguous run of bytes.
+                self.end = (int(picked[-1]) + 1) * self._row_bytes
+        self._buffer = np.empty(math.prod(self._shape) * header.dtype.itemsize, np.uint8)
+
+    def take(self, chunk: bytes) -> None:
+        start = self._seen
+        self._seen += len(chunk)
+        data = np.frombuffer(chunk, np.uint8)
+        if self._picked is None:
+            self._buffer[start : start + len(chunk)] = data
+        elif self._header.fortran_order:
+            self._take_fortran(chunk)
+        else:
+            self._take_rows(start, data)
+
+    def _take_rows(self, start: int, data: np.ndarray) -> None:
+        """Copy the parts of picked rows that lie in source bytes
+        [start, start + len(data)): at most one loop step per picked row,
+        plus one per chunk."""
+        assert self._picked is not None
+        size = self._row_bytes
+        stop = start + len(data)
+        k = int(np.searchsorted(self._picked, start // size))
+        while k < len(self._picked):
+            row_start = int(self._picked[k]) * size
+            if row_start >= stop:
+                break
+            lo, hi = max(start, row_start), min(stop, row_start + size)
+            if lo < hi:
+                at = k * size + (lo - row_start)
+                self._buffer[at : at + hi - lo] = data[lo - start : hi - start]
+            if row_start + size > stop:
+                break
+            k += 1
+
+    def _take_fortran(self, chunk: bytes) -> None:
+        """Fortran order: a picked row is one element per column, so the
+        elements in the chunk are picked by arithmetic, a bounded block at a
+        time (an element cut by the chunk's end waits for the next chunk)."""
+        assert self._picked is not None
+        item = self._header.dtype.itemsize
+        count = self._header.shape[0]
+        picked = len(self._picked)
+        data = self._pending + chunk if self._pending else chunk
+        whole = len(data) // item * item
+        self._pending = data[whole:]
+        first = (self._seen - len(data)) // item  # `data` ends where the stream is
+        elements = np.frombuffer(data, np.uint8, whole).reshape(-1, item)
+        out = self._buffer.reshape(-1, item)
+        block = 1 << 16
+        for offset in range(0, len(elements), block):
+            index = np.arange(first + offset, first + min(offset + block, len(elements)))
+            row, column = index % count, index // count
+            # The one k with k * count // picked == row, if any.
+            k = (row * picked + count - 1) // count
+            keep = (k < picked) & (k * count // picked == row)
+            out[(k + picked * column)[keep]] = elements[offset : offset + len(index)][keep]
+
+    def array(self) -> np.ndarray:
+        h = self._header
+        flat = self._buffer.view(h.dtype)
+        shape = self._shape
+        array = flat.reshape(shape[::-1]).transpose() if h.fortran_order else flat.reshape(shape)
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        return array
+
+
 def _read_data(
-    path: Path, members: Mapping[str, _Member], sink: Callable[[str, bytes], None]
+    path: Path,
+    members: Mapping[str, _Member],
+    sink: Callable[[str, bytes], None],
+    ends: Mapping[str, int] | None = None,
 ) -> None:
     """Hand each array's data bytes to `sink` in chunks of at most
-    READ_CHUNK_BYTES: exactly the declared size, never more."""
+    READ_CHUNK_BYTES: exactly the declared size, never more; with `ends`, only
+    the first ends[name] bytes of an array (its CRC is then not checked)."""
     if SINGLE_ARRAY in members and members[SINGLE_ARRAY].info is None:
         header = members[SINGLE_ARRAY].header
+        end = header.nbytes if ends is None else ends[SINGLE_ARRAY]
         with path.open("rb") as f:
             f.seek(header.header_bytes)
-            _stream("array (.npy)", f, SINGLE_ARRAY, header.nbytes, sink)
+            _stream("array (.npy)", f, SINGLE_ARRAY, header.nbytes, end, sink)
         return
     with _open_zip(path) as archive:
         for name, member in members.items():
             assert member.info is not None
             label = f"array {name!r}"
+            end = member.header.nbytes if ends is None else ends[name]
             with _reading(label), archive.open(member.info) as f:
                 f.read(member.header.header_bytes)
-                _stream(label, f, name, member.header.nbytes, sink)
-                # At the member's declared end zipfile checks its CRC; the
-                # sizes were matched above, so this read returns nothing.
-                f.read(1)
+                _stream(label, f, name, member.header.nbytes, end, sink)
+                if end == member.header.nbytes:
+                    # At the member's declared end zipfile checks its CRC;
+                    # the sizes were matched above, so this read returns
+                    # nothing.
+                    f.read(1)
 
 
 def _stream(
-    label: str, f: IO[bytes], name: str, nbytes: int, sink: Callable[[str, bytes], None]
+    label: str,
+    f: IO[bytes],
+    name: str,
+    nbytes: int,
+    end: int,
+    sink: Callable[[str, bytes], None],
 ) -> None:
-    left = nbytes
+    """Hand the first `end` of the `nbytes` data bytes in `f` to `sink`."""
+    left = end
     while left > 0:
         chunk = f.read(min(left, READ_CHUNK_BYTES))
         if not chunk:
             raise InvalidArgument(
-                f"sample data {label} is truncated: {nbytes - left} of the {nbytes} bytes its "
+                f"sample data {label} is truncated: {end - left} of the {nbytes} bytes its "
                 "header declares are there"
             )
         sink(name, chunk)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -36,10 +37,10 @@ from controlplane.services.devices import (
 from controlplane.services.enrollment import EnrollmentService, ReenrollmentProof
 from controlplane.services.events import Pulse
 from controlplane.services.hub import DeviceSession, SyncHub
-from controlplane.services.ratelimit import TelemetryRateLimit
+from controlplane.services.ratelimit import StatusRateLimit, TelemetryRateLimit
 from controlplane.services.status_buffer import StatusBuffer
 from controlplane.services.telemetry import TelemetryService, Upload
-from edgefleet.v1 import device_pb2, device_pb2_grpc
+from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 # 1 MiB by default: 256 KiB chunks cost 20-40 % more CPU per GiB on both ends
 # (bench/bench_download.py); the message limit leaves room up to 4 MiB.
@@ -55,6 +56,127 @@ MIN_CHUNK, DEFAULT_CHUNK, MAX_CHUNK = 64 * 1024, 1024 * 1024, 1024 * 1024
 # refused, and every refusal and resend costs both ends more than waiting.
 TELEMETRY_BATCH = 500
 MAX_TELEMETRY_IN_FLIGHT = 4 * TELEMETRY_BATCH
+
+log = logging.getLogger(__name__)
+
+
+class _Reports:
+    """One Sync stream's Hellos and status reports on their way to the
+    database, at most at the device's write rate (ratelimit.StatusRateLimit).
+
+    Past it the stream coalesces: it keeps only the latest Hello, the latest
+    applied revision and the latest update status, and one task writes them
+    when the bucket has a token again. So a stream holds at most one report
+    whatever its device sends, the database gets at most the rate, and a real
+    agent's burst is never refused: what is lost is intermediate history
+    (a "verifying" between "downloading" and "committed"), never the status
+    the orchestrator acts on. Why not end the stream instead: an agent's
+    normal bursts have no hard bound (a revision report per desired state an
+    operator's script pushes, the steps of back-to-back updates), and a
+    refused stream costs a reconnect with backoff and a missed push; a flood
+    is ended by the received bucket anyway (StatusRateLimit.receive). On the
+    event loop."""
+
+    def __init__(
+        self,
+        device_id: str,
+        limit: StatusRateLimit,
+        record_hello: Callable[[str, device_pb2.Hello], Awaitable[None]],
+        statuses: StatusBuffer,
+    ) -> None:
+        self._device_id = device_id
+        self._limit = limit
+        self._record_hello = record_hello
+        self._statuses = statuses
+        # What is held: None where nothing is.
+        self._hello: device_pb2.Hello | None = None
+        self._revision: int | None = None
+        self._update: common_pb2.UpdateStatus | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Reports folded into one held before it was written (for tests).
+        self.coalesced = 0
+
+    def _holds(self) -> bool:
+        return self._hello is not None or self._revision is not None
+
+    async def hello(self, hello: device_pb2.Hello) -> None:
+        """A Hello: its hardware and runtime, and the status it carries
+        (only with an applied revision, as always)."""
+        revision = hello.applied_revision or None
+        update = hello.update if revision and hello.HasField("update") else None
+        await self._add(hello, revision, update)
+
+    async def status(self, report: device_pb2.StatusReport) -> None:
+        update = report.update if report.HasField("update") else None
+        await self._add(None, report.applied_revision, update)
+
+    async def _add(
+        self,
+        hello: device_pb2.Hello | None,
+        revision: int | None,
+        update: common_pb2.UpdateStatus | None,
+    ) -> None:
+        if self._task is None and not self._holds() and self._limit.write(self._device_id) == 0:
+            await self._write(hello, revision, update)  # the common case
+            return
+        if self._holds():
+            if not self.coalesced:
+                log.info(
+                    "device %s sends status reports faster than %g a second; "
+                    "this stream keeps only the latest until it slows down",
+                    self._device_id, self._limit.write_rate_per_s,
+                )  # fmt: skip
+            self.coalesced += 1
+        if hello is not None:
+            self._hello = hello
+        if revision is not None:
+            self._revision = revision
+        if update is not None:
+            self._update = update
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._holds():
+                wait = self._limit.write(self._device_id)
+                if wait:
+                    await asyncio.sleep(wait)
+                    continue
+                held = self._hello, self._revision, self._update
+                self._hello = self._revision = self._update = None
+                await self._write(*held)
+        except Exception:
+            # Dropped: the next stream's Hello carries the status again.
+            log.exception("could not record a status report of device %s", self._device_id)
+        finally:
+            self._task = None
+
+    async def _write(
+        self,
+        hello: device_pb2.Hello | None,
+        revision: int | None,
+        update: common_pb2.UpdateStatus | None,
+    ) -> None:
+        if hello is not None:
+            await self._record_hello(self._device_id, hello)
+        if revision is not None:
+            self._offer(revision, update)
+
+    def _offer(self, revision: int, update: common_pb2.UpdateStatus | None) -> None:
+        status = convert.update_status_to_dict(update) if update is not None else {}
+        self._statuses.offer(self._device_id, revision, status)
+
+    def close(self) -> None:
+        """The stream ended: the task is cancelled and a held status offered
+        if the bucket allows (a held Hello's hardware waits for the next
+        stream's Hello, which also carries the status again)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._revision is not None and self._limit.write(self._device_id) == 0:
+            self._offer(self._revision, self._update)
+        self._hello = self._revision = self._update = None
 
 
 class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
@@ -72,6 +194,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         agent_config: device_pb2.AgentConfig,
         certificates: CertificateService | None = None,
         telemetry_rate: TelemetryRateLimit | None = None,
+        status_rate: StatusRateLimit | None = None,
         **base: Any,
     ) -> None:
         super().__init__(**base)
@@ -90,6 +213,8 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         # Uploads waiting for or holding a database thread (event loop only).
         self._telemetry_in_flight = 0
         self._telemetry_rate = telemetry_rate or TelemetryRateLimit()
+        # Per device: the Hellos and status reports of its Sync streams.
+        self._status_rate = status_rate or StatusRateLimit()
         self._agent_config = agent_config
         self._desired = Coalescer(self._desired_many)
         self._uploads = Batcher(self._ingest_many, max_batch=TELEMETRY_BATCH)
@@ -180,8 +305,16 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             return
         if first.WhichOneof("kind") != "hello":
             raise InvalidArgument("the first message on a sync stream must be Hello")
+        # A device reconnecting right after its stream was ended for a
+        # flood is refused here, before its Hello is written.
+        self._status_rate.receive(device.device_id)
         limits.check(first)
-        await self._record_hello(device.device_id, first.hello)
+        reports = _Reports(device.device_id, self._status_rate, self._record_hello, self._statuses)
+        try:
+            await reports.hello(first.hello)
+        except BaseException:
+            reports.close()
+            raise
         session = self._hub.connect(device.device_id)
         write_lock = asyncio.Lock()
         reader: asyncio.Task[None] | None = None
@@ -215,7 +348,9 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                     raise PermissionDenied(f"device {device.device_id} is {view.device_state}")
                 if reader is None:
                     # Only after the first DesiredState: it is always the first reply.
-                    reader = asyncio.create_task(self._read(requests, context, session, write_lock))
+                    reader = asyncio.create_task(
+                        self._read(requests, context, session, write_lock, reports)
+                    )
                     reader.add_done_callback(lambda _: session.wake.set())
                 await session.wake.wait()
                 session.wake.clear()
@@ -227,6 +362,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         finally:
             if reader is not None:
                 reader.cancel()
+            reports.close()
             self._hub.disconnect(session)
 
     async def _read(
@@ -235,44 +371,37 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         context: Any,
         session: DeviceSession,
         write_lock: asyncio.Lock,
+        reports: _Reports,
     ) -> None:
         # The hot path: keep per-heartbeat work to a dict update and one write.
         async for message in requests:
             self._hub.seen(session)
             kind = message.WhichOneof("kind")
-            if kind != "heartbeat":
-                # A status's strings are written in batches with other
-                # devices' (status_buffer): one bad value must stop here.
-                limits.check(message)
             if kind == "heartbeat":
                 ack = device_pb2.HeartbeatAck(seq=message.heartbeat.seq, server_time=Timestamp())
                 ack.server_time.GetCurrentTime()
                 async with write_lock:
                     await context.write(device_pb2.ControlMessage(heartbeat_ack=ack))
-            elif kind == "status":
-                self._statuses.offer(
-                    session.device_id,
-                    message.status.applied_revision,
-                    convert.update_status_to_dict(message.status.update)
-                    if message.status.HasField("update")
-                    else {},
-                )
+                continue
+            # Anything else is counted against the device's bucket first: a
+            # flood ends the stream with RESOURCE_EXHAUSTED (ratelimit.py).
+            self._status_rate.receive(session.device_id)
+            # A status's strings are written in batches with other
+            # devices' (status_buffer): one bad value must stop here.
+            limits.check(message)
+            if kind == "status":
+                await reports.status(message.status)
             elif kind == "hello":
-                await self._record_hello(session.device_id, message.hello)
+                await reports.hello(message.hello)
 
     async def _record_hello(self, device_id: str, hello: device_pb2.Hello) -> None:
+        """A Hello's hardware and runtime (its status goes to the buffer)."""
         await self.run(
             self._devices.record_hello,
             device_id,
             convert.hardware_to_dict(hello.hardware),
             convert.runtime_to_dict(hello.runtime),
         )
-        if hello.applied_revision:
-            self._statuses.offer(
-                device_id,
-                hello.applied_revision,
-                convert.update_status_to_dict(hello.update) if hello.HasField("update") else {},
-            )
 
     @rpc("device")
     async def DownloadArtifact(

@@ -24,18 +24,33 @@ A field without an entry gets DEFAULT: 256 characters of one line, 100
 items, its bytes unlimited (bytes fields are bounded by the transport's
 8 MiB message limit).
 
+Numbers: RANGES holds the plausible range of every number a telemetry sample
+carries and of the numbers of an update status, refused outside it with
+INVALID_ARGUMENT naming the field and the range (a float must also be
+finite: NaN and the infinities are refused). Why: a sample with
+request_count 2^63-1 was stored, and then every query that summed it with
+another sample overflowed SQLite's 64-bit SUM and failed, for every user.
+Counts are per sample, that is per telemetry interval of one model version:
+at most 10^9, so one device's counts summed over its whole life (at the
+telemetry rate limit, 5 samples/s, 1.6 * 10^17 a year) and an hourly rollup
+row's stay far inside int64. A number without an entry is not checked here
+(its type bounds it).
+
 Where it runs: the rpc decorator (api/rpc.py) checks every unary request
 after authentication; the streaming handlers check their messages (Sync's
 Hello and status reports, PushModel's header); a telemetry upload's samples
-are checked as rows once converted (CHECKED_AS_ROWS), before the upload
-joins a group commit. `clip` cuts a message down to the same limits; list
-responses use it on a row stored before the limits that would not fit in a
-response on its own (api/paging.py)."""
+are checked as rows once converted (CHECKED_AS_ROWS, `check_rows`, their
+numbers included), before the upload joins a group commit. `clip` cuts a
+message down to the same limits; list responses use it on a row stored
+before the limits that would not fit in a response on its own
+(api/paging.py)."""
 
 from __future__ import annotations
 
 import functools
+import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -247,6 +262,80 @@ LIMITS: dict[str, Limit] = {
     "WatchFleetRequest.kinds": Limit(count=64, chars=64),
 }
 
+
+@dataclass(frozen=True)
+class Range:
+    """What a number may hold: `low` <= value <= `high`, and a float must be
+    finite. `unit` says what the number counts or measures (in the error)."""
+
+    low: int | float
+    high: int | float
+    unit: str = ""
+
+    def holds(self, value: float) -> bool:
+        return (isinstance(value, int) or math.isfinite(value)) and self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.high == sys.float_info.max:
+            return f"a finite number of at least {_number(self.low)}"
+        kind = "an integer" if isinstance(self.high, int) else "a finite number"
+        unit = f" ({self.unit})" if self.unit else ""
+        return f"{kind} between {_number(self.low)} and {_number(self.high)}{unit}"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 1e15):
+        return f"{int(value):,}"
+    return f"{value:g}"
+
+
+_INT64 = 2**63 - 1  # a BigInteger column
+# Per sample: one telemetry interval (10 s by default) of one model version.
+# A billion requests is 100 million a second for ten seconds, or 11,000 a
+# second for a day-long interval; no edge device serves that. See Numbers in
+# the module docstring for what it keeps within int64.
+COUNT = Range(0, 10**9, "per sample, i.e. per telemetry interval")
+# A latency past a day is a hung request or a broken clock, not a latency.
+LATENCY_MS = Range(0.0, 86_400_000.0, "milliseconds; one day")
+PERCENT = Range(0.0, 100.0, "percent")
+
+# "Message.field" -> the range of a number. Every number of TelemetrySample
+# (a test checks none is missing) and of an agent's update status.
+RANGES: dict[str, Range] = {
+    # ---- a telemetry sample (TelemetrySample; the time `at` is checked
+    # against the server's clock by services/telemetry.py)
+    "TelemetrySample.seq": Range(1, _INT64, "the agent's sample number"),
+    "TelemetrySample.request_count": COUNT,
+    "TelemetrySample.error_count": COUNT,  # and at most request_count
+    "TelemetrySample.timeout_count": COUNT,  # and at most error_count
+    "TelemetrySample.dropped_samples": COUNT,
+    "TelemetrySample.shadow_requests": COUNT,
+    "TelemetrySample.latency_p50_ms": LATENCY_MS,  # and p50 <= p95 <= p99 <= max
+    "TelemetrySample.latency_p95_ms": LATENCY_MS,
+    "TelemetrySample.latency_p99_ms": LATENCY_MS,
+    "TelemetrySample.latency_max_ms": LATENCY_MS,
+    "TelemetrySample.shadow_latency_p95_ms": LATENCY_MS,
+    # The agent's process RSS; 16 TiB.
+    "TelemetrySample.memory_mb": Range(0.0, 16.0 * 1024 * 1024, "MB; 16 TiB"),
+    # The agent's process, 100 per busy core (psutil): 1,024 cores.
+    "TelemetrySample.cpu_percent": Range(0.0, 102_400.0, "percent of one core; 1,024 cores"),
+    "TelemetrySample.system_memory_percent": PERCENT,
+    "TelemetrySample.temperature_c": Range(-273.15, 1000.0, "degrees Celsius"),  # optional
+    "TelemetrySample.battery_percent": PERCENT,  # optional
+    "TelemetrySample.concurrency_limit": Range(0, 1_000_000, "requests at once; 0: unlimited"),
+    "TelemetrySample.shadow_agreement": Range(0.0, 1.0, "the fraction of rows that agreed"),
+    # Any finite difference: the agent reports outputs it cannot compare as
+    # the largest float (agent/serving.py INCOMPARABLE). Never summed.
+    "TelemetrySample.shadow_max_diff": Range(0.0, sys.float_info.max),
+    # ---- an agent's update status (Hello, StatusReport): signed 64-bit
+    # columns, and what status_buffer.py checks again.
+    "Hello.applied_revision": Range(0, _INT64),
+    "StatusReport.applied_revision": Range(0, _INT64),
+    "UpdateStatus.sequence": Range(0, _INT64),
+    "UpdateStatus.bytes_done": Range(0, _INT64),
+    "UpdateStatus.bytes_total": Range(0, _INT64),
+}
+
 # Messages whose fields `check` leaves to `check_rows`: the servicer
 # converts every field of them anyway (a telemetry upload's 500 samples),
 # and reading their strings out of protobuf a second time cost about half
@@ -274,6 +363,8 @@ class _Plan:
         self.bytes: list[tuple[str, Limit]] = []
         # Counted only: repeated numbers, maps to numbers or messages.
         self.counted: list[tuple[str, Limit]] = []
+        # Numbers with an entry in RANGES.
+        self.numbers: list[tuple[str, Range]] = []
         self.messages: list[tuple[str, _Plan]] = []
         self.repeated_messages: list[tuple[str, Limit, _Plan]] = []
         self._deeper: _Plan | None = None
@@ -281,7 +372,7 @@ class _Plan:
     def __bool__(self) -> bool:
         return any(
             (self.strings, self.repeated_strings, self.string_maps, self.bytes, self.counted,
-             self.messages, self.repeated_messages)
+             self.numbers, self.messages, self.repeated_messages)
         )  # fmt: skip
 
     def deeper(self) -> _Plan:
@@ -336,7 +427,17 @@ def _plan(descriptor: Any) -> _Plan:
                 plan.bytes.append((field.name, limit))
         elif repeated:
             plan.counted.append((field.name, limit))
+        elif (number := _range_of(descriptor, field)) is not None:
+            plan.numbers.append((field.name, number))
     return plan
+
+
+def _range_of(message: Any, field: Any) -> Range | None:
+    return RANGES.get(f"{message.full_name.removeprefix(_PACKAGE)}.{field.name}")
+
+
+def _out_of_range(path: str, value: float, number: Range) -> InvalidArgument:
+    return InvalidArgument(f"{path} is {value!r}; it must be {number.describe()}")
 
 
 def _path(parent: str, name: str) -> str:
@@ -425,6 +526,10 @@ def _check(message: Message, plan: _Plan, path: str) -> None:
         count = len(getattr(message, name))
         if count > limit.count:
             raise _too_many(_path(path, name), count, limit)
+    for name, number in plan.numbers:
+        value = getattr(message, name)
+        if not number.holds(value):
+            raise _out_of_range(_path(path, name), value, number)
     for name, nested in plan.messages:
         if message.HasField(name):
             _check(getattr(message, name), nested, _path(path, name))
@@ -457,11 +562,45 @@ def _row_limits(message: str, fields: tuple[str, ...]) -> tuple[tuple[int, str, 
     )
 
 
+@functools.cache
+def _row_ranges(message: str, fields: tuple[str, ...]) -> tuple[tuple[int, str, Range, bool], ...]:
+    """(column index, field name, range, optional) of `message`'s numbers in
+    RANGES; an optional field's column holds None where it was not set."""
+    descriptor = descriptor_pool.Default().FindMessageTypeByName(_PACKAGE + message)
+    return tuple(
+        (fields.index(name), name, number, descriptor.fields_by_name[name].has_presence)
+        for key, number in RANGES.items()
+        for owner, _, name in [key.rpartition(".")]
+        if owner == message and name in fields
+    )
+
+
+def _check_numbers(column: Sequence[Any], number: Range, optional: bool, path: str) -> None:
+    """Check a column of numbers with loops in C; only a column that fails
+    is looked at one by one, for the index of the first bad value: `path`
+    with it for the {}."""
+    values = [v for v in column if v is not None] if optional else column
+    if not values:
+        return
+    # min() and max() are meaningless with a NaN among the values: a finite
+    # sum says there is none (a sum of large finite values may overflow to
+    # infinity; that column is then looked at value by value).
+    if (
+        (isinstance(number.high, int) or math.isfinite(sum(values)))
+        and number.low <= min(values)
+        and max(values) <= number.high
+    ):
+        return
+    for index, value in enumerate(column):
+        if value is not None and not number.holds(value):
+            raise _out_of_range(path.format(index), value, number)
+
+
 def check_rows(rows: Sequence[tuple[Any, ...]], message: str, path: str) -> None:
-    """`check` for the string fields of many `message`s (a CHECKED_AS_ROWS
-    type, e.g. "TelemetrySample") converted to named tuples with the same
-    field names, column by column; `path` names the repeated field they
-    came in."""
+    """`check` for the string fields and the numbers of many `message`s (a
+    CHECKED_AS_ROWS type, e.g. "TelemetrySample") converted to named tuples
+    with the same field names, column by column; `path` names the repeated
+    field they came in."""
     if not rows:
         return
     fields: tuple[str, ...] = getattr(rows[0], "_fields")  # noqa: B009 - a NamedTuple's
@@ -469,6 +608,11 @@ def check_rows(rows: Sequence[tuple[Any, ...]], message: str, path: str) -> None
         column = list(map(itemgetter(index), rows))
         if isinstance(column[0], str):
             _check_texts(column, limit, limit.chars, f"{path}[{{}}].{name}")
+    numbers = _row_ranges(message, fields)
+    if numbers:
+        columns = list(zip(*rows, strict=True))
+        for index, name, number, optional in numbers:
+            _check_numbers(columns[index], number, optional, f"{path}[{{}}].{name}")
 
 
 def check(message: Message) -> None:
@@ -520,11 +664,12 @@ def clip(message: Message) -> None:
 
 
 def unknown_keys() -> list[str]:
-    """Keys of LIMITS that name no field of ours (a typo would leave that
-    field on DEFAULT, silently; tests/test_sec_limits.py asserts none)."""
+    """Keys of LIMITS and RANGES that name no field of ours (a typo would
+    leave that field on DEFAULT, or unchecked, silently;
+    tests/test_sec_limits.py asserts none)."""
     pool = descriptor_pool.Default()
     unknown = []
-    for key in LIMITS:
+    for key in [*LIMITS, *RANGES]:
         message_name, _, field = key.rpartition(".")
         try:
             message = pool.FindMessageTypeByName(_PACKAGE + message_name)

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import Float, Select, cast, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from controlplane.db.bulk import insert_rows, update_rows
@@ -111,6 +111,7 @@ from controlplane.services.rollouts import (
     matching_devices,
     unfinished_abort,
 )
+from controlplane.services.telemetry import ROW_COUNT_CAP, at_most, float_sum
 
 log = logging.getLogger(__name__)
 
@@ -712,9 +713,13 @@ class _Driver:
             return [], set()
         since = min(d.finished_at for d in committed if d.finished_at).timestamp() * 1000
         t = TelemetryRow
+        # Sums in floating point, over capped rows: a row an older server
+        # stored with an absurd count must not overflow the gate's query.
         stmt = select(
-            t.device_id, func.max(t.latency_p95_ms), func.sum(t.error_count),
-            func.sum(t.request_count), func.max(t.memory_mb), func.max(t.at_ms),
+            t.device_id, func.max(t.latency_p95_ms),
+            float_sum(at_most(t.error_count, ROW_COUNT_CAP)),
+            float_sum(at_most(t.request_count, ROW_COUNT_CAP)),
+            func.max(t.memory_mb), func.max(t.at_ms),
         )  # fmt: skip
         rows = self.session.execute(
             self._of_rollout(stmt, t.device_id, self.row.current_stage).where(
@@ -753,9 +758,10 @@ class _Driver:
         if not ids:
             return None
         t = TelemetryRow
+        requests_col = at_most(t.shadow_requests, ROW_COUNT_CAP)
         stmt = select(
-            t.device_id, func.sum(t.shadow_requests),
-            func.sum(t.shadow_agreement * t.shadow_requests),
+            t.device_id, float_sum(requests_col),
+            float_sum(cast(at_most(t.shadow_agreement, 1.0), Float) * cast(requests_col, Float)),
         )  # fmt: skip
         per_device = self.session.execute(
             self._of_rollout(stmt, t.device_id, self.row.current_stage)

@@ -1,4 +1,5 @@
-"""Per-device telemetry rate limits: a token bucket per device.
+"""Per-device rate limits: token buckets for telemetry samples, and for the
+status reports and Hellos of the Sync stream (StatusRateLimit, at the end).
 
 A device may store `rate_per_s` samples a second on average and `burst` at
 once. Each UploadTelemetry call costs its number of samples (at least one:
@@ -154,3 +155,75 @@ class TelemetryRateLimit:
             f"again in {wait:.1f} s",
             retry_after_s=wait,
         )
+
+
+# ---------------------------------------------------------------- status reports
+
+# What a real agent sends on its Sync stream besides heartbeats (agent/update/
+# remote.py StatusReporter, agent/daemon.py): download progress at most every
+# 0.5 s (progress_interval_s); one report per state change of an update
+# (downloading, verifying, validating, activating, then committed or failed;
+# rolling back), whose retries back off from 1 s (agent/update/machine.py
+# backoff_base); one applied-revision report per desired state pushed; a Hello
+# when the disk fills or has room again. A busy agent sustains under 3 a
+# second and bursts at most eleven, one whole update (its revision report,
+# first and last progress, every state). Written: what reaches the database;
+# over it a stream coalesces (keeps only the latest), so a real agent is
+# never refused for a burst, and five updates back to back pass whole.
+STATUS_WRITE_RATE_PER_S = 5.0
+STATUS_WRITE_BURST = 60
+# Received: what a device may send at all, ten times the written bucket; over
+# it the stream ends with RESOURCE_EXHAUSTED. Only a device that floods gets
+# there (one sent 20,000 reports in 6 s), and every message it sends is still
+# parsed and checked, so past this it costs the event loop for nothing.
+STATUS_RATE_PER_S = 10 * STATUS_WRITE_RATE_PER_S
+STATUS_BURST = 10 * STATUS_WRITE_BURST
+
+
+class StatusRateLimit:
+    """Two buckets per device for the Hellos and status reports of its Sync
+    streams (all its streams share them, so reconnecting refills nothing):
+    `receive` for every such message, which raises past the received rate;
+    `write` for each write to the database, which says how long to wait
+    (the stream coalesces meanwhile; see api/device_servicer.py)."""
+
+    def __init__(
+        self,
+        rate_per_s: float = STATUS_RATE_PER_S,
+        burst: int = STATUS_BURST,
+        write_rate_per_s: float = STATUS_WRITE_RATE_PER_S,
+        write_burst: int = STATUS_WRITE_BURST,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._received = RateLimiter(rate_per_s, burst, clock)
+        self._written = RateLimiter(write_rate_per_s, write_burst, clock)
+
+    @property
+    def rate_per_s(self) -> float:
+        return self._received.rate_per_s
+
+    @property
+    def burst(self) -> int:
+        return self._received.burst
+
+    @property
+    def write_rate_per_s(self) -> float:
+        return self._written.rate_per_s
+
+    def receive(self, device_id: str) -> None:
+        """Count one Hello or status report of `device_id`, or raise
+        ResourceExhausted (with the delay after which one would pass)."""
+        wait = self._received.acquire(device_id, 1)
+        if wait == 0.0:
+            return
+        raise ResourceExhausted(
+            f"device {device_id} sent more than {self.burst} status reports at once or more "
+            f"than {self.rate_per_s:g} a second; this sync stream is closed: reconnect in "
+            f"{wait:.1f} s or later (the Hello carries the current status)",
+            retry_after_s=wait,
+        )
+
+    def write(self, device_id: str) -> float:
+        """Take one write of `device_id`'s reports: 0.0, or the seconds to
+        wait for one (nothing taken)."""
+        return self._written.acquire(device_id, 1)

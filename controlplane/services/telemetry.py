@@ -41,6 +41,16 @@ are raw or rolled up. Rates are ratios of sums (sum(errors) / sum(requests)),
 so busy devices weigh more, and a bucket with no requests has no rate point.
 Memory, system memory and temperature are the MAX, battery the MIN, CPU the
 mean over samples. Buckets with no samples have no point at all.
+
+No aggregate can fail on a value a column holds. Counts are summed as
+floats in queries (exact up to 2^53), and the rollups clamp each raw row to
+ROW_COUNT_CAP and ROW_GAUGE_CAP: before the API's ranges (api/limits.py
+RANGES: counts at most 10^9 a sample) a device could store request_count
+2^63-1, and then SQLite's integer SUM overflowed in every query and rollup
+that met another sample ("integer overflow", for every user, and the
+rollup job stuck on that hour for good), PostgreSQL's bigint and float
+arithmetic likewise ("out of range"). The caps are far above the API's
+ranges, so they change nothing a device can send now.
 """
 
 from __future__ import annotations
@@ -110,6 +120,14 @@ _ROLLUP_LOCK = int.from_bytes(b"efrollup", "big") % 2**63
 # SQLite's limit of parameters in one statement (32766 since 3.32, 999
 # before); PostgreSQL's is 65535.
 _MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+# What an aggregate takes of one stored row at most (see the module
+# docstring): far above the API's ranges (10^9 requests, a day of latency,
+# 102,400 % CPU a sample), so only rows stored before them are clamped; a
+# rollup of capped rows stays within int64 up to 9 million rows an hour.
+ROW_COUNT_CAP = 10**12
+ROW_GAUGE_CAP = 1e12
+# A rollup row's counts before a merge adds late samples to them.
+_ROLLUP_COUNT_CAP = 2**62
 # Power modes that mean "not limited" ("" from agents that predate the field).
 UNLIMITED_MODES = ("", "normal")
 
@@ -191,8 +209,20 @@ class Series:
     points: list[Point]
 
 
+def float_sum(column: Any) -> ColumnElement[Any]:
+    """SUM as a float: a sum of integers past int64 is an error on SQLite
+    (and a float on PostgreSQL's numeric SUM anyway)."""
+    return func.sum(cast(column, Float))
+
+
 def _ratio(num: Any, den: Any) -> ColumnElement[Any]:
-    return cast(func.sum(num), Float) / func.nullif(cast(func.sum(den), Float), 0.0)
+    return float_sum(num) / func.nullif(float_sum(den), 0.0)
+
+
+def at_most(column: Any, cap: float) -> ColumnElement[Any]:
+    """`column`, or `cap` where it is larger (NULL stays NULL)."""
+    bound = literal(cap, Float if isinstance(cap, float) else BigInteger)
+    return case((column > cap, bound), else_=column)
 
 
 # metric name -> aggregate over one bucket's rows (the columns of _source()'s
@@ -204,10 +234,10 @@ METRICS: dict[str, Callable[[Any, float], ColumnElement[Any]]] = {
     "latency_max_ms": lambda u, _: func.max(u.latency_max_ms),
     "error_rate": lambda u, _: _ratio(u.error_count, u.request_count),
     "timeout_rate": lambda u, _: _ratio(u.timeout_count, u.request_count),
-    "request_rate": lambda u, s: cast(func.sum(u.request_count), Float) / s,
-    "request_count": lambda u, _: cast(func.sum(u.request_count), Float),
-    "error_count": lambda u, _: cast(func.sum(u.error_count), Float),
-    "dropped_samples": lambda u, _: cast(func.sum(u.dropped_samples), Float),
+    "request_rate": lambda u, s: float_sum(u.request_count) / s,
+    "request_count": lambda u, _: float_sum(u.request_count),
+    "error_count": lambda u, _: float_sum(u.error_count),
+    "dropped_samples": lambda u, _: float_sum(u.dropped_samples),
     "memory_mb": lambda u, _: func.max(u.memory_mb),
     "cpu_percent": lambda u, _: _ratio(u.cpu_sum, u.samples),
     "system_memory_percent": lambda u, _: func.max(u.system_memory_percent),
@@ -354,9 +384,12 @@ def _least(old: Any, new: Any) -> ColumnElement[Any]:
 
 
 def _weighted(old: Any, new: Any, old_w: Any, new_w: Any) -> ColumnElement[Any]:
-    """Merge two means by their weights; 0 when both weigh nothing."""
-    total = cast(old_w + new_w, Float)
-    return func.coalesce((old * old_w + new * new_w) / func.nullif(total, 0.0), 0.0)
+    """Merge two means by their weights; 0 when both weigh nothing. In
+    floats, the means capped: a row stored before the API's ranges must not
+    overflow the arithmetic."""
+    old_w, new_w = cast(old_w, Float), cast(new_w, Float)
+    weighted = at_most(old, ROW_GAUGE_CAP) * old_w + at_most(new, ROW_GAUGE_CAP) * new_w
+    return func.coalesce(weighted / func.nullif(old_w + new_w, 0.0), 0.0)
 
 
 class TelemetryService:
@@ -563,12 +596,15 @@ class TelemetryService:
         """INSERT the hour's aggregates ... ON CONFLICT merge them into the
         rollup rows already there (samples that arrived late)."""
         t, r = TelemetryRow, TelemetryRollupRow
-        weighted = cast(func.sum(t.request_count), Float)
+        # Each raw row capped (see the module docstring), in floats where
+        # values are multiplied.
+        counts = {name: at_most(getattr(t, name), ROW_COUNT_CAP) for name in _COUNTS}
+        requests = cast(counts["request_count"], Float)
+        weighted = func.sum(requests)
 
         def wmean(column: Any) -> ColumnElement[Any]:
-            return func.coalesce(
-                cast(func.sum(column * t.request_count), Float) / func.nullif(weighted, 0.0), 0.0
-            )
+            product = cast(at_most(column, ROW_GAUGE_CAP), Float) * requests
+            return func.coalesce(func.sum(product) / func.nullif(weighted, 0.0), 0.0)
 
         keys = (t.device_id, t.model_name, t.model_version, t.class_name)
         aggregates = {
@@ -578,10 +614,7 @@ class TelemetryService:
             "model_version": t.model_version,
             "class_name": t.class_name,
             "sample_count": func.count(),
-            "request_count": func.sum(t.request_count),
-            "error_count": func.sum(t.error_count),
-            "timeout_count": func.sum(t.timeout_count),
-            "dropped_samples": func.sum(t.dropped_samples),
+            **{name: func.sum(capped) for name, capped in counts.items()},
             "latency_p50_ms": wmean(t.latency_p50_ms),
             "latency_p95_ms": wmean(t.latency_p95_ms),
             "latency_p99_ms": wmean(t.latency_p99_ms),
@@ -590,7 +623,7 @@ class TelemetryService:
             "max_latency_p99_ms": func.max(t.latency_p99_ms),
             "latency_max_ms": func.max(t.latency_max_ms),
             "memory_mb": func.max(t.memory_mb),
-            "cpu_percent": func.avg(t.cpu_percent),
+            "cpu_percent": func.avg(at_most(t.cpu_percent, ROW_GAUGE_CAP)),
             "system_memory_percent": func.max(t.system_memory_percent),
             "temperature_c": func.max(t.temperature_c),
             "battery_percent": func.min(t.battery_percent),
@@ -607,7 +640,8 @@ class TelemetryService:
             return _weighted(old[name], new[name], old.request_count, new.request_count)
 
         merged: dict[str, Any] = {
-            name: old[name] + new[name] for name in ("sample_count", *_COUNTS, "limited_samples")
+            name: at_most(old[name], _ROLLUP_COUNT_CAP) + new[name]
+            for name in ("sample_count", *_COUNTS, "limited_samples")
         }
         merged |= {name: by_requests(name) for name in _GAUGES[:3]}
         merged |= {
@@ -752,7 +786,7 @@ def _source(
         *(getattr(t, name) for name in shared),
         t.at_ms.label("at_ms"),
         literal(1, BigInteger).label("samples"),
-        t.cpu_percent.label("cpu_sum"),
+        at_most(t.cpu_percent, ROW_GAUGE_CAP).label("cpu_sum"),
         t.latency_p50_ms.label("latency_p50_ms"),
         t.latency_p95_ms.label("latency_p95_ms"),
         t.latency_p99_ms.label("latency_p99_ms"),
@@ -761,7 +795,7 @@ def _source(
         *(getattr(r, name) for name in shared),
         r.hour_ms.label("at_ms"),
         r.sample_count.label("samples"),
-        (r.cpu_percent * r.sample_count).label("cpu_sum"),
+        (at_most(r.cpu_percent, ROW_GAUGE_CAP) * r.sample_count).label("cpu_sum"),
         r.max_latency_p50_ms.label("latency_p50_ms"),
         r.max_latency_p95_ms.label("latency_p95_ms"),
         r.max_latency_p99_ms.label("latency_p99_ms"),

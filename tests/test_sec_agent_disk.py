@@ -21,11 +21,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import errno
-import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import socket
 import time
@@ -35,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -50,17 +47,14 @@ from agent.update.states import State
 from agent.update.store import UPDATE_FILE
 from controlplane.db.engine import make_engine, sqlite_url
 from controlplane.db.uow import Database
-from demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
 from tests.agent_harness import AgentProcess, wait_for
 from tests.fault_scenarios import small_disk, tmpfs_unavailable
 from tests.harness import ControlPlane
-from tests.test_api import _parts
-from tests.test_builds_e2e import _push
 from tests.test_deployments_e2e import _served, _settled
-from tests.test_signed_updates_e2e import _finish_builds
+from tests.test_signed_updates_e2e import publish_digits_versions
 from tests.test_update_machine import DATA, HAPPY, Rig, make_assignment
 
 pytestmark = pytest.mark.timeout(420)
@@ -358,25 +352,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     db = Database(make_engine(sqlite_url(cp.data_dir)))
     try:
         op = cp.operator()
-        op.CreateDeviceClass(o.CreateDeviceClassRequest(
-            name=CLASS, constraints=c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME),
-            match_rules=[
-                c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[platform.machine()]),
-                c.MatchRule(field="label.tier", op=c.MATCH_OP_EQ, values=[CLASS]),
-            ],
-        ))  # fmt: skip
-        built = build_digits_classifier(root / "model")
-        files: dict[str, Path] = {}
-        for version in VERSIONS:
-            model = onnx.load(built.model)
-            model.doc_string = f"digits {version}"
-            path = root / f"model-{version}.onnx"
-            onnx.save(model, path)
-            files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
-            _push(op, MODEL, version, _parts(model=path, sample_data=built.sample_data))
-        _finish_builds(db, root, files, op)
-        digests = {b.model_version: b.artifact_digest for b in op.ListBuilds(
-            o.ListBuildsRequest()).builds}  # fmt: skip
+        digests = publish_digits_versions(op, db, root, VERSIONS)
         token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="disk")).secret
         yield Fleet(cp, op, token, digests)
     finally:

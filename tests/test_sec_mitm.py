@@ -44,7 +44,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import platform
 import re
 import socket
 import ssl
@@ -56,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import onnx
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -64,7 +62,6 @@ from controlplane.db.engine import make_engine, sqlite_url
 from controlplane.db.uow import Database
 from controlplane.domain import pki, signing
 from controlplane.services import statements
-from demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -73,10 +70,8 @@ from tests.agent_harness import AgentProcess, wait_for
 from tests.grpc_relay import GrpcRelay
 from tests.harness import ControlPlane
 from tests.tcp_proxy import TcpProxy
-from tests.test_api import _parts
-from tests.test_builds_e2e import _push
 from tests.test_deployments_e2e import _served, _settled
-from tests.test_signed_updates_e2e import _finish_builds
+from tests.test_signed_updates_e2e import publish_digits_versions
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -473,26 +468,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     relay = GrpcRelay(cp.address).start()
     try:
         op = cp.operator()
-        op.CreateDeviceClass(o.CreateDeviceClassRequest(
-            name=CLASS, constraints=c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME),
-            match_rules=[
-                c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[platform.machine()]),
-                c.MatchRule(field="label.tier", op=c.MATCH_OP_EQ, values=[CLASS]),
-            ],
-        ))  # fmt: skip
-        built = build_digits_classifier(root / "model")
-        files: dict[str, Path] = {}
-        for version in VERSIONS:
-            # One trained model; each version's file differs (its doc string).
-            model = onnx.load(built.model)
-            model.doc_string = f"digits {version}"
-            path = root / f"model-{version}.onnx"
-            onnx.save(model, path)
-            files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
-            _push(op, MODEL, version, _parts(model=path, sample_data=built.sample_data))
-        _finish_builds(db, root, files, op)
-        digests = {b.model_version: b.artifact_digest for b in op.ListBuilds(
-            o.ListBuildsRequest()).builds}  # fmt: skip
+        digests = publish_digits_versions(op, db, root)
         token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="mitm")).secret
         yield World(cp, op, token, root, relay, digests)
     finally:

@@ -234,6 +234,34 @@ def _trust(agent: AgentProcess) -> dict[str, Any]:
     return document
 
 
+def publish_digits_versions(
+    op: Any, db: Database, root: Path, versions: tuple[str, ...] = VERSIONS
+) -> dict[str, str]:
+    """The class CLASS (this machine's arch and label tier=CLASS) and MODEL
+    at every one of `versions` (one trained digits classifier, each version's
+    file differing by its doc string), their builds answered with the files
+    themselves; the artifact digest of each version."""
+    op.CreateDeviceClass(o.CreateDeviceClassRequest(
+        name=CLASS, constraints=c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME),
+        match_rules=[
+            c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[platform.machine()]),
+            c.MatchRule(field="label.tier", op=c.MATCH_OP_EQ, values=[CLASS]),
+        ],
+    ))  # fmt: skip
+    built = build_digits_classifier(root / "model")
+    files: dict[str, Path] = {}
+    for version in versions:
+        model = onnx.load(built.model)
+        model.doc_string = f"digits {version}"
+        path = root / f"model-{version}.onnx"
+        onnx.save(model, path)
+        files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
+        _push(op, MODEL, version, _parts(model=path, sample_data=built.sample_data))
+    _finish_builds(db, root, files, op)
+    return {b.model_version: b.artifact_digest
+            for b in op.ListBuilds(o.ListBuildsRequest()).builds}  # fmt: skip
+
+
 def _finish_builds(db: Database, root: Path, files: dict[str, Path], op: Any) -> None:
     """Answer the queued builds with the pushed model itself (by its digest)."""
     builds = BuildService(db, BlobStore(root / "builder"), _NoEvents())
@@ -263,26 +291,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     db = Database(make_engine(sqlite_url(cp.data_dir)))
     try:
         op = cp.operator()
-        op.CreateDeviceClass(o.CreateDeviceClassRequest(
-            name=CLASS, constraints=c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME),
-            match_rules=[
-                c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[platform.machine()]),
-                c.MatchRule(field="label.tier", op=c.MATCH_OP_EQ, values=[CLASS]),
-            ],
-        ))  # fmt: skip
-        built = build_digits_classifier(root / "model")
-        files: dict[str, Path] = {}
-        for version in VERSIONS:
-            # One trained model; each version's file differs (its doc string).
-            model = onnx.load(built.model)
-            model.doc_string = f"digits {version}"
-            path = root / f"model-{version}.onnx"
-            onnx.save(model, path)
-            files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
-            _push(op, MODEL, version, _parts(model=path, sample_data=built.sample_data))
-        _finish_builds(db, root, files, op)
-        digests = {b.model_version: b.artifact_digest for b in op.ListBuilds(
-            o.ListBuildsRequest()).builds}  # fmt: skip
+        digests = publish_digits_versions(op, db, root)
         token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="signed")).secret
         yield World(cp, op, token, root, mitm, db, digests)
     finally:

@@ -327,12 +327,12 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                     raise NotFound(f"no device with id {device.device_id!r}")
                 view, assignment = desired
                 epoch = epoch or view.credential_epoch
-                if view.credential_epoch != epoch and view.device_state in (
-                    REJECTED, DECOMMISSIONED
-                ):
-                    # Its credential died with the operator's decision: say so.
-                    raise PermissionDenied(f"device {device.device_id} is {view.device_state}")
                 if view.credential_epoch != epoch:
+                    if view.device_state in (REJECTED, DECOMMISSIONED):
+                        # Its credential died with the operator's decision.
+                        raise PermissionDenied(
+                            f"device {device.device_id} is {view.device_state}"
+                        )
                     # The device enrolled again since this stream opened: the
                     # credential it was opened with is dead, and whoever holds
                     # it gets nothing more.

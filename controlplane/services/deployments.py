@@ -23,7 +23,6 @@ stays a list of states, not of chunks."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -497,7 +496,7 @@ class DeploymentService:
                     chain = self._key_rotations(session, row[16])
                     view = DesiredView(
                         row[1], row[2], row[4] or "", dict(row[3] or {}), chain,
-                        credential_epoch=_epoch(row[17]),
+                        credential_epoch=row[17] or "",
                     )  # fmt: skip
                     if row[5] is None:
                         found[row[0]] = (view, None)
@@ -612,9 +611,3 @@ class DeploymentService:
             )
             assignments = [_view(session, row, self._published) for row in session.scalars(current)]
             return History(events, assignments)
-
-
-def _epoch(credential_hash: str | None) -> str:
-    """A short name for the device's current credential that says nothing
-    about the credential's hash itself."""
-    return hashlib.sha256((credential_hash or "").encode()).hexdigest()[:16]

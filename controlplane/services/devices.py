@@ -65,8 +65,9 @@ class DesiredView:
     labels: dict[str, str]
     # Every signing-key rotation, oldest first: (statement, signature).
     key_rotations: tuple[tuple[bytes, bytes], ...] = ()
-    # Changes when the device enrolls again (a digest of its credential's
-    # hash): a sync stream opened before ends itself (api/device_servicer).
+    # Changes when the device enrolls again (its credential's hash; the view
+    # never leaves the process): a sync stream opened before ends itself
+    # (api/device_servicer).
     credential_epoch: str = ""
 
 

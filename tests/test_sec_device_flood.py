@@ -33,7 +33,6 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import psutil
 import pytest
 import sqlalchemy as sa
 from google.protobuf.descriptor import FieldDescriptor
@@ -43,6 +42,7 @@ from agent.update.machine import UpdateMachine
 from agent.update.remote import StatusReporter
 from agent.update.states import State
 from agent.update.store import UpdateRecord
+from bench.fuzzing import ServerMemory
 from controlplane.api import limits
 from controlplane.api.rpc import RETRY_AFTER_MS
 from controlplane.client import bearer_metadata
@@ -537,33 +537,6 @@ def _states(db_url: str, device_id: str) -> list[str]:
         engine.dispose()
 
 
-class PeakMemory:
-    """The server process's resident memory, sampled every 20 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self._process = psutil.Process(pid)
-        self.baseline = self._process.memory_info().rss
-        self.peak = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.baseline) / 2**20
-
-
 async def _wait_state(op: og.OperatorServiceStub, device_id: str, state: str) -> c.UpdateStatus:
     got = None
     for _ in range(200):
@@ -653,14 +626,17 @@ async def test_a_status_flood_is_cut_off_with_bounded_events_and_memory_while_an
     size_before = db_bytes()
     started = time.monotonic()
     assert server.proc is not None
-    with PeakMemory(server.proc.pid) as memory:
-        victim_task = asyncio.create_task(run_victim())
-        ended: Any = await asyncio.to_thread(flood)
-        elapsed = time.monotonic() - started
-        flood_over.set()
-        flood_done.set()
-        await asyncio.wait_for(victim_task, 30)
-        await asyncio.sleep(1.0)  # the status buffer's flushes
+    # The peak (VmHWM, reset first), not samples of it (bench/fuzzing.py).
+    memory = ServerMemory(server.proc.pid)
+    rss_before = memory.before_call()
+    victim_task = asyncio.create_task(run_victim())
+    ended: Any = await asyncio.to_thread(flood)
+    elapsed = time.monotonic() - started
+    flood_over.set()
+    flood_done.set()
+    await asyncio.wait_for(victim_task, 30)
+    await asyncio.sleep(1.0)  # the status buffer's flushes
+    growth_mb = memory.growth(rss_before) / 2**20
     assert ended.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = ended.details() or ""
     assert f"device {attacker.device_id} sent more than {STATUS_BURST} status reports" in details
@@ -677,10 +653,10 @@ async def test_a_status_flood_is_cut_off_with_bounded_events_and_memory_while_an
     print(
         f"\nflood: {sent} reports queued by the client in {elapsed:.2f} s; "
         f"{events} deployment events stored (bound {bound:.0f}); server RSS "
-        f"+{memory.growth_mb:.1f} MB at peak; database +{growth / 2**20:.2f} MB"
+        f"+{growth_mb:.1f} MB at peak; database +{growth / 2**20:.2f} MB"
     )
     assert 0 < events <= bound, (events, bound)
-    assert memory.growth_mb < 40, memory.growth_mb
+    assert growth_mb < 40, growth_mb
     if sqlite_file is not None:
         assert growth < 8 * 2**20, growth
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from edgefleet.agent.errors import ConfigError
 
 DEFAULT_SERVER = "127.0.0.1:7443"
 DEFAULT_STATE_DIR = Path("/var/lib/edgefleet-agent")

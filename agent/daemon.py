@@ -35,20 +35,20 @@ import grpc
 import grpc.aio
 import psutil
 
-from agent import identity as store
-from agent.config import AgentConfig
-from agent.disk import DiskCondition, RetriedWrite, is_disk_full, retry_delay
-from agent.errors import AgentError, DiskFull, NotProvisioned, StateError
-from agent.hardware import detect_hardware, detect_runtime
-from agent.identity import Identity
-from agent.inference_server import start_inference_server
-from agent.power import PowerPolicy, PowerThresholds
-from agent.serving import ModelHost
-from agent.telemetry import RequestStats
-from agent.telemetry_buffer import WHAT as TELEMETRY_BUFFER
-from agent.telemetry_buffer import TelemetryBuffer
-from agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics
-from agent.transport import (
+from edgefleet.agent import identity as store
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.disk import DiskCondition, RetriedWrite, is_disk_full, retry_delay
+from edgefleet.agent.errors import AgentError, DiskFull, NotProvisioned, StateError
+from edgefleet.agent.hardware import detect_hardware, detect_runtime
+from edgefleet.agent.identity import Identity
+from edgefleet.agent.inference_server import start_inference_server
+from edgefleet.agent.power import PowerPolicy, PowerThresholds
+from edgefleet.agent.serving import ModelHost
+from edgefleet.agent.telemetry import RequestStats
+from edgefleet.agent.telemetry_buffer import WHAT as TELEMETRY_BUFFER
+from edgefleet.agent.telemetry_buffer import TelemetryBuffer
+from edgefleet.agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics
+from edgefleet.agent.transport import (
     RENEW_RETRY_S,
     Transport,
     from_response,
@@ -56,16 +56,16 @@ from agent.transport import (
     sign_reenrollment,
     transport_hint,
 )
-from agent.update.activation import HostActivator
-from agent.update.faults import FAULT_ENV, with_pause
-from agent.update.machine import UpdateMachine
-from agent.update.ports import Ports
-from agent.update.remote import GrpcDownloader, StatusReporter
-from agent.update.runner import UpdateRunner
-from agent.update.store import Assignment, UpdateRecord, UpdateStore
-from agent.update.trust import TrustStore
-from agent.update.validate import ManifestValidator
-from agent.update.verify import DeviceVerifier
+from edgefleet.agent.update.activation import HostActivator
+from edgefleet.agent.update.faults import FAULT_ENV, with_pause
+from edgefleet.agent.update.machine import UpdateMachine
+from edgefleet.agent.update.ports import Ports
+from edgefleet.agent.update.remote import GrpcDownloader, StatusReporter
+from edgefleet.agent.update.runner import UpdateRunner
+from edgefleet.agent.update.store import Assignment, UpdateRecord, UpdateStore
+from edgefleet.agent.update.trust import TrustStore
+from edgefleet.agent.update.validate import ManifestValidator
+from edgefleet.agent.update.verify import DeviceVerifier
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger("edgefleet.agent")
@@ -229,7 +229,7 @@ def onnxruntime_providers(setting: str) -> list[str] | None:
     names = [part.strip() for part in setting.split(",") if part.strip()]
     if not names or names == ["cpu"]:
         return None
-    # Not imported from agent.runtimes.onnxruntime: that loads onnxruntime,
+    # Not imported from edgefleet.agent.runtimes.onnxruntime: that loads onnxruntime,
     # which an idle agent must not pay for.
     return ["CPUExecutionProvider" if n.lower() == "cpu" else n for n in names]
 
@@ -336,7 +336,10 @@ class Agent:
         )
 
         self._transport = Transport(
-            self.config.server, self.config.ca_cert, state_dir, channel_options(self.config),
+            self.config.server,
+            self.config.ca_cert,
+            state_dir,
+            channel_options(self.config),
             insecure=self.config.insecure,
         )
         self._identity = self._load_identity()

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from agent.errors import DiskFull, StateError
+from edgefleet.agent.errors import DiskFull, StateError
 
 log = logging.getLogger("edgefleet.agent.disk")
 

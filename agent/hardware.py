@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 from google.protobuf.message import DecodeError
 
-from agent.config import HardwareOverrides
+from edgefleet.agent.config import HardwareOverrides
 from edgefleet.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ ONNXRUNTIME_DISTRIBUTIONS = (
 # RuntimeFingerprint as one hex line.
 _RUNTIME_PROBE = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from agent.hardware import _runtime_probe_child; _runtime_probe_child()"
+    "from edgefleet.agent.hardware import _runtime_probe_child; _runtime_probe_child()"
 )
 
 _ARCH_ALIASES = {

@@ -25,8 +25,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from agent.disk import write_error
-from agent.errors import StateError
+from edgefleet.agent.disk import write_error
+from edgefleet.agent.errors import StateError
 from edgefleet.v1 import device_pb2
 
 IDENTITY_FILE = "identity.json"

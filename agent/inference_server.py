@@ -39,9 +39,9 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from agent.errors import StateError
-from agent.runtimes import TensorInfo
-from agent.serving import (
+from edgefleet.agent.errors import StateError
+from edgefleet.agent.runtimes import TensorInfo
+from edgefleet.agent.serving import (
     DeadlineExceeded,
     InferenceFailed,
     InvalidInput,

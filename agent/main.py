@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.config import default_config_path, env_var, load_config
-from agent.daemon import serve
-from agent.errors import ConfigError
-from agent.hardware import agent_version
+from edgefleet.agent.config import default_config_path, env_var, load_config
+from edgefleet.agent.daemon import serve
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.hardware import agent_version
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

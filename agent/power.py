@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import psutil
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
+    from edgefleet.agent.config import AgentConfig
 
 log = logging.getLogger(__name__)
 

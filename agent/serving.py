@@ -68,8 +68,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.errors import AgentError
-from agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
+from edgefleet.agent.errors import AgentError
+from edgefleet.agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
 
 if TYPE_CHECKING:
     import numpy as np

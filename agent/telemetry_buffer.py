@@ -44,9 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.disk import DiskCondition, disk_full_label, write_error
-from agent.errors import DiskFull, StateError
-from agent.telemetry import IntervalSample
+from edgefleet.agent.disk import DiskCondition, disk_full_label, write_error
+from edgefleet.agent.errors import DiskFull, StateError
+from edgefleet.agent.telemetry import IntervalSample
 
 FILE_NAME = "telemetry.db"
 # ~300 bytes a row: about 6 MB, over a day of one model at the 10 s default.

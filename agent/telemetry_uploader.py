@@ -38,8 +38,8 @@ import grpc
 import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent.telemetry import IntervalSample, RequestStats
-from agent.telemetry_buffer import Pending, TelemetryBuffer
+from edgefleet.agent.telemetry import IntervalSample, RequestStats
+from edgefleet.agent.telemetry_buffer import Pending, TelemetryBuffer
 from edgefleet.v1 import device_pb2, device_pb2_grpc
 
 if TYPE_CHECKING:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import grpc
 
-from agent.errors import ConfigError, StateError
-from agent.identity import atomic_write
+from edgefleet.agent.errors import ConfigError, StateError
+from edgefleet.agent.identity import atomic_write
 from edgefleet.v1 import device_pb2
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import grpc
 import psutil
 
-from controlplane.client import operator_stub
+from edgefleet.controlplane.client import operator_stub
 from edgefleet.v1 import common_pb2, operator_pb2
 
 T = TypeVar("T")
@@ -165,7 +165,7 @@ def show(label: str, figures: dict[str, dict[str, float]], goal: bool) -> None:
 def deploy_model(root: Path, server: str, op: Any, device_id: str) -> int:
     """Push the digits MLP, build it for a class holding the agent, assign
     it; the assignment's sequence."""
-    from demo.models import build_digits_classifier
+    from edgefleet.demo.models import build_digits_classifier
 
     built = build_digits_classifier(root / "digits")
     push = subprocess.run(
@@ -208,11 +208,11 @@ def deploy_model(root: Path, server: str, op: Any, device_id: str) -> int:
 
 
 def startup_imports(top: int = 15) -> None:
-    """The modules `import agent.main` spends most time on (python -X importtime),
+    """The modules `import edgefleet.agent.main` spends most time on (python -X importtime),
     and the RSS once it has also built its argument parser, as every start does."""
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-c",
-         "import agent.main, sys, psutil; agent.main._parser(); "
+         "import edgefleet.agent.main, sys, psutil; edgefleet.agent.main._parser(); "
          "print('RSS after imports', psutil.Process().memory_info().rss, file=sys.stderr); "
          "print('heavy', [m for m in ('numpy', 'onnxruntime', 'grpc', 'cryptography', "
          "'prometheus_client', 'importlib.metadata') if m in sys.modules], file=sys.stderr)"],
@@ -221,7 +221,7 @@ def startup_imports(top: int = 15) -> None:
     rows = []
     for line in result.stderr.splitlines():
         if line.startswith("RSS after imports"):
-            print(f"RSS after `import agent.main`: {int(line.split()[-1]) / 1e6:.1f} MB")
+            print(f"RSS after `import edgefleet.agent.main`: {int(line.split()[-1]) / 1e6:.1f} MB")
         elif line.startswith("heavy"):
             print(f"heavy modules imported at startup: {line[6:]}")
         elif line.startswith("import time:") and "|" in line:

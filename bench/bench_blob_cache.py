@@ -36,9 +36,9 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-from controlplane.db.engine import make_engine, upgrade
-from controlplane.db.uow import Database
-from controlplane.services.blobs import BlobStore
+from edgefleet.controlplane.db.engine import make_engine, upgrade
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.services.blobs import BlobStore
 
 MIB = 1024 * 1024
 

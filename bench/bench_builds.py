@@ -50,8 +50,13 @@ import numpy as np
 import psutil
 from google.protobuf import timestamp_pb2
 
-from controlplane.client import CHANNEL_OPTIONS, bearer_metadata
-from demo.models import RAPIDOCR_WHEEL, ModelUnavailable, fetch_ppocr_cls, render_text_lines
+from edgefleet.controlplane.client import CHANNEL_OPTIONS, bearer_metadata
+from edgefleet.demo.models import (
+    RAPIDOCR_WHEEL,
+    ModelUnavailable,
+    fetch_ppocr_cls,
+    render_text_lines,
+)
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc
@@ -567,7 +572,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--rpc-timeout", type=float, default=60.0)
     add("--startup-timeout", type=float, default=60.0)
     add("--edgefleet-cmd",
-        help="command that runs the CLI, e.g. 'python -m controlplane.cli' (default: the "
+        help="command that runs the CLI, e.g. 'python -m edgefleet.controlplane.cli' (default: the "
         "edgefleet script of this environment)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.workers < 1 or args.samples < 1:

@@ -65,7 +65,7 @@ import grpc
 import psutil
 from google.protobuf import duration_pb2
 
-from controlplane.client import bearer_metadata
+from edgefleet.controlplane.client import bearer_metadata
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # a throwaway server's token
@@ -150,8 +150,8 @@ def _build_result(artifact: Path) -> dict[str, Any]:
 async def publish_artifact(data_dir: Path, artifact: Path, limit_s: float) -> str:
     """Publish `artifact` for CLASS_NAME through an in-process control plane
     with no build workers; returns its digest. The server is stopped again."""
-    from controlplane.config import ServerConfig
-    from controlplane.server import create_server
+    from edgefleet.controlplane.config import ServerConfig
+    from edgefleet.controlplane.server import create_server
 
     cp = await create_server(
         ServerConfig(data_dir=data_dir, listen="127.0.0.1:0", admin_token=ADMIN_TOKEN,
@@ -1038,7 +1038,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--rpc-timeout", type=float, default=120.0)
     add("--startup-timeout", type=float, default=60.0)
     add("--edgefleet-cmd",
-        help="command that runs the CLI, e.g. 'python -m controlplane.cli' (default: the "
+        help="command that runs the CLI, e.g. 'python -m edgefleet.controlplane.cli' (default: the "
         "edgefleet script of this environment); 'server' and its options are appended")  # fmt: skip
     add("--serve-bare", type=Path, help=argparse.SUPPRESS)
     add("--port-file", type=Path, help=argparse.SUPPRESS)

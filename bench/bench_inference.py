@@ -51,13 +51,13 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from agent.inference_client import InferenceClient
-from agent.inference_server import start_inference_server, status_of
-from agent.runtimes import ONNXRUNTIME
-from agent.runtimes.onnxruntime import OnnxRuntimeRunner
-from agent.serving import ModelHost, ServingError, decode_tensor, encode_tensor
-from agent.telemetry import RequestStats
-from demo.models import build_digits_classifier
+from edgefleet.agent.inference_client import InferenceClient
+from edgefleet.agent.inference_server import start_inference_server, status_of
+from edgefleet.agent.runtimes import ONNXRUNTIME
+from edgefleet.agent.runtimes.onnxruntime import OnnxRuntimeRunner
+from edgefleet.agent.serving import ModelHost, ServingError, decode_tensor, encode_tensor
+from edgefleet.agent.telemetry import RequestStats
+from edgefleet.demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 MODEL = "digits"

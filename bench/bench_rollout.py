@@ -100,9 +100,9 @@ from bench.common import (
     stop_process,
     wait_for,
 )
-from controlplane.client import operator_stub
+from edgefleet.controlplane.client import operator_stub
+from edgefleet.sim import Fleet, FleetError, FleetProfile, SimAgent
 from edgefleet.v1 import operator_pb2
-from fleetsim import Fleet, FleetError, FleetProfile, SimAgent
 
 GOAL_PER_MIN = 10_000
 AWS_IOT_JOBS_PER_MIN = 1_000

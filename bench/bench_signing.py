@@ -31,9 +31,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from controlplane.db.bulk import insert_rows
-from controlplane.db.engine import make_engine, sqlite_url, upgrade
-from controlplane.db.models import (
+from edgefleet.controlplane.db.bulk import insert_rows
+from edgefleet.controlplane.db.engine import make_engine, sqlite_url, upgrade
+from edgefleet.controlplane.db.models import (
     ArtifactRow,
     BlobRow,
     BuildRow,
@@ -42,11 +42,11 @@ from controlplane.db.models import (
     ModelRow,
     ModelVersionRow,
 )
-from controlplane.db.uow import Database
-from controlplane.domain import semver, signing
-from controlplane.services.deployments import assign_devices
-from controlplane.services.keys import ensure_signing_key
-from controlplane.services.statements import assignment_statement, manifest_sha256
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import semver, signing
+from edgefleet.controlplane.services.deployments import assign_devices
+from edgefleet.controlplane.services.keys import ensure_signing_key
+from edgefleet.controlplane.services.statements import assignment_statement, manifest_sha256
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 MANIFEST = bytes(600)  # about the size of a real ArtifactManifest without golden data

@@ -130,10 +130,10 @@ from bench.common import (
 )
 from bench.latencies import Latencies, latency_summary
 from bench.soak_probe import Probe, TelemetryTally
-from controlplane import gc_policy
-from controlplane.client import CHANNEL_OPTIONS, bearer_metadata, operator_stub
+from edgefleet.controlplane import gc_policy
+from edgefleet.controlplane.client import CHANNEL_OPTIONS, bearer_metadata, operator_stub
+from edgefleet.sim import Fleet, FleetError, FleetProfile, SimAgent
 from edgefleet.v1 import device_pb2, operator_pb2, operator_pb2_grpc
-from fleetsim import Fleet, FleetError, FleetProfile, SimAgent
 
 GOAL_P99_MS = 100.0
 LABEL_KEY = "soak"

@@ -58,7 +58,7 @@ import grpc
 import psutil
 from google.protobuf import duration_pb2
 
-from controlplane.client import bearer_metadata
+from edgefleet.controlplane.client import bearer_metadata
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -931,7 +931,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--startup-timeout", type=float, default=60.0)
     add("--seed", type=int, default=1)
     add("--edgefleet-cmd",
-        help="command that runs the CLI, e.g. 'python -m controlplane.cli' (default: the "
+        help="command that runs the CLI, e.g. 'python -m edgefleet.controlplane.cli' (default: the "
         "edgefleet script of this environment); 'server' and its options are appended")  # fmt: skip
     add("--control-plane", choices=["edgefleet", "echo"], default="edgefleet",
         help="'echo' runs echo against echo, to test the harness")  # fmt: skip

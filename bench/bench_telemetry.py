@@ -43,10 +43,10 @@ import grpc.aio
 import psycopg
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.client import bearer_metadata
-from controlplane.config import ServerConfig
-from controlplane.server import create_server
-from controlplane.services.telemetry import INSERT_COLUMNS
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.server import create_server
+from edgefleet.controlplane.services.telemetry import INSERT_COLUMNS
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg

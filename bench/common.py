@@ -29,9 +29,9 @@ import psutil
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgefleet.sim import Fleet, FleetProfile, parse_profile
+from edgefleet.sim.profiles import DEFAULT_PROFILE_DATA
 from edgefleet.v1 import common_pb2, operator_pb2
-from fleetsim import Fleet, FleetProfile, parse_profile
-from fleetsim.profiles import DEFAULT_PROFILE_DATA
 
 T = TypeVar("T")
 
@@ -190,7 +190,7 @@ def push_model(op: Any, version: str, model: Path, sample_data: Path) -> None:
 
 def setup(op: Any, root: Path) -> str:
     """Classes, both versions pushed and built; an enrollment token."""
-    from demo.models import build_digits_classifier
+    from edgefleet.demo.models import build_digits_classifier
 
     for name, arch in CLASSES.items():
         op.CreateDeviceClass(

@@ -71,10 +71,10 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.transport import new_key_and_csr
-from controlplane.db.models import Base
-from controlplane.domain.roles import ADMIN
-from controlplane.server import MAX_MESSAGE_BYTES
+from edgefleet.agent.transport import new_key_and_csr
+from edgefleet.controlplane.db.models import Base
+from edgefleet.controlplane.domain.roles import ADMIN
+from edgefleet.controlplane.server import MAX_MESSAGE_BYTES
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
@@ -919,8 +919,8 @@ def serve_main(argv: Sequence[str]) -> None:
     build workers (the fuzzer finishes the set-up's builds itself)."""
     import logging
 
-    from controlplane.config import ServerConfig
-    from controlplane.server import serve
+    from edgefleet.controlplane.config import ServerConfig
+    from edgefleet.controlplane.server import serve
 
     parser = argparse.ArgumentParser(prog="python -m bench.fuzzing serve")
     parser.add_argument("--data-dir", type=Path, required=True)
@@ -1420,10 +1420,10 @@ class Fuzzer:
         """A small real fleet through the API: classes, enrollment tokens,
         devices in every state, two model versions with built artifacts, an
         assignment, telemetry, rollouts, operator tokens of each role."""
-        from controlplane.db.engine import make_engine
-        from controlplane.db.uow import Database
-        from controlplane.services.blobs import BlobStore
-        from controlplane.services.builds import BuildService
+        from edgefleet.controlplane.db.engine import make_engine
+        from edgefleet.controlplane.db.uow import Database
+        from edgefleet.controlplane.services.blobs import BlobStore
+        from edgefleet.controlplane.services.builds import BuildService
 
         self._open()
         admin = self._admin()
@@ -2038,7 +2038,7 @@ def _seconds(n: float) -> Any:
 
 def _tiny_model(work_dir: Path) -> bytes:
     """A real ONNX MLP (the digits shape: 64 inputs, 10 classes), no training: small and fast."""
-    from demo.models import mlp_graph
+    from edgefleet.demo.models import mlp_graph
 
     work_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -41,7 +41,7 @@ from typing import Any
 
 from bench.common import every_device_on
 from bench.latencies import Latencies
-from fleetsim import Fleet, parse_profile
+from edgefleet.sim import Fleet, parse_profile
 
 PREFIX = "probe: "
 # Real devices each hold a connection of their own, and with `edgefleet

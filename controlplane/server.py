@@ -25,35 +25,39 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import make_url
 
-from controlplane import file_modes, gc_policy, loop_lag, malloc_policy, open_files
-from controlplane.api.device_servicer import DeviceServicer
-from controlplane.api.operator_servicer import OperatorServicer
-from controlplane.api.rpc import PeerCertificates, RpcMetrics
-from controlplane.config import ServerConfig
-from controlplane.db.engine import make_engine, sqlite_url, upgrade
-from controlplane.db.uow import Database
-from controlplane.domain import pki, secrets
-from controlplane.services.artifacts import ArtifactService
-from controlplane.services.auth import DeviceCredentials, ensure_bootstrap_admin
-from controlplane.services.blobs import BlobStore
-from controlplane.services.build_runner import BuildRunner
-from controlplane.services.builds import BuildService
-from controlplane.services.certificates import CertificateService, ensure_authority, server_names
-from controlplane.services.classes import ClassService
-from controlplane.services.deployments import DeploymentService
-from controlplane.services.devices import DEVICE_STATES, DeviceService
-from controlplane.services.enrollment import EnrollmentService
-from controlplane.services.events import EventBus, FleetEvent, Pulse
-from controlplane.services.hub import SyncHub
-from controlplane.services.keys import ensure_signing_key
-from controlplane.services.operator_tokens import OperatorTokenService
-from controlplane.services.orchestrator import Orchestrator
-from controlplane.services.ratelimit import TelemetryRateLimit
-from controlplane.services.registry import RegistryService
-from controlplane.services.replicas import LocalEventBridge, PgEventBridge, libpq_dsn
-from controlplane.services.rollouts import RolloutService
-from controlplane.services.status_buffer import StatusBuffer
-from controlplane.services.telemetry import TelemetryService
+from edgefleet.controlplane import file_modes, gc_policy, loop_lag, malloc_policy, open_files
+from edgefleet.controlplane.api.device_servicer import DeviceServicer
+from edgefleet.controlplane.api.operator_servicer import OperatorServicer
+from edgefleet.controlplane.api.rpc import PeerCertificates, RpcMetrics
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.db.engine import make_engine, sqlite_url, upgrade
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import pki, secrets
+from edgefleet.controlplane.services.artifacts import ArtifactService
+from edgefleet.controlplane.services.auth import DeviceCredentials, ensure_bootstrap_admin
+from edgefleet.controlplane.services.blobs import BlobStore
+from edgefleet.controlplane.services.build_runner import BuildRunner
+from edgefleet.controlplane.services.builds import BuildService
+from edgefleet.controlplane.services.certificates import (
+    CertificateService,
+    ensure_authority,
+    server_names,
+)
+from edgefleet.controlplane.services.classes import ClassService
+from edgefleet.controlplane.services.deployments import DeploymentService
+from edgefleet.controlplane.services.devices import DEVICE_STATES, DeviceService
+from edgefleet.controlplane.services.enrollment import EnrollmentService
+from edgefleet.controlplane.services.events import EventBus, FleetEvent, Pulse
+from edgefleet.controlplane.services.hub import SyncHub
+from edgefleet.controlplane.services.keys import ensure_signing_key
+from edgefleet.controlplane.services.operator_tokens import OperatorTokenService
+from edgefleet.controlplane.services.orchestrator import Orchestrator
+from edgefleet.controlplane.services.ratelimit import TelemetryRateLimit
+from edgefleet.controlplane.services.registry import RegistryService
+from edgefleet.controlplane.services.replicas import LocalEventBridge, PgEventBridge, libpq_dsn
+from edgefleet.controlplane.services.rollouts import RolloutService
+from edgefleet.controlplane.services.status_buffer import StatusBuffer
+from edgefleet.controlplane.services.telemetry import TelemetryService
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -561,7 +565,7 @@ def run(config: ServerConfig, workers: int = 1) -> None:
     """Entry point for `edgefleet server`: this process serves, or with
     `workers` > 1 it supervises that many worker processes that do."""
     if workers > 1:
-        from controlplane.workers import supervise  # it imports this module
+        from edgefleet.controlplane.workers import supervise  # it imports this module
 
         raise SystemExit(supervise(config, workers))
     logging.basicConfig(

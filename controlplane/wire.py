@@ -3,8 +3,8 @@ clients (CLI, TUI). Imports no server code."""
 
 from __future__ import annotations
 
-from controlplane.domain import rules
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.domain import rules
+from edgefleet.controlplane.errors import InvalidArgument
 from edgefleet.v1 import common_pb2 as c
 
 MATCH_OPS: dict[rules.Op, c.MatchOp.ValueType] = {

@@ -35,9 +35,9 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
-from controlplane import malloc_policy
-from controlplane.config import ServerConfig
-from controlplane.server import (
+from edgefleet.controlplane import malloc_policy
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.server import (
     WorkerSlot,
     open_database,
     prepare,

@@ -26,7 +26,7 @@ import numpy as np
 from rich.console import Console
 from rich.rule import Rule
 
-from demo.models import build_digits_classifier
+from edgefleet.demo.models import build_digits_classifier
 
 BIN = Path(sys.executable).parent
 FINAL_ROLLOUT_STATES = ("ROLLOUT_STATE_SUCCEEDED", "ROLLOUT_STATE_ABORTED", "ROLLOUT_STATE_PAUSED")
@@ -266,7 +266,7 @@ class Demo:
         self.step("Apps on a device call the on-device inference API")
         from sklearn.datasets import load_digits
 
-        from agent.inference_client import InferenceClient
+        from edgefleet.agent.inference_client import InferenceClient
 
         digits = load_digits()
         x = (digits.data[-8:] / 16.0).astype(np.float32)
@@ -337,7 +337,7 @@ class Demo:
     def _traffic(self, stop: threading.Event) -> None:
         """Apps calling the model while the rollout runs: the health gates
         judge the new version on this traffic's telemetry."""
-        from agent.inference_client import InferenceClient
+        from edgefleet.agent.inference_client import InferenceClient
 
         x = np.zeros((1, 64), dtype=np.float32)
         sockets = [self.data_dir / "agents" / name / "state" / "predict.sock"
@@ -354,11 +354,11 @@ class Demo:
         """Open the TUI on the demo fleet: the real one on a terminal, a
         headless tour of every screen with `headless`, nothing with `off`
         (or when not on a terminal, so a piped run does not hang)."""
-        from tui.client import FleetClient
+        from edgefleet.tui.client import FleetClient
 
         client = FleetClient(self.env["EDGEFLEET_SERVER"], self.env["EDGEFLEET_TOKEN"])
         if mode == "headless":
-            from tui.tour import run_tour
+            from edgefleet.tui.tour import run_tour
 
             self.step("The operators' TUI (headless: a pilot visits every screen)")
             for line in run_tour(client):
@@ -368,7 +368,7 @@ class Demo:
             console.print("TUI: not a terminal, skipped (--tui-headless tours it without one; "
                           "`edgefleet tui` opens it)")  # fmt: skip
             return
-        from tui.app import make_app
+        from edgefleet.tui.app import make_app
 
         self.step("The operators' TUI: q quits (the demo then stops the fleet)")
         make_app(client).run()

@@ -7,7 +7,7 @@ instead of real inference. For tests, benchmarks and demos; the CLI is
 `edgefleet simulate`. A client of the control plane: it imports none of its
 code, only the generated protocol.
 
-    from fleetsim import Fleet, load_profile
+    from edgefleet.sim import Fleet, load_profile
 
     fleet = Fleet("127.0.0.1:7443", token, load_profile(path), n=1000, prefix="lab")
     await fleet.start()
@@ -17,9 +17,9 @@ code, only the generated protocol.
 The profile format is described in fleetsim.profiles.
 """
 
-from fleetsim.agent import FleetStats, SimAgent, make_sample
-from fleetsim.fleet import Fleet, FleetError, FleetSummary
-from fleetsim.profiles import (
+from edgefleet.sim.agent import FleetStats, SimAgent, make_sample
+from edgefleet.sim.fleet import Fleet, FleetError, FleetSummary
+from edgefleet.sim.profiles import (
     Behaviour,
     ClassProfile,
     FleetProfile,

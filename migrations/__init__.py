@@ -1,1 +1,1 @@
-"""Alembic migrations, shipped as the package controlplane.migrations."""
+"""Alembic migrations, shipped as the package edgefleet.migrations."""

@@ -1,5 +1,5 @@
 """Alembic environment. Migrations run on a connection handed in by
-controlplane.db.engine.upgrade (config.attributes["connection"]), or on
+edgefleet.controlplane.db.engine.upgrade (config.attributes["connection"]), or on
 sqlalchemy.url when run from the alembic command line."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from controlplane.db.models import Base
+from edgefleet.controlplane.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata

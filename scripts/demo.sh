@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 export EDGEFLEET_SETUP_SYSTEM=0
 # shellcheck disable=SC1091
 . scripts/setup.sh
-python -m demo.run_demo "$@"
+python -m edgefleet.demo.run_demo "$@"

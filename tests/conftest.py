@@ -10,9 +10,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from controlplane.config import ServerConfig
-from controlplane.server import ControlPlane as InProcessControlPlane
-from controlplane.server import create_server
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.server import ControlPlane as InProcessControlPlane
+from edgefleet.controlplane.server import create_server
 from tests.harness import ADMIN_TOKEN, ControlPlane
 
 PG_ADMIN_DSN = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

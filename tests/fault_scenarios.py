@@ -33,16 +33,16 @@ import numpy as np
 import onnx
 from sqlalchemy import Engine, create_engine, text
 
-from controlplane.db.engine import make_engine, sqlite_url
-from controlplane.db.uow import Database
-from controlplane.services.blobs import BlobStore
-from controlplane.services.builds import BuildService
-from controlplane.services.events import FleetEvent
-from demo.models import mlp_graph
+from edgefleet.controlplane.db.engine import make_engine, sqlite_url
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.services.blobs import BlobStore
+from edgefleet.controlplane.services.builds import BuildService
+from edgefleet.controlplane.services.events import FleetEvent
+from edgefleet.demo.models import mlp_graph
+from edgefleet.sim import Fleet, parse_profile
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o
-from fleetsim import Fleet, parse_profile
 from tests.agent_harness import AgentProcess
 from tests.harness import ControlPlane
 from tests.private_pg import PrivatePostgres
@@ -834,7 +834,7 @@ def fill_disk_during_update(
     check refuses it), (2) with room, but the disk filled by something else
     while the download streams (slowed by a TcpProxy), (3) with room again:
     it installs. The old model must answer throughout the failures."""
-    from agent.update.download import DEFAULT_MARGIN
+    from edgefleet.agent.update.download import DEFAULT_MARGIN
 
     problems: list[str] = []
     size = rig.sizes[new_version]

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from controlplane.domain.secrets import SecretKind, parse_id
+from edgefleet.controlplane.domain.secrets import SecretKind, parse_id
 from edgefleet.v1 import device_pb2 as d
 
 SERVICE = d.DESCRIPTOR.services_by_name["DeviceService"]

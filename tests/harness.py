@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controlplane.client import bearer_metadata, operator_stub
+from edgefleet.controlplane.client import bearer_metadata, operator_stub
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2_grpc
 
 T = TypeVar("T")

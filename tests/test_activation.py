@@ -13,14 +13,14 @@ from pathlib import Path
 import onnx
 import pytest
 
-from agent.serving import ModelHost, NoActiveModel
-from agent.update.activation import ACTIVE_FILE, HostActivator
-from agent.update.download import artifact_path
-from agent.update.ports import FatalUpdateError
-from agent.update.remote import StatusReporter
-from agent.update.states import State
-from agent.update.store import Assignment, UpdateRecord
-from demo.models import build_digits_classifier
+from edgefleet.agent.serving import ModelHost, NoActiveModel
+from edgefleet.agent.update.activation import ACTIVE_FILE, HostActivator
+from edgefleet.agent.update.download import artifact_path
+from edgefleet.agent.update.ports import FatalUpdateError
+from edgefleet.agent.update.remote import StatusReporter
+from edgefleet.agent.update.states import State
+from edgefleet.agent.update.store import Assignment, UpdateRecord
+from edgefleet.demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2
 
 NAME = "digits"

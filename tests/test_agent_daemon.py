@@ -15,10 +15,10 @@ import grpc
 import grpc.aio
 import pytest
 
-from agent import identity as store
-from agent.config import AgentConfig, HardwareOverrides
-from agent.daemon import Agent, Step
-from agent.errors import NotProvisioned
+from edgefleet.agent import identity as store
+from edgefleet.agent.config import AgentConfig, HardwareOverrides
+from edgefleet.agent.daemon import Agent, Step
+from edgefleet.agent.errors import NotProvisioned
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 TOKEN = "efe_test.token"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.identity import load_trusted_keys
+from edgefleet.agent.identity import load_trusted_keys
 from edgefleet.v1 import common_pb2, device_pb2, operator_pb2
 from tests.agent_harness import AgentProcess, wait_for
 from tests.harness import ControlPlane

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.hardware import (
+from edgefleet.agent.hardware import (
     ONNXRUNTIME_CPU_PROVIDER,
     RuntimeProbeFailed,
     detect_runtime,
@@ -48,10 +48,10 @@ _BOOT = """
 import json, sys
 from pathlib import Path
 
-import agent.main
-agent.main._parser().parse_args([])
-from agent.config import AgentConfig
-from agent.daemon import Agent
+import edgefleet.agent.main
+edgefleet.agent.main._parser().parse_args([])
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.daemon import Agent
 
 agent = Agent(AgentConfig(enrollment_token="t", state_dir=Path(sys.argv[1]), insecure=True))
 agent.boot()
@@ -124,7 +124,7 @@ def test_failed_probe_falls_back_to_package_metadata(caplog: pytest.LogCaptureFi
 
 def test_metadata_fallback_imports_no_runtime() -> None:
     code = (
-        "import json, sys; from agent.hardware import detect_runtime_here; "
+        "import json, sys; from edgefleet.agent.hardware import detect_runtime_here; "
         "detect_runtime_here(import_runtimes=False); "
         "print(json.dumps([m for m in ('onnxruntime', 'tensorrt', 'numpy') if m in sys.modules]))"
     )

@@ -21,7 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import generate_latest
 
-from agent.telemetry import (
+from edgefleet.agent.telemetry import (
     PERCENTILE_ERROR,
     IntervalSample,
     LatencyHistogram,
@@ -29,10 +29,15 @@ from agent.telemetry import (
     RequestStats,
     Resources,
 )
-from agent.telemetry_buffer import Pending, TelemetryBuffer
-from agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics, to_proto
-from controlplane.client import bearer_metadata
-from controlplane.server import ControlPlane
+from edgefleet.agent.telemetry_buffer import Pending, TelemetryBuffer
+from edgefleet.agent.telemetry_uploader import (
+    TelemetryMetrics,
+    TelemetryUploader,
+    serve_metrics,
+    to_proto,
+)
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.server import ControlPlane
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -426,6 +431,4 @@ def test_the_buffer_files_are_private(tmp_path: Path) -> None:
         os.umask(old)
     made = [p for p in tmp_path.iterdir() if p.name.startswith("telemetry")]
     assert made
-    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in made} == {
-        p.name: 0o600 for p in made
-    }
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in made} == {p.name: 0o600 for p in made}

@@ -14,17 +14,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent import identity as store
-from agent.config import (
+from edgefleet.agent import identity as store
+from edgefleet.agent.config import (
     AcceleratorOverride,
     AgentConfig,
     HardwareOverrides,
     env_var,
     load_config,
 )
-from agent.daemon import Backoff, Decision, Delay, Step, decide, describe_desired
-from agent.errors import ConfigError, StateError
-from agent.hardware import (
+from edgefleet.agent.daemon import Backoff, Decision, Delay, Step, decide, describe_desired
+from edgefleet.agent.errors import ConfigError, StateError
+from edgefleet.agent.hardware import (
     HostPaths,
     apply_overrides,
     detect_hardware,
@@ -37,7 +37,7 @@ from agent.hardware import (
     parse_nvidia_smi,
     parse_os_release,
 )
-from agent.identity import Identity
+from edgefleet.agent.identity import Identity
 from edgefleet.v1 import common_pb2, device_pb2
 
 # ---------------------------------------------------------------- config
@@ -603,9 +603,9 @@ def test_describe_desired() -> None:
 def test_agent_imports_no_server_or_ui_code() -> None:
     # The agent ships to devices alone: no control-plane (database) or TUI code.
     code = (
-        "import sys, agent.main; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'controlplane', 'tui', "
-        "'textual', 'sqlalchemy', 'alembic'}))"
+        "import sys, edgefleet.agent.main; "
+        "print(sorted({'.'.join(m.split('.')[:2]) for m in sys.modules} & {"
+        "'edgefleet.controlplane', 'edgefleet.tui', 'textual', 'sqlalchemy', 'alembic'}))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
@@ -616,8 +616,8 @@ def test_agent_imports_no_server_or_ui_code() -> None:
 def test_trusted_keys_round_trip_and_refuse_mismatched_ids(tmp_path: Path) -> None:
     import hashlib
 
-    from agent.errors import StateError
-    from agent.identity import load_trusted_keys, save_trusted_keys
+    from edgefleet.agent.errors import StateError
+    from edgefleet.agent.identity import load_trusted_keys, save_trusted_keys
 
     assert load_trusted_keys(tmp_path) == {}
     public = bytes(range(32))
@@ -630,7 +630,7 @@ def test_trusted_keys_round_trip_and_refuse_mismatched_ids(tmp_path: Path) -> No
 
 
 def test_tls_mismatches_get_a_config_hint() -> None:
-    from agent.transport import transport_hint
+    from edgefleet.agent.transport import transport_hint
 
     assert "set ca_cert to the ca.pem" in transport_hint(
         "UNAVAILABLE: Ssl handshake failed: CERTIFICATE_VERIFY_FAILED", tls=True

@@ -26,11 +26,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from sqlalchemy import func, select
 
 from bench.common import histogram_summary, scrape_histograms
-from controlplane.client import bearer_metadata, operator_stub
-from controlplane.config import ServerConfig
-from controlplane.db.models import BlobRow
-from controlplane.server import ControlPlane, create_server
-from demo.models import BuiltModel, build_digits_classifier
+from edgefleet.controlplane.client import bearer_metadata, operator_stub
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.db.models import BlobRow
+from edgefleet.controlplane.server import ControlPlane, create_server
+from edgefleet.demo.models import BuiltModel, build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -71,8 +71,12 @@ async def _token(op: og.OperatorServiceStub, policy: int = o.ENROLLMENT_POLICY_A
 
 
 async def _enroll(
-    dev: dg.DeviceServiceStub, token: str, hw_id: str, *,
-    proof: d.EnrollResponse | None = None, **labels: str,
+    dev: dg.DeviceServiceStub,
+    token: str,
+    hw_id: str,
+    *,
+    proof: d.EnrollResponse | None = None,
+    **labels: str,
 ) -> d.EnrollResponse:
     """Enroll `hw_id`; again, with `proof`: the earlier answer's identity."""
     return await dev.Enroll(  # type: ignore[no-any-return]

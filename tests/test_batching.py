@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from controlplane.services.batching import Batcher, Coalescer
+from edgefleet.controlplane.services.batching import Batcher, Coalescer
 
 
 class Store:

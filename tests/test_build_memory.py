@@ -24,15 +24,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.runtimes.measure import agreement, max_abs_diff
-from controlplane.build import measure, pipeline
-from controlplane.build import samples as build_samples
-from controlplane.build.measure import reference_outputs
-from controlplane.build.pipeline import run_build
-from controlplane.build.samples import MAX_BUILD_SAMPLES, load_samples
-from controlplane.build.types import BuildTarget
-from controlplane.domain import sample_archive
-from controlplane.domain.onnx_inspect import inspect_model
+from edgefleet.agent.runtimes.measure import agreement, max_abs_diff
+from edgefleet.controlplane.build import measure, pipeline
+from edgefleet.controlplane.build import samples as build_samples
+from edgefleet.controlplane.build.measure import reference_outputs
+from edgefleet.controlplane.build.pipeline import run_build
+from edgefleet.controlplane.build.samples import MAX_BUILD_SAMPLES, load_samples
+from edgefleet.controlplane.build.types import BuildTarget
+from edgefleet.controlplane.domain import sample_archive
+from edgefleet.controlplane.domain.onnx_inspect import inspect_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,8 +78,9 @@ _WORKER = textwrap.dedent(
     import json, resource, sys
     from pathlib import Path
 
-    import controlplane.build.ort_ladder, controlplane.build.pipeline  # noqa: F401
-    from controlplane.build.worker import run_job
+    import edgefleet.controlplane.build.ort_ladder  # noqa: F401
+    import edgefleet.controlplane.build.pipeline  # noqa: F401
+    from edgefleet.controlplane.build.worker import run_job
 
     def hwm():
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -13,17 +13,17 @@ import numpy as np
 import onnx
 import pytest
 
-from agent.runtimes import RuntimeUnavailable, open_runner
-from agent.runtimes.onnxruntime import OnnxRuntimeRunner
-from controlplane.build import ort_ladder
-from controlplane.build.measure import accuracy, measure_with_outputs, reference_outputs
-from controlplane.build.pipeline import run_build
-from controlplane.build.samples import Samples, load_samples
-from controlplane.build.types import BuildTarget, Candidate, Measurement
-from controlplane.build.verdict import MIB, evaluate
-from controlplane.domain.onnx_inspect import inspect_model
-from controlplane.errors import InvalidArgument
-from demo.models import (
+from edgefleet.agent.runtimes import RuntimeUnavailable, open_runner
+from edgefleet.agent.runtimes.onnxruntime import OnnxRuntimeRunner
+from edgefleet.controlplane.build import ort_ladder
+from edgefleet.controlplane.build.measure import accuracy, measure_with_outputs, reference_outputs
+from edgefleet.controlplane.build.pipeline import run_build
+from edgefleet.controlplane.build.samples import Samples, load_samples
+from edgefleet.controlplane.build.types import BuildTarget, Candidate, Measurement
+from edgefleet.controlplane.build.verdict import MIB, evaluate
+from edgefleet.controlplane.domain.onnx_inspect import inspect_model
+from edgefleet.controlplane.errors import InvalidArgument
+from edgefleet.demo.models import (
     BuiltModel,
     ModelUnavailable,
     build_digits_classifier,

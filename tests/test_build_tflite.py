@@ -22,8 +22,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.runtimes import RuntimeUnavailable, TensorInfo, litert, open_runner
-from agent.runtimes.litert import (
+from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo, litert, open_runner
+from edgefleet.agent.runtimes.litert import (
     LiteRtRunner,
     TfliteTensor,
     channel_first_perm,
@@ -34,10 +34,10 @@ from agent.runtimes.litert import (
     plain_name,
     quantize,
 )
-from controlplane.build.c_array import c_identifier, to_c_array
-from controlplane.build.samples import Samples, load_samples
-from controlplane.build.tflite_ladder import C_ARRAY_NAME, MEDIA_TYPE, build_candidates
-from controlplane.build.toolchain import (
+from edgefleet.controlplane.build.c_array import c_identifier, to_c_array
+from edgefleet.controlplane.build.samples import Samples, load_samples
+from edgefleet.controlplane.build.tflite_ladder import C_ARRAY_NAME, MEDIA_TYPE, build_candidates
+from edgefleet.controlplane.build.toolchain import (
     INSTALL_TFLITE,
     MARKER,
     SELF_CHECK_FILE,
@@ -56,10 +56,10 @@ from controlplane.build.toolchain import (
     self_check_images,
     tf_layout,
 )
-from controlplane.build.types import BuildTarget, Candidate
-from controlplane.cli.toolchain import toolchain as toolchain_cli
-from controlplane.domain.onnx_inspect import inspect_model
-from demo.models import BuiltModel, build_digits_classifier
+from edgefleet.controlplane.build.types import BuildTarget, Candidate
+from edgefleet.controlplane.cli.toolchain import toolchain as toolchain_cli
+from edgefleet.controlplane.domain.onnx_inspect import inspect_model
+from edgefleet.demo.models import BuiltModel, build_digits_classifier
 
 # Conversions are TensorFlow work: tens of seconds each on two cores, plus the
 # one-off install when the cache is cold.
@@ -392,7 +392,7 @@ def test_toolchain_with_other_pins_is_stale(tmp_path: Path) -> None:
 def test_cli_install_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Python that cannot make a venv: the CLI reports the failed step."""
     # The package attribute `controlplane.cli.toolchain` is the click group.
-    cli_module = sys.modules["controlplane.cli.toolchain"]
+    cli_module = sys.modules["edgefleet.controlplane.cli.toolchain"]
 
     def with_bad_python(*args: Any, **kwargs: Any) -> TfliteToolchain:
         return install_tflite(*args, python="/nonexistent/python3", **kwargs)

@@ -17,10 +17,10 @@ import numpy as np
 import psutil
 import pytest
 
-from agent.runtimes import TensorInfo, open_runner
-from controlplane.client import bearer_metadata
-from controlplane.domain import signing
-from demo.models import build_digits_classifier, render_text_lines
+from edgefleet.agent.runtimes import TensorInfo, open_runner
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.domain import signing
+from edgefleet.demo.models import build_digits_classifier, render_text_lines
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o

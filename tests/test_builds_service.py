@@ -15,12 +15,12 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.client import bearer_metadata
-from controlplane.config import ServerConfig
-from controlplane.domain import signing
-from controlplane.server import ControlPlane, create_server
-from controlplane.services.builds import BuildService
-from demo.models import BuiltModel, build_digits_classifier
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.domain import signing
+from edgefleet.controlplane.server import ControlPlane, create_server
+from edgefleet.controlplane.services.builds import BuildService
+from edgefleet.demo.models import BuiltModel, build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -373,9 +373,7 @@ async def test_identical_bytes_under_two_names_get_manifests_naming_each(
         }
         seen = set()
         for name, version in (("digits", "1.0.0"), ("copycat", "7.1.0")):
-            listed = await op.ListArtifacts(
-                o.ListArtifactsRequest(model_name=name), metadata=ADMIN
-            )
+            listed = await op.ListArtifacts(o.ListArtifactsRequest(model_name=name), metadata=ADMIN)
             assert sorted(a.manifest.class_name for a in listed.artifacts) == ["arm", "arm-twin"]
             for artifact in listed.artifacts:
                 signed = artifact.signed_manifest

@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console, RenderableType
 
-from controlplane.cli import cli
-from controlplane.cli import render as render
-from controlplane.cli.convert import (
+from edgefleet.controlplane.cli import cli
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.convert import (
     constraint_profile,
     parse_model_ref,
 )
@@ -478,7 +478,9 @@ class FakeOperator(operator_pb2_grpc.OperatorServiceServicer):
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeOperator, str]]:
     # The package re-exports the `builds` group under the module's name.
-    monkeypatch.setattr(importlib.import_module("controlplane.cli.builds"), "POLL_INTERVAL_S", 0)
+    monkeypatch.setattr(
+        importlib.import_module("edgefleet.controlplane.cli.builds"), "POLL_INTERVAL_S", 0
+    )
     servicer = FakeOperator()  # type: ignore[abstract]  # the rest answer UNIMPLEMENTED
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(servicer, server)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from demo.models import mlp_graph
+from edgefleet.demo.models import mlp_graph
 from edgefleet.v1 import common_pb2, device_pb2
 from tests.harness import ControlPlane, env_without_proxy
 

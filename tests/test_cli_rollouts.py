@@ -23,14 +23,19 @@ import grpc
 import pytest
 from click.testing import CliRunner, Result
 
-from controlplane.api import operator_servicer
-from controlplane.api.operator_servicer import _event_text, _Mailbox
-from controlplane.cli import cli
-from controlplane.cli import render as render
-from controlplane.cli.rollouts import parse_ramp, parse_stage, parse_start_at, rollout_ended
-from controlplane.server import ControlPlane
-from controlplane.services.events import EventBus, FleetEvent
-from demo.models import BuiltModel
+from edgefleet.controlplane.api import operator_servicer
+from edgefleet.controlplane.api.operator_servicer import _event_text, _Mailbox
+from edgefleet.controlplane.cli import cli
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.rollouts import (
+    parse_ramp,
+    parse_stage,
+    parse_start_at,
+    rollout_ended,
+)
+from edgefleet.controlplane.server import ControlPlane
+from edgefleet.controlplane.services.events import EventBus, FleetEvent
+from edgefleet.demo.models import BuiltModel
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -42,7 +47,7 @@ from tests.test_cli_unit import NOW, text_of, ts
 from tests.test_deployments import _publish
 
 # The module, not the click group of the same name that controlplane.cli exports.
-rollouts_cli = importlib.import_module("controlplane.cli.rollouts")
+rollouts_cli = importlib.import_module("edgefleet.controlplane.cli.rollouts")
 
 ROLLOUT_ID = "r0110u7a" + "5" * 24
 DEV_A, DEV_B, DEV_C = ("d" * 7 + "a") * 2, ("d" * 7 + "b") * 2, ("d" * 7 + "c") * 2

@@ -22,9 +22,9 @@ from click.testing import CliRunner, Result
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console, RenderableType
 
-from controlplane.cli import cli
-from controlplane.cli import render as render
-from controlplane.cli.convert import (
+from edgefleet.controlplane.cli import cli
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.convert import (
     constraint_profile,
     enum_choices,
     enum_name,
@@ -38,9 +38,9 @@ from controlplane.cli.convert import (
     resolve_prefix,
     to_json_dict,
 )
-from controlplane.cli.push import describe_part, push_requests
-from controlplane.domain.rules import Op
-from controlplane.wire import MATCH_OPS
+from edgefleet.controlplane.cli.push import describe_part, push_requests
+from edgefleet.controlplane.domain.rules import Op
+from edgefleet.controlplane.wire import MATCH_OPS
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
@@ -433,10 +433,11 @@ def test_unreachable_server_is_one_line_error() -> None:
 
 def test_cli_import_stays_light() -> None:
     code = (
-        "import sys, controlplane.cli\n"
+        "import sys, edgefleet.controlplane.cli\n"
         "heavy = [m for m in sys.modules if m.startswith(('sqlalchemy', 'alembic',"
-        " 'controlplane.db', 'controlplane.server', 'controlplane.services',"
-        " 'controlplane.api', 'onnxruntime', 'textual'))]\n"
+        " 'edgefleet.controlplane.db', 'edgefleet.controlplane.server',"
+        " 'edgefleet.controlplane.services', 'edgefleet.controlplane.api',"
+        " 'onnxruntime', 'textual'))]\n"
         "print(heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.services import auth
-from controlplane.services.auth import DeviceCredentials, DevicePrincipal
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.services import auth
+from edgefleet.controlplane.services.auth import DeviceCredentials, DevicePrincipal
+from edgefleet.controlplane.services.events import FleetEvent
 
 CREDENTIAL = "Bearer efd_dev1.secret"
 REJECTED = FleetEvent("device.updated", ("dev1",), desired_changed=True, subject="reject")

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "demo.run_demo", "--data-dir", str(tmp_path / "demo"),
+        [sys.executable, "-m", "edgefleet.demo.run_demo", "--data-dir", str(tmp_path / "demo"),
          "--tui-headless"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "120"},
     )  # fmt: skip

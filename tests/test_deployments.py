@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from controlplane.client import bearer_metadata
-from controlplane.domain import signing
-from controlplane.server import ControlPlane
-from demo.models import BuiltModel
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.domain import signing
+from edgefleet.controlplane.server import ControlPlane
+from edgefleet.demo.models import BuiltModel
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg

@@ -27,10 +27,10 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.update.faults import FAULT_ENV, MARKER_FILE
-from controlplane.domain import signing
-from controlplane.services import statements
-from demo.models import build_digits_classifier
+from edgefleet.agent.update.faults import FAULT_ENV, MARKER_FILE
+from edgefleet.controlplane.domain import signing
+from edgefleet.controlplane.services import statements
+from edgefleet.demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o

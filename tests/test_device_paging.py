@@ -13,12 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controlplane import client
-from controlplane.api import paging
-from controlplane.cli.base import Env
-from controlplane.config import ServerConfig
-from controlplane.server import ControlPlane, create_server
-from controlplane.services import devices as device_service
+from edgefleet.controlplane import client
+from edgefleet.controlplane.api import paging
+from edgefleet.controlplane.cli.base import Env
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.server import ControlPlane, create_server
+from edgefleet.controlplane.services import devices as device_service
+from edgefleet.tui import client as tui_client
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -26,7 +27,6 @@ from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
 from tests.harness import ADMIN_TOKEN
 from tests.test_api import ADMIN, _code, _token
-from tui import client as tui_client
 
 FLEET = 23
 

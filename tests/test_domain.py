@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from controlplane.domain import onnx_inspect, rules, secrets, semver
-from controlplane.domain.rules import ClassCandidate, Op, parse_rule
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.domain import onnx_inspect, rules, secrets, semver
+from edgefleet.controlplane.domain.rules import ClassCandidate, Op, parse_rule
+from edgefleet.controlplane.errors import InvalidArgument
 
 PI = {"os": "Linux", "arch": "aarch64", "memory_mb": 3900, "board_model": "Raspberry Pi 4 Model B"}
 JETSON = {"arch": "aarch64", "memory_mb": 7600, "accelerators": [{"kind": "jetson"}]}

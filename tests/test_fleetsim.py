@@ -26,18 +26,13 @@ import pytest
 from click.testing import CliRunner
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.api.convert import sample_from_pb
-from controlplane.cli import cli
-from controlplane.client import bearer_metadata
-from controlplane.server import ControlPlane
-from controlplane.services.telemetry import validate_batch
-from demo.models import mlp_graph
-from edgefleet.v1 import common_pb2 as c
-from edgefleet.v1 import device_pb2 as d
-from edgefleet.v1 import device_pb2_grpc as dg
-from edgefleet.v1 import operator_pb2 as o
-from edgefleet.v1 import operator_pb2_grpc as og
-from fleetsim import (
+from edgefleet.controlplane.api.convert import sample_from_pb
+from edgefleet.controlplane.cli import cli
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.server import ControlPlane
+from edgefleet.controlplane.services.telemetry import validate_batch
+from edgefleet.demo.models import mlp_graph
+from edgefleet.sim import (
     Behaviour,
     Fleet,
     FleetError,
@@ -47,7 +42,12 @@ from fleetsim import (
     make_sample,
     parse_profile,
 )
-from fleetsim.agent import FleetContext
+from edgefleet.sim.agent import FleetContext
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import device_pb2 as d
+from edgefleet.v1 import device_pb2_grpc as dg
+from edgefleet.v1 import operator_pb2 as o
+from edgefleet.v1 import operator_pb2_grpc as og
 from tests.harness import ADMIN_TOKEN
 from tests.test_api import _parts, _push_requests
 from tests.test_builds_service import _fake_result
@@ -607,7 +607,7 @@ async def test_agents_time_heartbeat_acks_and_account_for_every_sample_they_made
     up to the buffer bound and the ones pushed out are counted, and a drained
     fleet makes no new samples but keeps resending."""
     from bench.echo_server import EchoDeviceService
-    from fleetsim.agent import MAX_PENDING_SAMPLES
+    from edgefleet.sim.agent import MAX_PENDING_SAMPLES
 
     echo = grpc.aio.server()
     dg.add_DeviceServiceServicer_to_server(EchoDeviceService(), echo)

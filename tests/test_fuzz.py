@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 
 from bench import fuzzing
-from controlplane.client import bearer_metadata
-from controlplane.server import ControlPlane
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.server import ControlPlane
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg

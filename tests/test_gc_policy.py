@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from controlplane import gc_policy
+from edgefleet.controlplane import gc_policy
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Column, MetaData, String, Table, create_engine, event, select
 
-from controlplane.db.in_list import STEP, padded
+from edgefleet.controlplane.db.in_list import STEP, padded
 
 
 @pytest.mark.parametrize(

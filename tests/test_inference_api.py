@@ -22,16 +22,20 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.inference_client import InferenceClient, InferenceError
-from agent.inference_server import MAX_MESSAGE_BYTES, InferenceServer, start_inference_server
-from agent.runtimes import ONNXRUNTIME, TFLITE, TensorInfo
-from agent.serving import ModelHost, ModelSpec, decode_tensor, encode_tensor
-from controlplane.build.samples import load_samples
-from controlplane.build.tflite_ladder import build_candidates
-from controlplane.build.toolchain import default_toolchains_dir, find_tflite
-from controlplane.build.types import BuildTarget
-from controlplane.domain.onnx_inspect import inspect_model
-from demo.models import BuiltModel, build_digits_classifier
+from edgefleet.agent.inference_client import InferenceClient, InferenceError
+from edgefleet.agent.inference_server import (
+    MAX_MESSAGE_BYTES,
+    InferenceServer,
+    start_inference_server,
+)
+from edgefleet.agent.runtimes import ONNXRUNTIME, TFLITE, TensorInfo
+from edgefleet.agent.serving import ModelHost, ModelSpec, decode_tensor, encode_tensor
+from edgefleet.controlplane.build.samples import load_samples
+from edgefleet.controlplane.build.tflite_ladder import build_candidates
+from edgefleet.controlplane.build.toolchain import default_toolchains_dir, find_tflite
+from edgefleet.controlplane.build.types import BuildTarget
+from edgefleet.controlplane.domain.onnx_inspect import inspect_model
+from edgefleet.demo.models import BuiltModel, build_digits_classifier
 from edgefleet.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 # ------------------------------------------------------------------ helpers
@@ -368,7 +372,7 @@ def test_rollback_and_commit_are_idempotent(tmp_path: Path) -> None:
 
 
 def test_a_model_that_fails_to_warm_never_becomes_active(tmp_path: Path) -> None:
-    from agent.serving import ActivationFailed
+    from edgefleet.agent.serving import ActivationFailed
 
     host = ModelHost()
     try:
@@ -430,8 +434,8 @@ async def test_atomic_swap_under_load(served: Served, tmp_path: Path) -> None:
 
 
 def test_inference_settings_from_config(tmp_path: Path) -> None:
-    from agent.config import load_config
-    from agent.errors import ConfigError
+    from edgefleet.agent.config import load_config
+    from edgefleet.agent.errors import ConfigError
 
     path = tmp_path / "agent.toml"
     path.write_text('inference_workers = 4\ninference_listen = "127.0.0.1:7450"\n')
@@ -700,8 +704,8 @@ async def test_atomic_swap_under_load_on_the_fast_path(served: Served, tmp_path:
 
 
 def test_serving_uses_the_accelerated_execution_providers_installed(digits: BuiltModel) -> None:
-    from agent.daemon import onnxruntime_providers
-    from agent.runtimes.onnxruntime import ACCELERATED, CPU, OnnxRuntimeRunner
+    from edgefleet.agent.daemon import onnxruntime_providers
+    from edgefleet.agent.runtimes.onnxruntime import ACCELERATED, CPU, OnnxRuntimeRunner
 
     assert onnxruntime_providers("auto") == ["auto"]
     assert onnxruntime_providers("cpu") is None
@@ -716,7 +720,7 @@ def test_serving_uses_the_accelerated_execution_providers_installed(digits: Buil
 
 
 async def test_a_state_dir_too_long_for_a_unix_socket_is_a_clear_error(tmp_path: Path) -> None:
-    from agent.errors import StateError
+    from edgefleet.agent.errors import StateError
 
     deep = tmp_path / ("d" * 100)
     deep.mkdir()

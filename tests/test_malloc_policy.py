@@ -10,7 +10,7 @@ import threading
 import psutil
 import pytest
 
-from controlplane import malloc_policy
+from edgefleet.controlplane import malloc_policy
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")

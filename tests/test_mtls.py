@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, text
 
-from agent.transport import new_key_and_csr, sign_reenrollment
-from controlplane.db.engine import sqlite_url
+from edgefleet.agent.transport import new_key_and_csr, sign_reenrollment
+from edgefleet.controlplane.db.engine import sqlite_url
 from edgefleet.v1 import device_pb2, device_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o
 from tests.agent_harness import AgentProcess
@@ -61,9 +61,7 @@ class Device:
         proving it with its credential and the key of its certificate."""
         self.cp = cp
         self.key_pem, csr = new_key_and_csr(hardware_id)
-        request = device_pb2.EnrollRequest(
-            enrollment_token=token, hardware_id=hardware_id, csr=csr
-        )
+        request = device_pb2.EnrollRequest(enrollment_token=token, hardware_id=hardware_id, csr=csr)
         if previous is not None:
             request.proof.CopyFrom(device_pb2.ReenrollmentProof(
                 device_id=previous.device_id, device_credential=previous.credential,
@@ -311,13 +309,13 @@ def test_an_agent_without_a_ca_or_insecure_refuses_to_start(tmp_path: Path) -> N
 def test_edgefleet_server_serves_tls_unless_told_insecure(monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    import controlplane.server
-    from controlplane.cli import cli
-    from controlplane.config import ServerConfig
+    from edgefleet.controlplane import server
+    from edgefleet.controlplane.cli import cli
+    from edgefleet.controlplane.config import ServerConfig
 
     seen: list[ServerConfig] = []
     # Only the command line is under test here; the server itself is above.
-    monkeypatch.setattr(controlplane.server, "run", lambda config, workers=1: seen.append(config))
+    monkeypatch.setattr(server, "run", lambda config, workers=1: seen.append(config))
     for args, tls in (([], True), (["--insecure"], False), (["--tls"], True)):
         result = CliRunner().invoke(cli, ["server", "--data-dir", "/tmp/unused", *args])
         assert result.exit_code == 0, result.output

@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 from google.protobuf import message_factory
 
-from controlplane.cli import cli
-from controlplane.client import bearer_metadata
-from controlplane.server import ControlPlane
+from edgefleet.controlplane.cli import cli
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.server import ControlPlane
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
@@ -91,9 +91,7 @@ async def test_every_operator_rpc_checks_the_tokens_role(
                 code = await _status(channel, method, metadata)
                 denied = code == grpc.StatusCode.PERMISSION_DENIED
                 assert denied != allowed, f"{method.name} as {who}: {code}"
-    code, details = await _code(
-        op.AcceptDevice(o.AcceptDeviceRequest(id="x"), metadata=viewer)
-    )
+    code, details = await _code(op.AcceptDevice(o.AcceptDeviceRequest(id="x"), metadata=viewer))
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert details == "AcceptDevice needs the operator role; operator token 'dashboards' has viewer"
 

@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.transport import new_key_and_csr, resolve_endpoint
-from controlplane.domain import pki
+from edgefleet.agent.transport import new_key_and_csr, resolve_endpoint
+from edgefleet.controlplane.domain import pki
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -75,7 +75,8 @@ def test_server_certificate_names_hosts_and_addresses(authority: pki.Authority) 
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["cp.example"]
     assert sans.get_values_for_type(x509.IPAddress) == [
-        ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("::1")
+        ipaddress.ip_address("10.0.0.5"),
+        ipaddress.ip_address("::1"),
     ]
     assert serialization.load_pem_private_key(key_pem, None).public_key() == cert.public_key()
     with pytest.raises(pki.CertificateError):

@@ -16,9 +16,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.power import (
+from edgefleet.agent.config import load_config
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.power import (
     CRITICAL,
     LIMITED,
     NORMAL,
@@ -28,8 +28,8 @@ from agent.power import (
     Readings,
     decide,
 )
-from agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
-from agent.serving import DeadlineExceeded, ModelHost
+from edgefleet.agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
+from edgefleet.agent.serving import DeadlineExceeded, ModelHost
 
 T = PowerThresholds()  # battery 30/15 %, temperature 70/80 C, margins 5 and 5
 

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import pytest
 
-from controlplane.domain.rollouts import (
+from edgefleet.controlplane.domain.rollouts import (
     UNLIMITED,
     Acknowledged,
     ClassLimits,
@@ -38,7 +38,7 @@ from controlplane.domain.rollouts import (
     stage_target,
     validate_sizes,
 )
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.errors import InvalidArgument
 
 
 def cohort(**classes: int) -> list[CohortDevice]:

@@ -21,19 +21,25 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from sqlalchemy import event, select, update
 
-from controlplane.api import convert
-from controlplane.config import ServerConfig
-from controlplane.db.models import RolloutDeviceRow, RolloutRow, utcnow
-from controlplane.server import ControlPlane, create_server
-from controlplane.services import orchestrator as orchestrator_module
-from controlplane.services.events import EventBus
-from controlplane.services.orchestrator import Member, Orchestrator, Step, _Driver, revert_order
-from controlplane.services.rollouts import COMMITTED, IN_PROGRESS, NOTIFIED
-from demo.models import BuiltModel, build_digits_classifier
+from edgefleet.controlplane.api import convert
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.db.models import RolloutDeviceRow, RolloutRow, utcnow
+from edgefleet.controlplane.server import ControlPlane, create_server
+from edgefleet.controlplane.services import orchestrator as orchestrator_module
+from edgefleet.controlplane.services.events import EventBus
+from edgefleet.controlplane.services.orchestrator import (
+    Member,
+    Orchestrator,
+    Step,
+    _Driver,
+    revert_order,
+)
+from edgefleet.controlplane.services.rollouts import COMMITTED, IN_PROGRESS, NOTIFIED
+from edgefleet.demo.models import BuiltModel, build_digits_classifier
+from edgefleet.sim import Fleet, parse_profile
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
-from fleetsim import Fleet, parse_profile
 from tests.harness import ADMIN_TOKEN
 from tests.test_api import _parts, _push_requests
 from tests.test_builds_service import ADMIN, finish_builds_by_hand

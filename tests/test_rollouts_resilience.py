@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from demo.models import build_digits_classifier
+from edgefleet.demo.models import build_digits_classifier
+from edgefleet.sim import Fleet, parse_profile
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
-from fleetsim import Fleet, parse_profile
 from tests.harness import ControlPlane
 from tests.test_api import _parts
 from tests.test_builds_e2e import _push, _wait_builds

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from controlplane.api.rpc import Handlers, RpcMetrics, rpc
-from controlplane.errors import NotFound
+from edgefleet.controlplane.api.rpc import Handlers, RpcMetrics, rpc
+from edgefleet.controlplane.errors import NotFound
 
 
 class AbortError(Exception):

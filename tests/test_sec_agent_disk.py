@@ -37,16 +37,16 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent.disk import DiskCondition, RetriedWrite, write_error
-from agent.errors import DiskFull, StateError
-from agent.identity import load_desired, save_desired
-from agent.telemetry import IntervalSample
-from agent.telemetry_buffer import TelemetryBuffer
-from agent.update.download import artifact_path, part_path
-from agent.update.states import State
-from agent.update.store import UPDATE_FILE
-from controlplane.db.engine import make_engine, sqlite_url
-from controlplane.db.uow import Database
+from edgefleet.agent.disk import DiskCondition, RetriedWrite, write_error
+from edgefleet.agent.errors import DiskFull, StateError
+from edgefleet.agent.identity import load_desired, save_desired
+from edgefleet.agent.telemetry import IntervalSample
+from edgefleet.agent.telemetry_buffer import TelemetryBuffer
+from edgefleet.agent.update.download import artifact_path, part_path
+from edgefleet.agent.update.states import State
+from edgefleet.agent.update.store import UPDATE_FILE
+from edgefleet.controlplane.db.engine import make_engine, sqlite_url
+from edgefleet.controlplane.db.uow import Database
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o

@@ -30,11 +30,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from controlplane.client import bearer_metadata
-from controlplane.db.engine import make_engine
-from controlplane.db.uow import Database
-from controlplane.services.blobs import BlobStore
-from controlplane.services.builds import BuildService
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.db.engine import make_engine
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.services.blobs import BlobStore
+from edgefleet.controlplane.services.builds import BuildService
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o

@@ -38,27 +38,27 @@ import sqlalchemy as sa
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent.update.machine import UpdateMachine
-from agent.update.remote import StatusReporter
-from agent.update.states import State
-from agent.update.store import UpdateRecord
 from bench.fuzzing import ServerMemory
-from controlplane.api import limits
-from controlplane.api.rpc import RETRY_AFTER_MS
-from controlplane.client import bearer_metadata
-from controlplane.db.engine import make_engine
-from controlplane.db.models import TelemetryRollupRow, TelemetryRow
-from controlplane.db.uow import Database
-from controlplane.errors import InvalidArgument, ResourceExhausted
-from controlplane.services import telemetry as telemetry_service
-from controlplane.services.ratelimit import (
+from edgefleet.agent.update.machine import UpdateMachine
+from edgefleet.agent.update.remote import StatusReporter
+from edgefleet.agent.update.states import State
+from edgefleet.agent.update.store import UpdateRecord
+from edgefleet.controlplane.api import limits
+from edgefleet.controlplane.api.rpc import RETRY_AFTER_MS
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.db.engine import make_engine
+from edgefleet.controlplane.db.models import TelemetryRollupRow, TelemetryRow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.errors import InvalidArgument, ResourceExhausted
+from edgefleet.controlplane.services import telemetry as telemetry_service
+from edgefleet.controlplane.services.ratelimit import (
     STATUS_BURST,
     STATUS_RATE_PER_S,
     STATUS_WRITE_BURST,
     STATUS_WRITE_RATE_PER_S,
     StatusRateLimit,
 )
-from controlplane.services.telemetry import Sample, TelemetryService
+from edgefleet.controlplane.services.telemetry import Sample, TelemetryService
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.transport import new_key_and_csr, sign_reenrollment
-from controlplane.client import bearer_metadata
+from edgefleet.agent.transport import new_key_and_csr, sign_reenrollment
+from edgefleet.controlplane.client import bearer_metadata
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2
 from edgefleet.v1 import operator_pb2 as o

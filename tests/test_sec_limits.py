@@ -25,13 +25,13 @@ from google.protobuf.descriptor import FieldDescriptor
 from sqlalchemy import func, select, update
 
 from bench.fuzzing import DbProbe, diff
-from controlplane.api import limits, paging
-from controlplane.client import bearer_metadata
-from controlplane.db.engine import make_engine, upgrade
-from controlplane.db.models import AuditRow, DeviceRow, TelemetryRow
-from controlplane.db.uow import Database
-from controlplane.errors import InvalidArgument
-from controlplane.services.telemetry import Sample, TelemetryService, epoch_ms
+from edgefleet.controlplane.api import limits, paging
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.db.engine import make_engine, upgrade
+from edgefleet.controlplane.db.models import AuditRow, DeviceRow, TelemetryRow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.errors import InvalidArgument
+from edgefleet.controlplane.services.telemetry import Sample, TelemetryService, epoch_ms
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -681,9 +681,9 @@ def test_fit_drops_the_last_rows_and_cuts_a_row_too_large_alone() -> None:
 def test_the_agents_update_reasons_always_pass_the_limits() -> None:
     """A reason the agent joins from exception texts over retries may be long
     and hold anything; what it reports must never get its own Sync refused."""
-    from agent.update.remote import reportable
-    from controlplane.api import limits as api_limits
-    from controlplane.errors import InvalidArgument
+    from edgefleet.agent.update.remote import reportable
+    from edgefleet.controlplane.api import limits as api_limits
+    from edgefleet.controlplane.errors import InvalidArgument
     from edgefleet.v1 import device_pb2
 
     raw = ("download failed: \x00\x1b[31mboom\x07\n" * 5000) + "the latest failure"

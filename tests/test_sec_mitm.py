@@ -58,10 +58,10 @@ import grpc
 import pytest
 from sqlalchemy import create_engine, text
 
-from controlplane.db.engine import make_engine, sqlite_url
-from controlplane.db.uow import Database
-from controlplane.domain import pki, signing
-from controlplane.services import statements
+from edgefleet.controlplane.db.engine import make_engine, sqlite_url
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import pki, signing
+from edgefleet.controlplane.services import statements
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg

@@ -27,8 +27,8 @@ import pytest
 from numpy.lib import format as npy_format
 from onnx import TensorProto, helper
 
-from controlplane.domain import sample_archive
-from demo.models import mlp_graph
+from edgefleet.controlplane.domain import sample_archive
+from edgefleet.demo.models import mlp_graph
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from tests.harness import ControlPlane, env_without_proxy
@@ -181,8 +181,14 @@ HOSTILE: dict[str, tuple[bytes, str | tuple[str, ...]]] = {
     # numpy tokenizes the header dict with Python's tokenizer: an unclosed
     # bracket raised TokenError, which was INTERNAL.
     "header numpy cannot tokenize": (
-        _npz({"input.npy": _raw_npy_header(b"{'descr': '<f4', 'fortran_order': False, "
-                                           b"'shape': (16, 4, }") + bytes(256)}),
+        _npz(
+            {
+                "input.npy": _raw_npy_header(
+                    b"{'descr': '<f4', 'fortran_order': False, 'shape': (16, 4, }"
+                )
+                + bytes(256)
+            }
+        ),
         "array 'input' has no valid .npy header",
     ),
     "neither zip nor .npy": (

@@ -37,9 +37,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
-from controlplane.domain import pki
-from controlplane.server import HANDSHAKE_TIMEOUT_MS
-from demo.models import mlp_graph
+from edgefleet.controlplane.domain import pki
+from edgefleet.controlplane.server import HANDSHAKE_TIMEOUT_MS
+from edgefleet.demo.models import mlp_graph
 from edgefleet.v1 import operator_pb2 as o
 from tests.harness import ControlPlane, env_without_proxy, wait_for
 
@@ -310,8 +310,10 @@ def test_cli_with_a_ca_file_that_is_no_certificate_says_so(
     result = edgefleet("devices", "ls", server=tls_cp.address, token=tls_cp.admin_token,
                        ca_cert=not_a_cert)  # fmt: skip
     assert result.returncode == 1
-    assert f"not a PEM certificate: pass the ca.pem from the control plane's data directory: " \
+    assert (
+        f"not a PEM certificate: pass the ca.pem from the control plane's data directory: "
         f"{not_a_cert}" in result.stderr
+    )
     assert "handshaker" not in result.stderr
 
 

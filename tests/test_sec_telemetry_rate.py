@@ -31,15 +31,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.telemetry import IntervalSample, RequestStats, Resources
-from agent.telemetry_buffer import TelemetryBuffer
-from agent.telemetry_uploader import RETRY_AFTER_MS, TelemetryUploader, retry_after_s
-from controlplane.client import bearer_metadata
-from controlplane.config import ServerConfig
-from controlplane.errors import ResourceExhausted
-from controlplane.server import ControlPlane as InProcessControlPlane
-from controlplane.server import create_server
-from controlplane.services.ratelimit import (
+from edgefleet.agent.telemetry import IntervalSample, RequestStats, Resources
+from edgefleet.agent.telemetry_buffer import TelemetryBuffer
+from edgefleet.agent.telemetry_uploader import RETRY_AFTER_MS, TelemetryUploader, retry_after_s
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.errors import ResourceExhausted
+from edgefleet.controlplane.server import ControlPlane as InProcessControlPlane
+from edgefleet.controlplane.server import create_server
+from edgefleet.controlplane.services.ratelimit import (
     DEFAULT_BURST,
     DEFAULT_RATE_PER_S,
     RateLimiter,
@@ -175,8 +175,8 @@ def test_limits_that_cannot_work_are_refused_and_the_defaults_follow_the_agent()
         TelemetryRateLimit(5.0, 499)  # a full batch would never pass
     # Ten times a device with five model versions at the 10 s interval, and
     # four of the agent's 500-sample batches at once.
-    from agent.config import AgentConfig
-    from agent.telemetry_uploader import MAX_BATCH
+    from edgefleet.agent.config import AgentConfig
+    from edgefleet.agent.telemetry_uploader import MAX_BATCH
 
     normal = 5 / AgentConfig(server="x").telemetry_interval_s
     assert pytest.approx(10 * normal) == DEFAULT_RATE_PER_S
@@ -441,7 +441,7 @@ async def test_a_refusal_without_a_delay_keeps_the_old_behaviour(
 ) -> None:
     """RESOURCE_EXHAUSTED with no trailer (the busy shedding): kept, and
     retried at the next flush, not held back."""
-    from controlplane.api import device_servicer
+    from edgefleet.controlplane.api import device_servicer
 
     cp = tiny_limit_server
     async with grpc.aio.insecure_channel(cp.address) as ch:

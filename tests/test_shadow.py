@@ -25,20 +25,20 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
-from agent.serving import INCOMPARABLE, ActivationFailed, ModelHost, compare_outputs
-from agent.telemetry import IntervalSample, RequestStats, Resources
-from agent.telemetry_buffer import TelemetryBuffer
-from agent.telemetry_uploader import to_proto
-from agent.update.activation import ACTIVE_FILE, HostActivator
-from agent.update.download import artifact_path
-from agent.update.machine import UpdateMachine
-from agent.update.ports import FatalUpdateError, Ports
-from agent.update.store import Assignment, UpdateRecord, UpdateStore
-from agent.update.verify import ManifestVerifier
-from demo.models import build_digits_classifier
+from edgefleet.agent.config import load_config
+from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
+from edgefleet.agent.serving import INCOMPARABLE, ActivationFailed, ModelHost, compare_outputs
+from edgefleet.agent.telemetry import IntervalSample, RequestStats, Resources
+from edgefleet.agent.telemetry_buffer import TelemetryBuffer
+from edgefleet.agent.telemetry_uploader import to_proto
+from edgefleet.agent.update.activation import ACTIVE_FILE, HostActivator
+from edgefleet.agent.update.download import artifact_path
+from edgefleet.agent.update.machine import UpdateMachine
+from edgefleet.agent.update.ports import FatalUpdateError, Ports
+from edgefleet.agent.update.store import Assignment, UpdateRecord, UpdateStore
+from edgefleet.agent.update.verify import ManifestVerifier
+from edgefleet.demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2
 from tests.test_activation import _install
 from tests.test_update_machine import (

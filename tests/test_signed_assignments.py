@@ -18,16 +18,16 @@ import grpc
 import pytest
 from sqlalchemy import select
 
-from controlplane.client import bearer_metadata
-from controlplane.db.engine import make_engine, upgrade
-from controlplane.db.models import DeviceAssignmentRow, ModelVersionRow, SigningKeyRow
-from controlplane.db.uow import Database
-from controlplane.domain import signing
-from controlplane.server import ControlPlane
-from controlplane.services import keys
-from controlplane.services.deployments import DeploymentService, Desired, assign_devices
-from controlplane.services.keys import ensure_signing_key
-from demo.models import BuiltModel
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.db.engine import make_engine, upgrade
+from edgefleet.controlplane.db.models import DeviceAssignmentRow, ModelVersionRow, SigningKeyRow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import signing
+from edgefleet.controlplane.server import ControlPlane
+from edgefleet.controlplane.services import keys
+from edgefleet.controlplane.services.deployments import DeploymentService, Desired, assign_devices
+from edgefleet.controlplane.services.keys import ensure_signing_key
+from edgefleet.demo.models import BuiltModel
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o

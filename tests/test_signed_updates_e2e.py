@@ -33,14 +33,14 @@ import grpc
 import onnx
 import pytest
 
-from agent.update.faults import FAULT_ENV, MARKER_FILE, VERIFIED
-from controlplane.db.engine import make_engine, sqlite_url
-from controlplane.db.uow import Database
-from controlplane.domain import signing
-from controlplane.services import statements
-from controlplane.services.blobs import BlobStore
-from controlplane.services.builds import BuildService
-from demo.models import build_digits_classifier
+from edgefleet.agent.update.faults import FAULT_ENV, MARKER_FILE, VERIFIED
+from edgefleet.controlplane.db.engine import make_engine, sqlite_url
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import signing
+from edgefleet.controlplane.services import statements
+from edgefleet.controlplane.services.blobs import BlobStore
+from edgefleet.controlplane.services.builds import BuildService
+from edgefleet.demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg

@@ -18,11 +18,11 @@ import grpc.aio
 from bench.bench_soak import SoakConfig, json_dumps, report, soak
 from bench.common import PROFILE_CLASSES
 from bench.echo_server import EchoDeviceService
-from controlplane.db.engine import sqlite_url
-from controlplane.server import ControlPlane
+from edgefleet.controlplane.db.engine import sqlite_url
+from edgefleet.controlplane.server import ControlPlane
+from edgefleet.sim import parse_profile
+from edgefleet.sim.profiles import DEFAULT_PROFILE_DATA
 from edgefleet.v1 import device_pb2_grpc as dg
-from fleetsim import parse_profile
-from fleetsim.profiles import DEFAULT_PROFILE_DATA
 from tests.harness import ADMIN_TOKEN
 from tests.test_fleetsim import Setup
 from tests.test_fleetsim import setup as setup  # the fixture, re-exported

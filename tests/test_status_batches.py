@@ -13,10 +13,10 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.server import ControlPlane
-from controlplane.services.deployments import DeploymentService, StatusReport
-from controlplane.services.status_buffer import StatusBuffer
-from demo.models import BuiltModel
+from edgefleet.controlplane.server import ControlPlane
+from edgefleet.controlplane.services.deployments import DeploymentService, StatusReport
+from edgefleet.controlplane.services.status_buffer import StatusBuffer
+from edgefleet.demo.models import BuiltModel
 from edgefleet.v1 import operator_pb2 as o
 from tests.test_builds_service import ADMIN, _setup, cp, digits  # noqa: F401
 from tests.test_deployments import _enroll, _publish

@@ -13,22 +13,27 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
 
-from controlplane.db.engine import alembic_config, current_revision, make_engine, upgrade
-from controlplane.db.models import AuditRow, Base, DeviceRow, EnrollmentTokenRow
-from controlplane.db.uow import Database
-from controlplane.domain.rules import parse_rule
-from controlplane.errors import (
+from edgefleet.controlplane.db.engine import alembic_config, current_revision, make_engine, upgrade
+from edgefleet.controlplane.db.models import AuditRow, Base, DeviceRow, EnrollmentTokenRow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain.rules import parse_rule
+from edgefleet.controlplane.errors import (
     AlreadyExists,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
 )
-from controlplane.services import audit
-from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate, Constraints
-from controlplane.services.devices import DeviceService
-from controlplane.services.enrollment import EnrollmentService, ReenrollmentProof
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.services import audit
+from edgefleet.controlplane.services.classes import (
+    ClassService,
+    ClassSpec,
+    ClassUpdate,
+    Constraints,
+)
+from edgefleet.controlplane.services.devices import DeviceService
+from edgefleet.controlplane.services.enrollment import EnrollmentService, ReenrollmentProof
+from edgefleet.controlplane.services.events import FleetEvent
 
 
 class Recorder:
@@ -337,7 +342,7 @@ def test_blobs_live_in_sql_and_any_replica_can_read_them(db: Database, tmp_path:
     import hashlib
     import os
 
-    from controlplane.services.blobs import BlobStore
+    from edgefleet.controlplane.services.blobs import BlobStore
 
     data = os.urandom(2 * 1024 * 1024 + 12345)  # three chunks
     digest = hashlib.sha256(data).hexdigest()

@@ -22,22 +22,22 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import func, insert, select, text, update
 
-from controlplane.api import device_servicer
-from controlplane.cli import cli
-from controlplane.client import bearer_metadata
-from controlplane.config import ServerConfig
-from controlplane.db.engine import make_engine, upgrade
-from controlplane.db.models import (
+from edgefleet.controlplane.api import device_servicer
+from edgefleet.controlplane.cli import cli
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.db.engine import make_engine, upgrade
+from edgefleet.controlplane.db.models import (
     DeviceClassRow,
     DeviceRow,
     TelemetryRollupRow,
     TelemetryRow,
     TelemetryWatermarkRow,
 )
-from controlplane.db.uow import Database
-from controlplane.errors import InvalidArgument, NotFound, ResourceExhausted
-from controlplane.server import ControlPlane, create_server
-from controlplane.services.telemetry import (
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.errors import InvalidArgument, NotFound, ResourceExhausted
+from edgefleet.controlplane.server import ControlPlane, create_server
+from edgefleet.controlplane.services.telemetry import (
     INSERT_COLUMNS,
     MAX_BATCH,
     METRICS,
@@ -247,7 +247,7 @@ def test_an_upload_racing_another_of_the_same_device_stores_each_seq_once(
     uncommitted, while this one (1..5) reads the mark and inserts. PostgreSQL:
     the COPY waits on the other's index entries, fails once it commits, and
     the batch is redone; SQLite: this upload waits for the writer lock."""
-    caplog.set_level(logging.INFO, logger="controlplane.services.telemetry")
+    caplog.set_level(logging.INFO, logger="edgefleet.controlplane.services.telemetry")
     other = db.engine.connect()
     other.begin()
     for seq in (1, 2, 3):

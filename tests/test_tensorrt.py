@@ -23,9 +23,9 @@ import pytest
 from google.protobuf import json_format
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.runtimes import RuntimeUnavailable, open_runner
-from agent.runtimes import tensorrt as trt_runtime
-from agent.runtimes.tensorrt import (
+from edgefleet.agent.runtimes import RuntimeUnavailable, open_runner
+from edgefleet.agent.runtimes import tensorrt as trt_runtime
+from edgefleet.agent.runtimes.tensorrt import (
     EngineCache,
     EngineKey,
     GpuIdentity,
@@ -33,9 +33,9 @@ from agent.runtimes.tensorrt import (
     spec_digest,
     tensorrt_version,
 )
-from controlplane.build import tensorrt_ladder
-from controlplane.build.samples import Samples, generate_samples
-from controlplane.build.tensorrt_ladder import (
+from edgefleet.controlplane.build import tensorrt_ladder
+from edgefleet.controlplane.build.samples import Samples, generate_samples
+from edgefleet.controlplane.build.tensorrt_ladder import (
     DEFAULT_WORKSPACE_MB,
     MAX_BATCH,
     build_candidates,
@@ -44,8 +44,8 @@ from controlplane.build.tensorrt_ladder import (
     tensorrt_qdq_problems,
     workspace_mb_for,
 )
-from controlplane.build.types import BuildTarget, Candidate
-from controlplane.domain.onnx_inspect import TensorInfo, inspect_model
+from edgefleet.controlplane.build.types import BuildTarget, Candidate
+from edgefleet.controlplane.domain.onnx_inspect import TensorInfo, inspect_model
 from edgefleet.v1 import common_pb2
 
 # ---------------------------------------------------------------- fixtures
@@ -276,7 +276,7 @@ def test_ladder_builds_an_fp16_onnx_with_fp32_io_and_its_spec(
     assert [(t.name, t.dtype) for t in info.outputs] == [("y", "float32")]
     # What the build host measures it with: onnxruntime on the CPU, as a
     # correctness proxy. fp16 weights keep this model's outputs close.
-    from agent.runtimes.onnxruntime import OnnxRuntimeRunner
+    from edgefleet.agent.runtimes.onnxruntime import OnnxRuntimeRunner
 
     batch = {"x": cnn_samples.arrays["x"][:8]}
     reference = OnnxRuntimeRunner(cnn).run(batch)[0]
@@ -560,7 +560,7 @@ def _candidate(tmp_path: Path, model: Path, samples: Samples, quantization: str)
 
 
 def _reference(model: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    from agent.runtimes.onnxruntime import OnnxRuntimeRunner
+    from edgefleet.agent.runtimes.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(model)
     return lambda inputs: runner.run(inputs)[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from controlplane.db.uow import TicketLock
+from edgefleet.controlplane.db.uow import TicketLock
 
 
 def test_waiters_get_the_lock_in_arrival_order_one_at_a_time() -> None:

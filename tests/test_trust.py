@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity import Identity, save_identity, save_trusted_keys
-from agent.update.machine import UpdateMachine
-from agent.update.ports import Chunk, FatalUpdateError, Ports
-from agent.update.runner import UpdateRunner
-from agent.update.states import State
-from agent.update.store import Assignment, UpdateStore
-from agent.update.trust import (
+from edgefleet.agent.identity import Identity, save_identity, save_trusted_keys
+from edgefleet.agent.update.machine import UpdateMachine
+from edgefleet.agent.update.ports import Chunk, FatalUpdateError, Ports
+from edgefleet.agent.update.runner import UpdateRunner
+from edgefleet.agent.update.states import State
+from edgefleet.agent.update.store import Assignment, UpdateStore
+from edgefleet.agent.update.trust import (
     DOWNGRADE,
     REPLAYED,
     UNTRUSTED,
@@ -32,9 +32,9 @@ from agent.update.trust import (
     walk_rotations,
     with_commit,
 )
-from agent.update.verify import DeviceVerifier
-from controlplane.domain import signing
-from controlplane.services import statements
+from edgefleet.agent.update.verify import DeviceVerifier
+from edgefleet.controlplane.domain import signing
+from edgefleet.controlplane.services import statements
 from edgefleet.v1 import common_pb2
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
@@ -248,7 +248,10 @@ class _Reporter:
 def _signed_update(key: Key, sequence: int, data: bytes, *, manifest_key: Key) -> Assignment:
     digest = hashlib.sha256(data).hexdigest()
     manifest = common_pb2.ArtifactManifest(
-        model_name="digits", model_version="1.0.0", class_name="cpu", sha256=digest,
+        model_name="digits",
+        model_version="1.0.0",
+        class_name="cpu",
+        sha256=digest,
         size_bytes=len(data),
     ).SerializeToString()
     statement = statements.assignment_statement(

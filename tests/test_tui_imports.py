@@ -21,26 +21,33 @@ def _modules_after(code: str) -> list[str]:
 
 def test_control_plane_and_agent_import_without_textual() -> None:
     loaded = _modules_after(
-        "import controlplane.server, controlplane.cli, controlplane.api.operator_servicer\n"
-        "import agent.daemon, agent.main"
+        "import edgefleet.controlplane.server, edgefleet.controlplane.cli\n"
+        "import edgefleet.controlplane.api.operator_servicer\n"
+        "import edgefleet.agent.daemon, edgefleet.agent.main"
     )
-    assert "controlplane.server" in loaded and "agent.daemon" in loaded
-    assert not [m for m in loaded if m.split(".")[0] in ("textual", "textual_plotext", "tui")]
+    assert "edgefleet.controlplane.server" in loaded and "edgefleet.agent.daemon" in loaded
+    assert not [
+        m
+        for m in loaded
+        if m.split(".")[0] in ("textual", "textual_plotext") or m.startswith("edgefleet.tui")
+    ]
 
 
 def test_tui_never_imports_the_database_or_services() -> None:
     loaded = _modules_after(
-        "import tui.app, tui.client, controlplane.cli.tui\n"
-        "from tui.app import make_app\nfrom tui.client import FleetClient\n"
+        "import edgefleet.tui.app, edgefleet.tui.client, edgefleet.controlplane.cli.tui\n"
+        "from edgefleet.tui.app import make_app\nfrom edgefleet.tui.client import FleetClient\n"
         "make_app(FleetClient('127.0.0.1:1', 'token'))"
     )
     assert "textual" in loaded
-    forbidden = ("controlplane.db", "controlplane.services", "controlplane.api",
-                 "controlplane.server", "sqlalchemy", "alembic")  # fmt: skip
+    forbidden = tuple(f"edgefleet.controlplane.{p}" for p in ("db", "services", "api", "server"))
+    forbidden += ("sqlalchemy", "alembic")
     assert not [m for m in loaded if m.startswith(forbidden)]
 
 
 def test_headless_client_does_not_import_textual() -> None:
-    loaded = _modules_after("import tui.client, tui.data, tui.summary")
-    assert "tui.client" in loaded
+    loaded = _modules_after(
+        "import edgefleet.tui.client, edgefleet.tui.data, edgefleet.tui.summary"
+    )
+    assert "edgefleet.tui.client" in loaded
     assert not [m for m in loaded if m.split(".")[0] in ("textual", "textual_plotext")]

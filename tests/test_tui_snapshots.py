@@ -11,8 +11,8 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
+from edgefleet.tui.app import EdgeFleetApp, make_app
 from tests.tui_fake import NOW, FakeFleet
-from tui.app import EdgeFleetApp, make_app
 
 SIZE = (80, 24)
 

@@ -17,23 +17,23 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static
 
-from controlplane.client import bearer_metadata
-from controlplane.config import ServerConfig
-from controlplane.server import ControlPlane, create_server
-from demo.models import BuiltModel, build_digits_classifier
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.server import ControlPlane, create_server
+from edgefleet.demo.models import BuiltModel, build_digits_classifier
+from edgefleet.sim import Fleet, parse_profile
+from edgefleet.tui.app import EdgeFleetApp, make_app
+from edgefleet.tui.client import FleetClient
+from edgefleet.tui.screens.devices import DevicesScreen
+from edgefleet.tui.screens.models import ModelsScreen
+from edgefleet.tui.screens.monitor import MonitorScreen
+from edgefleet.tui.screens.wizard import WizardScreen
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
-from fleetsim import Fleet, parse_profile
 from tests.harness import ADMIN_TOKEN
 from tests.test_api import _parts, _push_requests
 from tests.test_builds_service import finish_builds_by_hand
-from tui.app import EdgeFleetApp, make_app
-from tui.client import FleetClient
-from tui.screens.devices import DevicesScreen
-from tui.screens.models import ModelsScreen
-from tui.screens.monitor import MonitorScreen
-from tui.screens.wizard import WizardScreen
 
 pytestmark = pytest.mark.timeout(120)
 ADMIN = bearer_metadata(ADMIN_TOKEN)

@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from controlplane.db.uow import UnitOfWork
-from controlplane.errors import Unavailable
+from edgefleet.controlplane.db.uow import UnitOfWork
+from edgefleet.controlplane.errors import Unavailable
 
 
 class DeadConnection:

@@ -16,19 +16,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import StateError
-from agent.identity import save_trusted_keys, signing_key_id
-from agent.update.download import ResumableDownload, artifact_path, part_path
-from agent.update.machine import RESTARTED_IN_ACTIVATION, UpdateInProgress, UpdateMachine
-from agent.update.ports import (
+from edgefleet.agent.errors import StateError
+from edgefleet.agent.identity import save_trusted_keys, signing_key_id
+from edgefleet.agent.update.download import ResumableDownload, artifact_path, part_path
+from edgefleet.agent.update.machine import RESTARTED_IN_ACTIVATION, UpdateInProgress, UpdateMachine
+from edgefleet.agent.update.ports import (
     Chunk,
     FatalUpdateError,
     Ports,
     RetryableUpdateError,
 )
-from agent.update.states import TRANSITIONS, EventKind, State
-from agent.update.store import Assignment, UpdateRecord, UpdateStore
-from agent.update.verify import OTHER_CLASS, ManifestVerifier
+from edgefleet.agent.update.states import TRANSITIONS, EventKind, State
+from edgefleet.agent.update.store import Assignment, UpdateRecord, UpdateStore
+from edgefleet.agent.update.verify import OTHER_CLASS, ManifestVerifier
 from edgefleet.v1 import common_pb2
 
 CLASS = "jetson-orin"

@@ -18,15 +18,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.runtimes.measure import agreement, measure_in_child
-from agent.runtimes.tensorrt import tensorrt_version
-from agent.serving import encode_tensor
-from agent.update.machine import UpdateMachine
-from agent.update.ports import FatalUpdateError, Ports
-from agent.update.states import State
-from agent.update.store import Assignment, UpdateStore
-from agent.update.validate import ManifestValidator, ValidationResult, numeric_release
-from agent.update.verify import ManifestVerifier
+from edgefleet.agent.runtimes.measure import agreement, measure_in_child
+from edgefleet.agent.runtimes.tensorrt import tensorrt_version
+from edgefleet.agent.serving import encode_tensor
+from edgefleet.agent.update.machine import UpdateMachine
+from edgefleet.agent.update.ports import FatalUpdateError, Ports
+from edgefleet.agent.update.states import State
+from edgefleet.agent.update.store import Assignment, UpdateStore
+from edgefleet.agent.update.validate import ManifestValidator, ValidationResult, numeric_release
+from edgefleet.agent.update.verify import ManifestVerifier
 from edgefleet.v1 import common_pb2
 from tests.test_update_machine import (
     CLASS,
@@ -448,10 +448,10 @@ def test_the_machine_rolls_back_an_artifact_that_fails_validation(
 
 @pytest.fixture(scope="module")
 def tflite_scorer(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from controlplane.build.samples import Samples
-    from controlplane.build.tflite_ladder import build_candidates
-    from controlplane.build.toolchain import default_toolchains_dir, find_tflite
-    from controlplane.build.types import BuildTarget
+    from edgefleet.controlplane.build.samples import Samples
+    from edgefleet.controlplane.build.tflite_ladder import build_candidates
+    from edgefleet.controlplane.build.toolchain import default_toolchains_dir, find_tflite
+    from edgefleet.controlplane.build.types import BuildTarget
 
     toolchain = find_tflite(default_toolchains_dir())
     if toolchain is None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.build.types import BuildTarget, Candidate, Measurement
-from controlplane.build.verdict import MIB, evaluate
+from edgefleet.controlplane.build.types import BuildTarget, Candidate, Measurement
+from edgefleet.controlplane.build.verdict import MIB, evaluate
 
 FP32_P95 = 10.0
 

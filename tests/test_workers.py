@@ -24,11 +24,11 @@ import psutil
 import pytest
 from sqlalchemy import text
 
-from controlplane.client import bearer_metadata
-from controlplane.config import ServerConfig
-from controlplane.db.engine import make_engine, sqlite_url
-from controlplane.db.uow import Database
-from controlplane.server import WorkerSlot, create_server
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.db.engine import make_engine, sqlite_url
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.server import WorkerSlot, create_server
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
 from edgefleet.v1 import operator_pb2 as o

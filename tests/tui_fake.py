@@ -10,8 +10,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tui import data as d
-from tui.client import InputError, ServerError, rollout_spec
+from edgefleet.tui import data as d
+from edgefleet.tui.client import InputError, ServerError, rollout_spec
 
 NOW = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
 
@@ -181,8 +181,9 @@ class FakeFleet:
 
     async def pin_device(self, device_id: str, class_name: str) -> d.Device:
         self.calls.append(("pin", class_name))
-        return self._change(device_id, lambda x: replace(x, class_name=class_name,
-                                                         class_pinned=bool(class_name)))
+        return self._change(
+            device_id, lambda x: replace(x, class_name=class_name, class_pinned=bool(class_name))
+        )
 
     async def device_history(self, device_id: str) -> list[d.DeploymentEvent]:
         return [

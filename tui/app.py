@@ -14,17 +14,17 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.signal import Signal
 
-from tui.client import ClientError, FleetApi
-from tui.data import FleetEvent
-from tui.screens.audit import AuditScreen
-from tui.screens.base import NAV
-from tui.screens.classes import ClassesScreen
-from tui.screens.devices import DevicesScreen
-from tui.screens.help import HelpScreen
-from tui.screens.models import ModelsScreen
-from tui.screens.overview import OverviewScreen
-from tui.screens.rollouts import RolloutsScreen
-from tui.screens.telemetry import TelemetryScreen
+from edgefleet.tui.client import ClientError, FleetApi
+from edgefleet.tui.data import FleetEvent
+from edgefleet.tui.screens.audit import AuditScreen
+from edgefleet.tui.screens.base import NAV
+from edgefleet.tui.screens.classes import ClassesScreen
+from edgefleet.tui.screens.devices import DevicesScreen
+from edgefleet.tui.screens.help import HelpScreen
+from edgefleet.tui.screens.models import ModelsScreen
+from edgefleet.tui.screens.overview import OverviewScreen
+from edgefleet.tui.screens.rollouts import RolloutsScreen
+from edgefleet.tui.screens.telemetry import TelemetryScreen
 
 Clock = Callable[[], datetime]
 # Reconnect backoff of the watch stream (seconds): first, and most.
@@ -107,13 +107,13 @@ class EdgeFleetApp(App[None]):
         yield SystemCommand("Help", "Every key, by screen", self.action_help)
 
     def _new_rollout(self) -> None:
-        from tui.screens.wizard import WizardScreen
+        from edgefleet.tui.screens.wizard import WizardScreen
 
         self.switch_mode("rollouts")
         self.push_screen(WizardScreen())
 
     def _push(self) -> None:
-        from tui.screens.push import PushScreen
+        from edgefleet.tui.screens.push import PushScreen
 
         self.switch_mode("models")
         self.push_screen(PushScreen())

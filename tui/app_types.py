@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, cast
 from textual.dom import DOMNode
 
 if TYPE_CHECKING:
-    from tui.client import FleetApi
+    from edgefleet.tui.client import FleetApi
 
 
 def fleet_client(node: DOMNode) -> FleetApi:
-    from tui.app import EdgeFleetApp
+    from edgefleet.tui.app import EdgeFleetApp
 
     return cast(EdgeFleetApp, node.app).client

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.cli.convert import (
+from edgefleet.controlplane.cli.convert import (
     constraint_profile,
     enum_value,
     format_rule,
@@ -28,19 +28,24 @@ from controlplane.cli.convert import (
     parse_match,
     parse_model_ref,
 )
-from controlplane.cli.push import describe_part, push_requests
-from controlplane.cli.render import format_cohort, format_pacing, format_shape, format_stage
-from controlplane.cli.rollouts import parse_ramp, parse_stage
-from controlplane.client import (
+from edgefleet.controlplane.cli.push import describe_part, push_requests
+from edgefleet.controlplane.cli.render import (
+    format_cohort,
+    format_pacing,
+    format_shape,
+    format_stage,
+)
+from edgefleet.controlplane.cli.rollouts import parse_ramp, parse_stage
+from edgefleet.controlplane.client import (
     bearer_metadata,
     list_devices_async,
     operator_aio_channel,
     operator_channel,
 )
+from edgefleet.tui import data as d
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc
-from tui import data as d
 
 T = TypeVar("T")
 

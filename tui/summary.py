@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from controlplane.cli.convert import format_ago
-from tui.data import Device, Gate, Rollout
+from edgefleet.controlplane.cli.convert import format_ago
+from edgefleet.tui.data import Device, Gate, Rollout
 
 NONE = "-"
 # An accepted device not heard from for this long is "silent" (an alert).

@@ -9,9 +9,9 @@ import asyncio
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
-from tui.app import EdgeFleetApp, make_app
-from tui.client import FleetApi
-from tui.screens.base import NAV
+from edgefleet.tui.app import EdgeFleetApp, make_app
+from edgefleet.tui.client import FleetApi
+from edgefleet.tui.screens.base import NAV
 
 # Seconds a screen may take to show its data before the tour moves on.
 SCREEN_TIMEOUT_S = 20.0

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from textual_plotext import PlotextPlot
 
-from tui.data import Series
+from edgefleet.tui.data import Series
 
 
 class SeriesPlot(PlotextPlot):

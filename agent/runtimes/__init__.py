@@ -60,17 +60,17 @@ def open_runner(
     `providers` are ONNX Runtime's execution providers (None: CPU only;
     ["auto"]: the accelerated ones installed, then CPU)."""
     if runtime == ONNXRUNTIME:
-        from agent.runtimes.onnxruntime import OnnxRuntimeRunner
+        from edgefleet.agent.runtimes.onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(path, threads=threads, providers=providers)
     if runtime == TFLITE:
-        from agent.runtimes.litert import LiteRtRunner
+        from edgefleet.agent.runtimes.litert import LiteRtRunner
 
         return LiteRtRunner(
             path, threads=threads, onnx_inputs=onnx_inputs, onnx_outputs=onnx_outputs
         )
     if runtime == TENSORRT:
-        from agent.runtimes.tensorrt import TensorRtRunner
+        from edgefleet.agent.runtimes.tensorrt import TensorRtRunner
 
         return TensorRtRunner(path, threads=threads)
     raise RuntimeUnavailable(f"unknown runtime {runtime!r}")

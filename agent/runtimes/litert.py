@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtimes import RuntimeUnavailable, TensorInfo
+from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo
 
 # Preferred first: LiteRT is tflite-runtime's successor.
 _INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")

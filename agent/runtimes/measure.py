@@ -7,7 +7,7 @@ check mean the same thing. The child process keeps a runtime that crashes,
 hangs or leaks away from the caller, and a model's memory unmixed with the
 caller's or another model's.
 
-Parent half: `measure_in_child`. Child half: `python -m agent.runtimes.measure
+Parent half: `measure_in_child`. Child half: `python -m edgefleet.agent.runtimes.measure
 DIR`, which imports nothing of the control plane: only numpy, psutil and the
 runtime adapters.
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.runtimes import RuntimeUnavailable, TensorInfo, open_runner
+from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo, open_runner
 
 if TYPE_CHECKING:
     # The agent imports this module at boot (through agent.update.validate);
@@ -66,9 +66,9 @@ ERROR = "error"  # anything else inside the child
 # baseline is taken, so the runtime library's own code is not counted as the
 # model's memory (every model on the device pays it once, model or not).
 _RUNNER_MODULES = {
-    "onnxruntime": "agent.runtimes.onnxruntime",
-    "tflite": "agent.runtimes.litert",
-    "tensorrt": "agent.runtimes.tensorrt",
+    "onnxruntime": "edgefleet.agent.runtimes.onnxruntime",
+    "tflite": "edgefleet.agent.runtimes.litert",
+    "tensorrt": "edgefleet.agent.runtimes.tensorrt",
 }
 # The child must not inherit a parent's thread-count overrides for BLAS or
 # OpenMP: the runtime's own thread setting is what is measured.
@@ -182,7 +182,10 @@ def measure_in_child(
 def _run_child(directory: Path, timeout_s: float, command: Sequence[str] | None) -> dict[str, Any]:
     """Run the child on `directory`; its result, or MeasureFailed."""
     env = {k: v for k, v in os.environ.items() if k not in _THREAD_ENV}
-    argv = [*(command or (sys.executable, "-m", "agent.runtimes.measure")), str(directory)]
+    argv = [
+        *(command or (sys.executable, "-m", "edgefleet.agent.runtimes.measure")),
+        str(directory),
+    ]
     try:
         proc = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout_s, env=env, check=False

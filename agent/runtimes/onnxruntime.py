@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from agent.runtimes import RuntimeUnavailable, TensorInfo
+from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo
 
 CPU = "CPUExecutionProvider"
 AUTO = "auto"

@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.identity import atomic_write
-from agent.runtimes import RuntimeUnavailable, TensorInfo
+from edgefleet.agent.identity import atomic_write
+from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo
 
 log = logging.getLogger(__name__)
 

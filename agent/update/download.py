@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.disk import disk_full_label
+from edgefleet.agent.disk import disk_full_label
 
 from .ports import Downloader, FatalUpdateError, RetryableUpdateError
 

@@ -57,8 +57,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.disk import RETRY_MAX_S, DiskCondition, disk_full_label
-from agent.errors import AgentError, DiskFull, StateError
+from edgefleet.agent.disk import RETRY_MAX_S, DiskCondition, disk_full_label
+from edgefleet.agent.errors import AgentError, DiskFull, StateError
 
 from .download import DEFAULT_MARGIN, Hasher, ResumableDownload, artifact_path, remove_download
 from .ports import Ports, UpdateError
@@ -353,9 +353,7 @@ class UpdateMachine:
             signature=assignment.manifest_signature,
             **({} if verified is None else {"trusted_keys": verified.keys}),
         )
-        check_names_assigned(
-            assignment.manifest, assignment.model_name, assignment.model_version
-        )
+        check_names_assigned(assignment.manifest, assignment.model_name, assignment.model_version)
         if trust is not None and verified is not None:
             trust.accept(verified)
         return Event.success()

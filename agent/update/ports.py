@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from agent.errors import AgentError
+from edgefleet.agent.errors import AgentError
 
 from .states import State
 

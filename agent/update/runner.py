@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from agent.errors import StateError
+from edgefleet.agent.errors import StateError
 
 from .machine import UpdateMachine
 from .states import State

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.disk import write_error
-from agent.errors import StateError
-from agent.identity import atomic_write
+from edgefleet.agent.disk import write_error
+from edgefleet.agent.errors import StateError
+from edgefleet.agent.identity import atomic_write
 
 from .states import State
 

@@ -40,9 +40,9 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from agent.disk import write_error
-from agent.errors import StateError
-from agent.identity import atomic_write, load_identity, load_trusted_keys, signing_key_id
+from edgefleet.agent.disk import write_error
+from edgefleet.agent.errors import StateError
+from edgefleet.agent.identity import atomic_write, load_identity, load_trusted_keys, signing_key_id
 from edgefleet.v1 import common_pb2
 
 from .ports import FatalUpdateError

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
-from agent.hardware import detect_runtime
-from agent.runtimes import TENSORRT, TFLITE
-from agent.runtimes.measure import (
+from edgefleet.agent.hardware import detect_runtime
+from edgefleet.agent.runtimes import TENSORRT, TFLITE
+from edgefleet.agent.runtimes.measure import (
     CRASHED,
     LOAD,
     RUN,
@@ -45,7 +45,7 @@ from agent.runtimes.measure import (
     agreement,
     measure_in_child,
 )
-from agent.serving import InvalidInput, decode_tensor
+from edgefleet.agent.serving import InvalidInput, decode_tensor
 from edgefleet.v1 import common_pb2
 
 from .activation import RUNTIME_NAMES, model_spec
@@ -140,7 +140,7 @@ class ManifestValidator:
     ) -> None:
         """`fingerprint`: this device's runtimes (detected when needed if
         None). `command`: the child's command line instead of
-        `python -m agent.runtimes.measure` (the work directory is appended)."""
+        `python -m edgefleet.agent.runtimes.measure` (the work directory is appended)."""
         self.runs = runs
         self.time_cap_s = time_cap_s
         self.warmup = warmup

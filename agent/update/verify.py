@@ -16,7 +16,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from agent.identity import load_trusted_keys
+from edgefleet.agent.identity import load_trusted_keys
 from edgefleet.v1 import common_pb2
 
 from .ports import FatalUpdateError

@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.db.models import (
+from edgefleet.controlplane.db.models import (
     ArtifactRow,
     AuditRow,
     DeploymentEventRow,
@@ -18,19 +18,19 @@ from controlplane.db.models import (
     ModelVersionRow,
     SigningKeyRow,
 )
-from controlplane.domain import rules
-from controlplane.domain.rollout_spec import PacingSpec, RolloutSpec, StageSpec
-from controlplane.domain.rollouts import Gates
-from controlplane.errors import InvalidArgument
-from controlplane.services.builds import BuildView
-from controlplane.services.classes import ClassView, Constraints
-from controlplane.services.deployments import AssignmentView
-from controlplane.services.devices import DeviceView
-from controlplane.services.operator_tokens import OperatorTokenView
-from controlplane.services.registry import ModelSummary
-from controlplane.services.rollouts import Plan, RolloutView
-from controlplane.services.telemetry import Sample, Series
-from controlplane.wire import rule_to_pb
+from edgefleet.controlplane.domain import rules
+from edgefleet.controlplane.domain.rollout_spec import PacingSpec, RolloutSpec, StageSpec
+from edgefleet.controlplane.domain.rollouts import Gates
+from edgefleet.controlplane.errors import InvalidArgument
+from edgefleet.controlplane.services.builds import BuildView
+from edgefleet.controlplane.services.classes import ClassView, Constraints
+from edgefleet.controlplane.services.deployments import AssignmentView
+from edgefleet.controlplane.services.devices import DeviceView
+from edgefleet.controlplane.services.operator_tokens import OperatorTokenView
+from edgefleet.controlplane.services.registry import ModelSummary
+from edgefleet.controlplane.services.rollouts import Plan, RolloutView
+from edgefleet.controlplane.services.telemetry import Sample, Series
+from edgefleet.controlplane.wire import rule_to_pb
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o

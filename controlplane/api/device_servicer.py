@@ -9,9 +9,9 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.api import convert, limits
-from controlplane.api.rpc import Handlers, rpc
-from controlplane.errors import (
+from edgefleet.controlplane.api import convert, limits
+from edgefleet.controlplane.api.rpc import Handlers, rpc
+from edgefleet.controlplane.errors import (
     DomainError,
     FailedPrecondition,
     InvalidArgument,
@@ -21,25 +21,25 @@ from controlplane.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from controlplane.services import keys
-from controlplane.services.artifacts import ArtifactService
-from controlplane.services.auth import DevicePrincipal
-from controlplane.services.batching import Batcher, Coalescer
-from controlplane.services.certificates import CertificateService, DeviceCertificate
-from controlplane.services.deployments import AssignmentView, DeploymentService, Desired
-from controlplane.services.devices import (
+from edgefleet.controlplane.services import keys
+from edgefleet.controlplane.services.artifacts import ArtifactService
+from edgefleet.controlplane.services.auth import DevicePrincipal
+from edgefleet.controlplane.services.batching import Batcher, Coalescer
+from edgefleet.controlplane.services.certificates import CertificateService, DeviceCertificate
+from edgefleet.controlplane.services.deployments import AssignmentView, DeploymentService, Desired
+from edgefleet.controlplane.services.devices import (
     ACCEPTED,
     DECOMMISSIONED,
     REJECTED,
     DesiredView,
     DeviceService,
 )
-from controlplane.services.enrollment import EnrollmentService, ReenrollmentProof
-from controlplane.services.events import Pulse
-from controlplane.services.hub import DeviceSession, SyncHub
-from controlplane.services.ratelimit import StatusRateLimit, TelemetryRateLimit
-from controlplane.services.status_buffer import StatusBuffer
-from controlplane.services.telemetry import TelemetryService, Upload
+from edgefleet.controlplane.services.enrollment import EnrollmentService, ReenrollmentProof
+from edgefleet.controlplane.services.events import Pulse
+from edgefleet.controlplane.services.hub import DeviceSession, SyncHub
+from edgefleet.controlplane.services.ratelimit import StatusRateLimit, TelemetryRateLimit
+from edgefleet.controlplane.services.status_buffer import StatusBuffer
+from edgefleet.controlplane.services.telemetry import TelemetryService, Upload
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 # 1 MiB by default: 256 KiB chunks cost 20-40 % more CPU per GiB on both ends
@@ -330,9 +330,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                 if view.credential_epoch != epoch:
                     if view.device_state in (REJECTED, DECOMMISSIONED):
                         # Its credential died with the operator's decision.
-                        raise PermissionDenied(
-                            f"device {device.device_id} is {view.device_state}"
-                        )
+                        raise PermissionDenied(f"device {device.device_id} is {view.device_state}")
                     # The device enrolled again since this stream opened: the
                     # credential it was opened with is dead, and whoever holds
                     # it gets nothing more.

@@ -60,8 +60,8 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from controlplane.domain.pki import MAX_CSR_BYTES
-from controlplane.errors import DomainError, InvalidArgument, ResourceExhausted
+from edgefleet.controlplane.domain.pki import MAX_CSR_BYTES
+from edgefleet.controlplane.errors import DomainError, InvalidArgument, ResourceExhausted
 
 # Imported for their descriptors: the table names fields of these messages.
 from edgefleet.v1 import common_pb2, device_pb2, operator_pb2  # noqa: F401

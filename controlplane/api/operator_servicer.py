@@ -7,24 +7,24 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from controlplane.api import convert, limits, paging
-from controlplane.api.rpc import Handlers, P, rpc
-from controlplane.domain.roles import ADMIN, VIEWER
-from controlplane.errors import InvalidArgument, NotFound
-from controlplane.services import audit, keys
-from controlplane.services.artifacts import ArtifactService
-from controlplane.services.auth import OperatorPrincipal
-from controlplane.services.builds import BuildService
-from controlplane.services.classes import ClassService, ClassSpec, ClassUpdate
-from controlplane.services.deployments import DeploymentService
-from controlplane.services.devices import DeviceService
-from controlplane.services.enrollment import EnrollmentService
-from controlplane.services.events import EventBus, FleetEvent
-from controlplane.services.operator_tokens import OperatorTokenService
-from controlplane.services.registry import PartDecl, PushHeader, RegistryService
-from controlplane.services.rollouts import RolloutService, RolloutView
-from controlplane.services.telemetry import TelemetryService
-from controlplane.wire import rule_from_pb
+from edgefleet.controlplane.api import convert, limits, paging
+from edgefleet.controlplane.api.rpc import Handlers, P, rpc
+from edgefleet.controlplane.domain.roles import ADMIN, VIEWER
+from edgefleet.controlplane.errors import InvalidArgument, NotFound
+from edgefleet.controlplane.services import audit, keys
+from edgefleet.controlplane.services.artifacts import ArtifactService
+from edgefleet.controlplane.services.auth import OperatorPrincipal
+from edgefleet.controlplane.services.builds import BuildService
+from edgefleet.controlplane.services.classes import ClassService, ClassSpec, ClassUpdate
+from edgefleet.controlplane.services.deployments import DeploymentService
+from edgefleet.controlplane.services.devices import DeviceService
+from edgefleet.controlplane.services.enrollment import EnrollmentService
+from edgefleet.controlplane.services.events import EventBus, FleetEvent
+from edgefleet.controlplane.services.operator_tokens import OperatorTokenService
+from edgefleet.controlplane.services.registry import PartDecl, PushHeader, RegistryService
+from edgefleet.controlplane.services.rollouts import RolloutService, RolloutView
+from edgefleet.controlplane.services.telemetry import TelemetryService
+from edgefleet.controlplane.wire import rule_from_pb
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 Op = OperatorPrincipal
@@ -537,17 +537,13 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def PauseRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
-        return await self._rollout_pb(
-            self._rollouts.pause, who.actor, request.id, request.reason
-        )
+        return await self._rollout_pb(self._rollouts.pause, who.actor, request.id, request.reason)
 
     @rpc("operator")
     async def ResumeRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
-        return await self._rollout_pb(
-            self._rollouts.resume, who.actor, request.id, request.reason
-        )
+        return await self._rollout_pb(self._rollouts.resume, who.actor, request.id, request.reason)
 
     @rpc("operator")
     async def ApproveRolloutStage(

@@ -22,8 +22,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from controlplane.api import limits
-from controlplane.errors import InvalidArgument, ResourceExhausted
+from edgefleet.controlplane.api import limits
+from edgefleet.controlplane.errors import InvalidArgument, ResourceExhausted
 from edgefleet.v1 import operator_pb2 as o
 
 DEFAULT_PAGE_SIZE = 500

@@ -18,10 +18,10 @@ import grpc
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from controlplane.api import limits, paging
-from controlplane.db.uow import Database
-from controlplane.domain import pki, roles
-from controlplane.errors import (
+from edgefleet.controlplane.api import limits, paging
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import pki, roles
+from edgefleet.controlplane.errors import (
     AlreadyExists,
     DomainError,
     FailedPrecondition,
@@ -33,7 +33,7 @@ from controlplane.errors import (
     Unauthenticated,
     Unavailable,
 )
-from controlplane.services import auth
+from edgefleet.controlplane.services import auth
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ class Handlers:
             device = await self.run(auth.authenticate_device, self.db, authorization)
         else:
             hit = credentials.cached(authorization)
-            device = hit if hit is not None else await self.run(
-                credentials.authenticate, authorization
+            device = (
+                hit if hit is not None else await self.run(credentials.authenticate, authorization)
             )
         if self._peer_certificates is not None:
             self._peer_certificates.check(device, context)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes import TensorInfo
-from agent.runtimes.measure import (
+from edgefleet.agent.runtimes import TensorInfo
+from edgefleet.agent.runtimes.measure import (
     SCALAR_AGREEMENT_RTOL,
     MeasureFailed,
     agreement,
@@ -21,9 +21,9 @@ from agent.runtimes.measure import (
     measure_in_child,
     predictions,
 )
-from controlplane.build.samples import Samples
-from controlplane.build.types import Candidate, Measurement
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.build.samples import Samples
+from edgefleet.controlplane.build.types import Candidate, Measurement
+from edgefleet.controlplane.errors import InvalidArgument
 
 DEFAULT_RUNS = 200
 CHILD_TIMEOUT_S = 900.0
@@ -44,7 +44,7 @@ def reference_outputs(
     least one) are run: the arrays are then shorter than `samples`, and the
     caller uses that many. Raises InvalidArgument when an output's shape
     varies between samples."""
-    from agent.runtimes.onnxruntime import OnnxRuntimeRunner
+    from edgefleet.agent.runtimes.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(model, threads=threads)
     count = len(samples)
@@ -76,7 +76,7 @@ def measurement_runtime(runtime: str) -> tuple[str, bool]:
     build host) onnxruntime runs them, which checks the quantized graph's
     fidelity but says nothing about GPU latency or memory."""
     if runtime == "tensorrt":
-        from agent.runtimes.tensorrt import tensorrt_version
+        from edgefleet.agent.runtimes.tensorrt import tensorrt_version
 
         if tensorrt_version() is None:
             return "onnxruntime", True

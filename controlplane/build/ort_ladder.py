@@ -33,10 +33,10 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from controlplane.build.samples import Samples
-from controlplane.build.types import BuildTarget, Candidate
-from controlplane.domain.onnx_inspect import TensorInfo, inspect_model
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.build.samples import Samples
+from edgefleet.controlplane.build.types import BuildTarget, Candidate
+from edgefleet.controlplane.domain.onnx_inspect import TensorInfo, inspect_model
+from edgefleet.controlplane.errors import InvalidArgument
 
 RUNTIME = "onnxruntime"
 FP32_OPT, FP16 = "fp32-opt", "fp16"

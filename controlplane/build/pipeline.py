@@ -15,18 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes import TensorInfo as RuntimeTensorInfo
-from controlplane.build.measure import (
+from edgefleet.agent.runtimes import TensorInfo as RuntimeTensorInfo
+from edgefleet.controlplane.build.measure import (
     DEFAULT_RUNS,
     accuracy,
     measure_with_outputs,
     reference_outputs,
 )
-from controlplane.build.samples import MAX_BUILD_OUTPUT_BYTES, MiB, Samples, load_samples
-from controlplane.build.types import BuildOutcome, BuildTarget, Candidate, Measurement
-from controlplane.build.verdict import PRECISIONS, evaluate, retention
-from controlplane.domain.onnx_inspect import ModelInfo, TensorInfo, inspect_model
-from controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
+from edgefleet.controlplane.build.samples import MAX_BUILD_OUTPUT_BYTES, MiB, Samples, load_samples
+from edgefleet.controlplane.build.types import BuildOutcome, BuildTarget, Candidate, Measurement
+from edgefleet.controlplane.build.verdict import PRECISIONS, evaluate, retention
+from edgefleet.controlplane.domain.onnx_inspect import ModelInfo, TensorInfo, inspect_model
+from edgefleet.controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
 
 Progress = Callable[[float, str], None]
 Ladder = Callable[[Path, Samples, Path, BuildTarget, Callable[[str], None]], list[Candidate]]
@@ -35,9 +35,9 @@ Ladder = Callable[[Path, Samples, Path, BuildTarget, Callable[[str], None]], lis
 # controlplane.build.ort_ladder.build_candidates), imported only when a
 # build needs it: the TFLite and TensorRT toolchains are heavy and optional.
 LADDERS = {
-    "onnxruntime": "controlplane.build.ort_ladder",
-    "tflite": "controlplane.build.tflite_ladder",
-    "tensorrt": "controlplane.build.tensorrt_ladder",
+    "onnxruntime": "edgefleet.controlplane.build.ort_ladder",
+    "tflite": "edgefleet.controlplane.build.tflite_ladder",
+    "tensorrt": "edgefleet.controlplane.build.tensorrt_ladder",
 }
 
 # Golden samples travel inside the signed manifest, so they are few and small.

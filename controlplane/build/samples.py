@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from controlplane.domain import sample_archive
-from controlplane.domain.onnx_inspect import TensorInfo
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.domain import sample_archive
+from edgefleet.controlplane.domain.onnx_inspect import TensorInfo
+from edgefleet.controlplane.errors import InvalidArgument
 
 GENERATED_SAMPLES = 32
 # A dynamic dimension other than the batch gets this size in generated inputs.

@@ -32,11 +32,11 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantType
 
-from agent.runtimes import TENSORRT
-from controlplane.build.ort_ladder import convert_fp16, quantize_static_qdq
-from controlplane.build.samples import Samples
-from controlplane.build.types import BuildTarget, Candidate
-from controlplane.domain.onnx_inspect import TensorInfo, inspect_model
+from edgefleet.agent.runtimes import TENSORRT
+from edgefleet.controlplane.build.ort_ladder import convert_fp16, quantize_static_qdq
+from edgefleet.controlplane.build.samples import Samples
+from edgefleet.controlplane.build.types import BuildTarget, Candidate
+from edgefleet.controlplane.domain.onnx_inspect import TensorInfo, inspect_model
 
 # The engine's build profile for a dynamic batch axis. Devices serve one
 # request at a time, so TensorRT tunes for batch 1; up to 8 leaves room for
@@ -242,8 +242,8 @@ def prebuild_engines(
     before shipping that TensorRT parses and builds the ONNX with its spec,
     and gives an engine for devices with exactly this GPU and TensorRT.
     Returns engine paths by candidate name; empty when the host cannot."""
-    from agent.runtimes import RuntimeUnavailable
-    from agent.runtimes.tensorrt import (
+    from edgefleet.agent.runtimes import RuntimeUnavailable
+    from edgefleet.agent.runtimes.tensorrt import (
         CudaError,
         EngineBuildError,
         EngineCache,

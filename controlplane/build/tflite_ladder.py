@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from controlplane.build.c_array import to_c_array
-from controlplane.build.samples import Samples
-from controlplane.build.toolchain import (
+from edgefleet.controlplane.build.c_array import to_c_array
+from edgefleet.controlplane.build.samples import Samples
+from edgefleet.controlplane.build.toolchain import (
     DEFAULT_CONVERT_TIMEOUT_S,
     ConversionFailed,
     ConvertInput,
     require_tflite,
     run_onnx2tf,
 )
-from controlplane.build.types import BuildTarget, Candidate
-from controlplane.domain.onnx_inspect import TensorInfo, inspect_model
+from edgefleet.controlplane.build.types import BuildTarget, Candidate
+from edgefleet.controlplane.domain.onnx_inspect import TensorInfo, inspect_model
 
 RUNTIME = "tflite"
 MEDIA_TYPE = "application/vnd.tflite"

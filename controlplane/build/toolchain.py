@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from controlplane.errors import DomainError, FailedPrecondition
+from edgefleet.controlplane.errors import DomainError, FailedPrecondition
 
 TOOLCHAINS_ENV = "EDGEFLEET_TOOLCHAINS_DIR"
 TFLITE = "tflite"

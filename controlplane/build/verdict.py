@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from controlplane.build.types import BuildTarget, Candidate, Evaluated, Measurement
+from edgefleet.controlplane.build.types import BuildTarget, Candidate, Evaluated, Measurement
 
 MIB = 1024 * 1024
 # Latency differences under 5% are within run-to-run noise on a build host:

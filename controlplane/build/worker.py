@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from controlplane.build.types import BuildTarget, Evaluated
+from edgefleet.controlplane.build.types import BuildTarget, Evaluated
 
 PROGRESS_FILE = "progress.json"
 # How often a worker checks that the control plane that started it still runs.
@@ -88,7 +88,7 @@ def run_job(
     toolchains_dir: str | None = None,
 ) -> dict[str, Any]:
     """Build, measure and judge every candidate for one class."""
-    from controlplane.build.pipeline import run_build
+    from edgefleet.controlplane.build.pipeline import run_build
 
     if toolchains_dir:
         # This is a worker process of its own: the ladders read it from here.

@@ -14,22 +14,22 @@ from typing import Any
 
 import click
 
-from controlplane.cli.artifacts import artifacts
-from controlplane.cli.base import CliError, Env, F, RootGroup, parsed
-from controlplane.cli.builds import builds
-from controlplane.cli.classes import classes
-from controlplane.cli.convert import parse_duration
-from controlplane.cli.devices import devices
-from controlplane.cli.models import models
-from controlplane.cli.rollouts import rollouts
-from controlplane.cli.signing_keys import signing_keys
-from controlplane.cli.simulate import simulate
-from controlplane.cli.telemetry import telemetry
-from controlplane.cli.tokens import operator_tokens, tokens
-from controlplane.cli.toolchain import toolchain
-from controlplane.cli.tui import tui
-from controlplane.client import DEFAULT_SERVER
-from controlplane.config import ServerConfig
+from edgefleet.controlplane.cli.artifacts import artifacts
+from edgefleet.controlplane.cli.base import CliError, Env, F, RootGroup, parsed
+from edgefleet.controlplane.cli.builds import builds
+from edgefleet.controlplane.cli.classes import classes
+from edgefleet.controlplane.cli.convert import parse_duration
+from edgefleet.controlplane.cli.devices import devices
+from edgefleet.controlplane.cli.models import models
+from edgefleet.controlplane.cli.rollouts import rollouts
+from edgefleet.controlplane.cli.signing_keys import signing_keys
+from edgefleet.controlplane.cli.simulate import simulate
+from edgefleet.controlplane.cli.telemetry import telemetry
+from edgefleet.controlplane.cli.tokens import operator_tokens, tokens
+from edgefleet.controlplane.cli.toolchain import toolchain
+from edgefleet.controlplane.cli.tui import tui
+from edgefleet.controlplane.client import DEFAULT_SERVER
+from edgefleet.controlplane.config import ServerConfig
 
 
 def _config_default(name: str) -> Any:
@@ -220,7 +220,7 @@ def server(
     device_cert_lifetime: timedelta,
 ) -> None:
     """Run the control plane until SIGTERM or Ctrl-C."""
-    from controlplane.server import run
+    from edgefleet.controlplane.server import run
 
     if telemetry_retention < timedelta(hours=1):
         raise click.BadParameter("must be at least 1h", param_hint="--telemetry-retention")
@@ -265,7 +265,7 @@ def db_upgrade(data_dir: Path, db_url: str | None) -> None:
     """Bring the database schema to the newest revision."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from controlplane.db.engine import current_revision, make_engine, sqlite_url, upgrade
+    from edgefleet.controlplane.db.engine import current_revision, make_engine, sqlite_url, upgrade
 
     if db_url is None:
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from controlplane.cli import render as render
-from controlplane.cli.base import Env, call_by_id, emit, json_option, now, pass_env
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.base import Env, call_by_id, emit, json_option, now, pass_env
 from edgefleet.v1 import operator_pb2
 
 

@@ -15,14 +15,14 @@ import grpc
 from google.protobuf.message import Message
 from rich.console import Console, RenderableType
 
-from controlplane.cli.convert import (
+from edgefleet.controlplane.cli.convert import (
     enum_choices,
     enum_value,
     parse_label,
     resolve_prefix,
     to_json_dict,
 )
-from controlplane.client import operator_stub, probe_tls
+from edgefleet.controlplane.client import operator_stub, probe_tls
 from edgefleet.v1 import operator_pb2_grpc
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -10,8 +10,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from controlplane.cli import render as render
-from controlplane.cli.base import (
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.base import (
     CliError,
     Env,
     call_by_id,
@@ -22,7 +22,7 @@ from controlplane.cli.base import (
     parsed,
     pass_env,
 )
-from controlplane.cli.convert import enum_name, parse_model_ref
+from edgefleet.controlplane.cli.convert import enum_name, parse_model_ref
 from edgefleet.v1 import operator_pb2
 
 # Seconds between GetBuild polls while `builds run --wait` watches.

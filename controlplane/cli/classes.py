@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from controlplane.cli import render as render
-from controlplane.cli.base import (
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.base import (
     Env,
     F,
     emit,
@@ -18,7 +18,7 @@ from controlplane.cli.base import (
     pass_env,
     usage_error,
 )
-from controlplane.cli.convert import constraint_profile, parse_match
+from edgefleet.controlplane.cli.convert import constraint_profile, parse_match
 from edgefleet.v1 import common_pb2, operator_pb2
 
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from controlplane.domain.rules import Rule, parse_rule
-from controlplane.errors import InvalidArgument
-from controlplane.wire import MATCH_OP_NAMES, rule_to_pb
+from edgefleet.controlplane.domain.rules import Rule, parse_rule
+from edgefleet.controlplane.errors import InvalidArgument
+from edgefleet.controlplane.wire import MATCH_OP_NAMES, rule_to_pb
 from edgefleet.v1 import common_pb2
 
 if TYPE_CHECKING:

@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 
 import click
 
-from controlplane import client
-from controlplane.cli import render as render
-from controlplane.cli.base import (
+from edgefleet.controlplane import client
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.base import (
     CliError,
     Env,
     call_by_id,
@@ -21,7 +21,7 @@ from controlplane.cli.base import (
     pass_env,
     usage_error,
 )
-from controlplane.cli.convert import parse_label, parse_model_ref, resolve_prefix
+from edgefleet.controlplane.cli.convert import parse_label, parse_model_ref, resolve_prefix
 from edgefleet.v1 import common_pb2, operator_pb2
 
 

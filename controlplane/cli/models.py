@@ -15,10 +15,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from controlplane.cli import render as render
-from controlplane.cli.base import Env, emit, json_option, pass_env
-from controlplane.cli.push import describe_part, push_requests
-from controlplane.domain.sample_archive import MAX_SAMPLE_ARRAY_BYTES, MAX_SAMPLE_TOTAL_BYTES, MiB
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.base import Env, emit, json_option, pass_env
+from edgefleet.controlplane.cli.push import describe_part, push_requests
+from edgefleet.controlplane.domain.sample_archive import (
+    MAX_SAMPLE_ARRAY_BYTES,
+    MAX_SAMPLE_TOTAL_BYTES,
+    MiB,
+)
 from edgefleet.v1 import operator_pb2
 
 

@@ -14,8 +14,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from controlplane.cli import convert
-from controlplane.cli.convert import (
+from edgefleet.controlplane.cli import convert
+from edgefleet.controlplane.cli.convert import (
     enum_name,
     format_bytes,
     format_duration,

@@ -18,8 +18,8 @@ from google.protobuf.duration_pb2 import Duration
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from controlplane.cli import render as render
-from controlplane.cli.base import (
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.base import (
     Env,
     call_by_id,
     emit,
@@ -31,7 +31,7 @@ from controlplane.cli.base import (
     pass_env,
     usage_error,
 )
-from controlplane.cli.convert import parse_duration, parse_model_ref, to_json_dict
+from edgefleet.controlplane.cli.convert import parse_duration, parse_model_ref, to_json_dict
 from edgefleet.v1 import operator_pb2
 
 # Seconds between GetRollout polls while `rollouts watch` follows one.

@@ -17,9 +17,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from controlplane.cli.base import CliError, Env, json_option, pass_env, usage_error
-from controlplane.cli.convert import parse_duration
-from fleetsim import (
+from edgefleet.controlplane.cli.base import CliError, Env, json_option, pass_env, usage_error
+from edgefleet.controlplane.cli.convert import parse_duration
+from edgefleet.sim import (
     Fleet,
     FleetError,
     FleetProfile,

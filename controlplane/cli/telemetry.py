@@ -8,8 +8,8 @@ import click
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.cli import render as render
-from controlplane.cli.base import (
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.base import (
     Env,
     emit,
     enum_option,
@@ -19,7 +19,7 @@ from controlplane.cli.base import (
     parsed,
     pass_env,
 )
-from controlplane.cli.convert import enum_choices, enum_value, parse_duration
+from edgefleet.controlplane.cli.convert import enum_choices, enum_value, parse_duration
 from edgefleet.v1 import operator_pb2
 
 

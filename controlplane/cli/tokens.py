@@ -8,8 +8,8 @@ from datetime import timedelta
 
 import click
 
-from controlplane.cli import render as render
-from controlplane.cli.base import (
+from edgefleet.controlplane.cli import render as render
+from edgefleet.controlplane.cli.base import (
     Env,
     call_by_id,
     emit,
@@ -20,7 +20,7 @@ from controlplane.cli.base import (
     parsed,
     pass_env,
 )
-from controlplane.cli.convert import parse_duration
+from edgefleet.controlplane.cli.convert import parse_duration
 from edgefleet.v1 import operator_pb2
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from controlplane.build.toolchain import (
+from edgefleet.controlplane.build.toolchain import (
     TFLITE,
     TOOLCHAINS_ENV,
     default_toolchains_dir,
@@ -19,8 +19,8 @@ from controlplane.build.toolchain import (
     installed_toolchains,
     is_stale,
 )
-from controlplane.cli.base import CliError, F, json_option
-from controlplane.errors import DomainError
+from edgefleet.controlplane.cli.base import CliError, F, json_option
+from edgefleet.controlplane.errors import DomainError
 
 
 def _dir_option(f: F) -> F:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from controlplane.cli.base import Env, pass_env
+from edgefleet.controlplane.cli.base import Env, pass_env
 
 
 @click.command("tui")
@@ -16,7 +16,7 @@ def tui(env: Env) -> None:
     """Open the terminal UI: fleet overview, devices, classes, models and
     builds, rollouts (wizard and live monitor), telemetry and the audit log.
     Press ? in it for every key."""
-    from tui.app import make_app
-    from tui.client import FleetClient
+    from edgefleet.tui.app import make_app
+    from edgefleet.tui.client import FleetClient
 
     make_app(FleetClient(env.server, env.token, env.ca_cert)).run()

@@ -73,7 +73,7 @@ def is_sqlite(engine: Engine) -> bool:
 
 def alembic_config() -> Config:
     """Alembic configuration pointing at the migrations shipped in the package."""
-    script_location = resources.files("controlplane.migrations")
+    script_location = resources.files("edgefleet.migrations")
     cfg = Config()
     cfg.set_main_option("script_location", str(script_location))
     return cfg

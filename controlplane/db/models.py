@@ -401,9 +401,7 @@ class DeviceAssignmentRow(Base):
     # stored so every replica pushes the same bytes; signed again with the
     # new key on a rotation. Empty for assignments made before 0009.
     statement: Mapped[bytes] = mapped_column(LargeBinary, default=b"", server_default="")
-    statement_signature: Mapped[bytes] = mapped_column(
-        LargeBinary, default=b"", server_default=""
-    )
+    statement_signature: Mapped[bytes] = mapped_column(LargeBinary, default=b"", server_default="")
     # Going back to an older version than the device had (also in the statement).
     rollback: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The key that signed the statement: part of the push path's cache keys,

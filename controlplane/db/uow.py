@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from controlplane.errors import Unavailable
+from edgefleet.controlplane.errors import Unavailable
 
 log = logging.getLogger(__name__)
 

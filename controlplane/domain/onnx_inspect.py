@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from controlplane.domain import sample_archive
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.domain import sample_archive
+from edgefleet.controlplane.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

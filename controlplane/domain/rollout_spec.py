@@ -9,7 +9,13 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from controlplane.domain.rollouts import Gates, Pacing, StageRule, StageSize, validate_sizes
+from edgefleet.controlplane.domain.rollouts import (
+    Gates,
+    Pacing,
+    StageRule,
+    StageSize,
+    validate_sizes,
+)
 
 PAUSE, ABORT_REVERT = "pause", "abort_revert"
 FAILURE_ACTIONS = (PAUSE, ABORT_REVERT)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
 
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.errors import InvalidArgument
 
 # What notify_allowance answers when nothing limits the rate.
 UNLIMITED = sys.maxsize

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.errors import InvalidArgument
 
 
 class Op(StrEnum):

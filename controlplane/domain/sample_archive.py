@@ -31,7 +31,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 from numpy.lib import format as npy_format
 
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.errors import InvalidArgument
 
 MiB = 1024 * 1024
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from controlplane.errors import InvalidArgument
+from edgefleet.controlplane.errors import InvalidArgument
 
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from controlplane.db.models import ArtifactRow, BuildRow, DeviceRow
-from controlplane.db.uow import Database
-from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from controlplane.services.blobs import BlobFile, BlobStore, valid_digest
-from controlplane.services.builds import SUCCEEDED
-from controlplane.services.devices import ACCEPTED
-from controlplane.services.registry import filter_by_model
+from edgefleet.controlplane.db.models import ArtifactRow, BuildRow, DeviceRow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from edgefleet.controlplane.services.blobs import BlobFile, BlobStore, valid_digest
+from edgefleet.controlplane.services.builds import SUCCEEDED
+from edgefleet.controlplane.services.devices import ACCEPTED
+from edgefleet.controlplane.services.registry import filter_by_model
 
 
 class ArtifactService:

@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from controlplane.db.models import AuditRow
-from controlplane.db.uow import Database, UnitOfWork
+from edgefleet.controlplane.db.models import AuditRow
+from edgefleet.controlplane.db.uow import Database, UnitOfWork
 
 
 def record(uow: UnitOfWork, actor: str, action: str, target: str, **details: Any) -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from controlplane.db.models import DeviceRow, OperatorTokenRow, utcnow
-from controlplane.db.uow import Database
-from controlplane.domain import secrets
-from controlplane.domain.roles import ADMIN
-from controlplane.domain.secrets import SecretKind
-from controlplane.errors import PermissionDenied, Unauthenticated
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.db.models import DeviceRow, OperatorTokenRow, utcnow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import secrets
+from edgefleet.controlplane.domain.roles import ADMIN
+from edgefleet.controlplane.domain.secrets import SecretKind
+from edgefleet.controlplane.errors import PermissionDenied, Unauthenticated
+from edgefleet.controlplane.services.events import FleetEvent
 
 log = logging.getLogger(__name__)
 

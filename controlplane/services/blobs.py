@@ -33,9 +33,9 @@ from typing import NamedTuple
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from controlplane.db.models import BlobChunkRow, BlobRow
-from controlplane.db.uow import Database
-from controlplane.errors import NotFound, Unavailable
+from edgefleet.controlplane.db.models import BlobChunkRow, BlobRow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from controlplane.build.worker import exit_with_parent, read_progress, run_job
-from controlplane.errors import DomainError
-from controlplane.services.builds import BuildService, ClaimedJob
+from edgefleet.controlplane.build.worker import exit_with_parent, read_progress, run_job
+from edgefleet.controlplane.errors import DomainError
+from edgefleet.controlplane.services.builds import BuildService, ClaimedJob
 
 log = logging.getLogger(__name__)
 

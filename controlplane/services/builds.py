@@ -20,9 +20,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from controlplane.build.toolchain import find_tflite
-from controlplane.build.types import BuildTarget
-from controlplane.db.models import (
+from edgefleet.controlplane.build.toolchain import find_tflite
+from edgefleet.controlplane.build.types import BuildTarget
+from edgefleet.controlplane.db.models import (
     ArtifactRow,
     BlobRow,
     BuildRow,
@@ -31,15 +31,15 @@ from controlplane.db.models import (
     ModelVersionRow,
     utcnow,
 )
-from controlplane.db.uow import Database
-from controlplane.domain import secrets, signing
-from controlplane.errors import InvalidArgument, NotFound
-from controlplane.services import audit
-from controlplane.services.blobs import BlobStore, sha256_file
-from controlplane.services.devices import EventSink
-from controlplane.services.events import FleetEvent
-from controlplane.services.keys import signing_key
-from controlplane.services.registry import filter_by_model, require_version
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import secrets, signing
+from edgefleet.controlplane.errors import InvalidArgument, NotFound
+from edgefleet.controlplane.services import audit
+from edgefleet.controlplane.services.blobs import BlobStore, sha256_file
+from edgefleet.controlplane.services.devices import EventSink
+from edgefleet.controlplane.services.events import FleetEvent
+from edgefleet.controlplane.services.keys import signing_key
+from edgefleet.controlplane.services.registry import filter_by_model, require_version
 from edgefleet.v1 import common_pb2 as c
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
@@ -213,9 +213,7 @@ class BuildService:
         )
         # The same bytes may be pushed as another version: that version still
         # needs its own build row (reusing the result), so match the version too.
-        mine = next(
-            (b for b in same if b.class_id == cls.id and b.model_version_id == mv.id), None
-        )
+        mine = next((b for b in same if b.class_id == cls.id and b.model_version_id == mv.id), None)
         if mine is not None and (not force or mine.state in (QUEUED, RUNNING)):
             return mine  # this class already has (or is getting) this result
         row = BuildRow(

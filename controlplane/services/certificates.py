@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controlplane.db.models import CertificateAuthorityRow, DeviceRow, utcnow
-from controlplane.db.uow import Database
-from controlplane.domain import pki, secrets
-from controlplane.errors import InvalidArgument, NotFound, PermissionDenied
-from controlplane.services import audit
-from controlplane.services.devices import EventSink
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.db.models import CertificateAuthorityRow, DeviceRow, utcnow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import pki, secrets
+from edgefleet.controlplane.errors import InvalidArgument, NotFound, PermissionDenied
+from edgefleet.controlplane.services import audit
+from edgefleet.controlplane.services.devices import EventSink
+from edgefleet.controlplane.services.events import FleetEvent
 
 DEFAULT_DEVICE_LIFETIME = dt.timedelta(days=30)
 # Refused: shorter than a renewal round trip could be trusted to fit in.

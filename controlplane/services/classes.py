@@ -9,13 +9,13 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from controlplane.db.models import DeviceClassRow, DeviceRow, utcnow
-from controlplane.db.uow import Database
-from controlplane.domain import rules, secrets
-from controlplane.errors import AlreadyExists, InvalidArgument, NotFound
-from controlplane.services import audit
-from controlplane.services.devices import EventSink, reclassify_all
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.db.models import DeviceClassRow, DeviceRow, utcnow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import rules, secrets
+from edgefleet.controlplane.errors import AlreadyExists, InvalidArgument, NotFound
+from edgefleet.controlplane.services import audit
+from edgefleet.controlplane.services.devices import EventSink, reclassify_all
+from edgefleet.controlplane.services.events import FleetEvent
 
 RUNTIMES = ("onnxruntime", "tflite", "tensorrt")
 QUANTIZATIONS = ("fp32", "fp16", "int8", "auto")

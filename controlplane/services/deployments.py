@@ -30,9 +30,9 @@ from typing import Any, cast
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controlplane.db.bulk import insert_rows, update_rows
-from controlplane.db.in_list import padded
-from controlplane.db.models import (
+from edgefleet.controlplane.db.bulk import insert_rows, update_rows
+from edgefleet.controlplane.db.in_list import padded
+from edgefleet.controlplane.db.models import (
     ArtifactRow,
     BuildRow,
     DeploymentEventRow,
@@ -43,14 +43,14 @@ from controlplane.db.models import (
     ModelVersionRow,
     utcnow,
 )
-from controlplane.db.uow import Database
-from controlplane.domain import semver, signing
-from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
-from controlplane.services import audit, keys, statements
-from controlplane.services.builds import SUCCEEDED
-from controlplane.services.devices import ACCEPTED, DesiredView, EventSink
-from controlplane.services.events import FleetEvent
-from controlplane.services.registry import filter_by_model, require_version
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import semver, signing
+from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
+from edgefleet.controlplane.services import audit, keys, statements
+from edgefleet.controlplane.services.builds import SUCCEEDED
+from edgefleet.controlplane.services.devices import ACCEPTED, DesiredView, EventSink
+from edgefleet.controlplane.services.events import FleetEvent
+from edgefleet.controlplane.services.registry import filter_by_model, require_version
 
 MAX_DEVICES_PER_CALL = 1000
 DEFAULT_HISTORY_LIMIT = 100

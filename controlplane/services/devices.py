@@ -12,12 +12,12 @@ from typing import Any, Protocol
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from controlplane.db.models import DeviceClassRow, DeviceRow, utcnow
-from controlplane.db.uow import Database
-from controlplane.domain import rules
-from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
-from controlplane.services import audit
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.db.models import DeviceClassRow, DeviceRow, utcnow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import rules
+from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
+from edgefleet.controlplane.services import audit
+from edgefleet.controlplane.services.events import FleetEvent
 
 PENDING, ACCEPTED, REJECTED, DECOMMISSIONED = "pending", "accepted", "rejected", "decommissioned"
 DEVICE_STATES = (PENDING, ACCEPTED, REJECTED, DECOMMISSIONED)

@@ -12,11 +12,11 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controlplane.db.models import DeviceRow, EnrollmentTokenRow, utcnow
-from controlplane.db.uow import Database
-from controlplane.domain import secrets
-from controlplane.domain.secrets import SecretKind
-from controlplane.errors import (
+from edgefleet.controlplane.db.models import DeviceRow, EnrollmentTokenRow, utcnow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import secrets
+from edgefleet.controlplane.domain.secrets import SecretKind
+from edgefleet.controlplane.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -24,9 +24,9 @@ from controlplane.errors import (
     Unauthenticated,
     Unavailable,
 )
-from controlplane.services import audit
-from controlplane.services.certificates import CertificateService, DeviceCertificate
-from controlplane.services.devices import (
+from edgefleet.controlplane.services import audit
+from edgefleet.controlplane.services.certificates import CertificateService, DeviceCertificate
+from edgefleet.controlplane.services.devices import (
     ACCEPTED,
     DECOMMISSIONED,
     PENDING,
@@ -36,7 +36,7 @@ from controlplane.services.devices import (
     classify_row,
     validate_labels,
 )
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.services.events import FleetEvent
 
 AUTO_ACCEPT, REQUIRE_APPROVAL = "auto-accept", "pending"
 POLICIES = (AUTO_ACCEPT, REQUIRE_APPROVAL)

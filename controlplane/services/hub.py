@@ -8,9 +8,9 @@ import datetime as dt
 import time
 from dataclasses import dataclass, field
 
-from controlplane.db.models import utcnow
-from controlplane.errors import DomainError, FailedPrecondition, Unavailable
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.db.models import utcnow
+from edgefleet.controlplane.errors import DomainError, FailedPrecondition, Unavailable
+from edgefleet.controlplane.services.events import FleetEvent
 
 
 @dataclass(eq=False)

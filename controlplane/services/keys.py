@@ -17,20 +17,20 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from controlplane.db.bulk import update_rows
-from controlplane.db.models import (
+from edgefleet.controlplane.db.bulk import update_rows
+from edgefleet.controlplane.db.models import (
     ArtifactRow,
     DeviceAssignmentRow,
     DeviceRow,
     SigningKeyRotationRow,
     SigningKeyRow,
 )
-from controlplane.db.uow import Database
-from controlplane.domain import signing
-from controlplane.errors import InvalidArgument
-from controlplane.services import audit, statements
-from controlplane.services.devices import EventSink
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import signing
+from edgefleet.controlplane.errors import InvalidArgument
+from edgefleet.controlplane.services import audit, statements
+from edgefleet.controlplane.services.devices import EventSink
+from edgefleet.controlplane.services.events import FleetEvent
 
 MAX_REASON = 500
 

@@ -9,13 +9,18 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from controlplane.db.models import OperatorTokenRow, utcnow
-from controlplane.db.uow import Database
-from controlplane.domain import secrets
-from controlplane.domain.roles import ADMIN, ROLES
-from controlplane.domain.secrets import SecretKind
-from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from controlplane.services import audit
+from edgefleet.controlplane.db.models import OperatorTokenRow, utcnow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import secrets
+from edgefleet.controlplane.domain.roles import ADMIN, ROLES
+from edgefleet.controlplane.domain.secrets import SecretKind
+from edgefleet.controlplane.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from edgefleet.controlplane.services import audit
 
 MAX_NAME = 200
 

@@ -50,8 +50,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Float, Select, cast, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from controlplane.db.bulk import insert_rows, update_rows
-from controlplane.db.models import (
+from edgefleet.controlplane.db.bulk import insert_rows, update_rows
+from edgefleet.controlplane.db.models import (
     ArtifactRow,
     DeviceAssignmentRow,
     DeviceClassRow,
@@ -62,9 +62,9 @@ from controlplane.db.models import (
     TelemetryRow,
     utcnow,
 )
-from controlplane.db.uow import Database, UnitOfWork
-from controlplane.domain.rollout_spec import ABORT_REVERT, RolloutSpec, StageSpec
-from controlplane.domain.rollouts import (
+from edgefleet.controlplane.db.uow import Database, UnitOfWork
+from edgefleet.controlplane.domain.rollout_spec import ABORT_REVERT, RolloutSpec, StageSpec
+from edgefleet.controlplane.domain.rollouts import (
     Acknowledged,
     ClassLimits,
     DeviceHealth,
@@ -80,11 +80,11 @@ from controlplane.domain.rollouts import (
     retry_delay_s,
     should_retry,
 )
-from controlplane.services import audit
-from controlplane.services.deployments import assign_devices
-from controlplane.services.devices import EventSink
-from controlplane.services.events import FleetEvent
-from controlplane.services.rollouts import (
+from edgefleet.controlplane.services import audit
+from edgefleet.controlplane.services.deployments import assign_devices
+from edgefleet.controlplane.services.devices import EventSink
+from edgefleet.controlplane.services.events import FleetEvent
+from edgefleet.controlplane.services.rollouts import (
     ABORTED,
     ACTIVE,
     COMMITTED,
@@ -111,7 +111,7 @@ from controlplane.services.rollouts import (
     matching_devices,
     unfinished_abort,
 )
-from controlplane.services.telemetry import ROW_COUNT_CAP, at_most, float_sum
+from edgefleet.controlplane.services.telemetry import ROW_COUNT_CAP, at_most, float_sum
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controlplane.errors import ResourceExhausted
+from edgefleet.controlplane.errors import ResourceExhausted
 
 # The agent's largest upload (agent/telemetry_uploader.py MAX_BATCH, the
 # control plane's services/telemetry.py MAX_BATCH): a burst below it would

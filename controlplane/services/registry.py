@@ -15,14 +15,19 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controlplane.db.models import ModelRow, ModelVersionRow
-from controlplane.db.uow import Database
-from controlplane.domain import onnx_inspect, secrets, semver
-from controlplane.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from controlplane.services import audit
-from controlplane.services.blobs import BlobStore
-from controlplane.services.devices import EventSink
-from controlplane.services.events import FleetEvent
+from edgefleet.controlplane.db.models import ModelRow, ModelVersionRow
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import onnx_inspect, secrets, semver
+from edgefleet.controlplane.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from edgefleet.controlplane.services import audit
+from edgefleet.controlplane.services.blobs import BlobStore
+from edgefleet.controlplane.services.devices import EventSink
+from edgefleet.controlplane.services.events import FleetEvent
 
 MODEL, SAMPLE_DATA, LABELS = "model", "sample_data", "labels"
 PARTS = (MODEL, SAMPLE_DATA, LABELS)

@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
-from controlplane.services.events import EventBus, FleetEvent
+from edgefleet.controlplane.services.events import EventBus, FleetEvent
 
 log = logging.getLogger(__name__)
 

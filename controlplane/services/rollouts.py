@@ -21,9 +21,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, case, func, select
 from sqlalchemy.orm import Session
 
-from controlplane.db.bulk import insert_rows
-from controlplane.db.in_list import padded
-from controlplane.db.models import (
+from edgefleet.controlplane.db.bulk import insert_rows
+from edgefleet.controlplane.db.in_list import padded
+from edgefleet.controlplane.db.models import (
     DeviceAssignmentRow,
     DeviceClassRow,
     DeviceRow,
@@ -32,16 +32,16 @@ from controlplane.db.models import (
     RolloutRow,
     utcnow,
 )
-from controlplane.db.uow import Database, UnitOfWork
-from controlplane.domain import secrets
-from controlplane.domain.rollout_spec import RolloutSpec, SpecError
-from controlplane.domain.rollouts import CohortDevice, plan_stages
-from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
-from controlplane.services import audit
-from controlplane.services.deployments import artifact_for
-from controlplane.services.devices import ACCEPTED, EventSink
-from controlplane.services.events import FleetEvent
-from controlplane.services.registry import require_version
+from edgefleet.controlplane.db.uow import Database, UnitOfWork
+from edgefleet.controlplane.domain import secrets
+from edgefleet.controlplane.domain.rollout_spec import RolloutSpec, SpecError
+from edgefleet.controlplane.domain.rollouts import CohortDevice, plan_stages
+from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
+from edgefleet.controlplane.services import audit
+from edgefleet.controlplane.services.deployments import artifact_for
+from edgefleet.controlplane.services.devices import ACCEPTED, EventSink
+from edgefleet.controlplane.services.events import FleetEvent
+from edgefleet.controlplane.services.registry import require_version
 
 DRAFT, SCHEDULED, RUNNING = "draft", "scheduled", "running"
 WAITING_APPROVAL, PAUSED = "waiting_approval", "paused"

@@ -21,8 +21,8 @@ import logging
 from concurrent.futures import Executor
 from typing import Any
 
-from controlplane.errors import InvalidArgument
-from controlplane.services.deployments import DeploymentService, StatusReport
+from edgefleet.controlplane.errors import InvalidArgument
+from edgefleet.controlplane.services.deployments import DeploymentService, StatusReport
 
 log = logging.getLogger(__name__)
 

@@ -85,16 +85,16 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from controlplane.db.in_list import padded
-from controlplane.db.models import (
+from edgefleet.controlplane.db.in_list import padded
+from edgefleet.controlplane.db.models import (
     DeviceRow,
     TelemetryRollupRow,
     TelemetryRow,
     TelemetryWatermarkRow,
     utcnow,
 )
-from controlplane.db.uow import Database
-from controlplane.errors import DomainError, InvalidArgument, NotFound, ResourceExhausted
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.errors import DomainError, InvalidArgument, NotFound, ResourceExhausted
 
 # Bounds one upload's transaction and message size (500 samples ~ 60 KB).
 MAX_BATCH = 500

@@ -28,9 +28,7 @@ def upgrade() -> None:
     with op.batch_alter_table("devices", schema=None) as batch_op:
         batch_op.add_column(sa.Column("cert_serial", sa.String(length=40), nullable=True))
         batch_op.add_column(sa.Column("cert_previous_serial", sa.String(length=40), nullable=True))
-        batch_op.add_column(
-            sa.Column("cert_not_after", sa.DateTime(timezone=True), nullable=True)
-        )
+        batch_op.add_column(sa.Column("cert_not_after", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from tui.data import Device
-from tui.screens.base import FleetScreen, reporting
-from tui.screens.modals import ChoiceScreen, ConfirmScreen, PromptScreen
-from tui.summary import format_labels
+from edgefleet.tui.data import Device
+from edgefleet.tui.screens.base import FleetScreen, reporting
+from edgefleet.tui.screens.modals import ChoiceScreen, ConfirmScreen, PromptScreen
+from edgefleet.tui.summary import format_labels
 
 
 def run(screen: FleetScreen, call: Callable[[], Awaitable[object]], done: str) -> None:

@@ -7,9 +7,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Input, Static
 
-from tui.data import AuditEntry
-from tui.screens.base import FleetScreen, keep_cursor, reporting
-from tui.summary import format_time
+from edgefleet.tui.data import AuditEntry
+from edgefleet.tui.screens.base import FleetScreen, keep_cursor, reporting
+from edgefleet.tui.summary import format_time
 
 PAGE = 200
 

@@ -13,11 +13,11 @@ from textual.dom import DOMNode
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from tui.client import ClientError, FleetApi
-from tui.data import RESYNC_TOPICS, FleetEvent
+from edgefleet.tui.client import ClientError, FleetApi
+from edgefleet.tui.data import RESYNC_TOPICS, FleetEvent
 
 if TYPE_CHECKING:
-    from tui.app import EdgeFleetApp
+    from edgefleet.tui.app import EdgeFleetApp
 
 # Seconds a burst of watch events is gathered into one reload.
 COALESCE_S = 0.15
@@ -98,7 +98,7 @@ class FleetScreen(Screen[None]):
 
     @property
     def fleet(self) -> EdgeFleetApp:
-        from tui.app import EdgeFleetApp
+        from edgefleet.tui.app import EdgeFleetApp
 
         return cast(EdgeFleetApp, self.app)
 

@@ -10,9 +10,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Static
 
-from tui.app_types import fleet_client
-from tui.client import ClientError
-from tui.data import ClassDraft, DeviceClass
+from edgefleet.tui.app_types import fleet_client
+from edgefleet.tui.client import ClientError
+from edgefleet.tui.data import ClassDraft, DeviceClass
 
 # (field id, label, placeholder)
 FIELDS = (

@@ -9,8 +9,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
-from tui.data import DeviceClass
-from tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
+from edgefleet.tui.data import DeviceClass
+from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
 
 NONE = "-"
 
@@ -104,12 +104,12 @@ class ClassesScreen(FleetScreen):
         self.action_edit()
 
     def action_new(self) -> None:
-        from tui.screens.class_form import ClassFormScreen
+        from edgefleet.tui.screens.class_form import ClassFormScreen
 
         self.app.push_screen(ClassFormScreen(None), lambda _: self.reload())
 
     def action_edit(self) -> None:
-        from tui.screens.class_form import ClassFormScreen
+        from edgefleet.tui.screens.class_form import ClassFormScreen
 
         if (c := self.selected()) is not None:
             self.app.push_screen(ClassFormScreen(c), lambda _: self.reload())

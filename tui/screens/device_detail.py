@@ -13,12 +13,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from controlplane.cli.convert import format_ago, format_bytes
-from tui.data import DeploymentEvent, Device, FleetEvent
-from tui.screens import actions
-from tui.screens.base import FleetScreen, keep_cursor, reporting
-from tui.summary import device_status, format_labels, format_time
-from tui.widgets import SeriesPlot
+from edgefleet.controlplane.cli.convert import format_ago, format_bytes
+from edgefleet.tui.data import DeploymentEvent, Device, FleetEvent
+from edgefleet.tui.screens import actions
+from edgefleet.tui.screens.base import FleetScreen, keep_cursor, reporting
+from edgefleet.tui.summary import device_status, format_labels, format_time
+from edgefleet.tui.widgets import SeriesPlot
 
 PLOT_RANGE = timedelta(hours=1)
 

@@ -11,11 +11,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Input, Static
 
-from controlplane.cli.convert import format_ago
-from tui.data import Device
-from tui.screens import actions
-from tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
-from tui.summary import device_status, format_labels
+from edgefleet.controlplane.cli.convert import format_ago
+from edgefleet.tui.data import Device
+from edgefleet.tui.screens import actions
+from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
+from edgefleet.tui.summary import device_status, format_labels
 
 # (column title, sort key) in the order `s` cycles through them.
 COLUMNS: tuple[tuple[str, Callable[[Device], Any]], ...] = (
@@ -125,7 +125,7 @@ class DevicesScreen(FleetScreen):
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.row_key.value:
-            from tui.screens.device_detail import DeviceDetailScreen
+            from edgefleet.tui.screens.device_detail import DeviceDetailScreen
 
             self.app.push_screen(DeviceDetailScreen(str(event.row_key.value)))
 

@@ -9,10 +9,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
-from controlplane.cli.convert import format_bytes
-from tui.data import Build, Candidate, ModelVersion
-from tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
-from tui.summary import format_time
+from edgefleet.controlplane.cli.convert import format_bytes
+from edgefleet.tui.data import Build, Candidate, ModelVersion
+from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
+from edgefleet.tui.summary import format_time
 
 
 def verdict(c: Candidate) -> str:
@@ -134,7 +134,7 @@ class ModelsScreen(FleetScreen):
             self.show_candidates()
 
     def action_push(self) -> None:
-        from tui.screens.push import PushScreen
+        from edgefleet.tui.screens.push import PushScreen
 
         self.app.push_screen(PushScreen(), lambda _: self.reload())
 

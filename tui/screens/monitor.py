@@ -10,10 +10,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, ProgressBar, Static
 
-from tui.data import FleetEvent, Rollout, RolloutDevice
-from tui.screens.base import FleetScreen, keep_cursor, reporting
-from tui.screens.modals import AbortScreen, ConfirmScreen
-from tui.summary import format_gate
+from edgefleet.tui.data import FleetEvent, Rollout, RolloutDevice
+from edgefleet.tui.screens.base import FleetScreen, keep_cursor, reporting
+from edgefleet.tui.screens.modals import AbortScreen, ConfirmScreen
+from edgefleet.tui.summary import format_gate
 
 # Devices the table shows, those that need a look first: a 10,000-device
 # rollout read whole on every reload held the control plane and this screen.

@@ -12,8 +12,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Static
 
-from tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
-from tui.summary import FleetSummary, format_bar, rollout_progress, summarize
+from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
+from edgefleet.tui.summary import FleetSummary, format_bar, rollout_progress, summarize
 
 
 def _counts(title: str, rows: tuple[tuple[str, int], ...], limit: int = 6) -> Table:
@@ -85,12 +85,12 @@ class OverviewScreen(FleetScreen):
     def action_open(self) -> None:
         key = cursor_key(self.query_one("#rollouts", DataTable))
         if key:
-            from tui.screens.monitor import MonitorScreen
+            from edgefleet.tui.screens.monitor import MonitorScreen
 
             self.app.push_screen(MonitorScreen(key))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.data_table.id == "rollouts" and event.row_key.value:
-            from tui.screens.monitor import MonitorScreen
+            from edgefleet.tui.screens.monitor import MonitorScreen
 
             self.app.push_screen(MonitorScreen(str(event.row_key.value)))

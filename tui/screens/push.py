@@ -11,9 +11,9 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ProgressBar, Static
 
-from tui.app_types import fleet_client
-from tui.client import ClientError, InputError
-from tui.data import ModelVersion
+from edgefleet.tui.app_types import fleet_client
+from edgefleet.tui.client import ClientError, InputError
+from edgefleet.tui.data import ModelVersion
 
 FIELDS = (
     ("name", "model name", "digits"),

@@ -7,9 +7,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
-from tui.data import FleetEvent, Rollout
-from tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
-from tui.summary import format_bar, format_time, rollout_progress
+from edgefleet.tui.data import FleetEvent, Rollout
+from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
+from edgefleet.tui.summary import format_bar, format_time, rollout_progress
 
 
 class RolloutsScreen(FleetScreen):
@@ -78,11 +78,11 @@ class RolloutsScreen(FleetScreen):
 
     def action_open(self) -> None:
         if key := cursor_key(self.query_one(DataTable)):
-            from tui.screens.monitor import MonitorScreen
+            from edgefleet.tui.screens.monitor import MonitorScreen
 
             self.app.push_screen(MonitorScreen(key))
 
     def action_new(self) -> None:
-        from tui.screens.wizard import WizardScreen
+        from edgefleet.tui.screens.wizard import WizardScreen
 
         self.app.push_screen(WizardScreen())

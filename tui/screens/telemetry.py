@@ -10,9 +10,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Input, Static
 
-from tui.client import GROUP_BY, METRICS
-from tui.screens.base import FleetScreen, reporting
-from tui.widgets import SeriesPlot
+from edgefleet.tui.client import GROUP_BY, METRICS
+from edgefleet.tui.screens.base import FleetScreen, reporting
+from edgefleet.tui.widgets import SeriesPlot
 
 RANGES = (
     ("15m", timedelta(minutes=15)), ("1h", timedelta(hours=1)), ("6h", timedelta(hours=6)),

@@ -15,10 +15,10 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Input, Label, Static
 
-from tui.client import ClientError
-from tui.data import RolloutDraft, RolloutPlan
-from tui.screens.base import FleetScreen, reporting
-from tui.summary import compose_stages
+from edgefleet.tui.client import ClientError
+from edgefleet.tui.data import RolloutDraft, RolloutPlan
+from edgefleet.tui.screens.base import FleetScreen, reporting
+from edgefleet.tui.summary import compose_stages
 
 # (field id, label, default, placeholder)
 FIELDS = (
@@ -198,7 +198,7 @@ class WizardScreen(FleetScreen):
         except ClientError as err:
             self._error(err)
             return
-        from tui.screens.monitor import MonitorScreen
+        from edgefleet.tui.screens.monitor import MonitorScreen
 
         self.app.notify(f"rollout {rollout.id[:8]} of {rollout.ref} started")
         self.app.pop_screen()

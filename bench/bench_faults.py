@@ -42,8 +42,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tests import fault_scenarios as fs
-from tests.private_pg import unavailable_reason
+from testkit import fault_scenarios as fs
+from testkit.private_pg import unavailable_reason
 
 MIB = 1024 * 1024
 # Hidden units of the MLP per MiB of ONNX file (fault_scenarios.mlp_model).

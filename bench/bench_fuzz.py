@@ -16,7 +16,7 @@ the server, the property checks); this runs it at size and reports:
     nice -n 10 python -m bench.bench_fuzz --calls 100000 --out fuzz.json
     python -m bench.bench_fuzz --db postgresql+psycopg://postgres@127.0.0.1:5432/fuzz
 
-Run it from the repository root (it imports bench.fuzzing). Exit status 1
+Run it from the repository root (it imports testkit.fuzzing). Exit status 1
 if any property failed."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench import fuzzing
+from testkit import fuzzing
 
 ADMIN_TOKEN = "bench-fuzz-admin-token-0123456789"
 

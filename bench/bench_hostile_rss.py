@@ -32,13 +32,13 @@ import onnx
 from numpy.lib import format as npy_format
 from onnx import TensorProto, helper
 
-from bench.fuzzing import ServerMemory
 from edgefleet.controlplane.client import bearer_metadata
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
 from edgefleet.v1 import operator_pb2 as o
-from tests.harness import ControlPlane
+from testkit.fuzzing import ServerMemory
+from testkit.harness import ControlPlane
 
 GOAL_BYTES = 50 * 1024 * 1024
 HUGE = "x" * 8_000_000

@@ -13,7 +13,7 @@ import pytest
 from edgefleet.controlplane.config import ServerConfig
 from edgefleet.controlplane.server import ControlPlane as InProcessControlPlane
 from edgefleet.controlplane.server import create_server
-from tests.harness import ADMIN_TOKEN, ControlPlane
+from testkit.harness import ADMIN_TOKEN, ControlPlane
 
 PG_ADMIN_DSN = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -1,0 +1,473 @@
+"""Signed updates end to end: a real control-plane process, real agent
+processes, and between them a man in the middle (a gRPC server that relays
+every device RPC to the control plane, records what it sees and injects
+messages of its own into the agents' Sync streams) playing the attacker.
+
+Shown here: a replayed signed assignment, a tampered statement, one signed by
+an untrusted key and a field swapped outside the signature are refused (and
+reported) while the agent keeps serving the version it had; a downgrade
+needs the control plane's signed rollback flag (AssignModel of an older
+version, a rollout's abort with revert); after a key rotation the agent walks
+the chain and installs an artifact signed only by the new key, and refuses a
+forged rotation; a kill -9 between verification and persisting the trusted
+state leaves the old trusted state, and the restart finishes the update.
+
+Builds are answered by hand (as in test_rollouts.py) by a second process
+role on the same SQLite database: the test is about what happens after."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import onnx
+import pytest
+
+from edgefleet.agent.update.faults import FAULT_ENV, MARKER_FILE, VERIFIED
+from edgefleet.controlplane.db.engine import make_engine, sqlite_url
+from edgefleet.controlplane.db.uow import Database
+from edgefleet.controlplane.domain import signing
+from edgefleet.controlplane.services import statements
+from edgefleet.controlplane.services.blobs import BlobStore
+from edgefleet.controlplane.services.builds import BuildService
+from edgefleet.demo.models import build_digits_classifier
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import device_pb2 as d
+from edgefleet.v1 import device_pb2_grpc as dg
+from edgefleet.v1 import operator_pb2 as o
+from testkit.agent_harness import AgentProcess, wait_for
+from testkit.harness import ControlPlane
+from tests.e2e.test_api import _parts
+from tests.e2e.test_builds_e2e import _push
+from tests.e2e.test_builds_service import _fake_result
+from tests.e2e.test_cli_e2e import edgefleet, edgefleet_json
+from tests.e2e.test_deployments_e2e import _served, _settled
+
+pytestmark = pytest.mark.timeout(300)
+
+MODEL = "digits"
+CLASS = "cpu"
+VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
+
+
+# ---------------------------------------------------------------- the man in the middle
+
+
+def _auth(context: grpc.ServicerContext) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
+
+
+class Mitm(dg.DeviceServiceServicer):
+    """Relays the device service to `target`. Desired states going to agents
+    are recorded; `inject` sends one of its own down every open stream. Like
+    a real attacker it keeps the agents in step: revisions it forwards are
+    shifted past the ones it injected."""
+
+    def __init__(self, target: str) -> None:
+        self.stub = dg.DeviceServiceStub(grpc.insecure_channel(target))
+        self.recorded: list[d.DesiredState] = []
+        self._streams: list[queue.Queue[Any]] = []
+        self._offset = 0
+        self._highest = 0
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+        dg.add_DeviceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def Enroll(self, request: d.EnrollRequest, context: Any) -> d.EnrollResponse:
+        return self.stub.Enroll(request, metadata=_auth(context))  # type: ignore[no-any-return]
+
+    def UploadTelemetry(self, request: Any, context: Any) -> Any:
+        return self.stub.UploadTelemetry(request, metadata=_auth(context))
+
+    def DownloadArtifact(self, request: Any, context: Any) -> Iterator[Any]:
+        yield from self.stub.DownloadArtifact(request, metadata=_auth(context))
+
+    def Sync(self, requests: Iterator[d.AgentMessage], context: Any) -> Iterator[d.ControlMessage]:
+        out: queue.Queue[Any] = queue.Queue()
+        upstream = self.stub.Sync(self._upward(requests), metadata=_auth(context))
+
+        def pump() -> None:
+            try:
+                for message in upstream:
+                    if message.HasField("desired"):
+                        with self._lock:
+                            self.recorded.append(d.DesiredState.FromString(
+                                message.desired.SerializeToString()
+                            ))  # fmt: skip
+                            message.desired.revision += self._offset
+                            self._highest = max(self._highest, message.desired.revision)
+                    out.put(message)
+            except grpc.RpcError as exc:
+                out.put(exc)
+            out.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        context.add_callback(upstream.cancel)
+        with self._lock:
+            self._streams.append(out)
+        while (message := out.get()) is not None:
+            if isinstance(message, grpc.RpcError):
+                context.abort(message.code(), message.details() or "")
+            yield message
+
+    def _upward(self, requests: Iterator[d.AgentMessage]) -> Iterator[d.AgentMessage]:
+        # Revisions reported back are shifted back, so the control plane
+        # sees its own numbers.
+        for message in requests:
+            kind = message.WhichOneof("kind")
+            with self._lock:
+                if kind in ("hello", "status"):
+                    inner = getattr(message, kind)
+                    inner.applied_revision = max(0, inner.applied_revision - self._offset)
+            yield message
+
+    def inject(self, desired: d.DesiredState) -> None:
+        """Send `desired` (with the next revision) down every open stream."""
+        with self._lock:
+            self._offset += 1
+            self._highest += 1
+            message = d.DesiredState.FromString(desired.SerializeToString())
+            message.revision = self._highest
+            for out in self._streams:
+                out.put(d.ControlMessage(desired=message))
+
+    def pushed(self, device_id: str, sequence: int) -> d.DesiredState:
+        """The last recorded desired state that carried assignment `sequence`."""
+        with self._lock:
+            found = [
+                s for s in self.recorded
+                if s.assignment.sequence == sequence and _statement(s).device_id == device_id
+            ]  # fmt: skip
+        assert found, f"no desired state with assignment {sequence} for {device_id}"
+        return found[-1]
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+def _statement(desired: d.DesiredState) -> c.AssignmentStatement:
+    return c.AssignmentStatement.FromString(desired.assignment.statement)
+
+
+# ---------------------------------------------------------------- the world
+
+
+@dataclass
+class World:
+    cp: ControlPlane
+    op: Any
+    token: str
+    root: Path
+    mitm: Mitm
+    db: Database
+    digests: dict[str, str]
+    agents: list[AgentProcess] = field(default_factory=list)
+    count: int = 0
+
+    def agent(self, **config: Any) -> AgentProcess:
+        # Its own "run" label: a rollout selects it alone.
+        self.count += 1
+        number = self.count
+        return AgentProcess(
+            self.root / f"agent-{number}", self.mitm.address, self.token,
+            labels={"tier": CLASS, "run": str(number)}, telemetry_interval_s=60, **config,
+        )  # fmt: skip
+
+    def start(self, agent: AgentProcess, **kw: Any) -> str:
+        self.agents.append(agent.start(**kw))
+        device_id = str(wait_for(agent.identity)["device_id"])
+        wait_for(lambda: self.op.GetDevice(o.GetDeviceRequest(id=device_id)).class_name)
+        return device_id
+
+    def assign(self, device_id: str, version: str) -> int:
+        (done,) = self.op.AssignModel(
+            o.AssignModelRequest(device_ids=[device_id], model_name=MODEL, model_version=version)
+        ).assignments
+        return int(done.sequence)
+
+    def install(self, agent: AgentProcess, device_id: str, version: str) -> int:
+        sequence = self.assign(device_id, version)
+        status = _settled(self, device_id, sequence)
+        assert status.state == "committed", status
+        assert _served(agent) == (version, self.digests[version])
+        return sequence
+
+    def refused(self, agent: AgentProcess, device_id: str, desired: d.DesiredState) -> str:
+        """Inject `desired`; the reason the agent reports for refusing it.
+        It keeps serving what it served, and its trusted state is unchanged."""
+        served, trusted = _served(agent), _trust(agent)
+        self.mitm.inject(desired)
+        status = _settled(self, device_id, desired.assignment.sequence)
+        assert status.state == "failed", status
+        assert _served(agent) == served and _trust(agent) == trusted
+        return status.reason
+
+    def signing_key(self) -> tuple[str, bytes]:
+        """The control plane's current key (id, private key): what a
+        control plane that got it wrong would sign with."""
+        with self.db.engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT id, private_key FROM signing_keys WHERE retired_at IS NULL"
+            ).one()
+        return str(row[0]), bytes(row[1])
+
+
+def _trust(agent: AgentProcess) -> dict[str, Any]:
+    document = json.loads((agent.state_dir / "trust.json").read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def publish_digits_versions(
+    op: Any, db: Database, root: Path, versions: tuple[str, ...] = VERSIONS
+) -> dict[str, str]:
+    """The class CLASS (this machine's arch and label tier=CLASS) and MODEL
+    at every one of `versions` (one trained digits classifier, each version's
+    file differing by its doc string), their builds answered with the files
+    themselves; the artifact digest of each version."""
+    op.CreateDeviceClass(o.CreateDeviceClassRequest(
+        name=CLASS, constraints=c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME),
+        match_rules=[
+            c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[platform.machine()]),
+            c.MatchRule(field="label.tier", op=c.MATCH_OP_EQ, values=[CLASS]),
+        ],
+    ))  # fmt: skip
+    built = build_digits_classifier(root / "model")
+    files: dict[str, Path] = {}
+    for version in versions:
+        model = onnx.load(built.model)
+        model.doc_string = f"digits {version}"
+        path = root / f"model-{version}.onnx"
+        onnx.save(model, path)
+        files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
+        _push(op, MODEL, version, _parts(model=path, sample_data=built.sample_data))
+    _finish_builds(db, root, files, op)
+    return {b.model_version: b.artifact_digest
+            for b in op.ListBuilds(o.ListBuildsRequest()).builds}  # fmt: skip
+
+
+def _finish_builds(db: Database, root: Path, files: dict[str, Path], op: Any) -> None:
+    """Answer the queued builds with the pushed model itself (by its digest)."""
+    builds = BuildService(db, BlobStore(root / "builder"), _NoEvents())
+    for _ in range(400):
+        job = builds.claim("test", 60)
+        if job is not None:
+            assert builds.finish(job, "test", _fake_result(files[job.model_digest]), "")
+            continue
+        listed = op.ListBuilds(o.ListBuildsRequest()).builds
+        if len(listed) == len(files) and all(b.state == o.BUILD_STATE_SUCCEEDED for b in listed):
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError("builds did not succeed")
+
+
+class _NoEvents:
+    def publish(self, event: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("signed")
+    cp = ControlPlane(root / "cp")
+    cp.start()
+    mitm = Mitm(cp.address)
+    db = Database(make_engine(sqlite_url(cp.data_dir)))
+    try:
+        op = cp.operator()
+        digests = publish_digits_versions(op, db, root)
+        token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="signed")).secret
+        yield World(cp, op, token, root, mitm, db, digests)
+    finally:
+        mitm.stop()
+        db.dispose()
+        cp.close()
+
+
+@pytest.fixture
+def w(world: World) -> Iterator[World]:
+    yield world
+    for agent in world.agents:
+        agent.close()
+    world.agents.clear()
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def test_replays_tampering_untrusted_keys_and_swapped_fields_are_refused(w: World) -> None:
+    agent = w.agent()
+    device_id = w.start(agent)
+    w.install(agent, device_id, "1.0.0")
+    w.install(agent, device_id, "2.0.0")
+    assert _trust(agent)["sequence"] == 2
+    # (a) The signed assignment of 1.0.0, captured on the wire, fed back.
+    old = w.mitm.pushed(device_id, 1)
+    assert "replayed assignment: sequence 1 is not newer than 2" in w.refused(agent, device_id, old)
+
+    # (b) The statement edited (a newer sequence), its signature kept.
+    tampered = d.DesiredState.FromString(w.mitm.pushed(device_id, 2).SerializeToString())
+    edited = _statement(tampered)
+    edited.sequence = tampered.assignment.sequence = 7
+    tampered.assignment.statement = edited.SerializeToString()
+    assert "not signed by a trusted key" in w.refused(agent, device_id, tampered)
+
+    # Signed, correctly, by a key the device never trusted.
+    kid, private, _ = signing.generate()
+    edited.sequence = tampered.assignment.sequence = 8
+    edited.key_id = kid
+    tampered.assignment.statement = edited.SerializeToString()
+    tampered.assignment.statement_signature = signing.sign(private, tampered.assignment.statement)
+    assert "not signed by a trusted key" in w.refused(agent, device_id, tampered)
+
+    # Mix and match: a genuine statement (of assignment 2) with another
+    # sequence outside it.
+    swapped = d.DesiredState.FromString(w.mitm.pushed(device_id, 2).SerializeToString())
+    swapped.assignment.sequence = 9
+    reason = w.refused(agent, device_id, swapped)
+    assert "does not match its signed statement: sequence 9" in reason
+    assert _trust(agent)["sequence"] == 2
+
+
+def test_a_downgrade_needs_the_signed_rollback_flag(w: World) -> None:
+    agent = w.agent()
+    device_id = w.start(agent)
+    w.install(agent, device_id, "1.0.0")
+    w.install(agent, device_id, "2.0.0")
+    # A control plane that got it wrong: a correctly signed, newer assignment
+    # back to 1.0.0 without the rollback flag.
+    forged = d.DesiredState.FromString(w.mitm.pushed(device_id, 1).SerializeToString())
+    kid, private = w.signing_key()
+    a = forged.assignment
+    a.sequence = 50
+    a.statement = statements.assignment_statement(
+        device_id=device_id, sequence=50, model_name=MODEL, model_version="1.0.0",
+        artifact_sha256=a.artifact_digest, manifest_digest=hashlib.sha256(a.manifest).hexdigest(),
+        shadow=False, rollback=False, key_id=kid, issued_at=dt.datetime.now(dt.UTC),
+        rollout_id=a.rollout_id, artifact_size=a.artifact_size,
+    )  # fmt: skip
+    a.statement_signature = signing.sign(private, a.statement)
+    reason = w.refused(agent, device_id, forged)
+    assert "downgrade without a signed rollback instruction" in reason and "2.0.0" in reason
+
+    # An operator's AssignModel of the older version carries the flag.
+    sequence = w.install(agent, device_id, "1.0.0")
+    pushed = w.mitm.pushed(device_id, sequence)
+    assert pushed.assignment.rollback and _statement(pushed).rollback
+    assert _trust(agent)["committed"] == {MODEL: "1.0.0"}
+
+    # A rollout to 2.0.0, aborted with revert once the device committed.
+    labels = w.op.GetDevice(o.GetDeviceRequest(id=device_id)).labels
+    spec = o.RolloutSpec(model_name=MODEL, model_version="2.0.0", class_names=[CLASS],
+                         label_selector={"run": labels["run"]})  # fmt: skip
+    stage = spec.stages.add(name="all", percent=100.0)
+    stage.bake_time.FromSeconds(600)
+    rollout = w.op.CreateRollout(o.CreateRolloutRequest(spec=spec, start=True)).rollout
+
+    def member() -> o.RolloutDevice:
+        (m,) = w.op.GetRollout(o.GetRolloutRequest(id=rollout.id)).devices
+        return m
+
+    wait_for(lambda: member().state == o.ROLLOUT_DEVICE_STATE_COMMITTED, timeout=60)
+    assert _served(agent) == ("2.0.0", w.digests["2.0.0"])
+    w.op.AbortRollout(o.AbortRolloutRequest(id=rollout.id, revert=True, reason="test"))
+    wait_for(lambda: member().state == o.ROLLOUT_DEVICE_STATE_REVERTED, timeout=60)
+    (current,) = w.op.ListDeployments(o.ListDeploymentsRequest(device_id=device_id)).assignments
+    revert = current.sequence
+    status = _settled(w, device_id, revert)
+    assert status.state == "committed", status
+    assert _served(agent) == ("1.0.0", w.digests["1.0.0"])
+    assert _statement(w.mitm.pushed(device_id, revert)).rollback
+
+
+def test_after_a_rotation_the_agent_takes_the_new_key_and_refuses_a_forged_one(w: World) -> None:
+    agent = w.agent()
+    device_id = w.start(agent)
+    w.install(agent, device_id, "1.0.0")
+    (k1,) = _trust(agent)["keys"]
+    rotated = w.op.RotateSigningKey(o.RotateSigningKeyRequest(reason="drill"))
+    assert rotated.previous_key.key_id == k1
+    k2 = rotated.new_key
+    sequence = w.install(agent, device_id, "2.0.0")
+    pushed = w.mitm.pushed(device_id, sequence).assignment
+    # Installed an artifact whose manifest and statement only the new key
+    # signed; the old key is no longer trusted.
+    assert signing.verify(k2.public_key, pushed.manifest, pushed.manifest_signature)
+    assert signing.verify(k2.public_key, pushed.statement, pushed.statement_signature)
+    assert set(_trust(agent)["keys"]) == {k2.key_id}
+
+    # A forged link: "k2 was replaced by evil", signed by evil itself, and
+    # an assignment signed by evil.
+    forged = d.DesiredState.FromString(w.mitm.pushed(device_id, sequence).SerializeToString())
+    evil_id, evil, evil_public = signing.generate()
+    link = statements.rotation_statement(
+        previous_key_id=k2.key_id, key_id=evil_id, public_key=evil_public,
+        rotated_at=dt.datetime.now(dt.UTC),
+    )  # fmt: skip
+    forged.key_rotations.add(statement=link, signature=signing.sign(evil, link))
+    statement = _statement(forged)
+    statement.sequence = forged.assignment.sequence = 60
+    statement.key_id = evil_id
+    forged.assignment.statement = statement.SerializeToString()
+    forged.assignment.statement_signature = signing.sign(evil, forged.assignment.statement)
+    forged.assignment.manifest_signature = signing.sign(evil, forged.assignment.manifest)
+    reason = w.refused(agent, device_id, forged)
+    assert f"names trusted key {k2.key_id} but is not signed by a trusted key" in reason
+
+
+def test_a_kill_between_verification_and_persisting_keeps_the_old_trusted_state(
+    w: World,
+) -> None:
+    agent = w.agent()
+    device_id = w.start(agent)
+    w.install(agent, device_id, "1.0.0")
+    before = _trust(agent)
+    assert agent.stop() == 0
+    agent.start(env={FAULT_ENV: VERIFIED})
+    sequence = w.assign(device_id, "3.0.0")
+    marker = agent.state_dir / MARKER_FILE
+    assert wait_for(lambda: marker.exists() and marker.read_text(), timeout=60) == VERIFIED
+    # Every check passed; nothing of it is trusted yet.
+    assert _trust(agent) == before
+    agent.kill()
+    assert _trust(agent) == before
+    marker.unlink()
+    agent.start()
+    status = _settled(w, device_id, sequence)
+    assert status.state == "committed", status
+    assert _served(agent) == ("3.0.0", w.digests["3.0.0"])
+    after = _trust(agent)
+    assert after["sequence"] == sequence and after["committed"] == {MODEL: "3.0.0"}
+
+
+def test_signing_keys_ls_and_rotate_from_the_cli(w: World) -> None:
+    before = edgefleet_json(w.cp, "signing-keys", "ls")
+    current = [k["key_id"] for k in before if not k.get("retired_at")]
+    assert len(current) == 1
+    rotated = edgefleet(w.cp, "signing-keys", "rotate", "--yes", "--reason", "from the cli")
+    assert current[0] in rotated.stdout
+    after = edgefleet_json(w.cp, "signing-keys", "ls")
+    assert [k["key_id"] for k in after][: len(before)] == [k["key_id"] for k in before]
+    (new,) = [k for k in after if not k.get("retired_at")]
+    assert new["key_id"] not in {k["key_id"] for k in before}
+    table = edgefleet(w.cp, "signing-keys", "ls").stdout
+    assert "current" in table and "retired" in table
+    # Asking first, unless --yes.
+    refused = edgefleet(w.cp, "signing-keys", "rotate", check=False)
+    assert refused.returncode != 0 and len(edgefleet_json(w.cp, "signing-keys", "ls")) == len(after)

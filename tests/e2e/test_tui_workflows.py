@@ -1,0 +1,314 @@
+"""Operator workflows through the TUI, driven by a pilot, against a real
+control plane (in process, SQLite) with simulated agents (fleetsim) on the
+real device protocol and the real FleetClient: accept a pending device;
+push a model and see its measured build table; create a rollout in the
+wizard and watch it complete live; abort one and see the devices revert."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from textual.pilot import Pilot
+from textual.widgets import DataTable, Input, Static
+
+from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.server import ControlPlane, create_server
+from edgefleet.demo.models import BuiltModel, build_digits_classifier
+from edgefleet.sim import Fleet, parse_profile
+from edgefleet.tui.app import EdgeFleetApp, make_app
+from edgefleet.tui.client import FleetClient
+from edgefleet.tui.screens.devices import DevicesScreen
+from edgefleet.tui.screens.models import ModelsScreen
+from edgefleet.tui.screens.monitor import MonitorScreen
+from edgefleet.tui.screens.wizard import WizardScreen
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import operator_pb2 as o
+from edgefleet.v1 import operator_pb2_grpc as og
+from testkit.harness import ADMIN_TOKEN
+from tests.e2e.test_api import _parts, _push_requests
+from tests.e2e.test_builds_service import finish_builds_by_hand
+
+pytestmark = pytest.mark.timeout(120)
+ADMIN = bearer_metadata(ADMIN_TOKEN)
+SIZE = (100, 30)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> BuiltModel:
+    return build_digits_classifier(tmp_path_factory.mktemp("digits"), hidden=8)
+
+
+async def _server(tmp_path: Path, build_workers: int = 0) -> ControlPlane:
+    return await create_server(
+        ServerConfig(
+            data_dir=tmp_path / "cp", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN,
+            build_workers=build_workers, heartbeat_interval_s=1, telemetry_interval_s=1,
+            rollout_tick_s=0.2,
+        )
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    server = await _server(tmp_path)
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def op(cp: ControlPlane) -> AsyncIterator[og.OperatorServiceStub]:
+    async with grpc.aio.insecure_channel(cp.address) as channel:
+        yield og.OperatorServiceStub(channel)
+
+
+def _app(cp: ControlPlane) -> EdgeFleetApp:
+    return make_app(FleetClient(cp.address, ADMIN_TOKEN))
+
+
+async def until(pilot: Pilot[None], condition: Callable[[], Any], what: str,
+                within_s: float = 30) -> Any:  # fmt: skip
+    """Let the app run until `condition()` is truthy (it reads the UI)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        try:
+            value = condition()
+        except Exception:  # a widget not mounted yet, a row not there yet
+            value = None
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the TUI never showed {what}")
+        await pilot.pause(0.05)
+
+
+def _rows(table: DataTable[Any]) -> list[list[str]]:
+    return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+def _profile(**versions: dict[str, Any]) -> Any:
+    return parse_profile({
+        "heartbeat_interval_s": 1, "telemetry_interval_s": 0.5, "versions": versions,
+        "classes": [
+            {"name": "pi", "weight": 1, "hardware": {"arch": "aarch64"}, "install_s": [0.05, 0.2],
+             "latency_p95_ms": 10, "error_rate": 0.0},
+            {"name": "gw", "weight": 1, "hardware": {"arch": "x86_64"}, "install_s": [0.05, 0.2],
+             "latency_p95_ms": 10, "error_rate": 0.0},
+        ],
+    })  # fmt: skip
+
+
+async def _token(op: og.OperatorServiceStub, **kw: Any) -> str:
+    resp = await op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="sim", **kw),
+                                          metadata=ADMIN)  # fmt: skip
+    return str(resp.secret)
+
+
+async def _classes(op: og.OperatorServiceStub) -> None:
+    for name, arch in (("pi", "aarch64"), ("gw", "x86_64")):
+        await op.CreateDeviceClass(
+            o.CreateDeviceClassRequest(
+                name=name,
+                constraints=c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME,
+                                                latency_budget_p95_ms=30),
+                match_rules=[c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[arch])],
+            ),
+            metadata=ADMIN,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- devices
+
+
+async def test_accept_a_pending_device(cp: ControlPlane, op: og.OperatorServiceStub) -> None:
+    token = await _token(op, policy=o.ENROLLMENT_POLICY_PENDING)
+    async with Fleet(cp.address, token, _profile(), n=1, prefix="field", seed=1,
+                     heartbeat_interval_s=1) as fleet:  # fmt: skip
+        device_id = fleet.agents[0].device_id
+        app = _app(cp)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("2")
+            screen = await until(pilot, lambda: isinstance(app.screen, DevicesScreen)
+                                 and app.screen, "the devices screen")  # fmt: skip
+            table = screen.query_one(DataTable)
+            await until(pilot, lambda: any(r[1] == "pending" for r in _rows(table)),
+                        "the pending device")  # fmt: skip
+            await pilot.press("a")
+            # The watch stream brings the change back: no refresh pressed.
+            await until(pilot, lambda: _rows(table)[0][1] in ("online", "offline"),
+                        "the device accepted")  # fmt: skip
+            shown = await op.GetDevice(o.GetDeviceRequest(id=device_id), metadata=ADMIN)
+            assert shown.state == c.DEVICE_STATE_ACCEPTED
+            # Labels: typed in a dialog, applied by the server, shown live.
+            await pilot.press("l")
+            await until(pilot, lambda: app.screen.query_one("#prompt", Input), "the labels dialog")
+            app.screen.query_one("#prompt", Input).value = "tier=canary"
+            await pilot.press("enter")
+            await until(pilot, lambda: "tier=canary" in _rows(table)[0][4], "the new label")
+            shown = await op.GetDevice(o.GetDeviceRequest(id=device_id), metadata=ADMIN)
+            assert shown.labels["tier"] == "canary"
+            # What does not parse is a notification naming the problem.
+            await pilot.press("l")
+            await until(pilot, lambda: app.screen.query_one("#prompt", Input), "the labels dialog")
+            app.screen.query_one("#prompt", Input).value = "=oops"
+            await pilot.press("enter")
+            await until(pilot, lambda: any(n.severity == "error" and "key=value" in n.message
+                                           for n in app._notifications),
+                        "the input error")  # fmt: skip
+
+
+# ---------------------------------------------------------------- models and builds
+
+
+async def test_push_a_model_and_see_its_build_table(tmp_path: Path, digits: BuiltModel) -> None:
+    server = await _server(tmp_path, build_workers=1)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = og.OperatorServiceStub(channel)
+            await stub.CreateDeviceClass(
+                o.CreateDeviceClassRequest(
+                    name="gw", constraints=c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME,
+                                                               max_model_size_mb=1),
+                    match_rules=[c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=["x86_64"])],
+                ),
+                metadata=ADMIN,
+            )  # fmt: skip
+        app = _app(server)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("4", "u")
+            await until(pilot, lambda: app.screen.query_one("#model", Input), "the push dialog")
+            for field, value in (("name", "digits"), ("version", "1.0.0"),
+                                 ("model", str(digits.model)),
+                                 ("sample_data", str(digits.sample_data))):  # fmt: skip
+                app.screen.query_one(f"#{field}", Input).value = value
+            await pilot.press("ctrl+s")
+            screen = await until(pilot, lambda: isinstance(app.screen, ModelsScreen)
+                                 and app.screen, "the models screen again")  # fmt: skip
+            builds = screen.query_one("#builds", DataTable)
+            # A real build: every candidate measured; the table follows it live.
+            await until(pilot, lambda: _rows(builds) and _rows(builds)[0][1] == "succeeded",
+                        "the build succeeded", within_s=90)  # fmt: skip
+            candidates = screen.query_one("#candidates", DataTable)
+            await until(pilot, lambda: candidates.row_count >= 2, "the candidate table")
+            rows = _rows(candidates)
+            assert {r[0] for r in rows} >= {"fp32-opt", "int8-dynamic"}
+            assert sum(r[4] == "CHOSEN" for r in rows) == 1
+            assert _rows(builds)[0][3] in {r[0] for r in rows}
+    finally:
+        await server.stop(grace=0.5)
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+async def _versions(cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltModel) -> None:
+    """digits 1.0.0 and 2.0.0, with build results made by hand (the ladder
+    is tested elsewhere; this is about the wizard and the monitor)."""
+    await _classes(op)
+    parts = _parts(model=digits.model, sample_data=digits.sample_data)
+    for version in ("1.0.0", "2.0.0"):
+        await op.PushModel(_push_requests("digits", version, parts), metadata=ADMIN)
+    await finish_builds_by_hand(cp, op, digits.model, 4)
+
+
+async def _on_version(op: og.OperatorServiceStub, fleet: Fleet, version: str) -> None:
+    ids = [a.device_id for a in fleet.agents]
+    await op.AssignModel(o.AssignModelRequest(device_ids=ids, model_name="digits",
+                                              model_version=version), metadata=ADMIN)  # fmt: skip
+    await fleet.wait_until(lambda f: all(a.active_version == version for a in f.agents), 30,
+                           what=f"every agent on {version}")  # fmt: skip
+
+
+async def _wizard(pilot: Pilot[None], app: EdgeFleetApp, stages: str) -> MonitorScreen:
+    """Fill in the wizard, dry run, check the plan, start: the monitor opens."""
+    await pilot.press("5", "n")
+    wizard = await until(pilot, lambda: isinstance(app.screen, WizardScreen) and app.screen,
+                         "the wizard")  # fmt: skip
+    await until(pilot, lambda: wizard.query_one("#version", Input).value, "a version suggested")
+    for field, value in (("version", "digits@2.0.0"), ("classes", "pi,gw"), ("stages", stages)):
+        wizard.query_one(f"#{field}", Input).value = value
+    await pilot.press("ctrl+s")  # not dry-run yet: refused
+    await until(pilot, lambda: any("dry run" in n.message for n in app._notifications),
+                "start refused before a dry run")  # fmt: skip
+    await pilot.press("ctrl+r")
+    plan = wizard.query_one("#plan", Static)
+    await until(pilot, lambda: "excluded" in str(wizard.query_one("#errors", Static).render()),
+                "the dry run")  # fmt: skip
+    assert wizard.plan is not None and len(wizard.plan.planned) == 4
+    # Stratified: the one-device stage holds one device of each class.
+    assert sorted(d.class_name for d in wizard.plan.stage_devices(0)) == ["gw", "pi"]
+    assert plan.display
+    await pilot.press("ctrl+s")
+    monitor: MonitorScreen = await until(
+        pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen, "the monitor"
+    )
+    return monitor
+
+
+def _title(monitor: MonitorScreen) -> str:
+    return str(monitor.query_one("#title", Static).render())
+
+
+@contextlib.asynccontextmanager
+async def _fleet_on_1_0_0(
+    cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltModel
+) -> AsyncIterator[Fleet]:
+    """Four simulated devices over two classes, all serving digits 1.0.0,
+    with 2.0.0 built for the rollout."""
+    await _versions(cp, op, digits)
+    async with Fleet(cp.address, await _token(op), _profile(), n=4, prefix="sim", seed=1,
+                     heartbeat_interval_s=1, telemetry_interval_s=0.5) as fleet:  # fmt: skip
+        await _on_version(op, fleet, "1.0.0")
+        yield fleet
+
+
+async def test_create_a_rollout_in_the_wizard_and_watch_it_complete(
+    cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltModel
+) -> None:
+    async with _fleet_on_1_0_0(cp, op, digits) as fleet:
+        app = _app(cp)
+        async with app.run_test(size=SIZE) as pilot:
+            monitor = await _wizard(pilot, app, "1,stratified; 100%")
+            seen: set[str] = set()
+
+            def done() -> bool:
+                seen.add(_title(monitor).split()[3])
+                return "SUCCEEDED" in _title(monitor)
+
+            # Live: the monitor follows the watch stream to the end.
+            await until(pilot, done, "the rollout succeeded", within_s=60)
+            assert "RUNNING" in seen
+            devices = monitor.query_one("#devices", DataTable)
+            await until(pilot, lambda: [r[3] for r in _rows(devices)] == ["committed"] * 4,
+                        "every device committed")  # fmt: skip
+            assert app.events_seen > 0
+        assert all(a.active_version == "2.0.0" for a in fleet.agents)
+
+
+async def test_abort_a_rollout_and_see_devices_revert(
+    cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltModel
+) -> None:
+    async with _fleet_on_1_0_0(cp, op, digits) as fleet:
+        app = _app(cp)
+        async with app.run_test(size=SIZE) as pilot:
+            # The first stage bakes for long: the rollout waits there.
+            monitor = await _wizard(pilot, app, "2,stratified,bake=10m; 100%")
+            devices = monitor.query_one("#devices", DataTable)
+            await until(pilot, lambda: sum(r[3] == "committed" for r in _rows(devices)) == 2,
+                        "the first stage committed")  # fmt: skip
+            await pilot.press("x")
+            await until(pilot, lambda: app.screen.query_one("#revert"), "the abort dialog")
+            await pilot.press("ctrl+y")
+            await until(pilot, lambda: "ABORTED" in _title(monitor), "the rollout aborted")
+            await until(pilot, lambda: sum(r[3] == "reverted" for r in _rows(devices)) == 2,
+                        "both devices reverted", within_s=30)  # fmt: skip
+        await fleet.wait_until(lambda f: all(a.active_version == "1.0.0" for a in f.agents), 30,
+                               what="every device back on 1.0.0")  # fmt: skip

@@ -1,0 +1,83 @@
+"""Snapshots of every TUI screen at 80x24 over fixed data (tests/tui_fake.py:
+a fake FleetApi with a fixed clock) with the cursor blink frozen.
+`pytest tests/test_tui_snapshots.py --snapshot-update` rewrites them after a
+deliberate change; look at the SVGs in tests/__snapshots__ before committing."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+
+import pytest
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+from edgefleet.tui.app import EdgeFleetApp, make_app
+from testkit.tui_fake import NOW, FakeFleet
+
+SIZE = (80, 24)
+
+
+@pytest.fixture(autouse=True)
+def no_cursor_blink(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blinking cursor is on or off depending on when the shot is taken."""
+    monkeypatch.setattr(Input, "_toggle_cursor", lambda self: None)
+
+
+def _app() -> EdgeFleetApp:
+    return make_app(FakeFleet(), clock=lambda: NOW, watch=False)
+
+
+async def settle(pilot: Pilot[None]) -> None:
+    """Until every worker is done and what they showed is drawn."""
+    for _ in range(3):
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+
+
+def _keys(*keys: str) -> Callable[[Pilot[None]], Awaitable[None]]:
+    async def run(pilot: Pilot[None]) -> None:
+        await settle(pilot)
+        for key in keys:
+            await pilot.press(key)
+            await settle(pilot)
+
+    return run
+
+
+def _typed(keys: Iterable[str], fields: dict[str, str], then: Iterable[str] = ()) -> Callable[
+    [Pilot[None]], Awaitable[None]
+]:  # fmt: skip
+    async def run(pilot: Pilot[None]) -> None:
+        await _keys(*keys)(pilot)
+        for field, value in fields.items():
+            pilot.app.screen.query_one(f"#{field}", Input).value = value
+        await settle(pilot)
+        await _keys(*then)(pilot)
+
+    return run
+
+
+CASES = {
+    "overview": _keys(),
+    "devices": _keys("2"),
+    "devices_filtered": _keys("2", "slash", "p", "i", "escape"),
+    "device_detail": _keys("2", "down", "down", "enter"),
+    "classes": _keys("3", "down"),
+    "class_form_error": _typed(["3", "e"], {"latency_budget_ms": "-5"}, ["ctrl+s"]),
+    "models": _keys("4", "tab", "down"),
+    "push_dialog": _keys("4", "u"),
+    "rollouts": _keys("5"),
+    "wizard_dry_run": _typed(["5", "n"], {"version": "digits@1.1.0",
+                                          "classes": "pi-class,x86-gateway",
+                                          "gates": "memory=0.2"}, ["ctrl+r"]),
+    "monitor": _keys("5", "enter"),
+    "abort_dialog": _keys("5", "enter", "x"),
+    "telemetry": _keys("6"),
+    "audit": _keys("7"),
+    "help": _keys("question_mark"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_screen(case: str, snap_compare: Callable[..., bool]) -> None:
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=CASES[case])

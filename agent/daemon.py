@@ -23,12 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import grpc
@@ -50,6 +49,7 @@ from edgefleet.agent.telemetry_buffer import TelemetryBuffer
 from edgefleet.agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics
 from edgefleet.agent.transport import (
     RENEW_RETRY_S,
+    DeviceTls,
     Transport,
     from_response,
     new_key_and_csr,
@@ -57,7 +57,6 @@ from edgefleet.agent.transport import (
     transport_hint,
 )
 from edgefleet.agent.update.activation import HostActivator
-from edgefleet.agent.update.faults import FAULT_ENV, with_pause
 from edgefleet.agent.update.machine import UpdateMachine
 from edgefleet.agent.update.ports import Ports
 from edgefleet.agent.update.remote import GrpcDownloader, StatusReporter
@@ -66,6 +65,7 @@ from edgefleet.agent.update.store import Assignment, UpdateRecord, UpdateStore
 from edgefleet.agent.update.trust import TrustStore
 from edgefleet.agent.update.validate import ManifestValidator
 from edgefleet.agent.update.verify import DeviceVerifier
+from edgefleet.jobs import BackgroundJob, BackgroundJobs
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 log = logging.getLogger("edgefleet.agent")
@@ -261,12 +261,104 @@ def assignment_from_desired(desired: device_pb2.DesiredState) -> Assignment:
     return assignment_from_pb(desired.assignment, desired.key_rotations)
 
 
+# ---------------------------------------------------------------- the agent's parts
+
+
+@dataclass
+class DeviceLink:
+    """Who this device is to the control plane and how it reaches it:
+    detected at boot, changed by enrollment and certificate renewal."""
+
+    hardware_id: str
+    hardware: common_pb2.HardwareProfile
+    runtime: common_pb2.RuntimeFingerprint
+    # Plain text or TLS, and the device's certificate.
+    transport: Transport
+    identity: Identity | None = None
+    # Set once there is a credential (telemetry waits for one).
+    has_identity: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set whenever a new identity or device certificate is adopted: the
+    # renewal loop plans again from the new certificate.
+    credentials_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the live connections must move to another certificate
+    # (renewed, or expired and about to be replaced by enrolling again).
+    reconnect: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def adopt_identity(self, identity: Identity) -> None:
+        """Use `identity` from now on (the caller persisted it)."""
+        self.identity = identity
+        self.has_identity.set()
+        self.credentials_changed.set()
+
+    def adopt_certificate(self, device: DeviceTls) -> None:
+        """Persist and use a new key and certificate (channels made from now on)."""
+        self.transport.adopt(device)
+        self.credentials_changed.set()
+
+    def credential(self) -> str:
+        # Read at every call: a re-enrollment replaces the credential.
+        assert self.identity is not None
+        return self.identity.device_credential
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.credential()}"),)
+
+
+@dataclass
+class SyncState:
+    """What the Sync stream has applied, and how it talks."""
+
+    heartbeat_interval_s: float
+    applied_revision: int = 0
+    class_name: str = ""
+    # The desired state stored when the agent booted: its assignment resumes
+    # once the update machine runs.
+    boot_desired: device_pb2.DesiredState | None = None
+    # Set when the heartbeat interval changed (the heartbeat task waits again).
+    interval_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    heartbeat_seq: int = 0
+    # Whether the current stream received anything (then the backoff restarts).
+    received_in_session: bool = False
+    # Set while a Sync stream is up: where Hellos and status reports go.
+    outbox: asyncio.Queue[device_pb2.AgentMessage] | None = None
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The on-device inference side: the models, what their requests
+    measure, and the power policy that bounds their concurrency."""
+
+    models: ModelHost
+    stats: RequestStats
+    activator: HostActivator
+    power: PowerPolicy
+
+
+@dataclass(frozen=True)
+class Updates:
+    """The update machine on its thread, and what reports its status."""
+
+    runner: UpdateRunner
+    reporter: StatusReporter
+
+
+# Wraps the update machine's ports, to inject faults (crash tests only:
+# agent/update/faults.py; agent/main.py passes one when told to).
+UpdateFaults = Callable[[Ports], Ports]
+
+
 # ---------------------------------------------------------------- the agent
 
 
 class Agent:
     """One device's connection to the control plane. `run` loops until
-    cancelled, and raises AgentError only for fatal problems."""
+    cancelled, and raises AgentError only for fatal problems.
+
+    Its state lives in a few parts: the DeviceLink (identity, hardware,
+    transport) and the SyncState, made by `boot`; Serving and Updates, made
+    by `run`; and the background jobs `run` starts beside the Sync loop
+    (power policy, retried desired-state writes, telemetry upload,
+    certificate renewal), which it stops together when it ends."""
 
     def __init__(
         self,
@@ -274,34 +366,19 @@ class Agent:
         *,
         rng: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        update_faults: UpdateFaults | None = None,
     ) -> None:
         self.config = config
         self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s, rng)
         self._sleep = sleep
-        self._identity: Identity | None = None
-        # The models this device serves; created by run().
-        self.models: ModelHost | None = None
-        # Set once there is a credential to upload telemetry with.
-        self._has_identity = asyncio.Event()
-        self._hardware_id = ""
-        self._hardware = common_pb2.HardwareProfile()
-        self._runtime = common_pb2.RuntimeFingerprint()
-        self._applied_revision = 0
-        self._heartbeat_interval_s = config.heartbeat_interval_s
-        self._interval_changed = asyncio.Event()
-        self._heartbeat_seq = 0
-        self._received_in_session = False
-        self._class_name = ""
-        self._boot_desired: device_pb2.DesiredState | None = None
-        # Set while a Sync stream is up: where status reports go.
-        self._outbox: asyncio.Queue[device_pb2.AgentMessage] | None = None
-        self._updates: UpdateRunner | None = None
-        self._reporter: StatusReporter | None = None
-        # Made by boot(): plain text or TLS, and the device's certificate.
-        self._transport: Transport | None = None
-        # Set when a renewed certificate must replace the live connections.
-        self._reconnect = asyncio.Event()
-        self._telemetry: TelemetryUploader | None = None
+        self._update_faults = update_faults
+        # Made by boot().
+        self._link: DeviceLink | None = None
+        self._sync_state = SyncState(config.heartbeat_interval_s)
+        # Made by run() (which also makes the Serving part, for itself).
+        self._updates: Updates | None = None
+        # Set while the telemetry job runs: it moves to a new certificate.
+        self._uploader: TelemetryUploader | None = None
         # Which state writes wait for room on a full disk (agent/disk.py).
         self._disk = DiskCondition()
         self._desired_writes: RetriedWrite[device_pb2.DesiredState] = RetriedWrite(
@@ -315,6 +392,12 @@ class Agent:
         """Whether an enrollment token is configured."""
         return bool(self.config.enrollment_token)
 
+    @property
+    def link(self) -> DeviceLink:
+        """The device's identity, hardware and transport (made by boot())."""
+        assert self._link is not None, "boot() makes the link"
+        return self._link
+
     # ------------------------------------------------------------ boot
 
     def boot(self) -> Step:
@@ -322,29 +405,33 @@ class Agent:
         Raises StateError or NotProvisioned when the agent cannot start."""
         state_dir = self.config.state_dir
         store.ensure_state_dir(state_dir)
-        self._hardware_id = store.resolve_hardware_id(self.config.hardware_id, state_dir)
-        self._hardware = detect_hardware(state_dir, self.config.hardware)
-        self._runtime = detect_runtime()
+        hardware_id = store.resolve_hardware_id(self.config.hardware_id, state_dir)
+        hardware = detect_hardware(state_dir, self.config.hardware)
         log.info(
             "hardware id %s: %s %s, %d cores, %d MiB, accelerators: %s",
-            self._hardware_id,
-            self._hardware.os_release,
-            self._hardware.arch,
-            self._hardware.cpu_cores,
-            self._hardware.memory_mb,
-            ", ".join(a.name or a.kind for a in self._hardware.accelerators) or "none",
+            hardware_id,
+            hardware.os_release,
+            hardware.arch,
+            hardware.cpu_cores,
+            hardware.memory_mb,
+            ", ".join(a.name or a.kind for a in hardware.accelerators) or "none",
         )
-
-        self._transport = Transport(
-            self.config.server,
-            self.config.ca_cert,
-            state_dir,
-            channel_options(self.config),
-            insecure=self.config.insecure,
+        link = DeviceLink(
+            hardware_id=hardware_id,
+            hardware=hardware,
+            runtime=detect_runtime(),
+            transport=Transport(
+                self.config.server,
+                self.config.ca_cert,
+                state_dir,
+                channel_options(self.config),
+                insecure=self.config.insecure,
+            ),
         )
-        self._identity = self._load_identity()
-        if self._identity is not None:
-            self._has_identity.set()
+        self._link = link
+        identity = self._load_identity(hardware_id)
+        if identity is not None:
+            link.adopt_identity(identity)
         try:
             desired = store.load_desired(state_dir)
         except StateError as exc:
@@ -352,13 +439,13 @@ class Agent:
             log.warning("ignoring the stored desired state: %s", exc.message)
             desired = None
         if desired is not None:
-            self._applied_revision = desired.revision
-            self._class_name = desired.class_name
+            self._sync_state.applied_revision = desired.revision
+            self._sync_state.class_name = desired.class_name
             self._adopt_config(desired.config)
-        self._boot_desired = desired
+        self._sync_state.boot_desired = desired
 
-        if self._identity is not None:
-            log.info("device %s (server %s)", self._identity.device_id, self._identity.server)
+        if identity is not None:
+            log.info("device %s (server %s)", identity.device_id, identity.server)
             return Step.SYNC
         if not self.can_enroll:
             raise NotProvisioned(
@@ -368,7 +455,7 @@ class Agent:
             )
         return Step.ENROLL
 
-    def _load_identity(self) -> Identity | None:
+    def _load_identity(self, hardware_id: str) -> Identity | None:
         try:
             identity = store.load_identity(self.config.state_dir)
         except StateError as exc:
@@ -385,11 +472,11 @@ class Agent:
                 "server changed from %s to %s; enrolling again", identity.server, self.config.server
             )
             return None
-        if identity.hardware_id != self._hardware_id:
+        if identity.hardware_id != hardware_id:
             log.info(
                 "hardware id changed from %s to %s; enrolling again",
                 identity.hardware_id,
-                self._hardware_id,
+                hardware_id,
             )
             return None
         return identity
@@ -400,29 +487,15 @@ class Agent:
         """Boot; serve the on-device inference API and upload telemetry
         while enrolling and syncing forever. Returns only by cancellation."""
         step = self.boot()
-        stats = RequestStats()
-        self.models = ModelHost(
-            workers=self.config.inference_workers,
-            recorder=stats,
-            providers=onnxruntime_providers(self.config.onnxruntime_providers),
-            shadow_max_per_s=self.config.shadow_max_per_s,
-        )
-        power = PowerPolicy(
-            self.models,
-            PowerThresholds.from_config(self.config),
-            interval_s=self.config.power_interval_s,
-        )
-        stats.power_status = power.status
-        activator = HostActivator(self.models, self.config.state_dir)
-        served = await asyncio.to_thread(activator.restore)
+        serving = self._start_serving()
+        served = await asyncio.to_thread(serving.activator.restore)
         if served is not None:
             log.info("serving %s %s", served.model_name, served.model_version)
         inference = await start_inference_server(
-            self.models, self.config.state_dir, listen=self.config.inference_listen
+            serving.models, self.config.state_dir, listen=self.config.inference_listen
         )
         log.info("inference API on %s (fast path %s)", inference.unix_target,
                  inference.fast_socket_path)  # fmt: skip
-        power_task = asyncio.create_task(power.run(), name="power")
         loop = asyncio.get_running_loop()
 
         def disk_changed() -> None:  # on whichever thread reported
@@ -431,27 +504,49 @@ class Agent:
                 loop.call_soon_threadsafe(self._disk_changed)
 
         self._disk.subscribe(disk_changed)
-        desired_writes = asyncio.create_task(self._desired_writes.run(), name="desired-writes")
-        self._updates = self._start_updates(activator)
-        if self._boot_desired is not None and self._boot_desired.HasField("assignment"):
-            self._updates.submit(assignment_from_desired(self._boot_desired))
-        telemetry = asyncio.create_task(self._upload_telemetry(stats), name="telemetry")
-        renewal = asyncio.create_task(self._renew_certificates(), name="certificates")
+        updates = self._start_updates(serving.activator)
+        self._updates = updates
+        boot_desired = self._sync_state.boot_desired
+        if boot_desired is not None and boot_desired.HasField("assignment"):
+            updates.runner.submit(assignment_from_desired(boot_desired))
+        jobs = BackgroundJobs([
+            BackgroundJob("power", serving.power.run),
+            BackgroundJob("desired-writes", self._desired_writes.run),
+            BackgroundJob("telemetry", lambda: self._upload_telemetry(serving.stats)),
+            BackgroundJob("certificates", self._renew_certificates),
+        ])  # fmt: skip
+        jobs.start()
         try:
             await self._sync_forever(step)
         finally:
-            for task in (telemetry, power_task, renewal, desired_writes):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await asyncio.to_thread(self._updates.stop)
+            await jobs.stop()
+            await asyncio.to_thread(updates.runner.stop)
             await inference.stop(grace=STOP_SERVING_GRACE_S)
 
-    def _start_updates(self, activator: HostActivator) -> UpdateRunner:
-        """The update machine with its real ports, resuming whatever update
-        the record on disk says was under way, on its own thread."""
+    def _start_serving(self) -> Serving:
+        """The model host (nothing loaded yet) with its stats and power policy."""
+        stats = RequestStats()
+        models = ModelHost(
+            workers=self.config.inference_workers,
+            recorder=stats,
+            providers=onnxruntime_providers(self.config.onnxruntime_providers),
+            shadow_max_per_s=self.config.shadow_max_per_s,
+        )
+        power = PowerPolicy(
+            models,
+            PowerThresholds.from_config(self.config),
+            interval_s=self.config.power_interval_s,
+        )
+        stats.power_status = power.status
+        return Serving(models, stats, HostActivator(models, self.config.state_dir), power)
+
+    def _start_updates(self, activator: HostActivator) -> Updates:
+        """The update machine with its real ports (wrapped by the update
+        faults, if any), resuming whatever update the record on disk says
+        was under way, on its own thread."""
         loop = asyncio.get_running_loop()
         state_dir = self.config.state_dir
+        link = self.link
 
         def active() -> tuple[str, str]:
             current = activator.current()
@@ -466,47 +561,45 @@ class Agent:
             assert machine is not None
             return machine.record
 
-        self._reporter = StatusReporter(
-            publish, record, active, condition=lambda: self._disk.reason
-        )
+        reporter = StatusReporter(publish, record, active, condition=lambda: self._disk.reason)
         ports = Ports(
             downloader=GrpcDownloader(
-                self._transport_().blocking_device_channel,
-                self._current_credential,
+                link.transport.blocking_device_channel,
+                link.credential,
                 chunk_size=self.config.download_chunk_size,
             ),
-            verifier=DeviceVerifier(state_dir, lambda: self._class_name),
-            validator=ManifestValidator(fingerprint=self._runtime),
+            verifier=DeviceVerifier(state_dir, lambda: self._sync_state.class_name),
+            validator=ManifestValidator(fingerprint=link.runtime),
             activator=activator,
-            reporter=self._reporter,
+            reporter=reporter,
             sleep=lambda seconds: runner.wait(seconds),
             trust=TrustStore(state_dir),
         )
-        fault = os.environ.get(FAULT_ENV)
-        if fault:
-            log.warning("%s=%s: update fault injection is ON (tests only)", FAULT_ENV, fault)
-            ports = with_pause(ports, fault, state_dir)
+        if self._update_faults is not None:
+            ports = self._update_faults(ports)
         machine = UpdateMachine(UpdateStore(state_dir), ports, disk=self._disk)
         runner = UpdateRunner(machine)
         runner.start()
-        return runner
+        return Updates(runner, reporter)
 
     def _disk_changed(self) -> None:
         # On the event loop: a state write started or stopped waiting for
         # room. A Hello tells the control plane both ways at once: its
         # hardware profile has the free space, its update status the reason.
         # With no stream up, the next stream's Hello says the same.
-        if self._outbox is not None:
-            self._outbox.put_nowait(self._hello())
+        outbox = self._sync_state.outbox
+        if outbox is not None:
+            outbox.put_nowait(self._hello())
 
     def _send_status(self, status: common_pb2.UpdateStatus) -> None:
         # On the event loop. With no stream up, the next Hello carries the
         # latest status instead.
-        if self._outbox is not None:
-            self._outbox.put_nowait(
+        outbox = self._sync_state.outbox
+        if outbox is not None:
+            outbox.put_nowait(
                 device_pb2.AgentMessage(
                     status=device_pb2.StatusReport(
-                        applied_revision=self._applied_revision, update=status
+                        applied_revision=self._sync_state.applied_revision, update=status
                     )
                 )
             )
@@ -514,7 +607,8 @@ class Agent:
     async def _upload_telemetry(self, stats: RequestStats) -> None:
         """Upload telemetry once the device has a credential to send it with;
         until then (and while offline) samples wait in the disk buffer."""
-        await self._has_identity.wait()
+        link = self.link
+        await link.has_identity.wait()
         buffer = await self._open_telemetry_buffer()
         metrics = None
         if self.config.metrics_listen:
@@ -529,16 +623,16 @@ class Agent:
             stats=stats,
             buffer=buffer,
             target=self.config.server,
-            credential=self._current_credential,
+            credential=link.credential,
             interval_s=self.config.telemetry_interval_s,
             metrics=metrics,
-            channel=self._transport_().device_channel,
+            channel=link.transport.device_channel,
         )
-        self._telemetry = uploader
+        self._uploader = uploader
         try:
             await uploader.run()
         finally:
-            self._telemetry = None
+            self._uploader = None
             await uploader.close()
             buffer.close()
 
@@ -557,17 +651,9 @@ class Agent:
             self._disk.recovered(TELEMETRY_BUFFER)
             return buffer
 
-    def _current_credential(self) -> str:
-        # Read at every upload: a re-enrollment replaces the credential.
-        assert self._identity is not None
-        return self._identity.device_credential
-
-    def _transport_(self) -> Transport:
-        assert self._transport is not None, "boot() makes the transport"
-        return self._transport
-
     async def _sync_forever(self, step: Step) -> None:
-        transport = self._transport_()
+        link = self.link
+        transport = link.transport
         while True:
             device = transport.device
             expired = device is not None and time.time() >= device.not_after
@@ -578,7 +664,7 @@ class Agent:
                 channel = transport.enroll_channel()
             else:
                 channel = transport.device_channel()
-            self._reconnect.clear()
+            link.reconnect.clear()
             disk_full: str | None = None
             try:
                 error = await self._run_step(step, channel)
@@ -599,12 +685,12 @@ class Agent:
                 self._disk.recovered("the enrollment")
                 step = Step.SYNC
                 continue
-            if self._reconnect.is_set():
+            if link.reconnect.is_set():
                 log.info("reconnecting with the renewed certificate")
                 continue
             code = error.code() if error is not None else None
             decision = decide(step, code, can_enroll=self.can_enroll)
-            if step is Step.SYNC and self._received_in_session:
+            if step is Step.SYNC and self._sync_state.received_in_session:
                 self._backoff.reset()
             if decision.delay is Delay.MAX:
                 delay = self._backoff.at_max()
@@ -613,7 +699,7 @@ class Agent:
             outcome = (
                 f"{error.code().name}: {error.details()}" if error is not None else "stream ended"
             )
-            hint = transport_hint(outcome, self._transport_().tls)
+            hint = transport_hint(outcome, transport.tls)
             if hint:
                 outcome = f"{outcome}; {hint}"
             log.log(
@@ -644,7 +730,7 @@ class Agent:
         """The Sync stream, ended early (cleanly) by a certificate renewal:
         the stream must move to a channel with the new certificate."""
         sync = asyncio.ensure_future(self._sync(channel))
-        renewed = asyncio.ensure_future(self._reconnect.wait())
+        renewed = asyncio.ensure_future(self.link.reconnect.wait())
         try:
             await asyncio.wait({sync, renewed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -656,22 +742,30 @@ class Agent:
         if sync.done() and not sync.cancelled():
             sync.result()
 
+    # ------------------------------------------------------------ certificates
+
     async def _renew_certificates(self) -> None:
         """Renew the device certificate at two thirds of its life, over the
         current one, then move every connection to the new one. A failed
-        renewal is retried; an expired certificate leads to re-enrollment
-        (see _sync_forever)."""
-        transport = self._transport_()
+        renewal is retried every RENEW_RETRY_S; an expired certificate leads
+        to re-enrollment (see _sync_forever).
+
+        Whenever a new certificate arrives (renewed, or from enrolling again
+        meanwhile), the loop plans again from that certificate's renew_at,
+        at once: sleeping out the retry instead let a short-lived
+        certificate from a re-enrollment expire unrenewed, which forced
+        another re-enrollment every RENEW_RETRY_S."""
+        link = self.link
         while True:
-            device = transport.device
-            if device is None or self._identity is None:
-                await asyncio.sleep(1.0)  # not enrolled with TLS (yet)
+            link.credentials_changed.clear()
+            device = link.transport.device
+            if device is None or link.identity is None:
+                await link.credentials_changed.wait()  # not enrolled with TLS (yet)
                 continue
-            await asyncio.sleep(max(0.0, device.renew_at() - time.time()))
-            if transport.device is not device:
-                continue  # re-enrolled meanwhile: a new certificate already
+            if await self._credentials_change_within(device.renew_at() - time.time()):
+                continue
             try:
-                await self._renew_once(transport)
+                await self._renew_once()
                 self._disk.recovered("the device certificate")
             except (grpc.aio.AioRpcError, StateError) as exc:
                 detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
@@ -683,49 +777,63 @@ class Agent:
                 if time.time() >= device.not_after:
                     # Too late to renew: reconnecting enrolls again (with a
                     # token) or keeps saying why it cannot.
-                    self._reconnect.set()
-                await asyncio.sleep(RENEW_RETRY_S)
+                    link.reconnect.set()
+                await self._credentials_change_within(RENEW_RETRY_S)
 
-    async def _renew_once(self, transport: Transport) -> None:
-        assert self._identity is not None
-        key_pem, csr = new_key_and_csr(self._identity.device_id)
-        channel = transport.device_channel()
+    async def _credentials_change_within(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a new identity or certificate; whether
+        one came."""
+        changed = self.link.credentials_changed
+        if changed.is_set():
+            return True
+        try:
+            await asyncio.wait_for(changed.wait(), max(0.0, seconds))
+        except TimeoutError:
+            return False
+        return True
+
+    async def _renew_once(self) -> None:
+        link = self.link
+        assert link.identity is not None
+        key_pem, csr = new_key_and_csr(link.identity.device_id)
+        channel = link.transport.device_channel()
         try:
             response = await device_pb2_grpc.DeviceServiceStub(channel).RenewCertificate(
                 device_pb2.RenewCertificateRequest(csr=csr),
-                metadata=self._metadata(),
+                metadata=link.metadata(),
                 timeout=ENROLL_TIMEOUT_S,
             )
         finally:
             await channel.close(grace=None)
-        renewed = from_response(key_pem, response.certificate, transport.device_target)
-        transport.adopt(renewed)
+        renewed = from_response(key_pem, response.certificate, link.transport.device_target)
+        link.adopt_certificate(renewed)
         log.info("device certificate renewed; valid until %s",
                  time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(renewed.not_after)))  # fmt: skip
-        self._reconnect.set()
-        if self._telemetry is not None:
-            await self._telemetry.reconnect()
+        link.reconnect.set()
+        if self._uploader is not None:
+            await self._uploader.reconnect()
 
     # ------------------------------------------------------------ enroll
 
     async def _enroll(self, channel: grpc.aio.Channel) -> None:
         assert self.config.enrollment_token  # boot() and decide() guarantee it
-        transport = self._transport_()
+        link = self.link
+        transport = link.transport
         stub = device_pb2_grpc.DeviceServiceStub(channel)
-        name = self.config.name or self._hardware.hostname
+        name = self.config.name or link.hardware.hostname
         request = device_pb2.EnrollRequest(
             enrollment_token=self.config.enrollment_token,
-            hardware_id=self._hardware_id,
+            hardware_id=link.hardware_id,
             name=name,
             labels=dict(self.config.labels),
-            hardware=self._hardware,
-            runtime=self._runtime,
+            hardware=link.hardware,
+            runtime=link.runtime,
         )
         key_pem = b""
         if transport.tls:
             # A new key per enrollment; it never leaves this device.
-            key_pem, request.csr = new_key_and_csr(name or self._hardware_id)
-        previous = self._identity
+            key_pem, request.csr = new_key_and_csr(name or link.hardware_id)
+        previous = link.identity
         if previous is not None:
             # Enrolling this hardware id again (an expired certificate, a
             # refused credential): prove we are the device it belongs to, with
@@ -742,28 +850,27 @@ class Agent:
             device_id=response.device_id,
             device_credential=response.device_credential,
             server=self.config.server,
-            hardware_id=self._hardware_id,
+            hardware_id=link.hardware_id,
         )
         if previous is None or previous.device_id != identity.device_id:
             # Revisions count per device: a new device id starts from 0.
             store.forget_desired(self.config.state_dir)
-            self._applied_revision = 0
+            self._sync_state.applied_revision = 0
         # Pin the keys that sign artifact manifests before anything else can
         # arrive from this control plane (trust on first enrollment).
         store.save_trusted_keys(
             self.config.state_dir, {k.key_id: k.public_key for k in response.signing_keys}
         )
         if transport.tls:
-            transport.adopt(from_response(key_pem, response.certificate, self.config.server))
+            link.adopt_certificate(from_response(key_pem, response.certificate, self.config.server))
         # Persist before use: a crash after Sync but before saving would leave
         # the device enrolled with a credential nobody knows.
         store.save_identity(self.config.state_dir, identity)
-        self._identity = identity
-        self._has_identity.set()
-        if transport.tls and self._telemetry is not None:
+        link.adopt_identity(identity)
+        if transport.tls and self._uploader is not None:
             # Its channel presents the certificate this enrollment revoked
             # (or one that expired): upload over one with the new certificate.
-            await self._telemetry.reconnect()
+            await self._uploader.reconnect()
         log.info(
             "enrolled as device %s (state %s)",
             identity.device_id,
@@ -772,43 +879,41 @@ class Agent:
 
     # ------------------------------------------------------------ sync
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        assert self._identity is not None
-        return (("authorization", f"Bearer {self._identity.device_credential}"),)
-
     def _hello(self) -> device_pb2.AgentMessage:
+        link = self.link
         hardware = common_pb2.HardwareProfile()
-        hardware.CopyFrom(self._hardware)
+        hardware.CopyFrom(link.hardware)
         # Free disk space changes while the agent runs; the rest does not.
         with contextlib.suppress(OSError):
             usage = psutil.disk_usage(str(self.config.state_dir))
             hardware.disk_free_mb = usage.free // _MIB
         hello = device_pb2.Hello(
             hardware=hardware,
-            runtime=self._runtime,
-            applied_revision=self._applied_revision,
+            runtime=link.runtime,
+            applied_revision=self._sync_state.applied_revision,
         )
-        if self._reporter is not None:
-            hello.update.CopyFrom(self._reporter.current())
+        if self._updates is not None:
+            hello.update.CopyFrom(self._updates.reporter.current())
         return device_pb2.AgentMessage(hello=hello)
 
     async def _sync(self, channel: grpc.aio.Channel) -> None:
         """One Sync stream, until the server ends it (returns) or it fails
         (raises AioRpcError)."""
-        self._received_in_session = False
+        state = self._sync_state
+        state.received_in_session = False
         # One queue feeds the request stream, so the heartbeat task and the
         # status reports never write to the call concurrently.
         outbox: asyncio.Queue[device_pb2.AgentMessage] = asyncio.Queue()
         outbox.put_nowait(self._hello())
         stub = device_pb2_grpc.DeviceServiceStub(channel)
-        call = stub.Sync(_drain(outbox), metadata=self._metadata())
+        call = stub.Sync(_drain(outbox), metadata=self.link.metadata())
         heartbeats = asyncio.create_task(self._send_heartbeats(outbox))
-        self._outbox = outbox
+        state.outbox = outbox
         try:
             async for message in call:
-                if not self._received_in_session:
+                if not state.received_in_session:
                     log.info("connected to %s", self.config.server)
-                    self._received_in_session = True
+                    state.received_in_session = True
                 kind = message.WhichOneof("kind")
                 if kind == "desired":
                     report = self._apply(message.desired)
@@ -817,50 +922,53 @@ class Agent:
                 elif kind == "heartbeat_ack":
                     log.debug("heartbeat %d acknowledged", message.heartbeat_ack.seq)
         finally:
-            self._outbox = None
+            state.outbox = None
             heartbeats.cancel()
             call.cancel()
             await asyncio.wait({heartbeats})
 
     async def _send_heartbeats(self, outbox: asyncio.Queue[device_pb2.AgentMessage]) -> None:
+        state = self._sync_state
         while True:
-            self._interval_changed.clear()
+            state.interval_changed.clear()
             try:
                 await asyncio.wait_for(
-                    self._interval_changed.wait(), timeout=self._heartbeat_interval_s
+                    state.interval_changed.wait(), timeout=state.heartbeat_interval_s
                 )
                 continue  # the interval changed: wait again with the new one
             except TimeoutError:
                 pass
-            self._heartbeat_seq += 1
-            heartbeat = device_pb2.Heartbeat(seq=self._heartbeat_seq)
+            state.heartbeat_seq += 1
+            heartbeat = device_pb2.Heartbeat(seq=state.heartbeat_seq)
             heartbeat.sent_at.GetCurrentTime()
             outbox.put_nowait(device_pb2.AgentMessage(heartbeat=heartbeat))
 
     def _adopt_config(self, config: device_pb2.AgentConfig) -> None:
+        state = self._sync_state
         interval = float(config.heartbeat_interval_s)
-        if interval and interval != self._heartbeat_interval_s:
+        if interval and interval != state.heartbeat_interval_s:
             log.info("heartbeat interval %g s", interval)
-            self._heartbeat_interval_s = interval
-            self._interval_changed.set()
+            state.heartbeat_interval_s = interval
+            state.interval_changed.set()
 
     def _apply(self, desired: device_pb2.DesiredState) -> device_pb2.AgentMessage | None:
         """Apply a pushed desired state; the StatusReport to send, or None when
         it is not newer than what was applied already."""
+        state = self._sync_state
         # The config is current even when the revision is not new (the first
         # message after a reconnect repeats the applied revision).
         self._adopt_config(desired.config)
-        if desired.revision <= self._applied_revision:
+        if desired.revision <= state.applied_revision:
             log.debug("desired state revision %d already applied", desired.revision)
             return None
         # Written now, or (disk full) kept and written again until it lands:
         # applied from memory meanwhile (module docstring).
         self._desired_writes.submit(desired)
-        self._applied_revision = desired.revision
-        self._class_name = desired.class_name
+        state.applied_revision = desired.revision
+        state.class_name = desired.class_name
         log.info(describe_desired(desired))
         if desired.HasField("assignment") and self._updates is not None:
-            self._updates.submit(assignment_from_desired(desired))
+            self._updates.runner.submit(assignment_from_desired(desired))
         return device_pb2.AgentMessage(
             status=device_pb2.StatusReport(applied_revision=desired.revision)
         )
@@ -876,10 +984,18 @@ async def _drain(
 # ---------------------------------------------------------------- process
 
 
-async def serve(config: AgentConfig) -> int:
+async def serve(config: AgentConfig, *, update_faults: UpdateFaults | None = None) -> int:
     """Run an Agent until SIGTERM or SIGINT; the process exit status. Fatal
     agent errors are logged and give 1."""
-    agent_task = asyncio.create_task(Agent(config).run(), name="agent")
+    try:
+        store.ensure_state_dir(config.state_dir)
+        # Held until the process exits (see lock_state_dir).
+        store.lock_state_dir(config.state_dir)
+    except AgentError as exc:
+        log.error("%s: %s", exc.title, exc.message)
+        return 1
+    agent = Agent(config, update_faults=update_faults)
+    agent_task = asyncio.create_task(agent.run(), name="agent")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -36,6 +36,7 @@ import psutil
 from google.protobuf.message import DecodeError
 
 from edgefleet.agent.config import HardwareOverrides
+from edgefleet.extras import needs
 from edgefleet.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -472,11 +473,15 @@ def detect_runtime(probe: RuntimeProbe = probe_runtime) -> common_pb2.RuntimeFin
     fingerprint comes from package metadata in this process instead, with no
     runtime imported."""
     try:
-        return probe()
+        fingerprint = probe()
     except RuntimeProbeFailed as exc:
         log.warning(
             "cannot detect the inference runtimes in a child process (%s); reporting them "
             "from package metadata (onnxruntime with its CPU provider only)",
             exc,
         )
-        return detect_runtime_here(import_runtimes=False)
+        fingerprint = detect_runtime_here(import_runtimes=False)
+    if not fingerprint.onnxruntime_version:
+        # The base install has no runtime; the agent runs, and says what to add.
+        log.info("no ONNX Runtime here: %s", needs("serving ONNX models", "onnxruntime"))
+    return fingerprint

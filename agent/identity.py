@@ -14,10 +14,10 @@ of room raises DiskFull (agent/disk.py), which the agent survives."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +27,9 @@ from google.protobuf import json_format
 
 from edgefleet.agent.disk import write_error
 from edgefleet.agent.errors import StateError
+
+# Re-exported: the agent's state files are written with it (see above).
+from edgefleet.fsutil import atomic_write as atomic_write
 from edgefleet.v1 import device_pb2
 
 IDENTITY_FILE = "identity.json"
@@ -47,30 +50,6 @@ class Identity:
     device_credential: str
     server: str
     hardware_id: str
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that readers (and a reboot) see either the
-    old content or the new, never a mix. Leaves no temp file behind."""
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    # The rename is only durable once the directory entry is on disk.
-    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
@@ -108,6 +87,36 @@ def ensure_state_dir(state_dir: Path) -> None:
         raise StateError(f"{state_dir}: cannot create state directory: {exc.strerror}") from exc
     if not os.access(state_dir, os.W_OK | os.X_OK):
         raise StateError(f"{state_dir}: state directory is not writable")
+
+
+LOCK_FILE = "agent.lock"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold state_dir for this process (an exclusive flock on agent.lock,
+    which records our pid), or raise StateError naming the agent that holds
+    it. Two agents on one state directory would write its files at once,
+    take each other's Sync stream, and the one that stops would remove the
+    other's inference sockets. The lock goes with the process (kill -9
+    included), so there is nothing stale to clean up. Returns the descriptor,
+    to keep open for the process's life."""
+    path = state_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateError(f"{path}: cannot open the state directory's lock: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateError(
+            f"{state_dir}: another edgefleet-agent (pid {holder}) is using this state "
+            "directory; stop it first, or give this agent its own state_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 # ---------------------------------------------------------------- identity

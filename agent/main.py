@@ -1,21 +1,30 @@
 """`edgefleet-agent`: the console entry point. Thin: parse arguments, load the
-config, set up logging, run the daemon."""
+config, set up logging, run the daemon.
+
+It is also the one place that reads the crash tests' fault-injection
+variable (agent/update/faults.py): the daemon only takes what it is given."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.config import default_config_path, env_var, load_config
-from edgefleet.agent.daemon import serve
+from edgefleet.agent.config import AgentConfig, default_config_path, env_var, load_config
+from edgefleet.agent.daemon import UpdateFaults, serve
 from edgefleet.agent.errors import ConfigError
 from edgefleet.agent.hardware import agent_version
+from edgefleet.agent.update.faults import FAULT_ENV, with_pause
+from edgefleet.agent.update.ports import Ports
+from edgefleet.extras import MissingExtra
+
+log = logging.getLogger("edgefleet.agent")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -64,9 +73,23 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def update_faults_from_env(config: AgentConfig) -> UpdateFaults | None:
+    """The update machine's fault injection that a crash test asked for with
+    FAULT_ENV=<point>; None (always, in production) when it is not set."""
+    point = os.environ.get(FAULT_ENV)
+    if not point:
+        return None
+    log.warning("%s=%s: update fault injection is ON (tests only)", FAULT_ENV, point)
+
+    def pause_at_point(ports: Ports) -> Ports:
+        return with_pause(ports, point, config.state_dir)
+
+    return pause_at_point
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; the process exit status (0 after SIGTERM/SIGINT, 2 on a
-    configuration error, 1 on another fatal error)."""
+    configuration error or a missing extra, 1 on another fatal error)."""
     # Until the event loop installs its own handlers, a stop request (systemd
     # stopping a unit that just started) is still a clean stop, not a crash.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -83,7 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edgefleet-agent: {exc.message}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config, update_faults=update_faults_from_env(config)))
+    except MissingExtra as missing:  # a part of EdgeFleet this install lacks: one line
+        print(missing, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
@@ -135,8 +135,9 @@ class Recorder(Protocol):
     def record(self, model: str, version: str, latency_s: float, outcome: str) -> None: ...
 
 
+@runtime_checkable
 class ShadowRecorder(Protocol):
-    """What a Recorder may also have (it is looked up, not required, so
+    """What a Recorder may also have (checked once, not required, so
     recorders written before shadows existed keep working): told about
     every mirrored request, on the shadow thread. Must not raise."""
 
@@ -534,6 +535,8 @@ class ModelHost:
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="infer")
         self._threads = threads
         self._recorder = recorder
+        # The same recorder, when it also records shadow comparisons.
+        self._shadow_recorder = recorder if isinstance(recorder, ShadowRecorder) else None
         self._open = open_model
         self._clock = clock
         self._models: dict[str, _Slot] = {}
@@ -884,13 +887,13 @@ class ModelHost:
             if found is None:
                 return
             comparison = found
-        record = getattr(self._recorder, "record_shadow", None)
-        if record is None:
+        recorder = self._shadow_recorder
+        if recorder is None:
             return
         try:
-            record(job.active.name, job.active.version, job.shadow.version,
-                   comparison.agreed_rows, comparison.total_rows, comparison.max_diff,
-                   latency_s)  # fmt: skip
+            recorder.record_shadow(job.active.name, job.active.version, job.shadow.version,
+                                   comparison.agreed_rows, comparison.total_rows,
+                                   comparison.max_diff, latency_s)  # fmt: skip
         except Exception:
             log.exception("telemetry recorder failed on a shadow comparison")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 
 from edgefleet.agent.errors import ConfigError, StateError
-from edgefleet.agent.identity import atomic_write
+from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import device_pb2
 
 log = logging.getLogger(__name__)
@@ -166,13 +166,6 @@ def load_device_tls(state_dir: Path) -> DeviceTls | None:
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StateError(f"{directory}: damaged TLS state ({exc}); enroll again") from exc
-
-
-def forget_device_tls(state_dir: Path) -> None:
-    """Remove the TLS state (a different device id starts afresh)."""
-    directory = state_dir / TLS_DIR
-    for name in (META_FILE, CERT_FILE, KEY_FILE, CA_FILE):
-        (directory / name).unlink(missing_ok=True)
 
 
 def from_response(

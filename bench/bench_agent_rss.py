@@ -16,9 +16,13 @@ device class matching the agent builds it (ONNX Runtime), an operator assigns
 it with AssignModel, and once the agent reports the update committed the RSS
 is measured again, with the model loaded and warm.
 
-    python bench/bench_agent_rss.py                  # idle
-    python bench/bench_agent_rss.py --with-model     # idle, then with the model
-    python bench/bench_agent_rss.py --imports        # also: what startup imports cost
+    python -m bench.bench_agent_rss                  # idle
+    python -m bench.bench_agent_rss --with-model     # idle, then with the model
+    python -m bench.bench_agent_rss --imports        # also: what startup imports cost
+    python -m bench.bench_agent_rss --smoke          # CI: seconds, figures meaningless
+
+(from the repository root: it starts both with bench/common.py's and
+testkit's helpers).
 """
 
 from __future__ import annotations
@@ -32,88 +36,33 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import psutil
 
-from edgefleet.controlplane.client import operator_stub
+from bench.common import ADMIN_TOKEN, BIN, clean_env, start_control_plane, stop_process
+from edgefleet.controlplane.client.connection import operator_stub
+from edgefleet.polling import wait_for
 from edgefleet.v1 import common_pb2, operator_pb2
+from testkit.agent_harness import AgentProcess
 
-T = TypeVar("T")
 GOAL_BYTES = 48_000_000
 MIB = 1024 * 1024
-BIN = Path(sys.executable).parent
-ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
+# --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; idle and with the model, a second of samples each. Figures meaningless.
+SMOKE = {"settle": 0.5, "sample_seconds": 1.0, "with_model": True}
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout: float) -> T:
-    """Poll `check` until it returns something; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-def clean_env() -> dict[str, str]:
-    # gRPC honours proxy variables, which would send loopback traffic away;
-    # EDGEFLEET_AGENT_* would override the agent's config file.
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if "proxy" not in k.lower() and not k.startswith("EDGEFLEET_AGENT_")
-    }
-
-
-def start_control_plane(root: Path, build_workers: int) -> tuple[subprocess.Popen[bytes], str]:
-    """`edgefleet server` on SQLite in `root`; (process, address)."""
-    data = root / "cp"
-    data.mkdir()
-    port_file = data / "port"
-    with (data / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "edgefleet"), "server", "--insecure", "--data-dir", str(data),
-             "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-             "--admin-token", ADMIN_TOKEN, "--build-workers", str(build_workers)],
-            stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
-        )  # fmt: skip
-    port = wait_for("the control plane to listen", lambda: _read_port(port_file), 60)
-    return proc, f"127.0.0.1:{port}"
-
-
-def _read_port(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip()) or None
-    except (OSError, ValueError):
-        return None
-
-
-def start_agent(root: Path, server: str, token: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """`edgefleet-agent` with a fresh identity; (process, state dir)."""
-    directory = root / "agent"
-    state = directory / "state"
-    state.mkdir(parents=True)
-    config = directory / "agent.toml"
-    config.write_text(
-        f'server = "{server}"\ninsecure = true\nenrollment_token = "{token}"\n'
-        f'state_dir = "{state}"\n'
-        f'hardware_id = "bench-{uuid.uuid4().hex}"\nname = "rss-bench"\n'
-        '[labels]\ntier = "rss-bench"\n'
-    )
-    with (directory / "agent.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "edgefleet-agent"), "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=clean_env(),
-        )
-    return proc, state
+def start_agent(root: Path, server: str, token: str) -> AgentProcess:
+    """`edgefleet-agent` with a fresh identity, started. Its own config's
+    timings, not the harness's quick test ones: measured as it runs."""
+    agent = AgentProcess(
+        root / "agent", server, token, name="rss-bench", labels={"tier": "rss-bench"},
+        heartbeat_interval_s=None, backoff_initial_s=None, backoff_max_s=None,
+    )  # fmt: skip
+    return agent.start()
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -193,11 +142,11 @@ def deploy_model(root: Path, server: str, op: Any, device_id: str) -> int:
             raise SystemExit(f"the build failed: {builds[0].error}")
         return any(b.state == operator_pb2.BUILD_STATE_SUCCEEDED for b in builds) or None
 
-    wait_for("the build", built_ok, 600)
+    wait_for(built_ok, 600, what="the build", interval=0.2)
     wait_for(
-        "the agent's class",
         lambda: op.GetDevice(operator_pb2.GetDeviceRequest(id=device_id)).class_name,
         60,
+        what="the agent's class",
     )
     (assignment,) = op.AssignModel(
         operator_pb2.AssignModelRequest(
@@ -240,7 +189,10 @@ def main() -> None:
     parser.add_argument("--with-model", action="store_true", help="also measure with a model")
     parser.add_argument("--imports", action="store_true", help="show startup import costs")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
 
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -253,22 +205,25 @@ def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgefleet-rss-") as tmp:
         root = Path(tmp)
-        server, address = start_control_plane(root, build_workers=1 if args.with_model else 0)
-        agent: subprocess.Popen[bytes] | None = None
+        server, address = start_control_plane(
+            root / "cp", build_workers=1 if args.with_model else 0
+        )
+        agent: AgentProcess | None = None
         try:
             op = operator_stub(address, ADMIN_TOKEN)
-            wait_for("the control plane", lambda: _healthy(op), 60)
+            wait_for(lambda: _healthy(op), 60, what="the control plane")
             token = op.CreateEnrollmentToken(
                 operator_pb2.CreateEnrollmentTokenRequest(name="rss-bench")
             ).secret
-            agent, state = start_agent(root, address, token)
-            wait_for("enrollment", lambda: (state / "identity.json").exists() or None, 60)
-            wait_for("the first desired state", lambda: (state / "desired.json").exists(), 60)
+            agent = start_agent(root, address, token)
+            identity = agent.wait_for(agent.identity, 60)
+            agent.wait_for(agent.desired, 60)
+            assert agent.proc is not None
             time.sleep(args.settle)
-            results["idle"] = sample(agent.pid, args.sample_seconds)
+            results["idle"] = sample(agent.proc.pid, args.sample_seconds)
             show("idle, enrolled, no model", results["idle"], goal=True)
             if args.with_model:
-                device_id = json.loads((state / "identity.json").read_text())["device_id"]
+                device_id = str(identity["device_id"])
                 sequence = deploy_model(root, address, op, device_id)
 
                 def committed() -> bool | None:
@@ -277,20 +232,16 @@ def main() -> None:
                         raise SystemExit(f"the update failed: {update.reason}")
                     return (update.sequence == sequence and update.state == "committed") or None
 
-                wait_for("the update to commit", committed, 300)
+                wait_for(committed, 300, what="the update to commit", interval=0.2)
                 time.sleep(args.settle)
-                results["with_model"] = sample(agent.pid, args.sample_seconds)
+                results["with_model"] = sample(agent.proc.pid, args.sample_seconds)
                 show("with the digits MLP active (onnxruntime)", results["with_model"], goal=False)
-            if agent.poll() is not None:
-                raise SystemExit(f"the agent exited with {agent.returncode}")
+            if not agent.running:
+                raise SystemExit(f"the agent exited with {agent.proc.returncode}")
         finally:
-            for proc in (agent, server):
-                if proc is not None and proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(15)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+            if agent is not None and agent.running:
+                agent.stop()
+            stop_process(server, grace_s=15)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -19,7 +19,7 @@ BlobStore.add (which also caches it), then, each --runs times:
 Peak Python memory of a first open is taken with tracemalloc.
 
     python bench/bench_blob_cache.py                 # 128 MiB, 5 runs
-    python bench/bench_blob_cache.py --size-mb 2 --runs 1   # the smoke run CI makes
+    python bench/bench_blob_cache.py --smoke         # CI: seconds, figures meaningless
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.services.blobs import BlobStore
 
 MIB = 1024 * 1024
+# --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; every row once on a 2 MiB blob. Figures meaningless.
+SMOKE = {"size_mb": 2, "runs": 1}
 
 
 def _timed(fn: Callable[..., object], *args: object) -> float:
@@ -165,7 +168,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     with tempfile.TemporaryDirectory(prefix="bench-blob-cache-") as work:
         print(json.dumps(run(args.size_mb, args.runs, Path(work)), indent=2))
     return 0

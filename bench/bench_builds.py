@@ -17,10 +17,13 @@ p50/p95, peak memory, agreement with fp32, verdict), the chosen one, each
 build's time, and the wall time of the whole matrix (push -> last build
 finished). See docs/benchmarks.md.
 
-    python bench/bench_builds.py                          # 1 build worker
-    python bench/bench_builds.py --workers 2 --out results.json
-    python bench/bench_builds.py --model cls.onnx         # skip the wheel download
-    python bench/bench_builds.py --min-retention 0.95     # every class keeps 95% agreement
+    python -m bench.bench_builds                          # 1 build worker
+    python -m bench.bench_builds --workers 2 --out results.json
+    python -m bench.bench_builds --model cls.onnx         # skip the wheel download
+    python -m bench.bench_builds --min-retention 0.95     # every class keeps 95% agreement
+    python -m bench.bench_builds --smoke                  # CI: the matrix on 4 samples
+
+(from the repository root: the server starts as bench/common.py starts it).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ import numpy as np
 import psutil
 from google.protobuf import timestamp_pb2
 
-from edgefleet.controlplane.client import CHANNEL_OPTIONS, bearer_metadata
+from bench.common import ADMIN_TOKEN, edgefleet_command, read_port, server_command
+from edgefleet.controlplane.client.connection import CHANNEL_OPTIONS, bearer_metadata
 from edgefleet.demo.models import (
     RAPIDOCR_WHEEL,
     ModelUnavailable,
@@ -61,10 +65,12 @@ from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc
 
-ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # a throwaway server's token
 MODEL_NAME = "ppocr-cls"
 MODEL_VERSION = "2.0.0"
 CHUNK = 1 << 20
+# --smoke: the run CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; the whole matrix on 4 samples. Figures meaningless.
+SMOKE = {"samples": 4, "workers": 1, "timeout": 300.0}
 TERMINAL = (o.BUILD_STATE_SUCCEEDED, o.BUILD_STATE_FAILED)
 STATE_NAMES = {
     o.BUILD_STATE_QUEUED: "queued",
@@ -187,31 +193,13 @@ class Server:
         return {"exit_code": code, "stop_s": perf() - started, "clean": clean}
 
 
-def _edgefleet_bin() -> str:
-    beside = Path(sys.executable).parent / "edgefleet"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("edgefleet")
-    if found is None:
-        raise SystemExit("edgefleet: command not found (install the project: pip install -e .)")
-    return found
-
-
 def start_server(workdir: Path, args: argparse.Namespace) -> Server:
     (workdir / "data").mkdir()
     log_path = workdir / "server.log"
     port_file = workdir / "port"
-    command = [
-        *(shlex.split(args.edgefleet_cmd) if args.edgefleet_cmd else [_edgefleet_bin()]),
-        "server",
-        # Plain text, as the baselines it is compared with.
-        "--insecure",
-        "--data-dir", str(workdir / "data"),
-        "--listen", "127.0.0.1:0",
-        "--port-file", str(port_file),
-        "--admin-token", ADMIN_TOKEN,
-        "--build-workers", str(args.workers),
-    ]  # fmt: skip
+    command = server_command(
+        workdir / "data", port_file, build_workers=args.workers, edgefleet_cmd=args.edgefleet_cmd
+    )
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -220,11 +208,10 @@ def start_server(workdir: Path, args: argparse.Namespace) -> Server:
     server = Server(proc=proc, workdir=workdir, log_path=log_path)
     deadline = perf() + args.startup_timeout
     while perf() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError, ValueError):
-            port = int(port_file.read_text().strip())
-            if port > 0:
-                server.address = f"127.0.0.1:{port}"
-                return server
+        port = read_port(port_file)
+        if port:
+            server.address = f"127.0.0.1:{port}"
+            return server
         time.sleep(0.05)
     server.stop()
     raise RuntimeError(f"the server did not start ({shlex.join(command)}):\n{server.log_tail()}")
@@ -418,10 +405,7 @@ def machine_info() -> dict[str, Any]:
 
 def toolchains(args: argparse.Namespace) -> dict[str, Any]:
     """`edgefleet toolchain ls --json`, trimmed to the versions that matter."""
-    command = [
-        *(shlex.split(args.edgefleet_cmd) if args.edgefleet_cmd else [_edgefleet_bin()]),
-        "toolchain", "ls", "--json",
-    ]  # fmt: skip
+    command = [*edgefleet_command(args.edgefleet_cmd), "toolchain", "ls", "--json"]
     proc = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
     try:
         listed = json.loads(proc.stdout)
@@ -574,7 +558,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--edgefleet-cmd",
         help="command that runs the CLI, e.g. 'python -m edgefleet.controlplane.cli' (default: the "
         "edgefleet script of this environment)")  # fmt: skip
+    add("--smoke", action="store_true", help="CI's short run (SMOKE)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.workers < 1 or args.samples < 1:
         parser.error("--workers and --samples must be >= 1")
     return args

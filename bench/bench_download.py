@@ -19,7 +19,7 @@ plane's blob cache entry):
 Publishing needs no real build: an in-process control plane with no build
 workers takes a tiny pushed model, and the benchmark claims the queued build
 and finishes it with a hand-made result whose chosen candidate is the large
-random file (as tests/test_builds_service.py does). That server is stopped
+random file (as tests/integration/test_builds_service.py does). That server is stopped
 before the measured one starts on the same data dir.
 
 The clients live in this process: a grpc.aio stream per download (the agent's
@@ -30,8 +30,12 @@ Every row is downloaded --runs times, rows alternating in ABBA order, after
 one uncounted warm-up round. One resumed download (from size/2) is checked
 against the control plane. See docs/benchmarks.md.
 
-    python bench/bench_download.py                       # 128 MiB, 5 runs
-    python bench/bench_download.py --size-mb 512 --runs 3 --out results.json
+    python -m bench.bench_download                       # 128 MiB, 5 runs
+    python -m bench.bench_download --size-mb 512 --runs 3 --out results.json
+    python -m bench.bench_download --smoke              # CI: seconds, figures meaningless
+
+(from the repository root: the control plane starts as bench/common.py starts
+it, and the bare server is this module again, in its own process).
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ import math
 import os
 import platform
 import pwd
-import shlex
 import shutil
 import signal
 import socket
@@ -65,10 +68,18 @@ import grpc
 import psutil
 from google.protobuf import duration_pb2
 
-from edgefleet.controlplane.client import bearer_metadata
+from bench.common import ADMIN_TOKEN, read_port, server_command
+from edgefleet.controlplane.build.types import (
+    BuildResult,
+    Candidate,
+    Evaluated,
+    Golden,
+    Measurement,
+)
+from edgefleet.controlplane.client.connection import bearer_metadata
+from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
-ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # a throwaway server's token
 CLASS_NAME = "bench-arm"
 ARCH = "aarch64"  # the class's match rule; the benchmark's devices report it
 MODEL_NAME, MODEL_VERSION = "bench-download", "1.0.0"
@@ -83,8 +94,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * MIB),
 ]
 
+# --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; every row, one run, a 4 MiB artifact. Figures meaningless.
+SMOKE = {"size_mb": 4, "runs": 1, "concurrency": 2}
+
 perf = time.perf_counter
-THIS_FILE = Path(__file__).resolve()
 
 
 class BenchError(Exception):
@@ -132,19 +146,24 @@ async def _push_requests(model: bytes) -> AsyncIterator[operator_pb2.PushModelRe
     )
 
 
-def _build_result(artifact: Path) -> dict[str, Any]:
-    """What a build worker reports, with `artifact` as the chosen candidate."""
-    chosen: dict[str, Any] = {
-        "name": "fp32", "runtime": "onnxruntime", "precision": "fp32",
-        "media_type": "application/onnx", "path": str(artifact), "companion": None,
-        "tensorrt_spec": None, "min_runtime_versions": {"onnxruntime": "1.17"},
-        "size_bytes": artifact.stat().st_size, "latency_p50_ms": 0.01, "latency_p95_ms": 0.02,
-        "peak_memory_mb": 1.0, "max_abs_diff": 0.0, "agreement": 1.0, "accuracy": None,
-        "passed": True, "reasons": [], "chosen": True, "error": "",
-    }  # fmt: skip
-    return {"candidates": [chosen], "chosen": chosen, "reference_accuracy": None,
-            "log": ["bench_download: hand-made result"], "golden": None, "atol": 1e-3,
-            "rtol": 1e-3, "min_agreement": 0.99}  # fmt: skip
+def _build_result(artifact: Path) -> BuildResult:
+    """What a build worker returns, over a real file (a hand-made one)."""
+    chosen = Candidate(
+        "fp32", "onnxruntime", "fp32", artifact, min_runtime_versions={"onnxruntime": "1.17"}
+    )
+    measured = Measurement(
+        size_bytes=artifact.stat().st_size,
+        latency_p50_ms=0.01,
+        latency_p95_ms=0.02,
+        peak_memory_mb=1.0,
+        agreement=1.0,
+    )
+    return BuildResult(
+        candidates=(Evaluated(chosen, measured, passed=True, chosen=True),),
+        reference_accuracy=None,
+        log=("bench_download: hand-made result",),
+        golden=Golden(samples=(), atol=1e-3, rtol=1e-3, min_agreement=0.99),
+    )
 
 
 async def publish_artifact(data_dir: Path, artifact: Path, limit_s: float) -> str:
@@ -267,9 +286,7 @@ async def serve_bare(data: bytes, port_file: Path) -> None:
     device_pb2_grpc.add_DeviceServiceServicer_to_server(BareDownloads(data), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    tmp = port_file.with_suffix(".tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, port_file)
+    atomic_write(port_file, f"{port}\n".encode())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -354,18 +371,13 @@ async def spawn(name: str, command: Sequence[str], workdir: Path) -> Server:
     return Server(name=name, proc=proc, log_path=log_path)
 
 
-def _read_port(port_file: Path) -> int:
-    return int(port_file.read_text().strip())
-
-
 async def wait_port_file(server: Server, port_file: Path, limit_s: float) -> None:
     deadline = perf() + limit_s
     while perf() < deadline and server.proc.returncode is None:
-        with contextlib.suppress(OSError, ValueError):
-            port = _read_port(port_file)
-            if port > 0:
-                server.address = f"127.0.0.1:{port}"
-                return
+        port = read_port(port_file)
+        if port:
+            server.address = f"127.0.0.1:{port}"
+            return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"{server.name} did not start:\n{server.log_tail()}")
 
@@ -386,29 +398,9 @@ async def wait_listening(server: Server, port: int, limit_s: float) -> None:
     raise RuntimeError(f"{server.name} did not start:\n{server.log_tail()}")
 
 
-def _edgefleet_bin() -> str:
-    beside = Path(sys.executable).parent / "edgefleet"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("edgefleet")
-    if found is None:
-        raise SystemExit("edgefleet: command not found (install the project: pip install -e .)")
-    return found
-
-
 async def start_control_plane(data_dir: Path, workdir: Path, args: argparse.Namespace) -> Server:
     port_file = workdir / "cp.port"
-    command = [
-        *(shlex.split(args.edgefleet_cmd) if args.edgefleet_cmd else [_edgefleet_bin()]),
-        "server",
-        # Plain text, as the baselines it is compared with.
-        "--insecure",
-        "--data-dir", str(data_dir),
-        "--listen", "127.0.0.1:0",
-        "--port-file", str(port_file),
-        "--admin-token", ADMIN_TOKEN,
-        "--build-workers", "0",
-    ]  # fmt: skip
+    command = server_command(data_dir, port_file, build_workers=0, edgefleet_cmd=args.edgefleet_cmd)
     server = await spawn("control-plane", command, workdir)
     await wait_port_file(server, port_file, args.startup_timeout)
     return server
@@ -416,7 +408,7 @@ async def start_control_plane(data_dir: Path, workdir: Path, args: argparse.Name
 
 async def start_bare(blob: Path, workdir: Path, args: argparse.Namespace) -> Server:
     port_file = workdir / "bare.port"
-    command = [sys.executable, str(THIS_FILE), "--serve-bare", str(blob),
+    command = [sys.executable, "-m", "bench.bench_download", "--serve-bare", str(blob),
                "--port-file", str(port_file)]  # fmt: skip
     server = await spawn("bare", command, workdir)
     await wait_port_file(server, port_file, args.startup_timeout)
@@ -787,18 +779,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         _say("starting the servers")
         cp = await start_control_plane(data_dir, workdir, args)
         servers.append(cp)
+        counts = [1] + ([args.concurrency] if args.concurrency > 1 else [])
         bare = None
         if not args.skip_bare:
             bare = await start_bare(blob, workdir, args)
             servers.append(bare)
         # nginx's own defaults (sendfile off) are the baseline; Debian's
         # packaged nginx.conf turns sendfile on, so that is measured as well.
-        nginx_1 = await start_nginx("nginx-1w", blob, workdir, "1", False, args)
-        servers.append(nginx_1)
-        nginx_sf = await start_nginx("nginx-1w-sendfile", blob, workdir, "1", True, args)
-        servers.append(nginx_sf)
-        nginx_auto = await start_nginx("nginx-auto", blob, workdir, "auto", False, args)
-        servers.append(nginx_auto)
+        nginx_rows: list[tuple[str, Server, list[int]]] = []
+        if not args.skip_nginx:
+            nginx_1 = await start_nginx("nginx-1w", blob, workdir, "1", False, args)
+            servers.append(nginx_1)
+            nginx_sf = await start_nginx("nginx-1w-sendfile", blob, workdir, "1", True, args)
+            servers.append(nginx_sf)
+            nginx_auto = await start_nginx("nginx-auto", blob, workdir, "auto", False, args)
+            servers.append(nginx_auto)
+            nginx_rows = [
+                ("nginx, 1 worker", nginx_1, counts),
+                ("nginx, 1 worker, sendfile on", nginx_sf, [1]),
+                (f"nginx, auto workers ({os.cpu_count()})", nginx_auto, counts),
+            ]
         await asyncio.sleep(0.5)  # let the bare server finish reading the file
         for server in servers:
             server.rss_mb_start = server.rss_mb()
@@ -816,7 +816,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for _ in range(count)]  # fmt: skip
 
         big = max(args.chunk_kib) * KIB
-        counts = [1] + ([args.concurrency] if args.concurrency > 1 else [])
         grpc_targets = [("control plane", cp, cp_devices)]
         if bare:
             grpc_targets.append(("bare grpc.aio", bare, bare_devs))
@@ -828,11 +827,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(Row(f"{name}, {_kib(big)} chunks, {args.concurrency} clients",
                                 server, "grpc", big, args.concurrency,
                                 devices=devs[: args.concurrency]))  # fmt: skip
-        for name, server, counts_ in (
-            ("nginx, 1 worker", nginx_1, counts),
-            ("nginx, 1 worker, sendfile on", nginx_sf, [1]),
-            (f"nginx, auto workers ({os.cpu_count()})", nginx_auto, counts),
-        ):
+        for name, server, counts_ in nginx_rows:
             for count in counts_:
                 label = name if count == 1 else f"{name}, {count} clients"
                 rows.append(Row(label, server, "http", HTTP_READ, count,
@@ -878,7 +873,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": started.date().isoformat(),
         "started_at": started.isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "nginx": nginx_version(args.nginx),
+        "nginx": "not run" if args.skip_nginx else nginx_version(args.nginx),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "artifact": {"digest": digest, "size_bytes": size},
         "busy_cores_before": busy_before,
@@ -889,6 +884,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": summaries,
         "comparison": comparison(summaries),
     }
+
+
+def _over(numerator: float, denominator: float) -> float:
+    """numerator / denominator; NaN (printed "-") for a zero denominator: a
+    short run can finish within the CPU clock's tick."""
+    return numerator / denominator if denominator else math.nan
 
 
 def comparison(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -909,9 +910,9 @@ def comparison(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["ratios"][_kib(chunk)] = {
             "ratio": ratio,
             "met": ratio >= GOAL,
-            "server_cost_ratio": nginx["server_cpu_s_per_gib"] / row["server_cpu_s_per_gib"],
+            "server_cost_ratio": _over(nginx["server_cpu_s_per_gib"], row["server_cpu_s_per_gib"]),
             "vs_bare": row["mib_per_s_median"] / bare["mib_per_s_median"] if bare else None,
-            "server_cpu_vs_bare": row["server_cpu_s_per_gib"] / bare["server_cpu_s_per_gib"]
+            "server_cpu_vs_bare": _over(row["server_cpu_s_per_gib"], bare["server_cpu_s_per_gib"])
             if bare
             else None,
         }
@@ -1032,6 +1033,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--concurrency", type=int, default=4,
         help="clients downloading at once in the concurrent rows; 0 or 1: none")  # fmt: skip
     add("--skip-bare", action="store_true", help="no bare grpc.aio server")
+    add("--skip-nginx", action="store_true",
+        help="no nginx rows, so no ratio to the baseline (--smoke without nginx)")  # fmt: skip
     add("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx", help="nginx binary")
     add("--out", type=Path, help="write the JSON results here")
     add("--keep", action="store_true", help="keep the temp dir (data dir, logs, nginx configs)")
@@ -1042,13 +1045,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "edgefleet script of this environment); 'server' and its options are appended")  # fmt: skip
     add("--serve-bare", type=Path, help=argparse.SUPPRESS)
     add("--port-file", type=Path, help=argparse.SUPPRESS)
+    add("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.serve_bare is None:
         if args.size_mb < 1 or args.runs < 1:
             parser.error("--size-mb and --runs must be >= 1")
         if any(not 64 <= c <= 1024 for c in args.chunk_kib):
             parser.error("--chunk-kib values must be within 64..1024 (the server clamps)")
-        if not Path(args.nginx).exists():
+        if args.smoke and not Path(args.nginx).exists():
+            _say(f"no nginx at {args.nginx}: the smoke run skips its rows")
+            args.skip_nginx = True
+        if not args.skip_nginx and not Path(args.nginx).exists():
             parser.error(f"nginx not found at {args.nginx} (apt-get install nginx-light)")
     elif args.port_file is None:
         parser.error("--serve-bare needs --port-file")

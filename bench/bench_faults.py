@@ -1,4 +1,4 @@
-"""Fault-injection benchmark (issue 7): the scenarios of tests/test_faults.py
+"""Fault-injection benchmark (issue 7): the scenarios of tests/e2e/test_faults.py
 at full size, with the figures docs/reliability.md records.
 
 1. kill: `--devices` fleetsim agents, a staged rollout (`--stages`, each
@@ -22,8 +22,9 @@ at full size, with the figures docs/reliability.md records.
     python -m bench.bench_faults                       # everything, full size
     python -m bench.bench_faults --only kill --devices 200 --kills 5
     python -m bench.bench_faults --json faults.json
+    python -m bench.bench_faults --smoke               # CI: short, figures meaningless
 
-Run from the repository root as a module (it uses the tests' harness).
+Run from the repository root as a module (it uses testkit).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ from testkit.private_pg import unavailable_reason
 MIB = 1024 * 1024
 # Hidden units of the MLP per MiB of ONNX file (fault_scenarios.mlp_model).
 HIDDEN_PER_MIB = 3_500
+# --smoke: the run CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; every scenario, smaller than tests/e2e/test_faults.py.
+# Figures meaningless.
+SMOKE = {"devices": 20, "kills": 1, "stages": 2, "bake_s": 1.0, "pg_devices": 10,
+         "outage_s": 1.0, "artifact_mb": 1.0, "cut_kb": 256, "flaps": 2}  # fmt: skip
 
 
 def _say(message: str) -> None:
@@ -169,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cut-kb", type=int, default=512)
     parser.add_argument("--flaps", type=int, default=10)
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--smoke", action="store_true", help="CI's short run (SMOKE)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown:

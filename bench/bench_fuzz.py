@@ -15,6 +15,7 @@ the server, the property checks); this runs it at size and reports:
 
     nice -n 10 python -m bench.bench_fuzz --calls 100000 --out fuzz.json
     python -m bench.bench_fuzz --db postgresql+psycopg://postgres@127.0.0.1:5432/fuzz
+    python -m bench.bench_fuzz --smoke            # CI: seconds, figures meaningless
 
 Run it from the repository root (it imports testkit.fuzzing). Exit status 1
 if any property failed."""
@@ -35,6 +36,9 @@ from typing import Any
 from testkit import fuzzing
 
 ADMIN_TOKEN = "bench-fuzz-admin-token-0123456789"
+# --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; a few hundred calls. Figures meaningless.
+SMOKE = {"calls": 300, "baseline_calls": 300}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", help="SQLAlchemy URL of an empty database (default: SQLite)")
     parser.add_argument("--baseline-calls", type=int, help="health checks (default: --calls)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
 
     with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
         started = time.perf_counter()

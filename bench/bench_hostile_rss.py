@@ -32,7 +32,7 @@ import onnx
 from numpy.lib import format as npy_format
 from onnx import TensorProto, helper
 
-from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg

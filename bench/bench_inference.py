@@ -24,6 +24,7 @@ Goal: overhead <= 10 % or <= 100 us per call.
 
     python bench/bench_inference.py                 # prints a table
     python bench/bench_inference.py --calls 5000 --markdown
+    python bench/bench_inference.py --smoke        # CI: seconds, figures meaningless
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ from edgefleet.demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 MODEL = "digits"
+# --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; every path, one short round. Figures meaningless.
+SMOKE = {"calls": 50, "rounds": 1}
 _HEADER = struct.Struct("<I")
 
 
@@ -249,7 +253,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--markdown", action="store_true", help="print markdown table rows")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)  # ROLE STATE_DIR MODEL
+    parser.add_argument("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.serve:
         role, state_dir, model = args.serve
         serve = serve_agent if role == "agent" else serve_reference

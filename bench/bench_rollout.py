@@ -55,6 +55,7 @@ Figures:
     python -m bench.bench_rollout                         # 10,000 devices
     python -m bench.bench_rollout --telemetry-s 300       # a quieter fleet
     python -m bench.bench_rollout --db postgresql+psycopg://user@host/db --json out.json
+    python -m bench.bench_rollout --smoke                 # CI: seconds, figures meaningless
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ from bench.common import (
     setup,
     start_control_plane,
     stop_process,
-    wait_for,
 )
-from edgefleet.controlplane.client import operator_stub
+from edgefleet.controlplane.client.connection import operator_stub
+from edgefleet.polling import wait_for
 from edgefleet.sim import Fleet, FleetError, FleetProfile, SimAgent
 from edgefleet.v1 import operator_pb2
 
@@ -593,7 +594,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     }
     try:
         op = operator_stub(address, ADMIN_TOKEN)
-        wait_for("the control plane", lambda: healthy(op), 60)
+        wait_for(lambda: healthy(op), 60, what="the control plane")
         t0 = time.monotonic()
         token = setup(op, root)
         print(f"classes, 2 versions pushed and built in {time.monotonic() - t0:.1f} s", flush=True)
@@ -650,6 +651,12 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             print(f"control plane data kept in {args.keep}", file=sys.stderr)
 
 
+# --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; every phase with 20 devices and short bakes. Figures meaningless.
+SMOKE = {"agents": 20, "stages": [50.0, 100.0], "bake_s": 0.5, "idle_s": 1.0, "settle_s": 0.5,
+         "timeout_s": 120.0}  # fmt: skip
+
+
 def _stages(text: str) -> list[float]:
     values = [float(v) for v in text.split(",") if v.strip()]
     if not values or values[-1] != 100 or any(b <= a for a, b in itertools.pairwise(values)):
@@ -695,7 +702,10 @@ def main() -> None:
     parser.add_argument("--seed", default="bench-rollout", help="the fleet's random seed")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--keep", type=Path, help="copy the control plane's data dir here")
+    parser.add_argument("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.agents < 10:
         parser.error("--agents must be at least 10")
     with tempfile.TemporaryDirectory(prefix="edgefleet-rollout-") as tmp:

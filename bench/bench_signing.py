@@ -19,6 +19,7 @@ Each row runs --runs times after one warm-up; medians are reported.
 
     python -m bench.bench_signing                 # 10,000 statements, 5 runs
     python -m bench.bench_signing --devices 2000 --runs 3
+    python -m bench.bench_signing --smoke         # CI: seconds, figures meaningless
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ from edgefleet.controlplane.services.statements import assignment_statement, man
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 MANIFEST = bytes(600)  # about the size of a real ArtifactManifest without golden data
 CHUNK = 1000
+# --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; one chunk, one run of each row. Figures meaningless.
+SMOKE = {"devices": CHUNK, "runs": 1}
 
 
 class _Unsigned:
@@ -138,7 +142,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     n = args.devices
     _, private, _ = signing.generate()
     signer = signing.Signer(private)

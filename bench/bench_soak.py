@@ -72,6 +72,7 @@ Figures:
     python -m bench.bench_soak --agents 2000 --minutes 3        # a first try
     python -m bench.bench_soak                                 # 10,000 devices, 10 minutes
     python -m bench.bench_soak --db postgresql+psycopg://user@host/db --json soak.json
+    python -m bench.bench_soak --smoke --json smoke.json       # CI: ~1 min, figures meaningless
 """
 
 from __future__ import annotations
@@ -107,33 +108,35 @@ from bench.common import (
     ADMIN_TOKEN,
     ASSIGN_BATCH,
     MODEL,
-    HistogramScrape,
     Progress,
     cpu_seconds,
     enroll,
     every_device_on,
     free_port,
     healthy,
-    histogram_summary,
     log_tail,
     make_profile,
-    merge_histograms,
     rss_bytes,
-    scrape_gauge,
-    scrape_histograms,
     setup,
     start_control_plane,
     start_echo_server,
     stop_process,
-    wait_for,
     worker_pids,
 )
 from bench.latencies import Latencies, latency_summary
 from bench.soak_probe import Probe, TelemetryTally
 from edgefleet.controlplane import gc_policy
-from edgefleet.controlplane.client import CHANNEL_OPTIONS, bearer_metadata, operator_stub
+from edgefleet.controlplane.client.connection import CHANNEL_OPTIONS, bearer_metadata, operator_stub
+from edgefleet.polling import wait_for
 from edgefleet.sim import Fleet, FleetError, FleetProfile, SimAgent
 from edgefleet.v1 import device_pb2, operator_pb2, operator_pb2_grpc
+from testkit.metrics import (
+    HistogramScrape,
+    histogram_summary,
+    merge_histograms,
+    scrape_gauge,
+    scrape_histograms,
+)
 
 GOAL_P99_MS = 100.0
 LABEL_KEY = "soak"
@@ -191,6 +194,20 @@ class SoakConfig:
     workers: int = 1
 
 
+# --smoke: the run CI makes (tests/e2e/test_soak_smoke.py) so the benchmark
+# cannot rot: 50 devices (5 in the probe) for 20 s with every operator loop,
+# fast enough that each part runs a few times. Figures meaningless.
+SMOKE = SoakConfig(
+    agents=50, minutes=20 / 60, heartbeat_s=0.5, telemetry_s=0.5, echo_agents=10,
+    probe_agents=5, probe_echo_agents=3, bake_s=0.5, pause_s=0.5, revert_every=2,
+    label_every_s=0.2,
+    query_every_s={"GetDevice": 1.0, "ListAuditLog": 1.0, "QueryTelemetry": 1.0,
+                   "ListDevices": 2.0},
+    watchers=2, push_timeout_s=10.0, warmup_s=5.0, sample_every_s=2.0, drain_s=30.0,
+    setup_timeout_s=120.0,
+)  # fmt: skip
+
+
 # ------------------------------------------------------------------ statistics
 
 
@@ -236,7 +253,7 @@ class Sampler:
 
     def _cpu(self, server: bool) -> float:
         # The control plane is not this process's child when it runs in it
-        # (the smoke test): then only the main process counts.
+        # (soak() given an in-process server): then only the main process counts.
         if server:
             return cpu_seconds(self.server_pid, tree=self.server_pid != os.getpid())
         return cpu_seconds(os.getpid(), tree=False)
@@ -725,7 +742,7 @@ async def soak(
     sampler: Sampler | None = None
     probe: Probe | None = None
     workdir = tempfile.TemporaryDirectory(prefix="edgefleet-soak-probe-")
-    thresholds = gc.get_threshold()  # restored after: the smoke test runs in pytest
+    thresholds = gc.get_threshold()  # restored after: soak() may run inside another program
     results: dict[str, Any] = {"config": asdict(cfg), "workers": cfg.workers}
     try:
         progress = Progress(fleet)
@@ -1048,7 +1065,7 @@ async def run(args: argparse.Namespace, cfg: SoakConfig, root: Path) -> dict[str
     echo_proc, echo_address = start_echo_server(root / "echo")
     try:
         op = operator_stub(address, ADMIN_TOKEN)
-        wait_for("the control plane", lambda: healthy(op), 60)
+        wait_for(lambda: healthy(op), 60, what="the control plane")
         t0 = time.monotonic()
         token = setup(op, root)
         build_s = time.monotonic() - t0
@@ -1115,6 +1132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the control plane's worker processes (edgefleet server --workers)")  # fmt: skip
     add("--json", type=Path, default=Path("soak-results.json"), help="write every figure here")
     add("--keep", type=Path, help="copy the control plane's data dir here")
+    add("--smoke", action="store_true", help="CI's short run (SMOKE; the size flags are ignored)")
     args = parser.parse_args(argv)
     if args.agents < 10 or args.minutes <= 0:
         parser.error("--agents must be at least 10 and --minutes positive")
@@ -1131,6 +1149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         watchers=args.watchers, push_timeout_s=args.push_timeout_s, warmup_s=args.warmup_s,
         drain_s=args.drain_s, seed=args.seed, workers=args.workers,
     )  # fmt: skip
+    if args.smoke:
+        cfg = SMOKE
     started = dt.datetime.now(dt.UTC)
     with tempfile.TemporaryDirectory(prefix="edgefleet-soak-") as tmp:
         try:

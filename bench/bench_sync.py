@@ -26,8 +26,11 @@ connection with its own HTTP/2 state, and a thousand of them in one Python
 process mostly measure this process, not the server. Every agent still has its
 own stream. See docs/benchmarks.md for what each figure means.
 
-    python bench/bench_sync.py --agents 1000 --seconds 20 --out results.json
-    python bench/bench_sync.py --control-plane echo   # echo vs echo: tests the harness
+    python -m bench.bench_sync --agents 1000 --seconds 20 --out results.json
+    python -m bench.bench_sync --control-plane echo   # echo vs echo: tests the harness
+    python -m bench.bench_sync --smoke                # CI: seconds, figures meaningless
+
+(from the repository root: the servers start as bench/common.py starts them)
 """
 
 from __future__ import annotations
@@ -58,12 +61,14 @@ import grpc
 import psutil
 from google.protobuf import duration_pb2
 
-from edgefleet.controlplane.client import bearer_metadata
+from bench.common import ADMIN_TOKEN, ECHO_SERVER, read_port, server_command
+from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
-BENCH_DIR = Path(__file__).resolve().parent
-ECHO_SERVER = BENCH_DIR / "echo_server.py"
-ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # a throwaway server's token
+# --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; every phase with 20 agents. Figures meaningless.
+SMOKE = {"agents": 20, "seconds": 2.0, "rounds": 2, "agents_per_channel": 10, "concurrency": 10,
+         "enroll_warmup": 5, "pushes": 3}  # fmt: skip
 LABEL_KEY = "bench"
 # A local subchannel pool gives each channel its own TCP connection; otherwise
 # channels with identical arguments share one inside grpc.
@@ -348,42 +353,23 @@ class Server:
         return {"exit_code": code, "stop_s": perf() - started, "clean": clean}
 
 
-def _edgefleet_bin() -> str:
-    beside = Path(sys.executable).parent / "edgefleet"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("edgefleet")
-    if found is None:
-        raise SystemExit("edgefleet: command not found (install the project: pip install -e .)")
-    return found
-
-
-def server_command(kind: str, workdir: Path, args: argparse.Namespace) -> list[str]:
-    port_file = str(workdir / "port")
+def command_for(kind: str, workdir: Path, args: argparse.Namespace) -> list[str]:
+    """The echo server's or `edgefleet server`'s command line, writing its
+    port to workdir/port."""
+    port_file = workdir / "port"
     if kind == "echo":
         return [sys.executable, str(ECHO_SERVER), "--listen", "127.0.0.1:0",
-                "--port-file", port_file]  # fmt: skip
-    command = [
-        *(shlex.split(args.edgefleet_cmd) if args.edgefleet_cmd else [_edgefleet_bin()]),
-        "server",
-        # Plain text, as the baselines it is compared with.
-        "--insecure",
-        "--data-dir", str(workdir / "data"),
-        "--listen", "127.0.0.1:0",
-        "--port-file", port_file,
-        "--admin-token", ADMIN_TOKEN,
-        "--heartbeat-interval", "3600",
-    ]  # fmt: skip
-    if args.db:
-        command += ["--db", args.db]
-    return command
+                "--port-file", str(port_file)]  # fmt: skip
+    return server_command(
+        workdir / "data", port_file, heartbeat_s=3600, db=args.db, edgefleet_cmd=args.edgefleet_cmd
+    )
 
 
 async def start_server(name: str, kind: str, args: argparse.Namespace) -> Server:
     workdir = Path(tempfile.mkdtemp(prefix=f"edgefleet-bench-{name}-"))
     (workdir / "data").mkdir()
     log_path = workdir / "server.log"
-    command = server_command(kind, workdir, args)
+    command = command_for(kind, workdir, args)
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             *command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -393,11 +379,10 @@ async def start_server(name: str, kind: str, args: argparse.Namespace) -> Server
     port_file = workdir / "port"
     deadline = perf() + args.startup_timeout
     while perf() < deadline and proc.returncode is None:
-        with contextlib.suppress(OSError, ValueError):
-            port = int(port_file.read_text().strip())
-            if port > 0:
-                server.address = f"127.0.0.1:{port}"
-                return server
+        port = read_port(port_file)
+        if port:
+            server.address = f"127.0.0.1:{port}"
+            return server
         await asyncio.sleep(0.05)
     await server.stop()
     tail = server.log_tail()
@@ -935,7 +920,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "edgefleet script of this environment); 'server' and its options are appended")  # fmt: skip
     add("--control-plane", choices=["edgefleet", "echo"], default="edgefleet",
         help="'echo' runs echo against echo, to test the harness")  # fmt: skip
+    add("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     if min(args.agents, args.agents_per_channel, args.concurrency, args.rounds) < 1:
         parser.error("--agents, --agents-per-channel, --concurrency and --rounds must be >= 1")
     return args

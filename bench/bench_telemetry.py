@@ -21,6 +21,7 @@ outside the timing, as building the raw rows is). The report gives the ratio
 of each round too: on a shared machine they spread widely.
 
     python bench/bench_telemetry.py --rows 50000 --append-docs
+    python -m bench.bench_telemetry --smoke                 # CI: seconds, figures meaningless
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ import grpc.aio
 import psycopg
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.controlplane.config import ServerConfig
 from edgefleet.controlplane.server import create_server
-from edgefleet.controlplane.services.telemetry import INSERT_COLUMNS
+from edgefleet.controlplane.services.telemetry import INSERT_COLUMNS, Sample
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -57,6 +58,9 @@ ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 # The columns the control plane fills, so both sides store the same row.
 COLUMNS = INSERT_COLUMNS
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+# --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
+# benchmark cannot rot; both backends, both round orders. Figures meaningless.
+SMOKE = {"rows": 2_000, "devices": 2, "rounds": 2, "append_docs": False}
 
 
 def _sample(seq: int, at: dt.datetime) -> d.TelemetrySample:
@@ -71,8 +75,16 @@ def _sample(seq: int, at: dt.datetime) -> d.TelemetrySample:
 
 
 def _row(device_id: str, seq: int, at_ms: int) -> tuple[Any, ...]:
-    return (device_id, "", seq, at_ms, "digits", "1.0.0", 100, 2, 1, 0, 1.5, 4.0, 7.5, 12.0,
-            42.0, 3.5, 55.0, 48.5, None, "normal", 0)  # fmt: skip
+    # Built from the control plane's own Sample (the columns after device_id
+    # and class_name, in order), so a new telemetry column cannot leave the
+    # raw side a value short; the values are _sample's.
+    sample = Sample(
+        seq=seq, at_ms=at_ms, model_name="digits", model_version="1.0.0", request_count=100,
+        error_count=2, timeout_count=1, latency_p50_ms=1.5, latency_p95_ms=4.0,
+        latency_p99_ms=7.5, latency_max_ms=12.0, memory_mb=42.0, cpu_percent=3.5,
+        system_memory_percent=55.0, temperature_c=48.5, power_mode="normal",
+    )  # fmt: skip
+    return (device_id, "", *sample)
 
 
 async def _enroll(channel: grpc.aio.Channel, n: int) -> list[tuple[str, str]]:
@@ -292,7 +304,10 @@ def main() -> None:
         default=os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"),
     )
     parser.add_argument("--append-docs", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     backends = ["sqlite"] + (["postgresql"] if _pg_reachable(args.pg) else [])
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,6 @@
-"""What the benchmarks that drive a real `edgefleet server` share: starting
-it (and the bare echo server) as a subprocess, the two device classes and
+"""What the benchmarks that drive a real `edgefleet server` share: the one
+way to start it (server_command, start_control_plane; and the bare echo
+server) as a subprocess, the two device classes and
 two really built versions of the digits model, the fleetsim profile that
 matches them, and psutil readings of a process tree.
 
@@ -12,28 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import math
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import psutil
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 
+from edgefleet.polling import wait_for
 from edgefleet.sim import Fleet, FleetProfile, parse_profile
 from edgefleet.sim.profiles import DEFAULT_PROFILE_DATA
 from edgefleet.v1 import common_pb2, operator_pb2
-
-T = TypeVar("T")
 
 BIN = Path(sys.executable).parent
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # a throwaway server's token
@@ -48,27 +45,62 @@ PROFILE_CLASSES = ("pi", "gateway")
 ECHO_SERVER = Path(__file__).resolve().parent / "echo_server.py"
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout: float) -> T:
-    """Poll `check` until it returns something; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 def clean_env() -> dict[str, str]:
     # gRPC honours proxy variables, which would send loopback traffic away.
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 
-def _read_port(path: Path) -> int | None:
+def read_port(path: Path) -> int | None:
+    """The port a server wrote to its port file; None until it has."""
     try:
         return int(path.read_text().strip()) or None
     except (OSError, ValueError):
         return None
+
+
+def edgefleet_command(override: str | None = None) -> list[str]:
+    """How to run `edgefleet`: `override` (a shell-quoted command, e.g. an
+    older build to compare with), else the one beside this Python, else the
+    one on PATH."""
+    if override:
+        return shlex.split(override)
+    beside = BIN / "edgefleet"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("edgefleet")
+    if found is None:
+        raise SystemExit("edgefleet: command not found (install the project: pip install -e .)")
+    return [found]
+
+
+def server_command(
+    data: Path,
+    port_file: Path,
+    *,
+    build_workers: int = 1,
+    heartbeat_s: int | None = None,
+    db: str | None = None,
+    metrics_port: int | None = None,
+    workers: int = 1,
+    edgefleet_cmd: str | None = None,
+) -> list[str]:
+    """`edgefleet server` as every benchmark runs it: plain text (as the
+    baselines it is compared with) on a loopback port the OS picks, written
+    to `port_file`, with a throwaway admin token (ADMIN_TOKEN)."""
+    command = [
+        *edgefleet_command(edgefleet_cmd), "server", "--insecure", "--data-dir", str(data),
+        "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+        "--admin-token", ADMIN_TOKEN, "--build-workers", str(build_workers),
+    ]  # fmt: skip
+    if heartbeat_s is not None:
+        command += ["--heartbeat-interval", str(heartbeat_s)]
+    if db:
+        command += ["--db", db]
+    if metrics_port:
+        command += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    if workers > 1:  # a single process needs no flag (and servers before --workers know none)
+        command += ["--workers", str(workers)]
+    return command
 
 
 def _bindable(port: int) -> bool:
@@ -93,32 +125,27 @@ def free_port(count: int = 1) -> int:
 
 def start_control_plane(
     data: Path,
-    db: str | None,
-    heartbeat_s: int,
+    db: str | None = None,
+    heartbeat_s: int | None = None,
     metrics_port: int | None = None,
     workers: int = 1,
+    *,
+    build_workers: int = 1,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`edgefleet server` with one build worker (and its Prometheus endpoint
-    on `metrics_port`); (process, address). With `workers` > 1 the process
-    is a supervisor of that many workers (the build worker is a worker's
-    child), worker i serving its metrics on `metrics_port` + i."""
+    """server_command in `data` (its log in data/server.log), with
+    `build_workers` build workers (and its Prometheus endpoint on
+    `metrics_port`); (process, address) once it listens. With `workers` > 1
+    the process is a supervisor of that many workers (the build workers are
+    a worker's children), worker i serving its metrics on `metrics_port` + i."""
     data.mkdir(parents=True)
     port_file = data / "port"
-    command = [
-        str(BIN / "edgefleet"), "server", "--insecure", "--data-dir", str(data),
-        "--listen", "127.0.0.1:0",
-        "--port-file", str(port_file), "--admin-token", ADMIN_TOKEN, "--build-workers", "1",
-        "--heartbeat-interval", str(heartbeat_s),
-    ]  # fmt: skip
-    if db:
-        command += ["--db", db]
-    if metrics_port:
-        command += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
-    if workers > 1:  # a single process needs no flag (and servers before --workers know none)
-        command += ["--workers", str(workers)]
+    command = server_command(
+        data, port_file, build_workers=build_workers, heartbeat_s=heartbeat_s, db=db,
+        metrics_port=metrics_port, workers=workers,
+    )  # fmt: skip
     with (data / "server.log").open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
-    port = wait_for("the control plane to listen", lambda: _read_port(port_file), 120)
+    port = wait_for(lambda: read_port(port_file), 120, what="the control plane to listen")
     return proc, f"127.0.0.1:{port}"
 
 
@@ -130,7 +157,7 @@ def start_echo_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
                "--port-file", str(port_file)]  # fmt: skip
     with (workdir / "server.log").open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
-    port = wait_for("the echo server to listen", lambda: _read_port(port_file), 60)
+    port = wait_for(lambda: read_port(port_file), 60, what="the echo server to listen")
     return proc, f"127.0.0.1:{port}"
 
 
@@ -213,7 +240,7 @@ def setup(op: Any, root: Path) -> str:
         done = len(builds) >= expected and all(b.state in terminal for b in builds)
         return builds if done else None
 
-    builds = wait_for("the builds", finished, 900)
+    builds = wait_for(finished, 900, what="the builds", interval=0.5)
     failed = [b for b in builds if b.state != operator_pb2.BUILD_STATE_SUCCEEDED]
     if failed:
         raise SystemExit(f"{len(failed)} build(s) failed: {failed[0].error}")
@@ -325,81 +352,3 @@ async def enroll(fleet: Fleet, timeout_s: float, progress: Progress) -> float:
     finally:
         progress.stop()
     return time.monotonic() - t0
-
-
-# --------------------------------------------------------------- /metrics
-
-
-@dataclass(frozen=True)
-class HistogramScrape:
-    """One histogram (of one label set) as scraped: cumulative count per
-    upper bound, and the sum of what was observed."""
-
-    buckets: dict[float, float]
-    total: float
-
-
-def _metric_families(url: str) -> Iterable[Metric]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return text_string_to_metric_families(text)
-
-
-def scrape_histograms(url: str, names: tuple[str, ...]) -> dict[str, HistogramScrape]:
-    """The named histograms at `url` (a Prometheus text endpoint). A
-    labelled one is named with its labels, as in the exposition:
-    'edgefleet_gc_pause_seconds{generation="2"}'."""
-    buckets: dict[str, dict[float, float]] = {}
-    totals: dict[str, float] = {}
-    for family in _metric_families(url):
-        for sample in family.samples:
-            labels = {k: v for k, v in sample.labels.items() if k != "le"}
-            name = family.name + (
-                "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
-                if labels else ""
-            )  # fmt: skip
-            if name not in names:
-                continue
-            if sample.name.endswith("_bucket"):
-                buckets.setdefault(name, {})[float(sample.labels["le"])] = sample.value
-            elif sample.name.endswith("_sum"):
-                totals[name] = sample.value
-    return {n: HistogramScrape(b, totals.get(n, 0.0)) for n, b in buckets.items()}
-
-
-def scrape_gauge(url: str, name: str) -> float | None:
-    """An unlabelled gauge's value at `url` (a Prometheus text endpoint)."""
-    for family in _metric_families(url):
-        for sample in family.samples:
-            if sample.name == name and not sample.labels:
-                return float(sample.value)
-    return None
-
-
-def merge_histograms(scrapes: Sequence[dict[str, HistogramScrape]]) -> dict[str, HistogramScrape]:
-    """The same histograms scraped from several processes (the workers) as
-    one: per bound the counts add up, and so do the sums."""
-    merged: dict[str, HistogramScrape] = {}
-    for scrape in scrapes:
-        for name, h in scrape.items():
-            into = merged.get(name, HistogramScrape({}, 0.0))
-            buckets = {b: into.buckets.get(b, 0.0) + h.buckets.get(b, 0.0)
-                       for b in into.buckets.keys() | h.buckets.keys()}  # fmt: skip
-            merged[name] = HistogramScrape(buckets, into.total + h.total)
-    return merged
-
-
-def histogram_summary(before: HistogramScrape, after: HistogramScrape) -> dict[str, float]:
-    """What was observed between two scrapes: the count, the sum and, for
-    p50, p99 and p99.9, the upper bound of the bucket the quantile falls in
-    (a histogram knows no finer; inf: above the largest bound)."""
-    bounds = sorted(after.buckets)
-    counts = [after.buckets[b] - before.buckets.get(b, 0.0) for b in bounds]
-    total = counts[-1] if counts else 0.0
-    summary: dict[str, float] = {"count": total, "sum_s": after.total - before.total}
-    for label, q in (("p50_le_s", 0.50), ("p99_le_s", 0.99), ("p999_le_s", 0.999)):
-        summary[label] = next(
-            (b for b, c in zip(bounds, counts, strict=True) if total and c >= q * total),
-            math.nan,
-        )
-    return summary

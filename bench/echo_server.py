@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
@@ -80,13 +80,6 @@ class EchoDeviceService(device_pb2_grpc.DeviceServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "echo server")
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    """Write atomically so a reader never sees a partial number."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, path)
-
-
 async def serve(listen: str, port_file: Path | None, grace_s: float) -> None:
     server = grpc.aio.server()
     device_pb2_grpc.add_DeviceServiceServicer_to_server(EchoDeviceService(), server)
@@ -95,7 +88,7 @@ async def serve(listen: str, port_file: Path | None, grace_s: float) -> None:
         raise SystemExit(f"echo_server: cannot bind {listen}")
     await server.start()
     if port_file is not None:
-        _write_port_file(port_file, port)
+        atomic_write(port_file, f"{port}\n".encode())  # never a partial number
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

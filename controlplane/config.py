@@ -68,6 +68,7 @@ class ServerConfig:
 
     @property
     def admin_token_file(self) -> Path:
+        """Where the first start writes the bootstrap admin token."""
         return self.data_dir / "admin-token"
 
     @property

@@ -1,11 +1,17 @@
 """Assembles the control plane: database, services, gRPC servicers, health,
-reflection and metrics. `create_server` is what tests use; `run` is what
-`edgefleet server` calls."""
+reflection, metrics and background jobs. `create_server` is what tests use;
+`run` is what `edgefleet server` calls.
 
+The shapes: `build_services` makes every service once, into the frozen
+`Services`; the servicers and the background jobs (`_background_jobs`: a
+list of edgefleet.jobs.BackgroundJob) get what they need from it; the
+running `ControlPlane` holds it all, made in one go, and stops it in one
+order (`ControlPlane.stop`)."""
+
+# ruff: noqa: E402 - the extra is checked before the imports it installs
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -13,9 +19,15 @@ import signal
 import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from edgefleet.extras import require
+
+# Without the server extra, one line says what to install (edgefleet.extras)
+# instead of a ModuleNotFoundError for grpc_health.
+require("server", part=__name__)
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -58,6 +70,8 @@ from edgefleet.controlplane.services.replicas import LocalEventBridge, PgEventBr
 from edgefleet.controlplane.services.rollouts import RolloutService
 from edgefleet.controlplane.services.status_buffer import StatusBuffer
 from edgefleet.controlplane.services.telemetry import TelemetryService
+from edgefleet.fsutil import atomic_write
+from edgefleet.jobs import BackgroundJob, BackgroundJobs
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -107,70 +121,122 @@ class _DeviceStateCollector(Collector):
         )
 
 
-@dataclass
+@dataclass(frozen=True)
+class Executors:
+    """The thread pools that blocking work (SQL, files) runs on."""
+
+    # Device RPCs and most background work.
+    db: ThreadPoolExecutor
+    # The orchestrator and the status writer: queued behind thousands of
+    # device RPCs, a rollout's ticks waited tens of seconds.
+    background: ThreadPoolExecutor
+    # Operator RPCs: a CLI or TUI call must not wait behind 10,000 devices.
+    operator: ThreadPoolExecutor
+
+    @classmethod
+    def create(cls) -> Executors:
+        return cls(
+            ThreadPoolExecutor(DB_THREADS, thread_name_prefix="db"),
+            ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="db-bg"),
+            ThreadPoolExecutor(OPERATOR_THREADS, thread_name_prefix="db-op"),
+        )
+
+    def shutdown(self) -> None:
+        """Wait for what runs on them, then stop their threads."""
+        for pool in (self.db, self.background, self.operator):
+            pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class Services:
+    """The services of one control-plane process, made once by
+    build_services and shared by the servicers and the background jobs."""
+
+    events: EventBus
+    hub: SyncHub
+    credentials: DeviceCredentials
+    enrollment: EnrollmentService
+    # None in plain-text mode (no CA, no device certificates).
+    certificates: CertificateService | None
+    devices: DeviceService
+    classes: ClassService
+    registry: RegistryService
+    builds: BuildService
+    artifacts: ArtifactService
+    telemetry: TelemetryService
+    # Counts telemetry samples between "telemetry.updated" announcements.
+    telemetry_pulse: Pulse
+    deployments: DeploymentService
+    statuses: StatusBuffer
+    rollouts: RolloutService
+    orchestrator: Orchestrator
+    operator_tokens: OperatorTokenService
+
+
+EventBridge = PgEventBridge | LocalEventBridge
+
+
+@dataclass(frozen=True)
 class ControlPlane:
     """A running control plane. Stop it with `await cp.stop()`."""
 
     config: ServerConfig
     server: grpc.aio.Server
     port: int
+    # The mutual-TLS device port; 0 in plain-text mode.
+    device_port: int
     db: Database
-    hub: SyncHub
+    services: Services
     admin_token: str | None
     registry: CollectorRegistry
-    _executor: ThreadPoolExecutor
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _metrics_server: Any = None
-    builds: BuildService | None = None
-    _bridge: PgEventBridge | LocalEventBridge | None = None
-    _runner: BuildRunner | None = None
-    orchestrator: Orchestrator | None = None
-    _background: ThreadPoolExecutor | None = None
-    _operator_executor: ThreadPoolExecutor | None = None
-    _statuses: StatusBuffer | None = None
-
-    # The mutual-TLS device port; 0 in plain-text mode.
-    device_port: int = 0
+    executors: Executors
+    jobs: BackgroundJobs
+    # Carries events between replicas (PostgreSQL) or workers (SQLite).
+    bridge: EventBridge | None
+    # Stops the Prometheus endpoint; None when it is off.
+    stop_metrics: Callable[[], None] | None
 
     @property
     def address(self) -> str:
-        host = self.config.listen.rsplit(":", 1)[0]
-        return f"{host}:{self.port}"
+        return _address(self.config.listen, self.port)
 
     @property
     def device_address(self) -> str:
-        host = self.config.device_listen_address().rsplit(":", 1)[0]
-        return f"{host}:{self.device_port}"
+        return _address(self.config.device_listen_address(), self.device_port)
+
+    # The services tests and benchmarks reach for most.
+    @property
+    def hub(self) -> SyncHub:
+        return self.services.hub
+
+    @property
+    def builds(self) -> BuildService:
+        return self.services.builds
+
+    @property
+    def orchestrator(self) -> Orchestrator:
+        return self.services.orchestrator
 
     async def stop(self, grace: float = 2.0) -> None:
-        self.hub.close_all("control plane shutting down")
-        if self._runner is not None:
-            await self._runner.stop()
-        for task in self._tasks:
-            task.cancel()
+        self.services.hub.close_all("control plane shutting down")
+        # The loops stop before the RPCs' grace period, so nothing new starts
+        # during it; what they hold is handed over after it, when no RPC can
+        # add to it any more (the status reports the agents sent last are
+        # what the next replica acts on).
+        await self.jobs.cancel()
         await self.server.stop(grace)
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._statuses is not None and self._background is not None:
-            # What the agents reported last is what the next replica acts on.
-            with contextlib.suppress(Exception):
-                await self._statuses.flush(self._background)
-        if self.orchestrator is not None:
-            # Hand our rollouts to another replica now, not when the lease expires.
-            with contextlib.suppress(Exception):
-                await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.orchestrator.release
-                )
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-        if self._bridge is not None:
-            self._bridge.stop()
-        self._executor.shutdown(wait=True)
-        for pool in (self._background, self._operator_executor):
-            if pool is not None:
-                pool.shutdown(wait=True)
+        await self.jobs.join()
+        if self.stop_metrics is not None:
+            self.stop_metrics()
+        if self.bridge is not None:
+            self.bridge.stop()
+        self.executors.shutdown()
         self.db.dispose()
+
+
+def _address(listen: str, port: int) -> str:
+    """`listen`'s host with the port actually bound."""
+    return f"{listen.rsplit(':', 1)[0]}:{port}"
 
 
 @dataclass(frozen=True)
@@ -198,7 +264,7 @@ def prepare(db: Database, config: ServerConfig) -> FleetState:
     supervisor of several workers runs it before it starts them, so that
     they find it all made instead of racing to make it."""
     upgrade(db.engine)
-    admin_token = ensure_bootstrap_admin(db, config.data_dir, config.admin_token)
+    admin_token = ensure_bootstrap_admin(db, config.admin_token_file, config.admin_token)
     ensure_signing_key(db)
     return FleetState(admin_token, ensure_authority(db) if config.tls else None)
 
@@ -217,64 +283,23 @@ def open_database(config: ServerConfig) -> Database:
 async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) -> ControlPlane:
     """Migrate the database, build the services and start serving."""
     db = open_database(config)
-    engine = db.engine
     loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="db")
-    # The orchestrator and the status writer get threads of their own: queued
-    # behind thousands of device RPCs, a rollout's ticks waited tens of seconds.
-    background = ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="db-bg")
-    # Operators too: a CLI or TUI call must not wait behind 10,000 devices.
-    operator_executor = ThreadPoolExecutor(OPERATOR_THREADS, thread_name_prefix="db-op")
+    executors = Executors.create()
     # Replicas may start together; Alembic's version table serializes them on
     # PostgreSQL, SQLite has one writer anyway.
-    state = await loop.run_in_executor(executor, prepare, db, config)
-    admin_token, authority = state.admin_token, state.authority
+    state = await loop.run_in_executor(executors.db, prepare, db, config)
 
     events = EventBus(loop)
     hub = SyncHub()
     events.subscribe(hub.on_event)
-    bridge: PgEventBridge | LocalEventBridge | None = None
-    if engine.dialect.name == "postgresql":
-        bridge = PgEventBridge(
-            libpq_dsn(engine.url.render_as_string(hide_password=False)), events, executor
-        )
-    elif slot is not None and slot.workers > 1:
-        bridge = LocalEventBridge(config.data_dir, slot.index, slot.workers, events, executor)
+    bridge = _event_bridge(config, slot, db, events, executors.db)
     if bridge is not None:
         await bridge.start()
-    devices = DeviceService(db, events, hub, config.offline_after_s)
-    certificates = (
-        CertificateService(
-            db, events, authority, dt.timedelta(seconds=config.device_cert_lifetime_s)
-        )
-        if authority is not None else None
-    )  # fmt: skip
-    enrollment = EnrollmentService(db, events, certificates)
-    classes = ClassService(db, events)
-    blobs = BlobStore(config.blob_dir)
-    registry = RegistryService(db, blobs, events, int(config.max_upload_mb * 1024 * 1024))
-    builds = BuildService(db, blobs, events, toolchains_dir=config.toolchains_dir)
-    artifacts = ArtifactService(db, blobs)
-    telemetry = TelemetryService(db, retention=dt.timedelta(seconds=config.telemetry_retention_s))
-    deployments = DeploymentService(db, events)
-    statuses = StatusBuffer(deployments)
-    telemetry_pulse = Pulse()
-    rollouts = RolloutService(db, events, offline_after_s=config.offline_after_s)
-    events.subscribe(_build_triggers(builds, executor))
     metrics_registry = CollectorRegistry()
-    metrics = RpcMetrics(metrics_registry)
-    orchestrator = Orchestrator(
-        db, events, owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.new_id()[:8]}",
-        offline_after_s=config.offline_after_s, tick_s=config.rollout_tick_s,
-        on_tick=_tick_histogram(metrics_registry).observe,
-    )  # fmt: skip
-    metrics_registry.register(_DeviceStateCollector(devices, hub))
-    credentials = DeviceCredentials(db)
-    events.subscribe(credentials.on_event)
-    base: dict[str, Any] = {
-        "db": db, "executor": executor, "metrics": metrics, "credentials": credentials,
-        "peer_certificates": PeerCertificates() if config.tls else None,
-    }  # fmt: skip
+    services = build_services(
+        config, db, events, hub, state.authority, executors.db, metrics_registry
+    )
+    metrics_registry.register(_DeviceStateCollector(services.devices, services.hub))
 
     server = grpc.aio.server(
         options=[
@@ -289,93 +314,40 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
             *CONNECTION_OPTIONS,
         ]
     )
-    agent_config = device_pb2.AgentConfig(
-        heartbeat_interval_s=config.heartbeat_interval_s,
-        telemetry_interval_s=config.telemetry_interval_s,
-    )
-    device_servicer = DeviceServicer(
-        enrollment=enrollment,
-        devices=devices,
-        artifacts=artifacts,
-        hub=hub,
-        telemetry=telemetry,
-        deployments=deployments,
-        statuses=statuses,
-        telemetry_pulse=telemetry_pulse,
-        agent_config=agent_config,
-        certificates=certificates,
-        telemetry_rate=TelemetryRateLimit(config.telemetry_rate_per_s, config.telemetry_burst),
-        **base,
-    )
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(device_servicer, server)
-    operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-        OperatorServicer(
-            enrollment=enrollment,
-            devices=devices,
-            classes=classes,
-            registry=registry,
-            builds=builds,
-            artifacts=artifacts,
-            telemetry=telemetry,
-            deployments=deployments,
-            rollouts=rollouts,
-            operator_tokens=OperatorTokenService(db),
-            events=events,
-            **(base | {"executor": operator_executor}),
-        ),
-        server,
-    )
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = (
-        device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
-        operator_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(services, server)
+    # Bound before the servicers are made: the device servicer tells agents
+    # where the device port is.
     device_port = 0
-    if authority is None:
+    if state.authority is None:
         port = _bind(server.add_insecure_port, config.listen)
     else:
-        port, device_port = _add_tls_ports(server, config, authority)
+        port, device_port = _add_tls_ports(server, config, state.authority)
+    device_endpoint = ""
+    if device_port:
+        device_endpoint = config.device_advertise or _address(
+            config.device_listen_address(), device_port
+        )
+    health_servicer = _add_servicers(
+        server, config, db, services, executors, RpcMetrics(metrics_registry), device_endpoint
+    )
     await server.start()
-    for name in ("", *services[:2]):
+    for name in ("", *_SERVED[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    cp = ControlPlane(config, server, port, db, hub, admin_token, metrics_registry, executor)
-    cp.device_port = device_port
-    if device_port:
-        device_servicer.device_endpoint = config.device_advertise or cp.device_address
-    cp._background = background
-    cp._operator_executor = operator_executor
-    cp._statuses = statuses
-    cp._tasks.append(asyncio.create_task(statuses.run(background)))
-    cp._bridge = bridge
-    cp.builds = builds
-    cp._tasks.append(asyncio.create_task(_flush_presence(hub, devices, executor, events)))
-    cp._tasks.append(asyncio.create_task(_announce_telemetry(telemetry_pulse, events)))
-    cp.orchestrator = orchestrator
-    cp._tasks.append(asyncio.create_task(orchestrator.run(background)))
-    lag = loop_lag.lag_histogram(metrics_registry)
-    cp._tasks.append(asyncio.create_task(loop_lag.probe(lag.observe)))
-    cp._tasks.append(
-        asyncio.create_task(
-            _roll_up_telemetry(telemetry, executor, config.telemetry_rollup_every_s)
-        )
-    )
-    if config.build_workers > 0:
-        cp._runner = BuildRunner(
-            builds, executor, config.build_dir, workers=config.build_workers,
-            lease_s=config.build_lease_s, toolchains_dir=config.toolchains_dir,
-        )  # fmt: skip
-        cp._tasks.append(asyncio.create_task(cp._runner.run()))
+    jobs = BackgroundJobs(_background_jobs(config, services, executors, metrics_registry))
+    jobs.start()
+    stop_metrics = None
     if config.metrics_listen:
         host, _, mport = config.metrics_listen.rpartition(":")
-        cp._metrics_server, _thread = start_http_server(
+        metrics_server, _thread = start_http_server(
             int(mport), host or "127.0.0.1", registry=metrics_registry
         )
-    if authority is None:
+        stop_metrics = metrics_server.shutdown
+    cp = ControlPlane(
+        config=config, server=server, port=port, device_port=device_port, db=db,
+        services=services, admin_token=state.admin_token, registry=metrics_registry,
+        executors=executors, jobs=jobs, bridge=bridge, stop_metrics=stop_metrics,
+    )  # fmt: skip
+    if state.authority is None:
         log.warning(PLAINTEXT_BANNER, cp.address)
     else:
         log.info(
@@ -386,6 +358,196 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
     if config.port_file:
         write_port_files(config.port_file, port, device_port)
     return cp
+
+
+def _event_bridge(
+    config: ServerConfig,
+    slot: WorkerSlot | None,
+    db: Database,
+    events: EventBus,
+    executor: ThreadPoolExecutor,
+) -> EventBridge | None:
+    """What carries events to the other replicas (PostgreSQL) or to the
+    other workers of this server (SQLite); None when there are none."""
+    engine = db.engine
+    if engine.dialect.name == "postgresql":
+        dsn = libpq_dsn(engine.url.render_as_string(hide_password=False))
+        return PgEventBridge(dsn, events, executor)
+    if slot is not None and slot.workers > 1:
+        return LocalEventBridge(config.data_dir, slot.index, slot.workers, events, executor)
+    return None
+
+
+def build_services(
+    config: ServerConfig,
+    db: Database,
+    events: EventBus,
+    hub: SyncHub,
+    authority: pki.Authority | None,
+    executor: ThreadPoolExecutor,
+    metrics_registry: CollectorRegistry,
+) -> Services:
+    """Every service, wired to the event bus (whose first subscriber is
+    `hub`); with `authority`, device certificates too."""
+    certificates = (
+        CertificateService(
+            db, events, authority, dt.timedelta(seconds=config.device_cert_lifetime_s)
+        )
+        if authority is not None else None
+    )  # fmt: skip
+    blobs = BlobStore(config.blob_dir)
+    builds = BuildService(db, blobs, events, toolchains_dir=config.toolchains_dir)
+    events.subscribe(_build_triggers(builds, executor))
+    credentials = DeviceCredentials(db)
+    events.subscribe(credentials.on_event)
+    deployments = DeploymentService(db, events)
+    return Services(
+        events=events,
+        hub=hub,
+        credentials=credentials,
+        enrollment=EnrollmentService(db, events, certificates),
+        certificates=certificates,
+        devices=DeviceService(db, events, hub, config.offline_after_s),
+        classes=ClassService(db, events),
+        registry=RegistryService(db, blobs, events, int(config.max_upload_mb * 1024 * 1024)),
+        builds=builds,
+        artifacts=ArtifactService(db, blobs),
+        telemetry=TelemetryService(
+            db, retention=dt.timedelta(seconds=config.telemetry_retention_s)
+        ),
+        telemetry_pulse=Pulse(),
+        deployments=deployments,
+        statuses=StatusBuffer(deployments),
+        rollouts=RolloutService(db, events, offline_after_s=config.offline_after_s),
+        orchestrator=Orchestrator(
+            db,
+            events,
+            owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.new_id()[:8]}",
+            offline_after_s=config.offline_after_s,
+            tick_s=config.rollout_tick_s,
+            on_tick=_tick_histogram(metrics_registry).observe,
+        ),
+        operator_tokens=OperatorTokenService(db),
+    )
+
+
+# What the server serves (and reflection lists); health is reported for the
+# first two and for the server as a whole.
+_SERVED = (
+    device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
+    operator_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+def _add_servicers(
+    server: grpc.aio.Server,
+    config: ServerConfig,
+    db: Database,
+    services: Services,
+    executors: Executors,
+    metrics: RpcMetrics,
+    device_endpoint: str,
+) -> Any:
+    """Add the device, operator, health and reflection servicers; the
+    health servicer, for the caller to report serving once started."""
+    base: dict[str, Any] = {
+        "db": db, "executor": executors.db, "metrics": metrics,
+        "credentials": services.credentials,
+        "peer_certificates": PeerCertificates() if config.tls else None,
+    }  # fmt: skip
+    device_servicer = DeviceServicer(
+        enrollment=services.enrollment,
+        devices=services.devices,
+        artifacts=services.artifacts,
+        hub=services.hub,
+        telemetry=services.telemetry,
+        deployments=services.deployments,
+        statuses=services.statuses,
+        telemetry_pulse=services.telemetry_pulse,
+        agent_config=device_pb2.AgentConfig(
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            telemetry_interval_s=config.telemetry_interval_s,
+        ),
+        certificates=services.certificates,
+        telemetry_rate=TelemetryRateLimit(config.telemetry_rate_per_s, config.telemetry_burst),
+        device_endpoint=device_endpoint,
+        **base,
+    )
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(device_servicer, server)
+    operator_pb2_grpc.add_OperatorServiceServicer_to_server(
+        OperatorServicer(
+            enrollment=services.enrollment,
+            devices=services.devices,
+            classes=services.classes,
+            registry=services.registry,
+            builds=services.builds,
+            artifacts=services.artifacts,
+            telemetry=services.telemetry,
+            deployments=services.deployments,
+            rollouts=services.rollouts,
+            operator_tokens=services.operator_tokens,
+            events=services.events,
+            **(base | {"executor": executors.operator}),
+        ),
+        server,
+    )
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(_SERVED, server)
+    return health_servicer
+
+
+def _background_jobs(
+    config: ServerConfig,
+    services: Services,
+    executors: Executors,
+    metrics_registry: CollectorRegistry,
+) -> list[BackgroundJob]:
+    """The loops that run while the server serves, in the order they start
+    and stop."""
+    loop = asyncio.get_running_loop()
+    statuses, orchestrator = services.statuses, services.orchestrator
+
+    async def flush_statuses() -> None:
+        await statuses.flush(executors.background)
+
+    async def release_rollouts() -> None:
+        # Hand our rollouts to another replica now, not when the lease expires.
+        await loop.run_in_executor(executors.db, orchestrator.release)
+
+    lag = loop_lag.lag_histogram(metrics_registry)
+    jobs = [
+        BackgroundJob(
+            "status-writes", lambda: statuses.run(executors.background), hand_over=flush_statuses
+        ),
+        BackgroundJob(
+            "presence",
+            lambda: _flush_presence(services.hub, services.devices, executors.db, services.events),
+        ),
+        BackgroundJob(
+            "telemetry-events",
+            lambda: _announce_telemetry(services.telemetry_pulse, services.events),
+        ),
+        BackgroundJob(
+            "rollouts", lambda: orchestrator.run(executors.background), hand_over=release_rollouts
+        ),
+        BackgroundJob("loop-lag", lambda: loop_lag.probe(lag.observe)),
+        BackgroundJob(
+            "telemetry-rollup",
+            lambda: _roll_up_telemetry(
+                services.telemetry, executors.db, config.telemetry_rollup_every_s
+            ),
+        ),
+    ]
+    if config.build_workers > 0:
+        runner = BuildRunner(
+            services.builds, executors.db, config.build_dir, workers=config.build_workers,
+            lease_s=config.build_lease_s, toolchains_dir=config.toolchains_dir,
+        )  # fmt: skip
+        jobs.append(BackgroundJob("builds", runner.run, halt=runner.stop))
+    return jobs
 
 
 def write_port_files(port_file: Path, port: int, device_port: int) -> None:
@@ -408,10 +570,7 @@ PLAINTEXT_BANNER = (
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text`: a reader sees the old file or the new one."""
-    # Workers starting together write the same files; each its own temporary.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode())
 
 
 def _add_tls_ports(

@@ -16,8 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,11 @@ from rich.console import Console
 from rich.rule import Rule
 
 from edgefleet.demo.models import build_digits_classifier
+from edgefleet.polling import WaitTimeout, wait_for
 
 BIN = Path(sys.executable).parent
+# How often the demo asks again while it waits: some questions are CLI runs.
+POLL_S = 0.2
 FINAL_ROLLOUT_STATES = ("ROLLOUT_STATE_SUCCEEDED", "ROLLOUT_STATE_ABORTED", "ROLLOUT_STATE_PAUSED")
 console = Console()
 
@@ -165,7 +167,14 @@ class Demo:
              "--port-file", str(port_file), "--heartbeat-interval", "5"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        wait_for(port_file.exists, "the control plane to listen", self.server)
+        server = self.server
+
+        def listening() -> bool:
+            if server.poll() is not None:
+                raise SystemExit("gave up waiting for the control plane to listen: it exited")
+            return port_file.exists()
+
+        wait_for(listening, 60, what="the control plane to listen", interval=POLL_S)
         address = f"127.0.0.1:{port_file.read_text().strip()}"
         token = (self.data_dir / "cp" / "admin-token").read_text().strip()
         self.env.update(EDGEFLEET_SERVER=address, EDGEFLEET_TOKEN=token)
@@ -204,8 +213,10 @@ class Demo:
                 )
             )  # fmt: skip
         console.print(f"started {len(self.agents)} edgefleet-agent processes")
-        wait_for(lambda: len(self.devices()) == len(DEVICES), "every agent to register")
-        wait_for(lambda: all(d.get("online") for d in self.devices()), "every agent to connect")
+        wait_for(lambda: len(self.devices()) == len(DEVICES), 60,
+                 what="every agent to register", interval=POLL_S)  # fmt: skip
+        wait_for(lambda: all(d.get("online") for d in self.devices()), 60,
+                 what="every agent to connect", interval=POLL_S)  # fmt: skip
         self.cli("devices", "ls")
 
     def devices(self) -> list[dict[str, Any]]:
@@ -255,7 +266,7 @@ class Demo:
             placed = [d for d in self.devices() if d.get("class_name")]
             return all(d.get("update", {}).get("state") in ("committed", "failed") for d in placed)
 
-        wait_for(settled, "every device to install or reject the model", timeout=120)
+        wait_for(settled, 120, what="every device to install or reject the model", interval=POLL_S)
         self.cli("devices", "ls")
         # No TensorRT on this machine: the Jetson's agent refuses the artifact
         # when it validates it, and says why.
@@ -291,7 +302,7 @@ class Demo:
                            capture=True, echo=False)  # fmt: skip
             return any(series.get("points") for series in json.loads(out))
 
-        wait_for(reported, "telemetry to arrive")
+        wait_for(reported, 60, what="telemetry to arrive", interval=POLL_S)
         self.cli("telemetry", "query", "latency-p95-ms", "--by", "device", "--model", "digits",
                  "--since", "5m", "--step", "1m")  # fmt: skip
 
@@ -327,7 +338,7 @@ class Demo:
                                for d in devices)  # fmt: skip
                 return shown.get("state") in FINAL_ROLLOUT_STATES and not settling
 
-            wait_for(ended, "the rollout to finish", timeout=180)
+            wait_for(ended, 180, what="the rollout to finish", interval=POLL_S)
         finally:
             stop.set()
             traffic.join()
@@ -385,19 +396,6 @@ class Demo:
                     proc.kill()
 
 
-def wait_for(
-    predicate: Callable[[], Any], what: str, proc: subprocess.Popen[bytes] | None = None,
-    timeout: float = 60.0,
-) -> None:  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"gave up waiting for {what}: the process exited")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"gave up waiting for {what} after {timeout:.0f}s")
-        time.sleep(0.2)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: temp)")
@@ -444,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "  edgefleet devices ls\nCtrl-C stops it."
             )
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except WaitTimeout as exc:
+        raise SystemExit(str(exc)) from None  # a line for the operator, not a traceback
     finally:
         demo.stop()
         if args.data_dir is None and not args.keep_running:

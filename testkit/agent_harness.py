@@ -12,11 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from edgefleet.agent.update.faults import FAULT_ENV
+from edgefleet.polling import wait_for as wait_for  # re-exported for the tests
 
 T = TypeVar("T")
 
@@ -63,23 +65,6 @@ def to_toml(config: Mapping[str, Any]) -> str:
 
     emit("", config)
     return "\n".join(lines) + "\n"
-
-
-def wait_for(
-    predicate: Callable[[], T | Literal[False] | None],
-    timeout: float = 30.0,
-    interval: float = 0.05,
-) -> T:
-    """Poll until `predicate` returns something truthy; that value. Fails with
-    the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: T | Literal[False] | None = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
 
 
 class AgentProcess:
@@ -133,19 +118,28 @@ class AgentProcess:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(to_toml(self.config))
 
-    def start(self, *args: str, env: Mapping[str, str] | None = None) -> AgentProcess:
+    def start(
+        self, *args: str, env: Mapping[str, str] | None = None, fault_pause: str | None = None
+    ) -> AgentProcess:
         """Write the config and start the agent (with `env` added to its
-        environment); returns self."""
+        environment); returns self. With `fault_pause` (a state's name, or
+        faults.VERIFIED) its update machine stops for good at that point
+        (agent/update/faults.py), for a test to kill it there."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.write_config()
         child_env = {
             key: value
             for key, value in os.environ.items()
-            # The test's environment must not override the file, and gRPC
-            # honours proxy variables, which would send loopback traffic away.
-            if not key.startswith("EDGEFLEET_AGENT_") and "proxy" not in key.lower()
+            # The test's environment must not override the file or inject
+            # faults, and gRPC honours proxy variables, which would send
+            # loopback traffic away.
+            if not key.startswith("EDGEFLEET_AGENT_")
+            and key != FAULT_ENV
+            and "proxy" not in key.lower()
         }
         child_env.update(env or {})
+        if fault_pause is not None:
+            child_env[FAULT_ENV] = fault_pause
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         try:
             self.proc = subprocess.Popen(
@@ -211,8 +205,8 @@ class AgentProcess:
     def wait_for(
         self, predicate: Callable[[], T | Literal[False] | None], timeout: float = 30.0
     ) -> T:
-        """Like the module's wait_for, but fails at once with the log if the
-        agent exits, and includes the log in the failure message."""
+        """Like edgefleet.polling.wait_for, but fails at once with the log if
+        the agent exits, and includes the log in the failure message."""
 
         def check() -> T | Literal[False] | None:
             if self.proc is not None and self.proc.poll() is not None:

@@ -1,4 +1,4 @@
-"""Fault-injection scenarios, shared by tests/test_faults.py (CI sizes) and
+"""Fault-injection scenarios, shared by tests/e2e/test_faults.py (CI sizes) and
 bench/bench_faults.py (full sizes, figures for docs/reliability.md).
 
 Each scenario runs the real parts (an `edgefleet server` subprocess, fleetsim
@@ -44,12 +44,11 @@ from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o
 from testkit.agent_harness import AgentProcess
+from testkit.builds import fake_result
 from testkit.harness import ControlPlane
+from testkit.models import model_parts, push_model
 from testkit.private_pg import PrivatePostgres
 from testkit.tcp_proxy import TcpProxy
-from tests.e2e.test_api import _parts
-from tests.e2e.test_builds_e2e import _push
-from tests.e2e.test_builds_service import _fake_result
 
 T = TypeVar("T")
 MODEL = "faults"
@@ -100,7 +99,7 @@ def publish_versions(
     --build-workers 0). Returns version -> artifact digest."""
     op = cp.operator()
     for version, model in versions.items():
-        _push(op, MODEL, version, _parts(model=model))
+        push_model(op, MODEL, version, model_parts(model=model))
     by_digest = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in versions.values()}
     engine = make_engine(db_url_of(cp), pool_size=2)
     with tempfile.TemporaryDirectory() as blobs:
@@ -109,7 +108,7 @@ def publish_versions(
         while time.monotonic() < deadline:
             job = builds.claim("fault-scenarios", 60)
             if job is not None:
-                builds.finish(job, "fault-scenarios", _fake_result(by_digest[job.model_digest]), "")
+                builds.finish(job, "fault-scenarios", fake_result(by_digest[job.model_digest]), "")
                 continue
             listed = op.ListBuilds(o.ListBuildsRequest(model_name=MODEL)).builds
             if listed and all(b.state == o.BUILD_STATE_SUCCEEDED for b in listed):

@@ -28,7 +28,7 @@ numbers) and *mutated* (a real request the set-up made, or a plausible one,
 with one or two fields replaced by wild values), so fuzzing reaches past the
 first validation.
 
-tests/test_fuzz.py runs a small derandomized run in CI; bench/bench_fuzz.py
+tests/e2e/test_fuzz.py runs a small derandomized run in CI; bench/bench_fuzz.py
 the 100,000-message one (docs/reliability.md, "Fuzzing").
 
     python -m testkit.fuzzing serve --data-dir D --port-file P --admin-token T [--tls]
@@ -72,6 +72,13 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from edgefleet.agent.transport import new_key_and_csr
+from edgefleet.controlplane.build.types import (
+    BuildResult,
+    Candidate,
+    Evaluated,
+    Golden,
+    Measurement,
+)
 from edgefleet.controlplane.db.models import Base
 from edgefleet.controlplane.domain.roles import ADMIN
 from edgefleet.controlplane.server import MAX_MESSAGE_BYTES
@@ -2072,39 +2079,24 @@ def _push(name: str, version: str, model: bytes) -> list[o.PushModelRequest]:
     ]
 
 
-def _fake_result(artifact: Path) -> dict[str, Any]:
+def _fake_result(artifact: Path) -> BuildResult:
     """What a build worker returns, over a real file (as tests do)."""
-    chosen: dict[str, Any] = {
-        "name": "fp32",
-        "runtime": "onnxruntime",
-        "precision": "fp32",
-        "media_type": "application/onnx",
-        "path": str(artifact),
-        "companion": None,
-        "tensorrt_spec": None,
-        "min_runtime_versions": {"onnxruntime": "1.17"},
-        "size_bytes": artifact.stat().st_size,
-        "latency_p50_ms": 0.01,
-        "latency_p95_ms": 0.02,
-        "peak_memory_mb": 1.0,
-        "max_abs_diff": 0.0,
-        "agreement": 1.0,
-        "accuracy": None,
-        "passed": True,
-        "reasons": [],
-        "chosen": True,
-        "error": "",
-    }
-    return {
-        "candidates": [chosen],
-        "chosen": chosen,
-        "reference_accuracy": None,
-        "log": ["fuzz"],
-        "golden": None,
-        "atol": 1e-3,
-        "rtol": 1e-3,
-        "min_agreement": 0.99,
-    }
+    chosen = Candidate(
+        "fp32", "onnxruntime", "fp32", artifact, min_runtime_versions={"onnxruntime": "1.17"}
+    )
+    measured = Measurement(
+        size_bytes=artifact.stat().st_size,
+        latency_p50_ms=0.01,
+        latency_p95_ms=0.02,
+        peak_memory_mb=1.0,
+        agreement=1.0,
+    )
+    return BuildResult(
+        candidates=(Evaluated(chosen, measured, passed=True, chosen=True),),
+        reference_accuracy=None,
+        log=("fuzz",),
+        golden=Golden(samples=(), atol=1e-3, rtol=1e-3, min_agreement=0.99),
+    )
 
 
 def start(

@@ -32,6 +32,8 @@ _OPTIONS = [
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
 ]
 
+# A handler's context: the relay never parses requests, nor most responses.
+Context = grpc.aio.ServicerContext[bytes, bytes]
 # (device id, what the control plane sent): what the agent gets, or None.
 Rewrite = Callable[[str, d.ControlMessage], d.ControlMessage | None]
 
@@ -141,13 +143,13 @@ class GrpcRelay:
         if self._server is not None:
             await self._server.stop(None)
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(None)
 
     def _seen(self, method: str) -> None:
         with self._lock:
             self.calls.append(method)
 
-    def _handler(self, method: Any) -> grpc.RpcMethodHandler:
+    def _handler(self, method: Any) -> grpc.RpcMethodHandler[bytes, bytes]:
         """A byte-for-byte forwarding handler for one method (Sync parsed)."""
         path = f"/{SERVICE.full_name}/{method.name}"
         name = str(method.name)
@@ -156,21 +158,21 @@ class GrpcRelay:
             assert self._channel is not None
             return self._channel
 
-        async def unary_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        # No serializers: requests and responses cross the relay as bytes.
+        async def unary_unary(request: bytes, context: Context) -> bytes:
             self._seen(name)
             try:
-                return await upstream().unary_unary(path)(  # type: ignore[no-any-return]
+                response: bytes = await upstream().unary_unary(path, None, None)(
                     request, metadata=_forwarded(context.invocation_metadata())
                 )
+                return response
             except grpc.aio.AioRpcError as err:
                 await context.abort(err.code(), err.details() or "")
                 raise
 
-        async def unary_stream(
-            request: bytes, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[bytes]:
+        async def unary_stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
             self._seen(name)
-            call = upstream().unary_stream(path)(
+            call = upstream().unary_stream(path, None, None)(
                 request, metadata=_forwarded(context.invocation_metadata())
             )
             try:
@@ -182,12 +184,14 @@ class GrpcRelay:
                 call.cancel()
 
         async def stream_stream(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+            requests: AsyncIterator[bytes], context: Context
         ) -> AsyncIterator[bytes]:
             self._seen(name)
             metadata = context.invocation_metadata()
             device_id = _device_of(metadata)
-            call = upstream().stream_stream(path)(requests, metadata=_forwarded(metadata))
+            call = upstream().stream_stream(path, None, None)(
+                requests, metadata=_forwarded(metadata)
+            )
             try:
                 async for response in call:
                     out = self._down(device_id, response) if name == "Sync" else response

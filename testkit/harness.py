@@ -7,31 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgefleet.controlplane.client import bearer_metadata, operator_stub
+from edgefleet.controlplane.client.connection import bearer_metadata, operator_stub
+from edgefleet.polling import WaitTimeout
+from edgefleet.polling import wait_for as wait_for  # re-exported for the tests
 from edgefleet.v1 import device_pb2, device_pb2_grpc, operator_pb2_grpc
 
-T = TypeVar("T")
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.05) -> T:
-    """Poll until predicate returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
 
 
 class ControlPlane:
@@ -94,13 +81,17 @@ class ControlPlane:
             cmd += ["--db", self.db_url]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not port_file.exists():
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def listening() -> bool:
+            if proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{self.log()}")
-            time.sleep(0.05)
+            return port_file.exists()
+
+        try:
+            wait_for(listening, timeout, what="the server's port file")
+        except WaitTimeout:
+            raise RuntimeError(f"server did not start:\n{self.log()}") from None
         self.port = int(port_file.read_text())
         if self.tls:
             self.device_port = int((self.data_dir / "device-port").read_text())

@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers, real SQLite and PostgreSQL databases."""
+"""Shared fixtures: real servers, real SQLite and PostgreSQL databases, and
+the models tests push to them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ import pytest
 from edgefleet.controlplane.config import ServerConfig
 from edgefleet.controlplane.server import ControlPlane as InProcessControlPlane
 from edgefleet.controlplane.server import create_server
+from edgefleet.demo.models import (
+    BuiltModel,
+    ModelUnavailable,
+    build_digits_classifier,
+    fetch_ppocr_cls,
+)
+from testkit.fleet import FleetSetup, prepare_for_fleets
 from testkit.harness import ADMIN_TOKEN, ControlPlane
 
 PG_ADMIN_DSN = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -77,6 +85,17 @@ async def server(tmp_path: Path) -> AsyncIterator[InProcessControlPlane]:
 
 
 @pytest.fixture
+async def fleet_setup(server: InProcessControlPlane, tmp_path: Path) -> AsyncIterator[FleetSetup]:
+    """`server` ready for simulated fleets (testkit.fleet): two classes, digits
+    1.0.0 and 2.0.0 built for both, an auto-accept token."""
+    setup = await prepare_for_fleets(server, tmp_path)
+    try:
+        yield setup
+    finally:
+        await setup.channel.close(None)
+
+
+@pytest.fixture
 def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
     """`edgefleet server` as a subprocess on SQLite (for restart/kill tests)."""
     cp = ControlPlane(tmp_path / "cp")
@@ -85,3 +104,38 @@ def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
         yield cp
     finally:
         cp.close()
+
+
+@pytest.fixture
+async def cp(tmp_path: Path, db_url: str) -> AsyncIterator[InProcessControlPlane]:
+    """An in-process control plane on SQLite and on PostgreSQL (claims use FOR
+    UPDATE SKIP LOCKED there), with no build runner: tests finish builds by
+    hand (testkit.builds)."""
+    server = await create_server(
+        ServerConfig(
+            data_dir=tmp_path / "cp", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN,
+            build_workers=0, db_url=db_url,
+        )
+    )  # fmt: skip
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0.5)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> BuiltModel:
+    """The demo's digits classifier: model, sample data and labels."""
+    return build_digits_classifier(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def ppocr_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PP-OCR's mobile text-direction classifier (MobileNetV3, opset 11),
+    from the rapidocr-onnxruntime wheel on PyPI."""
+    try:
+        return fetch_ppocr_cls(tmp_path_factory.mktemp("rapidocr"))
+    except ModelUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

@@ -2,11 +2,10 @@
 plain dataclasses of tui.data, failures as ClientError.
 
 Never imports textual (tests check it), nor the control plane's database or
-services: it is a client like the CLI, and shares the CLI's connection
-helpers (controlplane.client), parsers (controlplane.cli.convert, the stage
-syntax of controlplane.cli.rollouts) and upload code (controlplane.cli.push).
-The UI depends on the FleetApi protocol, so snapshot tests can hand it a
-fake with fixed data."""
+services: it is an adapter over the client library (controlplane.client),
+like the CLI, and takes its connection settings, parsers, stage syntax,
+upload code and formatting from there. The UI depends on the FleetApi
+protocol, so snapshot tests can hand it a fake with fixed data."""
 
 from __future__ import annotations
 
@@ -19,7 +18,13 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from edgefleet.controlplane.cli.convert import (
+from edgefleet.controlplane.client import push
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.errors import rpc_status
+from edgefleet.controlplane.client.format import format_cohort, format_pacing, format_shape
+from edgefleet.controlplane.client.paging import list_devices_async
+from edgefleet.controlplane.client.stages import format_stage, parse_ramp, parse_stage
+from edgefleet.controlplane.client.syntax import (
     constraint_profile,
     enum_value,
     format_rule,
@@ -27,20 +32,6 @@ from edgefleet.controlplane.cli.convert import (
     parse_label,
     parse_match,
     parse_model_ref,
-)
-from edgefleet.controlplane.cli.push import describe_part, push_requests
-from edgefleet.controlplane.cli.render import (
-    format_cohort,
-    format_pacing,
-    format_shape,
-    format_stage,
-)
-from edgefleet.controlplane.cli.rollouts import parse_ramp, parse_stage
-from edgefleet.controlplane.client import (
-    bearer_metadata,
-    list_devices_async,
-    operator_aio_channel,
-    operator_channel,
 )
 from edgefleet.tui import data as d
 from edgefleet.v1 import common_pb2 as c
@@ -91,12 +82,15 @@ class ServerError(ClientError):
 
 
 def _server_error(err: grpc.RpcError) -> ServerError:
-    if isinstance(err, grpc.Call):
-        code, details = err.code(), err.details() or ""
-        if code == grpc.StatusCode.UNAVAILABLE:
-            details = f"control plane unreachable ({details})" if details else details
-        return ServerError(code, details)
-    return ServerError(grpc.StatusCode.UNKNOWN, str(err))
+    """The failure of a call on either stack (grpc.aio's errors are not
+    grpc.Call, see rpc_status) as a ServerError titled with its code."""
+    status = rpc_status(err)
+    if status is None:
+        return ServerError(grpc.StatusCode.UNKNOWN, str(err))
+    code, details = status
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"control plane unreachable ({details})" if details else details
+    return ServerError(code, details)
 
 
 def _parse(fn: Callable[[str], T], text: str, what: str) -> T:
@@ -174,22 +168,19 @@ class FleetClient:
     to the event loop the app runs on."""
 
     def __init__(self, server: str, token: str | None, ca_cert: Path | None = None) -> None:
-        self._server = server
-        self._token = token
-        self._ca_cert = ca_cert
-        self._metadata = bearer_metadata(token) if token else ()
+        self._connection = Connection(server, token, ca_cert)
         self._channel: grpc.aio.Channel | None = None
         # Typed Any: the generated stubs describe the blocking stack only.
         self._stub_: Any = None
 
     @property
     def target(self) -> str:
-        return self._server
+        return self._connection.server
 
     @property
     def _stub(self) -> Any:
         if self._stub_ is None:
-            self._channel = operator_aio_channel(self._server, self._ca_cert)
+            self._channel = self._connection.aio_channel()
             self._stub_ = operator_pb2_grpc.OperatorServiceStub(self._channel)
         return self._stub_
 
@@ -202,7 +193,7 @@ class FleetClient:
 
     async def _call(self, method: str, request: Any) -> Any:
         try:
-            return await getattr(self._stub, method)(request, metadata=self._metadata)
+            return await getattr(self._stub, method)(request, metadata=self._connection.metadata)
         except grpc.RpcError as err:
             raise _server_error(err) from None
 
@@ -300,35 +291,26 @@ class FleetClient:
         on_progress: Callable[[int, int], None] | None = None,
     ) -> d.ModelVersion:
         """Upload a model version; `on_progress(sent, total)` runs on this
-        event loop as chunks go out. The upload runs on the blocking stack in
-        a thread: grpc.aio can misreport a client stream the server rejects
-        early (grpc/grpc#36066), the blocking stack reports the real status."""
-        files = [(o.MODEL_PART_MODEL, model), (o.MODEL_PART_SAMPLE_DATA, sample_data),
-                 (o.MODEL_PART_LABELS, labels)]  # fmt: skip
+        event loop as chunks go out. The upload runs in a thread, on the
+        blocking stack (see push.push_model)."""
         loop = asyncio.get_running_loop()
         try:
             parts = await asyncio.to_thread(
-                lambda: [describe_part(part, p) for part, p in files if p is not None]
+                push.model_parts, model, sample_data=sample_data, labels=labels
             )
         except OSError as err:
             raise InputError(f"{err.strerror or err}: {err.filename}") from None
-        total = sum(p.size_bytes for p in parts)
-        sent = 0
 
-        def chunk(n: int) -> None:
-            nonlocal sent
-            sent += n
+        def progress(sent: int, total: int) -> None:
             if on_progress is not None:
                 loop.call_soon_threadsafe(on_progress, sent, total)
 
         header = o.PushModelHeader(model_name=name, version=version, description=description)
 
         def upload() -> c.ModelVersion:
-            with operator_channel(self._server, self._token, self._ca_cert) as channel:
+            with self._connection.channel() as channel:
                 stub = operator_pb2_grpc.OperatorServiceStub(channel)
-                requests = push_requests(header, parts, on_chunk=chunk)
-                result: c.ModelVersion = stub.PushModel(requests)
-                return result
+                return push.push_model(stub, header, parts, on_progress=progress)
 
         try:
             pushed = await asyncio.to_thread(upload)
@@ -436,7 +418,7 @@ class FleetClient:
         """Fleet events until the channel closes; the first event, `resync`,
         comes once the server has the watch live (nothing after it is missed),
         so a UI that reloads on it starts from a consistent state."""
-        call = self._stub.WatchFleet(o.WatchFleetRequest(), metadata=self._metadata)
+        call = self._stub.WatchFleet(o.WatchFleetRequest(), metadata=self._connection.metadata)
         try:
             await call.initial_metadata()
             yield d.FleetEvent("resync", "watch connected")

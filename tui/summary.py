@@ -8,10 +8,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from edgefleet.controlplane.cli.convert import format_ago
+from edgefleet.controlplane.client.format import NONE, format_ago
 from edgefleet.tui.data import Device, Gate, Rollout
 
-NONE = "-"
 # An accepted device not heard from for this long is "silent" (an alert).
 SILENT_AFTER = timedelta(minutes=2)
 
@@ -83,12 +82,6 @@ def format_time(when: datetime | None) -> str:
 
 def format_labels(labels: Iterable[tuple[str, str]]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels))
-
-
-def format_bar(done: int, total: int, width: int = 12) -> str:
-    """`██████░░░░░░ 3/6`: a text bar, stable in snapshots."""
-    filled = round(width * done / total) if total else 0
-    return "█" * filled + "░" * (width - filled) + f" {done}/{total}"
 
 
 def rollout_progress(r: Rollout) -> tuple[int, int]:

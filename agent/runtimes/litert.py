@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo
+from edgefleet.extras import install_command
 
 # Preferred first: LiteRT is tflite-runtime's successor.
 _INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
@@ -47,8 +48,9 @@ def load_interpreter_class() -> Any:
         except ImportError as exc:
             errors.append(f"{module}: {exc}")
     raise RuntimeUnavailable(
-        "no TFLite interpreter: install LiteRT (`pip install ai-edge-litert`) "
-        "or tflite-runtime (" + "; ".join(errors) + ")"
+        "no TFLite interpreter: TFLite models need the 'litert' extra, "
+        f"{install_command('litert')}, or where ai-edge-litert has no wheel (32-bit ARM) "
+        f"the 'tflite-runtime' one, {install_command('tflite-runtime')} ({'; '.join(errors)})"
     )
 
 

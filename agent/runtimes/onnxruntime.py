@@ -12,9 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo
+from edgefleet.extras import needs
+
+try:
+    import onnxruntime as ort
+except ModuleNotFoundError as missing:
+    # The base install is an agent without a runtime: loading an ONNX model
+    # there fails as any unavailable runtime does, naming the extra.
+    if missing.name != "onnxruntime":
+        raise
+    raise RuntimeUnavailable(
+        needs("Serving ONNX models", "onnxruntime", ("onnxruntime",))
+    ) from None
 
 CPU = "CPUExecutionProvider"
 AUTO = "auto"

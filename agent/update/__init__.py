@@ -20,7 +20,7 @@ The ports the daemon wires in:
   device in a child process;
 - activation.py: switching the ModelHost, active.json, restore at boot;
 - runner.py: the thread that reconciles the assignment with the machine;
-- faults.py: the crash-test pause (EDGEFLEET_AGENT_FAULT_PAUSE).
+- faults.py: the crash-test pause (EDGEFLEET_TEST_AGENT_FAULT_PAUSE).
 
 The machine itself never speaks gRPC or loads a runtime. See
 docs/agent-updates.md."""

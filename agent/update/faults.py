@@ -1,4 +1,4 @@
-"""Fault injection for crash tests: with EDGEFLEET_AGENT_FAULT_PAUSE=<state>
+"""Fault injection for crash tests: with EDGEFLEET_TEST_AGENT_FAULT_PAUSE=<state>
 the update machine stops inside that state's work and waits forever, after
 writing <state_dir>/fault-paused (holding the state's name), so a test can
 kill -9 the agent at a known point and check what it does on restart.
@@ -12,7 +12,10 @@ Where each state pauses is the most damaging point inside it:
 - verified (not a state): inside Verifying, after every check passed and
   before the trusted state is written (trust.json must still be the old one).
 
-Never set in production; the agent logs loudly when it is."""
+Never set in production; the agent logs loudly when it is. Only
+`edgefleet-agent`'s entry point (agent/main.py) reads the variable; the
+Agent takes the wrapped ports as an argument, and testkit's AgentProcess
+sets the variable for the tests that ask for a pause."""
 
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from .states import State
 from .store import Assignment
 from .trust import TrustState
 
-FAULT_ENV = "EDGEFLEET_AGENT_FAULT_PAUSE"
+# Not EDGEFLEET_AGENT_*: that prefix overrides config keys, and this is no setting.
+FAULT_ENV = "EDGEFLEET_TEST_AGENT_FAULT_PAUSE"
 MARKER_FILE = "fault-paused"
 VERIFIED = "verified"
 

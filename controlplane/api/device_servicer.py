@@ -195,13 +195,14 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         certificates: CertificateService | None = None,
         telemetry_rate: TelemetryRateLimit | None = None,
         status_rate: StatusRateLimit | None = None,
+        device_endpoint: str = "",
         **base: Any,
     ) -> None:
         super().__init__(**base)
         self._certificates = certificates
-        # Where agents with a certificate send device RPCs (host:port); set
-        # once the mutual-TLS port is bound.
-        self.device_endpoint = ""
+        # Where agents with a certificate send device RPCs (host:port); ""
+        # in plain-text mode.
+        self.device_endpoint = device_endpoint
         self._enrollment = enrollment
         self._devices = devices
         self._artifacts = artifacts

@@ -23,7 +23,14 @@ from edgefleet.controlplane.build.measure import (
     reference_outputs,
 )
 from edgefleet.controlplane.build.samples import MAX_BUILD_OUTPUT_BYTES, MiB, Samples, load_samples
-from edgefleet.controlplane.build.types import BuildOutcome, BuildTarget, Candidate, Measurement
+from edgefleet.controlplane.build.types import (
+    BuildResult,
+    BuildTarget,
+    Candidate,
+    Golden,
+    GoldenSample,
+    Measurement,
+)
 from edgefleet.controlplane.build.verdict import PRECISIONS, evaluate, retention
 from edgefleet.controlplane.domain.onnx_inspect import ModelInfo, TensorInfo, inspect_model
 from edgefleet.controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
@@ -59,7 +66,7 @@ def run_build(
     progress: Progress,
     *,
     runs: int = DEFAULT_RUNS,
-) -> BuildOutcome:
+) -> BuildResult:
     """Build, measure and judge every candidate of `target.runtime`'s ladder
     for `model_path`. Progress goes from 0 to 1 with a short message per
     step; the same messages and the per-candidate details go to the log.
@@ -147,30 +154,27 @@ def run_build(
     )
     if math.isinf(fp32_p95):
         log("no fp32 candidate ran: latency is not compared with fp32 when choosing")
-    evaluated = evaluate(measured, target, reference_accuracy, fp32_p95)
+    evaluated = tuple(evaluate(measured, target, reference_accuracy, fp32_p95))
     for e in evaluated:
         verdict = "passes" if e.passed else "fails: " + "; ".join(e.reasons)
         log(f"{e.candidate.name}: {verdict}")
     chosen = next((e for e in evaluated if e.chosen), None)
-    outcome = BuildOutcome(evaluated, chosen, reference_accuracy, log=lines)
     if chosen is None:
         step(1.0, f"no candidate meets the constraints of class {target.class_name!r}")
-        return outcome
+        return BuildResult(evaluated, reference_accuracy, log=tuple(lines))
     if target.quantization in PRECISIONS and chosen.candidate.precision != target.quantization:
         log(
             f"no {target.quantization} candidate passes; chose {chosen.candidate.name} "
             "by the auto rule instead"
         )
-    outcome.golden, outcome.atol, outcome.rtol, outcome.min_agreement = goldens[
-        chosen.candidate.name
-    ]
+    golden = goldens[chosen.candidate.name]
     kept, basis = retention(chosen.measurement, reference_accuracy)
     log(
-        f"golden: {len(outcome.golden)} samples, atol {outcome.atol:.3g}, rtol {outcome.rtol:.3g}, "
-        f"min agreement {outcome.min_agreement:.3f}; chosen keeps {basis} {kept:.4f} of fp32"
+        f"golden: {len(golden.samples)} samples, atol {golden.atol:.3g}, rtol {golden.rtol:.3g}, "
+        f"min agreement {golden.min_agreement:.3f}; chosen keeps {basis} {kept:.4f} of fp32"
     )
     step(1.0, f"chose {chosen.candidate.name}")
-    return outcome
+    return BuildResult(evaluated, reference_accuracy, log=tuple(lines), golden=golden)
 
 
 def describe(m: Measurement) -> str:
@@ -207,11 +211,6 @@ def _runtime_specs(specs: Sequence[TensorInfo]) -> list[RuntimeTensorInfo]:
     return [RuntimeTensorInfo(t.name, t.dtype, t.shape) for t in specs]
 
 
-# A candidate's golden samples: (inputs, outputs) pairs, atol, rtol and
-# min_agreement, as BuildOutcome holds them.
-Golden = tuple[list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]], float, float, float]
-
-
 def golden_samples(
     precision: str,
     m: Measurement,
@@ -226,20 +225,20 @@ def golden_samples(
     rtol = RTOL.get(precision, 5e-2)
     output_names = [t.name for t in info.outputs]
     indices = golden_indices(outputs[0], atol, samples, outputs)
-    golden = [
-        (
+    golden = tuple(
+        GoldenSample(
             {name: array.copy() for name, array in samples.one(i).items()},
             {name: out[i].copy() for name, out in zip(output_names, outputs, strict=True)},
         )
         for i in indices
-    ]
+    )
     # Near ties were left out of the golden set, so a device running the
     # same artifact should reproduce every argmax; with enough samples one
     # flip is tolerated rather than failing a device on a single borderline
     # case.
     count = len(golden)
     min_agreement = 1.0 if count < 4 else (count - 1) / count
-    return golden, atol, rtol, min_agreement
+    return Golden(golden, atol, rtol, min_agreement)
 
 
 def golden_indices(

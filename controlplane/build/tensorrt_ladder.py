@@ -23,9 +23,8 @@ device after its engine is built (issue 4)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -35,7 +34,7 @@ from onnxruntime.quantization import QuantType
 from edgefleet.agent.runtimes import TENSORRT
 from edgefleet.controlplane.build.ort_ladder import convert_fp16, quantize_static_qdq
 from edgefleet.controlplane.build.samples import Samples
-from edgefleet.controlplane.build.types import BuildTarget, Candidate
+from edgefleet.controlplane.build.types import BuildTarget, Candidate, ShapeRange, TensorRTSpec
 from edgefleet.controlplane.domain.onnx_inspect import TensorInfo, inspect_model
 
 # The engine's build profile for a dynamic batch axis. Devices serve one
@@ -64,8 +63,8 @@ def engine_build_spec(
     workspace_mb: int,
     *,
     max_batch: int = MAX_BATCH,
-) -> dict[str, Any]:
-    """The TensorRTBuildSpec, as a dict, for a model with `inputs`.
+) -> TensorRTSpec:
+    """The TensorRTBuildSpec for a model with `inputs`.
 
     Only inputs with a dynamic dimension get a shape range (a static input
     needs no profile). Per axis: a static size is min = opt = max; a dynamic
@@ -80,7 +79,7 @@ def engine_build_spec(
         raise ValueError(f"workspace_mb must be positive, not {workspace_mb}")
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, not {max_batch}")
-    profile: list[dict[str, Any]] = []
+    profile: list[ShapeRange] = []
     for spec in inputs:
         if all(dim >= 0 for dim in spec.shape):
             continue
@@ -106,8 +105,8 @@ def engine_build_spec(
             low.append(sizes[0])
             opt.append(sizes[1])
             high.append(sizes[2])
-        profile.append({"input": spec.name, "min": low, "opt": opt, "max": high})
-    return {"precision": precision, "workspace_mb": int(workspace_mb), "profile": profile}
+        profile.append(ShapeRange(spec.name, tuple(low), tuple(opt), tuple(high)))
+    return TensorRTSpec(precision, int(workspace_mb), tuple(profile))
 
 
 def workspace_mb_for(target: BuildTarget) -> int:
@@ -224,54 +223,8 @@ def build_candidates(
     return candidates
 
 
-def _describe(spec: Mapping[str, Any]) -> str:
-    ranges = [
-        f"{entry['input']} {entry['min']}..{entry['max']} (opt {entry['opt']})"
-        for entry in spec["profile"]
-    ]
+def _describe(spec: TensorRTSpec) -> str:
+    # Lists, as the log has always printed them.
+    ranges = [f"{r.input} {list(r.min)}..{list(r.max)} (opt {list(r.opt)})" for r in spec.profile]
     shapes = "; ".join(ranges) if ranges else "static shapes"
-    return f"engine spec {spec['precision']}, workspace {spec['workspace_mb']} MiB, {shapes}"
-
-
-def prebuild_engines(
-    candidates: Sequence[Candidate], gpu_name: str, cache_root: Path, log: Log
-) -> dict[str, Path]:
-    """Optional: where the build host itself has TensorRT and a GPU named
-    `gpu_name` (a substring match on CUDA's device name), build each
-    candidate's engine here too. Devices still build their own; this proves
-    before shipping that TensorRT parses and builds the ONNX with its spec,
-    and gives an engine for devices with exactly this GPU and TensorRT.
-    Returns engine paths by candidate name; empty when the host cannot."""
-    from edgefleet.agent.runtimes import RuntimeUnavailable
-    from edgefleet.agent.runtimes.tensorrt import (
-        CudaError,
-        EngineBuildError,
-        EngineCache,
-        build_engine,
-        gpu_identity,
-        tensorrt_version,
-    )
-
-    if tensorrt_version() is None:
-        log("no TensorRT on the build host; devices build their engines")
-        return {}
-    try:
-        gpu = gpu_identity()
-    except RuntimeUnavailable as exc:
-        log(f"no engine prebuild: {exc}")
-        return {}
-    if gpu_name.lower() not in gpu.name.lower():
-        log(f"no engine prebuild: this host's GPU is {gpu.name!r}, not {gpu_name!r}")
-        return {}
-    cache = EngineCache(cache_root)
-    engines: dict[str, Path] = {}
-    for candidate in candidates:
-        if candidate.path is None or candidate.tensorrt_spec is None:
-            continue
-        try:
-            engines[candidate.name] = build_engine(candidate.path, candidate.tensorrt_spec, cache)
-        except (RuntimeUnavailable, EngineBuildError, CudaError) as exc:
-            log(f"{candidate.name}: TensorRT engine prebuild failed: {exc}")
-            continue
-        log(f"{candidate.name}: engine prebuilt for {gpu.name} (sm {gpu.compute_capability})")
-    return engines
+    return f"engine spec {spec.precision}, workspace {spec.workspace_mb} MiB, {shapes}"

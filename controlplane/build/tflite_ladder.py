@@ -144,12 +144,13 @@ def build_candidates(
             continue
         path = workdir / f"{name}.tflite"
         shutil.copyfile(source, path)
-        candidate = Candidate(name, RUNTIME, precision, path, media_type=MEDIA_TYPE)
+        companion = None
         if target.microcontroller:
             companion = workdir / f"{name}.c"
             companion.write_text(to_c_array(path.read_bytes(), C_ARRAY_NAME))
-            candidate.companion = companion
             log(f"tflite: {name} as C source for TensorFlow Lite Micro: {companion.name}")
         log(f"tflite: built {name} ({path.stat().st_size} bytes)")
-        candidates.append(candidate)
+        candidates.append(
+            Candidate(name, RUNTIME, precision, path, media_type=MEDIA_TYPE, companion=companion)
+        )
     return candidates

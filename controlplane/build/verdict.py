@@ -4,6 +4,7 @@ Pure functions over measurements; no files, no runtimes."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from edgefleet.controlplane.build.types import BuildTarget, Candidate, Evaluated, Measurement
@@ -116,14 +117,12 @@ def evaluate(
     latency. When every passing candidate is slower than fp32, the fastest."""
     evaluated = []
     for candidate, measurement in built:
-        reasons = check(candidate, measurement, target, reference_accuracy)
+        reasons = tuple(check(candidate, measurement, target, reference_accuracy))
         evaluated.append(Evaluated(candidate, measurement, passed=not reasons, reasons=reasons))
     passing = [e for e in evaluated if e.passed]
     preferred = [e for e in passing if e.candidate.precision == target.quantization]
     pick = _rank(preferred or passing, fp32_latency_p95)
-    if pick is not None:
-        pick.chosen = True
-    return evaluated
+    return [dataclasses.replace(e, chosen=True) if e is pick else e for e in evaluated]
 
 
 def _rank(pool: Sequence[Evaluated], fp32_latency_p95: float) -> Evaluated | None:

@@ -1,24 +1,32 @@
 """The operator CLI, `edgefleet`.
 
-Every command is a thin adapter: parse options (controlplane.cli.convert),
-build the request, call OperatorService, render the answer (controlplane.cli.render,
-or JSON with --json). Server and database code is imported only inside the
+Every command is a thin adapter over the client library (controlplane.client):
+parse options (its syntax and stages modules), build the request, call
+OperatorService, render the answer (controlplane.cli.render, or JSON with
+--json). Server and database code is imported only inside the
 `server` and `db upgrade` commands, so the client side stays light."""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from edgefleet.extras import MissingExtra, missing_modules, require
+
+# Before click is imported: on a device's install (the agent's base, no [cli])
+# `edgefleet` says in one line what to install.
+if _missing := missing_modules("click", "rich"):
+    raise MissingExtra("edgefleet.controlplane.cli", "cli", _missing)
+
 import click
 
 from edgefleet.controlplane.cli.artifacts import artifacts
-from edgefleet.controlplane.cli.base import CliError, Env, F, RootGroup, parsed
+from edgefleet.controlplane.cli.base import CliError, F, RootGroup, parsed
 from edgefleet.controlplane.cli.builds import builds
 from edgefleet.controlplane.cli.classes import classes
-from edgefleet.controlplane.cli.convert import parse_duration
 from edgefleet.controlplane.cli.devices import devices
 from edgefleet.controlplane.cli.models import models
 from edgefleet.controlplane.cli.rollouts import rollouts
@@ -28,7 +36,8 @@ from edgefleet.controlplane.cli.telemetry import telemetry
 from edgefleet.controlplane.cli.tokens import operator_tokens, tokens
 from edgefleet.controlplane.cli.toolchain import toolchain
 from edgefleet.controlplane.cli.tui import tui
-from edgefleet.controlplane.client import DEFAULT_SERVER
+from edgefleet.controlplane.client.connection import DEFAULT_SERVER, Connection
+from edgefleet.controlplane.client.syntax import parse_duration
 from edgefleet.controlplane.config import ServerConfig
 
 
@@ -76,12 +85,18 @@ def _db_option(f: F) -> F:
 @click.pass_context
 def cli(ctx: click.Context, server: str, token: str | None, ca_cert: Path | None) -> None:
     """EdgeFleet: manage ML models on a fleet of edge devices."""
-    ctx.obj = Env(server=server, token=token, ca_cert=ca_cert)
+    ctx.obj = Connection(server=server, token=token, ca_cert=ca_cert)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="edgefleet")
+    """Console-script entry point. A command whose part of EdgeFleet is not
+    installed (`server` without [server], `tui` without [tui]) prints the one
+    line naming the extra and exits 2, the status of a usage error."""
+    try:
+        cli(prog_name="edgefleet")
+    except MissingExtra as missing:
+        print(missing, file=sys.stderr)
+        sys.exit(2)
 
 
 # ------------------------------------------------------------------ server & db
@@ -220,6 +235,7 @@ def server(
     device_cert_lifetime: timedelta,
 ) -> None:
     """Run the control plane until SIGTERM or Ctrl-C."""
+    require("server", part="`edgefleet server`")
     from edgefleet.controlplane.server import run
 
     if telemetry_retention < timedelta(hours=1):
@@ -263,6 +279,7 @@ def db() -> None:
 @_db_option
 def db_upgrade(data_dir: Path, db_url: str | None) -> None:
     """Bring the database schema to the newest revision."""
+    require("server", "sqlalchemy", "alembic", part="`edgefleet db upgrade`")
     from sqlalchemy.exc import SQLAlchemyError
 
     from edgefleet.controlplane.db.engine import current_revision, make_engine, sqlite_url, upgrade

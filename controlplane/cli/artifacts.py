@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from edgefleet.controlplane.cli import render as render
-from edgefleet.controlplane.cli.base import Env, call_by_id, emit, json_option, now, pass_env
+from edgefleet.controlplane.cli.base import call_by_id, emit, json_option, now, pass_env
+from edgefleet.controlplane.client.connection import Connection
 from edgefleet.v1 import operator_pb2
 
 
@@ -21,7 +22,11 @@ def artifacts() -> None:
 @json_option
 @pass_env
 def artifacts_ls(
-    env: Env, model_name: str | None, version: str | None, class_name: str | None, as_json: bool
+    env: Connection,
+    model_name: str | None,
+    version: str | None,
+    class_name: str | None,
+    as_json: bool,
 ) -> None:
     """List artifacts."""
     resp = env.stub.ListArtifacts(
@@ -36,7 +41,7 @@ def artifacts_ls(
 @click.argument("digest", metavar="DIGEST")
 @json_option
 @pass_env
-def artifacts_show(env: Env, digest: str, as_json: bool) -> None:
+def artifacts_show(env: Connection, digest: str, as_json: bool) -> None:
     """Show an artifact's signed manifest (a digest prefix is enough)."""
 
     def list_digests() -> list[str]:

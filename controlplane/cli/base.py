@@ -1,29 +1,29 @@
-"""Plumbing shared by the `edgefleet` command modules: the connection
-settings object, option helpers, output and error reporting."""
+"""Plumbing shared by the `edgefleet` command modules: option helpers,
+output (JSON or rich) and error reporting. The connection settings are the
+client library's Connection (controlplane.client.connection)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console, RenderableType
 
-from edgefleet.controlplane.cli.convert import (
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.errors import rpc_error_message, rpc_status
+from edgefleet.controlplane.client.syntax import (
     enum_choices,
     enum_value,
     parse_label,
     resolve_prefix,
-    to_json_dict,
 )
-from edgefleet.controlplane.client import operator_stub, probe_tls
-from edgefleet.v1 import operator_pb2_grpc
+from edgefleet.controlplane.client.tls_probe import transport_hint
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -38,45 +38,6 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-def rpc_error_message(err: grpc.RpcError) -> str:
-    """`NOT_FOUND: device 'x' not found` from a failed call."""
-    if isinstance(err, grpc.Call):
-        return f"{err.code().name}: {err.details() or ''}".rstrip(": ")
-    return str(err)
-
-
-def transport_hint(err: grpc.RpcError, env: Env) -> str | None:
-    """For a call that found the control plane UNAVAILABLE, what to do when
-    the reason is that this client and the server disagree about TLS (gRPC
-    says "Socket closed" or quotes OpenSSL); None for every other failure."""
-    if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE:
-        return None
-    found = probe_tls(env.server, env.ca_cert)
-    if env.ca_cert is None and found.serves_tls:
-        return (
-            f"the control plane at {env.server} serves TLS and this connection was plain "
-            "text: pass its CA certificate (ca.pem in the server's data directory) with "
-            "--ca-cert or EDGEFLEET_CA_CERT"
-        )
-    if env.ca_cert is not None and found.serves_tls is False:
-        return (
-            f"the control plane at {env.server} does not speak TLS (started with --insecure?) "
-            f"and this connection used TLS, trusting {env.ca_cert} (--ca-cert or "
-            "EDGEFLEET_CA_CERT): leave that out to connect in plain text"
-        )
-    if env.ca_cert is not None and found.untrusted:
-        fix = (
-            "connect by a name or address its certificate names (the server's --tls-name)"
-            if "hostname" in found.untrusted.lower()
-            else "pass the ca.pem from that server's data directory with --ca-cert"
-        )
-        return (
-            f"the control plane at {env.server} has a certificate that {env.ca_cert} does not "
-            f"verify ({found.untrusted}): {fix}"
-        )
-    return None
-
-
 class RootGroup(click.Group):
     """Turns RPC and file errors from any command into CliError: a one-line
     message, never a traceback."""
@@ -85,32 +46,17 @@ class RootGroup(click.Group):
         try:
             return super().invoke(ctx)
         except grpc.RpcError as err:
-            env = ctx.find_object(Env)
-            hint = transport_hint(err, env) if env is not None else None
+            connection = ctx.find_object(Connection)
+            hint = transport_hint(err, connection) if connection is not None else None
             raise CliError(hint or rpc_error_message(err)) from None
         except OSError as err:
             where = f": {err.filename}" if err.filename else ""
             raise CliError(f"{err.strerror or err}{where}") from None
 
 
-@dataclass
-class Env:
-    """Connection settings; the stub (and its channel) is made on first use."""
-
-    server: str
-    token: str | None
-    # The control plane's CA certificate: TLS. None: plain text.
-    ca_cert: Path | None = None
-    _stub: operator_pb2_grpc.OperatorServiceStub | None = field(default=None, repr=False)
-
-    @property
-    def stub(self) -> operator_pb2_grpc.OperatorServiceStub:
-        if self._stub is None:
-            self._stub = operator_stub(self.server, self.token, self.ca_cert)
-        return self._stub
-
-
-pass_env = click.make_pass_decorator(Env)
+# Every command's connection settings: the root group makes them from
+# --server, --token and --ca-cert.
+pass_env = click.make_pass_decorator(Connection)
 
 
 def parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -150,6 +96,15 @@ def label_option(help_text: str) -> Callable[[F], F]:
     )
 
 
+def to_json_dict(message: Message) -> dict[str, Any]:
+    """The machine-readable form `--json` prints: proto field names, and every
+    field without presence (zeros, empty lists) included so scripts can rely
+    on the keys."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
@@ -180,7 +135,8 @@ def call_by_id(
     try:
         return call(text)
     except grpc.RpcError as err:
-        if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.NOT_FOUND:
+        status = rpc_status(err)
+        if status is None or status[0] != grpc.StatusCode.NOT_FOUND:
             raise
         try:
             full = resolve_prefix(text, list_ids(), what)

@@ -13,7 +13,6 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
     CliError,
-    Env,
     call_by_id,
     emit,
     enum_option,
@@ -22,7 +21,8 @@ from edgefleet.controlplane.cli.base import (
     parsed,
     pass_env,
 )
-from edgefleet.controlplane.cli.convert import enum_name, parse_model_ref
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.syntax import enum_name, parse_model_ref
 from edgefleet.v1 import operator_pb2
 
 # Seconds between GetBuild polls while `builds run --wait` watches.
@@ -36,7 +36,7 @@ def builds() -> None:
     """Optimize model versions for device classes."""
 
 
-def _get_build(env: Env, text: str) -> operator_pb2.Build:
+def _get_build(env: Connection, text: str) -> operator_pb2.Build:
     """GetBuild, accepting the short ids `builds ls` shows."""
 
     def list_ids() -> list[str]:
@@ -51,7 +51,7 @@ def _describe(b: operator_pb2.Build) -> str:
     return f"{b.class_name}: {enum_name(operator_pb2.BuildState, b.state)}"
 
 
-def _wait(env: Env, started: Sequence[operator_pb2.Build]) -> list[operator_pb2.Build]:
+def _wait(env: Connection, started: Sequence[operator_pb2.Build]) -> list[operator_pb2.Build]:
     """Poll each build until it succeeds or fails, with a progress bar per
     build on stderr; the builds in their final state, in the same order."""
     latest = {b.id: b for b in started}
@@ -105,7 +105,12 @@ def _failures(done: Sequence[operator_pb2.Build]) -> str:
 @json_option
 @pass_env
 def builds_run(
-    env: Env, ref: tuple[str, str], class_name: str | None, force: bool, wait: bool, as_json: bool
+    env: Connection,
+    ref: tuple[str, str],
+    class_name: str | None,
+    force: bool,
+    wait: bool,
+    as_json: bool,
 ) -> None:
     """Build a model version for each device class (or one)."""
     name, version = ref
@@ -132,7 +137,7 @@ def builds_run(
 @json_option
 @pass_env
 def builds_ls(
-    env: Env,
+    env: Connection,
     model_name: str | None,
     version: str | None,
     class_name: str | None,
@@ -155,7 +160,7 @@ def builds_ls(
 @click.argument("build_id", metavar="ID")
 @json_option
 @pass_env
-def builds_show(env: Env, build_id: str, as_json: bool) -> None:
+def builds_show(env: Connection, build_id: str, as_json: bool) -> None:
     """Show a build: every candidate measured, its verdict and why, and the log."""
     found = _get_build(env, build_id)
     emit(as_json, found, lambda: render.build_detail(found, now()))

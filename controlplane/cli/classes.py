@@ -9,7 +9,6 @@ import click
 
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
-    Env,
     F,
     emit,
     enum_option,
@@ -18,7 +17,8 @@ from edgefleet.controlplane.cli.base import (
     pass_env,
     usage_error,
 )
-from edgefleet.controlplane.cli.convert import constraint_profile, parse_match
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.syntax import constraint_profile, parse_match
 from edgefleet.v1 import common_pb2, operator_pb2
 
 
@@ -95,7 +95,7 @@ def _class_options(*, create: bool) -> Callable[[F], F]:
 @json_option
 @pass_env
 def classes_create(
-    env: Env,
+    env: Connection,
     /,
     name: str,
     rules: Sequence[common_pb2.MatchRule],
@@ -120,7 +120,7 @@ def classes_create(
 @classes.command("ls")
 @json_option
 @pass_env
-def classes_ls(env: Env, as_json: bool) -> None:
+def classes_ls(env: Connection, as_json: bool) -> None:
     """List device classes."""
     resp = env.stub.ListDeviceClasses(operator_pb2.ListDeviceClassesRequest())
     emit(as_json, resp.classes, lambda: render.classes_table(resp.classes))
@@ -130,7 +130,7 @@ def classes_ls(env: Env, as_json: bool) -> None:
 @click.argument("name")
 @json_option
 @pass_env
-def classes_show(env: Env, name: str, as_json: bool) -> None:
+def classes_show(env: Connection, name: str, as_json: bool) -> None:
     """Show a class's constraints, match rules and device count."""
     found = env.stub.GetDeviceClass(operator_pb2.GetDeviceClassRequest(name=name))
     emit(as_json, found, lambda: render.class_detail(found))
@@ -143,7 +143,7 @@ def classes_show(env: Env, name: str, as_json: bool) -> None:
 @json_option
 @pass_env
 def classes_update(
-    env: Env,
+    env: Connection,
     /,
     name: str,
     rules: Sequence[common_pb2.MatchRule],
@@ -171,7 +171,7 @@ def classes_update(
 @classes.command("delete")
 @click.argument("name")
 @pass_env
-def classes_delete(env: Env, name: str) -> None:
+def classes_delete(env: Connection, name: str) -> None:
     """Delete a class; its devices are reclassified by the remaining rules."""
     resp = env.stub.DeleteDeviceClass(operator_pb2.DeleteDeviceClassRequest(name=name))
     click.echo(f"deleted class {name}; {resp.reclassified} device(s) reclassified")

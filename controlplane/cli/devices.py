@@ -6,11 +6,9 @@ from collections.abc import Callable, Sequence
 
 import click
 
-from edgefleet.controlplane import client
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
     CliError,
-    Env,
     call_by_id,
     emit,
     enum_option,
@@ -21,7 +19,9 @@ from edgefleet.controlplane.cli.base import (
     pass_env,
     usage_error,
 )
-from edgefleet.controlplane.cli.convert import parse_label, parse_model_ref, resolve_prefix
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.paging import list_devices
+from edgefleet.controlplane.client.syntax import parse_label, parse_model_ref, resolve_prefix
 from edgefleet.v1 import common_pb2, operator_pb2
 
 
@@ -30,18 +30,20 @@ def devices() -> None:
     """The device inventory."""
 
 
-def _all_ids(env: Env) -> list[str]:
+def _all_ids(env: Connection) -> list[str]:
     """Every device's id, decommissioned ones too: what short ids resolve
     against."""
     return [
         d.id
-        for d in client.list_devices(
+        for d in list_devices(
             env.stub, operator_pb2.ListDevicesRequest(include_decommissioned=True)
         )
     ]
 
 
-def _on_device(env: Env, text: str, call: Callable[[str], common_pb2.Device]) -> common_pb2.Device:
+def _on_device(
+    env: Connection, text: str, call: Callable[[str], common_pb2.Device]
+) -> common_pb2.Device:
     """`call(device_id)`, accepting the short ids `devices ls` shows."""
 
     return call_by_id(text, call, lambda: _all_ids(env), "device")
@@ -60,7 +62,7 @@ def _device_done(as_json: bool, verb: str, device: common_pb2.Device, suffix: st
 @json_option
 @pass_env
 def devices_ls(
-    env: Env,
+    env: Connection,
     state: common_pb2.DeviceState.ValueType | None,
     class_name: str | None,
     labels: Sequence[tuple[str, str]],
@@ -71,7 +73,7 @@ def devices_ls(
     """List devices."""
     if class_name and unclassified:
         usage_error("--class and --unclassified exclude each other")
-    listed = client.list_devices(
+    listed = list_devices(
         env.stub,
         operator_pb2.ListDevicesRequest(
             state=state or common_pb2.DEVICE_STATE_UNSPECIFIED,
@@ -89,7 +91,7 @@ def devices_ls(
 @click.argument("device_id", metavar="ID")
 @json_option
 @pass_env
-def devices_show(env: Env, device_id: str, as_json: bool) -> None:
+def devices_show(env: Connection, device_id: str, as_json: bool) -> None:
     """Show a device's hardware, runtime, class and update state."""
     device = _on_device(
         env, device_id, lambda i: env.stub.GetDevice(operator_pb2.GetDeviceRequest(id=i))
@@ -101,7 +103,7 @@ def devices_show(env: Env, device_id: str, as_json: bool) -> None:
 @click.argument("device_id", metavar="ID")
 @json_option
 @pass_env
-def devices_accept(env: Env, device_id: str, as_json: bool) -> None:
+def devices_accept(env: Connection, device_id: str, as_json: bool) -> None:
     """Accept a pending device so it can receive work."""
     device = _on_device(
         env, device_id, lambda i: env.stub.AcceptDevice(operator_pb2.AcceptDeviceRequest(id=i))
@@ -114,7 +116,7 @@ def devices_accept(env: Env, device_id: str, as_json: bool) -> None:
 @click.option("--reason", default="", help="Why, for the audit log.")
 @json_option
 @pass_env
-def devices_reject(env: Env, device_id: str, reason: str, as_json: bool) -> None:
+def devices_reject(env: Connection, device_id: str, reason: str, as_json: bool) -> None:
     """Reject a device; its RPCs are denied from then on."""
     device = _on_device(
         env,
@@ -129,7 +131,7 @@ def devices_reject(env: Env, device_id: str, reason: str, as_json: bool) -> None
 @click.option("--reason", default="", help="Why, for the audit log.")
 @json_option
 @pass_env
-def devices_decommission(env: Env, device_id: str, reason: str, as_json: bool) -> None:
+def devices_decommission(env: Connection, device_id: str, reason: str, as_json: bool) -> None:
     """Retire a device: its credential and certificates stop working and its
     agent is refused; a reinstalled board with its hardware id may enroll
     afresh (what a device that lost its identity needs)."""
@@ -150,7 +152,7 @@ def devices_decommission(env: Env, device_id: str, reason: str, as_json: bool) -
 @json_option
 @pass_env
 def devices_label(
-    env: Env,
+    env: Connection,
     device_id: str,
     labels: Sequence[tuple[str, str]],
     remove: Sequence[str],
@@ -174,7 +176,7 @@ def devices_label(
 @click.argument("class_name", metavar="CLASS")
 @json_option
 @pass_env
-def devices_pin(env: Env, device_id: str, class_name: str, as_json: bool) -> None:
+def devices_pin(env: Connection, device_id: str, class_name: str, as_json: bool) -> None:
     """Pin a device to a class; match rules no longer move it."""
     device = _on_device(
         env,
@@ -190,7 +192,7 @@ def devices_pin(env: Env, device_id: str, class_name: str, as_json: bool) -> Non
 @click.argument("device_id", metavar="ID")
 @json_option
 @pass_env
-def devices_unpin(env: Env, device_id: str, as_json: bool) -> None:
+def devices_unpin(env: Connection, device_id: str, as_json: bool) -> None:
     """Unpin a device; match rules classify it again."""
     device = _on_device(
         env, device_id, lambda i: env.stub.SetDeviceClass(operator_pb2.SetDeviceClassRequest(id=i))
@@ -205,7 +207,7 @@ def devices_unpin(env: Env, device_id: str, as_json: bool) -> None:
 @json_option
 @pass_env
 def devices_assign(
-    env: Env, ref: tuple[str, str], device_ids: Sequence[str], reason: str, as_json: bool
+    env: Connection, ref: tuple[str, str], device_ids: Sequence[str], reason: str, as_json: bool
 ) -> None:
     """Install MODEL@VERSION on devices now, each its class's artifact.
 
@@ -234,7 +236,7 @@ def devices_assign(
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @json_option
 @pass_env
-def devices_history(env: Env, device_id: str, limit: int, as_json: bool) -> None:
+def devices_history(env: Connection, device_id: str, limit: int, as_json: bool) -> None:
     """A device's deployment history: every update state its agent reported."""
 
     response = call_by_id(

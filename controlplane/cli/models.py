@@ -16,8 +16,9 @@ from rich.progress import (
 )
 
 from edgefleet.controlplane.cli import render as render
-from edgefleet.controlplane.cli.base import Env, emit, json_option, pass_env
-from edgefleet.controlplane.cli.push import describe_part, push_requests
+from edgefleet.controlplane.cli.base import emit, json_option, pass_env
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.push import model_parts, push_model
 from edgefleet.controlplane.domain.sample_archive import (
     MAX_SAMPLE_ARRAY_BYTES,
     MAX_SAMPLE_TOTAL_BYTES,
@@ -51,7 +52,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @json_option
 @pass_env
 def models_push(
-    env: Env,
+    env: Connection,
     name: str,
     version: str,
     model_file: Path,
@@ -61,11 +62,7 @@ def models_push(
     as_json: bool,
 ) -> None:
     """Upload a new version of an ONNX model (versions are immutable)."""
-    parts = [describe_part(operator_pb2.MODEL_PART_MODEL, model_file)]
-    if sample_data is not None:
-        parts.append(describe_part(operator_pb2.MODEL_PART_SAMPLE_DATA, sample_data))
-    if labels is not None:
-        parts.append(describe_part(operator_pb2.MODEL_PART_LABELS, labels))
+    parts = model_parts(model_file, sample_data=sample_data, labels=labels)
     header = operator_pb2.PushModelHeader(model_name=name, version=version, description=description)
     progress = Progress(
         TextColumn("{task.description}"),
@@ -77,15 +74,19 @@ def models_push(
     )
     with progress:
         task = progress.add_task(f"push {name} {version}", total=sum(p.size_bytes for p in parts))
-        requests = push_requests(header, parts, on_chunk=lambda n: progress.advance(task, n))
-        pushed = env.stub.PushModel(requests)
+        pushed = push_model(
+            env.stub,
+            header,
+            parts,
+            on_progress=lambda sent, _total: progress.update(task, completed=sent),
+        )
     emit(as_json, pushed, lambda: render.model_version_detail(pushed))
 
 
 @models.command("ls")
 @json_option
 @pass_env
-def models_ls(env: Env, as_json: bool) -> None:
+def models_ls(env: Connection, as_json: bool) -> None:
     """List models."""
     resp = env.stub.ListModels(operator_pb2.ListModelsRequest())
     emit(as_json, resp.models, lambda: render.models_table(resp.models))
@@ -96,7 +97,7 @@ def models_ls(env: Env, as_json: bool) -> None:
 @click.argument("version", required=False)
 @json_option
 @pass_env
-def models_show(env: Env, name: str, version: str | None, as_json: bool) -> None:
+def models_show(env: Connection, name: str, version: str | None, as_json: bool) -> None:
     """Show a model and its versions, or one version's inputs and outputs."""
     if version is None:
         resp = env.stub.GetModel(operator_pb2.GetModelRequest(name=name))

@@ -1,7 +1,9 @@
 """Protobuf messages to rich renderables for the `edgefleet` CLI's human output.
 
 Pure functions: each takes messages (and `now` where ages are shown) and
-returns a rich Table or text; the CLI prints them."""
+returns a rich Table or text; the CLI prints them. The plain-string figures
+the TUI shows too (sizes, ages, shapes, stages, cohort, pacing) come from
+the client library (controlplane.client.format, .stages, .syntax)."""
 
 from __future__ import annotations
 
@@ -14,18 +16,23 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from edgefleet.controlplane.cli import convert
-from edgefleet.controlplane.cli.convert import (
-    enum_name,
+from edgefleet.controlplane.client import format as client_format
+from edgefleet.controlplane.client.format import (
+    NONE,
+    format_bar,
     format_bytes,
+    format_cohort,
+    format_pacing,
+    format_shape,
+)
+from edgefleet.controlplane.client.stages import format_stage, format_stage_size, stage_options
+from edgefleet.controlplane.client.syntax import (
+    enum_name,
     format_duration,
     format_labels,
     format_rule,
 )
 from edgefleet.v1 import common_pb2, operator_pb2
-
-NONE = "-"
-
 
 # ------------------------------------------------------------------ scalars
 
@@ -49,7 +56,7 @@ def format_time(ts: Timestamp) -> str:
 
 def format_ago(ts: Timestamp, now: datetime) -> str:
     """`5m ago`, `in 23h59m`, `just now`; `-` when unset."""
-    return convert.format_ago(_when(ts), now)
+    return client_format.format_ago(_when(ts), now)
 
 
 def format_mb(mb: float) -> str:
@@ -57,15 +64,6 @@ def format_mb(mb: float) -> str:
     if mb <= 0:
         return NONE
     return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
-
-
-def format_shape(spec: common_pb2.TensorSpec) -> str:
-    """`[batch, 64]`: dynamic dims by name (or `?`)."""
-    dims = []
-    for i, d in enumerate(spec.shape):
-        name = spec.dim_names[i] if i < len(spec.dim_names) else ""
-        dims.append(str(d) if d >= 0 else (name or "?"))
-    return f"[{', '.join(dims)}]"
 
 
 def format_constraints(c: common_pb2.ConstraintProfile) -> str:
@@ -852,7 +850,6 @@ _STAGE_PHASE_STYLES = {
 # Gate units: how `GateValue.value` and `.limit` read (see domain.rollouts.Gates).
 _GATE_UNITS = {"latency_p95": "ms", "memory": "MB"}
 _INF = float("inf")
-BAR_WIDTH = 12
 # Rollouts whose current stage is worth pointing at.
 _MOVING = frozenset(
     {
@@ -873,87 +870,9 @@ def rollout_device_state(d: operator_pb2.RolloutDevice) -> Text:
     return Text(name, style=_ROLLOUT_DEVICE_STYLES.get(d.state, ""))
 
 
-def format_stage_size(s: operator_pb2.StageSpec) -> str:
-    """`10%`, `5`, `shadow:5`: the head of the `--stage` syntax."""
-    size = f"{s.percent:g}%" if s.WhichOneof("size") == "percent" else str(s.count)
-    return f"shadow:{size}" if s.shadow else size
-
-
-def stage_options(s: operator_pb2.StageSpec) -> list[str]:
-    """A stage's options in the `--stage` syntax, defaults left out (the
-    server's: success 100 %, no failure tolerated, pause on failure)."""
-    out = [f"name={s.name}"] if s.name else []
-    if s.stratified:
-        out.append("stratified")
-    if s.success_threshold_percent and s.success_threshold_percent != 100:
-        out.append(f"success={s.success_threshold_percent:g}")
-    if s.error_threshold_percent or s.min_finished_for_error_threshold > 1:
-        errors = f"errors={s.error_threshold_percent:g}"
-        minimum = s.min_finished_for_error_threshold
-        out.append(f"{errors}/{minimum}" if minimum > 1 else errors)
-    if s.bake_time.ToTimedelta():
-        out.append(f"bake={format_duration(s.bake_time.ToTimedelta())}")
-    g = s.gates
-    if g.HasField("latency_budget_factor"):
-        out.append(f"latency={g.latency_budget_factor:g}")
-    if g.HasField("max_error_rate"):
-        out.append(f"error-rate={g.max_error_rate:g}")
-    if g.HasField("memory_limit_factor"):
-        out.append(f"memory={g.memory_limit_factor:g}")
-    if g.HasField("max_silence"):
-        out.append(f"silence={format_duration(g.max_silence.ToTimedelta())}")
-    if s.HasField("min_agreement"):
-        out.append(f"agreement={s.min_agreement:g}")
-    if s.require_approval:
-        out.append("approve")
-    if s.on_failure == operator_pb2.FAILURE_ACTION_ABORT_REVERT:
-        out.append("on-failure=abort")
-    return out
-
-
-def format_stage(s: operator_pb2.StageSpec) -> str:
-    """The stage in the syntax `edgefleet rollouts create --stage` reads
-    (controlplane.cli.rollouts.parse_stage), so a shown rollout can be typed
-    again: `10%,stratified,errors=20/3,bake=5m,approve`."""
-    return ",".join([format_stage_size(s), *stage_options(s)])
-
-
 def stage_title(index: int, name: str) -> str:
     """`stage 2 (canary)`; stages count from 1 for people."""
     return f"stage {index + 1}" + (f" ({name})" if name else "")
-
-
-def format_cohort(spec: operator_pb2.RolloutSpec) -> str:
-    """`classes pi, gw; labels site=a` (+ `; dynamic`)."""
-    parts = []
-    if spec.class_names:
-        parts.append(f"class{'es' if len(spec.class_names) > 1 else ''} "
-                     + ", ".join(spec.class_names))  # fmt: skip
-    if spec.label_selector:
-        parts.append(f"labels {format_labels(spec.label_selector)}")
-    if spec.dynamic:
-        parts.append("dynamic (devices that start matching join)")
-    return "; ".join(parts) or NONE
-
-
-def format_pacing(p: operator_pb2.Pacing) -> str:
-    """`<= 60/min, ramp from 10/min, x2 each minute, device timeout 10m, 2 retries`."""
-    parts = []
-    if p.max_per_minute:
-        parts.append(f"<= {p.max_per_minute}/min")
-    if p.ramp_base_per_minute:
-        parts.append(f"ramp from {p.ramp_base_per_minute}/min, x{p.ramp_factor or 1:g} each minute")
-    if p.device_timeout.ToTimedelta():
-        parts.append(f"device timeout {format_duration(p.device_timeout.ToTimedelta())}")
-    if p.device_retries:
-        parts.append(f"{p.device_retries} retr{'y' if p.device_retries == 1 else 'ies'}")
-    return ", ".join(parts) or "unlimited, no device timeout, no retries"
-
-
-def format_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
-    """`██████░░░░░░ 3/6`: a text progress bar (stable under snapshot tests)."""
-    filled = round(width * done / total) if total else 0
-    return "█" * filled + "░" * (width - filled) + f" {done}/{total}"
 
 
 def _gate_number(name: str, value: float) -> str:
@@ -1126,7 +1045,7 @@ def _finished(r: operator_pb2.Rollout, now: datetime) -> str:
     finished, started = _when(r.finished_at), _when(r.started_at)
     if finished is None:
         return NONE
-    ago = convert.format_ago(finished, now)
+    ago = client_format.format_ago(finished, now)
     return f"{ago}, after {format_duration(finished - started)}" if started else ago
 
 

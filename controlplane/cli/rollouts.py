@@ -2,25 +2,22 @@
 stages, gated on measured health, and steer it (pause, resume, approve,
 abort).
 
-A stage is written as one compact string (`--stage`, see STAGE_HELP and
-`parse_stage`); `render.format_stage` writes the same syntax back."""
+A stage is written as one compact string (`--stage`, see STAGE_HELP); the
+client library reads and writes it (controlplane.client.stages)."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import click
-from google.protobuf.duration_pb2 import Duration
 from rich.console import Console, RenderableType
 from rich.live import Live
 
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
-    Env,
     call_by_id,
     emit,
     enum_option,
@@ -29,9 +26,12 @@ from edgefleet.controlplane.cli.base import (
     now,
     parsed,
     pass_env,
+    to_json_dict,
     usage_error,
 )
-from edgefleet.controlplane.cli.convert import parse_duration, parse_model_ref, to_json_dict
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.stages import parse_ramp, parse_stage
+from edgefleet.controlplane.client.syntax import parse_duration, parse_model_ref
 from edgefleet.v1 import operator_pb2
 
 # Seconds between GetRollout polls while `rollouts watch` follows one.
@@ -77,152 +77,9 @@ now."""
 
 # Rollouts that will not change any more on their own.
 _ENDED = frozenset({operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_STATE_ABORTED})
-_FLAGS = frozenset({"stratified", "approve"})
-_FAILURE_ACTIONS = {
-    "pause": operator_pb2.FAILURE_ACTION_PAUSE,
-    "abort": operator_pb2.FAILURE_ACTION_ABORT_REVERT,
-}
 
 
 # ------------------------------------------------------------------ parsing (pure)
-
-
-def _number(key: str, text: str, *, low: float, high: float, low_open: bool = False) -> float:
-    """A finite number within [low, high] (or (low, high]); ValueError naming
-    the option otherwise."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{key}={text!r}: not a number") from None
-    too_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or too_low or value > high:
-        bound = "(" if low_open else "["
-        raise ValueError(f"{key}={text}: must be within {bound}{low:g}, {high:g}]")
-    return value
-
-
-def _ratio(key: str, text: str) -> float:
-    """0..1, written as a fraction (0.95) or a percent (95%)."""
-    if text.endswith("%"):
-        return _number(key, text[:-1], low=0, high=100) / 100
-    return _number(key, text, low=0, high=1)
-
-
-def _percent(key: str, text: str, *, low_open: bool = False) -> float:
-    """0..100, with or without a trailing %."""
-    return _number(key, text.removesuffix("%"), low=0, high=100, low_open=low_open)
-
-
-def _factor(key: str, text: str) -> float:
-    return _number(key, text, low=0, high=math.inf, low_open=True)
-
-
-def _duration(key: str, text: str) -> Duration:
-    try:
-        delta = parse_duration(text)
-    except ValueError as err:
-        raise ValueError(f"{key}: {err}") from None
-    out = Duration()
-    out.FromTimedelta(delta)
-    return out
-
-
-def _set_size(stage: operator_pb2.StageSpec, text: str) -> None:
-    if text.endswith("%"):
-        stage.percent = _percent("size", text, low_open=True)
-        return
-    if text.isdigit() and int(text) >= 1:
-        stage.count = int(text)
-        return
-    raise ValueError(
-        f"stage size {text!r} must be a percent of the cohort (10%) or a device count (5)"
-    )
-
-
-def _set_errors(stage: operator_pb2.StageSpec, text: str) -> None:
-    percent, sep, minimum = text.partition("/")
-    stage.error_threshold_percent = _percent("errors", percent)
-    if sep:
-        if not minimum.isdigit() or int(minimum) < 1:
-            raise ValueError(f"errors={text}: the minimum after / must be a count of at least 1")
-        stage.min_finished_for_error_threshold = int(minimum)
-
-
-def _set_on_failure(stage: operator_pb2.StageSpec, text: str) -> None:
-    if text.lower() not in _FAILURE_ACTIONS:
-        raise ValueError(f"on-failure={text}: write on-failure=pause or on-failure=abort")
-    stage.on_failure = _FAILURE_ACTIONS[text.lower()]
-
-
-def _set_name(stage: operator_pb2.StageSpec, text: str) -> None:
-    if not text:
-        raise ValueError("name= needs a name")
-    stage.name = text
-
-
-_SETTERS: dict[str, Callable[[operator_pb2.StageSpec, str], None]] = {
-    "name": _set_name,
-    "success": lambda s, v: setattr(
-        s, "success_threshold_percent", _percent("success", v, low_open=True)
-    ),
-    "errors": _set_errors,
-    "bake": lambda s, v: s.bake_time.CopyFrom(_duration("bake", v)),
-    "latency": lambda s, v: setattr(s.gates, "latency_budget_factor", _factor("latency", v)),
-    "error-rate": lambda s, v: setattr(s.gates, "max_error_rate", _ratio("error-rate", v)),
-    "memory": lambda s, v: setattr(s.gates, "memory_limit_factor", _factor("memory", v)),
-    "silence": lambda s, v: s.gates.max_silence.CopyFrom(_duration("silence", v)),
-    "agreement": lambda s, v: setattr(s, "min_agreement", _ratio("agreement", v)),
-    "on-failure": _set_on_failure,
-}
-_KNOWN = ", ".join(sorted([*_SETTERS, *_FLAGS]))
-
-
-def parse_stage(text: str) -> operator_pb2.StageSpec:
-    """`10%,stratified,errors=20/3,bake=5m` -> StageSpec (syntax in
-    STAGE_HELP). Options left out stay unset, so the server's defaults apply:
-    success 100 %, no failure tolerated, pause on failure. Raises ValueError
-    saying what to change."""
-    head, *options = [part.strip() for part in text.split(",")]
-    if not head:
-        raise ValueError("empty stage; write e.g. --stage 10% or --stage 5,approve")
-    stage = operator_pb2.StageSpec()
-    if head.lower().startswith("shadow:"):
-        stage.shadow = True
-        head = head[len("shadow:") :].strip()
-    _set_size(stage, head)
-    seen: set[str] = set()
-    for option in options:
-        key, sep, value = (p.strip() for p in option.partition("="))
-        key = key.lower()
-        if not key:
-            raise ValueError(f"stage {text!r} has an empty option (two commas?)")
-        if key in seen:
-            raise ValueError(f"stage {text!r} gives {key} twice")
-        seen.add(key)
-        if key in _FLAGS:
-            if sep:
-                raise ValueError(f"{key} takes no value; write just {key}")
-            setattr(stage, "require_approval" if key == "approve" else key, True)
-        elif key in _SETTERS:
-            if not sep or not value:
-                raise ValueError(f"{key} needs a value: {key}=...")
-            _SETTERS[key](stage, value)
-        else:
-            raise ValueError(f"unknown stage option {key!r}; known: {_KNOWN}")
-    if stage.shadow and not stage.HasField("min_agreement"):
-        raise ValueError(f"shadow stage {text!r} needs agreement=RATIO (e.g. agreement=0.95)")
-    if not stage.shadow and stage.HasField("min_agreement"):
-        raise ValueError("agreement= applies to shadow stages only (shadow:SIZE,...)")
-    return stage
-
-
-def parse_ramp(text: str) -> tuple[int, float]:
-    """`10:2` -> (10 devices in the first minute, x2 every minute after)."""
-    base, sep, factor = text.strip().partition(":")
-    if not sep or not base.strip().isdigit() or int(base) < 1:
-        raise ValueError(f"{text!r} must look like BASE:FACTOR, e.g. 10:2 (BASE >= 1)")
-    value = _number("factor", factor.strip(), low=1, high=math.inf)
-    return int(base), value
 
 
 def parse_start_at(text: str) -> datetime:
@@ -257,7 +114,7 @@ def rollouts() -> None:
 
 
 def _on_rollout(
-    env: Env, text: str, call: Callable[[str], operator_pb2.Rollout]
+    env: Connection, text: str, call: Callable[[str], operator_pb2.Rollout]
 ) -> operator_pb2.Rollout:
     """`call(rollout_id)`, accepting the short ids `rollouts ls` shows."""
 
@@ -268,7 +125,7 @@ def _on_rollout(
     return call_by_id(text, call, list_ids, "rollout")
 
 
-def _get(env: Env, rollout_id: str) -> operator_pb2.Rollout:
+def _get(env: Connection, rollout_id: str) -> operator_pb2.Rollout:
     return env.stub.GetRollout(operator_pb2.GetRolloutRequest(id=rollout_id))
 
 
@@ -344,7 +201,7 @@ def _pacing(
 @json_option
 @pass_env
 def rollouts_create(
-    env: Env,
+    env: Connection,
     ref: tuple[str, str],
     class_names: Sequence[str],
     labels: Sequence[tuple[str, str]],
@@ -395,7 +252,9 @@ def rollouts_create(
 @enum_option("--state", wrapper=operator_pb2.RolloutState, help="Only rollouts in this state.")
 @json_option
 @pass_env
-def rollouts_ls(env: Env, state: operator_pb2.RolloutState.ValueType | None, as_json: bool) -> None:
+def rollouts_ls(
+    env: Connection, state: operator_pb2.RolloutState.ValueType | None, as_json: bool
+) -> None:
     """List rollouts, newest first."""
     resp = env.stub.ListRollouts(
         operator_pb2.ListRolloutsRequest(state=state or operator_pb2.ROLLOUT_STATE_UNSPECIFIED)
@@ -407,7 +266,7 @@ def rollouts_ls(env: Env, state: operator_pb2.RolloutState.ValueType | None, as_
 @click.argument("rollout_id", metavar="ID")
 @json_option
 @pass_env
-def rollouts_show(env: Env, rollout_id: str, as_json: bool) -> None:
+def rollouts_show(env: Connection, rollout_id: str, as_json: bool) -> None:
     """Show a rollout: its spec, state and reason, each stage's progress and
     gates against their limits, and every device with its state and reason."""
     found = _on_rollout(env, rollout_id, lambda i: _get(env, i))
@@ -417,7 +276,7 @@ def rollouts_show(env: Env, rollout_id: str, as_json: bool) -> None:
 def _action(
     name: str,
     verb: str,
-    rpc: Callable[[Env, operator_pb2.RolloutActionRequest], operator_pb2.Rollout],
+    rpc: Callable[[Connection, operator_pb2.RolloutActionRequest], operator_pb2.Rollout],
     doc: str,
 ) -> None:
     """Register `rollouts NAME ID [--reason]`: one RolloutActionRequest RPC."""
@@ -427,7 +286,7 @@ def _action(
     @click.option("--reason", default="", help="Why, for the audit log.")
     @json_option
     @pass_env
-    def command(env: Env, rollout_id: str, reason: str, as_json: bool) -> None:
+    def command(env: Connection, rollout_id: str, reason: str, as_json: bool) -> None:
         done = _on_rollout(
             env,
             rollout_id,
@@ -453,7 +312,9 @@ _action("approve", "approved", lambda env, req: env.stub.ApproveRolloutStage(req
 @click.option("--reason", default="", help="Why, for the audit log.")
 @json_option
 @pass_env
-def rollouts_abort(env: Env, rollout_id: str, keep: bool, reason: str, as_json: bool) -> None:
+def rollouts_abort(
+    env: Connection, rollout_id: str, keep: bool, reason: str, as_json: bool
+) -> None:
     done = _on_rollout(
         env,
         rollout_id,
@@ -468,7 +329,7 @@ def rollouts_abort(env: Env, rollout_id: str, keep: bool, reason: str, as_json: 
 @click.argument("rollout_id", metavar="ID")
 @json_option
 @pass_env
-def rollouts_watch(env: Env, rollout_id: str, as_json: bool) -> None:
+def rollouts_watch(env: Connection, rollout_id: str, as_json: bool) -> None:
     """Follow a rollout live until it ends (a redraw every second); Ctrl-C
     stops watching, the rollout goes on. With --json: one JSON line per change."""
     current = _on_rollout(env, rollout_id, lambda i: _get(env, i))
@@ -481,7 +342,7 @@ def rollouts_watch(env: Env, rollout_id: str, as_json: bool) -> None:
         pass  # the usual way to stop watching: not an error
 
 
-def _watch_json(env: Env, current: operator_pb2.Rollout) -> None:
+def _watch_json(env: Connection, current: operator_pb2.Rollout) -> None:
     last = ""
     while True:
         line = json.dumps(to_json_dict(current), separators=(",", ":"))
@@ -494,7 +355,7 @@ def _watch_json(env: Env, current: operator_pb2.Rollout) -> None:
         current = _get(env, current.id)
 
 
-def _watch_live(env: Env, current: operator_pb2.Rollout) -> None:
+def _watch_live(env: Connection, current: operator_pb2.Rollout) -> None:
     def view(r: operator_pb2.Rollout) -> RenderableType:
         return render.rollout_detail(r, now(), max_devices=WATCH_MAX_DEVICES)
 

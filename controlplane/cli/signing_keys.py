@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from edgefleet.controlplane.cli import render as render
-from edgefleet.controlplane.cli.base import Env, emit, json_option, now, pass_env
+from edgefleet.controlplane.cli.base import emit, json_option, now, pass_env
+from edgefleet.controlplane.client.connection import Connection
 from edgefleet.v1 import operator_pb2
 
 
@@ -18,7 +19,7 @@ def signing_keys() -> None:
 @signing_keys.command("ls")
 @json_option
 @pass_env
-def signing_keys_ls(env: Env, as_json: bool) -> None:
+def signing_keys_ls(env: Connection, as_json: bool) -> None:
     """List the signing keys, oldest first."""
     resp = env.stub.ListSigningKeys(operator_pb2.ListSigningKeysRequest())
     emit(as_json, resp.keys, lambda: render.signing_keys_table(resp.keys, now()))
@@ -29,7 +30,7 @@ def signing_keys_ls(env: Env, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 @pass_env
-def signing_keys_rotate(env: Env, reason: str, yes: bool, as_json: bool) -> None:
+def signing_keys_rotate(env: Connection, reason: str, yes: bool, as_json: bool) -> None:
     """Replace the signing key (admin): the old key signs the new one, every
     artifact manifest and assignment is signed again with the new key, and
     agents stop trusting the old key with their next assignment."""

@@ -17,8 +17,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from edgefleet.controlplane.cli.base import CliError, Env, json_option, pass_env, usage_error
-from edgefleet.controlplane.cli.convert import parse_duration
+from edgefleet.controlplane.cli.base import CliError, json_option, pass_env, usage_error
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.syntax import parse_duration
 from edgefleet.sim import (
     Fleet,
     FleetError,
@@ -123,7 +124,7 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 @json_option
 @pass_env
 def simulate(
-    env: Env,
+    env: Connection,
     agents: int | None,
     enrollment_token: str | None,
     profile_path: Path | None,

@@ -10,7 +10,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
-    Env,
     emit,
     enum_option,
     json_option,
@@ -19,7 +18,8 @@ from edgefleet.controlplane.cli.base import (
     parsed,
     pass_env,
 )
-from edgefleet.controlplane.cli.convert import enum_choices, enum_value, parse_duration
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.syntax import enum_choices, enum_value, parse_duration
 from edgefleet.v1 import operator_pb2
 
 
@@ -56,7 +56,7 @@ def telemetry() -> None:
 @json_option
 @pass_env
 def telemetry_query(
-    env: Env,
+    env: Connection,
     metric: operator_pb2.TelemetryMetric.ValueType,
     group_by: operator_pb2.TelemetryGroupBy.ValueType | None,
     since: timedelta,

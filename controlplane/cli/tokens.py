@@ -10,7 +10,6 @@ import click
 
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
-    Env,
     call_by_id,
     emit,
     enum_option,
@@ -20,7 +19,8 @@ from edgefleet.controlplane.cli.base import (
     parsed,
     pass_env,
 )
-from edgefleet.controlplane.cli.convert import parse_duration
+from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.syntax import parse_duration
 from edgefleet.v1 import operator_pb2
 
 
@@ -47,7 +47,7 @@ def tokens() -> None:
 @json_option
 @pass_env
 def tokens_create(
-    env: Env,
+    env: Connection,
     name: str,
     policy: operator_pb2.EnrollmentPolicy.ValueType | None,
     labels: Sequence[tuple[str, str]],
@@ -72,7 +72,7 @@ def tokens_create(
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
 @json_option
 @pass_env
-def tokens_ls(env: Env, include_revoked: bool, as_json: bool) -> None:
+def tokens_ls(env: Connection, include_revoked: bool, as_json: bool) -> None:
     """List enrollment tokens."""
     resp = env.stub.ListEnrollmentTokens(
         operator_pb2.ListEnrollmentTokensRequest(include_revoked=include_revoked)
@@ -83,7 +83,7 @@ def tokens_ls(env: Env, include_revoked: bool, as_json: bool) -> None:
 @tokens.command("revoke")
 @click.argument("token_id", metavar="ID")
 @pass_env
-def tokens_revoke(env: Env, token_id: str) -> None:
+def tokens_revoke(env: Connection, token_id: str) -> None:
     """Revoke an enrollment token (ID or a unique prefix of it)."""
 
     def list_ids() -> list[str]:
@@ -114,7 +114,7 @@ def operator_tokens() -> None:
 @json_option
 @pass_env
 def operator_tokens_create(
-    env: Env, name: str, role: operator_pb2.OperatorRole.ValueType, ttl: timedelta | None,
+    env: Connection, name: str, role: operator_pb2.OperatorRole.ValueType, ttl: timedelta | None,
     as_json: bool,
 ) -> None:  # fmt: skip
     """Create an operator token; its secret is printed once."""
@@ -128,7 +128,7 @@ def operator_tokens_create(
 @operator_tokens.command("ls")
 @json_option
 @pass_env
-def operator_tokens_ls(env: Env, as_json: bool) -> None:
+def operator_tokens_ls(env: Connection, as_json: bool) -> None:
     """List operator tokens, revoked and expired ones too."""
     resp = env.stub.ListOperatorTokens(operator_pb2.ListOperatorTokensRequest())
     emit(as_json, resp.tokens, lambda: render.operator_tokens_table(resp.tokens, now()))
@@ -137,7 +137,7 @@ def operator_tokens_ls(env: Env, as_json: bool) -> None:
 @operator_tokens.command("revoke")
 @click.argument("token_id", metavar="ID")
 @pass_env
-def operator_tokens_revoke(env: Env, token_id: str) -> None:
+def operator_tokens_revoke(env: Connection, token_id: str) -> None:
     """Revoke an operator token at once (ID or a unique prefix of it)."""
 
     def list_ids() -> list[str]:

@@ -1,5 +1,9 @@
 """`edgefleet toolchain`: converters the build host runs in their own
-environments (onnx2tf for TFLite). Local commands: no server involved."""
+environments (onnx2tf for TFLite). Local commands: no server involved.
+
+The build package is the build host's ([server] extra): it is imported when
+a command runs, so that the rest of the CLI needs only [cli]. Hence the
+literals below for its TFLITE and TOOLCHAINS_ENV (a test checks they agree)."""
 
 from __future__ import annotations
 
@@ -11,16 +15,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from edgefleet.controlplane.build.toolchain import (
-    TFLITE,
-    TOOLCHAINS_ENV,
-    default_toolchains_dir,
-    install_tflite,
-    installed_toolchains,
-    is_stale,
-)
 from edgefleet.controlplane.cli.base import CliError, F, json_option
 from edgefleet.controlplane.errors import DomainError
+
+TFLITE = "tflite"
+TOOLCHAINS_ENV = "EDGEFLEET_TOOLCHAINS_DIR"
 
 
 def _dir_option(f: F) -> F:
@@ -45,6 +44,8 @@ def toolchain() -> None:
 @click.option("--force", is_flag=True, help="Reinstall even when the install is current.")
 def toolchain_install(name: str, toolchains_dir: Path | None, force: bool) -> None:
     """Install a toolchain (tflite: onnx2tf and TensorFlow, ~2.5 GB, a few minutes)."""
+    from edgefleet.controlplane.build.toolchain import install_tflite
+
     console = Console(stderr=True)
     try:
         if console.is_terminal:
@@ -78,6 +79,12 @@ def _one_line(line: str, width: int) -> Text:
 @json_option
 def toolchain_ls(toolchains_dir: Path | None, as_json: bool) -> None:
     """List the toolchains and their versions."""
+    from edgefleet.controlplane.build.toolchain import (
+        default_toolchains_dir,
+        installed_toolchains,
+        is_stale,
+    )
+
     root = toolchains_dir or default_toolchains_dir()
     found = installed_toolchains(root)
     if as_json:

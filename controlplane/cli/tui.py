@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import click
 
-from edgefleet.controlplane.cli.base import Env, pass_env
+from edgefleet.controlplane.cli.base import pass_env
+from edgefleet.controlplane.client.connection import Connection
 
 
 @click.command("tui")
 @pass_env
-def tui(env: Env) -> None:
+def tui(env: Connection) -> None:
     """Open the terminal UI: fleet overview, devices, classes, models and
     builds, rollouts (wizard and live monitor), telemetry and the audit log.
     Press ? in it for every key."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 
 # An arbitrary constant shared by every replica ("edgefleet" in ASCII).
@@ -67,10 +67,6 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def alembic_config() -> Config:
     """Alembic configuration pointing at the migrations shipped in the package."""
     script_location = resources.files("edgefleet.migrations")
@@ -97,7 +93,3 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
-
-
-def has_schema(engine: Engine) -> bool:
-    return "alembic_version" in inspect(engine).get_table_names()

@@ -1,6 +1,7 @@
 """Reading what a pushed model is: checking an ONNX file, its input/output spec,
 and whether sample data and labels fit it. Pure functions over files."""
 
+# ruff: noqa: E402 - the extra is checked before the imports it installs
 from __future__ import annotations
 
 import os
@@ -9,6 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgefleet.extras import require
+
+# The CLI's client commands import the domain's pure modules; this one alone
+# reads ONNX graphs, which the server extra installs.
+require("server", "onnx", part=__name__)
+
 import onnx
 from onnx import helper
 

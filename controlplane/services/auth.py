@@ -184,11 +184,11 @@ class DeviceCredentials:
                 self._hits.pop(stale, None)
 
 
-def ensure_bootstrap_admin(db: Database, data_dir: Path, configured: str | None) -> str | None:
+def ensure_bootstrap_admin(db: Database, token_file: Path, configured: str | None) -> str | None:
     """Make sure an admin can get in on first start. With a configured token,
     (re)store its hash. Otherwise, when no operator token exists, create one
-    and write it to data_dir/admin-token with mode 0600. Returns the path's
-    token when one was written or configured."""
+    and write it to `token_file` (ServerConfig.admin_token_file) with mode
+    0600. Returns the token when one was written or configured."""
     if configured:
         with db.unit_of_work() as uow:
             row = uow.session.get(OperatorTokenRow, BOOTSTRAP_TOKEN_ID)
@@ -222,9 +222,8 @@ def ensure_bootstrap_admin(db: Database, data_dir: Path, configured: str | None)
             uow.commit()
         except IntegrityError:
             return None
-    path = data_dir / "admin-token"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")
-    log.warning("created the bootstrap admin token in %s (mode 0600)", path)
+    log.warning("created the bootstrap admin token in %s (mode 0600)", token_file)
     return token

@@ -16,6 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from edgefleet.controlplane.build.types import BuildJob
 from edgefleet.controlplane.build.worker import exit_with_parent, read_progress, run_job
 from edgefleet.controlplane.errors import DomainError
 from edgefleet.controlplane.services.builds import BuildService, ClaimedJob
@@ -44,7 +45,7 @@ class BuildRunner:
         workdir.mkdir(parents=True, exist_ok=True)
         self._workers = max(1, workers)
         self._lease_s = lease_s
-        self._toolchains_dir = str(toolchains_dir) if toolchains_dir else None
+        self._toolchains_dir = toolchains_dir
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
         self._pool = self._new_pool()
@@ -93,10 +94,8 @@ class BuildRunner:
         log.info("build %s: attempt %d started", job.build_id, job.attempt)
         try:
             model, samples = await self._db_call(self._builds.local_inputs, job)
-            future = self._loop.run_in_executor(
-                self._pool, run_job, str(model), str(samples) if samples else None,
-                job.target, str(workdir), self._toolchains_dir,
-            )  # fmt: skip
+            build_job = BuildJob(model, samples, job.target, workdir, self._toolchains_dir)
+            future = self._loop.run_in_executor(self._pool, run_job, build_job)
             ours = True
             while not future.done():
                 await asyncio.wait({future}, timeout=max(0.5, self._lease_s / 4))
@@ -127,7 +126,7 @@ class BuildRunner:
                 )
                 return
             if ours:
-                text = "\n".join([*result.get("log", [])]) or text
+                text = "\n".join(result.log) or text
                 await self._db_call(self._builds.finish, job, self.owner, result, text)
                 log.info("build %s: finished", job.build_id)
         finally:

@@ -5,7 +5,6 @@ their signed artifact in one transaction."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import importlib.metadata
@@ -21,7 +20,14 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from edgefleet.controlplane.build.toolchain import find_tflite
-from edgefleet.controlplane.build.types import BuildTarget
+from edgefleet.controlplane.build.types import (
+    BuildResult,
+    BuildTarget,
+    Candidate,
+    Evaluated,
+    Golden,
+    TensorRTSpec,
+)
 from edgefleet.controlplane.db.models import (
     ArtifactRow,
     BlobRow,
@@ -93,7 +99,7 @@ def toolchain_versions(runtime: str, toolchains_dir: Path | None) -> dict[str, s
 def dedup_key(model: ModelVersionRow, target: BuildTarget, versions: dict[str, str]) -> str:
     """Same model bytes, sample data, class profile and tools: same result.
     The class name is left out: two classes with one profile share a build."""
-    profile = {k: v for k, v in dataclasses.asdict(target).items() if k != "class_name"}
+    profile = {k: v for k, v in target.to_json().items() if k != "class_name"}
     payload = {
         "model": model.model_digest,
         "samples": model.sample_data_digest,
@@ -110,7 +116,7 @@ class ClaimedJob:
     attempt: int
     model_digest: str
     sample_digest: str | None
-    target: dict[str, Any]
+    target: BuildTarget
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,7 @@ class BuildService:
             model_version_id=mv.id,
             class_id=cls.id,
             class_name=cls.name,
-            target=dataclasses.asdict(target),
+            target=target.to_json(),
             state=QUEUED,
             progress=0.0,
             log="",
@@ -335,7 +341,11 @@ class BuildService:
             row.progress = 0.0
             mv = uow.session.get_one(ModelVersionRow, row.model_version_id)
             job = ClaimedJob(
-                row.id, row.attempts, mv.model_digest, mv.sample_data_digest, dict(row.target)
+                row.id,
+                row.attempts,
+                mv.model_digest,
+                mv.sample_data_digest,
+                BuildTarget.from_json(row.target),
             )
             uow.commit()
         return job
@@ -366,16 +376,16 @@ class BuildService:
         samples = self._blobs.local_path(self._db, job.sample_digest) if job.sample_digest else None
         return model, samples
 
-    def finish(self, job: ClaimedJob, owner: str, result: dict[str, Any], log: str) -> bool:
+    def finish(self, job: ClaimedJob, owner: str, result: BuildResult, log: str) -> bool:
         """Publish a finished job: its candidates, and when one was chosen the
         artifact (and companion) blobs with a signed manifest, all in one
         transaction. False if the lease was lost (nothing is written)."""
-        chosen = result.get("chosen")
+        chosen = result.chosen
         with self._db.unit_of_work() as uow:
             row = uow.session.get(BuildRow, job.build_id)
             if row is None or row.lease_owner != owner or row.state != RUNNING:
                 return False
-            row.candidates = [_public_candidate(c) for c in result["candidates"]]
+            row.candidates = [_candidate_report(e) for e in result.candidates]
             row.log = log
             row.progress = 1.0
             row.finished_at = utcnow()
@@ -383,13 +393,13 @@ class BuildService:
             if chosen is None:
                 row.state = FAILED
                 row.error = "no candidate meets the class's constraints: " + "; ".join(
-                    f"{c['name']}: {', '.join(c['reasons']) or c['error'] or 'failed'}"
-                    for c in result["candidates"]
+                    f"{e.candidate.name}: {', '.join(e.reasons) or e.error or 'failed'}"
+                    for e in result.candidates
                 )
             else:
                 row.state = SUCCEEDED
                 row.error = ""
-                row.artifact_digest = self._publish(uow.session, row, result, chosen)
+                row.artifact_digest = self._publish(uow.session, row, chosen, result.golden)
             twins = self._complete_twins(uow.session, row)
             uow.commit()
             views = self._views(uow.session, [row, *twins])
@@ -439,26 +449,28 @@ class BuildService:
         self._announce([view])
 
     def _publish(
-        self, session: Session, row: BuildRow, result: dict[str, Any], chosen: dict[str, Any]
+        self, session: Session, row: BuildRow, chosen: Evaluated, golden: Golden | None
     ) -> str:
-        path = Path(chosen["path"])
+        candidate = chosen.candidate
+        if candidate.path is None:
+            raise RuntimeError(f"build {row.id} chose {candidate.name}, which was not built")
+        path = candidate.path
         digest = sha256_file(path)
-        self._blobs.add(session, path, digest, chosen["media_type"])
+        self._blobs.add(session, path, digest, candidate.media_type)
         companion_digest = ""
-        if chosen.get("companion"):
-            companion = Path(chosen["companion"])
-            companion_digest = sha256_file(companion)
-            self._blobs.add(session, companion, companion_digest, "text/x-c")
+        if candidate.companion is not None:
+            companion_digest = sha256_file(candidate.companion)
+            self._blobs.add(session, candidate.companion, companion_digest, "text/x-c")
         mv = session.get_one(ModelVersionRow, row.model_version_id)
         model = session.get_one(ModelRow, mv.model_id)
-        manifest = _manifest(row, model.name, mv, chosen, digest, path.stat().st_size,
-                             companion_digest, result)  # fmt: skip
+        manifest = _manifest(row, model.name, mv, candidate, digest, path.stat().st_size,
+                             companion_digest, golden)  # fmt: skip
         session.add(
             _signed_artifact(
                 session,
                 manifest,
                 row,
-                media_type=chosen["media_type"],
+                media_type=candidate.media_type,
                 companion_digest=companion_digest or None,
                 model_version_id=mv.id,
             )
@@ -472,9 +484,30 @@ class BuildService:
             self.on_queued()
 
 
-def _public_candidate(candidate: dict[str, Any]) -> dict[str, Any]:
-    """What the build report keeps (worker-local paths are dropped)."""
-    return {k: v for k, v in candidate.items() if k not in ("path", "companion")}
+def _candidate_report(item: Evaluated) -> dict[str, Any]:
+    """A candidate as the build row's report stores it (api.convert reads it
+    back). Worker-local paths are left out: the workdir is gone after the
+    build."""
+    built, m = item.candidate, item.measurement
+    return {
+        "name": built.name,
+        "runtime": built.runtime,
+        "precision": built.precision,
+        "media_type": built.media_type,
+        "tensorrt_spec": built.tensorrt_spec.to_json() if built.tensorrt_spec else None,
+        "min_runtime_versions": dict(built.min_runtime_versions),
+        "size_bytes": m.size_bytes,
+        "latency_p50_ms": m.latency_p50_ms,
+        "latency_p95_ms": m.latency_p95_ms,
+        "peak_memory_mb": m.peak_memory_mb,
+        "max_abs_diff": m.max_abs_diff,
+        "agreement": m.agreement,
+        "accuracy": m.accuracy,
+        "passed": item.passed,
+        "reasons": list(item.reasons),
+        "chosen": item.chosen,
+        "error": item.error,
+    }
 
 
 def _tensor_spec(spec: dict[str, Any]) -> c.TensorSpec:
@@ -492,20 +525,18 @@ def _tensor_data(name: str, array: np.ndarray) -> c.TensorData:
     )
 
 
-def _golden(path: str | None) -> list[c.GoldenSample]:
-    if not path:
+def _golden(golden: Golden | None) -> list[c.GoldenSample]:
+    if golden is None:
         return []
-    samples: dict[int, c.GoldenSample] = {}
-    # Not client data: the build worker wrote this file from samples that
-    # already passed sample_archive's limits (at most GOLDEN_MAX of them).
-    with np.load(path, allow_pickle=False) as archive:
-        for key in sorted(archive.files):
-            kind, name = key.split("/", 1)
-            index = int(kind[3:] if kind.startswith("out") else kind[2:])
-            sample = samples.setdefault(index, c.GoldenSample())
-            target = sample.expected_outputs if kind.startswith("out") else sample.inputs
-            target.append(_tensor_data(name, archive[key]))
-    return [samples[i] for i in sorted(samples)]
+    # Tensors by name, as the worker's golden file listed them before the
+    # result carried the arrays: manifests stay byte-for-byte the same.
+    return [
+        c.GoldenSample(
+            inputs=[_tensor_data(name, s.inputs[name]) for name in sorted(s.inputs)],
+            expected_outputs=[_tensor_data(name, s.outputs[name]) for name in sorted(s.outputs)],
+        )
+        for s in golden.samples
+    ]
 
 
 def _sign_twin(session: Session, twin: BuildRow) -> None:
@@ -573,11 +604,11 @@ def _manifest(
     row: BuildRow,
     model_name: str,
     mv: ModelVersionRow,
-    chosen: dict[str, Any],
+    chosen: Candidate,
     digest: str,
     size: int,
     companion_digest: str,
-    result: dict[str, Any],
+    golden: Golden | None,
 ) -> c.ArtifactManifest:
     created = Timestamp()
     created.FromDatetime(utcnow())
@@ -586,19 +617,19 @@ def _manifest(
         model_name=model_name,
         model_version=mv.version,
         class_name=row.class_name,
-        runtime=RUNTIME_ENUM[chosen["runtime"]],
-        precision=PRECISION_ENUM.get(chosen["precision"], c.QUANTIZATION_UNSPECIFIED),
-        candidate=chosen["name"],
+        runtime=RUNTIME_ENUM[chosen.runtime],
+        precision=PRECISION_ENUM.get(chosen.precision, c.QUANTIZATION_UNSPECIFIED),
+        candidate=chosen.name,
         sha256=digest,
         size_bytes=size,
-        media_type=chosen["media_type"],
+        media_type=chosen.media_type,
         inputs=[_tensor_spec(s) for s in mv.inputs],
         outputs=[_tensor_spec(s) for s in mv.outputs],
-        golden=_golden(result.get("golden")),
-        atol=result.get("atol", 0.0),
-        rtol=result.get("rtol", 0.0),
-        min_agreement=result.get("min_agreement", 0.0),
-        min_runtime_versions=chosen.get("min_runtime_versions") or {},
+        golden=_golden(golden),
+        atol=golden.atol if golden else 0.0,
+        rtol=golden.rtol if golden else 0.0,
+        min_agreement=golden.min_agreement if golden else 0.0,
+        min_runtime_versions=chosen.min_runtime_versions,
         build_id=row.id,
         created_at=created,
         companion_sha256=companion_digest,
@@ -606,18 +637,17 @@ def _manifest(
         max_memory_mb=row.target.get("max_memory_mb") or 0.0,
         threads=int(row.target.get("threads") or 1),
     )
-    spec = chosen.get("tensorrt_spec")
-    if spec:
-        manifest.tensorrt.CopyFrom(
-            c.TensorRTBuildSpec(
-                precision=spec.get("precision", ""),
-                workspace_mb=int(spec.get("workspace_mb", 0)),
-                profile=[
-                    c.TensorRTBuildSpec.ShapeRange(
-                        input=p["input"], min=p["min"], opt=p["opt"], max=p["max"]
-                    )
-                    for p in spec.get("profile", [])
-                ],
-            )
-        )
+    if chosen.tensorrt_spec is not None:
+        manifest.tensorrt.CopyFrom(_tensorrt_spec(chosen.tensorrt_spec))
     return manifest
+
+
+def _tensorrt_spec(spec: TensorRTSpec) -> c.TensorRTBuildSpec:
+    return c.TensorRTBuildSpec(
+        precision=spec.precision,
+        workspace_mb=spec.workspace_mb,
+        profile=[
+            c.TensorRTBuildSpec.ShapeRange(input=r.input, min=r.min, opt=r.opt, max=r.max)
+            for r in spec.profile
+        ],
+    )

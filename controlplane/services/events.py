@@ -5,7 +5,7 @@ threads; subscribers live on the event loop, so publishing is thread-safe."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -49,10 +49,6 @@ class EventBus:
             self._deliver(event)
         else:
             loop.call_soon_threadsafe(self._deliver, event)
-
-    def publish_all(self, events: Iterable[FleetEvent]) -> None:
-        for event in events:
-            self.publish(event)
 
     def _deliver(self, event: FleetEvent) -> None:
         for fn in list(self._subscribers):

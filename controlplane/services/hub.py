@@ -92,11 +92,6 @@ class SyncHub:
             if session is not None:
                 session.wake.set()
 
-    def kick(self, device_id: str, reason: str) -> None:
-        session = self._sessions.get(device_id)
-        if session is not None:
-            self._close(session, reason)
-
     def _close(
         self, session: DeviceSession, reason: str, error: type[DomainError] = FailedPrecondition
     ) -> None:

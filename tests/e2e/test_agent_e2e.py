@@ -5,6 +5,7 @@ persist. Timeouts are generous and nothing asserts on timing."""
 from __future__ import annotations
 
 import socket as socket_module
+import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from edgefleet.agent.identity import load_trusted_keys
 from edgefleet.v1 import common_pb2, device_pb2, operator_pb2
-from testkit.agent_harness import AgentProcess, wait_for
+from testkit.agent_harness import AGENT_EXECUTABLE, AgentProcess, wait_for
 from testkit.harness import ControlPlane
 
 pytestmark = pytest.mark.timeout(240)
@@ -171,6 +172,39 @@ def test_restart_keeps_device_id(control_plane: ControlPlane, agents: AgentFacto
     assert enrolled_id(agent) == device_id
     assert agent.log().count("enrolled as device") == 1
     assert list(devices(control_plane)) == [device_id]
+
+
+def test_a_second_agent_on_the_same_state_directory_is_refused(
+    control_plane: ControlPlane, agents: AgentFactory
+) -> None:
+    """A second agent started with the first's config exits at once, naming
+    the first; the first keeps its Sync stream and its inference sockets (the
+    second used to take the stream and, on exit, delete the sockets)."""
+    first = agents()
+    wait_desired(first)
+    assert first.proc is not None
+    sockets = [first.state_dir / "inference.sock", first.state_dir / "predict.sock"]
+    assert all(path.is_socket() for path in sockets)
+
+    second = subprocess.run(
+        [str(AGENT_EXECUTABLE), "--config", str(first.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1, second.stderr
+    assert f"another edgefleet-agent (pid {first.proc.pid})" in second.stderr, second.stderr
+    assert "connected to" not in second.stderr
+    assert all(path.is_socket() for path in sockets)
+    assert first.running and "replaced by a newer connection" not in first.log()
+    # Still serving on its socket.
+    with socket_module.socket(socket_module.AF_UNIX) as client:
+        client.connect(str(sockets[0]))
+
+    # The lock goes with the process: after a kill -9 the agent starts again.
+    first.kill()
+    first.start()
+    first.wait_for(lambda: first.log().count("connected to") >= 2)
 
 
 def test_agent_reconnects_after_control_plane_restart(

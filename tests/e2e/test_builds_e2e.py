@@ -18,40 +18,17 @@ import psutil
 import pytest
 
 from edgefleet.agent.runtimes import TensorInfo, open_runner
-from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.controlplane.domain import signing
 from edgefleet.demo.models import build_digits_classifier, render_text_lines
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
 from testkit.harness import ControlPlane
-from tests.e2e.test_api import _parts
-from tests.unit.test_build_ort import ppocr_cls  # noqa: F401 - fixture
+from testkit.models import model_parts, push_model, wait_builds
 
 pytestmark = pytest.mark.timeout(900)
 TERMINAL = (o.BUILD_STATE_SUCCEEDED, o.BUILD_STATE_FAILED)
-
-
-def _push(op: Any, name: str, version: str, parts: dict[int, bytes]) -> None:
-    header = o.PushModelHeader(
-        model_name=name,
-        version=version,
-        parts=[
-            o.PartDeclaration(
-                part=part, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
-            )
-            for part, data in parts.items()
-        ],
-    )
-
-    def requests() -> Any:
-        yield o.PushModelRequest(header=header)
-        for part, data in parts.items():
-            for start in range(0, len(data), 1 << 20):
-                chunk = o.PushModelChunk(part=part, data=data[start : start + (1 << 20)])
-                yield o.PushModelRequest(chunk=chunk)
-
-    op.PushModel(requests())
 
 
 def _class(op: Any, name: str, runtime: int, arch: str, **limits: Any) -> None:
@@ -62,17 +39,6 @@ def _class(op: Any, name: str, runtime: int, arch: str, **limits: Any) -> None:
             match_rules=[c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[arch])],
         )
     )
-
-
-def _wait_builds(op: Any, count: int, timeout: float) -> list[o.Build]:
-    deadline = time.monotonic() + timeout
-    builds: list[o.Build] = []
-    while time.monotonic() < deadline:
-        builds = list(op.ListBuilds(o.ListBuildsRequest()).builds)
-        if len(builds) >= count and all(b.state in TERMINAL for b in builds):
-            return builds
-        time.sleep(0.5)
-    raise AssertionError(f"builds did not finish: {[(b.class_name, b.state) for b in builds]}")
 
 
 def _array(t: c.TensorData) -> np.ndarray:
@@ -90,7 +56,7 @@ def _download(cp: ControlPlane, credential: str, digest: str) -> bytes:
 
 def test_a_real_model_builds_for_onnxruntime_and_tflite_classes(
     tmp_path: Path,
-    ppocr_cls: Path,  # noqa: F811 - the fixture
+    ppocr_cls: Path,
 ) -> None:
     cp = ControlPlane(tmp_path / "cp", None, "--build-workers", "1")
     cp.start()
@@ -100,8 +66,8 @@ def test_a_real_model_builds_for_onnxruntime_and_tflite_classes(
         _class(op, "pi", c.RUNTIME_TFLITE, "aarch64", max_model_size_mb=1)
         samples = tmp_path / "samples.npz"
         np.savez(samples, x=render_text_lines(24))
-        _push(op, "ppocr-cls", "2.0.0", _parts(model=ppocr_cls, sample_data=samples))
-        builds = {b.class_name: b for b in _wait_builds(op, 2, 600)}
+        push_model(op, "ppocr-cls", "2.0.0", model_parts(model=ppocr_cls, sample_data=samples))
+        builds = {b.class_name: b for b in wait_builds(op, 2, 600)}
         for name, build in builds.items():
             assert build.state == o.BUILD_STATE_SUCCEEDED, (name, build.error, build.log)
             assert sum(cand.chosen for cand in build.candidates) == 1
@@ -163,7 +129,9 @@ def test_a_control_plane_killed_mid_build_finishes_it_once_after_restart(
     try:
         op = cp.operator()
         _class(op, "gateway", c.RUNTIME_ONNXRUNTIME, "x86_64")
-        _push(op, "digits", "1.0.0", _parts(model=model.model, sample_data=model.sample_data))
+        push_model(
+            op, "digits", "1.0.0", model_parts(model=model.model, sample_data=model.sample_data)
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             (build,) = op.ListBuilds(o.ListBuildsRequest()).builds or [None]
@@ -181,7 +149,7 @@ def test_a_control_plane_killed_mid_build_finishes_it_once_after_restart(
         assert not alive, f"orphaned build workers: {alive}"
         cp.start()
         op = cp.operator()
-        (done,) = _wait_builds(op, 1, 300)
+        (done,) = wait_builds(op, 1, 300)
         assert done.state == o.BUILD_STATE_SUCCEEDED, done.error
         assert len(op.ListArtifacts(o.ListArtifactsRequest()).artifacts) == 1
         assert len(op.ListBuilds(o.ListBuildsRequest()).builds) == 1

@@ -4,12 +4,9 @@ errors printed as one line with no traceback."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -17,9 +14,8 @@ import pytest
 
 from edgefleet.demo.models import mlp_graph
 from edgefleet.v1 import common_pb2, device_pb2
-from testkit.harness import ControlPlane, env_without_proxy
-
-EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
+from testkit.cli import EDGEFLEET, edgefleet, edgefleet_json
+from testkit.harness import ControlPlane
 
 
 @pytest.fixture(scope="module")
@@ -31,23 +27,6 @@ def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         yield plane
     finally:
         plane.close()
-
-
-def edgefleet(
-    cp: ControlPlane, *args: str, token: str | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run the console script; server and token come from the environment."""
-    env = env_without_proxy()
-    env.update(EDGEFLEET_SERVER=cp.address, EDGEFLEET_TOKEN=token or cp.admin_token, COLUMNS="200")
-    result = subprocess.run([EDGEFLEET, *args], capture_output=True, text=True, env=env, timeout=60)
-    assert "Traceback" not in result.stderr, result.stderr
-    if check:
-        assert result.returncode == 0, f"{args}: {result.stderr}"
-    return result
-
-
-def edgefleet_json(cp: ControlPlane, *args: str) -> Any:
-    return json.loads(edgefleet(cp, *args, "--json").stdout)
 
 
 @pytest.fixture(scope="module")

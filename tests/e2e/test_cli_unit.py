@@ -7,24 +7,24 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent import futures
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 import grpc
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from google.protobuf.timestamp_pb2 import Timestamp
-from rich.console import Console, RenderableType
 
 from edgefleet.controlplane.cli import cli
 from edgefleet.controlplane.cli import render as render
-from edgefleet.controlplane.cli.convert import (
+from edgefleet.controlplane.cli.base import to_json_dict
+from edgefleet.controlplane.client.format import format_bytes, format_shape
+from edgefleet.controlplane.client.push import describe_part, push_requests
+from edgefleet.controlplane.client.syntax import (
     constraint_profile,
     enum_choices,
     enum_name,
@@ -36,28 +36,14 @@ from edgefleet.controlplane.cli.convert import (
     parse_label,
     parse_match,
     resolve_prefix,
-    to_json_dict,
 )
-from edgefleet.controlplane.cli.push import describe_part, push_requests
 from edgefleet.controlplane.domain.rules import Op
 from edgefleet.controlplane.wire import MATCH_OPS
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from testkit.cli import NOW, invoke, text_of, ts
 
-NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 DEVICE_ID = "a1b2c3d4" + "0" * 8
 OTHER_ID = "a1b2ffff" + "1" * 8
-
-
-def ts(when: datetime) -> Timestamp:
-    out = Timestamp()
-    out.FromDatetime(when)
-    return out
-
-
-def text_of(renderable: RenderableType) -> str:
-    console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
-    console.print(renderable)
-    return console.export_text()
 
 
 # ------------------------------------------------------------------ durations
@@ -303,11 +289,11 @@ def test_size_formatting() -> None:
     assert render.format_mb(0) == "-"
     assert render.format_mb(512) == "512 MiB"
     assert render.format_mb(3906) == "3.8 GiB"
-    assert render.format_bytes(812) == "812 B"
-    assert render.format_bytes(1536) == "1.5 KiB"
-    assert render.format_bytes(3 * 1024**3) == "3.0 GiB"
+    assert format_bytes(812) == "812 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 1024**3) == "3.0 GiB"
     spec = common_pb2.TensorSpec(name="x", shape=[-1, 64, -1], dim_names=["batch", "", ""])
-    assert render.format_shape(spec) == "[batch, 64, ?]"
+    assert format_shape(spec) == "[batch, 64, ?]"
 
 
 def test_devices_table() -> None:
@@ -388,12 +374,6 @@ def test_every_command_has_help(path: tuple[str, ...]) -> None:
     assert command.help, f"{' '.join(path)} has no help text"
 
 
-def invoke(*args: str, server: str = "127.0.0.1:1") -> Result:
-    return CliRunner(env={"COLUMNS": "200"}).invoke(
-        cli, ["--server", server, "--token", "tok", *args]
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -429,19 +409,6 @@ def test_unreachable_server_is_one_line_error() -> None:
     assert result.exit_code == 1
     assert result.stderr.startswith("error: UNAVAILABLE: ")
     assert result.exception is None or isinstance(result.exception, SystemExit)
-
-
-def test_cli_import_stays_light() -> None:
-    code = (
-        "import sys, edgefleet.controlplane.cli\n"
-        "heavy = [m for m in sys.modules if m.startswith(('sqlalchemy', 'alembic',"
-        " 'edgefleet.controlplane.db', 'edgefleet.controlplane.server',"
-        " 'edgefleet.controlplane.services', 'edgefleet.controlplane.api',"
-        " 'onnxruntime', 'textual'))]\n"
-        "print(heavy)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------ against a fake server

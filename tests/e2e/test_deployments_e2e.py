@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 import pytest
 
-from edgefleet.agent.update.faults import FAULT_ENV, MARKER_FILE
+from edgefleet.agent.update.faults import MARKER_FILE
 from edgefleet.controlplane.domain import signing
 from edgefleet.controlplane.services import statements
 from edgefleet.demo.models import build_digits_classifier
@@ -35,9 +35,9 @@ from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o
 from testkit.agent_harness import AgentProcess, wait_for
+from testkit.deployments import served, settled
 from testkit.harness import ControlPlane
-from tests.e2e.test_api import _parts
-from tests.e2e.test_builds_e2e import _push, _wait_builds
+from testkit.models import model_parts, push_model, wait_builds
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -101,8 +101,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             # hidden=1024: even the int8 artifact is > 64 KiB, so a download
             # takes several chunks whichever candidate the build picks.
             built = build_digits_classifier(root / f"model-{version}", hidden=1024, seed=seed)
-            _push(op, MODEL, version, _parts(model=built.model, sample_data=built.sample_data))
-        builds = _wait_builds(op, 3 * len(VERSIONS), timeout=400)
+            push_model(
+                op, MODEL, version, model_parts(model=built.model, sample_data=built.sample_data)
+            )
+        builds = wait_builds(op, 3 * len(VERSIONS), timeout=400)
         failed = [(b.class_name, b.error) for b in builds if b.state != o.BUILD_STATE_SUCCEEDED]
         assert not failed, failed
         digests = {b.model_version: b.artifact_digest for b in builds if b.class_name == CPU}
@@ -138,62 +140,24 @@ def _assign(fleet: Fleet, device_id: str, version: str) -> int:
     return int(assignment.sequence)
 
 
-def _settled(fleet: Fleet, device_id: str, sequence: int, timeout: float = 60) -> c.UpdateStatus:
-    """The device's status once the update `sequence` committed or failed."""
-
-    def done() -> c.UpdateStatus | None:
-        update = fleet.op.GetDevice(o.GetDeviceRequest(id=device_id)).update
-        if update.sequence == sequence and update.state in ("committed", "failed"):
-            return update
-        return None
-
-    return wait_for(done, timeout=timeout)
-
-
 def _history(fleet: Fleet, device_id: str, sequence: int) -> list[str]:
     events = fleet.op.ListDeployments(o.ListDeploymentsRequest(device_id=device_id)).events
     return [e.state for e in reversed(events) if e.sequence == sequence]
-
-
-def _served(agent: AgentProcess) -> tuple[str, str] | grpc.StatusCode:
-    """(version, digest) the inference API serves, or its error code; and a
-    real prediction must work on what it serves."""
-    with grpc.insecure_channel(f"unix:{agent.state_dir / 'inference.sock'}") as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        try:
-            meta = stub.GetModelMetadata(
-                inference_pb2.GetModelMetadataRequest(model_name=MODEL), timeout=10
-            )
-        except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[no-any-return]
-        x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
-        reply = stub.Predict(
-            inference_pb2.PredictRequest(
-                model_name=MODEL,
-                inputs=[
-                    c.TensorData(name="input", dtype="float32", shape=[3, 64], data=x.tobytes())
-                ],
-            ),
-            timeout=10,
-        )
-    (out,) = reply.outputs
-    assert out.shape[0] == 3 and reply.model_version == meta.model_version
-    return meta.model_version, meta.artifact_digest
 
 
 def _assert_consistent(agent: AgentProcess, status: c.UpdateStatus) -> tuple[str, str]:
     """What the agent serves is what it reports, and a complete, verified file."""
 
     def answered() -> tuple[str, str] | grpc.StatusCode | None:
-        served = _served(agent)
-        return None if served == grpc.StatusCode.UNAVAILABLE else served  # still starting
+        serving = served(agent)
+        return None if serving == grpc.StatusCode.UNAVAILABLE else serving  # still starting
 
-    served = wait_for(answered)
-    assert isinstance(served, tuple), served
-    assert served == (status.active_model_version, status.active_artifact_digest)
-    artifact = agent.state_dir / "downloads" / served[1]
-    assert hashlib.sha256(artifact.read_bytes()).hexdigest() == served[1]
-    return served
+    serving = wait_for(answered)
+    assert isinstance(serving, tuple), serving
+    assert serving == (status.active_model_version, status.active_artifact_digest)
+    artifact = agent.state_dir / "downloads" / serving[1]
+    assert hashlib.sha256(artifact.read_bytes()).hexdigest() == serving[1]
+    return serving
 
 
 def _install(fleet: Fleet, agents: list[AgentProcess], version: str = "1.0.0",
@@ -201,7 +165,7 @@ def _install(fleet: Fleet, agents: list[AgentProcess], version: str = "1.0.0",
     """A running agent serving `version`."""
     agent = fleet.agent(**config)
     device_id = _start(fleet, agents, agent)
-    status = _settled(fleet, device_id, _assign(fleet, device_id, version))
+    status = settled(fleet.op, device_id, _assign(fleet, device_id, version))
     assert status.state == "committed", status
     assert _assert_consistent(agent, status) == (version, fleet.digests[version])
     return agent, device_id
@@ -215,7 +179,7 @@ def test_assign_installs_and_serves_a_version_then_upgrades_keeping_history(
 ) -> None:
     agent, device_id = _install(fleet, agents, "1.0.0", download_chunk_size=65536)
     sequence = _assign(fleet, device_id, "2.0.0")
-    status = _settled(fleet, device_id, sequence)
+    status = settled(fleet.op, device_id, sequence)
     assert status.state == "committed", status
     assert _assert_consistent(agent, status) == ("2.0.0", fleet.digests["2.0.0"])
     assert _history(fleet, device_id, sequence) == [
@@ -233,7 +197,7 @@ def test_assign_installs_and_serves_a_version_then_upgrades_keeping_history(
 
 
 def _served_eventually(agent: AgentProcess) -> tuple[str, str]:
-    result = wait_for(lambda: s if isinstance(s := _served(agent), tuple) else None)
+    result = wait_for(lambda: s if isinstance(s := served(agent), tuple) else None)
     return result
 
 
@@ -285,15 +249,15 @@ def test_a_damaged_blob_cache_is_healed_before_the_agent_downloads_it(
     corrupted = bytearray(original)
     corrupted[len(corrupted) // 2] ^= 0xFF
     cache.write_bytes(bytes(corrupted))
-    status = _settled(fleet, device_id, _assign(fleet, device_id, "3.0.0"))
+    status = settled(fleet.op, device_id, _assign(fleet, device_id, "3.0.0"))
     assert status.state == "committed", status
     assert _assert_consistent(agent, status) == ("3.0.0", fleet.digests["3.0.0"])
     assert cache.read_bytes() == original
 
-    _settled(fleet, device_id, _assign(fleet, device_id, "1.0.0"))
+    settled(fleet.op, device_id, _assign(fleet, device_id, "1.0.0"))
     (agent.state_dir / "downloads" / fleet.digests["3.0.0"]).unlink(missing_ok=True)
     cache.write_bytes(original[: len(original) // 2])
-    status = _settled(fleet, device_id, _assign(fleet, device_id, "3.0.0"))
+    status = settled(fleet.op, device_id, _assign(fleet, device_id, "3.0.0"))
     assert status.state == "committed", status
     assert _assert_consistent(agent, status) == ("3.0.0", fleet.digests["3.0.0"])
     assert cache.read_bytes() == original
@@ -329,7 +293,7 @@ def test_a_wrong_signature_is_rejected_and_reported(
     agent, device_id = _install(fleet, agents, "1.0.0")
     with _forged_signature(fleet, "4.0.0"):
         sequence = _assign(fleet, device_id, "4.0.0")
-        status = _settled(fleet, device_id, sequence)
+        status = settled(fleet.op, device_id, sequence)
     assert status.state == "failed" and "signature" in status.reason, status
     assert _history(fleet, device_id, sequence) == [
         "downloading", "verifying", "rolling_back", "failed",
@@ -356,7 +320,7 @@ def test_a_manifest_for_another_class_is_rejected(fleet: Fleet, agents: list[Age
     # gets the new desired state when it next connects.
     assert agent.stop() == 0
     agent.start()
-    status = _settled(fleet, device_id, 2)
+    status = settled(fleet.op, device_id, 2)
     assert status.state == "failed" and "another device class" in status.reason, status
     assert _assert_consistent(agent, status) == ("1.0.0", fleet.digests["1.0.0"])
 
@@ -393,12 +357,12 @@ def test_a_model_over_the_latency_budget_on_the_device_is_rolled_back(
     agent = fleet.agent(class_name=FAST)
     device_id = _start(fleet, agents, agent)
     sequence = _assign(fleet, device_id, "1.0.0")
-    status = _settled(fleet, device_id, sequence)
+    status = settled(fleet.op, device_id, sequence)
     assert status.state == "failed" and "p95" in status.reason, status
     assert "validating" in _history(fleet, device_id, sequence)
     assert "activating" not in _history(fleet, device_id, sequence)
     # Nothing was active before, so nothing is now.
-    assert _served(agent) in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+    assert served(agent) in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
     assert not status.active_artifact_digest
 
 
@@ -420,7 +384,7 @@ def test_kill_9_inside_each_state_ends_on_one_complete_version(
 ) -> None:
     agent, device_id = _install(fleet, agents, "1.0.0", download_chunk_size=65536)
     assert agent.stop() == 0
-    agent.start(env={FAULT_ENV: state})
+    agent.start(fault_pause=state)
     sequence = _assign(fleet, device_id, "2.0.0")
     marker = agent.state_dir / MARKER_FILE
     assert wait_for(lambda: marker.exists() and marker.read_text(), timeout=60) == state
@@ -430,7 +394,7 @@ def test_kill_9_inside_each_state_ends_on_one_complete_version(
     agent.kill()
     marker.unlink()
     agent.start()
-    status = _settled(fleet, device_id, sequence)
+    status = settled(fleet.op, device_id, sequence)
     assert status.state == ("committed" if ends_on == "2.0.0" else "failed"), status
     if state == "activating":
         assert "restarted during activation" in status.reason
@@ -443,7 +407,7 @@ def test_kill_9_while_rolling_back_ends_on_the_old_version(
 ) -> None:
     agent, device_id = _install(fleet, agents, "1.0.0")
     assert agent.stop() == 0
-    agent.start(env={FAULT_ENV: "rolling_back"})
+    agent.start(fault_pause="rolling_back")
     marker = agent.state_dir / MARKER_FILE
     with _forged_signature(fleet, "4.0.0"):  # Verifying fails: roll back
         sequence = _assign(fleet, device_id, "4.0.0")
@@ -453,7 +417,7 @@ def test_kill_9_while_rolling_back_ends_on_the_old_version(
         agent.kill()
         marker.unlink()
         agent.start()
-        status = _settled(fleet, device_id, sequence)
+        status = settled(fleet.op, device_id, sequence)
     assert status.state == "failed" and "signature" in status.reason, status
     assert _history(fleet, device_id, sequence)[-2:] == ["rolling_back", "failed"]
     assert _assert_consistent(agent, status) == ("1.0.0", fleet.digests["1.0.0"])
@@ -488,7 +452,7 @@ def test_a_rollout_on_real_agents_trips_a_health_gate_and_reverts_every_device(
         while not stop.is_set():
             for agent, _ in installed:
                 with contextlib.suppress(Exception):
-                    _served(agent)
+                    served(agent)
             time.sleep(0.05)
 
     worker = threading.Thread(target=traffic, daemon=True)

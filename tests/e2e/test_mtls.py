@@ -23,12 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, text
 
-from edgefleet.agent.transport import new_key_and_csr, sign_reenrollment
+from edgefleet.agent.transport import new_key_and_csr
 from edgefleet.controlplane.db.engine import sqlite_url
 from edgefleet.v1 import device_pb2, device_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o
 from testkit.agent_harness import AgentProcess
 from testkit.harness import ControlPlane, env_without_proxy
+from testkit.tls_device import Device
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,48 +50,6 @@ def _token(cp: ControlPlane, max_uses: int = 0) -> str:
     return str(cp.operator().CreateEnrollmentToken(
         o.CreateEnrollmentTokenRequest(name="tls", max_uses=max_uses)
     ).secret)  # fmt: skip
-
-
-class Device:
-    """A device speaking the protocol from the test: its own key and CSR."""
-
-    def __init__(
-        self, cp: ControlPlane, hardware_id: str, token: str, *, previous: Device | None = None
-    ) -> None:
-        """Enroll `hardware_id`; with `previous`, again as that device,
-        proving it with its credential and the key of its certificate."""
-        self.cp = cp
-        self.key_pem, csr = new_key_and_csr(hardware_id)
-        request = device_pb2.EnrollRequest(enrollment_token=token, hardware_id=hardware_id, csr=csr)
-        if previous is not None:
-            request.proof.CopyFrom(device_pb2.ReenrollmentProof(
-                device_id=previous.device_id, device_credential=previous.credential,
-                certificate_pem=previous.cert_pem,
-                signature=sign_reenrollment(previous.key_pem, previous.device_id, csr),
-            ))  # fmt: skip
-        enrolled = cp.device_stub().Enroll(request)
-        self.device_id = enrolled.device_id
-        self.credential = enrolled.device_credential
-        self.cert_pem = enrolled.certificate.certificate_pem
-        self.certificate = enrolled.certificate
-
-    def metadata(self, credential: str | None = None) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {credential or self.credential}"),)
-
-    def stub(self, cert_pem: bytes | None = None, key_pem: bytes | None = None
-             ) -> device_pb2_grpc.DeviceServiceStub:  # fmt: skip
-        credentials = grpc.ssl_channel_credentials(
-            self.cp.ca_file.read_bytes(), key_pem or self.key_pem, cert_pem or self.cert_pem
-        )
-        return device_pb2_grpc.DeviceServiceStub(
-            grpc.secure_channel(self.cp.device_address, credentials)
-        )
-
-    def upload(self, stub: device_pb2_grpc.DeviceServiceStub, credential: str | None = None
-               ) -> device_pb2.UploadTelemetryResponse:  # fmt: skip
-        return stub.UploadTelemetry(
-            device_pb2.UploadTelemetryRequest(), metadata=self.metadata(credential), timeout=10
-        )
 
 
 def _code(call: object) -> tuple[grpc.StatusCode, str]:
@@ -328,7 +287,9 @@ def test_a_real_agent_whose_certificate_expired_offline_reenrolls_and_keeps_uplo
     """Offline past its certificate's life (frozen here), the agent enrolls
     again with its proof, and its telemetry goes on over a channel with the
     new certificate (it kept the revoked one until the fix, and every upload
-    failed until the next renewal)."""
+    failed until the next renewal). Then it renews the new certificate in
+    time (its renewal loop used to sleep out a 30 s retry meanwhile, let the
+    new certificate expire and enroll again, every 30 s)."""
     agent = AgentProcess(
         tmp_path / "agent", cp.address, _token(cp), ca_cert=str(cp.ca_file),
         telemetry_interval_s=1,
@@ -356,5 +317,10 @@ def test_a_real_agent_whose_certificate_expired_offline_reenrolls_and_keeps_uplo
         agent.wait_for(lambda: stored() >= after + 3, timeout=60)
         tail = agent.log().split("enrolled as device")[-1]
         assert "telemetry upload failed" not in tail, tail
+        agent.wait_for(
+            lambda: "device certificate renewed" in agent.log().split("enrolled as device")[-1],
+            timeout=60,
+        )
+        assert agent.log().count("enrolled as device") == 2, agent.log()
     finally:
         agent.close()

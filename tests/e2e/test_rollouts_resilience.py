@@ -19,8 +19,7 @@ from edgefleet.sim import Fleet, parse_profile
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from testkit.harness import ControlPlane
-from tests.e2e.test_api import _parts
-from tests.e2e.test_builds_e2e import _push, _wait_builds
+from testkit.models import model_parts, push_model, wait_builds
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,8 +46,10 @@ def _setup(cp: ControlPlane, root: Path) -> str:
         )  # fmt: skip
     for seed, version in enumerate(("1.0.0", "2.0.0")):
         built = build_digits_classifier(root / version, seed=seed)
-        _push(op, MODEL, version, _parts(model=built.model, sample_data=built.sample_data))
-    builds = _wait_builds(op, 4, timeout=300)
+        push_model(
+            op, MODEL, version, model_parts(model=built.model, sample_data=built.sample_data)
+        )
+    builds = wait_builds(op, 4, timeout=300)
     assert all(b.state == o.BUILD_STATE_SUCCEEDED for b in builds), builds
     return str(op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="sim")).secret)
 

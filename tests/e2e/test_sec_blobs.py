@@ -30,7 +30,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.controlplane.db.engine import make_engine
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.services.blobs import BlobStore
@@ -39,10 +39,9 @@ from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
 from testkit.agent_harness import AgentProcess, wait_for
+from testkit.builds import fake_result
 from testkit.harness import ControlPlane
-from tests.e2e.test_api import _parts
-from tests.e2e.test_builds_e2e import _push
-from tests.e2e.test_builds_service import _fake_result
+from testkit.models import model_parts, push_model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -123,7 +122,7 @@ def _finish_build(db_url: str, root: Path, model: Path) -> None:
     try:
         builds = BuildService(db, BlobStore(root / "builder"), _NoEvents())
         job = wait_for(lambda: builds.claim("test", 60), timeout=60)
-        assert builds.finish(job, "test", _fake_result(model), "")
+        assert builds.finish(job, "test", fake_result(model), "")
     finally:
         db.dispose()
 
@@ -153,7 +152,7 @@ def world(db_url: str, tmp_path: Path) -> Iterator[World]:
             match_rules=[c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[platform.machine()])],
         ))  # fmt: skip
         model = _model(tmp_path / "model.onnx")
-        _push(op, MODEL, VERSION, _parts(model=model))
+        push_model(op, MODEL, VERSION, model_parts(model=model))
         _finish_build(db_url, tmp_path, model)
         (build,) = op.ListBuilds(o.ListBuildsRequest()).builds
         assert build.state == o.BUILD_STATE_SUCCEEDED, build.error

@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgefleet.agent.transport import new_key_and_csr, sign_reenrollment
-from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2
 from edgefleet.v1 import operator_pb2 as o
 from testkit.harness import ControlPlane, open_sync
-from tests.e2e.test_mtls import Device
+from testkit.tls_device import Device
 
 pytestmark = pytest.mark.timeout(300)
 

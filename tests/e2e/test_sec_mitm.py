@@ -35,7 +35,7 @@ two parts.
    before (its inference API answers with the old version) with its
    trusted state (trust.json) unchanged.
 
-tests/test_signed_updates_e2e.py injects whole desired states of its own;
+tests/e2e/test_signed_updates_e2e.py injects whole desired states of its own;
 here the relay edits the control plane's genuine pushes for the assignment
 the operator just made, the way the attacker would."""
 
@@ -67,11 +67,11 @@ from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
 from edgefleet.v1 import operator_pb2 as o
 from testkit.agent_harness import AgentProcess, wait_for
+from testkit.builds import publish_digits_versions
+from testkit.deployments import served, settled
 from testkit.grpc_relay import GrpcRelay
 from testkit.harness import ControlPlane
 from testkit.tcp_proxy import TcpProxy
-from tests.e2e.test_deployments_e2e import _served, _settled
-from tests.e2e.test_signed_updates_e2e import publish_digits_versions
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -402,9 +402,9 @@ class World:
 
     def install(self, agent: AgentProcess, device_id: str, version: str) -> int:
         sequence = self.assign(device_id, version)
-        status = _settled(self, device_id, sequence)
+        status = settled(self.op, device_id, sequence)
         assert status.state == "committed", status
-        assert _served(agent) == (version, self.digests[version])
+        assert served(agent) == (version, self.digests[version])
         return sequence
 
     def refused(
@@ -415,8 +415,8 @@ class World:
         the control plane pushes for it. The agent must refuse it and say why
         to the control plane, still serving what it served, trusting what it
         trusted."""
-        served, trusted = _served(agent), _trust(agent)
-        assert isinstance(served, tuple)
+        serving, trusted = served(agent), _trust(agent)
+        assert isinstance(serving, tuple)
         floor = _current_sequence(self.op, device_id)
         sent: list[d.DesiredState] = []
 
@@ -433,13 +433,13 @@ class World:
         try:
             self.assign(device_id, version)
             wait_for(lambda: sent, timeout=30)
-            status = _settled(self, device_id, sent[-1].assignment.sequence)
+            status = settled(self.op, device_id, sent[-1].assignment.sequence)
         finally:
             self.relay.rewrite = None
         assert status.state == "failed", status
         # What it serves, what it says it serves, what it trusts: unchanged.
-        assert _served(agent) == served
-        assert (status.active_model_version, status.active_artifact_digest) == served
+        assert served(agent) == serving
+        assert (status.active_model_version, status.active_artifact_digest) == serving
         assert _trust(agent) == trusted
         return status
 
@@ -677,9 +677,9 @@ def test_a_relay_cannot_swap_in_another_devices_statement(w: World) -> None:
         status = w.refused(a, a_id, "2.0.0", swap)
         assert status.sequence == b_sequence == _current_sequence(w.op, a_id)
         assert f"assignment statement is for device {b_id!r}, this is {a_id!r}" in status.reason
-        assert _served(a) == ("1.0.0", w.digests["1.0.0"])
+        assert served(a) == ("1.0.0", w.digests["1.0.0"])
         # B, whose statement it was, is untouched.
-        assert _served(b) == ("3.0.0", w.digests["3.0.0"])
+        assert served(b) == ("3.0.0", w.digests["3.0.0"])
     finally:
         a.close()
         b.close()

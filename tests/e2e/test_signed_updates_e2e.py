@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import platform
 import queue
 import threading
 from collections.abc import Iterator
@@ -30,28 +29,22 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import onnx
 import pytest
 
-from edgefleet.agent.update.faults import FAULT_ENV, MARKER_FILE, VERIFIED
+from edgefleet.agent.update.faults import MARKER_FILE, VERIFIED
 from edgefleet.controlplane.db.engine import make_engine, sqlite_url
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import signing
 from edgefleet.controlplane.services import statements
-from edgefleet.controlplane.services.blobs import BlobStore
-from edgefleet.controlplane.services.builds import BuildService
-from edgefleet.demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
 from edgefleet.v1 import operator_pb2 as o
 from testkit.agent_harness import AgentProcess, wait_for
+from testkit.builds import publish_digits_versions
+from testkit.cli import edgefleet, edgefleet_json
+from testkit.deployments import served, settled
 from testkit.harness import ControlPlane
-from tests.e2e.test_api import _parts
-from tests.e2e.test_builds_e2e import _push
-from tests.e2e.test_builds_service import _fake_result
-from tests.e2e.test_cli_e2e import edgefleet, edgefleet_json
-from tests.e2e.test_deployments_e2e import _served, _settled
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -203,19 +196,19 @@ class World:
 
     def install(self, agent: AgentProcess, device_id: str, version: str) -> int:
         sequence = self.assign(device_id, version)
-        status = _settled(self, device_id, sequence)
+        status = settled(self.op, device_id, sequence)
         assert status.state == "committed", status
-        assert _served(agent) == (version, self.digests[version])
+        assert served(agent) == (version, self.digests[version])
         return sequence
 
     def refused(self, agent: AgentProcess, device_id: str, desired: d.DesiredState) -> str:
         """Inject `desired`; the reason the agent reports for refusing it.
         It keeps serving what it served, and its trusted state is unchanged."""
-        served, trusted = _served(agent), _trust(agent)
+        serving, trusted = served(agent), _trust(agent)
         self.mitm.inject(desired)
-        status = _settled(self, device_id, desired.assignment.sequence)
+        status = settled(self.op, device_id, desired.assignment.sequence)
         assert status.state == "failed", status
-        assert _served(agent) == served and _trust(agent) == trusted
+        assert served(agent) == serving and _trust(agent) == trusted
         return status.reason
 
     def signing_key(self) -> tuple[str, bytes]:
@@ -232,54 +225,6 @@ def _trust(agent: AgentProcess) -> dict[str, Any]:
     document = json.loads((agent.state_dir / "trust.json").read_text())
     assert isinstance(document, dict)
     return document
-
-
-def publish_digits_versions(
-    op: Any, db: Database, root: Path, versions: tuple[str, ...] = VERSIONS
-) -> dict[str, str]:
-    """The class CLASS (this machine's arch and label tier=CLASS) and MODEL
-    at every one of `versions` (one trained digits classifier, each version's
-    file differing by its doc string), their builds answered with the files
-    themselves; the artifact digest of each version."""
-    op.CreateDeviceClass(o.CreateDeviceClassRequest(
-        name=CLASS, constraints=c.ConstraintProfile(runtime=c.RUNTIME_ONNXRUNTIME),
-        match_rules=[
-            c.MatchRule(field="arch", op=c.MATCH_OP_EQ, values=[platform.machine()]),
-            c.MatchRule(field="label.tier", op=c.MATCH_OP_EQ, values=[CLASS]),
-        ],
-    ))  # fmt: skip
-    built = build_digits_classifier(root / "model")
-    files: dict[str, Path] = {}
-    for version in versions:
-        model = onnx.load(built.model)
-        model.doc_string = f"digits {version}"
-        path = root / f"model-{version}.onnx"
-        onnx.save(model, path)
-        files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
-        _push(op, MODEL, version, _parts(model=path, sample_data=built.sample_data))
-    _finish_builds(db, root, files, op)
-    return {b.model_version: b.artifact_digest
-            for b in op.ListBuilds(o.ListBuildsRequest()).builds}  # fmt: skip
-
-
-def _finish_builds(db: Database, root: Path, files: dict[str, Path], op: Any) -> None:
-    """Answer the queued builds with the pushed model itself (by its digest)."""
-    builds = BuildService(db, BlobStore(root / "builder"), _NoEvents())
-    for _ in range(400):
-        job = builds.claim("test", 60)
-        if job is not None:
-            assert builds.finish(job, "test", _fake_result(files[job.model_digest]), "")
-            continue
-        listed = op.ListBuilds(o.ListBuildsRequest()).builds
-        if len(listed) == len(files) and all(b.state == o.BUILD_STATE_SUCCEEDED for b in listed):
-            return
-        threading.Event().wait(0.05)
-    raise AssertionError("builds did not succeed")
-
-
-class _NoEvents:
-    def publish(self, event: object) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -385,14 +330,14 @@ def test_a_downgrade_needs_the_signed_rollback_flag(w: World) -> None:
         return m
 
     wait_for(lambda: member().state == o.ROLLOUT_DEVICE_STATE_COMMITTED, timeout=60)
-    assert _served(agent) == ("2.0.0", w.digests["2.0.0"])
+    assert served(agent) == ("2.0.0", w.digests["2.0.0"])
     w.op.AbortRollout(o.AbortRolloutRequest(id=rollout.id, revert=True, reason="test"))
     wait_for(lambda: member().state == o.ROLLOUT_DEVICE_STATE_REVERTED, timeout=60)
     (current,) = w.op.ListDeployments(o.ListDeploymentsRequest(device_id=device_id)).assignments
     revert = current.sequence
-    status = _settled(w, device_id, revert)
+    status = settled(w.op, device_id, revert)
     assert status.state == "committed", status
-    assert _served(agent) == ("1.0.0", w.digests["1.0.0"])
+    assert served(agent) == ("1.0.0", w.digests["1.0.0"])
     assert _statement(w.mitm.pushed(device_id, revert)).rollback
 
 
@@ -439,7 +384,7 @@ def test_a_kill_between_verification_and_persisting_keeps_the_old_trusted_state(
     w.install(agent, device_id, "1.0.0")
     before = _trust(agent)
     assert agent.stop() == 0
-    agent.start(env={FAULT_ENV: VERIFIED})
+    agent.start(fault_pause=VERIFIED)
     sequence = w.assign(device_id, "3.0.0")
     marker = agent.state_dir / MARKER_FILE
     assert wait_for(lambda: marker.exists() and marker.read_text(), timeout=60) == VERIFIED
@@ -449,9 +394,9 @@ def test_a_kill_between_verification_and_persisting_keeps_the_old_trusted_state(
     assert _trust(agent) == before
     marker.unlink()
     agent.start()
-    status = _settled(w, device_id, sequence)
+    status = settled(w.op, device_id, sequence)
     assert status.state == "committed", status
-    assert _served(agent) == ("3.0.0", w.digests["3.0.0"])
+    assert served(agent) == ("3.0.0", w.digests["3.0.0"])
     after = _trust(agent)
     assert after["sequence"] == sequence and after["committed"] == {MODEL: "3.0.0"}
 

@@ -1,66 +1,35 @@
-"""The soak benchmark's harness (bench/bench_soak.py) at toy scale: 50
-simulated devices (5 of them in the probe process) for 20 s against a real
-in-process control plane, with the operators' loops running and the echo
-baseline beside it. Checks the
-accounting and that every part ran, never a timing."""
+"""The soak benchmark (bench/bench_soak.py) in its smoke size, as CI runs it:
+`python -m bench.bench_soak --smoke`, its own process with a real control
+plane, the echo baseline and the probe process beside it; 50 simulated
+devices (5 of them in the probe) for 20 s with the operators' loops running.
+Checks the accounting in the figures it writes and that every part ran,
+never a timing."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import grpc
-import grpc.aio
+import pytest
 
-from bench.bench_soak import SoakConfig, json_dumps, report, soak
-from bench.common import PROFILE_CLASSES
-from bench.echo_server import EchoDeviceService
-from edgefleet.controlplane.db.engine import sqlite_url
-from edgefleet.controlplane.server import ControlPlane
-from edgefleet.sim import parse_profile
-from edgefleet.sim.profiles import DEFAULT_PROFILE_DATA
-from edgefleet.v1 import device_pb2_grpc as dg
-from testkit.harness import ADMIN_TOKEN
-from tests.e2e.test_fleetsim import Setup
-from tests.e2e.test_fleetsim import setup as setup  # the fixture, re-exported
+from testkit.harness import env_without_proxy
 
-QUICK = SoakConfig(
-    agents=50, minutes=20 / 60, heartbeat_s=0.5, telemetry_s=0.5, echo_agents=10,
-    # The control plane runs in this process: lowering the load generator's
-    # priority would lower it too.
-    probe_agents=5, probe_echo_agents=3, generator_nice=0, bake_s=0.5,
-    pause_s=0.5, revert_every=2, label_every_s=0.2,
-    query_every_s={"GetDevice": 1.0, "ListAuditLog": 1.0, "QueryTelemetry": 1.0,
-                   "ListDevices": 2.0},
-    watchers=2, push_timeout_s=10.0, warmup_s=5.0, sample_every_s=2.0, drain_s=30.0,
-    setup_timeout_s=60.0,
-)  # fmt: skip
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(420)
 
 
-async def test_a_small_soak_accounts_for_every_sample_and_runs_every_part(
-    server: ControlPlane, setup: Setup, tmp_path: Path
-) -> None:
-    classes = [
-        {**c, "install_s": [0.1, 0.3]}
-        for c in DEFAULT_PROFILE_DATA["classes"]
-        if c["name"] in PROFILE_CLASSES
-    ]
-    profile = parse_profile({"classes": classes})
-    echo = grpc.aio.server()
-    dg.add_DeviceServiceServicer_to_server(EchoDeviceService(), echo)
-    port = echo.add_insecure_port("127.0.0.1:0")
-    await echo.start()
-    try:
-        results = await soak(
-            QUICK, address=server.address, token=setup.token, admin_token=ADMIN_TOKEN,
-            echo_address=f"127.0.0.1:{port}", db_url=sqlite_url(tmp_path / "cp"),
-            server_pid=os.getpid(), profile=profile, say=lambda _: None,
-        )  # fmt: skip
-    finally:
-        await echo.stop(None)
+def test_a_small_soak_accounts_for_every_sample_and_runs_every_part(tmp_path: Path) -> None:
+    figures = tmp_path / "soak.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.bench_soak", "--smoke", "--json", str(figures)],
+        cwd=ROOT, env=env_without_proxy(), capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "## Soak results" in run.stdout  # the human summary, made from the figures
+    results = json.loads(figures.read_text())
 
     telemetry = results["telemetry"]
     assert telemetry["produced"] > 0 and telemetry["stored"] > 0
@@ -90,9 +59,6 @@ async def test_a_small_soak_accounts_for_every_sample_and_runs_every_part(
     assert "ListDevices walk incomplete" not in ops["errors"], ops["errors"]
     assert results["resources"]["samples"]
     assert results["fleet"]["agents"] == 45  # and the probe's 5
-    # The summary and the JSON file are made from these.
-    report({**results, "build_s": 0.0})
-    assert json.loads(json_dumps(results))["telemetry"]["produced"] == telemetry["produced"]
 
 
 def test_the_load_generator_lowers_every_thread_of_its_own() -> None:
@@ -110,7 +76,7 @@ def test_the_load_generator_lowers_every_thread_of_its_own() -> None:
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
     ).stdout.split()  # fmt: skip
     before, *threads = (int(v) for v in out)
     assert len(threads) >= 2  # the main thread and the one it started

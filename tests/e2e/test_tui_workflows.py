@@ -17,13 +17,13 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static
 
-from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.controlplane.config import ServerConfig
 from edgefleet.controlplane.server import ControlPlane, create_server
 from edgefleet.demo.models import BuiltModel, build_digits_classifier
 from edgefleet.sim import Fleet, parse_profile
 from edgefleet.tui.app import EdgeFleetApp, make_app
-from edgefleet.tui.client import FleetClient
+from edgefleet.tui.client import FleetClient, ServerError
 from edgefleet.tui.screens.devices import DevicesScreen
 from edgefleet.tui.screens.models import ModelsScreen
 from edgefleet.tui.screens.monitor import MonitorScreen
@@ -31,9 +31,9 @@ from edgefleet.tui.screens.wizard import WizardScreen
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
+from testkit.builds import finish_builds_by_hand
 from testkit.harness import ADMIN_TOKEN
-from tests.e2e.test_api import _parts, _push_requests
-from tests.e2e.test_builds_service import finish_builds_by_hand
+from testkit.models import model_parts, push_requests
 
 pytestmark = pytest.mark.timeout(120)
 ADMIN = bearer_metadata(ADMIN_TOKEN)
@@ -165,6 +165,33 @@ async def test_accept_a_pending_device(cp: ControlPlane, op: og.OperatorServiceS
                         "the input error")  # fmt: skip
 
 
+async def test_server_errors_carry_the_status_on_both_stacks(
+    cp: ControlPlane, tmp_path: Path
+) -> None:
+    # Calls go over grpc.aio, whose AioRpcError is not a grpc.Call; uploads
+    # over the blocking stack. Either way the notification is titled with
+    # the status and says the server's words, not an exception's repr.
+    client = FleetClient(cp.address, ADMIN_TOKEN)
+    stranger = FleetClient(cp.address, "not-a-token")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not really a model")
+    try:
+        with pytest.raises(ServerError) as missing:
+            await client.get_device("no-such-device")
+        assert (missing.value.code, missing.value.title) == (grpc.StatusCode.NOT_FOUND, "NOT_FOUND")
+        assert "no-such-device" in missing.value.message
+        assert "AioRpcError" not in missing.value.message
+        for refused in (stranger.list_models(), stranger.push_model("m", "1.0.0", model)):
+            with pytest.raises(ServerError) as unauthenticated:
+                await refused
+            assert unauthenticated.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert unauthenticated.value.title == "UNAUTHENTICATED"
+            assert "RpcError" not in unauthenticated.value.message
+    finally:
+        await client.close()
+        await stranger.close()
+
+
 # ---------------------------------------------------------------- models and builds
 
 
@@ -213,9 +240,9 @@ async def _versions(cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltM
     """digits 1.0.0 and 2.0.0, with build results made by hand (the ladder
     is tested elsewhere; this is about the wizard and the monitor)."""
     await _classes(op)
-    parts = _parts(model=digits.model, sample_data=digits.sample_data)
+    parts = model_parts(model=digits.model, sample_data=digits.sample_data)
     for version in ("1.0.0", "2.0.0"):
-        await op.PushModel(_push_requests("digits", version, parts), metadata=ADMIN)
+        await op.PushModel(push_requests("digits", version, parts), metadata=ADMIN)
     await finish_builds_by_hand(cp, op, digits.model, 4)
 
 

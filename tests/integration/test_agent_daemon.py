@@ -19,6 +19,7 @@ from edgefleet.agent import identity as store
 from edgefleet.agent.config import AgentConfig, HardwareOverrides
 from edgefleet.agent.daemon import Agent, Step
 from edgefleet.agent.errors import NotProvisioned
+from edgefleet.polling import wait_for_async
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 TOKEN = "efe_test.token"
@@ -124,13 +125,14 @@ class Running:
     delays: list[float] = field(default_factory=list)
 
     async def wait_for(self, predicate: Callable[[], object], within_s: float = 15.0) -> None:
-        deadline = asyncio.get_running_loop().time() + within_s
-        while not predicate():
+        """edgefleet.polling's wait, failing at once with the agent's crash."""
+
+        def check() -> object:
             if self.task is not None and self.task.done():
                 self.task.result()  # surface the agent's crash
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError("condition not met in time")
-            await asyncio.sleep(0.02)
+            return predicate()
+
+        await wait_for_async(check, within_s, interval=0.02)
 
 
 def make_config(tmp_path: Path, port: int, **overrides: Any) -> AgentConfig:

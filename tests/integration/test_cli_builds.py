@@ -19,12 +19,12 @@ from rich.console import Console, RenderableType
 
 from edgefleet.controlplane.cli import cli
 from edgefleet.controlplane.cli import render as render
-from edgefleet.controlplane.cli.convert import (
+from edgefleet.controlplane.client.syntax import (
     constraint_profile,
     parse_model_ref,
 )
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
-from tests.e2e.test_cli_unit import NOW, invoke, text_of, ts
+from testkit.cli import NOW, invoke, text_of, ts
 
 BUILD_ID = "b1d2e3f4" + "9" * 24
 OTHER_BUILD_ID = "c5c5c5c5" + "8" * 24

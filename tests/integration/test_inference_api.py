@@ -17,10 +17,8 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.agent.inference_client import InferenceClient, InferenceError
 from edgefleet.agent.inference_server import (
@@ -35,8 +33,9 @@ from edgefleet.controlplane.build.tflite_ladder import build_candidates
 from edgefleet.controlplane.build.toolchain import default_toolchains_dir, find_tflite
 from edgefleet.controlplane.build.types import BuildTarget
 from edgefleet.controlplane.domain.onnx_inspect import inspect_model
-from edgefleet.demo.models import BuiltModel, build_digits_classifier
+from edgefleet.demo.models import BuiltModel
 from edgefleet.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from testkit.models import adder_model
 
 # ------------------------------------------------------------------ helpers
 
@@ -75,26 +74,6 @@ def request(model: str, **inputs: np.ndarray) -> inference_pb2.PredictRequest:
     return inference_pb2.PredictRequest(
         model_name=model, inputs=[tensor(k, v) for k, v in inputs.items()]
     )
-
-
-def add_model(path: Path, constant: float) -> Path:
-    """y = x + constant over a [batch, 4] float input: versions tell apart."""
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"])],
-        "add",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(np.array([constant], dtype=np.float32), "c")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> BuiltModel:
-    return build_digits_classifier(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture
@@ -347,48 +326,8 @@ async def test_deadline_exceeded(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ model changes
 
 
-def test_rollback_and_commit_are_idempotent(tmp_path: Path) -> None:
-    host = ModelHost()
-    try:
-        v1, v2 = add_model(tmp_path / "v1.onnx", 1.0), add_model(tmp_path / "v2.onnx", 2.0)
-        host.activate("m", "1", "a", v1, ONNXRUNTIME)
-        assert host.rollback("m") is None  # a first activation undone: nothing active
-        assert host.rollback("m") is None
-        host.activate("m", "1", "a", v1, ONNXRUNTIME)
-        host.commit("m")
-        host.activate("m", "2", "b", v2, ONNXRUNTIME)
-        standby = host.standby("m")
-        assert host.active("m").version == "2" and standby is not None and standby.version == "1"
-        restored = host.rollback("m")
-        assert restored is not None and restored.version == "1"
-        assert host.rollback("m") is restored  # no uncommitted activation left: no change
-        host.activate("m", "2", "b", v2, ONNXRUNTIME)
-        host.commit("m")
-        host.commit("m")
-        assert host.active("m").version == "2" and host.standby("m") is None
-        assert host.rollback("m") is not None and host.active("m").version == "2"
-    finally:
-        host.close()
-
-
-def test_a_model_that_fails_to_warm_never_becomes_active(tmp_path: Path) -> None:
-    from edgefleet.agent.serving import ActivationFailed
-
-    host = ModelHost()
-    try:
-        host.activate("m", "1", "a", add_model(tmp_path / "v1.onnx", 1.0), ONNXRUNTIME)
-        host.commit("m")
-        broken = tmp_path / "broken.onnx"
-        broken.write_bytes(b"not a model")
-        with pytest.raises(ActivationFailed, match="cannot load"):
-            host.activate("m", "2", "b", broken, ONNXRUNTIME)
-        assert host.active("m").version == "1" and host.standby("m") is None
-    finally:
-        host.close()
-
-
 async def test_atomic_swap_under_load(served: Served, tmp_path: Path) -> None:
-    v1, v2 = add_model(tmp_path / "v1.onnx", 1.0), add_model(tmp_path / "v2.onnx", 2.0)
+    v1, v2 = adder_model(tmp_path / "v1.onnx", 1.0), adder_model(tmp_path / "v2.onnx", 2.0)
     host = served.host
     await asyncio.to_thread(host.activate, "m", "1.0.0", "sha-1", v1, ONNXRUNTIME)
     host.commit("m")
@@ -431,21 +370,6 @@ async def test_atomic_swap_under_load(served: Served, tmp_path: Path) -> None:
     after = [v for v, later in seen if later]
     assert after and set(after) == {"2.0.0"}
     assert len(seen) > 100
-
-
-def test_inference_settings_from_config(tmp_path: Path) -> None:
-    from edgefleet.agent.config import load_config
-    from edgefleet.agent.errors import ConfigError
-
-    path = tmp_path / "agent.toml"
-    path.write_text('inference_workers = 4\ninference_listen = "127.0.0.1:7450"\n')
-    config = load_config(path, environ={})
-    assert (config.inference_workers, config.inference_listen) == (4, "127.0.0.1:7450")
-    assert load_config(None, environ={}).inference_listen is None
-    with pytest.raises(ConfigError, match="loopback"):
-        load_config(None, environ={"EDGEFLEET_AGENT_INFERENCE_LISTEN": "0.0.0.0:7450"})
-    with pytest.raises(ConfigError, match="positive integer"):
-        load_config(None, environ={"EDGEFLEET_AGENT_INFERENCE_WORKERS": "0"})
 
 
 # ------------------------------------------------------------------ the fast path
@@ -648,7 +572,7 @@ async def test_stop_lets_a_running_fast_path_request_finish(tmp_path: Path) -> N
 
 
 async def test_atomic_swap_under_load_on_the_fast_path(served: Served, tmp_path: Path) -> None:
-    v1, v2 = add_model(tmp_path / "v1.onnx", 1.0), add_model(tmp_path / "v2.onnx", 2.0)
+    v1, v2 = adder_model(tmp_path / "v1.onnx", 1.0), adder_model(tmp_path / "v2.onnx", 2.0)
     host = served.host
     await asyncio.to_thread(host.activate, "m", "1.0.0", "sha-1", v1, ONNXRUNTIME)
     host.commit("m")
@@ -701,28 +625,3 @@ async def test_atomic_swap_under_load_on_the_fast_path(served: Served, tmp_path:
     after = [v for v, later in seen if later]
     assert after and set(after) == {"2.0.0"}
     assert len(seen) > 100
-
-
-def test_serving_uses_the_accelerated_execution_providers_installed(digits: BuiltModel) -> None:
-    from edgefleet.agent.daemon import onnxruntime_providers
-    from edgefleet.agent.runtimes.onnxruntime import ACCELERATED, CPU, OnnxRuntimeRunner
-
-    assert onnxruntime_providers("auto") == ["auto"]
-    assert onnxruntime_providers("cpu") is None
-    assert onnxruntime_providers(" CUDAExecutionProvider , cpu") == ["CUDAExecutionProvider", CPU]
-    installed = [p for p in ACCELERATED if p in ort.get_available_providers()]
-    host = ModelHost(providers=["auto"])
-    model = host.activate("digits", "1", "d", digits.model, ONNXRUNTIME)
-    runner = model.runner
-    assert isinstance(runner, OnnxRuntimeRunner)
-    # On this CPU-only machine: CPU; with onnxruntime-gpu on a Jetson: TensorRT/CUDA first.
-    assert runner.providers == [*installed, CPU]
-
-
-async def test_a_state_dir_too_long_for_a_unix_socket_is_a_clear_error(tmp_path: Path) -> None:
-    from edgefleet.agent.errors import StateError
-
-    deep = tmp_path / ("d" * 100)
-    deep.mkdir()
-    with pytest.raises(StateError, match="too long for a unix socket"):
-        await start_inference_server(ModelHost(), deep)

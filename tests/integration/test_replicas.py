@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from edgefleet.controlplane.client import bearer_metadata
+from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.controlplane.config import ServerConfig
 from edgefleet.controlplane.server import create_server
 from edgefleet.v1 import common_pb2 as c

@@ -5,57 +5,22 @@ runner's planning."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
-import onnx
 import pytest
 
 from edgefleet.agent.serving import ModelHost, NoActiveModel
 from edgefleet.agent.update.activation import ACTIVE_FILE, HostActivator
-from edgefleet.agent.update.download import artifact_path
 from edgefleet.agent.update.ports import FatalUpdateError
 from edgefleet.agent.update.remote import StatusReporter
 from edgefleet.agent.update.states import State
 from edgefleet.agent.update.store import Assignment, UpdateRecord
 from edgefleet.demo.models import build_digits_classifier
 from edgefleet.v1 import common_pb2
+from testkit.update_rig import install_artifact
 
 NAME = "digits"
-
-
-def _install(state_dir: Path, model: Path, version: str) -> tuple[Path, bytes]:
-    """Put `model` where a finished download would be; its manifest."""
-    data = model.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    path = artifact_path(state_dir, digest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model, path)
-    graph = onnx.load(model).graph
-
-    def specs(values: list[onnx.ValueInfoProto]) -> list[common_pb2.TensorSpec]:
-        return [
-            common_pb2.TensorSpec(
-                name=v.name,
-                dtype="float32",
-                shape=[d.dim_value or -1 for d in v.type.tensor_type.shape.dim],
-            )
-            for v in values
-        ]
-
-    manifest = common_pb2.ArtifactManifest(
-        model_name=NAME,
-        model_version=version,
-        class_name="cpu",
-        runtime=common_pb2.RUNTIME_ONNXRUNTIME,
-        sha256=digest,
-        size_bytes=len(data),
-        inputs=specs(list(graph.input)),
-        outputs=specs(list(graph.output)),
-    )
-    return path, manifest.SerializeToString()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +36,7 @@ def _serving_v1(state_dir: Path, models: dict[str, Path]) -> tuple[ModelHost, Ho
     """A host serving version 1.0, committed; its artifact path."""
     host = ModelHost()
     activator = HostActivator(host, state_dir)
-    path1, manifest1 = _install(state_dir, models["1.0"], "1.0")
+    path1, manifest1 = install_artifact(state_dir, models["1.0"], "1.0")
     activator.activate(path1, manifest1)
     activator.commit()
     return host, activator, path1
@@ -93,11 +58,11 @@ def test_activate_commit_records_the_active_model_and_drops_old_files(
     host = ModelHost()
     activator = HostActivator(host, tmp_path)
     assert activator.active() is None
-    path1, manifest1 = _install(tmp_path, models["1.0"], "1.0")
+    path1, manifest1 = install_artifact(tmp_path, models["1.0"], "1.0")
     activator.activate(path1, manifest1)
     activator.commit()
     assert _predict_version(host) == "1.0" and activator.active() == path1.name
-    path2, manifest2 = _install(tmp_path, models["2.0"], "2.0")
+    path2, manifest2 = install_artifact(tmp_path, models["2.0"], "2.0")
     activator.activate(path2, manifest2)
     # Before the commit the old model is the warm standby, on record and on disk.
     assert _predict_version(host) == "2.0"
@@ -114,7 +79,7 @@ def test_rollback_uses_the_warm_standby_and_is_idempotent(
 ) -> None:
     host, activator, path1 = _serving_v1(tmp_path, models)
     warm = host.active(NAME)
-    path2, manifest2 = _install(tmp_path, models["2.0"], "2.0")
+    path2, manifest2 = install_artifact(tmp_path, models["2.0"], "2.0")
     activator.activate(path2, manifest2)
     activator.activate(path2, manifest2)  # a retried activation keeps the standby
     activator.rollback(path1.name)
@@ -127,7 +92,7 @@ def test_restart_after_the_switch_restores_the_new_model_then_rolls_back_from_di
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
     _, first, path1 = _serving_v1(tmp_path, models)
-    path2, manifest2 = _install(tmp_path, models["2.0"], "2.0")
+    path2, manifest2 = install_artifact(tmp_path, models["2.0"], "2.0")
     first.activate(path2, manifest2)
     # The process dies here; a new one starts on the same state directory.
     host = ModelHost()
@@ -145,7 +110,7 @@ def test_restore_falls_back_to_the_standby_when_the_active_file_is_gone(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
     _, first, _ = _serving_v1(tmp_path, models)
-    path2, manifest2 = _install(tmp_path, models["2.0"], "2.0")
+    path2, manifest2 = install_artifact(tmp_path, models["2.0"], "2.0")
     first.activate(path2, manifest2)
     path2.unlink()
     host = ModelHost()
@@ -159,7 +124,7 @@ def test_rollback_to_nothing_leaves_the_model_known_but_inactive(
 ) -> None:
     host = ModelHost()
     activator = HostActivator(host, tmp_path)
-    path1, manifest1 = _install(tmp_path, models["1.0"], "1.0")
+    path1, manifest1 = install_artifact(tmp_path, models["1.0"], "1.0")
     activator.activate(path1, manifest1)
     activator.rollback(None)
     with pytest.raises(NoActiveModel):
@@ -173,7 +138,7 @@ def test_an_artifact_that_does_not_load_is_fatal_and_changes_nothing(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
     host, activator, path1 = _serving_v1(tmp_path, models)
-    path2, manifest2 = _install(tmp_path, models["2.0"], "2.0")
+    path2, manifest2 = install_artifact(tmp_path, models["2.0"], "2.0")
     path2.write_bytes(b"not a model")  # damaged after it was checked
     with pytest.raises(FatalUpdateError, match="cannot load"):
         activator.activate(path2, manifest2)

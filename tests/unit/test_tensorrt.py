@@ -44,7 +44,7 @@ from edgefleet.controlplane.build.tensorrt_ladder import (
     tensorrt_qdq_problems,
     workspace_mb_for,
 )
-from edgefleet.controlplane.build.types import BuildTarget, Candidate
+from edgefleet.controlplane.build.types import BuildTarget, Candidate, ShapeRange, TensorRTSpec
 from edgefleet.controlplane.domain.onnx_inspect import TensorInfo, inspect_model
 from edgefleet.v1 import common_pb2
 
@@ -109,18 +109,18 @@ class _Log(list[str]):
 def test_spec_dynamic_batch_tunes_for_one_and_allows_max_batch() -> None:
     inputs = [_info("x", "float32", (-1, 3, 224, 224))]
     spec = engine_build_spec(inputs, generate_samples(inputs), "fp16", 256)
-    assert spec == {
-        "precision": "fp16",
-        "workspace_mb": 256,
-        "profile": [
-            {
-                "input": "x",
-                "min": [1, 3, 224, 224],
-                "opt": [1, 3, 224, 224],
-                "max": [MAX_BATCH, 3, 224, 224],
-            }
-        ],
-    }
+    assert spec == TensorRTSpec(
+        precision="fp16",
+        workspace_mb=256,
+        profile=(
+            ShapeRange(
+                input="x",
+                min=(1, 3, 224, 224),
+                opt=(1, 3, 224, 224),
+                max=(MAX_BATCH, 3, 224, 224),
+            ),
+        ),
+    )
 
 
 def test_spec_other_dynamic_axes_take_the_sample_size() -> None:
@@ -129,16 +129,16 @@ def test_spec_other_dynamic_axes_take_the_sample_size() -> None:
         {"ids": np.zeros((5, 40), np.int64), "mask": np.ones((5, 40), np.int64)}, None, False
     )
     spec = engine_build_spec(inputs, samples, "int8", 64, max_batch=4)
-    assert spec["profile"] == [
-        {"input": "ids", "min": [1, 40], "opt": [1, 40], "max": [4, 40]},
-        {"input": "mask", "min": [1, 40], "opt": [1, 40], "max": [1, 40]},
-    ]
+    assert spec.profile == (
+        ShapeRange("ids", min=(1, 40), opt=(1, 40), max=(4, 40)),
+        ShapeRange("mask", min=(1, 40), opt=(1, 40), max=(1, 40)),
+    )
 
 
 def test_spec_leaves_static_inputs_out_of_the_profile() -> None:
     inputs = [_info("x", "float32", (1, 3, 32, 32)), _info("scale", "float32", ())]
     spec = engine_build_spec(inputs, generate_samples(inputs[:1]), "fp16", 128)
-    assert spec["profile"] == []
+    assert spec.profile == ()
 
 
 @pytest.mark.parametrize(
@@ -167,10 +167,11 @@ def test_spec_needs_samples_for_a_dynamic_non_batch_axis() -> None:
 
 
 def test_spec_is_a_valid_tensorrt_build_spec_message() -> None:
-    """The dict's keys and types are the proto's, so the manifest can carry it."""
+    """The JSON form's keys and types are the proto's (the manifest carries
+    the spec; the agent's engine builder takes this form)."""
     inputs = [_info("x", "float32", (-1, 3, 8, 8))]
     spec = engine_build_spec(inputs, generate_samples(inputs), "int8", 96)
-    message = json_format.ParseDict(spec, common_pb2.TensorRTBuildSpec())
+    message = json_format.ParseDict(spec.to_json(), common_pb2.TensorRTBuildSpec())
     assert message.precision == "int8"
     assert message.workspace_mb == 96
     assert list(message.profile[0].max) == [MAX_BATCH, 3, 8, 8]
@@ -263,11 +264,9 @@ def test_ladder_builds_an_fp16_onnx_with_fp32_io_and_its_spec(
     )
     assert candidate.path is not None and candidate.path.is_file()
     assert candidate.min_runtime_versions == {"tensorrt": "10.0"}
-    assert candidate.tensorrt_spec == {
-        "precision": "fp16",
-        "workspace_mb": 256,
-        "profile": [{"input": "x", "min": [1, 3, 8, 8], "opt": [1, 3, 8, 8], "max": [8, 3, 8, 8]}],
-    }
+    assert candidate.tensorrt_spec == TensorRTSpec(
+        "fp16", 256, (ShapeRange("x", min=(1, 3, 8, 8), opt=(1, 3, 8, 8), max=(8, 3, 8, 8)),)
+    )
     built = onnx.load(str(candidate.path))
     weights = {init.data_type for init in built.graph.initializer if init.name.startswith("w")}
     assert TensorProto.FLOAT16 in weights
@@ -293,7 +292,7 @@ def test_ladder_builds_a_tensorrt_compatible_int8_qdq_onnx(
     assert candidate.error == ""
     assert candidate.path is not None
     assert candidate.tensorrt_spec is not None
-    assert candidate.tensorrt_spec["precision"] == "int8"
+    assert candidate.tensorrt_spec.precision == "int8"
     ops = {node.op_type for node in onnx.load(str(candidate.path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert tensorrt_qdq_problems(candidate.path) == []
@@ -311,7 +310,7 @@ def test_ladder_builds_both_rungs_for_auto_and_reports_a_failed_one(
     assert fp16.path is not None and fp16.tensorrt_spec is not None
     # The quantizer now leaves biases in float, as TensorRT's parser needs.
     assert int8.path is not None, int8.error
-    assert int8.tensorrt_spec is not None and int8.tensorrt_spec["precision"] == "int8"
+    assert int8.tensorrt_spec is not None and int8.tensorrt_spec.precision == "int8"
     assert tensorrt_qdq_problems(int8.path) == []
 
 
@@ -571,7 +570,7 @@ def test_fp16_engine_matches_onnxruntime(tmp_path: Path, cnn: Path, cnn_samples:
     candidate = _candidate(tmp_path, cnn, cnn_samples, "fp16")
     assert candidate.path is not None and candidate.tensorrt_spec is not None
     engine = trt_runtime.build_engine(
-        candidate.path, candidate.tensorrt_spec, EngineCache(tmp_path / "engines")
+        candidate.path, candidate.tensorrt_spec.to_json(), EngineCache(tmp_path / "engines")
     )
     runner = open_runner(engine, "tensorrt")
     assert [(t.name, t.dtype) for t in runner.inputs] == [("x", "float32")]
@@ -590,9 +589,9 @@ def test_engine_is_built_once_and_cached_by_version_and_gpu(
     candidate = _candidate(tmp_path, cnn, cnn_samples, "fp16")
     assert candidate.path is not None and candidate.tensorrt_spec is not None
     cache = EngineCache(tmp_path / "engines")
-    first = trt_runtime.build_engine(candidate.path, candidate.tensorrt_spec, cache)
+    first = trt_runtime.build_engine(candidate.path, candidate.tensorrt_spec.to_json(), cache)
     built_at = first.stat().st_mtime_ns
-    second = trt_runtime.build_engine(candidate.path, candidate.tensorrt_spec, cache)
+    second = trt_runtime.build_engine(candidate.path, candidate.tensorrt_spec.to_json(), cache)
     assert second == first and second.stat().st_mtime_ns == built_at
     gpu = gpu_identity()
     assert first.relative_to(cache.root).parts[0] == tensorrt_version()
@@ -604,9 +603,10 @@ def test_runner_builds_from_the_onnx_artifact_and_rejects_shapes_outside_the_pro
     tmp_path: Path, cnn: Path, cnn_samples: Samples
 ) -> None:
     candidate = _candidate(tmp_path, cnn, cnn_samples, "fp16")
-    assert candidate.path is not None
+    assert candidate.path is not None and candidate.tensorrt_spec is not None
+    spec = candidate.tensorrt_spec.to_json()
     with trt_runtime.TensorRtRunner(
-        candidate.path, spec=candidate.tensorrt_spec, cache=EngineCache(tmp_path / "engines")
+        candidate.path, spec=spec, cache=EngineCache(tmp_path / "engines")
     ) as runner:
         too_big = {"x": np.zeros((MAX_BATCH + 1, 3, 8, 8), np.float32)}
         with pytest.raises(ValueError, match="between"):
@@ -619,7 +619,7 @@ def test_int8_qdq_engine_agrees_with_fp32(tmp_path: Path, cnn: Path, cnn_samples
     candidate = _candidate(tmp_path, cnn, cnn_samples, "int8")
     assert candidate.path is not None and candidate.tensorrt_spec is not None
     engine = trt_runtime.build_engine(
-        candidate.path, candidate.tensorrt_spec, EngineCache(tmp_path / "engines")
+        candidate.path, candidate.tensorrt_spec.to_json(), EngineCache(tmp_path / "engines")
     )
     runner = open_runner(engine, "tensorrt")
     reference = _reference(cnn)

@@ -2,346 +2,52 @@
 
 The machine, the store, the download and the manifest verifier are real; the
 ports (source of bytes, validator, activator, reporter, sleep) are fakes that
-record what happened and raise injected faults."""
+record what happened and raise injected faults (testkit/update_rig.py)."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.errors import StateError
-from edgefleet.agent.identity import save_trusted_keys, signing_key_id
+from edgefleet.agent.identity import save_trusted_keys
 from edgefleet.agent.update.download import ResumableDownload, artifact_path, part_path
-from edgefleet.agent.update.machine import RESTARTED_IN_ACTIVATION, UpdateInProgress, UpdateMachine
+from edgefleet.agent.update.machine import RESTARTED_IN_ACTIVATION, UpdateInProgress
 from edgefleet.agent.update.ports import (
-    Chunk,
     FatalUpdateError,
-    Ports,
     RetryableUpdateError,
 )
 from edgefleet.agent.update.states import TRANSITIONS, EventKind, State
 from edgefleet.agent.update.store import Assignment, UpdateRecord, UpdateStore
 from edgefleet.agent.update.verify import OTHER_CLASS, ManifestVerifier
-from edgefleet.v1 import common_pb2
-
-CLASS = "jetson-orin"
-OLD = "old-artifact"
-DATA = bytes(range(256)) * 40  # 10240 bytes
-CHUNK = 1000
-
-# Short names keep the expected chains readable.
-IL, D, V, VA, A, C, R, F = (
-    State.IDLE,
-    State.DOWNLOADING,
-    State.VERIFYING,
-    State.VALIDATING,
-    State.ACTIVATING,
-    State.COMMITTED,
-    State.ROLLING_BACK,
-    State.FAILED,
+from testkit.update_rig import (
+    CHUNK,
+    CLASS,
+    DATA,
+    HAPPY,
+    IL,
+    OLD,
+    STRANGER,
+    TRUSTED,
+    VA,
+    A,
+    C,
+    CountingHasher,
+    Crash,
+    D,
+    F,
+    FakeDownloader,
+    Free,
+    R,
+    Rig,
+    V,
+    fatal,
+    make_assignment,
+    retry,
+    sha,
 )
-HAPPY = [IL, D, V, VA, A, C, IL]
-
-
-class Crash(BaseException):
-    """The process dies here (kill -9): nothing after it runs."""
-
-
-# ---------------------------------------------------------------- keys and artifacts
-
-
-def _raw_public(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-SIGNER = Ed25519PrivateKey.generate()
-STRANGER = Ed25519PrivateKey.generate()
-TRUSTED = {signing_key_id(_raw_public(SIGNER)): _raw_public(SIGNER)}
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def make_assignment(
-    data: bytes = DATA,
-    *,
-    class_name: str = CLASS,
-    signer: Ed25519PrivateKey = SIGNER,
-    size_bytes: int | None = None,
-    manifest_model: str = "digits",
-) -> Assignment:
-    manifest = common_pb2.ArtifactManifest(
-        model_name=manifest_model,
-        model_version="2",
-        class_name=class_name,
-        sha256=sha(data),
-        size_bytes=len(data) if size_bytes is None else size_bytes,
-    ).SerializeToString()
-    return Assignment(
-        model_name="digits",
-        model_version="2",
-        artifact_digest=sha(data),
-        artifact_size=len(data),
-        manifest=manifest,
-        manifest_signature=signer.sign(manifest),
-    )
-
-
-# ---------------------------------------------------------------- fake ports
-
-
-@dataclass
-class Faults:
-    """Per state, exceptions to raise on the next handler calls (in order)."""
-
-    queued: dict[State, list[BaseException]] = field(default_factory=dict)
-    forever: dict[State, BaseException] = field(default_factory=dict)
-
-    def check(self, state: State) -> None:
-        if state in self.forever:
-            raise self.forever[state]
-        pending = self.queued.get(state)
-        if pending:
-            raise pending.pop(0)
-
-
-class FakeDownloader:
-    """Serves `data` from the requested offset. `cuts`: one stop position per
-    call (None: serve to the end); `ignore_offset`: always start at 0;
-    `corrupt_at`: flip that byte; `bad_offset`: claim a wrong chunk offset."""
-
-    def __init__(
-        self,
-        data: bytes = DATA,
-        *,
-        faults: Faults | None = None,
-        cuts: list[int | None] | None = None,
-        ignore_offset: bool = False,
-        corrupt_at: int | None = None,
-        bad_offset: bool = False,
-        total_size: int | None = None,
-    ) -> None:
-        self.data = data
-        self.faults = faults or Faults()
-        self.cuts = list(cuts or [])
-        self.ignore_offset = ignore_offset
-        self.corrupt_at = corrupt_at
-        self.bad_offset = bad_offset
-        self.total_size = len(data) if total_size is None else total_size
-        self.offsets: list[int] = []
-        self.bytes_served = 0
-
-    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
-        self.offsets.append(offset)
-        self.faults.check(D)
-        cut = self.cuts.pop(0) if self.cuts else None
-        position = 0 if self.ignore_offset else offset
-        end = len(self.data) if cut is None else cut
-        while position < end:
-            data = bytearray(self.data[position : min(end, position + CHUNK)])
-            if self.corrupt_at is not None and position <= self.corrupt_at < position + len(data):
-                data[self.corrupt_at - position] ^= 0xFF
-            claimed = position + 1 if self.bad_offset else position
-            self.bytes_served += len(data)
-            yield Chunk(offset=claimed, data=bytes(data), total_size=self.total_size)
-            position += len(data)
-
-
-class FaultyVerifier:
-    """The real ManifestVerifier behind an injected-fault check."""
-
-    def __init__(self, faults: Faults, inner: ManifestVerifier) -> None:
-        self.faults, self.inner = faults, inner
-
-    def verify(self, path: Path, *, digest: str, manifest: bytes, signature: bytes) -> None:
-        self.faults.check(V)
-        self.inner.verify(path, digest=digest, manifest=manifest, signature=signature)
-
-
-class FakeValidator:
-    def __init__(self, faults: Faults) -> None:
-        self.faults = faults
-        self.validated: list[str] = []
-
-    def validate(self, path: Path, manifest: bytes) -> None:
-        self.faults.check(VA)
-        self.validated.append(path.name)
-
-
-class FakeActivator:
-    """Which artifact serves, and which is loaded as a shadow. `active` and
-    the shadow survive a restart (the real one persists both); the warm
-    standby does not. A fault in Activating strikes after the switch (the
-    worst moment). An activation or a rollback drops the shadow."""
-
-    def __init__(self, faults: Faults, active: str | None = OLD) -> None:
-        self.faults = faults
-        self.current = active
-        self.standby: str | None = None
-        self.shadowed: str | None = None
-        self.paths: list[Path] = []
-
-    def active(self) -> str | None:
-        return self.current
-
-    def activate(self, path: Path, manifest: bytes) -> None:
-        assert not path.name.endswith(".part") and path.read_bytes()
-        self.paths.append(path)
-        self.standby, self.current, self.shadowed = self.current, path.name, None
-        self.faults.check(A)
-
-    def shadow(self, path: Path, manifest: bytes) -> None:
-        assert not path.name.endswith(".part") and path.read_bytes()
-        self.paths.append(path)
-        self.shadowed = path.name
-        self.faults.check(A)
-
-    def rollback(self, previous: str | None) -> None:
-        self.faults.check(R)
-        self.current, self.standby, self.shadowed = previous, None, None
-
-    def commit(self) -> None:
-        self.faults.check(C)
-        self.standby = None
-
-    def restart(self) -> None:
-        self.standby = None
-
-
-class FakeReporter:
-    def __init__(self, faults: Faults) -> None:
-        self.faults = faults
-        self.reports: list[tuple[State, int, int, str | None]] = []
-        # State -> raise Crash when that state is first reported (just persisted).
-        self.crash_on_enter: set[State] = set()
-
-    def report(self, state: State, bytes_done: int, bytes_total: int, reason: str | None) -> None:
-        self.reports.append((state, bytes_done, bytes_total, reason))
-        if state in self.crash_on_enter:
-            self.crash_on_enter.discard(state)
-            raise Crash(f"killed after entering {state}")
-
-    def transitions(self) -> list[State]:
-        """Reported states without repeats (progress, retries)."""
-        states: list[State] = []
-        for state, _, _, _ in self.reports:
-            if not states or states[-1] is not state:
-                states.append(state)
-        return states
-
-
-class CountingHasher:
-    def __init__(self, counter: list[int]) -> None:
-        self.inner = hashlib.sha256()
-        self.counter = counter
-
-    def update(self, data: bytes, /) -> None:
-        self.counter[0] += len(data)
-        self.inner.update(data)
-
-    def hexdigest(self) -> str:
-        return self.inner.hexdigest()
-
-
-@dataclass
-class Free:
-    free: int
-
-
-class Rig:
-    """A state directory, fake ports and a machine over them."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        *,
-        downloader: FakeDownloader | None = None,
-        class_name: str = CLASS,
-        max_attempts: int = 3,
-        max_loops: int = 50,
-        free: int = 10**12,
-    ) -> None:
-        self.state_dir = tmp_path / "state"
-        self.state_dir.mkdir(exist_ok=True)
-        self.faults = Faults()
-        self.downloader = downloader or FakeDownloader()
-        self.downloader.faults = self.faults
-        self.activator = FakeActivator(self.faults)
-        self.validator = FakeValidator(self.faults)
-        self.reporter = FakeReporter(self.faults)
-        self.verifier = FaultyVerifier(
-            self.faults, ManifestVerifier(trusted_keys=TRUSTED, class_name=class_name)
-        )
-        self.sleeps: list[float] = []
-        self.crash_on_sleep = False
-        self.hashed = [0]
-        self.free = free
-        self.max_attempts, self.max_loops = max_attempts, max_loops
-        self.machine = self.new_machine()
-
-    def new_machine(self) -> UpdateMachine:
-        """A machine as a freshly started agent builds it: from the store."""
-        ports = Ports(
-            downloader=self.downloader,
-            verifier=self.verifier,
-            validator=self.validator,
-            activator=self.activator,
-            reporter=self.reporter,
-            sleep=self._sleep,
-        )
-        return UpdateMachine(
-            UpdateStore(self.state_dir),
-            ports,
-            max_attempts=self.max_attempts,
-            max_loops=self.max_loops,
-            hash_factory=lambda: CountingHasher(self.hashed),
-            disk_usage=lambda _path: Free(self.free),
-            disk_margin=100,
-        )
-
-    def _sleep(self, seconds: float) -> None:
-        if self.crash_on_sleep:
-            self.crash_on_sleep = False
-            raise Crash("killed while backing off")
-        self.sleeps.append(seconds)
-
-    def restart(self) -> UpdateMachine:
-        self.activator.restart()
-        self.machine = self.new_machine()
-        return self.machine
-
-    def settle_through_crashes(self, limit: int = 20) -> UpdateRecord:
-        for _ in range(limit):
-            try:
-                return self.machine.run_until_settled()
-            except Crash:
-                self.restart()
-        raise AssertionError("did not settle")
-
-    def assert_consistent(self, record: UpdateRecord, assignment: Assignment) -> None:
-        """Old or new model, matching the outcome; no partial file in use."""
-        if record.outcome == "committed":
-            assert self.activator.current == assignment.artifact_digest
-            assert artifact_path(self.state_dir, assignment.artifact_digest).read_bytes() == DATA
-        else:
-            assert record.outcome == "failed"
-            assert self.activator.current == OLD
-            assert not artifact_path(self.state_dir, assignment.artifact_digest).exists()
-        assert not part_path(self.state_dir, assignment.artifact_digest).exists()
-        assert all(not p.name.endswith(".part") for p in self.activator.paths)
-        assert self.activator.standby is None
-        # What it reported last is what it did.
-        last = [s for s in self.reporter.transitions() if s is not IL][-1]
-        assert last is (C if record.outcome == "committed" else F)
-
 
 # ---------------------------------------------------------------- the table
 
@@ -363,14 +69,6 @@ def test_table_covers_every_state_and_only_known_events() -> None:
 
 
 # ---------------------------------------------------------------- state chains
-
-
-def fatal(reason: str) -> FatalUpdateError:
-    return FatalUpdateError(reason)
-
-
-def retry(reason: str) -> RetryableUpdateError:
-    return RetryableUpdateError(reason)
 
 
 ROLLED_BACK = [R, F, IL]

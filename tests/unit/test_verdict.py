@@ -152,7 +152,7 @@ def test_without_labels_retention_is_agreement_with_fp32() -> None:
     ]
     evaluated = evaluate(ladder, target(min_accuracy_retention=0.99), None, FP32_P95)
     assert evaluated[0].passed
-    assert evaluated[1].reasons == ["argmax agreement with fp32 0.9500 < min 0.9900 (-4.0%)"]
+    assert evaluated[1].reasons == ("argmax agreement with fp32 0.9500 < min 0.9900 (-4.0%)",)
 
 
 def test_candidates_with_errors_fail_with_their_error() -> None:
@@ -163,8 +163,8 @@ def test_candidates_with_errors_fail_with_their_error() -> None:
     ]
     evaluated = evaluate(ladder, target(), None, FP32_P95)
     assert [e.passed for e in evaluated] == [True, False, False]
-    assert evaluated[1].reasons == ["not built: ValidationError: bad graph"]
-    assert evaluated[2].reasons == ["could not run: measurement process died (signal 11)"]
+    assert evaluated[1].reasons == ("not built: ValidationError: bad graph",)
+    assert evaluated[2].reasons == ("could not run: measurement process died (signal 11)",)
     assert evaluated[0].chosen
 
 
@@ -280,7 +280,7 @@ def test_tiny_sizes_are_written_in_kib() -> None:
     candidate = Candidate("tflite-int8", "tflite", "int8", Path("m.tflite"))
     measured = Measurement(size_bytes=5456, agreement=1.0)
     reasons = evaluate([(candidate, measured)], target, None, 1.0)[0].reasons
-    assert reasons == ["size 5.3 KiB > max 2.0 KiB (+160%)"]
+    assert reasons == ("size 5.3 KiB > max 2.0 KiB (+160%)",)
 
 
 def test_a_class_without_a_floor_still_rejects_low_fidelity() -> None:
@@ -294,7 +294,7 @@ def test_a_class_without_a_floor_still_rejects_low_fidelity() -> None:
     )  # fmt: skip
     assert [e.passed for e in judged] == [False, True]
     assert judged[1].chosen
-    assert judged[0].reasons == ["argmax agreement with fp32 0.6560 < default min 0.9500 (-31%)"]
+    assert judged[0].reasons == ("argmax agreement with fp32 0.6560 < default min 0.9500 (-31%)",)
     # An explicit, lower floor is the operator's call.
     loose = BuildTarget("jetson", "tensorrt", min_accuracy_retention=0.6)
     assert evaluate([(small, Measurement(size_bytes=100, agreement=0.656))], loose, None, math.inf)[

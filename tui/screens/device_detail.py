@@ -13,7 +13,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from edgefleet.controlplane.cli.convert import format_ago, format_bytes
+from edgefleet.controlplane.client.format import format_ago, format_bytes
 from edgefleet.tui.data import DeploymentEvent, Device, FleetEvent
 from edgefleet.tui.screens import actions
 from edgefleet.tui.screens.base import FleetScreen, keep_cursor, reporting

@@ -11,7 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Input, Static
 
-from edgefleet.controlplane.cli.convert import format_ago
+from edgefleet.controlplane.client.format import format_ago
 from edgefleet.tui.data import Device
 from edgefleet.tui.screens import actions
 from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
-from edgefleet.controlplane.cli.convert import format_bytes
+from edgefleet.controlplane.client.format import format_bytes
 from edgefleet.tui.data import Build, Candidate, ModelVersion
 from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
 from edgefleet.tui.summary import format_time

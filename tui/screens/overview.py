@@ -12,8 +12,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Static
 
+from edgefleet.controlplane.client.format import format_bar
 from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
-from edgefleet.tui.summary import FleetSummary, format_bar, rollout_progress, summarize
+from edgefleet.tui.summary import FleetSummary, rollout_progress, summarize
 
 
 def _counts(title: str, rows: tuple[tuple[str, int], ...], limit: int = 6) -> Table:

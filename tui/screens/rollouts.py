@@ -7,9 +7,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
+from edgefleet.controlplane.client.format import format_bar
 from edgefleet.tui.data import FleetEvent, Rollout
 from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
-from edgefleet.tui.summary import format_bar, format_time, rollout_progress
+from edgefleet.tui.summary import format_time, rollout_progress
 
 
 class RolloutsScreen(FleetScreen):

@@ -1,0 +1,189 @@
+"""Operator text to protobuf and back: durations ("24h"), labels ("k=v"),
+enum names ("auto-accept" <-> ENROLLMENT_POLICY_AUTO_ACCEPT), match rules
+("arch == aarch64" <-> MatchRule), constraint profiles, model references
+("name@1.0.0") and short ids. What a `format_*` writes, the matching
+`parse_*` reads back.
+
+Pure functions with no I/O. Each parser raises ValueError with a message a
+person can act on; the CLI turns it into a usage error, the TUI into a
+notification."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, TypeVar
+
+from edgefleet.controlplane.domain.rules import Rule, parse_rule
+from edgefleet.controlplane.errors import InvalidArgument
+from edgefleet.controlplane.wire import MATCH_OP_NAMES, rule_to_pb
+from edgefleet.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
+
+_V = TypeVar("_V", bound=int)
+
+# ------------------------------------------------------------------ durations
+
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30m`, `24h`, `7d`, `1h30m`, `2w`, `90s` -> timedelta. Must be positive."""
+    compact = text.strip().lower().replace(" ", "")
+    parts = _DURATION_RE.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise ValueError(f"{text!r} is not a duration; write e.g. 30m, 24h, 7d or 1h30m")
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be longer than zero")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(delta: timedelta) -> str:
+    """The largest two units: `1d2h`, `5m`, `45s`; `0s` for nothing."""
+    seconds = int(delta.total_seconds())
+    if seconds <= 0:
+        return "0s"
+    out = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(out[:2])
+
+
+# ------------------------------------------------------------------ labels
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """`key=value` -> (key, value). The value may be empty or contain `=`."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"label {text!r} must look like key=value")
+    return key, value.strip()
+
+
+def format_labels(labels: Mapping[str, str]) -> str:
+    """`a=1,b=2`, keys sorted; empty string for no labels."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+# ------------------------------------------------------------------ enums
+
+
+def _prefix(wrapper: _EnumTypeWrapper[_V]) -> str:
+    # Every enum in the contract starts with FOO_UNSPECIFIED = 0.
+    return wrapper.Name(wrapper.values()[0]).removesuffix("UNSPECIFIED")
+
+
+def enum_choices(wrapper: _EnumTypeWrapper[_V]) -> dict[str, _V]:
+    """CLI names of an enum's values, UNSPECIFIED left out:
+    EnrollmentPolicy -> {"auto-accept": 1, "pending": 2}."""
+    prefix = _prefix(wrapper)
+    return {
+        name.removeprefix(prefix).lower().replace("_", "-"): value
+        for name, value in wrapper.items()
+        if value != 0
+    }
+
+
+def enum_value(wrapper: _EnumTypeWrapper[_V], text: str) -> _V:
+    """CLI name -> enum value (case-insensitive, `_` or `-`)."""
+    choices = enum_choices(wrapper)
+    key = text.strip().lower().replace("_", "-")
+    if key not in choices:
+        raise ValueError(f"{text!r} is not one of: {', '.join(choices)}")
+    return choices[key]
+
+
+def enum_name(wrapper: _EnumTypeWrapper[_V], value: int) -> str:
+    """Enum value -> CLI name; `-` for UNSPECIFIED, the number if unknown."""
+    if value == 0:
+        return "-"
+    for name, number in enum_choices(wrapper).items():
+        if number == value:
+            return name
+    return str(value)
+
+
+# ------------------------------------------------------------------ match rules
+
+
+def parse_match(text: str) -> common_pb2.MatchRule:
+    """`arch == aarch64` -> MatchRule; ValueError with the parser's message."""
+    try:
+        return rule_to_pb(parse_rule(text))
+    except InvalidArgument as err:
+        raise ValueError(err.message) from None
+
+
+def format_rule(rule: common_pb2.MatchRule) -> str:
+    """MatchRule -> the text `parse_match` reads back."""
+    op = MATCH_OP_NAMES.get(rule.op)
+    if op is None:
+        return f"{rule.field} ? {','.join(rule.values)}"
+    return str(Rule(rule.field, op, tuple(rule.values)))
+
+
+# ------------------------------------------------------------------ constraints
+
+
+def constraint_profile(
+    *,
+    runtime: common_pb2.Runtime.ValueType | None = None,
+    quantization: common_pb2.Quantization.ValueType | None = None,
+    max_size_mb: float | None = None,
+    latency_budget_ms: float | None = None,
+    max_memory_mb: float | None = None,
+    accelerator: str | None = None,
+    min_accuracy_retention: float | None = None,
+    threads: int | None = None,
+    speed_factor: float | None = None,
+    microcontroller: bool | None = None,
+) -> common_pb2.ConstraintProfile | None:
+    """The constraints given as options (None: not given); None when no
+    option was given, so an update leaves the stored profile alone."""
+    # Set only when given: were the field ever to gain presence, an unset
+    # flag must not read as "turn it off".
+    flags = {} if microcontroller is None else {"microcontroller": microcontroller}
+    profile = common_pb2.ConstraintProfile(
+        runtime=runtime or common_pb2.RUNTIME_UNSPECIFIED,
+        quantization=quantization or common_pb2.QUANTIZATION_UNSPECIFIED,
+        accelerator=accelerator or "",
+        max_model_size_mb=max_size_mb,
+        latency_budget_p95_ms=latency_budget_ms,
+        max_memory_mb=max_memory_mb,
+        min_accuracy_retention=min_accuracy_retention,
+        threads=threads,
+        speed_factor=speed_factor,
+        **flags,
+    )
+    return profile if profile.ListFields() else None
+
+
+# ------------------------------------------------------------------ model references
+
+
+def parse_model_ref(text: str) -> tuple[str, str]:
+    """`classifier@1.2.0` -> ("classifier", "1.2.0"). Both parts required."""
+    name, sep, version = text.strip().partition("@")
+    if not sep or not name.strip() or not version.strip():
+        raise ValueError(f"{text!r} must look like MODEL@VERSION, e.g. classifier@1.2.0")
+    return name.strip(), version.strip()
+
+
+# ------------------------------------------------------------------ ids
+
+
+def resolve_prefix(text: str, ids: Iterable[str], what: str) -> str:
+    """Expand a short id (as `ls` shows) to the one full id it starts;
+    unknown prefixes pass through for the server to answer NOT_FOUND."""
+    matches = sorted({i for i in ids if i.startswith(text)})
+    if len(matches) > 1:
+        raise ValueError(f"{what} id {text!r} is ambiguous: {', '.join(matches)}")
+    return matches[0] if matches else text

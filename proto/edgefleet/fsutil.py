@@ -1,0 +1,39 @@
+"""Writing files so that a reader, or a reboot, never sees half of one.
+
+Standard library only: the agent imports it, and an agent must not load the
+control plane's dependencies (or anything else it does not need)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that readers (and a reboot) see either the
+    old content or the new, never a mix. Leaves no temp file behind.
+
+    The temporary file gets a unique name in the same directory, so processes
+    writing the same file at once (a server's workers starting together) do
+    not trip over each other's temporaries; the last rename wins."""
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    # The rename is only durable once the directory entry is on disk.
+    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

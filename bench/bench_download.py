@@ -69,16 +69,10 @@ import psutil
 from google.protobuf import duration_pb2
 
 from bench.common import ADMIN_TOKEN, read_port, server_command
-from edgefleet.controlplane.build.types import (
-    BuildResult,
-    Candidate,
-    Evaluated,
-    Golden,
-    Measurement,
-)
 from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
+from testkit.builds import one_candidate_result
 
 CLASS_NAME = "bench-arm"
 ARCH = "aarch64"  # the class's match rule; the benchmark's devices report it
@@ -146,26 +140,6 @@ async def _push_requests(model: bytes) -> AsyncIterator[operator_pb2.PushModelRe
     )
 
 
-def _build_result(artifact: Path) -> BuildResult:
-    """What a build worker returns, over a real file (a hand-made one)."""
-    chosen = Candidate(
-        "fp32", "onnxruntime", "fp32", artifact, min_runtime_versions={"onnxruntime": "1.17"}
-    )
-    measured = Measurement(
-        size_bytes=artifact.stat().st_size,
-        latency_p50_ms=0.01,
-        latency_p95_ms=0.02,
-        peak_memory_mb=1.0,
-        agreement=1.0,
-    )
-    return BuildResult(
-        candidates=(Evaluated(chosen, measured, passed=True, chosen=True),),
-        reference_accuracy=None,
-        log=("bench_download: hand-made result",),
-        golden=Golden(samples=(), atol=1e-3, rtol=1e-3, min_agreement=0.99),
-    )
-
-
 async def publish_artifact(data_dir: Path, artifact: Path, limit_s: float) -> str:
     """Publish `artifact` for CLASS_NAME through an in-process control plane
     with no build workers; returns its digest. The server is stopped again."""
@@ -203,7 +177,11 @@ async def publish_artifact(data_dir: Path, artifact: Path, limit_s: float) -> st
                     raise RuntimeError("the push queued no build")
                 await asyncio.sleep(0.05)
             finished = await asyncio.to_thread(
-                builds.finish, job, "bench", _build_result(artifact), "bench_download"
+                builds.finish,
+                job,
+                "bench",
+                one_candidate_result(artifact, "bench_download: hand-made result"),
+                "bench_download",
             )
             if not finished:
                 raise RuntimeError("could not publish the build (lease lost)")

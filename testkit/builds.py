@@ -65,6 +65,28 @@ def fake_result(artifact: Path) -> BuildResult:
     )
 
 
+def one_candidate_result(artifact: Path, log: str) -> BuildResult:
+    """What a build worker returns when its one candidate (fp32, over the
+    real file `artifact`) passed: for setups that need an artifact, not a
+    build."""
+    chosen = Candidate(
+        "fp32", "onnxruntime", "fp32", artifact, min_runtime_versions={"onnxruntime": "1.17"}
+    )
+    measured = Measurement(
+        size_bytes=artifact.stat().st_size,
+        latency_p50_ms=0.01,
+        latency_p95_ms=0.02,
+        peak_memory_mb=1.0,
+        agreement=1.0,
+    )
+    return BuildResult(
+        candidates=(Evaluated(chosen, measured, passed=True, chosen=True),),
+        reference_accuracy=None,
+        log=(log,),
+        golden=Golden(samples=(), atol=1e-3, rtol=1e-3, min_agreement=0.99),
+    )
+
+
 def build_service(cp: ControlPlane) -> BuildService:
     assert cp.builds is not None
     return cp.builds

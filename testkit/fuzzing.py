@@ -72,19 +72,13 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from edgefleet.agent.transport import new_key_and_csr
-from edgefleet.controlplane.build.types import (
-    BuildResult,
-    Candidate,
-    Evaluated,
-    Golden,
-    Measurement,
-)
 from edgefleet.controlplane.db.models import Base
 from edgefleet.controlplane.domain.roles import ADMIN
 from edgefleet.controlplane.server import MAX_MESSAGE_BYTES
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
+from testkit.builds import one_candidate_result
 
 FORBIDDEN = frozenset(
     {
@@ -1540,7 +1534,7 @@ class Fuzzer:
                 if job is None:
                     time.sleep(0.05)
                     continue
-                builds.finish(job, "fuzz-setup", _fake_result(artifact), "")
+                builds.finish(job, "fuzz-setup", one_candidate_result(artifact, "fuzz"), "")
                 idle_since = time.monotonic()
         finally:
             engine.dispose()
@@ -2077,26 +2071,6 @@ def _push(name: str, version: str, model: bytes) -> list[o.PushModelRequest]:
         o.PushModelRequest(chunk=o.PushModelChunk(part=o.MODEL_PART_MODEL, data=part))
         for part in (model[:half], model[half:])
     ]
-
-
-def _fake_result(artifact: Path) -> BuildResult:
-    """What a build worker returns, over a real file (as tests do)."""
-    chosen = Candidate(
-        "fp32", "onnxruntime", "fp32", artifact, min_runtime_versions={"onnxruntime": "1.17"}
-    )
-    measured = Measurement(
-        size_bytes=artifact.stat().st_size,
-        latency_p50_ms=0.01,
-        latency_p95_ms=0.02,
-        peak_memory_mb=1.0,
-        agreement=1.0,
-    )
-    return BuildResult(
-        candidates=(Evaluated(chosen, measured, passed=True, chosen=True),),
-        reference_accuracy=None,
-        log=("fuzz",),
-        golden=Golden(samples=(), atol=1e-3, rtol=1e-3, min_agreement=0.99),
-    )
 
 
 def start(

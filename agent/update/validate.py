@@ -46,6 +46,7 @@ from edgefleet.agent.runtimes.measure import (
     measure_in_child,
 )
 from edgefleet.agent.serving import InvalidInput, decode_tensor
+from edgefleet.extras import install_command
 from edgefleet.v1 import common_pb2
 
 from .activation import RUNTIME_NAMES, model_spec
@@ -76,6 +77,13 @@ _VERSION_FIELDS = {
     "ai-edge-litert": "litert_version",
     "tflite-runtime": "litert_version",
     TENSORRT: "tensorrt_version",
+}
+# The extra that installs each runtime an agent may lack (pyproject.toml).
+_RUNTIME_EXTRAS = {
+    "onnxruntime": "onnxruntime",
+    TFLITE: "litert",
+    "litert": "litert",
+    "ai-edge-litert": "litert",
 }
 
 
@@ -222,9 +230,11 @@ class ManifestValidator:
                 )
             have = str(getattr(fingerprint, field))
             if not have:
+                extra = _RUNTIME_EXTRAS.get(name)
+                how = f" ({install_command(extra)})" if extra else ""
                 raise FatalUpdateError(
                     f"runtime {name} not available on this device: the artifact needs "
-                    f"{name} >= {needed}"
+                    f"{name} >= {needed}{how}"
                 )
             if numeric_release(have) < numeric_release(needed):
                 raise FatalUpdateError(

@@ -321,6 +321,16 @@ def test_a_runtime_missing_on_this_device_is_fatal(
     )
 
 
+def test_a_device_without_onnxruntime_is_told_which_extra_installs_it(model: Path) -> None:
+    # An agent installed without the onnxruntime extra (its fingerprint says so).
+    validator = ManifestValidator(fingerprint=common_pb2.RuntimeFingerprint(), runs=10)
+    data = manifest(model, min_runtime_versions={"onnxruntime": "1.13"})
+    assert fatal(validator, model, data) == (
+        "runtime onnxruntime not available on this device: the artifact needs "
+        "onnxruntime >= 1.13 (pip install 'edgefleet[onnxruntime]')"
+    )
+
+
 def test_a_runtime_older_than_the_artifact_needs_is_fatal(
     validator: ManifestValidator, model: Path
 ) -> None:

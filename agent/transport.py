@@ -187,6 +187,26 @@ def from_response(
     )
 
 
+def read_ca_cert(path: Path) -> bytes:
+    """The control plane's CA certificate (the agent's ca_cert) as PEM. A
+    ConfigError when it cannot be read or is no PEM certificate: handed to
+    gRPC, such a file fails every handshake, which would read as an
+    unreachable control plane, retried forever."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read the control plane's CA certificate (ca_cert): "
+            f"{exc.strerror or exc}"
+        ) from exc
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError(
+            f"{path}: not a PEM certificate; ca_cert must be the control plane's CA "
+            "certificate (ca.pem in its data directory)"
+        )
+    return pem
+
+
 class Transport:
     """Makes the agent's channels, from the device's certificate once it
     has one."""
@@ -204,6 +224,8 @@ class Transport:
         self._state_dir = state_dir
         self._options = options
         self.device: DeviceTls | None = load_device_tls(state_dir)
+        if self.device is None and ca_cert is not None:
+            read_ca_cert(ca_cert)  # a wrong file is a config error now, not a retry loop
         if self.device is None and ca_cert is None:
             if not insecure:
                 raise ConfigError(
@@ -227,13 +249,7 @@ class Transport:
         if self.device is not None:
             return self.device.ca_pem
         assert self._bootstrap_ca is not None
-        try:
-            return self._bootstrap_ca.read_bytes()
-        except OSError as exc:
-            raise StateError(
-                f"{self._bootstrap_ca}: cannot read the control plane's CA certificate: "
-                f"{exc.strerror or exc}"
-            ) from exc
+        return read_ca_cert(self._bootstrap_ca)
 
     def _main_port(self) -> tuple[str, grpc.ChannelCredentials | None]:
         """The main port: server-authenticated TLS, or plain text (None)."""

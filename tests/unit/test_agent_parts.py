@@ -616,3 +616,26 @@ def test_tls_mismatches_get_a_config_hint() -> None:
     assert "may serve TLS" in transport_hint("UNAVAILABLE: Socket closed", tls=False)
     assert transport_hint("UNAVAILABLE: Socket closed", tls=True) == ""
     assert transport_hint("UNAVAILABLE: failed to connect: Connection refused", tls=True) == ""
+
+
+def test_a_ca_cert_that_is_no_certificate_is_a_config_error(tmp_path: Path) -> None:
+    """Handed to gRPC, it would fail every handshake, read as an unreachable
+    control plane and be retried forever (found by the stranger's try)."""
+    from edgefleet.agent.transport import Transport
+
+    not_pem = tmp_path / "agent.toml"
+    not_pem.write_text('server = "127.0.0.1:7443"\n')
+    with pytest.raises(ConfigError, match="not a PEM certificate; ca_cert must be"):
+        Transport("127.0.0.1:7443", not_pem, tmp_path / "state", [])
+    with pytest.raises(ConfigError, match="cannot read the control plane's CA certificate"):
+        Transport("127.0.0.1:7443", tmp_path / "missing.pem", tmp_path / "state", [])
+
+
+def test_two_agents_cannot_hold_one_state_directory(tmp_path: Path) -> None:
+    held = store.lock_state_dir(tmp_path)
+    try:
+        with pytest.raises(StateError, match=f"another edgefleet-agent \\(pid {os.getpid()}\\)"):
+            store.lock_state_dir(tmp_path)
+    finally:
+        os.close(held)
+    os.close(store.lock_state_dir(tmp_path))  # free again once the holder let go

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import stat
+from importlib import resources
 from pathlib import Path
 
 import grpc
@@ -138,7 +139,8 @@ def test_empty_environment_value_clears_optional_key(tmp_path: Path) -> None:
 
 
 def test_example_config_loads() -> None:
-    example = Path(__file__).parents[2] / "agent" / "packaging" / "agent.example.toml"
+    # From the installed package: the example ships with it (agent/packaging).
+    example = Path(str(resources.files("edgefleet.agent") / "packaging" / "agent.example.toml"))
     config = load_config(example, {})
     assert config.server == "127.0.0.1:7443"
     assert config.labels == {"site": "lab"}

@@ -912,7 +912,7 @@ class Agent:
         try:
             async for message in call:
                 if not state.received_in_session:
-                    log.info("connected to %s", self.config.server)
+                    log.info("connected to %s", self.link.transport.device_target)
                     state.received_in_session = True
                 kind = message.WhichOneof("kind")
                 if kind == "desired":

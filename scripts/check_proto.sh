@@ -10,7 +10,7 @@ trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/proto/edgefleet"
 cp -r proto/edgefleet/v1 "$tmp/proto/edgefleet/v1"
 find "$tmp/proto/edgefleet/v1" -name '*_pb2*' -delete
-python -m grpc_tools.protoc -I "$tmp/proto" \
+"${PYTHON:-python}" -m grpc_tools.protoc -I "$tmp/proto" \
   --python_out="$tmp/proto" --grpc_python_out="$tmp/proto" \
   --mypy_out="$tmp/proto" --mypy_grpc_out="$tmp/proto" \
   "$tmp"/proto/edgefleet/v1/*.proto >/dev/null

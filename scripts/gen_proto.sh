@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 find proto/edgefleet -name '*_pb2*.py' -o -name '*_pb2*.pyi' | xargs -r rm -f
-python -m grpc_tools.protoc -I proto \
+"${PYTHON:-python}" -m grpc_tools.protoc -I proto \
   --python_out=proto --grpc_python_out=proto \
   --mypy_out=proto --mypy_grpc_out=proto \
   proto/edgefleet/v1/*.proto

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,15 @@ PROTOS = sorted((ROOT / "proto" / "edgefleet" / "v1").glob("*.proto"))
 
 
 def test_generated_code_is_fresh() -> None:
+    # The interpreter running the tests (its grpc_tools and, on PATH beside
+    # it, the mypy-protobuf plugins), whether its venv is activated or not.
+    bindir = os.path.dirname(sys.executable)
+    path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
     result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "check_proto.sh")], capture_output=True, text=True
+        ["bash", str(ROOT / "scripts" / "check_proto.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable, "PATH": path},
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -326,7 +326,8 @@ def main() -> None:
             stop(reference)
 
     print(
-        f"# {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, "
         f"onnxruntime {ort.__version__}, grpcio {grpc.__version__}; "
         f"{args.rounds} rounds x {args.calls} calls; median of the rounds' per-call means"
     )

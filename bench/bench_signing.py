@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -175,6 +177,10 @@ def main() -> None:
     def row(label: str, seconds: float) -> str:
         return f"  {label:<30} {seconds * 1000:8.1f} ms  {seconds / n * 1e6:6.1f} us each"
 
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
     print(f"{n:,} statements (median of {args.runs})")
     print(row("build + serialize (baseline)", build))
     print(row("+ sign (one loaded key)", signed) + f"  ({signed / build:.2f}x the baseline)")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
+
+from testkit import tier_guard
 
 PROGRAMS = {"edgefleet", "edgefleet-agent"}
 # `python -m MODULE` forms of the same programs (testkit.fuzzing: a server).
@@ -43,26 +45,14 @@ def _guarded_execute_child(
     _execute_child(self, args, *rest, **kwargs)
 
 
-def _guarded() -> Generator[None, object, object]:
-    patch = pytest.MonkeyPatch()
+def _guard(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(subprocess.Popen, "_execute_child", _guarded_execute_child)
-    try:
-        return (yield)
-    finally:
-        patch.undo()
 
 
-# Hooks called through item.ihook: this conftest's run for tests/integration only.
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
-    return (yield from _guarded())
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    return (yield from _guarded())
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
-    return (yield from _guarded())
+# Guarded while this tier's modules are imported and for each test (testkit.tier_guard).
+(
+    pytest_make_collect_report,
+    pytest_runtest_setup,
+    pytest_runtest_call,
+    pytest_runtest_teardown,
+) = tier_guard.hooks(_guard)

@@ -1,8 +1,9 @@
 """The unit tier's promise, enforced: no sockets, no subprocesses, no database
 server. A test that opens one fails at once, saying where it belongs.
 
-The guard is up for the whole of each test, fixture setup and teardown
-included (a module-scoped fixture that starts a server is caught too).
+The guard is up while the tier's modules are imported (module-level code)
+and for the whole of each test, fixture setup and teardown included (a
+module-scoped fixture that starts a server is caught too).
 Allowed: socket.socketpair (asyncio's event loop wakes itself through one),
 sockets wrapped around an existing descriptor (socketpair's halves), the
 `uname` platform runs once (done before any test), and SQLite, which runs in
@@ -15,13 +16,14 @@ import os
 import platform
 import socket
 import subprocess
-from collections.abc import Generator
 from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
 import psycopg
 import pytest
+
+from testkit import tier_guard
 
 MOVE = "unit tests use no sockets or subprocesses: move this test to tests/integration or tests/e2e"
 _NETWORK_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
@@ -66,26 +68,10 @@ def _guard(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(psycopg.AsyncConnection, "connect", _refuser("a PostgreSQL connection"))
 
 
-def _guarded() -> Generator[None, object, object]:
-    patch = pytest.MonkeyPatch()
-    _guard(patch)
-    try:
-        return (yield)
-    finally:
-        patch.undo()
-
-
-# Hooks called through item.ihook: this conftest's run for tests/unit only.
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
-    return (yield from _guarded())
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    return (yield from _guarded())
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
-    return (yield from _guarded())
+# Guarded while this tier's modules are imported and for each test (testkit.tier_guard).
+(
+    pytest_make_collect_report,
+    pytest_runtest_setup,
+    pytest_runtest_call,
+    pytest_runtest_teardown,
+) = tier_guard.hooks(_guard)

@@ -29,7 +29,7 @@ from edgefleet.agent.disk import write_error
 from edgefleet.agent.errors import StateError
 
 # Re-exported: the agent's state files are written with it (see above).
-from edgefleet.fsutil import atomic_write as atomic_write
+from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import device_pb2
 
 IDENTITY_FILE = "identity.json"

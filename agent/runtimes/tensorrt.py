@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.agent.identity import atomic_write
 from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo
+from edgefleet.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

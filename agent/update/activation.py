@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.disk import write_error
 from edgefleet.agent.errors import DiskFull, StateError
-from edgefleet.agent.identity import atomic_write
 from edgefleet.agent.runtimes import ONNXRUNTIME, TENSORRT, TFLITE, TensorInfo
 from edgefleet.agent.serving import ModelHost, ModelSpec, ServingError, decode_tensor
+from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2
 
 from .download import DOWNLOADS_DIR, artifact_path

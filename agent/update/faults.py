@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from edgefleet.agent.identity import atomic_write
+from edgefleet.fsutil import atomic_write
 
 from .ports import Activator, Chunk, Downloader, Ports, Trust, Validator, Verifier
 from .states import State

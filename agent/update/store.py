@@ -1,5 +1,5 @@
 """The persisted update record: state_dir/update.json, written atomically
-(agent.identity.atomic_write) by the machine before each state's side
+(edgefleet.fsutil.atomic_write) by the machine before each state's side
 effects, and loaded on restart. Bytes (manifest, statement, signatures,
 rotations) are hex."""
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from edgefleet.agent.disk import write_error
 from edgefleet.agent.errors import StateError
-from edgefleet.agent.identity import atomic_write
+from edgefleet.fsutil import atomic_write
 
 from .states import State
 

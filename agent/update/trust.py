@@ -42,7 +42,8 @@ from google.protobuf.message import DecodeError
 
 from edgefleet.agent.disk import write_error
 from edgefleet.agent.errors import StateError
-from edgefleet.agent.identity import atomic_write, load_identity, load_trusted_keys, signing_key_id
+from edgefleet.agent.identity import load_identity, load_trusted_keys, signing_key_id
+from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2
 
 from .ports import FatalUpdateError

@@ -37,6 +37,7 @@ from edgefleet.agent.hardware import (
     parse_os_release,
 )
 from edgefleet.agent.identity import Identity
+from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2, device_pb2
 
 # ---------------------------------------------------------------- config
@@ -220,14 +221,14 @@ def test_atomic_write_failure_keeps_old_file_and_no_temp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "identity.json"
-    store.atomic_write(target, b"old")
+    atomic_write(target, b"old")
 
     def fail_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", fail_replace)
     with pytest.raises(OSError):
-        store.atomic_write(target, b"new")
+        atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["identity.json"]
 

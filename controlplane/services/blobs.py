@@ -87,6 +87,12 @@ class FileVersion(NamedTuple):
     def of(cls, st: os.stat_result) -> FileVersion:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    def renamed_from(self, other: FileVersion | None) -> bool:
+        """Whether this is `other`, give or take a rename (which moves only
+        the ctime). Size and mtime too, not the inode alone: a freed inode's
+        number is soon reused."""
+        return other is not None and self._replace(ctime_ns=other.ctime_ns) == other
+
 
 class BlobFile:
     """A verified cache file, open for one download. Reads go to the file
@@ -260,8 +266,12 @@ class BlobStore:
         with self._lock_for(digest):
             if self._verified.get(digest) == version:
                 return True  # another thread verified it while this one waited
-            if self._bad.get(digest) == version:
-                return False  # found bad (and quarantined) while this one waited
+            if version.renamed_from(self._bad.get(digest)):
+                # Found bad (and quarantined) while this one waited. Moving it
+                # to quarantine changed its ctime: a thread that opened it
+                # before the move and looked after would otherwise hash it and
+                # report it again.
+                return False
             started = time.time_ns()
             actual = hashlib.file_digest(fh, "sha256").hexdigest()
             after = FileVersion.of(os.fstat(fh.fileno()))

@@ -366,3 +366,38 @@ def test_blobs_live_in_sql_and_any_replica_can_read_them(db: Database, tmp_path:
         writer.add(uow.session, other, other_digest, "text/plain")
     with pytest.raises(NotFound):
         BlobStore(tmp_path / "replica-c").local_path(db, other_digest)
+
+
+def test_a_damaged_cache_file_is_reported_once_by_downloads_that_opened_it_before_it_moved(
+    db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CI found this race: a download opened the damaged file, another
+    quarantined it (a rename: the ctime moves), and the first, looking only
+    after the move, saw a "new" version, hashed it and reported it again."""
+    import hashlib
+    import logging
+    import os
+
+    from edgefleet.controlplane.services.blobs import BlobStore, FileVersion
+
+    data = os.urandom(100_000)
+    digest = hashlib.sha256(data).hexdigest()
+    src = tmp_path / "blob"
+    src.write_bytes(data)
+    store = BlobStore(tmp_path / "replica")
+    with db.unit_of_work() as uow:
+        assert store.add(uow.session, src, digest, "application/octet-stream")
+        uow.commit()
+    path = store.cache_path(digest)
+    damaged = bytearray(path.read_bytes())
+    damaged[3] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+
+    caplog.set_level(logging.WARNING)
+    with open(path, "rb", buffering=0) as early:  # the first download's open
+        with store.open(db, digest) as healed:  # the second: quarantines, rebuilds
+            assert healed.version.inode != os.fstat(early.fileno()).st_ino
+        late_look = FileVersion.of(os.fstat(early.fileno()))
+        assert not store._verify(digest, path, early, late_look)
+    assert sum("does not match its sha256" in r.getMessage() for r in caplog.records) == 1
+    assert path.read_bytes() == data

@@ -4,7 +4,8 @@ plane up, apply newer desired states and report them.
 The loop has two steps, ENROLL and SYNC. A step never picks its successor:
 it ends in a gRPC status (or a clean end of stream), and the pure `decide`
 maps (step, status) to the next step and how long to wait first. `Backoff`
-computes the waits. Both are unit-tested without a network.
+computes the waits. Both live in agent/reconnect.py (fleetsim reconnects by
+the same table) and are unit-tested without a network.
 
 Everything the agent learns is persisted before it acts on it: the identity
 before the first Sync, a desired state before it is reported as applied.
@@ -14,9 +15,14 @@ resends its current state on every connect, so losing it to a restart is
 harmless), the device keeps serving, and it tells the control plane: a Hello
 with the free space and "disk full: ..." as the update status's reason.
 
-A desired state's assignment goes to the update machine (agent/update/),
-which runs on its own thread; its status reports come back here and go out
-on the Sync stream."""
+The agent speaks sync protocol 2 (Hello.protocol): a device holds several
+models. A desired state's assignments (one per model name) go to the models'
+update machines (agent/update/models.py), each on its own thread; a model
+held but not listed is unassigned and unloaded. The machines' status
+reports come back here and go out on the Sync stream, batched into
+StatusReport.models (one status per model per message). A control plane that
+sends only the singular `assignment` (protocol 1) is read as assigning that
+one model."""
 
 from __future__ import annotations
 
@@ -28,7 +34,6 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import grpc
 import grpc.aio
@@ -42,6 +47,7 @@ from edgefleet.agent.hardware import detect_hardware, detect_runtime
 from edgefleet.agent.identity import Identity
 from edgefleet.agent.inference_server import start_inference_server
 from edgefleet.agent.power import PowerPolicy, PowerThresholds
+from edgefleet.agent.reconnect import Backoff, Delay, Step, decide
 from edgefleet.agent.serving import ModelHost
 from edgefleet.agent.telemetry import RequestStats
 from edgefleet.agent.telemetry_buffer import WHAT as TELEMETRY_BUFFER
@@ -58,6 +64,7 @@ from edgefleet.agent.transport import (
 )
 from edgefleet.agent.update.activation import HostActivator
 from edgefleet.agent.update.machine import UpdateMachine
+from edgefleet.agent.update.models import ModelUpdate, ModelUpdates
 from edgefleet.agent.update.ports import Ports
 from edgefleet.agent.update.remote import GrpcDownloader, StatusReporter
 from edgefleet.agent.update.runner import UpdateRunner
@@ -76,6 +83,8 @@ STOP_GRACE_S = 2.0
 # In-flight inference calls get this long to finish when the agent stops.
 STOP_SERVING_GRACE_S = 0.5
 _MIB = 1024 * 1024
+# The sync protocol this agent speaks (Hello.protocol): several models.
+PROTOCOL = 2
 
 
 def channel_options(config: AgentConfig) -> list[tuple[str, int]]:
@@ -91,126 +100,6 @@ def channel_options(config: AgentConfig) -> list[tuple[str, int]]:
         # own reconnect backoff must not outgrow ours.
         ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
     ]
-
-
-# ---------------------------------------------------------------- backoff
-
-
-class Backoff:
-    """Exponential backoff with full jitter: the n-th delay is uniform in
-    [0, min(maximum, initial * 2**n)), so a fleet that lost its control plane
-    at the same moment does not come back at the same moment."""
-
-    # 2**64 times any sane initial delay is past any sane maximum; capping the
-    # exponent keeps the arithmetic finite however long an outage lasts.
-    _MAX_EXPONENT = 64
-
-    def __init__(
-        self, initial_s: float, maximum_s: float, rng: Callable[[], float] = random.random
-    ) -> None:
-        if initial_s <= 0 or maximum_s < initial_s:
-            raise ValueError("need 0 < initial_s <= maximum_s")
-        self.initial_s = initial_s
-        self.maximum_s = maximum_s
-        self._rng = rng
-        self._attempt = 0
-
-    @property
-    def attempt(self) -> int:
-        """Delays handed out since the last reset."""
-        return self._attempt
-
-    def ceiling(self) -> float:
-        """The upper bound of the next delay."""
-        exponent = min(self._attempt, self._MAX_EXPONENT)
-        return min(self.maximum_s, self.initial_s * 2.0**exponent)
-
-    def next_delay(self) -> float:
-        """The next delay in seconds; each call doubles the ceiling up to the max."""
-        delay = self._rng() * self.ceiling()
-        self._attempt += 1
-        return delay
-
-    def at_max(self) -> float:
-        """A delay near the maximum, for failures that retrying soon cannot fix:
-        uniform in [maximum/2, maximum]. Jittered because such failures hit
-        many devices at once (an operator rejects a batch); the half floor
-        keeps it from degenerating into a quick retry. The following backoff
-        delays start from the maximum too."""
-        self._attempt = self._MAX_EXPONENT
-        return self.maximum_s * (0.5 + 0.5 * self._rng())
-
-    def reset(self) -> None:
-        """Start again from the initial delay (after a connection that worked)."""
-        self._attempt = 0
-
-
-# ---------------------------------------------------------------- decisions
-
-
-class Step(StrEnum):
-    """What the loop does next: exchange the token for an identity, or hold
-    the Sync stream open."""
-
-    ENROLL = "enroll"
-    SYNC = "sync"
-
-
-class Delay(StrEnum):
-    """How long to wait before the next step."""
-
-    # Next delay of the exponential backoff: the problem is likely transient.
-    BACKOFF = "backoff"
-    # About the maximum delay: retrying soon cannot help, but an operator might
-    # fix it (accept the device, issue a new token), so keep trying slowly.
-    MAX = "max"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to do after a step ended: which step next, after which delay."""
-
-    next_step: Step
-    delay: Delay
-    reason: str
-
-
-# Failures of the connection or the server rather than of this device.
-RETRYABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-    }
-)
-
-
-def decide(step: Step, code: grpc.StatusCode | None, *, can_enroll: bool) -> Decision:
-    """The transition table. `code` is the status the step ended with; None
-    means the control plane ended the Sync stream cleanly. `can_enroll` says
-    whether an enrollment token is configured."""
-    if code is None:
-        return Decision(Step.SYNC, Delay.BACKOFF, "control plane closed the stream")
-    if code in RETRYABLE_CODES:
-        return Decision(step, Delay.BACKOFF, "control plane unreachable or unavailable")
-    if step is Step.SYNC and code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
-        if can_enroll:
-            # Enrolling is idempotent per hardware id: the same device id
-            # comes back with a fresh credential. Backing off (not retrying at
-            # once) bounds a loop of enroll/refuse if the server keeps refusing.
-            return Decision(Step.ENROLL, Delay.BACKOFF, "credential refused; re-enrolling")
-        return Decision(
-            Step.SYNC, Delay.MAX, "credential refused and no enrollment token is configured"
-        )
-    if code is grpc.StatusCode.PERMISSION_DENIED:
-        return Decision(step, Delay.MAX, "device refused by the control plane")
-    if step is Step.ENROLL:
-        return Decision(Step.ENROLL, Delay.MAX, "enrollment refused")
-    return Decision(step, Delay.MAX, "request refused by the control plane")
 
 
 def describe_desired(desired: device_pb2.DesiredState) -> str:
@@ -259,6 +148,41 @@ def assignment_from_pb(
 def assignment_from_desired(desired: device_pb2.DesiredState) -> Assignment:
     """The assignment of a desired state that has one."""
     return assignment_from_pb(desired.assignment, desired.key_rotations)
+
+
+def assignments_from_desired(desired: device_pb2.DesiredState) -> list[Assignment]:
+    """Every model's assignment in a desired state: `assignments`; or, from
+    a control plane that only sets the singular `assignment` (protocol 1),
+    that one."""
+    if desired.assignments:
+        return [assignment_from_pb(a, desired.key_rotations) for a in desired.assignments]
+    if desired.HasField("assignment"):
+        return [assignment_from_desired(desired)]
+    return []
+
+
+def removes_unlisted(desired: device_pb2.DesiredState) -> bool:
+    """Whether models missing from `desired` are to be unloaded: only for an
+    accepted device. A pending, rejected or decommissioned device's desired
+    state lists nothing and changes nothing on it (as before several
+    models)."""
+    return desired.device_state == common_pb2.DEVICE_STATE_ACCEPTED
+
+
+def batch_statuses(
+    statuses: Iterable[common_pb2.UpdateStatus],
+) -> list[list[common_pb2.UpdateStatus]]:
+    """`statuses` in order, cut into batches holding each model at most once
+    (StatusReport.models: one status per model that changed)."""
+    batches: list[list[common_pb2.UpdateStatus]] = []
+    names: set[str] = set()
+    for status in statuses:
+        if not batches or status.model_name in names:
+            batches.append([])
+            names = set()
+        batches[-1].append(status)
+        names.add(status.model_name)
+    return batches
 
 
 # ---------------------------------------------------------------- the agent's parts
@@ -330,21 +254,20 @@ class Serving:
 
     models: ModelHost
     stats: RequestStats
-    activator: HostActivator
     power: PowerPolicy
 
 
 @dataclass(frozen=True)
 class Updates:
-    """The update machine on its thread, and what reports its status."""
+    """Every model's update machine, each on its thread."""
 
-    runner: UpdateRunner
-    reporter: StatusReporter
+    models: ModelUpdates
 
 
-# Wraps the update machine's ports, to inject faults (crash tests only:
-# agent/update/faults.py; agent/main.py passes one when told to).
-UpdateFaults = Callable[[Ports], Ports]
+# Wraps a model's update machine ports (the model's name, its ports), to
+# inject faults (crash tests only: agent/update/faults.py; agent/main.py
+# passes one when told to).
+UpdateFaults = Callable[[str, Ports], Ports]
 
 
 # ---------------------------------------------------------------- the agent
@@ -379,6 +302,8 @@ class Agent:
         self._updates: Updates | None = None
         # Set while the telemetry job runs: it moves to a new certificate.
         self._uploader: TelemetryUploader | None = None
+        # Statuses waiting to go out together (_send_status).
+        self._pending_statuses: list[common_pb2.UpdateStatus] = []
         # Which state writes wait for room on a full disk (agent/disk.py).
         self._disk = DiskCondition()
         self._desired_writes: RetriedWrite[device_pb2.DesiredState] = RetriedWrite(
@@ -488,8 +413,8 @@ class Agent:
         while enrolling and syncing forever. Returns only by cancellation."""
         step = self.boot()
         serving = self._start_serving()
-        served = await asyncio.to_thread(serving.activator.restore)
-        if served is not None:
+        updates = self._make_updates(serving.models)
+        for served in await asyncio.to_thread(updates.models.load):
             log.info("serving %s %s", served.model_name, served.model_version)
         inference = await start_inference_server(
             serving.models, self.config.state_dir, listen=self.config.inference_listen
@@ -504,11 +429,13 @@ class Agent:
                 loop.call_soon_threadsafe(self._disk_changed)
 
         self._disk.subscribe(disk_changed)
-        updates = self._start_updates(serving.activator)
         self._updates = updates
+        updates.models.start()
         boot_desired = self._sync_state.boot_desired
-        if boot_desired is not None and boot_desired.HasField("assignment"):
-            updates.runner.submit(assignment_from_desired(boot_desired))
+        if boot_desired is not None:
+            updates.models.apply(
+                assignments_from_desired(boot_desired), remove_others=removes_unlisted(boot_desired)
+            )
         jobs = BackgroundJobs([
             BackgroundJob("power", serving.power.run),
             BackgroundJob("desired-writes", self._desired_writes.run),
@@ -520,7 +447,7 @@ class Agent:
             await self._sync_forever(step)
         finally:
             await jobs.stop()
-            await asyncio.to_thread(updates.runner.stop)
+            await asyncio.to_thread(updates.models.stop)
             await inference.stop(grace=STOP_SERVING_GRACE_S)
 
     def _start_serving(self) -> Serving:
@@ -538,30 +465,60 @@ class Agent:
             interval_s=self.config.power_interval_s,
         )
         stats.power_status = power.status
-        return Serving(models, stats, HostActivator(models, self.config.state_dir), power)
 
-    def _start_updates(self, activator: HostActivator) -> Updates:
-        """The update machine with its real ports (wrapped by the update
-        faults, if any), resuming whatever update the record on disk says
-        was under way, on its own thread."""
+        def served() -> list[tuple[str, str, float]]:
+            return [(m.name, m.version, m.memory_mb) for m in models.served()]
+
+        stats.served = served
+        return Serving(models, stats, power)
+
+    def _make_updates(self, host: ModelHost) -> Updates:
+        """The models' update machines (none started yet: ModelUpdates.load
+        makes those of the models on disk, apply() the others)."""
         loop = asyncio.get_running_loop()
+        models: ModelUpdates
+
+        def publish(status: common_pb2.UpdateStatus) -> None:
+            # The update threads may outlive the loop by a step at shutdown.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._send_status, status)
+
+        def build(name: str, remove: Callable[[str], None]) -> ModelUpdate:
+            return self._build_model_update(
+                name, host, publish, remove, lambda: models.in_use(exclude=name)
+            )
+
+        models = ModelUpdates(self.config.state_dir, build)
+        return Updates(models)
+
+    def _build_model_update(
+        self,
+        name: str,
+        host: ModelHost,
+        publish: Callable[[common_pb2.UpdateStatus], None],
+        remove: Callable[[str], None],
+        shared: Callable[[], set[str]],
+    ) -> ModelUpdate:
+        """One model's update machine with its real ports (wrapped by the
+        update faults, if any), resuming whatever update its record on disk
+        says was under way; its runner is not started."""
         state_dir = self.config.state_dir
         link = self.link
+        activator = HostActivator(host, state_dir, name, in_use=shared)
+        trust = TrustStore(state_dir, name)
+        machine: UpdateMachine | None = None
 
         def active() -> tuple[str, str]:
             current = activator.current()
             return (current.model_version, current.digest) if current else ("", "")
 
-        def publish(status: common_pb2.UpdateStatus) -> None:
-            loop.call_soon_threadsafe(self._send_status, status)
-
-        machine: UpdateMachine | None = None
-
         def record() -> UpdateRecord:
             assert machine is not None
             return machine.record
 
-        reporter = StatusReporter(publish, record, active, condition=lambda: self._disk.reason)
+        reporter = StatusReporter(
+            publish, record, active, condition=lambda: self._disk.reason, model_name=name
+        )
         ports = Ports(
             downloader=GrpcDownloader(
                 link.transport.blocking_device_channel,
@@ -573,14 +530,14 @@ class Agent:
             activator=activator,
             reporter=reporter,
             sleep=lambda seconds: runner.wait(seconds),
-            trust=TrustStore(state_dir),
+            trust=trust,
+            shared=shared,
         )
         if self._update_faults is not None:
-            ports = self._update_faults(ports)
-        machine = UpdateMachine(UpdateStore(state_dir), ports, disk=self._disk)
-        runner = UpdateRunner(machine)
-        runner.start()
-        return Updates(runner, reporter)
+            ports = self._update_faults(name, ports)
+        machine = UpdateMachine(UpdateStore(state_dir, name), ports, disk=self._disk)
+        runner = UpdateRunner(machine, name=f"update-{name}", remove=remove)
+        return ModelUpdate(name, machine, runner, reporter, activator, trust)
 
     def _disk_changed(self) -> None:
         # On the event loop: a state write started or stopped waiting for
@@ -592,14 +549,28 @@ class Agent:
             outbox.put_nowait(self._hello())
 
     def _send_status(self, status: common_pb2.UpdateStatus) -> None:
-        # On the event loop. With no stream up, the next Hello carries the
-        # latest status instead.
+        # On the event loop. Statuses that arrive together (several models'
+        # machines, or one machine's quick steps) go out in one StatusReport,
+        # with at most one status per model per message so no step of a
+        # model's history is lost. With no stream up, the next Hello
+        # carries every model's latest status instead.
+        if self._sync_state.outbox is None:
+            return
+        pending = self._pending_statuses
+        pending.append(status)
+        if len(pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_statuses)
+
+    def _flush_statuses(self) -> None:
+        pending, self._pending_statuses = self._pending_statuses, []
         outbox = self._sync_state.outbox
-        if outbox is not None:
+        if outbox is None:
+            return
+        for batch in batch_statuses(pending):
             outbox.put_nowait(
                 device_pb2.AgentMessage(
                     status=device_pb2.StatusReport(
-                        applied_revision=self._sync_state.applied_revision, update=status
+                        applied_revision=self._sync_state.applied_revision, models=batch
                     )
                 )
             )
@@ -891,9 +862,10 @@ class Agent:
             hardware=hardware,
             runtime=link.runtime,
             applied_revision=self._sync_state.applied_revision,
+            protocol=PROTOCOL,
         )
         if self._updates is not None:
-            hello.update.CopyFrom(self._updates.reporter.current())
+            hello.models.extend(self._updates.models.statuses())
         return device_pb2.AgentMessage(hello=hello)
 
     async def _sync(self, channel: grpc.aio.Channel) -> None:
@@ -967,8 +939,10 @@ class Agent:
         state.applied_revision = desired.revision
         state.class_name = desired.class_name
         log.info(describe_desired(desired))
-        if desired.HasField("assignment") and self._updates is not None:
-            self._updates.runner.submit(assignment_from_desired(desired))
+        if self._updates is not None:
+            self._updates.models.apply(
+                assignments_from_desired(desired), remove_others=removes_unlisted(desired)
+            )
         return device_pb2.AgentMessage(
             status=device_pb2.StatusReport(applied_revision=desired.revision)
         )

@@ -1,5 +1,6 @@
 """`edgefleet-agent`: the console entry point. Thin: parse arguments, load the
-config, set up logging, run the daemon.
+config, set up logging, run the daemon; or, as `edgefleet-agent predict ...`,
+run one inference on the running agent (agent/predict_cli.py).
 
 It is also the one place that reads the crash tests' fault-injection
 variable (agent/update/faults.py): the daemon only takes what it is given."""
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefleet-agent",
         description="EdgeFleet device agent: enrolls this device and keeps it in sync "
-        "with the control plane.",
+        "with the control plane. `edgefleet-agent predict --help`: run one inference "
+        "on the agent running here.",
     )
     parser.add_argument(
         "--config",
@@ -74,14 +76,18 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 def update_faults_from_env(config: AgentConfig) -> UpdateFaults | None:
-    """The update machine's fault injection that a crash test asked for with
-    FAULT_ENV=<point>; None (always, in production) when it is not set."""
-    point = os.environ.get(FAULT_ENV)
-    if not point:
+    """The update machines' fault injection that a crash test asked for with
+    FAULT_ENV=<point> (every model's machine) or <point>@<model> (that
+    model's only); None (always, in production) when it is not set."""
+    value = os.environ.get(FAULT_ENV)
+    if not value:
         return None
-    log.warning("%s=%s: update fault injection is ON (tests only)", FAULT_ENV, point)
+    log.warning("%s=%s: update fault injection is ON (tests only)", FAULT_ENV, value)
+    point, _, only = value.partition("@")
 
-    def pause_at_point(ports: Ports) -> Ports:
+    def pause_at_point(model_name: str, ports: Ports) -> Ports:
+        if only and model_name != only:
+            return ports
         return with_pause(ports, point, config.state_dir)
 
     return pause_at_point
@@ -90,10 +96,16 @@ def update_faults_from_env(config: AgentConfig) -> UpdateFaults | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; the process exit status (0 after SIGTERM/SIGINT, 2 on a
     configuration error or a missing extra, 1 on another fatal error)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["predict"]:
+        # A client of the running agent, not the daemon (agent/predict_cli.py).
+        from edgefleet.agent.predict_cli import main as predict
+
+        return predict(arguments[1:])
     # Until the event loop installs its own handlers, a stop request (systemd
     # stopping a unit that just started) is still a clean stop, not a crash.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(arguments)
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level.upper(),

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -181,6 +182,10 @@ class LoadedModel:
     accepts: tuple[TensorInfo, ...]
     # Serializes runs on runtimes whose sessions are not thread-safe.
     run_lock: AbstractContextManager[object] = field(compare=False, repr=False)
+    # What loading and warming it added to the process's RSS (MB): the
+    # device-side measure of the model's memory (0 when it could not be
+    # measured, or another load ran at the same time and blurred it).
+    memory_mb: float = 0.0
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         with self.run_lock:
@@ -506,6 +511,16 @@ class _Slots:
 # ---------------------------------------------------------------- the host
 
 
+def _rss_mb() -> float:
+    """This process's resident memory in MB (0 where it cannot be read)."""
+    try:
+        import psutil
+
+        return float(psutil.Process().memory_info().rss) / (1024 * 1024)
+    except Exception:
+        return 0.0
+
+
 class ModelHost:
     """Per model name: the active version, a warm standby and a shadow.
 
@@ -637,6 +652,7 @@ class ModelHost:
     ) -> LoadedModel:
         """Open `path` and warm it; ActivationFailed when either fails."""
         spec = manifest_specs
+        rss_before = _rss_mb()
         try:
             runner = self._open(
                 path,
@@ -662,7 +678,9 @@ class ModelHost:
             model.run(warm)
         except Exception as exc:
             raise ActivationFailed(f"{name} {version}: warm-up run failed: {exc}") from exc
-        return model
+        memory_mb = max(0.0, _rss_mb() - rss_before)
+        log.info("model %s %s took %.1f MB of memory to load and warm", name, version, memory_mb)
+        return dataclasses.replace(model, memory_mb=memory_mb)
 
     def rollback(self, name: str) -> LoadedModel | None:
         """Undo the last uncommitted activation of `name`: the standby
@@ -687,7 +705,10 @@ class ModelHost:
                 slot.standby, slot.pending = None, False
 
     def remove(self, name: str) -> None:
-        """Forget `name`: further requests fail with ModelNotFound."""
+        """Forget `name`: further requests fail with ModelNotFound. Requests
+        in flight hold the LoadedModel they started on and finish on it (its
+        runner is released with the last reference); the other models are
+        untouched."""
         with self._lock:
             self._models.pop(name, None)
 
@@ -718,7 +739,12 @@ class ModelHost:
         """The active version of `name`; ModelNotFound or NoActiveModel."""
         slot = self._models.get(name)
         if slot is None:
-            raise ModelNotFound(f"no model named {name!r} on this device")
+            # The names served: a device holds several models, and the
+            # inference API has no call that lists them.
+            served = ", ".join(self.names()) or "none"
+            if not name:
+                raise InvalidInput(f"model_name is required; this device serves: {served}")
+            raise ModelNotFound(f"no model named {name!r} on this device; it serves: {served}")
         model = slot.active
         if model is None:
             raise NoActiveModel(f"model {name!r} has no active version on this device yet")
@@ -742,6 +768,13 @@ class ModelHost:
     def names(self) -> list[str]:
         """The model names this host knows, sorted."""
         return sorted(self._models)
+
+    def served(self) -> list[LoadedModel]:
+        """The active version of every model, by name (telemetry reports
+        each, with or without requests)."""
+        with self._lock:
+            slots = sorted(self._models.items())
+        return [slot.active for _, slot in slots if slot.active is not None]
 
     # ------------------------------------------------------------ inference
 

@@ -27,6 +27,13 @@ rows). A shadow result can land in an interval in which its model version
 served no request (the comparison runs after the request returned), so
 such an interval still gets a sample for it, with no requests.
 
+Several models per device: when the daemon passes `served` (the ModelHost's
+active versions), every served model gets one sample per interval, with or
+without requests, and that sample's memory_mb is the model's own memory as
+measured on the device (what loading and warming it added to the process's
+RSS; LoadedModel.memory_mb) where it was measured; otherwise, and in the
+device-level sample, memory_mb is the process RSS.
+
 Each sample also carries the resource figures (process RSS and CPU, system
 memory, the hottest temperature sensor and the battery where the platform
 has them) and, when the daemon passes a `power_status` callable, the
@@ -43,7 +50,7 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -248,6 +255,18 @@ class RequestStats:
         self._shadows: dict[tuple[str, str], _ShadowWindow] = {}
         self._probe = probe if probe is not None else ResourceProbe()
         self.power_status = power_status
+        # (model, version, memory MB) of every served model; set by the
+        # daemon once the model host exists (module docstring).
+        self.served: Callable[[], Sequence[tuple[str, str, float]]] | None = None
+
+    def _served(self) -> dict[tuple[str, str], float]:
+        if self.served is None:
+            return {}
+        try:
+            return {(name, version): memory for name, version, memory in self.served()}
+        except Exception:
+            log.exception("cannot list the served models for telemetry")
+            return {}
 
     def _power(self) -> tuple[str, int]:
         if self.power_status is None:
@@ -311,6 +330,7 @@ class RequestStats:
         with self._lock:
             windows, self._windows = self._windows, {}
             shadows, self._shadows = self._shadows, {}
+        served = self._served()
         res = self._probe()
         power_mode, concurrency_limit = self._power()
         device = IntervalSample(
@@ -325,11 +345,13 @@ class RequestStats:
             power_mode=power_mode,
             concurrency_limit=concurrency_limit,
         )
-        if not windows and not shadows:
+        if not windows and not shadows and not served:
             return [device]
         samples = []
-        for key in sorted(windows.keys() | shadows.keys()):
+        for key in sorted(windows.keys() | shadows.keys() | served.keys()):
             sample = dataclasses.replace(device, model_name=key[0], model_version=key[1])
+            if served.get(key):
+                sample = dataclasses.replace(sample, memory_mb=served[key])
             window = windows.get(key)
             if window is not None:
                 hist = window.histogram

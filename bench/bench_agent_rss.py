@@ -45,6 +45,7 @@ import psutil
 from bench.common import ADMIN_TOKEN, BIN, clean_env, start_control_plane, stop_process
 from edgefleet.controlplane.client.connection import operator_stub
 from edgefleet.polling import wait_for
+from edgefleet.update_state import of_status
 from edgefleet.v1 import common_pb2, operator_pb2
 from testkit.agent_harness import AgentProcess
 
@@ -228,9 +229,10 @@ def main() -> None:
 
                 def committed() -> bool | None:
                     update = op.GetDevice(operator_pb2.GetDeviceRequest(id=device_id)).update
-                    if update.sequence == sequence and update.state == "failed":
+                    state = of_status(update) if update.sequence == sequence else ""
+                    if state == "failed":
                         raise SystemExit(f"the update failed: {update.reason}")
-                    return (update.sequence == sequence and update.state == "committed") or None
+                    return state == "committed" or None
 
                 wait_for(committed, 300, what="the update to commit", interval=0.2)
                 time.sleep(args.settle)

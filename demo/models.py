@@ -179,6 +179,98 @@ def build_small_cnn(out_dir: Path, *, seed: int = 0) -> BuiltModel:
     return paths
 
 
+GRU_STEPS, GRU_FEATURES, GRU_HIDDEN = 16, 4, 24
+
+
+def gru_graph(
+    w: np.ndarray, r: np.ndarray, b: np.ndarray, head_w: np.ndarray, head_b: np.ndarray, opset: int
+) -> onnx.ModelProto:
+    """GRU -> its last hidden state -> Gemm: a sequence in, one
+    value out (a regressor, not a classifier)."""
+    inits = [
+        numpy_helper.from_array(w.astype(np.float32), "gru_w"),
+        numpy_helper.from_array(r.astype(np.float32), "gru_r"),
+        numpy_helper.from_array(b.astype(np.float32), "gru_b"),
+        numpy_helper.from_array(head_w.astype(np.float32), "head_w"),  # (1, hidden)
+        numpy_helper.from_array(head_b.astype(np.float32), "head_b"),
+    ]
+    # Time-major inside: ONNX Runtime's CPU GRU has no batch-first layout.
+    nodes = [
+        helper.make_node("Transpose", ["series"], ["steps"], perm=[1, 0, 2]),
+        helper.make_node(
+            "GRU", ["steps", "gru_w", "gru_r", "gru_b"], ["", "last"], hidden_size=GRU_HIDDEN
+        ),
+        helper.make_node("Transpose", ["last"], ["last_batch"], perm=[1, 0, 2]),
+        helper.make_node("Flatten", ["last_batch"], ["state"], axis=1),
+        helper.make_node("Gemm", ["state", "head_w", "head_b"], ["forecast"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sensor_gru",
+        [
+            helper.make_tensor_value_info(
+                "series", TensorProto.FLOAT, ["batch", GRU_STEPS, GRU_FEATURES]
+            )
+        ],
+        [helper.make_tensor_value_info("forecast", TensorProto.FLOAT, ["batch", len(head_w)])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgefleet-demo"
+    )
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def sensor_series(count: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy multi-channel sine waves (N, GRU_STEPS, GRU_FEATURES) and the next
+    value of the first channel after each window (N,)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(GRU_STEPS + 1, dtype=np.float64)
+    freq = rng.uniform(0.1, 0.6, (count, 1, GRU_FEATURES))
+    phase = rng.uniform(0, 2 * np.pi, (count, 1, GRU_FEATURES))
+    waves = np.sin(freq * t[None, :, None] + phase) + rng.normal(
+        0, 0.05, (count, GRU_STEPS + 1, GRU_FEATURES)
+    )
+    return waves[:, :-1].astype(np.float32), waves[:, -1, 0].astype(np.float32)
+
+
+def build_gru_forecaster(out_dir: Path, *, seed: int = 0) -> BuiltModel:
+    """A real sequence regressor: a GRU with fixed random weights as the
+    feature extractor (run by ONNX Runtime) and a ridge-regression head fitted
+    with scikit-learn to forecast the next value of the first channel; writes
+    model.onnx and samples.npz (input `series`, no labels: a regressor). Its
+    `accuracy` is the head's R^2 on held-out windows."""
+    import onnxruntime as ort
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / np.sqrt(GRU_HIDDEN)
+    w = rng.normal(0, scale, (1, 3 * GRU_HIDDEN, GRU_FEATURES))
+    r = rng.normal(0, scale, (1, 3 * GRU_HIDDEN, GRU_HIDDEN))
+    b = np.zeros((1, 6 * GRU_HIDDEN))
+    # Features first: the same graph with an identity head, then the fitted one.
+    probe = gru_graph(w, r, b, np.eye(GRU_HIDDEN), np.zeros(GRU_HIDDEN), opset=17)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    x, y = sensor_series(1200, seed=seed)
+    (features,) = session.run(None, {"series": x})
+    head = Ridge(alpha=1e-3).fit(features[:1000], y[:1000])
+    accuracy = float(head.score(features[1000:], y[1000:]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = gru_graph(w, r, b, head.coef_[None, :], np.array([head.intercept_]), opset=17)
+    paths = BuiltModel(
+        model=out_dir / "model.onnx",
+        sample_data=out_dir / "samples.npz",
+        labels=out_dir / "labels.txt",
+        accuracy=accuracy,
+    )
+    onnx.save(model, paths.model)
+    np.savez(paths.sample_data, series=x[1000:1200])
+    paths.labels.write_text("")
+    return paths
+
+
 def render_text_lines(
     count: int, *, seed: int = 0, height: int = 48, width: int = 192
 ) -> np.ndarray:

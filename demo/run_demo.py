@@ -8,6 +8,7 @@ terminal UI opens on the fleet (`--tui-headless` tours it without a terminal,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,13 +26,17 @@ import numpy as np
 from rich.console import Console
 from rich.rule import Rule
 
-from edgefleet.demo.models import build_digits_classifier
+from edgefleet.demo.models import build_digits_classifier, build_small_cnn
 from edgefleet.polling import WaitTimeout, wait_for
 
 BIN = Path(sys.executable).parent
 # How often the demo asks again while it waits: some questions are CLI runs.
 POLL_S = 0.2
 FINAL_ROLLOUT_STATES = ("ROLLOUT_STATE_SUCCEEDED", "ROLLOUT_STATE_ABORTED", "ROLLOUT_STATE_PAUSED")
+# The second model every device holds beside the digits MLP.
+CNN = "digits-cnn"
+# The devices the apps of the rollout step call, both models on each.
+APP_DEVICES = ("gateway-1", "pi-kitchen", "pi-hallway")
 console = Console()
 
 
@@ -136,6 +141,10 @@ class Demo:
         self.server: subprocess.Popen[bytes] | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
         self.env = dict(os.environ)
+        # The CNN's answers while the digits rollout runs: version -> calls,
+        # and every failed call (there must be none: it is not being updated).
+        self.cnn_versions: dict[str, int] = {}
+        self.cnn_failures: list[str] = []
 
     def step(self, title: str) -> None:
         console.print(Rule(f"[bold]{title}"))
@@ -236,12 +245,17 @@ class Demo:
         self.cli("devices", "show", jetson["id"])
 
     def push_model(self) -> None:
-        self.step("Push a real model: an MLP trained on scikit-learn's digits")
+        self.step("Push two real models: an MLP and a CNN trained on scikit-learn's digits")
         built = build_digits_classifier(self.data_dir / "model")
-        console.print(f"trained; held-out accuracy {built.accuracy:.1%}")
+        console.print(f"MLP trained; held-out accuracy {built.accuracy:.1%}")
         self.cli("models", "push", "digits", "1.0.0", str(built.model),
                  "--sample-data", str(built.sample_data), "--labels", str(built.labels),
                  "--description", "8x8 digits classifier")  # fmt: skip
+        cnn = build_small_cnn(self.data_dir / "cnn")
+        console.print(f"CNN trained; held-out accuracy {cnn.accuracy:.1%}")
+        self.cli("models", "push", CNN, "1.0.0", str(cnn.model),
+                 "--sample-data", str(cnn.sample_data), "--labels", str(cnn.labels),
+                 "--description", "8x8 digits CNN (1x8x8 images)")  # fmt: skip
         self.cli("models", "ls")
 
     def show_builds(self) -> None:
@@ -250,23 +264,31 @@ class Demo:
         # rebuild: same inputs, same result) and waits. It exits 1 because
         # the tiny-mcu build must fail.
         self.cli("builds", "run", "digits@1.0.0", check=False)
+        self.cli("builds", "run", f"{CNN}@1.0.0", check=False, capture=True)
         builds = json.loads(self.cli("builds", "ls", "--json", capture=True))
-        pi = next(b for b in builds if b["class_name"] == "pi-class")
+        pi = next(
+            b for b in builds if b["class_name"] == "pi-class" and b["model_name"] == "digits"
+        )
         self.cli("builds", "show", pi["id"])
         self.cli("artifacts", "ls")
 
     def deploy(self) -> None:
-        self.step("Deploy: every classified device installs its class's artifact")
+        self.step("Deploy both models: every classified device installs its class's artifacts")
         devices = self.devices()
         targets = [d for d in devices if d.get("class_name")]
-        self.cli("devices", "assign", "digits@1.0.0", *(d["id"] for d in targets),
-                 "--reason", "first install")  # fmt: skip
+        for model in ("digits", CNN):
+            self.cli("devices", "assign", f"{model}@1.0.0", *(d["id"] for d in targets),
+                     "--reason", "first install")  # fmt: skip
 
         def settled() -> bool:
             placed = [d for d in self.devices() if d.get("class_name")]
-            return all(d.get("update", {}).get("state") in ("committed", "failed") for d in placed)
+            states = [m.get("state") for d in placed for m in d.get("models", [])]
+            return len(states) == 2 * len(placed) and all(
+                s in ("committed", "failed") for s in states
+            )
 
-        wait_for(settled, 120, what="every device to install or reject the model", interval=POLL_S)
+        wait_for(settled, 180, what="every device to install or reject both models",
+                 interval=POLL_S)  # fmt: skip
         self.cli("devices", "ls")
         # No TensorRT on this machine: the Jetson's agent refuses the artifact
         # when it validates it, and says why.
@@ -281,20 +303,23 @@ class Demo:
 
         digits = load_digits()
         x = (digits.data[-8:] / 16.0).astype(np.float32)
+        # Each model as its own input: the MLP flat (64), the CNN an image (1x8x8).
+        calls = {"digits": ("input", x), CNN: ("image", x.reshape(-1, 1, 8, 8))}
         for name in ("gateway-1", "pi-kitchen"):
             socket = self.data_dir / "agents" / name / "state" / "predict.sock"
-            predicted, version = [], ""
             with InferenceClient(socket) as client:
-                # One image per call: the Pi's TFLite artifact has a fixed batch of 1.
-                for row in x:
-                    reply = client.predict("digits", {"input": row[None, :]}, timeout_s=5)
-                    scores = next(iter(reply.outputs.values()))
-                    predicted.append(int(scores.argmax()))
-                    version = reply.model_version
-            console.print(
-                f"{name} (digits {version}): predicted {predicted}, "
-                f"true {[int(t) for t in digits.target[-8:]]}"
-            )
+                for model, (input_name, batch) in calls.items():
+                    predicted, version = [], ""
+                    # One image per call: the Pi's TFLite artifacts have a fixed batch of 1.
+                    for row in batch:
+                        reply = client.predict(model, {input_name: row[None]}, timeout_s=5)
+                        scores = next(iter(reply.outputs.values()))
+                        predicted.append(int(scores.argmax()))
+                        version = reply.model_version
+                    console.print(
+                        f"{name} ({model} {version}): predicted {predicted}, "
+                        f"true {[int(t) for t in digits.target[-8:]]}"
+                    )
         self.step("Telemetry: requests and p95 latency per device, as agents report them")
 
         def reported() -> bool:
@@ -307,7 +332,10 @@ class Demo:
                  "--since", "5m", "--step", "1m")  # fmt: skip
 
     def rollout(self) -> None:
-        self.step("A staged rollout of 1.1.0: health gates decide, a failing class goes back")
+        self.step(
+            "A staged rollout of digits 1.1.0 while apps call both models: health gates "
+            f"decide, a failing class goes back, {CNN} is never touched"
+        )
         built = build_digits_classifier(self.data_dir / "model-1.1", seed=1)
         self.cli("models", "push", "digits", "1.1.0", str(built.model),
                  "--sample-data", str(built.sample_data), "--labels", str(built.labels),
@@ -344,22 +372,40 @@ class Demo:
             traffic.join()
         self.cli("rollouts", "show", rollout_id)
         self.cli("devices", "ls")
+        answered = sum(self.cnn_versions.values())
+        console.print(
+            f"{CNN} on {', '.join(APP_DEVICES)} while digits rolled out: {answered} calls "
+            f"answered, {len(self.cnn_failures)} failed, versions {sorted(self.cnn_versions)}"
+        )
+        for failure in self.cnn_failures[:3]:
+            console.print(f"  {failure}", markup=False)
 
     def _traffic(self, stop: threading.Event) -> None:
-        """Apps calling the model while the rollout runs: the health gates
-        judge the new version on this traffic's telemetry."""
+        """Apps calling both models while the rollout runs: the health gates
+        judge the new digits version on this traffic's telemetry, and the
+        CNN's answers show that updating one model leaves the other alone."""
         from edgefleet.agent.inference_client import InferenceClient
 
+        image = np.zeros((1, 1, 8, 8), dtype=np.float32)
         x = np.zeros((1, 64), dtype=np.float32)
-        sockets = [self.data_dir / "agents" / name / "state" / "predict.sock"
-                   for name in ("gateway-1", "pi-kitchen", "pi-hallway")]  # fmt: skip
-        while not stop.wait(0.1):
-            for path in sockets:
-                try:
-                    with InferenceClient(path) as client:
+        clients = [InferenceClient(self.data_dir / "agents" / name / "state" / "predict.sock")
+                   for name in APP_DEVICES]  # fmt: skip
+        try:
+            while not stop.wait(0.1):
+                for name, client in zip(APP_DEVICES, clients, strict=True):
+                    # A digits version being swapped in or back may refuse a call.
+                    with contextlib.suppress(Exception):
                         client.predict("digits", {"input": x}, timeout_s=1)
-                except Exception:  # a model being swapped, an agent restarting
-                    continue
+                    try:
+                        reply = client.predict(CNN, {"image": image}, timeout_s=1)
+                    except Exception as exc:  # never expected: nobody updates the CNN
+                        self.cnn_failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                        continue
+                    version = reply.model_version
+                    self.cnn_versions[version] = self.cnn_versions.get(version, 0) + 1
+        finally:
+            for client in clients:
+                client.close()
 
     def tui(self, mode: str) -> None:
         """Open the TUI on the demo fleet: the real one on a terminal, a
@@ -428,12 +474,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         demo.step("Done")
         console.print(
             "Agents registered on boot, were placed in classes by rules, the pending one was "
-            "accepted, a model version was pushed, every class got a measured, signed "
-            "artifact (or a report of what each candidate missed), the devices installed "
-            "theirs (the Jetson refused its TensorRT artifact: no TensorRT here), served "
-            "real inference to apps, and reported telemetry; a staged rollout of 1.1.0 "
-            "dropped the class that failed its health gate (back on 1.0.0) and completed "
-            "on the other."
+            "accepted, two models were pushed, every class got a measured, signed artifact "
+            "of each (or a report of what each candidate missed), the devices installed "
+            "both side by side (the Jetson refused its TensorRT artifacts: no TensorRT "
+            "here), served real inference to apps, and reported telemetry; a staged rollout "
+            "of digits 1.1.0 dropped the class that failed its health gate (back on 1.0.0) "
+            f"and completed on the other, while {CNN} kept answering, untouched."
         )
         if args.keep_running:
             console.print(

@@ -17,7 +17,7 @@ code, only the generated protocol.
 The profile format is described in fleetsim.profiles.
 """
 
-from edgefleet.sim.agent import FleetStats, SimAgent, make_sample
+from edgefleet.sim.agent import PROTOCOLS, FleetStats, SimAgent, SimModel, make_sample
 from edgefleet.sim.fleet import Fleet, FleetError, FleetSummary
 from edgefleet.sim.profiles import (
     Behaviour,
@@ -30,6 +30,7 @@ from edgefleet.sim.profiles import (
 )
 
 __all__ = [
+    "PROTOCOLS",
     "Behaviour",
     "ClassProfile",
     "Fleet",
@@ -39,6 +40,7 @@ __all__ = [
     "FleetSummary",
     "ProfileError",
     "SimAgent",
+    "SimModel",
     "default_profile",
     "load_profile",
     "make_sample",

@@ -5,21 +5,33 @@ from its class's profile instead of measured:
 
 - enrolls with the enrollment token and its stable hardware id (re-enrolls
   when the control plane refuses its credential);
-- holds a Sync stream: Hello (hardware and runtime from the profile, the
-  applied revision and the latest update status), heartbeats at the interval
-  the control plane's AgentConfig says, reconnects with jittered exponential
-  backoff;
-- installs each newer assignment by walking the update machine's states
-  (downloading with byte progress, verifying, validating, activating,
-  committed), or fails in the profile's state and rolls back; a shadow
-  assignment stops in "shadowing" with the active model unchanged; a newer
-  assignment aborts an update that has not reached activation, as the real
-  agent does;
-- uploads one TelemetrySample per interval (with the shadow comparison while
-  shadowing), numbered per device.
+- holds a Sync stream: Hello (protocol 2, hardware and runtime from the
+  profile, the applied revision and every model's status), heartbeats at the
+  interval the control plane's AgentConfig says, reconnects with jittered
+  exponential backoff (the real agent's decision table, agent/daemon.py
+  `decide`);
+- holds several models (DesiredState.assignments, one per model name): for
+  each newer assignment of a model it walks the real update machine's table
+  (agent/update/states.py TRANSITIONS: downloading with byte progress,
+  verifying, validating, activating, committed), or fails in the profile's
+  state and rolls back; the models update concurrently, each reporting its
+  own UpdateStatus (state as the UpdateState enum) in StatusReport.models. A
+  shadow assignment goes through the same states and commits with the active
+  version unchanged (the candidate runs beside it); a newer assignment of the
+  model aborts an update that has not reached activation (the agent's
+  abortable states), as the real agent does. A model absent from the
+  assignments is removed: an abortable update is aborted, a later one
+  settles first, then a last status (idle, nothing served) says it is gone;
+- uploads one TelemetrySample per model served per interval (with the
+  shadow comparison while a shadow runs), numbered per device.
+
+With `protocol=1` (FleetContext) it is an old single-model agent instead: no
+Hello.protocol, it reads only DesiredState.assignment and reports
+Hello.update / StatusReport.update with the state as a string
+(UpdateStatus.legacy_state): what the control plane's compatible view serves.
 
 It keeps no files and uses one task for its connection and one for its timers
-(one more while it installs), so one process holds thousands. Agents share
+(one more per model while it installs), so one process holds thousands. Agents share
 gRPC channels: the Fleet hands each one a stub. With no files, a re-run with
 the same prefix and the first run's `identities` enrolls as the same devices
 (same hardware ids, proven with their credentials, so the same device ids)
@@ -44,6 +56,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from edgefleet.agent.reconnect import Delay, Step, decide
+from edgefleet.agent.update.states import ABORTABLE, TRANSITIONS, EventKind, State
+from edgefleet.update_state import to_wire
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 from .profiles import Behaviour, ClassProfile, FleetProfile
@@ -51,21 +66,11 @@ from .profiles import Behaviour, ClassProfile, FleetProfile
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
 # Share of an install's time each state takes (the download dominates).
-STATE_SHARES = {"downloading": 0.4, "verifying": 0.1, "validating": 0.3, "activating": 0.2}
-# States a newer assignment aborts; once activation started the update finishes.
-ABORTABLE = frozenset({"downloading", "verifying", "validating"})
-# Failures of the connection or the server rather than of this device.
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-    }
-)
+STATE_SHARES = {
+    State.DOWNLOADING: 0.4, State.VERIFYING: 0.1, State.VALIDATING: 0.3, State.ACTIVATING: 0.2,
+}  # fmt: skip
+# The sync protocols this simulator speaks (Hello.protocol).
+PROTOCOLS = (1, 2)
 # Download errors that retrying cannot fix (the real agent's classification).
 FATAL_DOWNLOAD = frozenset(
     {
@@ -127,6 +132,9 @@ class FleetContext:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     rpc_timeout_s: float = 30.0
+    # The sync protocol the agents speak: 2 (several models) or 1 (an old
+    # single-model agent, for the control plane's compatible view).
+    protocol: int = 2
     labels: dict[str, str] = field(default_factory=dict)
     stats: FleetStats = field(default_factory=FleetStats)
     # False: make no new samples, only resend those held (a benchmark's drain).
@@ -219,27 +227,78 @@ def make_sample(
     return sample
 
 
-class SimAgent:
-    """One simulated device. `run()` loops until cancelled; the attributes
-    say where the device stands (read them, do not set them)."""
+class SimModel:
+    """One model on a simulated device: its newest assignment, the update
+    under way and what the device serves of it. The agent's `models` holds
+    them by name (read them, do not set them)."""
 
     __slots__ = (
-        "_assignment",
+        "active_digest",
+        "active_model",
+        "active_version",
+        "assignment",
+        "name",
+        "reason",
+        "removing",
+        "reported",
+        "shadow_version",
+        "state",
+        "status",
+        "taken_seq",
+        "task",
+        "wake",
+        "wanted",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # The newest assignment received, and the one taken on (the update
+        # that runs or ran last); taken_seq: its sequence.
+        self.wanted: device_pb2.Assignment | None = None
+        self.assignment: device_pb2.Assignment | None = None
+        self.taken_seq = 0
+        self.state: str = State.IDLE
+        self.reason = ""
+        # What the device serves under this name (a protocol-1 agent's one
+        # model may serve another name until its new assignment commits).
+        self.active_model = ""
+        self.active_version = ""
+        self.active_digest = ""
+        self.shadow_version = ""
+        self.status = common_pb2.UpdateStatus()
+        # The agent has reported a status for it (Hello lists only those).
+        self.reported = False
+        # Unassigned: the update loop removes it once its update settled.
+        self.removing = False
+        self.task: asyncio.Task[None] | None = None
+        # Set when a newer assignment or the removal supersedes the update.
+        self.wake = asyncio.Event()
+
+    @property
+    def version(self) -> str:
+        """The model version of the assignment taken on ("" when none)."""
+        return self.assignment.model_version if self.assignment is not None else ""
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+class SimAgent:
+    """One simulated device. `run()` loops until cancelled; the attributes
+    say where the device stands (read them, do not set them). `models` has
+    each model by name; the single-model views (update_state, active_version,
+    status, ...) are those of the model assigned most recently."""
+
+    __slots__ = (
         "_attempt",
         "_call",
         "_heartbeat_sent_at",
         "_md",
         "_pending",
         "_silent_until",
-        "_taken_seq",
         "_timer_task",
-        "_update_task",
-        "_wake",
-        "_wanted",
         "_write_lock",
-        "active_digest",
-        "active_model",
-        "active_version",
         "assignment_seen_at",
         "class_name",
         "connection",
@@ -252,20 +311,17 @@ class SimAgent:
         "heartbeat_seq",
         "index",
         "last_error",
+        "models",
         "name",
         "profile_class",
         "revision",
         "server_heartbeat_s",
         "server_telemetry_s",
-        "shadow_version",
-        "status",
         "stub",
         "telemetry_dropped",
         "telemetry_produced",
         "telemetry_seq",
         "update_history",
-        "update_reason",
-        "update_state",
     )
 
     def __init__(
@@ -276,6 +332,8 @@ class SimAgent:
         ctx: FleetContext,
         stub: device_pb2_grpc.DeviceServiceAsyncStub | None = None,
     ) -> None:
+        if ctx.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {ctx.protocol}: fleetsim speaks protocol 1 or 2")
         self.index = index
         self.hardware_id = f"sim-{prefix}-{index:05d}"
         self.name = f"{prefix}-{index:05d}"
@@ -300,27 +358,15 @@ class SimAgent:
         # Samples this agent made, and of those given up (see FleetStats).
         self.telemetry_produced = 0
         self.telemetry_dropped = 0
-        # What the device serves.
-        self.active_model = ""
-        self.active_version = ""
-        self.active_digest = ""
-        self.shadow_version = ""
-        # The update of the newest assignment taken on: its state and the
-        # reason of a failure; (sequence, state, reason) of the latest
-        # reports, oldest first (see states()).
-        self.update_state = "idle"
-        self.update_reason = ""
+        # Model name -> its state. A protocol-1 agent holds at most one.
+        self.models: dict[str, SimModel] = {}
+        # (sequence, state, reason) of the latest reports of every model,
+        # oldest first (see states()); sequences are per device.
         self.update_history: list[tuple[int, str, str]] = []
-        self.status = common_pb2.UpdateStatus(state="idle")
         # time.monotonic() when the newest assignment arrived (0.0: none yet),
         # so a benchmark can time notification from the device's side.
         self.assignment_seen_at = 0.0
-        self._assignment: device_pb2.Assignment | None = None
-        self._wanted: device_pb2.Assignment | None = None
-        self._taken_seq = 0
-        self._update_task: asyncio.Task[None] | None = None
         self._timer_task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
         self._call: Any = None  # the open grpc.aio Sync call
         self._write_lock: asyncio.Lock | None = None
         self._md: tuple[tuple[str, str], ...] = ()
@@ -332,19 +378,68 @@ class SimAgent:
     # ------------------------------------------------------------ views
 
     @property
+    def primary(self) -> SimModel | None:
+        """The model assigned most recently (None: no model)."""
+        return max(self.models.values(), key=lambda m: m.taken_seq, default=None)
+
+    @property
+    def update_state(self) -> str:
+        """The update state of the primary model ("idle" when none)."""
+        m = self.primary
+        return str(m.state) if m is not None else State.IDLE.value
+
+    @property
+    def update_reason(self) -> str:
+        m = self.primary
+        return m.reason if m is not None else ""
+
+    @property
     def update_version(self) -> str:
-        """The model version of the assignment taken on ("" when none)."""
-        return self._assignment.model_version if self._assignment is not None else ""
+        """The version of the primary model's assignment ("" when none)."""
+        m = self.primary
+        return m.version if m is not None else ""
 
     @property
     def update_sequence(self) -> int:
-        """The sequence of the assignment taken on (0 when none)."""
-        return self._assignment.sequence if self._assignment is not None else 0
+        """The sequence of the primary model's assignment (0 when none)."""
+        m = self.primary
+        return m.taken_seq if m is not None else 0
+
+    @property
+    def status(self) -> common_pb2.UpdateStatus:
+        """The primary model's last reported status."""
+        m = self.primary
+        return m.status if m is not None else common_pb2.UpdateStatus()
+
+    @property
+    def active_model(self) -> str:
+        m = self.primary
+        return m.active_model if m is not None else ""
+
+    @property
+    def active_version(self) -> str:
+        """The version the primary model serves ("" when none)."""
+        m = self.primary
+        return m.active_version if m is not None else ""
+
+    @property
+    def active_digest(self) -> str:
+        m = self.primary
+        return m.active_digest if m is not None else ""
+
+    @property
+    def shadow_version(self) -> str:
+        m = self.primary
+        return m.shadow_version if m is not None else ""
+
+    def serving(self) -> dict[str, str]:
+        """Model name -> version served, of every model serving one."""
+        return {m.active_model: m.active_version for m in self.models.values() if m.active_version}
 
     def states(self, sequence: int | None = None) -> list[str]:
-        """The states assignment `sequence` (default: the current one) went
-        through, in order, as far as the history reaches back (progress
-        reports of one state count once)."""
+        """The states assignment `sequence` (default: the primary model's
+        current one) went through, in order, as far as the history reaches
+        back (progress reports of one state count once)."""
         if sequence is None:
             sequence = self.update_sequence
         states: list[str] = []
@@ -394,11 +489,16 @@ class SimAgent:
         try:
             await self._connect_forever()
         finally:
-            if self._timer_task is not None:
-                self._timer_task.cancel()
-            if self._update_task is not None:
-                self._update_task.cancel()
+            self.stop_tasks()
             self.connection = "stopped"
+
+    def stop_tasks(self) -> None:
+        """Cancel the timers and every model's update."""
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+        for m in self.models.values():
+            if m.task is not None:
+                m.task.cancel()
 
     async def _connect_forever(self) -> None:
         ctx = self.ctx
@@ -430,25 +530,22 @@ class SimAgent:
             await asyncio.sleep(self._delay_after(step, code))
 
     def _delay_after(self, step: str, code: grpc.StatusCode | None) -> float:
-        """The real agent's decision table, reduced: transient failures back
-        off exponentially, a refused credential re-enrolls, a refused device
-        or token retries slowly (an operator may fix it)."""
+        """The real agent's decision table (agent/daemon.py `decide`):
+        transient failures back off exponentially, a refused credential
+        re-enrolls, a refused device or token retries slowly (an operator
+        may fix it)."""
         ctx = self.ctx
-        if code is None or code in RETRYABLE:
-            self.connection = "backoff"
-        elif step == "Sync" and code in (
-            grpc.StatusCode.UNAUTHENTICATED,
-            grpc.StatusCode.NOT_FOUND,
-        ):
+        decision = decide(Step.ENROLL if step == "Enroll" else Step.SYNC, code, can_enroll=True)
+        if decision.next_step is Step.ENROLL and step == "Sync":
             # Enrolling again, with the refused credential as proof, returns
             # the same device with a fresh one if it was decommissioned (and
             # is refused if another process enrolled this hardware id).
             self.credential = ""
-            self.connection = "backoff"
-        else:
+        if decision.delay is Delay.MAX:
             self.connection = "refused"
             self._attempt = 64
             return ctx.backoff_max_s * (0.5 + 0.5 * ctx.rng.random())
+        self.connection = "backoff"
         ceiling = min(ctx.backoff_max_s, ctx.backoff_initial_s * 2.0 ** min(self._attempt, 64))
         self._attempt += 1
         # Full jitter: a fleet that lost its control plane together must not
@@ -504,8 +601,13 @@ class SimAgent:
             hardware=self.profile_class.hardware,
             runtime=self.profile_class.runtime,
             applied_revision=self.revision,
-            update=self.status,
         )
+        if self.ctx.protocol >= 2:
+            hello.protocol = self.ctx.protocol
+            hello.models.extend(m.status for m in self.models.values() if m.reported)
+        elif self.models:
+            # An old agent: no protocol field, its one model's status.
+            hello.update.CopyFrom(next(iter(self.models.values())).status)
         hello.hardware.hostname = self.name
         return device_pb2.AgentMessage(hello=hello)
 
@@ -544,7 +646,7 @@ class SimAgent:
                     if ctx.on_desired is not None:
                         ctx.on_desired(self, message.desired)
                     if self.apply_desired(message.desired):
-                        await self._send_status(applied_only=True)
+                        await self._send_status(())
                 elif kind == "heartbeat_ack":
                     self._acked(message.heartbeat_ack.seq)
                 message = await call.read()
@@ -570,21 +672,50 @@ class SimAgent:
 
     def apply_desired(self, desired: device_pb2.DesiredState) -> bool:
         """Take a DesiredState in (the sync loop calls this; tests may too):
-        adopt its config, class and state, start installing a newer
-        assignment. True when its revision is newer than the applied one."""
+        adopt its config, class and state, start installing each newer
+        assignment, remove the models no longer assigned (protocol 2). True
+        when its revision is newer than the applied one."""
         self._adopt_config(desired.config)
         self.device_state = desired.device_state
         self.class_name = desired.class_name
         newer = desired.revision > self.revision
         if newer:
             self.revision = desired.revision
-        if desired.HasField("assignment"):
-            assignment = desired.assignment
-            wanted = self._wanted
-            if assignment.sequence > (wanted.sequence if wanted is not None else 0):
+        if self.ctx.protocol < 2:
+            if desired.HasField("assignment"):
+                self._want_single(desired.assignment)
+            return newer
+        assignments = list(desired.assignments)
+        if not assignments and desired.HasField("assignment"):
+            # A control plane older than protocol 2 sets only `assignment`.
+            assignments = [desired.assignment]
+        for assignment in assignments:
+            m = self.models.get(assignment.model_name)
+            if m is None:
+                m = self.models[assignment.model_name] = SimModel(assignment.model_name)
+            if m.removing or assignment.sequence > (m.wanted.sequence if m.wanted else 0):
                 self.assignment_seen_at = time.monotonic()
-                self._want(assignment)
+                m.removing = False
+                self._want(m, assignment)
+        listed = {a.model_name for a in assignments}
+        for name, m in list(self.models.items()):
+            if name not in listed and not m.removing:
+                self._remove(m)
         return newer
+
+    def _want_single(self, assignment: device_pb2.Assignment) -> None:
+        """Protocol 1: the device's one model takes the assignment, whatever
+        its name (an old agent replaces its model)."""
+        m = next(iter(self.models.values()), None)
+        if m is None:
+            m = self.models[assignment.model_name] = SimModel(assignment.model_name)
+        elif m.name != assignment.model_name:
+            del self.models[m.name]
+            m.name = assignment.model_name
+            self.models[m.name] = m
+        if assignment.sequence > (m.wanted.sequence if m.wanted else 0):
+            self.assignment_seen_at = time.monotonic()
+            self._want(m, assignment)
 
     def _adopt_config(self, config: device_pb2.AgentConfig) -> None:
         self.server_heartbeat_s = float(config.heartbeat_interval_s)
@@ -638,33 +769,49 @@ class SimAgent:
 
     # ------------------------------------------------------------ telemetry
 
-    def next_sample(self, interval_s: float) -> device_pb2.TelemetrySample:
-        """The TelemetrySample of the interval that just ended."""
+    def _sample(self, interval_s: float, m: SimModel | None) -> device_pb2.TelemetrySample:
         self.telemetry_seq += 1
-        version = self.active_version
+        version = m.active_version if m is not None else ""
         shadow = None
-        if self.shadow_version and version:
-            shadow = (self.shadow_version, self.behaviour(self.shadow_version))
+        if m is not None and m.shadow_version and version:
+            shadow = (m.shadow_version, self.behaviour(m.shadow_version))
         return make_sample(
             self.ctx.rng,
             self.telemetry_seq,
             interval_s,
-            self.active_model,
+            m.active_model if m is not None and version else "",
             version,
             self.behaviour(version) if version else None,
             self.profile_class.hardware.memory_mb,
             shadow,
         )
 
+    def next_sample(self, interval_s: float) -> device_pb2.TelemetrySample:
+        """The TelemetrySample of the primary model for the interval that
+        just ended (a device-level one when it serves nothing)."""
+        m = self.primary
+        return self._sample(interval_s, m if m is not None and m.active_version else None)
+
+    def next_samples(self, interval_s: float) -> list[device_pb2.TelemetrySample]:
+        """The interval's samples: one per model served (by name), or one
+        device-level sample when none is."""
+        serving = sorted((m for m in self.models.values() if m.active_version),
+                         key=lambda m: m.name)  # fmt: skip
+        if not serving:
+            return [self._sample(interval_s, None)]
+        return [self._sample(interval_s, m) for m in serving]
+
     async def _upload_telemetry(self, interval_s: float) -> None:
         assert self.stub is not None
         stats = self.ctx.stats
         pending = self._pending
-        made = self.ctx.produce_telemetry
-        if made:
-            pending.append(self.next_sample(interval_s))
-            self.telemetry_produced += 1
-            stats.telemetry_produced += 1
+        made = 0
+        if self.ctx.produce_telemetry:
+            made_now = self.next_samples(interval_s)
+            pending.extend(made_now)
+            self.telemetry_produced += len(made_now)
+            stats.telemetry_produced += len(made_now)
+            made = len(made_now)
         if len(pending) > MAX_PENDING_SAMPLES:
             dropped = len(pending) - MAX_PENDING_SAMPLES
             del pending[:dropped]
@@ -672,7 +819,7 @@ class SimAgent:
             stats.telemetry_dropped += dropped
         if not pending:
             return
-        # All but the new sample were in an upload that failed.
+        # All but the new samples were in an upload that failed.
         stats.telemetry_resends += len(pending) - made
         try:
             response = await self._upload(pending)
@@ -710,147 +857,200 @@ class SimAgent:
 
     # ------------------------------------------------------------ updates
 
-    def _want(self, assignment: device_pb2.Assignment) -> None:
-        self._wanted = assignment
-        if self._update_task is None or self._update_task.done():
-            self._update_task = asyncio.create_task(
-                self._update_loop(), name=f"update-{self.index}"
-            )
-        elif self._wake is not None:
-            self._wake.set()  # supersedes the update under way
+    def _want(self, m: SimModel, assignment: device_pb2.Assignment) -> None:
+        m.wanted = assignment
+        if m.busy:
+            m.wake.set()  # supersedes the update under way
+        else:
+            m.task = asyncio.create_task(self._model_loop(m), name=f"update-{self.index}-{m.name}")
 
-    async def _update_loop(self) -> None:
-        while self._wanted is not None and self._wanted.sequence > self._taken_seq:
-            assignment = self._wanted
-            self._taken_seq = assignment.sequence
-            self._assignment = assignment
-            if self._wake is None:
-                self._wake = asyncio.Event()
-            self._wake.clear()
+    def _remove(self, m: SimModel) -> None:
+        """Unassigned: abort an abortable update, let a later one settle,
+        then unload the model (the loop does it)."""
+        m.removing = True
+        if m.busy:
+            m.wake.set()
+        else:
+            m.task = asyncio.create_task(self._model_loop(m), name=f"remove-{self.index}-{m.name}")
+
+    async def _model_loop(self, m: SimModel) -> None:
+        while not m.removing and m.wanted is not None and m.wanted.sequence > m.taken_seq:
+            assignment = m.wanted
+            m.taken_seq = assignment.sequence
+            m.assignment = assignment
+            m.wake.clear()
             # A new assignment replaces whatever ran beside the active model.
-            self.shadow_version = ""
+            m.shadow_version = ""
             try:
-                await self._install(assignment)
+                await self._install(m, assignment)
             except Exception as exc:  # counted; the next assignment may work
                 self.ctx.stats.errors[f"update {type(exc).__name__}"] += 1
+        if m.removing:
+            await self._unload(m)
 
-    async def _pause(self, seconds: float, *, abortable: bool = True) -> bool:
-        """Wait `seconds`; True when a newer assignment arrived meanwhile
-        and the update may be aborted."""
-        wake = self._wake
-        assert wake is not None
+    async def _unload(self, m: SimModel) -> None:
+        """The model is gone: a last status, idle with nothing served, tells
+        the control plane (the real agent's removal report)."""
+        if self.models.get(m.name) is m:
+            del self.models[m.name]
+        m.state, m.reason = State.IDLE, "unassigned"
+        m.active_model = m.active_version = m.active_digest = m.shadow_version = ""
+        self._remember(m.taken_seq, State.IDLE, "unassigned")
+        status = common_pb2.UpdateStatus(model_name=m.name, sequence=m.taken_seq)
+        self._set_state(status, State.IDLE)
+        status.updated_at.GetCurrentTime()
+        m.status = status
+        await self._send_status((m,))
+
+    async def _pause(self, m: SimModel, seconds: float, *, abortable: bool = True) -> bool:
+        """Wait `seconds`; True when a newer assignment (or the removal)
+        arrived meanwhile and the update may be aborted."""
         if not abortable:
             await asyncio.sleep(seconds)
             return False
-        if not wake.is_set():
+        if not m.wake.is_set():
             try:
                 async with asyncio.timeout(seconds):
-                    await wake.wait()
+                    await m.wake.wait()
             except TimeoutError:
                 return False
         return True
 
-    async def _report(self, state: str, bytes_done: int = 0, reason: str = "") -> None:
-        self.update_state = state
-        self.update_reason = reason
+    def _remember(self, sequence: int, state: str, reason: str) -> None:
         history = self.update_history
-        history.append((self.update_sequence, state, reason))
+        history.append((sequence, str(state), reason))
         del history[:-HISTORY_LENGTH]
-        await self._send_status(bytes_done=bytes_done)
 
-    async def _send_status(self, *, bytes_done: int = 0, applied_only: bool = False) -> None:
-        if not applied_only:
-            assignment = self._assignment
-            assert assignment is not None
-            status = common_pb2.UpdateStatus(
-                state=self.update_state,
-                model_name=assignment.model_name,
-                model_version=assignment.model_version,
-                artifact_digest=assignment.artifact_digest,
-                bytes_done=bytes_done,
-                bytes_total=assignment.artifact_size,
-                reason=self.update_reason,
-                sequence=assignment.sequence,
-                rollout_id=assignment.rollout_id,
-                active_model_version=self.active_version,
-                active_artifact_digest=self.active_digest,
-            )
-            status.updated_at.GetCurrentTime()
-            self.status = status
+    def _set_state(self, status: common_pb2.UpdateStatus, state: State) -> None:
+        if self.ctx.protocol >= 2:
+            status.state = to_wire(state)
+        else:
+            status.legacy_state = state
+
+    async def _report(
+        self, m: SimModel, state: State, bytes_done: int = 0, reason: str = ""
+    ) -> None:
+        m.state = state
+        m.reason = reason
+        self._remember(m.taken_seq, state, reason)
+        assignment = m.assignment
+        assert assignment is not None
+        status = common_pb2.UpdateStatus(
+            model_name=assignment.model_name,
+            model_version=assignment.model_version,
+            artifact_digest=assignment.artifact_digest,
+            bytes_done=bytes_done,
+            bytes_total=assignment.artifact_size,
+            reason=reason,
+            sequence=assignment.sequence,
+            rollout_id=assignment.rollout_id,
+            active_model_version=m.active_version,
+            active_artifact_digest=m.active_digest,
+        )
+        self._set_state(status, state)
+        status.updated_at.GetCurrentTime()
+        m.status = status
+        m.reported = True
+        await self._send_status((m,))
+
+    async def _send_status(self, changed: tuple[SimModel, ...]) -> None:
+        """A StatusReport with the applied revision and the statuses of the
+        `changed` models (none: the revision only)."""
         report = device_pb2.StatusReport(applied_revision=self.revision)
-        if not applied_only:
-            report.update.CopyFrom(self.status)
+        if self.ctx.protocol >= 2:
+            report.models.extend(m.status for m in changed)
+        elif changed:
+            report.update.CopyFrom(changed[-1].status)
         if await self._write(device_pb2.AgentMessage(status=report)):
             self.ctx.stats.status_reports += 1
 
-    async def _install(self, assignment: device_pb2.Assignment) -> None:
-        """Walk the update machine's states for `assignment`, as the
-        profile says this class fares with its version."""
-        ctx = self.ctx
-        rng = ctx.rng
+    async def _install(self, m: SimModel, assignment: device_pb2.Assignment) -> None:
+        """Walk the update machine's table (TRANSITIONS) for `assignment`,
+        each state's outcome drawn from how the profile says this class
+        fares with its version."""
+        rng = self.ctx.rng
         version = assignment.model_version
         behaviour = self.behaviour(version)
         total_s = rng.uniform(*behaviour.install_s)
         fail_state = behaviour.fail_state if rng.random() < behaviour.fail_rate else ""
-        shadow = assignment.shadow
-        if shadow and fail_state == "activating":
-            fail_state = ""  # a shadow model is never activated
-        size = assignment.artifact_size
-        states = ["downloading", "verifying", "validating"]
-        if not shadow:
-            states.append("activating")
-        for state in states:
-            share = total_s * STATE_SHARES[state]
-            abortable = state in ABORTABLE
-            if state == "downloading":
-                await self._report(state, 0)
-                if ctx.download:
-                    error = await self._download(assignment)
-                    if error == "superseded":
-                        return await self._superseded(state)
-                    if error:
-                        return await self._fail(state, error)
-                    superseded = await self._pause(share)
-                else:
-                    superseded = await self._pause(share / 2)
-                    if not superseded:
-                        await self._report(state, size // 2)
-                        superseded = await self._pause(share / 2)
-            else:
-                await self._report(state, size)
-                if state == fail_state:
-                    # Fails part-way through the state's work.
-                    await self._pause(share * rng.random(), abortable=False)
-                    return await self._fail(state, behaviour.reason)
-                superseded = await self._pause(share, abortable=abortable)
-            if superseded:
-                return await self._superseded(state)
-            if state == fail_state:
-                return await self._fail(state, behaviour.reason)
-        if shadow:
-            self.shadow_version = version
-            await self._report("shadowing", size)
-            return None
-        self.active_model = assignment.model_name
-        self.active_version = version
-        self.active_digest = assignment.artifact_digest
-        await self._report("committed", size)
-        if behaviour.silent_after_commit:
+        state = TRANSITIONS[(State.IDLE, EventKind.SUCCESS)]
+        reason = ""
+        while state is not State.IDLE:
+            kind, why = await self._run_state(
+                m, assignment, state, total_s, fail_state == state, behaviour, reason
+            )
+            reason = why or reason
+            state = TRANSITIONS[(state, kind)]
+        if m.state == State.COMMITTED and behaviour.silent_after_commit:
             await self._go_silent(behaviour.silent_for_s)
-        return None
 
-    async def _fail(self, state: str, reason: str) -> None:
-        """Fatal failure in `state`: before the artifact is on the device
-        nothing changed (straight to failed); after it, roll back first."""
-        if state != "downloading":
-            await self._report("rolling_back", self.status.bytes_done, reason)
-            await self._pause(0.05 + 0.1 * self.ctx.rng.random(), abortable=False)
-        await self._report("failed", self.status.bytes_done, reason)
+    async def _run_state(
+        self,
+        m: SimModel,
+        assignment: device_pb2.Assignment,
+        state: State,
+        total_s: float,
+        fails: bool,
+        behaviour: Behaviour,
+        reason: str,
+    ) -> tuple[EventKind, str]:
+        """Report `state` and do its simulated work; its event and reason."""
+        size = assignment.artifact_size
+        if state is State.ROLLING_BACK:
+            await self._report(m, state, m.status.bytes_done, reason)
+            await self._pause(m, 0.05 + 0.1 * self.ctx.rng.random(), abortable=False)
+            if m.shadow_version == assignment.model_version:
+                m.shadow_version = ""  # rolling back drops the shadow
+            return EventKind.SUCCESS, reason
+        if state is State.FAILED:
+            await self._report(m, state, m.status.bytes_done, reason)
+            return EventKind.SUCCESS, reason
+        if state is State.COMMITTED:
+            await self._report(m, state, size)
+            return EventKind.SUCCESS, ""
+        share = total_s * STATE_SHARES[state]
+        abortable = state in ABORTABLE
+        if state is State.DOWNLOADING:
+            await self._report(m, state, 0)
+            if self.ctx.download:
+                error = await self._download(m, assignment)
+                if error == "superseded":
+                    return EventKind.ABORTED, self._abort_reason(m)
+                if error:
+                    return EventKind.FATAL, error
+                superseded = await self._pause(m, share)
+            else:
+                superseded = await self._pause(m, share / 2)
+                if not superseded:
+                    await self._report(m, state, size // 2)
+                    superseded = await self._pause(m, share / 2)
+        else:
+            await self._report(m, state, size)
+            if fails:
+                # Fails part-way through the state's work.
+                await self._pause(m, share * self.ctx.rng.random(), abortable=False)
+                return EventKind.FATAL, behaviour.reason
+            superseded = await self._pause(m, share, abortable=abortable)
+        if superseded:
+            return EventKind.ABORTED, self._abort_reason(m)
+        if fails:
+            return EventKind.FATAL, behaviour.reason
+        if state is State.ACTIVATING:
+            if assignment.shadow:
+                # Loaded beside the active version, which does not change.
+                m.shadow_version = assignment.model_version
+            else:
+                m.active_model = assignment.model_name
+                m.active_version = assignment.model_version
+                m.active_digest = assignment.artifact_digest
+        return EventKind.SUCCESS, ""
 
-    async def _superseded(self, state: str) -> None:
-        wanted = self._wanted
+    def _abort_reason(self, m: SimModel) -> str:
+        if m.removing:
+            return "aborted: model unassigned"
+        wanted = m.wanted
         assert wanted is not None
-        await self._fail(state, f"superseded by assignment {wanted.sequence}")
+        return f"superseded by assignment {wanted.sequence}"
 
     async def _go_silent(self, seconds: float) -> None:
         """Stop heartbeats and telemetry and close the stream (half-close,
@@ -865,7 +1065,7 @@ class SimAgent:
                 with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                     await call.done_writing()
 
-    async def _download(self, assignment: device_pb2.Assignment) -> str:
+    async def _download(self, m: SimModel, assignment: device_pb2.Assignment) -> str:
         """Download the artifact for real (resuming after transient errors)
         and check its digest; "" when it arrived, else why it failed
         ("superseded" when a newer assignment arrived meanwhile)."""
@@ -890,11 +1090,11 @@ class SimAgent:
                     hasher.update(chunk.data)
                     offset += len(chunk.data)
                     ctx.stats.download_bytes += len(chunk.data)
-                    if self._wake is not None and self._wake.is_set():
+                    if m.wake.is_set():
                         return "superseded"
                     if time.monotonic() - last_report >= PROGRESS_EVERY_S:
                         last_report = time.monotonic()
-                        await self._report("downloading", offset)
+                        await self._report(m, State.DOWNLOADING, offset)
                 break
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -902,7 +1102,7 @@ class SimAgent:
                 attempts += 1
                 if code in FATAL_DOWNLOAD or attempts >= DOWNLOAD_ATTEMPTS:
                     return f"download failed ({code.name}): {exc.details() or ''}"
-                if await self._pause(ctx.backoff_initial_s * 2**attempts):
+                if await self._pause(m, ctx.backoff_initial_s * 2**attempts):
                     return "superseded"
             finally:
                 stream.cancel()

@@ -37,7 +37,7 @@ import grpc.aio
 
 from edgefleet.v1 import device_pb2, device_pb2_grpc
 
-from .agent import FleetContext, SimAgent
+from .agent import PROTOCOLS, FleetContext, SimAgent
 from .profiles import FleetProfile, default_profile
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -66,7 +66,8 @@ class FleetSummary:
     elapsed_s: float
     # Connection state -> agents (online, connecting, backoff, silent, ...).
     connection: dict[str, int]
-    # Model version -> update state -> agents; "" is no assignment yet.
+    # Model version -> update state -> agents, of each agent's most recently
+    # assigned model; "" is no assignment yet.
     updates: dict[str, dict[str, int]]
     # Version served -> agents; "" is no model.
     active: dict[str, int]
@@ -74,6 +75,11 @@ class FleetSummary:
     classes: dict[str, int]
     # FleetStats: RPCs made and errors seen.
     stats: dict[str, Any]
+    # "model@version" -> update state -> agents, over every model of every
+    # agent (several per device); "" -> {"idle": agents holding no model}.
+    models: dict[str, dict[str, int]]
+    # "model@version" served -> agents.
+    serving: dict[str, int]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -101,6 +107,7 @@ class Fleet:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         rpc_timeout_s: float = 30.0,
+        protocol: int = 2,
         labels: dict[str, str] | None = None,
         on_heartbeat_ack: Callable[[SimAgent, float], None] | None = None,
         on_desired: Callable[[SimAgent, device_pb2.DesiredState], None] | None = None,
@@ -108,6 +115,8 @@ class Fleet:
     ) -> None:
         if n < 0 or agents_per_channel < 1 or connect_concurrency < 1:
             raise ValueError("need n >= 0, agents_per_channel >= 1, connect_concurrency >= 1")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol}: fleetsim speaks protocol 1 or 2")
         self.server = server
         self.prefix = prefix
         self.profile = profile or default_profile()
@@ -123,6 +132,7 @@ class Fleet:
             backoff_initial_s=backoff_initial_s,
             backoff_max_s=backoff_max_s,
             rpc_timeout_s=rpc_timeout_s,
+            protocol=protocol,
             # Lets an operator select the simulated devices (and only them).
             labels={"fleetsim": prefix, **(labels or {})},
             on_heartbeat_ack=on_heartbeat_ack,
@@ -256,6 +266,13 @@ class Fleet:
         assignment counts as ("idle", "")."""
         return Counter((a.update_state, a.update_version) for a in self.agents)
 
+    def model_counts(self) -> Counter[tuple[str, str, str]]:
+        """(model name, update state, model version) -> agents, over every
+        model each agent holds."""
+        return Counter(
+            (m.name, str(m.state), m.version) for a in self.agents for m in a.models.values()
+        )
+
     def active_versions(self) -> Counter[str]:
         """Version served -> agents ("" for none)."""
         return Counter(a.active_version for a in self.agents)
@@ -269,6 +286,15 @@ class Fleet:
         updates: dict[str, dict[str, int]] = {}
         for (state, version), count in sorted(self.counts().items()):
             updates.setdefault(version, {})[state] = count
+        models: dict[str, dict[str, int]] = {}
+        for (name, state, version), count in sorted(self.model_counts().items()):
+            models.setdefault(f"{name}@{version}", {})[state] = count
+        bare = sum(1 for a in self.agents if not a.models)
+        if bare:
+            models[""] = {"idle": bare}
+        serving = Counter(
+            f"{name}@{version}" for a in self.agents for name, version in a.serving().items()
+        )
         stats = asdict(self.ctx.stats)
         stats["errors"] = dict(sorted(self.ctx.stats.errors.items()))
         return FleetSummary(
@@ -279,4 +305,6 @@ class Fleet:
             active=dict(sorted(self.active_versions().items())),
             classes=dict(sorted(Counter(a.class_name for a in self.agents).items())),
             stats=stats,
+            models=models,
+            serving=dict(sorted(serving.items())),
         )

@@ -176,7 +176,7 @@ def publish_digits_versions(
         onnx.save(model, path)
         files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
         push_model(op, DIGITS, version, model_parts(model=path, sample_data=built.sample_data))
-    _finish_builds(db, root, files, op)
+    answer_builds(db, root, files, op)
     return {b.model_version: b.artifact_digest
             for b in op.ListBuilds(o.ListBuildsRequest()).builds}  # fmt: skip
 
@@ -186,8 +186,10 @@ class _NoEvents:
         pass
 
 
-def _finish_builds(db: Database, root: Path, files: dict[str, Path], op: Any) -> None:
-    """Answer the queued builds with the pushed model itself (by its digest)."""
+def answer_builds(db: Database, root: Path, files: dict[str, Path], op: Any) -> None:
+    """Answer the queued builds (of a control plane without build workers;
+    `db` its database) with the pushed model itself: `files` maps each pushed
+    file's digest to it, one class, so one build per file. Scratch in `root`."""
     builds = BuildService(db, BlobStore(root / "builder"), _NoEvents())
     for _ in range(400):
         job = builds.claim("test", 60)

@@ -9,19 +9,29 @@ import grpc
 import numpy as np
 
 from edgefleet.polling import wait_for
+from edgefleet.update_state import of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o
 from testkit.agent_harness import AgentProcess
 
 
-def settled(op: Any, device_id: str, sequence: int, timeout: float = 60) -> c.UpdateStatus:
-    """The device's status once the update `sequence` committed or failed
-    (`op`: a blocking OperatorService stub)."""
+def settled(
+    op: Any, device_id: str, sequence: int, timeout: float = 60, model: str = ""
+) -> c.UpdateStatus:
+    """The device's status (of `model`; "": its latest report) once the
+    update `sequence` committed or failed (`op`: a blocking OperatorService
+    stub)."""
 
     def done() -> c.UpdateStatus | None:
-        update: c.UpdateStatus = op.GetDevice(o.GetDeviceRequest(id=device_id)).update
-        if update.sequence == sequence and update.state in ("committed", "failed"):
+        device: c.Device = op.GetDevice(o.GetDeviceRequest(id=device_id))
+        update = device.update
+        if model:
+            found = [m.status for m in device.models if m.model_name == model]
+            if not found:
+                return None
+            update = found[0]
+        if update.sequence == sequence and of_status(update) in ("committed", "failed"):
             return update
         return None
 

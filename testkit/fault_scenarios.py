@@ -40,6 +40,7 @@ from edgefleet.controlplane.services.builds import BuildService
 from edgefleet.controlplane.services.events import FleetEvent
 from edgefleet.demo.models import mlp_graph
 from edgefleet.sim import Fleet, parse_profile
+from edgefleet.update_state import of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o
@@ -606,7 +607,7 @@ class AgentRig:
         def done() -> c.UpdateStatus | None:
             with contextlib.suppress(grpc.RpcError):
                 u = self.cp.operator().GetDevice(o.GetDeviceRequest(id=device_id), timeout=5).update
-                if u.sequence == sequence and u.state in ("committed", "failed"):
+                if u.sequence == sequence and of_status(u) in ("committed", "failed"):
                     return u
             return None
 
@@ -698,7 +699,7 @@ def cut_network(
             agent.start()
             device_id = rig.device_id(agent)
             status = rig.settled(agent, device_id, rig.assign(device_id, "1.0.0"))
-            if status.state != "committed":
+            if of_status(status) != "committed":
                 raise AssertionError(f"the first install failed: {status}")
             rig.serving(agent, "1.0.0")
             # The download, through a link that drops every connection.
@@ -707,7 +708,7 @@ def cut_network(
             status = rig.settled(agent, device_id, rig.assign(device_id, new_version), timeout=300)
             proxy.cut_after_bytes = None
             download_cuts, download_down = proxy.stats.cuts - cuts, proxy.stats.bytes_down - down
-            if status.state != "committed":
+            if of_status(status) != "committed":
                 problems.append(
                     f"the download through the cut link did not finish: {status.reason}"
                 )
@@ -858,15 +859,15 @@ def fill_disk_during_update(
             agent.start()
             device_id = rig.device_id(agent)
             status = rig.settled(agent, device_id, rig.assign(device_id, "1.0.0"))
-            if status.state != "committed":
+            if of_status(status) != "committed":
                 raise AssertionError(f"the first install failed: {status}")
             rig.serving(agent, "1.0.0")
             # (1) Not enough room to start.
             fill_disk(filler, size + DEFAULT_MARGIN // 2)
             upfront = rig.settled(agent, device_id, rig.assign(device_id, new_version))
-            say(f"too little room: {upfront.state}: {upfront.reason}")
-            if upfront.state != "failed" or "disk full" not in upfront.reason:
-                problems.append(f"up front: {upfront.state} ({upfront.reason})")
+            say(f"too little room: {of_status(upfront)}: {upfront.reason}")
+            if of_status(upfront) != "failed" or "disk full" not in upfront.reason:
+                problems.append(f"up front: {of_status(upfront)} ({upfront.reason})")
             old_model_answers()
             if downloads() != [rig.digests["1.0.0"]]:
                 problems.append(f"files left after the refused update: {downloads()}")
@@ -879,9 +880,9 @@ def fill_disk_during_update(
             fill_disk(filler, 0)
             midway = rig.settled(agent, device_id, sequence)
             proxy.down_bytes_per_s = None
-            say(f"disk filled at {at} bytes: {midway.state}: {midway.reason}")
-            if midway.state != "failed" or "disk full" not in midway.reason:
-                problems.append(f"mid-download: {midway.state} ({midway.reason})")
+            say(f"disk filled at {at} bytes: {of_status(midway)}: {midway.reason}")
+            if of_status(midway) != "failed" or "disk full" not in midway.reason:
+                problems.append(f"mid-download: {of_status(midway)} ({midway.reason})")
             old_model_answers()
             if downloads() != [rig.digests["1.0.0"]]:
                 problems.append(f"files left after the disk filled: {downloads()}")
@@ -890,7 +891,7 @@ def fill_disk_during_update(
             # (3) Room again: the same version installs.
             filler.unlink()
             status = rig.settled(agent, device_id, rig.assign(device_id, new_version))
-            if status.state != "committed":
+            if of_status(status) != "committed":
                 problems.append(f"with room again the update did not install: {status.reason}")
             else:
                 rig.serving(agent, new_version)

@@ -1,6 +1,7 @@
 """An in-process control plane made ready for simulated fleets (fleetsim):
 two classes placed by match rules (Raspberry Pis by board model, gateways
-by arch), digits 1.0.0 and 2.0.0 built for both by hand, and an auto-accept
+by arch), digits 1.0.0 and 2.0.0 and vad 1.0.0 (a second model a device
+holds beside digits) built for both by hand, and an auto-accept
 enrollment token; the hardware of each kind of device; and reading back the
 devices of one fleet."""
 
@@ -87,13 +88,13 @@ async def prepare_for_fleets(server: ControlPlane, root: Path) -> FleetSetup:
             ),
             metadata=ADMIN,
         )
+    refs = (("digits", "1.0.0"), ("digits", "2.0.0"), ("vad", "1.0.0"))
     models = {
-        v: random_mlp(root / f"digits-{v}.onnx", seed) for seed, v in enumerate(("1.0.0", "2.0.0"))
+        f"{name}@{v}": random_mlp(root / f"{name}-{v}.onnx", seed)
+        for seed, (name, v) in enumerate(refs)
     }
-    for version, path in models.items():
-        await op.PushModel(
-            push_requests("digits", version, model_parts(model=path)), metadata=ADMIN
-        )
+    for (name, version), path in zip(refs, models.values(), strict=True):
+        await op.PushModel(push_requests(name, version, model_parts(model=path)), metadata=ADMIN)
     await _publish_builds(server, op, models)
     token = await op.CreateEnrollmentToken(
         o.CreateEnrollmentTokenRequest(name="sim", policy=o.ENROLLMENT_POLICY_AUTO_ACCEPT),

@@ -1581,7 +1581,7 @@ class Fuzzer:
             status=d.StatusReport(
                 applied_revision=1,
                 update=c.UpdateStatus(
-                    state="downloading",
+                    legacy_state="downloading",
                     model_name="digits",
                     model_version="1.0.0",
                     bytes_done=1,

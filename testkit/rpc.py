@@ -14,6 +14,7 @@ import grpc.aio
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from edgefleet import update_state
 from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
@@ -79,10 +80,14 @@ async def enroll_accepted(channel: grpc.aio.Channel, hw_id: str) -> d.EnrollResp
 class SyncStream:
     """A device's Sync stream: send agent messages, read desired states."""
 
-    def __init__(self, channel: grpc.aio.Channel, credential: str, arch: str) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, credential: str, arch: str, protocol: int = 0
+    ) -> None:
         self.outbox: asyncio.Queue[d.AgentMessage] = asyncio.Queue()
+        # 0: an old one-model agent (Hello.protocol); 2: a multi-model one.
+        self.protocol = protocol
         # The Hello's hardware is what classifies the device: keep its arch.
-        hello = d.Hello(hardware=c.HardwareProfile(arch=arch))
+        hello = d.Hello(hardware=c.HardwareProfile(arch=arch), protocol=protocol)
         self.outbox.put_nowait(d.AgentMessage(hello=hello))
         self.call = dg.DeviceServiceStub(channel).Sync(
             self._requests(), metadata=bearer_metadata(credential)
@@ -100,9 +105,17 @@ class SyncStream:
                 return message.desired
 
     def report(self, state: str, sequence: int, **fields: Any) -> None:
-        update = c.UpdateStatus(state=state, sequence=sequence, model_name="digits",
-                                model_version="1.0.0", **fields)  # fmt: skip
-        self.outbox.put_nowait(d.AgentMessage(status=d.StatusReport(update=update)))
+        """One model's status ("digits" 1.0.0 unless `fields` say otherwise),
+        as the stream's protocol sends it: protocol 2 in StatusReport.models
+        with the state enum, older in StatusReport.update as a string."""
+        values: dict[str, Any] = {"model_name": "digits", "model_version": "1.0.0", **fields}
+        if self.protocol >= 2:
+            update = c.UpdateStatus(state=update_state.to_wire(state), sequence=sequence, **values)
+            report = d.StatusReport(models=[update])
+        else:
+            update = c.UpdateStatus(legacy_state=state, sequence=sequence, **values)
+            report = d.StatusReport(update=update)
+        self.outbox.put_nowait(d.AgentMessage(status=report))
 
 
 class FleetWatch:

@@ -10,8 +10,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
+
+from edgefleet.controlplane.client.format import model_view
 from edgefleet.tui import data as d
-from edgefleet.tui.client import InputError, ServerError, rollout_spec
+from edgefleet.tui.client import InputError, ServerError, model_from_view, rollout_spec
+from edgefleet.update_state import to_wire
+from edgefleet.v1 import common_pb2 as c
 
 NOW = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
 
@@ -28,26 +33,54 @@ RT = d.RuntimeInfo(python_version="3.11.9", agent_version="0.1.0", onnxruntime_v
                    litert_package="ai-edge-litert")  # fmt: skip
 
 
+def model(
+    name: str,
+    assigned: str,
+    state: str,
+    serving: str = "",
+    *,
+    sequence: int = 1,
+    reason: str = "",
+    done: int = 0,
+    total: int = 0,
+) -> d.DeviceModel:
+    """A model as the real client shows it (its summary and detail come from
+    the same code), reported by the agent in `state` about `assigned`."""
+    status = c.UpdateStatus(state=to_wire(state), model_name=name, model_version=assigned,
+                            sequence=sequence, active_model_version=serving, reason=reason,
+                            bytes_done=done, bytes_total=total)  # fmt: skip
+    pb = c.DeviceModel(model_name=name, assigned_version=assigned, sequence=sequence, status=status)
+    return model_from_view(model_view(pb))
+
+
+DIGITS = model("digits", "1.0.0", "committed", "1.0.0")
+
+
 def _device(i: int, name: str, cls: str, **kw: object) -> d.Device:
     base = d.Device(
         id=f"{i:08x}-0000-4000-8000-000000000000", name=name, state="accepted", online=True,
         class_name=cls, labels={"site": "demo", "tier": "stable"}, hardware=PI_HW, runtime=RT,
         update=d.UpdateInfo(state="committed", model_name="digits", model_version="1.0.0",
                             active_version="1.0.0"),
-        last_seen_at=ago(seconds=4), enrolled_at=ago(hours=3),
+        last_seen_at=ago(seconds=4), enrolled_at=ago(hours=3), models=(DIGITS,), agent_protocol=2,
     )  # fmt: skip
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
 DEVICES = [
-    _device(1, "pi-kitchen", "pi-class", labels={"site": "demo", "tier": "canary"}),
+    _device(1, "pi-kitchen", "pi-class", labels={"site": "demo", "tier": "canary"},
+            models=(DIGITS, model("vad", "5.0.0", "downloading", "4.0.0", sequence=3, done=400,
+                                  total=1000))),
     _device(2, "pi-hallway", "pi-class"),
     _device(3, "jetson-dock", "jetson", update=d.UpdateInfo(
         state="failed", model_name="digits", model_version="1.0.0",
-        reason="runtime tensorrt not available on this device")),
+        reason="runtime tensorrt not available on this device"),
+        models=(model("digits", "1.0.0", "failed", reason="runtime tensorrt not available on "
+                      "this device"),)),
     _device(4, "gateway-1", "x86-gateway",
             hardware=replace(PI_HW, arch="x86_64", board_model="", cpu_model="Xeon", cpu_cores=2)),
-    _device(5, "field-unit-7", "", state="pending", update=d.UpdateInfo(), online=True),
+    _device(5, "field-unit-7", "", state="pending", update=d.UpdateInfo(), online=True, models=(),
+            agent_protocol=1),
     _device(6, "pi-garage", "pi-class", online=False, last_seen_at=ago(minutes=42)),
 ]  # fmt: skip
 
@@ -154,7 +187,7 @@ class FakeFleet:
         for dev in self.devices:
             if dev.id == device_id:
                 return dev
-        raise ServerError(__import__("grpc").StatusCode.NOT_FOUND, f"no device {device_id!r}")
+        raise ServerError(grpc.StatusCode.NOT_FOUND, f"no device {device_id!r}")
 
     def _change(self, device_id: str, fn: Callable[[d.Device], d.Device]) -> d.Device:
         new = fn(self._find(device_id))
@@ -192,7 +225,21 @@ class FakeFleet:
             d.DeploymentEvent(2, "digits", "1.1.0", "downloading", "", ago(minutes=4), ROLLOUT.id),
             d.DeploymentEvent(1, "digits", "1.0.0", "committed", "", ago(hours=2)),
             d.DeploymentEvent(1, "digits", "1.0.0", "downloading", "", ago(hours=2, seconds=9)),
+            d.DeploymentEvent(3, "vad", "5.0.0", "downloading", "", ago(minutes=1)),
         ]  # fmt: skip
+
+    async def unassign_model(self, device_id: str, model_name: str, reason: str = "") -> bool:
+        """As the control plane: NOT_FOUND for an unknown device, an empty
+        name refused; False when the device did not hold the model."""
+        self.calls.append(("unassign", (device_id, model_name)))
+        if not model_name:
+            raise ServerError(grpc.StatusCode.INVALID_ARGUMENT, "model_name is required")
+        device = self._find(device_id)
+        if not any(m.name == model_name and m.assigned_version for m in device.models):
+            return False
+        self._change(device_id, lambda x: replace(
+            x, models=tuple(m for m in x.models if m.name != model_name)))  # fmt: skip
+        return True
 
     async def list_classes(self) -> list[d.DeviceClass]:
         return list(CLASSES)
@@ -200,7 +247,7 @@ class FakeFleet:
     async def save_class(self, draft: d.ClassDraft, *, create: bool) -> d.DeviceClass:
         self.calls.append(("save_class", draft))
         if draft.latency_budget_ms.startswith("-"):
-            raise ServerError(__import__("grpc").StatusCode.INVALID_ARGUMENT,
+            raise ServerError(grpc.StatusCode.INVALID_ARGUMENT,
                               "latency_budget_p95_ms must be > 0")  # fmt: skip
         return d.DeviceClass(draft.name)
 

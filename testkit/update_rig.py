@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +19,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.agent.identity import signing_key_id
+from edgefleet.agent.serving import ModelHost
+from edgefleet.agent.update.activation import HostActivator
 from edgefleet.agent.update.download import artifact_path, part_path
 from edgefleet.agent.update.machine import UpdateMachine
+from edgefleet.agent.update.models import ModelUpdate, ModelUpdates
 from edgefleet.agent.update.ports import Chunk, FatalUpdateError, Ports, RetryableUpdateError
+from edgefleet.agent.update.remote import StatusReporter
+from edgefleet.agent.update.runner import UpdateRunner
 from edgefleet.agent.update.states import State
 from edgefleet.agent.update.store import Assignment, UpdateRecord, UpdateStore
 from edgefleet.agent.update.verify import ManifestVerifier
+from edgefleet.update_state import name_of
 from edgefleet.v1 import common_pb2
 
 CLASS = "jetson-orin"
@@ -388,3 +396,173 @@ def install_artifact(
         outputs=specs(list(graph.output)),
     )
     return path, manifest.SerializeToString()
+
+
+# ---------------------------------------------------------------- several models
+
+
+def model_assignment(
+    model: Path, name: str, version: str, sequence: int, *, shadow: bool = False
+) -> tuple[Assignment, bytes]:
+    """A signed assignment of the ONNX `model` as `name` `version` (class
+    "cpu", onnxruntime) and the artifact's bytes, for a downloader to serve."""
+    data = model.read_bytes()
+    scratch = _manifest_for(model, name, version, data)
+    return (
+        Assignment(
+            model_name=name,
+            model_version=version,
+            artifact_digest=sha(data),
+            artifact_size=len(data),
+            manifest=scratch,
+            manifest_signature=SIGNER.sign(scratch),
+            sequence=sequence,
+            shadow=shadow,
+        ),
+        data,
+    )
+
+
+def _manifest_for(model: Path, name: str, version: str, data: bytes) -> bytes:
+    graph = onnx.load(model).graph
+
+    def specs(values: list[onnx.ValueInfoProto]) -> list[common_pb2.TensorSpec]:
+        return [
+            common_pb2.TensorSpec(
+                name=v.name,
+                dtype="float32",
+                shape=[d.dim_value or -1 for d in v.type.tensor_type.shape.dim],
+            )
+            for v in values
+        ]
+
+    return common_pb2.ArtifactManifest(
+        model_name=name,
+        model_version=version,
+        class_name="cpu",
+        runtime=common_pb2.RUNTIME_ONNXRUNTIME,
+        sha256=sha(data),
+        size_bytes=len(data),
+        inputs=specs(list(graph.input)),
+        outputs=specs(list(graph.output)),
+    ).SerializeToString()
+
+
+class BlobDownloader:
+    """Serves any artifact it was given, by digest, in CHUNK-sized chunks.
+    `gates[digest]`, while clear, holds that download after its first chunk
+    (a slow link), so tests can run another model's update meanwhile."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.gates: dict[str, threading.Event] = {}
+        self.fetched: list[str] = []
+
+    def add(self, data: bytes) -> str:
+        digest = sha(data)
+        self.blobs[digest] = data
+        return digest
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        self.fetched.append(digest)
+        data = self.blobs[digest]
+        for index, start in enumerate(range(offset, len(data), CHUNK)):
+            gate = self.gates.get(digest)
+            if index == 1 and gate is not None:
+                gate.wait(30)
+            yield Chunk(start, data[start : start + CHUNK], len(data))
+
+
+class ModelsRig:
+    """The agent's ModelUpdates over a real ModelHost and the real
+    HostActivator, TrustStore-less ports with a BlobDownloader, a fake
+    validator and the real manifest verifier: what the daemon builds, minus
+    gRPC. Statuses every model's reporter published land in `published`."""
+
+    def __init__(self, state_dir: Path, host: ModelHost | None = None) -> None:
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.host = host or ModelHost()
+        self.downloader = BlobDownloader()
+        self.faults = Faults()
+        self.published: list[common_pb2.UpdateStatus] = []
+        self._lock = threading.Lock()
+        # Per model name: wraps its ports (fault injection), like UpdateFaults.
+        self.wrap: dict[str, Callable[[Ports], Ports]] = {}
+        self.updates = ModelUpdates(state_dir, self._build)
+
+    def _publish(self, status: common_pb2.UpdateStatus) -> None:
+        with self._lock:
+            self.published.append(status)
+
+    def _build(self, name: str, remove: Callable[[str], None]) -> ModelUpdate:
+        updates = self.updates
+
+        def shared() -> set[str]:
+            return updates.in_use(exclude=name)
+
+        activator = HostActivator(self.host, self.state_dir, name, in_use=shared)
+        machine: UpdateMachine | None = None
+
+        def record() -> UpdateRecord:
+            assert machine is not None
+            return machine.record
+
+        def active() -> tuple[str, str]:
+            current = activator.current()
+            return (current.model_version, current.digest) if current else ("", "")
+
+        reporter = StatusReporter(self._publish, record, active, model_name=name)
+        ports = Ports(
+            downloader=self.downloader,
+            verifier=ManifestVerifier(trusted_keys=TRUSTED, class_name="cpu"),
+            validator=FakeValidator(self.faults),
+            activator=activator,
+            reporter=reporter,
+            sleep=lambda seconds: None,
+            shared=shared,
+        )
+        if name in self.wrap:
+            ports = self.wrap[name](ports)
+        machine = UpdateMachine(UpdateStore(self.state_dir, name), ports, disk_margin=0)
+        runner = UpdateRunner(machine, name=f"update-{name}", remove=remove)
+        return ModelUpdate(name, machine, runner, reporter, activator, None)
+
+    def boot(self) -> None:
+        """What the daemon does at start: migrate, restore, start runners."""
+        self.updates.load()
+        self.updates.start()
+
+    def assign(self, *assignments: Assignment, remove_others: bool = True) -> None:
+        self.updates.apply(assignments, remove_others=remove_others)
+
+    def statuses(self, name: str) -> list[common_pb2.UpdateStatus]:
+        with self._lock:
+            return [s for s in self.published if s.model_name == name]
+
+    def wait_for(self, check: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; published: {self.published}")
+            time.sleep(0.02)
+
+    def settled(self, name: str, sequence: int, timeout: float = 30.0) -> str:
+        """Wait for model `name`'s update `sequence` to settle; its outcome."""
+        outcome: list[str] = []
+
+        def done() -> bool:
+            for status in self.statuses(name):
+                state = name_of(status.state)
+                if status.sequence == sequence and state in ("committed", "failed"):
+                    update = self.updates.get(name)
+                    if update is not None and not update.machine.record.pending:
+                        outcome.append(state)
+                        return True
+            return False
+
+        self.wait_for(done, timeout)
+        return outcome[0]
+
+    def stop(self) -> None:
+        self.updates.stop(timeout=5.0)

@@ -21,7 +21,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from edgefleet.controlplane.client import push
 from edgefleet.controlplane.client.connection import Connection
 from edgefleet.controlplane.client.errors import rpc_status
-from edgefleet.controlplane.client.format import format_cohort, format_pacing, format_shape
+from edgefleet.controlplane.client.format import (
+    ModelView,
+    format_cohort,
+    format_pacing,
+    format_shape,
+    model_update_text,
+    model_views,
+)
 from edgefleet.controlplane.client.paging import list_devices_async
 from edgefleet.controlplane.client.stages import format_stage, parse_ramp, parse_stage
 from edgefleet.controlplane.client.syntax import (
@@ -34,6 +41,7 @@ from edgefleet.controlplane.client.syntax import (
     parse_model_ref,
 )
 from edgefleet.tui import data as d
+from edgefleet.update_state import name_of, of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc
@@ -116,6 +124,7 @@ class FleetApi(Protocol):
     async def edit_labels(self, device_id: str, text: str) -> d.Device: ...
     async def pin_device(self, device_id: str, class_name: str) -> d.Device: ...
     async def device_history(self, device_id: str) -> list[d.DeploymentEvent]: ...
+    async def unassign_model(self, device_id: str, model_name: str, reason: str = "") -> bool: ...
 
     async def list_classes(self) -> list[d.DeviceClass]: ...
     async def save_class(self, draft: d.ClassDraft, *, create: bool) -> d.DeviceClass: ...
@@ -236,10 +245,18 @@ class FleetClient:
         return [
             d.DeploymentEvent(
                 sequence=e.sequence, model_name=e.model_name, model_version=e.model_version,
-                state=e.state, reason=e.reason, at=_when(e.at), rollout_id=e.rollout_id,
+                state=name_of(e.state), reason=e.reason, at=_when(e.at), rollout_id=e.rollout_id,
             )
             for e in resp.events
         ]  # fmt: skip
+
+    async def unassign_model(self, device_id: str, model_name: str, reason: str = "") -> bool:
+        """Remove the model from the device (its other models stay); False
+        when the device did not hold it."""
+        request = o.UnassignModelRequest(device_ids=[device_id], model_name=model_name,
+                                         reason=reason)  # fmt: skip
+        response = await self._call("UnassignModel", request)
+        return device_id in response.removed
 
     # ------------------------------------------------------------ classes
 
@@ -548,11 +565,22 @@ def device_from_pb(m: c.Device) -> d.Device:
             tensorrt_version=rt.tensorrt_version,
         ),
         update=d.UpdateInfo(
-            state=up.state, model_name=up.model_name, model_version=up.model_version,
+            state=of_status(up), model_name=up.model_name, model_version=up.model_version,
             reason=up.reason, bytes_done=up.bytes_done, bytes_total=up.bytes_total,
             rollout_id=up.rollout_id, active_version=up.active_model_version,
         ),
         last_seen_at=_when(m.last_seen_at), enrolled_at=_when(m.enrolled_at),
+        models=tuple(model_from_view(v) for v in model_views(m)),
+        agent_protocol=m.agent_protocol,
+    )  # fmt: skip
+
+
+def model_from_view(v: ModelView) -> d.DeviceModel:
+    return d.DeviceModel(
+        name=v.name, assigned_version=v.assigned, serving_version=v.serving, state=v.state,
+        target_version=v.target, sequence=v.sequence, rollout_id=v.rollout_id, shadow=v.shadow,
+        bytes_done=v.bytes_done, bytes_total=v.bytes_total, reason=v.reason, summary=v.summary,
+        detail=model_update_text(v),
     )  # fmt: skip
 
 

@@ -45,8 +45,37 @@ class RuntimeInfo:
 
 
 @dataclass(frozen=True)
+class DeviceModel:
+    """One model a device holds: what is assigned, what it serves, where its
+    update stands (controlplane.client.format.ModelView, as plain data)."""
+
+    name: str
+    assigned_version: str = ""
+    serving_version: str = ""
+    # Update state by name ("committed", "downloading", ...); "pending" when
+    # the agent has not taken the current assignment up yet; "" unknown.
+    state: str = ""
+    # The version the state is about.
+    target_version: str = ""
+    sequence: int = 0
+    rollout_id: str = ""
+    shadow: bool = False
+    bytes_done: int = 0
+    bytes_total: int = 0
+    reason: str = ""
+    # `digits@1.2.0`, `vad@5.0.0 (downloading 40%)`: one cell's worth.
+    summary: str = ""
+    # The update in flight or the last failure, in words ("" when settled).
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.state == "failed"
+
+
+@dataclass(frozen=True)
 class UpdateInfo:
-    """Where the agent's update machine is for its current assignment."""
+    """Where the agent's update machine is for the model it reported last."""
 
     state: str = ""
     model_name: str = ""
@@ -74,15 +103,29 @@ class Device:
     update: UpdateInfo = field(default_factory=UpdateInfo)
     last_seen_at: datetime | None = None
     enrolled_at: datetime | None = None
+    # Every model assigned or reported, by name.
+    models: tuple[DeviceModel, ...] = ()
+    # The sync protocol its agent speaks (0: not connected yet).
+    agent_protocol: int = 0
 
     @property
     def active_version(self) -> str:
         return self.update.active_version
 
     @property
+    def models_text(self) -> str:
+        """`digits@1.2.0, vad@5.0.0 (downloading 40%)`; "" for no model."""
+        return ", ".join(m.summary for m in self.models if m.summary)
+
+    @property
+    def failed_models(self) -> tuple[DeviceModel, ...]:
+        return tuple(m for m in self.models if m.failed)
+
+    @property
     def failed(self) -> bool:
-        """The last update failed (the device may still serve an older version)."""
-        return self.update.state == "failed"
+        """A model's last update failed (the device may still serve an older
+        version of it)."""
+        return bool(self.failed_models) or (not self.models and self.update.state == "failed")
 
 
 @dataclass(frozen=True)

@@ -48,16 +48,23 @@ def _sorted(counter: Counter[str]) -> tuple[tuple[str, int], ...]:
 def summarize(
     devices: Sequence[Device], rollouts: Sequence[Rollout], now: datetime
 ) -> FleetSummary:
-    """The overview's figures: devices by status, class and serving version;
+    """The overview's figures: devices by status and class, models served
+    by name@version (a device counts once per model);
     the active rollouts; alerts for failed deployments, failing gates,
     paused rollouts and silent devices."""
     states: Counter[str] = Counter({s: 0 for s in ("online", "offline", "pending", "failed")})
     states.update(device_status(dev) for dev in devices)
     classes = Counter(dev.class_name or "(unclassified)" for dev in devices)
-    versions = Counter(dev.active_version or "(none)" for dev in devices if dev.state == "accepted")
+    versions: Counter[str] = Counter()
+    for dev in (x for x in devices if x.state == "accepted"):
+        serving = [f"{m.name}@{m.serving_version}" for m in dev.models if m.serving_version]
+        versions.update(serving or ["(none)"])
     alerts: list[Alert] = []
     for dev in devices:
-        if dev.failed:
+        for m in dev.failed_models:
+            what = f"{m.name} {m.target_version}".strip()
+            alerts.append(Alert("failed deployment", dev.name, f"{what}: {m.reason}"))
+        if dev.failed and not dev.models:
             what = f"{dev.update.model_name} {dev.update.model_version}".strip()
             alerts.append(Alert("failed deployment", dev.name, f"{what}: {dev.update.reason}"))
     active = tuple(r for r in rollouts if r.active)

@@ -20,7 +20,10 @@ The ports the daemon wires in:
   device in a child process;
 - activation.py: switching the ModelHost, active.json, restore at boot;
 - runner.py: the thread that reconciles the assignment with the machine;
-- faults.py: the crash-test pause (EDGEFLEET_TEST_AGENT_FAULT_PAUSE).
+- faults.py: the crash-test pause (EDGEFLEET_TEST_AGENT_FAULT_PAUSE);
+- layout.py: each model's directory (models/<name>/) and the migration of
+  the single-model layout;
+- models.py: one machine and runner thread per model, and unassigning.
 
 The machine itself never speaks gRPC or loads a runtime. See
 docs/agent-updates.md."""

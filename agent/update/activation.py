@@ -1,7 +1,10 @@
 """The Activator port over the ModelHost, and the record of what is active.
 
-<state_dir>/active.json names the active artifact and, until the update
-commits, the standby (the one it replaced). It is written atomically *after*
+There is one HostActivator per model name (a device holds several models,
+each with its own update machine); each touches only its model's slot of the
+shared ModelHost. <state_dir>/models/<model>/active.json (layout.py) names
+the active artifact and, until the update commits, the standby (the one it
+replaced). It is written atomically *after*
 the host switched, so it only ever names artifacts that loaded and warmed on
 this device; at boot, `restore()` loads what it names, and the daemon serves
 that. The artifact files stay in <state_dir>/downloads/<digest> (only
@@ -20,13 +23,18 @@ A shadow (a rollout's shadow stage, Activator.shadow) is recorded as the
 "shadow" entry, written after it loaded and warmed, and restored at boot
 beside the active model. A commit keeps it and its file; a rollback or the
 next activation drops it (and the next commit deletes its file unless it
-became the active one)."""
+became the active one).
+
+The downloads are shared by every model (by digest): a commit deletes only
+the files no model still needs, asking `in_use` for the digests the other
+models' records name (active, standby, shadow, or an update in flight)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +47,7 @@ from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2
 
 from .download import DOWNLOADS_DIR, artifact_path
+from .layout import model_dir
 from .ports import FatalUpdateError
 
 if TYPE_CHECKING:
@@ -107,10 +116,10 @@ def golden_inputs(manifest: common_pb2.ArtifactManifest) -> dict[str, np.ndarray
 
 
 class ActiveStore:
-    """Reads and writes <state_dir>/active.json."""
+    """Reads and writes active.json in `directory` (a model's directory)."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / ACTIVE_FILE
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / ACTIVE_FILE
 
     def load(self) -> ActiveRecord:
         try:
@@ -142,19 +151,42 @@ class ActiveStore:
                 # step): no write, so none to fail on a full disk.
                 return
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             atomic_write(self.path, data)
         except OSError as exc:
             raise write_error(self.path, exc) from exc
 
+    def digests(self) -> set[str]:
+        """Every artifact this record names (a missing or unreadable record:
+        none; cleanup then keeps fewer files, never deletes more)."""
+        try:
+            record = self.load()
+        except StateError:
+            return set()
+        return {i.digest for i in (record.active, record.standby, record.shadow) if i is not None}
+
 
 class HostActivator:
     """Implements the Activator port: switches the ModelHost between
-    installed artifacts and records what is active."""
+    installed artifacts and records what is active. `model_name` picks the
+    model's directory (None: the state directory itself, as in tests of one
+    model); `in_use` gives the digests other models still need, which a
+    commit must not delete."""
 
-    def __init__(self, host: ModelHost, state_dir: Path) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        state_dir: Path,
+        model_name: str | None = None,
+        *,
+        in_use: Callable[[], set[str]] = set,
+    ) -> None:
         self.host = host
         self.state_dir = state_dir
-        self.store = ActiveStore(state_dir)
+        self.model_name = model_name
+        self._in_use = in_use
+        directory = state_dir if model_name is None else model_dir(state_dir, model_name)
+        self.store = ActiveStore(directory)
 
     # ------------------------------------------------------------ boot
 
@@ -328,6 +360,7 @@ class HostActivator:
         downloads = self.state_dir / DOWNLOADS_DIR
         if not downloads.is_dir():
             return
+        keep = keep | self._in_use()
         for path in downloads.iterdir():
             if path.name not in keep and "." not in path.name:
                 with contextlib.suppress(OSError):

@@ -12,6 +12,8 @@ Where each state pauses is the most damaging point inside it:
 - verified (not a state): inside Verifying, after every check passed and
   before the trusted state is written (trust.json must still be the old one).
 
+`<state>@<model>` pauses only that model's machine (the others go on).
+
 Never set in production; the agent logs loudly when it is. Only
 `edgefleet-agent`'s entry point (agent/main.py) reads the variable; the
 Agent takes the wrapped ports as an argument, and testkit's AgentProcess

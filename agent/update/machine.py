@@ -62,12 +62,11 @@ from edgefleet.agent.errors import AgentError, DiskFull, StateError
 
 from .download import DEFAULT_MARGIN, Hasher, ResumableDownload, artifact_path, remove_download
 from .ports import Ports, UpdateError
-from .states import TRANSITIONS, Event, EventKind, State
+from .states import ABORTABLE, TRANSITIONS, Event, EventKind, State
 from .store import Assignment, UpdateRecord, UpdateStore
 from .verify import check_names_assigned
 
 RESTARTED_IN_ACTIVATION = "agent restarted during activation"
-_ABORTABLE = frozenset({State.DOWNLOADING, State.VERIFYING, State.VALIDATING})
 
 
 class UpdateInProgress(AgentError):
@@ -284,7 +283,7 @@ class UpdateMachine:
         if state is State.ACTIVATING and self._restarted_in_activation:
             self._restarted_in_activation = False
             return Event.failure(RESTARTED_IN_ACTIVATION, fatal=True)
-        if state in _ABORTABLE and record.abort_reason is not None:
+        if state in ABORTABLE and record.abort_reason is not None:
             return Event.aborted(f"aborted: {record.abort_reason}")
         handler = self._handlers[state]
         try:
@@ -394,6 +393,8 @@ class UpdateMachine:
             # The failed artifact may also be the active one (an assignment,
             # e.g. a shadow, of the version already served): keep its file.
             in_use = active != record.previous or active == digest
+            # The downloads are shared: another model may use the same file.
+            in_use = in_use or digest in self.ports.shared()
         except Exception:
             in_use = True
         with contextlib.suppress(OSError):

@@ -132,3 +132,7 @@ class Ports:
     # The agent always has one; None only in tests of the other states
     # (assignments then go unchecked beyond their manifest).
     trust: Trust | None = None
+    # The artifact digests other models on the device still need (their
+    # active, standby, shadow or in-flight artifacts): Failed must not
+    # delete a shared download.
+    shared: Callable[[], set[str]] = set

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from edgefleet.update_state import to_wire
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 from .ports import Chunk, FatalUpdateError
@@ -102,7 +103,11 @@ class StatusReporter:
 
     `condition` says why the device cannot write its state directory ("disk
     full: ...", agent/disk.py), or None; a status with no reason of its own
-    carries it, so the operator sees the condition whatever the update does."""
+    carries it, so the operator sees the condition whatever the update does.
+
+    There is one reporter per model (`model_name`): every status it builds
+    names that model, and carries the state as the UpdateState enum
+    (edgefleet.update_state; protocol 2 leaves legacy_state empty)."""
 
     def __init__(
         self,
@@ -113,7 +118,9 @@ class StatusReporter:
         progress_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         condition: Callable[[], str | None] = lambda: None,
+        model_name: str = "",
     ) -> None:
+        self.model_name = model_name
         self._publish = publish
         self._record = record
         self._active = active
@@ -155,7 +162,8 @@ class StatusReporter:
             reason = record.reason
         version, digest = self._active()
         status = common_pb2.UpdateStatus(
-            state=name,
+            state=to_wire(name),
+            model_name=self.model_name,
             bytes_done=bytes_done,
             bytes_total=bytes_total,
             reason=reportable(reason or self._condition() or ""),
@@ -171,3 +179,18 @@ class StatusReporter:
             status.rollout_id = assignment.rollout_id
         status.updated_at.GetCurrentTime()
         return status
+
+    def removed(self, reason: str) -> common_pb2.UpdateStatus:
+        """The last status of a model that was unassigned and unloaded: Idle,
+        nothing active (docs/agent-updates.md, "Unassigning a model")."""
+        status = common_pb2.UpdateStatus(
+            state=to_wire(State.IDLE.value),
+            model_name=self.model_name,
+            reason=reportable(f"unassigned and unloaded: {reason}" if reason else "unloaded"),
+        )
+        status.updated_at.GetCurrentTime()
+        return status
+
+    def publish(self, status: common_pb2.UpdateStatus) -> None:
+        """Send `status` as it is (the removal's last status)."""
+        self._publish(status)

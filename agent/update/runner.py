@@ -17,6 +17,16 @@ plans the next step:
 The same sequence is the same assignment (a statement signed again after a
 key rotation, for one): nothing to do.
 
+Unassigning (`unassign`, the model left the desired state): an update in
+an abortable state is aborted, one past Validating is let settle (it
+finishes or rolls back); once the machine is idle the `remove` callback
+unloads the model and deletes its records (removal.py), and the thread
+ends. The caller persisted the intent before (layout.REMOVING_FILE), so a
+restart in the middle finishes it.
+
+There is one runner (and one thread) per model a device holds; they run
+concurrently and share only the downloads directory.
+
 The machine blocks (downloads, validation in a child process, loading a
 model), so it runs here and never on the event loop."""
 
@@ -24,11 +34,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from edgefleet.agent.errors import StateError
 
 from .machine import UpdateMachine
-from .states import State
+from .states import ABORTABLE, State
 from .store import Assignment
 
 log = logging.getLogger(__name__)
@@ -39,14 +50,27 @@ STATE_ERROR_PAUSE_S = 10.0
 
 
 class UpdateRunner:
-    """Runs `machine` on a daemon thread until `stop()`."""
+    """Runs `machine` on a daemon thread until `stop()` (or until the model
+    was removed: `unassign`). `remove` unloads the model and deletes its
+    records; `name` names the thread."""
 
-    def __init__(self, machine: UpdateMachine) -> None:
+    def __init__(
+        self,
+        machine: UpdateMachine,
+        *,
+        name: str = "update",
+        remove: Callable[[str], None] | None = None,
+    ) -> None:
         self.machine = machine
         self._wanted: Assignment | None = None
         self._changed = threading.Condition()
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="update", daemon=True)
+        self._remove = remove
+        # Why the model is being removed; None while it is assigned.
+        self._removing: str | None = None
+        # Set once the removal is done (the thread then ends).
+        self.removed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -64,6 +88,20 @@ class UpdateRunner:
         """Sleep up to `timeout` unless stopped (the machine's backoff sleeps
         through this, so stopping cuts it short)."""
         self._stopped.wait(timeout)
+
+    def unassign(self, reason: str) -> None:
+        """Remove the model once its machine settled (module docstring)."""
+        with self._changed:
+            self._removing = reason
+            self._changed.notify_all()
+
+    @property
+    def removing(self) -> str | None:
+        """Why the model is being removed; None while it is assigned."""
+        return self._removing
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def submit(self, assignment: Assignment) -> None:
         """The assignment of the newest desired state (the same sequence
@@ -93,9 +131,24 @@ class UpdateRunner:
         record = machine.record
         with self._changed:
             wanted = self._wanted
+            removing = self._removing
         taken = record.assignment.sequence if record.assignment else 0
         # An unsaved record (a full disk) keeps stepping until it is written.
         busy = record.pending or machine.state is not State.IDLE or machine.unsaved
+        if removing is not None:
+            if busy:
+                if record.abort_reason is None and (
+                    machine.state in ABORTABLE or machine.state is State.IDLE
+                ):
+                    machine.abort(f"unassigned: {removing}")
+                if record.pending or machine.state is not State.IDLE or machine.unsaved:
+                    machine.step()
+                return True
+            if self._remove is not None:
+                self._remove(removing)
+            self.removed.set()
+            self._stopped.set()
+            return False
         if wanted is not None and wanted.sequence != taken:
             if not busy:
                 log.info(

@@ -68,6 +68,10 @@ class Event:
         return cls(EventKind.WAITING, reason)
 
 
+# States a newer assignment (or the model's removal) aborts; once activation
+# started, an update finishes first. fleetsim's simulated devices use it too.
+ABORTABLE = frozenset({State.DOWNLOADING, State.VERIFYING, State.VALIDATING})
+
 S, E = State, EventKind
 
 TRANSITIONS: dict[tuple[State, EventKind], State] = {

@@ -1,4 +1,6 @@
-"""The persisted update record: state_dir/update.json, written atomically
+"""The persisted update record of one model: state_dir/models/<model>/update.json
+(layout.py; state_dir/update.json for a store made without a model name, as
+in the machine's own tests), written atomically
 (edgefleet.fsutil.atomic_write) by the machine before each state's side
 effects, and loaded on restart. Bytes (manifest, statement, signatures,
 rotations) are hex."""
@@ -14,6 +16,7 @@ from edgefleet.agent.disk import write_error
 from edgefleet.agent.errors import StateError
 from edgefleet.fsutil import atomic_write
 
+from .layout import model_dir
 from .states import State
 
 UPDATE_FILE = "update.json"
@@ -117,11 +120,15 @@ def _decode(path: Path, document: Any) -> UpdateRecord:
 
 
 class UpdateStore:
-    """Loads and saves the update record in `state_dir`."""
+    """Loads and saves the update record of `model_name` in `state_dir`.
+    `state_dir` stays the device's state directory: the downloads under it
+    are shared by every model."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, model_name: str | None = None) -> None:
         self.state_dir = state_dir
-        self.path = state_dir / UPDATE_FILE
+        self.model_name = model_name
+        self.directory = state_dir if model_name is None else model_dir(state_dir, model_name)
+        self.path = self.directory / UPDATE_FILE
 
     def load(self) -> UpdateRecord:
         """The stored record; a fresh Idle one when none was written yet."""
@@ -139,6 +146,7 @@ class UpdateStore:
 
     def save(self, record: UpdateRecord) -> None:
         try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             atomic_write(self.path, _encode(record))
         except OSError as exc:
             raise write_error(self.path, exc) from exc

@@ -1,9 +1,13 @@
 """What the agent trusts, and the statement checks of the Verifying step
 (after TUF and Uptane; docs/security.md, "Signed updates").
 
-Trusted state, state_dir/trust.json: the signing keys the agent trusts, the
-highest assignment sequence it verified (and that statement's digest), and
-per model the version it last committed. It is written (atomically) only
+Trusted state: the signing keys the agent trusts (state_dir/trust.json,
+device-wide), and per model (models/<model>/trust.json) the highest
+assignment sequence it verified for that model (and that statement's
+digest) and the version it last committed. Sequences are issued per device,
+over all models, but checked per model: the machines of two models run
+concurrently, so model B's older assignment may be verified after model A's
+newer one. It is written (atomically) only
 after a verification succeeded, never before: trusting what is still being
 checked is how TUF clients got CVEs.
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +51,7 @@ from edgefleet.agent.identity import load_identity, load_trusted_keys, signing_k
 from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2
 
+from .layout import model_dir
 from .ports import FatalUpdateError
 from .store import Assignment
 from .verify import signature_valid
@@ -240,45 +246,157 @@ def _parse(path: Path, document: Any) -> TrustState:
         raise StateError(f"{path}: not a trust record: {exc}") from exc
 
 
+# Device-wide trust.json is read and rewritten by every model's machine (the
+# keys a rotation moves to): one lock per process keeps those read-modify-
+# write cycles from interleaving.
+_DEVICE_LOCK = threading.RLock()
+
+
+def _model_facts(document: Any) -> tuple[int, str, str]:
+    """(sequence, statement_sha256, committed version) of a per-model record."""
+    if not isinstance(document, dict):
+        raise TypeError("expected a JSON object")
+    return (
+        int(document["sequence"]),
+        str(document["statement_sha256"]),
+        str(document.get("committed", "")),
+    )
+
+
 class TrustStore:
     """Implements the Trust port over state_dir/trust.json.
 
     The state starts from the keys pinned at enrollment (trusted-keys.json)
     and belongs to one device id (sequences count per device): another
     device id starts afresh, and new pins (a re-enrollment) replace the keys
-    but keep the sequence and the committed versions."""
+    but keep the sequence and the committed versions.
 
-    def __init__(self, state_dir: Path) -> None:
+    With a `model_name` (the agent always passes one), the facts of that
+    model (the highest sequence verified for it, that statement's digest,
+    the version committed) live in models/<model>/trust.json (layout.py),
+    and only the signing-key trust stays device-wide in state_dir/trust.json.
+    A model with no record of its own yet starts from, in order: the facts
+    kept when it was last removed ("retired" in the device file: a replayed
+    old assignment stays refused after an unassign), or the device-wide
+    sequence and committed version a single-model agent wrote before
+    (migration: the old layout's sequence still bounds every replay)."""
+
+    def __init__(self, state_dir: Path, model_name: str | None = None) -> None:
         self.state_dir = state_dir
+        self.model_name = model_name
         self.path = state_dir / TRUST_FILE
+        self.model_path = (
+            None if model_name is None else model_dir(state_dir, model_name) / TRUST_FILE
+        )
 
-    def load(self) -> TrustState:
+    def _read(self, path: Path) -> Any | None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise StateError(f"{path}: not valid JSON: {exc}") from exc
+
+    def _load_device(self) -> tuple[TrustState, dict[str, Any]]:
+        """The device-wide state, and its file's document (for what a
+        per-model store keeps in it)."""
         identity = load_identity(self.state_dir)
         device_id = identity.device_id if identity else ""
         pins = load_trusted_keys(self.state_dir)
         pinned = tuple(sorted(pins))
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return TrustState(device_id=device_id, keys=pins, pinned=pinned)
-        except OSError as exc:
-            raise StateError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
-        try:
-            state = _parse(self.path, json.loads(text))
-        except ValueError as exc:
-            raise StateError(f"{self.path}: not valid JSON: {exc}") from exc
+        document = self._read(self.path)
+        if document is None:
+            return TrustState(device_id=device_id, keys=pins, pinned=pinned), {}
+        state = _parse(self.path, document)
         if state.device_id != device_id:
-            return TrustState(device_id=device_id, keys=pins, pinned=pinned)
+            return TrustState(device_id=device_id, keys=pins, pinned=pinned), {}
         if state.pinned != pinned:
-            return replace(state, keys=pins, pinned=pinned)
-        return state
+            return replace(state, keys=pins, pinned=pinned), document
+        return state, document
+
+    def load(self) -> TrustState:
+        with _DEVICE_LOCK:
+            device, document = self._load_device()
+        if self.model_name is None or self.model_path is None:
+            return device
+        name = self.model_name
+        facts: tuple[int, str, str] | None = None
+        own = self._read(self.model_path)
+        try:
+            if isinstance(own, dict) and own.get("device_id") == device.device_id:
+                facts = _model_facts(own)
+            elif isinstance(document.get("retired"), dict) and name in document["retired"]:
+                facts = _model_facts(document["retired"][name])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"{self.model_path}: not a trust record: {exc}") from exc
+        if facts is None:  # the single-model layout's device-wide facts
+            facts = (device.sequence, device.statement_sha256, device.committed.get(name, ""))
+        sequence, statement, committed = facts
+        return replace(
+            device,
+            sequence=sequence,
+            statement_sha256=statement,
+            committed={name: committed} if committed else {},
+        )
 
     def save(self, state: TrustState) -> None:
-        data = (json.dumps(_document(state), indent=2) + "\n").encode()
+        if self.model_name is None or self.model_path is None:
+            self._write(self.path, _document(state))
+            return
+        with _DEVICE_LOCK:
+            _, document = self._load_device()
+            # Keys move for every model at once; the legacy facts and the
+            # retired models' facts stay as they were.
+            updated = {
+                "sequence": 0,
+                "statement_sha256": "",
+                "committed": {},
+                **document,
+                "device_id": state.device_id,
+                "keys": {kid: key.hex() for kid, key in sorted(state.keys.items())},
+                "pinned": list(state.pinned),
+            }
+            if document.get("device_id") != state.device_id:
+                updated.update(sequence=0, statement_sha256="", committed={}, retired={})
+            self._write(self.path, updated)
+        self._write(self.model_path, self._model_document(state))
+
+    def _model_document(self, state: TrustState) -> dict[str, Any]:
+        assert self.model_name is not None
+        return {
+            "device_id": state.device_id,
+            "sequence": state.sequence,
+            "statement_sha256": state.statement_sha256,
+            "committed": state.committed.get(self.model_name, ""),
+        }
+
+    def _write(self, path: Path, document: dict[str, Any]) -> None:
+        data = (json.dumps(document, indent=2) + "\n").encode()
         try:
-            atomic_write(self.path, data)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(path, data)
         except OSError as exc:
-            raise write_error(self.path, exc) from exc
+            raise write_error(path, exc) from exc
+
+    def retire(self) -> None:
+        """Keep this model's facts in the device-wide file before its
+        directory is deleted (an unassign), so the replay and downgrade
+        checks still hold if it is assigned again."""
+        if self.model_name is None or self.model_path is None:
+            return
+        state = self.load()
+        with _DEVICE_LOCK:
+            _, document = self._load_device()
+            if not document:
+                document = _document(state)
+            retired = dict(document.get("retired") or {})
+            retired[self.model_name] = self._model_document(state)
+            document["retired"] = retired
+            self._write(self.path, document)
 
     # The Trust port.
 

@@ -10,6 +10,7 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from edgefleet import update_state
 from edgefleet.controlplane.db.models import (
     ArtifactRow,
     AuditRow,
@@ -145,8 +146,11 @@ def runtime_to_pb(data: dict[str, Any]) -> c.RuntimeFingerprint:
 
 
 def update_status_to_dict(msg: c.UpdateStatus) -> dict[str, Any]:
+    """An agent's status as stored (devices.update_status): the state by
+    name ("" for one this build does not know), from the enum or a
+    protocol-1 agent's legacy string."""
     return {
-        "state": msg.state,
+        "state": update_state.of_status(msg),
         "model_name": msg.model_name,
         "model_version": msg.model_version,
         "artifact_digest": msg.artifact_digest,
@@ -158,6 +162,20 @@ def update_status_to_dict(msg: c.UpdateStatus) -> dict[str, Any]:
         "active_model_version": msg.active_model_version,
         "active_artifact_digest": msg.active_artifact_digest,
     }
+
+
+_STATUS_FIELDS = (
+    "model_name", "model_version", "artifact_digest", "bytes_done", "bytes_total", "reason",
+    "sequence", "rollout_id", "active_model_version", "active_artifact_digest",
+)  # fmt: skip
+
+
+def update_status_to_pb(status: dict[str, Any]) -> c.UpdateStatus:
+    """A stored status (update_status_to_dict) as the wire's: the state as
+    the enum; the legacy string stays empty."""
+    msg = c.UpdateStatus(**{k: status[k] for k in _STATUS_FIELDS if k in status})
+    msg.state = update_state.to_wire(str(status.get("state", "")))
+    return msg
 
 
 # ---------------------------------------------------------------- deployments
@@ -205,7 +223,7 @@ def deployment_event_to_pb(row: DeploymentEventRow) -> o.DeploymentEvent:
         model_name=row.model_name,
         model_version=row.model_version,
         artifact_digest=row.artifact_digest,
-        state=row.state,
+        state=update_state.to_wire(row.state),
         reason=row.reason,
         bytes_done=row.bytes_done,
         bytes_total=row.bytes_total,
@@ -215,8 +233,23 @@ def deployment_event_to_pb(row: DeploymentEventRow) -> o.DeploymentEvent:
 
 
 def device_to_pb(view: DeviceView) -> c.Device:
+    """The device with every model assigned to it or reported by its agent
+    (by name), and `update` the most recently reported model's status."""
     row = view.row
-    update = row.update_status or {}
+    statuses = statuses_by_model(row.update_status)
+    assigned = {a.model_name: a for a in view.assignments}
+    models = []
+    for name in sorted(set(statuses) | set(assigned)):
+        model = c.DeviceModel(model_name=name)
+        if (a := assigned.get(name)) is not None:
+            model.assigned_version = a.model_version
+            model.sequence = a.sequence
+            model.rollout_id = a.rollout_id
+            model.shadow = a.shadow
+        if name in statuses:
+            model.status.CopyFrom(update_status_to_pb(statuses[name]))
+        models.append(model)
+    latest = max(statuses.values(), key=lambda s: str(s.get("updated_at", "")), default=None)
     return c.Device(
         id=row.id,
         hardware_id=row.hardware_id,
@@ -233,8 +266,16 @@ def device_to_pb(view: DeviceView) -> c.Device:
         enrolled_at=ts(row.enrolled_at),
         desired_revision=row.desired_revision,
         applied_revision=row.applied_revision,
-        update=c.UpdateStatus(**update) if update else None,
+        update=update_status_to_pb(latest) if latest is not None else None,
+        models=models,
+        agent_protocol=row.agent_protocol,
     )
+
+
+def statuses_by_model(stored: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """devices.update_status: model name -> status (what is not a status
+    dict is skipped rather than fail a listing)."""
+    return {k: v for k, v in (stored or {}).items() if isinstance(v, dict)}
 
 
 # ---------------------------------------------------------------- classes
@@ -259,6 +300,7 @@ def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
         "threads",
         "speed_factor",
         "microcontroller",
+        "device_memory_mb",
     ):
         if msg.HasField(name):
             changes[name] = getattr(msg, name)
@@ -297,6 +339,7 @@ def class_to_pb(view: ClassView) -> c.DeviceClass:
             threads=row.threads,
             speed_factor=row.speed_factor,
             microcontroller=row.microcontroller,
+            device_memory_mb=row.device_memory_mb,
         ),
         match_rules=[rule_to_pb(r) for r in rules.rules_from_json(row.match_rules)],
         device_count=view.device_count,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -26,7 +26,12 @@ from edgefleet.controlplane.services.artifacts import ArtifactService
 from edgefleet.controlplane.services.auth import DevicePrincipal
 from edgefleet.controlplane.services.batching import Batcher, Coalescer
 from edgefleet.controlplane.services.certificates import CertificateService, DeviceCertificate
-from edgefleet.controlplane.services.deployments import AssignmentView, DeploymentService, Desired
+from edgefleet.controlplane.services.deployments import (
+    MULTI_MODEL_PROTOCOL,
+    AssignmentView,
+    DeploymentService,
+    Desired,
+)
 from edgefleet.controlplane.services.devices import (
     ACCEPTED,
     DECOMMISSIONED,
@@ -65,7 +70,8 @@ class _Reports:
     database, at most at the device's write rate (ratelimit.StatusRateLimit).
 
     Past it the stream coalesces: it keeps only the latest Hello, the latest
-    applied revision and the latest update status, and one task writes them
+    applied revision and the latest update status of each model, and one
+    task writes them
     when the bucket has a token again. So a stream holds at most one report
     whatever its device sends, the database gets at most the rate, and a real
     agent's burst is never refused: what is lost is intermediate history
@@ -83,15 +89,20 @@ class _Reports:
         limit: StatusRateLimit,
         record_hello: Callable[[str, device_pb2.Hello], Awaitable[None]],
         statuses: StatusBuffer,
+        protocol: int = 0,
     ) -> None:
         self._device_id = device_id
+        # The stream's protocol (its first Hello's): which fields carry the
+        # statuses (Hello.protocol).
+        self._multi = protocol >= MULTI_MODEL_PROTOCOL
         self._limit = limit
         self._record_hello = record_hello
-        self._statuses = statuses
+        self._buffer = statuses
         # What is held: None where nothing is.
         self._hello: device_pb2.Hello | None = None
         self._revision: int | None = None
-        self._update: common_pb2.UpdateStatus | None = None
+        # Per model name, its latest status.
+        self._updates: dict[str, common_pb2.UpdateStatus] = {}
         self._task: asyncio.Task[None] | None = None
         # Reports folded into one held before it was written (for tests).
         self.coalesced = 0
@@ -99,25 +110,36 @@ class _Reports:
     def _holds(self) -> bool:
         return self._hello is not None or self._revision is not None
 
+    def _statuses(
+        self, single: common_pb2.UpdateStatus | None, models: Sequence[common_pb2.UpdateStatus]
+    ) -> list[common_pb2.UpdateStatus]:
+        """The statuses a message carries, from the fields its protocol uses:
+        `models` for protocol 2, the one `update` for protocol 1 (whatever
+        the other field holds)."""
+        if self._multi:
+            return list(models)
+        return [single] if single is not None else []
+
     async def hello(self, hello: device_pb2.Hello) -> None:
-        """A Hello: its hardware and runtime, and the status it carries
+        """A Hello: its hardware and runtime, and the statuses it carries
         (only with an applied revision, as always)."""
         revision = hello.applied_revision or None
-        update = hello.update if revision and hello.HasField("update") else None
-        await self._add(hello, revision, update)
+        single = hello.update if hello.HasField("update") else None
+        updates = self._statuses(single, hello.models) if revision else []
+        await self._add(hello, revision, updates)
 
     async def status(self, report: device_pb2.StatusReport) -> None:
-        update = report.update if report.HasField("update") else None
-        await self._add(None, report.applied_revision, update)
+        single = report.update if report.HasField("update") else None
+        await self._add(None, report.applied_revision, self._statuses(single, report.models))
 
     async def _add(
         self,
         hello: device_pb2.Hello | None,
         revision: int | None,
-        update: common_pb2.UpdateStatus | None,
+        updates: list[common_pb2.UpdateStatus],
     ) -> None:
         if self._task is None and not self._holds() and self._limit.write(self._device_id) == 0:
-            await self._write(hello, revision, update)  # the common case
+            await self._write(hello, revision, updates)  # the common case
             return
         if self._holds():
             if not self.coalesced:
@@ -131,8 +153,8 @@ class _Reports:
             self._hello = hello
         if revision is not None:
             self._revision = revision
-        if update is not None:
-            self._update = update
+        for update in updates:
+            self._updates[update.model_name] = update
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
 
@@ -143,8 +165,9 @@ class _Reports:
                 if wait:
                     await asyncio.sleep(wait)
                     continue
-                held = self._hello, self._revision, self._update
-                self._hello = self._revision = self._update = None
+                held = self._hello, self._revision, list(self._updates.values())
+                self._hello = self._revision = None
+                self._updates = {}
                 await self._write(*held)
         except Exception:
             # Dropped: the next stream's Hello carries the status again.
@@ -156,16 +179,18 @@ class _Reports:
         self,
         hello: device_pb2.Hello | None,
         revision: int | None,
-        update: common_pb2.UpdateStatus | None,
+        updates: list[common_pb2.UpdateStatus],
     ) -> None:
         if hello is not None:
             await self._record_hello(self._device_id, hello)
         if revision is not None:
-            self._offer(revision, update)
+            self._offer(revision, updates)
 
-    def _offer(self, revision: int, update: common_pb2.UpdateStatus | None) -> None:
-        status = convert.update_status_to_dict(update) if update is not None else {}
-        self._statuses.offer(self._device_id, revision, status)
+    def _offer(self, revision: int, updates: list[common_pb2.UpdateStatus]) -> None:
+        if not updates:
+            self._buffer.offer(self._device_id, revision, {})
+        for update in updates:
+            self._buffer.offer(self._device_id, revision, convert.update_status_to_dict(update))
 
     def close(self) -> None:
         """The stream ended: the task is cancelled and a held status offered
@@ -175,8 +200,9 @@ class _Reports:
             self._task.cancel()
             self._task = None
         if self._revision is not None and self._limit.write(self._device_id) == 0:
-            self._offer(self._revision, self._update)
-        self._hello = self._revision = self._update = None
+            self._offer(self._revision, list(self._updates.values()))
+        self._hello = self._revision = None
+        self._updates = {}
 
 
 class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
@@ -272,8 +298,13 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         return device_pb2.RenewCertificateResponse(certificate=self._certificate_pb(issued))
 
     def _desired_pb(
-        self, view: DesiredView, assignment: AssignmentView | None
+        self, device_id: str, view: DesiredView, assignments: list[AssignmentView], protocol: int
     ) -> device_pb2.ControlMessage:
+        """The desired state as the agent's protocol reads it: protocol 2
+        gets every assignment (and `assignment` too when there is exactly
+        one); protocol 0/1 gets `assignment` only, the one assignment (the
+        highest sequence, with a warning, if the device somehow holds
+        several: assignments refuse a second model to such a device)."""
         desired = device_pb2.DesiredState(
             revision=view.revision,
             device_state=convert.DEVICE_STATES[view.device_state],
@@ -283,8 +314,21 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             key_rotations=convert.key_rotations_to_pb(view.key_rotations),
         )
         # Pending, rejected and decommissioned devices get no work.
-        if assignment is not None and view.device_state == ACCEPTED:
-            desired.assignment.CopyFrom(convert.assignment_to_pb(assignment))
+        if not assignments or view.device_state != ACCEPTED:
+            return device_pb2.ControlMessage(desired=desired)
+        if protocol >= MULTI_MODEL_PROTOCOL:
+            desired.assignments.extend(convert.assignment_to_pb(a) for a in assignments)
+            if len(assignments) == 1:
+                desired.assignment.CopyFrom(desired.assignments[0])
+            return device_pb2.ControlMessage(desired=desired)
+        single = max(assignments, key=lambda a: a.sequence)
+        if len(assignments) > 1:
+            log.warning(
+                "device %s speaks the one-model protocol but holds %d models; sending only "
+                "%s@%s (the latest); unassign the others or upgrade its agent",
+                device_id, len(assignments), single.model_name, single.model_version,
+            )  # fmt: skip
+        desired.assignment.CopyFrom(convert.assignment_to_pb(single))
         return device_pb2.ControlMessage(desired=desired)
 
     async def _desired_many(self, device_ids: list[str]) -> dict[str, Desired]:
@@ -310,7 +354,10 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         # flood is refused here, before its Hello is written.
         self._status_rate.receive(device.device_id)
         limits.check(first)
-        reports = _Reports(device.device_id, self._status_rate, self._record_hello, self._statuses)
+        protocol = first.hello.protocol
+        reports = _Reports(
+            device.device_id, self._status_rate, self._record_hello, self._statuses, protocol
+        )
         try:
             await reports.hello(first.hello)
         except BaseException:
@@ -326,7 +373,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                 desired = await self._desired.get(device.device_id)
                 if desired is None:
                     raise NotFound(f"no device with id {device.device_id!r}")
-                view, assignment = desired
+                view, assignments = desired
                 epoch = epoch or view.credential_epoch
                 if view.credential_epoch != epoch:
                     if view.device_state in (REJECTED, DECOMMISSIONED):
@@ -341,7 +388,9 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                     )
                 if view.revision > sent_revision:
                     async with write_lock:
-                        await context.write(self._desired_pb(view, assignment))
+                        await context.write(
+                            self._desired_pb(device.device_id, view, assignments, protocol)
+                        )
                     sent_revision = view.revision
                 if view.device_state in (REJECTED, DECOMMISSIONED):
                     raise PermissionDenied(f"device {device.device_id} is {view.device_state}")
@@ -394,12 +443,14 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                 await reports.hello(message.hello)
 
     async def _record_hello(self, device_id: str, hello: device_pb2.Hello) -> None:
-        """A Hello's hardware and runtime (its status goes to the buffer)."""
+        """A Hello's hardware, runtime and protocol (its statuses go to the
+        buffer)."""
         await self.run(
             self._devices.record_hello,
             device_id,
             convert.hardware_to_dict(hello.hardware),
             convert.runtime_to_dict(hello.runtime),
+            hello.protocol,
         )
 
     @rpc("device")

@@ -150,7 +150,7 @@ LIMITS: dict[str, Limit] = {
     "RuntimeFingerprint.litert_package": Limit(chars=64),
     "RuntimeFingerprint.tensorrt_version": RUNTIME_VERSION,
     # ---- an agent's update status (Hello, StatusReport): deployment_events
-    "UpdateStatus.state": Limit(chars=32),  # String(32)
+    "UpdateStatus.legacy_state": Limit(chars=32),  # String(32)
     "UpdateStatus.model_name": MODEL_NAME,
     "UpdateStatus.model_version": VERSION,
     "UpdateStatus.artifact_digest": DIGEST,
@@ -161,6 +161,11 @@ LIMITS: dict[str, Limit] = {
     "UpdateStatus.rollout_id": ID,
     "UpdateStatus.active_model_version": VERSION,
     "UpdateStatus.active_artifact_digest": DIGEST,
+    # One status per model (protocol 2). As deployments.MAX_MODELS_PER_DEVICE:
+    # a report of more is refused whole (INVALID_ARGUMENT) rather than cut,
+    # so no model's status is lost without the agent being told.
+    "Hello.models": Limit(count=32, count_hint="; a device holds at most 32 models"),
+    "StatusReport.models": Limit(count=32, count_hint="; a device holds at most 32 models"),
     # ---- other device RPCs
     "DownloadArtifactRequest.digest": DIGEST,
     "RenewCertificateRequest.csr": Limit(bytes=MAX_CSR_BYTES),
@@ -200,6 +205,11 @@ LIMITS: dict[str, Limit] = {
     "AssignModelRequest.model_name": MODEL_NAME,
     "AssignModelRequest.model_version": VERSION,
     "AssignModelRequest.reason": REASON,
+    "UnassignModelRequest.device_ids": Limit(
+        count=10_000, chars=32, ascii=True, count_hint="; unassign in several calls"
+    ),
+    "UnassignModelRequest.model_name": MODEL_NAME,
+    "UnassignModelRequest.reason": REASON,
     "ListDeploymentsRequest.device_id": ID,
     "ListDeploymentsRequest.model_name": MODEL_NAME,
     "ListDeploymentsRequest.model_version": VERSION,

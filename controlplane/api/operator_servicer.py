@@ -229,6 +229,21 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             assignments=[convert.device_assignment_to_pb(v) for v in views]
         )
 
+    @rpc("operator")
+    async def UnassignModel(
+        self, request: operator_pb2.UnassignModelRequest, context: Any, who: Op
+    ) -> operator_pb2.UnassignModelResponse:
+        done = await self.run(
+            self._deployments.unassign,
+            who.actor,
+            list(request.device_ids),
+            request.model_name,
+            reason=request.reason,
+        )
+        return operator_pb2.UnassignModelResponse(
+            removed=done.removed, not_assigned=done.not_assigned
+        )
+
     @rpc("operator", role=VIEWER)
     async def ListDeployments(
         self, request: operator_pb2.ListDeploymentsRequest, context: Any, who: Op

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 
@@ -17,9 +19,11 @@ from edgefleet.controlplane.cli.base import (
     now,
     parsed,
     pass_env,
+    to_json_dict,
     usage_error,
 )
 from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.format import model_views
 from edgefleet.controlplane.client.paging import list_devices
 from edgefleet.controlplane.client.syntax import parse_label, parse_model_ref, resolve_prefix
 from edgefleet.v1 import common_pb2, operator_pb2
@@ -41,12 +45,43 @@ def _all_ids(env: Connection) -> list[str]:
     ]
 
 
+def _resolve_ids(env: Connection, texts: Sequence[str]) -> list[str]:
+    """Full device ids for ids or the short prefixes tables show."""
+    known = _all_ids(env)
+    try:
+        return [i if i in known else resolve_prefix(i, known, "device") for i in texts]
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _on_device(
     env: Connection, text: str, call: Callable[[str], common_pb2.Device]
 ) -> common_pb2.Device:
     """`call(device_id)`, accepting the short ids `devices ls` shows."""
 
     return call_by_id(text, call, lambda: _all_ids(env), "device")
+
+
+def device_json(device: common_pb2.Device) -> dict[str, Any]:
+    """The device's --json form: its proto JSON, with `models` flattened to
+    what scripts ask of a model (one object per model, by name)."""
+    data = to_json_dict(device)
+    data["models"] = [
+        {
+            "name": v.name,
+            "version": v.serving,
+            "assigned_version": v.assigned,
+            "state": v.state,
+            "sequence": v.sequence,
+            "rollout_id": v.rollout_id,
+            "shadow": v.shadow,
+            "bytes_done": v.bytes_done,
+            "bytes_total": v.bytes_total,
+            "reason": v.reason,
+        }
+        for v in model_views(device)
+    ]
+    return data
 
 
 def _device_done(as_json: bool, verb: str, device: common_pb2.Device, suffix: str = "") -> None:
@@ -84,7 +119,10 @@ def devices_ls(
             or state == common_pb2.DEVICE_STATE_DECOMMISSIONED,
         ),
     )
-    emit(as_json, listed, lambda: render.devices_table(listed, now()))
+    if as_json:
+        click.echo(json.dumps([device_json(d) for d in listed], indent=2))
+    else:
+        emit(False, listed, lambda: render.devices_table(listed, now()))
 
 
 @devices.command("show")
@@ -92,11 +130,16 @@ def devices_ls(
 @json_option
 @pass_env
 def devices_show(env: Connection, device_id: str, as_json: bool) -> None:
-    """Show a device's hardware, runtime, class and update state."""
+    """Show a device's hardware, runtime, class and every model it holds:
+    assigned and served version, update state, the update in flight or the
+    last failure."""
     device = _on_device(
         env, device_id, lambda i: env.stub.GetDevice(operator_pb2.GetDeviceRequest(id=i))
     )
-    emit(as_json, device, lambda: render.device_detail(device, now()))
+    if as_json:
+        click.echo(json.dumps(device_json(device), indent=2))
+    else:
+        emit(False, device, lambda: render.device_detail(device, now()))
 
 
 @devices.command("accept")
@@ -211,14 +254,12 @@ def devices_assign(
 ) -> None:
     """Install MODEL@VERSION on devices now, each its class's artifact.
 
-    All or nothing: if one device cannot take it (no successful build for its
+    Adds the model to each device, or replaces that model's version there;
+    the devices' other models are untouched (remove one with `edgefleet
+    devices unassign`). All or nothing: if one device cannot take it (no successful build for its
     class, not accepted), nothing is assigned and every such device is named.
     Watch progress with `edgefleet devices ls` and `edgefleet devices history ID`."""
-    known = _all_ids(env)
-    try:
-        ids = [i if i in known else resolve_prefix(i, known, "device") for i in device_ids]
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    ids = _resolve_ids(env, device_ids)
     response = env.stub.AssignModel(
         operator_pb2.AssignModelRequest(
             device_ids=ids, model_name=ref[0], model_version=ref[1], reason=reason
@@ -229,6 +270,30 @@ def devices_assign(
         list(response.assignments),
         lambda: render.assignments_table(response.assignments, now()),
     )
+
+
+@devices.command("unassign")
+@click.argument("model_name", metavar="MODEL")
+@click.argument("device_ids", metavar="ID...", nargs=-1, required=True)
+@click.option("--reason", default="", help="Why, for the audit log.")
+@json_option
+@pass_env
+def devices_unassign(
+    env: Connection, model_name: str, device_ids: Sequence[str], reason: str, as_json: bool
+) -> None:
+    """Remove MODEL from devices; their other models keep serving.
+
+    Each device's agent unloads the model once its in-flight requests are
+    done. Devices that do not hold MODEL are listed as not assigned (not an
+    error); an unknown device fails the whole call and nothing is removed."""
+    if "@" in model_name:
+        usage_error(f"give the model name only, not a version: {model_name.partition('@')[0]}")
+    response = env.stub.UnassignModel(
+        operator_pb2.UnassignModelRequest(
+            device_ids=_resolve_ids(env, device_ids), model_name=model_name, reason=reason
+        )
+    )
+    emit(as_json, response, lambda: render.unassigned(model_name, response))
 
 
 @devices.command("history")

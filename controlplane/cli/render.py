@@ -19,11 +19,14 @@ from rich.text import Text
 from edgefleet.controlplane.client import format as client_format
 from edgefleet.controlplane.client.format import (
     NONE,
+    ModelView,
     format_bar,
     format_bytes,
     format_cohort,
     format_pacing,
     format_shape,
+    model_update_text,
+    model_views,
 )
 from edgefleet.controlplane.client.stages import format_stage, format_stage_size, stage_options
 from edgefleet.controlplane.client.syntax import (
@@ -32,6 +35,7 @@ from edgefleet.controlplane.client.syntax import (
     format_labels,
     format_rule,
 )
+from edgefleet.update_state import name_of
 from edgefleet.v1 import common_pb2, operator_pb2
 
 # ------------------------------------------------------------------ scalars
@@ -102,6 +106,8 @@ _WRAPPING = {
     "OUTPUTS",
     "REASONS",
     "REASON",
+    "MODELS",
+    "DETAIL",
 }
 
 
@@ -239,21 +245,24 @@ def _class_cell(d: common_pb2.Device) -> str:
     return f"{d.class_name} (pinned)" if d.class_pinned else d.class_name
 
 
-def _serving_cell(d: common_pb2.Device) -> Text:
-    """The version the device serves, and where its update stands if one runs."""
-    up = d.update
-    serving = up.active_model_version or NONE
-    if up.state in ("", "idle", "committed") or up.model_version == up.active_model_version:
-        return Text(serving)
-    if up.state == "failed":
-        return Text(f"{serving} ({up.model_version} failed)", style="red")
-    return Text(f"{serving} (-> {up.model_version} {up.state})", style="yellow")
+_MODEL_TONES = {"failed": "red", "moving": "yellow"}
+
+
+def _models_cell(d: common_pb2.Device) -> Text:
+    """Every model the device serves, compactly: `digits@1.2.0, vad@5.0.0
+    (downloading 40%)`, each coloured by where its update stands."""
+    cell = Text()
+    for view in (v for v in model_views(d) if v.summary):
+        if cell:
+            cell.append(", ")
+        cell.append(view.summary, style=_MODEL_TONES.get(view.tone, ""))
+    return cell if cell else Text(NONE)
 
 
 def devices_table(devices: Sequence[common_pb2.Device], now: datetime) -> Table:
     # Hardware (arch, memory) is in `devices show` and --json: at 80 columns
     # there is no room for it beside the labels, which matter more here.
-    table = _table("ID", "NAME", "STATE", "CLASS", "SERVING", "LABELS", "ONLINE", "LAST SEEN")
+    table = _table("ID", "NAME", "STATE", "CLASS", "MODELS", "LABELS", "ONLINE", "LAST SEEN")
     for d in devices:
         _add_row(
             table,
@@ -261,7 +270,7 @@ def devices_table(devices: Sequence[common_pb2.Device], now: datetime) -> Table:
             d.name,
             enum_name(common_pb2.DeviceState, d.state),
             _class_cell(d),
-            _serving_cell(d),
+            _models_cell(d),
             format_labels(d.labels) or NONE,
             Text("yes", style="green") if d.online else Text("no", style="dim"),
             format_ago(d.last_seen_at, now),
@@ -270,7 +279,7 @@ def devices_table(devices: Sequence[common_pb2.Device], now: datetime) -> Table:
 
 
 def device_detail(d: common_pb2.Device, now: datetime) -> RenderableType:
-    hw, rt, up = d.hardware, d.runtime, d.update
+    hw, rt = d.hardware, d.runtime
     accelerators = ", ".join(
         f"{a.kind} {a.name}".strip() + (f" ({format_mb(a.memory_mb)})" if a.memory_mb else "")
         for a in hw.accelerators
@@ -292,7 +301,11 @@ def device_detail(d: common_pb2.Device, now: datetime) -> RenderableType:
         ("memory", format_mb(hw.memory_mb)),
         ("disk", f"{format_mb(hw.disk_free_mb)} free of {format_mb(hw.disk_total_mb)}"),
         ("accelerators", accelerators or NONE),
-        ("agent", f"{rt.agent_version or '?'} (python {rt.python_version or '?'})"),
+        (
+            "agent",
+            f"{rt.agent_version or '?'} (python {rt.python_version or '?'}"
+            + (f", protocol {d.agent_protocol})" if d.agent_protocol else ")"),
+        ),
         (
             "onnxruntime",
             f"{rt.onnxruntime_version} [{', '.join(rt.onnxruntime_providers)}]"
@@ -303,25 +316,32 @@ def device_detail(d: common_pb2.Device, now: datetime) -> RenderableType:
         ("tensorrt", rt.tensorrt_version or NONE),
         ("revision", f"desired {d.desired_revision}, applied {d.applied_revision}"),
     ]
-    if up.active_model_version or up.active_artifact_digest:
-        rows.append(
-            (
-                "serving",
-                f"{up.active_model_version or '?'} ({short_digest(up.active_artifact_digest)})",
-            )
+    models = model_views(d)
+    if not models:
+        rows.append(("models", NONE))
+        return _grid(rows)
+    return Group(_grid(rows), Text(""), device_models_table(models))
+
+
+def device_models_table(models: Sequence[ModelView]) -> Table:
+    """`devices show`: each model's assigned and served version, its update
+    state, and the update in flight or the last failure."""
+    table = _table("MODEL", "ASSIGNED", "SERVING", "STATE", "SEQ", "ROLLOUT", "DETAIL")
+    for v in models:
+        state = v.state or NONE
+        if v.shadow:
+            state += " (shadow)"
+        _add_row(
+            table,
+            v.name,
+            v.assigned or "(unassigned)",
+            v.serving or NONE,
+            Text(state, style=_MODEL_TONES.get(v.tone, "")),
+            str(v.sequence) if v.sequence else NONE,
+            short_id(v.rollout_id) if v.rollout_id else NONE,
+            model_update_text(v) or NONE,
         )
-    if up.state:
-        model = f"{up.model_name} {up.model_version}".strip()
-        progress = f" {format_bytes(up.bytes_done)}/{format_bytes(up.bytes_total)}"
-        rows.append(
-            (
-                "update",
-                f"{up.state} {model}".strip()
-                + (progress if up.bytes_total else "")
-                + (f": {up.reason}" if up.reason else ""),
-            )
-        )
-    return _grid(rows)
+    return table
 
 
 def assignments_table(assignments: Sequence[operator_pb2.DeviceAssignment], now: datetime) -> Table:
@@ -340,6 +360,22 @@ def assignments_table(assignments: Sequence[operator_pb2.DeviceAssignment], now:
     return table
 
 
+def unassigned(model_name: str, resp: operator_pb2.UnassignModelResponse) -> Text:
+    """`devices unassign`: which devices the model was removed from, which
+    did not hold it."""
+    text = Text()
+    if resp.removed:
+        text.append(f"removed {model_name} from {len(resp.removed)} device(s): ", style="green")
+        text.append(", ".join(short_id(i) for i in resp.removed))
+    if resp.not_assigned:
+        if text:
+            text.append("\n")
+        text.append(f"{model_name} was not assigned to {len(resp.not_assigned)} device(s): ",
+                    style="dim")  # fmt: skip
+        text.append(", ".join(short_id(i) for i in resp.not_assigned))
+    return text if text else Text(f"{model_name}: no devices named")
+
+
 _DEPLOYMENT_STYLES = {"committed": "green", "failed": "red", "rolling_back": "yellow"}
 
 
@@ -352,7 +388,7 @@ def deployment_history(resp: operator_pb2.ListDeploymentsResponse, now: datetime
             format_ago(e.at, now),
             str(e.sequence),
             model_ref(e.model_name, e.model_version),
-            Text(e.state, style=_DEPLOYMENT_STYLES.get(e.state, "")),
+            Text(name_of(e.state) or NONE, style=_DEPLOYMENT_STYLES.get(name_of(e.state), "")),
             f"{format_bytes(e.bytes_done)}/{format_bytes(e.bytes_total)}" if e.bytes_total else "",
             e.reason or "",
         )

@@ -32,7 +32,7 @@ from edgefleet.sim import (
 
 # Update states in the order an update goes through them.
 STATE_ORDER = (
-    "idle", "downloading", "verifying", "validating", "activating", "shadowing", "committed",
+    "idle", "downloading", "verifying", "validating", "activating", "committed",
     "rolling_back", "failed",
 )  # fmt: skip
 CONNECTION_ORDER = (
@@ -119,6 +119,13 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 )
 @click.option("--seed", type=int, help="Seed the random draws (default: random).")
 @click.option(
+    "--protocol",
+    type=click.Choice(["1", "2"]),
+    default="2",
+    show_default=True,
+    help="Sync protocol: 2 holds several models per device; 1 is an old one-model agent.",
+)
+@click.option(
     "--print-profile", is_flag=True, help="Print the profile (as parsed, as JSON) and exit."
 )
 @json_option
@@ -137,6 +144,7 @@ def simulate(
     connect_concurrency: int,
     refresh: float,
     seed: int | None,
+    protocol: str,
     print_profile: bool,
     as_json: bool,
 ) -> None:
@@ -145,11 +153,12 @@ def simulate(
     Each device enrolls with --token and a stable hardware id, holds a Sync
     stream with heartbeats, installs what it is assigned by reporting the
     update states (downloading, verifying, validating, activating,
-    committed; or rolling_back and failed; shadowing for a shadow
-    assignment) and uploads telemetry, all with figures drawn from its
-    class in the profile; there is no real inference. A live summary (per
-    model version and update state) is shown on stderr; the final one on
-    stdout, as JSON with --json. Ctrl-C or SIGTERM stops cleanly.
+    committed; or rolling_back and failed; a shadow assignment commits with
+    the served version unchanged) for each model it holds, removes a model
+    no longer assigned, and uploads telemetry (one sample per model), all
+    with figures drawn from its class in the profile; there is no real
+    inference. A live summary (per model@version and update state) is
+    shown on stderr; the final one on stdout, as JSON with --json. Ctrl-C or SIGTERM stops cleanly.
 
     The profile is JSON; every key but "name" is optional (see
     fleetsim/profiles.py for all of them and their defaults):
@@ -200,6 +209,7 @@ def simulate(
         connect_concurrency=connect_concurrency,
         heartbeat_interval_s=heartbeat_interval,
         telemetry_interval_s=telemetry_interval,
+        protocol=int(protocol),
     )
     try:
         summary = asyncio.run(_run(fleet, duration, refresh))
@@ -268,8 +278,8 @@ def one_line(summary: FleetSummary) -> str:
     """The live summary as one line, for logs."""
     connections = " ".join(f"{k}={v}" for k, v in summary.connection.items())
     updates = "; ".join(
-        f"{version or '-'}: " + " ".join(f"{s}={n}" for s, n in states.items())
-        for version, states in summary.updates.items()
+        f"{ref or '-'}: " + " ".join(f"{s}={n}" for s, n in states.items())
+        for ref, states in summary.models.items()
     )
     return f"[{summary.elapsed_s:6.1f}s] {connections} | {updates}"
 
@@ -281,7 +291,7 @@ def _ordered(keys: list[str], order: tuple[str, ...]) -> list[str]:
 def render_summary(
     summary: FleetSummary, profile: FleetProfile, *, final: bool = False
 ) -> RenderableType:
-    """Counts per model version and update state, connections and RPC
+    """Counts per model@version and update state, connections and RPC
     figures, as rich renderables."""
     connections = "  ".join(
         f"{state} {summary.connection[state]:,}"
@@ -292,20 +302,20 @@ def render_summary(
         f"({', '.join(c.name for c in profile.classes)}), {summary.elapsed_s:,.0f} s"
     )
     states = _ordered(
-        list({s for by_state in summary.updates.values() for s in by_state}), STATE_ORDER
+        list({s for by_state in summary.models.values() for s in by_state}), STATE_ORDER
     )
     table = Table()
-    table.add_column("version")
+    table.add_column("model@version")
     for state in states:
         table.add_column(state, justify="right")
     table.add_column("serving", justify="right")
-    versions = sorted(set(summary.updates) | set(summary.active))
-    for version in versions:
-        by_state = summary.updates.get(version, {})
+    refs = sorted(set(summary.models) | set(summary.serving))
+    for ref in refs:
+        by_state = summary.models.get(ref, {})
         table.add_row(
-            version or "(no model)",
+            ref or "(no model)",
             *(f"{by_state[s]:,}" if s in by_state else "" for s in states),
-            f"{summary.active.get(version, 0):,}",
+            f"{summary.serving.get(ref, 0):,}",
         )
     stats = summary.stats
     figures = (

@@ -117,6 +117,8 @@ class DeviceClassRow(Base):
     threads: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     speed_factor: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
     microcontroller: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Budget for the sum of the models' measured memory on one device (0010).
+    device_memory_mb: Mapped[float | None] = mapped_column(Float)
     match_rules: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -146,7 +148,13 @@ class DeviceRow(Base):
     # apply only newer revisions.
     desired_revision: Mapped[int] = mapped_column(BigInteger, default=1)
     applied_revision: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Per model: model name -> the agent's last UpdateStatus for it, as a
+    # dict (convert.update_status_to_dict; migration 0010 keyed the single
+    # status of before by its model name).
     update_status: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # The sync protocol its agent last said hello with (Hello.protocol); 0
+    # until it connects. Below 2 it holds one model (services/deployments.py).
+    agent_protocol: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     state_reason: Mapped[str] = mapped_column(Text, default="")
     # The last assignment sequence handed out; assignments count up from 1.
     assignment_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -377,15 +385,21 @@ class TelemetryRow(Base):
 
 
 class DeviceAssignmentRow(Base):
-    """The model artifact a device should run now: at most one per device.
-    Replaced (never edited) by a new assignment with the next sequence."""
+    """A model artifact a device should run now: at most one per (device,
+    model). Replaced (never edited) by a new assignment of that model with
+    the device's next sequence; the device's other models are untouched."""
 
     __tablename__ = "device_assignments"
 
     device_id: Mapped[str] = mapped_column(
         ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
     )
-    # Monotonic per device (devices.assignment_seq); agents refuse older ones.
+    # The model (of model_version_id), part of the key: one row per model.
+    model_id: Mapped[str] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Monotonic per device over all its models (devices.assignment_seq);
+    # agents refuse one at or below the highest they verified for the model.
     sequence: Mapped[int] = mapped_column(BigInteger)
     artifact_id: Mapped[str] = mapped_column(ForeignKey("artifacts.id", ondelete="CASCADE"))
     model_version_id: Mapped[str] = mapped_column(

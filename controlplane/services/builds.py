@@ -465,6 +465,9 @@ class BuildService:
         model = session.get_one(ModelRow, mv.model_id)
         manifest = _manifest(row, model.name, mv, candidate, digest, path.stat().st_size,
                              companion_digest, golden)  # fmt: skip
+        # What a device's memory budget adds up (services/deployments.py):
+        # the chosen candidate's peak as the build measured it.
+        manifest.memory_mb = chosen.measurement.peak_memory_mb
         session.add(
             _signed_artifact(
                 session,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,6 +35,9 @@ class Constraints:
     threads: int = 1
     speed_factor: float = 1.0
     microcontroller: bool = False
+    # The sum of the measured memory of every model a device of the class
+    # holds (services/deployments.py refuses an assignment past it).
+    device_memory_mb: float | None = None
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -44,9 +48,11 @@ class Constraints:
             ("max model size (MB)", self.max_model_size_mb),
             ("latency budget (p95 ms)", self.latency_budget_p95_ms),
             ("max memory (MB)", self.max_memory_mb),
+            ("device memory budget (MB)", self.device_memory_mb),
         ):
-            if value is not None and not value > 0:
-                raise InvalidArgument(f"{label} must be positive, got {value}")
+            # `not value > 0` is also true for NaN; infinity is no budget.
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise InvalidArgument(f"{label} must be positive and finite, got {value}")
         if self.min_accuracy_retention is not None and not 0 < self.min_accuracy_retention <= 1:
             raise InvalidArgument(
                 "minimum accuracy retention is a fraction in (0, 1], e.g. 0.98 for 98%"
@@ -98,6 +104,7 @@ def _constraints_of(row: DeviceClassRow) -> Constraints:
         threads=row.threads,
         speed_factor=row.speed_factor,
         microcontroller=row.microcontroller,
+        device_memory_mb=row.device_memory_mb,
     )
 
 
@@ -115,6 +122,7 @@ def _store(row: DeviceClassRow, spec: ClassSpec) -> None:
     row.threads = c.threads
     row.speed_factor = c.speed_factor
     row.microcontroller = c.microcontroller
+    row.device_memory_mb = c.device_memory_mb
     row.match_rules = rules.rules_to_json(spec.rules)
     row.updated_at = utcnow()
 

@@ -1,12 +1,40 @@
-"""Deployments: which artifact each device should run (its assignment), and
-the history of what its agent did with it.
+"""Deployments: which artifacts each device should run (its assignments, at
+most one per model: a device holds several models, issue 20), and the
+history of what its agent did with them.
 
 An assignment names a model version; each device gets the artifact its own
-class's successful build published, with that build's signed manifest. The
-assignment sequence counts up per device, so an agent can refuse anything
-older than what it has seen. Assigning is all-or-nothing: if one device
-cannot take the version, nothing is assigned and the error lists every
-device that cannot, with the reason.
+class's successful build published, with that build's signed manifest.
+Assigning a model adds it to the device or replaces that model's version;
+the device's other models are untouched. The assignment sequence counts up
+per device over all its models (devices.assignment_seq), so an agent can
+refuse anything at or below what it verified for the model. Assigning is
+all-or-nothing: if one device cannot take the version, nothing is assigned
+and the error lists every device that cannot, with the reason. A device
+cannot take a version when:
+
+- it is not accepted, matches no class, or its class has no build of it;
+- its agent speaks the one-model protocol (Hello.protocol below 2, stored as
+  devices.agent_protocol 1) and it already holds another model: that agent
+  reads DesiredState.assignment only, so a second model would silently
+  replace the first on the device. Upgrade the agent. A device whose agent
+  never connected (agent_protocol 0) is allowed: most agents are current,
+  and an old one that connects later is served the compatible one-model view
+  (the highest-sequence assignment; api/device_servicer.py), so the worst
+  case is one model of the two running until the agent is upgraded;
+- its class sets a device memory budget (ConstraintProfile.device_memory_mb)
+  and the measured memory (ArtifactManifest.memory_mb) of the artifacts it
+  would hold afterwards adds up past it. An artifact built before the
+  measurement was recorded counts 0 MB (unknown, not refused).
+
+Rollouts assign through the same function (`assign_devices`), so a device a
+rollout cannot give the version is marked rejected in the rollout with the
+same reason, and the others carry on.
+
+Unassigning removes one model from devices (`DeploymentService.unassign`);
+the agent unloads a model its desired state no longer lists. A device an
+active rollout of that model holds is refused (FAILED_PRECONDITION naming
+the rollout): the rollout would wait for a report that never comes, or
+assign the model again; abort the rollout first.
 
 Every assignment carries an AssignmentStatement signed with the current
 signing key (services/statements.py), made here when the assignment is
@@ -15,19 +43,25 @@ push path signs nothing. Its `rollback` flag is the control plane's
 explicit permission to go back to an older version (agents refuse a
 downgrade without it); see `assign_devices`.
 
-History: agents report their update state (agent/update/states.py) on the
-sync stream; every change of (sequence, state) becomes a DeploymentEventRow.
-Download progress updates the device's current status only, so the history
-stays a list of states, not of chunks."""
+History: agents report each model's update state (agent/update/states.py)
+on the sync stream; every change of a model's (sequence, state) becomes a
+DeploymentEventRow. Download progress updates the device's current status of
+that model only, so the history stays a list of states, not of chunks. The
+agent is the truth of what it serves: a report of a model the device was
+never assigned is stored too, keyed by its name, but at most
+MAX_MODELS_PER_DEVICE models per device (the excess is dropped with a log
+line)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from edgefleet.controlplane.db.bulk import insert_rows, update_rows
@@ -51,6 +85,7 @@ from edgefleet.controlplane.services.builds import SUCCEEDED
 from edgefleet.controlplane.services.devices import ACCEPTED, DesiredView, EventSink
 from edgefleet.controlplane.services.events import FleetEvent
 from edgefleet.controlplane.services.registry import filter_by_model, require_version
+from edgefleet.v1 import common_pb2 as c
 
 MAX_DEVICES_PER_CALL = 1000
 DEFAULT_HISTORY_LIMIT = 100
@@ -58,6 +93,13 @@ DEFAULT_HISTORY_LIMIT = 100
 _IN_CHUNK = 1000
 _PUBLISHED_CACHE = 256
 MAX_HISTORY_LIMIT = 10_000
+# Models whose statuses one device's row keeps (assigned or only reported).
+MAX_MODELS_PER_DEVICE = 32
+# devices.agent_protocol: 0 never connected; 1 one model (Hello.protocol 0
+# or 1); 2 several models.
+UNKNOWN_PROTOCOL, ONE_MODEL_PROTOCOL, MULTI_MODEL_PROTOCOL = 0, 1, 2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,8 +127,18 @@ class AssignmentView:
     manifest_key_id: str = ""
 
 
-# What a sync stream sends a device: its desired state and its assignment.
-Desired = tuple[DesiredView, AssignmentView | None]
+# What a sync stream sends a device: its desired state and its assignments
+# (one per model, sorted by model name; empty when it has none).
+Desired = tuple[DesiredView, list[AssignmentView]]
+
+
+@dataclass(frozen=True)
+class Unassigned:
+    """What an unassign did: the devices the model was removed from, and
+    those that did not hold it."""
+
+    removed: list[str]
+    not_assigned: list[str]
 
 
 @dataclass(frozen=True)
@@ -148,57 +200,75 @@ def assign_devices(
     artifacts: dict[tuple[str, str], ArtifactRow | str] | None = None,
     at: dt.datetime | None = None,
 ) -> dict[str, tuple[int, ArtifactRow] | str]:
-    """Make each device's class artifact of `mv` its assignment, in the
-    caller's transaction: the next sequence and a new desired-state revision
-    per device. Per device: (sequence, artifact), or why it cannot take `mv`
-    (nothing written for it). Set-based, so assigning thousands of devices
-    costs a few statements per chunk rather than several per device; the
-    device rows are locked first (FOR UPDATE on PostgreSQL) so concurrent
-    assignments cannot hand out one sequence twice. `artifacts` caches the
-    per-class lookups across calls; `at` is the assignment time (default
-    now). Unknown devices are absent from the result. The caller publishes
-    the desired-state changes after its commit.
+    """Make each device's class artifact of `mv` its assignment of that
+    model, in the caller's transaction: the next sequence and a new
+    desired-state revision per device; its other models are untouched. Per
+    device: (sequence, artifact), or why it cannot take `mv` (nothing
+    written for it; see the module docstring). Set-based, so assigning
+    thousands of devices costs a few statements per chunk rather than
+    several per device; the device rows are locked first (FOR UPDATE on
+    PostgreSQL) so concurrent assignments cannot hand out one sequence
+    twice. `artifacts` caches the per-class lookups across calls; `at` is
+    the assignment time (default now). Unknown devices are absent from the
+    result. The caller publishes the desired-state changes after its commit.
 
     Each assignment gets its signed statement. Its rollback flag is set when
     `rollback` says so (a rollout sending devices back: revert, abort with
     revert, a dropped class) and otherwise per device when `mv` is older
     (semver) than the version of the same model in the device's current
-    assignment or in the last update of that model it reported committed:
-    an operator assigning an older version, or a rollout of one. Erring
-    towards the flag is safe (it permits, never forces); missing it makes
-    the agent refuse the downgrade.
+    assignment of it or in the last update of that model it reported
+    committed: an operator assigning an older version, or a rollout of one.
+    Erring towards the flag is safe (it permits, never forces); missing it
+    makes the agent refuse the downgrade.
 
     The active key is read after the device rows are locked: a rotation
     locks them all first (keys.rotate), so an assignment either commits
     before it (and is signed again by it) or reads the new key."""
-    cache = {} if artifacts is None else artifacts
+    cache = artifacts if artifacts is not None else {}
     model_name = session.get_one(ModelRow, mv.model_id).name
     target = semver.sort_key(mv.version)
     signer: tuple[str, signing.Signer] | None = None
     manifest_digests: dict[str, str] = {}
+    memory: dict[str, float] = {}
     result: dict[str, tuple[int, ArtifactRow] | str] = {}
     now = at or dt.datetime.now(dt.UTC)
     ids = list(dict.fromkeys(device_ids))
+    d = DeviceRow
     for start in range(0, len(ids), _IN_CHUNK):
         chunk = ids[start : start + _IN_CHUNK]
         rows = session.execute(
             select(
-                DeviceRow.id, DeviceRow.state, DeviceRow.class_id, DeviceRow.assignment_seq,
-                DeviceRow.desired_revision,
+                d.id, d.state, d.class_id, d.assignment_seq, d.desired_revision,
+                d.agent_protocol, DeviceClassRow.device_memory_mb, DeviceClassRow.name,
             )
-            .where(DeviceRow.id.in_(padded(chunk)))
+            .outerjoin(DeviceClassRow, DeviceClassRow.id == d.class_id)
+            .where(d.id.in_(padded(chunk)))
             # In id order: two assignments locking the same devices in
             # different orders would deadlock on PostgreSQL.
-            .order_by(DeviceRow.id)
-            .with_for_update()
+            .order_by(d.id)
+            .with_for_update(of=d)
         ).all()  # fmt: skip
         if signer is None and rows:
             key = keys.signing_key(session)
             signer = (key.key_id, signing.Signer(key.private_key))
+        held = _held(session, [row[0] for row in rows], mv.model_id)
         counters: list[dict[str, Any]] = []
         values: dict[str, dict[str, Any]] = {}
-        for device_id, state, class_id, seq, revision in rows:
+        for device_id, state, class_id, seq, revision, protocol, budget, class_name in rows:
             found = _artifact(session, state, class_id, mv.id, cache)
+            others = held.others.get(device_id, [])
+            if not isinstance(found, str):
+                if protocol == ONE_MODEL_PROTOCOL and others:
+                    found = (
+                        f"its agent speaks the one-model protocol and already holds "
+                        f"{', '.join(o.label for o in others)}; upgrade the agent to give "
+                        "it a second model"
+                    )
+                elif budget is not None:
+                    found = _over_budget(
+                        session, found, f"{model_name}@{mv.version}", others, budget,
+                        class_name or "", memory,
+                    ) or found  # fmt: skip
             if isinstance(found, str):
                 result[device_id] = found
                 continue
@@ -207,15 +277,15 @@ def assign_devices(
                 {"id": device_id, "assignment_seq": seq + 1, "desired_revision": revision + 1}
             )
             values[device_id] = {
-                "device_id": device_id, "sequence": seq + 1, "artifact_id": found.id,
-                "model_version_id": mv.id, "rollout_id": rollout_id, "shadow": shadow,
-                "assigned_by": actor, "assigned_at": now,
+                "device_id": device_id, "model_id": mv.model_id, "sequence": seq + 1,
+                "artifact_id": found.id, "model_version_id": mv.id, "rollout_id": rollout_id,
+                "shadow": shadow, "assigned_by": actor, "assigned_at": now,
             }  # fmt: skip
         if not counters:
             continue
         assert signer is not None
         update_rows(session, DeviceRow, counters)
-        existing, newer = _current_versions(session, list(values), mv.model_id, model_name)
+        newer = _committed_versions(session, list(values), model_name, held.versions)
         key_id, sign = signer
         for device_id, row in values.items():
             artifact = cast(tuple[int, ArtifactRow], result[device_id])[1]
@@ -236,8 +306,8 @@ def assign_devices(
                 statement=statement, statement_signature=sign.sign(statement), rollback=back,
                 key_id=key_id,
             )  # fmt: skip
-        replaced = [v for k, v in values.items() if k in existing]
-        added = [v for k, v in values.items() if k not in existing]
+        replaced = [v for k, v in values.items() if k in held.versions]
+        added = [v for k, v in values.items() if k not in held.versions]
         if replaced:
             update_rows(session, DeviceAssignmentRow, replaced)
         if added:
@@ -245,24 +315,91 @@ def assign_devices(
     return result
 
 
-def _current_versions(
-    session: Session, device_ids: list[str], model_id: str, model_name: str
-) -> tuple[set[str], dict[str, list[str]]]:
-    """The devices that have an assignment; and per device the versions of
-    the model a new assignment must not go below without the rollback flag:
-    its current assignment's (if of this model) and the one it last reported
-    committed."""
-    existing: set[str] = set()
-    versions: dict[str, list[str]] = {}
-    current = session.execute(
-        select(DeviceAssignmentRow.device_id, ModelVersionRow.model_id, ModelVersionRow.version)
-        .join(ModelVersionRow, ModelVersionRow.id == DeviceAssignmentRow.model_version_id)
-        .where(DeviceAssignmentRow.device_id.in_(padded(device_ids)))
+@dataclass(frozen=True)
+class _Other:
+    """A model a device holds besides the one being assigned."""
+
+    label: str  # name@version
+    artifact_id: str
+
+
+@dataclass(frozen=True)
+class _Held:
+    # Device -> the version of the model being assigned it holds now.
+    versions: dict[str, str]
+    # Device -> its other models.
+    others: dict[str, list[_Other]]
+
+
+def _held(session: Session, device_ids: list[str], model_id: str) -> _Held:
+    """What the devices hold now, in one query."""
+    a = DeviceAssignmentRow
+    versions: dict[str, str] = {}
+    others: dict[str, list[_Other]] = {}
+    if not device_ids:
+        return _Held(versions, others)
+    rows = session.execute(
+        select(a.device_id, a.model_id, a.artifact_id, ModelRow.name, ModelVersionRow.version)
+        .join(ModelVersionRow, ModelVersionRow.id == a.model_version_id)
+        .join(ModelRow, ModelRow.id == a.model_id)
+        .where(a.device_id.in_(padded(device_ids)))
+        .order_by(a.device_id, ModelRow.name)
     )
-    for device_id, current_model, version in current:
-        existing.add(device_id)
-        if current_model == model_id:
-            versions.setdefault(device_id, []).append(version)
+    for device_id, held_model, artifact_id, name, version in rows:
+        if held_model == model_id:
+            versions[device_id] = version
+        else:
+            others.setdefault(device_id, []).append(_Other(f"{name}@{version}", artifact_id))
+    return _Held(versions, others)
+
+
+def artifact_memory_mb(manifest: bytes) -> float:
+    """The measured memory an artifact's signed manifest records (0: not
+    measured, an artifact built before it was recorded)."""
+    parsed = c.ArtifactManifest.FromString(manifest)
+    return parsed.memory_mb if math.isfinite(parsed.memory_mb) else 0.0
+
+
+def _over_budget(
+    session: Session,
+    artifact: ArtifactRow,
+    label: str,
+    others: list[_Other],
+    budget: float,
+    class_name: str,
+    memory: dict[str, float],
+) -> str | None:
+    """Why the device would hold more memory than its class's budget with
+    `artifact` and its other models (None: it fits). `memory` caches each
+    artifact's MB by id across the call."""
+    missing = [o.artifact_id for o in others if o.artifact_id not in memory]
+    if missing:
+        for artifact_id, manifest in session.execute(
+            select(ArtifactRow.id, ArtifactRow.manifest).where(ArtifactRow.id.in_(missing))
+        ):
+            memory[artifact_id] = artifact_memory_mb(manifest)
+    if artifact.id not in memory:
+        memory[artifact.id] = artifact_memory_mb(artifact.manifest)
+    parts = [(label, memory[artifact.id])] + [(o.label, memory[o.artifact_id]) for o in others]
+    total = sum(mb for _, mb in parts)
+    if total <= budget:
+        return None
+    listed = " + ".join(f"{name} {mb:g} MB" for name, mb in sorted(parts))
+    return (
+        f"its models would need {listed} = {total:g} MB, over the {budget:g} MB device memory "
+        f"budget of class {class_name}"
+    )
+
+
+def _committed_versions(
+    session: Session, device_ids: list[str], model_name: str, current: dict[str, str]
+) -> dict[str, list[str]]:
+    """Per device, the versions of the model a new assignment must not go
+    below without the rollback flag: its current assignment of the model
+    (`current`) and the one it last reported committed."""
+    versions: dict[str, list[str]] = {
+        device_id: [current[device_id]] for device_id in device_ids if device_id in current
+    }
     e = DeploymentEventRow
     committed: dict[str, str] = {}
     for device_id, version in session.execute(
@@ -277,7 +414,56 @@ def _current_versions(
         committed[device_id] = version
     for device_id, version in committed.items():
         versions.setdefault(device_id, []).append(version)
-    return existing, versions
+    return versions
+
+
+def unassign_devices(
+    session: Session, model_id: str, device_ids: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Remove the model's assignment from each device, in the caller's
+    transaction, bumping the desired revision of those that held it (the
+    agent unloads a model its desired state no longer lists); their other
+    models are untouched. Returns (removed, not assigned); unknown devices
+    are in neither. The caller publishes the desired-state changes after
+    its commit."""
+    removed: list[str] = []
+    not_assigned: list[str] = []
+    ids = list(dict.fromkeys(device_ids))
+    a = DeviceAssignmentRow
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        rows = session.execute(
+            select(DeviceRow.id, DeviceRow.desired_revision)
+            .where(DeviceRow.id.in_(padded(chunk)))
+            .order_by(DeviceRow.id)
+            .with_for_update()
+        ).all()
+        holding = set(
+            session.scalars(
+                select(a.device_id).where(a.device_id.in_(padded(chunk)), a.model_id == model_id)
+            )
+        )
+        counters = []
+        for device_id, revision in rows:
+            if device_id in holding:
+                removed.append(device_id)
+                counters.append({"id": device_id, "desired_revision": revision + 1})
+            else:
+                not_assigned.append(device_id)
+        if counters:
+            session.execute(
+                delete(a).where(a.model_id == model_id, a.device_id.in_(padded(sorted(holding))))
+            )
+            update_rows(session, DeviceRow, counters)
+    return removed, not_assigned
+
+
+def _rolling_out(session: Session, device_ids: Sequence[str], model_id: str) -> dict[str, str]:
+    """Device -> the active rollout of `model_id` holding it (rollouts.
+    active_rollout_of, for one model; deployments cannot import rollouts)."""
+    from edgefleet.controlplane.services.rollouts import active_rollout_of
+
+    return active_rollout_of(session, device_ids, model_id=model_id)
 
 
 def _published(session: Session, artifact_id: str, model_version_id: str) -> dict[str, Any]:
@@ -345,8 +531,9 @@ def _view(session: Session, row: DeviceAssignmentRow, cache: Published) -> Assig
 @dataclass
 class StatusReport:
     """What one agent reported since its last write: the revision it applied
-    and its update statuses in arrival order (consecutive reports of the same
-    (sequence, state), such as download progress, collapsed to the latest)."""
+    and its models' update statuses in arrival order (a report of the same
+    model and (sequence, state) as that model's latest, such as download
+    progress, replaces it)."""
 
     applied_revision: int
     statuses: list[dict[str, Any]]
@@ -356,10 +543,14 @@ class StatusReport:
         self.applied_revision = applied_revision
         if not status:
             return
-        if self.statuses and _same_step(self.statuses[-1], status):
-            self.statuses[-1] = status
-        else:
-            self.statuses.append(status)
+        model = status.get("model_name", "")
+        for index in range(len(self.statuses) - 1, -1, -1):
+            if self.statuses[index].get("model_name", "") == model:
+                if _same_step(self.statuses[index], status):
+                    self.statuses[index] = status
+                    return
+                break
+        self.statuses.append(status)
 
     def extend(self, later: StatusReport) -> None:
         """Fold in everything a later StatusReport of the device holds."""
@@ -369,7 +560,11 @@ class StatusReport:
 
 
 def _same_step(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return bool(a.get("sequence") == b.get("sequence") and a.get("state") == b.get("state"))
+    return bool(
+        a.get("model_name", "") == b.get("model_name", "")
+        and a.get("sequence") == b.get("sequence")
+        and a.get("state") == b.get("state")
+    )
 
 
 def history_event(
@@ -393,6 +588,17 @@ def history_event(
         "bytes_total": int(status.get("bytes_total", 0)),
         "at": utcnow(),
     }
+
+
+def _holds_nothing(status: dict[str, Any]) -> bool:
+    """Whether a model's status says the agent holds nothing of it: idle, no
+    assignment, nothing active (what an agent reports once it has unloaded
+    an unassigned model; docs/agent-updates.md)."""
+    return (
+        status.get("state") == "idle"
+        and not status.get("sequence")
+        and not status.get("active_model_version")
+    )
 
 
 class DeploymentService:
@@ -468,13 +674,70 @@ class DeploymentService:
         )
         return views
 
+    def unassign(
+        self, actor: str, device_ids: Sequence[str], model_name: str, reason: str = ""
+    ) -> Unassigned:
+        """Remove `model_name` from every device in `device_ids`; their other
+        models are untouched. All or nothing: an unknown device (NOT_FOUND)
+        or one an active rollout of the model holds (FAILED_PRECONDITION,
+        naming the rollout) removes nothing."""
+        ids = list(dict.fromkeys(device_ids))
+        if not ids:
+            raise InvalidArgument("name at least one device to unassign from")
+        if len(ids) > MAX_DEVICES_PER_CALL:
+            raise InvalidArgument(f"at most {MAX_DEVICES_PER_CALL} devices per call")
+        if not model_name:
+            raise InvalidArgument("model name is required")
+        with self._db.unit_of_work() as uow:
+            session = uow.session
+            model = session.scalar(select(ModelRow).where(ModelRow.name == model_name))
+            if model is None:
+                raise NotFound(f"no model named {model_name!r}")
+            known: set[str] = set()
+            for start in range(0, len(ids), _IN_CHUNK):
+                known.update(
+                    session.scalars(
+                        select(DeviceRow.id).where(
+                            DeviceRow.id.in_(padded(ids[start : start + _IN_CHUNK]))
+                        )
+                    )
+                )
+            missing = [i for i in ids if i not in known]
+            if missing:
+                raise NotFound(f"no device with id {', '.join(repr(i) for i in missing)}")
+            busy = _rolling_out(session, ids, model.id)
+            if busy:
+                listed = "; ".join(
+                    f"{device_id} (rollout {rollout_id})" for device_id, rollout_id in busy.items()
+                )
+                raise FailedPrecondition(
+                    f"cannot unassign {model_name}: an active rollout of it holds "
+                    f"{len(busy)} of the devices, nothing was unassigned: {listed}; abort "
+                    "the rollout first (edgefleet rollouts abort)"
+                )
+            removed, not_assigned = unassign_devices(session, model.id, ids)
+            for device_id in removed:
+                audit.record(
+                    uow, actor, "device.unassign", f"device:{device_id}", model=model_name,
+                    reason=reason,
+                )  # fmt: skip
+            uow.commit()
+        if removed:
+            self._events.publish(
+                FleetEvent(
+                    "device.assigned", tuple(removed), desired_changed=True, subject=model_name
+                )
+            )
+        return Unassigned(removed, not_assigned)
+
     def desired_many(self, device_ids: Sequence[str]) -> dict[str, Desired]:
         """What each device's sync stream sends (its desired state and its
-        assignment, None if it has none), many devices in one read: a rollout stage wakes
-        thousands of sync streams in the same instant, and a query per
-        stream cost more than the rows (bench/bench_soak.py). One query of
-        the columns needed per _IN_CHUNK ids; loading each device row whole,
-        with its JSON columns, was most of the cost. Unknown ids are left out."""
+        assignments, by model name), many devices in one read: a rollout
+        stage wakes thousands of sync streams in the same instant, and a
+        query per stream cost more than the rows (bench/bench_soak.py). One
+        query of the columns needed per _IN_CHUNK ids (a row per device and
+        model); loading each device row whole, with its JSON columns, was
+        most of the cost. Unknown ids are left out."""
         d, a = DeviceRow, DeviceAssignmentRow
         found: dict[str, Desired] = {}
         ids = list(dict.fromkeys(device_ids))
@@ -493,21 +756,28 @@ class DeploymentService:
                     .where(d.id.in_(padded(ids[start : start + _IN_CHUNK])))
                 )  # fmt: skip
                 for row in rows:
-                    chain = self._key_rotations(session, row[16])
-                    view = DesiredView(
-                        row[1], row[2], row[4] or "", dict(row[3] or {}), chain,
-                        credential_epoch=row[17] or "",
-                    )  # fmt: skip
+                    desired = found.get(row[0])
+                    if desired is None:
+                        chain = self._key_rotations(session, row[16])
+                        view = DesiredView(
+                            row[1], row[2], row[4] or "", dict(row[3] or {}), chain,
+                            credential_epoch=row[17] or "",
+                        )  # fmt: skip
+                        desired = found[row[0]] = (view, [])
+                    elif row[16] is not None:
+                        self._key_rotations(session, row[16])
                     if row[5] is None:
-                        found[row[0]] = (view, None)
                         continue
                     fixed = _fixed(session, row[7], row[8], row[16], self._published)
-                    found[row[0]] = (view, AssignmentView(
+                    desired[1].append(AssignmentView(
                         device_id=row[0], sequence=row[6], rollout_id=row[9] or "",
                         shadow=bool(row[10]), assigned_by=row[11], assigned_at=row[12],
                         statement=row[13], statement_signature=row[14],
                         rollback=bool(row[15]), **fixed,
                     ))  # fmt: skip
+        for _, assignments in found.values():
+            if len(assignments) > 1:
+                assignments.sort(key=lambda v: v.model_name)
         return found
 
     def _key_rotations(
@@ -522,20 +792,23 @@ class DeploymentService:
 
     def record_statuses(self, reports: dict[str, StatusReport]) -> None:
         """Store what agents reported, many devices in one transaction: the
-        revision each applied and where its update is; every new (sequence,
-        state) is added to its history. Reports of unknown devices are
-        dropped (a device is never deleted while its agent still talks)."""
+        revision each applied and where each model's update is; every new
+        (model, sequence, state) is added to the history. Reports of unknown
+        devices are dropped (a device is never deleted while its agent still
+        talks); so are statuses without a model name (nothing to key them
+        by) and those of models past MAX_MODELS_PER_DEVICE (logged)."""
         if not reports:
             return
         changed: list[str] = []
         touched: list[str] = []
+        now = utcnow()
         with self._db.unit_of_work() as uow:
             session = uow.session
             ids = list(reports)
             previous: dict[str, dict[str, Any]] = {}
             for start in range(0, len(ids), _IN_CHUNK):
                 previous.update(
-                    (device_id, status or {})
+                    (device_id, dict(status or {}))
                     for device_id, status in session.execute(
                         select(DeviceRow.id, DeviceRow.update_status).where(
                             DeviceRow.id.in_(padded(ids[start : start + _IN_CHUNK]))
@@ -548,19 +821,36 @@ class DeploymentService:
             for device_id, report in reports.items():
                 if device_id not in previous:
                     continue
-                last = previous[device_id]
-                added = False
+                models = previous[device_id]
+                added = stored = False
                 for status in report.statuses:
-                    event = history_event(device_id, last, status)
+                    name = status.get("model_name", "")
+                    if not name:
+                        continue
+                    if name not in models and len(models) >= MAX_MODELS_PER_DEVICE:
+                        log.warning(
+                            "device %s reports more than %d models; dropped the status of "
+                            "model %r", device_id, MAX_MODELS_PER_DEVICE, name[:100],
+                        )  # fmt: skip
+                        continue
+                    last = models.get(name)
+                    event = history_event(device_id, last if isinstance(last, dict) else {}, status)
                     if event is not None:
+                        event["at"] = now
                         events.append(event)
                         added = True
-                    last = status
+                    stored = True
+                    if _holds_nothing(status):
+                        # The agent unloaded the model (an unassign): it is
+                        # no longer the device's, only its history keeps it.
+                        models.pop(name, None)
+                        continue
+                    models[name] = {**status, "updated_at": now.isoformat()}
                 (changed if added else touched).append(device_id)
-                if report.statuses:
+                if stored:
                     statuses.append({
                         "id": device_id, "applied_revision": report.applied_revision,
-                        "update_status": last,
+                        "update_status": models,
                     })  # fmt: skip
                 else:
                     revisions.append({"id": device_id, "applied_revision": report.applied_revision})

@@ -12,7 +12,15 @@ from typing import Any, Protocol
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane.db.models import DeviceClassRow, DeviceRow, utcnow
+from edgefleet.controlplane.db.in_list import padded
+from edgefleet.controlplane.db.models import (
+    DeviceAssignmentRow,
+    DeviceClassRow,
+    DeviceRow,
+    ModelRow,
+    ModelVersionRow,
+    utcnow,
+)
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import rules
 from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -27,6 +35,7 @@ MAX_LABEL_VALUE = 256
 MAX_LABELS = 64
 # Rows read per query while a label filter fills a page.
 _LIST_BATCH = 500
+_IN_CHUNK = 1000
 
 
 class EventSink(Protocol):
@@ -40,10 +49,23 @@ class Presence(Protocol):
 
 
 @dataclass(frozen=True)
+class HeldModel:
+    """One model assigned to a device, as its view shows it."""
+
+    model_name: str
+    model_version: str
+    sequence: int
+    rollout_id: str
+    shadow: bool
+
+
+@dataclass(frozen=True)
 class DeviceView:
     row: DeviceRow
     class_name: str
     online: bool
+    # Its assignments, by model name.
+    assignments: tuple[HeldModel, ...] = ()
 
 
 # Where a page of ListDevices ends: the last device's (name, id).
@@ -121,6 +143,38 @@ def reclassify_all(session: Session) -> list[str]:
     return moved
 
 
+# The newest sync protocol this control plane knows; a newer agent's is kept
+# as this (it speaks at least this much).
+NEWEST_PROTOCOL = 2
+
+
+def agent_protocol_of(hello_protocol: int) -> int:
+    """devices.agent_protocol for a Hello's protocol: 1 for the one-model
+    agents (which send 0 or 1), so 0 keeps meaning "never connected"."""
+    return min(max(hello_protocol, 1), NEWEST_PROTOCOL)
+
+
+def held_models(session: Session, device_ids: Sequence[str]) -> dict[str, tuple[HeldModel, ...]]:
+    """Each device's assignments by model name, one query per _IN_CHUNK ids."""
+    a = DeviceAssignmentRow
+    found: dict[str, list[HeldModel]] = {}
+    ids = list(device_ids)
+    for start in range(0, len(ids), _IN_CHUNK):
+        rows = session.execute(
+            select(a.device_id, ModelRow.name, ModelVersionRow.version, a.sequence,
+                   a.rollout_id, a.shadow)
+            .join(ModelVersionRow, ModelVersionRow.id == a.model_version_id)
+            .join(ModelRow, ModelRow.id == a.model_id)
+            .where(a.device_id.in_(padded(ids[start : start + _IN_CHUNK])))
+            .order_by(a.device_id, ModelRow.name)
+        )  # fmt: skip
+        for device_id, name, version, sequence, rollout_id, shadow in rows:
+            found.setdefault(device_id, []).append(
+                HeldModel(name, version, sequence, rollout_id or "", bool(shadow))
+            )
+    return {k: tuple(v) for k, v in found.items()}
+
+
 class DeviceService:
     def __init__(
         self, db: Database, events: EventSink, presence: Presence, offline_after_s: float
@@ -132,11 +186,22 @@ class DeviceService:
 
     # ------------------------------------------------------------ queries
 
-    def _view(self, session: Session, row: DeviceRow, names: Mapping[str, str]) -> DeviceView:
+    def _view(
+        self,
+        session: Session,
+        row: DeviceRow,
+        names: Mapping[str, str],
+        held: Mapping[str, tuple[HeldModel, ...]] | None = None,
+    ) -> DeviceView:
         online = self._presence.is_connected(row.id) or (
             row.last_seen_at is not None and utcnow() - row.last_seen_at < self._offline_after
         )
-        return DeviceView(row=row, class_name=names.get(row.class_id or "", ""), online=online)
+        if held is None:
+            held = held_models(session, [row.id])
+        return DeviceView(
+            row=row, class_name=names.get(row.class_id or "", ""), online=online,
+            assignments=held.get(row.id, ()),
+        )  # fmt: skip
 
     @staticmethod
     def _class_names(session: Session) -> dict[str, str]:
@@ -194,8 +259,9 @@ class DeviceService:
                 cursor = (rows[-1].name, rows[-1].id)
             more = limit is not None and len(matched) >= limit
             page = matched[:page_size] if page_size is not None else matched
+            held = held_models(session, [row.id for row in page])
             return DevicePage(
-                devices=[self._view(session, row, names) for row in page],
+                devices=[self._view(session, row, names, held) for row in page],
                 next_after=(page[-1].name, page[-1].id) if more else None,
             )
 
@@ -302,17 +368,28 @@ class DeviceService:
     # ------------------------------------------------------------ agent reports
 
     def record_hello(
-        self, device_id: str, hardware: dict[str, Any], runtime: dict[str, Any]
+        self,
+        device_id: str,
+        hardware: dict[str, Any],
+        runtime: dict[str, Any],
+        protocol: int | None = None,
     ) -> bool:
-        """Store the profile an agent reports on connect; reclassify if it
-        changed. True if the desired state changed."""
+        """Store the profile an agent reports on connect, and the sync
+        protocol it speaks (Hello.protocol; None: leave it); reclassify if
+        the profile changed. True if the desired state changed."""
+        stored = None if protocol is None else agent_protocol_of(protocol)
         with self._db.unit_of_work() as uow:
             row = self._require(uow.session, device_id)
-            if row.hardware == hardware and row.runtime == runtime:
+            same_protocol = stored is None or row.agent_protocol == stored
+            if row.hardware == hardware and row.runtime == runtime and same_protocol:
                 return False
-            row.hardware = hardware
-            row.runtime = runtime
-            moved = classify_row(row, class_candidates(uow.session))
+            if stored is not None:
+                row.agent_protocol = stored
+            moved = False
+            if row.hardware != hardware or row.runtime != runtime:
+                row.hardware = hardware
+                row.runtime = runtime
+                moved = classify_row(row, class_candidates(uow.session))
             uow.commit()
         self._events.publish(FleetEvent("device.updated", (device_id,), desired_changed=moved))
         return moved

@@ -162,14 +162,17 @@ def rotate(db: Database, events: EventSink, actor: str, *, reason: str = "") -> 
         ]
         update_rows(session, ArtifactRow, artifacts)
         assignments: list[dict[str, Any]] = []
-        for device_id, statement in session.execute(
-            select(DeviceAssignmentRow.device_id, DeviceAssignmentRow.statement)
+        for device_id, model_id, statement in session.execute(
+            select(
+                DeviceAssignmentRow.device_id, DeviceAssignmentRow.model_id,
+                DeviceAssignmentRow.statement,
+            )
             .where(DeviceAssignmentRow.statement != b"")
-            .order_by(DeviceAssignmentRow.device_id)
-        ):
+            .order_by(DeviceAssignmentRow.device_id, DeviceAssignmentRow.model_id)
+        ):  # fmt: skip
             again = statements.with_key(statement, kid)
             assignments.append({
-                "device_id": device_id, "statement": again,
+                "device_id": device_id, "model_id": model_id, "statement": again,
                 "statement_signature": signer.sign(again), "key_id": kid,
             })  # fmt: skip
         update_rows(session, DeviceAssignmentRow, assignments)

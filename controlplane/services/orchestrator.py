@@ -81,7 +81,7 @@ from edgefleet.controlplane.domain.rollouts import (
     should_retry,
 )
 from edgefleet.controlplane.services import audit
-from edgefleet.controlplane.services.deployments import assign_devices
+from edgefleet.controlplane.services.deployments import assign_devices, unassign_devices
 from edgefleet.controlplane.services.devices import EventSink
 from edgefleet.controlplane.services.events import FleetEvent
 from edgefleet.controlplane.services.rollouts import (
@@ -116,7 +116,16 @@ from edgefleet.controlplane.services.telemetry import ROW_COUNT_CAP, at_most, fl
 log = logging.getLogger(__name__)
 
 ACTOR = "orchestrator"
+
+
 # Agent update states that mean "still working on it".
+def _model_status(statuses: dict[str, Any] | None, model_name: str) -> dict[str, Any]:
+    """A device's stored status of one model (devices.update_status is keyed
+    by model name); {} when it reported none."""
+    status = (statuses or {}).get(model_name)
+    return status if isinstance(status, dict) else {}
+
+
 _WORKING = {"downloading", "verifying", "validating", "activating", "rolling_back"}
 # Member states whose agents' reports a step follows.
 _FOLLOWED = (NOTIFIED, IN_PROGRESS, REVERTING)
@@ -449,8 +458,11 @@ class _Driver:
         pacing = self.spec.pacing
         # Selected by the rollout's rows, whose states are the members' (the
         # last step wrote them), not by IN (the devices): see _of_rollout.
+        # Each device's status of this rollout's model only: its other
+        # models' updates (other rollouts, operators) are not this one's.
+        model = self.spec.model_name
         statuses = {
-            device_id: status or {}
+            device_id: _model_status(status, model)
             for device_id, status in self.session.execute(
                 self._of_rollout(select(DeviceRow.id, DeviceRow.update_status), DeviceRow.id)
                 .where(RolloutDeviceRow.state.in_(_FOLLOWED))
@@ -469,7 +481,9 @@ class _Driver:
                 elif reported == "failed":
                     self.finish(d, REVERTED, f"revert failed: {status.get('reason', '')}")
                 continue
-            if reported in ("committed", "shadowing"):
+            # A shadow stage's assignment reports committed once it is
+            # loaded beside the active version: that is its device done.
+            if reported == "committed":
                 self.finish(d, COMMITTED, "")
             elif reported == "failed":
                 self.fail(d, FAILED, status.get("reason") or "the update failed")
@@ -558,7 +572,7 @@ class _Driver:
         fresh = [c for c in candidates if c.id not in known]
         if not fresh:
             return
-        busy = active_rollout_of(self.session, (c.id for c in fresh))
+        busy = active_rollout_of(self.session, (c.id for c in fresh), model_id=self.mv.model_id)
         offline_before = self.now - self.o._offline_after
         reasons: dict[str | None, str | None] = {}
         stage = late_stage(self.row.current_stage, None, len(self.spec.stages))
@@ -570,7 +584,8 @@ class _Driver:
                 continue
             previous = self.session.scalar(
                 select(DeviceAssignmentRow.model_version_id).where(
-                    DeviceAssignmentRow.device_id == device.id
+                    DeviceAssignmentRow.device_id == device.id,
+                    DeviceAssignmentRow.model_id == self.mv.model_id,
                 )
             )
             late = Member(
@@ -784,12 +799,30 @@ class _Driver:
             return
         self.step.changed = True
         by_version: dict[str, list[tuple[Member, str]]] = {}
+        unassign: list[tuple[Member, str]] = []
         for d, why in reverting:
             prefix = f"{why}; " if why else ""
             if d.previous_model_version_id is None:
-                d.state, d.reason = REVERTED, f"{prefix}nothing to revert to: no previous version"
+                unassign.append((d, prefix))
             else:
                 by_version.setdefault(d.previous_model_version_id, []).append((d, prefix))
+        if unassign:
+            # The device held no version of the model before: going back is
+            # removing the model (its other models stay). Nothing to wait
+            # for: the agent unloads it, and reports no update for that.
+            model = self.spec.model_name
+            removed, _ = unassign_devices(
+                self.session, self.mv.model_id, [d.device_id for d, _ in unassign]
+            )
+            gone = set(removed)
+            for d, prefix in unassign:
+                self.finish(d, REVERTED, (
+                    f"{prefix}unassigned {model}: the device held no version of it before"
+                    if d.device_id in gone
+                    else f"{prefix}nothing to revert to: {model} is no longer assigned"
+                ))  # fmt: skip
+                if d.device_id in gone:
+                    self.step.pushed.append(d.device_id)
         for version_id, group in by_version.items():
             previous = self.session.get_one(ModelVersionRow, version_id)
             # A revert is a rollback by definition, whatever the versions

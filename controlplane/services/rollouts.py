@@ -5,10 +5,12 @@ actions (start, pause, resume, approve, abort). The orchestrator
 A rollout's cohort is the accepted devices in its classes and/or carrying its
 labels. A device is excluded, with the reason, when it is pending or rejected,
 matches no class, its class has no successful build of the version, it is
-offline, or it is already in another active rollout (an aborted one holds
-the devices it is still reverting). At most one active rollout per device:
-creating one that would take a device from another fails with the list of
-devices."""
+offline, or it is already in another active rollout of the same model (an
+aborted one holds the devices it is still reverting). At most one active
+rollout per device and model: creating one that would take a device from
+another rollout of the model fails with the list of devices. Rollouts of
+different models may hold the same devices at once (a device holds several
+models, issue 20): each assigns, judges and reverts its own model only."""
 
 from __future__ import annotations
 
@@ -114,18 +116,26 @@ class RolloutView:
         return counted
 
 
-def active_rollout_of(session: Session, device_ids: Iterable[str]) -> dict[str, str]:
-    """device id -> the active rollout holding it. An aborted rollout that
-    is still reverting holds the devices it has yet to put back: a rollout
-    that took one meanwhile would assign it over its revert, and the
-    aborted rollout would wait for that revert's report forever."""
+def active_rollout_of(
+    session: Session, device_ids: Iterable[str], *, model_id: str | None = None
+) -> dict[str, str]:
+    """device id -> the active rollout (of the model `model_id`; None: of
+    any model) holding it. An aborted rollout that is still reverting holds
+    the devices it has yet to put back: a rollout of the model that took one
+    meanwhile would assign it over its revert, and the aborted rollout would
+    wait for that revert's report forever."""
     ids = list(device_ids)
     if not ids:
         return {}
+    stmt = select(RolloutDeviceRow.device_id, RolloutRow.id).join(
+        RolloutRow, RolloutRow.id == RolloutDeviceRow.rollout_id
+    )
+    if model_id is not None:
+        stmt = stmt.join(ModelVersionRow, ModelVersionRow.id == RolloutRow.model_version_id).where(
+            ModelVersionRow.model_id == model_id
+        )
     rows = session.execute(
-        select(RolloutDeviceRow.device_id, RolloutRow.id)
-        .join(RolloutRow, RolloutRow.id == RolloutDeviceRow.rollout_id)
-        .where(
+        stmt.where(
             RolloutDeviceRow.device_id.in_(padded(ids)),
             RolloutRow.state.in_(ACTIVE) | (
                 unfinished_abort() & (RolloutRow.abort_mode == REVERT)
@@ -192,7 +202,7 @@ class RolloutService:
         self, session: Session, spec: RolloutSpec, mv: ModelVersionRow, exclude_rollout: str = ""
     ) -> Plan:
         devices, classes = matching_devices(session, spec)
-        busy = active_rollout_of(session, (d.id for d in devices))
+        busy = active_rollout_of(session, (d.id for d in devices), model_id=mv.model_id)
         offline_before = utcnow() - self._offline_after
         reasons: dict[str | None, str | None] = {}
         members: list[DeviceRow] = []
@@ -211,11 +221,14 @@ class RolloutService:
         cohort = [CohortDevice(d.id, classes.get(d.class_id or "", "")) for d in members]
         stages = plan_stages(cohort, [s.size for s in spec.stages])
         by_id = {d.id: d for d in members}
+        # The model's version each device holds (not its other models'):
+        # what a revert of this rollout goes back to.
         previous = {
             row.device_id: row.model_version_id
             for row in session.scalars(
                 select(DeviceAssignmentRow).where(
-                    DeviceAssignmentRow.device_id.in_(padded(list(by_id)))
+                    DeviceAssignmentRow.device_id.in_(padded(list(by_id))),
+                    DeviceAssignmentRow.model_id == mv.model_id,
                 )
             )
         }
@@ -305,9 +318,9 @@ class RolloutService:
     @staticmethod
     def _conflict(busy: Sequence[Excluded]) -> None:
         raise FailedPrecondition(
-            f"{len(busy)} device(s) are already in another active rollout (at most one per "
-            "device; an aborted rollout holds the devices it is still reverting): "
-            + "; ".join(f"{e.name} ({e.device_id}): {e.reason}" for e in busy)
+            f"{len(busy)} device(s) are already in another active rollout of the model (at "
+            "most one per device and model; an aborted rollout holds the devices it is still "
+            "reverting): " + "; ".join(f"{e.name} ({e.device_id}): {e.reason}" for e in busy)
         )
 
     def _start(self, uow: UnitOfWork, row: RolloutRow, actor: str) -> None:
@@ -315,7 +328,12 @@ class RolloutService:
         ids = list(session.scalars(
             select(RolloutDeviceRow.device_id).where(RolloutDeviceRow.rollout_id == row.id)
         ))  # fmt: skip
-        busy = {d: r for d, r in active_rollout_of(session, ids).items() if r != row.id}
+        model_id = session.get_one(ModelVersionRow, row.model_version_id).model_id
+        busy = {
+            d: r
+            for d, r in active_rollout_of(session, ids, model_id=model_id).items()
+            if r != row.id
+        }
         if busy:
             names = {i: n for i, n in session.execute(select(DeviceRow.id, DeviceRow.name).where(
                 DeviceRow.id.in_(padded(list(busy)))))}  # fmt: skip

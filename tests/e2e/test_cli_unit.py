@@ -39,6 +39,7 @@ from edgefleet.controlplane.client.syntax import (
 )
 from edgefleet.controlplane.domain.rules import Op
 from edgefleet.controlplane.wire import MATCH_OPS
+from edgefleet.update_state import to_wire
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 from testkit.cli import NOW, invoke, text_of, ts
 
@@ -296,23 +297,90 @@ def test_size_formatting() -> None:
     assert format_shape(spec) == "[batch, 64, ?]"
 
 
-def test_devices_table() -> None:
+def _model(
+    name: str,
+    assigned: str,
+    state: str = "",
+    *,
+    serving: str = "",
+    sequence: int = 1,
+    rollout_id: str = "",
+    **status: Any,
+) -> common_pb2.DeviceModel:
+    """A DeviceModel whose agent reported `state` about its current assignment."""
+    m = common_pb2.DeviceModel(
+        model_name=name, assigned_version=assigned, sequence=sequence, rollout_id=rollout_id
+    )
+    if state:
+        m.status.CopyFrom(
+            common_pb2.UpdateStatus(
+                state=to_wire(state), model_name=name, model_version=assigned, sequence=sequence,
+                active_model_version=serving, **status,
+            )
+        )  # fmt: skip
+    return m
+
+
+def test_devices_table_lists_every_model_with_its_update() -> None:
     offline = sample_device(id=OTHER_ID, name="jetson-1", online=False, class_pinned=False)
     offline.ClearField("labels")
-    offline.update.CopyFrom(
-        common_pb2.UpdateStatus(state="failed", model_version="2.0", active_model_version="1.0")
-    )
+    offline.models.append(_model("digits", "2.0", "failed", serving="1.0", reason="p95"))
     updating = sample_device(id="c3" * 8, name="gw")
-    updating.update.CopyFrom(
-        common_pb2.UpdateStatus(state="validating", model_version="2.0", active_model_version="1.0")
-    )
+    updating.models.extend([
+        _model("digits", "1.2.0", "committed", serving="1.2.0"),
+        _model("vad", "5.0.0", "downloading", serving="4.0.0", bytes_done=40, bytes_total=100),
+    ])  # fmt: skip
     text = text_of(render.devices_table([sample_device(), offline, updating], NOW))
-    header = "ID NAME STATE CLASS SERVING LABELS ONLINE LAST SEEN"
+    header = "ID NAME STATE CLASS MODELS LABELS ONLINE LAST SEEN"
     assert header in " ".join(text.split())
     rows = [" ".join(line.split()) for line in text.splitlines()]
     assert "a1b2c3d4 pi-kitchen accepted pi4 (pinned) - site=lab,tier=canary yes 5m ago" in rows
-    assert "a1b2ffff jetson-1 accepted pi4 1.0 (2.0 failed) - no 5m ago" in rows
-    assert any("1.0 (-> 2.0 validating)" in row for row in rows)
+    assert "a1b2ffff jetson-1 accepted pi4 digits@2.0 (failed) - no 5m ago" in rows
+    assert any("digits@1.2.0, vad@5.0.0 (downloading 40%)" in row for row in rows)
+
+
+def test_models_cell_without_device_models_reads_the_single_update() -> None:
+    # A control plane from before several models per device sends only
+    # Device.update (a protocol-1 agent's string state).
+    old = sample_device()
+    old.update.CopyFrom(
+        common_pb2.UpdateStatus(legacy_state="validating", model_name="digits",
+                                model_version="2.0", active_model_version="1.0")
+    )  # fmt: skip
+    text = " ".join(text_of(render.devices_table([old], NOW)).split())
+    assert "digits@2.0 (validating)" in text
+
+
+def test_models_cell_marks_pending_shadow_and_unassigned_models() -> None:
+    pending = _model("digits", "2.0", "committed", serving="1.0", sequence=1)
+    pending.sequence = 4  # assigned after the agent's last report (about seq 1)
+    shadow = _model("kws", "3.0", "committed", serving="2.0")
+    shadow.shadow = True
+    leaving = _model("vad", "", "idle", serving="5.0")  # unassigned, still loaded
+    gone = _model("old", "", "idle")  # unassigned and unloaded: not shown
+    device = sample_device()
+    device.models.extend([pending, shadow, leaving, gone])
+    cell = " ".join(text_of(render.devices_table([device], NOW)).split())
+    assert "digits@2.0 (pending), kws@3.0 (shadow), vad@5.0 (unassigned)" in cell
+    assert "old@" not in cell
+
+
+def test_device_detail_lists_each_model() -> None:
+    device = sample_device(agent_protocol=2)
+    device.models.extend([
+        _model("digits", "2.0", "failed", serving="1.0", sequence=3,
+               reason="p95 latency 9 ms exceeds the class budget of 5 ms"),
+        _model("vad", "5.0.0", "downloading", serving="4.0.0", sequence=4, bytes_done=1024,
+               bytes_total=2048),
+    ])  # fmt: skip
+    text = text_of(render.device_detail(device, NOW))
+    rows = [" ".join(line.split()) for line in text.splitlines()]
+    assert "MODEL ASSIGNED SERVING STATE SEQ ROLLOUT DETAIL" in rows
+    assert any(r.startswith("digits 2.0 1.0 failed 3 - failed: p95 latency 9 ms") for r in rows)
+    assert "vad 5.0.0 4.0.0 downloading 4 - downloading 5.0.0 1.0 KiB/2.0 KiB" in rows
+    assert any("protocol 2" in r for r in rows)
+    bare = text_of(render.device_detail(sample_device(), NOW))
+    assert "models -" in [" ".join(r.split()) for r in bare.splitlines()]
 
 
 def test_names_are_text_not_markup() -> None:
@@ -452,6 +520,23 @@ class FakeOperator(operator_pb2_grpc.OperatorServiceServicer):
         self._record("SetDeviceClass", request, context)
         return self._device(request.id, context)
 
+    def GetDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._record("GetDevice", request, context)
+        return self._device(request.id, context)
+
+    def UnassignModel(self, request: Any, context: grpc.ServicerContext) -> Any:
+        # As the control plane answers: unknown ids fail the whole call.
+        self._record("UnassignModel", request, context)
+        known = {d.id: d for d in self.devices}
+        unknown = [i for i in request.device_ids if i not in known]
+        if unknown:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no such device: {', '.join(unknown)}")
+        response = operator_pb2.UnassignModelResponse()
+        for i in request.device_ids:
+            held = [m.model_name for m in known[i].models]
+            (response.removed if request.model_name in held else response.not_assigned).append(i)
+        return response
+
     def _device(self, device_id: str, context: grpc.ServicerContext) -> common_pb2.Device:
         for d in self.devices:
             if d.id == device_id:
@@ -563,6 +648,60 @@ def test_device_commands_expand_id_prefixes(fake: tuple[FakeOperator, str]) -> N
     assert result.stderr == "error: NOT_FOUND: device 'ffff' not found\n"
 
 
+def test_devices_unassign_names_removed_and_not_assigned(fake: tuple[FakeOperator, str]) -> None:
+    servicer, address = fake
+    servicer.devices[0].models.append(_model("vad", "5.0.0", "committed", serving="5.0.0"))
+    result = invoke("devices", "unassign", "vad", "a1b2c3", OTHER_ID, "--reason", "retired",
+                    server=address)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "removed vad from 1 device(s): a1b2c3d4" in out
+    assert "vad was not assigned to 1 device(s): a1b2ffff" in out
+    (request,) = servicer.requests("UnassignModel")
+    assert list(request.device_ids) == [DEVICE_ID, OTHER_ID]  # the prefix expanded
+    assert (request.model_name, request.reason) == ("vad", "retired")
+
+    result = invoke("devices", "unassign", "vad", DEVICE_ID, "--json", server=address)
+    assert json.loads(result.stdout) == {"removed": [DEVICE_ID], "not_assigned": []}
+
+
+def test_devices_unassign_errors(fake: tuple[FakeOperator, str]) -> None:
+    servicer, address = fake
+    result = invoke("devices", "unassign", "vad@5.0.0", DEVICE_ID, server=address)
+    assert result.exit_code == 2
+    assert "model name only" in result.stderr
+    assert invoke("devices", "unassign", "vad", server=address).exit_code == 2  # no device
+    result = invoke("devices", "unassign", "vad", "f" * 16, server=address)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: NOT_FOUND: no such device: ffffffff")
+    assert len(servicer.requests("UnassignModel")) == 1  # the server refused, shown as is
+
+
+def test_devices_show_json_lists_models(fake: tuple[FakeOperator, str]) -> None:
+    servicer, address = fake
+    servicer.devices[0].models.extend([
+        _model("digits", "2.0", "failed", serving="1.0", sequence=3, reason="too slow",
+               rollout_id="r" * 32),
+        _model("vad", "5.0.0", "downloading", serving="", sequence=4, bytes_done=10,
+               bytes_total=20),
+    ])  # fmt: skip
+    result = invoke("devices", "show", DEVICE_ID, "--json", server=address)
+    assert result.exit_code == 0, result.output
+    models = json.loads(result.stdout)["models"]
+    assert models == [
+        {"name": "digits", "version": "1.0", "assigned_version": "2.0", "state": "failed",
+         "sequence": 3, "rollout_id": "r" * 32, "shadow": False, "bytes_done": 0,
+         "bytes_total": 0, "reason": "too slow"},
+        {"name": "vad", "version": "", "assigned_version": "5.0.0", "state": "downloading",
+         "sequence": 4, "rollout_id": "", "shadow": False, "bytes_done": 10,
+         "bytes_total": 20, "reason": ""},
+    ]  # fmt: skip
+    listed = json.loads(invoke("devices", "ls", "--json", server=address).stdout)
+    assert [m["name"] for m in listed[0]["models"]] == ["digits", "vad"]
+    text = invoke("devices", "show", "a1b2c3", server=address).stdout
+    assert "failed: too slow" in text
+
+
 def test_devices_label_pin_unpin(fake: tuple[FakeOperator, str]) -> None:
     servicer, address = fake
     result = invoke("devices", "label", DEVICE_ID, "a=1", "b=2", "--remove", "old", server=address)
@@ -660,12 +799,13 @@ def test_deployment_history_and_serving_detail() -> None:
     )  # fmt: skip
     failed = operator_pb2.DeploymentEvent(
         device_id="a1b2c3d4" * 2, sequence=3, model_name="digits", model_version="2.0",
-        state="failed", reason="p95 latency 9 ms exceeds the class budget of 5 ms",
+        state=to_wire("failed"), reason="p95 latency 9 ms exceeds the class budget of 5 ms",
         at=ts(NOW - timedelta(seconds=30)),
     )  # fmt: skip
     downloading = operator_pb2.DeploymentEvent(
         device_id="a1b2c3d4" * 2, sequence=3, model_name="digits", model_version="2.0",
-        state="downloading", bytes_done=1024, bytes_total=2048, at=ts(NOW - timedelta(minutes=1)),
+        state=to_wire("downloading"), bytes_done=1024, bytes_total=2048,
+        at=ts(NOW - timedelta(minutes=1)),
     )  # fmt: skip
     text = text_of(
         render.deployment_history(
@@ -679,10 +819,7 @@ def test_deployment_history_and_serving_detail() -> None:
     assert "a1b2c3d4 pi4 digits@2.0 abababababab 2.0 KiB 3 just now" in rows
     assert any(r.startswith("30s ago 3 digits@2.0 failed p95 latency") for r in rows)
     assert any("downloading 1.0 KiB/2.0 KiB" in r for r in rows)
-    device = sample_device()
-    device.update.CopyFrom(
-        common_pb2.UpdateStatus(active_model_version="1.0", active_artifact_digest="cd" * 32)
-    )
-    assert "serving 1.0 (cdcdcdcdcdcd)" in " ".join(
-        text_of(render.device_detail(device, NOW)).split()
-    )
+    unknown = operator_pb2.DeploymentEvent(sequence=3, model_name="digits", model_version="2.0")
+    text = text_of(render.deployment_history(operator_pb2.ListDeploymentsResponse(
+        events=[unknown]), NOW))  # fmt: skip
+    assert "digits@2.0 -" in " ".join(text.split())  # UNSPECIFIED: shown as unknown

@@ -31,6 +31,7 @@ from edgefleet.agent.update.faults import MARKER_FILE
 from edgefleet.controlplane.domain import signing
 from edgefleet.controlplane.services import statements
 from edgefleet.demo.models import build_digits_classifier
+from edgefleet.update_state import name_of, of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 from edgefleet.v1 import operator_pb2 as o
@@ -142,7 +143,7 @@ def _assign(fleet: Fleet, device_id: str, version: str) -> int:
 
 def _history(fleet: Fleet, device_id: str, sequence: int) -> list[str]:
     events = fleet.op.ListDeployments(o.ListDeploymentsRequest(device_id=device_id)).events
-    return [e.state for e in reversed(events) if e.sequence == sequence]
+    return [name_of(e.state) for e in reversed(events) if e.sequence == sequence]
 
 
 def _assert_consistent(agent: AgentProcess, status: c.UpdateStatus) -> tuple[str, str]:
@@ -166,7 +167,7 @@ def _install(fleet: Fleet, agents: list[AgentProcess], version: str = "1.0.0",
     agent = fleet.agent(**config)
     device_id = _start(fleet, agents, agent)
     status = settled(fleet.op, device_id, _assign(fleet, device_id, version))
-    assert status.state == "committed", status
+    assert of_status(status) == "committed", status
     assert _assert_consistent(agent, status) == (version, fleet.digests[version])
     return agent, device_id
 
@@ -180,7 +181,7 @@ def test_assign_installs_and_serves_a_version_then_upgrades_keeping_history(
     agent, device_id = _install(fleet, agents, "1.0.0", download_chunk_size=65536)
     sequence = _assign(fleet, device_id, "2.0.0")
     status = settled(fleet.op, device_id, sequence)
-    assert status.state == "committed", status
+    assert of_status(status) == "committed", status
     assert _assert_consistent(agent, status) == ("2.0.0", fleet.digests["2.0.0"])
     assert _history(fleet, device_id, sequence) == [
         "downloading", "verifying", "validating", "activating", "committed",
@@ -250,7 +251,7 @@ def test_a_damaged_blob_cache_is_healed_before_the_agent_downloads_it(
     corrupted[len(corrupted) // 2] ^= 0xFF
     cache.write_bytes(bytes(corrupted))
     status = settled(fleet.op, device_id, _assign(fleet, device_id, "3.0.0"))
-    assert status.state == "committed", status
+    assert of_status(status) == "committed", status
     assert _assert_consistent(agent, status) == ("3.0.0", fleet.digests["3.0.0"])
     assert cache.read_bytes() == original
 
@@ -258,7 +259,7 @@ def test_a_damaged_blob_cache_is_healed_before_the_agent_downloads_it(
     (agent.state_dir / "downloads" / fleet.digests["3.0.0"]).unlink(missing_ok=True)
     cache.write_bytes(original[: len(original) // 2])
     status = settled(fleet.op, device_id, _assign(fleet, device_id, "3.0.0"))
-    assert status.state == "committed", status
+    assert of_status(status) == "committed", status
     assert _assert_consistent(agent, status) == ("3.0.0", fleet.digests["3.0.0"])
     assert cache.read_bytes() == original
 
@@ -294,7 +295,7 @@ def test_a_wrong_signature_is_rejected_and_reported(
     with _forged_signature(fleet, "4.0.0"):
         sequence = _assign(fleet, device_id, "4.0.0")
         status = settled(fleet.op, device_id, sequence)
-    assert status.state == "failed" and "signature" in status.reason, status
+    assert of_status(status) == "failed" and "signature" in status.reason, status
     assert _history(fleet, device_id, sequence) == [
         "downloading", "verifying", "rolling_back", "failed",
     ]  # fmt: skip
@@ -321,7 +322,7 @@ def test_a_manifest_for_another_class_is_rejected(fleet: Fleet, agents: list[Age
     assert agent.stop() == 0
     agent.start()
     status = settled(fleet.op, device_id, 2)
-    assert status.state == "failed" and "another device class" in status.reason, status
+    assert of_status(status) == "failed" and "another device class" in status.reason, status
     assert _assert_consistent(agent, status) == ("1.0.0", fleet.digests["1.0.0"])
 
 
@@ -358,7 +359,7 @@ def test_a_model_over_the_latency_budget_on_the_device_is_rolled_back(
     device_id = _start(fleet, agents, agent)
     sequence = _assign(fleet, device_id, "1.0.0")
     status = settled(fleet.op, device_id, sequence)
-    assert status.state == "failed" and "p95" in status.reason, status
+    assert of_status(status) == "failed" and "p95" in status.reason, status
     assert "validating" in _history(fleet, device_id, sequence)
     assert "activating" not in _history(fleet, device_id, sequence)
     # Nothing was active before, so nothing is now.
@@ -395,7 +396,7 @@ def test_kill_9_inside_each_state_ends_on_one_complete_version(
     marker.unlink()
     agent.start()
     status = settled(fleet.op, device_id, sequence)
-    assert status.state == ("committed" if ends_on == "2.0.0" else "failed"), status
+    assert of_status(status) == ("committed" if ends_on == "2.0.0" else "failed"), status
     if state == "activating":
         assert "restarted during activation" in status.reason
     assert _assert_consistent(agent, status) == (ends_on, fleet.digests[ends_on])
@@ -418,7 +419,7 @@ def test_kill_9_while_rolling_back_ends_on_the_old_version(
         marker.unlink()
         agent.start()
         status = settled(fleet.op, device_id, sequence)
-    assert status.state == "failed" and "signature" in status.reason, status
+    assert of_status(status) == "failed" and "signature" in status.reason, status
     assert _history(fleet, device_id, sequence)[-2:] == ["rolling_back", "failed"]
     assert _assert_consistent(agent, status) == ("1.0.0", fleet.digests["1.0.0"])
     assert sorted(p.name for p in (agent.state_dir / "downloads").iterdir()) == [
@@ -474,7 +475,7 @@ def test_a_rollout_on_real_agents_trips_a_health_gate_and_reverts_every_device(
 
         def back_on_v1(device_id: str = device_id) -> c.UpdateStatus | None:
             u = fleet.op.GetDevice(o.GetDeviceRequest(id=device_id)).update
-            return u if u.active_model_version == "1.0.0" and u.state == "committed" else None
+            return u if u.active_model_version == "1.0.0" and of_status(u) == "committed" else None
 
         status = wait_for(back_on_v1)
         assert _assert_consistent(agent, status) == ("1.0.0", fleet.digests["1.0.0"])
@@ -532,7 +533,7 @@ def test_a_shadow_stage_on_a_real_agent_mirrors_traffic_then_promotes(
         # Serving 2.0.0 now, and what it reports.
         status = wait_for(
             lambda: u if (u := fleet.op.GetDevice(o.GetDeviceRequest(id=device_id)).update)
-            .active_model_version == "2.0.0" and u.state == "committed" else None
+            .active_model_version == "2.0.0" and of_status(u) == "committed" else None
         )  # fmt: skip
         assert _assert_consistent(agent, status) == ("2.0.0", fleet.digests["2.0.0"])
     finally:

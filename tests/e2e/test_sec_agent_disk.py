@@ -34,6 +34,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.controlplane.db.engine import make_engine, sqlite_url
 from edgefleet.controlplane.db.uow import Database
+from edgefleet.update_state import of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from testkit.agent_harness import AgentProcess, wait_for
@@ -166,7 +167,7 @@ def test_a_full_state_disk_keeps_serving_and_the_update_waits(fleet: Fleet, tmp_
                 return None
 
             status = agent.wait_for(waiting, 60)
-            assert status.state == "idle", status
+            assert of_status(status) == "idle", status
             assert (status.active_model_version, status.active_artifact_digest) == v1
             assert "update.json" in status.reason or "desired.json" in status.reason
             agent.wait_for(lambda: _device(fleet, device_id).hardware.disk_free_mb == 0, 30)
@@ -204,7 +205,7 @@ def test_a_full_state_disk_keeps_serving_and_the_update_waits(fleet: Fleet, tmp_
             # without a restart.
             filler.unlink()
             done = settled(fleet.op, device_id, sequence, timeout=120)
-            assert done.state == "committed", done
+            assert of_status(done) == "committed", done
             assert served(agent) == v2
             assert agent.running and agent.proc is not None and agent.proc.pid == pid
             revision = _device(fleet, device_id).desired_revision
@@ -262,7 +263,7 @@ def test_an_agent_started_on_a_full_disk_serves_and_catches_up(
             assert temp_files(state) == []
 
             filler.unlink()
-            assert settled(fleet.op, device_id, sequence, timeout=120).state == "committed"
+            assert of_status(settled(fleet.op, device_id, sequence, timeout=120)) == "committed"
             assert served(agent) == ("2.0.0", fleet.digests["2.0.0"])
             assert agent.log().count("inference API on") == 2  # the one restart we made
         finally:

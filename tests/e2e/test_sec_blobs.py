@@ -35,6 +35,7 @@ from edgefleet.controlplane.db.engine import make_engine
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.services.blobs import BlobStore
 from edgefleet.controlplane.services.builds import BuildService
+from edgefleet.update_state import of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
@@ -316,11 +317,11 @@ def test_an_agent_installs_the_artifact_despite_a_damaged_cache(world: World) ->
 
         def settled() -> c.UpdateStatus | None:
             update = w.op.GetDevice(o.GetDeviceRequest(id=device_id)).update
-            settled = update.state in ("committed", "failed")
+            settled = of_status(update) in ("committed", "failed")
             return update if update.sequence == assignment.sequence and settled else None
 
         status = wait_for(settled, timeout=120)
-        assert status.state == "committed", (status, agent.log())
+        assert of_status(status) == "committed", (status, agent.log())
         assert status.active_artifact_digest == w.digest
         installed = agent.state_dir / "downloads" / w.digest
         assert _sha(installed.read_bytes()) == w.digest

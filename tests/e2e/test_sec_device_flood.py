@@ -49,6 +49,7 @@ from edgefleet.controlplane.services.ratelimit import (
     STATUS_WRITE_RATE_PER_S,
 )
 from edgefleet.controlplane.services.telemetry import TelemetryService
+from edgefleet.update_state import of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -314,7 +315,7 @@ async def _wait_state(op: og.OperatorServiceStub, device_id: str, state: str) ->
     got = None
     for _ in range(200):
         got = await op.GetDevice(o.GetDeviceRequest(id=device_id), metadata=ADMIN)
-        if got.update.state == state:
+        if of_status(got.update) == state:
             return got.update
         await asyncio.sleep(0.05)
     raise AssertionError(f"device {device_id} never reported {state}: {got}")
@@ -436,7 +437,7 @@ async def test_a_status_flood_is_cut_off_with_bounded_events_and_memory_while_an
     # The other device: its stream was never refused, every heartbeat acked,
     # and every step of its update is in the history.
     assert victim_end == [len(victim_steps)]
-    assert (await _wait_state(op, victim.device_id, "committed")).state == "committed"
+    assert of_status(await _wait_state(op, victim.device_id, "committed")) == "committed"
     # (The warm-up's "downloading" was the same step as the first here.)
     steps = ["downloading", "verifying", "validating", "activating", "committed"]
     assert _states(db_url, victim.device_id) == steps
@@ -447,8 +448,8 @@ async def test_a_status_flood_is_cut_off_with_bounded_events_and_memory_while_an
     hello = d.AgentMessage(
         hello=d.Hello(
             applied_revision=1,
-            update=c.UpdateStatus(state="failed", model_name="m", model_version="1.0.0",
-                                  sequence=1, reason="gave up"),
+            update=c.UpdateStatus(state=c.UPDATE_STATE_FAILED, model_name="m",
+                                  model_version="1.0.0", sequence=1, reason="gave up"),
         )
     )  # fmt: skip
 

@@ -255,8 +255,8 @@ CASES: list[Case] = [
         metadata=bearer_metadata(x["credential"])),
      ("samples[0].power_mode", "U+0000")),
     ("telemetry", "too long", lambda x: _sync(x["dev"], x["credential"], _hello(), d.AgentMessage(
-        status=d.StatusReport(applied_revision=1, update=c.UpdateStatus(state="s" * 33)))),
-     ("status.update.state is 33", "at most 32")),
+        status=d.StatusReport(applied_revision=1, update=c.UpdateStatus(legacy_state="s" * 33)))),
+     ("status.update.legacy_state is 33", "at most 32")),
     ("ids", "too long", lambda x: x["op"].GetDevice(
         o.GetDeviceRequest(id="d" * 33), metadata=ADMIN),
      ("id is 33", "at most 32")),

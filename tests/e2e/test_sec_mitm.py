@@ -62,6 +62,7 @@ from edgefleet.controlplane.db.engine import make_engine, sqlite_url
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import pki, signing
 from edgefleet.controlplane.services import statements
+from edgefleet.update_state import of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -403,7 +404,7 @@ class World:
     def install(self, agent: AgentProcess, device_id: str, version: str) -> int:
         sequence = self.assign(device_id, version)
         status = settled(self.op, device_id, sequence)
-        assert status.state == "committed", status
+        assert of_status(status) == "committed", status
         assert served(agent) == (version, self.digests[version])
         return sequence
 
@@ -436,7 +437,7 @@ class World:
             status = settled(self.op, device_id, sent[-1].assignment.sequence)
         finally:
             self.relay.rewrite = None
-        assert status.state == "failed", status
+        assert of_status(status) == "failed", status
         # What it serves, what it says it serves, what it trusts: unchanged.
         assert served(agent) == serving
         assert (status.active_model_version, status.active_artifact_digest) == serving

@@ -36,6 +36,7 @@ from edgefleet.controlplane.db.engine import make_engine, sqlite_url
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import signing
 from edgefleet.controlplane.services import statements
+from edgefleet.update_state import of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -197,7 +198,7 @@ class World:
     def install(self, agent: AgentProcess, device_id: str, version: str) -> int:
         sequence = self.assign(device_id, version)
         status = settled(self.op, device_id, sequence)
-        assert status.state == "committed", status
+        assert of_status(status) == "committed", status
         assert served(agent) == (version, self.digests[version])
         return sequence
 
@@ -207,7 +208,7 @@ class World:
         serving, trusted = served(agent), _trust(agent)
         self.mitm.inject(desired)
         status = settled(self.op, device_id, desired.assignment.sequence)
-        assert status.state == "failed", status
+        assert of_status(status) == "failed", status
         assert served(agent) == serving and _trust(agent) == trusted
         return status.reason
 
@@ -336,7 +337,7 @@ def test_a_downgrade_needs_the_signed_rollback_flag(w: World) -> None:
     (current,) = w.op.ListDeployments(o.ListDeploymentsRequest(device_id=device_id)).assignments
     revert = current.sequence
     status = settled(w.op, device_id, revert)
-    assert status.state == "committed", status
+    assert of_status(status) == "committed", status
     assert served(agent) == ("1.0.0", w.digests["1.0.0"])
     assert _statement(w.mitm.pushed(device_id, revert)).rollback
 
@@ -395,7 +396,7 @@ def test_a_kill_between_verification_and_persisting_keeps_the_old_trusted_state(
     marker.unlink()
     agent.start()
     status = settled(w.op, device_id, sequence)
-    assert status.state == "committed", status
+    assert of_status(status) == "committed", status
     assert served(agent) == ("3.0.0", w.digests["3.0.0"])
     after = _trust(agent)
     assert after["sequence"] == sequence and after["committed"] == {MODEL: "3.0.0"}

@@ -17,8 +17,9 @@ import pytest
 
 from edgefleet.agent import identity as store
 from edgefleet.agent.config import AgentConfig, HardwareOverrides
-from edgefleet.agent.daemon import Agent, Step
+from edgefleet.agent.daemon import Agent
 from edgefleet.agent.errors import NotProvisioned
+from edgefleet.agent.reconnect import Step
 from edgefleet.polling import wait_for_async
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 

@@ -15,6 +15,7 @@ import pytest
 from edgefleet.controlplane.domain import signing
 from edgefleet.controlplane.server import ControlPlane
 from edgefleet.demo.models import BuiltModel
+from edgefleet.update_state import name_of
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
@@ -27,7 +28,7 @@ async def _wait_history(op: og.OperatorServiceStub, device_id: str, count: int) 
         listed = await op.ListDeployments(o.ListDeploymentsRequest(device_id=device_id),
                                           metadata=ADMIN)  # fmt: skip
         if len(listed.events) >= count:
-            return [e.state for e in listed.events]
+            return [name_of(e.state) for e in listed.events]
         await asyncio.sleep(0.05)
     raise AssertionError(f"history has {len(listed.events)} events, expected {count}")
 
@@ -81,7 +82,14 @@ async def test_assignments_carry_each_class_its_own_signed_manifest_and_reports_
                       active_artifact_digest=assignment.artifact_digest)  # fmt: skip
         assert await _wait_history(op, arm_id, 3) == ["committed", "verifying", "downloading"]
         device = await op.GetDevice(o.GetDeviceRequest(id=arm_id), metadata=ADMIN)
-        assert (device.update.state, device.update.active_model_version) == ("committed", "1.0.0")
+        assert (device.update.state, device.update.active_model_version) == (
+            c.UPDATE_STATE_COMMITTED, "1.0.0",
+        )  # fmt: skip
+        # The protocol-0 stream's legacy string is stored as the model's status.
+        assert [
+            (m.model_name, m.assigned_version, m.sequence, m.status.state) for m in device.models
+        ] == [("digits", "1.0.0", 1, c.UPDATE_STATE_COMMITTED)]
+        assert device.agent_protocol == 1  # fmt: skip
         listed = await op.ListDeployments(
             o.ListDeploymentsRequest(model_name="digits", model_version="1.0.0"), metadata=ADMIN
         )

@@ -10,6 +10,8 @@ import datetime as dt
 from collections import Counter
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -21,6 +23,7 @@ from edgefleet.sim import (
     SimAgent,
     parse_profile,
 )
+from edgefleet.update_state import name_of, of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -33,9 +36,11 @@ ADMIN = bearer_metadata(ADMIN_TOKEN)
 BAD_REASON = "golden outputs out of tolerance on gw"
 
 
-async def _assign(op: og.OperatorServiceAsyncStub, fleet: Fleet, version: str) -> None:
+async def _assign(
+    op: og.OperatorServiceAsyncStub, fleet: Fleet, version: str, model: str = "digits"
+) -> None:
     await op.AssignModel(
-        o.AssignModelRequest(device_ids=[a.device_id for a in fleet.agents], model_name="digits",
+        o.AssignModelRequest(device_ids=[a.device_id for a in fleet.agents], model_name=model,
                              model_version=version, reason="fleetsim test"),
         metadata=ADMIN,
     )  # fmt: skip
@@ -49,7 +54,7 @@ async def _wait_devices(
     for _ in range(200):
         devices = await fleet_devices(op, prefix)
         seen = Counter(
-            (x.class_name, x.update.state, x.update.active_model_version) for x in devices
+            (x.class_name, of_status(x.update), x.update.active_model_version) for x in devices
         )
         if seen == expected:
             return devices
@@ -107,7 +112,7 @@ async def test_a_simulated_fleet_is_classified_installs_fails_as_profiled_and_re
             metadata=ADMIN,
         )
         assert len(listed.assignments) == 50
-        assert Counter(e.state for e in listed.events) == {
+        assert Counter(name_of(e.state) for e in listed.events) == {
             s: 50 for s in ("downloading", "verifying", "validating", "activating", "committed")
         }
         assert {x.update.active_artifact_digest for x in devices} == {
@@ -132,7 +137,9 @@ async def test_a_simulated_fleet_is_classified_installs_fails_as_profiled_and_re
         history = await op.ListDeployments(
             o.ListDeploymentsRequest(device_id=gw.device_id), metadata=ADMIN
         )
-        assert [e.state for e in history.events][:3] == ["failed", "rolling_back", "validating"]
+        assert [name_of(e.state) for e in history.events][:3] == [
+            "failed", "rolling_back", "validating",
+        ]  # fmt: skip
 
         # Telemetry for both versions, from every device, the gateways'
         # latency of the version they never activated absent.
@@ -151,6 +158,8 @@ async def test_a_simulated_fleet_is_classified_installs_fails_as_profiled_and_re
 
         summary = fleet.summary()
         assert summary.updates == {"2.0.0": {"committed": 30, "failed": 20}}
+        assert summary.models == {"digits@2.0.0": {"committed": 30, "failed": 20}}
+        assert summary.serving == {"digits@2.0.0": 30, "digits@1.0.0": 20}
         assert summary.classes == {"gw": 20, "pi": 30}
     finally:
         await fleet.stop()
@@ -172,6 +181,74 @@ async def _query(
         metadata=ADMIN,
     )  # fmt: skip
     return {s.group: s for s in response.series}
+
+
+def _models(device: c.Device) -> dict[str, tuple[str, str, str]]:
+    """name -> (assigned version, state, version served) of each model the
+    control plane lists for the device."""
+    return {
+        m.model_name: (m.assigned_version, of_status(m.status), m.status.active_model_version)
+        for m in device.models
+    }
+
+
+async def test_protocol_2_agents_hold_two_models_and_drop_an_unassigned_one(
+    server: ControlPlane, fleet_setup: FleetSetup
+) -> None:
+    profile = parse_profile({"classes": [{"name": "pi", "hardware": PI, **FAST}]})
+    op = fleet_setup.op
+    async with Fleet(server.address, fleet_setup.token, profile, 3, prefix="m2",
+                     telemetry_interval_s=0.2) as fleet:  # fmt: skip
+        await _assign(op, fleet, "1.0.0")
+        await _assign(op, fleet, "1.0.0", model="vad")
+        both = {"digits": "1.0.0", "vad": "1.0.0"}
+        await fleet.wait_until(lambda f: all(a.serving() == both for a in f.agents), 30)
+        assert fleet.model_counts() == {
+            ("digits", "committed", "1.0.0"): 3, ("vad", "committed", "1.0.0"): 3,
+        }  # fmt: skip
+        committed = ("1.0.0", "committed", "1.0.0")
+        for _ in range(200):
+            devices = await fleet_devices(op, "m2")
+            if all(_models(x) == {"digits": committed, "vad": committed} for x in devices):
+                break
+            await asyncio.sleep(0.05)
+        assert [_models(x) for x in devices] == [{"digits": committed, "vad": committed}] * 3
+        assert {x.agent_protocol for x in devices} == {2}
+
+        removed = await op.UnassignModel(
+            o.UnassignModelRequest(device_ids=[a.device_id for a in fleet.agents],
+                                   model_name="vad", reason="test"),
+            metadata=ADMIN,
+        )  # fmt: skip
+        assert sorted(removed.removed) == sorted(a.device_id for a in fleet.agents)
+        await fleet.wait_until(
+            lambda f: all(a.serving() == {"digits": "1.0.0"} for a in f.agents), 30
+        )
+        for _ in range(200):
+            devices = await fleet_devices(op, "m2")
+            if all(_models(x).get("vad", ("", "idle", ""))[2] == "" for x in devices):
+                break
+            await asyncio.sleep(0.05)
+        assert all(_models(x)["digits"] == committed for x in devices)
+        assert all(_models(x).get("vad", ("", "idle", "")) == ("", "idle", "") for x in devices)
+
+
+async def test_a_protocol_1_agent_gets_one_model_and_a_second_is_refused(
+    server: ControlPlane, fleet_setup: FleetSetup
+) -> None:
+    profile = parse_profile({"classes": [{"name": "pi", "hardware": PI, **FAST}]})
+    op = fleet_setup.op
+    async with Fleet(server.address, fleet_setup.token, profile, 2, prefix="p1",
+                     protocol=1) as fleet:  # fmt: skip
+        await _assign(op, fleet, "1.0.0")
+        await fleet.wait_until(lambda f: f.counts() == {("committed", "1.0.0"): 2}, 30)
+        devices = await _wait_devices(op, "p1", Counter({("pi", "committed", "1.0.0"): 2}))
+        assert {x.agent_protocol for x in devices} <= {0, 1}
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _assign(op, fleet, "1.0.0", model="vad")
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert fleet.agents[0].device_id in (refused.value.details() or "")
+        assert all(a.serving() == {"digits": "1.0.0"} for a in fleet.agents)
 
 
 async def test_agents_reconnect_download_and_silent_devices_go_dark_after_committing(

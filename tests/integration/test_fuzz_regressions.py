@@ -153,7 +153,9 @@ async def test_a_status_report_no_column_holds_is_refused_and_others_are_still_r
         ("sequence", UINT64_MAX),
         ("bytes_total", 2**63),
     ):
-        status = d.StatusReport(applied_revision=1, update=c.UpdateStatus(state="downloading"))
+        status = d.StatusReport(
+            applied_revision=1, update=c.UpdateStatus(legacy_state="downloading")
+        )
         if field == "applied_revision":
             status.applied_revision = value
         else:
@@ -163,7 +165,7 @@ async def test_a_status_report_no_column_holds_is_refused_and_others_are_still_r
     report = d.StatusReport(
         applied_revision=1,
         update=c.UpdateStatus(
-            state="downloading",
+            legacy_state="downloading",
             model_name="m",
             model_version="1.0.0",
             sequence=1,
@@ -177,10 +179,10 @@ async def test_a_status_report_no_column_holds_is_refused_and_others_are_still_r
     )
     for _ in range(200):
         device = await op.GetDevice(o.GetDeviceRequest(id=good.device_id), metadata=ADMIN)
-        if device.update.state == "downloading":
+        if device.update.state == c.UPDATE_STATE_DOWNLOADING:
             break
         await asyncio.sleep(0.05)
-    assert device.update.state == "downloading" and device.applied_revision == 1
+    assert device.update.state == c.UPDATE_STATE_DOWNLOADING and device.applied_revision == 1
 
 
 async def test_an_audit_bound_past_every_id_lists_everything(channel: grpc.aio.Channel) -> None:

@@ -107,8 +107,8 @@ async def test_statements_bind_assignments_rollback_marks_downgrades_and_rotatio
 
         # Another replica, its push caches warm, before the rotation.
         replica = DeploymentService(cp.db, _NoEvents())
-        before, current = await _replica_desired(replica, arm.device_id)
-        assert current is not None and not before.key_rotations
+        before, (current,) = await _replica_desired(replica, arm.device_id)
+        assert not before.key_rotations
 
         viewer = await op.CreateOperatorToken(
             o.CreateOperatorTokenRequest(name="dash", role=o.OPERATOR_ROLE_VIEWER), metadata=ADMIN
@@ -133,8 +133,8 @@ async def test_statements_bind_assignments_rollback_marks_downgrades_and_rotatio
         ]  # fmt: skip
 
         # The replica was told nothing: what it pushes now is signed by k2.
-        view, after = await _replica_desired(replica, arm.device_id)
-        assert after is not None and after.sequence == current.sequence
+        view, (after,) = await _replica_desired(replica, arm.device_id)
+        assert after.sequence == current.sequence
         assert signing.verify(k2.public_key, after.statement, after.statement_signature)
         assert c.AssignmentStatement.FromString(after.statement).key_id == k2.key_id
         assert signing.verify(k2.public_key, after.manifest, after.manifest_signature)

@@ -14,6 +14,7 @@ import grpc
 from edgefleet.controlplane.server import ControlPlane
 from edgefleet.controlplane.services.deployments import DeploymentService, StatusReport
 from edgefleet.demo.models import BuiltModel
+from edgefleet.update_state import name_of
 from edgefleet.v1 import operator_pb2 as o
 from testkit.builds import classes_and_digits, publish_one_build
 from testkit.rpc import ADMIN, enroll
@@ -60,9 +61,9 @@ async def test_one_batch_of_many_devices_keeps_each_history_in_order(
             expected = ["downloading", "verifying", last][::-1]
             if i == 2:
                 expected = ["downloading", *expected]
-            assert [e.state for e in history.events] == expected
+            assert [name_of(e.state) for e in history.events] == expected
             device = await op.GetDevice(o.GetDeviceRequest(id=device_id), metadata=ADMIN)
-            assert device.update.state == ("downloading" if i == 2 else last)
+            assert name_of(device.update.state) == ("downloading" if i == 2 else last)
         failed = await op.GetDevice(o.GetDeviceRequest(id=ids[0]), metadata=ADMIN)
         assert failed.update.reason == "bad"
     finally:

@@ -17,6 +17,7 @@ from edgefleet.agent.update.remote import StatusReporter
 from edgefleet.agent.update.states import State
 from edgefleet.agent.update.store import Assignment, UpdateRecord
 from edgefleet.demo.models import build_digits_classifier
+from edgefleet.update_state import of_status
 from edgefleet.v1 import common_pb2
 from testkit.update_rig import install_artifact
 
@@ -162,7 +163,7 @@ def test_reporter_throttles_download_progress_and_reports_outcomes() -> None:
     reporter.report(State.DOWNLOADING, 300, 1000, None)
     reporter.report(State.DOWNLOADING, 1000, 1000, None)  # the last byte always
     reporter.report(State.VERIFYING, 1000, 1000, None)
-    assert [(s.state, s.bytes_done) for s in sent] == [
+    assert [(of_status(s), s.bytes_done) for s in sent] == [
         ("downloading", 100), ("downloading", 300), ("downloading", 1000), ("verifying", 1000),
     ]  # fmt: skip
     first = sent[0]
@@ -170,5 +171,6 @@ def test_reporter_throttles_download_progress_and_reports_outcomes() -> None:
     # Back in Idle, a settled update is reported by its outcome and reason.
     record.state, record.outcome, record.reason = State.IDLE, "failed", "p95 too slow"
     reporter.report(State.IDLE, 1000, 1000, None)
-    assert (sent[-1].state, sent[-1].reason) == ("failed", "p95 too slow")
-    assert reporter.current().state == "failed"
+    assert (of_status(sent[-1]), sent[-1].reason) == ("failed", "p95 too slow")
+    assert reporter.current().state == common_pb2.UPDATE_STATE_FAILED
+    assert not reporter.current().legacy_state  # protocol 2: the enum only

@@ -22,7 +22,7 @@ from edgefleet.agent.config import (
     env_var,
     load_config,
 )
-from edgefleet.agent.daemon import Backoff, Decision, Delay, Step, decide, describe_desired
+from edgefleet.agent.daemon import describe_desired
 from edgefleet.agent.errors import ConfigError, StateError
 from edgefleet.agent.hardware import (
     HostPaths,
@@ -37,6 +37,7 @@ from edgefleet.agent.hardware import (
     parse_os_release,
 )
 from edgefleet.agent.identity import Identity
+from edgefleet.agent.reconnect import Backoff, Decision, Delay, Step, decide
 from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2, device_pb2
 

@@ -169,9 +169,15 @@ async def test_shadow_keeps_the_active_version_and_a_newer_assignment_aborts_an_
         assert (agent.status.active_model_version, agent.status.bytes_done) == ("1.0.0", 1000)
         assert (agent.status.sequence, agent.status.rollout_id) == (1, "r1")
 
+        assert agent.status.state == c.UPDATE_STATE_COMMITTED and not agent.status.legacy_state
+
+        # A shadow goes through the same states and commits (as the real
+        # agent's machine), the active version unchanged.
         assert agent.apply_desired(_desired(2, 2, "2.0.0", shadow=True))
-        await _settled(agent, "shadowing", "2.0.0")
-        assert agent.states() == ["downloading", "verifying", "validating", "shadowing"]
+        await _settled(agent, "committed", "2.0.0")
+        assert agent.states() == [
+            "downloading", "verifying", "validating", "activating", "committed",
+        ]  # fmt: skip
         assert (agent.active_version, agent.shadow_version) == ("1.0.0", "2.0.0")
         assert agent.status.active_model_version == "1.0.0"
         sample = agent.next_sample(10.0)
@@ -191,8 +197,156 @@ async def test_shadow_keeps_the_active_version_and_a_newer_assignment_aborts_an_
         assert (3, "failed", "superseded by assignment 4") in agent.update_history
         assert agent.states(3) == ["downloading", "failed"]
     finally:
-        if agent._update_task is not None:
-            agent._update_task.cancel()
+        agent.stop_tasks()
+
+
+def _assignment(model: str, version: str, sequence: int, size: int = 1000) -> Any:
+    return d.Assignment(model_name=model, model_version=version, artifact_size=size,
+                        artifact_digest=f"digest-{model}-{version}", sequence=sequence)  # fmt: skip
+
+
+class _Wire:
+    """Stands in for the Sync stream: keeps every message the agent writes."""
+
+    def __init__(self) -> None:
+        self.sent: list[d.AgentMessage] = []
+
+    async def write(self, message: d.AgentMessage) -> None:
+        self.sent.append(message)
+
+    def statuses(self) -> list[c.UpdateStatus]:
+        out: list[c.UpdateStatus] = []
+        for m in self.sent:
+            out.extend(m.status.models)
+            if m.status.HasField("update"):
+                out.append(m.status.update)
+        return out
+
+
+def _agent(protocol: int = 2, install_s: float = 0.05) -> tuple[SimAgent, _Wire]:
+    slow = {"9.0.0": {"install_s": [30, 30]}}
+    profile = parse_profile(
+        {"classes": [{"name": "pi", "install_s": [install_s, install_s], "versions": slow}]}
+    )
+    ctx = FleetContext(profile, "token", asyncio.Semaphore(1), random.Random(3), protocol=protocol)
+    agent = SimAgent(0, "unit", profile.classes[0], ctx)
+    wire = _Wire()
+    agent._call = wire
+    return agent, wire
+
+
+async def _until(check: Any, what: str) -> None:
+    for _ in range(400):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not reached: {what}")
+
+
+async def test_protocol_2_updates_each_model_concurrently_and_removes_unlisted_ones() -> None:
+    agent, wire = _agent()
+    try:
+        desired = d.DesiredState(revision=1, device_state=c.DEVICE_STATE_ACCEPTED, assignments=[
+            _assignment("digits", "1.0.0", 1), _assignment("vad", "5.0.0", 2)])  # fmt: skip
+        assert agent.apply_desired(desired)
+        await _until(lambda: agent.serving() == {"digits": "1.0.0", "vad": "5.0.0"}, "both serve")
+        statuses = wire.statuses()
+        assert {s.model_name for s in statuses} == {"digits", "vad"}
+        # Enums on the wire, no legacy strings, each report names its model.
+        assert all(s.state != c.UPDATE_STATE_UNSPECIFIED and not s.legacy_state for s in statuses)
+        assert [s.sequence for s in statuses if s.state == c.UPDATE_STATE_COMMITTED] != []
+        assert all(len(m.status.models) <= 1 for m in wire.sent)
+        # Both updates ran at once: vad started before digits committed.
+        order = [(s.model_name, s.state) for s in statuses]
+        assert order.index(("vad", c.UPDATE_STATE_DOWNLOADING)) < order.index(
+            ("digits", c.UPDATE_STATE_COMMITTED)
+        )
+        samples = agent.next_samples(10.0)
+        assert [(s.model_name, s.model_version) for s in samples] == [
+            ("digits", "1.0.0"), ("vad", "5.0.0")]  # fmt: skip
+        assert len({s.seq for s in samples}) == 2
+        hello = agent._hello().hello
+        assert hello.protocol == 2 and {m.model_name for m in hello.models} == {"digits", "vad"}
+        assert not hello.HasField("update")
+
+        # vad is no longer listed: it is unloaded and reported gone (idle,
+        # nothing served); digits is untouched.
+        wire.sent.clear()
+        agent.apply_desired(d.DesiredState(revision=2, assignments=[
+            _assignment("digits", "1.0.0", 1)]))  # fmt: skip
+        await _until(lambda: "vad" not in agent.models, "vad removed")
+        (gone,) = wire.statuses()
+        assert (gone.model_name, gone.state, gone.active_model_version) == (
+            "vad",
+            c.UPDATE_STATE_IDLE,
+            "",
+        )
+        assert agent.serving() == {"digits": "1.0.0"}
+        assert [s.model_name for s in agent.next_samples(10.0)] == ["digits"]
+
+        # Removing a model mid-download aborts it (an abortable state).
+        agent.apply_desired(d.DesiredState(revision=3, assignments=[
+            _assignment("digits", "1.0.0", 1), _assignment("kws", "9.0.0", 3)]))  # fmt: skip
+        await _until(lambda: agent.models["kws"].state == "downloading", "kws downloading")
+        agent.apply_desired(d.DesiredState(revision=4, assignments=[
+            _assignment("digits", "1.0.0", 1)]))  # fmt: skip
+        await _until(lambda: "kws" not in agent.models, "kws removed")
+        assert agent.states(3) == ["downloading", "failed", "idle"]
+        assert (3, "failed", "aborted: model unassigned") in agent.update_history
+    finally:
+        agent.stop_tasks()
+
+
+async def test_protocol_1_agent_sends_strings_and_reads_only_the_single_assignment() -> None:
+    agent, wire = _agent(protocol=1)
+    try:
+        desired = d.DesiredState(revision=1, assignment=_assignment("digits", "1.0.0", 1),
+                                 assignments=[_assignment("vad", "5.0.0", 2)])  # fmt: skip
+        agent.apply_desired(desired)
+        await _settled(agent, "committed", "1.0.0")
+        assert list(agent.models) == ["digits"]
+        statuses = wire.statuses()
+        assert all(s.state == c.UPDATE_STATE_UNSPECIFIED for s in statuses)
+        assert [s.legacy_state for s in statuses][-1] == "committed"
+        assert not any(m.status.models for m in wire.sent)
+        hello = agent._hello().hello
+        assert hello.protocol == 0 and not hello.models
+        assert hello.update.legacy_state == "committed"
+        # Another model name replaces the one model (an old agent holds one).
+        agent.apply_desired(d.DesiredState(revision=2, assignment=_assignment("kws", "2.0.0", 3)))
+        await _settled(agent, "committed", "2.0.0")
+        assert list(agent.models) == ["kws"] and agent.serving() == {"kws": "2.0.0"}
+        # No assignment: an old agent keeps what it serves.
+        agent.apply_desired(d.DesiredState(revision=3))
+        await asyncio.sleep(0.05)
+        assert agent.serving() == {"kws": "2.0.0"}
+    finally:
+        agent.stop_tasks()
+
+
+async def test_an_old_control_plane_setting_only_assignment_still_installs() -> None:
+    agent, _ = _agent()
+    try:
+        agent.apply_desired(d.DesiredState(revision=1, assignment=_assignment("m", "1.0.0", 1)))
+        await _settled(agent, "committed", "1.0.0")
+        assert agent.serving() == {"m": "1.0.0"}
+    finally:
+        agent.stop_tasks()
+
+
+def test_fleetsim_reuses_the_agents_tables() -> None:
+    # One table for the real agent and the simulator: the abortable states
+    # and the reconnect decisions are the agent's own objects.
+    from edgefleet.agent.reconnect import decide
+    from edgefleet.agent.update import states
+    from edgefleet.sim import agent as sim_agent
+
+    assert vars(sim_agent)["ABORTABLE"] is states.ABORTABLE
+    assert vars(sim_agent)["TRANSITIONS"] is states.TRANSITIONS
+    assert vars(sim_agent)["decide"] is decide
+    ctx = FleetContext(default_profile(), "t", asyncio.Semaphore(1), random.Random(), protocol=3)
+    with pytest.raises(ValueError, match="protocol 3: fleetsim speaks protocol 1 or 2"):
+        SimAgent(0, "x", default_profile().classes[0], ctx)
 
 
 def test_the_cli_checks_its_profile_and_prints_the_default(tmp_path: Path) -> None:

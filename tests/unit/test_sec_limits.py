@@ -152,7 +152,9 @@ def test_the_agents_update_reasons_always_pass_the_limits() -> None:
 
     def status(reason: str) -> device_pb2.AgentMessage:
         return device_pb2.AgentMessage(
-            status=device_pb2.StatusReport(update=c.UpdateStatus(state="failed", reason=reason))
+            status=device_pb2.StatusReport(
+                update=c.UpdateStatus(state=c.UPDATE_STATE_FAILED, reason=reason)
+            )
         )
 
     with pytest.raises(InvalidArgument, match="reason"):

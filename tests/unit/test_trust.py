@@ -56,15 +56,16 @@ def _key() -> Key:
 def _assignment(
     key: Key, sequence: int, version: str = "1.0.0", *, rollback: bool = False,
     shadow: bool = False, device: str = DEVICE, rotations: tuple[tuple[bytes, bytes], ...] = (),
+    model: str = "digits",
 ) -> Assignment:  # fmt: skip
     statement = statements.assignment_statement(
-        device_id=device, sequence=sequence, model_name="digits", model_version=version,
+        device_id=device, sequence=sequence, model_name=model, model_version=version,
         artifact_sha256="ab" * 32, manifest_digest=hashlib.sha256(MANIFEST).hexdigest(),
         shadow=shadow, rollback=rollback, key_id=key.key_id, issued_at=NOW, rollout_id="",
         artifact_size=1,
     )  # fmt: skip
     return Assignment(
-        model_name="digits", model_version=version, artifact_digest="ab" * 32, artifact_size=1,
+        model_name=model, model_version=version, artifact_digest="ab" * 32, artifact_size=1,
         manifest=MANIFEST, manifest_signature=b"", sequence=sequence, shadow=shadow,
         statement=statement, statement_signature=signing.sign(key.private, statement),
         rollback=rollback, key_rotations=rotations,
@@ -333,3 +334,62 @@ def test_the_runner_hands_older_sequences_to_verification_and_ignores_the_same_o
     assert REPLAYED in (record.reason or "")
     assert settle(_signed_update(k1, 3, data, manifest_key=k1)) > 0
     assert runner.machine.record.outcome == "committed"
+
+
+# ---------------------------------------------------------------- per model
+
+
+def _enrolled_model(state_dir: Path, model: str, *keys: Key) -> TrustStore:
+    _enrolled(state_dir, DEVICE, *keys)
+    return TrustStore(state_dir, model)
+
+
+def test_sequences_are_checked_per_model_and_keys_stay_device_wide(tmp_path: Path) -> None:
+    """Two models' machines run concurrently: model B's assignment 4 may be
+    verified after model A's 5; a replay is still refused per model."""
+    k1, k2 = _key(), _key()
+    a = _enrolled_model(tmp_path, "alpha", k1)
+    b = TrustStore(tmp_path, "beta")
+    a.accept(a.check(_assignment(k2, 5, model="alpha", rotations=(_rotation(k1, k2),))))
+    # The rotation alpha walked is trusted by beta too (device-wide keys).
+    assert set(b.load().keys) == {k2.key_id}
+    b.accept(b.check(_assignment(k2, 4, model="beta")))
+    assert (a.load().sequence, b.load().sequence) == (5, 4)
+    with pytest.raises(FatalUpdateError, match=REPLAYED):
+        b.check(_assignment(k2, 3, model="beta"))
+    assert json.loads((tmp_path / "models" / "beta" / "trust.json").read_text())["sequence"] == 4
+    assert "sequence" not in json.loads((tmp_path / "trust.json").read_text()) or (
+        json.loads((tmp_path / "trust.json").read_text())["sequence"] == 0
+    )
+
+
+def test_a_removed_models_facts_are_kept_so_a_replay_stays_refused(tmp_path: Path) -> None:
+    k1 = _key()
+    store = _enrolled_model(tmp_path, "alpha", k1)
+    store.accept(store.check(_assignment(k1, 6, "2.0.0", model="alpha")))
+    store.committed(_assignment(k1, 6, "2.0.0", model="alpha"))
+    store.retire()
+    (tmp_path / "models" / "alpha" / "trust.json").unlink()  # the unassign deletes the dir
+    again = TrustStore(tmp_path, "alpha")
+    with pytest.raises(FatalUpdateError, match=REPLAYED):
+        again.check(_assignment(k1, 5, "2.0.0", model="alpha"))
+    with pytest.raises(FatalUpdateError, match="downgrade"):
+        again.check(_assignment(k1, 7, "1.0.0", model="alpha"))
+    again.check(_assignment(k1, 7, "2.1.0", model="alpha"))
+
+
+def test_the_single_model_layouts_trust_file_bounds_every_model(tmp_path: Path) -> None:
+    """Migration: an old agent's trust.json (one sequence for the device, the
+    committed versions by model) still refuses replays and downgrades."""
+    k1 = _key()
+    old = _enrolled(tmp_path, DEVICE, k1)
+    old.accept(old.check(_assignment(k1, 9, "3.0.0")))
+    old.committed(_assignment(k1, 9, "3.0.0"))
+    digits = TrustStore(tmp_path, "digits")
+    assert digits.load().sequence == 9
+    with pytest.raises(FatalUpdateError, match=REPLAYED):
+        digits.check(_assignment(k1, 8, "3.1.0"))
+    with pytest.raises(FatalUpdateError, match="downgrade"):
+        digits.check(_assignment(k1, 10, "2.0.0"))
+    digits.accept(digits.check(_assignment(k1, 10, "3.1.0")))
+    assert digits.load().sequence == 10

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 
+import grpc
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
 from edgefleet.tui.app import EdgeFleetApp, make_app
+from edgefleet.tui.client import ServerError
+from edgefleet.tui.screens.modals import ConfirmScreen
 from testkit.tui_fake import NOW, FakeFleet
 
 SIZE = (80, 24)
@@ -62,6 +65,9 @@ CASES = {
     "devices": _keys("2"),
     "devices_filtered": _keys("2", "slash", "p", "i", "escape"),
     "device_detail": _keys("2", "down", "down", "enter"),
+    # pi-kitchen: two models, one of them downloading.
+    "device_models": _keys("2", *["down"] * 5, "enter"),
+    "unassign_choice": _keys("2", *["down"] * 5, "enter", "u"),
     "classes": _keys("3", "down"),
     "class_form_error": _typed(["3", "e"], {"latency_budget_ms": "-5"}, ["ctrl+s"]),
     "models": _keys("4", "tab", "down"),
@@ -81,3 +87,34 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_screen(case: str, snap_compare: Callable[..., bool]) -> None:
     assert snap_compare(_app(), terminal_size=SIZE, run_before=CASES[case])
+
+
+async def test_unassign_a_model_from_the_detail_view_after_confirming() -> None:
+    fleet = FakeFleet()
+    app = make_app(fleet, clock=lambda: NOW, watch=False)
+    kitchen = next(x for x in fleet.devices if x.name == "pi-kitchen")
+    async with app.run_test(size=SIZE) as pilot:
+        await _keys("2", *["down"] * 5, "enter", "u", "down", "enter")(pilot)
+        # A confirmation first: nothing is sent before it.
+        assert isinstance(app.screen, ConfirmScreen)
+        assert not [c for c in fleet.calls if c[0] == "unassign"]
+        await _keys("y")(pilot)
+        assert ("unassign", (kitchen.id, "vad")) in fleet.calls
+        (after,) = [x for x in fleet.devices if x.id == kitchen.id]
+        assert [m.name for m in after.models] == ["digits"]
+        assert any("unassigned vad from pi-kitchen" in n.message for n in app._notifications)
+        # One model left: no choice to make, straight to the confirmation;
+        # "n" cancels and nothing is sent.
+        await _keys("u")(pilot)
+        assert isinstance(app.screen, ConfirmScreen)
+        await _keys("n")(pilot)
+        assert [c for c in fleet.calls if c[0] == "unassign"] == [("unassign", (kitchen.id, "vad"))]
+
+
+async def test_the_fake_fails_like_the_server() -> None:
+    fleet = FakeFleet()
+    with pytest.raises(ServerError) as unknown:
+        await fleet.unassign_model("nope", "vad")
+    assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+    device = fleet.devices[1]
+    assert await fleet.unassign_model(device.id, "vad") is False  # not held: nothing to do

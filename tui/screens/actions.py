@@ -72,3 +72,39 @@ def pin(screen: FleetScreen, device: Device) -> None:
                                    answered)  # fmt: skip
 
     screen.run_worker(choose(), group="action", exit_on_error=False)
+
+
+def unassign(screen: FleetScreen, device: Device) -> None:
+    """Pick one of the device's assigned models, confirm, remove it (its
+    other models keep serving)."""
+    assigned = [m for m in device.models if m.assigned_version]
+    if not assigned:
+        screen.app.notify(f"{device.name} has no model assigned", title="Nothing to unassign",
+                          severity="warning", markup=False)  # fmt: skip
+        return
+
+    def confirm(name: str | None) -> None:
+        if not name:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                run(screen, lambda: _unassign(screen, device, name),
+                    f"unassigned {name} from {device.name}")  # fmt: skip
+
+        others = [m.name for m in device.models if m.name != name and m.assigned_version]
+        keeps = f" It keeps serving {', '.join(others)}." if others else ""
+        question = (f"Unassign {name} from {device.name}? Its agent unloads the model once its "
+                    f"in-flight requests are done.{keeps}")  # fmt: skip
+        screen.app.push_screen(ConfirmScreen(question, yes="Unassign"), answered)
+
+    if len(assigned) == 1:
+        confirm(assigned[0].name)
+        return
+    options = [(f"{m.name}@{m.assigned_version}", m.name) for m in assigned]
+    screen.app.push_screen(ChoiceScreen(f"Unassign a model from {device.name}", options), confirm)
+
+
+async def _unassign(screen: FleetScreen, device: Device, name: str) -> None:
+    if not await screen.client.unassign_model(device.id, name, "unassigned in the TUI"):
+        screen.app.notify(f"{name} was not assigned to {device.name}", markup=False)

@@ -1,5 +1,6 @@
-"""One device: hardware, runtimes, active and standby model, labels,
-deployment history with reasons, and its telemetry."""
+"""One device: hardware, runtimes, every model it holds (versions, update
+state, progress or last failure, the standby kept for each), labels, the
+deployment history per model with reasons, and its telemetry."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import asyncio
 from datetime import timedelta
 
 from rich.table import Table
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from edgefleet.controlplane.client.format import format_ago, format_bytes
-from edgefleet.tui.data import DeploymentEvent, Device, FleetEvent
+from edgefleet.controlplane.client.format import format_ago
+from edgefleet.tui.data import DeploymentEvent, Device, DeviceModel, FleetEvent
 from edgefleet.tui.screens import actions
 from edgefleet.tui.screens.base import FleetScreen, keep_cursor, reporting
 from edgefleet.tui.summary import device_status, format_labels, format_time
@@ -32,12 +34,32 @@ def _grid(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
-def standby_version(device: Device, history: list[DeploymentEvent]) -> str:
-    """The version kept to fall back on: the newest one committed before the
-    active one (history is newest first)."""
-    active = device.active_version
-    return next((e.model_version for e in history
-                 if e.state == "committed" and e.model_version != active), "")  # fmt: skip
+def standby_version(model: DeviceModel, history: list[DeploymentEvent]) -> str:
+    """The version of `model` kept to fall back on: the newest one committed
+    before the one it serves (history is newest first)."""
+    active = model.serving_version
+    return next((e.model_version for e in history if e.model_name == model.name
+                 and e.state == "committed" and e.model_version != active), "")  # fmt: skip
+
+
+def models_table(models: tuple[DeviceModel, ...], history: list[DeploymentEvent]) -> Table:
+    """One row per model: assigned and served version, state, standby, and
+    the update in flight or the last failure."""
+    table = Table(title="Models", title_justify="left", box=None, padding=(0, 1),
+                  header_style="bold")  # fmt: skip
+    for title in ("model", "assigned", "serving", "state", "standby"):
+        table.add_column(title, no_wrap=True)
+    table.add_column("update", overflow="fold")
+    for m in models:
+        state = (m.state or "-") + (" (shadow)" if m.shadow else "")
+        style = "red" if m.failed else "yellow" if m.detail and m.state != "failed" else ""
+        # Text, not markup: names and reasons come from outside and may hold `[`.
+        table.add_row(Text(m.name), Text(m.assigned_version or "(unassigned)"),
+                      Text(m.serving_version or "-"), Text(state, style=style),
+                      Text(standby_version(m, history) or "-"), Text(m.detail or "-"))  # fmt: skip
+    if not models:
+        table.add_row("-", "", "", "", "", "no model assigned")
+    return table
 
 
 class DeviceDetailScreen(FleetScreen):
@@ -48,6 +70,7 @@ class DeviceDetailScreen(FleetScreen):
         Binding("x", "reject", "Reject"),
         Binding("l", "labels", "Labels"),
         Binding("p", "pin", "Pin"),
+        Binding("u", "unassign", "Unassign model"),
         Binding("r", "refresh", "Refresh"),
     ]
 
@@ -69,8 +92,8 @@ class DeviceDetailScreen(FleetScreen):
         yield from self.compose_footer()
 
     def on_mount(self) -> None:
-        self.query_one("#history", DataTable).add_columns("at", "seq", "version", "state",
-                                                         "reason")  # fmt: skip
+        self.query_one("#history", DataTable).add_columns("model", "at", "seq", "version",
+                                                         "state", "reason")  # fmt: skip
         super().on_mount()
 
     def reload(self) -> None:
@@ -114,22 +137,13 @@ class DeviceDetailScreen(FleetScreen):
             ("litert", f"{rt.litert_package} {rt.litert_version}".strip()),
             ("tensorrt", rt.tensorrt_version), ("labels", format_labels(d.labels.items())),
         ]))  # fmt: skip
-        up = d.update
-        progress = ""
-        if up.bytes_total and up.state == "downloading":
-            progress = f" {format_bytes(up.bytes_done)}/{format_bytes(up.bytes_total)}"
-        self.query_one("#model", Static).update(_grid("Model", [
-            ("active", f"{up.model_name} {d.active_version}" if d.active_version else ""),
-            ("standby", standby_version(d, history)),
-            ("update", f"{up.model_name} {up.model_version}: {up.state}{progress}"
-             if up.state else ""),
-            ("reason", up.reason),
-        ]))  # fmt: skip
+        self.query_one("#model", Static).update(models_table(d.models, history))
         table = self.query_one("#history", DataTable)
         table.clear()
-        for e in history:
-            table.add_row(format_time(e.at), str(e.sequence), f"{e.model_name} {e.model_version}",
-                          e.state, e.reason or "-")  # fmt: skip
+        # Per model (by name), newest first within each.
+        for e in sorted(history, key=lambda e: e.model_name):
+            table.add_row(e.model_name, format_time(e.at), str(e.sequence), e.model_version,
+                          e.state or "-", e.reason or "-")  # fmt: skip
         keep_cursor(table, None)
 
     def action_accept(self) -> None:
@@ -147,3 +161,7 @@ class DeviceDetailScreen(FleetScreen):
     def action_pin(self) -> None:
         if self.device is not None:
             actions.pin(self, self.device)
+
+    def action_unassign(self) -> None:
+        if self.device is not None:
+            actions.unassign(self, self.device)

@@ -22,17 +22,26 @@ COLUMNS: tuple[tuple[str, Callable[[Device], Any]], ...] = (
     ("name", lambda d: d.name),
     ("status", device_status),
     ("class", lambda d: d.class_name),
-    ("version", lambda d: d.active_version),
+    ("models", lambda d: d.models_text),
     ("labels", lambda d: format_labels(d.labels.items())),
     ("last seen", lambda d: -(d.last_seen_at.timestamp() if d.last_seen_at else 0)),
 )
+
+
+# The models cell's width: several models must not push the labels and the
+# last-seen time off the screen (the detail view lists them all).
+MODELS_WIDTH = 40
+
+
+def _truncate(text: str, width: int = MODELS_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def matches(device: Device, text: str) -> bool:
     """Every word of the filter is in one of the shown fields; `k=v` words
     must be labels of the device."""
     fields = [device.name, device.id, device_status(device), device.class_name,
-              device.active_version, device.state]  # fmt: skip
+              device.models_text, device.state]  # fmt: skip
     for word in text.lower().split():
         if "=" in word:
             key, _, value = word.partition("=")
@@ -100,7 +109,7 @@ class DevicesScreen(FleetScreen):
         for d in shown:
             table.add_row(
                 d.name, device_status(d), d.class_name + (" (pinned)" if d.class_pinned else ""),
-                d.active_version or "-", format_labels(d.labels.items()) or "-",
+                _truncate(d.models_text or "-"), format_labels(d.labels.items()) or "-",
                 format_ago(d.last_seen_at, now), key=d.id,
             )  # fmt: skip
         keep_cursor(table, key)

@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _DeviceState:
@@ -128,6 +133,38 @@ MATCH_OP_EXISTS: MatchOp.ValueType  # 9
 MATCH_OP_GLOB: MatchOp.ValueType  # 10
 """Shell-style pattern, e.g. "Raspberry Pi*"."""
 Global___MatchOp: _TypeAlias = MatchOp  # noqa: Y015
+
+class _UpdateState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UpdateStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UpdateState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UPDATE_STATE_UNSPECIFIED: _UpdateState.ValueType  # 0
+    UPDATE_STATE_IDLE: _UpdateState.ValueType  # 1
+    UPDATE_STATE_DOWNLOADING: _UpdateState.ValueType  # 2
+    UPDATE_STATE_VERIFYING: _UpdateState.ValueType  # 3
+    UPDATE_STATE_VALIDATING: _UpdateState.ValueType  # 4
+    UPDATE_STATE_ACTIVATING: _UpdateState.ValueType  # 5
+    UPDATE_STATE_COMMITTED: _UpdateState.ValueType  # 6
+    UPDATE_STATE_ROLLING_BACK: _UpdateState.ValueType  # 7
+    UPDATE_STATE_FAILED: _UpdateState.ValueType  # 8
+
+class UpdateState(_UpdateState, metaclass=_UpdateStateEnumTypeWrapper):
+    """A state of the agent's update state machine (agent/update/states.py), one
+    machine per model a device holds.
+    """
+
+UPDATE_STATE_UNSPECIFIED: UpdateState.ValueType  # 0
+UPDATE_STATE_IDLE: UpdateState.ValueType  # 1
+UPDATE_STATE_DOWNLOADING: UpdateState.ValueType  # 2
+UPDATE_STATE_VERIFYING: UpdateState.ValueType  # 3
+UPDATE_STATE_VALIDATING: UpdateState.ValueType  # 4
+UPDATE_STATE_ACTIVATING: UpdateState.ValueType  # 5
+UPDATE_STATE_COMMITTED: UpdateState.ValueType  # 6
+UPDATE_STATE_ROLLING_BACK: UpdateState.ValueType  # 7
+UPDATE_STATE_FAILED: UpdateState.ValueType  # 8
+Global___UpdateState: _TypeAlias = UpdateState  # noqa: Y015
 
 @_typing.final
 class Accelerator(_message.Message):
@@ -277,6 +314,7 @@ class ConstraintProfile(_message.Message):
     THREADS_FIELD_NUMBER: _builtins.int
     SPEED_FACTOR_FIELD_NUMBER: _builtins.int
     MICROCONTROLLER_FIELD_NUMBER: _builtins.int
+    DEVICE_MEMORY_MB_FIELD_NUMBER: _builtins.int
     max_model_size_mb: _builtins.float
     latency_budget_p95_ms: _builtins.float
     max_memory_mb: _builtins.float
@@ -296,6 +334,12 @@ class ConstraintProfile(_message.Message):
     """
     microcontroller: _builtins.bool
     """Microcontroller class: also emit the int8 model as a C array for TFLite Micro."""
+    device_memory_mb: _builtins.float
+    """The memory all the models a device of the class holds may use together:
+    the sum of their artifacts' measured memory (ArtifactManifest.memory_mb).
+    An assignment that would exceed it is refused before any download.
+    max_memory_mb still limits each model on its own.
+    """
     def __init__(
         self,
         *,
@@ -309,11 +353,14 @@ class ConstraintProfile(_message.Message):
         threads: _builtins.int | None = ...,
         speed_factor: _builtins.float | None = ...,
         microcontroller: _builtins.bool | None = ...,
+        device_memory_mb: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb", "_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "device_memory_mb", b"device_memory_mb", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "accelerator", b"accelerator", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb", "_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "accelerator", b"accelerator", "device_memory_mb", b"device_memory_mb", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__device_memory_mb: _TypeAlias = _typing.Literal["device_memory_mb"]  # noqa: Y015
+    _WhichOneofArgType__device_memory_mb: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb"]  # noqa: Y015
     _WhichOneofReturnType__latency_budget_p95_ms: _TypeAlias = _typing.Literal["latency_budget_p95_ms"]  # noqa: Y015
     _WhichOneofArgType__latency_budget_p95_ms: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms"]  # noqa: Y015
     _WhichOneofReturnType__max_memory_mb: _TypeAlias = _typing.Literal["max_memory_mb"]  # noqa: Y015
@@ -328,6 +375,8 @@ class ConstraintProfile(_message.Message):
     _WhichOneofArgType__speed_factor: _TypeAlias = _typing.Literal["_speed_factor", b"_speed_factor"]  # noqa: Y015
     _WhichOneofReturnType__threads: _TypeAlias = _typing.Literal["threads"]  # noqa: Y015
     _WhichOneofArgType__threads: _TypeAlias = _typing.Literal["_threads", b"_threads"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__device_memory_mb) -> _WhichOneofReturnType__device_memory_mb | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_budget_p95_ms) -> _WhichOneofReturnType__latency_budget_p95_ms | None: ...
     @_typing.overload
@@ -467,6 +516,8 @@ class Device(_message.Message):
     DESIRED_REVISION_FIELD_NUMBER: _builtins.int
     APPLIED_REVISION_FIELD_NUMBER: _builtins.int
     UPDATE_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    AGENT_PROTOCOL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     hardware_id: _builtins.str
     name: _builtins.str
@@ -480,6 +531,8 @@ class Device(_message.Message):
     """Connected to a control-plane replica right now (or seen very recently)."""
     desired_revision: _builtins.int
     applied_revision: _builtins.int
+    agent_protocol: _builtins.int
+    """The sync protocol its agent speaks (Hello.protocol; 0: not connected yet)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -491,7 +544,15 @@ class Device(_message.Message):
     @_builtins.property
     def enrolled_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def update(self) -> Global___UpdateStatus: ...
+    def update(self) -> Global___UpdateStatus:
+        """The most recently reported of the models' statuses (for clients that
+        show one); `models` has them all.
+        """
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceModel]:
+        """Every model assigned to the device or reported by its agent, by name."""
+
     def __init__(
         self,
         *,
@@ -511,10 +572,12 @@ class Device(_message.Message):
         desired_revision: _builtins.int = ...,
         applied_revision: _builtins.int = ...,
         update: Global___UpdateStatus | None = ...,
+        models: _abc.Iterable[Global___DeviceModel] | None = ...,
+        agent_protocol: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "hardware", b"hardware", "last_seen_at", b"last_seen_at", "runtime", b"runtime", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "class_id", b"class_id", "class_name", b"class_name", "class_pinned", b"class_pinned", "desired_revision", b"desired_revision", "enrolled_at", b"enrolled_at", "hardware", b"hardware", "hardware_id", b"hardware_id", "id", b"id", "labels", b"labels", "last_seen_at", b"last_seen_at", "name", b"name", "online", b"online", "runtime", b"runtime", "state", b"state", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_protocol", b"agent_protocol", "applied_revision", b"applied_revision", "class_id", b"class_id", "class_name", b"class_name", "class_pinned", b"class_pinned", "desired_revision", b"desired_revision", "enrolled_at", b"enrolled_at", "hardware", b"hardware", "hardware_id", b"hardware_id", "id", b"id", "labels", b"labels", "last_seen_at", b"last_seen_at", "models", b"models", "name", b"name", "online", b"online", "runtime", b"runtime", "state", b"state", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,11 +585,11 @@ Global___Device: _TypeAlias = Device  # noqa: Y015
 
 @_typing.final
 class UpdateStatus(_message.Message):
-    """Where the agent's update state machine is for its current assignment."""
+    """Where the agent's update state machine is for one model's assignment."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    STATE_FIELD_NUMBER: _builtins.int
+    LEGACY_STATE_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     ARTIFACT_DIGEST_FIELD_NUMBER: _builtins.int
@@ -538,8 +601,23 @@ class UpdateStatus(_message.Message):
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     ACTIVE_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     ACTIVE_ARTIFACT_DIGEST_FIELD_NUMBER: _builtins.int
-    state: _builtins.str
-    """Agent state machine state: "idle", "downloading", "verifying", ..."""
+    STATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def legacy_state(self) -> _builtins.str:
+        """Agents of protocol 1 (Hello.protocol) sent the state as a string here
+        ("idle", "downloading", ...); the control plane reads it when `state` is
+        unspecified. Newer agents leave it empty.
+        """
+
+    @legacy_state.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def legacy_state(self, value: _builtins.str) -> None:
+        """Agents of protocol 1 (Hello.protocol) sent the state as a string here
+        ("idle", "downloading", ...); the control plane reads it when `state` is
+        unspecified. Newer agents leave it empty.
+        """
+
     model_name: _builtins.str
     model_version: _builtins.str
     artifact_digest: _builtins.str
@@ -553,12 +631,13 @@ class UpdateStatus(_message.Message):
     active_model_version: _builtins.str
     """What the device serves right now, whatever the update's state."""
     active_artifact_digest: _builtins.str
+    state: Global___UpdateState.ValueType
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
-        state: _builtins.str = ...,
+        legacy_state: _builtins.str = ...,
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
         artifact_digest: _builtins.str = ...,
@@ -570,14 +649,59 @@ class UpdateStatus(_message.Message):
         rollout_id: _builtins.str = ...,
         active_model_version: _builtins.str = ...,
         active_artifact_digest: _builtins.str = ...,
+        state: Global___UpdateState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_artifact_digest", b"active_artifact_digest", "active_model_version", b"active_model_version", "artifact_digest", b"artifact_digest", "bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "rollout_id", b"rollout_id", "sequence", b"sequence", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_artifact_digest", b"active_artifact_digest", "active_model_version", b"active_model_version", "artifact_digest", b"artifact_digest", "bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "legacy_state", b"legacy_state", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "rollout_id", b"rollout_id", "sequence", b"sequence", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateStatus: _TypeAlias = UpdateStatus  # noqa: Y015
+
+@_typing.final
+class DeviceModel(_message.Message):
+    """One model on a device: what the control plane assigned and what the
+    device's agent last reported about it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    ASSIGNED_VERSION_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    assigned_version: _builtins.str
+    """The assigned version; empty when the model is not assigned any more
+    but the agent still reports it (it is unloading it).
+    """
+    sequence: _builtins.int
+    rollout_id: _builtins.str
+    shadow: _builtins.bool
+    @_builtins.property
+    def status(self) -> Global___UpdateStatus:
+        """The agent's last report for this model; absent until it sends one."""
+
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        assigned_version: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        rollout_id: _builtins.str = ...,
+        shadow: _builtins.bool = ...,
+        status: Global___UpdateStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_version", b"assigned_version", "model_name", b"model_name", "rollout_id", b"rollout_id", "sequence", b"sequence", "shadow", b"shadow", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceModel: _TypeAlias = DeviceModel  # noqa: Y015
 
 @_typing.final
 class TensorSpec(_message.Message):
@@ -927,6 +1051,7 @@ class ArtifactManifest(_message.Message):
     LATENCY_BUDGET_P95_MS_FIELD_NUMBER: _builtins.int
     MAX_MEMORY_MB_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
+    MEMORY_MB_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
@@ -953,6 +1078,10 @@ class ArtifactManifest(_message.Message):
     max_memory_mb: _builtins.float
     threads: _builtins.int
     """Threads the class runs inference with."""
+    memory_mb: _builtins.float
+    """The artifact's peak memory (MB) as the build measured it; what a
+    device's memory budget (ConstraintProfile.device_memory_mb) adds up.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -994,10 +1123,11 @@ class ArtifactManifest(_message.Message):
         latency_budget_p95_ms: _builtins.float = ...,
         max_memory_mb: _builtins.float = ...,
         threads: _builtins.int = ...,
+        memory_mb: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "tensorrt", b"tensorrt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "build_id", b"build_id", "candidate", b"candidate", "class_name", b"class_name", "companion_sha256", b"companion_sha256", "created_at", b"created_at", "format_version", b"format_version", "golden", b"golden", "inputs", b"inputs", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "media_type", b"media_type", "min_agreement", b"min_agreement", "min_runtime_versions", b"min_runtime_versions", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "precision", b"precision", "rtol", b"rtol", "runtime", b"runtime", "sha256", b"sha256", "size_bytes", b"size_bytes", "tensorrt", b"tensorrt", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "build_id", b"build_id", "candidate", b"candidate", "class_name", b"class_name", "companion_sha256", b"companion_sha256", "created_at", b"created_at", "format_version", b"format_version", "golden", b"golden", "inputs", b"inputs", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "media_type", b"media_type", "memory_mb", b"memory_mb", "min_agreement", b"min_agreement", "min_runtime_versions", b"min_runtime_versions", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "precision", b"precision", "rtol", b"rtol", "runtime", b"runtime", "sha256", b"sha256", "size_bytes", b"size_bytes", "tensorrt", b"tensorrt", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

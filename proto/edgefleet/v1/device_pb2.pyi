@@ -298,14 +298,30 @@ class Hello(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     APPLIED_REVISION_FIELD_NUMBER: _builtins.int
     UPDATE_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     applied_revision: _builtins.int
     """Revision of the desired state the agent last applied."""
+    protocol: _builtins.int
+    """The sync protocol the agent speaks. 0 or 1: one model per device
+    (DesiredState.assignment, UpdateStatus.legacy_state). 2: several models
+    (DesiredState.assignments, StatusReport.models, UpdateStatus.state).
+    The control plane serves a protocol-1 agent the one-assignment view of
+    its desired state and refuses (FAILED_PRECONDITION, naming the device)
+    to assign such a device a second model.
+    """
     @_builtins.property
     def hardware(self) -> _common_pb2.HardwareProfile: ...
     @_builtins.property
     def runtime(self) -> _common_pb2.RuntimeFingerprint: ...
     @_builtins.property
-    def update(self) -> _common_pb2.UpdateStatus: ...
+    def update(self) -> _common_pb2.UpdateStatus:
+        """Protocol 1 (agents that send 0 or 1): the one model's status."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UpdateStatus]:
+        """Protocol 2: every model's status, one per model name."""
+
     def __init__(
         self,
         *,
@@ -313,10 +329,12 @@ class Hello(_message.Message):
         runtime: _common_pb2.RuntimeFingerprint | None = ...,
         applied_revision: _builtins.int = ...,
         update: _common_pb2.UpdateStatus | None = ...,
+        protocol: _builtins.int = ...,
+        models: _abc.Iterable[_common_pb2.UpdateStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hardware", b"hardware", "runtime", b"runtime", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "hardware", b"hardware", "runtime", b"runtime", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "hardware", b"hardware", "models", b"models", "protocol", b"protocol", "runtime", b"runtime", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,18 +369,28 @@ class StatusReport(_message.Message):
 
     APPLIED_REVISION_FIELD_NUMBER: _builtins.int
     UPDATE_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     applied_revision: _builtins.int
     @_builtins.property
-    def update(self) -> _common_pb2.UpdateStatus: ...
+    def update(self) -> _common_pb2.UpdateStatus:
+        """Protocol 1: the one model's status."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UpdateStatus]:
+        """Protocol 2: the status of each model whose update moved since the last
+        report (a model not listed did not change).
+        """
+
     def __init__(
         self,
         *,
         applied_revision: _builtins.int = ...,
         update: _common_pb2.UpdateStatus | None = ...,
+        models: _abc.Iterable[_common_pb2.UpdateStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "models", b"models", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -452,6 +480,7 @@ class DesiredState(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     KEY_ROTATIONS_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     device_state: _common_pb2.DeviceState.ValueType
     class_name: _builtins.str
@@ -461,13 +490,24 @@ class DesiredState(_message.Message):
     def config(self) -> Global___AgentConfig: ...
     @_builtins.property
     def assignment(self) -> Global___Assignment:
-        """Absent when nothing is assigned (and always for pending devices)."""
+        """Protocol 1 (Hello.protocol): the device's one assignment; absent when
+        nothing is assigned (and always for pending devices). Set for protocol-2
+        agents too when the device has exactly one model; they read
+        `assignments`.
+        """
 
     @_builtins.property
     def key_rotations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.KeyRotation]:
         """Every signing-key rotation so far, oldest first. Each is signed by the
         key it replaces, so an agent that trusts any key in the chain can walk
         to the current one, however many rotations it missed.
+        """
+
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]:
+        """Protocol 2: every model the device should hold, at most one assignment
+        per model name. A model the agent holds that is not listed is unloaded
+        (after its in-flight requests finish). Empty for pending devices.
         """
 
     def __init__(
@@ -480,10 +520,11 @@ class DesiredState(_message.Message):
         config: Global___AgentConfig | None = ...,
         assignment: Global___Assignment | None = ...,
         key_rotations: _abc.Iterable[_common_pb2.KeyRotation] | None = ...,
+        assignments: _abc.Iterable[Global___Assignment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "class_name", b"class_name", "config", b"config", "device_state", b"device_state", "key_rotations", b"key_rotations", "labels", b"labels", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "assignments", b"assignments", "class_name", b"class_name", "config", b"config", "device_state", b"device_state", "key_rotations", b"key_rotations", "labels", b"labels", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -540,7 +581,9 @@ class Assignment(_message.Message):
     """Signed manifest (serialized ArtifactManifest) and its signature."""
     manifest_signature: _builtins.bytes
     sequence: _builtins.int
-    """Monotonic per device; agents refuse older assignments."""
+    """Monotonic per device, over all its models; agents refuse an assignment
+    of a model at or below the highest sequence they verified for it.
+    """
     shadow: _builtins.bool
     """Load beside the active model and mirror traffic; do not activate."""
     statement: _builtins.bytes

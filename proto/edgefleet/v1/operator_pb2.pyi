@@ -897,7 +897,9 @@ class AssignModelRequest(_message.Message):
     def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Accepted devices to assign to; each must be in a class with a successful
         build of the version, or nothing is assigned (FAILED_PRECONDITION lists
-        the devices and why).
+        the devices and why). The assignment adds the model to each device or
+        replaces that model's version there; the devices' other models are
+        untouched.
         """
 
     def __init__(
@@ -984,6 +986,64 @@ class AssignModelResponse(_message.Message):
 Global___AssignModelResponse: _TypeAlias = AssignModelResponse  # noqa: Y015
 
 @_typing.final
+class UnassignModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every id must be a device (NOT_FOUND names the unknown ones; nothing is
+        removed then).
+        """
+
+    def __init__(
+        self,
+        *,
+        device_ids: _abc.Iterable[_builtins.str] | None = ...,
+        model_name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids", "model_name", b"model_name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnassignModelRequest: _TypeAlias = UnassignModelRequest  # noqa: Y015
+
+@_typing.final
+class UnassignModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    NOT_ASSIGNED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The devices the model was removed from."""
+
+    @_builtins.property
+    def not_assigned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The devices that did not hold the model (nothing to do)."""
+
+    def __init__(
+        self,
+        *,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+        not_assigned: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_assigned", b"not_assigned", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnassignModelResponse: _TypeAlias = UnassignModelResponse  # noqa: Y015
+
+@_typing.final
 class ListDeploymentsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1024,23 +1084,23 @@ class DeploymentEvent(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     ARTIFACT_DIGEST_FIELD_NUMBER: _builtins.int
-    STATE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     BYTES_DONE_FIELD_NUMBER: _builtins.int
     BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     sequence: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
     artifact_digest: _builtins.str
-    state: _builtins.str
-    """Agent update state: "downloading", "verifying", ..., "committed", "failed"."""
     reason: _builtins.str
     bytes_done: _builtins.int
     bytes_total: _builtins.int
     rollout_id: _builtins.str
+    state: _common_pb2.UpdateState.ValueType
+    """The agent's update state for the model."""
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1051,12 +1111,12 @@ class DeploymentEvent(_message.Message):
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
         artifact_digest: _builtins.str = ...,
-        state: _builtins.str = ...,
         reason: _builtins.str = ...,
         bytes_done: _builtins.int = ...,
         bytes_total: _builtins.int = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         rollout_id: _builtins.str = ...,
+        state: _common_pb2.UpdateState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -105,6 +105,11 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.AssignModelRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.AssignModelResponse.FromString,
                 _registered_method=True)
+        self.UnassignModel = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/UnassignModel',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.UnassignModelRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.UnassignModelResponse.FromString,
+                _registered_method=True)
         self.ListDeployments = channel.unary_unary(
                 '/edgefleet.v1.OperatorService/ListDeployments',
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListDeploymentsRequest.SerializeToString,
@@ -339,6 +344,13 @@ class OperatorServiceServicer:
         """Deployments: assign a model version to devices directly (each gets its
         class's artifact), and the per-device history of what their agents did.
         Rollouts drive the same assignments in stages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnassignModel(self, request, context):
+        """Removes a model from devices; their other models are untouched.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -595,6 +607,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.AssignModel,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.AssignModelRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.AssignModelResponse.SerializeToString,
+            ),
+            'UnassignModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnassignModel,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.UnassignModelRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.UnassignModelResponse.SerializeToString,
             ),
             'ListDeployments': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeployments,
@@ -1115,6 +1132,33 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/AssignModel',
             edgefleet_dot_v1_dot_operator__pb2.AssignModelRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.AssignModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnassignModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/UnassignModel',
+            edgefleet_dot_v1_dot_operator__pb2.UnassignModelRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.UnassignModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,8 @@ class OperatorServiceStub:
     class's artifact), and the per-device history of what their agents did.
     Rollouts drive the same assignments in stages.
     """
+    UnassignModel: _grpc.UnaryUnaryMultiCallable[_operator_pb2.UnassignModelRequest, _operator_pb2.UnassignModelResponse]
+    """Removes a model from devices; their other models are untouched."""
     ListDeployments: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListDeploymentsRequest, _operator_pb2.ListDeploymentsResponse]
     CreateDeviceClass: _grpc.UnaryUnaryMultiCallable[_operator_pb2.CreateDeviceClassRequest, _common_pb2.DeviceClass]
     """Device classes."""
@@ -132,6 +134,8 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     class's artifact), and the per-device history of what their agents did.
     Rollouts drive the same assignments in stages.
     """
+    UnassignModel: _aio.UnaryUnaryMultiCallable[_operator_pb2.UnassignModelRequest, _operator_pb2.UnassignModelResponse]  # type: ignore[assignment]
+    """Removes a model from devices; their other models are untouched."""
     ListDeployments: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListDeploymentsRequest, _operator_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
     CreateDeviceClass: _aio.UnaryUnaryMultiCallable[_operator_pb2.CreateDeviceClassRequest, _common_pb2.DeviceClass]  # type: ignore[assignment]
     """Device classes."""
@@ -284,6 +288,14 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         class's artifact), and the per-device history of what their agents did.
         Rollouts drive the same assignments in stages.
         """
+
+    @_abc_1.abstractmethod
+    def UnassignModel(
+        self,
+        request: _operator_pb2.UnassignModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.UnassignModelResponse, _abc.Awaitable[_operator_pb2.UnassignModelResponse]]:
+        """Removes a model from devices; their other models are untouched."""
 
     @_abc_1.abstractmethod
     def ListDeployments(

@@ -466,8 +466,8 @@ class Agent:
         )
         stats.power_status = power.status
 
-        def served() -> list[tuple[str, str, float]]:
-            return [(m.name, m.version, m.memory_mb) for m in models.served()]
+        def served() -> list[tuple[str, str]]:
+            return [(m.name, m.version) for m in models.served()]
 
         stats.served = served
         return Serving(models, stats, power)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -40,6 +42,16 @@ class UsageError(Exception):
     """Bad arguments, config or input file: exit status 2."""
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive number of seconds")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Run one inference on the agent running on this device."
@@ -47,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model's name")
     p.add_argument("--input", required=True, type=Path, help=".npz file: one array per input name")
     p.add_argument("--json", action="store_true", help="print the outputs as JSON, in full")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default: %(default)s)")
+    p.add_argument(
+        "--timeout", type=_seconds, default=30.0, help="seconds, > 0 (default: %(default)s)"
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--state-dir", type=Path, help="the agent's state directory")
     where.add_argument(
@@ -144,10 +158,15 @@ def main(argv: Sequence[str]) -> int:
     except OSError as exc:
         print(f"{PROG}: cannot reach the agent at {path}: {exc}", file=sys.stderr)
         return CALL_FAILED
-    if args.json:
-        print(json.dumps(as_json(args.model, result)))
-        return OK
-    print(f"{args.model} {result.model_version}")
-    for name, array in result.outputs.items():
-        print(f"  {name}: {summary(array)}")
+    try:
+        if args.json:
+            print(json.dumps(as_json(args.model, result)))
+            return OK
+        print(f"{args.model} {result.model_version}")
+        for name, array in result.outputs.items():
+            print(f"  {name}: {summary(array)}")
+    except BrokenPipeError:
+        # The reader went away (`| head`): what it read was enough. Point
+        # stdout at nothing so the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return OK

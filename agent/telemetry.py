@@ -29,10 +29,13 @@ such an interval still gets a sample for it, with no requests.
 
 Several models per device: when the daemon passes `served` (the ModelHost's
 active versions), every served model gets one sample per interval, with or
-without requests, and that sample's memory_mb is the model's own memory as
-measured on the device (what loading and warming it added to the process's
-RSS; LoadedModel.memory_mb) where it was measured; otherwise, and in the
-device-level sample, memory_mb is the process RSS.
+without requests, so a rollout's gates hear from a version that apps call
+rarely. Every sample's memory_mb is the agent process's RSS, whatever model
+it is about: the models share one process, and a per-model figure (what
+loading one added to the RSS) is blurred by concurrent loads and by the
+runtime import the first model of a runtime pays. That per-model figure is
+measured where it is sharp, when a version is validated (its peak against
+the class's per-model limit, agent/update/validate.py), and logged at load.
 
 Each sample also carries the resource figures (process RSS and CPU, system
 memory, the hottest temperature sensor and the battery where the platform
@@ -255,18 +258,18 @@ class RequestStats:
         self._shadows: dict[tuple[str, str], _ShadowWindow] = {}
         self._probe = probe if probe is not None else ResourceProbe()
         self.power_status = power_status
-        # (model, version, memory MB) of every served model; set by the
-        # daemon once the model host exists (module docstring).
-        self.served: Callable[[], Sequence[tuple[str, str, float]]] | None = None
+        # (model, version) of every served model; set by the daemon once the
+        # model host exists (module docstring).
+        self.served: Callable[[], Sequence[tuple[str, str]]] | None = None
 
-    def _served(self) -> dict[tuple[str, str], float]:
+    def _served(self) -> set[tuple[str, str]]:
         if self.served is None:
-            return {}
+            return set()
         try:
-            return {(name, version): memory for name, version, memory in self.served()}
+            return set(self.served())
         except Exception:
             log.exception("cannot list the served models for telemetry")
-            return {}
+            return set()
 
     def _power(self) -> tuple[str, int]:
         if self.power_status is None:
@@ -348,10 +351,8 @@ class RequestStats:
         if not windows and not shadows and not served:
             return [device]
         samples = []
-        for key in sorted(windows.keys() | shadows.keys() | served.keys()):
+        for key in sorted(windows.keys() | shadows.keys() | served):
             sample = dataclasses.replace(device, model_name=key[0], model_version=key[1])
-            if served.get(key):
-                sample = dataclasses.replace(sample, memory_mb=served[key])
             window = windows.get(key)
             if window is not None:
                 hist = window.histogram

@@ -22,7 +22,11 @@ four builds. Then, in this process:
    50 % and 100 % of the cohort (`--stages`, cumulative; each stage holds
    the difference), each baking `--bake-s` seconds, no pacing limit, default
    thresholds (every device of a stage committed, no failure). Created as a
-   draft (the planning timed on its own), then started; until it succeeded.
+   draft (the planning timed on its own), then started; until it succeeded;
+4. **two models per device** (skipped with `--one-model`): a second model
+   (the digits CNN) assigned to every device, then the rollout of 3.0.0 as
+   in 3, every device now holding two models; its figures beside the
+   one-model rollout's (goal: no slower).
 
 Figures:
 
@@ -89,6 +93,7 @@ from bench.common import (
     ASSIGN_BATCH,
     CLASSES,
     MODEL,
+    SECOND_MODEL,
     Progress,
     cpu_seconds,
     enroll,
@@ -232,20 +237,32 @@ def _met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def committed(agent: SimAgent, version: str) -> bool:
-    return agent.update_version == version and agent.update_state == "committed"
+def _state(agent: SimAgent, model: str, version: str) -> str | None:
+    """The update state of `model` on `agent` if its assignment is `version`."""
+    held = agent.models.get(model)
+    return str(held.state) if held is not None and held.version == version else None
 
 
-def failed_agents(agents: Sequence[SimAgent], version: str) -> list[SimAgent]:
-    return [a for a in agents if a.update_version == version and a.update_state == "failed"]
+def committed(agent: SimAgent, version: str, model: str = MODEL) -> bool:
+    return _state(agent, model, version) == "committed"
 
 
-def update_line(version: str) -> Callable[[Fleet], str]:
+def failed_agents(agents: Sequence[SimAgent], version: str, model: str = MODEL) -> list[SimAgent]:
+    return [a for a in agents if _state(a, model, version) == "failed"]
+
+
+def reason(agent: SimAgent, model: str = MODEL) -> str:
+    held = agent.models.get(model)
+    return held.reason if held is not None else ""
+
+
+def update_line(version: str, model: str = MODEL) -> Callable[[Fleet], str]:
     def line(fleet: Fleet) -> str:
-        counts = Counter(a.update_state for a in fleet.agents if a.update_version == version)
-        seen = sum(a.update_version == version for a in fleet.agents)
-        states = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        return f"{version} notified {seen}/{len(fleet.agents)} ({states})"
+        states = [_state(a, model, version) for a in fleet.agents]
+        counts = Counter(s for s in states if s is not None)
+        seen = sum(counts.values())
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        return f"{model}@{version} notified {seen}/{len(fleet.agents)} ({shown})"
 
     return line
 
@@ -258,19 +275,20 @@ async def baseline(
     timeout_s: float,
     progress: Progress,
     probe: Probe,
+    model: str = MODEL,
 ) -> dict[str, Any]:
-    """1.0.0 to every device with AssignModel, ASSIGN_BATCH per call, back to
-    back; until all committed."""
+    """`model` 1.0.0 to every device with AssignModel, ASSIGN_BATCH per call,
+    back to back; until all committed."""
     agents = fleet.agents
     ids = [a.device_id for a in agents]
     rss.reset()
     window = Window(server_pid)
     t0 = window.wall0
-    progress.start("baseline", update_line("1.0.0"))
+    progress.start("baseline", update_line("1.0.0", model))
     call_s: list[float] = []
     for start in range(0, len(ids), ASSIGN_BATCH):
         request = operator_pb2.AssignModelRequest(
-            device_ids=ids[start : start + ASSIGN_BATCH], model_name=MODEL,
+            device_ids=ids[start : start + ASSIGN_BATCH], model_name=model,
             model_version="1.0.0", reason="bench baseline",
         )  # fmt: skip
         c0 = time.monotonic()
@@ -278,10 +296,10 @@ async def baseline(
         call_s.append(time.monotonic() - c0)
     calls_done = time.monotonic()
     deadline = time.monotonic() + timeout_s
-    while not all(committed(a, "1.0.0") for a in agents):
-        failed = failed_agents(agents, "1.0.0")
+    while not all(committed(a, "1.0.0", model) for a in agents):
+        failed = failed_agents(agents, "1.0.0", model)
         if failed:
-            raise SystemExit(f"{len(failed)} device(s) failed 1.0.0: {failed[0].update_reason}")
+            raise SystemExit(f"{len(failed)} device(s) failed 1.0.0: {reason(failed[0], model)}")
         if time.monotonic() > deadline:
             raise SystemExit(f"baseline: not every device committed within {timeout_s:g} s")
         await asyncio.sleep(POLL_S)
@@ -322,13 +340,14 @@ async def rollout(
     args: argparse.Namespace,
     progress: Progress,
     probe: Probe,
+    version: str = "2.0.0",
 ) -> dict[str, Any]:
-    """2.0.0 through the staged rollout; every figure of the report."""
+    """`version` through the staged rollout; every figure of the report."""
     agents = fleet.agents
     by_id = {a.device_id: a for a in agents}
     reach = args.stages
     spec = operator_pb2.RolloutSpec(
-        model_name=MODEL, model_version="2.0.0", class_names=list(CLASSES)
+        model_name=MODEL, model_version=version, class_names=list(CLASSES)
     )
     for i, percent in enumerate(reach):
         stage = spec.stages.add(name=f"{percent:g}%")
@@ -358,7 +377,7 @@ async def rollout(
     rss.reset()
     window = Window(server_pid)
     t0 = window.wall0
-    progress.start("rollout", update_line("2.0.0"))
+    progress.start("rollout", update_line(version))
     await asyncio.to_thread(op.StartRollout, operator_pb2.RolloutActionRequest(id=rollout_id))
 
     start_call_s = time.monotonic() - t0
@@ -371,11 +390,11 @@ async def rollout(
         while True:
             now = time.monotonic()
             for i, stage_agents in enumerate(stages):
-                if all_committed[i] is None and all(committed(a, "2.0.0") for a in stage_agents):
+                if all_committed[i] is None and all(committed(a, version) for a in stage_agents):
                     all_committed[i] = now
-            failed = failed_agents(members, "2.0.0")
+            failed = failed_agents(members, version)
             if failed:
-                raise SystemExit(f"{len(failed)} device(s) failed 2.0.0: {failed[0].update_reason}")
+                raise SystemExit(f"{len(failed)} device(s) failed {version}: {reason(failed[0])}")
             await asyncio.sleep(POLL_S)
 
     entries: dict[int, Any] = {}
@@ -440,7 +459,7 @@ async def rollout(
         seen = sorted(a.assignment_seen_at for a in stage_agents)
         first, last = seen[0], seen[-1]
         install_hi = max(
-            profile.behaviour(a.profile_class.name, "2.0.0").install_s[1] for a in stage_agents
+            profile.behaviour(a.profile_class.name, version).install_s[1] for a in stage_agents
         )
         stage_end = started[i + 1] if i + 1 < len(stages) else end
         committed_at = all_committed[i] or seen_end
@@ -558,6 +577,29 @@ def report(results: dict[str, Any]) -> None:
             f"{peaks['server_tree'] / mb:.0f} ({peaks['server_main'] / mb:.0f}) | "
             f"{res['bench_cores']:.2f} | {peaks['bench'] / mb:.0f} | {_probe(phase)} |"
         )
+    two = results.get("rollout_two_models")
+    if two is not None:
+        one_rate = roll["rate_window_per_min"] or math.inf
+        two_rate = two["rate_window_per_min"] or math.inf
+        slower = two["overhead_s"] - roll["overhead_s"]
+        print(
+            f"\nevery device holding two models ({MODEL} and {SECOND_MODEL}), rollout of 3.0.0 "
+            f"vs the one-model rollout of 2.0.0 above:"
+        )
+        print("| | one model | two models | ratio |\n|---|---:|---:|---:|")
+        print(f"| notification rate (window) | {_rate(one_rate)} | {_rate(two_rate)} | "
+              f"{two_rate / one_rate:.2f} |")  # fmt: skip
+        print(f"| overhead beyond bakes and installs s | {roll['overhead_s']:.1f} | "
+              f"{two['overhead_s']:.1f} | - |")  # fmt: skip
+        print(f"| wall s | {roll['wall_s']:.1f} | {two['wall_s']:.1f} | "
+              f"{two['wall_s'] / roll['wall_s']:.2f} |")  # fmt: skip
+        print(f"| control plane cores | {roll['resources']['server_cores']:.2f} | "
+              f"{two['resources']['server_cores']:.2f} | - |")  # fmt: skip
+        print(
+            f"  goal: no slower with two models: overhead {slower:+.1f} s, rate "
+            f"{two_rate / one_rate:.2f}x: {_met(slower <= 5.0 and two_rate >= 0.9 * one_rate)} "
+            "(within 5 s and 10 %: the run-to-run noise of one machine)"
+        )
     stats = results["fleet"]["stats"]
     print(
         f"\nfleet: {stats['telemetry_uploads']:,} telemetry uploads, "
@@ -596,8 +638,8 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         op = operator_stub(address, ADMIN_TOKEN)
         wait_for(lambda: healthy(op), 60, what="the control plane")
         t0 = time.monotonic()
-        token = setup(op, root)
-        print(f"classes, 2 versions pushed and built in {time.monotonic() - t0:.1f} s", flush=True)
+        token = setup(op, root, second_model=args.two_models)
+        print(f"classes and versions pushed and built in {time.monotonic() - t0:.1f} s", flush=True)
         profile = make_profile(args.heartbeat_s, args.telemetry_s)
         fleet = Fleet(
             address, token, profile, n=args.agents, prefix=f"ro{uuid.uuid4().hex[:6]}",
@@ -635,6 +677,17 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         results["rollout"] = await rollout(
             op, fleet, profile, server.pid, rss, args, progress, probe
         )
+        if args.two_models:
+            await asyncio.sleep(args.settle_s)
+            print(f"a second model on every device: AssignModel {SECOND_MODEL} 1.0.0", flush=True)
+            results["second_model"] = await baseline(
+                op, fleet, server.pid, rss, args.timeout_s, progress, probe, model=SECOND_MODEL
+            )
+            await asyncio.sleep(args.settle_s)
+            print(f"rollout: 3.0.0, every device also holding {SECOND_MODEL}", flush=True)
+            results["rollout_two_models"] = await rollout(
+                op, fleet, profile, server.pid, rss, args, progress, probe, version="3.0.0"
+            )
         probe.stop()
         results["fleet"] = fleet.summary().to_dict()
         return results
@@ -702,6 +755,12 @@ def main() -> None:
     parser.add_argument("--seed", default="bench-rollout", help="the fleet's random seed")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--keep", type=Path, help="copy the control plane's data dir here")
+    parser.add_argument(
+        "--one-model",
+        dest="two_models",
+        action="store_false",
+        help=f"skip the second rollout (3.0.0 with every device also holding {SECOND_MODEL})",
+    )
     parser.add_argument("--smoke", action="store_true", help="CI's run of seconds (SMOKE)")
     args = parser.parse_args()
     if args.smoke:

@@ -35,6 +35,8 @@ from edgefleet.v1 import common_pb2, operator_pb2
 BIN = Path(sys.executable).parent
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # a throwaway server's token
 MODEL = "digits"
+# The model every device also holds in bench_rollout's two-model rollout.
+SECOND_MODEL = "digits-cnn"
 # AssignModel takes at most this many devices per call (MAX_DEVICES_PER_CALL).
 ASSIGN_BATCH = 1_000
 # Device class -> the arch its match rule selects.
@@ -188,14 +190,16 @@ def healthy(op: Any) -> bool:
     return True
 
 
-def push_model(op: Any, version: str, model: Path, sample_data: Path) -> None:
+def push_model(
+    op: Any, version: str, model: Path, sample_data: Path, model_name: str = MODEL
+) -> None:
     """PushModel: the header, then each part in 1 MiB chunks."""
     parts = {
         operator_pb2.MODEL_PART_MODEL: model.read_bytes(),
         operator_pb2.MODEL_PART_SAMPLE_DATA: sample_data.read_bytes(),
     }
     header = operator_pb2.PushModelHeader(
-        model_name=MODEL,
+        model_name=model_name,
         version=version,
         parts=[
             operator_pb2.PartDeclaration(
@@ -215,9 +219,11 @@ def push_model(op: Any, version: str, model: Path, sample_data: Path) -> None:
     op.PushModel(requests())
 
 
-def setup(op: Any, root: Path) -> str:
-    """Classes, both versions pushed and built; an enrollment token."""
-    from edgefleet.demo.models import build_digits_classifier
+def setup(op: Any, root: Path, *, second_model: bool = False) -> str:
+    """Classes, both versions pushed and built; an enrollment token. With
+    `second_model`, also 3.0.0 and SECOND_MODEL 1.0.0 (a second model for
+    every device to hold while MODEL rolls out)."""
+    from edgefleet.demo.models import build_digits_classifier, build_small_cnn
 
     for name, arch in CLASSES.items():
         op.CreateDeviceClass(
@@ -229,10 +235,14 @@ def setup(op: Any, root: Path) -> str:
                 ],
             )
         )
-    for seed, version in enumerate(("1.0.0", "2.0.0")):
+    versions = ("1.0.0", "2.0.0", "3.0.0") if second_model else ("1.0.0", "2.0.0")
+    for seed, version in enumerate(versions):
         built = build_digits_classifier(root / version, seed=seed)
         push_model(op, version, built.model, built.sample_data)
-    expected = len(CLASSES) * 2
+    if second_model:
+        cnn = build_small_cnn(root / SECOND_MODEL)
+        push_model(op, "1.0.0", cnn.model, cnn.sample_data, model_name=SECOND_MODEL)
+    expected = len(CLASSES) * (len(versions) + second_model)
     terminal = {operator_pb2.BUILD_STATE_SUCCEEDED, operator_pb2.BUILD_STATE_FAILED}
 
     def finished() -> list[Any] | None:

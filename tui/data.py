@@ -152,6 +152,7 @@ class DeviceClass:
     max_model_size_mb: float | None = None
     latency_budget_p95_ms: float | None = None
     max_memory_mb: float | None = None
+    device_memory_mb: float | None = None
     min_accuracy_retention: float | None = None
     accelerator: str = ""
     threads: int | None = None
@@ -175,6 +176,7 @@ class ClassDraft:
     max_size_mb: str = ""
     latency_budget_ms: str = ""
     max_memory_mb: str = ""
+    device_memory_mb: str = ""
     min_accuracy_retention: str = ""
     accelerator: str = ""
     threads: str = ""

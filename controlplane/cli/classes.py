@@ -39,7 +39,15 @@ def _class_options(*, create: bool) -> Callable[[F], F]:
         ),
         click.option("--max-size-mb", type=positive, help="Largest artifact allowed."),
         click.option("--latency-budget-ms", type=positive, help="p95 latency budget."),
-        click.option("--max-memory-mb", type=positive, help="Peak inference memory allowed."),
+        click.option(
+            "--max-memory-mb", type=positive, help="Peak inference memory allowed per model."
+        ),
+        click.option(
+            "--device-memory-mb",
+            type=positive,
+            help="Memory budget for all the models a device holds together (their builds' "
+            "measured memory, summed); an assignment past it is refused.",
+        ),
         enum_option(
             "--quantization",
             wrapper=common_pb2.Quantization,

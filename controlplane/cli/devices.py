@@ -285,9 +285,17 @@ def devices_unassign(
 
     Each device's agent unloads the model once its in-flight requests are
     done. Devices that do not hold MODEL are listed as not assigned (not an
-    error); an unknown device fails the whole call and nothing is removed."""
+    error); an unknown device or model, a device an active rollout of MODEL
+    holds, or one whose agent speaks the one-model protocol fails the whole
+    call and nothing is removed."""
+    if not model_name.strip():
+        usage_error("MODEL is empty: name the model to remove, e.g. digits")
     if "@" in model_name:
-        usage_error(f"give the model name only, not a version: {model_name.partition('@')[0]}")
+        name = model_name.partition("@")[0]
+        usage_error(
+            f"unassign takes a model name, not MODEL@VERSION (a device holds one version "
+            f"of each model): edgefleet devices unassign {name} ID..."
+        )
     response = env.stub.UnassignModel(
         operator_pb2.UnassignModelRequest(
             device_ids=_resolve_ids(env, device_ids), model_name=model_name, reason=reason

@@ -82,6 +82,8 @@ def format_constraints(c: common_pb2.ConstraintProfile) -> str:
         parts.append(f"p95<={c.latency_budget_p95_ms:g} ms")
     if c.HasField("max_memory_mb"):
         parts.append(f"mem<={c.max_memory_mb:g} MiB")
+    if c.HasField("device_memory_mb"):
+        parts.append(f"device mem<={c.device_memory_mb:g} MiB")
     if c.HasField("min_accuracy_retention"):
         parts.append(f"accuracy>={c.min_accuracy_retention:g}")
     if c.accelerator:
@@ -428,6 +430,10 @@ def class_detail(c: common_pb2.DeviceClass) -> RenderableType:
             f"{k.latency_budget_p95_ms:g} ms" if k.HasField("latency_budget_p95_ms") else NONE,
         ),
         ("max memory", f"{k.max_memory_mb:g} MiB" if k.HasField("max_memory_mb") else NONE),
+        (
+            "device memory",
+            f"{k.device_memory_mb:g} MiB (all models)" if k.HasField("device_memory_mb") else NONE,
+        ),
         (
             "min accuracy",
             f"{k.min_accuracy_retention:g} of fp32"

@@ -256,19 +256,11 @@ def assign_devices(
         values: dict[str, dict[str, Any]] = {}
         for device_id, state, class_id, seq, revision, protocol, budget, class_name in rows:
             found = _artifact(session, state, class_id, mv.id, cache)
-            others = held.others.get(device_id, [])
             if not isinstance(found, str):
-                if protocol == ONE_MODEL_PROTOCOL and others:
-                    found = (
-                        f"its agent speaks the one-model protocol and already holds "
-                        f"{', '.join(o.label for o in others)}; upgrade the agent to give "
-                        "it a second model"
-                    )
-                elif budget is not None:
-                    found = _over_budget(
-                        session, found, f"{model_name}@{mv.version}", others, budget,
-                        class_name or "", memory,
-                    ) or found  # fmt: skip
+                found = _cannot_hold(
+                    session, found, f"{model_name}@{mv.version}", held.others.get(device_id, []),
+                    protocol, budget, class_name or "", memory,
+                ) or found  # fmt: skip
             if isinstance(found, str):
                 result[device_id] = found
                 continue
@@ -351,6 +343,111 @@ def _held(session: Session, device_ids: list[str], model_id: str) -> _Held:
         else:
             others.setdefault(device_id, []).append(_Other(f"{name}@{version}", artifact_id))
     return _Held(versions, others)
+
+
+def _cannot_hold(
+    session: Session,
+    artifact: ArtifactRow,
+    label: str,
+    others: list[_Other],
+    protocol: int,
+    budget: float | None,
+    class_name: str,
+    memory: dict[str, float],
+) -> str | None:
+    """Why a device cannot hold `artifact` (`label`: name@version) beside
+    its `others` (None: it can): its agent's one-model protocol, or its
+    class's memory budget. `memory` caches artifact MB by id."""
+    if protocol == ONE_MODEL_PROTOCOL and others:
+        return (
+            f"its agent speaks the one-model protocol and already holds "
+            f"{', '.join(o.label for o in others)}; upgrade the agent to give it a second model"
+        )
+    if budget is not None:
+        return _over_budget(session, artifact, label, others, budget, class_name, memory)
+    return None
+
+
+def holding_refusals(
+    session: Session, devices: Sequence[DeviceRow], mv: ModelVersionRow, model_name: str
+) -> dict[str, str]:
+    """The devices of `devices` that could not hold `mv` beside their other
+    models, with why: the checks assign_devices makes, for a rollout's plan
+    (and its dry run) to leave such devices out up front rather than have
+    them rejected when notified. Devices with no artifact of `mv` are the
+    caller's to exclude (artifact_for)."""
+    held = _held(session, [d.id for d in devices], mv.model_id)
+    classes = {
+        class_id: (budget, name)
+        for class_id, budget, name in session.execute(
+            select(DeviceClassRow.id, DeviceClassRow.device_memory_mb, DeviceClassRow.name)
+        )
+    }
+    memory: dict[str, float] = {}
+    artifacts: dict[tuple[str, str], ArtifactRow | str] = {}
+    refused: dict[str, str] = {}
+    for device in devices:
+        found = _artifact(session, device.state, device.class_id, mv.id, artifacts)
+        if isinstance(found, str):
+            continue
+        budget, class_name = classes.get(device.class_id or "", (None, ""))
+        reason = _cannot_hold(
+            session, found, f"{model_name}@{mv.version}", held.others.get(device.id, []),
+            device.agent_protocol, budget, class_name, memory,
+        )  # fmt: skip
+        if reason is not None:
+            refused[device.id] = reason
+    return refused
+
+
+def revert_targets(
+    session: Session, device_ids: Sequence[str], model_id: str
+) -> dict[str, str | None]:
+    """Per device, the version of the model a revert goes back to (its
+    model_versions id; None: remove the model): the version the device
+    reports serving, not merely the one assigned, since an assignment whose
+    update failed left the device on its old version (and a revert to the
+    failed one would install the very version being backed out). A device
+    that never reported the model goes back to its assignment."""
+    model_name = session.get_one(ModelRow, model_id).name
+    ids = list(device_ids)
+    assigned: dict[str, str] = {}
+    statuses: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = padded(ids[start : start + _IN_CHUNK])
+        # Pairs, not the Result itself: dict.update reads an object with
+        # .keys() (as a Result has) as a mapping.
+        assigned.update(
+            (device_id, version_id)
+            for device_id, version_id in session.execute(
+                select(DeviceAssignmentRow.device_id, DeviceAssignmentRow.model_version_id).where(
+                    DeviceAssignmentRow.device_id.in_(chunk),
+                    DeviceAssignmentRow.model_id == model_id,
+                )
+            )
+        )
+        for device_id, reported in session.execute(
+            select(DeviceRow.id, DeviceRow.update_status).where(DeviceRow.id.in_(chunk))
+        ):
+            status = (reported or {}).get(model_name)
+            if isinstance(status, dict):
+                statuses[device_id] = status
+    version_ids = {
+        version: version_id
+        for version, version_id in session.execute(
+            select(ModelVersionRow.version, ModelVersionRow.id).where(
+                ModelVersionRow.model_id == model_id
+            )
+        )
+    }
+    targets: dict[str, str | None] = {}
+    for device_id in ids:
+        status = statuses.get(device_id)
+        if status is None:
+            targets[device_id] = assigned.get(device_id)
+        else:
+            targets[device_id] = version_ids.get(str(status.get("active_model_version") or ""))
+    return targets
 
 
 def artifact_memory_mb(manifest: bytes) -> float:
@@ -680,7 +777,9 @@ class DeploymentService:
         """Remove `model_name` from every device in `device_ids`; their other
         models are untouched. All or nothing: an unknown device (NOT_FOUND)
         or one an active rollout of the model holds (FAILED_PRECONDITION,
-        naming the rollout) removes nothing."""
+        naming the rollout), or one whose agent speaks the one-model protocol
+        and holds the model (FAILED_PRECONDITION: it would keep serving it)
+        removes nothing."""
         ids = list(dict.fromkeys(device_ids))
         if not ids:
             raise InvalidArgument("name at least one device to unassign from")
@@ -694,17 +793,27 @@ class DeploymentService:
             if model is None:
                 raise NotFound(f"no model named {model_name!r}")
             known: set[str] = set()
+            old_agents: list[str] = []
             for start in range(0, len(ids), _IN_CHUNK):
-                known.update(
-                    session.scalars(
-                        select(DeviceRow.id).where(
-                            DeviceRow.id.in_(padded(ids[start : start + _IN_CHUNK]))
-                        )
-                    )
-                )
+                chunk = padded(ids[start : start + _IN_CHUNK])
+                for device_id, protocol in session.execute(
+                    select(DeviceRow.id, DeviceRow.agent_protocol).where(DeviceRow.id.in_(chunk))
+                ):
+                    known.add(device_id)
+                    if protocol == ONE_MODEL_PROTOCOL:
+                        old_agents.append(device_id)
             missing = [i for i in ids if i not in known]
             if missing:
                 raise NotFound(f"no device with id {', '.join(repr(i) for i in missing)}")
+            # A one-model agent never unloads its model (it only replaces it):
+            # removing the assignment would show it gone while it serves on.
+            holding = _held(session, old_agents, model.id).versions
+            if holding:
+                raise FailedPrecondition(
+                    f"cannot unassign {model_name}: the agent of {len(holding)} of the devices "
+                    f"speaks the one-model protocol, which cannot unload a model, nothing was "
+                    f"unassigned: {', '.join(sorted(holding))}; upgrade those agents first"
+                )
             busy = _rolling_out(session, ids, model.id)
             if busy:
                 listed = "; ".join(
@@ -806,15 +915,16 @@ class DeploymentService:
             session = uow.session
             ids = list(reports)
             previous: dict[str, dict[str, Any]] = {}
+            one_model: set[str] = set()
             for start in range(0, len(ids), _IN_CHUNK):
-                previous.update(
-                    (device_id, dict(status or {}))
-                    for device_id, status in session.execute(
-                        select(DeviceRow.id, DeviceRow.update_status).where(
-                            DeviceRow.id.in_(padded(ids[start : start + _IN_CHUNK]))
-                        )
+                for device_id, status, protocol in session.execute(
+                    select(DeviceRow.id, DeviceRow.update_status, DeviceRow.agent_protocol).where(
+                        DeviceRow.id.in_(padded(ids[start : start + _IN_CHUNK]))
                     )
-                )
+                ):
+                    previous[device_id] = dict(status or {})
+                    if protocol == ONE_MODEL_PROTOCOL:
+                        one_model.add(device_id)
             revisions: list[dict[str, Any]] = []
             statuses: list[dict[str, Any]] = []
             events: list[dict[str, Any]] = []
@@ -840,6 +950,11 @@ class DeploymentService:
                         events.append(event)
                         added = True
                     stored = True
+                    if device_id in one_model:
+                        # A one-model agent's report is about the one model
+                        # it holds: whatever it held before is gone.
+                        for other in [m for m in models if m != name]:
+                            del models[other]
                     if _holds_nothing(status):
                         # The agent unloaded the model (an unassign): it is
                         # no longer the device's, only its history keeps it.

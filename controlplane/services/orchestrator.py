@@ -53,7 +53,6 @@ from sqlalchemy.orm import Session
 from edgefleet.controlplane.db.bulk import insert_rows, update_rows
 from edgefleet.controlplane.db.models import (
     ArtifactRow,
-    DeviceAssignmentRow,
     DeviceClassRow,
     DeviceRow,
     ModelVersionRow,
@@ -81,7 +80,11 @@ from edgefleet.controlplane.domain.rollouts import (
     should_retry,
 )
 from edgefleet.controlplane.services import audit
-from edgefleet.controlplane.services.deployments import assign_devices, unassign_devices
+from edgefleet.controlplane.services.deployments import (
+    assign_devices,
+    revert_targets,
+    unassign_devices,
+)
 from edgefleet.controlplane.services.devices import EventSink
 from edgefleet.controlplane.services.events import FleetEvent
 from edgefleet.controlplane.services.rollouts import (
@@ -582,12 +585,7 @@ class _Driver:
                 artifact_reasons=reasons,
             ):  # fmt: skip
                 continue
-            previous = self.session.scalar(
-                select(DeviceAssignmentRow.model_version_id).where(
-                    DeviceAssignmentRow.device_id == device.id,
-                    DeviceAssignmentRow.model_id == self.mv.model_id,
-                )
-            )
+            previous = revert_targets(self.session, [device.id], self.mv.model_id)[device.id]
             late = Member(
                 device_id=device.id, class_name=classes.get(device.class_id or "", ""),
                 stage=stage, state=WAITING, reason="joined while the rollout ran", attempts=0,

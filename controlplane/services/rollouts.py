@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session
 from edgefleet.controlplane.db.bulk import insert_rows
 from edgefleet.controlplane.db.in_list import padded
 from edgefleet.controlplane.db.models import (
-    DeviceAssignmentRow,
     DeviceClassRow,
     DeviceRow,
+    ModelRow,
     ModelVersionRow,
     RolloutDeviceRow,
     RolloutRow,
@@ -40,7 +40,11 @@ from edgefleet.controlplane.domain.rollout_spec import RolloutSpec, SpecError
 from edgefleet.controlplane.domain.rollouts import CohortDevice, plan_stages
 from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit
-from edgefleet.controlplane.services.deployments import artifact_for
+from edgefleet.controlplane.services.deployments import (
+    artifact_for,
+    holding_refusals,
+    revert_targets,
+)
 from edgefleet.controlplane.services.devices import ACCEPTED, EventSink
 from edgefleet.controlplane.services.events import FleetEvent
 from edgefleet.controlplane.services.registry import require_version
@@ -218,20 +222,20 @@ class RolloutService:
                 members.append(device)
             else:
                 excluded.append(Excluded(device.id, device.name, reason))
+        # What notifying them would refuse anyway (a full memory budget, an
+        # old one-model agent): left out now, so the plan and its dry run
+        # say so instead of the rollout rejecting them later.
+        model_name = session.get_one(ModelRow, mv.model_id).name
+        refused = holding_refusals(session, members, mv, model_name)
+        if refused:
+            excluded += [Excluded(d.id, d.name, refused[d.id]) for d in members if d.id in refused]
+            members = [d for d in members if d.id not in refused]
         cohort = [CohortDevice(d.id, classes.get(d.class_id or "", "")) for d in members]
         stages = plan_stages(cohort, [s.size for s in spec.stages])
         by_id = {d.id: d for d in members}
-        # The model's version each device holds (not its other models'):
+        # The model's version each device serves (not its other models'):
         # what a revert of this rollout goes back to.
-        previous = {
-            row.device_id: row.model_version_id
-            for row in session.scalars(
-                select(DeviceAssignmentRow).where(
-                    DeviceAssignmentRow.device_id.in_(padded(list(by_id))),
-                    DeviceAssignmentRow.model_id == mv.model_id,
-                )
-            )
-        }
+        previous = revert_targets(session, list(by_id), mv.model_id)
         planned = [
             PlannedDevice(
                 device_id,

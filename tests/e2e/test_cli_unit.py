@@ -669,7 +669,9 @@ def test_devices_unassign_errors(fake: tuple[FakeOperator, str]) -> None:
     servicer, address = fake
     result = invoke("devices", "unassign", "vad@5.0.0", DEVICE_ID, server=address)
     assert result.exit_code == 2
-    assert "model name only" in result.stderr
+    assert "not MODEL@VERSION" in result.stderr and "devices unassign vad ID" in result.stderr
+    result = invoke("devices", "unassign", " ", DEVICE_ID, server=address)
+    assert result.exit_code == 2 and "MODEL is empty" in result.stderr
     assert invoke("devices", "unassign", "vad", server=address).exit_code == 2  # no device
     result = invoke("devices", "unassign", "vad", "f" * 16, server=address)
     assert result.exit_code == 1

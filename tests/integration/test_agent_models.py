@@ -67,6 +67,10 @@ def test_the_predict_command_calls_the_agents_socket(
         argv[4] = str(empty)
         assert main(argv) == 1
         assert "INVALID_ARGUMENT" in capsys.readouterr().err
+        # A deadline that has passed before the call is a usage error.
+        for timeout in ("0", "-1", "nan"):
+            assert main([*argv, "--timeout", timeout]) == 2
+            assert "positive number of seconds" in capsys.readouterr().err
     finally:
         server.stop(0)
         rig.stop()

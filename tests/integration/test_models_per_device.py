@@ -150,6 +150,27 @@ async def test_each_protocol_gets_its_view_and_one_model_agents_get_one_model(
         # Replacing the old agent's one model is fine.
         assert await _assign(op, [old.device_id], "digits", "2.0.0") == [2]
         assert (await old_stream.desired()).assignment.model_version == "2.0.0"
+        # Unassigning it is not: a one-model agent never unloads its model.
+        err = await _refused(op.UnassignModel(
+            o.UnassignModelRequest(device_ids=[old.device_id, new.device_id],
+                                   model_name="digits"), metadata=ADMIN,
+        ))  # fmt: skip
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert old.device_id in (err.details() or "") and "one-model" in (err.details() or "")
+        device = await op.GetDevice(o.GetDeviceRequest(id=new.device_id), metadata=ADMIN)
+        assert [m.model_name for m in device.models] == ["digits"]  # nothing removed
+        # What a one-model agent reports is the one model it holds: a report
+        # of another model replaces what it reported before.
+        service = DeploymentService(cp.db, _NoEvents())
+        for name in ("digits", SECOND):
+            status = {"state": "committed", "sequence": 2, "model_name": name,
+                      "active_model_version": "1.0.0"}  # fmt: skip
+            await asyncio.to_thread(
+                service.record_statuses, {old.device_id: StatusReport(3, [status])}
+            )
+        old_device = await op.GetDevice(o.GetDeviceRequest(id=old.device_id), metadata=ADMIN)
+        reported = {m.model_name: m.HasField("status") for m in old_device.models}
+        assert reported == {"digits": False, SECOND: True}, old_device.models
 
         # The other two take it (a device that never connected is allowed).
         assert await _assign(op, [new.device_id, never], SECOND) == [2, 2]
@@ -227,7 +248,13 @@ async def test_reports_of_unassigned_models_are_kept_but_bounded(
     try:
         device_id = (await enroll(channel, op, "hw-1", "aarch64")).device_id
         service = DeploymentService(cp.db, _NoEvents())
-        statuses = [{"state": "idle", "sequence": 0, "model_name": f"m{i:02}"} for i in range(40)]
+        statuses = [
+            {"state": "committed", "sequence": 1, "model_name": f"m{i:02}",
+             "active_model_version": "1.0.0"}
+            for i in range(40)
+        ]  # fmt: skip
+        # (An idle status with nothing active says the agent unloaded the
+        # model: that one is not kept, see the e2e unassign test.)
         await asyncio.to_thread(service.record_statuses, {device_id: StatusReport(3, statuses)})
         device = await op.GetDevice(o.GetDeviceRequest(id=device_id), metadata=ADMIN)
         assert [m.model_name for m in device.models] == [f"m{i:02}" for i in range(32)]
@@ -277,6 +304,19 @@ async def test_the_device_memory_budget_refuses_what_does_not_fit(
         assert twin not in details  # its class sets no budget
         device = await op.GetDevice(o.GetDeviceRequest(id=twin), metadata=ADMIN)
         assert [m.model_name for m in device.models] == ["digits"]  # all or nothing
+        # A rollout's plan (and its dry run) leaves the device out up front,
+        # with the same reason, rather than rejecting it when notified.
+        cp.services.devices.touch({i: dt.datetime.now(dt.UTC) for i in (arm, twin)})  # online
+        plan = await op.CreateRollout(o.CreateRolloutRequest(
+            spec=o.RolloutSpec(model_name=SECOND, model_version="1.0.0",
+                               class_names=["arm", "arm-twin"],
+                               stages=[o.StageSpec(percent=100.0)]),
+            dry_run=True,
+        ), metadata=ADMIN)  # fmt: skip
+        assert [p.device_id for p in plan.planned] == [twin]
+        (excluded,) = plan.excluded
+        assert excluded.device_id == arm
+        assert "over the 1.5 MB device memory budget of class arm" in excluded.reason
     finally:
         await channel.close()
 
@@ -321,6 +361,47 @@ async def test_rollouts_of_two_models_share_devices_but_not_one_model(
         ))  # fmt: skip
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert other.rollout.id in (err.details() or "")
+    finally:
+        await channel.close()
+
+
+async def test_a_revert_goes_back_to_the_version_a_device_serves(
+    cp: ControlPlane, digits: BuiltModel
+) -> None:
+    """Found by a stranger's try: a device assigned 2.0.0 whose update failed
+    still serves 1.0.0; backing out a rollout must put it on 1.0.0, never on
+    the failed 2.0.0 (which would install the version being backed out)."""
+    from edgefleet.controlplane.db.models import ModelRow, ModelVersionRow
+    from edgefleet.controlplane.services.deployments import revert_targets
+
+    op, channel = await _two_models(cp, digits)
+    try:
+        failed, fresh, empty = [
+            (await enroll(channel, op, f"hw-{i}", "aarch64")).device_id for i in range(3)
+        ]
+        await _assign(op, [failed, fresh, empty], "digits", "2.0.0")
+        service = DeploymentService(cp.db, _NoEvents())
+        reports = {
+            failed: {"state": "failed", "sequence": 1, "model_name": "digits",
+                     "active_model_version": "1.0.0", "reason": "bad bytes"},
+            empty: {"state": "failed", "sequence": 1, "model_name": "digits",
+                    "active_model_version": "", "reason": "bad bytes"},
+        }  # fmt: skip
+        await asyncio.to_thread(
+            service.record_statuses, {d: StatusReport(3, [s]) for d, s in reports.items()}
+        )
+        with cp.db.unit_of_work(readonly=True) as uow:
+            model = uow.session.scalars(sa.select(ModelRow).where(ModelRow.name == "digits")).one()
+            versions = {
+                v.id: v.version
+                for v in uow.session.scalars(
+                    sa.select(ModelVersionRow).where(ModelVersionRow.model_id == model.id)
+                )
+            }
+            targets = revert_targets(uow.session, [failed, fresh, empty], model.id)
+        named = {d: versions.get(t) if t else None for d, t in targets.items()}
+        # Served 1.0.0; never reported (its assignment); serves nothing (remove).
+        assert named == {failed: "1.0.0", fresh: "2.0.0", empty: None}
     finally:
         await channel.close()
 

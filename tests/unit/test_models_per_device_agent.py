@@ -352,17 +352,17 @@ def test_statuses_are_batched_with_one_status_per_model_per_message() -> None:
     ]
 
 
-def test_every_served_model_gets_a_sample_with_its_own_memory() -> None:
+def test_every_served_model_gets_a_sample_with_the_process_memory() -> None:
     from edgefleet.agent.telemetry import RequestStats, Resources
 
     stats = RequestStats(probe=lambda: Resources(memory_mb=500.0))
-    stats.served = lambda: [("alpha", "1.0.0", 12.5), ("beta", "2.0.0", 0.0)]
+    stats.served = lambda: [("alpha", "1.0.0"), ("beta", "2.0.0")]
     stats.record("beta", "2.0.0", 0.01, "ok")
     import datetime as dt
 
     samples = stats.snapshot_and_reset(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert [(s.model_name, s.model_version, s.request_count, s.memory_mb) for s in samples] == [
-        ("alpha", "1.0.0", 0, 12.5),
-        # Not measured (0): the process RSS, as before.
+        # A sample even without requests; the memory is the process's.
+        ("alpha", "1.0.0", 0, 500.0),
         ("beta", "2.0.0", 1, 500.0),
     ]

@@ -1,5 +1,5 @@
 """One device: hardware, runtimes, every model it holds (versions, update
-state, progress or last failure, the standby kept for each), labels, the
+state, progress or last failure, the version it committed before), labels, the
 deployment history per model with reasons, and its telemetry."""
 
 from __future__ import annotations
@@ -34,20 +34,21 @@ def _grid(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
-def standby_version(model: DeviceModel, history: list[DeploymentEvent]) -> str:
-    """The version of `model` kept to fall back on: the newest one committed
-    before the one it serves (history is newest first)."""
+def earlier_version(model: DeviceModel, history: list[DeploymentEvent]) -> str:
+    """The newest version of `model` the device committed other than the one
+    it serves (history is newest first): what it ran before. Not a loaded
+    standby: the agent drops its standby once an update commits."""
     active = model.serving_version
     return next((e.model_version for e in history if e.model_name == model.name
                  and e.state == "committed" and e.model_version != active), "")  # fmt: skip
 
 
 def models_table(models: tuple[DeviceModel, ...], history: list[DeploymentEvent]) -> Table:
-    """One row per model: assigned and served version, state, standby, and
-    the update in flight or the last failure."""
+    """One row per model: assigned and served version, state, the version
+    committed before, and the update in flight or the last failure."""
     table = Table(title="Models", title_justify="left", box=None, padding=(0, 1),
                   header_style="bold")  # fmt: skip
-    for title in ("model", "assigned", "serving", "state", "standby"):
+    for title in ("model", "assigned", "serving", "state", "before"):
         table.add_column(title, no_wrap=True)
     table.add_column("update", overflow="fold")
     for m in models:
@@ -56,7 +57,7 @@ def models_table(models: tuple[DeviceModel, ...], history: list[DeploymentEvent]
         # Text, not markup: names and reasons come from outside and may hold `[`.
         table.add_row(Text(m.name), Text(m.assigned_version or "(unassigned)"),
                       Text(m.serving_version or "-"), Text(state, style=style),
-                      Text(standby_version(m, history) or "-"), Text(m.detail or "-"))  # fmt: skip
+                      Text(earlier_version(m, history) or "-"), Text(m.detail or "-"))  # fmt: skip
     if not models:
         table.add_row("-", "", "", "", "", "no model assigned")
     return table

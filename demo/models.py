@@ -20,6 +20,17 @@ class BuiltModel:
     accuracy: float
 
 
+def checked_model(graph: onnx.GraphProto, opset: int) -> onnx.ModelProto:
+    """`graph` as a model of `opset` (IR 9, which every runtime here reads),
+    checked in full."""
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgefleet-demo"
+    )
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def mlp_graph(weights: list[np.ndarray], biases: list[np.ndarray], opset: int) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -45,12 +56,7 @@ def mlp_graph(weights: list[np.ndarray], biases: list[np.ndarray], opset: int) -
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgefleet-demo"
-    )
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return checked_model(graph, opset)
 
 
 def build_digits_classifier(out_dir: Path, *, hidden: int = 32, seed: int = 0) -> BuiltModel:
@@ -130,12 +136,7 @@ def cnn_graph(
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgefleet-demo"
-    )
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return checked_model(graph, opset)
 
 
 def build_small_cnn(out_dir: Path, *, seed: int = 0) -> BuiltModel:
@@ -215,12 +216,7 @@ def gru_graph(
         [helper.make_tensor_value_info("forecast", TensorProto.FLOAT, ["batch", len(head_w)])],
         inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgefleet-demo"
-    )
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return checked_model(graph, opset)
 
 
 def sensor_series(count: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

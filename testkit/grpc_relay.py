@@ -46,6 +46,14 @@ def _device_of(metadata: Any) -> str:
     return ""
 
 
+def _sequences(desired: d.DesiredState) -> set[int]:
+    """The assignment sequences a desired state carries, in either field."""
+    found = {a.sequence for a in desired.assignments}
+    if desired.HasField("assignment"):
+        found.add(desired.assignment.sequence)
+    return found
+
+
 def _forwarded(metadata: Any) -> tuple[tuple[str, str], ...]:
     # Only the credential: the rest (user agent, timeouts) is the relay's own.
     return tuple((k, v) for k, v in metadata or () if k == "authorization")
@@ -109,12 +117,13 @@ class GrpcRelay:
 
     def pushed(self, device_id: str, sequence: int) -> d.DesiredState:
         """A copy of the last desired state the control plane pushed to
-        `device_id` with assignment `sequence`."""
+        `device_id` with assignment `sequence` (among its `assignments`, or
+        the singular `assignment` a one-model agent is sent)."""
         with self._lock:
             found = [
                 desired
                 for device, desired in self.recorded
-                if device == device_id and desired.assignment.sequence == sequence
+                if device == device_id and sequence in _sequences(desired)
             ]
         assert found, f"the control plane pushed no assignment {sequence} to {device_id}"
         return d.DesiredState.FromString(found[-1].SerializeToString())

@@ -26,7 +26,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "input   input          float32  [batch, 64]" in out
     # Deployed: the gateway and the Pis serve the model to apps; the Jetson's
     # agent refused its TensorRT artifact (no TensorRT here) and said why.
-    assert any("jetson-dock" in line and "(1.0.0 failed)" in line for line in out.splitlines())
+    assert any("jetson-dock" in line and "digits@1.0.0 (failed)" in line
+               for line in out.splitlines())  # fmt: skip
     assert "runtime tensorrt not available on this device" in out
     for name in ("gateway-1", "pi-kitchen"):
         for model in ("digits", "digits-cnn"):  # both models, side by side on each device
@@ -47,8 +48,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     answered = int(cnn.split("rolled out: ")[1].split(" calls")[0])
     assert answered > 0 and ", 0 failed, versions ['1.0.0']" in cnn, cnn
     ls = out.rsplit("$ edgefleet devices ls", 1)[1].splitlines()
-    assert any("gateway-1" in line and " 1.1.0 " in line for line in ls), ls
-    assert any("pi-kitchen" in line and " 1.0.0 " in line for line in ls), ls
+    assert any("gateway-1" in line and "digits@1.1.0, digits-cnn@1.0.0" in line for line in ls), ls
+    assert any("pi-kitchen" in line and "digits@1.0.0, digits-cnn@1.0.0" in line for line in ls), ls
     # The TUI, headless: a pilot visited every screen over the demo fleet.
     tour = out.split("The operators' TUI", 1)[1]
     for screen in ("[Overview]", "[Devices]", "[DeviceDetail]", "[Classes]", "[Models]",

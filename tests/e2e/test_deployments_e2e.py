@@ -516,7 +516,7 @@ def test_a_shadow_stage_on_a_real_agent_mirrors_traffic_then_promotes(
                         )]),
                         timeout=10,
                     )  # fmt: skip
-                    seen.append((u.model_version, u.state, u.active_model_version,
+                    seen.append((u.model_version, of_status(u), u.active_model_version,
                                  reply.model_version))  # fmt: skip
                 time.sleep(0.05)
 

@@ -141,9 +141,8 @@ def test_a_full_state_disk_keeps_serving_and_the_update_waits(fleet: Fleet, tmp_
             agent.start()
             device_id = str(agent.wait_for(agent.identity)["device_id"])
             agent.wait_for(lambda: _device(fleet, device_id).class_name == CLASS)
-            assert settled(fleet.op, device_id, _assign(fleet, device_id, "1.0.0")).state == (
-                "committed"
-            )
+            first = settled(fleet.op, device_id, _assign(fleet, device_id, "1.0.0"))
+            assert of_status(first) == "committed", first
             assert served(agent) == v1
             pid = agent.proc.pid if agent.proc else 0
 
@@ -192,7 +191,7 @@ def test_a_full_state_disk_keeps_serving_and_the_update_waits(fleet: Fleet, tmp_
             assert temp_files(state) == []
             downloads = sorted(p.name for p in (state / "downloads").iterdir())
             assert downloads == [v1[1]]
-            active = json.loads((state / "active.json").read_text())
+            active = json.loads((state / "models" / MODEL / "active.json").read_text())
             assert active["active"]["digest"] == v1[1]
             desired = agent.desired()
             assert desired is not None and "2.0.0" not in json.dumps(desired)
@@ -242,9 +241,8 @@ def test_an_agent_started_on_a_full_disk_serves_and_catches_up(
             agent.start()
             device_id = str(agent.wait_for(agent.identity)["device_id"])
             agent.wait_for(lambda: _device(fleet, device_id).class_name == CLASS)
-            assert settled(fleet.op, device_id, _assign(fleet, device_id, "1.0.0")).state == (
-                "committed"
-            )
+            first = settled(fleet.op, device_id, _assign(fleet, device_id, "1.0.0"))
+            assert of_status(first) == "committed", first
             fill_to_the_last_byte(filler)
             assert agent.stop() == 0
             sequence = _assign(fleet, device_id, "2.0.0")  # while it is down

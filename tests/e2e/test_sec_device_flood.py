@@ -42,6 +42,7 @@ from edgefleet.controlplane.db.engine import make_engine
 from edgefleet.controlplane.db.models import TelemetryRollupRow, TelemetryRow
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.services import telemetry as telemetry_service
+from edgefleet.controlplane.services.deployments import MULTI_MODEL_PROTOCOL, ONE_MODEL_PROTOCOL
 from edgefleet.controlplane.services.ratelimit import (
     STATUS_BURST,
     STATUS_RATE_PER_S,
@@ -49,7 +50,7 @@ from edgefleet.controlplane.services.ratelimit import (
     STATUS_WRITE_RATE_PER_S,
 )
 from edgefleet.controlplane.services.telemetry import TelemetryService
-from edgefleet.update_state import of_status
+from edgefleet.update_state import of_status, to_wire
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -278,19 +279,28 @@ async def test_rows_stored_before_the_ranges_break_no_query_and_no_rollup(
 REASON = "r" * 16_000  # near the 16,384-character limit of a reason
 
 
-def _report(i: int, state: str | None = None) -> d.AgentMessage:
+def _hello(protocol: int = MULTI_MODEL_PROTOCOL, **fields: Any) -> d.AgentMessage:
+    """A Hello as an agent of `protocol` sends it (the current agent: 2)."""
+    return d.AgentMessage(hello=d.Hello(protocol=protocol, **fields))
+
+
+def _report(
+    i: int, state: str | None = None, protocol: int = MULTI_MODEL_PROTOCOL, reason: str = REASON
+) -> d.AgentMessage:
     """The finding's flood: Downloading and Verifying in turn, each with a
-    16 KB reason, so every report is a new step of the history."""
-    return d.AgentMessage(
-        status=d.StatusReport(
-            applied_revision=1,
-            update=c.UpdateStatus(
-                state=state or ("downloading" if i % 2 == 0 else "verifying"),
-                model_name="m", model_version="1.0.0", sequence=1, reason=REASON,
-                bytes_done=i, bytes_total=10**9,
-            ),
-        )
+    16 KB reason, so every report is a new step of the history. As the
+    current agent reports it (one model's status in StatusReport.models), or
+    as a one-model agent did (StatusReport.update, the state a string)."""
+    name = state or ("downloading" if i % 2 == 0 else "verifying")
+    status = c.UpdateStatus(
+        model_name="m", model_version="1.0.0", sequence=1, reason=reason,
+        bytes_done=i, bytes_total=10**9,
     )  # fmt: skip
+    if protocol < MULTI_MODEL_PROTOCOL:
+        status.legacy_state = name
+        return d.AgentMessage(status=d.StatusReport(applied_revision=1, update=status))
+    status.state = to_wire(name)
+    return d.AgentMessage(status=d.StatusReport(applied_revision=1, models=[status]))
 
 
 def _events(db_url: str, device_id: str) -> int:
@@ -335,7 +345,7 @@ async def test_a_status_flood_is_cut_off_with_bounded_events_and_memory_while_an
 
     # Warm up the server (both streams' code paths) before measuring memory.
     warm = stub.Sync(
-        iter([d.AgentMessage(hello=d.Hello()), _report(0)]),
+        iter([_hello(), _report(0)]),
         metadata=bearer_metadata(victim.device_credential),
     )
     await warm.read()
@@ -348,7 +358,7 @@ async def test_a_status_flood_is_cut_off_with_bounded_events_and_memory_while_an
 
     def flood_messages() -> Iterator[d.AgentMessage]:
         nonlocal sent
-        yield d.AgentMessage(hello=d.Hello(applied_revision=1))
+        yield _hello(applied_revision=1)
         for i in range(5000):
             yield _report(i)
             sent += 1
@@ -374,14 +384,12 @@ async def test_a_status_flood_is_cut_off_with_bounded_events_and_memory_while_an
     victim_end: list[Any] = []
 
     async def victim_messages() -> AsyncIterator[d.AgentMessage]:
-        yield d.AgentMessage(hello=d.Hello(applied_revision=1))
+        yield _hello(applied_revision=1)
         # As an agent does it: progress every 0.5 s, every state change,
         # heartbeats, while the flood runs.
         for i, state in enumerate(victim_steps):
             await asyncio.sleep(0.5 if state == "downloading" else 0.05)
-            message = _report(i, state)
-            message.status.update.reason = ""
-            yield message
+            yield _report(i, state, reason="")
             yield d.AgentMessage(heartbeat=d.Heartbeat(seq=i + 1))
         await flood_done.wait()
 
@@ -445,12 +453,10 @@ async def test_a_status_flood_is_cut_off_with_bounded_events_and_memory_while_an
     # The attacker reconnects as an agent does, after the delay it was told:
     # its Hello carries its current status, which is recorded.
     await asyncio.sleep(max(retry_ms[0] / 1000, 1.0))
-    hello = d.AgentMessage(
-        hello=d.Hello(
-            applied_revision=1,
-            update=c.UpdateStatus(state=c.UPDATE_STATE_FAILED, model_name="m",
-                                  model_version="1.0.0", sequence=1, reason="gave up"),
-        )
+    hello = _hello(
+        applied_revision=1,
+        models=[c.UpdateStatus(state=c.UPDATE_STATE_FAILED, model_name="m",
+                               model_version="1.0.0", sequence=1, reason="gave up")],
     )  # fmt: skip
 
     async def again() -> AsyncIterator[d.AgentMessage]:
@@ -465,24 +471,24 @@ async def test_a_status_flood_is_cut_off_with_bounded_events_and_memory_while_an
     call.cancel()
 
 
+@pytest.mark.parametrize("protocol", [ONE_MODEL_PROTOCOL, MULTI_MODEL_PROTOCOL])
 async def test_reports_over_the_written_rate_are_coalesced_and_the_latest_is_kept(
-    channel: grpc.aio.Channel, db_url: str
+    channel: grpc.aio.Channel, db_url: str, protocol: int
 ) -> None:
     """Under the received bucket (no cut-off) but past the written one: the
     stream stays up, the database gets at most the written rate, and the
-    last report sent is what the device's status says."""
+    last report sent is what the device's status says; from a current agent
+    and from a one-model one (its statuses come in another field)."""
     stub, op = dg.DeviceServiceStub(channel), og.OperatorServiceStub(channel)
     device = await _enroll(channel, "hw-burst")
     count = STATUS_BURST // 2
     stop = asyncio.Event()
 
     async def messages() -> AsyncIterator[d.AgentMessage]:
-        yield d.AgentMessage(hello=d.Hello(applied_revision=1))
+        yield _hello(protocol, applied_revision=1)
         for i in range(count - 1):
-            yield _report(i)
-        last = _report(count, "validating")
-        last.status.update.reason = "the last one"
-        yield last
+            yield _report(i, protocol=protocol)
+        yield _report(count, "validating", protocol, reason="the last one")
         await stop.wait()
 
     started = time.monotonic()

@@ -22,7 +22,7 @@ two parts.
    agent, so it is the attacker that was refused.
 
 2. A compromised relay INSIDE the trust boundary: a plain-text control
-   plane (`--insecure`) with a gRPC-level relay (tests/grpc_relay.py) that
+   plane (`--insecure`) with a gRPC-level relay (testkit/grpc_relay.py) that
    forwards every device RPC and rewrites the desired states pushed on
    Sync, as a compromised proxy, replica or load balancer could. TLS does
    not help here; the signed statements (docs/security.md, "Signed
@@ -33,7 +33,10 @@ two parts.
    with the agent refusing, the reason in the device's update status as the
    operator API shows it, and the device serving the model it served
    before (its inference API answers with the old version) with its
-   trusted state (trust.json) unchanged.
+   trusted state (the device's trust.json, its signing keys, and the
+   model's models/digits/trust.json) unchanged. The relay edits the
+   assignment where the agent (protocol 2) reads it, in
+   DesiredState.assignments, and copies it into the one-model field.
 
 tests/e2e/test_signed_updates_e2e.py injects whole desired states of its own;
 here the relay edits the control plane's genuine pushes for the assignment
@@ -403,7 +406,7 @@ class World:
 
     def install(self, agent: AgentProcess, device_id: str, version: str) -> int:
         sequence = self.assign(device_id, version)
-        status = settled(self.op, device_id, sequence)
+        status = settled(self.op, device_id, sequence, model=MODEL)
         assert of_status(status) == "committed", status
         assert served(agent) == (version, self.digests[version])
         return sequence
@@ -423,10 +426,14 @@ class World:
 
         def rewrite(device: str, message: d.ControlMessage) -> d.ControlMessage:
             desired = message.desired
-            if device != device_id or desired.assignment.sequence <= floor:
+            newest = max((a.sequence for a in desired.assignments), default=0)
+            if device != device_id or newest <= floor:
                 return message
             edited = d.DesiredState.FromString(desired.SerializeToString())
             edit(edited)
+            # The one-model copy edited alike: the message stays as
+            # consistent as the control plane's own.
+            edited.assignment.CopyFrom(_assignment(edited))
             sent.append(edited)
             return d.ControlMessage(desired=edited)
 
@@ -434,7 +441,7 @@ class World:
         try:
             self.assign(device_id, version)
             wait_for(lambda: sent, timeout=30)
-            status = settled(self.op, device_id, sent[-1].assignment.sequence)
+            status = settled(self.op, device_id, _assignment(sent[-1]).sequence, model=MODEL)
         finally:
             self.relay.rewrite = None
         assert of_status(status) == "failed", status
@@ -450,14 +457,34 @@ def _current_sequence(op: Any, device_id: str) -> int:
     return max((a.sequence for a in listed), default=0)
 
 
-def _trust(agent: AgentProcess) -> dict[str, Any]:
-    document = json.loads((agent.state_dir / "trust.json").read_text())
-    assert isinstance(document, dict)
+def _json(path: Path) -> dict[str, Any]:
+    document = json.loads(path.read_text())
+    assert isinstance(document, dict), path
     return document
 
 
+def _trust(agent: AgentProcess) -> dict[str, dict[str, Any]]:
+    """What the agent trusts: "device", the signing keys (state_dir/trust.json),
+    and "model", the model's own facts (models/<model>/trust.json: the
+    highest sequence verified for it, that statement's digest, the version
+    committed)."""
+    return {
+        "device": _json(agent.state_dir / "trust.json"),
+        "model": _json(agent.state_dir / "models" / MODEL / "trust.json"),
+    }
+
+
+def _assignment(desired: d.DesiredState) -> d.Assignment:
+    """The device's one assignment, where an agent of protocol 2 reads it
+    (DesiredState.assignments). The control plane copies a device's only
+    assignment into the singular `assignment` too (for one-model agents):
+    the relay edits this one and copies it there (World.refused)."""
+    (only,) = desired.assignments
+    return only
+
+
 def _statement(desired: d.DesiredState) -> c.AssignmentStatement:
-    return c.AssignmentStatement.FromString(desired.assignment.statement)
+    return c.AssignmentStatement.FromString(_assignment(desired).statement)
 
 
 @pytest.fixture(scope="module")
@@ -501,7 +528,7 @@ def victim(world: World) -> Iterator[Victim]:
         device_id = world.start(agent)
         first = world.install(agent, device_id, "1.0.0")
         second = world.install(agent, device_id, "2.0.0")
-        assert _trust(agent)["sequence"] == second
+        assert _trust(agent)["model"]["sequence"] == second
         yield Victim(agent, device_id, world.relay.pushed(device_id, first))
     finally:
         agent.close()
@@ -509,15 +536,15 @@ def victim(world: World) -> Iterator[Victim]:
 
 def _replay(v: Victim) -> Callable[[d.DesiredState], None]:
     def edit(desired: d.DesiredState) -> None:
-        desired.assignment.CopyFrom(v.first.assignment)
+        _assignment(desired).CopyFrom(_assignment(v.first))
 
     return edit
 
 
 def _other_artifact(v: Victim, desired: d.DesiredState) -> None:
     """1.0.0's artifact and its genuinely signed manifest, for this assignment."""
-    old = v.first.assignment
-    a = desired.assignment
+    old = _assignment(v.first)
+    a = _assignment(desired)
     a.artifact_digest, a.artifact_size = old.artifact_digest, old.artifact_size
     a.manifest, a.manifest_signature = old.manifest, old.manifest_signature
 
@@ -531,7 +558,7 @@ def _in_statement(change: Callable[[Victim, d.DesiredState, c.AssignmentStatemen
         def edit(desired: d.DesiredState) -> None:
             statement = _statement(desired)
             change(v, desired, statement)
-            desired.assignment.statement = statement.SerializeToString()
+            _assignment(desired).statement = statement.SerializeToString()
 
         return edit
 
@@ -545,44 +572,44 @@ def _outside(change: Callable[[Victim, d.DesiredState], None]
 
 
 def _statement_version(v: Victim, desired: d.DesiredState, s: c.AssignmentStatement) -> None:
-    s.model_version = desired.assignment.model_version = "1.0.0"
+    s.model_version = _assignment(desired).model_version = "1.0.0"
 
 
 def _statement_artifact(v: Victim, desired: d.DesiredState, s: c.AssignmentStatement) -> None:
     _other_artifact(v, desired)
-    s.artifact_sha256 = desired.assignment.artifact_digest
-    s.manifest_sha256 = hashlib.sha256(desired.assignment.manifest).hexdigest()
+    s.artifact_sha256 = _assignment(desired).artifact_digest
+    s.manifest_sha256 = hashlib.sha256(_assignment(desired).manifest).hexdigest()
 
 
 def _statement_shadow(v: Victim, desired: d.DesiredState, s: c.AssignmentStatement) -> None:
-    s.shadow = desired.assignment.shadow = True
+    s.shadow = _assignment(desired).shadow = True
 
 
 def _statement_rollback(v: Victim, desired: d.DesiredState, s: c.AssignmentStatement) -> None:
-    s.rollback = desired.assignment.rollback = True
+    s.rollback = _assignment(desired).rollback = True
 
 
 def _version_outside(v: Victim, desired: d.DesiredState) -> None:
-    desired.assignment.model_version = "1.0.0"
+    _assignment(desired).model_version = "1.0.0"
 
 
 def _shadow_outside(v: Victim, desired: d.DesiredState) -> None:
-    desired.assignment.shadow = True
+    _assignment(desired).shadow = True
 
 
 def _rollback_outside(v: Victim, desired: d.DesiredState) -> None:
-    desired.assignment.rollback = True
+    _assignment(desired).rollback = True
 
 
 def _size(size: int) -> Callable[[Victim, d.DesiredState], None]:
     def change(v: Victim, desired: d.DesiredState) -> None:
-        desired.assignment.artifact_size = size
+        _assignment(desired).artifact_size = size
 
     return change
 
 
 def _rollout_outside(v: Victim, desired: d.DesiredState) -> None:
-    desired.assignment.rollout_id = "a-rollout-the-relay-made-up"
+    _assignment(desired).rollout_id = "a-rollout-the-relay-made-up"
 
 
 UNTRUSTED = "assignment statement is not signed by a trusted key"
@@ -625,18 +652,18 @@ CASES = [
 def test_a_relay_cannot_replay_or_edit_what_was_signed(
     w: World, victim: Victim, make: Edit, expected: str
 ) -> None:
-    current = _trust(victim.agent)["sequence"]
+    current = _trust(victim.agent)["model"]["sequence"]
     # Refused, reported, and the version served before still served (refused()).
     status = w.refused(victim.agent, victim.device_id, "3.0.0", make(victim))
     reason = expected.format(
-        first=victim.first.assignment.sequence, current=current,
-        first_digest=victim.first.assignment.artifact_digest,
+        first=_assignment(victim.first).sequence, current=current,
+        first_digest=_assignment(victim.first).artifact_digest,
     )  # fmt: skip
     assert reason in status.reason, status.reason
 
 
 def test_a_relay_cannot_forge_a_key_rotation(w: World, victim: Victim) -> None:
-    (trusted,) = _trust(victim.agent)["keys"]
+    (trusted,) = _trust(victim.agent)["device"]["keys"]
     evil_id, evil, evil_public = signing.generate()
 
     def forge(desired: d.DesiredState) -> None:
@@ -649,7 +676,7 @@ def test_a_relay_cannot_forge_a_key_rotation(w: World, victim: Victim) -> None:
         desired.key_rotations.add(statement=link, signature=signing.sign(evil, link))
         statement = _statement(desired)
         statement.key_id = evil_id
-        a = desired.assignment
+        a = _assignment(desired)
         a.statement = statement.SerializeToString()
         a.statement_signature = signing.sign(evil, a.statement)
         a.manifest_signature = signing.sign(evil, a.manifest)
@@ -671,7 +698,7 @@ def test_a_relay_cannot_swap_in_another_devices_statement(w: World) -> None:
         theirs = w.relay.pushed(b_id, b_sequence)
 
         def swap(desired: d.DesiredState) -> None:
-            desired.assignment.CopyFrom(theirs.assignment)
+            _assignment(desired).CopyFrom(_assignment(theirs))
             del desired.key_rotations[:]
             desired.key_rotations.extend(theirs.key_rotations)
 
@@ -689,7 +716,7 @@ def test_a_relay_cannot_swap_in_another_devices_statement(w: World) -> None:
 def test_rotations_reordered_or_withheld_are_refused_and_the_genuine_chain_is_taken(
     w: World, victim: Victim
 ) -> None:
-    (k0,) = _trust(victim.agent)["keys"]
+    (k0,) = _trust(victim.agent)["device"]["keys"]
     k1 = w.op.RotateSigningKey(o.RotateSigningKeyRequest(reason="mitm 1")).new_key.key_id
     k2 = w.op.RotateSigningKey(o.RotateSigningKeyRequest(reason="mitm 2")).new_key.key_id
     seen: list[list[str]] = []
@@ -709,11 +736,11 @@ def test_rotations_reordered_or_withheld_are_refused_and_the_genuine_chain_is_ta
 
     status = w.refused(victim.agent, victim.device_id, "3.0.0", withhold)
     assert UNTRUSTED in status.reason, status.reason
-    assert set(_trust(victim.agent)["keys"]) == {k0}
+    assert set(_trust(victim.agent)["device"]["keys"]) == {k0}
 
     # The same agent takes the genuine chain, in order, and the update.
     w.install(victim.agent, victim.device_id, "3.0.0")
-    assert set(_trust(victim.agent)["keys"]) == {k2}
+    assert set(_trust(victim.agent)["device"]["keys"]) == {k2}
 
 
 def test_an_agent_with_a_ca_pointed_at_a_plain_text_control_plane_does_not_enroll(

@@ -146,7 +146,8 @@ class Mitm(dg.DeviceServiceServicer):
         with self._lock:
             found = [
                 s for s in self.recorded
-                if s.assignment.sequence == sequence and _statement(s).device_id == device_id
+                if sequence in {a.sequence for a in s.assignments}
+                and _statement(s).device_id == device_id
             ]  # fmt: skip
         assert found, f"no desired state with assignment {sequence} for {device_id}"
         return found[-1]
@@ -155,8 +156,17 @@ class Mitm(dg.DeviceServiceServicer):
         self.server.stop(grace=None)
 
 
+def _assignment(desired: d.DesiredState) -> d.Assignment:
+    """The device's one assignment, where an agent of protocol 2 reads it
+    (DesiredState.assignments). The control plane copies a device's only
+    assignment into the singular `assignment` too (for one-model agents):
+    the tests edit this one and copy it there (World.refused)."""
+    (only,) = desired.assignments
+    return only
+
+
 def _statement(desired: d.DesiredState) -> c.AssignmentStatement:
-    return c.AssignmentStatement.FromString(desired.assignment.statement)
+    return c.AssignmentStatement.FromString(_assignment(desired).statement)
 
 
 # ---------------------------------------------------------------- the world
@@ -197,7 +207,7 @@ class World:
 
     def install(self, agent: AgentProcess, device_id: str, version: str) -> int:
         sequence = self.assign(device_id, version)
-        status = settled(self.op, device_id, sequence)
+        status = settled(self.op, device_id, sequence, model=MODEL)
         assert of_status(status) == "committed", status
         assert served(agent) == (version, self.digests[version])
         return sequence
@@ -206,8 +216,12 @@ class World:
         """Inject `desired`; the reason the agent reports for refusing it.
         It keeps serving what it served, and its trusted state is unchanged."""
         serving, trusted = served(agent), _trust(agent)
-        self.mitm.inject(desired)
-        status = settled(self.op, device_id, desired.assignment.sequence)
+        # The one-model copy made alike: the message is as consistent as
+        # the control plane's own.
+        injected = d.DesiredState.FromString(desired.SerializeToString())
+        injected.assignment.CopyFrom(_assignment(injected))
+        self.mitm.inject(injected)
+        status = settled(self.op, device_id, _assignment(injected).sequence, model=MODEL)
         assert of_status(status) == "failed", status
         assert served(agent) == serving and _trust(agent) == trusted
         return status.reason
@@ -222,10 +236,21 @@ class World:
         return str(row[0]), bytes(row[1])
 
 
-def _trust(agent: AgentProcess) -> dict[str, Any]:
-    document = json.loads((agent.state_dir / "trust.json").read_text())
-    assert isinstance(document, dict)
+def _json(path: Path) -> dict[str, Any]:
+    document = json.loads(path.read_text())
+    assert isinstance(document, dict), path
     return document
+
+
+def _trust(agent: AgentProcess) -> dict[str, dict[str, Any]]:
+    """What the agent trusts: "device", the signing keys (state_dir/trust.json),
+    and "model", the model's own facts (models/<model>/trust.json: the
+    highest sequence verified for it, that statement's digest, the version
+    committed)."""
+    return {
+        "device": _json(agent.state_dir / "trust.json"),
+        "model": _json(agent.state_dir / "models" / MODEL / "trust.json"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -262,33 +287,33 @@ def test_replays_tampering_untrusted_keys_and_swapped_fields_are_refused(w: Worl
     device_id = w.start(agent)
     w.install(agent, device_id, "1.0.0")
     w.install(agent, device_id, "2.0.0")
-    assert _trust(agent)["sequence"] == 2
+    assert _trust(agent)["model"]["sequence"] == 2
     # (a) The signed assignment of 1.0.0, captured on the wire, fed back.
     old = w.mitm.pushed(device_id, 1)
     assert "replayed assignment: sequence 1 is not newer than 2" in w.refused(agent, device_id, old)
 
     # (b) The statement edited (a newer sequence), its signature kept.
     tampered = d.DesiredState.FromString(w.mitm.pushed(device_id, 2).SerializeToString())
-    edited = _statement(tampered)
-    edited.sequence = tampered.assignment.sequence = 7
-    tampered.assignment.statement = edited.SerializeToString()
+    edited, t = _statement(tampered), _assignment(tampered)
+    edited.sequence = t.sequence = 7
+    t.statement = edited.SerializeToString()
     assert "not signed by a trusted key" in w.refused(agent, device_id, tampered)
 
     # Signed, correctly, by a key the device never trusted.
     kid, private, _ = signing.generate()
-    edited.sequence = tampered.assignment.sequence = 8
+    edited.sequence = t.sequence = 8
     edited.key_id = kid
-    tampered.assignment.statement = edited.SerializeToString()
-    tampered.assignment.statement_signature = signing.sign(private, tampered.assignment.statement)
+    t.statement = edited.SerializeToString()
+    t.statement_signature = signing.sign(private, t.statement)
     assert "not signed by a trusted key" in w.refused(agent, device_id, tampered)
 
     # Mix and match: a genuine statement (of assignment 2) with another
     # sequence outside it.
     swapped = d.DesiredState.FromString(w.mitm.pushed(device_id, 2).SerializeToString())
-    swapped.assignment.sequence = 9
+    _assignment(swapped).sequence = 9
     reason = w.refused(agent, device_id, swapped)
     assert "does not match its signed statement: sequence 9" in reason
-    assert _trust(agent)["sequence"] == 2
+    assert _trust(agent)["model"]["sequence"] == 2
 
 
 def test_a_downgrade_needs_the_signed_rollback_flag(w: World) -> None:
@@ -300,7 +325,7 @@ def test_a_downgrade_needs_the_signed_rollback_flag(w: World) -> None:
     # back to 1.0.0 without the rollback flag.
     forged = d.DesiredState.FromString(w.mitm.pushed(device_id, 1).SerializeToString())
     kid, private = w.signing_key()
-    a = forged.assignment
+    a = _assignment(forged)
     a.sequence = 50
     a.statement = statements.assignment_statement(
         device_id=device_id, sequence=50, model_name=MODEL, model_version="1.0.0",
@@ -315,8 +340,8 @@ def test_a_downgrade_needs_the_signed_rollback_flag(w: World) -> None:
     # An operator's AssignModel of the older version carries the flag.
     sequence = w.install(agent, device_id, "1.0.0")
     pushed = w.mitm.pushed(device_id, sequence)
-    assert pushed.assignment.rollback and _statement(pushed).rollback
-    assert _trust(agent)["committed"] == {MODEL: "1.0.0"}
+    assert _assignment(pushed).rollback and _statement(pushed).rollback
+    assert _trust(agent)["model"]["committed"] == "1.0.0"
 
     # A rollout to 2.0.0, aborted with revert once the device committed.
     labels = w.op.GetDevice(o.GetDeviceRequest(id=device_id)).labels
@@ -346,17 +371,17 @@ def test_after_a_rotation_the_agent_takes_the_new_key_and_refuses_a_forged_one(w
     agent = w.agent()
     device_id = w.start(agent)
     w.install(agent, device_id, "1.0.0")
-    (k1,) = _trust(agent)["keys"]
+    (k1,) = _trust(agent)["device"]["keys"]
     rotated = w.op.RotateSigningKey(o.RotateSigningKeyRequest(reason="drill"))
     assert rotated.previous_key.key_id == k1
     k2 = rotated.new_key
     sequence = w.install(agent, device_id, "2.0.0")
-    pushed = w.mitm.pushed(device_id, sequence).assignment
+    pushed = _assignment(w.mitm.pushed(device_id, sequence))
     # Installed an artifact whose manifest and statement only the new key
     # signed; the old key is no longer trusted.
     assert signing.verify(k2.public_key, pushed.manifest, pushed.manifest_signature)
     assert signing.verify(k2.public_key, pushed.statement, pushed.statement_signature)
-    assert set(_trust(agent)["keys"]) == {k2.key_id}
+    assert set(_trust(agent)["device"]["keys"]) == {k2.key_id}
 
     # A forged link: "k2 was replaced by evil", signed by evil itself, and
     # an assignment signed by evil.
@@ -367,12 +392,12 @@ def test_after_a_rotation_the_agent_takes_the_new_key_and_refuses_a_forged_one(w
         rotated_at=dt.datetime.now(dt.UTC),
     )  # fmt: skip
     forged.key_rotations.add(statement=link, signature=signing.sign(evil, link))
-    statement = _statement(forged)
-    statement.sequence = forged.assignment.sequence = 60
+    statement, f = _statement(forged), _assignment(forged)
+    statement.sequence = f.sequence = 60
     statement.key_id = evil_id
-    forged.assignment.statement = statement.SerializeToString()
-    forged.assignment.statement_signature = signing.sign(evil, forged.assignment.statement)
-    forged.assignment.manifest_signature = signing.sign(evil, forged.assignment.manifest)
+    f.statement = statement.SerializeToString()
+    f.statement_signature = signing.sign(evil, f.statement)
+    f.manifest_signature = signing.sign(evil, f.manifest)
     reason = w.refused(agent, device_id, forged)
     assert f"names trusted key {k2.key_id} but is not signed by a trusted key" in reason
 
@@ -399,7 +424,7 @@ def test_a_kill_between_verification_and_persisting_keeps_the_old_trusted_state(
     assert of_status(status) == "committed", status
     assert served(agent) == ("3.0.0", w.digests["3.0.0"])
     after = _trust(agent)
-    assert after["sequence"] == sequence and after["committed"] == {MODEL: "3.0.0"}
+    assert after["model"]["sequence"] == sequence and after["model"]["committed"] == "3.0.0"
 
 
 def test_signing_keys_ls_and_rotate_from_the_cli(w: World) -> None:

@@ -325,7 +325,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         if len(assignments) > 1:
             log.warning(
                 "device %s speaks the one-model protocol but holds %d models; sending only "
-                "%s@%s (the latest); unassign the others or upgrade its agent",
+                "%s@%s (the latest) until its agent is upgraded",
                 device_id, len(assignments), single.model_name, single.model_version,
             )  # fmt: skip
         desired.assignment.CopyFrom(convert.assignment_to_pb(single))

@@ -95,6 +95,9 @@ _PUBLISHED_CACHE = 256
 MAX_HISTORY_LIMIT = 10_000
 # Models whose statuses one device's row keeps (assigned or only reported).
 MAX_MODELS_PER_DEVICE = 32
+# Update states in which a model's update has settled (its active version
+# is what the device serves of it for good).
+_SETTLED = ("committed", "failed", "idle")
 # devices.agent_protocol: 0 never connected; 1 one model (Hello.protocol 0
 # or 1); 2 several models.
 UNKNOWN_PROTOCOL, ONE_MODEL_PROTOCOL, MULTI_MODEL_PROTOCOL = 0, 1, 2
@@ -408,7 +411,8 @@ def revert_targets(
     reports serving, not merely the one assigned, since an assignment whose
     update failed left the device on its old version (and a revert to the
     failed one would install the very version being backed out). A device
-    that never reported the model goes back to its assignment."""
+    that never reported the model, or is still installing its assignment,
+    goes back to that assignment."""
     model_name = session.get_one(ModelRow, model_id).name
     ids = list(device_ids)
     assigned: dict[str, str] = {}
@@ -443,7 +447,9 @@ def revert_targets(
     targets: dict[str, str | None] = {}
     for device_id in ids:
         status = statuses.get(device_id)
-        if status is None:
+        if status is None or status.get("state") not in _SETTLED:
+            # Never reported, or still installing its assignment (a report
+            # may also lag behind the device): where the operator sent it.
             targets[device_id] = assigned.get(device_id)
         else:
             targets[device_id] = version_ids.get(str(status.get("active_model_version") or ""))

@@ -706,8 +706,11 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 # --smoke: the run of seconds CI makes (tests/e2e/test_bench_smoke.py) so the
 # benchmark cannot rot; every phase with 20 devices and short bakes. Figures meaningless.
+# The two-model rollout is left out: its four more real builds and second
+# rollout cost CI a minute and more; tests/integration/test_fleetsim.py and
+# bench_models_per_device's smoke run cover devices holding two models.
 SMOKE = {"agents": 20, "stages": [50.0, 100.0], "bake_s": 0.5, "idle_s": 1.0, "settle_s": 0.5,
-         "timeout_s": 120.0}  # fmt: skip
+         "timeout_s": 120.0, "two_models": False}  # fmt: skip
 
 
 def _stages(text: str) -> list[float]:

@@ -373,9 +373,13 @@ class Demo:
         self.cli("rollouts", "show", rollout_id)
         self.cli("devices", "ls")
         answered = sum(self.cnn_versions.values())
+        # One line however narrow the terminal (scripts and the demo's test read it).
         console.print(
             f"{CNN} on {', '.join(APP_DEVICES)} while digits rolled out: {answered} calls "
-            f"answered, {len(self.cnn_failures)} failed, versions {sorted(self.cnn_versions)}"
+            f"answered, {len(self.cnn_failures)} failed, versions {sorted(self.cnn_versions)}",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
         )
         for failure in self.cnn_failures[:3]:
             console.print(f"  {failure}", markup=False)

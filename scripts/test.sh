@@ -25,7 +25,8 @@ tier() {
 }
 # Both tiers run even when the first fails, so one CI run shows every failure.
 tier unit tests/unit
-tier "integration and end-to-end" tests/integration tests/e2e
+# --durations: the slowest tests of the long tier, to see where CI's time goes.
+tier "integration and end-to-end" tests/integration tests/e2e --durations=25
 if [ -n "$failed" ]; then
   echo "test.sh: failed: $failed" >&2
   exit 1

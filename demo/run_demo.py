@@ -173,7 +173,9 @@ class Demo:
             # Plain text: the demo's agents and simulated devices run on this machine.
             [str(BIN / "edgefleet"), "server", "--insecure",
              "--data-dir", str(self.data_dir / "cp"), "--listen", "127.0.0.1:0",
-             "--port-file", str(port_file), "--heartbeat-interval", "5"],
+             "--port-file", str(port_file), "--heartbeat-interval", "5",
+             # Two models x four classes: two builds at a time halve the wait.
+             "--build-workers", "2"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         server = self.server

@@ -310,6 +310,13 @@ def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
         changes["quantization"] = enum_name(QUANTIZATION_NAMES, msg.quantization, "quantization")
     if msg.accelerator:
         changes["accelerator"] = msg.accelerator
+    if msg.HasField("fallback"):
+        # UNSPECIFIED set explicitly: no fallback (drops one in an update).
+        changes["fallback"] = (
+            ""
+            if msg.fallback == c.QUANTIZATION_UNSPECIFIED
+            else enum_name(QUANTIZATION_NAMES, msg.fallback, "fallback")
+        )
     return changes
 
 
@@ -340,6 +347,7 @@ def class_to_pb(view: ClassView) -> c.DeviceClass:
             speed_factor=row.speed_factor,
             microcontroller=row.microcontroller,
             device_memory_mb=row.device_memory_mb,
+            fallback=QUANTIZATIONS[row.fallback] if row.fallback else None,
         ),
         match_rules=[rule_to_pb(r) for r in rules.rules_from_json(row.match_rules)],
         device_count=view.device_count,

@@ -36,6 +36,9 @@ class BuildTarget:
     threads: int = 1
     speed_factor: float = 1.0
     microcontroller: bool = False
+    # Also publish a lighter fallback artifact in this precision ("": none;
+    # fp16, int8 or auto): verdict.pick_fallback.
+    fallback: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The form a build row stores (and the dedup key hashes)."""

@@ -55,6 +55,12 @@ def _class_options(*, create: bool) -> Callable[[F], F]:
             show_default=create,
             help="Preferred precision; auto picks the best candidate that passes.",
         ),
+        click.option(
+            "--fallback",
+            type=click.Choice(["fp16", "int8", "auto", "none"]),
+            help="Also build a lighter fallback artifact in this precision, which devices "
+            "serve while they run hot or low on battery (docs/power.md); none drops it.",
+        ),
         click.option("--accelerator", help="Accelerator kind devices must have, e.g. jetson."),
         click.option(
             "--min-accuracy-retention",

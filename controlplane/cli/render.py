@@ -448,6 +448,12 @@ def class_detail(c: common_pb2.DeviceClass) -> RenderableType:
         ),
         ("microcontroller", "yes (also emits C source)" if k.microcontroller else "no"),
         (
+            "fallback",
+            f"{enum_name(common_pb2.Quantization, k.fallback)} (served while hot or low on battery)"
+            if k.HasField("fallback") and k.fallback
+            else NONE,
+        ),
+        (
             "match rules",
             "\n".join(format_rule(r) for r in c.match_rules)
             or "(none: devices join only by pinning)",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgefleet.controlplane.domain.rules import Rule, parse_rule
 from edgefleet.controlplane.errors import InvalidArgument
@@ -146,12 +146,20 @@ def constraint_profile(
     threads: int | None = None,
     speed_factor: float | None = None,
     microcontroller: bool | None = None,
+    fallback: str | None = None,
 ) -> common_pb2.ConstraintProfile | None:
     """The constraints given as options (None: not given); None when no
     option was given, so an update leaves the stored profile alone."""
     # Set only when given: were the field ever to gain presence, an unset
     # flag must not read as "turn it off".
-    flags = {} if microcontroller is None else {"microcontroller": microcontroller}
+    flags: dict[str, Any] = {} if microcontroller is None else {"microcontroller": microcontroller}
+    if fallback is not None:
+        # "none" is sent as UNSPECIFIED, set: the class drops its fallback.
+        flags["fallback"] = (
+            common_pb2.QUANTIZATION_UNSPECIFIED
+            if fallback == "none"
+            else common_pb2.Quantization.Value(f"QUANTIZATION_{fallback.upper()}")
+        )
     profile = common_pb2.ConstraintProfile(
         runtime=runtime or common_pb2.RUNTIME_UNSPECIFIED,
         quantization=quantization or common_pb2.QUANTIZATION_UNSPECIFIED,

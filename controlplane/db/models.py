@@ -119,6 +119,8 @@ class DeviceClassRow(Base):
     microcontroller: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Budget for the sum of the models' measured memory on one device (0010).
     device_memory_mb: Mapped[float | None] = mapped_column(Float)
+    # Precision of the lighter fallback artifact builds add ("": none; 0011).
+    fallback: Mapped[str] = mapped_column(String(8), default="", server_default="")
     match_rules: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -299,6 +301,10 @@ class BuildRow(Base):
     log: Mapped[str] = mapped_column(Text, default="")
     candidates: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     artifact_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"))
+    # The lighter fallback artifact (0011): its digest, or why the class
+    # asked for one and there is none.
+    fallback_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"))
+    fallback_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     error: Mapped[str] = mapped_column(Text, default="")
     # sha256 of model bytes + target profile + toolchain versions.
     dedup_key: Mapped[str] = mapped_column(String(64), index=True)
@@ -324,6 +330,9 @@ class ArtifactRow(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     # A file shipped beside the artifact (the TFLite Micro C source).
     companion_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"), index=True)
+    # The lighter fallback artifact shipped with it (0011); its manifest is
+    # inside this one's (ArtifactManifest.fallback_manifest).
+    fallback_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"), index=True)
     # The serialized ArtifactManifest exactly as signed, and its signature.
     manifest: Mapped[bytes] = mapped_column(LargeBinary)
     signature: Mapped[bytes] = mapped_column(LargeBinary)

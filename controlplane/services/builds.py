@@ -74,6 +74,7 @@ def target_of(cls: DeviceClassRow) -> BuildTarget:
         threads=cls.threads,
         speed_factor=cls.speed_factor,
         microcontroller=cls.microcontroller,
+        fallback=cls.fallback,
     )
 
 
@@ -99,7 +100,12 @@ def toolchain_versions(runtime: str, toolchains_dir: Path | None) -> dict[str, s
 def dedup_key(model: ModelVersionRow, target: BuildTarget, versions: dict[str, str]) -> str:
     """Same model bytes, sample data, class profile and tools: same result.
     The class name is left out: two classes with one profile share a build."""
-    profile = {k: v for k, v in target.to_json().items() if k != "class_name"}
+    # No fallback asked: the key builds had before classes could ask for one.
+    profile = {
+        k: v
+        for k, v in target.to_json().items()
+        if k != "class_name" and not (k == "fallback" and not v)
+    }
     payload = {
         "model": model.model_digest,
         "samples": model.sample_data_digest,

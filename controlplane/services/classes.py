@@ -20,6 +20,8 @@ from edgefleet.controlplane.services.events import FleetEvent
 
 RUNTIMES = ("onnxruntime", "tflite", "tensorrt")
 QUANTIZATIONS = ("fp32", "fp16", "int8", "auto")
+# A class's lighter fallback artifact ("": none); fp32 is never lighter.
+FALLBACKS = ("", "fp16", "int8", "auto")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
@@ -38,12 +40,20 @@ class Constraints:
     # The sum of the measured memory of every model a device of the class
     # holds (services/deployments.py refuses an assignment past it).
     device_memory_mb: float | None = None
+    # Build a lighter fallback artifact in this precision too ("": none) for
+    # the agent's power/thermal policy (docs/power.md).
+    fallback: str = ""
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
             raise InvalidArgument(f"runtime must be one of {', '.join(RUNTIMES)}")
         if self.quantization not in QUANTIZATIONS:
             raise InvalidArgument(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+        if self.fallback not in FALLBACKS:
+            raise InvalidArgument(
+                f"fallback must be one of {', '.join(f for f in FALLBACKS if f)} or none "
+                f"(an fp32 artifact is never lighter), got {self.fallback!r}"
+            )
         for label, value in (
             ("max model size (MB)", self.max_model_size_mb),
             ("latency budget (p95 ms)", self.latency_budget_p95_ms),
@@ -105,6 +115,7 @@ def _constraints_of(row: DeviceClassRow) -> Constraints:
         speed_factor=row.speed_factor,
         microcontroller=row.microcontroller,
         device_memory_mb=row.device_memory_mb,
+        fallback=row.fallback,
     )
 
 
@@ -123,6 +134,7 @@ def _store(row: DeviceClassRow, spec: ClassSpec) -> None:
     row.speed_factor = c.speed_factor
     row.microcontroller = c.microcontroller
     row.device_memory_mb = c.device_memory_mb
+    row.fallback = c.fallback
     row.match_rules = rules.rules_to_json(spec.rules)
     row.updated_at = utcnow()
 

@@ -166,6 +166,27 @@ UPDATE_STATE_ROLLING_BACK: UpdateState.ValueType  # 7
 UPDATE_STATE_FAILED: UpdateState.ValueType  # 8
 Global___UpdateState: _TypeAlias = UpdateState  # noqa: Y015
 
+class _ArtifactVariant:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ArtifactVariantEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArtifactVariant.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ARTIFACT_VARIANT_UNSPECIFIED: _ArtifactVariant.ValueType  # 0
+    ARTIFACT_VARIANT_PRIMARY: _ArtifactVariant.ValueType  # 1
+    ARTIFACT_VARIANT_FALLBACK: _ArtifactVariant.ValueType  # 2
+
+class ArtifactVariant(_ArtifactVariant, metaclass=_ArtifactVariantEnumTypeWrapper):
+    """Which of a version's artifacts serves: the one built for the class, or its
+    lighter fallback (ArtifactManifest.fallback_manifest) while the agent's
+    power/thermal policy asks for less work.
+    """
+
+ARTIFACT_VARIANT_UNSPECIFIED: ArtifactVariant.ValueType  # 0
+ARTIFACT_VARIANT_PRIMARY: ArtifactVariant.ValueType  # 1
+ARTIFACT_VARIANT_FALLBACK: ArtifactVariant.ValueType  # 2
+Global___ArtifactVariant: _TypeAlias = ArtifactVariant  # noqa: Y015
+
 @_typing.final
 class Accelerator(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -315,6 +336,7 @@ class ConstraintProfile(_message.Message):
     SPEED_FACTOR_FIELD_NUMBER: _builtins.int
     MICROCONTROLLER_FIELD_NUMBER: _builtins.int
     DEVICE_MEMORY_MB_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
     max_model_size_mb: _builtins.float
     latency_budget_p95_ms: _builtins.float
     max_memory_mb: _builtins.float
@@ -340,6 +362,14 @@ class ConstraintProfile(_message.Message):
     An assignment that would exceed it is refused before any download.
     max_memory_mb still limits each model on its own.
     """
+    fallback: Global___Quantization.ValueType
+    """Also build a lighter fallback artifact of each version, which the
+    agent's power/thermal policy serves instead while the device runs hot or
+    low on battery (docs/power.md): the precision to build it in (FP16 or
+    INT8; AUTO: any). It is a passing candidate smaller than the chosen one,
+    the fastest of those. Absent or UNSPECIFIED: no fallback (in an update,
+    absent keeps the class's setting and UNSPECIFIED drops it).
+    """
     def __init__(
         self,
         *,
@@ -354,13 +384,16 @@ class ConstraintProfile(_message.Message):
         speed_factor: _builtins.float | None = ...,
         microcontroller: _builtins.bool | None = ...,
         device_memory_mb: _builtins.float | None = ...,
+        fallback: Global___Quantization.ValueType | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb", "_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "device_memory_mb", b"device_memory_mb", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb", "_fallback", b"_fallback", "_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "device_memory_mb", b"device_memory_mb", "fallback", b"fallback", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb", "_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "accelerator", b"accelerator", "device_memory_mb", b"device_memory_mb", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb", "_fallback", b"_fallback", "_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "accelerator", b"accelerator", "device_memory_mb", b"device_memory_mb", "fallback", b"fallback", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__device_memory_mb: _TypeAlias = _typing.Literal["device_memory_mb"]  # noqa: Y015
     _WhichOneofArgType__device_memory_mb: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb"]  # noqa: Y015
+    _WhichOneofReturnType__fallback: _TypeAlias = _typing.Literal["fallback"]  # noqa: Y015
+    _WhichOneofArgType__fallback: _TypeAlias = _typing.Literal["_fallback", b"_fallback"]  # noqa: Y015
     _WhichOneofReturnType__latency_budget_p95_ms: _TypeAlias = _typing.Literal["latency_budget_p95_ms"]  # noqa: Y015
     _WhichOneofArgType__latency_budget_p95_ms: _TypeAlias = _typing.Literal["_latency_budget_p95_ms", b"_latency_budget_p95_ms"]  # noqa: Y015
     _WhichOneofReturnType__max_memory_mb: _TypeAlias = _typing.Literal["max_memory_mb"]  # noqa: Y015
@@ -377,6 +410,8 @@ class ConstraintProfile(_message.Message):
     _WhichOneofArgType__threads: _TypeAlias = _typing.Literal["_threads", b"_threads"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__device_memory_mb) -> _WhichOneofReturnType__device_memory_mb | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fallback) -> _WhichOneofReturnType__fallback | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_budget_p95_ms) -> _WhichOneofReturnType__latency_budget_p95_ms | None: ...
     @_typing.overload
@@ -1052,6 +1087,7 @@ class ArtifactManifest(_message.Message):
     MAX_MEMORY_MB_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
     MEMORY_MB_FIELD_NUMBER: _builtins.int
+    FALLBACK_MANIFEST_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
@@ -1081,6 +1117,13 @@ class ArtifactManifest(_message.Message):
     memory_mb: _builtins.float
     """The artifact's peak memory (MB) as the build measured it; what a
     device's memory budget (ConstraintProfile.device_memory_mb) adds up.
+    """
+    fallback_manifest: _builtins.bytes
+    """The class's lighter fallback artifact of the same version, if the class
+    asks for one (ConstraintProfile.fallback): a serialized ArtifactManifest
+    of its own (same model, version, class and build; its own candidate,
+    digest, size, golden samples, tolerances and memory), signed as part of
+    this manifest. Its own fallback_manifest is always empty.
     """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
@@ -1124,10 +1167,11 @@ class ArtifactManifest(_message.Message):
         max_memory_mb: _builtins.float = ...,
         threads: _builtins.int = ...,
         memory_mb: _builtins.float = ...,
+        fallback_manifest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "tensorrt", b"tensorrt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "build_id", b"build_id", "candidate", b"candidate", "class_name", b"class_name", "companion_sha256", b"companion_sha256", "created_at", b"created_at", "format_version", b"format_version", "golden", b"golden", "inputs", b"inputs", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "media_type", b"media_type", "memory_mb", b"memory_mb", "min_agreement", b"min_agreement", "min_runtime_versions", b"min_runtime_versions", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "precision", b"precision", "rtol", b"rtol", "runtime", b"runtime", "sha256", b"sha256", "size_bytes", b"size_bytes", "tensorrt", b"tensorrt", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "build_id", b"build_id", "candidate", b"candidate", "class_name", b"class_name", "companion_sha256", b"companion_sha256", "created_at", b"created_at", "fallback_manifest", b"fallback_manifest", "format_version", b"format_version", "golden", b"golden", "inputs", b"inputs", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "media_type", b"media_type", "memory_mb", b"memory_mb", "min_agreement", b"min_agreement", "min_runtime_versions", b"min_runtime_versions", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "precision", b"precision", "rtol", b"rtol", "runtime", b"runtime", "sha256", b"sha256", "size_bytes", b"size_bytes", "tensorrt", b"tensorrt", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

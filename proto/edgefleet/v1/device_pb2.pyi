@@ -703,6 +703,8 @@ class TelemetrySample(_message.Message):
     SHADOW_AGREEMENT_FIELD_NUMBER: _builtins.int
     SHADOW_MAX_DIFF_FIELD_NUMBER: _builtins.int
     SHADOW_LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    FALLBACK_REQUEST_COUNT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per-device monotonically increasing sequence number."""
     model_name: _builtins.str
@@ -741,6 +743,12 @@ class TelemetrySample(_message.Message):
     shadow_agreement: _builtins.float
     shadow_max_diff: _builtins.float
     shadow_latency_p95_ms: _builtins.float
+    variant: _common_pb2.ArtifactVariant.ValueType
+    """Which artifact of the version served at the end of the interval, and
+    how many of request_count the fallback artifact served (the power/thermal
+    policy switches between them; docs/power.md).
+    """
+    fallback_request_count: _builtins.int
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -770,10 +778,12 @@ class TelemetrySample(_message.Message):
         shadow_agreement: _builtins.float = ...,
         shadow_max_diff: _builtins.float = ...,
         shadow_latency_p95_ms: _builtins.float = ...,
+        variant: _common_pb2.ArtifactVariant.ValueType = ...,
+        fallback_request_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "temperature_c", b"temperature_c"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "concurrency_limit", b"concurrency_limit", "cpu_percent", b"cpu_percent", "dropped_samples", b"dropped_samples", "error_count", b"error_count", "latency_max_ms", b"latency_max_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_name", b"model_name", "model_version", b"model_version", "power_mode", b"power_mode", "request_count", b"request_count", "seq", b"seq", "shadow_agreement", b"shadow_agreement", "shadow_latency_p95_ms", b"shadow_latency_p95_ms", "shadow_max_diff", b"shadow_max_diff", "shadow_requests", b"shadow_requests", "shadow_version", b"shadow_version", "system_memory_percent", b"system_memory_percent", "temperature_c", b"temperature_c", "timeout_count", b"timeout_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "concurrency_limit", b"concurrency_limit", "cpu_percent", b"cpu_percent", "dropped_samples", b"dropped_samples", "error_count", b"error_count", "fallback_request_count", b"fallback_request_count", "latency_max_ms", b"latency_max_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_name", b"model_name", "model_version", b"model_version", "power_mode", b"power_mode", "request_count", b"request_count", "seq", b"seq", "shadow_agreement", b"shadow_agreement", "shadow_latency_p95_ms", b"shadow_latency_p95_ms", "shadow_max_diff", b"shadow_max_diff", "shadow_requests", b"shadow_requests", "shadow_version", b"shadow_version", "system_memory_percent", b"system_memory_percent", "temperature_c", b"temperature_c", "timeout_count", b"timeout_count", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__battery_percent: _TypeAlias = _typing.Literal["battery_percent"]  # noqa: Y015
     _WhichOneofArgType__battery_percent: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent"]  # noqa: Y015

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgefleet.v1 import common_pb2 as edgefleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64gefleet/v1/inference.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\"N\n\x0ePredictRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.edgefleet.v1.TensorData\"g\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.edgefleet.v1.TensorData\"-\n\x17GetModelMetadataRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"\xb9\x01\n\rModelMetadata\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x03 \x01(\t\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12(\n\x06inputs\x18\x05 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12)\n\x07outputs\x18\x06 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\"\x97\x01\n\rFramedRequest\x12/\n\x07predict\x18\x01 \x01(\x0b\x32\x1c.edgefleet.v1.PredictRequestH\x00\x12\x39\n\x08metadata\x18\x02 \x01(\x0b\x32%.edgefleet.v1.GetModelMetadataRequestH\x00\x12\x12\n\ntimeout_us\x18\x03 \x01(\x04\x42\x06\n\x04\x63\x61ll\"\xa9\x01\n\x0e\x46ramedResponse\x12\x30\n\x07predict\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.PredictResponseH\x00\x12/\n\x08metadata\x18\x02 \x01(\x0b\x32\x1b.edgefleet.v1.ModelMetadataH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.edgefleet.v1.FramedErrorH\x00\x42\x08\n\x06result\",\n\x0b\x46ramedError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t2\xb2\x01\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.edgefleet.v1.PredictRequest\x1a\x1d.edgefleet.v1.PredictResponse\x12V\n\x10GetModelMetadata\x12%.edgefleet.v1.GetModelMetadataRequest\x1a\x1b.edgefleet.v1.ModelMetadataBc\n\x0fio.edgefleet.v1B\x0eInferenceProtoP\x01Z>github.com/edgefleet/edgefleet/gen/go/edgefleet/v1;edgefleetv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64gefleet/v1/inference.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\"N\n\x0ePredictRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.edgefleet.v1.TensorData\"\x97\x01\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.edgefleet.v1.TensorData\x12.\n\x07variant\x18\x04 \x01(\x0e\x32\x1d.edgefleet.v1.ArtifactVariant\"-\n\x17GetModelMetadataRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"\x82\x02\n\rModelMetadata\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x03 \x01(\t\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12(\n\x06inputs\x18\x05 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12)\n\x07outputs\x18\x06 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12.\n\x07variant\x18\x07 \x01(\x0e\x32\x1d.edgefleet.v1.ArtifactVariant\x12\x17\n\x0f\x66\x61llback_digest\x18\x08 \x01(\t\"\x97\x01\n\rFramedRequest\x12/\n\x07predict\x18\x01 \x01(\x0b\x32\x1c.edgefleet.v1.PredictRequestH\x00\x12\x39\n\x08metadata\x18\x02 \x01(\x0b\x32%.edgefleet.v1.GetModelMetadataRequestH\x00\x12\x12\n\ntimeout_us\x18\x03 \x01(\x04\x42\x06\n\x04\x63\x61ll\"\xa9\x01\n\x0e\x46ramedResponse\x12\x30\n\x07predict\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.PredictResponseH\x00\x12/\n\x08metadata\x18\x02 \x01(\x0b\x32\x1b.edgefleet.v1.ModelMetadataH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.edgefleet.v1.FramedErrorH\x00\x42\x08\n\x06result\",\n\x0b\x46ramedError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t2\xb2\x01\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.edgefleet.v1.PredictRequest\x1a\x1d.edgefleet.v1.PredictResponse\x12V\n\x10GetModelMetadata\x12%.edgefleet.v1.GetModelMetadataRequest\x1a\x1b.edgefleet.v1.ModelMetadataBc\n\x0fio.edgefleet.v1B\x0eInferenceProtoP\x01Z>github.com/edgefleet/edgefleet/gen/go/edgefleet/v1;edgefleetv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,18 +35,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\017io.edgefleet.v1B\016InferenceProtoP\001Z>github.com/edgefleet/edgefleet/gen/go/edgefleet/v1;edgefleetv1'
   _globals['_PREDICTREQUEST']._serialized_start=73
   _globals['_PREDICTREQUEST']._serialized_end=151
-  _globals['_PREDICTRESPONSE']._serialized_start=153
-  _globals['_PREDICTRESPONSE']._serialized_end=256
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=258
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=303
-  _globals['_MODELMETADATA']._serialized_start=306
-  _globals['_MODELMETADATA']._serialized_end=491
-  _globals['_FRAMEDREQUEST']._serialized_start=494
-  _globals['_FRAMEDREQUEST']._serialized_end=645
-  _globals['_FRAMEDRESPONSE']._serialized_start=648
-  _globals['_FRAMEDRESPONSE']._serialized_end=817
-  _globals['_FRAMEDERROR']._serialized_start=819
-  _globals['_FRAMEDERROR']._serialized_end=863
-  _globals['_INFERENCESERVICE']._serialized_start=866
-  _globals['_INFERENCESERVICE']._serialized_end=1044
+  _globals['_PREDICTRESPONSE']._serialized_start=154
+  _globals['_PREDICTRESPONSE']._serialized_end=305
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=307
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=352
+  _globals['_MODELMETADATA']._serialized_start=355
+  _globals['_MODELMETADATA']._serialized_end=613
+  _globals['_FRAMEDREQUEST']._serialized_start=616
+  _globals['_FRAMEDREQUEST']._serialized_end=767
+  _globals['_FRAMEDRESPONSE']._serialized_start=770
+  _globals['_FRAMEDRESPONSE']._serialized_end=939
+  _globals['_FRAMEDERROR']._serialized_start=941
+  _globals['_FRAMEDERROR']._serialized_end=985
+  _globals['_INFERENCESERVICE']._serialized_start=988
+  _globals['_INFERENCESERVICE']._serialized_end=1166
 # @@protoc_insertion_point(module_scope)

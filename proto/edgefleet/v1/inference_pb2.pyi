@@ -81,9 +81,14 @@ class PredictResponse(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
     """The version that served this request (a swap may happen between calls)."""
+    variant: _common_pb2.ArtifactVariant.ValueType
+    """Which artifact of that version served it: the primary, or the lighter
+    fallback the power/thermal policy switched to.
+    """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorData]:
         """The ONNX model's outputs, in its output order and layout."""
@@ -94,10 +99,11 @@ class PredictResponse(_message.Message):
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
         outputs: _abc.Iterable[_common_pb2.TensorData] | None = ...,
+        variant: _common_pb2.ArtifactVariant.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -132,12 +138,19 @@ class ModelMetadata(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    FALLBACK_DIGEST_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
     artifact_digest: _builtins.str
     """sha256 of the artifact being served."""
     runtime: _builtins.str
     """"onnxruntime", "tflite" or "tensorrt"."""
+    variant: _common_pb2.ArtifactVariant.ValueType
+    """Which artifact serves now (artifact_digest is its digest), and the
+    fallback's digest when the version has one.
+    """
+    fallback_digest: _builtins.str
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorSpec]:
         """The inputs as this device accepts them: the model's spec, with the
@@ -156,10 +169,12 @@ class ModelMetadata(_message.Message):
         runtime: _builtins.str = ...,
         inputs: _abc.Iterable[_common_pb2.TensorSpec] | None = ...,
         outputs: _abc.Iterable[_common_pb2.TensorSpec] | None = ...,
+        variant: _common_pb2.ArtifactVariant.ValueType = ...,
+        fallback_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "inputs", b"inputs", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "fallback_digest", b"fallback_digest", "inputs", b"inputs", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "runtime", b"runtime", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1552,6 +1552,7 @@ class BuildCandidate(_message.Message):
     LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"fp32-opt", "fp16", "int8-dynamic", "int8-static-qdq", "tflite-int8", ..."""
     quantization: _common_pb2.Quantization.ValueType
@@ -1570,6 +1571,8 @@ class BuildCandidate(_message.Message):
     runtime: _common_pb2.Runtime.ValueType
     error: _builtins.str
     """Set when the candidate could not be built or run at all."""
+    fallback: _builtins.bool
+    """Published as the build's lighter fallback artifact (ConstraintProfile.fallback)."""
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Each constraint missed, and by how much."""
@@ -1592,10 +1595,11 @@ class BuildCandidate(_message.Message):
         latency_p50_ms: _builtins.float = ...,
         runtime: _common_pb2.Runtime.ValueType = ...,
         error: _builtins.str = ...,
+        fallback: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "accuracy", b"accuracy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "accuracy", b"accuracy", "agreement", b"agreement", "artifact_digest", b"artifact_digest", "chosen", b"chosen", "error", b"error", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "max_abs_diff", b"max_abs_diff", "name", b"name", "passed", b"passed", "peak_memory_mb", b"peak_memory_mb", "quantization", b"quantization", "reasons", b"reasons", "runtime", b"runtime", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "accuracy", b"accuracy", "agreement", b"agreement", "artifact_digest", b"artifact_digest", "chosen", b"chosen", "error", b"error", "fallback", b"fallback", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "max_abs_diff", b"max_abs_diff", "name", b"name", "passed", b"passed", "peak_memory_mb", b"peak_memory_mb", "quantization", b"quantization", "reasons", b"reasons", "runtime", b"runtime", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__accuracy: _TypeAlias = _typing.Literal["accuracy"]  # noqa: Y015
     _WhichOneofArgType__accuracy: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy"]  # noqa: Y015
@@ -1624,6 +1628,9 @@ class Build(_message.Message):
     DEDUP_KEY_FIELD_NUMBER: _builtins.int
     REUSED_FROM_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
+    FALLBACK_DIGEST_FIELD_NUMBER: _builtins.int
+    FALLBACK_SIZE_FIELD_NUMBER: _builtins.int
+    FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -1642,6 +1649,12 @@ class Build(_message.Message):
     """This build reused the result of the build with this id."""
     duration_s: _builtins.float
     """Seconds the build took (0 for a reused result)."""
+    fallback_digest: _builtins.str
+    """The lighter fallback artifact, when the class asks for one and a
+    candidate qualifies; otherwise, when asked, why there is none.
+    """
+    fallback_size: _builtins.int
+    fallback_reason: _builtins.str
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___BuildCandidate]: ...
     @_builtins.property
@@ -1670,10 +1683,13 @@ class Build(_message.Message):
         dedup_key: _builtins.str = ...,
         reused_from: _builtins.str = ...,
         duration_s: _builtins.float = ...,
+        fallback_digest: _builtins.str = ...,
+        fallback_size: _builtins.int = ...,
+        fallback_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "candidates", b"candidates", "class_name", b"class_name", "created_at", b"created_at", "dedup_key", b"dedup_key", "duration_s", b"duration_s", "error", b"error", "finished_at", b"finished_at", "id", b"id", "log", b"log", "model_name", b"model_name", "model_version", b"model_version", "progress", b"progress", "reused_from", b"reused_from", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "candidates", b"candidates", "class_name", b"class_name", "created_at", b"created_at", "dedup_key", b"dedup_key", "duration_s", b"duration_s", "error", b"error", "fallback_digest", b"fallback_digest", "fallback_reason", b"fallback_reason", "fallback_size", b"fallback_size", "finished_at", b"finished_at", "id", b"id", "log", b"log", "model_name", b"model_name", "model_version", b"model_version", "progress", b"progress", "reused_from", b"reused_from", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1807,10 +1823,13 @@ class Artifact(_message.Message):
     SIGNED_MANIFEST_FIELD_NUMBER: _builtins.int
     BUILD_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    FALLBACK_DIGEST_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     size_bytes: _builtins.int
     media_type: _builtins.str
     build_id: _builtins.str
+    fallback_digest: _builtins.str
+    """The lighter fallback shipped with it (manifest.fallback_manifest), if any."""
     @_builtins.property
     def manifest(self) -> _common_pb2.ArtifactManifest: ...
     @_builtins.property
@@ -1827,10 +1846,11 @@ class Artifact(_message.Message):
         signed_manifest: _common_pb2.SignedManifest | None = ...,
         build_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        fallback_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "manifest", b"manifest", "signed_manifest", b"signed_manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "created_at", b"created_at", "digest", b"digest", "manifest", b"manifest", "media_type", b"media_type", "signed_manifest", b"signed_manifest", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "created_at", b"created_at", "digest", b"digest", "fallback_digest", b"fallback_digest", "manifest", b"manifest", "media_type", b"media_type", "signed_manifest", b"signed_manifest", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,54 @@
+"""lighter fallback artifacts: a class's fallback precision, a build's
+fallback digest (or why it has none), an artifact's fallback digest
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-12-06 15:00:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0011"
+down_revision: str | None = "0010"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("device_classes", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("fallback", sa.String(length=8), server_default="", nullable=False)
+        )
+    with op.batch_alter_table("builds", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("fallback_digest", sa.String(length=64), nullable=True))
+        batch_op.add_column(
+            sa.Column("fallback_reason", sa.Text(), server_default="", nullable=False)
+        )
+        batch_op.create_foreign_key(
+            batch_op.f("fk_builds_fallback_digest_blobs"), "blobs", ["fallback_digest"], ["digest"]
+        )
+    with op.batch_alter_table("artifacts", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("fallback_digest", sa.String(length=64), nullable=True))
+        batch_op.create_index(batch_op.f("ix_artifacts_fallback_digest"), ["fallback_digest"])
+        batch_op.create_foreign_key(
+            batch_op.f("fk_artifacts_fallback_digest_blobs"), "blobs", ["fallback_digest"],
+            ["digest"],
+        )  # fmt: skip
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("artifacts", schema=None) as batch_op:
+        batch_op.drop_constraint(
+            batch_op.f("fk_artifacts_fallback_digest_blobs"), type_="foreignkey"
+        )
+        batch_op.drop_index(batch_op.f("ix_artifacts_fallback_digest"))
+        batch_op.drop_column("fallback_digest")
+    with op.batch_alter_table("builds", schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f("fk_builds_fallback_digest_blobs"), type_="foreignkey")
+        batch_op.drop_column("fallback_reason")
+        batch_op.drop_column("fallback_digest")
+    with op.batch_alter_table("device_classes", schema=None) as batch_op:
+        batch_op.drop_column("fallback")

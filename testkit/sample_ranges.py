@@ -18,6 +18,7 @@ OUT_OF_RANGE: list[tuple[str, Any, str]] = [
     ("timeout_count", 2**63, "between 0 and 1,000,000,000"),
     ("dropped_samples", INT64_MAX, "between 0 and 1,000,000,000"),
     ("shadow_requests", UINT64_MAX - 1, "between 0 and 1,000,000,000"),
+    ("fallback_request_count", UINT64_MAX - 1, "between 0 and 1,000,000,000"),
     ("latency_p50_ms", NAN, "between 0 and 86,400,000"),
     ("latency_p95_ms", INF, "between 0 and 86,400,000"),
     ("latency_p99_ms", -1.0, "between 0 and 86,400,000"),

@@ -478,6 +478,14 @@ def _number(text: str, what: str, cast: Callable[[str], T]) -> T | None:
         raise InputError(f"{what}: {text!r} is not a number") from None
 
 
+def _fallback(text: str) -> str:
+    """A fallback precision as the form takes it ("" or none: no fallback)."""
+    value = text.strip().lower() or "none"
+    if value not in ("none", "fp16", "int8", "auto"):
+        raise ValueError("none, fp16, int8 or auto (an fp32 artifact is never lighter)")
+    return value
+
+
 def class_request_parts(
     draft: d.ClassDraft,
 ) -> tuple[str, c.ConstraintProfile, list[c.MatchRule], int]:
@@ -495,6 +503,8 @@ def class_request_parts(
         latency_budget_ms=_number(draft.latency_budget_ms, "latency budget", float),
         max_memory_mb=_number(draft.max_memory_mb, "max memory", float),
         device_memory_mb=_number(draft.device_memory_mb, "device memory", float),
+        # Always sent: the form shows the class's fallback, so empty means none.
+        fallback=_parse(_fallback, draft.fallback, "fallback"),
         accelerator=draft.accelerator.strip() or None,
         min_accuracy_retention=_number(draft.min_accuracy_retention, "accuracy retention", float),
         threads=_number(draft.threads, "threads", int),
@@ -597,6 +607,7 @@ def class_from_pb(m: c.DeviceClass) -> d.DeviceClass:
         max_model_size_mb=opt("max_model_size_mb"),
         latency_budget_p95_ms=opt("latency_budget_p95_ms"), max_memory_mb=opt("max_memory_mb"),
         device_memory_mb=opt("device_memory_mb"),
+        fallback=_enum(c.Quantization, k.fallback) if opt("fallback") else "",
         min_accuracy_retention=opt("min_accuracy_retention"), accelerator=k.accelerator,
         threads=opt("threads"), speed_factor=opt("speed_factor"),
         microcontroller=bool(opt("microcontroller")),

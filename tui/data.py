@@ -153,6 +153,8 @@ class DeviceClass:
     latency_budget_p95_ms: float | None = None
     max_memory_mb: float | None = None
     device_memory_mb: float | None = None
+    # The lighter fallback artifact's precision ("": none).
+    fallback: str = ""
     min_accuracy_retention: float | None = None
     accelerator: str = ""
     threads: int | None = None
@@ -177,6 +179,7 @@ class ClassDraft:
     latency_budget_ms: str = ""
     max_memory_mb: str = ""
     device_memory_mb: str = ""
+    fallback: str = ""
     min_accuracy_retention: str = ""
     accelerator: str = ""
     threads: str = ""

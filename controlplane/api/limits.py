@@ -40,7 +40,8 @@ Where it runs: the rpc decorator (api/rpc.py) checks every unary request
 after authentication; the streaming handlers check their messages (Sync's
 Hello and status reports, PushModel's header); a telemetry upload's samples
 are checked as rows once converted (CHECKED_AS_ROWS, `check_rows`, their
-numbers included), before the upload joins a group commit. `clip` cuts a
+numbers included; the conversion refuses a variant number it does not
+know), before the upload joins a group commit. `clip` cuts a
 message down to the same limits; list responses use it on a row stored
 before the limits that would not fit in a response on its own
 (api/paging.py)."""
@@ -320,6 +321,7 @@ RANGES: dict[str, Range] = {
     "TelemetrySample.timeout_count": COUNT,  # and at most error_count
     "TelemetrySample.dropped_samples": COUNT,
     "TelemetrySample.shadow_requests": COUNT,
+    "TelemetrySample.fallback_request_count": COUNT,  # and at most request_count
     "TelemetrySample.latency_p50_ms": LATENCY_MS,  # and p50 <= p95 <= p99 <= max
     "TelemetrySample.latency_p95_ms": LATENCY_MS,
     "TelemetrySample.latency_p99_ms": LATENCY_MS,

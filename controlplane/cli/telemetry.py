@@ -71,10 +71,12 @@ def telemetry_query(
     """Query METRIC bucketed over time: latency-p50-ms, latency-p95-ms,
     latency-p99-ms, latency-max-ms, error-rate, timeout-rate, request-rate,
     request-count, error-count, memory-mb, cpu-percent, dropped-samples,
-    system-memory-percent, temperature-c or battery-percent.
+    system-memory-percent, temperature-c, battery-percent,
+    fallback-request-count or fallback-share.
 
     Latency percentiles are the worst device-interval in each bucket; rates
-    are sums over sums (errors / requests); memory, system memory and
+    and the fallback share are sums over sums (errors / requests, requests
+    the lighter fallback artifact served / requests); memory, system memory and
     temperature are the maximum, battery the minimum, cpu the mean. Buckets
     without samples are left out. Telemetry older than the server's
     retention is kept as hourly rollups: there, points are per hour."""

@@ -391,6 +391,11 @@ class TelemetryRow(Base):
     shadow_agreement: Mapped[float] = mapped_column(Float, server_default="0")
     shadow_max_diff: Mapped[float] = mapped_column(Float, server_default="0")
     shadow_latency_p95_ms: Mapped[float] = mapped_column(Float, server_default="0")
+    # Which artifact of the version served at the end of the interval
+    # ("primary", "fallback"; "": the agent did not say) and how many of
+    # request_count the lighter fallback served (0011).
+    variant: Mapped[str] = mapped_column(String(16), server_default="")
+    fallback_request_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class DeviceAssignmentRow(Base):
@@ -501,6 +506,9 @@ class TelemetryRollupRow(Base):
     # tightest concurrency limit it set (None: never limited).
     limited_samples: Mapped[int] = mapped_column(BigInteger)
     min_concurrency_limit: Mapped[int | None] = mapped_column(Integer)
+    # Requests the lighter fallback artifact served (0011; a sum, like
+    # request_count). Which artifact served at each sample's end is not kept.
+    fallback_request_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class TelemetryWatermarkRow(Base):

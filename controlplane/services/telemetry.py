@@ -28,6 +28,12 @@ Percentiles cannot be merged exactly (see TelemetryRollupRow): a rollup keeps
 the request-weighted mean of each latency percentile and, for queries, its
 maximum.
 
+Which artifact served (a device class's lighter fallback, served while the
+agent's power/thermal policy asks for less work): a sample's variant is
+the artifact serving at the end of its interval, kept on raw rows only;
+its fallback_request_count is a count like request_count (at most it),
+summed into the rollups, so it means the same over either kind of row.
+
 Queries bucket samples over time by `step` and aggregate in SQL, over raw
 rows and rollup rows together (UNION ALL in one statement, so one snapshot:
 nothing is missed or counted twice while the job moves rows). Rollup rows
@@ -130,6 +136,9 @@ ROW_GAUGE_CAP = 1e12
 _ROLLUP_COUNT_CAP = 2**62
 # Power modes that mean "not limited" ("" from agents that predate the field).
 UNLIMITED_MODES = ("", "normal")
+# A sample's variant: which artifact served ("": the agent did not say).
+PRIMARY, FALLBACK = "primary", "fallback"
+VARIANTS = frozenset({"", PRIMARY, FALLBACK})
 
 GROUP_BY = ("", "model_version", "class", "device")
 
@@ -173,6 +182,10 @@ class Sample(NamedTuple):
     shadow_agreement: float = 0.0
     shadow_max_diff: float = 0.0
     shadow_latency_p95_ms: float = 0.0
+    # Which artifact of the version served at the end of the interval (one
+    # of VARIANTS) and how many of request_count its lighter fallback served.
+    variant: str = ""
+    fallback_request_count: int = 0
 
     @property
     def at(self) -> dt.datetime:
@@ -243,9 +256,15 @@ METRICS: dict[str, Callable[[Any, float], ColumnElement[Any]]] = {
     "system_memory_percent": lambda u, _: func.max(u.system_memory_percent),
     "temperature_c": lambda u, _: func.max(u.temperature_c),
     "battery_percent": lambda u, _: func.min(u.battery_percent),
+    # The lighter fallback artifact's share of the work (docs/power.md); like
+    # the error rate, a bucket without requests has no share.
+    "fallback_request_count": lambda u, _: float_sum(u.fallback_request_count),
+    "fallback_share": lambda u, _: _ratio(u.fallback_request_count, u.request_count),
 }
 
-_COUNTS = ("request_count", "error_count", "timeout_count", "dropped_samples")
+_COUNTS = (
+    "request_count", "error_count", "timeout_count", "dropped_samples", "fallback_request_count",
+)  # fmt: skip
 _GAUGES = (
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms", "memory_mb",
     "cpu_percent", "system_memory_percent",
@@ -297,6 +316,16 @@ def validate_sample(sample: Sample, now_ms: int) -> None:
         raise InvalidArgument(f"{where}: error_count exceeds request_count")
     if sample.timeout_count > sample.error_count:
         raise InvalidArgument(f"{where}: timeout_count exceeds error_count (timeouts are errors)")
+    if sample.fallback_request_count > sample.request_count:
+        raise InvalidArgument(
+            f"{where}: fallback_request_count exceeds request_count (the fallback's requests "
+            "are some of the requests)"
+        )
+    if sample.variant not in VARIANTS:
+        raise InvalidArgument(
+            f"{where}: variant is {sample.variant!r}; it must be {PRIMARY!r}, {FALLBACK!r} "
+            "or '' (not said)"
+        )
     for name in _CHECKED_GAUGES:
         value = getattr(sample, name)
         if not (math.isfinite(value) and value >= 0):
@@ -340,6 +369,8 @@ def validate_batch(samples: Sequence[Sample], now_ms: int) -> None:
         and all(_bounded(columns[name], 0, _MAX_INT) for name in _CHECKED_COUNTS)
         and all(map(le, columns["error_count"], columns["request_count"]))
         and all(map(le, columns["timeout_count"], columns["error_count"]))
+        and all(map(le, columns["fallback_request_count"], columns["request_count"]))
+        and VARIANTS.issuperset(columns["variant"])
         # A finite sum means no NaN or infinity (checked first: min() and
         # max() are meaningless with a NaN among the values).
         and all(math.isfinite(sum(columns[n])) and min(columns[n]) >= 0 for n in _CHECKED_GAUGES)

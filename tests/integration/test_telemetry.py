@@ -46,6 +46,7 @@ from edgefleet.controlplane.services.telemetry import (
     TelemetryService,
     epoch_ms,
 )
+from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
 from edgefleet.v1 import operator_pb2 as o
@@ -472,7 +473,7 @@ def test_roll_up_aggregates_each_hour_and_deletes_the_raw_rows(
         "max_latency_p50_ms": 4.0, "max_latency_p95_ms": 30.0, "max_latency_p99_ms": 31.0,
         "latency_max_ms": 40.0, "memory_mb": 70.0, "cpu_percent": 30.0,
         "system_memory_percent": 60.0, "temperature_c": 55.0, "battery_percent": 75.0,
-        "limited_samples": 2, "min_concurrency_limit": 2,
+        "limited_samples": 2, "min_concurrency_limit": 2, "fallback_request_count": 0,
     })  # fmt: skip
     c = got[("dev-c", hour, "1.0.0")]
     assert (c["class_name"], c["sample_count"]) == ("jetson", 1)
@@ -754,6 +755,7 @@ async def test_every_sample_field_is_stored_and_the_new_metrics_are_queryable(
         system_memory_percent=55.5, temperature_c=61.25, battery_percent=33.0,
         power_mode="limited", concurrency_limit=2, shadow_version="1.1.0", shadow_requests=7,
         shadow_agreement=0.75, shadow_max_diff=0.125, shadow_latency_p95_ms=3.25,
+        variant=c.ARTIFACT_VARIANT_FALLBACK, fallback_request_count=12,
     )  # fmt: skip
     bare = telemetry_sample(2, at + dt.timedelta(seconds=5), system_memory_percent=70.0)
     resp = await dev.UploadTelemetry(
@@ -772,7 +774,7 @@ async def test_every_sample_field_is_stored_and_the_new_metrics_are_queryable(
         "system_memory_percent": 55.5, "temperature_c": 61.25, "battery_percent": 33.0,
         "power_mode": "limited", "concurrency_limit": 2, "shadow_version": "1.1.0",
         "shadow_requests": 7, "shadow_agreement": 0.75, "shadow_max_diff": 0.125,
-        "shadow_latency_p95_ms": 3.25,
+        "shadow_latency_p95_ms": 3.25, "variant": "fallback", "fallback_request_count": 12,
     }  # fmt: skip
     # No sensor: NULL, not 0 (a 0 % battery is a real reading).
     assert (stored[1]["temperature_c"], stored[1]["battery_percent"]) == (None, None)
@@ -786,6 +788,9 @@ async def test_every_sample_field_is_stored_and_the_new_metrics_are_queryable(
         (o.TELEMETRY_METRIC_SYSTEM_MEMORY_PERCENT, 70.0),
         (o.TELEMETRY_METRIC_TEMPERATURE_C, 61.25),
         (o.TELEMETRY_METRIC_BATTERY_PERCENT, 33.0),
+        (o.TELEMETRY_METRIC_FALLBACK_REQUEST_COUNT, 12.0),
+        # 12 of the two samples' 20 + 10 requests.
+        (o.TELEMETRY_METRIC_FALLBACK_SHARE, 0.4),
     ):
         query = o.QueryTelemetryRequest(metric=metric, start=start, end=end, step=step)
         got = await op.QueryTelemetry(query, metadata=ADMIN)

@@ -44,7 +44,7 @@ _NUMERIC = {
 
 def test_every_number_of_a_sample_has_a_range_and_every_range_names_a_field() -> None:
     numbers = [f.name for f in d.TelemetrySample.DESCRIPTOR.fields if f.type in _NUMERIC]
-    assert len(numbers) == 19
+    assert len(numbers) == 20
     missing = [n for n in numbers if f"TelemetrySample.{n}" not in limits.RANGES]
     assert missing == []
     assert limits.unknown_keys() == []
@@ -57,7 +57,10 @@ def test_no_sample_within_the_ranges_can_overflow_what_the_sql_sums() -> None:
     inside int64, and the caps the SQL clamps stored rows to are above every
     range: nothing a device may send now is clamped."""
     count = limits.RANGES["TelemetrySample.request_count"]
-    for name in ("error_count", "timeout_count", "dropped_samples", "shadow_requests"):
+    for name in (
+        "error_count", "timeout_count", "dropped_samples", "shadow_requests",
+        "fallback_request_count",
+    ):  # fmt: skip
         assert limits.RANGES[f"TelemetrySample.{name}"] == count
     assert count.high == 10**9
     # One device at the default telemetry rate (5 samples/s), every sample

@@ -214,6 +214,12 @@ class _TelemetryMetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Telem
     TELEMETRY_METRIC_TEMPERATURE_C: _TelemetryMetric.ValueType  # 14
     TELEMETRY_METRIC_BATTERY_PERCENT: _TelemetryMetric.ValueType  # 15
     """MIN over the samples."""
+    TELEMETRY_METRIC_FALLBACK_REQUEST_COUNT: _TelemetryMetric.ValueType  # 16
+    """Requests the lighter fallback artifact served (TelemetrySample.
+    fallback_request_count), summed like REQUEST_COUNT.
+    """
+    TELEMETRY_METRIC_FALLBACK_SHARE: _TelemetryMetric.ValueType  # 17
+    """fallback requests / requests over the bucket, 0..1 (0 without requests)."""
 
 class TelemetryMetric(_TelemetryMetric, metaclass=_TelemetryMetricEnumTypeWrapper):
     """---------------------------------------------------------------- telemetry
@@ -251,6 +257,12 @@ TELEMETRY_METRIC_SYSTEM_MEMORY_PERCENT: TelemetryMetric.ValueType  # 13
 TELEMETRY_METRIC_TEMPERATURE_C: TelemetryMetric.ValueType  # 14
 TELEMETRY_METRIC_BATTERY_PERCENT: TelemetryMetric.ValueType  # 15
 """MIN over the samples."""
+TELEMETRY_METRIC_FALLBACK_REQUEST_COUNT: TelemetryMetric.ValueType  # 16
+"""Requests the lighter fallback artifact served (TelemetrySample.
+fallback_request_count), summed like REQUEST_COUNT.
+"""
+TELEMETRY_METRIC_FALLBACK_SHARE: TelemetryMetric.ValueType  # 17
+"""fallback requests / requests over the bucket, 0..1 (0 without requests)."""
 Global___TelemetryMetric: _TypeAlias = TelemetryMetric  # noqa: Y015
 
 class _TelemetryGroupBy:

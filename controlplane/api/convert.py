@@ -30,7 +30,7 @@ from edgefleet.controlplane.services.devices import DeviceView
 from edgefleet.controlplane.services.operator_tokens import OperatorTokenView
 from edgefleet.controlplane.services.registry import ModelSummary
 from edgefleet.controlplane.services.rollouts import Plan, RolloutView
-from edgefleet.controlplane.services.telemetry import Sample, Series
+from edgefleet.controlplane.services.telemetry import FALLBACK, PRIMARY, Sample, Series
 from edgefleet.controlplane.wire import rule_to_pb
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
@@ -479,6 +479,8 @@ def _candidate_to_pb(data: dict[str, Any]) -> o.BuildCandidate:
         chosen=bool(data.get("chosen")),
         runtime=RUNTIMES.get(data.get("runtime", ""), c.RUNTIME_UNSPECIFIED),
         error=data.get("error") or "",
+        # Reports stored before fallbacks existed have no such key.
+        fallback=bool(data.get("fallback")),
     )
 
 
@@ -505,6 +507,9 @@ def build_to_pb(view: BuildView) -> o.Build:
         dedup_key=row.dedup_key,
         reused_from=row.reused_from or "",
         duration_s=duration,
+        fallback_digest=row.fallback_digest or "",
+        fallback_size=view.fallback_size,
+        fallback_reason=row.fallback_reason or "",
     )
 
 
@@ -519,6 +524,7 @@ def artifact_to_pb(row: ArtifactRow) -> o.Artifact:
         ),
         build_id=row.build_id,
         created_at=ts(row.created_at),
+        fallback_digest=row.fallback_digest or "",
     )
 
 
@@ -553,6 +559,8 @@ TELEMETRY_METRICS = {
     o.TELEMETRY_METRIC_SYSTEM_MEMORY_PERCENT: "system_memory_percent",
     o.TELEMETRY_METRIC_TEMPERATURE_C: "temperature_c",
     o.TELEMETRY_METRIC_BATTERY_PERCENT: "battery_percent",
+    o.TELEMETRY_METRIC_FALLBACK_REQUEST_COUNT: "fallback_request_count",
+    o.TELEMETRY_METRIC_FALLBACK_SHARE: "fallback_share",
 }
 TELEMETRY_GROUPS = {
     o.TELEMETRY_GROUP_BY_UNSPECIFIED: "",
@@ -562,13 +570,28 @@ TELEMETRY_GROUPS = {
 }
 
 
+# ArtifactVariant -> a telemetry row's variant ("": the agent did not say).
+SAMPLE_VARIANTS = {
+    c.ARTIFACT_VARIANT_UNSPECIFIED: "",
+    c.ARTIFACT_VARIANT_PRIMARY: PRIMARY,
+    c.ARTIFACT_VARIANT_FALLBACK: FALLBACK,
+}
+
+
 def sample_from_pb(msg: d.TelemetrySample) -> Sample:
     """The service's Sample. Hot (500 per upload): epoch milliseconds come
     straight from the Timestamp's fields (a datetime per sample cost more than
     the rest; the service refuses times outside its window, an unset one
     included), and the fields go positionally, in Sample's order (keywords
-    cost 30 % more); a test round-trips every field."""
+    cost 30 % more); a test round-trips every field. A variant number this
+    server does not know (proto3 enums are open) is INVALID_ARGUMENT."""
     at = msg.at
+    variant = SAMPLE_VARIANTS.get(msg.variant)
+    if variant is None:
+        raise InvalidArgument(
+            f"sample seq={msg.seq}: unknown variant {msg.variant}: one of "
+            + ", ".join(f"{n} ({c.ArtifactVariant.Name(n)})" for n in SAMPLE_VARIANTS)
+        )
     return Sample(
         msg.seq,
         at.seconds * 1000 + at.nanos // 1_000_000,
@@ -594,6 +617,8 @@ def sample_from_pb(msg: d.TelemetrySample) -> Sample:
         msg.shadow_agreement,
         msg.shadow_max_diff,
         msg.shadow_latency_p95_ms,
+        variant,
+        msg.fallback_request_count,
     )
 
 

@@ -3,10 +3,12 @@ candidate measured and judged out, with the chosen artifact's golden
 samples and tolerances for its manifest.
 
 inspect -> samples -> fp32 reference outputs -> the runtime's ladder ->
-measure each candidate -> verdict -> golden samples."""
+measure each candidate -> verdict -> golden samples (of the chosen one, and
+of the lighter fallback when the class asks for one)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import time
@@ -27,11 +29,12 @@ from edgefleet.controlplane.build.types import (
     BuildResult,
     BuildTarget,
     Candidate,
+    Evaluated,
     Golden,
     GoldenSample,
     Measurement,
 )
-from edgefleet.controlplane.build.verdict import PRECISIONS, evaluate, retention
+from edgefleet.controlplane.build.verdict import PRECISIONS, evaluate, pick_fallback, retention
 from edgefleet.controlplane.domain.onnx_inspect import ModelInfo, TensorInfo, inspect_model
 from edgefleet.controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
 
@@ -173,8 +176,38 @@ def run_build(
         f"golden: {len(golden.samples)} samples, atol {golden.atol:.3g}, rtol {golden.rtol:.3g}, "
         f"min agreement {golden.min_agreement:.3f}; chosen keeps {basis} {kept:.4f} of fp32"
     )
+    fallback, fallback_reason = pick_fallback(evaluated, target)
+    fallback_golden = None
+    if fallback is not None:
+        evaluated = tuple(
+            dataclasses.replace(e, fallback=True) if e is fallback else e for e in evaluated
+        )
+        fallback_golden = goldens[fallback.candidate.name]
+        log(describe_fallback(fallback, chosen, fallback_golden))
+    elif fallback_reason:
+        # Not a failure: the primary ships; devices keep serving it when hot.
+        log(f"no {target.fallback} fallback: {fallback_reason}")
     step(1.0, f"chose {chosen.candidate.name}")
-    return BuildResult(evaluated, reference_accuracy, log=tuple(lines), golden=golden)
+    return BuildResult(
+        evaluated,
+        reference_accuracy,
+        log=tuple(lines),
+        golden=golden,
+        fallback_golden=fallback_golden,
+        fallback_reason=fallback_reason,
+    )
+
+
+def describe_fallback(fallback: Evaluated, chosen: Evaluated, golden: Golden) -> str:
+    """The log line of the fallback: what it saves against the primary."""
+    f, c = fallback.measurement, chosen.measurement
+    return (
+        f"fallback: {fallback.candidate.name}, {f.size_bytes:,} bytes "
+        f"({f.size_bytes / c.size_bytes:.0%} of {chosen.candidate.name}'s {c.size_bytes:,}), "
+        f"p95 {f.latency_p95_ms:.3f} ms vs {c.latency_p95_ms:.3f} ms, "
+        f"peak +{f.peak_memory_mb:.1f} MiB vs +{c.peak_memory_mb:.1f} MiB; "
+        f"golden: {len(golden.samples)} samples, atol {golden.atol:.3g}, rtol {golden.rtol:.3g}"
+    )
 
 
 def describe(m: Measurement) -> str:

@@ -132,6 +132,8 @@ class Evaluated:
     # Each constraint missed and by how much, e.g. "size 9.7 MB > max 4 MB (+143%)".
     reasons: tuple[str, ...] = ()
     chosen: bool = False
+    # Published as the class's lighter fallback artifact (verdict.pick_fallback).
+    fallback: bool = False
 
     @property
     def error(self) -> str:
@@ -191,14 +193,23 @@ class BuildJob:
 @dataclass(frozen=True)
 class BuildResult:
     """The result of one build: every candidate judged, in ladder order, at
-    most one of them chosen, and the chosen one's golden samples."""
+    most one of them chosen and at most one other the lighter fallback, and
+    the golden samples of each."""
 
     candidates: tuple[Evaluated, ...]
     reference_accuracy: float | None
     log: tuple[str, ...] = ()
     # None when nothing was chosen.
     golden: Golden | None = None
+    # The fallback's own golden samples; None when there is no fallback.
+    fallback_golden: Golden | None = None
+    # Why there is no fallback although the class asked for one ("" otherwise).
+    fallback_reason: str = ""
 
     @property
     def chosen(self) -> Evaluated | None:
         return next((e for e in self.candidates if e.chosen), None)
+
+    @property
+    def fallback(self) -> Evaluated | None:
+        return next((e for e in self.candidates if e.fallback), None)

@@ -1,6 +1,7 @@
 """The verdict: which measured candidates meet a device class's constraints,
-why each other one does not (with numbers and margins), and the one to ship.
-Pure functions over measurements; no files, no runtimes."""
+why each other one does not (with numbers and margins), the one to ship, and
+the lighter fallback to ship beside it when the class asks for one (or why
+there is none). Pure functions over measurements; no files, no runtimes."""
 
 from __future__ import annotations
 
@@ -143,3 +144,79 @@ def _over(value: float, limit: float) -> str:
         return "limit is 0"
     percent = (value - limit) / limit * 100
     return f"{percent:+.1f}%" if abs(percent) < 10 else f"{percent:+.0f}%"
+
+
+def pick_fallback(
+    evaluated: Sequence[Evaluated], target: BuildTarget
+) -> tuple[Evaluated | None, str]:
+    """The lighter fallback artifact the class asks for (`target.fallback`),
+    or None and why there is none ("" when the class asks for none).
+
+    The pool: candidates that passed every check of the class, other than
+    the chosen one, strictly smaller than it (smaller weights mean less
+    memory traffic, which is what a hot or battery-low device saves). With
+    fp16 or int8 only that precision counts; with auto the whole pool. Of
+    those, the fastest (p95), ties by size. Returns an element of
+    `evaluated` itself, not yet marked (Evaluated.fallback)."""
+    wanted = target.fallback
+    if not wanted:
+        return None, ""
+    chosen = next((e for e in evaluated if e.chosen), None)
+    if chosen is None:
+        return None, "no candidate was chosen, so there is no artifact to fall back from"
+    limit = chosen.measurement.size_bytes
+    lighter = [
+        e for e in evaluated if e is not chosen and e.passed and e.measurement.size_bytes < limit
+    ]
+    pool = [e for e in lighter if wanted == "auto" or e.candidate.precision == wanted]
+    if pool:
+        return _fastest(pool), ""
+    which = "" if wanted == "auto" else f"{wanted} "
+    of_wanted = [
+        e
+        for e in evaluated
+        if e is not chosen and (wanted == "auto" or e.candidate.precision == wanted)
+    ]
+    what = (
+        "; ".join(_lacks(e, limit) for e in of_wanted)
+        or f"the {target.runtime} ladder built no other {which}candidate"
+    )
+    if lighter:
+        # Another precision would do: say which, so the operator can choose.
+        hint = f"--fallback auto would pick {_fastest(lighter).candidate.name}"
+    else:
+        hint = f"{chosen.candidate.name} is already the lightest candidate that passes: set "
+        hint += "--fallback none"
+        failing = [
+            e.candidate.name
+            for e in evaluated
+            if not e.passed and not e.error and 0 < e.measurement.size_bytes < limit
+        ]
+        if failing:
+            verb = "fails" if len(failing) == 1 else "fail"
+            hint += f", or loosen the constraints {', '.join(failing)} {verb}"
+    return None, (
+        f"no {which}candidate passes and is smaller than the chosen "
+        f"{chosen.candidate.name} ({_bytes(limit)}): {what} ({hint})"
+    )
+
+
+def _fastest(pool: Sequence[Evaluated]) -> Evaluated:
+    return min(pool, key=lambda e: (e.measurement.latency_p95_ms, e.measurement.size_bytes))
+
+
+def _lacks(e: Evaluated, limit: int) -> str:
+    """Why one candidate is not the fallback: its size when it is not lighter
+    (then no check it fails matters), else the checks it fails."""
+    name, size = e.candidate.name, e.measurement.size_bytes
+    if not e.error and size >= limit:
+        return f"{name} is {_bytes(size)}, not smaller"
+    return f"{name} fails ({'; '.join(e.reasons) or e.error or 'failed'})"
+
+
+def _bytes(size: int) -> str:
+    """Artifact sizes as operators compare them: 11.7 KiB, 412 KiB, 9.71 MiB."""
+    if size < MIB:
+        kib = size / 1024
+        return f"{kib:.1f} KiB" if kib < 100 else f"{kib:.0f} KiB"
+    return f"{size / MIB:.2f} MiB"

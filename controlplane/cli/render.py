@@ -582,6 +582,17 @@ def chosen_candidate(b: operator_pb2.Build) -> str:
     return next((c.name for c in b.candidates if c.chosen), NONE)
 
 
+def fallback_cell(b: operator_pb2.Build) -> RenderableType:
+    """The lighter fallback the build shipped beside the chosen artifact (name,
+    digest, size), why there is none when the class asked for one, or `-`."""
+    if b.fallback_digest:
+        name = next((c.name for c in b.candidates if c.fallback), "?")
+        return f"{name} as {b.fallback_digest} ({format_bytes(b.fallback_size)})"
+    if b.fallback_reason:
+        return Text(f"none: {b.fallback_reason}", style="yellow")
+    return NONE
+
+
 def builds_table(builds: Sequence[operator_pb2.Build], now: datetime) -> Table:
     table = _table(
         "ID", "MODEL@VERSION", "CLASS", "STATE", "PROGRESS", "CHOSEN", "ARTIFACT", "CREATED",
@@ -604,9 +615,12 @@ def builds_table(builds: Sequence[operator_pb2.Build], now: datetime) -> Table:
 
 
 def candidate_verdict(c: operator_pb2.BuildCandidate) -> Text:
-    """`chosen` (shipped), `pass` (met every constraint) or `fail`."""
+    """`chosen` (shipped), `fallback` (shipped as the lighter fallback),
+    `pass` (met every constraint) or `fail`."""
     if c.chosen:
         return Text("chosen", style="bold green")
+    if c.fallback:
+        return Text("fallback", style="bold cyan")
     if c.passed:
         return Text("pass", style="green")
     return Text("fail", style="red")
@@ -725,6 +739,7 @@ def build_detail(b: operator_pb2.Build, now: datetime) -> RenderableType:
         ("duration", _duration_cell(b)),
         ("chosen", chosen_candidate(b)),
         ("artifact", b.artifact_digest or NONE),
+        ("fallback", fallback_cell(b)),
         ("dedup key", b.dedup_key or NONE),
         ("reused from", b.reused_from or NONE),
         ("error", Text(b.error, style="red") if b.error else NONE),
@@ -755,6 +770,11 @@ def build_report(builds: Sequence[operator_pb2.Build]) -> RenderableType:
                 f"\nshipping {chosen_candidate(b)} as {short_digest(b.artifact_digest)}"
                 + (f", reused from build {short_id(b.reused_from)}" if b.reused_from else "")
             )
+            if b.fallback_digest:
+                name = next((c.name for c in b.candidates if c.fallback), "?")
+                head.append(f"\nfallback {name} as {short_digest(b.fallback_digest)}")
+            elif b.fallback_reason:
+                head.append(f"\nno fallback: {b.fallback_reason}", style="yellow")
         if b.error:
             head.append(f"\n{b.error}", style="red")
         parts += [head, candidates_table(b.candidates) if b.candidates else Text(), Text()]
@@ -801,6 +821,23 @@ def format_tensorrt(spec: common_pb2.TensorRTBuildSpec) -> str:
     return "\n".join([head, *ranges])
 
 
+def _fallback_artifact(a: operator_pb2.Artifact) -> str:
+    """The lighter fallback shipped with the artifact: its digest, and what
+    its nested manifest says it is."""
+    if not a.fallback_digest:
+        return NONE
+    nested = common_pb2.ArtifactManifest.FromString(a.manifest.fallback_manifest)
+    what = ", ".join(
+        (
+            nested.candidate or "?",
+            enum_name(common_pb2.Quantization, nested.precision),
+            format_bytes(nested.size_bytes),
+            f"{len(nested.golden)} golden samples",
+        )
+    )
+    return f"{a.fallback_digest}\n{what}"
+
+
 def artifact_detail(a: operator_pb2.Artifact) -> RenderableType:
     m = a.manifest
     runtimes = ", ".join(f"{k}>={v}" for k, v in sorted(m.min_runtime_versions.items()))
@@ -824,6 +861,7 @@ def artifact_detail(a: operator_pb2.Artifact) -> RenderableType:
         ("min runtimes", runtimes or NONE),
         ("tensorrt", format_tensorrt(m.tensorrt) if m.HasField("tensorrt") else NONE),
         ("companion", m.companion_sha256 or NONE),
+        ("fallback", _fallback_artifact(a)),
         ("build", m.build_id or a.build_id or NONE),
         ("signed by", f"key {a.signed_manifest.key_id}" if a.signed_manifest.key_id else NONE),
         ("manifest format", str(m.format_version)),

@@ -3,7 +3,7 @@ device may download."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from edgefleet.controlplane.db.models import ArtifactRow, BuildRow, DeviceRow
 from edgefleet.controlplane.db.uow import Database
@@ -52,9 +52,9 @@ class ArtifactService:
 
     def open_for_device(self, device_id: str, digest: str) -> BlobFile:
         """A blob the device may download, open and verified against its
-        digest (BlobStore.open): the artifact (or its companion) of a
-        successful build for the device's class. Rollouts (issue 5) add
-        explicit assignments. The caller closes it."""
+        digest (BlobStore.open): the artifact, its companion or its lighter
+        fallback, of a successful build for the device's class. Rollouts
+        (issue 5) add explicit assignments. The caller closes it."""
         if not valid_digest(digest):
             raise InvalidArgument("digest must be 64 lowercase hex characters (sha256)")
         with self._db.unit_of_work(readonly=True) as uow:
@@ -63,23 +63,35 @@ class ArtifactService:
                 raise FailedPrecondition(
                     f"device {device_id} is {device.state}; only accepted devices receive work"
                 )
-            artifact = digest
             known = uow.session.scalar(
-                select(ArtifactRow.id).where(ArtifactRow.digest == digest).limit(1)
+                select(ArtifactRow.id)
+                .where(
+                    or_(
+                        ArtifactRow.digest == digest,
+                        ArtifactRow.companion_digest == digest,
+                        ArtifactRow.fallback_digest == digest,
+                    )
+                )
+                .limit(1)
             )
             if known is None:
-                owner = uow.session.scalar(
-                    select(ArtifactRow.digest)
-                    .where(ArtifactRow.companion_digest == digest)
-                    .limit(1)
-                )
-                if owner is None:
-                    raise NotFound(f"no artifact with digest {digest}")
-                artifact = owner
+                raise NotFound(f"no artifact with digest {digest}")
+            # The same bytes may be one class's artifact and another's
+            # fallback (or companion): the device may have them when any
+            # build for its own class ships them, in any of those roles.
+            with_companion = select(ArtifactRow.digest).where(
+                ArtifactRow.companion_digest == digest
+            )
             allowed = uow.session.scalar(
                 select(BuildRow.id)
-                .where(BuildRow.artifact_digest == artifact, BuildRow.state == SUCCEEDED)
-                .where(BuildRow.class_id == device.class_id)
+                .where(BuildRow.state == SUCCEEDED, BuildRow.class_id == device.class_id)
+                .where(
+                    or_(
+                        BuildRow.artifact_digest == digest,
+                        BuildRow.fallback_digest == digest,
+                        BuildRow.artifact_digest.in_(with_companion),
+                    )
+                )
                 .limit(1)
             )
             if device.class_id is None or allowed is None:

@@ -131,6 +131,7 @@ class BuildView:
     model_name: str
     model_version: str
     artifact_size: int = 0
+    fallback_size: int = 0
 
 
 class BuildService:
@@ -251,6 +252,8 @@ class BuildService:
             row.progress = 1.0
             row.candidates = done.candidates
             row.artifact_digest = done.artifact_digest
+            row.fallback_digest = done.fallback_digest
+            row.fallback_reason = done.fallback_reason
             row.error = done.error
             row.log = f"reused the result of build {done.id} (identical inputs and tools)"
             row.reused_from = done.reused_from or done.id
@@ -274,8 +277,14 @@ class BuildService:
                     model.name if model else "",
                     mv.version if mv else "",
                 )
-            blob = session.get(BlobRow, row.artifact_digest) if row.artifact_digest else None
-            out.append(BuildView(row, *names[row.model_version_id], blob.size_bytes if blob else 0))
+            out.append(
+                BuildView(
+                    row,
+                    *names[row.model_version_id],
+                    artifact_size=_blob_size(session, row.artifact_digest),
+                    fallback_size=_blob_size(session, row.fallback_digest),
+                )
+            )
         return out
 
     def find(
@@ -384,8 +393,9 @@ class BuildService:
 
     def finish(self, job: ClaimedJob, owner: str, result: BuildResult, log: str) -> bool:
         """Publish a finished job: its candidates, and when one was chosen the
-        artifact (and companion) blobs with a signed manifest, all in one
-        transaction. False if the lease was lost (nothing is written)."""
+        artifact (and companion, and lighter fallback) blobs with a signed
+        manifest, all in one transaction. False if the lease was lost
+        (nothing is written)."""
         chosen = result.chosen
         with self._db.unit_of_work() as uow:
             row = uow.session.get(BuildRow, job.build_id)
@@ -396,6 +406,7 @@ class BuildService:
             row.progress = 1.0
             row.finished_at = utcnow()
             row.lease_owner = None
+            row.fallback_reason = result.fallback_reason
             if chosen is None:
                 row.state = FAILED
                 row.error = "no candidate meets the class's constraints: " + "; ".join(
@@ -405,7 +416,7 @@ class BuildService:
             else:
                 row.state = SUCCEEDED
                 row.error = ""
-                row.artifact_digest = self._publish(uow.session, row, chosen, result.golden)
+                row.artifact_digest = self._publish(uow.session, row, chosen, result)
             twins = self._complete_twins(uow.session, row)
             uow.commit()
             views = self._views(uow.session, [row, *twins])
@@ -430,6 +441,8 @@ class BuildService:
             twin.progress = 1.0
             twin.candidates = row.candidates
             twin.artifact_digest = row.artifact_digest
+            twin.fallback_digest = row.fallback_digest
+            twin.fallback_reason = row.fallback_reason
             twin.error = row.error
             twin.log = f"reused the result of build {row.id} (identical inputs and tools)"
             twin.reused_from = row.id
@@ -455,25 +468,32 @@ class BuildService:
         self._announce([view])
 
     def _publish(
-        self, session: Session, row: BuildRow, chosen: Evaluated, golden: Golden | None
+        self, session: Session, row: BuildRow, chosen: Evaluated, result: BuildResult
     ) -> str:
+        """Stage the chosen artifact's blobs and its signed artifact row (with
+        the fallback's manifest inside it, when there is one); its digest."""
+        mv = session.get_one(ModelVersionRow, row.model_version_id)
+        model = session.get_one(ModelRow, mv.model_id)
         candidate = chosen.candidate
-        if candidate.path is None:
-            raise RuntimeError(f"build {row.id} chose {candidate.name}, which was not built")
-        path = candidate.path
-        digest = sha256_file(path)
-        self._blobs.add(session, path, digest, candidate.media_type)
+        digest, size = self._add_blob(session, row, candidate)
         companion_digest = ""
         if candidate.companion is not None:
             companion_digest = sha256_file(candidate.companion)
             self._blobs.add(session, candidate.companion, companion_digest, "text/x-c")
-        mv = session.get_one(ModelVersionRow, row.model_version_id)
-        model = session.get_one(ModelRow, mv.model_id)
-        manifest = _manifest(row, model.name, mv, candidate, digest, path.stat().st_size,
-                             companion_digest, golden)  # fmt: skip
-        # What a device's memory budget adds up (services/deployments.py):
-        # the chosen candidate's peak as the build measured it.
-        manifest.memory_mb = chosen.measurement.peak_memory_mb
+        manifest = _manifest(row, model.name, mv, chosen, digest, size, companion_digest,
+                             result.golden)  # fmt: skip
+        fallback = result.fallback
+        if fallback is not None:
+            fallback_digest, fallback_size = self._add_blob(session, row, fallback.candidate)
+            # Its own candidate, bytes, golden samples and memory; what it is
+            # for (model, version, class, build, budgets) is the primary's.
+            # Only the ONNX or TFLite file ships: a fallback's companion (a
+            # TFLite Micro C source) stays on the build host.
+            nested = _manifest(row, model.name, mv, fallback, fallback_digest, fallback_size, "",
+                               result.fallback_golden)  # fmt: skip
+            nested.created_at.CopyFrom(manifest.created_at)
+            manifest.fallback_manifest = nested.SerializeToString(deterministic=True)
+            row.fallback_digest = fallback_digest
         session.add(
             _signed_artifact(
                 session,
@@ -481,10 +501,19 @@ class BuildService:
                 row,
                 media_type=candidate.media_type,
                 companion_digest=companion_digest or None,
+                fallback_digest=row.fallback_digest,
                 model_version_id=mv.id,
             )
         )
         return digest
+
+    def _add_blob(self, session: Session, row: BuildRow, candidate: Candidate) -> tuple[str, int]:
+        """Stage a candidate's file as a blob; its digest and size."""
+        if candidate.path is None:
+            raise RuntimeError(f"build {row.id} ships {candidate.name}, which was not built")
+        digest = sha256_file(candidate.path)
+        self._blobs.add(session, candidate.path, digest, candidate.media_type)
+        return digest, candidate.path.stat().st_size
 
     def _announce(self, views: list[BuildView]) -> None:
         for view in views:
@@ -515,8 +544,14 @@ def _candidate_report(item: Evaluated) -> dict[str, Any]:
         "passed": item.passed,
         "reasons": list(item.reasons),
         "chosen": item.chosen,
+        "fallback": item.fallback,
         "error": item.error,
     }
+
+
+def _blob_size(session: Session, digest: str | None) -> int:
+    blob = session.get(BlobRow, digest) if digest else None
+    return blob.size_bytes if blob else 0
 
 
 def _tensor_spec(spec: dict[str, Any]) -> c.TensorSpec:
@@ -559,17 +594,15 @@ def _sign_twin(session: Session, twin: BuildRow) -> None:
     manifest = c.ArtifactManifest()
     manifest.ParseFromString(source.manifest)
     mv = session.get_one(ModelVersionRow, twin.model_version_id)
-    # Every field that names what the manifest is for is the twin's own: the
-    # source may be another model's version with the same bytes, and a device
-    # serves (and reports) a model under the name its manifest gives.
-    manifest.model_name = session.get_one(ModelRow, mv.model_id).name
-    manifest.model_version = mv.version
-    manifest.class_name = twin.class_name
-    manifest.build_id = twin.id
-    manifest.created_at.FromDatetime(utcnow())
-    manifest.latency_budget_p95_ms = twin.target.get("latency_budget_p95_ms") or 0.0
-    manifest.max_memory_mb = twin.target.get("max_memory_mb") or 0.0
-    manifest.threads = int(twin.target.get("threads") or 1)
+    model_name = session.get_one(ModelRow, mv.model_id).name
+    created = utcnow()
+    _retarget(manifest, twin, model_name, mv, created)
+    if manifest.fallback_manifest:
+        # Signed as part of the outer one, and what the agent serves when
+        # hot: it must name the twin just the same (issue 18, finding 2).
+        nested = c.ArtifactManifest.FromString(manifest.fallback_manifest)
+        _retarget(nested, twin, model_name, mv, created)
+        manifest.fallback_manifest = nested.SerializeToString(deterministic=True)
     session.add(
         _signed_artifact(
             session,
@@ -577,9 +610,32 @@ def _sign_twin(session: Session, twin: BuildRow) -> None:
             twin,
             media_type=source.media_type,
             companion_digest=source.companion_digest,
+            fallback_digest=source.fallback_digest,
             model_version_id=twin.model_version_id,
         )
     )
+
+
+def _retarget(
+    manifest: c.ArtifactManifest,
+    build: BuildRow,
+    model_name: str,
+    mv: ModelVersionRow,
+    created: dt.datetime,
+) -> None:
+    """Make `manifest` name what `build` publishes it for: model, version,
+    class, build, time and the class's budgets. Every such field is the
+    build's own: the source may be another model's version with the same
+    bytes, and a device serves (and reports) a model under the name its
+    manifest gives."""
+    manifest.model_name = model_name
+    manifest.model_version = mv.version
+    manifest.class_name = build.class_name
+    manifest.build_id = build.id
+    manifest.created_at.FromDatetime(created)
+    manifest.latency_budget_p95_ms = build.target.get("latency_budget_p95_ms") or 0.0
+    manifest.max_memory_mb = build.target.get("max_memory_mb") or 0.0
+    manifest.threads = int(build.target.get("threads") or 1)
 
 
 def _signed_artifact(
@@ -589,6 +645,7 @@ def _signed_artifact(
     *,
     media_type: str,
     companion_digest: str | None,
+    fallback_digest: str | None,
     model_version_id: str,
 ) -> ArtifactRow:
     """The artifact row of `build`, with `manifest` signed by the active key."""
@@ -600,6 +657,7 @@ def _signed_artifact(
         media_type=media_type,
         size_bytes=manifest.size_bytes,
         companion_digest=companion_digest,
+        fallback_digest=fallback_digest,
         manifest=data,
         signature=signing.sign(key.private_key, data),
         key_id=key.key_id,
@@ -613,12 +671,15 @@ def _manifest(
     row: BuildRow,
     model_name: str,
     mv: ModelVersionRow,
-    chosen: Candidate,
+    shipped: Evaluated,
     digest: str,
     size: int,
     companion_digest: str,
     golden: Golden | None,
 ) -> c.ArtifactManifest:
+    """The manifest of one shipped candidate (the chosen one, or the
+    fallback) of `row`'s build."""
+    candidate = shipped.candidate
     created = Timestamp()
     created.FromDatetime(utcnow())
     manifest = c.ArtifactManifest(
@@ -626,28 +687,31 @@ def _manifest(
         model_name=model_name,
         model_version=mv.version,
         class_name=row.class_name,
-        runtime=RUNTIME_ENUM[chosen.runtime],
-        precision=PRECISION_ENUM.get(chosen.precision, c.QUANTIZATION_UNSPECIFIED),
-        candidate=chosen.name,
+        runtime=RUNTIME_ENUM[candidate.runtime],
+        precision=PRECISION_ENUM.get(candidate.precision, c.QUANTIZATION_UNSPECIFIED),
+        candidate=candidate.name,
         sha256=digest,
         size_bytes=size,
-        media_type=chosen.media_type,
+        media_type=candidate.media_type,
         inputs=[_tensor_spec(s) for s in mv.inputs],
         outputs=[_tensor_spec(s) for s in mv.outputs],
         golden=_golden(golden),
         atol=golden.atol if golden else 0.0,
         rtol=golden.rtol if golden else 0.0,
         min_agreement=golden.min_agreement if golden else 0.0,
-        min_runtime_versions=chosen.min_runtime_versions,
+        min_runtime_versions=candidate.min_runtime_versions,
         build_id=row.id,
         created_at=created,
         companion_sha256=companion_digest,
         latency_budget_p95_ms=row.target.get("latency_budget_p95_ms") or 0.0,
         max_memory_mb=row.target.get("max_memory_mb") or 0.0,
         threads=int(row.target.get("threads") or 1),
+        # What a device's memory budget adds up (services/deployments.py):
+        # the candidate's peak as the build measured it.
+        memory_mb=shipped.measurement.peak_memory_mb,
     )
-    if chosen.tensorrt_spec is not None:
-        manifest.tensorrt.CopyFrom(_tensorrt_spec(chosen.tensorrt_spec))
+    if candidate.tensorrt_spec is not None:
+        manifest.tensorrt.CopyFrom(_tensorrt_spec(candidate.tensorrt_spec))
     return manifest
 
 

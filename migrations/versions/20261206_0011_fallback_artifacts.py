@@ -1,5 +1,7 @@
 """lighter fallback artifacts: a class's fallback precision, a build's
-fallback digest (or why it has none), an artifact's fallback digest
+fallback digest (or why it has none), an artifact's fallback digest, and
+which artifact served in telemetry (a sample's variant and fallback
+requests; a rollup's fallback requests)
 
 Revision ID: 0011
 Revises: 0010
@@ -37,9 +39,25 @@ def upgrade() -> None:
             batch_op.f("fk_artifacts_fallback_digest_blobs"), "blobs", ["fallback_digest"],
             ["digest"],
         )  # fmt: skip
+    with op.batch_alter_table("telemetry", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("variant", sa.String(length=16), server_default="", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column("fallback_request_count", sa.BigInteger(), server_default="0", nullable=False)
+        )
+    with op.batch_alter_table("telemetry_rollups", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("fallback_request_count", sa.BigInteger(), server_default="0", nullable=False)
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("telemetry_rollups", schema=None) as batch_op:
+        batch_op.drop_column("fallback_request_count")
+    with op.batch_alter_table("telemetry", schema=None) as batch_op:
+        batch_op.drop_column("fallback_request_count")
+        batch_op.drop_column("variant")
     with op.batch_alter_table("artifacts", schema=None) as batch_op:
         batch_op.drop_constraint(
             batch_op.f("fk_artifacts_fallback_digest_blobs"), type_="foreignkey"

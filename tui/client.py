@@ -637,12 +637,12 @@ def build_from_pb(m: o.Build) -> d.Build:
                 size_bytes=k.size_bytes, latency_p95_ms=k.latency_p95_ms,
                 agreement=k.agreement, accuracy=k.accuracy if k.HasField("accuracy") else None,
                 passed=k.passed, chosen=k.chosen, reasons=tuple(k.reasons), error=k.error,
-                peak_memory_mb=k.peak_memory_mb,
+                peak_memory_mb=k.peak_memory_mb, fallback=k.fallback,
             )
             for k in m.candidates
         ),
         artifact_digest=m.artifact_digest, artifact_size=m.artifact_size, error=m.error,
-        duration_s=m.duration_s, reused_from=m.reused_from,
+        duration_s=m.duration_s, reused_from=m.reused_from, fallback_reason=m.fallback_reason,
     )  # fmt: skip
 
 

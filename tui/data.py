@@ -233,6 +233,8 @@ class Candidate:
     reasons: tuple[str, ...] = ()
     error: str = ""
     peak_memory_mb: float = 0.0
+    # Published as the build's lighter fallback artifact (docs/power.md).
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,8 @@ class Build:
     error: str = ""
     duration_s: float = 0.0
     reused_from: str = ""
+    # The class asked for a fallback and there is none: why.
+    fallback_reason: str = ""
 
     @property
     def chosen(self) -> str:

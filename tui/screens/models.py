@@ -4,6 +4,7 @@ accuracy, verdict and reasons). Push a model from a file; re-run a build."""
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -20,6 +21,8 @@ def verdict(c: Candidate) -> str:
         return "error"
     if c.chosen:
         return "CHOSEN"
+    if c.fallback:
+        return "FALLBACK"
     return "pass" if c.passed else "fail"
 
 
@@ -113,7 +116,10 @@ class ModelsScreen(FleetScreen):
     def show_candidates(self) -> None:
         build = self.selected_build()
         title = f"Candidates for {build.class_name}" if build else "Candidates"
-        self.query_one("#candidates-title", Static).update(title)
+        if build and build.fallback_reason:
+            title += f" (no fallback: {build.fallback_reason})"
+        # Text: a reason is the server's words, never markup.
+        self.query_one("#candidates-title", Static).update(Text(title))
         table = self.query_one("#candidates", DataTable)
         table.clear()
         for c in build.candidates if build else ():

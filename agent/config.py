@@ -101,6 +101,15 @@ class AgentConfig:
     power_temperature_hysteresis_c: float = 5.0
     power_limited_concurrency: int = 2
     power_critical_concurrency: int = 1
+    # From which mode on the agent serves each model's lighter fallback
+    # artifact, where its version has one: "limited" (limited and
+    # critical), "critical" (critical only) or "never".
+    power_fallback_mode: str = "limited"
+    # A file holding the temperature in millidegrees Celsius (the format of
+    # Linux /sys/class/thermal/thermal_zone*/temp, e.g. "85000"): the
+    # temperature the policy acts on instead of psutil's hottest sensor.
+    # None: psutil's.
+    power_temperature_file: Path | None = None
     # Bytes per artifact download chunk; 0: the control plane's default
     # (1 MiB). Smaller chunks lose less to an interrupted link.
     download_chunk_size: int = 0
@@ -216,6 +225,29 @@ def _margin(value: object, where: str) -> float:
     if number < 0:
         raise _fail(where, "a non-negative number", value)
     return number
+
+
+FALLBACK_MODES = ("limited", "critical", "never")
+
+
+def _fallback_mode(value: object, where: str) -> str:
+    expected = "one of " + ", ".join(repr(m) for m in FALLBACK_MODES)
+    if not isinstance(value, str) or value.strip().lower() not in FALLBACK_MODES:
+        raise _fail(where, expected, value)
+    return value.strip().lower()
+
+
+def _absolute_file(value: object, where: str) -> Path | None:
+    # Relative to what would be unclear (the file's directory, the agent's
+    # working directory under systemd): only absolute paths.
+    path = _optional_path(value, where)
+    if path is not None and not path.is_absolute():
+        raise _fail(
+            where,
+            "an absolute path (e.g. /sys/class/thermal/thermal_zone0/temp) or empty",
+            value,
+        )
+    return path
 
 
 def _loopback(value: object, where: str) -> str | None:
@@ -371,6 +403,8 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "power_temperature_hysteresis_c": (_margin, _env_float),
     "power_limited_concurrency": (_non_negative_int, _env_count),
     "power_critical_concurrency": (_non_negative_int, _env_count),
+    "power_fallback_mode": (_fallback_mode, lambda text, where: text),
+    "power_temperature_file": (_absolute_file, lambda text, where: text),
     "shadow_max_per_s": (_margin, _env_float),
 }
 

@@ -46,10 +46,10 @@ from edgefleet.agent.errors import AgentError, DiskFull, NotProvisioned, StateEr
 from edgefleet.agent.hardware import detect_hardware, detect_runtime
 from edgefleet.agent.identity import Identity
 from edgefleet.agent.inference_server import start_inference_server
-from edgefleet.agent.power import PowerPolicy, PowerThresholds
+from edgefleet.agent.power import PowerPolicy, PowerThresholds, PsutilSensors
 from edgefleet.agent.reconnect import Backoff, Delay, Step, decide
 from edgefleet.agent.serving import ModelHost
-from edgefleet.agent.telemetry import RequestStats
+from edgefleet.agent.telemetry import RequestStats, ResourceProbe
 from edgefleet.agent.telemetry_buffer import WHAT as TELEMETRY_BUFFER
 from edgefleet.agent.telemetry_buffer import TelemetryBuffer
 from edgefleet.agent.telemetry_uploader import TelemetryMetrics, TelemetryUploader, serve_metrics
@@ -183,6 +183,20 @@ def batch_statuses(
         batches[-1].append(status)
         names.add(status.model_name)
     return batches
+
+
+def report_served(stats: RequestStats, models: ModelHost) -> None:
+    """Tell `stats` which models `models` serves, and which artifact of each
+    (telemetry's per-model samples and their `variant`)."""
+
+    def served() -> list[tuple[str, str]]:
+        return [(m.name, m.version) for m in models.served()]
+
+    def variants() -> dict[tuple[str, str], int]:
+        return {(m.name, m.version): int(m.variant) for m in models.served()}
+
+    stats.served = served
+    stats.variants = variants
 
 
 # ---------------------------------------------------------------- the agent's parts
@@ -452,7 +466,8 @@ class Agent:
 
     def _start_serving(self) -> Serving:
         """The model host (nothing loaded yet) with its stats and power policy."""
-        stats = RequestStats()
+        temperature_file = self.config.power_temperature_file
+        stats = RequestStats(ResourceProbe(temperature_file=temperature_file))
         models = ModelHost(
             workers=self.config.inference_workers,
             recorder=stats,
@@ -462,14 +477,11 @@ class Agent:
         power = PowerPolicy(
             models,
             PowerThresholds.from_config(self.config),
+            sensors=PsutilSensors(temperature_file=temperature_file),
             interval_s=self.config.power_interval_s,
         )
         stats.power_status = power.status
-
-        def served() -> list[tuple[str, str]]:
-            return [(m.name, m.version) for m in models.served()]
-
-        stats.served = served
+        report_served(stats, models)
         return Serving(models, stats, power)
 
     def _make_updates(self, host: ModelHost) -> Updates:
@@ -532,6 +544,7 @@ class Agent:
             sleep=lambda seconds: runner.wait(seconds),
             trust=trust,
             shared=shared,
+            kept=activator.store.digests,
         )
         if self._update_faults is not None:
             ports = self._update_faults(name, ports)

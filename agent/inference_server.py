@@ -117,6 +117,7 @@ def predict_into(
     names = [t.name for t in prediction.model.spec.outputs]
     response.model_name = request.model_name
     response.model_version = prediction.model.version
+    response.variant = prediction.model.variant
     for index, array in enumerate(prediction.outputs):
         dtype, shape, data = encode_tensor(array)
         name = names[index] if index < len(names) else f"output_{index}"
@@ -128,12 +129,15 @@ def _spec(tensor: TensorInfo) -> common_pb2.TensorSpec:
 
 
 def metadata_into(host: ModelHost, name: str, metadata: inference_pb2.ModelMetadata) -> None:
-    """Fill `metadata` with the active version of `name`; its inputs as
-    this device accepts them."""
+    """Fill `metadata` with the active version of `name`: the artifact that
+    serves it now (its variant and digest), the version's fallback digest
+    if it has one, and its inputs as this device accepts them."""
     model = host.active(name)
     metadata.model_name = model.name
     metadata.model_version = model.version
     metadata.artifact_digest = model.digest
+    metadata.variant = model.variant
+    metadata.fallback_digest = model.fallback_digest
     metadata.runtime = model.runtime
     metadata.inputs.extend(_spec(t) for t in model.accepts)
     metadata.outputs.extend(_spec(t) for t in model.spec.outputs)

@@ -1,20 +1,34 @@
 """Adaptive inference: a power/thermal policy that caps inference
-concurrency on a device running hot or low on battery.
+concurrency, and switches models to their lighter fallback artifacts, on a
+device running hot or low on battery.
 
 Three parts, so the logic is testable without a battery or a heat gun:
 - `Sensors`, the port: one `read()` giving battery charge, whether mains
-  power is plugged in, and the hottest temperature, each None where the
-  platform has no such sensor. `PsutilSensors` reads them with psutil.
+  power is plugged in, and the temperature, each None where the platform
+  has no such sensor. `PsutilSensors` reads them with psutil; given a
+  temperature file (config power_temperature_file, the format of Linux
+  /sys/class/thermal/thermal_zone*/temp: millidegrees Celsius), it reads the
+  temperature from that file instead of psutil's hottest sensor, and a file
+  that cannot be read or parsed makes `read()` raise.
 - `decide`, pure: (current mode, readings, thresholds) -> the next mode,
   "normal", "limited" or "critical". Entering a mode happens at its
   threshold; leaving it needs the reading to get better by the hysteresis
   margin, so a reading hovering at a threshold does not flap.
-- `PowerPolicy`: reads, decides and applies the mode's concurrency limit to
-  the ModelHost (normal: no limit; requests wait for a slot, within their
-  deadline), and tells telemetry `status()` = (mode, limit).
+- `PowerPolicy`: reads, decides and, when the mode changes, applies the
+  mode's concurrency limit to the ModelHost (normal: no limit; requests wait
+  for a slot, within their deadline) and the artifact variant it prefers:
+  the fallback while the mode is at least as severe as `fallback_mode`
+  (config power_fallback_mode: "limited", "critical" or "never"), the
+  primary otherwise. Both change only with the mode, so the mode's
+  hysteresis is the switch's. It tells telemetry `status()` = (mode, limit)
+  and `variant()` = the variant it prefers.
+
+A failed sensor read keeps the mode (and what it applied); the failure is
+logged once per condition, not every interval, and its end once.
 
 Where no sensor exists (most gateways, VMs, CI) every reading is None and the
-mode stays "normal": the policy does nothing. See docs/power.md."""
+mode stays "normal": the policy does nothing, and never switches to a
+fallback. See docs/power.md."""
 
 from __future__ import annotations
 
@@ -23,9 +37,12 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import psutil
+
+from edgefleet.v1 import common_pb2
 
 if TYPE_CHECKING:
     from edgefleet.agent.config import AgentConfig
@@ -34,6 +51,11 @@ log = logging.getLogger(__name__)
 
 NORMAL, LIMITED, CRITICAL = "normal", "limited", "critical"
 MODES = (NORMAL, LIMITED, CRITICAL)  # in order of severity
+# power_fallback_mode: the mode from which on fallbacks serve, or never.
+NEVER = "never"
+FALLBACK_MODES = (LIMITED, CRITICAL, NEVER)
+PRIMARY = common_pb2.ARTIFACT_VARIANT_PRIMARY
+FALLBACK = common_pb2.ARTIFACT_VARIANT_FALLBACK
 
 
 @dataclass(frozen=True)
@@ -43,7 +65,8 @@ class Readings:
     battery_percent: float | None = None
     # None: unknown, taken as running on battery.
     power_plugged: bool | None = None
-    # The hottest of all temperature sensors, in degrees Celsius.
+    # The hottest of all temperature sensors (or the configured temperature
+    # file), in degrees Celsius.
     temperature_c: float | None = None
 
     @property
@@ -58,19 +81,64 @@ class Sensors(Protocol):
     def read(self) -> Readings: ...
 
 
+class SensorError(Exception):
+    """A configured sensor could not be read. `condition` names what went
+    wrong without the details that change from read to read, so the policy
+    logs each condition once."""
+
+    def __init__(self, message: str, condition: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.condition = condition
+
+
+def read_temperature_file(path: Path) -> float:
+    """The temperature in `path`, degrees Celsius: the file holds an integer
+    number of millidegrees (Linux thermal zones: "85000\\n" is 85 C).
+    SensorError when it cannot be read or holds anything else."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise SensorError(
+            f"cannot read the temperature file {path}: {exc.strerror or exc}",
+            f"unreadable:{path}:{type(exc).__name__}",
+        ) from exc
+    value = text.strip()
+    try:
+        millidegrees = int(value)
+    except ValueError:
+        raise SensorError(
+            f"the temperature file {path} holds {value[:40]!r}, not an integer number of "
+            "millidegrees Celsius (e.g. 85000)",
+            f"unparsable:{path}",
+        ) from None
+    return millidegrees / 1000.0
+
+
 class PsutilSensors:
     """Battery and temperatures from psutil (Linux sysfs: power_supply and
-    hwmon/thermal zones). A sensor that is missing or fails to read is None."""
+    hwmon/thermal zones). A psutil sensor that is missing or fails to read
+    is None. With `temperature_file`, the temperature comes from that file
+    instead (read_temperature_file); one that fails makes read() raise
+    SensorError, so the policy keeps its mode."""
+
+    def __init__(self, temperature_file: Path | None = None) -> None:
+        self.temperature_file = temperature_file
 
     def read(self) -> Readings:
         """The current readings."""
+        temperature = (
+            _hottest()
+            if self.temperature_file is None
+            else read_temperature_file(self.temperature_file)
+        )
         battery = None
         with contextlib.suppress(OSError, RuntimeError, AttributeError):
             battery = psutil.sensors_battery()
         return Readings(
             battery_percent=None if battery is None else float(battery.percent),
             power_plugged=None if battery is None else battery.power_plugged,
-            temperature_c=_hottest(),
+            temperature_c=temperature,
         )
 
 
@@ -103,6 +171,16 @@ class PowerThresholds:
     # Inference concurrency allowed in each mode (0: no limit).
     limited_concurrency: int = 2
     critical_concurrency: int = 1
+    # The mode from which on fallback artifacts serve (LIMITED: in limited
+    # and critical; CRITICAL: in critical only), or NEVER.
+    fallback_mode: str = LIMITED
+
+    def __post_init__(self) -> None:
+        if self.fallback_mode not in FALLBACK_MODES:
+            raise ValueError(
+                f"fallback_mode must be one of {', '.join(FALLBACK_MODES)}, "
+                f"not {self.fallback_mode!r}"
+            )
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> PowerThresholds:
@@ -116,6 +194,7 @@ class PowerThresholds:
             temperature_hysteresis_c=config.power_temperature_hysteresis_c,
             limited_concurrency=config.power_limited_concurrency,
             critical_concurrency=config.power_critical_concurrency,
+            fallback_mode=config.power_fallback_mode,
         )
 
     def concurrency(self, mode: str) -> int:
@@ -125,6 +204,13 @@ class PowerThresholds:
         if mode == LIMITED:
             return self.limited_concurrency
         return 0
+
+    def variant(self, mode: str) -> common_pb2.ArtifactVariant.ValueType:
+        """The artifact variant `mode` prefers: FALLBACK when it is at least
+        as severe as `fallback_mode`, else PRIMARY."""
+        if self.fallback_mode == NEVER or mode not in MODES:
+            return PRIMARY
+        return FALLBACK if MODES.index(mode) >= MODES.index(self.fallback_mode) else PRIMARY
 
 
 def decide(current: str, readings: Readings, thresholds: PowerThresholds) -> str:
@@ -160,10 +246,14 @@ class ConcurrencyControl(Protocol):
 
     def set_concurrency_limit(self, limit: int) -> None: ...
 
+    def set_variant(self, variant: common_pb2.ArtifactVariant.ValueType) -> None: ...
+
 
 class PowerPolicy:
     """Reads the sensors every `interval_s`, and applies the mode's
-    concurrency limit to `host` when the mode changes."""
+    concurrency limit and artifact variant to `host` when the mode changes.
+    `step` blocks while the host loads the variant (run() calls it in a
+    thread)."""
 
     def __init__(
         self,
@@ -179,41 +269,76 @@ class PowerPolicy:
         self._interval_s = interval_s
         # One tuple, replaced whole: status() may be read from any thread.
         self._status: tuple[str, int] = (NORMAL, 0)
+        self._variant: common_pb2.ArtifactVariant.ValueType = PRIMARY
         self._told_no_sensors = False
+        # The condition of the failing sensor read last logged; None: reads work.
+        self._failing: str | None = None
 
     def status(self) -> tuple[str, int]:
         """(mode, inference concurrency limit; 0: none), for telemetry."""
         return self._status
 
+    def variant(self) -> common_pb2.ArtifactVariant.ValueType:
+        """The artifact variant the mode prefers (PRIMARY or FALLBACK); what
+        each model serves is the host's (models without a fallback always
+        serve their primary)."""
+        return self._variant
+
     def step(self) -> str:
         """Read the sensors once, switch mode if the readings call for it,
-        and return the mode. A sensor read that raises keeps the mode."""
+        and return the mode. A sensor read that raises keeps the mode (and
+        is logged once per condition)."""
         mode = self._status[0]
         try:
             readings = self._sensors.read()
-        except Exception:
-            log.exception("power sensors could not be read; keeping mode %s", mode)
+        except Exception as exc:
+            self._read_failed(exc, mode)
             return mode
+        if self._failing is not None:
+            self._failing = None
+            log.info("power sensors read again")
         if readings.empty and not self._told_no_sensors:
             self._told_no_sensors = True
             log.info("no battery or temperature sensor: the power policy stays %s", NORMAL)
         new = decide(mode, readings, self._thresholds)
         if new != mode:
             limit = self._thresholds.concurrency(new)
+            variant = self._thresholds.variant(new)
             self._host.set_concurrency_limit(limit)
             self._status = (new, limit)
             log.log(
                 logging.INFO if new == NORMAL else logging.WARNING,
                 "power mode %s -> %s (battery %s%%, plugged %s, hottest %s C): "
-                "inference concurrency %s",
+                "inference concurrency %s, %s artifacts",
                 mode,
                 new,
                 _show(readings.battery_percent),
                 readings.power_plugged,
                 _show(readings.temperature_c),
                 limit or "unlimited",
+                "fallback" if variant == FALLBACK else "primary",
             )
+            self._variant = variant
+            try:
+                # Loads (blocking) the models' other artifacts and swaps them
+                # in; a model whose artifact does not load keeps serving.
+                self._host.set_variant(variant)
+            except Exception:
+                log.exception("cannot switch the models to their %s artifacts",
+                              "fallback" if variant == FALLBACK else "primary")  # fmt: skip
         return new
+
+    def _read_failed(self, exc: Exception, mode: str) -> None:
+        condition = (
+            exc.condition if isinstance(exc, SensorError) else f"{type(exc).__name__}: {exc}"
+        )
+        if condition == self._failing:
+            return  # logged already
+        self._failing = condition
+        if isinstance(exc, SensorError):
+            log.warning("%s; keeping power mode %s until it reads again", exc.message, mode)
+        else:
+            log.exception("power sensors could not be read; keeping mode %s", mode)
 
     async def run(self) -> None:
         """Step every interval until cancelled (sensor reads run in a

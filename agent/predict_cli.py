@@ -6,8 +6,12 @@ device, from the command line, over its fast-path unix socket
         [--state-dir DIR | --config FILE]
 
 The .npz's arrays are the inputs, keyed by input name (np.savez(path,
-input=x)); pickled objects are never loaded. The outputs are printed one
-line each (name, shape, dtype, a short summary), or as JSON with --json.
+input=x)); pickled objects are never loaded. The first line names the model,
+the version that answered and which of its artifacts served ("primary", or
+"fallback" while the power/thermal policy serves the lighter one); then the
+outputs, one line each (name, shape, dtype, a short summary). With --json,
+all of it as one JSON object ("variant" is "" from an agent that does not
+say).
 
 Exit status: 0 when the call succeeded, 1 when it failed (the agent is not
 running, it refused the request: the agent's message is printed), 2 for a
@@ -29,7 +33,14 @@ import numpy as np
 
 from edgefleet.agent.config import default_config_path, load_config
 from edgefleet.agent.errors import ConfigError
-from edgefleet.agent.inference_client import InferenceClient, InferenceError, Result
+from edgefleet.agent.inference_client import (
+    InferenceClient,
+    InferenceError,
+    Result,
+    tensor_array,
+    tensor_message,
+)
+from edgefleet.v1 import common_pb2, inference_pb2
 
 # Where the agent listens (agent/inference_server.py FAST_SOCKET_NAME): not
 # imported from there, which would load the gRPC server for one call.
@@ -120,10 +131,18 @@ def summary(array: np.ndarray) -> str:
     return f"{head} values {flat}{' ...' if array.size > 6 else ''}"
 
 
-def as_json(model: str, result: Result) -> dict[str, Any]:
+# ArtifactVariant -> what the output calls it ("" for an agent that does not say).
+VARIANTS = {
+    common_pb2.ARTIFACT_VARIANT_PRIMARY: "primary",
+    common_pb2.ARTIFACT_VARIANT_FALLBACK: "fallback",
+}
+
+
+def as_json(model: str, result: Result, variant: str = "") -> dict[str, Any]:
     return {
         "model_name": model,
         "model_version": result.model_version,
+        "variant": variant,
         "outputs": {
             name: {"dtype": str(a.dtype), "shape": list(a.shape), "data": a.tolist()}
             for name, a in result.outputs.items()
@@ -151,7 +170,17 @@ def main(argv: Sequence[str]) -> int:
         return CALL_FAILED
     try:
         with InferenceClient(path) as client:
-            result = client.predict(args.model, inputs, timeout_s=args.timeout)
+            request = inference_pb2.PredictRequest(
+                model_name=args.model,
+                inputs=[tensor_message(name, array) for name, array in inputs.items()],
+            )
+            # The message itself, not client.predict(): its answer says
+            # which artifact served.
+            response = client.predict_message(request, timeout_s=args.timeout)
+            result = Result(
+                response.model_version, {t.name: tensor_array(t) for t in response.outputs}
+            )
+            variant = VARIANTS.get(response.variant, "")
     except InferenceError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return CALL_FAILED
@@ -160,9 +189,9 @@ def main(argv: Sequence[str]) -> int:
         return CALL_FAILED
     try:
         if args.json:
-            print(json.dumps(as_json(args.model, result)))
+            print(json.dumps(as_json(args.model, result, variant)))
             return OK
-        print(f"{args.model} {result.model_version}")
+        print(f"{args.model} {result.model_version}" + (f" ({variant})" if variant else ""))
         for name, array in result.outputs.items():
             print(f"  {name}: {summary(array)}")
     except BrokenPipeError:

@@ -47,6 +47,22 @@ never makes an app wait, and a shadow that fails or hangs cannot fail an
 app's request. A device short of CPU sees the shadow compete for it, which
 is why the rate is capped.
 
+Fallback artifacts (docs/power.md): a version may come with a lighter
+fallback artifact (e.g. int8 beside fp32). The host holds one preference for
+every model, `set_variant(PRIMARY | FALLBACK)` (the power policy sets it);
+each model whose active version has a fallback serves the preferred
+artifact, the others their primary. Only the served artifact is loaded: a
+switch loads and warms the other one first, then swaps it into the slot like
+an activation (requests in flight finish on the one they hold, none fails),
+and lets the old one go. Switching blocks while it loads, so it runs on the
+caller's thread (the power policy's, never the event loop or a request's).
+A version activated, or rolled back to, serves the current preference. A
+fallback that fails to load at a switch is logged and the model keeps
+serving its primary. Every LoadedModel says which `variant` it is, so answers
+and telemetry say which artifact served each request. Changes to one model
+(activate, rollback, a switch) are serialized per model name; they never
+block requests or other models.
+
 This module knows nothing of gRPC: errors are ServingError subclasses, and
 agent/inference_server.py maps them to status codes in one place."""
 
@@ -67,10 +83,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
+from edgefleet.v1 import common_pb2
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,6 +95,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OK, ERROR, TIMEOUT = "ok", "error", "timeout"
+
+# common_pb2.ArtifactVariant's values (ValueType is int at run time).
+Variant: TypeAlias = common_pb2.ArtifactVariant.ValueType
+PRIMARY: Variant = common_pb2.ARTIFACT_VARIANT_PRIMARY
+FALLBACK: Variant = common_pb2.ARTIFACT_VARIANT_FALLBACK
+VARIANT_NAMES: dict[int, str] = {PRIMARY: "primary", FALLBACK: "fallback"}
 
 
 # ---------------------------------------------------------------- errors
@@ -154,6 +177,17 @@ class ShadowRecorder(Protocol):
     ) -> None: ...
 
 
+@runtime_checkable
+class VariantRecorder(Protocol):
+    """What a Recorder may also have (checked once, like ShadowRecorder):
+    called instead of `record`, with the variant of the artifact that ran
+    the request (PRIMARY or FALLBACK). Must be cheap and not raise."""
+
+    def record_variant(
+        self, model: str, version: str, latency_s: float, outcome: str, variant: Variant
+    ) -> None: ...
+
+
 RunnerFactory = Callable[..., Runner]
 
 
@@ -167,8 +201,24 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class Artifact:
+    """One artifact file of a version, as the host loads it: a version's
+    fallback (`ModelHost.activate`'s `fallback`), loaded when the host
+    prefers it."""
+
+    digest: str
+    path: Path
+    runtime: str
+    # The manifest's inputs and outputs (None: the runner's own).
+    spec: ModelSpec | None = None
+    # Warm-up inputs (None: zeros of the inputs' shapes).
+    golden_inputs: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class LoadedModel:
-    """One loaded, warmed version. Immutable: a swap replaces it whole."""
+    """One loaded, warmed artifact of a version. Immutable: a swap replaces
+    it whole."""
 
     name: str
     version: str
@@ -186,6 +236,25 @@ class LoadedModel:
     # device-side measure of the model's memory (0 when it could not be
     # measured, or another load ran at the same time and blurred it).
     memory_mb: float = 0.0
+    # Which of the version's artifacts this is (`digest` is its digest).
+    variant: Variant = PRIMARY
+    # The version's artifacts, whichever of them this is: what a switch
+    # loads. `fallback` None: the version has none.
+    primary: Artifact | None = field(default=None, compare=False, repr=False)
+    fallback: Artifact | None = field(default=None, compare=False, repr=False)
+    # Intra-op threads it was loaded with (None: the host's).
+    threads: int | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def primary_digest(self) -> str:
+        """The digest of the version's primary artifact (what the update
+        records name the version by), whichever artifact serves."""
+        return self.primary.digest if self.primary is not None else self.digest
+
+    @property
+    def fallback_digest(self) -> str:
+        """The digest of the version's fallback artifact; "" when it has none."""
+        return self.fallback.digest if self.fallback is not None else ""
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         with self.run_lock:
@@ -526,10 +595,11 @@ class ModelHost:
 
     Model changes (`declare`, `activate`, `rollback`, `commit`,
     `load_shadow`, `drop_shadow`) are blocking calls meant for the update
-    machine's thread; `predict_sync` is for the inference servers' threads
-    and `predict` for an event loop. A short lock guards slot changes only;
-    inference never holds it. `shadow_max_per_s` caps the requests mirrored
-    to shadows (0: none; see the module docstring)."""
+    machine's thread, `set_variant` for the power policy's; `predict_sync`
+    is for the inference servers' threads and `predict` for an event loop.
+    A short lock guards slot changes only; inference never holds it.
+    `shadow_max_per_s` caps the requests mirrored to shadows (0: none; see
+    the module docstring)."""
 
     def __init__(
         self,
@@ -550,12 +620,19 @@ class ModelHost:
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="infer")
         self._threads = threads
         self._recorder = recorder
-        # The same recorder, when it also records shadow comparisons.
+        # The same recorder, when it also records shadow comparisons and
+        # which artifact served.
         self._shadow_recorder = recorder if isinstance(recorder, ShadowRecorder) else None
+        self._variant_recorder = recorder if isinstance(recorder, VariantRecorder) else None
         self._open = open_model
         self._clock = clock
         self._models: dict[str, _Slot] = {}
         self._lock = threading.Lock()
+        # Per model name: held while its slot changes in ways that load a
+        # model (activate, rollback, a variant switch), so a switch never
+        # swaps a variant of a version that was replaced meanwhile.
+        self._changing: dict[str, threading.Lock] = {}
+        self._preferred: Variant = PRIMARY
         self._concurrency_limit = 0
         self._slots = _Slots(self._workers)
         self._shadow_rate = _RateLimit(shadow_max_per_s, clock)
@@ -586,23 +663,29 @@ class ModelHost:
         *,
         golden_inputs: Mapping[str, np.ndarray] | None = None,
         threads: int | None = None,
+        fallback: Artifact | None = None,
     ) -> LoadedModel:
         """Load `path` in `runtime`, warm it, then make it the active version
         of `name` (with `threads` intra-op threads, default the host's); the
         committed version it replaces becomes the standby
-        (a version activated but never committed is dropped instead). Raises
+        (a version activated but never committed is dropped instead). With
+        a `fallback` artifact, the version serves the one the host prefers
+        (`set_variant`), and only that one is loaded. Raises
         ActivationFailed, leaving the slot as it was, when the artifact does
         not load or its warm-up run fails."""
-        model = self._load(name, version, digest, path, runtime, manifest_specs,
-                           golden_inputs, threads)  # fmt: skip
-        with self._lock:
-            slot = self._models.setdefault(name, _Slot())
-            # Activating twice before a commit keeps the committed version
-            # as the standby: that is what a rollback must go back to.
-            if not slot.pending:
-                slot.standby = slot.active
-            slot.active, slot.pending = model, True
-        log.info("model %s %s (%s) active", name, version, runtime)
+        primary = Artifact(digest, path, runtime, manifest_specs, golden_inputs)
+        with self._change_lock(name):
+            variant = self._preferred if fallback is not None else PRIMARY
+            model = self._load_variant(name, version, primary, fallback, variant, threads)
+            with self._lock:
+                slot = self._models.setdefault(name, _Slot())
+                # Activating twice before a commit keeps the committed version
+                # as the standby: that is what a rollback must go back to.
+                if not slot.pending:
+                    slot.standby = slot.active
+                slot.active, slot.pending = model, True
+        log.info("model %s %s (%s, %s artifact) active", name, version, model.runtime,
+                 VARIANT_NAMES[model.variant])  # fmt: skip
         return model
 
     def load_shadow(
@@ -639,6 +722,33 @@ class ModelHost:
         if dropped is not None:
             log.info("shadow %s %s dropped", name, dropped.version)
 
+    def _change_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._changing.setdefault(name, threading.Lock())
+
+    def _load_variant(
+        self,
+        name: str,
+        version: str,
+        primary: Artifact,
+        fallback: Artifact | None,
+        variant: Variant,
+        threads: int | None,
+    ) -> LoadedModel:
+        """Load and warm `variant` of a version (its primary when it has no
+        fallback); ActivationFailed naming the fallback when that fails."""
+        chosen = fallback if variant == FALLBACK and fallback is not None else primary
+        label = f"{name} {version}" + (" (fallback artifact)" if chosen is fallback else "")
+        model = self._load(name, version, chosen.digest, chosen.path, chosen.runtime,
+                           chosen.spec, chosen.golden_inputs, threads, label=label)  # fmt: skip
+        return dataclasses.replace(
+            model,
+            variant=FALLBACK if chosen is fallback else PRIMARY,
+            primary=primary,
+            fallback=fallback,
+            threads=threads,
+        )
+
     def _load(
         self,
         name: str,
@@ -649,8 +759,12 @@ class ModelHost:
         manifest_specs: ModelSpec | None,
         golden_inputs: Mapping[str, np.ndarray] | None,
         threads: int | None,
+        *,
+        label: str | None = None,
     ) -> LoadedModel:
-        """Open `path` and warm it; ActivationFailed when either fails."""
+        """Open `path` and warm it; ActivationFailed when either fails.
+        `label` names it in errors and logs (default: name and version)."""
+        label = label or f"{name} {version}"
         spec = manifest_specs
         rss_before = _rss_mb()
         try:
@@ -663,9 +777,7 @@ class ModelHost:
                 providers=self._providers,
             )
         except Exception as exc:
-            raise ActivationFailed(
-                f"{name} {version}: cannot load {path.name} in {runtime}: {exc}"
-            ) from exc
+            raise ActivationFailed(f"{label}: cannot load {path.name} in {runtime}: {exc}") from exc
         if spec is None:
             spec = ModelSpec(tuple(runner.inputs), tuple(runner.outputs))
         accepts = accepted_inputs(spec.inputs, runner.inputs)
@@ -677,25 +789,28 @@ class ModelHost:
         try:
             model.run(warm)
         except Exception as exc:
-            raise ActivationFailed(f"{name} {version}: warm-up run failed: {exc}") from exc
+            raise ActivationFailed(f"{label}: warm-up run failed: {exc}") from exc
         memory_mb = max(0.0, _rss_mb() - rss_before)
-        log.info("model %s %s took %.1f MB of memory to load and warm", name, version, memory_mb)
+        log.info("model %s took %.1f MB of memory to load and warm", label, memory_mb)
         return dataclasses.replace(model, memory_mb=memory_mb)
 
     def rollback(self, name: str) -> LoadedModel | None:
         """Undo the last uncommitted activation of `name`: the standby
-        becomes active again (after a first activation: nothing is active).
-        Returns what is active now. Idempotent: with no uncommitted
+        becomes active again (after a first activation: nothing is active),
+        serving the preferred variant (a switch while it stood by loads it
+        now). Returns what is active now. Idempotent: with no uncommitted
         activation it changes nothing."""
-        with self._lock:
-            slot = self._models.get(name)
-            if slot is None:
-                return None
-            if slot.pending:
-                slot.active, slot.standby, slot.pending = slot.standby, None, False
-            restored = slot.active
-        log.info("model %s rolled back to %s", name, restored.version if restored else "nothing")
-        return restored
+        with self._change_lock(name):
+            with self._lock:
+                slot = self._models.get(name)
+                if slot is None:
+                    return None
+                if slot.pending:
+                    slot.active, slot.standby, slot.pending = slot.standby, None, False
+                restored = slot.active
+            log.info("model %s rolled back to %s", name,
+                     restored.version if restored else "nothing")  # fmt: skip
+            return self._follow_preference(name) or restored
 
     def commit(self, name: str) -> None:
         """Drop the standby of `name`; idempotent."""
@@ -711,6 +826,57 @@ class ModelHost:
         untouched."""
         with self._lock:
             self._models.pop(name, None)
+
+    # ------------------------------------------------------------ variants
+
+    @property
+    def variant(self) -> Variant:
+        """The preferred artifact variant (`set_variant`); PRIMARY at first."""
+        return self._preferred
+
+    def set_variant(self, variant: Variant) -> None:
+        """Prefer `variant` (PRIMARY or FALLBACK) for every model: each model
+        whose active version has a fallback is switched to that artifact
+        (loaded and warmed first, then swapped in; requests in flight finish
+        on the old one), one model at a time; the others keep their primary.
+        Blocking: call it off the event loop and off request threads. A
+        fallback that does not load is logged and its model keeps its
+        primary; nothing raises but a `variant` that is neither."""
+        if variant not in (PRIMARY, FALLBACK):
+            raise ValueError(f"variant must be PRIMARY or FALLBACK, not {variant}")
+        # Set first: an activation that starts from here on loads it, and
+        # one already under way is followed up below (the per-model lock).
+        self._preferred = variant
+        for name in self.names():
+            with self._change_lock(name):
+                self._follow_preference(name)
+
+    def _follow_preference(self, name: str) -> LoadedModel | None:
+        """With `name`'s change lock held: swap the preferred variant of its
+        active version in, if it has a fallback and serves the other one.
+        Returns the new LoadedModel, None when nothing changed."""
+        slot = self._models.get(name)
+        current = slot.active if slot is not None else None
+        want = self._preferred
+        if current is None or current.fallback is None or current.variant == want:
+            return None
+        primary = current.primary or Artifact(current.digest, current.path, current.runtime,
+                                              current.spec)  # fmt: skip
+        try:
+            model = self._load_variant(name, current.version, primary, current.fallback, want,
+                                       current.threads)  # fmt: skip
+        except ActivationFailed as exc:
+            log.error("model %s keeps serving its %s artifact: %s", name,
+                      VARIANT_NAMES[current.variant], exc.message)  # fmt: skip
+            return None
+        with self._lock:
+            slot = self._models.get(name)
+            if slot is None or slot.active is not current:
+                return None  # removed meanwhile
+            slot.active = model
+        log.info("model %s %s now serves its %s artifact (%s)", name, model.version,
+                 VARIANT_NAMES[model.variant], model.digest[:12])  # fmt: skip
+        return model
 
     # ------------------------------------------------------------ concurrency
 
@@ -857,7 +1023,12 @@ class ModelHost:
         if self._recorder is None:
             return
         try:
-            self._recorder.record(model.name, model.version, latency_s, outcome)
+            if self._variant_recorder is not None:
+                self._variant_recorder.record_variant(
+                    model.name, model.version, latency_s, outcome, model.variant
+                )
+            else:
+                self._recorder.record(model.name, model.version, latency_s, outcome)
         except Exception:
             log.exception("telemetry recorder failed")
 

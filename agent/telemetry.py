@@ -37,6 +37,14 @@ runtime import the first model of a runtime pays. That per-model figure is
 measured where it is sharp, when a version is validated (its peak against
 the class's per-model limit, agent/update/validate.py), and logged at load.
 
+Fallback artifacts (agent/serving.py, docs/power.md): the host tells
+`record_variant` which artifact of the version served each request; a
+sample counts the requests the fallback served (fallback_request_count, of
+request_count) and says which artifact served at the end of the interval
+(`variant`): what the daemon's `variants` callable says the host serves,
+else the artifact of the interval's last request, else unspecified (the
+device-level sample).
+
 Each sample also carries the resource figures (process RSS and CPU, system
 memory, the hottest temperature sensor and the battery where the platform
 has them) and, when the daemon passes a `power_status` callable, the
@@ -53,11 +61,15 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import psutil
+
+from edgefleet.agent.power import SensorError, read_temperature_file
+from edgefleet.v1 import common_pb2
 
 Outcome = Literal["ok", "error", "timeout"]
 OUTCOMES: tuple[Outcome, ...] = ("ok", "error", "timeout")
@@ -78,6 +90,11 @@ _MIB = 1024 * 1024
 PowerStatus = Callable[[], tuple[str, int]]
 NORMAL_POWER = ("normal", 0)
 UNKNOWN_POWER = ("unknown", 0)
+
+UNSPECIFIED_VARIANT = common_pb2.ARTIFACT_VARIANT_UNSPECIFIED
+PRIMARY_VARIANT = common_pb2.ARTIFACT_VARIANT_PRIMARY
+FALLBACK_VARIANT = common_pb2.ARTIFACT_VARIANT_FALLBACK
+_VARIANTS = frozenset((UNSPECIFIED_VARIANT, PRIMARY_VARIANT, FALLBACK_VARIANT))
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +153,15 @@ class Resources:
 
 
 class ResourceProbe:
-    """Reads `Resources` with psutil. Sensors the platform lacks read as None."""
+    """Reads `Resources` with psutil. Sensors the platform lacks read as None.
+    With `temperature_file` (config power_temperature_file), the temperature
+    is that file's, as the power policy reads it (None while it cannot be
+    read: the policy logs that)."""
 
-    def __init__(self) -> None:
+    def __init__(self, temperature_file: Path | None = None) -> None:
         self._process = psutil.Process()
         self._process.cpu_percent(interval=None)  # primes the CPU counter
+        self._temperature_file = temperature_file
 
     def __call__(self) -> Resources:
         vm = psutil.virtual_memory()
@@ -150,10 +171,18 @@ class ResourceProbe:
             cpu_percent=self._process.cpu_percent(interval=None),
             system_memory_used_percent=float(vm.percent),
             system_memory_available_mb=vm.available / _MIB,
-            temperature_c=_hottest(),
+            temperature_c=self._temperature(),
             battery_percent=None if battery is None else float(battery.percent),
             power_plugged=None if battery is None else battery.power_plugged,
         )
+
+    def _temperature(self) -> float | None:
+        if self._temperature_file is None:
+            return _hottest()
+        try:
+            return read_temperature_file(self._temperature_file)
+        except SensorError:
+            return None
 
 
 def _hottest() -> float | None:
@@ -219,6 +248,11 @@ class IntervalSample:
     shadow_agreement: float = 0.0
     shadow_max_diff: float = 0.0
     shadow_latency_p95_ms: float = 0.0
+    # Which artifact of the version served at the end of the interval
+    # (common_pb2.ArtifactVariant; unspecified on the device-level sample),
+    # and how many of request_count its fallback artifact served.
+    variant: int = UNSPECIFIED_VARIANT
+    fallback_request_count: int = 0
 
 
 @dataclass
@@ -226,6 +260,9 @@ class _Window:
     histogram: LatencyHistogram = field(default_factory=LatencyHistogram)
     errors: int = 0
     timeouts: int = 0
+    # Requests the fallback artifact served, and the last request's artifact.
+    fallback: int = 0
+    variant: int = UNSPECIFIED_VARIANT
 
 
 @dataclass
@@ -245,7 +282,8 @@ class RequestStats:
     (mode, concurrency limit), e.g. ("limited", 2); without one every sample
     says ("normal", 0), unlimited. It may also be set later, as the
     attribute, for a policy built after the stats (it needs the model host,
-    which needs the stats)."""
+    which needs the stats). So are `served` and `variants`: which model
+    versions the host serves, and which artifact of each (module docstring)."""
 
     def __init__(
         self,
@@ -261,6 +299,8 @@ class RequestStats:
         # (model, version) of every served model; set by the daemon once the
         # model host exists (module docstring).
         self.served: Callable[[], Sequence[tuple[str, str]]] | None = None
+        # (model, version) -> the artifact variant it serves now; likewise.
+        self.variants: Callable[[], Mapping[tuple[str, str], int]] | None = None
 
     def _served(self) -> set[tuple[str, str]]:
         if self.served is None:
@@ -270,6 +310,15 @@ class RequestStats:
         except Exception:
             log.exception("cannot list the served models for telemetry")
             return set()
+
+    def _variants(self) -> Mapping[tuple[str, str], int]:
+        if self.variants is None:
+            return {}
+        try:
+            return dict(self.variants())
+        except Exception:
+            log.exception("cannot tell which artifacts the served models serve")
+            return {}
 
     def _power(self) -> tuple[str, int]:
         if self.power_status is None:
@@ -287,8 +336,17 @@ class RequestStats:
     def record(self, model: str, version: str, latency_s: float, outcome: str) -> None:
         """Count one finished request. outcome: "ok", "error" or "timeout"
         (a timeout is also an error)."""
+        self.record_variant(model, version, latency_s, outcome, UNSPECIFIED_VARIANT)
+
+    def record_variant(
+        self, model: str, version: str, latency_s: float, outcome: str, variant: int
+    ) -> None:
+        """`record`, saying which artifact of the version served the request
+        (common_pb2.ArtifactVariant; unspecified: not said)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, not {outcome!r}")
+        if variant not in _VARIANTS:
+            raise ValueError(f"variant must be an ArtifactVariant, not {variant!r}")
         with self._lock:
             window = self._windows.get((model, version))
             if window is None:
@@ -298,6 +356,10 @@ class RequestStats:
                 window.errors += 1
                 if outcome == "timeout":
                     window.timeouts += 1
+            if variant == FALLBACK_VARIANT:
+                window.fallback += 1
+            if variant != UNSPECIFIED_VARIANT:
+                window.variant = variant
 
     def record_shadow(
         self,
@@ -334,6 +396,7 @@ class RequestStats:
             windows, self._windows = self._windows, {}
             shadows, self._shadows = self._shadows, {}
         served = self._served()
+        variants = self._variants()
         res = self._probe()
         power_mode, concurrency_limit = self._power()
         device = IntervalSample(
@@ -352,13 +415,19 @@ class RequestStats:
             return [device]
         samples = []
         for key in sorted(windows.keys() | shadows.keys() | served):
-            sample = dataclasses.replace(device, model_name=key[0], model_version=key[1])
             window = windows.get(key)
+            sample = dataclasses.replace(
+                device,
+                model_name=key[0],
+                model_version=key[1],
+                variant=variants.get(key, window.variant if window else UNSPECIFIED_VARIANT),
+            )
             if window is not None:
                 hist = window.histogram
                 sample = dataclasses.replace(
                     sample,
                     request_count=hist.total,
+                    fallback_request_count=window.fallback,
                     error_count=window.errors,
                     timeout_count=window.timeouts,
                     latency_p50_ms=hist.percentile(0.50) * 1000,

@@ -40,7 +40,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.agent.telemetry import IntervalSample, RequestStats
 from edgefleet.agent.telemetry_buffer import Pending, TelemetryBuffer
-from edgefleet.v1 import device_pb2, device_pb2_grpc
+from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -102,6 +102,8 @@ def to_proto(pending: Pending) -> device_pb2.TelemetrySample:
         shadow_agreement=s.shadow_agreement,
         shadow_max_diff=s.shadow_max_diff,
         shadow_latency_p95_ms=s.shadow_latency_p95_ms,
+        variant=s.variant,  # type: ignore[arg-type]  # an ArtifactVariant's number
+        fallback_request_count=s.fallback_request_count,
     )
     if s.temperature_c is not None:
         sample.temperature_c = s.temperature_c
@@ -141,6 +143,18 @@ class TelemetryMetrics:
         self.latency = Gauge(
             p + "interval_latency_ms", "Latency in the last interval", [*mv, "quantile"], registry=r
         )
+        self.fallback_requests = Gauge(
+            p + "interval_fallback_requests",
+            "Requests the lighter fallback artifact served in the last interval",
+            mv,
+            registry=r,
+        )
+        self.serving_fallback = Gauge(
+            p + "serving_fallback",
+            "1 while the model serves its lighter fallback artifact (power/thermal policy)",
+            mv,
+            registry=r,
+        )
         self.rss = Gauge(p + "process_rss_mb", "Agent resident memory", registry=r)
         self.cpu = Gauge(p + "process_cpu_percent", "Agent CPU (100 = one core)", registry=r)
         self.sys_mem = Gauge(p + "system_memory_used_percent", "System memory used", registry=r)
@@ -165,7 +179,14 @@ class TelemetryMetrics:
         )
 
     def observe(self, samples: Sequence[IntervalSample]) -> None:
-        for gauge in (self.requests, self.errors, self.timeouts, self.latency):
+        for gauge in (
+            self.requests,
+            self.errors,
+            self.timeouts,
+            self.latency,
+            self.fallback_requests,
+            self.serving_fallback,
+        ):
             gauge.clear()
         for s in samples:
             if s.model_name or s.model_version:
@@ -173,6 +194,10 @@ class TelemetryMetrics:
                 self.requests.labels(*labels).set(s.request_count)
                 self.errors.labels(*labels).set(s.error_count)
                 self.timeouts.labels(*labels).set(s.timeout_count)
+                self.fallback_requests.labels(*labels).set(s.fallback_request_count)
+                self.serving_fallback.labels(*labels).set(
+                    1 if s.variant == common_pb2.ARTIFACT_VARIANT_FALLBACK else 0
+                )
                 for quantile, value in (
                     ("0.5", s.latency_p50_ms),
                     ("0.95", s.latency_p95_ms),

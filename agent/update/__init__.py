@@ -8,7 +8,10 @@ The core:
   in the table and persists the next state;
 - ports.py: what the real agent provides (downloader, verifier, validator,
   activator, reporter) and the errors they raise (fatal or retryable);
-- download.py: the resumable, hash-once download into the state directory.
+- download.py: the resumable, hash-once download into the state directory;
+- fallback.py: a version's lighter fallback artifact, named by the primary's
+  signed manifest, which the update downloads, checks, validates and
+  installs beside it.
 
 The ports the daemon wires in:
 - remote.py: the gRPC downloader and the status reporter;

@@ -27,7 +27,15 @@ became the active one).
 
 The downloads are shared by every model (by digest): a commit deletes only
 the files no model still needs, asking `in_use` for the digests the other
-models' records name (active, standby, shadow, or an update in flight)."""
+models' records name (active, standby, shadow, or an update in flight).
+
+Fallback artifacts (fallback.py): an Installed version whose manifest names
+a fallback records its digest too (`fallback_digest`), and is loaded with it:
+the host serves whichever of the two it prefers (agent/serving.py). Its file
+lives and goes with its version: `digests()` names it beside the primary, so
+a commit keeps the active version's fallback (and a restart or a rollback
+finds the previous version's, until the commit drops that version), and
+deletes it once no record names it."""
 
 from __future__ import annotations
 
@@ -42,11 +50,12 @@ from typing import TYPE_CHECKING, Any
 from edgefleet.agent.disk import write_error
 from edgefleet.agent.errors import DiskFull, StateError
 from edgefleet.agent.runtimes import ONNXRUNTIME, TENSORRT, TFLITE, TensorInfo
-from edgefleet.agent.serving import ModelHost, ModelSpec, ServingError, decode_tensor
+from edgefleet.agent.serving import Artifact, ModelHost, ModelSpec, ServingError, decode_tensor
 from edgefleet.fsutil import atomic_write
 from edgefleet.v1 import common_pb2
 
 from .download import DOWNLOADS_DIR, artifact_path
+from .fallback import fallback_of
 from .layout import model_dir
 from .ports import FatalUpdateError
 
@@ -73,12 +82,33 @@ class Installed:
     model_version: str
     digest: str
     manifest_hex: str
+    # The version's fallback artifact (its manifest's fallback_manifest);
+    # "" when it has none. Records written before fallbacks lack it.
+    fallback_digest: str = ""
+
+    @classmethod
+    def of(cls, manifest: bytes) -> Installed:
+        """The version a (verified) manifest describes."""
+        parsed = parse_manifest(manifest)
+        fallback = fallback_of(manifest)
+        return cls(
+            parsed.model_name,
+            parsed.model_version,
+            parsed.sha256,
+            manifest.hex(),
+            fallback.digest if fallback is not None else "",
+        )
 
     @property
     def manifest(self) -> common_pb2.ArtifactManifest:
         parsed = common_pb2.ArtifactManifest()
         parsed.ParseFromString(bytes.fromhex(self.manifest_hex))
         return parsed
+
+    @property
+    def digests(self) -> set[str]:
+        """Its artifact files: the primary's and, if any, the fallback's."""
+        return {self.digest, self.fallback_digest} - {""}
 
 
 @dataclass(frozen=True)
@@ -163,7 +193,11 @@ class ActiveStore:
             record = self.load()
         except StateError:
             return set()
-        return {i.digest for i in (record.active, record.standby, record.shadow) if i is not None}
+        named: set[str] = set()
+        for installed in (record.active, record.standby, record.shadow):
+            if installed is not None:
+                named |= installed.digests
+        return named
 
 
 class HostActivator:
@@ -240,8 +274,7 @@ class HostActivator:
         return current.digest if current else None
 
     def activate(self, path: Path, manifest: bytes) -> None:
-        parsed = parse_manifest(manifest)
-        new = Installed(parsed.model_name, parsed.model_version, parsed.sha256, manifest.hex())
+        new = Installed.of(manifest)
         record = self.store.load()
         # A retried activation must keep the committed artifact as standby.
         standby = record.standby if record.active and record.active.digest == new.digest else None
@@ -249,12 +282,13 @@ class HostActivator:
         # An activation ends any shadow stage; dropped first so a small
         # device never holds active, standby, shadow and the new model at once.
         self._drop_shadow(record)
-        self._load(new, path)
+        self._load(new, path, require_fallback=True)
         self.store.save(ActiveRecord(active=new, standby=standby))
 
     def shadow(self, path: Path, manifest: bytes) -> None:
-        parsed = parse_manifest(manifest)
-        new = Installed(parsed.model_name, parsed.model_version, parsed.sha256, manifest.hex())
+        # Its fallback is recorded (its file kept for when the version is
+        # assigned for real) but not loaded: a shadow is compared as built.
+        new = Installed.of(manifest)
         record = self.store.load()
         self._load(new, path, shadow=True)
         if record.shadow is not None and record.shadow.model_name != new.model_name:
@@ -290,7 +324,7 @@ class HostActivator:
             active is not None
             and active.model_name == standby.model_name
             and restored is not None
-            and restored.digest == standby.digest
+            and restored.primary_digest == standby.digest
         ):
             self.host.rollback(active.model_name)  # the warm standby: no load
         else:
@@ -311,16 +345,17 @@ class HostActivator:
         # A shadow stays loaded and on disk: committing a shadow update is
         # what makes it the shadow for the rest of its stage.
         self.store.save(ActiveRecord(active=record.active, shadow=record.shadow))
-        keep = {record.active.digest}
+        keep = set(record.active.digests)
         if record.shadow is not None:
-            keep.add(record.shadow.digest)
+            keep |= record.shadow.digests
         self._remove_unused(keep)
 
     # ------------------------------------------------------------ helpers
 
     def _serving(self, installed: Installed) -> bool:
         try:
-            return self.host.active(installed.model_name).digest == installed.digest
+            # Whichever of its artifacts serves, the version is named by its primary.
+            return self.host.active(installed.model_name).primary_digest == installed.digest
         except ServingError:
             return False
 
@@ -329,10 +364,19 @@ class HostActivator:
             self.host.drop_shadow(record.shadow.model_name)
 
     def _load(
-        self, installed: Installed, path: Path | None = None, *, shadow: bool = False
+        self,
+        installed: Installed,
+        path: Path | None = None,
+        *,
+        shadow: bool = False,
+        require_fallback: bool = False,
     ) -> None:
         """Load and warm `installed` as the active version of its model
-        (the slot's pending activation) or, with `shadow`, as its shadow."""
+        (the slot's pending activation; with its fallback, if it has one)
+        or, with `shadow`, as its shadow (the primary only). A fallback
+        that cannot be used fails a new version (`require_fallback`); a
+        version restored or rolled back to serves its primary without it
+        (logged): serving comes first."""
         manifest = installed.manifest
         runtime = RUNTIME_NAMES.get(manifest.runtime)
         if runtime is None:
@@ -340,9 +384,19 @@ class HostActivator:
         path = path or artifact_path(self.state_dir, installed.digest)
         if not path.exists():
             raise FatalUpdateError(f"artifact {installed.digest[:12]} missing from {path.parent}")
-        load = self.host.load_shadow if shadow else self.host.activate
         try:
-            load(
+            if shadow:
+                self.host.load_shadow(
+                    installed.model_name,
+                    installed.model_version,
+                    installed.digest,
+                    path,
+                    runtime,
+                    model_spec(manifest),
+                    golden_inputs=golden_inputs(manifest),
+                )
+                return
+            self.host.activate(
                 installed.model_name,
                 installed.model_version,
                 installed.digest,
@@ -350,9 +404,36 @@ class HostActivator:
                 runtime,
                 model_spec(manifest),
                 golden_inputs=golden_inputs(manifest),
+                fallback=self._fallback(installed, required=require_fallback),
             )
         except ServingError as exc:
             raise FatalUpdateError(exc.message) from exc
+
+    def _fallback(self, installed: Installed, *, required: bool) -> Artifact | None:
+        """What the host loads for `installed`'s fallback; None: it has none
+        (or, unless `required`, it cannot be used: logged)."""
+        try:
+            fallback = fallback_of(bytes.fromhex(installed.manifest_hex))
+            if fallback is None:
+                return None
+            manifest = parse_manifest(fallback.manifest)
+            runtime = RUNTIME_NAMES.get(manifest.runtime)
+            if runtime is None:
+                raise FatalUpdateError(
+                    f"{fallback.label}: unknown runtime in its manifest ({manifest.runtime})"
+                )
+            path = artifact_path(self.state_dir, fallback.digest)
+            if not path.exists():
+                raise FatalUpdateError(f"{fallback.label} missing from {path.parent}")
+            return Artifact(
+                fallback.digest, path, runtime, model_spec(manifest), golden_inputs(manifest)
+            )
+        except FatalUpdateError as exc:
+            if required:
+                raise
+            log.error("%s %s serves its primary artifact only: %s", installed.model_name,
+                      installed.model_version, exc.message)  # fmt: skip
+            return None
 
     def _remove_unused(self, keep: set[str]) -> None:
         """Delete downloaded artifacts not in `keep` (committed: nothing can

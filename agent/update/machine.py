@@ -39,6 +39,14 @@ could not be saved is held in memory and saved before any handler runs
 again, so the record on disk still always names the state whose side
 effects may be under way. Meanwhile the device serves what it served.
 
+A version's lighter fallback artifact (fallback.py), when the manifest
+names one, goes through the same states beside the primary: Downloading
+fetches both (each resumable, shared by digest; progress counts both),
+Verifying checks the nested manifest and the fallback's file, Validating
+validates it against its own manifest, and Activating installs both
+(activation.py). Whatever fails on the fallback fails the update with a
+reason that names it, like a failure of the primary.
+
 Shadow assignments (Assignment.shadow, a rollout's shadow stage) run through
 the same states: only Activating branches, loading the candidate as the
 shadow of its model name (Activator.shadow) instead of activating it, so the
@@ -53,7 +61,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +69,8 @@ from edgefleet.agent.disk import RETRY_MAX_S, DiskCondition, disk_full_label
 from edgefleet.agent.errors import AgentError, DiskFull, StateError
 
 from .download import DEFAULT_MARGIN, Hasher, ResumableDownload, artifact_path, remove_download
-from .ports import Ports, UpdateError
+from .fallback import assignment_digests, check_file, check_nested, download_total, fallback_of
+from .ports import FatalUpdateError, Ports, RetryableUpdateError, UpdateError
 from .states import ABORTABLE, TRANSITIONS, Event, EventKind, State
 from .store import Assignment, UpdateRecord, UpdateStore
 from .verify import check_names_assigned
@@ -89,6 +98,25 @@ def classify(exc: Exception) -> Event:
         # free, so retried, up to the attempt limit.
         return Event.failure(f"{label}: {exc}", fatal=False)
     return Event.failure(f"{type(exc).__name__}: {exc}", fatal=True)
+
+
+@contextlib.contextmanager
+def _naming(label: str) -> Iterator[None]:
+    """Re-raise a failure of the step inside as an UpdateError whose reason
+    starts with `label` (the fallback artifact's), classified as it was; a
+    state file that could not be written (DiskFull) passes unchanged."""
+    try:
+        yield
+    except StateError:  # DiskFull included: the machine waits for room
+        raise
+    except UpdateError as exc:
+        if exc.message.startswith(label):
+            raise
+        raise type(exc)(f"{label}: {exc.message}") from exc
+    except Exception as exc:
+        event = classify(exc)
+        error = RetryableUpdateError if event.kind is EventKind.RETRYABLE else FatalUpdateError
+        raise error(f"{label}: {event.reason}") from exc
 
 
 class UpdateMachine:
@@ -122,7 +150,10 @@ class UpdateMachine:
         self.record = store.load()
         # Loaded in Activating: this process did not do (all of) the switch.
         self._restarted_in_activation = self.record.state is State.ACTIVATING
-        self._download: ResumableDownload | None = None
+        # By digest: the primary's and the fallback's downloads, kept for
+        # the process's life so a retry never hashes a prefix again.
+        self._downloads: dict[str, ResumableDownload] = {}
+        self._total: tuple[Assignment | None, int] = (None, 0)
         # The record in memory is ahead of the one on disk (a full disk).
         self._unsaved = False
         # Consecutive waits for room, and what the last one reported.
@@ -151,7 +182,7 @@ class UpdateMachine:
         if self.record.pending:
             raise UpdateInProgress("an update is still running; abort it and let it settle first")
         self.record = UpdateRecord(assignment=assignment, history=[State.IDLE.value])
-        self._download = None
+        self._downloads = {}
         # On a full disk it waits in memory: step() saves it before any work.
         self._persist()
 
@@ -312,29 +343,43 @@ class UpdateMachine:
     def _artifact(self, record: UpdateRecord) -> Path:
         return artifact_path(self.store.state_dir, self._assignment(record).artifact_digest)
 
-    def _downloading(self, record: UpdateRecord) -> Event:
-        assignment = self._assignment(record)
-        download = self._download
-        if download is None or download.digest != assignment.artifact_digest:
-            download = self._download = ResumableDownload(
+    def _download_of(self, digest: str, size: int) -> ResumableDownload:
+        download = self._downloads.get(digest)
+        if download is None or download.size != size:
+            download = self._downloads[digest] = ResumableDownload(
                 self.store.state_dir,
-                assignment.artifact_digest,
-                assignment.artifact_size,
+                digest,
+                size,
                 hash_factory=self._hash_factory,
                 disk_usage=self._disk_usage,
                 margin=self._disk_margin,
             )
+        return download
 
-        def progress(done: int) -> None:
-            record.bytes_downloaded = done
-            self._report(State.DOWNLOADING, None)
-
+    def _downloading(self, record: UpdateRecord) -> Event:
+        assignment = self._assignment(record)
+        # Read before the manifest is verified, only to know what to fetch
+        # (fallback.py); a malformed one fails here, nothing changed yet.
+        fallback = fallback_of(assignment.manifest)
+        # The primary, then the fallback; progress counts both.
+        parts = [(self._download_of(assignment.artifact_digest, assignment.artifact_size), "")]
+        if fallback is not None:
+            parts.append((self._download_of(fallback.digest, fallback.size), fallback.label))
         before = record.bytes_downloaded
         try:
-            download.run(self.ports.downloader, progress)
+            done = 0
+            for download, label in parts:
+
+                def progress(offset: int, base: int = done) -> None:
+                    record.bytes_downloaded = base + offset
+                    self._report(State.DOWNLOADING, None)
+
+                with _naming(label) if label else contextlib.nullcontext():
+                    download.run(self.ports.downloader, progress)
+                done += download.size
         finally:
-            record.bytes_downloaded = download.bytes_done
-            if download.bytes_done > before:
+            record.bytes_downloaded = sum(download.bytes_done for download, _ in parts)
+            if record.bytes_downloaded > before:
                 record.attempts[State.DOWNLOADING.value] = 1  # progress: see the docstring
         return Event.success()
 
@@ -353,12 +398,25 @@ class UpdateMachine:
             **({} if verified is None else {"trusted_keys": verified.keys}),
         )
         check_names_assigned(assignment.manifest, assignment.model_name, assignment.model_version)
+        # The fallback's manifest is signed inside the primary's, checked
+        # just now: only from here on is what it says trusted.
+        fallback = check_nested(assignment.manifest)
+        if fallback is not None:
+            check_file(self.store.state_dir, fallback)
         if trust is not None and verified is not None:
             trust.accept(verified)
         return Event.success()
 
     def _validating(self, record: UpdateRecord) -> Event:
-        self.ports.validator.validate(self._artifact(record), self._assignment(record).manifest)
+        manifest = self._assignment(record).manifest
+        self.ports.validator.validate(self._artifact(record), manifest)
+        fallback = fallback_of(manifest)
+        if fallback is not None:
+            # Against its own manifest: its golden samples, tolerances, budgets.
+            with _naming(fallback.label):
+                self.ports.validator.validate(
+                    artifact_path(self.store.state_dir, fallback.digest), fallback.manifest
+                )
         return Event.success()
 
     def _activating(self, record: UpdateRecord) -> Event:
@@ -385,28 +443,42 @@ class UpdateMachine:
         return Event.success()
 
     def _failed(self, record: UpdateRecord) -> Event:
-        # Never fails: keep the artifact file only if it may still be in use
-        # (a rollback that did not bring the previous artifact back).
-        digest = self._assignment(record).artifact_digest
+        # Never fails: keep the artifact files (the primary's and its
+        # fallback's) only if they may still be in use (a rollback that did
+        # not bring the previous artifact back).
+        assignment = self._assignment(record)
+        digest = assignment.artifact_digest
         try:
             active = self.ports.activator.active()
             # The failed artifact may also be the active one (an assignment,
-            # e.g. a shadow, of the version already served): keep its file.
+            # e.g. a shadow, of the version already served): keep its files.
             in_use = active != record.previous or active == digest
-            # The downloads are shared: another model may use the same file.
-            in_use = in_use or digest in self.ports.shared()
+            # The downloads are shared: another model may use the same file,
+            # and this model's own versions may share a fallback's.
+            needed = self.ports.shared() | self.ports.kept()
         except Exception:
-            in_use = True
-        with contextlib.suppress(OSError):
-            remove_download(self.store.state_dir, digest, keep_final=in_use)
-        self._download = None
+            in_use, needed = True, set()
+        for each in sorted(assignment_digests(assignment)):
+            with contextlib.suppress(OSError):
+                remove_download(self.store.state_dir, each, keep_final=in_use or each in needed)
+        self._downloads = {}
         return Event.success()
 
     def _report(self, state: State, reason: str | None) -> None:
-        total = self.record.assignment.artifact_size if self.record.assignment else 0
+        total = self._total_bytes()
         # Reporting is best effort; the real reporter buffers.
         with contextlib.suppress(Exception):
             self.ports.reporter.report(state, self.record.bytes_downloaded, total, reason)
+
+    def _total_bytes(self) -> int:
+        """The bytes the current assignment downloads (both artifacts), parsed
+        from its manifest once per assignment, not once per chunk."""
+        assignment = self.record.assignment
+        if assignment is None:
+            return 0
+        if self._total[0] is not assignment:
+            self._total = (assignment, download_total(assignment))
+        return self._total[1]
 
     _handlers: dict[State, Callable[[UpdateMachine, UpdateRecord], Event]] = {
         State.DOWNLOADING: _downloading,

@@ -33,6 +33,7 @@ from edgefleet.v1 import common_pb2
 
 from .activation import HostActivator, Installed
 from .download import artifact_path, part_path
+from .fallback import assignment_digests
 from .layout import (
     REMOVING_FILE,
     InvalidModelName,
@@ -106,7 +107,7 @@ def remove_model(
     mine = update.activator.store.digests()
     record = update.machine.record
     if record.assignment is not None:
-        mine.add(record.assignment.artifact_digest)
+        mine |= assignment_digests(record.assignment)
     keep = others_use()
     for digest in mine - keep:
         for path in (artifact_path(state_dir, digest), part_path(state_dir, digest)):
@@ -193,7 +194,7 @@ class ModelUpdates:
 
     def in_use(self, exclude: str | None = None) -> set[str]:
         """The artifact digests the models' records name (active, standby,
-        shadow, and the update in flight), but `exclude`'s."""
+        shadow, and the update in flight; fallbacks included), but `exclude`'s."""
         with self._lock:
             updates = [u for n, u in self._models.items() if n != exclude]
         digests: set[str] = set()
@@ -201,7 +202,7 @@ class ModelUpdates:
             digests |= update.activator.store.digests()
             record = update.machine.record
             if record.assignment is not None:
-                digests.add(record.assignment.artifact_digest)
+                digests |= assignment_digests(record.assignment)
         return digests
 
     # ------------------------------------------------------------ changes

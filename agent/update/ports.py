@@ -136,3 +136,7 @@ class Ports:
     # active, standby, shadow or in-flight artifacts): Failed must not
     # delete a shared download.
     shared: Callable[[], set[str]] = set
+    # The artifact digests this model's own records still name (its active,
+    # standby and shadow versions', fallbacks included: ActiveStore.digests),
+    # which Failed must not delete either.
+    kept: Callable[[], set[str]] = set

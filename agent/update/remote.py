@@ -18,6 +18,7 @@ import grpc
 from edgefleet.update_state import to_wire
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
 
+from .fallback import download_total
 from .ports import Chunk, FatalUpdateError
 from .states import State
 from .store import UpdateRecord
@@ -147,7 +148,7 @@ class StatusReporter:
     def current(self) -> common_pb2.UpdateStatus:
         """The status as of now (for a Hello)."""
         record = self._record()
-        total = record.assignment.artifact_size if record.assignment else 0
+        total = download_total(record.assignment) if record.assignment else 0
         reason = record.reason if record.state in (State.ROLLING_BACK, State.FAILED) else None
         return self.status(record.state, record.bytes_downloaded, total, reason)
 

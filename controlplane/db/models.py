@@ -302,8 +302,11 @@ class BuildRow(Base):
     candidates: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     artifact_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"))
     # The lighter fallback artifact (0011): its digest, or why the class
-    # asked for one and there is none.
-    fallback_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"))
+    # asked for one and there is none. No foreign key, unlike the artifact's:
+    # adding one makes SQLite rebuild the table, and dropping the old table
+    # would cascade into artifacts and assignments. The blob is written in
+    # the same transaction as this row (services/builds.py).
+    fallback_digest: Mapped[str | None] = mapped_column(String(64))
     fallback_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     error: Mapped[str] = mapped_column(Text, default="")
     # sha256 of model bytes + target profile + toolchain versions.
@@ -331,8 +334,9 @@ class ArtifactRow(Base):
     # A file shipped beside the artifact (the TFLite Micro C source).
     companion_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"), index=True)
     # The lighter fallback artifact shipped with it (0011); its manifest is
-    # inside this one's (ArtifactManifest.fallback_manifest).
-    fallback_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"), index=True)
+    # inside this one's (ArtifactManifest.fallback_manifest). No foreign key,
+    # as for builds.fallback_digest.
+    fallback_digest: Mapped[str | None] = mapped_column(String(64), index=True)
     # The serialized ArtifactManifest exactly as signed, and its signature.
     manifest: Mapped[bytes] = mapped_column(LargeBinary)
     signature: Mapped[bytes] = mapped_column(LargeBinary)

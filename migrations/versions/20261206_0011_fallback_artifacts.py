@@ -19,6 +19,11 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# Columns and indexes only: a new foreign key makes SQLite rebuild the table
+# (batch mode), and dropping the old builds or artifacts table would cascade
+# into artifacts and device assignments (foreign keys are on).
+
+
 def upgrade() -> None:
     with op.batch_alter_table("device_classes", schema=None) as batch_op:
         batch_op.add_column(
@@ -29,16 +34,9 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("fallback_reason", sa.Text(), server_default="", nullable=False)
         )
-        batch_op.create_foreign_key(
-            batch_op.f("fk_builds_fallback_digest_blobs"), "blobs", ["fallback_digest"], ["digest"]
-        )
     with op.batch_alter_table("artifacts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("fallback_digest", sa.String(length=64), nullable=True))
         batch_op.create_index(batch_op.f("ix_artifacts_fallback_digest"), ["fallback_digest"])
-        batch_op.create_foreign_key(
-            batch_op.f("fk_artifacts_fallback_digest_blobs"), "blobs", ["fallback_digest"],
-            ["digest"],
-        )  # fmt: skip
     with op.batch_alter_table("telemetry", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column("variant", sa.String(length=16), server_default="", nullable=False)
@@ -53,20 +51,16 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("telemetry_rollups", schema=None) as batch_op:
-        batch_op.drop_column("fallback_request_count")
-    with op.batch_alter_table("telemetry", schema=None) as batch_op:
-        batch_op.drop_column("fallback_request_count")
-        batch_op.drop_column("variant")
-    with op.batch_alter_table("artifacts", schema=None) as batch_op:
-        batch_op.drop_constraint(
-            batch_op.f("fk_artifacts_fallback_digest_blobs"), type_="foreignkey"
-        )
-        batch_op.drop_index(batch_op.f("ix_artifacts_fallback_digest"))
-        batch_op.drop_column("fallback_digest")
-    with op.batch_alter_table("builds", schema=None) as batch_op:
-        batch_op.drop_constraint(batch_op.f("fk_builds_fallback_digest_blobs"), type_="foreignkey")
-        batch_op.drop_column("fallback_reason")
-        batch_op.drop_column("fallback_digest")
-    with op.batch_alter_table("device_classes", schema=None) as batch_op:
-        batch_op.drop_column("fallback")
+    # Plain ALTER TABLE ... DROP COLUMN (SQLite 3.35 and later, PostgreSQL):
+    # batch mode would rebuild the tables, with the cascades said above.
+    op.drop_index(op.f("ix_artifacts_fallback_digest"), table_name="artifacts")
+    for table, column in (
+        ("telemetry_rollups", "fallback_request_count"),
+        ("telemetry", "fallback_request_count"),
+        ("telemetry", "variant"),
+        ("artifacts", "fallback_digest"),
+        ("builds", "fallback_reason"),
+        ("builds", "fallback_digest"),
+        ("device_classes", "fallback"),
+    ):
+        op.execute(f"ALTER TABLE {table} DROP COLUMN {column}")

@@ -1,11 +1,13 @@
 """The power/thermal policy (agent/power.py) on fake sensor readings, its
-config keys, and the ModelHost concurrency limit it applies, on a real ONNX
-model (overlap measured by a runner wrapper that records entries and exits,
-never by timing)."""
+config keys, the temperature file sensor, and what it applies to the
+ModelHost on real ONNX models: the concurrency limit (overlap measured by a
+runner wrapper that records entries and exits, never by timing) and the
+switch to a version's lighter fallback artifact."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,16 +22,21 @@ from edgefleet.agent.config import load_config
 from edgefleet.agent.errors import ConfigError
 from edgefleet.agent.power import (
     CRITICAL,
+    FALLBACK,
     LIMITED,
+    NEVER,
     NORMAL,
+    PRIMARY,
     PowerPolicy,
     PowerThresholds,
     PsutilSensors,
     Readings,
+    SensorError,
     decide,
+    read_temperature_file,
 )
 from edgefleet.agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
-from edgefleet.agent.serving import DeadlineExceeded, ModelHost
+from edgefleet.agent.serving import Artifact, DeadlineExceeded, ModelHost
 
 T = PowerThresholds()  # battery 30/15 %, temperature 70/80 C, margins 5 and 5
 
@@ -141,9 +148,13 @@ class FakeSensors:
 class FakeHost:
     def __init__(self) -> None:
         self.limits: list[int] = []
+        self.variants: list[int] = []
 
     def set_concurrency_limit(self, limit: int) -> None:
         self.limits.append(limit)
+
+    def set_variant(self, variant: int) -> None:
+        self.variants.append(variant)
 
 
 def test_policy_applies_limits_only_on_mode_changes() -> None:
@@ -169,6 +180,147 @@ def test_policy_applies_limits_only_on_mode_changes() -> None:
         (CRITICAL, 1), (NORMAL, 0),  # sensors gone: nothing to act on
     ]  # fmt: skip
     assert host.limits == [2, 1, 0]
+    # The variant goes with the mode (fallback from limited on, the default).
+    assert host.variants == [FALLBACK, FALLBACK, PRIMARY]
+    assert policy.variant() == PRIMARY
+
+
+# ------------------------------------------------------------------ fallback artifacts
+
+
+@pytest.mark.parametrize(
+    ("fallback_mode", "expected"),
+    [
+        (LIMITED, {NORMAL: PRIMARY, LIMITED: FALLBACK, CRITICAL: FALLBACK}),
+        (CRITICAL, {NORMAL: PRIMARY, LIMITED: PRIMARY, CRITICAL: FALLBACK}),
+        (NEVER, {NORMAL: PRIMARY, LIMITED: PRIMARY, CRITICAL: PRIMARY}),
+    ],
+)
+def test_the_variant_each_mode_prefers(fallback_mode: str, expected: dict[str, int]) -> None:
+    thresholds = PowerThresholds(fallback_mode=fallback_mode)
+    assert {mode: thresholds.variant(mode) for mode in expected} == expected
+
+
+def test_an_unknown_fallback_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="fallback_mode must be one of"):
+        PowerThresholds(fallback_mode="sometimes")
+
+
+def _policy_variants(
+    fallback_mode: str, readings: Sequence[Readings]
+) -> tuple[list[int], list[int]]:
+    """(the preferred variant after each step, what the host was told)."""
+    host = FakeHost()
+    policy = PowerPolicy(
+        host, PowerThresholds(fallback_mode=fallback_mode), sensors=FakeSensors(readings)
+    )
+    preferred: list[int] = []
+    for _ in readings:
+        policy.step()
+        preferred.append(policy.variant())
+    return preferred, host.variants
+
+
+def test_the_switch_has_the_modes_hysteresis_on_hovering_readings() -> None:
+    # Around the limited threshold (70 C, leaving below 65): one switch to
+    # the fallback, one back, however the reading wobbles in between.
+    temps = [hot(c) for c in (69, 70, 69, 71, 68, 66, 65, 69, 64.9, 66, 69.9)]
+    preferred, told = _policy_variants(LIMITED, temps)
+    P, F = PRIMARY, FALLBACK
+    assert preferred == [P, F, F, F, F, F, F, F, P, P, P]
+    assert told == [FALLBACK, PRIMARY]
+    # fallback_mode critical: limited changes the concurrency, not the
+    # artifact; around the critical threshold (80 C, leaving below 75).
+    temps = [hot(c) for c in (71, 79, 80, 77, 79, 75, 74.9, 79.9, 81)]
+    preferred, told = _policy_variants(CRITICAL, temps)
+    assert preferred == [P, P, F, F, F, F, P, P, F]
+    assert told == [PRIMARY, FALLBACK, PRIMARY, FALLBACK]
+
+
+def test_never_keeps_the_primary_in_every_mode() -> None:
+    readings = [hot(c) for c in (71, 85, 60, 90)] + [battery(5), battery(50)]
+    preferred, told = _policy_variants(NEVER, readings)
+    assert preferred == [PRIMARY] * len(readings)
+    assert set(told) == {PRIMARY}
+
+
+def test_without_sensors_the_policy_never_switches() -> None:
+    preferred, told = _policy_variants(LIMITED, [Readings()] * 5)
+    assert preferred == [PRIMARY] * 5 and told == []
+
+
+def test_a_host_that_cannot_switch_keeps_the_mode_and_the_limit() -> None:
+    class Stuck(FakeHost):
+        def set_variant(self, variant: int) -> None:
+            raise RuntimeError("no memory for the other artifact")
+
+    host = Stuck()
+    policy = PowerPolicy(host, T, sensors=FakeSensors([hot(85)]))
+    assert policy.step() == CRITICAL
+    assert policy.status() == (CRITICAL, 1) and host.limits == [1]
+
+
+# ------------------------------------------------------------------ the temperature file
+
+
+@pytest.mark.parametrize(
+    ("text", "celsius"),
+    [("85000\n", 85.0), ("85000", 85.0), ("  42500 \n", 42.5), ("-5000\n", -5.0), ("0", 0.0)],
+)
+def test_the_temperature_file_holds_millidegrees(tmp_path: Path, text: str, celsius: float) -> None:
+    path = tmp_path / "temp"
+    path.write_text(text)
+    assert read_temperature_file(path) == celsius
+    assert PsutilSensors(temperature_file=path).read().temperature_c == celsius
+
+
+@pytest.mark.parametrize("text", ["", "\n", "hot", "85.5", "85000 86000", "0x14c08", "nan"])
+def test_a_temperature_file_that_does_not_parse_raises(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "temp"
+    path.write_text(text)
+    with pytest.raises(SensorError, match="not an integer number of millidegrees"):
+        PsutilSensors(temperature_file=path).read()
+
+
+def test_an_unreadable_temperature_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(SensorError, match="cannot read the temperature file"):
+        PsutilSensors(temperature_file=tmp_path / "missing").read()
+    with pytest.raises(SensorError, match="cannot read the temperature file"):
+        read_temperature_file(tmp_path)  # a directory
+
+
+def test_a_failing_temperature_file_keeps_the_mode_and_is_logged_once_per_condition(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "temp"
+    host = FakeHost()
+    policy = PowerPolicy(host, T, sensors=PsutilSensors(temperature_file=path))
+    caplog.set_level(logging.INFO, logger="edgefleet.agent.power")
+
+    def step(content: str | None) -> str:
+        if content is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(content)
+        return policy.step()
+
+    assert step("85000\n") == CRITICAL
+    assert host.limits == [1] and host.variants == [FALLBACK]
+    caplog.clear()
+    # Garbage, over several intervals: the mode stays, one warning.
+    assert [step(text) for text in ("garbage", "more garbage", "")] == [CRITICAL] * 3
+    # Gone: another condition, one more warning.
+    assert [step(None) for _ in range(3)] == [CRITICAL] * 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "holds 'garbage'" in warnings[0] and "keeping power mode critical" in warnings[0]
+    assert "cannot read the temperature file" in warnings[1]
+    assert host.limits == [1] and host.variants == [FALLBACK]  # nothing applied meanwhile
+    # Readable again: said once, and the readings count again.
+    caplog.clear()
+    assert step("60000\n") == NORMAL
+    assert [r.getMessage() for r in caplog.records].count("power sensors read again") == 1
+    assert host.limits == [1, 0] and host.variants == [FALLBACK, PRIMARY]
 
 
 async def test_without_sensors_the_loop_stays_normal_and_does_nothing() -> None:
@@ -218,9 +370,37 @@ def test_power_settings_from_file_and_environment(tmp_path: Path) -> None:
     ) == (40, 65.5, 90, 0, 3)
 
 
+def test_fallback_and_temperature_file_settings(tmp_path: Path) -> None:
+    defaults = load_config(None, environ={})
+    assert defaults.power_fallback_mode == LIMITED and defaults.power_temperature_file is None
+    assert PowerThresholds.from_config(defaults).fallback_mode == LIMITED
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        'power_fallback_mode = "critical"\n'
+        'power_temperature_file = "/sys/class/thermal/thermal_zone0/temp"\n'
+    )
+    config = load_config(path, environ={})
+    assert config.power_fallback_mode == CRITICAL
+    assert config.power_temperature_file == Path("/sys/class/thermal/thermal_zone0/temp")
+    assert PowerThresholds.from_config(config).fallback_mode == CRITICAL
+    overridden = load_config(
+        path,
+        environ={
+            "EDGEFLEET_AGENT_POWER_FALLBACK_MODE": " Never ",
+            # Empty clears the file's setting: psutil's sensors again.
+            "EDGEFLEET_AGENT_POWER_TEMPERATURE_FILE": "",
+        },
+    )
+    assert overridden.power_fallback_mode == NEVER
+    assert overridden.power_temperature_file is None
+
+
 @pytest.mark.parametrize(
     ("environ", "needle"),
     [
+        ({"EDGEFLEET_AGENT_POWER_FALLBACK_MODE": "sometimes"}, "one of 'limited', 'critical'"),
+        ({"EDGEFLEET_AGENT_POWER_FALLBACK_MODE": "normal"}, "one of 'limited', 'critical'"),
+        ({"EDGEFLEET_AGENT_POWER_TEMPERATURE_FILE": "thermal/temp"}, "an absolute path"),
         ({"EDGEFLEET_AGENT_POWER_BATTERY_LIMITED_PERCENT": "120"}, "percentage from 0 to 100"),
         ({"EDGEFLEET_AGENT_POWER_BATTERY_LIMITED_PERCENT": "low"}, "expected a number"),
         ({"EDGEFLEET_AGENT_POWER_TEMPERATURE_LIMITED_C": "nan"}, "temperature in degrees"),
@@ -232,21 +412,42 @@ def test_power_settings_from_file_and_environment(tmp_path: Path) -> None:
     ],
 )
 def test_bad_power_settings_name_the_variable(environ: dict[str, str], needle: str) -> None:
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(ConfigError, match=needle) as caught:
         load_config(None, environ=environ)
+    if len(environ) == 1 and "must not be" not in needle:
+        assert next(iter(environ)) in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("power_fallback_mode = 2", "key power_fallback_mode: expected one of"),
+        ('power_fallback_mode = "always"', "key power_fallback_mode: expected one of"),
+        ("power_temperature_file = 85000", "key power_temperature_file: expected a string"),
+        ('power_temperature_file = "temp"', "key power_temperature_file: expected an absolute"),
+    ],
+)
+def test_bad_fallback_settings_name_the_file_and_key(
+    tmp_path: Path, text: str, needle: str
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=needle) as caught:
+        load_config(path, environ={})
+    assert str(path) in caught.value.message
 
 
 # ------------------------------------------------------------------ the host's limit
 
 
-def add_model(path: Path) -> Path:
-    """y = x + 1 over a [batch, 4] float input."""
+def add_model(path: Path, constant: float = 1.0) -> Path:
+    """y = x + constant over a [batch, 4] float input."""
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "c"], ["y"])],
         "add",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(np.array([1.0], dtype=np.float32), "c")],
+        [numpy_helper.from_array(np.array([constant], dtype=np.float32), "c")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
@@ -431,3 +632,35 @@ def test_policy_drives_a_real_host(tracked: tuple[ModelHost, Tracking, Recorded]
     assert policy.status() == (CRITICAL, 1) and host.concurrency_limit == 1
     policy.step()
     assert policy.status() == (NORMAL, 0) and host.concurrency_limit == 0
+
+
+def test_policy_switches_a_real_host_to_the_fallback_and_back(tmp_path: Path) -> None:
+    """Two real artifacts of one version (y = x + 1, and a "fallback" that
+    adds 2, so answers tell them apart): the policy's mode changes switch
+    which one answers; a model without a fallback keeps its primary."""
+    host = ModelHost(workers=2)
+    primary, fallback = add_model(tmp_path / "p.onnx"), add_model(tmp_path / "f.onnx", 2.0)
+    host.activate("m", "1", "p-digest", primary, ONNXRUNTIME,
+                  fallback=Artifact("f-digest", fallback, ONNXRUNTIME))  # fmt: skip
+    host.activate("plain", "1", "plain-digest", primary, ONNXRUNTIME)
+    policy = PowerPolicy(host, T, sensors=FakeSensors([hot(75), hot(85), hot(66), hot(60)]))
+
+    def answer(name: str) -> tuple[int, str, float]:
+        prediction = host.predict_sync(name, X)
+        model = prediction.model
+        return model.variant, model.digest, float(prediction.outputs[0][0, 0] - X["x"][0, 0])
+
+    assert answer("m") == (PRIMARY, "p-digest", 1.0)
+    policy.step()  # limited: the fallback
+    assert host.variant == FALLBACK and host.concurrency_limit == 2
+    assert answer("m") == (FALLBACK, "f-digest", 2.0)
+    assert answer("plain") == (PRIMARY, "plain-digest", 1.0)
+    assert host.active("m").fallback_digest == "f-digest"
+    assert host.active("m").primary_digest == "p-digest"
+    policy.step()  # critical: still the fallback
+    policy.step()  # 66 C: still limited (hysteresis)
+    assert answer("m") == (FALLBACK, "f-digest", 2.0)
+    policy.step()  # normal: back to the primary
+    assert host.variant == PRIMARY and host.concurrency_limit == 0
+    assert answer("m") == (PRIMARY, "p-digest", 1.0)
+    host.close()

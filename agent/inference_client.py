@@ -49,6 +49,9 @@ class Result:
 
     model_version: str
     outputs: dict[str, np.ndarray]
+    # Which artifact of the version served it (ArtifactVariant: primary, or
+    # the lighter fallback the power/thermal policy switched to).
+    variant: int = common_pb2.ARTIFACT_VARIANT_UNSPECIFIED
 
 
 def tensor_message(name: str, array: np.ndarray) -> common_pb2.TensorData:
@@ -102,7 +105,11 @@ class InferenceClient:
             model_name=model, inputs=[tensor_message(k, v) for k, v in inputs.items()]
         )
         response = self.predict_message(request, timeout_s=timeout_s)
-        return Result(response.model_version, {t.name: tensor_array(t) for t in response.outputs})
+        return Result(
+            response.model_version,
+            {t.name: tensor_array(t) for t in response.outputs},
+            response.variant,
+        )
 
     def predict_message(
         self, request: inference_pb2.PredictRequest, *, timeout_s: float | None = None

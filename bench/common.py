@@ -221,8 +221,9 @@ def push_model(
 
 def setup(op: Any, root: Path, *, second_model: bool = False) -> str:
     """Classes, both versions pushed and built; an enrollment token. With
-    `second_model`, also 3.0.0 and SECOND_MODEL 1.0.0 (a second model for
-    every device to hold while MODEL rolls out)."""
+    `second_model`, also 3.0.0, 4.0.0 and SECOND_MODEL 1.0.0 (a second model
+    for every device to hold while MODEL rolls out 3.0.0; 4.0.0 rolls out
+    after it is removed again)."""
     from edgefleet.demo.models import build_digits_classifier, build_small_cnn
 
     for name, arch in CLASSES.items():
@@ -235,7 +236,7 @@ def setup(op: Any, root: Path, *, second_model: bool = False) -> str:
                 ],
             )
         )
-    versions = ("1.0.0", "2.0.0", "3.0.0") if second_model else ("1.0.0", "2.0.0")
+    versions = ("1.0.0", "2.0.0", "3.0.0", "4.0.0") if second_model else ("1.0.0", "2.0.0")
     for seed, version in enumerate(versions):
         built = build_digits_classifier(root / version, seed=seed)
         push_model(op, version, built.model, built.sample_data)

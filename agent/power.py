@@ -36,6 +36,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -92,19 +94,43 @@ class SensorError(Exception):
         self.condition = condition
 
 
+# What a temperature file may hold: a few digits. Anything longer is not a
+# thermal zone (and is not read whole into memory).
+_TEMPERATURE_FILE_MAX_BYTES = 64
+# Readings outside this range (the control plane's range for telemetry,
+# api/limits.py) are a broken sensor, not a temperature to act on.
+TEMPERATURE_RANGE_C = (-273.15, 1000.0)
+
+
 def read_temperature_file(path: Path) -> float:
     """The temperature in `path`, degrees Celsius: the file holds an integer
-    number of millidegrees (Linux thermal zones: "85000\\n" is 85 C).
-    SensorError when it cannot be read or holds anything else."""
+    number of millidegrees (Linux thermal zones: "85000\n" is 85 C).
+    SensorError when it cannot be read, is not a regular file (a FIFO or a
+    device would block the reader), holds anything else, or reads outside
+    TEMPERATURE_RANGE_C."""
     try:
-        text = path.read_text(encoding="ascii", errors="replace")
+        # Non-blocking: opening a FIFO for reading would otherwise wait for a
+        # writer, and stall the policy (and telemetry) for good.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SensorError(
+                    f"the temperature file {path} is not a regular file (a thermal zone's "
+                    "temp file is)",
+                    f"not-a-file:{path}",
+                )
+            data = os.read(fd, _TEMPERATURE_FILE_MAX_BYTES + 1)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise SensorError(
             f"cannot read the temperature file {path}: {exc.strerror or exc}",
             f"unreadable:{path}:{type(exc).__name__}",
         ) from exc
-    value = text.strip()
+    value = data.decode("ascii", errors="replace").strip()
     try:
+        if len(data) > _TEMPERATURE_FILE_MAX_BYTES:
+            raise ValueError("too long")
         millidegrees = int(value)
     except ValueError:
         raise SensorError(
@@ -112,7 +138,15 @@ def read_temperature_file(path: Path) -> float:
             "millidegrees Celsius (e.g. 85000)",
             f"unparsable:{path}",
         ) from None
-    return millidegrees / 1000.0
+    celsius = millidegrees / 1000.0
+    low, high = TEMPERATURE_RANGE_C
+    if not low <= celsius <= high:
+        raise SensorError(
+            f"the temperature file {path} reads {celsius:g} C, outside {low:g}..{high:g} C: "
+            "a broken sensor, not a temperature (the file holds millidegrees: 85000 is 85 C)",
+            f"out-of-range:{path}",
+        )
+    return celsius
 
 
 class PsutilSensors:
@@ -128,7 +162,7 @@ class PsutilSensors:
     def read(self) -> Readings:
         """The current readings."""
         temperature = (
-            _hottest()
+            hottest()
             if self.temperature_file is None
             else read_temperature_file(self.temperature_file)
         )
@@ -142,16 +176,21 @@ class PsutilSensors:
         )
 
 
-def _hottest() -> float | None:
+def hottest() -> float | None:
+    """The hottest of psutil's temperature sensors (None: none, or none that
+    reads inside TEMPERATURE_RANGE_C: a sensor reporting -300 C is broken)."""
     try:
         sensors = psutil.sensors_temperatures()
     except (OSError, RuntimeError, AttributeError):
         return None
+    low, high = TEMPERATURE_RANGE_C
     values = [
         float(entry.current)
         for entries in sensors.values()
         for entry in entries
-        if entry.current is not None and math.isfinite(entry.current)
+        if entry.current is not None
+        and math.isfinite(entry.current)
+        and low <= entry.current <= high
     ]
     return max(values) if values else None
 

@@ -68,7 +68,7 @@ from typing import Literal
 
 import psutil
 
-from edgefleet.agent.power import SensorError, read_temperature_file
+from edgefleet.agent.power import SensorError, hottest, read_temperature_file
 from edgefleet.v1 import common_pb2
 
 Outcome = Literal["ok", "error", "timeout"]
@@ -178,28 +178,11 @@ class ResourceProbe:
 
     def _temperature(self) -> float | None:
         if self._temperature_file is None:
-            return _hottest()
+            return hottest()
         try:
             return read_temperature_file(self._temperature_file)
         except SensorError:
             return None
-
-
-def _hottest() -> float | None:
-    read = getattr(psutil, "sensors_temperatures", None)
-    if read is None:
-        return None
-    try:
-        sensors = read()
-    except (OSError, RuntimeError):
-        return None
-    values = [
-        entry.current
-        for entries in sensors.values()
-        for entry in entries
-        if entry.current is not None and math.isfinite(entry.current)
-    ]
-    return max(values) if values else None
 
 
 def _battery() -> psutil._common.sbattery | None:

@@ -224,11 +224,28 @@ class Demo:
                 )
             )  # fmt: skip
         console.print(f"started {len(self.agents)} edgefleet-agent processes")
-        wait_for(lambda: len(self.devices()) == len(DEVICES), 60,
-                 what="every agent to register", interval=POLL_S)  # fmt: skip
-        wait_for(lambda: all(d.get("online") for d in self.devices()), 60,
-                 what="every agent to connect", interval=POLL_S)  # fmt: skip
+        try:
+            # Generous: five agents importing their runtimes at once on a
+            # busy two-core machine take a while.
+            wait_for(lambda: len(self.devices()) == len(DEVICES), 120,
+                     what="every agent to register", interval=POLL_S)  # fmt: skip
+            wait_for(lambda: all(d.get("online") for d in self.devices()), 120,
+                     what="every agent to connect", interval=POLL_S)  # fmt: skip
+        except WaitTimeout:
+            self.agents_report()
+            raise
         self.cli("devices", "ls")
+
+    def agents_report(self) -> None:
+        """Each agent's exit status and the end of its log, for a demo that
+        gave up waiting for them."""
+        for device, proc in zip(DEVICES, self.agents, strict=False):
+            log = self.data_dir / "agents" / device.name / "agent.log"
+            tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+            status = "running" if proc.poll() is None else f"exited {proc.returncode}"
+            console.print(f"agent {device.name} ({status}), the end of {log}:", markup=False)
+            for line in tail:
+                console.print(f"  {line}", markup=False, soft_wrap=True)
 
     def devices(self) -> list[dict[str, Any]]:
         out = subprocess.run(

@@ -18,10 +18,9 @@ The update covers both artifacts through the same states (machine.py):
 - Verifying, after the signed manifest passed its checks, checks the nested
   manifest (`check_nested`): it parses, names an artifact, the same model,
   version, class and build as the primary's, and no fallback of its own;
-  and the downloaded file (`check_file`) has the size it gives. Its sha256
-  was checked as it downloaded: download.py gives a file its digest's name
-  only once its bytes hashed to it, and that digest is the nested
-  manifest's.
+  and the downloaded file (`check_file`) has the size it gives and hashes
+  to its digest again (download.py checked it on the way, but a restart may
+  re-enter Verifying long after; the primary is hashed again the same way).
 - Validating runs the fallback against the nested manifest with the same
   validator as the primary (golden samples, tolerances, budgets).
 - Activating installs both (activation.py).
@@ -43,6 +42,7 @@ from edgefleet.v1 import common_pb2
 from .download import artifact_path
 from .ports import FatalUpdateError
 from .store import Assignment
+from .verify import check_digest
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -137,6 +137,9 @@ def check_file(state_dir: Path, fallback: Fallback) -> Path:
             f"{fallback.label} truncated or padded: {size} bytes on disk, its manifest says "
             f"{fallback.size}"
         )
+    # Hashed again, as the primary is (verify.py): a restart may re-enter
+    # Verifying long after the download.
+    check_digest(path, fallback.digest, fallback.label)
     return path
 
 

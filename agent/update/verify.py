@@ -5,8 +5,10 @@ downloaded; the file has the manifest's size.
 
 The signature is checked first, so nothing unsigned is parsed. The file's
 sha256 was already checked while downloading (download.py renames the file
-into place only when it matched, hashing each byte once); `rehash=True` reads
-the file again for a belt-and-braces check."""
+into place only when it matched); `rehash=True` reads the file again, which
+the device does (DeviceVerifier): a restart may re-enter Verifying long
+after the download, and SD cards rot. A file whose bytes no longer match is
+removed, so the next assignment of it downloads it afresh."""
 
 from __future__ import annotations
 
@@ -105,12 +107,22 @@ class ManifestVerifier:
                 f"{parsed.size_bytes}"
             )
         if self.rehash:
-            hasher = hashlib.sha256()
-            with path.open("rb") as handle:
-                while block := handle.read(1024 * 1024):
-                    hasher.update(block)
-            if hasher.hexdigest() != digest:
-                raise FatalUpdateError("sha256 mismatch: the artifact on disk is corrupted")
+            check_digest(path, digest, "artifact")
+
+
+def check_digest(path: Path, digest: str, what: str) -> None:
+    """`path` hashes to `digest`; otherwise it is removed and FatalUpdateError
+    says `what` was corrupted on disk."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1024 * 1024):
+            hasher.update(block)
+    if hasher.hexdigest() != digest:
+        path.unlink(missing_ok=True)
+        raise FatalUpdateError(
+            f"{what} on disk is corrupted: sha256 mismatch since it was downloaded "
+            "(removed; assign it again to download it afresh)"
+        )
 
 
 class DeviceVerifier:
@@ -134,6 +146,7 @@ class DeviceVerifier:
         trusted_keys: Mapping[str, bytes] | None = None,
     ) -> None:
         verifier = ManifestVerifier.from_state_dir(self.state_dir, self.class_name())
+        verifier.rehash = True
         verifier.verify(
             path, digest=digest, manifest=manifest, signature=signature, trusted_keys=trusted_keys
         )

@@ -227,8 +227,13 @@ class BuildService:
         # The same bytes may be pushed as another version: that version still
         # needs its own build row (reusing the result), so match the version too.
         mine = next((b for b in same if b.class_id == cls.id and b.model_version_id == mv.id), None)
-        if mine is not None and (not force or mine.state in (QUEUED, RUNNING)):
-            return mine  # this class already has (or is getting) this result
+        # Only while it is still the class's newest build of the version:
+        # assignments take the newest (deployments._class_artifact), so a
+        # profile changed and changed back (a fallback turned off and on)
+        # needs a new row reusing the old result, or devices get the other.
+        if mine is not None and mine.id == self._newest(session, mv, cls):
+            if not force or mine.state in (QUEUED, RUNNING):
+                return mine  # this class already has (or is getting) this result
         row = BuildRow(
             id=secrets.new_id(),
             model_version_id=mv.id,
@@ -263,6 +268,16 @@ class BuildService:
         if row.state == SUCCEEDED:
             _sign_twin(session, row)
         return row
+
+    @staticmethod
+    def _newest(session: Session, mv: ModelVersionRow, cls: DeviceClassRow) -> str | None:
+        """The id of the class's newest build of `mv`, whatever its profile."""
+        return session.scalar(
+            select(BuildRow.id)
+            .where(BuildRow.model_version_id == mv.id, BuildRow.class_id == cls.id)
+            .order_by(BuildRow.created_at.desc())
+            .limit(1)
+        )
 
     # ------------------------------------------------------------ queries
 

@@ -23,14 +23,17 @@ import grpc.aio
 import numpy as np
 import onnxruntime as ort
 import pytest
+from sqlalchemy import select
 
 from edgefleet.agent.serving import decode_tensor
 from edgefleet.controlplane.build.pipeline import run_build
 from edgefleet.controlplane.build.types import BuildResult, BuildTarget
 from edgefleet.controlplane.cli import render
+from edgefleet.controlplane.db.models import DeviceClassRow, ModelVersionRow
 from edgefleet.controlplane.domain import signing
 from edgefleet.controlplane.errors import PermissionDenied
 from edgefleet.controlplane.server import ControlPlane
+from edgefleet.controlplane.services.deployments import _class_artifact
 from edgefleet.demo.models import BuiltModel, build_digits_classifier
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
@@ -375,5 +378,47 @@ async def test_reused_results_name_the_reusing_model_in_both_manifests(
         assert {(b.model_name, b.class_name) for b in listed} == {
             ("wide", "hot"), ("wide", "hot-twin"), ("copycat", "hot"), ("copycat", "hot-twin"),
         }  # fmt: skip
+    finally:
+        await channel.close(None)
+
+
+async def test_a_fallback_turned_off_and_on_again_ships_again(
+    cp: ControlPlane, wide: BuiltModel, builder: Builder
+) -> None:
+    """int8 -> none -> int8: the third profile is the first one again, whose
+    build is reused; the class's newest build must be that result, since
+    assignments take the newest (a stranger's try found the device without
+    its fallback: the old build was found and nothing new recorded)."""
+    op, channel = await setup(
+        cp, wide, {"hot": ("aarch64", profile(c.QUANTIZATION_FP32, c.QUANTIZATION_INT8))}
+    )
+
+    async def fallback(value: c.Quantization.ValueType) -> None:
+        await op.UpdateDeviceClass(
+            o.UpdateDeviceClassRequest(name="hot", constraints=c.ConstraintProfile(fallback=value)),
+            metadata=ADMIN,
+        )
+
+    async def published() -> str:
+        with cp.db.unit_of_work(readonly=True) as uow:
+            cls = uow.session.scalar(select(DeviceClassRow).where(DeviceClassRow.name == "hot"))
+            mv = uow.session.scalars(select(ModelVersionRow)).one()
+            assert cls is not None
+            found = _class_artifact(uow.session, cls.id, mv.id)
+            assert not isinstance(found, str), found
+            return found.fallback_digest or ""
+
+    try:
+        first = (await finish_builds(cp, op, builder, count=1))["hot"]
+        assert first.fallback_digest and await published() == first.fallback_digest
+        await fallback(c.QUANTIZATION_UNSPECIFIED)
+        await finish_builds(cp, op, builder, count=2)
+        assert await published() == ""
+        await fallback(c.QUANTIZATION_INT8)
+        # A reuse, not a build: it finishes as it is recorded.
+        await finish_builds(cp, op, builder, count=3)
+        listed = (await op.ListBuilds(o.ListBuildsRequest(), metadata=ADMIN)).builds
+        assert [b.reused_from for b in listed].count(first.id) == 1
+        assert await published() == first.fallback_digest
     finally:
         await channel.close(None)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -285,7 +288,7 @@ def test_a_temperature_file_that_does_not_parse_raises(tmp_path: Path, text: str
 def test_an_unreadable_temperature_file_raises(tmp_path: Path) -> None:
     with pytest.raises(SensorError, match="cannot read the temperature file"):
         PsutilSensors(temperature_file=tmp_path / "missing").read()
-    with pytest.raises(SensorError, match="cannot read the temperature file"):
+    with pytest.raises(SensorError, match="is not a regular file"):
         read_temperature_file(tmp_path)  # a directory
 
 
@@ -664,3 +667,32 @@ def test_policy_switches_a_real_host_to_the_fallback_and_back(tmp_path: Path) ->
     assert host.variant == PRIMARY and host.concurrency_limit == 0
     assert answer("m") == (PRIMARY, "p-digest", 1.0)
     host.close()
+
+
+def test_a_temperature_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    # Opening a FIFO for reading would wait for a writer forever, freezing
+    # the policy and the telemetry that read the same file.
+    fifo = tmp_path / "temp"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(SensorError, match="not a regular file"):
+        read_temperature_file(fifo)
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("-300000\n", "outside -273.15..1000 C"),
+        ("1500000\n", "outside -273.15..1000 C"),
+        ("99999999999999999999\n", "outside -273.15..1000 C"),
+        ("9" * 100, "not an integer number of millidegrees"),
+    ],
+)
+def test_a_temperature_file_reading_no_real_temperature_is_a_sensor_fault(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    path = tmp_path / "temp"
+    path.write_text(text)
+    with pytest.raises(SensorError, match=re.escape(says)):
+        read_temperature_file(path)

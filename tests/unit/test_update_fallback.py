@@ -283,3 +283,27 @@ def test_restart_while_failing_on_the_fallback_still_ends_on_the_old_model(
     record = rig.restart().run_until_settled()
     assert record.reason is not None and record.reason.startswith(LABEL)
     rig.assert_consistent(record, assignment)
+
+
+def test_a_fallback_corrupted_on_disk_before_a_restarted_verifying_fails_it(
+    tmp_path: Path,
+) -> None:
+    # Killed on entering Verifying; the file rots (same size) meanwhile: the
+    # restarted Verifying hashes it again, refuses it naming the fallback,
+    # and removes it so that the next assignment downloads it afresh.
+    rig = rig_with_fallback(tmp_path)
+    rig.reporter.crash_on_enter.add(V)
+    assignment = make_assignment(fallback=FALLBACK_DATA)
+    rig.machine.assign(assignment)
+    with pytest.raises(Crash):
+        rig.machine.run_until_settled()
+    path = artifact_path(rig.state_dir, FALLBACK)
+    rotten = bytearray(path.read_bytes())
+    rotten[100] ^= 0xFF
+    path.write_bytes(bytes(rotten))
+    record = rig.restart().run_until_settled()
+    assert record.outcome == "failed"
+    assert record.reason is not None and record.reason.startswith(LABEL), record.reason
+    assert "corrupted" in record.reason
+    assert not path.exists()
+    assert rig.activator.current == OLD

@@ -42,7 +42,7 @@ from edgefleet.v1 import common_pb2
 from .download import artifact_path
 from .ports import FatalUpdateError
 from .store import Assignment
-from .verify import check_digest
+from .verify import check_on_disk
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -126,20 +126,9 @@ def check_nested(manifest: bytes) -> Fallback | None:
 
 def check_file(state_dir: Path, fallback: Fallback) -> Path:
     """The downloaded fallback's path, once it is there with the size its
-    manifest gives (module docstring: its sha256 was checked on the way)."""
+    manifest gives and still hashes to its digest (module docstring)."""
     path = artifact_path(state_dir, fallback.digest)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise FatalUpdateError(f"{fallback.label} is missing from disk") from None
-    if size != fallback.size:
-        raise FatalUpdateError(
-            f"{fallback.label} truncated or padded: {size} bytes on disk, its manifest says "
-            f"{fallback.size}"
-        )
-    # Hashed again, as the primary is (verify.py): a restart may re-enter
-    # Verifying long after the download.
-    check_digest(path, fallback.digest, fallback.label)
+    check_on_disk(path, fallback.digest, fallback.size, fallback.label, rehash=True)
     return path
 
 

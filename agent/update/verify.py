@@ -97,17 +97,23 @@ class ManifestVerifier:
             raise FatalUpdateError(
                 f"manifest names artifact {parsed.sha256[:12]}, the assignment {digest[:12]}"
             )
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise FatalUpdateError(f"artifact {digest[:12]} is missing from disk") from None
-        if size != parsed.size_bytes:
-            raise FatalUpdateError(
-                f"artifact truncated or padded: {size} bytes on disk, manifest says "
-                f"{parsed.size_bytes}"
-            )
-        if self.rehash:
-            check_digest(path, digest, "artifact")
+        check_on_disk(path, digest, parsed.size_bytes, "artifact", rehash=self.rehash)
+
+
+def check_on_disk(path: Path, digest: str, size: int, what: str, *, rehash: bool) -> None:
+    """The downloaded file `what` is at `path` with the `size` its manifest
+    gives, and (`rehash`) still hashes to `digest`; FatalUpdateError naming
+    `what` otherwise."""
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        raise FatalUpdateError(f"{what} {digest[:12]} is missing from disk") from None
+    if actual != size:
+        raise FatalUpdateError(
+            f"{what} truncated or padded: {actual} bytes on disk, manifest says {size}"
+        )
+    if rehash:
+        check_digest(path, digest, what)
 
 
 def check_digest(path: Path, digest: str, what: str) -> None:

@@ -42,11 +42,13 @@ def artifacts_ls(
 @json_option
 @pass_env
 def artifacts_show(env: Connection, digest: str, as_json: bool) -> None:
-    """Show an artifact's signed manifest (a digest prefix is enough)."""
+    """Show an artifact's signed manifest (a digest prefix is enough; a
+    lighter fallback's digest shows the artifact that ships it)."""
 
     def list_digests() -> list[str]:
-        listed = env.stub.ListArtifacts(operator_pb2.ListArtifactsRequest())
-        return [a.digest for a in listed.artifacts]
+        # Fallbacks too: their digest shows the artifact that ships them.
+        listed = env.stub.ListArtifacts(operator_pb2.ListArtifactsRequest()).artifacts
+        return sorted({a.digest for a in listed} | {a.fallback_digest for a in listed} - {""})
 
     found = call_by_id(
         digest.strip().lower().removeprefix("sha256:"),

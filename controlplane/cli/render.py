@@ -94,6 +94,8 @@ def format_constraints(c: common_pb2.ConstraintProfile) -> str:
         parts.append(f"speed x{c.speed_factor:g}")
     if c.microcontroller:
         parts.append("microcontroller")
+    if c.HasField("fallback") and c.fallback:
+        parts.append(f"fallback={enum_name(common_pb2.Quantization, c.fallback)}")
     return ", ".join(parts)
 
 

@@ -36,16 +36,21 @@ class ArtifactService:
 
     def get(self, digest: str) -> ArtifactRow:
         """The newest artifact with these bytes (several classes may ship
-        the same bytes, each with its own manifest)."""
+        the same bytes, each with its own manifest); for the digest of a
+        lighter fallback, the newest artifact that ships it (the fallback's
+        manifest is inside that one's)."""
         with self._db.unit_of_work(readonly=True) as uow:
             row = None
             if valid_digest(digest):
-                row = uow.session.scalar(
-                    select(ArtifactRow)
-                    .where(ArtifactRow.digest == digest)
-                    .order_by(ArtifactRow.created_at.desc())
-                    .limit(1)
-                )
+                for column in (ArtifactRow.digest, ArtifactRow.fallback_digest):
+                    row = uow.session.scalar(
+                        select(ArtifactRow)
+                        .where(column == digest)
+                        .order_by(ArtifactRow.created_at.desc())
+                        .limit(1)
+                    )
+                    if row is not None:
+                        break
             if row is None:
                 raise NotFound(f"no artifact with digest {digest!r}")
             return row

@@ -231,9 +231,12 @@ class BuildService:
         # assignments take the newest (deployments._class_artifact), so a
         # profile changed and changed back (a fallback turned off and on)
         # needs a new row reusing the old result, or devices get the other.
-        if mine is not None and mine.id == self._newest(session, mv, cls):
-            if not force or mine.state in (QUEUED, RUNNING):
-                return mine  # this class already has (or is getting) this result
+        if (
+            mine is not None
+            and mine.id == self._newest(session, mv, cls)
+            and (not force or mine.state in (QUEUED, RUNNING))
+        ):
+            return mine  # this class already has (or is getting) this result
         row = BuildRow(
             id=secrets.new_id(),
             model_version_id=mv.id,

@@ -202,6 +202,17 @@ def test_class_rendering_shows_build_fields() -> None:
     assert "threads 4" in detail
     assert "speed factor 12.5" in detail
     assert "microcontroller yes" in detail
+    assert "fallback -" in detail  # none asked for
+    hot = common_pb2.ConstraintProfile(
+        runtime=common_pb2.RUNTIME_ONNXRUNTIME,
+        quantization=common_pb2.QUANTIZATION_FP32,
+        fallback=common_pb2.QUANTIZATION_INT8,
+    )
+    assert render.format_constraints(hot) == "onnxruntime, fp32, fallback=int8"
+    shown = squash(
+        text_of(render.class_detail(common_pb2.DeviceClass(name="hot", constraints=hot)))
+    )
+    assert "fallback int8 (served while hot or low on battery)" in shown
 
     plain = squash(text_of(render.class_detail(common_pb2.DeviceClass(name="pi4"))))
     assert "threads 1 (default)" in plain

@@ -208,6 +208,11 @@ async def test_an_int8_fallback_is_published_signed_inside_the_primary_and_repro
             await op.ListArtifacts(o.ListArtifactsRequest(class_name="hot"), metadata=ADMIN)
         ).artifacts
         assert artifact.fallback_digest == hot.fallback_digest
+        # The fallback's digest finds the artifact that ships it.
+        owner = await op.GetArtifact(
+            o.GetArtifactRequest(digest=hot.fallback_digest), metadata=ADMIN
+        )
+        assert (owner.digest, owner.fallback_digest) == (artifact.digest, hot.fallback_digest)
         keys = await signing_keys(channel, op)
         signed = artifact.signed_manifest
         assert signing.verify(keys[signed.key_id], signed.manifest, signed.signature)

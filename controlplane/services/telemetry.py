@@ -232,6 +232,16 @@ def _ratio(num: Any, den: Any) -> ColumnElement[Any]:
     return float_sum(num) / func.nullif(float_sum(den), 0.0)
 
 
+# The model-version group of samples an agent sends while it serves no
+# model (name and version empty): "@" says nothing to an operator.
+NO_MODEL = "(no model)"
+
+
+def _group_name(value: object) -> str:
+    name = str(value)
+    return NO_MODEL if name == "@" else name
+
+
 def at_most(column: Any, cap: float) -> ColumnElement[Any]:
     """`column`, or `cap` where it is larger (NULL stays NULL)."""
     bound = literal(cap, Float if isinstance(cap, float) else BigInteger)
@@ -775,7 +785,8 @@ class TelemetryService:
                 .limit(MAX_POINTS + 1)
             )
             rows = [
-                (str(row[0]) if keys else "all", *row[-2:]) for row in uow.session.execute(stmt)
+                (_group_name(row[0]) if keys else "all", *row[-2:])
+                for row in uow.session.execute(stmt)
             ]
         if len(rows) > MAX_POINTS:
             raise ResourceExhausted(

@@ -258,3 +258,16 @@ async def test_uploads_carry_the_variant_and_a_bad_one_is_refused_alone(
         assert _served(cp.db, a.device_id) == [(1, "primary", 0), (2, "fallback", 4), (3, "", 0)]
         resp = await dev.UploadTelemetry(d.UploadTelemetryRequest(samples=bad[:1]), metadata=as_b)
         assert resp.acked_seq == 1
+
+
+def test_samples_of_no_model_group_as_no_model_not_an_at_sign(
+    telemetry: TelemetryService,
+) -> None:
+    # An agent serving no model still reports (memory, temperature): its
+    # samples have no model name or version.
+    telemetry.ingest("dev-a", [_sample(1), _sample(2, model_name="", model_version="")])
+    series = telemetry.query(
+        metric="memory_mb", group_by="model_version", start=START - dt.timedelta(minutes=1),
+        end=START + dt.timedelta(minutes=1), step=dt.timedelta(minutes=2),
+    )  # fmt: skip
+    assert sorted(s.group for s in series) == ["(no model)", "digits@1.0.0"]

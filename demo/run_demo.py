@@ -227,13 +227,21 @@ class Demo:
         try:
             # Generous: five agents importing their runtimes at once on a
             # busy two-core machine take a while.
-            wait_for(lambda: len(self.devices()) == len(DEVICES), 120,
+            wait_for(lambda: self.agents_up() and len(self.devices()) == len(DEVICES), 120,
                      what="every agent to register", interval=POLL_S)  # fmt: skip
-            wait_for(lambda: all(d.get("online") for d in self.devices()), 120,
-                     what="every agent to connect", interval=POLL_S)  # fmt: skip
+            wait_for(lambda: self.agents_up() and all(d.get("online") for d in self.devices()),
+                     120, what="every agent to connect", interval=POLL_S)  # fmt: skip
         except WaitTimeout:
             self.agents_report()
             raise
+
+    def agents_up(self) -> bool:
+        """True while every agent runs; an exited one ends the demo with
+        its log, rather than a wait for one that will never come."""
+        if all(proc.poll() is None for proc in self.agents):
+            return True
+        self.agents_report()
+        raise SystemExit("an agent exited before the fleet was up (its log is above)")
         self.cli("devices", "ls")
 
     def agents_report(self) -> None:

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+@pytest.fixture
+def demo_dir() -> Iterator[Path]:
+    """A short directory, as an operator's would be: the agents' sockets live
+    under it, and a unix socket's path holds at most 107 bytes (pytest's
+    tmp_path under an xdist worker is long enough to pass that)."""
+    path = Path(tempfile.mkdtemp(prefix="ef-demo-"))
+    yield path / "demo"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_demo_runs_end_to_end(demo_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "edgefleet.demo.run_demo", "--data-dir", str(tmp_path / "demo"),
+        [sys.executable, "-m", "edgefleet.demo.run_demo", "--data-dir", str(demo_dir),
          "--tui-headless"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "120"},
     )  # fmt: skip
@@ -61,5 +76,5 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "digits@1.1.0" in monitor and "dropped" in monitor, monitor[:2000]
     assert "Traceback" not in out
     # Every process was stopped cleanly.
-    logs = (tmp_path / "demo" / "server.log").read_text()
+    logs = (demo_dir / "server.log").read_text()
     assert "shutting down" in logs

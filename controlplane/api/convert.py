@@ -289,6 +289,15 @@ def enum_name(names: dict[Any, str], number: int, what: str) -> str:
     return names[number]
 
 
+# The class limits a 0 removes (none of them can be 0 otherwise).
+CLEARED_BY_ZERO = (
+    "max_model_size_mb",
+    "latency_budget_p95_ms",
+    "max_memory_mb",
+    "device_memory_mb",
+)
+
+
 def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
     """The constraint fields present in a message (for partial updates)."""
     changes: dict[str, Any] = {}
@@ -304,6 +313,10 @@ def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
     ):
         if msg.HasField(name):
             changes[name] = getattr(msg, name)
+    for name in CLEARED_BY_ZERO:
+        # A limit of 0 is no limit: how an update removes one it set.
+        if changes.get(name) == 0:
+            changes[name] = None
     if msg.runtime != c.RUNTIME_UNSPECIFIED:
         changes["runtime"] = enum_name(RUNTIME_NAMES, msg.runtime, "runtime")
     if msg.quantization != c.QUANTIZATION_UNSPECIFIED:

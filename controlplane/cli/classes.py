@@ -30,6 +30,9 @@ def classes() -> None:
 def _class_options(*, create: bool) -> Callable[[F], F]:
     """Options shared by `classes create` and `classes update`."""
     positive = click.FloatRange(min=0, min_open=True)
+    # A limit: positive, or (updating) 0 to remove the one the class has.
+    limit = positive if create else click.FloatRange(min=0)
+    removes = "" if create else " 0 removes it."
     options = [
         enum_option(
             "--runtime",
@@ -37,16 +40,18 @@ def _class_options(*, create: bool) -> Callable[[F], F]:
             required=create,
             help="Inference runtime the class targets.",
         ),
-        click.option("--max-size-mb", type=positive, help="Largest artifact allowed."),
-        click.option("--latency-budget-ms", type=positive, help="p95 latency budget."),
+        click.option("--max-size-mb", type=limit, help="Largest artifact allowed." + removes),
+        click.option("--latency-budget-ms", type=limit, help="p95 latency budget." + removes),
         click.option(
-            "--max-memory-mb", type=positive, help="Peak inference memory allowed per model."
+            "--max-memory-mb",
+            type=limit,
+            help="Peak inference memory allowed per model." + removes,
         ),
         click.option(
             "--device-memory-mb",
-            type=positive,
+            type=limit,
             help="Memory budget for all the models a device holds together (their builds' "
-            "measured memory, summed); an assignment past it is refused.",
+            "measured memory, summed); an assignment past it is refused." + removes,
         ),
         enum_option(
             "--quantization",

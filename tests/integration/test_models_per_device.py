@@ -317,6 +317,16 @@ async def test_the_device_memory_budget_refuses_what_does_not_fit(
         (excluded,) = plan.excluded
         assert excluded.device_id == arm
         assert "over the 1.5 MB device memory budget of class arm" in excluded.reason
+        # An update with a budget of 0 removes it: the device takes both.
+        cleared = await op.UpdateDeviceClass(
+            o.UpdateDeviceClassRequest(name="arm",
+                                       constraints=c.ConstraintProfile(device_memory_mb=0)),
+            metadata=ADMIN,
+        )  # fmt: skip
+        assert not cleared.constraints.HasField("device_memory_mb")
+        await _assign(op, [arm], SECOND)
+        device = await op.GetDevice(o.GetDeviceRequest(id=arm), metadata=ADMIN)
+        assert sorted(m.model_name for m in device.models) == ["digits", SECOND]
     finally:
         await channel.close()
 

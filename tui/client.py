@@ -32,6 +32,7 @@ from edgefleet.controlplane.client.format import (
 from edgefleet.controlplane.client.paging import list_devices_async
 from edgefleet.controlplane.client.stages import format_stage, parse_ramp, parse_stage
 from edgefleet.controlplane.client.syntax import (
+    FALLBACK_CHOICES,
     constraint_profile,
     enum_value,
     format_rule,
@@ -481,7 +482,7 @@ def _number(text: str, what: str, cast: Callable[[str], T]) -> T | None:
 def _fallback(text: str) -> str:
     """A fallback precision as the form takes it ("" or none: no fallback)."""
     value = text.strip().lower() or "none"
-    if value not in ("none", "fp16", "int8", "auto"):
+    if value not in FALLBACK_CHOICES:
         raise ValueError("none, fp16, int8 or auto (an fp32 artifact is never lighter)")
     return value
 

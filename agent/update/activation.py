@@ -384,26 +384,17 @@ class HostActivator:
         path = path or artifact_path(self.state_dir, installed.digest)
         if not path.exists():
             raise FatalUpdateError(f"artifact {installed.digest[:12]} missing from {path.parent}")
+        # What a shadow and an activation load alike.
+        what = (installed.model_name, installed.model_version, installed.digest, path, runtime,
+                model_spec(manifest))  # fmt: skip
+        warm_up = golden_inputs(manifest)
         try:
             if shadow:
-                self.host.load_shadow(
-                    installed.model_name,
-                    installed.model_version,
-                    installed.digest,
-                    path,
-                    runtime,
-                    model_spec(manifest),
-                    golden_inputs=golden_inputs(manifest),
-                )
+                self.host.load_shadow(*what, golden_inputs=warm_up)
                 return
             self.host.activate(
-                installed.model_name,
-                installed.model_version,
-                installed.digest,
-                path,
-                runtime,
-                model_spec(manifest),
-                golden_inputs=golden_inputs(manifest),
+                *what,
+                golden_inputs=warm_up,
                 fallback=self._fallback(installed, required=require_fallback),
             )
         except ServingError as exc:

@@ -18,7 +18,11 @@ from edgefleet.controlplane.cli.base import (
     usage_error,
 )
 from edgefleet.controlplane.client.connection import Connection
-from edgefleet.controlplane.client.syntax import constraint_profile, parse_match
+from edgefleet.controlplane.client.syntax import (
+    FALLBACK_CHOICES,
+    constraint_profile,
+    parse_match,
+)
 from edgefleet.v1 import common_pb2, operator_pb2
 
 
@@ -62,7 +66,7 @@ def _class_options(*, create: bool) -> Callable[[F], F]:
         ),
         click.option(
             "--fallback",
-            type=click.Choice(["fp16", "int8", "auto", "none"]),
+            type=click.Choice(FALLBACK_CHOICES),
             help="Also build a lighter fallback artifact in this precision, which devices "
             "serve while they run hot or low on battery (docs/power.md); none drops it.",
         ),

@@ -133,6 +133,10 @@ def format_rule(rule: common_pb2.MatchRule) -> str:
 # ------------------------------------------------------------------ constraints
 
 
+# What --fallback (and the TUI's class form) take; "none" drops a fallback.
+FALLBACK_CHOICES = ("fp16", "int8", "auto", "none")
+
+
 def constraint_profile(
     *,
     runtime: common_pb2.Runtime.ValueType | None = None,

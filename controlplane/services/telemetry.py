@@ -232,14 +232,8 @@ def _ratio(num: Any, den: Any) -> ColumnElement[Any]:
     return float_sum(num) / func.nullif(float_sum(den), 0.0)
 
 
-# The model-version group of samples an agent sends while it serves no
-# model (name and version empty): "@" says nothing to an operator.
+# The model-version group of samples of no model (an agent serving none).
 NO_MODEL = "(no model)"
-
-
-def _group_name(value: object) -> str:
-    name = str(value)
-    return NO_MODEL if name == "@" else name
 
 
 def at_most(column: Any, cap: float) -> ColumnElement[Any]:
@@ -773,7 +767,12 @@ class TelemetryService:
             value = METRICS[metric](u.c, step.total_seconds()).label("value")
             group = {
                 "": None,
-                "model_version": u.c.model_name + "@" + u.c.model_version,
+                # Samples an agent sends while it serves no model have no
+                # name: "@" would say nothing to an operator.
+                "model_version": case(
+                    (u.c.model_name == "", literal(NO_MODEL)),
+                    else_=u.c.model_name + "@" + u.c.model_version,
+                ),
                 "class": u.c.class_name,
                 "device": u.c.device_id,
             }[group_by]
@@ -785,8 +784,7 @@ class TelemetryService:
                 .limit(MAX_POINTS + 1)
             )
             rows = [
-                (_group_name(row[0]) if keys else "all", *row[-2:])
-                for row in uow.session.execute(stmt)
+                (str(row[0]) if keys else "all", *row[-2:]) for row in uow.session.execute(stmt)
             ]
         if len(rows) > MAX_POINTS:
             raise ResourceExhausted(

@@ -329,6 +329,16 @@ class BuildService:
     def claim(self, owner: str, lease_s: float) -> ClaimedJob | None:
         """Take the oldest queued job, or one whose runner's lease expired
         (it crashed or its replica was killed). Exactly one replica wins."""
+        while True:
+            taken, answered = self._claim_one(owner, lease_s)
+            if answered:
+                self._announce(answered)
+            if taken is not None or not answered:
+                return taken
+
+    def _claim_one(self, owner: str, lease_s: float) -> tuple[ClaimedJob | None, list[BuildView]]:
+        """One claim attempt: the job taken, or none and the views of a queued
+        job that a twin's newer result answered instead (then try again)."""
         now = utcnow()
         with self._db.unit_of_work() as uow:
             twin = aliased(BuildRow)
@@ -355,7 +365,15 @@ class BuildService:
                 stmt = stmt.with_for_update(skip_locked=True)
             row = uow.session.scalar(stmt)
             if row is None:
-                return None
+                return None, []
+            source = _result_since_queued(uow.session, row) if row.state == QUEUED else None
+            if source is not None:
+                # Queued while its twin was being built, and committed too late
+                # for the twin's finish to see it: take that result, not a
+                # second build. Older results do not count (a forced rebuild).
+                _take_result(uow.session, row, source)
+                uow.commit()
+                return None, self._views(uow.session, [row])
             if row.attempts >= MAX_ATTEMPTS:
                 row.state = FAILED
                 row.error = (
@@ -365,7 +383,7 @@ class BuildService:
                 row.finished_at = now
                 row.lease_owner = None
                 uow.commit()
-                return None
+                return None, []
             row.state = RUNNING
             row.attempts += 1
             row.lease_owner = owner
@@ -381,7 +399,7 @@ class BuildService:
                 BuildTarget.from_json(row.target),
             )
             uow.commit()
-        return job
+        return job, []
 
     def renew(self, build_id: str, owner: str, lease_s: float, progress: float, log: str) -> bool:
         """Extend the lease and record progress; False if the job is no
@@ -455,18 +473,7 @@ class BuildService:
             )
         )
         for twin in twins:
-            twin.state = row.state
-            twin.progress = 1.0
-            twin.candidates = row.candidates
-            twin.artifact_digest = row.artifact_digest
-            twin.fallback_digest = row.fallback_digest
-            twin.fallback_reason = row.fallback_reason
-            twin.error = row.error
-            twin.log = f"reused the result of build {row.id} (identical inputs and tools)"
-            twin.reused_from = row.id
-            twin.started_at = twin.finished_at = utcnow()
-            if twin.state == SUCCEEDED:
-                _sign_twin(session, twin)
+            _take_result(session, twin, row)
         return twins
 
     def fail(self, job: ClaimedJob, owner: str, error: str, log: str) -> None:
@@ -599,6 +606,40 @@ def _golden(golden: Golden | None) -> list[c.GoldenSample]:
         )
         for s in golden.samples
     ]
+
+
+def _result_since_queued(session: Session, row: BuildRow) -> BuildRow | None:
+    """A finished build with `row`'s inputs and tools that ran itself (not a
+    reuse) and finished after `row` was queued, if any."""
+    return session.scalar(
+        select(BuildRow)
+        .where(
+            BuildRow.dedup_key == row.dedup_key,
+            BuildRow.id != row.id,
+            BuildRow.state.in_((SUCCEEDED, FAILED)),
+            BuildRow.reused_from.is_(None),
+            BuildRow.finished_at >= row.created_at,
+        )
+        .order_by(BuildRow.finished_at.desc())
+        .limit(1)
+    )
+
+
+def _take_result(session: Session, twin: BuildRow, source: BuildRow) -> None:
+    """Complete the queued `twin` with `source`'s result (identical inputs
+    and tools), with a manifest of its own when it succeeded."""
+    twin.state = source.state
+    twin.progress = 1.0
+    twin.candidates = source.candidates
+    twin.artifact_digest = source.artifact_digest
+    twin.fallback_digest = source.fallback_digest
+    twin.fallback_reason = source.fallback_reason
+    twin.error = source.error
+    twin.log = f"reused the result of build {source.id} (identical inputs and tools)"
+    twin.reused_from = source.id
+    twin.started_at = twin.finished_at = utcnow()
+    if twin.state == SUCCEEDED:
+        _sign_twin(session, twin)
 
 
 def _sign_twin(session: Session, twin: BuildRow) -> None:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import select
 
 from edgefleet.controlplane.build.types import (
     ShapeRange,
     TensorRTSpec,
 )
 from edgefleet.controlplane.client.connection import bearer_metadata
+from edgefleet.controlplane.db.models import BuildRow
 from edgefleet.controlplane.domain import signing
 from edgefleet.controlplane.server import ControlPlane
 from edgefleet.demo.models import BuiltModel
@@ -112,6 +114,47 @@ async def test_builds_are_queued_deduplicated_and_published_signed(
         assert not signing.verify(
             key.public_key, tampered.SerializeToString(deterministic=True), signed.signature
         )
+    finally:
+        await channel.close()
+
+
+async def test_a_job_queued_while_its_twin_ran_takes_the_twins_result_when_claimed(
+    cp: ControlPlane, digits: BuiltModel
+) -> None:
+    """A twin queued while the same inputs were being built, but committed
+    after that build's finish looked for twins (a push racing the finish on
+    PostgreSQL), is answered with the result at claim time instead of being
+    built a second time; a forced rebuild queued later is still built."""
+    op, channel = await classes_and_digits(cp, digits)
+    builds = build_service(cp)
+    try:
+        job = await asyncio.to_thread(builds.claim, "runner", 60)
+        assert job is not None
+        with cp.db.unit_of_work() as uow:
+            (twin,) = uow.session.scalars(select(BuildRow).where(BuildRow.id != job.build_id)).all()
+            twin_id = twin.id
+            # Not yet visible to the finish (its transaction had not committed).
+            twin.state = "committing"
+            uow.commit()
+        assert await asyncio.to_thread(builds.finish, job, "runner", fake_result(digits.model), "")
+        with cp.db.unit_of_work() as uow:
+            uow.session.get_one(BuildRow, twin_id).state = "queued"
+            uow.commit()
+        assert await asyncio.to_thread(builds.claim, "runner", 60) is None
+        taken = await op.GetBuild(o.GetBuildRequest(id=twin_id), metadata=ADMIN)
+        assert taken.state == o.BUILD_STATE_SUCCEEDED and taken.reused_from == job.build_id
+        listed = await op.ListArtifacts(o.ListArtifactsRequest(model_name="digits"), metadata=ADMIN)
+        assert sorted(a.manifest.build_id for a in listed.artifacts) == sorted(
+            [job.build_id, twin_id]
+        )
+        forced = await op.RunBuild(
+            o.RunBuildRequest(
+                model_name="digits", model_version="1.0.0", class_name="arm-twin", force=True
+            ),
+            metadata=ADMIN,
+        )
+        rebuild = await asyncio.to_thread(builds.claim, "runner", 60)
+        assert rebuild is not None and rebuild.build_id == forced.builds[0].id
     finally:
         await channel.close()
 

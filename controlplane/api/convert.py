@@ -21,6 +21,14 @@ from edgefleet.controlplane.db.models import (
 )
 from edgefleet.controlplane.domain import rules
 from edgefleet.controlplane.domain.rollout_spec import PacingSpec, RolloutSpec, StageSpec
+from edgefleet.controlplane.domain.rollout_states import (
+    FAILED_STATES,
+    MemberState,
+    RolloutState,
+    StagePhase,
+    StageState,
+    read_stages,
+)
 from edgefleet.controlplane.domain.rollouts import Gates
 from edgefleet.controlplane.errors import InvalidArgument
 from edgefleet.controlplane.services.builds import BuildView
@@ -574,6 +582,7 @@ TELEMETRY_METRICS = {
     o.TELEMETRY_METRIC_BATTERY_PERCENT: "battery_percent",
     o.TELEMETRY_METRIC_FALLBACK_REQUEST_COUNT: "fallback_request_count",
     o.TELEMETRY_METRIC_FALLBACK_SHARE: "fallback_share",
+    o.TELEMETRY_METRIC_MODEL_MEMORY_MB: "model_memory_mb",
 }
 TELEMETRY_GROUPS = {
     o.TELEMETRY_GROUP_BY_UNSPECIFIED: "",
@@ -632,6 +641,7 @@ def sample_from_pb(msg: d.TelemetrySample) -> Sample:
         msg.shadow_latency_p95_ms,
         variant,
         msg.fallback_request_count,
+        msg.model_memory_mb,
     )
 
 
@@ -666,27 +676,37 @@ def series_to_pb(series: Series) -> o.TelemetrySeries:
 
 # ---------------------------------------------------------------- rollouts
 
-ROLLOUT_STATES = {
-    "draft": o.ROLLOUT_STATE_DRAFT,
-    "scheduled": o.ROLLOUT_STATE_SCHEDULED,
-    "running": o.ROLLOUT_STATE_RUNNING,
-    "waiting_approval": o.ROLLOUT_STATE_WAITING_APPROVAL,
-    "paused": o.ROLLOUT_STATE_PAUSED,
-    "succeeded": o.ROLLOUT_STATE_SUCCEEDED,
-    "aborted": o.ROLLOUT_STATE_ABORTED,
+ROLLOUT_STATES: dict[str, o.RolloutState.ValueType] = {
+    RolloutState.DRAFT: o.ROLLOUT_STATE_DRAFT,
+    RolloutState.SCHEDULED: o.ROLLOUT_STATE_SCHEDULED,
+    RolloutState.RUNNING: o.ROLLOUT_STATE_RUNNING,
+    RolloutState.WAITING_APPROVAL: o.ROLLOUT_STATE_WAITING_APPROVAL,
+    RolloutState.PAUSED: o.ROLLOUT_STATE_PAUSED,
+    RolloutState.SUCCEEDED: o.ROLLOUT_STATE_SUCCEEDED,
+    RolloutState.SUCCEEDED_WITH_FAILURES: o.ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES,
+    RolloutState.ABORTED: o.ROLLOUT_STATE_ABORTED,
 }
 ROLLOUT_STATE_NAMES = {v: k for k, v in ROLLOUT_STATES.items()}
-ROLLOUT_DEVICE_STATES = {
-    "waiting": o.ROLLOUT_DEVICE_STATE_WAITING,
-    "notified": o.ROLLOUT_DEVICE_STATE_NOTIFIED,
-    "in_progress": o.ROLLOUT_DEVICE_STATE_IN_PROGRESS,
-    "committed": o.ROLLOUT_DEVICE_STATE_COMMITTED,
-    "failed": o.ROLLOUT_DEVICE_STATE_FAILED,
-    "rejected": o.ROLLOUT_DEVICE_STATE_REJECTED,
-    "timed_out": o.ROLLOUT_DEVICE_STATE_TIMED_OUT,
-    # The reason says "reverting to <version>".
-    "reverting": o.ROLLOUT_DEVICE_STATE_IN_PROGRESS,
-    "reverted": o.ROLLOUT_DEVICE_STATE_REVERTED,
+ROLLOUT_DEVICE_STATES: dict[str, o.RolloutDeviceState.ValueType] = {
+    MemberState.WAITING: o.ROLLOUT_DEVICE_STATE_WAITING,
+    MemberState.NOTIFIED: o.ROLLOUT_DEVICE_STATE_NOTIFIED,
+    MemberState.IN_PROGRESS: o.ROLLOUT_DEVICE_STATE_IN_PROGRESS,
+    MemberState.COMMITTED: o.ROLLOUT_DEVICE_STATE_COMMITTED,
+    MemberState.FAILED: o.ROLLOUT_DEVICE_STATE_FAILED,
+    MemberState.REJECTED: o.ROLLOUT_DEVICE_STATE_REJECTED,
+    MemberState.TIMED_OUT: o.ROLLOUT_DEVICE_STATE_TIMED_OUT,
+    MemberState.REVERTING: o.ROLLOUT_DEVICE_STATE_REVERTING,
+    MemberState.REVERTED: o.ROLLOUT_DEVICE_STATE_REVERTED,
+    MemberState.SKIPPED: o.ROLLOUT_DEVICE_STATE_SKIPPED,
+}
+STAGE_PHASES = {
+    StagePhase.PENDING: o.STAGE_PHASE_PENDING,
+    StagePhase.ROLLING: o.STAGE_PHASE_ROLLING,
+    StagePhase.BAKING: o.STAGE_PHASE_BAKING,
+    StagePhase.WAITING_APPROVAL: o.STAGE_PHASE_WAITING_APPROVAL,
+    StagePhase.PASSED: o.STAGE_PHASE_PASSED,
+    StagePhase.PROMOTED: o.STAGE_PHASE_PROMOTED,
+    StagePhase.FAILED: o.STAGE_PHASE_FAILED,
 }
 FAILURE_ACTIONS = {
     o.FAILURE_ACTION_UNSPECIFIED: "pause",
@@ -737,6 +757,9 @@ def rollout_spec_from_pb(msg: o.RolloutSpec) -> RolloutSpec:
                         _seconds(g.max_silence, "max_silence")
                         if g.HasField("max_silence")
                         else None
+                    ),
+                    max_agent_memory_mb=(
+                        g.max_agent_memory_mb if g.HasField("max_agent_memory_mb") else None
                     ),
                 ),
                 require_approval=s.require_approval,
@@ -810,34 +833,37 @@ def rollout_spec_to_pb(spec: RolloutSpec) -> o.RolloutSpec:
             stage.gates.memory_limit_factor = gates.memory_limit_factor
         if gates.max_silence_s is not None:
             stage.gates.max_silence.CopyFrom(_duration(gates.max_silence_s))
+        if gates.max_agent_memory_mb is not None:
+            stage.gates.max_agent_memory_mb = gates.max_agent_memory_mb
     return out
 
 
-def _stage_status(view: RolloutView, index: int) -> o.StageStatus:
-    row = view.row
-    state = row.stages[index] if index < len(row.stages) else {}
+def _stage_status(view: RolloutView, index: int, state: StageState) -> o.StageStatus:
     counts = view.stage_counts(index)
-    if row.state == "succeeded" or index < row.current_stage:
-        phase = "passed"
-    elif index > row.current_stage:
-        phase = "pending"
-    elif row.state == "running":
-        phase = "baking" if state.get("bake_started_at") else "running"
-    else:
-        phase = row.state
-    return o.StageStatus(
+    out = o.StageStatus(
         index=index,
         name=view.spec.stages[index].name,
         total=sum(counts.values()),
-        committed=counts.get("committed", 0),
-        failed=sum(counts.get(s, 0) for s in ("failed", "rejected", "timed_out")),
-        in_progress=sum(counts.get(s, 0) for s in ("waiting", "notified", "in_progress")),
+        committed=counts.get(MemberState.COMMITTED, 0),
+        failed=sum(counts.get(s, 0) for s in FAILED_STATES),
+        in_progress=sum(
+            counts.get(s, 0)
+            for s in (MemberState.WAITING, MemberState.NOTIFIED, MemberState.IN_PROGRESS)
+        ),
+        waiting=counts.get(MemberState.WAITING, 0),
+        skipped=counts.get(MemberState.SKIPPED, 0),
+        acknowledged_failed=view.acknowledged_failed.get(index, 0),
         gates=[
-            o.GateValue(name=str(n), value=float(v), limit=float(lim), passing=bool(ok))
-            for n, v, lim, ok in state.get("gates", [])
+            o.GateValue(name=g.name, value=g.value, limit=g.limit, passing=g.passing)
+            for g in state.gates
         ],
-        state=phase,
+        state=state.phase.value,
+        phase=STAGE_PHASES[state.phase],
+        promoted_by=state.promoted_by,
     )
+    if state.bake_started_at is not None:
+        out.bake_started_at.FromDatetime(state.bake_started_at)
+    return out
 
 
 def rollout_to_pb(view: RolloutView, *, with_devices: bool = True) -> o.Rollout:
@@ -847,7 +873,10 @@ def rollout_to_pb(view: RolloutView, *, with_devices: bool = True) -> o.Rollout:
         spec=rollout_spec_to_pb(view.spec),
         state=ROLLOUT_STATES.get(row.state, o.ROLLOUT_STATE_UNSPECIFIED),
         current_stage=row.current_stage,
-        stages=[_stage_status(view, i) for i in range(len(view.spec.stages))],
+        stages=[
+            _stage_status(view, i, state)
+            for i, state in enumerate(read_stages(row.stages, len(view.spec.stages)))
+        ],
         reason=row.reason,
         created_at=ts(row.created_at),
         created_by=row.created_by,

@@ -260,6 +260,14 @@ LIMITS: dict[str, Limit] = {
     "RolloutActionRequest.id": ID,
     "RolloutActionRequest.reason": REASON,
     "AbortRolloutRequest.id": ID,
+    "RetryRolloutRequest.id": ID,
+    "RetryRolloutRequest.device_ids": Limit(count=10_000, chars=32, ascii=True),
+    "RetryRolloutRequest.reason": REASON,
+    "SkipRolloutDevicesRequest.id": ID,
+    "SkipRolloutDevicesRequest.device_ids": Limit(count=10_000, chars=32, ascii=True),
+    "SkipRolloutDevicesRequest.reason": REASON,
+    "UpdateRolloutRequest.id": ID,
+    "UpdateRolloutRequest.reason": REASON,
     "AbortRolloutRequest.reason": REASON,
     # ---- telemetry, audit, keys, watch
     "QueryTelemetryRequest.device_id": ID,
@@ -329,6 +337,8 @@ RANGES: dict[str, Range] = {
     "TelemetrySample.shadow_latency_p95_ms": LATENCY_MS,
     # The agent's process RSS; 16 TiB.
     "TelemetrySample.memory_mb": Range(0.0, 16.0 * 1024 * 1024, "MB; 16 TiB"),
+    # The memory the model adds to the agent (a part of memory_mb).
+    "TelemetrySample.model_memory_mb": Range(0.0, 16.0 * 1024 * 1024, "MB; 16 TiB"),
     # The agent's process, 100 per busy core (psutil): 1,024 cores.
     "TelemetrySample.cpu_percent": Range(0.0, 102_400.0, "percent of one core; 1,024 cores"),
     "TelemetrySample.system_memory_percent": PERCENT,

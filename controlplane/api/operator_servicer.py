@@ -575,6 +575,37 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             reason=request.reason,
         )  # fmt: skip
 
+    @rpc("operator")
+    async def RetryRollout(
+        self, request: operator_pb2.RetryRolloutRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        return await self._rollout_pb(
+            self._rollouts.retry, who.actor, request.id, list(request.device_ids), request.reason
+        )
+
+    @rpc("operator")
+    async def SkipRolloutDevices(
+        self, request: operator_pb2.SkipRolloutDevicesRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        return await self._rollout_pb(
+            self._rollouts.skip, who.actor, request.id, list(request.device_ids), request.reason
+        )
+
+    @rpc("operator")
+    async def PromoteRollout(
+        self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        return await self._rollout_pb(self._rollouts.promote, who.actor, request.id, request.reason)
+
+    @rpc("operator")
+    async def UpdateRollout(
+        self, request: operator_pb2.UpdateRolloutRequest, context: Any, who: Op
+    ) -> operator_pb2.Rollout:
+        spec = convert.rollout_spec_from_pb(request.spec)
+        return await self._rollout_pb(
+            self._rollouts.update, who.actor, request.id, spec, request.reason
+        )
+
     @rpc("operator", role=VIEWER)
     async def ListSigningKeys(
         self, request: operator_pb2.ListSigningKeysRequest, context: Any, who: Op

@@ -400,6 +400,11 @@ class TelemetryRow(Base):
     # request_count the lighter fallback served (0011).
     variant: Mapped[str] = mapped_column(String(16), server_default="")
     fallback_request_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # The memory the model adds to the agent (MB), measured at load as the
+    # build host measures a candidate: what rollout memory gates compare
+    # with the class's max_memory_mb (memory_mb is the agent's whole RSS);
+    # 0: not measured (0013).
+    model_memory_mb: Mapped[float] = mapped_column(Float, server_default="0")
 
 
 class DeviceAssignmentRow(Base):
@@ -513,6 +518,7 @@ class TelemetryRollupRow(Base):
     # Requests the lighter fallback artifact served (0011; a sum, like
     # request_count). Which artifact served at each sample's end is not kept.
     fallback_request_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    model_memory_mb: Mapped[float] = mapped_column(Float, server_default="0")  # max (0013)
 
 
 class TelemetryWatermarkRow(Base):
@@ -581,9 +587,11 @@ class RolloutDeviceRow(Base):
     )
     class_name: Mapped[str] = mapped_column(String(100))
     stage: Mapped[int] = mapped_column(Integer)
-    # waiting | notified | in_progress | committed | failed | rolled_back |
-    # rejected | timed_out | reverting | reverted
+    # domain.rollout_states.MemberState's values.
     state: Mapped[str] = mapped_column(String(20))
+    # A failure (or result) a resume acknowledged: out of the stage's success
+    # denominator and error rate from then on; a retry clears it.
+    acknowledged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     reason: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The assignment sequence this rollout gave the device (0: none yet).

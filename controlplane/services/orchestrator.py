@@ -4,35 +4,20 @@ Every tick (default 0.5 s; after a long tick longer, so that ticks take at
 most a quarter of the time outside notify bursts) each replica looks at the
 rollouts that need work and, for each, tries to take its lease (or renew it,
 once half of it is used up): one conditional UPDATE that succeeds only when
-the lease is free, expired or already ours. Only the
-lease holder drives a rollout, so with several replicas on PostgreSQL exactly
-one drives each rollout at a time, and another takes over when the holder
-stops renewing (it died). A driving step is one transaction that reads the
-rollout and its devices, decides, and writes the decisions together with the
-assignments they imply: a replica killed mid-step leaves nothing half done,
-and a step repeated after a crash finds its work already recorded (a device
-is notified once: its row says `notified` in the same commit as its
-assignment). While a replica's lease is unbroken it keeps its copy of the
-devices' rows between steps instead of reading them again (only the lease
-holder writes them).
+the lease is free, expired or already ours. Only the lease holder drives a
+rollout, so with several replicas on PostgreSQL exactly one drives each
+rollout at a time, and another takes over when the holder stops renewing
+(it died).
 
-One step, in order:
-1. scheduled rollouts whose start time came begin;
-2. device states follow what the agents reported for the rollout's
-   assignment sequence; devices past their timeout, and failed ones, are
-   retried with backoff while retries remain, else count as timed out/failed;
-3. an aborted rollout with "revert" assigns every device that took the new
-   version its previous one (at most NOTIFY_CHUNK per step, those running
-   it first; the next step follows at once), and finishes once they all
-   report back;
-4. dynamic rollouts admit devices that started matching;
-5. waiting devices of the current (and earlier) stages are notified, as
-   many as the pacing allows, at most NOTIFY_CHUNK per step (the next
-   step follows at once);
-6. the current stage is judged: thresholds (domain/rollouts.judge_stage) and
-   health gates over the new version's telemetry from the stage's devices
-   (silence counts as failure); failure pauses or aborts and reverts, success
-   bakes for the stage's bake time, then waits for approval or moves on.
+A step is one transaction: read a snapshot of the rollout (its row, its
+members, their agents' reports for its model, the current stage's
+telemetry), plan (domain/rollout_plan.plan, pure: what to do and why), and
+apply the planned actions with the assignments and audit entries they
+imply. A replica killed mid-step leaves nothing half done, and a step
+repeated after a crash plans from what was committed (a member is notified
+once: its row says `notified` in the same commit as its assignment). While
+a replica's lease is unbroken it keeps its copy of the members between
+steps instead of reading them again (only the lease holder writes them).
 Every transition is written to the audit log (actor "orchestrator") and
 published as a "rollout.updated" event."""
 
@@ -41,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -62,23 +47,41 @@ from edgefleet.controlplane.db.models import (
     utcnow,
 )
 from edgefleet.controlplane.db.uow import Database, UnitOfWork
-from edgefleet.controlplane.domain.rollout_spec import ABORT_REVERT, RolloutSpec, StageSpec
-from edgefleet.controlplane.domain.rollouts import (
-    Acknowledged,
-    ClassLimits,
-    DeviceHealth,
-    GateResult,
-    StageCounts,
-    Verdict,
-    describe,
-    device_timed_out,
-    evaluate_gates,
-    judge_stage,
-    late_stage,
-    notify_allowance,
-    retry_delay_s,
-    should_retry,
+from edgefleet.controlplane.domain import rollout_plan
+from edgefleet.controlplane.domain.rollout_plan import (
+    KEEP,
+    Abort,
+    Action,
+    Admit,
+    Advance,
+    AwaitApproval,
+    Begin,
+    DropClasses,
+    Finish,
+    Judge,
+    Member,
+    Notify,
+    Pause,
+    Report,
+    Revert,
+    RevertDone,
+    SetMembers,
+    Snapshot,
+    StartBake,
+    apply,
 )
+from edgefleet.controlplane.domain.rollout_spec import RolloutSpec
+from edgefleet.controlplane.domain.rollout_states import (
+    ACTIVE,
+    FOLLOWED_STATES,
+    MemberEvent,
+    MemberState,
+    RolloutState,
+    member_transition,
+    read_stages,
+    write_stages,
+)
+from edgefleet.controlplane.domain.rollouts import ClassLimits, DeviceHealth
 from edgefleet.controlplane.services import audit
 from edgefleet.controlplane.services.deployments import (
     assign_devices,
@@ -88,28 +91,7 @@ from edgefleet.controlplane.services.deployments import (
 from edgefleet.controlplane.services.devices import EventSink
 from edgefleet.controlplane.services.events import FleetEvent
 from edgefleet.controlplane.services.rollouts import (
-    ABORTED,
-    ACTIVE,
-    COMMITTED,
-    FAILED,
-    FAILED_STATES,
-    IN_PROGRESS,
-    KEEP,
-    NOTIFIED,
-    PAUSED,
-    REJECTED,
-    REVERT,
-    REVERTED,
-    REVERTING,
-    RUNNING,
-    SCHEDULED,
-    SUCCEEDED,
-    TIMED_OUT,
-    WAITING,
-    WAITING_APPROVAL,
-    abort,
     active_rollout_of,
-    advance_stage,
     cohort_exclusion,
     matching_devices,
     unfinished_abort,
@@ -121,7 +103,6 @@ log = logging.getLogger(__name__)
 ACTOR = "orchestrator"
 
 
-# Agent update states that mean "still working on it".
 def _model_status(statuses: dict[str, Any] | None, model_name: str) -> dict[str, Any]:
     """A device's stored status of one model (devices.update_status is keyed
     by model name); {} when it reported none."""
@@ -129,9 +110,6 @@ def _model_status(statuses: dict[str, Any] | None, model_name: str) -> dict[str,
     return status if isinstance(status, dict) else {}
 
 
-_WORKING = {"downloading", "verifying", "validating", "activating", "rolling_back"}
-# Member states whose agents' reports a step follows.
-_FOLLOWED = (NOTIFIED, IN_PROGRESS, REVERTING)
 _S = TypeVar("_S", bound=Select[*tuple[Any, ...]])
 
 
@@ -146,11 +124,6 @@ class Step:
     more: bool = False
 
 
-# Devices notified per transaction: a stage of thousands is assigned in
-# chunks, each committed (and pushed) before the next, so agents start
-# installing after the first chunk and SQLite's write lock is never held
-# for long. The next chunk follows at once, not a tick later.
-NOTIFY_CHUNK = 1000
 # The most of the wall time the orchestrator's ticks may take (see
 # Orchestrator.pause_after).
 MAX_BUSY_SHARE = 0.25
@@ -158,47 +131,9 @@ MAX_BUSY_SHARE = 0.25
 _MEMBER_FIELDS = (
     "device_id", "class_name", "stage", "state", "reason", "attempts", "sequence",
     "notified_at", "finished_at", "next_attempt_at", "previous_model_version_id",
+    "acknowledged",
 )  # fmt: skip
 _member_values = attrgetter(*_MEMBER_FIELDS)
-
-
-@dataclass
-class Member:
-    """One device's part in a rollout, as a step sees it: a plain copy of
-    its RolloutDeviceRow (read with one Core query; ORM objects for 10,000
-    rows cost a third of a second per tick), written back only if changed."""
-
-    device_id: str
-    class_name: str
-    stage: int
-    state: str
-    reason: str
-    attempts: int
-    sequence: int
-    notified_at: dt.datetime | None
-    finished_at: dt.datetime | None
-    next_attempt_at: dt.datetime | None
-    previous_model_version_id: str | None
-
-    def values(self) -> tuple[object, ...]:
-        # attrgetter builds the tuple in C: a step compares every member's
-        # values twice, and for 10,000 members the getattr loop was 9 ms a
-        # pass, this 2.8 ms.
-        return _member_values(self)
-
-
-def revert_order(d: Member) -> tuple[bool, int, str]:
-    """The order a revert takes devices in: those running the version
-    first, then those still installing it; by stage and id within."""
-    return (d.state != COMMITTED, d.stage, d.device_id)
-
-
-def _iso(value: dt.datetime) -> str:
-    return value.isoformat()
-
-
-def _parse(value: object) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
 class Orchestrator:
@@ -228,7 +163,7 @@ class Orchestrator:
         # wrote. Only the lease holder writes members, so while the lease
         # never left us (an unbroken chain of renewals, see _take_lease) the
         # copy is exact and a step need not reload 10,000 rows.
-        self._members: dict[str, list[Member]] = {}
+        self._members: dict[str, Mapping[str, Member]] = {}
         self._lease_marks: dict[str, dt.datetime] = {}
 
     async def run(self, executor: Executor) -> None:
@@ -266,7 +201,7 @@ class Orchestrator:
         with self._db.unit_of_work(readonly=True) as uow:
             ids = list(uow.session.scalars(
                 select(RolloutRow.id)
-                .where(RolloutRow.state.in_(ACTIVE) | unfinished_abort())
+                .where(RolloutRow.state.in_(list(ACTIVE)) | unfinished_abort())
                 .order_by(RolloutRow.created_at)
             ))  # fmt: skip
         self._forget_all_but(ids)
@@ -358,15 +293,13 @@ class Orchestrator:
             if row is None or row.lease_owner != self.owner:
                 self._members.pop(rollout_id, None)
                 return Step()
-            step = Step()
-            # The step changes the copy in place: if it fails, forget it.
+            # Forgotten until the step commits: if it fails, so is the copy.
             known = self._members.pop(rollout_id, None)
-            driver = _Driver(self, uow, row, now, step, known)
-            driver.run()
-            driver.save_members()
+            applier = _Applier(self, uow, row, now, known)
+            step = applier.run()
             uow.commit()
             if row.finished_at is None:
-                self._members[rollout_id] = driver.devices
+                self._members[rollout_id] = applier.snapshot.members
         if step.pushed:
             self._events.publish(
                 FleetEvent("device.assigned", tuple(step.pushed), desired_changed=True)
@@ -376,129 +309,83 @@ class Orchestrator:
         return step
 
 
-class _Driver:
-    """The decisions of one step (see the module docstring)."""
+class _Applier:
+    """One step: read the snapshot, plan, apply the actions (see the module
+    docstring)."""
 
     def __init__(
         self, orchestrator: Orchestrator, uow: UnitOfWork, row: RolloutRow, now: dt.datetime,
-        step: Step, members: list[Member] | None = None,
+        members: Mapping[str, Member] | None,
     ) -> None:  # fmt: skip
         self.o = orchestrator
         self.uow = uow
         self.session: Session = uow.session
         self.row = row
         self.now = now
-        self.step = step
+        self.step = Step()
         self.spec = RolloutSpec.from_dict(row.spec)
-        self._stages = [dict(s) for s in row.stages]
         self.mv = self.session.get_one(ModelVersionRow, row.model_version_id)
         if members is None:
             columns = [getattr(RolloutDeviceRow, name) for name in _MEMBER_FIELDS]
-            members = [
-                Member(*r)
+            members = {
+                r[0]: Member(*r)
                 for r in self.session.execute(
                     select(*columns).where(RolloutDeviceRow.rollout_id == row.id)
                 )
-            ]
-        self.devices = members
-        self._loaded = {d.device_id: d.values() for d in self.devices}
+            }
+        # What the step started from: a member changed when its object did
+        # (the planner and apply copy, never change in place).
+        self._initial = members
         # Per-class artifact lookups, shared by every assignment of the step.
         self._artifacts: dict[tuple[str, str], ArtifactRow | str] = {}
+        self.snapshot = self.read(members)
 
-    def save_members(self) -> None:
-        """Write back the members this step changed, and insert new ones."""
-        changed: list[dict[str, object]] = []
-        added: list[dict[str, object]] = []
-        for d in self.devices:
-            loaded = self._loaded.get(d.device_id)
-            values = d.values()
-            if loaded == values:
-                continue
-            params = dict(zip(_MEMBER_FIELDS, values, strict=True), rollout_id=self.row.id)
-            (added if loaded is None else changed).append(params)
-        if changed:
-            update_rows(self.session, RolloutDeviceRow, changed)
-        if added:
-            insert_rows(self.session, RolloutDeviceRow, added)
+    # ------------------------------------------------------------ reading
 
-    def record(self, action: str, **details: object) -> None:
-        audit.record(self.uow, ACTOR, action, f"rollout:{self.row.id}", **details)
-        self.step.changed = True
-
-    def run(self) -> None:
+    def read(self, members: Mapping[str, Member]) -> Snapshot:
         row = self.row
-        if row.state == SCHEDULED and (row.start_at is None or row.start_at <= self.now):
-            row.state = RUNNING
-            row.started_at = self.now
-            self.stage_state(0)["started_at"] = _iso(self.now)
-            self.save_stages()
-            self.record("rollout.begin")
-        self.follow_devices()
-        if row.state == ABORTED:
-            self.revert()
-            return
-        if row.state != RUNNING:
-            return
-        if self.spec.dynamic:
-            self.admit_late_devices()
-        self.notify()
-        self.judge()
+        state = RolloutState(row.state)
+        stages = tuple(read_stages(row.stages, len(self.spec.stages)))
+        snapshot = Snapshot(
+            rollout_id=row.id, state=state, spec=self.spec, current_stage=row.current_stage,
+            stages=stages, members=members, reason=row.reason, abort_mode=row.abort_mode,
+            start_at=row.start_at, started_at=row.started_at,
+            notify_started_at=row.notify_started_at, finished_at=row.finished_at,
+        )  # fmt: skip
+        if state is RolloutState.ABORTED or state in ACTIVE:
+            snapshot = replace(snapshot, reports=self.reports(members))
+        if state is not RolloutState.RUNNING:
+            return snapshot
+        stage = self.spec.stages[row.current_stage]
+        current = [m for m in members.values() if m.stage == row.current_stage]
+        return replace(
+            snapshot,
+            health=[] if stage.shadow else self.health(current, stage.gates.max_silence_s),
+            limits=self.class_limits(),
+            agreement=self.shadow_agreement(current) if stage.shadow else None,
+            newcomers=self.newcomers(members) if self.spec.dynamic else (),
+        )
 
-    # ------------------------------------------------------------ stage state
-
-    def stage_state(self, index: int) -> dict[str, object]:
-        """The persisted per-stage dict (a copy: JSON columns change only on
-        assignment); save_stages() writes the copies back."""
-        return self._stages[index]
-
-    def save_stages(self) -> None:
-        self.row.stages = [dict(s) for s in self._stages]
-
-    # ------------------------------------------------------------ devices
-
-    def follow_devices(self) -> None:
-        """Device states from the agents' reports; timeouts and retries."""
-        pacing = self.spec.pacing
+    def reports(self, members: Mapping[str, Member]) -> dict[str, Report]:
+        """The followed members' agents' reports of this rollout's model, at
+        the member's assignment sequence. Each device's status of this
+        model only: its other models' updates are not this rollout's."""
+        if not any(m.state in FOLLOWED_STATES for m in members.values()):
+            return {}
+        model = self.spec.model_name
+        out = {}
         # Selected by the rollout's rows, whose states are the members' (the
         # last step wrote them), not by IN (the devices): see _of_rollout.
-        # Each device's status of this rollout's model only: its other
-        # models' updates (other rollouts, operators) are not this one's.
-        model = self.spec.model_name
-        statuses = {
-            device_id: _model_status(status, model)
-            for device_id, status in self.session.execute(
-                self._of_rollout(select(DeviceRow.id, DeviceRow.update_status), DeviceRow.id)
-                .where(RolloutDeviceRow.state.in_(_FOLLOWED))
+        for device_id, statuses in self.session.execute(
+            self._of_rollout(select(DeviceRow.id, DeviceRow.update_status), DeviceRow.id).where(
+                RolloutDeviceRow.state.in_(FOLLOWED_STATES)
             )
-        } if any(d.state in _FOLLOWED for d in self.devices) else {}  # fmt: skip
-        for d in self.devices:
-            if d.state not in _FOLLOWED:
-                continue
-            status = statuses.get(d.device_id, {})
-            reported = status.get("state", "") if status.get("sequence") == d.sequence else ""
-            before = d.state
-            if d.state == REVERTING:
-                if reported == "committed":
-                    # Keep why it was reverted ("class X dropped: ...").
-                    self.finish(d, REVERTED, d.reason.replace("reverting to", "reverted to"))
-                elif reported == "failed":
-                    self.finish(d, REVERTED, f"revert failed: {status.get('reason', '')}")
-                continue
-            # A shadow stage's assignment reports committed once it is
-            # loaded beside the active version: that is its device done.
-            if reported == "committed":
-                self.finish(d, COMMITTED, "")
-            elif reported == "failed":
-                self.fail(d, FAILED, status.get("reason") or "the update failed")
-            elif reported in _WORKING and d.state == NOTIFIED:
-                d.state = IN_PROGRESS
-            notified = d.notified_at.timestamp() if d.notified_at else self.now.timestamp()
-            if d.state in (NOTIFIED, IN_PROGRESS) and device_timed_out(
-                notified, self.now.timestamp(), pacing.device_timeout_s or None
-            ):
-                self.fail(d, TIMED_OUT, f"no result within {pacing.device_timeout_s:g} s")
-            if d.state != before:
-                self.step.changed = True
+        ):
+            m = members.get(device_id)
+            status = _model_status(statuses, model)
+            if m is not None and status.get("sequence") == m.sequence:
+                out[device_id] = Report(str(status.get("state", "")), str(status.get("reason", "")))
+        return out
 
     def _of_rollout(self, stmt: _S, device_id: Any, stage: int | None = None) -> _S:
         """`stmt` limited to this rollout's devices (of `stage`) by a join.
@@ -513,218 +400,19 @@ class _Driver:
         )
         return stmt if stage is None else stmt.where(RolloutDeviceRow.stage == stage)
 
-    def finish(self, d: Member, state: str, reason: str) -> None:
-        d.state, d.reason, d.finished_at = state, reason, self.now
-
-    def fail(self, d: Member, state: str, reason: str) -> None:
-        """A failure, or a retry (with backoff) while retries remain."""
-        retries = self.spec.pacing.device_retries
-        if should_retry(d.attempts, retries):
-            d.state = WAITING
-            d.reason = f"attempt {d.attempts} {state.replace('_', ' ')}: {reason}; retrying"
-            # Backoff in units of the device timeout (a device that needs
-            # minutes is not retried every 30 s), else 30 s.
-            base = min(30.0, self.spec.pacing.device_timeout_s or 30.0)
-            delay = retry_delay_s(d.attempts, base_s=base)
-            d.next_attempt_at = self.now + dt.timedelta(seconds=delay)
-        else:
-            self.finish(d, state, reason)
-
-    def notify(self) -> None:
-        """Assign the version to waiting devices of the stages reached, as
-        many as the pacing allows now."""
-        row = self.row
-        if row.notify_started_at is None:
-            row.notify_started_at = self.now
-        notified = sum(d.attempts for d in self.devices)
-        elapsed = (self.now - row.notify_started_at).total_seconds()
-        allowance = notify_allowance(self.spec.pacing.pacing, elapsed, notified)
-        ready = [
-            d for d in self.devices
-            if d.state == WAITING and d.stage <= row.current_stage
-            and (d.next_attempt_at is None or d.next_attempt_at <= self.now)
-        ]  # fmt: skip
-        ready.sort(key=lambda d: (d.stage, d.device_id))
-        batch = ready[: max(0, min(allowance, NOTIFY_CHUNK))]
-        self.step.more = len(batch) < min(len(ready), max(0, allowance))
-        for shadow in (False, True):
-            group = [d for d in batch if self.spec.stages[d.stage].shadow is shadow]
-            if not group:
-                continue
-            assigned = assign_devices(
-                self.session, self.mv, [d.device_id for d in group],
-                actor=f"rollout:{row.id}", rollout_id=row.id, shadow=shadow,
-                artifacts=self._artifacts,
-            )  # fmt: skip
-            for d in group:
-                done = assigned.get(d.device_id, "the device no longer exists")
-                if isinstance(done, str):
-                    self.finish(d, REJECTED, done)
-                    continue
-                d.state, d.sequence, d.notified_at = NOTIFIED, done[0], self.now
-                d.attempts += 1
-                d.next_attempt_at = None
-                self.step.pushed.append(d.device_id)
-            self.step.changed = True
-
-    def admit_late_devices(self) -> None:
-        """Dynamic rollouts: devices that match now and can take part join
-        the current stage."""
-        candidates, classes = matching_devices(self.session, self.spec)
-        known = {d.device_id for d in self.devices}
-        fresh = [c for c in candidates if c.id not in known]
-        if not fresh:
-            return
-        busy = active_rollout_of(self.session, (c.id for c in fresh), model_id=self.mv.model_id)
-        offline_before = self.now - self.o._offline_after
-        reasons: dict[str | None, str | None] = {}
-        stage = late_stage(self.row.current_stage, None, len(self.spec.stages))
-        for device in fresh:
-            if device.id in busy or cohort_exclusion(
-                self.session, device, self.mv, offline_before=offline_before,
-                artifact_reasons=reasons,
-            ):  # fmt: skip
-                continue
-            previous = revert_targets(self.session, [device.id], self.mv.model_id)[device.id]
-            late = Member(
-                device_id=device.id, class_name=classes.get(device.class_id or "", ""),
-                stage=stage, state=WAITING, reason="joined while the rollout ran", attempts=0,
-                sequence=0, notified_at=None, finished_at=None, next_attempt_at=None,
-                previous_model_version_id=previous,
-            )  # fmt: skip
-            self.devices.append(late)
-            self.record("rollout.admit", device=device.id, stage=stage)
-
-    # ------------------------------------------------------------ judging
-
-    def judge(self) -> None:
-        row, index = self.row, self.row.current_stage
-        stage = self.spec.stages[index]
-        # Devices of dropped classes (reverting/reverted) no longer count.
-        members = [
-            d for d in self.devices if d.stage == index and d.state not in (REVERTING, REVERTED)
-        ]
-        health, silent = self.health(stage, members)
-        gates = evaluate_gates(health, stage.gates, self.class_limits())
-        agreement = self.shadow_agreement(stage, members) if stage.shadow else None
-        counts = StageCounts(
-            total=len(members),
-            committed=sum(d.state == COMMITTED and d.device_id not in silent for d in members),
-            failed=sum(d.state in FAILED_STATES or d.device_id in silent for d in members),
-            in_progress=sum(d.state in (WAITING, NOTIFIED, IN_PROGRESS) for d in members),
-        )
-        state = self.stage_state(index)
-        ack = Acknowledged(int(state.get("ack_failed", 0) or 0),  # type: ignore[call-overload]
-                           int(state.get("ack_finished", 0) or 0))  # type: ignore[call-overload]  # fmt: skip
-        outcome = judge_stage(counts, stage.rule, ack)
-        state["counts"] = [counts.total, counts.committed, counts.failed, counts.in_progress]
-        state["gates"] = [[g.name, g.value, g.limit, g.passing] for g in gates]
-        failing = [g for g in gates if not g.passing]
-        if agreement is not None:
-            state["agreement"] = agreement
-        problem = ""
-        if outcome.verdict is Verdict.FAILED:
-            problem = outcome.reason
-        elif failing and counts.committed:
-            problem = "health gate failed: " + "; ".join(describe(g) for g in failing)
-            if self.isolate(stage, failing, problem):
-                self.save_stages()
-                return
-        elif (
-            agreement is not None and stage.min_agreement is not None
-            and agreement[1] > 0 and agreement[0] < stage.min_agreement
-            and outcome.verdict is Verdict.SUCCEEDED
-        ):  # fmt: skip
-            problem = (
-                f"shadow agreement {agreement[0]:.3f} over {agreement[1]} mirrored requests "
-                f"is below the stage's minimum {stage.min_agreement:g}"
-            )
-        if problem:
-            state.pop("bake_started_at", None)
-            self.save_stages()
-            self.on_failure(stage, f"stage {index + 1} ({stage.name or index + 1}): {problem}")
-            return
-        if outcome.verdict is not Verdict.SUCCEEDED:
-            self.save_stages()
-            return
-        if stage.shadow and (agreement is None or agreement[1] == 0):
-            self.save_stages()
-            return  # no mirrored requests yet: nothing to judge agreement on
-        baking = _parse(state.get("bake_started_at"))
-        if baking is None:
-            state["bake_started_at"] = _iso(self.now)
-            self.save_stages()
-            self.record("rollout.stage_passed", stage=index, reason=outcome.reason)
-            baking = self.now
-        if (self.now - baking).total_seconds() < stage.bake_time_s:
-            self.save_stages()
-            return
-        self.save_stages()
-        if index == len(self.spec.stages) - 1:
-            row.state = SUCCEEDED
-            row.finished_at = self.now
-            row.reason = f"all {len(self.spec.stages)} stages passed"
-            dropped = sorted({d.class_name for d in self.devices if "dropped:" in d.reason})
-            if dropped:
-                row.reason += f" for the other classes; dropped and reverted: {', '.join(dropped)}"
-            self.record("rollout.succeeded")
-        elif stage.require_approval:
-            row.state = WAITING_APPROVAL
-            row.reason = f"stage {index + 1} passed; waiting for an operator's approval"
-            self.record("rollout.waiting_approval", stage=index)
-        else:
-            advance_stage(row, self.now)
-            if stage.shadow:
-                self.promote_shadow(index)
-            self.record("rollout.stage", stage=row.current_stage)
-
-    def isolate(self, stage: StageSpec, failing: Sequence[GateResult], problem: str) -> bool:
-        """With on_failure abort-and-revert, a gate that fails only on some
-        classes' devices drops those classes (reverting their devices) and
-        lets the others continue; True if it did. One class's bad artifact
-        should not hold back the classes whose artifacts are fine."""
-        if stage.on_failure != ABORT_REVERT:
-            return False
-        class_of = {d.device_id: d.class_name for d in self.devices}
-        bad = {class_of[i] for g in failing for i in g.failing_devices if i in class_of}
-        remaining = {d.class_name for d in self.devices if d.state not in (REVERTING, REVERTED)}
-        if not bad or bad >= remaining:
-            return False  # every class fails: abort the whole rollout
-        self.drop_classes(bad, problem)
-        return True
-
-    def promote_shadow(self, index: int) -> None:
-        """After a shadow stage its devices take the version for real, with
-        the next stage."""
-        for d in self.devices:
-            if d.stage == index:
-                d.stage, d.state, d.reason, d.attempts = index + 1, WAITING, "shadow passed", 0
-
-    def on_failure(self, stage: StageSpec, reason: str) -> None:
-        row = self.row
-        if stage.on_failure == ABORT_REVERT:
-            abort(row, REVERT, reason)
-            self.record("rollout.abort", reason=reason, revert=True)
-        else:
-            row.state = PAUSED
-            row.reason = reason
-            self.record("rollout.pause", reason=reason)
-
     def class_limits(self) -> dict[str, ClassLimits]:
         return {
             c.name: ClassLimits(c.latency_budget_p95_ms, c.max_memory_mb)
             for c in self.session.scalars(select(DeviceClassRow))
         }
 
-    def health(
-        self, stage: StageSpec, members: Sequence[Member]
-    ) -> tuple[list[DeviceHealth], set[str]]:
-        """Per committed device: the new version's telemetry since it
-        committed; and the devices silent for longer than the stage allows."""
-        committed = [d for d in members if d.state == COMMITTED and d.finished_at]
-        if not committed or stage.shadow:
-            return [], set()
-        since = min(d.finished_at for d in committed if d.finished_at).timestamp() * 1000
+    def health(self, members: list[Member], max_silence: float | None) -> list[DeviceHealth]:
+        """Per committed member of the stage: the new version's telemetry
+        since it committed."""
+        committed = [m for m in members if m.state == MemberState.COMMITTED and m.finished_at]
+        if not committed:
+            return []
+        since = min(m.finished_at for m in committed if m.finished_at).timestamp() * 1000
         t = TelemetryRow
         # Sums in floating point, over capped rows: a row an older server
         # stored with an absurd count must not overflow the gate's query.
@@ -741,33 +429,30 @@ class _Driver:
             ).group_by(t.device_id)
         )  # fmt: skip
         stats = {r[0]: r for r in rows}
-        health, silent = [], set()
-        max_silence = stage.gates.max_silence_s
-        for d in committed:
-            r = stats.get(d.device_id)
+        health = []
+        for m in committed:
+            r = stats.get(m.device_id)
             last = (r[5] / 1000) if r and r[5] else None
             age = self.now.timestamp() - last if last else None
-            if age is None and d.finished_at:
-                age_since_commit = (self.now - d.finished_at).total_seconds()
-                age = age_since_commit if max_silence and age_since_commit > max_silence else 0.0
+            if age is None and m.finished_at:
+                # Nothing since it committed: silent for as long, once that
+                # is longer than the gate allows.
+                since_commit = (self.now - m.finished_at).total_seconds()
+                age = since_commit if max_silence and since_commit > max_silence else 0.0
             requests = int(r[3] or 0) if r else 0
             health.append(DeviceHealth(
-                d.device_id, d.class_name,
+                m.device_id, m.class_name,
                 latency_p95_ms=float(r[1]) if r and requests else None,
                 error_rate=(int(r[2] or 0) / requests) if r and requests else None,
                 memory_mb=float(r[4]) if r else None,
                 last_report_age_s=age,
             ))  # fmt: skip
-            if max_silence and age is not None and age > max_silence:
-                silent.add(d.device_id)
-        return health, silent
+        return health
 
-    def shadow_agreement(
-        self, stage: StageSpec, members: Sequence[Member]
-    ) -> tuple[float, int] | None:
+    def shadow_agreement(self, members: list[Member]) -> tuple[float, int] | None:
         """(request-weighted argmax agreement, mirrored requests) of the
-        candidate on the stage's devices."""
-        ids = {d.device_id for d in members if d.state == COMMITTED}
+        candidate on the stage's committed members."""
+        ids = {m.device_id for m in members if m.state == MemberState.COMMITTED}
         if not ids:
             return None
         t = TelemetryRow
@@ -787,96 +472,192 @@ class _Driver:
                 requests, weighted = requests + int(n or 0), weighted + float(w or 0)
         return ((float(weighted or 0) / requests) if requests else 0.0, requests)
 
-    # ------------------------------------------------------------ revert
+    def newcomers(self, members: Mapping[str, Member]) -> list[Member]:
+        """Dynamic rollouts: devices that match now and can take part (the
+        planner puts them in the current stage)."""
+        candidates, classes = matching_devices(self.session, self.spec)
+        fresh = [c for c in candidates if c.id not in members]
+        if not fresh:
+            return []
+        busy = active_rollout_of(self.session, (c.id for c in fresh), model_id=self.mv.model_id)
+        offline_before = self.now - self.o._offline_after
+        reasons: dict[str | None, str | None] = {}
+        joining = [
+            device for device in fresh
+            if device.id not in busy and cohort_exclusion(
+                self.session, device, self.mv, offline_before=offline_before,
+                artifact_reasons=reasons,
+            ) is None
+        ]  # fmt: skip
+        previous = revert_targets(self.session, [d.id for d in joining], self.mv.model_id)
+        out = []
+        for d in joining:
+            out.append(Member(
+                device_id=d.id, class_name=classes.get(d.class_id or "", ""), stage=0,
+                state=MemberState.WAITING, reason="joined while the rollout ran", attempts=0,
+                sequence=0, notified_at=None, finished_at=None, next_attempt_at=None,
+                previous_model_version_id=previous[d.id],
+            ))  # fmt: skip
+        return out
 
-    def revert_devices(self, reverting: Sequence[tuple[Member, str]]) -> None:
-        """Assign each device (with why) its previous version (REVERTING
-        until it reports back); one with none to go back to is marked
-        reverted with the reason."""
-        if not reverting:
-            return
+    # ------------------------------------------------------------ applying
+
+    def run(self) -> Step:
+        planned = rollout_plan.plan(self.snapshot, self.now)
+        for action in planned.actions:
+            self.snapshot = apply(self.snapshot, action, self.now)
+            self.side_effects(action)
+        self.step.more = planned.more
+        self.save()
+        return self.step
+
+    def record(self, action: str, **details: object) -> None:
+        audit.record(self.uow, ACTOR, action, f"rollout:{self.row.id}", **details)
         self.step.changed = True
+
+    def side_effects(self, action: Action) -> None:
+        """What an action does beyond the snapshot: assignments, the audit
+        log, events."""
+        self.step.changed = True
+        match action:
+            case Begin():
+                self.record("rollout.begin")
+            case Admit(members=members):
+                for m in members:
+                    self.record("rollout.admit", device=m.device_id, stage=m.stage)
+            case Notify(device_ids=ids, shadow=shadow):
+                self.notify(ids, shadow)
+            case Revert(items=items):
+                self.revert(items)
+            case StartBake(stage=stage, reason=reason):
+                self.record("rollout.stage_passed", stage=stage, reason=reason)
+            case AwaitApproval(stage=stage):
+                self.record("rollout.waiting_approval", stage=stage)
+            case Advance(stage=stage) if stage + 1 < len(self.spec.stages):
+                self.record("rollout.stage", stage=stage + 1)
+            case Advance():
+                self.record("rollout.stages_passed")
+            case Pause(reason=reason):
+                self.record("rollout.pause", reason=reason)
+            case Abort(reason=reason):
+                self.record("rollout.abort", reason=reason, revert=True)
+            case DropClasses(classes=classes, reason=reason):
+                self.record("rollout.class_dropped", classes=list(classes), reason=reason)
+            case Finish(state=state, reason=reason):
+                self.record(f"rollout.{state.value}", reason=reason)
+            case RevertDone() if self.snapshot.abort_mode != KEEP:
+                self.record("rollout.reverted")
+            case Judge() | SetMembers() | RevertDone():
+                pass
+
+    def set_members(self, members: Iterable[Member]) -> None:
+        self.snapshot = replace(
+            self.snapshot, members={**self.snapshot.members, **{m.device_id: m for m in members}}
+        )
+
+    def notify(self, ids: tuple[str, ...], shadow: bool) -> None:
+        """Assign the version; apply() took every one as notified: put the
+        real sequences (or the refusals) over that."""
+        assigned = assign_devices(
+            self.session, self.mv, list(ids), actor=f"rollout:{self.row.id}",
+            rollout_id=self.row.id, shadow=shadow, artifacts=self._artifacts,
+        )  # fmt: skip
+        members = self.snapshot.members
+        fixed = []
+        for device_id in ids:
+            m = members[device_id]
+            done = assigned.get(device_id, "the device no longer exists")
+            if isinstance(done, str):
+                # Refused: as if never notified, then rejected.
+                fixed.append(replace(
+                    m, state=member_transition(MemberState.WAITING, MemberEvent.REFUSE),
+                    reason=done, finished_at=self.now,
+                ))  # fmt: skip
+            else:
+                fixed.append(replace(m, sequence=done[0]))
+                self.step.pushed.append(device_id)
+        self.set_members(fixed)
+
+    def revert(self, items: tuple[tuple[str, str], ...]) -> None:
+        """Assign each member (with why) its previous version (REVERTING
+        until it reports back); one with none to go back to has the model
+        removed, or is marked reverted with the reason."""
+        members = self.snapshot.members
         by_version: dict[str, list[tuple[Member, str]]] = {}
         unassign: list[tuple[Member, str]] = []
-        for d, why in reverting:
+        for device_id, why in items:
+            m = members[device_id]
             prefix = f"{why}; " if why else ""
-            if d.previous_model_version_id is None:
-                unassign.append((d, prefix))
+            if m.previous_model_version_id is None:
+                unassign.append((m, prefix))
             else:
-                by_version.setdefault(d.previous_model_version_id, []).append((d, prefix))
+                by_version.setdefault(m.previous_model_version_id, []).append((m, prefix))
+        fixed = []
         if unassign:
             # The device held no version of the model before: going back is
             # removing the model (its other models stay). Nothing to wait
             # for: the agent unloads it, and reports no update for that.
             model = self.spec.model_name
             removed, _ = unassign_devices(
-                self.session, self.mv.model_id, [d.device_id for d, _ in unassign]
+                self.session, self.mv.model_id, [m.device_id for m, _ in unassign]
             )
             gone = set(removed)
-            for d, prefix in unassign:
-                self.finish(d, REVERTED, (
-                    f"{prefix}unassigned {model}: the device held no version of it before"
-                    if d.device_id in gone
-                    else f"{prefix}nothing to revert to: {model} is no longer assigned"
+            for m, prefix in unassign:
+                fixed.append(replace(
+                    m, state=member_transition(m.state, MemberEvent.REVERTED),
+                    finished_at=self.now, reason=(
+                        f"{prefix}unassigned {model}: the device held no version of it before"
+                        if m.device_id in gone
+                        else f"{prefix}nothing to revert to: {model} is no longer assigned"
+                    ),
                 ))  # fmt: skip
-                if d.device_id in gone:
-                    self.step.pushed.append(d.device_id)
+                if m.device_id in gone:
+                    self.step.pushed.append(m.device_id)
         for version_id, group in by_version.items():
             previous = self.session.get_one(ModelVersionRow, version_id)
             # A revert is a rollback by definition, whatever the versions
             # compare like: the agents must take it.
             assigned = assign_devices(
-                self.session, previous, [d.device_id for d, _ in group],
+                self.session, previous, [m.device_id for m, _ in group],
                 actor=f"rollout:{self.row.id}", rollout_id=self.row.id, rollback=True,
                 artifacts=self._artifacts,
             )  # fmt: skip
-            for d, prefix in group:
-                done = assigned.get(d.device_id, "the device no longer exists")
+            for m, prefix in group:
+                done = assigned.get(m.device_id, "the device no longer exists")
                 if isinstance(done, str):
-                    d.state, d.reason = REVERTED, f"{prefix}cannot revert: {done}"
+                    fixed.append(replace(
+                        m, state=member_transition(m.state, MemberEvent.REVERTED),
+                        reason=f"{prefix}cannot revert: {done}",
+                    ))  # fmt: skip
                     continue
-                d.state, d.sequence, d.notified_at = REVERTING, done[0], self.now
-                d.reason = f"{prefix}reverting to {previous.version}"
-                self.step.pushed.append(d.device_id)
+                fixed.append(replace(
+                    m, sequence=done[0], reason=f"{prefix}reverting to {previous.version}"
+                ))  # fmt: skip
+                self.step.pushed.append(m.device_id)
+        self.set_members(fixed)
 
-    def drop_classes(self, classes: set[str], reason: str) -> None:
-        """Take classes out of the rollout: their devices that took the
-        version go back to their previous one, the rest are never notified;
-        the other classes carry on."""
-        reverting = []
-        for d in self.devices:
-            if d.class_name not in classes:
+    def save(self) -> None:
+        """The snapshot back into the row, and the members that changed."""
+        s, row = self.snapshot, self.row
+        if s.state != row.state:
+            row.state = s.state.value
+        for name in ("reason", "abort_mode", "current_stage", "started_at",
+                     "notify_started_at", "finished_at"):  # fmt: skip
+            if getattr(row, name) != getattr(s, name):
+                setattr(row, name, getattr(s, name))
+        stages = write_stages(list(s.stages))
+        if stages != row.stages:
+            row.stages = stages
+        changed: list[dict[str, object]] = []
+        added: list[dict[str, object]] = []
+        for device_id, m in s.members.items():
+            before = self._initial.get(device_id)
+            if before is m:
                 continue
-            why = f"class {d.class_name} dropped: {reason}"
-            if d.state in (COMMITTED, NOTIFIED, IN_PROGRESS):
-                reverting.append((d, why))
-            elif d.state == WAITING:
-                d.state, d.reason = REVERTED, f"{why}; never notified"
-        self.revert_devices(reverting)
-        self.record("rollout.class_dropped", classes=sorted(classes), reason=reason)
-
-    def revert(self) -> None:
-        """Aborted with revert: every device that took (or may be taking)
-        the version gets its previous one; the rollout finishes when none is
-        still reverting."""
-        row = self.row
-        if row.abort_mode == KEEP:
-            row.finished_at = row.finished_at or self.now
-            return
-        reverting = []
-        for d in self.devices:
-            if d.state in (COMMITTED, NOTIFIED, IN_PROGRESS):
-                reverting.append(d)
-            elif d.state == WAITING:
-                d.state, d.reason = REVERTED, "never notified"
-                self.step.changed = True
-        # In chunks, like notifications, the devices running the version
-        # first: a revert of 5,500 devices in one step held SQLite's writer
-        # for seconds and woke them all in the same instant. The next chunk
-        # follows at once.
-        reverting.sort(key=revert_order)
-        self.revert_devices([(d, "") for d in reverting[:NOTIFY_CHUNK]])
-        self.step.more = len(reverting) > NOTIFY_CHUNK
-        if not self.step.more and not any(d.state == REVERTING for d in self.devices):
-            row.finished_at = self.now
-            self.record("rollout.reverted")
+            params = dict(zip(_MEMBER_FIELDS, _member_values(m), strict=True))
+            params["rollout_id"] = row.id
+            (added if before is None else changed).append(params)
+        if changed:
+            update_rows(self.session, RolloutDeviceRow, changed)
+        if added:
+            insert_rows(self.session, RolloutDeviceRow, added)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, case, func, select
+from sqlalchemy import ColumnElement, Select, case, func, select, update
 from sqlalchemy.orm import Session
 
 from edgefleet.controlplane.db.bulk import insert_rows
@@ -36,7 +36,22 @@ from edgefleet.controlplane.db.models import (
 )
 from edgefleet.controlplane.db.uow import Database, UnitOfWork
 from edgefleet.controlplane.domain import secrets
+from edgefleet.controlplane.domain.rollout_plan import KEEP, REVERT
 from edgefleet.controlplane.domain.rollout_spec import RolloutSpec, SpecError
+from edgefleet.controlplane.domain.rollout_states import (
+    ACTIVE,
+    FAILED_STATES,
+    MemberEvent,
+    MemberState,
+    RolloutEvent,
+    RolloutState,
+    StagePhase,
+    member_can,
+    member_transition,
+    read_stages,
+    rollout_transition,
+    write_stages,
+)
 from edgefleet.controlplane.domain.rollouts import CohortDevice, plan_stages
 from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit
@@ -49,31 +64,19 @@ from edgefleet.controlplane.services.devices import ACCEPTED, EventSink
 from edgefleet.controlplane.services.events import FleetEvent
 from edgefleet.controlplane.services.registry import require_version
 
-DRAFT, SCHEDULED, RUNNING = "draft", "scheduled", "running"
-WAITING_APPROVAL, PAUSED = "waiting_approval", "paused"
-SUCCEEDED, ABORTED = "succeeded", "aborted"
-ROLLOUT_STATES = (DRAFT, SCHEDULED, RUNNING, WAITING_APPROVAL, PAUSED, SUCCEEDED, ABORTED)
-# Rollouts that hold their devices (a draft does not: it only plans).
-ACTIVE = (SCHEDULED, RUNNING, WAITING_APPROVAL, PAUSED)
-
-# Device states in a rollout.
-WAITING, NOTIFIED, IN_PROGRESS, COMMITTED = "waiting", "notified", "in_progress", "committed"
-FAILED, REJECTED, TIMED_OUT = "failed", "rejected", "timed_out"
-REVERTING, REVERTED = "reverting", "reverted"
-DEVICE_STATES = (
-    WAITING, NOTIFIED, IN_PROGRESS, COMMITTED, FAILED, REJECTED, TIMED_OUT, REVERTING, REVERTED,
-)  # fmt: skip
-FAILED_STATES = (FAILED, REJECTED, TIMED_OUT)
-FINISHED_STATES = (COMMITTED, *FAILED_STATES)
-REVERT, KEEP = "revert", "keep"
 # Members an aborted rollout with revert has yet to put back.
-_UNREVERTED = (WAITING, NOTIFIED, IN_PROGRESS, COMMITTED, REVERTING)
+_UNREVERTED = (
+    MemberState.WAITING, MemberState.NOTIFIED, MemberState.IN_PROGRESS, MemberState.COMMITTED,
+    MemberState.REVERTING,
+)  # fmt: skip
+_FINISHED = (MemberState.COMMITTED, *FAILED_STATES)
+_MOVING = (MemberState.NOTIFIED, MemberState.IN_PROGRESS, MemberState.REVERTING)
 
 
 def unfinished_abort() -> ColumnElement[bool]:
     """SQL: the rollout is aborted but not finished (still reverting): it
     needs the orchestrator, and holds the devices it has yet to put back."""
-    return (RolloutRow.state == ABORTED) & RolloutRow.finished_at.is_(None)
+    return (RolloutRow.state == RolloutState.ABORTED) & RolloutRow.finished_at.is_(None)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ class Plan:
     excluded: list[Excluded]
 
 
+# Members per (stage, state); acknowledged failed members per stage.
+_Counts = tuple[dict[tuple[int, str], int], dict[int, int]]
+
+
 @dataclass(frozen=True)
 class RolloutView:
     row: RolloutRow
@@ -108,6 +115,19 @@ class RolloutView:
     # Devices per (stage, state), counted in SQL: a summary carries these
     # instead of the device rows.
     counts: dict[tuple[int, str], int] | None = None
+    # Failed members a resume acknowledged, per stage (with `counts`).
+    acknowledged: dict[int, int] | None = None
+
+    @property
+    def acknowledged_failed(self) -> dict[int, int]:
+        """Failed members a resume acknowledged, per stage."""
+        if self.acknowledged is not None:
+            return self.acknowledged
+        out: dict[int, int] = {}
+        for d in self.devices:
+            if d.acknowledged and d.state in FAILED_STATES:
+                out[d.stage] = out.get(d.stage, 0) + 1
+        return out
 
     def stage_counts(self, stage: int) -> dict[str, int]:
         """Devices of `stage` per device state."""
@@ -141,7 +161,7 @@ def active_rollout_of(
     rows = session.execute(
         stmt.where(
             RolloutDeviceRow.device_id.in_(padded(ids)),
-            RolloutRow.state.in_(ACTIVE) | (
+            RolloutRow.state.in_(list(ACTIVE)) | (
                 unfinished_abort() & (RolloutRow.abort_mode == REVERT)
                 & RolloutDeviceRow.state.in_(_UNREVERTED)
             ),
@@ -283,9 +303,9 @@ class RolloutService:
                 id=secrets.new_id(),
                 model_version_id=mv.id,
                 spec=spec.to_dict(),
-                state=DRAFT,
+                state=RolloutState.DRAFT,
                 current_stage=0,
-                stages=[{} for _ in spec.stages],
+                stages=write_stages(read_stages([], len(spec.stages))),
                 reason="",
                 abort_mode="",
                 created_by=actor,
@@ -301,7 +321,8 @@ class RolloutService:
                 insert_rows(session, RolloutDeviceRow, [
                     {
                         "rollout_id": row.id, "device_id": p.device_id,
-                        "class_name": p.class_name, "stage": p.stage, "state": WAITING,
+                        "class_name": p.class_name, "stage": p.stage,
+                        "state": MemberState.WAITING,
                         "reason": "", "attempts": 0, "sequence": 0,
                         "previous_model_version_id": p.previous_model_version_id,
                     }
@@ -349,13 +370,15 @@ class RolloutService:
             )
         now = utcnow()
         if row.start_at is not None and row.start_at > now:
-            row.state = SCHEDULED
+            row.state = rollout_transition(row.id, row.state, RolloutEvent.START,
+                                           RolloutState.SCHEDULED)  # fmt: skip
         else:
-            row.state = RUNNING
+            row.state = rollout_transition(row.id, row.state, RolloutEvent.START,
+                                           RolloutState.RUNNING)  # fmt: skip
             row.started_at = now
-            stages = [dict(s) for s in row.stages]
-            stages[0]["started_at"] = now.isoformat()
-            row.stages = stages
+            stages = read_stages(row.stages, len(row.spec["stages"]))
+            stages[0] = stages[0].started(now)
+            row.stages = write_stages(stages)
         audit.record(uow, actor, "rollout.start", f"rollout:{row.id}", state=row.state)
 
     # ------------------------------------------------------------ actions
@@ -375,60 +398,212 @@ class RolloutService:
 
     def start(self, actor: str, rollout_id: str) -> RolloutView:
         def change(uow: UnitOfWork, row: RolloutRow) -> None:
-            if row.state != DRAFT:
-                raise FailedPrecondition(f"rollout {row.id} is {row.state}; only a draft starts")
+            rollout_transition(row.id, row.state, RolloutEvent.START, RolloutState.RUNNING)
             self._start(uow, row, actor)
 
         return self._act(actor, rollout_id, "started", change)
 
     def pause(self, actor: str, rollout_id: str, reason: str) -> RolloutView:
         def change(uow: UnitOfWork, row: RolloutRow) -> None:
-            if row.state not in (SCHEDULED, RUNNING, WAITING_APPROVAL):
-                raise FailedPrecondition(f"rollout {row.id} is {row.state}; it cannot pause")
-            row.state = PAUSED
+            row.state = rollout_transition(row.id, row.state, RolloutEvent.PAUSE)
             row.reason = f"paused by {actor}" + (f": {reason}" if reason else "")
 
         return self._act(actor, rollout_id, "pause", change, reason=reason)
 
     def resume(self, actor: str, rollout_id: str, reason: str) -> RolloutView:
-        """Back to running; the current stage's failures so far are
-        acknowledged, so only new ones can trip its error threshold again."""
+        """Back to running. The current stage's failures so far are
+        acknowledged: they leave its success denominator, and its error
+        threshold counts only what finishes from now on."""
 
         def change(uow: UnitOfWork, row: RolloutRow) -> None:
-            if row.state != PAUSED:
-                raise FailedPrecondition(
-                    f"rollout {row.id} is {row.state}; only a paused one resumes"
-                )
-            devices = self._devices(uow.session, row.id)
-            current = [d for d in devices if d.stage == row.current_stage]
-            stages = [dict(s) for s in row.stages]
-            stages[row.current_stage]["ack_failed"] = sum(d.state in FAILED_STATES for d in current)
-            stages[row.current_stage]["ack_finished"] = sum(
-                d.state in FINISHED_STATES for d in current
-            )
-            stages[row.current_stage].pop("bake_started_at", None)
-            row.stages = stages
-            row.state = RUNNING if row.started_at else SCHEDULED
+            target = RolloutState.RUNNING if row.started_at else RolloutState.SCHEDULED
+            row.state = rollout_transition(row.id, row.state, RolloutEvent.RESUME, target)
+            self._acknowledge(uow.session, row)
             row.reason = ""
 
         return self._act(actor, rollout_id, "resume", change, reason=reason)
 
+    @staticmethod
+    def _acknowledge(session: Session, row: RolloutRow) -> None:
+        """Acknowledge the current stage's finished members and put a failed
+        stage back to rolling (its bake starts afresh)."""
+        r = RolloutDeviceRow
+        session.execute(
+            update(r)
+            .where(r.rollout_id == row.id, r.stage == row.current_stage,
+                   r.state.in_(list(_FINISHED)))
+            .values(acknowledged=True)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        stages = read_stages(row.stages, len(row.spec["stages"]))
+        current = stages[row.current_stage]
+        if current.phase in (StagePhase.FAILED, StagePhase.BAKING):
+            stages[row.current_stage] = replace(
+                current, phase=StagePhase.ROLLING, bake_started_at=None
+            )
+        row.stages = write_stages(stages)
+
     def approve(self, actor: str, rollout_id: str) -> RolloutView:
         def change(uow: UnitOfWork, row: RolloutRow) -> None:
-            if row.state != WAITING_APPROVAL:
-                raise FailedPrecondition(
-                    f"rollout {row.id} is {row.state}; nothing is waiting for approval"
-                )
+            row.state = rollout_transition(row.id, row.state, RolloutEvent.APPROVE)
             advance_stage(row, utcnow())
-            row.state = RUNNING
             row.reason = ""
 
         return self._act(actor, rollout_id, "approve", change)
 
+    def promote(self, actor: str, rollout_id: str, reason: str) -> RolloutView:
+        """Pass the current stage now, whatever its thresholds and gates say
+        (Argo Rollouts' promote): the next stage starts; after the last, the
+        rollout finishes once every member settled."""
+
+        def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            row.state = rollout_transition(row.id, row.state, RolloutEvent.PROMOTE)
+            stages = read_stages(row.stages, len(row.spec["stages"]))
+            if stages[row.current_stage].phase in (StagePhase.PASSED, StagePhase.PROMOTED):
+                raise FailedPrecondition(
+                    f"rollout {row.id}: every stage passed already; it waits for its members "
+                    "to finish (skip those it should not wait for)"
+                )
+            advance_stage(row, utcnow(), promoted_by=actor)
+            row.reason = ""
+
+        return self._act(actor, rollout_id, "promote", change, reason=reason)
+
+    def retry(
+        self, actor: str, rollout_id: str, device_ids: Sequence[str], reason: str
+    ) -> RolloutView:
+        """Failed members (all of them when `device_ids` is empty) try again,
+        with a fresh retry budget; a paused rollout, or one that succeeded
+        with failures, runs again."""
+
+        def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            session = uow.session
+            target = RolloutState.RUNNING if row.started_at else RolloutState.SCHEDULED
+            if row.state not in (RolloutState.PAUSED, RolloutState.SUCCEEDED_WITH_FAILURES):
+                target = RolloutState(row.state)
+            state = rollout_transition(row.id, row.state, RolloutEvent.RETRY, target)
+            members = self._members(session, row.id, device_ids)
+            if not device_ids:
+                members = [m for m in members if member_can(m.state, MemberEvent.RETRY)]
+                if not members:
+                    raise FailedPrecondition(f"rollout {row.id} has no failed member to retry")
+            self._refuse(members, MemberEvent.RETRY, "only failed, rejected or timed-out "
+                         "members are retried")  # fmt: skip
+            if row.state == RolloutState.SUCCEEDED_WITH_FAILURES:
+                model_id = session.get_one(ModelVersionRow, row.model_version_id).model_id
+                taken = active_rollout_of(session, [m.device_id for m in members],
+                                          model_id=model_id)  # fmt: skip
+                if taken:
+                    self._conflict([Excluded(d, d, f"already in active rollout {r}")
+                                    for d, r in taken.items()])  # fmt: skip
+                row.finished_at = None
+            why = f"retried by {actor}" + (f": {reason}" if reason else "")
+            for m in members:
+                m.state = member_transition(m.state, MemberEvent.RETRY)
+                m.reason, m.attempts, m.acknowledged = why, 0, False
+                m.next_attempt_at = m.finished_at = None
+            row.state = state
+            if state is RolloutState.RUNNING:
+                row.reason = ""
+
+        return self._act(actor, rollout_id, "retry", change, reason=reason,
+                         devices=list(device_ids))  # fmt: skip
+
+    def skip(
+        self, actor: str, rollout_id: str, device_ids: Sequence[str], reason: str
+    ) -> RolloutView:
+        """Leave members on the version they run: the rollout no longer
+        waits for them, and they leave their stage's success denominator."""
+
+        def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            rollout_transition(row.id, row.state, RolloutEvent.SKIP)
+            if not device_ids:
+                raise InvalidArgument("name the devices to skip")
+            if not reason.strip():
+                raise InvalidArgument("say why the devices are skipped (--reason)")
+            members = self._members(uow.session, row.id, device_ids)
+            self._refuse(members, MemberEvent.SKIP, "committed and reverting members are "
+                         "not skipped")  # fmt: skip
+            for m in members:
+                m.state = member_transition(m.state, MemberEvent.SKIP)
+                m.reason, m.finished_at = f"skipped by {actor}: {reason}", utcnow()
+
+        return self._act(actor, rollout_id, "skip", change, reason=reason,
+                         devices=list(device_ids))  # fmt: skip
+
+    def update(self, actor: str, rollout_id: str, spec: RolloutSpec, reason: str) -> RolloutView:
+        """Change the thresholds, gates, bake times, approvals, on-failure
+        actions and pacing of a rollout not finished; its model, cohort and
+        stage sizes stay (its members are planned by them)."""
+        self._spec(spec)
+        changes: dict[str, Any] = {}
+
+        def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            rollout_transition(row.id, row.state, RolloutEvent.UPDATE)
+            old = RolloutSpec.from_dict(row.spec)
+            fixed = {
+                "model": (old.model_name, old.model_version),
+                "classes": old.class_names, "labels": old.label_selector,
+                "dynamic": old.dynamic, "number of stages": len(old.stages),
+            }  # fmt: skip
+            new = {
+                "model": (spec.model_name, spec.model_version),
+                "classes": spec.class_names, "labels": spec.label_selector,
+                "dynamic": spec.dynamic, "number of stages": len(spec.stages),
+            }  # fmt: skip
+            for name, value in fixed.items():
+                if new[name] != value:
+                    raise InvalidArgument(
+                        f"a rollout's {name} cannot change (it is {value!r}); create another"
+                    )
+            for index, (a, b) in enumerate(zip(old.stages, spec.stages, strict=True)):
+                if (a.percent, a.count, a.stratified, a.shadow) != (
+                    b.percent, b.count, b.stratified, b.shadow
+                ):  # fmt: skip
+                    raise InvalidArgument(
+                        f"stage {index + 1}: its size and kind cannot change (its members are "
+                        "planned); thresholds, gates, bake, approval and on-failure can"
+                    )
+            if spec.start_at != old.start_at and row.state != RolloutState.DRAFT:
+                raise InvalidArgument("the start time changes only while the rollout is a draft")
+            changes.update(_differences(old.to_dict(), spec.to_dict()))
+            if not changes:
+                raise InvalidArgument("the spec is the rollout's already: nothing to change")
+            row.spec = spec.to_dict()
+            row.start_at = spec.start_at
+
+        return self._act(actor, rollout_id, "update", change, reason=reason, changes=changes)
+
+    @staticmethod
+    def _members(
+        session: Session, rollout_id: str, device_ids: Sequence[str]
+    ) -> list[RolloutDeviceRow]:
+        """The rollout's members, those of `device_ids` when given (every
+        one must be a member)."""
+        members = RolloutService._devices(session, rollout_id)
+        if not device_ids:
+            return members
+        wanted = set(device_ids)
+        chosen = [m for m in members if m.device_id in wanted]
+        missing = wanted - {m.device_id for m in chosen}
+        if missing:
+            raise NotFound(
+                f"not in rollout {rollout_id}: {', '.join(sorted(missing)[:10])}"
+                + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            )
+        return chosen
+
+    @staticmethod
+    def _refuse(members: Sequence[RolloutDeviceRow], event: MemberEvent, rule: str) -> None:
+        wrong = [m for m in members if not member_can(m.state, event)]
+        if wrong:
+            shown = ", ".join(f"{m.device_id} ({m.state.replace('_', ' ')})" for m in wrong[:10])
+            more = f" and {len(wrong) - 10} more" if len(wrong) > 10 else ""
+            raise FailedPrecondition(f"{rule}: {shown}{more}")
+
     def abort(self, actor: str, rollout_id: str, *, revert: bool, reason: str) -> RolloutView:
         def change(uow: UnitOfWork, row: RolloutRow) -> None:
-            if row.state in (SUCCEEDED, ABORTED):
-                raise FailedPrecondition(f"rollout {row.id} already {row.state}")
+            rollout_transition(row.id, row.state, RolloutEvent.ABORT)
             abort(row, REVERT if revert else KEEP, f"aborted by {actor}" + (
                 f": {reason}" if reason else ""))  # fmt: skip
 
@@ -447,17 +622,17 @@ class RolloutService:
                 return self._view(session, row)
             r = RolloutDeviceRow
             attention = case(
-                (r.state.in_(FAILED_STATES), 0),
-                (r.state.in_((NOTIFIED, IN_PROGRESS, REVERTING)), 1),
+                (r.state.in_(list(FAILED_STATES)), 0),
+                (r.state.in_(_MOVING), 1),
                 else_=2,
             )
             devices = list(session.scalars(
                 select(r).where(r.rollout_id == rollout_id)
                 .order_by(attention, r.stage, r.device_id).limit(device_limit)
             ))  # fmt: skip
+            counts, acked = self._counts(session, rollout_id)[rollout_id]
             return RolloutView(row, RolloutSpec.from_dict(row.spec), devices,
-                               self._names(session, devices),
-                               self._counts(session, rollout_id)[rollout_id])  # fmt: skip
+                               self._names(session, devices), counts, acked)  # fmt: skip
 
     def summary(self, rollout_id: str) -> RolloutView:
         """The rollout with per-stage device counts but no device rows: what
@@ -465,31 +640,33 @@ class RolloutService:
         with self._db.unit_of_work(readonly=True) as uow:
             session = uow.session
             row = self._require(session, rollout_id)
-            counts = self._counts(session, rollout_id)[rollout_id]
-            return RolloutView(row, RolloutSpec.from_dict(row.spec), [], {}, counts)
+            counts, acked = self._counts(session, rollout_id)[rollout_id]
+            return RolloutView(row, RolloutSpec.from_dict(row.spec), [], {}, counts, acked)
 
     @staticmethod
-    def _counts(
-        session: Session, rollouts: str | Select[Any]
-    ) -> defaultdict[str, dict[tuple[int, str], int]]:
-        """Members per (stage, state) of one rollout (an id) or of those a
-        query of ids selects, counted in SQL; by rollout id."""
+    def _counts(session: Session, rollouts: str | Select[Any]) -> defaultdict[str, _Counts]:
+        """Members per (stage, state), and acknowledged failed members per
+        stage, of one rollout (an id) or of those a query of ids selects,
+        counted in SQL; by rollout id."""
         r = RolloutDeviceRow
         where = r.rollout_id == rollouts if isinstance(rollouts, str) else r.rollout_id.in_(
             rollouts)  # fmt: skip
-        counts: defaultdict[str, dict[tuple[int, str], int]] = defaultdict(dict)
-        for rollout_id, stage, state, n in session.execute(
-            select(r.rollout_id, r.stage, r.state, func.count())
-            .where(where).group_by(r.rollout_id, r.stage, r.state)
+        counts: defaultdict[str, _Counts] = defaultdict(lambda: ({}, {}))
+        for rollout_id, stage, state, acknowledged, n in session.execute(
+            select(r.rollout_id, r.stage, r.state, r.acknowledged, func.count())
+            .where(where).group_by(r.rollout_id, r.stage, r.state, r.acknowledged)
         ):  # fmt: skip
-            counts[rollout_id][(stage, state)] = n
+            per_state, acked = counts[rollout_id]
+            per_state[(stage, state)] = per_state.get((stage, state), 0) + n
+            if acknowledged and state in FAILED_STATES:
+                acked[stage] = acked.get(stage, 0) + n
         return counts
 
     def list_rollouts(self, state: str = "") -> list[RolloutView]:
         """Every rollout (in `state`), newest first, as summaries: stage
         counts from one GROUP BY, no device rows (a list of rollouts of
         10,000 devices each read every member of every one)."""
-        if state and state not in ROLLOUT_STATES:
+        if state and state not in set(RolloutState):
             raise InvalidArgument(f"unknown rollout state {state!r}")
         in_state = [RolloutRow.state == state] if state else []
         stmt = select(RolloutRow).where(*in_state).order_by(RolloutRow.created_at.desc())
@@ -497,7 +674,7 @@ class RolloutService:
             rows = list(uow.session.scalars(stmt))
             counts = self._counts(uow.session, select(RolloutRow.id).where(*in_state))
             return [
-                RolloutView(row, RolloutSpec.from_dict(row.spec), [], {}, counts[row.id])
+                RolloutView(row, RolloutSpec.from_dict(row.spec), [], {}, *counts[row.id])
                 for row in rows
             ]
 
@@ -546,20 +723,41 @@ class RolloutService:
 # ---------------------------------------------------------------- transitions
 
 
-def advance_stage(row: RolloutRow, now: dt.datetime) -> None:
-    """Finish the current stage and start the next one."""
-    stages = [dict(s) for s in row.stages]
-    stages[row.current_stage]["finished_at"] = now.isoformat()
-    row.current_stage += 1
-    stages[row.current_stage]["started_at"] = now.isoformat()
-    row.stages = stages
+def advance_stage(row: RolloutRow, now: dt.datetime, promoted_by: str = "") -> None:
+    """Pass the current stage and start the next one; after the last, the
+    rollout runs on until every member settled (the planner finishes it)."""
+    stages = read_stages(row.stages, len(row.spec["stages"]))
+    stages[row.current_stage] = stages[row.current_stage].done(now, promoted_by)
+    if row.current_stage + 1 < len(stages):
+        row.current_stage += 1
+        stages[row.current_stage] = stages[row.current_stage].started(now)
+    row.stages = write_stages(stages)
 
 
 def abort(row: RolloutRow, mode: str, reason: str) -> None:
-    """Abort; with "revert" the orchestrator then puts every device that took
+    """Abort; with "revert" the orchestrator then puts every member that took
     the version back on its previous one, and finishes the rollout."""
-    row.state = ABORTED
+    row.state = RolloutState.ABORTED
     row.abort_mode = mode
     row.reason = reason
     if mode == KEEP:
         row.finished_at = utcnow()
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Field path -> [old, new] for every leaf that differs (for the audit log)."""
+    out: dict[str, Any] = {}
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_differences(a, b, path + "."))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                if isinstance(x, dict) and isinstance(y, dict):
+                    out.update(_differences(x, y, f"{path}[{i}]."))
+                elif x != y:
+                    out[f"{path}[{i}]"] = [x, y]
+        elif a != b:
+            out[path] = [a, b]
+    return out

@@ -24,15 +24,11 @@ from sqlalchemy import event, select, update
 from edgefleet.controlplane.api import convert
 from edgefleet.controlplane.config import ServerConfig
 from edgefleet.controlplane.db.models import RolloutDeviceRow, RolloutRow, utcnow
+from edgefleet.controlplane.domain import rollout_plan
+from edgefleet.controlplane.domain.rollout_states import MemberState
 from edgefleet.controlplane.server import ControlPlane, create_server
-from edgefleet.controlplane.services import orchestrator as orchestrator_module
 from edgefleet.controlplane.services.events import EventBus
-from edgefleet.controlplane.services.orchestrator import (
-    Orchestrator,
-    Step,
-    _Driver,
-)
-from edgefleet.controlplane.services.rollouts import COMMITTED, NOTIFIED
+from edgefleet.controlplane.services.orchestrator import Orchestrator, _Applier
 from edgefleet.demo.models import BuiltModel, build_digits_classifier
 from edgefleet.sim import Fleet, parse_profile
 from edgefleet.v1 import common_pb2 as c
@@ -274,7 +270,7 @@ async def test_a_revert_goes_out_in_chunks_and_holds_its_devices_until_it_is_don
     SQLite's writer for seconds and woke every device at once. Until the
     revert is done no other rollout may take its devices: it would assign
     them over the revert, which would then wait for their report forever."""
-    monkeypatch.setattr(orchestrator_module, "NOTIFY_CHUNK", 2)
+    monkeypatch.setattr(rollout_plan, "NOTIFY_CHUNK", 2)
     # Installing 1.0.0 takes seconds: the revert is still under way when
     # the next rollout is tried.
     async with _fleet(world, 5, _profile(**{"1.0.0": {"install_s": [2.5, 3.0]}})) as fleet:
@@ -598,7 +594,7 @@ async def test_a_step_reads_its_devices_with_the_same_statements_whatever_their_
     orchestrator = Orchestrator(world.cp.db, EventBus(), owner="test", offline_after_s=60)
 
     def statements(in_flight: int) -> list[str]:
-        """What follow_devices and health run with `in_flight` of the
+        """What reading the reports and the health runs with `in_flight` of the
         members notified and as many committed (rolled back after)."""
         me, seen = threading.get_ident(), []
 
@@ -608,22 +604,23 @@ async def test_a_step_reads_its_devices_with_the_same_statements_whatever_their_
 
         with world.cp.db.unit_of_work() as uow:
             row = uow.session.get_one(RolloutRow, draft.id)
-            driver = _Driver(orchestrator, uow, row, utcnow(), Step())
-            chosen = driver.devices[:in_flight]
+            step = _Applier(orchestrator, uow, row, utcnow(), None)
+            members = sorted(step.snapshot.members.values(), key=lambda m: m.device_id)
+            chosen = members[:in_flight]
             uow.session.execute(
                 update(RolloutDeviceRow)
                 .where(RolloutDeviceRow.rollout_id == draft.id,
                        RolloutDeviceRow.device_id.in_([d.device_id for d in chosen]))
-                .values(state=NOTIFIED)
+                .values(state=MemberState.NOTIFIED)
             )  # fmt: skip
             for d in chosen:
-                d.state = NOTIFIED
+                d.state = MemberState.NOTIFIED
             event.listen(world.cp.db.engine, "before_cursor_execute", record)
             try:
-                driver.follow_devices()
+                step.reports(step.snapshot.members)
                 for d in chosen:
-                    d.state, d.finished_at = COMMITTED, utcnow()
-                driver.health(driver.spec.stages[0], driver.devices)
+                    d.state, d.finished_at = MemberState.COMMITTED, utcnow()
+                step.health(members, None)
             finally:
                 event.remove(world.cp.db.engine, "before_cursor_execute", record)
         return seen

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from edgefleet.controlplane.domain.rollout_plan import Member, revert_order
+from edgefleet.controlplane.domain.rollout_states import MemberState
 from edgefleet.controlplane.services.events import EventBus
-from edgefleet.controlplane.services.orchestrator import (
-    Member,
-    Orchestrator,
-    revert_order,
-)
-from edgefleet.controlplane.services.rollouts import COMMITTED, IN_PROGRESS, NOTIFIED
+from edgefleet.controlplane.services.orchestrator import Orchestrator
+
+COMMITTED, IN_PROGRESS, NOTIFIED = (
+    MemberState.COMMITTED, MemberState.IN_PROGRESS, MemberState.NOTIFIED,
+)  # fmt: skip
 
 
 def test_a_revert_chunk_takes_the_devices_running_the_version_first() -> None:

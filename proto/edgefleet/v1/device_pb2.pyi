@@ -705,6 +705,7 @@ class TelemetrySample(_message.Message):
     SHADOW_LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
     VARIANT_FIELD_NUMBER: _builtins.int
     FALLBACK_REQUEST_COUNT_FIELD_NUMBER: _builtins.int
+    MODEL_MEMORY_MB_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per-device monotonically increasing sequence number."""
     model_name: _builtins.str
@@ -749,6 +750,14 @@ class TelemetrySample(_message.Message):
     policy switches between them; docs/power.md).
     """
     fallback_request_count: _builtins.int
+    model_memory_mb: _builtins.float
+    """The memory this model adds to the agent (MB), measured when it was
+    loaded as the build host measures it (process RSS after loading minus
+    before); 0 when not measured. memory_mb is the agent's whole RSS, most of
+    it the agent itself: rollout memory gates compare this figure with the
+    class's model memory limit, and the agent's RSS only with a gate of its
+    own (HealthGates.max_agent_memory_mb).
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -780,10 +789,11 @@ class TelemetrySample(_message.Message):
         shadow_latency_p95_ms: _builtins.float = ...,
         variant: _common_pb2.ArtifactVariant.ValueType = ...,
         fallback_request_count: _builtins.int = ...,
+        model_memory_mb: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "temperature_c", b"temperature_c"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "concurrency_limit", b"concurrency_limit", "cpu_percent", b"cpu_percent", "dropped_samples", b"dropped_samples", "error_count", b"error_count", "fallback_request_count", b"fallback_request_count", "latency_max_ms", b"latency_max_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_name", b"model_name", "model_version", b"model_version", "power_mode", b"power_mode", "request_count", b"request_count", "seq", b"seq", "shadow_agreement", b"shadow_agreement", "shadow_latency_p95_ms", b"shadow_latency_p95_ms", "shadow_max_diff", b"shadow_max_diff", "shadow_requests", b"shadow_requests", "shadow_version", b"shadow_version", "system_memory_percent", b"system_memory_percent", "temperature_c", b"temperature_c", "timeout_count", b"timeout_count", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent", "_temperature_c", b"_temperature_c", "at", b"at", "battery_percent", b"battery_percent", "concurrency_limit", b"concurrency_limit", "cpu_percent", b"cpu_percent", "dropped_samples", b"dropped_samples", "error_count", b"error_count", "fallback_request_count", b"fallback_request_count", "latency_max_ms", b"latency_max_ms", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_mb", b"memory_mb", "model_memory_mb", b"model_memory_mb", "model_name", b"model_name", "model_version", b"model_version", "power_mode", b"power_mode", "request_count", b"request_count", "seq", b"seq", "shadow_agreement", b"shadow_agreement", "shadow_latency_p95_ms", b"shadow_latency_p95_ms", "shadow_max_diff", b"shadow_max_diff", "shadow_requests", b"shadow_requests", "shadow_version", b"shadow_version", "system_memory_percent", b"system_memory_percent", "temperature_c", b"temperature_c", "timeout_count", b"timeout_count", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__battery_percent: _TypeAlias = _typing.Literal["battery_percent"]  # noqa: Y015
     _WhichOneofArgType__battery_percent: _TypeAlias = _typing.Literal["_battery_percent", b"_battery_percent"]  # noqa: Y015

@@ -127,7 +127,12 @@ class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutS
     ROLLOUT_STATE_WAITING_APPROVAL: _RolloutState.ValueType  # 4
     ROLLOUT_STATE_PAUSED: _RolloutState.ValueType  # 5
     ROLLOUT_STATE_SUCCEEDED: _RolloutState.ValueType  # 6
+    """Every stage passed and every member committed, or was skipped."""
     ROLLOUT_STATE_ABORTED: _RolloutState.ValueType  # 7
+    ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES: _RolloutState.ValueType  # 8
+    """Every stage passed and every member finished, some of them failed
+    (Rollout.reason counts them); RetryRollout reopens it.
+    """
 
 class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
     """---------------------------------------------------------------- rollouts"""
@@ -139,8 +144,51 @@ ROLLOUT_STATE_RUNNING: RolloutState.ValueType  # 3
 ROLLOUT_STATE_WAITING_APPROVAL: RolloutState.ValueType  # 4
 ROLLOUT_STATE_PAUSED: RolloutState.ValueType  # 5
 ROLLOUT_STATE_SUCCEEDED: RolloutState.ValueType  # 6
+"""Every stage passed and every member committed, or was skipped."""
 ROLLOUT_STATE_ABORTED: RolloutState.ValueType  # 7
+ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES: RolloutState.ValueType  # 8
+"""Every stage passed and every member finished, some of them failed
+(Rollout.reason counts them); RetryRollout reopens it.
+"""
 Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
+
+class _StagePhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StagePhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StagePhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STAGE_PHASE_UNSPECIFIED: _StagePhase.ValueType  # 0
+    STAGE_PHASE_PENDING: _StagePhase.ValueType  # 1
+    STAGE_PHASE_ROLLING: _StagePhase.ValueType  # 2
+    """Its devices are being notified and judged."""
+    STAGE_PHASE_BAKING: _StagePhase.ValueType  # 3
+    """Its thresholds and gates passed; it bakes before the next stage."""
+    STAGE_PHASE_WAITING_APPROVAL: _StagePhase.ValueType  # 4
+    STAGE_PHASE_PASSED: _StagePhase.ValueType  # 5
+    STAGE_PHASE_PROMOTED: _StagePhase.ValueType  # 6
+    """Passed by an operator (PromoteRollout) rather than by its thresholds."""
+    STAGE_PHASE_FAILED: _StagePhase.ValueType  # 7
+    """Its failure paused or aborted the rollout (Rollout.reason says why)."""
+
+class StagePhase(_StagePhase, metaclass=_StagePhaseEnumTypeWrapper):
+    """Where a stage is. One stage is current; those before it passed (or were
+    promoted), those after it are pending.
+    """
+
+STAGE_PHASE_UNSPECIFIED: StagePhase.ValueType  # 0
+STAGE_PHASE_PENDING: StagePhase.ValueType  # 1
+STAGE_PHASE_ROLLING: StagePhase.ValueType  # 2
+"""Its devices are being notified and judged."""
+STAGE_PHASE_BAKING: StagePhase.ValueType  # 3
+"""Its thresholds and gates passed; it bakes before the next stage."""
+STAGE_PHASE_WAITING_APPROVAL: StagePhase.ValueType  # 4
+STAGE_PHASE_PASSED: StagePhase.ValueType  # 5
+STAGE_PHASE_PROMOTED: StagePhase.ValueType  # 6
+"""Passed by an operator (PromoteRollout) rather than by its thresholds."""
+STAGE_PHASE_FAILED: StagePhase.ValueType  # 7
+"""Its failure paused or aborted the rollout (Rollout.reason says why)."""
+Global___StagePhase: _TypeAlias = StagePhase  # noqa: Y015
 
 class _FailureAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -175,6 +223,10 @@ class _RolloutDeviceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ro
     ROLLOUT_DEVICE_STATE_REJECTED: _RolloutDeviceState.ValueType  # 7
     ROLLOUT_DEVICE_STATE_TIMED_OUT: _RolloutDeviceState.ValueType  # 8
     ROLLOUT_DEVICE_STATE_REVERTED: _RolloutDeviceState.ValueType  # 9
+    ROLLOUT_DEVICE_STATE_SKIPPED: _RolloutDeviceState.ValueType  # 10
+    """An operator left it on the version it runs (RolloutDevice.reason says why)."""
+    ROLLOUT_DEVICE_STATE_REVERTING: _RolloutDeviceState.ValueType  # 11
+    """Going back to its previous version (an abort with revert, a dropped class)."""
 
 class RolloutDeviceState(_RolloutDeviceState, metaclass=_RolloutDeviceStateEnumTypeWrapper): ...
 
@@ -188,6 +240,10 @@ ROLLOUT_DEVICE_STATE_ROLLED_BACK: RolloutDeviceState.ValueType  # 6
 ROLLOUT_DEVICE_STATE_REJECTED: RolloutDeviceState.ValueType  # 7
 ROLLOUT_DEVICE_STATE_TIMED_OUT: RolloutDeviceState.ValueType  # 8
 ROLLOUT_DEVICE_STATE_REVERTED: RolloutDeviceState.ValueType  # 9
+ROLLOUT_DEVICE_STATE_SKIPPED: RolloutDeviceState.ValueType  # 10
+"""An operator left it on the version it runs (RolloutDevice.reason says why)."""
+ROLLOUT_DEVICE_STATE_REVERTING: RolloutDeviceState.ValueType  # 11
+"""Going back to its previous version (an abort with revert, a dropped class)."""
 Global___RolloutDeviceState: _TypeAlias = RolloutDeviceState  # noqa: Y015
 
 class _TelemetryMetric:
@@ -220,6 +276,8 @@ class _TelemetryMetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Telem
     """
     TELEMETRY_METRIC_FALLBACK_SHARE: _TelemetryMetric.ValueType  # 17
     """fallback requests / requests over the bucket, 0..1 (0 without requests)."""
+    TELEMETRY_METRIC_MODEL_MEMORY_MB: _TelemetryMetric.ValueType  # 18
+    """The memory the model adds to the agent, MB (TelemetrySample.model_memory_mb); max."""
 
 class TelemetryMetric(_TelemetryMetric, metaclass=_TelemetryMetricEnumTypeWrapper):
     """---------------------------------------------------------------- telemetry
@@ -263,6 +321,8 @@ fallback_request_count), summed like REQUEST_COUNT.
 """
 TELEMETRY_METRIC_FALLBACK_SHARE: TelemetryMetric.ValueType  # 17
 """fallback requests / requests over the bucket, 0..1 (0 without requests)."""
+TELEMETRY_METRIC_MODEL_MEMORY_MB: TelemetryMetric.ValueType  # 18
+"""The memory the model adds to the agent, MB (TelemetrySample.model_memory_mb); max."""
 Global___TelemetryMetric: _TypeAlias = TelemetryMetric  # noqa: Y015
 
 class _TelemetryGroupBy:
@@ -1940,12 +2000,17 @@ class HealthGates(_message.Message):
     MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
     MEMORY_LIMIT_FACTOR_FIELD_NUMBER: _builtins.int
     MAX_SILENCE_FIELD_NUMBER: _builtins.int
+    MAX_AGENT_MEMORY_MB_FIELD_NUMBER: _builtins.int
     latency_budget_factor: _builtins.float
     """p95 latency must stay within the class budget times this factor."""
     max_error_rate: _builtins.float
     """Errors / requests."""
     memory_limit_factor: _builtins.float
     """Memory must stay within the class limit times this factor."""
+    max_agent_memory_mb: _builtins.float
+    """The agent's whole process RSS (MB) must stay at or under this: a gate
+    of its own, apart from memory_limit_factor (the model's own memory).
+    """
     @_builtins.property
     def max_silence(self) -> _duration_pb2.Duration:
         """A device silent for this long counts as failed."""
@@ -1957,19 +2022,24 @@ class HealthGates(_message.Message):
         max_error_rate: _builtins.float | None = ...,
         memory_limit_factor: _builtins.float | None = ...,
         max_silence: _duration_pb2.Duration | None = ...,
+        max_agent_memory_mb: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_factor", b"_latency_budget_factor", "_max_error_rate", b"_max_error_rate", "_memory_limit_factor", b"_memory_limit_factor", "latency_budget_factor", b"latency_budget_factor", "max_error_rate", b"max_error_rate", "max_silence", b"max_silence", "memory_limit_factor", b"memory_limit_factor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_factor", b"_latency_budget_factor", "_max_agent_memory_mb", b"_max_agent_memory_mb", "_max_error_rate", b"_max_error_rate", "_memory_limit_factor", b"_memory_limit_factor", "latency_budget_factor", b"latency_budget_factor", "max_agent_memory_mb", b"max_agent_memory_mb", "max_error_rate", b"max_error_rate", "max_silence", b"max_silence", "memory_limit_factor", b"memory_limit_factor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_factor", b"_latency_budget_factor", "_max_error_rate", b"_max_error_rate", "_memory_limit_factor", b"_memory_limit_factor", "latency_budget_factor", b"latency_budget_factor", "max_error_rate", b"max_error_rate", "max_silence", b"max_silence", "memory_limit_factor", b"memory_limit_factor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_factor", b"_latency_budget_factor", "_max_agent_memory_mb", b"_max_agent_memory_mb", "_max_error_rate", b"_max_error_rate", "_memory_limit_factor", b"_memory_limit_factor", "latency_budget_factor", b"latency_budget_factor", "max_agent_memory_mb", b"max_agent_memory_mb", "max_error_rate", b"max_error_rate", "max_silence", b"max_silence", "memory_limit_factor", b"memory_limit_factor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__latency_budget_factor: _TypeAlias = _typing.Literal["latency_budget_factor"]  # noqa: Y015
     _WhichOneofArgType__latency_budget_factor: _TypeAlias = _typing.Literal["_latency_budget_factor", b"_latency_budget_factor"]  # noqa: Y015
+    _WhichOneofReturnType__max_agent_memory_mb: _TypeAlias = _typing.Literal["max_agent_memory_mb"]  # noqa: Y015
+    _WhichOneofArgType__max_agent_memory_mb: _TypeAlias = _typing.Literal["_max_agent_memory_mb", b"_max_agent_memory_mb"]  # noqa: Y015
     _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
     _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
     _WhichOneofReturnType__memory_limit_factor: _TypeAlias = _typing.Literal["memory_limit_factor"]  # noqa: Y015
     _WhichOneofArgType__memory_limit_factor: _TypeAlias = _typing.Literal["_memory_limit_factor", b"_memory_limit_factor"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_budget_factor) -> _WhichOneofReturnType__latency_budget_factor | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_agent_memory_mb) -> _WhichOneofReturnType__max_agent_memory_mb | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
     @_typing.overload
@@ -2246,6 +2316,12 @@ class StageStatus(_message.Message):
     IN_PROGRESS_FIELD_NUMBER: _builtins.int
     GATES_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_FAILED_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    BAKE_STARTED_AT_FIELD_NUMBER: _builtins.int
+    PROMOTED_BY_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     name: _builtins.str
     total: _builtins.int
@@ -2253,8 +2329,26 @@ class StageStatus(_message.Message):
     failed: _builtins.int
     in_progress: _builtins.int
     state: _builtins.str
+    """The phase's name in lower case ("rolling", "baking", ...): display text
+    for older clients; phase is the field to act on.
+    """
+    phase: Global___StagePhase.ValueType
+    skipped: _builtins.int
+    """Members an operator skipped: out of the stage's success denominator."""
+    acknowledged_failed: _builtins.int
+    """Failed members that a resume acknowledged: out of the success
+    denominator; the error threshold counts failures after them only.
+    """
+    waiting: _builtins.int
+    """Members not notified yet (including those waiting to retry)."""
+    promoted_by: _builtins.str
+    """Who promoted it (PromoteRollout); empty when its thresholds passed it."""
     @_builtins.property
     def gates(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateValue]: ...
+    @_builtins.property
+    def bake_started_at(self) -> _timestamp_pb2.Timestamp:
+        """Set while baking and after."""
+
     def __init__(
         self,
         *,
@@ -2266,10 +2360,16 @@ class StageStatus(_message.Message):
         in_progress: _builtins.int = ...,
         gates: _abc.Iterable[Global___GateValue] | None = ...,
         state: _builtins.str = ...,
+        phase: Global___StagePhase.ValueType = ...,
+        skipped: _builtins.int = ...,
+        acknowledged_failed: _builtins.int = ...,
+        waiting: _builtins.int = ...,
+        bake_started_at: _timestamp_pb2.Timestamp | None = ...,
+        promoted_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bake_started_at", b"bake_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "failed", b"failed", "gates", b"gates", "in_progress", b"in_progress", "index", b"index", "name", b"name", "state", b"state", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_failed", b"acknowledged_failed", "bake_started_at", b"bake_started_at", "committed", b"committed", "failed", b"failed", "gates", b"gates", "in_progress", b"in_progress", "index", b"index", "name", b"name", "phase", b"phase", "promoted_by", b"promoted_by", "skipped", b"skipped", "state", b"state", "total", b"total", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2493,6 +2593,100 @@ class RolloutActionRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RolloutActionRequest: _TypeAlias = RolloutActionRequest  # noqa: Y015
+
+@_typing.final
+class RetryRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Members to try again: failed, rejected or timed out ones. Empty: every
+        failed member. Their retry budget starts afresh. A paused rollout, or
+        one that succeeded with failures, runs again.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        device_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids", "id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryRolloutRequest: _TypeAlias = RetryRolloutRequest  # noqa: Y015
+
+@_typing.final
+class SkipRolloutDevicesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    """Required: recorded on each member and in the audit log."""
+    @_builtins.property
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Members to leave on the version they run: waiting, notified, in
+        progress or failed ones (not committed or reverting ones). At least one.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        device_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids", "id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkipRolloutDevicesRequest: _TypeAlias = SkipRolloutDevicesRequest  # noqa: Y015
+
+@_typing.final
+class UpdateRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def spec(self) -> Global___RolloutSpec:
+        """The whole spec as it should be, validated like CreateRollout's. Only
+        thresholds, gates, bake times, approval, on-failure actions and pacing
+        may differ from the rollout's: its model, cohort and stage sizes are
+        planned already (the error names the field that may not change).
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        spec: Global___RolloutSpec | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRolloutRequest: _TypeAlias = UpdateRolloutRequest  # noqa: Y015
 
 @_typing.final
 class AbortRolloutRequest(_message.Message):

@@ -225,6 +225,26 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.AbortRolloutRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.RetryRollout = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/RetryRollout',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RetryRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.SkipRolloutDevices = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/SkipRolloutDevices',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.SkipRolloutDevicesRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.PromoteRollout = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/PromoteRollout',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.UpdateRollout = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/UpdateRollout',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.UpdateRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+                _registered_method=True)
         self.QueryTelemetry = channel.unary_unary(
                 '/edgefleet.v1.OperatorService/QueryTelemetry',
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.QueryTelemetryRequest.SerializeToString,
@@ -500,6 +520,33 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryRollout(self, request, context):
+        """Remediation (docs/operators/rollouts.md): failed members try again;
+        members left on the version they run, with a reason; the current stage
+        passed now; thresholds, pacing, bake and gates changed. Each audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SkipRolloutDevices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def QueryTelemetry(self, request, context):
         """Telemetry and audit.
         """
@@ -726,6 +773,26 @@ def add_OperatorServiceServicer_to_server(servicer, server):
             'AbortRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.AbortRollout,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
+            ),
+            'RetryRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryRollout,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RetryRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
+            ),
+            'SkipRolloutDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.SkipRolloutDevices,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.SkipRolloutDevicesRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
+            ),
+            'PromoteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRollout,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RolloutActionRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
+            ),
+            'UpdateRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRollout,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.UpdateRolloutRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.Rollout.SerializeToString,
             ),
             'QueryTelemetry': grpc.unary_unary_rpc_method_handler(
@@ -1779,6 +1846,114 @@ class OperatorService:
             target,
             '/edgefleet.v1.OperatorService/AbortRollout',
             edgefleet_dot_v1_dot_operator__pb2.AbortRolloutRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/RetryRollout',
+            edgefleet_dot_v1_dot_operator__pb2.RetryRolloutRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SkipRolloutDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/SkipRolloutDevices',
+            edgefleet_dot_v1_dot_operator__pb2.SkipRolloutDevicesRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/PromoteRollout',
+            edgefleet_dot_v1_dot_operator__pb2.RolloutActionRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/UpdateRollout',
+            edgefleet_dot_v1_dot_operator__pb2.UpdateRolloutRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.Rollout.FromString,
             options,
             channel_credentials,

@@ -93,6 +93,14 @@ class OperatorServiceStub:
     ResumeRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
     ApproveRolloutStage: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
     AbortRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.AbortRolloutRequest, _operator_pb2.Rollout]
+    RetryRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RetryRolloutRequest, _operator_pb2.Rollout]
+    """Remediation (docs/operators/rollouts.md): failed members try again;
+    members left on the version they run, with a reason; the current stage
+    passed now; thresholds, pacing, bake and gates changed. Each audited.
+    """
+    SkipRolloutDevices: _grpc.UnaryUnaryMultiCallable[_operator_pb2.SkipRolloutDevicesRequest, _operator_pb2.Rollout]
+    PromoteRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]
+    UpdateRollout: _grpc.UnaryUnaryMultiCallable[_operator_pb2.UpdateRolloutRequest, _operator_pb2.Rollout]
     QueryTelemetry: _grpc.UnaryUnaryMultiCallable[_operator_pb2.QueryTelemetryRequest, _operator_pb2.QueryTelemetryResponse]
     """Telemetry and audit."""
     ListAuditLog: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListAuditLogRequest, _operator_pb2.ListAuditLogResponse]
@@ -166,6 +174,14 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     ResumeRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     ApproveRolloutStage: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     AbortRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.AbortRolloutRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
+    RetryRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RetryRolloutRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
+    """Remediation (docs/operators/rollouts.md): failed members try again;
+    members left on the version they run, with a reason; the current stage
+    passed now; thresholds, pacing, bake and gates changed. Each audited.
+    """
+    SkipRolloutDevices: _aio.UnaryUnaryMultiCallable[_operator_pb2.SkipRolloutDevicesRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
+    PromoteRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.RolloutActionRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
+    UpdateRollout: _aio.UnaryUnaryMultiCallable[_operator_pb2.UpdateRolloutRequest, _operator_pb2.Rollout]  # type: ignore[assignment]
     QueryTelemetry: _aio.UnaryUnaryMultiCallable[_operator_pb2.QueryTelemetryRequest, _operator_pb2.QueryTelemetryResponse]  # type: ignore[assignment]
     """Telemetry and audit."""
     ListAuditLog: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListAuditLogRequest, _operator_pb2.ListAuditLogResponse]  # type: ignore[assignment]
@@ -462,6 +478,38 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
     def AbortRollout(
         self,
         request: _operator_pb2.AbortRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Rollout, _abc.Awaitable[_operator_pb2.Rollout]]: ...
+
+    @_abc_1.abstractmethod
+    def RetryRollout(
+        self,
+        request: _operator_pb2.RetryRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Rollout, _abc.Awaitable[_operator_pb2.Rollout]]:
+        """Remediation (docs/operators/rollouts.md): failed members try again;
+        members left on the version they run, with a reason; the current stage
+        passed now; thresholds, pacing, bake and gates changed. Each audited.
+        """
+
+    @_abc_1.abstractmethod
+    def SkipRolloutDevices(
+        self,
+        request: _operator_pb2.SkipRolloutDevicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Rollout, _abc.Awaitable[_operator_pb2.Rollout]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteRollout(
+        self,
+        request: _operator_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Rollout, _abc.Awaitable[_operator_pb2.Rollout]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateRollout(
+        self,
+        request: _operator_pb2.UpdateRolloutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.Rollout, _abc.Awaitable[_operator_pb2.Rollout]]: ...
 

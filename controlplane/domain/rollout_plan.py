@@ -1,0 +1,680 @@
+"""The rollout planner: `plan(snapshot, now)` decides what one orchestrator
+step does, as a list of actions, from what the step read (the rollout, its
+members, the agents' reports and the stage's telemetry). Pure: no I/O, no
+clock, no randomness, no mutation of the snapshot; the same snapshot gives
+the same actions on any replica, before or after a restart.
+
+The orchestrator (services/orchestrator.py) reads a snapshot, plans, and
+applies the actions in one transaction; `apply` here is the state part of
+that application, shared by the orchestrator and the planner's tests, so a
+test can run a rollout to its end through the planner alone.
+
+One step, in order (docs/operators/rollouts.md has the semantics table):
+1. a scheduled rollout whose start time came begins;
+2. members follow their agents' reports for the rollout's assignment;
+   members past their timeout, and failed ones, back off and try again while
+   retries remain, else count as timed out or failed;
+3. an aborted rollout with revert puts back, NOTIFY_CHUNK at a time, every
+   member that took (or may be taking) the version; it finishes once none
+   is still reverting;
+4. a dynamic rollout admits the devices that started matching;
+5. waiting members of the stages reached are notified, as many as the
+   pacing allows, NOTIFY_CHUNK at a time;
+6. the current stage is judged: thresholds (rollouts.judge_stage) and
+   health gates; failure pauses, or aborts and reverts (or, when only some
+   classes fail a gate, drops those classes); success bakes, then waits for
+   approval or advances;
+7. after the last stage passed, the rollout finishes once every member is
+   settled (committed, failed, skipped or reverted): SUCCEEDED when none
+   failed, else SUCCEEDED_WITH_FAILURES. Members of passed stages are
+   notified all the same: a threshold met is a stage passed, not a member
+   forgotten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from edgefleet.controlplane.domain.rollout_spec import ABORT_REVERT, RolloutSpec, StageSpec
+from edgefleet.controlplane.domain.rollout_states import (
+    DONE_PHASES,
+    FAILED_STATES,
+    FOLLOWED_STATES,
+    SETTLED_STATES,
+    GateValue,
+    MemberEvent,
+    MemberState,
+    RolloutState,
+    StagePhase,
+    StageState,
+    member_can,
+    member_transition,
+)
+from edgefleet.controlplane.domain.rollouts import (
+    Acknowledged,
+    ClassLimits,
+    DeviceHealth,
+    GateResult,
+    StageCounts,
+    StageOutcome,
+    Verdict,
+    describe,
+    device_timed_out,
+    evaluate_gates,
+    judge_stage,
+    notify_allowance,
+    retry_delay_s,
+    should_retry,
+)
+
+# Members notified (or reverted) per step: a stage of thousands is assigned
+# in chunks, each committed (and pushed) before the next, so agents start
+# installing after the first chunk and SQLite's write lock is never held for
+# long. The next chunk follows at once (Plan.more).
+NOTIFY_CHUNK = 1000
+REVERT, KEEP = "revert", "keep"
+
+# Agent update states that mean "still working on it".
+WORKING = frozenset({"downloading", "verifying", "validating", "activating", "rolling_back"})
+
+
+@dataclass
+class Member:
+    """One device's part in a rollout: a plain copy of its row. The planner
+    never changes one in place; it plans new copies (SetMembers)."""
+
+    device_id: str
+    class_name: str
+    stage: int
+    state: str
+    reason: str
+    attempts: int
+    sequence: int
+    notified_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    next_attempt_at: dt.datetime | None
+    previous_model_version_id: str | None
+    acknowledged: bool = False
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the member's agent last reported for this rollout's model at the
+    member's assignment sequence ("" when nothing yet)."""
+
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one step read, for one rollout and its one model. `apply`
+    gives the snapshot an action leaves."""
+
+    rollout_id: str
+    state: RolloutState
+    spec: RolloutSpec
+    current_stage: int
+    stages: tuple[StageState, ...]
+    # By device id.
+    members: Mapping[str, Member]
+    reason: str = ""
+    abort_mode: str = ""  # REVERT or KEEP once aborted
+    start_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    notify_started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    # Followed members' reports (device id -> report).
+    reports: Mapping[str, Report] = field(default_factory=dict)
+    # The current stage's committed members' telemetry since they committed.
+    health: Sequence[DeviceHealth] = ()
+    limits: Mapping[str, ClassLimits] = field(default_factory=dict)
+    # A shadow stage's (agreement, mirrored requests) over its members.
+    agreement: tuple[float, int] | None = None
+    # Dynamic rollouts: devices that started matching and may join.
+    newcomers: Sequence[Member] = ()
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Begin:
+    """A scheduled rollout's start time came: running, stage 1 started."""
+
+
+@dataclass(frozen=True)
+class SetMembers:
+    """Members' new states (reports followed, timeouts, backoff, drops)."""
+
+    members: tuple[Member, ...]
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Devices that started matching join (dynamic rollouts)."""
+
+    members: tuple[Member, ...]
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Assign the version to these members (a shadow stage's: beside the
+    active one). Refused assignments make them REJECTED."""
+
+    device_ids: tuple[str, ...]
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class Revert:
+    """Assign these members their previous version (device id, why)."""
+
+    items: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The current stage's judgement, kept for the API."""
+
+    stage: int
+    counts: StageCounts
+    gates: tuple[GateValue, ...]
+    agreement: tuple[float, int] | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartBake:
+    stage: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class AwaitApproval:
+    stage: int
+
+
+@dataclass(frozen=True)
+class Advance:
+    """The current stage passed (promoted_by: an operator passed it); the
+    next one starts. A shadow stage's members take the version for real
+    with it."""
+
+    stage: int
+    promoted_by: str = ""
+
+
+@dataclass(frozen=True)
+class Pause:
+    stage: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Abort:
+    """The stage failed with on_failure abort-and-revert."""
+
+    stage: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DropClasses:
+    """A gate failed only on these classes' members (with abort-and-revert):
+    the classes leave the rollout, their members that took the version are
+    reverted (a Revert follows), the others carry on."""
+
+    classes: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Every stage passed and every member settled."""
+
+    state: RolloutState
+    reason: str
+
+
+@dataclass(frozen=True)
+class RevertDone:
+    """An aborted rollout put back every member it had to."""
+
+
+Action = (
+    Begin | SetMembers | Admit | Notify | Revert | Judge | StartBake | AwaitApproval | Advance
+    | Pause | Abort | DropClasses | Finish | RevertDone
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    # Work the pacing already allows is left (the next chunk): step again at once.
+    more: bool = False
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan(snapshot: Snapshot, now: dt.datetime) -> Plan:
+    """The actions of one step (see the module docstring)."""
+    planner = _Planner(snapshot, now)
+    planner.run()
+    return Plan(tuple(planner.actions), planner.more)
+
+
+class _Planner:
+    def __init__(self, snapshot: Snapshot, now: dt.datetime) -> None:
+        self.s = snapshot  # as the actions planned so far leave it
+        self.now = now
+        self.actions: list[Action] = []
+        self.more = False
+
+    @property
+    def members(self) -> Mapping[str, Member]:
+        return self.s.members
+
+    def emit(self, action: Action) -> None:
+        self.actions.append(action)
+        self.s = apply(self.s, action, self.now)
+
+    def change(self, members: list[Member]) -> None:
+        if members:
+            self.emit(SetMembers(tuple(members)))
+
+    def run(self) -> None:
+        s = self.s
+        if s.finished_at is not None:
+            return
+        if s.state is RolloutState.SCHEDULED and (s.start_at is None or s.start_at <= self.now):
+            self.emit(Begin())
+        self.follow()
+        if self.s.state is RolloutState.ABORTED:
+            self.revert()
+            return
+        if self.s.state is not RolloutState.RUNNING:
+            return
+        if s.spec.dynamic and s.newcomers:
+            fresh = tuple(
+                replace(m, stage=self.s.current_stage)
+                for m in s.newcomers
+                if m.device_id not in self.members
+            )
+            if fresh:
+                self.emit(Admit(fresh))
+        self.notify()
+        if self.s.stages[self.s.current_stage].phase in DONE_PHASES:
+            self.finish_when_settled()
+        else:
+            self.judge()
+
+    # ------------------------------------------------------------ members
+
+    def follow(self) -> None:
+        """Members follow their agents' reports; timeouts and backoff."""
+        pacing = self.s.spec.pacing
+        changed = []
+        for m in self.members.values():
+            if m.state not in FOLLOWED_STATES:
+                continue
+            report = self.s.reports.get(m.device_id, Report(""))
+            if m.state == MemberState.REVERTING:
+                if report.state == "committed":
+                    # Keep why it was reverted ("class X dropped: ...").
+                    changed.append(self.settle(
+                        m, MemberEvent.REVERTED, m.reason.replace("reverting to", "reverted to")
+                    ))  # fmt: skip
+                elif report.state == "failed":
+                    changed.append(
+                        self.settle(m, MemberEvent.REVERTED, f"revert failed: {report.reason}")
+                    )
+                continue
+            # A shadow stage's assignment reports committed once it is loaded
+            # beside the active version: that is its member done.
+            if report.state == "committed":
+                changed.append(self.settle(m, MemberEvent.COMMIT, ""))
+                continue
+            if report.state == "failed":
+                changed.append(self.fail(m, MemberEvent.FAIL, report.reason or "the update failed"))
+                continue
+            notified = m.notified_at or self.now
+            if device_timed_out(
+                notified.timestamp(), self.now.timestamp(), pacing.device_timeout_s or None
+            ):
+                changed.append(self.fail(
+                    m, MemberEvent.TIME_OUT, f"no result within {pacing.device_timeout_s:g} s"
+                ))  # fmt: skip
+            elif report.state in WORKING and m.state == MemberState.NOTIFIED:
+                changed.append(replace(m, state=MemberState.IN_PROGRESS))
+        self.change(changed)
+
+    def settle(self, m: Member, event: MemberEvent, reason: str) -> Member:
+        return replace(
+            m, state=member_transition(m.state, event), reason=reason, finished_at=self.now
+        )
+
+    def fail(self, m: Member, event: MemberEvent, reason: str) -> Member:
+        """A failure, or a retry after a backoff while retries remain."""
+        pacing = self.s.spec.pacing
+        failed = member_transition(m.state, event)
+        if not should_retry(m.attempts, pacing.device_retries):
+            return self.settle(m, event, reason)
+        # Backoff in units of the device timeout (a device that needs
+        # minutes is not retried every 30 s), else 30 s.
+        base = min(30.0, pacing.device_timeout_s or 30.0)
+        delay = retry_delay_s(m.attempts, base_s=base)
+        return replace(
+            m,
+            state=member_transition(m.state, MemberEvent.BACK_OFF),
+            reason=f"attempt {m.attempts} {failed.value.replace('_', ' ')}: {reason}; retrying",
+            next_attempt_at=self.now + dt.timedelta(seconds=delay),
+        )
+
+    def notify(self) -> None:
+        """Waiting members of the stages reached, as many as the pacing
+        allows now, NOTIFY_CHUNK at most."""
+        s = self.s
+        started = s.notify_started_at or self.now
+        notified = sum(m.attempts for m in self.members.values())
+        elapsed = (self.now - started).total_seconds()
+        allowance = notify_allowance(s.spec.pacing.pacing, elapsed, notified)
+        ready = [
+            m for m in self.members.values()
+            if m.state == MemberState.WAITING and m.stage <= s.current_stage
+            and (m.next_attempt_at is None or m.next_attempt_at <= self.now)
+        ]  # fmt: skip
+        ready.sort(key=lambda m: (m.stage, m.device_id))
+        batch = ready[: max(0, min(allowance, NOTIFY_CHUNK))]
+        self.more = len(batch) < min(len(ready), max(0, allowance))
+        for shadow in (False, True):
+            ids = tuple(m.device_id for m in batch if s.spec.stages[m.stage].shadow is shadow)
+            if ids:
+                self.emit(Notify(ids, shadow))
+
+    # ------------------------------------------------------------ judging
+
+    def judge(self) -> None:
+        s = self.s
+        index = s.current_stage
+        spec = s.spec.stages[index]
+        state = s.stages[index]
+        # Members of dropped classes (reverting, reverted) and skipped ones
+        # no longer count; failures a resume acknowledged leave the
+        # denominator (Meshanics' acknowledged failures).
+        members = [
+            m for m in self.members.values()
+            if m.stage == index and m.state not in _OUT_OF_STAGE
+            and not (m.acknowledged and m.state in FAILED_STATES)
+        ]  # fmt: skip
+        max_silence = spec.gates.max_silence_s
+        committed_ids = {m.device_id for m in members if m.state == MemberState.COMMITTED}
+        health = [h for h in s.health if h.device_id in committed_ids]
+        silent = {
+            h.device_id for h in health
+            if max_silence and h.last_report_age_s is not None
+            and h.last_report_age_s > max_silence
+        }  # fmt: skip
+        gates = evaluate_gates(health, spec.gates, s.limits)
+        counts = StageCounts(
+            total=len(members),
+            committed=sum(
+                m.state == MemberState.COMMITTED and m.device_id not in silent for m in members
+            ),
+            failed=sum(m.state in FAILED_STATES or m.device_id in silent for m in members),
+            in_progress=sum(m.state in _MOVING for m in members),
+        )
+        # Committed members a resume acknowledged: the error threshold
+        # counts what finished after the resume only.
+        acknowledged = sum(m.acknowledged and m.state == MemberState.COMMITTED for m in members)
+        outcome = judge_stage(counts, spec.rule, _acknowledged(acknowledged))
+        agreement = s.agreement if spec.shadow else None
+        values = tuple(GateValue(g.name, g.value, g.limit, g.passing) for g in gates)
+        judged = Judge(index, counts, values, agreement, outcome.reason)
+        if (state.counts, state.gates, state.agreement) != (
+            (counts.total, counts.committed, counts.failed, counts.in_progress),
+            values,
+            agreement,
+        ):
+            self.emit(judged)
+        problem = self.problem(spec, outcome, gates, counts, agreement)
+        if problem is None:
+            return
+        if problem:
+            self.stage_failed(spec, index, problem, gates)
+            return
+        if state.phase is StagePhase.WAITING_APPROVAL:
+            return
+        baking = state.bake_started_at
+        if baking is None:
+            self.emit(StartBake(index, outcome.reason))
+            baking = self.now
+        if (self.now - baking).total_seconds() < spec.bake_time_s:
+            return
+        if index == len(s.spec.stages) - 1:
+            self.emit(Advance(index))
+            self.finish_when_settled()
+        elif spec.require_approval:
+            self.emit(AwaitApproval(index))
+        else:
+            self.emit(Advance(index))
+
+    def problem(
+        self,
+        spec: StageSpec,
+        outcome: StageOutcome,
+        gates: Sequence[GateResult],
+        counts: StageCounts,
+        agreement: tuple[float, int] | None,
+    ) -> str | None:
+        """Why the stage failed (a non-empty string), "" when it passed,
+        None while it is still undecided."""
+        failing = [g for g in gates if not g.passing]
+        if outcome.verdict is Verdict.FAILED:
+            return outcome.reason
+        if failing and counts.committed:
+            return "health gate failed: " + "; ".join(describe(g) for g in failing)
+        if outcome.verdict is not Verdict.SUCCEEDED:
+            return None
+        if spec.shadow:
+            if agreement is None or agreement[1] == 0:
+                return None  # no mirrored requests yet: nothing to judge agreement on
+            if spec.min_agreement is not None and agreement[0] < spec.min_agreement:
+                return (
+                    f"shadow agreement {agreement[0]:.3f} over {agreement[1]} mirrored "
+                    f"requests is below the stage's minimum {spec.min_agreement:g}"
+                )
+        return ""
+
+    def stage_failed(
+        self, spec: StageSpec, index: int, problem: str, gates: Sequence[GateResult]
+    ) -> None:
+        reason = f"stage {index + 1} ({spec.name or index + 1}): {problem}"
+        if spec.on_failure != ABORT_REVERT:
+            self.emit(Pause(index, reason))
+            return
+        # One class's bad artifact should not hold back the classes whose
+        # artifacts are fine: a gate failing only on some classes drops them.
+        class_of = {m.device_id: m.class_name for m in self.members.values()}
+        bad = {
+            class_of[i] for g in gates if not g.passing for i in g.failing_devices if i in class_of
+        }
+        remaining = {m.class_name for m in self.members.values() if m.state not in _OUT_OF_STAGE}
+        if bad and not bad >= remaining and problem.startswith("health gate failed"):
+            self.emit(DropClasses(tuple(sorted(bad)), problem))
+            self.revert_members(
+                [m for m in self.members.values() if m.class_name in bad],
+                lambda m: f"class {m.class_name} dropped: {problem}",
+            )
+            return
+        self.emit(Abort(index, reason))
+        self.revert()
+
+    def finish_when_settled(self) -> None:
+        """Every stage passed: finished once every member settled."""
+        members = self.members.values()
+        if any(m.state not in SETTLED_STATES for m in members):
+            return
+        failed = sum(m.state in FAILED_STATES for m in members)
+        committed = sum(m.state == MemberState.COMMITTED for m in members)
+        skipped = sum(m.state == MemberState.SKIPPED for m in members)
+        n = len(self.s.spec.stages)
+        parts = [f"all {n} stage{'s' if n != 1 else ''} passed", f"{committed} committed"]
+        if failed:
+            parts.append(f"{failed} failed")
+        if skipped:
+            parts.append(f"{skipped} skipped")
+        dropped = sorted({m.class_name for m in members if "dropped:" in m.reason})
+        if dropped:
+            parts.append(f"dropped and reverted: {', '.join(dropped)}")
+        state = RolloutState.SUCCEEDED_WITH_FAILURES if failed else RolloutState.SUCCEEDED
+        self.emit(Finish(state, "; ".join(parts)))
+
+    # ------------------------------------------------------------ revert
+
+    def revert(self) -> None:
+        """Aborted with revert: every member that took (or may be taking)
+        the version goes back; never-notified ones are dropped."""
+        if self.s.abort_mode == KEEP:
+            self.emit(RevertDone())
+            return
+        self.revert_members(list(self.members.values()), lambda m: "")
+        if not self.more and not any(
+            m.state == MemberState.REVERTING for m in self.members.values()
+        ):
+            self.emit(RevertDone())
+
+    def revert_members(self, members: list[Member], why: _Why) -> None:
+        dropped = [
+            replace(m, state=member_transition(m.state, MemberEvent.DROP),
+                    reason=f"{why(m)}; never notified" if why(m) else "never notified")
+            for m in members if m.state == MemberState.WAITING
+        ]  # fmt: skip
+        self.change(dropped)
+        # In chunks, like notifications, those running the version first:
+        # a revert of 5,500 members in one step held SQLite's writer for
+        # seconds and woke them all in the same instant.
+        reverting = sorted(
+            (m for m in members if member_can(m.state, MemberEvent.REVERT)), key=revert_order
+        )
+        chunk = reverting[:NOTIFY_CHUNK]
+        if chunk:
+            self.emit(Revert(tuple((m.device_id, why(m)) for m in chunk)))
+        self.more = self.more or len(reverting) > NOTIFY_CHUNK
+
+
+def revert_order(m: Member) -> tuple[bool, int, str]:
+    """Those running the version first, then those still installing it; by
+    stage and id within."""
+    return (m.state != MemberState.COMMITTED, m.stage, m.device_id)
+
+
+_Why = Callable[[Member], str]
+
+_OUT_OF_STAGE = (MemberState.REVERTING, MemberState.REVERTED, MemberState.SKIPPED)
+_MOVING = (MemberState.WAITING, MemberState.NOTIFIED, MemberState.IN_PROGRESS)
+
+
+def _acknowledged(committed: int) -> Acknowledged:
+    return Acknowledged(failed=0, finished=committed)
+
+
+# ---------------------------------------------------------------- applying
+
+
+def apply(s: Snapshot, action: Action, now: dt.datetime) -> Snapshot:
+    """The snapshot `action` leaves: the rollout's state, stages and members.
+    Notify and Revert are taken as done here; the orchestrator puts what the
+    assignments really gave (sequences, refusals) over them. Members are
+    copied, never changed in place."""
+    stages = list(s.stages)
+    if isinstance(action, SetMembers | Admit):
+        return replace(s, members={**s.members, **{m.device_id: m for m in action.members}})
+    if isinstance(action, Notify):
+        members: dict[str, Member] = dict(s.members)
+        for device_id in action.device_ids:
+            m = members[device_id]
+            members[device_id] = replace(
+                m, state=member_transition(m.state, MemberEvent.NOTIFY), notified_at=now,
+                attempts=m.attempts + 1, next_attempt_at=None,
+            )  # fmt: skip
+        return replace(s, members=members, notify_started_at=s.notify_started_at or now)
+    if isinstance(action, Revert):
+        members = dict(s.members)
+        for device_id, _ in action.items:
+            m = members[device_id]
+            members[device_id] = replace(
+                m, state=member_transition(m.state, MemberEvent.REVERT), notified_at=now
+            )
+        return replace(s, members=members)
+    if isinstance(action, Begin):
+        stages[0] = stages[0].started(now)
+        return replace(s, state=RolloutState.RUNNING, started_at=now, stages=tuple(stages))
+    if isinstance(action, Judge):
+        c = action.counts
+        stages[action.stage] = replace(
+            stages[action.stage], counts=(c.total, c.committed, c.failed, c.in_progress),
+            gates=action.gates, agreement=action.agreement,
+        )  # fmt: skip
+        return replace(s, stages=tuple(stages))
+    if isinstance(action, StartBake):
+        stages[action.stage] = replace(
+            stages[action.stage], phase=StagePhase.BAKING, bake_started_at=now
+        )
+        return replace(s, stages=tuple(stages))
+    if isinstance(action, AwaitApproval):
+        stages[action.stage] = replace(stages[action.stage], phase=StagePhase.WAITING_APPROVAL)
+        return replace(
+            s, state=RolloutState.WAITING_APPROVAL, stages=tuple(stages),
+            reason=f"stage {action.stage + 1} passed; waiting for an operator's approval",
+        )  # fmt: skip
+    if isinstance(action, Pause | Abort):
+        stages[action.stage] = replace(
+            stages[action.stage], phase=StagePhase.FAILED, bake_started_at=None
+        )
+        if isinstance(action, Pause):
+            return replace(s, state=RolloutState.PAUSED, reason=action.reason, stages=tuple(stages))
+        return replace(
+            s, state=RolloutState.ABORTED, abort_mode=REVERT, reason=action.reason,
+            stages=tuple(stages),
+        )  # fmt: skip
+    if isinstance(action, Advance):
+        stages[action.stage] = stages[action.stage].done(now, action.promoted_by)
+        if action.stage + 1 >= len(stages):
+            return replace(
+                s, state=RolloutState.RUNNING, stages=tuple(stages),
+                reason=f"all {len(stages)} stages passed; waiting for every member to finish",
+            )  # fmt: skip
+        stages[action.stage + 1] = stages[action.stage + 1].started(now)
+        moved: Mapping[str, Member] = s.members
+        if s.spec.stages[action.stage].shadow:
+            moved = {**moved, **{m.device_id: m for m in rejoined(moved, action.stage)}}
+        return replace(
+            s, state=RolloutState.RUNNING, current_stage=action.stage + 1,
+            stages=tuple(stages), members=moved, reason="",
+        )  # fmt: skip
+    if isinstance(action, Finish):
+        return replace(s, state=action.state, reason=action.reason, finished_at=now)
+    if isinstance(action, RevertDone):
+        return replace(s, finished_at=now)
+    assert isinstance(action, DropClasses)
+    return s
+
+
+def rejoined(members: Mapping[str, Member], stage: int) -> list[Member]:
+    """After a shadow stage its members take the version for real, with the
+    next stage."""
+    return [
+        replace(
+            m,
+            stage=stage + 1,
+            state=member_transition(m.state, MemberEvent.REJOIN),
+            reason="shadow passed",
+            attempts=0,
+        )
+        for m in members.values()
+        if m.stage == stage and member_can(m.state, MemberEvent.REJOIN)
+    ]

@@ -1,0 +1,29 @@
+"""rollout members a resume acknowledged (issue 21): out of their stage's
+success denominator and error rate from then on
+
+Revision ID: 0012
+Revises: 0011
+Create Date: 2026-12-06 17:45:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0012"
+down_revision: str | None = "0011"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    # A plain ADD COLUMN: batch mode would rebuild rollout_devices on SQLite.
+    op.add_column(
+        "rollout_devices",
+        sa.Column("acknowledged", sa.Boolean(), server_default=sa.false(), nullable=False),
+    )
+
+
+def downgrade() -> None:
+    op.execute("ALTER TABLE rollout_devices DROP COLUMN acknowledged")

@@ -186,8 +186,9 @@ def batch_statuses(
 
 
 def report_served(stats: RequestStats, models: ModelHost) -> None:
-    """Tell `stats` which models `models` serves, and which artifact of each
-    (telemetry's per-model samples and their `variant`)."""
+    """Tell `stats` which models `models` serves, which artifact of each and
+    the memory each adds (telemetry's per-model samples, their `variant` and
+    `model_memory_mb`)."""
 
     def served() -> list[tuple[str, str]]:
         return [(m.name, m.version) for m in models.served()]
@@ -195,8 +196,12 @@ def report_served(stats: RequestStats, models: ModelHost) -> None:
     def variants() -> dict[tuple[str, str], int]:
         return {(m.name, m.version): int(m.variant) for m in models.served()}
 
+    def model_memory() -> dict[tuple[str, str], float]:
+        return {(m.name, m.version): m.memory_mb for m in models.served()}
+
     stats.served = served
     stats.variants = variants
+    stats.model_memory = model_memory
 
 
 # ---------------------------------------------------------------- the agent's parts

@@ -87,6 +87,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.runtimes import ONNXRUNTIME, Runner, TensorInfo, open_runner
+from edgefleet.agent.runtimes.memory import LoadMeter, preload
 from edgefleet.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -232,9 +233,12 @@ class LoadedModel:
     accepts: tuple[TensorInfo, ...]
     # Serializes runs on runtimes whose sessions are not thread-safe.
     run_lock: AbstractContextManager[object] = field(compare=False, repr=False)
-    # What loading and warming it added to the process's RSS (MB): the
-    # device-side measure of the model's memory (0 when it could not be
-    # measured, or another load ran at the same time and blurred it).
+    # The memory it adds to the process (MB), measured as the build host
+    # measures a candidate: the resident set's peak while loading and
+    # warming it, minus the resident set before, its runtime's library
+    # already loaded (agent.runtimes.memory). Telemetry reports it as the
+    # model's model_memory_mb. 0: not measured (another model loaded at the
+    # same time and would have blurred it, or no resident set to read).
     memory_mb: float = 0.0
     # Which of the version's artifacts this is (`digest` is its digest).
     variant: Variant = PRIMARY
@@ -580,14 +584,9 @@ class _Slots:
 # ---------------------------------------------------------------- the host
 
 
-def _rss_mb() -> float:
-    """This process's resident memory in MB (0 where it cannot be read)."""
-    try:
-        import psutil
-
-        return float(psutil.Process().memory_info().rss) / (1024 * 1024)
-    except Exception:
-        return 0.0
+# What each load adds to this process's memory; one for the process, since
+# every host in it shares the resident set.
+_LOAD_METER = LoadMeter()
 
 
 class ModelHost:
@@ -766,33 +765,43 @@ class ModelHost:
         `label` names it in errors and logs (default: name and version)."""
         label = label or f"{name} {version}"
         spec = manifest_specs
-        rss_before = _rss_mb()
-        try:
-            runner = self._open(
-                path,
-                runtime,
-                threads=threads or self._threads,
-                onnx_inputs=spec.inputs if spec else None,
-                onnx_outputs=spec.outputs if spec else None,
-                providers=self._providers,
+        # The runtime's library first, outside the figure, as the build
+        # host measures (agent.runtimes.memory); a missing runtime fails
+        # the open below, with its message.
+        with contextlib.suppress(Exception):
+            preload(runtime)
+        with _LOAD_METER.measure() as reading:
+            try:
+                runner = self._open(
+                    path,
+                    runtime,
+                    threads=threads or self._threads,
+                    onnx_inputs=spec.inputs if spec else None,
+                    onnx_outputs=spec.outputs if spec else None,
+                    providers=self._providers,
+                )
+            except Exception as exc:
+                raise ActivationFailed(
+                    f"{label}: cannot load {path.name} in {runtime}: {exc}"
+                ) from exc
+            if spec is None:
+                spec = ModelSpec(tuple(runner.inputs), tuple(runner.outputs))
+            accepts = accepted_inputs(spec.inputs, runner.inputs)
+            lock: AbstractContextManager[object] = (
+                nullcontext() if runtime == ONNXRUNTIME else threading.Lock()
             )
-        except Exception as exc:
-            raise ActivationFailed(f"{label}: cannot load {path.name} in {runtime}: {exc}") from exc
-        if spec is None:
-            spec = ModelSpec(tuple(runner.inputs), tuple(runner.outputs))
-        accepts = accepted_inputs(spec.inputs, runner.inputs)
-        lock: AbstractContextManager[object] = (
-            nullcontext() if runtime == ONNXRUNTIME else threading.Lock()
-        )
-        model = LoadedModel(name, version, digest, runtime, path, runner, spec, accepts, lock)
-        warm = dict(golden_inputs) if golden_inputs is not None else warm_inputs(accepts)
-        try:
-            model.run(warm)
-        except Exception as exc:
-            raise ActivationFailed(f"{label}: warm-up run failed: {exc}") from exc
-        memory_mb = max(0.0, _rss_mb() - rss_before)
-        log.info("model %s took %.1f MB of memory to load and warm", label, memory_mb)
-        return dataclasses.replace(model, memory_mb=memory_mb)
+            model = LoadedModel(name, version, digest, runtime, path, runner, spec, accepts, lock)
+            warm = dict(golden_inputs) if golden_inputs is not None else warm_inputs(accepts)
+            try:
+                model.run(warm)
+            except Exception as exc:
+                raise ActivationFailed(f"{label}: warm-up run failed: {exc}") from exc
+        if reading.why:
+            log.info("model %s loaded; its memory was not measured: %s", label, reading.why)
+        else:
+            log.info("model %s adds %.1f MB of memory (loaded and warmed)", label,
+                     reading.added_mb)  # fmt: skip
+        return dataclasses.replace(model, memory_mb=reading.added_mb)
 
     def rollback(self, name: str) -> LoadedModel | None:
         """Undo the last uncommitted activation of `name`: the standby

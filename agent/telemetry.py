@@ -31,11 +31,15 @@ Several models per device: when the daemon passes `served` (the ModelHost's
 active versions), every served model gets one sample per interval, with or
 without requests, so a rollout's gates hear from a version that apps call
 rarely. Every sample's memory_mb is the agent process's RSS, whatever model
-it is about: the models share one process, and a per-model figure (what
-loading one added to the RSS) is blurred by concurrent loads and by the
-runtime import the first model of a runtime pays. That per-model figure is
-measured where it is sharp, when a version is validated (its peak against
-the class's per-model limit, agent/update/validate.py), and logged at load.
+it is about: the models share one process, and most of it is the agent
+itself. Each model's own figure is its model_memory_mb: what loading it
+added to the process, measured at load as the build host measures a
+candidate (agent.runtimes.memory: the peak while loading and warming it,
+minus the resident set before, its runtime's library already loaded; loads
+take turns so one does not count in another's figure). That is the figure
+comparable with a class's max_memory_mb, which rollout memory gates check;
+the daemon's `model_memory` callable says it per served model version (0:
+not measured, and on the device-level sample).
 
 Fallback artifacts (agent/serving.py, docs/power.md): the host tells
 `record_variant` which artifact of the version served each request; a
@@ -236,6 +240,9 @@ class IntervalSample:
     # and how many of request_count its fallback artifact served.
     variant: int = UNSPECIFIED_VARIANT
     fallback_request_count: int = 0
+    # The memory this model version adds to the agent, MB (module
+    # docstring); 0: not measured, or the device-level sample.
+    model_memory_mb: float = 0.0
 
 
 @dataclass
@@ -265,8 +272,9 @@ class RequestStats:
     (mode, concurrency limit), e.g. ("limited", 2); without one every sample
     says ("normal", 0), unlimited. It may also be set later, as the
     attribute, for a policy built after the stats (it needs the model host,
-    which needs the stats). So are `served` and `variants`: which model
-    versions the host serves, and which artifact of each (module docstring)."""
+    which needs the stats). So are `served`, `variants` and `model_memory`:
+    which model versions the host serves, which artifact of each, and the
+    memory each adds (module docstring)."""
 
     def __init__(
         self,
@@ -284,6 +292,8 @@ class RequestStats:
         self.served: Callable[[], Sequence[tuple[str, str]]] | None = None
         # (model, version) -> the artifact variant it serves now; likewise.
         self.variants: Callable[[], Mapping[tuple[str, str], int]] | None = None
+        # (model, version) -> the memory it adds, MB; likewise.
+        self.model_memory: Callable[[], Mapping[tuple[str, str], float]] | None = None
 
     def _served(self) -> set[tuple[str, str]]:
         if self.served is None:
@@ -302,6 +312,17 @@ class RequestStats:
         except Exception:
             log.exception("cannot tell which artifacts the served models serve")
             return {}
+
+    def _model_memory(self) -> Mapping[tuple[str, str], float]:
+        if self.model_memory is None:
+            return {}
+        try:
+            figures = dict(self.model_memory())
+        except Exception:
+            log.exception("cannot tell the memory the served models add for telemetry")
+            return {}
+        # Finite and non-negative, as the control plane accepts.
+        return {k: v for k, v in figures.items() if math.isfinite(v) and v >= 0}
 
     def _power(self) -> tuple[str, int]:
         if self.power_status is None:
@@ -380,6 +401,7 @@ class RequestStats:
             shadows, self._shadows = self._shadows, {}
         served = self._served()
         variants = self._variants()
+        model_memory = self._model_memory()
         res = self._probe()
         power_mode, concurrency_limit = self._power()
         device = IntervalSample(
@@ -404,6 +426,7 @@ class RequestStats:
                 model_name=key[0],
                 model_version=key[1],
                 variant=variants.get(key, window.variant if window else UNSPECIFIED_VARIANT),
+                model_memory_mb=model_memory.get(key, 0.0),
             )
             if window is not None:
                 hist = window.histogram

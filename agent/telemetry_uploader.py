@@ -104,6 +104,7 @@ def to_proto(pending: Pending) -> device_pb2.TelemetrySample:
         shadow_latency_p95_ms=s.shadow_latency_p95_ms,
         variant=s.variant,  # type: ignore[arg-type]  # an ArtifactVariant's number
         fallback_request_count=s.fallback_request_count,
+        model_memory_mb=s.model_memory_mb,
     )
     if s.temperature_c is not None:
         sample.temperature_c = s.temperature_c

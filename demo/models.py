@@ -59,8 +59,13 @@ def mlp_graph(weights: list[np.ndarray], biases: list[np.ndarray], opset: int) -
     return checked_model(graph, opset)
 
 
-def build_digits_classifier(out_dir: Path, *, hidden: int = 32, seed: int = 0) -> BuiltModel:
-    """Train and export the digits MLP; writes model.onnx, samples.npz, labels.txt."""
+def build_digits_classifier(
+    out_dir: Path, *, hidden: int = 32, seed: int = 0, padding: int = 0
+) -> BuiltModel:
+    """Train and export the digits MLP; writes model.onnx, samples.npz, labels.txt.
+    `padding` widens the hidden layer by that many units whose outputs are
+    weighted 0: the same answers from a model that holds 74 more weights
+    per unit in memory (the demo's heavier version)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
@@ -74,7 +79,13 @@ def build_digits_classifier(out_dir: Path, *, hidden: int = 32, seed: int = 0) -
     clf.fit(x_train, y_train)
     accuracy = float(clf.score(x_test, y_test))
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = mlp_graph(list(clf.coefs_), list(clf.intercepts_), opset=17)
+    coefs, intercepts = list(clf.coefs_), list(clf.intercepts_)
+    if padding:
+        rng = np.random.default_rng(seed)
+        coefs[0] = np.hstack([coefs[0], rng.normal(0, 0.1, (coefs[0].shape[0], padding))])
+        intercepts[0] = np.concatenate([intercepts[0], np.zeros(padding)])
+        coefs[1] = np.vstack([coefs[1], np.zeros((padding, coefs[1].shape[1]))])
+    model = mlp_graph(coefs, intercepts, opset=17)
     paths = BuiltModel(
         model=out_dir / "model.onnx",
         sample_data=out_dir / "samples.npz",

@@ -175,6 +175,10 @@ def _binomial(rng: random.Random, n: int, p: float) -> int:
 
 # An idle device: the agent alone, no model loaded.
 _NO_MODEL = Behaviour(memory_mb=0.0, cpu_percent=2.0)
+# The agent process's own RSS without a model (docs/benchmarks.md: an idle
+# agent is about 48 MB): a simulated agent's memory_mb is this plus its
+# model's, as a real agent's RSS is.
+AGENT_RSS_MB = 48.0
 
 
 def make_sample(
@@ -209,7 +213,10 @@ def make_sample(
             sample.latency_p99_ms = p99
             sample.latency_max_ms = max(p99, _jitter(rng, p99 * 1.5, jitter))
     memory = _jitter(rng, base.memory_mb, jitter / 2)
-    sample.memory_mb = memory
+    # The model's own memory apart, as a real agent reports it; memory_mb
+    # is the whole agent's RSS.
+    sample.model_memory_mb = memory if behaviour is not None else 0.0
+    sample.memory_mb = AGENT_RSS_MB + memory
     sample.cpu_percent = min(100.0, _jitter(rng, base.cpu_percent, jitter))
     # The OS and the agent take about a quarter of a small board's memory.
     used = 0.25 + memory / max(memory_total_mb, 1)

@@ -27,6 +27,8 @@ OUT_OF_RANGE: list[tuple[str, Any, str]] = [
     ("shadow_latency_p95_ms", 86_400_001.0, "between 0 and 86,400,000"),
     ("memory_mb", 1e300, "between 0 and 16,777,216"),
     ("memory_mb", -0.5, "between 0 and 16,777,216"),
+    ("model_memory_mb", INF, "between 0 and 16,777,216"),
+    ("model_memory_mb", -1.0, "between 0 and 16,777,216"),
     ("cpu_percent", NAN, "between 0 and 102,400"),
     ("cpu_percent", 1e9, "between 0 and 102,400"),
     ("system_memory_percent", 100.5, "between 0 and 100"),

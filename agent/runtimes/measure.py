@@ -23,10 +23,8 @@ Files in DIR:
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -39,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo, open_runner
+from edgefleet.agent.runtimes.memory import current_rss_mib, peak_rss_mib, preload, reset_peak_rss
 
 if TYPE_CHECKING:
     # The agent imports this module at boot (through agent.update.validate);
@@ -62,14 +61,6 @@ CRASHED = "crashed"  # the child died without a result (a signal, an exit code)
 TIMED_OUT = "timed_out"  # the child was killed at the time limit
 ERROR = "error"  # anything else inside the child
 
-# The adapter module each runtime lives in: imported before the memory
-# baseline is taken, so the runtime library's own code is not counted as the
-# model's memory (every model on the device pays it once, model or not).
-_RUNNER_MODULES = {
-    "onnxruntime": "edgefleet.agent.runtimes.onnxruntime",
-    "tflite": "edgefleet.agent.runtimes.litert",
-    "tensorrt": "edgefleet.agent.runtimes.tensorrt",
-}
 # The child must not inherit a parent's thread-count overrides for BLAS or
 # OpenMP: the runtime's own thread setting is what is measured.
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -267,46 +258,6 @@ def agreement(output: np.ndarray, reference: np.ndarray) -> float:
 # ------------------------------------------------------------------ child half
 
 
-def _status_mib(field: str) -> float | None:
-    """A VmRSS/VmHWM line of /proc/self/status in MiB (None off Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024 / MIB  # the value is in kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's resident-set high-water mark (VmHWM) to the
-    current RSS, so the peak read later covers only what follows. Linux
-    only; False when unavailable."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _peak_mib(reset_ok: bool) -> float:
-    hwm = _status_mib("VmHWM") if reset_ok else None
-    if hwm is not None:
-        return hwm
-    # Fallback: the lifetime peak. ru_maxrss is kB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MIB if sys.platform == "darwin" else peak * 1024 / MIB
-
-
-def _current_mib() -> float:
-    rss = _status_mib("VmRSS")
-    if rss is not None:
-        return rss
-    import psutil  # only off Linux: /proc is cheaper and already read
-
-    return float(psutil.Process().memory_info().rss) / MIB
-
-
 def _specs(raw: list[dict[str, Any]] | None) -> list[TensorInfo] | None:
     if raw is None:
         return None
@@ -339,15 +290,17 @@ def run(directory: Path) -> dict[str, Any]:
     count = int(next(iter(arrays.values())).shape[0]) if arrays else 1
     samples = [{k: v[i] for k, v in arrays.items()} for i in range(count)]
     runtime = str(request["runtime"])
-    module = _RUNNER_MODULES.get(runtime)
-    if module is not None:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:  # onnxruntime's adapter imports it at the top
-            raise MeasureFailed(UNAVAILABLE, _last_line(exc)) from exc
+    # The runtime's adapter and library before the baseline: every model on
+    # the device pays for them once, model or not (agent.runtimes.memory).
+    try:
+        preload(runtime)
+    except RuntimeUnavailable as exc:
+        raise MeasureFailed(UNAVAILABLE, str(exc)) from exc
+    except ImportError as exc:  # onnxruntime's adapter imports it at the top
+        raise MeasureFailed(UNAVAILABLE, _last_line(exc)) from exc
 
-    baseline = _current_mib()
-    reset_ok = _reset_peak()
+    baseline = current_rss_mib()
+    reset_ok = reset_peak_rss()
     try:
         runner = open_runner(
             Path(request["path"]),
@@ -382,7 +335,8 @@ def run(directory: Path) -> dict[str, Any]:
             break
     # Peak is read before collecting every sample's outputs: holding those
     # is the measurement's cost, not the model's.
-    peak = _peak_mib(reset_ok)
+    peak = peak_rss_mib(reset_ok)
+    assert peak is not None  # with lifetime=True
 
     per_sample = [run_one(i) for i in range(count)]
     names = [t.name for t in runner.outputs]

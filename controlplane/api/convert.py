@@ -727,8 +727,9 @@ def _duration(seconds: float) -> Duration:
 
 def rollout_spec_from_pb(msg: o.RolloutSpec) -> RolloutSpec:
     """The domain spec. Unset proto fields take the defaults an operator
-    expects: success threshold 100 %, errors counted from the first
-    finished device, on failure pause."""
+    expects: success threshold 100 % less the error threshold (what the
+    error threshold tolerates does not fail the stage), errors counted from
+    the first finished device, on failure pause."""
     stages = []
     for s in msg.stages:
         size = s.WhichOneof("size")
@@ -741,7 +742,11 @@ def rollout_spec_from_pb(msg: o.RolloutSpec) -> RolloutSpec:
                 stratified=s.stratified,
                 shadow=s.shadow,
                 min_agreement=s.min_agreement if s.HasField("min_agreement") else None,
-                success_threshold_percent=s.success_threshold_percent or 100.0,
+                # Unset: every member but those the error threshold tolerates
+                # (errors=10 alone would otherwise fail a stage on one failure).
+                success_threshold_percent=(
+                    s.success_threshold_percent or 100.0 - s.error_threshold_percent
+                ),
                 error_threshold_percent=s.error_threshold_percent,
                 min_finished_for_error_threshold=s.min_finished_for_error_threshold or 1,
                 bake_time_s=_seconds(s.bake_time, "bake_time"),

@@ -908,6 +908,7 @@ _ROLLOUT_STYLES = {
     operator_pb2.ROLLOUT_STATE_PAUSED: "magenta",
     operator_pb2.ROLLOUT_STATE_SUCCEEDED: "green",
     operator_pb2.ROLLOUT_STATE_ABORTED: "red",
+    operator_pb2.ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES: "bold yellow",
 }
 _ROLLOUT_DEVICE_STYLES = {
     operator_pb2.ROLLOUT_DEVICE_STATE_WAITING: "dim",
@@ -919,6 +920,8 @@ _ROLLOUT_DEVICE_STYLES = {
     operator_pb2.ROLLOUT_DEVICE_STATE_REJECTED: "red",
     operator_pb2.ROLLOUT_DEVICE_STATE_TIMED_OUT: "red",
     operator_pb2.ROLLOUT_DEVICE_STATE_REVERTED: "magenta",
+    operator_pb2.ROLLOUT_DEVICE_STATE_REVERTING: "magenta",
+    operator_pb2.ROLLOUT_DEVICE_STATE_SKIPPED: "cyan",
 }
 # Devices listed first when a listing is cut short (`rollouts watch`): the
 # ones an operator acts on, then the ones still moving.
@@ -929,14 +932,18 @@ _DEVICE_ORDER = {
     operator_pb2.ROLLOUT_DEVICE_STATE_TIMED_OUT: 0,
     operator_pb2.ROLLOUT_DEVICE_STATE_IN_PROGRESS: 1,
     operator_pb2.ROLLOUT_DEVICE_STATE_NOTIFIED: 1,
+    operator_pb2.ROLLOUT_DEVICE_STATE_REVERTING: 1,
     operator_pb2.ROLLOUT_DEVICE_STATE_REVERTED: 2,
+    operator_pb2.ROLLOUT_DEVICE_STATE_SKIPPED: 2,
 }
 _STAGE_PHASE_STYLES = {
-    "passed": "green", "running": "yellow", "baking": "yellow", "pending": "dim",
-    "paused": "magenta", "waiting_approval": "bold cyan", "aborted": "red",
+    operator_pb2.STAGE_PHASE_PENDING: "dim", operator_pb2.STAGE_PHASE_ROLLING: "yellow",
+    operator_pb2.STAGE_PHASE_BAKING: "yellow", operator_pb2.STAGE_PHASE_WAITING_APPROVAL:
+    "bold cyan", operator_pb2.STAGE_PHASE_PASSED: "green",
+    operator_pb2.STAGE_PHASE_PROMOTED: "bold green", operator_pb2.STAGE_PHASE_FAILED: "red",
 }  # fmt: skip
 # Gate units: how `GateValue.value` and `.limit` read (see domain.rollouts.Gates).
-_GATE_UNITS = {"latency_p95": "ms", "memory": "MB"}
+_GATE_UNITS = {"latency_p95": "ms", "memory": "MB", "agent_memory": "MB"}
 _INF = float("inf")
 # Rollouts whose current stage is worth pointing at.
 _MOVING = frozenset(
@@ -991,12 +998,24 @@ def format_gate(g: operator_pb2.GateValue) -> Text:
     return text
 
 
+def stage_phase(s: operator_pb2.StageStatus) -> Text:
+    """`rolling`, `waiting-approval`, `promoted by alice`: from the phase
+    (the `state` string is for older clients)."""
+    name = enum_name(operator_pb2.StagePhase, s.phase)
+    if s.phase == operator_pb2.STAGE_PHASE_PROMOTED and s.promoted_by:
+        name += f" by {s.promoted_by}"
+    return Text(name, style=_STAGE_PHASE_STYLES.get(s.phase, ""))
+
+
 def _stage_counts(s: operator_pb2.StageStatus) -> str:
     parts = [format_bar(s.committed, s.total)]
     if s.failed:
-        parts.append(f"{s.failed} failed")
+        acknowledged = f" ({s.acknowledged_failed} acknowledged)" if s.acknowledged_failed else ""
+        parts.append(f"{s.failed} failed{acknowledged}")
     if s.in_progress:
         parts.append(f"{s.in_progress} pending")
+    if s.skipped:
+        parts.append(f"{s.skipped} skipped")
     return ", ".join(parts)
 
 
@@ -1015,7 +1034,7 @@ def stages_table(r: operator_pb2.Rollout) -> Table:
             f"{marker}{index + 1}",
             spec.name or NONE,
             format_stage_size(spec),
-            Text(status.state or NONE, style=_STAGE_PHASE_STYLES.get(status.state, "")),
+            stage_phase(status),
             _stage_counts(status),
             gates,
             # The name has its own column.

@@ -111,6 +111,9 @@ _SETTERS: dict[str, Callable[[operator_pb2.StageSpec, str], None]] = {
     "latency": lambda s, v: setattr(s.gates, "latency_budget_factor", _factor("latency", v)),
     "error-rate": lambda s, v: setattr(s.gates, "max_error_rate", _ratio("error-rate", v)),
     "memory": lambda s, v: setattr(s.gates, "memory_limit_factor", _factor("memory", v)),
+    "agent-memory": lambda s, v: setattr(
+        s.gates, "max_agent_memory_mb", _number("agent-memory", v, low=0, high=math.inf)
+    ),
     "silence": lambda s, v: s.gates.max_silence.CopyFrom(_duration("silence", v)),
     "agreement": lambda s, v: setattr(s, "min_agreement", _ratio("agreement", v)),
     "on-failure": _set_on_failure,
@@ -196,6 +199,8 @@ def stage_options(s: operator_pb2.StageSpec) -> list[str]:
         out.append(f"error-rate={g.max_error_rate:g}")
     if g.HasField("memory_limit_factor"):
         out.append(f"memory={g.memory_limit_factor:g}")
+    if g.HasField("max_agent_memory_mb"):
+        out.append(f"agent-memory={g.max_agent_memory_mb:g}")
     if g.HasField("max_silence"):
         out.append(f"silence={format_duration(g.max_silence.ToTimedelta())}")
     if s.HasField("min_agreement"):

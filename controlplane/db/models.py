@@ -571,6 +571,10 @@ class RolloutRow(Base):
     notify_started_at: Mapped[dt.datetime | None]
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[dt.datetime | None]
+    # Bumped by operator actions that change members (retry, skip, resume,
+    # approving a shadow stage): the orchestrator's copy of the members is
+    # then stale, and it reads them again.
+    members_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class RolloutDeviceRow(Base):

@@ -505,9 +505,11 @@ class _Planner:
         remaining = {m.class_name for m in self.members.values() if m.state not in _OUT_OF_STAGE}
         if bad and not bad >= remaining and problem.startswith("health gate failed"):
             self.emit(DropClasses(tuple(sorted(bad)), problem))
+            # All at once: no later step comes back to a dropped class.
             self.revert_members(
                 [m for m in self.members.values() if m.class_name in bad],
                 lambda m: f"class {m.class_name} dropped: {problem}",
+                chunk=None,
             )
             return
         self.emit(Abort(index, reason))
@@ -547,7 +549,9 @@ class _Planner:
         ):
             self.emit(RevertDone())
 
-    def revert_members(self, members: list[Member], why: _Why) -> None:
+    def revert_members(
+        self, members: list[Member], why: _Why, chunk: int | None = NOTIFY_CHUNK
+    ) -> None:
         dropped = [
             replace(m, state=member_transition(m.state, MemberEvent.DROP),
                     reason=f"{why(m)}; never notified" if why(m) else "never notified")
@@ -560,10 +564,10 @@ class _Planner:
         reverting = sorted(
             (m for m in members if member_can(m.state, MemberEvent.REVERT)), key=revert_order
         )
-        chunk = reverting[:NOTIFY_CHUNK]
-        if chunk:
-            self.emit(Revert(tuple((m.device_id, why(m)) for m in chunk)))
-        self.more = self.more or len(reverting) > NOTIFY_CHUNK
+        size = NOTIFY_CHUNK if chunk is not None else len(reverting)
+        if reverting:
+            self.emit(Revert(tuple((m.device_id, why(m)) for m in reverting[:size])))
+        self.more = self.more or len(reverting) > size
 
 
 def revert_order(m: Member) -> tuple[bool, int, str]:

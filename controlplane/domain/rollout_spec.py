@@ -114,7 +114,7 @@ class RolloutSpec:
             if stage.shadow and index == len(self.stages) - 1:
                 raise SpecError(f"{where}: the last stage cannot be a shadow stage")
             for gate in ("latency_budget_factor", "max_error_rate", "memory_limit_factor",
-                         "max_silence_s"):  # fmt: skip
+                         "max_silence_s", "max_agent_memory_mb"):  # fmt: skip
                 value = getattr(stage.gates, gate)
                 if value is not None and value < 0:
                     raise SpecError(f"{where}: gate {gate} must not be negative")

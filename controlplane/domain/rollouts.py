@@ -407,8 +407,15 @@ class DeviceHealth:
     class_name: str
     latency_p95_ms: float | None  # worst interval since the device committed; None: no samples
     error_rate: float | None  # errors / requests since commit (a fraction, 0..1)
+    # The agent's whole process RSS (MB; most of it the agent itself):
+    # judged by the agent-memory gate only.
     memory_mb: float | None
     last_report_age_s: float | None  # seconds since the last telemetry/status; None: never
+    # The memory the model adds to the agent (MB), measured as the build host
+    # measures a candidate, so comparable with the class's max_memory_mb:
+    # what the memory gate judges. None (or 0, as agents report "not
+    # measured"): no figure.
+    model_memory_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -423,11 +430,13 @@ class Gates:
 
     latency_budget_factor: float | None = None  # p95 ≤ class budget * factor
     max_error_rate: float | None = None  # a fraction, 0..1
-    memory_limit_factor: float | None = None  # memory ≤ class limit * factor
+    memory_limit_factor: float | None = None  # model's memory ≤ class limit * factor
     max_silence_s: float | None = None  # no report for longer: the device failed
+    max_agent_memory_mb: float | None = None  # the agent's whole RSS ≤ this, MB
 
 
 LATENCY, ERROR_RATE, MEMORY, SILENCE = "latency_p95", "error_rate", "memory", "silence"
+AGENT_MEMORY = "agent_memory"
 
 
 @dataclass(frozen=True)
@@ -444,7 +453,7 @@ class GateResult:
     0 and the gate passes (missing data is the silence gate's business).
     """
 
-    name: str  # "latency_p95", "error_rate", "memory", "silence"
+    name: str  # "latency_p95", "error_rate", "memory", "agent_memory", "silence"
     value: float
     limit: float
     passing: bool
@@ -490,18 +499,23 @@ def evaluate_gates(
     """Check a stage's devices against its health gates.
 
     Returns one GateResult per configured gate, in the order latency_p95,
-    error_rate, memory, silence. A device fails a gate when its value is over
-    the limit (the limit itself passes, as in "p95 ≤ budget * factor"):
+    error_rate, memory, agent_memory, silence. A device fails a gate when its
+    value is over the limit (the limit itself passes, as in "p95 ≤ budget *
+    factor"):
     - latency_p95: limit = its class's p95 budget * latency_budget_factor;
     - error_rate: limit = max_error_rate;
-    - memory: limit = its class's max_memory_mb * memory_limit_factor;
+    - memory: the memory the model adds (model_memory_mb, the figure builds
+      measure as peak_memory_mb), limit = its class's max_memory_mb *
+      memory_limit_factor;
+    - agent_memory: the agent's whole RSS (memory_mb), limit =
+      max_agent_memory_mb, the same for every class;
     - silence: last_report_age_s > max_silence_s, and a device that never
       reported counts as silent. The orchestrator counts silent devices as
       failed.
     A class without a budget (or missing from `limits`) makes the latency or
     memory gate not apply to its devices; a device without a sample for a
     metric is not judged on it (configure silence to catch devices that stop
-    reporting).
+    reporting), nor is one whose model memory is 0 (not measured).
     """
     results: list[GateResult] = []
     if gates.latency_budget_factor is not None:
@@ -526,12 +540,21 @@ def evaluate_gates(
         factor = gates.memory_limit_factor
         checks = []
         for device in health:
-            value = _clean(device.memory_mb)
+            value = _clean(device.model_memory_mb)
             budget = limits.get(device.class_name)
-            if value is None or budget is None or budget.max_memory_mb is None:
+            # 0 is what an agent reports when it could not measure the model.
+            if not value or budget is None or budget.max_memory_mb is None:
                 continue
             checks.append((device.device_id, value, budget.max_memory_mb * factor))
         results.append(_gate(MEMORY, checks))
+    if gates.max_agent_memory_mb is not None:
+        limit = gates.max_agent_memory_mb
+        checks = [
+            (device.device_id, rss, limit)
+            for device in health
+            if (rss := _clean(device.memory_mb)) is not None
+        ]
+        results.append(_gate(AGENT_MEMORY, checks))
     if gates.max_silence_s is not None:
         limit = gates.max_silence_s
         checks = [
@@ -546,7 +569,7 @@ def evaluate_gates(
 def _amount(name: str, value: float) -> str:
     if name == ERROR_RATE:
         return f"{_pct(value * 100)}%"
-    if name == MEMORY:
+    if name in (MEMORY, AGENT_MEMORY):
         return f"{value:g} MB"
     if name == SILENCE:
         return f"{value:g} s"

@@ -163,7 +163,7 @@ class Orchestrator:
         # wrote. Only the lease holder writes members, so while the lease
         # never left us (an unbroken chain of renewals, see _take_lease) the
         # copy is exact and a step need not reload 10,000 rows.
-        self._members: dict[str, Mapping[str, Member]] = {}
+        self._members: dict[str, tuple[int, Mapping[str, Member]]] = {}
         self._lease_marks: dict[str, dt.datetime] = {}
 
     async def run(self, executor: Executor) -> None:
@@ -294,12 +294,16 @@ class Orchestrator:
                 self._members.pop(rollout_id, None)
                 return Step()
             # Forgotten until the step commits: if it fails, so is the copy.
-            known = self._members.pop(rollout_id, None)
+            # Stale, too, when an operator changed members since (retry,
+            # skip, resume): they bump the revision.
+            revision, known = self._members.pop(rollout_id, (None, None))
+            if revision != row.members_revision:
+                known = None
             applier = _Applier(self, uow, row, now, known)
             step = applier.run()
             uow.commit()
             if row.finished_at is None:
-                self._members[rollout_id] = applier.snapshot.members
+                self._members[rollout_id] = (row.members_revision, applier.snapshot.members)
         if step.pushed:
             self._events.publish(
                 FleetEvent("device.assigned", tuple(step.pushed), desired_changed=True)
@@ -420,7 +424,7 @@ class _Applier:
             t.device_id, func.max(t.latency_p95_ms),
             float_sum(at_most(t.error_count, ROW_COUNT_CAP)),
             float_sum(at_most(t.request_count, ROW_COUNT_CAP)),
-            func.max(t.memory_mb), func.max(t.at_ms),
+            func.max(t.memory_mb), func.max(t.at_ms), func.max(t.model_memory_mb),
         )  # fmt: skip
         rows = self.session.execute(
             self._of_rollout(stmt, t.device_id, self.row.current_stage).where(
@@ -446,6 +450,8 @@ class _Applier:
                 error_rate=(int(r[2] or 0) / requests) if r and requests else None,
                 memory_mb=float(r[4]) if r else None,
                 last_report_age_s=age,
+                # 0: the agent did not measure it (an older agent).
+                model_memory_mb=float(r[6]) if r and r[6] else None,
             ))  # fmt: skip
         return health
 

@@ -41,6 +41,7 @@ from edgefleet.controlplane.domain.rollout_spec import RolloutSpec, SpecError
 from edgefleet.controlplane.domain.rollout_states import (
     ACTIVE,
     FAILED_STATES,
+    MEMBER_TRANSITIONS,
     MemberEvent,
     MemberState,
     RolloutEvent,
@@ -435,6 +436,7 @@ class RolloutService:
             .values(acknowledged=True)
             .execution_options(synchronize_session=False)
         )  # fmt: skip
+        row.members_revision += 1
         stages = read_stages(row.stages, len(row.spec["stages"]))
         current = stages[row.current_stage]
         if current.phase in (StagePhase.FAILED, StagePhase.BAKING):
@@ -446,7 +448,7 @@ class RolloutService:
     def approve(self, actor: str, rollout_id: str) -> RolloutView:
         def change(uow: UnitOfWork, row: RolloutRow) -> None:
             row.state = rollout_transition(row.id, row.state, RolloutEvent.APPROVE)
-            advance_stage(row, utcnow())
+            advance_stage(uow.session, row, utcnow())
             row.reason = ""
 
         return self._act(actor, rollout_id, "approve", change)
@@ -464,7 +466,7 @@ class RolloutService:
                     f"rollout {row.id}: every stage passed already; it waits for its members "
                     "to finish (skip those it should not wait for)"
                 )
-            advance_stage(row, utcnow(), promoted_by=actor)
+            advance_stage(uow.session, row, utcnow(), promoted_by=actor)
             row.reason = ""
 
         return self._act(actor, rollout_id, "promote", change, reason=reason)
@@ -497,6 +499,7 @@ class RolloutService:
                     self._conflict([Excluded(d, d, f"already in active rollout {r}")
                                     for d, r in taken.items()])  # fmt: skip
                 row.finished_at = None
+            row.members_revision += 1
             why = f"retried by {actor}" + (f": {reason}" if reason else "")
             for m in members:
                 m.state = member_transition(m.state, MemberEvent.RETRY)
@@ -524,6 +527,7 @@ class RolloutService:
             members = self._members(uow.session, row.id, device_ids)
             self._refuse(members, MemberEvent.SKIP, "committed and reverting members are "
                          "not skipped")  # fmt: skip
+            row.members_revision += 1
             for m in members:
                 m.state = member_transition(m.state, MemberEvent.SKIP)
                 m.reason, m.finished_at = f"skipped by {actor}: {reason}", utcnow()
@@ -723,14 +727,30 @@ class RolloutService:
 # ---------------------------------------------------------------- transitions
 
 
-def advance_stage(row: RolloutRow, now: dt.datetime, promoted_by: str = "") -> None:
-    """Pass the current stage and start the next one; after the last, the
+def advance_stage(
+    session: Session, row: RolloutRow, now: dt.datetime, promoted_by: str = ""
+) -> None:
+    """Pass the current stage and start the next one (after a shadow stage
+    its members take the version for real with it); after the last, the
     rollout runs on until every member settled (the planner finishes it)."""
     stages = read_stages(row.stages, len(row.spec["stages"]))
-    stages[row.current_stage] = stages[row.current_stage].done(now, promoted_by)
-    if row.current_stage + 1 < len(stages):
+    index = row.current_stage
+    stages[index] = stages[index].done(now, promoted_by)
+    if index + 1 < len(stages):
         row.current_stage += 1
         stages[row.current_stage] = stages[row.current_stage].started(now)
+        if RolloutSpec.from_dict(row.spec).stages[index].shadow:
+            row.members_revision += 1
+            r = RolloutDeviceRow
+            session.execute(
+                update(r)
+                .where(r.rollout_id == row.id, r.stage == index,
+                       r.state.in_([s for (s, e) in MEMBER_TRANSITIONS
+                                    if e is MemberEvent.REJOIN]))
+                .values(stage=index + 1, state=MemberState.WAITING, reason="shadow passed",
+                        attempts=0)
+                .execution_options(synchronize_session=False)
+            )  # fmt: skip
     row.stages = write_stages(stages)
 
 

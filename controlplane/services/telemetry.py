@@ -45,8 +45,9 @@ conservative bound (the worst device-interval in the bucket), which is what
 a latency budget is checked against, and it is the same whether the samples
 are raw or rolled up. Rates are ratios of sums (sum(errors) / sum(requests)),
 so busy devices weigh more, and a bucket with no requests has no rate point.
-Memory, system memory and temperature are the MAX, battery the MIN, CPU the
-mean over samples. Buckets with no samples have no point at all.
+Memory (the agent's RSS, and the memory its model adds), system memory and
+temperature are the MAX, battery the MIN, CPU the mean over samples.
+Buckets with no samples have no point at all.
 
 No aggregate can fail on a value a column holds. Counts are summed as
 floats in queries (exact up to 2^53), and the rollups clamp each raw row to
@@ -186,6 +187,10 @@ class Sample(NamedTuple):
     # of VARIANTS) and how many of request_count its lighter fallback served.
     variant: str = ""
     fallback_request_count: int = 0
+    # The memory the model adds to the agent, MB (memory_mb is the agent's
+    # whole RSS): what rollout memory gates compare with the class's
+    # max_memory_mb. 0: not measured.
+    model_memory_mb: float = 0.0
 
     @property
     def at(self) -> dt.datetime:
@@ -264,6 +269,7 @@ METRICS: dict[str, Callable[[Any, float], ColumnElement[Any]]] = {
     # the error rate, a bucket without requests has no share.
     "fallback_request_count": lambda u, _: float_sum(u.fallback_request_count),
     "fallback_share": lambda u, _: _ratio(u.fallback_request_count, u.request_count),
+    "model_memory_mb": lambda u, _: func.max(u.model_memory_mb),
 }
 
 _COUNTS = (
@@ -271,7 +277,7 @@ _COUNTS = (
 )  # fmt: skip
 _GAUGES = (
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms", "memory_mb",
-    "cpu_percent", "system_memory_percent",
+    "cpu_percent", "system_memory_percent", "model_memory_mb",
 )  # fmt: skip
 # What ingest checks the range of: the rolled-up columns and the shadow's.
 _CHECKED_COUNTS = (*_COUNTS, "shadow_requests")
@@ -658,6 +664,7 @@ class TelemetryService:
             "max_latency_p99_ms": func.max(t.latency_p99_ms),
             "latency_max_ms": func.max(t.latency_max_ms),
             "memory_mb": func.max(t.memory_mb),
+            "model_memory_mb": func.max(t.model_memory_mb),
             "cpu_percent": func.avg(at_most(t.cpu_percent, ROW_GAUGE_CAP)),
             "system_memory_percent": func.max(t.system_memory_percent),
             "temperature_c": func.max(t.temperature_c),
@@ -682,7 +689,8 @@ class TelemetryService:
         merged |= {
             name: _greatest(old[name], new[name])
             for name in ("max_latency_p50_ms", "max_latency_p95_ms", "max_latency_p99_ms",
-                         "latency_max_ms", "memory_mb", "system_memory_percent")
+                         "latency_max_ms", "memory_mb", "system_memory_percent",
+                         "model_memory_mb")
         }  # fmt: skip
         merged["cpu_percent"] = _weighted(
             old.cpu_percent, new.cpu_percent, old.sample_count, new.sample_count
@@ -821,6 +829,7 @@ def _source(
     shared = (
         "device_id", "class_name", "model_name", "model_version", *_COUNTS, "latency_max_ms",
         "memory_mb", "system_memory_percent", "temperature_c", "battery_percent",
+        "model_memory_mb",
     )  # fmt: skip
     raw = select(
         *(getattr(t, name) for name in shared),

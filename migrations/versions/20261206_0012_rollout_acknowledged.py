@@ -1,5 +1,6 @@
 """rollout members a resume acknowledged (issue 21): out of their stage's
-success denominator and error rate from then on
+success denominator and error rate from then on; a rollout's members
+revision, bumped when operators change members
 
 Revision ID: 0012
 Revises: 0011
@@ -23,7 +24,12 @@ def upgrade() -> None:
         "rollout_devices",
         sa.Column("acknowledged", sa.Boolean(), server_default=sa.false(), nullable=False),
     )
+    op.add_column(
+        "rollouts",
+        sa.Column("members_revision", sa.Integer(), server_default="0", nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.execute("ALTER TABLE rollouts DROP COLUMN members_revision")
     op.execute("ALTER TABLE rollout_devices DROP COLUMN acknowledged")

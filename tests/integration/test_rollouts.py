@@ -453,8 +453,10 @@ async def test_devices_past_their_timeout_are_retried_then_timed_out(world: Worl
     profile = _profile(**{"2.0.0": {"install_s": [30, 30]}})  # never within the timeout
     async with _fleet(world, 2, profile) as fleet:
         await world.assign_all(fleet, "1.0.0")
+        # Every failure tolerated by the error threshold, none by success:
+        # timed-out devices fail the stage once all finished.
         rollout = await world.rollout(
-            _stage(100.0, error_threshold_percent=100),
+            _stage(100.0, error_threshold_percent=100, success_threshold_percent=100),
             pacing=o.Pacing(device_timeout=_seconds(1), device_retries=1),
         )
         done = await world.wait(

@@ -431,12 +431,12 @@ def history(telemetry: TelemetryService) -> TelemetryService:
         _sample(1, OLD + dt.timedelta(minutes=5), request_count=100, error_count=5,
                 timeout_count=2, dropped_samples=1, latency_p50_ms=2.0, latency_p95_ms=10.0,
                 latency_p99_ms=12.0, latency_max_ms=20.0, memory_mb=50.0, cpu_percent=20.0,
-                system_memory_percent=40.0, temperature_c=50.0),
+                system_memory_percent=40.0, temperature_c=50.0, model_memory_mb=3.5),
         _sample(2, OLD + dt.timedelta(minutes=35), request_count=300, error_count=0,
                 latency_p50_ms=4.0, latency_p95_ms=30.0, latency_p99_ms=31.0,
                 latency_max_ms=40.0, memory_mb=70.0, cpu_percent=40.0,
                 system_memory_percent=60.0, battery_percent=80.0, power_mode="limited",
-                concurrency_limit=2),
+                concurrency_limit=2, model_memory_mb=5.25),
         # Idle: no latency figures, so no weight in the means.
         _sample(3, OLD + dt.timedelta(minutes=59), request_count=0, error_count=0,
                 latency_p50_ms=0.0, latency_p95_ms=0.0, latency_p99_ms=0.0, latency_max_ms=0.0,
@@ -474,6 +474,7 @@ def test_roll_up_aggregates_each_hour_and_deletes_the_raw_rows(
         "latency_max_ms": 40.0, "memory_mb": 70.0, "cpu_percent": 30.0,
         "system_memory_percent": 60.0, "temperature_c": 55.0, "battery_percent": 75.0,
         "limited_samples": 2, "min_concurrency_limit": 2, "fallback_request_count": 0,
+        "model_memory_mb": 5.25,  # the max
     })  # fmt: skip
     c = got[("dev-c", hour, "1.0.0")]
     assert (c["class_name"], c["sample_count"]) == ("jetson", 1)
@@ -755,7 +756,7 @@ async def test_every_sample_field_is_stored_and_the_new_metrics_are_queryable(
         system_memory_percent=55.5, temperature_c=61.25, battery_percent=33.0,
         power_mode="limited", concurrency_limit=2, shadow_version="1.1.0", shadow_requests=7,
         shadow_agreement=0.75, shadow_max_diff=0.125, shadow_latency_p95_ms=3.25,
-        variant=c.ARTIFACT_VARIANT_FALLBACK, fallback_request_count=12,
+        variant=c.ARTIFACT_VARIANT_FALLBACK, fallback_request_count=12, model_memory_mb=7.75,
     )  # fmt: skip
     bare = telemetry_sample(2, at + dt.timedelta(seconds=5), system_memory_percent=70.0)
     resp = await dev.UploadTelemetry(
@@ -775,6 +776,7 @@ async def test_every_sample_field_is_stored_and_the_new_metrics_are_queryable(
         "power_mode": "limited", "concurrency_limit": 2, "shadow_version": "1.1.0",
         "shadow_requests": 7, "shadow_agreement": 0.75, "shadow_max_diff": 0.125,
         "shadow_latency_p95_ms": 3.25, "variant": "fallback", "fallback_request_count": 12,
+        "model_memory_mb": 7.75,
     }  # fmt: skip
     # No sensor: NULL, not 0 (a 0 % battery is a real reading).
     assert (stored[1]["temperature_c"], stored[1]["battery_percent"]) == (None, None)
@@ -791,6 +793,7 @@ async def test_every_sample_field_is_stored_and_the_new_metrics_are_queryable(
         (o.TELEMETRY_METRIC_FALLBACK_REQUEST_COUNT, 12.0),
         # 12 of the two samples' 20 + 10 requests.
         (o.TELEMETRY_METRIC_FALLBACK_SHARE, 0.4),
+        (o.TELEMETRY_METRIC_MODEL_MEMORY_MB, 7.75),
     ):
         query = o.QueryTelemetryRequest(metric=metric, start=start, end=end, step=step)
         got = await op.QueryTelemetry(query, metadata=ADMIN)

@@ -28,7 +28,7 @@ from edgefleet.sim import (
     make_sample,
     parse_profile,
 )
-from edgefleet.sim.agent import FleetContext
+from edgefleet.sim.agent import AGENT_RSS_MB, FleetContext
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 
@@ -112,7 +112,12 @@ def test_samples_pass_the_control_plane_validation() -> None:
         samples.append(make_sample(rng, len(samples) + 1, 10.0, "m", "1", good, 512))
     validate_batch([sample_from_pb(s) for s in samples], now_ms)  # raises if invalid
     idle, busy, _, shadowed = samples[:4]
-    assert idle.request_count == 0 and idle.memory_mb == 0 and idle.cpu_percent > 0
+    assert idle.request_count == 0 and idle.cpu_percent > 0
+    # The agent's own RSS, and no model's memory, on an idle device.
+    assert idle.memory_mb == AGENT_RSS_MB and idle.model_memory_mb == 0
+    # With a model, the agent's RSS is its own plus the model's.
+    assert 70 < busy.model_memory_mb < 90
+    assert busy.memory_mb == pytest.approx(AGENT_RSS_MB + busy.model_memory_mb)
     assert 250 <= busy.request_count <= 750 and 0 < busy.error_count < busy.request_count
     assert busy.latency_p50_ms <= busy.latency_p95_ms <= busy.latency_p99_ms
     assert shadowed.shadow_version == "2.0.0" and shadowed.shadow_requests > 0

@@ -440,8 +440,11 @@ def health(
     errors: float | None = None,
     memory: float | None = None,
     age: float | None = 1.0,
+    rss: float | None = None,
 ) -> DeviceHealth:
-    return DeviceHealth(device_id, class_name, latency, errors, memory, age)
+    """`memory` is the model's own (what the memory gate judges), `rss` the
+    agent's whole resident set (the agent-memory gate's)."""
+    return DeviceHealth(device_id, class_name, latency, errors, rss, age, model_memory_mb=memory)
 
 
 @pytest.mark.parametrize(

@@ -299,18 +299,24 @@ class _Planner:
         if self.s.state is not RolloutState.RUNNING:
             return
         if s.spec.dynamic and s.newcomers:
+            # A class a gate dropped stays out, newcomers of it too.
+            dropped = {m.class_name for m in self.members.values() if "dropped:" in m.reason}
             fresh = tuple(
                 replace(m, stage=self.s.current_stage)
                 for m in s.newcomers
-                if m.device_id not in self.members
+                if m.device_id not in self.members and m.class_name not in dropped
             )
             if fresh:
                 self.emit(Admit(fresh))
-        self.notify()
         if self.s.stages[self.s.current_stage].phase in DONE_PHASES:
+            self.notify()
             self.finish_when_settled()
-        else:
-            self.judge()
+            return
+        # A stage failing now notifies nobody more: they would be given the
+        # version and reverted (or left paused on it) in the same step.
+        if not self.assess().problem:
+            self.notify()
+        self.judge()
 
     # ------------------------------------------------------------ members
 
@@ -397,11 +403,11 @@ class _Planner:
 
     # ------------------------------------------------------------ judging
 
-    def judge(self) -> None:
+    def assess(self) -> _Assessment:
+        """The current stage's counts, gates and verdict as things stand."""
         s = self.s
         index = s.current_stage
         spec = s.spec.stages[index]
-        state = s.stages[index]
         # Members of dropped classes (reverting, reverted) and skipped ones
         # no longer count; failures a resume acknowledged leave the
         # denominator (Meshanics' acknowledged failures).
@@ -432,15 +438,23 @@ class _Planner:
         acknowledged = sum(m.acknowledged and m.state == MemberState.COMMITTED for m in members)
         outcome = judge_stage(counts, spec.rule, _acknowledged(acknowledged))
         agreement = s.agreement if spec.shadow else None
+        problem = self.problem(spec, outcome, gates, counts, agreement)
+        return _Assessment(counts, tuple(gates), agreement, outcome, problem)
+
+    def judge(self) -> None:
+        s = self.s
+        index = s.current_stage
+        spec = s.spec.stages[index]
+        state = s.stages[index]
+        a = self.assess()
+        counts, gates, outcome, problem = a.counts, a.gates, a.outcome, a.problem
         values = tuple(GateValue(g.name, g.value, g.limit, g.passing) for g in gates)
-        judged = Judge(index, counts, values, agreement, outcome.reason)
         if (state.counts, state.gates, state.agreement) != (
             (counts.total, counts.committed, counts.failed, counts.in_progress),
             values,
-            agreement,
+            a.agreement,
         ):
-            self.emit(judged)
-        problem = self.problem(spec, outcome, gates, counts, agreement)
+            self.emit(Judge(index, counts, values, a.agreement, outcome.reason))
         if problem is None:
             return
         if problem:
@@ -568,6 +582,16 @@ class _Planner:
         if reverting:
             self.emit(Revert(tuple((m.device_id, why(m)) for m in reverting[:size])))
         self.more = self.more or len(reverting) > size
+
+
+@dataclass(frozen=True)
+class _Assessment:
+    counts: StageCounts
+    gates: tuple[GateResult, ...]
+    agreement: tuple[float, int] | None
+    outcome: StageOutcome
+    # Why the stage failed; "" passed; None undecided (_Planner.problem).
+    problem: str | None
 
 
 def revert_order(m: Member) -> tuple[bool, int, str]:

@@ -5,7 +5,7 @@ Writes are recorded and answered from the same data."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,10 +13,20 @@ from pathlib import Path
 import grpc
 
 from edgefleet.controlplane.client.format import model_view
+from edgefleet.controlplane.client.rollout_edit import describe_changes
+from edgefleet.controlplane.client.stages import parse_stage
 from edgefleet.tui import data as d
-from edgefleet.tui.client import InputError, ServerError, model_from_view, rollout_spec
+from edgefleet.tui.client import (
+    InputError,
+    ServerError,
+    edit_of,
+    edited_spec,
+    model_from_view,
+    rollout_spec,
+)
 from edgefleet.update_state import to_wire
 from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import operator_pb2 as o
 
 NOW = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
 
@@ -132,10 +142,12 @@ ROLLOUT = d.Rollout(
     state="running", current_stage=1,
     stages=(
         d.StageStatus(0, "canary", 2, 2, 0, 0, "passed",
-                      (d.Gate("memory", 48.0, 51.2, True),), spec="2,stratified,bake=8s"),
-        d.StageStatus(1, "", 3, 1, 1, 1, "running",
+                      (d.Gate("memory", 48.0, 51.2, True),), spec="2,stratified,bake=8s",
+                      phase="passed"),
+        d.StageStatus(1, "", 3, 1, 1, 1, "rolling",
                       (d.Gate("latency_p95", 42.0, 30.0, False),
-                       d.Gate("error_rate", 0.01, 0.05, True)), spec="100%,latency=1"),
+                       d.Gate("error_rate", 0.01, 0.05, True)), spec="100%,latency=1",
+                      phase="rolling"),
     ),
     devices=(
         d.RolloutDevice("1", "pi-kitchen", "pi-class", 0, "committed"),
@@ -276,8 +288,14 @@ class FakeFleet:
     async def list_rollouts(self) -> list[d.Rollout]:
         return [ROLLOUT, DONE]
 
+    def _rollout(self, rollout_id: str) -> d.Rollout:
+        for r in (ROLLOUT, DONE):
+            if r.id == rollout_id:
+                return r
+        raise ServerError(grpc.StatusCode.NOT_FOUND, f"no rollout with id {rollout_id!r}")
+
     async def get_rollout(self, rollout_id: str, device_limit: int = 0) -> d.Rollout:
-        r = next(r for r in (ROLLOUT, DONE) if r.id == rollout_id)
+        r = self._rollout(rollout_id)
         return replace(r, devices=r.devices[:device_limit]) if device_limit else r
 
     async def plan_rollout(self, draft: d.RolloutDraft) -> d.RolloutPlan:
@@ -306,6 +324,69 @@ class FakeFleet:
                             reason: str = "") -> d.Rollout:  # fmt: skip
         self.calls.append(("abort", revert))
         return replace(ROLLOUT, state="aborted")
+
+    def _members(self, rollout_id: str, device_ids: Sequence[str],
+                 allowed: frozenset[str], rule: str) -> d.Rollout:  # fmt: skip
+        """The server's checks: every id a member, each in an allowed state."""
+        r = self._rollout(rollout_id)
+        members = {m.device_id: m for m in r.devices}
+        missing = sorted(set(device_ids) - set(members))
+        if missing:
+            raise ServerError(grpc.StatusCode.NOT_FOUND,
+                              f"not in rollout {rollout_id}: {', '.join(missing)}")  # fmt: skip
+        wrong = [members[i] for i in device_ids if members[i].state not in allowed]
+        if wrong:
+            shown = ", ".join(f"{m.device_id} ({m.state.replace('-', ' ')})" for m in wrong)
+            raise ServerError(grpc.StatusCode.FAILED_PRECONDITION, f"{rule}: {shown}")
+        return r
+
+    async def retry_rollout(self, rollout_id: str, device_ids: Sequence[str] = (),
+                            reason: str = "") -> d.Rollout:  # fmt: skip
+        self._members(rollout_id, device_ids, frozenset({"failed", "rejected", "timed-out"}),
+                      "only failed, rejected or timed-out members are retried")  # fmt: skip
+        self.calls.append(("retry", tuple(device_ids)))
+        return ROLLOUT
+
+    async def skip_rollout_devices(self, rollout_id: str, device_ids: Sequence[str],
+                                   reason: str) -> d.Rollout:  # fmt: skip
+        if not reason.strip():
+            raise InputError("skip: say why the devices are skipped")
+        self._members(rollout_id, device_ids,
+                      frozenset({"waiting", "notified", "in-progress", "failed", "rejected",
+                                 "timed-out", "rolled-back"}),
+                      "committed and reverting members are not skipped")  # fmt: skip
+        self.calls.append(("skip", (tuple(device_ids), reason)))
+        return ROLLOUT
+
+    async def promote_rollout(self, rollout_id: str, reason: str = "") -> d.Rollout:
+        r = self._rollout(rollout_id)
+        if not r.active:
+            raise ServerError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"rollout {rollout_id} is {r.state.replace('-', ' ')}; promote "
+                              "applies to a rollout that is running, waiting approval, "
+                              "paused")  # fmt: skip
+        self.calls.append(("promote", rollout_id))
+        return ROLLOUT
+
+    def _spec(self, rollout_id: str) -> o.RolloutSpec:
+        r = self._rollout(rollout_id)
+        return o.RolloutSpec(model_name=r.model_name, model_version=r.model_version,
+                             stages=[parse_stage(s.spec) for s in r.stages])  # fmt: skip
+
+    async def rollout_edit(self, rollout_id: str, stage: int) -> d.RolloutEdit:
+        return edit_of(self._spec(rollout_id), stage)
+
+    async def update_rollout(self, rollout_id: str, edit: d.RolloutEdit,
+                             reason: str = "") -> tuple[d.Rollout, tuple[str, ...]]:  # fmt: skip
+        spec = self._spec(rollout_id)
+        try:  # the real edit: the same messages as with a server
+            new = edited_spec(spec, edit)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        if new == spec:
+            raise InputError("nothing changed: the rollout has these settings already")
+        self.calls.append(("update", edit))
+        return ROLLOUT, tuple(describe_changes(spec, new))
 
     async def query_telemetry(self, metric: str, group_by: str, since: timedelta, *,
                               device_id: str = "", class_name: str = "",

@@ -30,11 +30,13 @@ from edgefleet.controlplane.client.format import (
     model_views,
 )
 from edgefleet.controlplane.client.paging import list_devices_async
+from edgefleet.controlplane.client.rollout_edit import describe_changes, edit_spec
 from edgefleet.controlplane.client.stages import format_stage, parse_ramp, parse_stage
 from edgefleet.controlplane.client.syntax import (
     FALLBACK_CHOICES,
     constraint_profile,
     enum_value,
+    format_duration,
     format_rule,
     parse_duration,
     parse_label,
@@ -55,6 +57,7 @@ METRICS: dict[str, o.TelemetryMetric.ValueType] = {
     "error rate": o.TELEMETRY_METRIC_ERROR_RATE,
     "memory (MB)": o.TELEMETRY_METRIC_MEMORY_MB,
     "request rate (/s)": o.TELEMETRY_METRIC_REQUEST_RATE,
+    "model memory (MB)": o.TELEMETRY_METRIC_MODEL_MEMORY_MB,
 }
 GROUP_BY: dict[str, o.TelemetryGroupBy.ValueType] = {
     "version": o.TELEMETRY_GROUP_BY_MODEL_VERSION,
@@ -156,6 +159,17 @@ class FleetApi(Protocol):
     async def abort_rollout(
         self, rollout_id: str, *, revert: bool, reason: str = ""
     ) -> d.Rollout: ...
+    async def retry_rollout(
+        self, rollout_id: str, device_ids: Sequence[str] = (), reason: str = ""
+    ) -> d.Rollout: ...
+    async def skip_rollout_devices(
+        self, rollout_id: str, device_ids: Sequence[str], reason: str
+    ) -> d.Rollout: ...
+    async def promote_rollout(self, rollout_id: str, reason: str = "") -> d.Rollout: ...
+    async def rollout_edit(self, rollout_id: str, stage: int) -> d.RolloutEdit: ...
+    async def update_rollout(
+        self, rollout_id: str, edit: d.RolloutEdit, reason: str = ""
+    ) -> tuple[d.Rollout, tuple[str, ...]]: ...
 
     async def query_telemetry(
         self,
@@ -391,6 +405,62 @@ class FleetClient:
         request = o.AbortRolloutRequest(id=rollout_id, reason=reason, revert=revert)
         return rollout_from_pb(await self._call("AbortRollout", request))
 
+    async def retry_rollout(
+        self, rollout_id: str, device_ids: Sequence[str] = (), reason: str = ""
+    ) -> d.Rollout:
+        """Failed members try again with a fresh retry budget: `device_ids`,
+        or every failed one; a paused rollout (or one that succeeded with
+        failures) runs again."""
+        request = o.RetryRolloutRequest(id=rollout_id, device_ids=device_ids, reason=reason)
+        return rollout_from_pb(await self._call("RetryRollout", request))
+
+    async def skip_rollout_devices(
+        self, rollout_id: str, device_ids: Sequence[str], reason: str
+    ) -> d.Rollout:
+        """Leave members on the version they run; the reason is required."""
+        if not device_ids:
+            raise InputError("skip: select at least one device")
+        if not reason.strip():
+            raise InputError("skip: say why the devices are skipped")
+        request = o.SkipRolloutDevicesRequest(id=rollout_id, device_ids=device_ids, reason=reason)
+        return rollout_from_pb(await self._call("SkipRolloutDevices", request))
+
+    async def promote_rollout(self, rollout_id: str, reason: str = "") -> d.Rollout:
+        """Pass the current stage now, whatever its thresholds say."""
+        request = o.RolloutActionRequest(id=rollout_id, reason=reason)
+        return rollout_from_pb(await self._call("PromoteRollout", request))
+
+    async def _spec(self, rollout_id: str) -> o.RolloutSpec:
+        request = o.GetRolloutRequest(id=rollout_id, summary_only=True)
+        spec: o.RolloutSpec = (await self._call("GetRollout", request)).spec
+        return spec
+
+    async def rollout_edit(self, rollout_id: str, stage: int) -> d.RolloutEdit:
+        """Stage `stage`'s (from 0) thresholds and bake, and the pacing, as
+        the edit form shows them."""
+        spec = await self._spec(rollout_id)
+        if not 0 <= stage < len(spec.stages):
+            raise InputError(f"stage {stage + 1}: the rollout has {len(spec.stages)}")
+        return edit_of(spec, stage)
+
+    async def update_rollout(
+        self, rollout_id: str, edit: d.RolloutEdit, reason: str = ""
+    ) -> tuple[d.Rollout, tuple[str, ...]]:
+        """Send the rollout's spec with what `edit` changed (compared with
+        the rollout as it is now); answers the rollout and what changed."""
+        spec = await self._spec(rollout_id)
+        if not 0 <= edit.stage < len(spec.stages):
+            raise InputError(f"stage {edit.stage + 1}: the rollout has {len(spec.stages)}")
+        try:
+            new = edited_spec(spec, edit)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        if new == spec:
+            raise InputError("nothing changed: the rollout has these settings already")
+        request = o.UpdateRolloutRequest(id=rollout_id, spec=new, reason=reason)
+        updated = await self._call("UpdateRollout", request)
+        return rollout_from_pb(updated), tuple(describe_changes(spec, updated.spec))
+
     # ------------------------------------------------------------ telemetry, audit
 
     async def query_telemetry(
@@ -541,6 +611,47 @@ def rollout_spec(draft: d.RolloutDraft) -> o.RolloutSpec:
     )  # fmt: skip
 
 
+def edit_of(spec: o.RolloutSpec, stage: int) -> d.RolloutEdit:
+    """The edit form's fields for stage `stage` (from 0) of `spec`."""
+    s, p = spec.stages[stage], spec.pacing
+    errors = ""
+    if s.error_threshold_percent or s.min_finished_for_error_threshold > 1:
+        errors = f"{s.error_threshold_percent:g}"
+        if s.min_finished_for_error_threshold > 1:
+            errors += f"/{s.min_finished_for_error_threshold}"
+    return d.RolloutEdit(
+        stage=stage,
+        success=f"{s.success_threshold_percent:g}" if s.success_threshold_percent else "",
+        errors=errors,
+        bake=format_duration(s.bake_time.ToTimedelta()) if s.bake_time.ToTimedelta() else "",
+        max_per_minute=str(p.max_per_minute) if p.max_per_minute else "",
+        device_timeout=format_duration(p.device_timeout.ToTimedelta())
+        if p.device_timeout.ToTimedelta() else "",
+        retries=str(p.device_retries) if p.device_retries else "",
+    )  # fmt: skip
+
+
+def edited_spec(spec: o.RolloutSpec, edit: d.RolloutEdit) -> o.RolloutSpec:
+    """`spec` with the fields of `edit` that differ from it applied (an
+    emptied field: the server's default); ValueError saying what to fix."""
+    was = edit_of(spec, edit.stage)
+    stage_fields = {"success": "success", "errors": "errors", "bake": "bake"}
+    pacing_fields = {"max_per_minute": "max-per-minute", "device_timeout": "device-timeout",
+                     "retries": "retries"}  # fmt: skip
+    off = {"success": "off", "errors": "off", "bake": "off", "max_per_minute": "0",
+           "device_timeout": "off", "retries": "0"}  # fmt: skip
+
+    def changed(fields: dict[str, str]) -> dict[str, str]:
+        return {
+            key: getattr(edit, name).strip() or off[name]
+            for name, key in fields.items()
+            if getattr(edit, name).strip() != getattr(was, name)
+        }
+
+    return edit_spec(spec, stage=edit.stage + 1, stage_changes=changed(stage_fields),
+                     pacing_changes=changed(pacing_fields))  # fmt: skip
+
+
 # ------------------------------------------------------------ protobuf -> data
 
 
@@ -668,6 +779,8 @@ def rollout_from_pb(m: o.Rollout, *, has_devices: bool = True) -> d.Rollout:
             d.StageStatus(
                 index=s.index, name=s.name, total=s.total, committed=s.committed,
                 failed=s.failed, in_progress=s.in_progress, state=s.state,
+                phase=_enum(o.StagePhase, s.phase), skipped=s.skipped,
+                acknowledged_failed=s.acknowledged_failed, promoted_by=s.promoted_by,
                 gates=tuple(d.Gate(g.name, g.value, g.limit, g.passing) for g in s.gates),
                 shadow=s.index < len(specs) and specs[s.index].shadow,
                 spec=format_stage(specs[s.index]) if s.index < len(specs) else "",

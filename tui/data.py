@@ -281,6 +281,14 @@ class StageStatus:
     shadow: bool = False
     # The stage as written (`10%,stratified,bake=30s`).
     spec: str = ""
+    # "pending", "rolling", "baking", "waiting-approval", "passed",
+    # "promoted", "failed" (from StageStatus.phase).
+    phase: str = ""
+    skipped: int = 0
+    # Failed members a resume acknowledged (out of the success count).
+    acknowledged_failed: int = 0
+    # Who passed it by hand (promote); "" when its thresholds did.
+    promoted_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -289,7 +297,8 @@ class RolloutDevice:
     device_name: str
     class_name: str
     stage: int
-    # "waiting", "notified", "in-progress", "committed", "failed", ...
+    # "waiting", "notified", "in-progress", "committed", "failed",
+    # "skipped", "reverting", ...
     state: str
     reason: str = ""
     attempts: int = 0
@@ -308,7 +317,7 @@ class Rollout:
     model_name: str
     model_version: str
     # "draft", "scheduled", "running", "waiting-approval", "paused",
-    # "succeeded", "aborted".
+    # "succeeded", "succeeded-with-failures", "aborted".
     state: str
     current_stage: int = 0
     stages: tuple[StageStatus, ...] = ()
@@ -328,14 +337,28 @@ class Rollout:
 
     @property
     def active(self) -> bool:
-        return self.state not in ("succeeded", "aborted")
+        return self.state not in ("succeeded", "succeeded-with-failures", "aborted")
 
     @property
     def settled(self) -> bool:
         """Ended, with no device still going back to its previous version."""
-        return not self.active and not any(
-            d.state == "in-progress" and d.reason.startswith("revert") for d in self.devices
-        )
+        return not self.active and not any(d.state == "reverting" for d in self.devices)
+
+
+@dataclass(frozen=True)
+class RolloutEdit:
+    """What the monitor's edit form changes of a rollout: one stage's
+    thresholds and bake time (in the `--stage` syntax: `90`, `20/3`, `5m`;
+    empty for the server's default) and the pacing (empty: no limit, no
+    timeout, no retries)."""
+
+    stage: int  # from 0
+    success: str = ""
+    errors: str = ""
+    bake: str = ""
+    max_per_minute: str = ""
+    device_timeout: str = ""
+    retries: str = ""
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ def summarize(
     """The overview's figures: devices by status and class, models served
     by name@version (a device counts once per model);
     the active rollouts; alerts for failed deployments, failing gates,
-    paused rollouts and silent devices."""
+    paused rollouts, rollouts that succeeded with failures and silent
+    devices."""
     states: Counter[str] = Counter({s: 0 for s in ("online", "offline", "pending", "failed")})
     states.update(device_status(dev) for dev in devices)
     classes = Counter(dev.class_name or "(unclassified)" for dev in devices)
@@ -76,6 +77,10 @@ def summarize(
                                         format_gate(gate)))  # fmt: skip
         if r.state == "paused" and r.reason:
             alerts.append(Alert("rollout", f"{r.ref} {r.id[:8]}", r.reason))
+    # Finished, but some devices failed: an operator retries or lets them be.
+    for r in rollouts:
+        if r.state == "succeeded-with-failures":
+            alerts.append(Alert("rollout", f"{r.ref} {r.id[:8]}", r.reason or r.state))
     for dev in devices:
         seen = dev.last_seen_at
         if dev.state == "accepted" and not dev.online and seen and now - seen > SILENT_AFTER:

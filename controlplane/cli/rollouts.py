@@ -13,11 +13,13 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import click
-from rich.console import Console, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.text import Text
 
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
+    CliError,
     call_by_id,
     emit,
     enum_option,
@@ -30,6 +32,13 @@ from edgefleet.controlplane.cli.base import (
     usage_error,
 )
 from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.rollout_edit import (
+    PACING_KEYS,
+    STAGE_FIELDS,
+    describe_changes,
+    edit_spec,
+    resolve_members,
+)
 from edgefleet.controlplane.client.stages import parse_ramp, parse_stage
 from edgefleet.controlplane.client.syntax import parse_duration, parse_model_ref
 from edgefleet.v1 import operator_pb2
@@ -55,7 +64,9 @@ Stages (--stage SIZE[,OPTION]..., repeatable, in order):
   bake=DURATION        wait this long after success before going on
   latency=FACTOR       gate: p95 latency <= class budget x FACTOR
   error-rate=RATE      gate: errors / requests <= RATE (0.05 or 5%)
-  memory=FACTOR        gate: memory <= class limit x FACTOR
+  memory=FACTOR        gate: the memory the model adds (as builds measure
+                       it) <= class limit x FACTOR
+  agent-memory=MB      gate: the agent's whole resident memory <= MB
   silence=DURATION     gate: a device silent this long has failed
   agreement=RATIO      shadow stages (required): argmax agreement >= RATIO
   approve              wait for `rollouts approve` before the next stage
@@ -75,8 +86,10 @@ taking it) is put back on the version it had before the rollout, and devices
 not yet notified are left alone. With --keep, devices keep whatever they have
 now."""
 
-# Rollouts that will not change any more on their own.
-_ENDED = frozenset({operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_STATE_ABORTED})
+# Rollouts that will not change any more on their own (one that succeeded
+# with failures waits for `retry`).
+_ENDED = frozenset({operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_STATE_ABORTED,
+                    operator_pb2.ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES})  # fmt: skip
 
 
 # ------------------------------------------------------------------ parsing (pure)
@@ -99,10 +112,7 @@ def rollout_ended(r: operator_pb2.Rollout) -> bool:
     going back to its previous version."""
     if r.state not in _ENDED:
         return False
-    return not any(
-        d.state == operator_pb2.ROLLOUT_DEVICE_STATE_IN_PROGRESS and d.reason.startswith("revert")
-        for d in r.devices
-    )
+    return not any(d.state == operator_pb2.ROLLOUT_DEVICE_STATE_REVERTING for d in r.devices)
 
 
 # ------------------------------------------------------------------ commands
@@ -304,6 +314,179 @@ _action("resume", "resumed", lambda env, req: env.stub.ResumeRollout(req),
         "acknowledged: only new failures can trip its error threshold again.")  # fmt: skip
 _action("approve", "approved", lambda env, req: env.stub.ApproveRolloutStage(req),
         "Approve the next stage of a rollout waiting for approval.")  # fmt: skip
+_action("promote", "promoted", lambda env, req: env.stub.PromoteRollout(req),
+        "Pass the current stage now, whatever its thresholds and gates say (audited); "
+        "the next stage starts. Refused when every stage passed already.")  # fmt: skip
+
+
+# ------------------------------------------------------------------ remediation
+
+
+def _member_ids(env: Connection, rollout_id: str, texts: Sequence[str]) -> list[str]:
+    """Member device ids for ids, short ids or device names."""
+    if not texts:
+        return []
+    members = _get(env, rollout_id).devices
+    try:
+        return resolve_members(texts, members)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def _devices_verb(verb: str, ids: Sequence[str]) -> str:
+    return f"{verb} {len(ids)} device(s) of" if ids else f"{verb} the failed devices of"
+
+
+@rollouts.command("retry")
+@click.argument("rollout_id", metavar="ID")
+@click.argument("devices", nargs=-1, metavar="[DEVICE]...")
+@click.option("--reason", default="", help="Why, for the audit log and each device's reason.")
+@json_option
+@pass_env
+def rollouts_retry(
+    env: Connection, rollout_id: str, devices: Sequence[str], reason: str, as_json: bool
+) -> None:
+    """Try failed, rejected or timed-out members again, with a fresh retry
+    budget: the DEVICEs named (ids, short ids or names), or every failed
+    member. A paused rollout, or one that succeeded with failures, runs
+    again."""
+    ids: list[str] = []
+
+    def call(i: str) -> operator_pb2.Rollout:
+        ids[:] = _member_ids(env, i, devices)
+        request = operator_pb2.RetryRolloutRequest(id=i, device_ids=ids, reason=reason)
+        return env.stub.RetryRollout(request)
+
+    done = _on_rollout(env, rollout_id, call)
+    emit(as_json, done, lambda: render.rollout_action(_devices_verb("retried", ids), done))
+
+
+@rollouts.command("skip")
+@click.argument("rollout_id", metavar="ID")
+@click.argument("devices", nargs=-1, required=True, metavar="DEVICE...")
+@click.option("--reason", required=True, help="Why (required): kept on each device and audited.")
+@json_option
+@pass_env
+def rollouts_skip(
+    env: Connection, rollout_id: str, devices: Sequence[str], reason: str, as_json: bool
+) -> None:
+    """Leave members (ids, short ids or names) on the version they run: the
+    rollout stops waiting for them and they leave their stage's success
+    count. Committed and reverting members cannot be skipped."""
+    if not reason.strip():
+        usage_error("say why with --reason")
+    ids: list[str] = []
+
+    def call(i: str) -> operator_pb2.Rollout:
+        ids[:] = _member_ids(env, i, devices)
+        request = operator_pb2.SkipRolloutDevicesRequest(id=i, device_ids=ids, reason=reason)
+        return env.stub.SkipRolloutDevices(request)
+
+    done = _on_rollout(env, rollout_id, call)
+    emit(as_json, done, lambda: render.rollout_action(_devices_verb("skipped", ids), done))
+
+
+UPDATE_HELP = """\
+\b
+Each option changes that setting only; the rest of the rollout stays. Stage
+options take the values of `rollouts create --stage` (e.g. --errors 20/3,
+--bake 5m, --latency 1.5); `off` removes one (the default applies again).
+Without --stage they apply to every stage. An error threshold changed alone
+takes a default success threshold with it (100% less the errors tolerated).
+The model, cohort and stage sizes cannot change (the server says which
+field was refused): create another rollout for that.
+
+\b
+Examples:
+  edgefleet rollouts update 1a2b --stage 2 --errors 20/3 --bake 10m
+  edgefleet rollouts update 1a2b --latency off --no-approve --max-per-minute 50
+"""
+# `rollouts update` options: the stage option (STAGE_FIELDS key) each sets.
+_STAGE_OPTIONS = {
+    "success": ("PCT", "Committed devices needed to pass (success=)."),
+    "errors": ("PCT[/MIN]", "Error threshold (errors=)."),
+    "bake": ("DURATION", "Bake time after success (bake=)."),
+    "latency": ("FACTOR", "Gate: p95 latency <= class budget x FACTOR."),
+    "error-rate": ("RATE", "Gate: errors / requests <= RATE."),
+    "memory": ("FACTOR", "Gate: the model's memory <= class limit x FACTOR."),
+    "agent-memory": ("MB", "Gate: the agent's resident memory <= MB."),
+    "silence": ("DURATION", "Gate: a device silent this long has failed."),
+    "agreement": ("RATIO", "Shadow stages: argmax agreement >= RATIO."),
+}
+_PACING_OPTIONS = {
+    "max-per-minute": ("N", "Notify at most N devices a minute (0: no limit)."),
+    "ramp": ("BASE:FACTOR", "Exponential ramp (off: none)."),
+    "device-timeout": ("DURATION", "A device not done this long timed out (off: never)."),
+    "retries": ("N", "Retries before a device counts as failed."),
+}
+
+
+def _update_options(command: Callable[..., None]) -> Callable[..., None]:
+    for key, (metavar, help_text) in reversed([*_STAGE_OPTIONS.items(),
+                                               *_PACING_OPTIONS.items()]):  # fmt: skip
+        command = click.option(f"--{key}", metavar=metavar, help=help_text)(command)
+    return command
+
+
+@rollouts.command("update", epilog=UPDATE_HELP)
+@click.argument("rollout_id", metavar="ID")
+@click.option(
+    "--stage",
+    "stage",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Change stage N only (from 1, as `show` lists them); default: every stage.",
+)
+@_update_options
+@click.option(
+    "--approve/--no-approve", default=None, help="Wait for `rollouts approve` after the stage."
+)
+@click.option("--on-failure", type=click.Choice(["pause", "abort"]), help="On a failed stage.")
+@click.option("--reason", default="", help="Why, for the audit log.")
+@json_option
+@pass_env
+def rollouts_update(
+    env: Connection,
+    /,
+    rollout_id: str,
+    stage: int | None,
+    approve: bool | None,
+    reason: str,
+    as_json: bool,
+    **options: str | None,
+) -> None:
+    """Change the thresholds, gates, bake times, approval, on-failure action
+    or pacing of a rollout that has not finished (draft, scheduled, running,
+    waiting for approval or paused). Prints what changed."""
+    given = {k.replace("_", "-"): v for k, v in options.items() if v is not None}
+    stage_changes = {k: v for k, v in given.items() if k in STAGE_FIELDS}
+    if approve is not None:
+        stage_changes["approve"] = "on" if approve else "off"
+    pacing_changes = {k: v for k, v in given.items() if k in PACING_KEYS}
+    if not stage_changes and not pacing_changes:
+        usage_error("say what to change (see --help), e.g. --errors 20/3 or --bake 5m")
+    if stage is not None and not stage_changes:
+        usage_error("--stage picks the stage that stage options change; give one")
+    before: list[operator_pb2.RolloutSpec] = []
+
+    def call(i: str) -> operator_pb2.Rollout:
+        current = env.stub.GetRollout(operator_pb2.GetRolloutRequest(id=i, summary_only=True))
+        try:
+            spec = edit_spec(current.spec, stage=stage, stage_changes=stage_changes,
+                             pacing_changes=pacing_changes)  # fmt: skip
+        except ValueError as err:
+            usage_error(str(err))
+        before.append(current.spec)
+        request = operator_pb2.UpdateRolloutRequest(id=i, spec=spec, reason=reason)
+        return env.stub.UpdateRollout(request)
+
+    done = _on_rollout(env, rollout_id, call)
+
+    def human() -> RenderableType:
+        changed = describe_changes(before[-1], done.spec)
+        return Group(render.rollout_action("updated", done), *(Text(line) for line in changed))
+
+    emit(as_json, done, human)
 
 
 @rollouts.command("abort", help=ABORT_HELP)

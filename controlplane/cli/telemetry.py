@@ -72,7 +72,8 @@ def telemetry_query(
     latency-p99-ms, latency-max-ms, error-rate, timeout-rate, request-rate,
     request-count, error-count, memory-mb, cpu-percent, dropped-samples,
     system-memory-percent, temperature-c, battery-percent,
-    fallback-request-count or fallback-share.
+    fallback-request-count, fallback-share or model-memory-mb (the memory
+    one model adds; memory-mb is the agent's whole resident memory).
 
     Latency percentiles are the worst device-interval in each bucket; rates
     and the fallback share are sums over sums (errors / requests, requests

@@ -7,5 +7,5 @@ One module per concern, imported by name (this package re-exports nothing):
 connection (address, token, TLS, channels), tls_probe (why a connection
 failed), errors (status of a failed call, either stack), paging (listings
 that page), push (model uploads with progress), syntax (operator text <->
-protobuf), stages (the rollout stage syntax) and format (sizes, times and
-rollout fields for people)."""
+protobuf), stages (the rollout stage syntax), rollout_edit (changing a
+rollout under way) and format (sizes, times and rollout fields for people)."""

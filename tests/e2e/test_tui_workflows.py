@@ -2,7 +2,9 @@
 control plane (in process, SQLite) with simulated agents (fleetsim) on the
 real device protocol and the real FleetClient: accept a pending device;
 push a model and see its measured build table; create a rollout in the
-wizard and watch it complete live; abort one and see the devices revert."""
+wizard and watch it complete live; abort one and see the devices revert;
+remedy a paused rollout from the monitor (retry, skip, promote) and edit
+one."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import DataTable, Input, Label, OptionList, Static
 
 from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.controlplane.config import ServerConfig
@@ -339,3 +341,154 @@ async def test_abort_a_rollout_and_see_devices_revert(
                         "both devices reverted", within_s=30)  # fmt: skip
         await fleet.wait_until(lambda f: all(a.active_version == "1.0.0" for a in f.agents), 30,
                                what="every device back on 1.0.0")  # fmt: skip
+
+
+# ---------------------------------------------------------------- remediation
+
+
+async def _wait_rollout(op: og.OperatorServiceStub, rollout_id: str,
+                        done: Callable[[o.Rollout], bool]) -> o.Rollout:  # fmt: skip
+    for _ in range(600):
+        rollout = await op.GetRollout(o.GetRolloutRequest(id=rollout_id), metadata=ADMIN)
+        if done(rollout):
+            return rollout
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"rollout did not get there: {rollout}")
+
+
+def _notified(app: EdgeFleetApp, text: str, severity: str = "information") -> bool:
+    return any(text in n.message and n.severity == severity for n in app._notifications)
+
+
+async def test_retry_skip_and_promote_from_the_monitor(
+    cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltModel
+) -> None:
+    await _versions(cp, op, digits)
+    # 2.0.0 fails validation on every gateway: the first stage pauses.
+    profile = parse_profile({
+        "heartbeat_interval_s": 1, "telemetry_interval_s": 0.5,
+        "classes": [
+            {"name": "pi", "weight": 1, "hardware": {"arch": "aarch64"},
+             "install_s": [0.05, 0.2]},
+            {"name": "gw", "weight": 1, "hardware": {"arch": "x86_64"}, "install_s": [0.05, 0.2],
+             "versions": {"2.0.0": {"fail_rate": 1.0, "fail_state": "validating"}}},
+        ],
+    })  # fmt: skip
+    async with Fleet(cp.address, await _token(op), profile, n=4, prefix="sim", seed=1,
+                     heartbeat_interval_s=1, telemetry_interval_s=0.5) as fleet:  # fmt: skip
+        await _on_version(op, fleet, "1.0.0")
+        created = await op.CreateRollout(o.CreateRolloutRequest(
+            spec=o.RolloutSpec(model_name="digits", model_version="2.0.0",
+                               class_names=["pi", "gw"], stages=[
+                                   o.StageSpec(count=2, stratified=True),
+                                   o.StageSpec(percent=100, error_threshold_percent=50)]),
+            start=True), metadata=ADMIN)  # fmt: skip
+        rollout_id = created.rollout.id
+        paused = await _wait_rollout(op, rollout_id, lambda r: r.state == o.ROLLOUT_STATE_PAUSED)
+        (bad,) = [d for d in paused.devices if d.state == o.ROLLOUT_DEVICE_STATE_FAILED]
+        app = _app(cp)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("5")
+            await until(pilot, lambda: app.screen.query_one("#rollouts", DataTable).row_count,
+                        "the rollout listed")  # fmt: skip
+            await pilot.press("enter")
+            monitor: MonitorScreen = await until(
+                pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen, "the monitor"
+            )
+            devices = monitor.query_one("#devices", DataTable)
+            await until(pilot, lambda: "PAUSED" in _title(monitor)
+                        and _rows(devices)[0][3] == "failed", "the failure")  # fmt: skip
+            assert _rows(devices)[0][0] == bad.device_name
+            devices.focus()
+
+            # Retry the selected (failed) device: the server takes it again
+            # (and it fails again there).
+            await pilot.press("t")
+            choices = await until(pilot, lambda: app.screen.query_one(OptionList), "the choice")
+            choices.highlighted = 0
+            await pilot.press("enter")
+            await until(pilot, lambda: _notified(app, f"retried {bad.device_name}"), "retried")
+            audit = await op.ListAuditLog(o.ListAuditLogRequest(limit=20), metadata=ADMIN)
+            (retry,) = [e for e in audit.entries if e.action == "rollout.retry"]
+            assert bad.device_id in retry.details
+            await until(pilot, lambda: "PAUSED" in _title(monitor)
+                        and _rows(devices)[0][3] == "failed", "paused again")  # fmt: skip
+
+            # A refusal reads as the server's words: a committed device is not retried.
+            devices.move_cursor(row=[r[3] for r in _rows(devices)].index("committed"))
+            await pilot.press("t")
+            choices = await until(pilot, lambda: app.screen.query_one(OptionList), "the choice")
+            choices.highlighted = 0
+            await pilot.press("enter")
+            await until(pilot, lambda: _notified(app, "only failed, rejected or timed-out",
+                                                 "error"), "the refusal")  # fmt: skip
+            assert not any("RpcError" in n.message for n in app._notifications)
+
+            # Skip the failed device: a reason is required, then it is skipped.
+            devices.move_cursor(row=0)
+            await pilot.press("space", "s")
+            await until(pilot, lambda: app.screen.query_one("#prompt", Input), "the reason prompt")
+            await pilot.press("enter")  # no reason: nothing sent
+            await until(pilot, lambda: _notified(app, "say why", "error"), "reason required")
+            await pilot.press("s")
+            prompt = await until(pilot, lambda: app.screen.query_one("#prompt", Input), "prompt")
+            prompt.value = "flaky board"
+            await pilot.press("enter")
+            await until(pilot, lambda: any(r[3] == "skipped" for r in _rows(devices)),
+                        "the device skipped")  # fmt: skip
+            shown = await op.GetRollout(o.GetRolloutRequest(id=rollout_id), metadata=ADMIN)
+            (skipped,) = [d for d in shown.devices if d.device_id == bad.device_id]
+            assert skipped.state == o.ROLLOUT_DEVICE_STATE_SKIPPED
+            assert "flaky board" in skipped.reason
+
+            # Promote after confirming: stage 1 passes by hand; stage 2
+            # tolerates the other gateway failing.
+            await pilot.press("g")
+            await until(pilot, lambda: app.screen.query_one("#yes"), "the confirmation")
+            await pilot.press("y")
+            await until(pilot, lambda: "SUCCEEDED-WITH-FAILURES" in _title(monitor),
+                        "the rollout finished with failures", within_s=60)  # fmt: skip
+            stage_one = str(monitor.query_one("#stage-0 .stage-counts", Label).render())
+            assert "promoted by bootstrap-admin" in stage_one and "1 skipped" in stage_one
+        done = await op.GetRollout(o.GetRolloutRequest(id=rollout_id), metadata=ADMIN)
+        assert done.stages[0].phase == o.STAGE_PHASE_PROMOTED
+
+
+async def test_edit_a_rollout_from_the_monitor(
+    cp: ControlPlane, op: og.OperatorServiceStub, digits: BuiltModel
+) -> None:
+    async with _fleet_on_1_0_0(cp, op, digits):
+        created = await op.CreateRollout(o.CreateRolloutRequest(
+            spec=o.RolloutSpec(model_name="digits", model_version="2.0.0",
+                               class_names=["pi", "gw"], stages=[
+                                   o.StageSpec(count=1), o.StageSpec(percent=100)]),
+        ), metadata=ADMIN)  # fmt: skip
+        rollout_id = created.rollout.id
+        app = _app(cp)
+        async with app.run_test(size=SIZE) as pilot:
+            app.push_screen(MonitorScreen(rollout_id))
+            monitor = await until(pilot, lambda: isinstance(app.screen, MonitorScreen)
+                                  and "DRAFT" in _title(app.screen) and app.screen,
+                                  "the monitor")  # fmt: skip
+            await pilot.press("e")
+            form = await until(pilot, lambda: app.screen.query_one("#errors", Input)
+                               and app.screen, "the edit form")  # fmt: skip
+            form.query_one("#errors", Input).value = "20/3"
+            form.query_one("#bake", Input).value = "5m"
+            form.query_one("#max_per_minute", Input).value = "40"
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: _notified(app, "stage 1: 1 -> 1,success=80,errors=20/3"),
+                        "what changed")  # fmt: skip
+            spec = (await op.GetRollout(o.GetRolloutRequest(id=rollout_id), metadata=ADMIN)).spec
+            assert spec.stages[0].error_threshold_percent == 20
+            assert spec.stages[0].bake_time.seconds == 300 and spec.pacing.max_per_minute == 40
+            assert spec.stages[1] == created.rollout.spec.stages[1]
+            # What does not parse is named; nothing is sent.
+            await pilot.press("e")
+            form = await until(pilot, lambda: app.screen.query_one("#bake", Input)
+                               and app.screen, "the edit form")  # fmt: skip
+            form.query_one("#bake", Input).value = "soon"
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: _notified(app, "'soon' is not a duration", "error"),
+                        "the input error")  # fmt: skip
+            assert monitor.is_attached

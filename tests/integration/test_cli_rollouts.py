@@ -138,7 +138,7 @@ def test_parse_stage_leaves_defaults_to_the_server() -> None:
         ("0%", "size=0: must be within (0, 100]"),
         ("150%", "must be within (0, 100]"),
         ("x%", "size='x': not a number"),
-        ("10%,fast", "unknown stage option 'fast'; known: agreement, approve, bake"),
+        ("10%,fast", "unknown stage option 'fast'; known: agent-memory, agreement, approve"),
         ("10%,approve=yes", "approve takes no value"),
         ("10%,stratified,stratified", "gives stratified twice"),
         ("10%,,approve", "empty option (two commas?)"),
@@ -223,14 +223,17 @@ def sample_rollout(**overrides: Any) -> o.Rollout:
                 total=2,
                 committed=1,
                 failed=1,
-                state="paused",
+                state="failed",
+                phase=o.STAGE_PHASE_FAILED,
                 gates=[
                     o.GateValue(name="latency_p95", value=45, limit=30),
                     o.GateValue(name="error_rate", value=0.01, limit=0.05, passing=True),
                     o.GateValue(name="silence", value=float("inf"), limit=120),
                 ],
             ),
-            o.StageStatus(index=1, total=4, in_progress=4, state="pending"),
+            o.StageStatus(
+                index=1, total=4, in_progress=4, state="pending", phase=o.STAGE_PHASE_PENDING
+            ),
         ],
         devices=[
             o.RolloutDevice(
@@ -282,7 +285,7 @@ def test_rollout_detail_shows_stages_gates_devices_and_reasons() -> None:
         "pacing <= 60/min, device timeout 10m, 2 retries",
         "created 5m ago by admin",
         # Stage 1: progress bar, counts, gates against limits, the rules.
-        "▶1 canary 1 paused ██████░░░░░░ 1/2, 1 failed",
+        "▶1 canary 1 failed ██████░░░░░░ 1/2, 1 failed",
         "latency_p95 45.00 ms > 30.00 ms FAIL",
         "error_rate 1.00% <= 5.00% ok",
         "silence never > 2m FAIL",
@@ -352,9 +355,30 @@ def test_rollout_action_and_ended() -> None:
     aborted = sample_rollout(state=o.ROLLOUT_STATE_ABORTED)
     assert rollout_ended(aborted)
     aborted.devices.add(
-        device_id=DEV_C, state=o.ROLLOUT_DEVICE_STATE_IN_PROGRESS, reason="reverting to 1.0.0"
+        device_id=DEV_C, state=o.ROLLOUT_DEVICE_STATE_REVERTING, reason="reverting to 1.0.0"
     )
     assert not rollout_ended(aborted)  # still going back
+    # Failed members wait for `rollouts retry`: nothing more happens alone.
+    assert rollout_ended(sample_rollout(state=o.ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES))
+
+
+def test_stage_phases_skips_and_promotions_render() -> None:
+    rollout = sample_rollout(state=o.ROLLOUT_STATE_RUNNING, current_stage=1)
+    rollout.stages[0].CopyFrom(o.StageStatus(
+        index=0, name="canary", total=3, committed=1, failed=1, acknowledged_failed=1, skipped=1,
+        state="promoted", phase=o.STAGE_PHASE_PROMOTED, promoted_by="alice",
+    ))  # fmt: skip
+    rollout.devices[1].state = o.ROLLOUT_DEVICE_STATE_SKIPPED
+    rollout.devices.add(device_id=DEV_C, device_name="pi-9", stage=1,
+                        state=o.ROLLOUT_DEVICE_STATE_REVERTING)  # fmt: skip
+    flat = squash(text_of(render.rollout_detail(rollout, NOW)))
+    promoted = "1 canary 1 promoted by alice ████░░░░░░░░ 1/3, 1 failed (1 acknowledged), 1 skipped"
+    assert promoted in flat, flat
+    assert "▶2 - 100% pending" in flat
+    assert "gw 1 skipped 3" in flat and "pi-9 dddddddc - 2 reverting" in flat
+    done = sample_rollout(state=o.ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES)
+    listed = squash(text_of(render.rollouts_table([done], NOW)))
+    assert "digits@2.0.0 succeeded-with-failures 1/2" in listed
 
 
 def test_format_gate_without_data() -> None:
@@ -535,7 +559,8 @@ async def test_rollouts_cli_end_to_end(fleet: Fleet) -> None:
     out = squash(await fleet.ok("rollouts", "resume", short))
     assert out == f"resumed rollout {short} (digits@1.0.0): now running"
     result = await fleet.cli("rollouts", "approve", short)
-    assert result.exit_code == 1 and "nothing is waiting for approval" in result.stderr
+    assert result.exit_code == 1
+    assert "approve applies to a rollout that is waiting approval" in result.stderr
     out = squash(await fleet.ok("rollouts", "abort", short, "--keep", "--reason", "enough"))
     assert out.startswith(f"aborted rollout {short} (digits@1.0.0): now aborted aborted by")
     out = squash(await fleet.ok("rollouts", "show", short))

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Input
+from textual.widgets import Input, OptionList
 
 from edgefleet.tui.app import EdgeFleetApp, make_app
 from edgefleet.tui.client import ServerError
@@ -118,3 +118,42 @@ async def test_the_fake_fails_like_the_server() -> None:
     assert unknown.value.code == grpc.StatusCode.NOT_FOUND
     device = fleet.devices[1]
     assert await fleet.unassign_model(device.id, "vad") is False  # not held: nothing to do
+
+
+async def test_the_fake_refuses_remediation_like_the_server() -> None:
+    fleet = FakeFleet()
+    rollout = await fleet.get_rollout("r0000001-aaaa-4bbb-8ccc-000000000000")
+    committed = next(x.device_id for x in rollout.devices if x.state == "committed")
+    with pytest.raises(ServerError) as refused:
+        await fleet.retry_rollout(rollout.id, [committed])
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "only failed, rejected or timed-out" in refused.value.message
+    with pytest.raises(ServerError) as missing:
+        await fleet.skip_rollout_devices("nope", ["2"], "why")
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(ServerError) as ended:
+        await fleet.promote_rollout("r0000000-aaaa-4bbb-8ccc-000000000000")
+    assert ended.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_monitor_retries_skips_promotes_and_edits_through_the_client() -> None:
+    fleet = FakeFleet()
+    app = make_app(fleet, clock=lambda: NOW, watch=False)
+    async with app.run_test(size=SIZE) as pilot:
+        # The failed pi-hallway is listed first, under the cursor.
+        await _keys("5", "enter", "t")(pilot)
+        pilot.app.screen.query_one(OptionList).highlighted = 0
+        await _keys("enter")(pilot)
+        assert ("retry", ("2",)) in fleet.calls
+        await _keys("space", "s")(pilot)
+        pilot.app.screen.query_one("#prompt", Input).value = "bad board"
+        await _keys("enter")(pilot)
+        assert ("skip", (("2",), "bad board")) in fleet.calls
+        await _keys("g", "y")(pilot)
+        assert ("promote", "r0000001-aaaa-4bbb-8ccc-000000000000") in fleet.calls
+        await _keys("e")(pilot)
+        assert pilot.app.screen.query_one("#errors", Input).value == ""
+        pilot.app.screen.query_one("#errors", Input).value = "20/3"
+        await _keys("ctrl+s")(pilot)
+        assert any("stage 2: 100%,latency=1 -> 100%,errors=20/3,latency=1" in n.message
+                   for n in app._notifications)  # fmt: skip

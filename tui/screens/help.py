@@ -24,6 +24,9 @@ Everywhere  1-7 screens  ? help  ctrl+p palette  q quit  r refresh
   wizard    ctrl+r dry run (devices per stage, exclusions)
             ctrl+s start (only what was dry-run)
   monitor   p pause  u resume  a approve  x abort (revert/keep)
+            space mark a device  t retry (marked or every failed)
+            s skip marked (asks why)  g promote the stage  e edit
+            (stage thresholds, bake, pacing)
 6 Telemetry m metric  g group by  t time range  / model filter
 7 Audit     / filter  o older entries
 

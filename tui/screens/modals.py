@@ -1,5 +1,5 @@
-"""Small dialogs: confirm, ask for a line of text, pick one of a list, and
-the abort dialog (keep or revert)."""
+"""Small dialogs: confirm, ask for a line of text, pick one of a list, the
+abort dialog (keep or revert) and the rollout edit form."""
 
 from __future__ import annotations
 
@@ -8,6 +8,18 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList, RadioButton, RadioSet
+
+from edgefleet.tui.data import RolloutEdit
+
+# The edit form's fields: (RolloutEdit field, label, placeholder).
+EDIT_FIELDS = (
+    ("success", "success %", "100 (default)"),
+    ("errors", "errors %[/min]", "0 (none tolerated), e.g. 20/3"),
+    ("bake", "bake", "none, e.g. 5m"),
+    ("max_per_minute", "max per minute", "no limit"),
+    ("device_timeout", "device timeout", "none, e.g. 10m"),
+    ("retries", "retries", "0"),
+)
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -116,6 +128,51 @@ class AbortScreen(ModalScreen[tuple[bool, str] | None]):
     def action_confirm(self) -> None:
         revert = self.query_one("#revert", RadioButton).value
         self.dismiss((revert, self.query_one("#reason", Input).value))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class RolloutEditScreen(ModalScreen[tuple[RolloutEdit, str] | None]):
+    """A rollout's current stage thresholds and bake time, and its pacing,
+    prefilled; ctrl+s answers (the edited fields, reason), Escape None. An
+    emptied field goes back to the server's default."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+
+    def __init__(self, title: str, edit: RolloutEdit) -> None:
+        super().__init__(classes="dialog-screen")
+        self._title = title
+        self._edit = edit
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self._title, classes="question", markup=False)
+            for field, label, placeholder in EDIT_FIELDS:
+                with Horizontal(classes="field"):
+                    yield Label(label, classes="field-label", markup=False)
+                    yield Input(getattr(self._edit, field), placeholder=placeholder, id=field)
+            with Horizontal(classes="field"):
+                yield Label("reason", classes="field-label")
+                yield Input(placeholder="for the audit log", id="reason")
+            yield Label("An emptied field takes the default.", classes="hint", markup=False)
+            with Horizontal(classes="buttons"):
+                yield Button("Save [ctrl+s]", id="save", variant="primary")
+                yield Button("Cancel [esc]", id="cancel")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.dismiss(None)
+
+    def on_input_submitted(self) -> None:
+        self.action_save()
+
+    def action_save(self) -> None:
+        values = {field: self.query_one(f"#{field}", Input).value for field, _, _ in EDIT_FIELDS}
+        edit = RolloutEdit(stage=self._edit.stage, **values)
+        self.dismiss((edit, self.query_one("#reason", Input).value))
 
     def action_cancel(self) -> None:
         self.dismiss(None)

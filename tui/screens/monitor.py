@@ -1,8 +1,12 @@
 """A rollout live: per-stage progress bars, gate values against their
 limits, devices (failures first, with reasons); pause, resume, approve and
-abort (keep or revert) after confirmation."""
+abort (keep or revert) after confirmation; and remediation: retry failed
+devices (all, or the marked ones), skip marked devices (with a reason),
+promote the current stage, edit its thresholds, bake time and the pacing."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from textual import work
 from textual.app import ComposeResult
@@ -10,9 +14,15 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, ProgressBar, Static
 
-from edgefleet.tui.data import FleetEvent, Rollout, RolloutDevice
-from edgefleet.tui.screens.base import FleetScreen, keep_cursor, reporting
-from edgefleet.tui.screens.modals import AbortScreen, ConfirmScreen
+from edgefleet.tui.data import FleetEvent, Rollout, RolloutDevice, RolloutEdit
+from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
+from edgefleet.tui.screens.modals import (
+    AbortScreen,
+    ChoiceScreen,
+    ConfirmScreen,
+    PromptScreen,
+    RolloutEditScreen,
+)
 from edgefleet.tui.summary import format_gate
 
 # Devices the table shows, those that need a look first: a 10,000-device
@@ -20,7 +30,10 @@ from edgefleet.tui.summary import format_gate
 MAX_DEVICES = 200
 # Devices that need a look come first.
 _ORDER = {"failed": 0, "timed-out": 1, "rolled-back": 2, "rejected": 3, "in-progress": 4,
-          "notified": 5, "reverted": 6, "waiting": 7, "committed": 8}  # fmt: skip
+          "notified": 5, "reverting": 5, "reverted": 6, "waiting": 7, "skipped": 7,
+          "committed": 8}  # fmt: skip
+# Marks a device picked for retry or skip (space toggles it).
+MARK = "* "
 
 
 def device_order(d: RolloutDevice) -> tuple[int, int, str]:
@@ -47,6 +60,11 @@ class MonitorScreen(FleetScreen):
         Binding("u", "resume", "Resume"),
         Binding("a", "approve", "Approve"),
         Binding("x", "abort", "Abort"),
+        Binding("t", "retry", "Retry"),
+        Binding("s", "skip", "Skip"),
+        Binding("g", "promote", "Promote"),
+        Binding("e", "edit", "Edit"),
+        Binding("space", "mark", "Mark", show=False),
         Binding("r", "refresh", "Refresh", show=False),
     ]
 
@@ -54,6 +72,8 @@ class MonitorScreen(FleetScreen):
         super().__init__()
         self.rollout_id = rollout_id
         self.rollout: Rollout | None = None
+        # Device ids marked for retry or skip.
+        self.marked: set[str] = set()
 
     def compose(self) -> ComposeResult:
         yield Static(id="title", classes="title")
@@ -104,10 +124,13 @@ class MonitorScreen(FleetScreen):
         excluded = [f"excluded {e.device_name}: {e.reason}" for e in r.excluded]
         self.query_one("#gates", Static).update("\n".join(gates + excluded) or "no gates")
         table = self.query_one("#devices", DataTable)
+        key = cursor_key(table)
         table.clear()
         for d in sorted(devices, key=device_order):
-            table.add_row(d.device_name, d.class_name, str(d.stage + 1), d.state, d.reason or "-")
-        keep_cursor(table, None)
+            mark = MARK if d.device_id in self.marked else ""
+            table.add_row(f"{mark}{d.device_name}", d.class_name, str(d.stage + 1), d.state,
+                          d.reason or "-", key=d.device_id)  # fmt: skip
+        keep_cursor(table, key)
 
     def show_stages(self, r: Rollout) -> None:
         box = self.query_one("#stages", Vertical)
@@ -126,11 +149,15 @@ class MonitorScreen(FleetScreen):
                 f"{marker}{s.index + 1} {kind}{s.name or s.spec}"[:22]
             )
             row.query_one(ProgressBar).update(total=max(s.total, 1), progress=s.committed)
-            counts = f"{s.committed}/{s.total} {s.state}"
+            counts = f"{s.committed}/{s.total} {s.phase or s.state}"
+            if s.promoted_by:
+                counts += f" by {s.promoted_by}"
             if s.failed:
                 counts += f", {s.failed} failed"
             if s.in_progress:
                 counts += f", {s.in_progress} moving"
+            if s.skipped:
+                counts += f", {s.skipped} skipped"
             row.query_one(".stage-counts", Label).update(counts)
 
     def _act(self, action: str, verb: str) -> None:
@@ -170,4 +197,107 @@ class MonitorScreen(FleetScreen):
             r = await self.client.abort_rollout(self.rollout_id, revert=revert,
                                                 reason=reason or "aborted in the TUI")  # fmt: skip
             self.app.notify(f"rollout {r.id[:8]} aborted" + (", reverting" if revert else ""))
+            self.show(r)
+
+    # ------------------------------------------------------------ remediation
+
+    def chosen(self) -> list[RolloutDevice]:
+        """The marked devices, or else the one under the cursor."""
+        devices = self.rollout.devices if self.rollout is not None else ()
+        marked = [d for d in devices if d.device_id in self.marked]
+        if marked:
+            return marked
+        key = cursor_key(self.query_one("#devices", DataTable))
+        return [d for d in devices if d.device_id == key]
+
+    def action_mark(self) -> None:
+        key = cursor_key(self.query_one("#devices", DataTable))
+        if key is not None:
+            self.marked ^= {key}
+            if self.rollout is not None:
+                self.show(self.rollout)
+
+    @work(group="monitor-action", exit_on_error=False)
+    async def remedy(self, call: Callable[[], Awaitable[Rollout]], done: str) -> None:
+        with reporting(self):
+            r = await call()
+            self.marked.clear()
+            self.app.notify(f"rollout {r.id[:8]}: {done}, now {r.state}", markup=False)
+            self.show(r)
+
+    def action_retry(self) -> None:
+        chosen = self.chosen()
+        names = ", ".join(d.device_name for d in chosen)
+        options = [("every failed device", "")]
+        if chosen:
+            options.insert(0, (f"selected: {names}"[:60], "selected"))
+
+        def answered(which: str | None) -> None:
+            if which is None:
+                return
+            ids = [d.device_id for d in chosen] if which else []
+            what = f"retried {names}" if which else "retried the failed devices"
+            self.remedy(lambda: self.client.retry_rollout(self.rollout_id, ids, "from the TUI"),
+                        what)  # fmt: skip
+
+        self.app.push_screen(ChoiceScreen(f"Retry devices of rollout {self.rollout_id[:8]} "
+                                          "(fresh retry budget)", options), answered)  # fmt: skip
+
+    def action_skip(self) -> None:
+        chosen = self.chosen()
+        if not chosen:
+            self.app.notify("mark devices with space, or put the cursor on one",
+                            title="Nothing to skip", severity="warning")  # fmt: skip
+            return
+        names = ", ".join(d.device_name for d in chosen)
+        ids = [d.device_id for d in chosen]
+
+        def answered(reason: str | None) -> None:
+            if reason is not None:
+                self.remedy(lambda: self.client.skip_rollout_devices(self.rollout_id, ids, reason),
+                            f"skipped {names}")  # fmt: skip
+
+        self.app.push_screen(
+            PromptScreen(f"Skip {names}? They stay on the version they run and the rollout "
+                         "stops waiting for them.", placeholder="why (required)",
+                         hint="Enter skips, Esc cancels"),
+            answered,
+        )  # fmt: skip
+
+    def action_promote(self) -> None:
+        stage = self.rollout.current_stage + 1 if self.rollout is not None else 1
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.remedy(lambda: self.client.promote_rollout(self.rollout_id, "from the TUI"),
+                            f"stage {stage} promoted")  # fmt: skip
+
+        self.app.push_screen(
+            ConfirmScreen(f"Promote rollout {self.rollout_id[:8]}: pass stage {stage} now, "
+                          "whatever its thresholds and gates say?", yes="Promote"),
+            answered,
+        )  # fmt: skip
+
+    @work(group="monitor-action", exit_on_error=False)
+    async def action_edit(self) -> None:
+        with reporting(self):
+            stages = len(self.rollout.stages) if self.rollout is not None else 1
+            stage = min(self.rollout.current_stage if self.rollout else 0, max(stages - 1, 0))
+            edit = await self.client.rollout_edit(self.rollout_id, stage)
+
+            def answered(choice: tuple[RolloutEdit, str] | None) -> None:
+                if choice is not None:
+                    self.send_update(*choice)
+
+            self.app.push_screen(
+                RolloutEditScreen(f"Edit rollout {self.rollout_id[:8]}: stage {stage + 1} "
+                                  "and pacing", edit), answered)  # fmt: skip
+
+    @work(group="monitor-action", exit_on_error=False)
+    async def send_update(self, edit: RolloutEdit, reason: str) -> None:
+        with reporting(self):
+            reason = reason or "edited in the TUI"
+            r, changes = await self.client.update_rollout(self.rollout_id, edit, reason)
+            self.app.notify("\n".join(changes) or "updated", title=f"rollout {r.id[:8]} updated",
+                            markup=False)  # fmt: skip
             self.show(r)

@@ -548,7 +548,8 @@ class RolloutRow(Base):
     # The RolloutSpec, as plain JSON (rollouts.py reads and writes it).
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     # draft | scheduled | running | waiting_approval | paused | succeeded | aborted
-    state: Mapped[str] = mapped_column(String(20), index=True)
+    # domain.rollout_states.RolloutState's values ("succeeded_with_failures": 23).
+    state: Mapped[str] = mapped_column(String(32), index=True)
     current_stage: Mapped[int] = mapped_column(Integer, default=0)
     # Per stage: started_at, bake_started_at, finished_at, acknowledged counts,
     # verdict and reason.

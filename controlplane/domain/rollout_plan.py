@@ -409,12 +409,11 @@ class _Planner:
         index = s.current_stage
         spec = s.spec.stages[index]
         # Members of dropped classes (reverting, reverted) and skipped ones
-        # no longer count; failures a resume acknowledged leave the
-        # denominator (Meshanics' acknowledged failures).
+        # no longer count; failures a resume acknowledged leave the success
+        # denominator (judge_stage, Acknowledged).
         members = [
             m for m in self.members.values()
             if m.stage == index and m.state not in _OUT_OF_STAGE
-            and not (m.acknowledged and m.state in FAILED_STATES)
         ]  # fmt: skip
         max_silence = spec.gates.max_silence_s
         committed_ids = {m.device_id for m in members if m.state == MemberState.COMMITTED}
@@ -433,10 +432,13 @@ class _Planner:
             failed=sum(m.state in FAILED_STATES or m.device_id in silent for m in members),
             in_progress=sum(m.state in _MOVING for m in members),
         )
-        # Committed members a resume acknowledged: the error threshold
+        # What a resume acknowledged and still is: the error threshold
         # counts what finished after the resume only.
-        acknowledged = sum(m.acknowledged and m.state == MemberState.COMMITTED for m in members)
-        outcome = judge_stage(counts, spec.rule, _acknowledged(acknowledged))
+        acknowledged = Acknowledged(
+            failed=sum(m.acknowledged and m.state in FAILED_STATES for m in members),
+            finished=sum(m.acknowledged and m.state in _FINISHED for m in members),
+        )
+        outcome = judge_stage(counts, spec.rule, acknowledged)
         agreement = s.agreement if spec.shadow else None
         problem = self.problem(spec, outcome, gates, counts, agreement)
         return _Assessment(counts, tuple(gates), agreement, outcome, problem)
@@ -604,10 +606,8 @@ _Why = Callable[[Member], str]
 
 _OUT_OF_STAGE = (MemberState.REVERTING, MemberState.REVERTED, MemberState.SKIPPED)
 _MOVING = (MemberState.WAITING, MemberState.NOTIFIED, MemberState.IN_PROGRESS)
+_FINISHED = (MemberState.COMMITTED, *FAILED_STATES)
 
-
-def _acknowledged(committed: int) -> Acknowledged:
-    return Acknowledged(failed=0, finished=committed)
 
 
 # ---------------------------------------------------------------- applying

@@ -266,7 +266,9 @@ class StageCounts:
 
 @dataclass(frozen=True)
 class Acknowledged:
-    """What `resume` acknowledged: failures (and finished devices) seen so far."""
+    """What `resume` acknowledged and is still so: the stage's members that
+    had failed (and still are failed), and those that had finished (failed
+    or committed) by then."""
 
     failed: int = 0
     finished: int = 0
@@ -317,9 +319,11 @@ def judge_stage(
        This check comes before success: errors are the emergency brake
        (hawkBit's error condition), so a stage that meets its success
        threshold while tripping the error threshold fails.
-    3. Success threshold (hawkBit's success condition): committed / total ≥
-       the threshold (all committed devices count, acknowledged or not).
-       0% succeeds at once; 100% needs every device.
+    3. Success threshold (hawkBit's success condition): committed /
+       counted ≥ the threshold, where counted is the stage's devices less
+       the acknowledged failed ones (Meshanics' acknowledged failures: once
+       an operator resumed past them they no longer hold the stage back).
+       0% succeeds at once; 100% needs every counted device.
     4. When every device has finished and neither threshold decided, the
        stage FAILS: it can no longer reach its success threshold.
     5. Otherwise PENDING, with the numbers so far.
@@ -363,18 +367,27 @@ def judge_stage(
             f"({_pct(rate)}% > {_pct(error)}% error threshold{acked})",
         )
 
-    committed_pct = Fraction(counts.committed * 100, counts.total)
-    if counts.committed * 100 >= success * counts.total:
+    counted = max(0, counts.total - min(acknowledged.failed, counts.failed))
+    acked = counts.total - counted
+    left_out = f", {acked} acknowledged failed left out" if acked else ""
+    if counted == 0:
+        return StageOutcome(
+            Verdict.SUCCEEDED, f"every device of the stage failed and was acknowledged{left_out}"
+        )
+    committed_pct = Fraction(counts.committed * 100, counted)
+    if counts.committed * 100 >= success * counted:
         return StageOutcome(
             Verdict.SUCCEEDED,
-            f"{counts.committed} of {counts.total} devices committed "
+            f"{counts.committed} of {counted} devices committed{left_out} "
             f"({_pct(committed_pct)}% ≥ {_pct(success)}% needed)",
         )
     if finished == counts.total:
+        of = f" of {counted}" if acked else ""
         return StageOutcome(
             Verdict.FAILED,
-            f"all {_devices(counts.total)} finished but only {counts.committed} committed "
-            f"({_pct(committed_pct)}%, {_pct(success)}% needed; {counts.failed} failed)",
+            f"all {_devices(counts.total)} finished but only {counts.committed}{of} committed"
+            f" ({_pct(committed_pct)}%, {_pct(success)}% needed; {counts.failed} failed"
+            f"{left_out})",
         )
     if new_finished < minimum:
         errors = (

@@ -772,7 +772,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         path = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             out.update(_differences(a, b, path + "."))
-        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        elif isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b, strict=True)):
                 if isinstance(x, dict) and isinstance(y, dict):
                     out.update(_differences(x, y, f"{path}[{i}]."))

@@ -1,6 +1,7 @@
 """rollout members a resume acknowledged (issue 21): out of their stage's
 success denominator and error rate from then on; a rollout's members
-revision, bumped when operators change members
+revision, bumped when operators change members; rollout states up to 32
+characters ("succeeded_with_failures")
 
 Revision ID: 0012
 Revises: 0011
@@ -19,6 +20,12 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        # SQLite does not enforce VARCHAR lengths, and widening there would
+        # rebuild the table (batch mode), cascading into rollout_devices.
+        op.alter_column(
+            "rollouts", "state", type_=sa.String(length=32), existing_type=sa.String(length=20)
+        )
     # A plain ADD COLUMN: batch mode would rebuild rollout_devices on SQLite.
     op.add_column(
         "rollout_devices",
@@ -31,5 +38,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(
+            "UPDATE rollouts SET state = 'succeeded' WHERE state = 'succeeded_with_failures'"
+        )
+        op.alter_column(
+            "rollouts", "state", type_=sa.String(length=20), existing_type=sa.String(length=32)
+        )
     op.execute("ALTER TABLE rollouts DROP COLUMN members_revision")
     op.execute("ALTER TABLE rollout_devices DROP COLUMN acknowledged")

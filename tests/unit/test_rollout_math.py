@@ -383,8 +383,16 @@ ACKED = Acknowledged(failed=3, finished=5)
             "2 of 5 newly finished devices failed since resume (40% > 20% error threshold; "
             "3 earlier failed acknowledged)",
         ),
-        # Success counts every committed device, acknowledged or not.
-        (StageCounts(20, 16, 3, 1), Verdict.SUCCEEDED, "16 of 20 devices committed"),
+        # Success counts every committed device, acknowledged or not, over
+        # the devices less the acknowledged failed ones (issue 21).
+        (
+            StageCounts(20, 16, 3, 1),
+            Verdict.SUCCEEDED,
+            "16 of 17 devices committed, 3 acknowledged failed left out",
+        ),
+        # Every device but the acknowledged failed ones committed: 100 % of
+        # those counted.
+        (StageCounts(20, 17, 3, 0), Verdict.SUCCEEDED, "17 of 17 devices committed"),
     ],
 )
 def test_judge_stage_counts_only_new_failures_after_resume(

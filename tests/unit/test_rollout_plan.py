@@ -447,7 +447,7 @@ ACKED_OUT = (stage("one", error_threshold_percent=40), stage("two"))
 ACKNOWLEDGED = [
     Case("acknowledged-failure-leaves-the-denominator",
          snap(member("a0", F, acknowledged=True), members("c", 2, C), NEXT, stages=TWO), NOW,
-         ["judge 0 2/2/0/0", "bake 0", "advance 0"]),
+         ["judge 0 3/2/1/0", "bake 0", "advance 0"]),
     Case("unacknowledged-failure-fails-the-stage",
          snap(member("a0", F), members("c", 2, C), NEXT, stages=TWO), NOW,
          ["judge 0 3/2/1/0", "pause 0"]),

@@ -548,8 +548,10 @@ class RolloutRow(Base):
     # The RolloutSpec, as plain JSON (rollouts.py reads and writes it).
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
     # draft | scheduled | running | waiting_approval | paused | succeeded | aborted
-    # domain.rollout_states.RolloutState's values ("succeeded_with_failures": 23).
-    state: Mapped[str] = mapped_column(String(32), index=True)
+    # domain.rollout_states.RolloutState's values ("succeeded_with_failures":
+    # 23 characters). Still 20 on SQLite, which does not enforce lengths and
+    # could widen it only by rebuilding the table (migration 0012).
+    state: Mapped[str] = mapped_column(String(32).with_variant(String(20), "sqlite"), index=True)
     current_stage: Mapped[int] = mapped_column(Integer, default=0)
     # Per stage: started_at, bake_started_at, finished_at, acknowledged counts,
     # verdict and reason.

@@ -609,7 +609,6 @@ _MOVING = (MemberState.WAITING, MemberState.NOTIFIED, MemberState.IN_PROGRESS)
 _FINISHED = (MemberState.COMMITTED, *FAILED_STATES)
 
 
-
 # ---------------------------------------------------------------- applying
 
 

@@ -368,8 +368,8 @@ def judge_stage(
         )
 
     counted = max(0, counts.total - min(acknowledged.failed, counts.failed))
-    acked = counts.total - counted
-    left_out = f", {acked} acknowledged failed left out" if acked else ""
+    left_out_n = counts.total - counted
+    left_out = f", {left_out_n} acknowledged failed left out" if left_out_n else ""
     if counted == 0:
         return StageOutcome(
             Verdict.SUCCEEDED, f"every device of the stage failed and was acknowledged{left_out}"
@@ -382,7 +382,7 @@ def judge_stage(
             f"({_pct(committed_pct)}% ≥ {_pct(success)}% needed)",
         )
     if finished == counts.total:
-        of = f" of {counted}" if acked else ""
+        of = f" of {counted}" if left_out_n else ""
         return StageOutcome(
             Verdict.FAILED,
             f"all {_devices(counts.total)} finished but only {counts.committed}{of} committed"

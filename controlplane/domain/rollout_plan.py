@@ -354,8 +354,8 @@ class _Planner:
                 changed.append(self.fail(
                     m, MemberEvent.TIME_OUT, f"no result within {pacing.device_timeout_s:g} s"
                 ))  # fmt: skip
-            elif report.state in WORKING and m.state == MemberState.NOTIFIED:
-                changed.append(replace(m, state=MemberState.IN_PROGRESS))
+            elif report.state in WORKING and member_can(m.state, MemberEvent.WORKING):
+                changed.append(replace(m, state=member_transition(m.state, MemberEvent.WORKING)))
         self.change(changed)
 
     def settle(self, m: Member, event: MemberEvent, reason: str) -> Member:

@@ -133,17 +133,19 @@ def start_control_plane(
     workers: int = 1,
     *,
     build_workers: int = 1,
+    edgefleet_cmd: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """server_command in `data` (its log in data/server.log), with
     `build_workers` build workers (and its Prometheus endpoint on
     `metrics_port`); (process, address) once it listens. With `workers` > 1
     the process is a supervisor of that many workers (the build workers are
-    a worker's children), worker i serving its metrics on `metrics_port` + i."""
+    a worker's children), worker i serving its metrics on `metrics_port` + i.
+    `edgefleet_cmd`: another `edgefleet` to run (see edgefleet_command)."""
     data.mkdir(parents=True)
     port_file = data / "port"
     command = server_command(
         data, port_file, build_workers=build_workers, heartbeat_s=heartbeat_s, db=db,
-        metrics_port=metrics_port, workers=workers,
+        metrics_port=metrics_port, workers=workers, edgefleet_cmd=edgefleet_cmd,
     )  # fmt: skip
     with (data / "server.log").open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env())

@@ -185,6 +185,8 @@ class FakeFleet:
 
     def __init__(self) -> None:
         self.devices = list(DEVICES)
+        # Tests may add rollouts in other states.
+        self.rollouts = [ROLLOUT, DONE]
         self.calls: list[tuple[str, object]] = []
         self.events: asyncio.Queue[d.FleetEvent] = asyncio.Queue()
 
@@ -286,10 +288,10 @@ class FakeFleet:
         return []
 
     async def list_rollouts(self) -> list[d.Rollout]:
-        return [ROLLOUT, DONE]
+        return list(self.rollouts)
 
     def _rollout(self, rollout_id: str) -> d.Rollout:
-        for r in (ROLLOUT, DONE):
+        for r in self.rollouts:
             if r.id == rollout_id:
                 return r
         raise ServerError(grpc.StatusCode.NOT_FOUND, f"no rollout with id {rollout_id!r}")
@@ -316,8 +318,20 @@ class FakeFleet:
         self.calls.append(("start", draft))
         return ROLLOUT
 
-    async def rollout_action(self, rollout_id: str, action: str, reason: str = "") -> d.Rollout:
-        self.calls.append((action, rollout_id))
+    def _at_stage(self, r: d.Rollout, stage: int | None) -> None:
+        """The server's guard: a stage named must be the current one."""
+        if stage is not None and stage != r.current_stage:
+            raise ServerError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"rollout {r.id} is at stage {r.current_stage + 1}, not stage "
+                              f"{stage + 1}: nothing done (was it passed already?)")  # fmt: skip
+
+    async def rollout_action(self, rollout_id: str, action: str, reason: str = "",
+                             stage: int | None = None) -> d.Rollout:  # fmt: skip
+        if action == "approve":
+            self._at_stage(self._rollout(rollout_id), stage)
+            self.calls.append((action, (rollout_id, stage)))
+        else:
+            self.calls.append((action, rollout_id))
         return ROLLOUT
 
     async def abort_rollout(self, rollout_id: str, *, revert: bool,
@@ -354,18 +368,21 @@ class FakeFleet:
         self._members(rollout_id, device_ids,
                       frozenset({"waiting", "notified", "in-progress", "failed", "rejected",
                                  "timed-out", "rolled-back"}),
-                      "committed and reverting members are not skipped")  # fmt: skip
+                      "only waiting, notified, installing or failed members are "
+                      "skipped")  # fmt: skip
         self.calls.append(("skip", (tuple(device_ids), reason)))
         return ROLLOUT
 
-    async def promote_rollout(self, rollout_id: str, reason: str = "") -> d.Rollout:
+    async def promote_rollout(self, rollout_id: str, reason: str = "",
+                              stage: int | None = None) -> d.Rollout:  # fmt: skip
         r = self._rollout(rollout_id)
+        self._at_stage(r, stage)
         if not r.active:
             raise ServerError(grpc.StatusCode.FAILED_PRECONDITION,
                               f"rollout {rollout_id} is {r.state.replace('-', ' ')}; promote "
                               "applies to a rollout that is running, waiting approval, "
                               "paused")  # fmt: skip
-        self.calls.append(("promote", rollout_id))
+        self.calls.append(("promote", (rollout_id, stage)))
         return ROLLOUT
 
     def _spec(self, rollout_id: str) -> o.RolloutSpec:

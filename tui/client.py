@@ -155,7 +155,9 @@ class FleetApi(Protocol):
     async def get_rollout(self, rollout_id: str, device_limit: int = 0) -> d.Rollout: ...
     async def plan_rollout(self, draft: d.RolloutDraft) -> d.RolloutPlan: ...
     async def start_rollout(self, draft: d.RolloutDraft) -> d.Rollout: ...
-    async def rollout_action(self, rollout_id: str, action: str, reason: str = "") -> d.Rollout: ...
+    async def rollout_action(
+        self, rollout_id: str, action: str, reason: str = "", stage: int | None = None
+    ) -> d.Rollout: ...
     async def abort_rollout(
         self, rollout_id: str, *, revert: bool, reason: str = ""
     ) -> d.Rollout: ...
@@ -165,7 +167,9 @@ class FleetApi(Protocol):
     async def skip_rollout_devices(
         self, rollout_id: str, device_ids: Sequence[str], reason: str
     ) -> d.Rollout: ...
-    async def promote_rollout(self, rollout_id: str, reason: str = "") -> d.Rollout: ...
+    async def promote_rollout(
+        self, rollout_id: str, reason: str = "", stage: int | None = None
+    ) -> d.Rollout: ...
     async def rollout_edit(self, rollout_id: str, stage: int) -> d.RolloutEdit: ...
     async def update_rollout(
         self, rollout_id: str, edit: d.RolloutEdit, reason: str = ""
@@ -392,11 +396,15 @@ class FleetClient:
         request = o.CreateRolloutRequest(spec=rollout_spec(draft), start=True)
         return rollout_from_pb((await self._call("CreateRollout", request)).rollout)
 
-    async def rollout_action(self, rollout_id: str, action: str, reason: str = "") -> d.Rollout:
-        """`start`, `pause`, `resume` or `approve` (the next stage)."""
+    async def rollout_action(
+        self, rollout_id: str, action: str, reason: str = "", stage: int | None = None
+    ) -> d.Rollout:
+        """`start`, `pause`, `resume` or `approve` (the stage waiting for
+        approval: `stage`, from 0, when given; the server refuses when the
+        rollout is at another, so a repeated approve passes one stage)."""
         methods = {"start": "StartRollout", "pause": "PauseRollout",
                    "resume": "ResumeRollout", "approve": "ApproveRolloutStage"}  # fmt: skip
-        request = o.RolloutActionRequest(id=rollout_id, reason=reason)
+        request = o.RolloutActionRequest(id=rollout_id, reason=reason, stage=stage)
         return rollout_from_pb(await self._call(methods[action], request))
 
     async def abort_rollout(self, rollout_id: str, *, revert: bool, reason: str = "") -> d.Rollout:
@@ -425,9 +433,12 @@ class FleetClient:
         request = o.SkipRolloutDevicesRequest(id=rollout_id, device_ids=device_ids, reason=reason)
         return rollout_from_pb(await self._call("SkipRolloutDevices", request))
 
-    async def promote_rollout(self, rollout_id: str, reason: str = "") -> d.Rollout:
-        """Pass the current stage now, whatever its thresholds say."""
-        request = o.RolloutActionRequest(id=rollout_id, reason=reason)
+    async def promote_rollout(
+        self, rollout_id: str, reason: str = "", stage: int | None = None
+    ) -> d.Rollout:
+        """Pass the current stage now, whatever its thresholds say; with
+        `stage` (from 0) only if the rollout is at that stage still."""
+        request = o.RolloutActionRequest(id=rollout_id, reason=reason, stage=stage)
         return rollout_from_pb(await self._call("PromoteRollout", request))
 
     async def _spec(self, rollout_id: str) -> o.RolloutSpec:
@@ -781,6 +792,7 @@ def rollout_from_pb(m: o.Rollout, *, has_devices: bool = True) -> d.Rollout:
                 failed=s.failed, in_progress=s.in_progress, state=s.state,
                 phase=_enum(o.StagePhase, s.phase), skipped=s.skipped,
                 acknowledged_failed=s.acknowledged_failed, promoted_by=s.promoted_by,
+                waiting=s.waiting,
                 gates=tuple(d.Gate(g.name, g.value, g.limit, g.passing) for g in s.gates),
                 shadow=s.index < len(specs) and specs[s.index].shadow,
                 spec=format_stage(specs[s.index]) if s.index < len(specs) else "",

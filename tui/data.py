@@ -289,6 +289,14 @@ class StageStatus:
     acknowledged_failed: int = 0
     # Who passed it by hand (promote); "" when its thresholds did.
     promoted_by: str = ""
+    # Of in_progress, the members not notified yet (or waiting to retry);
+    # the rest are notified or installing.
+    waiting: int = 0
+
+    @property
+    def installing(self) -> int:
+        """Members notified or installing (in_progress counts waiting ones too)."""
+        return max(self.in_progress - self.waiting, 0)
 
 
 @dataclass(frozen=True)

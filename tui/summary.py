@@ -9,6 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from edgefleet.controlplane.client.format import NONE, format_ago
+from edgefleet.controlplane.domain.rollout_states import (
+    ROLLOUT_TRANSITIONS,
+    RolloutEvent,
+    RolloutState,
+    sources,
+)
 from edgefleet.tui.data import Device, Gate, Rollout
 
 # An accepted device not heard from for this long is "silent" (an alert).
@@ -86,6 +92,34 @@ def summarize(
         if dev.state == "accepted" and not dev.online and seen and now - seen > SILENT_AFTER:
             alerts.append(Alert("silent", dev.name, f"last seen {format_ago(seen, now)}"))
     return FleetSummary(_sorted(states), _sorted(classes), _sorted(versions), tuple(alerts), active)
+
+
+# The monitor's actions and the rollout event each is; the server's table
+# (domain.rollout_states, pure and shared) says in which states each applies.
+ACTION_EVENTS = {
+    "pause": RolloutEvent.PAUSE, "resume": RolloutEvent.RESUME, "approve": RolloutEvent.APPROVE,
+    "abort": RolloutEvent.ABORT, "retry": RolloutEvent.RETRY, "skip": RolloutEvent.SKIP,
+    "promote": RolloutEvent.PROMOTE, "edit": RolloutEvent.UPDATE,
+}  # fmt: skip
+
+
+def _words(state: str) -> str:
+    return state.replace("_", " ").replace("-", " ")
+
+
+def action_refusal(r: Rollout, action: str) -> str:
+    """Why `action` (ACTION_EVENTS) does not apply to `r` in its state, in
+    the server's words; "" when it does (or the state is unknown: the
+    server decides)."""
+    event = ACTION_EVENTS[action]
+    try:
+        state = RolloutState(r.state.replace("-", "_"))
+    except ValueError:
+        return ""
+    if (state, event) in ROLLOUT_TRANSITIONS:
+        return ""
+    where = ", ".join(_words(s.value) for s in sources(event))
+    return f"rollout {r.id[:8]} is {_words(r.state)}; {action} applies to a rollout that is {where}"
 
 
 def format_time(when: datetime | None) -> str:

@@ -564,7 +564,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def ApproveRolloutStage(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
-        return await self._rollout_pb(self._rollouts.approve, who.actor, request.id)
+        stage = request.stage if request.HasField("stage") else None
+        return await self._rollout_pb(self._rollouts.approve, who.actor, request.id, stage)
 
     @rpc("operator")
     async def AbortRollout(
@@ -595,7 +596,10 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def PromoteRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
-        return await self._rollout_pb(self._rollouts.promote, who.actor, request.id, request.reason)
+        stage = request.stage if request.HasField("stage") else None
+        return await self._rollout_pb(
+            self._rollouts.promote, who.actor, request.id, request.reason, stage
+        )
 
     @rpc("operator")
     async def UpdateRollout(

@@ -283,26 +283,51 @@ def rollouts_show(env: Connection, rollout_id: str, as_json: bool) -> None:
     emit(as_json, found, lambda: render.rollout_detail(found, now()))
 
 
+def passed_stage(r: operator_pb2.Rollout) -> int:
+    """The stage (from 0) an approve or a promote just passed: the current
+    one after the last stage, else the one before it (the next started)."""
+    current = r.current_stage
+    done = (operator_pb2.STAGE_PHASE_PASSED, operator_pb2.STAGE_PHASE_PROMOTED)
+    if current < len(r.stages) and r.stages[current].phase in done:
+        return current
+    return max(current - 1, 0)
+
+
 def _action(
     name: str,
     verb: str,
     rpc: Callable[[Connection, operator_pb2.RolloutActionRequest], operator_pb2.Rollout],
     doc: str,
+    *,
+    staged: bool = False,
 ) -> None:
-    """Register `rollouts NAME ID [--reason]`: one RolloutActionRequest RPC."""
+    """Register `rollouts NAME ID [--reason]`: one RolloutActionRequest RPC;
+    `staged` (approve, promote) adds --stage, the stage the operator means
+    to pass, and prints the stage passed."""
 
-    @rollouts.command(name, help=doc)
-    @click.argument("rollout_id", metavar="ID")
-    @click.option("--reason", default="", help="Why, for the audit log.")
-    @json_option
-    @pass_env
-    def command(env: Connection, rollout_id: str, reason: str, as_json: bool) -> None:
-        done = _on_rollout(
-            env,
-            rollout_id,
-            lambda i: rpc(env, operator_pb2.RolloutActionRequest(id=i, reason=reason)),
-        )
-        emit(as_json, done, lambda: render.rollout_action(verb, done))
+    def command(
+        env: Connection, rollout_id: str, reason: str, as_json: bool, stage: int | None = None
+    ) -> None:
+        def call(i: str) -> operator_pb2.Rollout:
+            request = operator_pb2.RolloutActionRequest(id=i, reason=reason)
+            if stage is not None:
+                request.stage = stage - 1  # people count from 1, the API from 0
+            return rpc(env, request)
+
+        done = _on_rollout(env, rollout_id, call)
+        what = f"{verb} stage {passed_stage(done) + 1} of" if staged else verb
+        emit(as_json, done, lambda: render.rollout_action(what, done))
+
+    decorated = click.option("--reason", default="", help="Why, for the audit log.")(
+        json_option(pass_env(command)))  # fmt: skip
+    if staged:
+        decorated = click.option(
+            "--stage", "stage", type=click.IntRange(min=1), metavar="N",
+            help="The stage you mean to pass (from 1, as `show` lists them): refused when the "
+                 "rollout is at another, so a repeated command passes one stage, not two. "
+                 "Default: the current stage.",
+        )(decorated)  # fmt: skip
+    rollouts.command(name, help=doc)(click.argument("rollout_id", metavar="ID")(decorated))
 
 
 _action("start", "started", lambda env, req: env.stub.StartRollout(req),
@@ -313,10 +338,11 @@ _action("resume", "resumed", lambda env, req: env.stub.ResumeRollout(req),
         "Resume a paused rollout. The current stage's failures so far are "
         "acknowledged: only new failures can trip its error threshold again.")  # fmt: skip
 _action("approve", "approved", lambda env, req: env.stub.ApproveRolloutStage(req),
-        "Approve the next stage of a rollout waiting for approval.")  # fmt: skip
+        "Approve the stage a rollout waits at: the next stage starts.", staged=True)  # fmt: skip
 _action("promote", "promoted", lambda env, req: env.stub.PromoteRollout(req),
         "Pass the current stage now, whatever its thresholds and gates say (audited); "
-        "the next stage starts. Refused when every stage passed already.")  # fmt: skip
+        "the next stage starts. Refused when every stage passed already.",
+        staged=True)  # fmt: skip
 
 
 # ------------------------------------------------------------------ remediation
@@ -333,13 +359,22 @@ def _member_ids(env: Connection, rollout_id: str, texts: Sequence[str]) -> list[
         raise CliError(str(err)) from None
 
 
+def _device_texts(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    # "" is a prefix of every id: it would be "ambiguous" among them all.
+    if any(not text.strip() for text in value):
+        raise click.BadParameter("a device id or name must not be empty", ctx, param)
+    return value
+
+
 def _devices_verb(verb: str, ids: Sequence[str]) -> str:
     return f"{verb} {len(ids)} device(s) of" if ids else f"{verb} the failed devices of"
 
 
 @rollouts.command("retry")
 @click.argument("rollout_id", metavar="ID")
-@click.argument("devices", nargs=-1, metavar="[DEVICE]...")
+@click.argument("devices", nargs=-1, metavar="[DEVICE]...", callback=_device_texts)
 @click.option("--reason", default="", help="Why, for the audit log and each device's reason.")
 @json_option
 @pass_env
@@ -363,7 +398,7 @@ def rollouts_retry(
 
 @rollouts.command("skip")
 @click.argument("rollout_id", metavar="ID")
-@click.argument("devices", nargs=-1, required=True, metavar="DEVICE...")
+@click.argument("devices", nargs=-1, required=True, metavar="DEVICE...", callback=_device_texts)
 @click.option("--reason", required=True, help="Why (required): kept on each device and audited.")
 @json_option
 @pass_env

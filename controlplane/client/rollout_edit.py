@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from edgefleet.controlplane.client.format import format_pacing
 from edgefleet.controlplane.client.stages import format_stage, parse_ramp, parse_stage
-from edgefleet.controlplane.client.syntax import parse_duration, resolve_prefix
+from edgefleet.controlplane.client.syntax import parse_duration
 from edgefleet.v1 import operator_pb2
 
 # What UpdateRollout may change per stage: the stage option and the
@@ -183,12 +183,31 @@ def resolve_members(
             by_name.setdefault(m.device_name, []).append(m.device_id)
     out: list[str] = []
     for text in texts:
+        if not text.strip():
+            # "" is a prefix of every id: it would read as "ambiguous".
+            raise ValueError("a device id or name must not be empty")
         if text in ids:
             out.append(text)
         elif len(by_name.get(text, [])) == 1:
             out.append(by_name[text][0])
         elif text in by_name:
-            raise ValueError(f"device name {text!r} is ambiguous in this rollout: use its id")
+            raise ValueError(f"device name {text!r} is ambiguous in this rollout: use one of "
+                             f"its ids: {_some(sorted(by_name[text]))}")  # fmt: skip
         else:
-            out.append(resolve_prefix(text, ids, "device"))
+            starting = sorted({i for i in ids if i.startswith(text)})
+            if len(starting) > 1:
+                raise ValueError(f"device id {text!r} is ambiguous in this rollout: it starts "
+                                 f"{_some(starting)}")  # fmt: skip
+            out.append(starting[0] if starting else text)
     return list(dict.fromkeys(out))
+
+
+# Candidates an ambiguity lists: a 10,000-device rollout must not print them all.
+MAX_CANDIDATES = 5
+
+
+def _some(candidates: Sequence[str]) -> str:
+    """`a, b, c, d, e and 55 more`."""
+    shown = ", ".join(candidates[:MAX_CANDIDATES])
+    rest = len(candidates) - MAX_CANDIDATES
+    return f"{shown} and {rest} more" if rest > 0 else shown

@@ -37,9 +37,16 @@ def _number(key: str, text: str, *, low: float, high: float, low_open: bool = Fa
         raise ValueError(f"{key}={text!r}: not a number") from None
     too_low = value <= low if low_open else value < low
     if not math.isfinite(value) or too_low or value > high:
-        bound = "(" if low_open else "["
-        raise ValueError(f"{key}={text}: must be within {bound}{low:g}, {high:g}]")
+        raise ValueError(f"{key}={text}: must be {_range(low, high, low_open=low_open)}")
     return value
+
+
+def _range(low: float, high: float, *, low_open: bool) -> str:
+    """`within (0, 100]`; with no upper bound `a finite number of at least
+    1` (or `more than 0`): `[1, inf]` reads as if infinity were allowed."""
+    if math.isinf(high):
+        return f"a finite number {'more than' if low_open else 'of at least'} {low:g}"
+    return f"within {'(' if low_open else '['}{low:g}, {high:g}]"
 
 
 def _ratio(key: str, text: str) -> float:

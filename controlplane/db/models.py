@@ -570,8 +570,10 @@ class RolloutRow(Base):
     start_at: Mapped[dt.datetime | None]
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
-    # When notifying started (pacing counts from here).
+    # When notifying started (a ramp counts from here).
     notify_started_at: Mapped[dt.datetime | None]
+    # A fixed rate's next device is due then (domain.rollouts.rate_allowance).
+    paced_until: Mapped[dt.datetime | None]
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[dt.datetime | None]
     # Bumped by operator actions that change members (retry, skip, resume,

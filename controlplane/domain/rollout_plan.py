@@ -65,6 +65,8 @@ from edgefleet.controlplane.domain.rollouts import (
     evaluate_gates,
     judge_stage,
     notify_allowance,
+    rate_allowance,
+    rate_due,
     retry_delay_s,
     should_retry,
 )
@@ -125,6 +127,8 @@ class Snapshot:
     start_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     notify_started_at: dt.datetime | None = None
+    # A fixed rate's next device is due then (rollouts.rate_allowance).
+    paced_until: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     # Followed members' reports (device id -> report).
     reports: Mapping[str, Report] = field(default_factory=dict)
@@ -384,10 +388,17 @@ class _Planner:
         """Waiting members of the stages reached, as many as the pacing
         allows now, NOTIFY_CHUNK at most."""
         s = self.s
+        pacing = s.spec.pacing
         started = s.notify_started_at or self.now
         notified = sum(m.attempts for m in self.members.values())
         elapsed = (self.now - started).total_seconds()
-        allowance = notify_allowance(s.spec.pacing.pacing, elapsed, notified)
+        # The ramp counts from the start (what a minute did not use may be
+        # used later); the fixed rate banks nothing (rate_allowance).
+        ramp = replace(pacing.pacing, max_per_minute=0)
+        allowance = min(
+            notify_allowance(ramp, elapsed, notified),
+            rate_allowance(pacing.max_per_minute, s.paced_until, self.now),
+        )
         ready = [
             m for m in self.members.values()
             if m.state == MemberState.WAITING and m.stage <= s.current_stage
@@ -508,7 +519,7 @@ class _Planner:
     def stage_failed(
         self, spec: StageSpec, index: int, problem: str, gates: Sequence[GateResult]
     ) -> None:
-        reason = f"stage {index + 1} ({spec.name or index + 1}): {problem}"
+        reason = f"stage {index + 1}{f' ({spec.name})' if spec.name else ''}: {problem}"
         if spec.on_failure != ABORT_REVERT:
             self.emit(Pause(index, reason))
             return
@@ -548,7 +559,11 @@ class _Planner:
         dropped = sorted({m.class_name for m in members if "dropped:" in m.reason})
         if dropped:
             parts.append(f"dropped and reverted: {', '.join(dropped)}")
-        state = RolloutState.SUCCEEDED_WITH_FAILURES if failed else RolloutState.SUCCEEDED
+        # A class that failed a gate and went back is a failure of the
+        # version on that class, whatever the others did.
+        state = (
+            RolloutState.SUCCEEDED_WITH_FAILURES if failed or dropped else RolloutState.SUCCEEDED
+        )
         self.emit(Finish(state, "; ".join(parts)))
 
     # ------------------------------------------------------------ revert
@@ -628,7 +643,12 @@ def apply(s: Snapshot, action: Action, now: dt.datetime) -> Snapshot:
                 m, state=member_transition(m.state, MemberEvent.NOTIFY), notified_at=now,
                 attempts=m.attempts + 1, next_attempt_at=None,
             )  # fmt: skip
-        return replace(s, members=members, notify_started_at=s.notify_started_at or now)
+        return replace(
+            s, members=members, notify_started_at=s.notify_started_at or now,
+            paced_until=rate_due(
+                s.spec.pacing.max_per_minute, s.paced_until, now, len(action.device_ids)
+            ),
+        )  # fmt: skip
     if isinstance(action, Revert):
         members = dict(s.members)
         for device_id, _ in action.items:

@@ -6,6 +6,7 @@ a restart or on another replica."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,11 @@ from edgefleet.controlplane.domain.rollouts import (
 )
 
 PAUSE, ABORT_REVERT = "pause", "abort_revert"
+# Bounds on what a spec may say: beyond them a value is a typo, and a bake
+# of 99,999 days would hold the rollout's devices for ever.
+MAX_DURATION_S = 30 * 86400.0
+MAX_RETRIES = 100
+MAX_MIN_FINISHED = 1_000_000
 FAILURE_ACTIONS = (PAUSE, ABORT_REVERT)
 MAX_STAGES = 20
 
@@ -101,10 +107,13 @@ class RolloutSpec:
                 value = getattr(stage, name)
                 if not 0 <= value <= 100:
                     raise SpecError(f"{where}: {name} must be within 0..100, not {value:g}")
-            if stage.min_finished_for_error_threshold < 0:
-                raise SpecError(f"{where}: min_finished must not be negative")
-            if stage.bake_time_s < 0:
-                raise SpecError(f"{where}: bake time must not be negative")
+            if not 0 <= stage.min_finished_for_error_threshold <= MAX_MIN_FINISHED:
+                raise SpecError(
+                    f"{where}: the error threshold's minimum of finished devices must be "
+                    f"within 0..{MAX_MIN_FINISHED:,}"
+                )
+            if not 0 <= stage.bake_time_s <= MAX_DURATION_S:
+                raise SpecError(f"{where}: the bake time must be within 0 s and 30 days")
             if stage.on_failure not in FAILURE_ACTIONS:
                 raise SpecError(f"{where}: on_failure must be one of {', '.join(FAILURE_ACTIONS)}")
             if stage.min_agreement is not None and not 0 <= stage.min_agreement <= 1:
@@ -116,15 +125,25 @@ class RolloutSpec:
             for gate in ("latency_budget_factor", "max_error_rate", "memory_limit_factor",
                          "max_silence_s", "max_agent_memory_mb"):  # fmt: skip
                 value = getattr(stage.gates, gate)
-                if value is not None and value < 0:
-                    raise SpecError(f"{where}: gate {gate} must not be negative")
+                if value is not None and not 0 <= value < math.inf:
+                    raise SpecError(f"{where}: gate {gate} must be a finite number, at least 0")
+            agent_memory = stage.gates.max_agent_memory_mb
+            if agent_memory is not None and agent_memory <= 0:
+                raise SpecError(
+                    f"{where}: gate max_agent_memory_mb must be more than 0 (0 would fail "
+                    "every device); leave it out to turn the gate off"
+                )
         pacing = self.pacing
         if min(pacing.max_per_minute, pacing.ramp_base_per_minute, pacing.device_retries) < 0:
             raise SpecError("pacing values must not be negative")
-        if pacing.ramp_base_per_minute and pacing.ramp_factor < 1:
-            raise SpecError("an exponential ramp needs a factor of at least 1")
-        if pacing.device_timeout_s < 0:
-            raise SpecError("the device timeout must not be negative")
+        if pacing.device_retries > MAX_RETRIES:
+            raise SpecError(f"at most {MAX_RETRIES} retries per device")
+        # `not x >= 1` also refuses NaN; a ramp's factor must be finite, or
+        # the allowance cannot be computed.
+        if pacing.ramp_base_per_minute and not 1 <= pacing.ramp_factor < math.inf:
+            raise SpecError("an exponential ramp needs a finite factor of at least 1")
+        if not 0 <= pacing.device_timeout_s <= MAX_DURATION_S:
+            raise SpecError("the device timeout must be within 0 s (none) and 30 days")
 
     def to_dict(self) -> dict[str, Any]:
         document = asdict(self)

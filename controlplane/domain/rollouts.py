@@ -13,6 +13,7 @@ from 1 ("stage 1").
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -643,6 +644,41 @@ def _ramp_allowed(base: int, factor: float, elapsed_s: float) -> int:
             rate_f *= factor
         rate = math.floor(rate_f)
     return done + math.floor(rate * into / 60.0) + 1
+
+
+# How early a fixed rate lets a device go (rate_allowance's tolerance): the
+# orchestrator looks twice a second, so at high rates a tick must be able to
+# notify what half a second allows; at low rates it bounds a burst to one
+# device more in any 60 s.
+RATE_TOLERANCE_S = 1.0
+
+
+def rate_allowance(max_per_minute: int, due: dt.datetime | None, now: dt.datetime) -> int:
+    """How many devices a fixed rate of `max_per_minute` (0: none) allows
+    now, `due` the time the next one is due (None: now).
+
+    The generic cell rate algorithm (virtual scheduling): one device every
+    60/N s, each allowed at most RATE_TOLERANCE_S before it is due. Time
+    nothing was notified in is not banked: after a bake, a pause, a promote
+    or a restart the devices go out at the rate, not in one burst (the
+    earlier allowance, counted from the rollout's start, sent a bake's worth
+    at once). Pair with rate_due to move `due` on."""
+    if max_per_minute <= 0:
+        return UNLIMITED
+    interval = 60.0 / max_per_minute
+    start = now if due is None or due < now else due
+    early = RATE_TOLERANCE_S - (start - now).total_seconds()
+    return 0 if early < 0 else math.floor(early / interval) + 1
+
+
+def rate_due(
+    max_per_minute: int, due: dt.datetime | None, now: dt.datetime, sent: int
+) -> dt.datetime | None:
+    """When the next device is due after `sent` more went out now."""
+    if max_per_minute <= 0 or sent <= 0:
+        return due
+    start = now if due is None or due < now else due
+    return start + dt.timedelta(seconds=sent * 60.0 / max_per_minute)
 
 
 def notify_allowance(pacing: Pacing, elapsed_s: float, notified_so_far: int) -> int:

@@ -207,8 +207,14 @@ class Orchestrator:
         self._forget_all_but(ids)
         more = False
         for rollout_id in ids:
-            if self._take_lease(rollout_id):
+            if not self._take_lease(rollout_id):
+                continue
+            try:
                 more = self.drive(rollout_id).more or more
+            except Exception:
+                # One rollout's failing step (a bug, a spec an older server
+                # let through) must not hold back every other rollout.
+                log.exception("rollout %s: step failed; the next tick tries again", rollout_id)
         return more
 
     def _forget_all_but(self, ids: Iterable[str]) -> None:
@@ -354,7 +360,8 @@ class _Applier:
             rollout_id=row.id, state=state, spec=self.spec, current_stage=row.current_stage,
             stages=stages, members=members, reason=row.reason, abort_mode=row.abort_mode,
             start_at=row.start_at, started_at=row.started_at,
-            notify_started_at=row.notify_started_at, finished_at=row.finished_at,
+            notify_started_at=row.notify_started_at, paced_until=row.paced_until,
+            finished_at=row.finished_at,
         )  # fmt: skip
         if state is RolloutState.ABORTED or state in ACTIVE:
             snapshot = replace(snapshot, reports=self.reports(members))
@@ -648,7 +655,7 @@ class _Applier:
         if s.state != row.state:
             row.state = s.state.value
         for name in ("reason", "abort_mode", "current_stage", "started_at",
-                     "notify_started_at", "finished_at"):  # fmt: skip
+                     "notify_started_at", "paced_until", "finished_at"):  # fmt: skip
             if getattr(row, name) != getattr(s, name):
                 setattr(row, name, getattr(s, name))
         stages = write_stages(list(s.stages))

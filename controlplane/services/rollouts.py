@@ -445,20 +445,34 @@ class RolloutService:
             )
         row.stages = write_stages(stages)
 
-    def approve(self, actor: str, rollout_id: str) -> RolloutView:
+    @staticmethod
+    def _at_stage(row: RolloutRow, stage: int | None) -> None:
+        """Refuse when the operator meant another stage than the current one
+        (a repeated promote would otherwise pass the next stage too)."""
+        if stage is not None and stage != row.current_stage:
+            raise FailedPrecondition(
+                f"rollout {row.id} is at stage {row.current_stage + 1}, not stage {stage + 1}: "
+                "nothing done (was it passed already?)"
+            )
+
+    def approve(self, actor: str, rollout_id: str, stage: int | None = None) -> RolloutView:
         def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            self._at_stage(row, stage)
             row.state = rollout_transition(row.id, row.state, RolloutEvent.APPROVE)
             advance_stage(uow.session, row, utcnow())
             row.reason = ""
 
         return self._act(actor, rollout_id, "approve", change)
 
-    def promote(self, actor: str, rollout_id: str, reason: str) -> RolloutView:
+    def promote(
+        self, actor: str, rollout_id: str, reason: str, stage: int | None = None
+    ) -> RolloutView:
         """Pass the current stage now, whatever its thresholds and gates say
         (Argo Rollouts' promote): the next stage starts; after the last, the
         rollout finishes once every member settled."""
 
         def change(uow: UnitOfWork, row: RolloutRow) -> None:
+            self._at_stage(row, stage)
             row.state = rollout_transition(row.id, row.state, RolloutEvent.PROMOTE)
             stages = read_stages(row.stages, len(row.spec["stages"]))
             if stages[row.current_stage].phase in (StagePhase.PASSED, StagePhase.PROMOTED):
@@ -469,7 +483,7 @@ class RolloutService:
             advance_stage(uow.session, row, utcnow(), promoted_by=actor)
             row.reason = ""
 
-        return self._act(actor, rollout_id, "promote", change, reason=reason)
+        return self._act(actor, rollout_id, "promote", change, reason=reason, stage=stage)
 
     def retry(
         self, actor: str, rollout_id: str, device_ids: Sequence[str], reason: str
@@ -525,8 +539,8 @@ class RolloutService:
             if not reason.strip():
                 raise InvalidArgument("say why the devices are skipped (--reason)")
             members = self._members(uow.session, row.id, device_ids)
-            self._refuse(members, MemberEvent.SKIP, "committed and reverting members are "
-                         "not skipped")  # fmt: skip
+            self._refuse(members, MemberEvent.SKIP, "only waiting, notified, installing or "
+                         "failed members are skipped")  # fmt: skip
             row.members_revision += 1
             for m in members:
                 m.state = member_transition(m.state, MemberEvent.SKIP)
@@ -539,27 +553,28 @@ class RolloutService:
         """Change the thresholds, gates, bake times, approvals, on-failure
         actions and pacing of a rollout not finished; its model, cohort and
         stage sizes stay (its members are planned by them)."""
-        self._spec(spec)
         changes: dict[str, Any] = {}
 
         def change(uow: UnitOfWork, row: RolloutRow) -> None:
             rollout_transition(row.id, row.state, RolloutEvent.UPDATE)
             old = RolloutSpec.from_dict(row.spec)
-            fixed = {
-                "model": (old.model_name, old.model_version),
-                "classes": old.class_names, "labels": old.label_selector,
-                "dynamic": old.dynamic, "number of stages": len(old.stages),
-            }  # fmt: skip
-            new = {
-                "model": (spec.model_name, spec.model_version),
-                "classes": spec.class_names, "labels": spec.label_selector,
-                "dynamic": spec.dynamic, "number of stages": len(spec.stages),
-            }  # fmt: skip
-            for name, value in fixed.items():
-                if new[name] != value:
+            # What cannot change is checked first: its message is the useful
+            # one (a stage added fails the sizes' validation too).
+            for name, was, now in (
+                ("model", f"{old.model_name}@{old.model_version}",
+                 f"{spec.model_name}@{spec.model_version}"),
+                ("classes", ", ".join(old.class_names) or "none",
+                 ", ".join(spec.class_names) or "none"),
+                ("label selector", _labels(old.label_selector), _labels(spec.label_selector)),
+                ("dynamic cohort", str(old.dynamic).lower(), str(spec.dynamic).lower()),
+                ("number of stages", str(len(old.stages)), str(len(spec.stages))),
+            ):  # fmt: skip
+                if was != now:
                     raise InvalidArgument(
-                        f"a rollout's {name} cannot change (it is {value!r}); create another"
+                        f"a rollout's {name} cannot change (it is {was}, not {now}); "
+                        "create another rollout"
                     )
+            self._spec(spec)
             for index, (a, b) in enumerate(zip(old.stages, spec.stages, strict=True)):
                 if (a.percent, a.count, a.stratified, a.shadow) != (
                     b.percent, b.count, b.stratified, b.shadow
@@ -762,6 +777,10 @@ def abort(row: RolloutRow, mode: str, reason: str) -> None:
     row.reason = reason
     if mode == KEEP:
         row.finished_at = utcnow()
+
+
+def _labels(selector: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(selector.items())) or "none"
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:

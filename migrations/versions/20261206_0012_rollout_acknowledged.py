@@ -1,7 +1,7 @@
 """rollout members a resume acknowledged (issue 21): out of their stage's
 success denominator and error rate from then on; a rollout's members
-revision, bumped when operators change members; rollout states up to 32
-characters ("succeeded_with_failures")
+revision, bumped when operators change members; when a fixed rate's next
+device is due; rollout states up to 32 characters ("succeeded_with_failures")
 
 Revision ID: 0012
 Revises: 0011
@@ -35,6 +35,7 @@ def upgrade() -> None:
         "rollouts",
         sa.Column("members_revision", sa.Integer(), server_default="0", nullable=False),
     )
+    op.add_column("rollouts", sa.Column("paced_until", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
@@ -45,5 +46,6 @@ def downgrade() -> None:
         op.alter_column(
             "rollouts", "state", type_=sa.String(length=20), existing_type=sa.String(length=32)
         )
+    op.execute("ALTER TABLE rollouts DROP COLUMN paced_until")
     op.execute("ALTER TABLE rollouts DROP COLUMN members_revision")
     op.execute("ALTER TABLE rollout_devices DROP COLUMN acknowledged")

@@ -333,6 +333,10 @@ async def test_abort_a_rollout_and_see_devices_revert(
             devices = monitor.query_one("#devices", DataTable)
             await until(pilot, lambda: sum(r[3] == "committed" for r in _rows(devices)) == 2,
                         "the first stage committed")  # fmt: skip
+            # The next stage's devices are not notified yet: waiting, not "moving".
+            await until(pilot, lambda: str(monitor.query_one("#stage-1 .stage-counts", Label)
+                                           .render()) == "0/2 pending, 2 waiting",
+                        "the second stage waiting")  # fmt: skip
             await pilot.press("x")
             await until(pilot, lambda: app.screen.query_one("#revert"), "the abort dialog")
             await pilot.press("ctrl+y")
@@ -354,6 +358,12 @@ async def _wait_rollout(op: og.OperatorServiceStub, rollout_id: str,
             return rollout
         await asyncio.sleep(0.1)
     raise AssertionError(f"rollout did not get there: {rollout}")
+
+
+def _dialog_errors(app: EdgeFleetApp) -> str:
+    """What the open dialog says is wrong with its input ("" if nothing)."""
+    errors = app.screen.query_one("#dialog-errors", Static)
+    return str(errors.render()) if errors.display else ""
 
 
 def _notified(app: EdgeFleetApp, text: str, severity: str = "information") -> bool:
@@ -424,15 +434,18 @@ async def test_retry_skip_and_promote_from_the_monitor(
                                                  "error"), "the refusal")  # fmt: skip
             assert not any("RpcError" in n.message for n in app._notifications)
 
-            # Skip the failed device: a reason is required, then it is skipped.
+            # Skip the failed device: a reason is required (said in the
+            # dialog, which stays open for it), then it is skipped.
             devices.move_cursor(row=0)
             await pilot.press("space", "s")
-            await until(pilot, lambda: app.screen.query_one("#prompt", Input), "the reason prompt")
+            prompt = await until(pilot, lambda: app.screen.query_one("#prompt", Input),
+                                 "the reason prompt")  # fmt: skip
+            dialog = app.screen
             await pilot.press("enter")  # no reason: nothing sent
-            await until(pilot, lambda: _notified(app, "say why", "error"), "reason required")
-            await pilot.press("s")
-            prompt = await until(pilot, lambda: app.screen.query_one("#prompt", Input), "prompt")
-            prompt.value = "flaky board"
+            await until(pilot, lambda: "say why" in _dialog_errors(app), "reason required")
+            assert app.screen is dialog
+            await pilot.press(*"flaky", "space", *"board")  # typed into the dialog
+            assert prompt.value == "flaky board" and "PAUSED" in _title(monitor)
             await pilot.press("enter")
             await until(pilot, lambda: any(r[3] == "skipped" for r in _rows(devices)),
                         "the device skipped")  # fmt: skip
@@ -452,6 +465,18 @@ async def test_retry_skip_and_promote_from_the_monitor(
             assert "promoted by bootstrap-admin" in stage_one and "1 skipped" in stage_one
         done = await op.GetRollout(o.GetRolloutRequest(id=rollout_id), metadata=ADMIN)
         assert done.stages[0].phase == o.STAGE_PHASE_PROMOTED
+        audit = await op.ListAuditLog(o.ListAuditLogRequest(limit=50), metadata=ADMIN)
+        assert len([e for e in audit.entries if e.action == "rollout.promote"]) == 1
+        # The client names the stage it promotes: the same promote again
+        # (a second key press on a stale screen) passes nothing more.
+        client = FleetClient(cp.address, ADMIN_TOKEN)
+        try:
+            with pytest.raises(ServerError) as again:
+                await client.promote_rollout(rollout_id, "again", stage=0)
+            assert again.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "is at stage 2, not stage 1" in again.value.message
+        finally:
+            await client.close()
 
 
 async def test_edit_a_rollout_from_the_monitor(
@@ -489,6 +514,16 @@ async def test_edit_a_rollout_from_the_monitor(
                                and app.screen, "the edit form")  # fmt: skip
             form.query_one("#bake", Input).value = "soon"
             await pilot.press("ctrl+s")
-            await until(pilot, lambda: _notified(app, "'soon' is not a duration", "error"),
+            # Said in the form, which stays open with what was typed.
+            await until(pilot, lambda: "'soon' is not a duration" in _dialog_errors(app),
                         "the input error")  # fmt: skip
-            assert monitor.is_attached
+            assert app.screen is form and form.query_one("#bake", Input).value == "soon"
+            await pilot.press("escape")
+            await until(pilot, lambda: app.screen is monitor, "the monitor again")
+            # An aborted rollout is not edited: said at once, no form opens.
+            await op.AbortRollout(o.AbortRolloutRequest(id=rollout_id), metadata=ADMIN)
+            await until(pilot, lambda: "ABORTED" in _title(monitor), "the rollout aborted")
+            await pilot.press("e")
+            await until(pilot, lambda: _notified(app, "edit applies to a rollout that is draft",
+                                                 "warning"), "edit refused")  # fmt: skip
+            assert app.screen is monitor

@@ -24,7 +24,7 @@ from edgefleet.controlplane.client.rollout_edit import (
     edit_stage,
     resolve_members,
 )
-from edgefleet.controlplane.client.stages import format_stage, parse_stage
+from edgefleet.controlplane.client.stages import format_stage, parse_ramp, parse_stage
 from edgefleet.controlplane.server import ControlPlane
 from edgefleet.sim import Fleet, parse_profile
 from edgefleet.v1 import operator_pb2 as o
@@ -64,7 +64,7 @@ def test_edit_stage(stage: str, changes: dict[str, str], expected: str) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"latency": "0"}, "stage 1: latency=0: must be within (0, inf]"),
+        ({"latency": "0"}, "stage 1: latency=0: must be a finite number more than 0"),
         ({"agreement": "0.5"}, "agreement= applies to shadow stages only"),
         ({"size": "3"}, "'size' cannot be changed; these can: success, errors"),
         ({"approve": "maybe"}, "approve=maybe: write on or off"),
@@ -109,6 +109,48 @@ def test_resolve_members_by_id_short_id_or_name() -> None:
         resolve_members(["pi-2"], members)
     with pytest.raises(ValueError, match="ambiguous"):
         resolve_members(["ab"], members)
+
+
+def test_resolve_members_refuses_an_empty_text_and_lists_few_candidates() -> None:
+    members = [o.RolloutDevice(device_id=f"ab{i:02d}" + "0" * 12, device_name="pi")
+               for i in range(8)]  # fmt: skip
+    # "" starts every id: not "ambiguous among them all", but refused as empty.
+    for empty in ("", " "):
+        with pytest.raises(ValueError, match=r"^a device id or name must not be empty$"):
+            resolve_members([empty], members)
+    with pytest.raises(ValueError) as by_name:
+        resolve_members(["pi"], members)
+    assert str(by_name.value) == (
+        "device name 'pi' is ambiguous in this rollout: use one of its ids: "
+        "ab00000000000000, ab01000000000000, ab02000000000000, ab03000000000000, "
+        "ab04000000000000 and 3 more"
+    )
+    with pytest.raises(ValueError) as by_prefix:
+        resolve_members(["ab0"], members)
+    assert str(by_prefix.value).endswith("ab04000000000000 and 3 more")
+    assert str(by_prefix.value).startswith("device id 'ab0' is ambiguous in this rollout: ")
+    with pytest.raises(ValueError) as five:
+        resolve_members(["pi"], members[:5])
+    assert "more" not in str(five.value) and "ab04000000000000" in str(five.value)
+
+
+@pytest.mark.parametrize(
+    ("parse", "message"),
+    [
+        # No upper bound: "within [1, inf]" read as if infinity were allowed.
+        (lambda: parse_ramp("1:inf"), "factor=inf: must be a finite number of at least 1"),
+        (lambda: parse_ramp("1:0.5"), "factor=0.5: must be a finite number of at least 1"),
+        (lambda: parse_stage("1,memory=inf"), "memory=inf: must be a finite number more than 0"),
+        (lambda: parse_stage("1,agent-memory=-1"),
+         "agent-memory=-1: must be a finite number of at least 0"),
+        # A bounded range still reads as one.
+        (lambda: parse_stage("1,success=0"), "success=0: must be within (0, 100]"),
+    ],
+)  # fmt: skip
+def test_number_ranges_read_right(parse: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse()
+    assert str(info.value) == message
 
 
 # ------------------------------------------------------------------ against a server
@@ -230,9 +272,15 @@ async def test_retry_skip_and_promote_remedy_a_paused_rollout(world: World) -> N
     result = await world.cli("rollouts", "skip", short, bad)
     assert result.exit_code == 2 and "Missing option '--reason'" in result.stderr
     err = await world.refused("rollouts", "skip", short, good, "--reason", "x")
-    assert err.startswith("error: FAILED_PRECONDITION: committed and reverting members")
+    assert err.startswith("error: FAILED_PRECONDITION: ") and "(committed)" in err
     err = await world.refused("rollouts", "skip", short, "no-such-device", "--reason", "x")
     assert err.startswith("error: NOT_FOUND: not in rollout")
+    # An empty device is refused as such, before any call (not "ambiguous").
+    for args in (("skip", short, "", "--reason", "x"), ("retry", short, bad, " ")):
+        result = await world.cli("rollouts", *args)
+        assert result.exit_code == 2, result.output
+        assert "a device id or name must not be empty" in result.stderr
+        assert "ambiguous" not in result.stderr
     out = squash(await world.ok("rollouts", "skip", short, bad, "--reason", "bad board"))
     assert out.startswith(f"skipped 1 device(s) of rollout {short} (digits@2.0.0): now paused")
     out = squash(await world.ok("rollouts", "show", short))
@@ -240,8 +288,17 @@ async def test_retry_skip_and_promote_remedy_a_paused_rollout(world: World) -> N
 
     # Promote: the stage passes now; the second stage tolerates half failing,
     # so the rollout ends succeeded with failures (the other gateway).
-    out = squash(await world.ok("rollouts", "promote", short, "--reason", "pis are fine"))
-    assert out.startswith(f"promoted rollout {short} (digits@2.0.0): now running")
+    # --stage names the stage meant (from 1): another is refused, nothing done.
+    err = await world.refused("rollouts", "promote", short, "--stage", "2")
+    assert err.startswith(f"error: FAILED_PRECONDITION: rollout {rollout_id} is at stage 1, "
+                          "not stage 2")  # fmt: skip
+    assert (await world.get(rollout_id)).current_stage == 0
+    out = squash(await world.ok("rollouts", "promote", short, "--stage", "1", "--reason",
+                                "pis are fine"))  # fmt: skip
+    assert out.startswith(f"promoted stage 1 of rollout {short} (digits@2.0.0): now running")
+    # The same command again passes no second stage.
+    err = await world.refused("rollouts", "promote", short, "--stage", "1")
+    assert "is at stage 2, not stage 1" in err
     done = await world.wait(rollout_id, _state(o.ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES))
     assert done.stages[0].phase == o.STAGE_PHASE_PROMOTED
     assert done.stages[0].promoted_by == "bootstrap-admin"
@@ -268,6 +325,28 @@ async def test_retry_skip_and_promote_remedy_a_paused_rollout(world: World) -> N
     assert err.startswith("error: NOT_FOUND: no rollout with id 'nope'")
 
 
+async def test_approve_names_the_stage_it_passes(world: World) -> None:
+    request = o.CreateRolloutRequest(
+        spec=o.RolloutSpec(model_name="digits", model_version="2.0.0", class_names=["pi"],
+                           stages=[parse_stage("1,approve"), parse_stage("100%")]),
+        start=True,
+    )  # fmt: skip
+    rollout_id = (await world.setup.op.CreateRollout(request, metadata=ADMIN)).rollout.id
+    short = rollout_id[:8]
+    await world.wait(rollout_id, _state(o.ROLLOUT_STATE_WAITING_APPROVAL))
+    err = await world.refused("rollouts", "approve", short, "--stage", "2")
+    assert err.startswith(f"error: FAILED_PRECONDITION: rollout {rollout_id} is at stage 1, "
+                          "not stage 2")  # fmt: skip
+    out = squash(await world.ok("rollouts", "approve", short, "--stage", "1"))
+    assert out.startswith(f"approved stage 1 of rollout {short} (digits@2.0.0): now "), out
+    # A repeated approve (a retried script) passes no second stage.
+    err = await world.refused("rollouts", "approve", short, "--stage", "1")
+    assert "is at stage 2, not stage 1" in err
+    result = await world.cli("rollouts", "approve", short, "--stage", "0")
+    assert result.exit_code == 2
+    await world.wait(rollout_id, _state(o.ROLLOUT_STATE_SUCCEEDED))
+
+
 async def test_update_changes_only_what_was_given(world: World) -> None:
     rollout_id = await world.create("1,name=canary,approve", "100%", start=False)
     short = rollout_id[:8]
@@ -289,7 +368,8 @@ async def test_update_changes_only_what_was_given(world: World) -> None:
     # change, an ended rollout (FAILED_PRECONDITION), an unknown one.
     err = await world.refused("rollouts", "update", short, "--max-per-minute", "50")
     assert err.startswith("error: INVALID_ARGUMENT: the spec is the rollout's already")
-    for args, message in ((["--latency", "0"], "latency=0: must be within (0, inf]"),
+    for args, message in ((["--latency", "0"], "latency=0: must be a finite number more than 0"),
+                          (["--ramp", "1:inf"], "factor=inf: must be a finite number of at least"),
                           (["--stage", "3", "--bake", "1m"], "there is no stage 3"),
                           ([], "say what to change"),
                           (["--stage", "1", "--retries", "2"], "give one")):  # fmt: skip

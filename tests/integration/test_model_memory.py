@@ -71,10 +71,14 @@ def fresh_measure(path: Path) -> float:
     ).added_memory_mb
 
 
-def agrees(agent_mb: float, fresh_mb: float) -> bool:
-    """Within a few MB (or a third, for a large model): the agent's process
-    has run other loads, and malloc reuses and fragments what they freed."""
-    return abs(agent_mb - fresh_mb) <= max(5.0, fresh_mb / 3)
+def agrees(agent_mb: float, fresh_mb: float, path: Path) -> bool:
+    """At least the weights the model holds, and at most the fresh figure
+    plus a few MB (or a third, for a large model). Not closer: the agent's
+    process has run other loads, malloc reuses and fragments what they
+    freed, and on a loaded machine the fresh child's figure itself varies by
+    several MB (a session's arenas and threads)."""
+    weights_mb = path.stat().st_size / 2**20
+    return 0.9 * weights_mb <= agent_mb <= fresh_mb + max(5.0, fresh_mb / 3)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +103,7 @@ def test_each_loaded_model_reports_what_a_fresh_measure_says_it_adds(
             fresh = fresh_measure(path)
             agent = loaded[name].memory_mb
             assert agent > 1.0, (name, agent)
-            assert agrees(agent, fresh), (name, agent, fresh)
+            assert agrees(agent, fresh, models[name]), (name, agent, fresh)
         # The larger weights add more, in the agent as in the child.
         assert loaded["large"].memory_mb > loaded["small"].memory_mb
 
@@ -137,7 +141,8 @@ def test_loads_at_once_take_turns_so_each_figure_is_its_own(models: dict[str, Pa
         for thread in threads:
             thread.join(60)
         for name, path in models.items():
-            assert figures[name] > 1.0 and agrees(figures[name], fresh_measure(path)), figures
+            fresh = fresh_measure(path)
+            assert figures[name] > 1.0 and agrees(figures[name], fresh, path), (figures, fresh)
     finally:
         host.close()
 

@@ -489,7 +489,9 @@ async def test_a_class_failing_a_gate_is_dropped_and_reverted_while_the_others_c
             _stage(100.0, bake_time=_seconds(3), on_failure=o.FAILURE_ACTION_ABORT_REVERT,
                    gates=o.HealthGates(latency_budget_factor=1.0)),
         )  # fmt: skip
-        done = await world.wait(rollout.id, lambda r: r.state == o.ROLLOUT_STATE_SUCCEEDED)
+        done = await world.wait(
+            rollout.id, lambda r: r.state == o.ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES
+        )
         assert "dropped and reverted: gw" in done.reason, done.reason
         by_class = {(d.class_name, d.state) for d in done.devices}
         assert by_class == {(PI, o.ROLLOUT_DEVICE_STATE_COMMITTED),

@@ -121,10 +121,16 @@ def _spec(gates: Gates) -> RolloutSpec:
     )
 
 
-def test_the_spec_refuses_a_negative_agent_memory_gate() -> None:
-    with pytest.raises(SpecError, match="max_agent_memory_mb must not be negative"):
+def test_the_spec_refuses_an_agent_memory_gate_that_fails_every_device() -> None:
+    with pytest.raises(SpecError, match="max_agent_memory_mb must be a finite number"):
         _spec(Gates(max_agent_memory_mb=-1)).validate()
-    _spec(Gates(max_agent_memory_mb=0)).validate()
+    for nonsense in (math.nan, math.inf):
+        with pytest.raises(SpecError, match="must be a finite number"):
+            _spec(Gates(max_agent_memory_mb=nonsense)).validate()
+    # 0 would fail every device: leave the gate out instead.
+    with pytest.raises(SpecError, match="more than 0"):
+        _spec(Gates(max_agent_memory_mb=0)).validate()
+    _spec(Gates(max_agent_memory_mb=0.5)).validate()
 
 
 def test_the_agent_memory_gate_round_trips_the_api_and_the_stored_spec() -> None:
@@ -152,6 +158,6 @@ def test_the_stage_syntax_reads_and_writes_the_agent_memory_gate() -> None:
     assert stage.gates.max_agent_memory_mb == 120
     assert format_stage(stage) == "2,stratified,memory=0.2,agent-memory=120"
     assert not operator_pb2.StageSpec().gates.HasField("max_agent_memory_mb")
-    for bad, says in (("agent-memory=-5", "must be within"), ("agent-memory=lots", "not a number")):
+    for bad, says in (("agent-memory=-5", "at least 0"), ("agent-memory=lots", "not a number")):
         with pytest.raises(ValueError, match=says):
             parse_stage(f"10%,{bad}")

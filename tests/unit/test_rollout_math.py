@@ -4,6 +4,8 @@ pacing, timeouts and retries. Pure functions, so plain tables."""
 
 from __future__ import annotations
 
+import bisect
+import datetime as dt
 import math
 import random
 from collections import Counter
@@ -12,6 +14,7 @@ from fractions import Fraction
 import pytest
 
 from edgefleet.controlplane.domain.rollouts import (
+    RATE_TOLERANCE_S,
     UNLIMITED,
     Acknowledged,
     ClassLimits,
@@ -33,6 +36,8 @@ from edgefleet.controlplane.domain.rollouts import (
     late_stage,
     notify_allowance,
     plan_stages,
+    rate_allowance,
+    rate_due,
     retry_delay_s,
     should_retry,
     stage_target,
@@ -738,3 +743,27 @@ def test_retry_delay_defaults() -> None:
 )
 def test_should_retry(attempts: int, retries: int, expected: bool) -> None:
     assert should_retry(attempts, retries) is expected
+
+
+@pytest.mark.parametrize("per_minute", [1, 2, 30, 100, 10_000])
+def test_a_fixed_rate_sends_at_most_n_in_any_minute_however_long_it_was_quiet(
+    per_minute: int,
+) -> None:
+    """Ticks every 0.5 s for 3 minutes, after 10 quiet minutes (a bake): no
+    60 s window holds more than N + what RATE_TOLERANCE_S lets go early,
+    and the rate is kept (N a minute, give or take one)."""
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    due = start - dt.timedelta(minutes=10)
+    sent: list[float] = []
+    for tick in range(360):
+        now = start + dt.timedelta(seconds=tick / 2)
+        n = rate_allowance(per_minute, due, now)
+        due = rate_due(per_minute, due, now, n)
+        sent += [tick / 2] * n
+    early = 1 + math.floor(per_minute * RATE_TOLERANCE_S / 60)
+    # `sent` is in time order: each window counted by bisection.
+    for i, t in enumerate(sent):
+        assert bisect.bisect_left(sent, t + 60) - i <= per_minute + early
+    in_second_minute = bisect.bisect_left(sent, 120) - bisect.bisect_left(sent, 60)
+    assert abs(in_second_minute - per_minute) <= 1
+    assert rate_allowance(0, None, start) == UNLIMITED

@@ -6,16 +6,19 @@ deliberate change; look at the SVGs in tests/__snapshots__ before committing."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 
 import grpc
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Input, OptionList
+from textual.widgets import DataTable, Input, Label, OptionList, Static
 
+from edgefleet.tui import data as d
 from edgefleet.tui.app import EdgeFleetApp, make_app
 from edgefleet.tui.client import ServerError
-from edgefleet.tui.screens.modals import ConfirmScreen
-from testkit.tui_fake import NOW, FakeFleet
+from edgefleet.tui.screens.modals import ConfirmScreen, PromptScreen, RolloutEditScreen
+from edgefleet.tui.screens.monitor import MonitorScreen
+from testkit.tui_fake import DONE, NOW, ROLLOUT, FakeFleet
 
 SIZE = (80, 24)
 
@@ -78,6 +81,9 @@ CASES = {
                                           "gates": "memory=0.2"}, ["ctrl+r"]),
     "monitor": _keys("5", "enter"),
     "abort_dialog": _keys("5", "enter", "x"),
+    # Invalid input is shown in the dialog, which stays open.
+    "skip_reason_required": _keys("5", "enter", "s", "enter"),
+    "edit_form_error": _typed(["5", "enter", "e"], {"success": "abc"}, ["ctrl+s"]),
     "telemetry": _keys("6"),
     "audit": _keys("7"),
     "help": _keys("question_mark"),
@@ -150,10 +156,152 @@ async def test_monitor_retries_skips_promotes_and_edits_through_the_client() -> 
         await _keys("enter")(pilot)
         assert ("skip", (("2",), "bad board")) in fleet.calls
         await _keys("g", "y")(pilot)
-        assert ("promote", "r0000001-aaaa-4bbb-8ccc-000000000000") in fleet.calls
+        # The stage shown (stage 2, from 0: 1) goes with the promote.
+        assert ("promote", ("r0000001-aaaa-4bbb-8ccc-000000000000", 1)) in fleet.calls
         await _keys("e")(pilot)
         assert pilot.app.screen.query_one("#errors", Input).value == ""
         pilot.app.screen.query_one("#errors", Input).value = "20/3"
         await _keys("ctrl+s")(pilot)
         assert any("stage 2: 100%,latency=1 -> 100%,errors=20/3,latency=1" in n.message
                    for n in app._notifications)  # fmt: skip
+
+
+def _dialog_errors(app: EdgeFleetApp) -> str:
+    errors = app.screen.query_one("#dialog-errors", Static)
+    return str(errors.render()) if errors.display else ""
+
+
+async def test_a_dialog_stays_open_on_invalid_input_and_keeps_the_keys() -> None:
+    fleet = FakeFleet()
+    app = make_app(fleet, clock=lambda: NOW, watch=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await _keys("5", "enter", "s", "enter")(pilot)
+        # No reason: said in the dialog, which stays open; nothing sent.
+        assert isinstance(app.screen, PromptScreen)
+        assert _dialog_errors(app) == "Invalid input: skip: say why the devices are skipped"
+        assert not [c for c in fleet.calls if c[0] == "skip"]
+        # What the operator types next goes into the dialog, not to the
+        # monitor's keys (r refresh, e edit, p pause).
+        await _keys(*"replaced", "space", *"psu")(pilot)
+        assert app.screen.query_one("#prompt", Input).value == "replaced psu"
+        assert not [c for c in fleet.calls if c[0] in ("pause", "update")]
+        await _keys("enter")(pilot)
+        assert isinstance(app.screen, MonitorScreen)
+        assert ("skip", (("2",), "replaced psu")) in fleet.calls
+
+        # The edit form: a value that does not parse is said in the form,
+        # which keeps every value typed; Escape closes it, sending nothing.
+        await _keys("e")(pilot)
+        form = app.screen
+        assert isinstance(form, RolloutEditScreen)
+        form.query_one("#success", Input).value = "abc"
+        form.query_one("#bake", Input).value = "5m"
+        await _keys("ctrl+s")(pilot)
+        assert app.screen is form
+        assert "success='abc': not a number" in _dialog_errors(app)
+        assert (form.query_one("#success", Input).value,
+                form.query_one("#bake", Input).value) == ("abc", "5m")  # fmt: skip
+        # Fixed: sent, and the form closes.
+        form.query_one("#success", Input).value = "90"
+        await _keys("ctrl+s")(pilot)
+        assert isinstance(app.screen, MonitorScreen)
+        (update,) = [c for c in fleet.calls if c[0] == "update"]
+        assert isinstance(update[1], d.RolloutEdit) and update[1].success == "90"
+        await _keys("e", "escape")(pilot)
+        assert isinstance(app.screen, MonitorScreen)
+        assert len([c for c in fleet.calls if c[0] == "update"]) == 1
+
+
+async def test_a_server_refusal_closes_the_dialog_and_says_why() -> None:
+    fleet = FakeFleet()
+    app = make_app(fleet, clock=lambda: NOW, watch=False)
+    async with app.run_test(size=SIZE) as pilot:
+        # pi-kitchen (committed) under the cursor: the server refuses to skip it.
+        await _keys("5", "enter")(pilot)
+        monitor = app.screen
+        assert isinstance(monitor, MonitorScreen)
+        table = monitor.query_one("#devices", DataTable)
+        rows = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+        table.move_cursor(row=rows.index("pi-kitchen"))
+        await _keys("s")(pilot)
+        app.screen.query_one("#prompt", Input).value = "why not"
+        await _keys("enter")(pilot)
+        assert app.screen is monitor
+        assert any(n.severity == "error" and "members are skipped" in n.message
+                   for n in app._notifications)  # fmt: skip
+
+
+async def _monitor(fleet: FakeFleet, rollout: d.Rollout, pilot: Pilot[None]) -> MonitorScreen:
+    fleet.rollouts.append(rollout)
+    pilot.app.push_screen(MonitorScreen(rollout.id))
+    await settle(pilot)
+    assert isinstance(pilot.app.screen, MonitorScreen)
+    return pilot.app.screen
+
+
+@pytest.mark.parametrize(
+    ("state", "offered", "refused"),
+    [
+        ("succeeded", "", "etsg"),
+        ("aborted", "", "etsg"),
+        # Failed members may be retried after it finished with them.
+        ("succeeded-with-failures", "t", "esg"),
+        ("paused", "etsg", ""),
+        ("draft", "e", "tsg"),
+    ],
+)
+async def test_the_monitor_offers_only_what_applies_in_the_state(
+    state: str, offered: str, refused: str
+) -> None:
+    fleet = FakeFleet()
+    app = make_app(fleet, clock=lambda: NOW, watch=False)
+    rollout = replace(DONE, id=f"r{state[:7]:0<7}-aaaa-4bbb-8ccc-000000000000", state=state)
+    async with app.run_test(size=SIZE) as pilot:
+        monitor = await _monitor(fleet, rollout, pilot)
+        for key in offered:
+            await _keys(key)(pilot)
+            assert app.screen is not monitor, key  # its dialog opened
+            await _keys("escape")(pilot)
+            assert app.screen is monitor
+        words = state.replace("-", " ")
+        for key in refused:
+            app.clear_notifications()
+            await _keys(key)(pilot)
+            assert app.screen is monitor, key  # nothing asked, nothing sent
+            (note,) = app._notifications
+            assert note.severity == "warning"
+            assert note.message.startswith(f"rollout {rollout.id[:8]} is {words}; "), note.message
+            assert " applies to a rollout that is " in note.message
+        assert not [c for c in fleet.calls if c[0] in ("retry", "skip", "promote", "update")]
+
+
+async def test_stage_counts_tell_waiting_from_installing() -> None:
+    fleet = FakeFleet()
+    app = make_app(fleet, clock=lambda: NOW, watch=False)
+    stage = d.StageStatus(0, "", 20, 1, 0, 19, "rolling", phase="rolling", waiting=17)
+    rollout = replace(ROLLOUT, id="r0000009-aaaa-4bbb-8ccc-000000000000", current_stage=0,
+                      stages=(stage,))  # fmt: skip
+    async with app.run_test(size=SIZE) as pilot:
+        monitor = await _monitor(fleet, rollout, pilot)
+        counts = str(monitor.query_one("#stage-0 .stage-counts", Label).render())
+        assert counts == "1/20 rolling, 17 waiting, 2 installing"
+        assert "moving" not in counts
+
+
+async def test_approve_and_promote_name_the_stage_shown() -> None:
+    fleet = FakeFleet()
+    app = make_app(fleet, clock=lambda: NOW, watch=False)
+    waiting = replace(ROLLOUT, id="r0000008-aaaa-4bbb-8ccc-000000000000", current_stage=0,
+                      state="waiting-approval")  # fmt: skip
+    async with app.run_test(size=SIZE) as pilot:
+        await _monitor(fleet, waiting, pilot)
+        await _keys("a", "y")(pilot)
+        assert ("approve", (waiting.id, 0)) in fleet.calls
+        # The screen showed another stage than the rollout is at (a second
+        # press before the first answer came back): refused, nothing passed.
+        await _monitor(fleet, replace(ROLLOUT, id="r0000007-aaaa-4bbb-8ccc-000000000000",
+                                      current_stage=0), pilot)  # fmt: skip
+        fleet.rollouts[-1] = replace(fleet.rollouts[-1], current_stage=1)
+        await _keys("g", "y")(pilot)
+        assert not [c for c in fleet.calls if c[0] == "promote"]
+        assert any("is at stage 2, not stage 1" in n.message for n in app._notifications)

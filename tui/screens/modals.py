@@ -1,15 +1,27 @@
 """Small dialogs: confirm, ask for a line of text, pick one of a list, the
-abort dialog (keep or revert) and the rollout edit form."""
+abort dialog (keep or revert) and the rollout edit form.
+
+The prompt and the edit form can send their answer themselves (`submit`):
+they stay open, with what was typed and the problem shown inside, while
+the answer does not parse, so an operator's next keys never reach the
+screen below."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, OptionList, RadioButton, RadioSet
+from textual.widgets import Button, Input, Label, OptionList, RadioButton, RadioSet, Static
 
+from edgefleet.tui.client import ClientError, InputError
 from edgefleet.tui.data import RolloutEdit
+
+T = TypeVar("T")
 
 # The edit form's fields: (RolloutEdit field, label, placeholder).
 EDIT_FIELDS = (
@@ -46,24 +58,81 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(yes)
 
 
-class PromptScreen(ModalScreen[str | None]):
-    """One line of text; Enter accepts, Escape cancels (None)."""
+class SendingDialog(ModalScreen[T | None]):
+    """A dialog that may send its answer itself: with `submit`, answering
+    awaits `submit(answer)` and closes with the answer only once it went
+    through. An InputError (what was typed does not parse; nothing was
+    sent) is shown in the dialog (#dialog-errors), which stays open to fix it; a
+    server's refusal closes it (the answer cannot be fixed by retyping) and
+    is notified. Without `submit` it closes with the answer at once."""
+
+    def __init__(self, submit: Callable[[T], Awaitable[object]] | None) -> None:
+        super().__init__(classes="dialog-screen")
+        self._submit = submit
+        self._sending = False
+
+    def compose_errors(self) -> ComposeResult:
+        errors = Static(id="dialog-errors", classes="errors", markup=False)
+        errors.display = False
+        yield errors
+
+    def answer(self, value: T) -> None:
+        if self._submit is None:
+            self.dismiss(value)
+        elif not self._sending:  # a second Enter while the first is sent
+            self._sending = True
+            self._send(self._submit, value)
+
+    @work(exclusive=True, group="dialog-send", exit_on_error=False)
+    async def _send(self, submit: Callable[[T], Awaitable[object]], value: T) -> None:
+        errors = self.query_one("#dialog-errors", Static)
+        try:
+            await submit(value)
+        except InputError as err:
+            errors.update(f"{err.title}: {err.message}")
+            errors.display = True
+            return
+        except ClientError as err:
+            self.app.notify(err.message, title=err.title, severity="error", markup=False)
+            self.dismiss(None)
+            return
+        except Exception as err:  # a bug must not kill the operator's session
+            self.app.notify(f"{type(err).__name__}: {err}", title="Unexpected error",
+                            severity="error", markup=False)  # fmt: skip
+            self.dismiss(None)
+            return
+        finally:
+            self._sending = False
+        self.dismiss(value)
+
+
+class PromptScreen(SendingDialog[str]):
+    """One line of text; Enter accepts (sends it, with `submit`), Escape
+    cancels (None)."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, title: str, value: str = "", placeholder: str = "", hint: str = "") -> None:
-        super().__init__(classes="dialog-screen")
+    def __init__(
+        self,
+        title: str,
+        value: str = "",
+        placeholder: str = "",
+        hint: str = "",
+        submit: Callable[[str], Awaitable[object]] | None = None,
+    ) -> None:
+        super().__init__(submit)
         self._title, self._value, self._placeholder, self._hint = title, value, placeholder, hint
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label(self._title, classes="question", markup=False)
             yield Input(self._value, placeholder=self._placeholder, id="prompt")
+            yield from self.compose_errors()
             if self._hint:
                 yield Label(self._hint, classes="hint", markup=False)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value)
+        self.answer(event.value)
 
     def action_cancel(self) -> None:
         self.dismiss(None)
@@ -133,15 +202,21 @@ class AbortScreen(ModalScreen[tuple[bool, str] | None]):
         self.dismiss(None)
 
 
-class RolloutEditScreen(ModalScreen[tuple[RolloutEdit, str] | None]):
+class RolloutEditScreen(SendingDialog[tuple[RolloutEdit, str]]):
     """A rollout's current stage thresholds and bake time, and its pacing,
-    prefilled; ctrl+s answers (the edited fields, reason), Escape None. An
-    emptied field goes back to the server's default."""
+    prefilled; ctrl+s answers (the edited fields, reason), sent with
+    `submit` when given; Escape None. An emptied field goes back to the
+    server's default."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
 
-    def __init__(self, title: str, edit: RolloutEdit) -> None:
-        super().__init__(classes="dialog-screen")
+    def __init__(
+        self,
+        title: str,
+        edit: RolloutEdit,
+        submit: Callable[[tuple[RolloutEdit, str]], Awaitable[object]] | None = None,
+    ) -> None:
+        super().__init__(submit)
         self._title = title
         self._edit = edit
 
@@ -155,6 +230,7 @@ class RolloutEditScreen(ModalScreen[tuple[RolloutEdit, str] | None]):
             with Horizontal(classes="field"):
                 yield Label("reason", classes="field-label")
                 yield Input(placeholder="for the audit log", id="reason")
+            yield from self.compose_errors()
             yield Label("An emptied field takes the default.", classes="hint", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("Save [ctrl+s]", id="save", variant="primary")
@@ -172,7 +248,7 @@ class RolloutEditScreen(ModalScreen[tuple[RolloutEdit, str] | None]):
     def action_save(self) -> None:
         values = {field: self.query_one(f"#{field}", Input).value for field, _, _ in EDIT_FIELDS}
         edit = RolloutEdit(stage=self._edit.stage, **values)
-        self.dismiss((edit, self.query_one("#reason", Input).value))
+        self.answer((edit, self.query_one("#reason", Input).value))
 
     def action_cancel(self) -> None:
         self.dismiss(None)

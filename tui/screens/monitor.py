@@ -7,6 +7,7 @@ promote the current stage, edit its thresholds, bake time and the pacing."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from textual import work
 from textual.app import ComposeResult
@@ -23,7 +24,7 @@ from edgefleet.tui.screens.modals import (
     PromptScreen,
     RolloutEditScreen,
 )
-from edgefleet.tui.summary import format_gate
+from edgefleet.tui.summary import action_refusal, format_gate
 
 # Devices the table shows, those that need a look first: a 10,000-device
 # rollout read whole on every reload held the control plane and this screen.
@@ -104,11 +105,12 @@ class MonitorScreen(FleetScreen):
             self.show(await self.client.get_rollout(self.rollout_id, MAX_DEVICES))
 
     def show(self, r: Rollout) -> None:
-        if r.has_devices or self.rollout is None:
-            self.rollout = r
-            devices = r.devices
-        else:
-            devices = self.rollout.devices
+        if not r.has_devices and self.rollout is not None:
+            # A watch event: its state and stages, the devices of the last
+            # reload (the keys act on the state shown).
+            r = replace(r, devices=self.rollout.devices, has_devices=True)
+        self.rollout = r
+        devices = r.devices
         stage_now = f"stage {r.current_stage + 1}/{len(r.stages)}" if r.stages else ""
         self.query_one("#title", Static).update(
             f"rollout {r.id[:8]}  {r.ref}  {r.state.upper()}  {stage_now}"
@@ -154,24 +156,43 @@ class MonitorScreen(FleetScreen):
                 counts += f" by {s.promoted_by}"
             if s.failed:
                 counts += f", {s.failed} failed"
-            if s.in_progress:
-                counts += f", {s.in_progress} moving"
+            if s.waiting:
+                counts += f", {s.waiting} waiting"
+            if s.installing:
+                counts += f", {s.installing} installing"
             if s.skipped:
                 counts += f", {s.skipped} skipped"
             row.query_one(".stage-counts", Label).update(counts)
 
-    def _act(self, action: str, verb: str) -> None:
+    def refused(self, action: str) -> bool:
+        """Whether `action` does not apply to the rollout in the state shown;
+        if so, say why (nothing is asked or sent)."""
+        why = action_refusal(self.rollout, action) if self.rollout is not None else ""
+        if why:
+            self.app.notify(why, title=f"No {action} now", severity="warning", markup=False)
+        return bool(why)
+
+    def stage_shown(self) -> int:
+        """The current stage (from 0) as the screen shows it: approve and
+        promote name it, so a second key press cannot pass the next one too."""
+        return self.rollout.current_stage if self.rollout is not None else 0
+
+    def _act(self, action: str, verb: str, stage: int | None = None) -> None:
+        if self.refused(action):
+            return
+
         def answered(yes: bool | None) -> None:
             if yes:
-                self.act(action)
+                self.act(action, stage)
 
-        self.app.push_screen(ConfirmScreen(f"{verb} rollout {self.rollout_id[:8]}?", yes=verb),
+        at = f" at stage {stage + 1}" if stage is not None else ""
+        self.app.push_screen(ConfirmScreen(f"{verb} rollout {self.rollout_id[:8]}{at}?", yes=verb),
                              answered)  # fmt: skip
 
     @work(group="monitor-action", exit_on_error=False)
-    async def act(self, action: str) -> None:
+    async def act(self, action: str, stage: int | None = None) -> None:
         with reporting(self):
-            r = await self.client.rollout_action(self.rollout_id, action, "from the TUI")
+            r = await self.client.rollout_action(self.rollout_id, action, "from the TUI", stage)
             self.app.notify(f"rollout {r.id[:8]}: {action} done, now {r.state}")
             self.show(r)
 
@@ -182,9 +203,12 @@ class MonitorScreen(FleetScreen):
         self._act("resume", "Resume")
 
     def action_approve(self) -> None:
-        self._act("approve", "Approve")
+        self._act("approve", "Approve", self.stage_shown())
 
     def action_abort(self) -> None:
+        if self.refused("abort"):
+            return
+
         def answered(choice: tuple[bool, str] | None) -> None:
             if choice is not None:
                 self.abort(*choice)
@@ -220,12 +244,16 @@ class MonitorScreen(FleetScreen):
     @work(group="monitor-action", exit_on_error=False)
     async def remedy(self, call: Callable[[], Awaitable[Rollout]], done: str) -> None:
         with reporting(self):
-            r = await call()
-            self.marked.clear()
-            self.app.notify(f"rollout {r.id[:8]}: {done}, now {r.state}", markup=False)
-            self.show(r)
+            self.remedied(await call(), done)
+
+    def remedied(self, r: Rollout, done: str) -> None:
+        self.marked.clear()
+        self.app.notify(f"rollout {r.id[:8]}: {done}, now {r.state}", markup=False)
+        self.show(r)
 
     def action_retry(self) -> None:
+        if self.refused("retry"):
+            return
         chosen = self.chosen()
         names = ", ".join(d.device_name for d in chosen)
         options = [("every failed device", "")]
@@ -244,6 +272,8 @@ class MonitorScreen(FleetScreen):
                                           "(fresh retry budget)", options), answered)  # fmt: skip
 
     def action_skip(self) -> None:
+        if self.refused("skip"):
+            return
         chosen = self.chosen()
         if not chosen:
             self.app.notify("mark devices with space, or put the cursor on one",
@@ -252,52 +282,57 @@ class MonitorScreen(FleetScreen):
         names = ", ".join(d.device_name for d in chosen)
         ids = [d.device_id for d in chosen]
 
-        def answered(reason: str | None) -> None:
-            if reason is not None:
-                self.remedy(lambda: self.client.skip_rollout_devices(self.rollout_id, ids, reason),
-                            f"skipped {names}")  # fmt: skip
+        # Sent from the dialog: a missing reason is shown there, and the
+        # operator's next keys still go to the dialog, not to this screen.
+        async def skip(reason: str) -> None:
+            r = await self.client.skip_rollout_devices(self.rollout_id, ids, reason)
+            self.remedied(r, f"skipped {names}")
 
         self.app.push_screen(
             PromptScreen(f"Skip {names}? They stay on the version they run and the rollout "
                          "stops waiting for them.", placeholder="why (required)",
-                         hint="Enter skips, Esc cancels"),
-            answered,
+                         hint="Enter skips, Esc cancels", submit=skip),
         )  # fmt: skip
 
     def action_promote(self) -> None:
-        stage = self.rollout.current_stage + 1 if self.rollout is not None else 1
+        if self.refused("promote"):
+            return
+        # The stage shown now, sent with the promote: confirmed twice (two
+        # key presses, a stale screen), it passes this stage only.
+        stage = self.stage_shown()
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.remedy(lambda: self.client.promote_rollout(self.rollout_id, "from the TUI"),
-                            f"stage {stage} promoted")  # fmt: skip
+                self.remedy(lambda: self.client.promote_rollout(self.rollout_id, "from the TUI",
+                                                                stage),
+                            f"stage {stage + 1} promoted")  # fmt: skip
 
         self.app.push_screen(
-            ConfirmScreen(f"Promote rollout {self.rollout_id[:8]}: pass stage {stage} now, "
+            ConfirmScreen(f"Promote rollout {self.rollout_id[:8]}: pass stage {stage + 1} now, "
                           "whatever its thresholds and gates say?", yes="Promote"),
             answered,
         )  # fmt: skip
 
+    def action_edit(self) -> None:
+        if not self.refused("edit"):
+            self.open_edit()
+
     @work(group="monitor-action", exit_on_error=False)
-    async def action_edit(self) -> None:
+    async def open_edit(self) -> None:
         with reporting(self):
             stages = len(self.rollout.stages) if self.rollout is not None else 1
             stage = min(self.rollout.current_stage if self.rollout else 0, max(stages - 1, 0))
             edit = await self.client.rollout_edit(self.rollout_id, stage)
-
-            def answered(choice: tuple[RolloutEdit, str] | None) -> None:
-                if choice is not None:
-                    self.send_update(*choice)
-
             self.app.push_screen(
                 RolloutEditScreen(f"Edit rollout {self.rollout_id[:8]}: stage {stage + 1} "
-                                  "and pacing", edit), answered)  # fmt: skip
+                                  "and pacing", edit, submit=self.send_update))  # fmt: skip
 
-    @work(group="monitor-action", exit_on_error=False)
-    async def send_update(self, edit: RolloutEdit, reason: str) -> None:
-        with reporting(self):
-            reason = reason or "edited in the TUI"
-            r, changes = await self.client.update_rollout(self.rollout_id, edit, reason)
-            self.app.notify("\n".join(changes) or "updated", title=f"rollout {r.id[:8]} updated",
-                            markup=False)  # fmt: skip
-            self.show(r)
+    async def send_update(self, choice: tuple[RolloutEdit, str]) -> None:
+        """The edit form's answer, sent from the form: what does not parse
+        (InputError) is shown there, and the form stays open."""
+        edit, reason = choice
+        r, changes = await self.client.update_rollout(self.rollout_id, edit,
+                                                      reason or "edited in the TUI")  # fmt: skip
+        self.app.notify("\n".join(changes) or "updated", title=f"rollout {r.id[:8]} updated",
+                        markup=False)  # fmt: skip
+        self.show(r)

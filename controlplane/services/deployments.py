@@ -235,7 +235,8 @@ def assign_devices(
     memory: dict[str, float] = {}
     result: dict[str, tuple[int, ArtifactRow] | str] = {}
     now = at or dt.datetime.now(dt.UTC)
-    ids = list(dict.fromkeys(device_ids))
+    # Sorted, so the chunks lock in one id order too (see below).
+    ids = sorted(set(device_ids))
     d = DeviceRow
     for start in range(0, len(ids), _IN_CHUNK):
         chunk = ids[start : start + _IN_CHUNK]
@@ -531,7 +532,7 @@ def unassign_devices(
     its commit."""
     removed: list[str] = []
     not_assigned: list[str] = []
-    ids = list(dict.fromkeys(device_ids))
+    ids = sorted(set(device_ids))  # one lock order across chunks (assign_devices)
     a = DeviceAssignmentRow
     for start in range(0, len(ids), _IN_CHUNK):
         chunk = ids[start : start + _IN_CHUNK]
@@ -919,14 +920,19 @@ class DeploymentService:
         now = utcnow()
         with self._db.unit_of_work() as uow:
             session = uow.session
-            ids = list(reports)
+            # Every row locked up front, in id order (its updates below then
+            # take no lock of their own): two replicas' batches, or a batch
+            # and an assignment, locking the same devices in different
+            # orders deadlocked on PostgreSQL (bench_rollout, 2 replicas).
+            ids = sorted(reports)
             previous: dict[str, dict[str, Any]] = {}
             one_model: set[str] = set()
             for start in range(0, len(ids), _IN_CHUNK):
                 for device_id, status, protocol in session.execute(
-                    select(DeviceRow.id, DeviceRow.update_status, DeviceRow.agent_protocol).where(
-                        DeviceRow.id.in_(padded(ids[start : start + _IN_CHUNK]))
-                    )
+                    select(DeviceRow.id, DeviceRow.update_status, DeviceRow.agent_protocol)
+                    .where(DeviceRow.id.in_(padded(ids[start : start + _IN_CHUNK])))
+                    .order_by(DeviceRow.id)
+                    .with_for_update()
                 ):
                     previous[device_id] = dict(status or {})
                     if protocol == ONE_MODEL_PROTOCOL:

@@ -399,9 +399,11 @@ class DeviceService:
         if not seen:
             return
         with self._db.unit_of_work() as uow:
+            # In id order, as every multi-device write: rows locked in
+            # different orders by two transactions deadlock on PostgreSQL.
             uow.session.execute(
                 update(DeviceRow),
-                [{"id": device_id, "last_seen_at": at} for device_id, at in seen.items()],
+                [{"id": device_id, "last_seen_at": seen[device_id]} for device_id in sorted(seen)],
             )
             uow.commit()
 

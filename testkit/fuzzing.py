@@ -569,6 +569,8 @@ GROUPS = (
             {
                 ("devices", "hardware"),
                 ("devices", "runtime"),
+                # Which protocol the agent speaks (one model or several).
+                ("devices", "agent_protocol"),
                 ("devices", "class_id"),
                 ("devices", "desired_revision"),
             }

@@ -1,6 +1,8 @@
 """Rollouts, the operator's side: planning (the dry run), creating, and the
-actions (start, pause, resume, approve, abort). The orchestrator
-(orchestrator.py) drives running rollouts from the rows these write.
+actions (start, pause, resume, approve, abort, and the remediation: retry,
+skip, promote, update), each a transition of domain/rollout_states.py's
+table. The orchestrator (orchestrator.py) drives running rollouts from the
+rows these write.
 
 A rollout's cohort is the accepted devices in its classes and/or carrying its
 labels. A device is excluded, with the reason, when it is pending or rejected,

@@ -317,10 +317,13 @@ class _Planner:
             self.finish_when_settled()
             return
         # A stage failing now notifies nobody more: they would be given the
-        # version and reverted (or left paused on it) in the same step.
-        if not self.assess().problem:
+        # version and reverted (or left paused on it) in the same step. The
+        # one assessment serves the judgement too: notifying moves members
+        # from waiting to notified, both counted as in progress.
+        assessment = self.assess()
+        if not assessment.problem:
             self.notify()
-        self.judge()
+        self.judge(assessment)
 
     # ------------------------------------------------------------ members
 
@@ -454,12 +457,11 @@ class _Planner:
         problem = self.problem(spec, outcome, gates, counts, agreement)
         return _Assessment(counts, tuple(gates), agreement, outcome, problem)
 
-    def judge(self) -> None:
+    def judge(self, a: _Assessment) -> None:
         s = self.s
         index = s.current_stage
         spec = s.spec.stages[index]
         state = s.stages[index]
-        a = self.assess()
         counts, gates, outcome, problem = a.counts, a.gates, a.outcome, a.problem
         values = tuple(GateValue(g.name, g.value, g.limit, g.passing) for g in gates)
         if (state.counts, state.gates, state.agreement) != (

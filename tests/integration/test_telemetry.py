@@ -268,6 +268,47 @@ def test_an_upload_racing_another_of_the_same_device_stores_each_seq_once(
         assert "raced another" in caplog.text
 
 
+def test_a_group_commit_that_loses_a_deadlock_is_redone_not_internal(
+    telemetry: TelemetryService, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another writer holds dev-b's seq 1 and then wants dev-a's seq 1, while
+    a group commit of both devices holds dev-a's and waits for dev-b's: a
+    deadlock on PostgreSQL, which rolls the group back. Its COPY raised the
+    raw psycopg error, and every upload of the group came back INTERNAL
+    (bench_rollout on two replicas); now the group is redone and answers
+    each upload. SQLite has one writer: the group just waits."""
+    caplog.set_level(logging.INFO, logger="edgefleet.controlplane.services.telemetry")
+    postgres = db.engine.dialect.name == "postgresql"
+
+    def row(device_id: str) -> dict[str, Any]:
+        values = (device_id, "pi4", *_sample(1))
+        return {c: v for c, v in zip(INSERT_COLUMNS, values, strict=True)} | {"request_count": 7}
+
+    other = db.engine.connect()
+    other.begin()
+    other.execute(insert(TelemetryRow).values(row("dev-b")))
+    with ThreadPoolExecutor(1) as pool:
+        group = pool.submit(
+            telemetry.ingest_many, [("dev-a", [_sample(1)]), ("dev-b", [_sample(1)])]
+        )
+        time.sleep(0.5)
+        if postgres:
+            # Blocks until PostgreSQL breaks the cycle by rolling the group back.
+            other.execute(insert(TelemetryRow).values(row("dev-a")))
+        other.commit()
+        other.close()
+        assert group.result(timeout=30) == [1, 1]
+    with db.unit_of_work(readonly=True) as uow:
+        rows = uow.session.execute(
+            select(TelemetryRow.device_id, TelemetryRow.seq, TelemetryRow.request_count)
+        ).all()
+    if postgres:
+        assert sorted(rows) == [("dev-a", 1, 7), ("dev-b", 1, 7)]
+        assert "lost a lock conflict (DeadlockDetected)" in caplog.text
+    else:
+        assert sorted(rows) == [("dev-a", 1, 100), ("dev-b", 1, 7)]
+
+
 # ---------------------------------------------------------------- queries
 
 

@@ -80,6 +80,7 @@ from sqlalchemy import (
     Connection,
     Float,
     Select,
+    bindparam,
     case,
     cast,
     delete,
@@ -204,13 +205,20 @@ Upload = tuple[str, Sequence[Sample]]
 INSERT_COLUMNS = ("device_id", "class_name", *Sample._fields)
 # Text, not a Core select(): building and caching the select with its two
 # subqueries cost 0.17 ms an upload, more than running it.
-_DEVICE_MARK = text(
-    "SELECT c.name,"
-    " (SELECT max(t.seq) FROM telemetry t WHERE t.device_id = :device_id),"
-    " (SELECT w.max_seq FROM telemetry_watermarks w WHERE w.device_id = :device_id)"
+# Per device of a group commit: its class name now and its high-water mark
+# (the highest seq stored, raw or rolled up), both in one snapshot, so a
+# roll-up committing meanwhile cannot hide a seq from both. One statement
+# for the whole group, not one per device (333 a second at 10,000 devices
+# uploading every 30 s).
+_DEVICE_MARKS = text(
+    "SELECT d.id, c.name,"
+    " (SELECT max(t.seq) FROM telemetry t WHERE t.device_id = d.id),"
+    " (SELECT w.max_seq FROM telemetry_watermarks w WHERE w.device_id = d.id)"
     " FROM devices d LEFT OUTER JOIN device_classes c ON d.class_id = c.id"
-    " WHERE d.id = :device_id"
-)
+    " WHERE d.id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+# Device ids per _DEVICE_MARKS statement.
+_MARKS_CHUNK = 500
 # Rows per multi-row INSERT: measured no faster past 100 on SQLite.
 _ROWS_PER_STATEMENT = min(100, _MAX_PARAMS // len(INSERT_COLUMNS))
 
@@ -548,17 +556,14 @@ class TelemetryService:
     ) -> dict[int, int | DomainError]:
         refused: dict[int, DomainError] = {}
         rows: dict[tuple[str, int], tuple[Any, ...]] = {}
-        # device id -> (class name, the highest seq stored once this commits)
-        marks: dict[str, tuple[str, int]] = {}
         with self._db.unit_of_work() as uow:
             conn = uow.session.connection()
+            # device id -> (class name, the highest seq stored once this commits)
+            marks = self._device_marks(conn, sorted({device_id for _, device_id, _ in uploads}))
             for index, device_id, samples in uploads:
                 if device_id not in marks:
-                    try:
-                        marks[device_id] = self._device_mark(conn, device_id)
-                    except NotFound as unknown:
-                        refused[index] = unknown
-                        continue
+                    refused[index] = NotFound(f"no device with id {device_id!r}")
+                    continue
                 class_name, mark = marks[device_id]
                 fresh = [s for s in samples if s.seq > mark]
                 for s in fresh:
@@ -598,14 +603,15 @@ class TelemetryService:
             conn.exec_driver_sql(self._insert_sql, rows[whole:])
 
     @staticmethod
-    def _device_mark(conn: Connection, device_id: str) -> tuple[str, int]:
-        """The device's class name now and its high-water mark: the highest
-        seq stored, raw or rolled up (both in one snapshot, so a roll-up
-        committing meanwhile cannot hide a seq from both)."""
-        row = conn.execute(_DEVICE_MARK, {"device_id": device_id}).first()
-        if row is None:
-            raise NotFound(f"no device with id {device_id!r}")
-        return row[0] or "", max(row[1] or 0, row[2] or 0)
+    def _device_marks(conn: Connection, device_ids: list[str]) -> dict[str, tuple[str, int]]:
+        """Per known device of `device_ids`: its class name and high-water
+        mark (_DEVICE_MARKS); unknown devices are absent."""
+        marks: dict[str, tuple[str, int]] = {}
+        for first in range(0, len(device_ids), _MARKS_CHUNK):
+            chunk = padded(device_ids[first : first + _MARKS_CHUNK])
+            for device_id, class_name, raw, rolled in conn.execute(_DEVICE_MARKS, {"ids": chunk}):
+                marks[device_id] = class_name or "", max(raw or 0, rolled or 0)
+        return marks
 
     # ------------------------------------------------------------ rollups
 

@@ -401,21 +401,21 @@ JUDGING = [
     Case("an-unchanged-judgement-is-not-rewritten",
          snap(member("a0", N), member("a1", C), counts=(2, 1, 0, 1)), NOW, []),
     Case("passed-bakes-and-advances", snap(members("a", 2, C), NEXT, stages=TWO), NOW,
-         ["judge 0 2/2/0/0", "bake 0", "advance 0"]),
+         ["judge 0 2/2/0/0", "bake 0", "advance 0"], more=True),
     Case("passed-starts-baking", snap(members("a", 2, C), NEXT, stages=BAKE), NOW,
          ["judge 0 2/2/0/0", "bake 0"]),
     Case("baking", snap(members("a", 2, C), NEXT, stages=BAKE, phase=StagePhase.BAKING,
                         bake_started_at=at(0), counts=(2, 2, 0, 0)), at(599), []),
     Case("baked-advances", snap(members("a", 2, C), NEXT, stages=BAKE, phase=StagePhase.BAKING,
                                 bake_started_at=at(0), counts=(2, 2, 0, 0)), at(600),
-         ["advance 0"]),
+         ["advance 0"], more=True),
     Case("passed-waits-for-approval", snap(members("a", 2, C), NEXT, stages=APPROVAL), NOW,
          ["judge 0 2/2/0/0", "bake 0", "approval 0"]),
     Case("success-threshold-met-before-all-finished",
          snap(member("a0", C), member("a1", N), NEXT, stages=HALF), NOW,
-         ["judge 0 2/1/0/1", "bake 0", "advance 0"]),
+         ["judge 0 2/1/0/1", "bake 0", "advance 0"], more=True),
     Case("an-empty-stage-passes", snap(NEXT, stages=TWO), NOW,
-         ["judge 0 0/0/0/0", "bake 0", "advance 0"]),
+         ["judge 0 0/0/0/0", "bake 0", "advance 0"], more=True),
     Case("a-silent-committed-member-counts-failed",
          snap(member("a0", C), stages=SILENCE,
               health=[DeviceHealth("a0", "a", None, None, None, last_report_age_s=120)]), NOW,
@@ -452,7 +452,7 @@ ACKED_OUT = (stage("one", error_threshold_percent=40), stage("two"))
 ACKNOWLEDGED = [
     Case("acknowledged-failure-leaves-the-denominator",
          snap(member("a0", F, acknowledged=True), members("c", 2, C), NEXT, stages=TWO), NOW,
-         ["judge 0 3/2/1/0", "bake 0", "advance 0"]),
+         ["judge 0 3/2/1/0", "bake 0", "advance 0"], more=True),
     Case("unacknowledged-failure-fails-the-stage",
          snap(member("a0", F), members("c", 2, C), NEXT, stages=TWO), NOW,
          ["judge 0 3/2/1/0", "pause 0"]),
@@ -467,7 +467,7 @@ ACKNOWLEDGED = [
          ["judge 0 4/2/1/1", "pause 0"]),
     Case("skipped-leave-the-denominator",
          snap(member("a0", SK), member("a1", C), NEXT, stages=TWO), NOW,
-         ["judge 0 1/1/0/0", "bake 0", "advance 0"]),
+         ["judge 0 1/1/0/0", "bake 0", "advance 0"], more=True),
 ]  # fmt: skip
 
 
@@ -700,7 +700,7 @@ SHADOWING = [
     Case("shadow-under-min-agreement-fails", shadowed(C, (0.8, 100)), NOW,
          ["judge 0 2/2/0/0", "pause 0"]),
     Case("shadow-agreeing-passes", shadowed(C, (0.95, 100)), NOW,
-         ["judge 0 2/2/0/0", "bake 0", "advance 0"]),
+         ["judge 0 2/2/0/0", "bake 0", "advance 0"], more=True),
 ]  # fmt: skip
 
 

@@ -447,13 +447,18 @@ async def rollout(
 
     async def watch_commits() -> None:
         # Its own task: the audit poll below waits on the control plane,
-        # which must not delay these device-side stamps.
+        # which must not delay these device-side stamps. Each poll looks at
+        # the members not yet committed only: this process is the fleet, and
+        # scanning all 10,000 five times a second took a tenth of its CPU
+        # from the control plane it shares the machine with.
+        pending = [list(s) for s in stages]
         while True:
             now = time.monotonic()
-            for i, stage_agents in enumerate(stages):
-                if all_committed[i] is None and all(committed(a, version) for a in stage_agents):
+            for i, stage_agents in enumerate(pending):
+                pending[i] = stage_agents = [a for a in stage_agents if not committed(a, version)]
+                if all_committed[i] is None and not stage_agents:
                     all_committed[i] = now
-            failed = failed_agents(members, version)
+            failed = failed_agents([a for s in pending for a in s], version)
             if failed:
                 raise SystemExit(f"{len(failed)} device(s) failed {version}: {reason(failed[0])}")
             await asyncio.sleep(POLL_S)

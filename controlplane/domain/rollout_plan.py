@@ -76,6 +76,10 @@ from edgefleet.controlplane.domain.rollouts import (
 # installing after the first chunk and SQLite's write lock is never held for
 # long. The next chunk follows at once (Plan.more).
 NOTIFY_CHUNK = 1000
+# How long a reverting member waits for its device's report when the spec
+# sets no device timeout: long enough for a device that reboots or roams,
+# short enough that an aborted rollout does not show "reverting" for days.
+REVERT_TIMEOUT_S = 3600.0
 REVERT, KEEP = "revert", "keep"
 
 # Agent update states that mean "still working on it".
@@ -330,6 +334,7 @@ class _Planner:
     def follow(self) -> None:
         """Members follow their agents' reports; timeouts and backoff."""
         pacing = self.s.spec.pacing
+        revert_timeout = pacing.device_timeout_s or REVERT_TIMEOUT_S
         changed = []
         for m in self.members.values():
             if m.state not in FOLLOWED_STATES:
@@ -345,6 +350,19 @@ class _Planner:
                     changed.append(
                         self.settle(m, MemberEvent.REVERTED, f"revert failed: {report.reason}")
                     )
+                elif device_timed_out(
+                    (m.notified_at or self.now).timestamp(), self.now.timestamp(),
+                    revert_timeout,
+                ):  # fmt: skip
+                    # A device that never reports (offline, gone) would hold
+                    # an aborted rollout in "reverting" for ever. Its
+                    # assignment is already the old version, which it takes
+                    # when it next syncs: settled, and the reason says so.
+                    changed.append(self.settle(m, MemberEvent.REVERTED, (
+                        f"{m.reason.replace('reverting to', 'assigned back to')}; not "
+                        f"confirmed within {revert_timeout:g} s (the device takes it when it "
+                        "next connects)"
+                    )))  # fmt: skip
                 continue
             # A shadow stage's assignment reports committed once it is loaded
             # beside the active version: that is its member done.

@@ -631,6 +631,14 @@ NOT_RUNNING = [
     Case("aborted-revert-failed-is-done-too",
          snap(member("a0", RVG), reports=rep(a0="failed"), **ABORTED), NOW,
          ["set a0=reverted", "revert done"]),
+    Case("aborted-a-silent-revert-waits-for-the-device-timeout",
+         snap(member("a0", RVG), pacing=PacingSpec(device_timeout_s=60), **ABORTED), at(59),
+         []),
+    Case("aborted-a-silent-revert-settles-after-the-device-timeout",
+         snap(member("a0", RVG), pacing=PacingSpec(device_timeout_s=60), **ABORTED), at(61),
+         ["set a0=reverted", "revert done"]),
+    Case("aborted-a-silent-revert-settles-after-an-hour-without-a-device-timeout",
+         snap(member("a0", RVG), **ABORTED), at(3601), ["set a0=reverted", "revert done"]),
     Case("aborted-a-late-commit-is-reverted",
          snap(member("a0", N), reports=rep(a0="committed"), **ABORTED), NOW,
          ["set a0=committed", "revert a0"]),
@@ -1001,3 +1009,17 @@ def test_a_dynamic_rollout_does_not_take_back_a_dropped_class() -> None:
     )  # fmt: skip
     (admitted,) = [a for a in plan(dropped, NOW).actions if isinstance(a, Admit)]
     assert [m.device_id for m in admitted.members] == ["gw9"]
+
+
+def test_a_silent_revert_says_it_is_unconfirmed() -> None:
+    """The member settles as reverted (the rollout can finish reverting),
+    and its reason says the device has not confirmed it."""
+    s = snap(member("a0", RVG, reason="reverting to 1.0.0"),
+             pacing=PacingSpec(device_timeout_s=60), **ABORTED)  # fmt: skip
+    p = plan(s, at(61))
+    settled = apply(s, p.actions[0], at(61)).members["a0"]
+    assert settled.state is RVD
+    assert settled.reason == (
+        "assigned back to 1.0.0; not confirmed within 60 s (the device takes it when it "
+        "next connects)"
+    )

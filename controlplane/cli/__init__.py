@@ -22,11 +22,13 @@ if _missing := missing_modules("click", "rich"):
     raise MissingExtra("edgefleet.controlplane.cli", "cli", _missing)
 
 import click
+from click.shell_completion import CompletionItem
 
 from edgefleet.controlplane.cli.artifacts import artifacts
-from edgefleet.controlplane.cli.base import CliError, F, RootGroup, parsed
+from edgefleet.controlplane.cli.base import CliError, ConnectionSettings, F, RootGroup, parsed
 from edgefleet.controlplane.cli.builds import builds
 from edgefleet.controlplane.cli.classes import classes
+from edgefleet.controlplane.cli.context import context
 from edgefleet.controlplane.cli.devices import devices
 from edgefleet.controlplane.cli.models import models
 from edgefleet.controlplane.cli.rollouts import rollouts
@@ -36,7 +38,8 @@ from edgefleet.controlplane.cli.telemetry import telemetry
 from edgefleet.controlplane.cli.tokens import operator_tokens, tokens
 from edgefleet.controlplane.cli.toolchain import toolchain
 from edgefleet.controlplane.cli.tui import tui
-from edgefleet.controlplane.client.connection import DEFAULT_SERVER, Connection
+from edgefleet.controlplane.client.connection import DEFAULT_SERVER
+from edgefleet.controlplane.client.contexts import ContextError, contexts_path, load
 from edgefleet.controlplane.client.syntax import parse_duration
 from edgefleet.controlplane.config import ServerConfig
 
@@ -65,27 +68,60 @@ def _db_option(f: F) -> F:
 # ------------------------------------------------------------------ root
 
 
+def _complete_context(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    try:
+        names = load(contexts_path()).names()
+    except ContextError:
+        return []
+    return [CompletionItem(name) for name in names if name.startswith(incomplete)]
+
+
+# The connection options are taken after the subcommand too (RootGroup), and
+# each one not given falls back on the context (controlplane.client.contexts).
 @click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--server",
     envvar="EDGEFLEET_SERVER",
-    default=DEFAULT_SERVER,
-    show_default=True,
-    help="Control plane address, host:port [env EDGEFLEET_SERVER].",
+    help="Control plane address, host:port [env EDGEFLEET_SERVER; default: the context's, "
+    f"else {DEFAULT_SERVER}].",
 )
-@click.option("--token", envvar="EDGEFLEET_TOKEN", help="Operator API token [env EDGEFLEET_TOKEN].")
+@click.option(
+    "--token",
+    envvar="EDGEFLEET_TOKEN",
+    help="Operator API token [env EDGEFLEET_TOKEN; default: the context's].",
+)
 @click.option(
     "--ca-cert",
     envvar="EDGEFLEET_CA_CERT",
     type=click.Path(dir_okay=False, path_type=Path),
     help="The control plane's CA certificate (its data dir's ca.pem): connect with TLS. "
-    "Without it: plain text [env EDGEFLEET_CA_CERT].",
+    "Without it (nor a context's): plain text [env EDGEFLEET_CA_CERT].",
+)
+@click.option(
+    "--context",
+    "context_name",
+    envvar="EDGEFLEET_CONTEXT",
+    metavar="NAME",
+    shell_complete=_complete_context,
+    help="Connect with this saved context rather than the current one (edgefleet context) "
+    "[env EDGEFLEET_CONTEXT].",
 )
 @click.version_option(package_name="edgefleet")
 @click.pass_context
-def cli(ctx: click.Context, server: str, token: str | None, ca_cert: Path | None) -> None:
-    """EdgeFleet: manage ML models on a fleet of edge devices."""
-    ctx.obj = Connection(server=server, token=token, ca_cert=ca_cert)
+def cli(
+    ctx: click.Context,
+    server: str | None,
+    token: str | None,
+    ca_cert: Path | None,
+    context_name: str | None,
+) -> None:
+    """EdgeFleet: manage ML models on a fleet of edge devices.
+
+    The options below also work after the subcommand
+    (edgefleet devices ls --context prod)."""
+    ctx.obj = ConnectionSettings(server=server, token=token, ca_cert=ca_cert, context=context_name)
 
 
 def main() -> None:
@@ -303,3 +339,4 @@ for group in (tokens, operator_tokens, signing_keys, devices, classes, models, b
     cli.add_command(group)
 cli.add_command(simulate)
 cli.add_command(tui)
+cli.add_command(context)

@@ -1,13 +1,17 @@
 """Plumbing shared by the `edgefleet` command modules: option helpers,
 output (JSON or rich) and error reporting. The connection settings are the
-client library's Connection (controlplane.client.connection)."""
+client library's Connection (controlplane.client.connection), resolved with
+the contexts file (controlplane.client.contexts) when a command needs it."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from functools import update_wrapper
+from pathlib import Path
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import click
 import grpc
@@ -16,6 +20,7 @@ from google.protobuf.message import Message
 from rich.console import Console, RenderableType
 
 from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.contexts import ContextError, resolve_connection
 from edgefleet.controlplane.client.errors import rpc_error_message, rpc_status
 from edgefleet.controlplane.client.syntax import (
     enum_choices,
@@ -27,6 +32,8 @@ from edgefleet.controlplane.client.tls_probe import transport_hint
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class CliError(click.ClickException):
@@ -38,25 +45,121 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+@dataclass
+class ConnectionSettings:
+    """The root group's connection options as given (None: not given).
+    connection() resolves them with the contexts file on first use, so a
+    command that makes no call (server, db, context, --help) never reads it."""
+
+    server: str | None = None
+    token: str | None = None
+    ca_cert: Path | None = None
+    context: str | None = None
+    resolved: Connection | None = None
+
+    def connection(self) -> Connection:
+        if self.resolved is None:
+            self.resolved = resolve_connection(
+                server=self.server, token=self.token, ca_cert=self.ca_cert, context=self.context
+            )
+        return self.resolved
+
+
+def _value_counts(command: click.Command, ctx: click.Context) -> dict[str, int]:
+    """Each option name of `command` and how many values follow it."""
+    counts: dict[str, int] = {}
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Option):
+            takes = 0 if param.is_flag or param.count else param.nargs
+            counts.update((name, takes) for name in (*param.opts, *param.secondary_opts))
+    return counts
+
+
 class RootGroup(click.Group):
-    """Turns RPC and file errors from any command into CliError: a one-line
+    """Takes the global options after the subcommand too, and turns RPC,
+    file and context errors from any command into CliError: a one-line
     message, never a traceback."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self._hoist_global_options(ctx, args))
+
+    def _hoist_global_options(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """`args` with the root's value options found after the subcommand
+        (`edgefleet devices ls --server X`, as kubectl takes its flags) moved
+        just before it. An option belongs to the command whose arguments it
+        is among: one that command defines itself stays (`simulate --token`
+        is its enrollment token), and nothing after `--` moves."""
+        root = _value_counts(self, ctx)
+        hoistable = {name for name, takes in root.items() if takes}
+        start = 0
+        while start < len(args) and args[start].startswith("-") and args[start] not in ("-", "--"):
+            name, eq, _ = args[start].partition("=")
+            start += 1 + (0 if eq else root.get(name, 0))
+        if start >= len(args) or args[start] == "--":
+            return args
+        command: click.Command | None = self.get_command(ctx, args[start])
+        hoisted: list[str] = []
+        kept = [args[start]]
+        i = start + 1
+        while i < len(args):
+            token = args[i]
+            if token == "--" or command is None:
+                kept.extend(args[i:])
+                break
+            if token.startswith("-") and token != "-":
+                name, eq, _ = token.partition("=")
+                own = _value_counts(command, ctx)
+                if name in own or name not in hoistable:
+                    # Its own option (with its values), or one nobody
+                    # knows, left for click to report.
+                    width = 1 + (0 if eq else own.get(name, 0))
+                    kept.extend(args[i : i + width])
+                    i += width
+                elif eq:
+                    hoisted.append(token)
+                    i += 1
+                elif i + 1 < len(args):
+                    hoisted.extend(args[i : i + 2])
+                    i += 2
+                elif ctx.resilient_parsing:
+                    kept.append(token)
+                    i += 1
+                else:
+                    raise click.UsageError(f"Option '{name}' requires an argument.", ctx)
+                continue
+            if isinstance(command, click.Group):
+                command = command.get_command(ctx, token)
+            kept.append(token)
+            i += 1
+        return args[:start] + hoisted + kept
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except grpc.RpcError as err:
-            connection = ctx.find_object(Connection)
+            settings = ctx.find_object(ConnectionSettings)
+            connection = settings.resolved if settings is not None else None
             hint = transport_hint(err, connection) if connection is not None else None
             raise CliError(hint or rpc_error_message(err)) from None
+        except ContextError as err:
+            raise CliError(str(err)) from None
         except OSError as err:
             where = f": {err.filename}" if err.filename else ""
             raise CliError(f"{err.strerror or err}{where}") from None
 
 
-# Every command's connection settings: the root group makes them from
-# --server, --token and --ca-cert.
-pass_env = click.make_pass_decorator(Connection)
+def pass_env(f: Callable[Concatenate[Connection, P], R]) -> Callable[P, R]:
+    """Passes a command its Connection: the root group's --server, --token
+    and --ca-cert over the chosen context (controlplane.client.contexts)."""
+
+    def new_func(*args: P.args, **kwargs: P.kwargs) -> R:
+        ctx = click.get_current_context()
+        settings = ctx.find_object(ConnectionSettings)
+        if settings is None:
+            raise RuntimeError("no connection settings: run the command under the edgefleet group")
+        return ctx.invoke(f, settings.connection(), *args, **kwargs)
+
+    return update_wrapper(new_func, f)
 
 
 def parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:

@@ -1,5 +1,6 @@
 """`edgefleet tui`: the operators' terminal UI (the tui package), on the
-same --server/--token (EDGEFLEET_SERVER/EDGEFLEET_TOKEN) as every command.
+same connection as every command: --server/--token/--ca-cert, before or
+after `tui`, over the current context or --context (edgefleet context).
 Textual is imported only when the command runs, so the rest of the CLI
 stays light."""
 

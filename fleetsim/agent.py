@@ -32,7 +32,8 @@ Hello.update / StatusReport.update with the state as a string
 
 It keeps no files and uses one task for its connection and one for its timers
 (one more per model while it installs), so one process holds thousands. Agents share
-gRPC channels: the Fleet hands each one a stub. With no files, a re-run with
+gRPC channels: the Fleet hands each one a stub (with TLS, an agent opens its
+own mutual-TLS channel once enrolled: its certificate is its own). With no files, a re-run with
 the same prefix and the first run's `identities` enrolls as the same devices
 (same hardware ids, proven with their credentials, so the same device ids)
 but with nothing installed: it installs their current
@@ -57,6 +58,7 @@ import grpc
 import grpc.aio
 
 from edgefleet.agent.reconnect import Delay, Step, decide
+from edgefleet.agent.transport import resolve_endpoint, sign_reenrollment
 from edgefleet.agent.update.states import ABORTABLE, TRANSITIONS, EventKind, State
 from edgefleet.update_state import to_wire
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc
@@ -114,6 +116,32 @@ class FleetStats:
     errors: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True)
+class FleetTls:
+    """TLS as the control plane serves it with --tls: enrollment over TLS on
+    the main port trusting `ca_pem`, device RPCs over mutual TLS on the
+    device port with the certificate each enrollment returns. The agents
+    share one key (and one CSR for it): the control plane names the device
+    in each certificate it issues, and a simulator has no key to protect."""
+
+    ca_pem: bytes
+    key_pem: bytes
+    csr_pem: bytes
+    channel_options: tuple[tuple[str, Any], ...] = ()
+
+    def device_channel(
+        self, certificate: device_pb2.DeviceCertificate, enrolled_with: str
+    ) -> grpc.aio.Channel:
+        """A mutual-TLS channel to the device port with `certificate`."""
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=certificate.ca_certificate_pem or self.ca_pem,
+            private_key=self.key_pem,
+            certificate_chain=certificate.certificate_pem,
+        )
+        endpoint = resolve_endpoint(certificate.device_endpoint, enrolled_with)
+        return grpc.aio.secure_channel(endpoint, credentials, options=list(self.channel_options))
+
+
 @dataclass
 class FleetContext:
     """What a fleet's agents share: the profile, the knobs, the counters,
@@ -148,6 +176,16 @@ class FleetContext:
     # plane refuses one without). Share one between runs with the same
     # prefix to re-run as the same devices.
     identities: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Set when the control plane serves TLS; None: plain text.
+    tls: FleetTls | None = None
+    # Where the agents enroll (the main port): a device endpoint advertised
+    # with a wildcard host means this host.
+    server: str = ""
+    # The first failed Enroll of the fleet ("Enroll UNAVAILABLE: ..."), and
+    # the first refusal of the token itself (UNAUTHENTICATED: invalid,
+    # revoked or expired; no agent can enroll with it).
+    first_enroll_error: str = ""
+    token_refused: str = ""
 
 
 def _jitter(rng: random.Random, value: float, jitter: float) -> float:
@@ -300,6 +338,7 @@ class SimAgent:
     __slots__ = (
         "_attempt",
         "_call",
+        "_channel",
         "_heartbeat_sent_at",
         "_md",
         "_pending",
@@ -307,13 +346,16 @@ class SimAgent:
         "_timer_task",
         "_write_lock",
         "assignment_seen_at",
+        "cert_pem",
         "class_name",
+        "connected_at_stop",
         "connection",
         "connects",
         "credential",
         "ctx",
         "device_id",
         "device_state",
+        "enroll_stub",
         "hardware_id",
         "heartbeat_seq",
         "index",
@@ -346,9 +388,15 @@ class SimAgent:
         self.name = f"{prefix}-{index:05d}"
         self.profile_class = profile_class
         self.ctx = ctx
+        # Device RPCs go to `stub`, Enroll to `enroll_stub` (the main port);
+        # with TLS, `stub` is the agent's own mutual-TLS channel's, made at
+        # enrollment.
         self.stub = stub
+        self.enroll_stub = stub
+        self._channel: grpc.aio.Channel | None = None
         self.device_id = ""
         self.credential = ""
+        self.cert_pem = b""
         self.device_state = common_pb2.DEVICE_STATE_UNSPECIFIED
         # The class the control plane placed the device in ("" until known).
         self.class_name = ""
@@ -357,6 +405,8 @@ class SimAgent:
         self.connection = "new"
         # Sync streams that got their first DesiredState.
         self.connects = 0
+        # Whether it held its Sync stream when the fleet stopped it.
+        self.connected_at_stop = False
         self.last_error = ""
         self.server_heartbeat_s = 0.0
         self.server_telemetry_s = 0.0
@@ -493,11 +543,19 @@ class SimAgent:
 
     async def run(self) -> None:
         """Enroll and sync until cancelled, reconnecting with backoff."""
+        self.connected_at_stop = False
         try:
             await self._connect_forever()
         finally:
+            self.connected_at_stop = self.connection == "online"
             self.stop_tasks()
             self.connection = "stopped"
+
+    async def close(self) -> None:
+        """Close the agent's own channel (with TLS; after run() ended)."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close(grace=None)
 
     def stop_tasks(self) -> None:
         """Cancel the timers and every model's update."""
@@ -531,6 +589,10 @@ class SimAgent:
                 code = grpc.StatusCode.UNKNOWN
                 self.last_error = f"{step}: {type(exc).__name__}: {exc}"
                 ctx.stats.errors[f"{step} {type(exc).__name__}"] += 1
+            if step == "Enroll":
+                ctx.first_enroll_error = ctx.first_enroll_error or self.last_error
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    ctx.token_refused = ctx.token_refused or self.last_error
             if self.silent:
                 await self._stay_silent()
                 continue
@@ -571,7 +633,7 @@ class SimAgent:
     # ------------------------------------------------------------ enroll
 
     async def _enroll(self) -> None:
-        assert self.stub is not None
+        assert self.enroll_stub is not None
         ctx = self.ctx
         cls = self.profile_class
         hardware = common_pb2.HardwareProfile()
@@ -588,9 +650,27 @@ class SimAgent:
         known = ctx.identities.get(self.hardware_id)
         if known is not None:
             request.proof.device_id, request.proof.device_credential = known
+        tls = ctx.tls
+        if tls is not None:
+            request.csr = tls.csr_pem
+            if known is not None and self.cert_pem:
+                # With TLS the proof also shows the key of its certificate.
+                request.proof.certificate_pem = self.cert_pem
+                request.proof.signature = sign_reenrollment(tls.key_pem, known[0], tls.csr_pem)
         self.connection = "enrolling"
         async with ctx.connect_slots:
-            response = await self.stub.Enroll(request, timeout=ctx.rpc_timeout_s)
+            response = await self.enroll_stub.Enroll(request, timeout=ctx.rpc_timeout_s)
+        old_channel = None
+        if tls is not None:
+            certificate = response.certificate
+            if not certificate.certificate_pem:
+                raise RuntimeError(
+                    "the control plane answered without a client certificate (is it "
+                    "serving plain text? then leave the CA certificate out)"
+                )
+            old_channel, self._channel = self._channel, tls.device_channel(certificate, ctx.server)
+            self.stub = device_pb2_grpc.DeviceServiceStub(self._channel)
+            self.cert_pem = certificate.certificate_pem
         if response.device_id != self.device_id:
             # Revisions count per device: a new device id starts from 0.
             self.revision = 0
@@ -600,6 +680,8 @@ class SimAgent:
         self.device_state = response.state
         self._md = (("authorization", f"Bearer {self.credential}"),)
         ctx.stats.enrollments += 1
+        if old_channel is not None:  # the certificate it was opened with is revoked now
+            await old_channel.close(grace=None)
 
     # ------------------------------------------------------------ sync
 

@@ -13,6 +13,15 @@ and Sync connects in flight are bounded (`connect_concurrency`), so a fleet
 starting, or reconnecting after a control-plane restart, queues here rather
 than at the server's database.
 
+Against a control plane serving TLS (`edgefleet server`'s default), give
+`ca_cert`, the PEM of its CA (ca.pem in its data directory): the agents
+enroll over TLS on `server`, each with a CSR, and then hold device RPCs
+over mutual TLS on the device port with the certificate issued to them.
+Each certificate names one device, so with TLS every enrolled agent holds
+its own connection (`agents_per_channel` then groups only enrollments).
+The agents do not renew their certificates: a run outlives them only if
+it is shorter than the control plane's --device-cert-lifetime.
+
 An agent costs this process about 35 KB; at 10,000 agents the control
 plane, not the simulator, is the bottleneck. A process that holds thousands
 of agents should call gc.freeze() once they are connected (the CLI does):
@@ -35,9 +44,10 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from edgefleet.agent.transport import new_key_and_csr
 from edgefleet.v1 import device_pb2, device_pb2_grpc
 
-from .agent import PROTOCOLS, FleetContext, SimAgent
+from .agent import PROTOCOLS, FleetContext, FleetTls, SimAgent
 from .profiles import FleetProfile, default_profile
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -78,8 +88,17 @@ class FleetSummary:
     # "model@version" -> update state -> agents, over every model of every
     # agent (several per device); "" -> {"idle": agents holding no model}.
     models: dict[str, dict[str, int]]
-    # "model@version" served -> agents.
+    # "model@version" served -> agents, counting only agents that hold a
+    # live Sync stream (or held one when the fleet stopped).
     serving: dict[str, int]
+    # Agents enrolled in this run (hold a device identity); of those, the
+    # ones holding a live Sync stream (or that held one when the fleet
+    # stopped); agents never enrolled whose last Enroll failed, and the
+    # fleet's first failed Enroll ("" when none failed).
+    enrolled: int = 0
+    connected: int = 0
+    enroll_failed: int = 0
+    enroll_error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -112,6 +131,7 @@ class Fleet:
         on_heartbeat_ack: Callable[[SimAgent, float], None] | None = None,
         on_desired: Callable[[SimAgent, device_pb2.DesiredState], None] | None = None,
         identities: dict[str, tuple[str, str]] | None = None,
+        ca_cert: bytes | None = None,
     ) -> None:
         if n < 0 or agents_per_channel < 1 or connect_concurrency < 1:
             raise ValueError("need n >= 0, agents_per_channel >= 1, connect_concurrency >= 1")
@@ -138,6 +158,8 @@ class Fleet:
             on_heartbeat_ack=on_heartbeat_ack,
             on_desired=on_desired,
             identities={} if identities is None else identities,
+            tls=self._tls(ca_cert, prefix),
+            server=server,
         )
         self.agents = [
             SimAgent(i, prefix, cls, self.ctx) for i, cls in enumerate(self.profile.allocate(n))
@@ -145,6 +167,20 @@ class Fleet:
         self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._started = 0.0
+
+    @staticmethod
+    def _tls(ca_cert: bytes | None, prefix: str) -> FleetTls | None:
+        if ca_cert is None:
+            return None
+        if b"-----BEGIN CERTIFICATE-----" not in ca_cert:
+            raise ValueError("ca_cert is not a PEM certificate (the control plane's ca.pem)")
+        key_pem, csr_pem = new_key_and_csr(f"fleetsim-{prefix}")
+        return FleetTls(ca_cert, key_pem, csr_pem, tuple(CHANNEL_OPTIONS))
+
+    @property
+    def tls(self) -> bool:
+        """Whether the fleet talks TLS to the control plane."""
+        return self.ctx.tls is not None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -155,13 +191,22 @@ class Fleet:
             raise FleetError("the fleet is already started")
         self._started = time.monotonic()
         n_channels = max(1, math.ceil(len(self.agents) / self.agents_per_channel))
+        tls = self.ctx.tls
         self._channels = [
             grpc.aio.insecure_channel(self.server, options=CHANNEL_OPTIONS)
+            if tls is None
+            else grpc.aio.secure_channel(
+                self.server,
+                grpc.ssl_channel_credentials(root_certificates=tls.ca_pem),
+                options=CHANNEL_OPTIONS,
+            )
             for _ in range(n_channels)
         ]
         stubs = [device_pb2_grpc.DeviceServiceStub(c) for c in self._channels]
         for agent in self.agents:
-            agent.stub = stubs[agent.index // self.agents_per_channel]
+            agent.enroll_stub = stubs[agent.index // self.agents_per_channel]
+            # With TLS the device RPCs wait for the agent's own channel.
+            agent.stub = agent.enroll_stub if tls is None else None
         self._tasks = [
             asyncio.create_task(agent.run(), name=f"sim-agent-{agent.index}")
             for agent in self.agents
@@ -213,6 +258,8 @@ class Fleet:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        for agent in self.agents:
+            await agent.close()
         channels, self._channels = self._channels, []
         for channel in channels:
             await channel.close(grace=None)
@@ -254,6 +301,27 @@ class Fleet:
             return f"{len(refused)} agent(s) refused: {refused[0].last_error}"
         return ""
 
+    def token_refused(self) -> str:
+        """Why no agent can enroll at all: set when the control plane refused
+        the enrollment token itself (UNAUTHENTICATED: invalid, revoked or
+        expired), from the first such refusal, "" otherwise."""
+        return self.ctx.token_refused
+
+    def enrolled(self) -> int:
+        """Agents enrolled in this run (holding a device identity)."""
+        return sum(1 for a in self.agents if a.device_id)
+
+    def connected(self) -> int:
+        """Agents holding a live Sync stream (after stop(): those that held
+        one when stopped)."""
+        return sum(1 for a in self.agents if _live(a))
+
+    def enroll_failures(self) -> tuple[int, str]:
+        """Agents not enrolled whose last Enroll failed, and the fleet's
+        first failed Enroll ("Enroll UNAVAILABLE: ...", "" when none)."""
+        failed = sum(1 for a in self.agents if not a.device_id and a.last_error)
+        return failed, self.ctx.first_enroll_error
+
     def agent(self, device_id: str) -> SimAgent:
         """The agent simulating device `device_id` (KeyError if none)."""
         for agent in self.agents:
@@ -293,10 +361,14 @@ class Fleet:
         if bare:
             models[""] = {"idle": bare}
         serving = Counter(
-            f"{name}@{version}" for a in self.agents for name, version in a.serving().items()
+            f"{name}@{version}"
+            for a in self.agents
+            if _live(a)
+            for name, version in a.serving().items()
         )
         stats = asdict(self.ctx.stats)
         stats["errors"] = dict(sorted(self.ctx.stats.errors.items()))
+        failed, first_error = self.enroll_failures()
         return FleetSummary(
             agents=len(self.agents),
             elapsed_s=time.monotonic() - self._started if self._started else 0.0,
@@ -307,4 +379,13 @@ class Fleet:
             stats=stats,
             models=models,
             serving=dict(sorted(serving.items())),
+            enrolled=self.enrolled(),
+            connected=self.connected(),
+            enroll_failed=failed,
+            enroll_error=first_error,
         )
+
+
+def _live(agent: SimAgent) -> bool:
+    """Holds a Sync stream that got its DesiredState (or did when stopped)."""
+    return agent.online or (agent.connection == "stopped" and agent.connected_at_stop)

@@ -98,7 +98,15 @@ def transport_hint(err: grpc.RpcError, connection: Connection) -> str | None:
     status = rpc_status(err)
     if status is None or status[0] != grpc.StatusCode.UNAVAILABLE:
         return None
-    server, ca_cert = connection.server, connection.ca_cert
+    return tls_mismatch(connection.server, connection.ca_cert)
+
+
+def tls_mismatch(server: str, ca_cert: Path | None) -> str | None:
+    """What to do when a client trusting `ca_cert` (None: plain text) and
+    the control plane at `server` disagree about TLS, found by a handshake
+    of our own (blocking, up to a few seconds); None when they agree or
+    nothing answers. For a caller that saw UNAVAILABLE from something other
+    than a blocking call (`edgefleet simulate`'s agents)."""
     found = probe_tls(server, ca_cert)
     if ca_cert is None and found.serves_tls:
         return (

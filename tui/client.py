@@ -33,6 +33,7 @@ from edgefleet.controlplane.client.paging import list_devices_async
 from edgefleet.controlplane.client.rollout_edit import describe_changes, edit_spec
 from edgefleet.controlplane.client.stages import format_stage, parse_ramp, parse_stage
 from edgefleet.controlplane.client.syntax import (
+    CONSTRAINT_FIELDS,
     FALLBACK_CHOICES,
     constraint_profile,
     enum_value,
@@ -285,7 +286,8 @@ class FleetClient:
 
     async def save_class(self, draft: d.ClassDraft, *, create: bool) -> d.DeviceClass:
         """Create the class, or replace the stored fields of an existing one
-        with every field of the draft (its rules included)."""
+        with every field of the draft (its rules included): an emptied
+        constraint field removes that constraint."""
         name, profile, rules, priority = class_request_parts(draft)
         if create:
             created = o.CreateDeviceClassRequest(
@@ -296,6 +298,7 @@ class FleetClient:
         updated = o.UpdateDeviceClassRequest(
             name=name, description=draft.description, priority=priority, constraints=profile,
             match_rules=rules, replace_match_rules=True,
+            clear_constraints=cleared_constraints(draft),
         )  # fmt: skip
         return class_from_pb(await self._call("UpdateDeviceClass", updated))
 
@@ -595,6 +598,18 @@ def class_request_parts(
     )  # fmt: skip
     rules = [_parse(parse_match, r, "rule") for r in draft.rules if r.strip()]
     return draft.name.strip(), profile or c.ConstraintProfile(), rules, priority
+
+
+def cleared_constraints(draft: d.ClassDraft) -> list[str]:
+    """The ConstraintProfile fields an edited draft leaves empty (unchecked,
+    for the microcontroller box): an update removes them. The fallback is
+    always sent (empty: none) and the runtime always kept."""
+    cleared = []
+    for option, field in CONSTRAINT_FIELDS.items():
+        value: str | bool = getattr(draft, option)
+        if option != "fallback" and not (value.strip() if isinstance(value, str) else value):
+            cleared.append(field)
+    return sorted(cleared)
 
 
 def rollout_spec(draft: d.RolloutDraft) -> o.RolloutSpec:

@@ -57,8 +57,8 @@ def summarize(
     """The overview's figures: devices by status and class, models served
     by name@version (a device counts once per model);
     the active rollouts; alerts for failed deployments, failing gates,
-    paused rollouts, rollouts that succeeded with failures and silent
-    devices."""
+    paused rollouts, rollouts that succeeded with failures, silent
+    devices and accepted devices in no class."""
     states: Counter[str] = Counter({s: 0 for s in ("online", "offline", "pending", "failed")})
     states.update(device_status(dev) for dev in devices)
     classes = Counter(dev.class_name or "(unclassified)" for dev in devices)
@@ -91,7 +91,30 @@ def summarize(
         seen = dev.last_seen_at
         if dev.state == "accepted" and not dev.online and seen and now - seen > SILENT_AFTER:
             alerts.append(Alert("silent", dev.name, f"last seen {format_ago(seen, now)}"))
+    unclassified = unclassified_alert(devices)
+    if unclassified:
+        alerts.append(unclassified)
     return FleetSummary(_sorted(states), _sorted(classes), _sorted(versions), tuple(alerts), active)
+
+
+def unclassified_alert(devices: Sequence[Device], examples: int = 3) -> Alert | None:
+    """One alert for the accepted devices in no class: no build or rollout
+    reaches them until a class's rules match them or they are pinned."""
+    lost = [dev for dev in devices if dev.state == "accepted" and not dev.class_name]
+    if not lost:
+        return None
+    shown = []
+    for dev in lost[:examples]:
+        facts = ", ".join(f for f in (dev.hardware.arch, dev.hardware.board_model) if f)
+        shown.append(f"{dev.name} ({facts})" if facts else dev.name)
+    more = f" and {len(lost) - examples} more" if len(lost) > examples else ""
+    noun = "device matches" if len(lost) == 1 else "devices match"
+    return Alert(
+        "unclassified",
+        f"{len(lost)} {noun} no class",
+        f"no class's rules fit {', '.join(shown)}{more}, so no build or rollout reaches "
+        "them; fix a class's match rules or pin them to a class",
+    )
 
 
 # The monitor's actions and the rollout event each is; the server's table

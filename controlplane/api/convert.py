@@ -32,7 +32,7 @@ from edgefleet.controlplane.domain.rollout_states import (
 from edgefleet.controlplane.domain.rollouts import Gates
 from edgefleet.controlplane.errors import InvalidArgument
 from edgefleet.controlplane.services.builds import BuildView
-from edgefleet.controlplane.services.classes import ClassView, Constraints
+from edgefleet.controlplane.services.classes import ClassView, Constraints, MatchReport
 from edgefleet.controlplane.services.deployments import AssignmentView
 from edgefleet.controlplane.services.devices import DeviceView
 from edgefleet.controlplane.services.operator_tokens import OperatorTokenView
@@ -374,6 +374,18 @@ def class_to_pb(view: ClassView) -> c.DeviceClass:
         device_count=view.device_count,
         created_at=ts(row.created_at),
         updated_at=ts(row.updated_at),
+        match_report=match_report_to_pb(view.report) if view.report else None,
+    )
+
+
+def match_report_to_pb(report: MatchReport) -> c.RuleMatchReport:
+    return c.RuleMatchReport(
+        matching=report.matching,
+        pinned_elsewhere=report.pinned_elsewhere,
+        outranked=report.outranked,
+        fleet=report.fleet,
+        unclassified=report.unclassified,
+        misses=[c.RuleMiss(rule=rule_to_pb(m.rule), seen=m.seen) for m in report.misses],
     )
 
 

@@ -221,6 +221,8 @@ LIMITS: dict[str, Limit] = {
     "UpdateDeviceClassRequest.name": CLASS_NAME,
     "UpdateDeviceClassRequest.description": DESCRIPTION,
     "UpdateDeviceClassRequest.match_rules": Limit(count=16),
+    # ConstraintProfile field names (the service refuses any other).
+    "UpdateDeviceClassRequest.clear_constraints": Limit(count=16, chars=64, ascii=True),
     "GetDeviceClassRequest.name": CLASS_NAME,
     "DeleteDeviceClassRequest.name": CLASS_NAME,
     "ConstraintProfile.accelerator": Limit(chars=32),  # String(32)

@@ -303,6 +303,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
                 if request.replace_match_rules
                 else None
             ),
+            clear=tuple(request.clear_constraints),
         )
         view = await self.run(self._classes.update, who.actor, request.name, change)
         return convert.class_to_pb(view)

@@ -19,11 +19,17 @@ from edgefleet.controlplane.cli.base import (
 )
 from edgefleet.controlplane.client.connection import Connection
 from edgefleet.controlplane.client.syntax import (
+    CONSTRAINT_FIELDS,
     FALLBACK_CHOICES,
     constraint_profile,
+    format_rule,
     parse_match,
 )
+from edgefleet.controlplane.domain.rules import quote_value
 from edgefleet.v1 import common_pb2, operator_pb2
+
+# `--clear` names: the options' own names.
+CLEAR_CHOICES = {option.replace("_", "-"): option for option in CONSTRAINT_FIELDS}
 
 
 @click.group()
@@ -138,6 +144,7 @@ def classes_create(
         )
     )
     emit(as_json, created, lambda: render.class_detail(created))
+    report_matches(created, "created", as_json=as_json)
 
 
 @classes.command("ls")
@@ -163,6 +170,16 @@ def classes_show(env: Connection, name: str, as_json: bool) -> None:
 @click.argument("name")
 @_class_options(create=False)
 @click.option("--clear-rules", is_flag=True, help="Remove every match rule (pinning only).")
+@click.option(
+    "--clear",
+    "clear",
+    multiple=True,
+    type=click.Choice(list(CLEAR_CHOICES)),
+    metavar="FIELD",
+    help="Remove a constraint, as if never set (repeat for several): "
+    + ", ".join(CLEAR_CHOICES)
+    + ".",
+)
 @json_option
 @pass_env
 def classes_update(
@@ -171,6 +188,7 @@ def classes_update(
     name: str,
     rules: Sequence[common_pb2.MatchRule],
     clear_rules: bool,
+    clear: Sequence[str],
     priority: int | None,
     description: str | None,
     as_json: bool,
@@ -179,6 +197,9 @@ def classes_update(
     """Change a class; options not given keep their stored values."""
     if rules and clear_rules:
         usage_error("--match and --clear-rules exclude each other")
+    for option in clear:
+        if constraints.get(CLEAR_CHOICES[option]) is not None:
+            usage_error(f"--{option} and --clear {option} exclude each other")
     request = operator_pb2.UpdateDeviceClassRequest(
         name=name,
         description=description,
@@ -186,9 +207,69 @@ def classes_update(
         constraints=constraint_profile(**constraints),
         match_rules=rules,
         replace_match_rules=bool(rules) or clear_rules,
+        clear_constraints=sorted({CONSTRAINT_FIELDS[CLEAR_CHOICES[o]] for o in clear}),
     )
     updated = env.stub.UpdateDeviceClass(request)
     emit(as_json, updated, lambda: render.class_detail(updated))
+    report_matches(updated, "updated", as_json=as_json)
+
+
+def _devices(n: int) -> str:
+    return f"{n} device" if n == 1 else f"{n} devices"
+
+
+def match_summary(cls: common_pb2.DeviceClass, verb: str) -> str:
+    """`class pi created; its rules match 158 devices now (...)`."""
+    r = cls.match_report
+    if not cls.match_rules:
+        return (
+            f"class {cls.name} {verb}; it has no match rules: devices join it only when pinned "
+            "(edgefleet devices pin)"
+        )
+    text = f"class {cls.name} {verb}; its rules match {_devices(r.matching)} now"
+    elsewhere = [
+        f"{r.pinned_elsewhere} pinned to other classes" if r.pinned_elsewhere else "",
+        f"{r.outranked} in higher-priority classes" if r.outranked else "",
+    ]
+    if any(elsewhere):
+        text += f" ({', '.join(e for e in elsewhere if e)})"
+    if r.unclassified:
+        text += f"; {_devices(r.unclassified)} of {r.fleet} in no class"
+    return text
+
+
+def match_warnings(cls: common_pb2.DeviceClass) -> list[str]:
+    """What looks like a mistake in the rules: a rule no device satisfies
+    (with the values devices have), or rules that match none together."""
+    r = cls.match_report
+    if not cls.match_rules or r.fleet == 0:
+        return []
+    out = []
+    for miss in r.misses:
+        field = miss.rule.field
+        seen = (
+            f"{field} of devices: {', '.join(quote_value(v) for v in miss.seen)}"
+            if miss.seen
+            else f"no device reports {field}"
+        )
+        out.append(
+            f"rule '{format_rule(miss.rule)}' matches no device of {r.fleet}; "
+            f"check the values: {seen}"
+        )
+    if not out and r.matching == 0:
+        out.append(f"no device of {r.fleet} matches all {len(cls.match_rules)} rules together")
+    return out
+
+
+def report_matches(cls: common_pb2.DeviceClass, verb: str, *, as_json: bool) -> None:
+    """After a create or update: how many devices the rules match (not with
+    --json, whose output has match_report), and warnings on stderr."""
+    if not cls.HasField("match_report"):
+        return  # a server from before match reports
+    if not as_json:
+        click.echo(match_summary(cls, verb))
+    for warning in match_warnings(cls):
+        click.secho(f"warning: {warning}", fg="yellow", bold=True, err=True)
 
 
 @classes.command("delete")

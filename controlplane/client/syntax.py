@@ -136,6 +136,23 @@ def format_rule(rule: common_pb2.MatchRule) -> str:
 # What --fallback (and the TUI's class form) take; "none" drops a fallback.
 FALLBACK_CHOICES = ("fp16", "int8", "auto", "none")
 
+# constraint_profile's options -> the ConstraintProfile fields they set: what
+# `classes update --clear` (`-` for `_`) and the TUI's emptied fields remove
+# (UpdateDeviceClassRequest.clear_constraints). The runtime stays.
+CONSTRAINT_FIELDS = {
+    "quantization": "quantization",
+    "max_size_mb": "max_model_size_mb",
+    "latency_budget_ms": "latency_budget_p95_ms",
+    "max_memory_mb": "max_memory_mb",
+    "device_memory_mb": "device_memory_mb",
+    "fallback": "fallback",
+    "min_accuracy_retention": "min_accuracy_retention",
+    "accelerator": "accelerator",
+    "threads": "threads",
+    "speed_factor": "speed_factor",
+    "microcontroller": "microcontroller",
+}
+
 
 def constraint_profile(
     *,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -51,17 +51,84 @@ class Rule:
     values: tuple[str, ...] = ()
 
     def __str__(self) -> str:
+        """The text parse_rule reads back as this rule (values quoted where needed)."""
         if self.op is Op.EXISTS:
             return f"{self.field} exists"
         if self.op in (Op.IN, Op.NOT_IN):
-            return f"{self.field} {self.op.value} {','.join(self.values)}"
-        return f"{self.field} {self.op.value} {self.values[0]}"
+            listed = ",".join(quote_value(v, in_list=True) for v in self.values)
+            return f"{self.field} {self.op.value} {listed}"
+        return f"{self.field} {self.op.value} {quote_value(self.values[0])}"
 
 
 _RULE_RE = re.compile(
     r"^\s*(?P<field>[A-Za-z_][\w.\-/]*)\s*"
-    r"(?P<op>==|!=|<=|>=|<|>|=|\bnot\s+in\b|\bin\b|\bexists\b|\bglob\b)\s*(?P<value>.*?)\s*$"
+    r"(?P<op>==|!=|<=|>=|<|>|=|\bnot\s+in\b|\bin\b|\bexists\b|\bglob\b)"
 )
+_QUOTES = "\"'"
+
+
+def quote_value(value: str, *, in_list: bool = False) -> str:
+    """`value` as a rule writes it: as is when it reads back the same,
+    else in double quotes with `"` and `\\` escaped."""
+    # `;` too: the TUI's class form separates rules with it.
+    special = (*_QUOTES, "\\", ";", *("," if in_list else ""))
+    if value and not any(ch.isspace() or ch in special for ch in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _lex(text: str, rule: str) -> Iterator[tuple[int, str, bool]]:
+    """The characters of a value as written: (position, character, literal).
+    Quotes ("..." or '...') are dropped and make what they enclose literal;
+    a backslash makes the quote or backslash after it literal. Literal
+    characters never separate items and are never trimmed."""
+    quote = ""
+    i = 0
+    while i < len(text):
+        ch, nxt = text[i], text[i + 1 : i + 2]
+        escapable = (quote, "\\") if quote else (*_QUOTES, "\\")
+        if ch == "\\" and nxt and nxt in escapable:
+            yield i, nxt, True
+            i += 2
+            continue
+        if quote:
+            if ch == quote:
+                quote = ""
+            else:
+                yield i, ch, True
+        elif ch in _QUOTES:
+            quote = ch
+        else:
+            yield i, ch, False
+        i += 1
+    if quote:
+        raise InvalidArgument(
+            f"match rule {rule!r}: a {quote} quote is never closed; close it, or write a "
+            f"quote that belongs to the value as \\{quote}"
+        )
+
+
+def split_unquoted(text: str, sep: str, *, rule: str = "") -> list[str]:
+    """`text` split at each `sep` outside quotes, the parts as written
+    (quotes kept): for `in` lists and the TUI's `;`-separated rules."""
+    parts, start = [], 0
+    for i, ch, literal in _lex(text, rule or text):
+        if ch == sep and not literal:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def unquote(text: str, *, rule: str = "") -> str:
+    """One value as written -> the value: quotes removed, the unquoted
+    spaces at its ends dropped, every other character kept."""
+    chars = list(_lex(text, rule or text))
+    while chars and not chars[0][2] and chars[0][1].isspace():
+        chars.pop(0)
+    while chars and not chars[-1][2] and chars[-1][1].isspace():
+        chars.pop()
+    return "".join(ch for _, ch, _ in chars)
 
 
 def validate_field(field: str) -> None:
@@ -96,7 +163,10 @@ def make_rule(field: str, op: Op, values: Sequence[str]) -> Rule:
 
 def parse_rule(text: str) -> Rule:
     """Parse operator text such as `arch == aarch64`, `memory_mb < 4096`,
-    `label.tier in canary,beta`, `accelerator exists`."""
+    `label.tier in canary,beta`, `accelerator exists`,
+    `board_model glob "Raspberry Pi*"`. A value may be quoted, shell-style
+    (docs/operators/classes.md#quoting); unquoted, it is the rest of the
+    text (an `in` list's item: up to the next comma), ends trimmed."""
     m = _RULE_RE.match(text)
     if not m:
         raise InvalidArgument(
@@ -105,13 +175,13 @@ def parse_rule(text: str) -> Rule:
         )
     op_text = re.sub(r"\s+", " ", m["op"])
     op = Op.EQ if op_text == "=" else Op(op_text)
-    value = m["value"]
+    value = text[m.end() :]
     if op in (Op.IN, Op.NOT_IN):
-        values: list[str] = [v for v in value.split(",")]
+        values = [unquote(v, rule=text) for v in split_unquoted(value, ",", rule=text)]
     elif op is Op.EXISTS:
-        values = [value] if value else []
+        values = [value.strip()] if value.strip() else []
     else:
-        values = [value]
+        values = [unquote(value, rule=text)]
     return make_rule(m["field"], op, values)
 
 

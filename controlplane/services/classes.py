@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,7 +17,7 @@ from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import rules, secrets
 from edgefleet.controlplane.errors import AlreadyExists, InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit
-from edgefleet.controlplane.services.devices import EventSink, reclassify_all
+from edgefleet.controlplane.services.devices import DECOMMISSIONED, EventSink, reclassify_all
 from edgefleet.controlplane.services.events import FleetEvent
 
 RUNTIMES = ("onnxruntime", "tflite", "tensorrt")
@@ -86,20 +88,97 @@ class ClassSpec:
     rules: tuple[rules.Rule, ...] = ()
 
 
+# What clearing a constraint sets it back to: its value in a class that never
+# set it (no limit, no accelerator, one thread, ...). A class always has a runtime.
+CLEARED = {f.name: f.default for f in dataclasses.fields(Constraints) if f.name != "runtime"}
+
+
 @dataclass(frozen=True)
 class ClassUpdate:
-    """Fields left None are kept."""
+    """Fields left None are kept; constraints named in `clear` go back to
+    their unset value (CLEARED)."""
 
     description: str | None = None
     priority: int | None = None
     constraints: dict[str, Any] = field(default_factory=dict)
     rules: tuple[rules.Rule, ...] | None = None
+    clear: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RuleMiss:
+    """A rule of the class that no device satisfies, and a few values its
+    field has among the devices (most common first)."""
+
+    rule: rules.Rule
+    seen: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MatchReport:
+    """How a class's rules meet the fleet (decommissioned devices left out)
+    right after a change, so a rule that matches nothing is noticed."""
+
+    # Devices whose facts satisfy every rule of the class.
+    matching: int
+    # Of those, pinned to another class (rules do not move them) ...
+    pinned_elsewhere: int
+    # ... or in a higher-priority class whose rules also match.
+    outranked: int
+    fleet: int
+    # Devices in no class after the change.
+    unclassified: int
+    misses: tuple[RuleMiss, ...] = ()
 
 
 @dataclass(frozen=True)
 class ClassView:
     row: DeviceClassRow
     device_count: int
+    # Set by create and update only.
+    report: MatchReport | None = None
+
+
+# How many distinct values of a field a RuleMiss shows.
+_SEEN_VALUES = 5
+
+
+def match_report(session: Any, row: DeviceClassRow) -> MatchReport:
+    """The class's rules against every device that is not decommissioned
+    (call after reclassifying, so class ids are current)."""
+    class_rules = rules.rules_from_json(row.match_rules)
+    devices = list(session.scalars(select(DeviceRow).where(DeviceRow.state != DECOMMISSIONED)))
+    facts = [rules.device_facts(d.hardware, d.runtime, d.labels) for d in devices]
+    matching = pinned = outranked = 0
+    for device, fact in zip(devices, facts, strict=True):
+        if not class_rules or not all(rules.rule_matches(r, fact) for r in class_rules):
+            continue
+        matching += 1
+        if device.class_id != row.id:
+            if device.class_pinned:
+                pinned += 1
+            else:
+                outranked += 1
+    misses: list[RuleMiss] = []
+    for rule in class_rules if devices else ():
+        if any(rules.rule_matches(rule, fact) for fact in facts):
+            continue
+        seen: Counter[str] = Counter()
+        for fact in facts:
+            value = fact.get(rule.field)
+            seen.update(str(v) for v in (value if isinstance(value, list) else [value]) if v)
+        # Most common first, ties by value (devices come in no set order).
+        ranked = sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))
+        top = tuple(v for v, _ in ranked[:_SEEN_VALUES])
+        misses.append(RuleMiss(rule, top))
+    return MatchReport(
+        matching=matching,
+        pinned_elsewhere=pinned,
+        outranked=outranked,
+        fleet=len(devices),
+        unclassified=sum(1 for d in devices if d.class_id is None),
+        misses=tuple(misses),
+    )
 
 
 def _constraints_of(row: DeviceClassRow) -> Constraints:
@@ -139,6 +218,21 @@ def _store(row: DeviceClassRow, spec: ClassSpec) -> None:
     row.updated_at = utcnow()
 
 
+def _cleared(change: ClassUpdate) -> dict[str, Any]:
+    """The constraint values `change.clear` asks for; InvalidArgument for a
+    name that is no clearable constraint or that the update also sets."""
+    for name in change.clear:
+        if name == "runtime":
+            raise InvalidArgument("the runtime cannot be cleared: every class has one")
+        if name not in CLEARED:
+            raise InvalidArgument(
+                f"cannot clear {name!r}: no such constraint; one of {', '.join(CLEARED)}"
+            )
+        if name in change.constraints:
+            raise InvalidArgument(f"{name} is both set and cleared; do one or the other")
+    return {name: CLEARED[name] for name in change.clear}
+
+
 class ClassService:
     def __init__(self, db: Database, events: EventSink) -> None:
         self._db = db
@@ -169,7 +263,7 @@ class ClassService:
                 uow.commit()
             except IntegrityError as exc:
                 raise AlreadyExists(f"a device class named {spec.name!r} already exists") from exc
-            view = ClassView(row, self._count(uow.session, row.id))
+            view = ClassView(row, self._count(uow.session, row.id), match_report(uow.session, row))
         self._announce(spec.name, moved)
         return view
 
@@ -183,8 +277,9 @@ class ClassService:
                 priority=row.priority,
                 rules=rules.rules_from_json(row.match_rules),
             )
+            cleared = _cleared(change)
             try:
-                constraints = replace(current.constraints, **change.constraints)
+                constraints = replace(current.constraints, **change.constraints, **cleared)
             except TypeError as exc:
                 raise InvalidArgument(f"unknown constraint in update: {exc}") from exc
             spec = replace(
@@ -200,9 +295,16 @@ class ClassService:
             _store(row, spec)
             uow.session.flush()
             moved = reclassify_all(uow.session)
-            audit.record(uow, actor, "class.update", f"class:{name}")
+            # The constraints this update removed, by name or by a limit of 0
+            # (what it set is in the row).
+            asked = set(cleared) | {k for k, v in change.constraints.items() if v is None}
+            removed = sorted(
+                k for k in asked if getattr(current.constraints, k) != getattr(constraints, k)
+            )
+            details = {"cleared": removed} if removed else {}
+            audit.record(uow, actor, "class.update", f"class:{name}", **details)
             uow.commit()
-            view = ClassView(row, self._count(uow.session, row.id))
+            view = ClassView(row, self._count(uow.session, row.id), match_report(uow.session, row))
         self._announce(name, moved)
         return view
 

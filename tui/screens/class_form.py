@@ -10,6 +10,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Static
 
+from edgefleet.controlplane.domain.rules import split_unquoted
+from edgefleet.controlplane.errors import InvalidArgument
 from edgefleet.tui.app_types import fleet_client
 from edgefleet.tui.client import ClientError
 from edgefleet.tui.data import ClassDraft, DeviceClass
@@ -34,6 +36,14 @@ FIELDS = (
 )
 
 
+def split_rules(text: str) -> list[str]:
+    """The form's `;`-separated rules (a quoted `;` is part of its value)."""
+    try:
+        return split_unquoted(text, ";")
+    except InvalidArgument:
+        return [text]  # a quote left open: parsing the one rule says so
+
+
 def _num(value: float | int | None) -> str:
     return "" if value is None else f"{value:g}"
 
@@ -54,6 +64,9 @@ def draft_values(c: DeviceClass) -> dict[str, str]:
 
 class ClassFormScreen(ModalScreen[DeviceClass | None]):
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+    # The first field one can type in (the scrolling form itself is focusable
+    # and would otherwise take the focus).
+    AUTO_FOCUS = "#form Input"
 
     def __init__(self, existing: DeviceClass | None) -> None:
         super().__init__(classes="dialog-screen")
@@ -73,6 +86,9 @@ class ClassFormScreen(ModalScreen[DeviceClass | None]):
                             placeholder=placeholder,
                             id=key,
                             disabled=key == "name" and self.existing is not None,
+                            # Tab into a field edits it; it does not select
+                            # the text for the next key to replace.
+                            select_on_focus=False,
                         )
                 yield Checkbox("microcontroller (also a TFLite Micro C array)",
                                self.existing.microcontroller if self.existing else False,
@@ -84,7 +100,8 @@ class ClassFormScreen(ModalScreen[DeviceClass | None]):
 
     def draft(self) -> ClassDraft:
         v = {key: self.query_one(f"#{key}", Input).value for key, _, _ in FIELDS}
-        rules = tuple(r.strip() for r in v.pop("rules").split(";") if r.strip())
+        # `;` inside a quoted value belongs to the value.
+        rules = tuple(r.strip() for r in split_rules(v.pop("rules")) if r.strip())
         return ClassDraft(**v, rules=rules,
                           microcontroller=self.query_one(Checkbox).value)  # fmt: skip
 

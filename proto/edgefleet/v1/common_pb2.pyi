@@ -476,6 +476,7 @@ class DeviceClass(_message.Message):
     DEVICE_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    MATCH_REPORT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     description: _builtins.str
@@ -490,6 +491,12 @@ class DeviceClass(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def match_report(self) -> Global___RuleMatchReport:
+        """How the rules meet the fleet right after the change: set in the answers
+        of CreateDeviceClass and UpdateDeviceClass only.
+        """
+
     def __init__(
         self,
         *,
@@ -502,14 +509,87 @@ class DeviceClass(_message.Message):
         device_count: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        match_report: Global___RuleMatchReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "created_at", b"created_at", "match_report", b"match_report", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "created_at", b"created_at", "description", b"description", "device_count", b"device_count", "id", b"id", "match_rules", b"match_rules", "name", b"name", "priority", b"priority", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "created_at", b"created_at", "description", b"description", "device_count", b"device_count", "id", b"id", "match_report", b"match_report", "match_rules", b"match_rules", "name", b"name", "priority", b"priority", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceClass: _TypeAlias = DeviceClass  # noqa: Y015
+
+@_typing.final
+class RuleMatchReport(_message.Message):
+    """A class's rules against the devices that are not decommissioned."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHING_FIELD_NUMBER: _builtins.int
+    PINNED_ELSEWHERE_FIELD_NUMBER: _builtins.int
+    OUTRANKED_FIELD_NUMBER: _builtins.int
+    FLEET_FIELD_NUMBER: _builtins.int
+    UNCLASSIFIED_FIELD_NUMBER: _builtins.int
+    MISSES_FIELD_NUMBER: _builtins.int
+    matching: _builtins.int
+    """Devices whose facts satisfy every rule of the class (none without rules)."""
+    pinned_elsewhere: _builtins.int
+    """Of those, devices pinned to another class (rules do not move them)..."""
+    outranked: _builtins.int
+    """...and devices in a higher-priority class whose rules also match."""
+    fleet: _builtins.int
+    """Devices in the fleet."""
+    unclassified: _builtins.int
+    """Devices in no class after the change."""
+    @_builtins.property
+    def misses(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleMiss]:
+        """The class's rules that no device satisfies."""
+
+    def __init__(
+        self,
+        *,
+        matching: _builtins.int = ...,
+        pinned_elsewhere: _builtins.int = ...,
+        outranked: _builtins.int = ...,
+        fleet: _builtins.int = ...,
+        unclassified: _builtins.int = ...,
+        misses: _abc.Iterable[Global___RuleMiss] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet", "matching", b"matching", "misses", b"misses", "outranked", b"outranked", "pinned_elsewhere", b"pinned_elsewhere", "unclassified", b"unclassified"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuleMatchReport: _TypeAlias = RuleMatchReport  # noqa: Y015
+
+@_typing.final
+class RuleMiss(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    SEEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rule(self) -> Global___MatchRule: ...
+    @_builtins.property
+    def seen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Up to five distinct values the rule's field has among the devices, most
+        common first; empty when no device has the field.
+        """
+
+    def __init__(
+        self,
+        *,
+        rule: Global___MatchRule | None = ...,
+        seen: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule", "seen", b"seen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuleMiss: _TypeAlias = RuleMiss  # noqa: Y015
 
 @_typing.final
 class Device(_message.Message):

@@ -1323,6 +1323,7 @@ class UpdateDeviceClassRequest(_message.Message):
     CONSTRAINTS_FIELD_NUMBER: _builtins.int
     MATCH_RULES_FIELD_NUMBER: _builtins.int
     REPLACE_MATCH_RULES_FIELD_NUMBER: _builtins.int
+    CLEAR_CONSTRAINTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     """Fields present replace the stored ones."""
@@ -1334,6 +1335,14 @@ class UpdateDeviceClassRequest(_message.Message):
     def match_rules(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.MatchRule]:
         """Replaces the rules when replace_match_rules is true."""
 
+    @_builtins.property
+    def clear_constraints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ConstraintProfile fields to remove (limits, accelerator, fallback) or
+        reset (quantization: auto, threads: 1, speed_factor: 1,
+        microcontroller: off); runtime cannot be cleared. A field may not be
+        both set in `constraints` and cleared.
+        """
+
     def __init__(
         self,
         *,
@@ -1343,10 +1352,11 @@ class UpdateDeviceClassRequest(_message.Message):
         constraints: _common_pb2.ConstraintProfile | None = ...,
         match_rules: _abc.Iterable[_common_pb2.MatchRule] | None = ...,
         replace_match_rules: _builtins.bool = ...,
+        clear_constraints: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_priority", b"_priority", "constraints", b"constraints", "description", b"description", "priority", b"priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_priority", b"_priority", "constraints", b"constraints", "description", b"description", "match_rules", b"match_rules", "name", b"name", "priority", b"priority", "replace_match_rules", b"replace_match_rules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_priority", b"_priority", "clear_constraints", b"clear_constraints", "constraints", b"constraints", "description", b"description", "match_rules", b"match_rules", "name", b"name", "priority", b"priority", "replace_match_rules", b"replace_match_rules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
     _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015

@@ -16,13 +16,13 @@ import contextlib
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgefleet.controlplane.client.connection import DEFAULT_SERVER, Connection
+from edgefleet.fsutil import atomic_write
 
 CONFIG_ENV = "EDGEFLEET_CONFIG"
 FORMAT_VERSION = 1
@@ -255,30 +255,12 @@ def _parse(path: Path, raw: bytes) -> Contexts:
 
 
 def save(contexts: Contexts) -> None:
-    """Write the file whole: a private temporary file beside it, renamed
-    over it, so a reader sees the old file or the new one and the tokens are
-    never readable by others, not even for a moment."""
-    path = contexts.path
-    _make_private_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            os.fchmod(file.fileno(), 0o600)  # mkstemp's mode too; stated, not assumed
-            json.dump(contexts.to_dict(), file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # The rename itself survives a crash only once the directory is synced.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write the file whole (atomic_write: a private temporary file beside
+    it, renamed over it), so a reader sees the old file or the new one and
+    the tokens are never readable by others, not even for a moment."""
+    _make_private_dirs(contexts.path.parent)
+    data = json.dumps(contexts.to_dict(), indent=2) + "\n"
+    atomic_write(contexts.path, data.encode("utf-8"), mode=0o600)
 
 
 def _make_private_dirs(directory: Path) -> None:

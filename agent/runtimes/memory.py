@@ -9,7 +9,10 @@ candidate that way in a child process (agent.runtimes.measure), a device
 validates an artifact that way, and the agent measures each model it loads
 into its own process that way (agent.serving, through `LoadMeter`), so a
 class's max_memory_mb, a build's peak_memory_mb and a telemetry sample's
-model_memory_mb are the same kind of number.
+model_memory_mb are the same kind of number. In a process that ran other
+loads (the agent's), a load may reuse memory they freed, which the resident
+set does not show; there the figure is at least what malloc holds more
+after the load than before it (heap_in_use_mib).
 
 Linux reads /proc/self/status and resets the kernel's high-water mark
 (VmHWM) before loading; elsewhere psutil gives the resident set, and the
@@ -128,6 +131,33 @@ def trim_heap() -> bool:
     return True
 
 
+def heap_in_use_mib() -> float | None:
+    """Bytes malloc has handed out and not had back, over every arena and
+    its mmapped blocks (glibc's mallinfo2, 2.33 and later; None elsewhere).
+    A load that reuses memory an earlier load freed, which malloc_trim could
+    not give back (a page still partly used), adds that memory to this
+    figure but not to the resident set: loaded second, a model with 4 MB of
+    weights added 0.5 MB of resident set."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                         "fsmblks", "uordblks", "fordblks", "keepcost")
+        ]  # fmt: skip
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # musl, or glibc before 2.33
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return float(info.uordblks + info.hblkhd) / MIB
+
+
 class Reading:
     """One load's figure: `added_mb`, the memory it added (module
     docstring); 0 when it could not be measured (`why` says why)."""
@@ -136,21 +166,29 @@ class Reading:
         self.added_mb = 0.0
         self.why = ""
         self._baseline = 0.0
+        self._heap_baseline: float | None = None
         self._reset_ok = False
 
     def _start(self) -> None:
         trim_heap()
+        self._heap_baseline = heap_in_use_mib()
         self._baseline = current_rss_mib()
         self._reset_ok = reset_peak_rss()
 
     def _stop(self) -> None:
         current = current_rss_mib()
         peak = peak_rss_mib(self._reset_ok, lifetime=False)
+        heap = heap_in_use_mib()
         top = current if peak is None else max(peak, current)
         if self._baseline <= 0 or current <= 0:
             self.why = "the resident set cannot be read here"
-        else:
-            self.added_mb = max(0.0, top - self._baseline)
+            return
+        added = top - self._baseline
+        if heap is not None and self._heap_baseline is not None:
+            # What the model holds on the heap after loading, where reused
+            # memory hid it from the resident set (heap_in_use_mib).
+            added = max(added, heap - self._heap_baseline)
+        self.added_mb = max(0.0, added)
 
 
 class LoadMeter:

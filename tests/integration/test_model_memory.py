@@ -29,7 +29,7 @@ from sqlalchemy import inspect, select, text
 
 from edgefleet.agent.daemon import report_served
 from edgefleet.agent.runtimes.measure import measure_in_child
-from edgefleet.agent.runtimes.memory import LoadMeter
+from edgefleet.agent.runtimes.memory import LoadMeter, heap_in_use_mib
 from edgefleet.agent.serving import ModelHost
 from edgefleet.agent.telemetry import RequestStats, ResourceProbe
 from edgefleet.agent.telemetry_buffer import Pending
@@ -145,6 +145,25 @@ def test_loads_at_once_take_turns_so_each_figure_is_its_own(models: dict[str, Pa
             assert figures[name] > 1.0 and agrees(figures[name], fresh, path), (figures, fresh)
     finally:
         host.close()
+
+
+def test_memory_reused_from_an_earlier_load_still_counts() -> None:
+    """A load that takes memory an earlier one freed (malloc keeps it, so
+    the resident set does not grow) still counts what it holds: the CI run
+    that loaded the large model first measured the small one (4 MB of
+    weights) at 0.5 MB."""
+    if heap_in_use_mib() is None:
+        pytest.skip("needs glibc's mallinfo2 (2.33 or later)")
+    meter = LoadMeter()
+    # An earlier load's transient memory: many small blocks, which malloc
+    # keeps on its free lists once they are freed (not mmapped, not all
+    # given back by malloc_trim while a live block shares their pages).
+    earlier = [bytearray(4000) for _ in range(6000)]  # ~24 MB
+    del earlier[::2]  # every other block freed: no page wholly free
+    with meter.measure() as reading:
+        held = [bytearray(4000) for _ in range(3000)]  # ~12 MB, in the freed blocks
+    assert len(held) == 3000
+    assert reading.added_mb >= 10.0, reading.added_mb
 
 
 def test_a_load_that_cannot_wait_its_turn_is_not_measured() -> None:

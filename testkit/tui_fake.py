@@ -208,6 +208,10 @@ class FakeFleet:
         self.devices = [new if x.id == device_id else x for x in self.devices]
         return new
 
+    async def whoami(self) -> str:
+        """The role the real client reads from the server (FleetClient.whoami)."""
+        return "admin"
+
     async def list_devices(self) -> list[d.Device]:
         return list(self.devices)
 

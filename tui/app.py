@@ -11,13 +11,14 @@ from datetime import UTC, datetime
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.reactive import var
 from textual.screen import Screen
 from textual.signal import Signal
 
-from edgefleet.tui.client import ClientError, FleetApi
-from edgefleet.tui.data import FleetEvent
+from edgefleet.tui.client import REFUSED, ClientError, FleetApi, KnowsRole, ServerError
+from edgefleet.tui.data import ConnectionStatus, FleetEvent
 from edgefleet.tui.screens.audit import AuditScreen
-from edgefleet.tui.screens.base import NAV
+from edgefleet.tui.screens.base import NAV, ConnectScreen
 from edgefleet.tui.screens.classes import ClassesScreen
 from edgefleet.tui.screens.devices import DevicesScreen
 from edgefleet.tui.screens.help import HelpScreen
@@ -36,11 +37,14 @@ def _utc_now() -> datetime:
 
 
 class EdgeFleetApp(App[None]):
-    """Screens are modes (1-7); detail views are pushed on top of them."""
+    """Screens are modes (1-7); detail views are pushed on top of them. The
+    `connect` mode shows until the control plane first answers, and again
+    if it refuses the token."""
 
     CSS_PATH = "app.tcss"
     TITLE = "EdgeFleet"
     MODES = {
+        "connect": ConnectScreen,
         "overview": OverviewScreen,
         "devices": DevicesScreen,
         "classes": ClassesScreen,
@@ -55,6 +59,8 @@ class EdgeFleetApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
+    connection: var[ConnectionStatus] = var(ConnectionStatus)
+
     def __init__(self, client: FleetApi, *, clock: Clock = _utc_now, watch: bool = True) -> None:
         super().__init__()
         self.client = client
@@ -63,15 +69,58 @@ class EdgeFleetApp(App[None]):
         self.fleet_events: Signal[FleetEvent] = Signal(self, "fleet-events")
         # What the watch stream delivered, for tests and the headless demo.
         self.events_seen = 0
+        self.set_reactive(EdgeFleetApp.connection, ConnectionStatus(client.target))
 
     def now(self) -> datetime:
         return self._clock()
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         self.sub_title = self.client.target
+        # Awaited, not in a worker: keys pressed meanwhile wait in the queue
+        # and reach the screen the answer leads to, and no fleet screen loads
+        # data over a token the server refuses.
+        if await self._check() or self.connection.state == "refused":
+            return
+        self.switch_mode("connect")
+        self.retry_connect()
+
+    async def _check(self) -> bool:
+        """One try at the control plane (the token's role); True once
+        connected. A client that cannot check (a fake) counts as connected."""
+        try:
+            role = await self.client.whoami() if isinstance(self.client, KnowsRole) else ""
+        except ServerError as err:
+            if err.code in REFUSED:
+                self.refuse(err)
+            else:
+                self.connection = self.connection.failed(err.details, self.now())
+            return False
+        self.connection = self.connection.connected(role)
         self.switch_mode("overview")
         if self._watch:
             self.watch_fleet()
+        return True
+
+    @work(exclusive=True, group="connect", exit_on_error=False)
+    async def retry_connect(self) -> None:
+        """Until the control plane first answers (or refuses the token)."""
+        delay = WATCH_RETRY_S[0]
+        while self.connection.state == "connecting":
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WATCH_RETRY_S[1])
+            await self._check()
+
+    def refuse(self, err: ServerError) -> None:
+        """The token will not do: say so on one screen and stop every call."""
+        if self.connection.state == "refused":
+            return
+        self.connection = self.connection.refused(err.details)
+        self.workers.cancel_group(self, "watch")
+        self.switch_mode("connect")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # No fleet screen before the server has taken the token.
+        return action != "switch_mode" or self.connection.state not in ("connecting", "refused")
 
     async def on_unmount(self) -> None:
         await self.client.close()
@@ -82,16 +131,34 @@ class EdgeFleetApp(App[None]):
         when the stream breaks (each reconnect starts with a resync)."""
         delay = WATCH_RETRY_S[0]
         while True:
+            reason = "the stream ended"
             try:
                 async for event in self.client.watch():
                     delay = WATCH_RETRY_S[0]
+                    if event.topic == "resync":
+                        self._reconnected()
                     self.events_seen += 1
                     self.fleet_events.publish(event)
+            except ServerError as err:
+                if err.code in REFUSED:
+                    self.refuse(err)
+                    return
+                reason = err.details
             except ClientError as err:
-                message = f"{err.message}; reconnecting in {delay:.0f}s"
-                self.notify(message, title="Live updates lost", severity="warning", markup=False)
+                reason = err.message
+            lost = self.connection.state == "connected"
+            self.connection = self.connection.failed(reason, self.now())
+            if lost:  # once per outage: the status line counts the tries
+                self.notify(f"{reason}; reconnecting", title="Live updates lost",
+                            severity="warning", markup=False)  # fmt: skip
             await asyncio.sleep(delay)
             delay = min(delay * 2, WATCH_RETRY_S[1])
+
+    def _reconnected(self) -> None:
+        if self.connection.state == "reconnecting":
+            self.notify(f"Connected to {self.client.target} again", title="Live updates back",
+                        markup=False)  # fmt: skip
+        self.connection = self.connection.connected()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -99,6 +166,8 @@ class EdgeFleetApp(App[None]):
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
+        if self.connection.state in ("connecting", "refused"):
+            return
         for key, mode, title in NAV:
             yield SystemCommand(f"Go to {title}", f"Show the {title.lower()} screen (key {key})",
                                 lambda m=mode: self.switch_mode(m))  # fmt: skip

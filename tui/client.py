@@ -10,10 +10,11 @@ protocol, so snapshot tests can hand it a fake with fixed data."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -87,11 +88,18 @@ class InputError(ClientError):
 
 
 class ServerError(ClientError):
-    """The control plane answered with an error status."""
+    """The control plane answered with an error status. `details`: the
+    server's (or the transport's) own words, without the client's framing."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, details: str | None = None) -> None:
         super().__init__(message or code.name, code.name)
         self.code = code
+        self.details = (message if details is None else details) or code.name
+
+    @property
+    def token_refused(self) -> bool:
+        """The server does not take the token at all: every call fails alike."""
+        return self.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def _server_error(err: grpc.RpcError) -> ServerError:
@@ -101,9 +109,19 @@ def _server_error(err: grpc.RpcError) -> ServerError:
     if status is None:
         return ServerError(grpc.StatusCode.UNKNOWN, str(err))
     code, details = status
-    if code == grpc.StatusCode.UNAVAILABLE:
-        details = f"control plane unreachable ({details})" if details else details
-    return ServerError(code, details)
+    message = details
+    if code == grpc.StatusCode.UNAVAILABLE and details:
+        message = f"control plane unreachable ({details})"
+    return ServerError(code, message, details)
+
+
+# A refusal for lack of a role ends with the role the token has
+# ("... operator token 'ci' has viewer", api/rpc.py).
+_HELD_ROLE = re.compile(r"\bhas (\w+)$")
+# Seconds the connection check may take: the app waits for it at start.
+PROBE_TIMEOUT_S = 5.0
+# The codes that say the token will not do: retrying cannot help.
+REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 def _parse(fn: Callable[[str], T], text: str, what: str) -> T:
@@ -192,6 +210,14 @@ class FleetApi(Protocol):
     def watch(self) -> AsyncIterator[d.FleetEvent]: ...
 
 
+@runtime_checkable
+class KnowsRole(Protocol):
+    """A FleetApi that can check its token and say its role (FleetClient;
+    the snapshot tests' fake cannot: the app takes it as connected)."""
+
+    async def whoami(self) -> str: ...
+
+
 class FleetClient:
     """FleetApi over a grpc.aio channel, made on first use so that it belongs
     to the event loop the app runs on."""
@@ -220,11 +246,34 @@ class FleetClient:
             self._channel = None
             self._stub_ = None
 
-    async def _call(self, method: str, request: Any) -> Any:
+    async def _call(self, method: str, request: Any, deadline_s: float | None = None) -> Any:
         try:
-            return await getattr(self._stub, method)(request, metadata=self._connection.metadata)
+            return await getattr(self._stub, method)(
+                request, metadata=self._connection.metadata, timeout=deadline_s
+            )
         except grpc.RpcError as err:
             raise _server_error(err) from None
+
+    async def whoami(self) -> str:
+        """The token's role ("admin", "operator", "viewer"; "" if the server
+        did not say), from the cheapest calls that tell it: the API has no
+        who-am-I. Listing operator tokens needs admin, and its refusal names
+        the role the token has; a token whose role that does not tell reads
+        one small list to show it may see the fleet. ServerError when the
+        server refuses the token (REFUSED) or cannot be reached."""
+        try:
+            await self._call("ListOperatorTokens", o.ListOperatorTokensRequest(),
+                             deadline_s=PROBE_TIMEOUT_S)  # fmt: skip
+            return "admin"
+        except ServerError as err:
+            if err.code != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+            held = _HELD_ROLE.search(err.details)
+        role = held.group(1) if held else ""
+        if role not in ("viewer", "operator"):
+            await self._call("ListDeviceClasses", o.ListDeviceClassesRequest(),
+                             deadline_s=PROBE_TIMEOUT_S)  # fmt: skip
+        return role
 
     # ------------------------------------------------------------ devices
 
@@ -523,6 +572,9 @@ class FleetClient:
         call = self._stub.WatchFleet(o.WatchFleetRequest(), metadata=self._connection.metadata)
         try:
             await call.initial_metadata()
+            # A call that failed to connect "has" its (empty) initial metadata
+            # too: without this, a server that is down would look connected.
+            await call.wait_for_connection()
             yield d.FleetEvent("resync", "watch connected")
             async for event in call:
                 rollout = rollout_from_pb(event.rollout, has_devices=False) if (

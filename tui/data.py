@@ -430,3 +430,76 @@ class FleetEvent:
 
 # Topics every screen must reload on: the watch reconnected or fell behind.
 RESYNC_TOPICS = frozenset({"resync", "alert"})
+
+
+@dataclass(frozen=True)
+class ConnectionStatus:
+    """The TUI's link to the control plane, for the status line and the
+    start screen. `connecting` until the first answer (retrying while the
+    server cannot be reached), then `connected` or `reconnecting` (the watch
+    stream broke); `refused` when the server turned the token down."""
+
+    server: str = ""
+    state: str = "connecting"  # "connecting", "connected", "reconnecting", "refused"
+    # The token's role as the server named it ("" when it did not say).
+    role: str = ""
+    # The first failed try of the current outage, and how many failed since.
+    since: datetime | None = None
+    tries: int = 0
+    reason: str = ""
+
+    def connected(self, role: str | None = None) -> ConnectionStatus:
+        return ConnectionStatus(self.server, "connected", self.role if role is None else role)
+
+    def failed(self, reason: str, at: datetime) -> ConnectionStatus:
+        """One more failed try to reach the server."""
+        state = "connecting" if self.state == "connecting" else "reconnecting"
+        since = self.since if self.state == state and self.since else at
+        tries = self.tries + 1 if self.state == state else 1
+        return ConnectionStatus(self.server, state, self.role, since, tries, reason)
+
+    def refused(self, reason: str) -> ConnectionStatus:
+        return ConnectionStatus(self.server, "refused", self.role, reason=reason)
+
+    @property
+    def retrying(self) -> str:
+        """`since 12:00:05 (3 tries)`."""
+        at = self.since.strftime("%H:%M:%S") if self.since else "?"
+        return f"since {at} ({self.tries} {'try' if self.tries == 1 else 'tries'})"
+
+    @property
+    def line(self) -> str:
+        """The status line, in words (it must read without colour)."""
+        parts = [f"server {self.server}"]
+        if self.role:
+            parts.append(f"role {self.role}")
+        if self.state == "connected":
+            parts.append("connected")
+        elif self.state == "refused":
+            parts.append(f"disconnected: token refused: {self.reason}")
+        elif self.tries:
+            doing = "reconnecting" if self.state == "reconnecting" else "cannot connect, retrying"
+            parts.append(f"{doing} {self.retrying}: {self.reason}")
+        else:
+            parts.append("connecting...")
+        return " · ".join(parts)
+
+    @property
+    def screen_text(self) -> str:
+        """What the start screen says (it shows until the first answer, and
+        again when the token is refused)."""
+        if self.state == "refused":
+            return (
+                f"The control plane at {self.server} refused the token: "
+                f"{self.reason.rstrip('.')}.\n"
+                "Check --token / the context (edgefleet context ls).\n\n"
+                "Press q to quit."
+            )
+        if self.state == "connecting" and self.tries:
+            return (
+                f"Cannot reach {self.server} ({self.reason}); retrying... "
+                f"({self.retrying})\n\nPress q to quit."
+            )
+        if self.state == "connecting":
+            return f"Connecting to {self.server}..."
+        return self.line

@@ -5,9 +5,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
-from edgefleet.tui.data import Series
+from edgefleet.tui.data import ConnectionStatus, Series
+
+
+class ConnectionBar(Static):
+    """The link to the control plane in words (server, role, state), on
+    every screen; it follows the app's `connection`."""
+
+    def __init__(self) -> None:
+        super().__init__(classes="connection", markup=False)
+
+    def on_mount(self) -> None:
+        self.watch(self.app, "connection", self.show, init=True)
+
+    def show(self, status: ConnectionStatus) -> None:
+        self.update(status.line)
+        self.set_class(status.state != "connected", "-lost")
 
 
 class SeriesPlot(PlotextPlot):

@@ -95,6 +95,18 @@ def test_screen(case: str, snap_compare: Callable[..., bool]) -> None:
     assert snap_compare(_app(), terminal_size=SIZE, run_before=CASES[case])
 
 
+class RefusedFleet(FakeFleet):
+    """A server that turns the token down, as FleetClient.whoami reports it."""
+
+    async def whoami(self) -> str:
+        raise ServerError(grpc.StatusCode.UNAUTHENTICATED, "operator token 'ci' was revoked")
+
+
+def test_refused_token_screen(snap_compare: Callable[..., bool]) -> None:
+    app = make_app(RefusedFleet(), clock=lambda: NOW, watch=False)
+    assert snap_compare(app, terminal_size=SIZE, run_before=_keys("2"))
+
+
 async def test_unassign_a_model_from_the_detail_view_after_confirming() -> None:
     fleet = FakeFleet()
     app = make_app(fleet, clock=lambda: NOW, watch=False)

@@ -9,12 +9,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, ClassVar, cast
 
 from textual.app import ComposeResult
+from textual.containers import Vertical
 from textual.dom import DOMNode
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from edgefleet.tui.client import ClientError, FleetApi
-from edgefleet.tui.data import RESYNC_TOPICS, FleetEvent
+from edgefleet.tui.client import ClientError, FleetApi, ServerError
+from edgefleet.tui.data import RESYNC_TOPICS, ConnectionStatus, FleetEvent
+from edgefleet.tui.widgets import ConnectionBar
 
 if TYPE_CHECKING:
     from edgefleet.tui.app import EdgeFleetApp
@@ -34,6 +36,12 @@ def reporting(node: DOMNode, title: str = "") -> Iterator[None]:
     try:
         yield
     except ClientError as err:
+        if isinstance(err, ServerError) and err.token_refused:
+            # Revoked or expired: one refusal screen rather than a toast per call.
+            from edgefleet.tui.app import EdgeFleetApp
+
+            cast(EdgeFleetApp, node.app).refuse(err)
+            return
         node.app.notify(err.message, title=title or err.title, severity="error", markup=False)
     except Exception as err:  # a bug must not kill the operator's session
         node.app.notify(
@@ -83,6 +91,24 @@ def cursor_key(table: DataTable[object]) -> str | None:
     return str(key) if key is not None else None
 
 
+class ConnectScreen(Screen[None]):
+    """Shown until the control plane first answers (retrying while it
+    cannot be reached), and for good once it refuses the token: nothing
+    else runs then; q quits."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="connect-message", markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.watch(self.app, "connection", self.show, init=True)
+
+    def show(self, status: ConnectionStatus) -> None:
+        message = self.query_one("#connect-message", Static)
+        message.update(status.screen_text)
+        message.set_class(status.state == "refused", "-refused")
+
+
 class FleetScreen(Screen[None]):
     """A screen showing fleet data: loads on mount, and again (coalesced)
     when the watch stream reports a change in one of its TOPICS, or when it
@@ -114,7 +140,9 @@ class FleetScreen(Screen[None]):
             yield NavBar(self.NAV_MODE)
 
     def compose_footer(self) -> ComposeResult:
-        yield Footer()
+        with Vertical(classes="bottom"):
+            yield ConnectionBar()
+            yield Footer()
 
     def on_mount(self) -> None:
         self.fleet.fleet_events.subscribe(self, self.on_fleet_event)

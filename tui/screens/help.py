@@ -30,7 +30,8 @@ Everywhere  1-7 screens  ? help  ctrl+p palette  q quit  r refresh
 6 Telemetry m metric  g group by  t time range  / model filter
 7 Audit     / filter  o older entries
 
-Everything updates live from the control plane's watch stream.
+Everything updates live from the control plane's watch stream. The line
+above the keys: server, the token's role, connected or reconnecting.
 """
 
 

@@ -1,9 +1,15 @@
 """Small real models built in code: no downloads. The digits classifier is an
 MLP trained with scikit-learn on its bundled 8x8 digits data set, exported to
-ONNX with onnx.helper, with the held-out split as sample/calibration data."""
+ONNX with onnx.helper, with the held-out split as sample/calibration data.
+
+`python -m edgefleet.demo.models` lists them; `... OUT_DIR [NAME...]` builds
+them there and prints the `edgefleet models push` for each."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,7 +344,6 @@ def fetch_ppocr_cls(root: Path) -> Path:
     """Download the rapidocr-onnxruntime wheel (from the package index, never
     a model hub) into `root` and extract the classifier from it."""
     import subprocess
-    import sys
     import zipfile
 
     proc = subprocess.run(
@@ -354,3 +359,43 @@ def fetch_ppocr_cls(root: Path) -> Path:
     with zipfile.ZipFile(wheels[0]) as wheel:
         wheel.extract(PPOCR_CLS_MODEL, root)
     return root / PPOCR_CLS_MODEL
+
+
+# What `python -m edgefleet.demo.models` builds: name -> (builder, what it is).
+BUILDERS: dict[str, tuple[Callable[[Path], BuiltModel], str]] = {
+    "digits": (build_digits_classifier, "MLP classifier of 8x8 digits; labelled samples"),
+    "cnn": (build_small_cnn, "small CNN on the digits as 1x8x8 images; labelled samples"),
+    "gru": (build_gru_forecaster, "GRU forecaster of a sensor series; a regressor, no labels"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """List the demo models; with OUT_DIR, build them (or the NAMEs given)
+    into OUT_DIR/NAME and print how to push each."""
+    parser = argparse.ArgumentParser(
+        prog="python -m edgefleet.demo.models",
+        description="The demo's small real ONNX models, built in code (no downloads). "
+        "Without OUT_DIR: list them.",
+    )
+    parser.add_argument("out_dir", nargs="?", type=Path, metavar="OUT_DIR")
+    parser.add_argument("names", nargs="*", metavar="NAME", help="only these (default: all)")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BUILDERS]
+    if unknown:
+        parser.error(f"no demo model named {unknown[0]!r}; known: {', '.join(BUILDERS)}")
+    if args.out_dir is None:
+        for name, (_, what) in BUILDERS.items():
+            print(f"{name:<8}{what}")
+        print(f"\nbuild them: {parser.prog} OUT_DIR [NAME...]")
+        return 0
+    for name in args.names or list(BUILDERS):
+        built = BUILDERS[name][0](args.out_dir / name)
+        labels = f" --labels {built.labels}" if built.labels.read_text() else ""
+        print(f"{name}: {built.model} (held-out score {built.accuracy:.3f})")
+        print(f"  edgefleet models push {name} 1.0.0 {built.model} "
+              f"--sample-data {built.sample_data}{labels}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -637,11 +637,13 @@ def candidate_reasons(c: operator_pb2.BuildCandidate) -> list[str]:
     return reasons
 
 
-# Two-line headers keep the table near 90 columns: the numbers are narrower
-# than their names.
+# One line each, unit included: a header split over two lines read, on its
+# second line, as `MS MS MB % %`.
 _CANDIDATE_NUMBERS = (
-    "SIZE", "P50\nMS", "P95\nMS", "MEM\nMB", "AGREE\n%", "ACC\n%", "MAX\n|DIFF|",
+    "SIZE", "P50 MS", "P95 MS", "PEAK MB", "AGREEMENT", "ACCURACY", "MAX |DIFF|",
 )  # fmt: skip
+# Where even that does not fit (80 columns): shorter names, no MAX |DIFF|.
+_COMPACT_NUMBERS = ("SIZE", "P50 MS", "P95 MS", "PEAK MB", "AGREE", "ACC", "")
 # Narrower than this, the REASONS column moves under the table: a reason
 # ("latency p95 21.30 ms > budget 15.00 ms (+42.0%)") squeezed into a few
 # characters reads worse than one on its own line.
@@ -663,19 +665,24 @@ def _candidate_cells(c: operator_pb2.BuildCandidate) -> list[Text]:
         format_ms(c.latency_p50_ms) if measured else NONE,
         format_ms(c.latency_p95_ms) if measured else NONE,
         f"{c.peak_memory_mb:.1f}" if measured else NONE,
-        f"{c.agreement * 100:.1f}" if measured else NONE,
-        f"{c.accuracy * 100:.1f}" if measured and c.HasField("accuracy") else NONE,
+        f"{c.agreement * 100:.1f}%" if measured else NONE,
+        f"{c.accuracy * 100:.1f}%" if measured and c.HasField("accuracy") else NONE,
         f"{c.max_abs_diff:.3g}" if measured else NONE,
     ]
     return [*(Text(cell) for cell in cells), candidate_verdict(c)]
 
 
 def _candidates_table(
-    candidates: Sequence[operator_pb2.BuildCandidate], *, reasons: bool, runtime: bool
+    candidates: Sequence[operator_pb2.BuildCandidate],
+    *,
+    reasons: bool,
+    runtime: bool,
+    compact: bool = False,
 ) -> Table:
-    headers = ("CANDIDATE", "RUNTIME", "PRECISION", *_CANDIDATE_NUMBERS, "VERDICT")
+    numbers = _COMPACT_NUMBERS if compact else _CANDIDATE_NUMBERS
+    headers = ("CANDIDATE", "RUNTIME", "PRECISION", *numbers, "VERDICT")
     rows = [_candidate_cells(c) for c in candidates]
-    keep = [i for i in range(len(headers)) if runtime or i not in (1, 2)]
+    keep = [i for i in range(len(headers)) if (runtime or i not in (1, 2)) and headers[i]]
     table = _table(*(headers[i] for i in keep), *(("REASONS",) if reasons else ()))
     for column, i in zip(table.columns, keep, strict=False):
         if i >= 3:  # numbers and verdicts are never cut
@@ -693,7 +700,8 @@ class CandidatesTable:
     """A build's optimization ladder: what each rung measured, its verdict
     and why it failed. Fitted to the console: the reasons are a wrapped last
     column where there is room, else listed under the table; narrower still,
-    the runtime and precision columns go (candidate names carry both)."""
+    the runtime and precision columns go (candidate names carry both), then
+    MAX |DIFF| and the long header names."""
 
     def __init__(self, candidates: Sequence[operator_pb2.BuildCandidate]) -> None:
         self.candidates = list(candidates)
@@ -705,8 +713,13 @@ class CandidatesTable:
         if width + 1 + _REASONS_MIN_WIDTH <= options.max_width:
             yield _candidates_table(self.candidates, reasons=True, runtime=True)
             return
-        if width > options.max_width:
-            table = _candidates_table(self.candidates, reasons=False, runtime=False)
+        for compact in (False, True):
+            if width <= options.max_width:
+                break
+            table = _candidates_table(
+                self.candidates, reasons=False, runtime=False, compact=compact
+            )
+            width = Measurement.get(console, options.update_width(10_000), table).maximum
         yield table
         listed = [(c.name, "\n".join(candidate_reasons(c))) for c in self.candidates]
         rows = [(name, reasons) for name, reasons in listed if reasons]
@@ -981,13 +994,29 @@ def _gate_number(name: str, value: float) -> str:
     return f"{value:.2f} {unit}" if unit else f"{value:.4g}"
 
 
-def format_gate(g: operator_pb2.GateValue) -> Text:
+def awaiting_telemetry(
+    g: operator_pb2.GateValue, spec: operator_pb2.StageSpec | None = None
+) -> bool:
+    """Whether no device has been checked against the gate yet: the server
+    sends 0 against 0 then. For the error rate 0 against 0 is also a real
+    reading where the stage's spec sets `error-rate=0`."""
+    if g.value != 0 or g.limit != 0:
+        return False
+    if g.name != "error_rate":
+        return True
+    return not (
+        spec is not None
+        and spec.gates.HasField("max_error_rate")
+        and spec.gates.max_error_rate == 0
+    )
+
+
+def format_gate(g: operator_pb2.GateValue, spec: operator_pb2.StageSpec | None = None) -> Text:
     """`latency_p95 12.00 ms <= 30.00 ms ok` or `... > ... FAIL` (red): the
-    stage's worst device against its limit; `latency_p95 no data yet` where
-    no device has reported (the server sends 0 against 0 then; for the error
-    rate 0 against 0 is also a real reading, so it shows as numbers)."""
-    if g.value == 0 and g.limit == 0 and g.name != "error_rate":
-        return Text(f"{g.name} no data yet", style="dim")
+    stage's worst device against its limit; `latency_p95 waiting for
+    telemetry` where no device has reported, not a passing line."""
+    if awaiting_telemetry(g, spec):
+        return Text(f"{g.name} waiting for telemetry", style="dim")
     # Agreement is the one gate where more is better.
     relations = (">=", "<") if "agreement" in g.name else ("<=", ">")
     relation = relations[0] if g.passing else relations[1]
@@ -1012,8 +1041,12 @@ def _stage_counts(s: operator_pb2.StageStatus) -> str:
     if s.failed:
         acknowledged = f" ({s.acknowledged_failed} acknowledged)" if s.acknowledged_failed else ""
         parts.append(f"{s.failed} failed{acknowledged}")
-    if s.in_progress:
-        parts.append(f"{s.in_progress} pending")
+    # The members' own state names, as the TUI shows them: `waiting` (not
+    # notified yet, or waiting to retry) and `installing` (the rest).
+    if s.waiting:
+        parts.append(f"{s.waiting} waiting")
+    if s.in_progress > s.waiting:
+        parts.append(f"{s.in_progress - s.waiting} installing")
     if s.skipped:
         parts.append(f"{s.skipped} skipped")
     return ", ".join(parts)
@@ -1028,7 +1061,9 @@ def stages_table(r: operator_pb2.Rollout) -> Table:
     for index, spec in enumerate(specs):
         status = statuses.get(index, operator_pb2.StageStatus(index=index))
         marker = "▶" if index == r.current_stage and r.state in _MOVING else " "
-        gates = Text("\n").join(format_gate(g) for g in status.gates) if status.gates else NONE
+        gates = (
+            Text("\n").join(format_gate(g, spec) for g in status.gates) if status.gates else NONE
+        )
         _add_row(
             table,
             f"{marker}{index + 1}",
@@ -1144,6 +1179,25 @@ def rollout_detail(
         parts += [Text(), Text(f"excluded ({len(r.excluded)}):", style="bold")]
         parts.append(excluded_table(r.excluded))
     return Group(*parts)
+
+
+def rollout_line(r: operator_pb2.Rollout) -> str:
+    """One plain line for `rollouts watch` into a pipe or a file:
+    `r0110u7a digits@2.0.0 running, stage 1/2 canary rolling: 1/2 committed,
+    1 failed, 2 waiting; REASON`."""
+    head = (
+        f"{short_id(r.id)} {model_ref(r.spec.model_name, r.spec.model_version)} "
+        f"{enum_name(operator_pb2.RolloutState, r.state)}"
+    )
+    statuses = {s.index: s for s in r.stages}
+    if r.spec.stages:
+        index = min(r.current_stage, len(r.spec.stages) - 1)
+        s = statuses.get(index, operator_pb2.StageStatus(index=index))
+        counts = [f"{s.committed}/{s.total} committed"]
+        counts += [part for part in _stage_counts(s).split(", ")[1:]]
+        phase = enum_name(operator_pb2.StagePhase, s.phase)
+        head += f", stage {_current_stage(r)} {phase}: {', '.join(counts)}"
+    return head + (f"; {r.reason}" if r.reason else "")
 
 
 def _finished(r: operator_pb2.Rollout, now: datetime) -> str:

@@ -549,13 +549,17 @@ def rollouts_abort(
 @pass_env
 def rollouts_watch(env: Connection, rollout_id: str, as_json: bool) -> None:
     """Follow a rollout live until it ends (a redraw every second); Ctrl-C
-    stops watching, the rollout goes on. With --json: one JSON line per change."""
+    stops watching, the rollout goes on. With --json: one JSON line per change.
+    Into a pipe or a file: one plain line per change."""
     current = _on_rollout(env, rollout_id, lambda i: _get(env, i))
     try:
         if as_json:
             _watch_json(env, current)
-        else:
+        elif Console().is_terminal:
             _watch_live(env, current)
+        else:
+            # A live display draws nothing into a pipe until it stops.
+            _watch_lines(env, current)
     except KeyboardInterrupt:
         pass  # the usual way to stop watching: not an error
 
@@ -571,6 +575,20 @@ def _watch_json(env: Connection, current: operator_pb2.Rollout) -> None:
             return
         time.sleep(POLL_INTERVAL_S)
         current = _get(env, current.id)
+
+
+def _watch_lines(env: Connection, current: operator_pb2.Rollout) -> None:
+    last = ""
+    shown = operator_pb2.GetRolloutRequest(id=current.id, device_limit=WATCH_MAX_DEVICES)
+    while True:
+        line = render.rollout_line(current)
+        if line != last:
+            click.echo(f"{now():%H:%M:%SZ} {line}")
+            last = line
+        if rollout_ended(current):
+            return
+        time.sleep(POLL_INTERVAL_S)
+        current = env.stub.GetRollout(shown)
 
 
 def _watch_live(env: Connection, current: operator_pb2.Rollout) -> None:

@@ -27,7 +27,7 @@ from edgefleet.sim import Fleet, parse_profile
 from edgefleet.tui.app import EdgeFleetApp, make_app
 from edgefleet.tui.client import FleetClient, ServerError
 from edgefleet.tui.screens.devices import DevicesScreen
-from edgefleet.tui.screens.models import ModelsScreen
+from edgefleet.tui.screens.models import CANDIDATE_COLUMNS, ModelsScreen
 from edgefleet.tui.screens.monitor import MonitorScreen
 from edgefleet.tui.screens.wizard import WizardScreen
 from edgefleet.v1 import common_pb2 as c
@@ -229,7 +229,7 @@ async def test_push_a_model_and_see_its_build_table(tmp_path: Path, digits: Buil
             await until(pilot, lambda: candidates.row_count >= 2, "the candidate table")
             rows = _rows(candidates)
             assert {r[0] for r in rows} >= {"fp32-opt", "int8-dynamic"}
-            assert sum(r[4] == "CHOSEN" for r in rows) == 1
+            assert sum(r[CANDIDATE_COLUMNS.index("verdict")] == "CHOSEN" for r in rows) == 1
             assert _rows(builds)[0][3] in {r[0] for r in rows}
     finally:
         await server.stop(grace=0.5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import json
 import re
 from collections.abc import AsyncIterator
@@ -232,7 +233,12 @@ def sample_rollout(**overrides: Any) -> o.Rollout:
                 ],
             ),
             o.StageStatus(
-                index=1, total=4, in_progress=4, state="pending", phase=o.STAGE_PHASE_PENDING
+                index=1,
+                total=4,
+                in_progress=4,
+                waiting=4,
+                state="pending",
+                phase=o.STAGE_PHASE_PENDING,
             ),
         ],
         devices=[
@@ -290,7 +296,7 @@ def test_rollout_detail_shows_stages_gates_devices_and_reasons() -> None:
         "error_rate 1.00% <= 5.00% ok",
         "silence never > 2m FAIL",
         "stratified,latency=1.5,error-rate=0.05,approve",
-        "2 - 100% pending ░░░░░░░░░░░░ 0/4, 4 pending - errors=20/3",
+        "2 - 100% pending ░░░░░░░░░░░░ 0/4, 4 waiting - errors=20/3",
         # Two of the six (the stage totals) were sent: GetRolloutRequest.device_limit.
         "devices (6):",
         "pi-1 dddddd",
@@ -383,9 +389,48 @@ def test_stage_phases_skips_and_promotions_render() -> None:
 
 def test_format_gate_without_data() -> None:
     empty = o.GateValue(name="latency_p95", passing=True)
-    assert text_of(render.format_gate(empty)).strip() == "latency_p95 no data yet"
-    clean = o.GateValue(name="error_rate", passing=True)  # error-rate=0 and no errors
-    assert text_of(render.format_gate(clean)).strip() == "error_rate 0.00% <= 0.00% ok"
+    assert text_of(render.format_gate(empty)).strip() == "latency_p95 waiting for telemetry"
+    # No device checked: 0 against 0, whatever the stage's error-rate limit.
+    quiet = o.GateValue(name="error_rate", passing=True)
+    five = parse_stage("100%,error-rate=0.05")
+    assert text_of(render.format_gate(quiet, five)).strip() == "error_rate waiting for telemetry"
+    assert text_of(render.format_gate(quiet)).strip() == "error_rate waiting for telemetry"
+    # error-rate=0 and no errors: a real reading.
+    zero = parse_stage("100%,error-rate=0")
+    assert text_of(render.format_gate(quiet, zero)).strip() == "error_rate 0.00% <= 0.00% ok"
+
+
+def test_rollouts_show_has_no_passing_gate_line_before_telemetry() -> None:
+    rollout = sample_rollout(state=o.ROLLOUT_STATE_RUNNING)
+    rollout.spec.stages[0].gates.max_error_rate = 0.05
+    del rollout.stages[0].gates[:]
+    rollout.stages[0].gates.add(name="error_rate", passing=True)
+    rollout.stages[0].gates.add(name="latency_p95", passing=True)
+    flat = squash(text_of(render.rollout_detail(rollout, NOW)))
+    assert "error_rate waiting for telemetry" in flat
+    assert "latency_p95 waiting for telemetry" in flat
+    assert " ok" not in flat
+
+
+def test_stage_counts_use_the_member_state_names() -> None:
+    stage = o.StageStatus(index=0, total=6, committed=1, failed=1, in_progress=4, waiting=3)
+    rollout = sample_rollout(state=o.ROLLOUT_STATE_RUNNING)
+    rollout.stages[0].CopyFrom(stage)
+    flat = squash(text_of(render.rollout_detail(rollout, NOW)))
+    assert "1/6, 1 failed, 3 waiting, 1 installing" in flat
+    assert "pending" not in render.rollout_line(rollout)
+    # Never-notified members have one name: the state's own, as devices show it.
+    waiting = o.RolloutDevice(state=o.ROLLOUT_DEVICE_STATE_WAITING)
+    assert str(render.rollout_device_state(waiting)) == "waiting"
+
+
+def test_rollout_line() -> None:
+    line = render.rollout_line(sample_rollout())
+    assert line == (
+        "r0110u7a digits@2.0.0 paused, stage 1/2 canary failed: 1/2 committed, 1 failed;"
+        " paused by admin: gate latency_p95 failed"
+    )
+    assert "\n" not in line
 
 
 def test_format_pacing() -> None:
@@ -571,7 +616,9 @@ async def test_rollouts_cli_end_to_end(fleet: Fleet) -> None:
     # An ended rollout: watch draws it once and returns.
     lines = (await fleet.ok("rollouts", "watch", short, "--json")).splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["state"] == "ROLLOUT_STATE_ABORTED"
-    assert "state aborted" in squash(await fleet.ok("rollouts", "watch", short))
+    # Into a pipe (CliRunner is not a terminal): one plain line, then it returns.
+    (line,) = (await fleet.ok("rollouts", "watch", short)).splitlines()
+    assert re.fullmatch(rf"\d\d:\d\d:\d\dZ {short} digits@1\.0\.0 aborted, stage .*", line), line
 
     result = await fleet.cli("rollouts", "show", "nope")
     assert result.exit_code == 1
@@ -587,6 +634,28 @@ async def test_a_draft_starts_with_the_start_command(fleet: Fleet) -> None:
     assert {e["device_id"] for e in draft["excluded"]} == {fleet.pending, fleet.gpu}
     out = squash(await fleet.ok("rollouts", "start", draft["id"]))
     assert out == f"started rollout {draft['id'][:8]} (digits@1.0.0): now running"
+
+
+async def test_pinning_to_a_class_without_a_build_warns(fleet: Fleet) -> None:
+    device = fleet.arm[0]
+    await fleet.ok("devices", "assign", "digits@1.0.0", device)
+    # gpu has no build of digits@1.0.0: the pin is done, with a warning.
+    result = await fleet.cli("devices", "pin", device, "gpu")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("pinned device arm-0")
+    assert result.stderr == (
+        "warning: class gpu has no successful build of digits@1.0.0, which this device is"
+        " assigned: it cannot take it until one exists"
+        " (edgefleet builds run digits@1.0.0 --class gpu)\n"
+    )
+    shown = json.loads(await fleet.ok("devices", "show", device, "--json"))
+    assert shown["class_name"] == "gpu" and shown["class_pinned"] is True
+    # arm has one: no warning.
+    result = await fleet.cli("devices", "pin", device, "arm")
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    # A device assigned nothing has nothing to warn about.
+    result = await fleet.cli("devices", "pin", fleet.arm[1], "gpu")
+    assert result.exit_code == 0 and result.stderr == "", result.output
 
 
 async def test_watch_follows_a_rollout_until_it_ends(
@@ -617,6 +686,38 @@ async def test_watch_follows_a_rollout_until_it_ends(
     assert states[0] == "ROLLOUT_STATE_RUNNING" and states[-1] == "ROLLOUT_STATE_ABORTED"
     assert "ROLLOUT_STATE_PAUSED" in states
     assert len(states) == len(set(result.stdout.splitlines()))  # a line per change only
+
+
+async def test_watch_into_a_pipe_prints_a_line_per_change(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rollouts_cli, "POLL_INTERVAL_S", 0.1)
+    created = await fleet.op.CreateRollout(
+        o.CreateRolloutRequest(
+            spec=o.RolloutSpec(
+                model_name="digits", model_version="1.0.0", class_names=["arm"],
+                stages=[parse_stage("1"), parse_stage("100%")],
+            ),
+            start=True,
+        ),
+        metadata=ADMIN,
+    )  # fmt: skip
+    rollout_id = created.rollout.id
+    watch = asyncio.ensure_future(fleet.cli("rollouts", "watch", rollout_id[:8]))
+    await asyncio.sleep(1.0)
+    await fleet.op.PauseRollout(o.RolloutActionRequest(id=rollout_id), metadata=ADMIN)
+    await asyncio.sleep(1.0)
+    assert not watch.done()
+    await fleet.op.AbortRollout(o.AbortRolloutRequest(id=rollout_id), metadata=ADMIN)
+    result = await asyncio.wait_for(watch, timeout=30)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    states = [line.split()[3].rstrip(",") for line in lines]
+    assert states[0] == "running" and states[-1] == "aborted", lines
+    assert "paused" in states
+    assert "\x1b" not in result.stdout  # plain text: no live display, no colour
+    bodies = [line.split(" ", 1)[1] for line in lines]
+    assert all(a != b for a, b in itertools.pairwise(bodies))  # changes only
 
 
 # ------------------------------------------------------------------ WatchFleet

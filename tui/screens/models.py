@@ -1,6 +1,6 @@
 """Models and builds: every version; per class the build of the selected
-version; the selected build's candidate table (size, p95, agreement or
-accuracy, verdict and reasons). Push a model from a file; re-run a build."""
+version; the selected build's candidate table (size, p95, peak memory,
+agreement, accuracy, verdict and reasons). Push a model from a file; re-run a build."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ from edgefleet.tui.data import Build, Candidate, ModelVersion
 from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
 from edgefleet.tui.summary import format_time
 
+# Seconds between re-reads of the builds while one shown is queued or
+# running: the server records a build's progress without announcing it on
+# the watch stream (only its state changes are), so the bar would sit at its
+# first value until the build ended.
+BUILD_POLL_S = 2.0
+_UNFINISHED = frozenset({"queued", "running"})
+
 
 def verdict(c: Candidate) -> str:
     if c.error:
@@ -26,10 +33,25 @@ def verdict(c: Candidate) -> str:
     return "pass" if c.passed else "fail"
 
 
-def quality(c: Candidate) -> str:
-    """Agreement with fp32, and accuracy where labels were pushed."""
-    text = f"{c.agreement * 100:.1f}%"
-    return text + (f" / {c.accuracy * 100:.1f}%" if c.accuracy is not None else "")
+CANDIDATE_COLUMNS = (
+    "candidate", "size", "p95 ms", "peak MB", "agreement", "accuracy", "verdict", "reasons",
+)  # fmt: skip
+
+
+def candidate_cells(c: Candidate) -> tuple[str, ...]:
+    """One row of the candidate table. A candidate that was not built or could
+    not run measured nothing: `-` in its figures, its error as the reason."""
+    measured = not c.error
+    return (
+        c.name,
+        format_bytes(c.size_bytes) if c.size_bytes else "-",
+        f"{c.latency_p95_ms:.3f}" if measured else "-",
+        f"{c.peak_memory_mb:.1f}" if measured else "-",
+        f"{c.agreement * 100:.1f}%" if measured else "-",
+        f"{c.accuracy * 100:.1f}%" if measured and c.accuracy is not None else "-",
+        verdict(c),
+        c.error or "; ".join(c.reasons) or "-",
+    )
 
 
 class ModelsScreen(FleetScreen):
@@ -62,11 +84,14 @@ class ModelsScreen(FleetScreen):
         self.query_one("#builds", DataTable).add_columns(
             "class", "state", "progress", "chosen", "artifact", "time", "error"
         )
-        self.query_one("#candidates", DataTable).add_columns(
-            "candidate", "size", "p95 ms", "agree/acc", "verdict", "reasons"
-        )
+        self.query_one("#candidates", DataTable).add_columns(*CANDIDATE_COLUMNS)
         self.query_one("#versions", DataTable).focus()
+        self.set_interval(BUILD_POLL_S, self.poll_unfinished)
         super().on_mount()
+
+    def poll_unfinished(self) -> None:
+        if any(b.state in _UNFINISHED for b in self._builds):
+            self.refresh_builds()
 
     def reload(self) -> None:
         self.load()
@@ -121,12 +146,13 @@ class ModelsScreen(FleetScreen):
         # Text: a reason is the server's words, never markup.
         self.query_one("#candidates-title", Static).update(Text(title))
         table = self.query_one("#candidates", DataTable)
+        # Kept over a re-read of the same build (the poll while one runs);
+        # another build's rows have other keys, so its table starts at the top.
+        key = cursor_key(table)
         table.clear()
-        for c in build.candidates if build else ():
-            reasons = c.error or "; ".join(c.reasons) or "-"
-            table.add_row(f"{c.name}", format_bytes(c.size_bytes), f"{c.latency_p95_ms:.3f}",
-                          quality(c), verdict(c), reasons)  # fmt: skip
-        keep_cursor(table, None)
+        for i, c in enumerate(build.candidates if build else ()):
+            table.add_row(*candidate_cells(c), key=f"{build.id}:{i}" if build else None)
+        keep_cursor(table, key)
 
     @work(exclusive=True, group="builds", exit_on_error=False)
     async def refresh_builds(self) -> None:

@@ -15,7 +15,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, ProgressBar, Static
 
-from edgefleet.tui.data import FleetEvent, Rollout, RolloutDevice, RolloutEdit
+from edgefleet.controlplane.client.stages import parse_stage
+from edgefleet.tui.data import FleetEvent, Gate, Rollout, RolloutDevice, RolloutEdit, StageStatus
 from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
 from edgefleet.tui.screens.modals import (
     AbortScreen,
@@ -39,6 +40,43 @@ MARK = "* "
 
 def device_order(d: RolloutDevice) -> tuple[int, int, str]:
     return (_ORDER.get(d.state, 9), d.stage, d.device_name)
+
+
+def stage_counts(s: StageStatus) -> str:
+    """`1/4 rolling, 1 failed, 2 waiting, 1 installing`: the members' own
+    state names, as `edgefleet rollouts show` writes them."""
+    counts = f"{s.committed}/{s.total} {s.phase or s.state}"
+    if s.promoted_by:
+        counts += f" by {s.promoted_by}"
+    if s.failed:
+        counts += f", {s.failed} failed"
+    if s.waiting:
+        counts += f", {s.waiting} waiting"
+    if s.installing:
+        counts += f", {s.installing} installing"
+    if s.skipped:
+        counts += f", {s.skipped} skipped"
+    return counts
+
+
+def _error_rate_limit(spec: str) -> float | None:
+    try:
+        gates = parse_stage(spec).gates
+    except ValueError:
+        return None
+    return gates.max_error_rate if gates.HasField("max_error_rate") else None
+
+
+def gate_line(s: StageStatus, g: Gate) -> str:
+    """`stage 1: latency_p95 12.00 ms <= 30.00 ms ok`; `... waiting for
+    telemetry` while no device has been checked (the server sends 0 against
+    0), not a passing line. An error rate of 0 against 0 is a real reading
+    where the stage sets `error-rate=0`."""
+    quiet = g.value == 0 and g.limit == 0
+    if quiet and g.name == "error_rate":
+        quiet = _error_rate_limit(s.spec) != 0
+    text = f"{g.name} waiting for telemetry" if quiet else format_gate(g)
+    return f"stage {s.index + 1}: {text}"
 
 
 class StageRow(Horizontal):
@@ -122,7 +160,7 @@ class MonitorScreen(FleetScreen):
             f"{r.reason or '-'}\ncohort: {r.cohort}   pacing: {r.pacing}{shown}"
         )
         self.show_stages(r)
-        gates = [f"stage {s.index + 1}: {format_gate(g)}" for s in r.stages for g in s.gates]
+        gates = [gate_line(s, g) for s in r.stages for g in s.gates]
         excluded = [f"excluded {e.device_name}: {e.reason}" for e in r.excluded]
         self.query_one("#gates", Static).update("\n".join(gates + excluded) or "no gates")
         table = self.query_one("#devices", DataTable)
@@ -151,18 +189,7 @@ class MonitorScreen(FleetScreen):
                 f"{marker}{s.index + 1} {kind}{s.name or s.spec}"[:22]
             )
             row.query_one(ProgressBar).update(total=max(s.total, 1), progress=s.committed)
-            counts = f"{s.committed}/{s.total} {s.phase or s.state}"
-            if s.promoted_by:
-                counts += f" by {s.promoted_by}"
-            if s.failed:
-                counts += f", {s.failed} failed"
-            if s.waiting:
-                counts += f", {s.waiting} waiting"
-            if s.installing:
-                counts += f", {s.installing} installing"
-            if s.skipped:
-                counts += f", {s.skipped} skipped"
-            row.query_one(".stage-counts", Label).update(counts)
+            row.query_one(".stage-counts", Label).update(stage_counts(s))
 
     def refused(self, action: str) -> bool:
         """Whether `action` does not apply to the rollout in the state shown;

@@ -658,10 +658,8 @@ async def test_pinning_to_a_class_without_a_build_warns(fleet: Fleet) -> None:
     assert result.exit_code == 0 and result.stderr == "", result.output
 
 
-async def test_watch_follows_a_rollout_until_it_ends(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(rollouts_cli, "POLL_INTERVAL_S", 0.1)
+async def _started_rollout(fleet: Fleet) -> str:
+    """A running two-stage rollout of digits@1.0.0 over the arm class: its id."""
     created = await fleet.op.CreateRollout(
         o.CreateRolloutRequest(
             spec=o.RolloutSpec(
@@ -672,7 +670,14 @@ async def test_watch_follows_a_rollout_until_it_ends(
         ),
         metadata=ADMIN,
     )  # fmt: skip
-    rollout_id = created.rollout.id
+    return str(created.rollout.id)
+
+
+async def test_watch_follows_a_rollout_until_it_ends(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rollouts_cli, "POLL_INTERVAL_S", 0.1)
+    rollout_id = await _started_rollout(fleet)
     # One CLI run at a time (CliRunner swaps sys.stdout): act through the API.
     watch = asyncio.ensure_future(fleet.cli("rollouts", "watch", rollout_id[:8], "--json"))
     await asyncio.sleep(1.0)
@@ -692,17 +697,7 @@ async def test_watch_into_a_pipe_prints_a_line_per_change(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rollouts_cli, "POLL_INTERVAL_S", 0.1)
-    created = await fleet.op.CreateRollout(
-        o.CreateRolloutRequest(
-            spec=o.RolloutSpec(
-                model_name="digits", model_version="1.0.0", class_names=["arm"],
-                stages=[parse_stage("1"), parse_stage("100%")],
-            ),
-            start=True,
-        ),
-        metadata=ADMIN,
-    )  # fmt: skip
-    rollout_id = created.rollout.id
+    rollout_id = await _started_rollout(fleet)
     watch = asyncio.ensure_future(fleet.cli("rollouts", "watch", rollout_id[:8]))
     await asyncio.sleep(1.0)
     await fleet.op.PauseRollout(o.RolloutActionRequest(id=rollout_id), metadata=ADMIN)

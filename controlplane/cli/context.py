@@ -19,10 +19,10 @@ from edgefleet.controlplane.client.contexts import (
     ADD_HINT,
     Contexts,
     contexts_path,
+    editing,
     load,
     make_context,
     read_token_file,
-    save,
 )
 
 
@@ -84,12 +84,11 @@ def context_add(
         token = read_token_file(token_file)
     if ca_cert is not None:
         tls_credentials(ca_cert)  # a missing or non-PEM file fails now, not at each call
-    contexts = load(contexts_path())
     new = make_context(server, token, ca_cert)
-    contexts.add(name, new, overwrite=overwrite)
-    if use_it:
-        contexts.use(name)
-    save(contexts)
+    with editing(contexts_path()) as contexts:
+        contexts.add(name, new, overwrite=overwrite)
+        if use_it:
+            contexts.use(name)
     tls = "TLS" if new.tls else "plain text"
     has_token = "token set" if new.token else "no token"
     click.echo(f"context {name!r} saved: {new.server}, {tls}, {has_token}")
@@ -103,9 +102,8 @@ def context_add(
 @click.argument("name")
 def context_use(name: str) -> None:
     """Make NAME the current context."""
-    contexts = load(contexts_path())
-    chosen = contexts.use(name)
-    save(contexts)
+    with editing(contexts_path()) as contexts:
+        chosen = contexts.use(name)
     click.echo(f"switched to context {name!r} ({chosen.server})")
     named = os.environ.get("EDGEFLEET_CONTEXT")
     if named and named != name:
@@ -118,9 +116,8 @@ def context_use(name: str) -> None:
 @click.argument("name")
 def context_rm(name: str) -> None:
     """Remove the context NAME."""
-    contexts = load(contexts_path())
-    was_current = contexts.remove(name)
-    save(contexts)
+    with editing(contexts_path()) as contexts:
+        was_current = contexts.remove(name)
     click.echo(f"context {name!r} removed")
     if was_current:
         click.echo("no context is current now: edgefleet context use NAME")

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +252,26 @@ def _parse(path: Path, raw: bytes) -> Contexts:
         raise _corrupt(path, f"the current context {current!r} is not among its contexts")
     contexts.current = current
     return contexts
+
+
+@contextlib.contextmanager
+def editing(path: Path) -> Iterator[Contexts]:
+    """The contexts in `path` to change, saved when the block ends without
+    an exception. Edits take turns: a lock (flock) on a file beside it is
+    held from the read to the rename. Without it, two `context add` at once
+    each read the file before the other's rename, both said "saved", and
+    the later write dropped the earlier context."""
+    import fcntl  # POSIX, as the CLI's other file handling
+
+    _make_private_dirs(path.parent)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        contexts = load(path)
+        yield contexts
+        save(contexts)
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def save(contexts: Contexts) -> None:

@@ -351,3 +351,36 @@ def test_global_options_after_the_subcommand_move_before_it(
 def test_a_global_option_without_its_value_is_a_usage_error() -> None:
     with pytest.raises(click.UsageError, match="Option '--server' requires an argument"):
         cli._hoist_global_options(click.Context(cli), ["devices", "ls", "--server"])
+
+
+def test_edits_at_once_take_turns_and_none_is_lost(tmp_path: Path) -> None:
+    """A second edit waits for the first to save: without the lock, both
+    read the empty file and the later save dropped the earlier context (a
+    stranger's 8 `context add` at once kept 7)."""
+    import threading
+
+    path = tmp_path / "edgefleet" / "contexts.json"
+    inside, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with ctxs.editing(path) as contexts:
+            contexts.add("one", make_context("h:1"))
+            inside.set()
+            release.wait(10)
+
+    def second() -> None:
+        with ctxs.editing(path) as contexts:
+            contexts.add("two", make_context("h:2"))
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert inside.wait(10)
+    b = threading.Thread(target=second)
+    b.start()
+    b.join(0.5)
+    assert b.is_alive()  # waiting for the first edit's turn
+    release.set()
+    a.join(10)
+    b.join(10)
+    assert load(path).names() == ["one", "two"]
+    assert _mode(path) == 0o600

@@ -185,6 +185,13 @@ def load(path: Path) -> Contexts:
         return Contexts(path)
     except OSError as err:
         raise ContextError(f"cannot read contexts file {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        # open() of a directory's descriptor fails naming the descriptor.
+        os.close(fd)
+        raise ContextError(
+            f"contexts file {path} is not a file (a directory?); "
+            "point EDGEFLEET_CONFIG at a file, e.g. DIR/contexts.json"
+        )
     with os.fdopen(fd, "rb") as file:
         _check_private(path, os.fstat(file.fileno()))
         try:

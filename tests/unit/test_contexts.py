@@ -384,3 +384,9 @@ def test_edits_at_once_take_turns_and_none_is_lost(tmp_path: Path) -> None:
     b.join(10)
     assert load(path).names() == ["one", "two"]
     assert _mode(path) == 0o600
+
+
+def test_a_contexts_path_that_is_a_directory_is_named(tmp_path: Path) -> None:
+    """It said "Is a directory: 3" (the descriptor, not the path)."""
+    with pytest.raises(ContextError, match=re.escape(f"contexts file {tmp_path} is not a file")):
+        load(tmp_path)

@@ -498,7 +498,7 @@ class ConnectionStatus:
         if self.state == "connecting" and self.tries:
             return (
                 f"Cannot reach {self.server} ({self.reason}); retrying... "
-                f"({self.retrying})\n\nPress q to quit."
+                f"{self.retrying}\n\nPress q to quit."
             )
         if self.state == "connecting":
             return f"Connecting to {self.server}..."

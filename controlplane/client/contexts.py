@@ -248,11 +248,11 @@ def _parse(path: Path, raw: bytes) -> Contexts:
             raise _corrupt(path, str(err)) from None
         if not isinstance(entry, dict):
             raise _corrupt(path, f"context {name!r} is not an object")
-        server = _optional_str(entry.get("server"), path, f"context {name!r}'s server")
+        server = _optional_str(entry.get("server"), path, f"the server of context {name!r}")
         if not server:
             raise _corrupt(path, f"context {name!r} has no server")
-        token = _optional_str(entry.get("token"), path, f"context {name!r}'s token")
-        ca_cert = _optional_str(entry.get("ca_cert"), path, f"context {name!r}'s ca_cert")
+        token = _optional_str(entry.get("token"), path, f"the token of context {name!r}")
+        ca_cert = _optional_str(entry.get("ca_cert"), path, f"the ca_cert of context {name!r}")
         contexts.contexts[name] = Context(server, token, Path(ca_cert) if ca_cert else None)
     current = _optional_str(data.get("current"), path, '"current"')
     if current is not None and current not in contexts.contexts:

@@ -23,8 +23,9 @@ from edgefleet.controlplane.cli.base import (
     usage_error,
 )
 from edgefleet.controlplane.client.connection import Connection
-from edgefleet.controlplane.client.format import device_models, model_views
+from edgefleet.controlplane.client.format import model_views
 from edgefleet.controlplane.client.paging import list_devices
+from edgefleet.controlplane.client.pin_checks import pin_warnings
 from edgefleet.controlplane.client.syntax import parse_label, parse_model_ref, resolve_prefix
 from edgefleet.v1 import common_pb2, operator_pb2
 
@@ -229,34 +230,8 @@ def devices_pin(env: Connection, device_id: str, class_name: str, as_json: bool)
         ),
     )
     _device_done(as_json, "pinned", device, f" to {class_name}")
-    for warning in _pin_warnings(env, device, class_name):
+    for warning in pin_warnings(env.stub, device, class_name):
         click.secho(f"warning: {warning}", fg="yellow", bold=True, err=True)
-
-
-def _pin_warnings(env: Connection, device: common_pb2.Device, class_name: str) -> list[str]:
-    """A line for each model the device is assigned whose version has no
-    successful build for the class it is now pinned to: the pin is done, but
-    the device cannot take that version until one exists."""
-    warnings = []
-    for m in device_models(device):
-        if not m.assigned_version:
-            continue
-        builds = env.stub.ListBuilds(
-            operator_pb2.ListBuildsRequest(
-                model_name=m.model_name,
-                model_version=m.assigned_version,
-                class_name=class_name,
-                state=operator_pb2.BUILD_STATE_SUCCEEDED,
-            )
-        ).builds
-        if not builds:
-            ref = f"{m.model_name}@{m.assigned_version}"
-            warnings.append(
-                f"class {class_name} has no successful build of {ref}, which this device is "
-                f"assigned: it cannot take it until one exists "
-                f"(edgefleet builds run {ref} --class {class_name})"
-            )
-    return warnings
 
 
 @devices.command("unpin")

@@ -673,13 +673,12 @@ async def _started_rollout(fleet: Fleet) -> str:
     return str(created.rollout.id)
 
 
-async def test_watch_follows_a_rollout_until_it_ends(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(rollouts_cli, "POLL_INTERVAL_S", 0.1)
+async def _watched_run_pause_abort(fleet: Fleet, *options: str) -> Any:
+    """`rollouts watch` (with `options`) of a rollout that runs, is paused,
+    then aborted: the CLI's result, once it ended by itself."""
     rollout_id = await _started_rollout(fleet)
     # One CLI run at a time (CliRunner swaps sys.stdout): act through the API.
-    watch = asyncio.ensure_future(fleet.cli("rollouts", "watch", rollout_id[:8], "--json"))
+    watch = asyncio.ensure_future(fleet.cli("rollouts", "watch", rollout_id[:8], *options))
     await asyncio.sleep(1.0)
     await fleet.op.PauseRollout(o.RolloutActionRequest(id=rollout_id), metadata=ADMIN)
     await asyncio.sleep(1.0)
@@ -687,6 +686,14 @@ async def test_watch_follows_a_rollout_until_it_ends(
     await fleet.op.AbortRollout(o.AbortRolloutRequest(id=rollout_id), metadata=ADMIN)
     result = await asyncio.wait_for(watch, timeout=30)
     assert result.exit_code == 0, result.output
+    return result
+
+
+async def test_watch_follows_a_rollout_until_it_ends(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rollouts_cli, "POLL_INTERVAL_S", 0.1)
+    result = await _watched_run_pause_abort(fleet, "--json")
     states = [json.loads(line)["state"] for line in result.stdout.splitlines()]
     assert states[0] == "ROLLOUT_STATE_RUNNING" and states[-1] == "ROLLOUT_STATE_ABORTED"
     assert "ROLLOUT_STATE_PAUSED" in states
@@ -697,15 +704,7 @@ async def test_watch_into_a_pipe_prints_a_line_per_change(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rollouts_cli, "POLL_INTERVAL_S", 0.1)
-    rollout_id = await _started_rollout(fleet)
-    watch = asyncio.ensure_future(fleet.cli("rollouts", "watch", rollout_id[:8]))
-    await asyncio.sleep(1.0)
-    await fleet.op.PauseRollout(o.RolloutActionRequest(id=rollout_id), metadata=ADMIN)
-    await asyncio.sleep(1.0)
-    assert not watch.done()
-    await fleet.op.AbortRollout(o.AbortRolloutRequest(id=rollout_id), metadata=ADMIN)
-    result = await asyncio.wait_for(watch, timeout=30)
-    assert result.exit_code == 0, result.output
+    result = await _watched_run_pause_abort(fleet)
     lines = result.stdout.splitlines()
     states = [line.split()[3].rstrip(",") for line in lines]
     assert states[0] == "running" and states[-1] == "aborted", lines

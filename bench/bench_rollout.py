@@ -776,11 +776,9 @@ class SpreadFleet(Fleet):
             stubs.append([device_pb2_grpc.DeviceServiceStub(c) for c in channels])
         for agent in self.agents:
             replica = stubs[agent.index % n]
-            agent.stub = replica[(agent.index // n) // self.agents_per_channel]
-        self._tasks = [
-            asyncio.create_task(agent.run(), name=f"sim-agent-{agent.index}")
-            for agent in self.agents
-        ]
+            # Plain text: Enroll and the device RPCs share a channel.
+            agent.stub = agent.enroll_stub = replica[(agent.index // n) // self.agents_per_channel]
+        self._run_agents()
         if wait:
             try:
                 await self.wait_connected(timeout_s)

@@ -166,6 +166,7 @@ class Fleet:
         ]
         self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._crash: BaseException | None = None
         self._started = 0.0
 
     @staticmethod
@@ -207,16 +208,30 @@ class Fleet:
             agent.enroll_stub = stubs[agent.index // self.agents_per_channel]
             # With TLS the device RPCs wait for the agent's own channel.
             agent.stub = agent.enroll_stub if tls is None else None
-        self._tasks = [
-            asyncio.create_task(agent.run(), name=f"sim-agent-{agent.index}")
-            for agent in self.agents
-        ]
+        self._run_agents()
         if wait:
             try:
                 await self.wait_connected(timeout_s)
             except BaseException:
                 await self.stop()
                 raise
+
+    def _run_agents(self) -> None:
+        """One task per agent. An agent's run() ends only when cancelled;
+        one that raised is a bug in the simulator (or in how its stubs were
+        wired), kept so that waiting on the fleet fails at once instead of
+        timing out with the agent silently missing."""
+
+        def on_done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None and self._crash is None:
+                self._crash = task.exception()
+
+        self._tasks = [
+            asyncio.create_task(agent.run(), name=f"sim-agent-{agent.index}")
+            for agent in self.agents
+        ]
+        for task in self._tasks:
+            task.add_done_callback(on_done)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         """Until every agent has had its first DesiredState on a Sync stream.
@@ -243,6 +258,8 @@ class Fleet:
         `timeout_s` seconds, with the fleet's counts in the message."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not predicate(self):
+            if self._crash is not None:
+                raise FleetError(f"a simulated agent crashed: {self._crash!r}") from self._crash
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"{what or 'condition'} not met within {timeout_s:g} s: "

@@ -66,6 +66,17 @@ def test_bench_smoke(name: str) -> None:
     assert REPORTS[name] in smoke(name, *SMOKE_ARGS.get(name, ()))
 
 
+@pytest.mark.timeout(360)
+def test_bench_rollout_smoke_on_two_postgresql_replicas(pg_url: str) -> None:
+    """The configuration issue 21's PostgreSQL figure comes from: agents
+    spread over two replicas (bench_rollout's own SpreadFleet). It once
+    wired no Enroll stub, so its agents never enrolled and only a full
+    run found out, after its 900 s timeout."""
+    out = smoke("bench_rollout", "--replicas", "2", "--db", pg_url)
+    assert "overhead goal <= 30 s" in out
+    assert "| phase | replica 0 | replica 1 |" in out
+
+
 def test_bench_blob_cache_smoke() -> None:
     result = json.loads(smoke("bench_blob_cache"))
     assert result["size_mib"] == 2

@@ -374,7 +374,9 @@ class Fleet:
         models: dict[str, dict[str, int]] = {}
         for (name, state, version), count in sorted(self.model_counts().items()):
             models.setdefault(f"{name}@{version}", {})[state] = count
-        bare = sum(1 for a in self.agents if not a.models)
+        # Enrolled agents holding no model: one that never enrolled is not
+        # "idle" on any model, it is counted as not enrolled.
+        bare = sum(1 for a in self.agents if a.device_id and not a.models)
         if bare:
             models[""] = {"idle": bare}
         serving = Counter(

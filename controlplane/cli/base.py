@@ -59,9 +59,19 @@ class ConnectionSettings:
 
     def connection(self) -> Connection:
         if self.resolved is None:
-            self.resolved = resolve_connection(
+            resolved = resolve_connection(
                 server=self.server, token=self.token, ca_cert=self.ca_cert, context=self.context
             )
+            ca = resolved.ca_cert
+            if ca is not None and self.ca_cert is None and not ca.is_file():
+                # A context's CA can go missing after `context add` checked
+                # it: name the context to fix (a --ca-cert names itself).
+                raise ContextError(
+                    f"context {resolved.context!r}: its CA certificate {ca} is gone; "
+                    f"add the context again with the server's ca.pem (edgefleet context add "
+                    f"{resolved.context} --overwrite --server {resolved.server} --ca-cert …)"
+                )
+            self.resolved = resolved
         return self.resolved
 
 

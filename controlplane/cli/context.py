@@ -159,8 +159,12 @@ def context_ls(as_json: bool) -> None:
         click.echo(f"no contexts in {contexts.path}: {ADD_HINT}")
         return
     table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold")
-    for header in ("CURRENT", "NAME", "SERVER", "TLS", "TOKEN"):
-        table.add_column(header, no_wrap=True)
+    # Long names and addresses fold onto more lines: cut off (no_wrap), a
+    # 64-character name pushed TLS and TOKEN out of an 80-column terminal.
+    for header in ("CURRENT", "NAME", "SERVER"):
+        table.add_column(header, overflow="fold")
+    for header in ("TLS", "TOKEN"):
+        table.add_column(header, no_wrap=True, min_width=len(header))
     for row in rows:
         table.add_row(
             "*" if row["current"] else "",

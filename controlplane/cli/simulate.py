@@ -492,5 +492,6 @@ def render_summary(
     errors = stats["errors"]
     if errors:
         worst = sorted(errors.items(), key=lambda item: -item[1])[:5]
-        parts.append(Text("errors: " + ", ".join(f"{k} x{v:,}" for k, v in worst), style="red"))
+        failed = ", ".join(f"{k} x{v:,}" for k, v in worst)
+        parts.append(Text(f"failed calls (each retry counted): {failed}", style="red"))
     return Group(*parts)

@@ -138,6 +138,12 @@ class Connection:
     server: str
     token: str | None
     ca_cert: Path | None = None
+    # Where `server` came from, in words an error can end with ("the
+    # default", "context 'lab'"); empty when the caller named it.
+    # (Neither is part of what the connection is: equal settings compare equal.)
+    origin: str = field(default="", compare=False)
+    # The context the settings came from, if any.
+    context: str = field(default="", compare=False)
     _stub: operator_pb2_grpc.OperatorServiceStub | None = field(default=None, repr=False)
 
     @property

@@ -319,6 +319,7 @@ def choose(
     None when not given) over the named context, else the current one, else
     the defaults."""
     chosen: Context | None = None
+    name = context if context is not None else contexts.current
     if context is not None:
         chosen = contexts.get(context)
     elif contexts.current is not None:
@@ -329,11 +330,20 @@ def choose(
         if server is not None and server != chosen.server:
             chosen = None
     if chosen is None:
-        return Connection(server or DEFAULT_SERVER, token, ca_cert)
+        if server is not None:
+            return Connection(server, token, ca_cert)
+        return Connection(
+            DEFAULT_SERVER,
+            token,
+            ca_cert,
+            origin="the default address: no --server, EDGEFLEET_SERVER or context in use",
+        )
     return Connection(
         server if server is not None else chosen.server,
         token if token is not None else chosen.token,
         ca_cert if ca_cert is not None else chosen.ca_cert,
+        origin="" if server is not None else f"the server of context {name!r}",
+        context=name or "",
     )
 
 

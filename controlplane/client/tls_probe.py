@@ -98,7 +98,21 @@ def transport_hint(err: grpc.RpcError, connection: Connection) -> str | None:
     status = rpc_status(err)
     if status is None or status[0] != grpc.StatusCode.UNAVAILABLE:
         return None
-    return tls_mismatch(connection.server, connection.ca_cert)
+    return unavailable_advice(connection)
+
+
+def unavailable_advice(connection: Connection) -> str | None:
+    """transport_hint for a connection already known UNAVAILABLE."""
+    found = probe_tls(connection.server, connection.ca_cert)
+    if found.serves_tls is None and connection.origin:
+        # Nothing answers where the operator never said to look: say where
+        # the address came from, or they chase a server they never named.
+        return (
+            f"no control plane answers at {connection.server} ({connection.origin}); start "
+            "one (`edgefleet server`) or name it with --server or a context "
+            "(`edgefleet context add NAME --server HOST:PORT`, then `edgefleet context use NAME`)"
+        )
+    return mismatch_advice(connection.server, connection.ca_cert, found)
 
 
 def tls_mismatch(server: str, ca_cert: Path | None) -> str | None:
@@ -107,7 +121,11 @@ def tls_mismatch(server: str, ca_cert: Path | None) -> str | None:
     of our own (blocking, up to a few seconds); None when they agree or
     nothing answers. For a caller that saw UNAVAILABLE from something other
     than a blocking call (`edgefleet simulate`'s agents)."""
-    found = probe_tls(server, ca_cert)
+    return mismatch_advice(server, ca_cert, probe_tls(server, ca_cert))
+
+
+def mismatch_advice(server: str, ca_cert: Path | None, found: TlsProbe) -> str | None:
+    """tls_mismatch's advice from a probe already made."""
     if ca_cert is None and found.serves_tls:
         return (
             f"the control plane at {server} serves TLS and this connection was plain "

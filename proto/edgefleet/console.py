@@ -6,6 +6,7 @@ instead of a traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from edgefleet.extras import MissingExtra, needs
@@ -25,6 +26,10 @@ def command_extra(argv: list[str]) -> str:
 
 
 def edgefleet() -> None:
+    # gRPC's C core logs at INFO by default ("Handshake failed with error
+    # SSL_ERROR_SSL ..." before our own one-line advice); its errors stay.
+    # Set before grpc is first imported, which reads it once.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         from edgefleet.controlplane.cli import main
     except MissingExtra as exc:

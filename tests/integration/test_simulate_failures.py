@@ -111,6 +111,10 @@ async def test_simulate_without_the_ca_exits_1_at_once_saying_to_pass_it(
     assert "--ca-cert" in line and "ca.pem" in line
     # The final summary tells the truth: nothing enrolled, nothing serves.
     assert "enrolled 0 of 20, connected 0, enroll failed for" in result.stdout
+    # Agents that never enrolled are not "(no model) idle" devices, and the
+    # failed Enroll calls say each retry counts.
+    assert "(no model)" not in result.stdout
+    assert "failed calls (each retry counted): Enroll UNAVAILABLE" in result.stdout
     assert await fleet_devices(tls_op, "noca") == []
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from edgefleet.controlplane.cli import cli
 from edgefleet.controlplane.client import contexts as ctxs
@@ -293,6 +294,19 @@ def test_another_server_never_gets_the_current_contexts_token(tmp_path: Path) ->
     assert _choose(two, server="dev:7443", token="t") == Connection("dev:7443", "t", None)
 
 
+def test_a_connection_says_where_its_server_came_from(tmp_path: Path) -> None:
+    """What an error about an unreachable server names (tls_probe)."""
+    two = _two(tmp_path / "c.json")
+    current = _choose(two)
+    assert (current.origin, current.context) == ("the server of context 'prod'", "prod")
+    named = _choose(two, context="staging")
+    assert (named.origin, named.context) == ("the server of context 'staging'", "staging")
+    assert _choose(two, server="replica:7443", context="prod").origin == ""
+    assert _choose(two, server="dev:7443").origin == ""
+    default = _choose(Contexts(tmp_path / "none.json"))
+    assert default.origin.startswith("the default address: no --server, EDGEFLEET_SERVER")
+
+
 def test_resolve_connection_reads_the_file_only_when_needed(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text("{broken")
@@ -390,3 +404,19 @@ def test_a_contexts_path_that_is_a_directory_is_named(tmp_path: Path) -> None:
     """It said "Is a directory: 3" (the descriptor, not the path)."""
     with pytest.raises(ContextError, match=re.escape(f"contexts file {tmp_path} is not a file")):
         load(tmp_path)
+
+
+def test_a_context_whose_ca_file_is_gone_is_named_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said only "No such file or directory: /…/ca.pem"."""
+    path = tmp_path / "c.json"
+    ca = tmp_path / "ca.pem"
+    save(Contexts(path, {"lab": Context("lab:7443", "tok", ca)}, current="lab"))
+    monkeypatch.setenv(ctxs.CONFIG_ENV, str(path))
+    for name in ("EDGEFLEET_SERVER", "EDGEFLEET_TOKEN", "EDGEFLEET_CA_CERT", "EDGEFLEET_CONTEXT"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(cli, ["devices", "ls"])
+    assert result.exit_code == 1
+    assert f"context 'lab': its CA certificate {ca} is gone" in result.output
+    assert "edgefleet context add lab --overwrite --server lab:7443 --ca-cert" in result.output

@@ -5,10 +5,12 @@ Writes are recorded and answered from the same data."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
@@ -16,11 +18,13 @@ from edgefleet.controlplane.client.format import model_view
 from edgefleet.controlplane.client.rollout_edit import describe_changes
 from edgefleet.controlplane.client.stages import parse_stage
 from edgefleet.tui import data as d
+from edgefleet.tui import plots
 from edgefleet.tui.client import (
     InputError,
     ServerError,
     edit_of,
     edited_spec,
+    member_rollouts,
     model_from_view,
     rollout_spec,
 )
@@ -175,6 +179,28 @@ AUDIT = [
 ]  # fmt: skip
 
 
+def _audit_matches(e: d.AuditEntry, query: d.AuditQuery) -> bool:
+    """services/audit.py's search, on one entry: the actor's start, an action
+    or its dotted group, what the target names (id, name, or from 4
+    characters an id's start; `kind:text` for one kind)."""
+    if query.actor and not e.actor.startswith(query.actor):
+        return False
+    action = query.action.rstrip(".")
+    if action and e.action != action and not e.action.startswith(action + "."):
+        return False
+    if not query.target:
+        return True
+    kind, rest = e.target.split(":", 1) if ":" in e.target else ("", e.target)
+    wanted_kind, sep, wanted = query.target.partition(":")
+    if not sep or not wanted:
+        wanted_kind, wanted = kind, query.target
+    return e.target == query.target or (
+        kind == wanted_kind
+        and (rest == wanted or e.target_name == wanted
+             or (len(wanted) >= 4 and rest.startswith(wanted)))
+    )  # fmt: skip
+
+
 def _series(group: str, base: float) -> d.Series:
     return d.Series(group, tuple((ago(minutes=60 - i), base + (i % 7) * base / 10)
                                  for i in range(0, 60, 2)))  # fmt: skip
@@ -211,6 +237,10 @@ class FakeFleet:
     async def whoami(self) -> str:
         """The role the real client reads from the server (FleetClient.whoami)."""
         return "admin"
+
+    async def advice(self, err: ServerError) -> str | None:
+        """The fake never fails to connect: no advice (FleetClient.advice)."""
+        return None
 
     async def list_devices(self) -> list[d.Device]:
         return list(self.devices)
@@ -258,6 +288,61 @@ class FakeFleet:
         self._change(device_id, lambda x: replace(
             x, models=tuple(m for m in x.models if m.name != model_name)))  # fmt: skip
         return True
+
+    async def assign_model(self, device_id: str, model_name: str, version: str,
+                           reason: str = "") -> None:  # fmt: skip
+        """As the control plane (services.deployments.assign): the version
+        must exist, the device be accepted and its class have a successful
+        build of it (BUILDS); the model is added or its version replaced."""
+        self.calls.append(("assign", (device_id, f"{model_name}@{version}")))
+        if not model_name or not version:
+            raise ServerError(grpc.StatusCode.INVALID_ARGUMENT,
+                              "model name and version are required (MODEL@VERSION)")  # fmt: skip
+        if not any(v.model_name == model_name and v.version == version for v in VERSIONS):
+            raise ServerError(grpc.StatusCode.NOT_FOUND, f"no model version {model_name}@{version}")
+        device = self._find(device_id)
+        why = ""
+        if device.state != "accepted":
+            why = f"device is {device.state}; only accepted devices take models"
+        elif not device.class_name:
+            why = "device matches no device class"
+        elif not any(b.model_version == version and b.class_name == device.class_name
+                     and b.state == "succeeded" for b in BUILDS):  # fmt: skip
+            why = "its class has no successful build of this version (edgefleet builds ls)"
+        if why:
+            raise ServerError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"cannot assign {model_name}@{version} to 1 of 1 device(s); "
+                              f"nothing was assigned: {device_id}: {why}")  # fmt: skip
+        # Not reported by its agent yet: what the real client shows then.
+        held = next((m.sequence for m in device.models if m.name == model_name), 0)
+        added = model_from_view(model_view(c.DeviceModel(
+            model_name=model_name, assigned_version=version, sequence=held + 1)))  # fmt: skip
+        self._change(device_id, lambda x: replace(
+            x, models=(*(m for m in x.models if m.name != model_name), added)))  # fmt: skip
+
+    async def assign_models(self, device_ids: Sequence[str], model_name: str, version: str,
+                            reason: str = "") -> None:  # fmt: skip
+        """As the control plane: assign_model's checks for every device, and
+        all or nothing (one refused, none assigned)."""
+        kept = list(self.devices)
+        try:
+            for device_id in device_ids:
+                await self.assign_model(device_id, model_name, version, reason)
+        except ServerError:
+            self.devices = kept
+            raise
+
+    async def unassign_models(self, device_ids: Sequence[str], model_name: str,
+                              reason: str = "") -> list[str]:  # fmt: skip
+        """As the control plane: an unknown device fails the call before
+        anything is removed; the ids that did not hold the model."""
+        for device_id in device_ids:
+            self._find(device_id)
+        return [i for i in device_ids if not await self.unassign_model(i, model_name, reason)]
+
+    async def device_rollouts(self, device_id: str) -> list[d.DeviceRollout]:
+        self._find(device_id)
+        return member_rollouts(device_id, self.rollouts)
 
     async def list_classes(self) -> list[d.DeviceClass]:
         return list(CLASSES)
@@ -414,9 +499,113 @@ class FakeFleet:
                               model_name: str = "") -> list[d.Series]:  # fmt: skip
         return [_series("1.0.0", 12.0), _series("1.1.0", 20.0)]
 
-    async def audit_log(self, *, limit: int = 200, before_id: int = 0) -> list[d.AuditEntry]:
-        return [e for e in AUDIT if not before_id or e.id < before_id][:limit]
+    # The entries audit_log searches (a test may set its own).
+    audit: Sequence[d.AuditEntry] = AUDIT
+
+    async def audit_log(
+        self, *, limit: int = 200, before_id: int = 0, query: d.AuditQuery = d.ALL_AUDIT
+    ) -> list[d.AuditEntry]:
+        """As ListAuditLog searches (services/audit.py), on self.audit."""
+        for what, text in (("actor", query.actor), ("target", query.target)):
+            if len(text) > 200:
+                message = f"{what} is {len(text)} characters long; at most 200"
+                raise ServerError(grpc.StatusCode.INVALID_ARGUMENT, message)
+        found = [
+            e for e in self.audit
+            if (not before_id or e.id < before_id) and _audit_matches(e, query)
+        ]  # fmt: skip
+        return found[:limit]
 
     async def watch(self) -> AsyncIterator[d.FleetEvent]:
         while True:
             yield await self.events.get()
+
+
+# ------------------------------------------------------------------ telemetry over a week
+# A fleet whose telemetry has what the explorer must get right: more devices
+# than it draws lines for, one that sent a single sample, one that sent
+# samples of no model (zeros) until its model was installed 10 hours ago, one
+# whose model never installed, one gone offline. Samples every 20 minutes over
+# 7 days and every 15 seconds over the last 20 minutes.
+TELEMETRY_DEVICES = [
+    *DEVICES,
+    *(_device(0x10 + i, f"sensor-{i:02d}", "pi-class") for i in range(1, 11)),
+    _device(0x20, "sensor-new", "pi-class", enrolled_at=ago(minutes=8)),
+]
+INSTALLED_AT = {"gateway-1": ago(hours=10), "jetson-dock": NOW + timedelta(days=1),
+                "sensor-new": ago(minutes=8)}  # fmt: skip
+_SAMPLE_TIMES = sorted({*(ago(minutes=20 * k) for k in range(1, 7 * 72)),
+                        *(ago(seconds=15 * k) for k in range(1, 80))})  # fmt: skip
+
+
+class _Sample(NamedTuple):
+    at: datetime
+    device_id: str
+    class_name: str
+    model: str  # "name@version"; "" while the agent serves none
+    latency_p95_ms: float
+    requests: int
+    errors: int
+    memory_mb: float
+    model_memory_mb: float
+
+
+def _telemetry_samples() -> list[_Sample]:
+    samples = []
+    for i, dev in enumerate(TELEMETRY_DEVICES):
+        if dev.state != "accepted":
+            continue  # a pending device sends nothing
+        times = [ago(minutes=7)] if dev.name == "sensor-new" else _SAMPLE_TIMES
+        last = ago(minutes=42) if dev.name == "pi-garage" else NOW
+        for k, at in enumerate(t for t in times if t <= last):
+            hour = at.hour + at.minute / 60
+            served = at >= INSTALLED_AT.get(dev.name, NOW - timedelta(days=30))
+            daily = 1 + 0.3 * math.sin(2 * math.pi * hour / 24)
+            requests = int((100 + 10 * i) * daily) if served else 0
+            samples.append(_Sample(
+                at, dev.id, dev.class_name, "digits@1.0.0" if served else "",
+                round((8 + 2.5 * i) * daily + k % 5 * 0.4, 1) if served else 0.0, requests,
+                (k % (i + 3) == 0) * i if served else 0, 120.0 + 5 * i + k % 7,
+                30.0 + i if served else 0.0,
+            ))  # fmt: skip
+    return samples
+
+
+class TelemetryFleet(FakeFleet):
+    """FakeFleet whose QueryTelemetry buckets samples like the server
+    (controlplane/services/telemetry.py query) over the client's window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices = list(TELEMETRY_DEVICES)
+        self.samples = _telemetry_samples()
+
+    async def query_telemetry(self, metric: str, group_by: str, since: timedelta, *,
+                              device_id: str = "", class_name: str = "",
+                              model_name: str = "") -> list[d.Series]:  # fmt: skip
+        self.calls.append(("telemetry", (metric, group_by, since, device_id)))
+        start, end, step = plots.query_window(since, NOW)
+        buckets: dict[tuple[str, int], list[_Sample]] = {}
+        for s in self.samples:
+            if not start <= s.at < end or (device_id and s.device_id != device_id):
+                continue
+            if class_name and s.class_name != class_name:
+                continue
+            if model_name and s.model.partition("@")[0] != model_name:
+                continue
+            group = {"version": s.model or plots.NO_MODEL, "class": s.class_name,
+                     "device": s.device_id}[group_by]  # fmt: skip
+            buckets.setdefault((group, (s.at - start) // step), []).append(s)
+        series: dict[str, list[tuple[datetime, float]]] = {}
+        for (group, index), rows in sorted(buckets.items()):
+            requests = sum(r.requests for r in rows)
+            value = {
+                "p95 latency (ms)": max(r.latency_p95_ms for r in rows),
+                "error rate": sum(r.errors for r in rows) / requests if requests else None,
+                "memory (MB)": max(r.memory_mb for r in rows),
+                "request rate (/s)": requests / step.total_seconds(),
+                "model memory (MB)": max(r.model_memory_mb for r in rows),
+            }[metric]
+            if value is not None:  # a rate over a bucket without requests
+                series.setdefault(group, []).append((start + step * index, value))
+        return [d.Series(g, tuple(points)) for g, points in series.items()]

@@ -17,6 +17,7 @@ from textual.signal import Signal
 
 from edgefleet.tui.client import REFUSED, ClientError, FleetApi, KnowsRole, ServerError
 from edgefleet.tui.data import ConnectionStatus, FleetEvent
+from edgefleet.tui.jump import JumpProvider
 from edgefleet.tui.screens.audit import AuditScreen
 from edgefleet.tui.screens.base import NAV, ConnectScreen
 from edgefleet.tui.screens.classes import ClassesScreen
@@ -42,6 +43,7 @@ class EdgeFleetApp(App[None]):
     if it refuses the token."""
 
     CSS_PATH = "app.tcss"
+    COMMANDS = App.COMMANDS | {JumpProvider}
     TITLE = "EdgeFleet"
     MODES = {
         "connect": ConnectScreen,
@@ -56,6 +58,10 @@ class EdgeFleetApp(App[None]):
     BINDINGS = [
         *(Binding(key, f"switch_mode('{mode}')", title, show=False) for key, mode, title in NAV),
         Binding("question_mark", "help", "Help"),
+        # The palette, where the jump (tui.jump) lives; screens that filter
+        # with `/` keep it (theirs wins), ctrl+p opens it everywhere. Not
+        # bound to `command_palette` itself: Textual then drops its ctrl+p.
+        Binding("slash", "jump", "Jump", show=False),
         Binding("q", "quit", "Quit"),
     ]
 
@@ -92,8 +98,13 @@ class EdgeFleetApp(App[None]):
         except ServerError as err:
             if err.code in REFUSED:
                 self.refuse(err)
-            else:
-                self.connection = self.connection.failed(err.details, self.now())
+                return False
+            reason = err.details
+            if not self.connection.tries and isinstance(self.client, KnowsRole):
+                # Once, at the first failure: a TLS mismatch or an address
+                # the operator never gave will not mend by retrying.
+                reason = await self.client.advice(err) or reason
+            self.connection = self.connection.failed(reason, self.now())
             return False
         self.connection = self.connection.connected(role)
         self.switch_mode("overview")
@@ -159,6 +170,9 @@ class EdgeFleetApp(App[None]):
             self.notify(f"Connected to {self.client.target} again", title="Live updates back",
                         markup=False)  # fmt: skip
         self.connection = self.connection.connected()
+
+    def action_jump(self) -> None:
+        self.action_command_palette()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -45,7 +46,9 @@ from edgefleet.controlplane.client.syntax import (
     parse_match,
     parse_model_ref,
 )
+from edgefleet.controlplane.client.tls_probe import unavailable_advice
 from edgefleet.tui import data as d
+from edgefleet.tui import plots
 from edgefleet.update_state import name_of, of_status
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
@@ -110,7 +113,10 @@ def _server_error(err: grpc.RpcError) -> ServerError:
         return ServerError(grpc.StatusCode.UNKNOWN, str(err))
     code, details = status
     message = details
-    if code == grpc.StatusCode.UNAVAILABLE and details:
+    if code == grpc.StatusCode.CANCELLED and details == "Cancelling all calls":
+        # gRPC's own words when this client's channel closes under a call.
+        message = "the connection to the control plane was closed"
+    elif code == grpc.StatusCode.UNAVAILABLE and details:
         message = f"control plane unreachable ({details})"
     return ServerError(code, message, details)
 
@@ -148,6 +154,16 @@ class FleetApi(Protocol):
     async def pin_device(self, device_id: str, class_name: str) -> d.Device: ...
     async def device_history(self, device_id: str) -> list[d.DeploymentEvent]: ...
     async def unassign_model(self, device_id: str, model_name: str, reason: str = "") -> bool: ...
+    async def assign_models(
+        self, device_ids: Sequence[str], model_name: str, version: str, reason: str = ""
+    ) -> None: ...
+    async def unassign_models(
+        self, device_ids: Sequence[str], model_name: str, reason: str = ""
+    ) -> list[str]: ...
+    async def assign_model(
+        self, device_id: str, model_name: str, version: str, reason: str = ""
+    ) -> None: ...
+    async def device_rollouts(self, device_id: str) -> list[d.DeviceRollout]: ...
 
     async def list_classes(self) -> list[d.DeviceClass]: ...
     async def save_class(self, draft: d.ClassDraft, *, create: bool) -> d.DeviceClass: ...
@@ -205,25 +221,32 @@ class FleetApi(Protocol):
         model_name: str = "",
     ) -> list[d.Series]: ...
 
-    async def audit_log(self, *, limit: int = 200, before_id: int = 0) -> list[d.AuditEntry]: ...
+    async def audit_log(
+        self, *, limit: int = 200, before_id: int = 0, query: d.AuditQuery = d.ALL_AUDIT
+    ) -> list[d.AuditEntry]: ...
 
     def watch(self) -> AsyncIterator[d.FleetEvent]: ...
 
 
 @runtime_checkable
 class KnowsRole(Protocol):
-    """A FleetApi that can check its token and say its role (FleetClient;
-    the snapshot tests' fake cannot: the app takes it as connected)."""
+    """A FleetApi that can check its token and say its role, and what to do
+    when it cannot connect (FleetClient; the snapshot tests' fake cannot:
+    the app takes it as connected)."""
 
     async def whoami(self) -> str: ...
+
+    async def advice(self, err: ServerError) -> str | None: ...
 
 
 class FleetClient:
     """FleetApi over a grpc.aio channel, made on first use so that it belongs
     to the event loop the app runs on."""
 
-    def __init__(self, server: str, token: str | None, ca_cert: Path | None = None) -> None:
-        self._connection = Connection(server, token, ca_cert)
+    def __init__(
+        self, server: str, token: str | None, ca_cert: Path | None = None, *, origin: str = ""
+    ) -> None:
+        self._connection = Connection(server, token, ca_cert, origin=origin)
         self._channel: grpc.aio.Channel | None = None
         # Typed Any: the generated stubs describe the blocking stack only.
         self._stub_: Any = None
@@ -238,6 +261,15 @@ class FleetClient:
             self._channel = self._connection.aio_channel()
             self._stub_ = operator_pb2_grpc.OperatorServiceStub(self._channel)
         return self._stub_
+
+    async def advice(self, err: ServerError) -> str | None:
+        """What to do about a failure to connect when the reason is TLS (the
+        server speaks it and we do not, or the CA does not verify it), or
+        nothing answers at an address the operator never gave; None else.
+        A handshake of our own, off the event loop (a few seconds at most)."""
+        if err.code != grpc.StatusCode.UNAVAILABLE:
+            return None
+        return await asyncio.to_thread(unavailable_advice, self._connection)
 
     async def close(self) -> None:
         """Close the channel (any open watch ends)."""
@@ -326,6 +358,49 @@ class FleetClient:
                                          reason=reason)  # fmt: skip
         response = await self._call("UnassignModel", request)
         return device_id in response.removed
+
+    async def assign_models(
+        self, device_ids: Sequence[str], model_name: str, version: str, reason: str = ""
+    ) -> None:
+        """Assign MODEL@VERSION to the devices: all of them or, refused, none."""
+        request = o.AssignModelRequest(device_ids=device_ids, model_name=model_name,
+                                       model_version=version, reason=reason)  # fmt: skip
+        await self._call("AssignModel", request)
+
+    async def unassign_models(
+        self, device_ids: Sequence[str], model_name: str, reason: str = ""
+    ) -> list[str]:
+        """Remove the model from the devices (all, or refused, none); the
+        ids of those that did not hold it."""
+        request = o.UnassignModelRequest(device_ids=device_ids, model_name=model_name,
+                                         reason=reason)  # fmt: skip
+        return list((await self._call("UnassignModel", request)).not_assigned)
+
+    async def assign_model(
+        self, device_id: str, model_name: str, version: str, reason: str = ""
+    ) -> None:
+        """Assign `model_name@version` to the device (its class's artifact;
+        its other models stay). The server refuses a device whose class has
+        no successful build of the version, saying so."""
+        await self.assign_models([device_id], model_name, version, reason)
+
+    async def device_rollouts(self, device_id: str) -> list[d.DeviceRollout]:
+        """The rollouts the device is a member of, newest first, with its
+        state in each. No RPC looks rollouts up by member: this reads in full
+        the rollouts that can hold it (every active one, and those its
+        deployment history or assignments name) and keeps its row; a
+        finished rollout that never notified it is not found."""
+        listed, history = await asyncio.gather(
+            self._call("ListRollouts", o.ListRolloutsRequest()),
+            self._call("ListDeployments", o.ListDeploymentsRequest(device_id=device_id)),
+        )
+        named = {e.rollout_id for e in history.events} | {a.rollout_id for a in history.assignments}
+        candidates = [r.id for r in map(rollout_from_pb, listed.rollouts)
+                      if r.active or r.id in named]  # fmt: skip
+        full = await asyncio.gather(
+            *(self._call("GetRollout", o.GetRolloutRequest(id=i)) for i in candidates)
+        )
+        return member_rollouts(device_id, [rollout_from_pb(m) for m in full])
 
     # ------------------------------------------------------------ classes
 
@@ -537,14 +612,14 @@ class FleetClient:
         model_name: str = "",
     ) -> list[d.Series]:
         """`metric` (a METRICS name) over the last `since`, one series per
-        GROUP_BY value, in about 60 buckets."""
-        end = datetime.now(UTC)
-        step = timedelta(seconds=max(10, int(since.total_seconds() / 60)))
+        GROUP_BY value, in about 60 buckets of a step the plot can label and
+        that meets the server's hourly rollups (tui.plots.query_window)."""
+        start, end, step = plots.query_window(since, datetime.now(UTC))
         request = o.QueryTelemetryRequest(
             metric=METRICS[metric], group_by=GROUP_BY[group_by], device_id=device_id,
             class_name=class_name, model_name=model_name,
         )  # fmt: skip
-        request.start.FromDatetime(end - since)
+        request.start.FromDatetime(start)
         request.end.FromDatetime(end)
         request.step.FromTimedelta(step)
         resp = await self._call("QueryTelemetry", request)
@@ -553,13 +628,18 @@ class FleetClient:
             for s in resp.series
         ]
 
-    async def audit_log(self, *, limit: int = 200, before_id: int = 0) -> list[d.AuditEntry]:
-        """Newest first."""
-        resp = await self._call(
-            "ListAuditLog", o.ListAuditLogRequest(limit=limit, before_id=before_id)
-        )
+    async def audit_log(
+        self, *, limit: int = 200, before_id: int = 0, query: d.AuditQuery = d.ALL_AUDIT
+    ) -> list[d.AuditEntry]:
+        """Newest first; those `query` finds, searched on the server over the
+        whole log (a target by name, full id or id prefix)."""
+        request = o.ListAuditLogRequest(
+            limit=limit, before_id=before_id, actor=query.actor, action=query.action,
+            target=query.target,
+        )  # fmt: skip
+        resp = await self._call("ListAuditLog", request)
         return [
-            d.AuditEntry(e.id, _when(e.at), e.actor, e.action, e.target, e.details)
+            d.AuditEntry(e.id, _when(e.at), e.actor, e.action, e.target, e.details, e.target_name)
             for e in resp.entries
         ]
 
@@ -579,14 +659,36 @@ class FleetClient:
             async for event in call:
                 rollout = rollout_from_pb(event.rollout, has_devices=False) if (
                     event.WhichOneof("subject") == "rollout") else None  # fmt: skip
-                yield d.FleetEvent(event.kind, event.message, _when(event.at), rollout)
+                yield d.FleetEvent(event.kind, event.message, _when(event.at), rollout,
+                                   tuple(event.device_ids), event.devices_elided)  # fmt: skip
         except grpc.RpcError as err:
             raise _server_error(err) from None
         finally:
             call.cancel()
 
 
+def client_failure(err: Exception) -> str | None:
+    """A ClientError as one device's failure in a bulk run (`NOT_FOUND: no
+    such device`, the CLI's words); None for anything else (a bug)."""
+    if isinstance(err, ServerError):
+        return f"{err.code.name}: {err.details}"
+    return err.message if isinstance(err, ClientError) else None
+
+
 # ------------------------------------------------------------ parsing (pure)
+
+
+def member_rollouts(device_id: str, rollouts: Sequence[d.Rollout]) -> list[d.DeviceRollout]:
+    """The rollouts among `rollouts` (read with their devices) that have
+    `device_id` as a member, newest first, without their device rows."""
+    found = [
+        d.DeviceRollout(replace(r, devices=(), has_devices=False), member)
+        for r in rollouts
+        for member in r.devices
+        if member.device_id == device_id
+    ]
+    oldest = datetime.min.replace(tzinfo=UTC)
+    return sorted(found, key=lambda x: x.rollout.created_at or oldest, reverse=True)
 
 
 def parse_label_edit(text: str) -> tuple[dict[str, str], list[str]]:

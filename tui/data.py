@@ -354,6 +354,15 @@ class Rollout:
 
 
 @dataclass(frozen=True)
+class DeviceRollout:
+    """A rollout a device is a member of (without its device rows), and the
+    device's own row in it: stage, member state, reason."""
+
+    rollout: Rollout
+    member: RolloutDevice
+
+
+@dataclass(frozen=True)
 class RolloutEdit:
     """What the monitor's edit form changes of a rollout: one stage's
     thresholds and bake time (in the `--stage` syntax: `90`, `20/3`, `5m`;
@@ -411,6 +420,56 @@ class AuditEntry:
     action: str
     target: str
     details: str
+    # The current name of what `target` names ("": none, or gone).
+    target_name: str = ""
+
+    @property
+    def target_text(self) -> str:
+        """`device:e15f... (edge-01)`: the target and the name it has now."""
+        _, _, rest = self.target.partition(":")
+        if self.target_name and self.target_name != rest:
+            return f"{self.target} ({self.target_name})"
+        return self.target
+
+
+# The fields of an audit search typed as `actor=alice action=rollout`.
+AUDIT_SEARCH_FIELDS = ("actor", "action", "target")
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """A search of the whole audit log, run on the server (ListAuditLog);
+    every field empty: the newest entries. `target`: a name, full id or id
+    prefix of what entries are about; `action`: one or a dotted group;
+    `actor`: who, or the start of it."""
+
+    actor: str = ""
+    action: str = ""
+    target: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> AuditQuery:
+        """`actor=alice action=device edge-01`: `field=value` words, and the
+        other words (joined by spaces) as the target."""
+        fields: dict[str, str] = {}
+        rest: list[str] = []
+        for word in text.split():
+            key, sep, value = word.partition("=")
+            if sep and key in AUDIT_SEARCH_FIELDS:
+                fields[key] = value
+            else:
+                rest.append(word)
+        if rest:
+            fields["target"] = " ".join([*filter(None, [fields.get("target", "")]), *rest])
+        return cls(**fields)
+
+    def describe(self) -> str:
+        """`actor=alice target=edge-01`; empty for no search."""
+        return " ".join(f"{k}={getattr(self, k)}" for k in AUDIT_SEARCH_FIELDS if getattr(self, k))
+
+
+# No search: the newest entries.
+ALL_AUDIT = AuditQuery()
 
 
 @dataclass(frozen=True)
@@ -421,6 +480,9 @@ class FleetEvent:
     message: str = ""
     at: datetime | None = None
     rollout: Rollout | None = None
+    # The devices it is about, when the server named them all (at most 100).
+    device_ids: tuple[str, ...] = ()
+    devices_elided: bool = False
 
     @property
     def topic(self) -> str:

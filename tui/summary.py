@@ -23,10 +23,14 @@ SILENT_AFTER = timedelta(minutes=2)
 
 @dataclass(frozen=True)
 class Alert:
-    # "failed deployment", "gate", "silent", "rollout".
+    # "failed deployment", "gate", "silent", "rollout", "unclassified".
     kind: str
     subject: str
     text: str
+    # What the alert is about, for Enter to open: a device's id (failed
+    # deployment, silent) or a rollout's (gate, rollout); "" for the
+    # unclassified devices, which are many.
+    target_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,27 +74,29 @@ def summarize(
     for dev in devices:
         for m in dev.failed_models:
             what = f"{m.name} {m.target_version}".strip()
-            alerts.append(Alert("failed deployment", dev.name, f"{what}: {m.reason}"))
+            alerts.append(Alert("failed deployment", dev.name, f"{what}: {m.reason}", dev.id))
         if dev.failed and not dev.models:
             what = f"{dev.update.model_name} {dev.update.model_version}".strip()
-            alerts.append(Alert("failed deployment", dev.name, f"{what}: {dev.update.reason}"))
+            alerts.append(
+                Alert("failed deployment", dev.name, f"{what}: {dev.update.reason}", dev.id)
+            )
     active = tuple(r for r in rollouts if r.active)
     for r in active:
         for stage in r.stages:
             for gate in stage.gates:
                 if not gate.passing:
                     alerts.append(Alert("gate", f"{r.ref} stage {stage.index + 1}",
-                                        format_gate(gate)))  # fmt: skip
+                                        format_gate(gate), r.id))  # fmt: skip
         if r.state == "paused" and r.reason:
-            alerts.append(Alert("rollout", f"{r.ref} {r.id[:8]}", r.reason))
+            alerts.append(Alert("rollout", f"{r.ref} {r.id[:8]}", r.reason, r.id))
     # Finished, but some devices failed: an operator retries or lets them be.
     for r in rollouts:
         if r.state == "succeeded-with-failures":
-            alerts.append(Alert("rollout", f"{r.ref} {r.id[:8]}", r.reason or r.state))
+            alerts.append(Alert("rollout", f"{r.ref} {r.id[:8]}", r.reason or r.state, r.id))
     for dev in devices:
         seen = dev.last_seen_at
         if dev.state == "accepted" and not dev.online and seen and now - seen > SILENT_AFTER:
-            alerts.append(Alert("silent", dev.name, f"last seen {format_ago(seen, now)}"))
+            alerts.append(Alert("silent", dev.name, f"last seen {format_ago(seen, now)}", dev.id))
     unclassified = unclassified_alert(devices)
     if unclassified:
         alerts.append(unclassified)

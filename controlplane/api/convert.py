@@ -31,6 +31,7 @@ from edgefleet.controlplane.domain.rollout_states import (
 )
 from edgefleet.controlplane.domain.rollouts import Gates
 from edgefleet.controlplane.errors import InvalidArgument
+from edgefleet.controlplane.services.audit import AuditSearch
 from edgefleet.controlplane.services.builds import BuildView
 from edgefleet.controlplane.services.classes import ClassView, Constraints, MatchReport
 from edgefleet.controlplane.services.deployments import AssignmentView
@@ -474,7 +475,7 @@ def model_to_pb(summary: ModelSummary) -> c.Model:
     )
 
 
-def audit_to_pb(row: AuditRow) -> o.AuditEntry:
+def audit_to_pb(row: AuditRow, target_name: str = "") -> o.AuditEntry:
     return o.AuditEntry(
         id=row.id,
         at=ts(row.at),
@@ -482,6 +483,19 @@ def audit_to_pb(row: AuditRow) -> o.AuditEntry:
         action=row.action,
         target=row.target,
         details=json.dumps(row.details, sort_keys=True) if row.details else "",
+        target_name=target_name,
+    )
+
+
+def audit_search_from_pb(msg: o.ListAuditLogRequest) -> AuditSearch:
+    return AuditSearch(
+        before_id=msg.before_id,
+        limit=msg.limit,
+        action=msg.action.strip(),
+        target=msg.target.strip(),
+        actor=msg.actor.strip(),
+        since=datetime_from_pb(msg.since, "since") if msg.HasField("since") else None,
+        until=datetime_from_pb(msg.until, "until") if msg.HasField("until") else None,
     )
 
 

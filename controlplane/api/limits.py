@@ -103,6 +103,9 @@ MODEL_NAME = Limit(chars=100)  # String(100)
 VERSION = Limit(chars=64)  # String(64)
 CLASS_NAME = Limit(chars=100)  # String(100); the service allows 63 of [a-z0-9-]
 TOKEN_NAME = Limit(chars=200)  # String(200), also the audit actor
+# What names a device: its full id, its name (String(200), any script) or an
+# id prefix (services/references.py resolves it).
+DEVICE_REF = Limit(chars=200)
 FACT = Limit(chars=256)  # a hardware or runtime fact (JSON)
 RUNTIME_VERSION = Limit(chars=64)
 REASON = Limit(chars=1024, multiline=True)  # an operator's why, kept in the audit log
@@ -181,37 +184,37 @@ LIMITS: dict[str, Limit] = {
     # ---- tokens
     "CreateEnrollmentTokenRequest.name": TOKEN_NAME,
     "CreateEnrollmentTokenRequest.labels": LABELS,
-    "RevokeEnrollmentTokenRequest.id": ID,
+    "RevokeEnrollmentTokenRequest.id": TOKEN_NAME,  # its id, name or id prefix
     "CreateOperatorTokenRequest.name": TOKEN_NAME,
-    "RevokeOperatorTokenRequest.id": ID,
+    "RevokeOperatorTokenRequest.id": TOKEN_NAME,  # its id, name or id prefix
     # ---- devices
     "ListDevicesRequest.class_name": CLASS_NAME,
     "ListDevicesRequest.labels": LABELS,
     "ListDevicesRequest.page_token": PAGE_TOKEN,
-    "GetDeviceRequest.id": ID,
-    "AcceptDeviceRequest.id": ID,
-    "RejectDeviceRequest.id": ID,
+    "GetDeviceRequest.id": DEVICE_REF,
+    "AcceptDeviceRequest.id": DEVICE_REF,
+    "RejectDeviceRequest.id": DEVICE_REF,
     "RejectDeviceRequest.reason": REASON,
-    "DecommissionDeviceRequest.id": ID,
+    "DecommissionDeviceRequest.id": DEVICE_REF,
     "DecommissionDeviceRequest.reason": REASON,
-    "UpdateDeviceLabelsRequest.id": ID,
+    "UpdateDeviceLabelsRequest.id": DEVICE_REF,
     "UpdateDeviceLabelsRequest.set": LABELS,
     "UpdateDeviceLabelsRequest.remove": Limit(count=64, chars=63),
-    "SetDeviceClassRequest.id": ID,
+    "SetDeviceClassRequest.id": DEVICE_REF,
     "SetDeviceClassRequest.class_name": CLASS_NAME,
     # ---- deployments
     "AssignModelRequest.device_ids": Limit(
-        count=10_000, chars=32, ascii=True, count_hint="; assign in several calls, or use a rollout"
+        count=10_000, chars=200, count_hint="; assign in several calls, or use a rollout"
     ),
     "AssignModelRequest.model_name": MODEL_NAME,
     "AssignModelRequest.model_version": VERSION,
     "AssignModelRequest.reason": REASON,
     "UnassignModelRequest.device_ids": Limit(
-        count=10_000, chars=32, ascii=True, count_hint="; unassign in several calls"
+        count=10_000, chars=200, count_hint="; unassign in several calls"
     ),
     "UnassignModelRequest.model_name": MODEL_NAME,
     "UnassignModelRequest.reason": REASON,
-    "ListDeploymentsRequest.device_id": ID,
+    "ListDeploymentsRequest.device_id": DEVICE_REF,
     "ListDeploymentsRequest.model_name": MODEL_NAME,
     "ListDeploymentsRequest.model_version": VERSION,
     # ---- classes
@@ -263,22 +266,23 @@ LIMITS: dict[str, Limit] = {
     "RolloutActionRequest.reason": REASON,
     "AbortRolloutRequest.id": ID,
     "RetryRolloutRequest.id": ID,
-    "RetryRolloutRequest.device_ids": Limit(count=10_000, chars=32, ascii=True),
+    "RetryRolloutRequest.device_ids": Limit(count=10_000, chars=200),
     "RetryRolloutRequest.reason": REASON,
     "SkipRolloutDevicesRequest.id": ID,
-    "SkipRolloutDevicesRequest.device_ids": Limit(count=10_000, chars=32, ascii=True),
+    "SkipRolloutDevicesRequest.device_ids": Limit(count=10_000, chars=200),
     "SkipRolloutDevicesRequest.reason": REASON,
     "UpdateRolloutRequest.id": ID,
     "UpdateRolloutRequest.reason": REASON,
     "AbortRolloutRequest.reason": REASON,
     # ---- telemetry, audit, keys, watch
-    "QueryTelemetryRequest.device_id": ID,
+    "QueryTelemetryRequest.device_id": DEVICE_REF,
     "QueryTelemetryRequest.class_name": CLASS_NAME,
     "QueryTelemetryRequest.model_name": MODEL_NAME,
     "QueryTelemetryRequest.model_version": VERSION,
     "QueryTelemetryRequest.labels": LABELS,
     "ListAuditLogRequest.action": Limit(chars=100),  # String(100)
     "ListAuditLogRequest.target": Limit(chars=200),  # String(200)
+    "ListAuditLogRequest.actor": TOKEN_NAME,
     "RotateSigningKeyRequest.reason": REASON,
     "WatchFleetRequest.kinds": Limit(count=64, chars=64),
 }

@@ -7,11 +7,14 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from google.protobuf.message import Message
+
 from edgefleet.controlplane.api import convert, limits, paging
 from edgefleet.controlplane.api.rpc import Handlers, P, rpc
 from edgefleet.controlplane.domain.roles import ADMIN, VIEWER
 from edgefleet.controlplane.errors import InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit, keys
+from edgefleet.controlplane.services import references as ref
 from edgefleet.controlplane.services.artifacts import ArtifactService
 from edgefleet.controlplane.services.auth import OperatorPrincipal
 from edgefleet.controlplane.services.builds import BuildService
@@ -28,6 +31,39 @@ from edgefleet.controlplane.wire import rule_from_pb
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 Op = OperatorPrincipal
+
+# Request fields that name a thing, by request message: operators may give
+# its full id, its name or a unique id prefix (services/references.py).
+# Resolved before any service sees the request, so services take full ids
+# (classes: names) and responses carry them.
+REFERENCE_FIELDS: dict[str, dict[str, ref.Kind]] = {
+    "RevokeEnrollmentTokenRequest": {"id": ref.ENROLLMENT_TOKEN},
+    "RevokeOperatorTokenRequest": {"id": ref.OPERATOR_TOKEN},
+    "GetDeviceRequest": {"id": ref.DEVICE},
+    "AcceptDeviceRequest": {"id": ref.DEVICE},
+    "RejectDeviceRequest": {"id": ref.DEVICE},
+    "DecommissionDeviceRequest": {"id": ref.DEVICE},
+    "UpdateDeviceLabelsRequest": {"id": ref.DEVICE},
+    "SetDeviceClassRequest": {"id": ref.DEVICE, "class_name": ref.DEVICE_CLASS},
+    "AssignModelRequest": {"device_ids": ref.DEVICE},
+    "UnassignModelRequest": {"device_ids": ref.DEVICE},
+    "ListDeploymentsRequest": {"device_id": ref.DEVICE},
+    "GetDeviceClassRequest": {"name": ref.DEVICE_CLASS},
+    "UpdateDeviceClassRequest": {"name": ref.DEVICE_CLASS},
+    "DeleteDeviceClassRequest": {"name": ref.DEVICE_CLASS},
+    "RunBuildRequest": {"class_name": ref.DEVICE_CLASS},
+    "GetBuildRequest": {"id": ref.BUILD},
+    "QueryTelemetryRequest": {"device_id": ref.DEVICE},
+    "GetRolloutRequest": {"id": ref.ROLLOUT},
+    "RolloutActionRequest": {"id": ref.ROLLOUT},
+    "AbortRolloutRequest": {"id": ref.ROLLOUT},
+    "RetryRolloutRequest": {"id": ref.ROLLOUT, "device_ids": ref.DEVICE},
+    "SkipRolloutDevicesRequest": {"id": ref.ROLLOUT, "device_ids": ref.DEVICE},
+    "UpdateRolloutRequest": {"id": ref.ROLLOUT},
+}
+# Fields whose texts that name nothing pass through: the service's own error
+# says more ("not in rollout ...: name").
+KEEP_UNKNOWN = frozenset({"RetryRolloutRequest.device_ids", "SkipRolloutDevicesRequest.device_ids"})
 
 
 class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
@@ -59,6 +95,28 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         self._rollouts = rollouts
         self._operator_tokens = operator_tokens
         self._events = events
+        self._references = ref.References(self.db)
+
+    async def _resolve(self, request: Message) -> None:
+        """Replace, in `request`, each reference of REFERENCE_FIELDS (a name
+        or id prefix) with the full id it names; an unknown or ambiguous one
+        is the RPC's error."""
+        message = request.DESCRIPTOR.name
+        fields = REFERENCE_FIELDS[message]
+
+        def resolve() -> None:
+            for field, kind in fields.items():
+                value = getattr(request, field)
+                if isinstance(value, str):
+                    setattr(request, field, self._references.resolve(kind, value))
+                else:
+                    resolved = self._references.resolve_all(
+                        kind, value, keep_unknown=f"{message}.{field}" in KEEP_UNKNOWN
+                    )
+                    del value[:]
+                    value.extend(resolved)
+
+        await self.run(resolve)
 
     # ------------------------------------------------------------ enrollment tokens
 
@@ -102,6 +160,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def RevokeEnrollmentToken(
         self, request: operator_pb2.RevokeEnrollmentTokenRequest, context: Any, who: Op
     ) -> operator_pb2.EnrollmentToken:
+        await self._resolve(request)
         row = await self.run(self._enrollment.revoke_token, who.actor, request.id)
         return convert.enrollment_token_to_pb(row)
 
@@ -133,6 +192,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def RevokeOperatorToken(
         self, request: operator_pb2.RevokeOperatorTokenRequest, context: Any, who: Op
     ) -> operator_pb2.OperatorToken:
+        await self._resolve(request)
         view = await self.run(self._operator_tokens.revoke, who.actor, request.id)
         return convert.operator_token_to_pb(view)
 
@@ -173,18 +233,21 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def GetDevice(
         self, request: operator_pb2.GetDeviceRequest, context: Any, who: Op
     ) -> common_pb2.Device:
+        await self._resolve(request)
         return convert.device_to_pb(await self.run(self._devices.get, request.id))
 
     @rpc("operator")
     async def AcceptDevice(
         self, request: operator_pb2.AcceptDeviceRequest, context: Any, who: Op
     ) -> common_pb2.Device:
+        await self._resolve(request)
         return convert.device_to_pb(await self.run(self._devices.accept, who.actor, request.id))
 
     @rpc("operator")
     async def RejectDevice(
         self, request: operator_pb2.RejectDeviceRequest, context: Any, who: Op
     ) -> common_pb2.Device:
+        await self._resolve(request)
         view = await self.run(self._devices.reject, who.actor, request.id, request.reason)
         return convert.device_to_pb(view)
 
@@ -192,6 +255,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def DecommissionDevice(
         self, request: operator_pb2.DecommissionDeviceRequest, context: Any, who: Op
     ) -> common_pb2.Device:
+        await self._resolve(request)
         view = await self.run(self._devices.decommission, who.actor, request.id, request.reason)
         return convert.device_to_pb(view)
 
@@ -199,6 +263,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def UpdateDeviceLabels(
         self, request: operator_pb2.UpdateDeviceLabelsRequest, context: Any, who: Op
     ) -> common_pb2.Device:
+        await self._resolve(request)
         view = await self.run(
             self._devices.update_labels, who.actor, request.id, dict(request.set), request.remove
         )
@@ -208,6 +273,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def SetDeviceClass(
         self, request: operator_pb2.SetDeviceClassRequest, context: Any, who: Op
     ) -> common_pb2.Device:
+        await self._resolve(request)
         view = await self.run(self._devices.set_class, who.actor, request.id, request.class_name)
         return convert.device_to_pb(view)
 
@@ -217,6 +283,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def AssignModel(
         self, request: operator_pb2.AssignModelRequest, context: Any, who: Op
     ) -> operator_pb2.AssignModelResponse:
+        await self._resolve(request)
         views = await self.run(
             self._deployments.assign,
             who.actor,
@@ -233,6 +300,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def UnassignModel(
         self, request: operator_pb2.UnassignModelRequest, context: Any, who: Op
     ) -> operator_pb2.UnassignModelResponse:
+        await self._resolve(request)
         done = await self.run(
             self._deployments.unassign,
             who.actor,
@@ -248,6 +316,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def ListDeployments(
         self, request: operator_pb2.ListDeploymentsRequest, context: Any, who: Op
     ) -> operator_pb2.ListDeploymentsResponse:
+        await self._resolve(request)
         history = await self.run(
             self._deployments.history,
             device_id=request.device_id,
@@ -288,12 +357,14 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def GetDeviceClass(
         self, request: operator_pb2.GetDeviceClassRequest, context: Any, who: Op
     ) -> common_pb2.DeviceClass:
+        await self._resolve(request)
         return convert.class_to_pb(await self.run(self._classes.get, request.name))
 
     @rpc("operator")
     async def UpdateDeviceClass(
         self, request: operator_pb2.UpdateDeviceClassRequest, context: Any, who: Op
     ) -> common_pb2.DeviceClass:
+        await self._resolve(request)
         change = ClassUpdate(
             description=request.description if request.HasField("description") else None,
             priority=request.priority if request.HasField("priority") else None,
@@ -312,6 +383,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def DeleteDeviceClass(
         self, request: operator_pb2.DeleteDeviceClassRequest, context: Any, who: Op
     ) -> operator_pb2.DeleteDeviceClassResponse:
+        await self._resolve(request)
         count = await self.run(self._classes.delete, who.actor, request.name)
         return operator_pb2.DeleteDeviceClassResponse(reclassified=count)
 
@@ -384,6 +456,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def RunBuild(
         self, request: operator_pb2.RunBuildRequest, context: Any, who: Op
     ) -> operator_pb2.RunBuildResponse:
+        await self._resolve(request)
         views = await self.run(
             self._builds.request,
             who.actor,
@@ -411,6 +484,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def GetBuild(
         self, request: operator_pb2.GetBuildRequest, context: Any, who: Op
     ) -> operator_pb2.Build:
+        await self._resolve(request)
         return convert.build_to_pb(await self.run(self._builds.get, request.id))
 
     @rpc("operator", role=VIEWER)
@@ -439,6 +513,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def QueryTelemetry(
         self, request: operator_pb2.QueryTelemetryRequest, context: Any, who: Op
     ) -> operator_pb2.QueryTelemetryResponse:
+        await self._resolve(request)
         query = convert.telemetry_query_from_pb(request)
         series = await self.run(self._telemetry.query, **query)
         return operator_pb2.QueryTelemetryResponse(series=[convert.series_to_pb(s) for s in series])
@@ -449,15 +524,12 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def ListAuditLog(
         self, request: operator_pb2.ListAuditLogRequest, context: Any, who: Op
     ) -> operator_pb2.ListAuditLogResponse:
-        rows = await self.run(
-            audit.list_entries,
-            self.db,
-            before_id=request.before_id,
-            limit=request.limit,
-            action=request.action,
-            target=request.target,
+        page = await self.run(audit.search, self.db, convert.audit_search_from_pb(request))
+        return operator_pb2.ListAuditLogResponse(
+            entries=[
+                convert.audit_to_pb(r, page.target_names.get(r.target, "")) for r in page.entries
+            ]
         )
-        return operator_pb2.ListAuditLogResponse(entries=[convert.audit_to_pb(r) for r in rows])
 
     # ------------------------------------------------------------ watch
 
@@ -526,6 +598,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def GetRollout(
         self, request: operator_pb2.GetRolloutRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         if request.summary_only:
             view = await self.run(self._rollouts.summary, request.id)
             return convert.rollout_to_pb(view, with_devices=False)
@@ -547,24 +620,28 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def StartRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         return await self._rollout_pb(self._rollouts.start, who.actor, request.id)
 
     @rpc("operator")
     async def PauseRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         return await self._rollout_pb(self._rollouts.pause, who.actor, request.id, request.reason)
 
     @rpc("operator")
     async def ResumeRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         return await self._rollout_pb(self._rollouts.resume, who.actor, request.id, request.reason)
 
     @rpc("operator")
     async def ApproveRolloutStage(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         stage = request.stage if request.HasField("stage") else None
         return await self._rollout_pb(self._rollouts.approve, who.actor, request.id, stage)
 
@@ -572,6 +649,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def AbortRollout(
         self, request: operator_pb2.AbortRolloutRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         return await self._rollout_pb(
             self._rollouts.abort, who.actor, request.id, revert=request.revert,
             reason=request.reason,
@@ -581,6 +659,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def RetryRollout(
         self, request: operator_pb2.RetryRolloutRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         return await self._rollout_pb(
             self._rollouts.retry, who.actor, request.id, list(request.device_ids), request.reason
         )
@@ -589,6 +668,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def SkipRolloutDevices(
         self, request: operator_pb2.SkipRolloutDevicesRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         return await self._rollout_pb(
             self._rollouts.skip, who.actor, request.id, list(request.device_ids), request.reason
         )
@@ -597,6 +677,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def PromoteRollout(
         self, request: operator_pb2.RolloutActionRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         stage = request.stage if request.HasField("stage") else None
         return await self._rollout_pb(
             self._rollouts.promote, who.actor, request.id, request.reason, stage
@@ -606,6 +687,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     async def UpdateRollout(
         self, request: operator_pb2.UpdateRolloutRequest, context: Any, who: Op
     ) -> operator_pb2.Rollout:
+        await self._resolve(request)
         spec = convert.rollout_spec_from_pb(request.spec)
         return await self._rollout_pb(
             self._rollouts.update, who.actor, request.id, spec, request.reason
@@ -639,6 +721,10 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
 WATCH_QUEUE_SIZE = 1024
 # device.assigned can name thousands of devices; the text names this many.
 WATCH_DEVICE_IDS = 20
+# Device ids a watch event carries as ids (FleetEvent.device_ids): enough for
+# a UI to re-read the devices an operator's action or a status report names,
+# few enough that a 10,000-device assignment does not make one event huge.
+WATCH_EVENT_DEVICE_IDS = 100
 
 
 class _Mailbox:
@@ -702,5 +788,9 @@ def _event_text(event: FleetEvent) -> str:
 
 def _fleet_event(at: dt.datetime, event: FleetEvent) -> operator_pb2.FleetEvent:
     out = operator_pb2.FleetEvent(kind=event.kind, message=_event_text(event))
+    if len(event.device_ids) <= WATCH_EVENT_DEVICE_IDS:
+        out.device_ids.extend(event.device_ids)
+    else:
+        out.devices_elided = True
     out.at.FromDatetime(at)
     return out

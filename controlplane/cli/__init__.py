@@ -25,6 +25,7 @@ import click
 from click.shell_completion import CompletionItem
 
 from edgefleet.controlplane.cli.artifacts import artifacts
+from edgefleet.controlplane.cli.audit import audit
 from edgefleet.controlplane.cli.base import CliError, ConnectionSettings, F, RootGroup, parsed
 from edgefleet.controlplane.cli.builds import builds
 from edgefleet.controlplane.cli.classes import classes
@@ -340,3 +341,4 @@ for group in (tokens, operator_tokens, signing_keys, devices, classes, models, b
 cli.add_command(simulate)
 cli.add_command(tui)
 cli.add_command(context)
+cli.add_command(audit)

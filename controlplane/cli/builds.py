@@ -13,7 +13,6 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
     CliError,
-    call_by_id,
     emit,
     enum_option,
     json_option,
@@ -37,14 +36,8 @@ def builds() -> None:
 
 
 def _get_build(env: Connection, text: str) -> operator_pb2.Build:
-    """GetBuild, accepting the short ids `builds ls` shows."""
-
-    def list_ids() -> list[str]:
-        return [b.id for b in env.stub.ListBuilds(operator_pb2.ListBuildsRequest()).builds]
-
-    return call_by_id(
-        text, lambda i: env.stub.GetBuild(operator_pb2.GetBuildRequest(id=i)), list_ids, "build"
-    )
+    """GetBuild; the server takes the short ids `builds ls` shows."""
+    return env.stub.GetBuild(operator_pb2.GetBuildRequest(id=text))
 
 
 def _describe(b: operator_pb2.Build) -> str:

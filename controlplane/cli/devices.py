@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -11,7 +13,6 @@ import click
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
     CliError,
-    call_by_id,
     emit,
     enum_option,
     json_option,
@@ -22,11 +23,28 @@ from edgefleet.controlplane.cli.base import (
     to_json_dict,
     usage_error,
 )
+from edgefleet.controlplane.client.bulk import (
+    LIST_CALL_LIMIT,
+    BulkResult,
+    Selector,
+    Target,
+    apply_chunked,
+    apply_each,
+    merge_targets,
+    parse_selector,
+    rpc_failure,
+    targets_of,
+    unassign_notes,
+)
 from edgefleet.controlplane.client.connection import Connection
 from edgefleet.controlplane.client.format import model_views
 from edgefleet.controlplane.client.paging import list_devices
 from edgefleet.controlplane.client.pin_checks import pin_warnings
-from edgefleet.controlplane.client.syntax import parse_label, parse_model_ref, resolve_prefix
+from edgefleet.controlplane.client.syntax import (
+    enum_choices,
+    parse_label,
+    parse_model_ref,
+)
 from edgefleet.v1 import common_pb2, operator_pb2
 
 
@@ -35,32 +53,11 @@ def devices() -> None:
     """The device inventory."""
 
 
-def _all_ids(env: Connection) -> list[str]:
-    """Every device's id, decommissioned ones too: what short ids resolve
-    against."""
-    return [
-        d.id
-        for d in list_devices(
-            env.stub, operator_pb2.ListDevicesRequest(include_decommissioned=True)
-        )
-    ]
-
-
 def _resolve_ids(env: Connection, texts: Sequence[str]) -> list[str]:
-    """Full device ids for ids or the short prefixes tables show."""
-    known = _all_ids(env)
-    try:
-        return [i if i in known else resolve_prefix(i, known, "device") for i in texts]
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-
-
-def _on_device(
-    env: Connection, text: str, call: Callable[[str], common_pb2.Device]
-) -> common_pb2.Device:
-    """`call(device_id)`, accepting the short ids `devices ls` shows."""
-
-    return call_by_id(text, call, lambda: _all_ids(env), "device")
+    """Full device ids for names, ids or the short prefixes tables show, as
+    the server resolves them (services/references.py): so a device given by
+    name and also matched by a selector is acted on once."""
+    return [env.stub.GetDevice(operator_pb2.GetDeviceRequest(id=t)).id for t in texts]
 
 
 def device_json(device: common_pb2.Device) -> dict[str, Any]:
@@ -134,40 +131,204 @@ def devices_show(env: Connection, device_id: str, as_json: bool) -> None:
     """Show a device's hardware, runtime, class and every model it holds:
     assigned and served version, update state, the update in flight or the
     last failure."""
-    device = _on_device(
-        env, device_id, lambda i: env.stub.GetDevice(operator_pb2.GetDeviceRequest(id=i))
-    )
+    device = env.stub.GetDevice(operator_pb2.GetDeviceRequest(id=device_id))
     if as_json:
         click.echo(json.dumps(device_json(device), indent=2))
     else:
         emit(False, device, lambda: render.device_detail(device, now()))
 
 
+# ------------------------------------------------------------ bulk actions
+#
+# accept, reject, label, pin, unpin, assign and unassign act on one device as
+# they always did, or on several: the ids given, and/or the devices that
+# --selector and --state pick (controlplane.client.bulk). With more than one
+# device they ask once, with the count, then say what became of each.
+
+
+def selection_options(f: Any) -> Any:
+    """--selector, --state and --yes for a command that may act on many devices."""
+    f = click.option(
+        "--yes", "-y", is_flag=True, help="Do not ask before acting on several devices."
+    )(f)
+    f = click.option(
+        "--state",
+        type=click.Choice(list(enum_choices(common_pb2.DeviceState)), case_sensitive=False),
+        help="Act on every device in this state (with --selector: both must hold).",
+    )(f)
+    return click.option(
+        "--selector",
+        default="",
+        metavar="KEY=VALUE,...",
+        help="Act on every device matching: class=NAME, state=STATE, any other "
+        "key=value a label (comma-separated, all must hold).",
+    )(f)
+
+
+@dataclass(frozen=True)
+class Picking:
+    """What a command was told to act on: ids as typed, and a selector
+    (empty: none)."""
+
+    ids: tuple[str, ...]
+    selector: Selector
+
+    @property
+    def single(self) -> str | None:
+        """The one id of a single-device call (today's behaviour), else None."""
+        return self.ids[0] if len(self.ids) == 1 and self.selector.empty else None
+
+
+def _picking(ids: Sequence[str], selector: str, state: str | None) -> Picking:
+    try:
+        picked = parse_selector(selector, state)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--selector'") from None
+    if not ids and picked.empty:
+        usage_error("give device IDs, --selector KEY=VALUE,... or --state STATE")
+    return Picking(tuple(ids), picked)
+
+
+def _targets(env: Connection, picking: Picking, *, resolve: bool = False) -> list[Target]:
+    """The devices `picking` names, each once: the ids as given (or, with
+    `resolve`, expanded from short prefixes as `ls` shows them), then those
+    the selector matches."""
+    ids = _resolve_ids(env, picking.ids) if resolve and picking.ids else picking.ids
+    explicit = [Target(i, i) for i in ids]
+    if picking.selector.empty:
+        return merge_targets(explicit)
+    matched = targets_of(list_devices(env.stub, picking.selector.request()))
+    return merge_targets(explicit, matched)
+
+
+def _confirm(question: str, yes: bool) -> None:
+    """Ask `question` (y/N) unless --yes; with no terminal to ask on, refuse."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        what = question.partition("?")[0]
+        raise CliError(f"{what}: not confirmed; add --yes (stdin is not a terminal to ask on)")
+    if not click.confirm(question, default=False):
+        raise CliError("cancelled: nothing was changed")
+
+
+def _failure(err: Exception) -> str | None:
+    """A device's failure in a bulk run: the server's words, or a short id
+    that named no single device."""
+    if isinstance(err, CliError):
+        return err.format_message()
+    return rpc_failure(err)
+
+
+def _report(result: BulkResult, verb: str, as_json: bool) -> None:
+    """Per-device results (--json) or `accepted 98 of 100; 2 failed:` and a
+    line per failure; exit status 1 if any failed."""
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        click.echo(result.summary(verb))
+        for line in result.failure_lines():
+            click.echo(f"  {line}")
+    if result.failed:
+        click.get_current_context().exit(1)
+
+
+def _nothing_matched(picking: Picking, as_json: bool) -> None:
+    if as_json:
+        click.echo("[]")
+    else:
+        click.echo(f"no device matches {picking.selector}: nothing to do", err=True)
+
+
+def _each_device(
+    env: Connection,
+    picking: Picking,
+    call: Callable[[str], object],
+    *,
+    question: str,
+    verb: str,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """`call(device_id)` on every picked device after one confirmation
+    (`question`, `{n}` the count) when there are several."""
+    targets = _targets(env, picking)
+    if not targets:
+        _nothing_matched(picking, as_json)
+        return
+    if len(targets) > 1:
+        _confirm(question.format(n=len(targets)), yes)
+    # A short id that is not found is expanded as for one device; the
+    # listing it takes is read once for the whole run.
+    result = apply_each(targets, call, failure=_failure)
+    _report(result, verb, as_json)
+
+
 @devices.command("accept")
-@click.argument("device_id", metavar="ID")
+@click.argument("device_ids", metavar="[ID]...", nargs=-1)
+@selection_options
 @json_option
 @pass_env
-def devices_accept(env: Connection, device_id: str, as_json: bool) -> None:
-    """Accept a pending device so it can receive work."""
-    device = _on_device(
-        env, device_id, lambda i: env.stub.AcceptDevice(operator_pb2.AcceptDeviceRequest(id=i))
+def devices_accept(
+    env: Connection,
+    device_ids: Sequence[str],
+    selector: str,
+    state: str | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Accept pending devices so they can receive work: the IDs given and/or
+    those --selector/--state pick (`--state pending` accepts every pending
+    one)."""
+    picking = _picking(device_ids, selector, state)
+    if (one := picking.single) is not None:
+        device = env.stub.AcceptDevice(operator_pb2.AcceptDeviceRequest(id=one))
+        _device_done(as_json, "accepted", device)
+        return
+    _each_device(
+        env,
+        picking,
+        lambda i: env.stub.AcceptDevice(operator_pb2.AcceptDeviceRequest(id=i)),
+        question="Accept {n} devices?",
+        verb="accepted",
+        yes=yes,
+        as_json=as_json,
     )
-    _device_done(as_json, "accepted", device)
 
 
 @devices.command("reject")
-@click.argument("device_id", metavar="ID")
+@click.argument("device_ids", metavar="[ID]...", nargs=-1)
 @click.option("--reason", default="", help="Why, for the audit log.")
+@selection_options
 @json_option
 @pass_env
-def devices_reject(env: Connection, device_id: str, reason: str, as_json: bool) -> None:
-    """Reject a device; its RPCs are denied from then on."""
-    device = _on_device(
+def devices_reject(
+    env: Connection,
+    device_ids: Sequence[str],
+    reason: str,
+    selector: str,
+    state: str | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Reject devices; their RPCs are denied from then on."""
+    picking = _picking(device_ids, selector, state)
+
+    def reject(i: str) -> common_pb2.Device:
+        return env.stub.RejectDevice(operator_pb2.RejectDeviceRequest(id=i, reason=reason))
+
+    if (one := picking.single) is not None:
+        _device_done(as_json, "rejected", reject(one))
+        return
+    _each_device(
         env,
-        device_id,
-        lambda i: env.stub.RejectDevice(operator_pb2.RejectDeviceRequest(id=i, reason=reason)),
+        picking,
+        reject,
+        question="Reject {n} devices? They are refused on every call and cannot enroll again.",
+        verb="rejected",
+        yes=yes,
+        as_json=as_json,
     )
-    _device_done(as_json, "rejected", device)
 
 
 @devices.command("decommission")
@@ -179,112 +340,218 @@ def devices_decommission(env: Connection, device_id: str, reason: str, as_json: 
     """Retire a device: its credential and certificates stop working and its
     agent is refused; a reinstalled board with its hardware id may enroll
     afresh (what a device that lost its identity needs)."""
-    device = _on_device(
-        env,
-        device_id,
-        lambda i: env.stub.DecommissionDevice(
-            operator_pb2.DecommissionDeviceRequest(id=i, reason=reason)
-        ),
+    device = env.stub.DecommissionDevice(
+        operator_pb2.DecommissionDeviceRequest(id=device_id, reason=reason)
     )
     _device_done(as_json, "decommissioned", device)
 
 
 @devices.command("label")
-@click.argument("device_id", metavar="ID")
-@click.argument("labels", metavar="[KEY=VALUE]...", nargs=-1, callback=parsed(parse_label))
+@click.argument("words", metavar="[ID]... [KEY=VALUE]...", nargs=-1)
 @click.option("--remove", multiple=True, metavar="KEY", help="Label key to remove.")
+@selection_options
 @json_option
 @pass_env
 def devices_label(
     env: Connection,
-    device_id: str,
-    labels: Sequence[tuple[str, str]],
+    words: Sequence[str],
     remove: Sequence[str],
+    selector: str,
+    state: str | None,
+    yes: bool,
     as_json: bool,
 ) -> None:
-    """Set labels (KEY=VALUE) on a device and remove others (--remove KEY)."""
+    """Set labels (KEY=VALUE) on devices and remove others (--remove KEY).
+    Words with `=` are labels, the others device IDs."""
+    # A device id or name has no `=`: that is how the two lists part.
+    ids = [w for w in words if "=" not in w]
+    try:
+        labels = dict(parse_label(w) for w in words if "=" in w)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'KEY=VALUE'") from None
     if not labels and not remove:
         usage_error("give KEY=VALUE labels to set or --remove KEY")
-    device = _on_device(
-        env,
-        device_id,
-        lambda i: env.stub.UpdateDeviceLabels(
-            operator_pb2.UpdateDeviceLabelsRequest(id=i, set=dict(labels), remove=remove)
-        ),
-    )
-    _device_done(as_json, "labelled", device)
+    picking = _picking(ids, selector, state)
+    request = operator_pb2.UpdateDeviceLabelsRequest(set=labels, remove=remove)
+
+    def relabel(i: str) -> common_pb2.Device:
+        one_request = operator_pb2.UpdateDeviceLabelsRequest()
+        one_request.CopyFrom(request)
+        one_request.id = i
+        return env.stub.UpdateDeviceLabels(one_request)
+
+    if (one := picking.single) is not None:
+        _device_done(as_json, "labelled", relabel(one))
+        return
+    _each_device(
+        env, picking, relabel, question="Label {n} devices?", verb="labelled", yes=yes,
+        as_json=as_json,
+    )  # fmt: skip
 
 
 @devices.command("pin")
-@click.argument("device_id", metavar="ID")
-@click.argument("class_name", metavar="CLASS")
+@click.argument("words", metavar="[ID]... CLASS", nargs=-1, required=True)
+@selection_options
 @json_option
 @pass_env
-def devices_pin(env: Connection, device_id: str, class_name: str, as_json: bool) -> None:
-    """Pin a device to a class; match rules no longer move it."""
-    device = _on_device(
-        env,
-        device_id,
-        lambda i: env.stub.SetDeviceClass(
+def devices_pin(
+    env: Connection,
+    words: Sequence[str],
+    selector: str,
+    state: str | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Pin devices to a class (the last word); match rules no longer move them."""
+    *ids, class_name = words
+    picking = _picking(ids, selector, state)
+
+    def pin(i: str) -> common_pb2.Device:
+        return env.stub.SetDeviceClass(
             operator_pb2.SetDeviceClassRequest(id=i, class_name=class_name)
-        ),
-    )
-    _device_done(as_json, "pinned", device, f" to {class_name}")
-    for warning in pin_warnings(env.stub, device, class_name):
-        click.secho(f"warning: {warning}", fg="yellow", bold=True, err=True)
+        )
+
+    if (one := picking.single) is not None:
+        device = pin(one)
+        _device_done(as_json, "pinned", device, f" to {class_name}")
+        for warning in pin_warnings(env.stub, device, class_name):
+            click.secho(f"warning: {warning}", fg="yellow", bold=True, err=True)
+        return
+    _each_device(
+        env, picking, pin, question=f"Pin {{n}} devices to {class_name}?",
+        verb=f"pinned to {class_name}:", yes=yes, as_json=as_json,
+    )  # fmt: skip
 
 
 @devices.command("unpin")
-@click.argument("device_id", metavar="ID")
+@click.argument("device_ids", metavar="[ID]...", nargs=-1)
+@selection_options
 @json_option
 @pass_env
-def devices_unpin(env: Connection, device_id: str, as_json: bool) -> None:
-    """Unpin a device; match rules classify it again."""
-    device = _on_device(
-        env, device_id, lambda i: env.stub.SetDeviceClass(operator_pb2.SetDeviceClassRequest(id=i))
-    )
-    _device_done(as_json, "unpinned", device)
+def devices_unpin(
+    env: Connection,
+    device_ids: Sequence[str],
+    selector: str,
+    state: str | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Unpin devices; match rules classify them again."""
+    picking = _picking(device_ids, selector, state)
+
+    def unpin(i: str) -> common_pb2.Device:
+        return env.stub.SetDeviceClass(operator_pb2.SetDeviceClassRequest(id=i))
+
+    if (one := picking.single) is not None:
+        _device_done(as_json, "unpinned", unpin(one))
+        return
+    _each_device(
+        env, picking, unpin, question="Unpin {n} devices?", verb="unpinned", yes=yes,
+        as_json=as_json,
+    )  # fmt: skip
+
+
+def _in_lists(
+    env: Connection,
+    picking: Picking,
+    call: Callable[[list[str]], Mapping[str, str] | None],
+    *,
+    question: str,
+    verb: str,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """`call(device_ids)` for calls that take device lists, LIST_CALL_LIMIT
+    devices a call, after one confirmation when a selector picked them."""
+    targets = _targets(env, picking, resolve=True)
+    if not targets:
+        _nothing_matched(picking, as_json)
+        return
+    if len(targets) > 1:
+        _confirm(question.format(n=len(targets)), yes)
+    _report(apply_chunked(targets, call, failure=_failure), verb, as_json)
+
+
+def _listed_only(picking: Picking) -> bool:
+    """Ids only, few enough for one call: the command as it always was (no
+    question; the table or the server's refusal as it came)."""
+    return picking.selector.empty and len(picking.ids) <= LIST_CALL_LIMIT
 
 
 @devices.command("assign")
 @click.argument("ref", metavar="MODEL@VERSION", callback=parsed(parse_model_ref))
-@click.argument("device_ids", metavar="ID...", nargs=-1, required=True)
+@click.argument("device_ids", metavar="[ID]...", nargs=-1)
 @click.option("--reason", default="", help="Why, for the audit log.")
+@selection_options
 @json_option
 @pass_env
 def devices_assign(
-    env: Connection, ref: tuple[str, str], device_ids: Sequence[str], reason: str, as_json: bool
+    env: Connection,
+    ref: tuple[str, str],
+    device_ids: Sequence[str],
+    reason: str,
+    selector: str,
+    state: str | None,
+    yes: bool,
+    as_json: bool,
 ) -> None:
-    """Install MODEL@VERSION on devices now, each its class's artifact.
+    """Install MODEL@VERSION on devices now, each its class's artifact: the IDs
+    given and/or those --selector/--state pick.
 
     Adds the model to each device, or replaces that model's version there;
     the devices' other models are untouched (remove one with `edgefleet
     devices unassign`). All or nothing: if one device cannot take it (no successful build for its
     class, not accepted), nothing is assigned and every such device is named.
+    (Past 1,000 devices that holds for each call of 1,000.)
     Watch progress with `edgefleet devices ls` and `edgefleet devices history ID`."""
-    ids = _resolve_ids(env, device_ids)
-    response = env.stub.AssignModel(
-        operator_pb2.AssignModelRequest(
-            device_ids=ids, model_name=ref[0], model_version=ref[1], reason=reason
+    picking = _picking(device_ids, selector, state)
+
+    def assign(ids: list[str]) -> operator_pb2.AssignModelResponse:
+        return env.stub.AssignModel(
+            operator_pb2.AssignModelRequest(
+                device_ids=ids, model_name=ref[0], model_version=ref[1], reason=reason
+            )
         )
-    )
-    emit(
-        as_json,
-        list(response.assignments),
-        lambda: render.assignments_table(response.assignments, now()),
-    )
+
+    if _listed_only(picking):
+        response = assign(list(picking.ids))
+        emit(
+            as_json,
+            list(response.assignments),
+            lambda: render.assignments_table(response.assignments, now()),
+        )
+        return
+
+    def assign_all(ids: list[str]) -> None:
+        assign(ids)
+
+    model_ref = f"{ref[0]}@{ref[1]}"
+    _in_lists(
+        env, picking, assign_all,
+        question=f"Assign {model_ref} to {{n}} devices?", verb=f"assigned {model_ref} to",
+        yes=yes, as_json=as_json,
+    )  # fmt: skip
 
 
 @devices.command("unassign")
 @click.argument("model_name", metavar="MODEL")
-@click.argument("device_ids", metavar="ID...", nargs=-1, required=True)
+@click.argument("device_ids", metavar="[ID]...", nargs=-1)
 @click.option("--reason", default="", help="Why, for the audit log.")
+@selection_options
 @json_option
 @pass_env
 def devices_unassign(
-    env: Connection, model_name: str, device_ids: Sequence[str], reason: str, as_json: bool
+    env: Connection,
+    model_name: str,
+    device_ids: Sequence[str],
+    reason: str,
+    selector: str,
+    state: str | None,
+    yes: bool,
+    as_json: bool,
 ) -> None:
-    """Remove MODEL from devices; their other models keep serving.
+    """Remove MODEL from devices (the IDs given and/or those --selector/--state
+    pick); their other models keep serving.
 
     Each device's agent unloads the model once its in-flight requests are
     done. Devices that do not hold MODEL are listed as not assigned (not an
@@ -299,12 +566,22 @@ def devices_unassign(
             f"unassign takes a model name, not MODEL@VERSION (a device holds one version "
             f"of each model): edgefleet devices unassign {name} ID..."
         )
-    response = env.stub.UnassignModel(
-        operator_pb2.UnassignModelRequest(
-            device_ids=_resolve_ids(env, device_ids), model_name=model_name, reason=reason
+    picking = _picking(device_ids, selector, state)
+
+    def unassign(ids: list[str]) -> operator_pb2.UnassignModelResponse:
+        return env.stub.UnassignModel(
+            operator_pb2.UnassignModelRequest(device_ids=ids, model_name=model_name, reason=reason)
         )
-    )
-    emit(as_json, response, lambda: render.unassigned(model_name, response))
+
+    if _listed_only(picking):
+        response = unassign(list(picking.ids))
+        emit(as_json, response, lambda: render.unassigned(model_name, response))
+        return
+    _in_lists(
+        env, picking, lambda ids: unassign_notes(unassign(ids)),
+        question=f"Unassign {model_name} from {{n}} devices?",
+        verb=f"unassigned {model_name} from", yes=yes, as_json=as_json,
+    )  # fmt: skip
 
 
 @devices.command("history")
@@ -315,12 +592,7 @@ def devices_unassign(
 def devices_history(env: Connection, device_id: str, limit: int, as_json: bool) -> None:
     """A device's deployment history: every update state its agent reported."""
 
-    response = call_by_id(
-        device_id,
-        lambda i: env.stub.ListDeployments(
-            operator_pb2.ListDeploymentsRequest(device_id=i, limit=limit)
-        ),
-        lambda: _all_ids(env),
-        "device",
+    response = env.stub.ListDeployments(
+        operator_pb2.ListDeploymentsRequest(device_id=device_id, limit=limit)
     )
     emit(as_json, response, lambda: render.deployment_history(response, now()))

@@ -20,7 +20,6 @@ from rich.text import Text
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
     CliError,
-    call_by_id,
     emit,
     enum_option,
     json_option,
@@ -126,13 +125,9 @@ def rollouts() -> None:
 def _on_rollout(
     env: Connection, text: str, call: Callable[[str], operator_pb2.Rollout]
 ) -> operator_pb2.Rollout:
-    """`call(rollout_id)`, accepting the short ids `rollouts ls` shows."""
-
-    def list_ids() -> list[str]:
-        listed = env.stub.ListRollouts(operator_pb2.ListRolloutsRequest())
-        return [r.id for r in listed.rollouts]
-
-    return call_by_id(text, call, list_ids, "rollout")
+    """`call(rollout_id)`; the server takes the short ids `rollouts ls`
+    shows (services/references.py)."""
+    return call(text)
 
 
 def _get(env: Connection, rollout_id: str) -> operator_pb2.Rollout:

@@ -48,7 +48,12 @@ def telemetry() -> None:
 @click.option(
     "--step", callback=parsed(parse_duration), help="Bucket length (default: 1/60 of --since)."
 )
-@click.option("--device", "device_id", default="", help="Only this device (full id).")
+@click.option(
+    "--device",
+    "device_id",
+    default="",
+    help="Only this device (its name, id or a unique id prefix).",
+)
 @click.option("--class", "class_name", default="", help="Only devices of this class.")
 @click.option("--model", "model_name", default="", help="Only this model.")
 @click.option("--version", "model_version", default="", help="Only this model version.")

@@ -10,7 +10,6 @@ import click
 
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
-    call_by_id,
     emit,
     enum_option,
     json_option,
@@ -84,18 +83,8 @@ def tokens_ls(env: Connection, include_revoked: bool, as_json: bool) -> None:
 @click.argument("token_id", metavar="ID")
 @pass_env
 def tokens_revoke(env: Connection, token_id: str) -> None:
-    """Revoke an enrollment token (ID or a unique prefix of it)."""
-
-    def list_ids() -> list[str]:
-        request = operator_pb2.ListEnrollmentTokensRequest(include_revoked=True)
-        return [t.id for t in env.stub.ListEnrollmentTokens(request).tokens]
-
-    token = call_by_id(
-        token_id,
-        lambda i: env.stub.RevokeEnrollmentToken(operator_pb2.RevokeEnrollmentTokenRequest(id=i)),
-        list_ids,
-        "token",
-    )
+    """Revoke an enrollment token (its name, ID or a unique prefix of it)."""
+    token = env.stub.RevokeEnrollmentToken(operator_pb2.RevokeEnrollmentTokenRequest(id=token_id))
     click.echo(f"revoked token {token.name} ({token.id})")
 
 
@@ -138,16 +127,6 @@ def operator_tokens_ls(env: Connection, as_json: bool) -> None:
 @click.argument("token_id", metavar="ID")
 @pass_env
 def operator_tokens_revoke(env: Connection, token_id: str) -> None:
-    """Revoke an operator token at once (ID or a unique prefix of it)."""
-
-    def list_ids() -> list[str]:
-        request = operator_pb2.ListOperatorTokensRequest()
-        return [t.id for t in env.stub.ListOperatorTokens(request).tokens]
-
-    token = call_by_id(
-        token_id,
-        lambda i: env.stub.RevokeOperatorToken(operator_pb2.RevokeOperatorTokenRequest(id=i)),
-        list_ids,
-        "operator token",
-    )
+    """Revoke an operator token at once (its name, ID or a unique prefix of it)."""
+    token = env.stub.RevokeOperatorToken(operator_pb2.RevokeOperatorTokenRequest(id=token_id))
     click.echo(f"revoked operator token {token.name} ({token.id})")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from edgefleet.controlplane.cli.base import pass_env
+from edgefleet.controlplane.cli.base import CliError, pass_env
 from edgefleet.controlplane.client.connection import Connection
 
 
@@ -21,4 +21,8 @@ def tui(env: Connection) -> None:
     from edgefleet.tui.app import make_app
     from edgefleet.tui.client import FleetClient
 
-    make_app(FleetClient(env.server, env.token, env.ca_cert)).run()
+    app = make_app(FleetClient(env.server, env.token, env.ca_cert, origin=env.origin))
+    app.run()
+    if app.connection.state == "refused":
+        # Scripts and shells see the refusal too, not only the screen.
+        raise CliError(f"the control plane refused the token: {app.connection.reason}")

@@ -131,7 +131,7 @@ class DeviceRow(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     hardware_id: Mapped[str] = mapped_column(String(200), unique=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200), index=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
     labels: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     hardware: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

@@ -34,6 +34,7 @@ REPORTS = {
     "bench_signing": "assign_devices, 1,000 devices in chunks of 1,000 (SQLite)",
     "bench_sync": "push < 1 s",
     "bench_telemetry": "| sqlite |",
+    "bench_tui": "TUI idle CPU, worst screen:",
 }
 
 

@@ -632,33 +632,30 @@ def test_devices_ls_human_table(fake: tuple[FakeOperator, str]) -> None:
     assert DEVICE_ID not in result.stdout  # short ids in tables
 
 
-def test_device_commands_expand_id_prefixes(fake: tuple[FakeOperator, str]) -> None:
+def test_device_commands_send_names_and_prefixes_as_given(fake: tuple[FakeOperator, str]) -> None:
+    """The server resolves names and id prefixes (services/references.py,
+    tests/integration/test_references.py): the CLI lists nothing to expand
+    them and shows the server's answer as it is."""
     servicer, address = fake
     assert invoke("devices", "accept", DEVICE_ID, server=address).exit_code == 0
-    assert not servicer.requests("ListDevices")  # full ids go straight through
-    assert invoke("devices", "accept", "a1b2c3", server=address).exit_code == 0
-    assert [r.id for r in servicer.requests("AcceptDevice")] == [DEVICE_ID, "a1b2c3", DEVICE_ID]
-
-    result = invoke("devices", "accept", "a1b2", server=address)
-    assert result.exit_code == 1
-    assert "ambiguous" in result.stderr
-
     result = invoke("devices", "accept", "ffff", server=address)
     assert result.exit_code == 1
     assert result.stderr == "error: NOT_FOUND: device 'ffff' not found\n"
+    assert [r.id for r in servicer.requests("AcceptDevice")] == [DEVICE_ID, "ffff"]
+    assert not servicer.requests("ListDevices")
 
 
 def test_devices_unassign_names_removed_and_not_assigned(fake: tuple[FakeOperator, str]) -> None:
     servicer, address = fake
     servicer.devices[0].models.append(_model("vad", "5.0.0", "committed", serving="5.0.0"))
-    result = invoke("devices", "unassign", "vad", "a1b2c3", OTHER_ID, "--reason", "retired",
+    result = invoke("devices", "unassign", "vad", DEVICE_ID, OTHER_ID, "--reason", "retired",
                     server=address)  # fmt: skip
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())
     assert "removed vad from 1 device(s): a1b2c3d4" in out
     assert "vad was not assigned to 1 device(s): a1b2ffff" in out
     (request,) = servicer.requests("UnassignModel")
-    assert list(request.device_ids) == [DEVICE_ID, OTHER_ID]  # the prefix expanded
+    assert list(request.device_ids) == [DEVICE_ID, OTHER_ID]
     assert (request.model_name, request.reason) == ("vad", "retired")
 
     result = invoke("devices", "unassign", "vad", DEVICE_ID, "--json", server=address)
@@ -700,7 +697,7 @@ def test_devices_show_json_lists_models(fake: tuple[FakeOperator, str]) -> None:
     ]  # fmt: skip
     listed = json.loads(invoke("devices", "ls", "--json", server=address).stdout)
     assert [m["name"] for m in listed[0]["models"]] == ["digits", "vad"]
-    text = invoke("devices", "show", "a1b2c3", server=address).stdout
+    text = invoke("devices", "show", DEVICE_ID, server=address).stdout
     assert "failed: too slow" in text
 
 

@@ -257,9 +257,13 @@ CASES: list[Case] = [
     ("telemetry", "too long", lambda x: _sync(x["dev"], x["credential"], _hello(), d.AgentMessage(
         status=d.StatusReport(applied_revision=1, update=c.UpdateStatus(legacy_state="s" * 33)))),
      ("status.update.legacy_state is 33", "at most 32")),
-    ("ids", "too long", lambda x: x["op"].GetDevice(
-        o.GetDeviceRequest(id="d" * 33), metadata=ADMIN),
+    ("ids", "too long", lambda x: x["op"].GetRollout(
+        o.GetRolloutRequest(id="d" * 33), metadata=ADMIN),
      ("id is 33", "at most 32")),
+    # A device is named by its id, name (String(200)) or id prefix.
+    ("ids", "too long", lambda x: x["op"].GetDevice(
+        o.GetDeviceRequest(id="d" * 201), metadata=ADMIN),
+     ("id is 201", "at most 200")),
     ("ids", "NUL", lambda x: x["op"].AssignModel(
         o.AssignModelRequest(device_ids=[x["device_id"], "\x00"], model_name="m",
                              model_version="1.0.0"), metadata=ADMIN),

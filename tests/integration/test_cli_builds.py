@@ -626,11 +626,16 @@ def test_builds_ls_filters(fake: tuple[FakeOperator, str]) -> None:
     assert servicer.requests("ListBuilds")[1].state == operator_pb2.BUILD_STATE_UNSPECIFIED
 
 
-def test_builds_show_short_id(fake: tuple[FakeOperator, str]) -> None:
+def test_builds_show_sends_the_id_as_given(fake: tuple[FakeOperator, str]) -> None:
+    """The server resolves short ids (services/references.py): the CLI
+    lists no builds to expand one."""
     servicer, address = fake
     result = invoke("builds", "show", "c5c5", server=address)
+    assert result.exit_code == 1
+    assert [r.id for r in servicer.requests("GetBuild")] == ["c5c5"]
+    assert not servicer.requests("ListBuilds")
+    result = invoke("builds", "show", OTHER_BUILD_ID, server=address)
     assert result.exit_code == 0, result.output
-    assert [r.id for r in servicer.requests("GetBuild")] == ["c5c5", OTHER_BUILD_ID]
     assert "error no candidate meets the constraints of class mcu" in squash(result.stdout)
 
     result = invoke("builds", "show", BUILD_ID, "--json", server=address)

@@ -266,10 +266,13 @@ def test_tui_connects_with_the_context_and_options_after_it(
     TLS, A only with the token."""
     import edgefleet.tui.app as tui_app
     from edgefleet.tui.client import FleetClient, ServerError
+    from edgefleet.tui.data import ConnectionStatus
 
     clients: list[FleetClient] = []
 
     class NotRun:
+        connection = ConnectionStatus()
+
         def run(self) -> None:
             pass
 
@@ -296,6 +299,14 @@ def test_tui_connects_with_the_context_and_options_after_it(
     with pytest.raises(ServerError) as refused:
         asyncio.run(devices(wrong))
     assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+    # The app ended on the refusal screen: the shell sees it too.
+    NotRun.connection = ConnectionStatus().refused("UNAUTHENTICATED: invalid token")
+    result = planes.cli("tui", "--server", planes.a.address, "--token", "wrong")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "error: the control plane refused the token: UNAUTHENTICATED: invalid token\n"
+    )
 
 
 def test_simulate_reaches_the_contexts_server_and_its_token_stays_the_enrollment_token(

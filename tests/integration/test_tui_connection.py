@@ -254,3 +254,15 @@ async def test_a_server_not_up_yet_is_retried_until_it_answers(tmp_path: Path) -
             assert toasts == []
     finally:
         await plane.stop()
+
+
+async def test_nothing_at_an_address_never_given_says_where_it_came_from() -> None:
+    """The CLI's advice (client/tls_probe.py) on the start screen too, once:
+    the default address with no context in use, and what to do."""
+    address = f"127.0.0.1:{_free_port()}"
+    app = make_app(FleetClient(address, ADMIN_TOKEN, origin="the default address: no --server"))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.connection.tries >= 1, "a failed try")
+        message = _message(app)
+        assert f"no control plane answers at {address} (the default address" in message
+        assert "edgefleet context add NAME --server HOST:PORT" in message

@@ -1,4 +1,4 @@
-"""Snapshots of every TUI screen at 80x24 over fixed data (tests/tui_fake.py:
+"""Snapshots of every TUI screen at 80x24 and 160x48 over fixed data (tests/tui_fake.py:
 a fake FleetApi with a fixed clock) with the cursor blink frozen.
 `pytest tests/test_tui_snapshots.py --snapshot-update` rewrites them after a
 deliberate change; look at the SVGs in tests/__snapshots__ before committing."""
@@ -18,9 +18,12 @@ from edgefleet.tui.app import EdgeFleetApp, make_app
 from edgefleet.tui.client import ServerError
 from edgefleet.tui.screens.modals import ConfirmScreen, PromptScreen, RolloutEditScreen
 from edgefleet.tui.screens.monitor import MonitorScreen
-from testkit.tui_fake import DONE, NOW, ROLLOUT, FakeFleet
+from testkit.tui_fake import DONE, NOW, ROLLOUT, FakeFleet, TelemetryFleet
 
 SIZE = (80, 24)
+# Every screen is shot at the smallest terminal it is laid out for and at a
+# wide one (where columns and dialogs must grow or stay centred, not stretch).
+SIZES = {"80x24": SIZE, "160x48": (160, 48)}
 
 
 @pytest.fixture(autouse=True)
@@ -90,9 +93,11 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_screen(case: str, snap_compare: Callable[..., bool]) -> None:
-    assert snap_compare(_app(), terminal_size=SIZE, run_before=CASES[case])
+@pytest.mark.parametrize(
+    ("case", "size"), [pytest.param(c, s, id=f"{c}-{s}") for c in CASES for s in SIZES]
+)
+def test_screen(case: str, size: str, snap_compare: Callable[..., bool]) -> None:
+    assert snap_compare(_app(), terminal_size=SIZES[size], run_before=CASES[case])
 
 
 class RefusedFleet(FakeFleet):
@@ -102,9 +107,26 @@ class RefusedFleet(FakeFleet):
         raise ServerError(grpc.StatusCode.UNAUTHENTICATED, "operator token 'ci' was revoked")
 
 
-def test_refused_token_screen(snap_compare: Callable[..., bool]) -> None:
+@pytest.mark.parametrize("size", list(SIZES))
+def test_refused_token_screen(size: str, snap_compare: Callable[..., bool]) -> None:
     app = make_app(RefusedFleet(), clock=lambda: NOW, watch=False)
-    assert snap_compare(app, terminal_size=SIZE, run_before=_keys("2"))
+    assert snap_compare(app, terminal_size=SIZES[size], run_before=_keys("2"))
+
+
+# From the 1h the explorer opens on, "t" steps 6h, 24h, 7d, 15m.
+TELEMETRY_RANGES = {"15m": ("t",) * 4, "24h": ("t",) * 2, "7d": ("t",) * 3}
+
+
+@pytest.mark.parametrize(
+    ("span", "size"), [pytest.param(r, s, id=f"{r}-{s}") for r in TELEMETRY_RANGES for s in SIZES]
+)
+def test_telemetry_range(span: str, size: str, snap_compare: Callable[..., bool]) -> None:
+    """By device over a week of samples (TelemetryFleet): more devices than
+    lines (top 5 and "others"), one with a single sample, one with zeros
+    before its install; the x-axis in the range's unit."""
+    app = make_app(TelemetryFleet(), clock=lambda: NOW, watch=False)
+    keys = _keys("6", "g", "g", *TELEMETRY_RANGES[span])
+    assert snap_compare(app, terminal_size=SIZES[size], run_before=keys)
 
 
 async def test_unassign_a_model_from_the_detail_view_after_confirming() -> None:

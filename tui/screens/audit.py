@@ -1,4 +1,7 @@
-"""The audit log: who did what, when, and why; filterable, pages back."""
+"""The audit log: who did what, when, and why. Typing filters the loaded
+entries; Enter searches the whole log on the server (`actor=alice
+action=rollout edge-01`: the other words name the target, by name, id or id
+prefix); pages back."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Input, Static
 
-from edgefleet.tui.data import AuditEntry
+from edgefleet.tui.data import ALL_AUDIT, AUDIT_SEARCH_FIELDS, AuditEntry, AuditQuery
 from edgefleet.tui.screens.base import FleetScreen, keep_cursor, reporting
 from edgefleet.tui.summary import format_time
 
@@ -27,6 +30,8 @@ class AuditScreen(FleetScreen):
     def __init__(self) -> None:
         super().__init__()
         self._entries: list[AuditEntry] = []
+        # The server-side search the entries are of (Enter sets it).
+        self._query: AuditQuery = ALL_AUDIT
 
     def compose(self) -> ComposeResult:
         yield from self.compose_nav()
@@ -47,41 +52,62 @@ class AuditScreen(FleetScreen):
     @work(exclusive=True, group="audit", exit_on_error=False)
     async def load(self) -> None:
         with reporting(self):
-            self._entries = await self.client.audit_log(limit=PAGE)
+            self._entries = await self.client.audit_log(limit=PAGE, query=self._query)
             self.render_table()
 
     @work(exclusive=True, group="audit", exit_on_error=False)
     async def load_older(self) -> None:
         with reporting(self):
             before = self._entries[-1].id if self._entries else 0
-            self._entries += await self.client.audit_log(limit=PAGE, before_id=before)
+            self._entries += await self.client.audit_log(
+                limit=PAGE, before_id=before, query=self._query
+            )
             self.render_table()
 
     def render_table(self) -> None:
-        words = self.query_one(Input).value.lower().split()
+        typed = self.query_one(Input).value
+        words = [w for w in typed.lower().split() if not _field_word(w)]
+        if self._query != ALL_AUDIT and AuditQuery.parse(typed) == self._query:
+            words = []  # what the server found (by name, id prefix) is all shown
         table = self.query_one(DataTable)
         table.clear()
         shown = 0
         for e in self._entries:
-            text = f"{e.actor} {e.action} {e.target} {e.details}".lower()
+            text = f"{e.actor} {e.action} {e.target_text} {e.details}".lower()
             if all(w in text for w in words):
-                table.add_row(format_time(e.at), e.actor, e.action, e.target, e.details or "-")
+                table.add_row(format_time(e.at), e.actor, e.action, e.target_text, e.details or "-")
                 shown += 1
         keep_cursor(table, None)
         status = f"{shown} of {len(self._entries)} entries (o: older)"
+        if self._query != ALL_AUDIT:
+            status = (
+                f"{shown} of {len(self._entries)} entries the server found for "
+                f"{self._query.describe()} (o: older; Enter on an empty filter: all)"
+            )
         self.query_one("#status", Static).update(status)
 
     def on_input_changed(self) -> None:
         self.render_table()
 
     def on_input_submitted(self) -> None:
-        self.query_one(DataTable).focus()
+        """Search the whole log on the server for what the filter says."""
+        query = AuditQuery.parse(self.query_one(Input).value)
+        self.set_focus(self.query_one(DataTable))
+        if query != self._query or query != ALL_AUDIT:
+            self._query = query
+            self.load()
 
     def action_leave_filter(self) -> None:
-        self.query_one(DataTable).focus()
+        self.set_focus(self.query_one(DataTable))
 
     def action_filter(self) -> None:
-        self.query_one(Input).focus()
+        self.set_focus(self.query_one(Input))
 
     def action_older(self) -> None:
         self.load_older()
+
+
+def _field_word(word: str) -> bool:
+    """`actor=alice`: a server search's field, not text to filter on."""
+    key, sep, _ = word.partition("=")
+    return bool(sep) and key in AUDIT_SEARCH_FIELDS

@@ -15,6 +15,7 @@ from edgefleet.controlplane.errors import InvalidArgument
 from edgefleet.tui.app_types import fleet_client
 from edgefleet.tui.client import ClientError
 from edgefleet.tui.data import ClassDraft, DeviceClass
+from edgefleet.tui.widgets import KeyButton, MarkedCheckbox
 
 # (field id, label, placeholder)
 FIELDS = (
@@ -90,13 +91,13 @@ class ClassFormScreen(ModalScreen[DeviceClass | None]):
                             # the text for the next key to replace.
                             select_on_focus=False,
                         )
-                yield Checkbox("microcontroller (also a TFLite Micro C array)",
+                yield MarkedCheckbox("microcontroller (also a TFLite Micro C array)",
                                self.existing.microcontroller if self.existing else False,
                                id="microcontroller")  # fmt: skip
             yield Static(id="errors", classes="errors")
             with Horizontal(classes="buttons"):
-                yield Button("Save [ctrl+s]", id="save", variant="primary")
-                yield Button("Cancel [esc]", id="cancel")
+                yield KeyButton("Save", "ctrl+s", id="save", variant="primary")
+                yield KeyButton("Cancel", "esc", id="cancel")
 
     def draft(self) -> ClassDraft:
         v = {key: self.query_one(f"#{key}", Input).value for key, _, _ in FIELDS}

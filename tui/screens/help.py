@@ -11,12 +11,21 @@ from textual.widgets import Static
 HELP = """\
 EdgeFleet TUI: keys
 
-Everywhere  1-7 screens  ? help  ctrl+p palette  q quit  r refresh
-            Enter open  Esc back/cancel  Tab next field
+Everywhere  1-7 screens  ? help  q quit  r refresh  Esc back/cancel
+            ctrl+p (or / where / is no filter) jump to any device,
+            rollout, model or class by name or id prefix
+            Enter open  Tab next field
 
 1 Overview  status, classes, versions; active rollouts; alerts
+            Enter on an alert opens the device or rollout it names
 2 Devices   / filter (words, label k=v)  s sort (or click a header)
+            space select  shift+arrows extend  * select all shown
+            Esc clear the selection
             a accept  x reject  l labels (k=v, -k)  p pin to a class
+            m assign a model  u unassign: on the selection (asks once,
+            with the count) or the device under the cursor
+  device    a x l p m u as above  Enter on a rollout opens its monitor;
+            history shows every update's full reason
 3 Classes   n new  e/Enter edit  ctrl+s save (errors shown in form)
 4 Models    u push a model (progress)  b re-run the selected build
             arrows/Tab: versions -> builds -> candidates
@@ -24,11 +33,13 @@ Everywhere  1-7 screens  ? help  ctrl+p palette  q quit  r refresh
   wizard    ctrl+r dry run (devices per stage, exclusions)
             ctrl+s start (only what was dry-run)
   monitor   p pause  u resume  a approve  x abort (revert/keep)
-            space mark a device  t retry (marked or every failed)
-            s skip marked (asks why)  g promote the stage  e edit
-            (stage thresholds, bake, pacing)
+            Enter open the device  space mark a device
+            t retry (marked or every failed)  s skip marked (asks why)
+            g promote the stage  e edit (thresholds, bake, pacing)
 6 Telemetry m metric  g group by  t time range  / model filter
-7 Audit     / filter  o older entries
+            d device filter (name or id prefix)
+7 Audit     / filter the loaded entries; Enter searches the whole log
+            on the server (actor=alice action=rollout NAME)  o older
 
 Everything updates live from the control plane's watch stream. The line
 above the keys: server, the token's role, connected or reconnecting.

@@ -1,5 +1,6 @@
 """Small dialogs: confirm, ask for a line of text, pick one of a list, the
-abort dialog (keep or revert) and the rollout edit form.
+abort dialog (keep or revert), the rollout edit form and the choice of a
+model version to assign.
 
 The prompt and the edit form can send their answer themselves (`submit`):
 they stay open, with what was typed and the problem shown inside, while
@@ -8,18 +9,21 @@ screen below."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList, RadioButton, RadioSet, Static
+from textual.widgets.option_list import Option
 
 from edgefleet.tui.client import ClientError, InputError
-from edgefleet.tui.data import RolloutEdit
+from edgefleet.tui.data import ModelVersion, RolloutEdit
+from edgefleet.tui.widgets import KeyButton, MarkedRadioButton
 
 T = TypeVar("T")
 
@@ -48,8 +52,8 @@ class ConfirmScreen(ModalScreen[bool]):
         with Vertical(classes="dialog"):
             yield Label(self._question, classes="question", markup=False)
             with Horizontal(classes="buttons"):
-                yield Button(f"{self._yes} [y]", id="yes", variant="primary")
-                yield Button("Cancel [n]", id="no")
+                yield KeyButton(self._yes, "y", id="yes", variant="primary")
+                yield KeyButton("Cancel", "n", id="no")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
@@ -175,12 +179,13 @@ class AbortScreen(ModalScreen[tuple[bool, str] | None]):
             yield Label(f"Abort {self._what}? No device is notified from then on.",
                         classes="question", markup=False)  # fmt: skip
             with RadioSet(id="mode"):
-                yield RadioButton("revert: devices that took it go back", value=True, id="revert")
-                yield RadioButton("keep: devices keep what they have", id="keep")
+                yield MarkedRadioButton("revert: devices that took it go back", value=True,
+                                        id="revert")  # fmt: skip
+                yield MarkedRadioButton("keep: devices keep what they have", id="keep")
             yield Input(placeholder="reason (for the audit log)", id="reason")
             with Horizontal(classes="buttons"):
-                yield Button("Abort [ctrl+y]", id="abort", variant="error")
-                yield Button("Cancel [esc]", id="cancel")
+                yield KeyButton("Abort", "ctrl+y", id="abort", variant="error")
+                yield KeyButton("Cancel", "esc", id="cancel")
 
     def on_mount(self) -> None:
         self.query_one(RadioSet).focus()
@@ -233,8 +238,8 @@ class RolloutEditScreen(SendingDialog[tuple[RolloutEdit, str]]):
             yield from self.compose_errors()
             yield Label("An emptied field takes the default.", classes="hint", markup=False)
             with Horizontal(classes="buttons"):
-                yield Button("Save [ctrl+s]", id="save", variant="primary")
-                yield Button("Cancel [esc]", id="cancel")
+                yield KeyButton("Save", "ctrl+s", id="save", variant="primary")
+                yield KeyButton("Cancel", "esc", id="cancel")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":
@@ -249,6 +254,65 @@ class RolloutEditScreen(SendingDialog[tuple[RolloutEdit, str]]):
         values = {field: self.query_one(f"#{field}", Input).value for field, _, _ in EDIT_FIELDS}
         edit = RolloutEdit(stage=self._edit.stage, **values)
         self.answer((edit, self.query_one("#reason", Input).value))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class AssignScreen(ModalScreen[tuple[str, str] | None]):
+    """Pick a model, then one of its versions (newest first), to assign:
+    Enter on a model goes to its versions, Enter on a version answers
+    (model, version), Escape cancels (None). `assigned` names the version
+    of each model the device has now."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(
+        self, title: str, versions: Sequence[ModelVersion], assigned: Mapping[str, str]
+    ) -> None:
+        super().__init__(classes="dialog-screen")
+        self._title = title
+        self._assigned = dict(assigned)
+        self._versions: dict[str, list[str]] = {}
+        for v in versions:
+            self._versions.setdefault(v.model_name, []).append(v.version)
+        self._model = next(iter(self._versions), "")
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide"):
+            yield Label(self._title, classes="question", markup=False)
+            with Horizontal(id="assign-lists"):
+                # Text prompts: names come from outside and may hold `[`.
+                yield OptionList(*(Option(Text(self._model_label(m)), id=m)
+                                   for m in self._versions), id="assign-models")  # fmt: skip
+                yield OptionList(id="assign-versions")
+            yield Label("Enter picks, Tab goes to the other list, Esc cancels", classes="hint")
+
+    def _model_label(self, model: str) -> str:
+        now = self._assigned.get(model)
+        return f"{model} (has {now})" if now else model
+
+    def on_mount(self) -> None:
+        self.show_versions(self._model)
+
+    def show_versions(self, model: str) -> None:
+        self._model = model
+        versions = self.query_one("#assign-versions", OptionList)
+        versions.clear_options()
+        for v in self._versions.get(model, []):
+            now = " (assigned now)" if self._assigned.get(model) == v else ""
+            versions.add_option(Option(Text(f"{v}{now}"), id=v))
+        versions.highlighted = 0 if versions.option_count else None
+
+    def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        if event.option_list.id == "assign-models" and event.option.id:
+            self.show_versions(event.option.id)
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        if event.option_list.id == "assign-models":
+            self.query_one("#assign-versions", OptionList).focus()
+        elif event.option.id:
+            self.dismiss((self._model, event.option.id))
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -2,7 +2,8 @@
 limits, devices (failures first, with reasons); pause, resume, approve and
 abort (keep or revert) after confirmation; and remediation: retry failed
 devices (all, or the marked ones), skip marked devices (with a reason),
-promote the current stage, edit its thresholds, bake time and the pacing."""
+promote the current stage, edit its thresholds, bake time and the pacing.
+Enter on a device opens it at its deployment history (why it failed, whole)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ class MonitorScreen(FleetScreen):
         Binding("g", "promote", "Promote"),
         Binding("e", "edit", "Edit"),
         Binding("space", "mark", "Mark", show=False),
+        Binding("enter", "open_device", "Device"),
         Binding("r", "refresh", "Refresh", show=False),
     ]
 
@@ -172,6 +174,20 @@ class MonitorScreen(FleetScreen):
                           d.reason or "-", key=d.device_id)  # fmt: skip
         keep_cursor(table, key)
 
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "devices" and event.row_key.value:
+            self.open_device(str(event.row_key.value))
+
+    def action_open_device(self) -> None:
+        key = cursor_key(self.query_one("#devices", DataTable))
+        if key:
+            self.open_device(key)
+
+    def open_device(self, device_id: str) -> None:
+        from edgefleet.tui.screens.device_detail import DeviceDetailScreen
+
+        self.app.push_screen(DeviceDetailScreen(device_id, at_history=True))
+
     def show_stages(self, r: Rollout) -> None:
         box = self.query_one("#stages", Vertical)
         rows = list(box.query(StageRow))
@@ -185,8 +201,9 @@ class MonitorScreen(FleetScreen):
         for row, s in zip(rows, r.stages, strict=True):
             marker = ">" if s.index == r.current_stage and r.active else " "
             kind = "shadow " if s.shadow else ""
+            # Whole: the column's width (app.tcss) cuts it only where it must.
             row.query_one(".stage-title", Label).update(
-                f"{marker}{s.index + 1} {kind}{s.name or s.spec}"[:22]
+                f"{marker}{s.index + 1} {kind}{s.name or s.spec}"
             )
             row.query_one(ProgressBar).update(total=max(s.total, 1), progress=s.committed)
             row.query_one(".stage-counts", Label).update(stage_counts(s))

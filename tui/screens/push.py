@@ -14,6 +14,7 @@ from textual.widgets import Button, Input, Label, ProgressBar, Static
 from edgefleet.tui.app_types import fleet_client
 from edgefleet.tui.client import ClientError, InputError
 from edgefleet.tui.data import ModelVersion
+from edgefleet.tui.widgets import KeyButton
 
 FIELDS = (
     ("name", "model name", "digits"),
@@ -38,8 +39,8 @@ class PushScreen(ModalScreen[ModelVersion | None]):
             yield ProgressBar(total=1, show_eta=False, id="progress")
             yield Static(id="errors", classes="errors")
             with Horizontal(classes="buttons"):
-                yield Button("Push [ctrl+s]", id="push", variant="primary")
-                yield Button("Cancel [esc]", id="cancel")
+                yield KeyButton("Push", "ctrl+s", id="push", variant="primary")
+                yield KeyButton("Cancel", "esc", id="cancel")
 
     def value(self, key: str) -> str:
         return self.query_one(f"#{key}", Input).value.strip()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from textual import work
 from textual.app import ComposeResult
@@ -19,6 +20,7 @@ from edgefleet.tui.client import ClientError
 from edgefleet.tui.data import RolloutDraft, RolloutPlan
 from edgefleet.tui.screens.base import FleetScreen, reporting
 from edgefleet.tui.summary import compose_stages
+from edgefleet.tui.widgets import KeyButton, MarkedCheckbox
 
 # (field id, label, default, placeholder)
 FIELDS = (
@@ -51,18 +53,21 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:SHOWN_NAMES]) + (f" and {more} more" if more > 0 else "")
 
 
-def plan_table(plan: RolloutPlan) -> Table:
+def plan_table(plan: RolloutPlan, width: int) -> Table:
     """Per stage: how many devices of each class, and the first names; then
-    the excluded devices grouped by reason."""
+    the excluded devices grouped by reason. A stage's spec is shown whole
+    where it fits in half the `width`, wrapped where it does not."""
     table = Table(title="Dry run", title_justify="left", box=None, padding=(0, 1), expand=True)
-    table.add_column("stage", no_wrap=True)
+    # The devices column takes whatever the stage column leaves: without a
+    # bound a long spec would squeeze it to one character.
+    table.add_column("stage", overflow="fold", max_width=max(24, width // 2))
     table.add_column("devices", overflow="fold", ratio=1)
     for i, spec in enumerate(plan.stages):
         devices = plan.stage_devices(i)
         per_class = Counter(d.class_name for d in devices)
         counts = ", ".join(f"{n} {name}" for name, n in sorted(per_class.items()))
         names = _names([d.device_name for d in devices])
-        table.add_row(f"{i + 1} {spec}"[:30], f"{counts}: {names}" if devices else "none")
+        table.add_row(f"{i + 1} {spec}", f"{counts}: {names}" if devices else "none")
     by_reason: dict[str, list[str]] = {}
     for e in plan.excluded:
         by_reason.setdefault(e.reason, []).append(e.device_name)
@@ -71,6 +76,17 @@ def plan_table(plan: RolloutPlan) -> Table:
             f"excluded ({len(left_out)})", f"{reason}: {_names(left_out)}", style="yellow"
         )
     return table
+
+
+class PlanView:
+    """The dry run's table laid out for the width it is drawn at, so a wider
+    terminal shows more of each stage's spec."""
+
+    def __init__(self, plan: RolloutPlan) -> None:
+        self.plan = plan
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield plan_table(self.plan, options.max_width)
 
 
 class WizardScreen(FleetScreen):
@@ -96,16 +112,18 @@ class WizardScreen(FleetScreen):
                     yield Label(label, classes="field-label")
                     yield Input(default, placeholder=placeholder, id=key)
             for key, label in CHECKS:
-                yield Checkbox(label, id=key)
+                yield MarkedCheckbox(label, id=key)
             yield Static(id="errors", classes="errors")
             yield Static(id="plan", classes="panel")
             with Horizontal(classes="buttons"):
-                yield Button("Dry run [ctrl+r]", id="dry-run", variant="primary")
-                yield Button("Start [ctrl+s]", id="start", variant="success", disabled=True)
+                yield KeyButton("Dry run", "ctrl+r", id="dry-run", variant="primary")
+                yield KeyButton("Start", "ctrl+s", id="start", variant="success", disabled=True)
         yield from self.compose_footer()
 
     def on_mount(self) -> None:
-        self.query_one("#version", Input).focus()
+        # At once, not at the next idle: keys typed as the wizard opens are
+        # the version's (a quick Tab then a class went into the version).
+        self.set_focus(self.query_one("#version", Input))
         super().on_mount()
 
     def reload(self) -> None:
@@ -186,7 +204,7 @@ class WizardScreen(FleetScreen):
             f"{len(plan.planned)} devices in {len(plan.stages)} stages, "
             f"{len(plan.excluded)} excluded; ctrl+s starts it"
         )
-        self.query_one("#plan", Static).update(plan_table(plan))
+        self.query_one("#plan", Static).update(PlanView(plan))
         self._planned, self.plan = draft, plan
         self.query_one("#start", Button).disabled = False
         self.query_one("#plan", Static).scroll_visible()

@@ -2885,12 +2885,18 @@ class AuditEntry(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
+    TARGET_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     actor: _builtins.str
     """Operator token name, "device:<id>" or "system"."""
     action: _builtins.str
     target: _builtins.str
     details: _builtins.str
+    target_name: _builtins.str
+    """The current name of what `target` names (a device's or token's name, a
+    class, a model version, a rollout's model@version); empty when it has
+    none or is gone.
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -2902,10 +2908,11 @@ class AuditEntry(_message.Message):
         action: _builtins.str = ...,
         target: _builtins.str = ...,
         details: _builtins.str = ...,
+        target_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "details", b"details", "id", b"id", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "details", b"details", "id", b"id", "target", b"target", "target_name", b"target_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2919,11 +2926,27 @@ class ListAuditLogRequest(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
     before_id: _builtins.int
     """Entries with id below this (for paging backwards); 0: newest."""
     limit: _builtins.int
     action: _builtins.str
+    """An action ("device.accept"), or a dotted group of them ("rollout")."""
     target: _builtins.str
+    """What the entries are about: an entity's full id, name or id prefix (a
+    device, rollout, build, class, model, token), or "kind:..." to name the
+    kind (e.g. "device:edge-01"). Matches every entity the text names.
+    """
+    actor: _builtins.str
+    """Who did it: the operator token's name, or its start ("device:", "system")."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Entries at or after `since` and before `until` (either may be unset)."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -2931,10 +2954,13 @@ class ListAuditLogRequest(_message.Message):
         limit: _builtins.int = ...,
         action: _builtins.str = ...,
         target: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "before_id", b"before_id", "limit", b"limit", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "before_id", b"before_id", "limit", b"limit", "since", b"since", "target", b"target", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2994,11 +3020,14 @@ class FleetEvent(_message.Message):
     BUILD_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    DEVICES_ELIDED_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"device.enrolled", "device.updated", "device.online", "device.offline",
     "build.updated", "rollout.updated", "alert", ...
     """
     message: _builtins.str
+    devices_elided: _builtins.bool
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -3007,6 +3036,13 @@ class FleetEvent(_message.Message):
     def build(self) -> Global___Build: ...
     @_builtins.property
     def rollout(self) -> Global___Rollout: ...
+    @_builtins.property
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The devices the event is about, when it names at most 100 (a UI can
+        then re-read just those); empty with devices_elided set when it names
+        more (re-read the list), and empty for events about no device.
+        """
+
     def __init__(
         self,
         *,
@@ -3016,10 +3052,12 @@ class FleetEvent(_message.Message):
         build: Global___Build | None = ...,
         rollout: Global___Rollout | None = ...,
         message: _builtins.str = ...,
+        device_ids: _abc.Iterable[_builtins.str] | None = ...,
+        devices_elided: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "build", b"build", "device", b"device", "message", b"message", "rollout", b"rollout", "subject", b"subject"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "build", b"build", "device", b"device", "kind", b"kind", "message", b"message", "rollout", b"rollout", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "build", b"build", "device", b"device", "device_ids", b"device_ids", "devices_elided", b"devices_elided", "kind", b"kind", "message", b"message", "rollout", b"rollout", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_subject: _TypeAlias = _typing.Literal["device", "build", "rollout", "message"]  # noqa: Y015
     _WhichOneofArgType_subject: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015

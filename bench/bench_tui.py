@@ -18,8 +18,8 @@ plus `--events` pending ones (`late-NNNNN`). Then:
    (`/late`); each is accepted (AcceptDevice) in turn, and the time from
    the call to its row reading `online` on the terminal (tmux capture-pane,
    polled every POLL_S) is taken. Goal: p95 <= 1 s. What it includes: the
-   server's watch event, the TUI's coalescing (COALESCE_S), its reload of
-   every device (ListDevices) and the redraw.
+   server's watch event, the TUI's coalescing (COALESCE_S), its re-read of
+   the device the event names (GetDevice) and the redraw.
 
     python -m bench.bench_tui                    # 10,000 devices
     python -m bench.bench_tui --devices 2000 --idle-s 10

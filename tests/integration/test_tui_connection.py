@@ -25,6 +25,9 @@ from edgefleet.tui.screens.audit import AuditScreen
 from edgefleet.tui.screens.base import ConnectScreen
 from edgefleet.tui.screens.overview import OverviewScreen
 from edgefleet.tui.widgets import ConnectionBar
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import device_pb2 as d
+from edgefleet.v1 import device_pb2_grpc as dg
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
 from testkit.harness import ADMIN_TOKEN
@@ -266,3 +269,71 @@ async def test_nothing_at_an_address_never_given_says_where_it_came_from() -> No
         message = _message(app)
         assert f"no control plane answers at {address} (the default address" in message
         assert "edgefleet context add NAME --server HOST:PORT" in message
+
+
+def _notes(app: EdgeFleetApp) -> list[tuple[str, str]]:
+    """(title, message) of every notification from now on."""
+    seen: list[tuple[str, str]] = []
+    shown = app.notify
+
+    def notify(message: str, *, title: str = "", **kw: Any) -> None:
+        seen.append((title, message))
+        shown(message, title=title, **kw)
+
+    app.notify = notify  # type: ignore[method-assign]
+    return seen
+
+
+def _one_readable_line(title: str, message: str, code: str) -> None:
+    """An error as an operator reads it: titled with the status in words,
+    one line of the server's message, nothing of gRPC's own repr."""
+    assert title == code, (title, message)
+    assert "\n" not in message and message.strip()
+    for raw in ("AioRpcError", "debug_error_string", "StatusCode.", "<", "grpc_status"):
+        assert raw not in message, message
+
+
+async def test_each_server_error_is_one_readable_line(plane: Plane) -> None:
+    """Issue 23 item 1 over the real client: INVALID_ARGUMENT (a label key
+    longer than the server takes), PERMISSION_DENIED (a viewer accepting a
+    device), UNAUTHENTICATED (the refusal screen: test_a_refused_token...)
+    and UNAVAILABLE (the server stopped under an action)."""
+    assert plane.cp is not None
+    async with grpc.aio.insecure_channel(plane.address) as channel:
+        op = og.OperatorServiceStub(channel)
+        token = await op.CreateEnrollmentToken(
+            o.CreateEnrollmentTokenRequest(name="t", policy=o.ENROLLMENT_POLICY_PENDING),
+            metadata=ADMIN,
+        )
+        await dg.DeviceServiceStub(channel).Enroll(d.EnrollRequest(
+            enrollment_token=token.secret, hardware_id="hw-1", name="pi-1",
+            hardware=c.HardwareProfile(arch="aarch64"),
+        ))  # fmt: skip
+    viewer = await _operator_token(plane.address, o.OPERATOR_ROLE_VIEWER, "intern")
+
+    # A viewer's accept.
+    app = make_app(FleetClient(plane.address, viewer), watch=False)
+    notes = _notes(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await until(pilot, lambda: app.screen.query_one("#devices").row_count == 1, "the device")
+        await pilot.press("a", "y")
+        (title, message), *_ = await until(pilot, lambda: notes, "the refusal")
+        _one_readable_line(title, message, "PERMISSION_DENIED")
+        assert "viewer" in message
+
+    # An admin's label key the server refuses, then an accept with the server gone.
+    app = make_app(FleetClient(plane.address, ADMIN_TOKEN), watch=False)
+    notes = _notes(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await until(pilot, lambda: app.screen.query_one("#devices").row_count == 1, "the device")
+        await pilot.press("l", *("k" * 300 + "=v"), "enter")
+        (title, message), *_ = await until(pilot, lambda: notes, "the invalid label")
+        _one_readable_line(title, message, "INVALID_ARGUMENT")
+        notes.clear()
+        await plane.stop()
+        await pilot.press("a", "y")
+        (title, message), *_ = await until(pilot, lambda: notes, "the unreachable server")
+        _one_readable_line(title, message, "UNAVAILABLE")
+        assert message.startswith("control plane unreachable (")

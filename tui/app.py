@@ -56,7 +56,7 @@ class EdgeFleetApp(App[None]):
         "audit": AuditScreen,
     }
     BINDINGS = [
-        *(Binding(key, f"switch_mode('{mode}')", title, show=False) for key, mode, title in NAV),
+        *(Binding(key, f"show_mode('{mode}')", title, show=False) for key, mode, title in NAV),
         Binding("question_mark", "help", "Help"),
         # The palette, where the jump (tui.jump) lives; screens that filter
         # with `/` keep it (theirs wins), ctrl+p opens it everywhere. Not
@@ -131,7 +131,7 @@ class EdgeFleetApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # No fleet screen before the server has taken the token.
-        return action != "switch_mode" or self.connection.state not in ("connecting", "refused")
+        return action != "show_mode" or self.connection.state not in ("connecting", "refused")
 
     async def on_unmount(self) -> None:
         await self.client.close()
@@ -184,10 +184,19 @@ class EdgeFleetApp(App[None]):
             return
         for key, mode, title in NAV:
             yield SystemCommand(f"Go to {title}", f"Show the {title.lower()} screen (key {key})",
-                                lambda m=mode: self.switch_mode(m))  # fmt: skip
+                                lambda m=mode: self.run_action(f"show_mode('{m}')"))  # fmt: skip
         yield SystemCommand("New rollout", "Open the rollout wizard", self._new_rollout)
         yield SystemCommand("Push a model", "Upload a model version from files", self._push)
         yield SystemCommand("Help", "Every key, by screen", self.action_help)
+
+    async def action_show_mode(self, mode: str) -> None:
+        """The screen a key 1-7 names, as its list: a device view or monitor
+        left open on top of it (a jump, an alert) is closed. Keeping them
+        showed a stale device where the operator asked for the classes,
+        and `5 Enter x` rejected that device instead of aborting a rollout."""
+        self.switch_mode(mode)
+        while len(self.screen_stack) > 1:
+            await self.pop_screen()
 
     def _new_rollout(self) -> None:
         from edgefleet.tui.screens.wizard import WizardScreen

@@ -130,19 +130,26 @@ class JumpProvider(Provider):
                           help=target.help)  # fmt: skip
 
     def open(self, target: JumpTarget) -> None:
+        app = self.fleet
+        app.run_worker(self._open(target), group="jump", exclusive=True, exit_on_error=False)
+
+    async def _open(self, target: JumpTarget) -> None:
+        """On the screen of its kind (a device on the devices list, a rollout
+        on the rollouts list), so Esc goes back to that list and 1-7 leave it."""
         from edgefleet.tui.screens.device_detail import DeviceDetailScreen
         from edgefleet.tui.screens.monitor import MonitorScreen
 
         app = self.fleet
+        mode = {"device": "devices", "rollout": "rollouts", "model": "models"}.get(
+            target.kind, "classes"
+        )
+        await app.action_show_mode(mode)
         if target.kind == "device":
-            app.push_screen(DeviceDetailScreen(target.id))
+            await app.push_screen(DeviceDetailScreen(target.id))
         elif target.kind == "rollout":
-            app.push_screen(MonitorScreen(target.id))
+            await app.push_screen(MonitorScreen(target.id))
         else:
-            mode = "models" if target.kind == "model" else "classes"
-            app.switch_mode(mode)
-            app.run_worker(select_row(app, mode, target), group="jump", exclusive=True,
-                           exit_on_error=False)  # fmt: skip
+            await select_row(app, mode, target)
 
 
 async def select_row(app: EdgeFleetApp, mode: str, target: JumpTarget) -> None:

@@ -28,7 +28,9 @@ from edgefleet.tui.app import EdgeFleetApp, make_app
 from edgefleet.tui.client import FleetClient
 from edgefleet.tui.data import Model
 from edgefleet.tui.jump import jump_targets, score
+from edgefleet.tui.screens.classes import ClassesScreen
 from edgefleet.tui.screens.device_detail import DeviceDetailScreen
+from edgefleet.tui.screens.devices import DevicesScreen
 from edgefleet.tui.screens.modals import AssignScreen, ConfirmScreen
 from edgefleet.tui.screens.monitor import MonitorScreen
 from edgefleet.tui.screens.overview import AlertTarget, alert_target
@@ -241,7 +243,10 @@ async def test_jump_by_name_and_by_id_prefix(world: World) -> None:
                     "the overview")  # fmt: skip
         await _jump(pilot, "ctrl+p", world.pi.name, f"device {world.pi.name}")
         await until(pilot, lambda: _detail(app, world.pi.id), "the device jumped to by name")
+        # Opened over the devices list: Esc goes back to it, 1 to the overview.
         await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, DevicesScreen), "the devices list")
+        await pilot.press("1")
         # `/` opens it too (the overview filters nothing with it); an id
         # prefix as the tables show it finds the rollout.
         await _jump(pilot, "slash", rollout.id[:8], "rollout digits@2.0.0")
@@ -251,6 +256,23 @@ async def test_jump_by_name_and_by_id_prefix(world: World) -> None:
         gateway = world.gateways[0]
         await _jump(pilot, "ctrl+p", gateway.id[:6], f"device {gateway.name}")
         await until(pilot, lambda: _detail(app, gateway.id), "the device by id prefix")
+
+
+async def test_keys_1_to_7_open_their_list_not_a_view_left_open(world: World) -> None:
+    """A stranger jumped to a device from the classes screen; `3` later
+    showed that device again instead of the classes, and `5 Enter x`
+    offered to reject it instead of aborting a rollout."""
+    app = world.app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("3")
+        await until(pilot, lambda: isinstance(app.screen, ClassesScreen), "the classes")
+        await _jump(pilot, "ctrl+p", world.pi.name, f"device {world.pi.name}")
+        await until(pilot, lambda: _detail(app, world.pi.id), "the device")
+        await pilot.press("3")
+        await until(pilot, lambda: isinstance(app.screen, ClassesScreen), "the classes again")
+        await pilot.press("2")
+        await until(pilot, lambda: isinstance(app.screen, DevicesScreen), "the devices list")
+        assert len(app.screen_stack) == 1
 
 
 def _assigned(device: c.Device) -> dict[str, str]:

@@ -476,6 +476,7 @@ def model_to_pb(summary: ModelSummary) -> c.Model:
         description=summary.row.description,
         latest_version=summary.latest_version,
         version_count=summary.version_count,
+        yanked_count=summary.yanked_count,
         created_at=ts(summary.row.created_at),
     )
 

@@ -472,11 +472,12 @@ def class_detail(c: common_pb2.DeviceClass) -> RenderableType:
 def models_table(models: Sequence[common_pb2.Model]) -> Table:
     table = _table("NAME", "LATEST", "VERSIONS", "CREATED", "DESCRIPTION")
     for m in models:
+        versions = str(m.version_count)
         _add_row(
             table,
             m.name,
             m.latest_version or NONE,
-            str(m.version_count),
+            f"{versions} ({m.yanked_count} yanked)" if m.yanked_count else versions,
             format_time(m.created_at),
             m.description or NONE,
         )

@@ -212,6 +212,7 @@ class ModelSummary:
     row: ModelRow
     latest_version: str
     version_count: int
+    yanked_count: int = 0
 
 
 class RegistryService:
@@ -331,13 +332,18 @@ class RegistryService:
 
     def _summary(self, session: Session, model: ModelRow) -> ModelSummary:
         count = session.scalar(select(func.count()).where(ModelVersionRow.model_id == model.id))
+        yanked = session.scalar(
+            select(func.count()).where(
+                ModelVersionRow.model_id == model.id, ModelVersionRow.yanked_at.is_not(None)
+            )
+        )
         latest = session.scalar(
             select(ModelVersionRow.version)
             .where(ModelVersionRow.model_id == model.id)
             .order_by(ModelVersionRow.version_sort.desc())
             .limit(1)
         )
-        return ModelSummary(model, latest or "", int(count or 0))
+        return ModelSummary(model, latest or "", int(count or 0), int(yanked or 0))
 
     def get_model(self, name: str) -> tuple[ModelSummary, list[ModelVersionRow]]:
         with self._db.unit_of_work(readonly=True) as uow:

@@ -457,6 +457,8 @@ async def test_cli_cancel_yank_unyank_and_delete(cp: ControlPlane, digits: Built
         assert "bad sevens" in result.output and "never" in result.output
         result = await edgefleet("models", "show", "digits")
         assert "1.0.0 (yanked)" in result.output
+        result = await edgefleet("models", "ls")
+        assert "1 (1 yanked)" in result.output
         result = await edgefleet("models", "unyank", "digits@1.0.0")
         assert result.exit_code == 0 and "unyanked" in result.output
 

@@ -998,10 +998,13 @@ class Model(_message.Message):
     LATEST_VERSION_FIELD_NUMBER: _builtins.int
     VERSION_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    YANKED_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     latest_version: _builtins.str
     version_count: _builtins.int
+    yanked_count: _builtins.int
+    """How many of its versions are yanked."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1012,10 +1015,11 @@ class Model(_message.Message):
         latest_version: _builtins.str = ...,
         version_count: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        yanked_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "latest_version", b"latest_version", "name", b"name", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "latest_version", b"latest_version", "name", b"name", "version_count", b"version_count", "yanked_count", b"yanked_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,12 +72,13 @@ CHUNK = 1 << 20
 # benchmark cannot rot; the whole matrix on 4 samples, two builds at a time
 # (about half the wait). Figures meaningless.
 SMOKE = {"samples": 4, "workers": 2, "timeout": 300.0}
-TERMINAL = (o.BUILD_STATE_SUCCEEDED, o.BUILD_STATE_FAILED)
+TERMINAL = (o.BUILD_STATE_SUCCEEDED, o.BUILD_STATE_FAILED, o.BUILD_STATE_CANCELLED)
 STATE_NAMES = {
     o.BUILD_STATE_QUEUED: "queued",
     o.BUILD_STATE_RUNNING: "running",
     o.BUILD_STATE_SUCCEEDED: "succeeded",
     o.BUILD_STATE_FAILED: "failed",
+    o.BUILD_STATE_CANCELLED: "cancelled",
 }
 QUANT_NAMES = {
     c.QUANTIZATION_FP32: "fp32",

@@ -20,7 +20,7 @@ from edgefleet.v1 import operator_pb2 as o
 # Bytes per PushModelChunk: the async stream's, and the blocking push's.
 CHUNK = 256 * 1024
 BLOCKING_CHUNK = 1 << 20
-TERMINAL_BUILD_STATES = (o.BUILD_STATE_SUCCEEDED, o.BUILD_STATE_FAILED)
+TERMINAL_BUILD_STATES = (o.BUILD_STATE_SUCCEEDED, o.BUILD_STATE_FAILED, o.BUILD_STATE_CANCELLED)
 # A push's files by part kind (o.MODEL_PART_*).
 Parts = dict["o.ModelPart.ValueType", bytes]
 

@@ -462,6 +462,11 @@ def model_version_to_pb(row: ModelVersionRow, model_name: str) -> c.ModelVersion
         ),
         created_at=ts(row.created_at),
         created_by=row.created_by,
+        yanked=row.yanked_at is not None,
+        yank_reason=row.yank_reason,
+        yanked_by=row.yanked_by,
+        yanked_at=ts(row.yanked_at),
+        first_assigned_at=ts(row.first_assigned_at),
     )
 
 
@@ -471,6 +476,7 @@ def model_to_pb(summary: ModelSummary) -> c.Model:
         description=summary.row.description,
         latest_version=summary.latest_version,
         version_count=summary.version_count,
+        yanked_count=summary.yanked_count,
         created_at=ts(summary.row.created_at),
     )
 
@@ -506,6 +512,7 @@ BUILD_STATES = {
     "running": o.BUILD_STATE_RUNNING,
     "succeeded": o.BUILD_STATE_SUCCEEDED,
     "failed": o.BUILD_STATE_FAILED,
+    "cancelled": o.BUILD_STATE_CANCELLED,
 }
 BUILD_STATE_NAMES = {v: k for k, v in BUILD_STATES.items()}
 
@@ -557,6 +564,7 @@ def build_to_pb(view: BuildView) -> o.Build:
         fallback_digest=row.fallback_digest or "",
         fallback_size=view.fallback_size,
         fallback_reason=row.fallback_reason or "",
+        cancelled_by=row.cancelled_by or "",
     )
 
 

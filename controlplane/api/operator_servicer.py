@@ -53,6 +53,7 @@ REFERENCE_FIELDS: dict[str, dict[str, ref.Kind]] = {
     "DeleteDeviceClassRequest": {"name": ref.DEVICE_CLASS},
     "RunBuildRequest": {"class_name": ref.DEVICE_CLASS},
     "GetBuildRequest": {"id": ref.BUILD},
+    "CancelBuildRequest": {"id": ref.BUILD},
     "QueryTelemetryRequest": {"device_id": ref.DEVICE},
     "GetRolloutRequest": {"id": ref.ROLLOUT},
     "RolloutActionRequest": {"id": ref.ROLLOUT},
@@ -450,6 +451,42 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         row = await self.run(self._registry.get_version, request.model_name, request.version)
         return convert.model_version_to_pb(row, request.model_name)
 
+    @rpc("operator")
+    async def YankModelVersion(
+        self, request: operator_pb2.YankModelVersionRequest, context: Any, who: Op
+    ) -> common_pb2.ModelVersion:
+        row = await self.run(
+            self._registry.yank, who.actor, request.model_name, request.version, request.reason
+        )
+        return convert.model_version_to_pb(row, request.model_name)
+
+    @rpc("operator")
+    async def UnyankModelVersion(
+        self, request: operator_pb2.UnyankModelVersionRequest, context: Any, who: Op
+    ) -> common_pb2.ModelVersion:
+        row = await self.run(
+            self._registry.unyank, who.actor, request.model_name, request.version, request.reason
+        )
+        return convert.model_version_to_pb(row, request.model_name)
+
+    @rpc("operator")
+    async def DeleteModelVersion(
+        self, request: operator_pb2.DeleteModelVersionRequest, context: Any, who: Op
+    ) -> operator_pb2.DeleteModelVersionResponse:
+        deleted = await self.run(
+            self._registry.delete_version,
+            who.actor,
+            request.model_name,
+            request.version,
+            request.reason,
+        )
+        return operator_pb2.DeleteModelVersionResponse(
+            builds_deleted=deleted.builds,
+            artifacts_deleted=deleted.artifacts,
+            blobs_deleted=deleted.blobs,
+            bytes_freed=deleted.bytes_freed,
+        )
+
     # ------------------------------------------------------------ builds, artifacts
 
     @rpc("operator")
@@ -486,6 +523,13 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.Build:
         await self._resolve(request)
         return convert.build_to_pb(await self.run(self._builds.get, request.id))
+
+    @rpc("operator")
+    async def CancelBuild(
+        self, request: operator_pb2.CancelBuildRequest, context: Any, who: Op
+    ) -> operator_pb2.Build:
+        await self._resolve(request)
+        return convert.build_to_pb(await self.run(self._builds.cancel, who.actor, request.id))
 
     @rpc("operator", role=VIEWER)
     async def ListArtifacts(

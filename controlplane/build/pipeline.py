@@ -69,6 +69,7 @@ def run_build(
     progress: Progress,
     *,
     runs: int = DEFAULT_RUNS,
+    check_cancelled: Callable[[], None] = lambda: None,
 ) -> BuildResult:
     """Build, measure and judge every candidate of `target.runtime`'s ladder
     for `model_path`. Progress goes from 0 to 1 with a short message per
@@ -78,11 +79,15 @@ def run_build(
     in ONNX Runtime (its fp32 outputs are the reference every candidate is
     judged against), and FailedPrecondition when the runtime's ladder cannot
     be loaded on this build host. A candidate that fails to build or run is
-    not an error: it is judged failed, with the reason."""
+    not an error: it is judged failed, with the reason.
+
+    `check_cancelled` runs at every log line (between steps, rungs and
+    candidates) and raises build.types.BuildCancelled to stop the build."""
     started = time.monotonic()
     lines: list[str] = []
 
     def log(message: str) -> None:
+        check_cancelled()
         lines.append(f"[{time.monotonic() - started:7.2f}s] {message}")
 
     def step(fraction: float, message: str) -> None:

@@ -21,6 +21,12 @@ from typing import Any
 import numpy as np
 
 
+class BuildCancelled(BaseException):
+    """Raised in a build worker when its job was cancelled. A BaseException,
+    as asyncio.CancelledError is: the ladders catch Exception to judge a rung
+    failed, and a cancel must not read as one rung's failure."""
+
+
 @dataclass(frozen=True)
 class BuildTarget:
     """What a device class asks of its artifact (its constraint profile)."""

@@ -11,9 +11,14 @@ import threading
 import time
 from pathlib import Path
 
-from edgefleet.controlplane.build.types import BuildJob, BuildResult
+from edgefleet.controlplane.build.types import BuildCancelled, BuildJob, BuildResult
 
 PROGRESS_FILE = "progress.json"
+# Written by the runner into a job's workdir to stop it (a cancelled build):
+# the worker checks for it at every step and log line. A file, like the
+# progress, so no queue is needed across the process boundary, and only
+# this job stops (killing the process would break the whole pool).
+CANCEL_FILE = "cancel"
 # How often a worker checks that the control plane that started it still runs.
 PARENT_POLL_S = 1.0
 
@@ -43,6 +48,17 @@ class _Progress:
         os.replace(tmp, self._path)
 
 
+def request_cancel(workdir: Path) -> None:
+    """Ask the job running in `workdir` to stop (BuildCancelled)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / CANCEL_FILE).touch()
+
+
+def _check_cancelled(workdir: Path) -> None:
+    if (workdir / CANCEL_FILE).exists():
+        raise BuildCancelled()
+
+
 def read_progress(workdir: Path) -> tuple[float, list[str]]:
     """What a running job has reported so far."""
     try:
@@ -68,4 +84,5 @@ def run_job(job: BuildJob) -> BuildResult:
         job.target,
         job.workdir / "work",
         _Progress(job.workdir / PROGRESS_FILE),
+        check_cancelled=lambda: _check_cancelled(job.workdir),
     )

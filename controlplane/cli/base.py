@@ -6,6 +6,7 @@ the contexts file (controlplane.client.contexts) when a command needs it."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -230,6 +231,17 @@ def emit(
         click.echo(json.dumps(obj, indent=2))
     else:
         Console().print(human(), markup=False, highlight=False)
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask `question` (y/N) unless --yes; with no terminal to ask on, refuse."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        what = question.partition("?")[0]
+        raise CliError(f"{what}: not confirmed; add --yes (stdin is not a terminal to ask on)")
+    if not click.confirm(question, default=False):
+        raise CliError("cancelled: nothing was changed")
 
 
 def usage_error(message: str) -> NoReturn:

@@ -27,7 +27,13 @@ from edgefleet.v1 import operator_pb2
 # Seconds between GetBuild polls while `builds run --wait` watches.
 POLL_INTERVAL_S = 0.5
 
-FINISHED = frozenset({operator_pb2.BUILD_STATE_SUCCEEDED, operator_pb2.BUILD_STATE_FAILED})
+FINISHED = frozenset(
+    {
+        operator_pb2.BUILD_STATE_SUCCEEDED,
+        operator_pb2.BUILD_STATE_FAILED,
+        operator_pb2.BUILD_STATE_CANCELLED,
+    }
+)
 
 
 @click.group()
@@ -78,7 +84,8 @@ def _wait(env: Connection, started: Sequence[operator_pb2.Build]) -> list[operat
 
 
 def _failures(done: Sequence[operator_pb2.Build]) -> str:
-    failed = [b for b in done if b.state == operator_pb2.BUILD_STATE_FAILED]
+    ended = (operator_pb2.BUILD_STATE_FAILED, operator_pb2.BUILD_STATE_CANCELLED)
+    failed = [b for b in done if b.state in ended]
     return "; ".join(
         f"build for class {b.class_name} failed: {b.error.strip() or 'no reason given'}"
         for b in failed
@@ -157,3 +164,23 @@ def builds_show(env: Connection, build_id: str, as_json: bool) -> None:
     """Show a build: every candidate measured, its verdict and why, and the log."""
     found = _get_build(env, build_id)
     emit(as_json, found, lambda: render.build_detail(found, now()))
+
+
+@builds.command("cancel")
+@click.argument("build_id", metavar="ID")
+@json_option
+@pass_env
+def builds_cancel(env: Connection, build_id: str, as_json: bool) -> None:
+    """Cancel a queued or running build (a running one stops at its next step)."""
+    found = env.stub.CancelBuild(operator_pb2.CancelBuildRequest(id=build_id))
+    short = render.short_id(found.id)
+    running = found.state == operator_pb2.BUILD_STATE_RUNNING
+    emit(
+        as_json,
+        found,
+        lambda: (
+            f"build {short} ({found.class_name}) is stopping; `edgefleet builds show {short}`"
+            if running
+            else f"cancelled build {short} ({found.class_name})"
+        ),
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ import click
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import (
     CliError,
+    confirm,
     emit,
     enum_option,
     json_option,
@@ -201,17 +201,6 @@ def _targets(env: Connection, picking: Picking, *, resolve: bool = False) -> lis
     return merge_targets(explicit, matched)
 
 
-def _confirm(question: str, yes: bool) -> None:
-    """Ask `question` (y/N) unless --yes; with no terminal to ask on, refuse."""
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        what = question.partition("?")[0]
-        raise CliError(f"{what}: not confirmed; add --yes (stdin is not a terminal to ask on)")
-    if not click.confirm(question, default=False):
-        raise CliError("cancelled: nothing was changed")
-
-
 def _failure(err: Exception) -> str | None:
     """A device's failure in a bulk run: the server's words, or a short id
     that named no single device."""
@@ -257,7 +246,7 @@ def _each_device(
         _nothing_matched(picking, as_json)
         return
     if len(targets) > 1:
-        _confirm(question.format(n=len(targets)), yes)
+        confirm(question.format(n=len(targets)), yes)
     # A short id that is not found is expanded as for one device; the
     # listing it takes is read once for the whole run.
     result = apply_each(targets, call, failure=_failure)
@@ -468,7 +457,7 @@ def _in_lists(
         _nothing_matched(picking, as_json)
         return
     if len(targets) > 1:
-        _confirm(question.format(n=len(targets)), yes)
+        confirm(question.format(n=len(targets)), yes)
     _report(apply_chunked(targets, call, failure=_failure), verb, as_json)
 
 

@@ -16,9 +16,11 @@ from rich.progress import (
 )
 
 from edgefleet.controlplane.cli import render as render
-from edgefleet.controlplane.cli.base import emit, json_option, pass_env
+from edgefleet.controlplane.cli.base import confirm, emit, json_option, parsed, pass_env
 from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.format import format_bytes
 from edgefleet.controlplane.client.push import model_parts, push_model
+from edgefleet.controlplane.client.syntax import parse_model_ref
 from edgefleet.controlplane.domain.sample_archive import (
     MAX_SAMPLE_ARRAY_BYTES,
     MAX_SAMPLE_TOTAL_BYTES,
@@ -107,3 +109,64 @@ def models_show(env: Connection, name: str, version: str | None, as_json: bool) 
         operator_pb2.GetModelVersionRequest(model_name=name, version=version)
     )
     emit(as_json, found, lambda: render.model_version_detail(found))
+
+
+_REF = click.argument("ref", metavar="MODEL@VERSION", callback=parsed(parse_model_ref))
+
+
+@models.command("yank")
+@_REF
+@click.option(
+    "--reason", required=True, help="Why; shown to whoever tries to assign it or roll it out."
+)
+@json_option
+@pass_env
+def models_yank(env: Connection, ref: tuple[str, str], reason: str, as_json: bool) -> None:
+    """Refuse new assignments and rollouts of a version; devices running it
+    keep it. `models unyank` undoes it."""
+    name, version = ref
+    found = env.stub.YankModelVersion(
+        operator_pb2.YankModelVersionRequest(model_name=name, version=version, reason=reason)
+    )
+    emit(as_json, found, lambda: f"yanked {name}@{version}: {found.yank_reason}")
+
+
+@models.command("unyank")
+@_REF
+@click.option("--reason", default="", help="Why, for the audit log.")
+@json_option
+@pass_env
+def models_unyank(env: Connection, ref: tuple[str, str], reason: str, as_json: bool) -> None:
+    """Allow assignments and rollouts of a yanked version again."""
+    name, version = ref
+    found = env.stub.UnyankModelVersion(
+        operator_pb2.UnyankModelVersionRequest(model_name=name, version=version, reason=reason)
+    )
+    emit(as_json, found, lambda: f"unyanked {name}@{version}: it may be assigned again")
+
+
+@models.command("delete")
+@_REF
+@click.option("--reason", default="", help="Why, for the audit log.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@pass_env
+def models_delete(
+    env: Connection, ref: tuple[str, str], reason: str, yes: bool, as_json: bool
+) -> None:
+    """Delete a version that was never deployed, with its builds, artifacts
+    and the files nothing else uses. A deployed version is refused: yank it."""
+    name, version = ref
+    confirm(f"Delete {name}@{version}, its builds and artifacts?", yes)
+    done = env.stub.DeleteModelVersion(
+        operator_pb2.DeleteModelVersionRequest(model_name=name, version=version, reason=reason)
+    )
+    emit(
+        as_json,
+        done,
+        lambda: (
+            f"deleted {name}@{version}: {done.builds_deleted} build(s), "
+            f"{done.artifacts_deleted} artifact(s), {done.blobs_deleted} file(s) "
+            f"({format_bytes(done.bytes_freed)}) freed"
+        ),
+    )

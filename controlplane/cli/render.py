@@ -472,11 +472,12 @@ def class_detail(c: common_pb2.DeviceClass) -> RenderableType:
 def models_table(models: Sequence[common_pb2.Model]) -> Table:
     table = _table("NAME", "LATEST", "VERSIONS", "CREATED", "DESCRIPTION")
     for m in models:
+        versions = str(m.version_count)
         _add_row(
             table,
             m.name,
             m.latest_version or NONE,
-            str(m.version_count),
+            f"{versions} ({m.yanked_count} yanked)" if m.yanked_count else versions,
             format_time(m.created_at),
             m.description or NONE,
         )
@@ -488,7 +489,7 @@ def versions_table(versions: Sequence[common_pb2.ModelVersion]) -> Table:
     for v in versions:
         _add_row(
             table,
-            v.version,
+            f"{v.version} (yanked)" if v.yanked else v.version,
             format_bytes(v.size_bytes),
             ", ".join(f"{t.name}{format_shape(t)}" for t in v.inputs),
             ", ".join(f"{t.name}{format_shape(t)}" for t in v.outputs),
@@ -523,7 +524,15 @@ def model_version_detail(v: common_pb2.ModelVersion) -> RenderableType:
         ("sample data", sample),
         ("labels", f"{v.labels.count} classes" if v.labels.sha256 else NONE),
         ("created", f"{format_time(v.created_at)} by {v.created_by or '?'}"),
-    ]
+        ("deployed", f"since {format_time(v.first_assigned_at)}"
+                     if v.HasField("first_assigned_at") else "never"),
+    ]  # fmt: skip
+    if v.yanked:
+        rows.append((
+            "yanked",
+            Text(f"{v.yank_reason} ({format_time(v.yanked_at)} by {v.yanked_by or '?'}); "
+                 "no new assignments or rollouts", style="red"),
+        ))  # fmt: skip
     return Group(_grid(rows), tensors_table(v))
 
 
@@ -549,6 +558,7 @@ _STATE_STYLES = {
     operator_pb2.BUILD_STATE_RUNNING: "yellow",
     operator_pb2.BUILD_STATE_SUCCEEDED: "green",
     operator_pb2.BUILD_STATE_FAILED: "red",
+    operator_pb2.BUILD_STATE_CANCELLED: "dim",
 }
 
 
@@ -743,12 +753,22 @@ def _duration_cell(b: operator_pb2.Build) -> str:
     return format_seconds(b.duration_s)
 
 
+def _build_state_cell(b: operator_pb2.Build) -> Text:
+    """The state, and who cancelled it (or asked to, while it still runs)."""
+    cell = build_state(b)
+    if b.cancelled_by and b.state == operator_pb2.BUILD_STATE_RUNNING:
+        cell.append(f" (cancel requested by {b.cancelled_by})")
+    elif b.cancelled_by:
+        cell.append(f" by {b.cancelled_by}")
+    return cell
+
+
 def build_detail(b: operator_pb2.Build, now: datetime) -> RenderableType:
     rows: list[tuple[str, RenderableType]] = [
         ("id", b.id),
         ("model", model_ref(b.model_name, b.model_version)),
         ("class", b.class_name),
-        ("state", build_state(b)),
+        ("state", _build_state_cell(b)),
         ("progress", format_progress(b.progress)),
         ("created", f"{format_ago(b.created_at, now)} ({format_time(b.created_at)})"),
         ("duration", _duration_cell(b)),

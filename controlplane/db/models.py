@@ -213,6 +213,15 @@ class ModelVersionRow(Base):
     labels_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str] = mapped_column(String(200))
+    # Yanked (0015): assignments and rollouts of it are refused; what is
+    # deployed stays. Null yanked_at: not yanked.
+    yanked_at: Mapped[dt.datetime | None]
+    yanked_by: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    yank_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # Set by its first assignment to a device (0015): assignments are
+    # replaced and removed, so the current ones cannot tell whether a
+    # version was ever deployed, and only a never-deployed one may be deleted.
+    first_assigned_at: Mapped[dt.datetime | None]
 
 
 class AuditRow(Base):
@@ -295,7 +304,7 @@ class BuildRow(Base):
     # Kept when the class is deleted; the build's target profile as built.
     class_name: Mapped[str] = mapped_column(String(100))
     target: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    # queued | running | succeeded | failed
+    # queued | running | succeeded | failed | cancelled
     state: Mapped[str] = mapped_column(String(16), index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     log: Mapped[str] = mapped_column(Text, default="")
@@ -313,6 +322,9 @@ class BuildRow(Base):
     dedup_key: Mapped[str] = mapped_column(String(64), index=True)
     reused_from: Mapped[str | None] = mapped_column(String(32))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Who cancelled it (0015); while it is still running, its runner has
+    # yet to stop it.
+    cancelled_by: Mapped[str | None] = mapped_column(String(200))
     # Which replica runs it, until when; an expired lease means the runner died.
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[dt.datetime | None]

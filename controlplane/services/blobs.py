@@ -204,6 +204,19 @@ class BlobStore:
             shutil.copyfile(src, tmp)
             os.replace(tmp, dest)
 
+    def drop_cached(self, digests: list[str]) -> None:
+        """Remove this replica's cache files of blobs deleted from SQL (call
+        after the commit). Other replicas' copies stay, unused: what may be
+        downloaded is decided by SQL rows (artifacts, assignments, model
+        versions), none of which names a deleted blob any more."""
+        for digest in digests:
+            with self._lock_for(digest):
+                self.cache_path(digest).unlink(missing_ok=True)
+            with self._lock:
+                self._verified.pop(digest, None)
+                self._bad.pop(digest, None)
+                self._changed.pop(digest, None)
+
     # ------------------------------------------------------------ read
 
     def size(self, db: Database, digest: str) -> int:

@@ -16,10 +16,15 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from edgefleet.controlplane.build.types import BuildJob
-from edgefleet.controlplane.build.worker import exit_with_parent, read_progress, run_job
+from edgefleet.controlplane.build.types import BuildCancelled, BuildJob
+from edgefleet.controlplane.build.worker import (
+    exit_with_parent,
+    read_progress,
+    request_cancel,
+    run_job,
+)
 from edgefleet.controlplane.errors import DomainError
-from edgefleet.controlplane.services.builds import BuildService, ClaimedJob
+from edgefleet.controlplane.services.builds import BuildService, ClaimedJob, Lease
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,10 @@ class BuildRunner:
         self._wake = asyncio.Event()
         self._pool = self._new_pool()
         self._tasks: set[asyncio.Task[None]] = set()
+        # The workdir of each job this runner runs now, by build id.
+        self._running: dict[str, Path] = {}
         builds.on_queued = self.wake_threadsafe
+        builds.on_cancel = self.cancel_threadsafe
         self._loop = asyncio.get_running_loop()
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -64,6 +72,16 @@ class BuildRunner:
     def wake_threadsafe(self) -> None:
         """Start claiming now (callable from service threads)."""
         self._loop.call_soon_threadsafe(self._wake.set)
+
+    def cancel_threadsafe(self, build_id: str) -> None:
+        """Stop the job of `build_id` if this runner runs it (callable from
+        service threads)."""
+        self._loop.call_soon_threadsafe(self._cancel_local, build_id)
+
+    def _cancel_local(self, build_id: str) -> None:
+        workdir = self._running.get(build_id)
+        if workdir is not None:
+            request_cancel(workdir)
 
     async def _db_call(self, fn: Any, *args: Any) -> Any:
         return await self._loop.run_in_executor(self._db, fn, *args)
@@ -92,20 +110,25 @@ class BuildRunner:
     async def _run(self, job: ClaimedJob) -> None:
         workdir = self._workdir / f"{job.build_id}-{job.attempt}"
         log.info("build %s: attempt %d started", job.build_id, job.attempt)
+        self._running[job.build_id] = workdir
         try:
             model, samples = await self._db_call(self._builds.local_inputs, job)
             build_job = BuildJob(model, samples, job.target, workdir, self._toolchains_dir)
             future = self._loop.run_in_executor(self._pool, run_job, build_job)
-            ours = True
+            lease = Lease.OURS
             while not future.done():
                 await asyncio.wait({future}, timeout=max(0.5, self._lease_s / 4))
                 progress, lines = read_progress(workdir)
-                ours = await self._db_call(
+                lease = await self._db_call(
                     self._builds.renew, job.build_id, self.owner, self._lease_s,
                     min(progress, 0.99), "\n".join(lines),
                 )  # fmt: skip
-                if not ours:
+                if lease is Lease.LOST:
                     log.warning("build %s: lease lost; its result will be dropped", job.build_id)
+                elif lease is Lease.CANCELLED:
+                    # The worker stops at its next step or log line; the
+                    # lease is renewed until it has.
+                    request_cancel(workdir)
             text = "\n".join(read_progress(workdir)[1])
             try:
                 result = future.result()
@@ -116,6 +139,10 @@ class BuildRunner:
                 log.error("build %s: worker process died; will retry", job.build_id)
                 self._pool = self._new_pool()
                 return
+            except BuildCancelled:
+                log.info("build %s: cancelled", job.build_id)
+                await self._db_call(self._builds.cancelled, job, self.owner, text)
+                return
             except DomainError as exc:
                 await self._db_call(self._builds.fail, job, self.owner, exc.message, text)
                 return
@@ -125,11 +152,12 @@ class BuildRunner:
                     self._builds.fail, job, self.owner, f"{type(exc).__name__}: {exc}", text
                 )
                 return
-            if ours:
+            if lease is not Lease.LOST:
                 text = "\n".join(result.log) or text
                 await self._db_call(self._builds.finish, job, self.owner, result, text)
                 log.info("build %s: finished", job.build_id)
         finally:
+            self._running.pop(job.build_id, None)
             shutil.rmtree(workdir, ignore_errors=True)
 
     async def stop(self) -> None:

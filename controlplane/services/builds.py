@@ -6,6 +6,7 @@ their signed artifact in one transaction."""
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import hashlib
 import importlib.metadata
 import json
@@ -39,7 +40,7 @@ from edgefleet.controlplane.db.models import (
 )
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import secrets, signing
-from edgefleet.controlplane.errors import InvalidArgument, NotFound
+from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit
 from edgefleet.controlplane.services.blobs import BlobStore, sha256_file
 from edgefleet.controlplane.services.devices import EventSink
@@ -49,7 +50,9 @@ from edgefleet.controlplane.services.registry import filter_by_model, require_ve
 from edgefleet.v1 import common_pb2 as c
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-BUILD_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+CANCELLED = "cancelled"
+BUILD_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 MAX_ATTEMPTS = 3
 # Bump when the ladder or the verdict changes what a build produces, so old
 # results are not reused for new logic.
@@ -125,6 +128,15 @@ class ClaimedJob:
     target: BuildTarget
 
 
+class Lease(enum.Enum):
+    """What a runner renewing its lease learns: the job is still its own,
+    is no longer (drop the result), or its own and cancelled (stop it)."""
+
+    OURS = "ours"
+    LOST = "lost"
+    CANCELLED = "cancelled"
+
+
 @dataclass(frozen=True)
 class BuildView:
     row: BuildRow
@@ -147,8 +159,11 @@ class BuildService:
         self._blobs = blobs
         self._events = events
         self._toolchains_dir = toolchains_dir
-        # Set by the runner so new jobs start without waiting for its poll.
+        # Set by the runner so new jobs start without waiting for its poll,
+        # and a cancelled job it runs stops without waiting for its next
+        # lease renewal (a runner on another replica learns it from that).
         self.on_queued: Callable[[], None] = lambda: None
+        self.on_cancel: Callable[[str], None] = lambda _build_id: None
 
     # ------------------------------------------------------------ requests
 
@@ -231,8 +246,10 @@ class BuildService:
         # assignments take the newest (deployments._class_artifact), so a
         # profile changed and changed back (a fallback turned off and on)
         # needs a new row reusing the old result, or devices get the other.
+        # A cancelled one is not a result: asking again queues a new build.
         if (
             mine is not None
+            and mine.state != CANCELLED
             and mine.id == self._newest(session, mv, cls)
             and (not force or mine.state in (QUEUED, RUNNING))
         ):
@@ -324,6 +341,58 @@ class BuildService:
                 raise NotFound(f"no build with id {build_id!r}")
             return self._views(uow.session, [row])[0]
 
+    # ------------------------------------------------------------ cancel
+
+    def cancel(self, actor: str, build_id: str) -> BuildView:
+        """Cancel a build: a queued one (or one whose runner died) ends
+        CANCELLED now; a running one is marked, and its runner (told at
+        once through on_cancel on this replica, by its next lease renewal on
+        another) stops it and ends it CANCELLED (`cancelled`). A finished
+        build: FAILED_PRECONDITION."""
+        now = utcnow()
+        with self._db.unit_of_work() as uow:
+            # Locked: a claim (FOR UPDATE SKIP LOCKED) cannot take it meanwhile.
+            row = uow.session.get(BuildRow, build_id, with_for_update=True) if build_id else None
+            if row is None:
+                raise NotFound(f"no build with id {build_id!r}")
+            view = self._views(uow.session, [row])[0]
+            if row.state in FINISHED:
+                by = f" by {row.cancelled_by}" if row.cancelled_by else ""
+                raise FailedPrecondition(
+                    f"build {row.id[:12]} ({view.model_name}@{view.model_version} for class "
+                    f"{row.class_name}) already {row.state}{by}; only a queued or running build "
+                    "can be cancelled"
+                )
+            if row.cancelled_by is not None:
+                return view  # asked already; its runner is stopping it
+            previous = row.state
+            row.cancelled_by = actor
+            expired = row.lease_expires_at is None or row.lease_expires_at < now
+            if row.state == QUEUED or expired:
+                _end_cancelled(row, now)
+            audit.record(
+                uow, actor, "build.cancel", f"model:{view.model_name}@{view.model_version}",
+                build=row.id, class_name=row.class_name, state=previous,
+            )  # fmt: skip
+            uow.commit()
+            view = self._views(uow.session, [row])[0]
+        self._announce([view])
+        if view.row.state == RUNNING:
+            self.on_cancel(build_id)
+        return view
+
+    def cancelled(self, job: ClaimedJob, owner: str, log: str) -> None:
+        """The runner stopped a job it was asked to cancel: CANCELLED."""
+        with self._db.unit_of_work() as uow:
+            row = uow.session.get(BuildRow, job.build_id)
+            if row is None or row.lease_owner != owner or row.state != RUNNING:
+                return
+            row.log = log
+            _end_cancelled(row, utcnow())
+            uow.commit()
+            view = self._views(uow.session, [row])[0]
+        self._announce([view])
+
     # ------------------------------------------------------------ running
 
     def claim(self, owner: str, lease_s: float) -> ClaimedJob | None:
@@ -366,6 +435,12 @@ class BuildService:
             row = uow.session.scalar(stmt)
             if row is None:
                 return None, []
+            if row.cancelled_by is not None:
+                # Cancelled while running, and its runner died before it
+                # could stop it: nothing is left to stop.
+                _end_cancelled(row, now)
+                uow.commit()
+                return None, self._views(uow.session, [row])
             source = _result_since_queued(uow.session, row) if row.state == QUEUED else None
             if source is not None:
                 # Queued while its twin was being built, and committed too late
@@ -401,11 +476,12 @@ class BuildService:
             uow.commit()
         return job, []
 
-    def renew(self, build_id: str, owner: str, lease_s: float, progress: float, log: str) -> bool:
-        """Extend the lease and record progress; False if the job is no
-        longer ours (then the runner must drop its result)."""
+    def renew(self, build_id: str, owner: str, lease_s: float, progress: float, log: str) -> Lease:
+        """Extend the lease and record progress. LOST if the job is no
+        longer ours (then the runner must drop its result); CANCELLED if an
+        operator cancelled it (then the runner stops it, see `cancelled`)."""
         with self._db.unit_of_work() as uow:
-            result = uow.session.execute(
+            cancelled_by = uow.session.execute(
                 update(BuildRow)
                 .where(
                     BuildRow.id == build_id,
@@ -417,10 +493,13 @@ class BuildService:
                     progress=progress,
                     log=log,
                 )
+                .returning(BuildRow.cancelled_by)
                 .execution_options(synchronize_session=False)
-            )
+            ).one_or_none()
             uow.commit()
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        if cancelled_by is None:
+            return Lease.LOST
+        return Lease.OURS if cancelled_by[0] is None else Lease.CANCELLED
 
     def local_inputs(self, job: ClaimedJob) -> tuple[Path, Path | None]:
         model = self._blobs.local_path(self._db, job.model_digest)
@@ -437,6 +516,15 @@ class BuildService:
             row = uow.session.get(BuildRow, job.build_id)
             if row is None or row.lease_owner != owner or row.state != RUNNING:
                 return False
+            if row.cancelled_by is not None:
+                # Finished before its runner could stop it: cancelled still,
+                # as the operator was told.
+                row.log = log
+                _end_cancelled(row, utcnow())
+                uow.commit()
+                views = self._views(uow.session, [row])
+                self._announce(views)
+                return True
             row.candidates = [_candidate_report(e) for e in result.candidates]
             row.log = log
             row.progress = 1.0
@@ -482,6 +570,12 @@ class BuildService:
         with self._db.unit_of_work() as uow:
             row = uow.session.get(BuildRow, job.build_id)
             if row is None or row.lease_owner != owner:
+                return
+            if row.cancelled_by is not None:
+                row.log = log
+                _end_cancelled(row, utcnow())
+                uow.commit()
+                self._announce(self._views(uow.session, [row]))
                 return
             row.state = FAILED
             row.error = error
@@ -545,6 +639,13 @@ class BuildService:
             self._events.publish(FleetEvent("build.updated", subject=view.row.id))
         if any(v.row.state == QUEUED for v in views):
             self.on_queued()
+
+
+def _end_cancelled(row: BuildRow, now: dt.datetime) -> None:
+    row.state = CANCELLED
+    row.error = f"cancelled by {row.cancelled_by}"
+    row.finished_at = now
+    row.lease_owner = None
 
 
 def _candidate_report(item: Evaluated) -> dict[str, Any]:

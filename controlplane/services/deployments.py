@@ -84,7 +84,11 @@ from edgefleet.controlplane.services import audit, keys, statements
 from edgefleet.controlplane.services.builds import SUCCEEDED
 from edgefleet.controlplane.services.devices import ACCEPTED, DesiredView, EventSink
 from edgefleet.controlplane.services.events import FleetEvent
-from edgefleet.controlplane.services.registry import filter_by_model, require_version
+from edgefleet.controlplane.services.registry import (
+    filter_by_model,
+    mark_assigned,
+    require_assignable,
+)
 from edgefleet.v1 import common_pb2 as c
 
 MAX_DEVICES_PER_CALL = 1000
@@ -280,6 +284,7 @@ def assign_devices(
         if not counters:
             continue
         assert signer is not None
+        mark_assigned(session, mv, now)
         update_rows(session, DeviceRow, counters)
         newer = _committed_versions(session, list(values), model_name, held.versions)
         key_id, sign = signer
@@ -740,7 +745,7 @@ class DeploymentService:
             raise InvalidArgument("model name and version are required (MODEL@VERSION)")
         with self._db.unit_of_work() as uow:
             session = uow.session
-            mv = require_version(session, model_name, version)
+            mv = require_assignable(session, model_name, version)
             now = dt.datetime.now(dt.UTC)
             # Written first, checked after: a refusal raises, and the unit of
             # work rolls every write of the call back (all or nothing).

@@ -3,23 +3,38 @@ content-addressed, record it. A push either lands whole or leaves nothing."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane.db.models import ModelRow, ModelVersionRow
+from edgefleet.controlplane.db.models import (
+    ArtifactRow,
+    BlobChunkRow,
+    BlobRow,
+    BuildRow,
+    DeviceAssignmentRow,
+    DeviceRow,
+    ModelRow,
+    ModelVersionRow,
+    RolloutDeviceRow,
+    RolloutRow,
+    utcnow,
+)
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import onnx_inspect, secrets, semver
 from edgefleet.controlplane.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -133,6 +148,33 @@ def require_version(session: Session, name: str, version: str) -> ModelVersionRo
     return row
 
 
+def require_assignable(session: Session, name: str, version: str) -> ModelVersionRow:
+    """The row of `name@version` for a new assignment or rollout: a yanked
+    version is refused (FAILED_PRECONDITION with the yank's reason)."""
+    row = require_version(session, name, version)
+    if row.yanked_at is not None:
+        ref = f"{name}@{version}"
+        raise FailedPrecondition(
+            f"{ref} is yanked ({row.yank_reason}; by {row.yanked_by} at "
+            f"{row.yanked_at:%Y-%m-%d %H:%M} UTC): it takes no new assignments or rollouts; "
+            f"`edgefleet models unyank {ref}` allows them again"
+        )
+    return row
+
+
+def mark_assigned(session: Session, mv: ModelVersionRow, at: dt.datetime) -> None:
+    """Record `mv`'s first assignment (a deployed version cannot be
+    deleted). Only the first write changes the row."""
+    if mv.first_assigned_at is not None:
+        return
+    session.execute(
+        update(ModelVersionRow)
+        .where(ModelVersionRow.id == mv.id, ModelVersionRow.first_assigned_at.is_(None))
+        .values(first_assigned_at=at)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def filter_by_model(
     stmt: Select[Any], version_id: Any, model_name: str, version: str
 ) -> Select[Any]:
@@ -147,10 +189,30 @@ def filter_by_model(
 
 
 @dataclass(frozen=True)
+class Deleted:
+    """What deleting a model version removed."""
+
+    builds: int
+    artifacts: int
+    blobs: int
+    bytes_freed: int
+
+
+# Names listed in a refusal before "and N more".
+_NAMED = 5
+
+
+def _some(names: Sequence[str]) -> str:
+    more = f" and {len(names) - _NAMED} more" if len(names) > _NAMED else ""
+    return ", ".join(names[:_NAMED]) + more
+
+
+@dataclass(frozen=True)
 class ModelSummary:
     row: ModelRow
     latest_version: str
     version_count: int
+    yanked_count: int = 0
 
 
 class RegistryService:
@@ -270,13 +332,18 @@ class RegistryService:
 
     def _summary(self, session: Session, model: ModelRow) -> ModelSummary:
         count = session.scalar(select(func.count()).where(ModelVersionRow.model_id == model.id))
+        yanked = session.scalar(
+            select(func.count()).where(
+                ModelVersionRow.model_id == model.id, ModelVersionRow.yanked_at.is_not(None)
+            )
+        )
         latest = session.scalar(
             select(ModelVersionRow.version)
             .where(ModelVersionRow.model_id == model.id)
             .order_by(ModelVersionRow.version_sort.desc())
             .limit(1)
         )
-        return ModelSummary(model, latest or "", int(count or 0))
+        return ModelSummary(model, latest or "", int(count or 0), int(yanked or 0))
 
     def get_model(self, name: str) -> tuple[ModelSummary, list[ModelVersionRow]]:
         with self._db.unit_of_work(readonly=True) as uow:
@@ -295,3 +362,179 @@ class RegistryService:
     def get_version(self, name: str, version: str) -> ModelVersionRow:
         with self._db.unit_of_work(readonly=True) as uow:
             return require_version(uow.session, name, version)
+
+    # ------------------------------------------------------------ housekeeping
+
+    def yank(self, actor: str, name: str, version: str, reason: str) -> ModelVersionRow:
+        """Refuse new assignments and rollouts of `name@version` from now on;
+        devices running it keep it (their desired state does not change)."""
+        if not reason.strip():
+            raise InvalidArgument(
+                "say why the version is yanked (--reason): it is shown to whoever tries to "
+                "assign it or roll it out"
+            )
+        with self._db.unit_of_work() as uow:
+            row = require_version(uow.session, name, version)
+            if row.yanked_at is None:
+                row.yanked_at = utcnow()
+                row.yanked_by = actor
+            row.yank_reason = reason.strip()
+            audit.record(uow, actor, "model.yank", f"model:{name}@{version}", reason=reason)
+            uow.commit()
+        self._events.publish(FleetEvent("model.updated", subject=f"{name}@{version}"))
+        return row
+
+    def unyank(self, actor: str, name: str, version: str, reason: str = "") -> ModelVersionRow:
+        """Allow assignments and rollouts of `name@version` again."""
+        with self._db.unit_of_work() as uow:
+            row = require_version(uow.session, name, version)
+            if row.yanked_at is None:
+                raise FailedPrecondition(f"{name}@{version} is not yanked")
+            was = row.yank_reason
+            row.yanked_at = None
+            row.yanked_by = ""
+            row.yank_reason = ""
+            audit.record(
+                uow, actor, "model.unyank", f"model:{name}@{version}", reason=reason, was=was
+            )
+            uow.commit()
+        self._events.publish(FleetEvent("model.updated", subject=f"{name}@{version}"))
+        return row
+
+    def delete_version(self, actor: str, name: str, version: str, reason: str = "") -> Deleted:
+        """Delete a version that was never deployed, with its builds, their
+        artifacts and the blobs nothing else refers to, in one transaction
+        (cached blob files are removed after it commits). A deployed one is
+        refused (FAILED_PRECONDITION saying where), to be yanked instead:
+        devices, rollouts and the history name it."""
+        ref = f"{name}@{version}"
+        with self._db.unit_of_work() as uow:
+            session = uow.session
+            found = require_version(session, name, version)
+            # Locked: an assignment of it (which marks it) waits, then sees
+            # it gone, rather than being deleted with it by the cascade.
+            mv = session.get_one(ModelVersionRow, found.id, with_for_update=True)
+            self._check_deletable(session, mv, ref)
+            build_ids = list(
+                session.scalars(select(BuildRow.id).where(BuildRow.model_version_id == mv.id))
+            )
+            artifacts = list(
+                session.scalars(
+                    select(ArtifactRow).where(
+                        or_(
+                            ArtifactRow.model_version_id == mv.id,
+                            ArtifactRow.build_id.in_(build_ids),
+                        )
+                    )
+                )
+            )
+            digests = {mv.model_digest, mv.sample_data_digest, mv.labels_digest}
+            for build in session.scalars(select(BuildRow).where(BuildRow.id.in_(build_ids))):
+                digests |= {build.artifact_digest, build.fallback_digest}
+            for artifact in artifacts:
+                digests |= {artifact.digest, artifact.companion_digest, artifact.fallback_digest}
+            _adopt_reuses(session, build_ids)
+            artifact_ids = [a.id for a in artifacts]
+            session.execute(delete(ArtifactRow).where(ArtifactRow.id.in_(artifact_ids)))
+            session.execute(delete(BuildRow).where(BuildRow.id.in_(build_ids)))
+            session.execute(delete(ModelVersionRow).where(ModelVersionRow.id == mv.id))
+            freed = _unreferenced_blobs(session, {d for d in digests if d})
+            size = sum(session.scalars(select(BlobRow.size_bytes).where(BlobRow.digest.in_(freed))))
+            session.execute(delete(BlobChunkRow).where(BlobChunkRow.digest.in_(freed)))
+            session.execute(delete(BlobRow).where(BlobRow.digest.in_(freed)))
+            audit.record(
+                uow, actor, "model.delete", f"model:{ref}", reason=reason, builds=len(build_ids),
+                artifacts=len(artifacts), blobs=len(freed), bytes=size,
+            )  # fmt: skip
+            uow.commit()
+        self._blobs.drop_cached(freed)
+        self._events.publish(FleetEvent("model.deleted", subject=ref))
+        return Deleted(len(build_ids), len(artifacts), len(freed), int(size))
+
+    @staticmethod
+    def _check_deletable(session: Session, mv: ModelVersionRow, ref: str) -> None:
+        running = list(
+            session.scalars(
+                select(BuildRow.id).where(
+                    # builds.RUNNING (builds imports this module)
+                    BuildRow.model_version_id == mv.id,
+                    BuildRow.state == "running",
+                )
+            )
+        )
+        if running:
+            ids = _some([i[:12] for i in running])
+            raise FailedPrecondition(
+                f"{ref} has running builds ({ids}); cancel them first "
+                "(`edgefleet builds cancel ID`)"
+            )
+        where = []
+        devices = list(
+            session.scalars(
+                select(DeviceRow.name)
+                .join(DeviceAssignmentRow, DeviceAssignmentRow.device_id == DeviceRow.id)
+                .where(DeviceAssignmentRow.model_version_id == mv.id)
+                .order_by(DeviceRow.name)
+            )
+        )
+        if devices:
+            where.append(f"assigned to {len(devices)} device(s): {_some(devices)}")
+        rollouts = list(
+            session.scalars(
+                select(RolloutRow.id)
+                .where(RolloutRow.model_version_id == mv.id)
+                .order_by(RolloutRow.created_at)
+            )
+        )
+        if rollouts:
+            where.append(f"in rollout(s) {_some([r[:12] for r in rollouts])}")
+        reverts = list(
+            session.scalars(
+                select(RolloutDeviceRow.rollout_id)
+                .where(RolloutDeviceRow.previous_model_version_id == mv.id)
+                .distinct()
+            )
+        )
+        if reverts:
+            where.append(f"what rollout(s) {_some([r[:12] for r in reverts])} revert to")
+        if not where and mv.first_assigned_at is not None:
+            where.append(f"assigned since {mv.first_assigned_at:%Y-%m-%d %H:%M} UTC")
+        if where:
+            raise FailedPrecondition(
+                f"{ref} has been deployed ({'; '.join(where)}): only a version never deployed "
+                f"can be deleted; yank it instead (`edgefleet models yank {ref} --reason ...`)"
+            )
+
+
+def _adopt_reuses(session: Session, build_ids: Sequence[str]) -> None:
+    """Builds of other versions that reused a result of `build_ids` (about
+    to be deleted) take their oldest copy as the source instead: a later
+    twin re-signs the source's manifest (services/builds.py)."""
+    reusers = list(
+        session.scalars(
+            select(BuildRow)
+            .where(BuildRow.reused_from.in_(build_ids), BuildRow.id.not_in(build_ids))
+            .order_by(BuildRow.created_at)
+        )
+    )
+    sources: dict[str, BuildRow] = {}
+    for build in reusers:
+        gone = build.reused_from
+        assert gone is not None
+        source = sources.setdefault(gone, build)
+        build.reused_from = None if build is source else source.id
+
+
+def _unreferenced_blobs(session: Session, digests: set[str]) -> list[str]:
+    """Those of `digests` no model version, build or artifact refers to."""
+    if not digests:
+        return []
+    used: set[str] = set()
+    mv, b, a = ModelVersionRow, BuildRow, ArtifactRow
+    for column in (
+        mv.model_digest, mv.sample_data_digest, mv.labels_digest,
+        b.artifact_digest, b.fallback_digest,
+        a.digest, a.companion_digest, a.fallback_digest,
+    ):  # fmt: skip
+        used.update(session.scalars(select(column).where(column.in_(digests)).distinct()))
+    return sorted(digests - used)

@@ -65,7 +65,7 @@ from edgefleet.controlplane.services.deployments import (
 )
 from edgefleet.controlplane.services.devices import ACCEPTED, EventSink
 from edgefleet.controlplane.services.events import FleetEvent
-from edgefleet.controlplane.services.registry import require_version
+from edgefleet.controlplane.services.registry import require_assignable
 
 # Members an aborted rollout with revert has yet to put back.
 _UNREVERTED = (
@@ -290,7 +290,7 @@ class RolloutService:
         self._spec(spec)
         with self._db.unit_of_work() as uow:
             session = uow.session
-            mv = require_version(session, spec.model_name, spec.model_version)
+            mv = require_assignable(session, spec.model_name, spec.model_version)
             plan = self._plan(session, spec, mv)
             if dry_run:
                 return None, plan

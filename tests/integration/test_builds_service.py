@@ -23,6 +23,7 @@ from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.controlplane.db.models import BuildRow
 from edgefleet.controlplane.domain import signing
 from edgefleet.controlplane.server import ControlPlane
+from edgefleet.controlplane.services.builds import Lease
 from edgefleet.demo.models import BuiltModel
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
@@ -174,7 +175,8 @@ async def test_an_expired_lease_is_run_again_and_the_old_runner_cannot_publish(
         assert not await asyncio.to_thread(
             builds.finish, first, "dead-runner", fake_result(digits.model), ""
         )
-        assert not await asyncio.to_thread(builds.renew, first.build_id, "dead-runner", 60, 0.5, "")
+        lost = await asyncio.to_thread(builds.renew, first.build_id, "dead-runner", 60, 0.5, "")
+        assert lost == Lease.LOST
         assert await asyncio.to_thread(
             builds.finish, second, "live-runner", fake_result(digits.model), ""
         )

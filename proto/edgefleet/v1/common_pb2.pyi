@@ -920,6 +920,11 @@ class ModelVersion(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    YANKED_FIELD_NUMBER: _builtins.int
+    YANK_REASON_FIELD_NUMBER: _builtins.int
+    YANKED_BY_FIELD_NUMBER: _builtins.int
+    YANKED_AT_FIELD_NUMBER: _builtins.int
+    FIRST_ASSIGNED_AT_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     version: _builtins.str
     """Semantic version, immutable once pushed."""
@@ -930,6 +935,12 @@ class ModelVersion(_message.Message):
     opset: _builtins.int
     producer: _builtins.str
     created_by: _builtins.str
+    yanked: _builtins.bool
+    """Yanked: new assignments and rollouts of it are refused; what is
+    deployed stays.
+    """
+    yank_reason: _builtins.str
+    yanked_by: _builtins.str
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -940,6 +951,14 @@ class ModelVersion(_message.Message):
     def labels(self) -> Global___LabelsInfo: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def yanked_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def first_assigned_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was first assigned to a device (unset: never deployed, so it
+        may be deleted).
+        """
+
     def __init__(
         self,
         *,
@@ -956,10 +975,15 @@ class ModelVersion(_message.Message):
         labels: Global___LabelsInfo | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
+        yanked: _builtins.bool = ...,
+        yank_reason: _builtins.str = ...,
+        yanked_by: _builtins.str = ...,
+        yanked_at: _timestamp_pb2.Timestamp | None = ...,
+        first_assigned_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "labels", b"labels", "sample_data", b"sample_data"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "first_assigned_at", b"first_assigned_at", "labels", b"labels", "sample_data", b"sample_data", "yanked_at", b"yanked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "description", b"description", "inputs", b"inputs", "labels", b"labels", "model_name", b"model_name", "opset", b"opset", "outputs", b"outputs", "producer", b"producer", "sample_data", b"sample_data", "sha256", b"sha256", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "description", b"description", "first_assigned_at", b"first_assigned_at", "inputs", b"inputs", "labels", b"labels", "model_name", b"model_name", "opset", b"opset", "outputs", b"outputs", "producer", b"producer", "sample_data", b"sample_data", "sha256", b"sha256", "size_bytes", b"size_bytes", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked", "yanked_at", b"yanked_at", "yanked_by", b"yanked_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -974,10 +998,13 @@ class Model(_message.Message):
     LATEST_VERSION_FIELD_NUMBER: _builtins.int
     VERSION_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    YANKED_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     latest_version: _builtins.str
     version_count: _builtins.int
+    yanked_count: _builtins.int
+    """How many of its versions are yanked."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -988,10 +1015,11 @@ class Model(_message.Message):
         latest_version: _builtins.str = ...,
         version_count: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        yanked_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "latest_version", b"latest_version", "name", b"name", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "latest_version", b"latest_version", "name", b"name", "version_count", b"version_count", "yanked_count", b"yanked_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

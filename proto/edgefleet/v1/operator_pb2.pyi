@@ -103,6 +103,7 @@ class _BuildStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BuildState
     BUILD_STATE_RUNNING: _BuildState.ValueType  # 2
     BUILD_STATE_SUCCEEDED: _BuildState.ValueType  # 3
     BUILD_STATE_FAILED: _BuildState.ValueType  # 4
+    BUILD_STATE_CANCELLED: _BuildState.ValueType  # 5
 
 class BuildState(_BuildState, metaclass=_BuildStateEnumTypeWrapper):
     """---------------------------------------------------------------- builds"""
@@ -112,6 +113,7 @@ BUILD_STATE_QUEUED: BuildState.ValueType  # 1
 BUILD_STATE_RUNNING: BuildState.ValueType  # 2
 BUILD_STATE_SUCCEEDED: BuildState.ValueType  # 3
 BUILD_STATE_FAILED: BuildState.ValueType  # 4
+BUILD_STATE_CANCELLED: BuildState.ValueType  # 5
 Global___BuildState: _TypeAlias = BuildState  # noqa: Y015
 
 class _RolloutState:
@@ -1614,6 +1616,113 @@ class GetModelVersionRequest(_message.Message):
 Global___GetModelVersionRequest: _TypeAlias = GetModelVersionRequest  # noqa: Y015
 
 @_typing.final
+class YankModelVersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    version: _builtins.str
+    reason: _builtins.str
+    """Required: shown to whoever tries to assign or roll it out."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___YankModelVersionRequest: _TypeAlias = YankModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class UnyankModelVersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    version: _builtins.str
+    reason: _builtins.str
+    """For the audit log."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnyankModelVersionRequest: _TypeAlias = UnyankModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelVersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    version: _builtins.str
+    reason: _builtins.str
+    """For the audit log."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelVersionRequest: _TypeAlias = DeleteModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelVersionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUILDS_DELETED_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_DELETED_FIELD_NUMBER: _builtins.int
+    BLOBS_DELETED_FIELD_NUMBER: _builtins.int
+    BYTES_FREED_FIELD_NUMBER: _builtins.int
+    builds_deleted: _builtins.int
+    artifacts_deleted: _builtins.int
+    blobs_deleted: _builtins.int
+    """Blobs no other version, build or artifact refers to."""
+    bytes_freed: _builtins.int
+    def __init__(
+        self,
+        *,
+        builds_deleted: _builtins.int = ...,
+        artifacts_deleted: _builtins.int = ...,
+        blobs_deleted: _builtins.int = ...,
+        bytes_freed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts_deleted", b"artifacts_deleted", "blobs_deleted", b"blobs_deleted", "builds_deleted", b"builds_deleted", "bytes_freed", b"bytes_freed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelVersionResponse: _TypeAlias = DeleteModelVersionResponse  # noqa: Y015
+
+@_typing.final
 class BuildCandidate(_message.Message):
     """One measured point on a build's optimization ladder."""
 
@@ -1713,6 +1822,7 @@ class Build(_message.Message):
     FALLBACK_DIGEST_FIELD_NUMBER: _builtins.int
     FALLBACK_SIZE_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    CANCELLED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -1737,6 +1847,10 @@ class Build(_message.Message):
     """
     fallback_size: _builtins.int
     fallback_reason: _builtins.str
+    cancelled_by: _builtins.str
+    """Who cancelled it; set while RUNNING too, when its runner has been asked
+    to stop it.
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___BuildCandidate]: ...
     @_builtins.property
@@ -1768,10 +1882,11 @@ class Build(_message.Message):
         fallback_digest: _builtins.str = ...,
         fallback_size: _builtins.int = ...,
         fallback_reason: _builtins.str = ...,
+        cancelled_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "candidates", b"candidates", "class_name", b"class_name", "created_at", b"created_at", "dedup_key", b"dedup_key", "duration_s", b"duration_s", "error", b"error", "fallback_digest", b"fallback_digest", "fallback_reason", b"fallback_reason", "fallback_size", b"fallback_size", "finished_at", b"finished_at", "id", b"id", "log", b"log", "model_name", b"model_name", "model_version", b"model_version", "progress", b"progress", "reused_from", b"reused_from", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "cancelled_by", b"cancelled_by", "candidates", b"candidates", "class_name", b"class_name", "created_at", b"created_at", "dedup_key", b"dedup_key", "duration_s", b"duration_s", "error", b"error", "fallback_digest", b"fallback_digest", "fallback_reason", b"fallback_reason", "fallback_size", b"fallback_size", "finished_at", b"finished_at", "id", b"id", "log", b"log", "model_name", b"model_name", "model_version", b"model_version", "progress", b"progress", "reused_from", b"reused_from", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1893,6 +2008,25 @@ class GetBuildRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBuildRequest: _TypeAlias = GetBuildRequest  # noqa: Y015
+
+@_typing.final
+class CancelBuildRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBuildRequest: _TypeAlias = CancelBuildRequest  # noqa: Y015
 
 @_typing.final
 class Artifact(_message.Message):

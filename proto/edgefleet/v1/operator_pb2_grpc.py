@@ -160,6 +160,21 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.GetModelVersionRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_common__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.YankModelVersion = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/YankModelVersion',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.YankModelVersionRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_common__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.UnyankModelVersion = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/UnyankModelVersion',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.UnyankModelVersionRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_common__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.DeleteModelVersion = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/DeleteModelVersion',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelVersionRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelVersionResponse.FromString,
+                _registered_method=True)
         self.RunBuild = channel.unary_unary(
                 '/edgefleet.v1.OperatorService/RunBuild',
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.RunBuildRequest.SerializeToString,
@@ -173,6 +188,11 @@ class OperatorServiceStub:
         self.GetBuild = channel.unary_unary(
                 '/edgefleet.v1.OperatorService/GetBuild',
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.GetBuildRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.Build.FromString,
+                _registered_method=True)
+        self.CancelBuild = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/CancelBuild',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.CancelBuildRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.Build.FromString,
                 _registered_method=True)
         self.ListArtifacts = channel.unary_unary(
@@ -439,6 +459,28 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def YankModelVersion(self, request, context):
+        """A yanked version is refused by AssignModel and CreateRollout (with the
+        reason); devices that run it keep it. Reversible: UnyankModelVersion.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnyankModelVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModelVersion(self, request, context):
+        """Only a version never deployed (never assigned, in no rollout): removes
+        it with its builds, artifacts and the blobs nothing else refers to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RunBuild(self, request, context):
         """Builds: one per (model version, device class).
         """
@@ -454,6 +496,14 @@ class OperatorServiceServicer:
 
     def GetBuild(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBuild(self, request, context):
+        """A queued build ends CANCELLED at once; a running one when its runner has
+        stopped it (cancelled_by is set meanwhile). A finished one: FAILED_PRECONDITION.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -710,6 +760,21 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.GetModelVersionRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_common__pb2.ModelVersion.SerializeToString,
             ),
+            'YankModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.YankModelVersion,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.YankModelVersionRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_common__pb2.ModelVersion.SerializeToString,
+            ),
+            'UnyankModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnyankModelVersion,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.UnyankModelVersionRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_common__pb2.ModelVersion.SerializeToString,
+            ),
+            'DeleteModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModelVersion,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelVersionRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelVersionResponse.SerializeToString,
+            ),
             'RunBuild': grpc.unary_unary_rpc_method_handler(
                     servicer.RunBuild,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RunBuildRequest.FromString,
@@ -723,6 +788,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
             'GetBuild': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBuild,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.GetBuildRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.Build.SerializeToString,
+            ),
+            'CancelBuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBuild,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.CancelBuildRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.Build.SerializeToString,
             ),
             'ListArtifacts': grpc.unary_unary_rpc_method_handler(
@@ -1507,6 +1577,87 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def YankModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/YankModelVersion',
+            edgefleet_dot_v1_dot_operator__pb2.YankModelVersionRequest.SerializeToString,
+            edgefleet_dot_v1_dot_common__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnyankModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/UnyankModelVersion',
+            edgefleet_dot_v1_dot_operator__pb2.UnyankModelVersionRequest.SerializeToString,
+            edgefleet_dot_v1_dot_common__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/DeleteModelVersion',
+            edgefleet_dot_v1_dot_operator__pb2.DeleteModelVersionRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.DeleteModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RunBuild(request,
             target,
             options=(),
@@ -1576,6 +1727,33 @@ class OperatorService:
             target,
             '/edgefleet.v1.OperatorService/GetBuild',
             edgefleet_dot_v1_dot_operator__pb2.GetBuildRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.Build.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/CancelBuild',
+            edgefleet_dot_v1_dot_operator__pb2.CancelBuildRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.Build.FromString,
             options,
             channel_credentials,

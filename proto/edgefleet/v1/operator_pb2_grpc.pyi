@@ -77,10 +77,23 @@ class OperatorServiceStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListModelsRequest, _operator_pb2.ListModelsResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.GetModelResponse]
     GetModelVersion: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetModelVersionRequest, _common_pb2.ModelVersion]
+    YankModelVersion: _grpc.UnaryUnaryMultiCallable[_operator_pb2.YankModelVersionRequest, _common_pb2.ModelVersion]
+    """A yanked version is refused by AssignModel and CreateRollout (with the
+    reason); devices that run it keep it. Reversible: UnyankModelVersion.
+    """
+    UnyankModelVersion: _grpc.UnaryUnaryMultiCallable[_operator_pb2.UnyankModelVersionRequest, _common_pb2.ModelVersion]
+    DeleteModelVersion: _grpc.UnaryUnaryMultiCallable[_operator_pb2.DeleteModelVersionRequest, _operator_pb2.DeleteModelVersionResponse]
+    """Only a version never deployed (never assigned, in no rollout): removes
+    it with its builds, artifacts and the blobs nothing else refers to.
+    """
     RunBuild: _grpc.UnaryUnaryMultiCallable[_operator_pb2.RunBuildRequest, _operator_pb2.RunBuildResponse]
     """Builds: one per (model version, device class)."""
     ListBuilds: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListBuildsRequest, _operator_pb2.ListBuildsResponse]
     GetBuild: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetBuildRequest, _operator_pb2.Build]
+    CancelBuild: _grpc.UnaryUnaryMultiCallable[_operator_pb2.CancelBuildRequest, _operator_pb2.Build]
+    """A queued build ends CANCELLED at once; a running one when its runner has
+    stopped it (cancelled_by is set meanwhile). A finished one: FAILED_PRECONDITION.
+    """
     ListArtifacts: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListArtifactsRequest, _operator_pb2.ListArtifactsResponse]
     """Artifacts: what builds published."""
     GetArtifact: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetArtifactRequest, _operator_pb2.Artifact]
@@ -158,10 +171,23 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListModelsRequest, _operator_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetModelRequest, _operator_pb2.GetModelResponse]  # type: ignore[assignment]
     GetModelVersion: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetModelVersionRequest, _common_pb2.ModelVersion]  # type: ignore[assignment]
+    YankModelVersion: _aio.UnaryUnaryMultiCallable[_operator_pb2.YankModelVersionRequest, _common_pb2.ModelVersion]  # type: ignore[assignment]
+    """A yanked version is refused by AssignModel and CreateRollout (with the
+    reason); devices that run it keep it. Reversible: UnyankModelVersion.
+    """
+    UnyankModelVersion: _aio.UnaryUnaryMultiCallable[_operator_pb2.UnyankModelVersionRequest, _common_pb2.ModelVersion]  # type: ignore[assignment]
+    DeleteModelVersion: _aio.UnaryUnaryMultiCallable[_operator_pb2.DeleteModelVersionRequest, _operator_pb2.DeleteModelVersionResponse]  # type: ignore[assignment]
+    """Only a version never deployed (never assigned, in no rollout): removes
+    it with its builds, artifacts and the blobs nothing else refers to.
+    """
     RunBuild: _aio.UnaryUnaryMultiCallable[_operator_pb2.RunBuildRequest, _operator_pb2.RunBuildResponse]  # type: ignore[assignment]
     """Builds: one per (model version, device class)."""
     ListBuilds: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListBuildsRequest, _operator_pb2.ListBuildsResponse]  # type: ignore[assignment]
     GetBuild: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetBuildRequest, _operator_pb2.Build]  # type: ignore[assignment]
+    CancelBuild: _aio.UnaryUnaryMultiCallable[_operator_pb2.CancelBuildRequest, _operator_pb2.Build]  # type: ignore[assignment]
+    """A queued build ends CANCELLED at once; a running one when its runner has
+    stopped it (cancelled_by is set meanwhile). A finished one: FAILED_PRECONDITION.
+    """
     ListArtifacts: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListArtifactsRequest, _operator_pb2.ListArtifactsResponse]  # type: ignore[assignment]
     """Artifacts: what builds published."""
     GetArtifact: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetArtifactRequest, _operator_pb2.Artifact]  # type: ignore[assignment]
@@ -388,6 +414,33 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_common_pb2.ModelVersion, _abc.Awaitable[_common_pb2.ModelVersion]]: ...
 
     @_abc_1.abstractmethod
+    def YankModelVersion(
+        self,
+        request: _operator_pb2.YankModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ModelVersion, _abc.Awaitable[_common_pb2.ModelVersion]]:
+        """A yanked version is refused by AssignModel and CreateRollout (with the
+        reason); devices that run it keep it. Reversible: UnyankModelVersion.
+        """
+
+    @_abc_1.abstractmethod
+    def UnyankModelVersion(
+        self,
+        request: _operator_pb2.UnyankModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ModelVersion, _abc.Awaitable[_common_pb2.ModelVersion]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteModelVersion(
+        self,
+        request: _operator_pb2.DeleteModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.DeleteModelVersionResponse, _abc.Awaitable[_operator_pb2.DeleteModelVersionResponse]]:
+        """Only a version never deployed (never assigned, in no rollout): removes
+        it with its builds, artifacts and the blobs nothing else refers to.
+        """
+
+    @_abc_1.abstractmethod
     def RunBuild(
         self,
         request: _operator_pb2.RunBuildRequest,
@@ -408,6 +461,16 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.GetBuildRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.Build, _abc.Awaitable[_operator_pb2.Build]]: ...
+
+    @_abc_1.abstractmethod
+    def CancelBuild(
+        self,
+        request: _operator_pb2.CancelBuildRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.Build, _abc.Awaitable[_operator_pb2.Build]]:
+        """A queued build ends CANCELLED at once; a running one when its runner has
+        stopped it (cancelled_by is set meanwhile). A finished one: FAILED_PRECONDITION.
+        """
 
     @_abc_1.abstractmethod
     def ListArtifacts(

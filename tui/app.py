@@ -75,6 +75,9 @@ class EdgeFleetApp(App[None]):
         self.fleet_events: Signal[FleetEvent] = Signal(self, "fleet-events")
         # What the watch stream delivered, for tests and the headless demo.
         self.events_seen = 0
+        # What to do about the start's failure to connect (TLS, an address
+        # never given), found at its first try; None when nothing to add.
+        self._advice: str | None = None
         self.set_reactive(EdgeFleetApp.connection, ConnectionStatus(client.target))
 
     def now(self) -> datetime:
@@ -99,11 +102,12 @@ class EdgeFleetApp(App[None]):
             if err.code in REFUSED:
                 self.refuse(err)
                 return False
-            reason = err.details
             if not self.connection.tries and isinstance(self.client, KnowsRole):
-                # Once, at the first failure: a TLS mismatch or an address
-                # the operator never gave will not mend by retrying.
-                reason = await self.client.advice(err) or reason
+                # Asked once, at the first failure, and kept over the retries:
+                # a TLS mismatch or an address the operator never gave will
+                # not mend by retrying, and later tries fail the same way.
+                self._advice = await self.client.advice(err)
+            reason = self._advice or err.details
             self.connection = self.connection.failed(reason, self.now())
             return False
         self.connection = self.connection.connected(role)

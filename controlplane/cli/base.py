@@ -21,7 +21,11 @@ from google.protobuf.message import Message
 from rich.console import Console, RenderableType
 
 from edgefleet.controlplane.client.connection import Connection
-from edgefleet.controlplane.client.contexts import ContextError, resolve_connection
+from edgefleet.controlplane.client.contexts import (
+    ContextError,
+    resolve_connection,
+    set_aside_hint,
+)
 from edgefleet.controlplane.client.errors import rpc_error_message, rpc_status
 from edgefleet.controlplane.client.syntax import (
     enum_choices,
@@ -151,7 +155,11 @@ class RootGroup(click.Group):
             settings = ctx.find_object(ConnectionSettings)
             connection = settings.resolved if settings is not None else None
             hint = transport_hint(err, connection) if connection is not None else None
-            raise CliError(hint or rpc_error_message(err)) from None
+            message = hint or rpc_error_message(err)
+            status = rpc_status(err)
+            if connection is not None and status and status[0] == grpc.StatusCode.UNAUTHENTICATED:
+                message = "; ".join(filter(None, (message, set_aside_hint(connection))))
+            raise CliError(message) from None
         except ContextError as err:
             raise CliError(str(err)) from None
         except OSError as err:

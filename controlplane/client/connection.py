@@ -144,6 +144,10 @@ class Connection:
     origin: str = field(default="", compare=False)
     # The context the settings came from, if any.
     context: str = field(default="", compare=False)
+    # The context in use that was left out because --server named another
+    # server (its token is not sent elsewhere): what an UNAUTHENTICATED for
+    # a missing token should mention.
+    set_aside: str = field(default="", compare=False)
     _stub: operator_pb2_grpc.OperatorServiceStub | None = field(default=None, repr=False)
 
     @property

@@ -328,7 +328,7 @@ def choose(
         # EDGEFLEET_SERVER) naming another one must not be sent it, nor be
         # held to its CA. Naming the context too (--context) says it is meant.
         if server is not None and server != chosen.server:
-            chosen = None
+            return Connection(server, token, ca_cert, set_aside=contexts.current)
     if chosen is None:
         if server is not None:
             return Connection(server, token, ca_cert)
@@ -344,6 +344,19 @@ def choose(
         ca_cert if ca_cert is not None else chosen.ca_cert,
         origin="" if server is not None else f"the server of context {name!r}",
         context=name or "",
+    )
+
+
+def set_aside_hint(connection: Connection) -> str:
+    """For a call refused for want of a token: the context in use that
+    --server (or EDGEFLEET_SERVER) left out, and how to use it anyway; ""
+    when no context was set aside or a token was sent."""
+    if not connection.set_aside or connection.token:
+        return ""
+    name = connection.set_aside
+    return (
+        f"context {name!r} (in use) was left out, with its token, because --server names "
+        f"another server than its own: add --context {name} to send its token there, or --token"
     )
 
 

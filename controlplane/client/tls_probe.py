@@ -112,6 +112,11 @@ def unavailable_advice(connection: Connection) -> str | None:
             "one (`edgefleet server`) or name it with --server or a context "
             "(`edgefleet context add NAME --server HOST:PORT`, then `edgefleet context use NAME`)"
         )
+    if found.serves_tls is None and _host_port(connection.server) is not None:
+        return (
+            f"no control plane answers at {connection.server}: is it running, and is that "
+            "the address it listens on (`edgefleet server --listen`)?"
+        )
     return mismatch_advice(connection.server, connection.ca_cert, found)
 
 

@@ -20,5 +20,9 @@ def test_nothing_answering_at_an_address_never_given_says_where_it_came_from() -
         assert advice is not None
         assert advice.startswith(f"no control plane answers at {server} (the default address")
         assert "edgefleet context add NAME --server HOST:PORT" in advice
-        # An address the operator gave: nothing to add to UNAVAILABLE.
-        assert unavailable_advice(Connection(server, None)) is None
+        # An address the operator gave: is it the right one?
+        given = unavailable_advice(Connection(server, None))
+        assert given == (
+            f"no control plane answers at {server}: is it running, and is that the address "
+            "it listens on (`edgefleet server --listen`)?"
+        )

@@ -337,3 +337,28 @@ async def test_each_server_error_is_one_readable_line(plane: Plane) -> None:
         (title, message), *_ = await until(pilot, lambda: notes, "the unreachable server")
         _one_readable_line(title, message, "UNAVAILABLE")
         assert message.startswith("control plane unreachable (")
+
+
+async def test_a_tls_server_without_its_ca_says_to_pass_it_on_every_retry(
+    tmp_path: Path,
+) -> None:
+    """The CLI's TLS advice on the start screen, kept over the retries (a
+    stranger saw it replaced by gRPC's "Socket closed" at the second try)."""
+    cp = await create_server(
+        ServerConfig(
+            data_dir=tmp_path / "cp", listen="127.0.0.1:0", device_listen="127.0.0.1:0",
+            admin_token=ADMIN_TOKEN, build_workers=0, tls=True,
+        )
+    )  # fmt: skip
+    try:
+        app = make_app(FleetClient(cp.address, ADMIN_TOKEN))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.connection.tries >= 2, "two failed tries")
+            message = " ".join(_message(app).split())
+            assert (
+                f"the control plane at {cp.address} serves TLS and this connection was plain"
+                in (message)
+            )
+            assert "--ca-cert" in message
+    finally:
+        await cp.stop(grace=0.5)

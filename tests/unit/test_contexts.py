@@ -30,6 +30,7 @@ from edgefleet.controlplane.client.contexts import (
     read_token_file,
     resolve_connection,
     save,
+    set_aside_hint,
     validate_name,
 )
 
@@ -404,6 +405,20 @@ def test_a_contexts_path_that_is_a_directory_is_named(tmp_path: Path) -> None:
     """It said "Is a directory: 3" (the descriptor, not the path)."""
     with pytest.raises(ContextError, match=re.escape(f"contexts file {tmp_path} is not a file")):
         load(tmp_path)
+
+
+def test_a_context_set_aside_by_server_is_named_when_the_token_is_missing(
+    tmp_path: Path,
+) -> None:
+    two = _two(tmp_path / "c.json")
+    elsewhere = _choose(two, server="dev:7443")
+    assert elsewhere.set_aside == "prod"
+    assert set_aside_hint(elsewhere) == (
+        "context 'prod' (in use) was left out, with its token, because --server names another "
+        "server than its own: add --context prod to send its token there, or --token"
+    )
+    assert set_aside_hint(_choose(two, server="dev:7443", token="t")) == ""
+    assert set_aside_hint(_choose(two)) == ""
 
 
 def test_a_context_whose_ca_file_is_gone_is_named_with_the_fix(

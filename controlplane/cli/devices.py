@@ -406,6 +406,9 @@ def devices_pin(
         for warning in pin_warnings(env.stub, device, class_name):
             click.secho(f"warning: {warning}", fg="yellow", bold=True, err=True)
         return
+    # A class that is not there fails every device alike: say it once,
+    # before asking (the server resolves a name or an id prefix).
+    env.stub.GetDeviceClass(operator_pb2.GetDeviceClassRequest(name=class_name))
     _each_device(
         env, picking, pin, question=f"Pin {{n}} devices to {class_name}?",
         verb=f"pinned to {class_name}:", yes=yes, as_json=as_json,

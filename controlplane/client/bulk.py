@@ -156,9 +156,23 @@ class BulkResult:
         head = f"{verb} {self.succeeded} of {len(self.outcomes)}"
         return f"{head}; {len(self.failed)} failed:" if self.failed else head
 
-    def failure_lines(self) -> list[str]:
-        """`pi-7 (0a1b...): FAILED_PRECONDITION: device is rejected`."""
-        return [f"{o.name} ({o.device_id}): {o.error}" for o in self.failed]
+    def failure_lines(self, shown: int = 5) -> list[str]:
+        """`pi-7 (0a1b...): FAILED_PRECONDITION: device is rejected`; devices
+        that failed with the same error share one line (`20 devices (pi-1,
+        pi-2, ... and 15 more): NOT_FOUND: no class 'x'`), since a call for
+        many devices at once, or a cause common to all, fails them alike."""
+        by_error: dict[str, list[Outcome]] = {}
+        for o in self.failed:
+            by_error.setdefault(o.error, []).append(o)
+        lines = []
+        for error, alike in by_error.items():
+            if len(alike) == 1:
+                lines.append(f"{alike[0].name} ({alike[0].device_id}): {error}")
+                continue
+            names = ", ".join(o.name for o in alike[:shown])
+            more = f" and {len(alike) - shown} more" if len(alike) > shown else ""
+            lines.append(f"{len(alike)} devices ({names}{more}): {error}")
+        return lines
 
     def short_summary(self, verb: str) -> str:
         """One line for a notification: `accepted 98, 2 failed: pi-7:

@@ -372,3 +372,12 @@ async def test_a_device_event_updates_its_row_without_reading_the_list(fleet: Fl
         await pilot.pause(0.5)
         assert client.lists == reads
         assert len(_names(app)) == PENDING + 1
+
+
+async def test_cli_pin_to_a_class_that_is_not_there_fails_once(fleet: Fleet) -> None:
+    """Not the same NOT_FOUND once per device (a stranger got 20)."""
+    result = await fleet.cli("devices", "pin", "--selector", "site=line-3", "nosuchclass", "--yes")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "nosuchclass" in result.stderr
+    assert result.stderr.startswith("error: NOT_FOUND: ")

@@ -86,6 +86,24 @@ def test_apply_each_collects_every_outcome() -> None:
     )
 
 
+def test_devices_failing_alike_share_one_line() -> None:
+    """A stranger's `unassign --selector` printed one error 20 times (one
+    call fails its whole chunk alike)."""
+    targets = [Target(str(i), f"pi-{i}") for i in range(20)]
+
+    def unassign(device_id: str) -> None:
+        if device_id != "3":
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, "in an active rollout")
+        raise _Refused(grpc.StatusCode.NOT_FOUND, "no such device")
+
+    result = bulk.apply_each(targets, unassign)
+    assert result.failure_lines() == [
+        "19 devices (pi-0, pi-1, pi-2, pi-4, pi-5 and 14 more): FAILED_PRECONDITION: in an "
+        "active rollout",
+        "pi-3 (3): NOT_FOUND: no such device",
+    ]
+
+
 def test_a_bug_is_not_a_device_failure() -> None:
     def broken(device_id: str) -> None:
         raise KeyError(device_id)

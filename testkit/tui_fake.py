@@ -185,6 +185,11 @@ def _audit_matches(e: d.AuditEntry, query: d.AuditQuery) -> bool:
     characters an id's start; `kind:text` for one kind)."""
     if query.actor and not e.actor.startswith(query.actor):
         return False
+    if e.at is not None and (
+        (query.since is not None and e.at < query.since)
+        or (query.until is not None and e.at >= query.until)
+    ):
+        return False
     action = query.action.rstrip(".")
     if action and e.action != action and not e.action.startswith(action + "."):
         return False

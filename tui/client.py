@@ -637,6 +637,10 @@ class FleetClient:
             limit=limit, before_id=before_id, actor=query.actor, action=query.action,
             target=query.target,
         )  # fmt: skip
+        if query.since is not None:
+            request.since.FromDatetime(query.since)
+        if query.until is not None:
+            request.until.FromDatetime(query.until)
         resp = await self._call("ListAuditLog", request)
         return [
             d.AuditEntry(e.id, _when(e.at), e.actor, e.action, e.target, e.details, e.target_name)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from edgefleet.controlplane.client.syntax import parse_when
+
 
 @dataclass(frozen=True)
 class Accelerator:
@@ -425,15 +427,22 @@ class AuditEntry:
 
     @property
     def target_text(self) -> str:
-        """`device:e15f... (edge-01)`: the target and the name it has now."""
-        _, _, rest = self.target.partition(":")
+        """`device:e15f0a9c (edge-01)`: the target, an id cut to the 8
+        characters tables show (the whole pushed the name out of sight at
+        80 columns), and the name it has now."""
+        kind, sep, rest = self.target.partition(":")
+        shown = self.target
+        if sep and kind not in ("class", "model") and len(rest) > 8:
+            shown = f"{kind}:{rest[:8]}"
         if self.target_name and self.target_name != rest:
-            return f"{self.target} ({self.target_name})"
-        return self.target
+            return f"{shown} ({self.target_name})"
+        return shown
 
 
 # The fields of an audit search typed as `actor=alice action=rollout`.
 AUDIT_SEARCH_FIELDS = ("actor", "action", "target")
+# And its time range: `since=2h until=2026-12-01T00:00Z`.
+AUDIT_SEARCH_TIMES = ("since", "until")
 
 
 @dataclass(frozen=True)
@@ -446,26 +455,43 @@ class AuditQuery:
     actor: str = ""
     action: str = ""
     target: str = ""
+    since: datetime | None = None
+    until: datetime | None = None
 
     @classmethod
-    def parse(cls, text: str) -> AuditQuery:
-        """`actor=alice action=device edge-01`: `field=value` words, and the
-        other words (joined by spaces) as the target."""
+    def parse(cls, text: str, now: datetime) -> AuditQuery:
+        """`actor=alice action=device since=2h edge-01`: `field=value` words
+        (since and until: a time ago or an ISO time, from `now`), and the
+        other words (joined by spaces) as the target. ValueError for a
+        `word=value` naming no field, or a time that is none: a search that
+        silently read them as a target found nothing."""
         fields: dict[str, str] = {}
+        times: dict[str, datetime] = {}
         rest: list[str] = []
         for word in text.split():
             key, sep, value = word.partition("=")
             if sep and key in AUDIT_SEARCH_FIELDS:
                 fields[key] = value
+            elif sep and key in AUDIT_SEARCH_TIMES:
+                times[key] = parse_when(value, now)
+            elif sep and key.isidentifier():
+                known = ", ".join(f"{k}=" for k in (*AUDIT_SEARCH_FIELDS, *AUDIT_SEARCH_TIMES))
+                raise ValueError(f"no search field {key!r}: use {known} or words of a target")
             else:
                 rest.append(word)
         if rest:
             fields["target"] = " ".join([*filter(None, [fields.get("target", "")]), *rest])
-        return cls(**fields)
+        return cls(**fields, **times)
 
     def describe(self) -> str:
-        """`actor=alice target=edge-01`; empty for no search."""
-        return " ".join(f"{k}={getattr(self, k)}" for k in AUDIT_SEARCH_FIELDS if getattr(self, k))
+        """`actor=alice target=edge-01 since=2026-12-07 00:00`; empty for no search."""
+        words = [f"{k}={getattr(self, k)}" for k in AUDIT_SEARCH_FIELDS if getattr(self, k)]
+        words += [
+            f"{k}={when:%Y-%m-%d %H:%M}"
+            for k in AUDIT_SEARCH_TIMES
+            if (when := getattr(self, k)) is not None
+        ]
+        return " ".join(words)
 
 
 # No search: the newest entries.

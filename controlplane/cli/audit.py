@@ -11,25 +11,9 @@ from rich.text import Text
 
 from edgefleet.controlplane.cli import render as render
 from edgefleet.controlplane.cli.base import emit, json_option, now, parsed, pass_env
-from edgefleet.controlplane.cli.rollouts import parse_start_at
 from edgefleet.controlplane.client.connection import Connection
-from edgefleet.controlplane.client.syntax import parse_duration
+from edgefleet.controlplane.client.syntax import parse_when
 from edgefleet.v1 import operator_pb2
-
-
-def parse_when(text: str, at: datetime) -> datetime:
-    """`2h`, `7d` (that long before `at`), or an ISO 8601 time (UTC when it
-    has no offset)."""
-    try:
-        return at - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        return parse_start_at(text)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is neither a time ago (2h, 7d) nor an ISO 8601 time (2026-11-23T02:00Z)"
-        ) from None
 
 
 def target_cell(entry: operator_pb2.AuditEntry) -> str:
@@ -46,8 +30,13 @@ def target_cell(entry: operator_pb2.AuditEntry) -> str:
 
 def audit_table(entries: Sequence[operator_pb2.AuditEntry]) -> Table:
     table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold")
-    for header in ("ID", "AT", "ACTOR", "ACTION", "TARGET"):
-        table.add_column(header, no_wrap=True)
+    # The id is what --before pages by, and the time is read whole: neither
+    # is cut; the rest fold onto more lines in a narrow terminal.
+    widest_id = max((len(str(e.id)) for e in entries), default=2)
+    table.add_column("ID", no_wrap=True, min_width=widest_id)
+    table.add_column("AT", no_wrap=True)
+    for header in ("ACTOR", "ACTION", "TARGET"):
+        table.add_column(header, overflow="fold")
     table.add_column("DETAILS", overflow="fold", min_width=12)
     for e in entries:
         cells = (str(e.id), render.format_time(e.at), e.actor, e.action, target_cell(e))

@@ -41,9 +41,13 @@ from edgefleet.v1 import common_pb2, operator_pb2
 # ------------------------------------------------------------------ scalars
 
 
+# How many characters of an id tables show (the server takes any unique prefix).
+SHORT_ID = 8
+
+
 def short_id(full: str) -> str:
-    """The first 8 characters, as tables show ids (the CLI accepts prefixes)."""
-    return full[:8]
+    """The first SHORT_ID characters, as tables show ids."""
+    return full[:SHORT_ID]
 
 
 def _when(ts: Timestamp) -> datetime | None:
@@ -124,7 +128,9 @@ def _table(*headers: str) -> Table:
             header,
             no_wrap=not wraps,
             overflow="fold" if wraps else "ellipsis",
-            min_width=12 if wraps else None,
+            # An id is what the next command takes: never cut below the 8
+            # characters tables show (`builds ls` at 80 columns showed 5).
+            min_width=12 if wraps else SHORT_ID if header == "ID" else None,
         )
     return table
 

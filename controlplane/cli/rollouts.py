@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import click
 from rich.console import Console, Group, RenderableType
@@ -39,7 +39,7 @@ from edgefleet.controlplane.client.rollout_edit import (
     resolve_members,
 )
 from edgefleet.controlplane.client.stages import parse_ramp, parse_stage
-from edgefleet.controlplane.client.syntax import parse_duration, parse_model_ref
+from edgefleet.controlplane.client.syntax import parse_duration, parse_iso_time, parse_model_ref
 from edgefleet.v1 import operator_pb2
 
 # Seconds between GetRollout polls while `rollouts watch` follows one.
@@ -92,18 +92,6 @@ _ENDED = frozenset({operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_S
 
 
 # ------------------------------------------------------------------ parsing (pure)
-
-
-def parse_start_at(text: str) -> datetime:
-    """An ISO 8601 time (`2026-11-23T02:00Z`, `2026-11-23 03:00+01:00`);
-    without an offset it is UTC."""
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not an ISO 8601 time; write e.g. 2026-11-23T02:00Z"
-        ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def rollout_ended(r: operator_pb2.Rollout) -> bool:
@@ -169,7 +157,7 @@ def _pacing(
 @click.option(
     "--start-at",
     metavar="ISO-TIME",
-    callback=parsed(parse_start_at),
+    callback=parsed(parse_iso_time),
     help="Start at this time, e.g. 2026-11-23T02:00Z (UTC unless an offset is given).",
 )
 @click.option(

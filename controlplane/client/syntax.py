@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgefleet.controlplane.domain.rules import Rule, parse_rule
@@ -218,3 +218,33 @@ def resolve_prefix(text: str, ids: Iterable[str], what: str) -> str:
     if len(matches) > 1:
         raise ValueError(f"{what} id {text!r} is ambiguous: {', '.join(matches)}")
     return matches[0] if matches else text
+
+
+# ------------------------------------------------------------------ times
+
+
+def parse_iso_time(text: str) -> datetime:
+    """An ISO 8601 time (`2026-11-23T02:00Z`, `2026-11-23 03:00+01:00`);
+    without an offset it is UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO 8601 time; write e.g. 2026-11-23T02:00Z"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def parse_when(text: str, at: datetime) -> datetime:
+    """`2h`, `7d` (that long before `at`), or an ISO 8601 time (UTC when it
+    has no offset)."""
+    try:
+        return at - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return parse_iso_time(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a time ago (2h, 7d) nor an ISO 8601 time (2026-11-23T02:00Z)"
+        ) from None

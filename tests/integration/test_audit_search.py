@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -225,7 +226,7 @@ async def test_the_tui_searches_the_server_and_shows_names(
         await pilot.press("7")
         await _until(pilot, lambda: isinstance(app.screen, AuditScreen) and _rows(app), "entries")
         assert [r[3] for r in _rows(app) if r[2] == "device.accept"] == [
-            f"device:{EDGE_01} (edge-01)"
+            f"device:{EDGE_01[:8]} (edge-01)"
         ]
         await pilot.press("slash", *"actor=alice action=class", "enter")
         await _until(pilot, lambda: [r[2] for r in _rows(app)] == ["class.delete"], "the search")
@@ -275,13 +276,26 @@ async def test_rollouts_and_model_versions_are_named_while_they_exist(
 
 
 def test_the_tui_search_text_parses_into_fields() -> None:
-    assert AuditQuery.parse("actor=alice action=rollout edge-01") == AuditQuery(
+    now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    assert AuditQuery.parse("actor=alice action=rollout edge-01", now) == AuditQuery(
         actor="alice", action="rollout", target="edge-01"
     )
-    assert AuditQuery.parse("  device:edge-01 ") == AuditQuery(target="device:edge-01")
-    assert AuditQuery.parse("colour=red") == AuditQuery(target="colour=red")
-    assert AuditQuery.parse("") == ALL_AUDIT
+    assert AuditQuery.parse("  device:edge-01 ", now) == AuditQuery(target="device:edge-01")
+    assert AuditQuery.parse("", now) == ALL_AUDIT
     assert AuditQuery(actor="a", target="b").describe() == "actor=a target=b"
+    # The time range (a stranger's since=2h was searched as a target).
+    ranged = AuditQuery.parse("since=2h until=2026-12-07T11:30Z pi", now)
+    assert ranged == AuditQuery(
+        target="pi",
+        since=datetime(2026, 12, 7, 10, 0, tzinfo=UTC),
+        until=datetime(2026, 12, 7, 11, 30, tzinfo=UTC),
+    )
+    assert ranged.describe() == "target=pi since=2026-12-07 10:00 until=2026-12-07 11:30"
+    # A field that is none is refused, not searched as a target.
+    with pytest.raises(ValueError, match="no search field 'colour': use actor=, action="):
+        AuditQuery.parse("colour=red", now)
+    with pytest.raises(ValueError, match="'soon' is neither a time ago"):
+        AuditQuery.parse("since=soon", now)
 
 
 async def test_the_fake_searches_and_fails_as_the_server_does(

@@ -28,9 +28,10 @@ from edgefleet.controlplane.api import operator_servicer
 from edgefleet.controlplane.api.operator_servicer import _event_text, _Mailbox
 from edgefleet.controlplane.cli import cli
 from edgefleet.controlplane.cli import render as render
-from edgefleet.controlplane.cli.rollouts import parse_start_at, rollout_ended
+from edgefleet.controlplane.cli.rollouts import rollout_ended
 from edgefleet.controlplane.client.format import format_pacing
 from edgefleet.controlplane.client.stages import format_stage, parse_ramp, parse_stage
+from edgefleet.controlplane.client.syntax import parse_iso_time
 from edgefleet.controlplane.server import ControlPlane
 from edgefleet.controlplane.services.events import EventBus, FleetEvent
 from edgefleet.demo.models import BuiltModel
@@ -189,11 +190,11 @@ def test_parse_ramp_and_start_at() -> None:
     for bad in ("10", "0:2", "x:2", "10:0.5", "10:"):
         with pytest.raises(ValueError):
             parse_ramp(bad)
-    assert parse_start_at("2026-11-23T02:00Z") == datetime(2026, 11, 23, 2, tzinfo=UTC)
-    assert parse_start_at("2026-11-23 03:00+01:00") == datetime(2026, 11, 23, 2, tzinfo=UTC)
-    assert parse_start_at("2026-11-23T02:00") == datetime(2026, 11, 23, 2, tzinfo=UTC)
+    assert parse_iso_time("2026-11-23T02:00Z") == datetime(2026, 11, 23, 2, tzinfo=UTC)
+    assert parse_iso_time("2026-11-23 03:00+01:00") == datetime(2026, 11, 23, 2, tzinfo=UTC)
+    assert parse_iso_time("2026-11-23T02:00") == datetime(2026, 11, 23, 2, tzinfo=UTC)
     with pytest.raises(ValueError, match="not an ISO 8601 time"):
-        parse_start_at("tomorrow")
+        parse_iso_time("tomorrow")
 
 
 # ------------------------------------------------------------------ rendering

@@ -10,7 +10,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Input, Static
 
-from edgefleet.tui.data import ALL_AUDIT, AUDIT_SEARCH_FIELDS, AuditEntry, AuditQuery
+from edgefleet.tui.data import (
+    ALL_AUDIT,
+    AUDIT_SEARCH_FIELDS,
+    AUDIT_SEARCH_TIMES,
+    AuditEntry,
+    AuditQuery,
+)
 from edgefleet.tui.screens.base import FleetScreen, keep_cursor, reporting
 from edgefleet.tui.summary import format_time
 
@@ -32,6 +38,9 @@ class AuditScreen(FleetScreen):
         self._entries: list[AuditEntry] = []
         # The server-side search the entries are of (Enter sets it).
         self._query: AuditQuery = ALL_AUDIT
+        # The filter's text that made it (since=2h is relative: its times
+        # cannot be compared with a new parse).
+        self._query_text = ""
 
     def compose(self) -> ComposeResult:
         yield from self.compose_nav()
@@ -67,7 +76,7 @@ class AuditScreen(FleetScreen):
     def render_table(self) -> None:
         typed = self.query_one(Input).value
         words = [w for w in typed.lower().split() if not _field_word(w)]
-        if self._query != ALL_AUDIT and AuditQuery.parse(typed) == self._query:
+        if self._query != ALL_AUDIT and typed.split() == self._query_text.split():
             words = []  # what the server found (by name, id prefix) is all shown
         table = self.query_one(DataTable)
         table.clear()
@@ -91,10 +100,15 @@ class AuditScreen(FleetScreen):
 
     def on_input_submitted(self) -> None:
         """Search the whole log on the server for what the filter says."""
-        query = AuditQuery.parse(self.query_one(Input).value)
+        try:
+            query = AuditQuery.parse(self.query_one(Input).value, self.now())
+        except ValueError as err:
+            self.notify(str(err), title="Search", severity="error", markup=False)
+            return
         self.set_focus(self.query_one(DataTable))
         if query != self._query or query != ALL_AUDIT:
             self._query = query
+            self._query_text = self.query_one(Input).value
             self.load()
 
     def action_leave_filter(self) -> None:
@@ -110,4 +124,4 @@ class AuditScreen(FleetScreen):
 def _field_word(word: str) -> bool:
     """`actor=alice`: a server search's field, not text to filter on."""
     key, sep, _ = word.partition("=")
-    return bool(sep) and key in AUDIT_SEARCH_FIELDS
+    return bool(sep) and key in (*AUDIT_SEARCH_FIELDS, *AUDIT_SEARCH_TIMES)

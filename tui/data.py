@@ -481,7 +481,10 @@ class AuditQuery:
                 rest.append(word)
         if rest:
             fields["target"] = " ".join([*filter(None, [fields.get("target", "")]), *rest])
-        return cls(**fields, **times)
+        return cls(
+            actor=fields.get("actor", ""), action=fields.get("action", ""),
+            target=fields.get("target", ""), since=times.get("since"), until=times.get("until"),
+        )  # fmt: skip
 
     def describe(self) -> str:
         """`actor=alice target=edge-01 since=2026-12-07 00:00`; empty for no search."""

@@ -21,6 +21,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.controlplane.client import push
+from edgefleet.controlplane.client.class_match import match_summary, match_warnings
 from edgefleet.controlplane.client.connection import Connection
 from edgefleet.controlplane.client.errors import rpc_status
 from edgefleet.controlplane.client.format import (
@@ -418,13 +419,13 @@ class FleetClient:
                 name=name, description=draft.description, priority=priority,
                 constraints=profile, match_rules=rules,
             )  # fmt: skip
-            return class_from_pb(await self._call("CreateDeviceClass", created))
+            return saved_class(await self._call("CreateDeviceClass", created), "created")
         updated = o.UpdateDeviceClassRequest(
             name=name, description=draft.description, priority=priority, constraints=profile,
             match_rules=rules, replace_match_rules=True,
             clear_constraints=cleared_constraints(draft),
         )  # fmt: skip
-        return class_from_pb(await self._call("UpdateDeviceClass", updated))
+        return saved_class(await self._call("UpdateDeviceClass", updated), "saved")
 
     # ------------------------------------------------------------ models and builds
 
@@ -889,6 +890,19 @@ def model_from_view(v: ModelView) -> d.DeviceModel:
         bytes_done=v.bytes_done, bytes_total=v.bytes_total, reason=v.reason, summary=v.summary,
         detail=model_update_text(v),
     )  # fmt: skip
+
+
+def saved_class(m: c.DeviceClass, verb: str) -> d.DeviceClass:
+    """A class as created or updated: with what its match report says, in
+    the CLI's words (device_count is the class's members, which a change of
+    rules moves only as devices report next)."""
+    if not m.HasField("match_report"):
+        return class_from_pb(m)
+    return replace(
+        class_from_pb(m),
+        match_summary=match_summary(m, verb),
+        match_warnings=tuple(match_warnings(m)),
+    )
 
 
 def class_from_pb(m: c.DeviceClass) -> d.DeviceClass:

@@ -165,6 +165,10 @@ class DeviceClass:
     # Rules written as the CLI reads them ("arch == aarch64").
     rules: tuple[str, ...] = ()
     device_count: int = 0
+    # After a create or update: how many devices the rules match now, and
+    # what looks like a mistake in them, in the CLI's words (class_match).
+    match_summary: str = ""
+    match_warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,14 @@ from edgefleet.controlplane.cli.base import (
     pass_env,
     usage_error,
 )
+from edgefleet.controlplane.client.class_match import match_summary, match_warnings
 from edgefleet.controlplane.client.connection import Connection
 from edgefleet.controlplane.client.syntax import (
     CONSTRAINT_FIELDS,
     FALLBACK_CHOICES,
     constraint_profile,
-    format_rule,
     parse_match,
 )
-from edgefleet.controlplane.domain.rules import quote_value
 from edgefleet.v1 import common_pb2, operator_pb2
 
 # `--clear` names: the options' own names.
@@ -212,53 +211,6 @@ def classes_update(
     updated = env.stub.UpdateDeviceClass(request)
     emit(as_json, updated, lambda: render.class_detail(updated))
     report_matches(updated, "updated", as_json=as_json)
-
-
-def _devices(n: int) -> str:
-    return f"{n} device" if n == 1 else f"{n} devices"
-
-
-def match_summary(cls: common_pb2.DeviceClass, verb: str) -> str:
-    """`class pi created; its rules match 158 devices now (...)`."""
-    r = cls.match_report
-    if not cls.match_rules:
-        return (
-            f"class {cls.name} {verb}; it has no match rules: devices join it only when pinned "
-            "(edgefleet devices pin)"
-        )
-    text = f"class {cls.name} {verb}; its rules match {_devices(r.matching)} now"
-    elsewhere = [
-        f"{r.pinned_elsewhere} pinned to other classes" if r.pinned_elsewhere else "",
-        f"{r.outranked} in higher-priority classes" if r.outranked else "",
-    ]
-    if any(elsewhere):
-        text += f" ({', '.join(e for e in elsewhere if e)})"
-    if r.unclassified:
-        text += f"; {_devices(r.unclassified)} of {r.fleet} in no class"
-    return text
-
-
-def match_warnings(cls: common_pb2.DeviceClass) -> list[str]:
-    """What looks like a mistake in the rules: a rule no device satisfies
-    (with the values devices have), or rules that match none together."""
-    r = cls.match_report
-    if not cls.match_rules or r.fleet == 0:
-        return []
-    out = []
-    for miss in r.misses:
-        field = miss.rule.field
-        seen = (
-            f"{field} of devices: {', '.join(quote_value(v) for v in miss.seen)}"
-            if miss.seen
-            else f"no device reports {field}"
-        )
-        out.append(
-            f"rule '{format_rule(miss.rule)}' matches no device of {r.fleet}; "
-            f"check the values: {seen}"
-        )
-    if not out and r.matching == 0:
-        out.append(f"no device of {r.fleet} matches all {len(cls.match_rules)} rules together")
-    return out
 
 
 def report_matches(cls: common_pb2.DeviceClass, verb: str, *, as_json: bool) -> None:

@@ -7,6 +7,7 @@ saving removes the constraint (the old value used to stay)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -21,7 +22,7 @@ from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
 from testkit.harness import ADMIN_TOKEN
-from testkit.rpc import ADMIN
+from testkit.rpc import ADMIN, enroll_accepted
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,6 +42,7 @@ async def op(server: ControlPlane) -> AsyncIterator[og.OperatorServiceStub]:
             ),
             metadata=ADMIN,
         )  # fmt: skip
+        await enroll_accepted(channel, "hw-pi")  # an aarch64 device: the rules match it
         yield stub
 
 
@@ -67,6 +69,14 @@ async def test_the_form_focuses_edits_in_place_and_clears_constraints(
     server: ControlPlane, op: og.OperatorServiceStub
 ) -> None:
     app = make_app(FleetClient(server.address, ADMIN_TOKEN), watch=False)
+    notes: list[str] = []
+    shown = app.notify
+
+    def notify(message: str, **kw: Any) -> None:
+        notes.append(message)
+        shown(message, **kw)
+
+    app.notify = notify  # type: ignore[method-assign]
     async with app.run_test(size=(100, 40)) as pilot:
         await settle(pilot)
         await pilot.press("3")
@@ -99,6 +109,9 @@ async def test_the_form_focuses_edits_in_place_and_clears_constraints(
         await pilot.press("ctrl+s")
         await settle(pilot)
         assert not isinstance(app.screen, ClassFormScreen), form.query_one("#errors").render()
+        # The CLI's words for what the rules match (it said "0 devices match"
+        # where `classes update` said 15: it showed the class's members).
+        assert "class pi saved; its rules match 1 device now" in notes
 
     saved = await op.GetDeviceClass(o.GetDeviceClassRequest(name="pi"), metadata=ADMIN)
     k = saved.constraints

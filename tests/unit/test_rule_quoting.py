@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgefleet.controlplane.cli.classes import match_summary, match_warnings
+from edgefleet.controlplane.client.class_match import match_summary, match_warnings
 from edgefleet.controlplane.domain import rules
 from edgefleet.controlplane.domain.rules import Op, Rule, make_rule, parse_rule
 from edgefleet.controlplane.errors import InvalidArgument

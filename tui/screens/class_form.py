@@ -132,5 +132,9 @@ class ClassFormScreen(ModalScreen[DeviceClass | None]):
             errors.update(f"{err.title}: {err.message}")
             self.app.notify(err.message, title=err.title, severity="error", markup=False)
             return
-        self.app.notify(f"saved class {saved.name} ({saved.device_count} devices match)")
+        self.app.notify(
+            saved.match_summary or f"class {saved.name} saved", title="Saved", markup=False
+        )
+        for warning in saved.match_warnings:
+            self.app.notify(warning, title="Check the rules", severity="warning", markup=False)
         self.dismiss(saved)

@@ -13,7 +13,7 @@ from edgefleet.controlplane.api import convert, limits, paging
 from edgefleet.controlplane.api.rpc import Handlers, P, rpc
 from edgefleet.controlplane.domain.roles import ADMIN, VIEWER
 from edgefleet.controlplane.errors import InvalidArgument, NotFound
-from edgefleet.controlplane.services import audit, keys
+from edgefleet.controlplane.services import audit, auth, keys
 from edgefleet.controlplane.services import references as ref
 from edgefleet.controlplane.services.artifacts import ArtifactService
 from edgefleet.controlplane.services.auth import OperatorPrincipal
@@ -585,12 +585,25 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
         client goes away. Drop-alerts are sent whatever the kinds."""
         mailbox = _Mailbox(frozenset(request.kinds), WATCH_QUEUE_SIZE)
         unsubscribe = self._events.subscribe(mailbox.offer)
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        loop = asyncio.get_running_loop()
+        check_at = loop.time() + WATCH_REAUTH_S
         try:
             # Headers now, not with the first event: a client that awaits
             # them knows the watch is live and misses nothing after.
             await context.send_initial_metadata(())
             while True:
-                at, event, dropped = await mailbox.take()
+                if loop.time() >= check_at:
+                    # The token was checked when the stream opened; one
+                    # revoked or expired since (on any replica) ends it, as
+                    # its next call would be refused, instead of streaming on.
+                    await self.run(auth.authenticate_operator, self.db, authorization)
+                    check_at = loop.time() + WATCH_REAUTH_S
+                try:
+                    async with asyncio.timeout(check_at - loop.time()):
+                        at, event, dropped = await mailbox.take()
+                except TimeoutError:
+                    continue
                 if dropped:
                     yield _fleet_event(at, FleetEvent("alert", message=_dropped_text(dropped)))
                 out = _fleet_event(at, event)
@@ -763,6 +776,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
 # Events a watcher may fall behind by before the oldest are dropped: a slow
 # client must never hold up the bus, which also drives the sync hub.
 WATCH_QUEUE_SIZE = 1024
+# How often a watch checks its operator token again (revoked, expired).
+WATCH_REAUTH_S = 5.0
 # device.assigned can name thousands of devices; the text names this many.
 WATCH_DEVICE_IDS = 20
 # Device ids a watch event carries as ids (FleetEvent.device_ids): enough for

@@ -205,6 +205,25 @@ async def test_a_token_revoked_mid_session_ends_on_the_refusal_screen(plane: Pla
         assert toasts == []  # the refusal is the screen, not an error toast
 
 
+async def test_a_token_revoked_while_idle_ends_the_live_view(plane: Plane) -> None:
+    """No key pressed: the watch stream checks its token again (every
+    WATCH_REAUTH_S) and ends on the revocation, so the TUI does not show
+    "connected" with live data over a token the server refuses (a stranger
+    saw that for 25 s and more, until some event made a screen reload)."""
+    token = await _operator_token(plane.address, o.OPERATOR_ROLE_VIEWER, "wall-screen")
+    app = make_app(FleetClient(plane.address, token))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.events_seen, "the watch")
+        async with grpc.aio.insecure_channel(plane.address) as channel:
+            stub = og.OperatorServiceStub(channel)
+            listed = await stub.ListOperatorTokens(o.ListOperatorTokensRequest(), metadata=ADMIN)
+            (mine,) = [t.id for t in listed.tokens if t.name == "wall-screen"]
+            await stub.RevokeOperatorToken(o.RevokeOperatorTokenRequest(id=mine), metadata=ADMIN)
+        await until(pilot, lambda: isinstance(app.screen, ConnectScreen)
+                    and "operator token 'wall-screen' was revoked" in _message(app),
+                    "the refusal screen", within_s=15)  # fmt: skip
+
+
 async def test_the_status_follows_the_server_stopping_and_coming_back(plane: Plane) -> None:
     app = make_app(FleetClient(plane.address, ADMIN_TOKEN))
     toasts = _toasts(app)

@@ -67,8 +67,8 @@ def jump_targets(
         latest = f"latest {m.latest_version or '-'} · {m.version_count} version(s)"
         targets.append(JumpTarget("model", m.name, m.name, latest))
     for c in classes:
-        targets.append(JumpTarget("class", c.name, c.name,
-                                  f"{c.device_count} device(s) · {c.description}"))  # fmt: skip
+        about = " · ".join(filter(None, (f"{c.device_count} device(s)", c.description)))
+        targets.append(JumpTarget("class", c.name, c.name, about))
     return targets
 
 

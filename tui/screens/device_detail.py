@@ -280,9 +280,10 @@ class DeviceDetailScreen(FleetScreen):
         if was == version:
             self.app.notify(f"{device.name} has {ref} assigned already", markup=False)
             return
-        instead = f" in place of {model}@{was}" if was else "; its other models stay"
-        question = (f"Assign {ref} to {device.name}{instead}? Its agent installs its class's "
-                    "build of it.")  # fmt: skip
+        instead = f" in place of {model}@{was}" if was else ""
+        stay = "" if was else " Its other models stay."
+        question = (f"Assign {ref} to {device.name}{instead}?{stay} Its agent installs its "
+                    "class's build of it.")  # fmt: skip
 
         def answered(yes: bool | None) -> None:
             if yes:

@@ -187,6 +187,10 @@ class WizardScreen(FleetScreen):
         if draft != self._planned:
             self.app.notify("dry run this draft first (ctrl+r)", severity="warning")
             return
+        if self.plan is not None and not self.plan.planned:
+            self.app.notify("the dry run found no device to update: nothing to start",
+                            severity="warning", markup=False)  # fmt: skip
+            return
         self.start(draft)
 
     def _error(self, err: ClientError) -> None:
@@ -200,13 +204,20 @@ class WizardScreen(FleetScreen):
         except ClientError as err:
             self._error(err)
             return
-        self.query_one("#errors", Static).update(
+        counts = (
             f"{len(plan.planned)} devices in {len(plan.stages)} stages, "
-            f"{len(plan.excluded)} excluded; ctrl+s starts it"
+            f"{len(plan.excluded)} excluded"
         )
+        # No device to update: nothing to start (the server refuses it);
+        # the exclusions below say why.
+        startable = bool(plan.planned)
+        self.query_one("#errors", Static).update(
+            f"{counts}; ctrl+s starts it" if startable
+            else f"{counts}: nothing to start; the exclusions say why"
+        )  # fmt: skip
         self.query_one("#plan", Static).update(PlanView(plan))
         self._planned, self.plan = draft, plan
-        self.query_one("#start", Button).disabled = False
+        self.query_one("#start", Button).disabled = not startable
         self.query_one("#plan", Static).scroll_visible()
 
     @work(exclusive=True, group="wizard-start", exit_on_error=False)

@@ -107,15 +107,17 @@ def unavailable_advice(connection: Connection) -> str | None:
     if found.serves_tls is None and connection.origin:
         # Nothing answers where the operator never said to look: say where
         # the address came from, or they chase a server they never named.
+        # The status stays first: scripts and people grep for UNAVAILABLE.
         return (
-            f"no control plane answers at {connection.server} ({connection.origin}); start "
+            f"UNAVAILABLE: no control plane answers at {connection.server} "
+            f"({connection.origin}); start "
             "one (`edgefleet server`) or name it with --server or a context "
             "(`edgefleet context add NAME --server HOST:PORT`, then `edgefleet context use NAME`)"
         )
     if found.serves_tls is None and _host_port(connection.server) is not None:
         return (
-            f"no control plane answers at {connection.server}: is it running, and is that "
-            "the address it listens on (`edgefleet server --listen`)?"
+            f"UNAVAILABLE: no control plane answers at {connection.server}: is it running, "
+            "and is that the address it listens on (`edgefleet server --listen`)?"
         )
     return mismatch_advice(connection.server, connection.ca_cert, found)
 

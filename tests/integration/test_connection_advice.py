@@ -18,11 +18,13 @@ def test_nothing_answering_at_an_address_never_given_says_where_it_came_from() -
         default = Connection(server, None, origin="the default address: no --server")
         advice = unavailable_advice(default)
         assert advice is not None
-        assert advice.startswith(f"no control plane answers at {server} (the default address")
+        assert advice.startswith(
+            f"UNAVAILABLE: no control plane answers at {server} (the default address"
+        )
         assert "edgefleet context add NAME --server HOST:PORT" in advice
         # An address the operator gave: is it the right one?
         given = unavailable_advice(Connection(server, None))
         assert given == (
-            f"no control plane answers at {server}: is it running, and is that the address "
-            "it listens on (`edgefleet server --listen`)?"
+            f"UNAVAILABLE: no control plane answers at {server}: is it running, and is that "
+            "the address it listens on (`edgefleet server --listen`)?"
         )

@@ -334,6 +334,7 @@ async def test_each_server_error_is_one_readable_line(plane: Plane) -> None:
     app = make_app(FleetClient(plane.address, viewer), watch=False)
     notes = _notes(app)
     async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.connection.state == "connected", "connected")
         await pilot.press("2")
         await until(pilot, lambda: app.screen.query_one("#devices").row_count == 1, "the device")
         await pilot.press("a", "y")
@@ -341,10 +342,13 @@ async def test_each_server_error_is_one_readable_line(plane: Plane) -> None:
         _one_readable_line(title, message, "PERMISSION_DENIED")
         assert "viewer" in message
 
-    # An admin's label key the server refuses, then an accept with the server gone.
-    app = make_app(FleetClient(plane.address, ADMIN_TOKEN), watch=False)
+    # An admin's label key the server refuses, then an accept with the server
+    # gone (the live watch notices it first, so the call fails at once
+    # instead of waiting out a reconnect).
+    app = make_app(FleetClient(plane.address, ADMIN_TOKEN))
     notes = _notes(app)
     async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.connection.state == "connected", "connected")
         await pilot.press("2")
         await until(pilot, lambda: app.screen.query_one("#devices").row_count == 1, "the device")
         await pilot.press("l", *("k" * 300 + "=v"), "enter")
@@ -352,6 +356,8 @@ async def test_each_server_error_is_one_readable_line(plane: Plane) -> None:
         _one_readable_line(title, message, "INVALID_ARGUMENT")
         notes.clear()
         await plane.stop()
+        await until(pilot, lambda: app.connection.state == "reconnecting", "the watch lost")
+        notes.clear()  # the watch's own "Live updates lost"
         await pilot.press("a", "y")
         (title, message), *_ = await until(pilot, lambda: notes, "the unreachable server")
         _one_readable_line(title, message, "UNAVAILABLE")

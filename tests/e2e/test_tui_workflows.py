@@ -36,6 +36,7 @@ from edgefleet.v1 import operator_pb2_grpc as og
 from testkit.builds import finish_builds_by_hand
 from testkit.harness import ADMIN_TOKEN
 from testkit.models import model_parts, push_requests
+from testkit.tui_pilot import until
 
 pytestmark = pytest.mark.timeout(120)
 ADMIN = bearer_metadata(ADMIN_TOKEN)
@@ -74,22 +75,6 @@ async def op(cp: ControlPlane) -> AsyncIterator[og.OperatorServiceStub]:
 
 def _app(cp: ControlPlane) -> EdgeFleetApp:
     return make_app(FleetClient(cp.address, ADMIN_TOKEN))
-
-
-async def until(pilot: Pilot[None], condition: Callable[[], Any], what: str,
-                within_s: float = 30) -> Any:  # fmt: skip
-    """Let the app run until `condition()` is truthy (it reads the UI)."""
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        try:
-            value = condition()
-        except Exception:  # a widget not mounted yet, a row not there yet
-            value = None
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"the TUI never showed {what}")
-        await pilot.pause(0.05)
 
 
 def _rows(table: DataTable[Any]) -> list[list[str]]:

@@ -6,15 +6,13 @@ a server not up yet is retried until it answers."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from textual.pilot import Pilot
 from textual.widgets import Static
 
 from edgefleet.controlplane.config import ServerConfig
@@ -32,6 +30,7 @@ from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
 from testkit.harness import ADMIN_TOKEN
 from testkit.rpc import ADMIN
+from testkit.tui_pilot import until
 
 pytestmark = pytest.mark.timeout(90)
 SIZE = (100, 30)
@@ -88,21 +87,6 @@ def _calls(cp: ControlPlane) -> float:
         for s in metric.samples
         if s.name == "edgefleet_rpc_total"
     )
-
-
-async def until(pilot: Pilot[None], condition: Callable[[], Any], what: str,
-                within_s: float = 30) -> Any:  # fmt: skip
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        try:
-            value = condition()
-        except Exception:  # a widget not mounted yet
-            value = None
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"the TUI never showed {what}")
-        await pilot.pause(0.05)
 
 
 def _toasts(app: EdgeFleetApp) -> list[str]:

@@ -10,7 +10,7 @@ prefix; a model is assigned, then unassigned, from the device view."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from testkit.harness import ADMIN_TOKEN
 from testkit.models import model_parts, push_requests
 from testkit.rpc import ADMIN
 from testkit.tui_fake import DONE, NOW, ROLLOUT, FakeFleet
+from testkit.tui_pilot import until
 
 pytestmark = pytest.mark.timeout(120)
 SIZE = (100, 30)
@@ -112,22 +113,6 @@ async def world(server: ControlPlane, fleet_setup: FleetSetup) -> AsyncIterator[
         (pi,) = [x for x in devices if x.class_name == "pi"]
         gateways = [x for x in devices if x.class_name == "gw"]
         yield World(server, fleet_setup, fleet, pi, gateways)
-
-
-async def until(pilot: Pilot[None], condition: Callable[[], Any], what: str,
-                within_s: float = 30) -> Any:  # fmt: skip
-    """Let the app run until `condition()` is truthy (it reads the UI)."""
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        try:
-            value = condition()
-        except Exception:  # a widget not mounted yet, a row not there yet
-            value = None
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"the TUI never showed {what}")
-        await pilot.pause(0.05)
 
 
 def _rows(table: DataTable[Any]) -> list[list[str]]:

@@ -40,6 +40,7 @@ from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
 from testkit.fleet import GW, PI, FleetSetup, prepare_for_fleets
 from testkit.harness import ADMIN_TOKEN
+from testkit.tui_pilot import until
 
 pytestmark = pytest.mark.timeout(180)
 ADMIN = bearer_metadata(ADMIN_TOKEN)
@@ -86,21 +87,6 @@ def text_of(app: EdgeFleetApp, selector: str) -> str:
 def rows(app: EdgeFleetApp, selector: str = "DataTable") -> list[list[str]]:
     table: DataTable[Any] = app.screen.query_one(selector, DataTable)
     return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
-
-
-async def until(pilot: Pilot[None], condition: Callable[[], Any], what: str,
-                within_s: float = 30) -> Any:  # fmt: skip
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        try:
-            value = condition()
-        except Exception:  # a widget not mounted yet, a row not there yet
-            value = None
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"the TUI never showed {what}")
-        await pilot.pause(0.05)
 
 
 def seen(app: EdgeFleetApp) -> str:

@@ -127,11 +127,15 @@ async def test_a_running_build_is_cancelled_by_its_runner_or_by_the_next_claim(
         assert done.cancelled_by == asked.cancelled_by and done.finished_at.seconds
 
         # The twin: its runner's lease lapses after the cancel was asked.
-        twin = await asyncio.to_thread(builds.claim, "dying-runner", 0.2)
+        twin = await asyncio.to_thread(builds.claim, "dying-runner", 60)
         assert twin is not None and twin.build_id != job.build_id
         asked = await op.CancelBuild(o.CancelBuildRequest(id=twin.build_id), metadata=ADMIN)
         assert asked.state == o.BUILD_STATE_RUNNING
-        await asyncio.sleep(0.3)
+        # Its last renewal set a lease already over, and then it died (a
+        # lease in the past, not a short one slept through: a slow machine
+        # took 0.5 s between the claim and the cancel and it lapsed first).
+        lapsed = await asyncio.to_thread(builds.renew, twin.build_id, "dying-runner", -1, 0.1, "")
+        assert lapsed == Lease.CANCELLED
         assert await asyncio.to_thread(builds.claim, "live-runner", 60) is None
         done = await op.GetBuild(o.GetBuildRequest(id=twin.build_id), metadata=ADMIN)
         assert done.state == o.BUILD_STATE_CANCELLED

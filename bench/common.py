@@ -272,10 +272,13 @@ def make_profile(heartbeat_s: float, telemetry_s: float) -> FleetProfile:
 # ------------------------------------------------------------------ resources
 
 
-def _tree(pid: int) -> list[psutil.Process]:
+def _tree(pid: int, tree: bool = True) -> list[psutil.Process]:
+    """`pid` and, with `tree`, its descendants. Only ask for the tree when
+    it is wanted: finding children reads every process's /proc entry, and
+    this runs twice a second in the process that is the fleet."""
     try:
         root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)] if tree else [root]
     except psutil.NoSuchProcess:
         return []
 
@@ -283,7 +286,7 @@ def _tree(pid: int) -> list[psutil.Process]:
 def cpu_seconds(pid: int, tree: bool) -> float:
     """User + system CPU seconds of `pid` (and its descendants with `tree`)."""
     total = 0.0
-    for process in _tree(pid) if tree else _tree(pid)[:1]:
+    for process in _tree(pid, tree):
         with contextlib.suppress(psutil.NoSuchProcess):
             times = process.cpu_times()
             total += times.user + times.system
@@ -312,7 +315,7 @@ def worker_pids(supervisor: int) -> list[int]:
 
 def rss_bytes(pid: int, tree: bool) -> float:
     total = 0.0
-    for process in _tree(pid) if tree else _tree(pid)[:1]:
+    for process in _tree(pid, tree):
         with contextlib.suppress(psutil.NoSuchProcess):
             total += process.memory_info().rss
     return total

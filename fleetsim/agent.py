@@ -171,6 +171,10 @@ class FleetContext:
     # to send) and with each DesiredState as it arrives: benchmarks time them.
     on_heartbeat_ack: Callable[[SimAgent, float], None] | None = None
     on_desired: Callable[[SimAgent, device_pb2.DesiredState], None] | None = None
+    # Called with each model's state as it reports it (m.state is set): a
+    # benchmark follows a rollout by its transitions instead of scanning
+    # 10,000 agents several times a second from the fleet's own event loop.
+    on_state: Callable[[SimAgent, SimModel], None] | None = None
     # hardware id -> (device id, credential) of every enrollment: what a
     # re-enrollment of the same hardware id proves itself with (the control
     # plane refuses one without). Share one between runs with the same
@@ -1040,6 +1044,8 @@ class SimAgent:
         status.updated_at.GetCurrentTime()
         m.status = status
         m.reported = True
+        if self.ctx.on_state is not None:
+            self.ctx.on_state(self, m)
         await self._send_status((m,))
 
     async def _send_status(self, changed: tuple[SimModel, ...]) -> None:

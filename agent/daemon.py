@@ -63,6 +63,7 @@ from edgefleet.agent.transport import (
     transport_hint,
 )
 from edgefleet.agent.update.activation import HostActivator
+from edgefleet.agent.update.http_download import HttpDownloader
 from edgefleet.agent.update.machine import UpdateMachine
 from edgefleet.agent.update.models import ModelUpdate, ModelUpdates
 from edgefleet.agent.update.ports import Ports
@@ -142,6 +143,7 @@ def assignment_from_pb(
         statement_signature=pb.statement_signature,
         rollback=pb.rollback,
         key_rotations=tuple((r.statement, r.signature) for r in key_rotations),
+        sources=tuple((s.base_url, s.control_plane) for s in pb.sources),
     )
 
 
@@ -536,11 +538,21 @@ class Agent:
         reporter = StatusReporter(
             publish, record, active, condition=lambda: self._disk.reason, model_name=name
         )
+
+        def sources() -> tuple[tuple[str, bool], ...]:
+            assignment = record().assignment
+            return assignment.sources if assignment is not None else ()
+
         ports = Ports(
-            downloader=GrpcDownloader(
-                link.transport.blocking_device_channel,
+            downloader=HttpDownloader(
+                sources,
+                GrpcDownloader(
+                    link.transport.blocking_device_channel,
+                    link.credential,
+                    chunk_size=self.config.download_chunk_size,
+                ),
                 link.credential,
-                chunk_size=self.config.download_chunk_size,
+                link.transport.http_ssl_context,
             ),
             verifier=DeviceVerifier(state_dir, lambda: self._sync_state.class_name),
             validator=ManifestValidator(fingerprint=link.runtime),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,6 +286,17 @@ class Transport:
     def device_channel(self) -> grpc.aio.Channel:
         """A channel for device RPCs (see _device_port)."""
         return self._aio(*self._device_port())
+
+    def http_ssl_context(self) -> ssl.SSLContext | None:
+        """For artifact downloads over HTTPS from the control plane: its CA
+        trusted, the device's certificate presented (the same identity as
+        the device port). None before a certificate (plain text)."""
+        if self.device is None:
+            return None
+        directory = self._state_dir / TLS_DIR
+        context = ssl.create_default_context(cadata=self.device.ca_pem.decode())
+        context.load_cert_chain(directory / CERT_FILE, directory / KEY_FILE)
+        return context
 
     def blocking_device_channel(self) -> grpc.Channel:
         """device_channel for threads (the artifact downloader)."""

@@ -57,6 +57,13 @@ class ServerConfig:
     # can reach at device_listen (behind a load balancer or NAT).
     device_advertise: str | None = None
     device_cert_lifetime_s: float = 30 * 24 * 3600.0
+    # host:port of artifact downloads over HTTP (GET /v1/artifacts/<digest>,
+    # with ranges; with TLS, mutual TLS as on the device port); None:
+    # listen's host, port + 2 (port 0 when listen's is 0); "off": none.
+    artifact_http_listen: str | None = None
+    # The base URL agents fetch from (scheme://host:port), when it differs
+    # from what they can reach at artifact_http_listen.
+    artifact_http_advertise: str | None = None
 
     @property
     def blob_dir(self) -> Path:
@@ -75,6 +82,15 @@ class ServerConfig:
     def ca_file(self) -> Path:
         """The CA certificate agents and operators trust (written with TLS)."""
         return self.data_dir / "ca.pem"
+
+    def artifact_http_address(self) -> str | None:
+        """Where artifact downloads over HTTP listen; None when off."""
+        if self.artifact_http_listen == "off":
+            return None
+        if self.artifact_http_listen:
+            return self.artifact_http_listen
+        host, _, port = self.listen.rpartition(":")
+        return f"{host}:{int(port) + 2 if int(port) else 0}"
 
     def device_listen_address(self) -> str:
         """Where the mutual-TLS device port listens."""

@@ -30,6 +30,7 @@ from edgefleet.extras import require
 require("server", part=__name__)
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
@@ -38,6 +39,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import make_url
 
 from edgefleet.controlplane import file_modes, gc_policy, loop_lag, malloc_policy, open_files
+from edgefleet.controlplane.api import artifact_http
 from edgefleet.controlplane.api.device_servicer import DeviceServicer
 from edgefleet.controlplane.api.operator_servicer import OperatorServicer
 from edgefleet.controlplane.api.rpc import PeerCertificates, RpcMetrics
@@ -195,6 +197,8 @@ class ControlPlane:
     bridge: EventBridge | None
     # Stops the Prometheus endpoint; None when it is off.
     stop_metrics: Callable[[], None] | None
+    # Artifact downloads over HTTP; None when off.
+    artifact_http: ArtifactHttpSite | None = None
 
     @property
     def address(self) -> str:
@@ -224,6 +228,8 @@ class ControlPlane:
         # add to it any more (the status reports the agents sent last are
         # what the next replica acts on).
         await self.jobs.cancel()
+        if self.artifact_http is not None:
+            await self.artifact_http.runner.cleanup()
         await self.server.stop(grace)
         await self.jobs.join()
         if self.stop_metrics is not None:
@@ -232,6 +238,56 @@ class ControlPlane:
             self.bridge.stop()
         self.executors.shutdown()
         self.db.dispose()
+
+
+@dataclass(frozen=True)
+class ArtifactHttpSite:
+    """Artifact downloads over HTTP (api/artifact_http.py), listening."""
+
+    runner: web.AppRunner
+    port: int
+    # What agents are told: scheme://host:port, no path.
+    url: str
+
+
+async def _serve_artifact_http(
+    config: ServerConfig,
+    slot: WorkerSlot | None,
+    services: Services,
+    executors: Executors,
+    authority: pki.Authority | None,
+    key_and_certificate: tuple[bytes, bytes] | None,
+) -> ArtifactHttpSite | None:
+    """Listen for artifact downloads over HTTP, with mutual TLS when the
+    control plane serves TLS (the key and certificate go to files: Python's
+    ssl module loads them from nowhere else)."""
+    address = config.artifact_http_address()
+    if address is None:
+        return None
+    context = None
+    if authority is not None and key_and_certificate is not None:
+        key_pem, certificate_pem = key_and_certificate
+        tls_dir = config.data_dir / "artifact-http-tls"
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
+        atomic_write(tls_dir / "key.pem", key_pem)
+        atomic_write(tls_dir / "cert.pem", certificate_pem, mode=0o644)
+        context = artifact_http.mutual_tls_context(
+            str(tls_dir / "cert.pem"), str(tls_dir / "key.pem"), authority.certificate_pem
+        )
+    handler = artifact_http.ArtifactHttp(
+        artifacts=services.artifacts,
+        credentials=services.credentials,
+        executor=executors.db,
+        peer_certificates=PeerCertificates() if context is not None else None,
+    )
+    host, _, port = address.rpartition(":")
+    runner, bound = await artifact_http.start(
+        handler, host, int(port), ssl_context=context,
+        reuse_port=slot is not None and slot.workers > 1,
+    )  # fmt: skip
+    scheme = "https" if context is not None else "http"
+    url = config.artifact_http_advertise or f"{scheme}://{_address(address, bound)}"
+    return ArtifactHttpSite(runner=runner, port=bound, url=url.rstrip("/"))
 
 
 def _address(listen: str, port: int) -> str:
@@ -317,18 +373,23 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
     # Bound before the servicers are made: the device servicer tells agents
     # where the device port is.
     device_port = 0
+    key_and_certificate = None
     if state.authority is None:
         port = _bind(server.add_insecure_port, config.listen)
     else:
-        port, device_port = _add_tls_ports(server, config, state.authority)
+        port, device_port, key_and_certificate = _add_tls_ports(server, config, state.authority)
+    artifact_http = await _serve_artifact_http(
+        config, slot, services, executors, state.authority, key_and_certificate
+    )
     device_endpoint = ""
     if device_port:
         device_endpoint = config.device_advertise or _address(
             config.device_listen_address(), device_port
         )
     health_servicer = _add_servicers(
-        server, config, db, services, executors, RpcMetrics(metrics_registry), device_endpoint
-    )
+        server, config, db, services, executors, RpcMetrics(metrics_registry), device_endpoint,
+        artifact_http.url if artifact_http is not None else "",
+    )  # fmt: skip
     await server.start()
     for name in ("", *_SERVED[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -346,6 +407,7 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
         config=config, server=server, port=port, device_port=device_port, db=db,
         services=services, admin_token=state.admin_token, registry=metrics_registry,
         executors=executors, jobs=jobs, bridge=bridge, stop_metrics=stop_metrics,
+        artifact_http=artifact_http,
     )  # fmt: skip
     if state.authority is None:
         log.warning(PLAINTEXT_BANNER, cp.address)
@@ -449,6 +511,7 @@ def _add_servicers(
     executors: Executors,
     metrics: RpcMetrics,
     device_endpoint: str,
+    artifact_url: str,
 ) -> Any:
     """Add the device, operator, health and reflection servicers; the
     health servicer, for the caller to report serving once started."""
@@ -473,6 +536,7 @@ def _add_servicers(
         certificates=services.certificates,
         telemetry_rate=TelemetryRateLimit(config.telemetry_rate_per_s, config.telemetry_burst),
         device_endpoint=device_endpoint,
+        artifact_url=artifact_url,
         **base,
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(device_servicer, server)
@@ -575,11 +639,12 @@ def write_atomically(path: Path, text: str) -> None:
 
 def _add_tls_ports(
     server: grpc.aio.Server, config: ServerConfig, authority: pki.Authority
-) -> tuple[int, int]:
+) -> tuple[int, int, tuple[bytes, bytes]]:
     """Listen with TLS on `listen` (no client certificate: operators with
     tokens, devices enrolling) and with mutual TLS on the device port.
     gRPC's Python server either requires a client certificate or never asks
-    for one, hence two ports. Returns both bound ports."""
+    for one, hence two ports. Returns both bound ports and the server's key
+    and certificate (PEM), for the artifact downloads over HTTP."""
     host = config.listen.rpartition(":")[0]
     issued, key_pem = pki.issue_server_certificate(
         authority, server_names(config.tls_names, host), dt.datetime.now(dt.UTC)
@@ -596,7 +661,7 @@ def _add_tls_ports(
         )),
         config.device_listen_address(),
     )  # fmt: skip
-    return port, device_port
+    return port, device_port, (key_pem, issued.certificate_pem)
 
 
 def _bind(add_port: Callable[[str], int], address: str) -> int:

@@ -44,6 +44,10 @@ class Assignment:
     rollback: bool = False
     # The desired state's key rotations, oldest first: (statement, signature).
     key_rotations: tuple[tuple[bytes, bytes], ...] = ()
+    # Where to fetch the artifact over HTTP(S) before DownloadArtifact, in
+    # order: (base URL, whether it is the control plane itself). Unsigned:
+    # the bytes are checked against the signed digest whatever their source.
+    sources: tuple[tuple[str, bool], ...] = ()
 
 
 @dataclass
@@ -102,6 +106,7 @@ def _decode(path: Path, document: Any) -> UpdateRecord:
             raw["key_rotations"] = tuple(
                 (bytes.fromhex(a), bytes.fromhex(b)) for a, b in raw.get("key_rotations", [])
             )
+            raw["sources"] = tuple((str(url), bool(cp)) for url, cp in raw.get("sources", []))
             assignment = Assignment(**raw)
         return UpdateRecord(
             state=State(document["state"]),

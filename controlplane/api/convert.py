@@ -190,8 +190,14 @@ def update_status_to_pb(status: dict[str, Any]) -> c.UpdateStatus:
 # ---------------------------------------------------------------- deployments
 
 
-def assignment_to_pb(view: AssignmentView) -> d.Assignment:
-    """What the agent gets in its desired state."""
+def assignment_to_pb(view: AssignmentView, artifact_url: str = "") -> d.Assignment:
+    """What the agent gets in its desired state; with `artifact_url` (the
+    control plane's artifact downloads over HTTP, scheme://host:port), where
+    to fetch the artifact."""
+    sources = (
+        [d.ArtifactSource(base_url=f"{artifact_url}/v1/artifacts", control_plane=True)]
+        if artifact_url else []
+    )  # fmt: skip
     return d.Assignment(
         rollout_id=view.rollout_id,
         model_name=view.model_name,
@@ -206,6 +212,7 @@ def assignment_to_pb(view: AssignmentView) -> d.Assignment:
         statement=view.statement,
         statement_signature=view.statement_signature,
         rollback=view.rollback,
+        sources=sources,
     )
 
 

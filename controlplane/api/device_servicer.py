@@ -222,9 +222,12 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         telemetry_rate: TelemetryRateLimit | None = None,
         status_rate: StatusRateLimit | None = None,
         device_endpoint: str = "",
+        artifact_url: str = "",
         **base: Any,
     ) -> None:
         super().__init__(**base)
+        # Artifact downloads over HTTP (scheme://host:port); "" when off.
+        self._artifact_url = artifact_url
         self._certificates = certificates
         # Where agents with a certificate send device RPCs (host:port); ""
         # in plain-text mode.
@@ -317,7 +320,9 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         if not assignments or view.device_state != ACCEPTED:
             return device_pb2.ControlMessage(desired=desired)
         if protocol >= MULTI_MODEL_PROTOCOL:
-            desired.assignments.extend(convert.assignment_to_pb(a) for a in assignments)
+            desired.assignments.extend(
+                convert.assignment_to_pb(a, self._artifact_url) for a in assignments
+            )
             if len(assignments) == 1:
                 desired.assignment.CopyFrom(desired.assignments[0])
             return device_pb2.ControlMessage(desired=desired)
@@ -328,7 +333,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                 "%s@%s (the latest) until its agent is upgraded",
                 device_id, len(assignments), single.model_name, single.model_version,
             )  # fmt: skip
-        desired.assignment.CopyFrom(convert.assignment_to_pb(single))
+        desired.assignment.CopyFrom(convert.assignment_to_pb(single, self._artifact_url))
         return device_pb2.ControlMessage(desired=desired)
 
     async def _desired_many(self, device_ids: list[str]) -> dict[str, Desired]:

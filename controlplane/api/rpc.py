@@ -138,13 +138,17 @@ class PeerCertificates:
     def check(self, device: auth.DevicePrincipal, context: Any) -> None:
         """Raise unless the caller's TLS client certificate is `device`'s."""
         pems = (context.auth_context() or {}).get("x509_pem_cert") or ()
-        if not pems:
+        self.check_pem(device, pems[0] if pems else None)
+
+    def check_pem(self, device: auth.DevicePrincipal, pem: bytes | None) -> None:
+        """`check` for a certificate already taken from the connection."""
+        if not pem:
             raise Unauthenticated(
                 "device RPCs need the device's client certificate: connect to the "
                 "control plane's device port with mutual TLS (the certificate is issued "
                 "at enrollment)"
             )
-        info = self._info(pems[0])
+        info = self._info(pem)
         if info.device_id != device.device_id:
             raise PermissionDenied(
                 f"the client certificate is device {info.device_id}'s, the credential "

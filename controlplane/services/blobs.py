@@ -124,6 +124,19 @@ class BlobFile:
             )
         return data
 
+    @property
+    def file(self) -> io.FileIO:
+        """The verified file, for sendfile; check `intact()` after sending."""
+        return self._fh
+
+    def intact(self) -> bool:
+        """Whether the file is still the version that was verified (else the
+        store is told, and the next open verifies it again)."""
+        if FileVersion.of(os.fstat(self._fh.fileno())) == self.version:
+            return True
+        self._store.changed_while_serving(self.digest, self.version)
+        return False
+
     def close(self) -> None:
         self._fh.close()
 

@@ -571,6 +571,7 @@ class Assignment(_message.Message):
     STATEMENT_FIELD_NUMBER: _builtins.int
     STATEMENT_SIGNATURE_FIELD_NUMBER: _builtins.int
     ROLLBACK_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -598,6 +599,14 @@ class Assignment(_message.Message):
     revert, an operator assigning an older version); also in the statement.
     Agents refuse a downgrade without it.
     """
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactSource]:
+        """Where the artifact's bytes may be fetched over HTTP(S), in order, before
+        DownloadArtifact (always the last resort). Not signed: whatever arrives
+        is checked against the signed manifest's digest and size, as bytes from
+        DownloadArtifact are.
+        """
+
     def __init__(
         self,
         *,
@@ -614,14 +623,45 @@ class Assignment(_message.Message):
         statement: _builtins.bytes = ...,
         statement_signature: _builtins.bytes = ...,
         rollback: _builtins.bool = ...,
+        sources: _abc.Iterable[Global___ArtifactSource] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "manifest", b"manifest", "manifest_signature", b"manifest_signature", "model_name", b"model_name", "model_version", b"model_version", "rollback", b"rollback", "rollout_id", b"rollout_id", "runtime", b"runtime", "sequence", b"sequence", "shadow", b"shadow", "statement", b"statement", "statement_signature", b"statement_signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "manifest", b"manifest", "manifest_signature", b"manifest_signature", "model_name", b"model_name", "model_version", b"model_version", "rollback", b"rollback", "rollout_id", b"rollout_id", "runtime", b"runtime", "sequence", b"sequence", "shadow", b"shadow", "sources", b"sources", "statement", b"statement", "statement_signature", b"statement_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+
+@_typing.final
+class ArtifactSource(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    CONTROL_PLANE_FIELD_NUMBER: _builtins.int
+    base_url: _builtins.str
+    """Where blobs are, by digest: GET <base_url>/<sha256 hex>, with Range to
+    resume (the same base serves an artifact's lighter fallback too).
+    """
+    control_plane: _builtins.bool
+    """The control plane itself (GET /v1/artifacts/<digest>): fetched with the
+    device's client certificate and credential, over the control plane's
+    TLS. Otherwise a mirror (an HTTP server, a CDN, a bucket): no credential
+    is ever sent to it.
+    """
+    def __init__(
+        self,
+        *,
+        base_url: _builtins.str = ...,
+        control_plane: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "control_plane", b"control_plane"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactSource: _TypeAlias = ArtifactSource  # noqa: Y015
 
 @_typing.final
 class DownloadArtifactRequest(_message.Message):

@@ -1,0 +1,147 @@
+"""The Downloader port over HTTP(S), with httpx: the assignment's sources in
+order (the control plane's own artifact endpoint, mirrors), then
+DeviceService.DownloadArtifact as the last resort.
+
+A source that fails before its first byte (refused, an error status, a
+timeout) passes the download to the next one at once. A source that was
+sending and stops (a cut connection, a short body) ends the fetch with
+ConnectionError: the update machine backs off and resumes, with Range, from
+the first source again, so a flaky link to a good server is resumed rather
+than abandoned. Nothing here is trusted: ResumableDownload checks every
+byte against the signed digest and size, whatever sent it.
+
+Only a source marked as the control plane gets the device's credential and
+client certificate; a mirror never sees either."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Iterator, Sequence
+
+import httpx
+
+from .ports import Chunk, Downloader, FatalUpdateError
+
+log = logging.getLogger(__name__)
+
+# Statuses after which another source may do better; any other error status
+# from the control plane itself is as final as its gRPC twin's refusal.
+_FATAL_FROM_CONTROL_PLANE = {
+    400: "the control plane rejected the download request",
+    401: "the control plane refused the device's credential",
+    403: "the control plane refused the download",
+}
+READ_BYTES = 256 * 1024
+CONNECT_TIMEOUT_S = 10.0
+# Between two reads: a server that stops sending ends the attempt (resumed).
+READ_TIMEOUT_S = 60.0
+
+Source = tuple[str, bool]  # (base URL, is the control plane)
+
+
+class SourceFailed(Exception):
+    """A source that could not start sending (the next one is tried)."""
+
+
+class HttpDownloader:
+    """Implements the Downloader port over the assignment's HTTP sources,
+    falling back to `fallback` (DownloadArtifact)."""
+
+    def __init__(
+        self,
+        sources: Callable[[], Sequence[Source]],
+        fallback: Downloader,
+        credential: Callable[[], str],
+        ssl_context: Callable[[], ssl.SSLContext | None],
+        *,
+        read_bytes: int = READ_BYTES,
+        timeout: httpx.Timeout | None = None,
+    ) -> None:
+        """`sources` reads the current assignment's; `ssl_context` is the
+        device's TLS identity for the control plane (None in plain text),
+        asked for per download, so a renewed certificate is used."""
+        self._sources = sources
+        self._fallback = fallback
+        self._credential = credential
+        self._ssl_context = ssl_context
+        self._read_bytes = read_bytes
+        self._timeout = timeout or httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        # What delivered the last chunk ("control plane over HTTP", a
+        # mirror's base URL, "control plane over gRPC"), for status reports.
+        self.last_source = ""
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        for base_url, control_plane in self._sources():
+            url = f"{base_url.rstrip('/')}/{digest}"
+            try:
+                yield from self._fetch_one(url, control_plane, offset)
+                return
+            except SourceFailed as exc:
+                log.warning("artifact %s: %s; trying the next source", digest[:12], exc)
+        self.last_source = "control plane (gRPC)"
+        yield from self._fallback.fetch(digest, offset)
+
+    def _fetch_one(self, url: str, control_plane: bool, offset: int) -> Iterator[Chunk]:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        verify: ssl.SSLContext | bool = True
+        if control_plane:
+            headers["Authorization"] = f"Bearer {self._credential()}"
+            context = self._ssl_context()
+            if context is not None:
+                verify = context
+        sent = False
+        try:
+            with (
+                httpx.Client(
+                    verify=verify, timeout=self._timeout, follow_redirects=False
+                ) as client,
+                client.stream("GET", url, headers=headers) as response,
+            ):
+                start, total = _extent(response, offset, url, control_plane)
+                self.last_source = "control plane (HTTP)" if control_plane else url
+                position = start
+                for data in response.iter_bytes(self._read_bytes):
+                    sent = True
+                    yield Chunk(position, data, total)
+                    position += len(data)
+        except httpx.HTTPError as exc:
+            if not sent:
+                raise SourceFailed(f"{_safe(url)}: {type(exc).__name__}: {exc}") from None
+            raise ConnectionError(
+                f"download from {_safe(url)} cut short: {type(exc).__name__}: {exc}"
+            ) from None
+        except ssl.SSLError as exc:
+            raise SourceFailed(f"{_safe(url)}: TLS: {exc}") from None
+
+
+def _extent(
+    response: httpx.Response, offset: int, url: str, control_plane: bool
+) -> tuple[int, int]:
+    """Where the body starts and the blob's whole size, from the status and
+    headers; SourceFailed (or, from the control plane, fatal) otherwise."""
+    status = response.status_code
+    if status == 200:
+        length = response.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise SourceFailed(f"{_safe(url)}: no Content-Length")
+        return 0, int(length)  # the whole blob: ResumableDownload restarts from 0
+    if status == 206:
+        unit, _, spec = response.headers.get("Content-Range", "").partition(" ")
+        span, _, size = spec.partition("/")
+        first = span.partition("-")[0]
+        if unit != "bytes" or not first.isdigit() or not size.isdigit():
+            raise SourceFailed(f"{_safe(url)}: 206 without a usable Content-Range")
+        if int(first) != offset:
+            raise SourceFailed(f"{_safe(url)}: asked for bytes from {offset}, got from {first}")
+        return int(first), int(size)
+    text = response.read()[:300].decode("utf-8", "replace").strip()
+    if control_plane and status in _FATAL_FROM_CONTROL_PLANE:
+        raise FatalUpdateError(f"{_FATAL_FROM_CONTROL_PLANE[status]} ({status}): {text}")
+    raise SourceFailed(f"{_safe(url)}: HTTP {status} {text}")
+
+
+def _safe(url: str) -> str:
+    """A URL for a log line: without any user:password a mirror URL holds."""
+    parsed = httpx.URL(url)
+    return str(parsed.copy_with(userinfo=b"")) if parsed.userinfo else url

@@ -1,0 +1,157 @@
+"""Artifact downloads over HTTP from a real control plane (aiohttp beside
+its gRPC ports), with a real HTTP client: ranges, resume, the same
+permissions as DownloadArtifact, and readable refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import httpx
+
+from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.server import ControlPlane
+from edgefleet.demo.models import BuiltModel
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import device_pb2 as d
+from edgefleet.v1 import device_pb2_grpc as dg
+from edgefleet.v1 import operator_pb2 as o
+from edgefleet.v1 import operator_pb2_grpc as og
+from testkit.builds import build_service, classes_and_digits, fake_result
+from testkit.rpc import ADMIN
+
+
+async def _published(
+    cp: ControlPlane, digits: BuiltModel, tmp_path: Path
+) -> tuple[str, bytes, str, str, grpc.aio.Channel]:
+    """A ~2 MB artifact built for class "arm"; credentials of an "arm"
+    device and of an unclassified one; the channel (the caller closes it)."""
+    op, channel = await classes_and_digits(cp, digits)
+    big = tmp_path / "big.onnx"
+    big.write_bytes(digits.model.read_bytes() * 200)
+    builds = build_service(cp)
+    job = await asyncio.to_thread(builds.claim, "r", 60)
+    assert job is not None
+    await asyncio.to_thread(builds.finish, job, "r", fake_result(big), "")
+    built = await op.GetBuild(o.GetBuildRequest(id=job.build_id), metadata=ADMIN)
+    token = await op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="t"), metadata=ADMIN)
+    dev = dg.DeviceServiceStub(channel)
+
+    async def enroll(hw_id: str, arch: str) -> str:
+        resp = await dev.Enroll(
+            d.EnrollRequest(
+                enrollment_token=token.secret, hardware_id=hw_id,
+                hardware=c.HardwareProfile(arch=arch),
+            )
+        )  # fmt: skip
+        return resp.device_credential
+
+    arm = await enroll("hw-arm", "aarch64")
+    x86 = await enroll("hw-x86", "x86_64")
+    return built.artifact_digest, big.read_bytes(), arm, x86, channel
+
+
+def _url(cp: ControlPlane, digest: str) -> str:
+    assert cp.artifact_http is not None
+    return f"{cp.artifact_http.url}/v1/artifacts/{digest}"
+
+
+async def test_ranges_resume_and_the_same_permissions_as_download_artifact(
+    cp: ControlPlane, digits: BuiltModel, tmp_path: Path
+) -> None:
+    digest, data, arm, x86, channel = await _published(cp, digits, tmp_path)
+    auth = {"Authorization": f"Bearer {arm}"}
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            whole = await http.get(_url(cp, digest), headers=auth)
+            assert whole.status_code == 200 and whole.content == data
+            assert whole.headers["ETag"] == f'"{digest}"'
+            assert whole.headers["Accept-Ranges"] == "bytes"
+            assert int(whole.headers["Content-Length"]) == len(data)
+
+            # Resume from any offset: 206 with the rest, byte for byte.
+            for offset in (1, 65_536, 1_000_000, len(data) - 1):
+                part = await http.get(
+                    _url(cp, digest), headers={**auth, "Range": f"bytes={offset}-"}
+                )
+                assert part.status_code == 206 and part.content == data[offset:]
+                assert (
+                    part.headers["Content-Range"] == f"bytes {offset}-{len(data) - 1}/{len(data)}"
+                )
+            middle = await http.get(_url(cp, digest), headers={**auth, "Range": "bytes=10-19"})
+            assert middle.status_code == 206 and middle.content == data[10:20]
+            tail = await http.get(_url(cp, digest), headers={**auth, "Range": "bytes=-5"})
+            assert tail.content == data[-5:]
+            # If-Range naming another version: the whole blob, not a part of it.
+            other = await http.get(
+                _url(cp, digest), headers={**auth, "Range": "bytes=5-", "If-Range": '"other"'}
+            )
+            assert other.status_code == 200 and other.content == data
+            head = await http.head(_url(cp, digest), headers=auth)
+            assert head.status_code == 200 and head.content == b""
+            assert int(head.headers["Content-Length"]) == len(data)
+
+            # Ranges it cannot satisfy: 416 with the size, and why.
+            for bad in (f"bytes={len(data)}-", "bytes=9-3", "bytes=abc", "bytes=-0", "bytes=1-2-3"):
+                refused = await http.get(_url(cp, digest), headers={**auth, "Range": bad})
+                assert refused.status_code == 416, bad
+                assert refused.headers["Content-Range"] == f"bytes */{len(data)}"
+                assert refused.text.strip()
+
+            # Who may download: as DownloadArtifact decides.
+            nobody = await http.get(_url(cp, digest))
+            assert nobody.status_code == 401 and "Authorization: Bearer" in nobody.text
+            assert nobody.headers["WWW-Authenticate"] == "Bearer"
+            forged = await http.get(_url(cp, digest), headers={"Authorization": "Bearer dev_x.y"})
+            assert forged.status_code == 401
+            other_class = await http.get(
+                _url(cp, digest), headers={"Authorization": f"Bearer {x86}"}
+            )
+            assert other_class.status_code == 403 and "not built for this device's class" in (
+                other_class.text
+            )
+            missing = await http.get(_url(cp, "f" * 64), headers=auth)
+            assert missing.status_code == 404
+            malformed = await http.get(_url(cp, "not-a-digest"), headers=auth)
+            assert malformed.status_code == 400 and "sha256" in malformed.text
+    finally:
+        await channel.close()
+
+
+async def test_assignments_name_the_control_planes_http_source(
+    cp: ControlPlane, digits: BuiltModel, tmp_path: Path
+) -> None:
+    """What an agent is told: its assignment lists the control plane's own
+    endpoint as a source (with DownloadArtifact left as the fallback)."""
+    digest, _, arm, _, channel = await _published(cp, digits, tmp_path)
+    op = og.OperatorServiceStub(channel)
+    try:
+        listed = await op.ListDevices(o.ListDevicesRequest(), metadata=ADMIN)
+        arm_id = next(dv.id for dv in listed.devices if dv.hardware_id == "hw-arm")
+        await op.AssignModel(
+            o.AssignModelRequest(device_ids=[arm_id], model_name="digits", model_version="1.0.0"),
+            metadata=ADMIN,
+        )
+        dev = dg.DeviceServiceStub(channel)
+        metadata = (("authorization", f"Bearer {arm}"),)
+        call = dev.Sync(metadata=metadata)
+        await call.write(d.AgentMessage(hello=d.Hello(protocol=2)))
+        async for message in call:
+            if message.HasField("desired") and message.desired.assignments:
+                source = message.desired.assignments[0].sources[0]
+                assert source.control_plane
+                assert source.base_url == f"{cp.artifact_http.url}/v1/artifacts"  # type: ignore[union-attr]
+                break
+        call.cancel()
+        assert digest
+    finally:
+        await channel.close()
+
+
+def test_artifact_downloads_over_http_listen_beside_the_device_port_or_not_at_all() -> None:
+    config = ServerConfig(data_dir=Path("/nonexistent"), artifact_http_listen="off")
+    assert config.artifact_http_address() is None
+    assert ServerConfig(data_dir=Path("/x"), listen="10.0.0.1:7443").artifact_http_address() == (
+        "10.0.0.1:7445"
+    )

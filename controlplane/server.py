@@ -418,7 +418,9 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
             cp.address, cp.device_address, config.ca_file,
         )  # fmt: skip
     if config.port_file:
-        write_port_files(config.port_file, port, device_port)
+        write_port_files(
+            config.port_file, port, device_port, artifact_http.port if artifact_http else 0
+        )
     return cp
 
 
@@ -614,10 +616,12 @@ def _background_jobs(
     return jobs
 
 
-def write_port_files(port_file: Path, port: int, device_port: int) -> None:
+def write_port_files(port_file: Path, port: int, device_port: int, http_port: int = 0) -> None:
     """The bound ports, for whoever started the server with port 0; the
-    device port (0: none, plain text) first, so that whoever waits for the
-    port file finds both."""
+    device port (0: none, plain text) and the artifact downloads' HTTP port
+    (0: off) first, so that whoever waits for the port file finds them all."""
+    if http_port:
+        write_atomically(port_file.with_name("artifact-http-port"), f"{http_port}\n")
     if device_port:
         write_atomically(port_file.with_name("device-port"), f"{device_port}\n")
     write_atomically(port_file, f"{port}\n")

@@ -315,18 +315,26 @@ def _reserve_ports(config: ServerConfig) -> tuple[list[socket.socket], ServerCon
     try:
         listen = hold(config.listen)
         device_listen = hold(config.device_listen_address()) if config.tls else None
+        http_address = config.artifact_http_address()
+        http_listen = hold(http_address) if http_address is not None else "off"
     except BaseException:
         for sock in reserved:
             sock.close()
         raise
-    return reserved, dataclasses.replace(config, listen=listen, device_listen=device_listen)
+    return reserved, dataclasses.replace(
+        config, listen=listen, device_listen=device_listen, artifact_http_listen=http_listen
+    )
 
 
 def _write_port_files(config: ServerConfig, workers: ServerConfig) -> None:
     """As one server writes them, with the ports the workers share."""
     if config.port_file is not None:
         device_port = workers.device_listen_address() if config.tls else ":0"
-        write_port_files(config.port_file, _port_of(workers.listen), _port_of(device_port))
+        http = workers.artifact_http_address()
+        write_port_files(
+            config.port_file, _port_of(workers.listen), _port_of(device_port),
+            _port_of(http) if http is not None else 0,
+        )  # fmt: skip
 
 
 def _port_of(address: str) -> int:

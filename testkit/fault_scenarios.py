@@ -683,6 +683,7 @@ def cut_network(
     flaps: int = 6,
     offline_s: float = 2.0,
     seed: int = 3,
+    via: str = "http",
     say: Callable[[str], None] = lambda _: None,
 ) -> NetworkReport:
     """A real agent reaches the control plane through a TcpProxy. Its
@@ -690,11 +691,46 @@ def cut_network(
     `cut_after_bytes` bytes towards it (so it only finishes by resuming);
     then the link flaps `flaps` times (a reset; every other one an outage
     of `offline_s` in which telemetry must wait in the agent's buffer).
-    Telemetry runs every 0.3 s throughout."""
+    Telemetry runs every 0.3 s throughout. `via`: "http", the download
+    over HTTP from the control plane (advertised as a second proxy, the
+    one that cuts), resumed with Range; "grpc", over DownloadArtifact (the
+    control plane serves no HTTP)."""
+    with TcpProxy(f"127.0.0.1:{rig.cp.http_port}") as http_proxy:
+        settings = (
+            ["--artifact-http-advertise", f"http://{http_proxy.address}"] if via == "http"
+            else ["--artifact-http-listen", "off"]
+        )  # fmt: skip
+        rig.cp.extra += settings
+        rig.cp.restart()
+        try:
+            return _cut_network(
+                rig, http_proxy if via == "http" else None, new_version=new_version,
+                cut_after_bytes=cut_after_bytes, flaps=flaps, offline_s=offline_s, seed=seed,
+                say=say,
+            )  # fmt: skip
+        finally:
+            del rig.cp.extra[-len(settings) :]
+            rig.cp.restart()
+
+
+def _cut_network(
+    rig: AgentRig,
+    http_proxy: TcpProxy | None,
+    *,
+    new_version: str,
+    cut_after_bytes: int,
+    flaps: int,
+    offline_s: float,
+    seed: int,
+    say: Callable[[str], None],
+) -> NetworkReport:
     rng = random.Random(seed)
     problems: list[str] = []
     with TcpProxy(rig.cp.address) as proxy:
-        agent = rig.agent("net", proxy.address, telemetry_interval_s=0.3, download_chunk_size=65536)
+        # The proxy the download goes through: its cuts are the download's.
+        downloads = http_proxy or proxy
+        name = "net-http" if http_proxy is not None else "net-grpc"
+        agent = rig.agent(name, proxy.address, telemetry_interval_s=0.3, download_chunk_size=65536)
         try:
             agent.start()
             device_id = rig.device_id(agent)
@@ -703,11 +739,12 @@ def cut_network(
                 raise AssertionError(f"the first install failed: {status}")
             rig.serving(agent, "1.0.0")
             # The download, through a link that drops every connection.
-            cuts, down = proxy.stats.cuts, proxy.stats.bytes_down
-            proxy.cut_after_bytes = cut_after_bytes
+            cuts, down = downloads.stats.cuts, downloads.stats.bytes_down
+            downloads.cut_after_bytes = cut_after_bytes
             status = rig.settled(agent, device_id, rig.assign(device_id, new_version), timeout=300)
-            proxy.cut_after_bytes = None
-            download_cuts, download_down = proxy.stats.cuts - cuts, proxy.stats.bytes_down - down
+            downloads.cut_after_bytes = None
+            download_cuts = downloads.stats.cuts - cuts
+            download_down = downloads.stats.bytes_down - down
             if of_status(status) != "committed":
                 problems.append(
                     f"the download through the cut link did not finish: {status.reason}"
@@ -717,6 +754,9 @@ def cut_network(
                 artifact = agent.state_dir / "downloads" / rig.digests[new_version]
                 if hashlib.sha256(artifact.read_bytes()).hexdigest() != rig.digests[new_version]:
                     problems.append("the downloaded artifact does not hash to its digest")
+                left = sorted(p.name for p in artifact.parent.iterdir() if p.suffix == ".part")
+                if left:
+                    problems.append(f"partial downloads left behind: {left}")
             say(f"download of {rig.sizes[new_version]} bytes: {download_cuts} connections cut, "
                 f"{download_down} bytes carried")  # fmt: skip
             # Telemetry through a flapping link.

@@ -35,6 +35,8 @@ class ControlPlane:
         self.tls = tls
         self.port = 0
         self.device_port = 0
+        # Artifact downloads over HTTP (0 until started; kept over restarts).
+        self.http_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.admin_token = ADMIN_TOKEN
         self.log_path = data_dir / "server.log"
@@ -46,6 +48,11 @@ class ControlPlane:
     @property
     def device_address(self) -> str:
         return f"127.0.0.1:{self.device_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Where artifact downloads over HTTP are served."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -64,6 +71,8 @@ class ControlPlane:
         port_file = self.data_dir / "port"
         port_file.unlink(missing_ok=True)
         (self.data_dir / "device-port").unlink(missing_ok=True)
+        http_port_file = self.data_dir / "artifact-http-port"
+        http_port_file.unlink(missing_ok=True)
         cmd = [
             str(Path(sys.executable).parent / "edgefleet"), "server",
             "--data-dir", str(self.data_dir),
@@ -73,6 +82,8 @@ class ControlPlane:
             "--heartbeat-interval", "2",
             *(["--tls", "--device-listen", f"127.0.0.1:{self.device_port}"] if self.tls
               else ["--insecure"]),
+            *([] if "--artifact-http-listen" in self.extra
+              else ["--artifact-http-listen", f"127.0.0.1:{self.http_port}"]),
             # Builds spawn worker processes; tests about builds ask for them.
             *([] if "--build-workers" in self.extra else ["--build-workers", "0"]),
             *self.extra,
@@ -95,6 +106,8 @@ class ControlPlane:
         self.port = int(port_file.read_text())
         if self.tls:
             self.device_port = int((self.data_dir / "device-port").read_text())
+        if http_port_file.exists():
+            self.http_port = int(http_port_file.read_text())
         with self.channel() as channel:
             health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout

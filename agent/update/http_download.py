@@ -2,9 +2,9 @@
 order (the control plane's own artifact endpoint, mirrors), then
 DeviceService.DownloadArtifact as the last resort.
 
-A source that fails before its first byte (refused, an error status, a
-timeout) passes the download to the next one at once. A source that was
-sending and stops (a cut connection, a short body) ends the fetch with
+A source that fails before it answers with the bytes (refused, an error
+status, a timeout) passes the download to the next one at once. A source
+that was sending and stops (a cut connection, a short body) ends the fetch with
 ConnectionError: the update machine backs off and resumes, with Range, from
 the first source again, so a flaky link to a good server is resumed rather
 than abandoned. Nothing here is trusted: ResumableDownload checks every
@@ -32,7 +32,6 @@ _FATAL_FROM_CONTROL_PLANE = {
     401: "the control plane refused the device's credential",
     403: "the control plane refused the download",
 }
-READ_BYTES = 256 * 1024
 CONNECT_TIMEOUT_S = 10.0
 # Between two reads: a server that stops sending ends the attempt (resumed).
 READ_TIMEOUT_S = 60.0
@@ -55,7 +54,6 @@ class HttpDownloader:
         credential: Callable[[], str],
         ssl_context: Callable[[], ssl.SSLContext | None],
         *,
-        read_bytes: int = READ_BYTES,
         timeout: httpx.Timeout | None = None,
     ) -> None:
         """`sources` reads the current assignment's; `ssl_context` is the
@@ -65,7 +63,6 @@ class HttpDownloader:
         self._fallback = fallback
         self._credential = credential
         self._ssl_context = ssl_context
-        self._read_bytes = read_bytes
         self._timeout = timeout or httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
         # What delivered the last chunk ("control plane over HTTP", a
         # mirror's base URL, "control plane over gRPC"), for status reports.
@@ -86,10 +83,14 @@ class HttpDownloader:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         verify: ssl.SSLContext | bool = True
         if control_plane:
-            headers["Authorization"] = f"Bearer {self._credential()}"
             context = self._ssl_context()
             if context is not None:
+                if not url.startswith("https://"):
+                    # A device with a TLS identity never sends its credential
+                    # in plain text, whoever named the source.
+                    raise SourceFailed(f"{_safe(url)}: not https; the credential stays home")
                 verify = context
+            headers["Authorization"] = f"Bearer {self._credential()}"
         sent = False
         try:
             with (
@@ -99,10 +100,13 @@ class HttpDownloader:
                 client.stream("GET", url, headers=headers) as response,
             ):
                 start, total = _extent(response, offset, url, control_plane)
+                # It answered and is sending: from here, trouble is a cut
+                # to resume from this source, not a reason to leave it.
+                sent = True
                 self.last_source = "control plane (HTTP)" if control_plane else url
                 position = start
-                for data in response.iter_bytes(self._read_bytes):
-                    sent = True
+                # As the bytes arrive: what came before a cut is kept.
+                for data in response.iter_bytes():
                     yield Chunk(position, data, total)
                     position += len(data)
         except httpx.HTTPError as exc:

@@ -41,7 +41,7 @@ from edgefleet.controlplane.cli.toolchain import toolchain
 from edgefleet.controlplane.cli.tui import tui
 from edgefleet.controlplane.client.connection import DEFAULT_SERVER
 from edgefleet.controlplane.client.contexts import ContextError, contexts_path, load
-from edgefleet.controlplane.client.syntax import parse_duration
+from edgefleet.controlplane.client.syntax import parse_base_url, parse_duration
 from edgefleet.controlplane.config import ServerConfig
 
 
@@ -237,6 +237,18 @@ def main() -> None:
     help="The device port as agents reach it (host:port), if not --device-listen.",
 )
 @click.option(
+    "--artifact-http-listen",
+    help="Address of artifact downloads over HTTP (GET /v1/artifacts/<digest>, with ranges; "
+    "mutual TLS with --tls) [default: --listen's host, port + 2]; 'off' for none (agents "
+    "then download over gRPC only).",
+)
+@click.option(
+    "--artifact-http-advertise",
+    callback=parsed(parse_base_url),
+    help="Artifact downloads over HTTP as agents reach them (http(s)://host:port), if not "
+    "--artifact-http-listen (a load balancer, a proxy).",
+)
+@click.option(
     "--tls-name",
     "tls_names",
     multiple=True,
@@ -268,6 +280,8 @@ def server(
     tls: bool,
     device_listen: str | None,
     device_advertise: str | None,
+    artifact_http_listen: str | None,
+    artifact_http_advertise: str | None,
     tls_names: tuple[str, ...],
     device_cert_lifetime: timedelta,
 ) -> None:
@@ -299,6 +313,8 @@ def server(
             tls=tls,
             device_listen=device_listen,
             device_advertise=device_advertise,
+            artifact_http_listen=artifact_http_listen,
+            artifact_http_advertise=artifact_http_advertise,
             tls_names=tls_names,
             device_cert_lifetime_s=device_cert_lifetime.total_seconds(),
         ),

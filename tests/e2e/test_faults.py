@@ -62,8 +62,13 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[fs.AgentRig]:
         rig.close()
 
 
-def test_network_cuts_resume_the_download_and_deliver_telemetry_once(rig: fs.AgentRig) -> None:
-    report = fs.cut_network(rig, new_version="2.0.0", cut_after_bytes=CUT_AFTER)
+@pytest.mark.parametrize("via", ["http", "grpc"])
+def test_network_cuts_resume_the_download_and_deliver_telemetry_once(
+    rig: fs.AgentRig, via: str
+) -> None:
+    """Over HTTP from the control plane (resumed with Range), and over
+    DownloadArtifact (a control plane that serves no HTTP)."""
+    report = fs.cut_network(rig, new_version="2.0.0", cut_after_bytes=CUT_AFTER, via=via)
     assert report.problems == []
     # Every connection carried at most CUT_AFTER bytes, yet the whole
     # artifact arrived: only a download that resumed can do that.

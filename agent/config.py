@@ -113,6 +113,9 @@ class AgentConfig:
     # Bytes per artifact download chunk; 0: the control plane's default
     # (1 MiB). Smaller chunks lose less to an interrupted link.
     download_chunk_size: int = 0
+    # An HTTP(S) artifact source that sends nothing for this long is left
+    # (before its first byte: for the next source; after: resumed later).
+    download_stall_s: float = 60.0
     # ONNX Runtime execution providers for serving, comma-separated; "auto":
     # TensorRT and CUDA where installed, then CPU; "cpu": CPU only.
     onnxruntime_providers: str = "auto"
@@ -393,6 +396,7 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "telemetry_interval_s": (_positive_seconds, _env_number),
     "metrics_listen": (_loopback, lambda text, where: text),
     "download_chunk_size": (_non_negative_int, _env_int),
+    "download_stall_s": (_positive_seconds, _env_number),
     "onnxruntime_providers": (_nonempty_string, lambda text, where: text),
     "power_interval_s": (_positive_seconds, _env_number),
     "power_battery_limited_percent": (_percent, _env_float),

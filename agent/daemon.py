@@ -553,6 +553,7 @@ class Agent:
                 ),
                 link.credential,
                 link.transport.http_ssl_context,
+                stall_s=self.config.download_stall_s,
             ),
             verifier=DeviceVerifier(state_dir, lambda: self._sync_state.class_name),
             validator=ManifestValidator(fingerprint=link.runtime),

@@ -81,6 +81,9 @@ KIB, MIB, GIB = 1024, 1024**2, 1024**3
 HTTP_READ = MIB  # bytes per readinto() of the HTTP client
 MIN_CHUNK, DEFAULT_CHUNK, MAX_CHUNK = 64 * KIB, 256 * KIB, MIB  # as the control plane clamps
 GOAL = 0.70  # control plane / nginx (1 worker)
+# Over HTTP (issue 24): control plane / nginx (1 worker, sendfile on, like
+# for like), and its server CPU per GiB at most twice nginx's.
+HTTP_GOAL, HTTP_CPU_GOAL = 0.90, 2.0
 # Own TCP connection per channel (grpc shares one between identical channels
 # otherwise); room for a 1 MiB chunk and its framing.
 CHANNEL_OPTIONS = [
@@ -545,9 +548,12 @@ async def grpc_download(
     return position - offset, chunks
 
 
-def http_download(conn: http.client.HTTPConnection, buf: bytearray, size: int) -> int:
-    """GET /artifact, reading HTTP_READ bytes at a time into buf."""
-    conn.request("GET", "/artifact")
+def http_download(
+    conn: http.client.HTTPConnection, buf: bytearray, size: int, path: str = "/artifact",
+    headers: dict[str, str] | None = None,
+) -> int:  # fmt: skip
+    """GET `path`, reading HTTP_READ bytes at a time into buf."""
+    conn.request("GET", path, headers=headers or {})
     response = conn.getresponse()
     if response.status != 200:
         raise BenchError(f"HTTP {response.status} {response.reason}")
@@ -579,6 +585,10 @@ class Row:
     clients: int
     devices: list[Device] = field(default_factory=list)
     conns: list[http.client.HTTPConnection] = field(default_factory=list)
+    # HTTP: what to GET, with which headers (the control plane's needs a
+    # device credential).
+    path: str = "/artifact"
+    headers: dict[str, str] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
     bytes_: int = 0
     chunks: int = 0
@@ -640,7 +650,10 @@ async def download_once(
     async def one(i: int) -> tuple[int, int]:
         if row.kind == "grpc":
             return await grpc_download(row.devices[i], artifact.digest, row.chunk, buffers[i], size)
-        return await asyncio.to_thread(http_download, row.conns[i], buffers[i], size), 0
+        got = await asyncio.to_thread(
+            http_download, row.conns[i], buffers[i], size, row.path, row.headers
+        )
+        return got, 0
 
     servers0 = [s.cpu_s() for s in servers]
     server0, client0, (busy0, irq0) = row.server.cpu_s(), time.process_time(), _system_cpu_s()
@@ -774,7 +787,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             servers.append(nginx_auto)
             nginx_rows = [
                 ("nginx, 1 worker", nginx_1, counts),
-                ("nginx, 1 worker, sendfile on", nginx_sf, [1]),
+                ("nginx, 1 worker, sendfile on", nginx_sf, counts),
                 (f"nginx, auto workers ({os.cpu_count()})", nginx_auto, counts),
             ]
         await asyncio.sleep(0.5)  # let the bare server finish reading the file
@@ -788,8 +801,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         bare_devs = bare_devices(bare.address, max_clients) if bare else []
         channels += [d.channel for d in bare_devs]
 
-        def http_conns(server: Server, count: int) -> list[http.client.HTTPConnection]:
-            host, port = server.address.rsplit(":", 1)
+        def http_conns(
+            server: Server, count: int, address: str | None = None
+        ) -> list[http.client.HTTPConnection]:
+            host, port = (address or server.address).rsplit(":", 1)
             return [http.client.HTTPConnection(host, int(port), timeout=args.rpc_timeout)
                     for _ in range(count)]  # fmt: skip
 
@@ -805,6 +820,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(Row(f"{name}, {_kib(big)} chunks, {args.concurrency} clients",
                                 server, "grpc", big, args.concurrency,
                                 devices=devs[: args.concurrency]))  # fmt: skip
+        # The control plane's artifact downloads over HTTP (sendfile from
+        # the verified blob), with a device's credential.
+        cp_http = f"127.0.0.1:{int((workdir / 'artifact-http-port').read_text())}"
+        device_auth = {"Authorization": f"Bearer {cp_devices[0].credential}"}
+        for count in counts:
+            label = "control plane, HTTP" + ("" if count == 1 else f", {count} clients")
+            rows.append(Row(label, cp, "http", HTTP_READ, count,
+                            conns=http_conns(cp, count, cp_http),
+                            path=f"/v1/artifacts/{digest}",
+                            headers=device_auth))  # fmt: skip
         for name, server, counts_ in nginx_rows:
             for count in counts_:
                 label = name if count == 1 else f"{name}, {count} clients"
@@ -875,16 +900,32 @@ def comparison(rows: list[dict[str, Any]]) -> dict[str, Any]:
     in MiB/s (the goal), the same for server CPU per GiB (nginx / control
     plane: the ratio if the server alone were the bottleneck), and control
     plane / bare grpc.aio (what the control plane costs over gRPC itself)."""
-    single = {(r["server"], r["chunk_bytes"]): r for r in rows if r["clients"] == 1}
-    nginx = single.get(("nginx-1w", HTTP_READ))
-    out: dict[str, Any] = {"goal": GOAL, "baseline": "nginx, 1 worker", "ratios": {}}
+    single = {(r["server"], r["kind"], r["chunk_bytes"]): r for r in rows if r["clients"] == 1}
+    nginx = single.get(("nginx-1w", "http", HTTP_READ))
+    out: dict[str, Any] = {
+        "goal": GOAL, "baseline": "nginx, 1 worker", "ratios": {}, "http": {},
+        "http_goal": HTTP_GOAL, "http_cpu_goal": HTTP_CPU_GOAL,
+    }  # fmt: skip
     if nginx is None:
         return out
-    for (server, chunk), row in single.items():
-        if server != "control-plane":
+    by_clients = {(r["server"], r["kind"], r["clients"]): r for r in rows}
+    for (server, kind, clients), row in by_clients.items():
+        sendfile = by_clients.get(("nginx-1w-sendfile", "http", clients))
+        if server != "control-plane" or kind != "http" or sendfile is None:
+            continue
+        ratio = row["mib_per_s_median"] / sendfile["mib_per_s_median"]
+        cpu = _over(row["server_cpu_s_per_gib"], sendfile["server_cpu_s_per_gib"])
+        out["http"][clients] = {
+            "ratio": ratio, "cpu_ratio": cpu,
+            "met": ratio >= HTTP_GOAL and cpu <= HTTP_CPU_GOAL,
+            "vs_nginx_defaults": row["mib_per_s_median"]
+            / by_clients[("nginx-1w", "http", clients)]["mib_per_s_median"],
+        }  # fmt: skip
+    for (server, kind, chunk), row in single.items():
+        if server != "control-plane" or kind != "grpc":
             continue
         ratio = row["mib_per_s_median"] / nginx["mib_per_s_median"]
-        bare = single.get(("bare", chunk))
+        bare = single.get(("bare", "grpc", chunk))
         out["ratios"][_kib(chunk)] = {
             "ratio": ratio,
             "met": ratio >= GOAL,
@@ -946,6 +987,13 @@ def verdict(results: dict[str, Any]) -> list[str]:
                 f"  control plane / bare grpc.aio, {chunk} chunks: MiB/s "
                 f"{_fmt(r['vs_bare'], 2)}, server CPU per GiB {_fmt(r['server_cpu_vs_bare'], 2)}"
             )
+    for clients, r in cmp_.get("http", {}).items():
+        lines.append(
+            f"control plane over HTTP / nginx (1 worker, sendfile on), {clients} client(s) = "
+            f"{_fmt(r['ratio'], 2)}, server CPU per GiB {_fmt(r['cpu_ratio'], 2)}x nginx's "
+            f"(goal >= {HTTP_GOAL:.2f} and <= {HTTP_CPU_GOAL:.0f}x: {met[r['met']]}); "
+            f"/ nginx with its defaults {_fmt(r['vs_nginx_defaults'], 2)}"
+        )
     resume = results["resume"]
     lines.append(f"resume from byte {resume['offset']:,}: sha256 ok; past the end: "
                  f"{resume['past_end']}")  # fmt: skip

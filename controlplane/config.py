@@ -64,6 +64,10 @@ class ServerConfig:
     # The base URL agents fetch from (scheme://host:port), when it differs
     # from what they can reach at artifact_http_listen.
     artifact_http_advertise: str | None = None
+    # Mirrors agents try first, in order (an HTTP server, a CDN, a bucket
+    # serving the blobs by digest: <base>/<sha256>); the control plane stays
+    # the fallback. No credential is ever sent to them.
+    artifact_mirrors: tuple[str, ...] = ()
 
     @property
     def blob_dir(self) -> Path:

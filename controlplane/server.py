@@ -539,6 +539,7 @@ def _add_servicers(
         telemetry_rate=TelemetryRateLimit(config.telemetry_rate_per_s, config.telemetry_burst),
         device_endpoint=device_endpoint,
         artifact_url=artifact_url,
+        artifact_mirrors=config.artifact_mirrors,
         **base,
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(device_servicer, server)

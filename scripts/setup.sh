@@ -56,6 +56,15 @@ if [ "${EDGEFLEET_SETUP_SYSTEM:-1}" = 1 ] && [ "$(id -u)" = 0 ]; then
       || { setup_quietly apt-get update -q && setup_quietly apt-get install -y -q protobuf-compiler; }
     echo done
   fi
+  # Debian's nginx: the artifact mirror the delivery tests and the download
+  # benchmark serve blobs from (installed only; the tests start their own).
+  if ! [ -x /usr/sbin/nginx ] && command -v apt-get >/dev/null 2>&1; then
+    printf 'setup: installing nginx (apt-get install nginx) ... '
+    apt-get install -y -q --no-install-recommends nginx >>"$setup_log" 2>&1 \
+      || { setup_quietly apt-get update -q \
+           && setup_quietly apt-get install -y -q --no-install-recommends nginx; }
+    echo done
+  fi
   if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
     if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
       printf 'setup: starting PostgreSQL ... '

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -35,7 +36,9 @@ from typing import Any, Protocol
 
 from edgefleet.agent.disk import disk_full_label
 
-from .ports import Downloader, FatalUpdateError, RetryableUpdateError
+from .ports import Downloader, FatalUpdateError, MirroredDownloader, RetryableUpdateError
+
+log = logging.getLogger(__name__)
 
 DOWNLOADS_DIR = "downloads"
 DEFAULT_MARGIN = 8 * 1024 * 1024
@@ -103,9 +106,28 @@ class ResumableDownload:
             self.part.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             offset = self._prepare()
             self._check_space(self.size - offset)
-            if offset < self.size:
-                self._fetch(downloader, offset, on_progress)
-            return self._finish()
+            try:
+                if offset < self.size:
+                    self._fetch(downloader, offset, on_progress)
+                return self._finish()
+            except _Mismatch as exc:
+                self._discard()
+                mirrors = (
+                    downloader.distrust(self.digest)
+                    if isinstance(downloader, MirroredDownloader) else []
+                )  # fmt: skip
+                if not mirrors:
+                    raise FatalUpdateError(str(exc)) from None
+                log.warning(
+                    "artifact %s: %s from mirror %s; that mirror is left for this artifact",
+                    self.digest[:12], exc, ", ".join(mirrors),
+                )  # fmt: skip
+                # A mirror's bytes are not the signed ones: download again
+                # without it (the machine retries; the next source serves).
+                raise RetryableUpdateError(
+                    f"{exc} from mirror {', '.join(mirrors)}; downloading again from the next "
+                    "source"
+                ) from None
         except (ConnectionError, TimeoutError):
             raise  # the source's trouble, retryable (machine.classify)
         except OSError as exc:
@@ -122,6 +144,11 @@ class ResumableDownload:
                     f"({exc.strerror or exc}); the partial file was deleted"
                 ) from exc
             raise FatalUpdateError(f"{self.part}: {exc.strerror or exc}") from exc
+
+    def _discard(self) -> None:
+        """Forget the partial download: its bytes are not the artifact's."""
+        self.part.unlink(missing_ok=True)
+        self._hasher, self._hashed = None, 0
 
     def _reset(self) -> None:
         self._hasher = self._hash_factory()
@@ -166,7 +193,7 @@ class ResumableDownload:
             try:
                 for chunk in downloader.fetch(self.digest, offset):
                     if chunk.total_size != self.size:
-                        raise FatalUpdateError(
+                        raise _Mismatch(
                             f"the source says the artifact has {chunk.total_size} bytes; "
                             f"{self.size} were assigned"
                         )
@@ -182,9 +209,7 @@ class ResumableDownload:
                             f"chunk at offset {chunk.offset} refused: expected offset {offset}"
                         )
                     if offset + len(chunk.data) > self.size:
-                        raise FatalUpdateError(
-                            f"the source sent more than the assigned {self.size} bytes"
-                        )
+                        raise _Mismatch(f"the source sent more than the assigned {self.size} bytes")
                     handle.write(chunk.data)
                     self._hasher.update(chunk.data)
                     offset += len(chunk.data)
@@ -203,15 +228,18 @@ class ResumableDownload:
         assert self._hasher is not None
         actual = self._hasher.hexdigest()
         if actual != self.digest:
-            self.part.unlink(missing_ok=True)
-            self._hasher, self._hashed = None, 0
-            raise FatalUpdateError(
+            raise _Mismatch(
                 f"sha256 mismatch: downloaded bytes hash to {actual[:12]}, "
                 f"expected {self.digest[:12]} (corrupted download)"
             )
         os.replace(self.part, self.final)
         _fsync_dir(self.final.parent)
         return self.final
+
+
+class _Mismatch(Exception):
+    """The bytes are not the assigned ones (size or sha256): fatal, unless
+    a mirror sent them (ResumableDownload.run)."""
 
 
 def remove_download(state_dir: Path, digest: str, *, keep_final: bool = False) -> None:

@@ -54,7 +54,7 @@ class HttpDownloader:
         credential: Callable[[], str],
         ssl_context: Callable[[], ssl.SSLContext | None],
         *,
-        timeout: httpx.Timeout | None = None,
+        stall_s: float = READ_TIMEOUT_S,
     ) -> None:
         """`sources` reads the current assignment's; `ssl_context` is the
         device's TLS identity for the control plane (None in plain text),
@@ -63,16 +63,36 @@ class HttpDownloader:
         self._fallback = fallback
         self._credential = credential
         self._ssl_context = ssl_context
-        self._timeout = timeout or httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        self._timeout = httpx.Timeout(stall_s, connect=min(stall_s, CONNECT_TIMEOUT_S))
+        # Per digest: the mirrors that sent bytes of its download since it
+        # last started from 0, and those that sent bytes that did not match.
+        self._senders: dict[str, set[str]] = {}
+        self._distrusted: dict[str, set[str]] = {}
         # What delivered the last chunk ("control plane over HTTP", a
         # mirror's base URL, "control plane over gRPC"), for status reports.
         self.last_source = ""
 
+    def distrust(self, digest: str) -> list[str]:
+        bad = self._senders.pop(digest, set())
+        self._distrusted.setdefault(digest, set()).update(bad)
+        return sorted(bad)
+
     def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        if offset == 0:
+            self._senders[digest] = set()
+        distrusted = self._distrusted.get(digest, set())
         for base_url, control_plane in self._sources():
+            if base_url in distrusted:
+                continue
             url = f"{base_url.rstrip('/')}/{digest}"
             try:
-                yield from self._fetch_one(url, control_plane, offset)
+                for chunk in self._fetch_one(url, control_plane, offset):
+                    if chunk.offset == 0:
+                        self._senders[digest] = set()  # it (re)starts from 0
+                    if not control_plane:
+                        self._senders.setdefault(digest, set()).add(base_url)
+                    yield chunk
+                    offset = chunk.offset + len(chunk.data)
                 return
             except SourceFailed as exc:
                 log.warning("artifact %s: %s; trying the next source", digest[:12], exc)
@@ -139,7 +159,14 @@ def _extent(
         if int(first) != offset:
             raise SourceFailed(f"{_safe(url)}: asked for bytes from {offset}, got from {first}")
         return int(first), int(size)
-    text = response.read()[:300].decode("utf-8", "replace").strip()
+    # A plain-text body explains itself (the control plane's do); an HTML
+    # error page would only clutter the log.
+    plain = response.headers.get("Content-Type", "").startswith("text/plain")
+    text = (
+        " ".join(response.read()[:300].decode("utf-8", "replace").split())
+        if plain
+        else (response.reason_phrase)
+    )
     if control_plane and status in _FATAL_FROM_CONTROL_PLANE:
         raise FatalUpdateError(f"{_FATAL_FROM_CONTROL_PLANE[status]} ({status}): {text}")
     raise SourceFailed(f"{_safe(url)}: HTTP {status} {text}")

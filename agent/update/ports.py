@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from edgefleet.agent.errors import AgentError
 
@@ -74,6 +74,17 @@ class Chunk:
 
 class Downloader(Protocol):
     def fetch(self, digest: str, offset: int) -> Iterator[Chunk]: ...
+
+
+@runtime_checkable
+class MirroredDownloader(Downloader, Protocol):
+    """A Downloader with sources it may stop trusting (mirrors)."""
+
+    def distrust(self, digest: str) -> list[str]:
+        """The mirrors that sent bytes of `digest` since its download last
+        started from 0, skipped for it from now on; [] when none did (the
+        control plane sent every byte: its word stands)."""
+        ...
 
 
 class Verifier(Protocol):

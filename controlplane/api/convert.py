@@ -190,14 +190,17 @@ def update_status_to_pb(status: dict[str, Any]) -> c.UpdateStatus:
 # ---------------------------------------------------------------- deployments
 
 
-def assignment_to_pb(view: AssignmentView, artifact_url: str = "") -> d.Assignment:
-    """What the agent gets in its desired state; with `artifact_url` (the
-    control plane's artifact downloads over HTTP, scheme://host:port), where
-    to fetch the artifact."""
-    sources = (
-        [d.ArtifactSource(base_url=f"{artifact_url}/v1/artifacts", control_plane=True)]
-        if artifact_url else []
-    )  # fmt: skip
+def assignment_to_pb(
+    view: AssignmentView, artifact_url: str = "", mirrors: tuple[str, ...] = ()
+) -> d.Assignment:
+    """What the agent gets in its desired state, with where to fetch the
+    artifact: `mirrors` (base URLs) in order, then `artifact_url` (the
+    control plane's artifact downloads over HTTP, scheme://host:port)."""
+    sources = [d.ArtifactSource(base_url=m) for m in mirrors]
+    if artifact_url:
+        sources.append(
+            d.ArtifactSource(base_url=f"{artifact_url}/v1/artifacts", control_plane=True)
+        )
     return d.Assignment(
         rollout_id=view.rollout_id,
         model_name=view.model_name,

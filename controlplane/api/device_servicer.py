@@ -223,11 +223,13 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         status_rate: StatusRateLimit | None = None,
         device_endpoint: str = "",
         artifact_url: str = "",
+        artifact_mirrors: tuple[str, ...] = (),
         **base: Any,
     ) -> None:
         super().__init__(**base)
         # Artifact downloads over HTTP (scheme://host:port); "" when off.
         self._artifact_url = artifact_url
+        self._artifact_mirrors = artifact_mirrors
         self._certificates = certificates
         # Where agents with a certificate send device RPCs (host:port); ""
         # in plain-text mode.
@@ -321,7 +323,8 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
             return device_pb2.ControlMessage(desired=desired)
         if protocol >= MULTI_MODEL_PROTOCOL:
             desired.assignments.extend(
-                convert.assignment_to_pb(a, self._artifact_url) for a in assignments
+                convert.assignment_to_pb(a, self._artifact_url, self._artifact_mirrors)
+                for a in assignments
             )
             if len(assignments) == 1:
                 desired.assignment.CopyFrom(desired.assignments[0])
@@ -333,7 +336,9 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                 "%s@%s (the latest) until its agent is upgraded",
                 device_id, len(assignments), single.model_name, single.model_version,
             )  # fmt: skip
-        desired.assignment.CopyFrom(convert.assignment_to_pb(single, self._artifact_url))
+        desired.assignment.CopyFrom(
+            convert.assignment_to_pb(single, self._artifact_url, self._artifact_mirrors)
+        )
         return device_pb2.ControlMessage(desired=desired)
 
     async def _desired_many(self, device_ids: list[str]) -> dict[str, Desired]:

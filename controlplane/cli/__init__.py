@@ -249,6 +249,15 @@ def main() -> None:
     "--artifact-http-listen (a load balancer, a proxy).",
 )
 @click.option(
+    "--artifact-mirror",
+    "artifact_mirrors",
+    multiple=True,
+    callback=parsed(parse_base_url),
+    help="Base URL of a mirror serving artifacts by digest (<URL>/<sha256>): agents try the "
+    "mirrors in the order given, then the control plane (repeatable; see `edgefleet artifacts "
+    "export`).",
+)
+@click.option(
     "--tls-name",
     "tls_names",
     multiple=True,
@@ -282,6 +291,7 @@ def server(
     device_advertise: str | None,
     artifact_http_listen: str | None,
     artifact_http_advertise: str | None,
+    artifact_mirrors: tuple[str, ...],
     tls_names: tuple[str, ...],
     device_cert_lifetime: timedelta,
 ) -> None:
@@ -315,6 +325,7 @@ def server(
             device_advertise=device_advertise,
             artifact_http_listen=artifact_http_listen,
             artifact_http_advertise=artifact_http_advertise,
+            artifact_mirrors=artifact_mirrors,
             tls_names=tls_names,
             device_cert_lifetime_s=device_cert_lifetime.total_seconds(),
         ),

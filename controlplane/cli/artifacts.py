@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from edgefleet.controlplane.cli import render as render
-from edgefleet.controlplane.cli.base import call_by_id, emit, json_option, now, pass_env
+from edgefleet.controlplane.cli.base import (
+    CliError,
+    call_by_id,
+    emit,
+    json_option,
+    now,
+    pass_env,
+)
 from edgefleet.controlplane.client.connection import Connection
+from edgefleet.extras import require
 from edgefleet.v1 import operator_pb2
 
 
@@ -57,3 +67,46 @@ def artifacts_show(env: Connection, digest: str, as_json: bool) -> None:
         "artifact",
     )
     emit(as_json, found, lambda: render.artifact_detail(found))
+
+
+@artifacts.command("export")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="EDGEFLEET_DATA_DIR",
+    default="edgefleet-data",
+    show_default=True,
+    help="The control plane's data directory (its blobs, and its SQLite database).",
+)
+@click.option("--db", "db_url", help="The control plane's database URL, if not SQLite.")
+def artifacts_export(directory: Path, data_dir: Path, db_url: str | None) -> None:
+    """Write every published artifact into DIRECTORY by digest (DIRECTORY/<sha256>), for a
+    mirror: serve DIRECTORY with any HTTP server and start the control plane with
+    --artifact-mirror URL. Runs beside the control plane (its data dir); run it again after
+    new builds: files already there with the right bytes are kept."""
+    require("server", "sqlalchemy", part="`edgefleet artifacts export`")
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from edgefleet.controlplane.config import ServerConfig
+    from edgefleet.controlplane.server import open_database
+    from edgefleet.controlplane.services.blobs import BlobStore
+    from edgefleet.controlplane.services.mirror import export_blobs
+
+    if db_url is None and not (data_dir / "edgefleet.db").exists():
+        raise CliError(f"no control plane data in {data_dir} (give --data-dir, or --db)")
+    config = ServerConfig(data_dir=data_dir, db_url=db_url)
+    db = open_database(config)
+    try:
+        # Beside a live server: its blob cache's temporary files are its own.
+        report = export_blobs(db, BlobStore(config.blob_dir, owner=False), directory)
+    except SQLAlchemyError as err:
+        raise CliError(f"database: {getattr(err, 'orig', None) or err}") from None
+    except OSError as err:
+        raise CliError(f"{directory}: {err.strerror or err}") from None
+    finally:
+        db.dispose()
+    click.echo(
+        f"{len(report.written)} written, {len(report.replaced)} replaced (wrong bytes), "
+        f"{len(report.kept)} already there; {report.bytes_written:,} bytes into {directory}"
+    )

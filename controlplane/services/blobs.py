@@ -150,13 +150,14 @@ class BlobFile:
 
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, owner: bool = True) -> None:
         """Open the local cache. Each control-plane process has its own data
-        dir, so whatever is left in tmp/ was cut off by a crash: removed."""
+        dir, so whatever is left in tmp/ was cut off by a crash: removed by
+        its `owner` (not by a command run beside a live server)."""
         self.root = root
         self.tmp = root / "tmp"
         self.quarantine = root / "quarantine"
-        if self.tmp.exists():
+        if owner and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # guards the dicts below

@@ -33,6 +33,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
         "psycopg",
         "onnx",
         "onnxconverter_common",
+        "aiohttp",
     ),
     "tui": ("textual", "textual_plotext"),
     # The demo fleet trains its model on scikit-learn's digits.

@@ -1,0 +1,181 @@
+"""Artifacts offloaded to a mirror: Debian's nginx serving a directory that
+`edgefleet artifacts export` filled, named to agents with
+`edgefleet server --artifact-mirror`. A real agent installs from it; when
+the mirror hangs, has no such file or serves other bytes, the agent leaves
+it (the signed digest is checked whatever the source) and installs from
+the control plane."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from edgefleet.polling import wait_for
+from testkit import fault_scenarios as fs
+from testkit.harness import ControlPlane
+
+pytestmark = pytest.mark.timeout(300)
+
+NGINX = Path("/usr/sbin/nginx")
+# Every download first meets a mirror that accepts and never answers: the
+# agent leaves it after this long without a byte.
+STALL_S = 2
+
+
+@dataclass
+class Mirror:
+    port: int
+    directory: Path
+    log: Path
+
+    def requests(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
+    if not NGINX.exists():
+        pytest.skip(f"no nginx at {NGINX} (scripts/setup.sh installs Debian's)")
+    root = tmp_path_factory.mktemp("nginx")
+    # Accepts connections (the kernel's backlog) and never answers.
+    blackhole = socket.create_server(("127.0.0.1", 0))
+    port = _free_port()
+    (root / "blobs").mkdir()
+    # As root, nginx's workers would drop to nobody, who cannot read the
+    # test's private temporary directories.
+    (root / "conf").write_text(f"""
+worker_processes 1;
+{"user root;" if os.geteuid() == 0 else ""}
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {root}/access.log;
+    client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp;
+    fastcgi_temp_path {root}/tmp; uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
+    server {{
+        listen 127.0.0.1:{port};
+        location /blobs/ {{ alias {root}/blobs/; }}
+        location /hang/ {{
+            proxy_pass http://127.0.0.1:{blackhole.getsockname()[1]};
+            proxy_read_timeout 1h;
+        }}
+    }}
+}}
+""")
+    process = subprocess.Popen(
+        [str(NGINX), "-p", str(root), "-c", str(root / "conf"), "-e", str(root / "error.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+
+        def listening() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"nginx exited: {(root / 'error.log').read_text()}")
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, 30, what="nginx")
+        yield Mirror(port, root / "blobs", root / "access.log")
+    finally:
+        process.terminate()
+        process.wait(15)
+        blackhole.close()
+
+
+@pytest.fixture(scope="module")
+def rig(mirror: Mirror, tmp_path_factory: pytest.TempPathFactory) -> Iterator[fs.AgentRig]:
+    root = tmp_path_factory.mktemp("mirrored")
+    cp = ControlPlane(
+        root / "cp", None,
+        "--artifact-mirror", f"http://127.0.0.1:{mirror.port}/hang",
+        "--artifact-mirror", f"http://127.0.0.1:{mirror.port}/blobs/",
+    )  # fmt: skip
+    cp.start()
+    try:
+        op = cp.operator()
+        fs.create_classes(op, {"here": platform.machine()})
+        models = {
+            v: fs.mlp_model(root / "models" / f"{v}.onnx", hidden=400 + i, seed=i)
+            for i, v in enumerate(("1.0.0", "2.0.0", "3.0.0"))
+        }
+        digests = fs.publish_versions(cp, models)
+        sizes = {v: p.stat().st_size for v, p in models.items()}
+        yield fs.AgentRig(cp, fs.enrollment_token(op, "agents"), digests, sizes, root)
+    finally:
+        cp.close()
+
+
+def _export(rig: fs.AgentRig, directory: Path) -> str:
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "edgefleet"), "artifacts", "export", str(directory),
+         "--data-dir", str(rig.cp.data_dir)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_an_agent_installs_from_the_mirror_and_from_the_control_plane_when_it_fails(
+    rig: fs.AgentRig, mirror: Mirror, tmp_path: Path
+) -> None:
+    said = _export(rig, mirror.directory)
+    assert "3 written, 0 replaced (wrong bytes), 0 already there" in said, said
+    d1, d2, d3 = (rig.digests[v] for v in ("1.0.0", "2.0.0", "3.0.0"))
+    for digest in (d1, d2, d3):
+        exported = mirror.directory / digest
+        assert hashlib.sha256(exported.read_bytes()).hexdigest() == digest
+    # Again: nothing to write; a copy with wrong bytes is replaced.
+    (mirror.directory / d1).write_bytes(b"torn")
+    assert "0 written, 1 replaced (wrong bytes), 2 already there" in _export(rig, mirror.directory)
+    # The mirror's faults: 2.0.0's file holds other bytes of the same size,
+    # 3.0.0's is missing (404).
+    (mirror.directory / d2).write_bytes(os.urandom(rig.sizes["2.0.0"]))
+    (mirror.directory / d3).unlink()
+
+    agent = rig.agent("agent", download_stall_s=STALL_S)
+    agent.start()
+    try:
+        device_id = rig.device_id(agent)
+        cp_url = f"{rig.cp.http_url}/v1/artifacts"
+        for version, digest in (("1.0.0", d1), ("2.0.0", d2), ("3.0.0", d3)):
+            status = rig.settled(agent, device_id, rig.assign(device_id, version))
+            assert fs.of_status(status) == "committed", (version, status.reason, agent.log())
+            rig.serving(agent, version)
+            installed = agent.state_dir / "downloads" / digest
+            assert hashlib.sha256(installed.read_bytes()).hexdigest() == digest
+            # Every download met the hanging mirror first and left it.
+            assert f"/hang/{digest}: ReadTimeout" in agent.log(), agent.log()
+        log = agent.log()
+        # 1.0.0 came from the mirror alone.
+        assert f'GET /blobs/{d1} HTTP/1.1" 200' in mirror.requests()
+        assert f"{cp_url}/{d1}" not in log
+        # 2.0.0: the mirror's bytes did not match the signed digest; the
+        # agent said so, left the mirror and took the control plane's.
+        assert f'GET /blobs/{d2} HTTP/1.1" 200' in mirror.requests()
+        assert "sha256 mismatch" in log
+        assert f"from mirror http://127.0.0.1:{mirror.port}/blobs" in log
+        assert f'GET {cp_url}/{d2} "HTTP/1.1 200 OK"' in log
+        # 3.0.0: 404 at the mirror, then the control plane.
+        assert f'GET /blobs/{d3} HTTP/1.1" 404' in mirror.requests()
+        assert f'GET {cp_url}/{d3} "HTTP/1.1 200 OK"' in log
+        left = [p.name for p in (agent.state_dir / "downloads").iterdir() if p.suffix == ".part"]
+        assert left == []
+    finally:
+        agent.close()

@@ -116,6 +116,9 @@ class AgentConfig:
     # An HTTP(S) artifact source that sends nothing for this long is left
     # (before its first byte: for the next source; after: resumed later).
     download_stall_s: float = 60.0
+    # At most this many bytes a second per download (a metered link); 0:
+    # as fast as the source sends.
+    max_download_rate: int = 0
     # ONNX Runtime execution providers for serving, comma-separated; "auto":
     # TensorRT and CUDA where installed, then CPU; "cpu": CPU only.
     onnxruntime_providers: str = "auto"
@@ -397,6 +400,7 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "metrics_listen": (_loopback, lambda text, where: text),
     "download_chunk_size": (_non_negative_int, _env_int),
     "download_stall_s": (_positive_seconds, _env_number),
+    "max_download_rate": (_non_negative_int, _env_int),
     "onnxruntime_providers": (_nonempty_string, lambda text, where: text),
     "power_interval_s": (_positive_seconds, _env_number),
     "power_battery_limited_percent": (_percent, _env_float),

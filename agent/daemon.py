@@ -67,6 +67,7 @@ from edgefleet.agent.update.http_download import HttpDownloader
 from edgefleet.agent.update.machine import UpdateMachine
 from edgefleet.agent.update.models import ModelUpdate, ModelUpdates
 from edgefleet.agent.update.ports import Ports
+from edgefleet.agent.update.rate_limit import rate_limited
 from edgefleet.agent.update.remote import GrpcDownloader, StatusReporter
 from edgefleet.agent.update.runner import UpdateRunner
 from edgefleet.agent.update.store import Assignment, UpdateRecord, UpdateStore
@@ -535,26 +536,27 @@ class Agent:
             assert machine is not None
             return machine.record
 
-        reporter = StatusReporter(
-            publish, record, active, condition=lambda: self._disk.reason, model_name=name
-        )
-
         def sources() -> tuple[tuple[str, bool], ...]:
             assignment = record().assignment
             return assignment.sources if assignment is not None else ()
 
-        ports = Ports(
-            downloader=HttpDownloader(
-                sources,
-                GrpcDownloader(
-                    link.transport.blocking_device_channel,
-                    link.credential,
-                    chunk_size=self.config.download_chunk_size,
-                ),
+        downloader = HttpDownloader(
+            sources,
+            GrpcDownloader(
+                link.transport.blocking_device_channel,
                 link.credential,
-                link.transport.http_ssl_context,
-                stall_s=self.config.download_stall_s,
+                chunk_size=self.config.download_chunk_size,
             ),
+            link.credential,
+            link.transport.http_ssl_context,
+            stall_s=self.config.download_stall_s,
+        )
+        reporter = StatusReporter(
+            publish, record, active, condition=lambda: self._disk.reason, model_name=name,
+            source=lambda: downloader.last_source,
+        )  # fmt: skip
+        ports = Ports(
+            downloader=rate_limited(downloader, self.config.max_download_rate),
             verifier=DeviceVerifier(state_dir, lambda: self._sync_state.class_name),
             validator=ManifestValidator(fingerprint=link.runtime),
             activator=activator,

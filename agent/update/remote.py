@@ -120,6 +120,7 @@ class StatusReporter:
         clock: Callable[[], float] = time.monotonic,
         condition: Callable[[], str | None] = lambda: None,
         model_name: str = "",
+        source: Callable[[], str] = lambda: "",
     ) -> None:
         self.model_name = model_name
         self._publish = publish
@@ -131,6 +132,10 @@ class StatusReporter:
         self._lock = threading.Lock()
         self._last_state: State | None = None
         self._last_progress = 0.0
+        # Where the download's bytes come from, and the bytes and time of
+        # the last download report (its rate is measured from there).
+        self._source = source
+        self._rate_mark: tuple[int, float] | None = None
 
     def report(self, state: State, bytes_done: int, bytes_total: int, reason: str | None) -> None:
         now = self._clock()
@@ -143,7 +148,19 @@ class StatusReporter:
             ):
                 return
             self._last_state, self._last_progress = state, now
-        self._publish(self.status(state, bytes_done, bytes_total, reason))
+            rate = 0
+            if state is State.DOWNLOADING:
+                mark = self._rate_mark
+                if mark is not None and bytes_done > mark[0] and now > mark[1]:
+                    rate = round((bytes_done - mark[0]) / (now - mark[1]))
+                self._rate_mark = (bytes_done, now)
+            else:
+                self._rate_mark = None
+        status = self.status(state, bytes_done, bytes_total, reason)
+        if state is State.DOWNLOADING:
+            status.download_source = self._source()[:2048]
+            status.download_rate = rate
+        self._publish(status)
 
     def current(self) -> common_pb2.UpdateStatus:
         """The status as of now (for a Hello)."""

@@ -170,12 +170,15 @@ def update_status_to_dict(msg: c.UpdateStatus) -> dict[str, Any]:
         "rollout_id": msg.rollout_id,
         "active_model_version": msg.active_model_version,
         "active_artifact_digest": msg.active_artifact_digest,
+        "download_source": msg.download_source,
+        "download_rate": msg.download_rate,
     }
 
 
 _STATUS_FIELDS = (
     "model_name", "model_version", "artifact_digest", "bytes_done", "bytes_total", "reason",
     "sequence", "rollout_id", "active_model_version", "active_artifact_digest",
+    "download_source", "download_rate",
 )  # fmt: skip
 
 

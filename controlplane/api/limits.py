@@ -165,6 +165,8 @@ LIMITS: dict[str, Limit] = {
     "UpdateStatus.rollout_id": ID,
     "UpdateStatus.active_model_version": VERSION,
     "UpdateStatus.active_artifact_digest": DIGEST,
+    # A source's name or a mirror's URL.
+    "UpdateStatus.download_source": Limit(chars=2048),
     # One status per model (protocol 2). As deployments.MAX_MODELS_PER_DEVICE:
     # a report of more is refused whole (INVALID_ARGUMENT) rather than cut,
     # so no model's status is lost without the agent being told.
@@ -372,6 +374,7 @@ RANGES: dict[str, Range] = {
     "UpdateStatus.sequence": Range(0, _INT64),
     "UpdateStatus.bytes_done": Range(0, _INT64),
     "UpdateStatus.bytes_total": Range(0, _INT64),
+    "UpdateStatus.download_rate": Range(0, _INT64),
 }
 
 # Messages whose fields `check` leaves to `check_rows`: the servicer

@@ -110,6 +110,9 @@ class ModelView:
     reason: str
     summary: str
     tone: str
+    # While downloading: from where, and bytes a second ("", 0 otherwise).
+    download_source: str = ""
+    download_rate: int = 0
 
 
 def device_models(device: common_pb2.Device) -> list[common_pb2.DeviceModel]:
@@ -171,6 +174,8 @@ def model_view(m: common_pb2.DeviceModel) -> ModelView:
         target=target, sequence=m.sequence, rollout_id=m.rollout_id, shadow=m.shadow,
         bytes_done=st.bytes_done, bytes_total=st.bytes_total,
         reason=st.reason if not stale else "", summary=summary, tone=tone,
+        download_source=st.download_source if state == "downloading" else "",
+        download_rate=st.download_rate if state == "downloading" else 0,
     )  # fmt: skip
 
 
@@ -186,7 +191,10 @@ def model_update_text(v: ModelView) -> str:
         return f"failed: {v.reason}" if v.reason else "failed"
     if v.state in MOVING_STATES:
         progress = f" {format_bytes(v.bytes_done)}/{format_bytes(v.bytes_total)}"
-        return f"{v.state} {v.target}" + (progress if v.bytes_total else "") + (
+        if v.download_rate:
+            progress += f" at {format_bytes(v.download_rate)}/s"
+        source = f" from {v.download_source}" if v.download_source else ""
+        return f"{v.state} {v.target}" + (progress if v.bytes_total else "") + source + (
             f": {v.reason}" if v.reason else "")  # fmt: skip
     if v.state == "pending":
         return f"waiting for the agent to take {v.assigned}"

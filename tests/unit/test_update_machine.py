@@ -6,6 +6,7 @@ record what happened and raise injected faults (testkit/update_rig.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from edgefleet.agent.identity import save_trusted_keys
 from edgefleet.agent.update.download import ResumableDownload, artifact_path, part_path
 from edgefleet.agent.update.machine import RESTARTED_IN_ACTIVATION, UpdateInProgress
 from edgefleet.agent.update.ports import (
+    Chunk,
     FatalUpdateError,
+    MirroredDownloader,
     RetryableUpdateError,
 )
 from edgefleet.agent.update.states import TRANSITIONS, EventKind, State
@@ -420,6 +423,60 @@ def test_download_refuses_the_wrong_size(
     download, _ = _download(tmp_path)
     with pytest.raises(FatalUpdateError, match=message):
         download.run(downloader)
+
+
+class MirroredFake(FakeDownloader):
+    """A mirror first (the faulty FakeDownloader's bytes), then the control
+    plane (the right ones), as HttpDownloader orders its sources: distrust()
+    names the mirror while it sent bytes since the download last started
+    from 0, and a distrusted mirror is skipped from then on."""
+
+    MIRROR = "http://mirror.example/blobs"
+
+    def __init__(self, **faults: Any) -> None:
+        super().__init__(**faults)
+        self.honest = FakeDownloader()
+        self.trusted = True
+        self.sent_by_mirror = False
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        if not self.trusted:
+            yield from self.honest.fetch(digest, offset)
+            return
+        if offset == 0:
+            self.sent_by_mirror = False
+        for chunk in super().fetch(digest, offset):
+            self.sent_by_mirror = True
+            yield chunk
+
+    def distrust(self, digest: str) -> list[str]:
+        bad = [self.MIRROR] if self.sent_by_mirror and self.trusted else []
+        self.trusted = self.trusted and not bad
+        return bad
+
+
+@pytest.mark.parametrize(
+    ("faults", "message"),
+    [
+        ({"corrupt_at": 4321}, "sha256 mismatch"),
+        ({"total_size": len(DATA) * 2}, "the source says the artifact has"),
+        ({"data": DATA + b"x", "total_size": len(DATA)}, "more than the assigned"),
+    ],
+    ids=["other-bytes", "other-size", "too-long"],
+)
+def test_a_mirrors_wrong_bytes_are_dropped_and_the_next_source_serves(
+    tmp_path: Path, faults: dict[str, Any], message: str
+) -> None:
+    """Not fatal when a mirror sent them: retried without that mirror (the
+    same fault from the control plane is fatal: the tests above)."""
+    assert isinstance(MirroredFake(), MirroredDownloader)
+    downloader = MirroredFake(**faults)
+    download, _ = _download(tmp_path)
+    with pytest.raises(RetryableUpdateError, match=f"{message}.*from mirror {MirroredFake.MIRROR}"):
+        download.run(downloader)
+    assert not part_path(tmp_path, sha(DATA)).exists()
+    assert download.run(downloader).read_bytes() == DATA
+    assert not downloader.trusted and downloader.honest.offsets == [0]
 
 
 # ---------------------------------------------------------------- rejections

@@ -717,6 +717,8 @@ class UpdateStatus(_message.Message):
     ACTIVE_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     ACTIVE_ARTIFACT_DIGEST_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_SOURCE_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_RATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def legacy_state(self) -> _builtins.str:
@@ -747,6 +749,12 @@ class UpdateStatus(_message.Message):
     """What the device serves right now, whatever the update's state."""
     active_artifact_digest: _builtins.str
     state: Global___UpdateState.ValueType
+    download_source: _builtins.str
+    """While downloading: where the bytes come from ("control plane (HTTP)",
+    "control plane (gRPC)", or a mirror's URL) and how fast, in bytes a
+    second since the agent's previous progress report.
+    """
+    download_rate: _builtins.int
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -765,10 +773,12 @@ class UpdateStatus(_message.Message):
         active_model_version: _builtins.str = ...,
         active_artifact_digest: _builtins.str = ...,
         state: Global___UpdateState.ValueType = ...,
+        download_source: _builtins.str = ...,
+        download_rate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_artifact_digest", b"active_artifact_digest", "active_model_version", b"active_model_version", "artifact_digest", b"artifact_digest", "bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "legacy_state", b"legacy_state", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "rollout_id", b"rollout_id", "sequence", b"sequence", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_artifact_digest", b"active_artifact_digest", "active_model_version", b"active_model_version", "artifact_digest", b"artifact_digest", "bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "download_rate", b"download_rate", "download_source", b"download_source", "legacy_state", b"legacy_state", "model_name", b"model_name", "model_version", b"model_version", "reason", b"reason", "rollout_id", b"rollout_id", "sequence", b"sequence", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,46 @@
+"""A cap on download speed for metered links: the Downloader port, paced."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from .ports import Chunk, Downloader, MirroredDownloader
+
+
+class RateLimitedDownloader:
+    """`inner` at most `bytes_per_s` on average since each fetch began: it
+    sleeps after a chunk that got ahead. The pace is kept per chunk, so a
+    gRPC source's 1 MiB chunks arrive in bursts (set download_chunk_size
+    smaller on a slow link); HTTP sources hand over what each read got."""
+
+    def __init__(
+        self,
+        inner: Downloader,
+        bytes_per_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._inner = inner
+        self._rate = bytes_per_s
+        self._clock = clock
+        self._sleep = sleep
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        started, sent = self._clock(), 0
+        for chunk in self._inner.fetch(digest, offset):
+            yield chunk
+            sent += len(chunk.data)
+            ahead = sent / self._rate - (self._clock() - started)
+            if ahead > 0:
+                self._sleep(ahead)
+
+    def distrust(self, digest: str) -> list[str]:
+        inner = self._inner
+        return inner.distrust(digest) if isinstance(inner, MirroredDownloader) else []
+
+
+def rate_limited(downloader: Downloader, bytes_per_s: float) -> Downloader:
+    """`downloader` capped at `bytes_per_s`; 0: as it is."""
+    return RateLimitedDownloader(downloader, bytes_per_s) if bytes_per_s > 0 else downloader

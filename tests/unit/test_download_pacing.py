@@ -1,0 +1,100 @@
+"""The download speed cap (agent/update/rate_limit.py) and what a
+download's progress reports say: its source and its rate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from edgefleet.agent.update.ports import Chunk
+from edgefleet.agent.update.rate_limit import RateLimitedDownloader, rate_limited
+from edgefleet.agent.update.remote import StatusReporter
+from edgefleet.agent.update.states import State
+from edgefleet.agent.update.store import UpdateRecord
+from edgefleet.controlplane.client.format import model_update_text, model_view
+from edgefleet.update_state import to_wire
+from edgefleet.v1 import common_pb2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+class Chunks:
+    """Hands over `sizes` bytes at once (a source faster than any cap)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        total = offset + sum(self.sizes)
+        for size in self.sizes:
+            yield Chunk(offset, b"x" * size, total)
+            offset += size
+
+
+def test_the_cap_holds_the_average_and_sleeps_only_when_ahead() -> None:
+    clock = Clock()
+    capped = RateLimitedDownloader(Chunks([1000] * 10), 2000, clock=clock, sleep=clock.sleep)
+    got = list(capped.fetch("d", 0))
+    assert sum(len(c.data) for c in got) == 10_000
+    # 10,000 bytes at 2,000 a second: five seconds, half a second per chunk.
+    assert abs(clock.now - 100.0 - 5.0) < 1e-9 and all(abs(s - 0.5) < 1e-9 for s in clock.slept)
+    # A source already slower than the cap is never slowed further.
+    slow = Clock()
+
+    class Slow(Chunks):
+        def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+            for chunk in super().fetch(digest, offset):
+                slow.now += 1.0  # 1,000 bytes a second
+                yield chunk
+
+    list(RateLimitedDownloader(Slow([1000] * 3), 2000, clock=slow, sleep=slow.sleep).fetch("d", 0))
+    assert slow.slept == []
+
+
+def test_no_cap_leaves_the_downloader_as_it_is() -> None:
+    chunks = Chunks([1])
+    assert rate_limited(chunks, 0) is chunks
+    assert isinstance(rate_limited(chunks, 10), RateLimitedDownloader)
+
+
+def test_download_reports_say_where_the_bytes_come_from_and_how_fast() -> None:
+    clock = Clock()
+    published: list[common_pb2.UpdateStatus] = []
+    reporter = StatusReporter(
+        published.append, UpdateRecord, lambda: ("", ""), clock=clock,
+        progress_interval_s=0.5, source=lambda: "control plane (HTTP)",
+    )  # fmt: skip
+    reporter.report(State.DOWNLOADING, 0, 10_000, None)
+    clock.now += 2.0
+    reporter.report(State.DOWNLOADING, 4_000, 10_000, None)
+    first, second = published
+    assert first.download_source == second.download_source == "control plane (HTTP)"
+    assert first.download_rate == 0  # nothing to measure yet
+    assert second.download_rate == 2_000
+    clock.now += 1.0
+    reporter.report(State.VERIFYING, 10_000, 10_000, None)
+    assert published[-1].download_source == "" and published[-1].download_rate == 0
+
+
+def test_operators_read_the_source_and_rate_of_a_download() -> None:
+    status = common_pb2.UpdateStatus(
+        model_name="digits", model_version="2.0.0", sequence=3, bytes_done=1024,
+        bytes_total=4096, download_source="http://mirror.example/blobs", download_rate=2048,
+    )  # fmt: skip
+    status.state = to_wire("downloading")
+    view = model_view(common_pb2.DeviceModel(
+        model_name="digits", assigned_version="2.0.0", sequence=3, status=status
+    ))  # fmt: skip
+    assert model_update_text(view) == (
+        "downloading 2.0.0 1.0 KiB/4.0 KiB at 2.0 KiB/s from http://mirror.example/blobs"
+    )

@@ -68,6 +68,9 @@ class ServerConfig:
     # serving the blobs by digest: <base>/<sha256>); the control plane stays
     # the fallback. No credential is ever sent to them.
     artifact_mirrors: tuple[str, ...] = ()
+    # Artifact downloads over HTTP sending at once per replica (more wait:
+    # 429, Retry-After); 0: no limit.
+    max_concurrent_downloads: int = 0
 
     @property
     def blob_dir(self) -> Path:

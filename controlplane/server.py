@@ -279,6 +279,7 @@ async def _serve_artifact_http(
         credentials=services.credentials,
         executor=executors.db,
         peer_certificates=PeerCertificates() if context is not None else None,
+        max_concurrent=config.max_concurrent_downloads,
     )
     host, _, port = address.rpartition(":")
     runner, bound = await artifact_http.start(

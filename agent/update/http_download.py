@@ -169,6 +169,10 @@ def _extent(
     )
     if control_plane and status in _FATAL_FROM_CONTROL_PLANE:
         raise FatalUpdateError(f"{_FATAL_FROM_CONTROL_PLANE[status]} ({status}): {text}")
+    if control_plane and status in (429, 503):
+        # Busy: wait and come back (the update machine backs off), rather
+        # than take the same bytes from it over gRPC at once.
+        raise ConnectionError(f"the control plane is busy ({status}): {text}")
     raise SourceFailed(f"{_safe(url)}: HTTP {status} {text}")
 
 

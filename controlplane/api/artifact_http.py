@@ -70,6 +70,13 @@ class ArtifactHttp:
     peer_certificates: PeerCertificates | None = None
     # Called with (status, bytes sent) after each request (metrics).
     observe: Callable[[int, int], None] = lambda status, sent: None
+    # Downloads sending at once on this replica; over it, 429 with
+    # Retry-After (agents back off and resume): a rollout of a large
+    # artifact to thousands of devices queues instead of saturating the
+    # link. 0: no limit.
+    max_concurrent: int = 0
+    retry_after_s: int = 5
+    _sending: int = 0
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors])
@@ -140,7 +147,19 @@ class ArtifactHttp:
                 await response.write_eof()
                 self.observe(response.status, 0)
                 return response
-            await self._send(request, response, blob, part.start, part.length)
+            if self.max_concurrent and self._sending >= self.max_concurrent:
+                self.observe(429, 0)
+                return web.Response(
+                    status=429,
+                    text=f"{self._sending} downloads are under way (the limit); try again in "
+                    f"{self.retry_after_s} s\n",
+                    headers={"Retry-After": str(self.retry_after_s)},
+                )
+            self._sending += 1
+            try:
+                await self._send(request, response, blob, part.start, part.length)
+            finally:
+                self._sending -= 1
             self.observe(response.status, part.length)
             return response
 

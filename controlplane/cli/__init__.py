@@ -258,6 +258,14 @@ def main() -> None:
     "export`).",
 )
 @click.option(
+    "--max-concurrent-downloads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Artifact downloads over HTTP sending at once on this replica; more get 429 with "
+    "Retry-After and the agents resume later (0: no limit).",
+)
+@click.option(
     "--tls-name",
     "tls_names",
     multiple=True,
@@ -292,6 +300,7 @@ def server(
     artifact_http_listen: str | None,
     artifact_http_advertise: str | None,
     artifact_mirrors: tuple[str, ...],
+    max_concurrent_downloads: int,
     tls_names: tuple[str, ...],
     device_cert_lifetime: timedelta,
 ) -> None:
@@ -326,6 +335,7 @@ def server(
             artifact_http_listen=artifact_http_listen,
             artifact_http_advertise=artifact_http_advertise,
             artifact_mirrors=artifact_mirrors,
+            max_concurrent_downloads=max_concurrent_downloads,
             tls_names=tls_names,
             device_cert_lifetime_s=device_cert_lifetime.total_seconds(),
         ),

@@ -5,13 +5,17 @@ permissions as DownloadArtifact, and readable refusals."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 
 from edgefleet.controlplane.config import ServerConfig
-from edgefleet.controlplane.server import ControlPlane
+from edgefleet.controlplane.server import ControlPlane, create_server
 from edgefleet.demo.models import BuiltModel
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
@@ -19,6 +23,7 @@ from edgefleet.v1 import device_pb2_grpc as dg
 from edgefleet.v1 import operator_pb2 as o
 from edgefleet.v1 import operator_pb2_grpc as og
 from testkit.builds import build_service, classes_and_digits, fake_result
+from testkit.harness import ADMIN_TOKEN
 from testkit.rpc import ADMIN
 
 
@@ -155,3 +160,56 @@ def test_artifact_downloads_over_http_listen_beside_the_device_port_or_not_at_al
     assert ServerConfig(data_dir=Path("/x"), listen="10.0.0.1:7443").artifact_http_address() == (
         "10.0.0.1:7445"
     )
+
+
+@pytest.fixture
+async def limited(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    """A control plane that sends one artifact download at a time."""
+    server = await create_server(
+        ServerConfig(
+            data_dir=tmp_path / "cp", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN,
+            build_workers=0, max_concurrent_downloads=1,
+        )
+    )  # fmt: skip
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_downloads_over_the_limit_wait_with_retry_after(
+    limited: ControlPlane, digits: BuiltModel, tmp_path: Path
+) -> None:
+    """One download holds the only slot (its client reads slowly, so the
+    kernel's buffers fill and sendfile waits); the next is told 429 with
+    when to come back, and gets its bytes once the first is done."""
+    op, channel = await classes_and_digits(limited, digits)
+    big = tmp_path / "large.onnx"
+    big.write_bytes(os.urandom(48 * 1024 * 1024))
+    builds = build_service(limited)
+    job = await asyncio.to_thread(builds.claim, "r", 60)
+    assert job is not None
+    await asyncio.to_thread(builds.finish, job, "r", fake_result(big), "")
+    digest = (await op.GetBuild(o.GetBuildRequest(id=job.build_id), metadata=ADMIN)).artifact_digest
+    token = await op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="t"), metadata=ADMIN)
+    enrolled = await dg.DeviceServiceStub(channel).Enroll(
+        d.EnrollRequest(
+            enrollment_token=token.secret, hardware_id="hw",
+            hardware=c.HardwareProfile(arch="aarch64"),
+        )
+    )  # fmt: skip
+    auth = {"Authorization": f"Bearer {enrolled.device_credential}"}
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("GET", _url(limited, digest), headers=auth) as first:
+                assert first.status_code == 200
+                await asyncio.sleep(0.5)  # its sendfile is waiting on the reader
+                busy = await http.get(_url(limited, digest), headers=auth)
+                assert busy.status_code == 429 and busy.headers["Retry-After"] == "5"
+                assert "try again" in busy.text
+                data = b"".join([chunk async for chunk in first.aiter_bytes()])
+            assert hashlib.sha256(data).hexdigest() == digest
+            again = await http.get(_url(limited, digest), headers=auth)
+            assert again.status_code == 200 and len(again.content) == len(data)
+    finally:
+        await channel.close()

@@ -56,6 +56,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import httpx
 
 from edgefleet.agent.reconnect import Delay, Step, decide
 from edgefleet.agent.transport import resolve_endpoint, sign_reenrollment
@@ -112,6 +113,9 @@ class FleetStats:
     telemetry_resends: int = 0
     downloads: int = 0
     download_bytes: int = 0
+    # Downloads that arrived whole and verified, by where they came from:
+    # "mirror", "control plane (HTTP)", "control plane (gRPC)".
+    download_sources: Counter[str] = field(default_factory=Counter)
     # "<rpc> <CODE>" -> count, e.g. "Sync UNAVAILABLE".
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -153,6 +157,11 @@ class FleetContext:
     connect_slots: asyncio.Semaphore
     rng: random.Random
     download: bool = False
+    # With `download` on a plain-text fleet: the client the agents share for
+    # the assignments' HTTP sources (mirrors, the control plane's artifact
+    # endpoint), before DownloadArtifact. None: DownloadArtifact only (a TLS
+    # fleet: each device's certificate would need a client of its own).
+    http: httpx.AsyncClient | None = None
     # Fixed intervals that win over the control plane's config (tests and
     # benchmarks want a known load); None: the server's, else the profile's.
     heartbeat_interval_s: float | None = None
@@ -1161,9 +1170,54 @@ class SimAgent:
                     await call.done_writing()
 
     async def _download(self, m: SimModel, assignment: device_pb2.Assignment) -> str:
-        """Download the artifact for real (resuming after transient errors)
-        and check its digest; "" when it arrived, else why it failed
-        ("superseded" when a newer assignment arrived meanwhile)."""
+        """Download the artifact for real and check its digest: from the
+        assignment's HTTP sources in order, then DownloadArtifact. "" when
+        it arrived, else why it failed ("superseded" when a newer
+        assignment arrived meanwhile)."""
+        if self.ctx.http is not None:
+            for source in assignment.sources:
+                outcome = await self._download_http(m, assignment, source)
+                if outcome is not None:
+                    return outcome
+        return await self._download_grpc(m, assignment)
+
+    async def _download_http(
+        self, m: SimModel, assignment: device_pb2.Assignment, source: device_pb2.ArtifactSource
+    ) -> str | None:
+        """One HTTP source, whole (no resume: the real agent's resume is
+        tested with real agents); None when it failed (the next source is
+        tried), else as _download."""
+        ctx = self.ctx
+        assert ctx.http is not None
+        digest, size = assignment.artifact_digest, assignment.artifact_size
+        url = f"{source.base_url.rstrip('/')}/{digest}"
+        headers = {"Authorization": f"Bearer {self.credential}"} if source.control_plane else {}
+        hasher, got = hashlib.sha256(), 0
+        try:
+            async with ctx.http.stream("GET", url, headers=headers) as response:
+                if response.status_code != 200:
+                    ctx.stats.errors[f"HTTP GET {response.status_code}"] += 1
+                    return None
+                async for data in response.aiter_raw():
+                    hasher.update(data)
+                    got += len(data)
+                    ctx.stats.download_bytes += len(data)
+                    if m.wake.is_set():
+                        return "superseded"
+        except httpx.HTTPError as exc:
+            ctx.stats.errors[f"HTTP GET {type(exc).__name__}"] += 1
+            return None
+        if got != size or hasher.hexdigest() != digest:
+            ctx.stats.errors["HTTP GET wrong bytes"] += 1
+            return None
+        ctx.stats.downloads += 1
+        ctx.stats.download_sources[
+            "control plane (HTTP)" if source.control_plane else "mirror"
+        ] += 1
+        return ""
+
+    async def _download_grpc(self, m: SimModel, assignment: device_pb2.Assignment) -> str:
+        """Over DownloadArtifact (resuming after transient errors)."""
         assert self.stub is not None
         ctx = self.ctx
         hasher = hashlib.sha256()
@@ -1202,6 +1256,7 @@ class SimAgent:
             finally:
                 stream.cancel()
         ctx.stats.downloads += 1
+        ctx.stats.download_sources["control plane (gRPC)"] += 1
         digest = hasher.hexdigest()
         if offset != size or digest != assignment.artifact_digest:
             return (

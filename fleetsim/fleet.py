@@ -43,6 +43,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import httpx
 
 from edgefleet.agent.transport import new_key_and_csr
 from edgefleet.v1 import device_pb2, device_pb2_grpc
@@ -164,6 +165,13 @@ class Fleet:
         self.agents = [
             SimAgent(i, prefix, cls, self.ctx) for i, cls in enumerate(self.profile.allocate(n))
         ]
+        if download and self.ctx.tls is None:
+            # One pool for the fleet: a device's download is one connection.
+            self.ctx.http = httpx.AsyncClient(
+                timeout=httpx.Timeout(rpc_timeout_s * 4, connect=rpc_timeout_s),
+                limits=httpx.Limits(max_connections=connect_concurrency * 4,
+                                    max_keepalive_connections=connect_concurrency),
+            )  # fmt: skip
         self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._crash: BaseException | None = None
@@ -280,6 +288,9 @@ class Fleet:
         channels, self._channels = self._channels, []
         for channel in channels:
             await channel.close(grace=None)
+        http, self.ctx.http = self.ctx.http, None
+        if http is not None:
+            await http.aclose()
 
     def drain_telemetry(self) -> None:
         """From now on the agents make no new telemetry samples but keep

@@ -25,6 +25,7 @@ REPORTS = {
     "bench_agent_install": "idle agent RSS (goal <= 40 MB)",
     "bench_agent_rss": "with the digits MLP active (onnxruntime)",
     "bench_builds": "matrix wall time (push -> last build finished)",
+    "bench_delivery": "mirror / control plane: wall",
     "bench_download": "resume from byte",
     "bench_faults": "[net]",
     "bench_fuzz": "property failures: 0",

@@ -291,6 +291,8 @@ async def test_agents_reconnect_download_and_silent_devices_go_dark_after_commit
         stats = fleet.ctx.stats
         assert stats.downloads == 6
         assert stats.download_bytes == sum(a.status.bytes_total for a in fleet.agents) > 0
+        # Over HTTP from the control plane, the source its assignments name.
+        assert stats.download_sources == {"control plane (HTTP)": 6}
         # The committed report went out before the device went dark.
         await _wait_devices(fleet_setup.op, "t2", Counter(
             {("pi", "committed", "1.0.0"): 4, ("gw", "committed", "1.0.0"): 2}))  # fmt: skip

@@ -57,10 +57,18 @@ class ServerConfig:
     # can reach at device_listen (behind a load balancer or NAT).
     device_advertise: str | None = None
     device_cert_lifetime_s: float = 30 * 24 * 3600.0
+    # Where blob bytes (pushed models, built artifacts) live; None: the data
+    # dir's blobs/. Replicas that share one (a network file system) serve
+    # each other's blobs; otherwise each needs its own copy of every blob.
+    blob_store_dir: Path | None = None
+    # A blob nothing refers to (a deleted version's, a rolled-back push's
+    # file) is deleted once this old; garbage collection runs this often.
+    blob_grace_s: float = 3600.0
+    blob_gc_every_s: float = 600.0
 
     @property
     def blob_dir(self) -> Path:
-        return self.data_dir / "blobs"
+        return self.blob_store_dir or self.data_dir / "blobs"
 
     @property
     def build_dir(self) -> Path:

@@ -375,7 +375,7 @@ def test_blob_rows_in_sql_bytes_in_the_store_any_replica_sharing_it_reads_them(
         reader.size(db, other_digest)
 
 
-def test_a_damaged_cache_file_is_reported_once_by_downloads_that_opened_it_before_it_moved(
+def test_a_damaged_store_file_is_reported_once_by_downloads_that_opened_it_before_it_moved(
     db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """CI found this race: a download opened the damaged file, another
@@ -406,6 +406,7 @@ def test_a_damaged_cache_file_is_reported_once_by_downloads_that_opened_it_befor
     files = store.files
     assert isinstance(files, DirectoryStore)
     with open(path, "rb", buffering=0) as early:  # the first download's open
+        damaged_inode = os.fstat(early.fileno()).st_ino
         with pytest.raises(DataLoss):  # the second: quarantines, serves nothing
             store.open(db, digest)
         late_look = FileVersion.of(os.fstat(early.fileno()))
@@ -417,5 +418,5 @@ def test_a_damaged_cache_file_is_reported_once_by_downloads_that_opened_it_befor
         assert not store.add(uow.session, src, digest, "application/octet-stream")
         uow.commit()
     with store.open(db, digest) as healed:
-        assert healed.version.inode != os.fstat(early.fileno()).st_ino
+        assert healed.version.inode != damaged_inode
     assert path.read_bytes() == data

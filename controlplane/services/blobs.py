@@ -182,25 +182,21 @@ class BlobStore:
         DirectoryStore.remove)."""
         cutoff = (time.time() if now is None else now) - grace_s
         cutoff_at = dt.datetime.fromtimestamp(cutoff, dt.UTC)
+        # Candidates in Python, from one pass over each referring column
+        # (most have no index on the digest); each delete checks again.
+        with db.unit_of_work(readonly=True) as uow:
+            old = set(
+                uow.session.scalars(select(BlobRow.digest).where(BlobRow.created_at < cutoff_at))
+            )
+            used: set[str] = set()
+            for column in _referencing_columns():
+                used.update(d for d in uow.session.scalars(select(column).distinct()) if d)
         blobs = 0
-        while True:
-            with db.unit_of_work(readonly=True) as uow:
-                batch = list(
-                    uow.session.scalars(
-                        select(BlobRow.digest)
-                        .where(BlobRow.created_at < cutoff_at, *_unreferenced_clause())
-                        .order_by(BlobRow.digest)
-                        .limit(_BATCH)
-                    )
-                )
-            if not batch:
-                break
+        for batch in _chunks(sorted(old - used), _BATCH):
             deleted = self._delete_rows(db, batch, cutoff_at)
             for digest in deleted:
                 self.files.remove(digest, older_than=cutoff, keep=lambda: False)
             blobs += len(deleted)
-            if len(batch) < _BATCH or not deleted:
-                break
         orphans = 0
         for chunk in _chunks((d for d, mtime in self.files.digests() if mtime < cutoff), _BATCH):
             with db.unit_of_work(readonly=True) as uow:

@@ -6,6 +6,7 @@ bytes out of SQL."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 import time
@@ -222,6 +223,19 @@ def test_collection_keeps_referenced_blobs_and_deletes_old_unreferenced_ones(
         assert blob.read(0, 5000) == used.read_bytes()
     # Nothing left to do the second time.
     assert store.collect_garbage(db, grace_s=HOUR, now=later) == type(done)(0, 0, 0)
+
+
+def test_a_blob_referred_to_after_collection_picked_it_stays(db: Database, tmp_path: Path) -> None:
+    """Each delete checks again that nothing refers to the blob: a publish
+    that committed a reference after the candidates were picked wins."""
+    store = BlobStore(tmp_path / "blobs")
+    src, digest = _file(tmp_path, "blob", os.urandom(1000))
+    _publish(db, store, src, digest)
+    _refer(db, digest, "late")  # committed after the (simulated) pick
+    cutoff_at = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    assert BlobStore._delete_rows(db, [digest], cutoff_at) == []
+    with db.unit_of_work(readonly=True) as uow:
+        assert uow.session.get(BlobRow, digest) is not None
 
 
 def test_a_file_published_again_during_collection_stays(db: Database, tmp_path: Path) -> None:

@@ -256,7 +256,7 @@ def main() -> None:
                 files = {hashlib.sha256(b.model.read_bytes()).hexdigest(): b.model
                          for b in models.values()}  # fmt: skip
                 engine = make_engine(sqlite_url(root / "cp"), pool_size=2)
-                answer_builds(Database(engine), root / "builder", files, op)
+                answer_builds(Database(engine), root / "cp" / "blobs", files, op)
                 engine.dispose()
             else:
                 wait_built(op, len(models), 1800)

@@ -71,10 +71,18 @@ class ServerConfig:
     # Artifact downloads over HTTP sending at once per replica (more wait:
     # 429, Retry-After); 0: no limit.
     max_concurrent_downloads: int = 0
+    # Where blob bytes (pushed models, built artifacts) live; None: the data
+    # dir's blobs/. Replicas that share one (a network file system) serve
+    # each other's blobs; otherwise each needs its own copy of every blob.
+    blob_store_dir: Path | None = None
+    # A blob nothing refers to (a deleted version's, a rolled-back push's
+    # file) is deleted once this old; garbage collection runs this often.
+    blob_grace_s: float = 3600.0
+    blob_gc_every_s: float = 600.0
 
     @property
     def blob_dir(self) -> Path:
-        return self.data_dir / "blobs"
+        return self.blob_store_dir or self.data_dir / "blobs"
 
     @property
     def build_dir(self) -> Path:

@@ -56,3 +56,10 @@ class Unavailable(DomainError):
 
 class OutOfRange(DomainError):
     title = "Out of range"
+
+
+class DataLoss(DomainError):
+    """Stored bytes are gone or damaged and the control plane holds no other
+    copy: retrying will not help; the message says what brings them back."""
+
+    title = "Data lost"

@@ -23,7 +23,8 @@ PRIVATE_UMASK = 0o077
 PRIVATE_DIR = 0o700
 
 # What the data directory holds besides the database: made by the server,
-# the blob cache and the builds' work directories (model bytes).
+# the blob store (unless --blob-dir puts it elsewhere) and the builds' work
+# directories (model bytes).
 _DATA_FILES = ("admin-token", "ca.pem", "port", "device-port")
 _DATA_TREES = ("blobs", "builds")
 # SQLite keeps its journal and shared memory beside the database; the

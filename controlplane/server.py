@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import os
 import signal
@@ -173,6 +174,7 @@ class Services:
     rollouts: RolloutService
     orchestrator: Orchestrator
     operator_tokens: OperatorTokenService
+    blobs: BlobStore
 
 
 EventBridge = PgEventBridge | LocalEventBridge
@@ -320,7 +322,7 @@ def prepare(db: Database, config: ServerConfig) -> FleetState:
     key and (with TLS) the CA if they do not exist yet. Idempotent; the
     supervisor of several workers runs it before it starts them, so that
     they find it all made instead of racing to make it."""
-    upgrade(db.engine)
+    upgrade(db.engine, blob_dir=config.blob_dir)
     admin_token = ensure_bootstrap_admin(db, config.admin_token_file, config.admin_token)
     ensure_signing_key(db)
     return FleetState(admin_token, ensure_authority(db) if config.tls else None)
@@ -395,7 +397,7 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
     for name in ("", *_SERVED[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    jobs = BackgroundJobs(_background_jobs(config, services, executors, metrics_registry))
+    jobs = BackgroundJobs(_background_jobs(config, db, services, executors, metrics_registry))
     jobs.start()
     stop_metrics = None
     if config.metrics_listen:
@@ -493,6 +495,7 @@ def build_services(
             on_tick=_tick_histogram(metrics_registry).observe,
         ),
         operator_tokens=OperatorTokenService(db),
+        blobs=blobs,
     )
 
 
@@ -569,6 +572,7 @@ def _add_servicers(
 
 def _background_jobs(
     config: ServerConfig,
+    db: Database,
     services: Services,
     executors: Executors,
     metrics_registry: CollectorRegistry,
@@ -606,6 +610,16 @@ def _background_jobs(
             "telemetry-rollup",
             lambda: _roll_up_telemetry(
                 services.telemetry, executors.db, config.telemetry_rollup_every_s
+            ),
+        ),
+        BackgroundJob(
+            "blob-gc",
+            lambda: _collect_blobs(
+                services.blobs,
+                db,
+                executors.db,
+                config.blob_grace_s,
+                config.blob_gc_every_s,
             ),
         ),
     ]
@@ -763,6 +777,23 @@ async def _roll_up_telemetry(
                 log.info("rolled %d raw telemetry rows up into hourly rollups", moved)
         except Exception:
             log.exception("could not roll telemetry up; will retry")
+        await asyncio.sleep(every_s)
+
+
+async def _collect_blobs(
+    blobs: BlobStore, db: Database, executor: ThreadPoolExecutor, grace_s: float, every_s: float
+) -> None:
+    """Collect unreferenced blobs and orphan files (BlobStore.collect_garbage),
+    now and then every `every_s`. Every replica runs it: each deletion checks
+    again in its own statement."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await loop.run_in_executor(
+                executor, functools.partial(blobs.collect_garbage, db, grace_s=grace_s)
+            )
+        except Exception:
+            log.exception("could not collect unreferenced blobs; will retry")
         await asyncio.sleep(every_s)
 
 

@@ -153,9 +153,15 @@ CPU_CLASS = "cpu"
 
 
 def publish_digits_versions(
-    op: Any, db: Database, root: Path, versions: tuple[str, ...] = ("1.0.0", "2.0.0", "3.0.0")
+    op: Any,
+    db: Database,
+    root: Path,
+    versions: tuple[str, ...] = ("1.0.0", "2.0.0", "3.0.0"),
+    *,
+    blob_dir: Path,
 ) -> dict[str, str]:
-    """For a control plane in another process, `db` its database: the class
+    """For a control plane in another process, `db` its database and
+    `blob_dir` its blob directory: the class
     "cpu" (this machine's arch and label tier=cpu) and "digits" at every one
     of `versions` (one trained digits classifier, each version's file
     differing by its doc string), their builds answered with the files
@@ -176,7 +182,7 @@ def publish_digits_versions(
         onnx.save(model, path)
         files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
         push_model(op, DIGITS, version, model_parts(model=path, sample_data=built.sample_data))
-    answer_builds(db, root, files, op)
+    answer_builds(db, blob_dir, files, op)
     return {b.model_version: b.artifact_digest
             for b in op.ListBuilds(o.ListBuildsRequest()).builds}  # fmt: skip
 
@@ -186,11 +192,12 @@ class _NoEvents:
         pass
 
 
-def answer_builds(db: Database, root: Path, files: dict[str, Path], op: Any) -> None:
+def answer_builds(db: Database, blob_dir: Path, files: dict[str, Path], op: Any) -> None:
     """Answer the queued builds (of a control plane without build workers;
-    `db` its database) with the pushed model itself: `files` maps each pushed
-    file's digest to it, one class, so one build per file. Scratch in `root`."""
-    builds = BuildService(db, BlobStore(root / "builder"), _NoEvents())
+    `db` its database, `blob_dir` its blob directory, where the artifacts
+    are published) with the pushed model itself: `files` maps each pushed
+    file's digest to it, one class, so one build per file."""
+    builds = BuildService(db, BlobStore(blob_dir), _NoEvents())
     for _ in range(400):
         job = builds.claim("test", 60)
         if job is not None:

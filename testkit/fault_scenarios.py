@@ -19,7 +19,6 @@ import hashlib
 import platform
 import random
 import sqlite3
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -103,19 +102,19 @@ def publish_versions(
         push_model(op, MODEL, version, model_parts(model=model))
     by_digest = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in versions.values()}
     engine = make_engine(db_url_of(cp), pool_size=2)
-    with tempfile.TemporaryDirectory() as blobs:
-        builds = BuildService(Database(engine), BlobStore(Path(blobs)), _NoEvents())
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            job = builds.claim("fault-scenarios", 60)
-            if job is not None:
-                builds.finish(job, "fault-scenarios", fake_result(by_digest[job.model_digest]), "")
-                continue
-            listed = op.ListBuilds(o.ListBuildsRequest(model_name=MODEL)).builds
-            if listed and all(b.state == o.BUILD_STATE_SUCCEEDED for b in listed):
-                engine.dispose()
-                return {v: hashlib.sha256(p.read_bytes()).hexdigest() for v, p in versions.items()}
-            time.sleep(0.05)
+    # Published into the control plane's blob directory, where it serves them.
+    builds = BuildService(Database(engine), BlobStore(cp.data_dir / "blobs"), _NoEvents())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = builds.claim("fault-scenarios", 60)
+        if job is not None:
+            builds.finish(job, "fault-scenarios", fake_result(by_digest[job.model_digest]), "")
+            continue
+        listed = op.ListBuilds(o.ListBuildsRequest(model_name=MODEL)).builds
+        if listed and all(b.state == o.BUILD_STATE_SUCCEEDED for b in listed):
+            engine.dispose()
+            return {v: hashlib.sha256(p.read_bytes()).hexdigest() for v, p in versions.items()}
+        time.sleep(0.05)
     engine.dispose()
     raise AssertionError("the builds did not all succeed")
 

@@ -653,13 +653,7 @@ class DbProbe:
                 for group, group_cols in by_group.items():
                     if not group_cols:
                         continue
-                    exprs = [
-                        func.length(col)
-                        if table.name == "blob_chunks" and col.name == "data"
-                        else col
-                        for col in group_cols
-                    ]
-                    stmt = select(*exprs).order_by(*pk)
+                    stmt = select(*group_cols).order_by(*pk)
                     if append_only:
                         digest = self._append_hash(conn, table.name, group, stmt, pk[0], count)
                     else:
@@ -730,11 +724,6 @@ class DbProbe:
                 "model without versions",
                 "SELECT count(*) FROM models m WHERE NOT EXISTS "
                 "(SELECT 1 FROM model_versions v WHERE v.model_id = m.id)",
-            )
-            check(
-                "blob whose chunks do not add up to its size",
-                "SELECT count(*) FROM blobs b WHERE b.size_bytes <> COALESCE((SELECT "
-                "sum(length(c.data)) FROM blob_chunks c WHERE c.digest = b.digest), 0)",
             )
             check(
                 "assignment newer than its device's sequence",
@@ -1526,7 +1515,9 @@ class Fuzzer:
             self.call("PushModel", _push("digits", version, model))
         engine = make_engine(self.server.db_url)
         try:
-            builds = BuildService(Database(engine), BlobStore(self.work_dir / "blobs"), _NoEvents())
+            builds = BuildService(
+                Database(engine), BlobStore(self.server.data_dir / "blobs"), _NoEvents()
+            )
             artifact = self.work_dir / "model.onnx"
             # The pushes queue builds as they return; finish them until
             # none has been queued for a while.

@@ -28,6 +28,7 @@ from aiohttp import web
 from edgefleet.controlplane.api.rpc import PeerCertificates
 from edgefleet.controlplane.domain.byte_ranges import Unsatisfiable, requested
 from edgefleet.controlplane.errors import (
+    DataLoss,
     DomainError,
     FailedPrecondition,
     InvalidArgument,
@@ -40,7 +41,7 @@ from edgefleet.controlplane.errors import (
 )
 from edgefleet.controlplane.services import auth
 from edgefleet.controlplane.services.artifacts import ArtifactService
-from edgefleet.controlplane.services.blobs import BlobFile
+from edgefleet.controlplane.services.blobstore import BlobFile
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ _STATUS: dict[type[DomainError], int] = {
     OutOfRange: 416,
     ResourceExhausted: 429,
     Unavailable: 503,
+    # The stored copy is damaged (quarantined): nothing to resume from here.
+    DataLoss: 500,
 }
 
 
@@ -177,7 +180,7 @@ class ArtifactHttp:
         transport = request.transport
         assert transport is not None
         await asyncio.get_running_loop().sendfile(transport, blob.file, offset, count)
-        if not blob.intact():
+        if not blob.unchanged():
             transport.abort()
             return
         await response.write_eof()

@@ -467,7 +467,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
     async def DownloadArtifact(
         self, request: device_pb2.DownloadArtifactRequest, context: Any, device: DevicePrincipal
     ) -> AsyncIterator[device_pb2.ArtifactChunk]:
-        # Verified against its digest (and healed from SQL) before it is served.
+        # Verified against its digest before it is served (DATA_LOSS if damaged).
         with await self.run(
             self._artifacts.open_for_device, device.device_id, request.digest
         ) as blob:

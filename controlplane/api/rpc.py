@@ -23,6 +23,7 @@ from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import pki, roles
 from edgefleet.controlplane.errors import (
     AlreadyExists,
+    DataLoss,
     DomainError,
     FailedPrecondition,
     InvalidArgument,
@@ -47,6 +48,7 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
 }
 
 P = ParamSpec("P")

@@ -60,6 +60,17 @@ def _data_dir_option(f: F) -> F:
     )(f)
 
 
+def _blob_dir_option(f: F) -> F:
+    return click.option(
+        "--blob-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="EDGEFLEET_BLOB_DIR",
+        help="Directory for blob bytes (pushed models, built artifacts); replicas sharing one "
+        "(a network file system) serve each other's [default: DATA_DIR/blobs; env "
+        "EDGEFLEET_BLOB_DIR].",
+    )(f)
+
+
 def _db_option(f: F) -> F:
     return click.option(
         "--db", "db_url", help="SQLAlchemy database URL (default: SQLite file in the data dir)."
@@ -142,6 +153,15 @@ def main() -> None:
 @cli.command()
 @_data_dir_option
 @_db_option
+@_blob_dir_option
+@click.option(
+    "--blob-grace",
+    default="1h",
+    show_default=True,
+    callback=parsed(parse_duration),
+    help="How long a blob nothing refers to (and a file with no blob) is kept before garbage "
+    "collection deletes it; at least as long as a push or build takes to publish.",
+)
 @click.option(
     "--listen", default=_config_default("listen"), show_default=True, help="gRPC address."
 )
@@ -281,6 +301,8 @@ def main() -> None:
 def server(
     data_dir: Path,
     db_url: str | None,
+    blob_dir: Path | None,
+    blob_grace: timedelta,
     listen: str,
     metrics_listen: str | None,
     admin_token: str | None,
@@ -312,11 +334,15 @@ def server(
         raise click.BadParameter("must be at least 1h", param_hint="--telemetry-retention")
     if device_cert_lifetime < timedelta(seconds=10):
         raise click.BadParameter("must be at least 10s", param_hint="--device-cert-lifetime")
+    if blob_grace < timedelta(minutes=1):
+        raise click.BadParameter("must be at least 1m", param_hint="--blob-grace")
 
     run(
         ServerConfig(
             data_dir=data_dir,
             db_url=db_url,
+            blob_store_dir=blob_dir,
+            blob_grace_s=blob_grace.total_seconds(),
             listen=listen,
             metrics_listen=metrics_listen,
             admin_token=admin_token,
@@ -351,8 +377,10 @@ def db() -> None:
 @db.command("upgrade")
 @_data_dir_option
 @_db_option
-def db_upgrade(data_dir: Path, db_url: str | None) -> None:
-    """Bring the database schema to the newest revision."""
+@_blob_dir_option
+def db_upgrade(data_dir: Path, db_url: str | None, blob_dir: Path | None) -> None:
+    """Bring the database schema to the newest revision (0016 moves blob bytes
+    out of the database into the blob directory)."""
     require("server", "sqlalchemy", "alembic", part="`edgefleet db upgrade`")
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -363,7 +391,7 @@ def db_upgrade(data_dir: Path, db_url: str | None) -> None:
         db_url = sqlite_url(data_dir)
     engine = make_engine(db_url)
     try:
-        upgrade(engine)
+        upgrade(engine, blob_dir=blob_dir or data_dir / "blobs")
         revision = current_revision(engine)
     except SQLAlchemyError as err:
         raise CliError(f"database: {getattr(err, 'orig', None) or err}") from None

@@ -80,7 +80,15 @@ def artifacts_show(env: Connection, digest: str, as_json: bool) -> None:
     help="The control plane's data directory (its blobs, and its SQLite database).",
 )
 @click.option("--db", "db_url", help="The control plane's database URL, if not SQLite.")
-def artifacts_export(directory: Path, data_dir: Path, db_url: str | None) -> None:
+@click.option(
+    "--blob-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="EDGEFLEET_BLOB_DIR",
+    help="The control plane's blob directory, if not DATA_DIR/blobs.",
+)
+def artifacts_export(
+    directory: Path, data_dir: Path, db_url: str | None, blob_dir: Path | None
+) -> None:
     """Write every published artifact into DIRECTORY by digest (DIRECTORY/<sha256>), for a
     mirror: serve DIRECTORY with any HTTP server and start the control plane with
     --artifact-mirror URL. Runs beside the control plane (its data dir); run it again after
@@ -95,11 +103,10 @@ def artifacts_export(directory: Path, data_dir: Path, db_url: str | None) -> Non
 
     if db_url is None and not (data_dir / "edgefleet.db").exists():
         raise CliError(f"no control plane data in {data_dir} (give --data-dir, or --db)")
-    config = ServerConfig(data_dir=data_dir, db_url=db_url)
+    config = ServerConfig(data_dir=data_dir, db_url=db_url, blob_store_dir=blob_dir)
     db = open_database(config)
     try:
-        # Beside a live server: its blob cache's temporary files are its own.
-        report = export_blobs(db, BlobStore(config.blob_dir, owner=False), directory)
+        report = export_blobs(db, BlobStore(config.blob_dir), directory)
     except SQLAlchemyError as err:
         raise CliError(f"database: {getattr(err, 'orig', None) or err}") from None
     except OSError as err:

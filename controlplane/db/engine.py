@@ -75,9 +75,13 @@ def alembic_config() -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to `revision`. Safe to run on every start."""
+def upgrade(engine: Engine, revision: str = "head", *, blob_dir: Path | None = None) -> None:
+    """Bring the schema to `revision`. Safe to run on every start. 0016
+    moves blob bytes out of SQL into `blob_dir` (the blob store's directory),
+    and refuses to run without it when there are any."""
     cfg = alembic_config()
+    if blob_dir is not None:
+        cfg.attributes["blob_dir"] = blob_dir
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Replicas starting together would race to create the same tables;

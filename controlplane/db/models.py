@@ -170,7 +170,9 @@ class DeviceRow(Base):
 
 
 class BlobRow(Base):
-    """A content-addressed file in the blob store, by sha256."""
+    """A content-addressed file in the blob store, by sha256. Its bytes live
+    in the blob store's directory (services/blobstore.py), not in SQL (0016);
+    the file is there before the transaction inserting this row commits."""
 
     __tablename__ = "blobs"
 
@@ -233,19 +235,6 @@ class AuditRow(Base):
     action: Mapped[str] = mapped_column(String(100), index=True)
     target: Mapped[str] = mapped_column(String(200), index=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-
-
-class BlobChunkRow(Base):
-    """Blob bytes in SQL, so every control-plane replica can serve every blob.
-    Written in the same transaction as the rows that refer to the blob."""
-
-    __tablename__ = "blob_chunks"
-
-    digest: Mapped[str] = mapped_column(
-        ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True
-    )
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class CertificateAuthorityRow(Base):

@@ -1,235 +1,138 @@
-"""Content-addressed blobs. SQL holds the bytes (in chunks), so every
-control-plane replica can serve every blob and a blob is published in the same
-transaction as the rows that refer to it: nothing is ever half-published.
+"""Content-addressed blobs: SQL says what a blob is (BlobRow: digest, size,
+media type) and who refers to it; the bytes live in a blob store
+(services/blobstore.py), a directory every replica can share.
 
-Each replica keeps a local cache of blobs it has read, to serve downloads from
-a file rather than from the database. The cache is a copy and is never
-trusted as such: a file is hashed before this process first serves it, and
-again whenever it is another version of the file (its inode, size, mtime or
-ctime changed). A file that does not match its digest (a flipped byte, a
-truncation) is moved to `quarantine/` (one per digest, for whoever wants to
-look at it), logged once, and rebuilt from the database copy; a missing one
-is rebuilt too. A download reads the very file that was verified, by
-descriptor, and checks after each read that it has not changed since: a
-download in flight when the file changes ends with Unavailable (the agent
-resumes, from the rebuilt file) rather than sending one unverified byte."""
+Publishing order, so that nothing is half-published: `add` puts the file in
+the store (synced) before the caller's transaction, which inserts the rows
+that refer to it, commits. A transaction that rolls back leaves at most a
+file no row names, which garbage collection removes once it is older than
+the grace period; one that commits finds its bytes already whole.
+
+Garbage collection (`collect_garbage`, run now and then by every replica):
+blob rows nothing refers to and older than the grace period are deleted with
+their files, and so are files with no row, once older than the grace period
+(a publish still in progress put its file, or touched it, within it)."""
 
 from __future__ import annotations
 
-import hashlib
-import io
+import datetime as dt
+import functools
 import logging
-import os
-import re
-import shutil
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import NamedTuple
 
-from sqlalchemy import insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, delete, exists, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from edgefleet.controlplane.db.models import BlobChunkRow, BlobRow
+from edgefleet.controlplane.db.models import ArtifactRow, BlobRow, BuildRow, ModelVersionRow
 from edgefleet.controlplane.db.uow import Database
-from edgefleet.controlplane.errors import NotFound, Unavailable
+from edgefleet.controlplane.errors import DataLoss, NotFound
+from edgefleet.controlplane.services.blobstore import (
+    BlobBytes,
+    BlobFile,
+    BlobMissing,
+    DirectoryStore,
+    FileVersion,
+    sha256_file,
+    valid_digest,
+)
+
+__all__ = ["BlobFile", "BlobStore", "FileVersion", "GarbageCollected", "sha256_file",
+           "valid_digest"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-CHUNK_BYTES = 1024 * 1024
-# Chunks inserted per statement: bounds memory for large models.
-_INSERT_BATCH = 8
-# A file whose mtime is this close to when it was hashed is "racy" (as git
-# calls it): the kernel stamps mtime from a clock that ticks every few ms,
-# so a write in the same tick as the last one leaves mtime unchanged. Such a
-# version is served but not remembered as verified; the next open hashes it
-# again, by when any later write would move mtime.
-_RACY_NS = 100_000_000
-# Opens that find the file changed again each time give up (Unavailable)
-# rather than loop: something keeps writing into the cache.
-_OPEN_ATTEMPTS = 3
+# A blob or file nothing refers to is kept this long (seconds): a publish
+# puts its file before its transaction commits, and may take this long.
+DEFAULT_GRACE_S = 3600.0
+# Digests looked up or deleted per statement.
+_BATCH = 500
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def _referencing_columns() -> tuple[InstrumentedAttribute[str | None], ...]:
+    mv, b, a = ModelVersionRow, BuildRow, ArtifactRow
+    return (
+        mv.model_digest, mv.sample_data_digest, mv.labels_digest,
+        b.artifact_digest, b.fallback_digest,
+        a.digest, a.companion_digest, a.fallback_digest,
+    )  # fmt: skip
 
 
-def valid_digest(digest: str) -> bool:
-    return bool(_DIGEST.match(digest))
+def _unreferenced_clause() -> list[ColumnElement[bool]]:
+    """BlobRow is referred to by no model version, build or artifact."""
+    return [~exists().where(column == BlobRow.digest) for column in _referencing_columns()]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def unreferenced(session: Session, digests: set[str]) -> list[str]:
+    """Those of `digests` no model version, build or artifact refers to."""
+    if not digests:
+        return []
+    used: set[str] = set()
+    for column in _referencing_columns():
+        used.update(
+            d for d in session.scalars(select(column).where(column.in_(digests)).distinct()) if d
+        )
+    return sorted(digests - used)
 
 
-class FileVersion(NamedTuple):
-    """One version of a cache file. The store only ever replaces cache files
-    (a new inode), so any other change is corruption, and each moves one of
-    these: a write in place mtime and ctime, a truncation the size. A tuple:
-    it is built and compared after every chunk a download reads."""
+@dataclass(frozen=True)
+class GarbageCollected:
+    """What one collection removed."""
 
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileVersion:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    def renamed_from(self, other: FileVersion | None) -> bool:
-        """Whether this is `other`, give or take a rename (which moves only
-        the ctime). Size and mtime too, not the inode alone: a freed inode's
-        number is soon reused."""
-        return other is not None and self._replace(ctime_ns=other.ctime_ns) == other
-
-
-class BlobFile:
-    """A verified cache file, open for one download. Reads go to the file
-    that was verified, whatever is renamed over its path meanwhile."""
-
-    def __init__(self, store: BlobStore, digest: str, fh: io.FileIO, version: FileVersion) -> None:
-        self.digest = digest
-        self.version = version
-        self._store = store
-        self._fh = fh
-
-    @property
-    def size(self) -> int:
-        return self.version.size
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Up to `length` bytes at `offset`. One pread and one fstat: cheap
-        enough for the event loop."""
-        fd = self._fh.fileno()
-        data = os.pread(fd, length, offset)
-        # Checked after the read: a write updates mtime before its bytes
-        # land, so an unchanged version here means `data` predates any change.
-        if FileVersion.of(os.fstat(fd)) != self.version or (not data and offset < self.size):
-            self._store.changed_while_serving(self.digest, self.version)
-            raise Unavailable(
-                f"the control plane's cached copy of artifact {self.digest[:12]} changed on "
-                "disk during the download; it is verified again (and rebuilt from the "
-                f"database if damaged) before it is served: resume from offset {offset}"
-            )
-        return data
-
-    @property
-    def file(self) -> io.FileIO:
-        """The verified file, for sendfile; check `intact()` after sending."""
-        return self._fh
-
-    def intact(self) -> bool:
-        """Whether the file is still the version that was verified (else the
-        store is told, and the next open verifies it again)."""
-        if FileVersion.of(os.fstat(self._fh.fileno())) == self.version:
-            return True
-        self._store.changed_while_serving(self.digest, self.version)
-        return False
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> BlobFile:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    blobs: int  # rows, with their files
+    orphan_files: int
+    temporary: int
 
 
 class BlobStore:
-    def __init__(self, root: Path, *, owner: bool = True) -> None:
-        """Open the local cache. Each control-plane process has its own data
-        dir, so whatever is left in tmp/ was cut off by a crash: removed by
-        its `owner` (not by a command run beside a live server)."""
+    def __init__(self, root: Path, *, files: BlobBytes | None = None) -> None:
+        """Blobs whose bytes live under `root` (the data dir's blob dir, or
+        one shared by replicas), or in `files`."""
         self.root = root
         self.tmp = root / "tmp"
-        self.quarantine = root / "quarantine"
-        if owner and self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # guards the dicts below
-        # One lock per digest: a blob is verified or rebuilt by one thread
-        # while others wait for its result; other blobs go on in parallel.
-        self._locks: dict[str, threading.Lock] = {}
-        # The file version each digest was last verified as (once per
-        # process per version) and the last one found bad (logged once).
-        self._verified: dict[str, FileVersion] = {}
-        self._bad: dict[str, FileVersion] = {}
-        self._changed: dict[str, FileVersion] = {}
+        self.files: BlobBytes = files or DirectoryStore(root)
 
-    def cache_path(self, digest: str) -> Path:
+    def store_path(self, digest: str) -> Path:
+        """Where the directory store keeps a blob's file."""
         if not valid_digest(digest):
             raise ValueError(f"not a sha256 hex digest: {digest!r}")
         return self.root / "sha256" / digest[:2] / digest
 
-    def _lock_for(self, digest: str) -> threading.Lock:
-        with self._lock:
-            return self._locks.setdefault(digest, threading.Lock())
+    # Callers from before the bytes left SQL call it the cache.
+    cache_path = store_path
 
     # ------------------------------------------------------------ write
 
     def add(self, session: Session, src: Path, digest: str, media_type: str) -> bool:
-        """Stage `src` (already hashed to `digest`) in the caller's
-        transaction. Returns False if the blob was already stored."""
-        if session.get(BlobRow, digest) is not None:
+        """Publish `src` (already hashed to `digest`) in the caller's
+        transaction: the bytes are in the store, synced, when this returns,
+        before the caller commits the rows that refer to them. Returns False
+        if the blob was already stored; its file is put back if it went
+        missing or was found damaged (the heal)."""
+        # FOR KEY SHARE on PostgreSQL: garbage collection cannot delete the
+        # row under a publish that refers to it.
+        known = session.get(BlobRow, digest, with_for_update={"key_share": True})
+        self.files.put(src, digest, refresh=known is None)
+        if known is not None:
             return False
-        size = src.stat().st_size
-        session.add(BlobRow(digest=digest, size_bytes=size, media_type=media_type))
+        session.add(BlobRow(digest=digest, size_bytes=src.stat().st_size, media_type=media_type))
         session.flush()
-        batch: list[dict[str, object]] = []
-        with open(src, "rb") as fh:
-            seq = 0
-            while block := fh.read(CHUNK_BYTES):
-                batch.append({"digest": digest, "seq": seq, "data": block})
-                seq += 1
-                if len(batch) == _INSERT_BATCH:
-                    session.execute(insert(BlobChunkRow), batch)
-                    batch = []
-        if batch:
-            session.execute(insert(BlobChunkRow), batch)
-        self._cache_copy(src, digest)
         return True
 
-    def _cache_copy(self, src: Path, digest: str) -> None:
-        # Caching before the commit is safe: the cache is keyed and checked by
-        # digest, so an entry whose transaction rolled back is merely unused.
-        # No fsync on this path (a push's): a copy torn by a power cut fails
-        # its verification on first use and is rebuilt from the database.
-        dest = self.cache_path(digest)
-        with self._lock_for(digest):
-            if dest.exists():
-                return
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.tmp)
-            os.close(fd)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
-
-    def drop_cached(self, digests: list[str]) -> None:
-        """Remove this replica's cache files of blobs deleted from SQL (call
-        after the commit). Other replicas' copies stay, unused: what may be
-        downloaded is decided by SQL rows (artifacts, assignments, model
-        versions), none of which names a deleted blob any more."""
+    def discard(self, digests: Sequence[str], *, since: float) -> None:
+        """Remove the files of blobs whose rows were deleted (call after the
+        commit). A file put at or after `since` (epoch seconds: when the
+        deleting transaction began) belongs to a publish of the same bytes
+        in progress and stays; one left for whatever reason is an orphan
+        that garbage collection removes."""
         for digest in digests:
-            with self._lock_for(digest):
-                self.cache_path(digest).unlink(missing_ok=True)
-            with self._lock:
-                self._verified.pop(digest, None)
-                self._bad.pop(digest, None)
-                self._changed.pop(digest, None)
+            try:
+                self.files.remove(digest, older_than=since, keep=lambda: False)
+            except OSError:
+                log.exception("blob store: could not remove %s; garbage collection will", digest)
 
     # ------------------------------------------------------------ read
 
@@ -241,135 +144,125 @@ class BlobStore:
             return row.size_bytes
 
     def open(self, db: Database, digest: str) -> BlobFile:
-        """The blob's bytes in a cache file verified against `digest`; a
-        cached copy that is missing or does not match is rebuilt from SQL.
-        The caller closes it."""
-        path = self.cache_path(digest)
-        for _ in range(_OPEN_ATTEMPTS):
-            try:
-                fh = open(path, "rb", buffering=0)  # noqa: SIM115 - returned in a BlobFile
-            except FileNotFoundError:
-                self._forget_missing(digest, path)
-                self._rebuild(db, digest, path)
-                continue
-            try:
-                version = FileVersion.of(os.fstat(fh.fileno()))
-                if self._verified.get(digest) == version or self._verify(digest, path, fh, version):
-                    return BlobFile(self, digest, fh, version)
-            except BaseException:
-                fh.close()
-                raise
-            fh.close()
-            self._rebuild(db, digest, path)
-        raise Unavailable(
-            f"the cached copy of blob {digest[:12]} changed on disk every time it was verified "
-            "(something else writes to the blob cache); try again"
-        )
+        """The blob's bytes, verified against `digest`. NotFound for a digest
+        no blob has, DataLoss for one whose bytes are gone or damaged. The
+        caller closes it."""
+        if not valid_digest(digest):
+            raise NotFound(f"no blob with digest {digest!r}")
+        try:
+            return self.files.open(digest)
+        except BlobMissing:
+            with db.unit_of_work(readonly=True) as uow:
+                row = uow.session.get(BlobRow, digest)
+            if row is None:
+                raise NotFound(f"no blob with digest {digest!r}") from None
+            raise DataLoss(
+                f"the bytes of blob {digest} ({row.media_type}, {row.size_bytes} bytes) are "
+                f"missing from the blob store ({self.root}) and no other copy exists: push "
+                "the model version again (edgefleet models push) if it is a model's file, or "
+                "run its build again (edgefleet builds run) if it is an artifact; the same "
+                "bytes pushed or built again put it back"
+            ) from None
 
     def local_path(self, db: Database, digest: str) -> Path:
         """A verified local file with the blob's bytes (for the builds, which
-        read it by path), fetched from SQL into the cache if needed."""
+        read it by path)."""
         with self.open(db, digest):
-            return self.cache_path(digest)
+            return self.files.local_path(digest)
 
-    def changed_while_serving(self, digest: str, version: FileVersion) -> None:
-        """A download found its verified file changed: forget the version so
-        that the next open verifies (and heals) whatever is there."""
-        with self._lock:
-            if self._verified.get(digest) == version:
-                del self._verified[digest]
-            if self._changed.get(digest) == version:
-                return  # the other downloads of that version say nothing
-            self._changed[digest] = version
-        log.warning(
-            "blob cache: %s changed on disk while being served; the downloads reading it end "
-            "(agents resume) and the next one verifies it again",
-            self.cache_path(digest),
-        )
+    # ------------------------------------------------------------ collect
 
-    def _verify(self, digest: str, path: Path, fh: io.FileIO, version: FileVersion) -> bool:
-        """Whether the open file `fh` (at `version`) has the blob's bytes.
-        If not, it is quarantined, once, for _rebuild to replace."""
-        with self._lock_for(digest):
-            if self._verified.get(digest) == version:
-                return True  # another thread verified it while this one waited
-            if version.renamed_from(self._bad.get(digest)):
-                # Found bad (and quarantined) while this one waited. Moving it
-                # to quarantine changed its ctime: a thread that opened it
-                # before the move and looked after would otherwise hash it and
-                # report it again.
-                return False
-            started = time.time_ns()
-            actual = hashlib.file_digest(fh, "sha256").hexdigest()
-            after = FileVersion.of(os.fstat(fh.fileno()))
-            if actual == digest and after == version:
-                if abs(version.mtime_ns - started) >= _RACY_NS:
-                    self._verified[digest] = version
-                return True
-            self._bad[digest] = version
-            self._quarantine(digest, path, version, actual if after == version else "")
-            return False
-
-    def _quarantine(self, digest: str, path: Path, version: FileVersion, actual: str) -> None:
-        dest = self.quarantine / digest
-        moved = False
-        try:
-            current = os.stat(path)
-            # Only the version found bad: another thread may have rebuilt it.
-            if (current.st_dev, current.st_ino) == (version.device, version.inode):
-                self.quarantine.mkdir(exist_ok=True)
-                os.replace(path, dest)  # one per digest: bounded by the cache's size
-                moved = True
-        except FileNotFoundError:
-            pass
-        log.warning(
-            "blob cache: %s does not match its sha256 (%d bytes, %s); %s, rebuilding it from "
-            "the database",
-            path, version.size,
-            f"hashes to {actual[:12]}" if actual else "changed while it was hashed",
-            f"moved to {dest}" if moved else "already replaced",
-        )  # fmt: skip
-
-    def _forget_missing(self, digest: str, path: Path) -> None:
-        with self._lock:
-            served = self._verified.pop(digest, None)
-        if served is not None:
-            log.warning("blob cache: %s disappeared; rebuilt from the database", path)
-
-    def _rebuild(self, db: Database, digest: str, path: Path) -> None:
-        """Write the blob from SQL into the cache: a temporary file, synced,
-        then renamed over `path`, so the path is only ever a whole file."""
-        with self._lock_for(digest):
-            if path.exists():
-                return  # rebuilt while this thread waited: the caller verifies it
-            hasher = hashlib.sha256()
-            fd, tmp = tempfile.mkstemp(dir=self.tmp)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    for block in self._chunks(db, digest):
-                        hasher.update(block)
-                        out.write(block)
-                    out.flush()
-                    os.fsync(out.fileno())
-                if hasher.hexdigest() != digest:
-                    raise RuntimeError(f"blob {digest} is corrupt in the database")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, path)
-                _fsync_dir(path.parent)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-
-    def _chunks(self, db: Database, digest: str) -> Iterator[bytes]:
+    def collect_garbage(
+        self, db: Database, *, grace_s: float = DEFAULT_GRACE_S, now: float | None = None
+    ) -> GarbageCollected:
+        """Delete unreferenced blobs (rows and files) and files with no row,
+        all older than `grace_s`, and temporary files untouched as long.
+        Safe on every replica at once: each deletion re-checks in its own
+        statement, and a file is only removed once out of reach (see
+        DirectoryStore.remove)."""
+        cutoff = (time.time() if now is None else now) - grace_s
+        cutoff_at = dt.datetime.fromtimestamp(cutoff, dt.UTC)
+        # Candidates in Python, from one pass over each referring column
+        # (most have no index on the digest); each delete checks again.
         with db.unit_of_work(readonly=True) as uow:
-            if uow.session.get(BlobRow, digest) is None:
-                raise NotFound(f"no blob with digest {digest!r}")
-            seqs = list(
-                uow.session.scalars(
-                    select(BlobChunkRow.seq)
-                    .where(BlobChunkRow.digest == digest)
-                    .order_by(BlobChunkRow.seq)
-                )
+            old = set(
+                uow.session.scalars(select(BlobRow.digest).where(BlobRow.created_at < cutoff_at))
             )
-            for seq in seqs:
-                yield uow.session.get_one(BlobChunkRow, (digest, seq)).data
-                uow.session.expunge_all()  # keep one chunk in memory at a time
+            used: set[str] = set()
+            for column in _referencing_columns():
+                used.update(d for d in uow.session.scalars(select(column).distinct()) if d)
+        blobs = 0
+        for batch in _chunks(sorted(old - used), _BATCH):
+            deleted = self._delete_rows(db, batch, cutoff_at)
+            for digest in deleted:
+                self.files.remove(digest, older_than=cutoff, keep=lambda: False)
+            blobs += len(deleted)
+        orphans = 0
+        for chunk in _chunks((d for d, mtime in self.files.digests() if mtime < cutoff), _BATCH):
+            with db.unit_of_work(readonly=True) as uow:
+                rows = set(
+                    uow.session.scalars(select(BlobRow.digest).where(BlobRow.digest.in_(chunk)))
+                )
+            for digest in chunk:
+                if digest not in rows and self.files.remove(
+                    digest, older_than=cutoff, keep=functools.partial(self._has_row, db, digest)
+                ):
+                    orphans += 1
+        temporary = self.files.sweep_tmp(cutoff)
+        if blobs or orphans or temporary:
+            log.info(
+                "blob store: collected %d unreferenced blob(s), %d file(s) with no blob row and "
+                "%d temporary file(s) older than %.0f s", blobs, orphans, temporary, grace_s,
+            )  # fmt: skip
+        return GarbageCollected(blobs, orphans, temporary)
+
+    @staticmethod
+    def _delete_rows(db: Database, digests: list[str], cutoff_at: dt.datetime) -> list[str]:
+        """Delete those of `digests` still unreferenced and old; which were.
+        A publish that refers to one meanwhile wins: its foreign key fails
+        the delete, which is then retried one digest at a time."""
+
+        def attempt(batch: list[str]) -> list[str]:
+            with db.unit_of_work() as uow:
+                gone = list(
+                    uow.session.scalars(
+                        delete(BlobRow)
+                        .where(
+                            BlobRow.digest.in_(batch),
+                            BlobRow.created_at < cutoff_at,
+                            *_unreferenced_clause(),
+                        )
+                        .returning(BlobRow.digest)
+                        .execution_options(synchronize_session=False)
+                    )
+                )
+                uow.commit()
+            return gone
+
+        try:
+            return attempt(digests)
+        except IntegrityError:
+            pass
+        deleted: list[str] = []
+        for digest in digests:
+            try:
+                deleted += attempt([digest])
+            except IntegrityError:
+                continue
+        return deleted
+
+    @staticmethod
+    def _has_row(db: Database, digest: str) -> bool:
+        with db.unit_of_work(readonly=True) as uow:
+            return uow.session.get(BlobRow, digest) is not None
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterable[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -8,6 +8,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,6 @@ from sqlalchemy.orm import Session
 
 from edgefleet.controlplane.db.models import (
     ArtifactRow,
-    BlobChunkRow,
     BlobRow,
     BuildRow,
     DeviceAssignmentRow,
@@ -40,7 +40,7 @@ from edgefleet.controlplane.errors import (
     ResourceExhausted,
 )
 from edgefleet.controlplane.services import audit
-from edgefleet.controlplane.services.blobs import BlobStore
+from edgefleet.controlplane.services.blobs import BlobStore, unreferenced
 from edgefleet.controlplane.services.devices import EventSink
 from edgefleet.controlplane.services.events import FleetEvent
 
@@ -404,10 +404,11 @@ class RegistryService:
     def delete_version(self, actor: str, name: str, version: str, reason: str = "") -> Deleted:
         """Delete a version that was never deployed, with its builds, their
         artifacts and the blobs nothing else refers to, in one transaction
-        (cached blob files are removed after it commits). A deployed one is
+        (their files are removed from the blob store after it commits). A deployed one is
         refused (FAILED_PRECONDITION saying where), to be yanked instead:
         devices, rollouts and the history name it."""
         ref = f"{name}@{version}"
+        began = time.time()
         with self._db.unit_of_work() as uow:
             session = uow.session
             found = require_version(session, name, version)
@@ -438,16 +439,15 @@ class RegistryService:
             session.execute(delete(ArtifactRow).where(ArtifactRow.id.in_(artifact_ids)))
             session.execute(delete(BuildRow).where(BuildRow.id.in_(build_ids)))
             session.execute(delete(ModelVersionRow).where(ModelVersionRow.id == mv.id))
-            freed = _unreferenced_blobs(session, {d for d in digests if d})
+            freed = unreferenced(session, {d for d in digests if d})
             size = sum(session.scalars(select(BlobRow.size_bytes).where(BlobRow.digest.in_(freed))))
-            session.execute(delete(BlobChunkRow).where(BlobChunkRow.digest.in_(freed)))
             session.execute(delete(BlobRow).where(BlobRow.digest.in_(freed)))
             audit.record(
                 uow, actor, "model.delete", f"model:{ref}", reason=reason, builds=len(build_ids),
                 artifacts=len(artifacts), blobs=len(freed), bytes=size,
             )  # fmt: skip
             uow.commit()
-        self._blobs.drop_cached(freed)
+        self._blobs.discard(freed, since=began)
         self._events.publish(FleetEvent("model.deleted", subject=ref))
         return Deleted(len(build_ids), len(artifacts), len(freed), int(size))
 
@@ -523,18 +523,3 @@ def _adopt_reuses(session: Session, build_ids: Sequence[str]) -> None:
         assert gone is not None
         source = sources.setdefault(gone, build)
         build.reused_from = None if build is source else source.id
-
-
-def _unreferenced_blobs(session: Session, digests: set[str]) -> list[str]:
-    """Those of `digests` no model version, build or artifact refers to."""
-    if not digests:
-        return []
-    used: set[str] = set()
-    mv, b, a = ModelVersionRow, BuildRow, ArtifactRow
-    for column in (
-        mv.model_digest, mv.sample_data_digest, mv.labels_digest,
-        b.artifact_digest, b.fallback_digest,
-        a.digest, a.companion_digest, a.fallback_digest,
-    ):  # fmt: skip
-        used.update(session.scalars(select(column).where(column.in_(digests)).distinct()))
-    return sorted(digests - used)

@@ -30,6 +30,7 @@ import pytest
 from edgefleet.agent.update.faults import MARKER_FILE
 from edgefleet.controlplane.domain import signing
 from edgefleet.controlplane.services import statements
+from edgefleet.controlplane.services.blobstore import DirectoryStore
 from edgefleet.demo.models import build_digits_classifier
 from edgefleet.update_state import name_of, of_status
 from edgefleet.v1 import common_pb2 as c
@@ -235,33 +236,37 @@ def _blob_cache_file(fleet: Fleet, digest: str) -> Path:
     return path
 
 
-def test_a_damaged_blob_cache_is_healed_before_the_agent_downloads_it(
+def test_a_damaged_blob_is_never_sent_and_installs_once_its_bytes_are_back(
     fleet: Fleet, agents: list[AgentProcess]
 ) -> None:
-    """The control plane's blob cache (filled when the build published the
-    artifact) flipped, then truncated: the server checks it before serving
-    and rebuilds it from the database, so the agent gets the right bytes and
-    installs them. (Bytes that reach the agent wrong anyway are refused by
-    its own sha256 check: test_update_machine's corrupted-chunk and
-    truncated-file cases.)"""
+    """The control plane's stored artifact (the blob store holds its only
+    copy) flipped, then truncated: the server checks it before serving and
+    refuses it (DATA_LOSS), so the agent's update fails and it keeps serving
+    what it had; once the same bytes are back (what pushing or building
+    them again does: BlobStore.add puts them), the agent installs them.
+    (Bytes that reach the agent wrong anyway are refused by its own sha256
+    check: test_update_machine's corrupted-chunk and truncated-file cases.)"""
     agent, device_id = _install(fleet, agents, "1.0.0")
-    cache = _blob_cache_file(fleet, fleet.digests["3.0.0"])
-    original = cache.read_bytes()
-    corrupted = bytearray(original)
-    corrupted[len(corrupted) // 2] ^= 0xFF
-    cache.write_bytes(bytes(corrupted))
-    status = settled(fleet.op, device_id, _assign(fleet, device_id, "3.0.0"))
-    assert of_status(status) == "committed", status
-    assert _assert_consistent(agent, status) == ("3.0.0", fleet.digests["3.0.0"])
-    assert cache.read_bytes() == original
-
-    settled(fleet.op, device_id, _assign(fleet, device_id, "1.0.0"))
-    (agent.state_dir / "downloads" / fleet.digests["3.0.0"]).unlink(missing_ok=True)
-    cache.write_bytes(original[: len(original) // 2])
-    status = settled(fleet.op, device_id, _assign(fleet, device_id, "3.0.0"))
-    assert of_status(status) == "committed", status
-    assert _assert_consistent(agent, status) == ("3.0.0", fleet.digests["3.0.0"])
-    assert cache.read_bytes() == original
+    digest = fleet.digests["3.0.0"]
+    stored = _blob_cache_file(fleet, digest)
+    original = stored.read_bytes()
+    again = fleet.root / "artifact-3.0.0"
+    again.write_bytes(original)
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0xFF
+    for bad in (bytes(damaged), original[: len(original) // 2]):
+        stored.write_bytes(bad)
+        status = settled(fleet.op, device_id, _assign(fleet, device_id, "3.0.0"))
+        assert of_status(status) == "failed", status
+        assert _assert_consistent(agent, status) == ("1.0.0", fleet.digests["1.0.0"])
+        settled(fleet.op, device_id, _assign(fleet, device_id, "1.0.0"))
+        DirectoryStore(fleet.cp.data_dir / "blobs").put(again, digest)
+        status = settled(fleet.op, device_id, _assign(fleet, device_id, "3.0.0"))
+        assert of_status(status) == "committed", status
+        assert _assert_consistent(agent, status) == ("3.0.0", digest)
+        assert stored.read_bytes() == original
+        settled(fleet.op, device_id, _assign(fleet, device_id, "1.0.0"))
+        (agent.state_dir / "downloads" / digest).unlink(missing_ok=True)
 
 
 def _tamper(fleet: Fleet, sql: str, *params: Any) -> None:

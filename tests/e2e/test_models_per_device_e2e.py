@@ -119,7 +119,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             pushed[model, version] = digest
             push_model(op, model, version, model_parts(model=path, sample_data=built.sample_data))
         engine = make_engine(sqlite_url(cp.data_dir), pool_size=2)
-        answer_builds(Database(engine), root / "builder", files, op)
+        answer_builds(Database(engine), cp.data_dir / "blobs", files, op)
         engine.dispose()
         token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="models")).secret
         yield Fleet(cp, op, token, root, pushed)

@@ -81,7 +81,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     db = Database(make_engine(sqlite_url(cp.data_dir)))
     try:
         op = cp.operator()
-        digests = publish_digits_versions(op, db, root, VERSIONS)
+        digests = publish_digits_versions(op, db, root, VERSIONS, blob_dir=cp.data_dir / "blobs")
         token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="disk")).secret
         yield Fleet(cp, op, token, digests)
     finally:

@@ -1,17 +1,18 @@
-"""The blob cache heals itself (issue 18, finding 11): one flipped byte in
-`<data-dir>/blobs/sha256/...` made every download of that artifact fail until
-someone fixed the file by hand, even across restarts.
+"""A damaged blob is never served, and says so (issues 18 and 24).
 
-Shown against a real `edgefleet server` process on SQLite and PostgreSQL,
-damaging the cache file on disk as a failing disk or a careless hand would:
-a flipped byte (also with its mtime put back), a truncation, a deletion.
-Each time the next real DownloadArtifact returns the artifact's exact bytes,
-the damaged file is quarantined and logged once, the cache holds the right
-bytes again and nothing is left half-written; the same after a restart. A
-download in flight when the file changes ends UNAVAILABLE having sent only
-good bytes, and resuming it (as the agent does) completes it. Verification
-is once per file version, not per request (the server's read counters say
-so). A real agent assigned the artifact installs it despite the damage."""
+The blob store (`<data-dir>/blobs/sha256/...`) holds the only copy of each
+blob's bytes (since 0016 SQL holds only what a blob is). Shown against a real
+`edgefleet server` process on SQLite and PostgreSQL, damaging the file on
+disk as a failing disk or a careless hand would: a flipped byte (also with
+its mtime put back), a truncation, a deletion. Each time the next real
+DownloadArtifact fails DATA_LOSS naming the digest and what to do, never
+sending a damaged byte; the damaged file is quarantined and logged once;
+pushing the same bytes again puts them back and the download returns the
+exact bytes, nothing left half-written; the same after a restart. A download
+in flight when the file changes ends UNAVAILABLE having sent only good
+bytes, and resuming it once the bytes are back completes it. Verification is
+once per file version, not per request (the server's read counters say so).
+A real agent installs the artifact once its bytes are back."""
 
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ class World:
     token: str
     credentials: list[str]
     root: Path
+    model: Path
+    pushes: int = 0
 
     @property
     def cached(self) -> Path:
@@ -106,6 +109,20 @@ class World:
             out += piece.data
         return bytes(out)
 
+    def data_loss(self, device: int = 0, offset: int = 0, chunk: int = 0) -> str:
+        """A download that must fail DATA_LOSS; its details."""
+        with pytest.raises(grpc.RpcError) as err:
+            self.download(device, offset, chunk)
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS, err.value
+        details = err.value.details() or ""
+        assert self.digest in details and "push the model version again" in details
+        return details
+
+    def push_again(self) -> None:
+        """The same bytes pushed as a new version: the push puts them back."""
+        self.pushes += 1
+        push_model(self.op, MODEL, f"1.0.{self.pushes}", model_parts(model=self.model))
+
     def warnings(self) -> int:
         return self.cp.log().count(WARNING)
 
@@ -121,7 +138,7 @@ def _finish_build(db_url: str, root: Path, model: Path) -> None:
     """Answer the push's build with the pushed model as the artifact."""
     db = Database(make_engine(db_url))
     try:
-        builds = BuildService(db, BlobStore(root / "builder"), _NoEvents())
+        builds = BuildService(db, BlobStore(root / "cp" / "blobs"), _NoEvents())
         job = wait_for(lambda: builds.claim("test", 60), timeout=60)
         assert builds.finish(job, "test", fake_result(model), "")
     finally:
@@ -161,7 +178,7 @@ def world(db_url: str, tmp_path: Path) -> Iterator[World]:
         assert build.artifact_digest == hashlib.sha256(data).hexdigest()
         token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="blobs")).secret
         credentials = [_enroll(cp, token, f"device-{i}") for i in range(2)]
-        yield World(cp, op, build.artifact_digest, data, token, credentials, tmp_path)
+        yield World(cp, op, build.artifact_digest, data, token, credentials, tmp_path, model)
     finally:
         cp.close()
 
@@ -194,7 +211,7 @@ def _sha(data: bytes) -> str:
 
 
 def _assert_healed(w: World) -> None:
-    """The cache holds the right bytes and nothing half-written is left."""
+    """The store holds the right bytes and nothing half-written is left."""
     assert _sha(w.cached.read_bytes()) == w.digest
     assert not any((w.cp.data_dir / "blobs" / "tmp").iterdir())
 
@@ -202,7 +219,7 @@ def _assert_healed(w: World) -> None:
 # ---------------------------------------------------------------- the tests
 
 
-def test_a_flipped_truncated_or_deleted_cache_file_is_rebuilt_from_the_database(
+def test_a_flipped_truncated_or_deleted_file_is_never_served_and_the_same_bytes_heal_it(
     world: World,
 ) -> None:
     w = world
@@ -218,10 +235,9 @@ def test_a_flipped_truncated_or_deleted_cache_file_is_rebuilt_from_the_database(
         warnings = w.warnings()
         w.quarantined.unlink(missing_ok=True)
         damage(w.cached)
-        # The next download, and the other device's, get the right bytes.
-        assert _sha(w.download()) == w.digest, what
-        assert _sha(w.download(device=1, chunk=SMALL_CHUNK)) == w.digest, what
-        _assert_healed(w)
+        # The next download, and the other device's, fail and say why.
+        w.data_loss()
+        w.data_loss(device=1, chunk=SMALL_CHUNK)
         if quarantined:
             # Logged once (not per request), the bad copy kept for a look.
             assert w.warnings() == warnings + 1, what
@@ -229,6 +245,10 @@ def test_a_flipped_truncated_or_deleted_cache_file_is_rebuilt_from_the_database(
             assert _sha(bad) != w.digest and len(bad) in (size, size // 3), what
         else:
             assert w.warnings() == warnings and not w.quarantined.exists(), what
+        w.push_again()
+        assert _sha(w.download()) == w.digest, what
+        assert _sha(w.download(device=1, chunk=SMALL_CHUNK)) == w.digest, what
+        _assert_healed(w)
 
     # After a restart: damage done while the server was down (the mtime put
     # back, so only hashing can tell) is found before the first download.
@@ -240,6 +260,8 @@ def test_a_flipped_truncated_or_deleted_cache_file_is_rebuilt_from_the_database(
         w.cp.stop()
         damage(w.cached)
         w.cp.start()
+        w.data_loss(chunk=SMALL_CHUNK)
+        w.push_again()
         assert _sha(w.download(chunk=SMALL_CHUNK)) == w.digest, what
         _assert_healed(w)
 
@@ -294,17 +316,22 @@ def test_a_download_in_flight_when_the_file_changes_ends_cleanly_and_resumes(
     assert "resume from offset" in (err.value.details() or "")
     # Only good bytes were sent before it ended.
     assert 0 < len(received) < size and bytes(received) == w.data[: len(received)]
-    # Resumed from where it stopped, as the agent does: the rest is right.
+    # Resumed from where it stopped, as the agent does: refused until the
+    # bytes are back, then the rest is right.
+    w.data_loss(offset=len(received))
+    w.push_again()
     rest = w.download(offset=len(received))
     assert _sha(bytes(received) + rest) == w.digest
     _assert_healed(w)
     assert w.warnings() == 1
 
 
-def test_an_agent_installs_the_artifact_despite_a_damaged_cache(world: World) -> None:
+def test_an_agent_installs_the_artifact_once_its_damaged_bytes_are_back(world: World) -> None:
     w = world
     assert _sha(w.download()) == w.digest
     _flip(w.cached, len(w.data) // 4)
+    w.data_loss()
+    w.push_again()
     agent = AgentProcess(w.root / "agent", w.cp.address, w.token, telemetry_interval_s=60,
                          download_chunk_size=SMALL_CHUNK)  # fmt: skip
     try:
@@ -331,22 +358,25 @@ def test_an_agent_installs_the_artifact_despite_a_damaged_cache(world: World) ->
         agent.close()
 
 
-def test_concurrent_downloads_of_a_damaged_file_get_good_bytes_and_heal_it_once(
+def test_concurrent_downloads_of_a_damaged_file_all_fail_and_report_it_once(
     world: World,
 ) -> None:
-    """Downloads racing for a damaged file: all get good bytes, one heals."""
+    """Downloads racing for a damaged file: none gets a damaged byte, the
+    damage is logged once."""
     w = world
     _flip(w.cached, 3)
     results: list[str] = []
 
     def one(device: int) -> None:
-        results.append(_sha(w.download(device=device % 2, chunk=SMALL_CHUNK)))
+        results.append(w.data_loss(device=device % 2, chunk=SMALL_CHUNK))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert results == [w.digest] * 6
-    _assert_healed(w)
+    assert len(results) == 6
     assert w.warnings() == 1
+    w.push_again()
+    assert _sha(w.download()) == w.digest
+    _assert_healed(w)

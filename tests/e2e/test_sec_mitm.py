@@ -496,7 +496,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     relay = GrpcRelay(cp.address).start()
     try:
         op = cp.operator()
-        digests = publish_digits_versions(op, db, root)
+        digests = publish_digits_versions(op, db, root, blob_dir=cp.data_dir / "blobs")
         token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="mitm")).secret
         yield World(cp, op, token, root, relay, digests)
     finally:

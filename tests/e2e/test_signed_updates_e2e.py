@@ -262,7 +262,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     db = Database(make_engine(sqlite_url(cp.data_dir)))
     try:
         op = cp.operator()
-        digests = publish_digits_versions(op, db, root)
+        digests = publish_digits_versions(op, db, root, blob_dir=cp.data_dir / "blobs")
         token = op.CreateEnrollmentToken(o.CreateEnrollmentTokenRequest(name="signed")).secret
         yield World(cp, op, token, root, mitm, db, digests)
     finally:

@@ -77,7 +77,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         push_model(op, "digits", "1.0.0", model_parts(model=model))
         engine = make_engine(sqlite_url(cp.data_dir), pool_size=2)
         files = {hashlib.sha256(model.read_bytes()).hexdigest(): model}
-        answer_builds(Database(engine), tmp_path / "builder", files, op)
+        answer_builds(Database(engine), cp.data_dir / "blobs", files, op)
         engine.dispose()
         policies = {"line": o.ENROLLMENT_POLICY_AUTO_ACCEPT, "new": o.ENROLLMENT_POLICY_PENDING}
         tokens = [

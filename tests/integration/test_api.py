@@ -625,15 +625,27 @@ async def test_bootstrap_admin_token_is_written_once_with_mode_0600(tmp_path: Pa
 
 
 async def test_uploads_cut_off_by_a_crash_are_removed_on_start(tmp_path: Path) -> None:
+    """Once older than the blob grace period: the blob directory may be
+    shared, and a younger one another replica's upload in progress."""
     leftover = tmp_path / "crash" / "blobs" / "tmp" / "upload-abc"
     leftover.mkdir(parents=True)
     (leftover / "model").write_bytes(b"half a model")
+    young = tmp_path / "crash" / "blobs" / "tmp" / "upload-young"
+    young.mkdir()
+    (young / "model").write_bytes(b"a model on its way")
+    old = time.time() - 2 * 3600
+    for path in (leftover, leftover / "model"):
+        os.utime(path, (old, old))
     cp = await create_server(
         ServerConfig(data_dir=tmp_path / "crash", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN)
     )
     try:
+        for _ in range(100):  # garbage collection runs as the server starts
+            if not leftover.exists():
+                break
+            await asyncio.sleep(0.05)
         assert not leftover.exists()
-        assert (tmp_path / "crash" / "blobs" / "tmp").is_dir()
+        assert (young / "model").exists()
     finally:
         await cp.stop()
 

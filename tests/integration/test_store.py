@@ -338,37 +338,44 @@ def test_pg_fixture_is_a_fresh_database(pg_url: str) -> None:
     engine.dispose()
 
 
-def test_blobs_live_in_sql_and_any_replica_can_read_them(db: Database, tmp_path: Path) -> None:
+def test_blob_rows_in_sql_bytes_in_the_store_any_replica_sharing_it_reads_them(
+    db: Database, tmp_path: Path
+) -> None:
     import hashlib
     import os
 
+    from edgefleet.controlplane.errors import DataLoss
     from edgefleet.controlplane.services.blobs import BlobStore
 
-    data = os.urandom(2 * 1024 * 1024 + 12345)  # three chunks
+    data = os.urandom(2 * 1024 * 1024 + 12345)
     digest = hashlib.sha256(data).hexdigest()
     src = tmp_path / "blob"
     src.write_bytes(data)
-    writer = BlobStore(tmp_path / "replica-a")
+    shared = tmp_path / "shared"
+    writer = BlobStore(shared)
     with db.unit_of_work() as uow:
         assert writer.add(uow.session, src, digest, "application/octet-stream")
         assert not writer.add(uow.session, src, digest, "application/octet-stream")
         uow.commit()
-    # Another replica, with an empty cache, serves it from SQL and verifies it.
-    reader = BlobStore(tmp_path / "replica-b")
+    # Another replica on the same directory serves it, verified.
+    reader = BlobStore(shared)
     path = reader.local_path(db, digest)
     assert path.read_bytes() == data
     assert reader.size(db, digest) == len(data)
-    # A rolled-back add leaves no row behind.
+    # A replica with a directory of its own has no copy: data loss, said so.
+    with pytest.raises(DataLoss, match="missing from the blob store"):
+        BlobStore(tmp_path / "elsewhere").local_path(db, digest)
+    # A rolled-back add leaves no row behind (the file is garbage).
     other = tmp_path / "other"
     other.write_bytes(b"x" * 10)
     other_digest = hashlib.sha256(b"x" * 10).hexdigest()
     with db.unit_of_work() as uow:
         writer.add(uow.session, other, other_digest, "text/plain")
     with pytest.raises(NotFound):
-        BlobStore(tmp_path / "replica-c").local_path(db, other_digest)
+        reader.size(db, other_digest)
 
 
-def test_a_damaged_cache_file_is_reported_once_by_downloads_that_opened_it_before_it_moved(
+def test_a_damaged_store_file_is_reported_once_by_downloads_that_opened_it_before_it_moved(
     db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """CI found this race: a download opened the damaged file, another
@@ -378,7 +385,9 @@ def test_a_damaged_cache_file_is_reported_once_by_downloads_that_opened_it_befor
     import logging
     import os
 
+    from edgefleet.controlplane.errors import DataLoss
     from edgefleet.controlplane.services.blobs import BlobStore, FileVersion
+    from edgefleet.controlplane.services.blobstore import DirectoryStore
 
     data = os.urandom(100_000)
     digest = hashlib.sha256(data).hexdigest()
@@ -394,10 +403,20 @@ def test_a_damaged_cache_file_is_reported_once_by_downloads_that_opened_it_befor
     path.write_bytes(bytes(damaged))
 
     caplog.set_level(logging.WARNING)
+    files = store.files
+    assert isinstance(files, DirectoryStore)
     with open(path, "rb", buffering=0) as early:  # the first download's open
-        with store.open(db, digest) as healed:  # the second: quarantines, rebuilds
-            assert healed.version.inode != os.fstat(early.fileno()).st_ino
+        damaged_inode = os.fstat(early.fileno()).st_ino
+        with pytest.raises(DataLoss):  # the second: quarantines, serves nothing
+            store.open(db, digest)
         late_look = FileVersion.of(os.fstat(early.fileno()))
-        assert not store._verify(digest, path, early, late_look)
+        assert not files._verify(digest, path, early, late_look)
     assert sum("does not match its sha256" in r.getMessage() for r in caplog.records) == 1
+    assert not path.exists()
+    # The same bytes published again put it back.
+    with db.unit_of_work() as uow:
+        assert not store.add(uow.session, src, digest, "application/octet-stream")
+        uow.commit()
+    with store.open(db, digest) as healed:
+        assert healed.version.inode != damaged_inode
     assert path.read_bytes() == data

@@ -287,6 +287,7 @@ async def _serve_artifact_http(
     runner, bound = await artifact_http.start(
         handler, host, int(port), ssl_context=context,
         reuse_port=slot is not None and slot.workers > 1,
+        max_connections=config.artifact_http_max_connections,
     )  # fmt: skip
     scheme = "https" if context is not None else "http"
     url = config.artifact_http_advertise or f"{scheme}://{_address(address, bound)}"

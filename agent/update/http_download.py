@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 import httpx
@@ -37,10 +39,24 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 
 Source = tuple[str, bool]  # (base URL, is the control plane)
+# A mirror that cut a download short this often is left for that artifact.
+MIRROR_CUTS = 2
+# How long a download waits out a busy control plane (429/503) in all, and
+# at most between two tries, before it counts as a failed attempt.
+BUSY_WAIT_S = 600.0
+BUSY_PAUSE_MAX_S = 30.0
 
 
 class SourceFailed(Exception):
     """A source that could not start sending (the next one is tried)."""
+
+
+class _Busy(Exception):
+    """The control plane asked to come back later (429/503)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1.0, retry_after_s)
 
 
 class HttpDownloader:
@@ -55,6 +71,8 @@ class HttpDownloader:
         ssl_context: Callable[[], ssl.SSLContext | None],
         *,
         stall_s: float = READ_TIMEOUT_S,
+        busy_wait_s: float = BUSY_WAIT_S,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         """`sources` reads the current assignment's; `ssl_context` is the
         device's TLS identity for the control plane (None in plain text),
@@ -68,9 +86,15 @@ class HttpDownloader:
         # last started from 0, and those that sent bytes that did not match.
         self._senders: dict[str, set[str]] = {}
         self._distrusted: dict[str, set[str]] = {}
-        # What delivered the last chunk ("control plane over HTTP", a
-        # mirror's base URL, "control plane over gRPC"), for status reports.
+        # Per (digest, mirror): downloads it cut short. A mirror that keeps
+        # stopping part-way is left for that artifact, as one that sends
+        # wrong bytes is (the control plane is resumed however often).
+        self._cuts: Counter[tuple[str, str]] = Counter()
+        # The source the download is on now ("control plane (HTTP)", a
+        # mirror's URL, "control plane (gRPC)"), for status reports.
         self.last_source = ""
+        self._sleep = sleep
+        self._busy_wait_s = busy_wait_s
 
     def distrust(self, digest: str) -> list[str]:
         bad = self._senders.pop(digest, set())
@@ -84,9 +108,12 @@ class HttpDownloader:
         for base_url, control_plane in self._sources():
             if base_url in distrusted:
                 continue
+            if not control_plane and self._cuts[digest, base_url] >= MIRROR_CUTS:
+                continue
             url = f"{base_url.rstrip('/')}/{digest}"
+            self.last_source = "control plane (HTTP)" if control_plane else _safe(url)
             try:
-                for chunk in self._fetch_one(url, control_plane, offset):
+                for chunk in self._fetch_busy(url, control_plane, offset):
                     if chunk.offset == 0:
                         self._senders[digest] = set()  # it (re)starts from 0
                     if not control_plane:
@@ -96,8 +123,32 @@ class HttpDownloader:
                 return
             except SourceFailed as exc:
                 log.warning("artifact %s: %s; trying the next source", digest[:12], exc)
+            except ConnectionError:
+                if not control_plane:
+                    self._cuts[digest, base_url] += 1
+                raise
         self.last_source = "control plane (gRPC)"
         yield from self._fallback.fetch(digest, offset)
+
+    def _fetch_busy(self, url: str, control_plane: bool, offset: int) -> Iterator[Chunk]:
+        """_fetch_one, waiting out the control plane's "busy" (429/503 with
+        Retry-After) for up to busy_wait_s: a download queued behind
+        --max-concurrent-downloads waits its turn instead of spending the
+        update's retries (or taking the same bytes over gRPC at once)."""
+        waited = 0.0
+        while True:
+            try:
+                yield from self._fetch_one(url, control_plane, offset)
+                return
+            except _Busy as busy:
+                if waited >= self._busy_wait_s:
+                    raise ConnectionError(
+                        f"the control plane stayed busy for {waited:.0f} s: {busy}"
+                    ) from None
+                pause = min(busy.retry_after_s, BUSY_PAUSE_MAX_S, self._busy_wait_s - waited)
+                log.info("artifact download waits %.0f s: %s", pause, busy)
+                self._sleep(pause)
+                waited += pause
 
     def _fetch_one(self, url: str, control_plane: bool, offset: int) -> Iterator[Chunk]:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -113,9 +164,17 @@ class HttpDownloader:
             headers["Authorization"] = f"Bearer {self._credential()}"
         sent = False
         try:
+            # Identity: a mirror that compresses on the fly would send no
+            # Content-Length, and the signed digest is of the bytes as stored.
+            headers["Accept-Encoding"] = "identity"
             with (
                 httpx.Client(
-                    verify=verify, timeout=self._timeout, follow_redirects=False
+                    verify=verify,
+                    timeout=self._timeout,
+                    # A bucket or CDN may redirect (to a signed URL); the
+                    # control plane does not, and its credential goes nowhere else.
+                    follow_redirects=not control_plane,
+                    max_redirects=5,
                 ) as client,
                 client.stream("GET", url, headers=headers) as response,
             ):
@@ -123,7 +182,6 @@ class HttpDownloader:
                 # It answered and is sending: from here, trouble is a cut
                 # to resume from this source, not a reason to leave it.
                 sent = True
-                self.last_source = "control plane (HTTP)" if control_plane else url
                 position = start
                 # As the bytes arrive: what came before a cut is kept.
                 for data in response.iter_bytes():
@@ -170,9 +228,9 @@ def _extent(
     if control_plane and status in _FATAL_FROM_CONTROL_PLANE:
         raise FatalUpdateError(f"{_FATAL_FROM_CONTROL_PLANE[status]} ({status}): {text}")
     if control_plane and status in (429, 503):
-        # Busy: wait and come back (the update machine backs off), rather
-        # than take the same bytes from it over gRPC at once.
-        raise ConnectionError(f"the control plane is busy ({status}): {text}")
+        retry_after = response.headers.get("Retry-After", "")
+        raise _Busy(f"the control plane is busy ({status}): {text}",
+                    float(retry_after) if retry_after.isdigit() else BUSY_PAUSE_MAX_S)  # fmt: skip
     raise SourceFailed(f"{_safe(url)}: HTTP {status} {text}")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,9 @@ class ArtifactHttp:
         blob: BlobFile = await self._run(self.artifacts.open_for_device, device.device_id, digest)
         with blob:
             etag = f'"{blob.digest}"'
+            if {etag, "*"} & _etags(request.headers.get("If-None-Match")):
+                self.observe(304, 0)
+                return web.Response(status=304, headers={"ETag": etag})
             try:
                 part = requested(
                     request.headers.get("Range"), blob.size,
@@ -186,6 +190,15 @@ class ArtifactHttp:
         await response.write_eof()
 
 
+def _etags(header: str | None) -> set[str]:
+    """The entity tags an If-None-Match header lists (weak ones compare as
+    strong: these bytes never change under their name)."""
+    if not header:
+        return set()
+    tags = {tag.strip().removeprefix("W/") for tag in header[:4096].split(",")}
+    return tags
+
+
 def _peer_pem(request: web.Request) -> bytes | None:
     """The client certificate the TLS handshake verified, as PEM."""
     transport = request.transport
@@ -205,20 +218,97 @@ def mutual_tls_context(cert_file: str, key_file: str, ca_pem: bytes) -> ssl.SSLC
     return context
 
 
+# Connections held at once, handshakes included: asyncio gives each TLS
+# connection a 256 KiB buffer from its accept on, so 8,800 idle connections
+# that never sent a ClientHello took 3.5 GB (a stranger's try). Over the cap
+# a connection is closed as it is accepted (the agent falls back to the
+# device port's DownloadArtifact).
+MAX_CONNECTIONS = 1024
+# A TLS handshake not done by then is dropped (asyncio's default: 60 s).
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class _CappedListener(socket.socket):
+    """A listening socket whose accept() refuses connections over `cap`:
+    each accepted one is counted until its transport closes it (asyncio
+    calls close() on the accepted socket object it was given)."""
+
+    cap = MAX_CONNECTIONS
+    refused = 0
+    live = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        fd, address = self._accept()  # type: ignore[attr-defined]
+        conn = _CountedConnection(self.family, self.type, self.proto, fileno=fd)
+        if type(self).live >= self.cap:
+            conn.close()
+            type(self).refused += 1
+            # asyncio stops this accept round and waits for the next event.
+            raise ConnectionAbortedError("artifact downloads: too many connections")
+        type(self).live += 1
+        conn.listener = type(self)
+        return conn, address
+
+
+class _CountedConnection(socket.socket):
+    listener: type[_CappedListener] | None = None
+
+    def close(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.live -= 1
+        super().close()
+
+
+class _Site(web.SockSite):
+    """SockSite with a TLS handshake timeout of our own."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if self._ssl_context else None,
+        )  # fmt: skip
+
+
+def _listener(host: str, port: int, reuse_port: bool, cap: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    # A class per listener: its count is its own.
+    listener_type: type[_CappedListener] = type(
+        "Listener", (_CappedListener,), {"cap": cap, "live": 0, "refused": 0}
+    )
+    sock = listener_type(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]") or "0.0.0.0", port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def start(
     handler: ArtifactHttp, host: str, port: int, *, ssl_context: ssl.SSLContext | None,
-    reuse_port: bool = False,
+    reuse_port: bool = False, max_connections: int = MAX_CONNECTIONS,
 ) -> tuple[web.AppRunner, int]:  # fmt: skip
     """Listen; the runner (to clean up) and the bound port."""
+    try:
+        sock = _listener(host, port, reuse_port, max_connections)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port} for artifact downloads: {exc}") from None
     runner = web.AppRunner(handler.app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(
-        runner, host or None, port, ssl_context=ssl_context, reuse_port=reuse_port or None
-    )
+    site = _Site(runner, sock, ssl_context=ssl_context, backlog=1024)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
+        sock.close()
         raise OSError(f"cannot listen on {host}:{port} for artifact downloads: {exc}") from None
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return runner, int(bound)
+    return runner, int(sock.getsockname()[1])

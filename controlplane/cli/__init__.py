@@ -286,6 +286,14 @@ def main() -> None:
     "Retry-After and the agents resume later (0: no limit).",
 )
 @click.option(
+    "--artifact-http-max-connections",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Connections the artifact port holds at once, TLS handshakes included; more are "
+    "closed as they arrive (agents then download over the device port).",
+)
+@click.option(
     "--tls-name",
     "tls_names",
     multiple=True,
@@ -323,6 +331,7 @@ def server(
     artifact_http_advertise: str | None,
     artifact_mirrors: tuple[str, ...],
     max_concurrent_downloads: int,
+    artifact_http_max_connections: int,
     tls_names: tuple[str, ...],
     device_cert_lifetime: timedelta,
 ) -> None:
@@ -362,6 +371,7 @@ def server(
             artifact_http_advertise=artifact_http_advertise,
             artifact_mirrors=artifact_mirrors,
             max_concurrent_downloads=max_concurrent_downloads,
+            artifact_http_max_connections=artifact_http_max_connections,
             tls_names=tls_names,
             device_cert_lifetime_s=device_cert_lifetime.total_seconds(),
         ),

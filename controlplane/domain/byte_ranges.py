@@ -62,11 +62,11 @@ def requested(header: str | None, size: int, *, if_range: str | None, etag: str)
             raise Unsatisfiable("an empty suffix range asks for no bytes")
         return ByteRange(max(0, size - suffix), size - 1, size)
     start = int(first)
+    if start >= size:
+        raise Unsatisfiable(f"the range starts at {start}, past the end of the {size}-byte blob")
     end = int(last) if last else size - 1
     if start > end:
         raise Unsatisfiable(f"the range {start}-{end} ends before it starts")
-    if start >= size:
-        raise Unsatisfiable(f"the range starts at {start}, past the end of the {size}-byte blob")
     return ByteRange(start, min(end, size - 1), size)
 
 

@@ -102,6 +102,6 @@ class ArtifactService:
             if device.class_id is None or allowed is None:
                 raise PermissionDenied(
                     f"artifact {digest[:12]} is not built for this device's class; a device may "
-                    "download only artifacts assigned to it or being validated for it"
+                    "download only artifacts built for its own class"
                 )
         return self._blobs.open(self._db, digest)

@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 
+from edgefleet.agent.update.http_download import HttpDownloader
+from edgefleet.agent.update.ports import Chunk
 from edgefleet.controlplane.config import ServerConfig
 from edgefleet.controlplane.server import ControlPlane, create_server
 from edgefleet.demo.models import BuiltModel
@@ -93,6 +97,10 @@ async def test_ranges_resume_and_the_same_permissions_as_download_artifact(
                 _url(cp, digest), headers={**auth, "Range": "bytes=5-", "If-Range": '"other"'}
             )
             assert other.status_code == 200 and other.content == data
+            cached = await http.get(
+                _url(cp, digest), headers={**auth, "If-None-Match": f'"{digest}"'}
+            )
+            assert cached.status_code == 304 and cached.content == b""
             head = await http.head(_url(cp, digest), headers=auth)
             assert head.status_code == 200 and head.content == b""
             assert int(head.headers["Content-Length"]) == len(data)
@@ -168,7 +176,7 @@ async def limited(tmp_path: Path) -> AsyncIterator[ControlPlane]:
     server = await create_server(
         ServerConfig(
             data_dir=tmp_path / "cp", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN,
-            build_workers=0, max_concurrent_downloads=1,
+            build_workers=0, max_concurrent_downloads=1, artifact_http_max_connections=3,
         )
     )  # fmt: skip
     try:
@@ -211,5 +219,55 @@ async def test_downloads_over_the_limit_wait_with_retry_after(
             assert hashlib.sha256(data).hexdigest() == digest
             again = await http.get(_url(limited, digest), headers=auth)
             assert again.status_code == 200 and len(again.content) == len(data)
+
+        # The agent's side: its download waits its turn (Retry-After) rather
+        # than spend the update's retries or take the bytes over gRPC.
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("GET", _url(limited, digest), headers=auth) as first:
+                waits: list[float] = []
+
+                def pause(seconds: float) -> None:
+                    waits.append(seconds)
+                    time.sleep(0.2)
+
+                downloader = HttpDownloader(
+                    lambda: [(f"{limited.artifact_http.url}/v1/artifacts", True)],  # type: ignore[union-attr]
+                    NoFallback(), lambda: enrolled.device_credential, lambda: None, sleep=pause,
+                )  # fmt: skip
+                fetched = asyncio.create_task(asyncio.to_thread(
+                    lambda: b"".join(c.data for c in downloader.fetch(digest, 0))
+                ))  # fmt: skip
+                await asyncio.sleep(1.0)
+                assert not fetched.done() and waits and waits[0] == 5
+                async for _ in first.aiter_bytes():
+                    pass
+            assert hashlib.sha256(await fetched).hexdigest() == digest
+            assert downloader.last_source == "control plane (HTTP)"
     finally:
         await channel.close()
+
+
+class NoFallback:
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        raise AssertionError("fell back to DownloadArtifact")
+
+
+async def test_connections_over_the_cap_are_closed_as_they_arrive(limited: ControlPlane) -> None:
+    """Idle connections that never send a byte (nor a TLS ClientHello) hold
+    at most the cap; the next is closed at once; when they go, it serves."""
+    assert limited.artifact_http is not None
+    port = limited.artifact_http.port
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        await asyncio.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(5)
+        assert await asyncio.to_thread(extra.recv, 1) == b""  # closed by the server
+        extra.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    await asyncio.sleep(0.3)
+    async with httpx.AsyncClient(timeout=10) as http:
+        answered = await http.get(f"{limited.artifact_http.url}/v1/artifacts/{'f' * 64}")
+    assert answered.status_code == 401

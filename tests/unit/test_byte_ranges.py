@@ -60,3 +60,8 @@ def test_content_range_counts_both_ends() -> None:
     part = requested("bytes=10-19", SIZE, if_range=None, etag=ETAG)
     assert part.partial and part.content_range() == "bytes 10-19/100"
     assert not requested(None, SIZE, if_range=None, etag=ETAG).partial
+
+
+def test_a_start_past_the_end_says_so() -> None:
+    with pytest.raises(Unsatisfiable, match="starts at 100, past the end of the 100-byte blob"):
+        requested("bytes=100-", SIZE, if_range=None, etag=ETAG)

@@ -73,7 +73,7 @@ class ServerConfig:
     max_concurrent_downloads: int = 0
     # Connections the artifact port holds at once, TLS handshakes included
     # (each costs a 256 KiB buffer); more are closed as they arrive.
-    artifact_http_max_connections: int = 1024
+    artifact_http_max_connections: int = 512
     # Where blob bytes (pushed models, built artifacts) live; None: the data
     # dir's blobs/. Replicas that share one (a network file system) serve
     # each other's blobs; otherwise each needs its own copy of every blob.

@@ -223,7 +223,7 @@ def mutual_tls_context(cert_file: str, key_file: str, ca_pem: bytes) -> ssl.SSLC
 # that never sent a ClientHello took 3.5 GB (a stranger's try). Over the cap
 # a connection is closed as it is accepted (the agent falls back to the
 # device port's DownloadArtifact).
-MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS = 512
 # A TLS handshake not done by then is dropped (asyncio's default: 60 s).
 HANDSHAKE_TIMEOUT_S = 10.0
 

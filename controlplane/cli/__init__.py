@@ -288,7 +288,7 @@ def main() -> None:
 @click.option(
     "--artifact-http-max-connections",
     type=click.IntRange(min=1),
-    default=1024,
+    default=512,
     show_default=True,
     help="Connections the artifact port holds at once, TLS handshakes included; more are "
     "closed as they arrive (agents then download over the device port).",

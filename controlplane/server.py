@@ -272,7 +272,7 @@ async def _serve_artifact_http(
         tls_dir = config.data_dir / "artifact-http-tls"
         tls_dir.mkdir(mode=0o700, exist_ok=True)
         atomic_write(tls_dir / "key.pem", key_pem)
-        atomic_write(tls_dir / "cert.pem", certificate_pem, mode=0o644)
+        atomic_write(tls_dir / "cert.pem", certificate_pem)
         context = artifact_http.mutual_tls_context(
             str(tls_dir / "cert.pem"), str(tls_dir / "key.pem"), authority.certificate_pem
         )

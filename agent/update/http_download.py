@@ -1,4 +1,5 @@
-"""The Downloader port over HTTP(S), with httpx: the assignment's sources in
+"""The Downloader port over HTTP(S), with urllib3 (what requests is built
+on; light enough for a device, and it loads no CLI): the assignment's sources in
 order (the control plane's own artifact endpoint, mirrors), then
 DeviceService.DownloadArtifact as the last resort.
 
@@ -21,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
-import httpx
+import urllib3
 
 from .ports import Chunk, Downloader, FatalUpdateError
 
@@ -41,6 +42,8 @@ READ_TIMEOUT_S = 60.0
 Source = tuple[str, bool]  # (base URL, is the control plane)
 # A mirror that cut a download short this often is left for that artifact.
 MIRROR_CUTS = 2
+MAX_REDIRECTS = 5
+READ_BYTES = 64 * 1024
 # How long a download waits out a busy control plane (429/503) in all, and
 # at most between two tries, before it counts as a failed attempt.
 BUSY_WAIT_S = 600.0
@@ -81,7 +84,7 @@ class HttpDownloader:
         self._fallback = fallback
         self._credential = credential
         self._ssl_context = ssl_context
-        self._timeout = httpx.Timeout(stall_s, connect=min(stall_s, CONNECT_TIMEOUT_S))
+        self._timeout = urllib3.Timeout(connect=min(stall_s, CONNECT_TIMEOUT_S), read=stall_s)
         # Per digest: the mirrors that sent bytes of its download since it
         # last started from 0, and those that sent bytes that did not match.
         self._senders: dict[str, set[str]] = {}
@@ -151,58 +154,62 @@ class HttpDownloader:
                 waited += pause
 
     def _fetch_one(self, url: str, control_plane: bool, offset: int) -> Iterator[Chunk]:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        verify: ssl.SSLContext | bool = True
+        # Identity: a mirror that compresses on the fly would send no
+        # Content-Length, and the signed digest is of the bytes as stored.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        context: ssl.SSLContext | None = None
         if control_plane:
             context = self._ssl_context()
-            if context is not None:
-                if not url.startswith("https://"):
-                    # A device with a TLS identity never sends its credential
-                    # in plain text, whoever named the source.
-                    raise SourceFailed(f"{_safe(url)}: not https; the credential stays home")
-                verify = context
+            if context is not None and not url.startswith("https://"):
+                # A device with a TLS identity never sends its credential in
+                # plain text, whoever named the source.
+                raise SourceFailed(f"{_safe(url)}: not https; the credential stays home")
             headers["Authorization"] = f"Bearer {self._credential()}"
+        # A bucket or CDN may redirect (to a signed URL); the control plane
+        # does not, and its credential goes nowhere else. Nothing is retried
+        # here: the update machine owns retries.
+        retries = urllib3.Retry(
+            total=None, connect=0, read=0, status=0, other=0,
+            redirect=0 if control_plane else MAX_REDIRECTS, raise_on_redirect=True,
+        )  # fmt: skip
         sent = False
+        pool = urllib3.PoolManager(ssl_context=context, timeout=self._timeout, retries=retries)
         try:
-            # Identity: a mirror that compresses on the fly would send no
-            # Content-Length, and the signed digest is of the bytes as stored.
-            headers["Accept-Encoding"] = "identity"
-            with (
-                httpx.Client(
-                    verify=verify,
-                    timeout=self._timeout,
-                    # A bucket or CDN may redirect (to a signed URL); the
-                    # control plane does not, and its credential goes nowhere else.
-                    follow_redirects=not control_plane,
-                    max_redirects=5,
-                ) as client,
-                client.stream("GET", url, headers=headers) as response,
-            ):
+            response = pool.request("GET", url, headers=headers, preload_content=False)
+            try:
                 start, total = _extent(response, offset, url, control_plane)
-                # It answered and is sending: from here, trouble is a cut
-                # to resume from this source, not a reason to leave it.
+                # It answered and is sending: from here, trouble is a cut to
+                # resume from this source, not a reason to leave it.
                 sent = True
+                log.info("downloading %s from byte %d of %d", _safe(url), start, total)
                 position = start
-                # As the bytes arrive: what came before a cut is kept.
-                for data in response.iter_bytes():
+                for data in response.stream(READ_BYTES, decode_content=False):
                     yield Chunk(position, data, total)
                     position += len(data)
-        except httpx.HTTPError as exc:
+            finally:
+                response.release_conn()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             if not sent:
-                raise SourceFailed(f"{_safe(url)}: {type(exc).__name__}: {exc}") from None
-            raise ConnectionError(
-                f"download from {_safe(url)} cut short: {type(exc).__name__}: {exc}"
-            ) from None
-        except ssl.SSLError as exc:
-            raise SourceFailed(f"{_safe(url)}: TLS: {exc}") from None
+                raise SourceFailed(f"{_safe(url)}: {_reason(exc)}") from None
+            raise ConnectionError(f"download from {_safe(url)} cut short: {_reason(exc)}") from None
+        finally:
+            pool.clear()
+
+
+def _reason(exc: BaseException) -> str:
+    """The cause a person can act on, not urllib3's retry wrapper."""
+    cause = getattr(exc, "reason", None) or exc
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _extent(
-    response: httpx.Response, offset: int, url: str, control_plane: bool
+    response: urllib3.BaseHTTPResponse, offset: int, url: str, control_plane: bool
 ) -> tuple[int, int]:
     """Where the body starts and the blob's whole size, from the status and
     headers; SourceFailed (or, from the control plane, fatal) otherwise."""
-    status = response.status_code
+    status = response.status
     if status == 200:
         length = response.headers.get("Content-Length")
         if length is None or not length.isdigit():
@@ -221,9 +228,9 @@ def _extent(
     # error page would only clutter the log.
     plain = response.headers.get("Content-Type", "").startswith("text/plain")
     text = (
-        " ".join(response.read()[:300].decode("utf-8", "replace").split())
+        " ".join(response.read(300).decode("utf-8", "replace").split())
         if plain
-        else (response.reason_phrase)
+        else response.reason or ""
     )
     if control_plane and status in _FATAL_FROM_CONTROL_PLANE:
         raise FatalUpdateError(f"{_FATAL_FROM_CONTROL_PLANE[status]} ({status}): {text}")
@@ -236,5 +243,5 @@ def _extent(
 
 def _safe(url: str) -> str:
     """A URL for a log line: without any user:password a mirror URL holds."""
-    parsed = httpx.URL(url)
-    return str(parsed.copy_with(userinfo=b"")) if parsed.userinfo else url
+    parts = urllib3.util.parse_url(url)
+    return parts._replace(auth=None).url if parts.auth else url

@@ -174,19 +174,33 @@ class ArtifactHttp:
         self, request: web.Request, response: web.StreamResponse, blob: BlobFile,
         offset: int, count: int,
     ) -> None:  # fmt: skip
-        """The bytes by sendfile (asyncio copies them itself through TLS),
-        as aiohttp's FileResponse sends a file, but from the descriptor that
-        was verified. A blob that changed on disk meanwhile cannot be
-        unsent: the connection is cut short, so the client sees a short body
-        (fewer bytes than Content-Length) and resumes; the next open
-        verifies the file again."""
+        """Plain text: the kernel's sendfile from the descriptor that was
+        verified, as aiohttp's FileResponse sends a file. TLS: chunks through
+        aiohttp's writer (TLS copies every byte in userspace anyway, and
+        asyncio's own sendfile fallback over an SSL transport left the last
+        bytes unsent until the client timed out). A blob that changed on
+        disk meanwhile cannot be unsent: the connection is cut short, so the
+        client sees a short body and resumes; the next open verifies the
+        file again."""
         await response.prepare(request)
         transport = request.transport
         assert transport is not None
-        await asyncio.get_running_loop().sendfile(transport, blob.file, offset, count)
-        if not blob.unchanged():
-            transport.abort()
-            return
+        if transport.get_extra_info("sslcontext") is None:
+            await asyncio.get_running_loop().sendfile(transport, blob.file, offset, count)
+            if not blob.unchanged():
+                transport.abort()
+                return
+        else:
+            end = offset + count
+            try:
+                while offset < end:
+                    # pread, checked against the verified version after it.
+                    data = blob.read(offset, min(COPY_BYTES, end - offset))
+                    await response.write(data)
+                    offset += len(data)
+            except Unavailable:
+                transport.abort()
+                return
         await response.write_eof()
 
 
@@ -224,6 +238,8 @@ def mutual_tls_context(cert_file: str, key_file: str, ca_pem: bytes) -> ssl.SSLC
 # a connection is closed as it is accepted (the agent falls back to the
 # device port's DownloadArtifact).
 MAX_CONNECTIONS = 512
+# Bytes per write over TLS.
+COPY_BYTES = 256 * 1024
 # A TLS handshake not done by then is dropped (asyncio's default: 60 s).
 HANDSHAKE_TIMEOUT_S = 10.0
 

@@ -24,7 +24,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("onnxruntime",),
     "litert": ("ai_edge_litert",),
     "tflite-runtime": ("tflite_runtime",),
-    "cli": ("click", "rich"),
+    "cli": ("click", "rich", "httpx"),
     "server": (
         "grpc_health",
         "grpc_reflection",

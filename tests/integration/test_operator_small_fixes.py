@@ -65,7 +65,9 @@ class _Building(FakeFleet):
 
     async def list_builds(self, model_name: str = "", version: str = "") -> list[d.Build]:
         self.reads += 1
-        progress = min(0.1 * self.reads, 1.0)
+        # Small steps: a loaded machine may read many times before the
+        # test looks, and 100% would stop it moving.
+        progress = min(0.01 * self.reads, 1.0)
         return [
             replace(b, progress=progress) if b.state == "running" else b
             for b in await super().list_builds(model_name, version)

@@ -880,8 +880,9 @@ def fill_disk_during_update(
     disk = rig.sizes["1.0.0"] + size + DEFAULT_MARGIN + 2 * 1024 * 1024
     # Slowed by the agent itself whatever the source (the proxy slows gRPC
     # only; HTTP downloads go straight to the control plane).
-    agent = rig.agent("disk", telemetry_interval_s=60, download_chunk_size=65536,
-                      max_download_rate=256 * 1024)
+    agent = rig.agent(
+        "disk", telemetry_interval_s=60, download_chunk_size=65536, max_download_rate=256 * 1024
+    )
     predictions = 0
 
     def downloads() -> list[str]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgefleet.agent.disk import disk_full_label
+from edgefleet.fsutil import fsync_dir
 
 from .ports import Downloader, FatalUpdateError, MirroredDownloader, RetryableUpdateError
 
@@ -57,14 +58,6 @@ def artifact_path(state_dir: Path, digest: str) -> Path:
 
 def part_path(state_dir: Path, digest: str) -> Path:
     return state_dir / DOWNLOADS_DIR / f"{digest}.part"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ResumableDownload:
@@ -233,7 +226,7 @@ class ResumableDownload:
                 f"expected {self.digest[:12]} (corrupted download)"
             )
         os.replace(self.part, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
         return self.final
 
 

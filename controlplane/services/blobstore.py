@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import NamedTuple, Protocol
 
 from edgefleet.controlplane.errors import DataLoss, InvalidArgument, Unavailable
+from edgefleet.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,6 @@ def sha256_file(path: Path) -> str:
 
 def valid_digest(digest: str) -> bool:
     return bool(_DIGEST.match(digest))
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobMissing(LookupError):

@@ -8,7 +8,7 @@ status, a timeout) passes the download to the next one at once. A source
 that was sending and stops (a cut connection, a short body) ends the fetch with
 ConnectionError: the update machine backs off and resumes, with Range, from
 the first source again, so a flaky link to a good server is resumed rather
-than abandoned. Nothing here is trusted: ResumableDownload checks every
+than abandoned (a mirror that did so twice is left for that artifact). Nothing here is trusted: ResumableDownload checks every
 byte against the signed digest and size, whatever sent it.
 
 Only a source marked as the control plane gets the device's credential and

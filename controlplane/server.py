@@ -261,21 +261,13 @@ async def _serve_artifact_http(
     key_and_certificate: tuple[bytes, bytes] | None,
 ) -> ArtifactHttpSite | None:
     """Listen for artifact downloads over HTTP, with mutual TLS when the
-    control plane serves TLS (the key and certificate go to files: Python's
-    ssl module loads them from nowhere else)."""
+    control plane serves TLS."""
     address = config.artifact_http_address()
     if address is None:
         return None
     context = None
     if authority is not None and key_and_certificate is not None:
-        key_pem, certificate_pem = key_and_certificate
-        tls_dir = config.data_dir / "artifact-http-tls"
-        tls_dir.mkdir(mode=0o700, exist_ok=True)
-        atomic_write(tls_dir / "key.pem", key_pem)
-        atomic_write(tls_dir / "cert.pem", certificate_pem)
-        context = artifact_http.mutual_tls_context(
-            str(tls_dir / "cert.pem"), str(tls_dir / "key.pem"), authority.certificate_pem
-        )
+        context = artifact_http.mutual_tls_context(*key_and_certificate, authority.certificate_pem)
     handler = artifact_http.ArtifactHttp(
         artifacts=services.artifacts,
         credentials=services.credentials,

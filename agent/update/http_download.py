@@ -8,8 +8,9 @@ status, a timeout) passes the download to the next one at once. A source
 that was sending and stops (a cut connection, a short body) ends the fetch with
 ConnectionError: the update machine backs off and resumes, with Range, from
 the first source again, so a flaky link to a good server is resumed rather
-than abandoned (a mirror that did so twice is left for that artifact). Nothing here is trusted: ResumableDownload checks every
-byte against the signed digest and size, whatever sent it.
+than abandoned (a mirror that did so twice is left for that artifact).
+Nothing here is trusted: ResumableDownload checks every byte against the
+signed digest and size, whatever sent it.
 
 Only a source marked as the control plane gets the device's credential and
 client certificate; a mirror never sees either."""
@@ -21,10 +22,12 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-
-import urllib3
+from typing import TYPE_CHECKING
 
 from .ports import Chunk, Downloader, FatalUpdateError
+
+if TYPE_CHECKING:
+    import urllib3
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class HttpDownloader:
         self._fallback = fallback
         self._credential = credential
         self._ssl_context = ssl_context
-        self._timeout = urllib3.Timeout(connect=min(stall_s, CONNECT_TIMEOUT_S), read=stall_s)
+        self._stall_s = stall_s
         # Per digest: the mirrors that sent bytes of its download since it
         # last started from 0, and those that sent bytes that did not match.
         self._senders: dict[str, set[str]] = {}
@@ -167,6 +170,10 @@ class HttpDownloader:
                 # plain text, whoever named the source.
                 raise SourceFailed(f"{_safe(url)}: not https; the credential stays home")
             headers["Authorization"] = f"Bearer {self._credential()}"
+        # Loaded at the first download, not at the agent's boot (an idle
+        # agent imports nothing it does not use).
+        import urllib3
+
         # A bucket or CDN may redirect (to a signed URL); the control plane
         # does not, and its credential goes nowhere else. Nothing is retried
         # here: the update machine owns retries.
@@ -175,7 +182,8 @@ class HttpDownloader:
             redirect=0 if control_plane else MAX_REDIRECTS, raise_on_redirect=True,
         )  # fmt: skip
         sent = False
-        pool = urllib3.PoolManager(ssl_context=context, timeout=self._timeout, retries=retries)
+        timeout = urllib3.Timeout(connect=min(self._stall_s, CONNECT_TIMEOUT_S), read=self._stall_s)
+        pool = urllib3.PoolManager(ssl_context=context, timeout=timeout, retries=retries)
         try:
             response = pool.request("GET", url, headers=headers, preload_content=False)
             try:
@@ -243,5 +251,7 @@ def _extent(
 
 def _safe(url: str) -> str:
     """A URL for a log line: without any user:password a mirror URL holds."""
-    parts = urllib3.util.parse_url(url)
+    from urllib3.util import parse_url
+
+    parts = parse_url(url)
     return parts._replace(auth=None).url if parts.auth else url

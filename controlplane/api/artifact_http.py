@@ -19,9 +19,11 @@ import asyncio
 import logging
 import socket
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +45,7 @@ from edgefleet.controlplane.errors import (
 from edgefleet.controlplane.services import auth
 from edgefleet.controlplane.services.artifacts import ArtifactService
 from edgefleet.controlplane.services.blobstore import BlobFile
+from edgefleet.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +224,19 @@ def _peer_pem(request: web.Request) -> bytes | None:
     return ssl.DER_cert_to_PEM_cert(der).encode() if der else None
 
 
-def mutual_tls_context(cert_file: str, key_file: str, ca_pem: bytes) -> ssl.SSLContext:
+def mutual_tls_context(key_pem: bytes, certificate_pem: bytes, ca_pem: bytes) -> ssl.SSLContext:
     """The device port's TLS for HTTP: our certificate, and a client
-    certificate from our CA required (no certificate, no handshake)."""
+    certificate from our CA required (no certificate, no handshake).
+    Python's ssl loads a key only from a file: this process's own, in a
+    private temporary directory, gone once loaded (the workers of one
+    server each make their own key and must not share files)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-tls-") as directory:
+        key_file, cert_file = Path(directory) / "key.pem", Path(directory) / "cert.pem"
+        atomic_write(key_file, key_pem)
+        atomic_write(cert_file, certificate_pem)
+        context.load_cert_chain(cert_file, key_file)
     context.load_verify_locations(cadata=ca_pem.decode())
     context.verify_mode = ssl.CERT_REQUIRED
     return context

@@ -8,7 +8,8 @@ The same rules as DeviceService.DownloadArtifact: the device's credential
 own client certificate (the listener asks for one and refuses a handshake
 without it); only blobs built for the device's class; only verified bytes
 (BlobStore.open). Errors are plain text a person can act on, with the
-status an HTTP client expects: 400, 401, 403, 404, 416, 429, 503.
+status an HTTP client expects: 400, 401, 403, 404, 416, 429 (busy, with
+Retry-After), 500 (the stored copy is damaged), 503; 304 for If-None-Match.
 
 An adapter: aiohttp here, the decisions in services/artifacts.py and
 domain/byte_ranges.py."""
@@ -78,7 +79,7 @@ class ArtifactHttp:
     # Called with (status, bytes sent) after each request (metrics).
     observe: Callable[[int, int], None] = lambda status, sent: None
     # Downloads sending at once on this replica; over it, 429 with
-    # Retry-After (agents back off and resume): a rollout of a large
+    # Retry-After (agents wait their turn): a rollout of a large
     # artifact to thousands of devices queues instead of saturating the
     # link. 0: no limit.
     max_concurrent: int = 0

@@ -701,6 +701,8 @@ def cut_network(
         )  # fmt: skip
         rig.cp.extra += settings
         rig.cp.restart()
+        # The control plane's HTTP port is new after a restart.
+        http_proxy.upstream = ("127.0.0.1", rig.cp.http_port)
         try:
             return _cut_network(
                 rig, http_proxy if via == "http" else None, new_version=new_version,

@@ -35,7 +35,7 @@ class ControlPlane:
         self.tls = tls
         self.port = 0
         self.device_port = 0
-        # Artifact downloads over HTTP (0 until started; kept over restarts).
+        # Artifact downloads over HTTP (0 until started; new at each start).
         self.http_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.admin_token = ADMIN_TOKEN
@@ -82,8 +82,10 @@ class ControlPlane:
             "--heartbeat-interval", "2",
             *(["--tls", "--device-listen", f"127.0.0.1:{self.device_port}"] if self.tls
               else ["--insecure"]),
+            # A new port each start: pinning the last one raced with the
+            # ephemeral ports of other tests' connections (EADDRINUSE).
             *([] if "--artifact-http-listen" in self.extra
-              else ["--artifact-http-listen", f"127.0.0.1:{self.http_port}"]),
+              else ["--artifact-http-listen", "127.0.0.1:0"]),
             # Builds spawn worker processes; tests about builds ask for them.
             *([] if "--build-workers" in self.extra else ["--build-workers", "0"]),
             *self.extra,
@@ -106,8 +108,7 @@ class ControlPlane:
         self.port = int(port_file.read_text())
         if self.tls:
             self.device_port = int((self.data_dir / "device-port").read_text())
-        if http_port_file.exists():
-            self.http_port = int(http_port_file.read_text())
+        self.http_port = int(http_port_file.read_text()) if http_port_file.exists() else 0
         with self.channel() as channel:
             health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout

@@ -76,8 +76,6 @@ class ArtifactHttp:
     executor: ThreadPoolExecutor
     # Set when the control plane serves mutual TLS.
     peer_certificates: PeerCertificates | None = None
-    # Called with (status, bytes sent) after each request (metrics).
-    observe: Callable[[int, int], None] = lambda status, sent: None
     # Downloads sending at once on this replica; over it, 429 with
     # Retry-After (agents wait their turn): a rollout of a large
     # artifact to thousands of devices queues instead of saturating the
@@ -102,7 +100,6 @@ class ArtifactHttp:
             return await handler(request)
         except DomainError as exc:
             status = _STATUS.get(type(exc), 500)
-            self.observe(status, 0)
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
             return web.Response(status=status, text=f"{exc}\n", headers=headers)
 
@@ -129,7 +126,6 @@ class ArtifactHttp:
         with blob:
             etag = f'"{blob.digest}"'
             if {etag, "*"} & _etags(request.headers.get("If-None-Match")):
-                self.observe(304, 0)
                 return web.Response(status=304, headers={"ETag": etag})
             try:
                 part = requested(
@@ -137,7 +133,6 @@ class ArtifactHttp:
                     if_range=request.headers.get("If-Range"), etag=etag,
                 )  # fmt: skip
             except Unsatisfiable as exc:
-                self.observe(416, 0)
                 return web.Response(
                     status=416, text=f"{exc}\n",
                     headers={"Content-Range": f"bytes */{blob.size}"},
@@ -156,10 +151,8 @@ class ArtifactHttp:
             if request.method == "HEAD" or blob.size == 0:
                 await response.prepare(request)
                 await response.write_eof()
-                self.observe(response.status, 0)
                 return response
             if self.max_concurrent and self._sending >= self.max_concurrent:
-                self.observe(429, 0)
                 return web.Response(
                     status=429,
                     text=f"{self._sending} downloads are under way (the limit); try again in "
@@ -171,7 +164,6 @@ class ArtifactHttp:
                 await self._send(request, response, blob, part.start, part.length)
             finally:
                 self._sending -= 1
-            self.observe(response.status, part.length)
             return response
 
     async def _send(

@@ -67,7 +67,7 @@ from edgefleet.agent.update.http_download import HttpDownloader
 from edgefleet.agent.update.machine import UpdateMachine
 from edgefleet.agent.update.models import ModelUpdate, ModelUpdates
 from edgefleet.agent.update.ports import Ports
-from edgefleet.agent.update.rate_limit import rate_limited
+from edgefleet.agent.update.rate_limit import RateLimitedDownloader, effective_rate
 from edgefleet.agent.update.remote import GrpcDownloader, StatusReporter
 from edgefleet.agent.update.runner import UpdateRunner
 from edgefleet.agent.update.store import Assignment, UpdateRecord, UpdateStore
@@ -145,6 +145,7 @@ def assignment_from_pb(
         rollback=pb.rollback,
         key_rotations=tuple((r.statement, r.signature) for r in key_rotations),
         sources=tuple((s.base_url, s.control_plane) for s in pb.sources),
+        max_download_rate=pb.max_download_rate,
     )
 
 
@@ -540,6 +541,11 @@ class Agent:
             assignment = record().assignment
             return assignment.sources if assignment is not None else ()
 
+        def download_rate() -> int:
+            assignment = record().assignment
+            assigned = assignment.max_download_rate if assignment is not None else 0
+            return effective_rate(self.config.max_download_rate, assigned)
+
         downloader = HttpDownloader(
             sources,
             GrpcDownloader(
@@ -556,7 +562,7 @@ class Agent:
             source=lambda: downloader.last_source,
         )  # fmt: skip
         ports = Ports(
-            downloader=rate_limited(downloader, self.config.max_download_rate),
+            downloader=RateLimitedDownloader(downloader, download_rate),
             verifier=DeviceVerifier(state_dir, lambda: self._sync_state.class_name),
             validator=ManifestValidator(fingerprint=link.runtime),
             activator=activator,

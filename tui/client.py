@@ -922,6 +922,7 @@ def class_from_pb(m: c.DeviceClass) -> d.DeviceClass:
         threads=opt("threads"), speed_factor=opt("speed_factor"),
         microcontroller=bool(opt("microcontroller")),
         rules=tuple(format_rule(r) for r in m.match_rules), device_count=m.device_count,
+        mirrors=tuple(m.artifact_mirrors), max_download_rate=m.max_download_rate,
     )  # fmt: skip
 
 

@@ -169,6 +169,9 @@ class DeviceClass:
     # what looks like a mistake in them, in the CLI's words (class_match).
     match_summary: str = ""
     match_warnings: tuple[str, ...] = ()
+    # Delivery: the class's own mirrors and download cap (bytes/s, 0: none).
+    mirrors: tuple[str, ...] = ()
+    max_download_rate: int = 0
 
 
 @dataclass(frozen=True)

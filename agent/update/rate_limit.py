@@ -9,15 +9,17 @@ from .ports import Chunk, Downloader, MirroredDownloader
 
 
 class RateLimitedDownloader:
-    """`inner` at most `bytes_per_s` on average since each fetch began: it
-    sleeps after a chunk that got ahead. The pace is kept per chunk, so a
-    gRPC source's 1 MiB chunks arrive in bursts (set download_chunk_size
-    smaller on a slow link); HTTP sources hand over what each read got."""
+    """`inner` at most `bytes_per_s()` on average since each fetch began
+    (read at each fetch: the device class's cap comes with the assignment;
+    0: no cap): it sleeps after a chunk that got ahead. The pace is kept per
+    chunk, so a gRPC source's 1 MiB chunks arrive in bursts (set
+    download_chunk_size smaller on a slow link); HTTP sources hand over what
+    each read got."""
 
     def __init__(
         self,
         inner: Downloader,
-        bytes_per_s: float,
+        bytes_per_s: Callable[[], float],
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -28,11 +30,15 @@ class RateLimitedDownloader:
         self._sleep = sleep
 
     def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        rate = self._rate()
+        if rate <= 0:
+            yield from self._inner.fetch(digest, offset)
+            return
         started, sent = self._clock(), 0
         for chunk in self._inner.fetch(digest, offset):
             yield chunk
             sent += len(chunk.data)
-            ahead = sent / self._rate - (self._clock() - started)
+            ahead = sent / rate - (self._clock() - started)
             if ahead > 0:
                 self._sleep(ahead)
 
@@ -41,6 +47,8 @@ class RateLimitedDownloader:
         return inner.distrust(digest) if isinstance(inner, MirroredDownloader) else []
 
 
-def rate_limited(downloader: Downloader, bytes_per_s: float) -> Downloader:
-    """`downloader` capped at `bytes_per_s`; 0: as it is."""
-    return RateLimitedDownloader(downloader, bytes_per_s) if bytes_per_s > 0 else downloader
+def effective_rate(own: int, assigned: int) -> int:
+    """The cap a download keeps to: the lower of the agent's own and the one
+    its assignment carries (the device class's); 0 (none) where neither
+    sets one. A class cannot lift a cap the device's owner set."""
+    return min((cap for cap in (own, assigned) if cap > 0), default=0)

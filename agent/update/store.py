@@ -48,6 +48,9 @@ class Assignment:
     # order: (base URL, whether it is the control plane itself). Unsigned:
     # the bytes are checked against the signed digest whatever their source.
     sources: tuple[tuple[str, bool], ...] = ()
+    # The device class's cap on the download, bytes/s (0: none); the agent
+    # keeps to the lower of this and its own max_download_rate.
+    max_download_rate: int = 0
 
 
 @dataclass
@@ -107,6 +110,7 @@ def _decode(path: Path, document: Any) -> UpdateRecord:
                 (bytes.fromhex(a), bytes.fromhex(b)) for a, b in raw.get("key_rotations", [])
             )
             raw["sources"] = tuple((str(url), bool(cp)) for url, cp in raw.get("sources", []))
+            raw["max_download_rate"] = int(raw.get("max_download_rate", 0))
             assignment = Assignment(**raw)
         return UpdateRecord(
             state=State(document["state"]),

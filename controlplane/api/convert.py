@@ -194,11 +194,15 @@ def update_status_to_pb(status: dict[str, Any]) -> c.UpdateStatus:
 
 
 def assignment_to_pb(
-    view: AssignmentView, artifact_url: str = "", mirrors: tuple[str, ...] = ()
+    view: AssignmentView,
+    artifact_url: str = "",
+    mirrors: tuple[str, ...] = (),
+    max_download_rate: int = 0,
 ) -> d.Assignment:
     """What the agent gets in its desired state, with where to fetch the
     artifact: `mirrors` (base URLs) in order, then `artifact_url` (the
-    control plane's artifact downloads over HTTP, scheme://host:port)."""
+    control plane's artifact downloads over HTTP, scheme://host:port), and
+    the class's cap on the download's rate (bytes/s, 0: none)."""
     sources = [d.ArtifactSource(base_url=m) for m in mirrors]
     if artifact_url:
         sources.append(
@@ -219,6 +223,7 @@ def assignment_to_pb(
         statement_signature=view.statement_signature,
         rollback=view.rollback,
         sources=sources,
+        max_download_rate=max_download_rate,
     )
 
 
@@ -389,6 +394,8 @@ def class_to_pb(view: ClassView) -> c.DeviceClass:
         created_at=ts(row.created_at),
         updated_at=ts(row.updated_at),
         match_report=match_report_to_pb(view.report) if view.report else None,
+        artifact_mirrors=row.artifact_mirrors or [],
+        max_download_rate=row.max_download_rate or 0,
     )
 
 

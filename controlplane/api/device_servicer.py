@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.controlplane.api import convert, limits
 from edgefleet.controlplane.api.rpc import Handlers, rpc
+from edgefleet.controlplane.domain.delivery import mirror_order
 from edgefleet.controlplane.errors import (
     DomainError,
     FailedPrecondition,
@@ -321,10 +322,12 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
         # Pending, rejected and decommissioned devices get no work.
         if not assignments or view.device_state != ACCEPTED:
             return device_pb2.ControlMessage(desired=desired)
+        # The class's own mirrors (a site's) before the server-wide ones.
+        mirrors = mirror_order(view.delivery.mirrors, self._artifact_mirrors)
+        rate = view.delivery.max_download_rate
         if protocol >= MULTI_MODEL_PROTOCOL:
             desired.assignments.extend(
-                convert.assignment_to_pb(a, self._artifact_url, self._artifact_mirrors)
-                for a in assignments
+                convert.assignment_to_pb(a, self._artifact_url, mirrors, rate) for a in assignments
             )
             if len(assignments) == 1:
                 desired.assignment.CopyFrom(desired.assignments[0])
@@ -337,7 +340,7 @@ class DeviceServicer(Handlers, device_pb2_grpc.DeviceServiceServicer):
                 device_id, len(assignments), single.model_name, single.model_version,
             )  # fmt: skip
         desired.assignment.CopyFrom(
-            convert.assignment_to_pb(single, self._artifact_url, self._artifact_mirrors)
+            convert.assignment_to_pb(single, self._artifact_url, mirrors, rate)
         )
         return device_pb2.ControlMessage(desired=desired)
 

@@ -61,6 +61,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from edgefleet.controlplane.domain import delivery
 from edgefleet.controlplane.domain.pki import MAX_CSR_BYTES
 from edgefleet.controlplane.errors import DomainError, InvalidArgument, ResourceExhausted
 
@@ -112,6 +113,8 @@ REASON = Limit(chars=1024, multiline=True)  # an operator's why, kept in the aud
 DESCRIPTION = Limit(chars=4096, multiline=True)  # Text
 # Labels: as devices.validate_labels checks them (keys also by pattern).
 LABELS = Limit(count=64, key_chars=63, chars=256)
+# A class's own mirrors (domain/delivery.py says what is wrong with each).
+MIRRORS = Limit(count=delivery.MAX_MIRRORS, chars=delivery.MAX_URL_LENGTH)
 # Page tokens are ours: base64 of a cursor made of values within these limits.
 PAGE_TOKEN = Limit(
     chars=4096, ascii=True, hint="; it is not one a response gave: start again without it"
@@ -223,6 +226,8 @@ LIMITS: dict[str, Limit] = {
     "CreateDeviceClassRequest.name": CLASS_NAME,
     "CreateDeviceClassRequest.description": DESCRIPTION,
     "CreateDeviceClassRequest.match_rules": Limit(count=16),
+    "CreateDeviceClassRequest.artifact_mirrors": MIRRORS,
+    "UpdateDeviceClassRequest.artifact_mirrors": MIRRORS,
     "UpdateDeviceClassRequest.name": CLASS_NAME,
     "UpdateDeviceClassRequest.description": DESCRIPTION,
     "UpdateDeviceClassRequest.match_rules": Limit(count=16),

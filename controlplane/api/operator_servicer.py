@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 
 from edgefleet.controlplane.api import convert, limits, paging
 from edgefleet.controlplane.api.rpc import Handlers, P, rpc
+from edgefleet.controlplane.domain.delivery import Delivery
 from edgefleet.controlplane.domain.roles import ADMIN, VIEWER
 from edgefleet.controlplane.errors import InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit, auth, keys
@@ -342,6 +343,7 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             priority=request.priority,
             constraints=convert.constraints_from_pb(request.constraints),
             rules=tuple(rule_from_pb(r) for r in request.match_rules),
+            delivery=Delivery(tuple(request.artifact_mirrors), request.max_download_rate),
         )
         return convert.class_to_pb(await self.run(self._classes.create, who.actor, spec))
 
@@ -376,6 +378,10 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
                 else None
             ),
             clear=tuple(request.clear_constraints),
+            mirrors=(tuple(request.artifact_mirrors) if request.replace_artifact_mirrors else None),
+            max_download_rate=(
+                request.max_download_rate if request.HasField("max_download_rate") else None
+            ),
         )
         view = await self.run(self._classes.update, who.actor, request.name, change)
         return convert.class_to_pb(view)

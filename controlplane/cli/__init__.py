@@ -41,8 +41,9 @@ from edgefleet.controlplane.cli.toolchain import toolchain
 from edgefleet.controlplane.cli.tui import tui
 from edgefleet.controlplane.client.connection import DEFAULT_SERVER
 from edgefleet.controlplane.client.contexts import ContextError, contexts_path, load
-from edgefleet.controlplane.client.syntax import parse_base_url, parse_duration
+from edgefleet.controlplane.client.syntax import parse_duration
 from edgefleet.controlplane.config import ServerConfig
+from edgefleet.controlplane.domain.delivery import parse_base_url
 
 
 def _config_default(name: str) -> Any:

@@ -25,10 +25,13 @@ from edgefleet.controlplane.client.syntax import (
     constraint_profile,
     parse_match,
 )
+from edgefleet.controlplane.domain.delivery import parse_base_url, parse_rate
 from edgefleet.v1 import common_pb2, operator_pb2
 
 # `--clear` names: the options' own names.
 CLEAR_CHOICES = {option.replace("_", "-"): option for option in CONSTRAINT_FIELDS}
+# Delivery settings `--clear` also takes (not constraints: nothing rebuilds).
+CLEAR_DELIVERY = ("artifact-mirror", "max-download-rate")
 
 
 @click.group()
@@ -107,6 +110,25 @@ def _class_options(*, create: bool) -> Callable[[F], F]:
             help="Match rule, e.g. 'arch == aarch64', 'memory_mb < 4096'"
             + (" (replaces all rules)." if not create else "; repeat for AND."),
         ),
+        click.option(
+            "--artifact-mirror",
+            "mirrors",
+            metavar="URL",
+            multiple=True,
+            callback=parsed(parse_base_url),
+            help="An HTTP(S) server with the artifacts by digest (a site's local mirror), tried "
+            "before the server-wide mirrors and the control plane; repeat in order"
+            + (" (replaces the class's mirrors)." if not create else ".")
+            + " Devices use it from their next assignment (docs/operators/delivery.md).",
+        ),
+        click.option(
+            "--max-download-rate",
+            metavar="RATE",
+            callback=parsed(parse_rate),
+            help="Cap on each download of the class's devices, bytes/s with K/M/G "
+            "(1024-based): e.g. 500K, 2M, 2MiB/s; an agent's own lower cap wins."
+            + (" 0 removes it." if not create else ""),
+        ),
     ]
 
     def apply(f: F) -> F:
@@ -129,6 +151,8 @@ def classes_create(
     rules: Sequence[common_pb2.MatchRule],
     priority: int | None,
     description: str | None,
+    mirrors: Sequence[str],
+    max_download_rate: int | None,
     as_json: bool,
     **constraints: Any,
 ) -> None:
@@ -140,6 +164,8 @@ def classes_create(
             priority=priority or 0,
             constraints=constraint_profile(**constraints),
             match_rules=rules,
+            artifact_mirrors=mirrors,
+            max_download_rate=max_download_rate or 0,
         )
     )
     emit(as_json, created, lambda: render.class_detail(created))
@@ -173,11 +199,10 @@ def classes_show(env: Connection, name: str, as_json: bool) -> None:
     "--clear",
     "clear",
     multiple=True,
-    type=click.Choice(list(CLEAR_CHOICES)),
+    type=click.Choice([*CLEAR_CHOICES, *CLEAR_DELIVERY]),
     metavar="FIELD",
-    help="Remove a constraint, as if never set (repeat for several): "
-    + ", ".join(CLEAR_CHOICES)
-    + ".",
+    help="Remove a constraint, as if never set, or the class's mirrors or download cap "
+    "(repeat for several): " + ", ".join([*CLEAR_CHOICES, *CLEAR_DELIVERY]) + ".",
 )
 @json_option
 @pass_env
@@ -190,15 +215,20 @@ def classes_update(
     clear: Sequence[str],
     priority: int | None,
     description: str | None,
+    mirrors: Sequence[str],
+    max_download_rate: int | None,
     as_json: bool,
     **constraints: Any,
 ) -> None:
     """Change a class; options not given keep their stored values."""
     if rules and clear_rules:
         usage_error("--match and --clear-rules exclude each other")
+    given = {"artifact-mirror": bool(mirrors), "max-download-rate": max_download_rate is not None}
     for option in clear:
-        if constraints.get(CLEAR_CHOICES[option]) is not None:
+        if given.get(option) or constraints.get(CLEAR_CHOICES.get(option, "")) is not None:
             usage_error(f"--{option} and --clear {option} exclude each other")
+    if "max-download-rate" in clear:
+        max_download_rate = 0
     request = operator_pb2.UpdateDeviceClassRequest(
         name=name,
         description=description,
@@ -206,7 +236,12 @@ def classes_update(
         constraints=constraint_profile(**constraints),
         match_rules=rules,
         replace_match_rules=bool(rules) or clear_rules,
-        clear_constraints=sorted({CONSTRAINT_FIELDS[CLEAR_CHOICES[o]] for o in clear}),
+        clear_constraints=sorted(
+            {CONSTRAINT_FIELDS[CLEAR_CHOICES[o]] for o in clear if o in CLEAR_CHOICES}
+        ),
+        artifact_mirrors=mirrors,
+        replace_artifact_mirrors=bool(mirrors) or "artifact-mirror" in clear,
+        max_download_rate=max_download_rate,
     )
     updated = env.stub.UpdateDeviceClass(request)
     emit(as_json, updated, lambda: render.class_detail(updated))

@@ -466,6 +466,14 @@ def class_detail(c: common_pb2.DeviceClass) -> RenderableType:
             "\n".join(format_rule(r) for r in c.match_rules)
             or "(none: devices join only by pinning)",
         ),
+        (
+            "mirrors",
+            "\n".join(c.artifact_mirrors) or "(none: the server's mirrors, then the control plane)",
+        ),
+        (
+            "download cap",
+            f"{format_bytes(c.max_download_rate)}/s" if c.max_download_rate else NONE,
+        ),
         ("created", format_time(c.created_at)),
         ("updated", format_time(c.updated_at)),
     ]

@@ -248,21 +248,3 @@ def parse_when(text: str, at: datetime) -> datetime:
         raise ValueError(
             f"{text!r} is neither a time ago (2h, 7d) nor an ISO 8601 time (2026-11-23T02:00Z)"
         ) from None
-
-
-def parse_base_url(text: str) -> str:
-    """An http(s) base URL (scheme://host[:port][/path]) as given, without a
-    trailing slash; ValueError saying what is wrong."""
-    from urllib.parse import urlsplit
-
-    url = text.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{text!r} is not an http:// or https:// URL with a host")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"{text!r}: a base URL has no query, fragment or user:password")
-    try:
-        parts.port  # noqa: B018 - raises on a port that is not a number in range
-    except ValueError as exc:
-        raise ValueError(f"{text!r}: {exc}") from None
-    return url

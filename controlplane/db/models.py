@@ -122,6 +122,10 @@ class DeviceClassRow(Base):
     # Precision of the lighter fallback artifact builds add ("": none; 0011).
     fallback: Mapped[str] = mapped_column(String(8), default="", server_default="")
     match_rules: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    # Delivery (0017, domain/delivery.py): the class's own mirrors, in order,
+    # and its download rate cap in bytes/s (0: none).
+    artifact_mirrors: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default="[]")
+    max_download_rate: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from edgefleet.controlplane.db.models import DeviceClassRow, DeviceRow, utcnow
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import rules, secrets
+from edgefleet.controlplane.domain.delivery import Delivery
 from edgefleet.controlplane.errors import AlreadyExists, InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit
 from edgefleet.controlplane.services.devices import DECOMMISSIONED, EventSink, reclassify_all
@@ -86,6 +87,7 @@ class ClassSpec:
     description: str = ""
     priority: int = 0
     rules: tuple[rules.Rule, ...] = ()
+    delivery: Delivery = field(default_factory=Delivery)
 
 
 # What clearing a constraint sets it back to: its value in a class that never
@@ -103,6 +105,9 @@ class ClassUpdate:
     constraints: dict[str, Any] = field(default_factory=dict)
     rules: tuple[rules.Rule, ...] | None = None
     clear: tuple[str, ...] = ()
+    # Delivery: None keeps the class's; () removes its mirrors, 0 its cap.
+    mirrors: tuple[str, ...] | None = None
+    max_download_rate: int | None = None
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,20 @@ def _store(row: DeviceClassRow, spec: ClassSpec) -> None:
     row.device_memory_mb = c.device_memory_mb
     row.fallback = c.fallback
     row.match_rules = rules.rules_to_json(spec.rules)
+    row.artifact_mirrors = list(spec.delivery.mirrors)
+    row.max_download_rate = spec.delivery.max_download_rate
     row.updated_at = utcnow()
+
+
+def delivery_of(row: DeviceClassRow) -> Delivery:
+    return Delivery(tuple(row.artifact_mirrors or ()), row.max_download_rate or 0)
+
+
+def _valid(delivery: Delivery) -> Delivery:
+    try:
+        return delivery.validated()
+    except ValueError as exc:
+        raise InvalidArgument(f"delivery: {exc}") from None
 
 
 def _cleared(change: ClassUpdate) -> dict[str, Any]:
@@ -250,6 +268,7 @@ class ClassService:
                 "at most 63 characters"
             )
         spec.constraints.validate()
+        spec = replace(spec, delivery=_valid(spec.delivery))
         with self._db.unit_of_work() as uow:
             if uow.session.scalar(select(DeviceClassRow).where(DeviceClassRow.name == spec.name)):
                 raise AlreadyExists(f"a device class named {spec.name!r} already exists")
@@ -276,6 +295,7 @@ class ClassService:
                 description=row.description,
                 priority=row.priority,
                 rules=rules.rules_from_json(row.match_rules),
+                delivery=delivery_of(row),
             )
             cleared = _cleared(change)
             try:
@@ -290,6 +310,14 @@ class ClassService:
                 ),
                 priority=change.priority if change.priority is not None else current.priority,
                 rules=change.rules if change.rules is not None else current.rules,
+                delivery=_valid(
+                    Delivery(
+                        current.delivery.mirrors if change.mirrors is None else change.mirrors,
+                        current.delivery.max_download_rate
+                        if change.max_download_rate is None
+                        else change.max_download_rate,
+                    )
+                ),
             )
             spec.constraints.validate()
             _store(row, spec)
@@ -301,7 +329,10 @@ class ClassService:
             removed = sorted(
                 k for k in asked if getattr(current.constraints, k) != getattr(constraints, k)
             )
-            details = {"cleared": removed} if removed else {}
+            details: dict[str, Any] = {"cleared": removed} if removed else {}
+            if spec.delivery != current.delivery:
+                details["mirrors"] = list(spec.delivery.mirrors)
+                details["max_download_rate"] = spec.delivery.max_download_rate
             audit.record(uow, actor, "class.update", f"class:{name}", **details)
             uow.commit()
             view = ClassView(row, self._count(uow.session, row.id), match_report(uow.session, row))

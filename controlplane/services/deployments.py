@@ -79,6 +79,7 @@ from edgefleet.controlplane.db.models import (
 )
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import semver, signing
+from edgefleet.controlplane.domain.delivery import Delivery
 from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit, keys, statements
 from edgefleet.controlplane.services.builds import SUCCEEDED
@@ -871,6 +872,7 @@ class DeploymentService:
                         a.device_id, a.sequence, a.artifact_id, a.model_version_id,
                         a.rollout_id, a.shadow, a.assigned_by, a.assigned_at, a.statement,
                         a.statement_signature, a.rollback, a.key_id, d.credential_hash,
+                        DeviceClassRow.artifact_mirrors, DeviceClassRow.max_download_rate,
                     )
                     .outerjoin(DeviceClassRow, DeviceClassRow.id == d.class_id)
                     .outerjoin(a, a.device_id == d.id)
@@ -883,6 +885,7 @@ class DeploymentService:
                         view = DesiredView(
                             row[1], row[2], row[4] or "", dict(row[3] or {}), chain,
                             credential_epoch=row[17] or "",
+                            delivery=Delivery(tuple(row[18] or ()), row[19] or 0),
                         )  # fmt: skip
                         desired = found[row[0]] = (view, [])
                     elif row[16] is not None:

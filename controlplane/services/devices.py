@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import func, select, tuple_, update
@@ -23,6 +23,7 @@ from edgefleet.controlplane.db.models import (
 )
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import rules
+from edgefleet.controlplane.domain.delivery import Delivery
 from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit
 from edgefleet.controlplane.services.events import FleetEvent
@@ -91,6 +92,8 @@ class DesiredView:
     # never leaves the process): a sync stream opened before ends itself
     # (api/device_servicer).
     credential_epoch: str = ""
+    # The class's mirrors and download rate cap (domain/delivery.py).
+    delivery: Delivery = field(default_factory=Delivery)
 
 
 def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:

@@ -1,9 +1,11 @@
 """Artifacts offloaded to a mirror: Debian's nginx serving a directory that
 `edgefleet artifacts export` filled, named to agents with
-`edgefleet server --artifact-mirror`. A real agent installs from it; when
-the mirror hangs, has no such file or serves other bytes, the agent leaves
-it (the signed digest is checked whatever the source) and installs from
-the control plane."""
+`edgefleet server --artifact-mirror`, and a device class's own mirror
+before it (`edgefleet classes update --artifact-mirror`). A real agent
+installs from them; when a mirror hangs, has no such file or serves other
+bytes, the agent leaves it (the signed digest is checked whatever the
+source) and installs from the control plane. The class's download rate
+cap holds."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from edgefleet.polling import wait_for
+from edgefleet.v1 import common_pb2 as c
+from edgefleet.v1 import operator_pb2 as o
 from testkit import fault_scenarios as fs
-from testkit.harness import ControlPlane
+from testkit.harness import ADMIN_TOKEN, ControlPlane
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -103,14 +108,18 @@ http {{
 def rig(mirror: Mirror, tmp_path_factory: pytest.TempPathFactory) -> Iterator[fs.AgentRig]:
     root = tmp_path_factory.mktemp("mirrored")
     cp = ControlPlane(
-        root / "cp", None,
-        "--artifact-mirror", f"http://127.0.0.1:{mirror.port}/hang",
-        "--artifact-mirror", f"http://127.0.0.1:{mirror.port}/blobs/",
-    )  # fmt: skip
+        root / "cp", None, "--artifact-mirror", f"http://127.0.0.1:{mirror.port}/blobs/"
+    )
     cp.start()
     try:
         op = cp.operator()
         fs.create_classes(op, {"here": platform.machine()})
+        # The class's own mirror (a site's, which hangs) before the server's.
+        said = _edgefleet(
+            cp, "classes", "update", "here", "--artifact-mirror",
+            f"http://127.0.0.1:{mirror.port}/hang/",
+        )  # fmt: skip
+        assert f"http://127.0.0.1:{mirror.port}/hang " in said, said  # stored without the /
         models = {
             v: fs.mlp_model(root / "models" / f"{v}.onnx", hidden=400 + i, seed=i)
             for i, v in enumerate(("1.0.0", "2.0.0", "3.0.0"))
@@ -122,14 +131,22 @@ def rig(mirror: Mirror, tmp_path_factory: pytest.TempPathFactory) -> Iterator[fs
         cp.close()
 
 
-def _export(rig: fs.AgentRig, directory: Path) -> str:
+def _edgefleet(cp: ControlPlane | None, *args: str) -> str:
+    """The CLI as an operator runs it (against `cp` when given)."""
+    server = ["--server", cp.address, "--token", ADMIN_TOKEN] if cp is not None else []
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "edgefleet"), "artifacts", "export", str(directory),
-         "--data-dir", str(rig.cp.data_dir)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"},
+        [str(Path(sys.executable).parent / "edgefleet"), *server, *args],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def _export(rig: fs.AgentRig, directory: Path) -> str:
+    return _edgefleet(
+        None, "artifacts", "export", str(directory), "--data-dir", str(rig.cp.data_dir)
+    )
 
 
 def test_an_agent_installs_from_the_mirror_and_from_the_control_plane_when_it_fails(
@@ -179,3 +196,54 @@ def test_an_agent_installs_from_the_mirror_and_from_the_control_plane_when_it_fa
         assert left == []
     finally:
         agent.close()
+
+
+def test_the_class_download_cap_holds_and_a_lower_agent_cap_wins(
+    rig: fs.AgentRig, tmp_path: Path
+) -> None:
+    """A metered site: the class caps each download, and the rates the
+    device reports while downloading stay under it. The mirror has none of
+    these versions (404), so the bytes come from the control plane, which
+    serves as fast as it can: uncapped, 1.5 MB take milliseconds."""
+    models = {
+        v: fs.mlp_model(tmp_path / f"{v}.onnx", hidden=5000 + i, seed=10 + i)
+        for i, v in enumerate(("4.0.0", "5.0.0"))
+    }
+    rig.digests.update(fs.publish_versions(rig.cp, models))
+    shown = _edgefleet(rig.cp, "classes", "update", "here", "--max-download-rate", "1M")
+    assert "1.0 MiB/s" in shown, shown
+    agent = rig.agent("capped", download_stall_s=STALL_S)
+    agent.start()
+    try:
+        device_id = rig.device_id(agent)
+        op = rig.cp.operator()
+        for version, limit in (("4.0.0", 1024 * 1024), ("5.0.0", 512 * 1024)):
+            if version == "5.0.0":
+                # The device's owner set a lower cap of its own: it wins.
+                agent.stop()
+                agent.config["max_download_rate"] = limit
+                agent.start()
+            size = models[version].stat().st_size
+            started = time.monotonic()
+            sequence = rig.assign(device_id, version)
+            rates: list[int] = []
+
+            def settled(
+                sequence: int = sequence, rates: list[int] = rates
+            ) -> c.UpdateStatus | None:
+                u = op.GetDevice(o.GetDeviceRequest(id=device_id), timeout=5).update
+                if u.sequence != sequence:
+                    return None
+                if u.download_rate:
+                    rates.append(u.download_rate)
+                return u if fs.of_status(u) in ("committed", "failed") else None
+
+            status = wait_for(settled, 120, interval=0.2, what=f"{version} settled")
+            took = time.monotonic() - started
+            assert fs.of_status(status) == "committed", (version, status.reason, agent.log())
+            # After the class's hanging mirror (STALL_S), the bytes at the cap.
+            assert took >= STALL_S + size / limit * 0.85, (version, took, size)
+            assert rates and max(rates) <= limit * 1.2, (version, rates)
+    finally:
+        agent.close()
+        _edgefleet(rig.cp, "classes", "update", "here", "--clear", "max-download-rate")

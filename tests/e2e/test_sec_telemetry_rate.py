@@ -32,7 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.agent.telemetry import IntervalSample
 from edgefleet.agent.telemetry_buffer import TelemetryBuffer
-from edgefleet.agent.telemetry_uploader import RETRY_AFTER_MS
+from edgefleet.agent.telemetry_uploader import MAX_BATCH, RETRY_AFTER_MS
 from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import device_pb2_grpc as dg
@@ -258,9 +258,14 @@ def test_a_real_agent_with_a_backlog_delivers_every_sample_at_the_allowed_rate(
     buffer = TelemetryBuffer(agent.state_dir)
     try:
         assert buffer.dropped_total == 0
-        assert all(p.seq > stored[-1] for p in buffer.pending(10_000))
+        pending = [p.seq for p in buffer.pending(10_000)]
     finally:
         buffer.close()
+    # The stop can land between the server's commit of a batch and the
+    # agent's ack of it: that one batch stays buffered and is a duplicate the
+    # server drops at the next upload. Nothing is missing between the two.
+    assert not pending or pending[0] > stored[-1] - MAX_BATCH, (pending[:3], stored[-1])
+    assert sorted(set(stored) | set(pending)) == list(range(1, max(stored + pending) + 1))
     # The limit held it back: 1,200 samples past the burst at 100/s.
     assert took >= (backlog - burst) / rate * 0.9, took
     # And the agent waited as told: a few refusals (one per 500-sample batch

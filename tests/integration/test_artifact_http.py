@@ -162,6 +162,79 @@ async def test_assignments_name_the_control_planes_http_source(
         await channel.close()
 
 
+@pytest.fixture
+async def mirrored(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    """A control plane with a server-wide mirror (--artifact-mirror)."""
+    server = await create_server(
+        ServerConfig(
+            data_dir=tmp_path / "cp", listen="127.0.0.1:0", admin_token=ADMIN_TOKEN,
+            build_workers=0, artifact_mirrors=("https://cdn.example/edgefleet",),
+        )
+    )  # fmt: skip
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def _desired(channel: grpc.aio.Channel, credential: str, protocol: int) -> d.DesiredState:
+    call = dg.DeviceServiceStub(channel).Sync(metadata=(("authorization", f"Bearer {credential}"),))
+    await call.write(d.AgentMessage(hello=d.Hello(protocol=protocol)))
+    try:
+        async for message in call:
+            if message.HasField("desired") and message.desired.HasField("assignment"):
+                return message.desired
+    finally:
+        call.cancel()
+    raise AssertionError("the sync stream ended without an assignment")
+
+
+async def test_a_class_s_mirrors_come_first_and_its_cap_rides_the_assignment(
+    mirrored: ControlPlane, digits: BuiltModel, tmp_path: Path
+) -> None:
+    """The order a device tries: its class's mirrors (a site's), the
+    server-wide ones, then the control plane itself; and the class's rate
+    cap, for agents of either protocol. A class change reaches the next
+    desired state."""
+    _, _, arm, _, channel = await _published(mirrored, digits, tmp_path)
+    op = og.OperatorServiceStub(channel)
+    site = "http://10.1.2.3:8080/blobs"
+    try:
+        await op.UpdateDeviceClass(
+            o.UpdateDeviceClassRequest(
+                name="arm", artifact_mirrors=[site], replace_artifact_mirrors=True,
+                max_download_rate=256 * 1024,
+            ),
+            metadata=ADMIN,
+        )  # fmt: skip
+        listed = await op.ListDevices(o.ListDevicesRequest(), metadata=ADMIN)
+        arm_id = next(dv.id for dv in listed.devices if dv.hardware_id == "hw-arm")
+        await op.AssignModel(
+            o.AssignModelRequest(device_ids=[arm_id], model_name="digits", model_version="1.0.0"),
+            metadata=ADMIN,
+        )
+        assert mirrored.artifact_http is not None
+        cp_source = (f"{mirrored.artifact_http.url}/v1/artifacts", True)
+        for protocol in (1, 2):
+            got = (await _desired(channel, arm, protocol)).assignment
+            assert [(s.base_url, s.control_plane) for s in got.sources] == [
+                (site, False), ("https://cdn.example/edgefleet", False), cp_source,
+            ], protocol  # fmt: skip
+            assert got.max_download_rate == 256 * 1024
+        # The site's mirror removed, the cap too: the server's order again.
+        await op.UpdateDeviceClass(
+            o.UpdateDeviceClassRequest(
+                name="arm", replace_artifact_mirrors=True, max_download_rate=0
+            ),
+            metadata=ADMIN,
+        )
+        got = (await _desired(channel, arm, 2)).assignment
+        assert got.sources[0].base_url == "https://cdn.example/edgefleet"
+        assert got.max_download_rate == 0
+    finally:
+        await channel.close()
+
+
 def test_artifact_downloads_over_http_listen_beside_the_device_port_or_not_at_all() -> None:
     config = ServerConfig(data_dir=Path("/nonexistent"), artifact_http_listen="off")
     assert config.artifact_http_address() is None

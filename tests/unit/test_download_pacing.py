@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from edgefleet.agent.update.ports import Chunk
-from edgefleet.agent.update.rate_limit import RateLimitedDownloader, rate_limited
+from edgefleet.agent.update.rate_limit import RateLimitedDownloader, effective_rate
 from edgefleet.agent.update.remote import StatusReporter
 from edgefleet.agent.update.states import State
 from edgefleet.agent.update.store import UpdateRecord
@@ -43,7 +43,9 @@ class Chunks:
 
 def test_the_cap_holds_the_average_and_sleeps_only_when_ahead() -> None:
     clock = Clock()
-    capped = RateLimitedDownloader(Chunks([1000] * 10), 2000, clock=clock, sleep=clock.sleep)
+    capped = RateLimitedDownloader(
+        Chunks([1000] * 10), lambda: 2000, clock=clock, sleep=clock.sleep
+    )
     got = list(capped.fetch("d", 0))
     assert sum(len(c.data) for c in got) == 10_000
     # 10,000 bytes at 2,000 a second: five seconds, half a second per chunk.
@@ -57,14 +59,32 @@ def test_the_cap_holds_the_average_and_sleeps_only_when_ahead() -> None:
                 slow.now += 1.0  # 1,000 bytes a second
                 yield chunk
 
-    list(RateLimitedDownloader(Slow([1000] * 3), 2000, clock=slow, sleep=slow.sleep).fetch("d", 0))
+    list(
+        RateLimitedDownloader(Slow([1000] * 3), lambda: 2000, clock=slow, sleep=slow.sleep).fetch(
+            "d", 0
+        )
+    )
     assert slow.slept == []
 
 
-def test_no_cap_leaves_the_downloader_as_it_is() -> None:
-    chunks = Chunks([1])
-    assert rate_limited(chunks, 0) is chunks
-    assert isinstance(rate_limited(chunks, 10), RateLimitedDownloader)
+def test_no_cap_never_sleeps_and_the_cap_is_read_at_each_fetch() -> None:
+    clock = Clock()
+    caps = [0, 2000]
+    capped = RateLimitedDownloader(
+        Chunks([1000] * 4), lambda: caps[0], clock=clock, sleep=clock.sleep
+    )
+    assert sum(len(c.data) for c in capped.fetch("d", 0)) == 4000 and clock.slept == []
+    caps[0] = 2000  # the next assignment's class cap
+    list(capped.fetch("d", 0))
+    assert abs(sum(clock.slept) - 2.0) < 1e-9
+
+
+def test_the_lower_cap_wins_and_a_class_cannot_lift_the_owners() -> None:
+    assert effective_rate(0, 0) == 0
+    assert effective_rate(1000, 0) == 1000  # the agent's own only
+    assert effective_rate(0, 5000) == 5000  # the class's only
+    assert effective_rate(1000, 5000) == 1000
+    assert effective_rate(8000, 5000) == 5000
 
 
 def test_download_reports_say_where_the_bytes_come_from_and_how_fast() -> None:

@@ -9,6 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
+from edgefleet.controlplane.client.format import format_bytes
 from edgefleet.tui.data import DeviceClass
 from edgefleet.tui.screens.base import FleetScreen, cursor_key, keep_cursor, reporting
 
@@ -45,7 +46,19 @@ def class_detail(c: DeviceClass) -> Table:
     table.add_row("constraints", constraints_text(c))
     table.add_row("rules", " AND ".join(c.rules) or "none (pin devices to it)")
     table.add_row("devices", str(c.device_count))
+    table.add_row("delivery", delivery_text(c))
     return table
+
+
+def delivery_text(c: DeviceClass) -> str:
+    """Where the class's devices fetch artifacts, and how fast they may."""
+    where = (
+        f"mirrors {', '.join(c.mirrors)}, then the server's"
+        if c.mirrors
+        else "the server's mirrors, then the control plane"
+    )
+    cap = f"at most {format_bytes(c.max_download_rate)}/s" if c.max_download_rate else "no cap"
+    return f"{where}; {cap} (edgefleet classes update --artifact-mirror, --max-download-rate)"
 
 
 class ClassesScreen(FleetScreen):

@@ -477,12 +477,18 @@ class DeviceClass(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     MATCH_REPORT_FIELD_NUMBER: _builtins.int
+    ARTIFACT_MIRRORS_FIELD_NUMBER: _builtins.int
+    MAX_DOWNLOAD_RATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     description: _builtins.str
     priority: _builtins.int
     """Higher priority classes are tried first when several match."""
     device_count: _builtins.int
+    max_download_rate: _builtins.int
+    """A cap on each download of the class's devices, bytes per second (a
+    metered link); 0: none. An agent's own lower cap wins.
+    """
     @_builtins.property
     def constraints(self) -> Global___ConstraintProfile: ...
     @_builtins.property
@@ -495,6 +501,14 @@ class DeviceClass(_message.Message):
     def match_report(self) -> Global___RuleMatchReport:
         """How the rules meet the fleet right after the change: set in the answers
         of CreateDeviceClass and UpdateDeviceClass only.
+        """
+
+    @_builtins.property
+    def artifact_mirrors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Delivery (docs/operators/delivery.md): not part of what builds measure,
+        so changing it rebuilds nothing; devices get it with their next desired
+        state. The class's own mirrors (a site's local HTTP server), tried in
+        order before the server-wide --artifact-mirror ones and the control plane.
         """
 
     def __init__(
@@ -510,10 +524,12 @@ class DeviceClass(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         match_report: Global___RuleMatchReport | None = ...,
+        artifact_mirrors: _abc.Iterable[_builtins.str] | None = ...,
+        max_download_rate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "created_at", b"created_at", "match_report", b"match_report", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "created_at", b"created_at", "description", b"description", "device_count", b"device_count", "id", b"id", "match_report", b"match_report", "match_rules", b"match_rules", "name", b"name", "priority", b"priority", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_mirrors", b"artifact_mirrors", "constraints", b"constraints", "created_at", b"created_at", "description", b"description", "device_count", b"device_count", "id", b"id", "match_report", b"match_report", "match_rules", b"match_rules", "max_download_rate", b"max_download_rate", "name", b"name", "priority", b"priority", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -572,6 +572,7 @@ class Assignment(_message.Message):
     STATEMENT_SIGNATURE_FIELD_NUMBER: _builtins.int
     ROLLBACK_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    MAX_DOWNLOAD_RATE_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     model_name: _builtins.str
     model_version: _builtins.str
@@ -599,6 +600,10 @@ class Assignment(_message.Message):
     revert, an operator assigning an older version); also in the statement.
     Agents refuse a downgrade without it.
     """
+    max_download_rate: _builtins.int
+    """The device class's cap on this download, bytes per second; 0: none. The
+    agent keeps to the lower of this and its own max_download_rate.
+    """
     @_builtins.property
     def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactSource]:
         """Where the artifact's bytes may be fetched over HTTP(S), in order, before
@@ -624,10 +629,11 @@ class Assignment(_message.Message):
         statement_signature: _builtins.bytes = ...,
         rollback: _builtins.bool = ...,
         sources: _abc.Iterable[Global___ArtifactSource] | None = ...,
+        max_download_rate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "manifest", b"manifest", "manifest_signature", b"manifest_signature", "model_name", b"model_name", "model_version", b"model_version", "rollback", b"rollback", "rollout_id", b"rollout_id", "runtime", b"runtime", "sequence", b"sequence", "shadow", b"shadow", "sources", b"sources", "statement", b"statement", "statement_signature", b"statement_signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "artifact_size", b"artifact_size", "manifest", b"manifest", "manifest_signature", b"manifest_signature", "max_download_rate", b"max_download_rate", "model_name", b"model_name", "model_version", b"model_version", "rollback", b"rollback", "rollout_id", b"rollout_id", "runtime", b"runtime", "sequence", b"sequence", "shadow", b"shadow", "sources", b"sources", "statement", b"statement", "statement_signature", b"statement_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

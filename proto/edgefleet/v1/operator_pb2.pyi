@@ -1237,13 +1237,20 @@ class CreateDeviceClassRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     CONSTRAINTS_FIELD_NUMBER: _builtins.int
     MATCH_RULES_FIELD_NUMBER: _builtins.int
+    ARTIFACT_MIRRORS_FIELD_NUMBER: _builtins.int
+    MAX_DOWNLOAD_RATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     priority: _builtins.int
+    max_download_rate: _builtins.int
     @_builtins.property
     def constraints(self) -> _common_pb2.ConstraintProfile: ...
     @_builtins.property
     def match_rules(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.MatchRule]: ...
+    @_builtins.property
+    def artifact_mirrors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As in DeviceClass."""
+
     def __init__(
         self,
         *,
@@ -1252,10 +1259,12 @@ class CreateDeviceClassRequest(_message.Message):
         priority: _builtins.int = ...,
         constraints: _common_pb2.ConstraintProfile | None = ...,
         match_rules: _abc.Iterable[_common_pb2.MatchRule] | None = ...,
+        artifact_mirrors: _abc.Iterable[_builtins.str] | None = ...,
+        max_download_rate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "description", b"description", "match_rules", b"match_rules", "name", b"name", "priority", b"priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_mirrors", b"artifact_mirrors", "constraints", b"constraints", "description", b"description", "match_rules", b"match_rules", "max_download_rate", b"max_download_rate", "name", b"name", "priority", b"priority"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1326,11 +1335,17 @@ class UpdateDeviceClassRequest(_message.Message):
     MATCH_RULES_FIELD_NUMBER: _builtins.int
     REPLACE_MATCH_RULES_FIELD_NUMBER: _builtins.int
     CLEAR_CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    ARTIFACT_MIRRORS_FIELD_NUMBER: _builtins.int
+    REPLACE_ARTIFACT_MIRRORS_FIELD_NUMBER: _builtins.int
+    MAX_DOWNLOAD_RATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     """Fields present replace the stored ones."""
     priority: _builtins.int
     replace_match_rules: _builtins.bool
+    replace_artifact_mirrors: _builtins.bool
+    max_download_rate: _builtins.int
+    """Present: the class's download rate cap, bytes per second; 0 removes it."""
     @_builtins.property
     def constraints(self) -> _common_pb2.ConstraintProfile: ...
     @_builtins.property
@@ -1345,6 +1360,12 @@ class UpdateDeviceClassRequest(_message.Message):
         both set in `constraints` and cleared.
         """
 
+    @_builtins.property
+    def artifact_mirrors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Replaces the class's mirrors when replace_artifact_mirrors is true
+        (empty: none of its own).
+        """
+
     def __init__(
         self,
         *,
@@ -1355,17 +1376,24 @@ class UpdateDeviceClassRequest(_message.Message):
         match_rules: _abc.Iterable[_common_pb2.MatchRule] | None = ...,
         replace_match_rules: _builtins.bool = ...,
         clear_constraints: _abc.Iterable[_builtins.str] | None = ...,
+        artifact_mirrors: _abc.Iterable[_builtins.str] | None = ...,
+        replace_artifact_mirrors: _builtins.bool = ...,
+        max_download_rate: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_priority", b"_priority", "constraints", b"constraints", "description", b"description", "priority", b"priority"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_max_download_rate", b"_max_download_rate", "_priority", b"_priority", "constraints", b"constraints", "description", b"description", "max_download_rate", b"max_download_rate", "priority", b"priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_priority", b"_priority", "clear_constraints", b"clear_constraints", "constraints", b"constraints", "description", b"description", "match_rules", b"match_rules", "name", b"name", "priority", b"priority", "replace_match_rules", b"replace_match_rules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_max_download_rate", b"_max_download_rate", "_priority", b"_priority", "artifact_mirrors", b"artifact_mirrors", "clear_constraints", b"clear_constraints", "constraints", b"constraints", "description", b"description", "match_rules", b"match_rules", "max_download_rate", b"max_download_rate", "name", b"name", "priority", b"priority", "replace_artifact_mirrors", b"replace_artifact_mirrors", "replace_match_rules", b"replace_match_rules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
     _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    _WhichOneofReturnType__max_download_rate: _TypeAlias = _typing.Literal["max_download_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_download_rate: _TypeAlias = _typing.Literal["_max_download_rate", b"_max_download_rate"]  # noqa: Y015
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_download_rate) -> _WhichOneofReturnType__max_download_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 

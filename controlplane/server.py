@@ -455,7 +455,9 @@ def build_services(
         )
         if authority is not None else None
     )  # fmt: skip
-    blobs = BlobStore(config.blob_dir)
+    # A lost or damaged blob is healed from the mirrors agents download from
+    # (a callable: per-class mirrors can join the list later).
+    blobs = BlobStore(config.blob_dir, mirrors=lambda: config.artifact_mirrors)
     builds = BuildService(db, blobs, events, toolchains_dir=config.toolchains_dir)
     events.subscribe(_build_triggers(builds, executor))
     credentials = DeviceCredentials(db)

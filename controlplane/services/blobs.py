@@ -11,15 +11,20 @@ the grace period; one that commits finds its bytes already whole.
 Garbage collection (`collect_garbage`, run now and then by every replica):
 blob rows nothing refers to and older than the grace period are deleted with
 their files, and so are files with no row, once older than the grace period
-(a publish still in progress put its file, or touched it, within it)."""
+(a publish still in progress put its file, or touched it, within it).
+
+Healing (services/blobheal.py): a blob whose row exists but whose bytes are
+gone or damaged is fetched again from the artifact mirrors, when there are
+any, before `open` gives up with DataLoss."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,12 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from edgefleet.controlplane.db.models import ArtifactRow, BlobRow, BuildRow, ModelVersionRow
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.errors import DataLoss, NotFound
+from edgefleet.controlplane.services.blobheal import (
+    HEAL_BACKOFF_S,
+    MirrorHealer,
+    Mirrors,
+    no_mirrors,
+)
 from edgefleet.controlplane.services.blobstore import (
     BlobBytes,
     BlobFile,
@@ -88,12 +99,25 @@ class GarbageCollected:
 
 
 class BlobStore:
-    def __init__(self, root: Path, *, files: BlobBytes | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        files: BlobBytes | None = None,
+        mirrors: Mirrors = no_mirrors,
+        clock: Callable[[], float] = time.monotonic,
+        heal_backoff_s: float = HEAL_BACKOFF_S,
+    ) -> None:
         """Blobs whose bytes live under `root` (the data dir's blob dir, or
-        one shared by replicas), or in `files`."""
+        one shared by replicas), or in `files`. `mirrors()` names the base
+        URLs (`<URL>/<sha256>`) a lost blob is healed from, in order, asked
+        at each heal; `clock` times the back-off after a failed heal."""
         self.root = root
         self.tmp = root / "tmp"
         self.files: BlobBytes = files or DirectoryStore(root)
+        self._healer = MirrorHealer(
+            mirrors, self.files.put, self.tmp, clock=clock, backoff_s=heal_backoff_s
+        )
 
     def store_path(self, digest: str) -> Path:
         """Where the directory store keeps a blob's file."""
@@ -145,24 +169,54 @@ class BlobStore:
 
     def open(self, db: Database, digest: str) -> BlobFile:
         """The blob's bytes, verified against `digest`. NotFound for a digest
-        no blob has, DataLoss for one whose bytes are gone or damaged. The
-        caller closes it."""
+        no blob has, DataLoss for one whose bytes are gone or damaged and
+        that no mirror could put back. The caller closes it."""
         if not valid_digest(digest):
             raise NotFound(f"no blob with digest {digest!r}")
         try:
             return self.files.open(digest)
         except BlobMissing:
-            with db.unit_of_work(readonly=True) as uow:
-                row = uow.session.get(BlobRow, digest)
+            row = self._row(db, digest)
             if row is None:
                 raise NotFound(f"no blob with digest {digest!r}") from None
-            raise DataLoss(
-                f"the bytes of blob {digest} ({row.media_type}, {row.size_bytes} bytes) are "
+            size, media_type = row
+            loss = DataLoss(
+                f"the bytes of blob {digest} ({media_type}, {size} bytes) are "
                 f"missing from the blob store ({self.root}) and no other copy exists: push "
                 "the model version again (edgefleet models push) if it is a model's file, or "
                 "run its build again (edgefleet builds run) if it is an artifact; the same "
                 "bytes pushed or built again put it back"
-            ) from None
+            )
+        except DataLoss as exc:
+            # Without mirrors, as before (no look-up); a file no row names
+            # has no size to heal it against.
+            row = self._row(db, digest) if self._healer.mirrors() else None
+            if row is None:
+                raise
+            size, _ = row
+            loss = exc
+        return self._heal(digest, size, loss)
+
+    def _heal(self, digest: str, size: int, loss: DataLoss) -> BlobFile:
+        """The blob put back from a mirror, or `loss` (saying how each mirror
+        failed)."""
+        mirrors = self._healer.mirrors()
+        if not mirrors:
+            raise loss from None
+        with self._healer.exclusive(digest):
+            # Healed by the thread this one waited for (or pushed again).
+            with contextlib.suppress(BlobMissing, DataLoss):
+                return self.files.open(digest)
+            failure = self._healer.heal(digest, size, mirrors)
+            if failure is None:
+                return self.files.open(digest)
+        raise DataLoss(f"{loss}. {self._healer.explain(failure)}") from None
+
+    @staticmethod
+    def _row(db: Database, digest: str) -> tuple[int, str] | None:
+        with db.unit_of_work(readonly=True) as uow:
+            row = uow.session.get(BlobRow, digest)
+            return None if row is None else (row.size_bytes, row.media_type)
 
     def local_path(self, db: Database, digest: str) -> Path:
         """A verified local file with the blob's bytes (for the builds, which

@@ -37,6 +37,11 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 10.0  # between two reads: a mirror that stops sending fails
 MAX_REDIRECTS = 5  # a bucket's signed URL, a CDN edge; as agents follow
 HEAL_BACKOFF_S = 60.0
+# A whole fetch: at least 2 minutes, and at least 256 KiB/s. A mirror that
+# trickles a byte just inside each read timeout would otherwise hold the
+# digest's lock, and every download waiting on it, for hours.
+MIN_FETCH_S = 120.0
+MIN_FETCH_RATE = 256 * 1024
 _READ_BYTES = 64 * 1024
 _REASON_CHARS = 200
 
@@ -194,6 +199,8 @@ class MirrorHealer:
             if length is not None and length.strip() != str(size):
                 raise MirrorFailed(f"Content-Length {length.strip()}, not the blob's {size} bytes")
             self._tmp.mkdir(parents=True, exist_ok=True)
+            limit_s = max(MIN_FETCH_S, size / MIN_FETCH_RATE)
+            deadline = time.monotonic() + limit_s
             fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="heal-")
             try:
                 hasher = hashlib.sha256()
@@ -203,6 +210,10 @@ class MirrorHealer:
                         received += len(data)
                         if received > size:
                             raise MirrorFailed(f"sent more than the blob's {size} bytes; refused")
+                        if time.monotonic() > deadline:
+                            raise MirrorFailed(
+                                f"too slow: {received} of {size} bytes in {limit_s:.0f} s"
+                            )
                         hasher.update(data)
                         out.write(data)
                 if received != size:

@@ -119,6 +119,9 @@ class AgentConfig:
     # At most this many bytes a second per download (a metered link); 0:
     # as fast as the source sends.
     max_download_rate: int = 0
+    # A mirror slower than this (bytes/s over 30 s) is left for the next
+    # source (agent/update/http_download.py); 0: never.
+    download_min_mirror_rate: int = 32 * 1024
     # ONNX Runtime execution providers for serving, comma-separated; "auto":
     # TensorRT and CUDA where installed, then CPU; "cpu": CPU only.
     onnxruntime_providers: str = "auto"
@@ -401,6 +404,7 @@ _TOP_LEVEL: dict[str, tuple[Callable[[object, str], Any], Callable[[str, str], o
     "download_chunk_size": (_non_negative_int, _env_int),
     "download_stall_s": (_positive_seconds, _env_number),
     "max_download_rate": (_non_negative_int, _env_int),
+    "download_min_mirror_rate": (_non_negative_int, _env_int),
     "onnxruntime_providers": (_nonempty_string, lambda text, where: text),
     "power_interval_s": (_positive_seconds, _env_number),
     "power_battery_limited_percent": (_percent, _env_float),

@@ -556,6 +556,8 @@ class Agent:
             link.credential,
             link.transport.http_ssl_context,
             stall_s=self.config.download_stall_s,
+            max_rate=download_rate,
+            min_mirror_rate=self.config.download_min_mirror_rate,
         )
         reporter = StatusReporter(
             publish, record, active, condition=lambda: self._disk.reason, model_name=name,

@@ -111,9 +111,10 @@ class ResumableDownload:
                 )  # fmt: skip
                 if not mirrors:
                     raise FatalUpdateError(str(exc)) from None
+                named = ", ".join(mirrors)
                 log.warning(
-                    "artifact %s: %s from mirror %s; that mirror is left for this artifact",
-                    self.digest[:12], exc, ", ".join(mirrors),
+                    "artifact %s: %s from %s; left for this artifact", self.digest[:12], exc,
+                    f"mirror {named}" if len(mirrors) == 1 else f"mirrors {named}",
                 )  # fmt: skip
                 # A mirror's bytes are not the signed ones: download again
                 # without it (the machine retries; the next source serves).

@@ -12,6 +12,12 @@ than abandoned (a mirror that did so twice is left for that artifact).
 Nothing here is trusted: ResumableDownload checks every byte against the
 signed digest and size, whatever sent it.
 
+A mirror slower than `min_mirror_rate` over a SLOW_WINDOW_S window (a
+trickle that never quite stalls) is left for that artifact at once and the
+download goes on from the next source, from where it was: without that, a
+mirror sending a byte a second would hold the device for hours. The floor
+is kept below the download's own rate cap, which paces the reads.
+
 Only a source marked as the control plane gets the device's credential and
 client certificate; a mirror never sees either."""
 
@@ -51,10 +57,17 @@ READ_BYTES = 64 * 1024
 # at most between two tries, before it counts as a failed attempt.
 BUSY_WAIT_S = 600.0
 BUSY_PAUSE_MAX_S = 30.0
+# A mirror below the floor for this long is left (the module docstring).
+SLOW_WINDOW_S = 30.0
+MIN_MIRROR_RATE = 32 * 1024
 
 
 class SourceFailed(Exception):
     """A source that could not start sending (the next one is tried)."""
+
+
+class TooSlow(Exception):
+    """A mirror sent too little for too long (left for that artifact)."""
 
 
 class _Busy(Exception):
@@ -79,10 +92,16 @@ class HttpDownloader:
         stall_s: float = READ_TIMEOUT_S,
         busy_wait_s: float = BUSY_WAIT_S,
         sleep: Callable[[float], None] = time.sleep,
+        max_rate: Callable[[], float] = lambda: 0,
+        min_mirror_rate: float = MIN_MIRROR_RATE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`sources` reads the current assignment's; `ssl_context` is the
         device's TLS identity for the control plane (None in plain text),
-        asked for per download, so a renewed certificate is used."""
+        asked for per download, so a renewed certificate is used.
+        `max_rate()` is the download's rate cap (0: none), which paces it
+        outside this class; `min_mirror_rate` the floor a mirror must keep
+        (0: none)."""
         self._sources = sources
         self._fallback = fallback
         self._credential = credential
@@ -101,6 +120,9 @@ class HttpDownloader:
         self.last_source = ""
         self._sleep = sleep
         self._busy_wait_s = busy_wait_s
+        self._max_rate = max_rate
+        self._min_mirror_rate = min_mirror_rate
+        self._clock = clock
 
     def distrust(self, digest: str) -> list[str]:
         bad = self._senders.pop(digest, set())
@@ -117,7 +139,11 @@ class HttpDownloader:
             if not control_plane and self._cuts[digest, base_url] >= MIRROR_CUTS:
                 continue
             url = f"{base_url.rstrip('/')}/{digest}"
-            self.last_source = "control plane (HTTP)" if control_plane else _safe(url)
+            self.last_source = (
+                f"control plane ({'HTTPS' if url.startswith('https://') else 'HTTP'})"
+                if control_plane
+                else _safe(url)
+            )
             try:
                 for chunk in self._fetch_busy(url, control_plane, offset):
                     if chunk.offset == 0:
@@ -129,6 +155,12 @@ class HttpDownloader:
                 return
             except SourceFailed as exc:
                 log.warning("artifact %s: %s; trying the next source", digest[:12], exc)
+            except TooSlow as exc:
+                self._cuts[digest, base_url] = MIRROR_CUTS
+                log.warning(
+                    "artifact %s: %s; that mirror is left for this artifact, the download goes "
+                    "on from the next source at byte %d", digest[:12], exc, offset,
+                )  # fmt: skip
             except ConnectionError:
                 if not control_plane:
                     self._cuts[digest, base_url] += 1
@@ -183,6 +215,10 @@ class HttpDownloader:
         )  # fmt: skip
         sent = False
         timeout = urllib3.Timeout(connect=min(self._stall_s, CONNECT_TIMEOUT_S), read=self._stall_s)
+        cap = self._max_rate()
+        floor = 0.0 if control_plane else self._min_mirror_rate
+        if floor and cap > 0:
+            floor = min(floor, cap / 2)  # the cap's pacing must never look slow
         pool = urllib3.PoolManager(ssl_context=context, timeout=timeout, retries=retries)
         try:
             response = pool.request("GET", url, headers=headers, preload_content=False)
@@ -193,9 +229,27 @@ class HttpDownloader:
                 sent = True
                 log.info("downloading %s from byte %d of %d", _safe(url), start, total)
                 position = start
-                for data in response.stream(READ_BYTES, decode_content=False):
+                window_at, window_bytes = self._clock(), 0
+                # read1: what one read got, so progress (and a trickle) shows
+                # as it arrives rather than 64 KiB at a time.
+                while data := response.read1(READ_BYTES, decode_content=False):
                     yield Chunk(position, data, total)
                     position += len(data)
+                    if floor:
+                        window_bytes += len(data)
+                        now = self._clock()
+                        if now - window_at >= SLOW_WINDOW_S:
+                            if window_bytes / (now - window_at) < floor:
+                                raise TooSlow(
+                                    f"{_safe(url)}: {window_bytes / (now - window_at):.0f} "
+                                    f"bytes/s over {now - window_at:.0f} s, below the "
+                                    f"{floor:.0f} bytes/s a mirror must keep"
+                                )
+                            window_at, window_bytes = now, 0
+                if position < total:
+                    raise urllib3.exceptions.ProtocolError(
+                        f"the body ended at byte {position} of {total}"
+                    )
             finally:
                 response.release_conn()
         except (urllib3.exceptions.HTTPError, OSError) as exc:

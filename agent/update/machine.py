@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,11 @@ from .store import Assignment, UpdateRecord, UpdateStore
 from .verify import check_names_assigned
 
 RESTARTED_IN_ACTIVATION = "agent restarted during activation"
+
+
+class Interrupted(Exception):
+    """A download stopped on purpose (UpdateMachine.interrupt): newer work
+    waits for the thread that runs it. Not a failure, not an attempt."""
 
 
 class UpdateInProgress(AgentError):
@@ -107,7 +113,7 @@ def _naming(label: str) -> Iterator[None]:
     state file that could not be written (DiskFull) passes unchanged."""
     try:
         yield
-    except StateError:  # DiskFull included: the machine waits for room
+    except (StateError, Interrupted):  # DiskFull included: the machine waits for room
         raise
     except UpdateError as exc:
         if exc.message.startswith(label):
@@ -159,6 +165,16 @@ class UpdateMachine:
         # Consecutive waits for room, and what the last one reported.
         self._waits = 0
         self._waited: tuple[State, str] | None = None
+        # Set from another thread (interrupt()), read by a running download.
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Ask a running download to stop at its next bytes (thread-safe):
+        a newer assignment, or the model's removal, would otherwise wait for
+        the whole download, however slow its source. The download's bytes
+        are kept; the runner then aborts the update as usual. Ignored by
+        every other step."""
+        self._interrupted.set()
 
     @property
     def waiting(self) -> str | None:
@@ -183,6 +199,7 @@ class UpdateMachine:
             raise UpdateInProgress("an update is still running; abort it and let it settle first")
         self.record = UpdateRecord(assignment=assignment, history=[State.IDLE.value])
         self._downloads = {}
+        self._interrupted.clear()  # asked of the update this one replaces
         # On a full disk it waits in memory: step() saves it before any work.
         self._persist()
 
@@ -221,7 +238,15 @@ class UpdateMachine:
             if why is not None:
                 self._uncount(state)
                 return self._wait(state, why)
-            event = self._guarded(state, record)
+            try:
+                event = self._guarded(state, record)
+            except Interrupted:
+                # Not an attempt: the runner has newer work (and aborts this
+                # update at its next look); where the download got is kept.
+                self._interrupted.clear()
+                self._uncount(state)
+                self._persist()
+                return state
         if event.kind is EventKind.RETRYABLE and (
             record.attempts.get(state.value, 0) >= self.max_attempts
         ):
@@ -321,7 +346,7 @@ class UpdateMachine:
             return handler(self, record)
         except DiskFull as exc:
             return classify(exc)  # waits: a state file could not be written
-        except StateError:
+        except (StateError, Interrupted):
             raise
         except Exception as exc:
             event = classify(exc)
@@ -373,6 +398,8 @@ class UpdateMachine:
                 def progress(offset: int, base: int = done) -> None:
                     record.bytes_downloaded = base + offset
                     self._report(State.DOWNLOADING, None)
+                    if self._interrupted.is_set():
+                        raise Interrupted()
 
                 with _naming(label) if label else contextlib.nullcontext():
                     download.run(self.ports.downloader, progress)

@@ -11,7 +11,9 @@ plans the next step:
   assignment with a huge sequence would block every later one);
 - a newer assignment while an update runs: abort that update (honoured
   before activation; after it, the update finishes) and take the new one
-  once the machine settled; an older one waits until it settled;
+  once the machine settled; an older one waits until it settled. A
+  download under way is interrupted at its next bytes (submit runs on the
+  daemon's thread while this one is inside the download);
 - otherwise, while an update runs (also one resumed after a restart): step.
 
 The same sequence is the same assignment (a statement signed again after a
@@ -93,6 +95,7 @@ class UpdateRunner:
         """Remove the model once its machine settled (module docstring)."""
         with self._changed:
             self._removing = reason
+            self.machine.interrupt()  # a download need not finish first
             self._changed.notify_all()
 
     @property
@@ -109,6 +112,11 @@ class UpdateRunner:
         with self._changed:
             if self._wanted is None or assignment.sequence != self._wanted.sequence:
                 self._wanted = assignment
+                running = self.machine.record.assignment
+                if running is not None and assignment.sequence > running.sequence:
+                    # A download of what is now superseded stops at its next
+                    # bytes, however slow its source (it is aborted next).
+                    self.machine.interrupt()
                 self._changed.notify_all()
 
     def _run(self) -> None:

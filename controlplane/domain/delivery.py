@@ -35,9 +35,11 @@ def parse_base_url(text: str) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"{text!r}: a base URL has no query, fragment or user:password")
     try:
-        parts.port  # noqa: B018 - raises on a port that is not a number in range
+        port = parts.port  # raises on a port that is not a number in range
     except ValueError as exc:
         raise ValueError(f"{text!r}: {exc}") from None
+    if port == 0:
+        raise ValueError(f"{text!r}: port 0 is no port a server listens on")
     return url
 
 

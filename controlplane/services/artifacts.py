@@ -3,11 +3,14 @@ device may download."""
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import or_, select
 
 from edgefleet.controlplane.db.models import ArtifactRow, BuildRow, DeviceRow
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.errors import (
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -17,6 +20,8 @@ from edgefleet.controlplane.services.blobs import BlobFile, BlobStore, valid_dig
 from edgefleet.controlplane.services.builds import SUCCEEDED
 from edgefleet.controlplane.services.devices import ACCEPTED
 from edgefleet.controlplane.services.registry import filter_by_model
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactService:
@@ -104,4 +109,14 @@ class ArtifactService:
                     f"artifact {digest[:12]} is not built for this device's class; a device may "
                     "download only artifacts built for its own class"
                 )
-        return self._blobs.open(self._db, digest)
+        try:
+            return self._blobs.open(self._db, digest)
+        except DataLoss as exc:
+            # The operator's account (paths, mirrors tried) is for the server
+            # log; a device learns what happened and that it is not its fault.
+            log.error("artifact %s asked for by device %s: %s", digest, device_id, exc)
+            raise DataLoss(
+                f"the control plane's stored copy of artifact {digest} is damaged or missing "
+                "and is not served; its operator must push the model version again or run its "
+                "build again (the server log says more); the update can be retried after that"
+            ) from None

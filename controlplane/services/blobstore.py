@@ -352,6 +352,8 @@ class DirectoryStore:
                 return True
             with self._lock:
                 self._bad[digest] = version
+                # Moved away by this store, not lost: no "disappeared" later.
+                self._verified.pop(digest, None)
             self._quarantine(digest, path, version, actual if after == version else "")
             return False
 

@@ -389,7 +389,7 @@ def test_0016_moves_chunk_bytes_into_the_store_and_drops_the_table(
             upgrade(engine)
         assert current_revision(engine) == "0015"
         blobs = tmp_path / "blobs"
-        upgrade(engine, blob_dir=blobs)
+        upgrade(engine, "0016", blob_dir=blobs)
         assert current_revision(engine) == "0016"
         assert "blob_chunks" not in inspect(engine).get_table_names()
         assert (blobs / "sha256" / digest[:2] / digest).read_bytes() == data

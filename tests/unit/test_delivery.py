@@ -36,7 +36,7 @@ def test_urls_are_canonical_and_hostile_ones_refused() -> None:
     for bad in (
         "m.example/blobs", "file:///srv/blobs", "https://m.example:99999/",
         "https://m.example/a b", "https://m.example/\x00", "https://u:p@m.example/",
-        "https://m.example/?sig=1", "https://" + "a" * 2100 + ".example",
+        "https://m.example/?sig=1", "https://" + "a" * 2100 + ".example", "http://m.example:0/",
     ):  # fmt: skip
         with pytest.raises(ValueError):
             parse_base_url(bad)

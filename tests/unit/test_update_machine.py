@@ -6,6 +6,8 @@ record what happened and raise injected faults (testkit/update_rig.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,16 +17,18 @@ import pytest
 from edgefleet.agent.errors import StateError
 from edgefleet.agent.identity import save_trusted_keys
 from edgefleet.agent.update.download import ResumableDownload, artifact_path, part_path
-from edgefleet.agent.update.machine import RESTARTED_IN_ACTIVATION, UpdateInProgress
+from edgefleet.agent.update.machine import RESTARTED_IN_ACTIVATION, UpdateInProgress, UpdateMachine
 from edgefleet.agent.update.ports import (
     Chunk,
     FatalUpdateError,
     MirroredDownloader,
     RetryableUpdateError,
 )
+from edgefleet.agent.update.runner import UpdateRunner
 from edgefleet.agent.update.states import TRANSITIONS, EventKind, State
 from edgefleet.agent.update.store import Assignment, UpdateRecord, UpdateStore
 from edgefleet.agent.update.verify import OTHER_CLASS, ManifestVerifier
+from edgefleet.polling import wait_for
 from testkit.update_rig import (
     CHUNK,
     CLASS,
@@ -232,6 +236,93 @@ def test_assign_while_running_is_refused_and_abort_fails_before_activation(
     assert record.reason == "aborted: superseded by version 3"
     assert rig.activator.current == OLD
     assert rig.downloader.offsets == []
+
+
+class InterruptingDownloader(FakeDownloader):
+    """Serves the bytes; after `after` chunks it interrupts the machine
+    (as the runner's submit does from the daemon's thread)."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after = after
+        self.machine: UpdateMachine | None = None
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        for served, chunk in enumerate(super().fetch(digest, offset), start=1):
+            if served == self.after and self.machine is not None:
+                self.machine.interrupt()
+            yield chunk
+
+
+def test_an_interrupt_stops_the_download_keeps_its_bytes_and_is_no_attempt(
+    tmp_path: Path,
+) -> None:
+    """A newer assignment must not wait for a slow source to finish: the
+    download stops at its next bytes, the step counts no attempt and keeps
+    where it got, and the abort that follows ends the update before any
+    activation."""
+    downloader = InterruptingDownloader(after=2)
+    rig = Rig(tmp_path, downloader=downloader)
+    downloader.machine = rig.machine
+    rig.machine.assign(make_assignment())
+    assert rig.machine.step() is D
+    assert rig.machine.step() is D  # interrupted, not failed
+    record = rig.machine.record
+    assert record.attempts.get(D.value, 0) == 0 and record.reason is None
+    assert 0 < record.bytes_downloaded < len(DATA)
+    assert part_path(rig.state_dir, sha(DATA)).stat().st_size == record.bytes_downloaded
+    rig.machine.abort("superseded by assignment 8")
+    record = rig.machine.run_until_settled()
+    assert record.history == [s.value for s in [IL, D, F, IL]]
+    assert record.reason == "aborted: superseded by assignment 8"
+    assert rig.activator.current == OLD
+    # The next update starts clean: no interrupt left over from this one.
+    downloader.machine = None
+    rig.machine.assign(make_assignment())
+    assert rig.machine.run_until_settled().outcome == "committed"
+
+
+class TricklingDownloader(FakeDownloader):
+    """Its first download sends a chunk every 0.5 s (a 5 s artifact); the
+    next ones are quick."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trickled = 0
+
+    def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+        first = len(self.offsets) == 0
+        for chunk in super().fetch(digest, offset):
+            if first:
+                time.sleep(0.5)
+                self.trickled += 1
+            yield chunk
+
+
+def test_a_newer_assignment_does_not_wait_for_a_slow_download(tmp_path: Path) -> None:
+    """The runner on its thread, the daemon submitting from another: the
+    newer assignment interrupts the download of the one it supersedes."""
+    downloader = TricklingDownloader()
+    rig = Rig(tmp_path, downloader=downloader)
+    runner = UpdateRunner(rig.machine)
+    older = dataclasses.replace(make_assignment(), sequence=7)
+    runner.start()
+    try:
+        runner.submit(older)
+        wait_for(lambda: downloader.trickled >= 2, 10, what="the slow download")
+        started = time.monotonic()
+        runner.submit(dataclasses.replace(older, sequence=8))
+
+        def committed() -> bool:
+            record = rig.machine.record
+            return bool(record.assignment and record.assignment.sequence == 8 and record.outcome)
+
+        wait_for(committed, 10, what="the newer assignment committed")
+        assert time.monotonic() - started < 2.5  # the trickle had ~4 s to go
+        assert downloader.trickled <= 4
+        assert rig.machine.record.outcome == "committed"
+    finally:
+        runner.stop()
 
 
 # ---------------------------------------------------------------- restarts

@@ -7,12 +7,18 @@ from collections.abc import Callable, Iterator
 
 from .ports import Chunk, Downloader, MirroredDownloader
 
+# The bucket: a quarter second of the cap, and at least one HTTP read (a
+# source slower than the cap, whose reads bring what arrived, is never
+# slowed further). A stall, or a switch to the next source, earns no more.
+BURST_S = 0.25
+MIN_BURST_BYTES = 64 * 1024
+
 
 class RateLimitedDownloader:
-    """`inner` at most `bytes_per_s()` on average since each fetch began
-    (read at each fetch: the device class's cap comes with the assignment;
-    0: no cap): it sleeps after a chunk that got ahead. The pace is kept per
-    chunk, so a gRPC source's 1 MiB chunks arrive in bursts (set
+    """`inner` at most `bytes_per_s()` (read at each fetch: the device
+    class's cap comes with the assignment; 0: no cap), give or take a
+    bucketful (BURST_S): it sleeps after a chunk that got ahead. The pace is
+    kept per chunk, so a gRPC source's 1 MiB chunks arrive in bursts (set
     download_chunk_size smaller on a slow link); HTTP sources hand over what
     each read got."""
 
@@ -34,13 +40,18 @@ class RateLimitedDownloader:
         if rate <= 0:
             yield from self._inner.fetch(digest, offset)
             return
-        started, sent = self._clock(), 0
+        # A token bucket: bytes may go as the cap earns them, at most a
+        # bucketful ahead.
+        capacity = max(rate * BURST_S, MIN_BURST_BYTES)
+        tokens, last = capacity, self._clock()
         for chunk in self._inner.fetch(digest, offset):
             yield chunk
-            sent += len(chunk.data)
-            ahead = sent / rate - (self._clock() - started)
-            if ahead > 0:
-                self._sleep(ahead)
+            now = self._clock()
+            tokens = min(capacity, tokens + (now - last) * rate) - len(chunk.data)
+            last = now
+            if tokens < 0:
+                self._sleep(-tokens / rate)
+                tokens, last = 0.0, self._clock()
 
     def distrust(self, digest: str) -> list[str]:
         inner = self._inner

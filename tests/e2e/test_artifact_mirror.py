@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.agent.update.rate_limit import BURST_S
 from edgefleet.polling import wait_for
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
@@ -119,7 +121,8 @@ def rig(mirror: Mirror, tmp_path_factory: pytest.TempPathFactory) -> Iterator[fs
             cp, "classes", "update", "here", "--artifact-mirror",
             f"http://127.0.0.1:{mirror.port}/hang/",
         )  # fmt: skip
-        assert f"http://127.0.0.1:{mirror.port}/hang " in said, said  # stored without the /
+        # Stored without the trailing /.
+        assert re.search(rf"^mirrors +http://127\.0\.0\.1:{mirror.port}/hang *$", said, re.M), said
         models = {
             v: fs.mlp_model(root / "models" / f"{v}.onnx", hidden=400 + i, seed=i)
             for i, v in enumerate(("1.0.0", "2.0.0", "3.0.0"))
@@ -204,9 +207,9 @@ def test_the_class_download_cap_holds_and_a_lower_agent_cap_wins(
     """A metered site: the class caps each download, and the rates the
     device reports while downloading stay under it. The mirror has none of
     these versions (404), so the bytes come from the control plane, which
-    serves as fast as it can: uncapped, 1.5 MB take milliseconds."""
+    serves as fast as it can: uncapped, 2.4 MB take milliseconds."""
     models = {
-        v: fs.mlp_model(tmp_path / f"{v}.onnx", hidden=5000 + i, seed=10 + i)
+        v: fs.mlp_model(tmp_path / f"{v}.onnx", hidden=8000 + i, seed=10 + i)
         for i, v in enumerate(("4.0.0", "5.0.0"))
     }
     rig.digests.update(fs.publish_versions(rig.cp, models))
@@ -241,9 +244,14 @@ def test_the_class_download_cap_holds_and_a_lower_agent_cap_wins(
             status = wait_for(settled, 120, interval=0.2, what=f"{version} settled")
             took = time.monotonic() - started
             assert fs.of_status(status) == "committed", (version, status.reason, agent.log())
-            # After the class's hanging mirror (STALL_S), the bytes at the cap.
-            assert took >= STALL_S + size / limit * 0.85, (version, took, size)
-            assert rates and max(rates) <= limit * 1.2, (version, rates)
+            # After the class's hanging mirror (STALL_S), the bytes at the cap
+            # (less a bucketful, BURST_S, that may go at once).
+            assert took >= STALL_S + size / limit * 0.9 - BURST_S, (version, took, size)
+            # As reported every half second while it downloads: a bucketful
+            # may land in one report, the rest keeps to the cap.
+            rates.sort()
+            assert rates and rates[len(rates) // 2] <= limit * 1.15, (version, rates)
+            assert rates[-1] <= limit * 2, (version, rates)
     finally:
         agent.close()
         _edgefleet(rig.cp, "classes", "update", "here", "--clear", "max-download-rate")

@@ -179,7 +179,10 @@ async def mirrored(tmp_path: Path) -> AsyncIterator[ControlPlane]:
 
 async def _desired(channel: grpc.aio.Channel, credential: str, protocol: int) -> d.DesiredState:
     call = dg.DeviceServiceStub(channel).Sync(metadata=(("authorization", f"Bearer {credential}"),))
-    await call.write(d.AgentMessage(hello=d.Hello(protocol=protocol)))
+    # The device's facts as it enrolled: a Hello without them would move it
+    # out of its class (its rule matches on arch).
+    hello = d.Hello(protocol=protocol, hardware=c.HardwareProfile(arch="aarch64"))
+    await call.write(d.AgentMessage(hello=hello))
     try:
         async for message in call:
             if message.HasField("desired") and message.desired.HasField("assignment"):

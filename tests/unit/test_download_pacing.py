@@ -41,42 +41,66 @@ class Chunks:
             offset += size
 
 
+KIB = 1024
+CAP = 256 * KIB  # the bucket: max(64 KiB, a quarter second) = 64 KiB
+
+
 def test_the_cap_holds_the_average_and_sleeps_only_when_ahead() -> None:
     clock = Clock()
     capped = RateLimitedDownloader(
-        Chunks([1000] * 10), lambda: 2000, clock=clock, sleep=clock.sleep
+        Chunks([64 * KIB] * 20), lambda: CAP, clock=clock, sleep=clock.sleep
     )
     got = list(capped.fetch("d", 0))
-    assert sum(len(c.data) for c in got) == 10_000
-    # 10,000 bytes at 2,000 a second: five seconds, half a second per chunk.
-    assert abs(clock.now - 100.0 - 5.0) < 1e-9 and all(abs(s - 0.5) < 1e-9 for s in clock.slept)
+    assert sum(len(c.data) for c in got) == 20 * 64 * KIB
+    # 1,280 KiB at 256 KiB a second: five seconds, less the first bucketful
+    # (a quarter second), a quarter second per chunk after it.
+    assert abs(clock.now - 100.0 - 4.75) < 1e-9, clock.now
+    assert all(abs(s - 0.25) < 1e-9 for s in clock.slept) and len(clock.slept) == 19
     # A source already slower than the cap is never slowed further.
     slow = Clock()
 
     class Slow(Chunks):
         def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
             for chunk in super().fetch(digest, offset):
-                slow.now += 1.0  # 1,000 bytes a second
+                slow.now += 1.0  # 64 KiB a second
                 yield chunk
 
-    list(
-        RateLimitedDownloader(Slow([1000] * 3), lambda: 2000, clock=slow, sleep=slow.sleep).fetch(
-            "d", 0
-        )
-    )
+    paced = RateLimitedDownloader(Slow([64 * KIB] * 5), lambda: CAP, clock=slow, sleep=slow.sleep)
+    list(paced.fetch("d", 0))
     assert slow.slept == []
+
+
+def test_a_stall_earns_no_more_than_a_bucketful() -> None:
+    """A mirror that hung 5 s before the next source answered must not buy
+    5 s of bytes at full speed: 1,280 KiB at 256 KiB a second are 5 s of
+    pacing, less at most a bucketful (64 KiB, a quarter second) for the
+    start and for each of the two stalls."""
+    clock = Clock()
+
+    class LateThenFast(Chunks):
+        def fetch(self, digest: str, offset: int) -> Iterator[Chunk]:
+            for i, chunk in enumerate(super().fetch(digest, offset)):
+                if i in (0, 10):
+                    clock.now += 5.0  # stalled before the first and the eleventh chunk
+                yield chunk
+
+    capped = RateLimitedDownloader(
+        LateThenFast([64 * KIB] * 20), lambda: CAP, clock=clock, sleep=clock.sleep
+    )
+    list(capped.fetch("d", 0))
+    assert sum(clock.slept) >= 5.0 - 3 * 0.25 - 1e-9, clock.slept
 
 
 def test_no_cap_never_sleeps_and_the_cap_is_read_at_each_fetch() -> None:
     clock = Clock()
-    caps = [0, 2000]
+    caps = [0]
     capped = RateLimitedDownloader(
-        Chunks([1000] * 4), lambda: caps[0], clock=clock, sleep=clock.sleep
+        Chunks([64 * KIB] * 8), lambda: caps[0], clock=clock, sleep=clock.sleep
     )
-    assert sum(len(c.data) for c in capped.fetch("d", 0)) == 4000 and clock.slept == []
-    caps[0] = 2000  # the next assignment's class cap
+    assert sum(len(c.data) for c in capped.fetch("d", 0)) == 512 * KIB and clock.slept == []
+    caps[0] = CAP  # the next assignment's class cap
     list(capped.fetch("d", 0))
-    assert abs(sum(clock.slept) - 2.0) < 1e-9
+    assert abs(sum(clock.slept) - 1.75) < 1e-9  # 2 s less the first bucketful
 
 
 def test_the_lower_cap_wins_and_a_class_cannot_lift_the_owners() -> None:

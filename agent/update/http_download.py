@@ -30,6 +30,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from edgefleet.httputil import failure_reason as _reason
+from edgefleet.httputil import without_credentials as _safe
+
 from .ports import Chunk, Downloader, FatalUpdateError
 
 if TYPE_CHECKING:
@@ -260,12 +263,6 @@ class HttpDownloader:
             pool.clear()
 
 
-def _reason(exc: BaseException) -> str:
-    """The cause a person can act on, not urllib3's retry wrapper."""
-    cause = getattr(exc, "reason", None) or exc
-    return f"{type(cause).__name__}: {cause}"
-
-
 def _extent(
     response: urllib3.BaseHTTPResponse, offset: int, url: str, control_plane: bool
 ) -> tuple[int, int]:
@@ -301,11 +298,3 @@ def _extent(
         raise _Busy(f"the control plane is busy ({status}): {text}",
                     float(retry_after) if retry_after.isdigit() else BUSY_PAUSE_MAX_S)  # fmt: skip
     raise SourceFailed(f"{_safe(url)}: HTTP {status} {text}")
-
-
-def _safe(url: str) -> str:
-    """A URL for a log line: without any user:password a mirror URL holds."""
-    from urllib3.util import parse_url
-
-    parts = parse_url(url)
-    return parts._replace(auth=None).url if parts.auth else url

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import urllib3
-from urllib3.util import parse_url
+
+from edgefleet.httputil import failure_reason, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,6 @@ class HealFailure:
 
     def describe(self) -> str:
         return "; ".join(f"{url}: {reason}" for url, reason in self.tried)
-
-
-def safe_url(url: str) -> str:
-    """`url` without any user:password it holds (for a log line, and for the
-    request itself: a mirror gets no credential)."""
-    parts = parse_url(url)
-    return parts._replace(auth=None).url if parts.auth else url
 
 
 class MirrorHealer:
@@ -153,7 +147,7 @@ class MirrorHealer:
         try:
             for base in mirrors:
                 try:
-                    url = safe_url(f"{base.rstrip('/')}/{digest}")
+                    url = without_credentials(f"{base.rstrip('/')}/{digest}")
                 except urllib3.exceptions.LocationParseError:
                     # Not echoed: it may hold a password.
                     url, reason = "a mirror URL", "does not parse as a URL"
@@ -180,7 +174,7 @@ class MirrorHealer:
         except MirrorFailed as exc:
             return str(exc)[:_REASON_CHARS]
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            return _reason(exc)[:_REASON_CHARS]
+            return failure_reason(exc)[:_REASON_CHARS]
         return None
 
     def _fetch(self, pool: urllib3.PoolManager, url: str, digest: str, size: int) -> None:
@@ -230,9 +224,3 @@ class MirrorHealer:
             # is never read (nor would it be by the next request).
             response.close()
             response.release_conn()
-
-
-def _reason(exc: BaseException) -> str:
-    """The cause a person can act on, not urllib3's retry wrapper."""
-    cause = getattr(exc, "reason", None) or exc
-    return f"{type(cause).__name__}: {cause}"

@@ -65,6 +65,14 @@ if [ "${EDGEFLEET_SETUP_SYSTEM:-1}" = 1 ] && [ "$(id -u)" = 0 ]; then
            && setup_quietly apt-get install -y -q --no-install-recommends nginx; }
     echo done
   fi
+  # tmux: the end-to-end test that drives the real TUI in a terminal.
+  if ! command -v tmux >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    printf 'setup: installing tmux (apt-get install tmux) ... '
+    apt-get install -y -q --no-install-recommends tmux >>"$setup_log" 2>&1 \
+      || { setup_quietly apt-get update -q \
+           && setup_quietly apt-get install -y -q --no-install-recommends tmux; }
+    echo done
+  fi
   if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
     if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
       printf 'setup: starting PostgreSQL ... '

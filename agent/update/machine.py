@@ -171,9 +171,9 @@ class UpdateMachine:
     def interrupt(self) -> None:
         """Ask a running download to stop at its next bytes (thread-safe):
         a newer assignment, or the model's removal, would otherwise wait for
-        the whole download, however slow its source. The download's bytes
-        are kept; the runner then aborts the update as usual. Ignored by
-        every other step."""
+        the whole download, however slow its source. The step ends without
+        counting an attempt; the runner then aborts the update as usual.
+        Ignored by every other step."""
         self._interrupted.set()
 
     @property
@@ -242,7 +242,7 @@ class UpdateMachine:
                 event = self._guarded(state, record)
             except Interrupted:
                 # Not an attempt: the runner has newer work (and aborts this
-                # update at its next look); where the download got is kept.
+                # update at its next look); the record says where it got.
                 self._interrupted.clear()
                 self._uncount(state)
                 self._persist()

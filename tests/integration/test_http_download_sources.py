@@ -124,7 +124,7 @@ def test_a_trickling_mirror_is_left_and_the_next_one_resumes_where_it_got(
     # good mirror was asked for the rest only.
     assert took < 5, took
     resumed = int(server.ranges[-1].removeprefix("bytes=").split("-")[0])
-    assert 500 <= resumed < 4000, server.ranges
+    assert 0 < resumed < 4000, server.ranges  # what the trickle sent in its window
     assert downloader.last_source == f"{server.url}/good/{DIGEST}"
     # Left for this artifact: the next fetch does not ask it again.
     asked = len(server.ranges)

@@ -78,9 +78,10 @@ def mirror_order(class_mirrors: Iterable[str], server_mirrors: Iterable[str]) ->
 
 def parse_rate(text: str) -> int:
     """A download rate as people write it: bytes per second, with an
-    optional K/M/G suffix (powers of 1024, "B", "iB" and "/s" allowed:
-    "500K", "2MiB/s", "10M"); "0" or "none" for no cap. ValueError saying
-    what is wrong."""
+    optional K/M/G suffix in either case, powers of 1024 as curl's and
+    wget's --limit-rate read them ("B", "iB" and "/s" allowed: "500K",
+    "2MiB/s", "10m", "2MB" is 2 MiB/s); "0" or "none" for no cap. ValueError
+    saying what is wrong."""
     raw = text.strip()
     if raw.lower() in ("0", "none", "off"):
         return 0
@@ -98,4 +99,6 @@ def parse_rate(text: str) -> int:
         ) from None
     if not value > 0 or value * factor > MAX_DOWNLOAD_RATE:
         raise ValueError(f"{text!r}: a rate is positive and at most 100 GiB/s (0 for none)")
-    return max(1, round(value * factor))
+    if value * factor < MIN_DOWNLOAD_RATE:
+        raise ValueError(f"{text!r} is under 1K (1024 bytes/s), the least rate a cap takes")
+    return round(value * factor)

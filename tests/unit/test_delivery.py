@@ -17,6 +17,7 @@ from edgefleet.controlplane.domain.delivery import (
     ("text", "rate"),
     [
         ("0", 0), ("none", 0), ("2048", 2048), ("500K", 500 * 1024), ("500k", 500 * 1024),
+        ("5m", 5 * 1024**2),
         ("2M", 2 * 1024**2), ("2MiB/s", 2 * 1024**2), ("2MB/s", 2 * 1024**2),
         ("1.5G", 3 * 1024**3 // 2), (" 10 M ", 10 * 1024**2),
     ],
@@ -25,7 +26,9 @@ def test_rates_as_people_write_them(text: str, rate: int) -> None:
     assert parse_rate(text) == rate
 
 
-@pytest.mark.parametrize("text", ["fast", "", "-1M", "nan", "inf", "1T", "200G", "M"])
+@pytest.mark.parametrize(
+    "text", ["fast", "", "-1M", "nan", "inf", "1T", "200G", "M", "0.5", "1000"]
+)
 def test_what_is_no_rate_says_so(text: str) -> None:
     with pytest.raises(ValueError, match="rate"):
         parse_rate(text)

@@ -6,9 +6,6 @@ needs no trust and no credential)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from sqlalchemy import select
 from edgefleet.controlplane.db.models import ArtifactRow
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.services.blobs import BlobStore, sha256_file
+from edgefleet.fsutil import atomic_copy
 
 
 @dataclass
@@ -41,8 +39,8 @@ def published_digests(db: Database) -> list[str]:
 
 def export_blobs(db: Database, blobs: BlobStore, dest: Path) -> ExportReport:
     """Write every published blob into `dest` by digest. A file already
-    there is hashed and kept if it matches; each new one appears whole (a
-    temporary file, synced, renamed), readable by the web server's user."""
+    there is hashed and kept if it matches; each new one appears whole
+    (fsutil.atomic_copy), readable by the web server's user."""
     dest.mkdir(parents=True, exist_ok=True)
     report = ExportReport()
     for digest in published_digests(db):
@@ -54,16 +52,7 @@ def export_blobs(db: Database, blobs: BlobStore, dest: Path) -> ExportReport:
             report.replaced.append(digest)
         else:
             report.written.append(digest)
-        source = blobs.local_path(db, digest)  # verified against its digest
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{digest[:12]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-                shutil.copyfileobj(src, out, 1024 * 1024)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # Verified against its digest; readable by the web server's user.
+        atomic_copy(blobs.local_path(db, digest), target, mode=0o644)
         report.bytes_written += target.stat().st_size
     return report

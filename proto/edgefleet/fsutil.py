@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that readers (and a reboot) see either the
-    old content or the new, never a mix. Leaves no temp file behind.
+@contextlib.contextmanager
+def _replacing(path: Path, mode: int) -> Iterator[BinaryIO]:
+    """A handle on a temporary file beside `path` that replaces it, synced,
+    once the block ends without error (the directory synced too); on an
+    error nothing changes and no temporary file is left.
 
     The temporary file gets a unique name in the same directory, so processes
     writing the same file at once (a server's workers starting together) do
@@ -23,7 +28,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -32,11 +37,21 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.unlink(tmp_name)
         raise
     # The rename is only durable once the directory entry is on disk.
-    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(directory)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that readers (and a reboot) see either the
+    old content or the new, never a mix. Leaves no temp file behind."""
+    with _replacing(path, mode) as handle:
+        handle.write(data)
+
+
+def atomic_copy(source: Path, path: Path, mode: int = 0o644) -> None:
+    """Replace `path` with a copy of `source`, as atomic_write does, streaming
+    (a blob may be larger than memory)."""
+    with _replacing(path, mode) as handle, open(source, "rb") as src:
+        shutil.copyfileobj(src, handle, 1024 * 1024)
 
 
 def fsync_dir(directory: Path) -> None:

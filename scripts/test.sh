@@ -25,15 +25,17 @@ tier() {
 }
 # Both tiers run even when the first fails, so one CI run shows every failure.
 tier unit tests/unit
-# The long tier in three worker processes (pytest-xdist), a test module per
+# The long tier in two worker processes (pytest-xdist), a test module per
 # worker at a time (--dist loadfile: module fixtures are built once). Its
 # tests mostly wait on real servers, agents and databases: on CI's two
-# cores, two workers took 14 min (using 1.14 cores) where one took 27.5;
-# on 2026-12-07, at 1,100 tests, two took 21.9 min and three 17.8.
+# cores, two workers took 14 min (using 1.14 cores) where one took 27.5.
+# Three took 17.8 min where two took 21.9 (2026-12-07, 1,100 tests), but
+# under that load the TUI's abort test twice in three runs never showed
+# its devices reverted: not understood yet, so two until it is.
 # EDGEFLEET_TEST_WORKERS=0 runs them in this process, one at a time.
 # --durations: the slowest tests, to see where CI's time goes.
 tier "integration and end-to-end" tests/integration tests/e2e --durations=25 \
-  -n "${EDGEFLEET_TEST_WORKERS:-3}" --dist loadfile
+  -n "${EDGEFLEET_TEST_WORKERS:-2}" --dist loadfile
 if [ -n "$failed" ]; then
   echo "test.sh: failed: $failed" >&2
   exit 1

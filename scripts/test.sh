@@ -30,7 +30,7 @@ tier unit tests/unit
 # tests mostly wait on real servers, agents and databases: on CI's two
 # cores, two workers took 14 min (using 1.14 cores) where one took 27.5.
 # Three took 17.8 min where two took 21.9 (2026-12-07, 1,100 tests), but
-# under that load the TUI's abort test twice in three runs never showed
+# under that load the TUI's abort test twice in four runs never showed
 # its devices reverted: not understood yet, so two until it is.
 # EDGEFLEET_TEST_WORKERS=0 runs them in this process, one at a time.
 # --durations: the slowest tests, to see where CI's time goes.

@@ -126,6 +126,11 @@ class DeviceClassRow(Base):
     # and its download rate cap in bytes/s (0: none).
     artifact_mirrors: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default="[]")
     max_download_rate: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Input name -> the static shape TFLite builds fix its dynamic
+    # dimensions to (0018, a build constraint).
+    input_shapes: Mapped[dict[str, list[int]]] = mapped_column(
+        JSONType, default=dict, server_default="{}"
+    )
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
@@ -228,6 +233,13 @@ class ModelVersionRow(Base):
     # replaced and removed, so the current ones cannot tell whether a
     # version was ever deployed, and only a never-deployed one may be deleted.
     first_assigned_at: Mapped[dt.datetime | None]
+    # Every output's kind (edgefleet.fidelity.OutputSpec.to_json), declared
+    # at push or inferred (0018), and the version's own fidelity floor
+    # (null: the class's).
+    output_specs: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSONType, default=list, server_default="[]"
+    )
+    min_fidelity: Mapped[float | None] = mapped_column(Float)
 
 
 class AuditRow(Base):

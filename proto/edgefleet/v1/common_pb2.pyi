@@ -166,6 +166,54 @@ UPDATE_STATE_ROLLING_BACK: UpdateState.ValueType  # 7
 UPDATE_STATE_FAILED: UpdateState.ValueType  # 8
 Global___UpdateState: _TypeAlias = UpdateState  # noqa: Y015
 
+class _OutputKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_KIND_UNSPECIFIED: _OutputKind.ValueType  # 0
+    OUTPUT_KIND_CLASS_SCORES: _OutputKind.ValueType  # 1
+    """Scores over classes on the last axis: top-1/top-k agreement, accuracy
+    with labels.
+    """
+    OUTPUT_KIND_DENSE_MAP: _OutputKind.ValueType  # 2
+    """A map per pixel or cell (segmentation, detection heat map, probability
+    map): IoU of the thresholded masks, relative error, PSNR.
+    """
+    OUTPUT_KIND_SEQUENCE: _OutputKind.ValueType  # 3
+    """Class scores per step (CTC and similar): per-step agreement and exact
+    match of the greedy-decoded sequence.
+    """
+    OUTPUT_KIND_REGRESSION: _OutputKind.ValueType  # 4
+    """Values (regression, embeddings): cosine similarity, relative error."""
+    OUTPUT_KIND_STATE: _OutputKind.ValueType  # 5
+    """A state fed back into an input at the next step: not judged."""
+
+class OutputKind(_OutputKind, metaclass=_OutputKindEnumTypeWrapper):
+    """What a model output means, and so how a build judges a candidate's
+    fidelity to the original on it (docs/operators/models.md#output-kinds).
+    """
+
+OUTPUT_KIND_UNSPECIFIED: OutputKind.ValueType  # 0
+OUTPUT_KIND_CLASS_SCORES: OutputKind.ValueType  # 1
+"""Scores over classes on the last axis: top-1/top-k agreement, accuracy
+with labels.
+"""
+OUTPUT_KIND_DENSE_MAP: OutputKind.ValueType  # 2
+"""A map per pixel or cell (segmentation, detection heat map, probability
+map): IoU of the thresholded masks, relative error, PSNR.
+"""
+OUTPUT_KIND_SEQUENCE: OutputKind.ValueType  # 3
+"""Class scores per step (CTC and similar): per-step agreement and exact
+match of the greedy-decoded sequence.
+"""
+OUTPUT_KIND_REGRESSION: OutputKind.ValueType  # 4
+"""Values (regression, embeddings): cosine similarity, relative error."""
+OUTPUT_KIND_STATE: OutputKind.ValueType  # 5
+"""A state fed back into an input at the next step: not judged."""
+Global___OutputKind: _TypeAlias = OutputKind  # noqa: Y015
+
 class _ArtifactVariant:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -337,6 +385,7 @@ class ConstraintProfile(_message.Message):
     MICROCONTROLLER_FIELD_NUMBER: _builtins.int
     DEVICE_MEMORY_MB_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    INPUT_SHAPES_FIELD_NUMBER: _builtins.int
     max_model_size_mb: _builtins.float
     latency_budget_p95_ms: _builtins.float
     max_memory_mb: _builtins.float
@@ -370,6 +419,13 @@ class ConstraintProfile(_message.Message):
     the fastest of those. Absent or UNSPECIFIED: no fallback (in an update,
     absent keeps the class's setting and UNSPECIFIED drops it).
     """
+    @_builtins.property
+    def input_shapes(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputShape]:
+        """Static shapes to fix a model's dynamic input dimensions to, for runtimes
+        that need them (TFLite): a dimension the class does not fix keeps the
+        sample's size, and a dynamic batch is kept where the converter can.
+        """
+
     def __init__(
         self,
         *,
@@ -385,10 +441,11 @@ class ConstraintProfile(_message.Message):
         microcontroller: _builtins.bool | None = ...,
         device_memory_mb: _builtins.float | None = ...,
         fallback: Global___Quantization.ValueType | None = ...,
+        input_shapes: _abc.Iterable[Global___InputShape] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb", "_fallback", b"_fallback", "_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "device_memory_mb", b"device_memory_mb", "fallback", b"fallback", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb", "_fallback", b"_fallback", "_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "accelerator", b"accelerator", "device_memory_mb", b"device_memory_mb", "fallback", b"fallback", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb", "_fallback", b"_fallback", "_latency_budget_p95_ms", b"_latency_budget_p95_ms", "_max_memory_mb", b"_max_memory_mb", "_max_model_size_mb", b"_max_model_size_mb", "_microcontroller", b"_microcontroller", "_min_accuracy_retention", b"_min_accuracy_retention", "_speed_factor", b"_speed_factor", "_threads", b"_threads", "accelerator", b"accelerator", "device_memory_mb", b"device_memory_mb", "fallback", b"fallback", "input_shapes", b"input_shapes", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "max_model_size_mb", b"max_model_size_mb", "microcontroller", b"microcontroller", "min_accuracy_retention", b"min_accuracy_retention", "quantization", b"quantization", "runtime", b"runtime", "speed_factor", b"speed_factor", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__device_memory_mb: _TypeAlias = _typing.Literal["device_memory_mb"]  # noqa: Y015
     _WhichOneofArgType__device_memory_mb: _TypeAlias = _typing.Literal["_device_memory_mb", b"_device_memory_mb"]  # noqa: Y015
@@ -428,6 +485,31 @@ class ConstraintProfile(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__threads) -> _WhichOneofReturnType__threads | None: ...
 
 Global___ConstraintProfile: _TypeAlias = ConstraintProfile  # noqa: Y015
+
+@_typing.final
+class InputShape(_message.Message):
+    """One input's shape, e.g. images = [1, 3, 48, 320]."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DIMS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def dims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        dims: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dims", b"dims", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputShape: _TypeAlias = InputShape  # noqa: Y015
 
 @_typing.final
 class MatchRule(_message.Message):
@@ -930,6 +1012,110 @@ class LabelsInfo(_message.Message):
 Global___LabelsInfo: _TypeAlias = LabelsInfo  # noqa: Y015
 
 @_typing.final
+class OutputSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    BLANK_FIELD_NUMBER: _builtins.int
+    STATE_INPUT_FIELD_NUMBER: _builtins.int
+    DECLARED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: Global___OutputKind.ValueType
+    threshold: _builtins.float
+    """DENSE_MAP: a value above it is in the mask (absent: 0.5; with several
+    channels and no threshold, the mask is each pixel's argmax class).
+    """
+    blank: _builtins.int
+    """SEQUENCE: the blank class of CTC decoding (absent: 0)."""
+    state_input: _builtins.str
+    """STATE: the input it is fed back into."""
+    declared: _builtins.bool
+    """Declared at push; false: inferred from the output's shape and name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: Global___OutputKind.ValueType = ...,
+        threshold: _builtins.float | None = ...,
+        blank: _builtins.int | None = ...,
+        state_input: _builtins.str = ...,
+        declared: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_blank", b"_blank", "_threshold", b"_threshold", "blank", b"blank", "threshold", b"threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blank", b"_blank", "_threshold", b"_threshold", "blank", b"blank", "declared", b"declared", "kind", b"kind", "name", b"name", "state_input", b"state_input", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__blank: _TypeAlias = _typing.Literal["blank"]  # noqa: Y015
+    _WhichOneofArgType__blank: _TypeAlias = _typing.Literal["_blank", b"_blank"]  # noqa: Y015
+    _WhichOneofReturnType__threshold: _TypeAlias = _typing.Literal["threshold"]  # noqa: Y015
+    _WhichOneofArgType__threshold: _TypeAlias = _typing.Literal["_threshold", b"_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__blank) -> _WhichOneofReturnType__blank | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__threshold) -> _WhichOneofReturnType__threshold | None: ...
+
+Global___OutputSpec: _TypeAlias = OutputSpec  # noqa: Y015
+
+@_typing.final
+class OutputFidelity(_message.Message):
+    """One output's fidelity to the original model, by its kind's metric."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    output: _builtins.str
+    kind: Global___OutputKind.ValueType
+    metric: _builtins.str
+    """The metric judged against the floor, e.g. "top-1 agreement", "mask IoU"."""
+    value: _builtins.float
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Secondary figures by name, e.g. "relative error", "PSNR dB"."""
+
+    def __init__(
+        self,
+        *,
+        output: _builtins.str = ...,
+        kind: Global___OutputKind.ValueType = ...,
+        metric: _builtins.str = ...,
+        value: _builtins.float = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "kind", b"kind", "metric", b"metric", "output", b"output", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputFidelity: _TypeAlias = OutputFidelity  # noqa: Y015
+
+@_typing.final
 class ModelVersion(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -951,6 +1137,8 @@ class ModelVersion(_message.Message):
     YANKED_BY_FIELD_NUMBER: _builtins.int
     YANKED_AT_FIELD_NUMBER: _builtins.int
     FIRST_ASSIGNED_AT_FIELD_NUMBER: _builtins.int
+    OUTPUT_SPECS_FIELD_NUMBER: _builtins.int
+    MIN_FIDELITY_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     version: _builtins.str
     """Semantic version, immutable once pushed."""
@@ -967,6 +1155,10 @@ class ModelVersion(_message.Message):
     """
     yank_reason: _builtins.str
     yanked_by: _builtins.str
+    min_fidelity: _builtins.float
+    """The fidelity floor of this version's builds; absent: the class's
+    min_accuracy_retention (or the default 0.95).
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -984,6 +1176,10 @@ class ModelVersion(_message.Message):
         """When it was first assigned to a device (unset: never deployed, so it
         may be deleted).
         """
+
+    @_builtins.property
+    def output_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputSpec]:
+        """Every output's kind, declared at push or inferred."""
 
     def __init__(
         self,
@@ -1006,12 +1202,16 @@ class ModelVersion(_message.Message):
         yanked_by: _builtins.str = ...,
         yanked_at: _timestamp_pb2.Timestamp | None = ...,
         first_assigned_at: _timestamp_pb2.Timestamp | None = ...,
+        output_specs: _abc.Iterable[Global___OutputSpec] | None = ...,
+        min_fidelity: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "first_assigned_at", b"first_assigned_at", "labels", b"labels", "sample_data", b"sample_data", "yanked_at", b"yanked_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity", "created_at", b"created_at", "first_assigned_at", b"first_assigned_at", "labels", b"labels", "min_fidelity", b"min_fidelity", "sample_data", b"sample_data", "yanked_at", b"yanked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "description", b"description", "first_assigned_at", b"first_assigned_at", "inputs", b"inputs", "labels", b"labels", "model_name", b"model_name", "opset", b"opset", "outputs", b"outputs", "producer", b"producer", "sample_data", b"sample_data", "sha256", b"sha256", "size_bytes", b"size_bytes", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked", "yanked_at", b"yanked_at", "yanked_by", b"yanked_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "first_assigned_at", b"first_assigned_at", "inputs", b"inputs", "labels", b"labels", "min_fidelity", b"min_fidelity", "model_name", b"model_name", "opset", b"opset", "output_specs", b"output_specs", "outputs", b"outputs", "producer", b"producer", "sample_data", b"sample_data", "sha256", b"sha256", "size_bytes", b"size_bytes", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked", "yanked_at", b"yanked_at", "yanked_by", b"yanked_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__min_fidelity: _TypeAlias = _typing.Literal["min_fidelity"]  # noqa: Y015
+    _WhichOneofArgType__min_fidelity: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_fidelity) -> _WhichOneofReturnType__min_fidelity | None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
 
@@ -1222,6 +1422,8 @@ class ArtifactManifest(_message.Message):
     THREADS_FIELD_NUMBER: _builtins.int
     MEMORY_MB_FIELD_NUMBER: _builtins.int
     FALLBACK_MANIFEST_FIELD_NUMBER: _builtins.int
+    OUTPUT_SPECS_FIELD_NUMBER: _builtins.int
+    MIN_FIDELITY_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
@@ -1259,6 +1461,7 @@ class ArtifactManifest(_message.Message):
     digest, size, golden samples, tolerances and memory), signed as part of
     this manifest. Its own fallback_manifest is always empty.
     """
+    min_fidelity: _builtins.float
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -1273,6 +1476,13 @@ class ArtifactManifest(_message.Message):
     def tensorrt(self) -> Global___TensorRTBuildSpec: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def output_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputSpec]:
+        """Every output's kind: a device judges its run on the golden samples with
+        the same metric the build used, against min_fidelity (class scores:
+        argmax agreement against min_agreement, as before).
+        """
+
     def __init__(
         self,
         *,
@@ -1302,10 +1512,12 @@ class ArtifactManifest(_message.Message):
         threads: _builtins.int = ...,
         memory_mb: _builtins.float = ...,
         fallback_manifest: _builtins.bytes = ...,
+        output_specs: _abc.Iterable[Global___OutputSpec] | None = ...,
+        min_fidelity: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "tensorrt", b"tensorrt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "build_id", b"build_id", "candidate", b"candidate", "class_name", b"class_name", "companion_sha256", b"companion_sha256", "created_at", b"created_at", "fallback_manifest", b"fallback_manifest", "format_version", b"format_version", "golden", b"golden", "inputs", b"inputs", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "media_type", b"media_type", "memory_mb", b"memory_mb", "min_agreement", b"min_agreement", "min_runtime_versions", b"min_runtime_versions", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "precision", b"precision", "rtol", b"rtol", "runtime", b"runtime", "sha256", b"sha256", "size_bytes", b"size_bytes", "tensorrt", b"tensorrt", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atol", b"atol", "build_id", b"build_id", "candidate", b"candidate", "class_name", b"class_name", "companion_sha256", b"companion_sha256", "created_at", b"created_at", "fallback_manifest", b"fallback_manifest", "format_version", b"format_version", "golden", b"golden", "inputs", b"inputs", "latency_budget_p95_ms", b"latency_budget_p95_ms", "max_memory_mb", b"max_memory_mb", "media_type", b"media_type", "memory_mb", b"memory_mb", "min_agreement", b"min_agreement", "min_fidelity", b"min_fidelity", "min_runtime_versions", b"min_runtime_versions", "model_name", b"model_name", "model_version", b"model_version", "output_specs", b"output_specs", "outputs", b"outputs", "precision", b"precision", "rtol", b"rtol", "runtime", b"runtime", "sha256", b"sha256", "size_bytes", b"size_bytes", "tensorrt", b"tensorrt", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1472,11 +1472,21 @@ class PushModelHeader(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    MIN_FIDELITY_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     version: _builtins.str
     description: _builtins.str
+    min_fidelity: _builtins.float
+    """The fidelity floor of this version's builds, (0, 1]."""
     @_builtins.property
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartDeclaration]: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.OutputSpec]:
+        """Outputs whose kind is declared (the rest are inferred); each names an
+        output of the model.
+        """
+
     def __init__(
         self,
         *,
@@ -1484,12 +1494,16 @@ class PushModelHeader(_message.Message):
         version: _builtins.str = ...,
         description: _builtins.str = ...,
         parts: _abc.Iterable[Global___PartDeclaration] | None = ...,
+        outputs: _abc.Iterable[_common_pb2.OutputSpec] | None = ...,
+        min_fidelity: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity", "min_fidelity", b"min_fidelity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "model_name", b"model_name", "parts", b"parts", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity", "description", b"description", "min_fidelity", b"min_fidelity", "model_name", b"model_name", "outputs", b"outputs", "parts", b"parts", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__min_fidelity: _TypeAlias = _typing.Literal["min_fidelity"]  # noqa: Y015
+    _WhichOneofArgType__min_fidelity: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_fidelity) -> _WhichOneofReturnType__min_fidelity | None: ...
 
 Global___PushModelHeader: _TypeAlias = PushModelHeader  # noqa: Y015
 
@@ -1772,6 +1786,13 @@ class BuildCandidate(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    FIDELITY_FIELD_NUMBER: _builtins.int
+    LATENCY_CV_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_OVER_P50_FIELD_NUMBER: _builtins.int
+    LATENCY_MEASUREMENTS_FIELD_NUMBER: _builtins.int
+    HOST_LOAD_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    ACCEPTED_INPUTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"fp32-opt", "fp16", "int8-dynamic", "int8-static-qdq", "tflite-int8", ..."""
     quantization: _common_pb2.Quantization.ValueType
@@ -1792,9 +1813,34 @@ class BuildCandidate(_message.Message):
     """Set when the candidate could not be built or run at all."""
     fallback: _builtins.bool
     """Published as the build's lighter fallback artifact (ConstraintProfile.fallback)."""
+    latency_cv: _builtins.float
+    """The timed runs' coefficient of variation (stdev / mean) and p95/p50 of
+    the measurement used, how many measurements were taken (more than one
+    when the first was noisy) and the build host's load (1-minute load
+    average per core) while measuring.
+    """
+    latency_p95_over_p50: _builtins.float
+    latency_measurements: _builtins.int
+    host_load: _builtins.float
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Each constraint missed, and by how much."""
+
+    @_builtins.property
+    def fidelity(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.OutputFidelity]:
+        """Each output's fidelity by its kind's metric (state outputs are not
+        judged); `agreement` is the lowest judged value.
+        """
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Remarks that are not failures, e.g. a latency within 5% of the budget
+        or the input shapes a TFLite artifact was fixed to.
+        """
+
+    @_builtins.property
+    def accepted_inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorSpec]:
+        """The input shapes the artifact accepts (-1: any size)."""
 
     def __init__(
         self,
@@ -1815,10 +1861,17 @@ class BuildCandidate(_message.Message):
         runtime: _common_pb2.Runtime.ValueType = ...,
         error: _builtins.str = ...,
         fallback: _builtins.bool = ...,
+        fidelity: _abc.Iterable[_common_pb2.OutputFidelity] | None = ...,
+        latency_cv: _builtins.float = ...,
+        latency_p95_over_p50: _builtins.float = ...,
+        latency_measurements: _builtins.int = ...,
+        host_load: _builtins.float = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+        accepted_inputs: _abc.Iterable[_common_pb2.TensorSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "accuracy", b"accuracy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "accuracy", b"accuracy", "agreement", b"agreement", "artifact_digest", b"artifact_digest", "chosen", b"chosen", "error", b"error", "fallback", b"fallback", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "max_abs_diff", b"max_abs_diff", "name", b"name", "passed", b"passed", "peak_memory_mb", b"peak_memory_mb", "quantization", b"quantization", "reasons", b"reasons", "runtime", b"runtime", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "accepted_inputs", b"accepted_inputs", "accuracy", b"accuracy", "agreement", b"agreement", "artifact_digest", b"artifact_digest", "chosen", b"chosen", "error", b"error", "fallback", b"fallback", "fidelity", b"fidelity", "host_load", b"host_load", "latency_cv", b"latency_cv", "latency_measurements", b"latency_measurements", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p95_over_p50", b"latency_p95_over_p50", "max_abs_diff", b"max_abs_diff", "name", b"name", "notes", b"notes", "passed", b"passed", "peak_memory_mb", b"peak_memory_mb", "quantization", b"quantization", "reasons", b"reasons", "runtime", b"runtime", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__accuracy: _TypeAlias = _typing.Literal["accuracy"]  # noqa: Y015
     _WhichOneofArgType__accuracy: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy"]  # noqa: Y015

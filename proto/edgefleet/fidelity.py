@@ -468,7 +468,7 @@ def _psnr(got: np.ndarray, want: np.ndarray) -> float:
     if got.size == 0:
         return PSNR_CAP_DB
     mse = float(np.mean((got - want) ** 2))
-    peak = float(np.ptp(want)) or float(np.max(np.abs(want)), initial=0.0) or 1.0
+    peak = float(np.ptp(want)) or float(np.max(np.abs(want), initial=0.0)) or 1.0
     if mse == 0.0:
         return PSNR_CAP_DB
     return min(PSNR_CAP_DB, 10.0 * math.log10(peak * peak / mse))

@@ -12,8 +12,12 @@ in order, each failing with the numbers that failed it:
 - every golden sample runs, and every output is within the manifest's
   tolerance of the expected one, per element |got - expected| <= atol +
   rtol * |expected| (the rule the build set the tolerances for);
-- argmax agreement with the golden outputs (last axis of the first output,
-  as the build measures it) is at least min_agreement;
+- each judged output's fidelity to the golden outputs, by the metric of its
+  kind (the manifest's output_specs, edgefleet.fidelity, as the build
+  judged it): class scores' argmax agreement at least min_agreement, any
+  other kind's metric (mask IoU, decoded exact match, cosine similarity) at
+  least min_fidelity; a manifest without output kinds (an older build)
+  checks argmax agreement on the first output;
 - p95 latency over `runs` runs is within the class budget, when it has one;
 - the memory the model adds (resident set growth from before loading to the
   peak while loading and running) is within the class limit, when it has one.
@@ -179,7 +183,7 @@ class ManifestValidator:
         threads = parsed.threads or 1
         measured = self._measure(path, runtime, parsed, golden, threads)
         max_diff = _check_tolerance(golden, measured, parsed) if golden.expected else None
-        agreed = _agreement(golden, measured, parsed) if golden.expected else None
+        agreed = _fidelity(golden, measured, parsed) if golden.expected else None
         self.last_result = ValidationResult(
             runtime=runtime,
             threads=threads,
@@ -196,12 +200,8 @@ class ManifestValidator:
         # every number that was measured.
         if max_diff is not None and max_diff[1]:
             raise FatalUpdateError(max_diff[1])
-        if agreed is not None and agreed[0] < parsed.min_agreement:
-            raise FatalUpdateError(
-                f"argmax agreement {agreed[0]:.3f} with the golden outputs (output "
-                f"{agreed[1]!r}, {len(golden.expected)} golden samples) is below the "
-                f"manifest's minimum {parsed.min_agreement:.3f}"
-            )
+        if agreed is not None and agreed[1]:
+            raise FatalUpdateError(agreed[1] + f" ({len(golden.expected)} golden samples)")
         budget = parsed.latency_budget_p95_ms
         if budget > 0 and result.latency_p95_ms > budget:
             raise FatalUpdateError(
@@ -401,11 +401,56 @@ def _check_tolerance(
     return overall, failure
 
 
-def _agreement(
+def _fidelity(
     golden: _Golden, measured: Measured, manifest: common_pb2.ArtifactManifest
 ) -> tuple[float, str] | None:
-    """(argmax agreement on the first model output the golden samples
-    cover, its name), as the build measured the artifact's fidelity."""
+    """(the lowest judged output's fidelity to the golden outputs, why it
+    fails or ""), by each output's kind as the build judged the artifact;
+    None when no output can be compared (the tolerance check names why)."""
+    import numpy as np
+
+    from edgefleet.fidelity import OutputKind, score
+    from edgefleet.fidelity_wire import UnknownKind, spec_from_wire
+
+    if not manifest.output_specs:
+        return _argmax_agreement(golden, measured, manifest)
+    results: list[tuple[float, str]] = []
+    for wire in manifest.output_specs:
+        name = wire.name
+        if name not in golden.expected[0] or name not in measured.output_names:
+            continue
+        try:
+            spec = spec_from_wire(wire)
+        except UnknownKind:
+            continue  # a kind from a newer build: the tolerance check still holds
+        if not spec.judged:
+            continue
+        got = measured.outputs[measured.output_names.index(name)]
+        want = np.stack([s[name] for s in golden.expected])
+        if got.shape != want.shape:
+            continue
+        result = score(spec, got, want)
+        floor = (
+            manifest.min_agreement
+            if spec.kind is OutputKind.CLASS_SCORES
+            else manifest.min_fidelity
+        )
+        failure = ""
+        if result.value < floor:
+            failure = (
+                f"output {name!r}: {result.metric} {result.value:.3f} against the golden "
+                f"outputs is below the manifest's minimum {floor:.3f}"
+            )
+        results.append((result.value, failure))
+    # A failing output first (the lowest of those), else the lowest value.
+    return min(results, key=lambda r: (not r[1], r[0]), default=None)
+
+
+def _argmax_agreement(
+    golden: _Golden, measured: Measured, manifest: common_pb2.ArtifactManifest
+) -> tuple[float, str] | None:
+    """For a manifest without output kinds: argmax agreement on the first
+    model output the golden samples cover, as builds before kinds judged."""
     import numpy as np
 
     order = [t.name for t in manifest.outputs] or measured.output_names
@@ -416,4 +461,10 @@ def _agreement(
     want = np.stack([s[name] for s in golden.expected])
     if got.shape != want.shape:
         return None  # the tolerance check names the shape mismatch
-    return agreement(got, want), name
+    value = agreement(got, want)
+    if value >= manifest.min_agreement:
+        return value, ""
+    return value, (
+        f"argmax agreement {value:.3f} with the golden outputs (output {name!r}) is below "
+        f"the manifest's minimum {manifest.min_agreement:.3f}"
+    )

@@ -41,6 +41,8 @@ from edgefleet.controlplane.services.registry import ModelSummary
 from edgefleet.controlplane.services.rollouts import Plan, RolloutView
 from edgefleet.controlplane.services.telemetry import FALLBACK, PRIMARY, Sample, Series
 from edgefleet.controlplane.wire import rule_to_pb
+from edgefleet.fidelity import OutputScore, OutputSpec
+from edgefleet.fidelity_wire import UnknownKind, score_to_wire, spec_from_wire, spec_to_wire
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import device_pb2 as d
 from edgefleet.v1 import operator_pb2 as o
@@ -454,6 +456,15 @@ def _tensor(spec: dict[str, Any]) -> c.TensorSpec:
     )
 
 
+def declared_outputs(specs: Iterable[c.OutputSpec]) -> tuple[OutputSpec, ...]:
+    """A push's declared output kinds; INVALID_ARGUMENT for one without a
+    kind this server knows."""
+    try:
+        return tuple(spec_from_wire(spec, declared=True) for spec in specs)
+    except UnknownKind as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
 def model_version_to_pb(row: ModelVersionRow, model_name: str) -> c.ModelVersion:
     return c.ModelVersion(
         model_name=model_name,
@@ -487,6 +498,8 @@ def model_version_to_pb(row: ModelVersionRow, model_name: str) -> c.ModelVersion
         yanked_by=row.yanked_by,
         yanked_at=ts(row.yanked_at),
         first_assigned_at=ts(row.first_assigned_at),
+        output_specs=[spec_to_wire(OutputSpec.from_json(o)) for o in row.output_specs or ()],
+        min_fidelity=row.min_fidelity,
     )
 
 
@@ -555,6 +568,13 @@ def _candidate_to_pb(data: dict[str, Any]) -> o.BuildCandidate:
         error=data.get("error") or "",
         # Reports stored before fallbacks existed have no such key.
         fallback=bool(data.get("fallback")),
+        # Nor those before output kinds and timing spread (ladder 1).
+        fidelity=[score_to_wire(OutputScore.from_json(f)) for f in data.get("fidelity") or ()],
+        latency_cv=data.get("latency_cv") or 0.0,
+        latency_p95_over_p50=data.get("latency_p95_over_p50") or 0.0,
+        latency_measurements=int(data.get("latency_measurements") or 1),
+        host_load=data.get("host_load") or 0.0,
+        notes=list(data.get("notes") or []),
     )
 
 

@@ -246,6 +246,10 @@ LIMITS: dict[str, Limit] = {
     "PushModelHeader.version": VERSION,
     "PushModelHeader.description": DESCRIPTION,
     "PushModelHeader.parts": Limit(count=8),
+    # One declaration per output; ONNX names are free text, 256 covers any seen.
+    "PushModelHeader.outputs": Limit(count=64),
+    "OutputSpec.name": Limit(chars=256),
+    "OutputSpec.state_input": Limit(chars=256),
     "PartDeclaration.sha256": DIGEST,
     "GetModelRequest.name": MODEL_NAME,
     "GetModelVersionRequest.model_name": MODEL_NAME,
@@ -344,6 +348,10 @@ PERCENT = Range(0.0, 100.0, "percent")
 # "Message.field" -> the range of a number. Every number of TelemetrySample
 # (a test checks none is missing) and of an agent's update status.
 RANGES: dict[str, Range] = {
+    # ---- a pushed model's output declarations
+    "PushModelHeader.min_fidelity": Range(0.0, 1.0, "the share of the original's quality kept"),
+    "OutputSpec.threshold": Range(-1e30, 1e30, "a mask's threshold"),
+    "OutputSpec.blank": Range(0, 1_000_000, "the blank class index"),
     # ---- a telemetry sample (TelemetrySample; the time `at` is checked
     # against the server's clock by services/telemetry.py)
     "TelemetrySample.seq": Range(1, _INT64, "the agent's sample number"),

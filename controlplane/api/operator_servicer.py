@@ -420,6 +420,8 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
                 PartDecl(convert.PART_NAMES.get(p.part, str(p.part)), p.size_bytes, p.sha256)
                 for p in h.parts
             ),
+            outputs=convert.declared_outputs(h.outputs),
+            min_fidelity=h.min_fidelity if h.HasField("min_fidelity") else None,
         )
         upload = await self.run(self._registry.begin, header)
         try:

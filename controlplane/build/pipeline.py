@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefleet import fidelity
 from edgefleet.agent.runtimes import TensorInfo as RuntimeTensorInfo
 from edgefleet.controlplane.build.measure import (
     DEFAULT_RUNS,
@@ -34,9 +35,21 @@ from edgefleet.controlplane.build.types import (
     GoldenSample,
     Measurement,
 )
-from edgefleet.controlplane.build.verdict import PRECISIONS, evaluate, pick_fallback, retention
-from edgefleet.controlplane.domain.onnx_inspect import ModelInfo, TensorInfo, inspect_model
+from edgefleet.controlplane.build.verdict import (
+    DEFAULT_MIN_RETENTION,
+    PRECISIONS,
+    evaluate,
+    pick_fallback,
+    retention,
+)
+from edgefleet.controlplane.domain.onnx_inspect import (
+    ModelInfo,
+    TensorInfo,
+    inspect_model,
+    output_specs,
+)
 from edgefleet.controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
+from edgefleet.fidelity import OutputKind, OutputSpec
 
 Progress = Callable[[float, str], None]
 Ladder = Callable[[Path, Samples, Path, BuildTarget, Callable[[str], None]], list[Candidate]]
@@ -101,6 +114,8 @@ def run_build(
         f"model: opset {info.opset}, {info.producer or 'unknown producer'}; "
         f"{samples.describe()}{', with labels' if samples.labels is not None else ''}"
     )
+    specs = tuple(output_specs(info, target.outputs))
+    log("outputs: " + "; ".join(_describe_spec(spec) for spec in specs))
     ladder = _ladder(target.runtime)
 
     step(0.05, "running the fp32 model for reference outputs")
@@ -122,7 +137,7 @@ def run_build(
             f"MAX_BUILD_OUTPUT_BYTES={MAX_BUILD_OUTPUT_BYTES // MiB} MiB"
         )
         samples = samples.head(len(reference[0]))
-    reference_accuracy = accuracy(reference[0], samples.labels)
+    reference_accuracy = accuracy(reference, specs, samples.labels)
     if reference_accuracy is not None:
         log(f"fp32 reference accuracy on the sample labels: {reference_accuracy:.4f}")
 
@@ -143,6 +158,7 @@ def run_build(
             samples,
             reference,
             threads=target.threads,
+            specs=specs,
             onnx_inputs=onnx_inputs,
             onnx_outputs=onnx_outputs,
             runs=runs,
@@ -150,7 +166,7 @@ def run_build(
         measured.append((candidate, measurement))
         if candidate_outputs is not None and not measurement.error:
             goldens[candidate.name] = golden_samples(
-                candidate.precision, measurement, samples, candidate_outputs, info
+                candidate.precision, measurement, samples, candidate_outputs, info, specs, target
             )
         del candidate_outputs
         log(f"{candidate.name}: {describe(measurement)}")
@@ -166,6 +182,8 @@ def run_build(
     for e in evaluated:
         verdict = "passes" if e.passed else "fails: " + "; ".join(e.reasons)
         log(f"{e.candidate.name}: {verdict}")
+        for note in e.notes:
+            log(f"{e.candidate.name}: note: {note}")
     chosen = next((e for e in evaluated if e.chosen), None)
     if chosen is None:
         step(1.0, f"no candidate meets the constraints of class {target.class_name!r}")
@@ -219,13 +237,23 @@ def describe(m: Measurement) -> str:
     """One log line of a measurement."""
     if m.error:
         return f"error: {m.error}"
-    quality = f"agreement {m.agreement:.4f}"
+    quality = "; ".join(s.describe() for s in m.fidelity) or f"agreement {m.agreement:.4f}"
     if m.accuracy is not None:
-        quality += f", accuracy {m.accuracy:.4f}"
+        quality += f"; accuracy {m.accuracy:.4f}"
+    timing = f"CV {m.latency_cv:.2f}, p95/p50 {m.latency_p95_over_p50:.2f}"
+    if m.latency_measurements > 1:
+        timing += f", {m.latency_measurements} measurements"
     return (
-        f"{m.size_bytes:,} bytes, p50 {m.latency_p50_ms:.3f} ms, p95 {m.latency_p95_ms:.3f} ms, "
-        f"peak +{m.peak_memory_mb:.1f} MiB, {quality}, max|diff| {m.max_abs_diff:.3g}"
+        f"{m.size_bytes:,} bytes, p50 {m.latency_p50_ms:.3f} ms, p95 {m.latency_p95_ms:.3f} ms "
+        f"({timing}, host load {m.host_load:.2f}/core), peak +{m.peak_memory_mb:.1f} MiB, "
+        f"max|diff| {m.max_abs_diff:.3g}; {quality}"
     )
+
+
+def _describe_spec(spec: OutputSpec) -> str:
+    how = "declared" if spec.declared else "inferred"
+    judged = f"judged by {fidelity.METRIC[spec.kind]}" if spec.judged else "not judged"
+    return f"{spec.describe()} ({how}; {judged})"
 
 
 def _ladder(runtime: str) -> Ladder:
@@ -255,6 +283,8 @@ def golden_samples(
     samples: Samples,
     outputs: list[np.ndarray],
     info: ModelInfo,
+    specs: Sequence[OutputSpec],
+    target: BuildTarget,
 ) -> Golden:
     """A candidate's golden samples and tolerances, from its outputs on the
     build host, should it be chosen. Copies: nothing here keeps `outputs`
@@ -262,7 +292,11 @@ def golden_samples(
     atol = max(ATOL_FLOOR.get(precision, 1e-2), TOLERANCE_HEADROOM * m.max_abs_diff)
     rtol = RTOL.get(precision, 5e-2)
     output_names = [t.name for t in info.outputs]
-    indices = golden_indices(outputs[0], atol, samples, outputs)
+    scores = next(
+        (o for o, spec in zip(outputs, specs, strict=True) if spec.kind is OutputKind.CLASS_SCORES),
+        None,
+    )
+    indices = golden_indices(scores, atol, samples, outputs)
     golden = tuple(
         GoldenSample(
             {name: array.copy() for name, array in samples.one(i).items()},
@@ -276,20 +310,29 @@ def golden_samples(
     # case.
     count = len(golden)
     min_agreement = 1.0 if count < 4 else (count - 1) / count
-    return Golden(golden, atol, rtol, min_agreement)
+    floor = target.fidelity_floor
+    return Golden(
+        golden,
+        atol,
+        rtol,
+        min_agreement,
+        outputs=tuple(specs),
+        min_fidelity=DEFAULT_MIN_RETENTION if floor is None else floor,
+    )
 
 
 def golden_indices(
-    first_output: np.ndarray, atol: float, samples: Samples, outputs: list[np.ndarray]
+    scores: np.ndarray | None, atol: float, samples: Samples, outputs: list[np.ndarray]
 ) -> list[int]:
     """Which samples become golden: at most GOLDEN_MAX whose inputs and
     outputs fit GOLDEN_MAX_BYTES (at least one), in sample order, preferring
-    those whose top two scores differ by more than 2 x atol, whose argmax a
-    correct device therefore cannot flip within tolerance."""
-    count = len(first_output)
+    those whose top two class scores (of the first class-scores output,
+    `scores`) differ by more than 2 x atol, whose argmax a correct device
+    therefore cannot flip within tolerance."""
+    count = len(outputs[0])
     clear: list[int] = []
-    if first_output.ndim >= 2 and first_output.shape[-1] >= 2:
-        top2 = np.sort(first_output.reshape(count, -1, first_output.shape[-1]), axis=-1)[..., -2:]
+    if scores is not None and scores.ndim >= 2 and scores.shape[-1] >= 2:
+        top2 = np.sort(scores.reshape(count, -1, scores.shape[-1]), axis=-1)[..., -2:]
         margins = (top2[..., 1] - top2[..., 0]).min(axis=1)
         clear = [i for i in range(count) if margins[i] > 2 * atol]
     clear_set = set(clear)

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.fidelity import OutputScore, OutputSpec
+
 
 class BuildCancelled(BaseException):
     """Raised in a build worker when its job was cancelled. A BaseException,
@@ -45,15 +47,34 @@ class BuildTarget:
     # Also publish a lighter fallback artifact in this precision ("": none;
     # fp16, int8 or auto): verdict.pick_fallback.
     fallback: str = ""
+    # The model version's own judging spec: every output's kind (declared at
+    # push or inferred; empty: inferred at build time) and its fidelity
+    # floor, which replaces the class's min_accuracy_retention.
+    outputs: tuple[OutputSpec, ...] = ()
+    min_fidelity: float | None = None
+
+    @property
+    def fidelity_floor(self) -> float | None:
+        """The floor every judged output's metric must reach: the version's,
+        else the class's; None: the default (verdict.DEFAULT_MIN_RETENTION)."""
+        return self.min_fidelity if self.min_fidelity is not None else self.min_accuracy_retention
 
     def to_json(self) -> dict[str, Any]:
-        """The form a build row stores (and the dedup key hashes)."""
-        return dataclasses.asdict(self)
+        """The form a build row stores (and the dedup key hashes). A version
+        that declares nothing stores what builds stored before."""
+        data = dataclasses.asdict(self)
+        data["outputs"] = [o.to_json() for o in self.outputs]
+        for key in ("outputs", "min_fidelity"):
+            if not data[key]:
+                del data[key]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BuildTarget:
         """A target as `to_json` stored it."""
-        return cls(**data)
+        fields = dict(data)
+        fields["outputs"] = tuple(OutputSpec.from_json(o) for o in fields.get("outputs", ()))
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -108,6 +129,24 @@ class Candidate:
     min_runtime_versions: dict[str, str] = field(default_factory=dict)
 
 
+# A timing spread beyond either bound is noise, not the model: the build
+# measures again (measure.MAX_MEASUREMENTS in all). A quiet host's runs of a
+# small model show a CV of 0.05-0.15 and p95/p50 of 1.1-1.3; a busy loop on
+# every core gave 0.4-1.2 and 2-4.7.
+MAX_LATENCY_CV = 0.3
+MAX_P95_OVER_P50 = 1.6
+# ...unless p95 - p50 is under this: below it the spread is timer and
+# scheduler jitter (a 0.01 ms model showed p95/p50 1.9 on a quiet host),
+# which no latency budget is set at.
+MIN_NOISE_MS = 0.1
+
+
+def is_noisy(cv: float, p95_over_p50: float, p50_ms: float) -> bool:
+    """Whether timed runs are too spread to judge a latency budget on."""
+    spread_ms = p50_ms * (p95_over_p50 - 1.0)
+    return (cv > MAX_LATENCY_CV or p95_over_p50 > MAX_P95_OVER_P50) and spread_ms >= MIN_NOISE_MS
+
+
 @dataclass(frozen=True)
 class Measurement:
     """What running a candidate on the build host showed."""
@@ -117,8 +156,10 @@ class Measurement:
     latency_p95_ms: float = 0.0
     peak_memory_mb: float = 0.0
     max_abs_diff: float = 0.0
-    # Argmax agreement with the fp32 reference over the samples, 0..1.
+    # The lowest judged output's fidelity (its kind's metric) to the fp32
+    # reference over the samples, 0..1; each output's is in `fidelity`.
     agreement: float = 0.0
+    fidelity: tuple[OutputScore, ...] = ()
     # Accuracy against the sample labels, when there are labels.
     accuracy: float | None = None
     error: str = ""  # set when the candidate could not be run
@@ -126,6 +167,19 @@ class Measurement:
     # in onnxruntime on a build host without TensorRT): they show fidelity,
     # not device speed, so budgets are checked on the device instead.
     latency_is_proxy: bool = False
+    # How steady the timing was: the coefficient of variation (stdev / mean)
+    # and p95/p50 of the timed runs of the measurement kept, how many
+    # measurements were taken (another is taken while one is noisy), and
+    # the build host's 1-minute load average per core while measuring.
+    latency_cv: float = 0.0
+    latency_p95_over_p50: float = 0.0
+    latency_measurements: int = 1
+    host_load: float = 0.0
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the kept timing is too spread to judge a budget on."""
+        return is_noisy(self.latency_cv, self.latency_p95_over_p50, self.latency_p50_ms)
 
 
 @dataclass(frozen=True)
@@ -140,6 +194,9 @@ class Evaluated:
     chosen: bool = False
     # Published as the class's lighter fallback artifact (verdict.pick_fallback).
     fallback: bool = False
+    # Remarks that are not failures, e.g. a latency within a few percent of
+    # the budget, or timing that stayed noisy.
+    notes: tuple[str, ...] = ()
 
     @property
     def error(self) -> str:
@@ -174,13 +231,16 @@ def _same_arrays(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bo
 class Golden:
     """The chosen artifact's golden samples, and how closely a device must
     reproduce them: per element, |device - golden| <= atol + rtol * |golden|;
-    and the share of samples whose argmax (last axis of the first output)
-    must match."""
+    for class scores, the share of argmax positions that must match; for
+    every other judged output, its kind's metric (`outputs`) at least
+    `min_fidelity`."""
 
     samples: tuple[GoldenSample, ...]
     atol: float
     rtol: float
     min_agreement: float
+    outputs: tuple[OutputSpec, ...] = ()
+    min_fidelity: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from edgefleet.controlplane.build.types import BuildTarget, Candidate, Evaluated, Measurement
+from edgefleet.fidelity import lowest
 
 MIB = 1024 * 1024
 # Latency differences under 5% are within run-to-run noise on a build host:
@@ -20,10 +21,14 @@ PRECISIONS = ("fp32", "fp16", "int8")
 def retention(measurement: Measurement, reference_accuracy: float | None) -> tuple[float, str]:
     """How much of the fp32 model's quality the candidate keeps, and how it
     was judged: accuracy / reference accuracy when there are labels (and a
-    reference accuracy above zero), otherwise argmax agreement with fp32."""
+    reference accuracy above zero), otherwise the lowest judged output's
+    fidelity by its kind's metric ("prob_map mask IoU")."""
     if measurement.accuracy is not None and reference_accuracy:
         return measurement.accuracy / reference_accuracy, "accuracy"
-    return measurement.agreement, "agreement"
+    worst = lowest(measurement.fidelity)
+    if worst is None:
+        return measurement.agreement, "agreement"
+    return worst.value, f"{worst.output} {worst.metric}"
 
 
 def check(
@@ -60,7 +65,7 @@ def check(
             )
             reasons.append(
                 f"latency p95 {measurement.latency_p95_ms:.2f} ms{scaled} > budget "
-                f"{budget:.2f} ms ({_over(device_p95, budget)})"
+                f"{budget:.2f} ms ({_over(device_p95, budget)}){_timing(measurement)}"
             )
     if target.max_memory_mb is not None and measurement.peak_memory_mb > target.max_memory_mb:
         reasons.append(
@@ -76,21 +81,77 @@ def _retention_reasons(
     # A class that sets no floor still must not ship a model that disagrees
     # with the original on many inputs: "auto" would otherwise pick the
     # smallest candidate whatever its fidelity (seen: a TensorRT int8 at 66%
-    # agreement). Operators who accept more loss set the floor explicitly.
-    floor = target.min_accuracy_retention
-    default = floor is None
+    # agreement). Operators who accept more loss set the floor explicitly,
+    # for the class or for one model version (`models push --min-fidelity`).
+    floor = target.fidelity_floor
+    which = "min" if floor is not None else "default min"
+    if target.min_fidelity is not None:
+        which = "version's min"
     if floor is None:
         floor = DEFAULT_MIN_RETENTION
-    kept, basis = retention(measurement, reference_accuracy)
-    if kept >= floor:
-        return []
-    detail = (
-        f"accuracy {measurement.accuracy:.4f} vs fp32 {reference_accuracy:.4f}: retention"
-        if basis == "accuracy"
-        else "argmax agreement with fp32"
+    if measurement.accuracy is not None and reference_accuracy:
+        kept = measurement.accuracy / reference_accuracy
+        if kept >= floor:
+            return []
+        return [
+            f"accuracy {measurement.accuracy:.4f} vs fp32 {reference_accuracy:.4f}: retention "
+            f"{kept:.4f} < {which} {floor:.4f} ({_over(kept, floor)})"
+        ]
+    if not measurement.fidelity:
+        if measurement.agreement >= floor:
+            return []
+        return [
+            f"argmax agreement with fp32 {measurement.agreement:.4f} < {which} {floor:.4f} "
+            f"({_over(measurement.agreement, floor)})"
+        ]
+    # Every judged output on its own: a detector's boxes and scores both count.
+    return [
+        f"{s.output}: {s.metric} {s.value:.4f} < {which} {floor:.4f} ({_over(s.value, floor)})"
+        for s in measurement.fidelity
+        if s.judged and s.value < floor
+    ]
+
+
+def notes(measurement: Measurement, target: BuildTarget) -> list[str]:
+    """Remarks on a measured candidate that are not failures: a latency close
+    to the budget (another day's load may tip it), timing that stayed noisy
+    after re-measuring."""
+    remarks: list[str] = []
+    if measurement.error or measurement.latency_is_proxy:
+        return remarks
+    budget = target.latency_budget_p95_ms
+    if budget:
+        device_p95 = measurement.latency_p95_ms * target.speed_factor
+        margin = (budget - device_p95) / budget
+        if abs(margin) <= NEAR_BUDGET:
+            side = "under" if margin >= 0 else "over"
+            remarks.append(
+                f"latency p95 {device_p95:.2f} ms is {abs(margin):.1%} {side} the budget "
+                f"{budget:.2f} ms: within run-to-run noise, so a busier host or device may "
+                "tip it"
+            )
+    if measurement.noisy:
+        remarks.append(
+            f"timing stayed noisy over {measurement.latency_measurements} measurement(s) "
+            f"(CV {measurement.latency_cv:.2f}, p95/p50 {measurement.latency_p95_over_p50:.2f}, "
+            f"host load {measurement.host_load:.2f} per core)"
+        )
+    return remarks
+
+
+# A latency this close to the budget (either side) gets a note.
+NEAR_BUDGET = 0.05
+
+
+def _timing(m: Measurement) -> str:
+    """What a latency verdict stood on, when it was not one quiet measurement."""
+    if m.latency_measurements <= 1 and not m.noisy:
+        return ""
+    state = "still noisy" if m.noisy else "steady"
+    return (
+        f"; {state} after {m.latency_measurements} measurements (CV {m.latency_cv:.2f}, "
+        f"p95/p50 {m.latency_p95_over_p50:.2f}, host load {m.host_load:.2f} per core)"
     )
-    which = "default min" if default else "min"
-    return [f"{detail} {kept:.4f} < {which} {floor:.4f} ({_over(kept, floor)})"]
 
 
 # Applies when a class sets no min_accuracy_retention.
@@ -119,7 +180,10 @@ def evaluate(
     evaluated = []
     for candidate, measurement in built:
         reasons = tuple(check(candidate, measurement, target, reference_accuracy))
-        evaluated.append(Evaluated(candidate, measurement, passed=not reasons, reasons=reasons))
+        remarks = tuple(notes(measurement, target))
+        evaluated.append(
+            Evaluated(candidate, measurement, passed=not reasons, reasons=reasons, notes=remarks)
+        )
     passing = [e for e in evaluated if e.passed]
     preferred = [e for e in passing if e.candidate.precision == target.quantization]
     pick = _rank(preferred or passing, fp32_latency_p95)

@@ -26,6 +26,8 @@ from edgefleet.controlplane.domain.sample_archive import (
     MAX_SAMPLE_TOTAL_BYTES,
     MiB,
 )
+from edgefleet.fidelity import OutputSpec, SpecError, parse_output
+from edgefleet.fidelity_wire import spec_to_wire
 from edgefleet.v1 import operator_pb2
 
 
@@ -35,6 +37,15 @@ def models() -> None:
 
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _parsed_outputs(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> tuple[OutputSpec, ...]:
+    try:
+        return tuple(parse_output(value) for value in values)
+    except SpecError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 @models.command("push")
@@ -51,6 +62,23 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option("--labels", type=_FILE, help="Text file, one class label per line.")
 @click.option("--description", default="", help="Free text.")
+@click.option(
+    "--output",
+    "outputs",
+    multiple=True,
+    metavar="NAME=KIND[:OPTION=VALUE]",
+    callback=_parsed_outputs,
+    help="What an output means, so builds judge it by a metric that fits; repeatable. KIND: "
+    "class-scores, dense-map (threshold=T), sequence (blank=N, CTC), regression (also "
+    "embeddings), state (input=NAME: fed back, not judged). Undeclared outputs are inferred "
+    "from their shapes and names; `models show` says which.",
+)
+@click.option(
+    "--min-fidelity",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="The share of the original's quality each output must keep in this version's builds "
+    "(its metric, e.g. mask IoU 0.98); default: the class's --min-accuracy-retention.",
+)
 @json_option
 @pass_env
 def models_push(
@@ -61,11 +89,19 @@ def models_push(
     sample_data: Path | None,
     labels: Path | None,
     description: str,
+    outputs: tuple[OutputSpec, ...],
+    min_fidelity: float | None,
     as_json: bool,
 ) -> None:
     """Upload a new version of an ONNX model (versions are immutable)."""
     parts = model_parts(model_file, sample_data=sample_data, labels=labels)
-    header = operator_pb2.PushModelHeader(model_name=name, version=version, description=description)
+    header = operator_pb2.PushModelHeader(
+        model_name=name,
+        version=version,
+        description=description,
+        outputs=[spec_to_wire(spec) for spec in outputs],
+        min_fidelity=min_fidelity,
+    )
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -515,11 +515,28 @@ def versions_table(versions: Sequence[common_pb2.ModelVersion]) -> Table:
 
 
 def tensors_table(v: common_pb2.ModelVersion) -> Table:
-    table = _table("", "NAME", "DTYPE", "SHAPE")
-    for kind, specs in (("input", v.inputs), ("output", v.outputs)):
-        for t in specs:
-            _add_row(table, kind, t.name, t.dtype, format_shape(t))
+    kinds = {spec.name: spec for spec in v.output_specs}
+    table = _table("", "NAME", "DTYPE", "SHAPE", "JUDGED AS")
+    for t in v.inputs:
+        _add_row(table, "input", t.name, t.dtype, format_shape(t), "")
+    for t in v.outputs:
+        spec = kinds.get(t.name)
+        _add_row(table, "output", t.name, t.dtype, format_shape(t), output_kind(spec))
     return table
+
+
+def output_kind(spec: common_pb2.OutputSpec | None) -> str:
+    """`dense-map, threshold 0.3 (declared)`; `state of input h0 (inferred)`."""
+    if spec is None:
+        return NONE
+    kind = enum_name(common_pb2.OutputKind, spec.kind)
+    if spec.HasField("threshold"):
+        kind += f", threshold {spec.threshold:g}"
+    if spec.HasField("blank"):
+        kind += f", blank {spec.blank}"
+    if spec.state_input:
+        kind += f" of input {spec.state_input}, not judged"
+    return f"{kind} ({'declared' if spec.declared else 'inferred'})"
 
 
 def model_version_detail(v: common_pb2.ModelVersion) -> RenderableType:
@@ -537,6 +554,8 @@ def model_version_detail(v: common_pb2.ModelVersion) -> RenderableType:
         ("producer", v.producer or NONE),
         ("sample data", sample),
         ("labels", f"{v.labels.count} classes" if v.labels.sha256 else NONE),
+        ("min fidelity", f"{v.min_fidelity:g}" if v.HasField("min_fidelity")
+                         else "the class's min accuracy retention"),
         ("created", f"{format_time(v.created_at)} by {v.created_by or '?'}"),
         ("deployed", f"since {format_time(v.first_assigned_at)}"
                      if v.HasField("first_assigned_at") else "never"),
@@ -653,21 +672,57 @@ def candidate_verdict(c: operator_pb2.BuildCandidate) -> Text:
 
 
 def candidate_reasons(c: operator_pb2.BuildCandidate) -> list[str]:
-    """Each constraint missed; the build or run error first when no reason
-    already carries it."""
+    """Each constraint missed, the build or run error first when no reason
+    already carries it; then the notes (a latency near its budget, timing
+    that stayed noisy, shapes fixed)."""
     reasons = list(c.reasons)
     if c.error and not any(c.error in r for r in reasons):
         reasons.insert(0, c.error)
-    return reasons
+    return reasons + [f"note: {note}" for note in c.notes]
+
+
+def fidelity_cell(c: operator_pb2.BuildCandidate, *, compact: bool = False) -> str:
+    """The lowest judged output's fidelity and its metric: `99.3% mask IoU`
+    (`argmax` for a report stored before output kinds)."""
+    judged = [f for f in c.fidelity if f.kind != common_pb2.OUTPUT_KIND_STATE]
+    if not judged:
+        return f"{c.agreement * 100:.1f}%" + ("" if compact or c.fidelity else " argmax")
+    worst = min(judged, key=lambda f: f.value)
+    if compact:
+        return f"{worst.value * 100:.1f}%"
+    where = f"{worst.output} " if len(judged) > 1 else ""
+    return f"{worst.value * 100:.1f}% {where}{worst.metric}"
+
+
+def fidelity_table(candidates: Sequence[operator_pb2.BuildCandidate]) -> Table | None:
+    """Every candidate's fidelity output by output, with each metric's
+    secondary figures; None when no candidate has per-output figures."""
+    rows = [(c, f) for c in candidates for f in c.fidelity]
+    if not rows:
+        return None
+    table = _table("CANDIDATE", "OUTPUT", "KIND", "METRIC", "VALUE", "ALSO")
+    for c, f in rows:
+        judged = f.kind != common_pb2.OUTPUT_KIND_STATE
+        also = ", ".join(f"{k} {v:.4g}" for k, v in sorted(f.details.items()))
+        _add_row(
+            table,
+            c.name,
+            f.output,
+            enum_name(common_pb2.OutputKind, f.kind),
+            f.metric,
+            f"{f.value:.4f}" if judged else NONE,
+            also or NONE,
+        )
+    return table
 
 
 # One line each, unit included: a header split over two lines read, on its
 # second line, as `MS MS MB % %`.
 _CANDIDATE_NUMBERS = (
-    "SIZE", "P50 MS", "P95 MS", "PEAK MB", "AGREEMENT", "ACCURACY", "MAX |DIFF|",
+    "SIZE", "P50 MS", "P95 MS", "PEAK MB", "FIDELITY", "ACCURACY", "MAX |DIFF|",
 )  # fmt: skip
 # Where even that does not fit (80 columns): shorter names, no MAX |DIFF|.
-_COMPACT_NUMBERS = ("SIZE", "P50 MS", "P95 MS", "PEAK MB", "AGREE", "ACC", "")
+_COMPACT_NUMBERS = ("SIZE", "P50 MS", "P95 MS", "PEAK MB", "FIDEL", "ACC", "")
 # Narrower than this, the REASONS column moves under the table: a reason
 # ("latency p95 21.30 ms > budget 15.00 ms (+42.0%)") squeezed into a few
 # characters reads worse than one on its own line.
@@ -679,7 +734,7 @@ def format_ms(ms: float) -> str:
     return f"{ms:.2f}" if ms >= 0.1 else f"{ms:.3f}"
 
 
-def _candidate_cells(c: operator_pb2.BuildCandidate) -> list[Text]:
+def _candidate_cells(c: operator_pb2.BuildCandidate, compact: bool = False) -> list[Text]:
     measured = not c.error
     cells = [
         c.name,
@@ -689,7 +744,7 @@ def _candidate_cells(c: operator_pb2.BuildCandidate) -> list[Text]:
         format_ms(c.latency_p50_ms) if measured else NONE,
         format_ms(c.latency_p95_ms) if measured else NONE,
         f"{c.peak_memory_mb:.1f}" if measured else NONE,
-        f"{c.agreement * 100:.1f}%" if measured else NONE,
+        fidelity_cell(c, compact=compact) if measured else NONE,
         f"{c.accuracy * 100:.1f}%" if measured and c.HasField("accuracy") else NONE,
         f"{c.max_abs_diff:.3g}" if measured else NONE,
     ]
@@ -705,7 +760,7 @@ def _candidates_table(
 ) -> Table:
     numbers = _COMPACT_NUMBERS if compact else _CANDIDATE_NUMBERS
     headers = ("CANDIDATE", "RUNTIME", "PRECISION", *numbers, "VERDICT")
-    rows = [_candidate_cells(c) for c in candidates]
+    rows = [_candidate_cells(c, compact) for c in candidates]
     keep = [i for i in range(len(headers)) if (runtime or i not in (1, 2)) and headers[i]]
     table = _table(*(headers[i] for i in keep), *(("REASONS",) if reasons else ()))
     for column, i in zip(table.columns, keep, strict=False):
@@ -796,6 +851,9 @@ def build_detail(b: operator_pb2.Build, now: datetime) -> RenderableType:
     parts: list[RenderableType] = [_grid(rows), Text()]
     if b.candidates:
         parts.append(candidates_table(b.candidates))
+        per_output = fidelity_table(b.candidates)
+        if per_output is not None:
+            parts += [Text(), Text("fidelity by output:", style="bold"), per_output]
     else:
         parts.append(Text("no candidates measured yet", style="dim"))
     tail = log_tail(b.log)

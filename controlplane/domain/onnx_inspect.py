@@ -5,6 +5,7 @@ and whether sample data and labels fit it. Pure functions over files."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ require("server", "onnx", part=__name__)
 import onnx
 from onnx import helper
 
+from edgefleet import fidelity
 from edgefleet.controlplane.domain import sample_archive
 from edgefleet.controlplane.errors import InvalidArgument
+from edgefleet.fidelity import OutputSpec
 
 
 @dataclass(frozen=True)
@@ -172,3 +175,17 @@ def count_labels(path: Path) -> int:
     if not labels:
         raise InvalidArgument("labels file is empty; write one class label per line")
     return len(labels)
+
+
+def output_specs(info: ModelInfo, declared: Sequence[OutputSpec]) -> list[OutputSpec]:
+    """Every output's kind, in the model's order: the declared ones checked
+    against the model, the rest inferred from their shapes and names
+    (edgefleet.fidelity.resolve). Raises InvalidArgument naming the output."""
+    try:
+        return fidelity.resolve(
+            [fidelity.Tensor(t.name, tuple(t.shape)) for t in info.outputs],
+            [fidelity.Tensor(t.name, tuple(t.shape)) for t in info.inputs],
+            declared,
+        )
+    except fidelity.SpecError as exc:
+        raise InvalidArgument(str(exc)) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import re
 import shutil
 import tempfile
@@ -43,6 +44,7 @@ from edgefleet.controlplane.services import audit
 from edgefleet.controlplane.services.blobs import BlobStore, unreferenced
 from edgefleet.controlplane.services.devices import EventSink
 from edgefleet.controlplane.services.events import FleetEvent
+from edgefleet.fidelity import OutputSpec
 
 MODEL, SAMPLE_DATA, LABELS = "model", "sample_data", "labels"
 PARTS = (MODEL, SAMPLE_DATA, LABELS)
@@ -70,6 +72,10 @@ class PushHeader:
     version: str
     description: str
     parts: tuple[PartDecl, ...]
+    # Output kinds the pusher declares (the rest are inferred at commit).
+    outputs: tuple[OutputSpec, ...] = ()
+    # The version's own fidelity floor, (0, 1]; None: the classes'.
+    min_fidelity: float | None = None
 
 
 @dataclass
@@ -248,6 +254,12 @@ class RegistryService:
             seen.add(decl.part)
         if MODEL not in seen:
             raise InvalidArgument("the push declares no model part")
+        floor = header.min_fidelity
+        if floor is not None and not (math.isfinite(floor) and 0.0 < floor <= 1.0):
+            raise InvalidArgument(
+                f"min fidelity {floor!r} is not in (0, 1]: it is the share of the original "
+                "model's quality each output must keep, e.g. 0.98"
+            )
         self._check_new(header.model_name, header.version)
         return Upload(self._blobs.tmp, header, self.max_upload_bytes)
 
@@ -264,6 +276,7 @@ class RegistryService:
         files = upload.finish()
         header = upload.header
         info = onnx_inspect.inspect_model(files[MODEL])
+        specs = onnx_inspect.output_specs(info, header.outputs)
         sample = None
         if SAMPLE_DATA in files:
             sample = onnx_inspect.inspect_sample_data(files[SAMPLE_DATA], info)
@@ -303,6 +316,8 @@ class RegistryService:
                     labels_digest=digests.get(LABELS),
                     labels_count=labels_count,
                     created_by=actor,
+                    output_specs=[spec.to_json() for spec in specs],
+                    min_fidelity=header.min_fidelity,
                 )
                 session.add(row)
                 audit.record(
@@ -311,6 +326,8 @@ class RegistryService:
                     "model.push",
                     f"model:{header.model_name}@{header.version}",
                     sha256=digests[MODEL],
+                    outputs=[spec.describe() for spec in specs],
+                    **({"min_fidelity": header.min_fidelity} if header.min_fidelity else {}),
                 )
                 session.flush()
                 uow.commit()

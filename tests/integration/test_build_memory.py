@@ -33,6 +33,7 @@ from edgefleet.controlplane.build.samples import MAX_BUILD_SAMPLES, load_samples
 from edgefleet.controlplane.build.types import BuildTarget
 from edgefleet.controlplane.domain import sample_archive
 from edgefleet.controlplane.domain.onnx_inspect import inspect_model
+from edgefleet.fidelity import OutputKind, OutputSpec, score
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -233,9 +234,10 @@ def test_fidelity_in_slices_is_the_agents_rule(
     rng = np.random.default_rng(3)
     reference = rng.normal(size=(301, 3, classes)).astype(np.float32)
     output = reference + rng.normal(scale=0.5, size=reference.shape).astype(np.float32)
-    assert measure._agreement(output, reference) == pytest.approx(
-        agreement(output, reference), abs=1e-12
-    )
+    spec = OutputSpec("scores", OutputKind.CLASS_SCORES)
+    (sliced,) = measure.judge([spec], [output], [reference])
+    assert sliced.value == pytest.approx(agreement(output, reference), abs=1e-12)
+    assert sliced.value == pytest.approx(score(spec, output, reference).value, abs=1e-12)
     assert measure._max_abs_diff([output, output[:, :1]], [reference, reference[:, :1]]) == (
         max_abs_diff([output, output[:, :1]], [reference, reference[:, :1]])
     )

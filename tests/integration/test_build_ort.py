@@ -21,7 +21,7 @@ from edgefleet.controlplane.build.pipeline import run_build
 from edgefleet.controlplane.build.samples import Samples, load_samples
 from edgefleet.controlplane.build.types import BuildTarget, Candidate, Measurement
 from edgefleet.controlplane.build.verdict import MIB, evaluate
-from edgefleet.controlplane.domain.onnx_inspect import inspect_model
+from edgefleet.controlplane.domain.onnx_inspect import inspect_model, output_specs
 from edgefleet.controlplane.errors import InvalidArgument
 from edgefleet.demo.models import (
     BuiltModel,
@@ -65,11 +65,15 @@ def run_ladder(model: BuiltModel, workdir: Path) -> Ladder:
     log: list[str] = []
     target = BuildTarget("test", "onnxruntime")
     candidates = ort_ladder.build_candidates(model.model, samples, workdir, target, log.append)
+    specs = output_specs(info, ())
     built = {
-        c.name: (c, measure_with_outputs(c, samples, reference, threads=1, runs=RUNS)[0])
+        c.name: (
+            c,
+            measure_with_outputs(c, samples, reference, threads=1, specs=specs, runs=RUNS)[0],
+        )
         for c in candidates
     }
-    return Ladder(model, samples, built, accuracy(reference[0], samples.labels), log)
+    return Ladder(model, samples, built, accuracy(reference, specs, samples.labels), log)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +240,10 @@ def test_a_failed_rung_does_not_stop_the_ladder(mlp: Ladder, tmp_path: Path) -> 
     assert any(line.startswith("int8-static-qdq: not built") for line in log)
     # Measuring the failed rung reports its error instead of raising.
     reference = reference_outputs(mlp.model.model, mlp.samples)
-    measurement = measure_with_outputs(failed, mlp.samples, reference, threads=1, runs=RUNS)[0]
+    specs = output_specs(inspect_model(mlp.model.model), ())
+    measurement = measure_with_outputs(
+        failed, mlp.samples, reference, threads=1, specs=specs, runs=RUNS
+    )[0]
     assert measurement.error == failed.error
 
 
@@ -245,7 +252,10 @@ def test_a_candidate_that_cannot_load_is_a_measurement_error(mlp: Ladder, tmp_pa
     broken.write_bytes(b"not an onnx model")
     reference = reference_outputs(mlp.model.model, mlp.samples)
     candidate = Candidate("broken", "onnxruntime", "fp32", broken)
-    measurement = measure_with_outputs(candidate, mlp.samples, reference, threads=1, runs=RUNS)[0]
+    specs = output_specs(inspect_model(mlp.model.model), ())
+    measurement = measure_with_outputs(
+        candidate, mlp.samples, reference, threads=1, specs=specs, runs=RUNS
+    )[0]
     assert measurement.error and measurement.size_bytes == len(b"not an onnx model")
 
 
@@ -377,7 +387,10 @@ def test_pipeline_on_a_real_pretrained_cnn(ppocr_cls: Path, tmp_path: Path) -> N
     fp32_p95 = m["fp32-opt"].latency_p95_ms
     for e in evaluate(pairs, tight, None, fp32_p95):
         if e.measurement.agreement < 0.999:
-            assert e.reasons[0].startswith("argmax agreement with fp32"), e.reasons
+            # Named by the output and its kind's metric (a classifier's scores).
+            assert e.reasons[0].startswith(
+                "save_infer_model/scale_0.tmp_1: top-1 agreement"
+            ), e.reasons
         else:
             assert e.passed
     assert min(m["int8-dynamic"].agreement, m["int8-static-qdq"].agreement) < 0.999

@@ -938,6 +938,15 @@ def version_from_pb(m: c.ModelVersion) -> d.ModelVersion:
     )  # fmt: skip
 
 
+def _fidelity_metric(k: o.BuildCandidate) -> str:
+    """The metric behind `agreement`: the lowest judged output's."""
+    judged = [f for f in k.fidelity if f.kind != c.OUTPUT_KIND_STATE]
+    if not judged:
+        return ""
+    worst = min(judged, key=lambda f: f.value)
+    return f"{worst.output} {worst.metric}" if len(judged) > 1 else worst.metric
+
+
 def build_from_pb(m: o.Build) -> d.Build:
     return d.Build(
         id=m.id, model_name=m.model_name, model_version=m.model_version,
@@ -949,6 +958,7 @@ def build_from_pb(m: o.Build) -> d.Build:
                 agreement=k.agreement, accuracy=k.accuracy if k.HasField("accuracy") else None,
                 passed=k.passed, chosen=k.chosen, reasons=tuple(k.reasons), error=k.error,
                 peak_memory_mb=k.peak_memory_mb, fallback=k.fallback,
+                metric=_fidelity_metric(k), notes=tuple(k.notes),
             )
             for k in m.candidates
         ),

@@ -244,6 +244,11 @@ class Candidate:
     peak_memory_mb: float = 0.0
     # Published as the build's lighter fallback artifact (docs/power.md).
     fallback: bool = False
+    # What `agreement` measures: the lowest judged output's metric, named
+    # after the output when there are several ("prob_map mask IoU"); ""
+    # for a report from before output kinds (argmax agreement).
+    metric: str = ""
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

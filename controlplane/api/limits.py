@@ -236,6 +236,10 @@ LIMITS: dict[str, Limit] = {
     "GetDeviceClassRequest.name": CLASS_NAME,
     "DeleteDeviceClassRequest.name": CLASS_NAME,
     "ConstraintProfile.accelerator": Limit(chars=32),  # String(32)
+    # Fixed shapes for TFLite builds: one per model input, of at most rank 8.
+    "ConstraintProfile.input_shapes": Limit(count=32),
+    "InputShape.name": Limit(chars=256),
+    "InputShape.dims": Limit(count=8),
     # "label.<key>" is the longest field a rule names.
     "MatchRule.field": Limit(chars=128),
     # An IN list of board models or versions; 16 rules of 32 values keep a
@@ -350,7 +354,7 @@ PERCENT = Range(0.0, 100.0, "percent")
 RANGES: dict[str, Range] = {
     # ---- a pushed model's output declarations
     "PushModelHeader.min_fidelity": Range(0.0, 1.0, "the share of the original's quality kept"),
-    "OutputSpec.threshold": Range(-1e30, 1e30, "a mask's threshold"),
+    "OutputSpec.threshold": Range(-1e9, 1e9, "a mask's threshold"),
     "OutputSpec.blank": Range(0, 1_000_000, "the blank class index"),
     # ---- a telemetry sample (TelemetrySample; the time `at` is checked
     # against the server's clock by services/telemetry.py)

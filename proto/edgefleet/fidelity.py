@@ -263,8 +263,8 @@ def infer(output: Tensor, inputs: Sequence[Tensor]) -> OutputSpec:
     - rank 4 and more (N, C, H, W): dense-map;
     - rank 3 (N, T, C) with C > 1: sequence, unless its name says values
       (an encoder's hidden states);
-    - a last axis of more than one element: class-scores, unless its
-      name says values (an embedding);
+    - rank 2 with a last axis of more than one element: class-scores,
+      unless its name says values (an embedding);
     - anything else (one value per sample): regression."""
     name = output.name.lower()
     paired = _state_input(output, inputs)
@@ -278,7 +278,7 @@ def infer(output: Tensor, inputs: Sequence[Tensor]) -> OutputSpec:
         return OutputSpec(output.name, OutputKind.DENSE_MAP)
     if rank == 3 and last != 1 and not says_values:
         return OutputSpec(output.name, OutputKind.SEQUENCE)
-    if last != 1 and rank >= 1 and not says_values:
+    if last != 1 and rank >= 2 and not says_values:
         return OutputSpec(output.name, OutputKind.CLASS_SCORES)
     return OutputSpec(output.name, OutputKind.REGRESSION)
 

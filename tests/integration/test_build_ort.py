@@ -388,9 +388,9 @@ def test_pipeline_on_a_real_pretrained_cnn(ppocr_cls: Path, tmp_path: Path) -> N
     for e in evaluate(pairs, tight, None, fp32_p95):
         if e.measurement.agreement < 0.999:
             # Named by the output and its kind's metric (a classifier's scores).
-            assert e.reasons[0].startswith(
-                "save_infer_model/scale_0.tmp_1: top-1 agreement"
-            ), e.reasons
+            assert e.reasons[0].startswith("save_infer_model/scale_0.tmp_1: top-1 agreement"), (
+                e.reasons
+            )
         else:
             assert e.passed
     assert min(m["int8-dynamic"].agreement, m["int8-static-qdq"].agreement) < 0.999

@@ -177,6 +177,8 @@ def manifest(
     for name, value in fields.items():
         if name == "min_runtime_versions":
             message.min_runtime_versions.update(value)
+        elif name == "output_specs":
+            message.output_specs.extend(value)
         else:
             setattr(message, name, value)
     return message.SerializeToString()
@@ -266,6 +268,31 @@ def test_agreement_below_the_minimum_is_fatal(validator: ManifestValidator, mode
     assert measured < 0.75
     assert f"argmax agreement {measured:.3f}" in reason
     assert "output 'scores'" in reason and "minimum 0.750" in reason
+
+
+def test_each_output_is_judged_by_its_kind_from_the_manifest(
+    validator: ManifestValidator, model: Path
+) -> None:
+    """A manifest with output kinds: `features` as regression (cosine
+    against min_fidelity), `scores` as class scores (argmax against
+    min_agreement). Tolerances wide, so only the metrics can fail it."""
+    expected = bare_outputs(model, golden_inputs())
+    kinds = [
+        common_pb2.OutputSpec(name="scores", kind=common_pb2.OUTPUT_KIND_CLASS_SCORES),
+        common_pb2.OutputSpec(name="features", kind=common_pb2.OUTPUT_KIND_REGRESSION),
+    ]
+    wide = {"atol": 1e3, "output_specs": kinds, "min_fidelity": 0.99}
+    validator.validate(model, manifest(model, expected, **wide))
+    assert validator.last_result is not None and validator.last_result.agreement == 1.0
+    # Features pointing elsewhere: their cosine fails, though every argmax of
+    # the scores still agrees and the tolerance holds.
+    turned = [{**outs, "features": outs["features"][:, ::-1].copy()} for outs in expected]
+    reason = fatal(validator, model, manifest(model, turned, **wide))
+    assert "output 'features': cosine similarity" in reason
+    assert "below the manifest's minimum 0.990" in reason and f"{GOLDEN} golden samples" in reason
+    # A state output is never judged: the same arrays pass when features is one.
+    state = [kinds[0], common_pb2.OutputSpec(name="features", kind=common_pb2.OUTPUT_KIND_STATE)]
+    validator.validate(model, manifest(model, turned, **{**wide, "output_specs": state}))
 
 
 # ------------------------------------------------------------------ budgets

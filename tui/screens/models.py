@@ -1,6 +1,7 @@
 """Models and builds: every version; per class the build of the selected
 version; the selected build's candidate table (size, p95, peak memory,
-agreement, accuracy, verdict and reasons). Push a model from a file; re-run a build."""
+fidelity by each output's metric, accuracy, verdict and reasons). Push a
+model from a file; re-run a build."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def verdict(c: Candidate) -> str:
 
 
 CANDIDATE_COLUMNS = (
-    "candidate", "size", "p95 ms", "peak MB", "agreement", "accuracy", "verdict", "reasons",
+    "candidate", "size", "p95 ms", "peak MB", "fidelity", "accuracy", "verdict", "reasons",
 )  # fmt: skip
 
 
@@ -47,10 +48,10 @@ def candidate_cells(c: Candidate) -> tuple[str, ...]:
         format_bytes(c.size_bytes) if c.size_bytes else "-",
         f"{c.latency_p95_ms:.3f}" if measured else "-",
         f"{c.peak_memory_mb:.1f}" if measured else "-",
-        f"{c.agreement * 100:.1f}%" if measured else "-",
+        f"{c.agreement * 100:.1f}% {c.metric or 'argmax'}" if measured else "-",
         f"{c.accuracy * 100:.1f}%" if measured and c.accuracy is not None else "-",
         verdict(c),
-        c.error or "; ".join(c.reasons) or "-",
+        c.error or "; ".join((*c.reasons, *(f"note: {n}" for n in c.notes))) or "-",
     )
 
 

@@ -23,6 +23,7 @@ from edgefleet.controlplane.build.measure import (
     accuracy,
     measure_with_outputs,
     reference_outputs,
+    unroll_sequences,
 )
 from edgefleet.controlplane.build.samples import MAX_BUILD_OUTPUT_BYTES, MiB, Samples, load_samples
 from edgefleet.controlplane.build.types import (
@@ -35,7 +36,12 @@ from edgefleet.controlplane.build.types import (
     Measurement,
 )
 from edgefleet.controlplane.build.verdict import PRECISIONS, evaluate, pick_fallback, retention
-from edgefleet.controlplane.domain.onnx_inspect import ModelInfo, TensorInfo, inspect_model
+from edgefleet.controlplane.domain.onnx_inspect import (
+    ModelInfo,
+    TensorInfo,
+    inspect_model,
+    state_pairs,
+)
 from edgefleet.controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
 
 Progress = Callable[[float, str], None]
@@ -96,7 +102,8 @@ def run_build(
 
     step(0.0, "inspecting the model")
     info = inspect_model(model_path)
-    samples = load_samples(sample_path, info.inputs)
+    state = state_pairs(info)
+    samples = load_samples(sample_path, info.inputs, state=state)
     log(
         f"model: opset {info.opset}, {info.producer or 'unknown producer'}; "
         f"{samples.describe()}{', with labels' if samples.labels is not None else ''}"
@@ -105,15 +112,15 @@ def run_build(
 
     step(0.05, "running the fp32 model for reference outputs")
     try:
+        # Sequences: each step's state input set to the fp32 model's state.
+        samples = unroll_sequences(model_path, samples, target.threads)
         reference = reference_outputs(
             model_path, samples, target.threads, max_bytes=MAX_BUILD_OUTPUT_BYTES
         )
     except DomainError:
         raise
     except Exception as exc:  # ORT raises its own untyped errors
-        raise InvalidArgument(
-            f"the model does not run in ONNX Runtime on its sample inputs: {exc}"
-        ) from exc
+        raise InvalidArgument(_not_running(exc, samples, info, state)) from exc
     if len(reference[0]) < len(samples):
         per_sample = sum(out[:1].nbytes for out in reference)
         log(
@@ -203,6 +210,25 @@ def run_build(
     )
 
 
+def _not_running(
+    exc: Exception, samples: Samples, info: ModelInfo, state: Sequence[tuple[str, str]]
+) -> str:
+    """Why the fp32 model did not run on its samples, and, for generated
+    ones, which inputs they may not suit."""
+    message = f"the model does not run in ONNX Runtime on its sample inputs: {exc}"
+    if not samples.generated:
+        return message
+    state_inputs = {name for _, name in state}
+    generated = [t.name for t in info.inputs if t.name not in state_inputs]
+    named = [name for name in generated if f"'{name}'" in str(exc) or f" {name} " in str(exc)]
+    return (
+        f"{message}. No sample data was pushed, and the generated inputs (uniform [0, 1) "
+        "floats, small integers, zeros for state) may not suit input"
+        f"{'s' if len(named or generated) > 1 else ''} {', '.join(named or generated)}: push "
+        "sample data with the model (docs/operators/models.md#sample-data)"
+    )
+
+
 def describe_fallback(fallback: Evaluated, chosen: Evaluated, golden: Golden) -> str:
     """The log line of the fallback: what it saves against the primary."""
     f, c = fallback.measurement, chosen.measurement
@@ -262,7 +288,11 @@ def golden_samples(
     atol = max(ATOL_FLOOR.get(precision, 1e-2), TOLERANCE_HEADROOM * m.max_abs_diff)
     rtol = RTOL.get(precision, 5e-2)
     output_names = [t.name for t in info.outputs]
-    indices = golden_indices(outputs[0], atol, samples, outputs)
+    # In sequences a candidate ran with its own state looped, while a sample
+    # holds the fp32 model's state: the two agree only at a sequence's first
+    # step, so only first steps can be golden.
+    allowed = range(0, len(outputs[0]), samples.steps) if samples.steps > 1 else None
+    indices = golden_indices(outputs[0], atol, samples, outputs, allowed=allowed)
     golden = tuple(
         GoldenSample(
             {name: array.copy() for name, array in samples.one(i).items()},
@@ -280,20 +310,27 @@ def golden_samples(
 
 
 def golden_indices(
-    first_output: np.ndarray, atol: float, samples: Samples, outputs: list[np.ndarray]
+    first_output: np.ndarray,
+    atol: float,
+    samples: Samples,
+    outputs: list[np.ndarray],
+    *,
+    allowed: Sequence[int] | None = None,
 ) -> list[int]:
     """Which samples become golden: at most GOLDEN_MAX whose inputs and
     outputs fit GOLDEN_MAX_BYTES (at least one), in sample order, preferring
     those whose top two scores differ by more than 2 x atol, whose argmax a
-    correct device therefore cannot flip within tolerance."""
+    correct device therefore cannot flip within tolerance. `allowed`: the
+    samples that may be golden (default: all)."""
     count = len(first_output)
+    candidates = list(range(count) if allowed is None else allowed)
     clear: list[int] = []
     if first_output.ndim >= 2 and first_output.shape[-1] >= 2:
         top2 = np.sort(first_output.reshape(count, -1, first_output.shape[-1]), axis=-1)[..., -2:]
         margins = (top2[..., 1] - top2[..., 0]).min(axis=1)
-        clear = [i for i in range(count) if margins[i] > 2 * atol]
+        clear = [i for i in candidates if margins[i] > 2 * atol]
     clear_set = set(clear)
-    order = clear + [i for i in range(count) if i not in clear_set]
+    order = clear + [i for i in candidates if i not in clear_set]
     chosen: list[int] = []
     used = 0
     for i in order[:GOLDEN_MAX]:

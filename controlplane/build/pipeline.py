@@ -220,7 +220,8 @@ def _not_running(
         return message
     state_inputs = {name for _, name in state}
     generated = [t.name for t in info.inputs if t.name not in state_inputs]
-    named = [name for name in generated if f"'{name}'" in str(exc) or f" {name} " in str(exc)]
+    # ORT names an input it refuses as 'name' or "input: name".
+    named = [n for n in generated if f"'{n}'" in str(exc) or f"input: {n} " in f"{exc} "]
     return (
         f"{message}. No sample data was pushed, and the generated inputs (uniform [0, 1) "
         "floats, small integers, zeros for state) may not suit input"

@@ -11,6 +11,7 @@ took a build worker to 1.2 GB; a 256 MiB one grew it past 10 GB)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,8 +185,14 @@ def load_samples(
     counted = [headers[name] for name, p in plan.inputs.items() if p.count is not None] + (
         [headers["labels"]] if "labels" in headers else []
     )
-    # Bytes one step takes: a per-sequence array's entry is shared by its steps.
-    per_sample = sum(h.nbytes // plan.num_samples for h in counted)
+    # Bytes one step takes: a per-sequence array's entry is shared by its
+    # steps, while a constant (or a state's zeros) is held once but travels
+    # with every sample to each measuring child, which takes them stacked.
+    per_sample = sum(h.nbytes // plan.num_samples for h in counted) + sum(
+        math.prod(p.shape) * np.dtype(spec.dtype).itemsize
+        for spec in inputs
+        if (p := plan.inputs[spec.name]).count is None
+    )
     budget = build_sample_count(plan.num_samples, per_sample)
     rows = max(1, budget // steps)
     # One sequence over the budget: its first steps that fit.
@@ -263,7 +270,7 @@ def generate_samples(
             shape = (count, *(d if d >= 0 else 1 for d in dims))
             arrays[spec.name] = np.zeros(shape, dtype)
             continue
-        shape = (count, *(d if d >= 0 else DEFAULT_DYNAMIC_DIM for d in dims))
+        shape = (count, *(d if d > 0 else DEFAULT_DYNAMIC_DIM for d in dims))
         if np.issubdtype(dtype, np.floating):
             arrays[spec.name] = rng.random(shape, dtype=np.float32).astype(dtype)
         elif dtype == np.bool_:

@@ -159,6 +159,11 @@ def test_a_builds_sample_budget_counts_steps_and_keeps_constants_whole(
     assert len(used) == 2 and used.one(1)["x"].shape == (1, 4)
     np.testing.assert_array_equal(used.one(1)["table"], table)
     assert reference_outputs(matmul, used)[0].shape == (2, 1, 3)
+    # It goes with every sample to the measuring child: its bytes count
+    # against the samples' budget (16 + 48 bytes a sample here).
+    monkeypatch.setattr(build_samples, "MAX_BUILD_SAMPLES", 1000)
+    monkeypatch.setattr(build_samples, "MAX_BUILD_SAMPLE_BYTES", 64 * 10)
+    assert len(load_samples(constant, inspect_model(matmul).inputs)) == 10
 
 
 def test_candidates_are_judged_with_their_own_state_looped(

@@ -343,11 +343,28 @@ class ModelUnavailable(RuntimeError):
 def fetch_ppocr_cls(root: Path) -> Path:
     """Download the rapidocr-onnxruntime wheel (from the package index, never
     a model hub) into `root` and extract the classifier from it."""
+    return _fetch_from_wheel(RAPIDOCR_WHEEL, PPOCR_CLS_MODEL, root)
+
+
+# Silero VAD (a stateful voice-activity detector: 512 audio samples, an LSTM
+# state [2, batch, 128] fed back at every step, the sample rate as a scalar
+# input), a real pretrained model that ships inside a PyPI wheel.
+SILERO_VAD_WHEEL = "silero-vad==6.2.3"
+SILERO_VAD_MODEL = "silero_vad/data/silero_vad.onnx"
+
+
+def fetch_silero_vad(root: Path) -> Path:
+    """Download the silero-vad wheel (from the package index, never a model
+    hub) into `root` and extract its ONNX model from it."""
+    return _fetch_from_wheel(SILERO_VAD_WHEEL, SILERO_VAD_MODEL, root)
+
+
+def _fetch_from_wheel(requirement: str, member: str, root: Path) -> Path:
     import subprocess
     import zipfile
 
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", RAPIDOCR_WHEEL,
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement,
          "-d", str(root)],
         capture_output=True,
         text=True,
@@ -355,10 +372,10 @@ def fetch_ppocr_cls(root: Path) -> Path:
     )  # fmt: skip
     wheels = list(root.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise ModelUnavailable(f"could not download {RAPIDOCR_WHEEL}: {proc.stderr.strip()[-300:]}")
+        raise ModelUnavailable(f"could not download {requirement}: {proc.stderr.strip()[-300:]}")
     with zipfile.ZipFile(wheels[0]) as wheel:
-        wheel.extract(PPOCR_CLS_MODEL, root)
-    return root / PPOCR_CLS_MODEL
+        wheel.extract(member, root)
+    return root / member
 
 
 # What `python -m edgefleet.demo.models` builds: name -> (builder, what it is).

@@ -19,6 +19,7 @@ from edgefleet.demo.models import (
     ModelUnavailable,
     build_digits_classifier,
     fetch_ppocr_cls,
+    fetch_silero_vad,
 )
 from testkit.fleet import FleetSetup, prepare_for_fleets
 from testkit.harness import ADMIN_TOKEN, ControlPlane
@@ -138,4 +139,15 @@ def ppocr_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except ModelUnavailable as exc:
         if os.environ.get("CI"):
             pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def silero_vad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Silero VAD (stateful: an LSTM state fed back at every step, a scalar
+    sample rate), from the silero-vad wheel on PyPI. Skipped, with the
+    reason, where the wheel cannot be downloaded."""
+    try:
+        return fetch_silero_vad(tmp_path_factory.mktemp("silero"))
+    except ModelUnavailable as exc:
         pytest.skip(str(exc))

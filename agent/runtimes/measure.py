@@ -12,7 +12,12 @@ DIR`, which imports nothing of the control plane: only numpy, psutil and the
 runtime adapters.
 
 Files in DIR:
-  request.json  {path, runtime, threads, runs, warmup, time_cap_s, onnx_inputs, onnx_outputs}
+  request.json  {path, runtime, threads, runs, warmup, time_cap_s, onnx_inputs, onnx_outputs,
+                 steps?, state?}
+                steps, state (optional; older parents send neither): the samples
+                are sequences of `steps` consecutive samples and `state` lists
+                [output, input] pairs; the outputs pass feeds each step's
+                `output` into the next step's `input` within a sequence
   inputs.npz    one array per model input; axis 0 indexes the samples, each
                 `array[i]` is fed as is (so a batch of one has shape (n, 1, ...));
                 no arrays: one sample of zeros shaped like the model's inputs
@@ -31,7 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +128,8 @@ def measure_in_child(
     onnx_inputs: Sequence[TensorInfo] | None = None,
     onnx_outputs: Sequence[TensorInfo] | None = None,
     command: Sequence[str] | None = None,
+    steps: int = 1,
+    state: Sequence[tuple[str, str]] = (),
 ) -> Measured:
     """Load `path` in `runtime` in a fresh child process and measure it.
 
@@ -137,7 +144,11 @@ def measure_in_child(
       model, and its resident set just before loading. On Linux the kernel's
       high-water mark is reset before loading; elsewhere the lifetime peak is
       used, which can only over-state it.
-    - outputs: every sample run once more after timing.
+    - outputs: every sample run once more after timing. With `steps` > 1
+      and `state` ((output, input) pairs), the samples are sequences of
+      `steps` consecutive samples, and within each the model's own `output`
+      is fed as the next step's `input` (step 0 takes the sample's): a
+      stateful model is judged with its own state, as it serves.
 
     Raises MeasureFailed; a child that dies or outlives `timeout_s` is
     CRASHED or TIMED_OUT. `command` replaces the child's command line (the
@@ -156,6 +167,9 @@ def measure_in_child(
             "onnx_inputs": _specs_json(onnx_inputs),
             "onnx_outputs": _specs_json(onnx_outputs),
         }
+        if steps > 1 and state:
+            request["steps"] = steps
+            request["state"] = [[output, name] for output, name in state]
         (directory / "request.json").write_text(json.dumps(request))
         np.savez(directory / "inputs.npz", **dict(inputs))  # type: ignore[arg-type]
         result = _run_child(directory, timeout_s, command)
@@ -288,7 +302,7 @@ def run(directory: Path) -> dict[str, Any]:
     with np.load(directory / "inputs.npz", allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
     count = int(next(iter(arrays.values())).shape[0]) if arrays else 1
-    samples = [{k: v[i] for k, v in arrays.items()} for i in range(count)]
+    samples = [{k: v[i, ...] for k, v in arrays.items()} for i in range(count)]
     runtime = str(request["runtime"])
     # The runtime's adapter and library before the baseline: every model on
     # the device pays for them once, model or not (agent.runtimes.memory).
@@ -338,8 +352,13 @@ def run(directory: Path) -> dict[str, Any]:
     peak = peak_rss_mib(reset_ok)
     assert peak is not None  # with lifetime=True
 
-    per_sample = [run_one(i) for i in range(count)]
-    names = [t.name for t in runner.outputs]
+    # Outputs come in the ONNX model's order (onnx_outputs when given).
+    names = [t["name"] for t in request.get("onnx_outputs") or []] or [
+        t.name for t in runner.outputs
+    ]
+    per_sample = _outputs_pass(
+        run_one, samples, names, int(request.get("steps") or 1), request.get("state") or []
+    )
     outputs: dict[str, np.ndarray] = {}
     for k in range(len(per_sample[0])):
         shapes = {np.shape(outs[k]) for outs in per_sample}
@@ -356,6 +375,48 @@ def run(directory: Path) -> dict[str, Any]:
         "peak_rss_mb": peak,
         "output_names": names,
     }
+
+
+def _outputs_pass(
+    run_one: Callable[[int], list[np.ndarray]],
+    samples: list[dict[str, np.ndarray]],
+    names: Sequence[str],
+    steps: int,
+    state: Sequence[Sequence[str]],
+) -> list[list[np.ndarray]]:
+    """Every sample's outputs. In sequences of `steps` with `state` pairs,
+    each step after the first gets the previous step's state outputs as its
+    state inputs (cast and shaped like the sample's own)."""
+    if steps <= 1 or not state:
+        return [run_one(i) for i in range(len(samples))]
+    import numpy as np
+
+    positions: list[tuple[int, str]] = []
+    for output, name in state:
+        if output not in names:
+            raise MeasureFailed(
+                RUN, f"state output {output!r} is not an output of the model (its outputs: {names})"
+            )
+        positions.append((list(names).index(output), str(name)))
+    per_sample: list[list[np.ndarray]] = []
+    for i in range(len(samples)):
+        if i % steps:
+            sample = dict(samples[i])
+            for k, name in positions:
+                previous = np.asarray(per_sample[i - 1][k])
+                own = sample[name]
+                if previous.size != own.size:
+                    raise MeasureFailed(
+                        RUN,
+                        f"state output {names[k]!r} has shape {list(previous.shape)}; its input "
+                        f"{name!r} takes {list(own.shape)}",
+                        sample=i,
+                    )
+                sample[name] = previous.astype(own.dtype, copy=False).reshape(own.shape)
+            # run_one runs samples[i]: the looped state takes the pushed one's place.
+            samples[i] = sample
+        per_sample.append(run_one(i))
+    return per_sample
 
 
 def main(argv: list[str]) -> int:

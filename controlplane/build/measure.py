@@ -7,6 +7,7 @@ candidate's numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,9 @@ def reference_outputs(
             per_sample = sum(out.nbytes for out in outputs)
             if max_bytes is not None and per_sample > 0:
                 count = max(1, min(count, max_bytes // per_sample))
+                if samples.steps > 1:
+                    # Whole sequences: a candidate is judged over each.
+                    count = max(samples.steps, count // samples.steps * samples.steps)
             stacked = [np.empty((count, *out.shape), out.dtype) for out in outputs]
         for spec, out, into in zip(runner.outputs, outputs, stacked, strict=True):
             if out.shape != into.shape[1:]:
@@ -72,6 +76,41 @@ def reference_outputs(
         if index + 1 == count:
             break
     return stacked
+
+
+def unroll_sequences(model: Path, samples: Samples, threads: int = 1) -> Samples:
+    """`samples` in sequences (samples.steps > 1) with every step's state
+    input holding the state the fp32 model had there: each sequence run
+    step by step in ORT, each step's state output fed into the next step's
+    state input (step 0 keeps the sequence's initial state). The flat
+    samples then serve everything that takes one sample at a time
+    (reference outputs, calibration, golden samples). Unchanged without
+    sequences."""
+    if samples.steps <= 1 or not samples.state:
+        return samples
+    from edgefleet.agent.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(model, threads=threads)
+    index = {spec.name: k for k, spec in enumerate(runner.outputs)}
+    # Fresh, writable arrays for the state inputs (loaded ones may be
+    # read-only views of one initial value).
+    arrays = dict(samples.arrays)
+    for _, name in samples.state:
+        arrays[name] = np.array(arrays[name])
+    unrolled = dataclasses.replace(samples, arrays=arrays)
+    for start in range(0, len(samples), samples.steps):
+        for step in range(start, start + samples.steps - 1):
+            outputs = runner.run(unrolled.one(step))
+            for output, name in samples.state:
+                fed = unrolled.one(step + 1)[name]
+                value = np.asarray(outputs[index[output]])
+                if value.size != fed.size:
+                    raise InvalidArgument(
+                        f"state output {output!r} has shape {list(value.shape)} but its input "
+                        f"{name!r} is fed {list(fed.shape)}; it cannot be fed back"
+                    )
+                arrays[name][step + 1] = value.reshape(arrays[name][step + 1].shape)
+    return unrolled
 
 
 def measurement_runtime(runtime: str) -> tuple[str, bool]:
@@ -123,7 +162,9 @@ def measure_with_outputs(
       output: edgefleet.fidelity), the lowest judged one as `agreement`,
       max |candidate - reference| over all outputs, and accuracy against
       `samples.labels` on the first class-scores output when there are
-      labels."""
+      labels. Samples in sequences (`samples.steps` > 1) are run with the
+      candidate's own state looped through each sequence (`samples.state`),
+      as it serves."""
     if candidate.path is None:
         return Measurement(size_bytes=0, error=candidate.error or "not built"), None
     size = candidate.path.stat().st_size
@@ -136,13 +177,17 @@ def measure_with_outputs(
             measured = measure_in_child(
                 candidate.path,
                 runtime,
-                # One sample a batch of one: what a device serves.
-                {name: array[:, None] for name, array in samples.arrays.items()},
+                # Each sample as fed: a batch of one (what a device serves)
+                # where the model has a batch axis.
+                samples.fed(),
                 threads=threads,
                 runs=runs,
                 timeout_s=CHILD_TIMEOUT_S,
                 onnx_inputs=onnx_inputs,
                 onnx_outputs=onnx_outputs,
+                # Over sequences, the candidate's own state is looped.
+                steps=samples.steps,
+                state=samples.state,
             )
         except MeasureFailed as exc:
             return Measurement(size_bytes=size, error=exc.message), None

@@ -289,13 +289,16 @@ def check_calibration_samples(samples: Samples, inputs: Sequence[TensorInfo]) ->
                 f"calibration data {name!r} is {array.dtype.name}; the model input is {dtype} "
                 f"(convert it, e.g. array.astype('{dtype}'))"
             )
-        if array.ndim != len(shape):
+        # One sample as it is fed: a batch of one where the samples replace
+        # the batch axis, the entry itself where they do not.
+        fed = samples.fed_shape(name)
+        if len(fed) != len(shape):
             raise InvalidArgument(
                 f"calibration data {name!r} has shape {list(array.shape)}; the model input is "
                 f"{list(shape)} (rank {len(shape)}, with a leading sample axis)"
             )
-        for axis, (got, want) in enumerate(zip(array.shape[1:], shape[1:], strict=True), 1):
-            if want > 0 and got != want:
+        for axis, (got, want) in enumerate(zip(fed, shape, strict=True)):
+            if want > 0 and got != want and not (axis == 0 and name not in samples.as_is):
                 raise InvalidArgument(
                     f"calibration data {name!r} has shape {list(array.shape)}; the model input "
                     f"is {list(shape)} (axis {axis}: {got} != {want})"

@@ -24,6 +24,7 @@ from edgefleet.controlplane.build.measure import (
     accuracy,
     measure_with_outputs,
     reference_outputs,
+    unroll_sequences,
 )
 from edgefleet.controlplane.build.samples import MAX_BUILD_OUTPUT_BYTES, MiB, Samples, load_samples
 from edgefleet.controlplane.build.types import (
@@ -47,6 +48,7 @@ from edgefleet.controlplane.domain.onnx_inspect import (
     TensorInfo,
     inspect_model,
     output_specs,
+    state_pairs,
 )
 from edgefleet.controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
 from edgefleet.fidelity import OutputKind, OutputSpec
@@ -109,26 +111,27 @@ def run_build(
 
     step(0.0, "inspecting the model")
     info = inspect_model(model_path)
-    samples = load_samples(sample_path, info.inputs)
+    specs = tuple(output_specs(info, target.outputs))
+    state = state_pairs(info, specs)
+    samples = load_samples(sample_path, info.inputs, state=state)
     log(
         f"model: opset {info.opset}, {info.producer or 'unknown producer'}; "
         f"{samples.describe()}{', with labels' if samples.labels is not None else ''}"
     )
-    specs = tuple(output_specs(info, target.outputs))
     log("outputs: " + "; ".join(_describe_spec(spec) for spec in specs))
     ladder = _ladder(target.runtime)
 
     step(0.05, "running the fp32 model for reference outputs")
     try:
+        # Sequences: each step's state input set to the fp32 model's state.
+        samples = unroll_sequences(model_path, samples, target.threads)
         reference = reference_outputs(
             model_path, samples, target.threads, max_bytes=MAX_BUILD_OUTPUT_BYTES
         )
     except DomainError:
         raise
     except Exception as exc:  # ORT raises its own untyped errors
-        raise InvalidArgument(
-            f"the model does not run in ONNX Runtime on its sample inputs: {exc}"
-        ) from exc
+        raise InvalidArgument(_not_running(exc, samples, info, state)) from exc
     if len(reference[0]) < len(samples):
         per_sample = sum(out[:1].nbytes for out in reference)
         log(
@@ -221,6 +224,26 @@ def run_build(
     )
 
 
+def _not_running(
+    exc: Exception, samples: Samples, info: ModelInfo, state: Sequence[tuple[str, str]]
+) -> str:
+    """Why the fp32 model did not run on its samples, and, for generated
+    ones, which inputs they may not suit."""
+    message = f"the model does not run in ONNX Runtime on its sample inputs: {exc}"
+    if not samples.generated:
+        return message
+    state_inputs = {name for _, name in state}
+    generated = [t.name for t in info.inputs if t.name not in state_inputs]
+    # ORT names an input it refuses as 'name' or "input: name".
+    named = [n for n in generated if f"'{n}'" in str(exc) or f"input: {n} " in f"{exc} "]
+    return (
+        f"{message}. No sample data was pushed, and the generated inputs (uniform [0, 1) "
+        "floats, small integers, zeros for state) may not suit input"
+        f"{'s' if len(named or generated) > 1 else ''} {', '.join(named or generated)}: push "
+        "sample data with the model (docs/operators/models.md#sample-data)"
+    )
+
+
 def describe_fallback(fallback: Evaluated, chosen: Evaluated, golden: Golden) -> str:
     """The log line of the fallback: what it saves against the primary."""
     f, c = fallback.measurement, chosen.measurement
@@ -296,7 +319,11 @@ def golden_samples(
         (o for o, spec in zip(outputs, specs, strict=True) if spec.kind is OutputKind.CLASS_SCORES),
         None,
     )
-    indices = golden_indices(scores, atol, samples, outputs)
+    # In sequences a candidate ran with its own state looped, while a sample
+    # holds the fp32 model's state: the two agree only at a sequence's first
+    # step, so only first steps can be golden.
+    allowed = range(0, len(outputs[0]), samples.steps) if samples.steps > 1 else None
+    indices = golden_indices(scores, atol, samples, outputs, allowed=allowed)
     golden = tuple(
         GoldenSample(
             {name: array.copy() for name, array in samples.one(i).items()},
@@ -322,21 +349,28 @@ def golden_samples(
 
 
 def golden_indices(
-    scores: np.ndarray | None, atol: float, samples: Samples, outputs: list[np.ndarray]
+    scores: np.ndarray | None,
+    atol: float,
+    samples: Samples,
+    outputs: list[np.ndarray],
+    *,
+    allowed: Sequence[int] | None = None,
 ) -> list[int]:
     """Which samples become golden: at most GOLDEN_MAX whose inputs and
     outputs fit GOLDEN_MAX_BYTES (at least one), in sample order, preferring
     those whose top two class scores (of the first class-scores output,
     `scores`) differ by more than 2 x atol, whose argmax a correct device
-    therefore cannot flip within tolerance."""
+    therefore cannot flip within tolerance. `allowed`: the samples that may
+    be golden (default: all)."""
     count = len(outputs[0])
+    candidates = list(range(count) if allowed is None else allowed)
     clear: list[int] = []
     if scores is not None and scores.ndim >= 2 and scores.shape[-1] >= 2:
         top2 = np.sort(scores.reshape(count, -1, scores.shape[-1]), axis=-1)[..., -2:]
         margins = (top2[..., 1] - top2[..., 0]).min(axis=1)
-        clear = [i for i in range(count) if margins[i] > 2 * atol]
+        clear = [i for i in candidates if margins[i] > 2 * atol]
     clear_set = set(clear)
-    order = clear + [i for i in range(count) if i not in clear_set]
+    order = clear + [i for i in candidates if i not in clear_set]
     chosen: list[int] = []
     used = 0
     for i in order[:GOLDEN_MAX]:

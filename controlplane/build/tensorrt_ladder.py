@@ -83,24 +83,25 @@ def engine_build_spec(
     for spec in inputs:
         if all(dim >= 0 for dim in spec.shape):
             continue
-        sample = samples.arrays.get(spec.name)
+        # One sample as it is fed (a batch of one where the samples replace
+        # the batch axis), so axis numbers agree with the model's.
+        fed = samples.fed_shape(spec.name) if spec.name in samples.arrays else None
+        as_is = spec.name in samples.as_is
         low: list[int] = []
         opt: list[int] = []
         high: list[int] = []
         for axis, dim in enumerate(spec.shape):
             if dim >= 0:
                 sizes = (dim, dim, dim)
-            elif axis == 0:
+            elif axis == 0 and not as_is:
                 sizes = (1, 1, max_batch)
             else:
-                # Sample arrays have the model input's rank, their leading
-                # sample axis standing for the batch axis, so axis numbers agree.
-                if sample is None or sample.ndim != len(spec.shape):
+                if fed is None or len(fed) != len(spec.shape):
                     raise ValueError(
                         f"input {spec.name!r} {list(spec.shape)} has a dynamic axis {axis}, "
                         "and no sample data of that rank gives it a size"
                     )
-                size = int(sample.shape[axis])
+                size = fed[axis]
                 sizes = (size, size, size)
             low.append(sizes[0])
             opt.append(sizes[1])

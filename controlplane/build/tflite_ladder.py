@@ -53,7 +53,7 @@ RUNGS: tuple[tuple[str, str, str], ...] = (
 def _static_shape(spec: TensorInfo, samples: Samples) -> tuple[int, ...]:
     """The input's shape with batch 1 and every other dim as in the samples
     (already checked against the model at push time)."""
-    return (1, *(int(d) for d in samples.arrays[spec.name].shape[1:]))
+    return samples.fed_shape(spec.name)
 
 
 def _failed(name: str, precision: str, error: str) -> Candidate:

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper
 
 from edgefleet import fidelity
-from edgefleet.controlplane.domain import sample_archive
+from edgefleet.controlplane.domain import sample_archive, sample_shapes
 from edgefleet.controlplane.errors import InvalidArgument
 from edgefleet.fidelity import OutputSpec
 
@@ -57,6 +57,9 @@ class SampleInfo:
     has_labels: bool
     # A plain .npy (the only input's samples) rather than an .npz.
     is_npy: bool = False
+    # Steps per sequence, for a model with state pushed with sequences
+    # (num_samples counts every step).
+    steps: int = 1
 
 
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
@@ -107,62 +110,50 @@ def inspect_model(path: Path) -> ModelInfo:
     return ModelInfo(inputs, outputs, opset, producer)
 
 
-def inspect_sample_data(path: Path, model: ModelInfo) -> SampleInfo:
-    """Check an .npz holds one array per model input, shaped like that input
-    with a leading sample axis matching the model's batch dim, plus optional
-    `labels` with one entry per sample; or that a plain .npy fits a model's
-    only input. Checks the arrays' headers first, then streams their data
-    through with bounded memory (sample_archive); no array is loaded."""
+def state_pairs(
+    model: ModelInfo, declared: Sequence[fidelity.OutputSpec] = ()
+) -> tuple[tuple[str, str], ...]:
+    """The model's state: (output, input) pairs of an output fed back into
+    an input at the next step (silero-vad's stateN -> state, a GRU's
+    hn -> h0), as edgefleet.fidelity resolves output kinds: declared, or
+    inferred from names and shapes."""
+    specs = output_specs(model, declared)
+    return tuple((s.name, s.state_input) for s in specs if s.kind is fidelity.OutputKind.STATE)
+
+
+def sample_specs(inputs: Sequence[TensorInfo]) -> list[sample_shapes.Spec]:
+    return [sample_shapes.Spec(t.name, t.dtype, t.shape) for t in inputs]
+
+
+def inspect_sample_data(
+    path: Path, model: ModelInfo, *, state: Sequence[tuple[str, str]] | None = None
+) -> SampleInfo:
+    """Check an .npz holds an array per model input shaped by the rules of
+    sample_shapes (docs/operators/models.md#sample-data: samples replacing
+    the batch axis, samples on a new axis 0, one constant, or sequences of
+    steps for a model with state), plus optional `labels` with one entry per
+    sample; or that a plain .npy fits a model's only input. `state`: the
+    model's (output, input) state pairs; None: `state_pairs(model)`. Checks
+    the arrays' headers first, then streams their data through with bounded
+    memory (sample_archive); no array is loaded."""
     headers_in_file = sample_archive.read_headers(path)
     headers = sample_archive.by_input_name(headers_in_file, [t.name for t in model.inputs])
-    expected = {t.name for t in model.inputs}
-    missing = sorted(expected - headers.keys())
-    if missing:
-        raise InvalidArgument(
-            f"sample data lacks arrays for model inputs {missing}; "
-            f"it has {sorted(headers)} (name each array after a model input)"
-        )
-    extra = sorted(headers.keys() - expected - {"labels"})
-    if extra:
-        raise InvalidArgument(
-            f"sample data has arrays {extra} that are not model inputs "
-            f"({sorted(expected)}) or 'labels'"
-        )
-    counts: set[int] = set()
-    for spec in model.inputs:
-        header = headers[spec.name]
-        if len(header.shape) != len(spec.shape):
-            raise InvalidArgument(
-                f"sample data {spec.name!r} has shape {list(header.shape)} but the model "
-                f"input is {list(spec.shape)} (rank {len(spec.shape)})"
-            )
-        for axis, (got, want) in enumerate(zip(header.shape, spec.shape, strict=True)):
-            if want != -1 and got != want and not (axis == 0 and want == 1):
-                raise InvalidArgument(
-                    f"sample data {spec.name!r} has shape {list(header.shape)}; the model "
-                    f"input is {list(spec.shape)} (axis {axis}: {got} != {want})"
-                )
-        if header.dtype.name != spec.dtype:
-            raise InvalidArgument(
-                f"sample data {spec.name!r} is {header.dtype.name}; the model input is {spec.dtype}"
-            )
-        counts.add(int(header.shape[0]) if header.shape else 1)
-    if len(counts) != 1:
-        raise InvalidArgument(f"sample data inputs disagree on the sample count: {sorted(counts)}")
-    (count,) = counts
-    if count == 0:
-        raise InvalidArgument("sample data holds no samples")
-    labels = headers.get("labels")
-    if labels is not None and (not labels.shape or labels.shape[0] != count):
-        raise InvalidArgument(
-            f"sample data 'labels' has shape {list(labels.shape)}; expected {count} entries, "
-            "one per sample"
-        )
+    pairs = state_pairs(model) if state is None else tuple(state)
+    plan = sample_shapes.plan(
+        sample_specs(model.inputs),
+        {name: (h.shape, h.dtype) for name, h in headers.items()},
+        pairs,
+    )
     # Only now read the data: a truncated or corrupted member is refused at
     # push time, not when a build loads it.
     sample_archive.verify(path)
     is_npy = set(headers_in_file) == {sample_archive.SINGLE_ARRAY}
-    return SampleInfo(num_samples=count, has_labels=labels is not None, is_npy=is_npy)
+    return SampleInfo(
+        num_samples=plan.num_samples,
+        has_labels=plan.has_labels,
+        is_npy=is_npy,
+        steps=plan.steps,
+    )
 
 
 def count_labels(path: Path) -> int:

@@ -22,7 +22,7 @@ import struct
 import tokenize
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +117,9 @@ def verify(path: Path) -> dict[str, ArrayHeader]:
     return {name: m.header for name, m in members.items()}
 
 
-def load(path: Path, *, rows: int | None = None) -> dict[str, np.ndarray]:
+def load(
+    path: Path, *, rows: int | None = None, whole: Collection[str] = ()
+) -> dict[str, np.ndarray]:
     """Every array, in native byte order. Headers are checked against the
     limits before anything is allocated; a plain .npy's array is under
     SINGLE_ARRAY.
@@ -127,11 +129,15 @@ def load(path: Path, *, rows: int | None = None) -> dict[str, np.ndarray]:
     data streams past in READ_CHUNK_BYTES chunks and only the picked rows'
     bytes are kept, so memory is those rows, not the array. Reading stops
     after the last picked row, so the CRC of a member read in part is not
-    checked (the push verified it; `verify` checks a whole file)."""
+    checked (the push verified it; `verify` checks a whole file). Arrays
+    named in `whole` (a model input's one constant value, whose axis 0 is
+    not samples) are read whole."""
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be at least 1, not {rows}")
     members = _members(path)
-    readers = {name: _RowReader(m.header, rows) for name, m in members.items()}
+    readers = {
+        name: _RowReader(m.header, None if name in whole else rows) for name, m in members.items()
+    }
     _read_data(
         path,
         members,

@@ -179,3 +179,175 @@ def test_sample_data_must_fit_the_model(tmp_path: Path) -> None:
     not_npz.write_text("hello")
     with pytest.raises(InvalidArgument, match=r"not a readable \.npz"):
         onnx_inspect.inspect_sample_data(not_npz, info)
+
+
+# -- sample data shapes, decided from ranks (docs/operators/models.md#sample-data) ---------------
+
+
+def _write_vad_like(path: Path) -> onnx_inspect.ModelInfo:
+    """A model with silero-vad's inputs and outputs: `input [-1, -1]` (a
+    batch axis), `state [2, -1, 128]` (no batch axis, fed back from
+    `stateN`), a scalar `sr`."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1], keepdims=1),
+            helper.make_node("Cast", ["sr"], ["rate"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["mean", "rate"], ["output"]),
+            helper.make_node("Identity", ["state"], ["stateN"]),
+        ],
+        "vad",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", "n"]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "b", 128]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["b", 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "b", 128]),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return onnx_inspect.inspect_model(path)
+
+
+F32, I64 = np.float32, np.int64
+
+
+@pytest.mark.parametrize(
+    ("arrays", "count", "steps"),
+    [
+        # Samples replacing the batch axis; constants of the inputs' own shape.
+        ({"input": (5, 512), "state": (2, 1, 128), "sr": ()}, 5, 1),
+        # Samples on a new axis 0, each fed as is.
+        ({"input": (5, 1, 512), "state": (5, 2, 1, 128), "sr": (5,)}, 5, 1),
+        # Sequences of steps; the state one per sequence, or one constant.
+        ({"input": (4, 8, 1, 512), "state": (4, 2, 1, 128), "sr": ()}, 32, 8),
+        ({"input": (4, 8, 1, 512), "state": (2, 1, 128), "sr": (4,), "labels": (4, 8)}, 32, 8),
+    ],
+)
+def test_sample_shapes_follow_the_rank_rules(
+    tmp_path: Path, arrays: dict[str, tuple[int, ...]], count: int, steps: int
+) -> None:
+    info = _write_vad_like(tmp_path / "vad.onnx")
+    assert onnx_inspect.state_pairs(info) == (("stateN", "state"),)
+    dtypes = {"sr": I64, "labels": I64}
+    path = tmp_path / "samples.npz"
+    np.savez(path, **{k: np.zeros(s, dtypes.get(k, F32)) for k, s in arrays.items()})  # type: ignore[arg-type]
+    got = onnx_inspect.inspect_sample_data(path, info)
+    assert (got.num_samples, got.steps, got.has_labels) == (count, steps, "labels" in arrays)
+
+
+def _absurd_npz(path: Path, name: str, shape: tuple[int, ...]) -> None:
+    """An .npz whose member `name` declares `shape` of float32 (and holds no data)."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy_format
+
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{name}.npy", header.getvalue())
+
+
+# Samples fit for the VAD-like model, which each case below breaks one way.
+FIT = {"input": np.zeros((5, 512), F32), "state": np.zeros((2, 1, 128), F32), "sr": I64(1)}
+STEPS = {**FIT, "input": np.zeros((4, 8, 1, 512), F32)}
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({**FIT, "state": None}, "state input 'state'.*dynamic"),
+        ({**FIT, "input": None}, r"lacks arrays.*\['input'\]"),
+        ({**FIT, "state": np.zeros((2, 1, 128))}, "'state' is float64; the model input is float32"),
+        ({**FIT, "sr": np.int32(1)}, "'sr' is int32; the model input is int64"),
+        (
+            {**FIT, "state": np.zeros((2, 128), F32)},
+            r"'state' has shape \[2, 128\] \(rank 2\); the model input is \[2, -1, 128\] "
+            r"\(rank 3\); accepted: rank 3: exactly \[2, -1, 128\]",
+        ),
+        (
+            {**FIT, "state": np.zeros((5, 3, 1, 128), F32)},
+            r"'state' has shape \[5, 3, 1, 128\]; the model input is \[2, -1, 128\] "
+            r"\(axis 1: 3 != 2\)",
+        ),
+        (
+            {**FIT, "sr": np.zeros(4, I64)},
+            r"disagree on the sample count: 'input' \[5, 512\] \(5 entries\), 'sr' \[4\] "
+            r"\(4 entries\)",
+        ),
+        (
+            {**STEPS, "state": np.zeros((3, 2, 1, 128), F32)},
+            r"disagree on the sequence count: 'input' \[4, 8, 1, 512\] \(4 sequences of 8 "
+            r"steps\), 'state' \[3, 2, 1, 128\]",
+        ),
+        (
+            # A state input is never given as steps: the model computes them.
+            {**STEPS, "state": np.zeros((4, 8, 2, 1, 128), F32)},
+            r"'state' has shape \[4, 8, 2, 1, 128\] \(rank 5\)",
+        ),
+        (
+            {**STEPS, "labels": np.zeros(32, I64)},
+            r"'labels' has shape \[32\]; expected 4 x 8 entries",
+        ),
+        (
+            {**FIT, "state": np.array([None] * 256, object).reshape(2, 1, 128)},
+            r"array 'state' has dtype '\|O' \(object\)",
+        ),
+    ],
+)
+def test_sample_data_that_breaks_the_rules_is_refused_naming_the_input(
+    tmp_path: Path, arrays: dict[str, object], message: str
+) -> None:
+    info = _write_vad_like(tmp_path / "vad.onnx")
+    path = tmp_path / "samples.npz"
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=message):
+        onnx_inspect.inspect_sample_data(path, info)
+
+
+def test_sample_files_of_the_wrong_kind_are_refused(tmp_path: Path) -> None:
+    import pickle
+
+    info = _write_vad_like(tmp_path / "vad.onnx")
+    pickled = tmp_path / "samples.npz"
+    pickled.write_bytes(pickle.dumps({"input": np.zeros((5, 512), F32)}))
+    with pytest.raises(InvalidArgument, match=r"not a readable \.npz or \.npy"):
+        onnx_inspect.inspect_sample_data(pickled, info)
+    text = tmp_path / "samples.txt"
+    text.write_text("input,state,sr\n0.1,0,16000\n")
+    with pytest.raises(InvalidArgument, match=r"not a readable \.npz or \.npy"):
+        onnx_inspect.inspect_sample_data(text, info)
+    # A plain .npy fits a one-input model only.
+    np.save(tmp_path / "one.npy", np.zeros((5, 512), F32))
+    with pytest.raises(InvalidArgument, match=r"plain \.npy .* but the model has 3 inputs"):
+        onnx_inspect.inspect_sample_data(tmp_path / "one.npy", info)
+    # An absurd shape is refused from its header, naming the array.
+    absurd = tmp_path / "absurd.npz"
+    _absurd_npz(absurd, "input", (10**12, 512))
+    with pytest.raises(
+        InvalidArgument, match=r"array 'input' declares shape \[1000000000000, 512\]"
+    ):
+        onnx_inspect.inspect_sample_data(absurd, info)
+
+
+def test_steps_need_a_model_with_state(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    _write_model(path, ["batch", 3])
+    info = onnx_inspect.inspect_model(path)
+    assert onnx_inspect.state_pairs(info) == ()
+    samples = tmp_path / "steps.npz"
+    np.savez(samples, x=np.zeros((4, 8, 1, 3), np.float32))
+    with pytest.raises(
+        InvalidArgument,
+        match=r"'x' has shape \[4, 8, 1, 3\] \(rank 4\); the model input is \[-1, 3\] \(rank 2\); "
+        r"accepted: rank 2 \(samples, 3\) replacing the batch; rank 3 \(samples, -1, 3\), each "
+        r"fed as is \(docs",
+    ):
+        onnx_inspect.inspect_sample_data(samples, info)
+    # Rank r + 1: samples on a new axis, fed as is (a batch of one each).
+    np.savez(samples, x=np.zeros((6, 1, 3), np.float32))
+    assert onnx_inspect.inspect_sample_data(samples, info).num_samples == 6

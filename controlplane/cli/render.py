@@ -683,10 +683,11 @@ def candidate_reasons(c: operator_pb2.BuildCandidate) -> list[str]:
 
 def fidelity_cell(c: operator_pb2.BuildCandidate, *, compact: bool = False) -> str:
     """The lowest judged output's fidelity and its metric: `99.3% mask IoU`
-    (`argmax` for a report stored before output kinds)."""
+    (the value alone for a report stored before output kinds: argmax
+    agreement, as the docs of that column said then)."""
     judged = [f for f in c.fidelity if f.kind != common_pb2.OUTPUT_KIND_STATE]
     if not judged:
-        return f"{c.agreement * 100:.1f}%" + ("" if compact or c.fidelity else " argmax")
+        return f"{c.agreement * 100:.1f}%"
     worst = min(judged, key=lambda f: f.value)
     if compact:
         return f"{worst.value * 100:.1f}%"

@@ -250,7 +250,6 @@ def _checked_state(
 # Words in output names that say what they hold.
 _STATE_WORDS = ("state", "hidden", "h_n", "hn", "c_n", "cn", "cache", "memory")
 _MAP_WORDS = ("map", "mask", "seg", "heatmap", "heat", "density", "depth", "sigmoid")
-_SEQUENCE_WORDS = ("ctc", "seq", "sequence", "char", "token", "text")
 _VALUE_WORDS = ("embed", "feature", "vector", "hidden", "latent", "regress", "box", "value")
 
 
@@ -260,12 +259,16 @@ def infer(output: Tensor, inputs: Sequence[Tensor]) -> OutputSpec:
 
     - shaped like an input, with a state-like name (or its input's name
       with a suffix, state -> stateN): state, fed back into that input;
-    - rank 4 and more (N, C, H, W): dense-map;
+    - rank 3 and more with at most one dimension above 1 after the batch
+      (a recurrent layer's [1, 1, 1, hidden]): regression;
+    - rank 4 and more (N, C, H, W), or rank 3 with a map-like name:
+      dense-map;
     - rank 3 (N, T, C) with C > 1: sequence, unless its name says values
       (an encoder's hidden states);
     - rank 2 with a last axis of more than one element: class-scores,
       unless its name says values (an embedding);
-    - anything else (one value per sample): regression."""
+    - anything else (one value per sample): regression.
+    A dynamic dimension counts as above 1."""
     name = output.name.lower()
     paired = _state_input(output, inputs)
     if paired is not None:
@@ -274,11 +277,14 @@ def infer(output: Tensor, inputs: Sequence[Tensor]) -> OutputSpec:
     rank = len(shape)
     last = shape[-1] if shape else 1
     says_values = any(w in name for w in _VALUE_WORDS)
-    if rank >= 4 or (rank >= 3 and any(w in name for w in _MAP_WORDS)):
+    spread = [d for d in shape[1:] if d != 1]
+    if rank >= 3 and len(spread) <= 1:
+        return OutputSpec(output.name, OutputKind.REGRESSION)
+    if rank >= 4 or (rank == 3 and any(w in name for w in _MAP_WORDS)):
         return OutputSpec(output.name, OutputKind.DENSE_MAP)
     if rank == 3 and last != 1 and not says_values:
         return OutputSpec(output.name, OutputKind.SEQUENCE)
-    if last != 1 and rank >= 2 and not says_values:
+    if rank == 2 and last != 1 and not says_values:
         return OutputSpec(output.name, OutputKind.CLASS_SCORES)
     return OutputSpec(output.name, OutputKind.REGRESSION)
 

@@ -29,6 +29,7 @@ from edgefleet.controlplane.domain.onnx_inspect import (
     SampleInfo,
     inspect_model,
     inspect_sample_data,
+    output_specs,
     state_pairs,
 )
 from edgefleet.controlplane.errors import InvalidArgument
@@ -173,9 +174,12 @@ def test_candidates_are_judged_with_their_own_state_looped(
     info = inspect_model(model)
     samples = unroll_sequences(model, load_samples(sample_path, info.inputs, state=(("hn", "h0"),)))
     reference = reference_outputs(model, samples)
+    kinds = output_specs(info, ())
     # The fp32 model itself, its state looped: the reference, step for step.
     same = Candidate("fp32", "onnxruntime", "fp32", model)
-    measurement, outputs = measure_with_outputs(same, samples, reference, threads=1, runs=RUNS)
+    measurement, outputs = measure_with_outputs(
+        same, samples, reference, threads=1, specs=kinds, runs=RUNS
+    )
     assert not measurement.error and outputs is not None
     assert measurement.max_abs_diff < 1e-5
     # A candidate whose outputs are right at each step but whose state is
@@ -184,16 +188,22 @@ def test_candidates_are_judged_with_their_own_state_looped(
     leaky = Candidate(
         "leaky", "onnxruntime", "fp32", gru_model(tmp_path / "leaky.onnx", state_scale=0.5)
     )
-    measurement, outputs = measure_with_outputs(leaky, samples, reference, threads=1, runs=RUNS)
+    measurement, outputs = measure_with_outputs(
+        leaky, samples, reference, threads=1, specs=kinds, runs=RUNS
+    )
     assert not measurement.error and outputs is not None
     y = np.abs(outputs[0] - reference[0]).reshape(SEQUENCES, STEPS, -1).max(axis=2)
     assert y[:, 0].max() < 1e-5
     assert y[:, 1:].min() > 1e-3, y
     assert measurement.max_abs_diff > 0.05
+    # Judged by its kinds: y (regression) loses fidelity, the state is not judged.
+    by_output = {score.output: score for score in measurement.fidelity}
+    assert by_output["y"].metric == "cosine similarity" and by_output["y"].value < 0.999
+    assert not by_output["hn"].judged
     # Judged sample by sample instead (each step fed the fp32 state), the
     # same candidate's `y` would look perfect: the looping is what sees it.
     flat = dataclasses.replace(samples, steps=1, state=())
-    _, outputs = measure_with_outputs(leaky, flat, reference, threads=1, runs=RUNS)
+    _, outputs = measure_with_outputs(leaky, flat, reference, threads=1, specs=kinds, runs=RUNS)
     assert outputs is not None and np.abs(outputs[0] - reference[0]).max() < 1e-5
 
 

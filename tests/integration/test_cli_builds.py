@@ -227,7 +227,7 @@ def test_candidates_table_verdicts_and_reasons() -> None:
     lines = text_at(render.candidates_table(LADDER), 200).splitlines()
     header = squash(lines[0])  # one line: each column's name with its unit
     assert header == (
-        "CANDIDATE RUNTIME PRECISION SIZE P50 MS P95 MS PEAK MB AGREEMENT ACCURACY MAX |DIFF|"
+        "CANDIDATE RUNTIME PRECISION SIZE P50 MS P95 MS PEAK MB FIDELITY ACCURACY MAX |DIFF|"
         " VERDICT REASONS"
     )
     rows = {squash(line).split()[0]: squash(line) for line in lines[1:] if line.strip()}
@@ -245,6 +245,41 @@ def test_candidates_table_verdicts_and_reasons() -> None:
     assert rows["int8-static-qdq"] == (
         "int8-static-qdq onnxruntime int8 976.6 KiB 9.50 12.00 41.0 97.0% - 0.05 pass -"
     )
+
+
+def test_fidelity_is_shown_by_metric_and_output_by_output() -> None:
+    """A report with output kinds: the table names the lowest judged
+    output's metric, and `builds show` lists every output's figures."""
+    map_iou = common_pb2.OutputFidelity(
+        output="prob_map", kind=common_pb2.OUTPUT_KIND_DENSE_MAP, metric="mask IoU", value=0.9312,
+        details={"PSNR dB": 41.5, "relative error": 0.012},
+    )  # fmt: skip
+    state = common_pb2.OutputFidelity(
+        output="hn", kind=common_pb2.OUTPUT_KIND_STATE, metric="not judged", value=1.0
+    )
+    noted = candidate(
+        "int8-static-qdq", common_pb2.QUANTIZATION_INT8, size_bytes=1000, latency_p50_ms=4.6,
+        latency_p95_ms=4.85, agreement=0.9312, passed=True, fidelity=[map_iou, state],
+        notes=["latency p95 4.85 ms is 3.0% under the budget 5.00 ms"],
+    )  # fmt: skip
+    assert render.fidelity_cell(noted) == "93.1% mask IoU"
+    assert render.fidelity_cell(noted, compact=True) == "93.1%"
+    two = common_pb2.OutputFidelity(
+        output="boxes", kind=common_pb2.OUTPUT_KIND_REGRESSION, metric="cosine similarity",
+        value=0.99,
+    )  # fmt: skip
+    both = candidate("fp16", common_pb2.QUANTIZATION_FP16, fidelity=[two, map_iou])
+    assert render.fidelity_cell(both) == "93.1% prob_map mask IoU"
+    assert render.candidate_reasons(noted) == [
+        "note: latency p95 4.85 ms is 3.0% under the budget 5.00 ms"
+    ]
+    table = render.fidelity_table([noted])
+    assert table is not None
+    rows = squash(text_at(table, 200))
+    judged = "prob_map dense-map mask IoU 0.9312 PSNR dB 41.5, relative error 0.012"
+    assert f"int8-static-qdq {judged}" in rows
+    assert "int8-static-qdq hn state not judged - -" in rows  # a state has no value
+    assert render.fidelity_table(LADDER) is None  # reports from before output kinds
 
 
 def test_format_ms() -> None:
@@ -273,10 +308,10 @@ def test_candidates_table_fits_narrow_consoles(width: int) -> None:
     assert ("RUNTIME" in text) is (width > 100)  # narrower, the names carry it
     header = squash(lines[0])
     if width == 80:
-        assert header == "CANDIDATE SIZE P50 MS P95 MS PEAK MB AGREE ACC VERDICT"
+        assert header == "CANDIDATE SIZE P50 MS P95 MS PEAK MB FIDEL ACC VERDICT"
         assert squash(lines[2]) == "fp16 - - - - - - fail"
     else:
-        assert "P50 MS P95 MS PEAK MB AGREEMENT ACCURACY MAX |DIFF| VERDICT" in header
+        assert "P50 MS P95 MS PEAK MB FIDELITY ACCURACY MAX |DIFF| VERDICT" in header
 
 
 def test_build_detail() -> None:

@@ -280,7 +280,9 @@ async def test_an_int8_fallback_is_published_signed_inside_the_primary_and_repro
         shown = await op.GetBuild(o.GetBuildRequest(id=hot.id), metadata=ADMIN)
         detail = text_of(render.build_detail(shown, NOW))
         assert f"fallback {fallback.name} as {hot.fallback_digest} (" in squash(detail)
-        (row,) = [line for line in detail.splitlines() if line.startswith(fallback.name + " ")]
+        # The candidates table's row (the fidelity-by-output table below it
+        # starts its rows with the candidate's name too).
+        row = next(line for line in detail.splitlines() if line.startswith(fallback.name + " "))
         assert squash(row).endswith(" fallback -")
         report = squash(text_of(render.build_report([shown])))
         assert f"fallback {fallback.name} as {hot.fallback_digest[:12]}" in report

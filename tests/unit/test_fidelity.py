@@ -40,6 +40,9 @@ K = OutputKind
         ("output", (1, 1), K.REGRESSION),
         ("score", (-1,), K.REGRESSION),
         ("y", (), K.REGRESSION),
+        ("Y", (1, 1, 1, 8), K.REGRESSION),  # an ONNX GRU's output
+        ("y", (1, 1, 8), K.REGRESSION),
+        ("mask", (-1, 32, 32), K.DENSE_MAP),
     ],
 )
 def test_kinds_are_inferred_from_shape_and_name(

@@ -405,7 +405,7 @@ def print_report(results: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="EdgeFleet builds of models of every output kind")
     add = parser.add_argument
-    add("--models", nargs="+", choices=list(CASES), default=list(CASES), metavar="NAME",
+    add("--models", nargs="+", choices=list(CASES), metavar="NAME",
         help=f"only these (default: all of {', '.join(CASES)})")  # fmt: skip
     add("--samples", type=int, default=200,
         help="samples per model (the demo's: its first N, at most its 200 held-out ones); "
@@ -419,7 +419,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--smoke", action="store_true", help="CI's short run (SMOKE)")
     args = parser.parse_args(argv)
     if args.smoke:
+        chosen = args.models
         vars(args).update(SMOKE)
+        args.models = chosen or SMOKE["models"]
+    args.models = args.models or list(CASES)
     if args.samples < 1 or args.runs < 1:
         parser.error("--samples and --runs must be >= 1")
     return args

@@ -30,6 +30,7 @@ REPORTS = {
     "bench_faults": "[net]",
     "bench_fuzz": "property failures: 0",
     "bench_inference": "floor: empty sync gRPC Predict",
+    "bench_model_kinds": "## model quality: int8 vs fp32",
     "bench_models_per_device": "digits-cnn failed calls: 0",
     "bench_signing": "assign_devices, 1,000 devices in chunks of 1,000 (SQLite)",
     "bench_sync": "push < 1 s",

@@ -15,11 +15,8 @@ class; both `auto`, no budgets.
 
 Per model x class it prints every candidate: size, p50/p95 latency, the
 argmax agreement builds used to judge by ("agree %"), each output's metric
-by its kind, and the verdict; and the build's time. Each output's metric is
-the build's own (Measurement.fidelity) where the build has it; otherwise
-the benchmark computes it the same way (edgefleet.fidelity.score on each
-candidate's outputs, run with the agent's runtime adapters), marked
-"(bench)".
+by its kind (the build's own, Measurement.fidelity), and the verdict; and
+the build's time.
 
 Then "model quality": for the labelled classifiers, each int8 candidate's
 size against fp32's and its accuracy drop on the held-out samples (goal
@@ -52,7 +49,7 @@ import numpy as np
 
 from bench.bench_builds import host_versions, machine_info
 from edgefleet import fidelity
-from edgefleet.controlplane.build.types import BuildResult, BuildTarget, Evaluated
+from edgefleet.controlplane.build.types import BuildTarget, Evaluated
 from edgefleet.controlplane.errors import DomainError
 from edgefleet.demo import models as demo
 from testkit import model_zoo
@@ -163,51 +160,11 @@ def classes(tflite: bool) -> list[BuildTarget]:
 
 
 def _with_specs(target: BuildTarget, case: Case) -> BuildTarget:
-    """The target with the version's judging spec, on builds that take one
-    (BuildTarget.outputs, issue 22); earlier builds infer nothing."""
-    if "outputs" in {f.name for f in dataclasses.fields(BuildTarget)}:
-        return dataclasses.replace(target, outputs=case.specs)  # type: ignore[call-arg]
-    return target
+    """The target with the version's judging spec (BuildTarget.outputs)."""
+    return dataclasses.replace(target, outputs=case.specs)
 
 
 # ------------------------------------------------------------------ fidelity
-
-
-def bench_fidelity(case: Case, result: BuildResult) -> dict[str, list[fidelity.OutputScore]]:
-    """Each candidate's scores by its outputs' kinds, computed here: every
-    built candidate run through the agent's runtime adapter over the
-    samples the build used, one at a time, against the fp32 model's."""
-    from edgefleet.agent.runtimes import TensorInfo, open_runner
-    from edgefleet.controlplane.build.measure import reference_outputs
-    from edgefleet.controlplane.build.samples import MAX_BUILD_OUTPUT_BYTES, load_samples
-    from edgefleet.controlplane.domain.onnx_inspect import inspect_model
-
-    info = inspect_model(case.model)
-    samples = load_samples(case.samples, info.inputs)
-    reference = reference_outputs(case.model, samples, max_bytes=MAX_BUILD_OUTPUT_BYTES)
-    samples = samples.head(len(reference[0]))
-    ins = [TensorInfo(t.name, t.dtype, t.shape) for t in info.inputs]
-    outs = [TensorInfo(t.name, t.dtype, t.shape) for t in info.outputs]
-    scores: dict[str, list[fidelity.OutputScore]] = {}
-    for e in result.candidates:
-        if e.error or e.candidate.path is None:
-            continue
-        try:
-            runner = open_runner(
-                e.candidate.path, e.candidate.runtime, onnx_inputs=ins, onnx_outputs=outs
-            )
-            per_sample = [runner.run(feeds) for feeds in samples.each()]
-        except Exception as exc:  # a runtime's own error: shown, not fatal
-            scores[e.candidate.name] = [
-                fidelity.OutputScore("?", fidelity.OutputKind.STATE, f"error: {exc}", math.nan)
-            ]
-            continue
-        got = [np.stack(o) for o in zip(*per_sample, strict=True)]
-        scores[e.candidate.name] = [
-            fidelity.score(spec, g.astype(np.float32), want)
-            for spec, g, want in zip(case.specs, got, reference, strict=True)
-        ]
-    return scores
 
 
 def _fidelity_text(scores: Sequence[fidelity.OutputScore]) -> str:
@@ -240,23 +197,13 @@ def run_case_build(case: Case, target: BuildTarget, workdir: Path, runs: int) ->
         return {"class": target.class_name, "runtime": target.runtime, "error": str(exc),
                 "build_s": perf() - started, "candidates": []}  # fmt: skip
     build_s = perf() - started
-    build_scores = {
-        e.candidate.name: list(getattr(e.measurement, "fidelity", ()) or ())
-        for e in result.candidates
-    }
-    source = "build"
-    if not any(build_scores.values()):
-        build_scores, source = bench_fidelity(case, result), "bench"
     return {
         "class": target.class_name,
         "runtime": target.runtime,
         "error": "",
         "build_s": build_s,
         "reference_accuracy": result.reference_accuracy,
-        "fidelity_source": source,
-        "candidates": [
-            _candidate(e, build_scores.get(e.candidate.name, [])) for e in result.candidates
-        ],
+        "candidates": [_candidate(e, e.measurement.fidelity) for e in result.candidates],
         "log": list(result.log),
     }
 
@@ -360,8 +307,7 @@ def print_report(results: dict[str, Any]) -> None:
             if build["error"]:
                 print(f"\n{title}: build failed in {build['build_s']:.1f} s: {build['error']}")
                 continue
-            print(f"\n{title}: build {build['build_s']:.1f} s; per-output metric from the "
-                  f"{build['fidelity_source']}")  # fmt: skip
+            print(f"\n{title}: build {build['build_s']:.1f} s")
             rows: list[tuple[str, ...]] = [
                 (
                     c["name"],

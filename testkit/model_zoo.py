@@ -19,13 +19,10 @@ glyph sequences), so the metrics measure something.
 | ctc_recognizer | image [N,1,16,64] | logits [N,16,12] log-probabilities (sequence, blank 0) |
 | gru_stateful | x [1,1,4], h0 [1,1,8], gain [] | y [1,1,8] (regression), hn [1,1,8] (state of h0) |
 
-gru_stateful comes without sample data: its rank-0 `gain` input has no axis
-for samples to replace, and feeding `hn` back into `h0` makes its samples
-steps of one sequence rather than independent inputs; the sample format for
-such models is being designed separately (issue 22). Shape inference alone
-reads its `y` [1,1,8] as a sequence (rank 3, more than one class), so the
-model's `declared` output spec says `y=regression`, as an operator would
-with `--output y=regression`.
+gru_stateful comes without sample data of its own (tests/integration/
+test_build_stateful.py pushes a GRU as sequences of steps); its kinds are
+all inferred: `y` [1,1,8] (one dimension above 1: regression) and `hn`
+(shaped like `h0`, a state's name: state).
 
 `python -m testkit.model_zoo OUT_DIR [NAME...]` writes them there."""
 
@@ -428,7 +425,6 @@ def build_gru_stateful(out_dir: Path, *, samples: int = DEFAULT_SAMPLES, seed: i
         path,
         None,
         {"y": OutputKind.REGRESSION, "hn": OutputKind.STATE},
-        declared=(OutputSpec("y", OutputKind.REGRESSION, declared=True),),
         notes=("no sample data: a rank-0 input and a state fed back need another format",),
     )
 

@@ -14,7 +14,8 @@ onnxruntime class and, when the TFLite toolchain is installed, a tflite
 class; both `auto`, no budgets.
 
 Per model x class it prints every candidate: size, p50/p95 latency, the
-argmax agreement builds used to judge by ("agree %"), each output's metric
+the lowest judged output's fidelity ("lowest %", what the floor is
+compared with), each output's metric
 by its kind (the build's own, Measurement.fidelity), and the verdict; and
 the build's time.
 
@@ -320,7 +321,7 @@ def print_report(results: dict[str, Any]) -> None:
                 )
                 for c in build["candidates"]
             ]
-            headers = ("candidate", "KiB", "p50 ms", "p95 ms", "agree %", "metric by kind",
+            headers = ("candidate", "KiB", "p50 ms", "p95 ms", "lowest %", "metric by kind",
                        "verdict")  # fmt: skip
             print(_table(headers, rows))
     quality: list[tuple[str, ...]] = [

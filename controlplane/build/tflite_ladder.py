@@ -112,8 +112,18 @@ def build_candidates(
             log=log,
         )
     except ConversionFailed as err:
+        # One conversion makes every rung: its failure is said once, on the
+        # first, and the others point at it.
         log(f"tflite: conversion failed: {err.message.splitlines()[0]}")
-        return [_failed(name, precision, err.message) for name, precision, _ in RUNGS]
+        first = RUNGS[0][0]
+        return [
+            _failed(
+                name,
+                precision,
+                err.message if name == first else f"the conversion failed (see {first})",
+            )
+            for name, precision, _ in RUNGS
+        ]
 
     candidates: list[Candidate] = []
     for name, precision, kind in RUNGS:

@@ -431,6 +431,55 @@ def _failure_notes(log_path: Path) -> dict[str, str]:
     return notes
 
 
+# onnx2tf's line naming the ONNX node it is converting, and the last line
+# of a Python traceback: what a failed conversion summary quotes.
+_NODE_LINE = re.compile(r"onnx_op_type: (?P<type>\S+)\s+onnx_op_name: (?P<name>\S+)")
+_FAILED_NODE = re.compile(r"^ERROR: onnx_op_name: (?P<name>\S+)")
+_EXCEPTION = re.compile(r"^(?:[\w.]+\.)?(?P<kind>\w*(?:Error|Exception)): (?P<message>.+)")
+
+
+MAX_ERROR_CHARS = 400
+
+
+def failure_summary(log_path: Path, inputs: Sequence[ConvertInput], code: int) -> str:
+    """One paragraph on why onnx2tf failed: the ONNX node it could not
+    convert (its type and name, from onnx2tf's own ERROR lines or the last
+    node it started), the error it raised, and the static input shapes it
+    was given; the log's path for the rest. Without a recognisable node,
+    the log's last lines."""
+    try:
+        lines = _clean(log_path.read_text(errors="replace").splitlines())
+    except OSError:
+        lines = []
+    failed = next((m["name"] for m in map(_FAILED_NODE.match, lines) if m), None)
+    started = [m for m in map(_NODE_LINE.search, lines) if m]
+    node = next((m for m in reversed(started) if failed is None or m["name"] == failed), None)
+    error = ""
+    for at in range(len(lines) - 1, -1, -1):
+        m = _EXCEPTION.match(lines[at])
+        if m:
+            error = f"{m['kind']}: {m['message'].strip()}"
+            # Keras wraps the op's own error: "Exception encountered when
+            # calling layer ..." and, on the next line, what went wrong.
+            after = lines[at + 1].strip() if at + 1 < len(lines) else ""
+            if after and not after.startswith(("Call arguments", "File ", "•")):
+                error += " " + after.split(" for '{{")[0]
+            break
+    error = error[:MAX_ERROR_CHARS]
+    shapes = ", ".join(f"{i.name} {list(i.shape)}" for i in inputs)
+    if node is None and failed is None:
+        return (
+            f"onnx2tf failed (exit {code}) with inputs fixed to {shapes}; log: {log_path}\n"
+            + log_excerpt(log_path)
+        )
+    what = f"{node['type']} node {node['name']!r}" if node else f"node {failed!r}"
+    return (
+        f"onnx2tf cannot convert the {what}"
+        + (f" ({error})" if error else "")
+        + f"; inputs were fixed to {shapes}; log: {log_path}"
+    )
+
+
 def run_onnx2tf(
     toolchain: TfliteToolchain,
     model: Path,
@@ -516,9 +565,7 @@ def run_onnx2tf(
         for path in sorted(out_dir.glob(f"{_MODEL_STEM}_*.tflite"))
     }
     if "float32" not in files:
-        raise ConversionFailed(
-            f"onnx2tf failed (exit {code}); log: {log_path}\n" + log_excerpt(log_path)
-        )
+        raise ConversionFailed(failure_summary(log_path, inputs, code))
     failures = _failure_notes(log_path)
     if code != 0:
         # The float models are written before quantization starts; an error

@@ -24,6 +24,7 @@ from edgefleet.controlplane.build.measure import (
 )
 from edgefleet.controlplane.build.pipeline import run_build
 from edgefleet.controlplane.build.samples import load_samples
+from edgefleet.controlplane.build.toolchain import find_tflite
 from edgefleet.controlplane.build.types import BuildTarget, Candidate
 from edgefleet.controlplane.domain.onnx_inspect import (
     SampleInfo,
@@ -308,3 +309,31 @@ def test_silero_vad_builds_from_sequences(silero_vad: Path, tmp_path: Path) -> N
             silero_vad, None, BuildTarget("pi4", "onnxruntime"), tmp_path / "work2",
             lambda fraction, message: None, runs=RUNS,
         )  # fmt: skip
+
+
+@pytest.mark.skipif(find_tflite() is None, reason="the TFLite toolchain (onnx2tf) is not installed")
+def test_silero_vad_for_tflite_is_refused_naming_what_onnx2tf_cannot_convert(
+    silero_vad: Path, tmp_path: Path
+) -> None:
+    """onnx2tf cannot convert silero-vad's If node (its decoder squeezes a
+    dimension the static shapes leave at 128): every rung fails, the reason
+    said once, naming the node, the error and the shapes the inputs were
+    fixed to."""
+    samples = tmp_path / "vad.npz"
+    np.savez(
+        samples,
+        input=vad_signal(SEQUENCES, STEPS),
+        state=np.zeros((2, 1, 128), np.float32),
+        sr=np.int64(16000),
+    )
+    outcome = run_build(
+        silero_vad, samples, BuildTarget("pi", "tflite"), tmp_path / "work",
+        lambda fraction, message: None, runs=RUNS,
+    )  # fmt: skip
+    assert outcome.chosen is None
+    first, *others = outcome.candidates
+    assert first.candidate.name == "tflite-fp32"
+    assert first.error.startswith("onnx2tf cannot convert the If node 'If_0' ("), first.error
+    assert "inputs were fixed to input [1, 512], state [2, 1, 128], sr []" in first.error
+    assert "Traceback" not in first.error and "\n" not in first.error
+    assert [e.error for e in others] == ["the conversion failed (see tflite-fp32)"] * 2

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from edgefleet.controlplane.build.types import BuildTarget, Candidate, Evaluated, Measurement
-from edgefleet.fidelity import lowest
+from edgefleet.fidelity import OutputKind, lowest
 
 MIB = 1024 * 1024
 # Latency differences under 5% are within run-to-run noise on a build host:
@@ -89,26 +89,34 @@ def _retention_reasons(
         which = "version's min"
     if floor is None:
         floor = DEFAULT_MIN_RETENTION
+    reasons: list[str] = []
+    # With labels, accuracy retention judges the scores it is measured on
+    # (the first class-scores output); every other output keeps its metric.
+    by_accuracy = ""
+    labelled = measurement.accuracy is not None and bool(reference_accuracy)
     if measurement.accuracy is not None and reference_accuracy:
         kept = measurement.accuracy / reference_accuracy
-        if kept >= floor:
-            return []
-        return [
-            f"accuracy {measurement.accuracy:.4f} vs fp32 {reference_accuracy:.4f}: retention "
-            f"{kept:.4f} < {which} {floor:.4f} ({_over(kept, floor)})"
-        ]
+        by_accuracy = next(
+            (s.output for s in measurement.fidelity if s.kind is OutputKind.CLASS_SCORES), ""
+        )
+        if kept < floor:
+            reasons.append(
+                f"accuracy {measurement.accuracy:.4f} vs fp32 {reference_accuracy:.4f}: "
+                f"retention {kept:.4f} < {which} {floor:.4f} ({_over(kept, floor)})"
+            )
     if not measurement.fidelity:
-        if measurement.agreement >= floor:
-            return []
-        return [
-            f"argmax agreement with fp32 {measurement.agreement:.4f} < {which} {floor:.4f} "
-            f"({_over(measurement.agreement, floor)})"
-        ]
+        # A measurement from before output kinds: argmax agreement.
+        if not labelled and measurement.agreement < floor:
+            reasons.append(
+                f"argmax agreement with fp32 {measurement.agreement:.4f} < {which} {floor:.4f} "
+                f"({_over(measurement.agreement, floor)})"
+            )
+        return reasons
     # Every judged output on its own: a detector's boxes and scores both count.
-    return [
+    return reasons + [
         f"{s.output}: {s.metric} {s.value:.4f} < {which} {floor:.4f} ({_over(s.value, floor)})"
         for s in measurement.fidelity
-        if s.judged and s.value < floor
+        if s.judged and s.output != by_accuracy and s.value < floor
     ]
 
 

@@ -48,6 +48,7 @@ from edgefleet.controlplane.client.syntax import (
     parse_model_ref,
 )
 from edgefleet.controlplane.client.tls_probe import unavailable_advice
+from edgefleet.controlplane.domain.input_shapes import format_dims
 from edgefleet.tui import data as d
 from edgefleet.tui import plots
 from edgefleet.update_state import name_of, of_status
@@ -923,6 +924,7 @@ def class_from_pb(m: c.DeviceClass) -> d.DeviceClass:
         microcontroller=bool(opt("microcontroller")),
         rules=tuple(format_rule(r) for r in m.match_rules), device_count=m.device_count,
         mirrors=tuple(m.artifact_mirrors), max_download_rate=m.max_download_rate,
+        input_shapes=tuple(f"{s.name}={format_dims(s.dims)}" for s in k.input_shapes),
     )  # fmt: skip
 
 

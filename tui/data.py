@@ -172,6 +172,9 @@ class DeviceClass:
     # Delivery: the class's own mirrors and download cap (bytes/s, 0: none).
     mirrors: tuple[str, ...] = ()
     max_download_rate: int = 0
+    # TFLite builds' fixed input shapes, as the CLI takes them
+    # ("images=1x3x48x320").
+    input_shapes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

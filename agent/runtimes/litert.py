@@ -15,9 +15,12 @@ The runner bridges three differences:
 
 `inputs` reports what the interpreter really accepts, in ONNX terms: the
 ONNX names, dtypes and layout, with the dimensions the artifact fixes filled
-in. onnx2tf converts with static shapes (a batch of 1 unless told
-otherwise), so a model whose ONNX batch is dynamic takes exactly one row as
-TFLite; the ModelHost validates requests against these shapes.
+in. A build fixes every dynamic dimension but the batch to the class's input
+shape or the samples' (controlplane/build/tflite_ladder.py); a dynamic batch
+stays dynamic where onnx2tf can keep it (shape_signature -1), and `run`
+resizes the interpreter's inputs when a call's batch differs from the one
+allocated. Where the batch could not be kept the artifact takes one row. The
+ModelHost validates requests against these shapes.
 """
 
 from __future__ import annotations
@@ -331,8 +334,14 @@ class LiteRtRunner:
     def _set(self, tensor: TfliteTensor, array: np.ndarray) -> None:
         if array.shape != self._shapes[tensor.index]:
             # Only dims the model leaves dynamic (-1) may change; strict
-            # resizing refuses the others with a clear message.
-            self._interpreter.resize_tensor_input(tensor.index, list(array.shape), strict=True)
+            # resizing refuses the others.
+            try:
+                self._interpreter.resize_tensor_input(tensor.index, list(array.shape), strict=True)
+            except (RuntimeError, ValueError) as exc:
+                raise ValueError(
+                    f"input {tensor.name!r}: shape {list(array.shape)} (TFLite layout), the "
+                    f"artifact takes {list(tensor.shape)} (-1: any size): {exc}"
+                ) from None
             self._interpreter.allocate_tensors()
             self._shapes[tensor.index] = array.shape
         self._interpreter.set_tensor(tensor.index, array)

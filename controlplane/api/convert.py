@@ -33,7 +33,12 @@ from edgefleet.controlplane.domain.rollouts import Gates
 from edgefleet.controlplane.errors import InvalidArgument
 from edgefleet.controlplane.services.audit import AuditSearch
 from edgefleet.controlplane.services.builds import BuildView
-from edgefleet.controlplane.services.classes import ClassView, Constraints, MatchReport
+from edgefleet.controlplane.services.classes import (
+    ClassView,
+    Constraints,
+    MatchReport,
+    input_shapes_of,
+)
 from edgefleet.controlplane.services.deployments import AssignmentView
 from edgefleet.controlplane.services.devices import DeviceView
 from edgefleet.controlplane.services.operator_tokens import OperatorTokenView
@@ -352,6 +357,11 @@ def constraint_changes(msg: c.ConstraintProfile) -> dict[str, Any]:
         changes["quantization"] = enum_name(QUANTIZATION_NAMES, msg.quantization, "quantization")
     if msg.accelerator:
         changes["accelerator"] = msg.accelerator
+    if msg.input_shapes:
+        # Replaces the class's shapes (an update clears them by name).
+        changes["input_shapes"] = tuple(
+            sorted((shape.name, tuple(shape.dims)) for shape in msg.input_shapes)
+        )
     if msg.HasField("fallback"):
         # UNSPECIFIED set explicitly: no fallback (drops one in an update).
         changes["fallback"] = (
@@ -390,6 +400,9 @@ def class_to_pb(view: ClassView) -> c.DeviceClass:
             microcontroller=row.microcontroller,
             device_memory_mb=row.device_memory_mb,
             fallback=QUANTIZATIONS[row.fallback] if row.fallback else None,
+            input_shapes=[
+                c.InputShape(name=name, dims=dims) for name, dims in input_shapes_of(row)
+            ],
         ),
         match_rules=[rule_to_pb(r) for r in rules.rules_from_json(row.match_rules)],
         device_count=view.device_count,
@@ -575,6 +588,8 @@ def _candidate_to_pb(data: dict[str, Any]) -> o.BuildCandidate:
         latency_measurements=int(data.get("latency_measurements") or 1),
         host_load=data.get("host_load") or 0.0,
         notes=list(data.get("notes") or []),
+        # Nor those before accepted shapes (issue 22).
+        accepted_inputs=[_tensor(t) for t in data.get("accepted_inputs") or []],
     )
 
 

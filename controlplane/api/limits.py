@@ -236,7 +236,8 @@ LIMITS: dict[str, Limit] = {
     "GetDeviceClassRequest.name": CLASS_NAME,
     "DeleteDeviceClassRequest.name": CLASS_NAME,
     "ConstraintProfile.accelerator": Limit(chars=32),  # String(32)
-    # Fixed shapes for TFLite builds: one per model input, of at most rank 8.
+    # Fixed shapes for TFLite builds: domain/input_shapes.py's bounds (the
+    # service says which value is wrong).
     "ConstraintProfile.input_shapes": Limit(count=32),
     "InputShape.name": Limit(chars=256),
     "InputShape.dims": Limit(count=8),

@@ -433,7 +433,9 @@ class OperatorServicer(Handlers, operator_pb2_grpc.OperatorServiceServicer):
             row = await self.run(self._registry.commit, who.actor, upload)
         finally:
             await asyncio.shield(self.run(upload.close))
-        return convert.model_version_to_pb(row, header.model_name)
+        pushed = convert.model_version_to_pb(row, header.model_name)
+        pushed.push_warnings.extend(await self.run(self._registry.shape_warnings, row))
+        return pushed
 
     @rpc("operator", role=VIEWER)
     async def ListModels(

@@ -27,6 +27,7 @@ from edgefleet.controlplane.build.measure import (
     unroll_sequences,
 )
 from edgefleet.controlplane.build.samples import MAX_BUILD_OUTPUT_BYTES, MiB, Samples, load_samples
+from edgefleet.controlplane.build.shapes import fit_samples
 from edgefleet.controlplane.build.types import (
     BuildResult,
     BuildTarget,
@@ -114,6 +115,8 @@ def run_build(
     specs = tuple(output_specs(info, target.outputs))
     state = state_pairs(info, specs)
     samples = load_samples(sample_path, info.inputs, state=state)
+    # A TFLite class's fixed input shapes: the samples must fit the artifact.
+    samples = fit_samples(samples, info.inputs, target.input_shapes, log)
     log(
         f"model: opset {info.opset}, {info.producer or 'unknown producer'}; "
         f"{samples.describe()}{', with labels' if samples.labels is not None else ''}"

@@ -323,7 +323,9 @@ class ConvertInput:
     """One model input as the conversion sees it."""
 
     name: str
-    # Static shape with batch 1, in the ONNX layout: fixes dynamic dims.
+    # The shape to convert at, in the ONNX layout: fixes the model's dynamic
+    # dims. A -1 first dimension keeps a dynamic batch dynamic (every other
+    # dim is fixed); otherwise the shape is static.
     shape: tuple[int, ...]
     # Sample values in the ONNX layout with a leading sample axis, for
     # calibration and for onnx2tf's own self-check.
@@ -376,13 +378,32 @@ def _broadcast_literal(rank: int, value: float) -> str:
     return "[" * max(rank, 1) + repr(float(value)) + "]" * max(rank, 1)
 
 
-def safe_copy(model: Path, dest: Path) -> None:
+def safe_copy(model: Path, dest: Path, shapes: Mapping[str, Sequence[int]] | None = None) -> None:
     """Copy `model` to `dest` as one file (external weights pulled in),
     giving every node a name TensorFlow accepts as a scope (`Softmax@0` ->
     `Softmax_0`; unnamed, which onnx2tf would name `Softmax@0`, ->
     `<op>_<index>`). Node names are not part of the model's interface, so
-    nothing a caller sees changes."""
+    nothing a caller sees changes.
+
+    `shapes` (input name -> dims, -1 for one to leave as it is) fixes input
+    dimensions in the copy: how a conversion keeps a dynamic batch while
+    fixing the rest, which onnx2tf's -ois cannot (it fixes every dimension
+    it is given)."""
     proto = onnx.load(str(model), load_external_data=True)
+    for value in proto.graph.input:
+        dims = (shapes or {}).get(value.name)
+        tensor_dims = value.type.tensor_type.shape.dim
+        if dims is None or len(dims) != len(tensor_dims):
+            continue
+        for axis, dim in enumerate(tensor_dims):
+            size = dims[axis]
+            if size >= 0:
+                dim.dim_value = size  # a oneof: drops the symbolic name
+            elif not dim.dim_param:
+                # Left dynamic but with no name: unset, or the -1 some
+                # exporters (Paddle) write, which onnx2tf takes for a size
+                # ("Dimension -1 must be >= 0"). A name makes it dynamic.
+                dim.dim_param = f"dynamic_{axis}"
     used: set[str] = set()
     for index, node in enumerate(proto.graph.node):
         name = _VALID_SCOPE.sub("_", node.name) or f"{node.op_type}_{index}"
@@ -499,13 +520,15 @@ def run_onnx2tf(
     runs past `timeout_s`."""
     workdir.mkdir(parents=True, exist_ok=True)
     source = workdir / f"{_MODEL_STEM}.onnx"
-    safe_copy(model, source)
+    # Dynamic dims fixed in the copy (a dynamic batch may stay): onnx2tf
+    # needs static shapes past the batch.
+    safe_copy(model, source, {s.name: s.shape for s in inputs})
     np.save(workdir / SELF_CHECK_FILE, self_check_images(inputs))
     out_dir = workdir / "out"
     args = [str(toolchain.onnx2tf), "-i", source.name, "-o", out_dir.name]
-    # Dynamic dims fixed at the samples' size (batch 1): onnx2tf needs static
-    # shapes, and a device serves one sample at a time.
-    args += ["-ois", *(f"{s.name}:{','.join(str(d) for d in s.shape)}" for s in inputs)]
+    static = [s for s in inputs if min(s.shape, default=1) > 0]
+    if static:
+        args += ["-ois", *(f"{s.name}:{','.join(str(d) for d in s.shape)}" for s in static)]
     if quantize:
         args += ["-oiqt", "-qt", "per-channel"]
         for index, spec in enumerate(inputs):

@@ -59,6 +59,11 @@ class BuildTarget:
         else the class's; None: the default (verdict.DEFAULT_MIN_RETENTION)."""
         return self.min_fidelity if self.min_fidelity is not None else self.min_accuracy_retention
 
+    # TFLite: (input name, static shape) the conversion fixes the model's
+    # dynamic input dimensions to, sorted by name (the class's
+    # --input-shape; domain/input_shapes.py). Empty for other runtimes.
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
     def to_json(self) -> dict[str, Any]:
         """The form a build row stores (and the dedup key hashes). A version
         that declares nothing stores what builds stored before."""
@@ -71,9 +76,12 @@ class BuildTarget:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BuildTarget:
-        """A target as `to_json` stored it."""
+        """A target as `to_json` stored it (JSON made its tuples lists)."""
         fields = dict(data)
         fields["outputs"] = tuple(OutputSpec.from_json(o) for o in fields.get("outputs", ()))
+        fields["input_shapes"] = tuple(
+            (str(name), tuple(dims)) for name, dims in fields.get("input_shapes") or ()
+        )
         return cls(**fields)
 
 
@@ -127,6 +135,33 @@ class Candidate:
     tensorrt_spec: TensorRTSpec | None = None
     # Minimum runtime versions the artifact needs, e.g. {"onnxruntime": "1.17"}.
     min_runtime_versions: dict[str, str] = field(default_factory=dict)
+    # The input shapes the artifact accepts, in ONNX terms (names, dtypes,
+    # layout; -1: any size), when they differ from the ONNX model's: a
+    # TFLite artifact fixes dynamic dimensions. Empty: the model's own.
+    accepted_inputs: tuple[TensorShape, ...] = ()
+    # Remarks that are not failures, e.g. the shapes a TFLite artifact was
+    # fixed to (BuildCandidate.notes).
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """One input as an artifact accepts it (a TensorSpec)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]  # -1: any size
+    # The ONNX model's names of the dimensions still free ("" elsewhere).
+    dim_names: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The TensorSpec JSON form the registry stores (api.convert reads it)."""
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "dim_names": list(self.dim_names),
+        }
 
 
 # A timing spread beyond either bound is noise, not the model: the build

@@ -26,12 +26,15 @@ from edgefleet.controlplane.client.syntax import (
     parse_match,
 )
 from edgefleet.controlplane.domain.delivery import parse_base_url, parse_rate
+from edgefleet.controlplane.domain.input_shapes import parse_input_shape
 from edgefleet.v1 import common_pb2, operator_pb2
 
 # `--clear` names: the options' own names.
 CLEAR_CHOICES = {option.replace("_", "-"): option for option in CONSTRAINT_FIELDS}
 # Delivery settings `--clear` also takes (not constraints: nothing rebuilds).
 CLEAR_DELIVERY = ("artifact-mirror", "max-download-rate")
+# The class's input shapes (a constraint, apart: --input-shape repeats).
+CLEAR_SHAPES = "input-shapes"
 
 
 @click.group()
@@ -98,6 +101,18 @@ def _class_options(*, create: bool) -> Callable[[F], F]:
             "--microcontroller/--no-microcontroller",
             default=None,
             help="Also emit the int8 model as C source for TensorFlow Lite Micro.",
+        ),
+        click.option(
+            "--input-shape",
+            "input_shapes",
+            metavar="NAME=DIMS",
+            multiple=True,
+            callback=parsed(parse_input_shape),
+            help="TFLite: the static shape to fix an input's dynamic dimensions to, e.g. "
+            "images=1x3x48x320; repeat for each input"
+            + (" (replaces the class's shapes)." if not create else ".")
+            + " A dynamic batch stays dynamic where the converter can keep it "
+            "(docs/operators/builds.md#tflite-input-shapes).",
         ),
         click.option("--priority", type=int, help="Higher wins when several classes match."),
         click.option("--description", help="Free text."),
@@ -199,10 +214,10 @@ def classes_show(env: Connection, name: str, as_json: bool) -> None:
     "--clear",
     "clear",
     multiple=True,
-    type=click.Choice([*CLEAR_CHOICES, *CLEAR_DELIVERY]),
+    type=click.Choice([*CLEAR_CHOICES, CLEAR_SHAPES, *CLEAR_DELIVERY]),
     metavar="FIELD",
     help="Remove a constraint, as if never set, or the class's mirrors or download cap "
-    "(repeat for several): " + ", ".join([*CLEAR_CHOICES, *CLEAR_DELIVERY]) + ".",
+    "(repeat for several): " + ", ".join([*CLEAR_CHOICES, CLEAR_SHAPES, *CLEAR_DELIVERY]) + ".",
 )
 @json_option
 @pass_env
@@ -223,10 +238,15 @@ def classes_update(
     """Change a class; options not given keep their stored values."""
     if rules and clear_rules:
         usage_error("--match and --clear-rules exclude each other")
-    given = {"artifact-mirror": bool(mirrors), "max-download-rate": max_download_rate is not None}
+    given = {
+        "artifact-mirror": bool(mirrors),
+        "max-download-rate": max_download_rate is not None,
+        CLEAR_SHAPES: bool(constraints.get("input_shapes")),
+    }
     for option in clear:
         if given.get(option) or constraints.get(CLEAR_CHOICES.get(option, "")) is not None:
-            usage_error(f"--{option} and --clear {option} exclude each other")
+            flag = "input-shape" if option == CLEAR_SHAPES else option
+            usage_error(f"--{flag} and --clear {option} exclude each other")
     if "max-download-rate" in clear:
         max_download_rate = 0
     request = operator_pb2.UpdateDeviceClassRequest(
@@ -238,6 +258,7 @@ def classes_update(
         replace_match_rules=bool(rules) or clear_rules,
         clear_constraints=sorted(
             {CONSTRAINT_FIELDS[CLEAR_CHOICES[o]] for o in clear if o in CLEAR_CHOICES}
+            | ({"input_shapes"} if CLEAR_SHAPES in clear else set())
         ),
         artifact_mirrors=mirrors,
         replace_artifact_mirrors=bool(mirrors) or "artifact-mirror" in clear,

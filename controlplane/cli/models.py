@@ -119,6 +119,10 @@ def models_push(
             on_progress=lambda sent, _total: progress.update(task, completed=sent),
         )
     emit(as_json, pushed, lambda: render.model_version_detail(pushed))
+    # On stderr, as `classes create` warns: --json output stays one document
+    # (which carries them too, as push_warnings).
+    for warning in pushed.push_warnings:
+        click.secho(f"warning: {warning}", fg="yellow", bold=True, err=True)
 
 
 @models.command("ls")

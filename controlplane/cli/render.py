@@ -35,6 +35,7 @@ from edgefleet.controlplane.client.syntax import (
     format_labels,
     format_rule,
 )
+from edgefleet.controlplane.domain.input_shapes import format_dims
 from edgefleet.update_state import name_of
 from edgefleet.v1 import common_pb2, operator_pb2
 
@@ -462,6 +463,11 @@ def class_detail(c: common_pb2.DeviceClass) -> RenderableType:
             else NONE,
         ),
         (
+            "input shapes",
+            "\n".join(f"{s.name}={format_dims(s.dims)}" for s in k.input_shapes)
+            or "(none: TFLite builds fix dynamic dims to the samples' shape)",
+        ),
+        (
             "match rules",
             "\n".join(format_rule(r) for r in c.match_rules)
             or "(none: devices join only by pinning)",
@@ -625,6 +631,21 @@ def format_seconds(seconds: float) -> str:
 def chosen_candidate(b: operator_pb2.Build) -> str:
     """The name of the candidate the build shipped; `-` when none."""
     return next((c.name for c in b.candidates if c.chosen), NONE)
+
+
+def shape_rows(b: operator_pb2.Build) -> list[tuple[str, RenderableType]]:
+    """`accepts`: the input shapes the chosen artifact takes when they are
+    its own (a TFLite artifact fixes dynamic dims), `images [-1,3,48,320]`;
+    none otherwise. (What was fixed is each candidate's note.)"""
+    chosen = next((c for c in b.candidates if c.chosen), None)
+    if chosen is None or not chosen.accepted_inputs:
+        return []
+    text = "\n".join(
+        f"{t.name} [{','.join(str(d) for d in t.shape)}]"
+        + (" (-1: any size)" if any(d < 0 for d in t.shape) else "")
+        for t in chosen.accepted_inputs
+    )
+    return [("accepts", text)]
 
 
 def fallback_cell(b: operator_pb2.Build) -> RenderableType:
@@ -843,6 +864,8 @@ def build_detail(b: operator_pb2.Build, now: datetime) -> RenderableType:
         ("created", f"{format_ago(b.created_at, now)} ({format_time(b.created_at)})"),
         ("duration", _duration_cell(b)),
         ("chosen", chosen_candidate(b)),
+        # Only when there is something to say (a TFLite artifact's own shapes).
+        *shape_rows(b),
         ("artifact", b.artifact_digest or NONE),
         ("fallback", fallback_cell(b)),
         ("dedup key", b.dedup_key or NONE),

@@ -11,7 +11,7 @@ notification."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -168,6 +168,7 @@ def constraint_profile(
     speed_factor: float | None = None,
     microcontroller: bool | None = None,
     fallback: str | None = None,
+    input_shapes: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> common_pb2.ConstraintProfile | None:
     """The constraints given as options (None: not given); None when no
     option was given, so an update leaves the stored profile alone."""
@@ -192,6 +193,7 @@ def constraint_profile(
         min_accuracy_retention=min_accuracy_retention,
         threads=threads,
         speed_factor=speed_factor,
+        input_shapes=[common_pb2.InputShape(name=n, dims=d) for n, d in input_shapes or ()],
         **flags,
     )
     return profile if profile.ListFields() else None

@@ -43,6 +43,7 @@ from edgefleet.controlplane.domain import secrets, signing
 from edgefleet.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit
 from edgefleet.controlplane.services.blobs import BlobStore, sha256_file
+from edgefleet.controlplane.services.classes import input_shapes_of
 from edgefleet.controlplane.services.devices import EventSink
 from edgefleet.controlplane.services.events import FleetEvent
 from edgefleet.controlplane.services.keys import signing_key
@@ -58,7 +59,9 @@ FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 MAX_ATTEMPTS = 3
 # Bump when the ladder or the verdict changes what a build produces, so old
 # results are not reused for new logic.
-LADDER_VERSION = "2"  # 2: each output judged by its kind's metric; noisy timing re-measured
+# 2: each output judged by its kind's metric; noisy timing re-measured;
+# TFLite keeps a dynamic batch.
+LADDER_VERSION = "2"
 MANIFEST_FORMAT = 1
 RUNTIME_ENUM = {"onnxruntime": c.RUNTIME_ONNXRUNTIME, "tflite": c.RUNTIME_TFLITE,
                 "tensorrt": c.RUNTIME_TENSORRT}  # fmt: skip
@@ -84,6 +87,9 @@ def target_of(cls: DeviceClassRow, mv: ModelVersionRow | None = None) -> BuildTa
         fallback=cls.fallback,
         outputs=tuple(OutputSpec.from_json(o) for o in (mv.output_specs if mv else ()) or ()),
         min_fidelity=mv.min_fidelity if mv else None,
+        # Only a TFLite conversion fixes shapes: another runtime's builds
+        # neither use them nor rebuild when they change.
+        input_shapes=input_shapes_of(cls) if cls.runtime == "tflite" else (),
     )
 
 
@@ -109,11 +115,12 @@ def toolchain_versions(runtime: str, toolchains_dir: Path | None) -> dict[str, s
 def dedup_key(model: ModelVersionRow, target: BuildTarget, versions: dict[str, str]) -> str:
     """Same model bytes, sample data, class profile and tools: same result.
     The class name is left out: two classes with one profile share a build."""
-    # No fallback asked: the key builds had before classes could ask for one.
+    # No fallback or input shapes asked: the key builds had before classes
+    # could ask for them.
     profile = {
         k: v
         for k, v in target.to_json().items()
-        if k != "class_name" and not (k == "fallback" and not v)
+        if k != "class_name" and not (k in ("fallback", "input_shapes") and not v)
     }
     payload = {
         "model": model.model_digest,
@@ -680,16 +687,25 @@ def _candidate_report(item: Evaluated) -> dict[str, Any]:
         "host_load": m.host_load,
         "passed": item.passed,
         "reasons": list(item.reasons),
-        "notes": list(item.notes),
+        # The ladder's (what a TFLite conversion fixed), then the verdict's.
+        "notes": [*built.notes, *item.notes],
         "chosen": item.chosen,
         "fallback": item.fallback,
         "error": item.error,
+        "accepted_inputs": [t.to_json() for t in built.accepted_inputs],
     }
 
 
 def _blob_size(session: Session, digest: str | None) -> int:
     blob = session.get(BlobRow, digest) if digest else None
     return blob.size_bytes if blob else 0
+
+
+def _accepted_inputs(candidate: Candidate, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The model's input specs with the candidate's own shapes where it has
+    them (the registry's order kept)."""
+    own = {t.name: t.to_json() for t in candidate.accepted_inputs}
+    return [own.get(spec["name"], spec) for spec in inputs]
 
 
 def _tensor_spec(spec: dict[str, Any]) -> c.TensorSpec:
@@ -865,7 +881,9 @@ def _manifest(
         sha256=digest,
         size_bytes=size,
         media_type=candidate.media_type,
-        inputs=[_tensor_spec(s) for s in mv.inputs],
+        # A TFLite artifact takes the shapes it was converted with (a device
+        # checks requests against them), not every shape the ONNX model takes.
+        inputs=[_tensor_spec(s) for s in _accepted_inputs(candidate, mv.inputs)],
         outputs=[_tensor_spec(s) for s in mv.outputs],
         golden=_golden(golden),
         atol=golden.atol if golden else 0.0,

@@ -16,6 +16,7 @@ from edgefleet.controlplane.db.models import DeviceClassRow, DeviceRow, utcnow
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import rules, secrets
 from edgefleet.controlplane.domain.delivery import Delivery
+from edgefleet.controlplane.domain.input_shapes import InputShapes, validate_input_shapes
 from edgefleet.controlplane.errors import AlreadyExists, InvalidArgument, NotFound
 from edgefleet.controlplane.services import audit
 from edgefleet.controlplane.services.devices import DECOMMISSIONED, EventSink, reclassify_all
@@ -46,6 +47,9 @@ class Constraints:
     # Build a lighter fallback artifact in this precision too ("": none) for
     # the agent's power/thermal policy (docs/power.md).
     fallback: str = ""
+    # The static shapes a TFLite build fixes the model's dynamic input
+    # dimensions to, by input name (domain/input_shapes.py); sorted by name.
+    input_shapes: InputShapes = ()
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -78,6 +82,10 @@ class Constraints:
             raise InvalidArgument("microcontroller classes need the tflite runtime (TFLite Micro)")
         if self.runtime == "tensorrt" and self.accelerator not in ("", "nvidia-gpu", "jetson"):
             raise InvalidArgument("tensorrt classes need an nvidia-gpu or jetson accelerator")
+        try:
+            validate_input_shapes(self.input_shapes)
+        except ValueError as exc:
+            raise InvalidArgument(f"input shapes: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -200,7 +208,13 @@ def _constraints_of(row: DeviceClassRow) -> Constraints:
         microcontroller=row.microcontroller,
         device_memory_mb=row.device_memory_mb,
         fallback=row.fallback,
+        input_shapes=input_shapes_of(row),
     )
+
+
+def input_shapes_of(row: DeviceClassRow) -> InputShapes:
+    """The class's input shapes, sorted by name (JSONB keeps no key order)."""
+    return tuple(sorted((name, tuple(dims)) for name, dims in (row.input_shapes or {}).items()))
 
 
 def _store(row: DeviceClassRow, spec: ClassSpec) -> None:
@@ -219,6 +233,7 @@ def _store(row: DeviceClassRow, spec: ClassSpec) -> None:
     row.microcontroller = c.microcontroller
     row.device_memory_mb = c.device_memory_mb
     row.fallback = c.fallback
+    row.input_shapes = {name: list(dims) for name, dims in c.input_shapes}
     row.match_rules = rules.rules_to_json(spec.rules)
     row.artifact_mirrors = list(spec.delivery.mirrors)
     row.max_download_rate = spec.delivery.max_download_rate

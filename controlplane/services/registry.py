@@ -19,11 +19,13 @@ from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from edgefleet.controlplane.build.samples import DEFAULT_DYNAMIC_DIM
 from edgefleet.controlplane.db.models import (
     ArtifactRow,
     BlobRow,
     BuildRow,
     DeviceAssignmentRow,
+    DeviceClassRow,
     DeviceRow,
     ModelRow,
     ModelVersionRow,
@@ -33,6 +35,7 @@ from edgefleet.controlplane.db.models import (
 )
 from edgefleet.controlplane.db.uow import Database
 from edgefleet.controlplane.domain import onnx_inspect, secrets, semver
+from edgefleet.controlplane.domain.input_shapes import push_warnings
 from edgefleet.controlplane.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -42,6 +45,7 @@ from edgefleet.controlplane.errors import (
 )
 from edgefleet.controlplane.services import audit
 from edgefleet.controlplane.services.blobs import BlobStore, unreferenced
+from edgefleet.controlplane.services.classes import input_shapes_of
 from edgefleet.controlplane.services.devices import EventSink
 from edgefleet.controlplane.services.events import FleetEvent
 from edgefleet.fidelity import OutputSpec
@@ -340,6 +344,25 @@ class RegistryService:
             FleetEvent("model.pushed", subject=f"{header.model_name}@{header.version}")
         )
         return row
+
+    def shape_warnings(self, row: ModelVersionRow) -> list[str]:
+        """What the TFLite classes' builds will fix in a version's dynamic
+        input dimensions, or where a class's input shapes do not fit it
+        (PushModel's warnings)."""
+        with self._db.unit_of_work(readonly=True) as uow:
+            classes = list(
+                uow.session.scalars(
+                    select(DeviceClassRow)
+                    .where(DeviceClassRow.runtime == "tflite")
+                    .order_by(DeviceClassRow.name)
+                )
+            )
+            return push_warnings(
+                [(t["name"], t["shape"]) for t in row.inputs],
+                [(c.name, input_shapes_of(c)) for c in classes],
+                has_samples=row.sample_data_digest is not None,
+                generated_dim=DEFAULT_DYNAMIC_DIM,
+            )
 
     # ------------------------------------------------------------ queries
 

@@ -245,9 +245,28 @@ def test_image_cnn_converts_offline_and_maps_layout_and_outputs(
     # The original is untouched (onnx2tf rewrites the file it is given).
     assert onnx.load(str(model)).graph.node[-1].name == "Softmax@0"
 
-    # The TFLite model is NHWC with a static batch of 1.
+    # The TFLite model is NHWC; the model's dynamic batch stayed dynamic
+    # (issue 22), and every candidate says so.
     raw = LiteRtRunner(fp32.path) if fp32.path else None
-    assert raw is not None and list(raw.inputs[0].shape) == [1, 16, 16, 3]
+    assert raw is not None and list(raw.inputs[0].shape) == [-1, 16, 16, 3]
+    for candidate in (fp32, fp16, int8):
+        assert [(t.name, t.shape) for t in candidate.accepted_inputs] == [
+            ("image", (-1, 3, 16, 16))
+        ]
+        assert candidate.notes == ("input image: batch kept dynamic",)
+    assert "tflite: input image: batch kept dynamic" in [line for line in log]
+    # The runner resizes the interpreter to each call's batch: 1, 3, 1 again.
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for candidate, atol in ((fp32, FP32_ATOL), (int8, 0.3)):
+        assert candidate.path is not None
+        runner = open_runner(candidate.path, "tflite", onnx_inputs=_infos(info.inputs),
+                             onnx_outputs=_infos(info.outputs))  # fmt: skip
+        assert [list(t.shape) for t in runner.inputs] == [[-1, 3, 16, 16]]
+        for rows in (1, 3, 1):
+            feed = {"image": samples.arrays["image"][:rows]}
+            got, want = runner.run(feed), session.run(None, feed)
+            assert [g.shape for g in got] == [w.shape for w in want], rows
+            assert max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)) < atol
 
     diff, agreement = _compare(model, samples, fp32)
     assert diff < FP32_ATOL and agreement == 1.0

@@ -47,7 +47,16 @@ def class_detail(c: DeviceClass) -> Table:
     table.add_row("rules", " AND ".join(c.rules) or "none (pin devices to it)")
     table.add_row("devices", str(c.device_count))
     table.add_row("delivery", delivery_text(c))
+    if c.input_shapes or c.runtime == "tflite":
+        table.add_row("input shapes", input_shapes_text(c))
     return table
+
+
+def input_shapes_text(c: DeviceClass) -> str:
+    """What a TFLite build fixes the model's dynamic input dims to."""
+    if not c.input_shapes:
+        return "the samples' shapes (edgefleet classes update --input-shape NAME=DIMS)"
+    return ", ".join(c.input_shapes) + " (TFLite builds; a dynamic batch stays dynamic)"
 
 
 def delivery_text(c: DeviceClass) -> str:

@@ -1139,6 +1139,7 @@ class ModelVersion(_message.Message):
     FIRST_ASSIGNED_AT_FIELD_NUMBER: _builtins.int
     OUTPUT_SPECS_FIELD_NUMBER: _builtins.int
     MIN_FIDELITY_FIELD_NUMBER: _builtins.int
+    PUSH_WARNINGS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     version: _builtins.str
     """Semantic version, immutable once pushed."""
@@ -1181,6 +1182,13 @@ class ModelVersion(_message.Message):
     def output_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputSpec]:
         """Every output's kind, declared at push or inferred."""
 
+    @_builtins.property
+    def push_warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set by PushModel only: what the new version's builds will change about
+        it, e.g. the dynamic input dimensions a TFLite class's build fixes, or a
+        class input shape that does not fit it (that build will fail).
+        """
+
     def __init__(
         self,
         *,
@@ -1204,10 +1212,11 @@ class ModelVersion(_message.Message):
         first_assigned_at: _timestamp_pb2.Timestamp | None = ...,
         output_specs: _abc.Iterable[Global___OutputSpec] | None = ...,
         min_fidelity: _builtins.float | None = ...,
+        push_warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity", "created_at", b"created_at", "first_assigned_at", b"first_assigned_at", "labels", b"labels", "min_fidelity", b"min_fidelity", "sample_data", b"sample_data", "yanked_at", b"yanked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "first_assigned_at", b"first_assigned_at", "inputs", b"inputs", "labels", b"labels", "min_fidelity", b"min_fidelity", "model_name", b"model_name", "opset", b"opset", "output_specs", b"output_specs", "outputs", b"outputs", "producer", b"producer", "sample_data", b"sample_data", "sha256", b"sha256", "size_bytes", b"size_bytes", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked", "yanked_at", b"yanked_at", "yanked_by", b"yanked_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "first_assigned_at", b"first_assigned_at", "inputs", b"inputs", "labels", b"labels", "min_fidelity", b"min_fidelity", "model_name", b"model_name", "opset", b"opset", "output_specs", b"output_specs", "outputs", b"outputs", "producer", b"producer", "push_warnings", b"push_warnings", "sample_data", b"sample_data", "sha256", b"sha256", "size_bytes", b"size_bytes", "version", b"version", "yank_reason", b"yank_reason", "yanked", b"yanked", "yanked_at", b"yanked_at", "yanked_by", b"yanked_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_fidelity: _TypeAlias = _typing.Literal["min_fidelity"]  # noqa: Y015
     _WhichOneofArgType__min_fidelity: _TypeAlias = _typing.Literal["_min_fidelity", b"_min_fidelity"]  # noqa: Y015

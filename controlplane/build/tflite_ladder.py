@@ -1,7 +1,14 @@
 """The TFLite rung of the optimization ladder: fp32, fp16 and int8 models
 from one onnx2tf run (controlplane.build.toolchain), for classes whose
 runtime is `tflite`; for microcontroller classes, the int8 model also as C
-source for TensorFlow Lite Micro."""
+source for TensorFlow Lite Micro.
+
+TFLite runs at the shapes it was converted with: every dynamic input
+dimension past the batch is fixed, to the class's input shape or the
+samples' size, and a dynamic batch is kept where onnx2tf keeps it and the
+result really serves another batch (else the model is converted again at
+batch 1). Each candidate records the shapes it accepts and a note saying
+what was fixed (docs/operators/builds.md#tflite-input-shapes)."""
 
 from __future__ import annotations
 
@@ -146,19 +153,28 @@ def batch_problem(
         )
     except RuntimeUnavailable:
         return ""
-    # One sample as fed (Samples.one): a batch of one, or as it is.
+    # One sample as fed (Samples.one): a batch of one, or as it is; only
+    # inputs whose batch stayed dynamic take two rows.
     first = {i.name: i.samples[0] if i.name in as_is else i.samples[:1] for i in converted}
-    pair = {name: np.concatenate([a, a]) for name, a in first.items()}
+    pair = {
+        i.name: np.concatenate([first[i.name]] * 2) if i.shape and i.shape[0] < 0 else first[i.name]
+        for i in converted
+    }
     try:
         one = runner.run(first)
         two = runner.run(pair)
     except (RuntimeError, ValueError) as exc:
         return f"it does not run a batch of 2: {str(exc).splitlines()[0]}"
-    for a, b in zip(one, two, strict=True):
+    for spec, a, b in zip(outputs, one, two, strict=True):
+        if not spec.shape or spec.shape[0] >= 0:
+            continue  # not batched in the ONNX model either: nothing to compare
+        # Loose: kernels may tile a batch of 2 otherwise; a baked-in batch
+        # of 1 shows as a wrong row count or a wrong second row, not as 1e-4.
+        atol = 1e-4 * (1.0 + float(np.abs(a).max(initial=0.0)))
         if b.shape[:1] != (2,) or not all(
-            np.allclose(a[0], b[i], rtol=1e-4, atol=1e-5) for i in range(2)
+            np.allclose(a[0], b[i], rtol=1e-3, atol=atol) for i in range(2)
         ):
-            return "its output on a batch of 2 differs from a batch of 1"
+            return f"its output {spec.name!r} on a batch of 2 differs from a batch of 1"
     return ""
 
 

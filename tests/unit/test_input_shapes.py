@@ -12,6 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from edgefleet.agent.runtimes import TensorInfo as RuntimeTensorInfo
+from edgefleet.agent.serving import InvalidInput, check_inputs
 from edgefleet.controlplane.build.samples import Samples
 from edgefleet.controlplane.build.shapes import fit_samples, shaped_inputs
 from edgefleet.controlplane.build.tflite_ladder import conversion_shapes
@@ -191,3 +193,14 @@ def test_safe_copy_fixes_all_but_the_batch_and_names_a_nameless_one(tmp_path: Pa
     safe_copy(source, copy, {"x": (1, 3, 48, 320)})
     fixed = onnx.load(str(copy)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in fixed] == [1, 3, 48, 320]
+
+
+def test_a_device_says_when_the_artifact_is_stricter_than_the_model() -> None:
+    """A TFLite artifact whose batch could not stay dynamic takes one row
+    where the model's spec allows any: the refusal says both."""
+    accepts = [RuntimeTensorInfo("input", "float32", (1, 64))]
+    model = [RuntimeTensorInfo("input", "float32", (-1, 64))]
+    rows = {"input": np.zeros((8, 64), np.float32)}
+    with pytest.raises(InvalidInput, match=r"the artifact on this device takes \[1, 64\]"):
+        check_inputs(accepts, rows, declared=model)
+    check_inputs(model, rows, declared=model)  # a dynamic batch: any rows

@@ -23,8 +23,18 @@ def _candidate(**fields: object) -> Candidate:
 
 def test_tui_candidate_columns_say_what_they_are() -> None:
     assert CANDIDATE_COLUMNS == (
-        "candidate", "size", "p95 ms", "peak MB", "agreement", "accuracy", "verdict", "reasons",
+        "candidate", "size", "p95 ms", "peak MB", "fidelity", "accuracy", "verdict", "reasons",
     )  # fmt: skip
+
+
+def test_tui_fidelity_names_its_metric_and_notes_follow_reasons() -> None:
+    judged = _candidate(
+        agreement=0.9312, size_bytes=10, metric="mask IoU", passed=True,
+        notes=("latency p95 4.85 ms is 3.0% under the budget 5.00 ms",),
+    )  # fmt: skip
+    cells = candidate_cells(judged)
+    assert cells[4] == "93.1% mask IoU"
+    assert cells[7] == "note: latency p95 4.85 ms is 3.0% under the budget 5.00 ms"
 
 
 def test_tui_unbuilt_candidate_shows_dashes_and_its_error() -> None:

@@ -48,7 +48,7 @@ def candidate_cells(c: Candidate) -> tuple[str, ...]:
         format_bytes(c.size_bytes) if c.size_bytes else "-",
         f"{c.latency_p95_ms:.3f}" if measured else "-",
         f"{c.peak_memory_mb:.1f}" if measured else "-",
-        f"{c.agreement * 100:.1f}% {c.metric or 'argmax'}" if measured else "-",
+        f"{c.agreement * 100:.1f}%" + (f" {c.metric}" if c.metric else "") if measured else "-",
         f"{c.accuracy * 100:.1f}%" if measured and c.accuracy is not None else "-",
         verdict(c),
         c.error or "; ".join((*c.reasons, *(f"note: {n}" for n in c.notes))) or "-",

@@ -361,3 +361,52 @@ async def test_identical_bytes_under_two_names_get_manifests_naming_each(
         assert sum(1 for b in builds.values() if b.reused_from) == 3
     finally:
         await channel.close()
+
+
+async def test_a_failed_build_is_built_again_on_force_and_when_the_ladder_changes(
+    cp: ControlPlane, digits: BuiltModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed result is reused like a succeeded one (same inputs, same
+    tools, same result), but never forever: `builds run --force` builds it
+    again, and so does a new ladder (its version is in the dedup key), so a
+    fixed verdict or metric reaches builds that failed before it (issue 22)."""
+    from edgefleet.controlplane.services import builds as builds_module
+
+    op, channel = await classes_and_digits(cp, digits)
+    builds = build_service(cp)
+    try:
+        job = await asyncio.to_thread(builds.claim, "runner", 60)
+        assert job is not None
+        passed = fake_result(digits.model)
+        failed = dataclasses.replace(
+            passed,
+            candidates=tuple(
+                dataclasses.replace(e, passed=False, chosen=False, reasons=("latency",))
+                for e in passed.candidates
+            ),
+            golden=None,
+        )
+        assert await asyncio.to_thread(builds.finish, job, "runner", failed, "log")
+        listed = (await op.ListBuilds(o.ListBuildsRequest(), metadata=ADMIN)).builds
+        assert {b.state for b in listed} == {o.BUILD_STATE_FAILED}  # the twin reused it
+        ask = o.RunBuildRequest(model_name="digits", model_version="1.0.0", class_name="arm")
+        again = await op.RunBuild(ask, metadata=ADMIN)
+        assert again.builds[0].id == job.build_id  # the same inputs: the same failure
+        forced = await op.RunBuild(
+            o.RunBuildRequest(
+                model_name="digits", model_version="1.0.0", class_name="arm", force=True
+            ),
+            metadata=ADMIN,
+        )
+        assert forced.builds[0].state == o.BUILD_STATE_QUEUED
+        assert forced.builds[0].id != job.build_id
+        # A new ladder: the twin's failed result is not reused either.
+        monkeypatch.setattr(builds_module, "LADDER_VERSION", "test-next")
+        twin_ask = o.RunBuildRequest(
+            model_name="digits", model_version="1.0.0", class_name="arm-twin"
+        )
+        rebuilt = await op.RunBuild(twin_ask, metadata=ADMIN)
+        assert rebuilt.builds[0].state == o.BUILD_STATE_QUEUED
+        assert rebuilt.builds[0].dedup_key != forced.builds[0].dedup_key
+    finally:
+        await channel.close(None)

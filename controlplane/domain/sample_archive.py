@@ -110,10 +110,37 @@ def read_headers(path: Path) -> dict[str, ArrayHeader]:
 
 def verify(path: Path) -> dict[str, ArrayHeader]:
     """read_headers, then stream every array's data through (bounded memory,
-    nothing kept) so that a truncated or corrupted member is refused now,
-    not when a build loads it."""
+    nothing kept) so that a truncated or corrupted member, or a float array
+    holding NaN or infinite values, is refused now, not when a build loads
+    it: a build compares candidates with the original on the samples, and
+    NaN in, NaN out compares as nothing (every metric then read perfect)."""
     members = _members(path)
-    _read_data(path, members, lambda _name, _chunk: None)
+    non_finite: dict[str, int] = {}
+    # Bytes of an element cut by a chunk's end, until the next chunk.
+    pending: dict[str, bytes] = {}
+
+    def check(name: str, chunk: bytes) -> None:
+        dtype = members[name].header.dtype
+        if dtype.kind not in "fc":
+            return
+        data = pending.pop(name, b"") + chunk if name in pending else chunk
+        whole = len(data) // dtype.itemsize * dtype.itemsize
+        if whole < len(data):
+            pending[name] = data[whole:]
+        values = np.frombuffer(data, dtype, whole // dtype.itemsize)
+        bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+        if bad:
+            non_finite[name] = non_finite.get(name, 0) + bad
+
+    _read_data(path, members, check)
+    if non_finite:
+        name, count = next(iter(non_finite.items()))
+        label = "array (.npy)" if name == SINGLE_ARRAY else f"array {name!r}"
+        raise InvalidArgument(
+            f"sample data {label} holds {count:,} NaN or infinite values; every sample "
+            "value must be finite (builds compare each candidate with the original model "
+            "on the samples, and NaN compares as nothing)"
+        )
     return {name: m.header for name, m in members.items()}
 
 

@@ -28,6 +28,7 @@ from edgefleet.controlplane.build.types import (
     Evaluated,
     Golden,
     TensorRTSpec,
+    is_noisy,
 )
 from edgefleet.controlplane.db.models import (
     ArtifactRow,
@@ -130,6 +131,27 @@ def dedup_key(model: ModelVersionRow, target: BuildTarget, versions: dict[str, s
         "ladder": LADDER_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def failed_on_noise(row: BuildRow) -> bool:
+    """Whether a failed build failed because its host was busy: a candidate
+    missed the latency budget on timing that stayed noisy after it was
+    measured again (and would have passed otherwise). Such a result says
+    more about the host than about the model, so asking again builds again
+    instead of reusing it; a failure on size, fidelity or steady latency is
+    reused as any result is."""
+    if row.state != FAILED:
+        return False
+    for report in row.candidates or ():
+        reasons = report.get("reasons") or []
+        noisy = is_noisy(
+            report.get("latency_cv") or 0.0,
+            report.get("latency_p95_over_p50") or 0.0,
+            report.get("latency_p50_ms") or 0.0,
+        )
+        if noisy and reasons and all(r.startswith("latency p95") for r in reasons):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -263,6 +285,7 @@ class BuildService:
         if (
             mine is not None
             and mine.state != CANCELLED
+            and not failed_on_noise(mine)
             and mine.id == self._newest(session, mv, cls)
             and (not force or mine.state in (QUEUED, RUNNING))
         ):
@@ -281,7 +304,10 @@ class BuildService:
             dedup_key=key,
             attempts=0,
         )
-        done = next((b for b in same if b.state in (SUCCEEDED, FAILED)), None)
+        # A failure a busy build host caused is not a result to share.
+        done = next(
+            (b for b in same if b.state in (SUCCEEDED, FAILED) and not failed_on_noise(b)), None
+        )
         if done is not None and not force:
             # Same inputs, same tools (another class with the same profile):
             # the same result, without rebuilding. The artifact bytes are
@@ -455,7 +481,7 @@ class BuildService:
                 uow.commit()
                 return None, self._views(uow.session, [row])
             source = _result_since_queued(uow.session, row) if row.state == QUEUED else None
-            if source is not None:
+            if source is not None and not failed_on_noise(source):
                 # Queued while its twin was being built, and committed too late
                 # for the twin's finish to see it: take that result, not a
                 # second build. Older results do not count (a forced rebuild).
@@ -563,7 +589,10 @@ class BuildService:
     @staticmethod
     def _complete_twins(session: Session, row: BuildRow) -> list[BuildRow]:
         """Queued builds with the same dedup key (other classes, same
-        profile) take this result instead of building it again."""
+        profile) take this result instead of building it again; not a
+        failure the host's load caused (failed_on_noise): they build."""
+        if failed_on_noise(row):
+            return []
         twins = list(
             session.scalars(
                 select(BuildRow).where(

@@ -362,7 +362,8 @@ def score(spec: OutputSpec, output: np.ndarray, reference: np.ndarray) -> Output
     if kind is OutputKind.CLASS_SCORES:
         value, details = _class_scores(output, reference)
     elif kind is OutputKind.DENSE_MAP:
-        value, details = _dense_map(output, reference, spec.threshold)
+        value, details, metric = _dense_map(output, reference, spec.threshold)
+        return OutputScore(spec.name, kind, metric, float(value), details)
     elif kind is OutputKind.SEQUENCE:
         value, details = _sequence(
             output, reference, DEFAULT_BLANK if spec.blank is None else spec.blank
@@ -425,7 +426,11 @@ def _class_scores(output: np.ndarray, reference: np.ndarray) -> tuple[float, dic
 
 def _dense_map(
     output: np.ndarray, reference: np.ndarray, threshold: float | None
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, float], str]:
+    """(value, details, metric name): mask IoU; mean IoU of each pixel's
+    class over several channels without a threshold; and where the
+    reference's mask is empty (or full) on every sample, which makes any IoU
+    a perfect 1.0 that measured nothing, 1 - relative error instead."""
     import numpy as np
 
     got, want = _f64(output), _f64(reference)
@@ -442,11 +447,18 @@ def _dense_map(
         for c in np.union1d(np.unique(got_class), np.unique(want_class)):
             ious.append(_iou(got_class == c, want_class == c))
         details["pixel agreement"] = float(np.mean(got_class == want_class))
-        return float(np.mean(ious)) if ious else 1.0, details
+        return float(np.mean(ious)) if ious else 1.0, details, "mean class IoU"
     cut = DEFAULT_THRESHOLD if threshold is None else threshold
     mask_got, mask_want = got > cut, want > cut
     details["pixel agreement"] = float(np.mean(mask_got == mask_want)) if got.size else 1.0
-    return _iou(mask_got, mask_want), details
+    share = float(np.mean(mask_want)) if want.size else 0.0
+    details["reference mask share"] = share
+    if want.size and share in (0.0, 1.0):
+        side = "empty" if share == 0.0 else "full"
+        error = details["relative error"]
+        value = 0.0 if not math.isfinite(error) else max(0.0, 1.0 - error)
+        return value, details, f"1 - relative error (reference mask {side} at threshold {cut:g})"
+    return _iou(mask_got, mask_want), details, METRIC[OutputKind.DENSE_MAP]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

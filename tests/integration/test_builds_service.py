@@ -410,3 +410,47 @@ async def test_a_failed_build_is_built_again_on_force_and_when_the_ladder_change
         assert rebuilt.builds[0].dedup_key != forced.builds[0].dedup_key
     finally:
         await channel.close(None)
+
+
+async def test_a_build_that_failed_on_a_busy_hosts_timing_is_not_reused(
+    cp: ControlPlane, digits: BuiltModel
+) -> None:
+    """Failed only on latency measured noisy three times: what the host was
+    doing, not the model. Another class with the same profile, or the same
+    class asked again, builds again instead of taking that failure."""
+    op, channel = await classes_and_digits(cp, digits)
+    builds = build_service(cp)
+    try:
+        job = await asyncio.to_thread(builds.claim, "runner", 60)
+        assert job is not None
+        passed = fake_result(digits.model)
+        busy = dataclasses.replace(
+            passed.candidates[1].measurement,
+            latency_p50_ms=2.0, latency_p95_ms=5.91, latency_cv=0.71,
+            latency_p95_over_p50=3.43, latency_measurements=3, host_load=1.59,
+        )  # fmt: skip
+        late = ("latency p95 5.91 ms > budget 3.00 ms (+97%); still noisy after 3 measurements",)
+        failed = dataclasses.replace(
+            passed,
+            candidates=tuple(
+                dataclasses.replace(e, measurement=busy, passed=False, chosen=False, reasons=late)
+                for e in passed.candidates
+            ),
+            golden=None,
+        )
+        assert await asyncio.to_thread(builds.finish, job, "runner", failed, "log")
+        listed = {b.id: b for b in (await op.ListBuilds(o.ListBuildsRequest(),
+                                                        metadata=ADMIN)).builds}  # fmt: skip
+        assert listed[job.build_id].state == o.BUILD_STATE_FAILED
+        # The twin was queued before the failure and waits to be claimed on
+        # its own; asked again, the failed class is built again too.
+        (twin,) = [b for b in listed.values() if b.id != job.build_id]
+        assert twin.state == o.BUILD_STATE_QUEUED
+        again = await op.RunBuild(
+            o.RunBuildRequest(model_name="digits", model_version="1.0.0", class_name="arm"),
+            metadata=ADMIN,
+        )
+        assert again.builds[0].id != job.build_id
+        assert again.builds[0].state == o.BUILD_STATE_QUEUED
+    finally:
+        await channel.close(None)

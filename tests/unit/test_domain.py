@@ -351,3 +351,27 @@ def test_steps_need_a_model_with_state(tmp_path: Path) -> None:
     # Rank r + 1: samples on a new axis, fed as is (a batch of one each).
     np.savez(samples, x=np.zeros((6, 1, 3), np.float32))
     assert onnx_inspect.inspect_sample_data(samples, info).num_samples == 6
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_sample_values_are_refused_naming_the_array(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float, chunk: int
+) -> None:
+    """NaN in, NaN out: every candidate would compare as perfect. Checked
+    while the data streams through, also where a chunk cuts an element
+    (7-byte chunks of 8-byte floats), in big-endian arrays too."""
+    from edgefleet.controlplane.domain import sample_archive
+
+    monkeypatch.setattr(sample_archive, "READ_CHUNK_BYTES", chunk)
+    values = np.zeros((40, 3), ">f8")
+    values[37, 1] = bad
+    np.savez(tmp_path / "s.npz", x=values, labels=np.arange(40))
+    with pytest.raises(InvalidArgument, match=r"array 'x' holds 1 NaN or infinite values"):
+        sample_archive.verify(tmp_path / "s.npz")
+    np.save(tmp_path / "s.npy", values.astype(np.float32))
+    with pytest.raises(InvalidArgument, match=r"array \(.npy\) holds 1 NaN"):
+        sample_archive.verify(tmp_path / "s.npy")
+    values[37, 1] = 0.0
+    np.savez(tmp_path / "ok.npz", x=values, labels=np.arange(40))
+    assert set(sample_archive.verify(tmp_path / "ok.npz")) == {"x", "labels"}

@@ -158,10 +158,27 @@ def test_a_faithful_probability_map_scores_high_where_argmax_scored_noise() -> N
     assert score(OutputSpec("maps", K.DENSE_MAP, threshold=0.05), eroded, reference).value == 1
 
 
+def test_an_empty_reference_mask_is_not_a_perfect_iou() -> None:
+    """A threshold above every value (or silence for a voice detector) makes
+    every mask empty and any IoU 1.0: judged by relative error instead, and
+    the metric's name says why."""
+    rng = np.random.default_rng(4)
+    quiet = rng.uniform(0.0, 0.01, size=(16, 1, 1)).astype(np.float32)
+    spec = OutputSpec("speech", K.DENSE_MAP, threshold=0.5)
+    noisy = quiet + rng.normal(0, 0.01, size=quiet.shape).astype(np.float32)
+    result = score(spec, noisy, quiet)
+    assert result.metric == "1 - relative error (reference mask empty at threshold 0.5)"
+    assert result.value < 0.5 and result.details["reference mask share"] == 0.0
+    assert score(spec, quiet, quiet).value == 1.0
+    full = score(OutputSpec("m", K.DENSE_MAP, threshold=-1), quiet, quiet)
+    assert "reference mask full" in full.metric
+
+
 def test_segmentation_logits_are_judged_by_class_iou() -> None:
     rng = np.random.default_rng(1)
     reference = rng.normal(size=(4, 1, 5, 16, 16)).astype(np.float32)
-    assert score(OutputSpec("seg", K.DENSE_MAP), reference, reference).value == 1.0
+    same = score(OutputSpec("seg", K.DENSE_MAP), reference, reference)
+    assert same.value == 1.0 and same.metric == "mean class IoU"
     shuffled = reference[:, :, ::-1]  # classes swapped per pixel
     result = score(OutputSpec("seg", K.DENSE_MAP), shuffled, reference)
     assert result.value < 0.5 and result.details["pixel agreement"] < 0.5

@@ -63,7 +63,8 @@ def fit_samples(
     with the reason) or already fit the samples."""
     if not shapes or check_against_model(shapes, [(t.name, t.shape) for t in inputs]):
         return samples
-    fixed = dict(shapes)
+    # Only the inputs this model has (a class's shapes serve all its models).
+    fixed = {name: dims for name, dims in shapes if name in samples.arrays}
 
     def per_sample(name: str, dims: Sequence[int]) -> tuple[int, ...]:
         # One sample's dims as held: past the batch, or whole for an input

@@ -34,7 +34,7 @@ from edgefleet.controlplane.build.toolchain import (
     run_onnx2tf,
 )
 from edgefleet.controlplane.build.types import BuildTarget, Candidate, TensorShape
-from edgefleet.controlplane.domain.input_shapes import check_against_model
+from edgefleet.controlplane.domain.input_shapes import check_against_model, unused
 from edgefleet.controlplane.domain.onnx_inspect import TensorInfo, inspect_model
 
 RUNTIME = "tflite"
@@ -218,7 +218,10 @@ def build_candidates(
     toolchain = require_tflite(toolchains_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     info = inspect_model(model)
-    problems = check_against_model(target.input_shapes, [(t.name, t.shape) for t in info.inputs])
+    model_inputs = [(t.name, t.shape) for t in info.inputs]
+    for name in unused(target.input_shapes, model_inputs):
+        log(f"tflite: the class's input shape for {name!r} is not used: no such model input")
+    problems = check_against_model(target.input_shapes, model_inputs)
     if problems:
         reason = "the class's input shapes do not fit the model: " + "; ".join(problems)
         log(f"tflite: {reason}")

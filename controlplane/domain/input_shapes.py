@@ -96,18 +96,15 @@ def check_against_model(
     shapes: InputShapes, inputs: Sequence[tuple[str, Sequence[int]]]
 ) -> list[str]:
     """What disagrees between a class's shapes and a model's inputs (name,
-    shape with -1 for a dynamic dimension): a shape naming no input, one of
-    another rank, one whose size differs from a dimension the model fixes.
-    Empty when they fit."""
+    shape with -1 for a dynamic dimension): a shape of another rank, or one
+    whose size differs from a dimension the model fixes. Empty when they
+    fit. A shape naming an input the model does not have is not for this
+    model (a class holds many models): `unused` names those."""
     model = {name: tuple(shape) for name, shape in inputs}
     problems: list[str] = []
     for name, dims in shapes:
         shape = model.get(name)
         if shape is None:
-            problems.append(
-                f"the class fixes input {name!r}, which the model does not have "
-                f"(its inputs: {', '.join(repr(n) for n in model) or 'none'})"
-            )
             continue
         if len(shape) != len(dims):
             problems.append(
@@ -126,6 +123,12 @@ def check_against_model(
                 f"shape is {format_dims(shape)}: {'; '.join(fixed)}"
             )
     return problems
+
+
+def unused(shapes: InputShapes, inputs: Sequence[tuple[str, Sequence[int]]]) -> list[str]:
+    """The class's shapes naming an input the model does not have."""
+    names = {name for name, _ in inputs}
+    return [name for name, _ in shapes if name not in names]
 
 
 def push_warnings(
@@ -151,6 +154,12 @@ def push_warnings(
                 "--clear input-shapes)"
             )
             continue
+        names = ", ".join(repr(n) for n, _ in inputs) or "none"
+        warnings += [
+            f"TFLite class {class_name!r} fixes input {name!r}, which this model does not have "
+            f"(its inputs: {names}): not used for it"
+            for name in unused(shapes, inputs)
+        ]
         fixed = dict(shapes)
         parts = []
         for name, shape in free:

@@ -116,7 +116,28 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="int8-dynamic-") as tmp:
         prepared = preprocess_for_quantization(src, Path(tmp) / "prepared.onnx")
         quantize_dynamic(prepared, dst, weight_type=QuantType.QUInt8)
+    quantized = _quantized_ops(onnx.load(str(dst), load_external_data=False).graph)
+    if not quantized:
+        # quantize_dynamic leaves alone what it has no integer kernel for and
+        # what sits inside If/Loop subgraphs (silero-vad's whole network):
+        # an fp32 file under an int8 name would mislead every reader.
+        raise ValueError(
+            "dynamic quantization found nothing to quantize (no MatMul, Gemm, Conv, LSTM, GRU "
+            "or Attention weights outside subgraphs): this model has no int8-dynamic form"
+        )
     return dst
+
+
+def _quantized_ops(graph: onnx.GraphProto) -> int:
+    """How many nodes of the top-level graph run in integer arithmetic or
+    quantize at run time."""
+    integer = {
+        "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear",
+        # ORT's contrib ops quantize_dynamic emits (com.microsoft).
+        "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM", "QAttention",
+        "QGemm",
+    }  # fmt: skip
+    return sum(1 for node in graph.node if node.op_type in integer)
 
 
 def quantize_static_qdq(

@@ -138,7 +138,11 @@ def notes(measurement: Measurement, target: BuildTarget) -> list[str]:
                 f"{budget:.2f} ms: within run-to-run noise, so a busier host or device may "
                 "tip it"
             )
-    if measurement.noisy:
+    failed_on_latency = budget is not None and (
+        measurement.latency_p95_ms * target.speed_factor > budget
+    )
+    if measurement.noisy and not failed_on_latency:
+        # (A latency failure's reason already says what it stood on.)
         remarks.append(
             f"timing stayed noisy over {measurement.latency_measurements} measurement(s) "
             f"(CV {measurement.latency_cv:.2f}, p95/p50 {measurement.latency_p95_over_p50:.2f}, "

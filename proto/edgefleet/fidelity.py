@@ -147,11 +147,11 @@ def parse_output(text: str) -> OutputSpec:
         if text[at] != "=":
             continue
         name, rest = text[:at], text[at + 1 :]
-        word, _, option = rest.partition(":")
+        word, colon, option = rest.partition(":")
         kind = KIND_ALIASES.get(word.strip().lower())
         if kind is None or not name:
             continue
-        return _with_option(OutputSpec(name, kind, declared=True), option)
+        return _with_option(OutputSpec(name, kind, declared=True), option, given=bool(colon))
     kinds = ", ".join(k.value for k in OutputKind)
     raise SpecError(
         f"--output {text!r}: expected NAME=KIND[:OPTION=VALUE] with KIND one of {kinds} "
@@ -159,10 +159,17 @@ def parse_output(text: str) -> OutputSpec:
     )
 
 
-def _with_option(spec: OutputSpec, option: str) -> OutputSpec:
+def _with_option(spec: OutputSpec, option: str, *, given: bool = False) -> OutputSpec:
     if not option:
+        if given:
+            raise SpecError(f"--output {spec.name}={spec.kind.value}: nothing after ':'")
         return spec
     key, eq, value = option.partition("=")
+    if ":" in value:
+        raise SpecError(
+            f"--output {spec.name}={spec.kind.value}:{option}: one option per output "
+            f"({spec.kind} takes {', '.join(o + '=' for o in KIND_OPTIONS[spec.kind]) or 'none'})"
+        )
     key = key.strip().lower()
     allowed = KIND_OPTIONS[spec.kind]
     if not eq or key not in allowed:
@@ -215,8 +222,28 @@ def resolve(
             raise SpecError(f"--output {spec.name!r} is declared twice")
         if spec.kind is OutputKind.STATE:
             spec = _checked_state(spec, by_name[spec.name], inputs, input_names)
+        elif spec.kind is OutputKind.SEQUENCE:
+            _check_sequence(spec, by_name[spec.name])
         specs[spec.name] = spec
     return [specs.get(o.name) or infer(o, inputs) for o in outputs]
+
+
+def _check_sequence(spec: OutputSpec, output: Tensor) -> None:
+    """A sequence is class scores per step: a last axis of classes, at
+    least two of them, and a blank among them."""
+    classes = output.shape[-1] if output.shape else 1
+    if len(output.shape) < 2 or classes == 1:
+        raise SpecError(
+            f"--output {spec.name}=sequence: its shape {list(output.shape)} has no axis of "
+            "class scores per step (a sequence is [N, steps, classes]); declare it as "
+            "regression or dense-map instead"
+        )
+    blank = DEFAULT_BLANK if spec.blank is None else spec.blank
+    if classes > 0 and blank >= classes:
+        raise SpecError(
+            f"--output {spec.name}=sequence:blank={blank}: the output has {classes} classes "
+            f"on its last axis (0-{classes - 1})"
+        )
 
 
 def _checked_state(

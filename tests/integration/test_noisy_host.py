@@ -153,7 +153,13 @@ def test_timing_that_stays_noisy_is_measured_three_times_and_said(
     )
     assert not judged.passed
     assert "still noisy after 3 measurements (CV" in judged.reasons[0]
-    assert any("timing stayed noisy over 3 measurement(s)" in n for n in judged.notes)
+    assert judged.notes == ()  # the reason says it; not twice
+    # Passing on the same noisy timing, the note says what it stood on.
+    (roomy,) = evaluate(
+        [(candidate, m)], BuildTarget("pi", "onnxruntime", latency_budget_p95_ms=1000.0), None, 5
+    )
+    assert roomy.passed
+    assert any("timing stayed noisy over 3 measurement(s)" in n for n in roomy.notes)
 
 
 def test_a_latency_near_the_budget_gets_a_note_not_a_failure(tmp_path: Path) -> None:

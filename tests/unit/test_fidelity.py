@@ -95,6 +95,8 @@ def test_output_declarations_parse(text: str, expected: OutputSpec) -> None:
         ("p=class-scores:threshold=0.5", "takes no option"),
         ("p=dense-map:blank=0", "takes threshold="),
         ("p=state:input=", "names the input"),
+        ("p=dense-map:", "nothing after ':'"),
+        ("p=dense-map:threshold=0.3:blank=2", "one option per output"),
     ],
 )
 def test_bad_output_declarations_say_why(text: str, says: str) -> None:
@@ -113,6 +115,10 @@ def test_declarations_are_checked_against_the_model() -> None:
         resolve(outputs, inputs, [parse_output("hn=state:input=h1")])
     with pytest.raises(SpecError, match=r"cannot be fed into the input's \[1, 1, 4\]"):
         resolve(outputs, inputs, [parse_output("hn=state:input=x")])
+    with pytest.raises(SpecError, match=r"has no axis of class scores per step"):
+        resolve([Tensor("p", (-1, 1, 16, 1))], inputs, [parse_output("p=sequence")])
+    with pytest.raises(SpecError, match=r"blank=99: the output has 8 classes on its last axis"):
+        resolve(outputs, inputs, [parse_output("y=sequence:blank=99")])
     declared = resolve(outputs, inputs, [parse_output("y=dense-map:threshold=0")])
     assert declared[0] == OutputSpec("y", K.DENSE_MAP, threshold=0.0, declared=True)
     assert declared[1].kind is K.STATE  # still inferred

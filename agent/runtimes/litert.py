@@ -84,6 +84,8 @@ def layout_perm(onnx_shape: Sequence[int], tflite_shape: Sequence[int]) -> tuple
     be channel-last, which is what onnx2tf does with rank 3-5 tensors.
     ValueError when the shapes are unrelated."""
     rank = len(onnx_shape)
+    if rank == 0 and len(tflite_shape) == 1 and tflite_shape[0] in (1, -1):
+        return None  # a scalar, which onnx2tf makes a tensor of one element
     if 3 <= rank <= 5 and len(tflite_shape) == rank:
         perm = channel_last_perm(rank)
         if _fits([onnx_shape[i] for i in perm], tflite_shape):
@@ -313,6 +315,8 @@ class LiteRtRunner:
             )
         for spec, tensor, perm in zip(self._onnx_inputs, self._in, self._in_perm, strict=True):
             array = np.asarray(inputs[spec.name])
+            if not spec.shape and array.ndim == 0 and len(tensor.shape) == 1:
+                array = array.reshape(1)  # ONNX's scalar, TFLite's one element
             if perm is not None:
                 array = array.transpose(perm)
             if tensor.quantized and not np.issubdtype(array.dtype, np.integer):
@@ -322,12 +326,14 @@ class LiteRtRunner:
             self._set(tensor, np.ascontiguousarray(array))
         self._interpreter.invoke()
         results = []
-        for tensor, perm in zip(self._out, self._out_perm, strict=True):
+        for spec, tensor, perm in zip(self._outputs, self._out, self._out_perm, strict=True):
             value = self._interpreter.get_tensor(tensor.index)
             if tensor.quantized:
                 value = dequantize(value, tensor.scale, tensor.zero_point)
             if perm is not None:
                 value = value.transpose(channel_first_perm(value.ndim))
+            if not spec.shape and value.shape == (1,):
+                value = value.reshape(())
             results.append(np.ascontiguousarray(value))
         return results
 
@@ -353,6 +359,8 @@ def accepted_shape(
     """`onnx` with each dimension it leaves free (-1) set to the TFLite
     tensor's size for it, where that is fixed. `perm` is the tensor's
     layout_perm: the TFLite tensor's axis i is the ONNX axis perm[i]."""
+    if not onnx.shape:
+        return onnx  # a scalar (one element in TFLite)
     in_onnx_layout = list(tflite_shape)
     if perm is not None:
         for axis, onnx_axis in enumerate(perm):

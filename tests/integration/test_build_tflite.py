@@ -26,6 +26,7 @@ from edgefleet.agent.runtimes import RuntimeUnavailable, TensorInfo, litert, ope
 from edgefleet.agent.runtimes.litert import (
     LiteRtRunner,
     TfliteTensor,
+    accepted_shape,
     channel_first_perm,
     channel_last_perm,
     dequantize,
@@ -449,6 +450,13 @@ def test_layout_perm() -> None:
         layout_perm((1, 3, 4, 5), (1, 5, 3, 4))
     with pytest.raises(ValueError):
         layout_perm((1, 10), (1, 5))
+    # An ONNX scalar (a GRU's gain, silero's sample rate): onnx2tf makes it
+    # one element, which the runner feeds and reads back as a scalar.
+    assert layout_perm((), (1,)) is None and layout_perm((), (-1,)) is None
+    with pytest.raises(ValueError):
+        layout_perm((), (2,))
+    scalar = TensorInfo("gain", "float32", ())
+    assert accepted_shape(scalar, (1,), None) == scalar
 
 
 def _t(index: int, name: str, shape: tuple[int, ...]) -> TfliteTensor:

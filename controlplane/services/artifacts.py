@@ -4,8 +4,10 @@ device may download."""
 from __future__ import annotations
 
 import logging
+import re
 
 from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from edgefleet.controlplane.db.models import ArtifactRow, BuildRow, DeviceRow
 from edgefleet.controlplane.db.uow import Database
@@ -19,7 +21,12 @@ from edgefleet.controlplane.errors import (
 from edgefleet.controlplane.services.blobs import BlobFile, BlobStore, valid_digest
 from edgefleet.controlplane.services.builds import SUCCEEDED
 from edgefleet.controlplane.services.devices import ACCEPTED
+from edgefleet.controlplane.services.references import LOOKUP_LIMIT, SHOWN_CANDIDATES, starts_with
 from edgefleet.controlplane.services.registry import filter_by_model
+
+# What `artifacts show` takes for a digest: the 12 characters tables show,
+# or any lowercase-hex prefix of at least 6.
+_HEX_PREFIX = re.compile(r"[0-9a-f]{6,63}")
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,8 @@ class ArtifactService:
         manifest is inside that one's)."""
         with self._db.unit_of_work(readonly=True) as uow:
             row = None
+            if not valid_digest(digest) and _HEX_PREFIX.fullmatch(digest):
+                digest = self._full_digest(uow.session, digest)
             if valid_digest(digest):
                 for column in (ArtifactRow.digest, ArtifactRow.fallback_digest):
                     row = uow.session.scalar(
@@ -59,6 +68,27 @@ class ArtifactService:
             if row is None:
                 raise NotFound(f"no artifact with digest {digest!r}")
             return row
+
+    @staticmethod
+    def _full_digest(session: Session, prefix: str) -> str:
+        """The one artifact (or fallback) digest starting with `prefix`, as
+        tables show them short; the prefix itself when none does (NOT_FOUND
+        follows); INVALID_ARGUMENT naming a few when several do. Asked of
+        the database, so every artifact counts, not one listed page."""
+        found: set[str] = set()
+        for column in (ArtifactRow.digest, ArtifactRow.fallback_digest):
+            found.update(
+                session.scalars(
+                    select(column).where(starts_with(column, prefix)).distinct().limit(LOOKUP_LIMIT)
+                )
+            )
+        if len(found) > 1:
+            shown = ", ".join(sorted(d[:16] for d in found)[:SHOWN_CANDIDATES])
+            raise InvalidArgument(
+                f"digest prefix {prefix!r} names several artifacts ({shown}"
+                f"{', …' if len(found) > SHOWN_CANDIDATES else ''}); give more of it"
+            )
+        return found.pop() if found else prefix
 
     def open_for_device(self, device_id: str, digest: str) -> BlobFile:
         """A blob the device may download, open and verified against its

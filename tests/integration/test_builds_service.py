@@ -454,3 +454,23 @@ async def test_a_build_that_failed_on_a_busy_hosts_timing_is_not_reused(
         assert again.builds[0].state == o.BUILD_STATE_QUEUED
     finally:
         await channel.close(None)
+
+
+async def test_an_artifact_is_found_by_the_short_digest_tables_show(
+    cp: ControlPlane, digits: BuiltModel
+) -> None:
+    """`artifacts show 113b3263a950`: the server resolves a digest prefix
+    over every artifact, not only the page a listing returns."""
+    op, channel = await classes_and_digits(cp, digits)
+    try:
+        await finish_builds_by_hand(cp, op, digits.model, 2)
+        listed = await op.ListArtifacts(o.ListArtifactsRequest(), metadata=ADMIN)
+        digest = listed.artifacts[0].digest
+        short = await op.GetArtifact(o.GetArtifactRequest(digest=digest[:12]), metadata=ADMIN)
+        assert short.digest == digest
+        for text in ("0" * 12, "abc"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await op.GetArtifact(o.GetArtifactRequest(digest=text), metadata=ADMIN)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await channel.close(None)

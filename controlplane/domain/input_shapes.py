@@ -168,7 +168,9 @@ def push_warnings(
             elif has_samples:
                 parts.append(f"{name} {format_dims(shape)} -> the samples' shape")
             else:
-                dims = (1, *(d if d >= 0 else generated_dim for d in shape[1:]))
+                # The batch stays as the model has it (kept dynamic where
+                # the converter can).
+                dims = (shape[0], *(d if d >= 0 else generated_dim for d in shape[1:]))
                 parts.append(f"{name} {format_dims(shape)} -> {format_dims(dims)} (no samples)")
         if parts and any(name not in fixed for name, _ in free):
             warnings.append(

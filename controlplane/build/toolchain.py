@@ -487,7 +487,10 @@ def failure_summary(log_path: Path, inputs: Sequence[ConvertInput], code: int) -
                 error += " " + after.split(" for '{{")[0]
             break
     error = error[:MAX_ERROR_CHARS]
-    shapes = ", ".join(f"{i.name} {list(i.shape)}" for i in inputs)
+    # A batch kept dynamic shows as ?, as the model's own shapes do.
+    shapes = ", ".join(
+        f"{i.name} [{', '.join('?' if d < 0 else str(d) for d in i.shape)}]" for i in inputs
+    )
     if node is None and failed is None:
         return (
             f"onnx2tf failed (exit {code}) with inputs fixed to {shapes}; log: {log_path}\n"

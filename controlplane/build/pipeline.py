@@ -143,6 +143,7 @@ def run_build(
             f"MAX_BUILD_OUTPUT_BYTES={MAX_BUILD_OUTPUT_BYTES // MiB} MiB"
         )
         samples = samples.head(len(reference[0]))
+    _check_reference(reference, specs)
     reference_accuracy = accuracy(reference, specs, samples.labels)
     if reference_accuracy is not None:
         log(f"fp32 reference accuracy on the sample labels: {reference_accuracy:.4f}")
@@ -274,6 +275,27 @@ def describe(m: Measurement) -> str:
         f"({timing}, host load {m.host_load:.2f}/core), peak +{m.peak_memory_mb:.1f} MiB, "
         f"max|diff| {m.max_abs_diff:.3g}; {quality}"
     )
+
+
+def _check_reference(reference: Sequence[np.ndarray], specs: Sequence[OutputSpec]) -> None:
+    """The fp32 model's outputs are what every candidate is judged against:
+    each must be finite (a model that overflows on the samples, or takes the
+    square root of a negative one, gives NaN, which no metric can judge),
+    and each declaration must fit the sizes the model left dynamic."""
+    for spec, out in zip(specs, reference, strict=True):
+        finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise InvalidArgument(
+                f"the model's own output {spec.name!r} holds NaN or infinite values on "
+                f"{len(bad)} of the {len(out)} samples (the first: sample {int(bad[0])}): the "
+                "fp32 outputs every candidate is judged against must be finite; check the "
+                "samples' values (a float32 overflows past 3.4e38) or the model"
+            )
+    try:
+        fidelity.check_against_outputs(specs, [tuple(out.shape[1:]) for out in reference])
+    except fidelity.SpecError as exc:
+        raise InvalidArgument(str(exc)) from exc
 
 
 def _describe_spec(spec: OutputSpec) -> str:

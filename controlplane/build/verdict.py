@@ -59,13 +59,13 @@ def check(
         budget = target.latency_budget_p95_ms
         if device_p95 > budget:
             scaled = (
-                f" x speed factor {target.speed_factor:g} = {device_p95:.2f} ms"
+                f" x speed factor {target.speed_factor:g} = {_ms(device_p95)} ms"
                 if target.speed_factor != 1.0
                 else ""
             )
             reasons.append(
-                f"latency p95 {measurement.latency_p95_ms:.2f} ms{scaled} > budget "
-                f"{budget:.2f} ms ({_over(device_p95, budget)}){_timing(measurement)}"
+                f"latency p95 {_ms(measurement.latency_p95_ms)} ms{scaled} > budget "
+                f"{_ms(budget)} ms ({_over(device_p95, budget)}){_timing(measurement)}"
             )
     if target.max_memory_mb is not None and measurement.peak_memory_mb > target.max_memory_mb:
         reasons.append(
@@ -116,7 +116,8 @@ def _retention_reasons(
     return reasons + [
         f"{s.output}: {s.metric} {s.value:.4f} < {which} {floor:.4f} ({_over(s.value, floor)})"
         for s in measurement.fidelity
-        if s.judged and s.output != by_accuracy and s.value < floor
+        # `not >=`: a NaN (never expected, see fidelity.score) fails too.
+        if s.judged and s.output != by_accuracy and not s.value >= floor
     ]
 
 
@@ -134,8 +135,8 @@ def notes(measurement: Measurement, target: BuildTarget) -> list[str]:
         if abs(margin) <= NEAR_BUDGET:
             side = "under" if margin >= 0 else "over"
             remarks.append(
-                f"latency p95 {device_p95:.2f} ms is {abs(margin):.1%} {side} the budget "
-                f"{budget:.2f} ms: within run-to-run noise, so a busier host or device may "
+                f"latency p95 {_ms(device_p95)} ms is {abs(margin):.1%} {side} the budget "
+                f"{_ms(budget)} ms: within run-to-run noise, so a busier host or device may "
                 "tip it"
             )
     failed_on_latency = budget is not None and (
@@ -149,6 +150,12 @@ def notes(measurement: Measurement, target: BuildTarget) -> list[str]:
             f"host load {measurement.host_load:.2f} per core)"
         )
     return remarks
+
+
+def _ms(ms: float) -> str:
+    """`21.30`; three decimals under 1 ms, where 0.17 against 0.17 would hide
+    which is larger."""
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
 
 
 # A latency this close to the budget (either side) gets a note.

@@ -126,14 +126,20 @@ def sample_specs(inputs: Sequence[TensorInfo]) -> list[sample_shapes.Spec]:
 
 
 def inspect_sample_data(
-    path: Path, model: ModelInfo, *, state: Sequence[tuple[str, str]] | None = None
+    path: Path,
+    model: ModelInfo,
+    *,
+    state: Sequence[tuple[str, str]] | None = None,
+    classes: int | None = None,
 ) -> SampleInfo:
     """Check an .npz holds an array per model input shaped by the rules of
     sample_shapes (docs/operators/models.md#sample-data: samples replacing
     the batch axis, samples on a new axis 0, one constant, or sequences of
     steps for a model with state), plus optional `labels` with one entry per
     sample; or that a plain .npy fits a model's only input. `state`: the
-    model's (output, input) state pairs; None: `state_pairs(model)`. Checks
+    model's (output, input) state pairs; None: `state_pairs(model)`.
+    `classes`: how many classes the labels index (the first class-scores
+    output's last axis), where the model fixes it. Checks
     the arrays' headers first, then streams their data through with bounded
     memory (sample_archive); no array is loaded."""
     headers_in_file = sample_archive.read_headers(path)
@@ -146,14 +152,40 @@ def inspect_sample_data(
     )
     # Only now read the data: a truncated or corrupted member is refused at
     # push time, not when a build loads it.
-    sample_archive.verify(path)
     is_npy = set(headers_in_file) == {sample_archive.SINGLE_ARRAY}
+    ranges: dict[str, tuple[int, int]] = {"labels": (2**63, -(2**63))}
+    sample_archive.verify(path, single_name=model.inputs[0].name if is_npy else "", ranges=ranges)
+    if plan.has_labels:
+        _check_labels(headers_in_file["labels"], ranges["labels"], classes)
     return SampleInfo(
         num_samples=plan.num_samples,
         has_labels=plan.has_labels,
         is_npy=is_npy,
         steps=plan.steps,
     )
+
+
+def _check_labels(
+    header: sample_archive.ArrayHeader, seen: tuple[int, int], classes: int | None
+) -> None:
+    """`labels` hold class indices: integers, at least 0, below the class
+    count where the model fixes it. Anything else measured an accuracy of
+    nothing (a 0% that every candidate shared, so every one passed)."""
+    if header.dtype.kind not in "iu":
+        raise InvalidArgument(
+            f"sample data array 'labels' is {header.dtype}: labels are class indices, "
+            "integers from 0 (write them with .astype(np.int64))"
+        )
+    low, high = seen
+    if low > high:
+        return  # no labels at all: the count check refuses that
+    if low < 0:
+        raise InvalidArgument(f"sample data 'labels' hold {low}: class indices start at 0")
+    if classes is not None and high >= classes:
+        raise InvalidArgument(
+            f"sample data 'labels' hold {high}, but the model scores {classes} classes "
+            f"(0-{classes - 1})"
+        )
 
 
 def count_labels(path: Path) -> int:
@@ -180,3 +212,14 @@ def output_specs(info: ModelInfo, declared: Sequence[OutputSpec]) -> list[Output
         )
     except fidelity.SpecError as exc:
         raise InvalidArgument(str(exc)) from exc
+
+
+def label_classes(info: ModelInfo, specs: Sequence[OutputSpec]) -> int | None:
+    """How many classes sample labels index: the last axis of the first
+    class-scores output, where the model fixes it (and it is above 1)."""
+    shapes = {t.name: t.shape for t in info.outputs}
+    for spec in specs:
+        if spec.kind is fidelity.OutputKind.CLASS_SCORES:
+            shape = shapes.get(spec.name, ())
+            return shape[-1] if shape and shape[-1] > 1 else None
+    return None

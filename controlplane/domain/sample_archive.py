@@ -108,12 +108,20 @@ def read_headers(path: Path) -> dict[str, ArrayHeader]:
     return {name: m.header for name, m in _members(path).items()}
 
 
-def verify(path: Path) -> dict[str, ArrayHeader]:
+def verify(
+    path: Path,
+    *,
+    single_name: str = SINGLE_ARRAY,
+    ranges: dict[str, tuple[int, int]] | None = None,
+) -> dict[str, ArrayHeader]:
     """read_headers, then stream every array's data through (bounded memory,
     nothing kept) so that a truncated or corrupted member, or a float array
     holding NaN or infinite values, is refused now, not when a build loads
     it: a build compares candidates with the original on the samples, and
-    NaN in, NaN out compares as nothing (every metric then read perfect)."""
+    NaN in, NaN out compares as nothing (every metric then read perfect).
+    `single_name`: what an error calls a plain .npy's array (the input it
+    feeds). `ranges`: filled with (min, max) of each integer array whose
+    name it holds as a key (labels, checked against the classes)."""
     members = _members(path)
     non_finite: dict[str, int] = {}
     # Bytes of an element cut by a chunk's end, until the next chunk.
@@ -121,6 +129,16 @@ def verify(path: Path) -> dict[str, ArrayHeader]:
 
     def check(name: str, chunk: bytes) -> None:
         dtype = members[name].header.dtype
+        if ranges is not None and name in ranges and dtype.kind in "iu":
+            data = pending.pop(name, b"") + chunk if name in pending else chunk
+            whole = len(data) // dtype.itemsize * dtype.itemsize
+            if whole < len(data):
+                pending[name] = data[whole:]
+            values = np.frombuffer(data, dtype, whole // dtype.itemsize)
+            if values.size:
+                low, high = ranges[name]
+                ranges[name] = (min(low, int(values.min())), max(high, int(values.max())))
+            return
         if dtype.kind not in "fc":
             return
         data = pending.pop(name, b"") + chunk if name in pending else chunk
@@ -135,7 +153,7 @@ def verify(path: Path) -> dict[str, ArrayHeader]:
     _read_data(path, members, check)
     if non_finite:
         name, count = next(iter(non_finite.items()))
-        label = "array (.npy)" if name == SINGLE_ARRAY else f"array {name!r}"
+        label = f"array {single_name!r} (.npy)" if name == SINGLE_ARRAY else f"array {name!r}"
         raise InvalidArgument(
             f"sample data {label} holds {count:,} NaN or infinite values; every sample "
             "value must be finite (builds compare each candidate with the original model "

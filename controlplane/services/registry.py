@@ -283,8 +283,12 @@ class RegistryService:
         specs = onnx_inspect.output_specs(info, header.outputs)
         sample = None
         if SAMPLE_DATA in files:
-            state = onnx_inspect.state_pairs(info, specs)
-            sample = onnx_inspect.inspect_sample_data(files[SAMPLE_DATA], info, state=state)
+            sample = onnx_inspect.inspect_sample_data(
+                files[SAMPLE_DATA],
+                info,
+                state=onnx_inspect.state_pairs(info, specs),
+                classes=onnx_inspect.label_classes(info, specs),
+            )
         labels_count = onnx_inspect.count_labels(files[LABELS]) if LABELS in files else 0
         digests = {d.part: d.sha256 for d in header.parts}
         sizes = {d.part: d.size for d in header.parts}

@@ -229,14 +229,15 @@ def resolve(
 
 
 def _check_sequence(spec: OutputSpec, output: Tensor) -> None:
-    """A sequence is class scores per step: a last axis of classes, at
-    least two of them, and a blank among them."""
+    """A sequence is class scores per step, [N, steps, classes] (or
+    [steps, N, classes]): rank 3, at least two classes, and a blank among
+    them where the class count is fixed (build_check checks it otherwise)."""
     classes = output.shape[-1] if output.shape else 1
-    if len(output.shape) < 2 or classes == 1:
+    if len(output.shape) != 3 or classes == 1:
         raise SpecError(
-            f"--output {spec.name}=sequence: its shape {list(output.shape)} has no axis of "
-            "class scores per step (a sequence is [N, steps, classes]); declare it as "
-            "regression or dense-map instead"
+            f"--output {spec.name}=sequence: its shape {list(output.shape)} is not class "
+            "scores per step (a sequence is [N, steps, classes], rank 3); declare it as "
+            "class-scores, regression or dense-map instead"
         )
     blank = DEFAULT_BLANK if spec.blank is None else spec.blank
     if classes > 0 and blank >= classes:
@@ -244,6 +245,19 @@ def _check_sequence(spec: OutputSpec, output: Tensor) -> None:
             f"--output {spec.name}=sequence:blank={blank}: the output has {classes} classes "
             f"on its last axis (0-{classes - 1})"
         )
+
+
+def check_against_outputs(specs: Sequence[OutputSpec], shapes: Sequence[tuple[int, ...]]) -> None:
+    """What a declaration's options need of an output's size once it is
+    known (the model left it dynamic): a sequence's blank among its classes.
+    `shapes`: each output's shape as the model gave it. Raises SpecError."""
+    for spec, shape in zip(specs, shapes, strict=True):
+        blank = spec.blank
+        if spec.kind is OutputKind.SEQUENCE and blank is not None and shape and blank >= shape[-1]:
+            raise SpecError(
+                f"output {spec.name!r} is declared sequence:blank={blank}, but it has "
+                f"{shape[-1]} classes on its last axis (0-{shape[-1] - 1})"
+            )
 
 
 def _checked_state(
@@ -383,9 +397,17 @@ class OutputScore:
 
 def score(spec: OutputSpec, output: np.ndarray, reference: np.ndarray) -> OutputScore:
     """How close `output` is to `reference` by `spec`'s kind; 1.0 is
-    identical. Both hold one entry per sample on axis 0, with the same
-    shape (the caller checks)."""
+    identical, and 0.0 where `output` holds NaN or infinite values. Both
+    hold one entry per sample on axis 0, with the same shape (the caller
+    checks; the reference is expected finite)."""
+    import numpy as np
+
     kind = spec.kind
+    bad = output.size - int(np.count_nonzero(np.isfinite(output))) if output.size else 0
+    if bad and kind is not OutputKind.STATE:
+        # NaN compares as nothing, so any metric over it would read as
+        # whatever its arithmetic gives (a NaN that passes every floor).
+        return OutputScore(spec.name, kind, METRIC[kind], 0.0, {"non-finite values": float(bad)})
     if kind is OutputKind.CLASS_SCORES:
         value, details = _class_scores(output, reference)
     elif kind is OutputKind.DENSE_MAP:

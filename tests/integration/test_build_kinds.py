@@ -105,3 +105,29 @@ def test_the_unet_through_the_tflite_ladder_is_judged_by_mask_iou(
     (iou,) = fp32.fidelity
     assert iou.metric == "mask IoU" and iou.value >= 0.99
     assert iou.details["PSNR dB"] > 40
+
+
+def test_a_model_whose_own_outputs_are_nan_is_refused_naming_the_output(tmp_path: Path) -> None:
+    """The fp32 outputs are the reference: NaN there (a square root of a
+    negative sample) would make every metric meaningless."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgefleet.controlplane.errors import InvalidArgument
+
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["features"])], "sqrt",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 4])],
+    )  # fmt: skip
+    model = tmp_path / "sqrt.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    samples = tmp_path / "s.npz"
+    values = np.ones((10, 4), np.float32)
+    values[7, 2] = -1.0
+    np.savez(samples, x=values)
+    with pytest.raises(InvalidArgument, match=r"output 'features' holds NaN or infinite values on "
+                       r"1 of the 10 samples \(the first: sample 7\)"):  # fmt: skip
+        run_build(model, samples, BuildTarget("x86", "onnxruntime"), tmp_path / "w",
+                  lambda fraction, message: None, runs=RUNS)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -370,8 +371,41 @@ def test_non_finite_sample_values_are_refused_naming_the_array(
     with pytest.raises(InvalidArgument, match=r"array 'x' holds 1 NaN or infinite values"):
         sample_archive.verify(tmp_path / "s.npz")
     np.save(tmp_path / "s.npy", values.astype(np.float32))
-    with pytest.raises(InvalidArgument, match=r"array \(.npy\) holds 1 NaN"):
-        sample_archive.verify(tmp_path / "s.npy")
+    # A plain .npy's array is named after the input it feeds.
+    with pytest.raises(InvalidArgument, match=r"array 'x' \(.npy\) holds 1 NaN"):
+        sample_archive.verify(tmp_path / "s.npy", single_name="x")
     values[37, 1] = 0.0
     np.savez(tmp_path / "ok.npz", x=values, labels=np.arange(40))
     assert set(sample_archive.verify(tmp_path / "ok.npz")) == {"x", "labels"}
+
+
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        (np.full(6, 1.5), "is float64: labels are class indices"),
+        (np.array([True, False] * 3), "is bool: labels are class indices"),
+        (np.array([0, 1, -1, 2, 0, 1]), "hold -1: class indices start at 0"),
+        (np.array([0, 1, 99, 2, 0, 1]), "hold 99, but the model scores 3 classes (0-2)"),
+    ],
+)
+def test_labels_must_be_class_indices_of_the_model(
+    tmp_path: Path, labels: np.ndarray, says: str
+) -> None:
+    """Labels out of range measured an accuracy of 0% for the fp32 model and
+    every candidate alike, so every candidate passed."""
+    model = tmp_path / "m.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["scores"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 3])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    info = onnx_inspect.inspect_model(model)
+    specs = onnx_inspect.output_specs(info, ())
+    classes = onnx_inspect.label_classes(info, specs)
+    assert classes == 3
+    np.savez(tmp_path / "s.npz", x=np.zeros((6, 3), np.float32), labels=labels)
+    with pytest.raises(InvalidArgument, match=re.escape(says)):
+        onnx_inspect.inspect_sample_data(tmp_path / "s.npz", info, classes=classes)
+    np.savez(tmp_path / "ok.npz", x=np.zeros((6, 3), np.float32), labels=np.arange(6) % 3)
+    assert onnx_inspect.inspect_sample_data(tmp_path / "ok.npz", info, classes=classes).has_labels

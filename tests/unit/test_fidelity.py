@@ -15,6 +15,7 @@ from edgefleet.fidelity import (
     OutputSpec,
     SpecError,
     Tensor,
+    check_against_outputs,
     decode_greedy,
     edit_distance,
     infer,
@@ -115,10 +116,18 @@ def test_declarations_are_checked_against_the_model() -> None:
         resolve(outputs, inputs, [parse_output("hn=state:input=h1")])
     with pytest.raises(SpecError, match=r"cannot be fed into the input's \[1, 1, 4\]"):
         resolve(outputs, inputs, [parse_output("hn=state:input=x")])
-    with pytest.raises(SpecError, match=r"has no axis of class scores per step"):
-        resolve([Tensor("p", (-1, 1, 16, 1))], inputs, [parse_output("p=sequence")])
+    for shape in ((-1, 1, 16, 1), (-1, 5), (-1, 1, 16, 16), (-1, 20, 1)):
+        with pytest.raises(SpecError, match=r"is not class scores per step"):
+            resolve([Tensor("p", shape)], inputs, [parse_output("p=sequence")])
     with pytest.raises(SpecError, match=r"blank=99: the output has 8 classes on its last axis"):
         resolve(outputs, inputs, [parse_output("y=sequence:blank=99")])
+    # A class count the model leaves dynamic is checked once the build knows it.
+    dynamic = resolve(
+        [Tensor("logits", (-1, 20, -1))], inputs, [parse_output("logits=sequence:blank=9")]
+    )
+    check_against_outputs(dynamic, [(1, 20, 12)])
+    with pytest.raises(SpecError, match=r"blank=9, but it has 4 classes on its last axis"):
+        check_against_outputs(dynamic, [(1, 20, 4)])
     declared = resolve(outputs, inputs, [parse_output("y=dense-map:threshold=0")])
     assert declared[0] == OutputSpec("y", K.DENSE_MAP, threshold=0.0, declared=True)
     assert declared[1].kind is K.STATE  # still inferred
@@ -228,3 +237,15 @@ def test_state_outputs_are_not_judged_and_lowest_skips_them() -> None:
     judged = OutputScore("y", K.REGRESSION, "cosine similarity", 0.97)
     assert lowest([state, judged]) == judged and lowest([state]) is None
     assert OutputScore.from_json(judged.to_json()) == judged
+
+
+def test_non_finite_candidate_outputs_score_zero_never_nan() -> None:
+    """A NaN compares false with every floor: were it the value, it would
+    pass. A candidate whose outputs overflowed scores 0, and says why."""
+    reference = np.ones((4, 1, 8), np.float32)
+    broken = reference.copy()
+    broken[2, 0, 3] = np.nan
+    for kind in (K.REGRESSION, K.CLASS_SCORES, K.DENSE_MAP, K.SEQUENCE):
+        result = score(OutputSpec("y", kind), broken, reference)
+        assert result.value == 0.0 and result.details == {"non-finite values": 1.0}
+    assert not score(OutputSpec("h", K.STATE), broken, reference).judged

@@ -54,6 +54,7 @@ import psutil
 from google.protobuf import timestamp_pb2
 
 from bench.common import ADMIN_TOKEN, edgefleet_command, read_port, server_command
+from bench.jsonout import json_safe
 from edgefleet.controlplane.client.connection import CHANNEL_OPTIONS, bearer_metadata
 from edgefleet.demo.models import (
     RAPIDOCR_WHEEL,
@@ -532,16 +533,6 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="EdgeFleet build-matrix benchmark")
     add = parser.add_argument
@@ -632,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_report(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+        args.out.write_text(json.dumps(json_safe(results), indent=2) + "\n")
         _say(f"results written to {args.out}")
     return 0
 

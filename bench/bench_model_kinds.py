@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from bench.bench_builds import host_versions, machine_info
+from bench.jsonout import json_safe
 from edgefleet import fidelity
 from edgefleet.controlplane.build.types import BuildTarget, Evaluated
 from edgefleet.controlplane.errors import DomainError
@@ -425,16 +425,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = perf()
@@ -443,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_report(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+        args.out.write_text(json.dumps(json_safe(results), indent=2) + "\n")
         _say(f"results written to {args.out}")
     return 0
 

@@ -123,6 +123,7 @@ from bench.common import (
     stop_process,
     worker_pids,
 )
+from bench.jsonout import json_safe
 from bench.latencies import Latencies, latency_summary
 from bench.soak_probe import Probe, TelemetryTally
 from edgefleet.controlplane import gc_policy
@@ -1092,16 +1093,6 @@ async def run(args: argparse.Namespace, cfg: SoakConfig, root: Path) -> dict[str
             print(f"control plane data kept in {args.keep}", file=sys.stderr)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add = parser.add_argument
@@ -1169,7 +1160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def json_dumps(results: dict[str, Any]) -> str:
     """Every figure as JSON (NaN and infinities as null)."""
-    return json.dumps(_json_safe(results), indent=2, default=str) + "\n"
+    return json.dumps(json_safe(results), indent=2, default=str) + "\n"
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ import psutil
 from google.protobuf import duration_pb2
 
 from bench.common import ADMIN_TOKEN, ECHO_SERVER, read_port, server_command
+from bench.jsonout import json_safe
 from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -955,16 +956,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = perf()
@@ -973,7 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_report(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+        args.out.write_text(json.dumps(json_safe(results), indent=2) + "\n")
         _say(f"results written to {args.out}")
     return 0
 

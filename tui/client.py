@@ -933,11 +933,20 @@ def version_from_pb(m: c.ModelVersion) -> d.ModelVersion:
         model_name=m.model_name, version=m.version, description=m.description, sha256=m.sha256,
         size_bytes=m.size_bytes,
         inputs=tuple(f"{t.name} {t.dtype} {format_shape(t)}" for t in m.inputs),
-        outputs=tuple(f"{t.name} {t.dtype} {format_shape(t)}" for t in m.outputs),
+        outputs=tuple(
+            f"{t.name} {t.dtype} {format_shape(t)}" + _judged_as(t.name, m.output_specs)
+            for t in m.outputs
+        ),
         opset=m.opset, producer=m.producer, samples=m.sample_data.num_samples,
         has_labels=m.sample_data.has_labels, created_at=_when(m.created_at),
-        created_by=m.created_by,
+        created_by=m.created_by, push_warnings=tuple(m.push_warnings),
     )  # fmt: skip
+
+
+def _judged_as(name: str, specs: Sequence[c.OutputSpec]) -> str:
+    """` (dense-map)`: the kind builds judge an output as, when known."""
+    spec = next((s for s in specs if s.name == name), None)
+    return f" ({_enum(c.OutputKind, spec.kind)})" if spec is not None else ""
 
 
 def _fidelity_metric(k: o.BuildCandidate) -> str:

@@ -224,6 +224,9 @@ class ModelVersion:
     has_labels: bool = False
     created_at: datetime | None = None
     created_by: str = ""
+    # What the push answered beside the version: what TFLite builds will
+    # fix, class shapes that do not fit (ModelVersion.push_warnings).
+    push_warnings: tuple[str, ...] = ()
 
     @property
     def ref(self) -> str:

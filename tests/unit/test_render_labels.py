@@ -87,3 +87,20 @@ def test_tui_gate_waits_for_telemetry() -> None:
     assert gate_line(strict, Gate("error_rate", 0, 0, True)) == (
         "stage 2: error_rate 0.00% <= 0.00% ok"
     )
+
+
+def test_tui_versions_show_each_outputs_kind_and_carry_push_warnings() -> None:
+    from edgefleet.tui.client import version_from_pb
+    from edgefleet.v1 import common_pb2 as c
+
+    pushed = c.ModelVersion(
+        model_name="det", version="1.0.0",
+        outputs=[c.TensorSpec(name="prob_map", dtype="float32", shape=[-1, 1, 48, -1]),
+                 c.TensorSpec(name="extra", dtype="float32", shape=[-1, 4])],
+        output_specs=[c.OutputSpec(name="prob_map", kind=c.OUTPUT_KIND_DENSE_MAP)],
+        push_warnings=["TFLite class 'pi' takes static shapes; its build fixes ..."],
+    )  # fmt: skip
+    version = version_from_pb(pushed)
+    assert version.outputs[0].endswith("(dense-map)")
+    assert "(" not in version.outputs[1]  # no kind known: nothing said
+    assert version.push_warnings == ("TFLite class 'pi' takes static shapes; its build fixes ...",)

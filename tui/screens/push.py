@@ -83,4 +83,6 @@ class PushScreen(ModalScreen[ModelVersion | None]):
             self.app.notify(err.message, title=err.title, severity="error", markup=False)
             return
         self.app.notify(f"pushed {pushed.ref}: builds queued for every class")
+        for warning in pushed.push_warnings:
+            self.app.notify(warning, title="push warning", severity="warning", markup=False)
         self.dismiss(pushed)

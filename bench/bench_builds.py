@@ -54,7 +54,7 @@ import psutil
 from google.protobuf import timestamp_pb2
 
 from bench.common import ADMIN_TOKEN, edgefleet_command, read_port, server_command
-from bench.jsonout import json_safe
+from bench.jsonout import write_results
 from edgefleet.controlplane.client.connection import CHANNEL_OPTIONS, bearer_metadata
 from edgefleet.demo.models import (
     RAPIDOCR_WHEEL,
@@ -622,8 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["total_s"] = perf() - started
     print_report(results)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(json_safe(results), indent=2) + "\n")
+        write_results(args.out, results)
         _say(f"results written to {args.out}")
     return 0
 

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import shutil
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from bench.bench_builds import host_versions, machine_info
-from bench.jsonout import json_safe
+from bench.jsonout import write_results
 from edgefleet import fidelity
 from edgefleet.controlplane.build.types import BuildTarget, Evaluated
 from edgefleet.controlplane.errors import DomainError
@@ -432,8 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["total_s"] = perf() - started
     print_report(results)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(json_safe(results), indent=2) + "\n")
+        write_results(args.out, results)
         _say(f"results written to {args.out}")
     return 0
 

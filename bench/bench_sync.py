@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import math
 import os
 import platform
@@ -62,7 +61,7 @@ import psutil
 from google.protobuf import duration_pb2
 
 from bench.common import ADMIN_TOKEN, ECHO_SERVER, read_port, server_command
-from bench.jsonout import json_safe
+from bench.jsonout import write_results
 from edgefleet.controlplane.client.connection import bearer_metadata
 from edgefleet.v1 import common_pb2, device_pb2, device_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -963,8 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["total_s"] = perf() - started
     print_report(results)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(json_safe(results), indent=2) + "\n")
+        write_results(args.out, results)
         _say(f"results written to {args.out}")
     return 0
 

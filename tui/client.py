@@ -29,6 +29,7 @@ from edgefleet.controlplane.client.format import (
     format_cohort,
     format_pacing,
     format_shape,
+    lowest_fidelity,
     model_update_text,
     model_views,
 )
@@ -949,15 +950,6 @@ def _judged_as(name: str, specs: Sequence[c.OutputSpec]) -> str:
     return f" ({_enum(c.OutputKind, spec.kind)})" if spec is not None else ""
 
 
-def _fidelity_metric(k: o.BuildCandidate) -> str:
-    """The metric behind `agreement`: the lowest judged output's."""
-    judged = [f for f in k.fidelity if f.kind != c.OUTPUT_KIND_STATE]
-    if not judged:
-        return ""
-    worst = min(judged, key=lambda f: f.value)
-    return f"{worst.output} {worst.metric}" if len(judged) > 1 else worst.metric
-
-
 def build_from_pb(m: o.Build) -> d.Build:
     return d.Build(
         id=m.id, model_name=m.model_name, model_version=m.model_version,
@@ -969,7 +961,7 @@ def build_from_pb(m: o.Build) -> d.Build:
                 agreement=k.agreement, accuracy=k.accuracy if k.HasField("accuracy") else None,
                 passed=k.passed, chosen=k.chosen, reasons=tuple(k.reasons), error=k.error,
                 peak_memory_mb=k.peak_memory_mb, fallback=k.fallback,
-                metric=_fidelity_metric(k), notes=tuple(k.notes),
+                metric=(lowest_fidelity(k) or (0.0, ""))[1], notes=tuple(k.notes),
             )
             for k in m.candidates
         ),

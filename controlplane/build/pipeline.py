@@ -49,7 +49,6 @@ from edgefleet.controlplane.domain.onnx_inspect import (
     TensorInfo,
     inspect_model,
     output_specs,
-    state_pairs,
 )
 from edgefleet.controlplane.errors import DomainError, FailedPrecondition, InvalidArgument
 from edgefleet.fidelity import OutputKind, OutputSpec
@@ -113,7 +112,7 @@ def run_build(
     step(0.0, "inspecting the model")
     info = inspect_model(model_path)
     specs = tuple(output_specs(info, target.outputs))
-    state = state_pairs(info, specs)
+    state = fidelity.state_pairs(specs)
     samples = load_samples(sample_path, info.inputs, state=state)
     # A TFLite class's fixed input shapes: the samples must fit the artifact.
     samples = fit_samples(samples, info.inputs, target.input_shapes, log)

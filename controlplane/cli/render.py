@@ -25,6 +25,7 @@ from edgefleet.controlplane.client.format import (
     format_cohort,
     format_pacing,
     format_shape,
+    lowest_fidelity,
     model_update_text,
     model_views,
 )
@@ -706,14 +707,11 @@ def fidelity_cell(c: operator_pb2.BuildCandidate, *, compact: bool = False) -> s
     """The lowest judged output's fidelity and its metric: `99.3% mask IoU`
     (the value alone for a report stored before output kinds: argmax
     agreement, as the docs of that column said then)."""
-    judged = [f for f in c.fidelity if f.kind != common_pb2.OUTPUT_KIND_STATE]
-    if not judged:
+    lowest = lowest_fidelity(c)
+    if lowest is None:
         return f"{c.agreement * 100:.1f}%"
-    worst = min(judged, key=lambda f: f.value)
-    if compact:
-        return f"{worst.value * 100:.1f}%"
-    where = f"{worst.output} " if len(judged) > 1 else ""
-    return f"{worst.value * 100:.1f}% {where}{worst.metric}"
+    value, metric = lowest
+    return f"{value * 100:.1f}%" if compact else f"{value * 100:.1f}% {metric}"
 
 
 def fidelity_table(candidates: Sequence[operator_pb2.BuildCandidate]) -> Table | None:

@@ -199,3 +199,16 @@ def model_update_text(v: ModelView) -> str:
     if v.state == "pending":
         return f"waiting for the agent to take {v.assigned}"
     return v.reason
+
+
+def lowest_fidelity(candidate: operator_pb2.BuildCandidate) -> tuple[float, str] | None:
+    """The lowest judged output's fidelity and its metric (`mask IoU`),
+    named after the output when several are judged (`prob_map mask IoU`):
+    what the floor was compared with. None for a report stored before
+    output kinds, whose `agreement` is argmax agreement. The CLI's and the
+    TUI's candidate tables both show it."""
+    judged = [f for f in candidate.fidelity if f.kind != common_pb2.OUTPUT_KIND_STATE]
+    if not judged:
+        return None
+    worst = min(judged, key=lambda f: f.value)
+    return worst.value, f"{worst.output} {worst.metric}" if len(judged) > 1 else worst.metric

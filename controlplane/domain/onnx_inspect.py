@@ -117,8 +117,7 @@ def state_pairs(
     an input at the next step (silero-vad's stateN -> state, a GRU's
     hn -> h0), as edgefleet.fidelity resolves output kinds: declared, or
     inferred from names and shapes."""
-    specs = output_specs(model, declared)
-    return tuple((s.name, s.state_input) for s in specs if s.kind is fidelity.OutputKind.STATE)
+    return fidelity.state_pairs(output_specs(model, declared))
 
 
 def sample_specs(inputs: Sequence[TensorInfo]) -> list[sample_shapes.Spec]:

@@ -129,23 +129,19 @@ def verify(
 
     def check(name: str, chunk: bytes) -> None:
         dtype = members[name].header.dtype
-        if ranges is not None and name in ranges and dtype.kind in "iu":
-            data = pending.pop(name, b"") + chunk if name in pending else chunk
-            whole = len(data) // dtype.itemsize * dtype.itemsize
-            if whole < len(data):
-                pending[name] = data[whole:]
-            values = np.frombuffer(data, dtype, whole // dtype.itemsize)
-            if values.size:
-                low, high = ranges[name]
-                ranges[name] = (min(low, int(values.min())), max(high, int(values.max())))
-            return
-        if dtype.kind not in "fc":
+        ranged = ranges is not None and name in ranges and dtype.kind in "iu"
+        if not ranged and dtype.kind not in "fc":
             return
         data = pending.pop(name, b"") + chunk if name in pending else chunk
         whole = len(data) // dtype.itemsize * dtype.itemsize
         if whole < len(data):
             pending[name] = data[whole:]
         values = np.frombuffer(data, dtype, whole // dtype.itemsize)
+        if ranged and ranges is not None:
+            if values.size:
+                low, high = ranges[name]
+                ranges[name] = (min(low, int(values.min())), max(high, int(values.max())))
+            return
         bad = values.size - int(np.count_nonzero(np.isfinite(values)))
         if bad:
             non_finite[name] = non_finite.get(name, 0) + bad

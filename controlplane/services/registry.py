@@ -48,7 +48,7 @@ from edgefleet.controlplane.services.blobs import BlobStore, unreferenced
 from edgefleet.controlplane.services.classes import input_shapes_of
 from edgefleet.controlplane.services.devices import EventSink
 from edgefleet.controlplane.services.events import FleetEvent
-from edgefleet.fidelity import OutputSpec
+from edgefleet.fidelity import OutputSpec, state_pairs
 
 MODEL, SAMPLE_DATA, LABELS = "model", "sample_data", "labels"
 PARTS = (MODEL, SAMPLE_DATA, LABELS)
@@ -286,7 +286,7 @@ class RegistryService:
             sample = onnx_inspect.inspect_sample_data(
                 files[SAMPLE_DATA],
                 info,
-                state=onnx_inspect.state_pairs(info, specs),
+                state=state_pairs(specs),
                 classes=onnx_inspect.label_classes(info, specs),
             )
         labels_count = onnx_inspect.count_labels(files[LABELS]) if LABELS in files else 0

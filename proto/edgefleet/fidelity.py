@@ -424,6 +424,11 @@ def score(spec: OutputSpec, output: np.ndarray, reference: np.ndarray) -> Output
     return OutputScore(spec.name, kind, METRIC[kind], float(value), details)
 
 
+def state_pairs(specs: Sequence[OutputSpec]) -> tuple[tuple[str, str], ...]:
+    """(output, input) of each state output: what is fed back at the next step."""
+    return tuple((s.name, s.state_input) for s in specs if s.kind is OutputKind.STATE)
+
+
 def lowest(scores: Sequence[OutputScore]) -> OutputScore | None:
     """The judged output farthest from the original: what the floor is
     compared with. None when no output is judged."""

@@ -290,7 +290,10 @@ async def test_create_a_rollout_in_the_wizard_and_watch_it_complete(
     async with _fleet_on_1_0_0(cp, op, digits) as fleet:
         app = _app(cp)
         async with app.run_test(size=SIZE) as pilot:
-            monitor = await _wizard(pilot, app, "1,stratified; 100%")
+            # The first stage bakes a few seconds, so the rollout is RUNNING
+            # for at least that long whatever the machine's speed: without it
+            # a quick fleet could finish before the monitor's first frame.
+            monitor = await _wizard(pilot, app, "1,stratified,bake=4s; 100%")
             seen: set[str] = set()
 
             def done() -> bool:

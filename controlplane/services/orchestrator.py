@@ -103,13 +103,6 @@ log = logging.getLogger(__name__)
 ACTOR = "orchestrator"
 
 
-def _model_status(statuses: dict[str, Any] | None, model_name: str) -> dict[str, Any]:
-    """A device's stored status of one model (devices.update_status is keyed
-    by model name); {} when it reported none."""
-    status = (statuses or {}).get(model_name)
-    return status if isinstance(status, dict) else {}
-
-
 _S = TypeVar("_S", bound=Select[*tuple[Any, ...]])
 
 
@@ -384,18 +377,26 @@ class _Applier:
         if not any(m.state in FOLLOWED_STATES for m in members.values()):
             return {}
         model = self.spec.model_name
+        # The three fields this needs, taken out of the JSON by the
+        # database: decoding each device's whole status document in Python
+        # took a 10,000-device rollout's step up to a second on PostgreSQL
+        # (bench_rollout), while installs wanted the same CPU. The sequence
+        # stays JSON (a number, or whatever the agent stored), never cast: a
+        # value past a column's range must not fail the step.
+        field = DeviceRow.update_status
+        columns = (field[(model, "sequence")], field[(model, "state")].as_string(),
+                   field[(model, "reason")].as_string())  # fmt: skip
         out = {}
         # Selected by the rollout's rows, whose states are the members' (the
         # last step wrote them), not by IN (the devices): see _of_rollout.
-        for device_id, statuses in self.session.execute(
-            self._of_rollout(select(DeviceRow.id, DeviceRow.update_status), DeviceRow.id).where(
+        for device_id, sequence, state, reason in self.session.execute(
+            self._of_rollout(select(DeviceRow.id, *columns), DeviceRow.id).where(
                 RolloutDeviceRow.state.in_(FOLLOWED_STATES)
             )
         ):
             m = members.get(device_id)
-            status = _model_status(statuses, model)
-            if m is not None and status.get("sequence") == m.sequence:
-                out[device_id] = Report(str(status.get("state", "")), str(status.get("reason", "")))
+            if m is not None and sequence == m.sequence:
+                out[device_id] = Report(str(state or ""), str(reason or ""))
         return out
 
     def _of_rollout(self, stmt: _S, device_id: Any, stage: int | None = None) -> _S:

@@ -63,7 +63,10 @@ Figures:
 - a queue probe: once a second a trivial operator call that reads the
   database (ListAuditLog, limit 1), timed. Device RPCs, the orchestrator's
   ticks and operator calls share the control plane's database threads, so
-  this shows how long anything waited for them in each phase.
+  this shows how long anything waited for them in each phase;
+- the fleet's event-loop lag: how late this process woke a 50 ms sleep.
+  Every simulated agent runs on that one loop, so a lag of seconds delays
+  their installs and reports, and the figures are then the simulator's.
 
     python -m bench.bench_rollout --agents 2000           # a first try
     python -m bench.bench_rollout                         # 10,000 devices
@@ -121,6 +124,7 @@ from bench.common import (
     stop_process,
 )
 from edgefleet.agent.update.states import State
+from edgefleet.controlplane import loop_lag
 from edgefleet.controlplane.client.connection import operator_stub
 from edgefleet.polling import wait_for
 from edgefleet.sim import Fleet, FleetError, FleetProfile, SimAgent, SimModel
@@ -213,12 +217,18 @@ class Probe:
     """Once a second, a trivial operator call that reads the database
     (ListAuditLog, limit 1), timed: device RPCs, the orchestrator's ticks and
     operator calls all queue for the same database threads, so this shows how
-    long anything waits there in each phase."""
+    long anything waits there in each phase.
+
+    Also the fleet's own event-loop lag (controlplane.loop_lag's probe, run
+    here): every simulated agent shares this process's one loop, so when it
+    wakes a 50 ms sleep seconds late, agents install, report and commit that
+    much late too, and the simulator, not the control plane, set the pace."""
 
     def __init__(self, op: Any) -> None:
         self.op = op
         self.samples: list[tuple[float, float]] = []
-        self._task: asyncio.Task[None] | None = None
+        self.lags: list[tuple[float, float]] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def _run(self) -> None:
         request = operator_pb2.ListAuditLogRequest(limit=1, action="bench.probe")
@@ -230,22 +240,30 @@ class Probe:
             await asyncio.sleep(1.0)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        lag = loop_lag.probe(lambda late: self.lags.append((time.monotonic(), late)))
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(lag)]
 
     def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
 
     def summary(self, t0: float, t1: float) -> dict[str, float]:
-        values = sorted(v for t, v in self.samples if t0 <= t <= t1)
-        if not values:
-            return {"n": 0}
-        return {
-            "n": len(values),
-            "median_s": values[len(values) // 2],
-            "p90_s": values[min(len(values) - 1, math.ceil(len(values) * 0.9) - 1)],
-            "max_s": values[-1],
-        }
+        return _distribution(self.samples, t0, t1)
+
+    def lag_summary(self, t0: float, t1: float) -> dict[str, float]:
+        return _distribution(self.lags, t0, t1)
+
+
+def _distribution(samples: list[tuple[float, float]], t0: float, t1: float) -> dict[str, float]:
+    values = sorted(v for t, v in samples if t0 <= t <= t1)
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "median_s": values[len(values) // 2],
+        "p90_s": values[min(len(values) - 1, math.ceil(len(values) * 0.9) - 1)],
+        "max_s": values[-1],
+    }
 
 
 # ------------------------------------------------------------------ measuring
@@ -365,6 +383,7 @@ async def baseline(
         "rate_window_per_min": per_minute(len(agents), last - first),
         "rate_from_call_per_min": per_minute(len(agents), last - t0),
         "queue_probe": probe.summary(t0, done),
+        "fleet_lag": probe.lag_summary(t0, done),
         "resources": resources,
         "rss_peak": dict(rss.peaks),
     }
@@ -581,6 +600,7 @@ async def rollout(
         "rate_from_start_per_min": per_minute(len(members), from_start),
         "stages": stage_rows,
         "queue_probe": probe.summary(t0, seen_end),
+        "fleet_lag": probe.lag_summary(t0, seen_end),
         "audit": [[round(at(e) - t0, 3), e.action, details(e)] for e in log],
         "resources": resources,
         "rss_peak": dict(rss.peaks),
@@ -651,15 +671,17 @@ def report(results: dict[str, Any]) -> None:
     )
     print(
         "\n| phase | wall s | control plane cores | control plane peak RSS (main) MB | "
-        "bench cores | bench peak RSS MB | DB queue probe median / max s |"
+        "bench cores | bench peak RSS MB | DB queue probe median / max s | "
+        "fleet loop lag median / p90 / max s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, phase in (("idle (fleet connected)", idle), ("baseline", base), ("rollout", roll)):
         res, peaks = phase["resources"], phase["rss_peak"]
         print(
             f"| {name} | {res['wall_s']:.1f} | {res['server_cores']:.2f} | "
             f"{peaks['server_tree'] / mb:.0f} ({peaks['server_main'] / mb:.0f}) | "
-            f"{res['bench_cores']:.2f} | {peaks['bench'] / mb:.0f} | {_probe(phase)} |"
+            f"{res['bench_cores']:.2f} | {peaks['bench'] / mb:.0f} | {_probe(phase)} | "
+            f"{_lag(phase)} |"
         )
     if results["replicas"] > 1:
         print("\nper replica (the first builds and takes the operator calls), cores / peak RSS "
@@ -760,6 +782,11 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> None:
 def _probe(phase: dict[str, Any]) -> str:
     q = phase.get("queue_probe", {})
     return f"{q['median_s']:.2f} / {q['max_s']:.2f}" if q.get("n") else "-"
+
+
+def _lag(phase: dict[str, Any]) -> str:
+    q = phase.get("fleet_lag", {})
+    return f"{q['median_s']:.3f} / {q['p90_s']:.3f} / {q['max_s']:.2f}" if q.get("n") else "-"
 
 
 # ------------------------------------------------------------------ main
@@ -900,6 +927,7 @@ async def run(
             "resources": idle.close(),
             "rss_peak": dict(rss.peaks),
             "queue_probe": probe.summary(idle.wall0, time.monotonic()),
+            "fleet_lag": probe.lag_summary(idle.wall0, time.monotonic()),
         }
         print("baseline: AssignModel 1.0.0 to every device", flush=True)
         results["baseline"] = await baseline(op, fleet, pids, rss, args.timeout_s, progress, probe)

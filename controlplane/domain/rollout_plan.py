@@ -263,6 +263,9 @@ class Plan:
     actions: tuple[Action, ...]
     # Work the pacing already allows is left (the next chunk): step again at once.
     more: bool = False
+    # When a step is due whatever the agents report (a bake's end): step
+    # again then, not at the next tick after it.
+    due: dt.datetime | None = None
 
 
 # ---------------------------------------------------------------- planning
@@ -272,7 +275,7 @@ def plan(snapshot: Snapshot, now: dt.datetime) -> Plan:
     """The actions of one step (see the module docstring)."""
     planner = _Planner(snapshot, now)
     planner.run()
-    return Plan(tuple(planner.actions), planner.more)
+    return Plan(tuple(planner.actions), planner.more, planner.due)
 
 
 class _Planner:
@@ -281,6 +284,7 @@ class _Planner:
         self.now = now
         self.actions: list[Action] = []
         self.more = False
+        self.due: dt.datetime | None = None
 
     @property
     def members(self) -> Mapping[str, Member]:
@@ -500,6 +504,7 @@ class _Planner:
             self.emit(StartBake(index, outcome.reason))
             baking = self.now
         if (self.now - baking).total_seconds() < spec.bake_time_s:
+            self.due = baking + dt.timedelta(seconds=spec.bake_time_s)
             return
         if index == len(s.spec.stages) - 1:
             self.emit(Advance(index))

@@ -115,6 +115,17 @@ class Step:
     changed: bool = False
     # Work left that the pacing already allows (the next notify chunk).
     more: bool = False
+    # When the next step is due whatever happens meanwhile (a bake's end).
+    due: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Wake:
+    """When the orchestrator ticks next: at once (`more`), by `due`, or
+    after the usual pause (Orchestrator.pause_after)."""
+
+    more: bool = False
+    due: dt.datetime | None = None
 
 
 # The most of the wall time the orchestrator's ticks may take (see
@@ -163,15 +174,24 @@ class Orchestrator:
         """Tick until cancelled; a failing tick is logged, not fatal."""
         loop = asyncio.get_running_loop()
         while True:
-            more = False
+            wake = Wake()
             started = loop.time()
             try:
-                more = await loop.run_in_executor(executor, self.tick)
+                wake = await loop.run_in_executor(executor, self.tick)
             except Exception:
                 log.exception("rollout orchestrator tick failed")
             busy = loop.time() - started
             self._on_tick(busy)
-            await asyncio.sleep(self.pause_after(busy, more))
+            await asyncio.sleep(self.pause_for(busy, wake))
+
+    def pause_for(self, busy_s: float, wake: Wake) -> float:
+        """pause_after, cut short when a step is due sooner: a bake's end is
+        one step, not a busy loop, and waiting for the next tick after it
+        cost up to a tick per stage (bench_rollout)."""
+        pause = self.pause_after(busy_s, wake.more)
+        if wake.due is None:
+            return pause
+        return min(pause, max(0.0, (wake.due - self._clock()).total_seconds()))
 
     def pause_after(self, busy_s: float, more: bool) -> float:
         """How long to wait after a tick that took `busy_s`. Not at all
@@ -188,9 +208,9 @@ class Orchestrator:
             return 0.0
         return max(self.tick_s, busy_s * (1.0 - MAX_BUSY_SHARE) / MAX_BUSY_SHARE)
 
-    def tick(self) -> bool:
-        """Drive every rollout that needs work and whose lease we get; True
-        if one has more to do right away."""
+    def tick(self) -> Wake:
+        """Drive every rollout that needs work and whose lease we get; when
+        the next tick is wanted."""
         with self._db.unit_of_work(readonly=True) as uow:
             ids = list(uow.session.scalars(
                 select(RolloutRow.id)
@@ -198,17 +218,20 @@ class Orchestrator:
                 .order_by(RolloutRow.created_at)
             ))  # fmt: skip
         self._forget_all_but(ids)
-        more = False
+        more, due = False, None
         for rollout_id in ids:
             if not self._take_lease(rollout_id):
                 continue
             try:
-                more = self.drive(rollout_id).more or more
+                step = self.drive(rollout_id)
+                more = step.more or more
+                if step.due is not None and (due is None or step.due < due):
+                    due = step.due
             except Exception:
                 # One rollout's failing step (a bug, a spec an older server
                 # let through) must not hold back every other rollout.
                 log.exception("rollout %s: step failed; the next tick tries again", rollout_id)
-        return more
+        return Wake(more, due)
 
     def _forget_all_but(self, ids: Iterable[str]) -> None:
         """Drop the copies and lease marks of rollouts that need no more
@@ -521,7 +544,7 @@ class _Applier:
         for action in planned.actions:
             self.snapshot = apply(self.snapshot, action, self.now)
             self.side_effects(action)
-        self.step.more = planned.more
+        self.step.more, self.step.due = planned.more, planned.due
         self.save()
         return self.step
 

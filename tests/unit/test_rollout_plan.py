@@ -201,6 +201,8 @@ class Case(NamedTuple):
     now: dt.datetime
     actions: list[str]
     more: bool = False
+    # When the plan says the next step is due (a bake's end).
+    due: dt.datetime | None = None
 
 
 def cases(table: list[Case]) -> pytest.MarkDecorator:
@@ -211,6 +213,7 @@ def check(case: Case) -> Plan:
     p = plan(case.snapshot, case.now)
     assert summaries(p) == case.actions
     assert p.more is case.more
+    assert p.due == case.due
     return p
 
 
@@ -403,9 +406,9 @@ JUDGING = [
     Case("passed-bakes-and-advances", snap(members("a", 2, C), NEXT, stages=TWO), NOW,
          ["judge 0 2/2/0/0", "bake 0", "advance 0"], more=True),
     Case("passed-starts-baking", snap(members("a", 2, C), NEXT, stages=BAKE), NOW,
-         ["judge 0 2/2/0/0", "bake 0"]),
+         ["judge 0 2/2/0/0", "bake 0"], due=NOW + dt.timedelta(seconds=600)),
     Case("baking", snap(members("a", 2, C), NEXT, stages=BAKE, phase=StagePhase.BAKING,
-                        bake_started_at=at(0), counts=(2, 2, 0, 0)), at(599), []),
+                        bake_started_at=at(0), counts=(2, 2, 0, 0)), at(599), [], due=at(600)),
     Case("baked-advances", snap(members("a", 2, C), NEXT, stages=BAKE, phase=StagePhase.BAKING,
                                 bake_started_at=at(0), counts=(2, 2, 0, 0)), at(600),
          ["advance 0"], more=True),

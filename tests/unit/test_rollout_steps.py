@@ -4,12 +4,14 @@ through a real control plane: tests/integration/test_rollouts.py."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from edgefleet.controlplane.domain.rollout_plan import Member, revert_order
 from edgefleet.controlplane.domain.rollout_states import MemberState
 from edgefleet.controlplane.services.events import EventBus
-from edgefleet.controlplane.services.orchestrator import Orchestrator
+from edgefleet.controlplane.services.orchestrator import Orchestrator, Wake
 
 COMMITTED, IN_PROGRESS, NOTIFIED = (
     MemberState.COMMITTED, MemberState.IN_PROGRESS, MemberState.NOTIFIED,
@@ -33,3 +35,16 @@ def test_ticks_are_spaced_so_they_take_at_most_a_quarter_of_the_time() -> None:
     # The next notify chunk follows at once, however long the step took.
     assert o_.pause_after(0.01, more=True) == 0.0
     assert o_.pause_after(3.0, more=True) == 0.0
+
+
+def test_a_step_due_sooner_cuts_the_pause_short() -> None:
+    """A bake ending before the next tick is stepped when it ends; a pause
+    already shorter stays as it is, and a due time passed means at once."""
+    now = dt.datetime(2026, 12, 7, tzinfo=dt.UTC)
+    o_ = Orchestrator(None, EventBus(), owner="x", offline_after_s=60, tick_s=0.5,  # type: ignore[arg-type]
+                      clock=lambda: now)  # fmt: skip
+    soon = Wake(due=now + dt.timedelta(seconds=0.2))
+    assert o_.pause_for(1.0, soon) == pytest.approx(0.2)  # not 3 s after a long tick
+    assert o_.pause_for(0.01, Wake(due=now + dt.timedelta(seconds=30))) == 0.5
+    assert o_.pause_for(1.0, Wake(due=now - dt.timedelta(seconds=1))) == 0.0
+    assert o_.pause_for(1.0, Wake()) == pytest.approx(3.0)

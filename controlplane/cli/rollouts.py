@@ -484,7 +484,10 @@ def rollouts_update(
     if not stage_changes and not pacing_changes:
         usage_error("say what to change (see --help), e.g. --errors 20/3 or --bake 5m")
     if stage is not None and not stage_changes:
-        usage_error("--stage picks the stage that stage options change; give one")
+        usage_error(
+            "--stage picks the stage that stage options change, and none was given: pacing "
+            "(--max-per-minute, --device-timeout, ...) is the whole rollout's; leave out --stage"
+        )
     before: list[operator_pb2.RolloutSpec] = []
 
     def call(i: str) -> operator_pb2.Rollout:

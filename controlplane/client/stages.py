@@ -12,6 +12,7 @@ parsers raise ValueError saying what to change."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 from google.protobuf.duration_pb2 import Duration
@@ -75,6 +76,13 @@ def _duration(key: str, text: str) -> Duration:
     return out
 
 
+def _bake(text: str) -> Duration:
+    """A bake may be zero (no bake, the default): `bake=0` or `0s` says so."""
+    if re.fullmatch(r"0+(\.0*)?[smhdw]?", text.strip().lower()):
+        return Duration()
+    return _duration("bake", text)
+
+
 def _set_size(stage: operator_pb2.StageSpec, text: str) -> None:
     if text.endswith("%"):
         stage.percent = _percent("size", text, low_open=True)
@@ -114,7 +122,7 @@ _SETTERS: dict[str, Callable[[operator_pb2.StageSpec, str], None]] = {
         s, "success_threshold_percent", _percent("success", v, low_open=True)
     ),
     "errors": _set_errors,
-    "bake": lambda s, v: s.bake_time.CopyFrom(_duration("bake", v)),
+    "bake": lambda s, v: s.bake_time.CopyFrom(_bake(v)),
     "latency": lambda s, v: setattr(s.gates, "latency_budget_factor", _factor("latency", v)),
     "error-rate": lambda s, v: setattr(s.gates, "max_error_rate", _ratio("error-rate", v)),
     "memory": lambda s, v: setattr(s.gates, "memory_limit_factor", _factor("memory", v)),

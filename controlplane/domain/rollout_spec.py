@@ -107,6 +107,15 @@ class RolloutSpec:
                 value = getattr(stage, name)
                 if not 0 <= value <= 100:
                     raise SpecError(f"{where}: {name} must be within 0..100, not {value:g}")
+            if stage.success_threshold_percent <= 0:
+                # Only errors=100 without success= gets here (its derived
+                # success is 100 - 100): a stage that passes with every
+                # device failed is no gate. promote passes a stage on purpose.
+                raise SpecError(
+                    f"{where}: the success threshold must be more than 0; errors=100 alone "
+                    "would pass the stage with every device failed: give success= as well, "
+                    "or pass a stage with `rollouts promote`"
+                )
             if not 0 <= stage.min_finished_for_error_threshold <= MAX_MIN_FINISHED:
                 raise SpecError(
                     f"{where}: the error threshold's minimum of finished devices must be "

@@ -372,7 +372,7 @@ async def test_update_changes_only_what_was_given(world: World) -> None:
                           (["--ramp", "1:inf"], "factor=inf: must be a finite number of at least"),
                           (["--stage", "3", "--bake", "1m"], "there is no stage 3"),
                           ([], "say what to change"),
-                          (["--stage", "1", "--retries", "2"], "give one")):  # fmt: skip
+                          (["--stage", "1", "--retries", "2"], "leave out --stage")):  # fmt: skip
         result = await world.cli("rollouts", "update", short, *args)
         assert result.exit_code == 2 and message in result.stderr, result.output
     await world.setup.op.AbortRollout(o.AbortRolloutRequest(id=rollout_id), metadata=ADMIN)

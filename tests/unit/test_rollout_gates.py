@@ -161,3 +161,28 @@ def test_the_stage_syntax_reads_and_writes_the_agent_memory_gate() -> None:
     for bad, says in (("agent-memory=-5", "at least 0"), ("agent-memory=lots", "not a number")):
         with pytest.raises(ValueError, match=says):
             parse_stage(f"10%,{bad}")
+
+
+def _one_stage(text: str) -> RolloutSpec:
+    return rollout_spec_from_pb(operator_pb2.RolloutSpec(
+        model_name="digits", model_version="1.1.0", class_names=["pi"], stages=[parse_stage(text)],
+    ))  # fmt: skip
+
+
+def test_errors_100_alone_is_refused_as_it_would_pass_a_stage_with_every_device_failed() -> None:
+    """Unset, the success threshold is 100 less the error threshold: 0 for
+    errors=100, and a stage with 0 committed devices passed (a stranger's
+    try). success= with it is a threshold again."""
+    with pytest.raises(SpecError, match=r"success threshold must be more than 0.*promote"):
+        _one_stage("100%,errors=100").validate()
+    _one_stage("100%,errors=100,success=50").validate()
+    _one_stage("100%,errors=99").validate()
+
+
+def test_bake_0_is_no_bake_as_the_docs_give_its_default() -> None:
+    for zero in ("0", "0s", "0m", "0.0s"):
+        assert parse_stage(f"10%,bake={zero}").bake_time.ToTimedelta().total_seconds() == 0
+    assert parse_stage("10%,bake=5s").bake_time.ToTimedelta().total_seconds() == 5
+    for bad in ("bake=", "bake=-5s", "bake=soon"):
+        with pytest.raises(ValueError, match="bake"):
+            parse_stage(f"10%,{bad}")

@@ -32,6 +32,7 @@ from edgefleet.controlplane.cli.base import (
 )
 from edgefleet.controlplane.client.connection import Connection
 from edgefleet.controlplane.client.rollout_edit import (
+    MAX_COUNT,
     PACING_KEYS,
     STAGE_FIELDS,
     describe_changes,
@@ -168,7 +169,7 @@ def _pacing(
 @click.option(
     "--max-per-minute",
     metavar="N",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_COUNT),
     default=0,
     help="Notify at most N devices a minute (0: no limit).",
 )
@@ -187,7 +188,7 @@ def _pacing(
 @click.option(
     "--retries",
     metavar="N",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_COUNT),
     default=0,
     help="Retries (with backoff) before a device counts as failed.",
 )

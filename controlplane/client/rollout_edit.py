@@ -35,6 +35,9 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "on-failure": ("on_failure",),
 }
 PACING_KEYS = ("max-per-minute", "ramp", "device-timeout", "retries")
+# The wire's counts are uint32: a larger one is a usage error here, not
+# protobuf's "Value out of range" (the server bounds retries further).
+MAX_COUNT = 2**32 - 1
 # A value that removes the option (back to the server's default).
 OFF = frozenset({"off", "none"})
 _ON = frozenset({"on", "yes", "true"})
@@ -105,8 +108,8 @@ def edit_pacing(pacing: operator_pb2.Pacing, changes: Mapping[str, str]) -> oper
     for key, raw in changes.items():
         value = raw.strip().lower()
         if key in ("max-per-minute", "retries"):
-            if not value.isdigit():
-                raise ValueError(f"{key}={raw}: a count of 0 or more")
+            if not value.isdigit() or int(value) > MAX_COUNT:
+                raise ValueError(f"{key}={raw}: a count from 0 to {MAX_COUNT:,}")
             if key == "max-per-minute":
                 out.max_per_minute = int(value)
             else:

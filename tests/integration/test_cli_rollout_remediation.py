@@ -368,13 +368,20 @@ async def test_update_changes_only_what_was_given(world: World) -> None:
     # change, an ended rollout (FAILED_PRECONDITION), an unknown one.
     err = await world.refused("rollouts", "update", short, "--max-per-minute", "50")
     assert err.startswith("error: INVALID_ARGUMENT: the spec is the rollout's already")
+    # Past the wire's uint32: protobuf's bare "Value out of range" before.
+    too_many = "max-per-minute=99999999999: a count from 0 to 4,294,967,295"
     for args, message in ((["--latency", "0"], "latency=0: must be a finite number more than 0"),
                           (["--ramp", "1:inf"], "factor=inf: must be a finite number of at least"),
                           (["--stage", "3", "--bake", "1m"], "there is no stage 3"),
                           ([], "say what to change"),
-                          (["--stage", "1", "--retries", "2"], "leave out --stage")):  # fmt: skip
+                          (["--stage", "1", "--retries", "2"], "leave out --stage"),
+                          (["--max-per-minute", "99999999999"], too_many)):  # fmt: skip
         result = await world.cli("rollouts", "update", short, *args)
         assert result.exit_code == 2 and message in result.stderr, result.output
+    # create's count options too: a usage error naming the range, no traceback.
+    result = await world.cli("rollouts", "create", "digits@2.0.0", "--class", "pi", "--stage",
+                             "100%", "--max-per-minute", "99999999999", "--dry-run")  # fmt: skip
+    assert result.exit_code == 2 and "0<=x<=4294967295" in result.stderr, result.output
     await world.setup.op.AbortRollout(o.AbortRolloutRequest(id=rollout_id), metadata=ADMIN)
     err = await world.refused("rollouts", "update", short, "--bake", "1m")
     assert err.startswith(f"error: FAILED_PRECONDITION: rollout {rollout_id} is aborted")

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from edgefleet.controlplane.client.format import format_pacing
 from edgefleet.controlplane.client.stages import format_stage, parse_ramp, parse_stage
-from edgefleet.controlplane.client.syntax import parse_duration
+from edgefleet.controlplane.client.syntax import is_zero_duration, parse_duration
 from edgefleet.v1 import operator_pb2
 
 # What UpdateRollout may change per stage: the stage option and the
@@ -79,7 +79,7 @@ def edit_stage(stage: operator_pb2.StageSpec, changes: Mapping[str, str]) -> ope
         for path in STAGE_FIELDS[key]:
             holder, name = _holder(out, path)
             holder.ClearField(name)  # type: ignore[attr-defined]
-        if value.lower() in OFF or (key == "bake" and value in ("0", "0s")):
+        if value.lower() in OFF or (key == "bake" and is_zero_duration(value)):
             continue
         if key == "approve":
             if value.lower() not in _ON:
@@ -121,7 +121,7 @@ def edit_pacing(pacing: operator_pb2.Pacing, changes: Mapping[str, str]) -> oper
                 out.ramp_base_per_minute, out.ramp_factor = parse_ramp(value)
         elif key == "device-timeout":
             out.ClearField("device_timeout")
-            if value not in OFF and value not in ("0", "0s"):
+            if value not in OFF and not is_zero_duration(value):
                 try:
                     out.device_timeout.FromTimedelta(parse_duration(value))
                 except ValueError as err:

@@ -12,12 +12,15 @@ parsers raise ValueError saying what to change."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
 from google.protobuf.duration_pb2 import Duration
 
-from edgefleet.controlplane.client.syntax import format_duration, parse_duration
+from edgefleet.controlplane.client.syntax import (
+    format_duration,
+    is_zero_duration,
+    parse_duration,
+)
 from edgefleet.v1 import operator_pb2
 
 _FLAGS = frozenset({"stratified", "approve"})
@@ -78,9 +81,7 @@ def _duration(key: str, text: str) -> Duration:
 
 def _bake(text: str) -> Duration:
     """A bake may be zero (no bake, the default): `bake=0` or `0s` says so."""
-    if re.fullmatch(r"0+(\.0*)?[smhdw]?", text.strip().lower()):
-        return Duration()
-    return _duration("bake", text)
+    return Duration() if is_zero_duration(text) else _duration("bake", text)
 
 
 def _set_size(stage: operator_pb2.StageSpec, text: str) -> None:

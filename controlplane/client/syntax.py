@@ -43,6 +43,15 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+_ZERO_RE = re.compile(r"0+(\.0*)?[smhdw]?")
+
+
+def is_zero_duration(text: str) -> bool:
+    """`0`, `0s`, `0m`, ...: what an option whose default is none (a bake,
+    a device timeout) takes to say "none"; parse_duration refuses them."""
+    return _ZERO_RE.fullmatch(text.strip().lower()) is not None
+
+
 def format_duration(delta: timedelta) -> str:
     """The largest two units: `1d2h`, `5m`, `45s`; `0s` for nothing."""
     seconds = int(delta.total_seconds())

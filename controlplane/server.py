@@ -386,19 +386,27 @@ async def create_server(config: ServerConfig, slot: WorkerSlot | None = None) ->
         server, config, db, services, executors, RpcMetrics(metrics_registry), device_endpoint,
         artifact_http.url if artifact_http is not None else "",
     )  # fmt: skip
+    # Every port is bound before serving starts: one that is taken stops the
+    # start with its address named, and nothing was served.
+    stop_metrics = None
+    if config.metrics_listen:
+        host, _, mport = config.metrics_listen.rpartition(":")
+        try:
+            metrics_server, _thread = start_http_server(
+                int(mport), host or "127.0.0.1", registry=metrics_registry
+            )
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve metrics on {config.metrics_listen} "
+                f"(in use, or not an address here): {exc.strerror or exc}"
+            ) from None
+        stop_metrics = metrics_server.shutdown
     await server.start()
     for name in ("", *_SERVED[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     jobs = BackgroundJobs(_background_jobs(config, db, services, executors, metrics_registry))
     jobs.start()
-    stop_metrics = None
-    if config.metrics_listen:
-        host, _, mport = config.metrics_listen.rpartition(":")
-        metrics_server, _thread = start_http_server(
-            int(mport), host or "127.0.0.1", registry=metrics_registry
-        )
-        stop_metrics = metrics_server.shutdown
     cp = ControlPlane(
         config=config, server=server, port=port, device_port=device_port, db=db,
         services=services, admin_token=state.admin_token, registry=metrics_registry,

@@ -257,7 +257,11 @@ def _worker_main(
         ready.close()
 
     slot = WorkerSlot(index, workers)
-    asyncio.run(serve(config, slot, on_ready=announce, signals=(signal.SIGTERM,)))
+    try:
+        asyncio.run(serve(config, slot, on_ready=announce, signals=(signal.SIGTERM,)))
+    except OSError as exc:  # a port that cannot be served: said, not a traceback
+        log.error("%s", exc)
+        sys.exit(1)
 
 
 def _stop_with_parent(supervisor: int) -> None:

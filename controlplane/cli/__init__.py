@@ -41,7 +41,7 @@ from edgefleet.controlplane.cli.toolchain import toolchain
 from edgefleet.controlplane.cli.tui import tui
 from edgefleet.controlplane.client.connection import DEFAULT_SERVER
 from edgefleet.controlplane.client.contexts import ContextError, contexts_path, load
-from edgefleet.controlplane.client.syntax import parse_duration
+from edgefleet.controlplane.client.syntax import parse_address, parse_duration
 from edgefleet.controlplane.config import ServerConfig
 from edgefleet.controlplane.domain.delivery import parse_base_url
 
@@ -164,9 +164,17 @@ def main() -> None:
     "collection deletes it; at least as long as a push or build takes to publish.",
 )
 @click.option(
-    "--listen", default=_config_default("listen"), show_default=True, help="gRPC address."
+    "--listen",
+    default=_config_default("listen"),
+    show_default=True,
+    callback=parsed(parse_address),
+    help="gRPC address.",
 )
-@click.option("--metrics-listen", help="host:port for the Prometheus endpoint (default: off).")
+@click.option(
+    "--metrics-listen",
+    callback=parsed(lambda text: None if text == "off" else parse_address(text)),
+    help="host:port for the Prometheus endpoint, or off (the default).",
+)
 @click.option(
     "--admin-token",
     envvar="EDGEFLEET_ADMIN_TOKEN",
@@ -251,14 +259,17 @@ def main() -> None:
 )
 @click.option(
     "--device-listen",
+    callback=parsed(parse_address),
     help="Address of the mutual-TLS device port [default: --listen's host, port + 1].",
 )
 @click.option(
     "--device-advertise",
+    callback=parsed(lambda text: parse_address(text, any_host=True)),
     help="The device port as agents reach it (host:port), if not --device-listen.",
 )
 @click.option(
     "--artifact-http-listen",
+    callback=parsed(lambda text: text if text == "off" else parse_address(text)),
     help="Address of artifact downloads over HTTP (GET /v1/artifacts/<digest>, with ranges; "
     "mutual TLS with --tls) [default: --listen's host, port + 2]; 'off' for none (agents "
     "then download over gRPC only).",

@@ -1,8 +1,8 @@
 """Operator text to protobuf and back: durations ("24h"), labels ("k=v"),
 enum names ("auto-accept" <-> ENROLLMENT_POLICY_AUTO_ACCEPT), match rules
 ("arch == aarch64" <-> MatchRule), constraint profiles, model references
-("name@1.0.0") and short ids. What a `format_*` writes, the matching
-`parse_*` reads back.
+("name@1.0.0"), short ids and addresses ("127.0.0.1:9464"). What a
+`format_*` writes, the matching `parse_*` reads back.
 
 Pure functions with no I/O. Each parser raises ValueError with a message a
 person can act on; the CLI turns it into a usage error, the TUI into a
@@ -63,6 +63,27 @@ def format_duration(delta: timedelta) -> str:
             out.append(f"{seconds // size}{unit}")
             seconds %= size
     return "".join(out[:2])
+
+
+# ------------------------------------------------------------------ addresses
+
+_HOST_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+")
+
+
+def parse_address(text: str, *, any_host: bool = False) -> str:
+    """`host:port` a server listens on or is reached at (`0.0.0.0:7443`,
+    `[::1]:9464`, `cp.example.com:7444`; port 0 picks a free one); with
+    `any_host`, `:7444` too (an advertised port on whatever host the agent
+    reached). Checked before the server starts, so a typo is a usage error,
+    not a traceback from whichever listener reads it first."""
+    host, sep, port = text.rpartition(":")
+    good_host = _HOST_RE.fullmatch(host) is not None or (any_host and not host)
+    good_port = re.fullmatch(r"[0-9]{1,5}", port) is not None and int(port) <= 65535
+    if not sep or not good_host or not good_port:
+        raise ValueError(
+            f"{text!r} is not host:port with a port from 0 to 65535; write e.g. 127.0.0.1:9464"
+        )
+    return text
 
 
 # ------------------------------------------------------------------ labels

@@ -32,6 +32,7 @@ from edgefleet.controlplane.client.syntax import (
     format_duration,
     format_labels,
     format_rule,
+    parse_address,
     parse_duration,
     parse_label,
     parse_match,
@@ -101,6 +102,29 @@ def test_parse_label() -> None:
 def test_parse_label_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="key=value"):
         parse_label(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["127.0.0.1:9464", "0.0.0.0:0", "[::1]:7443", "[::]:65535", "cp.example.com:7444"]
+)
+def test_parse_address(text: str) -> None:
+    assert parse_address(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["9464", "127.0.0.1", "127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:-1", "127.0.0.1:x",
+     ":9464", "http://127.0.0.1:9464", "a b:1", "host\x00:1", "::1:80", "127.0.0.1:٣"],
+)  # fmt: skip
+def test_parse_address_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        parse_address(text)
+
+
+def test_parse_address_any_host_takes_a_port_alone() -> None:
+    assert parse_address(":7444", any_host=True) == ":7444"
+    with pytest.raises(ValueError):
+        parse_address(":", any_host=True)
 
 
 def test_format_labels() -> None:

@@ -409,3 +409,55 @@ def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"error: cannot listen on {address} (in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_metrics_port_in_use_stops_the_start_naming_it(tmp_path: Path, workers: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            [EDGEFLEET, "server", "--insecure", "--data-dir", str(tmp_path / "cp"),
+             "--listen", "127.0.0.1:0", "--metrics-listen", address, "--workers", str(workers),
+             "--admin-token", "t" * 40],
+            capture_output=True, text=True, timeout=120, env=env_without_proxy(),
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"cannot serve metrics on {address} (in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--listen", "garbage"),
+        ("--metrics-listen", "127.0.0.1:99999"),
+        ("--metrics-listen", "127.0.0.1"),
+        ("--device-listen", "127.0.0.1:x"),
+        ("--device-advertise", "a b:7444"),
+        ("--artifact-http-listen", "nope"),
+        ("--artifact-http-listen", "http://127.0.0.1:7445"),
+    ],
+)
+def test_an_address_that_is_not_host_port_is_a_usage_error(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    result = subprocess.run(
+        [EDGEFLEET, "server", "--insecure", "--data-dir", str(tmp_path / "cp"), option, value],
+        capture_output=True, text=True, timeout=60, env=env_without_proxy(),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"Invalid value for '{option}'" in result.stderr
+    assert "is not host:port with a port from 0 to 65535" in result.stderr
+    assert not (tmp_path / "cp").exists()  # refused before anything was made
+
+
+def test_metrics_listen_off_serves_without_metrics(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path / "cp", None, "--metrics-listen", "off")
+    cp.start()
+    try:
+        names = cp.operator().ListEnrollmentTokens(o.ListEnrollmentTokensRequest()).tokens
+        assert list(names) == []
+    finally:
+        cp.close()

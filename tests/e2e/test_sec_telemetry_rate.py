@@ -277,5 +277,7 @@ def test_a_real_agent_with_a_backlog_delivers_every_sample_at_the_allowed_rate(
     ]
     assert 1 <= refusals <= 6, (refusals, log)
     assert len(lines) == refusals, log
+    # The log gives the delay to 0.1 s (5.16 s reads "5.2") and the time to the
+    # millisecond: the gap may fall short of the printed delay by that rounding.
     for (at, delay), (next_at, _) in itertools.pairwise(lines):
-        assert (next_at - at).total_seconds() >= delay - 0.01, (at, delay, next_at)
+        assert (next_at - at).total_seconds() >= delay - 0.05 - 0.002, (at, delay, next_at)

@@ -396,16 +396,25 @@ def test_failing_sql_statement_leaves_no_hash_in_the_log(db_url: str, tmp_path: 
         cp.close()
 
 
-def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+def _server_with_a_port_taken(
+    tmp_path: Path, *args: str
+) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """`edgefleet server` run with `args`, where "{taken}" is an address a
+    listening socket already holds; returns that address and the run."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         result = subprocess.run(
             [EDGEFLEET, "server", "--insecure", "--data-dir", str(tmp_path / "cp"),
-             "--listen", address, "--admin-token", "t" * 40],
+             "--admin-token", "t" * 40, *(a.format(taken=address) for a in args)],
             capture_output=True, text=True, timeout=120, env=env_without_proxy(),
         )  # fmt: skip
+    return address, result
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    address, result = _server_with_a_port_taken(tmp_path, "--listen", "{taken}")
     assert result.returncode == 1
     assert f"error: cannot listen on {address} (in use" in result.stderr
     assert "Traceback" not in result.stderr
@@ -413,16 +422,15 @@ def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_metrics_port_in_use_stops_the_start_naming_it(tmp_path: Path, workers: int) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        address = f"127.0.0.1:{taken.getsockname()[1]}"
-        result = subprocess.run(
-            [EDGEFLEET, "server", "--insecure", "--data-dir", str(tmp_path / "cp"),
-             "--listen", "127.0.0.1:0", "--metrics-listen", address, "--workers", str(workers),
-             "--admin-token", "t" * 40],
-            capture_output=True, text=True, timeout=120, env=env_without_proxy(),
-        )  # fmt: skip
+    address, result = _server_with_a_port_taken(
+        tmp_path,
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "{taken}",
+        "--workers",
+        str(workers),
+    )
     assert result.returncode == 1, result.stderr
     assert f"cannot serve metrics on {address} (in use" in result.stderr
     assert "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 import click
+import grpc
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
@@ -31,6 +32,7 @@ from edgefleet.controlplane.cli.base import (
     usage_error,
 )
 from edgefleet.controlplane.client.connection import Connection
+from edgefleet.controlplane.client.errors import rpc_status
 from edgefleet.controlplane.client.rollout_edit import (
     MAX_COUNT,
     PACING_KEYS,
@@ -45,6 +47,10 @@ from edgefleet.v1 import operator_pb2
 
 # Seconds between GetRollout polls while `rollouts watch` follows one.
 POLL_INTERVAL_S = 1.0
+# A watch's call that takes longer is taken as the control plane lost.
+WATCH_CALL_TIMEOUT_S = 10.0
+# What a watch waits out (a restart, a network blip) rather than ends on.
+_WATCH_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Devices `rollouts watch` lists (failed and moving ones first): the rest of
 # the screen is for the stages.
 WATCH_MAX_DEVICES = 20
@@ -551,7 +557,50 @@ def rollouts_watch(env: Connection, rollout_id: str, as_json: bool) -> None:
         pass  # the usual way to stop watching: not an error
 
 
+class _Poller:
+    """GetRollout every POLL_INTERVAL_S for a watch. A watch outlives a
+    control-plane restart or a network blip: while the control plane cannot
+    be reached it keeps asking, and `lost` says so; any other error (the
+    rollout deleted, the token revoked) ends the watch with that error."""
+
+    def __init__(
+        self,
+        env: Connection,
+        request: operator_pb2.GetRolloutRequest,
+        on_change: Callable[[str | None], None],
+    ) -> None:
+        self._env, self._request, self._on_change = env, request, on_change
+        self.lost: str | None = None  # why the control plane is out of reach, since when
+
+    def next(self) -> operator_pb2.Rollout:
+        while True:
+            time.sleep(POLL_INTERVAL_S)
+            try:
+                rollout = self._env.stub.GetRollout(self._request, timeout=WATCH_CALL_TIMEOUT_S)
+            except grpc.RpcError as err:
+                status = rpc_status(err)
+                if status is None or status[0] not in _WATCH_RETRIED:
+                    raise
+                if self.lost is None:
+                    self.lost = (
+                        f"{now():%H:%M:%SZ} lost the control plane ({status[0].name}); "
+                        "still watching, Ctrl-C to stop"
+                    )
+                    self._on_change(self.lost)
+                continue
+            if self.lost is not None:
+                self.lost = None
+                self._on_change(None)
+            return rollout
+
+
+def _say_on_stderr(lost: str | None) -> None:
+    # stdout stays the watch's own lines (or JSON) for whoever reads the pipe.
+    click.echo(lost or f"{now():%H:%M:%SZ} reconnected", err=True)
+
+
 def _watch_json(env: Connection, current: operator_pb2.Rollout) -> None:
+    poller = _Poller(env, operator_pb2.GetRolloutRequest(id=current.id), _say_on_stderr)
     last = ""
     while True:
         line = json.dumps(to_json_dict(current), separators=(",", ":"))
@@ -560,13 +609,13 @@ def _watch_json(env: Connection, current: operator_pb2.Rollout) -> None:
             last = line
         if rollout_ended(current):
             return
-        time.sleep(POLL_INTERVAL_S)
-        current = _get(env, current.id)
+        current = poller.next()
 
 
 def _watch_lines(env: Connection, current: operator_pb2.Rollout) -> None:
-    last = ""
     shown = operator_pb2.GetRolloutRequest(id=current.id, device_limit=WATCH_MAX_DEVICES)
+    poller = _Poller(env, shown, _say_on_stderr)
+    last = ""
     while True:
         line = render.rollout_line(current)
         if line != last:
@@ -574,19 +623,24 @@ def _watch_lines(env: Connection, current: operator_pb2.Rollout) -> None:
             last = line
         if rollout_ended(current):
             return
-        time.sleep(POLL_INTERVAL_S)
-        current = env.stub.GetRollout(shown)
+        current = poller.next()
 
 
 def _watch_live(env: Connection, current: operator_pb2.Rollout) -> None:
-    def view(r: operator_pb2.Rollout) -> RenderableType:
-        return render.rollout_detail(r, now(), max_devices=WATCH_MAX_DEVICES)
-
     # The screen shows WATCH_MAX_DEVICES, so only those are read: a whole
     # 10,000-device rollout every second costs the server a few hundred ms.
     shown = operator_pb2.GetRolloutRequest(id=current.id, device_limit=WATCH_MAX_DEVICES)
-    with Live(view(current), console=Console(), auto_refresh=False) as live:
+    live = Live(console=Console(), auto_refresh=False)
+
+    def view() -> RenderableType:
+        detail = render.rollout_detail(current, now(), max_devices=WATCH_MAX_DEVICES)
+        if poller.lost is None:
+            return detail
+        return Group(detail, Text(poller.lost, style="bold red"))
+
+    poller = _Poller(env, shown, lambda _lost: live.update(view(), refresh=True))
+    with live:
+        live.update(view(), refresh=True)
         while not rollout_ended(current):
-            time.sleep(POLL_INTERVAL_S)
-            current = env.stub.GetRollout(shown)
-            live.update(view(current), refresh=True)
+            current = poller.next()
+            live.update(view(), refresh=True)

@@ -15,10 +15,13 @@ import grpc
 from edgefleet.v1 import operator_pb2_grpc
 
 DEFAULT_SERVER = "127.0.0.1:7443"
-# Generous message limit so model uploads can use 1 MiB chunks with headroom.
 CHANNEL_OPTIONS = [
+    # Generous message limit so model uploads can use 1 MiB chunks with headroom.
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # A watch or the TUI sees a restarted control plane within seconds: gRPC's
+    # default backoff grows to 120 s between tries to reconnect.
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
 

@@ -6,9 +6,11 @@ agents (fleetsim) on the real protocol."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import pytest
@@ -18,10 +20,12 @@ from edgefleet.demo.models import build_digits_classifier
 from edgefleet.sim import Fleet, parse_profile
 from edgefleet.v1 import common_pb2 as c
 from edgefleet.v1 import operator_pb2 as o
-from testkit.harness import ControlPlane
+from testkit.harness import ADMIN_TOKEN, ControlPlane, env_without_proxy
 from testkit.models import model_parts, push_model, wait_builds
 
 pytestmark = pytest.mark.timeout(600)
+
+EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 
 MODEL = "digits"
 PROFILE = {
@@ -115,12 +119,26 @@ async def test_sigkill_mid_rollout_then_restart_completes_it_assigning_each_devi
     try:
         await _assign(cp.operator(), [fleet], "1.0.0")
         rollout_id = _create(cp.operator())
+        # An operator watches it, into a pipe: the watch outlives the restart.
+        watch = await asyncio.create_subprocess_exec(
+            EDGEFLEET, "--server", cp.address, "--token", ADMIN_TOKEN,
+            "rollouts", "watch", rollout_id,
+            stdout=PIPE, stderr=PIPE, env=env_without_proxy(),
+        )  # fmt: skip
         # Mid-rollout: the first stage has committed devices, later ones wait.
         await _until(cp.operator, rollout_id, lambda r: r.stages[0].committed >= 1)
         cp.kill()
+        await asyncio.sleep(3)  # the watch polls a dead port a few times
         cp.start()
         done = await _until(cp.operator, rollout_id,
                             lambda r: r.state == o.ROLLOUT_STATE_SUCCEEDED)  # fmt: skip
+        # It saw the control plane go and come back, said so on stderr, and
+        # followed the rollout to its end.
+        out, err = (b.decode() for b in await asyncio.wait_for(watch.communicate(), 60))
+        assert watch.returncode == 0, err
+        assert "lost the control plane (UNAVAILABLE); still watching" in err, err
+        assert err.rstrip().endswith("reconnected"), err
+        assert "succeeded" in out.splitlines()[-1], out
         ids = [a.device_id for a in fleet.agents]
         assert len(done.devices) == 20
         assert all(d.state == o.ROLLOUT_DEVICE_STATE_COMMITTED for d in done.devices)

@@ -551,11 +551,13 @@ async def rollout(
     started = [t0] + [0.0] * (len(stages) - 1)
     passed = [0.0] * len(stages)
     for e in log:
-        index = details(e).get("stage")
-        if e.action == "rollout.stage" and isinstance(index, int) and index < len(stages):
-            started[index] = at(e)
-        elif e.action == "rollout.stage_passed" and isinstance(index, int):
-            passed[index] = at(e)
+        number = details(e).get("stage")  # the audit log counts stages from 1
+        if not isinstance(number, int) or not 1 <= number <= len(stages):
+            continue
+        if e.action == "rollout.stage":
+            started[number - 1] = at(e)
+        elif e.action == "rollout.stage_passed":
+            passed[number - 1] = at(e)
     stage_rows: list[dict[str, Any]] = []
     for i, stage_agents in enumerate(stages):
         seen = sorted(a.assignment_seen_at for a in stage_agents)

@@ -554,24 +554,25 @@ class _Applier:
 
     def side_effects(self, action: Action) -> None:
         """What an action does beyond the snapshot: assignments, the audit
-        log, events."""
+        log, events. The audit log counts stages from 1, as the CLI and the
+        TUI show them."""
         self.step.changed = True
         match action:
             case Begin():
                 self.record("rollout.begin")
             case Admit(members=members):
                 for m in members:
-                    self.record("rollout.admit", device=m.device_id, stage=m.stage)
+                    self.record("rollout.admit", device=m.device_id, stage=m.stage + 1)
             case Notify(device_ids=ids, shadow=shadow):
                 self.notify(ids, shadow)
             case Revert(items=items):
                 self.revert(items)
             case StartBake(stage=stage, reason=reason):
-                self.record("rollout.stage_passed", stage=stage, reason=reason)
+                self.record("rollout.stage_passed", stage=stage + 1, reason=reason)
             case AwaitApproval(stage=stage):
-                self.record("rollout.waiting_approval", stage=stage)
+                self.record("rollout.waiting_approval", stage=stage + 1)
             case Advance(stage=stage) if stage + 1 < len(self.spec.stages):
-                self.record("rollout.stage", stage=stage + 1)
+                self.record("rollout.stage", stage=stage + 2)
             case Advance():
                 self.record("rollout.stages_passed")
             case Pause(reason=reason):

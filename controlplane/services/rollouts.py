@@ -485,7 +485,9 @@ class RolloutService:
             advance_stage(uow.session, row, utcnow(), promoted_by=actor)
             row.reason = ""
 
-        return self._act(actor, rollout_id, "promote", change, reason=reason, stage=stage)
+        # The audit log counts stages from 1, as the operator named it.
+        shown = None if stage is None else stage + 1
+        return self._act(actor, rollout_id, "promote", change, reason=reason, stage=shown)
 
     def retry(
         self, actor: str, rollout_id: str, device_ids: Sequence[str], reason: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -222,6 +223,14 @@ async def test_a_staged_rollout_completes_stage_by_stage(world: World) -> None:
     audit = await world.op.ListAuditLog(o.ListAuditLogRequest(), metadata=ADMIN)
     actions = [e.action for e in audit.entries if e.target == f"rollout:{rollout.id}"]
     assert "rollout.succeeded" in actions and actions.count("rollout.stage") == 2
+
+    def stages_in(action: str) -> list[int]:
+        mine = (e for e in audit.entries if e.target == f"rollout:{rollout.id}")
+        return sorted({json.loads(e.details)["stage"] for e in mine if e.action == action})
+
+    # Stages counted from 1, as the CLI and the TUI show them.
+    assert stages_in("rollout.stage_passed") == [1, 2, 3]
+    assert stages_in("rollout.stage") == [2, 3]
 
 
 async def test_failures_trip_the_error_threshold_and_abort_reverts_every_device(

@@ -20,7 +20,7 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import ColumnElement, Select, case, func, select, update
 from sqlalchemy.orm import Session
@@ -344,7 +344,27 @@ class RolloutService:
         return view, plan
 
     @staticmethod
-    def _conflict(busy: Sequence[Excluded]) -> None:
+    def _refuse_busy(session: Session, row: RolloutRow, device_ids: Sequence[str]) -> None:
+        """Refuse when any of `device_ids` is in another active rollout of
+        this rollout's model, naming each device and that rollout."""
+        model_id = session.get_one(ModelVersionRow, row.model_version_id).model_id
+        busy = {
+            d: r
+            for d, r in active_rollout_of(session, device_ids, model_id=model_id).items()
+            if r != row.id
+        }
+        if not busy:
+            return
+        rows = session.execute(
+            select(DeviceRow.id, DeviceRow.name).where(DeviceRow.id.in_(padded(list(busy))))
+        )
+        names = {device_id: name for device_id, name in rows}
+        RolloutService._conflict([
+            Excluded(d, names.get(d, d), f"already in active rollout {r}") for d, r in busy.items()
+        ])  # fmt: skip
+
+    @staticmethod
+    def _conflict(busy: Sequence[Excluded]) -> NoReturn:
         raise FailedPrecondition(
             f"{len(busy)} device(s) are already in another active rollout of the model (at "
             "most one per device and model; an aborted rollout holds the devices it is still "
@@ -356,21 +376,7 @@ class RolloutService:
         ids = list(session.scalars(
             select(RolloutDeviceRow.device_id).where(RolloutDeviceRow.rollout_id == row.id)
         ))  # fmt: skip
-        model_id = session.get_one(ModelVersionRow, row.model_version_id).model_id
-        busy = {
-            d: r
-            for d, r in active_rollout_of(session, ids, model_id=model_id).items()
-            if r != row.id
-        }
-        if busy:
-            names = {i: n for i, n in session.execute(select(DeviceRow.id, DeviceRow.name).where(
-                DeviceRow.id.in_(padded(list(busy)))))}  # fmt: skip
-            self._conflict(
-                [
-                    Excluded(d, names.get(d, d), f"already in active rollout {r}")
-                    for d, r in busy.items()
-                ]
-            )
+        self._refuse_busy(session, row, ids)
         now = utcnow()
         if row.start_at is not None and row.start_at > now:
             row.state = rollout_transition(row.id, row.state, RolloutEvent.START,
@@ -510,12 +516,7 @@ class RolloutService:
             self._refuse(members, MemberEvent.RETRY, "only failed, rejected or timed-out "
                          "members are retried")  # fmt: skip
             if row.state == RolloutState.SUCCEEDED_WITH_FAILURES:
-                model_id = session.get_one(ModelVersionRow, row.model_version_id).model_id
-                taken = active_rollout_of(session, [m.device_id for m in members],
-                                          model_id=model_id)  # fmt: skip
-                if taken:
-                    self._conflict([Excluded(d, d, f"already in active rollout {r}")
-                                    for d, r in taken.items()])  # fmt: skip
+                self._refuse_busy(session, row, [m.device_id for m in members])
                 row.finished_at = None
             row.members_revision += 1
             why = f"retried by {actor}" + (f": {reason}" if reason else "")

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import update
 
 from edgefleet.controlplane.config import ServerConfig
@@ -228,6 +229,12 @@ def _stage(size: float | int, **kw: Any) -> o.StageSpec:
     return stage
 
 
+def _timestamp(at: dt.datetime) -> Timestamp:
+    out = Timestamp()
+    out.FromDatetime(at)
+    return out
+
+
 def _seconds(s: float) -> Duration:
     out = Duration()
     out.FromMilliseconds(int(s * 1000))
@@ -413,6 +420,19 @@ async def test_retry_reopens_a_rollout_that_succeeded_with_failures(world: World
         assert "1 failed" in first.reason, first.reason
         assert _members(first)[bad].state == o.ROLLOUT_DEVICE_STATE_FAILED
         assert _members(first)[bad].attempts == 1
+
+        # While another rollout of the model holds the device (one scheduled
+        # for later), it is not retried here: the refusal names it.
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        other = await world.create(_stage(100.0), start=True, start_at=_timestamp(later))
+        assert other.state == o.ROLLOUT_STATE_SCHEDULED
+        code, details = await status_of(
+            world.op.RetryRollout(o.RetryRolloutRequest(id=draft.id), metadata=ADMIN)
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        name = _members(first)[bad].device_name
+        assert f"{name} ({bad}): already in active rollout {other.id}" in details, details
+        await world.op.AbortRollout(o.AbortRolloutRequest(id=other.id), metadata=ADMIN)
 
         _switch(fleet, bad, PI)  # the device is fixed
         reopened = await world.op.RetryRollout(

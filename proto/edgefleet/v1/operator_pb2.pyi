@@ -2553,6 +2553,9 @@ class StageStatus(_message.Message):
     committed: _builtins.int
     failed: _builtins.int
     in_progress: _builtins.int
+    """Members not settled yet: waiting, notified or installing. `waiting` says
+    how many of them are not notified yet; the rest are installing.
+    """
     state: _builtins.str
     """The phase's name in lower case ("rolling", "baking", ...): display text
     for older clients; phase is the field to act on.

@@ -41,7 +41,7 @@ from edgefleet.controlplane.client.rollout_edit import (
     edit_spec,
     resolve_members,
 )
-from edgefleet.controlplane.client.stages import parse_ramp, parse_stage
+from edgefleet.controlplane.client.stages import empty_stage_warnings, parse_ramp, parse_stage
 from edgefleet.controlplane.client.syntax import parse_duration, parse_iso_time, parse_model_ref
 from edgefleet.v1 import operator_pb2
 
@@ -244,8 +244,15 @@ def rollouts_create(
     )
     if dry_run:
         emit(as_json, resp, lambda: render.rollout_plan(spec, resp.planned, resp.excluded))
+        per_stage = [sum(d.stage == i for d in resp.planned) for i in range(len(spec.stages))]
     else:
         emit(as_json, resp.rollout, lambda: render.rollout_detail(resp.rollout, now()))
+        per_stage = [s.total for s in resp.rollout.stages]
+    warnings = empty_stage_warnings(per_stage)
+    if start_at is not None and start_at < now():
+        warnings.append(f"--start-at {start_at:%Y-%m-%dT%H:%MZ} is past: it starts now")
+    for warning in warnings:
+        click.secho(f"warning: {warning}", fg="yellow", bold=True, err=True)
 
 
 @rollouts.command("ls")

@@ -12,7 +12,7 @@ parsers raise ValueError saying what to change."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from google.protobuf.duration_pb2 import Duration
 
@@ -233,3 +233,19 @@ def format_stage(s: operator_pb2.StageSpec) -> str:
     --stage`) reads, so a shown rollout can be typed again:
     `10%,stratified,errors=20/3,bake=5m,approve`."""
     return ",".join([format_stage_size(s), *stage_options(s)])
+
+
+# ------------------------------------------------------------------ plans
+
+
+def empty_stage_warnings(devices_per_stage: Sequence[int]) -> list[str]:
+    """What to tell an operator whose earlier stages take the whole cohort
+    (a stage of 5 devices in a cohort of 3): one line per stage left with no
+    device. Such a stage passes at once with nothing to judge."""
+    cohort = sum(devices_per_stage)
+    return [
+        f"stage {index + 1} has no device: the stages before it take the whole cohort "
+        f"({cohort} device{'' if cohort == 1 else 's'}); make them smaller or drop it"
+        for index, count in enumerate(devices_per_stage)
+        if count == 0 and cohort > 0
+    ]

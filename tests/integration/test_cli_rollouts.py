@@ -543,6 +543,30 @@ async def fleet(server: ControlPlane, digits: BuiltModel) -> AsyncIterator[Fleet
         await channel.close()
 
 
+async def test_create_warns_of_a_stage_left_empty_and_a_start_time_past(fleet: Fleet) -> None:
+    # Three arm devices can take part: a first stage of 5 takes them all.
+    create = ("rollouts", "create", "digits@1.0.0", "--class", "arm",
+              "--stage", "5", "--stage", "100%")  # fmt: skip
+    expected = (
+        "warning: stage 2 has no device: the stages before it take the whole cohort "
+        "(3 devices); make them smaller or drop it"
+    )
+    planned = await fleet.cli(*create, "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert "stage 2: 100% -> 0 device(s)" in squash(planned.stdout)
+    assert expected in squash(planned.stderr), planned.stderr
+    # A start time past starts it now, and says so.
+    created = await fleet.cli(*create, "--start-at", "2020-01-01T00:00Z", "--json")
+    assert created.exit_code == 0, created.output
+    assert json.loads(created.stdout)["state"] == "ROLLOUT_STATE_RUNNING"
+    assert expected in squash(created.stderr), created.stderr
+    assert "warning: --start-at 2020-01-01T00:00Z is past: it starts now" in created.stderr
+    # Stages that fit say nothing.
+    fitting = await fleet.cli("rollouts", "create", "digits@1.0.0", "--class", "arm",
+                              "--stage", "1", "--stage", "100%", "--dry-run")  # fmt: skip
+    assert fitting.exit_code == 0 and "warning" not in fitting.stderr, fitting.stderr
+
+
 async def test_rollouts_cli_end_to_end(fleet: Fleet) -> None:
     create = (
         "rollouts",

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 from textual.pilot import Pilot
-from textual.widgets import Button, Checkbox, Label, RadioButton
+from textual.widgets import Button, Checkbox, Input, Label, RadioButton, Static
 
 from edgefleet.tui import data as d
 from edgefleet.tui.app import EdgeFleetApp, make_app
@@ -131,6 +131,24 @@ async def test_wizard_checkboxes_show_ticks_without_colour() -> None:
         await _press(pilot, "space")
         assert approve.value
         assert _text(approve) == "[x] wait for approval between stages"
+
+
+async def test_the_dry_run_warns_of_a_stage_left_empty() -> None:
+    app = _app()  # the fake plans its devices into the first two stages
+    async with app.run_test(size=SIZES["160x48"]) as pilot:
+        await _press(pilot, "5", "n")
+        assert isinstance(app.screen, WizardScreen)
+        app.screen.query_one("#version", Input).value = "digits@1.1.0"
+        app.screen.query_one("#classes", Input).value = "pi-class"
+        app.screen.query_one("#stages", Input).value = "1; 50%; 100%"
+        await _press(pilot, "ctrl+r")
+        status = str(app.screen.query_one("#errors", Static).render())
+        assert "warning: stage 3 has no device: the stages before it take the whole cohort " \
+               "(3 devices)" in status, status  # fmt: skip
+        app.screen.query_one("#stages", Input).value = "1; 100%"
+        await _press(pilot, "ctrl+r")
+        status = str(app.screen.query_one("#errors", Static).render())
+        assert "3 devices in 2 stages" in status and "warning" not in status, status
 
 
 async def _monitor_title(size: tuple[int, int]) -> tuple[str, int]:

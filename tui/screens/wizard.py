@@ -16,6 +16,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Input, Label, Static
 
+from edgefleet.controlplane.client.stages import empty_stage_warnings
 from edgefleet.tui.client import ClientError
 from edgefleet.tui.data import RolloutDraft, RolloutPlan
 from edgefleet.tui.screens.base import FleetScreen, reporting
@@ -211,9 +212,13 @@ class WizardScreen(FleetScreen):
         # No device to update: nothing to start (the server refuses it);
         # the exclusions below say why.
         startable = bool(plan.planned)
+        warnings = empty_stage_warnings(
+            [len(plan.stage_devices(i)) for i in range(len(plan.stages))]
+        )
         self.query_one("#errors", Static).update(
-            f"{counts}; ctrl+s starts it" if startable
-            else f"{counts}: nothing to start; the exclusions say why"
+            "\n".join([f"{counts}; ctrl+s starts it" if startable
+                        else f"{counts}: nothing to start; the exclusions say why",
+                        *(f"warning: {w}" for w in warnings)])
         )  # fmt: skip
         self.query_one("#plan", Static).update(PlanView(plan))
         self._planned, self.plan = draft, plan

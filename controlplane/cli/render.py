@@ -1048,6 +1048,8 @@ _ROLLOUT_DEVICE_STYLES = {
     operator_pb2.ROLLOUT_DEVICE_STATE_TIMED_OUT: "red",
     operator_pb2.ROLLOUT_DEVICE_STATE_REVERTED: "magenta",
     operator_pb2.ROLLOUT_DEVICE_STATE_REVERTING: "magenta",
+    operator_pb2.ROLLOUT_DEVICE_STATE_REVERT_FAILED: "bold red",
+    operator_pb2.ROLLOUT_DEVICE_STATE_DROPPED: "dim",
     operator_pb2.ROLLOUT_DEVICE_STATE_SKIPPED: "cyan",
 }
 # Devices listed first when a listing is cut short (`rollouts watch`): the
@@ -1057,10 +1059,12 @@ _DEVICE_ORDER = {
     operator_pb2.ROLLOUT_DEVICE_STATE_ROLLED_BACK: 0,
     operator_pb2.ROLLOUT_DEVICE_STATE_REJECTED: 0,
     operator_pb2.ROLLOUT_DEVICE_STATE_TIMED_OUT: 0,
+    operator_pb2.ROLLOUT_DEVICE_STATE_REVERT_FAILED: 0,
     operator_pb2.ROLLOUT_DEVICE_STATE_IN_PROGRESS: 1,
     operator_pb2.ROLLOUT_DEVICE_STATE_NOTIFIED: 1,
     operator_pb2.ROLLOUT_DEVICE_STATE_REVERTING: 1,
     operator_pb2.ROLLOUT_DEVICE_STATE_REVERTED: 2,
+    operator_pb2.ROLLOUT_DEVICE_STATE_DROPPED: 2,
     operator_pb2.ROLLOUT_DEVICE_STATE_SKIPPED: 2,
 }
 _STAGE_PHASE_STYLES = {

@@ -25,7 +25,7 @@ One step, in order (docs/operators/rollouts.md has the semantics table):
    classes fail a gate, drops those classes); success bakes, then waits for
    approval or advances;
 7. after the last stage passed, the rollout finishes once every member is
-   settled (committed, failed, skipped or reverted): SUCCEEDED when none
+   settled (committed, failed, skipped, reverted or dropped): SUCCEEDED when none
    failed, else SUCCEEDED_WITH_FAILURES. Members of passed stages are
    notified all the same: a threshold met is a stage passed, not a member
    forgotten.
@@ -352,7 +352,7 @@ class _Planner:
                     ))  # fmt: skip
                 elif report.state == "failed":
                     changed.append(
-                        self.settle(m, MemberEvent.REVERTED, f"revert failed: {report.reason}")
+                        self.settle(m, MemberEvent.REVERT_FAILED, f"revert failed: {report.reason}")
                     )
                 elif device_timed_out(
                     (m.notified_at or self.now).timestamp(), self.now.timestamp(),
@@ -587,6 +587,9 @@ class _Planner:
         dropped = sorted({m.class_name for m in members if "dropped:" in m.reason})
         if dropped:
             parts.append(f"dropped and reverted: {', '.join(dropped)}")
+        revert_failed = sum(m.state == MemberState.REVERT_FAILED for m in members)
+        if revert_failed:
+            parts.append(f"{revert_failed} revert failed")
         # A class that failed a gate and went back is a failure of the
         # version on that class, whatever the others did.
         state = (
@@ -647,7 +650,10 @@ def revert_order(m: Member) -> tuple[bool, int, str]:
 
 _Why = Callable[[Member], str]
 
-_OUT_OF_STAGE = (MemberState.REVERTING, MemberState.REVERTED, MemberState.SKIPPED)
+_OUT_OF_STAGE = (
+    MemberState.REVERTING, MemberState.REVERTED, MemberState.REVERT_FAILED, MemberState.DROPPED,
+    MemberState.SKIPPED,
+)  # fmt: skip
 _MOVING = (MemberState.WAITING, MemberState.NOTIFIED, MemberState.IN_PROGRESS)
 _FINISHED = (MemberState.COMMITTED, *FAILED_STATES)
 

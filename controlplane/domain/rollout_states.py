@@ -140,6 +140,10 @@ class MemberState(StrEnum):
     TIMED_OUT = "timed_out"
     REVERTING = "reverting"
     REVERTED = "reverted"
+    # Its revert failed, or could not be made: it may still run the version.
+    REVERT_FAILED = "revert_failed"
+    # Never notified, and now never will be (an abort, its class dropped).
+    DROPPED = "dropped"
     SKIPPED = "skipped"  # an operator left it on the version it runs
 
 
@@ -155,6 +159,7 @@ class MemberEvent(StrEnum):
     SKIP = "skip"
     REVERT = "revert"  # assigned its previous version
     REVERTED = "reverted"  # its revert reported back (or there was nothing to revert)
+    REVERT_FAILED = "revert_failed"  # its revert reported failure, or could not be assigned
     DROP = "drop"  # never notified, and now never will be (abort, dropped class)
     REJOIN = "rejoin"  # a shadow stage's member takes the version for real next
 
@@ -164,15 +169,16 @@ MEMBER_TRANSITIONS: Mapping[tuple[MemberState, MemberEvent], MemberState] = {
     (M.WAITING, V.NOTIFY): M.NOTIFIED,
     (M.WAITING, V.REFUSE): M.REJECTED,
     (M.WAITING, V.SKIP): M.SKIPPED,
-    (M.WAITING, V.DROP): M.REVERTED,
+    (M.WAITING, V.DROP): M.DROPPED,
     **{(state, event): target for state in (M.NOTIFIED, M.IN_PROGRESS) for event, target in (
         (V.COMMIT, M.COMMITTED), (V.FAIL, M.FAILED), (V.TIME_OUT, M.TIMED_OUT),
         (V.BACK_OFF, M.WAITING), (V.SKIP, M.SKIPPED), (V.REVERT, M.REVERTING),
-        (V.REVERTED, M.REVERTED),
+        (V.REVERTED, M.REVERTED), (V.REVERT_FAILED, M.REVERT_FAILED),
     )},
     (M.NOTIFIED, V.WORKING): M.IN_PROGRESS,
     (M.COMMITTED, V.REVERT): M.REVERTING,
     (M.COMMITTED, V.REVERTED): M.REVERTED,
+    (M.COMMITTED, V.REVERT_FAILED): M.REVERT_FAILED,
     # A shadow stage passed: its members take the version for real next.
     **{(state, V.REJOIN): M.WAITING for state in (
         M.WAITING, M.NOTIFIED, M.IN_PROGRESS, M.COMMITTED, M.FAILED, M.REJECTED, M.TIMED_OUT,
@@ -180,13 +186,15 @@ MEMBER_TRANSITIONS: Mapping[tuple[MemberState, MemberEvent], MemberState] = {
     **{(state, event): target for state in (M.FAILED, M.REJECTED, M.TIMED_OUT)
        for event, target in ((V.RETRY, M.WAITING), (V.SKIP, M.SKIPPED))},
     (M.REVERTING, V.REVERTED): M.REVERTED,
+    (M.REVERTING, V.REVERT_FAILED): M.REVERT_FAILED,
 }  # fmt: skip
 del M, V
 
 FAILED_STATES = (MemberState.FAILED, MemberState.REJECTED, MemberState.TIMED_OUT)
 # Members a rollout no longer waits for: it finishes once every member is one.
 SETTLED_STATES = (
-    MemberState.COMMITTED, *FAILED_STATES, MemberState.REVERTED, MemberState.SKIPPED,
+    MemberState.COMMITTED, *FAILED_STATES, MemberState.REVERTED, MemberState.REVERT_FAILED,
+    MemberState.DROPPED, MemberState.SKIPPED,
 )  # fmt: skip
 # Members whose agents' reports a step follows.
 FOLLOWED_STATES = (MemberState.NOTIFIED, MemberState.IN_PROGRESS, MemberState.REVERTING)

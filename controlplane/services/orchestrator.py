@@ -664,7 +664,7 @@ class _Applier:
                 done = assigned.get(m.device_id, "the device no longer exists")
                 if isinstance(done, str):
                     fixed.append(replace(
-                        m, state=member_transition(m.state, MemberEvent.REVERTED),
+                        m, state=member_transition(m.state, MemberEvent.REVERT_FAILED),
                         reason=f"{prefix}cannot revert: {done}",
                     ))  # fmt: skip
                     continue

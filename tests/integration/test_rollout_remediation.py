@@ -58,8 +58,9 @@ MODEL = "digits"
 OLD, NEW = "1.0.0", "2.0.0"
 PI = "pi"
 # Profile classes an agent is switched to: the same Pi, whose installs of NEW
-# fail (golden outputs out of tolerance), or take a minute.
-BROKEN, SLOW = "pi-broken", "pi-slow"
+# fail (golden outputs out of tolerance), or take a minute, or whose installs
+# of OLD fail (a revert that cannot succeed).
+BROKEN, SLOW, NO_WAY_BACK = "pi-broken", "pi-slow", "pi-no-way-back"
 # The admin token's name: the actor of its actions.
 ACTOR = "bootstrap-admin"
 
@@ -107,8 +108,8 @@ async def cp(tmp_path: Path, db_url: str) -> AsyncIterator[ControlPlane]:
 
 
 def _profile() -> FleetProfile:
-    """Every device a Pi that installs quickly; BROKEN and SLOW have no
-    devices of their own (count 0): agents are switched to them."""
+    """Every device a Pi that installs quickly; BROKEN, SLOW and NO_WAY_BACK
+    have no devices of their own (count 0): agents are switched to them."""
     pi: dict[str, Any] = {
         "hardware": {"arch": "aarch64"}, "install_s": [0.05, 0.2], "latency_p95_ms": 10,
         "error_rate": 0.0,
@@ -120,6 +121,8 @@ def _profile() -> FleetProfile:
             {"name": BROKEN, "count": 0, **pi,
              "versions": {NEW: {"fail_rate": 1.0, "fail_state": "validating"}}},
             {"name": SLOW, "count": 0, **pi, "versions": {NEW: {"install_s": [60, 60]}}},
+            {"name": NO_WAY_BACK, "count": 0, **pi,
+             "versions": {OLD: {"fail_rate": 1.0, "fail_state": "validating"}}},
         ],
     })  # fmt: skip
 
@@ -456,6 +459,38 @@ async def test_retry_reopens_a_rollout_that_succeeded_with_failures(world: World
         assert code == grpc.StatusCode.FAILED_PRECONDITION, details
     (entry,) = await world.audit(draft.id, "rollout.retry")
     assert entry[0] == ACTOR and entry[1]["reason"] == "reflashed", entry
+
+
+@both_databases
+async def test_an_abort_says_which_reverts_failed_and_which_members_were_dropped(
+    world: World,
+) -> None:
+    async with _fleet(world, 4) as fleet:
+        await world.assign_all(fleet, OLD)
+        # Two in a first stage that bakes long; two waiting in the second.
+        draft = await world.create(_stage(2, bake_time=_seconds(600)), _stage(100.0))
+        order = _order(draft)
+        stuck, back, waiting = order[0], order[1], order[2:]
+        await world.start(draft.id)
+        await world.wait(draft.id, lambda r: all(
+            _members(r)[d].state == o.ROLLOUT_DEVICE_STATE_COMMITTED for d in (stuck, back)
+        ))  # fmt: skip
+        _switch(fleet, stuck, NO_WAY_BACK)  # its revert to OLD will fail
+        await world.op.AbortRollout(
+            o.AbortRolloutRequest(id=draft.id, revert=True, reason="bad"), metadata=ADMIN
+        )
+        done = await world.wait(draft.id, lambda r: r.HasField("finished_at"))
+        members = _members(done)
+        assert done.state == o.ROLLOUT_STATE_ABORTED
+        assert members[stuck].state == o.ROLLOUT_DEVICE_STATE_REVERT_FAILED, _states(done)
+        assert members[stuck].reason.startswith("revert failed: "), members[stuck].reason
+        assert members[back].state == o.ROLLOUT_DEVICE_STATE_REVERTED, _states(done)
+        for device_id in waiting:
+            assert members[device_id].state == o.ROLLOUT_DEVICE_STATE_DROPPED, _states(done)
+            assert members[device_id].reason == "never notified"
+        # Each says what it runs: the stuck one still NEW, the others OLD.
+        assert _agent(fleet, stuck).active_version == NEW
+        assert all(_agent(fleet, d).active_version == OLD for d in (back, *waiting))
 
 
 @both_databases

@@ -67,6 +67,7 @@ W, N, IP, C, F, TO = (
     MemberState.FAILED, MemberState.TIMED_OUT,
 )  # fmt: skip
 RVG, RVD, SK = MemberState.REVERTING, MemberState.REVERTED, MemberState.SKIPPED
+RVF, DR = MemberState.REVERT_FAILED, MemberState.DROPPED
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
 
@@ -507,13 +508,13 @@ def memory_gate(on_failure: str, *classes: str) -> Snapshot:
 FAILING = [
     Case("abort-drops-the-waiting-and-reverts-committed-first",
          snap(member("a0", IP), member("a1", C), member("a2", F), NEXT, stages=ABORTING), NOW,
-         ["judge 0 3/1/1/1", "abort 0", "set b0=reverted", "revert a1,a0"]),
+         ["judge 0 3/1/1/1", "abort 0", "set b0=dropped", "revert a1,a0"]),
     Case("gate-failing-on-one-class-drops-it",
          memory_gate(ABORT_REVERT, "gw", "pi"), NOW,
-         ["judge 0 2/2/0/0", "drop pi", "set pi1=reverted", "revert pi0"]),
+         ["judge 0 2/2/0/0", "drop pi", "set pi1=dropped", "revert pi0"]),
     Case("gate-failing-on-every-class-aborts",
          memory_gate(ABORT_REVERT, "pi"), NOW,
-         ["judge 0 1/1/0/0", "abort 0", "set pi1=reverted", "revert pi0"]),
+         ["judge 0 1/1/0/0", "abort 0", "set pi1=dropped", "revert pi0"]),
     Case("gate-failing-on-one-class-with-pause-pauses",
          memory_gate("pause", "gw", "pi"), NOW, ["judge 0 2/2/0/0", "pause 0"]),
     Case("threshold-failure-with-two-classes-aborts-all",
@@ -543,6 +544,13 @@ def test_a_dropped_class_is_reverted_saying_why_and_named_at_the_finish() -> Non
     )  # fmt: skip
     assert only(plan(done, NOW), Finish) == Finish(
         R.SUCCEEDED_WITH_FAILURES, "all 2 stages passed; 2 committed; dropped and reverted: pi"
+    )
+    # A revert that failed is its own state, and the finish counts it.
+    assert dropped.state is DR
+    failed_back = replace(done.members["pi0"], state=RVF, reason="revert failed: disk full")
+    done = replace(done, members={**done.members, "pi0": failed_back})
+    assert only(plan(done, NOW), Finish).reason == (
+        "all 2 stages passed; 2 committed; dropped and reverted: pi; 1 revert failed"
     )
 
 
@@ -633,7 +641,7 @@ NOT_RUNNING = [
                                          **ABORTED), NOW, ["set a0=reverted", "revert done"]),
     Case("aborted-revert-failed-is-done-too",
          snap(member("a0", RVG), reports=rep(a0="failed"), **ABORTED), NOW,
-         ["set a0=reverted", "revert done"]),
+         ["set a0=revert_failed", "revert done"]),
     Case("aborted-a-silent-revert-waits-for-the-device-timeout",
          snap(member("a0", RVG), pacing=PacingSpec(device_timeout_s=60), **ABORTED), at(59),
          []),
@@ -646,7 +654,7 @@ NOT_RUNNING = [
          snap(member("a0", N), reports=rep(a0="committed"), **ABORTED), NOW,
          ["set a0=committed", "revert a0"]),
     Case("aborted-never-notified-dropped-not-notified",
-         snap(member("a0"), **ABORTED), NOW, ["set a0=reverted", "revert done"]),
+         snap(member("a0"), **ABORTED), NOW, ["set a0=dropped", "revert done"]),
     Case("finished-does-nothing",
          snap(member("a0", C), member("a1"), finished_at=T0), NOW, []),
     Case("paused-follows-reports-only",
@@ -917,8 +925,8 @@ SCENARIOS = [
              stages=(stage("one", gates=Gates(memory_limit_factor=1.0), on_failure=ABORT_REVERT,
                            bake_time_s=30), stage("two")), limits=LIMITS),
         World(model_memory_mb={"pi": 50, "gw": 5}),
-        R.SUCCEEDED_WITH_FAILURES, {C: 3, RVD: 2},
-        ("bake 0", "drop pi", "set pi1=reverted", "revert pi0", "set pi0=reverted", "advance 0",
+        R.SUCCEEDED_WITH_FAILURES, {C: 3, RVD: 1, DR: 1},
+        ("bake 0", "drop pi", "set pi1=dropped", "revert pi0", "set pi0=reverted", "advance 0",
          "notify gw1,gw2", "finish succeeded_with_failures"),
     ),
     Scenario(

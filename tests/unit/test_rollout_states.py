@@ -152,7 +152,7 @@ def test_every_member_pair_is_in_the_table_or_a_value_error(
 MEMBER_ROWS: list[tuple[str, MemberState, MemberEvent, MemberState]] = [
     ("notify", M.WAITING, V.NOTIFY, M.NOTIFIED),
     ("refused", M.WAITING, V.REFUSE, M.REJECTED),
-    ("never-notified-dropped", M.WAITING, V.DROP, M.REVERTED),
+    ("never-notified-dropped", M.WAITING, V.DROP, M.DROPPED),
     ("agent-working", M.NOTIFIED, V.WORKING, M.IN_PROGRESS),
     ("commit", M.IN_PROGRESS, V.COMMIT, M.COMMITTED),
     ("fail", M.NOTIFIED, V.FAIL, M.FAILED),
@@ -161,6 +161,9 @@ MEMBER_ROWS: list[tuple[str, MemberState, MemberEvent, MemberState]] = [
     ("revert-committed", M.COMMITTED, V.REVERT, M.REVERTING),
     ("revert-installing", M.IN_PROGRESS, V.REVERT, M.REVERTING),
     ("revert-reported", M.REVERTING, V.REVERTED, M.REVERTED),
+    ("revert-reported-failed", M.REVERTING, V.REVERT_FAILED, M.REVERT_FAILED),
+    ("revert-not-assignable-committed", M.COMMITTED, V.REVERT_FAILED, M.REVERT_FAILED),
+    ("revert-not-assignable-installing", M.IN_PROGRESS, V.REVERT_FAILED, M.REVERT_FAILED),
     ("retry-failed", M.FAILED, V.RETRY, M.WAITING),
     ("retry-timed-out", M.TIMED_OUT, V.RETRY, M.WAITING),
     ("skip-rejected", M.REJECTED, V.SKIP, M.SKIPPED),
@@ -175,15 +178,15 @@ def test_member_rows(state: MemberState, event: MemberEvent, target: MemberState
     assert member_transition(state, event) is target
 
 
-@pytest.mark.parametrize("state", [M.SKIPPED, M.REVERTED], ids=str)
-def test_skipped_and_reverted_members_are_terminal(state: MemberState) -> None:
+@pytest.mark.parametrize("state", [M.SKIPPED, M.REVERTED, M.REVERT_FAILED, M.DROPPED], ids=str)
+def test_skipped_reverted_and_dropped_members_are_terminal(state: MemberState) -> None:
     assert not [e for e in MemberEvent if member_can(state, e)]
 
 
 @pytest.mark.parametrize(
     ("state", "event"),
     [(M.FAILED, V.REVERT), (M.TIMED_OUT, V.REVERT), (M.REVERTING, V.REVERT), (M.COMMITTED, V.FAIL),
-     (M.WAITING, V.COMMIT), (M.COMMITTED, V.NOTIFY)],
+     (M.WAITING, V.COMMIT), (M.COMMITTED, V.NOTIFY), (M.WAITING, V.REVERT_FAILED)],
     ids=lambda v: str(v),
 )  # fmt: skip
 def test_member_moves_that_would_hide_a_bug_are_refused(

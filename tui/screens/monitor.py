@@ -32,9 +32,9 @@ from edgefleet.tui.summary import action_refusal, format_gate
 # rollout read whole on every reload held the control plane and this screen.
 MAX_DEVICES = 200
 # Devices that need a look come first.
-_ORDER = {"failed": 0, "timed-out": 1, "rolled-back": 2, "rejected": 3, "in-progress": 4,
-          "notified": 5, "reverting": 5, "reverted": 6, "waiting": 7, "skipped": 7,
-          "committed": 8}  # fmt: skip
+_ORDER = {"failed": 0, "revert-failed": 0, "timed-out": 1, "rolled-back": 2, "rejected": 3,
+          "in-progress": 4, "notified": 5, "reverting": 5, "reverted": 6, "waiting": 7,
+          "skipped": 7, "dropped": 7, "committed": 8}  # fmt: skip
 # Marks a device picked for retry or skip (space toggles it).
 MARK = "* "
 

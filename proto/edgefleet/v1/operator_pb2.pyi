@@ -229,6 +229,14 @@ class _RolloutDeviceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ro
     """An operator left it on the version it runs (RolloutDevice.reason says why)."""
     ROLLOUT_DEVICE_STATE_REVERTING: _RolloutDeviceState.ValueType  # 11
     """Going back to its previous version (an abort with revert, a dropped class)."""
+    ROLLOUT_DEVICE_STATE_REVERT_FAILED: _RolloutDeviceState.ValueType  # 12
+    """Its revert failed or could not be assigned (RolloutDevice.reason says
+    why): it may still run the version.
+    """
+    ROLLOUT_DEVICE_STATE_DROPPED: _RolloutDeviceState.ValueType  # 13
+    """Never notified, and now never will be (an abort, its class dropped): it
+    runs what it ran.
+    """
 
 class RolloutDeviceState(_RolloutDeviceState, metaclass=_RolloutDeviceStateEnumTypeWrapper): ...
 
@@ -246,6 +254,14 @@ ROLLOUT_DEVICE_STATE_SKIPPED: RolloutDeviceState.ValueType  # 10
 """An operator left it on the version it runs (RolloutDevice.reason says why)."""
 ROLLOUT_DEVICE_STATE_REVERTING: RolloutDeviceState.ValueType  # 11
 """Going back to its previous version (an abort with revert, a dropped class)."""
+ROLLOUT_DEVICE_STATE_REVERT_FAILED: RolloutDeviceState.ValueType  # 12
+"""Its revert failed or could not be assigned (RolloutDevice.reason says
+why): it may still run the version.
+"""
+ROLLOUT_DEVICE_STATE_DROPPED: RolloutDeviceState.ValueType  # 13
+"""Never notified, and now never will be (an abort, its class dropped): it
+runs what it ran.
+"""
 Global___RolloutDeviceState: _TypeAlias = RolloutDeviceState  # noqa: Y015
 
 class _TelemetryMetric:

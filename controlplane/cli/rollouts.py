@@ -89,12 +89,13 @@ ABORT_HELP = """Abort a rollout; no device is notified from then on.
 
 By default the abort reverts: every device that took the new version (or is
 taking it) is put back on the version it had before the rollout, and devices
-not yet notified are left alone. With --keep, devices keep whatever they have
-now."""
+not yet notified are dropped (they keep what they run). With --keep, devices
+keep whatever they have now. The reason counts how the devices ended
+(reverted, revert failed, dropped)."""
 
 # Rollouts that will not change any more on their own (one that succeeded
 # with failures waits for `retry`).
-_ENDED = frozenset({operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_STATE_ABORTED,
+_ENDED = frozenset({operator_pb2.ROLLOUT_STATE_SUCCEEDED,
                     operator_pb2.ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES})  # fmt: skip
 
 
@@ -102,11 +103,12 @@ _ENDED = frozenset({operator_pb2.ROLLOUT_STATE_SUCCEEDED, operator_pb2.ROLLOUT_S
 
 
 def rollout_ended(r: operator_pb2.Rollout) -> bool:
-    """Nothing more will happen: succeeded, or aborted with no device still
-    going back to its previous version."""
-    if r.state not in _ENDED:
-        return False
-    return not any(d.state == operator_pb2.ROLLOUT_DEVICE_STATE_REVERTING for d in r.devices)
+    """Nothing more will happen: succeeded, or aborted and done putting its
+    devices back (finished: right after an abort no device may be reverting
+    yet, while the orchestrator has every revert still to send)."""
+    if r.state == operator_pb2.ROLLOUT_STATE_ABORTED:
+        return r.HasField("finished_at")
+    return r.state in _ENDED
 
 
 # ------------------------------------------------------------------ commands

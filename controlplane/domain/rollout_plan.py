@@ -34,7 +34,8 @@ One step, in order (docs/operators/rollouts.md has the semantics table):
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from edgefleet.controlplane.domain.rollout_spec import ABORT_REVERT, RolloutSpec, StageSpec
@@ -249,7 +250,10 @@ class Finish:
 
 @dataclass(frozen=True)
 class RevertDone:
-    """An aborted rollout put back every member it had to."""
+    """An aborted rollout put back every member it had to; `outcome` counts
+    how its members ended ("2 reverted, 1 revert failed"), for its reason."""
+
+    outcome: str = ""
 
 
 Action = (
@@ -609,7 +613,7 @@ class _Planner:
         if not self.more and not any(
             m.state == MemberState.REVERTING for m in self.members.values()
         ):
-            self.emit(RevertDone())
+            self.emit(RevertDone(revert_outcome(self.members.values())))
 
     def revert_members(
         self, members: list[Member], why: _Why, chunk: int | None = NOTIFY_CHUNK
@@ -640,6 +644,18 @@ class _Assessment:
     outcome: StageOutcome
     # Why the stage failed; "" passed; None undecided (_Planner.problem).
     problem: str | None
+
+
+def revert_outcome(members: Iterable[Member]) -> str:
+    """How an abort left its members, the states it moved them to, in
+    words: `2 reverted, 1 revert failed, 9 dropped (never notified)`."""
+    counts = Counter(m.state for m in members)
+    parts = (
+        (MemberState.REVERTED, "reverted"),
+        (MemberState.REVERT_FAILED, "revert failed"),
+        (MemberState.DROPPED, "dropped (never notified)"),
+    )
+    return ", ".join(f"{counts[state]} {words}" for state, words in parts if counts[state])
 
 
 def revert_order(m: Member) -> tuple[bool, int, str]:
@@ -740,7 +756,8 @@ def apply(s: Snapshot, action: Action, now: dt.datetime) -> Snapshot:
     if isinstance(action, Finish):
         return replace(s, state=action.state, reason=action.reason, finished_at=now)
     if isinstance(action, RevertDone):
-        return replace(s, finished_at=now)
+        reason = "; ".join(filter(None, (s.reason, action.outcome)))
+        return replace(s, finished_at=now, reason=reason)
     assert isinstance(action, DropClasses)
     return s
 

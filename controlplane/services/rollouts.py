@@ -630,6 +630,21 @@ class RolloutService:
             rollout_transition(row.id, row.state, RolloutEvent.ABORT)
             abort(row, REVERT if revert else KEEP, f"aborted by {actor}" + (
                 f": {reason}" if reason else ""))  # fmt: skip
+            if not revert:
+                # Finished now: the orchestrator no longer steps it, so
+                # those never notified are dropped here (with revert, its
+                # planner drops them beside the reverts).
+                result = uow.session.execute(
+                    update(RolloutDeviceRow)
+                    .where(RolloutDeviceRow.rollout_id == row.id,
+                           RolloutDeviceRow.state == MemberState.WAITING)
+                    .values(state=member_transition(MemberState.WAITING, MemberEvent.DROP),
+                            reason="never notified", finished_at=utcnow())
+                )  # fmt: skip
+                dropped = result.rowcount  # type: ignore[attr-defined]
+                if dropped:
+                    row.members_revision += 1
+                    row.reason += f"; {dropped} dropped (never notified)"
 
         return self._act(actor, rollout_id, "abort", change, revert=revert, reason=reason)
 

@@ -359,12 +359,12 @@ def test_rollout_action_and_ended() -> None:
     )
     assert not rollout_ended(rollout)
     assert rollout_ended(sample_rollout(state=o.ROLLOUT_STATE_SUCCEEDED))
+    # Aborted: ended once it finished putting its devices back, not before
+    # (right after the abort none may be reverting yet).
     aborted = sample_rollout(state=o.ROLLOUT_STATE_ABORTED)
+    assert not rollout_ended(aborted)
+    aborted.finished_at.FromDatetime(NOW)
     assert rollout_ended(aborted)
-    aborted.devices.add(
-        device_id=DEV_C, state=o.ROLLOUT_DEVICE_STATE_REVERTING, reason="reverting to 1.0.0"
-    )
-    assert not rollout_ended(aborted)  # still going back
     # Failed members wait for `rollouts retry`: nothing more happens alone.
     assert rollout_ended(sample_rollout(state=o.ROLLOUT_STATE_SUCCEEDED_WITH_FAILURES))
 

@@ -482,6 +482,9 @@ async def test_an_abort_says_which_reverts_failed_and_which_members_were_dropped
         done = await world.wait(draft.id, lambda r: r.HasField("finished_at"))
         members = _members(done)
         assert done.state == o.ROLLOUT_STATE_ABORTED
+        assert done.reason == (
+            f"aborted by {ACTOR}: bad; 1 reverted, 1 revert failed, 2 dropped (never notified)"
+        ), done.reason
         assert members[stuck].state == o.ROLLOUT_DEVICE_STATE_REVERT_FAILED, _states(done)
         assert members[stuck].reason.startswith("revert failed: "), members[stuck].reason
         assert members[back].state == o.ROLLOUT_DEVICE_STATE_REVERTED, _states(done)

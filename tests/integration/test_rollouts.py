@@ -380,6 +380,11 @@ async def test_a_health_gate_pauses_and_resume_acknowledges(world: World) -> Non
                                     metadata=ADMIN)  # fmt: skip
         kept = await world.get(rollout.id)
         assert kept.state == o.ROLLOUT_STATE_ABORTED and "aborted by" in kept.reason
+        # Nothing goes back, nothing more is notified: stage 2 is dropped.
+        later = [d for d in kept.devices if d.stage == 1]
+        assert later and all(d.state == o.ROLLOUT_DEVICE_STATE_DROPPED for d in later), later
+        assert all(d.reason == "never notified" for d in later)
+        assert kept.reason.endswith(f"; {len(later)} dropped (never notified)"), kept.reason
 
 
 async def test_dry_run_conflicts_and_approval(world: World) -> None:

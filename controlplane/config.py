@@ -107,12 +107,22 @@ class ServerConfig:
             return None
         if self.artifact_http_listen:
             return self.artifact_http_listen
-        host, _, port = self.listen.rpartition(":")
-        return f"{host}:{int(port) + 2 if int(port) else 0}"
+        return self._next_to_listen(2, "--artifact-http-listen (or off)")
 
     def device_listen_address(self) -> str:
         """Where the mutual-TLS device port listens."""
         if self.device_listen:
             return self.device_listen
-        host, _, port = self.listen.rpartition(":")
-        return f"{host}:{int(port) + 1 if int(port) else 0}"
+        return self._next_to_listen(1, "--device-listen")
+
+    def _next_to_listen(self, offset: int, option: str) -> str:
+        """listen's host and port + `offset` (0 when listen's is 0: the OS
+        picks); ValueError naming `option` when that is past the last port."""
+        host, _, text = self.listen.rpartition(":")
+        port = int(text) + offset if int(text) else 0
+        if port > 65535:
+            raise ValueError(
+                f"--listen's port + {offset} ({port}) is past 65535: give {option}, or a lower "
+                "--listen port"
+            )
+        return f"{host}:{port}"

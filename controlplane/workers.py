@@ -304,9 +304,13 @@ def _reserve_ports(config: ServerConfig) -> tuple[list[socket.socket], ServerCon
 
     def hold(address: str) -> str:
         host, _, port = address.rpartition(":")
-        family, _kind, _proto, _name, sockaddr = socket.getaddrinfo(
-            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        try:
+            family, _kind, _proto, _name, sockaddr = socket.getaddrinfo(
+                host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )[0]  # fmt: skip
+        except OSError as exc:  # a host name that does not resolve
+            raise PortTaken(f"cannot listen on {address}: {exc.strerror or exc}") from exc
         if int(port):
             try:
                 bind(sockaddr, family, shared=False).close()

@@ -46,6 +46,15 @@ from edgefleet.controlplane.config import ServerConfig
 from edgefleet.controlplane.domain.delivery import parse_base_url
 
 
+def _advertised_address(text: str) -> str:
+    """An address agents are told to reach: any host (theirs, when empty),
+    but a real port."""
+    address = parse_address(text, any_host=True)
+    if int(address.rpartition(":")[2]) == 0:
+        raise ValueError(f"{text!r}: agents cannot reach port 0; give the port they reach")
+    return address
+
+
 def _config_default(name: str) -> Any:
     return next(f.default for f in dataclasses.fields(ServerConfig) if f.name == name)
 
@@ -264,7 +273,7 @@ def main() -> None:
 )
 @click.option(
     "--device-advertise",
-    callback=parsed(lambda text: parse_address(text, any_host=True)),
+    callback=parsed(_advertised_address),
     help="The device port as agents reach it (host:port), if not --device-listen.",
 )
 @click.option(
@@ -358,37 +367,55 @@ def server(
     if blob_grace < timedelta(minutes=1):
         raise click.BadParameter("must be at least 1m", param_hint="--blob-grace")
 
-    run(
-        ServerConfig(
-            data_dir=data_dir,
-            db_url=db_url,
-            blob_store_dir=blob_dir,
-            blob_grace_s=blob_grace.total_seconds(),
-            listen=listen,
-            metrics_listen=metrics_listen,
-            admin_token=admin_token,
-            max_upload_mb=max_upload_mb,
-            heartbeat_interval_s=heartbeat_interval,
-            port_file=port_file,
-            build_workers=build_workers,
-            build_lease_s=build_lease,
-            toolchains_dir=toolchains_dir,
-            telemetry_retention_s=telemetry_retention.total_seconds(),
-            telemetry_rate_per_s=telemetry_rate,
-            telemetry_burst=telemetry_burst,
-            tls=tls,
-            device_listen=device_listen,
-            device_advertise=device_advertise,
-            artifact_http_listen=artifact_http_listen,
-            artifact_http_advertise=artifact_http_advertise,
-            artifact_mirrors=artifact_mirrors,
-            max_concurrent_downloads=max_concurrent_downloads,
-            artifact_http_max_connections=artifact_http_max_connections,
-            tls_names=tls_names,
-            device_cert_lifetime_s=device_cert_lifetime.total_seconds(),
-        ),
-        workers=workers,
+    config = ServerConfig(
+        data_dir=data_dir,
+        db_url=db_url,
+        blob_store_dir=blob_dir,
+        blob_grace_s=blob_grace.total_seconds(),
+        listen=listen,
+        metrics_listen=metrics_listen,
+        admin_token=admin_token,
+        max_upload_mb=max_upload_mb,
+        heartbeat_interval_s=heartbeat_interval,
+        port_file=port_file,
+        build_workers=build_workers,
+        build_lease_s=build_lease,
+        toolchains_dir=toolchains_dir,
+        telemetry_retention_s=telemetry_retention.total_seconds(),
+        telemetry_rate_per_s=telemetry_rate,
+        telemetry_burst=telemetry_burst,
+        tls=tls,
+        device_listen=device_listen,
+        device_advertise=device_advertise,
+        artifact_http_listen=artifact_http_listen,
+        artifact_http_advertise=artifact_http_advertise,
+        artifact_mirrors=artifact_mirrors,
+        max_concurrent_downloads=max_concurrent_downloads,
+        artifact_http_max_connections=artifact_http_max_connections,
+        tls_names=tls_names,
+        device_cert_lifetime_s=device_cert_lifetime.total_seconds(),
     )
+    if not tls:
+        for option, value in (("--device-listen", device_listen),
+                              ("--device-advertise", device_advertise)):  # fmt: skip
+            if value:
+                click.secho(f"warning: {option} is ignored with --insecure: there is no "
+                            "mutual-TLS device port", fg="yellow", bold=True, err=True)  # fmt: skip
+    # The ports derived from --listen's, checked before anything is made.
+    try:
+        config.artifact_http_address()
+        if tls:
+            config.device_listen_address()
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--listen") from None
+    metrics_port = int(metrics_listen.rpartition(":")[2]) if metrics_listen else 0
+    if metrics_port and metrics_port + workers - 1 > 65535:  # a worker's is the port + its index
+        raise click.BadParameter(
+            f"with --workers {workers} the metrics ports run to {metrics_port + workers - 1}, "
+            "past 65535",
+            param_hint="--metrics-listen",
+        )
+    run(config, workers=workers)
 
 
 @cli.group()

@@ -436,20 +436,24 @@ def test_a_metrics_port_in_use_stops_the_start_naming_it(tmp_path: Path, workers
     assert "Traceback" not in result.stderr
 
 
+NOT_HOST_PORT = "is not host:port with a port from 0 to 65535"
+
+
 @pytest.mark.parametrize(
-    ("option", "value"),
+    ("option", "value", "message"),
     [
-        ("--listen", "garbage"),
-        ("--metrics-listen", "127.0.0.1:99999"),
-        ("--metrics-listen", "127.0.0.1"),
-        ("--device-listen", "127.0.0.1:x"),
-        ("--device-advertise", "a b:7444"),
-        ("--artifact-http-listen", "nope"),
-        ("--artifact-http-listen", "http://127.0.0.1:7445"),
+        ("--listen", "garbage", NOT_HOST_PORT),
+        ("--metrics-listen", "127.0.0.1:99999", NOT_HOST_PORT),
+        ("--metrics-listen", "127.0.0.1", NOT_HOST_PORT),
+        ("--device-listen", "127.0.0.1:x", NOT_HOST_PORT),
+        ("--device-advertise", "a b:7444", NOT_HOST_PORT),
+        ("--device-advertise", "cp.example.com:0", "agents cannot reach port 0"),
+        ("--artifact-http-listen", "nope", NOT_HOST_PORT),
+        ("--artifact-http-listen", "http://127.0.0.1:7445", NOT_HOST_PORT),
     ],
 )
 def test_an_address_that_is_not_host_port_is_a_usage_error(
-    tmp_path: Path, option: str, value: str
+    tmp_path: Path, option: str, value: str, message: str
 ) -> None:
     result = subprocess.run(
         [EDGEFLEET, "server", "--insecure", "--data-dir", str(tmp_path / "cp"), option, value],
@@ -457,8 +461,42 @@ def test_an_address_that_is_not_host_port_is_a_usage_error(
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert f"Invalid value for '{option}'" in result.stderr
-    assert "is not host:port with a port from 0 to 65535" in result.stderr
+    assert message in result.stderr, result.stderr
     assert not (tmp_path / "cp").exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--insecure", "--listen", "127.0.0.1:65535"],
+         "--listen's port + 2 (65537) is past 65535: give --artifact-http-listen (or off)"),
+        (["--listen", "127.0.0.1:65535", "--artifact-http-listen", "off"],
+         "--listen's port + 1 (65536) is past 65535: give --device-listen"),
+        (["--insecure", "--metrics-listen", "127.0.0.1:65535", "--workers", "2"],
+         "with --workers 2 the metrics ports run to 65536, past 65535"),
+    ],
+)  # fmt: skip
+def test_a_port_derived_past_65535_is_a_usage_error(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [EDGEFLEET, "server", "--data-dir", str(tmp_path / "cp"), *args],
+        capture_output=True, text=True, timeout=60, env=env_without_proxy(),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
+    assert not (tmp_path / "cp").exists()
+
+
+def test_workers_name_a_listen_host_that_does_not_resolve(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [EDGEFLEET, "server", "--insecure", "--data-dir", str(tmp_path / "cp"),
+         "--listen", "nosuchhost.invalid:0", "--workers", "2"],
+        capture_output=True, text=True, timeout=60, env=env_without_proxy(),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "cannot listen on nosuchhost.invalid:0: " in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_metrics_listen_off_serves_without_metrics(tmp_path: Path) -> None:

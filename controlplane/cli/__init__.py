@@ -395,27 +395,35 @@ def server(
         tls_names=tls_names,
         device_cert_lifetime_s=device_cert_lifetime.total_seconds(),
     )
-    if not tls:
-        for option, value in (("--device-listen", device_listen),
-                              ("--device-advertise", device_advertise)):  # fmt: skip
+    _check_addresses(config, workers)
+    run(config, workers=workers)
+
+
+def _check_addresses(config: ServerConfig, workers: int) -> None:
+    """What the options' own parsers cannot see: ports derived from
+    --listen's past the last one (usage errors naming the option to give),
+    and device options --insecure ignores (warnings). Before anything is
+    made."""
+    if not config.tls:
+        for option, value in (("--device-listen", config.device_listen),
+                              ("--device-advertise", config.device_advertise)):  # fmt: skip
             if value:
                 click.secho(f"warning: {option} is ignored with --insecure: there is no "
                             "mutual-TLS device port", fg="yellow", bold=True, err=True)  # fmt: skip
-    # The ports derived from --listen's, checked before anything is made.
     try:
         config.artifact_http_address()
-        if tls:
+        if config.tls:
             config.device_listen_address()
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--listen") from None
-    metrics_port = int(metrics_listen.rpartition(":")[2]) if metrics_listen else 0
+    metrics = config.metrics_listen
+    metrics_port = int(metrics.rpartition(":")[2]) if metrics else 0
     if metrics_port and metrics_port + workers - 1 > 65535:  # a worker's is the port + its index
         raise click.BadParameter(
             f"with --workers {workers} the metrics ports run to {metrics_port + workers - 1}, "
             "past 65535",
             param_hint="--metrics-listen",
         )
-    run(config, workers=workers)
 
 
 @cli.group()

@@ -1072,6 +1072,7 @@ _STAGE_PHASE_STYLES = {
     operator_pb2.STAGE_PHASE_BAKING: "yellow", operator_pb2.STAGE_PHASE_WAITING_APPROVAL:
     "bold cyan", operator_pb2.STAGE_PHASE_PASSED: "green",
     operator_pb2.STAGE_PHASE_PROMOTED: "bold green", operator_pb2.STAGE_PHASE_FAILED: "red",
+    operator_pb2.STAGE_PHASE_ABORTED: "magenta",
 }  # fmt: skip
 # Gate units: how `GateValue.value` and `.limit` read (see domain.rollouts.Gates).
 _GATE_UNITS = {"latency_p95": "ms", "memory": "MB", "agent_memory": "MB"}

@@ -224,6 +224,7 @@ class StagePhase(StrEnum):
     PASSED = "passed"
     PROMOTED = "promoted"  # passed by an operator
     FAILED = "failed"  # its failure paused or aborted the rollout
+    ABORTED = "aborted"  # an operator aborted the rollout while it ran
 
 
 DONE_PHASES = (StagePhase.PASSED, StagePhase.PROMOTED)

@@ -789,12 +789,22 @@ def advance_stage(
     row.stages = write_stages(stages)
 
 
+# Stage phases an operator's abort ends as ABORTED (a failed stage stays
+# failed; one not started stays pending).
+_ABORTABLE_PHASES = (StagePhase.ROLLING, StagePhase.BAKING, StagePhase.WAITING_APPROVAL)
+
+
 def abort(row: RolloutRow, mode: str, reason: str) -> None:
     """Abort; with "revert" the orchestrator then puts every member that took
     the version back on its previous one, and finishes the rollout."""
     row.state = RolloutState.ABORTED
     row.abort_mode = mode
     row.reason = reason
+    stages = read_stages(row.stages, len(row.spec["stages"]))
+    current = stages[row.current_stage]
+    if current.phase in _ABORTABLE_PHASES:
+        stages[row.current_stage] = replace(current, phase=StagePhase.ABORTED)
+        row.stages = write_stages(stages)
     if mode == KEEP:
         row.finished_at = utcnow()
 

@@ -485,6 +485,7 @@ async def test_an_abort_says_which_reverts_failed_and_which_members_were_dropped
         assert done.reason == (
             f"aborted by {ACTOR}: bad; 1 reverted, 1 revert failed, 2 dropped (never notified)"
         ), done.reason
+        assert [s.phase for s in done.stages] == [o.STAGE_PHASE_ABORTED, o.STAGE_PHASE_PENDING]
         assert members[stuck].state == o.ROLLOUT_DEVICE_STATE_REVERT_FAILED, _states(done)
         assert members[stuck].reason.startswith("revert failed: "), members[stuck].reason
         assert members[back].state == o.ROLLOUT_DEVICE_STATE_REVERTED, _states(done)

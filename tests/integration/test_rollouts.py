@@ -385,6 +385,8 @@ async def test_a_health_gate_pauses_and_resume_acknowledges(world: World) -> Non
         assert later and all(d.state == o.ROLLOUT_DEVICE_STATE_DROPPED for d in later), later
         assert all(d.reason == "never notified" for d in later)
         assert kept.reason.endswith(f"; {len(later)} dropped (never notified)"), kept.reason
+        # The stage it was in says it was aborted there, not that it rolls on.
+        assert kept.stages[kept.current_stage].phase == o.STAGE_PHASE_ABORTED
 
 
 async def test_dry_run_conflicts_and_approval(world: World) -> None:

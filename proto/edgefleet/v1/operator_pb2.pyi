@@ -172,6 +172,10 @@ class _StagePhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StagePhase
     """Passed by an operator (PromoteRollout) rather than by its thresholds."""
     STAGE_PHASE_FAILED: _StagePhase.ValueType  # 7
     """Its failure paused or aborted the rollout (Rollout.reason says why)."""
+    STAGE_PHASE_ABORTED: _StagePhase.ValueType  # 8
+    """An operator aborted the rollout while it was rolling, baking or waiting
+    for approval.
+    """
 
 class StagePhase(_StagePhase, metaclass=_StagePhaseEnumTypeWrapper):
     """Where a stage is. One stage is current; those before it passed (or were
@@ -190,6 +194,10 @@ STAGE_PHASE_PROMOTED: StagePhase.ValueType  # 6
 """Passed by an operator (PromoteRollout) rather than by its thresholds."""
 STAGE_PHASE_FAILED: StagePhase.ValueType  # 7
 """Its failure paused or aborted the rollout (Rollout.reason says why)."""
+STAGE_PHASE_ABORTED: StagePhase.ValueType  # 8
+"""An operator aborted the rollout while it was rolling, baking or waiting
+for approval.
+"""
 Global___StagePhase: _TypeAlias = StagePhase  # noqa: Y015
 
 class _FailureAction:

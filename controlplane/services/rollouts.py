@@ -814,7 +814,8 @@ def _labels(selector: dict[str, str]) -> str:
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Field path -> [old, new] for every leaf that differs (for the audit log)."""
+    """Field path -> [old, new] for every leaf that differs (for the audit
+    log). A stage is named as the CLI and the TUI name it: `stage 2.bake_time_s`."""
     out: dict[str, Any] = {}
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key), new.get(key)
@@ -823,10 +824,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
             out.update(_differences(a, b, path + "."))
         elif isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                item = f"stage {i + 1}" if path == "stages" else f"{path}[{i}]"
                 if isinstance(x, dict) and isinstance(y, dict):
-                    out.update(_differences(x, y, f"{path}[{i}]."))
+                    out.update(_differences(x, y, f"{item}."))
                 elif x != y:
-                    out[f"{path}[{i}]"] = [x, y]
+                    out[item] = [x, y]
         elif a != b:
             out[path] = [a, b]
     return out

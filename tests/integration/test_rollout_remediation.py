@@ -673,8 +673,8 @@ async def test_an_update_audits_each_changed_field(world: World) -> None:
                                      metadata=ADMIN)  # fmt: skip
     ((_, details),) = await world.audit(draft.id, "rollout.update")
     assert details["changes"] == {
-        "stages[0].success_threshold_percent": [100.0, 50.0],
-        "stages[1].bake_time_s": [0.0, 30.0],
+        "stage 1.success_threshold_percent": [100.0, 50.0],
+        "stage 2.bake_time_s": [0.0, 30.0],
     }, details
 
 

@@ -228,6 +228,8 @@ def rollouts_create(
         usage_error("name the cohort with --class and/or --label")
     if dry_run and (start or start_at):
         usage_error("--dry-run only plans; leave out --start and --start-at")
+    if start and start_at:
+        usage_error("--start starts it now, --start-at at a time: give one of them")
     spec = operator_pb2.RolloutSpec(
         model_name=ref[0],
         model_version=ref[1],

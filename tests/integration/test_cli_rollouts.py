@@ -463,6 +463,10 @@ def _cli(*args: str, server: str = "127.0.0.1:1") -> Result:
         (["--class", "pi"], "Missing option '--stage'"),
         (["--stage", "100%"], "name the cohort with --class and/or --label"),
         (["--class", "pi", "--stage", "100%", "--dry-run", "--start"], "--dry-run only plans"),
+        (
+            ["--class", "pi", "--stage", "100%", "--start", "--start-at", "2030-01-01T00:00Z"],
+            "--start starts it now, --start-at at a time: give one of them",
+        ),
         (["--class", "pi", "--stage", "100%", "--ramp", "10"], "must look like BASE:FACTOR"),
         (["--class", "pi", "--stage", "100%", "--start-at", "soon"], "not an ISO 8601 time"),
         (["--class", "pi", "--stage", "100%", "--device-timeout", "x"], "not a duration"),

@@ -26,9 +26,9 @@ One step, in order (docs/operators/rollouts.md has the semantics table):
    approval or advances;
 7. after the last stage passed, the rollout finishes once every member is
    settled (committed, failed, skipped, reverted, revert-failed or dropped):
-   SUCCEEDED when none failed, else SUCCEEDED_WITH_FAILURES. Members of passed stages are
-   notified all the same: a threshold met is a stage passed, not a member
-   forgotten.
+   SUCCEEDED when none failed, else SUCCEEDED_WITH_FAILURES. Members of
+   passed stages are notified all the same: a threshold met is a stage
+   passed, not a member forgotten.
 """
 
 from __future__ import annotations

@@ -34,9 +34,11 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner, Result
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
+from edgefleet.controlplane.cli import cli
 from edgefleet.controlplane.domain import pki
 from edgefleet.controlplane.server import HANDSHAKE_TIMEOUT_MS
 from edgefleet.demo.models import mlp_graph
@@ -59,12 +61,6 @@ def launch(cp: ControlPlane, *, soft_nofile: int | None = None, admin_token: boo
     soft open-file limit (the hard one unchanged). Its log goes outside
     the data dir, whose every file the tests inspect."""
 
-    def as_deployed() -> None:
-        os.umask(0o022)
-        if soft_nofile is not None:
-            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft_nofile, hard))
-
     port_file = cp.data_dir / "port"
     cmd = [
         EDGEFLEET, "server", "--data-dir", str(cp.data_dir), "--listen", "127.0.0.1:0",
@@ -73,9 +69,15 @@ def launch(cp: ControlPlane, *, soft_nofile: int | None = None, admin_token: boo
         *(["--admin-token", cp.admin_token] if admin_token else []),
         *(["--db", cp.db_url] if cp.db_url else []),
     ]  # fmt: skip
+    if soft_nofile is not None:
+        # The shell lowers the limit and execs the server. A preexec_fn would
+        # run Python in the forked child of this process, whose gRPC threads
+        # do not survive the fork: once it aborted the child (epoll_wait on
+        # a descriptor gone, SIGABRT) before the server even started.
+        cmd = ["sh", "-c", 'ulimit -Sn "$0" && exec "$@"', str(soft_nofile), *cmd]
     log = open(cp.log_path, "ab")  # noqa: SIM115 - owned by the child
     cp.proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=as_deployed, env=env_without_proxy()
+        cmd, stdout=log, stderr=subprocess.STDOUT, umask=0o022, env=env_without_proxy()
     )
     proc = cp.proc
     wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout=60)
@@ -436,6 +438,15 @@ def test_a_metrics_port_in_use_stops_the_start_naming_it(tmp_path: Path, workers
     assert "Traceback" not in result.stderr
 
 
+def _server_usage(tmp_path: Path, *args: str) -> Result:
+    """`edgefleet server ARGS` in this process, expected to stop at a usage
+    error before anything is made (so it never serves here)."""
+    result = CliRunner().invoke(cli, ["server", "--data-dir", str(tmp_path / "cp"), *args])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert not (tmp_path / "cp").exists()  # refused before anything was made
+    return result
+
+
 NOT_HOST_PORT = "is not host:port with a port from 0 to 65535"
 
 
@@ -455,14 +466,9 @@ NOT_HOST_PORT = "is not host:port with a port from 0 to 65535"
 def test_an_address_that_is_not_host_port_is_a_usage_error(
     tmp_path: Path, option: str, value: str, message: str
 ) -> None:
-    result = subprocess.run(
-        [EDGEFLEET, "server", "--insecure", "--data-dir", str(tmp_path / "cp"), option, value],
-        capture_output=True, text=True, timeout=60, env=env_without_proxy(),
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
+    result = _server_usage(tmp_path, "--insecure", option, value)
     assert f"Invalid value for '{option}'" in result.stderr
     assert message in result.stderr, result.stderr
-    assert not (tmp_path / "cp").exists()  # refused before anything was made
 
 
 @pytest.mark.parametrize(
@@ -479,13 +485,8 @@ def test_an_address_that_is_not_host_port_is_a_usage_error(
 def test_a_port_derived_past_65535_is_a_usage_error(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
-    result = subprocess.run(
-        [EDGEFLEET, "server", "--data-dir", str(tmp_path / "cp"), *args],
-        capture_output=True, text=True, timeout=60, env=env_without_proxy(),
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
+    result = _server_usage(tmp_path, *args)
     assert message in result.stderr, result.stderr
-    assert not (tmp_path / "cp").exists()
 
 
 def test_workers_name_a_listen_host_that_does_not_resolve(tmp_path: Path) -> None:

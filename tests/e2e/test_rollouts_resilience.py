@@ -116,6 +116,7 @@ async def test_sigkill_mid_rollout_then_restart_completes_it_assigning_each_devi
     token = _setup(cp, tmp_path)
     fleet = _fleet(cp.address, token, 20, "kill")
     await fleet.start()
+    watch: asyncio.subprocess.Process | None = None
     try:
         await _assign(cp.operator(), [fleet], "1.0.0")
         rollout_id = _create(cp.operator())
@@ -147,6 +148,9 @@ async def test_sigkill_mid_rollout_then_restart_completes_it_assigning_each_devi
         assert set(_sequences(cp.operator(), ids).values()) == {2}
         await fleet.wait_until(lambda f: all(a.active_version == "2.0.0" for a in f.agents), 30)
     finally:
+        if watch is not None and watch.returncode is None:
+            watch.kill()  # a watch waits out a lost control plane for ever
+            await watch.wait()
         await fleet.stop()
 
 

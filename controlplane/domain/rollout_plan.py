@@ -620,7 +620,7 @@ class _Planner:
     ) -> None:
         dropped = [
             replace(m, state=member_transition(m.state, MemberEvent.DROP),
-                    reason=f"{why(m)}; never notified" if why(m) else "never notified")
+                    reason=f"{why(m)}; {NEVER_NOTIFIED}" if why(m) else NEVER_NOTIFIED)
             for m in members if m.state == MemberState.WAITING
         ]  # fmt: skip
         self.change(dropped)
@@ -646,16 +646,24 @@ class _Assessment:
     problem: str | None
 
 
+# Why a member that was never notified is dropped.
+NEVER_NOTIFIED = "never notified"
+
+
 def revert_outcome(members: Iterable[Member]) -> str:
     """How an abort left its members, the states it moved them to, in
     words: `2 reverted, 1 revert failed, 9 dropped (never notified)`."""
-    counts = Counter(m.state for m in members)
+    return outcome_words(Counter(m.state for m in members))
+
+
+def outcome_words(counts: Mapping[str, int]) -> str:
+    """revert_outcome's words for counts by member state (those not counted: none)."""
     parts = (
         (MemberState.REVERTED, "reverted"),
         (MemberState.REVERT_FAILED, "revert failed"),
         (MemberState.DROPPED, "dropped (never notified)"),
     )
-    return ", ".join(f"{counts[state]} {words}" for state, words in parts if counts[state])
+    return ", ".join(f"{counts[state]} {words}" for state, words in parts if counts.get(state, 0))
 
 
 def revert_order(m: Member) -> tuple[bool, int, str]:

@@ -38,7 +38,12 @@ from edgefleet.controlplane.db.models import (
 )
 from edgefleet.controlplane.db.uow import Database, UnitOfWork
 from edgefleet.controlplane.domain import secrets
-from edgefleet.controlplane.domain.rollout_plan import KEEP, REVERT
+from edgefleet.controlplane.domain.rollout_plan import (
+    KEEP,
+    NEVER_NOTIFIED,
+    REVERT,
+    outcome_words,
+)
 from edgefleet.controlplane.domain.rollout_spec import RolloutSpec, SpecError
 from edgefleet.controlplane.domain.rollout_states import (
     ACTIVE,
@@ -639,12 +644,12 @@ class RolloutService:
                     .where(RolloutDeviceRow.rollout_id == row.id,
                            RolloutDeviceRow.state == MemberState.WAITING)
                     .values(state=member_transition(MemberState.WAITING, MemberEvent.DROP),
-                            reason="never notified", finished_at=utcnow())
+                            reason=NEVER_NOTIFIED, finished_at=utcnow())
                 )  # fmt: skip
                 dropped = result.rowcount  # type: ignore[attr-defined]
                 if dropped:
                     row.members_revision += 1
-                    row.reason += f"; {dropped} dropped (never notified)"
+                    row.reason += f"; {outcome_words({MemberState.DROPPED: dropped})}"
 
         return self._act(actor, rollout_id, "abort", change, revert=revert, reason=reason)
 
